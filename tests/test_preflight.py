@@ -1,0 +1,376 @@
+"""The broker's network pre-flight peer against real aiortc clients, a real coturn and Debian's Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import AsyncIterator, Iterator
+
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+from broker.preflight import (
+    PreflightRefused,
+    PreflightResult,
+    PreflightService,
+    run_preflight_client,
+)
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+]
+
+
+def _free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def _client_offer(*, audio: bool = False, video: bool = False, label: str = "preflight") -> tuple[
+    RTCPeerConnection, str
+]:
+    """A real aiortc offer; the caller closes the returned peer connection."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    if audio:
+        pc.addTransceiver("audio")
+    if video:
+        pc.addTransceiver("video")
+    pc.createDataChannel(label)
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc, pc.localDescription.sdp
+
+
+class _Answerer:
+    """answer_fn for run_preflight_client that remembers the pre-flight ids the service handed out."""
+
+    def __init__(self, service: PreflightService) -> None:
+        self.service = service
+        self.ids: list[str] = []
+
+    async def __call__(self, offer_sdp: str) -> str:
+        preflight_id, answer_sdp = await self.service.answer(offer_sdp)
+        self.ids.append(preflight_id)
+        return answer_sdp
+
+
+# -- aiortc client <-> PreflightService ------------------------------------------------------------------------
+
+
+async def test_success_measures_rtt_on_the_broker():
+    service = PreflightService(pings=5)
+    answerer = _Answerer(service)
+    report = await run_preflight_client(answerer)
+    result = await service.wait_result(answerer.ids[0], timeout=30)
+    assert isinstance(result, PreflightResult)
+    assert result.connected is True
+    assert result.rtt_ms_median is not None and result.rtt_ms_median > 0
+    assert result.relayed is False
+    assert result.pings_sent == 5 and result.pongs_received == 5
+    assert result.finished_at <= time.time()
+    assert report.connected and report.pings_answered == 5 and report.relayed is False
+    assert report.rtt_ms is not None
+    assert service.open_peer_count() == 0 and service.active_count() == 0
+
+
+async def test_result_is_given_once_and_unknown_ids_are_refused():
+    service = PreflightService(pings=2)
+    answerer = _Answerer(service)
+    await run_preflight_client(answerer)
+    assert (await service.wait_result(answerer.ids[0], timeout=30)).connected
+    for preflight_id in (answerer.ids[0], "never-issued"):
+        with pytest.raises(PreflightRefused) as caught:
+            await service.wait_result(preflight_id, timeout=1)
+        assert caught.value.code == "preflight_unknown"
+
+
+async def test_untaken_result_expires_after_its_ttl():
+    service = PreflightService(pings=1, result_ttl=0.2)
+    answerer = _Answerer(service)
+    await run_preflight_client(answerer)
+    while service.active_count():  # wait for the run to finish without taking its result
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.4)
+    with pytest.raises(PreflightRefused) as caught:
+        await service.wait_result(answerer.ids[0], timeout=1)
+    assert caught.value.code == "preflight_unknown"
+
+
+@pytest.mark.parametrize("media", ["audio", "video"])
+async def test_offer_with_media_is_refused(media):
+    service = PreflightService()
+    pc, offer = await _client_offer(**{media: True})
+    try:
+        assert f"m={media}" in offer
+        with pytest.raises(PreflightRefused) as caught:
+            await service.answer(offer)
+        assert caught.value.code == "preflight_media_refused"
+        assert service.open_peer_count() == 0 and service.active_count() == 0
+    finally:
+        await pc.close()
+
+
+@pytest.mark.parametrize(
+    "offer",
+    [
+        "",
+        "hello broker",
+        "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n",  # no media section at all
+        "v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\nthis is not sdp\r\n",
+        "v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\nc=IN IP4 0.0.0.0\r\n",  # no ice, no dtls
+        "v=0\r\nm=text 9 RTP/AVP 0\r\n",
+        "v=0\r\n" + "a=x:" + "y" * 40000 + "\r\n",
+    ],
+)
+async def test_garbage_offer_is_refused(offer):
+    service = PreflightService()
+    with pytest.raises(PreflightRefused) as caught:
+        await service.answer(offer)
+    assert caught.value.code == "preflight_bad_offer"
+    assert service.open_peer_count() == 0 and service.active_count() == 0
+
+
+async def test_concurrency_limit_refuses_cleanly_and_a_slot_frees():
+    service = PreflightService(max_concurrent=1, timeout=1.5, pings=2)
+    stalled_pc, stalled_offer = await _client_offer()
+    other_pc, other_offer = await _client_offer()
+    try:
+        first_id, _ = await service.answer(stalled_offer)  # never completed by its client
+        assert service.active_count() == 1
+        with pytest.raises(PreflightRefused) as caught:
+            await service.answer(other_offer)
+        assert caught.value.code == "preflight_busy"
+        assert service.open_peer_count() == 1  # the refused offer made no peer connection
+        stalled = await service.wait_result(first_id, timeout=30)
+        assert stalled.connected is False
+        assert service.active_count() == 0 and service.open_peer_count() == 0
+        answerer = _Answerer(service)
+        assert (await run_preflight_client(answerer)).connected
+        assert (await service.wait_result(answerer.ids[0], timeout=30)).connected
+    finally:
+        await stalled_pc.close()
+        await other_pc.close()
+
+
+async def test_client_that_never_opens_the_channel_times_out_without_leaks():
+    service = PreflightService(timeout=1.0)
+    pc, offer = await _client_offer()
+    try:
+        preflight_id, answer_sdp = await service.answer(offer)
+        assert "m=application" in answer_sdp and "a=candidate" in answer_sdp  # no trickle: candidates included
+        result = await service.wait_result(preflight_id, timeout=30)
+        assert result.connected is False and result.rtt_ms_median is None and result.pings_sent == 0
+        assert service.open_peer_count() == 0
+    finally:
+        await pc.close()
+
+
+async def test_channel_with_another_label_is_not_a_preflight():
+    service = PreflightService(timeout=1.0)
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    channel = pc.createDataChannel("chat")
+    seen: list[str] = []
+    channel.on("message", seen.append)
+    try:
+        await pc.setLocalDescription(await pc.createOffer())
+        preflight_id, answer_sdp = await service.answer(pc.localDescription.sdp)
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer_sdp, type="answer"))
+        result = await service.wait_result(preflight_id, timeout=30)
+        assert result.connected is False and seen == []
+        assert service.open_peer_count() == 0
+    finally:
+        await pc.close()
+
+
+async def test_close_tears_down_running_preflights():
+    service = PreflightService(timeout=30.0)
+    pc, offer = await _client_offer()
+    try:
+        preflight_id, _ = await service.answer(offer)
+        assert service.open_peer_count() == 1
+        await service.close()
+        assert service.open_peer_count() == 0
+        with pytest.raises(PreflightRefused) as caught:
+            await service.answer(offer)
+        assert caught.value.code == "preflight_busy"
+    finally:
+        await pc.close()
+
+
+# -- through a TURN relay (real coturn on loopback) -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def turn_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    if shutil.which("turnserver") is None:
+        pytest.fail("coturn (turnserver) is not installed; the test command must install it")
+    workdir = tmp_path_factory.mktemp("turn")
+    port = _free_port(socket.SOCK_DGRAM)
+    secret = secrets.token_hex(16)
+    relay_low = 40000 + secrets.randbelow(20000)
+    proc = subprocess.Popen(
+        [
+            "turnserver", "-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1", f"--listening-port={port}",
+            "--use-auth-secret", f"--static-auth-secret={secret}", "--realm=test", "--no-tls", "--no-dtls",
+            "--no-cli", "--fingerprint", "--allow-loopback-peers", f"--min-port={relay_low}",
+            f"--max-port={relay_low + 50}", f"--userdb={workdir / 'turndb.sqlite'}",
+            f"--pidfile={workdir / 'turn.pid'}", "--no-stdout-log", f"--log-file={workdir / 'turn.log'}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while not _udp_port_taken(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("turnserver did not start")
+        time.sleep(0.05)
+    username = f"{int(time.time()) + 600}:preflight-test"
+    credential = base64.b64encode(hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()).decode()
+    try:
+        yield {"urls": f"turn:127.0.0.1:{port}?transport=udp", "username": username, "credential": credential}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _udp_port_taken(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+async def test_relayed_path_is_detected_by_the_broker(turn_server):
+    service = PreflightService(pings=3)
+    answerer = _Answerer(service)
+    report = await run_preflight_client(answerer, ice_servers=[turn_server], relay_only=True)
+    result = await service.wait_result(answerer.ids[0], timeout=30)
+    assert result.connected is True and result.relayed is True
+    assert result.rtt_ms_median is not None
+    assert report.relayed is True
+    assert service.open_peer_count() == 0
+
+
+# -- Chromium running web/js/preflight.js ---------------------------------------------------------------------
+
+_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>pre-flight test</title></head>
+<body>pre-flight test</body></html>"""
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def preflight_site() -> AsyncIterator[tuple[str, PreflightService]]:
+    """web/ at /static/ plus POST /preflight answering through a real PreflightService."""
+    service = PreflightService(pings=5)
+
+    async def page(_: web.Request) -> web.Response:
+        return web.Response(text=_PAGE, content_type="text/html")
+
+    async def offer(request: web.Request) -> web.Response:
+        body = await request.json()
+        try:
+            preflight_id, answer_sdp = await service.answer(body["sdp"])
+        except PreflightRefused as exc:
+            return web.json_response({"error": exc.code}, status=409)
+        return web.json_response({"preflight_id": preflight_id, "sdp": answer_sdp})
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    app.router.add_post("/preflight", offer)
+    app.router.add_static("/static/", WEB_DIR)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = _free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}", service
+    finally:
+        await service.close()
+        await runner.cleanup()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def browser():
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+_TRACK_PEERS = """() => {
+  const Native = window.RTCPeerConnection;
+  window.createdPeers = [];
+  window.RTCPeerConnection = class extends Native {
+    constructor(config) { super(config); window.createdPeers.push(this); }
+  };
+}"""
+
+_RUN_IN_PAGE = """async () => {
+  const { runPreflight } = await import("/static/js/preflight.js");
+  let preflightId = null;
+  const sendOffer = async (sdp) => {
+    const response = await fetch("/preflight", {
+      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ sdp }),
+    });
+    const body = await response.json();
+    if (!response.ok) throw new Error(body.error);
+    preflightId = body.preflight_id;
+    return body.sdp;
+  };
+  const report = await runPreflight(sendOffer, { iceServers: [] });
+  return { report, preflightId };
+}"""
+
+
+@pytest.mark.browser
+async def test_chromium_preflight_against_the_broker(browser, preflight_site):
+    base_url, service = preflight_site
+    context = await browser.new_context()
+    try:
+        page = await context.new_page()
+        await page.goto(base_url + "/")
+        await page.evaluate(_TRACK_PEERS)
+        outcome = await page.evaluate(_RUN_IN_PAGE)
+        closed_after = await page.evaluate(
+            """async () => { const { runPreflight } = await import("/static/js/preflight.js");
+                 try { await runPreflight(async () => { throw new Error("refused"); }); return "resolved"; }
+                 catch (e) { return e.message; } }"""
+        )
+        peer_states = await page.evaluate("() => window.createdPeers.map((pc) => pc.signalingState)")
+    finally:
+        await context.close()
+    result = await service.wait_result(outcome["preflightId"], timeout=30)
+    assert result.connected is True
+    assert result.rtt_ms_median is not None and result.rtt_ms_median > 0
+    assert result.relayed is False and result.pongs_received == 5
+    report = outcome["report"]
+    assert report["connected"] is True and report["pings"] == 5 and report["reason"] is None
+    assert json.dumps(report)
+    assert closed_after == "refused"
+    assert peer_states == ["closed", "closed"]  # closed on success and when the broker refused
+    assert service.open_peer_count() == 0
