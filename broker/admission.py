@@ -1,0 +1,83 @@
+"""The admission gate: the practice's checklist policy and the broker's own pre-flight, as the hub uses them.
+
+Translates between the wire (protocol structs, stable error codes) and the
+checklist and pre-flight modules, and keeps what is stored to plain
+JSON-able values: pass/fail per item, the policy version, and the broker's
+own pre-flight figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from . import checklist
+from .config import Config
+from .preflight import PreflightRefused, PreflightResult, PreflightService
+from .protocol import ChecklistSubmit, ErrorCode, ProtocolError
+
+_CODES = {code.value: code for code in ErrorCode}
+
+
+def _wire_code(code: str, default: ErrorCode) -> ErrorCode:
+    return _CODES.get(code, default)
+
+
+class PolicyChecklist:
+    """Verifies checklist submissions against one loaded policy."""
+
+    def __init__(self, policy: checklist.Policy) -> None:
+        self.policy = policy
+
+    @classmethod
+    def from_config(cls, config: Config) -> PolicyChecklist:
+        return cls(checklist.load_policy(Path(config.policy_file) if config.policy_file else None))
+
+    def policy_for(self, minor: bool) -> dict[str, Any]:
+        return self.policy.for_seat(minor)
+
+    def verify(self, submission: ChecklistSubmit, *, minor: bool, preflight: dict[str, Any] | None) -> dict[str, Any]:
+        try:
+            result = checklist.verify(
+                self.policy,
+                checklist.Submission(
+                    submission.policy_version,
+                    dict(submission.answers),
+                    submission.consent_version,
+                    submission.details,
+                ),
+                minor=minor,
+                preflight=PreflightResult(**preflight) if preflight else None,
+            )
+        except checklist.ChecklistRejected as exc:
+            raise ProtocolError(_wire_code(exc.code, ErrorCode.BAD_MESSAGE), exc.message) from None
+        return result.summary()
+
+
+class BrokerPreflight:
+    """The aiortc pre-flight peer, answering in protocol terms."""
+
+    def __init__(self, service: PreflightService) -> None:
+        self.service = service
+
+    @classmethod
+    def from_config(cls, config: Config, ice_servers: list[dict[str, Any]] | None = None) -> BrokerPreflight:
+        return cls(PreflightService(ice_servers=ice_servers or []))
+
+    async def answer(self, offer_sdp: str) -> tuple[str, str]:
+        try:
+            return await self.service.answer(offer_sdp)
+        except PreflightRefused as exc:
+            code = ErrorCode.PREFLIGHT_BUSY if exc.code == "preflight_busy" else ErrorCode.PREFLIGHT_REFUSED
+            raise ProtocolError(code, exc.message) from None
+
+    async def wait_result(self, preflight_id: str, timeout: float) -> dict[str, Any]:
+        try:
+            result = await self.service.wait_result(preflight_id, timeout)
+        except PreflightRefused:
+            return dataclasses.asdict(PreflightResult(False, None, False, 0.0))
+        return dataclasses.asdict(result)
+
+    async def close(self) -> None:
+        await self.service.close()

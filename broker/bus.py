@@ -1,0 +1,80 @@
+"""The message bus between broker processes, per session.
+
+The hub publishes an ``Envelope`` to a session's channel; every process that
+holds a connection of that session receives it and delivers it locally. The
+in-process ``LocalBus`` (embedded default, single process) and the Redis bus
+(``broker.bus_redis``) share this interface, so the hub never knows which one
+it runs on.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Protocol
+
+import msgspec
+
+Handler = Callable[["Envelope"], None]
+
+
+class Envelope(msgspec.Struct, array_like=True):
+    """What travels on the bus: an encoded broker message and who should get it."""
+
+    #: Deliver to the connection holding this seat (peer id) ...
+    to_peer: str | None
+    #: ... or to this exact connection (a take-over notice), or to every local
+    #: connection of the session when both are None.
+    to_conn: str | None
+    #: The broker message as encoded JSON, sent unchanged.
+    data: bytes
+    #: Close the receiving connection with this WebSocket code after sending.
+    close: int | None = None
+
+
+_envelope_encoder = msgspec.msgpack.Encoder()
+_envelope_decoder = msgspec.msgpack.Decoder(Envelope)
+
+
+def pack(envelope: Envelope) -> bytes:
+    return _envelope_encoder.encode(envelope)
+
+
+def unpack(raw: bytes) -> Envelope:
+    return _envelope_decoder.decode(raw)
+
+
+class Bus(Protocol):
+    async def subscribe(self, session_id: str, handler: Handler) -> None: ...
+
+    async def unsubscribe(self, session_id: str, handler: Handler) -> None: ...
+
+    async def publish(self, session_id: str, envelope: Envelope) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalBus:
+    """Delivers synchronously inside the one process, in publish order."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, list[Handler]] = defaultdict(list)
+
+    async def subscribe(self, session_id: str, handler: Handler) -> None:
+        self._handlers[session_id].append(handler)
+
+    async def unsubscribe(self, session_id: str, handler: Handler) -> None:
+        handlers = self._handlers.get(session_id)
+        if handlers and handler in handlers:
+            handlers.remove(handler)
+            if not handlers:
+                del self._handlers[session_id]
+
+    async def publish(self, session_id: str, envelope: Envelope) -> None:
+        for handler in list(self._handlers.get(session_id, ())):
+            handler(envelope)
+
+    async def close(self) -> None:
+        self._handlers.clear()
+
+    def channels(self) -> int:
+        return len(self._handlers)

@@ -1,0 +1,184 @@
+"""The ``broker`` command: serve, check the configuration, schedule sessions, join from a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+from .config import Config, ConfigError, check_config, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="broker", description="Teletherapy session broker.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_data_dir(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--data-dir", help="data directory (env BROKER_DATA_DIR; default ./broker-data)")
+        return p
+
+    serve = with_data_dir(sub.add_parser("serve", help="run the broker"))
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
+
+    with_data_dir(sub.add_parser("check-config", help="report every configuration problem"))
+
+    session = sub.add_parser("session", help="schedule and manage sessions").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    create = with_data_dir(session.add_parser("create", help="schedule a session and print its links"))
+    create.add_argument("--base-url", help="base of the links (default: the broker's public URL)")
+    create.add_argument("--seats", type=int, default=1, help="client seats (1 = individual; more for couples/groups)")
+    create.add_argument("--minors", type=int, default=0, help="how many of the seats are for minors")
+    create.add_argument("--starts", help="appointment start, ISO 8601 (default: now)")
+    create.add_argument("--duration", type=int, default=50, help="length in minutes (default 50)")
+    create.add_argument("--relay-only", action="store_true", help="route media through TURN (hides IP addresses)")
+    create.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    revoke = with_data_dir(session.add_parser("revoke", help="revoke (or reissue) a client's link"))
+    revoke.add_argument("session")
+    revoke.add_argument("peer")
+    revoke.add_argument("--reissue", action="store_true", help="print a new link for the seat")
+    revoke.add_argument("--base-url")
+
+    join = sub.add_parser("join", help="join a session from a terminal to diagnose a connection")
+    join.add_argument("link", help="a client or therapist link, including its #fragment")
+    join.add_argument("--seconds", type=float, default=20.0, help="how long to stay connected")
+    join.add_argument("--admit-all", action="store_true", help="as therapist: admit every client who waits")
+    join.add_argument("--media", action="store_true", help="send a test tone and test picture")
+    return parser
+
+
+def _config(args: argparse.Namespace, **overrides: Any) -> Config:
+    if getattr(args, "data_dir", None):
+        overrides["data_dir"] = args.data_dir
+    return load_config(overrides=overrides)
+
+
+def _parse_time(text: str | None) -> int | None:
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise SystemExit(f"--starts: {text!r} is not an ISO 8601 time such as 2026-11-21T14:00+01:00") from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    return int(moment.timestamp())
+
+
+def _when(ts: int) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
+def _links(base: str, seats: list[dict[str, Any]], link_key: str) -> list[dict[str, Any]]:
+    out = []
+    for seat in seats:
+        path = "t" if seat["role"] == "therapist" else "j"
+        out.append({**seat, "link": f"{base.rstrip('/')}/{path}/{seat['token']}#{link_key}"})
+    return out
+
+
+async def _create(args: argparse.Namespace) -> int:
+    from .admin import AdminClient
+    from .e2ee import new_link_key
+
+    config = _config(args)
+    created = await AdminClient(config).create_session(
+        clients=args.seats,
+        minors=args.minors,
+        starts=_parse_time(args.starts),
+        duration_s=args.duration * 60,
+        relay_only=args.relay_only,
+    )
+    # The link key is made here, on the therapist's side, and never sent to the broker.
+    seats = _links(args.base_url or created["base_url"], created["seats"], new_link_key())
+    if args.json:
+        print(json.dumps({**created, "seats": [{k: v for k, v in s.items() if k != "token"} for s in seats]}))
+        return 0
+    print(f"Session {created['session']} — starts {_when(created['starts'])}")
+    print(f"Links work from {_when(created['not_before'])} until {_when(created['expires'])}.\n")
+    clients = [s for s in seats if s["role"] == "client"]
+    for i, seat in enumerate(clients, 1):
+        label = f"Client link {i}" if len(clients) > 1 else "Client link"
+        minor = " (minor)" if seat["minor"] else ""
+        print(f"{label}{minor} — send it to your client privately:\n  {seat['link']}\n")
+    therapist = next(s for s in seats if s["role"] == "therapist")
+    print(
+        "Therapist link — open it yourself in your browser; keep it private. It lets you admit\n"
+        f"your client(s) and holds the key that verifies the call end to end:\n  {therapist['link']}"
+    )
+    return 0
+
+
+async def _revoke(args: argparse.Namespace) -> int:
+    from .admin import AdminClient
+
+    config = _config(args)
+    result = await AdminClient(config).revoke(args.session, args.peer, reissue=args.reissue)
+    if args.reissue:
+        print("The old link no longer works. New invite token (put it in a link with the session's link key):")
+        print(f"  {(args.base_url or config.base_url).rstrip('/')}/j/{result['token']}#<link key>")
+    else:
+        print("Revoked: that link no longer works.")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = os.environ.get("BROKER_LOG_LEVEL", "info").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        if args.command == "serve":
+            from .serve import serve
+
+            config = _config(args, host=args.host, port=args.port)
+            problems = check_config(config)
+            if problems:
+                print("The configuration has problems:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+                return 2
+            _run(serve(config))
+            return 0
+        if args.command == "check-config":
+            config = _config(args)
+            problems = check_config(config)
+            if problems:
+                print(f"{len(problems)} problem(s) found:", file=sys.stderr)
+                for p in problems:
+                    print(f"  - {p}", file=sys.stderr)
+                return 1
+            print("Configuration OK.")
+            return 0
+        if args.command == "session":
+            return _run(_create(args) if args.action == "create" else _revoke(args))
+        if args.command == "join":
+            from .client import join_from_terminal
+
+            return _run(join_from_terminal(args.link, seconds=args.seconds, admit_all=args.admit_all, media=args.media))
+    except ConfigError as exc:
+        print(f"Configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from .admin import AdminError
+
+        if isinstance(exc, AdminError):
+            print(f"Error: {exc}", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)

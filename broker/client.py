@@ -1,0 +1,602 @@
+"""The Python client: one peer of a session, over the signaling protocol, with aiortc.
+
+Used by the tests, the benchmarks and ``broker join`` (a terminal diagnostic).
+It speaks only the documented protocol (docs/protocol.md), authenticates every
+offer and answer with the link key (broker.e2ee), opens a negotiated data
+channel ("chat") to every admitted peer, and can send and receive audio and
+video. When its WebSocket drops it reconnects with the same seat (to any of the
+broker URLs it knows) while the peer-to-peer connections carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+from urllib.parse import urlsplit
+
+import aiohttp
+import msgspec
+from aiortc import (
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from aiortc.mediastreams import AudioStreamTrack, MediaStreamTrack, VideoStreamTrack
+from aiortc.sdp import candidate_from_sdp
+
+from . import e2ee
+from .preflight import ClientPreflightReport, run_preflight_client
+from .protocol import (
+    PROTOCOL_VERSION,
+    Admit,
+    AllowReturn,
+    Answer,
+    Candidate,
+    ChecklistAccepted,
+    ChecklistSubmit,
+    Decline,
+    Declined,
+    End,
+    Error,
+    ErrorCode,
+    Hello,
+    Join,
+    Joined,
+    Leave,
+    Offer,
+    Peers,
+    PreflightAnswer,
+    PreflightOffer,
+    Reconnect,
+    Remove,
+    Removed,
+    Renegotiate,
+    ServerMessage,
+    SessionEnded,
+    decode_server,
+    encode,
+)
+
+log = logging.getLogger("broker.client")
+
+CHAT_LABEL = "chat"
+CHAT_CHANNEL_ID = 0
+
+#: Errors after which reconnecting with the same seat cannot help.
+_FINAL_CODES = {
+    ErrorCode.INVALID_TOKEN,
+    ErrorCode.TOKEN_EXPIRED,
+    ErrorCode.TOKEN_NOT_YET_VALID,
+    ErrorCode.SESSION_ENDED,
+    ErrorCode.DECLINED,
+    ErrorCode.REMOVED,
+    ErrorCode.REPLACED,
+    ErrorCode.UNSUPPORTED_PROTOCOL,
+}
+
+
+@dataclass(frozen=True)
+class InviteLink:
+    base_url: str
+    role: str
+    token: str
+    link_key: str | None
+
+
+def parse_link(link: str) -> InviteLink:
+    """Split ``BASE/j/<token>#<link key>`` (client) or ``BASE/t/...`` (therapist)."""
+    parts = urlsplit(link)
+    segments = parts.path.rstrip("/").split("/")
+    if len(segments) < 3 or segments[-2] not in ("j", "t") or not segments[-1]:
+        raise ValueError("not an invite link: expected BASE/j/<token>#<key> or BASE/t/<token>#<key>")
+    prefix = "/".join(segments[:-2])
+    base = f"{parts.scheme}://{parts.netloc}{prefix}"
+    role = "therapist" if segments[-2] == "t" else "client"
+    return InviteLink(base, role, segments[-1], parts.fragment or None)
+
+
+def ws_url(base_url: str) -> str:
+    parts = urlsplit(base_url)
+    scheme = "wss" if parts.scheme == "https" else "ws"
+    return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}/ws"
+
+
+def origin_of(base_url: str) -> str:
+    parts = urlsplit(base_url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+class BrokerError(Exception):
+    """The broker answered with an error message."""
+
+    def __init__(self, error: Error) -> None:
+        super().__init__(f"{error.code.value}: {error.message}")
+        self.code = error.code
+        self.error = error
+
+
+@dataclass(frozen=True)
+class Interception:
+    """An offer or answer that failed authentication: someone may be in the middle."""
+
+    peer: str
+    reason: str
+
+
+@dataclass(eq=False)
+class PeerLink:
+    """The peer-to-peer connection with one other admitted peer."""
+
+    peer: str
+    pc: RTCPeerConnection
+    offerer: bool
+    channel: Any = None
+    trust: str | None = None
+    remote_tracks: list[MediaStreamTrack] = field(default_factory=list)
+    messages: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    channel_open: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: bool = False
+
+    def safety_code(self, session_id: str) -> str | None:
+        local, remote = self.pc.localDescription, self.pc.remoteDescription
+        if local is None or remote is None:
+            return None
+        return e2ee.safety_code(session_id, e2ee.fingerprint_of(local.sdp), e2ee.fingerprint_of(remote.sdp))
+
+
+class BrokerClient:
+    def __init__(
+        self,
+        link: str | InviteLink,
+        *,
+        extra_urls: Sequence[str] = (),
+        media: bool = False,
+        ice_servers: list[dict[str, Any]] | None = None,
+        allow_unverified: bool = False,
+        reconnect: bool = True,
+        agent: str = "broker.client",
+    ) -> None:
+        self.link = parse_link(link) if isinstance(link, str) else link
+        self.urls = [self.link.base_url, *extra_urls]
+        self.media = media
+        self.ice_override = ice_servers
+        self.allow_unverified = allow_unverified
+        self.reconnect_enabled = reconnect
+        self.agent = agent
+        self.link_key = e2ee.decode_link_key(self.link.link_key) if self.link.link_key else None
+        self.joined: Joined | None = None
+        self.auth: e2ee.SdpAuthenticator | None = None
+        self.links: dict[str, PeerLink] = {}
+        self.interceptions: list[Interception] = []
+        self.received: list[ServerMessage] = []
+        self.reconnects = 0
+        self.final: ServerMessage | None = None
+        self._consumed: set[int] = set()
+        self._changed = asyncio.Condition()
+        self._http: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._url_index = 0
+        self._closing = False
+        self._connected = asyncio.Event()
+        self._pending_candidates: dict[str, list[Candidate]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------ life cycle
+
+    @property
+    def peer_id(self) -> str:
+        assert self.joined is not None, "not joined"
+        return self.joined.peer
+
+    @property
+    def session_id(self) -> str:
+        assert self.joined is not None, "not joined"
+        return self.joined.session
+
+    async def connect(self, timeout: float = 10.0) -> Joined:
+        """Open the WebSocket, say hello, join; keeps the connection up in the background."""
+        self._http = aiohttp.ClientSession()
+        await self._open_socket()
+        self._runner = asyncio.get_running_loop().create_task(self._run())
+        joined = await self.expect(Joined, timeout=timeout)
+        return joined  # type: ignore[return-value]
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._runner:
+            self._runner.cancel()
+            with contextlib.suppress(BaseException):
+                await self._runner
+        for link in list(self.links.values()):
+            await self._close_link(link)
+        if self._ws is not None:
+            await self._ws.close()
+        if self._http is not None:
+            await self._http.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def __aenter__(self) -> BrokerClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _open_socket(self) -> None:
+        assert self._http is not None
+        url = self.urls[self._url_index % len(self.urls)]
+        self._ws = await self._http.ws_connect(
+            ws_url(url), origin=origin_of(url), autoping=True, heartbeat=20.0, max_msg_size=1 << 20
+        )
+        await self._send(Hello(protocol=PROTOCOL_VERSION, agent=self.agent))
+        await self._send(Join(token=self.link.token))
+
+    async def _run(self) -> None:
+        delay = 0.2
+        while not self._closing:
+            ws = self._ws
+            assert ws is not None
+            async for msg in ws:
+                if msg.type is aiohttp.WSMsgType.TEXT:
+                    delay = 0.2
+                    await self._on_message(decode_server(msg.data))
+                elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSE):
+                    break
+            if self._closing or self.final is not None or not self.reconnect_enabled:
+                return
+            # Connection lost: reconnect with the same seat, cycling through the broker URLs.
+            while not self._closing:
+                await asyncio.sleep(delay * (1 + random.random() / 2))
+                delay = min(delay * 2, 5.0)
+                self._url_index += 1
+                try:
+                    await self._open_socket()
+                    self.reconnects += 1
+                    log.info("event=reconnected")
+                    break
+                except (aiohttp.ClientError, OSError):
+                    continue
+
+    async def _send(self, message: msgspec.Struct) -> None:
+        if self._ws is None or self._ws.closed:
+            raise ConnectionError("not connected to the broker")
+        await self._ws.send_str(encode(message).decode())
+
+    async def send_raw(self, text: str) -> None:
+        """Send a frame as is (tests of the broker's input checks)."""
+        assert self._ws is not None
+        await self._ws.send_str(text)
+
+    # ------------------------------------------------------------ waiting for messages
+
+    async def expect(
+        self,
+        kind: type | tuple[type, ...],
+        where: Callable[[Any], bool] = lambda m: True,
+        timeout: float = 10.0,
+        since: int = 0,
+    ) -> ServerMessage:
+        """The first not-yet-consumed message of a type (and condition), waiting for it if needed."""
+        found: list[ServerMessage] = []
+
+        def find() -> bool:
+            for i in range(since, len(self.received)):
+                m = self.received[i]
+                if i not in self._consumed and isinstance(m, kind) and where(m):
+                    self._consumed.add(i)
+                    found.append(m)
+                    return True
+            return False
+
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(find), timeout)
+        return found[0]
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def request(self, message: msgspec.Struct, reply: type, timeout: float = 10.0) -> ServerMessage:
+        """Send a message and wait for its reply type, raising BrokerError on an error about it."""
+        mark = len(self.received)
+        message_id = f"r{random.getrandbits(48):x}"
+        message = msgspec.structs.replace(message, id=message_id)  # type: ignore[type-var]
+        await self._send(message)
+        got = await self.expect(
+            (reply, Error),
+            where=lambda m: not isinstance(m, Error) or m.ref == message_id,
+            timeout=timeout,
+            since=mark,
+        )
+        if isinstance(got, Error):
+            raise BrokerError(got)
+        return got
+
+    async def wait_connected(self, peer: str, timeout: float = 15.0) -> PeerLink:
+        """Wait until the data channel with ``peer`` is open."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            link = self.links.get(peer)
+            if link is not None and link.channel_open.is_set():
+                return link
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise TimeoutError(f"no data channel with {peer}")
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), min(remaining, 0.25))
+
+    # ------------------------------------------------------------ actions
+
+    async def preflight(self, relay_only: bool = False) -> ClientPreflightReport:
+        async def exchange(offer_sdp: str) -> str:
+            reply = await self.request(PreflightOffer(sdp=offer_sdp), PreflightAnswer)
+            return reply.sdp  # type: ignore[union-attr]
+
+        return await run_preflight_client(exchange, self._ice_servers(), relay_only=relay_only)
+
+    async def submit_checklist(
+        self,
+        answers: dict[str, bool] | None = None,
+        *,
+        policy_version: str | None = None,
+        consent_version: str | None = None,
+        details: dict[str, str] | None = None,
+    ) -> ChecklistAccepted:
+        """Submit the checklist. By default answers every item of the seat's policy with yes."""
+        assert self.joined is not None and self.joined.policy is not None
+        policy = self.joined.policy
+        if answers is None:
+            answers = {item["id"]: True for item in policy["items"]}
+        sealed = None
+        if details is not None and self.link_key is not None:
+            sealed = e2ee.seal_details(self.link_key, self.session_id, self.peer_id, msgspec.json.encode(details).decode())
+        consent = policy.get("consent") or {}
+        message = ChecklistSubmit(
+            policy_version=policy_version or policy["version"],
+            answers=answers,
+            consent_version=consent_version or consent.get("version"),
+            details=sealed,
+        )
+        return await self.request(message, ChecklistAccepted)  # type: ignore[return-value]
+
+    async def admit(self, peer: str) -> None:
+        await self._send(Admit(peer=peer))
+
+    async def decline(self, peer: str) -> None:
+        await self._send(Decline(peer=peer))
+
+    async def remove(self, peer: str) -> None:
+        await self._send(Remove(peer=peer))
+
+    async def allow_return(self, peer: str) -> None:
+        await self._send(AllowReturn(peer=peer))
+
+    async def end(self) -> SessionEnded:
+        await self._send(End())
+        return await self.expect(SessionEnded)  # type: ignore[return-value]
+
+    async def leave(self) -> None:
+        self.final = SessionEnded(reason="ended")
+        await self._send(Leave())
+
+    def send_chat(self, peer: str, text: str) -> None:
+        link = self.links[peer]
+        link.channel.send(text)
+
+    def safety_code(self, peer: str) -> str | None:
+        return self.links[peer].safety_code(self.session_id)
+
+    # ------------------------------------------------------------ incoming
+
+    async def _on_message(self, message: ServerMessage) -> None:
+        if isinstance(message, Joined):
+            self.joined = message
+            self.auth = self.auth or e2ee.SdpAuthenticator(self.link_key, message.session, message.peer)
+        elif isinstance(message, Peers):
+            await self._on_peers(message)
+        elif isinstance(message, (Offer, Answer)):
+            await self._on_description(message)
+        elif isinstance(message, Candidate):
+            await self._on_candidate(message)
+        elif isinstance(message, Renegotiate):
+            link = self.links.get(message.from_ or "")
+            if link is not None and link.offerer:
+                await self._close_link(link)
+                self._spawn(self._start_offer(link.peer))
+        elif isinstance(message, Reconnect):
+            if self._ws is not None:
+                await self._ws.close()
+        elif isinstance(message, SessionEnded):
+            self.final = message
+        elif isinstance(message, Error) and message.code in _FINAL_CODES:
+            self.final = message
+        elif isinstance(message, (Declined, Removed)):
+            self.final = message
+        self.received.append(message)
+        await self._notify()
+
+    async def _on_peers(self, message: Peers) -> None:
+        wanted = {p.peer: p for p in message.peers}
+        for peer, link in list(self.links.items()):
+            if peer not in wanted:
+                await self._close_link(link)
+        for info in message.peers:
+            link = self.links.get(info.peer)
+            healthy = link is not None and not link.closed and link.pc.connectionState not in ("failed", "closed")
+            if info.you_offer and info.connected and not healthy:
+                if link is not None:
+                    await self._close_link(link)
+                self._spawn(self._start_offer(info.peer))
+
+    async def _start_offer(self, peer: str) -> None:
+        assert self.auth is not None
+        link = self._new_link(peer, offerer=True)
+        pc = link.pc
+        if self.media:
+            pc.addTrack(AudioStreamTrack())
+            pc.addTrack(VideoStreamTrack())
+        else:
+            pc.addTransceiver("audio", direction="recvonly")
+            pc.addTransceiver("video", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        sdp = pc.localDescription.sdp
+        counter, mac = self.auth.sign(peer, "offer", sdp)
+        await self._send(Offer(to=peer, sdp=sdp, counter=counter, mac=mac))
+
+    async def _on_description(self, message: Offer | Answer) -> None:
+        assert self.auth is not None
+        peer = message.from_ or ""
+        kind = "offer" if isinstance(message, Offer) else "answer"
+        try:
+            if message.counter is None:
+                raise e2ee.InterceptionError("missing_counter")
+            trust = self.auth.verify(
+                peer, kind, message.counter, message.sdp, message.mac, allow_unverified=self.allow_unverified
+            )
+        except e2ee.InterceptionError as exc:
+            self.interceptions.append(Interception(peer, exc.reason))
+            log.warning("event=interception_warning peer=%s reason=%s", peer, exc.reason)
+            link = self.links.get(peer)
+            if link is not None:
+                await self._close_link(link)
+            return
+        if isinstance(message, Offer):
+            old = self.links.get(peer)
+            if old is not None:
+                await self._close_link(old)
+            link = self._new_link(peer, offerer=False)
+            link.trust = trust
+            await link.pc.setRemoteDescription(RTCSessionDescription(sdp=message.sdp, type="offer"))
+            if self.media:
+                link.pc.addTrack(AudioStreamTrack())
+                link.pc.addTrack(VideoStreamTrack())
+            await link.pc.setLocalDescription(await link.pc.createAnswer())
+            sdp = link.pc.localDescription.sdp
+            counter, mac = self.auth.sign(peer, "answer", sdp)
+            await self._send(Answer(to=peer, sdp=sdp, counter=counter, mac=mac))
+        else:
+            link = self.links.get(peer)
+            if link is None or not link.offerer or link.pc.signalingState != "have-local-offer":
+                return
+            link.trust = trust
+            await link.pc.setRemoteDescription(RTCSessionDescription(sdp=message.sdp, type="answer"))
+        for pending in self._pending_candidates.pop(peer, []):
+            await self._on_candidate(pending)
+
+    async def _on_candidate(self, message: Candidate) -> None:
+        peer = message.from_ or ""
+        link = self.links.get(peer)
+        if link is None or link.pc.remoteDescription is None:
+            self._pending_candidates.setdefault(peer, []).append(message)
+            return
+        line = message.candidate
+        if not line:
+            return
+        try:
+            candidate = candidate_from_sdp(line.split(":", 1)[1] if line.startswith("candidate:") else line)
+        except (ValueError, IndexError):
+            return
+        candidate.sdpMid = message.sdp_mid
+        candidate.sdpMLineIndex = message.sdp_mline_index
+        with contextlib.suppress(Exception):
+            await link.pc.addIceCandidate(candidate)
+
+    # ------------------------------------------------------------ peer connections
+
+    def _ice_servers(self) -> list[dict[str, Any]]:
+        if self.ice_override is not None:
+            return self.ice_override
+        return list(self.joined.ice_servers) if self.joined else []
+
+    def _new_link(self, peer: str, *, offerer: bool) -> PeerLink:
+        servers = [
+            RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
+            for s in self._ice_servers()
+        ]
+        policy = self.joined.ice_transport_policy if self.joined else "all"
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=servers, iceTransportPolicy=policy))  # type: ignore[arg-type]
+        link = PeerLink(peer, pc, offerer)
+        channel = pc.createDataChannel(CHAT_LABEL, negotiated=True, id=CHAT_CHANNEL_ID)
+        link.channel = channel
+
+        @channel.on("open")
+        def on_open() -> None:
+            link.channel_open.set()
+            self._spawn(self._notify())
+
+        @channel.on("message")
+        def on_message(data: Any) -> None:
+            if isinstance(data, str):
+                link.messages.put_nowait(data)
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            link.remote_tracks.append(track)
+            self._spawn(self._notify())
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            await self._notify()
+
+        self.links[peer] = link
+        return link
+
+    async def _close_link(self, link: PeerLink) -> None:
+        link.closed = True
+        if self.links.get(link.peer) is link:
+            del self.links[link.peer]
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(link.pc.close(), 5.0)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+async def join_from_terminal(link: str, *, seconds: float, admit_all: bool, media: bool) -> int:
+    """``broker join``: join, pass the checklist, connect, report what happens."""
+    client = BrokerClient(link, media=media, agent="broker join")
+    try:
+        joined = await client.connect()
+    except Exception as exc:
+        print(f"Could not join: {exc}")
+        return 1
+    print(f"Joined session {joined.session} as {joined.role.value} (peer {joined.peer}); seat {joined.seat_state.value}")
+    try:
+        if joined.role.value == "client":
+            report = await client.preflight()
+            print(f"Network pre-flight: connected={report.connected} rtt_ms={report.rtt_ms} relayed={report.relayed}")
+            await client.submit_checklist()
+            print("Checklist accepted; waiting for the therapist to admit you.")
+        loop = asyncio.get_running_loop()
+        end_at = loop.time() + seconds
+        reported: set[str] = set()
+        while loop.time() < end_at and client.final is None:
+            if admit_all and client.joined.role.value == "therapist":
+                for m in client.received:
+                    if type(m).__name__ == "WaitingRoom":
+                        for seat in m.seats:  # type: ignore[attr-defined]
+                            if seat.state.value == "waiting":
+                                await client.admit(seat.peer)
+            for peer, peer_link in client.links.items():
+                if peer_link.channel_open.is_set() and peer not in reported:
+                    reported.add(peer)
+                    print(f"Connected to {peer}: safety code {client.safety_code(peer)} ({peer_link.trust})")
+            for interception in client.interceptions:
+                print(f"WARNING: possible interception with {interception.peer}: {interception.reason}")
+            client.interceptions.clear()
+            await asyncio.sleep(0.5)
+        if client.final is not None:
+            print(f"Session over: {type(client.final).__name__}")
+        return 0
+    finally:
+        await client.close()

@@ -1,0 +1,269 @@
+"""Configuration: defaults, then an optional TOML file, then BROKER_* env vars, then flags.
+
+Also owns the server secret: 32 random bytes generated once into the data dir
+(mode 0600) and the purpose-bound keys derived from it, so that one file backs
+up everything the broker needs to recognise its own tokens and records.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+ENV_PREFIX = "BROKER_"
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: Path = Path("broker-data")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: Base URL used in links; default http://HOST:PORT.
+    public_url: str = ""
+    #: Origins allowed to open the signaling WebSocket; default the public URL's origin.
+    allowed_origins: tuple[str, ...] = ()
+    redis_url: str = ""
+    turn_urls: tuple[str, ...] = ()
+    turn_secret: str = ""
+    turn_secret_file: str = ""
+    secret_file: str = ""
+    policy_file: str = ""
+    #: WebSocket heartbeat and the deadline for hello + join.
+    heartbeat_s: float = 20.0
+    auth_deadline_s: float = 5.0
+    #: Token bucket per connection: sustained messages per second and burst.
+    rate_per_s: float = 50.0
+    rate_burst: int = 200
+    #: Open WebSocket connections allowed per client address.
+    max_connections_per_address: int = 50
+    #: Outgoing messages queued for one connection before it is closed as too slow.
+    send_queue_limit: int = 256
+    #: Trust X-Forwarded-For from a TLS proxy in front (compose, Kubernetes).
+    trust_proxy: bool = False
+    log_level: str = "info"
+
+    @property
+    def base_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        if self.allowed_origins:
+            return tuple(o.rstrip("/") for o in self.allowed_origins)
+        parts = urlsplit(self.base_url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        extra = ()
+        if parts.hostname == "127.0.0.1":
+            extra = (f"{parts.scheme}://localhost:{parts.port}",)
+        return (origin, *extra)
+
+    @property
+    def secret_path(self) -> Path:
+        return Path(self.secret_file) if self.secret_file else self.data_dir / "server.secret"
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.data_dir / "run" / "admin.sock"
+
+
+_BOOL_TRUE = {"1", "true", "yes", "on"}
+
+
+def _coerce(name: str, raw: Any, template: Any) -> Any:
+    if isinstance(template, bool):
+        if isinstance(raw, bool):
+            return raw
+        return str(raw).strip().lower() in _BOOL_TRUE
+    if isinstance(template, int):
+        return int(raw)
+    if isinstance(template, float):
+        return float(raw)
+    if isinstance(template, Path):
+        return Path(raw)
+    if isinstance(template, tuple):
+        if isinstance(raw, (list, tuple)):
+            return tuple(str(x).strip() for x in raw if str(x).strip())
+        return tuple(x.strip() for x in str(raw).split(",") if x.strip())
+    return str(raw)
+
+
+class ConfigError(Exception):
+    """Configuration that cannot be used; the message says what and where."""
+
+
+def load_config(env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    env = os.environ if env is None else env
+    defaults = Config()
+    values: dict[str, Any] = {}
+    config_file = env.get(ENV_PREFIX + "CONFIG")
+    if config_file:
+        try:
+            with open(config_file, "rb") as fh:
+                values.update(tomllib.load(fh))
+        except OSError as exc:
+            raise ConfigError(f"Cannot read the configuration file {config_file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"The configuration file {config_file} is not valid TOML: {exc}") from None
+    for f in fields(Config):
+        key = ENV_PREFIX + f.name.upper()
+        if key in env and env[key] != "":
+            values[f.name] = env[key]
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    known = {f.name: getattr(defaults, f.name) for f in fields(Config)}
+    kwargs: dict[str, Any] = {}
+    for name, raw in values.items():
+        if name not in known:
+            raise ConfigError(f"Unknown configuration key {name!r} (check the spelling).")
+        try:
+            kwargs[name] = _coerce(name, raw, known[name])
+        except (TypeError, ValueError):
+            raise ConfigError(f"Configuration key {name!r} has an invalid value.") from None
+    return replace(defaults, **kwargs)
+
+
+def check_config(config: Config) -> list[str]:
+    """Every problem with a configuration, in plain words (empty list = fine)."""
+    problems: list[str] = []
+    if not 0 <= config.port <= 65535:
+        problems.append(f"port {config.port} is out of range (0-65535).")
+    base = urlsplit(config.base_url)
+    if base.scheme not in ("http", "https") or not base.netloc:
+        problems.append(f"public_url {config.public_url!r} must be an http:// or https:// URL.")
+    elif base.scheme == "http" and base.hostname not in ("127.0.0.1", "localhost", "::1"):
+        problems.append(
+            "public_url uses plain http on a non-local host: browsers will refuse camera access. "
+            "Put a TLS proxy in front and set public_url to its https:// address."
+        )
+    for origin in config.origins:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+            problems.append(f"allowed origin {origin!r} must look like https://host[:port] with no path.")
+    if config.redis_url and urlsplit(config.redis_url).scheme not in ("redis", "rediss", "unix"):
+        problems.append("redis_url must start with redis://, rediss:// or unix://.")
+    if config.turn_urls:
+        for url in config.turn_urls:
+            if not url.split(":", 1)[0] in ("turn", "turns", "stun"):
+                problems.append(f"turn url {url!r} must start with turn:, turns: or stun:.")
+        if not (config.turn_secret or config.turn_secret_file):
+            problems.append("turn_urls is set but neither turn_secret nor turn_secret_file is.")
+    if config.turn_secret_file and not Path(config.turn_secret_file).is_file():
+        problems.append(f"turn_secret_file {config.turn_secret_file} does not exist.")
+    if config.auth_deadline_s <= 0 or config.heartbeat_s <= 0:
+        problems.append("auth_deadline_s and heartbeat_s must be positive.")
+    problems += _check_data_dir(config)
+    if config.policy_file:
+        problems += _check_policy(Path(config.policy_file))
+    return problems
+
+
+def _check_data_dir(config: Config) -> list[str]:
+    d = config.data_dir
+    if d.exists() and not d.is_dir():
+        return [f"data_dir {d} exists but is not a directory."]
+    if d.exists() and not os.access(d, os.W_OK):
+        return [f"data_dir {d} is not writable by this user."]
+    secret = config.secret_path
+    if secret.exists():
+        mode = stat.S_IMODE(secret.stat().st_mode)
+        if mode & 0o077:
+            return [f"the server secret {secret} is readable by others (mode {mode:o}); run: chmod 600 {secret}"]
+        if len(secret.read_bytes().strip()) < 32:
+            return [f"the server secret {secret} is too short; delete it to have a new one generated."]
+    return []
+
+
+def _check_policy(path: Path) -> list[str]:
+    from . import checklist
+
+    try:
+        checklist.load_policy(path)
+    except checklist.PolicyError as exc:
+        return [f"checklist policy: {p}" for p in exc.problems]
+    return []
+
+
+# ---------------------------------------------------------------- secrets
+
+
+def load_or_create_secret(config: Config) -> bytes:
+    """The server secret, generated (32 random bytes, hex, mode 0600) when absent."""
+    path = config.secret_path
+    if path.exists():
+        raw = path.read_bytes().strip()
+        return bytes.fromhex(raw.decode("ascii")) if _is_hex(raw) else raw
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    value = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value.hex() + "\n")
+    return value
+
+
+def _is_hex(raw: bytes) -> bool:
+    try:
+        bytes.fromhex(raw.decode("ascii"))
+        return len(raw) % 2 == 0
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Purpose-bound keys derived from the server secret."""
+
+    secret: bytes = field(repr=False)
+
+    def derive(self, purpose: str) -> bytes:
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"broker keys v1", info=purpose.encode()).derive(
+            self.secret
+        )
+
+    @property
+    def token(self) -> bytes:
+        return self.derive("invite-token")
+
+    @property
+    def admin(self) -> bytes:
+        return self.derive("admin-api")
+
+    @property
+    def store(self) -> bytes:
+        return self.derive("store-at-rest")
+
+    @property
+    def address(self) -> bytes:
+        return self.derive("address-pseudonym")
+
+    @property
+    def accounts(self) -> bytes:
+        return self.derive("accounts-at-rest")
+
+    @property
+    def audit(self) -> bytes:
+        return self.derive("audit-chain")
+
+    @property
+    def signing_seed(self) -> bytes:
+        return self.derive("session-record-ed25519")
+
+
+def turn_secret(config: Config) -> str:
+    if config.turn_secret:
+        return config.turn_secret
+    if config.turn_secret_file:
+        return Path(config.turn_secret_file).read_text().strip()
+    return ""

@@ -1,0 +1,791 @@
+"""The signaling service: connections in, state machine and store in the middle, bus out.
+
+The hub knows nothing about HTTP: the server hands it a ``Transport`` per
+WebSocket and every text frame received. For each message it loads the
+session record, applies one state-machine step atomically through the store,
+and publishes what each peer should now see on the session's bus channel.
+Every process that holds a connection of the session delivers those messages
+locally, so peers of one session may sit on different broker processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Protocol
+
+import msgspec
+
+from . import session as sm
+from .bus import Bus, Envelope
+from .protocol import (
+    PROTOCOL_VERSION,
+    Admit,
+    AllowReturn,
+    Answer,
+    Candidate,
+    ChecklistAccepted,
+    ChecklistSubmit,
+    ClientMessage,
+    Decline,
+    Declined,
+    End,
+    Error,
+    ErrorCode,
+    Hello,
+    Join,
+    Joined,
+    Leave,
+    Offer,
+    PeerInfo,
+    Peers,
+    Ping,
+    Pong,
+    PreflightAnswer,
+    PreflightOffer,
+    ProtocolError,
+    Reconnect,
+    Remove,
+    Removed,
+    Renegotiate,
+    Role,
+    SeatState,
+    SessionEnded,
+    SessionState,
+    Status,
+    WaitingEntry,
+    WaitingRoom,
+    Welcome,
+    decode_client,
+    encode,
+)
+from .session import Session
+from .store import Store, StoreUnavailable, session_key, session_prefix
+from .tokens import TokenClaims, TokenCodec
+
+log = logging.getLogger("broker.hub")
+
+# WebSocket close codes the broker uses (documented in docs/protocol.md).
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_RESTART = 1012
+CLOSE_REPLACED = 4001
+CLOSE_UNWELCOME = 4003
+CLOSE_AUTH_TIMEOUT = 4008
+CLOSE_TOO_SLOW = 4009
+CLOSE_ENDED = 4010
+CLOSE_FLOOD = 4029
+
+_record_encoder = msgspec.msgpack.Encoder()
+_record_decoder = msgspec.msgpack.Decoder(Session)
+
+
+def encode_record(session: Session) -> bytes:
+    return _record_encoder.encode(session)
+
+
+def decode_record(raw: bytes) -> Session:
+    return _record_decoder.decode(raw)
+
+
+class Transport(Protocol):
+    """What the hub needs from a WebSocket."""
+
+    async def send_text(self, data: str) -> None: ...
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+class Checklist(Protocol):
+    """Verifies a checklist submission against the practice's policy (broker.checklist)."""
+
+    def policy_for(self, minor: bool) -> dict[str, Any]: ...
+
+    def verify(self, submission: ChecklistSubmit, *, minor: bool, preflight: dict[str, Any] | None) -> dict[str, Any]:
+        """Returns the result to keep, or raises ProtocolError naming what is missing."""
+        ...
+
+
+class Preflight(Protocol):
+    async def answer(self, offer_sdp: str) -> tuple[str, str]: ...
+
+    async def wait_result(self, preflight_id: str, timeout: float) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
+
+
+IceServers = Callable[[str, int], list[dict[str, Any]]]
+AuditHook = Callable[[str, str | None, str | None, str], Awaitable[None]]
+
+
+@dataclass
+class Limits:
+    auth_deadline_s: float = 5.0
+    heartbeat_s: float = 20.0
+    rate_per_s: float = 50.0
+    rate_burst: int = 200
+    send_queue_limit: int = 256
+
+
+class TokenBucket:
+    """Per-connection message budget: ``rate`` per second, up to ``burst`` at once."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+        self.refused = 0
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            self.refused = 0
+            return True
+        self.refused += 1
+        return False
+
+
+@dataclass(eq=False)
+class Connection:
+    """One WebSocket held by this process, with its bounded outgoing queue."""
+
+    transport: Transport
+    limits: Limits
+    id: str = field(default_factory=lambda: secrets.token_hex(8))
+    helloed: bool = False
+    session_id: str | None = None
+    peer_id: str | None = None
+    role: Role | None = None
+    closed: bool = False
+    queue: asyncio.Queue[tuple[bytes, int | None]] = field(init=False)
+    bucket: TokenBucket = field(init=False)
+    writer: asyncio.Task[None] | None = None
+    deadline: asyncio.TimerHandle | None = None
+
+    def __post_init__(self) -> None:
+        self.queue = asyncio.Queue(self.limits.send_queue_limit)
+        self.bucket = TokenBucket(self.limits.rate_per_s, self.limits.rate_burst)
+
+    @property
+    def joined(self) -> bool:
+        return self.peer_id is not None
+
+    def deliver(self, data: bytes, close: int | None = None) -> None:
+        """Queue a message; a peer that cannot keep up is closed, nobody else waits."""
+        if self.closed:
+            return
+        try:
+            self.queue.put_nowait((data, close))
+        except asyncio.QueueFull:
+            self.closed = True
+            log.info("event=slow_consumer_closed conn=%s", self.id)
+            asyncio.get_running_loop().create_task(self.transport.close(CLOSE_TOO_SLOW, "too slow"))
+
+    async def write_loop(self) -> None:
+        while True:
+            data, close = await self.queue.get()
+            try:
+                if data:
+                    await self.transport.send_text(data.decode())
+                if close is not None:
+                    self.closed = True
+                    await self.transport.close(close, "")
+                    return
+            except (ConnectionError, RuntimeError):
+                self.closed = True
+                return
+
+
+class Hub:
+    def __init__(
+        self,
+        store: Store,
+        bus: Bus,
+        tokens: TokenCodec,
+        *,
+        limits: Limits | None = None,
+        checklist: Checklist | None = None,
+        preflight: Preflight | None = None,
+        ice_servers: IceServers | None = None,
+        audit: AuditHook | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        self.tokens = tokens
+        self.limits = limits or Limits()
+        self.checklist = checklist
+        self.preflight = preflight
+        self.ice_servers = ice_servers or (lambda peer, ttl: [])
+        self.audit = audit
+        self.clock = clock
+        self.connections: dict[str, Connection] = {}
+        # Local routing: seat -> connection, and the connections per session.
+        self._by_peer: dict[tuple[str, str], Connection] = {}
+        self._by_session: dict[str, set[Connection]] = {}
+        self._expiry_timers: dict[str, asyncio.TimerHandle] = {}
+        self._decoded: dict[str, tuple[bytes, Session]] = {}
+        self._bus_handlers: dict[str, Callable[[Envelope], None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.accepting = True
+
+    # ------------------------------------------------------------ sessions (admin side)
+
+    async def create_session(
+        self,
+        *,
+        clients: int = 1,
+        minors: int = 0,
+        starts: int | None = None,
+        duration_s: int = 50 * 60,
+        relay_only: bool = False,
+    ) -> tuple[Session, dict[str, str]]:
+        """Schedule a session; returns it and the invite token of every seat by peer id."""
+        now = int(self.clock())
+        session = sm.new_session(
+            _new_session_id(),
+            now=now,
+            starts=now if starts is None else starts,
+            duration_s=duration_s,
+            clients=clients,
+            minors=minors,
+            relay_only=relay_only,
+        )
+        await self._save(session)
+        tokens = {seat.id: self.tokens.issue(sm.claims_for(session, seat)) for seat in session.seats}
+        log.info("event=session_created session=%s seats=%d", session.id, len(session.seats))
+        await self._audit("session_created", None, session.id, "ok")
+        return session, tokens
+
+    async def get_session(self, session_id: str) -> Session | None:
+        raw = await self.store.get(session_key(session_id))
+        return self._decode(session_id, raw) if raw is not None else None
+
+    async def revoke_seat(self, session_id: str, peer_id: str, *, reissue: bool = False) -> str | None:
+        """Revoke a client seat's link (and issue a new one if asked); drops its connection."""
+        session, seat = await self._mutate(
+            session_id, lambda s: (sm.reissue if reissue else sm.revoke)(s, peer_id)
+        )
+        await self.bus.publish(
+            session_id,
+            Envelope(peer_id, None, encode(Error(code=ErrorCode.INVALID_TOKEN, message=_REVOKED)), CLOSE_UNWELCOME),
+        )
+        await self._publish_views(session)
+        log.info("event=seat_revoked session=%s peer=%s reissued=%s", session_id, peer_id, reissue)
+        return self.tokens.issue(sm.claims_for(session, seat)) if reissue else None
+
+    def check_token(self, token: str) -> TokenClaims:
+        """Authenticity and window of a token, without touching the store."""
+        return self.tokens.check(token, self.clock())
+
+    async def resolve_token(self, token: str) -> tuple[Session, sm.Seat]:
+        """The session and seat a token opens, or ProtocolError with the right code."""
+        claims = self.check_token(token)
+        session = await self.get_session(claims.session_id)
+        if session is None:
+            raise ProtocolError(ErrorCode.INVALID_TOKEN, sm.INVALID_MESSAGE)
+        return session, sm.seat_for_token(session, claims.token_id)
+
+    # ------------------------------------------------------------ connections
+
+    def open(self, transport: Transport) -> Connection:
+        conn = Connection(transport, self.limits)
+        self.connections[conn.id] = conn
+        conn.writer = asyncio.get_running_loop().create_task(conn.write_loop())
+        conn.deadline = asyncio.get_running_loop().call_later(self.limits.auth_deadline_s, self._auth_deadline, conn)
+        return conn
+
+    def _auth_deadline(self, conn: Connection) -> None:
+        if not conn.joined and not conn.closed:
+            log.info("event=auth_timeout conn=%s", conn.id)
+            message = f"Join within {self.limits.auth_deadline_s:g} seconds of connecting."
+            self._close_after_queue(conn, CLOSE_AUTH_TIMEOUT, Error(code=ErrorCode.AUTH_TIMEOUT, message=message))
+
+    def _close_after_queue(self, conn: Connection, code: int, last: msgspec.Struct | None = None) -> None:
+        """Close once everything already queued (and ``last``, if given) has been written."""
+        conn.deliver(encode(last) if last is not None else b"", code)
+
+    async def receive(self, conn: Connection, text: str | bytes) -> None:
+        """Handle one frame; any refusal is answered with an error and changes nothing."""
+        if conn.closed:
+            return
+        if not conn.bucket.take():
+            if conn.bucket.refused == 1:
+                self._send(conn, Error(code=ErrorCode.TOO_MANY_REQUESTS, message="Slow down: too many messages."))
+            if conn.bucket.refused > 4 * self.limits.rate_burst:
+                log.info("event=flood_closed conn=%s", conn.id)
+                self._close_after_queue(conn, CLOSE_FLOOD)
+            return
+        ref: str | None = None
+        try:
+            message = decode_client(text)
+            ref = message.id
+            await self._dispatch(conn, message)
+        except ProtocolError as exc:
+            self._send(conn, Error(code=exc.code, message=exc.message, ref=ref))
+        except StoreUnavailable:
+            self._send(
+                conn,
+                Error(code=ErrorCode.UNAVAILABLE, message="The service is briefly unavailable. Try again shortly.", ref=ref),
+            )
+        except Exception:  # never let one bad message take the connection down
+            log.exception("event=internal_error conn=%s", conn.id)
+            self._send(conn, Error(code=ErrorCode.INTERNAL, message="Something went wrong on our side.", ref=ref))
+
+    async def closed(self, conn: Connection) -> None:
+        """The WebSocket is gone: release the seat if this connection still held it."""
+        conn.closed = True
+        self.connections.pop(conn.id, None)
+        if conn.deadline:
+            conn.deadline.cancel()
+        if conn.writer:
+            conn.writer.cancel()
+        if not conn.joined:
+            return
+        assert conn.session_id and conn.peer_id
+        key = (conn.session_id, conn.peer_id)
+        if self._by_peer.get(key) is conn:
+            del self._by_peer[key]
+        await self._drop_local(conn)
+        try:
+            session, held = await self._mutate(conn.session_id, lambda s: sm.disconnect(s, conn.peer_id, conn.id))
+        except (ProtocolError, StoreUnavailable):
+            return
+        if held:
+            log.info("event=peer_disconnected session=%s peer=%s", conn.session_id, conn.peer_id)
+            await self._publish_views(session)
+
+    # ------------------------------------------------------------ dispatch
+
+    async def _dispatch(self, conn: Connection, message: ClientMessage) -> None:
+        if isinstance(message, Ping):
+            self._send(conn, Pong(n=message.n))
+            return
+        if not conn.helloed:
+            if not isinstance(message, Hello):
+                raise ProtocolError(ErrorCode.HELLO_REQUIRED, "Send hello first.")
+            if message.protocol != PROTOCOL_VERSION:
+                self._send(
+                    conn,
+                    Error(
+                        code=ErrorCode.UNSUPPORTED_PROTOCOL,
+                        message=f"This broker speaks protocol {PROTOCOL_VERSION}.",
+                        ref=message.id,
+                    ),
+                )
+                self._close_after_queue(conn, CLOSE_POLICY)
+                return
+            conn.helloed = True
+            self._send(
+                conn,
+                Welcome(
+                    protocol=PROTOCOL_VERSION,
+                    heartbeat_s=self.limits.heartbeat_s,
+                    auth_deadline_s=self.limits.auth_deadline_s,
+                    max_message_bytes=64 * 1024,
+                ),
+            )
+            return
+        if isinstance(message, Hello):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "hello was already sent.")
+        if not conn.joined:
+            if not isinstance(message, Join):
+                raise ProtocolError(ErrorCode.NOT_JOINED, "Join a session first.")
+            await self._join(conn, message)
+            return
+        if isinstance(message, Join):
+            raise ProtocolError(ErrorCode.ALREADY_JOINED, "This connection has already joined.")
+        handler = self._handlers[type(message)]
+        await handler(self, conn, message)
+
+    async def _join(self, conn: Connection, message: Join) -> None:
+        if not self.accepting:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "This broker is restarting. Reconnect in a moment.")
+        claims = self.check_token(message.token)
+        seat_id: list[str] = []
+
+        def take_seat(s: Session) -> str | None:
+            seat = sm.seat_for_token(s, claims.token_id)
+            seat_id.append(seat.id)
+            return sm.connect(s, seat.id, conn.id)
+
+        session, replaced = await self._mutate(claims.session_id, take_seat)
+        peer = seat_id[0]
+        seat = session.seat(peer)
+        conn.session_id, conn.peer_id, conn.role = session.id, peer, seat.role
+        if conn.deadline:
+            conn.deadline.cancel()
+        await self._add_local(conn)
+        if replaced:
+            await self.bus.publish(
+                session.id,
+                Envelope(
+                    None,
+                    replaced,
+                    encode(Error(code=ErrorCode.REPLACED, message="This seat was opened in another window.")),
+                    CLOSE_REPLACED,
+                ),
+            )
+        ttl = max(60, session.expires - int(self.clock()))
+        self._send(
+            conn,
+            Joined(
+                session=session.id,
+                peer=peer,
+                role=seat.role,
+                seat_state=seat.state,
+                session_state=session.state,
+                starts=session.starts,
+                expires=session.expires,
+                minor=seat.minor,
+                ice_servers=self.ice_servers(peer, ttl),
+                ice_transport_policy=session.ice_transport_policy,
+                policy=self.checklist.policy_for(seat.minor)
+                if self.checklist is not None and seat.role is Role.CLIENT
+                else None,
+            ),
+        )
+        log.info("event=peer_joined session=%s peer=%s role=%s", session.id, peer, seat.role.value)
+        await self._publish_views(session)
+
+    async def _on_checklist(self, conn: Connection, message: ChecklistSubmit) -> None:
+        if self.checklist is None:
+            raise ProtocolError(ErrorCode.INVALID_STATE, "This broker has no checklist policy.")
+        checklist = self.checklist
+        accepted: list[dict[str, Any]] = []
+
+        def submit(s: Session) -> None:
+            seat = s.seat(conn.peer_id or "")
+            if seat.role is not Role.CLIENT or seat.state is not SeatState.CHECKING:
+                raise ProtocolError(
+                    ErrorCode.INVALID_STATE, "The checklist can only be submitted before entering the waiting room."
+                )
+            result = checklist.verify(message, minor=seat.minor, preflight=seat.preflight)
+            accepted.append(result)
+            sm.pass_checklist(s, seat.id, result, message.details)
+
+        assert conn.session_id
+        try:
+            session, _ = await self._mutate(conn.session_id, submit)
+        except ProtocolError as exc:
+            if exc.code not in (ErrorCode.INVALID_STATE, ErrorCode.SESSION_ENDED):
+                await self._audit("checklist_failed", conn.peer_id, conn.session_id, exc.code.value)
+            raise
+        await self._audit("checklist_passed", conn.peer_id, conn.session_id, "ok")
+        self._send(conn, ChecklistAccepted(summary=accepted[0]))
+        await self._publish_views(session)
+
+    async def _on_preflight(self, conn: Connection, message: PreflightOffer) -> None:
+        if self.preflight is None:
+            raise ProtocolError(ErrorCode.PREFLIGHT_REFUSED, "This broker does not run a network pre-flight.")
+        session = await self._load(conn.session_id or "")
+        seat = session.seat(conn.peer_id or "")
+        if seat.state is not SeatState.CHECKING:
+            raise ProtocolError(ErrorCode.INVALID_STATE, "The pre-flight is part of the checklist, before waiting.")
+        preflight_id, answer = await self.preflight.answer(message.sdp)
+        self._send(conn, PreflightAnswer(sdp=answer))
+        self._spawn(self._record_preflight(conn.session_id or "", seat.id, preflight_id))
+
+    async def _record_preflight(self, session_id: str, peer_id: str, preflight_id: str) -> None:
+        assert self.preflight is not None
+        result = await self.preflight.wait_result(preflight_id, 30.0)
+
+        def record(s: Session) -> None:
+            s.seat(peer_id).preflight = result
+
+        try:
+            await self._mutate(session_id, record)
+        except (ProtocolError, StoreUnavailable):
+            return
+        log.info("event=preflight_recorded session=%s peer=%s connected=%s", session_id, peer_id, result.get("connected"))
+
+    async def _on_admit(self, conn: Connection, message: Admit) -> None:
+        await self._therapist_action(conn, sm.admit, message.peer, "seat_admitted", None)
+
+    async def _on_decline(self, conn: Connection, message: Decline) -> None:
+        await self._therapist_action(conn, sm.decline, message.peer, "seat_declined", Declined())
+
+    async def _on_remove(self, conn: Connection, message: Remove) -> None:
+        await self._therapist_action(conn, sm.remove, message.peer, "seat_removed", Removed())
+
+    async def _on_allow_return(self, conn: Connection, message: AllowReturn) -> None:
+        await self._therapist_action(conn, sm.allow_return, message.peer, "seat_allowed_back", None)
+
+    async def _therapist_action(
+        self, conn: Connection, step: Callable[[Session, str, str], sm.Seat], target: str, event: str, notice: Any
+    ) -> None:
+        assert conn.session_id and conn.peer_id
+        session, _ = await self._mutate(conn.session_id, lambda s: step(s, conn.peer_id or "", target))
+        log.info("event=%s session=%s peer=%s", event, session.id, target)
+        await self._audit(event, conn.peer_id, session.id, "ok")
+        if notice is not None:
+            await self.bus.publish(session.id, Envelope(target, None, encode(notice), CLOSE_UNWELCOME))
+        await self._publish_views(session)
+
+    async def _on_relay(self, conn: Connection, message: Offer | Answer | Candidate | Renegotiate) -> None:
+        assert conn.session_id and conn.peer_id
+        session = await self._load(conn.session_id)
+        sm.can_relay(session, conn.peer_id, message.to)
+        if isinstance(message, (Offer, Answer, Renegotiate)):
+            lead = sm.offerer(session.seat(conn.peer_id), session.seat(message.to))
+            sender_offers = lead == conn.peer_id
+            if isinstance(message, Offer) and not sender_offers:
+                raise ProtocolError(ErrorCode.NOT_OFFERER, "The other peer makes the offers for this pair.")
+            if isinstance(message, (Answer, Renegotiate)) and sender_offers:
+                raise ProtocolError(ErrorCode.NOT_OFFERER, "You make the offers for this pair; send an offer.")
+        relayed = msgspec.structs.replace(message, from_=conn.peer_id, id=None)
+        await self.bus.publish(session.id, Envelope(message.to, None, encode(relayed)))
+
+    async def _on_leave(self, conn: Connection, message: Leave) -> None:
+        assert conn.session_id and conn.peer_id
+        session, _ = await self._mutate(conn.session_id, lambda s: sm.leave(s, conn.peer_id or ""))
+        await self._mutate(conn.session_id, lambda s: sm.disconnect(s, conn.peer_id or "", conn.id))
+        session = await self._load(conn.session_id)
+        log.info("event=peer_left session=%s peer=%s", session.id, conn.peer_id)
+        self._close_after_queue(conn, CLOSE_NORMAL)
+        await self._publish_views(session)
+
+    async def _on_end(self, conn: Connection, message: End) -> None:
+        assert conn.session_id and conn.peer_id
+        await self._mutate(conn.session_id, lambda s: sm.end(s, conn.peer_id or ""))
+        await self._finish(conn.session_id, "ended", actor=conn.peer_id)
+
+    _handlers: dict[type, Callable[..., Awaitable[None]]] = {
+        ChecklistSubmit: _on_checklist,
+        PreflightOffer: _on_preflight,
+        Admit: _on_admit,
+        Decline: _on_decline,
+        Remove: _on_remove,
+        AllowReturn: _on_allow_return,
+        Offer: _on_relay,
+        Answer: _on_relay,
+        Candidate: _on_relay,
+        Renegotiate: _on_relay,
+        Leave: _on_leave,
+        End: _on_end,
+    }
+
+    # ------------------------------------------------------------ ending
+
+    async def _finish(self, session_id: str, reason: str, actor: str | None = None) -> None:
+        """Tell everyone the session is over, then forget every key of it."""
+        await self.bus.publish(
+            session_id, Envelope(None, None, encode(SessionEnded(reason=reason)), CLOSE_ENDED)  # type: ignore[arg-type]
+        )
+        removed = await self.store.delete_prefix(session_prefix(session_id))
+        self._decoded.pop(session_id, None)
+        log.info("event=session_%s session=%s keys_deleted=%d", reason, session_id, removed)
+        await self._audit("session_ended", actor, session_id, reason)
+
+    async def expire_due(self, session_id: str) -> None:
+        """Called when a session's window closes."""
+        try:
+            _, ended = await self._mutate(session_id, lambda s: sm.expire(s, self.clock()))
+        except (ProtocolError, StoreUnavailable):
+            return
+        if ended:
+            await self._finish(session_id, "expired")
+
+    async def shutdown(self, after_ms: int = 500) -> None:
+        """Stop accepting; ask every connected peer to reconnect (to another process)."""
+        self.accepting = False
+        notice = encode(Reconnect(reason="restart", after_ms=after_ms))
+        for conn in list(self.connections.values()):
+            conn.deliver(notice, CLOSE_RESTART)
+        for _ in range(100):
+            if all(c.queue.empty() for c in self.connections.values()):
+                break
+            await asyncio.sleep(0.02)
+        for task in list(self._tasks):
+            task.cancel()
+
+    # ------------------------------------------------------------ views
+
+    async def _publish_views(self, session: Session) -> None:
+        """Send every peer of the session what it should now see."""
+        therapist = session.therapist()
+        present = therapist.conn is not None
+        envelopes = [
+            Envelope(
+                therapist.id,
+                None,
+                encode(
+                    WaitingRoom(
+                        seats=[
+                            WaitingEntry(
+                                peer=s.id,
+                                state=s.state,
+                                connected=s.conn is not None,
+                                minor=s.minor,
+                                checklist=_summary_of(s),
+                                details=s.details,
+                            )
+                            for s in session.clients()
+                        ]
+                    )
+                ),
+            )
+        ]
+        for seat in session.clients():
+            if seat.conn is not None:
+                envelopes.append(
+                    Envelope(
+                        seat.id,
+                        None,
+                        encode(Status(seat_state=seat.state, session_state=session.state, therapist_present=present)),
+                    )
+                )
+        live = sm.admitted(session)
+        for seat in live:
+            if seat.conn is None:
+                continue
+            peers = [
+                PeerInfo(
+                    peer=o.id,
+                    role=o.role,
+                    connected=o.conn is not None,
+                    you_offer=sm.offerer(seat, o) == seat.id,
+                )
+                for o in live
+                if o.id != seat.id
+            ]
+            envelopes.append(Envelope(seat.id, None, encode(Peers(peers=peers))))
+        for envelope in envelopes:
+            await self.bus.publish(session.id, envelope)
+
+    # ------------------------------------------------------------ local routing
+
+    def _on_bus(self, session_id: str) -> Callable[[Envelope], None]:
+        def handler(envelope: Envelope) -> None:
+            if envelope.to_conn is not None:
+                conn = self.connections.get(envelope.to_conn)
+                targets = [conn] if conn is not None and conn.session_id == session_id else []
+            elif envelope.to_peer is not None:
+                conn = self._by_peer.get((session_id, envelope.to_peer))
+                targets = [conn] if conn is not None else []
+            else:
+                targets = list(self._by_session.get(session_id, ()))
+            for conn in targets:
+                conn.deliver(envelope.data, envelope.close)
+                if envelope.close is not None and envelope.to_conn is None:
+                    # This connection no longer holds a seat worth routing to.
+                    key = (session_id, conn.peer_id or "")
+                    if self._by_peer.get(key) is conn:
+                        del self._by_peer[key]
+
+        return handler
+
+    async def _add_local(self, conn: Connection) -> None:
+        assert conn.session_id and conn.peer_id
+        sid = conn.session_id
+        self._by_peer[(sid, conn.peer_id)] = conn
+        members = self._by_session.setdefault(sid, set())
+        first = not members
+        members.add(conn)
+        if first:
+            handler = self._on_bus(sid)
+            self._bus_handlers[sid] = handler
+            await self.bus.subscribe(sid, handler)
+            session = await self.get_session(sid)
+            if session is not None:
+                delay = max(0.0, session.expires - self.clock())
+                self._expiry_timers[sid] = asyncio.get_running_loop().call_later(
+                    delay, lambda: self._spawn(self.expire_due(sid))
+                )
+
+    async def _drop_local(self, conn: Connection) -> None:
+        sid = conn.session_id or ""
+        members = self._by_session.get(sid)
+        if not members:
+            return
+        members.discard(conn)
+        if members:
+            return
+        del self._by_session[sid]
+        handler = self._bus_handlers.pop(sid, None)
+        if handler is not None:
+            await self.bus.unsubscribe(sid, handler)
+        timer = self._expiry_timers.pop(sid, None)
+        if timer is not None:
+            timer.cancel()
+        self._decoded.pop(sid, None)
+
+    # ------------------------------------------------------------ store access
+
+    def _decode(self, session_id: str, raw: bytes) -> Session:
+        cached = self._decoded.get(session_id)
+        if cached is not None and (cached[0] is raw or cached[0] == raw):
+            return cached[1]
+        session = decode_record(raw)
+        self._decoded[session_id] = (raw, session)
+        return session
+
+    async def _load(self, session_id: str) -> Session:
+        session = await self.get_session(session_id)
+        if session is None:
+            raise ProtocolError(ErrorCode.SESSION_ENDED, "This session has ended.")
+        return session
+
+    async def _save(self, session: Session) -> None:
+        ttl = max(1.0, session.expires - self.clock())
+        await self.store.put(session_key(session.id), encode_record(session), ttl)
+
+    async def _mutate(self, session_id: str, step: Callable[[Session], Any]) -> tuple[Session, Any]:
+        """Apply one state-machine step atomically; a refused step writes nothing."""
+        out: list[Session] = []
+
+        def mutate(raw: bytes | None) -> tuple[bytes | None, Any]:
+            if raw is None:
+                raise ProtocolError(ErrorCode.SESSION_ENDED, "This session has ended.")
+            session = decode_record(raw)
+            result = step(session)
+            new = encode_record(session)
+            out.append(session)
+            return new, result
+
+        ttl = 1.0
+        cached = self._decoded.get(session_id)
+        if cached is not None:
+            ttl = max(1.0, cached[1].expires - self.clock())
+        else:
+            current = await self.get_session(session_id)
+            if current is None:
+                raise ProtocolError(ErrorCode.SESSION_ENDED, "This session has ended.")
+            ttl = max(1.0, current.expires - self.clock())
+        result = await self.store.update(session_key(session_id), mutate, ttl)
+        return out[-1], result
+
+    # ------------------------------------------------------------ helpers
+
+    def _send(self, conn: Connection, message: msgspec.Struct) -> None:
+        conn.deliver(encode(message))
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _audit(self, event: str, actor: str | None, session: str | None, outcome: str) -> None:
+        if self.audit is not None:
+            await self.audit(event, actor, session, outcome)
+
+
+_REVOKED = "This link is not valid. It may have been revoked, or its session has ended."
+
+
+def _new_session_id() -> str:
+    from .tokens import new_session_id
+
+    return new_session_id()
+
+
+def _summary_of(seat: sm.Seat) -> dict[str, Any] | None:
+    return None if seat.state in (SeatState.CHECKING, SeatState.INVITED) else seat.checklist

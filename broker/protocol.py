@@ -1,0 +1,379 @@
+"""The signaling wire protocol: one typed definition per message.
+
+Every WebSocket text frame is one JSON object whose ``type`` field names one of
+the structs below. ``docs/protocol.md`` documents the same set field by field;
+``tests/test_protocol_doc.py`` fails if the two drift apart.
+
+Client messages are decoded strictly (unknown fields and wrong types are
+errors). The broker never trusts a sender field from a client: relayed messages
+get ``from`` overwritten with the sender's peer id.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Any, Literal, Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+#: Largest text frame the broker accepts, in bytes.
+MAX_MESSAGE_BYTES = 64 * 1024
+
+# Field size limits (bytes or characters), generous for real SDP.
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
+Token = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Sdp = Annotated[str, msgspec.Meta(max_length=48 * 1024)]
+Mac = Annotated[str, msgspec.Meta(max_length=128)]
+Counter = Annotated[int, msgspec.Meta(ge=0, le=2**53 - 1)]
+CandidateLine = Annotated[str, msgspec.Meta(max_length=1024)]
+ItemId = Annotated[str, msgspec.Meta(min_length=1, max_length=40, pattern=r"^[a-z0-9_]+$")]
+Version = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Details = Annotated[str, msgspec.Meta(max_length=8192)]
+Agent = Annotated[str, msgspec.Meta(max_length=64)]
+
+
+class ErrorCode(str, Enum):
+    """Stable error codes. Clients branch on these, never on message text."""
+
+    BAD_MESSAGE = "bad_message"
+    UNSUPPORTED_PROTOCOL = "unsupported_protocol"
+    HELLO_REQUIRED = "hello_required"
+    AUTH_TIMEOUT = "auth_timeout"
+    ALREADY_JOINED = "already_joined"
+    NOT_JOINED = "not_joined"
+    INVALID_TOKEN = "invalid_token"
+    TOKEN_EXPIRED = "token_expired"
+    TOKEN_NOT_YET_VALID = "token_not_yet_valid"
+    SESSION_ENDED = "session_ended"
+    NOT_ALLOWED = "not_allowed"
+    DECLINED = "declined"
+    REMOVED = "removed"
+    NOT_ADMITTED = "not_admitted"
+    NOT_IN_SESSION = "not_in_session"
+    INVALID_STATE = "invalid_state"
+    NOT_OFFERER = "not_offerer"
+    REPLACED = "replaced"
+    TOO_MANY_REQUESTS = "too_many_requests"
+    MESSAGE_TOO_BIG = "message_too_big"
+    POLICY_OUTDATED = "policy_outdated"
+    CHECKLIST_INCOMPLETE = "checklist_incomplete"
+    CHECKLIST_UNKNOWN_ITEM = "checklist_unknown_item"
+    CONSENT_OUTDATED = "consent_outdated"
+    DETAILS_MISSING = "details_missing"
+    DETAILS_INVALID = "details_invalid"
+    PREFLIGHT_MISSING = "preflight_missing"
+    PREFLIGHT_FAILED = "preflight_failed"
+    PREFLIGHT_REFUSED = "preflight_refused"
+    PREFLIGHT_BUSY = "preflight_busy"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+class Role(str, Enum):
+    THERAPIST = "therapist"
+    CLIENT = "client"
+
+
+class SeatState(str, Enum):
+    """Where a seat stands in the session (see docs/protocol.md, 'Seat states')."""
+
+    INVITED = "invited"
+    CHECKING = "checking"
+    WAITING = "waiting"
+    ADMITTED = "admitted"
+    LEFT = "left"
+    DECLINED = "declined"
+    REMOVED = "removed"
+
+
+class SessionState(str, Enum):
+    SCHEDULED = "scheduled"
+    OPEN = "open"
+    LIVE = "live"
+    ENDED = "ended"
+
+
+# ---------------------------------------------------------------- client -> broker
+
+
+class _ClientMessage(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    #: Optional correlation id, echoed as ``ref`` in an error about this message.
+    id: Id | None = None
+
+
+class Hello(_ClientMessage, tag="hello"):
+    protocol: int
+    agent: Agent | None = None
+
+
+class Join(_ClientMessage, tag="join"):
+    token: Token
+
+
+class ChecklistSubmit(_ClientMessage, tag="checklist"):
+    policy_version: Version
+    answers: dict[ItemId, bool]
+    consent_version: Version | None = None
+    details: Details | None = None
+
+
+class PreflightOffer(_ClientMessage, tag="preflight_offer"):
+    sdp: Sdp
+
+
+class Admit(_ClientMessage, tag="admit"):
+    peer: Id
+
+
+class Decline(_ClientMessage, tag="decline"):
+    peer: Id
+
+
+class Remove(_ClientMessage, tag="remove"):
+    peer: Id
+
+
+class AllowReturn(_ClientMessage, tag="allow_return"):
+    peer: Id
+
+
+class Offer(_ClientMessage, tag="offer"):
+    to: Id
+    sdp: Sdp
+    counter: Counter | None = None
+    mac: Mac | None = None
+    #: Ignored from clients; the broker sets it on relay.
+    from_: Id | None = msgspec.field(default=None, name="from")
+
+
+class Answer(_ClientMessage, tag="answer"):
+    to: Id
+    sdp: Sdp
+    counter: Counter | None = None
+    mac: Mac | None = None
+    from_: Id | None = msgspec.field(default=None, name="from")
+
+
+class Candidate(_ClientMessage, tag="candidate"):
+    to: Id
+    #: An ICE candidate line; the empty string signals end of candidates.
+    candidate: CandidateLine
+    sdp_mid: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    sdp_mline_index: Annotated[int, msgspec.Meta(ge=0, le=255)] | None = None
+    from_: Id | None = msgspec.field(default=None, name="from")
+
+
+class Renegotiate(_ClientMessage, tag="renegotiate"):
+    """Asks the offerer of a pair for a new offer (an ICE restart)."""
+
+    to: Id
+    from_: Id | None = msgspec.field(default=None, name="from")
+
+
+class Leave(_ClientMessage, tag="leave"):
+    pass
+
+
+class End(_ClientMessage, tag="end"):
+    pass
+
+
+class Ping(_ClientMessage, tag="ping"):
+    n: Counter | None = None
+
+
+ClientMessage = Union[
+    Hello,
+    Join,
+    ChecklistSubmit,
+    PreflightOffer,
+    Admit,
+    Decline,
+    Remove,
+    AllowReturn,
+    Offer,
+    Answer,
+    Candidate,
+    Renegotiate,
+    Leave,
+    End,
+    Ping,
+]
+
+#: Messages the broker relays between admitted peers of one session.
+RELAYED = (Offer, Answer, Candidate, Renegotiate)
+
+
+# ---------------------------------------------------------------- broker -> client
+
+
+class _ServerMessage(msgspec.Struct, tag_field="type", kw_only=True):
+    pass
+
+
+class Welcome(_ServerMessage, tag="welcome"):
+    protocol: int
+    heartbeat_s: float
+    auth_deadline_s: float
+    max_message_bytes: int
+
+
+class PeerInfo(msgspec.Struct, kw_only=True):
+    """An admitted peer as the other admitted peers see it."""
+
+    peer: str
+    role: Role
+    connected: bool
+    #: True when the receiving peer makes the offers for this pair.
+    you_offer: bool
+
+
+class Joined(_ServerMessage, tag="joined"):
+    session: str
+    peer: str
+    role: Role
+    seat_state: SeatState
+    session_state: SessionState
+    starts: int
+    expires: int
+    minor: bool
+    ice_servers: list[dict[str, Any]]
+    ice_transport_policy: Literal["all", "relay"]
+    #: The checklist policy for this seat (clients only), as JSON.
+    policy: dict[str, Any] | None = None
+
+
+class Status(_ServerMessage, tag="status"):
+    """A client's own view of where it stands; sent whenever that changes."""
+
+    seat_state: SeatState
+    session_state: SessionState
+    therapist_present: bool
+
+
+class ChecklistAccepted(_ServerMessage, tag="checklist_accepted"):
+    summary: dict[str, Any]
+
+
+class PreflightAnswer(_ServerMessage, tag="preflight_answer"):
+    sdp: str
+
+
+class WaitingEntry(msgspec.Struct, kw_only=True):
+    peer: str
+    state: SeatState
+    connected: bool
+    minor: bool
+    #: Checklist summary once the client has passed the checklist.
+    checklist: dict[str, Any] | None = None
+    #: Emergency details, sealed in the client's browser for the therapist.
+    details: str | None = None
+
+
+class WaitingRoom(_ServerMessage, tag="waiting_room"):
+    """The therapist's view of every client seat; sent whenever one changes."""
+
+    seats: list[WaitingEntry]
+
+
+class Peers(_ServerMessage, tag="peers"):
+    """The admitted peers an admitted peer should be connected to."""
+
+    peers: list[PeerInfo]
+
+
+class Declined(_ServerMessage, tag="declined"):
+    pass
+
+
+class Removed(_ServerMessage, tag="removed"):
+    pass
+
+
+class SessionEnded(_ServerMessage, tag="session_ended"):
+    reason: Literal["ended", "expired"]
+
+
+class Pong(_ServerMessage, tag="pong"):
+    n: int | None = None
+
+
+class Reconnect(_ServerMessage, tag="reconnect"):
+    """The broker process is going away: reconnect (to any process) after a pause."""
+
+    reason: str
+    after_ms: int
+
+
+class Error(_ServerMessage, tag="error"):
+    code: ErrorCode
+    message: str
+    #: The ``id`` of the client message this error is about, if it had one.
+    ref: str | None = None
+
+
+ServerMessage = Union[
+    Welcome,
+    Joined,
+    Status,
+    ChecklistAccepted,
+    PreflightAnswer,
+    WaitingRoom,
+    Peers,
+    Declined,
+    Removed,
+    SessionEnded,
+    Pong,
+    Reconnect,
+    Error,
+    Offer,
+    Answer,
+    Candidate,
+    Renegotiate,
+]
+
+# ---------------------------------------------------------------- codecs
+
+_client_decoder = msgspec.json.Decoder(ClientMessage)
+_server_decoder = msgspec.json.Decoder(ServerMessage)
+_encoder = msgspec.json.Encoder()
+
+
+class ProtocolError(Exception):
+    """A message or action the broker refuses; carries a stable code."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def decode_client(data: str | bytes) -> ClientMessage:
+    """Decode one client frame, raising ProtocolError(bad_message) with the reason."""
+    try:
+        return _client_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"Invalid message: {exc}") from None
+    except msgspec.DecodeError:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "Invalid message: not a JSON object") from None
+
+
+def decode_server(data: str | bytes) -> ServerMessage:
+    """Decode one broker frame (used by the Python client)."""
+    return _server_decoder.decode(data)
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+def client_message_types() -> dict[str, type[msgspec.Struct]]:
+    """Every client message type by its wire name (for docs and fuzzing)."""
+    return {t.__struct_config__.tag: t for t in ClientMessage.__args__}  # type: ignore[attr-defined]
+
+
+def server_message_types() -> dict[str, type[msgspec.Struct]]:
+    """Every broker message type by its wire name (for docs and fuzzing)."""
+    return {t.__struct_config__.tag: t for t in ServerMessage.__args__}  # type: ignore[attr-defined]

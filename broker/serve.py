@@ -1,0 +1,62 @@
+"""Running a broker process: sockets, signals and a graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from typing import TextIO
+
+from aiohttp import web
+
+from .admin import admin_app, start_admin_site
+from .config import Config
+from .security_headers import PrivateAccessLogger
+from .server import build_app, create_broker
+
+log = logging.getLogger("broker.serve")
+
+#: SIGTERM: peers are told to reconnect elsewhere, and the process exits well within 10 s.
+SHUTDOWN_GRACE_S = 3.0
+
+
+async def serve(config: Config, *, out: TextIO = sys.stdout, stop: asyncio.Event | None = None) -> None:
+    broker = await create_broker(config)
+    app = build_app(broker)
+    runner = web.AppRunner(app, access_log_class=PrivateAccessLogger, shutdown_timeout=SHUTDOWN_GRACE_S)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, shutdown_timeout=SHUTDOWN_GRACE_S)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1] if site._server else config.port  # type: ignore[union-attr]
+    url = config.base_url if config.port else f"http://{config.host}:{port}"
+    admin_runner = web.AppRunner(admin_app(broker.hub, broker.keys, url), access_log=None)
+    await admin_runner.setup()
+    await start_admin_site(admin_runner.app, admin_runner, config)
+    store_kind = "Redis" if config.redis_url else "embedded (in memory)"
+    print(
+        f"Broker listening on {config.host}:{port} — open {url}\n"
+        f"Store: {store_kind}. Data dir: {config.data_dir}\n"
+        f"Create a first session (in another terminal):\n"
+        f"  broker session create --data-dir {config.data_dir}\n"
+        f"It prints the client's link and the therapist's link.",
+        file=out,
+        flush=True,
+    )
+    log.info("event=serving port=%d store=%s", port, "redis" if config.redis_url else "memory")
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    await stop.wait()
+    log.info("event=stopping")
+    await broker.hub.shutdown()
+    await admin_runner.cleanup()
+    config.admin_socket.unlink(missing_ok=True)
+    await asyncio.wait_for(runner.cleanup(), SHUTDOWN_GRACE_S + 2)
+    await broker.close()
+    log.info("event=stopped")

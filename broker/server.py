@@ -1,0 +1,273 @@
+"""The aiohttp application: pages, health, and the signaling WebSocket.
+
+A thin layer: it checks what HTTP must check (Origin, per-address limits,
+frame size), then hands text frames to the hub. Everything session-related
+lives in ``broker.hub`` and ``broker.session``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import html
+import logging
+import string
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from .admission import BrokerPreflight, PolicyChecklist
+from .bus import Bus, LocalBus
+from .config import Config, Keys, load_or_create_secret
+from .hub import CLOSE_POLICY, Hub, Limits
+from .protocol import MAX_MESSAGE_BYTES, Error, ErrorCode, ProtocolError, encode
+from .security_headers import PrivateAccessLogger, security_middleware
+from .store import MemoryStore, Store
+from .tokens import TokenCodec
+
+log = logging.getLogger("broker.server")
+
+
+def web_root() -> Path:
+    """The browser client: shipped inside the wheel as broker/web, or web/ in a checkout."""
+    packaged = Path(str(resources.files("broker"))) / "web"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "web"
+
+
+@dataclass
+class Broker:
+    """Everything one broker process runs, built from its configuration."""
+
+    config: Config
+    keys: Keys
+    store: Store
+    bus: Bus
+    hub: Hub
+    preflight: BrokerPreflight
+    background: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    async def close(self) -> None:
+        for task in self.background:
+            task.cancel()
+        await self.preflight.close()
+        await self.bus.close()
+        await self.store.close()
+
+
+async def create_broker(config: Config, *, store: Store | None = None, bus: Bus | None = None) -> Broker:
+    keys = Keys(load_or_create_secret(config))
+    if store is None or bus is None:
+        store, bus = await _backends(config, keys)
+    limits = Limits(
+        auth_deadline_s=config.auth_deadline_s,
+        heartbeat_s=config.heartbeat_s,
+        rate_per_s=config.rate_per_s,
+        rate_burst=config.rate_burst,
+        send_queue_limit=config.send_queue_limit,
+    )
+    preflight = BrokerPreflight.from_config(config)
+    hub = Hub(
+        store,
+        bus,
+        TokenCodec(keys.token),
+        limits=limits,
+        checklist=PolicyChecklist.from_config(config),
+        preflight=preflight,
+        ice_servers=_ice_servers(config),
+    )
+    broker = Broker(config, keys, store, bus, hub, preflight)
+    if isinstance(store, MemoryStore):
+        broker.background.append(asyncio.get_running_loop().create_task(store.run_sweeper()))
+    return broker
+
+
+async def _backends(config: Config, keys: Keys) -> tuple[Store, Bus]:
+    if config.redis_url:
+        from .store_redis import connect_redis
+
+        return await connect_redis(config.redis_url, keys.store)
+    return MemoryStore(), LocalBus()
+
+
+def _ice_servers(config: Config) -> Any:
+    if not config.turn_urls:
+        return None
+    from .config import turn_secret
+    from .turn import turn_credentials
+
+    secret = turn_secret(config)
+    urls = list(config.turn_urls)
+
+    def servers(peer: str, ttl: int) -> list[dict[str, Any]]:
+        return [turn_credentials(secret, urls, ttl)]
+
+    return servers
+
+
+# ---------------------------------------------------------------- pages
+
+_ERROR_STATUS = {
+    ErrorCode.INVALID_TOKEN: 404,
+    ErrorCode.TOKEN_EXPIRED: 410,
+    ErrorCode.TOKEN_NOT_YET_VALID: 425,
+    ErrorCode.SESSION_ENDED: 410,
+    ErrorCode.UNAVAILABLE: 503,
+}
+
+_ERROR_TITLES = {
+    ErrorCode.INVALID_TOKEN: "This link does not work",
+    ErrorCode.TOKEN_EXPIRED: "This link has expired",
+    ErrorCode.TOKEN_NOT_YET_VALID: "It is a little early",
+    ErrorCode.SESSION_ENDED: "This session has ended",
+    ErrorCode.UNAVAILABLE: "Please try again in a moment",
+}
+
+
+def render_notice(title: str, message: str, status: int, code: str) -> web.Response:
+    """A plain page for a link that cannot be used: never a stack trace."""
+    template = string.Template((web_root() / "notice.html").read_text(encoding="utf-8"))
+    body = template.substitute(
+        title=html.escape(title), message=html.escape(message), code=html.escape(code)
+    )
+    return web.Response(text=body, status=status, content_type="text/html", charset="utf-8")
+
+
+async def _link_page(request: web.Request, page: str, role: str) -> web.StreamResponse:
+    hub: Hub = request.app[HUB]
+    try:
+        _, seat = await hub.resolve_token(request.match_info["token"])
+        if seat.role.value != role:
+            raise ProtocolError(ErrorCode.INVALID_TOKEN, "This link does not open this page.")
+    except ProtocolError as exc:
+        status = _ERROR_STATUS.get(exc.code, 400)
+        return render_notice(_ERROR_TITLES.get(exc.code, "This link does not work"), exc.message, status, exc.code.value)
+    return web.FileResponse(web_root() / page, headers={"Content-Type": "text/html; charset=utf-8"})
+
+
+async def join_page(request: web.Request) -> web.StreamResponse:
+    return await _link_page(request, "join.html", "client")
+
+
+async def therapist_page(request: web.Request) -> web.StreamResponse:
+    return await _link_page(request, "therapist.html", "therapist")
+
+
+async def index_page(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(web_root() / "index.html", headers={"Content-Type": "text/html; charset=utf-8"})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    hub: Hub = request.app[HUB]
+    store: Store = request.app[STORE]
+    try:
+        ok = await asyncio.wait_for(store.ping(), 1.0)
+    except Exception:
+        ok = False
+    ready = ok and hub.accepting
+    return web.json_response({"ready": ready, "store": ok, "accepting": hub.accepting}, status=200 if ready else 503)
+
+
+# ---------------------------------------------------------------- WebSocket
+
+
+class _AiohttpTransport:
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self.ws = ws
+
+    async def send_text(self, data: str) -> None:
+        await self.ws.send_str(data)
+
+    async def close(self, code: int, reason: str) -> None:
+        await self.ws.close(code=code, message=reason.encode())
+
+
+def client_address_key(request: web.Request, secret: bytes, trust_proxy: bool) -> str:
+    """An opaque per-address key for limits: an HMAC, never the address itself."""
+    address = request.remote or ""
+    if trust_proxy:
+        forwarded = request.headers.get("X-Forwarded-For", "")
+        if forwarded:
+            address = forwarded.split(",")[-1].strip()
+    return hmac.new(secret, address.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
+    """Exact match against the configured origins: no suffixes, no case tricks, no 'null'."""
+    if not origin:
+        return False
+    return origin in allowed
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    config: Config = request.app[CONFIG]
+    hub: Hub = request.app[HUB]
+    if not origin_allowed(request.headers.get("Origin"), config.origins):
+        log.info("event=ws_origin_refused")
+        raise web.HTTPForbidden(text="Origin not allowed.")
+    counts: Counter[str] = request.app[ADDRESS_COUNTS]
+    key = client_address_key(request, request.app[KEYS].address, config.trust_proxy)
+    if counts[key] >= config.max_connections_per_address:
+        log.info("event=ws_address_limit")
+        raise web.HTTPTooManyRequests(text="Too many connections from this address.")
+    ws = web.WebSocketResponse(
+        max_msg_size=MAX_MESSAGE_BYTES, compress=False, heartbeat=config.heartbeat_s, autoping=True
+    )
+    await ws.prepare(request)
+    counts[key] += 1
+    conn = hub.open(_AiohttpTransport(ws))
+    try:
+        async for msg in ws:
+            if msg.type is WSMsgType.TEXT:
+                await hub.receive(conn, msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                conn.deliver(encode(Error(code=ErrorCode.BAD_MESSAGE, message="Only JSON text frames are accepted.")))
+            else:
+                break
+    finally:
+        counts[key] -= 1
+        if counts[key] <= 0:
+            del counts[key]
+        await hub.closed(conn)
+        if not ws.closed:
+            await ws.close(code=CLOSE_POLICY if ws.close_code is None else ws.close_code)
+    return ws
+
+
+# ---------------------------------------------------------------- app
+
+CONFIG = web.AppKey("config", Config)
+HUB = web.AppKey("hub", Hub)
+STORE = web.AppKey("store", Any)  # type: ignore[arg-type]
+KEYS = web.AppKey("keys", Keys)
+ADDRESS_COUNTS = web.AppKey("address_counts", Counter)  # type: ignore[arg-type]
+BROKER = web.AppKey("broker", Broker)
+
+
+def build_app(broker: Broker) -> web.Application:
+    config = broker.config
+    app = web.Application(middlewares=[security_middleware(config.trust_proxy)], client_max_size=256 * 1024)
+    app[CONFIG] = config
+    app[HUB] = broker.hub
+    app[STORE] = broker.store
+    app[KEYS] = broker.keys
+    app[ADDRESS_COUNTS] = Counter()
+    app[BROKER] = broker
+    app.router.add_get("/", index_page, name="index")
+    app.router.add_get("/healthz", healthz, name="healthz")
+    app.router.add_get("/readyz", readyz, name="readyz")
+    app.router.add_get("/ws", websocket, name="ws")
+    app.router.add_get("/j/{token}", join_page, name="join")
+    app.router.add_get("/t/{token}", therapist_page, name="therapist")
+    app.router.add_static("/static/", web_root(), name="static", follow_symlinks=False)
+    return app

@@ -1,0 +1,150 @@
+"""Where session state lives: one small interface, two implementations.
+
+The in-process ``MemoryStore`` is the embedded default; the Redis store
+(``broker.store_redis``) shares state between broker processes. Both are driven
+by the same test suite. Every value carries a TTL so nothing outlives its
+session, and every key of a session starts with ``session_prefix(id)`` so that
+ending a session can delete all of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+from typing import Awaitable, Callable, Protocol, TypeVar
+
+T = TypeVar("T")
+
+#: An atomic read-modify-write step: gets the current value (None if absent),
+#: returns the new value (None deletes the key) and a result for the caller.
+#: It may raise to abort; then nothing is written.
+Mutation = Callable[[bytes | None], tuple[bytes | None, T]]
+
+
+def session_key(session_id: str) -> str:
+    return f"s:{{{session_id}}}"
+
+
+def session_prefix(session_id: str) -> str:
+    """Every key of one session starts with this (a Redis Cluster hash tag, too)."""
+    return f"s:{{{session_id}}}"
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached; callers answer ``unavailable`` and change nothing."""
+
+
+class Store(Protocol):
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def put(self, key: str, value: bytes, ttl_s: float) -> None: ...
+
+    async def update(self, key: str, mutate: Mutation[T], ttl_s: float) -> T:
+        """Apply ``mutate`` atomically to the key's value; the TTL is reset on write."""
+        ...
+
+    async def delete_prefix(self, prefix: str) -> int:
+        """Delete every key starting with ``prefix``; returns how many."""
+        ...
+
+    async def keys(self, prefix: str) -> list[str]: ...
+
+    async def incr_window(self, key: str, window_s: float) -> int:
+        """Count an event in a fixed window (rate limits); returns the count so far."""
+        ...
+
+    async def ping(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryStore:
+    """Embedded store: a dict with expiry times, swept lazily and periodically."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._data: dict[str, tuple[bytes, float]] = {}
+        self._expiry_heap: list[tuple[float, str]] = []
+
+    async def get(self, key: str) -> bytes | None:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        if item[1] <= self._clock():
+            del self._data[key]
+            return None
+        return item[0]
+
+    async def put(self, key: str, value: bytes, ttl_s: float) -> None:
+        self._write(key, value, ttl_s)
+
+    async def update(self, key: str, mutate: Mutation[T], ttl_s: float) -> T:
+        # No await between read and write: atomic on the event loop.
+        current = await self.get(key)
+        new, result = mutate(current)
+        if new is None:
+            self._data.pop(key, None)
+        else:
+            self._write(key, new, ttl_s)
+        return result
+
+    async def delete_prefix(self, prefix: str) -> int:
+        doomed = [k for k in self._data if k.startswith(prefix)]
+        for k in doomed:
+            del self._data[k]
+        return len(doomed)
+
+    async def keys(self, prefix: str) -> list[str]:
+        self.sweep()
+        return [k for k in self._data if k.startswith(prefix)]
+
+    async def incr_window(self, key: str, window_s: float) -> int:
+        current = await self.get(key)
+        count = (int(current) if current else 0) + 1
+        ttl = window_s
+        if current is not None:
+            ttl = self._data[key][1] - self._clock()
+        self._write(key, str(count).encode(), ttl)
+        return count
+
+    async def ping(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        self._data.clear()
+
+    def sweep(self) -> int:
+        """Drop expired keys; returns how many."""
+        now = self._clock()
+        dropped = 0
+        while self._expiry_heap and self._expiry_heap[0][0] <= now:
+            _, key = heapq.heappop(self._expiry_heap)
+            item = self._data.get(key)
+            if item is not None and item[1] <= now:
+                del self._data[key]
+                dropped += 1
+        if len(self._expiry_heap) > 4 * len(self._data) + 1024:
+            self._expiry_heap = [(exp, k) for k, (_, exp) in self._data.items()]
+            heapq.heapify(self._expiry_heap)
+        return dropped
+
+    async def run_sweeper(self, every_s: float = 30.0) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            self.sweep()
+
+    def _write(self, key: str, value: bytes, ttl_s: float) -> None:
+        expires = self._clock() + max(ttl_s, 0.001)
+        self._data[key] = (value, expires)
+        heapq.heappush(self._expiry_heap, (expires, key))
+
+
+async def with_store(call: Awaitable[T]) -> T:
+    """Await a store call, turning connection failures into StoreUnavailable."""
+    try:
+        return await call
+    except StoreUnavailable:
+        raise
+    except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
+        raise StoreUnavailable(str(type(exc).__name__)) from None
