@@ -1,0 +1,492 @@
+"""End-to-end primitives that keep the broker out of the call (DESIGN.md section 4).
+
+The broker relays offers and answers but must never be able to swap a DTLS
+fingerprint, inject a participant or replay an old message unnoticed.  This
+module holds the pieces both peers compute for themselves:
+
+* the link key (256 bits, carried only in the invite link's fragment),
+* authenticated SDP: an HMAC over a canonical encoding of each offer/answer,
+  keyed per peer pair from the link key, with a strictly increasing counter,
+* the safety code: a 9-digit code from both DTLS fingerprints that the people
+  in the call compare aloud (works even without the link key),
+* sealing of the client's emergency details so only the therapist can read them.
+
+``web/js/e2ee.js`` implements the same functions for the browser; the shared
+vectors in ``tests/vectors/e2ee.json`` keep the two byte-for-byte identical.
+Nothing here logs or stores a key, an SDP or plaintext.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+import os
+import re
+import time
+from collections.abc import Callable
+from typing import Final
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+__all__ = [
+    "LINK_KEY_BYTES",
+    "MAX_COUNTER",
+    "REASONS",
+    "SDP_TYPES",
+    "DetailsError",
+    "InterceptionError",
+    "SdpAuthenticator",
+    "Trust",
+    "b64url_decode",
+    "b64url_encode",
+    "canonical",
+    "decode_link_key",
+    "derive_auth_key",
+    "derive_details_key",
+    "fingerprint_of",
+    "new_link_key",
+    "normalise_fingerprint",
+    "open_details",
+    "pair_key",
+    "safety_code",
+    "seal_details",
+    "sign_sdp",
+    "verify_sdp",
+]
+
+LINK_KEY_BYTES: Final = 32
+LINK_KEY_CHARS: Final = 43  # base64url without padding of 32 bytes
+NONCE_BYTES: Final = 12
+TAG_BYTES: Final = 16
+# Counters are unix microseconds; 2**53 - 1 keeps them exact in a JS Number.
+MAX_COUNTER: Final = 2**53 - 1
+SDP_TYPES: Final = frozenset({"offer", "answer"})
+
+AUTH_INFO: Final = b"sdp-auth v1"
+DETAILS_INFO: Final = b"emergency-details v1"
+PAIR_LABEL: Final = "pair v1"
+SDP_LABEL: Final = "tt-sdp v1"
+SAS_LABEL: Final = "tt-sas v1"
+DETAILS_LABEL: Final = "tt-details v1"
+
+# Why a receiver refused an offer/answer.  Stable strings: the UI maps them to
+# the interception warning and docs/protocol.md lists them.
+REASONS: Final = frozenset(
+    {
+        "missing_mac",  # we hold the link key but the message carried no MAC
+        "bad_mac",  # MAC does not match (altered SDP, ids, type or counter, or wrong key)
+        "replayed_counter",  # counter not greater than the last one accepted from this sender
+        "malformed",  # wrong type, counter out of range, message addressed from ourselves
+        "missing_fingerprint",  # SDP has no usable a=fingerprint line
+        "fingerprint_mismatch",  # SDP lines disagree, or DTLS saw another certificate
+    }
+)
+
+# Digest sizes of the hash functions accepted in a=fingerprint, in order of
+# preference for the safety code.  Weaker ones (sha-1, md5) are not used.
+FINGERPRINT_ALGORITHMS: Final = {"sha-256": 32, "sha-384": 48, "sha-512": 64}
+
+_B64URL_RE: Final = re.compile(r"[A-Za-z0-9_-]*")
+_FINGERPRINT_PREFIX: Final = "a=fingerprint:"
+_HEX_PAIR_RE: Final = re.compile(r"[0-9A-Fa-f]{2}")
+_ALG_RE: Final = re.compile(r"[A-Za-z0-9-]+")
+# Only ASCII blanks count, so Python and JS split SDP and fingerprints identically.
+_BLANKS: Final = " \t"
+_BLANK_RUN_RE: Final = re.compile(r"[ \t]+")
+
+
+class InterceptionError(Exception):
+    """A relayed offer/answer failed authentication: someone may be in the middle."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        if reason not in REASONS:
+            raise ValueError(f"unknown interception reason {reason!r}")
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class DetailsError(ValueError):
+    """Sealed emergency details could not be opened (tampered, or wrong key/session/seat)."""
+
+
+class Trust(enum.StrEnum):
+    """How far a peer's offer/answer is authenticated; the UI shows this to people."""
+
+    VERIFIED_BY_LINK = "verified_by_link"  # MAC checked with the link key
+    UNVERIFIED = "unverified"  # no link key on one side: compare the safety code
+
+
+# -- encodings -----------------------------------------------------------------
+
+
+def b64url_encode(data: bytes) -> str:
+    """Base64url without padding: the one text form for keys, MACs and ciphertexts."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Strict base64url-nopad decoding: one text per byte string, nothing lenient."""
+    if not isinstance(text, str) or not _B64URL_RE.fullmatch(text) or len(text) % 4 == 1:
+        raise ValueError("not base64url without padding")
+    try:
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("not base64url without padding") from exc
+    if b64url_encode(data) != text:  # non-zero trailing bits
+        raise ValueError("not canonical base64url")
+    return data
+
+
+def _utf8(value: str | bytes) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"expected str, got {type(value).__name__}")
+    return value.encode("utf-8")  # strict: lone surrogates raise, as in e2ee.js
+
+
+def lp(value: str | bytes) -> bytes:
+    """Length-prefixed field (4-byte big-endian length) so fields can never run together."""
+    data = _utf8(value)
+    if len(data) >= 2**32:
+        raise ValueError("field too long for a 4-byte length prefix")
+    return len(data).to_bytes(4, "big") + data
+
+
+def u64(n: int) -> bytes:
+    """8-byte big-endian unsigned integer."""
+    return _check_counter(n).to_bytes(8, "big")
+
+
+def _check_counter(n: int) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_COUNTER:
+        raise ValueError(f"counter must be an integer in 0..{MAX_COUNTER}")
+    return n
+
+
+# -- link key --------------------------------------------------------------------
+
+
+def new_link_key() -> str:
+    """A fresh 256-bit link key in its link-fragment form (43 base64url characters)."""
+    return b64url_encode(os.urandom(LINK_KEY_BYTES))
+
+
+def decode_link_key(text: str) -> bytes:
+    """The 32 key bytes of a link fragment; ValueError says what is wrong with it."""
+    if not isinstance(text, str):
+        raise ValueError("link key must be text")
+    if len(text) != LINK_KEY_CHARS:
+        raise ValueError(
+            f"link key must be {LINK_KEY_CHARS} base64url characters, got {len(text)}"
+            " (was the link cut short?)"
+        )
+    if not _B64URL_RE.fullmatch(text):
+        raise ValueError("link key contains characters outside the base64url alphabet")
+    try:
+        return b64url_decode(text)
+    except ValueError as exc:
+        raise ValueError("link key is not canonical base64url") from exc
+
+
+def _check_link_key(link_key: bytes) -> bytes:
+    if not isinstance(link_key, bytes) or len(link_key) != LINK_KEY_BYTES:
+        raise ValueError(f"link key must be {LINK_KEY_BYTES} bytes (use decode_link_key)")
+    return link_key
+
+
+def _hkdf(link_key: bytes, session_id: str, info: bytes) -> bytes:
+    kdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=_utf8(session_id), info=info)
+    return kdf.derive(_check_link_key(link_key))
+
+
+def derive_auth_key(link_key: bytes, session_id: str) -> bytes:
+    """K_auth: binds every SDP MAC to this link key and this session."""
+    return _hkdf(link_key, session_id, AUTH_INFO)
+
+
+def derive_details_key(link_key: bytes, session_id: str) -> bytes:
+    """K_details: a separate key so sealing never shares a key with SDP MACs."""
+    return _hkdf(link_key, session_id, DETAILS_INFO)
+
+
+# -- authenticated SDP -------------------------------------------------------------
+
+
+def _hmac(key: bytes, data: bytes) -> bytes:
+    mac = crypto_hmac.HMAC(key, hashes.SHA256())
+    mac.update(data)
+    return mac.finalize()
+
+
+def pair_key(k_auth: bytes, a: str, b: str) -> bytes:
+    """K_pair: one key per unordered peer pair, so a group member cannot forge for others' pairs."""
+    lo, hi = (a, b) if a <= b else (b, a)  # str order is code-point order
+    return _hmac(k_auth, lp(PAIR_LABEL) + lp(lo) + lp(hi))
+
+
+def canonical(
+    session_id: str, sender: str, recipient: str, sdp_type: str, counter: int, sdp: str
+) -> bytes:
+    """The exact bytes a MAC covers: everything the broker could alter or replay."""
+    if sdp_type not in SDP_TYPES:
+        raise ValueError("type must be 'offer' or 'answer'")
+    return b"".join(
+        (
+            lp(SDP_LABEL),
+            lp(session_id),
+            lp(sender),
+            lp(recipient),
+            lp(sdp_type),
+            u64(counter),
+            lp(sdp),
+        )
+    )
+
+
+def sign_sdp(
+    k_auth: bytes,
+    session_id: str,
+    sender: str,
+    recipient: str,
+    sdp_type: str,
+    counter: int,
+    sdp: str,
+) -> str:
+    """The MAC (base64url) of one offer/answer from sender to recipient."""
+    data = canonical(session_id, sender, recipient, sdp_type, counter, sdp)
+    return b64url_encode(_hmac(pair_key(k_auth, sender, recipient), data))
+
+
+def verify_sdp(
+    k_auth: bytes,
+    session_id: str,
+    sender: str,
+    recipient: str,
+    sdp_type: str,
+    counter: int,
+    sdp: str,
+    mac: str | None,
+) -> None:
+    """Constant-time MAC check; raises InterceptionError("missing_mac" | "bad_mac")."""
+    if mac is None or mac == "":
+        raise InterceptionError("missing_mac")
+    try:
+        tag = b64url_decode(mac)
+    except ValueError:
+        raise InterceptionError("bad_mac", "not base64url") from None
+    data = canonical(session_id, sender, recipient, sdp_type, counter, sdp)
+    check = crypto_hmac.HMAC(pair_key(k_auth, sender, recipient), hashes.SHA256())
+    check.update(data)
+    try:
+        check.verify(tag)
+    except InvalidSignature:
+        raise InterceptionError("bad_mac") from None
+
+
+def _now_micros() -> int:
+    return time.time_ns() // 1000
+
+
+class SdpAuthenticator:
+    """Signs outgoing and checks incoming offers/answers for one peer in one session.
+
+    With ``link_key=None`` (a therapist on another device) it still enforces
+    counters, but every peer is reported as ``Trust.UNVERIFIED`` and the people
+    must compare the safety code.
+    """
+
+    def __init__(
+        self,
+        link_key: bytes | None,
+        session_id: str,
+        my_peer_id: str,
+        *,
+        clock: Callable[[], int] = _now_micros,
+    ) -> None:
+        self.session_id = session_id
+        self.my_peer_id = my_peer_id
+        self._k_auth = None if link_key is None else derive_auth_key(link_key, session_id)
+        self._clock = clock
+        self._last_sent: dict[str, int] = {}
+        self._last_accepted: dict[str, int] = {}
+
+    @property
+    def has_link_key(self) -> bool:
+        """Whether this side can sign and check MACs at all."""
+        return self._k_auth is not None
+
+    def next_counter(self, recipient: str) -> int:
+        """max(last + 1, now in µs): strictly increasing, even across a page reload."""
+        counter = max(self._last_sent.get(recipient, 0) + 1, int(self._clock()))
+        _check_counter(counter)
+        self._last_sent[recipient] = counter
+        return counter
+
+    def sign(self, recipient: str, sdp_type: str, sdp: str) -> tuple[int, str | None]:
+        """(counter, mac) to send with an offer/answer; mac is None without the link key."""
+        if recipient == self.my_peer_id:
+            raise ValueError("cannot send an offer/answer to ourselves")
+        canonical(self.session_id, self.my_peer_id, recipient, sdp_type, 0, sdp)  # validate
+        counter = self.next_counter(recipient)
+        if self._k_auth is None:
+            return counter, None
+        mac = sign_sdp(
+            self._k_auth, self.session_id, self.my_peer_id, recipient, sdp_type, counter, sdp
+        )
+        return counter, mac
+
+    def verify(
+        self,
+        sender: str,
+        sdp_type: str,
+        counter: int | None,
+        sdp: str,
+        mac: str | None,
+        *,
+        allow_unverified: bool = False,
+    ) -> Trust:
+        """Accept an offer/answer or raise InterceptionError; state changes only on success.
+
+        ``allow_unverified=True`` lets a peer holding the link key accept a message
+        without MAC (the other side has no link key) -- only after the UI has warned
+        and asked for the safety code.  A MAC that is present is always checked.
+        Wire values go in as received: a missing counter is reported as "malformed".
+        """
+        counter = self._check_shape(sender, sdp_type, counter, sdp)
+        trust = Trust.UNVERIFIED
+        if self._k_auth is not None and (mac or not allow_unverified):
+            verify_sdp(
+                self._k_auth, self.session_id, sender, self.my_peer_id, sdp_type, counter, sdp, mac
+            )
+            trust = Trust.VERIFIED_BY_LINK
+        last = self._last_accepted.get(sender)
+        if last is not None and counter <= last:
+            raise InterceptionError("replayed_counter")
+        fingerprint_of(sdp)
+        self._last_accepted[sender] = counter
+        return trust
+
+    def _check_shape(self, sender: str, sdp_type: str, counter: int | None, sdp: str) -> int:
+        if not isinstance(sender, str) or not isinstance(sdp, str):
+            raise InterceptionError("malformed", "sender and sdp must be text")
+        if sender == self.my_peer_id:
+            raise InterceptionError("malformed", "message claims to come from ourselves")
+        if sdp_type not in SDP_TYPES:
+            raise InterceptionError("malformed", "type must be offer or answer")
+        if counter is None:
+            raise InterceptionError("malformed", "counter missing")
+        try:
+            return _check_counter(counter)
+        except ValueError:
+            raise InterceptionError("malformed", "counter out of range") from None
+
+
+# -- DTLS fingerprints and safety code -------------------------------------------------
+
+
+def normalise_fingerprint(value: str) -> str:
+    """'<alg> <hex>' -> '<alg lowercase> <HEX:UPPER:WITH:COLONS>'; ValueError if malformed."""
+    parts = _BLANK_RUN_RE.split(value.strip(_BLANKS)) if isinstance(value, str) else []
+    if len(parts) != 2 or not _ALG_RE.fullmatch(parts[0]):
+        raise ValueError("fingerprint must be '<algorithm> <hex>'")
+    alg, hexpart = parts[0].lower(), parts[1]
+    pairs = hexpart.split(":")
+    if not all(_HEX_PAIR_RE.fullmatch(p) for p in pairs):
+        raise ValueError("fingerprint must be colon-separated pairs of hex digits")
+    size = FINGERPRINT_ALGORITHMS.get(alg)
+    if size is not None and len(pairs) != size:
+        raise ValueError(f"{alg} fingerprint must have {size} bytes")
+    return f"{alg} {':'.join(p.upper() for p in pairs)}"
+
+
+def fingerprint_of(sdp: str) -> str:
+    """The normalised DTLS fingerprint the SDP commits to.
+
+    Every ``a=fingerprint`` line (session or media level) is read.  All lines of
+    one algorithm must agree; the result uses the first of sha-256, sha-384,
+    sha-512 present (aiortc lists all three for one certificate).  Raises
+    InterceptionError("missing_fingerprint" | "fingerprint_mismatch").
+    """
+    seen: dict[str, str] = {}
+    for line in sdp.split("\n"):
+        line = line.strip(_BLANKS + "\r")
+        if line[: len(_FINGERPRINT_PREFIX)].lower() != _FINGERPRINT_PREFIX:
+            continue
+        try:
+            fp = normalise_fingerprint(line[len(_FINGERPRINT_PREFIX) :])
+        except ValueError as exc:
+            raise InterceptionError("fingerprint_mismatch", str(exc)) from None
+        alg = fp.split(" ", 1)[0]
+        if seen.setdefault(alg, fp) != fp:
+            raise InterceptionError("fingerprint_mismatch", f"two different {alg} fingerprints")
+    for alg in FINGERPRINT_ALGORITHMS:
+        if alg in seen:
+            return seen[alg]
+    raise InterceptionError("missing_fingerprint")
+
+
+def safety_code(session_id: str, fp_a: str, fp_b: str) -> str:
+    """The 9-digit code both sides read aloud ('123 456 789'); order of fp_a/fp_b is irrelevant."""
+    lo, hi = sorted((normalise_fingerprint(fp_a), normalise_fingerprint(fp_b)))
+    digest = hashlib.sha256(lp(SAS_LABEL) + lp(session_id) + lp(lo) + lp(hi)).digest()
+    digits = f"{int.from_bytes(digest[:8], 'big') % 10**9:09d}"
+    return f"{digits[0:3]} {digits[3:6]} {digits[6:9]}"
+
+
+# -- emergency details ------------------------------------------------------------------
+
+
+def _details_aad(session_id: str, peer_id: str) -> bytes:
+    return lp(DETAILS_LABEL) + lp(session_id) + lp(peer_id)
+
+
+def seal_details(
+    link_key: bytes,
+    session_id: str,
+    peer_id: str,
+    plaintext: str,
+    *,
+    nonce: bytes | None = None,
+) -> str:
+    """Encrypt the client's emergency details (JSON text) so only the link-key holder reads them.
+
+    ``nonce`` exists for test vectors only; leave it None in product code.
+    """
+    if nonce is None:
+        nonce = os.urandom(NONCE_BYTES)
+    if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
+        raise ValueError(f"nonce must be {NONCE_BYTES} bytes")
+    aead = AESGCM(derive_details_key(link_key, session_id))
+    sealed = aead.encrypt(nonce, _utf8(plaintext), _details_aad(session_id, peer_id))
+    return b64url_encode(nonce + sealed)
+
+
+def open_details(link_key: bytes, session_id: str, peer_id: str, sealed: str) -> str:
+    """Decrypt sealed details; DetailsError if altered or sealed for another key/session/seat."""
+    try:
+        blob = b64url_decode(sealed)
+    except ValueError:
+        raise DetailsError("sealed emergency details are not base64url") from None
+    if len(blob) < NONCE_BYTES + TAG_BYTES:
+        raise DetailsError("sealed emergency details are too short")
+    aead = AESGCM(derive_details_key(link_key, session_id))
+    try:
+        plain = aead.decrypt(
+            blob[:NONCE_BYTES], blob[NONCE_BYTES:], _details_aad(session_id, peer_id)
+        )
+    except InvalidTag:
+        raise DetailsError(
+            "emergency details failed authentication: altered in transit, or sealed"
+            " for another link key, session or seat"
+        ) from None
+    try:
+        return plain.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DetailsError("emergency details are not UTF-8 text") from None

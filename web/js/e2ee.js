@@ -1,0 +1,484 @@
+// End-to-end primitives that keep the broker out of the call (DESIGN.md section 4).
+//
+// The browser twin of broker/e2ee.py: link key, authenticated SDP (HMAC per peer
+// pair with a strictly increasing counter), DTLS fingerprint extraction, the
+// safety code and sealing of the client's emergency details. Both
+// implementations must agree byte for byte; tests/vectors/e2ee.json checks it.
+// WebCrypto and TextEncoder only. Nothing here logs a key, an SDP or plaintext.
+
+const LINK_KEY_BYTES = 32;
+const LINK_KEY_CHARS = 43;
+const NONCE_BYTES = 12;
+const TAG_BYTES = 16;
+/** Counters are unix microseconds and must stay exact in a Number. */
+export const MAX_COUNTER = Number.MAX_SAFE_INTEGER;
+export const SDP_TYPES = Object.freeze(["offer", "answer"]);
+
+const AUTH_INFO = "sdp-auth v1";
+const DETAILS_INFO = "emergency-details v1";
+const PAIR_LABEL = "pair v1";
+const SDP_LABEL = "tt-sdp v1";
+const SAS_LABEL = "tt-sas v1";
+const DETAILS_LABEL = "tt-details v1";
+
+/** Why a receiver refused an offer/answer (same strings as broker/e2ee.py). */
+export const REASONS = Object.freeze([
+  "missing_mac", // we hold the link key but the message carried no MAC
+  "bad_mac", // MAC does not match (altered SDP, ids, type or counter, or wrong key)
+  "replayed_counter", // counter not greater than the last one accepted from this sender
+  "malformed", // wrong type, counter out of range, message addressed from ourselves
+  "missing_fingerprint", // SDP has no usable a=fingerprint line
+  "fingerprint_mismatch", // SDP lines disagree, or DTLS saw another certificate
+]);
+
+/** How far a peer's offer/answer is authenticated; the UI shows this to people. */
+export const Trust = Object.freeze({
+  VERIFIED_BY_LINK: "verified_by_link", // MAC checked with the link key
+  UNVERIFIED: "unverified", // no link key on one side: compare the safety code
+});
+
+/** Digest sizes accepted in a=fingerprint, in order of preference for the safety code. */
+const FINGERPRINT_ALGORITHMS = Object.freeze([
+  ["sha-256", 32],
+  ["sha-384", 48],
+  ["sha-512", 64],
+]);
+
+/** A relayed offer/answer failed authentication: someone may be in the middle. */
+export class InterceptionError extends Error {
+  constructor(reason, detail = "") {
+    if (!REASONS.includes(reason)) throw new Error(`unknown interception reason ${reason}`);
+    super(detail ? `${reason}: ${detail}` : reason);
+    this.name = "InterceptionError";
+    this.reason = reason;
+  }
+}
+
+/** Sealed emergency details could not be opened (tampered, or wrong key/session/seat). */
+export class DetailsError extends Error {
+  constructor(message) {
+    super(message);
+    this.name = "DetailsError";
+  }
+}
+
+// -- encodings ------------------------------------------------------------------
+
+const B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+const B64URL_RE = /^[A-Za-z0-9_-]*$/;
+
+/** Base64url without padding: the one text form for keys, MACs and ciphertexts. */
+export function b64urlEncode(bytes) {
+  let out = "";
+  for (let i = 0; i < bytes.length; i += 3) {
+    const n = (bytes[i] << 16) | ((bytes[i + 1] ?? 0) << 8) | (bytes[i + 2] ?? 0);
+    const chars = Math.min(4, Math.ceil(((bytes.length - i) * 8) / 6));
+    for (let c = 0; c < chars; c++) out += B64URL[(n >> (18 - 6 * c)) & 63];
+  }
+  return out;
+}
+
+/** Strict base64url-nopad decoding: one text per byte string, nothing lenient. */
+export function b64urlDecode(text) {
+  if (typeof text !== "string" || !B64URL_RE.test(text) || text.length % 4 === 1) {
+    throw new Error("not base64url without padding");
+  }
+  const out = new Uint8Array(Math.floor((text.length * 6) / 8));
+  let acc = 0;
+  let bits = 0;
+  let j = 0;
+  for (const ch of text) {
+    acc = ((acc << 6) | B64URL.indexOf(ch)) & 0xffffff;
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out[j++] = (acc >> bits) & 0xff;
+    }
+  }
+  if ((acc & ((1 << bits) - 1)) !== 0) throw new Error("not canonical base64url");
+  return out;
+}
+
+const encoder = new TextEncoder();
+const LONE_SURROGATE_RE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
+
+function utf8(value) {
+  if (value instanceof Uint8Array) return value;
+  if (typeof value !== "string") throw new TypeError(`expected string, got ${typeof value}`);
+  // TextEncoder would silently replace lone surrogates; Python refuses them, so do we.
+  if (LONE_SURROGATE_RE.test(value)) throw new TypeError("string is not well-formed Unicode");
+  return encoder.encode(value);
+}
+
+function concat(parts) {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let off = 0;
+  for (const p of parts) {
+    out.set(p, off);
+    off += p.length;
+  }
+  return out;
+}
+
+/** Length-prefixed field (4-byte big-endian length) so fields can never run together. */
+export function lp(value) {
+  const data = utf8(value);
+  const out = new Uint8Array(4 + data.length);
+  new DataView(out.buffer).setUint32(0, data.length);
+  out.set(data, 4);
+  return out;
+}
+
+function checkCounter(n) {
+  if (!Number.isSafeInteger(n) || n < 0) {
+    throw new RangeError(`counter must be an integer in 0..${MAX_COUNTER}`);
+  }
+  return n;
+}
+
+/** 8-byte big-endian unsigned integer. */
+export function u64(n) {
+  const out = new Uint8Array(8);
+  new DataView(out.buffer).setBigUint64(0, BigInt(checkCounter(n)));
+  return out;
+}
+
+/** Code-point order of two strings (JS `<` compares UTF-16 units, Python compares code points). */
+function compareCodePoints(a, b) {
+  const ia = a[Symbol.iterator]();
+  const ib = b[Symbol.iterator]();
+  for (;;) {
+    const x = ia.next();
+    const y = ib.next();
+    if (x.done || y.done) return x.done === y.done ? 0 : x.done ? -1 : 1;
+    const d = x.value.codePointAt(0) - y.value.codePointAt(0);
+    if (d !== 0) return d < 0 ? -1 : 1;
+  }
+}
+
+// -- link key -----------------------------------------------------------------------
+
+/** A fresh 256-bit link key in its link-fragment form (43 base64url characters). */
+export function newLinkKey() {
+  return b64urlEncode(crypto.getRandomValues(new Uint8Array(LINK_KEY_BYTES)));
+}
+
+/** The 32 key bytes of a link fragment; throws an Error saying what is wrong with it. */
+export function decodeLinkKey(text) {
+  if (typeof text !== "string") throw new Error("link key must be text");
+  if (text.length !== LINK_KEY_CHARS) {
+    throw new Error(
+      `link key must be ${LINK_KEY_CHARS} base64url characters, got ${text.length}` +
+        " (was the link cut short?)",
+    );
+  }
+  if (!B64URL_RE.test(text)) {
+    throw new Error("link key contains characters outside the base64url alphabet");
+  }
+  try {
+    return b64urlDecode(text);
+  } catch {
+    throw new Error("link key is not canonical base64url");
+  }
+}
+
+/**
+ * Take the link key out of the address bar: returns its bytes, or null when the
+ * URL has no fragment. The fragment is removed first (history.replaceState keeps
+ * path and query) so it does not linger in history, screenshots or bookmarks;
+ * a damaged fragment still throws decodeLinkKey's Error after removal.
+ */
+export function readLinkKeyFromFragment() {
+  const fragment = location.hash.startsWith("#") ? location.hash.slice(1) : location.hash;
+  if (location.hash !== "" || location.href.includes("#")) {
+    history.replaceState(history.state, "", location.pathname + location.search);
+  }
+  if (fragment === "") return null;
+  return decodeLinkKey(fragment);
+}
+
+function checkLinkKey(linkKey) {
+  if (!(linkKey instanceof Uint8Array) || linkKey.length !== LINK_KEY_BYTES) {
+    throw new Error(`link key must be ${LINK_KEY_BYTES} bytes (use decodeLinkKey)`);
+  }
+  return linkKey;
+}
+
+async function hkdf(linkKey, sessionId, info) {
+  const ikm = await crypto.subtle.importKey("raw", checkLinkKey(linkKey), "HKDF", false, [
+    "deriveBits",
+  ]);
+  const params = { name: "HKDF", hash: "SHA-256", salt: utf8(sessionId), info: utf8(info) };
+  return new Uint8Array(await crypto.subtle.deriveBits(params, ikm, 256));
+}
+
+/** K_auth: binds every SDP MAC to this link key and this session. */
+export function deriveAuthKey(linkKey, sessionId) {
+  return hkdf(linkKey, sessionId, AUTH_INFO);
+}
+
+/** K_details: a separate key so sealing never shares a key with SDP MACs. */
+export function deriveDetailsKey(linkKey, sessionId) {
+  return hkdf(linkKey, sessionId, DETAILS_INFO);
+}
+
+// -- authenticated SDP -----------------------------------------------------------------
+
+function hmacKey(raw, usage) {
+  return crypto.subtle.importKey("raw", raw, { name: "HMAC", hash: "SHA-256" }, false, [usage]);
+}
+
+async function hmac(raw, data) {
+  return new Uint8Array(await crypto.subtle.sign("HMAC", await hmacKey(raw, "sign"), data));
+}
+
+/** K_pair: one key per unordered peer pair, so a group member cannot forge for others' pairs. */
+export function pairKey(kAuth, a, b) {
+  const [lo, hi] = compareCodePoints(a, b) <= 0 ? [a, b] : [b, a];
+  return hmac(kAuth, concat([lp(PAIR_LABEL), lp(lo), lp(hi)]));
+}
+
+/** The exact bytes a MAC covers: everything the broker could alter or replay. */
+export function canonical(sessionId, sender, recipient, type, counter, sdp) {
+  if (!SDP_TYPES.includes(type)) throw new Error("type must be 'offer' or 'answer'");
+  return concat([
+    lp(SDP_LABEL),
+    lp(sessionId),
+    lp(sender),
+    lp(recipient),
+    lp(type),
+    u64(counter),
+    lp(sdp),
+  ]);
+}
+
+/** The MAC (base64url) of one offer/answer from sender to recipient. */
+export async function signSdp(kAuth, sessionId, sender, recipient, type, counter, sdp) {
+  const data = canonical(sessionId, sender, recipient, type, counter, sdp);
+  return b64urlEncode(await hmac(await pairKey(kAuth, sender, recipient), data));
+}
+
+/** Constant-time MAC check; throws InterceptionError("missing_mac" | "bad_mac"). */
+export async function verifySdp(kAuth, sessionId, sender, recipient, type, counter, sdp, mac) {
+  if (mac === null || mac === undefined || mac === "") throw new InterceptionError("missing_mac");
+  let tag;
+  try {
+    tag = b64urlDecode(mac);
+  } catch {
+    throw new InterceptionError("bad_mac", "not base64url");
+  }
+  const data = canonical(sessionId, sender, recipient, type, counter, sdp);
+  const key = await hmacKey(await pairKey(kAuth, sender, recipient), "verify");
+  if (!(await crypto.subtle.verify("HMAC", key, tag, data))) throw new InterceptionError("bad_mac");
+}
+
+function nowMicros() {
+  return Date.now() * 1000;
+}
+
+/**
+ * Signs outgoing and checks incoming offers/answers for one peer in one session.
+ * With linkKey null (a therapist on another device) it still enforces counters,
+ * but every peer is reported as Trust.UNVERIFIED and people compare the safety code.
+ */
+export class SdpAuthenticator {
+  #kAuth;
+  #clock;
+  #lastSent = new Map();
+  #lastAccepted = new Map();
+
+  constructor(linkKey, sessionId, myPeerId, { clock = nowMicros } = {}) {
+    utf8(sessionId); // fail here, not later inside a pending promise
+    utf8(myPeerId);
+    this.sessionId = sessionId;
+    this.myPeerId = myPeerId;
+    this.#kAuth = linkKey == null ? null : deriveAuthKey(checkLinkKey(linkKey), sessionId);
+    this.#clock = clock;
+  }
+
+  /** Whether this side can sign and check MACs at all. */
+  get hasLinkKey() {
+    return this.#kAuth !== null;
+  }
+
+  /** max(last + 1, now in µs): strictly increasing, even across a page reload. */
+  nextCounter(recipient) {
+    const counter = Math.max((this.#lastSent.get(recipient) ?? 0) + 1, Math.floor(this.#clock()));
+    checkCounter(counter);
+    this.#lastSent.set(recipient, counter);
+    return counter;
+  }
+
+  /** Resolves to [counter, mac] for an offer/answer; mac is null without the link key. */
+  async sign(recipient, type, sdp) {
+    if (recipient === this.myPeerId) throw new Error("cannot send an offer/answer to ourselves");
+    canonical(this.sessionId, this.myPeerId, recipient, type, 0, sdp); // validate first
+    const counter = this.nextCounter(recipient); // taken before any await: no two share one
+    if (this.#kAuth === null) return [counter, null];
+    const kAuth = await this.#kAuth;
+    const mac = await signSdp(kAuth, this.sessionId, this.myPeerId, recipient, type, counter, sdp);
+    return [counter, mac];
+  }
+
+  /**
+   * Accept an offer/answer (resolves to a Trust value) or reject with
+   * InterceptionError; state changes only on success. allowUnverified lets a peer
+   * holding the link key accept a message without MAC (the other side has no link
+   * key) -- only after the UI has warned and asked for the safety code. A MAC that
+   * is present is always checked. Wire values go in as received: a missing
+   * counter is reported as "malformed".
+   */
+  async verify(sender, type, counter, sdp, mac, { allowUnverified = false } = {}) {
+    this.#checkShape(sender, type, counter, sdp);
+    let trust = Trust.UNVERIFIED;
+    if (this.#kAuth !== null && (mac || !allowUnverified)) {
+      const kAuth = await this.#kAuth;
+      await verifySdp(kAuth, this.sessionId, sender, this.myPeerId, type, counter, sdp, mac);
+      trust = Trust.VERIFIED_BY_LINK;
+    }
+    // From here on no await: check and update of the counter are atomic.
+    const last = this.#lastAccepted.get(sender);
+    if (last !== undefined && counter <= last) throw new InterceptionError("replayed_counter");
+    fingerprintOf(sdp);
+    this.#lastAccepted.set(sender, counter);
+    return trust;
+  }
+
+  #checkShape(sender, type, counter, sdp) {
+    if (typeof sender !== "string" || typeof sdp !== "string") {
+      throw new InterceptionError("malformed", "sender and sdp must be text");
+    }
+    if (sender === this.myPeerId) {
+      throw new InterceptionError("malformed", "message claims to come from ourselves");
+    }
+    if (!SDP_TYPES.includes(type)) {
+      throw new InterceptionError("malformed", "type must be offer or answer");
+    }
+    if (counter === null || counter === undefined) {
+      throw new InterceptionError("malformed", "counter missing");
+    }
+    if (!Number.isSafeInteger(counter) || counter < 0) {
+      throw new InterceptionError("malformed", "counter out of range");
+    }
+  }
+}
+
+// -- DTLS fingerprints and safety code ------------------------------------------------------
+
+const HEX_PAIR_RE = /^[0-9A-Fa-f]{2}$/;
+const ALG_RE = /^[A-Za-z0-9-]+$/;
+const FINGERPRINT_PREFIX = "a=fingerprint:";
+
+/** '<alg> <hex>' -> '<alg lowercase> <HEX:UPPER:WITH:COLONS>'; throws Error if malformed. */
+export function normaliseFingerprint(value) {
+  const text = typeof value === "string" ? value.replace(/^[ \t]+|[ \t]+$/g, "") : "";
+  const parts = text === "" ? [] : text.split(/[ \t]+/);
+  if (parts.length !== 2 || !ALG_RE.test(parts[0])) {
+    throw new Error("fingerprint must be '<algorithm> <hex>'");
+  }
+  const alg = parts[0].toLowerCase();
+  const pairs = parts[1].split(":");
+  if (!pairs.every((p) => HEX_PAIR_RE.test(p))) {
+    throw new Error("fingerprint must be colon-separated pairs of hex digits");
+  }
+  const size = FINGERPRINT_ALGORITHMS.find(([name]) => name === alg)?.[1];
+  if (size !== undefined && pairs.length !== size) {
+    throw new Error(`${alg} fingerprint must have ${size} bytes`);
+  }
+  return `${alg} ${pairs.map((p) => p.toUpperCase()).join(":")}`;
+}
+
+/**
+ * The normalised DTLS fingerprint the SDP commits to. Every a=fingerprint line
+ * (session or media level) is read; all lines of one algorithm must agree; the
+ * result uses the first of sha-256, sha-384, sha-512 present. Throws
+ * InterceptionError("missing_fingerprint" | "fingerprint_mismatch").
+ */
+export function fingerprintOf(sdp) {
+  const seen = new Map();
+  for (const raw of sdp.split("\n")) {
+    const line = raw.replace(/^[ \t\r]+|[ \t\r]+$/g, "");
+    if (line.slice(0, FINGERPRINT_PREFIX.length).toLowerCase() !== FINGERPRINT_PREFIX) continue;
+    let fp;
+    try {
+      fp = normaliseFingerprint(line.slice(FINGERPRINT_PREFIX.length));
+    } catch (err) {
+      throw new InterceptionError("fingerprint_mismatch", err.message);
+    }
+    const alg = fp.split(" ", 1)[0];
+    if (!seen.has(alg)) seen.set(alg, fp);
+    else if (seen.get(alg) !== fp) {
+      throw new InterceptionError("fingerprint_mismatch", `two different ${alg} fingerprints`);
+    }
+  }
+  for (const [alg] of FINGERPRINT_ALGORITHMS) if (seen.has(alg)) return seen.get(alg);
+  throw new InterceptionError("missing_fingerprint");
+}
+
+/** The 9-digit code both sides read aloud ("123 456 789"); order of fpA/fpB is irrelevant. */
+export async function safetyCode(sessionId, fpA, fpB) {
+  const [lo, hi] = [normaliseFingerprint(fpA), normaliseFingerprint(fpB)].sort(compareCodePoints);
+  const data = concat([lp(SAS_LABEL), lp(sessionId), lp(lo), lp(hi)]);
+  const digest = new DataView(await crypto.subtle.digest("SHA-256", data));
+  const digits = (digest.getBigUint64(0) % 1_000_000_000n).toString().padStart(9, "0");
+  return `${digits.slice(0, 3)} ${digits.slice(3, 6)} ${digits.slice(6, 9)}`;
+}
+
+// -- emergency details -----------------------------------------------------------------------
+
+function detailsAad(sessionId, peerId) {
+  return concat([lp(DETAILS_LABEL), lp(sessionId), lp(peerId)]);
+}
+
+async function detailsKey(linkKey, sessionId, usage) {
+  const raw = await deriveDetailsKey(linkKey, sessionId);
+  return crypto.subtle.importKey("raw", raw, "AES-GCM", false, [usage]);
+}
+
+/**
+ * Encrypt the client's emergency details (JSON text) so only the link-key holder
+ * reads them. The nonce option exists for test vectors only.
+ */
+export async function sealDetails(linkKey, sessionId, peerId, plaintext, { nonce = null } = {}) {
+  const iv = nonce ?? crypto.getRandomValues(new Uint8Array(NONCE_BYTES));
+  if (!(iv instanceof Uint8Array) || iv.length !== NONCE_BYTES) {
+    throw new Error(`nonce must be ${NONCE_BYTES} bytes`);
+  }
+  const key = await detailsKey(linkKey, sessionId, "encrypt");
+  const params = { name: "AES-GCM", iv, additionalData: detailsAad(sessionId, peerId) };
+  const sealed = new Uint8Array(await crypto.subtle.encrypt(params, key, utf8(plaintext)));
+  return b64urlEncode(concat([iv, sealed]));
+}
+
+/** Decrypt sealed details; DetailsError if altered or sealed for another key, session or seat. */
+export async function openDetails(linkKey, sessionId, peerId, sealed) {
+  let blob;
+  try {
+    blob = b64urlDecode(sealed);
+  } catch {
+    throw new DetailsError("sealed emergency details are not base64url");
+  }
+  if (blob.length < NONCE_BYTES + TAG_BYTES) {
+    throw new DetailsError("sealed emergency details are too short");
+  }
+  const key = await detailsKey(linkKey, sessionId, "decrypt");
+  const params = {
+    name: "AES-GCM",
+    iv: blob.subarray(0, NONCE_BYTES),
+    additionalData: detailsAad(sessionId, peerId),
+  };
+  let plain;
+  try {
+    plain = await crypto.subtle.decrypt(params, key, blob.subarray(NONCE_BYTES));
+  } catch {
+    throw new DetailsError(
+      "emergency details failed authentication: altered in transit, or sealed" +
+        " for another link key, session or seat",
+    );
+  }
+  try {
+    return new TextDecoder("utf-8", { fatal: true }).decode(plain);
+  } catch {
+    throw new DetailsError("emergency details are not UTF-8 text");
+  }
+}
