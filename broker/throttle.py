@@ -1,0 +1,179 @@
+"""Login throttling: growing delays per account and per address, lockout per account.
+
+Pure logic with an injectable clock so it can be tested without waiting. The first few failures
+cost nothing (people mistype), then each failure doubles the wait up to a ceiling. An account is
+locked after ``lockout_after`` consecutive failures until an administrator unlocks it; a
+successful login clears the account's counter. Address counters are never cleared by a success
+(an attacker with one valid account could otherwise reset them) and simply age out.
+
+Addresses are never held in clear: callers pass ``address_key(secret, ip)``. Memory is bounded:
+idle entries are forgotten and the least recently used are evicted past ``max_entries``. This
+lockout lives in memory; the durable consecutive-failure count for real accounts is kept by
+``AccountStore`` with the same threshold, so eviction or a restart cannot unlock an account.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+FREE_FAILURES = 3
+BASE_DELAY = 1.0
+MAX_DELAY = 60.0
+LOCKOUT_AFTER = 100
+MAX_ENTRIES = 10_000
+FORGET_AFTER = 24 * 3600.0
+# IPv6 users usually hold a whole /64, so that is the unit an address key stands for.
+_IPV6_PREFIX = 64
+
+
+def address_key(secret: bytes, ip: str) -> str:
+    """Opaque, stable key for a client address (HMAC-SHA256 under a server secret), hex."""
+    addr = ipaddress.ip_address(ip.strip())
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv6Address):
+        unit = str(ipaddress.IPv6Network((addr, _IPV6_PREFIX), strict=False))
+    else:
+        unit = str(addr)
+    return hmac.new(secret, b"address:" + unit.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def delay_for(
+    failures: int, *, free: int = FREE_FAILURES, base: float = BASE_DELAY, ceiling: float = MAX_DELAY
+) -> float:
+    """Seconds to wait after ``failures`` consecutive failures: 0 for the free ones, then doubling."""
+    if failures <= free:
+        return 0.0
+    return min(ceiling, base * 2.0 ** min(failures - free - 1, 64))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether an attempt may proceed now; ``retry_after`` is in seconds (0 when allowed)."""
+
+    allowed: bool
+    retry_after: float
+    locked: bool = False
+
+
+@dataclass
+class _Entry:
+    failures: int = 0
+    last_failure: float = 0.0
+    locked: bool = False
+
+
+class _Table:
+    """LRU-bounded map of key -> failure record with idle expiry."""
+
+    def __init__(self, max_entries: int, forget_after: float) -> None:
+        self._items: OrderedDict[str, _Entry] = OrderedDict()
+        self._max = max_entries
+        self._forget_after = forget_after
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def peek(self, key: str, now: float) -> _Entry | None:
+        entry = self._items.get(key)
+        if entry is not None and not entry.locked and now - entry.last_failure > self._forget_after:
+            del self._items[key]
+            return None
+        return entry
+
+    def touch(self, key: str, now: float) -> _Entry:
+        entry = self.peek(key, now)
+        if entry is None:
+            entry = self._items[key] = _Entry()
+        self._items.move_to_end(key)
+        while len(self._items) > self._max:
+            self._items.popitem(last=False)
+        return entry
+
+    def drop(self, key: str) -> None:
+        self._items.pop(key, None)
+
+
+class LoginThrottle:
+    """Decides whether a login attempt may run now and records its outcome."""
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        free_failures: int = FREE_FAILURES,
+        base_delay: float = BASE_DELAY,
+        max_delay: float = MAX_DELAY,
+        lockout_after: int = LOCKOUT_AFTER,
+        max_entries: int = MAX_ENTRIES,
+        forget_after: float = FORGET_AFTER,
+    ) -> None:
+        if not 1 <= lockout_after <= LOCKOUT_AFTER:
+            raise ValueError(f"lockout_after must be between 1 and {LOCKOUT_AFTER}")
+        self._clock = clock
+        self._free = free_failures
+        self._base = base_delay
+        self._ceiling = max_delay
+        self._lockout_after = lockout_after
+        self._accounts = _Table(max_entries, forget_after)
+        self._addresses = _Table(max_entries, forget_after)
+
+    def check(self, account: str | None, address: str | None) -> Decision:
+        """May an attempt for this account from this address run now?"""
+        now = self._clock()
+        acct = self._accounts.peek(account, now) if account is not None else None
+        if acct is not None and acct.locked:
+            return Decision(allowed=False, retry_after=0.0, locked=True)
+        addr = self._addresses.peek(address, now) if address is not None else None
+        wait = max(self._remaining(acct, now), self._remaining(addr, now))
+        return Decision(allowed=wait <= 0.0, retry_after=max(wait, 0.0))
+
+    def record_failure(self, account: str | None, address: str | None) -> Decision:
+        """Count a failed attempt; returns the decision for the next attempt."""
+        now = self._clock()
+        if account is not None:
+            acct = self._accounts.touch(account, now)
+            acct.failures += 1
+            acct.last_failure = now
+            if acct.failures >= self._lockout_after:
+                acct.locked = True
+        if address is not None:
+            addr = self._addresses.touch(address, now)
+            addr.failures += 1
+            addr.last_failure = now
+        return self.check(account, address)
+
+    def record_success(self, account: str) -> None:
+        """A successful login clears the account's counter (not the address's)."""
+        entry = self._accounts.peek(account, self._clock())
+        if entry is not None and not entry.locked:
+            self._accounts.drop(account)
+
+    def unlock(self, account: str) -> None:
+        """Administrator reset: forget the account's failures and lockout."""
+        self._accounts.drop(account)
+
+    def is_locked(self, account: str) -> bool:
+        entry = self._accounts.peek(account, self._clock())
+        return entry is not None and entry.locked
+
+    def failures(self, account: str) -> int:
+        """Consecutive failures currently counted for an account."""
+        entry = self._accounts.peek(account, self._clock())
+        return entry.failures if entry is not None else 0
+
+    def tracked(self) -> int:
+        """Number of entries held (accounts plus addresses), for memory checks and metrics."""
+        return len(self._accounts) + len(self._addresses)
+
+    def _remaining(self, entry: _Entry | None, now: float) -> float:
+        if entry is None:
+            return 0.0
+        delay = delay_for(entry.failures, free=self._free, base=self._base, ceiling=self._ceiling)
+        return entry.last_failure + delay - now
