@@ -23,6 +23,7 @@ import msgspec
 from aiortc import (
     RTCConfiguration,
     RTCIceServer,
+    RTCIceTransportPolicy,
     RTCPeerConnection,
     RTCSessionDescription,
 )
@@ -456,8 +457,6 @@ class BrokerClient:
         peer = message.from_ or ""
         kind = "offer" if isinstance(message, Offer) else "answer"
         try:
-            if message.counter is None:
-                raise e2ee.InterceptionError("missing_counter")
             trust = self.auth.verify(
                 peer, kind, message.counter, message.sdp, message.mac, allow_unverified=self.allow_unverified
             )
@@ -522,7 +521,7 @@ class BrokerClient:
             for s in self._ice_servers()
         ]
         policy = self.joined.ice_transport_policy if self.joined else "all"
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=servers, iceTransportPolicy=policy))  # type: ignore[arg-type]
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=servers, iceTransportPolicy=RTCIceTransportPolicy(policy)))
         link = PeerLink(peer, pc, offerer)
         channel = pc.createDataChannel(CHAT_LABEL, negotiated=True, id=CHAT_CHANNEL_ID)
         link.channel = channel

@@ -234,6 +234,7 @@ class Hub:
         self._expiry_timers: dict[str, asyncio.TimerHandle] = {}
         self._decoded: dict[str, tuple[bytes, Session]] = {}
         self._bus_handlers: dict[str, Callable[[Envelope], None]] = {}
+        self._preflights: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.accepting = True
 
@@ -472,7 +473,11 @@ class Hub:
             accepted.append(result)
             sm.pass_checklist(s, seat.id, result, message.details)
 
-        assert conn.session_id
+        assert conn.session_id and conn.peer_id
+        running = self._preflights.get((conn.session_id, conn.peer_id))
+        if running is not None:
+            # The page may finish its side of the pre-flight before the broker has recorded its own result.
+            await asyncio.wait({running}, timeout=15.0)
         try:
             session, _ = await self._mutate(conn.session_id, submit)
         except ProtocolError as exc:
@@ -492,7 +497,10 @@ class Hub:
             raise ProtocolError(ErrorCode.INVALID_STATE, "The pre-flight is part of the checklist, before waiting.")
         preflight_id, answer = await self.preflight.answer(message.sdp)
         self._send(conn, PreflightAnswer(sdp=answer))
-        self._spawn(self._record_preflight(conn.session_id or "", seat.id, preflight_id))
+        key = (session.id, seat.id)
+        task = asyncio.ensure_future(self._record_preflight(session.id, seat.id, preflight_id))
+        self._preflights[key] = task
+        task.add_done_callback(lambda t: self._preflights.pop(key, None) if self._preflights.get(key) is t else None)
 
     async def _record_preflight(self, session_id: str, peer_id: str, preflight_id: str) -> None:
         assert self.preflight is not None

@@ -1,0 +1,99 @@
+"""Shared fixtures: one real broker per test session, and helpers to schedule sessions on it."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from broker.config import Config
+from broker.e2ee import new_link_key
+from broker.security_headers import PrivateAccessLogger
+from broker.server import Broker, build_app, create_broker
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RunningBroker:
+    url: str
+    broker: Broker
+    config: Config
+    runner: web.AppRunner
+
+    @property
+    def hub(self):  # noqa: ANN201 - the Hub, typed in broker.hub
+        return self.broker.hub
+
+    async def stop(self) -> None:
+        await self.broker.hub.shutdown(after_ms=0)
+        await self.runner.cleanup()
+        await self.broker.close()
+
+
+@dataclass
+class SessionLinks:
+    """A scheduled session as the therapist's side sees it: links carry the link key."""
+
+    session: str
+    link_key: str
+    therapist: str
+    clients: list[str]
+    peers: dict[str, str]  # link -> peer id
+    tokens: dict[str, str]  # peer id -> invite token
+
+    @property
+    def client(self) -> str:
+        return self.clients[0]
+
+
+async def start_broker(data_dir: Path, **overrides: object) -> RunningBroker:
+    """A real broker (in this process, on the test loop) on a free loopback port."""
+    port = free_port()
+    settings: dict[str, object] = {
+        "data_dir": data_dir,
+        "host": "127.0.0.1",
+        "port": port,
+        "max_connections_per_address": 2000,
+    }
+    settings.update(overrides)
+    config = dataclasses.replace(Config(), **settings)  # type: ignore[arg-type]
+    broker = await create_broker(config)
+    runner = web.AppRunner(build_app(broker), access_log_class=PrivateAccessLogger)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return RunningBroker(f"http://127.0.0.1:{port}", broker, config, runner)
+
+
+async def schedule(running: RunningBroker, clients: int = 1, **kwargs: object) -> SessionLinks:
+    """Schedule a session the way the CLI does, building links with a fresh link key."""
+    session, tokens = await running.hub.create_session(clients=clients, **kwargs)
+    key = new_link_key()
+    therapist = session.therapist()
+    links = {
+        seat.id: f"{running.url}/{'t' if seat is therapist else 'j'}/{tokens[seat.id]}#{key}" for seat in session.seats
+    }
+    return SessionLinks(
+        session=session.id,
+        link_key=key,
+        therapist=links[therapist.id],
+        clients=[links[s.id] for s in session.clients()],
+        peers={link: peer for peer, link in links.items()},
+        tokens=tokens,
+    )
+
+
+@pytest.fixture(scope="session")
+async def broker(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningBroker]:
+    running = await start_broker(tmp_path_factory.mktemp("broker-data"))
+    yield running
+    await running.stop()

@@ -1,0 +1,120 @@
+"""Therapist and client connect through a real broker with real aiortc peers."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiortc.mediastreams import MediaStreamError
+
+from broker.client import BrokerClient, parse_link
+from broker.protocol import ChecklistAccepted, Peers, SeatState, Status, WaitingRoom
+
+from .conftest import RunningBroker, SessionLinks, schedule
+
+
+async def waiting_client(links: SessionLinks, link: str | None = None, **kwargs: object) -> BrokerClient:
+    """A client who passed the pre-flight and the checklist and now waits."""
+    client = BrokerClient(link or links.client, **kwargs)  # type: ignore[arg-type]
+    await client.connect()
+    report = await client.preflight()
+    assert report.connected
+    await client.submit_checklist(details={"location": "home", "contact": "a friend"})
+    await client.expect(Status, where=lambda m: m.seat_state is SeatState.WAITING)
+    return client
+
+
+async def test_parse_link_keeps_fragment_local() -> None:
+    link = parse_link("https://broker.example/base/j/TOKEN#KEY")
+    assert (link.base_url, link.role, link.token, link.link_key) == ("https://broker.example/base", "client", "TOKEN", "KEY")
+
+
+async def test_call_connects_with_data_both_ways_and_audio(broker: RunningBroker) -> None:
+    links = await schedule(broker)
+    therapist = BrokerClient(links.therapist, media=True)
+    await therapist.connect()
+    client = await waiting_client(links, media=True)
+    try:
+        room = await therapist.expect(WaitingRoom, where=lambda m: m.seats[0].state is SeatState.WAITING)
+        entry = room.seats[0]
+        assert entry.checklist is not None and entry.checklist["all_required_met"] is True
+        assert entry.details is not None  # sealed for the therapist, opaque to the broker
+        await therapist.admit(entry.peer)
+
+        t_link = await therapist.wait_connected(client.peer_id)
+        c_link = await client.wait_connected(therapist.peer_id)
+        therapist.send_chat(client.peer_id, "hello from the therapist")
+        client.send_chat(therapist.peer_id, "hello from the client")
+        assert await asyncio.wait_for(c_link.messages.get(), 10) == "hello from the therapist"
+        assert await asyncio.wait_for(t_link.messages.get(), 10) == "hello from the client"
+
+        audio = next(t for t in c_link.remote_tracks if t.kind == "audio")
+        frame = await asyncio.wait_for(audio.recv(), 10)
+        assert frame.sample_rate > 0
+
+        assert t_link.trust == c_link.trust == "verified_by_link"
+        assert therapist.safety_code(client.peer_id) == client.safety_code(therapist.peer_id)
+        assert therapist.interceptions == client.interceptions == []
+    finally:
+        await client.close()
+        await therapist.close()
+
+
+async def test_nothing_is_relayed_before_admission(broker: RunningBroker) -> None:
+    links = await schedule(broker)
+    therapist = BrokerClient(links.therapist)
+    await therapist.connect()
+    client = await waiting_client(links)
+    try:
+        # Neither side has been told of the other, and forcing an offer is refused.
+        assert not any(isinstance(m, Peers) and m.peers for m in client.received + therapist.received)
+        before = len(client.received)
+        await therapist.send_raw(
+            '{"type":"offer","to":"%s","sdp":"v=0","counter":1,"mac":"x","id":"o1"}' % client.peer_id
+        )
+        error = await therapist.expect(type(_error()), where=lambda m: m.ref == "o1")
+        assert error.code.value == "not_admitted"
+        await client.send_raw('{"type":"candidate","to":"%s","candidate":"","id":"c1"}' % therapist.peer_id)
+        error = await client.expect(type(_error()), where=lambda m: m.ref == "c1")
+        assert error.code.value == "not_admitted"
+        await asyncio.sleep(0.2)
+        assert not any(type(m).__name__ in ("Offer", "Candidate") for m in client.received[before:])
+        assert client.links == {} and therapist.links == {}
+
+        await therapist.admit(client.peer_id)
+        await client.wait_connected(therapist.peer_id)
+    finally:
+        await client.close()
+        await therapist.close()
+
+
+async def test_checklist_is_accepted_once(broker: RunningBroker) -> None:
+    links = await schedule(broker)
+    client = await waiting_client(links)
+    try:
+        assert isinstance(client.received, list)
+        assert any(isinstance(m, ChecklistAccepted) for m in client.received)
+    finally:
+        await client.close()
+
+
+def _error():  # noqa: ANN202 - the Error struct type, via an instance
+    from broker.protocol import Error, ErrorCode
+
+    return Error(code=ErrorCode.INTERNAL, message="")
+
+
+async def test_audio_track_stops_cleanly_on_close(broker: RunningBroker) -> None:
+    links = await schedule(broker)
+    therapist = BrokerClient(links.therapist, media=True)
+    await therapist.connect()
+    client = await waiting_client(links, media=True)
+    await therapist.admit(client.peer_id)
+    c_link = await client.wait_connected(therapist.peer_id)
+    audio = next(t for t in c_link.remote_tracks if t.kind == "audio")
+    await therapist.close()
+    try:
+        while True:
+            await asyncio.wait_for(audio.recv(), 10)
+    except MediaStreamError:
+        pass
+    await client.close()
