@@ -65,6 +65,8 @@ class AuditEvent(StrEnum):
     SEAT_ADMITTED = "seat_admitted"
     SEAT_DECLINED = "seat_declined"
     SEAT_REMOVED = "seat_removed"
+    SEAT_ALLOWED_BACK = "seat_allowed_back"
+    SEAT_REVOKED = "seat_revoked"
     SESSION_ENDED = "session_ended"
     CHECKLIST_PASSED = "checklist_passed"
     CHECKLIST_FAILED = "checklist_failed"

@@ -57,6 +57,7 @@ from .protocol import (
     Remove,
     Removed,
     Renegotiate,
+    Report,
     ServerMessage,
     SessionEnded,
     decode_server,
@@ -186,6 +187,11 @@ class BrokerClient:
         self._closing = False
         self._connected = asyncio.Event()
         self._pending_candidates: dict[str, list[Candidate]] = {}
+        self.token = self.link.token
+        #: Highest relayed ``seq`` received, and what sequence checks found.
+        self.last_seq = 0
+        self.duplicates = 0
+        self.gaps = 0
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------ life cycle
@@ -237,7 +243,7 @@ class BrokerClient:
             ws_url(url), origin=origin_of(url), autoping=True, heartbeat=20.0, max_msg_size=1 << 20
         )
         await self._send(Hello(protocol=PROTOCOL_VERSION, agent=self.agent))
-        await self._send(Join(token=self.link.token))
+        await self._send(Join(token=self.token, resume=self.last_seq if self.joined else None))
 
     async def _run(self) -> None:
         delay = 0.2
@@ -381,7 +387,13 @@ class BrokerClient:
         await self._send(AllowReturn(peer=peer))
 
     async def end(self) -> SessionEnded:
-        await self._send(End())
+        """End the session for everyone, reporting how each peer was verified for the session record."""
+        verification = {
+            peer: ("link" if link.trust == e2ee.Trust.VERIFIED_BY_LINK else "unverified")
+            for peer, link in self.links.items()
+            if link.trust is not None
+        }
+        await self._send(End(verification=verification or None))
         return await self.expect(SessionEnded)  # type: ignore[return-value]
 
     async def leave(self) -> None:
@@ -398,8 +410,18 @@ class BrokerClient:
     # ------------------------------------------------------------ incoming
 
     async def _on_message(self, message: ServerMessage) -> None:
+        if isinstance(message, (Offer, Answer, Candidate, Renegotiate)) and message.seq is not None:
+            if message.seq <= self.last_seq:
+                self.duplicates += 1
+                return
+            if message.seq > self.last_seq + 1 and self.last_seq:
+                self.gaps += message.seq - self.last_seq - 1
+            self.last_seq = message.seq
         if isinstance(message, Joined):
             self.joined = message
+            if message.seat_token:
+                # Joined through a group link: come back to this same seat from now on.
+                self.token = message.seat_token
             self.auth = self.auth or e2ee.SdpAuthenticator(self.link_key, message.session, message.peer)
         elif isinstance(message, Peers):
             await self._on_peers(message)
@@ -463,6 +485,8 @@ class BrokerClient:
         except e2ee.InterceptionError as exc:
             self.interceptions.append(Interception(peer, exc.reason))
             log.warning("event=interception_warning peer=%s reason=%s", peer, exc.reason)
+            with contextlib.suppress(ConnectionError, ValueError, msgspec.ValidationError):
+                await self._send(Report(event="interception_warning", peer=peer, reason=exc.reason))  # type: ignore[arg-type]
             link = self.links.get(peer)
             if link is not None:
                 await self._close_link(link)

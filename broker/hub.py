@@ -51,9 +51,11 @@ from .protocol import (
     Remove,
     Removed,
     Renegotiate,
+    Report,
     Role,
     SeatState,
     SessionEnded,
+    SessionRecord,
     SessionState,
     Status,
     WaitingEntry,
@@ -62,6 +64,7 @@ from .protocol import (
     decode_client,
     encode,
 )
+from .record import RecordSigner, build_record
 from .session import Session
 from .store import Store, StoreUnavailable, session_key, session_prefix
 from .tokens import TokenClaims, TokenCodec
@@ -79,6 +82,14 @@ CLOSE_AUTH_TIMEOUT = 4008
 CLOSE_TOO_SLOW = 4009
 CLOSE_ENDED = 4010
 CLOSE_FLOOD = 4029
+
+#: Relayed messages kept per recipient for a peer that reconnects (count and seconds).
+RESUME_MAX = 128
+RESUME_TTL_S = 120.0
+
+
+def mailbox_key(session_id: str, peer_id: str) -> str:
+    return f"{session_prefix(session_id)}:box:{peer_id}"
 
 _record_encoder = msgspec.msgpack.Encoder()
 _record_decoder = msgspec.msgpack.Decoder(Session)
@@ -216,6 +227,7 @@ class Hub:
         preflight: Preflight | None = None,
         ice_servers: IceServers | None = None,
         audit: AuditHook | None = None,
+        signer: RecordSigner | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -226,6 +238,7 @@ class Hub:
         self.preflight = preflight
         self.ice_servers = ice_servers or (lambda peer, ttl: [])
         self.audit = audit
+        self.signer = signer
         self.clock = clock
         self.connections: dict[str, Connection] = {}
         # Local routing: seat -> connection, and the connections per session.
@@ -248,8 +261,12 @@ class Hub:
         starts: int | None = None,
         duration_s: int = 50 * 60,
         relay_only: bool = False,
+        group_link: bool = False,
     ) -> tuple[Session, dict[str, str]]:
-        """Schedule a session; returns it and the invite token of every seat by peer id."""
+        """Schedule a session; returns it and the invite token of every seat by peer id.
+
+        With ``group_link`` the tokens also hold, under ``"group"``, one link for all clients.
+        """
         now = int(self.clock())
         session = sm.new_session(
             _new_session_id(),
@@ -259,9 +276,12 @@ class Hub:
             clients=clients,
             minors=minors,
             relay_only=relay_only,
+            group_link=group_link,
         )
         await self._save(session)
         tokens = {seat.id: self.tokens.issue(sm.claims_for(session, seat)) for seat in session.seats}
+        if group_link:
+            tokens["group"] = self.tokens.issue(sm.group_claims(session))
         log.info("event=session_created session=%s seats=%d", session.id, len(session.seats))
         await self._audit("session_created", None, session.id, "ok")
         return session, tokens
@@ -281,6 +301,7 @@ class Hub:
         )
         await self._publish_views(session)
         log.info("event=seat_revoked session=%s peer=%s reissued=%s", session_id, peer_id, reissue)
+        await self._audit("seat_revoked", None, session_id, "ok")
         return self.tokens.issue(sm.claims_for(session, seat)) if reissue else None
 
     def check_token(self, token: str) -> TokenClaims:
@@ -293,6 +314,9 @@ class Hub:
         session = await self.get_session(claims.session_id)
         if session is None:
             raise ProtocolError(ErrorCode.INVALID_TOKEN, sm.INVALID_MESSAGE)
+        if claims.token_id == session.group_token_id:
+            client = session.clients()[0]
+            return session, client
         return session, sm.seat_for_token(session, claims.token_id)
 
     # ------------------------------------------------------------ connections
@@ -412,14 +436,20 @@ class Hub:
             raise ProtocolError(ErrorCode.UNAVAILABLE, "This broker is restarting. Reconnect in a moment.")
         claims = self.check_token(message.token)
         seat_id: list[str] = []
+        by_group = [False]
 
         def take_seat(s: Session) -> str | None:
-            seat = sm.seat_for_token(s, claims.token_id)
+            if s.group_token_id is not None and claims.token_id == s.group_token_id:
+                seat = sm.claim_group_seat(s)
+                by_group[0] = True
+            else:
+                seat = sm.seat_for_token(s, claims.token_id)
             seat_id.append(seat.id)
             return sm.connect(s, seat.id, conn.id)
 
-        session, replaced = await self._mutate(claims.session_id, take_seat)
-        peer = seat_id[0]
+        # A genuine token of a session that is gone looks exactly like an unknown one.
+        session, replaced = await self._mutate(claims.session_id, take_seat, missing=sm.invalid_token_error)
+        peer = seat_id[-1]
         seat = session.seat(peer)
         conn.session_id, conn.peer_id, conn.role = session.id, peer, seat.role
         if conn.deadline:
@@ -452,10 +482,19 @@ class Hub:
                 policy=self.checklist.policy_for(seat.minor)
                 if self.checklist is not None and seat.role is Role.CLIENT
                 else None,
+                seat_token=self.tokens.issue(sm.claims_for(session, seat)) if by_group[0] else None,
             ),
         )
+        if message.resume is not None:
+            await self._replay(conn, session.id, peer, message.resume)
         log.info("event=peer_joined session=%s peer=%s role=%s", session.id, peer, seat.role.value)
         await self._publish_views(session)
+
+    async def _replay(self, conn: Connection, session_id: str, peer: str, after: int) -> None:
+        """Send again what was relayed to this seat after ``after`` (while it was reconnecting)."""
+        for seq, data in await self.store.read_since(mailbox_key(session_id, peer), after):
+            message = decode_client(data)
+            conn.deliver(encode(msgspec.structs.replace(message, seq=seq)))
 
     async def _on_checklist(self, conn: Connection, message: ChecklistSubmit) -> None:
         if self.checklist is None:
@@ -516,7 +555,14 @@ class Hub:
         log.info("event=preflight_recorded session=%s peer=%s connected=%s", session_id, peer_id, result.get("connected"))
 
     async def _on_admit(self, conn: Connection, message: Admit) -> None:
-        await self._therapist_action(conn, sm.admit, message.peer, "seat_admitted", None)
+        now = int(self.clock())
+
+        def admit(s: Session, actor: str, target: str) -> sm.Seat:
+            seat = sm.admit(s, actor, target)
+            sm.mark_admitted(s, target, now)
+            return seat
+
+        await self._therapist_action(conn, admit, message.peer, "seat_admitted", None)
 
     async def _on_decline(self, conn: Connection, message: Decline) -> None:
         await self._therapist_action(conn, sm.decline, message.peer, "seat_declined", Declined())
@@ -549,21 +595,38 @@ class Hub:
                 raise ProtocolError(ErrorCode.NOT_OFFERER, "The other peer makes the offers for this pair.")
             if isinstance(message, (Answer, Renegotiate)) and sender_offers:
                 raise ProtocolError(ErrorCode.NOT_OFFERER, "You make the offers for this pair; send an offer.")
-        relayed = msgspec.structs.replace(message, from_=conn.peer_id, id=None)
-        await self.bus.publish(session.id, Envelope(message.to, None, encode(relayed)))
+        relayed = msgspec.structs.replace(message, from_=conn.peer_id, id=None, seq=None)
+        data = encode(relayed)
+        seq = await self.store.append(mailbox_key(session.id, message.to), data, RESUME_MAX, RESUME_TTL_S)
+        await self.bus.publish(session.id, Envelope(message.to, None, encode(msgspec.structs.replace(relayed, seq=seq))))
+
+    async def _on_report(self, conn: Connection, message: Report) -> None:
+        assert conn.session_id and conn.peer_id
+        session = await self._load(conn.session_id)
+        session.seat(message.peer)
+        log.warning("event=interception_warning session=%s peer=%s reason=%s", session.id, conn.peer_id, message.reason)
+        await self._audit("interception_warning", conn.peer_id, session.id, "warning")
 
     async def _on_leave(self, conn: Connection, message: Leave) -> None:
         assert conn.session_id and conn.peer_id
-        session, _ = await self._mutate(conn.session_id, lambda s: sm.leave(s, conn.peer_id or ""))
-        await self._mutate(conn.session_id, lambda s: sm.disconnect(s, conn.peer_id or "", conn.id))
-        session = await self._load(conn.session_id)
+        def leave(s: Session) -> None:
+            sm.leave(s, conn.peer_id or "")
+            sm.disconnect(s, conn.peer_id or "", conn.id)
+
+        session, _ = await self._mutate(conn.session_id, leave)
         log.info("event=peer_left session=%s peer=%s", session.id, conn.peer_id)
         self._close_after_queue(conn, CLOSE_NORMAL)
         await self._publish_views(session)
 
     async def _on_end(self, conn: Connection, message: End) -> None:
         assert conn.session_id and conn.peer_id
-        await self._mutate(conn.session_id, lambda s: sm.end(s, conn.peer_id or ""))
+        session, _ = await self._mutate(conn.session_id, lambda s: sm.end(s, conn.peer_id or ""))
+        if self.signer is not None:
+            record = build_record(
+                session, ended=int(self.clock()), reason="ended", verification=dict(message.verification or {})
+            )
+            signed = SessionRecord(record=record, signature=self.signer.sign(record), key_id=self.signer.key_id)
+            await self.bus.publish(session.id, Envelope(conn.peer_id, None, encode(signed)))
         await self._finish(conn.session_id, "ended", actor=conn.peer_id)
 
     _handlers: dict[type, Callable[..., Awaitable[None]]] = {
@@ -577,6 +640,7 @@ class Hub:
         Answer: _on_relay,
         Candidate: _on_relay,
         Renegotiate: _on_relay,
+        Report: _on_report,
         Leave: _on_leave,
         End: _on_end,
     }
@@ -746,13 +810,16 @@ class Hub:
         ttl = max(1.0, session.expires - self.clock())
         await self.store.put(session_key(session.id), encode_record(session), ttl)
 
-    async def _mutate(self, session_id: str, step: Callable[[Session], Any]) -> tuple[Session, Any]:
+    async def _mutate(
+        self, session_id: str, step: Callable[[Session], Any], missing: Callable[[], ProtocolError] | None = None
+    ) -> tuple[Session, Any]:
         """Apply one state-machine step atomically; a refused step writes nothing."""
         out: list[Session] = []
+        gone = missing or (lambda: ProtocolError(ErrorCode.SESSION_ENDED, "This session has ended."))
 
         def mutate(raw: bytes | None) -> tuple[bytes | None, Any]:
             if raw is None:
-                raise ProtocolError(ErrorCode.SESSION_ENDED, "This session has ended.")
+                raise gone()
             session = decode_record(raw)
             result = step(session)
             new = encode_record(session)
@@ -766,7 +833,7 @@ class Hub:
         else:
             current = await self.get_session(session_id)
             if current is None:
-                raise ProtocolError(ErrorCode.SESSION_ENDED, "This session has ended.")
+                raise gone()
             ttl = max(1.0, current.expires - self.clock())
         result = await self.store.update(session_key(session_id), mutate, ttl)
         return out[-1], result

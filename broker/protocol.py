@@ -44,6 +44,7 @@ class ErrorCode(str, Enum):
     ALREADY_JOINED = "already_joined"
     NOT_JOINED = "not_joined"
     INVALID_TOKEN = "invalid_token"
+    NO_SEATS_LEFT = "no_seats_left"
     TOKEN_EXPIRED = "token_expired"
     TOKEN_NOT_YET_VALID = "token_not_yet_valid"
     SESSION_ENDED = "session_ended"
@@ -110,6 +111,8 @@ class Hello(_ClientMessage, tag="hello"):
 
 class Join(_ClientMessage, tag="join"):
     token: Token
+    #: The highest relayed ``seq`` this seat has received; what came after it is sent again.
+    resume: Counter | None = None
 
 
 class ChecklistSubmit(_ClientMessage, tag="checklist"):
@@ -144,8 +147,10 @@ class Offer(_ClientMessage, tag="offer"):
     sdp: Sdp
     counter: Counter | None = None
     mac: Mac | None = None
-    #: Ignored from clients; the broker sets it on relay.
+    #: Set by the broker on relay (ignored from clients): the sender's peer id ...
     from_: Id | None = msgspec.field(default=None, name="from")
+    #: ... and the position in the recipient's relay sequence.
+    seq: Counter | None = None
 
 
 class Answer(_ClientMessage, tag="answer"):
@@ -153,7 +158,10 @@ class Answer(_ClientMessage, tag="answer"):
     sdp: Sdp
     counter: Counter | None = None
     mac: Mac | None = None
+    #: Set by the broker on relay (ignored from clients): the sender's peer id ...
     from_: Id | None = msgspec.field(default=None, name="from")
+    #: ... and the position in the recipient's relay sequence.
+    seq: Counter | None = None
 
 
 class Candidate(_ClientMessage, tag="candidate"):
@@ -163,6 +171,7 @@ class Candidate(_ClientMessage, tag="candidate"):
     sdp_mid: Annotated[str, msgspec.Meta(max_length=64)] | None = None
     sdp_mline_index: Annotated[int, msgspec.Meta(ge=0, le=255)] | None = None
     from_: Id | None = msgspec.field(default=None, name="from")
+    seq: Counter | None = None
 
 
 class Renegotiate(_ClientMessage, tag="renegotiate"):
@@ -170,14 +179,29 @@ class Renegotiate(_ClientMessage, tag="renegotiate"):
 
     to: Id
     from_: Id | None = msgspec.field(default=None, name="from")
+    seq: Counter | None = None
+
+
+class Report(_ClientMessage, tag="report"):
+    """A peer tells the broker it saw an interception attempt (for the audit log; content-free)."""
+
+    event: Literal["interception_warning"]
+    peer: Id
+    reason: Literal[
+        "missing_mac", "bad_mac", "replayed_counter", "malformed", "missing_fingerprint", "fingerprint_mismatch"
+    ]
 
 
 class Leave(_ClientMessage, tag="leave"):
     pass
 
 
+Verification = Literal["link", "safety_code", "unverified"]
+
+
 class End(_ClientMessage, tag="end"):
-    pass
+    #: How the therapist's side verified each peer, for the signed session record.
+    verification: dict[Id, Verification] | None = None
 
 
 class Ping(_ClientMessage, tag="ping"):
@@ -197,6 +221,7 @@ ClientMessage = Union[
     Answer,
     Candidate,
     Renegotiate,
+    Report,
     Leave,
     End,
     Ping,
@@ -243,6 +268,8 @@ class Joined(_ServerMessage, tag="joined"):
     ice_transport_policy: Literal["all", "relay"]
     #: The checklist policy for this seat (clients only), as JSON.
     policy: dict[str, Any] | None = None
+    #: When joined through a group link: this seat's own invite token, to rejoin with.
+    seat_token: str | None = None
 
 
 class Status(_ServerMessage, tag="status"):
@@ -296,6 +323,14 @@ class SessionEnded(_ServerMessage, tag="session_ended"):
     reason: Literal["ended", "expired"]
 
 
+class SessionRecord(_ServerMessage, tag="session_record"):
+    """Sent to the therapist as the session ends: what happened, signed by the broker (Ed25519)."""
+
+    record: dict[str, Any]
+    signature: str
+    key_id: str
+
+
 class Pong(_ServerMessage, tag="pong"):
     n: int | None = None
 
@@ -324,6 +359,7 @@ ServerMessage = Union[
     Peers,
     Declined,
     Removed,
+    SessionRecord,
     SessionEnded,
     Pong,
     Reconnect,

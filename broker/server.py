@@ -22,9 +22,11 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from .admission import BrokerPreflight, PolicyChecklist
+from .audit import AuditLog
 from .bus import Bus, LocalBus
 from .config import Config, Keys, load_or_create_secret
 from .hub import CLOSE_POLICY, Hub, Limits
+from .record import RecordSigner
 from .protocol import MAX_MESSAGE_BYTES, Error, ErrorCode, ProtocolError, encode
 from .security_headers import PrivateAccessLogger, security_middleware
 from .store import MemoryStore, Store
@@ -51,12 +53,15 @@ class Broker:
     bus: Bus
     hub: Hub
     preflight: BrokerPreflight
+    audit: AuditLog
+    signer: RecordSigner
     background: list[asyncio.Task[Any]] = field(default_factory=list)
 
     async def close(self) -> None:
         for task in self.background:
             task.cancel()
         await self.preflight.close()
+        self.audit.close()
         await self.bus.close()
         await self.store.close()
 
@@ -73,6 +78,8 @@ async def create_broker(config: Config, *, store: Store | None = None, bus: Bus 
         send_queue_limit=config.send_queue_limit,
     )
     preflight = BrokerPreflight.from_config(config)
+    audit_log = AuditLog(config.data_dir / "audit.jsonl", keys.secret)
+    signer = RecordSigner(keys.signing_seed)
     hub = Hub(
         store,
         bus,
@@ -81,11 +88,29 @@ async def create_broker(config: Config, *, store: Store | None = None, bus: Bus 
         checklist=PolicyChecklist.from_config(config),
         preflight=preflight,
         ice_servers=_ice_servers(config),
+        audit=audit_hook(audit_log),
+        signer=signer,
     )
-    broker = Broker(config, keys, store, bus, hub, preflight)
+    broker = Broker(config, keys, store, bus, hub, preflight, audit_log, signer)
     if isinstance(store, MemoryStore):
         broker.background.append(asyncio.get_running_loop().create_task(store.run_sweeper()))
     return broker
+
+
+_OUTCOMES = {"ok": "ok", "ended": "ok", "expired": "expired", "warning": "warning"}
+
+
+def audit_hook(audit_log: AuditLog) -> Any:
+    """Hub events into the content-free audit log: fixed words and opaque ids only."""
+
+    async def record(event: str, actor: str | None, session: str | None, outcome: str) -> None:
+        who = f"{session}-{actor}" if actor and session else None
+        try:
+            await audit_log.append(event, who, session, _OUTCOMES.get(outcome, "failed"))
+        except (ValueError, OSError):
+            log.exception("event=audit_append_failed audit_event=%s", event)
+
+    return record
 
 
 async def _backends(config: Config, keys: Keys) -> tuple[Store, Bus]:
@@ -161,6 +186,12 @@ async def therapist_page(request: web.Request) -> web.StreamResponse:
 
 async def index_page(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(web_root() / "index.html", headers={"Content-Type": "text/html; charset=utf-8"})
+
+
+async def signing_key(request: web.Request) -> web.Response:
+    """The public key that verifies session records (a JWK set)."""
+    broker: Broker = request.app[BROKER]
+    return web.json_response({"keys": [broker.signer.public_jwk()]})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -267,6 +298,7 @@ def build_app(broker: Broker) -> web.Application:
     app.router.add_get("/healthz", healthz, name="healthz")
     app.router.add_get("/readyz", readyz, name="readyz")
     app.router.add_get("/ws", websocket, name="ws")
+    app.router.add_get("/.well-known/broker-signing-key", signing_key, name="signing_key")
     app.router.add_get("/j/{token}", join_page, name="join")
     app.router.add_get("/t/{token}", therapist_page, name="therapist")
     app.router.add_static("/static/", web_root(), name="static", follow_symlinks=False)

@@ -49,6 +49,10 @@ class Seat(msgspec.Struct, kw_only=True):
     details: str | None = None
     #: The broker's own record of this seat's network pre-flight.
     preflight: dict[str, Any] | None = None
+    #: Taken through the session's group link (each seat can be taken once that way).
+    claimed: bool = False
+    #: When the seat was first admitted (for the session record), else None.
+    admitted_at: int | None = None
 
 
 class Session(msgspec.Struct, kw_only=True):
@@ -60,6 +64,10 @@ class Session(msgspec.Struct, kw_only=True):
     expires: int
     seats: list[Seat]
     ice_transport_policy: Literal["all", "relay"] = "all"
+    #: One link usable by every client of a group: each use takes a free client seat.
+    group_token_id: str | None = None
+    #: When the first client was admitted (the call began).
+    live_at: int | None = None
 
     def seat(self, seat_id: str) -> Seat:
         for seat in self.seats:
@@ -85,8 +93,12 @@ def new_session(
     early_s: int = DEFAULT_EARLY_S,
     grace_s: int = DEFAULT_GRACE_S,
     relay_only: bool = False,
+    group_link: bool = False,
 ) -> Session:
-    """A scheduled session with one therapist seat and ``clients`` client seats."""
+    """A scheduled session with one therapist seat and ``clients`` client seats.
+
+    With ``group_link`` the session also has one invite link for all its clients.
+    """
     if not 1 <= clients <= MAX_SEATS - 1:
         raise ValueError(f"a session has 1 to {MAX_SEATS - 1} client seats")
     if not 0 <= minors <= clients:
@@ -109,7 +121,15 @@ def new_session(
         expires=expires,
         seats=seats,
         ice_transport_policy="relay" if relay_only else "all",
+        group_token_id=new_token_id() if group_link else None,
     )
+
+
+def group_claims(session: Session) -> TokenClaims:
+    """The claims of the session's group link."""
+    if session.group_token_id is None:
+        raise ProtocolError(ErrorCode.INVALID_STATE, "This session has no group link.")
+    return TokenClaims(session.id, session.group_token_id, session.not_before, session.expires)
 
 
 def claims_for(session: Session, seat: Seat) -> TokenClaims:
@@ -128,7 +148,19 @@ def seat_for_token(session: Session, token_id: str) -> Seat:
     for seat in session.seats:
         if seat.token_id is not None and seat.token_id == token_id:
             return seat
-    raise ProtocolError(ErrorCode.INVALID_TOKEN, INVALID_MESSAGE)
+    raise invalid_token_error()
+
+
+def claim_group_seat(session: Session) -> Seat:
+    """A use of the group link takes the first client seat nobody has taken yet."""
+    _require_not_ended(session)
+    for seat in session.clients():
+        if not seat.claimed and seat.token_id is not None and seat.state is SeatState.INVITED:
+            seat.claimed = True
+            return seat
+    raise ProtocolError(
+        ErrorCode.NO_SEATS_LEFT, "Every place in this group session is taken. Please contact your therapist."
+    )
 
 
 def connect(session: Session, seat_id: str, conn: str) -> str | None:
@@ -191,6 +223,13 @@ def admit(session: Session, actor_id: str, target_id: str) -> Seat:
     return target
 
 
+def mark_admitted(session: Session, seat_id: str, now: int) -> None:
+    """Timestamps for the session record: first admission of the seat and of the session."""
+    seat = session.seat(seat_id)
+    seat.admitted_at = seat.admitted_at or now
+    session.live_at = session.live_at or now
+
+
 def decline(session: Session, actor_id: str, target_id: str) -> Seat:
     target = _therapist_acts_on_client(session, actor_id, target_id)
     if target.state not in (SeatState.CHECKING, SeatState.WAITING):
@@ -225,6 +264,7 @@ def revoke(session: Session, seat_id: str) -> Seat:
     if seat.role is Role.THERAPIST:
         raise ProtocolError(ErrorCode.NOT_ALLOWED, "The therapist's own link cannot be revoked; end the session instead.")
     seat.token_id = None
+    seat.claimed = False
     seat.state = SeatState.INVITED
     seat.checklist = None
     seat.details = None
@@ -297,6 +337,10 @@ def copy_session(session: Session) -> Session:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def invalid_token_error() -> ProtocolError:
+    return ProtocolError(ErrorCode.INVALID_TOKEN, INVALID_MESSAGE)
 
 
 def _require_not_ended(session: Session) -> None:

@@ -54,6 +54,17 @@ class Store(Protocol):
         """Count an event in a fixed window (rate limits); returns the count so far."""
         ...
 
+    async def append(self, key: str, value: bytes, maxlen: int, ttl_s: float) -> int:
+        """Append to a capped log; returns the entry's sequence number (1, 2, ... per key).
+
+        Only the newest ``maxlen`` entries are kept; the TTL is reset on each append.
+        """
+        ...
+
+    async def read_since(self, key: str, seq: int) -> list[tuple[int, bytes]]:
+        """Entries of a capped log with a sequence number above ``seq``, oldest first."""
+        ...
+
     async def ping(self) -> bool: ...
 
     async def close(self) -> None: ...
@@ -66,6 +77,8 @@ class MemoryStore:
         self._clock = clock
         self._data: dict[str, tuple[bytes, float]] = {}
         self._expiry_heap: list[tuple[float, str]] = []
+        # Capped logs: key -> (last sequence number, entries, expiry time).
+        self._logs: dict[str, tuple[int, list[tuple[int, bytes]], float]] = {}
 
     async def get(self, key: str) -> bytes | None:
         item = self._data.get(key)
@@ -93,11 +106,14 @@ class MemoryStore:
         doomed = [k for k in self._data if k.startswith(prefix)]
         for k in doomed:
             del self._data[k]
-        return len(doomed)
+        logs = [k for k in self._logs if k.startswith(prefix)]
+        for k in logs:
+            del self._logs[k]
+        return len(doomed) + len(logs)
 
     async def keys(self, prefix: str) -> list[str]:
         self.sweep()
-        return [k for k in self._data if k.startswith(prefix)]
+        return [k for k in (*self._data, *self._logs) if k.startswith(prefix)]
 
     async def incr_window(self, key: str, window_s: float) -> int:
         current = await self.get(key)
@@ -108,11 +124,28 @@ class MemoryStore:
         self._write(key, str(count).encode(), ttl)
         return count
 
+    async def append(self, key: str, value: bytes, maxlen: int, ttl_s: float) -> int:
+        log = self._logs.get(key)
+        if log is None or log[2] <= self._clock():
+            log = (0, [], 0.0)
+        seq = log[0] + 1
+        entries = (log[1] + [(seq, value)])[-maxlen:]
+        expires = self._clock() + ttl_s
+        self._logs[key] = (seq, entries, expires)
+        return seq
+
+    async def read_since(self, key: str, seq: int) -> list[tuple[int, bytes]]:
+        log = self._logs.get(key)
+        if log is None or log[2] <= self._clock():
+            return []
+        return [(n, v) for n, v in log[1] if n > seq]
+
     async def ping(self) -> bool:
         return True
 
     async def close(self) -> None:
         self._data.clear()
+        self._logs.clear()
 
     def sweep(self) -> int:
         """Drop expired keys; returns how many."""
@@ -124,6 +157,9 @@ class MemoryStore:
             if item is not None and item[1] <= now:
                 del self._data[key]
                 dropped += 1
+        for key in [k for k, log in self._logs.items() if log[2] <= now]:
+            del self._logs[key]
+            dropped += 1
         if len(self._expiry_heap) > 4 * len(self._data) + 1024:
             self._expiry_heap = [(exp, k) for k, (_, exp) in self._data.items()]
             heapq.heapify(self._expiry_heap)

@@ -1,0 +1,349 @@
+"""The signaling service over a real WebSocket: admission, relaying rules, tokens, resume, ending."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from broker.client import BrokerClient
+from broker.protocol import (
+    Candidate,
+    Error,
+    ErrorCode,
+    SeatState,
+    SessionEnded,
+    SessionRecord,
+    Status,
+    WaitingRoom,
+)
+from broker.record import verify_record
+from broker.store import session_prefix
+from broker.tokens import TokenClaims, TokenCodec, new_session_id, new_token_id
+
+from .conftest import RunningBroker, schedule
+from .test_client import waiting_client
+
+
+class RawPeer:
+    """A bare WebSocket speaking JSON frames, for what the Python client would never send."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, http: aiohttp.ClientSession) -> None:
+        self.ws, self.http = ws, http
+
+    @classmethod
+    async def open(cls, broker: RunningBroker) -> RawPeer:
+        http = aiohttp.ClientSession()
+        ws = await http.ws_connect(broker.url + "/ws", origin=broker.url)
+        return cls(ws, http)
+
+    async def send(self, **message: Any) -> None:
+        await self.ws.send_str(json.dumps(message))
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        msg = await self.ws.receive(timeout)
+        assert msg.type is aiohttp.WSMsgType.TEXT, msg
+        return json.loads(msg.data)  # type: ignore[no-any-return]
+
+    async def recv_type(self, kind: str, timeout: float = 5.0) -> dict[str, Any]:
+        while True:
+            message = await self.recv(timeout)
+            if message["type"] == kind:
+                return message
+
+    async def join(self, token: str, **extra: Any) -> dict[str, Any]:
+        await self.send(type="hello", protocol=1)
+        await self.recv_type("welcome")
+        await self.send(type="join", token=token, **extra)
+        while True:
+            message = await self.recv()
+            if message["type"] in ("joined", "error"):
+                return message
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self.http.close()
+
+
+async def record_of(broker: RunningBroker, session: str) -> Any:
+    return await broker.hub.get_session(session)
+
+
+async def admitted_pair(broker: RunningBroker) -> tuple[Any, BrokerClient, BrokerClient]:
+    links = await schedule(broker)
+    therapist = BrokerClient(links.therapist)
+    await therapist.connect()
+    client = await waiting_client(links)
+    await therapist.admit(client.peer_id)
+    await client.wait_connected(therapist.peer_id)
+    return links, therapist, client
+
+
+# ---------------------------------------------------------------- relaying rules
+
+
+async def test_message_to_a_peer_of_another_session_is_refused_and_not_delivered(broker: RunningBroker) -> None:
+    _, t1, c1 = await admitted_pair(broker)
+    _, t2, c2 = await admitted_pair(broker)
+    try:
+        before = len(c2.received)
+        await t1.send_raw(json.dumps({"type": "candidate", "to": c2.peer_id, "candidate": "", "id": "x1"}))
+        error = await t1.expect(Error, where=lambda m: m.ref == "x1")
+        assert error.code is ErrorCode.NOT_IN_SESSION
+        await asyncio.sleep(0.2)
+        assert not any(isinstance(m, Candidate) for m in c2.received[before:])
+    finally:
+        for peer in (t1, c1, t2, c2):
+            await peer.close()
+
+
+async def test_the_broker_overwrites_the_sender_and_numbers_relayed_messages(broker: RunningBroker) -> None:
+    _, therapist, client = await admitted_pair(broker)
+    try:
+        await client.send_raw(
+            json.dumps({"type": "candidate", "to": therapist.peer_id, "candidate": "", "from": "forged", "id": "f1"})
+        )
+        relayed = await therapist.expect(Candidate, where=lambda m: m.candidate == "")
+        assert relayed.from_ == client.peer_id
+        assert relayed.seq is not None and relayed.seq >= 1
+    finally:
+        await client.close()
+        await therapist.close()
+
+
+async def test_only_the_offerer_of_a_pair_sends_offers(broker: RunningBroker) -> None:
+    _, therapist, client = await admitted_pair(broker)
+    try:
+        await client.send_raw(json.dumps({"type": "offer", "to": therapist.peer_id, "sdp": "v=0", "id": "o1"}))
+        assert (await client.expect(Error, where=lambda m: m.ref == "o1")).code is ErrorCode.NOT_OFFERER
+        await therapist.send_raw(json.dumps({"type": "answer", "to": client.peer_id, "sdp": "v=0", "id": "a1"}))
+        assert (await therapist.expect(Error, where=lambda m: m.ref == "a1")).code is ErrorCode.NOT_OFFERER
+    finally:
+        await client.close()
+        await therapist.close()
+
+
+# ---------------------------------------------------------------- bad input changes nothing
+
+
+BAD_FRAMES = [
+    "not json",
+    "[]",
+    '{"type":"nope"}',
+    '{"type":"admit"}',
+    '{"type":"admit","peer":7}',
+    '{"type":"admit","peer":"x","extra":1}',
+    '{"type":"offer","to":"../etc","sdp":"v=0"}',
+    '{"type":"checklist","policy_version":"v","answers":{"Bad Id":true}}',
+    '{"type":"ping","n":-1}',
+    '{"type":"hello","protocol":1}',
+    '{"type":"join","token":"again"}',
+]
+
+
+@pytest.mark.parametrize("frame", BAD_FRAMES)
+async def test_a_bad_message_gets_an_error_and_changes_nothing(broker: RunningBroker, frame: str) -> None:
+    links = await schedule(broker)
+    client = await waiting_client(links)
+    try:
+        before = await record_of(broker, links.session)
+        await client.send_raw(frame)
+        error = await client.expect(Error)
+        assert error.code in (ErrorCode.BAD_MESSAGE, ErrorCode.ALREADY_JOINED) and error.message
+        assert await record_of(broker, links.session) == before
+        # The connection still works.
+        await client.send_raw('{"type":"ping","n":5}')
+        assert (await client.expect(type(_pong()), where=lambda m: m.n == 5)).n == 5
+    finally:
+        await client.close()
+
+
+def _pong():  # noqa: ANN202
+    from broker.protocol import Pong
+
+    return Pong(n=0)
+
+
+async def test_hello_must_come_first_and_join_before_anything_else(broker: RunningBroker) -> None:
+    links = await schedule(broker)
+    peer = await RawPeer.open(broker)
+    try:
+        await peer.send(type="join", token=links.tokens[links.peers[links.client]])
+        assert (await peer.recv())["code"] == "hello_required"
+        await peer.send(type="hello", protocol=1)
+        assert (await peer.recv())["type"] == "welcome"
+        await peer.send(type="admit", peer="abc", id="q")
+        error = await peer.recv()
+        assert (error["code"], error["ref"]) == ("not_joined", "q")
+    finally:
+        await peer.close()
+
+
+async def test_an_unsupported_protocol_version_is_refused(broker: RunningBroker) -> None:
+    peer = await RawPeer.open(broker)
+    try:
+        await peer.send(type="hello", protocol=99)
+        assert (await peer.recv())["code"] == "unsupported_protocol"
+        closing = await peer.ws.receive(5)
+        assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    finally:
+        await peer.close()
+
+
+# ---------------------------------------------------------------- tokens
+
+
+async def join_error(broker: RunningBroker, token: str) -> dict[str, Any]:
+    peer = await RawPeer.open(broker)
+    try:
+        reply = await peer.join(token)
+        assert reply["type"] == "error", reply
+        return reply
+    finally:
+        await peer.close()
+
+
+async def test_unknown_expired_not_yet_valid_and_revoked_tokens_are_refused(broker: RunningBroker) -> None:
+    links = await schedule(broker, clients=2)
+    codec: TokenCodec = broker.hub.tokens
+    now = int(time.time())
+    forged = TokenCodec(b"k" * 32).issue(TokenClaims(new_session_id(), new_token_id(), now - 60, now + 3600))
+    unknown_session = codec.issue(TokenClaims(new_session_id(), new_token_id(), now - 60, now + 3600))
+    expired = codec.issue(TokenClaims(links.session, new_token_id(), now - 7200, now - 60))
+    early = codec.issue(TokenClaims(links.session, new_token_id(), now + 3600, now + 7200))
+    client_peer = links.peers[links.clients[1]]
+    await broker.hub.revoke_seat(links.session, client_peer)
+    revoked = links.tokens[client_peer]
+
+    assert (await join_error(broker, expired))["code"] == "token_expired"
+    assert (await join_error(broker, early))["code"] == "token_not_yet_valid"
+    answers = [await join_error(broker, t) for t in (forged, unknown_session, revoked, "garbage!", "A" * 200)]
+    assert all(a == answers[0] for a in answers), [json.dumps(a) for a in answers]  # nothing to learn
+    assert answers[0]["code"] == "invalid_token"
+
+
+async def test_join_page_shows_a_clear_notice_for_bad_links(broker: RunningBroker) -> None:
+    links = await schedule(broker)
+    now = int(time.time())
+    expired = broker.hub.tokens.issue(TokenClaims(links.session, new_token_id(), now - 7200, now - 60))
+    async with aiohttp.ClientSession() as http:
+        for token, status, words in ((expired, 410, "expired"), ("nope", 404, "not valid")):
+            async with http.get(f"{broker.url}/j/{token}") as response:
+                body = await response.text()
+                assert response.status == status
+                assert words in body and "Traceback" not in body
+
+
+# ---------------------------------------------------------------- seats
+
+
+async def test_a_second_tab_takes_over_the_seat(broker: RunningBroker) -> None:
+    links = await schedule(broker)
+    token = links.tokens[links.peers[links.client]]
+    first = await RawPeer.open(broker)
+    second = await RawPeer.open(broker)
+    try:
+        assert (await first.join(token))["type"] == "joined"
+        assert (await second.join(token))["type"] == "joined"
+        notice = await first.recv_type("error")
+        assert notice["code"] == "replaced"
+        closing = await first.ws.receive(5)
+        assert closing.type is aiohttp.WSMsgType.CLOSE and closing.data == 4001
+        record = await record_of(broker, links.session)
+        assert record.seat(links.peers[links.client]).conn is not None
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_declined_client_is_closed_and_cannot_come_back(broker: RunningBroker) -> None:
+    links = await schedule(broker)
+    therapist = BrokerClient(links.therapist)
+    await therapist.connect()
+    client = await waiting_client(links, reconnect=False)
+    try:
+        await therapist.decline(client.peer_id)
+        await client.expect(type(_declined()))
+        again = await join_error(broker, links.tokens[client.peer_id])
+        assert again["code"] == "declined"
+        await therapist.allow_return(client.peer_id)
+        room = await therapist.expect(WaitingRoom, where=lambda m: m.seats[0].state is SeatState.INVITED)
+        assert room.seats[0].checklist is None
+    finally:
+        await client.close()
+        await therapist.close()
+
+
+def _declined():  # noqa: ANN202
+    from broker.protocol import Declined
+
+    return Declined()
+
+
+async def test_group_link_gives_each_person_their_own_seat_and_never_more(broker: RunningBroker) -> None:
+    session, tokens = await broker.hub.create_session(clients=1, group_link=True)
+    peers = [await RawPeer.open(broker) for _ in range(50)]
+    try:
+        replies = await asyncio.gather(*(p.join(tokens["group"]) for p in peers))
+        joined = [r for r in replies if r["type"] == "joined"]
+        refused = [r for r in replies if r["type"] == "error"]
+        assert len(joined) == 1
+        assert {r["code"] for r in refused} == {"no_seats_left"} and len(refused) == 49
+        # The seat's own token comes back, so a reload returns to the same seat.
+        seat_token = joined[0]["seat_token"]
+        assert broker.hub.check_token(seat_token).token_id == session.clients()[0].token_id
+    finally:
+        for p in peers:
+            await p.close()
+
+
+# ---------------------------------------------------------------- resume and ending
+
+
+async def test_messages_sent_while_a_peer_reconnects_are_resumed_once(broker: RunningBroker) -> None:
+    _, therapist, client = await admitted_pair(broker)
+    try:
+        assert client._ws is not None
+        await client._ws.close()  # the client's network drops; it reconnects by itself
+        for _ in range(3):
+            await therapist.send_raw(json.dumps({"type": "candidate", "to": client.peer_id, "candidate": ""}))
+        await client.expect(Status, where=lambda m: client.reconnects >= 1, timeout=10)
+        for _ in range(3):
+            await client.expect(Candidate, where=lambda m: m.candidate == "", timeout=10)
+        assert client.gaps == 0 and client.duplicates == 0
+    finally:
+        await client.close()
+        await therapist.close()
+
+
+async def test_ending_the_session_leaves_no_key_and_a_signed_record(broker: RunningBroker) -> None:
+    links, therapist, client = await admitted_pair(broker)
+    try:
+        assert await broker.broker.store.keys(session_prefix(links.session))
+        ended = await therapist.end()
+        assert ended.reason == "ended"
+        await client.expect(SessionEnded)
+        assert await broker.broker.store.keys(session_prefix(links.session)) == []
+
+        signed = await therapist.expect(SessionRecord)
+        record = signed.record
+        assert record["session"] == links.session and record["ended"] >= record["started"]
+        seat = next(s for s in record["seats"] if s["peer"] == client.peer_id)
+        assert seat["verified"] == "link" and seat["checklist_passed"] is True
+        async with aiohttp.ClientSession() as http:
+            async with http.get(broker.url + "/.well-known/broker-signing-key") as response:
+                key = (await response.json())["keys"][0]
+        assert key["kid"] == signed.key_id
+        assert verify_record(record, signed.signature, key["x"])
+        tampered = json.loads(json.dumps(record))
+        tampered["ended"] += 1
+        assert not verify_record(tampered, signed.signature, key["x"])
+        # A link of an ended session opens nothing.
+        assert (await join_error(broker, links.tokens[client.peer_id]))["code"] == "invalid_token"
+    finally:
+        await client.close()
+        await therapist.close()
