@@ -1,0 +1,653 @@
+"""Self-hosting files: each is checked by the tool that will read it where one runs here
+(docker-compose v1, caddy, systemd-analyze, turnserver's own config check lives in test_turn.py),
+and by the properties the design requires (hardening, probes, no secret in the repository)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from broker.config import check_config, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+K8S = DEPLOY / "k8s"
+COMPOSE = DEPLOY / "compose.yaml"
+CADDYFILE = DEPLOY / "Caddyfile"
+DOCKERFILE = DEPLOY / "Dockerfile"
+UNIT = DEPLOY / "systemd" / "broker.service"
+TURN_CONF = DEPLOY / "coturn" / "turnserver.conf"
+ENTRYPOINT = DEPLOY / "coturn" / "entrypoint.sh"
+DOCS = REPO / "docs" / "deploy.md"
+
+
+# --------------------------------------------------------------------------- docker-compose
+
+
+def _required_compose_vars() -> list[str]:
+    """Every ${VAR:?message} in the compose file: compose must refuse to run without each."""
+    return sorted(set(re.findall(r"\$\{([A-Z0-9_]+):\?", COMPOSE.read_text())))
+
+
+@pytest.fixture
+def compose_env(tmp_path: Path) -> dict[str, str]:
+    """A minimal environment with dummy values (and dummy secret files) for every required variable."""
+    server_secret, turn_secret = tmp_path / "server.secret", tmp_path / "turn.secret"
+    server_secret.write_text("dummy-server-secret\n")
+    turn_secret.write_text("dummy-turn-secret\n")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
+    dummies = {
+        "BROKER_DOMAIN": "video.example.org",
+        "ACME_EMAIL": "admin@example.org",
+        "REDIS_PASSWORD": "0123abcd",
+        "SERVER_SECRET_FILE": str(server_secret),
+        "TURN_SECRET_FILE": str(turn_secret),
+    }
+    assert set(_required_compose_vars()) == set(dummies), "update the dummies to the compose file's required values"
+    env.update(dummies)
+    return env
+
+
+def _compose(env: dict[str, str], tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    assert shutil.which("docker-compose"), "docker-compose (Debian package docker-compose) is required"
+    empty_env_file = tmp_path / "empty.env"  # a developer's deploy/.env must not fill in the gaps
+    empty_env_file.write_text("")
+    command = ["docker-compose", "--env-file", str(empty_env_file), "-f", str(COMPOSE), *args]
+    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_compose_file_validates_with_required_values(compose_env: dict[str, str], tmp_path: Path) -> None:
+    result = _compose(compose_env, tmp_path, "config", "-q")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "missing", ["BROKER_DOMAIN", "ACME_EMAIL", "REDIS_PASSWORD", "SERVER_SECRET_FILE", "TURN_SECRET_FILE"]
+)
+def test_compose_refuses_to_run_without_a_required_value(
+    missing: str, compose_env: dict[str, str], tmp_path: Path
+) -> None:
+    del compose_env[missing]
+    result = _compose(compose_env, tmp_path, "config", "-q")
+    assert result.returncode != 0
+    assert missing in result.stderr
+
+
+@pytest.fixture
+def compose_config(compose_env: dict[str, str], tmp_path: Path) -> dict[str, Any]:
+    """The compose file as docker-compose resolves it (anchors merged, values interpolated)."""
+    result = _compose(compose_env, tmp_path, "config")
+    assert result.returncode == 0, result.stderr
+    return dict(yaml.safe_load(result.stdout))
+
+
+def test_compose_runs_two_hardened_brokers_on_redis(compose_config: dict[str, Any]) -> None:
+    services = compose_config["services"]
+    assert {"broker1", "broker2", "redis", "coturn", "caddy"} <= set(services)
+    for name in ("broker1", "broker2"):
+        broker = services[name]
+        env = broker["environment"]
+        assert env["BROKER_REDIS_URL"].startswith("redis://") and "@redis:6379" in env["BROKER_REDIS_URL"]
+        assert env["BROKER_PUBLIC_URL"] == "https://video.example.org"
+        assert env["BROKER_SECRET_FILE"].startswith("/run/secrets/")
+        assert env["BROKER_TURN_SECRET_FILE"].startswith("/run/secrets/")
+        assert env["BROKER_TRUST_PROXY"] == "true"
+        assert broker["read_only"] is True
+        assert any(str(entry).startswith("/tmp") for entry in broker["tmpfs"])
+        assert broker["cap_drop"] == ["ALL"]
+        assert "ports" not in broker, "brokers are reached through Caddy only"
+    for service in services.values():
+        assert service.get("read_only") is True
+        assert "no-new-privileges:true" in service.get("security_opt", [])
+
+
+def test_compose_redis_keeps_nothing_on_disk_and_is_private(compose_config: dict[str, Any]) -> None:
+    redis = compose_config["services"]["redis"]
+    command = " ".join(redis["entrypoint"])
+    assert '--save ""' in command and "--appendonly no" in command
+    assert "requirepass" in command
+    assert "ports" not in redis
+    assert redis["networks"] == {"back": None} or list(redis["networks"]) == ["back"]
+    assert compose_config["networks"]["back"].get("internal") is True
+
+
+def test_compose_secrets_come_from_files_outside_the_repository(compose_config: dict[str, Any]) -> None:
+    raw = yaml.safe_load(COMPOSE.read_text())
+    for name, spec in raw["secrets"].items():
+        assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]+\}", spec["file"]), name
+    coturn = compose_config["services"]["coturn"]
+    assert any(entry["source"] == "turn_secret" for entry in coturn["secrets"])
+    assert any("turnserver.conf" in str(volume) for volume in coturn["volumes"])
+
+
+# --------------------------------------------------------------------------- Caddy
+
+
+def test_caddyfile_proxies_to_both_brokers_with_health_checks() -> None:
+    text = CADDYFILE.read_text()
+    assert "{$BROKER_DOMAIN}" in text
+    assert re.search(r"reverse_proxy\s+broker1:8080\s+broker2:8080", text)
+    assert re.search(r"health_uri\s+/healthz", text)
+    assert re.search(r"lb_policy\s+\S+", text)
+    assert not re.search(r"^\s*log\b", text, re.MULTILINE), "no access log: it would record client addresses"
+
+
+def test_caddyfile_is_valid_for_caddy(tmp_path: Path) -> None:
+    assert shutil.which("caddy"), "caddy (Debian package caddy) is required to validate the Caddyfile"
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "XDG_DATA_HOME": str(tmp_path),
+        "XDG_CONFIG_HOME": str(tmp_path),
+        "BROKER_DOMAIN": "video.example.org",
+        "ACME_EMAIL": "admin@example.org",
+    }
+    command = ["caddy", "validate", "--config", str(CADDYFILE), "--adapter", "caddyfile"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "Valid configuration" in result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------- Kubernetes
+
+
+def _k8s_documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def _kustomization() -> dict[str, Any]:
+    return dict(yaml.safe_load((K8S / "kustomization.yaml").read_text()))
+
+
+def _manifest_files() -> list[Path]:
+    return sorted(
+        p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml" and not p.name.endswith(".example.yaml")
+    )
+
+
+@pytest.fixture(scope="module")
+def k8s_objects() -> list[dict[str, Any]]:
+    """Every object the kustomization applies."""
+    return [doc for name in _kustomization()["resources"] for doc in _k8s_documents(K8S / name)]
+
+
+def _generator(name: str) -> dict[str, Any]:
+    (found,) = [g for g in _kustomization()["configMapGenerator"] if g["name"] == name]
+    return dict(found)
+
+
+def _object(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}"
+    return found[0]
+
+
+def _pod_specs(objects: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for obj in objects:
+        if obj["kind"] in {"Deployment", "StatefulSet", "DaemonSet"}:
+            yield obj["metadata"]["name"], obj["spec"]["template"]["spec"]
+
+
+def test_every_kubernetes_yaml_parses_and_has_kind_and_api_version() -> None:
+    files = sorted(K8S.rglob("*.yaml"))
+    assert files
+    for path in files:
+        documents = _k8s_documents(path)
+        assert documents, path
+        for doc in documents:
+            assert doc.get("apiVersion") and doc.get("kind"), path
+
+
+def test_kustomization_lists_exactly_the_manifests_that_exist() -> None:
+    kustomization = _kustomization()
+    listed = kustomization["resources"]
+    assert len(listed) == len(set(listed))
+    assert all((K8S / name).is_file() for name in listed)
+    assert sorted(listed) == sorted(p.name for p in _manifest_files())
+    assert "secret.example.yaml" not in listed
+    for generator in kustomization.get("configMapGenerator", []) + kustomization.get("secretGenerator", []):
+        for entry in generator.get("files", []):
+            assert (K8S / entry.split("=")[-1]).is_file(), entry
+
+
+def test_kustomize_coturn_copies_match_deploy_coturn() -> None:
+    for name in ("turnserver.conf", "entrypoint.sh"):
+        assert (K8S / "coturn" / name).read_bytes() == (DEPLOY / "coturn" / name).read_bytes(), name
+
+
+def test_broker_deployment_replicas_probes_resources_security(k8s_objects: list[dict[str, Any]]) -> None:
+    deployment = _object(k8s_objects, "Deployment", "broker")
+    assert deployment["spec"]["replicas"] >= 2
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    (container,) = pod["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    env = {item["name"]: item for item in container["env"]}
+    assert "BROKER_REDIS_URL" in env
+    literals = dict(x.split("=", 1) for x in _generator("broker-config")["literals"])
+    assert literals["BROKER_TRUST_PROXY"] == "true"
+
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "broker-secrets"
+
+
+def test_every_pod_has_resources_and_a_locked_down_security_context(k8s_objects: list[dict[str, Any]]) -> None:
+    pods = dict(_pod_specs(k8s_objects))
+    assert {"broker", "redis", "coturn"} <= set(pods)
+    for name, pod in pods.items():
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod.get("automountServiceAccountToken") is False, name
+        for container in pod["containers"] + pod.get("initContainers", []):
+            resources = container["resources"]
+            for part in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(resources[part]), (name, part)
+            security = container["securityContext"]
+            assert security["allowPrivilegeEscalation"] is False, name
+            assert security["readOnlyRootFilesystem"] is True, name
+            assert security["capabilities"]["drop"] == ["ALL"], name
+
+
+def test_pdb_hpa_service_and_ingress_point_at_the_broker(k8s_objects: list[dict[str, Any]]) -> None:
+    labels = _object(k8s_objects, "Deployment", "broker")["spec"]["template"]["metadata"]["labels"]
+    pdb = _object(k8s_objects, "PodDisruptionBudget", "broker")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    hpa = _object(k8s_objects, "HorizontalPodAutoscaler", "broker")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "broker"}
+    assert hpa["spec"]["minReplicas"] >= 2
+    service = _object(k8s_objects, "Service", "broker")
+    assert service["spec"]["selector"].items() <= labels.items()
+    ingress = _object(k8s_objects, "Ingress", "broker")
+    annotations = ingress["metadata"]["annotations"]
+    assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
+    assert int(annotations["nginx.ingress.kubernetes.io/proxy-send-timeout"]) >= 3600
+    backends = [
+        path["backend"]["service"]["name"] for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"]
+    ]
+    assert backends == ["broker"]
+
+
+def test_redis_on_kubernetes_keeps_nothing_on_disk(k8s_objects: list[dict[str, Any]]) -> None:
+    pod = dict(_pod_specs(k8s_objects))["redis"]
+    command = " ".join(pod["containers"][0]["command"])
+    assert '--save ""' in command and "--appendonly no" in command
+    assert all("persistentVolumeClaim" not in volume for volume in pod["volumes"])
+
+
+def test_coturn_on_kubernetes_uses_the_production_config(k8s_objects: list[dict[str, Any]]) -> None:
+    pod = dict(_pod_specs(k8s_objects))["coturn"]
+    assert pod["hostNetwork"] is True
+    assert pod["containers"][0]["command"] == ["sh", "/etc/coturn/entrypoint.sh"]
+    assert "coturn/turnserver.conf" in _generator("coturn-files")["files"]
+
+
+def test_secrets_are_referenced_but_not_committed(k8s_objects: list[dict[str, Any]]) -> None:
+    assert not [o for o in k8s_objects if o["kind"] == "Secret"], "real Secrets are created out of band"
+    referenced = set()
+    for _, pod in _pod_specs(k8s_objects):
+        for volume in pod.get("volumes", []):
+            if "secret" in volume:
+                referenced.add(volume["secret"]["secretName"])
+        for container in pod["containers"]:
+            for item in container.get("env", []):
+                ref = item.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    referenced.add(ref["name"])
+    examples = {doc["metadata"]["name"]: doc for doc in _k8s_documents(K8S / "secret.example.yaml")}
+    assert referenced == set(examples)
+    for doc in examples.values():
+        assert all(value.startswith("REPLACE_WITH_") for value in doc["stringData"].values())
+        assert "data" not in doc
+
+
+# --------------------------------------------------------------------------- no secret in the repository
+
+_SECRET_PATTERNS = [
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    re.compile(r"(?<![0-9a-fA-F])[0-9a-fA-F]{32,}(?![0-9a-fA-F])"),
+    re.compile(r"^\s*static-auth-secret\s*=", re.MULTILINE),
+    re.compile(r"^\s*cli-password\s*=", re.MULTILINE),
+    re.compile(r"requirepass\s+[^\s'\"%$]"),
+    re.compile(r"redis://[^:\s]*:(?![$]\{|[$]\()[^@\s]+@"),
+    re.compile(r"(?i)^[ \t]*[A-Z_]*(PASSWORD|SECRET)[ \t]*=[ \t]*[^\s$/#]", re.MULTILINE),
+]
+
+
+def _deployment_texts() -> Iterator[tuple[Path, str]]:
+    for path in sorted(DEPLOY.rglob("*")):
+        if path.is_file():
+            yield path, path.read_text()
+    yield DOCS, DOCS.read_text()
+
+
+def test_no_secret_value_is_committed() -> None:
+    for path, text in _deployment_texts():
+        for pattern in _SECRET_PATTERNS:
+            match = pattern.search(text)
+            assert match is None, (
+                f"{path.relative_to(REPO)}: looks like a secret: {match.group(0)[:40] if match else ''}"
+            )
+
+
+def test_the_secret_patterns_catch_what_they_are_for() -> None:
+    leaked = [
+        "static-auth-secret=hunter2",
+        "requirepass hunter2",
+        "BROKER_REDIS_URL: redis://:hunter2@redis:6379/0",
+        "REDIS_PASSWORD=hunter2",
+        "key: " + "ab" * 16,
+    ]
+    for text in leaked:
+        assert any(p.search(text) for p in _SECRET_PATTERNS), text
+    safe = ["redis://:${REDIS_PASSWORD:?x}@redis:6379/0", "redis://:$(REDIS_PASSWORD)@redis:6379/0", "REDIS_PASSWORD="]
+    for text in safe:
+        assert not any(p.search(text) for p in _SECRET_PATTERNS), text
+
+
+# --------------------------------------------------------------------------- Dockerfile
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    joined = DOCKERFILE.read_text().replace("\\\n", " ")
+    rows = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            rows.append((keyword.upper(), rest.strip()))
+    return rows
+
+
+def test_dockerfile_runs_unprivileged_with_a_python_healthcheck() -> None:
+    rows = _dockerfile_instructions()
+    froms = [rest for keyword, rest in rows if keyword == "FROM"]
+    assert froms and all(rest.startswith("python:3.11-slim") for rest in froms)
+    users = [rest for keyword, rest in rows if keyword == "USER"]
+    assert users and users[-1].split(":")[0] not in {"root", "0"}
+    final_stage = rows[max(i for i, (k, _) in enumerate(rows) if k == "FROM") :]
+    assert any(k == "USER" for k, _ in final_stage)
+    healthcheck = " ".join(rest for keyword, rest in rows if keyword == "HEALTHCHECK")
+    assert "/healthz" in healthcheck and '"python"' in healthcheck and "curl" not in healthcheck
+    assert ("EXPOSE", "8080") in rows
+    assert ("CMD", '["broker", "serve", "--host", "0.0.0.0"]') in rows
+    copied = " ".join(rest for keyword, rest in rows if keyword == "COPY")
+    for source in ("pyproject.toml", "README.md", "broker/", "web/"):
+        assert source in copied
+
+
+def _healthcheck_command() -> list[str]:
+    """The exec-form command of the Dockerfile's HEALTHCHECK."""
+    (rest,) = [rest for keyword, rest in _dockerfile_instructions() if keyword == "HEALTHCHECK"]
+    command = json.loads(rest[rest.index("CMD") + 3 :].strip())
+    assert isinstance(command, list) and all(isinstance(part, str) for part in command)
+    return command
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env.update(extra)
+    return env
+
+
+def test_dockerfile_healthcheck_command_against_a_real_broker(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    command = [sys.executable, "-m", "broker", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--data-dir", str(tmp_path / "data")]
+    broker = subprocess.Popen(command, env=_clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    healthcheck = _healthcheck_command()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            probe = subprocess.run(healthcheck, env=_clean_env(BROKER_PORT=str(port)), timeout=10, check=False)
+            if probe.returncode == 0:
+                break
+            assert broker.poll() is None, "the broker exited"
+            assert time.monotonic() < deadline, "the broker never became healthy"
+            time.sleep(0.2)
+    finally:
+        broker.terminate()
+        broker.wait(timeout=10)
+    after = subprocess.run(
+        healthcheck, env=_clean_env(BROKER_PORT=str(port)), capture_output=True, timeout=10, check=False
+    )
+    assert after.returncode != 0
+
+
+# --------------------------------------------------------------------------- the broker accepts each deployment's settings
+
+
+def _secret_files(tmp_path: Path) -> tuple[Path, Path]:
+    server, turn = tmp_path / "server.secret", tmp_path / "turn.secret"
+    for path in (server, turn):
+        path.write_text(os.urandom(32).hex() + "\n")
+        path.chmod(0o600)
+    return server, turn
+
+
+def _check_broker_settings(env: dict[str, str], tmp_path: Path) -> None:
+    """Point container paths at local stand-ins, then ask the broker's own config check."""
+    server, turn = _secret_files(tmp_path)
+    env = dict(env)
+    env["BROKER_DATA_DIR"] = str(tmp_path / "data")
+    if "BROKER_SECRET_FILE" in env:
+        env["BROKER_SECRET_FILE"] = str(server)
+    if "BROKER_TURN_SECRET_FILE" in env:
+        env["BROKER_TURN_SECRET_FILE"] = str(turn)
+    config = load_config(env)
+    assert check_config(config) == []
+    assert config.trust_proxy is True
+    assert config.base_url.startswith("https://")
+
+
+def test_broker_accepts_the_compose_settings(compose_config: dict[str, Any], tmp_path: Path) -> None:
+    env = {k: str(v) for k, v in compose_config["services"]["broker1"]["environment"].items()}
+    _check_broker_settings(env, tmp_path)
+
+
+def test_broker_accepts_the_kubernetes_settings(k8s_objects: list[dict[str, Any]], tmp_path: Path) -> None:
+    env = dict(x.split("=", 1) for x in _generator("broker-config")["literals"])
+    container = _object(k8s_objects, "Deployment", "broker")["spec"]["template"]["spec"]["containers"][0]
+    values = {"REDIS_PASSWORD": "0123abcd"}
+    for item in container["env"]:
+        value = item.get("value")
+        if value is not None:
+            values[item["name"]] = re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], value)
+    env.update({k: v for k, v in values.items() if k.startswith("BROKER_")})
+    assert env["BROKER_REDIS_URL"] == "redis://:0123abcd@redis:6379/0"
+    _check_broker_settings(env, tmp_path)
+
+
+def test_broker_accepts_the_systemd_settings(tmp_path: Path) -> None:
+    env = dict(entry.split("=", 1) for entry in _unit_keys()["Environment"])
+    env["BROKER_PUBLIC_URL"] = "https://video.example.org"  # from broker.env, which the admin writes
+    _check_broker_settings(env, tmp_path)
+
+
+# --------------------------------------------------------------------------- systemd
+
+
+def _unit_keys() -> dict[str, list[str]]:
+    keys: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";", "[")) and "=" in line:
+            key, _, value = line.partition("=")
+            keys.setdefault(key.strip(), []).append(value.strip())
+    return keys
+
+
+def test_systemd_unit_is_hardened() -> None:
+    keys = _unit_keys()
+    expected = {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "DynamicUser": "yes",
+        "StateDirectory": "teletherapy-broker",
+        "RestrictSUIDSGID": "yes",
+        "LockPersonality": "yes",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectControlGroups": "yes",
+    }
+    for key, value in expected.items():
+        assert keys.get(key) == [value], key
+    assert set(keys["RestrictAddressFamilies"][0].split()) <= {"AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"}
+    assert keys["CapabilityBoundingSet"] == [""]
+    assert "BROKER_HOST=127.0.0.1" in keys["Environment"], "behind a reverse proxy: loopback only"
+    assert "BROKER_TRUST_PROXY=true" in keys["Environment"]
+    assert keys["ExecStart"][0].endswith("broker serve")
+
+
+@pytest.fixture
+def verifiable_unit(tmp_path: Path) -> Path:
+    """The unit with ExecStart pointed at a binary that exists here (verify checks it exists)."""
+    unit = tmp_path / "teletherapy-broker.service"
+    text = UNIT.read_text()
+    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    unit.write_text(text.replace(exec_start, "ExecStart=/bin/true serve"))
+    return unit
+
+
+def test_systemd_unit_verifies_and_scores_well(verifiable_unit: Path) -> None:
+    assert shutil.which("systemd-analyze"), "systemd-analyze (Debian package systemd) is required"
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", str(verifiable_unit)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert verify.returncode == 0, verify.stderr
+    assert verify.stderr.strip() == "", verify.stderr
+    security = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(verifiable_unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    score = re.search(r"Overall exposure level for \S+: ([0-9.]+)", security.stdout)
+    assert score, security.stdout[-500:] + security.stderr
+    assert float(score.group(1)) <= 2.0, "systemd rates this unit's exposure higher than 2.0"
+
+
+# --------------------------------------------------------------------------- coturn
+
+
+def _turn_lines() -> list[tuple[str, str]]:
+    rows = []
+    for line in TURN_CONF.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            rows.append((key.strip(), value.strip()))
+    return rows
+
+
+def _denied_ranges() -> list[tuple[int, int, int]]:
+    """(IP version, first, last) of every denied-peer-ip range, as integers."""
+    ranges: list[tuple[int, int, int]] = []
+    for key, value in _turn_lines():
+        if key == "denied-peer-ip":
+            low, _, high = value.partition("-")
+            first, last = ipaddress.ip_address(low), ipaddress.ip_address(high or low)
+            assert first.version == last.version and int(first) <= int(last), value
+            ranges.append((first.version, int(first), int(last)))
+    return ranges
+
+
+def _network_denied(network: str) -> bool:
+    """True when one denied-peer-ip range covers the whole network."""
+    net = ipaddress.ip_network(network)
+    first, last = int(net[0]), int(net[-1])
+    return any(version == net.version and low <= first and last <= high for version, low, high in _denied_ranges())
+
+
+@pytest.mark.parametrize(
+    "network",
+    [
+        "127.0.0.0/8",  # loopback
+        "10.0.0.0/8",  # RFC 1918
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "169.254.0.0/16",  # link-local
+        "169.254.169.254/32",  # cloud metadata
+        "100.64.0.0/10",  # CGNAT
+        "0.0.0.0/8",
+        "::1/128",  # IPv6 loopback
+        "::ffff:0:0/96",  # IPv4-mapped
+        "fc00::/7",  # unique local
+        "fd00:ec2::254/128",  # cloud metadata over IPv6
+        "fe80::/10",  # link-local
+        "64:ff9b::/96",  # NAT64
+    ],
+)
+def test_coturn_denies_peers_in(network: str) -> None:
+    assert _network_denied(network), network
+
+
+def test_coturn_still_relays_to_public_addresses() -> None:
+    for public in ("8.8.8.8/32", "2a00:1450::1/128", "203.0.114.1/32"):
+        assert not _network_denied(public), public
+
+
+def test_coturn_production_options() -> None:
+    keys = {key for key, _ in _turn_lines()}
+    for option in (
+        "use-auth-secret",
+        "no-cli",
+        "fingerprint",
+        "realm",
+        "no-tcp-relay",
+        "no-multicast-peers",
+        "stale-nonce",
+    ):
+        assert option in keys, option
+    for forbidden in ("allow-loopback-peers", "static-auth-secret", "lt-cred-mech", "no-auth", "user", "cli-password"):
+        assert forbidden not in keys, forbidden
+
+
+def test_coturn_entrypoint_syntax_and_refusal_without_a_secret(tmp_path: Path) -> None:
+    assert subprocess.run(["sh", "-n", str(ENTRYPOINT)], capture_output=True, check=False).returncode == 0
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "TURN_CONFIG": str(TURN_CONF),
+        "TURN_RUNTIME_DIR": str(tmp_path),
+        "TURN_SECRET_FILE": str(tmp_path / "absent"),
+        "TURN_REALM": "turn.example.org",
+    }
+    result = subprocess.run(["sh", str(ENTRYPOINT)], env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 64
+    assert "missing or empty" in result.stderr
+    assert not (tmp_path / "turnserver.conf").exists()
+    env["TURN_REALM"] = "bad realm; rm -rf /"
+    result = subprocess.run(["sh", str(ENTRYPOINT)], env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 64
+    assert "TURN_REALM must be a host name" in result.stderr
+
+
+# --------------------------------------------------------------------------- docs
+
+
+def test_docs_and_env_example_name_every_required_compose_value() -> None:
+    docs, example = DOCS.read_text(), (DEPLOY / "env.example").read_text()
+    for name in _required_compose_vars():
+        assert name in docs, name
+        assert re.search(rf"^{name}=", example, re.MULTILINE), name
+    assert "benchmarks/results.md" in docs
