@@ -1,0 +1,551 @@
+"""Therapist login for the web: pages, JSON API, login sessions, CSRF and throttling.
+
+A login session is a random id in an ``HttpOnly; Secure; SameSite=Strict`` cookie named
+``__Host-broker_login``. The store never holds that id, only an HMAC of it, so a dump of the
+store (or of Redis) cannot be replayed as a cookie. A fresh id is made at every login and every
+change of privilege (finishing second-factor enrolment); an id is never reused or extended past
+its absolute lifetime. Each record carries its own CSRF token.
+
+The ``Secure`` attribute and the ``__Host-`` prefix need a secure origin. Browsers treat
+``http://127.0.0.1`` and ``http://localhost`` as secure (Chromium accepts and sends such cookies
+over plain http there), so the zero-setup loopback install works; anywhere else the broker must
+sit behind TLS, which ``check_config`` already insists on.
+
+Every state-changing request under ``/api/`` needs an allowed ``Origin``; every one except
+``/api/login`` (which has no login session yet) also needs ``X-CSRF-Token`` equal to its login
+session's token. Failed logins answer byte for byte the same whatever was wrong, and growing
+delays and a lockout per login name and per client address (an HMAC, never the address) slow
+guessing down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Annotated
+
+import msgspec
+import segno
+from aiohttp import web
+
+from . import accounts as acc
+from . import totp
+from .accounts import AccountStore
+from .audit import AuditEvent, AuditLog, AuditOutcome
+from .config import Config, Keys
+from .store import Store
+from .throttle import LoginThrottle, address_key
+
+log = logging.getLogger("broker.web_auth")
+
+LOGIN_COOKIE = "__Host-broker_login"
+CSRF_HEADER = "X-CSRF-Token"
+#: Requests sent by timers (list refresh) carry this header so they do not count as activity.
+BACKGROUND_HEADER = "X-Broker-Background"
+ACCOUNTS_FILENAME = "accounts.sqlite3"
+AUDIT_FILENAME = "audit.log"
+
+DEFAULT_IDLE_S = 15 * 60
+DEFAULT_ABSOLUTE_S = 12 * 3600
+DEFAULT_ISSUER = "Teletherapy broker"
+
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_TOKEN_EXEMPT = frozenset({"/api/login"})
+_KEY_PREFIX = "login:"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def accounts_path(config: Config) -> Path:
+    """Where the therapist accounts live: DATA_DIR/accounts.sqlite3."""
+    return Path(config.data_dir) / ACCOUNTS_FILENAME
+
+
+def audit_path(config: Config) -> Path:
+    """Where the audit log lives: DATA_DIR/audit.log (shared by the server and the CLI)."""
+    return Path(config.data_dir) / AUDIT_FILENAME
+
+
+def open_accounts(config: Config, keys: Keys) -> AccountStore:
+    return AccountStore(accounts_path(config), keys.accounts)
+
+
+# ---------------------------------------------------------------- policy knobs
+
+
+@dataclass(frozen=True)
+class LoginPolicy:
+    """Login settings read from the configuration (with defaults until Config has the fields)."""
+
+    idle_s: float = DEFAULT_IDLE_S
+    absolute_s: float = DEFAULT_ABSOLUTE_S
+    require_second_factor: bool = False
+    issuer: str = DEFAULT_ISSUER
+
+    @classmethod
+    def from_config(cls, config: Config) -> LoginPolicy:
+        return cls(
+            idle_s=float(getattr(config, "login_idle_s", DEFAULT_IDLE_S)),
+            absolute_s=float(getattr(config, "login_absolute_s", DEFAULT_ABSOLUTE_S)),
+            require_second_factor=bool(getattr(config, "require_second_factor", False)),
+            issuer=str(getattr(config, "practice_name", "") or DEFAULT_ISSUER),
+        )
+
+
+# ---------------------------------------------------------------- request bodies
+
+_Name = Annotated[str, msgspec.Meta(max_length=256)]
+_Secret = Annotated[str, msgspec.Meta(max_length=1024)]
+_Code = Annotated[str, msgspec.Meta(max_length=64)]
+
+
+class LoginRequest(msgspec.Struct, forbid_unknown_fields=True):
+    username: _Name
+    password: _Secret
+    code: _Code | None = None
+
+
+class ConfirmRequest(msgspec.Struct, forbid_unknown_fields=True):
+    code: _Code
+
+
+class Empty(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+def json_error(status: int, error: str, message: str, **extra: Any) -> web.Response:
+    """The one shape of every API refusal: a stable code and a sentence for people."""
+    headers = {}
+    if "retry_after" in extra:
+        headers["Retry-After"] = str(extra["retry_after"])
+    return web.json_response({"error": error, "message": message, **extra}, status=status, headers=headers)
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+async def read_json(request: web.Request, kind: type[Any]) -> Any:
+    """Decode a JSON body strictly; anything else is a BadRequest with a plain message."""
+    if request.content_type != "application/json":
+        raise BadRequest("Send the request as application/json.")
+    raw = await request.read()
+    try:
+        return msgspec.json.decode(raw or b"{}", type=kind)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"The request is not valid: {exc}") from None
+    except msgspec.DecodeError:
+        raise BadRequest("The request body is not valid JSON.") from None
+
+
+# ---------------------------------------------------------------- login sessions
+
+
+class LoginRecord(msgspec.Struct, forbid_unknown_fields=True):
+    therapist: str
+    csrf: str
+    created: float
+    #: False while the therapist must still enrol a second factor: only the 2FA routes work.
+    full: bool = True
+
+
+@dataclass(frozen=True)
+class LoginSession:
+    """A live login: the cookie value (never stored) and its record."""
+
+    id: str
+    therapist: str
+    csrf: str
+    created: float
+    full: bool
+
+
+class WebAuth:
+    """Login sessions, throttling and the login API; one per application."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        accounts: AccountStore,
+        throttle: LoginThrottle,
+        audit: AuditLog | None,
+        config: Config,
+        keys: Keys,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.accounts = accounts
+        self.throttle = throttle
+        self.audit = audit
+        self.config = config
+        self.policy = LoginPolicy.from_config(config)
+        self.clock = clock
+        self._session_key = keys.derive("login-session")
+        self._address_secret = keys.address
+
+    # ----- store
+
+    def _store_key(self, session_id: str) -> str:
+        digest = hmac.new(self._session_key, session_id.encode("ascii", "replace"), hashlib.sha256).hexdigest()
+        return _KEY_PREFIX + digest[:40]
+
+    def _ttl(self, created: float) -> float:
+        return min(self.policy.idle_s, created + self.policy.absolute_s - self.clock())
+
+    async def create(self, therapist: str, *, full: bool) -> LoginSession:
+        """A brand-new login session with its own id and CSRF token."""
+        session = LoginSession(
+            id=secrets.token_urlsafe(32),
+            therapist=therapist,
+            csrf=secrets.token_urlsafe(32),
+            created=self.clock(),
+            full=full,
+        )
+        await self._write(session)
+        return session
+
+    async def _write(self, session: LoginSession) -> None:
+        record = LoginRecord(session.therapist, session.csrf, session.created, session.full)
+        await self.store.put(self._store_key(session.id), msgspec.json.encode(record), self._ttl(session.created))
+
+    async def load(self, session_id: str | None, *, touch: bool = True) -> LoginSession | None:
+        """The live session for a cookie value; refreshes its idle timer unless ``touch`` is off."""
+        if not session_id or len(session_id) > 128:
+            return None
+        key = self._store_key(session_id)
+        raw = await self.store.get(key)
+        if raw is None:
+            return None
+        try:
+            record = msgspec.json.decode(raw, type=LoginRecord)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            await self.store.update(key, lambda _: (None, None), 1.0)
+            return None
+        if self._ttl(record.created) <= 0:
+            await self.store.update(key, lambda _: (None, None), 1.0)
+            return None
+        session = LoginSession(session_id, record.therapist, record.csrf, record.created, record.full)
+        account = await self.accounts.get(session.therapist)
+        if account is None or account.disabled:
+            await self.destroy(session_id)
+            return None
+        if touch:
+            await self._write(session)
+        return session
+
+    async def destroy(self, session_id: str) -> None:
+        await self.store.update(self._store_key(session_id), lambda _: (None, None), 1.0)
+
+    # ----- requests
+
+    def address(self, request: web.Request) -> str:
+        """Opaque key of the client address (behind a trusted proxy: the last X-Forwarded-For hop)."""
+        ip = request.remote or ""
+        if self.config.trust_proxy:
+            forwarded = request.headers.get("X-Forwarded-For", "")
+            if forwarded:
+                ip = forwarded.split(",")[-1].strip()
+        try:
+            return address_key(self._address_secret, ip)
+        except ValueError:
+            return hmac.new(self._address_secret, b"other:" + ip.encode("utf-8", "replace"), hashlib.sha256).hexdigest()
+
+    async def session_of(self, request: web.Request) -> LoginSession | None:
+        """The request's login session (loaded once per request)."""
+        if "login_session" not in request:
+            touch = request.headers.get(BACKGROUND_HEADER) != "1"
+            request["login_session"] = await self.load(request.cookies.get(LOGIN_COOKIE), touch=touch)
+        session: LoginSession | None = request["login_session"]
+        return session
+
+    def set_cookie(self, response: web.StreamResponse, session: LoginSession) -> None:
+        # A session cookie (no Max-Age): it also ends when the browser closes.
+        response.set_cookie(LOGIN_COOKIE, session.id, path="/", secure=True, httponly=True, samesite="Strict")
+
+    def clear_cookie(self, response: web.StreamResponse) -> None:
+        response.set_cookie(
+            LOGIN_COOKIE, "", path="/", secure=True, httponly=True, samesite="Strict", max_age=0,
+            expires="Thu, 01 Jan 1970 00:00:00 GMT",
+        )  # fmt: skip
+
+    async def record(self, event: AuditEvent, actor: str | None, outcome: AuditOutcome = AuditOutcome.OK) -> None:
+        if self.audit is not None:
+            await self.audit.append(event, actor, None, outcome)
+
+
+AUTH = web.AppKey("web_auth", WebAuth)
+
+
+def auth_of(request: web.Request) -> WebAuth:
+    return request.app[AUTH]
+
+
+class LoginRequired(web.HTTPUnauthorized):
+    """No (full) login session: a JSON 401 that the pages turn into the login screen."""
+
+    def __init__(self) -> None:
+        body = json.dumps({"error": "login_required", "message": "Please log in."})
+        super().__init__(text=body, content_type="application/json")
+
+
+async def require_login(request: web.Request, *, allow_partial: bool = False) -> LoginSession:
+    """The caller's login session, or a 401. Partial sessions (2FA enrolment pending) only if allowed."""
+    session = await auth_of(request).session_of(request)
+    if session is None or (not session.full and not allow_partial):
+        raise LoginRequired()
+    return session
+
+
+def login_required(handler: Handler) -> Handler:
+    """Decorator for API handlers that need a logged-in therapist."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        await require_login(request)
+        return await handler(request)
+
+    wrapped.__name__ = getattr(handler, "__name__", "handler")
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
+
+# ---------------------------------------------------------------- CSRF
+
+
+def csrf_middleware(config: Config) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """Refuse state-changing API requests from other origins or without the session's token."""
+    allowed = frozenset(config.origins)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith("/api/") and request.method not in _SAFE_METHODS:
+            origin = request.headers.get("Origin")
+            if not origin or origin not in allowed:
+                log.info("event=csrf_refused reason=origin")
+                return json_error(403, "forbidden", "This request must come from the broker's own pages.")
+            if request.path not in _TOKEN_EXEMPT:
+                session = await auth_of(request).session_of(request)
+                if session is None:
+                    raise LoginRequired()
+                token = request.headers.get(CSRF_HEADER, "")
+                if not hmac.compare_digest(token.encode("utf-8", "replace"), session.csrf.encode("ascii")):
+                    log.info("event=csrf_refused reason=token")
+                    return json_error(403, "forbidden", "The page is out of date. Reload it and try again.")
+        try:
+            return await handler(request)
+        except BadRequest as exc:
+            return json_error(400, "bad_request", exc.message)
+
+    return middleware
+
+
+# ---------------------------------------------------------------- handlers
+
+
+def web_root() -> Path:
+    from .server import web_root as root
+
+    return root()
+
+
+def html_page(name: str) -> web.FileResponse:
+    return web.FileResponse(web_root() / name, headers={"Content-Type": "text/html; charset=utf-8"})
+
+
+async def login_page(request: web.Request) -> web.StreamResponse:
+    return html_page("login.html")
+
+
+_INVALID = (401, "invalid_credentials", "The login name, password or code is not right.")
+
+
+async def api_login(request: web.Request) -> web.StreamResponse:
+    auth = auth_of(request)
+    body: LoginRequest = await read_json(request, LoginRequest)
+    account = auth.accounts.account_key(body.username)
+    address = auth.address(request)
+    decision = auth.throttle.check(account, address)
+    if decision.locked and await _unlocked_by_admin(auth, body.username):
+        auth.throttle.unlock(account)
+        decision = auth.throttle.check(account, address)
+    if not decision.allowed:
+        return await _throttled(auth, decision.locked, decision.retry_after)
+    code = body.code if body.code and body.code.strip() else None
+    result = await auth.accounts.verify_login(
+        body.username, body.password, code, require_second_factor=auth.policy.require_second_factor
+    )
+    if result.reason == acc.INVALID_CREDENTIALS:
+        auth.throttle.record_failure(account, address)
+        log.info("event=login_failed")
+        await auth.record(AuditEvent.LOGIN_FAILURE, None, AuditOutcome.DENIED)
+        return json_error(*_INVALID)
+    if result.reason == acc.SECOND_FACTOR_REQUIRED:
+        return json_error(401, "second_factor_required", "Enter the code from your authenticator app.")
+    assert result.therapist_id is not None
+    auth.throttle.record_success(account)
+    full = result.reason != acc.SECOND_FACTOR_ENROLMENT_REQUIRED
+    return await _start_session(request, result.therapist_id, full=full, recovery=result.reason == acc.RECOVERY_CODE_USED)
+
+
+async def _unlocked_by_admin(auth: WebAuth, username: str) -> bool:
+    """The durable record is the authority: ``broker therapist unlock`` also lifts this process's lock."""
+    account = await auth.accounts.get_by_username(username)
+    return account is not None and not account.locked
+
+
+async def _throttled(auth: WebAuth, locked: bool, retry_after: float) -> web.Response:
+    if locked:
+        log.info("event=login_locked")
+        await auth.record(AuditEvent.LOGIN_LOCKED, None, AuditOutcome.LOCKED)
+        return json_error(
+            429, "locked", "Too many failed attempts. Ask your practice administrator to unlock the account."
+        )
+    wait = max(1, math.ceil(retry_after))
+    await auth.record(AuditEvent.LOGIN_FAILURE, None, AuditOutcome.THROTTLED)
+    return json_error(
+        429, "too_many_attempts", f"Too many attempts. Wait {wait} seconds and try again.", retry_after=wait
+    )
+
+
+async def _start_session(request: web.Request, therapist: str, *, full: bool, recovery: bool = False) -> web.Response:
+    """A new session id at every login: any session the browser still had is ended first."""
+    auth = auth_of(request)
+    old = request.cookies.get(LOGIN_COOKIE)
+    if old:
+        await auth.destroy(old)
+    session = await auth.create(therapist, full=full)
+    log.info("event=login_ok full=%s", full)
+    if full:
+        await auth.record(AuditEvent.LOGIN_SUCCESS, therapist)
+    if recovery:
+        await auth.record(AuditEvent.RECOVERY_CODE_USED, therapist)
+    body = await _me_body(auth, session)
+    response = web.json_response({"ok": True, **body})
+    auth.set_cookie(response, session)
+    return response
+
+
+async def _me_body(auth: WebAuth, session: LoginSession) -> dict[str, Any]:
+    account = await auth.accounts.get(session.therapist)
+    assert account is not None
+    return {
+        "csrf": session.csrf,
+        "enrolment_required": not session.full,
+        "idle_s": auth.policy.idle_s,
+        "expires": session.created + auth.policy.absolute_s,
+        "therapist": {
+            "id": account.id,
+            "username": account.username,
+            "display_name": account.display_name,
+            "totp_enabled": account.totp_enabled,
+            "recovery_codes_left": account.recovery_codes_left,
+        },
+    }
+
+
+async def api_me(request: web.Request) -> web.Response:
+    session = await require_login(request, allow_partial=True)
+    return web.json_response(await _me_body(auth_of(request), session))
+
+
+async def api_logout(request: web.Request) -> web.Response:
+    auth = auth_of(request)
+    session = await require_login(request, allow_partial=True)
+    await auth.destroy(session.id)
+    log.info("event=logout")
+    await auth.record(AuditEvent.LOGOUT, session.therapist)
+    response = web.json_response({"ok": True})
+    auth.clear_cookie(response)
+    return response
+
+
+async def api_enrol(request: web.Request) -> web.Response:
+    """Start TOTP enrolment: the QR code and URI for the authenticator app (secret not yet active)."""
+    auth = auth_of(request)
+    session = await require_login(request, allow_partial=True)
+    await read_json(request, Empty)
+    account = await auth.accounts.get(session.therapist)
+    assert account is not None
+    if account.totp_enabled:
+        return json_error(
+            409, "already_enrolled", "A second factor is already set up. Your administrator can reset it."
+        )
+    enrolment = await auth.accounts.enable_totp(session.therapist, auth.policy.issuer)
+    return web.json_response(
+        {
+            "qr_svg": enrolment.qr_svg,
+            "qr_data_uri": segno.make(enrolment.uri, error="m").svg_data_uri(scale=5, border=4),
+            "uri": enrolment.uri,
+            "secret": totp.secret_base32(enrolment.secret),
+        }
+    )
+
+
+async def api_confirm(request: web.Request) -> web.Response:
+    """Activate the pending TOTP secret with a first code; the recovery codes are shown this once."""
+    auth = auth_of(request)
+    session = await require_login(request, allow_partial=True)
+    body: ConfirmRequest = await read_json(request, ConfirmRequest)
+    throttle_key = "2fa-confirm:" + session.therapist
+    decision = auth.throttle.check(throttle_key, None)
+    if not decision.allowed:
+        return await _throttled(auth, decision.locked, decision.retry_after)
+    codes = await auth.accounts.confirm_totp(session.therapist, body.code)
+    if codes is None:
+        auth.throttle.record_failure(throttle_key, None)
+        return json_error(400, "invalid_code", "That code did not match. Check the time on your phone and try again.")
+    auth.throttle.record_success(throttle_key)
+    await auth.record(AuditEvent.SECOND_FACTOR_CHANGED, session.therapist)
+    # New privileges, new id: the enrolment-only session ends here.
+    await auth.destroy(session.id)
+    fresh = await auth.create(session.therapist, full=True)
+    if not session.full:
+        await auth.record(AuditEvent.LOGIN_SUCCESS, session.therapist)
+    response = web.json_response({"ok": True, "recovery_codes": codes, **await _me_body(auth, fresh)})
+    auth.set_cookie(response, fresh)
+    return response
+
+
+# ---------------------------------------------------------------- wiring
+
+
+def setup_auth(
+    app: web.Application,
+    *,
+    store: Store,
+    accounts: AccountStore,
+    throttle: LoginThrottle,
+    audit: AuditLog | None,
+    config: Config,
+    keys: Keys,
+    clock: Callable[[], float] = time.time,
+) -> None:
+    """Add the login page, the login API and the CSRF guard to ``app`` (before it starts).
+
+    ``throttle`` and ``accounts`` must lock out after the same number of failures: a login
+    refused by this process's lock is let through again once the durable record says an
+    administrator unlocked the account.
+    """
+    limits = (getattr(throttle, "_lockout_after", None), getattr(accounts, "_lockout_after", None))
+    if None not in limits and limits[0] != limits[1]:
+        raise ValueError("LoginThrottle and AccountStore must use the same lockout_after")
+    app[AUTH] = WebAuth(
+        store=store, accounts=accounts, throttle=throttle, audit=audit, config=config, keys=keys, clock=clock
+    )
+    app.middlewares.append(csrf_middleware(config))
+    app.router.add_get("/login", login_page, name="login")
+    app.router.add_post("/api/login", api_login, name="api_login")
+    app.router.add_post("/api/logout", api_logout, name="api_logout")
+    app.router.add_get("/api/me", api_me, name="api_me")
+    app.router.add_post("/api/2fa/enrol", api_enrol, name="api_2fa_enrol")
+    app.router.add_post("/api/2fa/confirm", api_confirm, name="api_2fa_confirm")
