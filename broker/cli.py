@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = with_data_dir(sub.add_parser("serve", help="run the broker"))
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    serve.add_argument(
+        "--tls", choices=["self-signed"], help="serve HTTPS with a self-signed certificate (LAN trials only)"
+    )
 
     with_data_dir(sub.add_parser("check-config", help="report every configuration problem"))
 
@@ -51,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     join.add_argument("--seconds", type=float, default=20.0, help="how long to stay connected")
     join.add_argument("--admit-all", action="store_true", help="as therapist: admit every client who waits")
     join.add_argument("--media", action="store_true", help="send a test tone and test picture")
+    join.add_argument("--location", help="as client: the location to seal for the therapist (default: a test text)")
+    join.add_argument("--contact", help="as client: the emergency contact to seal (default: a test text)")
     return parser
 
 
@@ -142,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if problems:
                 print("The configuration has problems:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
                 return 2
-            _run(serve(config))
+            _run(serve(config, self_signed_tls=args.tls == "self-signed"))
             return 0
         if args.command == "check-config":
             config = _config(args)
@@ -159,7 +164,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "join":
             from .client import join_from_terminal
 
-            return _run(join_from_terminal(args.link, seconds=args.seconds, admit_all=args.admit_all, media=args.media))
+            details = None
+            if args.location or args.contact:
+                details = {"location": args.location or "", "contact": args.contact or ""}
+            return _run(
+                join_from_terminal(
+                    args.link, seconds=args.seconds, admit_all=args.admit_all, media=args.media, details=details
+                )
+            )
     except ConfigError as exc:
         print(f"Configuration error: {exc}", file=sys.stderr)
         return 2

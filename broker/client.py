@@ -585,7 +585,12 @@ class BrokerClient:
         task.add_done_callback(self._tasks.discard)
 
 
-async def join_from_terminal(link: str, *, seconds: float, admit_all: bool, media: bool) -> int:
+DIAGNOSTIC_DETAILS = {"location": "diagnostic test, not a real location", "contact": "diagnostic test"}
+
+
+async def join_from_terminal(
+    link: str, *, seconds: float, admit_all: bool, media: bool, details: dict[str, str] | None = None
+) -> int:
     """``broker join``: join, pass the checklist, connect, report what happens."""
     client = BrokerClient(link, media=media, agent="broker join")
     try:
@@ -598,7 +603,11 @@ async def join_from_terminal(link: str, *, seconds: float, admit_all: bool, medi
         if joined.role.value == "client":
             report = await client.preflight()
             print(f"Network pre-flight: connected={report.connected} rtt_ms={report.rtt_ms} relayed={report.relayed}")
-            await client.submit_checklist()
+            try:
+                await client.submit_checklist(details=details or DIAGNOSTIC_DETAILS)
+            except BrokerError as exc:
+                print(f"Checklist refused ({exc.code.value}): {exc.error.message}")
+                return 1
             print("Checklist accepted; waiting for the therapist to admit you.")
         loop = asyncio.get_running_loop()
         end_at = loop.time() + seconds

@@ -49,6 +49,13 @@ class Config:
     send_queue_limit: int = 256
     #: Trust X-Forwarded-For from a TLS proxy in front (compose, Kubernetes).
     trust_proxy: bool = False
+    #: The local admin socket; per process when several share one data dir (compose, Kubernetes).
+    admin_socket_path: str = ""
+    #: Require a second factor for every therapist login.
+    require_second_factor: bool = False
+    #: Therapist login: idle and absolute limits in seconds.
+    login_idle_s: int = 15 * 60
+    login_max_s: int = 12 * 3600
     log_level: str = "info"
 
     @property
@@ -75,7 +82,7 @@ class Config:
 
     @property
     def admin_socket(self) -> Path:
-        return self.data_dir / "run" / "admin.sock"
+        return Path(self.admin_socket_path) if self.admin_socket_path else self.data_dir / "run" / "admin.sock"
 
 
 _BOOL_TRUE = {"1", "true", "yes", "on"}
@@ -154,19 +161,30 @@ def check_config(config: Config) -> list[str]:
             problems.append(f"allowed origin {origin!r} must look like https://host[:port] with no path.")
     if config.redis_url and urlsplit(config.redis_url).scheme not in ("redis", "rediss", "unix"):
         problems.append("redis_url must start with redis://, rediss:// or unix://.")
-    if config.turn_urls:
-        for url in config.turn_urls:
-            if not url.split(":", 1)[0] in ("turn", "turns", "stun"):
-                problems.append(f"turn url {url!r} must start with turn:, turns: or stun:.")
-        if not (config.turn_secret or config.turn_secret_file):
-            problems.append("turn_urls is set but neither turn_secret nor turn_secret_file is.")
-    if config.turn_secret_file and not Path(config.turn_secret_file).is_file():
-        problems.append(f"turn_secret_file {config.turn_secret_file} does not exist.")
+    problems += _check_turn(config)
     if config.auth_deadline_s <= 0 or config.heartbeat_s <= 0:
         problems.append("auth_deadline_s and heartbeat_s must be positive.")
     problems += _check_data_dir(config)
     if config.policy_file:
         problems += _check_policy(Path(config.policy_file))
+    return problems
+
+
+def _check_turn(config: Config) -> list[str]:
+    from .turn import TurnConfigError, parse_turn_urls, resolve_turn_secret
+
+    problems = []
+    try:
+        parse_turn_urls(",".join(config.turn_urls))
+    except TurnConfigError as exc:
+        problems.append(f"turn_urls: {exc}")
+    try:
+        secret = resolve_turn_secret(config.turn_secret or None, config.turn_secret_file or None)
+    except (TurnConfigError, OSError) as exc:
+        problems.append(f"turn secret: {exc}")
+        secret = b"unknown"
+    if config.turn_urls and not secret:
+        problems.append("turn_urls is set but neither turn_secret nor turn_secret_file is.")
     return problems
 
 
@@ -261,9 +279,3 @@ class Keys:
         return self.derive("session-record-ed25519")
 
 
-def turn_secret(config: Config) -> str:
-    if config.turn_secret:
-        return config.turn_secret
-    if config.turn_secret_file:
-        return Path(config.turn_secret_file).read_text().strip()
-    return ""

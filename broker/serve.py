@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -21,12 +22,28 @@ log = logging.getLogger("broker.serve")
 SHUTDOWN_GRACE_S = 3.0
 
 
-async def serve(config: Config, *, out: TextIO = sys.stdout, stop: asyncio.Event | None = None) -> None:
+async def serve(
+    config: Config, *, out: TextIO = sys.stdout, stop: asyncio.Event | None = None, self_signed_tls: bool = False
+) -> None:
+    ssl_context = None
+    if self_signed_tls:
+        from .tls import self_signed, server_context
+
+        cert, key, fp = self_signed(config.data_dir / "tls", config.host)
+        ssl_context = server_context(cert, key)
+        print(
+            "TLS: a SELF-SIGNED certificate, for a trial on your own network only — not for production.\n"
+            f"Browsers will warn; before accepting, check the certificate's SHA-256 fingerprint is\n  {fp}",
+            file=out,
+        )
+        if not config.public_url:
+            host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+            config = dataclasses.replace(config, public_url=f"https://{host}:{config.port}")
     broker = await create_broker(config)
     app = build_app(broker)
     runner = web.AppRunner(app, access_log_class=PrivateAccessLogger, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, shutdown_timeout=SHUTDOWN_GRACE_S)
+    site = web.TCPSite(runner, config.host, config.port, shutdown_timeout=SHUTDOWN_GRACE_S, ssl_context=ssl_context)
     await site.start()
     port = site._server.sockets[0].getsockname()[1] if site._server else config.port  # type: ignore[union-attr]
     url = config.base_url if config.port else f"http://{config.host}:{port}"

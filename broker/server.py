@@ -87,7 +87,7 @@ async def create_broker(config: Config, *, store: Store | None = None, bus: Bus 
         limits=limits,
         checklist=PolicyChecklist.from_config(config),
         preflight=preflight,
-        ice_servers=_ice_servers(config),
+        ice_servers=_ice_servers(config, keys),
         audit=audit_hook(audit_log),
         signer=signer,
     )
@@ -121,17 +121,20 @@ async def _backends(config: Config, keys: Keys) -> tuple[Store, Bus]:
     return MemoryStore(), LocalBus()
 
 
-def _ice_servers(config: Config) -> Any:
+def _ice_servers(config: Config, keys: Keys) -> Any:
+    """Short-lived TURN credentials per peer (TURN REST API); never a static password in a page."""
     if not config.turn_urls:
         return None
-    from .config import turn_secret
-    from .turn import turn_credentials
+    from .turn import credential_ttl, opaque_peer_id, resolve_turn_secret, turn_credentials
 
-    secret = turn_secret(config)
+    secret = resolve_turn_secret(config.turn_secret or None, config.turn_secret_file or None)
+    assert secret, "check_config refuses TURN URLs without a secret"
     urls = list(config.turn_urls)
+    user_key = keys.derive("turn-user")
 
-    def servers(peer: str, ttl: int) -> list[dict[str, Any]]:
-        return [turn_credentials(secret, urls, ttl)]
+    def servers(peer: str, remaining_s: int) -> list[dict[str, Any]]:
+        ttl = credential_ttl(remaining_s)
+        return [dict(turn_credentials(secret, urls, ttl, opaque_id=opaque_peer_id(user_key, peer)))]
 
     return servers
 

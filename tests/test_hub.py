@@ -347,3 +347,31 @@ async def test_ending_the_session_leaves_no_key_and_a_signed_record(broker: Runn
     finally:
         await client.close()
         await therapist.close()
+
+
+# ---------------------------------------------------------------- TURN
+
+
+async def test_admitted_peers_get_short_lived_turn_credentials_and_relay_only(tmp_path) -> None:  # noqa: ANN001
+    import base64
+    import hashlib
+    import hmac
+
+    from .conftest import start_broker
+
+    running = await start_broker(tmp_path, turn_urls=("turn:127.0.0.1:3478",), turn_secret="practice-secret")
+    try:
+        session, tokens = await running.hub.create_session(relay_only=True, duration_s=3600)
+        peer = await RawPeer.open(running)
+        joined = await peer.join(tokens[session.therapist().id])
+        await peer.close()
+        assert joined["ice_transport_policy"] == "relay"
+        (server,) = joined["ice_servers"]
+        assert server["urls"] == ["turn:127.0.0.1:3478"]
+        expiry, opaque = server["username"].split(":")
+        assert session.therapist().id not in opaque  # an opaque id, never the peer id or a name
+        assert 0 < int(expiry) - time.time() <= 24 * 3600
+        expected = base64.b64encode(hmac.new(b"practice-secret", server["username"].encode(), hashlib.sha1).digest())
+        assert server["credential"] == expected.decode()
+    finally:
+        await running.stop()

@@ -1,0 +1,314 @@
+"""The Redis bus: a session's messages reach every broker process holding one of its peers.
+
+One sharded pub/sub channel per session (``SSUBSCRIBE``/``SPUBLISH``, Redis 7),
+named with the session's hash tag so it lives on the same shard as the
+session's keys. Per process:
+
+- ``publish`` first delivers to this process's own handlers, synchronously and
+  in call order (no Redis round trip for peers on the same process), then hands
+  the message to one publisher task that sends everything in call order on one
+  connection, so other processes see this process's messages in the same order.
+  A message is sealed (AES-GCM, bound to its channel and sender) and tagged with
+  this process's random id; the listener skips its own.
+- One pub/sub connection with a listener task. A channel is subscribed when its
+  first local handler arrives (waiting for Redis to confirm, so nothing
+  published afterwards is missed) and unsubscribed when the last one goes.
+- When the connection breaks (Redis restarted, failed over, or went silent:
+  a PING every few seconds must be answered), the listener reconnects with
+  backoff and subscribes every channel again. No broker restart is needed.
+  Messages published while Redis was away are not replayed by the bus; the
+  hub's resume buffer covers relayed signaling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import secrets
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+
+from .bus import Envelope, Handler, pack, unpack
+from .store import StoreUnavailable
+from .store_redis import Sealer, StoreCorrupt, unavailable_on_redis_errors
+
+log = logging.getLogger("broker.bus_redis")
+
+#: How long subscribe() waits for Redis to confirm a new subscription.
+CONFIRM_S = 1.0
+#: PING interval on the pub/sub connection; three intervals without any reply mean it is dead.
+KEEPALIVE_S = 5.0
+#: Reconnect backoff: first delay and cap, in seconds (with jitter).
+BACKOFF_FIRST_S = 0.05
+BACKOFF_CAP_S = 2.0
+#: Messages sent to Redis in one pipelined write.
+BATCH = 512
+
+_NODE_ID_BYTES = 8
+
+
+def channel_of(session_id: str) -> bytes:
+    """The session's channel: the same ``{session id}`` hash tag as its keys."""
+    return f"b:{{{session_id}}}".encode()
+
+
+def _session_of(channel: bytes) -> str | None:
+    if channel.startswith(b"b:{") and channel.endswith(b"}"):
+        return channel[3:-1].decode(errors="replace")
+    return None
+
+
+def _aad(channel: bytes, node_id: bytes) -> bytes:
+    return b"bus\x00" + channel + b"\x00" + node_id
+
+
+class RedisBus:
+    """The Bus interface over Redis sharded pub/sub."""
+
+    def __init__(self, client: aioredis.Redis, sealer: Sealer, *, keepalive_s: float = KEEPALIVE_S) -> None:
+        self.redis = client
+        self._sealer = sealer
+        self.keepalive_s = keepalive_s
+        #: This process's random id on the bus; its own messages come back and are skipped.
+        self.node_id = secrets.token_bytes(_NODE_ID_BYTES)
+        self._handlers: dict[str, list[Handler]] = {}
+        self._conn: Any = None  # the pub/sub connection while it is up
+        self._send_lock = asyncio.Lock()
+        self._confirmations: dict[bytes, list[asyncio.Future[None]]] = {}
+        self._outbox: asyncio.Queue[tuple[bytes, bytes, asyncio.Future[None]]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_rx = 0.0
+        #: Set while the pub/sub connection is up with every channel subscribed again.
+        self.connected = asyncio.Event()
+        #: How many times the pub/sub connection was re-established (for tests and metrics).
+        self.reconnects = 0
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._listen(), name="bus-listener"),
+            loop.create_task(self._publish_loop(), name="bus-publisher"),
+            loop.create_task(self._keepalive(), name="bus-keepalive"),
+        ]
+
+    # ------------------------------------------------------------ the Bus interface
+
+    async def subscribe(self, session_id: str, handler: Handler) -> None:
+        """Never fails for want of Redis: the channel is (re)subscribed as soon as Redis answers."""
+        handlers = self._handlers.setdefault(session_id, [])
+        handlers.append(handler)
+        if len(handlers) == 1:
+            await self._subscribe_remote(session_id)
+
+    async def unsubscribe(self, session_id: str, handler: Handler) -> None:
+        handlers = self._handlers.get(session_id)
+        if not handlers or handler not in handlers:
+            return
+        handlers.remove(handler)
+        if handlers:
+            return
+        del self._handlers[session_id]
+        async with self._send_lock:
+            conn = self._conn
+            if conn is None or session_id in self._handlers:
+                return
+            with contextlib.suppress(Exception):
+                await conn.send_command("SUNSUBSCRIBE", channel_of(session_id), check_health=False)
+
+    async def publish(self, session_id: str, envelope: Envelope) -> None:
+        """Deliver locally now, then to the other processes; StoreUnavailable if Redis cannot take it."""
+        for handler in list(self._handlers.get(session_id, ())):
+            handler(envelope)
+        channel = channel_of(session_id)
+        payload = self.node_id + self._sealer.seal(_aad(channel, self.node_id), pack(envelope))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outbox.put_nowait((channel, payload, done))
+        await done
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self._tasks = []
+        await self._drop_connection()
+        while not self._outbox.empty():
+            _, _, done = self._outbox.get_nowait()
+            if not done.done():
+                done.set_exception(StoreUnavailable("closed"))
+        self._handlers.clear()
+
+    def channels(self) -> int:
+        """Sessions with at least one local handler."""
+        return len(self._handlers)
+
+    # ------------------------------------------------------------ subscribing
+
+    async def _subscribe_remote(self, session_id: str) -> None:
+        channel = channel_of(session_id)
+        confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiting = self._confirmations.setdefault(channel, [])
+        waiting.append(confirmed)
+        try:
+            async with self._send_lock:
+                conn = self._conn
+                if conn is None or session_id not in self._handlers:
+                    return  # the listener subscribes every channel when it (re)connects
+                await conn.send_command("SSUBSCRIBE", channel, check_health=False)
+            await asyncio.wait_for(asyncio.shield(confirmed), CONFIRM_S)
+        except Exception as exc:  # a broken connection: the listener reconnects and subscribes again
+            log.info("event=bus_subscribe_deferred error=%s", type(exc).__name__)
+        finally:
+            waiting.remove(confirmed)
+            if not waiting:
+                self._confirmations.pop(channel, None)
+
+    # ------------------------------------------------------------ the listener
+
+    async def _listen(self) -> None:
+        delay = BACKOFF_FIRST_S
+        first = True
+        while True:
+            conn = None
+            try:
+                conn = self.redis.connection_pool.make_connection()
+                await conn.connect()
+                await self._resubscribe(conn)
+                if not first:
+                    self.reconnects += 1
+                    log.info("event=bus_reconnected channels=%d", len(self._handlers))
+                first = False
+                delay = BACKOFF_FIRST_S
+                await self._read(conn)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.connected.is_set() or first:
+                    log.warning("event=bus_disconnected error=%s", type(exc).__name__)
+            finally:
+                self.connected.clear()
+                if self._conn is conn:
+                    self._conn = None
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.disconnect(nowait=True)
+            await asyncio.sleep(delay * (1 + random.random() / 2))
+            delay = min(delay * 2, BACKOFF_CAP_S)
+
+    async def _resubscribe(self, conn: Any) -> None:
+        """Subscribe every channel with a local handler, then make the connection the live one."""
+        async with self._send_lock:
+            channels = [channel_of(s) for s in self._handlers]
+            if channels:
+                await conn.send_packed_command(
+                    conn.pack_commands([("SSUBSCRIBE", c) for c in channels]), check_health=False
+                )
+            self._conn = conn
+            self._last_rx = asyncio.get_running_loop().time()
+        self.connected.set()
+
+    async def _read(self, conn: Any) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            # math.inf: wait for as long as it takes; the keepalive task detects a dead link.
+            # push_request: with RESP3, messages and confirmations arrive as push frames.
+            response = await conn.read_response(timeout=math.inf, push_request=True)
+            self._last_rx = loop.time()
+            self._on_response(response)
+
+    def _on_response(self, response: Any) -> None:
+        if not isinstance(response, list) or len(response) < 2:
+            return
+        kind = response[0]
+        if kind == b"smessage" and len(response) == 3:
+            self._deliver_remote(response[1], response[2])
+        elif kind == b"ssubscribe":
+            for confirmed in self._confirmations.get(response[1], ()):
+                if not confirmed.done():
+                    confirmed.set_result(None)
+        elif kind == b"sunsubscribe":
+            session_id = _session_of(response[1])
+            if session_id is not None and session_id in self._handlers:
+                # Dropped by the server (or a subscribe raced an unsubscribe): subscribe again.
+                asyncio.get_running_loop().create_task(self._subscribe_remote(session_id))
+
+    def _deliver_remote(self, channel: bytes, payload: bytes) -> None:
+        node_id = payload[:_NODE_ID_BYTES]
+        if node_id == self.node_id:
+            return  # delivered locally when it was published
+        session_id = _session_of(channel)
+        handlers = self._handlers.get(session_id or "")
+        if not handlers:
+            return
+        try:
+            envelope = unpack(self._sealer.open(_aad(channel, node_id), payload[_NODE_ID_BYTES:]))
+        except (StoreCorrupt, msgspec.DecodeError, msgspec.ValidationError):
+            log.warning("event=bus_message_rejected")
+            return
+        for handler in list(handlers):
+            try:
+                handler(envelope)
+            except Exception:
+                log.exception("event=bus_handler_failed")
+
+    async def _keepalive(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.keepalive_s)
+            conn = self._conn
+            if conn is None:
+                continue
+            if loop.time() - self._last_rx > 3 * self.keepalive_s:
+                log.warning("event=bus_connection_silent")
+                self._conn = None
+                with contextlib.suppress(Exception):
+                    await conn.disconnect(nowait=True)  # the listener's read fails and it reconnects
+                continue
+            async with self._send_lock:
+                if self._conn is conn:
+                    with contextlib.suppress(Exception):
+                        await conn.send_command("PING", check_health=False)
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+
+    # ------------------------------------------------------------ the publisher
+
+    async def _publish_loop(self) -> None:
+        while True:
+            batch = [await self._outbox.get()]
+            while len(batch) < BATCH and not self._outbox.empty():
+                batch.append(self._outbox.get_nowait())
+            error: BaseException | None = None
+            try:
+                with unavailable_on_redis_errors():
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        for channel, payload, _ in batch:
+                            pipe.execute_command("SPUBLISH", channel, payload)
+                        await pipe.execute()
+            except asyncio.CancelledError:
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(StoreUnavailable("closed"))
+                raise
+            except StoreUnavailable as exc:
+                error = exc
+            except Exception as exc:
+                log.exception("event=bus_publish_failed")
+                error = StoreUnavailable(type(exc).__name__)
+            for _, _, done in batch:
+                if done.done():
+                    continue  # its publisher was cancelled; the message was still sent in order
+                if error is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(StoreUnavailable(str(error)))

@@ -1,0 +1,368 @@
+"""The Redis store: session state shared by every broker process, encrypted at rest.
+
+Same interface as ``broker.store.MemoryStore``, so the hub never knows which it
+runs on. What it adds:
+
+- Every value is sealed with AES-256-GCM before it leaves the process, bound to
+  its key name (associated data), so a Redis dump reveals nothing readable and a
+  value copied to another key no longer opens.
+- Every failure to reach Redis (refused, reset, timed out, still loading, a
+  replica that cannot take writes) becomes ``StoreUnavailable`` within about a
+  second: short socket timeouts and no retry loops, so a join during an outage
+  is answered ``unavailable`` at once instead of hanging.
+- Only the TTLs Redis keeps on every key expire data; no keyspace notifications
+  are used as timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import secrets
+from collections import OrderedDict
+from typing import TYPE_CHECKING, AsyncIterator, Iterator, TypeVar
+
+import redis.asyncio as aioredis
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from redis import exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from .store import Mutation, StoreUnavailable
+
+if TYPE_CHECKING:
+    from .bus_redis import RedisBus
+
+T = TypeVar("T")
+
+log = logging.getLogger("broker.store_redis")
+
+#: Connect, read and write timeout for every Redis call, and the wait for a free pooled connection.
+TIMEOUT_S = 1.0
+#: Pooled connections per process; a burst beyond this waits up to TIMEOUT_S for one.
+MAX_CONNECTIONS = 64
+#: Optimistic update attempts when another process changed the key between WATCH and EXEC.
+UPDATE_ATTEMPTS = 16
+
+#: Error replies that mean "not now" rather than "wrong command".
+_TRANSIENT_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
+
+
+class StoreCorrupt(Exception):
+    """A stored value failed authentication: it was altered, or moved from another key."""
+
+
+# ---------------------------------------------------------------- sealing
+
+
+class Sealer:
+    """AES-256-GCM sealing of values bound to where they belong (their associated data).
+
+    Each process seals under its own sub-key, derived from the configured key and
+    a random 16-byte epoch carried in every blob (and renewed after 2**24 seals),
+    so the random 96-bit nonces stay far below GCM's collision bound however many
+    values all processes write over the key's lifetime. Any process holding the
+    configured key opens any blob.
+    """
+
+    VERSION = 1
+    _EPOCH = 16
+    _NONCE = 12
+    _HEADER = 1 + _EPOCH + _NONCE
+    _ROTATE_AFTER = 1 << 24
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != 32:
+            raise ValueError("the store key must be 32 bytes")
+        self._key = key
+        self._ciphers: OrderedDict[bytes, AESGCM] = OrderedDict()
+        self._epoch = b""
+        self._cipher: AESGCM | None = None
+        self._sealed = 0
+        self._new_epoch()
+
+    def _new_epoch(self) -> None:
+        self._epoch = secrets.token_bytes(self._EPOCH)
+        self._cipher = self._cipher_for(self._epoch)
+        self._sealed = 0
+
+    def _cipher_for(self, epoch: bytes) -> AESGCM:
+        cipher = self._ciphers.get(epoch)
+        if cipher is not None:
+            self._ciphers.move_to_end(epoch)
+            return cipher
+        sub_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=epoch, info=b"broker redis seal v1").derive(self._key)
+        cipher = AESGCM(sub_key)
+        self._ciphers[epoch] = cipher
+        if len(self._ciphers) > 256:
+            self._ciphers.popitem(last=False)
+        return cipher
+
+    def seal(self, aad: bytes, plaintext: bytes) -> bytes:
+        if self._sealed >= self._ROTATE_AFTER:
+            self._new_epoch()
+        self._sealed += 1
+        assert self._cipher is not None
+        nonce = os.urandom(self._NONCE)
+        return bytes([self.VERSION]) + self._epoch + nonce + self._cipher.encrypt(nonce, plaintext, aad)
+
+    def open(self, aad: bytes, blob: bytes) -> bytes:
+        if len(blob) < self._HEADER + 16 or blob[0] != self.VERSION:
+            raise StoreCorrupt("not a sealed value")
+        epoch, nonce = blob[1 : 1 + self._EPOCH], blob[1 + self._EPOCH : self._HEADER]
+        try:
+            return self._cipher_for(epoch).decrypt(nonce, blob[self._HEADER :], aad)
+        except InvalidTag:
+            raise StoreCorrupt("a stored value failed authentication") from None
+
+
+def _value_aad(key: str) -> bytes:
+    return b"value\x00" + key.encode()
+
+
+def _log_aad(key: str) -> bytes:
+    return b"log\x00" + key.encode()
+
+
+# ---------------------------------------------------------------- errors
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether an exception means Redis cannot be reached (now), as opposed to a bug."""
+    if isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError, asyncio.TimeoutError)):
+        return True
+    if isinstance(exc, redis_errors.ResponseError):
+        return str(exc).startswith(_TRANSIENT_REPLIES)
+    return False
+
+
+@contextlib.contextmanager
+def unavailable_on_redis_errors() -> Iterator[None]:
+    """Turn every way of failing to reach Redis into StoreUnavailable (without the details)."""
+    try:
+        yield
+    except StoreUnavailable:
+        raise
+    except Exception as exc:
+        if is_unavailable(exc):
+            raise StoreUnavailable(type(exc).__name__) from None
+        raise
+
+
+# ---------------------------------------------------------------- scripts
+
+# Capped log in ONE list key: each entry is "<seq>:<sealed value>". The next
+# sequence number follows the newest entry, which LTRIM never drops, so no
+# separate counter key is needed and deleting the log key deletes everything.
+_APPEND = """
+local last = redis.call('LINDEX', KEYS[1], -1)
+local seq = 1
+if last then
+  seq = tonumber(string.match(last, '^(%d+):')) + 1
+end
+redis.call('RPUSH', KEYS[1], string.format('%d:', seq) .. ARGV[1])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return seq
+"""
+
+# Fixed-window counter: the window starts with the first event.
+_INCR_WINDOW = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 or redis.call('PTTL', KEYS[1]) == -1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return n
+"""
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a literal inside a Redis MATCH pattern."""
+    return "".join("\\" + c if c in "\\*?[]" else c for c in text)
+
+
+class _KeyLocks:
+    """One asyncio lock per key, so updates of one key inside a process queue instead of colliding."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        entry = self._locks.get(key)
+        if entry is None:
+            entry = self._locks[key] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._locks[key]
+
+
+# ---------------------------------------------------------------- the store
+
+
+class RedisStore:
+    """The Store interface over Redis; values sealed with ``Sealer``."""
+
+    def __init__(self, client: aioredis.Redis, sealer: Sealer) -> None:
+        self.redis = client
+        self._sealer = sealer
+        self._append = client.register_script(_APPEND)
+        self._incr_window = client.register_script(_INCR_WINDOW)
+        self._locks = _KeyLocks()
+
+    async def get(self, key: str) -> bytes | None:
+        with unavailable_on_redis_errors():
+            try:
+                raw = await self.redis.get(key)
+            except redis_errors.ResponseError as exc:
+                if str(exc).startswith("WRONGTYPE"):
+                    return None  # a capped log, which get() does not read (as in MemoryStore)
+                raise
+        return None if raw is None else self._sealer.open(_value_aad(key), raw)
+
+    async def put(self, key: str, value: bytes, ttl_s: float) -> None:
+        sealed = self._sealer.seal(_value_aad(key), value)
+        with unavailable_on_redis_errors():
+            await self.redis.set(key, sealed, px=_ms(ttl_s))
+
+    async def update(self, key: str, mutate: Mutation[T], ttl_s: float) -> T:
+        """WATCH, GET, mutate, MULTI/SET/EXEC; another process's write in between means try again.
+
+        Updates of one key from this process wait for each other (a local lock),
+        so only updates from other processes can collide.
+        """
+        async with self._locks.hold(key):
+            for attempt in range(UPDATE_ATTEMPTS):
+                done, result = await self._try_update(key, mutate, ttl_s)
+                if done:
+                    return result  # type: ignore[return-value]
+                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
+        log.warning("event=store_update_contention attempts=%d", UPDATE_ATTEMPTS)
+        raise StoreUnavailable("contention")
+
+    async def _try_update(self, key: str, mutate: Mutation[T], ttl_s: float) -> tuple[bool, T | None]:
+        aad = _value_aad(key)
+        with unavailable_on_redis_errors():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                await pipe.watch(key)
+                raw = await pipe.get(key)
+                current = None if raw is None else self._sealer.open(aad, raw)
+                # If mutate raises, the pipeline is reset (UNWATCH) and nothing is written.
+                new, result = mutate(current)
+                pipe.multi()
+                if new is None:
+                    pipe.unlink(key)
+                else:
+                    pipe.set(key, self._sealer.seal(aad, new), px=_ms(ttl_s))
+                try:
+                    await pipe.execute()
+                except redis_errors.WatchError:
+                    return False, None
+                return True, result
+
+    async def delete_prefix(self, prefix: str) -> int:
+        removed = 0
+        with unavailable_on_redis_errors():
+            batch: list[bytes] = []
+            async for name in self.redis.scan_iter(match=glob_escape(prefix) + "*", count=500):
+                batch.append(name)
+                if len(batch) >= 500:
+                    removed += int(await self.redis.unlink(*batch))
+                    batch = []
+            if batch:
+                removed += int(await self.redis.unlink(*batch))
+        return removed
+
+    async def keys(self, prefix: str) -> list[str]:
+        with unavailable_on_redis_errors():
+            names = [name async for name in self.redis.scan_iter(match=glob_escape(prefix) + "*", count=500)]
+        return sorted({n.decode() for n in names})
+
+    async def incr_window(self, key: str, window_s: float) -> int:
+        """Counters are plain integers in Redis (nothing about a person) and only read through here."""
+        with unavailable_on_redis_errors():
+            return int(await self._incr_window(keys=[key], args=[_ms(window_s)]))
+
+    async def append(self, key: str, value: bytes, maxlen: int, ttl_s: float) -> int:
+        if maxlen < 1:
+            raise ValueError("maxlen must be at least 1")
+        sealed = self._sealer.seal(_log_aad(key), value)
+        with unavailable_on_redis_errors():
+            return int(await self._append(keys=[key], args=[sealed, maxlen, _ms(ttl_s)]))
+
+    async def read_since(self, key: str, seq: int) -> list[tuple[int, bytes]]:
+        with unavailable_on_redis_errors():
+            entries = await self.redis.lrange(key, 0, -1)
+        aad = _log_aad(key)
+        out: list[tuple[int, bytes]] = []
+        for entry in entries:
+            number, sep, sealed = entry.partition(b":")
+            if not sep or not number.isdigit():
+                raise StoreCorrupt("a log entry has no sequence number")
+            n = int(number)
+            if n > seq:
+                out.append((n, self._sealer.open(aad, sealed)))
+        return out
+
+    async def ping(self) -> bool:
+        """True when Redis answers within TIMEOUT_S; never raises."""
+        try:
+            return bool(await asyncio.wait_for(self.redis.ping(), TIMEOUT_S))
+        except Exception:
+            return False
+
+    async def close(self) -> None:
+        await self.redis.aclose(close_connection_pool=True)
+
+
+# ---------------------------------------------------------------- wiring
+
+
+def redis_client(url: str) -> aioredis.Redis:
+    """A client whose every call fails within about TIMEOUT_S when Redis is away."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=TIMEOUT_S,
+        socket_timeout=TIMEOUT_S,
+        socket_connect_timeout=TIMEOUT_S,
+        socket_keepalive=True,
+        # No hidden retry loop: a failure is reported at once; pooled connections
+        # that died while idle are replaced when they are taken from the pool.
+        retry=Retry(NoBackoff(), 0),
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+async def connect_redis(url: str, key: bytes) -> tuple[RedisStore, RedisBus]:
+    """The store and bus of one broker process on the Redis at ``url``, sealing with ``key`` (32 bytes).
+
+    Does not fail when Redis is down at start: /readyz reports it, and both
+    come up by themselves once Redis answers.
+    """
+    from .bus_redis import RedisBus
+
+    client = redis_client(url)
+    sealer = Sealer(key)
+    store = RedisStore(client, sealer)
+    bus = RedisBus(client, sealer)
+    bus.start()
+    if not await store.ping():
+        log.warning("event=redis_unreachable_at_start")
+    return store, bus

@@ -1,0 +1,270 @@
+"""The ``broker`` command as a practice admin uses it: real processes, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import AsyncIterator, Iterator
+
+import aiohttp
+import pytest
+
+from broker.client import BrokerClient
+from broker.protocol import SeatState, WaitingRoom
+
+from .conftest import free_port
+
+BROKER = [sys.executable, "-m", "broker"]
+
+
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*BROKER, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+class Served:
+    def __init__(self, data_dir: Path, port: int, process: subprocess.Popen[str], banner: str) -> None:
+        self.data_dir, self.port, self.process, self.banner = data_dir, port, process, banner
+        self.url = f"http://127.0.0.1:{port}"
+
+
+def start_serve(data_dir: Path, env: dict[str, str] | None = None, *extra: str) -> Served:
+    port = free_port()
+    process = subprocess.Popen(
+        [*BROKER, "serve", "--data-dir", str(data_dir), "--port", str(port), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    assert process.stdout is not None
+    banner = ""
+    deadline = time.monotonic() + 30
+    while "broker session create" not in banner:
+        line = process.stdout.readline()
+        if not line or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("broker serve did not start:\n" + banner)
+        banner += line
+    # Keep draining output so the process never blocks on a full pipe.
+    import threading
+
+    threading.Thread(target=process.stdout.read, daemon=True).start()
+    return Served(data_dir, port, process, banner)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    server = start_serve(tmp_path_factory.mktemp("cli-data"))
+    yield server
+    server.process.terminate()
+    server.process.wait(10)
+
+
+def test_serve_prints_where_to_go_and_how_to_start(served: Served) -> None:
+    assert f"127.0.0.1:{served.port}" in served.banner
+    assert "broker session create" in served.banner
+    secret = served.data_dir / "server.secret"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+
+
+def test_session_create_works_while_serving_and_its_links_open(served: Served) -> None:
+    result = run("session", "create", "--data-dir", str(served.data_dir), "--seats", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    created = json.loads(result.stdout)
+    links = [seat["link"] for seat in created["seats"]]
+    assert len(links) == 3
+    assert all(link.startswith(served.url) and "#" in link for link in links)
+    keys = {link.split("#")[1] for link in links}
+    assert len(keys) == 1 and len(keys.pop()) == 43  # one 256-bit link key per session
+
+    async def fetch() -> list[int]:
+        async with aiohttp.ClientSession() as http:
+            statuses = []
+            for link in links:
+                async with http.get(link.split("#")[0]) as response:
+                    statuses.append(response.status)
+            return statuses
+
+    assert asyncio.run(fetch()) == [200, 200, 200]
+
+
+def test_session_create_text_output_names_each_link(served: Served) -> None:
+    result = run("session", "create", "--data-dir", str(served.data_dir), "--starts", "2030-01-01T09:00+00:00")
+    assert result.returncode == 0, result.stderr
+    assert "Client link" in result.stdout and "Therapist link" in result.stdout
+    assert f"{served.url}/j/" in result.stdout and f"{served.url}/t/" in result.stdout
+
+
+def test_revoke_makes_a_link_stop_working(served: Served) -> None:
+    created = json.loads(run("session", "create", "--data-dir", str(served.data_dir), "--json").stdout)
+    client = next(s for s in created["seats"] if s["role"] == "client")
+    result = run("session", "revoke", created["session"], client["peer"], "--data-dir", str(served.data_dir))
+    assert result.returncode == 0, result.stderr
+
+    async def status() -> int:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(client["link"].split("#")[0]) as response:
+                return response.status
+
+    assert asyncio.run(status()) == 404
+
+
+def test_session_create_without_a_running_broker_says_what_to_do(tmp_path: Path) -> None:
+    result = run("session", "create", "--data-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "No broker is running" in result.stderr and "broker serve" in result.stderr
+
+
+def test_bad_session_requests_are_refused_clearly(served: Served) -> None:
+    result = run("session", "create", "--data-dir", str(served.data_dir), "--seats", "40")
+    assert result.returncode == 1 and "client seats" in result.stderr
+    result = run("session", "create", "--data-dir", str(served.data_dir), "--starts", "tomorrow-ish")
+    assert result.returncode != 0 and "ISO 8601" in result.stderr
+
+
+def test_join_from_a_terminal_reports_the_connection(served: Served) -> None:
+    created = json.loads(run("session", "create", "--data-dir", str(served.data_dir), "--json").stdout)
+    therapist_link = next(s["link"] for s in created["seats"] if s["role"] == "therapist")
+    client_link = next(s["link"] for s in created["seats"] if s["role"] == "client")
+
+    async def scenario() -> str:
+        therapist = BrokerClient(therapist_link)
+        await therapist.connect()
+        process = await asyncio.create_subprocess_exec(
+            *BROKER, "join", client_link, "--seconds", "12", stdout=asyncio.subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        try:
+            room = await therapist.expect(
+                WaitingRoom, where=lambda m: m.seats and m.seats[0].state is SeatState.WAITING, timeout=20
+            )
+            await therapist.admit(room.seats[0].peer)
+            await therapist.wait_connected(room.seats[0].peer, timeout=20)
+            code = therapist.safety_code(room.seats[0].peer)
+            assert process.stdout is not None
+            seen = ""
+            while "safety code" not in seen:  # the terminal reports the connection, then we end
+                line = await asyncio.wait_for(process.stdout.readline(), 20)
+                assert line, seen
+                seen += line.decode()
+            await therapist.end()
+            out, _ = await asyncio.wait_for(process.communicate(), 30)
+            return seen + out.decode() + f"\nTHERAPIST CODE {code}"
+        finally:
+            if process.returncode is None:
+                process.kill()
+            await therapist.close()
+
+    output = asyncio.run(scenario())
+    assert "Network pre-flight: connected=True" in output
+    assert "Checklist accepted" in output
+    code = output.rsplit("THERAPIST CODE ", 1)[1].strip()
+    assert f"safety code {code}" in output  # the same code on both sides
+    assert "Session over" in output
+
+
+def test_check_config_passes_a_good_configuration(tmp_path: Path) -> None:
+    result = run("check-config", "--data-dir", str(tmp_path))
+    assert result.returncode == 0 and "Configuration OK" in result.stdout
+
+
+def test_check_config_reports_every_problem(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[[item]]\nid = "x"\nkind = "telepathy"\n')
+    env = {
+        **os.environ,
+        "BROKER_PORT": "99999",
+        "BROKER_PUBLIC_URL": "http://therapy.example",
+        "BROKER_TURN_URLS": "turn:turn.example:3478",
+        "BROKER_POLICY_FILE": str(policy),
+    }
+    result = run("check-config", "--data-dir", str(tmp_path), env=env)
+    assert result.returncode == 1
+    for words in ("port 99999", "plain http", "turn_secret", "checklist policy", "telepathy"):
+        assert words in result.stderr, words
+
+
+def test_check_config_names_an_unknown_key_and_a_bad_value(tmp_path: Path) -> None:
+    config = tmp_path / "broker.toml"
+    config.write_text("prot = 80\n")
+    result = run("check-config", env={**os.environ, "BROKER_CONFIG": str(config)})
+    assert result.returncode == 2 and "Unknown configuration key 'prot'" in result.stderr
+    result = run("check-config", env={**os.environ, "BROKER_PORT": "eighty"})
+    assert result.returncode == 2 and "'port' has an invalid value" in result.stderr
+
+
+def test_a_secret_readable_by_others_is_reported(tmp_path: Path) -> None:
+    secret = tmp_path / "server.secret"
+    secret.write_text("ab" * 32)
+    secret.chmod(0o644)
+    result = run("check-config", "--data-dir", str(tmp_path))
+    assert result.returncode == 1 and "chmod 600" in result.stderr
+
+
+def test_console_script_and_module_are_the_same_command() -> None:
+    script = subprocess.run(["broker", "--help"], capture_output=True, text=True, timeout=30)
+    module = run("--help")
+    assert script.returncode == module.returncode == 0
+    assert "session" in script.stdout and script.stdout.split("\n", 1)[1] == module.stdout.split("\n", 1)[1]
+
+
+def test_sigterm_tells_peers_to_reconnect_and_exits_quickly(tmp_path: Path) -> None:
+    server = start_serve(tmp_path)
+    created = json.loads(run("session", "create", "--data-dir", str(tmp_path), "--json").stdout)
+    therapist_link = next(s["link"] for s in created["seats"] if s["role"] == "therapist")
+
+    async def scenario() -> float:
+        from broker.protocol import Reconnect
+
+        therapist = BrokerClient(therapist_link, reconnect=False)
+        await therapist.connect()
+        began = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        await therapist.expect(Reconnect, timeout=10)
+        await therapist.close()
+        await asyncio.to_thread(server.process.wait, 10)
+        return time.monotonic() - began
+
+    elapsed = asyncio.run(scenario())
+    assert server.process.returncode == 0
+    assert elapsed < 10
+    assert not (tmp_path / "run" / "admin.sock").exists()
+
+
+def test_self_signed_tls_for_a_lan_trial(tmp_path: Path) -> None:
+    import ssl
+
+    server = start_serve(tmp_path, None, "--tls", "self-signed")
+    try:
+        assert "not for production" in server.banner and "SHA-256" in server.banner
+        printed = server.banner.split("fingerprint is\n", 1)[1].split()[0]
+        pem = ssl.get_server_certificate(("127.0.0.1", server.port))
+        import hashlib
+
+        der = ssl.PEM_cert_to_DER_cert(pem)
+        digest = hashlib.sha256(der).hexdigest().upper()
+        assert printed == ":".join(digest[i : i + 2] for i in range(0, 64, 2))
+
+        async def get() -> tuple[int, str]:
+            context = ssl.create_default_context(cafile=str(tmp_path / "tls" / "self-signed.crt"))
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"https://127.0.0.1:{server.port}/healthz", ssl=context) as response:
+                    return response.status, response.headers.get("Strict-Transport-Security", "")
+
+        status, hsts = asyncio.run(get())
+        assert status == 200 and "max-age" in hsts
+        assert stat.S_IMODE((tmp_path / "tls" / "self-signed.key").stat().st_mode) == 0o600
+    finally:
+        server.process.terminate()
+        server.process.wait(10)
+
+
+@pytest.fixture
+async def _unused() -> AsyncIterator[None]:  # keeps pytest-asyncio's loop scope consistent for sync tests
+    yield
