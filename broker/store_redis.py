@@ -51,6 +51,7 @@ MAX_CONNECTIONS = 64
 UPDATE_ATTEMPTS = 16
 
 #: Error replies that mean "not now" rather than "wrong command".
+_WATCHED_KEY_CHANGED = "Watched variable changed"
 _TRANSIENT_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
 
 
@@ -257,24 +258,32 @@ class RedisStore:
         raise StoreUnavailable("contention")
 
     async def _try_update(self, key: str, mutate: Mutation[T], ttl_s: float) -> tuple[bool, T | None]:
+        """One optimistic attempt: (True, result) when written, (False, None) when another write came first."""
         aad = _value_aad(key)
-        with unavailable_on_redis_errors():
-            async with self.redis.pipeline(transaction=True) as pipe:
+        pipe = self.redis.pipeline(transaction=True)
+        try:
+            with unavailable_on_redis_errors():
                 await pipe.watch(key)
                 raw = await pipe.get(key)
-                current = None if raw is None else self._sealer.open(aad, raw)
-                # If mutate raises, the pipeline is reset (UNWATCH) and nothing is written.
-                new, result = mutate(current)
-                pipe.multi()
-                if new is None:
-                    pipe.unlink(key)
-                else:
-                    pipe.set(key, self._sealer.seal(aad, new), px=_ms(ttl_s))
-                try:
-                    await pipe.execute()
-                except redis_errors.WatchError:
-                    return False, None
-                return True, result
+            current = None if raw is None else self._sealer.open(aad, raw)
+            # If mutate raises, nothing was queued: the reset below UNWATCHes and nothing is written.
+            new, result = mutate(current)
+            pipe.multi()
+            if new is None:
+                pipe.unlink(key)
+            else:
+                pipe.set(key, self._sealer.seal(aad, new), px=_ms(ttl_s))
+            with unavailable_on_redis_errors():
+                await pipe.execute()
+            return True, result
+        except redis_errors.WatchError as exc:
+            if str(exc).startswith(_WATCHED_KEY_CHANGED):
+                return False, None
+            # redis-py reports a connection lost while watching as a WatchError too.
+            raise StoreUnavailable("ConnectionError") from None
+        finally:
+            with contextlib.suppress(Exception):
+                await pipe.reset()
 
     async def delete_prefix(self, prefix: str) -> int:
         removed = 0
