@@ -188,6 +188,7 @@ class BrokerClient:
         self._connected = asyncio.Event()
         self._pending_candidates: dict[str, list[Candidate]] = {}
         self.token = self.link.token
+        self._offers_to: dict[str, bool] = {}
         #: Highest relayed ``seq`` received, and what sequence checks found.
         self.last_seq = 0
         self.duplicates = 0
@@ -407,6 +408,10 @@ class BrokerClient:
     def safety_code(self, peer: str) -> str | None:
         return self.links[peer].safety_code(self.session_id)
 
+    async def renegotiate(self, peer: str) -> None:
+        """Ask the offerer of this pair for a fresh offer (an ICE restart, or a new connection)."""
+        await self._send(Renegotiate(to=peer))
+
     # ------------------------------------------------------------ incoming
 
     async def _on_message(self, message: ServerMessage) -> None:
@@ -430,10 +435,12 @@ class BrokerClient:
         elif isinstance(message, Candidate):
             await self._on_candidate(message)
         elif isinstance(message, Renegotiate):
-            link = self.links.get(message.from_ or "")
-            if link is not None and link.offerer:
-                await self._close_link(link)
-                self._spawn(self._start_offer(link.peer))
+            peer = message.from_ or ""
+            if self._offers_to.get(peer):
+                link = self.links.get(peer)
+                if link is not None:
+                    await self._close_link(link)
+                self._spawn(self._start_offer(peer))
         elif isinstance(message, Reconnect):
             if self._ws is not None:
                 await self._ws.close()
@@ -448,6 +455,7 @@ class BrokerClient:
 
     async def _on_peers(self, message: Peers) -> None:
         wanted = {p.peer: p for p in message.peers}
+        self._offers_to = {p.peer: p.you_offer for p in message.peers}
         for peer, link in list(self.links.items()):
             if peer not in wanted:
                 await self._close_link(link)
