@@ -1,0 +1,346 @@
+"""The bus contract on LocalBus and RedisBus, and what only the Redis bus must do between processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as aioredis
+
+from broker.bus import Bus, Envelope, LocalBus
+from broker.bus_redis import RedisBus, channel_of
+from broker.store import StoreUnavailable
+from broker.store_redis import RedisStore, Sealer, connect_redis, redis_client
+
+from .redis_server import RedisServer, free_port, redis_server  # noqa: F401 - the fixture
+
+KEY = bytes(range(32, 64))
+
+
+@dataclass
+class Node:
+    """One broker process's bus (and, for Redis, its store)."""
+
+    bus: Bus
+    store: RedisStore | None = None
+
+    async def close(self) -> None:
+        await self.bus.close()
+        if self.store is not None:
+            await self.store.close()
+
+
+async def redis_node(url: str, key: bytes = KEY) -> Node:
+    store, bus = await connect_redis(url, key)
+    return Node(bus, store)
+
+
+@dataclass
+class Inbox:
+    """A handler that records what it gets."""
+
+    got: list[Envelope] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __call__(self, envelope: Envelope) -> None:
+        self.got.append(envelope)
+        self.arrived.set()
+
+    @property
+    def data(self) -> list[bytes]:
+        return [e.data for e in self.got]
+
+    async def wait_for(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
+        async def loop() -> None:
+            while not condition():
+                self.arrived.clear()
+                await self.arrived.wait()
+
+        await asyncio.wait_for(loop(), timeout)
+
+
+def envelope(data: bytes, to_peer: str | None = "p1") -> Envelope:
+    return Envelope(to_peer, None, data)
+
+
+def new_session() -> str:
+    return secrets.token_hex(8)
+
+
+@pytest.fixture(params=["local", "redis"])
+async def node(request: pytest.FixtureRequest) -> AsyncIterator[Node]:
+    if request.param == "local":
+        made = Node(LocalBus())
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        server.ensure_running()
+        made = await redis_node(server.url)
+    yield made
+    await made.close()
+
+
+@pytest.fixture
+async def pair(redis_server: RedisServer) -> AsyncIterator[tuple[RedisBus, RedisBus]]:  # noqa: F811
+    """Two broker processes' buses on one Redis."""
+    redis_server.ensure_running()
+    a, b = await redis_node(redis_server.url), await redis_node(redis_server.url)
+    assert isinstance(a.bus, RedisBus) and isinstance(b.bus, RedisBus)
+    await asyncio.wait_for(asyncio.gather(a.bus.connected.wait(), b.bus.connected.wait()), 10)
+    yield a.bus, b.bus
+    await a.close()
+    await b.close()
+
+
+# ---------------------------------------------------------------- contract (both buses)
+
+
+async def test_publish_reaches_every_handler_of_the_session_in_order(node: Node) -> None:
+    sid, other = new_session(), new_session()
+    first, second, elsewhere = Inbox(), Inbox(), Inbox()
+    await node.bus.subscribe(sid, first)
+    await node.bus.subscribe(sid, second)
+    await node.bus.subscribe(other, elsewhere)
+    for i in range(100):
+        await node.bus.publish(sid, envelope(b"m%d" % i))
+    expected = [b"m%d" % i for i in range(100)]
+    assert first.data == expected and second.data == expected
+    assert elsewhere.got == []
+
+
+async def test_local_delivery_happens_within_publish(node: Node) -> None:
+    sid = new_session()
+    inbox = Inbox()
+    await node.bus.subscribe(sid, inbox)
+    sent = Envelope(None, "conn-1", b"x", close=4001)
+    await node.bus.publish(sid, sent)
+    assert inbox.got == [sent]  # delivered as published, fields intact, before publish returned
+
+
+async def test_unsubscribed_handlers_get_nothing_more(node: Node) -> None:
+    sid = new_session()
+    stays, goes = Inbox(), Inbox()
+    await node.bus.subscribe(sid, stays)
+    await node.bus.subscribe(sid, goes)
+    await node.bus.publish(sid, envelope(b"1"))
+    await node.bus.unsubscribe(sid, goes)
+    await node.bus.publish(sid, envelope(b"2"))
+    await node.bus.unsubscribe(sid, stays)
+    await node.bus.publish(sid, envelope(b"3"))
+    assert stays.data == [b"1", b"2"] and goes.data == [b"1"]
+
+
+# ---------------------------------------------------------------- Redis: between processes
+
+
+async def test_messages_cross_processes_in_publish_order(pair: tuple[RedisBus, RedisBus]) -> None:
+    a, b = pair
+    sid = new_session()
+    local, remote = Inbox(), Inbox()
+    await a.subscribe(sid, local)
+    await b.subscribe(sid, remote)
+    # Many publishers at once on process A: B must see them in the order A's handlers saw them.
+    await asyncio.gather(*(a.publish(sid, envelope(b"m%d" % i)) for i in range(1000)))
+    await remote.wait_for(lambda: len(remote.got) >= 1000)
+    assert remote.data == local.data
+    assert sorted(local.data) == sorted(b"m%d" % i for i in range(1000))
+    await asyncio.sleep(0.2)
+    assert len(local.got) == 1000  # A never delivers its own message a second time from Redis
+    assert len(remote.got) == 1000
+
+
+async def test_a_publish_round_trip_between_two_processes_keeps_each_direction_ordered(
+    pair: tuple[RedisBus, RedisBus],
+) -> None:
+    a, b = pair
+    sid = new_session()
+    at_a, at_b = Inbox(), Inbox()
+    await a.subscribe(sid, at_a)
+    await b.subscribe(sid, at_b)
+
+    async def send(bus: RedisBus, tag: bytes) -> None:
+        for i in range(300):
+            await bus.publish(sid, envelope(tag + b"%d" % i))
+
+    await asyncio.gather(send(a, b"a"), send(b, b"b"))
+    await at_a.wait_for(lambda: len(at_a.got) >= 600)
+    await at_b.wait_for(lambda: len(at_b.got) >= 600)
+    for inbox in (at_a, at_b):
+        for tag in (b"a", b"b"):
+            assert [d for d in inbox.data if d[:1] == tag] == [tag + b"%d" % i for i in range(300)]
+
+
+async def test_the_channel_is_unsubscribed_when_the_last_handler_goes(
+    redis_server: RedisServer, pair: tuple[RedisBus, RedisBus]  # noqa: F811
+) -> None:
+    _, b = pair
+    sid = new_session()
+    one, two = Inbox(), Inbox()
+    raw = aioredis.Redis.from_url(redis_server.url)
+
+    async def subscribers() -> int:
+        reply = await raw.execute_command("PUBSUB", "SHARDNUMSUB", channel_of(sid))
+        return int(reply[1])
+
+    async def settle(expected: int) -> int:
+        for _ in range(100):
+            if await subscribers() == expected:
+                break
+            await asyncio.sleep(0.02)
+        return await subscribers()
+
+    try:
+        await b.subscribe(sid, one)
+        assert await subscribers() == 1  # confirmed by Redis before subscribe() returned
+        await b.subscribe(sid, two)
+        await b.unsubscribe(sid, one)
+        assert await subscribers() == 1  # another handler remains: still subscribed
+        await b.unsubscribe(sid, two)
+        assert await settle(0) == 0
+        assert b.channels() == 0
+    finally:
+        await raw.aclose()
+
+
+async def test_messages_on_the_wire_are_sealed(
+    redis_server: RedisServer, pair: tuple[RedisBus, RedisBus]  # noqa: F811
+) -> None:
+    a, _ = pair
+    sid = new_session()
+    canary = f"CANARY-sdp-{secrets.token_hex(4)}".encode()
+    raw = aioredis.Redis.from_url(redis_server.url)
+    listener = raw.pubsub()
+    try:
+        await listener.ssubscribe(channel_of(sid))
+        await listener.get_message(timeout=1.0)  # the subscribe confirmation
+        await a.publish(sid, envelope(b'{"type":"offer","sdp":"' + canary + b'"}'))
+        message = None
+        for _ in range(50):
+            message = await listener.get_message(ignore_subscribe_messages=True, timeout=0.2)
+            if message is not None:
+                break
+        assert message is not None and message["type"] == "smessage"
+        assert canary not in message["data"] and b"offer" not in message["data"]
+    finally:
+        await listener.aclose()
+        await raw.aclose()
+
+
+async def test_forged_tampered_and_replayed_messages_are_dropped(
+    redis_server: RedisServer, pair: tuple[RedisBus, RedisBus]  # noqa: F811
+) -> None:
+    a, b = pair
+    sid, other = new_session(), new_session()
+    inbox, other_inbox = Inbox(), Inbox()
+    await b.subscribe(sid, inbox)
+    await b.subscribe(other, other_inbox)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    spy = raw.pubsub()
+    try:
+        await spy.ssubscribe(channel_of(sid))
+        await spy.get_message(timeout=1.0)
+        await a.publish(sid, envelope(b"genuine"))
+        await inbox.wait_for(lambda: len(inbox.got) == 1)
+        captured = None
+        while captured is None:
+            captured = await spy.get_message(ignore_subscribe_messages=True, timeout=1.0)
+        payload: bytes = captured["data"]
+        tampered = bytearray(payload)
+        tampered[-1] ^= 1
+        await raw.execute_command("SPUBLISH", channel_of(sid), b"not a broker message")
+        await raw.execute_command("SPUBLISH", channel_of(sid), bytes(tampered))
+        await raw.execute_command("SPUBLISH", channel_of(other), payload)  # replayed into another session
+        # Sealed by a process with another key:
+        stranger = await redis_node(redis_server.url, key=os.urandom(32))
+        try:
+            await stranger.bus.publish(sid, envelope(b"from a stranger"))
+        finally:
+            await stranger.close()
+        await a.publish(sid, envelope(b"still listening"))
+        await inbox.wait_for(lambda: len(inbox.got) == 2)
+        assert inbox.data == [b"genuine", b"still listening"]
+        assert other_inbox.got == []
+    finally:
+        await spy.aclose()
+        await raw.aclose()
+
+
+# ---------------------------------------------------------------- Redis: outages
+
+
+async def test_local_delivery_needs_no_redis() -> None:
+    store, bus = await connect_redis(f"redis://127.0.0.1:{free_port()}/0", KEY)  # nothing listens there
+    try:
+        sid = new_session()
+        inbox = Inbox()
+        await asyncio.wait_for(bus.subscribe(sid, inbox), 3)
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(bus.publish(sid, envelope(b"local")), 3)
+        assert inbox.data == [b"local"]
+    finally:
+        await bus.close()
+        await store.close()
+
+
+async def _until_delivered(sender: RedisBus, sid: str, inbox: Inbox, data: bytes, timeout: float = 15.0) -> None:
+    """Publish every 100 ms until the other process has it (Redis may still be coming back)."""
+
+    async def loop() -> None:
+        while data not in inbox.data:
+            with contextlib.suppress(StoreUnavailable):
+                await sender.publish(sid, envelope(data))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(inbox.wait_for(lambda: data in inbox.data), 0.1)
+
+    await asyncio.wait_for(loop(), timeout)
+
+
+async def test_the_bus_comes_back_by_itself_after_redis_restarts(
+    redis_server: RedisServer, pair: tuple[RedisBus, RedisBus]  # noqa: F811
+) -> None:
+    a, b = pair
+    before, during = new_session(), new_session()
+    inbox_before, inbox_during = Inbox(), Inbox()
+    await b.subscribe(before, inbox_before)
+    await a.publish(before, envelope(b"first"))
+    await inbox_before.wait_for(lambda: inbox_before.data == [b"first"])
+
+    redis_server.stop()
+    try:
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(a.publish(before, envelope(b"lost")), 3)
+        await asyncio.wait_for(b.subscribe(during, inbox_during), 3)  # remembered, subscribed later
+    finally:
+        redis_server.start()
+
+    await _until_delivered(a, before, inbox_before, b"after restart")
+    await _until_delivered(a, during, inbox_during, b"subscribed during the outage")
+    assert b.reconnects >= 1 and a.reconnects >= 1
+    assert b"lost" not in inbox_before.data
+
+
+async def test_a_silent_redis_connection_is_replaced(redis_server: RedisServer) -> None:  # noqa: F811
+    """Redis stops answering (paused) without closing the socket: the keepalive notices and reconnects."""
+    redis_server.ensure_running()
+    a = await redis_node(redis_server.url)
+    client = redis_client(redis_server.url)
+    quick = RedisBus(client, Sealer(KEY), keepalive_s=0.3)
+    quick.start()
+    b = Node(quick, RedisStore(client, Sealer(KEY)))
+    try:
+        sid = new_session()
+        inbox = Inbox()
+        await quick.subscribe(sid, inbox)
+        await _until_delivered(a.bus, sid, inbox, b"before")
+        with redis_server.client() as raw:
+            raw.execute_command("CLIENT", "PAUSE", "2500", "ALL")
+        await asyncio.sleep(2.6)
+        await _until_delivered(a.bus, sid, inbox, b"after the pause")
+        assert quick.reconnects >= 1
+    finally:
+        await a.close()
+        await b.close()
