@@ -136,8 +136,9 @@ async def _revoke(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    level = os.environ.get("BROKER_LOG_LEVEL", "info").upper()
-    logging.basicConfig(level=getattr(logging, level, logging.INFO), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from .logs import configure
+
+    configure(os.environ.get("BROKER_LOG_LEVEL", "info"))
     try:
         if args.command == "serve":
             from .serve import serve

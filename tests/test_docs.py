@@ -1,0 +1,32 @@
+"""The documents stay true: every test they cite exists, and the README's commands are the real ones."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_test_file_named_in_the_docs_exists() -> None:
+    for doc in ("docs/security.md", "docs/protocol.md", "docs/deploy.md", "README.md"):
+        text = (ROOT / doc).read_text(encoding="utf-8")
+        for path in set(re.findall(r"`(tests/[\w/]+\.(?:py|json))`", text)):
+            assert (ROOT / path).is_file(), f"{doc} cites {path}, which does not exist"
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "./scripts/test" in readme
+    assert re.search(r"^exec \./scripts/test$", ci, flags=re.M)
+
+
+def test_every_cli_command_in_the_readme_exists() -> None:
+    from broker.cli import _parser
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = set(re.findall(r"`broker ([a-z-]+)", readme))
+    parser = _parser()
+    choices = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert commands and commands <= set(choices), commands - set(choices)
