@@ -49,6 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("--reissue", action="store_true", help="print a new link for the seat")
     revoke.add_argument("--base-url")
 
+    audit = sub.add_parser("audit", help="the audit log").add_subparsers(dest="action", required=True, metavar="ACTION")
+    with_data_dir(audit.add_parser("verify", help="check the audit log has not been edited, cut or reordered"))
+
+    record = sub.add_parser("record", help="session records").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    verify_record = record.add_parser("verify", help="check a session record's signature")
+    verify_record.add_argument("file", help="the record as downloaded: JSON with record, signature, key_id")
+    verify_record.add_argument("--key", required=True, help="the broker's public key (the 'x' of its JWK)")
+
     join = sub.add_parser("join", help="join a session from a terminal to diagnose a connection")
     join.add_argument("link", help="a client or therapist link, including its #fragment")
     join.add_argument("--seconds", type=float, default=20.0, help="how long to stay connected")
@@ -134,6 +144,40 @@ async def _revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_verify(config: Config) -> int:
+    from .audit import verify
+    from .config import Keys, load_or_create_secret
+
+    path = config.data_dir / "audit.jsonl"
+    if not path.exists():
+        print(f"No audit log at {path}.", file=sys.stderr)
+        return 1
+    report = verify(path, Keys(load_or_create_secret(config)).secret)
+    if report.ok:
+        print(f"Audit log intact: {report.entries} entries, chain and signed head verified.")
+        return 0
+    where = f" (first bad entry: {report.first_bad_seq})" if report.first_bad_seq is not None else ""
+    print(f"Audit log NOT intact{where}: {report.problem}", file=sys.stderr)
+    return 1
+
+
+def _record_verify(file: str, key: str) -> int:
+    from .record import verify_record
+
+    try:
+        with open(file, encoding="utf-8") as fh:
+            signed = json.load(fh)
+        ok = verify_record(signed["record"], signed["signature"], key)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"Cannot read the record: {exc}", file=sys.stderr)
+        return 1
+    if ok:
+        print(f"Signature valid: session {signed['record'].get('session')} record is unaltered.")
+        return 0
+    print("Signature INVALID: this record was altered or was not signed by this key.", file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .logs import configure
@@ -162,6 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "session":
             return _run(_create(args) if args.action == "create" else _revoke(args))
+        if args.command == "audit":
+            return _audit_verify(_config(args))
+        if args.command == "record":
+            return _record_verify(args.file, args.key)
         if args.command == "join":
             from .client import join_from_terminal
 

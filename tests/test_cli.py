@@ -268,3 +268,31 @@ def test_self_signed_tls_for_a_lan_trial(tmp_path: Path) -> None:
 @pytest.fixture
 async def _unused() -> AsyncIterator[None]:  # keeps pytest-asyncio's loop scope consistent for sync tests
     yield
+
+
+def test_audit_verify_passes_then_catches_an_edit(served: Served) -> None:
+    run("session", "create", "--data-dir", str(served.data_dir))  # writes a session_created entry
+    result = run("audit", "verify", "--data-dir", str(served.data_dir))
+    assert result.returncode == 0 and "intact" in result.stdout
+    log = served.data_dir / "audit.jsonl"
+    original = log.read_text()
+    try:
+        log.write_text(original.replace("session_created", "session_ended", 1))
+        result = run("audit", "verify", "--data-dir", str(served.data_dir))
+        assert result.returncode == 1 and "NOT intact" in result.stderr
+    finally:
+        log.write_text(original)
+
+
+def test_record_verify_accepts_a_genuine_record_and_refuses_an_altered_one(tmp_path: Path) -> None:
+    from broker.record import RecordSigner
+
+    signer = RecordSigner(b"s" * 32)
+    record = {"v": 1, "session": "abc", "ended": 1}
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps({"record": record, "signature": signer.sign(record), "key_id": signer.key_id}))
+    key = signer.public_jwk()["x"]
+    assert run("record", "verify", str(path), "--key", key).returncode == 0
+    path.write_text(path.read_text().replace('"ended": 1', '"ended": 2'))
+    result = run("record", "verify", str(path), "--key", key)
+    assert result.returncode == 1 and "INVALID" in result.stderr
