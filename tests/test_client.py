@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 from aiortc.mediastreams import MediaStreamError
 
@@ -118,3 +119,29 @@ async def test_audio_track_stops_cleanly_on_close(broker: RunningBroker) -> None
     except MediaStreamError:
         pass
     await client.close()
+
+
+async def test_emergency_details_reach_only_the_therapist(broker: RunningBroker) -> None:
+    from broker import e2ee
+    from broker.store import session_prefix
+
+    links = await schedule(broker)
+    therapist = BrokerClient(links.therapist)
+    await therapist.connect()
+    client = BrokerClient(links.client)
+    await client.connect()
+    try:
+        await client.preflight()
+        canary = {"location": "canary-flat-3b-riverside", "contact": "canary-sister-0170"}
+        await client.submit_checklist(details=canary)
+        room = await therapist.expect(WaitingRoom, where=lambda m: m.seats[0].details is not None)
+        sealed = room.seats[0].details
+        opened = e2ee.open_details(therapist.link_key, links.session, client.peer_id, sealed)
+        assert json.loads(opened) == canary
+        store = broker.broker.store
+        for key in await store.keys(session_prefix(links.session)):
+            value = await store.get(key) or b""
+            assert b"canary" not in value
+    finally:
+        await client.close()
+        await therapist.close()
