@@ -170,6 +170,10 @@ class LoginSession:
     full: bool
 
 
+#: The request's login session, loaded at most once per request.
+LOADED = web.RequestKey("login_session", "LoginSession | None")  # type: ignore[arg-type]
+
+
 class WebAuth:
     """Login sessions, throttling and the login API; one per application."""
 
@@ -263,21 +267,17 @@ class WebAuth:
 
     async def session_of(self, request: web.Request) -> LoginSession | None:
         """The request's login session (loaded once per request)."""
-        if "login_session" not in request:
+        if LOADED not in request:
             touch = request.headers.get(BACKGROUND_HEADER) != "1"
-            request["login_session"] = await self.load(request.cookies.get(LOGIN_COOKIE), touch=touch)
-        session: LoginSession | None = request["login_session"]
-        return session
+            request[LOADED] = await self.load(request.cookies.get(LOGIN_COOKIE), touch=touch)
+        return request[LOADED]
 
     def set_cookie(self, response: web.StreamResponse, session: LoginSession) -> None:
         # A session cookie (no Max-Age): it also ends when the browser closes.
         response.set_cookie(LOGIN_COOKIE, session.id, path="/", secure=True, httponly=True, samesite="Strict")
 
     def clear_cookie(self, response: web.StreamResponse) -> None:
-        response.set_cookie(
-            LOGIN_COOKIE, "", path="/", secure=True, httponly=True, samesite="Strict", max_age=0,
-            expires="Thu, 01 Jan 1970 00:00:00 GMT",
-        )  # fmt: skip
+        response.del_cookie(LOGIN_COOKIE, path="/", secure=True, httponly=True, samesite="Strict")
 
     async def record(self, event: AuditEvent, actor: str | None, outcome: AuditOutcome = AuditOutcome.OK) -> None:
         if self.audit is not None:

@@ -81,7 +81,7 @@ function dataCapacity(version) {
 }
 
 /** Mode, count and bytes, terminated and padded to the version's data codewords. */
-function dataCodewords(bytes, version) {
+export function dataCodewords(bytes, version) {
   const capacity = dataCapacity(version);
   const bits = [];
   const push = (value, length) => {
@@ -316,7 +316,13 @@ export function qrMatrix(text, { version = null, mask = null } = {}) {
     while (chosen <= QR_BLOCKS_M.length && !fits(chosen)) chosen++;
   }
   if (chosen < 1 || chosen > QR_BLOCKS_M.length || !fits(chosen)) throw new Error("text too long for a QR code");
-  const codewords = finalCodewords(dataCodewords(bytes, chosen), chosen);
+  return qrFromData(dataCodewords(bytes, chosen), chosen, mask);
+}
+
+/** The symbol for already padded data codewords (exported for tests against a reference encoder). */
+export function qrFromData(data, version, mask = null) {
+  const chosen = version;
+  const codewords = finalCodewords(data, chosen);
   const build = (m) => {
     const grid = new QrGrid(chosen);
     grid.drawFunctionPatterns();

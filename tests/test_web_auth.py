@@ -1,0 +1,605 @@
+"""Therapist login over HTTP: cookies, CSRF, throttling and lockout, TOTP, expiry, logout, secrets.
+
+Most tests drive a small app (the security middleware plus ``setup_auth``) with a fake clock
+shared by the store, the throttle and the login sessions, so idle and absolute expiry are
+checked without waiting. One test drives Debian's Chromium against a full broker on
+http://127.0.0.1 to show the ``Secure`` ``__Host-`` cookie works on the loopback install.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import logging
+import socket
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import pytest_asyncio
+from aiohttp import ClientResponse, ClientSession, DummyCookieJar, web
+from cryptography.hazmat.primitives.hashes import SHA1
+from cryptography.hazmat.primitives.twofactor.totp import TOTP
+
+from broker.accounts import AccountStore
+from broker.audit import AuditLog, verify
+from broker.config import Config, Keys
+from broker.dashboard import DASHBOARD, setup_dashboard
+from broker.passwords import ScryptParams
+from broker.security_headers import PrivateAccessLogger, security_middleware
+from broker.server import Broker, build_app, create_broker
+from broker.store import MemoryStore
+from broker.throttle import LoginThrottle
+from broker.web_auth import AUTH, CSRF_HEADER, LOGIN_COOKIE, WebAuth, accounts_path, login_required, setup_auth
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+ORIGIN = "http://broker.test"
+PASSWORD = "lantern orchard quietly 4791"
+FAST = ScryptParams(n=2**10)
+LOCKOUT = 6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class PolicyConfig(Config):
+    """Config with the login settings web_auth reads (until Config itself has them)."""
+
+    login_idle_s: float = 15 * 60
+    login_absolute_s: float = 12 * 3600
+    require_second_factor: bool = False
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+    cookies: list[str]
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.body)
+
+
+@dataclass
+class Harness:
+    url: str
+    clock: Clock
+    store: MemoryStore
+    accounts: AccountStore
+    throttle: LoginThrottle
+    audit: AuditLog
+    data_dir: Path
+    http: ClientSession
+    runner: web.AppRunner
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        cookie: str | None = None,
+        csrf: str | None = None,
+        origin: str | None = ORIGIN,
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
+        sent = dict(headers or {})
+        if origin is not None:
+            sent["Origin"] = origin
+        if cookie is not None:
+            sent["Cookie"] = f"{LOGIN_COOKIE}={cookie}"
+        if csrf is not None:
+            sent[CSRF_HEADER] = csrf
+        async with self.http.request(method, self.url + path, json=json, headers=sent, allow_redirects=False) as r:
+            return await _reply(r)
+
+    async def login(self, username: str, password: str = PASSWORD, code: str | None = None, **kw: Any) -> Reply:
+        body: dict[str, Any] = {"username": username, "password": password}
+        if code is not None:
+            body["code"] = code
+        return await self.request("POST", "/api/login", json=body, **kw)
+
+    async def logged_in(self, username: str, password: str = PASSWORD, code: str | None = None) -> tuple[str, str]:
+        reply = await self.login(username, password, code)
+        assert reply.status == 200, reply.body
+        return login_cookie(reply), reply.json()["csrf"]
+
+    def audit_events(self) -> list[str]:
+        import json
+
+        return [json.loads(line)["event"] for line in self.audit.path.read_text().splitlines()]
+
+
+async def _reply(r: ClientResponse) -> Reply:
+    body = await r.read()
+    headers = {k: v for k, v in r.headers.items() if k.lower() not in ("date", "set-cookie")}
+    return Reply(r.status, body, headers, r.headers.getall("Set-Cookie", []))
+
+
+def login_cookie(reply: Reply) -> str:
+    for raw in reply.cookies:
+        name, _, rest = raw.partition("=")
+        if name == LOGIN_COOKIE:
+            return rest.split(";", 1)[0]
+    raise AssertionError(f"no login cookie in {reply.cookies}")
+
+
+def totp_code(secret_b32: str, now: float) -> str:
+    secret = base64.b32decode(secret_b32 + "=" * (-len(secret_b32) % 8))
+    return TOTP(secret, 6, SHA1(), 30).generate(int(now)).decode()
+
+
+async def _protected(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def make_harness(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    made: list[Harness] = []
+
+    async def make(**config_fields: Any) -> Harness:
+        data_dir = tmp_path / f"h{len(made)}"
+        clock = Clock()
+        config = PolicyConfig(data_dir=data_dir, allowed_origins=(ORIGIN,), **config_fields)
+        keys = Keys(b"k" * 32)
+        store = MemoryStore(clock=clock)
+        accounts = AccountStore(accounts_path(config), keys.accounts, scrypt_params=FAST, lockout_after=LOCKOUT, clock=clock)
+        throttle = LoginThrottle(clock=clock, free_failures=2, base_delay=10.0, max_delay=60.0, lockout_after=LOCKOUT)
+        audit = AuditLog(data_dir / "audit.log", keys.audit, clock=clock)
+        app = web.Application(middlewares=[security_middleware(False)])
+        setup_auth(app, store=store, accounts=accounts, throttle=throttle, audit=audit, config=config, keys=keys, clock=clock)
+        app.router.add_get("/api/protected", login_required(_protected))
+        runner = web.AppRunner(app, access_log_class=PrivateAccessLogger)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        http = ClientSession(cookie_jar=DummyCookieJar())
+        harness = Harness(f"http://127.0.0.1:{port}", clock, store, accounts, throttle, audit, data_dir, http, runner)
+        made.append(harness)
+        return harness
+
+    yield make
+    for h in made:
+        await h.http.close()
+        await h.runner.cleanup()
+        h.accounts.close()
+        h.audit.close()
+
+
+# ---------------------------------------------------------------- cookies and sessions
+
+
+async def test_login_sets_a_hardened_session_cookie(make_harness: Any) -> None:
+    h = await make_harness()
+    therapist = await h.accounts.add("robin", PASSWORD, "Robin Example")
+    reply = await h.login("robin")
+    assert reply.status == 200
+    [raw] = reply.cookies
+    name, _, rest = raw.partition("=")
+    attributes = {a.strip().split("=")[0].lower(): a.strip() for a in rest.split(";")[1:]}
+    assert name == "__Host-broker_login"
+    assert {"httponly", "secure", "samesite", "path"} <= set(attributes)
+    assert attributes["samesite"] == "SameSite=Strict" and attributes["path"] == "Path=/"
+    assert "domain" not in attributes and "max-age" not in attributes  # __Host- rules; ends with the browser
+    body = reply.json()
+    assert body["therapist"]["id"] == therapist and body["enrolment_required"] is False
+    assert len(body["csrf"]) >= 40
+
+    me = await h.request("GET", "/api/me", cookie=login_cookie(reply))
+    assert me.status == 200
+    assert me.json()["csrf"] == body["csrf"] and me.json()["therapist"]["username"] == "robin"
+    assert (await h.request("GET", "/api/me")).status == 401
+    assert (await h.request("GET", "/api/me", cookie="forged-session-id")).status == 401
+    assert h.audit_events() == ["login_success"]
+
+
+async def test_every_login_gets_a_new_session_id_and_ends_the_old_one(make_harness: Any) -> None:
+    h = await make_harness()
+    await h.accounts.add("robin", PASSWORD)
+    first, _ = await h.logged_in("robin")
+    again = await h.login("robin", cookie=first)
+    second = login_cookie(again)
+    assert second != first
+    assert (await h.request("GET", "/api/me", cookie=first)).status == 401
+    assert (await h.request("GET", "/api/me", cookie=second)).status == 200
+
+
+async def test_store_keeps_only_a_keyed_hash_of_the_session_id(make_harness: Any) -> None:
+    h = await make_harness()
+    await h.accounts.add("robin", PASSWORD)
+    cookie, csrf = await h.logged_in("robin")
+    keys = await h.store.keys("")
+    assert keys and all(cookie not in k for k in keys)
+    for k in keys:
+        assert cookie.encode() not in (await h.store.get(k) or b"")
+
+
+async def test_logout_invalidates_server_side(make_harness: Any) -> None:
+    h = await make_harness()
+    await h.accounts.add("robin", PASSWORD)
+    cookie, csrf = await h.logged_in("robin")
+    out = await h.request("POST", "/api/logout", json={}, cookie=cookie, csrf=csrf)
+    assert out.status == 200
+    assert any(c.partition("=")[0] == LOGIN_COOKIE and "Max-Age=0" in c and "Secure" in c for c in out.cookies)
+    # A copy of the old cookie (say, kept by malware) is worthless now.
+    assert (await h.request("GET", "/api/me", cookie=cookie)).status == 401
+    assert (await h.request("POST", "/api/logout", json={}, cookie=cookie, csrf=csrf)).status == 401
+    assert await h.store.keys("login:") == []
+    assert h.audit_events() == ["login_success", "logout"]
+
+
+async def test_idle_expiry_and_background_requests_do_not_extend_it(make_harness: Any) -> None:
+    h = await make_harness(login_idle_s=600)
+    await h.accounts.add("robin", PASSWORD)
+    cookie, _ = await h.logged_in("robin")
+    for _ in range(3):  # activity keeps it alive well past one idle period
+        h.clock.advance(590)
+        assert (await h.request("GET", "/api/me", cookie=cookie)).status == 200
+    h.clock.advance(590)
+    background = {"X-Broker-Background": "1"}
+    assert (await h.request("GET", "/api/me", cookie=cookie, headers=background)).status == 200
+    h.clock.advance(20)  # 610 s since the last real activity
+    assert (await h.request("GET", "/api/me", cookie=cookie)).status == 401
+
+
+async def test_absolute_expiry_despite_activity(make_harness: Any) -> None:
+    h = await make_harness(login_idle_s=900, login_absolute_s=3600)
+    await h.accounts.add("robin", PASSWORD)
+    cookie, _ = await h.logged_in("robin")
+    for _ in range(7):
+        h.clock.advance(500)
+        assert (await h.request("GET", "/api/me", cookie=cookie)).status == 200
+    h.clock.advance(200)  # 3700 s after login
+    assert (await h.request("GET", "/api/me", cookie=cookie)).status == 401
+
+
+async def test_disabled_account_loses_its_open_login(make_harness: Any) -> None:
+    h = await make_harness()
+    therapist = await h.accounts.add("robin", PASSWORD)
+    cookie, _ = await h.logged_in("robin")
+    await h.accounts.disable(therapist)
+    assert (await h.request("GET", "/api/me", cookie=cookie)).status == 401
+    assert (await h.login("robin")).status == 401
+
+
+# ---------------------------------------------------------------- CSRF
+
+
+async def test_csrf_token_and_origin_are_required_on_state_changes(make_harness: Any) -> None:
+    h = await make_harness()
+    await h.accounts.add("robin", PASSWORD)
+    cookie, csrf = await h.logged_in("robin")
+    refused = [
+        await h.request("POST", "/api/logout", json={}, cookie=cookie),  # no token
+        await h.request("POST", "/api/logout", json={}, cookie=cookie, csrf="wrong" + csrf[5:]),
+        await h.request("POST", "/api/logout", json={}, cookie=cookie, csrf=""),
+        await h.request("POST", "/api/logout", json={}, cookie=cookie, csrf=csrf, origin="https://evil.example"),
+        await h.request("POST", "/api/logout", json={}, cookie=cookie, csrf=csrf, origin=None),
+        await h.request("POST", "/api/logout", json={}, cookie=cookie, csrf=csrf, origin="null"),
+        await h.request("POST", "/api/logout", json={}, cookie=cookie, csrf=csrf, origin=ORIGIN + ".evil.example"),
+        await h.request("POST", "/api/2fa/enrol", json={}, cookie=cookie, origin="https://evil.example"),
+        await h.request("DELETE", "/api/me", cookie=cookie, csrf=csrf, origin="https://evil.example"),
+    ]
+    assert [r.status for r in refused] == [403] * len(refused)
+    assert all(r.json()["error"] == "forbidden" for r in refused)
+    # Nothing happened: the session is still there, and no enrolment was started.
+    me = await h.request("GET", "/api/me", cookie=cookie)
+    assert me.status == 200 and me.json()["therapist"]["totp_enabled"] is False
+    # Another login session's token does not work for this one.
+    _, other_csrf = await h.logged_in("robin")
+    assert (await h.request("POST", "/api/logout", json={}, cookie=cookie, csrf=other_csrf)).status == 403
+    assert (await h.request("POST", "/api/logout", json={}, cookie=cookie, csrf=csrf)).status == 200
+
+
+async def test_login_itself_needs_an_allowed_origin(make_harness: Any) -> None:
+    h = await make_harness()
+    await h.accounts.add("robin", PASSWORD)
+    for origin in ("https://evil.example", None, "null"):
+        reply = await h.login("robin", origin=origin)
+        assert reply.status == 403 and not reply.cookies
+    assert h.audit_events() == []
+
+
+async def test_malformed_login_bodies_are_plain_400s(make_harness: Any) -> None:
+    h = await make_harness()
+    bad = [
+        await h.request("POST", "/api/login", json={"username": "robin"}),
+        await h.request("POST", "/api/login", json={"username": "robin", "password": "x", "admin": True}),
+        await h.request("POST", "/api/login", json={"username": "r" * 300, "password": "x"}),
+        await h.request("POST", "/api/login", headers={"Content-Type": "text/plain"}, json=None),
+    ]
+    assert [r.status for r in bad] == [400] * 4
+    assert all(r.json()["error"] == "bad_request" for r in bad)
+
+
+# ---------------------------------------------------------------- failures, throttling, lockout
+
+
+async def test_unknown_user_and_wrong_password_are_byte_identical(make_harness: Any) -> None:
+    h = await make_harness()
+    disabled = await h.accounts.add("dormant", PASSWORD)
+    await h.accounts.disable(disabled)
+    await h.accounts.add("robin", PASSWORD)
+    unknown = await h.login("nobody-here", "whatever it is 123")
+    wrong = await h.login("robin", "whatever it is 123")
+    off = await h.login("dormant", PASSWORD)
+    assert unknown.status == wrong.status == off.status == 401
+    assert unknown.body == wrong.body == off.body
+    assert unknown.headers == wrong.headers == off.headers
+    assert unknown.cookies == wrong.cookies == off.cookies == []
+    # The throttle counts both alike, so later answers stay identical too.
+    for _ in range(2):
+        unknown = await h.login("nobody-here", "whatever it is 123", headers={"X-Forwarded-For": "ignored"})
+        wrong = await h.login("robin", "whatever it is 123")
+    assert (unknown.status, unknown.body) == (wrong.status, wrong.body)
+
+
+async def test_growing_delay_then_lockout_until_an_admin_unlocks(make_harness: Any) -> None:
+    h = await make_harness()
+    therapist = await h.accounts.add("robin", PASSWORD)
+    # Two free failures, then each failure makes the next attempt wait longer.
+    assert (await h.login("robin", "nope nope nope 1")).status == 401
+    assert (await h.login("robin", "nope nope nope 2")).status == 401
+    assert (await h.login("robin", "nope nope nope 3")).status == 401
+    waits = []
+    for attempt in range(4, LOCKOUT + 1):
+        blocked = await h.login("robin", PASSWORD)  # even the right password must wait
+        assert blocked.status == 429 and blocked.json()["error"] == "too_many_attempts"
+        assert blocked.headers["Retry-After"] == str(blocked.json()["retry_after"])
+        waits.append(blocked.json()["retry_after"])
+        h.clock.advance(blocked.json()["retry_after"])
+        assert (await h.login("robin", f"nope nope nope {attempt}")).status == 401
+    assert waits == sorted(waits) and waits[0] < waits[-1]
+    h.clock.advance(3600)
+    locked = await h.login("robin", PASSWORD)
+    assert locked.status == 429 and locked.json()["error"] == "locked"
+    assert (await h.accounts.get(therapist)).locked  # type: ignore[union-attr]
+    assert "login_locked" in h.audit_events()
+    # broker therapist unlock (the durable record) lifts this process's lock too.
+    await h.accounts.unlock(therapist)
+    assert (await h.login("robin", PASSWORD)).status == 200
+
+
+async def test_one_address_trying_many_names_is_slowed_down(make_harness: Any) -> None:
+    h = await make_harness()
+    await h.accounts.add("robin", PASSWORD)
+    for i in range(3):
+        assert (await h.login(f"guess{i}", "some password 1234")).status == 401
+    # A name never tried before: the address's own count applies.
+    slowed = await h.login("robin", PASSWORD)
+    assert slowed.status == 429 and slowed.json()["error"] == "too_many_attempts"
+    h.clock.advance(slowed.json()["retry_after"])
+    assert (await h.login("robin", PASSWORD)).status == 200
+
+
+# ---------------------------------------------------------------- second factor
+
+
+async def _enrol(h: Harness, cookie: str, csrf: str) -> tuple[Reply, str]:
+    started = await h.request("POST", "/api/2fa/enrol", json={}, cookie=cookie, csrf=csrf)
+    assert started.status == 200, started.body
+    data = started.json()
+    assert data["qr_svg"].startswith("<svg") and data["qr_data_uri"].startswith("data:image/svg+xml")
+    uri = urlsplit(data["uri"])
+    assert uri.scheme == "otpauth" and parse_qs(uri.query)["secret"] == [data["secret"]]
+    confirmed = await h.request(
+        "POST", "/api/2fa/confirm", json={"code": totp_code(data["secret"], h.clock())}, cookie=cookie, csrf=csrf
+    )
+    return confirmed, data["secret"]
+
+
+async def test_totp_enrolment_and_login(make_harness: Any) -> None:
+    h = await make_harness()
+    await h.accounts.add("robin", PASSWORD)
+    cookie, csrf = await h.logged_in("robin")
+    wrong = await h.request("POST", "/api/2fa/confirm", json={"code": "000000"}, cookie=cookie, csrf=csrf)
+    assert wrong.status == 400 and wrong.json()["error"] in ("invalid_code", "bad_request")
+    confirmed, secret = await _enrol(h, cookie, csrf)
+    assert confirmed.status == 200
+    codes = confirmed.json()["recovery_codes"]
+    assert len(codes) == 10 and len(set(codes)) == 10
+    fresh = login_cookie(confirmed)  # new privileges, new id
+    assert fresh != cookie and (await h.request("GET", "/api/me", cookie=cookie)).status == 401
+    me = await h.request("GET", "/api/me", cookie=fresh)
+    assert me.json()["therapist"]["totp_enabled"] is True and me.json()["therapist"]["recovery_codes_left"] == 10
+    again = await h.request("POST", "/api/2fa/enrol", json={}, cookie=fresh, csrf=confirmed.json()["csrf"])
+    assert again.status == 409
+
+    needs = await h.login("robin")
+    assert needs.status == 401 and needs.json()["error"] == "second_factor_required" and not needs.cookies
+    # The code spent on confirmation cannot be replayed within its window.
+    replay = await h.login("robin", code=totp_code(secret, h.clock()))
+    assert replay.status == 401 and replay.json()["error"] == "invalid_credentials"
+    h.clock.advance(30)
+    assert (await h.login("robin", code=totp_code(secret, h.clock()))).status == 200
+    assert (await h.login("robin", "wrong password 12345", code=totp_code(secret, h.clock() + 30))).status == 401
+    assert h.audit_events().count("second_factor_changed") == 1
+
+
+async def test_recovery_code_works_once(make_harness: Any) -> None:
+    h = await make_harness()
+    await h.accounts.add("robin", PASSWORD)
+    cookie, csrf = await h.logged_in("robin")
+    confirmed, _ = await _enrol(h, cookie, csrf)
+    code = confirmed.json()["recovery_codes"][3]
+    used = await h.login("robin", code=code.lower().replace("-", " "))
+    assert used.status == 200 and used.json()["therapist"]["recovery_codes_left"] == 9
+    assert "recovery_code_used" in h.audit_events()
+    again = await h.login("robin", code=code)
+    assert again.status == 401 and again.json()["error"] == "invalid_credentials"
+
+
+async def test_policy_can_require_a_second_factor_for_everyone(make_harness: Any) -> None:
+    h = await make_harness(require_second_factor=True)
+    await h.accounts.add("robin", PASSWORD)
+    partial = await h.login("robin")
+    assert partial.status == 200 and partial.json()["enrolment_required"] is True
+    cookie, csrf = login_cookie(partial), partial.json()["csrf"]
+    # Until enrolment is done, only the enrolment routes work.
+    assert (await h.request("GET", "/api/protected", cookie=cookie)).status == 401
+    assert (await h.request("GET", "/api/me", cookie=cookie)).status == 200
+    assert "login_success" not in h.audit_events()
+    confirmed, _ = await _enrol(h, cookie, csrf)
+    assert confirmed.status == 200 and confirmed.json()["enrolment_required"] is False
+    full = login_cookie(confirmed)
+    assert (await h.request("GET", "/api/protected", cookie=full)).status == 200
+    assert (await h.request("GET", "/api/me", cookie=cookie)).status == 401
+    assert h.audit_events() == ["second_factor_changed", "login_success"]
+
+
+# ---------------------------------------------------------------- nothing secret is kept
+
+
+async def test_canary_password_and_address_never_logged_or_stored(
+    make_harness: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    canary = "Canary-Pw-7f3a9c1e-never-store"
+    name = "canaryuser7f3a"
+    h = await make_harness()
+    await h.accounts.add(name, canary)
+    cookie, csrf = await h.logged_in(name, canary)
+    await _enrol(h, cookie, csrf)
+    await h.login(name, canary + "-typo")
+    await h.login("canary-unknown-7f3a", canary)
+    await h.login(name, canary)  # second factor required now
+
+    assert canary not in caplog.text and name not in caplog.text and "127.0.0.1" not in caplog.text
+    stored = b"".join([k.encode() + (await h.store.get(k) or b"") for k in await h.store.keys("")])
+    files = b"".join(p.read_bytes() for p in h.data_dir.rglob("*") if p.is_file())
+    for blob in (stored, files):
+        assert canary.encode() not in blob and canary.encode("utf-16-le") not in blob
+        assert name.encode() not in blob and b"127.0.0.1" not in blob
+    # Including whatever SQLite still has in free pages.
+    with sqlite3.connect(accounts_path_of(h)) as db:
+        dump = "\n".join(db.iterdump())
+    assert canary not in dump and name not in dump
+    assert verify(h.audit.path, Keys(b"k" * 32).audit).ok
+
+
+def accounts_path_of(h: Harness) -> Path:
+    return h.data_dir / "accounts.sqlite3"
+
+
+# ---------------------------------------------------------------- the real thing, in Chromium
+
+
+@dataclass
+class FullBroker:
+    """A real broker with the login and dashboard wired in, on a free loopback port."""
+
+    url: str
+    broker: Broker
+    app: web.Application
+    runner: web.AppRunner
+    owned: list[Any] = field(default_factory=list)
+
+    @property
+    def auth(self) -> WebAuth:
+        return self.app[AUTH]
+
+    async def stop(self) -> None:
+        await self.broker.hub.shutdown(after_ms=0)
+        await self.runner.cleanup()
+        await self.broker.close()
+        for thing in self.owned:
+            thing.close()
+
+
+def wire(app: web.Application, broker: Broker, *, throttle: LoginThrottle | None = None) -> list[Any]:
+    """Call our setup functions unless build_app already did; returns what we opened."""
+    owned: list[Any] = []
+    if AUTH not in app:
+        config = broker.config
+        accounts = AccountStore(accounts_path(config), broker.keys.accounts, scrypt_params=FAST)
+        audit = AuditLog(Path(config.data_dir) / "audit.log", broker.keys.audit)
+        owned += [accounts, audit]
+        setup_auth(
+            app,
+            store=broker.store,
+            accounts=accounts,
+            throttle=throttle or LoginThrottle(),
+            audit=audit,
+            config=config,
+            keys=broker.keys,
+        )
+    if DASHBOARD not in app:
+        setup_dashboard(app, hub=broker.hub, store=broker.store)
+    return owned
+
+
+async def start_full_broker(data_dir: Path, *, config_class: type[Config] = Config, **overrides: Any) -> FullBroker:
+    port = free_port()
+    settings: dict[str, Any] = {"data_dir": data_dir, "host": "127.0.0.1", "port": port}
+    settings.update(overrides)
+    config = dataclasses.replace(config_class(), **settings)
+    broker = await create_broker(config)
+    app = build_app(broker)
+    owned = wire(app, broker)
+    runner = web.AppRunner(app, access_log_class=PrivateAccessLogger)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return FullBroker(f"http://127.0.0.1:{port}", broker, app, runner, owned)
+
+
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+@pytest.mark.browser
+async def test_chromium_keeps_the_secure_host_cookie_on_plain_http_loopback(tmp_path: Path) -> None:
+    from playwright.async_api import async_playwright
+
+    full = await start_full_broker(tmp_path / "data")
+    await full.auth.accounts.add("robin", PASSWORD, "Robin Example")
+    try:
+        async with async_playwright() as p:
+            browser = await p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
+            page = await browser.new_page()
+            await page.goto(full.url + "/login")
+            await page.get_by_label("Login name").fill("robin")
+            await page.get_by_label("Password").fill("not the password 123")
+            await page.get_by_role("button", name="Log in").click()
+            await page.get_by_role("alert").filter(has_text="not right").wait_for()
+            await page.get_by_label("Password").fill(PASSWORD)
+            await page.keyboard.press("Enter")
+            await page.wait_for_url(full.url + "/dashboard")
+            await page.get_by_text("Logged in as Robin Example").wait_for()
+            [cookie] = await page.context.cookies()
+            assert cookie["name"] == LOGIN_COOKIE and cookie["secure"] and cookie["httpOnly"]
+            assert cookie["sameSite"] == "Strict" and cookie["path"] == "/"
+            assert await page.evaluate("document.cookie") == ""  # out of reach of scripts
+            await page.get_by_role("button", name="Log out").click()
+            await page.wait_for_url(full.url + "/login?reason=logout")
+            await page.get_by_text("You have logged out.").wait_for()
+            await page.goto(full.url + "/dashboard")
+            assert urlsplit(page.url).path == "/login"
+            await browser.close()
+    finally:
+        await full.stop()
