@@ -375,3 +375,88 @@ async def test_admitted_peers_get_short_lived_turn_credentials_and_relay_only(tm
         assert server["credential"] == expected.decode()
     finally:
         await running.stop()
+
+
+# ---------------------------------------------------------------- checklist through the broker
+
+
+async def test_a_minors_seat_has_the_guardian_item_and_cannot_skip_it(broker: RunningBroker) -> None:
+    from broker.client import BrokerError
+
+    links = await schedule(broker, clients=2, minors=1)
+    minor = BrokerClient(links.clients[0])
+    adult = BrokerClient(links.clients[1])
+    try:
+        joined_minor, joined_adult = await minor.connect(), await adult.connect()
+        assert joined_minor.minor and not joined_adult.minor
+        minor_ids = {i["id"] for i in joined_minor.policy["items"]}
+        adult_ids = {i["id"] for i in joined_adult.policy["items"]}
+        assert minor_ids - adult_ids == {"guardian_consent"}
+        await minor.preflight()
+        answers = {i: True for i in minor_ids if i != "guardian_consent"}
+        with pytest.raises(BrokerError) as refused:
+            await minor.submit_checklist(answers, details={"location": "x", "contact": "y"})
+        assert refused.value.code is ErrorCode.CHECKLIST_INCOMPLETE and "guardian" in refused.value.error.message.lower()
+        record = await record_of(broker, links.session)
+        assert record.seat(minor.peer_id).state is SeatState.CHECKING  # nothing changed
+        accepted = await minor.submit_checklist({**answers, "guardian_consent": True}, details={"location": "x", "contact": "y"})
+        assert accepted.summary["all_required_met"] is True
+    finally:
+        await minor.close()
+        await adult.close()
+
+
+async def test_checklist_refusals_name_the_problem_and_allow_a_fix(broker: RunningBroker) -> None:
+    from broker.client import BrokerError
+
+    links = await schedule(broker)
+    client = BrokerClient(links.client)
+    try:
+        joined = await client.connect()
+        ids = {i["id"] for i in joined.policy["items"]}
+        details = {"location": "x", "contact": "y"}
+        with pytest.raises(BrokerError) as no_preflight:
+            await client.submit_checklist({i: True for i in ids}, details=details)
+        assert no_preflight.value.code is ErrorCode.PREFLIGHT_MISSING
+        await client.preflight()
+        cases = [
+            ({"policy_version": "0000000000000000"}, ErrorCode.POLICY_OUTDATED),
+            ({"answers": {**{i: True for i in ids}, "made_up": True}}, ErrorCode.CHECKLIST_UNKNOWN_ITEM),
+            ({"answers": {i: i != "private_place" for i in ids}}, ErrorCode.CHECKLIST_INCOMPLETE),
+            ({"consent_version": "old"}, ErrorCode.CONSENT_OUTDATED),
+        ]
+        for change, code in cases:
+            kwargs = {"details": details, **change}
+            answers = kwargs.pop("answers", None)
+            with pytest.raises(BrokerError) as refused:
+                await client.submit_checklist(answers, **kwargs)  # type: ignore[arg-type]
+            assert refused.value.code is code
+        with pytest.raises(BrokerError) as no_details:
+            await client.submit_checklist()
+        assert no_details.value.code is ErrorCode.DETAILS_MISSING
+        assert (await record_of(broker, links.session)).seat(client.peer_id).state is SeatState.CHECKING
+        await client.submit_checklist(details=details)  # fixed: accepted
+    finally:
+        await client.close()
+
+
+async def test_a_preflight_offer_with_media_is_refused(broker: RunningBroker) -> None:
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    from broker.client import BrokerError
+    from broker.protocol import PreflightAnswer, PreflightOffer
+
+    links = await schedule(broker)
+    client = BrokerClient(links.client)
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    try:
+        await client.connect()
+        pc.addTransceiver("audio")
+        pc.createDataChannel("preflight")
+        await pc.setLocalDescription(await pc.createOffer())
+        with pytest.raises(BrokerError) as refused:
+            await client.request(PreflightOffer(sdp=pc.localDescription.sdp), PreflightAnswer)
+        assert refused.value.code is ErrorCode.PREFLIGHT_REFUSED
+    finally:
+        await pc.close()
+        await client.close()
