@@ -1,0 +1,228 @@
+"""Helpers for the browser tests: the page watch (requests off 127.0.0.1, the link key
+leaving the page, CSP violations, uncaught errors), axe-core from the npm registry,
+screenshots at desktop and phone size, and waiting for screens."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from playwright.async_api import Page, expect
+
+REPO = Path(__file__).resolve().parents[2]
+OUTPUT = REPO / "test-output"
+SCREENSHOTS = OUTPUT / "screenshots"
+AXE_VERSION = "4.14.1"
+AXE_CACHE = OUTPUT / "cache" / f"axe-core-{AXE_VERSION}" / "axe.min.js"
+
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+]  # fmt: skip
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+#: Generous: two or three Chromium peers with fake video share two cores.
+WAIT_MS = 30_000
+
+# Collects CSP violations inside the page (runs before any page script, survives reloads).
+CSP_WATCH = """
+window.__cspViolations = [];
+document.addEventListener('securitypolicyviolation', (e) => {
+  window.__cspViolations.push(e.violatedDirective + ' ' + (e.blockedURI || 'inline'));
+});
+"""
+
+expect.set_options(timeout=WAIT_MS)
+
+
+def fetch_axe() -> str:
+    """axe-core from the npm registry (npm pack), cached under test-output/ (gitignored)."""
+    if not AXE_CACHE.exists():
+        npm = shutil.which("npm")
+        if npm is None:
+            raise RuntimeError("npm is needed to fetch axe-core for the accessibility checks")
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(
+                [npm, "pack", f"axe-core@{AXE_VERSION}", "--pack-destination", tmp, "--silent"],
+                check=True, cwd=tmp, stdout=subprocess.DEVNULL, timeout=300,
+            )  # fmt: skip
+            tarball = next(Path(tmp).glob("axe-core-*.tgz"))
+            with tarfile.open(tarball) as archive:
+                member = archive.extractfile("package/axe.min.js")
+                assert member is not None
+                data = member.read()
+        AXE_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        AXE_CACHE.write_bytes(data)
+    return AXE_CACHE.read_text(encoding="utf-8")
+
+
+@dataclass
+class Watch:
+    """Everything a page sent or complained about, checked at the end of a test."""
+
+    secrets: list[str] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)
+    leaks: list[str] = field(default_factory=list)
+    console_errors: list[str] = field(default_factory=list)
+    page_errors: list[str] = field(default_factory=list)
+    pages: list[Page] = field(default_factory=list)
+
+    def _check_text(self, where: str, text: str | None) -> None:
+        for secret in self.secrets:
+            if text and secret in text:
+                self.leaks.append(where)
+
+    def on_request(self, request: Any) -> None:
+        self.urls.append(request.url)
+        self._check_text(f"url {request.url[:60]}", request.url)
+        for name, value in request.headers.items():
+            self._check_text(f"header {name}", value)
+        self._check_text("body", request.post_data)
+
+    def attach(self, page: Page) -> None:
+        self.pages.append(page)
+        page.on("request", self.on_request)
+        page.on("console", self._on_console)
+        page.on("pageerror", lambda err: self.page_errors.append(str(err)[:300]))
+        page.on("websocket", self._on_websocket)
+
+    def _on_console(self, message: Any) -> None:
+        text = message.text
+        if message.type == "error" or "Content Security Policy" in text:
+            self.console_errors.append(text[:300])
+
+    def _on_websocket(self, ws: Any) -> None:
+        self.urls.append(ws.url)
+        ws.on("framesent", lambda payload: self._check_text("websocket frame", _text(payload)))
+
+    async def assert_clean(self) -> None:
+        hosts = {urlsplit(u).hostname for u in self.urls if not u.startswith(("data:", "blob:"))}
+        assert hosts <= {"127.0.0.1"}, f"requests left 127.0.0.1: {hosts}"
+        assert not self.leaks, f"the link key appeared in: {self.leaks}"
+        csp = [e for e in self.console_errors if "Content Security Policy" in e]
+        assert not csp, f"CSP violations: {csp}"
+        for page in self.pages:
+            if not page.is_closed():
+                violations = await page.evaluate("window.__cspViolations || []")
+                assert not violations, f"CSP violations: {violations}"
+        assert not self.page_errors, f"uncaught errors: {self.page_errors}"
+
+
+def _text(payload: Any) -> str:
+    return payload if isinstance(payload, str) else bytes(payload).decode("utf-8", "replace")
+
+
+async def screen_of(page: Page) -> str:
+    return await page.evaluate("document.body.dataset.screen")
+
+
+async def wait_screen(page: Page, name: str, timeout: int = WAIT_MS) -> None:
+    await expect(page.locator("body")).to_have_attribute("data-screen", name, timeout=timeout)
+
+
+async def shoot(page: Page, name: str) -> None:
+    """Screenshots at desktop and phone size under test-output/screenshots/."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    size = page.viewport_size or DESKTOP
+    await page.screenshot(path=str(SCREENSHOTS / f"{name}-desktop.png"))
+    await page.set_viewport_size(PHONE)
+    await page.screenshot(path=str(SCREENSHOTS / f"{name}-phone.png"), full_page=True)
+    await page.set_viewport_size(size)
+
+
+async def check_axe(page: Page, axe: str, name: str) -> None:
+    """axe-core: no serious or critical violation on the screen as it is now.
+
+    The script is evaluated (DevTools evaluation), not added as a <script> tag:
+    the pages' CSP forbids inline scripts, which is exactly what the tests check.
+    """
+    if not await page.evaluate("typeof window.axe === 'object'"):
+        await page.evaluate(axe + "\n;undefined")
+    result = await page.evaluate(
+        """async () => {
+          const r = await axe.run(document, {resultTypes: ['violations']});
+          return r.violations
+            .filter((v) => v.impact === 'serious' || v.impact === 'critical')
+            .map((v) => `${v.id} (${v.impact}): ${v.nodes.slice(0, 3).map((n) => n.target.join(' ')).join(', ')}`);
+        }"""
+    )
+    assert result == [], f"axe on {name}: {result}"
+
+
+async def look(page: Page, axe: str, name: str) -> None:
+    """Every screen gets both: an accessibility check and screenshots."""
+    await check_axe(page, axe, name)
+    await shoot(page, name)
+
+
+# ---------------------------------------------------------------- the client's way in
+
+
+async def start_checklist(page: Page) -> None:
+    await wait_screen(page, "welcome")
+    await page.click("#welcome-start")
+    await wait_screen(page, "checklist")
+
+
+async def wait_device_checks(page: Page) -> None:
+    """Every automatic check on the device step has finished and the required ones passed."""
+    for item in ("secure_context", "webrtc", "webcrypto", "camera", "microphone", "preflight"):
+        await expect(page.get_by_test_id(f"item-{item}")).to_have_attribute("data-status", "ok")
+    await expect(page.get_by_test_id("item-headset")).to_have_attribute("data-status", re.compile("ok|warn"))
+
+
+async def tick_all(page: Page, step: str) -> None:
+    for box in await page.locator(f"#step-{step} input[type=checkbox]").all():
+        await box.check()
+
+
+async def fill_details(page: Page, location: str, contact: str) -> None:
+    await page.fill("#details-location", location)
+    await page.fill("#details-contact", contact)
+
+
+async def pass_checklist(
+    page: Page, *, location: str = "Home, 4 Elm Road", contact: str = "Sam, 0123 456", axe: str | None = None, name: str = ""
+) -> None:
+    """Go through the default policy's checklist the way a person would, into the waiting room."""
+    await start_checklist(page)
+    await wait_device_checks(page)
+    if axe:
+        await look(page, axe, f"{name}checklist-device")
+    await page.click("#step-next")
+    await tick_all(page, "space")
+    if axe:
+        await look(page, axe, f"{name}checklist-space")
+    await page.click("#step-next")
+    await tick_all(page, "consent")
+    if axe:
+        await look(page, axe, f"{name}checklist-consent")
+    await page.click("#step-next")
+    await fill_details(page, location, contact)
+    if axe:
+        await look(page, axe, f"{name}checklist-details")
+    await page.click("#checklist-submit")
+    await wait_screen(page, "waiting")
+
+
+async def frames_decoded(page: Page, count: int) -> None:
+    """Every remote tile decodes video (getStats inbound-rtp framesDecoded > 0), and there are `count` tiles."""
+    tiles = page.get_by_test_id("tile")
+    await expect(tiles).to_have_count(count)
+    for i in range(count):
+        await expect(tiles.nth(i)).to_have_attribute("data-state", "connected")
+        await expect(tiles.nth(i)).not_to_have_attribute("data-frames-decoded", "0")
+
+
+async def code_with(page: Page, peer: str) -> str:
+    tile = page.locator(f'[data-testid=tile][data-peer="{peer}"]')
+    await expect(tile).to_have_attribute("data-code", re.compile(r"^\d{3} \d{3} \d{3}$"))
+    return str(await tile.get_attribute("data-code"))

@@ -1,0 +1,905 @@
+// Peer connections with every other admitted peer of the session.
+//
+// Who offers is decided by the broker (`you_offer` in `peers`), so offers
+// never cross. Every offer and answer is signed and checked with the link key
+// (SdpAuthenticator from e2ee.js); a bad, missing or replayed MAC closes that
+// connection and raises an interception warning. Each pair also has the
+// negotiated data channel "chat" (id 0): encrypted text chat and small control
+// messages (mute and camera state) that never pass through the broker. The
+// safety code is derived from both DTLS fingerprints once both descriptions
+// are set. Lost connections heal themselves: the offerer restarts ICE on the
+// same connection, the answerer asks for a new offer (`renegotiate`), and a
+// peer that reloaded its page gets a fresh connection.
+
+import { InterceptionError, SdpAuthenticator, Trust, fingerprintOf, safetyCode } from "./e2ee.js";
+import { announce, el, fill, setPressed } from "./ui.js";
+import { attach } from "./devices.js";
+
+export const CHAT_LABEL = "chat";
+export const CHAT_CHANNEL_ID = 0;
+export const MAX_CHAT_CHARS = 2000;
+
+const MAINTAIN_MS = 2000;
+const ANSWER_WAIT_MS = 10000;
+const RENEGOTIATE_WAIT_MS = 5000;
+const DISCONNECTED_GRACE_MS = 4000;
+const MAX_CONTROL_BYTES = 8192;
+
+/** The connection with one other admitted peer. */
+class PeerLink {
+  constructor(peer, offerer, pc) {
+    this.peer = peer;
+    this.offerer = offerer;
+    this.pc = pc;
+    this.channel = null;
+    this.trust = null;
+    this.code = null;
+    this.remoteFingerprint = null;
+    this.remoteStream = new MediaStream();
+    this.remoteMedia = { audio: true, video: true };
+    this.outbox = []; // local candidates held back until our description has gone out
+    this.descriptionSent = false;
+    this.createdAt = Date.now();
+    this.awaitingAnswer = offerer; // from the first moment, so a renegotiate request cannot start a second offer
+    this.badSince = 0;
+    this.lastRestart = 0;
+    this.closed = false;
+    this.stats = { framesDecoded: 0, rttMs: null, relayed: null };
+  }
+}
+
+/**
+ * The call: one PeerLink per admitted peer.
+ *
+ * Events (on(type, fn)):
+ *   peer {peer, role, connected, state, trust, code, media}   anything about a peer changed
+ *   track {peer, stream}                                      remote media arrived (or changed)
+ *   left {peer, role}                                         a peer is no longer in the call
+ *   chat {peer, role, text}                                   a chat message arrived
+ *   interception {peer, role, reason}                         a description failed authentication
+ *   unverified {peer, role}                                   a peer sent no MAC; ask before accepting
+ *   stats {peer, framesDecoded, rttMs, relayed}
+ */
+export class Call {
+  #signaling;
+  #auth;
+  #sessionId;
+  #config;
+  #localStream;
+  #links = new Map();
+  #infos = new Map(); // peer -> {role, connected, you_offer}
+  #early = new Map(); // peer -> candidates that arrived before their description
+  #allowUnverified = new Set();
+  #pendingUnverified = new Map();
+  #blocked = new Set();
+  #lastRenegotiate = new Map();
+  #handlers = new Map();
+  #unsubscribe = [];
+  #timer = null;
+  #media = { audio: true, video: true };
+  #closed = false;
+
+  constructor(signaling, { sessionId, peerId, linkKey, iceServers = [], iceTransportPolicy = "all", localStream = null }) {
+    this.#signaling = signaling;
+    this.#sessionId = sessionId;
+    this.peerId = peerId;
+    this.#auth = new SdpAuthenticator(linkKey ?? null, sessionId, peerId);
+    this.#config = { iceServers, iceTransportPolicy };
+    this.#localStream = localStream;
+    const on = (type, fn) => this.#unsubscribe.push(signaling.on(type, fn));
+    on("peers", (m) => this.updatePeers(m.peers));
+    on("offer", (m) => this.#onDescription(m, "offer"));
+    on("answer", (m) => this.#onDescription(m, "answer"));
+    on("candidate", (m) => this.#onCandidate(m));
+    on("renegotiate", (m) => this.#onRenegotiate(m.from));
+    this.#timer = setInterval(() => this.#maintain(), MAINTAIN_MS);
+  }
+
+  /** Whether this side holds the link key (else every peer is unverified). */
+  get hasLinkKey() {
+    return this.#auth.hasLinkKey;
+  }
+
+  on(type, fn) {
+    if (!this.#handlers.has(type)) this.#handlers.set(type, new Set());
+    this.#handlers.get(type).add(fn);
+    return () => this.#handlers.get(type)?.delete(fn);
+  }
+
+  #emit(type, payload) {
+    for (const fn of [...(this.#handlers.get(type) ?? [])]) {
+      try {
+        fn(payload);
+      } catch (err) {
+        console.error(`call handler for ${type} failed`, err);
+      }
+    }
+  }
+
+  /** What the UI needs to show about one peer. */
+  describe(peer) {
+    const link = this.#links.get(peer);
+    const info = this.#infos.get(peer);
+    return {
+      peer,
+      role: info?.role ?? null,
+      connected: info?.connected ?? false,
+      state: link ? link.pc.connectionState : "new",
+      trust: link?.trust ?? null,
+      code: link?.code ?? null,
+      media: link ? { ...link.remoteMedia } : { audio: true, video: true },
+      stream: link?.remoteStream ?? null,
+      stats: link ? { ...link.stats } : null,
+    };
+  }
+
+  /** Peers currently expected in the call. */
+  peers() {
+    return [...this.#infos.keys()];
+  }
+
+  #announce(peer) {
+    if (!this.#infos.has(peer)) return; // gone, or not announced by the broker yet
+    this.#emit("peer", this.describe(peer));
+  }
+
+  // ------------------------------------------------------------------ peers from the broker
+
+  /** Apply a `peers` message: connect to new peers, drop the ones that left. */
+  updatePeers(peers) {
+    if (this.#closed) return;
+    const wanted = new Map(peers.map((p) => [p.peer, p]));
+    for (const peer of [...this.#infos.keys()]) {
+      if (!wanted.has(peer)) {
+        const role = this.#infos.get(peer)?.role ?? null;
+        this.#infos.delete(peer);
+        this.#closeLink(peer);
+        this.#emit("left", { peer, role });
+      }
+    }
+    for (const info of peers) {
+      const known = this.#infos.get(info.peer);
+      this.#infos.set(info.peer, { role: info.role, connected: info.connected, you_offer: info.you_offer });
+      this.#ensure(info.peer);
+      if (!known || known.connected !== info.connected) this.#announce(info.peer);
+    }
+  }
+
+  /** Make sure a connection with this peer exists or is on its way. */
+  #ensure(peer) {
+    const info = this.#infos.get(peer);
+    if (!info || !info.connected || this.#blocked.has(peer) || this.#pendingUnverified.has(peer)) return;
+    const link = this.#links.get(peer);
+    const broken = !link || link.closed || ["failed", "closed"].includes(link.pc.connectionState);
+    if (info.you_offer) {
+      const stalled = link && !link.closed && link.awaitingAnswer && Date.now() - link.createdAt > ANSWER_WAIT_MS;
+      if (broken || stalled) this.#startOffer(peer);
+    } else if (broken) {
+      const last = this.#lastRenegotiate.get(peer) ?? 0;
+      if (Date.now() - last > RENEGOTIATE_WAIT_MS) {
+        this.#lastRenegotiate.set(peer, Date.now());
+        this.#signaling.renegotiate(peer);
+      }
+    }
+  }
+
+  // ------------------------------------------------------------------ connections
+
+  #newLink(peer, offerer) {
+    this.#closeLink(peer);
+    const pc = new RTCPeerConnection(this.#config);
+    const link = new PeerLink(peer, offerer, pc);
+    this.#links.set(peer, link);
+    link.channel = pc.createDataChannel(CHAT_LABEL, { negotiated: true, id: CHAT_CHANNEL_ID });
+    this.#wireChannel(link);
+    pc.addEventListener("icecandidate", (event) => {
+      if (link.closed || !event.candidate || !event.candidate.candidate) return;
+      if (link.descriptionSent) this.#signaling.sendCandidate(peer, event.candidate);
+      else link.outbox.push(event.candidate);
+    });
+    pc.addEventListener("track", (event) => {
+      if (link.closed) return;
+      for (const old of link.remoteStream.getTracks().filter((t) => t.kind === event.track.kind)) {
+        link.remoteStream.removeTrack(old);
+      }
+      link.remoteStream.addTrack(event.track);
+      this.#emit("track", { peer, stream: link.remoteStream });
+    });
+    pc.addEventListener("connectionstatechange", () => {
+      if (link.closed) return;
+      const state = pc.connectionState;
+      link.badSince = state === "disconnected" || state === "failed" ? link.badSince || Date.now() : 0;
+      if (state === "failed") this.#heal(link);
+      this.#announce(peer);
+    });
+    return link;
+  }
+
+  #closeLink(peer) {
+    const link = this.#links.get(peer);
+    if (!link) return;
+    link.closed = true;
+    this.#links.delete(peer);
+    try {
+      link.pc.close();
+    } catch {
+      /* already closed */
+    }
+    for (const track of link.remoteStream.getTracks()) link.remoteStream.removeTrack(track);
+  }
+
+  #localTrack(kind) {
+    return this.#localStream?.getTracks().find((t) => t.kind === kind) ?? null;
+  }
+
+  async #startOffer(peer) {
+    const link = this.#newLink(peer, true);
+    const { pc } = link;
+    link.awaitingAnswer = true;
+    const streams = this.#localStream ? [this.#localStream] : [];
+    for (const kind of ["audio", "video"]) {
+      pc.addTransceiver(this.#localTrack(kind) ?? kind, { direction: "sendrecv", streams });
+    }
+    try {
+      await pc.setLocalDescription(await pc.createOffer());
+      await this.#sendDescription(link, "offer");
+    } catch (err) {
+      if (!link.closed) console.warn("could not make an offer", err?.name);
+    }
+  }
+
+  async #sendDescription(link, type) {
+    const sdp = link.pc.localDescription.sdp;
+    const [counter, mac] = await this.#auth.sign(link.peer, type, sdp);
+    if (link.closed) return;
+    if (type === "offer") this.#signaling.sendOffer(link.peer, sdp, counter, mac);
+    else this.#signaling.sendAnswer(link.peer, sdp, counter, mac);
+    link.descriptionSent = true;
+    for (const candidate of link.outbox.splice(0)) this.#signaling.sendCandidate(link.peer, candidate);
+    await this.#updateCode(link);
+  }
+
+  async #onDescription(message, type) {
+    if (this.#closed) return;
+    const peer = message.from;
+    if (!peer || this.#blocked.has(peer)) return;
+    let trust;
+    try {
+      trust = await this.#auth.verify(peer, type, message.counter ?? null, message.sdp, message.mac ?? null, {
+        allowUnverified: this.#allowUnverified.has(peer),
+      });
+    } catch (err) {
+      if (!(err instanceof InterceptionError)) throw err;
+      if (err.reason === "missing_mac" && type === "offer") {
+        // The other side may be a therapist on a device without the link key: ask first.
+        this.#pendingUnverified.set(peer, message);
+        this.#emit("unverified", { peer, role: this.#infos.get(peer)?.role ?? null });
+        return;
+      }
+      this.#intercepted(peer, err.reason);
+      return;
+    }
+    if (type === "offer") await this.#acceptOffer(peer, message.sdp, trust);
+    else await this.#acceptAnswer(peer, message.sdp, trust);
+  }
+
+  async #acceptOffer(peer, sdp, trust) {
+    const remoteFp = fingerprintOf(sdp);
+    let link = this.#links.get(peer);
+    const sameEnd =
+      link && !link.closed && link.remoteFingerprint === remoteFp && link.pc.connectionState !== "closed";
+    if (!sameEnd) link = this.#newLink(peer, false);
+    else {
+      link.descriptionSent = false; // an ICE restart: hold new candidates until the answer is out
+    }
+    link.trust = trust;
+    link.remoteFingerprint = remoteFp;
+    const { pc } = link;
+    try {
+      await pc.setRemoteDescription({ type: "offer", sdp });
+      if (!sameEnd) this.#attachLocalTracks(pc);
+      await pc.setLocalDescription(await pc.createAnswer());
+      await this.#flushEarly(link);
+      await this.#sendDescription(link, "answer");
+    } catch (err) {
+      if (!link.closed) console.warn("could not answer", err?.name);
+    }
+    this.#announce(peer);
+  }
+
+  async #acceptAnswer(peer, sdp, trust) {
+    const link = this.#links.get(peer);
+    if (!link || link.closed || !link.offerer || link.pc.signalingState !== "have-local-offer") return;
+    link.trust = trust;
+    link.remoteFingerprint = fingerprintOf(sdp);
+    link.awaitingAnswer = false;
+    try {
+      await link.pc.setRemoteDescription({ type: "answer", sdp });
+      await this.#flushEarly(link);
+      await this.#updateCode(link);
+    } catch (err) {
+      if (!link.closed) console.warn("could not use the answer", err?.name);
+    }
+    this.#announce(peer);
+  }
+
+  #attachLocalTracks(pc) {
+    const stream = this.#localStream;
+    for (const transceiver of pc.getTransceivers()) {
+      const kind = transceiver.receiver.track?.kind;
+      if (kind !== "audio" && kind !== "video") continue;
+      transceiver.direction = "sendrecv";
+      const track = this.#localTrack(kind);
+      if (track) {
+        transceiver.sender.replaceTrack(track).catch(() => {});
+        if (stream) transceiver.sender.setStreams?.(stream);
+      }
+    }
+  }
+
+  async #updateCode(link) {
+    const local = link.pc.localDescription;
+    const remote = link.pc.remoteDescription;
+    if (!local || !remote || link.closed) return;
+    try {
+      const code = await safetyCode(this.#sessionId, fingerprintOf(local.sdp), fingerprintOf(remote.sdp));
+      if (code !== link.code) {
+        link.code = code;
+        this.#announce(link.peer);
+      }
+    } catch {
+      /* fingerprints are checked on receipt; nothing to show yet */
+    }
+  }
+
+  async #onCandidate(message) {
+    const peer = message.from;
+    if (!peer || !message.candidate) return;
+    const candidate = {
+      candidate: message.candidate,
+      sdpMid: message.sdp_mid ?? null,
+      sdpMLineIndex: message.sdp_mline_index ?? null,
+    };
+    const link = this.#links.get(peer);
+    if (!link || link.closed || !link.pc.remoteDescription) {
+      const queue = this.#early.get(peer) ?? [];
+      queue.push(candidate);
+      this.#early.set(peer, queue.slice(-64));
+      return;
+    }
+    await link.pc.addIceCandidate(candidate).catch(() => {});
+  }
+
+  async #flushEarly(link) {
+    const queue = this.#early.get(link.peer) ?? [];
+    this.#early.delete(link.peer);
+    for (const candidate of queue) await link.pc.addIceCandidate(candidate).catch(() => {});
+  }
+
+  #onRenegotiate(peer) {
+    const info = this.#infos.get(peer);
+    if (!peer || !info || !info.you_offer || this.#blocked.has(peer)) return;
+    const link = this.#links.get(peer);
+    if (link && !link.closed && link.awaitingAnswer && Date.now() - link.createdAt < ANSWER_WAIT_MS) return; // an offer is on its way
+    // The other side lost its connection (or reloaded): start over with a fresh one.
+    this.#startOffer(peer);
+  }
+
+  /** A connection failed or stayed disconnected: restart ICE, or ask the offerer to. */
+  async #heal(link) {
+    if (link.closed || Date.now() - link.lastRestart < RENEGOTIATE_WAIT_MS) return;
+    link.lastRestart = Date.now();
+    if (!link.offerer) {
+      this.#lastRenegotiate.set(link.peer, Date.now());
+      this.#signaling.renegotiate(link.peer);
+      return;
+    }
+    try {
+      link.descriptionSent = false;
+      link.awaitingAnswer = true;
+      link.createdAt = Date.now();
+      await link.pc.setLocalDescription(await link.pc.createOffer({ iceRestart: true }));
+      await this.#sendDescription(link, "offer");
+    } catch {
+      this.#startOffer(link.peer);
+    }
+  }
+
+  #intercepted(peer, reason) {
+    this.#blocked.add(peer);
+    this.#closeLink(peer);
+    this.#emit("interception", { peer, role: this.#infos.get(peer)?.role ?? null, reason });
+    this.#announce(peer);
+  }
+
+  /** The person chose to go on without link verification for this peer (they compare the safety code). */
+  async acceptUnverified(peer) {
+    this.#allowUnverified.add(peer);
+    const pending = this.#pendingUnverified.get(peer);
+    this.#pendingUnverified.delete(peer);
+    if (pending) await this.#onDescription(pending, "offer");
+    else this.#ensure(peer);
+  }
+
+  /** Refuse an unverified peer (nothing is connected). */
+  refuseUnverified(peer) {
+    this.#pendingUnverified.delete(peer);
+    this.#blocked.add(peer);
+  }
+
+  /** Try again with a peer after an interception warning. */
+  unblock(peer) {
+    this.#blocked.delete(peer);
+    this.#ensure(peer);
+  }
+
+  /** Reconnect media with a peer now (a "fix connection" button, or a test). */
+  restart(peer) {
+    const link = this.#links.get(peer);
+    if (link) {
+      link.lastRestart = 0;
+      this.#heal(link);
+    } else this.#ensure(peer);
+  }
+
+  #maintain() {
+    if (this.#closed) return;
+    for (const peer of this.#infos.keys()) {
+      const link = this.#links.get(peer);
+      if (link && link.badSince && Date.now() - link.badSince > DISCONNECTED_GRACE_MS) this.#heal(link);
+      this.#ensure(peer);
+      if (link && !link.closed) this.#collectStats(link);
+    }
+  }
+
+  async #collectStats(link) {
+    if (link.pc.connectionState !== "connected") return;
+    let report;
+    try {
+      report = await link.pc.getStats();
+    } catch {
+      return;
+    }
+    let framesDecoded = 0;
+    let pair = null;
+    const byId = new Map();
+    report.forEach((s) => {
+      byId.set(s.id, s);
+      if (s.type === "inbound-rtp" && s.kind === "video") framesDecoded += s.framesDecoded ?? 0;
+      if (s.type === "transport" && s.selectedCandidatePairId) pair = s.selectedCandidatePairId;
+    });
+    const selected = pair ? byId.get(pair) : [...byId.values()].find((s) => s.type === "candidate-pair" && s.nominated);
+    const local = selected ? byId.get(selected.localCandidateId) : null;
+    const remote = selected ? byId.get(selected.remoteCandidateId) : null;
+    link.stats = {
+      framesDecoded,
+      rttMs: selected?.currentRoundTripTime != null ? Math.round(selected.currentRoundTripTime * 1000) : null,
+      relayed: local && remote ? local.candidateType === "relay" || remote.candidateType === "relay" : null,
+    };
+    this.#emit("stats", { peer: link.peer, ...link.stats });
+  }
+
+  // ------------------------------------------------------------------ data channel
+
+  #wireChannel(link) {
+    const channel = link.channel;
+    channel.addEventListener("open", () => {
+      this.#sendControl(link, { t: "media", ...this.#media });
+      this.#announce(link.peer);
+    });
+    channel.addEventListener("close", () => this.#announce(link.peer));
+    channel.addEventListener("message", (event) => {
+      if (link.closed || typeof event.data !== "string" || event.data.length > MAX_CONTROL_BYTES) return;
+      let message;
+      try {
+        message = JSON.parse(event.data);
+      } catch {
+        return;
+      }
+      if (!message || typeof message !== "object") return;
+      const role = this.#infos.get(link.peer)?.role ?? null;
+      if (message.t === "chat" && typeof message.text === "string" && message.text.trim()) {
+        this.#emit("chat", { peer: link.peer, role, text: message.text.slice(0, MAX_CHAT_CHARS) });
+      } else if (message.t === "media") {
+        link.remoteMedia = { audio: message.audio !== false, video: message.video !== false };
+        this.#announce(link.peer);
+      }
+    });
+  }
+
+  #sendControl(link, message) {
+    if (link.closed || link.channel?.readyState !== "open") return false;
+    link.channel.send(JSON.stringify(message));
+    return true;
+  }
+
+  /** Send a chat message to every connected peer; returns how many received it. */
+  sendChat(text) {
+    const clean = String(text).trim().slice(0, MAX_CHAT_CHARS);
+    if (!clean) return 0;
+    let sent = 0;
+    for (const link of this.#links.values()) if (this.#sendControl(link, { t: "chat", text: clean })) sent += 1;
+    return sent;
+  }
+
+  /** Whether any chat channel is open. */
+  get canChat() {
+    return [...this.#links.values()].some((l) => !l.closed && l.channel?.readyState === "open");
+  }
+
+  // ------------------------------------------------------------------ local media
+
+  /** Mute or unmute the microphone for everyone; the others see it. */
+  setAudioEnabled(on) {
+    this.#media.audio = Boolean(on);
+    for (const track of this.#localStream?.getAudioTracks() ?? []) track.enabled = this.#media.audio;
+    this.#broadcastMedia();
+  }
+
+  /** Turn the camera picture on or off for everyone; the others see it. */
+  setVideoEnabled(on) {
+    this.#media.video = Boolean(on);
+    for (const track of this.#localStream?.getVideoTracks() ?? []) track.enabled = this.#media.video;
+    this.#broadcastMedia();
+  }
+
+  get media() {
+    return { ...this.#media };
+  }
+
+  #broadcastMedia() {
+    for (const link of this.#links.values()) this.#sendControl(link, { t: "media", ...this.#media });
+  }
+
+  /** Use another local stream (after re-testing devices) without renegotiating. */
+  setLocalStream(stream) {
+    this.#localStream = stream;
+    for (const track of stream?.getTracks() ?? []) {
+      track.enabled = track.kind === "audio" ? this.#media.audio : this.#media.video;
+    }
+    for (const link of this.#links.values()) {
+      for (const sender of link.pc.getSenders()) {
+        const kind = sender.track?.kind;
+        const transceiver = link.pc.getTransceivers().find((t) => t.sender === sender);
+        const wanted = this.#localTrack(kind ?? transceiver?.receiver.track?.kind);
+        if (wanted) sender.replaceTrack(wanted).catch(() => {});
+      }
+    }
+  }
+
+  /** Hang up every connection and stop listening to signaling. */
+  close() {
+    this.#closed = true;
+    clearInterval(this.#timer);
+    for (const off of this.#unsubscribe) off();
+    for (const peer of [...this.#links.keys()]) this.#closeLink(peer);
+    this.#infos.clear();
+    this.#early.clear();
+    this.#pendingUnverified.clear();
+  }
+}
+
+// ==================================================================== the call screen
+
+const STATE_WORDS = {
+  new: "Connecting…",
+  connecting: "Connecting…",
+  connected: "Connected",
+  disconnected: "Connection interrupted, reconnecting…",
+  failed: "Reconnecting…",
+  closed: "Not connected",
+};
+
+/**
+ * The call screen shared by the client and the therapist: a large tile per
+ * remote peer (video, name, mute and camera state, connection state, safety
+ * code and how far it is verified), a small self view, the controls and the
+ * encrypted chat. Screen-specific parts come in through the options.
+ */
+export class CallView {
+  #call;
+  #opts;
+  #tiles = new Map();
+  #off = [];
+  #lastSummary = "";
+  #reconnecting = false;
+  #unread = 0;
+  #els;
+
+  /**
+   * @param {HTMLElement} root  an empty container
+   * @param {Call} call
+   * @param {{labelFor: (peer: string, role: string|null) => string, emptyText: string,
+   *          tileActions?: (peer: string, role: string|null) => Node[], onLeave?: () => void,
+   *          leaveLabel?: string, selfLabel?: string}} opts
+   */
+  constructor(root, call, opts) {
+    this.#call = call;
+    this.#opts = opts;
+    this.#els = this.#build(root);
+    const on = (type, fn) => this.#off.push(call.on(type, fn));
+    on("peer", (info) => this.#renderPeer(info));
+    on("track", ({ peer, stream }) => this.#attachRemote(peer, stream));
+    on("left", ({ peer, role }) => this.#removeTile(peer, role));
+    on("chat", ({ peer, role, text }) => this.#addChat(this.#opts.labelFor(peer, role), text, false));
+    on("stats", (s) => this.#renderStats(s));
+    this.#summarise();
+  }
+
+  #build(root) {
+    const banner = el("div", {
+      className: "banner",
+      role: "status",
+      hidden: true,
+      "data-testid": "reconnecting-banner",
+      text: "Connection lost. Reconnecting… Your call may carry on meanwhile.",
+    });
+    const unverified = el("div", {
+      className: "banner warn",
+      hidden: true,
+      "data-testid": "unverified-banner",
+      text: "Not verified by link — compare the safety codes aloud before you talk.",
+    });
+    const empty = el("p", { className: "empty", text: this.#opts.emptyText, "data-testid": "call-empty" });
+    const tiles = el("div", { className: "tiles" });
+    const selfVideo = el("video", { autoplay: true, playsinline: true, "aria-label": "Your own camera" });
+    selfVideo.muted = true;
+    const selfOff = el("p", { className: "camera-off", hidden: true, text: "Camera off" });
+    const self = el("figure", { className: "selfview" }, [
+      selfVideo,
+      selfOff,
+      el("figcaption", { text: this.#opts.selfLabel ?? "You" }),
+    ]);
+    const codeHelp = el("p", {
+      className: "code-help",
+      text: "Read the safety code aloud together. If it is the same on both screens, no one is listening in.",
+    });
+    const chatLog = el("ol", { className: "chat-log", "aria-live": "polite", "data-testid": "chat-log" });
+    const chatInput = el("input", {
+      id: "chat-input",
+      type: "text",
+      maxlength: String(MAX_CHAT_CHARS),
+      autocomplete: "off",
+      "data-testid": "chat-input",
+    });
+    const chatSend = el("button", { type: "submit", className: "primary", text: "Send" });
+    const chatForm = el("form", { className: "chat-form" }, [
+      el("label", { for: "chat-input", className: "visually-hidden", text: "Message" }),
+      chatInput,
+      chatSend,
+    ]);
+    chatForm.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const text = chatInput.value.trim();
+      if (!text) return;
+      if (this.#call.sendChat(text) > 0) {
+        this.#addChat("You", text, true);
+        chatInput.value = "";
+      } else {
+        announce("The message could not be sent: no one is connected yet.");
+      }
+    });
+    const chat = el("aside", { className: "chat-panel", id: "chat-panel", hidden: true, "aria-labelledby": "chat-title" }, [
+      el("h2", { id: "chat-title", text: "Private chat" }),
+      el("p", {
+        className: "hint",
+        text: "Messages go directly to the others in the call, encrypted. They are not saved anywhere.",
+      }),
+      chatLog,
+      chatForm,
+    ]);
+    const state = el("p", { className: "call-state", "data-testid": "call-state", text: "Connecting…" });
+    const mic = el("button", { type: "button", "aria-pressed": "false", "data-testid": "toggle-mic" }, [
+      el("span", { className: "icon icon-mic", "aria-hidden": "true" }),
+      el("span", { className: "label", text: "Mute" }),
+    ]);
+    const cam = el("button", { type: "button", "aria-pressed": "false", "data-testid": "toggle-camera" }, [
+      el("span", { className: "icon icon-cam", "aria-hidden": "true" }),
+      el("span", { className: "label", text: "Stop camera" }),
+    ]);
+    const chatToggle = el(
+      "button",
+      { type: "button", "aria-expanded": "false", "aria-controls": "chat-panel", "data-testid": "toggle-chat" },
+      [el("span", { className: "icon icon-chat", "aria-hidden": "true" }), el("span", { className: "label", text: "Chat" })],
+    );
+    const badge = el("span", { className: "unread", hidden: true, "data-testid": "chat-unread" });
+    chatToggle.append(badge);
+    mic.addEventListener("click", () => {
+      const muted = this.#call.media.audio;
+      this.#call.setAudioEnabled(!muted);
+      setPressed(mic, muted);
+      announce(muted ? "Your microphone is muted." : "Your microphone is on.");
+    });
+    cam.addEventListener("click", () => {
+      const off = this.#call.media.video;
+      this.#call.setVideoEnabled(!off);
+      setPressed(cam, off);
+      selfOff.hidden = !off;
+      selfVideo.hidden = off;
+      announce(off ? "Your camera is off." : "Your camera is on.");
+    });
+    chatToggle.addEventListener("click", () => {
+      const open = chat.hidden;
+      chat.hidden = !open;
+      chatToggle.setAttribute("aria-expanded", open ? "true" : "false");
+      root.classList.toggle("chat-open", open);
+      if (open) {
+        this.#unread = 0;
+        badge.hidden = true;
+        chatInput.focus();
+      }
+    });
+    const controls = [mic, cam, chatToggle];
+    if (this.#opts.onLeave) {
+      const leave = el("button", { type: "button", className: "danger", "data-testid": "leave" }, [
+        el("span", { className: "icon icon-leave", "aria-hidden": "true" }),
+        el("span", { className: "label", text: this.#opts.leaveLabel ?? "Leave" }),
+      ]);
+      leave.addEventListener("click", () => this.#opts.onLeave());
+      controls.push(leave);
+    }
+    const bar = el("section", { className: "callbar", "aria-label": "Call controls" }, [
+      state,
+      el("div", { className: "controls" }, controls),
+    ]);
+    fill(root, [banner, unverified, el("div", { className: "stage" }, [empty, tiles, self]), codeHelp, chat, bar]);
+    return { root, banner, unverified, empty, tiles, selfVideo, selfOff, chat, chatLog, state, badge, codeHelp };
+  }
+
+  setSelfStream(stream) {
+    if (stream) attach(this.#els.selfVideo, stream, { muted: true });
+    else this.#els.selfVideo.srcObject = null;
+  }
+
+  /** Show or hide the reconnecting banner (the broker connection is down). */
+  setReconnecting(on) {
+    if (this.#reconnecting === on) return;
+    this.#reconnecting = on;
+    this.#els.banner.hidden = !on;
+    announce(on ? "Connection lost. Reconnecting." : "Reconnected.");
+    this.#summarise();
+  }
+
+  setUnverified(on) {
+    this.#els.unverified.hidden = !on;
+  }
+
+  #tile(peer, role) {
+    let tile = this.#tiles.get(peer);
+    if (tile) return tile;
+    const video = el("video", { autoplay: true, playsinline: true });
+    const cameraOff = el("p", { className: "camera-off", hidden: true, text: "Camera off" });
+    const name = el("span", { className: "name", text: this.#opts.labelFor(peer, role) });
+    const muted = el("span", { className: "badge muted", hidden: true, "data-testid": "remote-muted", text: "Muted" });
+    const state = el("span", { className: "conn", "data-testid": "peer-state", text: "Connecting…" });
+    const code = el("strong", { "data-testid": "safety-code", text: "…" });
+    const trust = el("span", { className: "trust", "data-testid": "trust" });
+    const sound = el("button", { type: "button", className: "sound", hidden: true, text: "Turn on sound" });
+    sound.addEventListener("click", async () => {
+      video.muted = false;
+      try {
+        await video.play();
+        sound.hidden = true;
+      } catch {
+        /* the browser still refuses; keep the button */
+      }
+    });
+    const actions = el("span", { className: "tile-actions" }, this.#opts.tileActions?.(peer, role) ?? []);
+    const node = el(
+      "figure",
+      { className: "tile", dataset: { peer, state: "new", framesDecoded: "0" }, "data-testid": "tile" },
+      [
+        video,
+        cameraOff,
+        sound,
+        el("figcaption", {}, [
+          el("span", { className: "who" }, [name, muted]),
+          state,
+          el("span", { className: "code" }, ["Safety code ", code]),
+          trust,
+          actions,
+        ]),
+      ],
+    );
+    tile = { node, video, cameraOff, name, muted, state, code, trust, sound, attached: null };
+    this.#tiles.set(peer, tile);
+    this.#els.tiles.append(node);
+    this.#layout();
+    return tile;
+  }
+
+  #renderPeer(info) {
+    const tile = this.#tile(info.peer, info.role);
+    tile.name.textContent = this.#opts.labelFor(info.peer, info.role);
+    const state = !info.connected && info.state !== "connected" ? "away" : info.state;
+    tile.node.dataset.state = state;
+    tile.state.textContent =
+      state === "away" ? "Their connection dropped. Waiting for them to come back…" : STATE_WORDS[state] ?? state;
+    tile.code.textContent = info.code ?? "…";
+    tile.node.dataset.code = info.code ?? "";
+    if (info.trust === "verified_by_link") tile.trust.textContent = "Verified by link";
+    else if (info.trust === "unverified") tile.trust.textContent = "Not verified by link — compare the safety codes";
+    else tile.trust.textContent = "";
+    tile.node.dataset.trust = info.trust ?? "";
+    tile.muted.hidden = info.media.audio;
+    tile.node.dataset.remoteAudio = info.media.audio ? "on" : "off";
+    tile.node.dataset.remoteVideo = info.media.video ? "on" : "off";
+    tile.cameraOff.hidden = info.media.video;
+    tile.video.classList.toggle("off", !info.media.video);
+    if (info.stream && tile.attached !== info.stream) this.#attachRemote(info.peer, info.stream);
+    this.#summarise();
+  }
+
+  async #attachRemote(peer, stream) {
+    const tile = this.#tile(peer, null);
+    if (tile.attached === stream && tile.video.srcObject === stream) return;
+    tile.attached = stream;
+    const audible = await attach(tile.video, stream, { muted: false });
+    if (audible === null || tile.attached !== stream) return;
+    tile.sound.hidden = audible || !tile.video.muted;
+  }
+
+  #renderStats({ peer, framesDecoded, rttMs, relayed }) {
+    const tile = this.#tiles.get(peer);
+    if (!tile) return;
+    tile.node.dataset.framesDecoded = String(framesDecoded);
+    tile.node.dataset.relayed = relayed === null ? "" : String(relayed);
+    if (rttMs !== null) tile.node.dataset.rttMs = String(rttMs);
+  }
+
+  #removeTile(peer, role) {
+    const tile = this.#tiles.get(peer);
+    if (tile) {
+      tile.video.srcObject = null;
+      tile.node.remove();
+      this.#tiles.delete(peer);
+    }
+    announce(`${this.#opts.labelFor(peer, role)} left the call.`);
+    this.#layout();
+    this.#summarise();
+  }
+
+  #layout() {
+    this.#els.tiles.dataset.count = String(this.#tiles.size);
+    this.#els.empty.hidden = this.#tiles.size > 0;
+  }
+
+  #addChat(who, text, mine) {
+    const item = el("li", { className: mine ? "mine" : "theirs" }, [
+      el("span", { className: "from", text: who }),
+      el("span", { className: "text", text }),
+    ]);
+    this.#els.chatLog.append(item);
+    item.scrollIntoView({ block: "nearest" });
+    if (!mine && this.#els.chat.hidden) {
+      this.#unread += 1;
+      this.#els.badge.textContent = String(this.#unread);
+      this.#els.badge.hidden = false;
+      announce(`New message from ${who}.`);
+    }
+  }
+
+  #summarise() {
+    const infos = this.#call.peers().map((p) => this.#call.describe(p));
+    let text;
+    if (this.#reconnecting) text = "Reconnecting…";
+    else if (infos.length === 0) text = this.#opts.emptyText;
+    else if (infos.every((i) => i.state === "connected")) text = "Connected";
+    else if (infos.some((i) => i.state === "connected")) text = "Connected to some, connecting to others…";
+    else if (infos.some((i) => !i.connected)) text = "Waiting for the other side…";
+    else text = "Connecting…";
+    this.#els.state.textContent = text;
+    this.#els.root.dataset.state = text === "Connected" ? "connected" : "pending";
+    if (text !== this.#lastSummary) {
+      this.#lastSummary = text;
+      announce(text);
+    }
+  }
+
+  destroy() {
+    for (const off of this.#off) off();
+    for (const tile of this.#tiles.values()) tile.video.srcObject = null;
+    this.#els.selfVideo.srcObject = null;
+    this.#tiles.clear();
+  }
+}

@@ -1,0 +1,669 @@
+// The client's join flow: welcome -> privacy checklist -> waiting room -> call -> after the call.
+//
+// The link key comes from the address fragment (removed from the address bar
+// at once). It is kept for this tab only in sessionStorage so a reload finds
+// its way back into the call, and removed with everything else when the
+// session is over. Every wire message goes through protocol.js.
+
+import { Call, CallView } from "./call.js";
+import {
+  LevelMeter,
+  attach,
+  guessHeadset,
+  hasLiveTrack,
+  openMedia,
+  stopStream,
+  videoShowsFrames,
+} from "./devices.js";
+import { b64urlDecode, b64urlEncode, readLinkKeyFromFragment, sealDetails } from "./e2ee.js";
+import { runPreflight } from "./preflight.js";
+import { Signaling, tokenFromPath } from "./protocol.js";
+import { announce, byId, confirmDialog, el, fill, formatTime, setText, showScreen, sleep } from "./ui.js";
+
+const KEY_PREFIX = "tt.link-key.";
+const PREFLIGHT_RECORD_TRIES = 10;
+
+const NOTICES = {
+  invalid_token: [
+    "This link does not work",
+    "It may have been replaced by a newer link, or the session was cancelled.",
+    "Please ask your therapist for a new link.",
+  ],
+  token_expired: [
+    "This link has expired",
+    "The time for this session has passed.",
+    "If you expected a session now, please contact your therapist directly.",
+  ],
+  token_not_yet_valid: [
+    "It is a little early",
+    "This link opens shortly before your appointment.",
+    "Please open it again closer to the time. You don’t need to do anything else.",
+  ],
+  declined: [
+    "Your therapist could not let you in",
+    "This is not something you did wrong. Your therapist may not be able to see you right now.",
+    "If you are unsure why, please contact your therapist.",
+  ],
+  removed: [
+    "You are no longer in the session",
+    "Your therapist ended your part of this session.",
+    "If you think this was a mistake, please contact your therapist.",
+  ],
+  replaced: [
+    "Your session is open in another window",
+    "You opened your link again in another tab or window, so this one has stopped.",
+    "Carry on in the other window, or continue here instead.",
+  ],
+  missing_key: [
+    "This link is incomplete",
+    "The last part of the link, after the # sign, is missing. It is needed to keep your session private.",
+    "Open the link exactly as you received it, for example by tapping it in the message your therapist sent.",
+  ],
+  damaged_key: [
+    "This link is damaged",
+    "Part of the link was changed or cut off, so your session cannot be protected.",
+    "Open the link exactly as you received it, or ask your therapist to send it again.",
+  ],
+  unsupported_protocol: [
+    "Please reload this page",
+    "This page is out of date.",
+    "Reloading it will fetch the current version.",
+  ],
+};
+
+const STEP_NAMES = { device: "Device", space: "Your space", consent: "Consent", details: "Emergency" };
+
+const state = {
+  signaling: null,
+  joined: null,
+  policy: null,
+  linkKey: null,
+  stream: null,
+  meter: null,
+  retestMeter: null,
+  call: null,
+  view: null,
+  lastPeers: [],
+  therapistPresent: false,
+  items: [],
+  steps: [],
+  stepIndex: 0,
+  preflight: "idle",
+  mediaRun: 0,
+  finished: false,
+  started: false,
+};
+
+// ------------------------------------------------------------------ start
+
+function start() {
+  wireButtons();
+  const token = tokenFromPath();
+  if (!token) {
+    notice("invalid_token");
+    return;
+  }
+  try {
+    state.linkKey = readLinkKeyFromFragment();
+  } catch {
+    notice("damaged_key");
+    return;
+  }
+  const signaling = new Signaling(token, { agent: "web-client" });
+  state.signaling = signaling;
+  signaling.on("joined", onJoined);
+  signaling.on("status", onStatus);
+  signaling.on("peers", (m) => {
+    state.lastPeers = m.peers;
+  });
+  signaling.on("connection", onConnection);
+  signaling.on("final", onFinal);
+  signaling.on("problem", (p) => announce(p.message));
+  signaling.connect();
+}
+
+function wireButtons() {
+  byId("welcome-start").addEventListener("click", startChecklist);
+  byId("step-next").addEventListener("click", () => moveStep(1));
+  byId("step-back").addEventListener("click", () => moveStep(-1));
+  byId("checklist-submit").addEventListener("click", submitChecklist);
+  byId("media-retry").addEventListener("click", () => runMediaChecks());
+  byId("waiting-leave").addEventListener("click", leave);
+  byId("retest").addEventListener("toggle", onRetestToggle);
+  byId("unverified-leave").addEventListener("click", () => finish("left"));
+  byId("interception-close").addEventListener("click", () => finish("interception"));
+  byId("notice-action").addEventListener("click", () => window.location.reload());
+  for (const id of ["details-location", "details-contact"]) byId(id).addEventListener("input", updateProgress);
+}
+
+function onJoined(joined) {
+  state.joined = joined;
+  if (state.started) {
+    // A reconnect after a dropped connection: the seat may have moved on meanwhile.
+    if (joined.seat_state === "admitted") startCall();
+    return;
+  }
+  state.started = true;
+  const storeKey = KEY_PREFIX + joined.session;
+  if (state.linkKey) {
+    sessionStorage.setItem(storeKey, b64urlEncode(state.linkKey));
+  } else {
+    const kept = sessionStorage.getItem(storeKey);
+    if (!kept) {
+      state.signaling.close();
+      notice("missing_key");
+      return;
+    }
+    state.linkKey = b64urlDecode(kept);
+  }
+  state.policy = joined.policy ?? { items: [], consent: null, practice_name: null, version: "" };
+  const practice = state.policy.practice_name;
+  setText("practice-name", practice || "Your session");
+  setText("welcome-practice", practice || "");
+  byId("welcome-practice").hidden = !practice;
+  setText("welcome-time", formatTime(joined.starts));
+  if (joined.seat_state === "admitted") startCall();
+  else if (joined.seat_state === "waiting") showWaiting();
+  else showScreen("screen-welcome");
+}
+
+function onStatus(status) {
+  state.therapistPresent = status.therapist_present;
+  updateWaitingText();
+  if (status.seat_state === "admitted" && !state.call && !state.finished) startCall();
+}
+
+function onConnection({ state: connection }) {
+  const down = connection === "reconnecting";
+  state.view?.setReconnecting(down);
+  if (down && !state.view) announce("Connection lost. Reconnecting.");
+  if (document.body.dataset.screen === "waiting") updateWaitingText(down);
+}
+
+function onFinal({ code }) {
+  if (state.finished) return;
+  if (code === "session_ended") finish("ended");
+  else if (code === "left") return;
+  else {
+    teardown({ keepKey: code === "replaced" });
+    notice(code in NOTICES ? code : "invalid_token");
+  }
+}
+
+// ------------------------------------------------------------------ checklist
+
+function startChecklist() {
+  const groups = { device: [], space: [], consent: [], details: [] };
+  state.items = state.policy.items.map((item) => ({ ...item, met: null, node: null, input: null }));
+  for (const item of state.items) {
+    if (item.kind === "automatic") groups.device.push(item);
+    else if (item.kind === "consent") groups.consent.push(item);
+    else if (item.kind === "details") groups.details.push(item);
+    else groups.space.push(item);
+  }
+  state.steps = Object.keys(groups).filter((name) => groups[name].length > 0 || name === "device");
+  fill(byId("items-device"), groups.device.map(renderAutomatic));
+  fill(byId("items-space"), groups.space.map(renderAttested));
+  fill(byId("items-consent"), groups.consent.map(renderAttested));
+  renderConsentText();
+  const details = groups.details[0];
+  if (details) {
+    setText("details-text", details.text);
+    setText("details-help", details.help);
+  }
+  fill(
+    byId("stepper"),
+    state.steps.map((name, i) =>
+      el("li", { dataset: { step: name } }, [el("span", { className: "num", text: String(i + 1) }), STEP_NAMES[name]]),
+    ),
+  );
+  showScreen("screen-checklist");
+  showStep(0, { focus: false });
+  updateProgress();
+  runAutomaticChecks();
+}
+
+function levelWord(item) {
+  return item.level === "required" ? "needed" : "recommended";
+}
+
+function renderAutomatic(item) {
+  const status = el("p", { className: "status", text: "Waiting to check…" });
+  const help = el("p", { className: "help", hidden: true, text: item.help });
+  const retry = el("button", { type: "button", className: "quiet small", hidden: true, text: "Check again" });
+  retry.addEventListener("click", () => (item.check === "preflight" ? runNetworkCheck() : runMediaChecks()));
+  item.node = el("li", { className: "item", dataset: { item: item.id, status: "pending" }, "data-testid": `item-${item.id}` }, [
+    el("span", { className: "mark", "aria-hidden": "true" }),
+    el("div", { className: "body" }, [
+      el("p", { className: "text" }, [item.text, " ", el("span", { className: "level", text: `(${levelWord(item)})` })]),
+      status,
+      help,
+      retry,
+    ]),
+  ]);
+  item.statusNode = status;
+  item.helpNode = help;
+  item.retry = retry;
+  return item.node;
+}
+
+function renderAttested(item) {
+  const id = `answer-${item.id}`;
+  const input = el("input", { type: "checkbox", id, "aria-describedby": `${id}-help`, "data-testid": id });
+  input.addEventListener("change", () => {
+    item.met = input.checked;
+    item.node.dataset.status = input.checked ? "ok" : "pending";
+    updateProgress();
+  });
+  item.input = input;
+  item.node = el("li", { className: "item attest", dataset: { item: item.id, status: "pending" } }, [
+    input,
+    el("div", { className: "body" }, [
+      el("label", { for: id, className: "text" }, [item.text, " ", el("span", { className: "level", text: `(${levelWord(item)})` })]),
+      el("p", { className: "help", id: `${id}-help`, text: item.help }),
+    ]),
+  ]);
+  return item.node;
+}
+
+function renderConsentText() {
+  const text = state.policy.consent?.text ?? "";
+  const blocks = [];
+  let list = null;
+  for (const line of text.split("\n")) {
+    const trimmed = line.trim();
+    if (!trimmed) {
+      list = null;
+      continue;
+    }
+    if (trimmed.startsWith("- ")) {
+      if (!list) {
+        list = el("ul");
+        blocks.push(list);
+      }
+      list.append(el("li", { text: trimmed.slice(2) }));
+    } else {
+      list = null;
+      blocks.push(el("p", { text: trimmed }));
+    }
+  }
+  fill(byId("consent-text"), blocks);
+}
+
+function setAutomatic(check, met, statusText) {
+  for (const item of state.items.filter((i) => i.check === check)) {
+    item.met = met;
+    const failed = met === false;
+    item.node.dataset.status = met === true ? "ok" : met === null ? "pending" : item.level === "required" ? "fail" : "warn";
+    item.statusNode.textContent = statusText;
+    item.helpNode.hidden = !failed;
+    item.retry.hidden = !failed || check === "headset";
+  }
+  updateProgress();
+}
+
+async function runAutomaticChecks() {
+  setAutomatic("secure_context", window.isSecureContext, window.isSecureContext ? "Secure connection" : "Not a secure connection");
+  const webrtc = typeof window.RTCPeerConnection === "function";
+  setAutomatic("webrtc", webrtc, webrtc ? "Supported" : "Not supported in this browser");
+  const webcrypto = Boolean(window.crypto?.subtle);
+  setAutomatic("webcrypto", webcrypto, webcrypto ? "Supported" : "Not available in this browser");
+  await Promise.all([runMediaChecks(), runNetworkCheck()]);
+}
+
+async function runMediaChecks() {
+  const run = ++state.mediaRun;
+  byId("media-problem").hidden = true;
+  setAutomatic("camera", null, "Checking…");
+  setAutomatic("microphone", null, "Checking…");
+  setAutomatic("headset", null, "Checking…");
+  let stream;
+  try {
+    stream = state.stream && hasLiveTrack(state.stream, "video") ? state.stream : await openMedia();
+  } catch (problem) {
+    if (run !== state.mediaRun) return;
+    showMediaProblem(problem);
+    let audioOnly = null;
+    if (problem.kind === "missing") audioOnly = await openMedia({ video: false }).catch(() => null);
+    setAutomatic("camera", false, problem.kind === "denied" ? "Not allowed" : "Not working");
+    if (audioOnly) {
+      useStream(audioOnly);
+      setAutomatic("microphone", true, "Working");
+    } else {
+      setAutomatic("microphone", false, problem.kind === "denied" ? "Not allowed" : "Not working");
+    }
+    const headset = await guessHeadset(audioOnly);
+    setAutomatic("headset", headset === true, headset ? "Headset found" : "Not detected");
+    return;
+  }
+  if (run !== state.mediaRun) return;
+  useStream(stream);
+  const video = byId("preview-video");
+  byId("preview-placeholder").hidden = true;
+  await attach(video, stream);
+  const showsFrames = await videoShowsFrames(video);
+  setAutomatic("camera", showsFrames, showsFrames ? "Working — you should see yourself" : "No picture from the camera");
+  const mic = hasLiveTrack(stream, "audio");
+  setAutomatic("microphone", mic, mic ? "Working — the meter moves when you speak" : "Not working");
+  const headset = await guessHeadset(stream);
+  setAutomatic(
+    "headset",
+    headset === true,
+    headset === true ? "Headset found" : "Not detected — that’s fine, but headphones keep the conversation private",
+  );
+  announce("Camera and microphone checked.");
+}
+
+function useStream(stream) {
+  if (state.stream && state.stream !== stream) stopStream(state.stream);
+  state.stream = stream;
+  state.meter ??= new LevelMeter(byId("preview-level"));
+  state.meter.start(stream);
+  state.call?.setLocalStream(stream);
+  state.view?.setSelfStream(stream);
+}
+
+function showMediaProblem(problem) {
+  setText("media-problem-title", problem.title ?? "The camera or microphone could not be started.");
+  setText("media-problem-help", problem.help ?? "");
+  byId("media-problem").hidden = false;
+  byId("preview-placeholder").hidden = false;
+  announce(problem.title ?? "The camera or microphone could not be started.", { urgent: true });
+}
+
+async function runNetworkCheck() {
+  if (!state.items.some((i) => i.check === "preflight") || state.preflight === "running") return;
+  state.preflight = "running";
+  setAutomatic("preflight", null, "Testing your connection…");
+  let result;
+  try {
+    result = await runPreflight((sdp) => state.signaling.preflightOffer(sdp), {
+      iceServers: state.joined.ice_servers,
+      relayOnly: state.joined.ice_transport_policy === "relay",
+    });
+  } catch (err) {
+    result = { connected: false, reason: err.code ?? "refused" };
+  }
+  state.preflight = result.connected ? "done" : "failed";
+  const detail = result.rttMs != null ? ` (${Math.round(result.rttMs)} ms)` : "";
+  setAutomatic("preflight", result.connected, result.connected ? `Your connection works${detail}` : "The test connection did not work");
+}
+
+function showStep(index, { focus = true } = {}) {
+  state.stepIndex = Math.max(0, Math.min(index, state.steps.length - 1));
+  const current = state.steps[state.stepIndex];
+  for (const name of ["device", "space", "consent", "details"]) byId(`step-${name}`).hidden = name !== current;
+  for (const li of byId("stepper").children) {
+    const active = li.dataset.step === current;
+    if (active) li.setAttribute("aria-current", "step");
+    else li.removeAttribute("aria-current");
+    li.classList.toggle("done", state.steps.indexOf(li.dataset.step) < state.stepIndex);
+  }
+  const last = state.stepIndex === state.steps.length - 1;
+  byId("step-back").hidden = state.stepIndex === 0;
+  byId("step-next").hidden = last;
+  byId("checklist-submit").hidden = !last;
+  setText("checklist-error", "");
+  if (focus) byId(`step-${current}`).querySelector("h2").focus();
+}
+
+function stepItems(name) {
+  if (name === "device") return state.items.filter((i) => i.kind === "automatic");
+  if (name === "consent") return state.items.filter((i) => i.kind === "consent");
+  if (name === "details") return state.items.filter((i) => i.kind === "details");
+  return state.items.filter((i) => !["automatic", "consent", "details"].includes(i.kind));
+}
+
+function detailsFilled() {
+  return byId("details-location").value.trim() !== "" && byId("details-contact").value.trim() !== "";
+}
+
+function itemDone(item) {
+  if (item.kind === "details") return detailsFilled();
+  return item.met === true;
+}
+
+/** What still stops this step, in words; null when the step is complete. */
+function stepProblem(name) {
+  const missing = stepItems(name).filter((i) => i.level === "required" && !itemDone(i));
+  if (missing.length === 0) return null;
+  if (name === "device") {
+    if (missing.some((i) => i.met === null)) return "Please wait a moment: the checks are still running.";
+    return "Some checks did not work yet. The steps under each one explain how to fix it; then press “Check again”.";
+  }
+  if (name === "details") return "Please fill in both fields. Only your therapist can read them.";
+  return "Please confirm the points marked “needed” to continue.";
+}
+
+function moveStep(delta) {
+  if (delta > 0) {
+    const problem = stepProblem(state.steps[state.stepIndex]);
+    if (problem) {
+      setText("checklist-error", problem);
+      return;
+    }
+  }
+  showStep(state.stepIndex + delta);
+}
+
+function updateProgress() {
+  const total = state.items.length;
+  const done = state.items.filter(itemDone).length;
+  const bar = byId("checklist-progress");
+  bar.max = Math.max(1, total);
+  bar.value = done;
+  setText("checklist-progress-label", `${done} of ${total} done`);
+}
+
+async function submitChecklist() {
+  for (const name of state.steps) {
+    const problem = stepProblem(name);
+    if (problem) {
+      showStep(state.steps.indexOf(name));
+      setText("checklist-error", problem);
+      return;
+    }
+  }
+  const button = byId("checklist-submit");
+  button.disabled = true;
+  setText("checklist-error", "");
+  announce("Sending your checklist…");
+  try {
+    const answers = {};
+    for (const item of state.items) answers[item.id] = itemDone(item);
+    let details = null;
+    if (state.items.some((i) => i.kind === "details")) {
+      const plain = JSON.stringify({
+        location: byId("details-location").value.trim(),
+        contact: byId("details-contact").value.trim(),
+      });
+      details = await sealDetails(state.linkKey, state.joined.session, state.joined.peer, plain);
+    }
+    const submission = {
+      policyVersion: state.policy.version,
+      answers,
+      consentVersion: state.policy.consent?.version ?? null,
+      details,
+    };
+    await submitWithRetry(submission);
+    byId("details-location").value = "";
+    byId("details-contact").value = "";
+    showWaiting();
+  } catch (err) {
+    setText("checklist-error", err.message || "The checklist could not be sent. Please try again.");
+    if (err.code === "preflight_failed") {
+      showStep(state.steps.indexOf("device"));
+      setAutomatic("preflight", false, "The test connection did not work");
+    }
+  } finally {
+    button.disabled = false;
+  }
+}
+
+/** The broker records its own pre-flight result a moment after the page sees it finish: wait for it. */
+async function submitWithRetry(submission) {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await state.signaling.submitChecklist(submission);
+    } catch (err) {
+      const retry = (err.code === "preflight_missing" || err.code === "disconnected") && attempt < PREFLIGHT_RECORD_TRIES;
+      if (!retry) throw err;
+      await sleep(700);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ waiting room
+
+function showWaiting() {
+  if (document.body.dataset.screen !== "waiting") showScreen("screen-waiting");
+  state.meter?.stop();
+  updateWaitingText();
+  announce("You are in the waiting room. Your therapist will let you in.");
+}
+
+function updateWaitingText(reconnecting = state.signaling?.state === "reconnecting") {
+  const node = byId("waiting-status");
+  if (reconnecting) node.textContent = "Your connection dropped. Reconnecting…";
+  else if (state.therapistPresent) node.textContent = "Your therapist is here and will let you in soon.";
+  else node.textContent = "Your therapist hasn’t joined yet. They will let you in when they arrive.";
+  node.dataset.present = state.therapistPresent ? "yes" : "no";
+}
+
+async function onRetestToggle() {
+  const open = byId("retest").open;
+  const status = byId("retest-status");
+  if (!open) {
+    state.retestMeter?.stop();
+    return;
+  }
+  status.textContent = "Starting camera and microphone…";
+  try {
+    const stream = hasLiveTrack(state.stream, "video") ? state.stream : await openMedia();
+    if (stream !== state.stream) {
+      stopStream(state.stream);
+      state.stream = stream;
+    }
+    await attach(byId("retest-video"), stream);
+    state.retestMeter ??= new LevelMeter(byId("retest-level"));
+    state.retestMeter.start(stream);
+    status.textContent = "Camera and microphone are working.";
+  } catch (problem) {
+    status.textContent = `${problem.title ?? "The camera or microphone could not be started."} ${problem.help ?? ""}`;
+  }
+}
+
+// ------------------------------------------------------------------ call
+
+function startCall() {
+  if (state.call || state.finished) return;
+  state.meter?.stop();
+  state.retestMeter?.stop();
+  const { joined } = state;
+  const call = new Call(state.signaling, {
+    sessionId: joined.session,
+    peerId: joined.peer,
+    linkKey: state.linkKey,
+    iceServers: joined.ice_servers,
+    iceTransportPolicy: joined.ice_transport_policy,
+    localStream: state.stream,
+  });
+  state.call = call;
+  let others = 0;
+  const names = new Map();
+  state.view = new CallView(byId("call-root"), call, {
+    labelFor: (peer, role) => {
+      if (role === "therapist") return "Your therapist";
+      if (!names.has(peer) && role) names.set(peer, `Participant ${++others}`);
+      return names.get(peer) ?? "Connecting…";
+    },
+    emptyText: "Connecting to your therapist…",
+    onLeave: leave,
+    leaveLabel: "Leave",
+  });
+  call.on("unverified", ({ peer }) => {
+    state.pendingUnverified = peer;
+    showScreen("screen-unverified");
+    announce("Please compare the safety code with your therapist.", { urgent: true });
+  });
+  call.on("interception", ({ reason }) => {
+    setText("interception-reason", `Technical reason: ${reason.replace(/_/g, " ")}.`);
+    showScreen("screen-interception");
+    announce("Warning: the call was stopped because the connection could not be verified.", { urgent: true });
+  });
+  byId("unverified-continue").onclick = async () => {
+    showScreen("screen-call");
+    state.view.setUnverified(true);
+    await call.acceptUnverified(state.pendingUnverified);
+  };
+  if (state.lastPeers.length) call.updatePeers(state.lastPeers);
+  showScreen("screen-call");
+  announce("Your therapist let you in. The call is starting.");
+  if (state.stream && hasLiveTrack(state.stream, "video")) state.view.setSelfStream(state.stream);
+  else {
+    openMedia()
+      .then((stream) => {
+        state.stream = stream;
+        call.setLocalStream(stream);
+        state.view?.setSelfStream(stream);
+      })
+      .catch((problem) => announce(`${problem.title} ${problem.help}`, { urgent: true }));
+  }
+}
+
+async function leave() {
+  if (!(await confirmDialog("leave-dialog"))) return;
+  finish("left");
+}
+
+/** Close everything: the call, the camera, the connection and what this tab kept. */
+function teardown({ keepKey = false } = {}) {
+  state.finished = true;
+  state.call?.close();
+  state.view?.destroy();
+  state.meter?.stop();
+  state.retestMeter?.stop();
+  stopStream(state.stream);
+  state.stream = null;
+  for (const id of ["preview-video", "retest-video"]) byId(id).srcObject = null;
+  byId("details-location").value = "";
+  byId("details-contact").value = "";
+  if (!keepKey) {
+    for (const key of Object.keys(sessionStorage)) if (key.startsWith(KEY_PREFIX)) sessionStorage.removeItem(key);
+    state.linkKey = null;
+  }
+}
+
+function finish(how) {
+  if (state.finished && how !== "interception") return;
+  if (how !== "ended" && state.signaling?.state !== "closed") state.signaling?.leave();
+  teardown();
+  state.signaling?.close();
+  if (how === "ended") {
+    setText("ended-title", "The session has ended");
+    setText("ended-message", "Nothing was recorded.");
+  } else if (how === "interception") {
+    setText("ended-title", "You closed the session");
+    setText("ended-message", "Please contact your therapist another way and ask for a new link.");
+  } else {
+    setText("ended-title", "You left the session");
+    setText("ended-message", "Nothing was recorded. If you left by mistake, open your link again.");
+  }
+  setText("ended-detail", "Nothing about this session is kept in this browser. You can close this page now.");
+  showScreen("screen-ended");
+  announce(byId("ended-title").textContent);
+}
+
+function notice(code) {
+  const [title, message, todo] = NOTICES[code] ?? NOTICES.invalid_token;
+  setText("notice-title", title);
+  setText("notice-message", message);
+  setText("notice-todo", todo);
+  byId("notice-title").closest("[data-testid=notice]").dataset.code = code;
+  const action = code === "replaced" ? "Continue here" : code === "unsupported_protocol" ? "Reload" : null;
+  byId("notice-actions").hidden = action === null;
+  if (action) setText("notice-action", action);
+  showScreen("screen-notice");
+}
+
+start();

@@ -1,0 +1,395 @@
+// The one module that speaks the signaling wire protocol (docs/protocol.md).
+//
+// Screens never build wire messages: they call the methods below and listen to
+// events. The connection says hello, joins with the invite token and, when the
+// WebSocket drops, reconnects with backoff and joins the same seat again (the
+// broker lets the newest connection take a seat over). Errors after which a
+// reconnect cannot help (a bad or expired link, an ended session, a declined
+// or removed seat, the seat opened in another tab) stop it for good and are
+// reported once as a "final" event.
+
+export const PROTOCOL_VERSION = 1;
+
+/** Error codes after which joining the same seat again cannot help. */
+export const FINAL_CODES = Object.freeze([
+  "invalid_token",
+  "token_expired",
+  "token_not_yet_valid",
+  "session_ended",
+  "declined",
+  "removed",
+  "replaced",
+  "unsupported_protocol",
+]);
+
+const BACKOFF_FIRST_MS = 500;
+const BACKOFF_MAX_MS = 8000;
+const DEFAULT_HEARTBEAT_S = 20;
+
+/** An error the broker answered with; `code` is stable (see protocol.py ErrorCode). */
+export class ProtocolError extends Error {
+  constructor(code, message) {
+    super(message || code);
+    this.name = "ProtocolError";
+    this.code = code;
+  }
+}
+
+/** The signaling WebSocket URL of the page's own origin. */
+export function signalingUrl(loc = window.location) {
+  return `${loc.protocol === "https:" ? "wss:" : "ws:"}//${loc.host}/ws`;
+}
+
+/** The invite token from a /j/<token> or /t/<token> path (the fragment is never part of it). */
+export function tokenFromPath(path = window.location.pathname) {
+  const match = /^\/[jt]\/([^/]+)\/?$/.exec(path);
+  return match ? decodeURIComponent(match[1]) : null;
+}
+
+/**
+ * One peer's signaling connection.
+ *
+ * Events (subscribe with on(type, fn); fn gets the message as a plain object):
+ *   connection {state: "connecting"|"open"|"reconnecting"|"closed", attempt}
+ *   joined, status, waiting_room, peers, checklist_accepted, declined, removed,
+ *   session_ended, offer, answer, candidate, renegotiate  (as received; relayed ones carry `from`)
+ *   final {code, message}   the connection stopped for good
+ *   problem {code, message} an error that does not end the connection
+ */
+export class Signaling {
+  #token;
+  #url;
+  #agent;
+  #ws = null;
+  #handlers = new Map();
+  #state = "idle";
+  #attempt = 0;
+  #stopped = false;
+  #final = null;
+  #nextId = 1;
+  #pending = new Map();
+  #retryTimer = null;
+  #heartbeatTimer = null;
+  #heartbeatS = DEFAULT_HEARTBEAT_S;
+  #lastHeard = 0;
+  #joinedOnce = false;
+  #resumeAfterMs = null;
+
+  constructor(token, { url = signalingUrl(), agent = "web" } = {}) {
+    this.#token = token;
+    this.#url = url;
+    this.#agent = agent;
+    this.joined = null;
+  }
+
+  /** "idle" | "connecting" | "open" | "reconnecting" | "closed" */
+  get state() {
+    return this.#state;
+  }
+
+  /** The final error ({code, message}) once the connection stopped for good, else null. */
+  get final() {
+    return this.#final;
+  }
+
+  on(type, fn) {
+    if (!this.#handlers.has(type)) this.#handlers.set(type, new Set());
+    this.#handlers.get(type).add(fn);
+    return () => this.#handlers.get(type)?.delete(fn);
+  }
+
+  #emit(type, payload) {
+    for (const fn of [...(this.#handlers.get(type) ?? [])]) {
+      try {
+        fn(payload);
+      } catch (err) {
+        console.error(`handler for ${type} failed`, err);
+      }
+    }
+  }
+
+  #setState(state) {
+    if (this.#state === state) return;
+    this.#state = state;
+    this.#emit("connection", { state, attempt: this.#attempt });
+  }
+
+  /** Open the connection; hello and join follow by themselves. */
+  connect() {
+    if (this.#stopped || this.#ws) return;
+    this.#setState(this.#joinedOnce ? "reconnecting" : "connecting");
+    let ws;
+    try {
+      ws = new WebSocket(this.#url);
+    } catch {
+      this.#scheduleRetry();
+      return;
+    }
+    this.#ws = ws;
+    ws.addEventListener("open", () => {
+      if (ws !== this.#ws) return;
+      this.#rawSend({ type: "hello", protocol: PROTOCOL_VERSION, agent: this.#agent });
+      this.#rawSend({ type: "join", token: this.#token });
+    });
+    ws.addEventListener("message", (event) => {
+      if (ws !== this.#ws) return;
+      this.#lastHeard = Date.now();
+      this.#onMessage(event.data);
+    });
+    ws.addEventListener("close", () => {
+      if (ws !== this.#ws) return;
+      this.#lost();
+    });
+  }
+
+  /** Stop for good (the page is leaving or the session is over). */
+  close() {
+    this.#stopped = true;
+    clearTimeout(this.#retryTimer);
+    clearInterval(this.#heartbeatTimer);
+    const ws = this.#ws;
+    this.#ws = null;
+    if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000);
+    this.#rejectPending("closed", "The connection was closed.");
+    this.#setState("closed");
+  }
+
+  /** Drop the current socket and join again at once (used after a long silence). */
+  reconnectNow() {
+    if (this.#stopped) return;
+    const ws = this.#ws;
+    this.#ws = null;
+    if (ws && ws.readyState <= WebSocket.OPEN) ws.close(4000);
+    this.#lost();
+  }
+
+  #lost() {
+    this.#ws = null;
+    clearInterval(this.#heartbeatTimer);
+    this.#rejectPending("disconnected", "The connection dropped before the broker answered.");
+    if (this.#stopped) {
+      this.#setState("closed");
+      return;
+    }
+    this.#scheduleRetry();
+  }
+
+  #scheduleRetry() {
+    this.#setState(this.#joinedOnce ? "reconnecting" : "connecting");
+    let delay;
+    if (this.#resumeAfterMs !== null) {
+      delay = this.#resumeAfterMs;
+      this.#resumeAfterMs = null;
+    } else {
+      delay = Math.min(BACKOFF_MAX_MS, BACKOFF_FIRST_MS * 2 ** this.#attempt);
+      delay *= 1 + Math.random() / 2;
+    }
+    this.#attempt += 1;
+    clearTimeout(this.#retryTimer);
+    this.#retryTimer = setTimeout(() => this.connect(), delay);
+  }
+
+  #rawSend(message) {
+    const ws = this.#ws;
+    if (!ws || ws.readyState !== WebSocket.OPEN) return false;
+    ws.send(JSON.stringify(message));
+    return true;
+  }
+
+  /** Send once joined; quietly dropped while reconnecting (callers recover through `peers`). */
+  #send(message) {
+    if (this.#state !== "open") return false;
+    return this.#rawSend(message);
+  }
+
+  #request(message, replyType) {
+    return new Promise((resolve, reject) => {
+      const id = `r${this.#nextId++}`;
+      this.#pending.set(id, { replyType, resolve, reject });
+      if (!this.#send({ ...message, id })) {
+        this.#pending.delete(id);
+        reject(new ProtocolError("disconnected", "Not connected right now. Please try again in a moment."));
+      }
+    });
+  }
+
+  #rejectPending(code, text) {
+    for (const [, pending] of this.#pending) pending.reject(new ProtocolError(code, text));
+    this.#pending.clear();
+  }
+
+  #settleReply(type, message) {
+    for (const [id, pending] of this.#pending) {
+      if (pending.replyType === type) {
+        this.#pending.delete(id);
+        pending.resolve(message);
+        return;
+      }
+    }
+  }
+
+  #startHeartbeat(seconds) {
+    this.#heartbeatS = seconds > 0 ? seconds : DEFAULT_HEARTBEAT_S;
+    clearInterval(this.#heartbeatTimer);
+    this.#lastHeard = Date.now();
+    let n = 0;
+    this.#heartbeatTimer = setInterval(() => {
+      if (Date.now() - this.#lastHeard > this.#heartbeatS * 2500) {
+        this.reconnectNow(); // a silent, half-open connection
+        return;
+      }
+      this.#rawSend({ type: "ping", n: n++ });
+    }, this.#heartbeatS * 1000);
+  }
+
+  #onMessage(data) {
+    let message;
+    try {
+      message = JSON.parse(data);
+    } catch {
+      return;
+    }
+    if (!message || typeof message.type !== "string") return;
+    switch (message.type) {
+      case "welcome":
+        this.#startHeartbeat(message.heartbeat_s);
+        return;
+      case "pong":
+        return;
+      case "joined":
+        this.joined = message;
+        this.#joinedOnce = true;
+        this.#attempt = 0;
+        this.#setState("open");
+        this.#emit("joined", message);
+        return;
+      case "error":
+        this.#onError(message);
+        return;
+      case "reconnect":
+        this.#resumeAfterMs = Math.max(0, Number(message.after_ms) || 0);
+        return; // the broker closes the socket next; #lost() schedules the retry
+      case "checklist_accepted":
+        this.#settleReply("checklist_accepted", message);
+        break;
+      case "preflight_answer":
+        this.#settleReply("preflight_answer", message);
+        break;
+      case "declined":
+      case "removed":
+      case "session_ended":
+        this.#finish({ code: message.type === "session_ended" ? "session_ended" : message.type, message: "" });
+        this.#emit(message.type, message);
+        return;
+      default:
+        break;
+    }
+    this.#emit(message.type, message);
+  }
+
+  #onError(message) {
+    const pending = message.ref ? this.#pending.get(message.ref) : null;
+    if (pending) {
+      this.#pending.delete(message.ref);
+      pending.reject(new ProtocolError(message.code, message.message));
+      return;
+    }
+    if (message.code === "unavailable" && this.#state !== "open") {
+      this.reconnectNow(); // the broker is restarting: join again after a pause
+      return;
+    }
+    if (FINAL_CODES.includes(message.code)) {
+      this.#finish({ code: message.code, message: message.message });
+      return;
+    }
+    this.#emit("problem", { code: message.code, message: message.message });
+  }
+
+  #finish(final) {
+    if (this.#final) return;
+    this.#final = final;
+    this.#stopped = true;
+    clearTimeout(this.#retryTimer);
+    clearInterval(this.#heartbeatTimer);
+    this.#rejectPending(final.code, final.message);
+    this.#emit("final", final);
+    this.#setState("closed");
+  }
+
+  // ------------------------------------------------------------------ client actions
+
+  /** Run the broker's network pre-flight: send our offer, resolve to the broker's answer SDP. */
+  async preflightOffer(sdp) {
+    const reply = await this.#request({ type: "preflight_offer", sdp }, "preflight_answer");
+    return reply.sdp;
+  }
+
+  /**
+   * Submit the checklist result; resolves to the broker's summary, rejects with
+   * ProtocolError (checklist_incomplete, policy_outdated, preflight_missing, ...).
+   */
+  async submitChecklist({ policyVersion, answers, consentVersion = null, details = null }) {
+    const message = { type: "checklist", policy_version: policyVersion, answers };
+    if (consentVersion !== null) message.consent_version = consentVersion;
+    if (details !== null) message.details = details;
+    const reply = await this.#request(message, "checklist_accepted");
+    return reply.summary;
+  }
+
+  /** Leave on purpose (a client may come back through the waiting room). */
+  leave() {
+    this.#send({ type: "leave" });
+    this.#finish({ code: "left", message: "" });
+  }
+
+  // ------------------------------------------------------------------ therapist actions
+
+  admit(peer) {
+    return this.#send({ type: "admit", peer });
+  }
+
+  decline(peer) {
+    return this.#send({ type: "decline", peer });
+  }
+
+  remove(peer) {
+    return this.#send({ type: "remove", peer });
+  }
+
+  allowReturn(peer) {
+    return this.#send({ type: "allow_return", peer });
+  }
+
+  /** End the session for everyone. */
+  end() {
+    return this.#send({ type: "end" });
+  }
+
+  // ------------------------------------------------------------------ peer-to-peer signaling
+
+  sendOffer(to, sdp, counter, mac) {
+    return this.#send(withMac({ type: "offer", to, sdp, counter }, mac));
+  }
+
+  sendAnswer(to, sdp, counter, mac) {
+    return this.#send(withMac({ type: "answer", to, sdp, counter }, mac));
+  }
+
+  /** A trickled ICE candidate (RTCIceCandidate or its JSON form). */
+  sendCandidate(to, candidate) {
+    const message = { type: "candidate", to, candidate: candidate.candidate ?? "" };
+    if (candidate.sdpMid != null) message.sdp_mid = candidate.sdpMid;
+    if (candidate.sdpMLineIndex != null) message.sdp_mline_index = candidate.sdpMLineIndex;
+    return this.#send(message);
+  }
+
+  /** Ask the offerer of a pair for a new offer (an ICE restart, or after a reload). */
+  renegotiate(to) {
+    return this.#send({ type: "renegotiate", to });
+  }
+}
+
+function withMac(message, mac) {
+  if (mac) message.mac = mac;
+  return message;
+}

@@ -1,0 +1,418 @@
+// The therapist's session page: waiting room with each client's checklist
+// summary and emergency details, admit / decline / remove, the call, and
+// ending the session for everyone.
+//
+// The link key comes from the address fragment, or from IndexedDB where this
+// browser kept it for the session (so /t/<token> reopens without the fragment).
+// Without any key the therapist may continue unverified: the call works, every
+// tile says "not verified by link", and emergency details stay sealed.
+
+import { Call, CallView } from "./call.js";
+import { openMedia, stopStream } from "./devices.js";
+import { openDetails, readLinkKeyFromFragment } from "./e2ee.js";
+import { Signaling, tokenFromPath } from "./protocol.js";
+import { announce, byId, confirmDialog, el, fill, formatTime, setText, showScreen } from "./ui.js";
+
+const DB_NAME = "teletherapy-therapist";
+const DB_STORE = "link-keys";
+
+const SEAT_WORDS = {
+  invited: "Has not opened the link yet",
+  checking: "Going through the privacy checklist",
+  waiting: "Waiting to be let in",
+  admitted: "In the call",
+  left: "Left the session",
+  declined: "Declined",
+  removed: "Removed",
+};
+
+const ITEM_NAMES = {
+  secure_context: "Secure connection",
+  webrtc: "Browser supports calls",
+  webcrypto: "Browser supports encryption",
+  camera: "Camera",
+  microphone: "Microphone",
+  headset: "Headphones or headset",
+  preflight: "Network check",
+  private_place: "Private place",
+  private_device: "Own device and network",
+  notifications_off: "Notifications and recording apps off",
+  emergency_help: "Knows how to reach emergency help",
+  consent: "Consent",
+  emergency_details: "Emergency details",
+  guardian_consent: "Guardian’s agreement",
+};
+
+const NOTICES = {
+  invalid_token: ["This link does not work", "It may have been revoked, or the session was cancelled."],
+  token_expired: ["This link has expired", "The time for this session has passed."],
+  token_not_yet_valid: ["It is too early for this session", "The link opens shortly before the appointment."],
+  session_ended: ["This session has ended", "Nothing of it is kept."],
+  replaced: [
+    "The session is open in another window",
+    "You opened this session again in another tab or window, so this one has stopped.",
+  ],
+  damaged_key: [
+    "The link is damaged",
+    "The part after the # sign was changed or cut off. Open the full link you got when you scheduled the session.",
+  ],
+  unsupported_protocol: ["Please reload this page", "This page is out of date."],
+};
+
+const state = {
+  signaling: null,
+  joined: null,
+  linkKey: null,
+  call: null,
+  view: null,
+  stream: null,
+  seats: [],
+  seatStates: new Map(),
+  lastPeers: [],
+  labels: new Map(),
+  details: new Map(),
+  started: false,
+  finished: false,
+};
+
+// ------------------------------------------------------------------ key storage (IndexedDB)
+
+function openDb() {
+  return new Promise((resolve, reject) => {
+    const request = indexedDB.open(DB_NAME, 1);
+    request.onupgradeneeded = () => request.result.createObjectStore(DB_STORE);
+    request.onsuccess = () => resolve(request.result);
+    request.onerror = () => reject(request.error);
+  });
+}
+
+async function withStore(mode, action) {
+  const db = await openDb();
+  try {
+    return await new Promise((resolve, reject) => {
+      const tx = db.transaction(DB_STORE, mode);
+      const request = action(tx.objectStore(DB_STORE));
+      tx.oncomplete = () => resolve(request.result);
+      tx.onerror = () => reject(tx.error);
+      tx.onabort = () => reject(tx.error);
+    });
+  } finally {
+    db.close();
+  }
+}
+
+/** The link key this browser kept for a session, or null. */
+async function keptKey(sessionId) {
+  try {
+    const value = await withStore("readonly", (store) => store.get(sessionId));
+    return value instanceof Uint8Array && value.length === 32 ? value : null;
+  } catch {
+    return null; // storage unavailable (for example a private window): behave as without a key
+  }
+}
+
+async function keepKey(sessionId, key) {
+  try {
+    await withStore("readwrite", (store) => store.put(key, sessionId));
+  } catch {
+    /* not kept: reopening will need the full link */
+  }
+}
+
+async function forgetKey(sessionId) {
+  try {
+    await withStore("readwrite", (store) => store.delete(sessionId));
+  } catch {
+    /* nothing kept */
+  }
+}
+
+// ------------------------------------------------------------------ start
+
+function start() {
+  byId("nokey-continue").addEventListener("click", () => startDashboard(null));
+  byId("end-session").addEventListener("click", endSession);
+  byId("interception-back").addEventListener("click", () => showScreen("screen-dashboard"));
+  byId("notice-action").addEventListener("click", () => window.location.reload());
+  const token = tokenFromPath();
+  if (!token) {
+    notice("invalid_token");
+    return;
+  }
+  let fragmentKey = null;
+  try {
+    fragmentKey = readLinkKeyFromFragment();
+  } catch {
+    notice("damaged_key");
+    return;
+  }
+  state.linkKey = fragmentKey;
+  const signaling = new Signaling(token, { agent: "web-therapist" });
+  state.signaling = signaling;
+  signaling.on("joined", onJoined);
+  signaling.on("waiting_room", onWaitingRoom);
+  signaling.on("peers", (m) => {
+    state.lastPeers = m.peers;
+  });
+  signaling.on("connection", ({ state: connection }) => state.view?.setReconnecting(connection === "reconnecting"));
+  signaling.on("final", onFinal);
+  signaling.on("problem", (p) => announce(p.message));
+  signaling.connect();
+}
+
+async function onJoined(joined) {
+  state.joined = joined;
+  if (state.started) return; // a reconnect: the seat and the call carry on
+  state.started = true;
+  setText("session-time", `Scheduled for ${formatTime(joined.starts)}`);
+  if (state.linkKey) await keepKey(joined.session, state.linkKey);
+  else state.linkKey = await keptKey(joined.session);
+  if (state.linkKey) startDashboard(state.linkKey);
+  else showScreen("screen-nokey");
+}
+
+function startDashboard(key) {
+  if (state.call || state.finished) return;
+  const { joined } = state;
+  const call = new Call(state.signaling, {
+    sessionId: joined.session,
+    peerId: joined.peer,
+    linkKey: key,
+    iceServers: joined.ice_servers,
+    iceTransportPolicy: joined.ice_transport_policy,
+    localStream: state.stream,
+  });
+  state.call = call;
+  state.view = new CallView(byId("call-root"), call, {
+    labelFor: (peer) => state.labels.get(peer) ?? "Client",
+    emptyText: "No one is in the call yet. Let a client in from the waiting room.",
+    tileActions: (peer, role) => (role === "therapist" ? [] : [removeButton(peer)]),
+    selfLabel: "You",
+  });
+  state.view.setUnverified(!key);
+  call.on("interception", ({ peer, reason }) => {
+    setText("interception-who", `The connection to ${state.labels.get(peer) ?? "a client"} could not be verified with the link key.`);
+    setText("interception-reason", `Technical reason: ${reason.replace(/_/g, " ")}.`);
+    showScreen("screen-interception");
+    announce("Warning: a connection was stopped because it could not be verified.", { urgent: true });
+  });
+  call.on("unverified", ({ peer }) => call.refuseUnverified(peer)); // clients never offer to the therapist
+  const verify = byId("verify-state");
+  verify.textContent = key
+    ? "Verified by link"
+    : "Not verified by link — compare the safety codes";
+  verify.dataset.verified = key ? "yes" : "no";
+  if (state.lastPeers.length) call.updatePeers(state.lastPeers);
+  showScreen("screen-dashboard");
+  renderSeats();
+  startMedia();
+}
+
+async function startMedia() {
+  const note = byId("media-note");
+  try {
+    const stream = await openMedia();
+    if (state.finished) {
+      stopStream(stream);
+      return;
+    }
+    state.stream = stream;
+    state.call?.setLocalStream(stream);
+    state.view?.setSelfStream(stream);
+    note.hidden = true;
+  } catch (problem) {
+    const retry = el("button", { type: "button", className: "quiet small", text: "Try again" });
+    retry.addEventListener("click", startMedia);
+    fill(note, [el("strong", { text: problem.title ?? "Camera or microphone not available." }), " ", problem.help ?? "", " ", retry]);
+    note.hidden = false;
+  }
+}
+
+// ------------------------------------------------------------------ waiting room
+
+function onWaitingRoom(message) {
+  state.seats = message.seats;
+  message.seats.forEach((seat, i) => {
+    if (!state.labels.has(seat.peer)) state.labels.set(seat.peer, message.seats.length > 1 ? `Client ${i + 1}` : "Client");
+    const before = state.seatStates.get(seat.peer);
+    if (before !== seat.state) {
+      state.seatStates.set(seat.peer, seat.state);
+      if (before !== undefined || seat.state === "waiting") announceSeat(seat);
+    }
+    if (seat.details && state.linkKey && state.details.get(seat.peer)?.sealed !== seat.details) openSeatDetails(seat);
+  });
+  renderSeats();
+}
+
+function announceSeat(seat) {
+  const who = state.labels.get(seat.peer);
+  const words = {
+    checking: `${who} opened their link and is going through the checklist.`,
+    waiting: `${who} is waiting to be let in.`,
+    admitted: `${who} is in the call.`,
+    left: `${who} left the session.`,
+    declined: `${who} was declined.`,
+    removed: `${who} was removed.`,
+  }[seat.state];
+  if (words) announce(words);
+}
+
+async function openSeatDetails(seat) {
+  const entry = { sealed: seat.details, value: null, error: null };
+  state.details.set(seat.peer, entry);
+  try {
+    entry.value = JSON.parse(await openDetails(state.linkKey, state.joined.session, seat.peer, seat.details));
+  } catch {
+    entry.error = "These details could not be opened: they were changed on the way, or sealed with another link key.";
+  }
+  renderSeats();
+}
+
+function renderSeats() {
+  if (!state.call) return;
+  const active = document.activeElement;
+  const refocus = active?.dataset?.action ? [active.dataset.action, active.dataset.peer] : null;
+  const list = byId("seats");
+  fill(list, state.seats.map(renderSeat));
+  byId("seats-empty").hidden = state.seats.some((s) => s.state !== "invited");
+  if (refocus) list.querySelector(`[data-action="${refocus[0]}"][data-peer="${refocus[1]}"]`)?.focus();
+}
+
+function renderSeat(seat) {
+  const label = state.labels.get(seat.peer) ?? "Client";
+  const header = el("div", { className: "seat-head" }, [
+    el("h3", { text: label }),
+    seat.minor ? el("span", { className: "badge", text: "Minor" }) : null,
+    el("span", { className: `badge state-${seat.state}`, text: SEAT_WORDS[seat.state] ?? seat.state }),
+    !seat.connected && ["waiting", "admitted", "checking"].includes(seat.state)
+      ? el("span", { className: "badge offline", text: "Connection dropped" })
+      : null,
+  ]);
+  return el("li", { className: "seat", dataset: { peer: seat.peer, state: seat.state }, "data-testid": "seat" }, [
+    header,
+    renderSummary(seat.checklist),
+    renderDetails(seat),
+    el("div", { className: "actions" }, seatActions(seat, label)),
+  ]);
+}
+
+function renderSummary(summary) {
+  if (!summary) return null;
+  const unmet = (summary.recommended_unmet ?? []).map((id) => ITEM_NAMES[id] ?? id.replace(/_/g, " "));
+  const network = summary.network;
+  const lines = [
+    el("p", {
+      className: summary.all_required_met ? "ok" : "warn",
+      "data-testid": "checklist-summary",
+      text: summary.all_required_met ? "Checklist: every required step done." : "Checklist: some required steps missing.",
+    }),
+    unmet.length
+      ? el("p", { className: "warn", "data-testid": "recommended-unmet", text: `Recommended but not met: ${unmet.join(", ")}.` })
+      : el("p", { className: "hint", text: "All recommended steps met." }),
+    network
+      ? el("p", {
+          className: "hint",
+          text: `Network: ${network.connected ? "works" : "did not connect"}${network.rtt_ms != null ? `, ${network.rtt_ms} ms` : ""}${network.relayed ? ", through the relay" : ""}.`,
+        })
+      : null,
+  ];
+  return el("div", { className: "summary" }, lines);
+}
+
+function renderDetails(seat) {
+  if (!seat.details) return null;
+  const entry = state.details.get(seat.peer);
+  let body;
+  if (!state.linkKey) {
+    body = el("p", { className: "hint", text: "Sealed with the link key. Open this page with the full link to read them." });
+  } else if (!entry || (!entry.value && !entry.error)) {
+    body = el("p", { className: "hint", text: "Opening…" });
+  } else if (entry.error) {
+    body = el("p", { className: "warn", text: entry.error });
+  } else {
+    body = el("dl", { "data-testid": "emergency-details" }, [
+      el("dt", { text: "Where they are today" }),
+      el("dd", { text: String(entry.value.location ?? "") }),
+      el("dt", { text: "Emergency contact" }),
+      el("dd", { text: String(entry.value.contact ?? "") }),
+    ]);
+  }
+  return el("details", { className: "emergency" }, [
+    el("summary", { text: "Emergency details (only you can read these)" }),
+    body,
+  ]);
+}
+
+function actionButton(text, action, peer, className, onClick) {
+  const button = el("button", { type: "button", className, text, dataset: { action, peer }, "data-testid": action });
+  button.addEventListener("click", onClick);
+  return button;
+}
+
+function seatActions(seat, label) {
+  const peer = seat.peer;
+  const buttons = [];
+  if (seat.state === "waiting") {
+    buttons.push(
+      actionButton(`Admit ${label}`, "admit", peer, "primary", () => {
+        state.signaling.admit(peer);
+        announce(`Letting ${label} in.`);
+      }),
+    );
+  }
+  if (seat.state === "waiting" || seat.state === "checking") {
+    buttons.push(actionButton(`Decline ${label}`, "decline", peer, "quiet", () => state.signaling.decline(peer)));
+  }
+  if (seat.state === "admitted") buttons.push(removeButton(peer, `Remove ${label}`));
+  if (seat.state === "declined" || seat.state === "removed") {
+    buttons.push(actionButton(`Let ${label} come back`, "allow-return", peer, "quiet", () => state.signaling.allowReturn(peer)));
+  }
+  return buttons;
+}
+
+function removeButton(peer, text = "Remove") {
+  return actionButton(text, "remove", peer, "danger small", async () => {
+    if (await confirmDialog("remove-dialog")) state.signaling.remove(peer);
+  });
+}
+
+// ------------------------------------------------------------------ ending
+
+async function endSession() {
+  if (!(await confirmDialog("end-dialog"))) return;
+  state.signaling.end();
+}
+
+function teardown() {
+  state.finished = true;
+  state.call?.close();
+  state.view?.destroy();
+  stopStream(state.stream);
+  state.stream = null;
+  state.details.clear();
+  fill(byId("seats"), []);
+}
+
+async function onFinal({ code }) {
+  if (state.finished) return;
+  teardown();
+  if (code === "session_ended") {
+    if (state.joined) await forgetKey(state.joined.session);
+    state.linkKey = null;
+    showScreen("screen-ended");
+    announce("The session has ended.");
+    return;
+  }
+  notice(code);
+}
+
+function notice(code) {
+  const [title, message] = NOTICES[code] ?? NOTICES.invalid_token;
+  setText("notice-title", title);
+  setText("notice-message", message);
+  byId("notice-title").closest("[data-testid=notice]").dataset.code = code;
+  byId("notice-actions").hidden = !["replaced", "unsupported_protocol"].includes(code);
+  showScreen("screen-notice");
+}
+
+start();
