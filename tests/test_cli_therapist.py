@@ -1,0 +1,204 @@
+"""``broker therapist ...`` in real processes on a real data dir.
+
+Until the lead hooks ``register``/``run`` into ``broker.cli`` the commands run through the
+module's own entry point (``python -m broker.cli_therapist``), which builds the same parser;
+change COMMAND to ``[sys.executable, "-m", "broker"]`` then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker import cli_therapist
+from broker.accounts import AccountStore
+from broker.audit import verify
+from broker.config import Config, Keys, load_or_create_secret
+from broker.totp import code_at
+from broker.web_auth import accounts_path, audit_path
+
+REPO = Path(__file__).resolve().parents[1]
+COMMAND = [sys.executable, "-m", "broker.cli_therapist"]
+CANARY = "Canary-cli-5b8e21d4-do-not-echo"
+OTHER = "second canary 9d0f7a63 passphrase"
+
+
+def cli(data_dir: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    return subprocess.run(
+        [*COMMAND, "therapist", *args, "--data-dir", str(data_dir)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
+
+
+def store_for(data_dir: Path, **kwargs: Any) -> AccountStore:
+    config = Config(data_dir=data_dir)
+    return AccountStore(accounts_path(config), Keys(load_or_create_secret(config)).accounts, **kwargs)
+
+
+def login_ok(data_dir: Path, username: str, password: str) -> bool:
+    async def check() -> bool:
+        store = store_for(data_dir)
+        try:
+            result = await store.verify_login(username, password, None, require_second_factor=False)
+            return result.ok
+        finally:
+            store.close()
+
+    return asyncio.run(check())
+
+
+def audit_events(data_dir: Path) -> list[str]:
+    path = audit_path(Config(data_dir=data_dir))
+    config = Config(data_dir=data_dir)
+    assert verify(path, Keys(load_or_create_secret(config)).audit).ok
+    return [json.loads(line)["event"] for line in path.read_text().splitlines()]
+
+
+def test_add_list_disable_enable_and_reset_password(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    added = cli(data, "add", "alice", "--display-name", "Alice Example", "--password-stdin", stdin=CANARY + "\n")
+    assert added.returncode == 0, added.stderr
+    assert "Added therapist account" in added.stdout
+    assert login_ok(data, "alice", CANARY)
+
+    listed = cli(data, "list", "--json")
+    [row] = json.loads(listed.stdout)
+    assert row["username"] == "alice" and row["display_name"] == "Alice Example"
+    assert row["disabled"] is False and row["second_factor"] is False
+    text = cli(data, "list").stdout
+    assert "alice (Alice Example)" in text and "2FA off" in text
+
+    assert cli(data, "disable", "alice").returncode == 0
+    assert not login_ok(data, "alice", CANARY)
+    assert "[disabled]" in cli(data, "list").stdout
+    assert cli(data, "enable", row["id"]).returncode == 0  # by id works too
+    assert login_ok(data, "alice", CANARY)
+
+    reset = cli(data, "reset-password", "alice", "--password-stdin", stdin=OTHER + "\r\n")
+    assert reset.returncode == 0, reset.stderr
+    assert login_ok(data, "alice", OTHER) and not login_ok(data, "alice", CANARY)
+
+    assert audit_events(data) == ["account_added", "account_disabled", "account_enabled", "password_reset"]
+    everything = added.stdout + added.stderr + listed.stdout + text + reset.stdout + reset.stderr
+    assert CANARY not in everything and OTHER not in everything and "scrypt$" not in everything
+
+
+def test_unlock_and_reset_2fa(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert cli(data, "add", "blake", "--password-stdin", stdin=CANARY).returncode == 0
+
+    async def lock_and_enrol() -> None:
+        store = store_for(data, lockout_after=1)
+        try:
+            therapist = (await store.get_by_username("blake")).id  # type: ignore[union-attr]
+            enrolment = await store.enable_totp(therapist, "Practice")
+            assert await store.confirm_totp(therapist, code_at(enrolment.secret, time.time()))
+            await store.verify_login("blake", "a wrong password here", None, require_second_factor=False)
+        finally:
+            store.close()
+
+    asyncio.run(lock_and_enrol())
+    [row] = json.loads(cli(data, "list", "--json").stdout)
+    assert row["locked"] is True and row["second_factor"] is True and row["recovery_codes_left"] == 10
+
+    assert cli(data, "unlock", "blake").returncode == 0
+    assert cli(data, "reset-2fa", "blake").returncode == 0
+    [row] = json.loads(cli(data, "list", "--json").stdout)
+    assert row["locked"] is False and row["second_factor"] is False and row["recovery_codes_left"] == 0
+    assert login_ok(data, "blake", CANARY)  # no second factor asked any more
+    assert audit_events(data) == ["account_added", "account_unlocked", "second_factor_changed"]
+
+
+def test_refusals_are_clear_and_change_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    weak = cli(data, "add", "casey", "--password-stdin", stdin="short\n")
+    assert weak.returncode == 1 and "at least 15 characters" in weak.stderr and "short" not in weak.stdout
+    common = cli(data, "add", "casey", "--password-stdin", stdin="password1234567890\n")
+    assert common.returncode == 1 and "common" in common.stderr
+    assert "No therapist accounts yet" in cli(data, "list").stdout
+    assert cli(data, "add", "casey", "--password-stdin", stdin=CANARY).returncode == 0
+    taken = cli(data, "add", "CASEY", "--password-stdin", stdin=OTHER)
+    assert taken.returncode == 1 and "already in use" in taken.stderr
+    missing = cli(data, "disable", "nobody")
+    assert missing.returncode == 1 and "No therapist account" in missing.stderr
+    usage = cli(data, "frobnicate")
+    assert usage.returncode == 2
+    assert len(json.loads(cli(data, "list", "--json").stdout)) == 1
+
+
+def test_typed_password_is_never_echoed(tmp_path: Path) -> None:
+    """getpass on a real terminal: the password typed twice never comes back on the screen."""
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a terminal session of its own
+        os.chdir(REPO)
+        os.execve(sys.executable, [*COMMAND, "therapist", "add", "dana", "--data-dir", str(data)], env)
+    screen = b""
+
+    def read_until(marker: bytes) -> None:
+        nonlocal screen
+        while marker not in screen:
+            ready, _, _ = select.select([fd], [], [], 60)
+            assert ready, f"no {marker!r} on screen: {screen!r}"
+            try:
+                chunk = os.read(fd, 1024)
+            except OSError:
+                chunk = b""
+            assert chunk, f"process ended before {marker!r}: {screen!r}"
+            screen += chunk
+
+    read_until(b"New password:")
+    os.write(fd, CANARY.encode() + b"\n")
+    read_until(b"again:")
+    os.write(fd, CANARY.encode() + b"\n")
+    read_until(b"Added therapist account")
+    _, status = os.waitpid(pid, 0)
+    try:
+        while True:
+            chunk = os.read(fd, 1024)
+            if not chunk:
+                break
+            screen += chunk
+    except OSError:
+        pass
+    os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert CANARY.encode() not in screen
+    assert login_ok(data, "dana", CANARY)
+
+
+def test_run_directly_with_mismatched_typed_passwords(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = argparse.ArgumentParser(prog="broker")
+    cli_therapist.register(parser.add_subparsers(dest="command", required=True))
+    typed = iter([CANARY, CANARY + "x"])
+    monkeypatch.setattr("getpass.getpass", lambda prompt="": next(typed))
+    args = parser.parse_args(["therapist", "add", "erin", "--data-dir", str(tmp_path / "data")])
+    out = io.StringIO()
+    assert cli_therapist.run(args, out=out) == 1
+    listed = io.StringIO()
+    args = parser.parse_args(["therapist", "list", "--data-dir", str(tmp_path / "data")])
+    assert cli_therapist.run(args, out=listed) == 0
+    assert "No therapist accounts yet" in listed.getvalue()
+    args = parser.parse_args(["therapist", "add", "erin", "--password-stdin", "--data-dir", str(tmp_path / "data")])
+    assert cli_therapist.run(args, stdin=io.StringIO(CANARY + "\n"), out=out) == 0
+    assert CANARY not in out.getvalue()
+    assert login_ok(tmp_path / "data", "erin", CANARY)
