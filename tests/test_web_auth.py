@@ -603,3 +603,42 @@ async def test_chromium_keeps_the_secure_host_cookie_on_plain_http_loopback(tmp_
             await browser.close()
     finally:
         await full.stop()
+
+
+@pytest.mark.browser
+async def test_chromium_second_factor_enrolment_when_the_policy_requires_it(tmp_path: Path) -> None:
+    from playwright.async_api import async_playwright
+
+    full = await start_full_broker(tmp_path / "data", config_class=PolicyConfig, require_second_factor=True)
+    await full.auth.accounts.add("robin", PASSWORD)
+    try:
+        async with async_playwright() as p:
+            browser = await p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
+            page = await browser.new_page()
+            await page.goto(full.url + "/login")
+            await page.get_by_label("Login name").fill("robin")
+            await page.get_by_label("Password").fill(PASSWORD)
+            await page.get_by_role("button", name="Log in").click()
+            await page.get_by_role("heading", name="Set up your second factor").wait_for()
+            await page.get_by_role("img", name="QR code for your authenticator app").wait_for()
+            # No dashboard before the second factor is set up.
+            async with page.expect_navigation():
+                await page.evaluate("location.href = '/dashboard'")
+            assert urlsplit(page.url).path == "/login"
+            await page.get_by_role("heading", name="Set up your second factor").wait_for()
+            await page.get_by_text("Cannot scan?").click()
+            secret = (await page.locator("#enrol-secret").text_content() or "").replace(" ", "")
+            await page.get_by_label("Code shown by the app").fill("123")
+            await page.get_by_role("button", name="Confirm").click()
+            await page.get_by_role("alert").filter(has_text="six digits").wait_for()
+            await page.get_by_label("Code shown by the app").fill(totp_code(secret, time.time()))
+            await page.get_by_role("button", name="Confirm").click()
+            await page.get_by_role("heading", name="Your recovery codes").wait_for()
+            assert await page.locator("#recovery-codes li").count() == 10
+            await page.get_by_role("button", name="I have stored them").click()
+            await page.wait_for_url(full.url + "/dashboard")
+            await page.locator("body[data-ready=true]").wait_for()
+            assert await page.locator("#setup-2fa").is_hidden()
+            await browser.close()
+    finally:
+        await full.stop()
