@@ -64,6 +64,11 @@ const NOTICES = {
     "Part of the link was changed or cut off, so your session cannot be protected.",
     "Open the link exactly as you received it, or ask your therapist to send it again.",
   ],
+  invalid_token_after_join: [
+    "This link no longer works",
+    "The session may have ended while you were away, or your therapist replaced your link with a new one.",
+    "Nothing was recorded. If you expected to carry on, please contact your therapist.",
+  ],
   unsupported_protocol: [
     "Please reload this page",
     "This page is out of date.",
@@ -655,7 +660,8 @@ function finish(how) {
 }
 
 function notice(code) {
-  const [title, message, todo] = NOTICES[code] ?? NOTICES.invalid_token;
+  const variant = code === "invalid_token" && state.started ? "invalid_token_after_join" : code;
+  const [title, message, todo] = NOTICES[variant] ?? NOTICES.invalid_token;
   setText("notice-title", title);
   setText("notice-message", message);
   setText("notice-todo", todo);
