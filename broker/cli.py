@@ -11,6 +11,7 @@ import sys
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
+from . import cli_therapist
 from .config import Config, ConfigError, check_config, load_config
 
 
@@ -58,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     verify_record = record.add_parser("verify", help="check a session record's signature")
     verify_record.add_argument("file", help="the record as downloaded: JSON with record, signature, key_id")
     verify_record.add_argument("--key", required=True, help="the broker's public key (the 'x' of its JWK)")
+
+    cli_therapist.register(sub)
 
     join = sub.add_parser("join", help="join a session from a terminal to diagnose a connection")
     join.add_argument("link", help="a client or therapist link, including its #fragment")
@@ -148,11 +151,11 @@ def _audit_verify(config: Config) -> int:
     from .audit import verify
     from .config import Keys, load_or_create_secret
 
-    path = config.data_dir / "audit.jsonl"
+    path = config.audit_path
     if not path.exists():
         print(f"No audit log at {path}.", file=sys.stderr)
         return 1
-    report = verify(path, Keys(load_or_create_secret(config)).secret)
+    report = verify(path, Keys(load_or_create_secret(config)).audit)
     if report.ok:
         print(f"Audit log intact: {report.entries} entries, chain and signed head verified.")
         return 0
@@ -206,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "session":
             return _run(_create(args) if args.action == "create" else _revoke(args))
+        if args.command == "therapist":
+            return cli_therapist.run(args)
         if args.command == "audit":
             return _audit_verify(_config(args))
         if args.command == "record":

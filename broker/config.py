@@ -53,9 +53,11 @@ class Config:
     admin_socket_path: str = ""
     #: Require a second factor for every therapist login.
     require_second_factor: bool = False
-    #: Therapist login: idle and absolute limits in seconds.
-    login_idle_s: int = 15 * 60
-    login_max_s: int = 12 * 3600
+    #: Therapist login: logged off after this long idle, and after this long at most (seconds).
+    login_idle_s: float = 15 * 60
+    login_absolute_s: float = 12 * 3600
+    #: Shown as the issuer in authenticator apps and on the client's welcome screen.
+    practice_name: str = ""
     log_level: str = "info"
 
     @property
@@ -79,6 +81,15 @@ class Config:
     @property
     def secret_path(self) -> Path:
         return Path(self.secret_file) if self.secret_file else self.data_dir / "server.secret"
+
+    @property
+    def audit_path(self) -> Path:
+        """The content-free audit log, shared by the server and the CLI."""
+        return self.data_dir / "audit.log"
+
+    @property
+    def accounts_path(self) -> Path:
+        return self.data_dir / "accounts.sqlite3"
 
     @property
     def admin_socket(self) -> Path:
@@ -164,6 +175,8 @@ def check_config(config: Config) -> list[str]:
     problems += _check_turn(config)
     if config.auth_deadline_s <= 0 or config.heartbeat_s <= 0:
         problems.append("auth_deadline_s and heartbeat_s must be positive.")
+    if not 0 < config.login_idle_s <= config.login_absolute_s:
+        problems.append("login_idle_s must be positive and at most login_absolute_s.")
     problems += _check_data_dir(config)
     if config.policy_file:
         problems += _check_policy(Path(config.policy_file))

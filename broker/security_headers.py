@@ -61,15 +61,27 @@ def security_middleware(trust_proxy: bool) -> Callable[[web.Request, Handler], A
     return middleware
 
 
+def security_signal(trust_proxy: bool) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """Also covers responses decided only as they are sent (a missing static file, aiohttp's own 500)."""
+
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        set_headers(response, tls=is_tls(request, trust_proxy))
+
+    return on_prepare
+
+
 def apply_headers(response: web.StreamResponse, *, tls: bool) -> None:
-    if response.prepared:
-        return
+    if not response.prepared:
+        set_headers(response, tls=tls)
+
+
+def set_headers(response: web.StreamResponse, *, tls: bool) -> None:
     for name, value in BASE_HEADERS.items():
         response.headers.setdefault(name, value)
     if tls:
         response.headers["Strict-Transport-Security"] = HSTS
     content_type = response.headers.get("Content-Type", "")
-    if content_type.startswith(("text/html", "application/json")):
+    if content_type.startswith(("text/html", "application/json")) or response.status >= 400:
         response.headers["Cache-Control"] = "no-store"
 
 

@@ -22,13 +22,17 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from .admission import BrokerPreflight, PolicyChecklist
+from .accounts import AccountStore
 from .audit import AuditLog
+from .dashboard import setup_dashboard
+from .throttle import LoginThrottle
+from .web_auth import setup_auth
 from .bus import Bus, LocalBus
 from .config import Config, Keys, load_or_create_secret
 from .hub import CLOSE_POLICY, Hub, Limits
 from .record import RecordSigner
 from .protocol import MAX_MESSAGE_BYTES, Error, ErrorCode, ProtocolError, encode
-from .security_headers import PrivateAccessLogger, security_middleware
+from .security_headers import PrivateAccessLogger, security_middleware, security_signal
 from .store import MemoryStore, Store
 from .tokens import TokenCodec
 
@@ -55,6 +59,8 @@ class Broker:
     preflight: BrokerPreflight
     audit: AuditLog
     signer: RecordSigner
+    accounts: AccountStore
+    throttle: LoginThrottle
     background: list[asyncio.Task[Any]] = field(default_factory=list)
 
     async def close(self) -> None:
@@ -62,6 +68,7 @@ class Broker:
             task.cancel()
         await self.preflight.close()
         self.audit.close()
+        self.accounts.close()
         await self.bus.close()
         await self.store.close()
 
@@ -78,7 +85,8 @@ async def create_broker(config: Config, *, store: Store | None = None, bus: Bus 
         send_queue_limit=config.send_queue_limit,
     )
     preflight = BrokerPreflight.from_config(config)
-    audit_log = AuditLog(config.data_dir / "audit.jsonl", keys.secret)
+    audit_log = AuditLog(config.audit_path, keys.audit)
+    accounts = AccountStore(config.accounts_path, keys.accounts)
     signer = RecordSigner(keys.signing_seed)
     hub = Hub(
         store,
@@ -91,7 +99,7 @@ async def create_broker(config: Config, *, store: Store | None = None, bus: Bus 
         audit=audit_hook(audit_log),
         signer=signer,
     )
-    broker = Broker(config, keys, store, bus, hub, preflight, audit_log, signer)
+    broker = Broker(config, keys, store, bus, hub, preflight, audit_log, signer, accounts, LoginThrottle())
     if isinstance(store, MemoryStore):
         broker.background.append(asyncio.get_running_loop().create_task(store.run_sweeper()))
     return broker
@@ -255,7 +263,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         log.info("event=ws_address_limit")
         raise web.HTTPTooManyRequests(text="Too many connections from this address.")
     ws = web.WebSocketResponse(
-        max_msg_size=MAX_MESSAGE_BYTES, compress=False, heartbeat=config.heartbeat_s, autoping=True
+        # aiohttp refuses frames of max_msg_size bytes or more; the protocol allows exactly 64 KiB.
+        max_msg_size=MAX_MESSAGE_BYTES + 1, compress=False, heartbeat=config.heartbeat_s, autoping=True
     )
     await ws.prepare(request)
     counts[key] += 1
@@ -291,6 +300,7 @@ BROKER = web.AppKey("broker", Broker)
 def build_app(broker: Broker) -> web.Application:
     config = broker.config
     app = web.Application(middlewares=[security_middleware(config.trust_proxy)], client_max_size=256 * 1024)
+    app.on_response_prepare.append(security_signal(config.trust_proxy))
     app[CONFIG] = config
     app[HUB] = broker.hub
     app[STORE] = broker.store
@@ -305,4 +315,14 @@ def build_app(broker: Broker) -> web.Application:
     app.router.add_get("/j/{token}", join_page, name="join")
     app.router.add_get("/t/{token}", therapist_page, name="therapist")
     app.router.add_static("/static/", web_root(), name="static", follow_symlinks=False)
+    setup_auth(
+        app,
+        store=broker.store,
+        accounts=broker.accounts,
+        throttle=broker.throttle,
+        audit=broker.audit,
+        config=config,
+        keys=broker.keys,
+    )
+    setup_dashboard(app, hub=broker.hub, store=broker.store)
     return app

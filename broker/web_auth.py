@@ -66,12 +66,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def accounts_path(config: Config) -> Path:
     """Where the therapist accounts live: DATA_DIR/accounts.sqlite3."""
-    return Path(config.data_dir) / ACCOUNTS_FILENAME
+    return config.accounts_path
 
 
 def audit_path(config: Config) -> Path:
     """Where the audit log lives: DATA_DIR/audit.log (shared by the server and the CLI)."""
-    return Path(config.data_dir) / AUDIT_FILENAME
+    return config.audit_path
 
 
 def open_accounts(config: Config, keys: Keys) -> AccountStore:

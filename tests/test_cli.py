@@ -274,7 +274,7 @@ def test_audit_verify_passes_then_catches_an_edit(served: Served) -> None:
     run("session", "create", "--data-dir", str(served.data_dir))  # writes a session_created entry
     result = run("audit", "verify", "--data-dir", str(served.data_dir))
     assert result.returncode == 0 and "intact" in result.stdout
-    log = served.data_dir / "audit.jsonl"
+    log = served.data_dir / "audit.log"
     original = log.read_text()
     try:
         log.write_text(original.replace("session_created", "session_ended", 1))

@@ -30,7 +30,7 @@ from broker.totp import code_at
 from broker.web_auth import accounts_path, audit_path
 
 REPO = Path(__file__).resolve().parents[1]
-COMMAND = [sys.executable, "-m", "broker.cli_therapist"]
+COMMAND = [sys.executable, "-m", "broker"]
 CANARY = "Canary-cli-5b8e21d4-do-not-echo"
 OTHER = "second canary 9d0f7a63 passphrase"
 

@@ -183,7 +183,7 @@ async def test_detections_reach_the_audit_log_without_content(evil: RunningBroke
     try:
         await hub.inject_fake_offer(client.joined.session, client.peer_id, mac=None)  # type: ignore[union-attr]
         await wait_for(lambda: client.interceptions)
-        log_path = evil.config.data_dir / "audit.jsonl"
+        log_path = evil.config.audit_path
         await wait_for(lambda: "interception_warning" in log_path.read_text())
         entry = [line for line in log_path.read_text().splitlines() if "interception_warning" in line][-1]
         assert "FAKEpeer" not in entry and "sdp" not in entry.lower()
