@@ -45,7 +45,7 @@ CONFIRM_S = 1.0
 KEEPALIVE_S = 5.0
 #: Reconnect backoff: first delay and cap, in seconds (with jitter).
 BACKOFF_FIRST_S = 0.05
-BACKOFF_CAP_S = 2.0
+BACKOFF_CAP_S = 1.0
 #: Messages sent to Redis in one pipelined write.
 BATCH = 512
 
@@ -83,8 +83,9 @@ class RedisBus:
         self._outbox: asyncio.Queue[tuple[bytes, bytes, asyncio.Future[None]]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_rx = 0.0
-        #: Set while the pub/sub connection is up with every channel subscribed again.
+        #: Set while the pub/sub connection is up and Redis confirmed every channel subscribed again.
         self.connected = asyncio.Event()
+        self._resubscribing: set[bytes] = set()
         #: How many times the pub/sub connection was re-established (for tests and metrics).
         self.reconnects = 0
 
@@ -193,6 +194,7 @@ class RedisBus:
                     log.warning("event=bus_disconnected error=%s", type(exc).__name__)
             finally:
                 self.connected.clear()
+                self._resubscribing = set()
                 if self._conn is conn:
                     self._conn = None
                 if conn is not None:
@@ -202,16 +204,21 @@ class RedisBus:
             delay = min(delay * 2, BACKOFF_CAP_S)
 
     async def _resubscribe(self, conn: Any) -> None:
-        """Subscribe every channel with a local handler, then make the connection the live one."""
+        """Subscribe every channel with a local handler, then make the connection the live one.
+
+        ``connected`` is set once Redis has confirmed them all (the listener reads the confirmations).
+        """
         async with self._send_lock:
             channels = [channel_of(s) for s in self._handlers]
+            self._resubscribing = set(channels)
             if channels:
                 await conn.send_packed_command(
                     conn.pack_commands([("SSUBSCRIBE", c) for c in channels]), check_health=False
                 )
             self._conn = conn
             self._last_rx = asyncio.get_running_loop().time()
-        self.connected.set()
+        if not channels:
+            self.connected.set()
 
     async def _read(self, conn: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -232,6 +239,10 @@ class RedisBus:
             for confirmed in self._confirmations.get(response[1], ()):
                 if not confirmed.done():
                     confirmed.set_result(None)
+            if self._resubscribing:
+                self._resubscribing.discard(response[1])
+                if not self._resubscribing:
+                    self.connected.set()
         elif kind == b"sunsubscribe":
             session_id = _session_of(response[1])
             if session_id is not None and session_id in self._handlers:

@@ -23,7 +23,7 @@ import os
 import random
 import secrets
 from collections import OrderedDict
-from typing import TYPE_CHECKING, AsyncIterator, Iterator, TypeVar
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, TypeVar
 
 import redis.asyncio as aioredis
 from cryptography.exceptions import InvalidTag
@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.maint_notifications import MaintNotificationsConfig
 
 from .store import Mutation, StoreUnavailable
 
@@ -220,9 +221,12 @@ class _KeyLocks:
 class RedisStore:
     """The Store interface over Redis; values sealed with ``Sealer``."""
 
-    def __init__(self, client: aioredis.Redis, sealer: Sealer) -> None:
+    def __init__(
+        self, client: aioredis.Redis, sealer: Sealer, *, also_ready: Callable[[], bool] | None = None
+    ) -> None:
         self.redis = client
         self._sealer = sealer
+        self._also_ready = also_ready
         self._append = client.register_script(_APPEND)
         self._incr_window = client.register_script(_INCR_WINDOW)
         self._locks = _KeyLocks()
@@ -330,11 +334,12 @@ class RedisStore:
         return out
 
     async def ping(self) -> bool:
-        """True when Redis answers within TIMEOUT_S; never raises."""
+        """True when Redis answers within TIMEOUT_S (and ``also_ready`` agrees); never raises."""
         try:
-            return bool(await asyncio.wait_for(self.redis.ping(), TIMEOUT_S))
+            answered = bool(await asyncio.wait_for(self.redis.ping(), TIMEOUT_S))
         except Exception:
             return False
+        return answered and (self._also_ready is None or self._also_ready())
 
     async def close(self) -> None:
         await self.redis.aclose(close_connection_pool=True)
@@ -352,9 +357,12 @@ def redis_client(url: str) -> aioredis.Redis:
         socket_timeout=TIMEOUT_S,
         socket_connect_timeout=TIMEOUT_S,
         socket_keepalive=True,
-        # No hidden retry loop: a failure is reported at once; pooled connections
-        # that died while idle are replaced when they are taken from the pool.
+        # No hidden retry loop (a retried write could apply twice): a failure is reported
+        # at once; pooled connections that died while idle are replaced when taken.
         retry=Retry(NoBackoff(), 0),
+        # Off: with RESP3, redis-py 8 otherwise skips its check for pooled connections that
+        # died while idle (a Redis restart), and the first call on each one would fail.
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
     return aioredis.Redis(connection_pool=pool)
 
@@ -369,9 +377,13 @@ async def connect_redis(url: str, key: bytes) -> tuple[RedisStore, RedisBus]:
 
     client = redis_client(url)
     sealer = Sealer(key)
-    store = RedisStore(client, sealer)
     bus = RedisBus(client, sealer)
+    # /readyz asks the store: after an outage, report ready only once this process
+    # receives other processes' messages again, not merely when Redis answers.
+    store = RedisStore(client, sealer, also_ready=bus.connected.is_set)
     bus.start()
-    if not await store.ping():
+    try:
+        await asyncio.wait_for(client.ping(), TIMEOUT_S)
+    except Exception:
         log.warning("event=redis_unreachable_at_start")
     return store, bus
