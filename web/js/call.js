@@ -467,6 +467,7 @@ export class Call {
       byId.set(s.id, s);
       if (s.type === "inbound-rtp" && s.kind === "video") framesDecoded += s.framesDecoded ?? 0;
       if (s.type === "transport" && s.selectedCandidatePairId) pair = s.selectedCandidatePairId;
+      if (s.type === "candidate-pair" && s.selected && !pair) pair = s.id; // Firefox names it here
     });
     const selected = pair ? byId.get(pair) : [...byId.values()].find((s) => s.type === "candidate-pair" && s.nominated);
     const local = selected ? byId.get(selected.localCandidateId) : null;
@@ -617,6 +618,7 @@ export class CallView {
     this.#call = call;
     this.#opts = opts;
     this.#els = this.#build(root);
+    this.#layout();
     const on = (type, fn) => this.#off.push(call.on(type, fn));
     on("peer", (info) => this.#renderPeer(info));
     on("track", ({ peer, stream }) => this.#attachRemote(peer, stream));
@@ -742,8 +744,9 @@ export class CallView {
       state,
       el("div", { className: "controls" }, controls),
     ]);
-    fill(root, [banner, unverified, el("div", { className: "stage" }, [empty, tiles, self]), codeHelp, chat, bar]);
-    return { root, banner, unverified, empty, tiles, selfVideo, selfOff, chat, chatLog, state, badge, codeHelp };
+    const stage = el("div", { className: "stage", dataset: { count: "0" } }, [empty, tiles, self]);
+    fill(root, [banner, unverified, stage, codeHelp, chat, bar]);
+    return { root, banner, unverified, stage, empty, tiles, selfVideo, selfOff, chat, chatLog, state, badge, codeHelp };
   }
 
   setSelfStream(stream) {
@@ -860,8 +863,11 @@ export class CallView {
   }
 
   #layout() {
-    this.#els.tiles.dataset.count = String(this.#tiles.size);
+    const count = String(this.#tiles.size);
+    this.#els.tiles.dataset.count = count;
+    this.#els.stage.dataset.count = count;
     this.#els.empty.hidden = this.#tiles.size > 0;
+    this.#els.codeHelp.hidden = this.#tiles.size === 0;
   }
 
   #addChat(who, text, mine) {
@@ -883,7 +889,7 @@ export class CallView {
     const infos = this.#call.peers().map((p) => this.#call.describe(p));
     let text;
     if (this.#reconnecting) text = "Reconnecting…";
-    else if (infos.length === 0) text = this.#opts.emptyText;
+    else if (infos.length === 0) text = "Not connected to anyone yet";
     else if (infos.every((i) => i.state === "connected")) text = "Connected";
     else if (infos.some((i) => i.state === "connected")) text = "Connected to some, connecting to others…";
     else if (infos.some((i) => !i.connected)) text = "Waiting for the other side…";

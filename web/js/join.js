@@ -123,7 +123,6 @@ function start() {
   });
   signaling.on("connection", onConnection);
   signaling.on("final", onFinal);
-  signaling.on("problem", (p) => announce(p.message));
   signaling.connect();
 }
 
@@ -631,6 +630,7 @@ function teardown({ keepKey = false } = {}) {
   stopStream(state.stream);
   state.stream = null;
   for (const id of ["preview-video", "retest-video"]) byId(id).srcObject = null;
+  fill(byId("call-root"), []); // the chat and the tiles go with the call
   byId("details-location").value = "";
   byId("details-contact").value = "";
   if (!keepKey) {

@@ -156,7 +156,6 @@ function start() {
   });
   signaling.on("connection", ({ state: connection }) => state.view?.setReconnecting(connection === "reconnecting"));
   signaling.on("final", onFinal);
-  signaling.on("problem", (p) => announce(p.message));
   signaling.connect();
 }
 
@@ -391,6 +390,7 @@ function teardown() {
   state.stream = null;
   state.details.clear();
   fill(byId("seats"), []);
+  fill(byId("call-root"), []); // the chat and the tiles go with the call
 }
 
 async function onFinal({ code }) {
