@@ -27,15 +27,21 @@ def _wire_code(code: str, default: ErrorCode) -> ErrorCode:
 class PolicyChecklist:
     """Verifies checklist submissions against one loaded policy."""
 
-    def __init__(self, policy: checklist.Policy) -> None:
+    def __init__(self, policy: checklist.Policy, practice_name: str = "") -> None:
         self.policy = policy
+        self.practice_name = practice_name
 
     @classmethod
     def from_config(cls, config: Config) -> PolicyChecklist:
-        return cls(checklist.load_policy(Path(config.policy_file) if config.policy_file else None))
+        policy = checklist.load_policy(Path(config.policy_file) if config.policy_file else None)
+        return cls(policy, config.practice_name)
 
     def policy_for(self, minor: bool) -> dict[str, Any]:
-        return self.policy.for_seat(minor)
+        """The policy for the page; the practice's name from the configuration unless the policy names it."""
+        page = self.policy.for_seat(minor)
+        if not page.get("practice_name") and self.practice_name:
+            page["practice_name"] = self.practice_name
+        return page
 
     def verify(self, submission: ChecklistSubmit, *, minor: bool, preflight: dict[str, Any] | None) -> dict[str, Any]:
         try:
