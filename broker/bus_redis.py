@@ -82,6 +82,8 @@ class RedisBus:
         self._confirmations: dict[bytes, list[asyncio.Future[None]]] = {}
         self._outbox: asyncio.Queue[tuple[bytes, bytes, asyncio.Future[None]]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+        self._spawned: set[asyncio.Task[None]] = set()
+        self._closed = False
         self._last_rx = 0.0
         #: Set while the pub/sub connection is up and Redis confirmed every channel subscribed again.
         self.connected = asyncio.Event()
@@ -125,6 +127,8 @@ class RedisBus:
         """Deliver locally now, then to the other processes; StoreUnavailable if Redis cannot take it."""
         for handler in list(self._handlers.get(session_id, ())):
             handler(envelope)
+        if self._closed:
+            raise StoreUnavailable("closed")
         channel = channel_of(session_id)
         payload = self.node_id + self._sealer.seal(_aad(channel, self.node_id), pack(envelope))
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -132,12 +136,14 @@ class RedisBus:
         await done
 
     async def close(self) -> None:
-        for task in self._tasks:
+        self._closed = True
+        for task in [*self._tasks, *self._spawned]:
             task.cancel()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._spawned]:
             with contextlib.suppress(BaseException):
                 await task
         self._tasks = []
+        self._spawned.clear()
         await self._drop_connection()
         while not self._outbox.empty():
             _, _, done = self._outbox.get_nowait()
@@ -247,7 +253,9 @@ class RedisBus:
             session_id = _session_of(response[1])
             if session_id is not None and session_id in self._handlers:
                 # Dropped by the server (or a subscribe raced an unsubscribe): subscribe again.
-                asyncio.get_running_loop().create_task(self._subscribe_remote(session_id))
+                task = asyncio.get_running_loop().create_task(self._subscribe_remote(session_id))
+                self._spawned.add(task)
+                task.add_done_callback(self._spawned.discard)
 
     def _deliver_remote(self, channel: bytes, payload: bytes) -> None:
         node_id = payload[:_NODE_ID_BYTES]

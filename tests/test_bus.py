@@ -358,3 +358,11 @@ async def test_a_silent_redis_connection_is_replaced(redis_server: RedisServer) 
     finally:
         await a.close()
         await b.close()
+
+
+async def test_publish_after_close_fails_instead_of_waiting(redis_server: RedisServer) -> None:  # noqa: F811
+    redis_server.ensure_running()
+    node = await redis_node(redis_server.url)
+    await node.close()
+    with pytest.raises(StoreUnavailable):
+        await asyncio.wait_for(node.bus.publish(new_session(), envelope(b"late")), 3)
