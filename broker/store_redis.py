@@ -51,8 +51,9 @@ MAX_CONNECTIONS = 64
 #: Optimistic update attempts when another process changed the key between WATCH and EXEC.
 UPDATE_ATTEMPTS = 16
 
-#: Error replies that mean "not now" rather than "wrong command".
+#: How redis-py words a WATCH conflict (it raises WatchError for lost connections too).
 _WATCHED_KEY_CHANGED = "Watched variable changed"
+#: Error replies that mean "not now" rather than "wrong command".
 _TRANSIENT_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
 
 
