@@ -1,0 +1,151 @@
+"""Runs ``broker serve`` for a benchmark: the shipped code path, plus optional instruments.
+
+- ``--lag-file F``: a task on the broker's own event loop sleeps 10 ms at a time
+  and appends how late it woke (the event-loop lag) to F, one JSON line per second.
+- ``--tracemalloc F``: on SIGUSR2, the largest Python allocation sites go to F (diagnosis; slow).
+- ``--profile F``: cProfile statistics of the whole run, written to F on exit.
+- ``--experiment NAME``: applies one monkeypatch from ``experiments.py`` before
+  the broker starts (a proposed optimisation, measured; never the default run).
+
+Without either option this is exactly ``python -m broker serve`` (uvloop when installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import raise_file_limit  # noqa: E402
+
+from broker.config import check_config, load_config  # noqa: E402
+from broker.logs import configure  # noqa: E402
+from broker.serve import serve  # noqa: E402
+
+TICK_S = 0.010
+
+
+class GcTimes:
+    """Durations of the cyclic garbage collector's passes, by generation (a pause the loop cannot avoid)."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.passes: list[tuple[int, float]] = []
+        gc.callbacks.append(self.callback)
+
+    def callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+        else:
+            self.passes.append((info["generation"], (time.perf_counter() - self.started) * 1e3))
+
+    def take(self) -> list[tuple[int, float]]:
+        out, self.passes = self.passes, []
+        return out
+
+
+async def lag_monitor(path: Path) -> None:
+    """Write the event loop's wake-up delays (ms) per second, and the GC passes, for the benchmark to read."""
+    gc_times = GcTimes()
+    with path.open("a", encoding="utf-8") as out:
+        batch: list[float] = []
+        flushed = time.perf_counter()
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(TICK_S)
+            now = time.perf_counter()
+            batch.append(round(max(0.0, (now - before - TICK_S) * 1e3), 3))
+            if now - flushed >= 1.0:
+                row = {"t": time.time(), "lag_ms": batch, "gc": gc_times.take(), "cpu_s": time.process_time()}
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+                batch, flushed = [], now
+
+
+def tracemalloc_on_signal(path: Path) -> None:
+    """Trace Python allocations; on SIGUSR2 write the largest allocation sites (diagnosis only: it is slow)."""
+    import signal
+    import tracemalloc
+
+    tracemalloc.start(1)
+
+    def dump() -> None:
+        snapshot = tracemalloc.take_snapshot()
+        with path.open("w", encoding="utf-8") as out:
+            for stat in snapshot.statistics("lineno")[:60]:
+                out.write(f"{stat.size / 1024:10.1f} KiB {stat.count:9d} {stat.traceback}\n")
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, dump)
+
+
+async def main(args: argparse.Namespace) -> None:
+    config = load_config(overrides={"host": "127.0.0.1", "port": args.port, "data_dir": args.data_dir})
+    problems = check_config(config)
+    if problems:
+        raise SystemExit("configuration problems: " + "; ".join(problems))
+    if args.tracemalloc:
+        tracemalloc_on_signal(Path(args.tracemalloc))
+    monitor = asyncio.get_running_loop().create_task(lag_monitor(Path(args.lag_file))) if args.lag_file else None
+    try:
+        await serve(config, out=sys.stderr)
+    finally:
+        if monitor is not None:
+            monitor.cancel()
+
+
+async def control(path: Path) -> None:
+    """The lag monitor alone in an idle process: the machine's own scheduling noise, for comparison."""
+    await lag_monitor(path)
+
+
+def run() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--data-dir")
+    parser.add_argument("--control-lag", help="run only the lag monitor (no broker), writing to this file")
+    parser.add_argument("--lag-file")
+    parser.add_argument("--experiment")
+    parser.add_argument("--tracemalloc", help="on SIGUSR2, write the top Python allocation sites to this file")
+    parser.add_argument("--profile", help="write cProfile statistics of the whole run to this file")
+    args = parser.parse_args()
+    if args.control_lag:
+        import uvloop
+
+        uvloop.run(control(Path(args.control_lag)))
+        return
+    raise_file_limit()
+    configure(os.environ.get("BROKER_LOG_LEVEL", "info"))
+    if args.experiment:
+        import experiments
+
+        experiments.apply(args.experiment)
+        print(f"EXPERIMENT {args.experiment} applied", file=sys.stderr, flush=True)
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    try:
+        try:
+            import uvloop
+
+            uvloop.run(main(args))
+        except ImportError:
+            asyncio.run(main(args))
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,91 @@
+"""Proposed broker optimisations, as monkeypatches applied only with ``--experiment NAME``.
+
+The benchmarks never edit ``broker/``: a proposal is measured here first, and
+the change itself goes to whoever owns the module (see benchmarks/README.md and
+the 'Optimisation' sections of results.md). Each experiment states the change
+it stands for.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+EXPERIMENTS: dict[str, Callable[[], None]] = {}
+
+
+def experiment(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
+    def register(fn: Callable[[], None]) -> Callable[[], None]:
+        EXPERIMENTS[name] = fn
+        return fn
+
+    return register
+
+
+def apply(name: str) -> None:
+    for part in name.split("+"):
+        if part not in EXPERIMENTS:
+            raise SystemExit(f"unknown experiment {part!r}; known: {', '.join(sorted(EXPERIMENTS))}")
+        EXPERIMENTS[part]()
+
+
+@experiment("direct_write")
+def direct_write() -> None:
+    """Write a message straight to the socket when nothing is queued for that connection.
+
+    Stands for: ``Connection.deliver`` (broker/hub.py) first tries a new
+    ``Transport.send_nowait(data) -> bool`` (broker/server.py) when its queue is
+    empty; the transport writes the frame at once with
+    ``ws._writer`` unless the connection is closing or paused by back-pressure,
+    and returns False then, so the message takes the queue as today. Order is
+    kept: a frame goes direct only when nothing older waits. Saves a queue
+    round trip and a task wake-up per message, and the bytes->str->bytes round
+    trip of ``send_text``.
+    """
+    import asyncio
+
+    from aiohttp import WSMsgType
+
+    from broker import hub, server
+
+    def send_nowait(self: server._AiohttpTransport, data: bytes) -> bool:
+        writer = self.ws._writer
+        if writer is None or self.ws.closed or writer.transport.is_closing() or writer.protocol._paused:
+            return False
+        writer._write_websocket_frame(data, WSMsgType.TEXT, 0)
+        return True
+
+    server._AiohttpTransport.send_nowait = send_nowait  # type: ignore[attr-defined]
+
+    def deliver(self: hub.Connection, data: bytes, close: int | None = None) -> None:
+        if self.closed:
+            return
+        if close is None and data and self.queue.empty() and not getattr(self, "_busy", False):
+            send = getattr(self.transport, "send_nowait", None)
+            if send is not None and send(data):
+                return
+        try:
+            self.queue.put_nowait((data, close))
+        except asyncio.QueueFull:
+            self.closed = True
+            hub.log.info("event=slow_consumer_closed conn=%s", self.id)
+            asyncio.get_running_loop().create_task(self.transport.close(hub.CLOSE_TOO_SLOW, "too slow"))
+
+    async def write_loop(self: hub.Connection) -> None:
+        while True:
+            data, close = await self.queue.get()
+            self._busy = True  # type: ignore[attr-defined]
+            try:
+                if data:
+                    await self.transport.send_text(data.decode())
+                if close is not None:
+                    self.closed = True
+                    await self.transport.close(close, "")
+                    return
+            except (ConnectionError, RuntimeError):
+                self.closed = True
+                return
+            finally:
+                self._busy = False  # type: ignore[attr-defined]
+
+    hub.Connection.deliver = deliver  # type: ignore[method-assign]
+    hub.Connection.write_loop = write_loop  # type: ignore[method-assign]

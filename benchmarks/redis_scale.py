@@ -1,0 +1,213 @@
+"""P4 across two processes with Redis: throughput and p95 latency against one process.
+
+Three set-ups, each with the same peer pairs streaming ``candidate`` messages:
+
+- one broker process, embedded store (the default; the baseline);
+- one broker process on Redis (informational: what the Redis store costs alone);
+- two broker processes on one Redis, every pair split across them (the
+  therapist on one, the client on the other), so every relayed message goes
+  through the Redis store and the Redis bus to reach the other process.
+
+Throughput: closed loop with a window in flight per direction (as P1).
+Latency: open loop at a fixed offered rate (the same for every set-up, well
+under the capacity of each), so the p95 compares the paths, not the queues.
+A real ``redis-server`` runs on a free port without persistence and is stopped
+by its PID. The per-connection rate limit is raised as in P1.
+
+Goals: two-process throughput >= 0.5 x one process; two-process p95 latency <= 2 x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    Admin,
+    BrokerProcess,
+    LeanSocket,
+    Report,
+    admitted_pair,
+    candidate_frame,
+    cleanup,
+    closed_loop,
+    free_port,
+    median,
+    parse_args,
+    percentile,
+    raise_file_limit,
+    use_uvloop,
+    workdir,
+)
+
+GOAL_THROUGHPUT = 0.5
+GOAL_LATENCY = 2.0
+WINDOW = 4
+
+
+class RedisServer:
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(tmp), "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def ready(self) -> None:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis(port=self.port)
+        try:
+            for _ in range(100):
+                try:
+                    if await client.ping():
+                        return
+                except Exception:  # noqa: BLE001 - still starting
+                    await asyncio.sleep(0.05)
+            raise RuntimeError("redis-server did not answer")
+        finally:
+            await client.aclose()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+async def open_loop(streams: list[tuple[LeanSocket, LeanSocket, bytes]], rate: float, seconds: float) -> list[float]:
+    """Send ``rate`` messages per second in all, round-robin over the streams; latencies (s) of each."""
+    pending = [deque() for _ in streams]
+    latencies: list[float] = []
+
+    def receiver(queue: deque) -> object:
+        def on_frame(payload: bytes) -> None:
+            if payload.startswith(b'{"type":"candidate"') and queue:
+                latencies.append(time.perf_counter() - queue.popleft())
+
+        return on_frame
+
+    for (_, rx, _), queue in zip(streams, pending):
+        rx.on_frame = receiver(queue)
+    tick = 0.005
+    per_tick = rate * tick
+    owed, i = 0.0, 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        owed += per_tick
+        while owed >= 1.0:
+            tx, _, frame = streams[i % len(streams)]
+            pending[i % len(streams)].append(time.perf_counter())
+            tx.send(frame)
+            i += 1
+            owed -= 1.0
+        await asyncio.sleep(tick)
+    await asyncio.sleep(1.0)
+    for _, rx, _ in streams:
+        rx.on_frame = None
+    return latencies
+
+
+async def measure(
+    label: str, brokers: list[BrokerProcess], pairs: int, args: argparse.Namespace, rate: float
+) -> dict[str, float]:
+    for b in brokers:
+        await b.start()
+    admin = Admin(brokers[0])
+    try:
+        ports = [b.port for b in brokers]
+        made = [await admitted_pair(admin, ports[-1], therapist_port=ports[0]) for _ in range(pairs)]
+        streams = []
+        for p in made:
+            streams.append((p.therapist, p.client, candidate_frame(p.client_peer)))
+            streams.append((p.client, p.therapist, candidate_frame(p.therapist_peer)))
+        warm, span = (2.0, 5.0) if args.quick else (3.0, 12.0)
+        loop = await closed_loop(streams, window=WINDOW, warmup_s=warm, measure_s=span, pids=[b.pid for b in brokers])
+        latencies = await open_loop(streams, rate, 4.0 if args.quick else 10.0)
+        for p in made:
+            p.close()
+        return {
+            "msgs_per_s": loop["msgs_per_s"],
+            "cpu_us_per_msg": loop["server_cpu_us_per_msg"],
+            "p50_ms": percentile(latencies, 50) * 1e3,
+            "p95_ms": percentile(latencies, 95) * 1e3,
+            "p99_ms": percentile(latencies, 99) * 1e3,
+            "samples": len(latencies),
+        }
+    finally:
+        await admin.close()
+        for b in brokers:
+            b.stop()
+        print(f"{label}: done", file=sys.stderr)
+
+
+def _extra(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pairs", type=int, help="peer pairs (default 40 quick, 100 full)")
+    parser.add_argument("--rate", type=float, default=1000.0, help="offered messages/s for the latency runs")
+
+
+async def main(args: argparse.Namespace) -> None:
+    pairs = args.pairs or (40 if args.quick else 100)
+    rounds = 1 if args.quick else 3
+    tmp = workdir("redis")
+    redis = RedisServer(tmp)
+    await redis.ready()
+    secret = tmp / "shared.secret"
+    secret.write_text(secrets.token_hex(32) + "\n")
+    secret.chmod(0o600)
+    limits = {"BROKER_RATE_PER_S": "1000000", "BROKER_RATE_BURST": "1000000", "BROKER_SECRET_FILE": str(secret)}
+    on_redis = {**limits, "BROKER_REDIS_URL": redis.url}
+    results: dict[str, list[dict[str, float]]] = {"one": [], "one_redis": [], "two_redis": []}
+    try:
+        for r in range(rounds):
+            results["one"].append(
+                await measure("one process", [BrokerProcess(tmp, env=limits, experiment=args.experiment, name=f"one{r}")], pairs, args, args.rate)
+            )
+            results["one_redis"].append(
+                await measure("one on redis", [BrokerProcess(tmp, env=on_redis, experiment=args.experiment, name=f"oner{r}")], pairs, args, args.rate)
+            )
+            two = [BrokerProcess(tmp, env=on_redis, experiment=args.experiment, name=f"two{r}{i}") for i in "ab"]
+            results["two_redis"].append(await measure("two on redis", two, pairs, args, args.rate))
+    finally:
+        redis.stop()
+        cleanup(tmp)
+
+    def med(kind: str, key: str) -> float:
+        return median([x[key] for x in results[kind]])
+
+    tput = med("two_redis", "msgs_per_s") / med("one", "msgs_per_s")
+    lat = med("two_redis", "p95_ms") / med("one", "p95_ms")
+    report = Report("redis_scale", "P4 two processes on Redis", args, tools=("redis-server",))
+    report.add("pairs", "peer pairs (each split across the two processes in the two-process set-up)", pairs)
+    for kind, label in (("one", "one process, embedded"), ("one_redis", "one process on Redis"), ("two_redis", "two processes on Redis")):
+        report.add(f"{kind}_msgs_per_s", f"{label}: throughput", round(med(kind, "msgs_per_s")), "msg/s")
+        report.add(f"{kind}_cpu_us_per_msg", f"{label}: broker CPU per message (all broker processes)", round(med(kind, "cpu_us_per_msg"), 1), "µs")
+        report.add(f"{kind}_p50_ms", f"{label}: latency p50 at {args.rate:.0f} msg/s offered", round(med(kind, "p50_ms"), 2), "ms")
+        report.add(f"{kind}_p95_ms", f"{label}: latency p95 at {args.rate:.0f} msg/s offered", round(med(kind, "p95_ms"), 2), "ms")
+    report.add("ratio", "throughput ratio two processes / one", round(tput, 3), "", f">= {GOAL_THROUGHPUT}", tput >= GOAL_THROUGHPUT)
+    report.add("latency_ratio", "p95 latency ratio two processes / one", round(lat, 3), "", f"<= {GOAL_LATENCY:g}", lat <= GOAL_LATENCY)
+    report.notes.append(
+        f"{rounds} round(s); medians. Throughput: window {WINDOW} per direction; "
+        "redis-server's own CPU is not in the broker CPU figures. "
+        "One 2-core machine runs the brokers, redis-server and the load generator together."
+    )
+    report.finish()
+
+
+if __name__ == "__main__":
+    arguments = parse_args(__doc__.splitlines()[0], _extra)
+    raise_file_limit()
+    use_uvloop()
+    asyncio.run(main(arguments))
