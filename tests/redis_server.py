@@ -1,6 +1,7 @@
 """A real redis-server for tests: one per test session on a free port, stoppable and restartable.
 
-Test modules import the ``redis_server`` fixture from here (``from .redis_server import redis_server``).
+Test modules import the ``redis_server`` fixture from here (``from .redis_server import redis_server``);
+every module importing it shares one server.
 The server runs without persistence (``--save "" --appendonly no``); ``stop(save=True)``
 writes a snapshot first, so a restart on the same port comes back with the same data,
 as a production Redis with persistence would.
@@ -133,11 +134,23 @@ class RedisServer:
         return b"\n".join(parts)
 
 
+# Each test module that imports the fixture gets its own copy of it from pytest; they all
+# share this one server, started by the first and stopped after the last.
+_shared: RedisServer | None = None
+_users = 0
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis"))
-    server.start()
+    global _shared, _users
+    if _shared is None:
+        _shared = RedisServer(free_port(), tmp_path_factory.mktemp("redis"))
+        _shared.start()
+    _users += 1
     try:
-        yield server
+        yield _shared
     finally:
-        server.stop()
+        _users -= 1
+        if _users == 0:
+            _shared.stop()
+            _shared = None
