@@ -208,3 +208,36 @@ async def test_group_session_everyone_connected(
     await expect(tile(clients[0], therapist_peer).get_by_test_id("peer-state")).to_contain_text("come back")
     await look(clients[0], axe_source, "client-therapist-away")
     await watch.assert_clean()
+
+
+async def test_client_closes_the_tab_and_comes_back(
+    broker: RunningBroker, new_context: NewContext, watch: Watch, axe_source: str
+) -> None:
+    """The therapist's side sees the client gone, then a new tab with the link rejoins the call."""
+    links = await schedule(broker, clients=1)
+    watch.secrets.append(links.link_key)
+    client_peer, therapist_peer = links.peers[links.client], links.peers[links.therapist]
+    client_context = await new_context()
+    client = await client_context.new_page()
+    await client.goto(links.client)
+    await pass_checklist(client)
+    therapist = await (await new_context()).new_page()
+    await therapist.goto(links.therapist)
+    await wait_screen(therapist, "dashboard")
+    await therapist.get_by_test_id("admit").click()
+    await frames_decoded(therapist, 1)
+
+    await client.close()
+    away = tile(therapist, client_peer)
+    await expect(away).to_have_attribute("data-state", "away")
+    await expect(away.get_by_test_id("peer-state")).to_contain_text("come back")
+    await expect(therapist.locator(f'[data-testid=seat][data-peer="{client_peer}"] .badge.offline')).to_be_visible()
+    await look(therapist, axe_source, "therapist-client-away")
+
+    back = await client_context.new_page()
+    await back.goto(links.client)
+    await wait_screen(back, "call")
+    await frames_decoded(back, 1)
+    await frames_decoded(therapist, 1)
+    assert await code_with(back, therapist_peer) == await code_with(therapist, client_peer)
+    await watch.assert_clean()

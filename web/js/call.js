@@ -23,6 +23,7 @@ const MAINTAIN_MS = 2000;
 const ANSWER_WAIT_MS = 10000;
 const RENEGOTIATE_WAIT_MS = 5000;
 const DISCONNECTED_GRACE_MS = 4000;
+const CONNECT_WAIT_MS = 20000;
 const MAX_CONTROL_BYTES = 8192;
 
 /** The connection with one other admitted peer. */
@@ -159,7 +160,9 @@ export class Call {
     }
     for (const info of peers) {
       const known = this.#infos.get(info.peer);
-      this.#infos.set(info.peer, { role: info.role, connected: info.connected, you_offer: info.you_offer });
+      // When the peer's current broker connection began: offers sent before it may never have reached it.
+      const connectedAt = known && (known.connected || !info.connected) ? known.connectedAt : Date.now();
+      this.#infos.set(info.peer, { role: info.role, connected: info.connected, you_offer: info.you_offer, connectedAt });
       this.#ensure(info.peer);
       if (!known || known.connected !== info.connected) this.#announce(info.peer);
     }
@@ -310,8 +313,14 @@ export class Call {
   async #acceptAnswer(peer, sdp, trust) {
     const link = this.#links.get(peer);
     if (!link || link.closed || !link.offerer || link.pc.signalingState !== "have-local-offer") return;
+    const remoteFp = fingerprintOf(sdp);
+    if (link.remoteFingerprint && link.remoteFingerprint !== remoteFp) {
+      // An ICE restart answered by a different connection (the other page reloaded): start afresh.
+      this.#startOffer(peer);
+      return;
+    }
     link.trust = trust;
-    link.remoteFingerprint = fingerprintOf(sdp);
+    link.remoteFingerprint = remoteFp;
     link.awaitingAnswer = false;
     try {
       await link.pc.setRemoteDescription({ type: "answer", sdp });
@@ -380,7 +389,8 @@ export class Call {
     const info = this.#infos.get(peer);
     if (!peer || !info || !info.you_offer || this.#blocked.has(peer)) return;
     const link = this.#links.get(peer);
-    if (link && !link.closed && link.awaitingAnswer && Date.now() - link.createdAt < ANSWER_WAIT_MS) return; // an offer is on its way
+    const inFlight = link && !link.closed && link.awaitingAnswer && link.createdAt >= info.connectedAt;
+    if (inFlight && Date.now() - link.createdAt < ANSWER_WAIT_MS) return; // our offer is on its way to them
     // The other side lost its connection (or reloaded): start over with a fresh one.
     this.#startOffer(peer);
   }
@@ -446,7 +456,9 @@ export class Call {
     if (this.#closed) return;
     for (const peer of this.#infos.keys()) {
       const link = this.#links.get(peer);
-      if (link && link.badSince && Date.now() - link.badSince > DISCONNECTED_GRACE_MS) this.#heal(link);
+      const age = link ? Date.now() - link.createdAt : 0;
+      const stuck = link && !link.awaitingAnswer && ["new", "connecting"].includes(link.pc.connectionState) && age > CONNECT_WAIT_MS;
+      if (link && ((link.badSince && Date.now() - link.badSince > DISCONNECTED_GRACE_MS) || stuck)) this.#heal(link);
       this.#ensure(peer);
       if (link && !link.closed) this.#collectStats(link);
     }
