@@ -254,7 +254,10 @@ class BrokerClient:
             async for msg in ws:
                 if msg.type is aiohttp.WSMsgType.TEXT:
                     delay = 0.2
-                    await self._on_message(decode_server(msg.data))
+                    try:
+                        await self._on_message(decode_server(msg.data))
+                    except Exception:  # one bad message must not stop this peer
+                        log.exception("event=client_message_failed")
                 elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSE):
                     break
             if self._closing or self.final is not None or not self.reconnect_enabled:
@@ -533,7 +536,7 @@ class BrokerClient:
             return
         try:
             candidate = candidate_from_sdp(line.split(":", 1)[1] if line.startswith("candidate:") else line)
-        except (ValueError, IndexError):
+        except (ValueError, IndexError, AssertionError):  # aiortc asserts on lines it cannot parse
             return
         candidate.sdpMid = message.sdp_mid
         candidate.sdpMLineIndex = message.sdp_mline_index

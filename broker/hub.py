@@ -83,9 +83,8 @@ CLOSE_TOO_SLOW = 4009
 CLOSE_ENDED = 4010
 CLOSE_FLOOD = 4029
 
-#: Relayed messages kept per recipient for a peer that reconnects (count and seconds).
+#: Relayed messages kept per recipient for a peer that reconnects (the newest ones).
 RESUME_MAX = 128
-RESUME_TTL_S = 120.0
 
 
 def mailbox_key(session_id: str, peer_id: str) -> str:
@@ -597,7 +596,9 @@ class Hub:
                 raise ProtocolError(ErrorCode.NOT_OFFERER, "You make the offers for this pair; send an offer.")
         relayed = msgspec.structs.replace(message, from_=conn.peer_id, id=None, seq=None)
         data = encode(relayed)
-        seq = await self.store.append(mailbox_key(session.id, message.to), data, RESUME_MAX, RESUME_TTL_S)
+        # The buffer lives as long as the session: never longer, and its numbering never restarts early.
+        ttl = max(1.0, session.expires - self.clock())
+        seq = await self.store.append(mailbox_key(session.id, message.to), data, RESUME_MAX, ttl)
         await self.bus.publish(session.id, Envelope(message.to, None, encode(msgspec.structs.replace(relayed, seq=seq))))
 
     async def _on_report(self, conn: Connection, message: Report) -> None:
