@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -68,6 +69,8 @@ log = logging.getLogger("broker.client")
 
 CHAT_LABEL = "chat"
 CHAT_CHANNEL_ID = 0
+MAX_CHAT_CHARS = 2000
+MAX_CONTROL_BYTES = 8192
 
 #: Errors after which reconnecting with the same seat cannot help.
 _FINAL_CODES = {
@@ -143,6 +146,8 @@ class PeerLink:
     messages: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
     channel_open: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
+    #: What the peer last said of its microphone and camera.
+    remote_media: dict[str, bool] = field(default_factory=lambda: {"audio": True, "video": True})
 
     def safety_code(self, session_id: str) -> str | None:
         local, remote = self.pc.localDescription, self.pc.remoteDescription
@@ -405,8 +410,12 @@ class BrokerClient:
         await self._send(Leave())
 
     def send_chat(self, peer: str, text: str) -> None:
-        link = self.links[peer]
-        link.channel.send(text)
+        """A chat message straight to the peer over the encrypted data channel (never through the broker)."""
+        self.links[peer].channel.send(json.dumps({"t": "chat", "text": text[:MAX_CHAT_CHARS]}))
+
+    def send_media_state(self, peer: str, *, audio: bool, video: bool) -> None:
+        """Tell the peer our microphone and camera state (shown as muted / camera off)."""
+        self.links[peer].channel.send(json.dumps({"t": "media", "audio": audio, "video": video}))
 
     def safety_code(self, peer: str) -> str | None:
         return self.links[peer].safety_code(self.session_id)
@@ -568,8 +577,19 @@ class BrokerClient:
 
         @channel.on("message")
         def on_message(data: Any) -> None:
-            if isinstance(data, str):
-                link.messages.put_nowait(data)
+            # Control messages of docs/protocol.md section 7.5: chat text and media state.
+            if not isinstance(data, str) or len(data) > MAX_CONTROL_BYTES:
+                return
+            try:
+                message = json.loads(data)
+            except ValueError:
+                return
+            if not isinstance(message, dict):
+                return
+            if message.get("t") == "chat" and isinstance(message.get("text"), str):
+                link.messages.put_nowait(message["text"][:MAX_CHAT_CHARS])
+            elif message.get("t") == "media":
+                link.remote_media = {"audio": message.get("audio") is not False, "video": message.get("video") is not False}
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:

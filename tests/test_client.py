@@ -52,6 +52,11 @@ async def test_call_connects_with_data_both_ways_and_audio(broker: RunningBroker
         frame = await asyncio.wait_for(audio.recv(), 10)
         assert frame.sample_rate > 0
 
+        therapist.send_media_state(client.peer_id, audio=False, video=True)
+        while c_link.remote_media["audio"]:
+            await asyncio.sleep(0.02)
+        assert c_link.remote_media == {"audio": False, "video": True}
+
         assert t_link.trust == c_link.trust == "verified_by_link"
         assert therapist.safety_code(client.peer_id) == client.safety_code(therapist.peer_id)
         assert therapist.interceptions == client.interceptions == []
