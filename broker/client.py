@@ -59,8 +59,11 @@ from .protocol import (
     Removed,
     Renegotiate,
     Report,
+    Role,
+    SeatState,
     ServerMessage,
     SessionEnded,
+    WaitingRoom,
     decode_server,
     encode,
 )
@@ -631,7 +634,7 @@ async def join_from_terminal(
         return 1
     print(f"Joined session {joined.session} as {joined.role.value} (peer {joined.peer}); seat {joined.seat_state.value}")
     try:
-        if joined.role.value == "client":
+        if joined.role is Role.CLIENT:
             report = await client.preflight()
             print(f"Network pre-flight: connected={report.connected} rtt_ms={report.rtt_ms} relayed={report.relayed}")
             try:
@@ -643,13 +646,15 @@ async def join_from_terminal(
         loop = asyncio.get_running_loop()
         end_at = loop.time() + seconds
         reported: set[str] = set()
+        admitted: set[str] = set()
         while loop.time() < end_at and client.final is None:
-            if admit_all and client.joined.role.value == "therapist":
-                for m in client.received:
-                    if type(m).__name__ == "WaitingRoom":
-                        for seat in m.seats:  # type: ignore[attr-defined]
-                            if seat.state.value == "waiting":
-                                await client.admit(seat.peer)
+            rooms = [m for m in client.received if isinstance(m, WaitingRoom)]
+            if admit_all and joined.role is Role.THERAPIST and rooms:
+                for seat in rooms[-1].seats:
+                    if seat.state is SeatState.WAITING and seat.peer not in admitted:
+                        admitted.add(seat.peer)
+                        print(f"Admitting {seat.peer} (checklist: {seat.checklist})")
+                        await client.admit(seat.peer)
             for peer, peer_link in client.links.items():
                 if peer_link.channel_open.is_set() and peer not in reported:
                     reported.add(peer)

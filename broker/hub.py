@@ -56,7 +56,6 @@ from .protocol import (
     SeatState,
     SessionEnded,
     SessionRecord,
-    SessionState,
     Status,
     WaitingEntry,
     WaitingRoom,

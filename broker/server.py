@@ -32,7 +32,7 @@ from .config import Config, Keys, load_or_create_secret
 from .hub import CLOSE_POLICY, Hub, Limits
 from .record import RecordSigner
 from .protocol import MAX_MESSAGE_BYTES, Error, ErrorCode, ProtocolError, encode
-from .security_headers import PrivateAccessLogger, security_middleware, security_signal
+from .security_headers import security_middleware, security_signal
 from .store import MemoryStore, Store
 from .tokens import TokenCodec
 

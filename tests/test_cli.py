@@ -296,3 +296,38 @@ def test_record_verify_accepts_a_genuine_record_and_refuses_an_altered_one(tmp_p
     path.write_text(path.read_text().replace('"ended": 1', '"ended": 2'))
     result = run("record", "verify", str(path), "--key", key)
     assert result.returncode == 1 and "INVALID" in result.stderr
+
+
+def test_join_as_therapist_admits_a_waiting_client(served: Served) -> None:
+    created = json.loads(run("session", "create", "--data-dir", str(served.data_dir), "--json").stdout)
+    therapist_link = next(s["link"] for s in created["seats"] if s["role"] == "therapist")
+    client_link = next(s["link"] for s in created["seats"] if s["role"] == "client")
+
+    async def scenario() -> str:
+        from broker.protocol import Status
+
+        terminal = await asyncio.create_subprocess_exec(
+            *BROKER, "join", therapist_link, "--admit-all", "--seconds", "15",
+            stdout=asyncio.subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        client = BrokerClient(client_link)
+        try:
+            await client.connect()
+            await client.preflight()
+            await client.submit_checklist(details={"location": "x", "contact": "y"})
+            await client.expect(Status, where=lambda m: m.seat_state is SeatState.ADMITTED, timeout=20)
+            await client.wait_connected(next(s["peer"] for s in created["seats"] if s["role"] == "therapist"), 20)
+            assert terminal.stdout is not None
+            seen = ""
+            while "safety code" not in seen:
+                line = await asyncio.wait_for(terminal.stdout.readline(), 20)
+                assert line, seen
+                seen += line.decode()
+            return seen
+        finally:
+            terminal.kill()
+            await terminal.wait()
+            await client.close()
+
+    output = asyncio.run(scenario())
+    assert "Admitting" in output and "Connected to" in output and "verified_by_link" in output
