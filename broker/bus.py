@@ -10,7 +10,7 @@ it runs on.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Protocol
+from typing import Awaitable, Callable, Protocol
 
 import msgspec
 
@@ -29,6 +29,8 @@ class Envelope(msgspec.Struct, array_like=True):
     data: bytes
     #: Close the receiving connection with this WebSocket code after sending.
     close: int | None = None
+    #: For a relayed message: its place in the recipient's resume buffer.
+    seq: int | None = None
 
 
 _envelope_encoder = msgspec.msgpack.Encoder()
@@ -49,6 +51,10 @@ class Bus(Protocol):
     async def unsubscribe(self, session_id: str, handler: Handler) -> None: ...
 
     async def publish(self, session_id: str, envelope: Envelope) -> None: ...
+
+    def add_reconnect_listener(self, listener: Callable[[], Awaitable[None]]) -> None:
+        """``listener`` runs after the bus lost and regained its link to other processes."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -72,6 +78,9 @@ class LocalBus:
     async def publish(self, session_id: str, envelope: Envelope) -> None:
         for handler in list(self._handlers.get(session_id, ())):
             handler(envelope)
+
+    def add_reconnect_listener(self, listener: Callable[[], Awaitable[None]]) -> None:
+        """One process never loses its own bus."""
 
     async def close(self) -> None:
         self._handlers.clear()

@@ -90,6 +90,23 @@ class RedisBus:
         self._resubscribing: set[bytes] = set()
         #: How many times the pub/sub connection was re-established (for tests and metrics).
         self.reconnects = 0
+        self._reconnect_listeners: list[Callable[[], Awaitable[None]]] = []
+
+    def add_reconnect_listener(self, listener: Callable[[], Awaitable[None]]) -> None:
+        """Called after a lost pub/sub connection is back and every channel is subscribed again.
+
+        Messages published by other processes in between were missed; the hub resends them from
+        its resume buffers.
+        """
+        self._reconnect_listeners.append(listener)
+
+    async def _after_reconnect(self) -> None:
+        await self.connected.wait()
+        for listener in self._reconnect_listeners:
+            try:
+                await listener()
+            except Exception:
+                log.exception("event=bus_reconnect_listener_failed")
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -190,6 +207,9 @@ class RedisBus:
                 if not first:
                     self.reconnects += 1
                     log.info("event=bus_reconnected channels=%d", len(self._handlers))
+                    task = asyncio.get_running_loop().create_task(self._after_reconnect())
+                    self._spawned.add(task)
+                    task.add_done_callback(self._spawned.discard)
                 first = False
                 delay = BACKOFF_FIRST_S
                 await self._read(conn)

@@ -178,6 +178,8 @@ class Connection:
     bucket: TokenBucket = field(init=False)
     writer: asyncio.Task[None] | None = None
     deadline: asyncio.TimerHandle | None = None
+    #: The highest relayed ``seq`` handed to this connection (to resend what a bus outage dropped).
+    last_seq: int = 0
 
     def __post_init__(self) -> None:
         self.queue = asyncio.Queue(self.limits.send_queue_limit)
@@ -248,6 +250,7 @@ class Hub:
         self._preflights: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.accepting = True
+        bus.add_reconnect_listener(self.resend_missed)
 
     # ------------------------------------------------------------ sessions (admin side)
 
@@ -485,14 +488,29 @@ class Hub:
         )
         if message.resume is not None:
             await self._replay(conn, session.id, peer, message.resume)
+        else:
+            # A fresh page: what was relayed to this seat before belongs to an earlier page.
+            missed = await self.store.read_since(mailbox_key(session.id, peer), 0)
+            conn.last_seq = missed[-1][0] if missed else 0
         log.info("event=peer_joined session=%s peer=%s role=%s", session.id, peer, seat.role.value)
         await self._publish_views(session)
 
     async def _replay(self, conn: Connection, session_id: str, peer: str, after: int) -> None:
         """Send again what was relayed to this seat after ``after`` (while it was reconnecting)."""
+        conn.last_seq = max(conn.last_seq, after)
         for seq, data in await self.store.read_since(mailbox_key(session_id, peer), after):
             message = decode_client(data)
             conn.deliver(encode(msgspec.structs.replace(message, seq=seq)))
+            conn.last_seq = max(conn.last_seq, seq)
+
+    async def resend_missed(self) -> None:
+        """After the bus was cut off from other processes: resend each local peer what it missed."""
+        for conn in list(self.connections.values()):
+            if conn.joined and not conn.closed:
+                try:
+                    await self._replay(conn, conn.session_id or "", conn.peer_id or "", conn.last_seq)
+                except StoreUnavailable:
+                    return
 
     async def _on_checklist(self, conn: Connection, message: ChecklistSubmit) -> None:
         if self.checklist is None:
@@ -598,7 +616,9 @@ class Hub:
         # The buffer lives as long as the session: never longer, and its numbering never restarts early.
         ttl = max(1.0, session.expires - self.clock())
         seq = await self.store.append(mailbox_key(session.id, message.to), data, RESUME_MAX, ttl)
-        await self.bus.publish(session.id, Envelope(message.to, None, encode(msgspec.structs.replace(relayed, seq=seq))))
+        await self.bus.publish(
+            session.id, Envelope(message.to, None, encode(msgspec.structs.replace(relayed, seq=seq)), seq=seq)
+        )
 
     async def _on_report(self, conn: Connection, message: Report) -> None:
         assert conn.session_id and conn.peer_id
@@ -746,6 +766,10 @@ class Hub:
             else:
                 targets = list(self._by_session.get(session_id, ()))
             for conn in targets:
+                if envelope.seq is not None:
+                    if envelope.seq <= conn.last_seq:
+                        continue  # already resent from the resume buffer
+                    conn.last_seq = envelope.seq
                 conn.deliver(envelope.data, envelope.close)
                 if envelope.close is not None and envelope.to_conn is None:
                     # This connection no longer holds a seat worth routing to.

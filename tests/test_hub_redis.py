@@ -1,0 +1,67 @@
+"""The hub over Redis: what a bus outage drops is resent from the resume buffers, exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from broker.client import BrokerClient
+from broker.protocol import Candidate
+
+from .conftest import schedule, start_broker
+from .redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
+from .test_client import waiting_client
+
+pytestmark = pytest.mark.redis
+MESSAGES = 60
+
+
+async def test_messages_published_while_the_bus_reconnects_arrive_exactly_once(
+    tmp_path: Path, redis_server: RedisServer  # noqa: F811
+) -> None:
+    redis_server.ensure_running()
+    secret = tmp_path / "server.secret"
+    secret.write_text(secrets.token_hex(32))
+    secret.chmod(0o600)
+    common = {"redis_url": redis_server.url, "secret_file": str(secret)}
+    a = await start_broker(tmp_path / "a", **common)
+    b = await start_broker(tmp_path / "b", **common)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        links = await schedule(a)
+        therapist = BrokerClient(links.therapist)  # on process A
+        await therapist.connect()
+        client_link = links.client.replace(a.url, b.url)
+        client = await waiting_client(links, link=client_link)  # on process B
+        await therapist.admit(client.peer_id)
+        await client.wait_connected(therapist.peer_id)
+        before = a.hub.bus.reconnects
+
+        async def send_all() -> None:
+            for i in range(MESSAGES):
+                frame = {"type": "candidate", "to": therapist.peer_id, "candidate": "", "sdp_mid": str(i)}
+                await client.send_raw(json.dumps(frame))
+                await asyncio.sleep(0.01)
+
+        sending = asyncio.ensure_future(send_all())
+        await asyncio.sleep(0.05)
+        await raw.client_kill_filter(_type="pubsub")  # both processes lose their subscriptions mid-stream
+        await sending
+        got: list[str] = []
+        for _ in range(MESSAGES):
+            message = await therapist.expect(Candidate, where=lambda m: m.candidate == "", timeout=15)
+            got.append(message.sdp_mid or "")
+        assert a.hub.bus.reconnects > before  # the outage really happened
+        assert got == [str(i) for i in range(MESSAGES)]  # all of them, in order
+        assert therapist.duplicates == 0 and therapist.gaps == 0
+        await client.close()
+        await therapist.close()
+    finally:
+        await raw.aclose()
+        await a.stop()
+        await b.stop()
