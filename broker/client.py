@@ -354,7 +354,11 @@ class BrokerClient:
 
     # ------------------------------------------------------------ actions
 
-    async def preflight(self, relay_only: bool = False) -> ClientPreflightReport:
+    async def preflight(self, relay_only: bool | None = None) -> ClientPreflightReport:
+        """The network pre-flight, over the path the call will use (relay only if the session says so)."""
+        if relay_only is None:
+            relay_only = bool(self.joined and self.joined.ice_transport_policy == "relay")
+
         async def exchange(offer_sdp: str) -> str:
             reply = await self.request(PreflightOffer(sdp=offer_sdp), PreflightAnswer)
             return reply.sdp  # type: ignore[union-attr]
