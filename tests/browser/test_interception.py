@@ -1,16 +1,28 @@
-"""A malicious relay between a page and the broker swaps the DTLS fingerprint in the SDP it
-passes on (a man in the middle): the receiving page refuses the connection and shows the
-full interception warning."""
+"""A malicious relay cannot intercept a call in Chromium unnoticed (DESIGN.md section 4).
+
+A relay between a page and the broker swaps the DTLS fingerprint in the SDP it passes on (a
+man in the middle): the receiving page refuses the connection and shows the full interception
+warning. Then the broker itself turns bad (MaliciousHub from tests/test_malicious_relay.py):
+it strips or corrupts MACs, replays an old offer, or injects a fake peer without the link key,
+and every attack ends on a page's warning screen and in the broker's audit log."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
-from playwright.async_api import Page, WebSocketRoute, expect
+import pytest_asyncio
+from playwright.async_api import Locator, Page, WebSocketRoute, expect
 
-from tests.conftest import RunningBroker, schedule
+from broker.hub import Hub
+from tests.conftest import RunningBroker, SessionLinks, schedule, start_broker
+from tests.test_malicious_relay import MaliciousHub, wait_for
 
 from .conftest import NewContext
 from .kit import Watch, look, pass_checklist, wait_screen
@@ -78,4 +90,210 @@ async def test_swapped_fingerprint_is_refused_with_a_warning(
     else:
         await therapist.click("#interception-back")
         await wait_screen(therapist, "dashboard")
+    await watch.assert_clean()
+
+
+# ---------------------------------------------------------------- the malicious broker itself
+#
+# Every attack of tests/test_malicious_relay.py, played by the broker (MaliciousHub, imported
+# from there) against two real pages. The honest relay with equal safety codes on both sides is
+# tests/browser/test_call.py::test_client_from_link_to_call_to_end.
+
+CLIENT_WARNING = (
+    "We stopped the call to protect you",  # what happened
+    "Someone may have tried to listen in",
+    "Nothing you said or showed went through this connection",
+    "What to do now",  # what to do
+    "Do not use this link again",
+    "Contact your therapist another way",
+    "Ask them for a new link",
+)
+THERAPIST_WARNING = (
+    "A connection was stopped: possible interception",
+    "could not be verified with the link key",
+    "may have tried to listen in",
+    "What to do now",
+    "Do not continue with this client on this link",
+    "Call the client by phone",
+    "Schedule a new session with a new link",
+)
+#: A base64url MAC the broker made up (it does not hold the link key).
+MADE_UP_MAC = "bm90IHRoZSByZWFsIGtleQ"
+#: The page reports as it shows the warning; generous for two busy cores.
+AUDIT_WAIT_S = 10.0
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def evil(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningBroker]:
+    """A broker of this module only, its hub turned malicious; the shared broker stays honest."""
+    running = await start_broker(Path(tmp_path_factory.mktemp("evil-browser-broker")))
+    hub = running.broker.hub
+    hub.__class__ = MaliciousHub  # as the fixture of tests/test_malicious_relay.py does
+    cast(MaliciousHub, hub).saved_offers = {}
+    yield running
+    hub.__class__ = Hub
+    await running.stop()
+
+
+def evil_hub(running: RunningBroker, mode: str) -> MaliciousHub:
+    hub = cast(MaliciousHub, running.broker.hub)
+    hub.mode = mode
+    hub.saved_offers.clear()
+    return hub
+
+
+@dataclass
+class Pair:
+    """One session seen by two people: a client in the waiting room, the therapist on the dashboard."""
+
+    links: SessionLinks
+    client: Page
+    therapist: Page
+
+    @property
+    def client_peer(self) -> str:
+        return self.links.peers[self.links.client]
+
+    @property
+    def therapist_peer(self) -> str:
+        return self.links.peers[self.links.therapist]
+
+    def tile(self, page: Page, peer: str) -> Locator:
+        return page.locator(f'[data-testid=tile][data-peer="{peer}"]')
+
+    async def admit(self) -> None:
+        await self.therapist.get_by_test_id("admit").click()
+
+
+async def open_pair(running: RunningBroker, new_context: NewContext, watch: Watch) -> Pair:
+    links = await schedule(running, clients=1)
+    watch.secrets.append(links.link_key)
+    client = await (await new_context()).new_page()
+    therapist = await (await new_context()).new_page()
+
+    async def client_way_in() -> None:
+        await client.goto(links.client)
+        await pass_checklist(client)
+
+    async def therapist_way_in() -> None:
+        await therapist.goto(links.therapist)
+        await wait_screen(therapist, "dashboard")
+
+    await asyncio.gather(client_way_in(), therapist_way_in())
+    return Pair(links, client, therapist)
+
+
+async def assert_warning(pair: Pair, victim: str, reason: str, *, stopped: str) -> None:
+    """The victim's page shows the full warning: what happened, what to do, and why."""
+    page = pair.client if victim == "client" else pair.therapist
+    await wait_screen(page, "interception")
+    alert = page.locator("#screen-interception [role=alert]")
+    await expect(alert).to_be_visible()
+    for text in CLIENT_WARNING if victim == "client" else THERAPIST_WARNING:
+        await expect(alert).to_contain_text(text)
+    await expect(page.locator("#interception-reason")).to_have_text(f"Technical reason: {reason.replace('_', ' ')}.")
+    # Nothing got through with the peer the attack came from.
+    await expect(pair.tile(page, stopped).and_(page.locator("[data-state=connected]"))).to_have_count(0)
+
+
+async def assert_audited(running: RunningBroker, pair: Pair, reporter: str) -> None:
+    """The page told the broker: its audit log holds the warning, with nothing but opaque ids."""
+
+    def entries() -> list[dict[str, Any]]:
+        lines = running.config.audit_path.read_text().splitlines() if running.config.audit_path.exists() else []
+        return [
+            entry
+            for entry in map(json.loads, lines)
+            if entry["event"] == "interception_warning" and entry["session"] == pair.links.session
+        ]
+
+    try:
+        # The actor is the reporting seat, opaque: "<session>-<peer>" (broker/server.py audit_hook).
+        who = f"{pair.links.session}-{reporter}"
+        await wait_for(lambda: any(entry["actor"] == who for entry in entries()), timeout=AUDIT_WAIT_S)
+    except TimeoutError:
+        pytest.fail("the page never reported the interception to the broker: no interception_warning in the audit log")
+    text = json.dumps(entries())
+    assert pair.links.link_key not in text and "sdp" not in text.lower() and "FAKEpeer" not in text
+    assert {entry["outcome"] for entry in entries()} == {"warning"}
+
+
+async def test_corrupted_mac_is_refused_with_a_warning(
+    evil: RunningBroker, new_context: NewContext, watch: Watch
+) -> None:
+    evil_hub(evil, "corrupt_mac")
+    try:
+        pair = await open_pair(evil, new_context, watch)
+        await pair.admit()
+        await assert_warning(pair, "client", "bad_mac", stopped=pair.therapist_peer)
+        await assert_audited(evil, pair, pair.client_peer)
+    finally:
+        evil_hub(evil, "honest")
+    await watch.assert_clean()
+
+
+async def test_stripped_mac_is_refused_with_a_warning(
+    evil: RunningBroker, new_context: NewContext, watch: Watch
+) -> None:
+    evil_hub(evil, "strip_mac")
+    try:
+        pair = await open_pair(evil, new_context, watch)
+        await pair.admit()
+        # An offer without a MAC may come from a therapist on a device without the link key, so
+        # the client is not connected silently: it is told to compare the safety code first.
+        await wait_screen(pair.client, "unverified")
+        card = pair.client.locator("#screen-unverified")
+        await expect(card).to_be_visible()
+        await expect(card).to_contain_text("Please compare the safety code")
+        await expect(card).to_contain_text("If they differ, leave the call")
+        await expect(pair.tile(pair.client, pair.therapist_peer)).not_to_have_attribute("data-state", "connected")
+        # The client goes on; its answer loses its MAC as well, and the therapist holds the link
+        # key: that can only be someone in the middle.
+        await pair.client.click("#unverified-continue")
+        await assert_warning(pair, "therapist", "missing_mac", stopped=pair.client_peer)
+        await assert_audited(evil, pair, pair.therapist_peer)
+    finally:
+        evil_hub(evil, "honest")
+    await watch.assert_clean()
+
+
+async def test_replayed_old_offer_is_refused_with_a_warning(
+    evil: RunningBroker, new_context: NewContext, watch: Watch
+) -> None:
+    hub = evil_hub(evil, "replay")  # keeps the first offer of each pair and sends it instead of later ones
+    try:
+        pair = await open_pair(evil, new_context, watch)
+        await pair.admit()
+        # The first offer goes through untouched: the call connects.
+        await wait_screen(pair.client, "call")
+        await expect(pair.tile(pair.client, pair.therapist_peer)).to_have_attribute("data-state", "connected")
+        assert (pair.therapist_peer, pair.client_peer) in hub.saved_offers
+        # The therapist reloads the page: its fresh offer is swapped for the old one.
+        await pair.therapist.reload()
+        await assert_warning(pair, "client", "replayed_counter", stopped=pair.therapist_peer)
+        await assert_audited(evil, pair, pair.client_peer)
+    finally:
+        evil_hub(evil, "honest")
+    await watch.assert_clean()
+
+
+@pytest.mark.parametrize(
+    ("mac", "reason"), [(None, "missing_mac"), (MADE_UP_MAC, "bad_mac")], ids=["no-mac", "made-up-mac"]
+)
+async def test_fake_peer_from_the_broker_is_refused_with_a_warning(
+    mac: str | None, reason: str, evil: RunningBroker, new_context: NewContext, watch: Watch
+) -> None:
+    hub = evil_hub(evil, "honest")
+    pair = await open_pair(evil, new_context, watch)
+    await pair.admit()
+    await wait_screen(pair.client, "call")
+    await expect(pair.tile(pair.client, pair.therapist_peer)).to_have_attribute("data-state", "connected")
+    # A peer the therapist never admitted, made up by the broker, offers to the client.
+    await hub.inject_fake_offer(pair.links.session, pair.client_peer, mac=mac)
+    # The warning, not the "compare the safety code" screen: only a therapist may lack the link key.
+    await assert_warning(pair, "client", reason, stopped="FAKEpeer")
+    await expect(pair.tile(pair.client, "FAKEpeer")).to_have_count(0)
+    # The real call is untouched.
+    await expect(pair.tile(pair.client, pair.therapist_peer)).to_have_attribute("data-state", "connected")
+    await assert_audited(evil, pair, pair.client_peer)
     await watch.assert_clean()
