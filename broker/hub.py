@@ -623,7 +623,7 @@ class Hub:
     async def _on_report(self, conn: Connection, message: Report) -> None:
         assert conn.session_id and conn.peer_id
         session = await self._load(conn.session_id)
-        session.seat(message.peer)
+        # No seat check: a peer the broker made up (not in the session) is exactly what gets reported.
         log.warning("event=interception_warning session=%s peer=%s reason=%s", session.id, conn.peer_id, message.reason)
         await self._audit("interception_warning", conn.peer_id, session.id, "warning")
 

@@ -10,6 +10,7 @@ equal safety codes on both sides.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from pathlib import Path
@@ -181,12 +182,20 @@ async def test_detections_reach_the_audit_log_without_content(evil: RunningBroke
     hub: MaliciousHub = evil.broker.hub  # type: ignore[assignment]
     therapist, client = await admitted_pair(evil)
     try:
-        await hub.inject_fake_offer(client.joined.session, client.peer_id, mac=None)  # type: ignore[union-attr]
-        await wait_for(lambda: client.interceptions)
+        session = client.joined.session  # type: ignore[union-attr]
         log_path = evil.config.audit_path
-        await wait_for(lambda: "interception_warning" in log_path.read_text())
-        entry = [line for line in log_path.read_text().splitlines() if "interception_warning" in line][-1]
-        assert "FAKEpeer" not in entry and "sdp" not in entry.lower()
+
+        def warnings() -> list[str]:
+            lines = log_path.read_text().splitlines()
+            return [line for line in lines if "interception_warning" in line and session in line]
+
+        assert warnings() == []
+        await hub.inject_fake_offer(session, client.peer_id, mac=None)
+        await wait_for(lambda: client.interceptions)
+        await wait_for(warnings)
+        entry = json.loads(warnings()[-1])
+        assert entry["actor"] == f"{session}-{client.peer_id}" and entry["outcome"] == "warning"
+        assert "FAKEpeer" not in warnings()[-1] and "sdp" not in warnings()[-1].lower()
     finally:
         await client.close()
         await therapist.close()

@@ -273,8 +273,9 @@ export class Call {
       });
     } catch (err) {
       if (!(err instanceof InterceptionError)) throw err;
-      if (err.reason === "missing_mac" && type === "offer") {
-        // The other side may be a therapist on a device without the link key: ask first.
+      if (err.reason === "missing_mac" && type === "offer" && this.#infos.get(peer)?.role === "therapist") {
+        // Only a therapist can be without the link key (on another device): ask first.
+        // Anyone else offering without a MAC, or a peer the broker never announced, is an attack.
         this.#pendingUnverified.set(peer, message);
         this.#emit("unverified", { peer, role: this.#infos.get(peer)?.role ?? null });
         return;
@@ -418,6 +419,7 @@ export class Call {
   #intercepted(peer, reason) {
     this.#blocked.add(peer);
     this.#closeLink(peer);
+    this.#signaling.reportInterception(peer, reason); // content-free, for the broker's audit log
     this.#emit("interception", { peer, role: this.#infos.get(peer)?.role ?? null, reason });
     this.#announce(peer);
   }

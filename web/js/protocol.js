@@ -383,6 +383,11 @@ export class Signaling {
     return this.#send(message);
   }
 
+  /** Tell the broker a description from `peer` failed authentication (audit log only; no content). */
+  reportInterception(peer, reason) {
+    return this.#send({ type: "report", event: "interception_warning", peer, reason });
+  }
+
   /** Ask the offerer of a pair for a new offer (an ICE restart, or after a reload). */
   renegotiate(to) {
     return this.#send({ type: "renegotiate", to });
