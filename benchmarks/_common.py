@@ -26,10 +26,11 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -182,7 +183,7 @@ class Report:
         return all(checked) if checked else None
 
     def markdown(self) -> str:
-        when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         mode = "quick" if self.args.quick else "full"
         if self.args.experiment:
             mode += f", EXPERIMENT {self.args.experiment} (monkeypatched broker, not the shipped code)"

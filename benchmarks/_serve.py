@@ -24,11 +24,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import raise_file_limit  # noqa: E402
+from _common import raise_file_limit
 
-from broker.config import check_config, load_config  # noqa: E402
-from broker.logs import configure  # noqa: E402
-from broker.serve import serve  # noqa: E402
+from broker.config import check_config, load_config
+from broker.logs import configure
+from broker.serve import serve
 
 TICK_S = 0.010
 

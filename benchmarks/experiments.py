@@ -8,7 +8,7 @@ it stands for.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 EXPERIMENTS: dict[str, Callable[[], None]] = {}
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+from _common import (
     Admin,
     BrokerProcess,
     Report,
@@ -105,7 +105,7 @@ async def signaling_rtt(admin: Admin, port: int, sessions: int, seconds: float) 
     samples: list[float] = []
     running = True
 
-    async def bounce(pair) -> None:  # noqa: ANN001
+    async def bounce(pair) -> None:
         back = candidate_frame(pair.therapist_peer)
         there = candidate_frame(pair.client_peer)
         returned = asyncio.Event()
