@@ -19,7 +19,8 @@ import json
 import logging
 import os
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -28,7 +29,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from msgspec import inspect as mi
 
-from broker.protocol import MAX_MESSAGE_BYTES, ErrorCode, ProtocolError, client_message_types, decode_client
+from broker.protocol import (
+    MAX_MESSAGE_BYTES,
+    ErrorCode,
+    ProtocolError,
+    client_message_types,
+    decode_client,
+)
 
 from .conftest import RunningBroker, schedule
 
