@@ -141,25 +141,45 @@ class Limits:
 
 
 class TokenBucket:
-    """Per-connection message budget: ``rate`` per second, up to ``burst`` at once."""
+    """Per-connection message budget: ``rate`` per second, up to ``burst`` at once.
+
+    Also counts refusals over a sliding window, so a sender that keeps going far over
+    budget is recognised as a flood even though some of its messages get through.
+    """
+
+    FLOOD_WINDOW_S = 10.0
 
     def __init__(self, rate: float, burst: int) -> None:
         self.rate = rate
         self.burst = float(burst)
         self.tokens = float(burst)
         self.stamp = time.monotonic()
-        self.refused = 0
+        #: Refusals in the current window (decayed linearly as the window slides).
+        self.refused = 0.0
+        self._first_refusal_notice = True
 
     def take(self) -> bool:
         now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        elapsed = now - self.stamp
+        self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+        self.refused = max(0.0, self.refused - elapsed * self.refused / self.FLOOD_WINDOW_S)
         self.stamp = now
         if self.tokens >= 1.0:
             self.tokens -= 1.0
-            self.refused = 0
+            if self.refused < 1.0:
+                self._first_refusal_notice = True
             return True
-        self.refused += 1
+        self.refused += 1.0
         return False
+
+    def should_warn(self) -> bool:
+        """True once per stretch of refusals: one error message, not one per dropped message."""
+        warn, self._first_refusal_notice = self._first_refusal_notice, False
+        return warn
+
+    @property
+    def flooding(self) -> bool:
+        return self.refused > 4 * self.burst
 
 
 @dataclass(eq=False)
@@ -344,11 +364,12 @@ class Hub:
         if conn.closed:
             return
         if not conn.bucket.take():
-            if conn.bucket.refused == 1:
-                self._send(conn, Error(code=ErrorCode.TOO_MANY_REQUESTS, message="Slow down: too many messages."))
-            if conn.bucket.refused > 4 * self.limits.rate_burst:
+            if conn.bucket.flooding:
                 log.info("event=flood_closed conn=%s", conn.id)
-                self._close_after_queue(conn, CLOSE_FLOOD)
+                conn.closed = True
+                self._spawn(conn.transport.close(CLOSE_FLOOD, "flood"))
+            elif conn.bucket.should_warn():
+                self._send(conn, Error(code=ErrorCode.TOO_MANY_REQUESTS, message="Slow down: too many messages."))
             return
         ref: str | None = None
         try:
