@@ -306,11 +306,14 @@ class BrokerProcess(ServerProcess):
         profile: Path | None = None,
         trace_memory: Path | None = None,
         name: str = "broker",
+        checklist_policy: str | None = BENCH_POLICY,
     ) -> None:
+        """``checklist_policy``: policy TOML for the broker (default: one without the pre-flight); None: the built-in."""
         self.data_dir = workdir / f"{name}-data"
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        policy = workdir / "bench-policy.toml"
-        policy.write_text(BENCH_POLICY)
+        policy = workdir / f"{name}-policy.toml"
+        if checklist_policy is not None:
+            policy.write_text(checklist_policy)
         port = free_port()
         argv = [sys.executable, str(HERE / "_serve.py"), "--port", str(port), "--data-dir", str(self.data_dir)]
         if experiment:
@@ -322,11 +325,12 @@ class BrokerProcess(ServerProcess):
         if trace_memory:
             argv += ["--tracemalloc", str(trace_memory)]
         base_env = {
-            "BROKER_POLICY_FILE": str(policy),
             "BROKER_TRUST_PROXY": "1",
             "BROKER_LOG_LEVEL": "info",
             "BROKER_ADMIN_SOCKET_PATH": str(workdir / f"{name}-admin.sock"),
         }
+        if checklist_policy is not None:
+            base_env["BROKER_POLICY_FILE"] = str(policy)
         super().__init__(argv, port, {**base_env, **dict(env or {})}, workdir / f"{name}.log")
         self.admin_socket = Path(base_env["BROKER_ADMIN_SOCKET_PATH"])
 

@@ -89,3 +89,31 @@ def direct_write() -> None:
 
     hub.Connection.deliver = deliver  # type: ignore[method-assign]
     hub.Connection.write_loop = write_loop  # type: ignore[method-assign]
+
+
+@experiment("precompressed_static")
+def precompressed_static() -> None:
+    """Serve the browser client gzip-compressed.
+
+    Stands for: ship a ``.gz`` beside every file of web/ (made at build time by
+    the packaging step, or once at start-up into the data dir); aiohttp's
+    ``FileResponse`` (used by ``add_static`` and by the page handlers in
+    broker/server.py) already sends ``X.gz`` with ``Content-Encoding: gzip`` to a
+    browser that accepts it, and ``X`` to one that does not. No code path in the
+    broker changes. Here: a compressed copy of web/ in a temporary directory,
+    with ``broker.server.web_root`` pointed at it.
+    """
+    import gzip
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from broker import server
+
+    source = server.web_root()
+    copy = Path(tempfile.mkdtemp(prefix="web-gz-")) / "web"
+    shutil.copytree(source, copy)
+    for path in copy.rglob("*"):
+        if path.is_file() and path.suffix in (".html", ".js", ".css", ".svg", ".json"):
+            path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes(), 9, mtime=0))
+    server.web_root = lambda: copy  # type: ignore[assignment]
