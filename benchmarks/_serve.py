@@ -64,7 +64,14 @@ async def lag_monitor(path: Path) -> None:
             now = time.perf_counter()
             batch.append(round(max(0.0, (now - before - TICK_S) * 1e3), 3))
             if now - flushed >= 1.0:
-                row = {"t": time.time(), "lag_ms": batch, "gc": gc_times.take(), "cpu_s": time.process_time()}
+                row = {
+                    "t": time.time(),
+                    "lag_ms": batch,
+                    "gc": gc_times.take(),
+                    "cpu_s": time.process_time(),
+                    "gc_counts": gc.get_count(),
+                    "frozen": gc.get_freeze_count(),
+                }
                 out.write(json.dumps(row) + "\n")
                 out.flush()
                 batch, flushed = [], now

@@ -117,3 +117,134 @@ def precompressed_static() -> None:
         if path.is_file() and path.suffix in (".html", ".js", ".css", ".svg", ".json"):
             path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes(), 9, mtime=0))
     server.web_root = lambda: copy  # type: ignore[assignment]
+
+
+@experiment("lean_connection")
+def lean_connection() -> None:
+    """No send queue and no writer task per connection until a message actually has to wait.
+
+    Stands for, in broker/hub.py: ``Connection`` keeps a lazily made
+    ``collections.deque`` (bounded by ``send_queue_limit`` as today) instead of an
+    ``asyncio.Queue`` (three deques and a Queue object each, made for every
+    connection), and ``Hub.open`` no longer starts a writer task per connection:
+    ``deliver`` writes at once through ``Transport.send_nowait`` (see
+    ``direct_write``) when nothing waits, and otherwise queues the message and
+    starts a writer task that drains the queue and ends. An idle connection then
+    holds no Queue, no Task and no suspended coroutine. ``Hub.shutdown`` keeps
+    working: the queue object still answers ``empty()``.
+    """
+    import asyncio
+    from collections import deque
+
+    from broker import hub
+
+    direct_write()
+
+    class Pending:
+        __slots__ = ("items", "limit")
+
+        def __init__(self, limit: int) -> None:
+            self.items: deque[tuple[bytes, int | None]] | None = None
+            self.limit = limit
+
+        def empty(self) -> bool:
+            return not self.items
+
+        def put_nowait(self, item: tuple[bytes, int | None]) -> None:
+            if self.items is None:
+                self.items = deque()
+            if len(self.items) >= self.limit:
+                raise asyncio.QueueFull
+            self.items.append(item)
+
+    def post_init(self: hub.Connection) -> None:
+        self.queue = Pending(self.limits.send_queue_limit)  # type: ignore[assignment]
+        self.bucket = hub.TokenBucket(self.limits.rate_per_s, self.limits.rate_burst)
+
+    async def drain(self: hub.Connection) -> None:
+        try:
+            while self.queue.items:  # type: ignore[attr-defined]
+                data, close = self.queue.items.popleft()  # type: ignore[attr-defined]
+                if data:
+                    await self.transport.send_text(data.decode())
+                if close is not None:
+                    self.closed = True
+                    await self.transport.close(close, "")
+                    return
+        except (ConnectionError, RuntimeError):
+            self.closed = True
+        finally:
+            self.writer = None
+
+    def deliver(self: hub.Connection, data: bytes, close: int | None = None) -> None:
+        if self.closed:
+            return
+        if close is None and data and self.writer is None and self.queue.empty():
+            send = getattr(self.transport, "send_nowait", None)
+            if send is not None and send(data):
+                return
+        try:
+            self.queue.put_nowait((data, close))
+        except asyncio.QueueFull:
+            self.closed = True
+            hub.log.info("event=slow_consumer_closed conn=%s", self.id)
+            asyncio.get_running_loop().create_task(self.transport.close(hub.CLOSE_TOO_SLOW, "too slow"))
+            return
+        if self.writer is None:
+            self.writer = asyncio.get_running_loop().create_task(drain(self))
+
+    def open_(self: hub.Hub, transport: hub.Transport) -> hub.Connection:
+        conn = hub.Connection(transport, self.limits)
+        self.connections[conn.id] = conn
+        conn.deadline = asyncio.get_running_loop().call_later(self.limits.auth_deadline_s, self._auth_deadline, conn)
+        return conn
+
+    hub.Connection.__post_init__ = post_init  # type: ignore[method-assign]
+    hub.Connection.deliver = deliver  # type: ignore[method-assign]
+    hub.Hub.open = open_  # type: ignore[method-assign]
+
+
+@experiment("gc_freeze")
+def gc_freeze() -> None:
+    """Move everything alive once the broker has started into the GC's permanent generation.
+
+    Stands for: ``gc.collect(); gc.freeze()`` in broker/serve.py right after
+    ``create_broker`` (the modules of aiortc, PyAV, cryptography and aiohttp are
+    loaded by then). Those objects never become garbage, and a full collection
+    then no longer walks them, which shortens every full-collection pause.
+    """
+    import gc
+
+    from broker import serve
+
+    create = serve.create_broker
+
+    async def create_broker(*args, **kwargs):  # type: ignore[no-untyped-def]
+        made = await create(*args, **kwargs)
+        gc.collect()
+        gc.freeze()
+        return made
+
+    serve.create_broker = create_broker  # type: ignore[assignment]
+
+
+@experiment("hiredis")
+def hiredis() -> None:
+    """redis-py with the hiredis reply parser (C) instead of its pure-Python one.
+
+    Stands for: add ``hiredis`` to the broker's dependencies (redis-py uses it
+    by itself when it is importable; no code change). To measure it without
+    installing it for everyone on the machine:
+    ``pip install --target DIR hiredis`` and ``BENCH_HIREDIS_PATH=DIR``.
+    """
+    import os
+    import sys
+
+    path = os.environ.get("BENCH_HIREDIS_PATH")
+    if path:
+        sys.path.insert(0, path)
+    import hiredis as _  # noqa: F401 - fails loudly when it is not there
+
+    from redis.utils import HIREDIS_AVAILABLE
+
+    assert HIREDIS_AVAILABLE, "redis-py did not pick up hiredis"

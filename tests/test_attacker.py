@@ -21,7 +21,7 @@ call and count the test's own objects as well.
 
 Memory, measured as the broker process's RSS: the broker runs its usual
 ``broker.cli.main(["serve", ...])`` in a thin wrapper whose only addition is a
-SIGUSR1 hook that runs the garbage collector and glibc's ``malloc_trim``, with
+SIGUSR1 probe that runs the garbage collector and glibc's ``malloc_trim``, with
 ``PYTHONMALLOC=malloc``, so that RSS read after the hook is live memory rather
 than memory the allocator keeps for reuse (with pymalloc, RSS never falls after
 2,000 connections came and went, leak or no leak). The baseline is taken after
@@ -68,13 +68,30 @@ OVERSIZE_BYTES = 100 * 1024
 SETTLE_S = 30.0
 WARMUP_PAIRS = 5
 
-#: ``broker serve`` as usual, plus SIGUSR1: collect garbage and hand freed memory back to the OS (for reading RSS).
-SERVE_WITH_TRIM_HOOK = """
-import ctypes, gc, signal, sys
-def trim(*_):
+#: ``broker serve`` as usual, plus a probe on SIGUSR1 (for tests reading the process from outside): it runs the
+#: garbage collector, hands freed memory back to the OS (so RSS is live memory), and writes the number of store keys
+#: and open connections to $BROKER_TEST_PROBE_FILE.
+SERVE_WITH_PROBE = """
+import asyncio, ctypes, gc, json, os, signal, sys
+import broker.serve
+
+create = broker.serve.create_broker
+
+async def probe(made):
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-signal.signal(signal.SIGUSR1, trim)
+    path = os.environ["BROKER_TEST_PROBE_FILE"]
+    stats = {"store_keys": len(await made.store.keys("")), "connections": len(made.hub.connections)}
+    with open(path + ".tmp", "w") as out:
+        json.dump(stats, out)
+    os.replace(path + ".tmp", path)
+
+async def create_broker(*args, **kwargs):
+    made = await create(*args, **kwargs)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, lambda: asyncio.ensure_future(probe(made)))
+    return made
+
+broker.serve.create_broker = create_broker
 from broker.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -93,30 +110,70 @@ class BrokerProcess:
     process: subprocess.Popen[bytes]
     config: Config
     log: Path
+    probe_file: Path
 
     def rss(self) -> int:
         return _rss(self.process.pid)
 
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
+
+    def sockets_to(self, port: int) -> int:
+        """Open TCP connections from the broker to a local port (its Redis connection pool, say)."""
+        inodes = set()
+        for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(OSError):
+                for line in Path(name).read_text().splitlines()[1:]:
+                    fields = line.split()
+                    if int(fields[2].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(fields[9])
+        fd_dir = Path(f"/proc/{self.process.pid}/fd")
+        count = 0
+        for fd in fd_dir.iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    count += 1
+        return count
+
+    async def probe(self) -> dict[str, Any]:
+        """Garbage collected and trimmed: {"rss": live bytes, "fds", "store_keys", "connections"}."""
+        self.probe_file.unlink(missing_ok=True)
+        self.process.send_signal(signal.SIGUSR1)
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            if self.probe_file.exists():
+                break
+        stats: dict[str, Any] = json.loads(self.probe_file.read_text())
+        await asyncio.sleep(0.2)
+        return {**stats, "rss": self.rss(), "fds": self.fds()}
+
     async def live_rss(self) -> int:
         """RSS after the garbage collector ran and freed memory went back to the OS."""
-        self.process.send_signal(signal.SIGUSR1)
-        await asyncio.sleep(1.0)
-        return self.rss()
+        return int((await self.probe())["rss"])
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
 
-@pytest.fixture(scope="module")
-async def broker_process(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[BrokerProcess]:
-    data = tmp_path_factory.mktemp("attacked")
+@contextlib.asynccontextmanager
+async def launch_broker(data: Path, env: dict[str, str] | None = None) -> AsyncIterator[BrokerProcess]:
+    """A broker process (behind a trusted proxy, allocator as described above) on a free port; stopped by its PID."""
     port = free_port()
     log = data / "broker.log"
-    env = {**os.environ, "BROKER_TRUST_PROXY": "1", "BROKER_LOG_LEVEL": "info", "PYTHONMALLOC": "malloc"}
+    probe_file = data / "probe.json"
+    full_env = {
+        **os.environ,
+        "BROKER_TRUST_PROXY": "1",
+        "BROKER_LOG_LEVEL": "info",
+        "PYTHONMALLOC": "malloc",
+        "BROKER_TEST_PROBE_FILE": str(probe_file),
+        **(env or {}),
+    }
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-c", SERVE_WITH_TRIM_HOOK, "serve", "--port", str(port), "--data-dir", str(data)],
-            env=env,
+            [sys.executable, "-c", SERVE_WITH_PROBE, "serve", "--port", str(port), "--data-dir", str(data)],
+            env=full_env,
             stdout=out,
             stderr=out,
         )
@@ -130,7 +187,7 @@ async def broker_process(tmp_path_factory: pytest.TempPathFactory) -> AsyncItera
                             break
                 assert process.poll() is None, log.read_text()
                 await asyncio.sleep(0.1)
-        yield BrokerProcess(url, process, Config(data_dir=data, port=port), log)
+        yield BrokerProcess(url, process, Config(data_dir=data, port=port), log, probe_file)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -138,6 +195,12 @@ async def broker_process(tmp_path_factory: pytest.TempPathFactory) -> AsyncItera
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(5)
+
+
+@pytest.fixture(scope="module")
+async def broker_process(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[BrokerProcess]:
+    async with launch_broker(tmp_path_factory.mktemp("attacked")) as running:
+        yield running
 
 
 # ---------------------------------------------------------------- honest peers
@@ -389,8 +452,9 @@ async def test_honest_calls_connect_under_attack_and_memory_comes_back(broker_pr
     assert attack.close_codes.get(1009, 0) >= 1  # oversized frames refused
     assert attack.refused.get(429, 0) >= 1  # the 51st socket from one address refused
     assert attack.flood_sent >= FLOOD_PER_S  # at least a second's worth of flood went out
-    # Memory came back.
+    # Memory came back, and nothing of the attack is still held.
     assert after <= limit, (baseline, peak, after)
+    assert (await broker.probe())["connections"] == 0
 
     log = broker.log_text()
     assert "event=internal_error" not in log and "Traceback" not in log
