@@ -248,3 +248,88 @@ def hiredis() -> None:
     from redis.utils import HIREDIS_AVAILABLE
 
     assert HIREDIS_AVAILABLE, "redis-py did not pick up hiredis"
+
+
+@experiment("relay_record_ttl")
+def relay_record_ttl() -> None:
+    """Relays check admission against a copy of the session record at most 100 ms old.
+
+    Stands for, in broker/hub.py: ``_on_relay`` reads the session record through
+    a per-process cache (record and the time it was read), used for 100 ms and
+    dropped at once by any change this process makes (``_mutate``). On Redis
+    every relay otherwise costs a GET of the sealed record (one of its two
+    round trips). What the 100 ms allow: a relay accepted up to 100 ms after
+    another process removed or declined a peer, a peer whose connection is
+    being closed in that same moment; the resume buffer and the bus are
+    unchanged. (A bus message that invalidates the copy on every change would
+    remove even that window, at the price of more code.)
+    """
+    import contextvars
+    import time
+
+    from broker import hub
+
+    in_relay: contextvars.ContextVar[bool] = contextvars.ContextVar("in_relay", default=False)
+    cache: dict[str, tuple[float, object]] = {}
+    load, mutate, relay = hub.Hub._load, hub.Hub._mutate, hub.Hub._on_relay
+
+    async def cached_load(self: hub.Hub, session_id: str):  # type: ignore[no-untyped-def]
+        if in_relay.get():
+            hit = cache.get(session_id)
+            if hit is not None and time.monotonic() - hit[0] < 0.1:
+                return hit[1]
+            record = await load(self, session_id)
+            cache[session_id] = (time.monotonic(), record)
+            return record
+        return await load(self, session_id)
+
+    async def invalidating_mutate(self: hub.Hub, session_id: str, *args, **kwargs):  # type: ignore[no-untyped-def]
+        cache.pop(session_id, None)
+        try:
+            return await mutate(self, session_id, *args, **kwargs)
+        finally:
+            cache.pop(session_id, None)
+
+    async def flagged_relay(self: hub.Hub, *args, **kwargs):  # type: ignore[no-untyped-def]
+        token = in_relay.set(True)
+        try:
+            return await relay(self, *args, **kwargs)
+        finally:
+            in_relay.reset(token)
+
+    hub.Hub._load = cached_load  # type: ignore[method-assign]
+    hub.Hub._mutate = invalidating_mutate  # type: ignore[method-assign]
+    hub.Hub._on_relay = flagged_relay  # type: ignore[method-assign]
+    for kind, handler in list(hub.Hub._handlers.items()):  # dispatch goes through this table
+        if handler is relay:
+            hub.Hub._handlers[kind] = flagged_relay
+
+
+@experiment("deque_mailbox")
+def deque_mailbox() -> None:
+    """The embedded store's capped logs (the resume buffer) as bounded deques.
+
+    Stands for, in broker/store.py ``MemoryStore.append``: keep each log's entries
+    in a ``collections.deque(maxlen=maxlen)`` and append in place, instead of
+    building a new list of up to 129 entries and slicing it to 128 on every
+    relayed message. ``read_since`` and the sweep read the deque as they read
+    the list today.
+    """
+    from collections import deque
+
+    from broker import store
+
+    async def append(self: store.MemoryStore, key: str, value: bytes, maxlen: int, ttl_s: float) -> int:
+        log = self._logs.get(key)
+        now = self._clock()
+        if log is None or log[2] <= now:
+            last, entries = 0, deque(maxlen=maxlen)
+        else:
+            last, entries = log[0], log[1]
+            if not isinstance(entries, deque) or entries.maxlen != maxlen:
+                entries = deque(entries, maxlen=maxlen)
+        entries.append((last + 1, value))
+        self._logs[key] = (last + 1, entries, now + ttl_s)  # type: ignore[assignment]
+        return last + 1
+
+    store.MemoryStore.append = append  # type: ignore[method-assign]

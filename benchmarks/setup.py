@@ -32,10 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     Admin,
     BrokerProcess,
+    LeanSocket,
+    Pair,
     Report,
+    ServerProcess,
     admitted_pair,
     candidate_frame,
     cleanup,
+    free_port,
     parse_args,
     percentile,
     raise_file_limit,
@@ -102,6 +106,28 @@ async def broker_setup(admin: Admin, base_url: str) -> float:
 async def signaling_rtt(admin: Admin, port: int, sessions: int, seconds: float) -> list[float]:
     """Round trips (s) therapist -> client -> therapist through the broker, with ``sessions`` live sessions."""
     pairs = [await admitted_pair(admin, port) for _ in range(sessions)]
+    return await bounce_all(pairs, seconds)
+
+
+async def bare_rtt(sessions: int, seconds: float, tmp: Path) -> list[float]:
+    """The same round trips through relay.py's bare aiohttp relay: this machine's floor for the figure."""
+    from relay import __file__ as relay_script
+
+    port = free_port()
+    server = ServerProcess([sys.executable, relay_script, "--serve-bare", str(port)], port, log=tmp / "bare.log")
+    await server.start()
+    try:
+        pairs = []
+        for i in range(sessions):
+            a = await LeanSocket.connect(port, path=f"/ws?peer=t{i}")
+            b = await LeanSocket.connect(port, path=f"/ws?peer=c{i}")
+            pairs.append(Pair(f"s{i}", a, b, f"t{i}", f"c{i}"))
+        return await bounce_all(pairs, seconds)
+    finally:
+        server.stop()
+
+
+async def bounce_all(pairs: list[Pair], seconds: float) -> list[float]:
     samples: list[float] = []
     running = True
 
@@ -157,6 +183,7 @@ async def main(args: argparse.Namespace) -> None:
             direct.append(await direct_setup())
             through.append(await broker_setup(admin, broker.url))
         rtts = await signaling_rtt(admin, broker.port, args.sessions, rtt_seconds)
+        floor = await bare_rtt(args.sessions, rtt_seconds, tmp)
     finally:
         await admin.close()
         broker.stop()
@@ -176,6 +203,8 @@ async def main(args: argparse.Namespace) -> None:
     report.add("rtt_samples", "round trips measured", len(rtts))
     report.add("rtt_p50_ms", "signaling round trip p50", round(percentile(rtts, 50) * 1e3, 2), "ms")
     report.add("rtt_p99_ms", "signaling round trip p99", round(rtt99, 2), "ms", f"< {GOAL_RTT_MS:g} ms", rtt99 < GOAL_RTT_MS)
+    report.add("bare_rtt_p50_ms", "same round trip via the bare relay, p50 (machine floor)", round(percentile(floor, 50) * 1e3, 2), "ms")
+    report.add("bare_rtt_p99_ms", "same round trip via the bare relay, p99 (machine floor)", round(percentile(floor, 99) * 1e3, 2), "ms")
     report.data["ratio"] = round(b50 / d50, 3)
     report.notes.append(
         "`ratio` in the JSON line is the broker p50 / direct p50. Round trip = two relays (therapist -> client -> "

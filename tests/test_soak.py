@@ -38,15 +38,17 @@ from broker.protocol import SeatState, Status
 from .redis_server import RedisServer, redis_server  # noqa: F401 - the fixture, used by parametrised tests
 from .test_attacker import BrokerProcess, _links, _preflight, launch_broker
 
+MINUTES = float(os.environ.get("BROKER_SOAK_MINUTES", "5"))
+
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(MINUTES * 60 + 300),  # the run itself, plus start-up and settling
     pytest.mark.skipif(
         os.environ.get("BROKER_SOAK") != "1",
         reason="soak test: runs for BROKER_SOAK_MINUTES (default 5) per store, only when BROKER_SOAK=1",
     ),
 ]
 
-MINUTES = float(os.environ.get("BROKER_SOAK_MINUTES", "5"))
 WORKERS = 4
 GROWTH = 0.05
 REDIS_POOL = 64  # broker.store_redis.MAX_CONNECTIONS
