@@ -22,13 +22,14 @@ PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
 
 # Field size limits (bytes or characters), generous for real SDP.
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
+# Patterns end in \Z, not $: msgspec matches with re.search, and $ also matches before a final newline.
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+\Z")]
 Token = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Sdp = Annotated[str, msgspec.Meta(max_length=48 * 1024)]
 Mac = Annotated[str, msgspec.Meta(max_length=128)]
 Counter = Annotated[int, msgspec.Meta(ge=0, le=2**53 - 1)]
 CandidateLine = Annotated[str, msgspec.Meta(max_length=1024)]
-ItemId = Annotated[str, msgspec.Meta(min_length=1, max_length=40, pattern=r"^[a-z0-9_]+$")]
+ItemId = Annotated[str, msgspec.Meta(min_length=1, max_length=40, pattern=r"^[a-z0-9_]+\Z")]
 Version = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Details = Annotated[str, msgspec.Meta(max_length=8192)]
 Agent = Annotated[str, msgspec.Meta(max_length=64)]
@@ -394,6 +395,10 @@ def decode_client(data: str | bytes) -> ClientMessage:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"Invalid message: {exc}") from None
     except msgspec.DecodeError:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "Invalid message: not a JSON object") from None
+    except RecursionError:  # nesting deep enough to exhaust the decoder's stack
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "Invalid message: nested too deeply") from None
+    except UnicodeError:  # text that is not valid Unicode (a lone surrogate)
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "Invalid message: not valid UTF-8 text") from None
 
 
 def decode_server(data: str | bytes) -> ServerMessage:
