@@ -333,3 +333,104 @@ def deque_mailbox() -> None:
         return last + 1
 
     store.MemoryStore.append = append  # type: ignore[method-assign]
+
+
+@experiment("drop_deadline")
+def drop_deadline() -> None:
+    """Forget the auth-deadline timer once a connection has joined.
+
+    Stands for, in broker/hub.py ``_join``: ``conn.deadline.cancel(); conn.deadline = None``
+    (today the cancelled handle stays referenced by the connection for its whole life,
+    and on uvloop a timer handle carries a libuv timer with it).
+    """
+    from broker import hub
+
+    join = hub.Hub._join
+
+    async def joined_then_drop(self: hub.Hub, conn: hub.Connection, message: object) -> None:
+        try:
+            await join(self, conn, message)  # type: ignore[arg-type]
+        finally:
+            if conn.joined and conn.deadline is not None:
+                conn.deadline.cancel()
+                conn.deadline = None
+
+    hub.Hub._join = joined_then_drop  # type: ignore[method-assign]
+
+
+@experiment("bounded_decode_cache")
+def bounded_decode_cache(limit: int = 1024) -> None:
+    """Keep at most ``limit`` decoded session records in the hub's cache, the most recently used.
+
+    Stands for, in broker/hub.py: ``_decoded`` as a small LRU (an OrderedDict
+    with ``move_to_end`` on a hit and ``popitem(last=False)`` past the limit).
+    Today it holds one decoded record per session with a local connection, on top
+    of the encoded record the store keeps: about 1 KiB per session that an idle
+    session does not need. A miss costs one msgpack decode of the record.
+    """
+    from broker import hub
+
+    decode = hub.Hub._decode
+
+    def bounded(self: hub.Hub, session_id: str, raw: bytes):  # type: ignore[no-untyped-def]
+        record = decode(self, session_id, raw)
+        cache = self._decoded
+        if session_id in cache:
+            cache[session_id] = cache.pop(session_id)  # most recently used last
+        while len(cache) > limit:
+            cache.pop(next(iter(cache)))
+        return record
+
+    hub.Hub._decode = bounded  # type: ignore[method-assign]
+
+
+@experiment("no_headers_on_upgrade")
+def no_headers_on_upgrade() -> None:
+    """Leave the document security headers off the WebSocket upgrade (101) response.
+
+    Stands for, in broker/security_headers.py ``set_headers``: return at once for a
+    ``web.WebSocketResponse``. CSP, frame, referrer and permissions policies
+    govern documents; a 101 response is not one, and browsers ignore them there.
+    aiohttp keeps a WebSocket response's headers (and their serialised copy)
+    for the whole life of the connection: about 1-2 KiB per connection here.
+    """
+    from aiohttp import web
+
+    from broker import security_headers
+
+    set_headers = security_headers.set_headers
+
+    def skip_upgrades(response: web.StreamResponse, *, tls: bool) -> None:
+        if isinstance(response, web.WebSocketResponse):
+            return
+        set_headers(response, tls=tls)
+
+    security_headers.set_headers = skip_upgrades  # type: ignore[assignment]
+
+
+@experiment("api_middlewares_apart")
+def api_middlewares_apart() -> None:
+    """The /api/ middlewares (CSRF, store errors) no longer wrap /ws and the pages.
+
+    Stands for: mount the dashboard JSON API as an aiohttp sub-application at
+    /api/ carrying those two middlewares (broker/web_auth.py, broker/dashboard.py),
+    so a WebSocket's request is wrapped by the security-headers middleware only.
+    Each middleware that wraps /ws keeps a suspended coroutine frame for the life
+    of the connection even when it does nothing for it. (For the measurement the
+    two are simply left off: the benchmark does not call /api/.)
+    """
+    from broker import server
+
+    build = server.build_app
+
+    def without_api_middlewares(broker):  # type: ignore[no-untyped-def]
+        app = build(broker)
+        keep = [m for m in app.middlewares if getattr(m, "__name__", "") not in ("_store_errors",)
+                and getattr(m, "__qualname__", "").split(".")[0] != "csrf_middleware"]
+        app.middlewares[:] = keep
+        return app
+
+    server.build_app = without_api_middlewares  # type: ignore[assignment]
+    import broker.serve as serve
+
+    serve.build_app = without_api_middlewares  # type: ignore[assignment]

@@ -68,13 +68,14 @@ async def one_load(browser, admin: Admin, base: str) -> dict[str, float]:  # noq
     page.on("websocket", on_websocket)
     try:
         await page.goto(link)
-        await page.wait_for_function("document.body.dataset.screen === 'welcome'", timeout=30_000)
+        # Selectors, not wait_for_function: the page's CSP forbids the eval that one needs.
+        await page.wait_for_selector("body[data-screen='welcome']", state="attached", timeout=30_000)
         usable_ms = await page.evaluate("performance.now()")
         await page.wait_for_load_state("networkidle")
         before_click = len(finished)
         await page.click("#welcome-start")
         clicked = await page.evaluate("performance.now()")
-        await page.wait_for_function("document.body.dataset.screen === 'checklist'", timeout=30_000)
+        await page.wait_for_selector("body[data-screen='checklist']", state="attached", timeout=30_000)
         checklist_ms = await page.evaluate("performance.now()") - clicked
         await page.wait_for_load_state("networkidle")
         http_bytes = 0

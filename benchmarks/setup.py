@@ -135,15 +135,21 @@ async def bounce_all(pairs: list[Pair], seconds: float) -> list[float]:
         back = candidate_frame(pair.therapist_peer)
         there = candidate_frame(pair.client_peer)
         returned = asyncio.Event()
+        arrived = [0.0]
+
+        def on_return(payload: bytes) -> None:
+            arrived[0] = time.perf_counter()  # stamped on arrival, not when this task next runs
+            returned.set()
+
         pair.client.on_frame = lambda payload: pair.client.send(back)
-        pair.therapist.on_frame = lambda payload: returned.set()
+        pair.therapist.on_frame = on_return
         await asyncio.sleep(random.random() * PROBE_EVERY_S)
         while running:
             returned.clear()
             sent = time.perf_counter()
             pair.therapist.send(there)
             await asyncio.wait_for(returned.wait(), 10)
-            samples.append(time.perf_counter() - sent)
+            samples.append(arrived[0] - sent)
             await asyncio.sleep(PROBE_EVERY_S)
 
     tasks = [asyncio.ensure_future(bounce(p)) for p in pairs]
