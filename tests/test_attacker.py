@@ -8,7 +8,7 @@ admit, data channel open, a message each way), an attacker at the same time
   deadline, and tries a 51st socket from a full address;
 - floods about 1,000 messages per second, from joined seats it holds a link for
   and from connections that never join (bad JSON, relays to strangers, admits,
-  pings), reconnecting whenever the broker closes a connection;
+  pings), reconnecting whenever the broker closes a connection (4029);
 - sends frames over the 64 KiB limit.
 
 The broker runs as its own process (``broker serve``, see below) behind a trusted
@@ -378,8 +378,11 @@ class Attack:
             if i % 50 == 49:
                 await asyncio.sleep(0.05)  # open them over about a second
         flooders = [(f"198.19.0.{i + 1}", t) for i, t in enumerate(flood_tokens)] + [("198.19.1.1", None)] * 2
-        for address, token in flooders:
-            self.tasks.append(asyncio.ensure_future(self.flood(address, token, 1 / len(flooders))))
+        # One joined connection carries most of it (closed as a flood within a second or two, then back
+        # again); the others stay just over their budget, throttled.
+        shares = [0.6] + [0.4 / (len(flooders) - 1)] * (len(flooders) - 1)
+        for (address, token), share in zip(flooders, shares):
+            self.tasks.append(asyncio.ensure_future(self.flood(address, token, share)))
         self.tasks.append(asyncio.ensure_future(self.oversize("198.19.2.1")))
         for _ in range(100):  # wait (up to 20 s) until the sockets are held
             if self.open_unauthenticated >= UNAUTHENTICATED * 0.9:
@@ -448,7 +451,8 @@ async def test_honest_calls_connect_under_attack_and_memory_comes_back(broker_pr
     )
     # The attack happened and met each defence.
     assert attack.close_codes.get(4008, 0) >= UNAUTHENTICATED // 2  # unauthenticated sockets closed at the deadline
-    assert attack.error_codes.get("too_many_requests", 0) >= 1  # the flood was throttled
+    assert attack.error_codes.get("too_many_requests", 0) >= 1  # the flood was throttled ...
+    assert attack.close_codes.get(4029, 0) >= 1  # ... and a flooding connection closed
     assert attack.close_codes.get(1009, 0) >= 1  # oversized frames refused
     assert attack.refused.get(429, 0) >= 1  # the 51st socket from one address refused
     assert attack.flood_sent >= FLOOD_PER_S  # at least a second's worth of flood went out
@@ -463,13 +467,8 @@ async def test_honest_calls_connect_under_attack_and_memory_comes_back(broker_pr
             assert response.status == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker/hub.py TokenBucket.take resets `refused` on every granted token (one every 20 ms at 50/s), so "
-    "4 x rate_burst consecutive refusals never happen at a paced 1,000 msg/s and the flood is throttled but never "
-    "closed 4029 as docs/protocol.md says; fix: count refusals over a window. Strict: passes -> remove this mark.",
-)
 async def test_a_sustained_flood_on_one_connection_is_closed_4029(broker: Any) -> None:
+    """1,000 messages a second on one joined connection: throttled, and closed as a flood within seconds."""
     from .conftest import schedule
 
     links = await schedule(broker)
