@@ -289,6 +289,18 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 
 # ---------------------------------------------------------------- app
 
+@web.middleware
+async def compress_files(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The browser client's files go out compressed to browsers that accept it (a 3-4x smaller join page).
+
+    Only files from web/ are compressed: they hold no secret, so compression cannot leak one.
+    """
+    response = await handler(request)
+    if isinstance(response, web.FileResponse):
+        response.enable_compression()
+    return response
+
+
 CONFIG = web.AppKey("config", Config)
 HUB = web.AppKey("hub", Hub)
 STORE = web.AppKey("store", Any)  # type: ignore[arg-type]
@@ -299,7 +311,9 @@ BROKER = web.AppKey("broker", Broker)
 
 def build_app(broker: Broker) -> web.Application:
     config = broker.config
-    app = web.Application(middlewares=[security_middleware(config.trust_proxy)], client_max_size=256 * 1024)
+    app = web.Application(
+        middlewares=[security_middleware(config.trust_proxy), compress_files], client_max_size=256 * 1024
+    )
     app.on_response_prepare.append(security_signal(config.trust_proxy))
     app[CONFIG] = config
     app[HUB] = broker.hub

@@ -61,3 +61,19 @@ def test_the_installed_wheel_serves_the_browser_client(tmp_path: Path) -> None:
             time.sleep(0.1)
         if server.poll() is None:
             server.kill()
+
+
+async def test_the_browser_client_is_served_compressed(broker) -> None:  # noqa: ANN001
+    import aiohttp
+
+    async with aiohttp.ClientSession(auto_decompress=False) as http:
+        async with http.get(broker.url + "/static/js/call.js", headers={"Accept-Encoding": "gzip"}) as response:
+            compressed = await response.read()
+            assert response.headers.get("Content-Encoding") == "gzip"
+        async with http.get(broker.url + "/static/js/call.js", headers={"Accept-Encoding": "identity"}) as response:
+            plain = await response.read()
+            assert "Content-Encoding" not in response.headers
+    assert len(compressed) * 2 < len(plain)
+    import gzip
+
+    assert gzip.decompress(compressed) == plain
