@@ -91,7 +91,7 @@ async def connect_all(admin: Admin, port: int, sessions: int) -> list[LeanSocket
 def _extra(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connections", type=int, default=10_000, help="connections to hold (even; default 10,000)")
     parser.add_argument("--diagnose", action="store_true", help="trace the broker's allocations (slow; see its log dir)")
-    parser.add_argument("--hold", type=float, help="seconds to hold them idle (default 12 quick, 45 full)")
+    parser.add_argument("--hold", type=float, help="seconds to hold them idle (default 8 quick, 45 full)")
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -99,7 +99,7 @@ async def main(args: argparse.Namespace) -> None:
     connections = args.connections - args.connections % 2
     if limit < connections + 512:
         raise SystemExit(f"open-file limit {limit} is too low for {connections} connections")
-    hold = args.hold or (12.0 if args.quick else 45.0)
+    hold = args.hold or (8.0 if args.quick else 45.0)
     tmp = workdir("capacity")
     lag_file = tmp / "lag.jsonl"
     trace = Path("/tmp/capacity-tracemalloc.txt") if args.diagnose else None

@@ -133,12 +133,25 @@ def lean_connection() -> None:
     holds no Queue, no Task and no suspended coroutine. ``Hub.shutdown`` keeps
     working: the queue object still answers ``empty()``.
     """
+    _lean_connection(direct=True)
+
+
+@experiment("lean_connection_deferred")
+def lean_connection_deferred() -> None:
+    """As ``lean_connection`` (no queue and no writer task while idle), but without writing at once:
+    a message that finds no writer starts one, which writes in the loop's next pass, so messages that
+    arrive together still leave together (what the permanent writer task does today)."""
+    _lean_connection(direct=False)
+
+
+def _lean_connection(direct: bool) -> None:
     import asyncio
     from collections import deque
 
     from broker import hub
 
-    direct_write()
+    if direct:
+        direct_write()
 
     class Pending:
         __slots__ = ("items", "limit")
@@ -179,7 +192,7 @@ def lean_connection() -> None:
     def deliver(self: hub.Connection, data: bytes, close: int | None = None) -> None:
         if self.closed:
             return
-        if close is None and data and self.writer is None and self.queue.empty():
+        if direct and close is None and data and self.writer is None and self.queue.empty():
             send = getattr(self.transport, "send_nowait", None)
             if send is not None and send(data):
                 return
@@ -244,7 +257,6 @@ def hiredis() -> None:
     if path:
         sys.path.insert(0, path)
     import hiredis as _  # noqa: F401 - fails loudly when it is not there
-
     from redis.utils import HIREDIS_AVAILABLE
 
     assert HIREDIS_AVAILABLE, "redis-py did not pick up hiredis"
@@ -431,6 +443,62 @@ def api_middlewares_apart() -> None:
         return app
 
     server.build_app = without_api_middlewares  # type: ignore[assignment]
-    import broker.serve as serve
+    from broker import serve
 
     serve.build_app = without_api_middlewares  # type: ignore[assignment]
+
+
+@experiment("one_expiry_timer")
+def one_expiry_timer() -> None:
+    """One timer for every session's expiry instead of a loop timer per session.
+
+    Stands for, in broker/hub.py ``_add_local``/``_drop_local``: push
+    (expires, session id, entry) on a heap that one task checks once a second,
+    calling ``expire_due`` for what is due and skipping cancelled entries,
+    instead of ``loop.call_later`` per session (a timer handle, a libuv timer
+    and a closure each). Expiry is then up to a second late, for a window
+    counted in minutes.
+    """
+    import asyncio
+    import heapq
+
+    from broker import hub
+
+    class Due:
+        __slots__ = ("cancelled",)
+
+        def __init__(self) -> None:
+            self.cancelled = False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    heap: list[tuple[float, str, Due]] = []
+    sweepers: dict[int, asyncio.Task[None]] = {}
+
+    async def sweep(h: hub.Hub) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = h.clock()
+            while heap and heap[0][0] <= now:
+                _, sid, due = heapq.heappop(heap)
+                if not due.cancelled:
+                    h._spawn(h.expire_due(sid))
+
+    add = hub.Hub._add_local
+
+    async def add_local(self: hub.Hub, conn: hub.Connection) -> None:
+        await add(self, conn)
+        sid = conn.session_id or ""
+        handle = self._expiry_timers.get(sid)
+        if handle is not None and not isinstance(handle, Due):
+            loop = asyncio.get_running_loop()
+            expires = self.clock() + max(0.0, handle.when() - loop.time())
+            handle.cancel()
+            due = Due()
+            heapq.heappush(heap, (expires, sid, due))
+            self._expiry_timers[sid] = due  # type: ignore[assignment]
+        if id(self) not in sweepers:
+            sweepers[id(self)] = asyncio.get_running_loop().create_task(sweep(self))
+
+    hub.Hub._add_local = add_local  # type: ignore[method-assign]

@@ -25,7 +25,15 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Admin, BrokerProcess, Report, cleanup, parse_args, percentile, workdir
+from _common import (
+    Admin,
+    BrokerProcess,
+    Report,
+    cleanup,
+    parse_args,
+    percentile,
+    workdir,
+)
 
 GOAL_KB = 150.0
 GOAL_USABLE_MS = 1000.0
@@ -42,7 +50,7 @@ CHROMIUM_ARGS = [
 ]
 
 
-async def one_load(browser, admin: Admin, base: str) -> dict[str, float]:  # noqa: ANN001 - a Playwright Browser
+async def one_load(browser, admin: Admin, base: str) -> dict[str, float]:
     from broker.e2ee import new_link_key
 
     created = await admin.create(clients=1)
@@ -54,12 +62,12 @@ async def one_load(browser, admin: Admin, base: str) -> dict[str, float]:  # noq
     third_party: list[str] = []
     ws_bytes = [0]
 
-    def on_request(request) -> None:  # noqa: ANN001
+    def on_request(request) -> None:
         url = urlsplit(request.url)
         if url.scheme in ("http", "https", "ws", "wss") and f"{url.scheme.replace('ws', 'http')}://{url.netloc}" != origin:
             third_party.append(f"{url.scheme}://{url.netloc}")
 
-    def on_websocket(ws) -> None:  # noqa: ANN001
+    def on_websocket(ws) -> None:
         ws.on("framereceived", lambda payload: ws_bytes.__setitem__(0, ws_bytes[0] + len(payload)))
         ws.on("framesent", lambda payload: ws_bytes.__setitem__(0, ws_bytes[0] + len(payload)))
 
