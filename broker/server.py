@@ -296,7 +296,9 @@ async def compress_files(request: web.Request, handler: Any) -> web.StreamRespon
     Only files from web/ are compressed: they hold no secret, so compression cannot leak one.
     """
     response = await handler(request)
-    if isinstance(response, web.FileResponse):
+    conditional = any(h in request.headers for h in ("If-None-Match", "If-Modified-Since", "Range", "If-Range"))
+    if isinstance(response, web.FileResponse) and request.method == "GET" and not conditional:
+        # Not for HEAD, 304 or ranges: aiohttp would write a compressed body where none may be.
         response.enable_compression()
     return response
 

@@ -77,3 +77,16 @@ async def test_the_browser_client_is_served_compressed(broker) -> None:  # noqa:
     import gzip
 
     assert gzip.decompress(compressed) == plain
+
+
+async def test_head_and_revalidation_still_work_with_compression(broker) -> None:  # noqa: ANN001
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        async with http.head(broker.url + "/static/js/call.js", headers={"Accept-Encoding": "gzip"}) as response:
+            assert response.status == 200 and await response.read() == b""
+        async with http.get(broker.url + "/static/js/call.js") as response:
+            etag, modified = response.headers.get("ETag"), response.headers.get("Last-Modified")
+        headers = {"Accept-Encoding": "gzip", **({"If-None-Match": etag} if etag else {"If-Modified-Since": modified})}
+        async with http.get(broker.url + "/static/js/call.js", headers=headers) as response:
+            assert response.status == 304
