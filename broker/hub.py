@@ -476,6 +476,7 @@ class Hub:
         conn.session_id, conn.peer_id, conn.role = session.id, peer, seat.role
         if conn.deadline:
             conn.deadline.cancel()
+            conn.deadline = None  # the timer handle is not kept for the connection's whole life
         await self._add_local(conn)
         if replaced:
             await self.bus.publish(

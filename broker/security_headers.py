@@ -76,6 +76,8 @@ def apply_headers(response: web.StreamResponse, *, tls: bool) -> None:
 
 
 def set_headers(response: web.StreamResponse, *, tls: bool) -> None:
+    if response.status == 101:
+        return  # a WebSocket upgrade: no page, nothing to protect, and kept small per connection
     for name, value in BASE_HEADERS.items():
         response.headers.setdefault(name, value)
     if tls:
