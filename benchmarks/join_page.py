@@ -150,7 +150,7 @@ async def main(args: argparse.Namespace) -> None:
     report.data["ratio"] = round(kb / GOAL_KB, 3)
     report.notes.append(
         "`ratio` in the JSON line is KB transferred / the 150 KB goal. Sizes are the largest over the loads; "
-        "KB = 1,000 bytes; uncompressed (the broker serves static files as they are, loopback, no TLS)."
+        "KB = 1,000 bytes; as sent on the wire (the broker compresses its files for browsers that accept it; loopback, no TLS)."
     )
     report.finish()
 
