@@ -143,7 +143,9 @@ class AllowReturn(_ClientMessage, tag="allow_return"):
     peer: Id
 
 
-class Offer(_ClientMessage, tag="offer"):
+class _Description(_ClientMessage):
+    """An SDP offer or answer, authenticated end to end by ``counter`` and ``mac`` (docs/protocol.md 7.2)."""
+
     to: Id
     sdp: Sdp
     counter: Counter | None = None
@@ -154,15 +156,12 @@ class Offer(_ClientMessage, tag="offer"):
     seq: Counter | None = None
 
 
-class Answer(_ClientMessage, tag="answer"):
-    to: Id
-    sdp: Sdp
-    counter: Counter | None = None
-    mac: Mac | None = None
-    #: Set by the broker on relay (ignored from clients): the sender's peer id ...
-    from_: Id | None = msgspec.field(default=None, name="from")
-    #: ... and the position in the recipient's relay sequence.
-    seq: Counter | None = None
+class Offer(_Description, tag="offer"):
+    pass
+
+
+class Answer(_Description, tag="answer"):
+    pass
 
 
 class Candidate(_ClientMessage, tag="candidate"):
