@@ -3,11 +3,14 @@ therapist, everything a person does in the call, a reload, and the end; and a gr
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.async_api import Page, expect
 
+from broker.record import verify_record
 from tests.conftest import RunningBroker, schedule
 
 from .conftest import NewContext
@@ -153,6 +156,16 @@ async def test_client_from_link_to_call_to_end(
     assert await therapist.evaluate(KEPT_KEY, links.session) is None
     await look(client, axe_source, "client-ended")
     await look(therapist, axe_source, "therapist-ended")
+
+    # The therapist downloads the broker-signed session record; it verifies with the published key.
+    async with therapist.expect_download() as download_info:
+        await therapist.get_by_test_id("record-download").click()
+    saved = json.loads(Path(await (await download_info.value).path()).read_text())
+    record = saved["record"]
+    assert record["session"] == links.session
+    assert next(s for s in record["seats"] if s["peer"] == client_peer)["verified"] == "link"
+    public = (await (await therapist.request.get(broker.url + "/.well-known/broker-signing-key")).json())["keys"][0]
+    assert public["kid"] == saved["key_id"] and verify_record(record, saved["signature"], public["x"])
     await watch.assert_clean()
 
 

@@ -494,6 +494,15 @@ export class Call {
     this.#emit("stats", { peer: link.peer, ...link.stats });
   }
 
+  /** How each connected peer was verified so far: "link" or "unverified" (for the session record). */
+  verification() {
+    const out = {};
+    for (const [peer, link] of this.#links) {
+      if (link.trust) out[peer] = link.trust === Trust.VERIFIED_BY_LINK ? "link" : "unverified";
+    }
+    return out;
+  }
+
   // ------------------------------------------------------------------ data channel
 
   #wireChannel(link) {

@@ -360,9 +360,14 @@ export class Signaling {
     return this.#send({ type: "allow_return", peer });
   }
 
-  /** End the session for everyone. */
-  end() {
-    return this.#send({ type: "end" });
+  /**
+   * End the session for everyone. `verification` maps each client's peer id to how this side
+   * verified them ("link", "safety_code" or "unverified"), for the signed session record.
+   */
+  end(verification = null) {
+    const message = { type: "end" };
+    if (verification && Object.keys(verification).length) message.verification = verification;
+    return this.#send(message);
   }
 
   // ------------------------------------------------------------------ peer-to-peer signaling

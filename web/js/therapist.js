@@ -73,6 +73,7 @@ const state = {
   details: new Map(),
   started: false,
   finished: false,
+  record: null, // the broker-signed session record, offered for download at the end
 };
 
 // ------------------------------------------------------------------ key storage (IndexedDB)
@@ -155,6 +156,9 @@ function start() {
     state.lastPeers = m.peers;
   });
   signaling.on("connection", ({ state: connection }) => state.view?.setReconnecting(connection === "reconnecting"));
+  signaling.on("session_record", ({ record, signature, key_id }) => {
+    state.record = { record, signature, key_id };
+  });
   signaling.on("final", onFinal);
   signaling.connect();
 }
@@ -379,7 +383,21 @@ function removeButton(peer, text = "Remove") {
 
 async function endSession() {
   if (!(await confirmDialog("end-dialog"))) return;
-  state.signaling.end();
+  state.signaling.end(state.call?.verification() ?? null);
+}
+
+/** Offer the signed session record as a file: ids, times and verification only, no names or content. */
+function offerRecord() {
+  const link = byId("record-download");
+  if (!state.record) {
+    link.hidden = true;
+    return;
+  }
+  const blob = new Blob([JSON.stringify(state.record, null, 2)], { type: "application/json" });
+  link.href = URL.createObjectURL(blob);
+  link.download = `session-record-${state.record.record.session}.json`;
+  link.hidden = false;
+  byId("record-hint").hidden = false;
 }
 
 function teardown() {
@@ -399,6 +417,7 @@ async function onFinal({ code }) {
   if (code === "session_ended") {
     if (state.joined) await forgetKey(state.joined.session);
     state.linkKey = null;
+    offerRecord();
     showScreen("screen-ended");
     announce("The session has ended.");
     return;
