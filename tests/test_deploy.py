@@ -651,3 +651,24 @@ def test_docs_and_env_example_name_every_required_compose_value() -> None:
         assert name in docs, name
         assert re.search(rf"^{name}=", example, re.MULTILINE), name
     assert "benchmarks/results.md" in docs
+
+
+def test_every_kubernetes_manifest_validates_against_the_api_schemas() -> None:
+    """kubernetes-validate (PyPI, bundled schemas, offline): strict, so a misspelt field fails too."""
+    import glob
+
+    import kubernetes_validate
+
+    version = kubernetes_validate.latest_version()
+    checked = 0
+    for path in sorted(glob.glob(str(Path(__file__).resolve().parent.parent / "deploy/k8s/*.yaml"))):
+        if path.endswith("kustomization.yaml"):
+            continue  # kustomize's own file, not a Kubernetes object
+        for document in yaml.safe_load_all(Path(path).read_text()):
+            if document:
+                kubernetes_validate.validate(document, version, strict=True)
+                checked += 1
+    assert checked >= 12
+    broken = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}, "spec": {"replica": 2}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)
