@@ -91,6 +91,15 @@ async def test_keyboard_alone_from_welcome_to_call(
     await expect(page.locator("[data-testid=tile] [data-testid=safety-code]")).to_have_text(re.compile(r"\d{3} \d{3} \d{3}"))
     await page.keyboard.type("typed with the keyboard")
     await page.keyboard.press("Enter")
+    # The chat channel opens a moment after the call screen shows; until then the page keeps the
+    # text and says it could not be sent, and the person presses Enter again.
+    chat_input = page.get_by_test_id("chat-input")
+    for _ in range(100):
+        if await chat_input.input_value() == "":
+            break
+        await page.wait_for_timeout(100)
+        await page.keyboard.press("Enter")
+    await expect(chat_input).to_have_value("")
     await expect(therapist.get_by_test_id("chat-unread")).to_have_text("1")
     await tab_to(page, "[data-testid=leave]")
     await page.keyboard.press("Enter")
