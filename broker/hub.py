@@ -200,6 +200,9 @@ class Connection:
     deadline: asyncio.TimerHandle | None = None
     #: The highest relayed ``seq`` handed to this connection (to resend what a bus outage dropped).
     last_seq: int = 0
+    #: While a replay reads the resume buffer, live relayed messages wait here, so order holds.
+    replaying: bool = False
+    held: list[Envelope] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.queue = asyncio.Queue(self.limits.send_queue_limit)
@@ -513,17 +516,27 @@ class Hub:
         else:
             # A fresh page: what was relayed to this seat before belongs to an earlier page.
             missed = await self.store.read_since(mailbox_key(session.id, peer), 0)
-            conn.last_seq = missed[-1][0] if missed else 0
+            conn.last_seq = max(conn.last_seq, missed[-1][0] if missed else 0)
         log.info("event=peer_joined session=%s peer=%s role=%s", session.id, peer, seat.role.value)
         await self._publish_views(session)
 
     async def _replay(self, conn: Connection, session_id: str, peer: str, after: int) -> None:
-        """Send again what was relayed to this seat after ``after`` (while it was reconnecting)."""
+        """Send again what was relayed to this seat after ``after``, then what arrived meanwhile, in order."""
+        conn.replaying = True
+        try:
+            entries = await self.store.read_since(mailbox_key(session_id, peer), after)
+        finally:
+            held, conn.held, conn.replaying = conn.held, [], False
         conn.last_seq = max(conn.last_seq, after)
-        for seq, data in await self.store.read_since(mailbox_key(session_id, peer), after):
-            message = decode_client(data)
-            conn.deliver(encode(msgspec.structs.replace(message, seq=seq)))
-            conn.last_seq = max(conn.last_seq, seq)
+        for seq, data in entries:
+            if seq > conn.last_seq:
+                conn.deliver(encode(msgspec.structs.replace(decode_client(data), seq=seq)))
+                conn.last_seq = seq
+        for envelope in held:
+            if envelope.seq is not None and envelope.seq <= conn.last_seq:
+                continue  # already sent from the buffer
+            conn.last_seq = max(conn.last_seq, envelope.seq or 0)
+            conn.deliver(envelope.data, envelope.close)
 
     async def resend_missed(self) -> None:
         """After the bus was cut off from other processes: resend each local peer what it missed."""
@@ -788,6 +801,9 @@ class Hub:
             else:
                 targets = list(self._by_session.get(session_id, ()))
             for conn in targets:
+                if envelope.seq is not None and conn.replaying:
+                    conn.held.append(envelope)
+                    continue
                 if envelope.seq is not None:
                     if envelope.seq <= conn.last_seq:
                         continue  # already resent from the resume buffer
