@@ -186,6 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure(os.environ.get("BROKER_LOG_LEVEL", "info"))
     try:
+        configure(_config(args).log_level)  # also honours log_level from a BROKER_CONFIG file
+    except ConfigError:
+        pass  # reported below, where the command loads its configuration
+    try:
         if args.command == "serve":
             from .serve import serve
 

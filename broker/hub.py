@@ -66,7 +66,7 @@ from .protocol import (
 from .record import RecordSigner, build_record
 from .session import Session
 from .store import Store, StoreUnavailable, session_key, session_prefix
-from .tokens import TokenClaims, TokenCodec
+from .tokens import INVALID_MESSAGE, TokenClaims, TokenCodec, new_session_id
 
 log = logging.getLogger("broker.hub")
 
@@ -293,7 +293,7 @@ class Hub:
         """
         now = int(self.clock())
         session = sm.new_session(
-            _new_session_id(),
+            new_session_id(),
             now=now,
             starts=now if starts is None else starts,
             duration_s=duration_s,
@@ -321,7 +321,7 @@ class Hub:
         )
         await self.bus.publish(
             session_id,
-            Envelope(peer_id, None, encode(Error(code=ErrorCode.INVALID_TOKEN, message=_REVOKED)), CLOSE_UNWELCOME),
+            Envelope(peer_id, None, encode(Error(code=ErrorCode.INVALID_TOKEN, message=INVALID_MESSAGE)), CLOSE_UNWELCOME),
         )
         await self._publish_views(session)
         log.info("event=seat_revoked session=%s peer=%s reissued=%s", session_id, peer_id, reissue)
@@ -913,15 +913,6 @@ class Hub:
     async def _audit(self, event: str, actor: str | None, session: str | None, outcome: str) -> None:
         if self.audit is not None:
             await self.audit(event, actor, session, outcome)
-
-
-_REVOKED = "This link is not valid. It may have been revoked, or its session has ended."
-
-
-def _new_session_id() -> str:
-    from .tokens import new_session_id
-
-    return new_session_id()
 
 
 def _summary_of(seat: sm.Seat) -> dict[str, Any] | None:
