@@ -1,13 +1,13 @@
-"""Durable therapist accounts in a local SQLite file.
+"""Durable therapist accounts: the rules, over a SQLite file (embedded) or Redis (account_rows*.py).
 
-Nothing in the file identifies a person in clear: the login name is stored twice, as an HMAC
+Nothing stored identifies a person in clear: the login name is stored twice, as an HMAC
 lookup key (for unique, case-insensitive lookup) and AES-GCM encrypted (for display); the
-display name and TOTP secret are encrypted too. Sub-keys come from the caller's 32-byte key
+display name, TOTP secret and passkey list are encrypted too. Sub-keys come from the caller's 32-byte key
 through HKDF, one per purpose, and each ciphertext is bound to its row and column.
 
 Login checks answer the same way, after the same amount of hashing, whether the login name is
 unknown, the password wrong, the account disabled or locked, so the answer cannot be used to find
-out which accounts exist. SQLite and scrypt run in worker threads to keep the event loop free.
+out which accounts exist. scrypt runs in worker threads to keep the event loop free.
 """
 
 from __future__ import annotations
@@ -17,23 +17,24 @@ import builtins
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
-import sqlite3
-import threading
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
+from redis.exceptions import RedisError
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from broker import passwords, totp
+from broker.account_rows import AccountRows, Row, SqliteAccountRows
+from broker.config import Config, Keys
 from broker.passwords import DEFAULT_PARAMS, ScryptParams
 from broker.throttle import LOCKOUT_AFTER
 
@@ -45,36 +46,16 @@ _NONCE_BYTES = 12
 # At most this many scrypt computations at once: each one holds ~128 MiB with the default cost.
 _HASH_CONCURRENCY = 2
 _KEY_CHECK = b"broker accounts key check v1"
+MAX_PASSKEYS = 10
+_REDIS_START_S = 5.0
+
+log = logging.getLogger("broker.accounts")
 
 OK = "ok"
 RECOVERY_CODE_USED = "recovery_code_used"
 INVALID_CREDENTIALS = "invalid_credentials"
 SECOND_FACTOR_REQUIRED = "second_factor_required"
 SECOND_FACTOR_ENROLMENT_REQUIRED = "second_factor_enrolment_required"
-
-_T = TypeVar("_T")
-# Refused attempts on unknown, disabled or locked accounts do one write like the others do,
-# so the time taken does not tell them apart from a wrong password.
-_BALANCING_WRITE = "UPDATE meta SET v = v WHERE k = 'key_check'"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL) STRICT;
-CREATE TABLE IF NOT EXISTS therapist (
-    id TEXT PRIMARY KEY,
-    username_key TEXT NOT NULL UNIQUE,
-    username_enc BLOB NOT NULL,
-    display_name_enc BLOB,
-    password_hash TEXT NOT NULL,
-    totp_secret_enc BLOB,
-    totp_pending_enc BLOB,
-    totp_last_step INTEGER,
-    recovery_hashes TEXT NOT NULL DEFAULT '[]',
-    disabled INTEGER NOT NULL DEFAULT 0,
-    failures INTEGER NOT NULL DEFAULT 0,
-    locked INTEGER NOT NULL DEFAULT 0,
-    created_at TEXT NOT NULL
-) STRICT;
-"""
 
 
 class AccountError(Exception):
@@ -105,6 +86,7 @@ class Account:
     totp_enabled: bool
     recovery_codes_left: int
     created_at: str
+    passkeys: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,7 +99,12 @@ class LoginResult:
 
 
 def _subkey(key: bytes, purpose: str) -> bytes:
-    hkdf = HKDF(algorithm=SHA256(), length=KEY_BYTES, salt=None, info=b"broker/accounts/v1/" + purpose.encode())
+    hkdf = HKDF(
+        algorithm=SHA256(),
+        length=KEY_BYTES,
+        salt=None,
+        info=b"broker/accounts/v1/" + purpose.encode(),
+    )
     return hkdf.derive(key)
 
 
@@ -149,11 +136,14 @@ def _now_iso() -> str:
 
 
 class AccountStore:
-    """Therapist accounts in one SQLite file; all public methods are async."""
+    """Therapist accounts over an ``AccountRows`` backend; all public methods are async.
+
+    ``where`` is either a backend or the path of the embedded default's SQLite file.
+    """
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        where: str | os.PathLike[str] | AccountRows,
         key: bytes,
         *,
         scrypt_params: ScryptParams = DEFAULT_PARAMS,
@@ -170,39 +160,35 @@ class AccountStore:
         self._params = scrypt_params
         self._lockout_after = lockout_after
         self._clock = clock
-        self._path = Path(path)
-        self._db_lock = threading.Lock()
         self._hash_slots = asyncio.Semaphore(_HASH_CONCURRENCY)
         self._dummy_hash: str | None = None
-        self._conn = self._open()
+        self._key_checked = False
+        if isinstance(where, (str, os.PathLike)):
+            rows = SqliteAccountRows(where)
+            # A local file can be checked at once, so a wrong key fails at construction.
+            self._verify_key_check(rows.key_check_now(self._key_check_blob()))
+            self._key_checked = True
+            self.rows: AccountRows = rows
+        else:
+            self.rows = where
 
-    # ----- file and crypto plumbing -------------------------------------------------------
+    # ----- crypto plumbing ----------------------------------------------------------------
 
-    def _open(self) -> sqlite3.Connection:
-        self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.close(fd)
-        conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
-        conn.execute("PRAGMA secure_delete = ON")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.executescript(_SCHEMA)
-        self._check_key(conn)
-        return conn
+    def _key_check_blob(self) -> bytes:
+        return self._seal(_KEY_CHECK, "meta", "key_check")
 
-    def _check_key(self, conn: sqlite3.Connection) -> None:
+    def _verify_key_check(self, stored: bytes) -> None:
+        if self._open_sealed(stored, "meta", "key_check") != _KEY_CHECK:
+            raise ValueError("the accounts were written with a different key")
+
+    async def check_key(self) -> None:
         """Fail loudly on a wrong key instead of every login silently failing."""
-        row = conn.execute("SELECT v FROM meta WHERE k = 'key_check'").fetchone()
-        if row is None:
-            conn.execute(
-                "INSERT INTO meta (k, v) VALUES ('key_check', ?)", (self._seal(_KEY_CHECK, "meta", "key_check"),)
-            )
-            return
-        if self._open_sealed(row[0], "meta", "key_check") != _KEY_CHECK:
-            raise ValueError("the accounts file was written with a different key")
+        if not self._key_checked:
+            self._verify_key_check(await self.rows.key_check(self._key_check_blob()))
+            self._key_checked = True
 
-    def close(self) -> None:
-        with self._db_lock:
-            self._conn.close()
+    async def close(self) -> None:
+        await self.rows.close()
 
     def _seal(self, plain: bytes, column: str, row_id: str) -> bytes:
         nonce = os.urandom(_NONCE_BYTES)
@@ -212,7 +198,7 @@ class AccountStore:
         try:
             return self._aead.decrypt(blob[:_NONCE_BYTES], blob[_NONCE_BYTES:], self._aad(column, row_id))
         except InvalidTag as exc:
-            raise ValueError("the accounts file was written with a different key or was altered") from exc
+            raise ValueError("the accounts were written with a different key or were altered") from exc
 
     @staticmethod
     def _aad(column: str, row_id: str) -> bytes:
@@ -226,13 +212,6 @@ class AccountStore:
             name = unicodedata.normalize("NFKC", username).strip()
         return hmac.new(self._lookup_key, name.casefold().encode("utf-8"), hashlib.sha256).hexdigest()
 
-    async def _db(self, fn: Callable[..., _T], *args: Any) -> _T:
-        def run() -> _T:
-            with self._db_lock:
-                return fn(*args)
-
-        return await asyncio.to_thread(run)
-
     async def _hash(self, password: str) -> str:
         async with self._hash_slots:
             return await asyncio.to_thread(passwords.hash_password, password, self._params)
@@ -244,35 +223,28 @@ class AccountStore:
     def _now(self) -> float | None:
         return self._clock() if self._clock is not None else None
 
-    # ----- row access (run in the worker thread under the lock) ---------------------------
+    # ----- row access ---------------------------------------------------------------------
 
-    def _row_by_id(self, therapist_id: str) -> sqlite3.Row | None:
-        cur = self._conn.execute("SELECT * FROM therapist WHERE id = ?", (therapist_id,))
-        cur.row_factory = sqlite3.Row
-        row: sqlite3.Row | None = cur.fetchone()
-        return row
+    async def _row(self, therapist_id: str) -> Row | None:
+        await self.check_key()
+        return await self.rows.by_id(therapist_id)
 
-    def _row_by_key(self, username_key: str) -> sqlite3.Row | None:
-        cur = self._conn.execute("SELECT * FROM therapist WHERE username_key = ?", (username_key,))
-        cur.row_factory = sqlite3.Row
-        row: sqlite3.Row | None = cur.fetchone()
-        return row
+    async def _row_by_name(self, username: str) -> Row | None:
+        await self.check_key()
+        return await self.rows.by_key(self.account_key(username))
 
-    def _all_rows(self) -> builtins.list[sqlite3.Row]:
-        cur = self._conn.execute("SELECT * FROM therapist ORDER BY created_at, id")
-        cur.row_factory = sqlite3.Row
-        return builtins.list(cur.fetchall())
-
-    def _update(self, sql: str, params: tuple[Any, ...]) -> int:
-        return self._conn.execute(sql, params).rowcount
-
-    async def _require(self, therapist_id: str) -> sqlite3.Row:
-        row = await self._db(self._row_by_id, therapist_id)
+    async def _require(self, therapist_id: str) -> Row:
+        row = await self._row(therapist_id)
         if row is None:
             raise AccountNotFound("No therapist account with that id.")
         return row
 
-    def _to_account(self, row: sqlite3.Row) -> Account:
+    async def _change(self, therapist_id: str, changes: Row) -> None:
+        await self.check_key()
+        if not await self.rows.update(therapist_id, changes):
+            raise AccountNotFound("No therapist account with that id.")
+
+    def _to_account(self, row: Row) -> Account:
         rid = row["id"]
         display = row["display_name_enc"]
         return Account(
@@ -284,12 +256,25 @@ class AccountStore:
             totp_enabled=row["totp_secret_enc"] is not None,
             recovery_codes_left=len(json.loads(row["recovery_hashes"])),
             created_at=row["created_at"],
+            passkeys=len(self._passkeys(row)),
         )
+
+    def _passkeys(self, row: Row) -> builtins.list[dict[str, Any]]:
+        blob = row.get("passkeys_enc")
+        if not blob:
+            return []
+        found: builtins.list[dict[str, Any]] = json.loads(self._open_sealed(blob, "passkeys", row["id"]))
+        return found
 
     # ----- administration -----------------------------------------------------------------
 
     async def add(
-        self, username: str, password: str, display_name: str | None = None, *, second_factor: bool = False
+        self,
+        username: str,
+        password: str,
+        display_name: str | None = None,
+        *,
+        second_factor: bool = False,
     ) -> str:
         """Create an account and return its opaque id; the password must pass the policy."""
         name = normalize_username(username)
@@ -297,64 +282,54 @@ class AccountStore:
         pw = passwords.check_password(password, username=name, second_factor=second_factor)
         therapist_id = secrets.token_urlsafe(16)
         encoded = await self._hash(pw)
-        row = (
-            therapist_id,
-            self.account_key(name),
-            self._seal(name.encode("utf-8"), "username", therapist_id),
-            self._seal(display.encode("utf-8"), "display_name", therapist_id) if display else None,
-            encoded,
-            _now_iso(),
-        )
-        sql = (
-            "INSERT INTO therapist (id, username_key, username_enc, display_name_enc, password_hash, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)"
-        )
-        try:
-            await self._db(self._update, sql, row)
-        except sqlite3.IntegrityError as exc:
-            raise UsernameTaken("That login name is already in use.") from exc
+        row: Row = {
+            "id": therapist_id,
+            "username_key": self.account_key(name),
+            "username_enc": self._seal(name.encode("utf-8"), "username", therapist_id),
+            "display_name_enc": self._seal(display.encode("utf-8"), "display_name", therapist_id) if display else None,
+            "password_hash": encoded,
+            "created_at": _now_iso(),
+        }
+        await self.check_key()
+        if not await self.rows.insert(row):
+            raise UsernameTaken("That login name is already in use.")
         return therapist_id
 
     async def get(self, therapist_id: str) -> Account | None:
-        row = await self._db(self._row_by_id, therapist_id)
+        row = await self._row(therapist_id)
         return self._to_account(row) if row is not None else None
 
     async def get_by_username(self, username: str) -> Account | None:
-        row = await self._db(self._row_by_key, self.account_key(username))
+        row = await self._row_by_name(username)
         return self._to_account(row) if row is not None else None
 
     async def list(self) -> builtins.list[Account]:
-        rows = await self._db(self._all_rows)
-        return [self._to_account(r) for r in rows]
+        await self.check_key()
+        return [self._to_account(r) for r in await self.rows.all()]
 
     async def disable(self, therapist_id: str) -> None:
-        await self._set_flag(therapist_id, "UPDATE therapist SET disabled = 1 WHERE id = ?")
+        await self._change(therapist_id, {"disabled": 1})
 
     async def enable(self, therapist_id: str) -> None:
-        await self._set_flag(therapist_id, "UPDATE therapist SET disabled = 0 WHERE id = ?")
+        await self._change(therapist_id, {"disabled": 0})
 
     async def unlock(self, therapist_id: str) -> None:
         """Administrator reset after a lockout."""
-        await self._set_flag(therapist_id, "UPDATE therapist SET failures = 0, locked = 0 WHERE id = ?")
-
-    async def _set_flag(self, therapist_id: str, sql: str) -> None:
-        if await self._db(self._update, sql, (therapist_id,)) == 0:
-            raise AccountNotFound("No therapist account with that id.")
+        await self._change(therapist_id, {"failures": 0, "locked": 0})
 
     async def reset_password(self, therapist_id: str, new_password: str, *, second_factor: bool = False) -> None:
         """Set a new password (policy-checked) and clear any lockout."""
         account = self._to_account(await self._require(therapist_id))
         pw = passwords.check_password(new_password, username=account.username, second_factor=second_factor)
         encoded = await self._hash(pw)
-        sql = "UPDATE therapist SET password_hash = ?, failures = 0, locked = 0 WHERE id = ?"
-        await self._db(self._update, sql, (encoded, therapist_id))
+        await self._change(therapist_id, {"password_hash": encoded, "failures": 0, "locked": 0})
 
     async def enable_totp(self, therapist_id: str, issuer: str) -> totp.TotpEnrolment:
         """Start TOTP enrolment: a pending secret, active only after ``confirm_totp``."""
         account = self._to_account(await self._require(therapist_id))
         enrolment = totp.enrol(account.username, issuer)
         sealed = self._seal(enrolment.secret, "totp_pending", therapist_id)
-        await self._db(self._update, "UPDATE therapist SET totp_pending_enc = ? WHERE id = ?", (sealed, therapist_id))
+        await self._change(therapist_id, {"totp_pending_enc": sealed})
         return enrolment
 
     async def confirm_totp(self, therapist_id: str, code: str) -> builtins.list[str] | None:
@@ -367,51 +342,126 @@ class AccountStore:
         if step is None:
             return None
         codes = totp.new_recovery_codes()
-        hashes = json.dumps(totp.hash_recovery_codes(codes, self._recovery_key))
-        sql = (
-            "UPDATE therapist SET totp_secret_enc = ?, totp_pending_enc = NULL, totp_last_step = ?,"
-            " recovery_hashes = ? WHERE id = ? AND totp_pending_enc = ?"
-        )
-        params = (self._seal(secret, "totp", therapist_id), step, hashes, therapist_id, row["totp_pending_enc"])
-        changed = await self._db(self._update, sql, params)
+        changes: Row = {
+            "totp_secret_enc": self._seal(secret, "totp", therapist_id),
+            "totp_pending_enc": None,
+            "totp_last_step": step,
+            "recovery_hashes": self._recovery_hashes(codes),
+        }
+        changed = await self.rows.update(therapist_id, changes, expect={"totp_pending_enc": row["totp_pending_enc"]})
         return codes if changed else None
+
+    def _recovery_hashes(self, codes: builtins.list[str]) -> str:
+        return json.dumps(totp.hash_recovery_codes(codes, self._recovery_key))
 
     async def new_recovery_codes(self, therapist_id: str) -> builtins.list[str]:
         """Replace all recovery codes (the old ones stop working); returns the new ones to show once."""
         row = await self._require(therapist_id)
-        if row["totp_secret_enc"] is None:
+        if not self._has_second_factor(row):
             raise AccountError("Recovery codes need a second factor to be set up first.")
         codes = totp.new_recovery_codes()
-        hashes = json.dumps(totp.hash_recovery_codes(codes, self._recovery_key))
-        await self._db(self._update, "UPDATE therapist SET recovery_hashes = ? WHERE id = ?", (hashes, therapist_id))
+        await self._change(therapist_id, {"recovery_hashes": self._recovery_hashes(codes)})
         return codes
 
     async def reset_2fa(self, therapist_id: str) -> None:
-        """Administrator reset: forget the TOTP secret and recovery codes."""
-        sql = (
-            "UPDATE therapist SET totp_secret_enc = NULL, totp_pending_enc = NULL, totp_last_step = NULL,"
-            " recovery_hashes = '[]' WHERE id = ?"
-        )
-        await self._set_flag(therapist_id, sql)
+        """Administrator reset: forget the TOTP secret, passkeys and recovery codes."""
+        changes: Row = {
+            "totp_secret_enc": None,
+            "totp_pending_enc": None,
+            "totp_last_step": None,
+            "recovery_hashes": "[]",
+            "passkeys_enc": None,
+        }
+        await self._change(therapist_id, changes)
+
+    # ----- passkeys (WebAuthn credentials; the ceremony itself is in passkeys.py) -----------
+
+    async def passkeys(self, therapist_id: str) -> builtins.list[dict[str, Any]]:
+        """The therapist's stored credentials: id, public_key, sign_count, created_at (base64url/JSON)."""
+        return self._passkeys(await self._require(therapist_id))
+
+    async def add_passkey(self, therapist_id: str, credential: dict[str, Any]) -> builtins.list[str] | None:
+        """Store a verified credential; returns fresh recovery codes when this is the first second factor."""
+        row = await self._require(therapist_id)
+        stored = self._passkeys(row)
+        if any(c["id"] == credential["id"] for c in stored):
+            raise AccountError("That passkey is already registered.")
+        if len(stored) >= MAX_PASSKEYS:
+            raise AccountError(f"At most {MAX_PASSKEYS} passkeys per account.")
+        changes: Row = {"passkeys_enc": self._seal_passkeys(therapist_id, [*stored, credential])}
+        codes = None
+        if not self._has_second_factor(row):
+            codes = totp.new_recovery_codes()
+            changes["recovery_hashes"] = self._recovery_hashes(codes)
+        if not await self.rows.update(therapist_id, changes, expect={"passkeys_enc": row["passkeys_enc"]}):
+            raise AccountError("The account changed at the same time; please try again.")
+        return codes
+
+    async def remove_passkey(self, therapist_id: str, credential_id: str) -> bool:
+        row = await self._require(therapist_id)
+        stored = self._passkeys(row)
+        kept = [c for c in stored if c["id"] != credential_id]
+        if len(kept) == len(stored):
+            return False
+        sealed = self._seal_passkeys(therapist_id, kept) if kept else None
+        changes: Row = {"passkeys_enc": sealed}
+        if not kept and row["totp_secret_enc"] is None:
+            changes["recovery_hashes"] = "[]"
+        return await self.rows.update(therapist_id, changes, expect={"passkeys_enc": row["passkeys_enc"]})
+
+    async def passkey_used(self, therapist_id: str, credential_id: str, sign_count: int) -> bool:
+        """Record a credential's new signature counter after a verified assertion (compare-and-set)."""
+        row = await self._require(therapist_id)
+        stored = self._passkeys(row)
+        for credential in stored:
+            if credential["id"] == credential_id:
+                credential["sign_count"] = sign_count
+                break
+        else:
+            return False
+        changes: Row = {"passkeys_enc": self._seal_passkeys(therapist_id, stored)}
+        return await self.rows.update(therapist_id, changes, expect={"passkeys_enc": row["passkeys_enc"]})
+
+    def _seal_passkeys(self, therapist_id: str, credentials: builtins.list[dict[str, Any]]) -> bytes:
+        return self._seal(json.dumps(credentials, sort_keys=True).encode(), "passkeys", therapist_id)
+
+    def _has_second_factor(self, row: Row) -> bool:
+        return row["totp_secret_enc"] is not None or bool(row.get("passkeys_enc"))
 
     # ----- login --------------------------------------------------------------------------
 
+    async def check_password(self, username: str, password: str) -> Row | None:
+        """The first step of a login: the row when the password is right and the account usable.
+
+        Unknown names cost one scrypt and one write like a wrong password, so timing does not tell
+        them apart; a wrong password counts towards the lockout.
+        """
+        dummy = await self._dummy()
+        row = await self._row_by_name(username)
+        password_ok = await self._verify(password, row["password_hash"] if row is not None else dummy)
+        if row is None or row["disabled"] or row["locked"]:
+            await self.rows.balance()
+            return None
+        if not password_ok:
+            await self.rows.count_failure(row["id"], self._lockout_after)
+            return None
+        return row
+
     async def verify_login(
-        self, username: str, password: str, totp_code: str | None, *, require_second_factor: bool
+        self,
+        username: str,
+        password: str,
+        totp_code: str | None,
+        *,
+        require_second_factor: bool,
     ) -> LoginResult:
         """Check a login attempt; see the module docstring for what the result may reveal."""
         denied = LoginResult(ok=False, therapist_id=None, reason=INVALID_CREDENTIALS)
-        dummy = await self._dummy()
-        row = await self._db(self._row_by_key, self.account_key(username))
-        password_ok = await self._verify(password, row["password_hash"] if row is not None else dummy)
-        if row is None or row["disabled"] or row["locked"]:
-            await self._db(self._update, _BALANCING_WRITE, ())
+        row = await self.check_password(username, password)
+        if row is None:
             return denied
         rid: str = row["id"]
-        if not password_ok:
-            await self._count_failure(rid)
-            return denied
-        if row["totp_secret_enc"] is None:
+        if not self._has_second_factor(row):
             if require_second_factor:
                 return LoginResult(ok=False, therapist_id=rid, reason=SECOND_FACTOR_ENROLMENT_REQUIRED)
             return await self._succeed(row, password)
@@ -419,9 +469,17 @@ class AccountStore:
             return LoginResult(ok=False, therapist_id=None, reason=SECOND_FACTOR_REQUIRED)
         reason = await self._check_second_factor(row, totp_code)
         if reason is None:
-            await self._count_failure(rid)
+            await self.rows.count_failure(rid, self._lockout_after)
             return denied
         return await self._succeed(row, password, reason)
+
+    async def finish_login(self, therapist_id: str, password: str, reason: str = OK) -> LoginResult:
+        """Complete a login whose second factor was checked elsewhere (a passkey assertion)."""
+        return await self._succeed(await self._require(therapist_id), password, reason)
+
+    async def count_failure(self, therapist_id: str) -> None:
+        """A failed second step counts towards the lockout like a wrong password."""
+        await self.rows.count_failure(therapist_id, self._lockout_after)
 
     async def _dummy(self) -> str:
         """A hash of a random password at the current cost, for unknown login names."""
@@ -429,37 +487,59 @@ class AccountStore:
             self._dummy_hash = await self._hash(secrets.token_urlsafe(24))
         return self._dummy_hash
 
-    async def _check_second_factor(self, row: sqlite3.Row, code: str) -> str | None:
+    async def _check_second_factor(self, row: Row, code: str) -> str | None:
         rid: str = row["id"]
         if totp.looks_like_recovery_code(code):
             stored = json.loads(row["recovery_hashes"])
             left = totp.use_recovery_code(code, stored, self._recovery_key)
             if left is None:
                 return None
-            sql = "UPDATE therapist SET recovery_hashes = ? WHERE id = ? AND recovery_hashes = ?"
-            changed = await self._db(self._update, sql, (json.dumps(left), rid, row["recovery_hashes"]))
+            changed = await self.rows.update(
+                rid,
+                {"recovery_hashes": json.dumps(left)},
+                expect={"recovery_hashes": row["recovery_hashes"]},
+            )
             return RECOVERY_CODE_USED if changed else None
+        if row["totp_secret_enc"] is None:
+            return None
         secret = self._open_sealed(row["totp_secret_enc"], "totp", rid)
         step = totp.verify_code(secret, code, last_used_step=row["totp_last_step"], now=self._now())
         if step is None:
             return None
         # Compare-and-set so two concurrent logins cannot both spend the same step.
-        sql = "UPDATE therapist SET totp_last_step = ? WHERE id = ? AND (totp_last_step IS NULL OR totp_last_step < ?)"
-        changed = await self._db(self._update, sql, (step, rid, step))
+        changed = await self.rows.update(rid, {"totp_last_step": step}, step_below=step)
         return OK if changed else None
 
-    async def _count_failure(self, therapist_id: str) -> None:
-        sql = (
-            "UPDATE therapist SET failures = failures + 1,"
-            " locked = CASE WHEN failures + 1 >= ? THEN 1 ELSE locked END WHERE id = ?"
-        )
-        await self._db(self._update, sql, (self._lockout_after, therapist_id))
-
-    async def _succeed(self, row: sqlite3.Row, password: str, reason: str = OK) -> LoginResult:
+    async def _succeed(self, row: Row, password: str, reason: str = OK) -> LoginResult:
         rid: str = row["id"]
-        await self._db(self._update, "UPDATE therapist SET failures = 0 WHERE id = ?", (rid,))
+        await self.rows.update(rid, {"failures": 0})
         if passwords.needs_rehash(row["password_hash"], self._params):
             encoded = await self._hash(password)
-            sql = "UPDATE therapist SET password_hash = ? WHERE id = ? AND password_hash = ?"
-            await self._db(self._update, sql, (encoded, rid, row["password_hash"]))
+            await self.rows.update(
+                rid,
+                {"password_hash": encoded},
+                expect={"password_hash": row["password_hash"]},
+            )
         return LoginResult(ok=True, therapist_id=rid, reason=reason)
+
+
+async def open_accounts(config: Config, keys: Keys, **options: Any) -> AccountStore:
+    """The accounts a broker process or the CLI uses: in Redis when one is configured, else SQLite.
+
+    A wrong key fails here. Redis being away does not: the first use reports it instead, like the
+    session store does, so a broker can start before its Redis.
+    """
+    url = config.accounts_redis
+    if not url:
+        return AccountStore(config.accounts_path, keys.accounts, **options)
+    from .account_rows_redis import RedisAccountRows, warn_if_not_persistent
+    from .store_redis import redis_client
+
+    client = redis_client(url)
+    store = AccountStore(RedisAccountRows(client), keys.accounts, **options)
+    try:
+        await asyncio.wait_for(store.check_key(), _REDIS_START_S)
+        await warn_if_not_persistent(client)
+    except (OSError, TimeoutError, RedisError):
+        log.warning("event=accounts_redis_unreachable_at_start")
+    return store

@@ -15,11 +15,11 @@ import json
 import sys
 from typing import Any, Sequence, TextIO
 
-from .accounts import AccountError, AccountStore
+from .accounts import AccountError, AccountStore, open_accounts
 from .audit import AuditEvent, AuditLog
 from .config import Config, ConfigError, Keys, load_config, load_or_create_secret
 from .passwords import PasswordRejected
-from .web_auth import accounts_path, audit_path
+from .web_auth import audit_path
 
 _ACTIONS = ("add", "list", "disable", "enable", "unlock", "reset-password", "reset-2fa")
 
@@ -76,7 +76,7 @@ class PasswordMismatch(Exception):
 
 async def _run(args: argparse.Namespace, config: Config, stdin: TextIO, out: TextIO) -> int:
     keys = Keys(load_or_create_secret(config))
-    store = AccountStore(accounts_path(config), keys.accounts)
+    store = await open_accounts(config, keys)
     try:
         action = args.therapist_action
         if action == "list":
@@ -87,7 +87,7 @@ async def _run(args: argparse.Namespace, config: Config, stdin: TextIO, out: Tex
         finally:
             audit.close()
     finally:
-        store.close()
+        await store.close()
 
 
 async def _list(store: AccountStore, args: argparse.Namespace, out: TextIO) -> int:

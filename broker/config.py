@@ -32,6 +32,9 @@ class Config:
     #: Origins allowed to open the signaling WebSocket; default the public URL's origin.
     allowed_origins: tuple[str, ...] = ()
     redis_url: str = ""
+    #: Where therapist accounts live when Redis is used; default ``redis_url``. Point it at a
+    #: Redis that persists (AOF) when the session Redis deliberately keeps nothing on disk.
+    accounts_redis_url: str = ""
     turn_urls: tuple[str, ...] = ()
     turn_secret: str = ""
     turn_secret_file: str = ""
@@ -89,7 +92,13 @@ class Config:
 
     @property
     def accounts_path(self) -> Path:
+        """The embedded default's accounts file (unused when accounts live in Redis)."""
         return self.data_dir / "accounts.sqlite3"
+
+    @property
+    def accounts_redis(self) -> str:
+        """The Redis URL holding therapist accounts, or "" for the SQLite file in the data dir."""
+        return self.accounts_redis_url or self.redis_url
 
     @property
     def admin_socket(self) -> Path:
@@ -170,8 +179,10 @@ def check_config(config: Config) -> list[str]:
         parts = urlsplit(origin)
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
             problems.append(f"allowed origin {origin!r} must look like https://host[:port] with no path.")
-    if config.redis_url and urlsplit(config.redis_url).scheme not in ("redis", "rediss", "unix"):
-        problems.append("redis_url must start with redis://, rediss:// or unix://.")
+    for name in ("redis_url", "accounts_redis_url"):
+        url = getattr(config, name)
+        if url and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            problems.append(f"{name} must start with redis://, rediss:// or unix://.")
     problems += _check_turn(config)
     if config.auth_deadline_s <= 0 or config.heartbeat_s <= 0:
         problems.append("auth_deadline_s and heartbeat_s must be positive.")

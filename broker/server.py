@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from .admission import BrokerPreflight, PolicyChecklist
-from .accounts import AccountStore
+from .accounts import AccountStore, open_accounts
 from .audit import AuditLog
 from .dashboard import setup_dashboard
 from .throttle import LoginThrottle
@@ -68,7 +68,7 @@ class Broker:
             task.cancel()
         await self.preflight.close()
         self.audit.close()
-        self.accounts.close()
+        await self.accounts.close()
         await self.bus.close()
         await self.store.close()
 
@@ -86,7 +86,7 @@ async def create_broker(config: Config, *, store: Store | None = None, bus: Bus 
     )
     preflight = BrokerPreflight.from_config(config)
     audit_log = AuditLog(config.audit_path, keys.audit)
-    accounts = AccountStore(config.accounts_path, keys.accounts)
+    accounts = await open_accounts(config, keys)
     signer = RecordSigner(keys.signing_seed)
     hub = Hub(
         store,

@@ -74,10 +74,6 @@ def audit_path(config: Config) -> Path:
     return config.audit_path
 
 
-def open_accounts(config: Config, keys: Keys) -> AccountStore:
-    return AccountStore(accounts_path(config), keys.accounts)
-
-
 # ---------------------------------------------------------------- policy knobs
 
 

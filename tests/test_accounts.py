@@ -1,15 +1,21 @@
-"""Therapist accounts: storage without clear identities, login answers, TOTP, lockout."""
+"""Therapist accounts: storage without clear identities, login answers, TOTP, lockout.
+
+Every test runs against both backends: the SQLite file of the embedded default and a real
+redis-server (where accounts live when the broker runs on Redis).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 import stat
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from broker import totp
 from broker.accounts import (
@@ -24,7 +30,14 @@ from broker.accounts import (
     LoginResult,
     UsernameTaken,
 )
+from broker.account_rows_redis import RedisAccountRows, warn_if_not_persistent
 from broker.passwords import PasswordRejected, ScryptParams
+from broker.store_redis import redis_client
+
+from .redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
+
+# Accounts tests use their own Redis database, emptied before each test.
+ACCOUNTS_DB = 7
 
 CHEAP = ScryptParams(n=2**10, r=8, p=1)
 KEY = bytes(range(32))
@@ -53,11 +66,59 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "data" / "accounts.sqlite3"
 
 
+@dataclass
+class Backend:
+    """Opens account stores on one backend and reads back every byte it holds."""
+
+    kind: str
+    db_path: Path
+    redis_url: str = ""
+
+    def open(self, key: bytes = KEY, **options: Any) -> AccountStore:
+        if self.kind == "sqlite":
+            return AccountStore(self.db_path, key, **options)
+        return AccountStore(RedisAccountRows(redis_client(self.redis_url)), key, **options)
+
+    async def raw(self) -> bytes:
+        """Everything stored, as bytes: the SQLite files, or every Redis key and value."""
+        if self.kind == "sqlite":
+            return b"".join(p.read_bytes() for p in self.db_path.parent.iterdir() if p.is_file())
+        client = aioredis.Redis.from_url(self.redis_url)
+        try:
+            parts = []
+            async for key in client.scan_iter():
+                parts.append(key)
+                kind = await client.type(key)
+                if kind == b"hash":
+                    parts += [b for pair in (await client.hgetall(key)).items() for b in pair]
+                elif kind == b"set":
+                    parts += list(await client.smembers(key))
+                else:
+                    parts.append(await client.get(key))
+            return b"\n".join(parts)
+        finally:
+            await client.aclose()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def backend(request: pytest.FixtureRequest, db_path: Path) -> AsyncIterator[Backend]:
+    if request.param == "sqlite":
+        yield Backend("sqlite", db_path)
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    server.ensure_running()
+    url = f"redis://127.0.0.1:{server.port}/{ACCOUNTS_DB}"
+    client = aioredis.Redis.from_url(url)
+    await client.flushdb()
+    await client.aclose()
+    yield Backend("redis", db_path, url)
+
+
 @pytest.fixture
-def store(db_path: Path, clock: Clock) -> Iterator[AccountStore]:
-    s = AccountStore(db_path, KEY, scrypt_params=CHEAP, clock=clock)
+async def store(backend: Backend, clock: Clock) -> AsyncIterator[AccountStore]:
+    s = backend.open(scrypt_params=CHEAP, clock=clock)
     yield s
-    s.close()
+    await s.close()
 
 
 async def login(
@@ -115,43 +176,49 @@ async def test_password_policy_applies(store: AccountStore) -> None:
     assert await store.add(USERNAME, "zq7vmkrw", second_factor=True)
 
 
-async def test_file_holds_no_identity_in_clear(store: AccountStore, db_path: Path, clock: Clock) -> None:
+async def test_storage_holds_no_identity_in_clear(store: AccountStore, backend: Backend, clock: Clock) -> None:
     tid = await store.add(USERNAME, PASSWORD, DISPLAY)
     await store.add("second.canary.zz", NEW_PASSWORD, "Ms Otherperson Yellowhammer")
     await enrol(store, tid, clock)
     await store.reset_password(tid, NEW_PASSWORD)
     await login(store, USERNAME, NEW_PASSWORD)
-    store.close()
-    raw = b"".join(p.read_bytes() for p in db_path.parent.iterdir() if p.is_file())
-    assert raw, "the accounts file should exist"
+    await store.close()
+    raw = await backend.raw()
+    assert len(raw) > 200, "the accounts should be stored"
     for canary in (USERNAME, DISPLAY, "Canaryname", "second.canary.zz", "Yellowhammer", PASSWORD, NEW_PASSWORD):
         for form in (canary, canary.lower(), canary.upper()):
             assert form.encode("utf-8") not in raw
             assert form.encode("utf-16-le") not in raw
 
 
-async def test_file_is_private(store: AccountStore, db_path: Path) -> None:
+async def test_file_is_private(db_path: Path) -> None:
+    store = AccountStore(db_path, KEY, scrypt_params=CHEAP)
     await store.add(USERNAME, PASSWORD)
+    await store.close()
     assert stat.S_IMODE(os.stat(db_path).st_mode) == 0o600
 
 
-async def test_wrong_key_is_detected(store: AccountStore, db_path: Path) -> None:
+async def test_wrong_key_is_detected(store: AccountStore, backend: Backend) -> None:
     await store.add(USERNAME, PASSWORD)
     with pytest.raises(ValueError, match="different key"):
-        AccountStore(db_path, bytes(32), scrypt_params=CHEAP)
+        wrong = backend.open(bytes(32), scrypt_params=CHEAP)
+        try:
+            await wrong.list()
+        finally:
+            await wrong.close()
     with pytest.raises(ValueError):
-        AccountStore(db_path, b"short", scrypt_params=CHEAP)
+        backend.open(b"short", scrypt_params=CHEAP)
 
 
-async def test_accounts_survive_reopening(store: AccountStore, db_path: Path) -> None:
+async def test_accounts_survive_reopening(store: AccountStore, backend: Backend) -> None:
     tid = await store.add(USERNAME, PASSWORD, DISPLAY)
-    store.close()
-    again = AccountStore(db_path, KEY, scrypt_params=CHEAP)
+    await store.close()
+    again = backend.open(scrypt_params=CHEAP)
     try:
         assert (await again.get(tid)) is not None
         assert (await login(again, USERNAME, PASSWORD)).ok
     finally:
-        again.close()
+        await again.close()
 
 
 async def test_login_without_second_factor(store: AccountStore) -> None:
@@ -253,8 +320,8 @@ async def test_lockout_after_100_failures_and_admin_unlock(store: AccountStore) 
     assert await login(store, USERNAME, PASSWORD) == LoginResult(True, tid, OK)
 
 
-async def test_success_resets_failure_count(db_path: Path) -> None:
-    s = AccountStore(db_path, KEY, scrypt_params=CHEAP, lockout_after=5)
+async def test_success_resets_failure_count(backend: Backend) -> None:
+    s = backend.open(scrypt_params=CHEAP, lockout_after=5)
     try:
         tid = await s.add(USERNAME, PASSWORD)
         for _ in range(4):
@@ -266,7 +333,7 @@ async def test_success_resets_failure_count(db_path: Path) -> None:
         await login(s, USERNAME, NEW_PASSWORD)
         assert (await s.get(tid)).locked  # type: ignore[union-attr]
     finally:
-        s.close()
+        await s.close()
 
 
 async def test_disable_and_enable(store: AccountStore) -> None:
@@ -295,16 +362,97 @@ async def test_unknown_id_raises(store: AccountStore) -> None:
         await store.reset_password("no-such-id-00000000", NEW_PASSWORD)
 
 
-async def test_login_upgrades_hash_when_cost_is_raised(store: AccountStore, db_path: Path) -> None:
+async def test_login_upgrades_hash_when_cost_is_raised(store: AccountStore, backend: Backend) -> None:
     tid = await store.add(USERNAME, PASSWORD)
-    store.close()
+    await store.close()
     stronger = ScryptParams(n=2**11, r=8, p=1)
-    upgraded = AccountStore(db_path, KEY, scrypt_params=stronger)
+    upgraded = backend.open(scrypt_params=stronger)
     try:
         assert (await login(upgraded, USERNAME, PASSWORD)).ok
-        with sqlite3.connect(db_path) as conn:
-            (stored,) = conn.execute("SELECT password_hash FROM therapist WHERE id = ?", (tid,)).fetchone()
-        assert stored.startswith("scrypt$2048$8$1$")
+        row = await upgraded.rows.by_id(tid)
+        assert row is not None
+        assert row["password_hash"].startswith("scrypt$2048$8$1$")
         assert (await login(upgraded, USERNAME, PASSWORD)).ok
     finally:
-        upgraded.close()
+        await upgraded.close()
+
+
+async def test_two_processes_share_accounts_and_spend_a_totp_step_once(backend: Backend, clock: Clock) -> None:
+    """Two stores on one backend stand for two broker processes: one code, 20 logins, one success."""
+    one = backend.open(scrypt_params=CHEAP, clock=clock)
+    two = backend.open(scrypt_params=CHEAP, clock=clock)
+    try:
+        tid = await one.add(USERNAME, PASSWORD)
+        assert (await two.get_by_username(USERNAME)) is not None
+        secret, _codes = await enrol(one, tid, clock)
+        clock.now += 60
+        code = totp.code_at(secret, clock.now)
+        results = await asyncio.gather(
+            *(login(one if i % 2 else two, USERNAME, PASSWORD, code) for i in range(20))
+        )
+        assert sum(r.ok for r in results) == 1
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_sqlite_file_from_before_passkeys_is_upgraded_in_place(db_path: Path) -> None:
+    old = AccountStore(db_path, KEY, scrypt_params=CHEAP)
+    tid = await old.add(USERNAME, PASSWORD)
+    await old.close()
+    import sqlite3
+
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("ALTER TABLE therapist DROP COLUMN passkeys_enc")
+    upgraded = AccountStore(db_path, KEY, scrypt_params=CHEAP)
+    try:
+        assert await upgraded.add_passkey(tid, {"id": "cred-1", "public_key": "pk", "sign_count": 0})
+        assert (await upgraded.get(tid)).passkeys == 1  # type: ignore[union-attr]
+    finally:
+        await upgraded.close()
+
+
+async def test_a_redis_without_persistence_is_reported(redis_server: RedisServer, caplog: Any) -> None:  # noqa: F811
+    redis_server.ensure_running()
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        with caplog.at_level("WARNING", logger="broker.accounts"):
+            assert not await warn_if_not_persistent(client)
+        assert "event=accounts_redis_not_persistent" in caplog.text
+        await client.config_set("appendonly", "yes")
+        caplog.clear()
+        assert await warn_if_not_persistent(client)
+        assert "accounts_redis_not_persistent" not in caplog.text
+    finally:
+        await client.config_set("appendonly", "no")
+        await client.aclose()
+
+
+async def test_open_accounts_uses_redis_when_configured(redis_server: RedisServer, tmp_path: Path) -> None:  # noqa: F811
+    from broker.accounts import open_accounts
+    from broker.config import Config, Keys
+
+    redis_server.ensure_running()
+    url = f"redis://127.0.0.1:{redis_server.port}/{ACCOUNTS_DB}"
+    flusher = aioredis.Redis.from_url(url)
+    await flusher.flushdb()
+    await flusher.aclose()
+    keys = Keys(bytes(range(32)))
+    on_redis = await open_accounts(Config(data_dir=tmp_path, redis_url=url), keys, scrypt_params=CHEAP)
+    split = await open_accounts(
+        Config(data_dir=tmp_path / "b", redis_url="redis://127.0.0.1:1/0", accounts_redis_url=url),
+        keys,
+        scrypt_params=CHEAP,
+    )
+    local = await open_accounts(Config(data_dir=tmp_path / "c"), keys, scrypt_params=CHEAP)
+    try:
+        name = "shared.name." + os.urandom(3).hex()
+        await on_redis.add(name, PASSWORD)
+        assert await split.get_by_username(name) is not None
+        assert await local.get_by_username(name) is None
+        assert isinstance(on_redis.rows, RedisAccountRows)
+        assert (tmp_path / "c" / "accounts.sqlite3").exists()
+        assert not (tmp_path / "accounts.sqlite3").exists()
+    finally:
+        for s in (on_redis, split, local):
+            await s.close()

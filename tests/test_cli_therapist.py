@@ -60,7 +60,7 @@ def login_ok(data_dir: Path, username: str, password: str) -> bool:
             result = await store.verify_login(username, password, None, require_second_factor=False)
             return result.ok
         finally:
-            store.close()
+            await store.close()
 
     return asyncio.run(check())
 
@@ -113,7 +113,7 @@ def test_unlock_and_reset_2fa(tmp_path: Path) -> None:
             assert await store.confirm_totp(therapist, code_at(enrolment.secret, time.time()))
             await store.verify_login("blake", "a wrong password here", None, require_second_factor=False)
         finally:
-            store.close()
+            await store.close()
 
     asyncio.run(lock_and_enrol())
     [row] = json.loads(cli(data, "list", "--json").stdout)

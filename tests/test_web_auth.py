@@ -186,7 +186,7 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     for h in made:
         await h.http.close()
         await h.runner.cleanup()
-        h.accounts.close()
+        await h.accounts.close()
         h.audit.close()
 
 
