@@ -25,13 +25,31 @@ const RENEGOTIATE_WAIT_MS = 5000;
 const DISCONNECTED_GRACE_MS = 4000;
 const CONNECT_WAIT_MS = 20000;
 const MAX_CONTROL_BYTES = 8192;
+const MAX_STALLED_RESTARTS = 2;
+
+/** The ICE username fragment of a description (the first; bundled sections share it), or null. */
+function iceUfrag(sdp) {
+  return /^a=ice-ufrag:(\S+)/m.exec(sdp ?? "")?.[1] ?? null;
+}
+
+/** The ICE username fragment a trickled candidate names (`ufrag X`), or null. */
+function candidateUfrag(candidate) {
+  return / ufrag (\S+)/.exec(candidate)?.[1] ?? null;
+}
+
+/** Whether a connection's DTLS is over (closed by the other end, or failed): ICE cannot bring it back. */
+function dtlsOver(pc) {
+  const transports = [pc.sctp?.transport, ...pc.getSenders().map((s) => s.transport)];
+  return transports.some((t) => t && (t.state === "closed" || t.state === "failed"));
+}
 
 /** The connection with one other admitted peer. */
 class PeerLink {
-  constructor(peer, offerer, pc) {
+  constructor(peer, offerer, pc, id) {
     this.peer = peer;
     this.offerer = offerer;
     this.pc = pc;
+    this.id = id; // which connection of this call it is (1, 2, ...): a new one means a new safety code
     this.channel = null;
     this.trust = null;
     this.code = null;
@@ -44,6 +62,10 @@ class PeerLink {
     this.awaitingAnswer = offerer; // from the first moment, so a renegotiate request cannot start a second offer
     this.badSince = 0;
     this.lastRestart = 0;
+    this.iceRestarts = 0; // ICE restarts on this connection (made here, or accepted from the offerer)
+    this.stalledRestarts = 0; // restart offers in a row that got no answer
+    this.wasConnected = false;
+    this.signalingLost = false; // a description, candidate or request went out while the broker was away
     this.closed = false;
     this.stats = { framesDecoded: 0, rttMs: null, relayed: null };
   }
@@ -53,7 +75,8 @@ class PeerLink {
  * The call: one PeerLink per admitted peer.
  *
  * Events (on(type, fn)):
- *   peer {peer, role, connected, state, trust, code, media}   anything about a peer changed
+ *   peer {peer, role, connected, state, interrupted, connection, iceRestarts, trust, code, media}
+ *                                                             anything about a peer changed
  *   track {peer, stream}                                      remote media arrived (or changed)
  *   left {peer, role}                                         a peer is no longer in the call
  *   chat {peer, role, text}                                   a chat message arrived
@@ -68,6 +91,7 @@ export class Call {
   #config;
   #localStream;
   #links = new Map();
+  #linkCount = 0;
   #infos = new Map(); // peer -> {role, connected, you_offer}
   #early = new Map(); // peer -> candidates that arrived before their description
   #allowUnverified = new Set();
@@ -126,6 +150,12 @@ export class Call {
       role: info?.role ?? null,
       connected: info?.connected ?? false,
       state: link ? link.pc.connectionState : "new",
+      // Media was flowing and stopped while both are still with the broker: it is being restarted.
+      interrupted: Boolean(
+        link && link.wasConnected && info?.connected && ["disconnected", "failed"].includes(link.pc.connectionState),
+      ),
+      connection: link?.id ?? null,
+      iceRestarts: link?.iceRestarts ?? 0,
       trust: link?.trust ?? null,
       code: link?.code ?? null,
       media: link ? { ...link.remoteMedia } : { audio: true, video: true },
@@ -173,17 +203,33 @@ export class Call {
     const info = this.#infos.get(peer);
     if (!info || !info.connected || this.#blocked.has(peer) || this.#pendingUnverified.has(peer)) return;
     const link = this.#links.get(peer);
-    const broken = !link || link.closed || ["failed", "closed"].includes(link.pc.connectionState);
-    if (info.you_offer) {
-      const stalled = link && !link.closed && link.awaitingAnswer && Date.now() - link.createdAt > ANSWER_WAIT_MS;
-      if (broken || stalled) this.#startOffer(peer);
-    } else if (broken) {
-      const last = this.#lastRenegotiate.get(peer) ?? 0;
-      if (Date.now() - last > RENEGOTIATE_WAIT_MS) {
-        this.#lastRenegotiate.set(peer, Date.now());
-        this.#signaling.renegotiate(peer);
-      }
+    if (link && !link.closed && link.signalingLost && this.#signaling.state === "open") {
+      // Part of a negotiation went out while the broker was away: do it again now that it is back.
+      link.signalingLost = false;
+      this.#restartNow(link);
+      return;
     }
+    const gone = !link || link.closed || link.pc.connectionState === "closed";
+    const broken = gone || link.pc.connectionState === "failed";
+    if (info.you_offer) {
+      const stalled = !gone && link.awaitingAnswer && Date.now() - link.createdAt > ANSWER_WAIT_MS;
+      if (stalled && link.remoteFingerprint && link.stalledRestarts < MAX_STALLED_RESTARTS) {
+        link.stalledRestarts += 1; // a restart offer got no answer: try once more on this connection
+        this.#restartNow(link);
+      } else if (gone || stalled) this.#startOffer(peer);
+      else if (broken) this.#heal(link);
+    } else if (broken) {
+      if (!gone) this.#heal(link);
+      else this.#askForOffer(peer);
+    }
+  }
+
+  /** Ask the offerer for an offer (an ICE restart, or a fresh connection if we have none), at most every few seconds. */
+  #askForOffer(peer) {
+    const last = this.#lastRenegotiate.get(peer) ?? 0;
+    if (Date.now() - last <= RENEGOTIATE_WAIT_MS) return;
+    this.#lastRenegotiate.set(peer, Date.now());
+    if (!this.#signaling.renegotiate(peer)) this.#lastRenegotiate.set(peer, 0); // not sent: ask again once back
   }
 
   // ------------------------------------------------------------------ connections
@@ -191,14 +237,15 @@ export class Call {
   #newLink(peer, offerer) {
     this.#closeLink(peer);
     const pc = new RTCPeerConnection(this.#config);
-    const link = new PeerLink(peer, offerer, pc);
+    this.#linkCount += 1;
+    const link = new PeerLink(peer, offerer, pc, this.#linkCount);
     this.#links.set(peer, link);
     link.channel = pc.createDataChannel(CHAT_LABEL, { negotiated: true, id: CHAT_CHANNEL_ID });
     this.#wireChannel(link);
     pc.addEventListener("icecandidate", (event) => {
       if (link.closed || !event.candidate || !event.candidate.candidate) return;
-      if (link.descriptionSent) this.#signaling.sendCandidate(peer, event.candidate);
-      else link.outbox.push(event.candidate);
+      if (!link.descriptionSent) link.outbox.push(event.candidate);
+      else if (!this.#signaling.sendCandidate(peer, event.candidate)) link.signalingLost = true;
     });
     pc.addEventListener("track", (event) => {
       if (link.closed) return;
@@ -212,6 +259,10 @@ export class Call {
       if (link.closed) return;
       const state = pc.connectionState;
       link.badSince = state === "disconnected" || state === "failed" ? link.badSince || Date.now() : 0;
+      if (state === "connected") {
+        link.wasConnected = true;
+        link.stalledRestarts = 0;
+      }
       if (state === "failed") this.#heal(link);
       this.#announce(peer);
     });
@@ -255,10 +306,15 @@ export class Call {
     const sdp = link.pc.localDescription.sdp;
     const [counter, mac] = await this.#auth.sign(link.peer, type, sdp);
     if (link.closed) return;
-    if (type === "offer") this.#signaling.sendOffer(link.peer, sdp, counter, mac);
-    else this.#signaling.sendAnswer(link.peer, sdp, counter, mac);
+    const sent =
+      type === "offer"
+        ? this.#signaling.sendOffer(link.peer, sdp, counter, mac)
+        : this.#signaling.sendAnswer(link.peer, sdp, counter, mac);
+    if (!sent) link.signalingLost = true;
     link.descriptionSent = true;
-    for (const candidate of link.outbox.splice(0)) this.#signaling.sendCandidate(link.peer, candidate);
+    for (const candidate of link.outbox.splice(0)) {
+      if (!this.#signaling.sendCandidate(link.peer, candidate)) link.signalingLost = true;
+    }
     await this.#updateCode(link);
   }
 
@@ -292,15 +348,17 @@ export class Call {
     let link = this.#links.get(peer);
     const sameEnd =
       link && !link.closed && link.remoteFingerprint === remoteFp && link.pc.connectionState !== "closed";
+    const restart = sameEnd && iceUfrag(sdp) !== iceUfrag(link.pc.remoteDescription?.sdp);
     if (!sameEnd) link = this.#newLink(peer, false);
     else {
-      link.descriptionSent = false; // an ICE restart: hold new candidates until the answer is out
+      link.descriptionSent = false; // hold new candidates until the answer is out
     }
     link.trust = trust;
     link.remoteFingerprint = remoteFp;
     const { pc } = link;
     try {
       await pc.setRemoteDescription({ type: "offer", sdp });
+      if (restart) link.iceRestarts += 1;
       if (!sameEnd) this.#attachLocalTracks(pc);
       await pc.setLocalDescription(await pc.createAnswer());
       await this.#flushEarly(link);
@@ -371,7 +429,11 @@ export class Call {
       sdpMLineIndex: message.sdp_mline_index ?? null,
     };
     const link = this.#links.get(peer);
-    if (!link || link.closed || !link.pc.remoteDescription) {
+    const remote = link && !link.closed ? link.pc.remoteDescription : null;
+    const ufrag = candidateUfrag(message.candidate);
+    // After an ICE restart the new candidates can overtake their description (it is still being
+    // verified): keep them until it is set, or they would be matched against the old one.
+    if (!remote || (ufrag && !remote.sdp.split(/\r?\n/).includes(`a=ice-ufrag:${ufrag}`))) {
       const queue = this.#early.get(peer) ?? [];
       queue.push(candidate);
       this.#early.set(peer, queue.slice(-64));
@@ -390,30 +452,56 @@ export class Call {
     const info = this.#infos.get(peer);
     if (!peer || !info || !info.you_offer || this.#blocked.has(peer)) return;
     const link = this.#links.get(peer);
-    const inFlight = link && !link.closed && link.awaitingAnswer && link.createdAt >= info.connectedAt;
-    if (inFlight && Date.now() - link.createdAt < ANSWER_WAIT_MS) return; // our offer is on its way to them
-    // The other side lost its connection (or reloaded): start over with a fresh one.
-    this.#startOffer(peer);
+    const live = link && !link.closed && link.pc.connectionState !== "closed";
+    // An offer of ours made since their current broker connection began is on its way, or was just
+    // answered: their request crossed it.
+    const wait = link?.awaitingAnswer ? ANSWER_WAIT_MS : RENEGOTIATE_WAIT_MS;
+    if (live && link.createdAt >= info.connectedAt && Date.now() - link.createdAt < wait) return;
+    // Their media path broke: restart ICE on this connection, so the safety code stays. If they
+    // reloaded instead, the answer comes from a new connection and #acceptAnswer starts afresh.
+    if (live && link.remoteFingerprint) this.#restartNow(link);
+    else this.#startOffer(peer);
   }
 
-  /** A connection failed or stayed disconnected: restart ICE, or ask the offerer to. */
+  /** Restart ICE (or ask the offerer to) now, however recent the last attempt. */
+  #restartNow(link) {
+    link.lastRestart = 0;
+    this.#lastRenegotiate.set(link.peer, 0);
+    this.#heal(link);
+  }
+
+  /** A connection failed or stayed disconnected: restart ICE on it, or ask the offerer to. */
   async #heal(link) {
     if (link.closed || Date.now() - link.lastRestart < RENEGOTIATE_WAIT_MS) return;
     link.lastRestart = Date.now();
+    if (dtlsOver(link.pc)) {
+      // The other end closed this connection (it reloaded) or DTLS failed: only a fresh one helps.
+      if (link.offerer) this.#startOffer(link.peer);
+      else {
+        this.#closeLink(link.peer);
+        this.#askForOffer(link.peer);
+      }
+      return;
+    }
     if (!link.offerer) {
-      this.#lastRenegotiate.set(link.peer, Date.now());
-      this.#signaling.renegotiate(link.peer);
+      this.#askForOffer(link.peer);
       return;
     }
     try {
       link.descriptionSent = false;
+      link.signalingLost = false; // this offer and its candidates go out afresh
       link.awaitingAnswer = true;
       link.createdAt = Date.now();
-      await link.pc.setLocalDescription(await link.pc.createOffer({ iceRestart: true }));
+      const { pc } = link;
+      // An earlier offer still waiting for its answer (it may never have left): replace it.
+      if (pc.signalingState === "have-local-offer") await pc.setLocalDescription({ type: "rollback" });
+      await pc.setLocalDescription(await pc.createOffer({ iceRestart: true }));
+      link.iceRestarts += 1;
       await this.#sendDescription(link, "offer");
     } catch {
-      this.#startOffer(link.peer);
+      if (!link.closed) this.#startOffer(link.peer);
     }
+    this.#announce(link.peer);
   }
 
   #intercepted(peer, reason) {
@@ -605,6 +693,9 @@ export class Call {
 
 // ==================================================================== the call screen
 
+const BANNER_BROKER = "Connection lost. Reconnecting… Your call may carry on meanwhile.";
+const BANNER_MEDIA = "The picture and sound stopped. Reconnecting… This usually takes a few seconds.";
+
 const STATE_WORDS = {
   new: "Connecting…",
   connecting: "Connecting…",
@@ -657,7 +748,7 @@ export class CallView {
       role: "status",
       hidden: true,
       "data-testid": "reconnecting-banner",
-      text: "Connection lost. Reconnecting… Your call may carry on meanwhile.",
+      text: BANNER_BROKER,
     });
     const unverified = el("div", {
       className: "banner warn",
@@ -777,13 +868,23 @@ export class CallView {
     else this.#els.selfVideo.srcObject = null;
   }
 
-  /** Show or hide the reconnecting banner (the broker connection is down). */
+  /** The broker connection is down (or back): the reconnecting banner says so. */
   setReconnecting(on) {
     if (this.#reconnecting === on) return;
     this.#reconnecting = on;
-    this.#els.banner.hidden = !on;
     announce(on ? "Connection lost. Reconnecting." : "Reconnected.");
     this.#summarise();
+  }
+
+  /** The reconnecting banner: the broker connection is down, or media stopped with someone still there. */
+  #showBanner(interrupted) {
+    const { banner } = this.#els;
+    const reason = this.#reconnecting ? "broker" : interrupted ? "media" : "";
+    banner.hidden = !reason;
+    if (banner.dataset.reason === reason) return;
+    banner.dataset.reason = reason;
+    if (reason === "broker") banner.textContent = BANNER_BROKER;
+    if (reason === "media") banner.textContent = BANNER_MEDIA;
   }
 
   setUnverified(on) {
@@ -839,6 +940,8 @@ export class CallView {
     tile.name.textContent = this.#opts.labelFor(info.peer, info.role);
     const state = !info.connected && info.state !== "connected" ? "away" : info.state;
     tile.node.dataset.state = state;
+    tile.node.dataset.connection = String(info.connection ?? "");
+    tile.node.dataset.iceRestarts = String(info.iceRestarts);
     tile.state.textContent =
       state === "away" ? "Their connection dropped. Waiting for them to come back…" : STATE_WORDS[state] ?? state;
     tile.code.textContent = info.code ?? "…";
@@ -910,8 +1013,11 @@ export class CallView {
 
   #summarise() {
     const infos = this.#call.peers().map((p) => this.#call.describe(p));
+    const interrupted = infos.some((i) => i.interrupted);
+    this.#showBanner(interrupted);
     let text;
     if (this.#reconnecting) text = "Reconnecting…";
+    else if (interrupted) text = "Connection interrupted, reconnecting…";
     else if (infos.length === 0) text = "Not connected to anyone yet";
     else if (infos.every((i) => i.state === "connected")) text = "Connected";
     else if (infos.some((i) => i.state === "connected")) text = "Connected to some, connecting to others…";
