@@ -53,6 +53,7 @@ log = logging.getLogger("broker.accounts")
 
 OK = "ok"
 RECOVERY_CODE_USED = "recovery_code_used"
+PASSKEY_USED = "passkey_used"
 INVALID_CREDENTIALS = "invalid_credentials"
 SECOND_FACTOR_REQUIRED = "second_factor_required"
 SECOND_FACTOR_ENROLMENT_REQUIRED = "second_factor_enrolment_required"
@@ -158,7 +159,7 @@ class AccountStore:
         self._aead = AESGCM(_subkey(key, "field-encryption"))
         self._recovery_key = _subkey(key, "recovery-codes")
         self._params = scrypt_params
-        self._lockout_after = lockout_after
+        self.lockout_after = lockout_after
         self._clock = clock
         self._hash_slots = asyncio.Semaphore(_HASH_CONCURRENCY)
         self._dummy_hash: str | None = None
@@ -443,7 +444,7 @@ class AccountStore:
             await self.rows.balance()
             return None
         if not password_ok:
-            await self.rows.count_failure(row["id"], self._lockout_after)
+            await self.rows.count_failure(row["id"], self.lockout_after)
             return None
         return row
 
@@ -469,7 +470,7 @@ class AccountStore:
             return LoginResult(ok=False, therapist_id=None, reason=SECOND_FACTOR_REQUIRED)
         reason = await self._check_second_factor(row, totp_code)
         if reason is None:
-            await self.rows.count_failure(rid, self._lockout_after)
+            await self.rows.count_failure(rid, self.lockout_after)
             return denied
         return await self._succeed(row, password, reason)
 
@@ -479,7 +480,7 @@ class AccountStore:
 
     async def count_failure(self, therapist_id: str) -> None:
         """A failed second step counts towards the lockout like a wrong password."""
-        await self.rows.count_failure(therapist_id, self._lockout_after)
+        await self.rows.count_failure(therapist_id, self.lockout_after)
 
     async def _dummy(self) -> str:
         """A hash of a random password at the current cost, for unknown login names."""

@@ -25,7 +25,7 @@ from .admission import BrokerPreflight, PolicyChecklist
 from .accounts import AccountStore, open_accounts
 from .audit import AuditLog
 from .dashboard import setup_dashboard
-from .throttle import LoginThrottle
+from .throttle import Throttle, open_throttle
 from .web_auth import setup_auth
 from .bus import Bus, LocalBus
 from .config import Config, Keys, load_or_create_secret
@@ -60,7 +60,7 @@ class Broker:
     audit: AuditLog
     signer: RecordSigner
     accounts: AccountStore
-    throttle: LoginThrottle
+    throttle: Throttle
     background: list[asyncio.Task[Any]] = field(default_factory=list)
 
     async def close(self) -> None:
@@ -69,6 +69,7 @@ class Broker:
         await self.preflight.close()
         self.audit.close()
         await self.accounts.close()
+        await self.throttle.close()
         await self.bus.close()
         await self.store.close()
 
@@ -99,7 +100,8 @@ async def create_broker(config: Config, *, store: Store | None = None, bus: Bus 
         audit=audit_hook(audit_log),
         signer=signer,
     )
-    broker = Broker(config, keys, store, bus, hub, preflight, audit_log, signer, accounts, LoginThrottle())
+    throttle = open_throttle(config.redis_url)
+    broker = Broker(config, keys, store, bus, hub, preflight, audit_log, signer, accounts, throttle)
     if isinstance(store, MemoryStore):
         broker.background.append(asyncio.get_running_loop().create_task(store.run_sweeper()))
     return broker

@@ -6,10 +6,12 @@ locked after ``lockout_after`` consecutive failures until an administrator unloc
 successful login clears the account's counter. Address counters are never cleared by a success
 (an attacker with one valid account could otherwise reset them) and simply age out.
 
-Addresses are never held in clear: callers pass ``address_key(secret, ip)``. Memory is bounded:
-idle entries are forgotten and the least recently used are evicted past ``max_entries``. This
-lockout lives in memory; the durable consecutive-failure count for real accounts is kept by
-``AccountStore`` with the same threshold, so eviction or a restart cannot unlock an account.
+Addresses are never held in clear: callers pass ``address_key(secret, ip)``. ``LoginThrottle``
+keeps its counters in memory, bounded: idle entries are forgotten and the least recently used
+are evicted past ``max_entries``. With several broker processes ``RedisLoginThrottle``
+(throttle_redis.py) keeps the same counters in Redis, so an attacker gains nothing by spreading
+attempts over processes. Either way the durable consecutive-failure count for real accounts is
+kept by ``AccountStore`` with the same threshold, so eviction or a restart cannot unlock one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 FREE_FAILURES = 3
 BASE_DELAY = 1.0
@@ -69,6 +72,37 @@ class _Entry:
     locked: bool = False
 
 
+class Throttle(Protocol):
+    """What the login handlers ask; ``LoginThrottle`` (one process) and ``RedisLoginThrottle``."""
+
+    lockout_after: int
+
+    async def check(self, account: str | None, address: str | None) -> Decision: ...
+
+    async def record_failure(self, account: str | None, address: str | None) -> Decision: ...
+
+    async def record_success(self, account: str) -> None: ...
+
+    async def unlock(self, account: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The delay schedule both throttles share: free failures, then doubling to a ceiling."""
+
+    free: int = FREE_FAILURES
+    base: float = BASE_DELAY
+    ceiling: float = MAX_DELAY
+
+    def remaining(self, failures: int, last_failure: float, now: float) -> float:
+        """Seconds still to wait after ``failures`` failures, the last at ``last_failure``."""
+        if failures <= 0:
+            return 0.0
+        return last_failure + delay_for(failures, free=self.free, base=self.base, ceiling=self.ceiling) - now
+
+
 class _Table:
     """LRU-bounded map of key -> failure record with idle expiry."""
 
@@ -114,17 +148,16 @@ class LoginThrottle:
         max_entries: int = MAX_ENTRIES,
         forget_after: float = FORGET_AFTER,
     ) -> None:
-        if not 1 <= lockout_after <= LOCKOUT_AFTER:
-            raise ValueError(f"lockout_after must be between 1 and {LOCKOUT_AFTER}")
+        self.lockout_after = check_lockout(lockout_after)
         self._clock = clock
-        self._free = free_failures
-        self._base = base_delay
-        self._ceiling = max_delay
-        self._lockout_after = lockout_after
+        self._schedule = Schedule(free_failures, base_delay, max_delay)
         self._accounts = _Table(max_entries, forget_after)
         self._addresses = _Table(max_entries, forget_after)
 
-    def check(self, account: str | None, address: str | None) -> Decision:
+    async def check(self, account: str | None, address: str | None) -> Decision:
+        return self.check_now(account, address)
+
+    def check_now(self, account: str | None, address: str | None) -> Decision:
         """May an attempt for this account from this address run now?"""
         now = self._clock()
         acct = self._accounts.peek(account, now) if account is not None else None
@@ -134,36 +167,39 @@ class LoginThrottle:
         wait = max(self._remaining(acct, now), self._remaining(addr, now))
         return Decision(allowed=wait <= 0.0, retry_after=max(wait, 0.0))
 
-    def record_failure(self, account: str | None, address: str | None) -> Decision:
+    async def record_failure(self, account: str | None, address: str | None) -> Decision:
         """Count a failed attempt; returns the decision for the next attempt."""
         now = self._clock()
         if account is not None:
             acct = self._accounts.touch(account, now)
             acct.failures += 1
             acct.last_failure = now
-            if acct.failures >= self._lockout_after:
+            if acct.failures >= self.lockout_after:
                 acct.locked = True
         if address is not None:
             addr = self._addresses.touch(address, now)
             addr.failures += 1
             addr.last_failure = now
-        return self.check(account, address)
+        return self.check_now(account, address)
 
-    def record_success(self, account: str) -> None:
+    async def record_success(self, account: str) -> None:
         """A successful login clears the account's counter (not the address's)."""
         entry = self._accounts.peek(account, self._clock())
         if entry is not None and not entry.locked:
             self._accounts.drop(account)
 
-    def unlock(self, account: str) -> None:
+    async def close(self) -> None:
+        """Nothing to release: the counters are plain memory."""
+
+    async def unlock(self, account: str) -> None:
         """Administrator reset: forget the account's failures and lockout."""
         self._accounts.drop(account)
 
-    def is_locked(self, account: str) -> bool:
+    async def is_locked(self, account: str) -> bool:
         entry = self._accounts.peek(account, self._clock())
         return entry is not None and entry.locked
 
-    def failures(self, account: str) -> int:
+    async def failures(self, account: str) -> int:
         """Consecutive failures currently counted for an account."""
         entry = self._accounts.peek(account, self._clock())
         return entry.failures if entry is not None else 0
@@ -175,5 +211,20 @@ class LoginThrottle:
     def _remaining(self, entry: _Entry | None, now: float) -> float:
         if entry is None:
             return 0.0
-        delay = delay_for(entry.failures, free=self._free, base=self._base, ceiling=self._ceiling)
-        return entry.last_failure + delay - now
+        return self._schedule.remaining(entry.failures, entry.last_failure, now)
+
+
+def open_throttle(redis_url: str) -> Throttle:
+    """The throttle a broker process uses: shared through Redis when it runs on Redis."""
+    if not redis_url:
+        return LoginThrottle()
+    from .store_redis import redis_client
+    from .throttle_redis import RedisLoginThrottle
+
+    return RedisLoginThrottle(redis_client(redis_url))
+
+
+def check_lockout(lockout_after: int) -> int:
+    if not 1 <= lockout_after <= LOCKOUT_AFTER:
+        raise ValueError(f"lockout_after must be between 1 and {LOCKOUT_AFTER}")
+    return lockout_after

@@ -37,12 +37,13 @@ import segno
 from aiohttp import web
 
 from . import accounts as acc
-from . import totp
+from . import passkeys, totp
 from .accounts import AccountStore
 from .audit import AuditEvent, AuditLog, AuditOutcome
 from .config import Config, Keys
 from .store import Store
-from .throttle import LoginThrottle, address_key
+from .passkeys import PasskeyError, RelyingParty
+from .throttle import Throttle, address_key
 
 log = logging.getLogger("broker.web_auth")
 
@@ -107,6 +108,8 @@ class LoginRequest(msgspec.Struct, forbid_unknown_fields=True):
     username: _Name
     password: _Secret
     code: _Code | None = None
+    #: A WebAuthn assertion (``PublicKeyCredential.toJSON()``) answering the options we sent.
+    passkey: dict[str, Any] | None = None
 
 
 class ConfirmRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -178,7 +181,7 @@ class WebAuth:
         *,
         store: Store,
         accounts: AccountStore,
-        throttle: LoginThrottle,
+        throttle: Throttle,
         audit: AuditLog | None,
         config: Config,
         keys: Keys,
@@ -370,27 +373,67 @@ async def api_login(request: web.Request) -> web.StreamResponse:
     body: LoginRequest = await read_json(request, LoginRequest)
     account = auth.accounts.account_key(body.username)
     address = auth.address(request)
-    decision = auth.throttle.check(account, address)
+    decision = await auth.throttle.check(account, address)
     if decision.locked and await _unlocked_by_admin(auth, body.username):
-        auth.throttle.unlock(account)
-        decision = auth.throttle.check(account, address)
+        await auth.throttle.unlock(account)
+        decision = await auth.throttle.check(account, address)
     if not decision.allowed:
         return await _throttled(auth, decision.locked, decision.retry_after)
-    code = body.code if body.code and body.code.strip() else None
-    result = await auth.accounts.verify_login(
-        body.username, body.password, code, require_second_factor=auth.policy.require_second_factor
-    )
+    if body.passkey is not None:
+        result = await _passkey_login(auth, body, account)
+    else:
+        code = body.code if body.code and body.code.strip() else None
+        result = await auth.accounts.verify_login(
+            body.username, body.password, code, require_second_factor=auth.policy.require_second_factor
+        )
     if result.reason == acc.INVALID_CREDENTIALS:
-        auth.throttle.record_failure(account, address)
+        await auth.throttle.record_failure(account, address)
         log.info("event=login_failed")
         await auth.record(AuditEvent.LOGIN_FAILURE, None, AuditOutcome.DENIED)
         return json_error(*_INVALID)
     if result.reason == acc.SECOND_FACTOR_REQUIRED:
-        return json_error(401, "second_factor_required", "Enter the code from your authenticator app.")
+        return await _second_factor_required(auth, body.username, account)
     assert result.therapist_id is not None
-    auth.throttle.record_success(account)
+    await auth.throttle.record_success(account)
     full = result.reason != acc.SECOND_FACTOR_ENROLMENT_REQUIRED
     return await _start_session(request, result.therapist_id, full=full, recovery=result.reason == acc.RECOVERY_CODE_USED)
+
+
+async def _second_factor_required(auth: WebAuth, username: str, account_key: str) -> web.Response:
+    """The password was right: say which second factors the account has, with passkey options."""
+    account = await auth.accounts.get_by_username(username)
+    assert account is not None
+    factors = ["code"] if account.totp_enabled or account.recovery_codes_left else []
+    extra: dict[str, Any] = {}
+    rp = RelyingParty.from_config(auth.config)
+    if account.passkeys and rp is not None:
+        options, challenge = passkeys.authentication_options(rp, await auth.accounts.passkeys(account.id))
+        await passkeys.keep_challenge(auth.store, "login:" + account_key, challenge)
+        extra["passkey"] = {"publicKey": options}
+        factors.insert(0, "passkey")
+    message = "Use your passkey, or enter a code." if extra else "Enter the code from your authenticator app."
+    return json_error(401, "second_factor_required", message, factors=factors, **extra)
+
+
+async def _passkey_login(auth: WebAuth, body: LoginRequest, account_key: str) -> acc.LoginResult:
+    """Password and passkey assertion together; any failure counts like a wrong password."""
+    denied = acc.LoginResult(ok=False, therapist_id=None, reason=acc.INVALID_CREDENTIALS)
+    row = await auth.accounts.check_password(body.username, body.password)
+    challenge = await passkeys.take_challenge(auth.store, "login:" + account_key)
+    rp = RelyingParty.from_config(auth.config)
+    if row is None or challenge is None or rp is None or body.passkey is None:
+        return denied
+    therapist_id: str = row["id"]
+    try:
+        used, count = passkeys.verify_authentication(
+            rp, body.passkey, challenge, await auth.accounts.passkeys(therapist_id)
+        )
+    except PasskeyError:
+        log.info("event=passkey_login_refused")
+        await auth.accounts.count_failure(therapist_id)
+        return denied
+    await auth.accounts.passkey_used(therapist_id, used, count)
+    return await auth.accounts.finish_login(therapist_id, body.password, acc.PASSKEY_USED)
 
 
 async def _unlocked_by_admin(auth: WebAuth, username: str) -> bool:
@@ -425,13 +468,13 @@ async def _start_session(request: web.Request, therapist: str, *, full: bool, re
         await auth.record(AuditEvent.LOGIN_SUCCESS, therapist)
     if recovery:
         await auth.record(AuditEvent.RECOVERY_CODE_USED, therapist)
-    body = await _me_body(auth, session)
+    body = await me_body(auth, session)
     response = web.json_response({"ok": True, **body})
     auth.set_cookie(response, session)
     return response
 
 
-async def _me_body(auth: WebAuth, session: LoginSession) -> dict[str, Any]:
+async def me_body(auth: WebAuth, session: LoginSession) -> dict[str, Any]:
     account = await auth.accounts.get(session.therapist)
     assert account is not None
     return {
@@ -445,13 +488,15 @@ async def _me_body(auth: WebAuth, session: LoginSession) -> dict[str, Any]:
             "display_name": account.display_name,
             "totp_enabled": account.totp_enabled,
             "recovery_codes_left": account.recovery_codes_left,
+            "passkeys": account.passkeys,
         },
+        "passkeys_available": RelyingParty.from_config(auth.config) is not None,
     }
 
 
 async def api_me(request: web.Request) -> web.Response:
     session = await require_login(request, allow_partial=True)
-    return web.json_response(await _me_body(auth_of(request), session))
+    return web.json_response(await me_body(auth_of(request), session))
 
 
 async def api_logout(request: web.Request) -> web.Response:
@@ -493,21 +538,21 @@ async def api_confirm(request: web.Request) -> web.Response:
     session = await require_login(request, allow_partial=True)
     body: ConfirmRequest = await read_json(request, ConfirmRequest)
     throttle_key = "2fa-confirm:" + session.therapist
-    decision = auth.throttle.check(throttle_key, None)
+    decision = await auth.throttle.check(throttle_key, None)
     if not decision.allowed:
         return await _throttled(auth, decision.locked, decision.retry_after)
     codes = await auth.accounts.confirm_totp(session.therapist, body.code)
     if codes is None:
-        auth.throttle.record_failure(throttle_key, None)
+        await auth.throttle.record_failure(throttle_key, None)
         return json_error(400, "invalid_code", "That code did not match. Check the time on your phone and try again.")
-    auth.throttle.record_success(throttle_key)
+    await auth.throttle.record_success(throttle_key)
     await auth.record(AuditEvent.SECOND_FACTOR_CHANGED, session.therapist)
     # New privileges, new id: the enrolment-only session ends here.
     await auth.destroy(session.id)
     fresh = await auth.create(session.therapist, full=True)
     if not session.full:
         await auth.record(AuditEvent.LOGIN_SUCCESS, session.therapist)
-    response = web.json_response({"ok": True, "recovery_codes": codes, **await _me_body(auth, fresh)})
+    response = web.json_response({"ok": True, "recovery_codes": codes, **await me_body(auth, fresh)})
     auth.set_cookie(response, fresh)
     return response
 
@@ -520,7 +565,7 @@ def setup_auth(
     *,
     store: Store,
     accounts: AccountStore,
-    throttle: LoginThrottle,
+    throttle: Throttle,
     audit: AuditLog | None,
     config: Config,
     keys: Keys,
@@ -532,9 +577,8 @@ def setup_auth(
     refused by this process's lock is let through again once the durable record says an
     administrator unlocked the account.
     """
-    limits = (getattr(throttle, "_lockout_after", None), getattr(accounts, "_lockout_after", None))
-    if None not in limits and limits[0] != limits[1]:
-        raise ValueError("LoginThrottle and AccountStore must use the same lockout_after")
+    if throttle.lockout_after != accounts.lockout_after:
+        raise ValueError("The login throttle and AccountStore must use the same lockout_after")
     app[AUTH] = WebAuth(
         store=store, accounts=accounts, throttle=throttle, audit=audit, config=config, keys=keys, clock=clock
     )
@@ -545,3 +589,6 @@ def setup_auth(
     app.router.add_get("/api/me", api_me, name="api_me")
     app.router.add_post("/api/2fa/enrol", api_enrol, name="api_2fa_enrol")
     app.router.add_post("/api/2fa/confirm", api_confirm, name="api_2fa_confirm")
+    from .web_passkeys import setup_passkeys
+
+    setup_passkeys(app)

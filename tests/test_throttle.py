@@ -1,10 +1,26 @@
-"""Login throttling with a hand-driven clock: delays, lockout, reset, memory bound, address keys."""
+"""Login throttling with a hand-driven clock: delays, lockout, reset, memory bound, address keys.
+
+The rules run against both throttles: one process's ``LoginThrottle`` and the
+``RedisLoginThrottle`` several processes share (on a real redis-server).
+"""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-from broker.throttle import LOCKOUT_AFTER, MAX_DELAY, LoginThrottle, address_key, delay_for
+import pytest
+import redis.asyncio as aioredis
+
+from broker.store_redis import redis_client
+from broker.throttle import LOCKOUT_AFTER, MAX_DELAY, LoginThrottle, Throttle, address_key, delay_for
+from broker.throttle_redis import RedisLoginThrottle
+
+from .redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
+
+MakeThrottle = Callable[..., Any]
 
 ACCOUNT = "a" * 64
 ADDRESS = "b" * 64
@@ -24,11 +40,35 @@ class Clock:
         self.now += seconds
 
 
-def fail_until_allowed(throttle: LoginThrottle, clock: Clock, account: str | None, address: str | None) -> float:
+@pytest.fixture(params=["memory", "redis"])
+async def make(request: pytest.FixtureRequest) -> AsyncIterator[MakeThrottle]:
+    """Builds throttles of one kind; Redis ones share a fresh key space per test."""
+    made: list[RedisLoginThrottle] = []
+    if request.param == "memory":
+        yield LoginThrottle
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    server.ensure_running()
+    url = f"redis://127.0.0.1:{server.port}/8"
+    flusher = aioredis.Redis.from_url(url)
+    await flusher.flushdb()
+    await flusher.aclose()
+
+    def build(**options: Any) -> RedisLoginThrottle:
+        throttle = RedisLoginThrottle(redis_client(url), **options)
+        made.append(throttle)
+        return throttle
+
+    yield build
+    for throttle in made:
+        await throttle.redis.aclose(close_connection_pool=True)
+
+
+async def fail_until_allowed(throttle: Throttle, clock: Clock, account: str | None, address: str | None) -> float:
     """Wait out any delay, then record one failure; returns the delay imposed afterwards."""
-    decision = throttle.check(account, address)
+    decision = await throttle.check(account, address)
     clock.advance(decision.retry_after)
-    return throttle.record_failure(account, address).retry_after
+    return (await throttle.record_failure(account, address)).retry_after
 
 
 def test_delay_schedule() -> None:
@@ -38,82 +78,82 @@ def test_delay_schedule() -> None:
     assert delay_for(99) == 60.0
 
 
-def test_first_three_failures_are_free_then_delay_doubles() -> None:
+async def test_first_three_failures_are_free_then_delay_doubles(make: MakeThrottle) -> None:
     clock = Clock()
-    throttle = LoginThrottle(clock=clock)
-    delays = [fail_until_allowed(throttle, clock, ACCOUNT, None) for _ in range(12)]
+    throttle = make(clock=clock)
+    delays = [await fail_until_allowed(throttle, clock, ACCOUNT, None) for _ in range(12)]
     assert delays == [0.0, 0.0, 0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
 
 
-def test_attempt_refused_until_delay_passes() -> None:
+async def test_attempt_refused_until_delay_passes(make: MakeThrottle) -> None:
     clock = Clock()
-    throttle = LoginThrottle(clock=clock)
+    throttle = make(clock=clock)
     for _ in range(5):
-        fail_until_allowed(throttle, clock, ACCOUNT, None)
-    decision = throttle.check(ACCOUNT, None)
+        await fail_until_allowed(throttle, clock, ACCOUNT, None)
+    decision = await throttle.check(ACCOUNT, None)
     assert not decision.allowed and decision.retry_after == 2.0
     clock.advance(1.5)
-    assert throttle.check(ACCOUNT, None).retry_after == pytest.approx(0.5)
+    assert (await throttle.check(ACCOUNT, None)).retry_after == pytest.approx(0.5)
     clock.advance(0.5)
-    assert throttle.check(ACCOUNT, None).allowed
+    assert (await throttle.check(ACCOUNT, None)).allowed
 
 
-def test_address_is_throttled_across_accounts() -> None:
+async def test_address_is_throttled_across_accounts(make: MakeThrottle) -> None:
     clock = Clock()
-    throttle = LoginThrottle(clock=clock)
+    throttle = make(clock=clock)
     for i in range(6):
-        fail_until_allowed(throttle, clock, f"account-{i:02d}".ljust(20, "x"), ADDRESS)
-    decision = throttle.check("a-fresh-account-key-0000", ADDRESS)
+        await fail_until_allowed(throttle, clock, f"account-{i:02d}".ljust(20, "x"), ADDRESS)
+    decision = await throttle.check("a-fresh-account-key-0000", ADDRESS)
     assert not decision.allowed and decision.retry_after == 4.0
-    assert throttle.check("a-fresh-account-key-0000", "c" * 64).allowed
+    assert (await throttle.check("a-fresh-account-key-0000", "c" * 64)).allowed
 
 
-def test_success_resets_the_account_but_not_the_address() -> None:
+async def test_success_resets_the_account_but_not_the_address(make: MakeThrottle) -> None:
     clock = Clock()
-    throttle = LoginThrottle(clock=clock)
+    throttle = make(clock=clock)
     for _ in range(6):
-        fail_until_allowed(throttle, clock, ACCOUNT, ADDRESS)
-    assert throttle.failures(ACCOUNT) == 6
-    throttle.record_success(ACCOUNT)
-    assert throttle.failures(ACCOUNT) == 0
-    assert throttle.check(ACCOUNT, None).allowed
-    assert not throttle.check(None, ADDRESS).allowed
+        await fail_until_allowed(throttle, clock, ACCOUNT, ADDRESS)
+    assert await throttle.failures(ACCOUNT) == 6
+    await throttle.record_success(ACCOUNT)
+    assert await throttle.failures(ACCOUNT) == 0
+    assert (await throttle.check(ACCOUNT, None)).allowed
+    assert not (await throttle.check(None, ADDRESS)).allowed
 
 
-def test_lockout_after_100_consecutive_failures() -> None:
+async def test_lockout_after_100_consecutive_failures(make: MakeThrottle) -> None:
     assert LOCKOUT_AFTER == 100
     clock = Clock()
-    throttle = LoginThrottle(clock=clock)
+    throttle = make(clock=clock)
     for _ in range(99):
-        fail_until_allowed(throttle, clock, ACCOUNT, None)
-    assert not throttle.is_locked(ACCOUNT)
-    fail_until_allowed(throttle, clock, ACCOUNT, None)
-    assert throttle.is_locked(ACCOUNT)
+        await fail_until_allowed(throttle, clock, ACCOUNT, None)
+    assert not await throttle.is_locked(ACCOUNT)
+    await fail_until_allowed(throttle, clock, ACCOUNT, None)
+    assert await throttle.is_locked(ACCOUNT)
     clock.advance(30 * 24 * 3600)  # a lockout does not wear off by itself
-    decision = throttle.check(ACCOUNT, None)
+    decision = await throttle.check(ACCOUNT, None)
     assert decision.locked and not decision.allowed
 
 
-def test_success_in_between_keeps_account_unlocked() -> None:
+async def test_success_in_between_keeps_account_unlocked(make: MakeThrottle) -> None:
     clock = Clock()
-    throttle = LoginThrottle(clock=clock)
+    throttle = make(clock=clock)
     for _ in range(99):
-        fail_until_allowed(throttle, clock, ACCOUNT, None)
-    throttle.record_success(ACCOUNT)
+        await fail_until_allowed(throttle, clock, ACCOUNT, None)
+    await throttle.record_success(ACCOUNT)
     for _ in range(99):
-        fail_until_allowed(throttle, clock, ACCOUNT, None)
-    assert not throttle.is_locked(ACCOUNT)
+        await fail_until_allowed(throttle, clock, ACCOUNT, None)
+    assert not await throttle.is_locked(ACCOUNT)
 
 
-def test_admin_unlock() -> None:
+async def test_admin_unlock(make: MakeThrottle) -> None:
     clock = Clock()
-    throttle = LoginThrottle(clock=clock, lockout_after=5)
+    throttle = make(clock=clock, lockout_after=5)
     for _ in range(5):
-        fail_until_allowed(throttle, clock, ACCOUNT, None)
-    assert throttle.is_locked(ACCOUNT)
-    throttle.unlock(ACCOUNT)
-    assert not throttle.is_locked(ACCOUNT)
-    assert throttle.check(ACCOUNT, None).allowed
+        await fail_until_allowed(throttle, clock, ACCOUNT, None)
+    assert await throttle.is_locked(ACCOUNT)
+    await throttle.unlock(ACCOUNT)
+    assert not await throttle.is_locked(ACCOUNT)
+    assert (await throttle.check(ACCOUNT, None)).allowed
 
 
 def test_lockout_threshold_cannot_exceed_100() -> None:
@@ -123,26 +163,27 @@ def test_lockout_threshold_cannot_exceed_100() -> None:
         LoginThrottle(lockout_after=0)
 
 
-def test_memory_is_bounded() -> None:
+async def test_memory_is_bounded() -> None:
     clock = Clock()
-    throttle = LoginThrottle(clock=clock, max_entries=50)
+    throttle = LoginThrottle(clock=clock, max_entries=50)  # memory only: Redis bounds itself by expiry
     for i in range(1000):
-        throttle.record_failure(f"acct{i:06d}".ljust(20, "0"), f"addr{i:06d}".ljust(20, "0"))
+        await throttle.record_failure(f"acct{i:06d}".ljust(20, "0"), f"addr{i:06d}".ljust(20, "0"))
     assert throttle.tracked() <= 100
     # The most recent keys are the ones kept.
-    assert throttle.failures("acct000999".ljust(20, "0")) == 1
-    assert throttle.failures("acct000000".ljust(20, "0")) == 0
+    assert await throttle.failures("acct000999".ljust(20, "0")) == 1
+    assert await throttle.failures("acct000000".ljust(20, "0")) == 0
 
 
-def test_idle_entries_are_forgotten() -> None:
+async def test_idle_entries_are_forgotten(make: MakeThrottle) -> None:
     clock = Clock()
-    throttle = LoginThrottle(clock=clock, forget_after=3600)
+    throttle = make(clock=clock, forget_after=3600)
     for _ in range(6):
-        fail_until_allowed(throttle, clock, ACCOUNT, ADDRESS)
+        await fail_until_allowed(throttle, clock, ACCOUNT, ADDRESS)
     clock.advance(3601)
-    assert throttle.check(ACCOUNT, ADDRESS).allowed
-    assert throttle.failures(ACCOUNT) == 0
-    assert throttle.tracked() == 0
+    assert (await throttle.check(ACCOUNT, ADDRESS)).allowed
+    assert await throttle.failures(ACCOUNT) == 0
+    if isinstance(throttle, LoginThrottle):
+        assert throttle.tracked() == 0
 
 
 def test_address_key_is_opaque_and_stable() -> None:
@@ -163,3 +204,21 @@ def test_address_key_groups_ipv6_by_64_and_unmaps_ipv4() -> None:
 def test_address_key_rejects_non_addresses() -> None:
     with pytest.raises(ValueError):
         address_key(SECRET, "not-an-ip")
+
+
+async def test_processes_sharing_redis_count_every_failure(redis_server: RedisServer) -> None:  # noqa: F811
+    """Two throttles on one Redis stand for two broker processes: spreading guesses over them gains
+    nothing, and 100 concurrent failures lock the account exactly as 100 in a row would."""
+    redis_server.ensure_running()
+    url = f"redis://127.0.0.1:{redis_server.port}/8"
+    one, two = RedisLoginThrottle(redis_client(url)), RedisLoginThrottle(redis_client(url))
+    account = os.urandom(16).hex()
+    try:
+        await asyncio.gather(*(t.record_failure(account, None) for t in [one, two] * 50))
+        assert await one.failures(account) == 100
+        assert (await two.check(account, None)).locked
+        await one.unlock(account)
+        assert not await two.is_locked(account)
+    finally:
+        for t in (one, two):
+            await t.redis.aclose(close_connection_pool=True)

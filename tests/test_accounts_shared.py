@@ -1,0 +1,86 @@
+"""Two broker processes on one Redis share therapist accounts, login sessions and login throttling.
+
+Both brokers run in this process with their own ``create_broker`` (their own Redis clients, as
+two processes would have) against a real redis-server, with one server secret between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+from aiohttp import ClientSession, DummyCookieJar
+
+from broker.account_rows_redis import RedisAccountRows
+from broker.throttle_redis import RedisLoginThrottle
+from broker.web_auth import LOGIN_COOKIE
+
+from .conftest import RunningBroker, start_broker
+from .redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+ORIGIN = "http://portal.test"
+PASSWORD = "harbour lantern meadow 2231"
+DB = 9
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def pair(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[tuple[RunningBroker, RunningBroker]]:  # noqa: F811
+    redis_server.ensure_running()
+    url = f"redis://127.0.0.1:{redis_server.port}/{DB}"
+    flusher = aioredis.Redis.from_url(url)
+    await flusher.flushdb()
+    await flusher.aclose()
+    secret = tmp_path / "server.secret"
+    secret.write_bytes(bytes(range(32)).hex().encode())
+    secret.chmod(0o600)
+    common: dict[str, Any] = {"redis_url": url, "secret_file": str(secret), "allowed_origins": (ORIGIN,)}
+    one = await start_broker(tmp_path / "one", **common)
+    two = await start_broker(tmp_path / "two", **common)
+    yield one, two
+    await one.stop()
+    await two.stop()
+
+
+async def post_login(http: ClientSession, broker: RunningBroker, password: str) -> tuple[int, dict[str, Any], str]:
+    async with http.post(
+        broker.url + "/api/login", json={"username": "casey", "password": password}, headers={"Origin": ORIGIN}
+    ) as r:
+        cookie = r.cookies.get(LOGIN_COOKIE)
+        return r.status, await r.json(), cookie.value if cookie else ""
+
+
+async def test_accounts_sessions_and_throttle_are_shared(pair: tuple[RunningBroker, RunningBroker]) -> None:
+    one, two = pair
+    assert isinstance(one.broker.accounts.rows, RedisAccountRows)
+    assert isinstance(two.broker.throttle, RedisLoginThrottle)
+    assert not (Path(one.config.data_dir) / "accounts.sqlite3").exists()
+    await one.broker.accounts.add("casey", PASSWORD)
+
+    async with ClientSession(cookie_jar=DummyCookieJar()) as http:
+        # Added through one process, logs in through the other; the session works on both.
+        status, body, cookie = await post_login(http, two, PASSWORD)
+        assert status == 200, body
+        for broker in (one, two):
+            async with http.get(broker.url + "/api/me", headers={"Cookie": f"{LOGIN_COOKIE}={cookie}"}) as r:
+                assert r.status == 200
+
+        # Failures spread over both processes are counted together: three are free, the fourth
+        # earns a delay, so the fifth attempt is refused whichever process it reaches.
+        answers = []
+        for i in range(5):
+            status, body, _ = await post_login(http, (one, two)[i % 2], "a wrong password, attempt %d" % i)
+            answers.append((status, body["error"]))
+        assert answers[:4] == [(401, "invalid_credentials")] * 4
+        assert answers[4] == (429, "too_many_attempts")
+        status, body, _ = await post_login(http, one, PASSWORD)
+        assert status == 429  # still waiting, even with the right password
+    account = await two.broker.accounts.get_by_username("casey")
+    assert account is not None
+    row = await two.broker.accounts.rows.by_id(account.id)
+    assert row is not None and row["failures"] == 4
