@@ -823,7 +823,8 @@ async function start() {
   state.csrf = me.csrf;
   state.idleMs = me.idle_s * 1000;
   $("who").textContent = `Logged in as ${me.therapist.display_name || me.therapist.username}`;
-  $("setup-2fa").hidden = me.therapist.totp_enabled;
+  $("setup-2fa").hidden = me.therapist.totp_enabled || me.therapist.passkeys > 0;
+  $("add-passkey").hidden = !me.passkeys_available || typeof window.PublicKeyCredential !== "function";
   $("logout").addEventListener("click", () => logout());
   $("create-form").addEventListener("submit", onCreate);
   defaultStart();

@@ -1,6 +1,8 @@
-// The therapist's login page: password (and second factor), then, when the practice
-// requires it or the therapist asks for it, setting up an authenticator app.
+// The therapist's login page: password (and second factor: a code or a passkey), then, when the
+// practice requires it or the therapist asks for it, setting up an authenticator app or a passkey.
 // Talks only to this origin's /api/ endpoints; no inline script, no other origin.
+
+import { createPasskey, passkeyProblem, passkeysSupported, usePasskey } from "./passkeys.js";
 
 const REASONS = {
   idle: "You were logged off because there was no activity for a while. Please log in again.",
@@ -9,6 +11,8 @@ const REASONS = {
 };
 
 let csrf = "";
+/** The passkey options of the last "second factor required" answer, until used. */
+let pendingPasskey = null;
 
 function $(id) {
   const node = document.getElementById(id);
@@ -73,18 +77,18 @@ async function onLogin(event) {
   submit.disabled = true;
   try {
     const { status, data } = await api("/api/login", body);
-    if (status === 200) {
-      form.password.value = "";
-      form.code.value = "";
-      csrf = data.csrf;
-      if (data.enrolment_required) await startEnrolment();
-      else goToDashboard();
-      return;
-    }
+    if (await loggedIn(status, data)) return;
     if (data.error === "second_factor_required") {
-      $("code-field").hidden = false;
+      const factors = data.factors || ["code"];
+      $("code-field").hidden = !factors.includes("code");
       error.textContent = data.message;
-      form.code.focus();
+      if (data.passkey && passkeysSupported()) {
+        pendingPasskey = data.passkey;
+        $("passkey-login").hidden = false;
+        await loginWithPasskey();
+      } else {
+        form.code.focus();
+      }
       return;
     }
     error.textContent = data.message || "Login failed. Try again.";
@@ -100,7 +104,82 @@ async function onLogin(event) {
   }
 }
 
-async function startEnrolment() {
+async function loggedIn(status, data) {
+  if (status !== 200) return false;
+  const form = $("login-form");
+  form.password.value = "";
+  form.code.value = "";
+  csrf = data.csrf;
+  if (data.enrolment_required) await startEnrolment(data.passkeys_available);
+  else goToDashboard();
+  return true;
+}
+
+async function loginWithPasskey() {
+  const form = $("login-form");
+  const error = $("login-error");
+  if (!pendingPasskey) {
+    form.requestSubmit();
+    return;
+  }
+  let assertion;
+  try {
+    assertion = await usePasskey(pendingPasskey);
+  } catch (err) {
+    error.textContent = passkeyProblem(err) + ($("code-field").hidden ? "" : " Or enter a code.");
+    $("passkey-login").focus();
+    return;
+  }
+  pendingPasskey = null;
+  const body = { username: form.username.value.trim(), password: form.password.value, passkey: assertion };
+  const { status, data } = await api("/api/login", body);
+  if (await loggedIn(status, data)) return;
+  error.textContent = data.message || "Login failed. Try again.";
+  if (data.error === "invalid_credentials") {
+    form.password.value = "";
+    form.password.focus();
+  }
+}
+
+async function addPasskey() {
+  const error = $("passkey-error");
+  const button = $("passkey-create");
+  error.textContent = "";
+  button.disabled = true;
+  try {
+    const options = await api("/api/passkeys/options", {});
+    if (options.status !== 200) {
+      error.textContent = options.data.message || "A passkey cannot be added right now.";
+      return;
+    }
+    let credential;
+    try {
+      credential = await createPasskey(options.data);
+    } catch (err) {
+      error.textContent = passkeyProblem(err);
+      return;
+    }
+    const { status, data } = await api("/api/passkeys", { credential });
+    if (status !== 200) {
+      error.textContent = data.message || "The passkey could not be added. Try again.";
+      return;
+    }
+    csrf = data.csrf;
+    if (data.recovery_codes) showRecoveryCodes(data.recovery_codes);
+    else goToDashboard();
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function showPasskeyScreen() {
+  showScreen("screen-passkey");
+}
+
+async function startEnrolment(passkeysAvailable = false) {
+  // Enrolment may be what the practice requires: the dashboard would only send the therapist back.
+  $("passkey-cancel").hidden = true;
+  $("enrol-passkey-offer").hidden = !(passkeysAvailable && passkeysSupported());
   showScreen("screen-enrol");
   const { status, data } = await api("/api/2fa/enrol", {});
   const loading = $("enrol-loading");
@@ -136,9 +215,13 @@ async function onConfirm(event) {
     return;
   }
   csrf = data.csrf;
+  showRecoveryCodes(data.recovery_codes);
+}
+
+function showRecoveryCodes(codes) {
   const list = $("recovery-codes");
   list.replaceChildren(
-    ...data.recovery_codes.map((c) => {
+    ...codes.map((c) => {
       const item = document.createElement("li");
       const text = document.createElement("code");
       text.textContent = c;
@@ -154,12 +237,20 @@ async function start() {
   $("login-form").addEventListener("submit", onLogin);
   $("enrol-form").addEventListener("submit", onConfirm);
   $("recovery-done").addEventListener("click", goToDashboard);
+  $("passkey-login").addEventListener("click", loginWithPasskey);
+  $("enrol-use-passkey").addEventListener("click", showPasskeyScreen);
+  $("passkey-create").addEventListener("click", addPasskey);
   const { status, data } = await api("/api/me").catch(() => ({ status: 0, data: {} }));
   if (status === 200) {
     csrf = data.csrf;
-    const wantsSetup = new URLSearchParams(location.search).get("setup") === "2fa";
-    if (data.enrolment_required || (wantsSetup && !data.therapist.totp_enabled)) {
-      await startEnrolment();
+    const setup = new URLSearchParams(location.search).get("setup");
+    if (setup === "passkey" && data.passkeys_available && passkeysSupported()) {
+      showPasskeyScreen();
+      $("passkey-cancel").hidden = data.enrolment_required;
+      return;
+    }
+    if (data.enrolment_required || (setup === "2fa" && !data.therapist.totp_enabled)) {
+      await startEnrolment(data.passkeys_available);
       return;
     }
     goToDashboard();
