@@ -49,7 +49,7 @@ def register(subparsers: Any) -> None:
     command("enable", "allow a disabled account to log in again")
     command("unlock", "clear a lockout after too many failed logins")
     command("reset-password", "set a new password (clears a lockout)", password=True)
-    command("reset-2fa", "forget the second factor and recovery codes (the therapist sets up a new one)")
+    command("reset-2fa", "forget the authenticator app, passkeys and recovery codes (the therapist sets up anew)")
 
 
 def run(args: argparse.Namespace, *, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
@@ -100,7 +100,9 @@ async def _list(store: AccountStore, args: argparse.Namespace, out: TextIO) -> i
                 "display_name": a.display_name,
                 "disabled": a.disabled,
                 "locked": a.locked,
-                "second_factor": a.totp_enabled,
+                "second_factor": a.totp_enabled or a.passkeys > 0,
+                "totp": a.totp_enabled,
+                "passkeys": a.passkeys,
                 "recovery_codes_left": a.recovery_codes_left,
                 "created_at": a.created_at,
             }
@@ -113,7 +115,8 @@ async def _list(store: AccountStore, args: argparse.Namespace, out: TextIO) -> i
         return 0
     for a in accounts:
         flags = [f for f, on in (("disabled", a.disabled), ("locked", a.locked)) if on]
-        factor = "2FA on" if a.totp_enabled else "2FA off"
+        factors = [f for f, on in (("app", a.totp_enabled), (f"{a.passkeys} passkey(s)", a.passkeys)) if on]
+        factor = f"2FA on ({', '.join(factors)})" if factors else "2FA off"
         shown = f" ({a.display_name})" if a.display_name else ""
         extra = f" [{', '.join(flags)}]" if flags else ""
         print(f"{a.id}  {a.username}{shown}  {factor}  since {a.created_at}{extra}", file=out)

@@ -29,14 +29,16 @@ from broker.config import Config, Keys, load_or_create_secret
 from broker.totp import code_at
 from broker.web_auth import accounts_path, audit_path
 
+from .redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
+
 REPO = Path(__file__).resolve().parents[1]
 COMMAND = [sys.executable, "-m", "broker"]
 CANARY = "Canary-cli-5b8e21d4-do-not-echo"
 OTHER = "second canary 9d0f7a63 passphrase"
 
 
-def cli(data_dir: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+def cli(data_dir: Path, *args: str, stdin: str = "", **env_extra: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")} | env_extra
     return subprocess.run(
         [*COMMAND, "therapist", *args, "--data-dir", str(data_dir)],
         input=stdin,
@@ -202,3 +204,25 @@ def test_run_directly_with_mismatched_typed_passwords(tmp_path: Path, monkeypatc
     assert cli_therapist.run(args, stdin=io.StringIO(CANARY + "\n"), out=out) == 0
     assert CANARY not in out.getvalue()
     assert login_ok(tmp_path / "data", "erin", CANARY)
+
+
+def test_with_redis_configured_accounts_go_to_redis(tmp_path: Path, redis_server: RedisServer) -> None:  # noqa: F811
+    """The admin's commands reach the accounts every broker process uses, not a local file."""
+    redis_server.ensure_running()
+    url = f"redis://127.0.0.1:{redis_server.port}/10"
+    import redis
+
+    redis.Redis.from_url(url).flushdb()
+    data_one, data_two = tmp_path / "one", tmp_path / "two"
+    data_one.mkdir()
+    data_two.mkdir()
+    secret = tmp_path / "server.secret"
+    secret.write_text(os.urandom(32).hex())
+    secret.chmod(0o600)
+    env = {"BROKER_REDIS_URL": url, "BROKER_SECRET_FILE": str(secret)}
+    added = cli(data_one, "add", "robin", "--password-stdin", stdin=CANARY + "\n", **env)
+    assert added.returncode == 0, added.stderr
+    listed = cli(data_two, "list", "--json", **env)  # another machine's data dir, same Redis
+    assert [r["username"] for r in json.loads(listed.stdout)] == ["robin"]
+    assert not (data_one / "accounts.sqlite3").exists() and not (data_two / "accounts.sqlite3").exists()
+    assert json.loads(cli(data_one, "list", "--json").stdout) == []  # without Redis: the local file
