@@ -289,6 +289,30 @@ def test_redis_on_kubernetes_keeps_nothing_on_disk(k8s_objects: list[dict[str, A
     assert all("persistentVolumeClaim" not in volume for volume in pod["volumes"])
 
 
+def test_accounts_redis_persists_and_only_brokers_reach_it(k8s_objects: list[dict[str, Any]]) -> None:
+    """Accounts are durable: their Redis keeps an append-only file on a claimed volume."""
+    stateful = _object(k8s_objects, "StatefulSet", "redis-accounts")
+    command = " ".join(stateful["spec"]["template"]["spec"]["containers"][0]["command"])
+    assert "--appendonly yes" in command and "--dir /data" in command
+    assert stateful["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "accounts"
+    policy = _object(k8s_objects, "NetworkPolicy", "redis-accounts-from-broker-only")
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "redis-accounts"}
+    container = _object(k8s_objects, "Deployment", "broker")["spec"]["template"]["spec"]["containers"][0]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["BROKER_ACCOUNTS_REDIS_URL"] == "redis://:$(REDIS_PASSWORD)@redis-accounts:6379/0"
+
+
+def test_compose_accounts_redis_persists_on_its_own_volume(compose_config: dict[str, Any]) -> None:
+    redis = compose_config["services"]["redis-accounts"]
+    command = " ".join(redis["entrypoint"])
+    assert "--appendonly yes" in command and "--dir /data" in command
+    assert any(str(v).startswith("accounts-redis:") or (isinstance(v, dict) and v.get("source") == "accounts-redis")
+               for v in redis["volumes"])
+    assert "ports" not in redis and list(redis["networks"]) == ["back"]
+    env = compose_config["services"]["broker1"]["environment"]
+    assert "@redis-accounts:6379" in env["BROKER_ACCOUNTS_REDIS_URL"]
+
+
 def test_coturn_on_kubernetes_uses_the_production_config(k8s_objects: list[dict[str, Any]]) -> None:
     pod = dict(_pod_specs(k8s_objects))["coturn"]
     assert pod["hostNetwork"] is True
