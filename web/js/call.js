@@ -544,11 +544,12 @@ export class Call {
 
   #maintain() {
     if (this.#closed) return;
-    for (const peer of this.#infos.keys()) {
+    for (const [peer, info] of this.#infos) {
       const link = this.#links.get(peer);
       const age = link ? Date.now() - link.createdAt : 0;
       const stuck = link && !link.awaitingAnswer && ["new", "connecting"].includes(link.pc.connectionState) && age > CONNECT_WAIT_MS;
-      if (link && ((link.badSince && Date.now() - link.badSince > DISCONNECTED_GRACE_MS) || stuck)) this.#heal(link);
+      const bad = link && ((link.badSince && Date.now() - link.badSince > DISCONNECTED_GRACE_MS) || stuck);
+      if (bad && info.connected) this.#heal(link); // a peer away from the broker could not answer
       this.#ensure(peer);
       if (link && !link.closed) this.#collectStats(link);
     }
