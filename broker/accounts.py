@@ -408,7 +408,9 @@ class AccountStore:
         changes: Row = {"passkeys_enc": sealed}
         if not kept and row["totp_secret_enc"] is None:
             changes["recovery_hashes"] = "[]"
-        return await self.rows.update(therapist_id, changes, expect={"passkeys_enc": row["passkeys_enc"]})
+        if not await self.rows.update(therapist_id, changes, expect={"passkeys_enc": row["passkeys_enc"]}):
+            raise AccountError("The account changed at the same time; please try again.")
+        return True
 
     async def passkey_used(self, therapist_id: str, credential_id: str, sign_count: int) -> bool:
         """Record a credential's new signature counter after a verified assertion (compare-and-set)."""
@@ -477,6 +479,10 @@ class AccountStore:
     async def finish_login(self, therapist_id: str, password: str, reason: str = OK) -> LoginResult:
         """Complete a login whose second factor was checked elsewhere (a passkey assertion)."""
         return await self._succeed(await self._require(therapist_id), password, reason)
+
+    async def clear_failures(self, therapist_id: str) -> None:
+        """A second step succeeded: the consecutive-failure count starts again (a lock stays)."""
+        await self.rows.update(therapist_id, {"failures": 0}, expect={"locked": 0})
 
     async def count_failure(self, therapist_id: str) -> None:
         """A failed second step counts towards the lockout like a wrong password."""

@@ -35,13 +35,14 @@ from typing import Any, Annotated
 import msgspec
 import segno
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from . import accounts as acc
 from . import passkeys, totp
 from .accounts import AccountStore
 from .audit import AuditEvent, AuditLog, AuditOutcome
 from .config import Config, Keys
-from .store import Store
+from .store import Store, StoreUnavailable
 from .passkeys import PasskeyError, RelyingParty
 from .throttle import Throttle, address_key
 
@@ -327,7 +328,17 @@ def csrf_middleware(config: Config) -> Callable[[web.Request, Handler], Awaitabl
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith("/api/") and request.method not in _SAFE_METHODS:
+        if not request.path.startswith("/api/"):
+            return await handler(request)
+        try:
+            return await guarded(request, handler)
+        except (StoreUnavailable, RedisError, ConnectionError, TimeoutError):
+            # The session store, or the Redis holding accounts and login counters, is away.
+            log.warning("event=api_unavailable")
+            return json_error(503, "unavailable", "The service is briefly unavailable. Try again shortly.")
+
+    async def guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method not in _SAFE_METHODS:
             origin = request.headers.get("Origin")
             if not origin or origin not in allowed:
                 log.info("event=csrf_refused reason=origin")
@@ -411,7 +422,15 @@ async def _second_factor_required(auth: WebAuth, username: str, account_key: str
         await passkeys.keep_challenge(auth.store, "login:" + account_key, challenge)
         extra["passkey"] = {"publicKey": options}
         factors.insert(0, "passkey")
-    message = "Use your passkey, or enter a code." if extra else "Enter the code from your authenticator app."
+    if extra:
+        message = "Use your passkey, or enter a code." if factors[1:] else "Use your passkey."
+    elif factors:
+        message = "Enter the code from your authenticator app (or a recovery code)."
+    else:  # passkeys only, on an address where browsers refuse them
+        message = (
+            "Your account uses a passkey, which does not work at this address. Open the broker by its name, "
+            "or ask your administrator."
+        )
     return json_error(401, "second_factor_required", message, factors=factors, **extra)
 
 
@@ -539,13 +558,21 @@ async def api_confirm(request: web.Request) -> web.Response:
     body: ConfirmRequest = await read_json(request, ConfirmRequest)
     throttle_key = "2fa-confirm:" + session.therapist
     decision = await auth.throttle.check(throttle_key, None)
+    account = await auth.accounts.get(session.therapist)
+    if decision.locked and account is not None and not account.locked:
+        # An administrator unlocked the account (the durable record): lift this counter too.
+        await auth.throttle.unlock(throttle_key)
+        decision = await auth.throttle.check(throttle_key, None)
     if not decision.allowed:
         return await _throttled(auth, decision.locked, decision.retry_after)
     codes = await auth.accounts.confirm_totp(session.therapist, body.code)
     if codes is None:
         await auth.throttle.record_failure(throttle_key, None)
+        # Guessing codes with a known password counts towards the account's durable lockout.
+        await auth.accounts.count_failure(session.therapist)
         return json_error(400, "invalid_code", "That code did not match. Check the time on your phone and try again.")
     await auth.throttle.record_success(throttle_key)
+    await auth.accounts.clear_failures(session.therapist)
     await auth.record(AuditEvent.SECOND_FACTOR_CHANGED, session.therapist)
     # New privileges, new id: the enrolment-only session ends here.
     await auth.destroy(session.id)

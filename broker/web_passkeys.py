@@ -106,14 +106,21 @@ async def api_remove(request: web.Request) -> web.Response:
     body: RemoveRequest = await read_json(request, RemoveRequest)
     account = await auth.accounts.get(session.therapist)
     assert account is not None
-    last_factor = not account.totp_enabled and account.passkeys <= 1
+    stored = await auth.accounts.passkeys(session.therapist)
+    if not any(c["id"] == body.id for c in stored):
+        return json_error(404, "not_found", "No such passkey on your account.")
+    last_factor = not account.totp_enabled and len(stored) <= 1
     if last_factor and auth.policy.require_second_factor:
         return json_error(
             409,
             "second_factor_required",
             "Your practice requires a second factor: add another passkey or an authenticator app first.",
         )
-    if not await auth.accounts.remove_passkey(session.therapist, body.id):
+    try:
+        removed = await auth.accounts.remove_passkey(session.therapist, body.id)
+    except AccountError as exc:
+        return json_error(409, "conflict", str(exc))
+    if not removed:
         return json_error(404, "not_found", "No such passkey on your account.")
     log.info("event=passkey_removed")
     await auth.record(AuditEvent.SECOND_FACTOR_CHANGED, session.therapist)

@@ -84,3 +84,27 @@ async def test_accounts_sessions_and_throttle_are_shared(pair: tuple[RunningBrok
     assert account is not None
     row = await two.broker.accounts.rows.by_id(account.id)
     assert row is not None and row["failures"] == 4
+
+
+async def test_redis_away_answers_503_on_every_api_route(tmp_path: Path) -> None:
+    """With the Redis down, the login API says "briefly unavailable" (JSON 503), never a 500."""
+    dead = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    running = await start_broker(tmp_path, redis_url=dead, allowed_origins=(ORIGIN,))
+    try:
+        async with ClientSession(cookie_jar=DummyCookieJar()) as http:
+            calls = [
+                ("POST", "/api/login", {"username": "casey", "password": PASSWORD}),
+                ("POST", "/api/logout", {}),
+                ("POST", "/api/2fa/enrol", {}),
+                ("POST", "/api/passkeys/options", {}),
+                ("POST", "/api/sessions", {}),
+                ("GET", "/api/me", None),
+                ("GET", "/api/sessions", None),
+            ]
+            for method, path, body in calls:
+                headers = {"Origin": ORIGIN, "Cookie": f"{LOGIN_COOKIE}=some-old-session-id"}
+                async with http.request(method, running.url + path, json=body, headers=headers) as r:
+                    assert r.status == 503, (method, path, r.status, await r.text())
+                    assert (await r.json())["error"] == "unavailable"
+    finally:
+        await running.stop()

@@ -471,6 +471,31 @@ async def test_policy_can_require_a_second_factor_for_everyone(make_harness: Any
     assert h.audit_events() == ["second_factor_changed", "login_success"]
 
 
+async def test_guessing_enrolment_codes_locks_the_account_until_an_admin_unlocks_it(make_harness: Any) -> None:
+    """Someone with the password cannot guess confirmation codes forever: the guesses count towards
+    the durable lockout, and the administrator's unlock lifts the confirmation lock as well."""
+    h = await make_harness(require_second_factor=True)
+    tid = await h.accounts.add("robin", PASSWORD)
+    partial = await h.login("robin")
+    cookie, csrf = login_cookie(partial), partial.json()["csrf"]
+    assert (await h.request("POST", "/api/2fa/enrol", json={}, cookie=cookie, csrf=csrf)).status == 200
+    answers = []
+    for _ in range(LOCKOUT):
+        h.clock.advance(61)  # wait out the growing delay: only the count matters here
+        reply = await h.request("POST", "/api/2fa/confirm", json={"code": "000000"}, cookie=cookie, csrf=csrf)
+        answers.append(reply.status)
+    assert answers == [400] * LOCKOUT
+    h.clock.advance(61)
+    locked = await h.request("POST", "/api/2fa/confirm", json={"code": "000000"}, cookie=cookie, csrf=csrf)
+    assert locked.status == 429 and locked.json()["error"] == "locked"
+    assert (await h.accounts.get(tid)).locked  # type: ignore[union-attr]
+    assert (await h.login("robin")).status in (401, 429)  # the password alone no longer gets in either
+
+    await h.accounts.unlock(tid)  # what `broker therapist unlock` does
+    retry = await h.request("POST", "/api/2fa/confirm", json={"code": "000000"}, cookie=cookie, csrf=csrf)
+    assert retry.status == 400 and retry.json()["error"] == "invalid_code"
+
+
 # ---------------------------------------------------------------- nothing secret is kept
 
 

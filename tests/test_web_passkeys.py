@@ -165,6 +165,10 @@ async def test_required_second_factor_can_be_a_passkey(make_harness: Any) -> Non
     assert full != cookie  # new privileges, new session id
     assert (await h.request("GET", "/api/me", cookie=cookie)).status == 401
     assert (await h.request("GET", "/api/protected", cookie=full)).status == 200
+    unknown = await h.request(
+        "POST", "/api/passkeys/remove", json={"id": "not-a-passkey"}, cookie=full, csrf=reply.json()["csrf"]
+    )
+    assert unknown.status == 404  # an unknown id is "not found", whatever the policy
     # The only second factor cannot be removed while the practice requires one.
     removal = await h.request(
         "POST", "/api/passkeys/remove", json={"id": reply_id(key)}, cookie=full, csrf=reply.json()["csrf"]
