@@ -8,8 +8,9 @@
 // messages (mute and camera state) that never pass through the broker. The
 // safety code is derived from both DTLS fingerprints once both descriptions
 // are set. Lost connections heal themselves: the offerer restarts ICE on the
-// same connection, the answerer asks for a new offer (`renegotiate`), and a
-// peer that reloaded its page gets a fresh connection.
+// same connection (so the safety code stays), the answerer asks it to
+// (`renegotiate`), and a peer that reloaded its page gets a fresh connection
+// (its answer comes from another DTLS fingerprint, or ours saw DTLS close).
 
 import { InterceptionError, SdpAuthenticator, Trust, fingerprintOf, safetyCode } from "./e2ee.js";
 import { announce, el, fill, setPressed } from "./ui.js";
