@@ -117,7 +117,7 @@ def new_session(
         state=SessionState.SCHEDULED,
         created=now,
         starts=starts,
-        not_before=min(now, starts - early_s),
+        not_before=max(now, starts - early_s),
         expires=expires,
         seats=seats,
         ice_transport_policy="relay" if relay_only else "all",

@@ -38,7 +38,7 @@ def to_waiting(session: sm.Session, seat: str) -> None:
 def test_new_session_window_and_seats() -> None:
     s = fresh(clients=3, minors=1)
     assert s.state is SessionState.SCHEDULED
-    assert s.not_before == NOW + 600 - sm.DEFAULT_EARLY_S
+    assert s.not_before == NOW  # starts within 30 minutes: the links work from creation
     assert s.expires == NOW + 600 + 3000 + sm.DEFAULT_GRACE_S
     assert [seat.role for seat in s.seats] == [Role.THERAPIST, Role.CLIENT, Role.CLIENT, Role.CLIENT]
     assert [seat.minor for seat in s.clients()] == [True, False, False]
@@ -228,3 +228,10 @@ def test_expiry() -> None:
     assert sm.expire(s, s.expires - 1) is False and s.state is SessionState.SCHEDULED
     assert sm.expire(s, s.expires) is True and s.state is SessionState.ENDED
     assert sm.expire(s, s.expires + 10) is False
+
+
+def test_links_for_a_later_appointment_open_thirty_minutes_before_it() -> None:
+    """A link sent days ahead works from 30 minutes before the appointment, not from when it was made."""
+    day = 24 * 3600
+    s = sm.new_session("S" * 22, now=NOW, starts=NOW + 2 * day, duration_s=3000, clients=1)
+    assert s.not_before == NOW + 2 * day - sm.DEFAULT_EARLY_S
