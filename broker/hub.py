@@ -14,6 +14,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
 
@@ -104,7 +105,13 @@ def decode_record(raw: bytes) -> Session:
 class Transport(Protocol):
     """What the hub needs from a WebSocket."""
 
-    async def send_text(self, data: str) -> None: ...
+    def write_now(self, data: bytes) -> bool:
+        """Write ``data`` (UTF-8 JSON) as a text frame at once; False when the socket is paused or closing."""
+        ...
+
+    async def send_text(self, data: bytes) -> None:
+        """Write ``data`` (UTF-8 JSON) as a text frame, waiting while the socket is paused."""
+        ...
 
     async def close(self, code: int, reason: str) -> None: ...
 
@@ -182,9 +189,15 @@ class TokenBucket:
         return self.refused > 4 * self.burst
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Connection:
-    """One WebSocket held by this process, with its bounded outgoing queue."""
+    """One WebSocket held by this process.
+
+    Messages go straight to the socket while nothing waits; only when the socket
+    is paused (the peer reads slower than we write) do they wait in a bounded
+    queue drained by a writer task. An idle connection holds neither, so ten
+    thousand of them stay small; a peer whose queue fills is closed (4009).
+    """
 
     transport: Transport
     limits: Limits
@@ -194,48 +207,66 @@ class Connection:
     peer_id: str | None = None
     role: Role | None = None
     closed: bool = False
-    queue: asyncio.Queue[tuple[bytes, int | None]] = field(init=False)
     bucket: TokenBucket = field(init=False)
+    #: Messages waiting for the socket, oldest first (made when the first one has to wait).
+    pending: deque[tuple[bytes, int | None]] | None = None
+    #: The task writing ``pending``; None whenever nothing waits.
     writer: asyncio.Task[None] | None = None
     deadline: asyncio.TimerHandle | None = None
     #: The highest relayed ``seq`` handed to this connection (to resend what a bus outage dropped).
     last_seq: int = 0
     #: While a replay reads the resume buffer, live relayed messages wait here, so order holds.
     replaying: bool = False
-    held: list[Envelope] = field(default_factory=list)
+    held: list[Envelope] | None = None
 
     def __post_init__(self) -> None:
-        self.queue = asyncio.Queue(self.limits.send_queue_limit)
         self.bucket = TokenBucket(self.limits.rate_per_s, self.limits.rate_burst)
 
     @property
     def joined(self) -> bool:
         return self.peer_id is not None
 
+    @property
+    def flushed(self) -> bool:
+        """Nothing waits to be written."""
+        return self.writer is None
+
     def deliver(self, data: bytes, close: int | None = None) -> None:
-        """Queue a message; a peer that cannot keep up is closed, nobody else waits."""
+        """Send a message, in order; a peer that cannot keep up is closed, nobody else waits."""
         if self.closed:
             return
-        try:
-            self.queue.put_nowait((data, close))
-        except asyncio.QueueFull:
+        if close is None and data and self.writer is None and self.transport.write_now(data):
+            return
+        pending = self.pending
+        if pending is None:
+            pending = self.pending = deque()
+        if len(pending) >= self.limits.send_queue_limit:
             self.closed = True
+            self.pending = None
             log.info("event=slow_consumer_closed conn=%s", self.id)
             asyncio.get_running_loop().create_task(self.transport.close(CLOSE_TOO_SLOW, "too slow"))
+            return
+        pending.append((data, close))
+        if self.writer is None:
+            self.writer = asyncio.get_running_loop().create_task(self._write_pending())
 
-    async def write_loop(self) -> None:
-        while True:
-            data, close = await self.queue.get()
-            try:
+    async def _write_pending(self) -> None:
+        """Write what waits, then end: the next message may go straight to the socket again."""
+        try:
+            while self.pending:
+                data, close = self.pending.popleft()
                 if data:
-                    await self.transport.send_text(data.decode())
+                    await self.transport.send_text(data)
                 if close is not None:
                     self.closed = True
                     await self.transport.close(close, "")
                     return
-            except (ConnectionError, RuntimeError):
-                self.closed = True
-                return
+        except (ConnectionError, RuntimeError):
+            self.closed = True
+        finally:
+            self.writer = None
+            if self.closed:
+                self.pending = None
 
 
 class Hub:
@@ -348,7 +379,6 @@ class Hub:
     def open(self, transport: Transport) -> Connection:
         conn = Connection(transport, self.limits)
         self.connections[conn.id] = conn
-        conn.writer = asyncio.get_running_loop().create_task(conn.write_loop())
         conn.deadline = asyncio.get_running_loop().call_later(self.limits.auth_deadline_s, self._auth_deadline, conn)
         return conn
 
@@ -398,6 +428,7 @@ class Hub:
             conn.deadline.cancel()
         if conn.writer:
             conn.writer.cancel()
+        conn.pending = None
         if not conn.joined:
             return
         assert conn.session_id and conn.peer_id
@@ -526,7 +557,7 @@ class Hub:
         try:
             entries = await self.store.read_since(mailbox_key(session_id, peer), after)
         finally:
-            held, conn.held, conn.replaying = conn.held, [], False
+            held, conn.held, conn.replaying = conn.held or [], None, False
         conn.last_seq = max(conn.last_seq, after)
         for seq, data in entries:
             if seq > conn.last_seq:
@@ -728,7 +759,7 @@ class Hub:
         for conn in list(self.connections.values()):
             conn.deliver(notice, CLOSE_RESTART)
         for _ in range(100):
-            if all(c.queue.empty() for c in self.connections.values()):
+            if all(c.flushed for c in self.connections.values()):
                 break
             await asyncio.sleep(0.02)
         for task in list(self._tasks):
@@ -802,6 +833,8 @@ class Hub:
                 targets = list(self._by_session.get(session_id, ()))
             for conn in targets:
                 if envelope.seq is not None and conn.replaying:
+                    if conn.held is None:
+                        conn.held = []
                     conn.held.append(envelope)
                     continue
                 if envelope.seq is not None:

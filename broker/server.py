@@ -226,11 +226,33 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 class _AiohttpTransport:
+    """The hub's view of one aiohttp WebSocket (frames are never compressed: ``compress=False``)."""
+
+    __slots__ = ("ws",)
+
     def __init__(self, ws: web.WebSocketResponse) -> None:
         self.ws = ws
 
-    async def send_text(self, data: str) -> None:
-        await self.ws.send_str(data)
+    def write_now(self, data: bytes) -> bool:
+        """Hand the frame to the socket in this very step, as ``send_frame`` would, unless that would wait.
+
+        Uses the frame writer of aiohttp (3.11+) directly: ``send_frame`` is a coroutine
+        only so that it can wait for a paused socket, and here we never wait: a paused or
+        closing socket answers False and the hub queues the message instead.
+        """
+        writer = self.ws._writer
+        if writer is None or self.ws.closed or writer._closing:
+            return False
+        if writer.protocol._paused or writer.transport.is_closing():
+            return False
+        try:
+            writer._write_websocket_frame(data, WSMsgType.TEXT, 0)
+        except (ConnectionError, RuntimeError):
+            return False
+        return True
+
+    async def send_text(self, data: bytes) -> None:
+        await self.ws.send_frame(data, WSMsgType.TEXT)
 
     async def close(self, code: int, reason: str) -> None:
         await self.ws.close(code=code, message=reason.encode())

@@ -460,3 +460,72 @@ async def test_a_preflight_offer_with_media_is_refused(broker: RunningBroker) ->
     finally:
         await pc.close()
         await client.close()
+
+
+# ---------------------------------------------------------------- writing to peers
+
+
+def _small_receive_buffer(addr_info: Any) -> Any:
+    """A client socket with a tiny receive buffer, so what it does not read backs up into the broker."""
+    import socket
+
+    family, kind, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=kind, proto=proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return sock
+
+
+async def test_messages_keep_their_order_when_a_slow_reader_makes_them_wait(tmp_path) -> None:  # noqa: ANN001
+    """Messages go straight to the socket until it is paused, then wait in the queue: the
+    reader still gets every one, once, in order, and direct writing resumes once it caught up."""
+    from .conftest import start_broker
+
+    running = await start_broker(tmp_path, rate_per_s=1e6, rate_burst=1_000_000, send_queue_limit=100_000)
+    hub = running.hub
+    links = await schedule(running)
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(socket_factory=_small_receive_buffer))
+    client: BrokerClient | None = None
+    try:
+        before = set(hub.connections)
+        ws = await http.ws_connect(running.url + "/ws", origin=running.url, max_msg_size=0)
+        [conn_id] = set(hub.connections) - before
+        therapist = RawPeer(ws, http)
+        joined = await therapist.join(links.tokens[(await record_of(running, links.session)).therapist().id])
+        assert joined["type"] == "joined"
+        client = await waiting_client(links)
+        await therapist.send(type="admit", peer=client.peer_id)
+        await therapist.recv_type("peers")
+        # From here on the therapist reads nothing until the client has sent everything.
+        count, padding = 300, "a=x-pad:" + "p" * 40_000 + "\r\n"
+        for n in range(count):
+            await client.send_raw(json.dumps({"type": "answer", "to": therapist_id(joined), "sdp": f"v=0\r\na=x-n:{n}\r\n{padding}"}))
+        await client.send_raw('{"type":"ping","n":77}')
+        await client.expect(type(_pong()), where=lambda m: m.n == 77)
+        # 12 MB cannot all sit in the socket buffers: some of it waits in the broker's queue.
+        assert not hub.connections[conn_id].flushed
+        numbers, seqs = [], []
+        while len(numbers) < count:
+            message = await therapist.recv(timeout=30)
+            if message["type"] == "answer":
+                numbers.append(int(message["sdp"].split("a=x-n:")[1].split("\r\n")[0]))
+                seqs.append(message["seq"])
+        assert numbers == list(range(count))
+        assert seqs == list(range(seqs[0], seqs[0] + count))
+        for _ in range(500):
+            if hub.connections[conn_id].flushed:
+                break
+            await asyncio.sleep(0.01)
+        assert hub.connections[conn_id].flushed and not hub.connections[conn_id].closed
+        await client.send_raw(json.dumps({"type": "candidate", "to": therapist_id(joined), "candidate": "last"}))
+        last = await therapist.recv_type("candidate")
+        assert last["candidate"] == "last" and last["seq"] == seqs[-1] + 1
+    finally:
+        if client is not None:
+            await client.close()
+        await http.close()
+        await running.stop()
+
+
+def therapist_id(joined: dict[str, Any]) -> str:
+    return str(joined["peer"])
+
