@@ -14,7 +14,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
 
@@ -85,6 +85,8 @@ CLOSE_FLOOD = 4029
 
 #: Relayed messages kept per recipient for a peer that reconnects (the newest ones).
 RESUME_MAX = 128
+#: Decoded session records kept per process, the most recently used (a miss costs one msgpack decode).
+DECODED_MAX = 1024
 
 
 def mailbox_key(session_id: str, peer_id: str) -> str:
@@ -299,7 +301,7 @@ class Hub:
         self._by_peer: dict[tuple[str, str], Connection] = {}
         self._by_session: dict[str, set[Connection]] = {}
         self._expiry_timers: dict[str, asyncio.TimerHandle] = {}
-        self._decoded: dict[str, tuple[bytes, Session]] = {}
+        self._decoded: OrderedDict[str, tuple[bytes, Session]] = OrderedDict()
         self._bus_handlers: dict[str, Callable[[Envelope], None]] = {}
         self._preflights: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -888,11 +890,17 @@ class Hub:
     # ------------------------------------------------------------ store access
 
     def _decode(self, session_id: str, raw: bytes) -> Session:
-        cached = self._decoded.get(session_id)
+        """The record decoded, from a small cache of the recently used ones when it has not changed."""
+        decoded = self._decoded
+        cached = decoded.get(session_id)
         if cached is not None and (cached[0] is raw or cached[0] == raw):
+            decoded.move_to_end(session_id)
             return cached[1]
         session = decode_record(raw)
-        self._decoded[session_id] = (raw, session)
+        decoded[session_id] = (raw, session)
+        decoded.move_to_end(session_id)
+        if len(decoded) > DECODED_MAX:
+            decoded.popitem(last=False)
         return session
 
     async def _load(self, session_id: str) -> Session:
