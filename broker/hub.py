@@ -11,6 +11,7 @@ locally, so peers of one session may sit on different broker processes.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import secrets
 import time
@@ -85,6 +86,9 @@ CLOSE_FLOOD = 4029
 
 #: Relayed messages kept per recipient for a peer that reconnects (the newest ones).
 RESUME_MAX = 128
+#: A session's end is handled this long before its ``expires``, while its record is still in the
+#: store (the record's TTL ends at ``expires``; a check after that would find nothing to end).
+EXPIRY_LEAD_S = 1.0
 #: Decoded session records kept per process, the most recently used (a miss costs one msgpack decode).
 DECODED_MAX = 1024
 
@@ -300,7 +304,12 @@ class Hub:
         # Local routing: seat -> connection, and the connections per session.
         self._by_peer: dict[tuple[str, str], Connection] = {}
         self._by_session: dict[str, set[Connection]] = {}
-        self._expiry_timers: dict[str, asyncio.TimerHandle] = {}
+        # Expiry of the sessions with a local connection: when each is due, a heap of
+        # (due, session) with stale entries skipped, and one loop timer for the earliest.
+        self._expiry_due: dict[str, float] = {}
+        self._expiry_heap: list[tuple[float, str]] = []
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        self._expiry_timer_at = 0.0
         self._decoded: OrderedDict[str, tuple[bytes, Session]] = OrderedDict()
         self._bus_handlers: dict[str, Callable[[Envelope], None]] = {}
         self._preflights: dict[tuple[str, str], asyncio.Future[None]] = {}
@@ -746,9 +755,9 @@ class Hub:
         await self._audit("session_ended", actor, session_id, reason)
 
     async def expire_due(self, session_id: str) -> None:
-        """Called when a session's window closes."""
+        """Called when a session's window closes (``EXPIRY_LEAD_S`` early, while its record still exists)."""
         try:
-            _, ended = await self._mutate(session_id, lambda s: sm.expire(s, self.clock()))
+            _, ended = await self._mutate(session_id, lambda s: sm.expire(s, self.clock() + EXPIRY_LEAD_S))
         except (ProtocolError, StoreUnavailable):
             return
         if ended:
@@ -865,10 +874,7 @@ class Hub:
             await self.bus.subscribe(sid, handler)
             session = await self.get_session(sid)
             if session is not None:
-                delay = max(0.0, session.expires - self.clock())
-                self._expiry_timers[sid] = asyncio.get_running_loop().call_later(
-                    delay, lambda: self._spawn(self.expire_due(sid))
-                )
+                self._schedule_expiry(sid, float(session.expires))
 
     async def _drop_local(self, conn: Connection) -> None:
         sid = conn.session_id or ""
@@ -882,10 +888,44 @@ class Hub:
         handler = self._bus_handlers.pop(sid, None)
         if handler is not None:
             await self.bus.unsubscribe(sid, handler)
-        timer = self._expiry_timers.pop(sid, None)
-        if timer is not None:
-            timer.cancel()
+        self._expiry_due.pop(sid, None)  # its heap entry is skipped when it comes up
         self._decoded.pop(sid, None)
+
+    # ------------------------------------------------------------ expiry
+
+    def _schedule_expiry(self, session_id: str, expires: float) -> None:
+        """End the session when it expires (wall clock), unless its last local connection goes first."""
+        due = expires - EXPIRY_LEAD_S
+        self._expiry_due[session_id] = due
+        heapq.heappush(self._expiry_heap, (due, session_id))
+        if len(self._expiry_heap) > 2 * len(self._expiry_due) + 64:
+            self._expiry_heap = [(d, sid) for sid, d in self._expiry_due.items()]
+            heapq.heapify(self._expiry_heap)
+        self._arm_expiry_timer()
+
+    def _arm_expiry_timer(self) -> None:
+        """One loop timer, for the earliest due session (a timer per session costs memory per session)."""
+        if not self._expiry_heap:
+            return
+        due = self._expiry_heap[0][0]
+        if self._expiry_timer is not None:
+            if self._expiry_timer_at <= due:
+                return
+            self._expiry_timer.cancel()
+        self._expiry_timer_at = due
+        delay = max(0.0, due - self.clock())
+        self._expiry_timer = asyncio.get_running_loop().call_later(delay, self._expiry_timer_fired)
+
+    def _expiry_timer_fired(self) -> None:
+        self._expiry_timer = None
+        now = self.clock()
+        heap = self._expiry_heap
+        while heap and heap[0][0] <= now:
+            due, sid = heapq.heappop(heap)
+            if self._expiry_due.get(sid) == due:
+                del self._expiry_due[sid]
+                self._spawn(self.expire_due(sid))
+        self._arm_expiry_timer()
 
     # ------------------------------------------------------------ store access
 

@@ -529,3 +529,42 @@ async def test_messages_keep_their_order_when_a_slow_reader_makes_them_wait(tmp_
 def therapist_id(joined: dict[str, Any]) -> str:
     return str(joined["peer"])
 
+
+async def test_a_session_ends_when_its_window_closes_and_others_go_on(tmp_path) -> None:  # noqa: ANN001
+    """One timer serves every session's expiry: the one that is due ends (4010, no key left), a later one
+    stays open, and one whose peers all left before its end is simply forgotten."""
+    from broker.hub import CLOSE_ENDED
+    from broker.session import DEFAULT_GRACE_S
+
+    from .conftest import start_broker
+
+    running = await start_broker(tmp_path)
+    hub = running.hub
+    now = int(time.time())
+    soon, tokens_soon = await hub.create_session(starts=now - 300 - DEFAULT_GRACE_S + 2, duration_s=300)
+    left, tokens_left = await hub.create_session(starts=now - 300 - DEFAULT_GRACE_S + 1, duration_s=300)
+    later, tokens_later = await hub.create_session(duration_s=3600)
+    peers: list[RawPeer] = []
+    try:
+        gone = await RawPeer.open(running)
+        assert (await gone.join(tokens_left[left.therapist().id]))["type"] == "joined"
+        await gone.close()
+        ending = await RawPeer.open(running)
+        staying = await RawPeer.open(running)
+        peers += [ending, staying]
+        assert (await ending.join(tokens_soon[soon.therapist().id]))["type"] == "joined"
+        assert (await staying.join(tokens_later[later.therapist().id]))["type"] == "joined"
+        ended = await ending.recv_type("session_ended", timeout=30)
+        assert ended["reason"] == "expired"
+        closing = await ending.ws.receive(timeout=10)
+        assert closing.type is aiohttp.WSMsgType.CLOSE and ending.ws.close_code == CLOSE_ENDED
+        assert await running.broker.store.keys(session_prefix(soon.id)) == []
+        await staying.send(type="ping", n=3)
+        assert (await staying.recv_type("pong"))["n"] == 3
+        assert await hub.get_session(later.id) is not None
+        assert later.id in hub._expiry_due and soon.id not in hub._expiry_due
+        assert left.id not in hub._expiry_due
+    finally:
+        for peer in peers:
+            await peer.close()
+        await running.stop()
