@@ -10,9 +10,12 @@ it runs on.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 
 import msgspec
+
+if TYPE_CHECKING:
+    from .store import Store
 
 Handler = Callable[["Envelope"], None]
 
@@ -45,12 +48,43 @@ def unpack(raw: bytes) -> Envelope:
     return _envelope_decoder.decode(raw)
 
 
+_NO_SEQ = b'"seq":null'
+
+
+def with_seq(data: bytes, seq: int) -> bytes:
+    """A relayed message, encoded with ``seq`` null, as encoded with ``seq`` set: no decode, no re-encode.
+
+    The first ``"seq":null`` is the field itself: inside a JSON string every quote is
+    escaped, so that text cannot start or end in one.
+    """
+    head, found, tail = data.partition(_NO_SEQ)
+    if not found:
+        raise ValueError("not a relayed message without its seq")
+    return b'%s"seq":%d%s' % (head, seq, tail)
+
+
+async def append_then_publish(
+    bus: Bus, store: Store, session_id: str, envelope: Envelope, log_key: str, maxlen: int, ttl_s: float
+) -> int:
+    """The relay step in two calls: append to the recipient's resume buffer, then publish with the seq."""
+    seq = await store.append(log_key, envelope.data, maxlen, ttl_s)
+    await bus.publish(session_id, Envelope(envelope.to_peer, None, with_seq(envelope.data, seq), seq=seq))
+    return seq
+
+
 class Bus(Protocol):
     async def subscribe(self, session_id: str, handler: Handler) -> None: ...
 
     async def unsubscribe(self, session_id: str, handler: Handler) -> None: ...
 
     async def publish(self, session_id: str, envelope: Envelope) -> None: ...
+
+    async def publish_relayed(
+        self, session_id: str, envelope: Envelope, store: Store, log_key: str, maxlen: int, ttl_s: float
+    ) -> int:
+        """Append a relayed message (``data`` encoded with ``seq`` null) to the recipient's resume
+        buffer ``log_key`` in ``store``, then publish it stamped with its sequence number; returns it."""
+        ...
 
     def add_reconnect_listener(self, listener: Callable[[], Awaitable[None]]) -> None:
         """``listener`` runs after the bus lost and regained its link to other processes."""
@@ -78,6 +112,11 @@ class LocalBus:
     async def publish(self, session_id: str, envelope: Envelope) -> None:
         for handler in list(self._handlers.get(session_id, ())):
             handler(envelope)
+
+    async def publish_relayed(
+        self, session_id: str, envelope: Envelope, store: Store, log_key: str, maxlen: int, ttl_s: float
+    ) -> int:
+        return await append_then_publish(self, store, session_id, envelope, log_key, maxlen, ttl_s)
 
     def add_reconnect_listener(self, listener: Callable[[], Awaitable[None]]) -> None:
         """One process never loses its own bus."""

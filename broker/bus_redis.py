@@ -33,9 +33,9 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from .bus import Envelope, Handler, pack, unpack
-from .store import StoreUnavailable
-from .store_redis import Sealer, StoreCorrupt, unavailable_on_redis_errors
+from .bus import Envelope, Handler, append_then_publish, pack, unpack, with_seq
+from .store import Store, StoreUnavailable
+from .store_redis import RedisStore, Sealer, StoreCorrupt, log_aad, ms, unavailable_on_redis_errors
 
 log = logging.getLogger("broker.bus_redis")
 
@@ -50,6 +50,25 @@ BACKOFF_CAP_S = 1.0
 BATCH = 512
 
 _NODE_ID_BYTES = 8
+#: After the node id, a relayed message carries "s<seq>:" (assigned by Redis) before its sealed envelope.
+_SEQ_MARK = b"s"
+
+# A relayed message in one call: append to the recipient's resume buffer (the capped log
+# format of store_redis) and publish it with the seq the log gave it. It travels in the
+# publisher's pipeline, so it keeps its place among this process's other messages.
+_RELAY = """
+local last = redis.call('LINDEX', KEYS[1], -1)
+local seq = 1
+if last then
+  seq = tonumber(string.match(last, '^(%d+):')) + 1
+end
+local stamp = string.format('%d:', seq)
+redis.call('RPUSH', KEYS[1], stamp .. ARGV[1])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('SPUBLISH', ARGV[4], ARGV[5] .. stamp .. ARGV[6])
+return seq
+"""
 
 
 def channel_of(session_id: str) -> bytes:
@@ -80,7 +99,8 @@ class RedisBus:
         self._conn: Any = None  # the pub/sub connection while it is up
         self._send_lock = asyncio.Lock()
         self._confirmations: dict[bytes, list[asyncio.Future[None]]] = {}
-        self._outbox: asyncio.Queue[tuple[bytes, bytes, asyncio.Future[None]]] = asyncio.Queue()
+        #: Commands for Redis, in publish order, each with the future its publisher waits on.
+        self._outbox: asyncio.Queue[tuple[tuple[Any, ...], asyncio.Future[Any]]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._spawned: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -148,9 +168,38 @@ class RedisBus:
             raise StoreUnavailable("closed")
         channel = channel_of(session_id)
         payload = self.node_id + self._sealer.seal(_aad(channel, self.node_id), pack(envelope))
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._outbox.put_nowait((channel, payload, done))
-        await done
+        await self._send(("SPUBLISH", channel, payload))
+
+    async def publish_relayed(
+        self, session_id: str, envelope: Envelope, store: Store, log_key: str, maxlen: int, ttl_s: float
+    ) -> int:
+        """Append and publish in one script call (one Redis command per relayed message, not two).
+
+        The seq is assigned by Redis and travels outside the sealed envelope, as it does in
+        the resume buffer; inside, ``seq=0`` marks an envelope that must get one.
+        """
+        if not isinstance(store, RedisStore) or store.redis is not self.redis:
+            return await append_then_publish(self, store, session_id, envelope, log_key, maxlen, ttl_s)
+        if maxlen < 1:
+            raise ValueError("maxlen must be at least 1")
+        if self._closed:
+            raise StoreUnavailable("closed")
+        channel = channel_of(session_id)
+        entry = self._sealer.seal(log_aad(log_key), envelope.data)
+        marked = Envelope(envelope.to_peer, None, envelope.data, envelope.close, seq=0)
+        sealed = self._sealer.seal(_aad(channel, self.node_id), pack(marked))
+        prefix = self.node_id + _SEQ_MARK
+        seq = int(await self._send(("EVAL", _RELAY, 1, log_key, entry, maxlen, ms(ttl_s), channel, prefix, sealed)))
+        stamped = Envelope(envelope.to_peer, None, with_seq(envelope.data, seq), envelope.close, seq=seq)
+        for handler in list(self._handlers.get(session_id, ())):
+            handler(stamped)
+        return seq
+
+    async def _send(self, command: tuple[Any, ...]) -> Any:
+        """Queue a command for the publisher; its reply once Redis has run it."""
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._outbox.put_nowait((command, done))
+        return await done
 
     async def close(self) -> None:
         self._closed = True
@@ -163,7 +212,7 @@ class RedisBus:
         self._spawned.clear()
         await self._drop_connection()
         while not self._outbox.empty():
-            _, _, done = self._outbox.get_nowait()
+            _, done = self._outbox.get_nowait()
             if not done.done():
                 done.set_exception(StoreUnavailable("closed"))
         self._handlers.clear()
@@ -286,8 +335,8 @@ class RedisBus:
         if not handlers:
             return
         try:
-            envelope = unpack(self._sealer.open(_aad(channel, node_id), payload[_NODE_ID_BYTES:]))
-        except (StoreCorrupt, msgspec.DecodeError, msgspec.ValidationError):
+            envelope = self._open(channel, node_id, payload[_NODE_ID_BYTES:])
+        except (StoreCorrupt, msgspec.DecodeError, msgspec.ValidationError, ValueError):
             log.warning("event=bus_message_rejected")
             return
         for handler in list(handlers):
@@ -295,6 +344,21 @@ class RedisBus:
                 handler(envelope)
             except Exception:
                 log.exception("event=bus_handler_failed")
+
+    def _open(self, channel: bytes, node_id: bytes, body: bytes) -> Envelope:
+        """The envelope of a message from another process; a relayed one gets the seq Redis gave it."""
+        seq: int | None = None
+        if body[:1] == _SEQ_MARK:
+            number, sep, body = body[1:].partition(b":")
+            if not sep or not number.isdigit() or len(number) > 19:
+                raise ValueError("bad seq")
+            seq = int(number)
+        envelope = unpack(self._sealer.open(_aad(channel, node_id), body))
+        if (seq is None) != (envelope.seq != 0):
+            raise ValueError("a relayed message without its seq, or a seq on another message")
+        if seq is None:
+            return envelope
+        return Envelope(envelope.to_peer, None, with_seq(envelope.data, seq), envelope.close, seq=seq)
 
     async def _keepalive(self) -> None:
         loop = asyncio.get_running_loop()
@@ -331,11 +395,11 @@ class RedisBus:
             try:
                 with unavailable_on_redis_errors():
                     async with self.redis.pipeline(transaction=False) as pipe:
-                        for channel, payload, _ in batch:
-                            pipe.execute_command("SPUBLISH", channel, payload)
-                        await pipe.execute()
+                        for command, _ in batch:
+                            pipe.execute_command(*command)
+                        replies = await pipe.execute()
             except asyncio.CancelledError:
-                for _, _, done in batch:
+                for _, done in batch:
                     if not done.done():
                         done.set_exception(StoreUnavailable("closed"))
                 raise
@@ -344,10 +408,10 @@ class RedisBus:
             except Exception as exc:
                 log.exception("event=bus_publish_failed")
                 error = StoreUnavailable(type(exc).__name__)
-            for _, _, done in batch:
+            for i, (_, done) in enumerate(batch):
                 if done.done():
                     continue  # its publisher was cancelled; the message was still sent in order
                 if error is None:
-                    done.set_result(None)
+                    done.set_result(replies[i])
                 else:
                     done.set_exception(StoreUnavailable(str(error)))

@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable, Protocol
 import msgspec
 
 from . import session as sm
-from .bus import Bus, Envelope
+from .bus import Bus, Envelope, with_seq
 from .protocol import (
     PROTOCOL_VERSION,
     Admit,
@@ -572,7 +572,7 @@ class Hub:
         conn.last_seq = max(conn.last_seq, after)
         for seq, data in entries:
             if seq > conn.last_seq:
-                conn.deliver(encode(msgspec.structs.replace(decode_client(data), seq=seq)))
+                conn.deliver(with_seq(data, seq))
                 conn.last_seq = seq
         for envelope in held:
             if envelope.seq is not None and envelope.seq <= conn.last_seq:
@@ -688,13 +688,12 @@ class Hub:
                 raise ProtocolError(ErrorCode.NOT_OFFERER, "The other peer makes the offers for this pair.")
             if isinstance(message, (Answer, Renegotiate)) and sender_offers:
                 raise ProtocolError(ErrorCode.NOT_OFFERER, "You make the offers for this pair; send an offer.")
-        relayed = msgspec.structs.replace(message, from_=conn.peer_id, id=None, seq=None)
-        data = encode(relayed)
+        # Encoded once, with seq null: the bus stamps the seq into the bytes (bus.with_seq).
+        data = encode(msgspec.structs.replace(message, from_=conn.peer_id, id=None, seq=None))
         # The buffer lives as long as the session: never longer, and its numbering never restarts early.
         ttl = max(1.0, session.expires - self.clock())
-        seq = await self.store.append(mailbox_key(session.id, message.to), data, RESUME_MAX, ttl)
-        await self.bus.publish(
-            session.id, Envelope(message.to, None, encode(msgspec.structs.replace(relayed, seq=seq)), seq=seq)
+        await self.bus.publish_relayed(
+            session.id, Envelope(message.to, None, data), self.store, mailbox_key(session.id, message.to), RESUME_MAX, ttl
         )
 
     async def _on_report(self, conn: Connection, message: Report) -> None:

@@ -129,7 +129,7 @@ def _value_aad(key: str) -> bytes:
     return b"value\x00" + key.encode()
 
 
-def _log_aad(key: str) -> bytes:
+def log_aad(key: str) -> bytes:
     return b"log\x00" + key.encode()
 
 
@@ -185,7 +185,7 @@ return n
 """
 
 
-def _ms(seconds: float) -> int:
+def ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
@@ -245,7 +245,7 @@ class RedisStore:
     async def put(self, key: str, value: bytes, ttl_s: float) -> None:
         sealed = self._sealer.seal(_value_aad(key), value)
         with unavailable_on_redis_errors():
-            await self.redis.set(key, sealed, px=_ms(ttl_s))
+            await self.redis.set(key, sealed, px=ms(ttl_s))
 
     async def update(self, key: str, mutate: Mutation[T], ttl_s: float) -> T:
         """WATCH, GET, mutate, MULTI/SET/EXEC; another process's write in between means try again.
@@ -277,7 +277,7 @@ class RedisStore:
             if new is None:
                 pipe.unlink(key)
             else:
-                pipe.set(key, self._sealer.seal(aad, new), px=_ms(ttl_s))
+                pipe.set(key, self._sealer.seal(aad, new), px=ms(ttl_s))
             with unavailable_on_redis_errors():
                 await pipe.execute()
             return True, result
@@ -311,19 +311,19 @@ class RedisStore:
     async def incr_window(self, key: str, window_s: float) -> int:
         """Counters are plain integers in Redis (nothing about a person) and only read through here."""
         with unavailable_on_redis_errors():
-            return int(await self._incr_window(keys=[key], args=[_ms(window_s)]))
+            return int(await self._incr_window(keys=[key], args=[ms(window_s)]))
 
     async def append(self, key: str, value: bytes, maxlen: int, ttl_s: float) -> int:
         if maxlen < 1:
             raise ValueError("maxlen must be at least 1")
-        sealed = self._sealer.seal(_log_aad(key), value)
+        sealed = self._sealer.seal(log_aad(key), value)
         with unavailable_on_redis_errors():
-            return int(await self._append(keys=[key], args=[sealed, maxlen, _ms(ttl_s)]))
+            return int(await self._append(keys=[key], args=[sealed, maxlen, ms(ttl_s)]))
 
     async def read_since(self, key: str, seq: int) -> list[tuple[int, bytes]]:
         with unavailable_on_redis_errors():
             entries = await self.redis.lrange(key, 0, -1)
-        aad = _log_aad(key)
+        aad = log_aad(key)
         out: list[tuple[int, bytes]] = []
         for entry in entries:
             number, sep, sealed = entry.partition(b":")

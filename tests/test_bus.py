@@ -12,9 +12,12 @@ from typing import AsyncIterator, Callable
 import pytest
 import redis.asyncio as aioredis
 
-from broker.bus import Bus, Envelope, LocalBus
+import msgspec
+
+from broker.bus import Bus, Envelope, LocalBus, with_seq
 from broker.bus_redis import RedisBus, channel_of
-from broker.store import StoreUnavailable
+from broker.protocol import Answer, Candidate, Offer, Renegotiate, encode
+from broker.store import MemoryStore, Store, StoreUnavailable
 from broker.store_redis import RedisStore, Sealer, connect_redis, redis_client
 
 from .redis_server import RedisServer, free_port, redis_server  # noqa: F401 - the fixture
@@ -134,7 +137,121 @@ async def test_unsubscribed_handlers_get_nothing_more(node: Node) -> None:
     assert stays.data == [b"1", b"2"] and goes.data == [b"1"]
 
 
+# ---------------------------------------------------------------- relayed messages (both buses)
+
+
+TRICKY = ['"seq":null', '\\"seq\\":null', '{"seq":null}', "seq", "\u2028 \" \\ null"]
+
+
+@pytest.mark.parametrize("text", TRICKY)
+@pytest.mark.parametrize("seq", [1, 9, 10, 2**53])
+def test_with_seq_gives_the_bytes_encoding_with_the_seq_would(text: str, seq: int) -> None:
+    relayed = [
+        Candidate(to="abcdefgh", candidate=text, sdp_mid=text, from_="zyxwvuts"),
+        Offer(to="abcdefgh", sdp=text, counter=7, mac=None, from_="zyxwvuts"),
+        Answer(to="abcdefgh", sdp="v=0\r\n" + text, from_="zyxwvuts"),
+        Renegotiate(to="abcdefgh", from_="zyxwvuts"),
+    ]
+    for message in relayed:
+        assert with_seq(encode(message), seq) == encode(msgspec.structs.replace(message, seq=seq))
+    with pytest.raises(ValueError):
+        with_seq(encode(msgspec.structs.replace(relayed[0], seq=3)), seq)
+
+
+def relayed_data(n: int) -> bytes:
+    return encode(Candidate(to="abcdefgh", candidate=f"c{n}", from_="zyxwvuts"))
+
+
+def store_of(node: Node) -> Store:
+    return node.store if node.store is not None else MemoryStore()
+
+
+async def test_a_relayed_message_is_logged_then_delivered_with_its_seq(node: Node) -> None:
+    sid, key = new_session(), f"s:{{{new_session()}}}:box:abcdefgh"
+    store = store_of(node)
+    inbox = Inbox()
+    await node.bus.subscribe(sid, inbox)
+    seqs = [await node.bus.publish_relayed(sid, envelope(relayed_data(n), "abcdefgh"), store, key, 3, 60) for n in range(5)]
+    assert seqs == [1, 2, 3, 4, 5]
+    assert [(e.to_peer, e.seq) for e in inbox.got] == [("abcdefgh", n) for n in seqs]
+    assert inbox.data == [with_seq(relayed_data(n), n + 1) for n in range(5)]
+    # The resume buffer keeps the newest three, without their seq (it is stamped on resend).
+    assert await store.read_since(key, 0) == [(n + 1, relayed_data(n)) for n in (2, 3, 4)]
+
+
 # ---------------------------------------------------------------- Redis: between processes
+
+
+async def test_relayed_messages_cross_processes_with_their_seq_among_other_messages(
+    pair: tuple[RedisBus, RedisBus], redis_server: RedisServer  # noqa: F811
+) -> None:
+    a, b = pair
+    store = RedisStore(a.redis, a._sealer)
+    sid, key = new_session(), f"s:{{{new_session()}}}:box:abcdefgh"
+    local, remote = Inbox(), Inbox()
+    await a.subscribe(sid, local)
+    await b.subscribe(sid, remote)
+
+    async def sender(n: int) -> None:
+        for i in range(50):
+            await a.publish_relayed(sid, envelope(relayed_data(1000 * n + i), "abcdefgh"), store, key, 128, 60)
+
+    plain = [a.publish(sid, envelope(b"view%d" % i, None)) for i in range(100)]
+    await asyncio.gather(*(sender(n) for n in range(4)), *plain)
+    await remote.wait_for(lambda: len(remote.got) >= 300)
+    for inbox in (local, remote):
+        stamped = [e for e in inbox.got if e.seq is not None]
+        assert [e.seq for e in stamped] == list(range(1, 201))  # once each, in the order Redis numbered them
+        for e in stamped:
+            assert e.data.endswith(b'"seq":%d,"id":null}' % e.seq)
+        assert sorted(e.data for e in inbox.got if e.seq is None) == sorted(b"view%d" % i for i in range(100))
+    assert [e.data for e in remote.got if e.seq] == [e.data for e in local.got if e.seq]
+    # Each sender's messages stay in its own order.
+    numbers = [int(msgspec.json.decode(e.data)["candidate"][1:]) for e in remote.got if e.seq]
+    for n in range(4):
+        mine = [x for x in numbers if x // 1000 == n]
+        assert mine == sorted(mine) and len(mine) == 50
+    await asyncio.sleep(0.2)
+    assert len(local.got) == 300 and len(remote.got) == 300
+
+
+async def test_a_seq_cannot_be_added_to_or_stripped_from_a_message(
+    redis_server: RedisServer, pair: tuple[RedisBus, RedisBus]  # noqa: F811
+) -> None:
+    a, b = pair
+    store = RedisStore(a.redis, a._sealer)
+    sid, key = new_session(), f"s:{{{new_session()}}}:box:abcdefgh"
+    inbox = Inbox()
+    await b.subscribe(sid, inbox)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    spy = raw.pubsub()
+    try:
+        await spy.ssubscribe(channel_of(sid))
+        await spy.get_message(timeout=1.0)
+        await a.publish(sid, envelope(b"plain"))
+        await a.publish_relayed(sid, envelope(relayed_data(1), "abcdefgh"), store, key, 128, 60)
+        await inbox.wait_for(lambda: len(inbox.got) == 2)
+        captured: list[bytes] = []
+        while len(captured) < 2:
+            message = await spy.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if message is not None:
+                captured.append(message["data"])
+        plain, relayed = captured
+        node_id = relayed[:8]
+        assert relayed[8:11] == b"s1:" and plain[8:9] != b"s"
+        stripped = node_id + relayed[11:]
+        added = node_id + b"s5:" + plain[8:]
+        for forged in (stripped, added, node_id + b"sx:" + relayed[11:], node_id + b"s" + relayed[11:]):
+            await raw.execute_command("SPUBLISH", channel_of(sid), forged)
+        renumbered = node_id + b"s7:" + relayed[11:]  # Redis may renumber, as it may in the resume buffer
+        await raw.execute_command("SPUBLISH", channel_of(sid), renumbered)
+        await a.publish(sid, envelope(b"still listening"))
+        await inbox.wait_for(lambda: len(inbox.got) == 4)
+        assert [e.seq for e in inbox.got] == [None, 1, 7, None]
+        assert inbox.got[2].data == with_seq(relayed_data(1), 7)
+    finally:
+        await spy.aclose()
+        await raw.aclose()
 
 
 async def test_messages_cross_processes_in_publish_order(pair: tuple[RedisBus, RedisBus]) -> None:
