@@ -89,6 +89,11 @@ RESUME_MAX = 128
 #: A session's end is handled this long before its ``expires``, while its record is still in the
 #: store (the record's TTL ends at ``expires``; a check after that would find nothing to end).
 EXPIRY_LEAD_S = 1.0
+#: How long relays may go on checking this process's copy of a session record. A change made here
+#: drops the copy at once, and a change made by another process when its notice (every change that
+#: matters to relaying publishes one) arrives on the bus; the age limit covers a notice lost in a
+#: bus outage.
+RELAY_RECORD_MAX_AGE_S = 0.5
 #: Decoded session records kept per process, the most recently used (a miss costs one msgpack decode).
 DECODED_MAX = 1024
 
@@ -311,6 +316,9 @@ class Hub:
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._expiry_timer_at = 0.0
         self._decoded: OrderedDict[str, tuple[bytes, Session]] = OrderedDict()
+        #: What relays check admission against, per session: (when read, record); see RELAY_RECORD_MAX_AGE_S.
+        self._relay_records: OrderedDict[str, tuple[float, Session]] = OrderedDict()
+        self._record_changes = 0
         self._bus_handlers: dict[str, Callable[[Envelope], None]] = {}
         self._preflights: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -582,6 +590,8 @@ class Hub:
 
     async def resend_missed(self) -> None:
         """After the bus was cut off from other processes: resend each local peer what it missed."""
+        self._record_changes += 1
+        self._relay_records.clear()  # changes announced meanwhile were missed too
         for conn in list(self.connections.values()):
             if conn.joined and not conn.closed:
                 try:
@@ -679,7 +689,7 @@ class Hub:
 
     async def _on_relay(self, conn: Connection, message: Offer | Answer | Candidate | Renegotiate) -> None:
         assert conn.session_id and conn.peer_id
-        session = await self._load(conn.session_id)
+        session = await self._relay_record(conn.session_id)
         sm.can_relay(session, conn.peer_id, message.to)
         if isinstance(message, (Offer, Answer, Renegotiate)):
             lead = sm.offerer(session.seat(conn.peer_id), session.seat(message.to))
@@ -750,6 +760,7 @@ class Hub:
         )
         removed = await self.store.delete_prefix(session_prefix(session_id))
         self._decoded.pop(session_id, None)
+        self._record_changed(session_id)
         log.info("event=session_%s session=%s keys_deleted=%d", reason, session_id, removed)
         await self._audit("session_ended", actor, session_id, reason)
 
@@ -833,6 +844,9 @@ class Hub:
 
     def _on_bus(self, session_id: str) -> Callable[[Envelope], None]:
         def handler(envelope: Envelope) -> None:
+            if envelope.seq is None:
+                # Every change of the record that matters to relaying is followed by such a notice.
+                self._record_changed(session_id)
             if envelope.to_conn is not None:
                 conn = self.connections.get(envelope.to_conn)
                 targets = [conn] if conn is not None and conn.session_id == session_id else []
@@ -889,6 +903,7 @@ class Hub:
             await self.bus.unsubscribe(sid, handler)
         self._expiry_due.pop(sid, None)  # its heap entry is skipped when it comes up
         self._decoded.pop(sid, None)
+        self._record_changed(sid)
 
     # ------------------------------------------------------------ expiry
 
@@ -942,6 +957,26 @@ class Hub:
             decoded.popitem(last=False)
         return session
 
+    async def _relay_record(self, session_id: str) -> Session:
+        """The session record as relays see it: this process's recent copy, else the store's."""
+        hit = self._relay_records.get(session_id)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < RELAY_RECORD_MAX_AGE_S:
+            return hit[1]
+        changes = self._record_changes
+        session = await self._load(session_id)
+        if changes == self._record_changes:  # no change was made or announced while it was read
+            self._relay_records[session_id] = (now, session)
+            self._relay_records.move_to_end(session_id)
+            if len(self._relay_records) > DECODED_MAX:
+                self._relay_records.popitem(last=False)
+        return session
+
+    def _record_changed(self, session_id: str) -> None:
+        """The session's record changed (here, or announced on the bus): relays read it again."""
+        self._record_changes += 1
+        self._relay_records.pop(session_id, None)
+
     async def _load(self, session_id: str) -> Session:
         session = await self.get_session(session_id)
         if session is None:
@@ -977,7 +1012,11 @@ class Hub:
             if current is None:
                 raise gone()
             ttl = max(1.0, current.expires - self.clock())
-        result = await self.store.update(session_key(session_id), mutate, ttl)
+        self._record_changed(session_id)
+        try:
+            result = await self.store.update(session_key(session_id), mutate, ttl)
+        finally:
+            self._record_changed(session_id)
         return out[-1], result
 
     # ------------------------------------------------------------ helpers

@@ -21,10 +21,21 @@ pytestmark = pytest.mark.redis
 MESSAGES = 60
 
 
+async def empty_redis(server: RedisServer) -> None:  # noqa: F811
+    """A running redis-server holding nothing: each test's brokers have their own secret, and
+    accounts kept in Redis by an earlier test's brokers would not open with it."""
+    server.ensure_running()
+    flusher = aioredis.Redis.from_url(server.url)
+    try:
+        await flusher.flushdb()
+    finally:
+        await flusher.aclose()
+
+
 async def test_messages_published_while_the_bus_reconnects_arrive_exactly_once(
     tmp_path: Path, redis_server: RedisServer  # noqa: F811
 ) -> None:
-    redis_server.ensure_running()
+    await empty_redis(redis_server)
     secret = tmp_path / "server.secret"
     secret.write_text(secrets.token_hex(32))
     secret.chmod(0o600)
@@ -63,5 +74,48 @@ async def test_messages_published_while_the_bus_reconnects_arrive_exactly_once(
         await therapist.close()
     finally:
         await raw.aclose()
+        await a.stop()
+        await b.stop()
+
+
+async def test_a_relay_checks_a_change_made_on_the_other_process_once_its_notice_arrived(
+    tmp_path: Path, redis_server: RedisServer  # noqa: F811
+) -> None:
+    """Relays check admission against a recent copy of the session record: a removal made on
+    another process must count as soon as its notice (the new peer list) has arrived."""
+    from broker.protocol import Error, ErrorCode, Peers
+
+    await empty_redis(redis_server)
+    secret = tmp_path / "server.secret"
+    secret.write_text(secrets.token_hex(32))
+    secret.chmod(0o600)
+    common = {"redis_url": redis_server.url, "secret_file": str(secret)}
+    a = await start_broker(tmp_path / "a", **common)
+    b = await start_broker(tmp_path / "b", **common)
+    peers: list[BrokerClient] = []
+    try:
+        links = await schedule(a, clients=2)
+        therapist = BrokerClient(links.therapist)  # on process A
+        await therapist.connect()
+        peers.append(therapist)
+        sender = await waiting_client(links, link=links.clients[0].replace(a.url, b.url))  # on process B
+        peers.append(sender)
+        target = await waiting_client(links, link=links.clients[1])  # on process A
+        peers.append(target)
+        for client in (sender, target):
+            await therapist.admit(client.peer_id)
+        await sender.wait_connected(target.peer_id)
+        for n in range(3):  # relays on B, so B holds a fresh copy of the record
+            await sender.send_raw(json.dumps({"type": "candidate", "to": target.peer_id, "candidate": "", "sdp_mid": f"m{n}"}))
+            await target.expect(Candidate, where=lambda m, n=n: m.sdp_mid == f"m{n}")
+        mark = len(sender.received)
+        await therapist.remove(target.peer_id)  # on process A
+        await sender.expect(Peers, where=lambda m: target.peer_id not in {p.peer for p in m.peers}, since=mark)
+        await sender.send_raw(json.dumps({"type": "candidate", "to": target.peer_id, "candidate": "", "id": "late"}))
+        refused = await sender.expect(Error, where=lambda m: m.ref == "late")
+        assert refused.code is ErrorCode.NOT_ADMITTED
+    finally:
+        for peer in peers:
+            await peer.close()
         await a.stop()
         await b.stop()
