@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 import msgspec
 
 from broker.bus import Bus, Envelope, LocalBus, with_seq
-from broker.bus_redis import RedisBus, channel_of
+from broker.bus_redis import RedisBus, channel_of, resp_command
 from broker.protocol import Answer, Candidate, Offer, Renegotiate, encode
 from broker.store import MemoryStore, Store, StoreUnavailable
 from broker.store_redis import RedisStore, Sealer, connect_redis, redis_client
@@ -180,6 +180,14 @@ async def test_a_relayed_message_is_logged_then_delivered_with_its_seq(node: Nod
 
 
 # ---------------------------------------------------------------- Redis: between processes
+
+
+def test_commands_are_packed_as_redis_py_packs_them() -> None:
+    from redis.asyncio.connection import Connection
+
+    packer = Connection()
+    for args in [(b"SPUBLISH", b"b:{s}", b"\x00\r\n" * 3000), ("EVAL", "return 1", 0), (b"X", "\u00e9", 0, -5, 2**40, b"")]:
+        assert resp_command(*args) == b"".join(packer.pack_command(*args))
 
 
 async def test_relayed_messages_cross_processes_with_their_seq_among_other_messages(
