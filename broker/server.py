@@ -225,6 +225,15 @@ async def readyz(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------- WebSocket
 
 
+def _text_frame_header(length: int) -> bytes:
+    """The header of an unmasked, uncompressed, final text frame from the server (RFC 6455 5.2)."""
+    if length < 126:
+        return bytes((0x81, length))
+    if length < 65536:
+        return b"\x81\x7e" + length.to_bytes(2, "big")
+    return b"\x81\x7f" + length.to_bytes(8, "big")
+
+
 class _AiohttpTransport:
     """The hub's view of one aiohttp WebSocket (frames are never compressed: ``compress=False``)."""
 
@@ -247,6 +256,19 @@ class _AiohttpTransport:
             return False
         try:
             writer._write_websocket_frame(data, WSMsgType.TEXT, 0)
+        except (ConnectionError, RuntimeError):
+            return False
+        return True
+
+    def write_now_many(self, frames: list[bytes]) -> bool:
+        """Several text frames in one write to the socket (one system call), under the same conditions."""
+        writer = self.ws._writer
+        if writer is None or self.ws.closed or writer._closing:
+            return False
+        if writer.protocol._paused or writer.transport.is_closing():
+            return False
+        try:
+            writer.transport.write(b"".join([_text_frame_header(len(f)) + f for f in frames]))
         except (ConnectionError, RuntimeError):
             return False
         return True
