@@ -568,3 +568,30 @@ async def test_a_session_ends_when_its_window_closes_and_others_go_on(tmp_path) 
         for peer in peers:
             await peer.close()
         await running.stop()
+
+
+class _Collect:
+    """Where aiohttp's frame writer puts its bytes, for comparing frames."""
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.out.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 65535, 65536, 70_000])
+def test_frames_written_together_are_the_frames_aiohttp_writes(length: int) -> None:
+    from aiohttp import WSMsgType
+    from aiohttp._websocket.writer import WebSocketWriter
+
+    from broker.server import _text_frame_header
+
+    sink = _Collect()
+    writer = WebSocketWriter(type("Protocol", (), {"_paused": False})(), sink, use_mask=False)  # type: ignore[arg-type]
+    payload = b"x" * length
+    writer._write_websocket_frame(payload, WSMsgType.TEXT, 0)
+    assert b"".join(sink.out) == _text_frame_header(length) + payload
