@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
+from collections import deque
 from typing import Awaitable, Callable, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -77,8 +78,8 @@ class MemoryStore:
         self._clock = clock
         self._data: dict[str, tuple[bytes, float]] = {}
         self._expiry_heap: list[tuple[float, str]] = []
-        # Capped logs: key -> (last sequence number, entries, expiry time).
-        self._logs: dict[str, tuple[int, list[tuple[int, bytes]], float]] = {}
+        # Capped logs: key -> (last sequence number, the newest entries, expiry time).
+        self._logs: dict[str, tuple[int, deque[tuple[int, bytes]], float]] = {}
 
     async def get(self, key: str) -> bytes | None:
         item = self._data.get(key)
@@ -125,13 +126,17 @@ class MemoryStore:
         return count
 
     async def append(self, key: str, value: bytes, maxlen: int, ttl_s: float) -> int:
+        """A bounded deque appended in place (no copy of up to ``maxlen`` entries per append)."""
+        now = self._clock()
         log = self._logs.get(key)
-        if log is None or log[2] <= self._clock():
-            log = (0, [], 0.0)
-        seq = log[0] + 1
-        entries = (log[1] + [(seq, value)])[-maxlen:]
-        expires = self._clock() + ttl_s
-        self._logs[key] = (seq, entries, expires)
+        if log is None or log[2] <= now:
+            seq, entries = 1, deque(maxlen=maxlen)
+        else:
+            seq, entries = log[0] + 1, log[1]
+            if entries.maxlen != maxlen:
+                entries = deque(entries, maxlen=maxlen)
+        entries.append((seq, value))
+        self._logs[key] = (seq, entries, now + ttl_s)
         return seq
 
     async def read_since(self, key: str, seq: int) -> list[tuple[int, bytes]]:
