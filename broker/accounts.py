@@ -63,6 +63,10 @@ class AccountError(Exception):
     """Base for account errors whose message is fit to show an administrator."""
 
 
+class AccountsKeyMismatch(AccountError, ValueError):
+    """The stored accounts were sealed under another server secret: refuse to run on them."""
+
+
 class AccountNotFound(AccountError, KeyError):
     """No therapist with that id."""
 
@@ -179,8 +183,15 @@ class AccountStore:
         return self._seal(_KEY_CHECK, "meta", "key_check")
 
     def _verify_key_check(self, stored: bytes) -> None:
-        if self._open_sealed(stored, "meta", "key_check") != _KEY_CHECK:
-            raise ValueError("the accounts were written with a different key")
+        try:
+            matches = self._open_sealed(stored, "meta", "key_check") == _KEY_CHECK
+        except ValueError:
+            matches = False
+        if not matches:
+            raise AccountsKeyMismatch(
+                "The therapist accounts were written with a different key: this is not the server secret "
+                "they were made with (BROKER_SECRET_FILE), or the accounts store belongs to another installation."
+            )
 
     async def check_key(self) -> None:
         """Fail loudly on a wrong key instead of every login silently failing."""

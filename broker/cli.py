@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from typing import Any, Sequence
 
 from . import cli_therapist
+from .accounts import AccountsKeyMismatch
 from .config import Config, ConfigError, check_config, load_config
 
 
@@ -198,7 +199,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if problems:
                 print("The configuration has problems:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
                 return 2
-            _run(serve(config, self_signed_tls=args.tls == "self-signed"))
+            try:
+                _run(serve(config, self_signed_tls=args.tls == "self-signed"))
+            except AccountsKeyMismatch as exc:
+                print(f"Cannot start: {exc}", file=sys.stderr)
+                return 2
             return 0
         if args.command == "check-config":
             config = _config(args)

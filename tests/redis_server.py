@@ -100,6 +100,18 @@ class RedisServer:
         """A plain synchronous client, for looking at what the broker left in Redis."""
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, socket_connect_timeout=5)
 
+    def forget_installation(self) -> None:
+        """Drop another installation's accounts and login counters from database 0.
+
+        A broker refuses to start on accounts sealed with another server secret, as it should;
+        test fixtures that bring their own secret call this first, as a fresh install would.
+        """
+        with self.client() as c:
+            for pattern in ("{accounts}:*", "throttle:*"):
+                names = list(c.scan_iter(match=pattern, count=1000))
+                if names:
+                    c.delete(*names)
+
     def keys(self, prefix: str = "") -> list[bytes]:
         pattern = "".join("\\" + c if c in "\\*?[]" else c for c in prefix) + "*"
         with self.client() as c:

@@ -331,3 +331,18 @@ def test_join_as_therapist_admits_a_waiting_client(served: Served) -> None:
 
     output = asyncio.run(scenario())
     assert "Admitting" in output and "Connected to" in output and "verified_by_link" in output
+
+
+def test_serve_refuses_accounts_sealed_with_another_secret(tmp_path: Path) -> None:
+    """Restoring a data dir without its secret (or pointing at another practice's accounts) must
+    stop the broker with a plain reason, not run with every login silently failing."""
+    from broker.accounts import AccountStore
+    from broker.config import Keys
+
+    data = tmp_path / "data"
+    other = AccountStore(data / "accounts.sqlite3", Keys(os.urandom(32)).accounts)
+    asyncio.run(other.close())
+    result = run("serve", "--data-dir", str(data), "--port", str(free_port()), timeout=60)
+    assert result.returncode == 2
+    assert "Cannot start" in result.stderr and "different key" in result.stderr
+    assert "Traceback" not in result.stderr

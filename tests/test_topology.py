@@ -119,6 +119,7 @@ async def topology(
 ) -> AsyncIterator[Topology]:
     """Both brokers as processes, configured the way compose configures them (env only)."""
     redis_server.ensure_running()
+    redis_server.forget_installation()
     root = tmp_path_factory.mktemp("topology")
     secret_file = root / "server.secret"
     secret_file.write_text(os.urandom(32).hex() + "\n")
