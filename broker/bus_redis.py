@@ -28,7 +28,7 @@ import logging
 import math
 import random
 import secrets
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import msgspec
 import redis.asyncio as aioredis
@@ -36,7 +36,14 @@ from redis import exceptions as redis_errors
 
 from .bus import Envelope, Handler, append_then_publish, pack, unpack, with_seq
 from .store import Store, StoreUnavailable
-from .store_redis import RedisStore, Sealer, StoreCorrupt, log_aad, ms, unavailable_on_redis_errors
+from .store_redis import (
+    RedisStore,
+    Sealer,
+    StoreCorrupt,
+    log_aad,
+    ms,
+    unavailable_on_redis_errors,
+)
 
 log = logging.getLogger("broker.bus_redis")
 

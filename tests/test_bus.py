@@ -9,10 +9,9 @@ import secrets
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
-
-import msgspec
 
 from broker.bus import Bus, Envelope, LocalBus, with_seq
 from broker.bus_redis import RedisBus, channel_of, resp_command

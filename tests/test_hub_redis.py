@@ -21,7 +21,7 @@ pytestmark = pytest.mark.redis
 MESSAGES = 60
 
 
-async def empty_redis(server: RedisServer) -> None:  # noqa: F811
+async def empty_redis(server: RedisServer) -> None:
     """A running redis-server holding nothing: each test's brokers have their own secret, and
     accounts kept in Redis by an earlier test's brokers would not open with it."""
     server.ensure_running()
