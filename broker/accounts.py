@@ -136,6 +136,14 @@ def _normalize_display_name(display_name: str | None) -> str | None:
     return name
 
 
+def new_therapist_id() -> str:
+    """128 random bits, base64url; never starting with "-", so it can be typed after a CLI command."""
+    while True:
+        candidate = secrets.token_urlsafe(16)
+        if not candidate.startswith("-"):
+            return candidate
+
+
 def _now_iso() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
@@ -292,7 +300,7 @@ class AccountStore:
         name = normalize_username(username)
         display = _normalize_display_name(display_name)
         pw = passwords.check_password(password, username=name, second_factor=second_factor)
-        therapist_id = secrets.token_urlsafe(16)
+        therapist_id = new_therapist_id()
         encoded = await self._hash(pw)
         row: Row = {
             "id": therapist_id,

@@ -456,3 +456,11 @@ async def test_open_accounts_uses_redis_when_configured(redis_server: RedisServe
     finally:
         for s in (on_redis, split, local):
             await s.close()
+
+
+def test_therapist_ids_never_look_like_command_line_options() -> None:
+    from broker.accounts import new_therapist_id
+
+    ids = [new_therapist_id() for _ in range(2000)]  # about 30 would start with "-" otherwise
+    assert not [i for i in ids if i.startswith("-")]
+    assert len(set(ids)) == 2000 and all(len(i) == 22 for i in ids)
