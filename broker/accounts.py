@@ -37,6 +37,7 @@ from broker.account_rows import AccountRows, Row, SqliteAccountRows
 from broker.config import Config, Keys
 from broker.passwords import DEFAULT_PARAMS, ScryptParams
 from broker.throttle import LOCKOUT_AFTER
+from broker.tokens import typeable_id
 
 KEY_BYTES = 32
 USERNAME_MIN = 3
@@ -137,11 +138,8 @@ def _normalize_display_name(display_name: str | None) -> str | None:
 
 
 def new_therapist_id() -> str:
-    """128 random bits, base64url; never starting with "-", so it can be typed after a CLI command."""
-    while True:
-        candidate = secrets.token_urlsafe(16)
-        if not candidate.startswith("-"):
-            return candidate
+    """128 random bits, base64url, typeable after a CLI command (see ``tokens.typeable_id``)."""
+    return typeable_id(16)
 
 
 def _now_iso() -> str:

@@ -37,6 +37,7 @@ from redis import exceptions as redis_errors
 from .bus import Envelope, Handler, append_then_publish, pack, unpack, with_seq
 from .store import Store, StoreUnavailable
 from .store_redis import (
+    APPEND_LOG_LUA,
     RedisStore,
     Sealer,
     StoreCorrupt,
@@ -64,16 +65,7 @@ _SEQ_MARK = b"s"
 # A relayed message in one call: append to the recipient's resume buffer (the capped log
 # format of store_redis) and publish it with the seq the log gave it. It travels in the
 # publisher's pipeline, so it keeps its place among this process's other messages.
-_RELAY = """
-local last = redis.call('LINDEX', KEYS[1], -1)
-local seq = 1
-if last then
-  seq = tonumber(string.match(last, '^(%d+):')) + 1
-end
-local stamp = string.format('%d:', seq)
-redis.call('RPUSH', KEYS[1], stamp .. ARGV[1])
-redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+_RELAY = APPEND_LOG_LUA + """
 redis.call('SPUBLISH', ARGV[4], ARGV[5] .. stamp .. ARGV[6])
 return seq
 """

@@ -25,7 +25,7 @@ from .admission import BrokerPreflight, PolicyChecklist
 from .accounts import AccountStore, open_accounts
 from .audit import AuditLog
 from .dashboard import setup_dashboard
-from .throttle import Throttle, open_throttle
+from .throttle import Throttle, throttle_for
 from .web_auth import setup_auth
 from .bus import Bus, LocalBus
 from .config import Config, Keys, load_or_create_secret
@@ -69,7 +69,6 @@ class Broker:
         await self.preflight.close()
         self.audit.close()
         await self.accounts.close()
-        await self.throttle.close()
         await self.bus.close()
         await self.store.close()
 
@@ -100,7 +99,7 @@ async def create_broker(config: Config, *, store: Store | None = None, bus: Bus 
         audit=audit_hook(audit_log),
         signer=signer,
     )
-    throttle = open_throttle(config.redis_url)
+    throttle = throttle_for(store)
     broker = Broker(config, keys, store, bus, hub, preflight, audit_log, signer, accounts, throttle)
     if isinstance(store, MemoryStore):
         broker.background.append(asyncio.get_running_loop().create_task(store.run_sweeper()))
@@ -243,25 +242,17 @@ class _AiohttpTransport:
         self.ws = ws
 
     def write_now(self, data: bytes) -> bool:
-        """Hand the frame to the socket in this very step, as ``send_frame`` would, unless that would wait.
-
-        Uses the frame writer of aiohttp (3.11+) directly: ``send_frame`` is a coroutine
-        only so that it can wait for a paused socket, and here we never wait: a paused or
-        closing socket answers False and the hub queues the message instead.
-        """
-        writer = self.ws._writer
-        if writer is None or self.ws.closed or writer._closing:
-            return False
-        if writer.protocol._paused or writer.transport.is_closing():
-            return False
-        try:
-            writer._write_websocket_frame(data, WSMsgType.TEXT, 0)
-        except (ConnectionError, RuntimeError):
-            return False
-        return True
+        """Hand the frame to the socket in this very step, as ``send_frame`` would, unless that would wait."""
+        return self.write_now_many([data])
 
     def write_now_many(self, frames: list[bytes]) -> bool:
-        """Several text frames in one write to the socket (one system call), under the same conditions."""
+        """Text frames handed to the socket in one write (one system call), unless that would wait.
+
+        ``send_frame`` is a coroutine only so that it can wait for a paused socket; here we
+        never wait: a paused or closing socket answers False and the hub queues the message
+        instead. This reads aiohttp's writer state (3.11+); the frames themselves are built
+        here and checked byte for byte against aiohttp's by the tests.
+        """
         writer = self.ws._writer
         if writer is None or self.ws.closed or writer._closing:
             return False

@@ -163,15 +163,20 @@ def unavailable_on_redis_errors() -> Iterator[None]:
 # Capped log in ONE list key: each entry is "<seq>:<sealed value>". The next
 # sequence number follows the newest entry, which LTRIM never drops, so no
 # separate counter key is needed and deleting the log key deletes everything.
-_APPEND = """
+#: KEYS[1] the log; ARGV[1] the sealed value, ARGV[2] the cap, ARGV[3] the TTL in ms. Leaves
+#: ``seq`` and ``stamp`` ("<seq>:") set, so bus_redis's relay script can go on from here.
+APPEND_LOG_LUA = """
 local last = redis.call('LINDEX', KEYS[1], -1)
 local seq = 1
 if last then
   seq = tonumber(string.match(last, '^(%d+):')) + 1
 end
-redis.call('RPUSH', KEYS[1], string.format('%d:', seq) .. ARGV[1])
+local stamp = string.format('%d:', seq)
+redis.call('RPUSH', KEYS[1], stamp .. ARGV[1])
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+"""
+_APPEND = APPEND_LOG_LUA + """
 return seq
 """
 

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from .store import Store
+
 FREE_FAILURES = 3
 BASE_DELAY = 1.0
 MAX_DELAY = 60.0
@@ -84,8 +86,6 @@ class Throttle(Protocol):
     async def record_success(self, account: str) -> None: ...
 
     async def unlock(self, account: str) -> None: ...
-
-    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -188,9 +188,6 @@ class LoginThrottle:
         if entry is not None and not entry.locked:
             self._accounts.drop(account)
 
-    async def close(self) -> None:
-        """Nothing to release: the counters are plain memory."""
-
     async def unlock(self, account: str) -> None:
         """Administrator reset: forget the account's failures and lockout."""
         self._accounts.drop(account)
@@ -214,14 +211,16 @@ class LoginThrottle:
         return self._schedule.remaining(entry.failures, entry.last_failure, now)
 
 
-def open_throttle(redis_url: str) -> Throttle:
-    """The throttle a broker process uses: shared through Redis when it runs on Redis."""
-    if not redis_url:
-        return LoginThrottle()
-    from .store_redis import redis_client
-    from .throttle_redis import RedisLoginThrottle
+def throttle_for(store: Store) -> Throttle:
+    """The throttle a broker process uses: on the session store's Redis client when it has one
+    (so every process shares the counters), else in this process's memory."""
+    from .store_redis import RedisStore
 
-    return RedisLoginThrottle(redis_client(redis_url))
+    if isinstance(store, RedisStore):
+        from .throttle_redis import RedisLoginThrottle
+
+        return RedisLoginThrottle(store.redis)
+    return LoginThrottle()
 
 
 def check_lockout(lockout_after: int) -> int:

@@ -53,7 +53,7 @@ return 1
 
 
 class RedisLoginThrottle:
-    """``Throttle`` over Redis; see the module docstring."""
+    """``Throttle`` over Redis; see the module docstring. Uses, but does not own, ``client``."""
 
     def __init__(
         self,
@@ -103,9 +103,6 @@ class RedisLoginThrottle:
 
     async def record_success(self, account: str) -> None:
         await self._succeed(keys=[_account_key(account)])
-
-    async def close(self) -> None:
-        await self.redis.aclose(close_connection_pool=True)
 
     async def unlock(self, account: str) -> None:
         await self.redis.delete(_account_key(account))

@@ -46,7 +46,7 @@ def b64d(text: str) -> bytes:
 _B64_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
-def _typeable_id(size: int) -> str:
+def typeable_id(size: int) -> str:
     """Random base64url id that never starts with "-", so the CLI can take it as an argument."""
     while True:
         candidate = b64e(secrets.token_bytes(size))
@@ -56,7 +56,7 @@ def _typeable_id(size: int) -> str:
 
 def new_session_id() -> str:
     """A 128-bit random session id (22 characters)."""
-    return _typeable_id(16)
+    return typeable_id(16)
 
 
 def new_token_id() -> str:
@@ -66,7 +66,7 @@ def new_token_id() -> str:
 
 def new_peer_id() -> str:
     """A 48-bit random peer id: unique within a session, never a name."""
-    return _typeable_id(6)
+    return typeable_id(6)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from .audit import AuditEvent, AuditLog, AuditOutcome
 from .config import Config, Keys
 from .store import Store, StoreUnavailable
 from .passkeys import PasskeyError, RelyingParty
-from .throttle import Throttle, address_key
+from .throttle import Decision, Throttle, address_key
 
 log = logging.getLogger("broker.web_auth")
 
@@ -194,6 +194,8 @@ class WebAuth:
         self.audit = audit
         self.config = config
         self.policy = LoginPolicy.from_config(config)
+        #: Who passkeys are for; None when the public address is an IP address (no passkeys there).
+        self.relying_party = RelyingParty.from_config(config)
         self.clock = clock
         self._session_key = keys.derive("login-session")
         self._address_secret = keys.address
@@ -384,10 +386,7 @@ async def api_login(request: web.Request) -> web.StreamResponse:
     body: LoginRequest = await read_json(request, LoginRequest)
     account = auth.accounts.account_key(body.username)
     address = auth.address(request)
-    decision = await auth.throttle.check(account, address)
-    if decision.locked and await _unlocked_by_admin(auth, body.username):
-        await auth.throttle.unlock(account)
-        decision = await auth.throttle.check(account, address)
+    decision = await _throttle_check(auth, account, address, lambda: auth.accounts.get_by_username(body.username))
     if not decision.allowed:
         return await _throttled(auth, decision.locked, decision.retry_after)
     if body.passkey is not None:
@@ -416,7 +415,7 @@ async def _second_factor_required(auth: WebAuth, username: str, account_key: str
     assert account is not None
     factors = ["code"] if account.totp_enabled or account.recovery_codes_left else []
     extra: dict[str, Any] = {}
-    rp = RelyingParty.from_config(auth.config)
+    rp = auth.relying_party
     if account.passkeys and rp is not None:
         options, challenge = passkeys.authentication_options(rp, await auth.accounts.passkeys(account.id))
         await passkeys.keep_challenge(auth.store, "login:" + account_key, challenge)
@@ -439,7 +438,7 @@ async def _passkey_login(auth: WebAuth, body: LoginRequest, account_key: str) ->
     denied = acc.LoginResult(ok=False, therapist_id=None, reason=acc.INVALID_CREDENTIALS)
     row = await auth.accounts.check_password(body.username, body.password)
     challenge = await passkeys.take_challenge(auth.store, "login:" + account_key)
-    rp = RelyingParty.from_config(auth.config)
+    rp = auth.relying_party
     if row is None or challenge is None or rp is None or body.passkey is None:
         return denied
     therapist_id: str = row["id"]
@@ -455,10 +454,18 @@ async def _passkey_login(auth: WebAuth, body: LoginRequest, account_key: str) ->
     return await auth.accounts.finish_login(therapist_id, body.password, acc.PASSKEY_USED)
 
 
-async def _unlocked_by_admin(auth: WebAuth, username: str) -> bool:
-    """The durable record is the authority: ``broker therapist unlock`` also lifts this process's lock."""
-    account = await auth.accounts.get_by_username(username)
-    return account is not None and not account.locked
+async def _throttle_check(
+    auth: WebAuth, key: str, address: str | None, account: Callable[[], Awaitable[acc.Account | None]]
+) -> Decision:
+    """The throttle's decision for ``key``. The durable account record is the authority on locks:
+    once ``broker therapist unlock`` cleared it, the throttle's lock is lifted too."""
+    decision = await auth.throttle.check(key, address)
+    if decision.locked:
+        found = await account()
+        if found is not None and not found.locked:
+            await auth.throttle.unlock(key)
+            decision = await auth.throttle.check(key, address)
+    return decision
 
 
 async def _throttled(auth: WebAuth, locked: bool, retry_after: float) -> web.Response:
@@ -509,7 +516,7 @@ async def me_body(auth: WebAuth, session: LoginSession) -> dict[str, Any]:
             "recovery_codes_left": account.recovery_codes_left,
             "passkeys": account.passkeys,
         },
-        "passkeys_available": RelyingParty.from_config(auth.config) is not None,
+        "passkeys_available": auth.relying_party is not None,
     }
 
 
@@ -557,12 +564,7 @@ async def api_confirm(request: web.Request) -> web.Response:
     session = await require_login(request, allow_partial=True)
     body: ConfirmRequest = await read_json(request, ConfirmRequest)
     throttle_key = "2fa-confirm:" + session.therapist
-    decision = await auth.throttle.check(throttle_key, None)
-    account = await auth.accounts.get(session.therapist)
-    if decision.locked and account is not None and not account.locked:
-        # An administrator unlocked the account (the durable record): lift this counter too.
-        await auth.throttle.unlock(throttle_key)
-        decision = await auth.throttle.check(throttle_key, None)
+    decision = await _throttle_check(auth, throttle_key, None, lambda: auth.accounts.get(session.therapist))
     if not decision.allowed:
         return await _throttled(auth, decision.locked, decision.retry_after)
     codes = await auth.accounts.confirm_totp(session.therapist, body.code)

@@ -19,7 +19,7 @@ from aiohttp import web
 from . import passkeys
 from .accounts import AccountError
 from .audit import AuditEvent
-from .passkeys import PasskeyError, RelyingParty
+from .passkeys import PasskeyError
 from .web_auth import Empty, auth_of, json_error, me_body, read_json, require_login
 
 log = logging.getLogger("broker.web_auth")
@@ -29,8 +29,10 @@ _CredentialId = Annotated[str, msgspec.Meta(max_length=1024)]
 UNAVAILABLE = (
     409,
     "passkeys_unavailable",
-    "Passkeys need the broker to be opened by its name (for example https://therapy.example.org or "
-    "http://localhost), not by an IP address.",
+    (
+        "Passkeys need the broker to be opened by its name (for example https://therapy.example.org or "
+        "http://localhost), not by an IP address."
+    ),
 )
 
 
@@ -42,16 +44,12 @@ class RemoveRequest(msgspec.Struct, forbid_unknown_fields=True):
     id: _CredentialId
 
 
-def relying_party(request: web.Request) -> RelyingParty | None:
-    return RelyingParty.from_config(auth_of(request).config)
-
-
 async def api_register_options(request: web.Request) -> web.Response:
     """Options for ``navigator.credentials.create``; the challenge is kept for two minutes."""
     auth = auth_of(request)
     session = await require_login(request, allow_partial=True)
     await read_json(request, Empty)
-    rp = relying_party(request)
+    rp = auth.relying_party
     if rp is None:
         return json_error(*UNAVAILABLE)
     account = await auth.accounts.get(session.therapist)
@@ -67,7 +65,7 @@ async def api_register(request: web.Request) -> web.Response:
     auth = auth_of(request)
     session = await require_login(request, allow_partial=True)
     body: RegisterRequest = await read_json(request, RegisterRequest)
-    rp = relying_party(request)
+    rp = auth.relying_party
     if rp is None:
         return json_error(*UNAVAILABLE)
     challenge = await passkeys.take_challenge(auth.store, "register:" + session.therapist)

@@ -100,17 +100,16 @@ class RedisServer:
         """A plain synchronous client, for looking at what the broker left in Redis."""
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, socket_connect_timeout=5)
 
-    def forget_installation(self) -> None:
-        """Drop another installation's accounts and login counters from database 0.
+    def empty_database(self, index: int = 0) -> str:
+        """Start the server if needed, empty database ``index`` and return its URL.
 
-        A broker refuses to start on accounts sealed with another server secret, as it should;
-        test fixtures that bring their own secret call this first, as a fresh install would.
+        Fixtures whose brokers bring their own server secret start here, as a fresh install
+        would: a broker refuses accounts sealed under another secret, as it should.
         """
-        with self.client() as c:
-            for pattern in ("{accounts}:*", "throttle:*"):
-                names = list(c.scan_iter(match=pattern, count=1000))
-                if names:
-                    c.delete(*names)
+        self.ensure_running()
+        with redis.Redis(host="127.0.0.1", port=self.port, db=index, socket_timeout=5) as c:
+            c.flushdb()
+        return f"redis://127.0.0.1:{self.port}/{index}"
 
     def keys(self, prefix: str = "") -> list[bytes]:
         pattern = "".join("\\" + c if c in "\\*?[]" else c for c in prefix) + "*"

@@ -106,12 +106,7 @@ async def backend(request: pytest.FixtureRequest, db_path: Path) -> AsyncIterato
         yield Backend("sqlite", db_path)
         return
     server: RedisServer = request.getfixturevalue("redis_server")
-    server.ensure_running()
-    url = f"redis://127.0.0.1:{server.port}/{ACCOUNTS_DB}"
-    client = aioredis.Redis.from_url(url)
-    await client.flushdb()
-    await client.aclose()
-    yield Backend("redis", db_path, url)
+    yield Backend("redis", db_path, server.empty_database(ACCOUNTS_DB))
 
 
 @pytest.fixture
@@ -432,11 +427,7 @@ async def test_open_accounts_uses_redis_when_configured(redis_server: RedisServe
     from broker.accounts import open_accounts
     from broker.config import Config, Keys
 
-    redis_server.ensure_running()
-    url = f"redis://127.0.0.1:{redis_server.port}/{ACCOUNTS_DB}"
-    flusher = aioredis.Redis.from_url(url)
-    await flusher.flushdb()
-    await flusher.aclose()
+    url = redis_server.empty_database(ACCOUNTS_DB)
     keys = Keys(bytes(range(32)))
     on_redis = await open_accounts(Config(data_dir=tmp_path, redis_url=url), keys, scrypt_params=CHEAP)
     split = await open_accounts(

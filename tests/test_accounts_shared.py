@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-import redis.asyncio as aioredis
 from aiohttp import ClientSession, DummyCookieJar
 
 from broker.account_rows_redis import RedisAccountRows
@@ -31,11 +30,7 @@ DB = 9
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def pair(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[tuple[RunningBroker, RunningBroker]]:  # noqa: F811
-    redis_server.ensure_running()
-    url = f"redis://127.0.0.1:{redis_server.port}/{DB}"
-    flusher = aioredis.Redis.from_url(url)
-    await flusher.flushdb()
-    await flusher.aclose()
+    url = redis_server.empty_database(DB)
     secret = tmp_path / "server.secret"
     secret.write_bytes(bytes(range(32)).hex().encode())
     secret.chmod(0o600)

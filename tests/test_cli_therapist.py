@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from broker import cli_therapist
-from broker.accounts import AccountStore
+from broker.accounts import AccountStore, open_accounts
 from broker.audit import verify
 from broker.config import Config, Keys, load_or_create_secret
 from broker.totp import code_at
@@ -208,11 +208,7 @@ def test_run_directly_with_mismatched_typed_passwords(tmp_path: Path, monkeypatc
 
 def test_with_redis_configured_accounts_go_to_redis(tmp_path: Path, redis_server: RedisServer) -> None:  # noqa: F811
     """The admin's commands reach the accounts every broker process uses, not a local file."""
-    redis_server.ensure_running()
-    url = f"redis://127.0.0.1:{redis_server.port}/10"
-    import redis
-
-    redis.Redis.from_url(url).flushdb()
+    url = redis_server.empty_database(10)
     data_one, data_two = tmp_path / "one", tmp_path / "two"
     data_one.mkdir()
     data_two.mkdir()
@@ -225,4 +221,20 @@ def test_with_redis_configured_accounts_go_to_redis(tmp_path: Path, redis_server
     listed = cli(data_two, "list", "--json", **env)  # another machine's data dir, same Redis
     assert [r["username"] for r in json.loads(listed.stdout)] == ["robin"]
     assert not (data_one / "accounts.sqlite3").exists() and not (data_two / "accounts.sqlite3").exists()
+
+    # A passkey registered through the web (here: stored the way web_passkeys stores one) shows in the list.
+    async def add_passkey() -> None:
+        config = Config(data_dir=data_one, redis_url=url, secret_file=str(secret))
+        store = await open_accounts(config, Keys(load_or_create_secret(config)))
+        try:
+            account = await store.get_by_username("robin")
+            assert account is not None
+            await store.add_passkey(account.id, {"id": "cred-a", "public_key": "pk", "sign_count": 0})
+        finally:
+            await store.close()
+
+    asyncio.run(add_passkey())
+    [row] = json.loads(cli(data_two, "list", "--json", **env).stdout)
+    assert row["second_factor"] is True and row["passkeys"] == 1 and row["totp"] is False
+    assert "2FA on (1 passkey(s))" in cli(data_two, "list", **env).stdout
     assert json.loads(cli(data_one, "list", "--json").stdout) == []  # without Redis: the local file

@@ -21,21 +21,10 @@ pytestmark = pytest.mark.redis
 MESSAGES = 60
 
 
-async def empty_redis(server: RedisServer) -> None:
-    """A running redis-server holding nothing: each test's brokers have their own secret, and
-    accounts kept in Redis by an earlier test's brokers would not open with it."""
-    server.ensure_running()
-    flusher = aioredis.Redis.from_url(server.url)
-    try:
-        await flusher.flushdb()
-    finally:
-        await flusher.aclose()
-
-
 async def test_messages_published_while_the_bus_reconnects_arrive_exactly_once(
     tmp_path: Path, redis_server: RedisServer  # noqa: F811
 ) -> None:
-    await empty_redis(redis_server)
+    redis_server.empty_database()
     secret = tmp_path / "server.secret"
     secret.write_text(secrets.token_hex(32))
     secret.chmod(0o600)
@@ -85,7 +74,7 @@ async def test_a_relay_checks_a_change_made_on_the_other_process_once_its_notice
     another process must count as soon as its notice (the new peer list) has arrived."""
     from broker.protocol import Error, ErrorCode, Peers
 
-    await empty_redis(redis_server)
+    redis_server.empty_database()
     secret = tmp_path / "server.secret"
     secret.write_text(secrets.token_hex(32))
     secret.chmod(0o600)

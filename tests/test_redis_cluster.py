@@ -164,8 +164,7 @@ def practice_policy(path: Path) -> Path:
 async def cluster(
     redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
 ) -> AsyncIterator[Cluster]:
-    redis_server.ensure_running()
-    redis_server.forget_installation()
+    redis_server.empty_database()
     root = tmp_path_factory.mktemp("cluster")
     secret = os.urandom(32)
     secret_file = root / "server.secret"

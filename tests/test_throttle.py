@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from broker.store_redis import redis_client
 from broker.throttle import LOCKOUT_AFTER, MAX_DELAY, LoginThrottle, Throttle, address_key, delay_for
@@ -21,6 +20,7 @@ from broker.throttle_redis import RedisLoginThrottle
 from .redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 
 MakeThrottle = Callable[..., Any]
+THROTTLE_DB = 8
 
 ACCOUNT = "a" * 64
 ADDRESS = "b" * 64
@@ -48,11 +48,7 @@ async def make(request: pytest.FixtureRequest) -> AsyncIterator[MakeThrottle]:
         yield LoginThrottle
         return
     server: RedisServer = request.getfixturevalue("redis_server")
-    server.ensure_running()
-    url = f"redis://127.0.0.1:{server.port}/8"
-    flusher = aioredis.Redis.from_url(url)
-    await flusher.flushdb()
-    await flusher.aclose()
+    url = server.empty_database(THROTTLE_DB)
 
     def build(**options: Any) -> RedisLoginThrottle:
         throttle = RedisLoginThrottle(redis_client(url), **options)
@@ -209,8 +205,7 @@ def test_address_key_rejects_non_addresses() -> None:
 async def test_processes_sharing_redis_count_every_failure(redis_server: RedisServer) -> None:  # noqa: F811
     """Two throttles on one Redis stand for two broker processes: spreading guesses over them gains
     nothing, and 100 concurrent failures lock the account exactly as 100 in a row would."""
-    redis_server.ensure_running()
-    url = f"redis://127.0.0.1:{redis_server.port}/8"
+    url = redis_server.empty_database(THROTTLE_DB)
     one, two = RedisLoginThrottle(redis_client(url)), RedisLoginThrottle(redis_client(url))
     account = os.urandom(16).hex()
     try:

@@ -38,7 +38,7 @@ from broker.protocol import SeatState, Status, WaitingRoom
 from broker.turn import turn_credentials
 
 from .browser.conftest import NewContext, chromium, new_context, playwright, watch  # noqa: F401 - fixtures
-from .browser.kit import Watch, frames_decoded, pass_checklist, wait_screen
+from .browser.kit import RECORD_PEER_CONNECTIONS, Watch, frames_decoded, pass_checklist, wait_screen
 from .redis_server import RedisServer, free_port, redis_server  # noqa: F401 - the fixture
 from .test_redis_cluster import REPO, BrokerProcess
 from .test_turn import (  # noqa: F401 - the coturn fixtures
@@ -52,19 +52,6 @@ from .test_turn import (  # noqa: F401 - the coturn fixtures
 pytestmark = pytest.mark.redis
 
 DETAILS = {"location": "Topology test, 1 Loopback Lane", "contact": "Test contact, 0000"}
-
-#: Records every RTCPeerConnection a page makes, so the test can ask each for getStats().
-#: It changes nothing else: the page's own code still builds and drives each connection.
-RECORD_PEER_CONNECTIONS = """
-(() => {
-  const Native = window.RTCPeerConnection;
-  const made = [];
-  Object.defineProperty(window, '__peerConnections', { value: made });
-  window.RTCPeerConnection = class extends Native {
-    constructor(...args) { super(...args); made.push(this); }
-  };
-})();
-"""
 
 #: For every connected connection that receives video: its ICE policy and the selected pair's candidate types.
 SELECTED_PAIRS = """async () => {
@@ -118,8 +105,7 @@ async def topology(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Topology]:
     """Both brokers as processes, configured the way compose configures them (env only)."""
-    redis_server.ensure_running()
-    redis_server.forget_installation()
+    redis_server.empty_database()
     root = tmp_path_factory.mktemp("topology")
     secret_file = root / "server.secret"
     secret_file.write_text(os.urandom(32).hex() + "\n")

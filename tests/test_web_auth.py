@@ -478,7 +478,8 @@ async def test_guessing_enrolment_codes_locks_the_account_until_an_admin_unlocks
     tid = await h.accounts.add("robin", PASSWORD)
     partial = await h.login("robin")
     cookie, csrf = login_cookie(partial), partial.json()["csrf"]
-    assert (await h.request("POST", "/api/2fa/enrol", json={}, cookie=cookie, csrf=csrf)).status == 200
+    enrolled = await h.request("POST", "/api/2fa/enrol", json={}, cookie=cookie, csrf=csrf)
+    assert enrolled.status == 200
     answers = []
     for _ in range(LOCKOUT):
         h.clock.advance(61)  # wait out the growing delay: only the count matters here
@@ -494,6 +495,13 @@ async def test_guessing_enrolment_codes_locks_the_account_until_an_admin_unlocks
     await h.accounts.unlock(tid)  # what `broker therapist unlock` does
     retry = await h.request("POST", "/api/2fa/confirm", json={"code": "000000"}, cookie=cookie, csrf=csrf)
     assert retry.status == 400 and retry.json()["error"] == "invalid_code"
+    assert (await h.accounts.rows.by_id(tid))["failures"] == 1  # type: ignore[index]
+    # The right code at last: the count of consecutive failures starts again.
+    h.clock.advance(61)
+    code = totp_code(enrolled.json()["secret"], h.clock())
+    done = await h.request("POST", "/api/2fa/confirm", json={"code": code}, cookie=cookie, csrf=csrf)
+    assert done.status == 200
+    assert (await h.accounts.rows.by_id(tid))["failures"] == 0  # type: ignore[index]
 
 
 # ---------------------------------------------------------------- nothing secret is kept

@@ -32,6 +32,19 @@ PHONE = {"width": 390, "height": 844}
 #: Generous: two or three Chromium peers with fake video share two cores.
 WAIT_MS = 30_000
 
+#: Records every RTCPeerConnection a page makes, so the test can ask each for getStats().
+#: It changes nothing else: the page's own code still builds and drives each connection.
+RECORD_PEER_CONNECTIONS = """
+(() => {
+  const Native = window.RTCPeerConnection;
+  const made = [];
+  Object.defineProperty(window, '__peerConnections', { value: made });
+  window.RTCPeerConnection = class extends Native {
+    constructor(...args) { super(...args); made.push(this); }
+  };
+})();
+"""
+
 # Collects CSP violations inside the page (runs before any page script, survives reloads).
 CSP_WATCH = """
 window.__cspViolations = [];

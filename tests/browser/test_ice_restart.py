@@ -36,23 +36,18 @@ from tests.conftest import RunningBroker, schedule, start_broker
 from tests.test_turn import SECRET, Coturn, _free_listening_port, _test_coturn_command, run_coturn
 
 from .conftest import NewContext
-from .kit import Watch, code_with, frames_decoded, pass_checklist, wait_screen
+from .kit import RECORD_PEER_CONNECTIONS, Watch, code_with, frames_decoded, pass_checklist, wait_screen
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 
 #: Frames that must decode after the restart, beyond the count at the break (about half a second).
 MORE_FRAMES = 10
 
-#: Records every RTCPeerConnection the page makes (nothing else changes: the page's own code builds
-#: and drives each one), and samples the call's connection through the standard getStats() API.
-OBSERVE_CALL = """
+#: Records every RTCPeerConnection the page makes (kit.RECORD_PEER_CONNECTIONS), and samples the
+#: call's connection through the standard getStats() API.
+OBSERVE_CALL = RECORD_PEER_CONNECTIONS + """
 (() => {
-  const Native = window.RTCPeerConnection;
-  const made = [];
-  Object.defineProperty(window, '__peerConnections', { value: made });
-  window.RTCPeerConnection = class extends Native {
-    constructor(...args) { super(...args); made.push(this); }
-  };
+  const made = window.__peerConnections;
   const receivesVideo = (pc) => pc.getTransceivers().some((t) => t.receiver.track && t.receiver.track.kind === 'video');
   setInterval(async () => {
     const calls = made.filter(receivesVideo);

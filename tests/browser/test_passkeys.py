@@ -69,6 +69,7 @@ async def test_passkey_as_the_required_second_factor(tmp_path: Any, new_context:
         await page.wait_for_url(base + "/dashboard")
         await page.locator("body[data-ready=true]").wait_for(timeout=WAIT_MS)
         await expect(page.locator("#setup-2fa")).to_be_hidden()
+        await expect(page.get_by_role("link", name="Add a passkey")).to_be_visible()  # another one, later
 
         stored = await full.auth.accounts.passkeys(therapist)
         held = (await cdp.send("WebAuthn.getCredentials", {"authenticatorId": authenticator}))["credentials"]
