@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,15 @@ async def start_broker(data_dir: Path, **overrides: object) -> RunningBroker:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return RunningBroker(f"http://127.0.0.1:{port}", broker, config, runner)
+
+
+async def start_broker_pair(tmp_path: Path, redis_url: str, **overrides: object) -> tuple[RunningBroker, RunningBroker]:
+    """Two brokers of one installation (one server secret) on one Redis, as two processes would be."""
+    secret = tmp_path / "server.secret"
+    secret.write_text(os.urandom(32).hex())
+    secret.chmod(0o600)
+    common: dict[str, object] = {"redis_url": redis_url, "secret_file": str(secret), **overrides}
+    return await start_broker(tmp_path / "a", **common), await start_broker(tmp_path / "b", **common)
 
 
 async def schedule(running: RunningBroker, clients: int = 1, **kwargs: object) -> SessionLinks:

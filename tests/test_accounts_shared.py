@@ -18,7 +18,7 @@ from broker.account_rows_redis import RedisAccountRows
 from broker.throttle_redis import RedisLoginThrottle
 from broker.web_auth import LOGIN_COOKIE
 
-from .conftest import RunningBroker, start_broker
+from .conftest import RunningBroker, start_broker, start_broker_pair
 from .redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -30,13 +30,7 @@ DB = 9
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def pair(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[tuple[RunningBroker, RunningBroker]]:  # noqa: F811
-    url = redis_server.empty_database(DB)
-    secret = tmp_path / "server.secret"
-    secret.write_bytes(bytes(range(32)).hex().encode())
-    secret.chmod(0o600)
-    common: dict[str, Any] = {"redis_url": url, "secret_file": str(secret), "allowed_origins": (ORIGIN,)}
-    one = await start_broker(tmp_path / "one", **common)
-    two = await start_broker(tmp_path / "two", **common)
+    one, two = await start_broker_pair(tmp_path, redis_server.empty_database(DB), allowed_origins=(ORIGIN,))
     yield one, two
     await one.stop()
     await two.stop()

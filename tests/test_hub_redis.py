@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import redis.asyncio as aioredis
 from broker.client import BrokerClient
 from broker.protocol import Candidate
 
-from .conftest import schedule, start_broker
+from .conftest import schedule, start_broker_pair
 from .redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 from .test_client import waiting_client
 
@@ -24,13 +23,7 @@ MESSAGES = 60
 async def test_messages_published_while_the_bus_reconnects_arrive_exactly_once(
     tmp_path: Path, redis_server: RedisServer  # noqa: F811
 ) -> None:
-    redis_server.empty_database()
-    secret = tmp_path / "server.secret"
-    secret.write_text(secrets.token_hex(32))
-    secret.chmod(0o600)
-    common = {"redis_url": redis_server.url, "secret_file": str(secret)}
-    a = await start_broker(tmp_path / "a", **common)
-    b = await start_broker(tmp_path / "b", **common)
+    a, b = await start_broker_pair(tmp_path, redis_server.empty_database())
     raw = aioredis.Redis.from_url(redis_server.url)
     try:
         links = await schedule(a)
@@ -74,13 +67,7 @@ async def test_a_relay_checks_a_change_made_on_the_other_process_once_its_notice
     another process must count as soon as its notice (the new peer list) has arrived."""
     from broker.protocol import Error, ErrorCode, Peers
 
-    redis_server.empty_database()
-    secret = tmp_path / "server.secret"
-    secret.write_text(secrets.token_hex(32))
-    secret.chmod(0o600)
-    common = {"redis_url": redis_server.url, "secret_file": str(secret)}
-    a = await start_broker(tmp_path / "a", **common)
-    b = await start_broker(tmp_path / "b", **common)
+    a, b = await start_broker_pair(tmp_path, redis_server.empty_database())
     peers: list[BrokerClient] = []
     try:
         links = await schedule(a, clients=2)
