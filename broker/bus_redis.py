@@ -231,6 +231,12 @@ class RedisBus:
             handler(stamped)
         return seq
 
+    def publish_relayed_now(
+        self, session_id: str, envelope: Envelope, store: Store, log_key: str, maxlen: int, ttl_s: float
+    ) -> int | None:
+        """Never: the seq comes from Redis, so local delivery waits for its reply."""
+        return None
+
     async def _send(self, command: bytes) -> Any:
         """Queue a command (``resp_command``) for the publisher; its reply once Redis has run it."""
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

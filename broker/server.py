@@ -309,7 +309,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     try:
         async for msg in ws:
             if msg.type is WSMsgType.TEXT:
-                await hub.receive(conn, msg.data)
+                pending = hub.receive_now(conn, msg.data)
+                if pending is not None:
+                    await pending
             elif msg.type is WSMsgType.BINARY:
                 conn.deliver(encode(Error(code=ErrorCode.BAD_MESSAGE, message="Only JSON text frames are accepted.")))
             else:

@@ -126,7 +126,13 @@ class MemoryStore:
         return count
 
     async def append(self, key: str, value: bytes, maxlen: int, ttl_s: float) -> int:
-        """A bounded deque appended in place (no copy of up to ``maxlen`` entries per append)."""
+        return self.append_now(key, value, maxlen, ttl_s)
+
+    def append_now(self, key: str, value: bytes, maxlen: int, ttl_s: float) -> int:
+        """``append`` in this very step (the embedded relay path has nothing to wait for).
+
+        A bounded deque appended in place (no copy of up to ``maxlen`` entries per append).
+        """
         now = self._clock()
         log = self._logs.get(key)
         if log is None or log[2] <= now:

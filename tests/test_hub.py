@@ -127,6 +127,40 @@ async def test_only_the_offerer_of_a_pair_sends_offers(broker: RunningBroker) ->
         await therapist.close()
 
 
+async def test_relays_are_handled_within_the_step_once_the_record_is_known(broker: RunningBroker) -> None:
+    """The embedded fast path (``Hub.receive_now``): nothing to await, the same rules as the slow path."""
+    _, therapist, client = await admitted_pair(broker)
+    hub = broker.hub
+    conn = next(c for c in hub.connections.values() if c.peer_id == client.peer_id)
+
+    def frame(kind: str, to: str, ref: str, **fields: Any) -> str:
+        return json.dumps({"type": kind, "to": to, "id": ref, **fields})
+
+    try:
+        first = hub.receive_now(conn, frame("candidate", therapist.peer_id, "c0", candidate="", sdp_mid="slow"))
+        if first is not None:  # the record was not in the process's copy yet: read from the store
+            await first
+        await therapist.expect(Candidate, where=lambda m: m.sdp_mid == "slow")
+        assert hub.receive_now(conn, frame("candidate", therapist.peer_id, "c1", candidate="", sdp_mid="fast")) is None
+        relayed = await therapist.expect(Candidate, where=lambda m: m.sdp_mid == "fast")
+        assert relayed.from_ == client.peer_id and relayed.id is None and relayed.seq is not None
+
+        refused = [
+            (frame("offer", therapist.peer_id, "r1", sdp="v=0"), ErrorCode.NOT_OFFERER),
+            (frame("candidate", client.peer_id, "r2", candidate=""), ErrorCode.NOT_IN_SESSION),
+            (frame("candidate", "nobody", "r3", candidate=""), ErrorCode.NOT_IN_SESSION),
+        ]
+        for text, code in refused:
+            assert hub.receive_now(conn, text) is None
+        for (_, code), ref in zip(refused, ("r1", "r2", "r3")):
+            assert (await client.expect(Error, where=lambda m, ref=ref: m.ref == ref)).code is code  # type: ignore[misc]
+        await asyncio.sleep(0.1)
+        assert not any(isinstance(m, Candidate) and m.sdp_mid is None for m in therapist.received)
+    finally:
+        await client.close()
+        await therapist.close()
+
+
 # ---------------------------------------------------------------- bad input changes nothing
 
 

@@ -52,10 +52,11 @@ class MaliciousHub(Hub):
             return first
         return message
 
-    async def _evil_relay(self, conn: Any, message: Offer | Answer) -> None:
-        await Hub._on_relay(self, conn, self.tamper(conn.peer_id, message))
-
-    _handlers = {**Hub._handlers, Offer: _evil_relay, Answer: _evil_relay}
+    def _relay_checked(self, conn: Any, message: Any, session: Any) -> tuple[bytes, float]:
+        """Every relay, on the hub's fast path and on its awaited one, goes through here."""
+        if isinstance(message, (Offer, Answer)):
+            message = self.tamper(conn.peer_id, message)
+        return Hub._relay_checked(self, conn, message, session)
 
     async def inject_fake_offer(self, session_id: str, to: str, *, mac: str | None) -> None:
         """A peer the therapist never admitted, made up by the broker, offers to a client."""
