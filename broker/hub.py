@@ -96,6 +96,9 @@ EXPIRY_LEAD_S = 1.0
 RELAY_RECORD_MAX_AGE_S = 0.5
 #: Decoded session records kept per process, the most recently used (a miss costs one msgpack decode).
 DECODED_MAX = 1024
+#: A connection that got a message within this many passes of the event loop (passes that wrote
+#: something) is streaming: its messages wait for the end of the pass, to go out in one write.
+STREAM_PASSES = 8
 
 
 #: The messages the broker relays from one peer to another (handled by ``Hub._on_relay``).
@@ -208,21 +211,52 @@ class TokenBucket:
         return self.refused > 4 * self.burst
 
 
+class WriteBatch:
+    """The connections with frames to write at the end of this pass of the event loop.
+
+    One loop callback per pass writes them all, however many connections got messages:
+    each connection's frames of the pass go out in one system call. ``passes`` counts
+    these callbacks: a connection remembers the pass of its last message, to tell a
+    stream from an occasional message.
+    """
+
+    __slots__ = ("_due", "passes")
+
+    def __init__(self) -> None:
+        self._due: list[Connection] = []
+        self.passes = 0
+
+    def add(self, conn: Connection) -> None:
+        if not self._due:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._due.append(conn)
+
+    def _flush(self) -> None:
+        due, self._due = self._due, []
+        self.passes += 1
+        for conn in due:
+            conn._end_burst()
+
+
 @dataclass(eq=False, slots=True)
 class Connection:
     """One WebSocket held by this process.
 
-    Messages go straight to the socket while nothing waits; only when the socket
+    Messages go to the socket without a task of their own; only when the socket
     is paused (the peer reads slower than we write) do they wait in a bounded
     queue drained by a writer task. An idle connection holds neither, so ten
     thousand of them stay small; a peer whose queue fills is closed (4009).
-    The first message of a pass of the event loop is written at once (latency);
-    the ones after it in the same pass go out together at its end (one system
-    call under load instead of one each).
+
+    An occasional message is written at once (latency: P3 in benchmarks/). The
+    messages after it in the same pass of the event loop, and every message of a
+    connection that got messages in the last ``STREAM_PASSES`` passes, go out
+    together at the end of the pass: one system call per connection and pass
+    instead of one per message (throughput: P1).
     """
 
     transport: Transport
     limits: Limits
+    batch: WriteBatch
     id: str = field(default_factory=lambda: secrets.token_hex(8))
     helloed: bool = False
     session_id: str | None = None
@@ -236,6 +270,8 @@ class Connection:
     writer: asyncio.Task[None] | None = None
     #: Set (to a list of frames to write at the end of this pass) once a frame went out in this pass.
     burst: list[bytes] | None = None
+    #: The write batch's pass in which this connection last got a message.
+    streak: int = -STREAM_PASSES - 1
     deadline: asyncio.TimerHandle | None = None
     #: The highest relayed ``seq`` handed to this connection (to resend what a bus outage dropped).
     last_seq: int = 0
@@ -262,11 +298,16 @@ class Connection:
         if close is None and data and self.writer is None:
             burst = self.burst
             if burst is None:
-                if self.transport.write_now(data):
+                batch = self.batch
+                streaming = batch.passes - self.streak <= STREAM_PASSES
+                self.streak = batch.passes
+                if not streaming and self.transport.write_now(data):
                     self.burst = []
-                    asyncio.get_running_loop().call_soon(self._end_burst)
-                    return
-            elif len(burst) < self.limits.send_queue_limit:
+                else:
+                    self.burst = [data]
+                batch.add(self)
+                return
+            if len(burst) < self.limits.send_queue_limit:
                 burst.append(data)
                 return
         if self.burst:  # frames held for the end of this pass go before this one
@@ -277,7 +318,7 @@ class Connection:
         self._queue(data, close)
 
     def _end_burst(self) -> None:
-        """Write what came after the first message of this pass (even when closing: it was sent before)."""
+        """Write what waited for the end of this pass (even when closing: it was sent before)."""
         burst, self.burst = self.burst, None
         if not burst:
             return
@@ -350,6 +391,7 @@ class Hub:
         self.signer = signer
         self.clock = clock
         self.connections: dict[str, Connection] = {}
+        self._writes = WriteBatch()
         # Local routing: seat -> connection, and the connections per session.
         self._by_peer: dict[tuple[str, str], Connection] = {}
         self._by_session: dict[str, set[Connection]] = {}
@@ -440,7 +482,7 @@ class Hub:
     # ------------------------------------------------------------ connections
 
     def open(self, transport: Transport) -> Connection:
-        conn = Connection(transport, self.limits)
+        conn = Connection(transport, self.limits, self._writes)
         self.connections[conn.id] = conn
         conn.deadline = asyncio.get_running_loop().call_later(self.limits.auth_deadline_s, self._auth_deadline, conn)
         return conn

@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from broker.client import BrokerClient
+from broker.hub import STREAM_PASSES, Connection, Limits, WriteBatch
 from broker.protocol import (
     Candidate,
     Error,
@@ -159,6 +160,57 @@ async def test_relays_are_handled_within_the_step_once_the_record_is_known(broke
     finally:
         await client.close()
         await therapist.close()
+
+
+class RecordingSocket:
+    """The hub's side of a socket that is never paused, keeping each write (the frames of one system call)."""
+
+    def __init__(self) -> None:
+        self.writes: list[list[bytes]] = []
+
+    def write_now(self, data: bytes) -> bool:
+        self.writes.append([data])
+        return True
+
+    def write_now_many(self, frames: list[bytes]) -> bool:
+        self.writes.append(list(frames))
+        return True
+
+    async def send_text(self, data: bytes) -> None:
+        self.writes.append([data])
+
+    async def close(self, code: int, reason: str) -> None:
+        pass
+
+
+async def test_an_occasional_message_goes_out_at_once_and_the_rest_of_its_pass_in_one_write() -> None:
+    sock = RecordingSocket()
+    conn = Connection(sock, Limits(), WriteBatch())
+    for n in (b"1", b"2", b"3"):
+        conn.deliver(n)
+    assert sock.writes == [[b"1"]]  # before anything was awaited
+    await asyncio.sleep(0)  # the end of this pass of the event loop
+    assert sock.writes == [[b"1"], [b"2", b"3"]]
+    assert conn.flushed
+
+
+async def test_a_streaming_connection_writes_once_per_pass_and_an_idle_one_at_once_again() -> None:
+    batch = WriteBatch()
+    sock, other = RecordingSocket(), RecordingSocket()
+    conn, bystander = Connection(sock, Limits(), batch), Connection(other, Limits(), batch)
+    conn.deliver(b"1")
+    conn.deliver(b"2")
+    await asyncio.sleep(0)
+    conn.deliver(b"3")  # it got messages in the last pass: a stream
+    conn.deliver(b"4")
+    assert sock.writes == [[b"1"], [b"2"]]
+    await asyncio.sleep(0)
+    assert sock.writes == [[b"1"], [b"2"], [b"3", b"4"]]
+    for n in range(STREAM_PASSES + 1):  # passes in which only another connection got messages
+        bystander.deliver(b"%d" % n)
+        await asyncio.sleep(0)
+    conn.deliver(b"5")
+    assert sock.writes[-1] == [b"5"]  # quiet long enough: at once again
 
 
 # ---------------------------------------------------------------- bad input changes nothing
