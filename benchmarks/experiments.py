@@ -114,3 +114,49 @@ def api_middlewares_apart() -> None:
     from broker import serve
 
     serve.build_app = without_api_middlewares  # type: ignore[assignment]
+
+
+@experiment("count_writes")
+def count_writes() -> None:
+    """Diagnosis, not a proposal: counts WebSocket writes, frames, Redis pipeline batches, every second to /tmp."""
+    import asyncio
+    import json
+    import os
+
+    from broker import server
+    from broker.bus_redis import _Pipe
+
+    counts = {"ws_writes": 0, "ws_frames": 0, "redis_batches": 0, "redis_commands": 0}
+    write_many = server._AiohttpTransport.write_now_many
+
+    def counted(self, frames):  # type: ignore[no-untyped-def]
+        counts["ws_writes"] += 1
+        counts["ws_frames"] += len(frames)
+        return write_many(self, frames)
+
+    server._AiohttpTransport.write_now_many = counted  # type: ignore[method-assign]
+    send = _Pipe.send
+
+    def counted_send(self, batch):  # type: ignore[no-untyped-def]
+        counts["redis_batches"] += 1
+        counts["redis_commands"] += len(batch)
+        return send(self, batch)
+
+    _Pipe.send = counted_send  # type: ignore[method-assign]
+    path = f"/tmp/count_writes.{os.getpid()}.jsonl"
+
+    async def dump() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            with open(path, "a") as out:
+                out.write(json.dumps(counts) + "\n")
+
+    from broker import serve
+
+    original = serve.build_app
+
+    def build_app(broker):  # type: ignore[no-untyped-def]
+        asyncio.get_running_loop().create_task(dump())
+        return original(broker)
+
+    serve.build_app = build_app

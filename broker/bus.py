@@ -9,6 +9,7 @@ it runs on.
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from typing import Awaitable, Callable, Protocol
 
@@ -85,11 +86,15 @@ class Bus(Protocol):
         buffer ``log_key`` in ``store``, then publish it stamped with its sequence number; returns it."""
         ...
 
-    def publish_relayed_now(
+    def publish_relayed_soon(
         self, session_id: str, envelope: Envelope, store: Store, log_key: str, maxlen: int, ttl_s: float
-    ) -> int | None:
-        """``publish_relayed`` done within this step when nothing has to be waited for; else None
-        and nothing done (the caller then awaits ``publish_relayed``)."""
+    ) -> int | asyncio.Future[int] | None:
+        """``publish_relayed`` without waiting for it: the seq when it was done within this step,
+        a future of the seq while it is on its way (a failure is the future's exception), or
+        None, with nothing done, when this bus cannot (the caller then awaits ``publish_relayed``).
+
+        Relays started this way from one caller keep their order, among themselves and with
+        ``publish_relayed``."""
         ...
 
     def add_reconnect_listener(self, listener: Callable[[], Awaitable[None]]) -> None:
@@ -125,12 +130,12 @@ class LocalBus:
     async def publish_relayed(
         self, session_id: str, envelope: Envelope, store: Store, log_key: str, maxlen: int, ttl_s: float
     ) -> int:
-        seq = self.publish_relayed_now(session_id, envelope, store, log_key, maxlen, ttl_s)
+        seq = self.publish_relayed_soon(session_id, envelope, store, log_key, maxlen, ttl_s)
         if seq is not None:
             return seq
         return await append_then_publish(self, store, session_id, envelope, log_key, maxlen, ttl_s)
 
-    def publish_relayed_now(
+    def publish_relayed_soon(
         self, session_id: str, envelope: Envelope, store: Store, log_key: str, maxlen: int, ttl_s: float
     ) -> int | None:
         """With the embedded store: no coroutine at all on a relayed message's way (P1 in benchmarks/)."""

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import random
 import secrets
+from collections import deque
 from typing import Any, Awaitable, Callable
 
 import msgspec
@@ -41,9 +43,10 @@ from .store_redis import (
     RedisStore,
     Sealer,
     StoreCorrupt,
+    TIMEOUT_S,
+    is_unavailable,
     log_aad,
     ms,
-    unavailable_on_redis_errors,
 )
 
 log = logging.getLogger("broker.bus_redis")
@@ -138,6 +141,8 @@ class RedisBus:
         self._outbox: asyncio.Queue[tuple[bytes, asyncio.Future[Any]]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._spawned: set[asyncio.Task[None]] = set()
+        #: The publisher's connection (see ``_Pipe``), opened by the first command.
+        self._pipe: _Pipe | None = None
         self._closed = False
         self._last_rx = 0.0
         #: Set while the pub/sub connection is up and Redis confirmed every channel subscribed again.
@@ -213,8 +218,22 @@ class RedisBus:
         The seq is assigned by Redis and travels outside the sealed envelope, as it does in
         the resume buffer; inside, ``seq=0`` marks an envelope that must get one.
         """
-        if not isinstance(store, RedisStore) or store.redis is not self.redis:
+        sent = self.publish_relayed_soon(session_id, envelope, store, log_key, maxlen, ttl_s)
+        if sent is None:
             return await append_then_publish(self, store, session_id, envelope, log_key, maxlen, ttl_s)
+        return int(await sent)
+
+    def publish_relayed_soon(
+        self, session_id: str, envelope: Envelope, store: Store, log_key: str, maxlen: int, ttl_s: float
+    ) -> asyncio.Future[int] | None:
+        """The relay command queued for the publisher; the future is done when Redis has run it
+        (its result is the seq).
+
+        Local handlers get the message then, stamped with that seq: the callback delivering it is
+        the future's first, so it runs before anyone awaiting the future resumes.
+        """
+        if not isinstance(store, RedisStore) or store.redis is not self.redis:
+            return None
         if maxlen < 1:
             raise ValueError("maxlen must be at least 1")
         if self._closed:
@@ -225,17 +244,19 @@ class RedisBus:
         sealed = self._sealer.seal(_aad(channel, self.node_id), pack(marked))
         prefix = self.node_id + _SEQ_MARK
         command = _RELAY_HEAD + _resp_arguments((log_key, entry, maxlen, ms(ttl_s), channel, prefix, sealed))
-        seq = int(await self._send(command))
+        reply: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        reply.add_done_callback(functools.partial(self._relayed, session_id, envelope))
+        self._outbox.put_nowait((command, reply))
+        return reply
+
+    def _relayed(self, session_id: str, envelope: Envelope, reply: asyncio.Future[int]) -> None:
+        """Redis ran a relay command: deliver the message locally, stamped with its seq."""
+        if reply.cancelled() or reply.exception() is not None:
+            return  # whoever sent it answers the failure
+        seq = int(reply.result())
         stamped = Envelope(envelope.to_peer, None, with_seq(envelope.data, seq), envelope.close, seq=seq)
         for handler in list(self._handlers.get(session_id, ())):
             handler(stamped)
-        return seq
-
-    def publish_relayed_now(
-        self, session_id: str, envelope: Envelope, store: Store, log_key: str, maxlen: int, ttl_s: float
-    ) -> int | None:
-        """Never: the seq comes from Redis, so local delivery waits for its reply."""
-        return None
 
     async def _send(self, command: bytes) -> Any:
         """Queue a command (``resp_command``) for the publisher; its reply once Redis has run it."""
@@ -443,45 +464,128 @@ class RedisBus:
 
     # ------------------------------------------------------------ the publisher
 
-    async def _pipeline(self, commands: list[bytes]) -> list[Any]:
-        """Send the commands in one write on a pooled connection and read their replies, in order."""
-        pool = self.redis.connection_pool
-        conn = await pool.get_connection()
-        try:
-            await conn.send_packed_command(b"".join(commands), check_health=False)
-            replies = [await conn.read_response() for _ in commands]
-        except BaseException:
-            # Replies may be left unread (an error reply, a timeout, a cancellation): never reuse it.
-            with contextlib.suppress(Exception):
-                await conn.disconnect()
-            raise
-        finally:
-            await pool.release(conn)
-        return replies
-
     async def _publish_loop(self) -> None:
+        """Write queued commands on one connection as they come, never waiting for replies in
+        between (pipelining): Redis runs them in this process's publish order, and the pipe's
+        reader settles each command's future as its reply arrives."""
         while True:
             batch = [await self._outbox.get()]
             while len(batch) < BATCH and not self._outbox.empty():
                 batch.append(self._outbox.get_nowait())
-            error: BaseException | None = None
             try:
-                with unavailable_on_redis_errors():
-                    replies = await self._pipeline([command for command, _ in batch])
+                pipe = self._pipe if self._pipe is not None and not self._pipe.broken else await self._open_pipe()
+                pipe.send(batch)
+                if pipe.needs_drain():
+                    await pipe.drain()
             except asyncio.CancelledError:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(StoreUnavailable("closed"))
+                _fail(batch, StoreUnavailable("closed"))
                 raise
-            except StoreUnavailable as exc:
-                error = exc
             except Exception as exc:
-                log.exception("event=bus_publish_failed")
-                error = StoreUnavailable(type(exc).__name__)
-            for i, (_, done) in enumerate(batch):
-                if done.done():
-                    continue  # its publisher was cancelled; the message was still sent in order
-                if error is None:
-                    done.set_result(replies[i])
-                else:
-                    done.set_exception(StoreUnavailable(str(error)))
+                if not isinstance(exc, (StoreUnavailable, *_LINK_ERRORS)) and not is_unavailable(exc):
+                    log.exception("event=bus_publish_failed")
+                _fail(batch, StoreUnavailable(type(exc).__name__))
+
+    async def _open_pipe(self) -> _Pipe:
+        self._pipe = None
+        conn = self.redis.connection_pool.make_connection()
+        try:
+            await conn.connect()
+            pipe = _Pipe(conn)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+            raise
+        self._pipe = pipe
+        task = asyncio.get_running_loop().create_task(pipe.read_replies(), name="bus-publisher-replies")
+        self._spawned.add(task)
+        task.add_done_callback(self._spawned.discard)
+        return pipe
+
+
+#: How the link to Redis fails (anything else is a bug worth a traceback in the log).
+_LINK_ERRORS = (ConnectionError, OSError, asyncio.TimeoutError, redis_errors.RedisError)
+
+
+def _fail(batch: list[tuple[bytes, asyncio.Future[Any]]], error: BaseException) -> None:
+    for _, done in batch:
+        if not done.done():
+            done.set_exception(error)
+
+
+class _Pipe:
+    """The publisher's own connection: commands written as they come, replies matched in order.
+
+    A reply that does not come within ``TIMEOUT_S`` of its command, or a broken connection,
+    fails every command still waiting (StoreUnavailable) and retires the pipe; the next
+    command opens a new one.
+    """
+
+    def __init__(self, conn: Any) -> None:
+        fast = _fast_reader(conn)
+        writer = getattr(conn, "_writer", None)
+        if fast is None or not isinstance(writer, asyncio.StreamWriter):
+            raise StoreUnavailable("no stream to pipeline on")
+        self.conn = conn
+        self.parser, self.stream = fast
+        self.writer = writer
+        #: Futures of the commands written and not answered yet, oldest first, with when each was written.
+        self.waiting: deque[tuple[float, asyncio.Future[Any]]] = deque()
+        self.broken = False
+
+    def send(self, batch: list[tuple[bytes, asyncio.Future[Any]]]) -> None:
+        if self.broken:
+            raise StoreUnavailable("the publisher's connection is gone")
+        now = asyncio.get_running_loop().time()
+        self.waiting.extend((now, done) for _, done in batch)  # before writing: replies can come at once
+        self.writer.write(b"".join(command for command, _ in batch))
+
+    def needs_drain(self) -> bool:
+        transport = self.writer.transport
+        return transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]
+
+    async def drain(self) -> None:
+        async with asyncio.timeout(TIMEOUT_S):
+            await self.writer.drain()
+
+    async def read_replies(self) -> None:
+        loop = asyncio.get_running_loop()
+        error: BaseException = StoreUnavailable("the publisher's connection was closed")
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(TIMEOUT_S):
+                        data = await self.stream.read(65536)
+                except TimeoutError:
+                    if self.waiting and loop.time() - self.waiting[0][0] > TIMEOUT_S:
+                        error = StoreUnavailable("TimeoutError")
+                        return
+                    continue
+                if not data:
+                    return
+                self.parser.feed(data)
+                reply = self.parser.gets()
+                while reply is not False:
+                    _, done = self.waiting.popleft()
+                    if isinstance(reply, Exception):  # an error reply fails its own command only
+                        log.warning("event=bus_command_refused")
+                        reply = StoreUnavailable("error reply")
+                        if not done.done():
+                            done.set_exception(reply)
+                    elif not done.done():
+                        done.set_result(reply)
+                    reply = self.parser.gets()
+        except IndexError:
+            error = StoreUnavailable("a reply nobody waited for")
+        except asyncio.CancelledError:
+            error = StoreUnavailable("closed")
+            raise
+        except Exception as exc:
+            error = StoreUnavailable(type(exc).__name__)
+        finally:
+            self.broken = True
+            waiting, self.waiting = self.waiting, deque()
+            for _, done in waiting:
+                if not done.done():
+                    done.set_exception(error)
+            with contextlib.suppress(Exception):
+                await self.conn.disconnect(nowait=True)

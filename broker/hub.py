@@ -11,6 +11,7 @@ locally, so peers of one session may sit on different broker processes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import logging
 import secrets
@@ -392,6 +393,8 @@ class Hub:
         self.clock = clock
         self.connections: dict[str, Connection] = {}
         self._writes = WriteBatch()
+        #: Per connection, its newest relay still on its way to the bus (see ``_on_its_way``).
+        self._unsettled: dict[Connection, asyncio.Future[int]] = {}
         # Local routing: seat -> connection, and the connections per session.
         self._by_peer: dict[tuple[str, str], Connection] = {}
         self._by_session: dict[str, set[Connection]] = {}
@@ -532,18 +535,36 @@ class Hub:
             if session is not None:
                 try:
                     data, ttl = self._relay_checked(conn, message, session)  # type: ignore[arg-type]
-                    seq = self.bus.publish_relayed_now(
+                    sent = self.bus.publish_relayed_soon(
                         session.id, Envelope(message.to, None, data), self.store,  # type: ignore[union-attr]
                         mailbox_key(session.id, message.to), RESUME_MAX, ttl,  # type: ignore[union-attr]
                     )
                 except Exception as exc:
                     self._refuse(conn, exc, message.id)
                     return None
-                if seq is not None:
+                if sent is not None:
+                    if not isinstance(sent, int):
+                        self._on_its_way(conn, sent, message.id)
                     return None
         return self._handle(conn, message)
 
+    def _on_its_way(self, conn: Connection, sent: asyncio.Future[int], ref: str | None) -> None:
+        """A relay the bus is still sending (Redis): the connection's next frames need not wait for it,
+        but anything other than a relay does (``_handle``), and a failure is answered when it comes."""
+        self._unsettled[conn] = sent
+        sent.add_done_callback(functools.partial(self._settled, conn, ref))
+
+    def _settled(self, conn: Connection, ref: str | None, sent: asyncio.Future[int]) -> None:
+        if self._unsettled.get(conn) is sent:
+            del self._unsettled[conn]
+        failure = None if sent.cancelled() else sent.exception()
+        if isinstance(failure, Exception):
+            self._refuse(conn, failure, ref)
+
     async def _handle(self, conn: Connection, message: ClientMessage) -> None:
+        unsettled = self._unsettled.get(conn)
+        if unsettled is not None:  # this connection's relays reach the store before what it sent next
+            await asyncio.wait((unsettled,))
         try:
             await self._dispatch(conn, message)
         except Exception as exc:

@@ -490,3 +490,87 @@ async def test_publish_after_close_fails_instead_of_waiting(redis_server: RedisS
     await node.close()
     with pytest.raises(StoreUnavailable):
         await asyncio.wait_for(node.bus.publish(new_session(), envelope(b"late")), 3)
+
+
+# ---------------------------------------------------------------- the Redis publisher
+
+
+async def test_commands_are_pipelined_without_waiting_for_earlier_replies(redis_server: RedisServer) -> None:  # noqa: F811
+    redis_server.ensure_running()
+    node = await redis_node(redis_server.url)
+    bus = node.bus
+    assert isinstance(bus, RedisBus)
+    try:
+        await bus._send(resp_command(b"PING"))  # the publisher's connection is open
+        with redis_server.client() as raw:
+            raw.execute_command("CLIENT", "PAUSE", "700", "ALL")  # Redis holds every reply meanwhile
+        first = [asyncio.ensure_future(bus._send(resp_command(b"ECHO", b"a%d" % i))) for i in range(5)]
+        await asyncio.sleep(0.05)
+        second = [asyncio.ensure_future(bus._send(resp_command(b"ECHO", b"b%d" % i))) for i in range(5)]
+        await asyncio.sleep(0.05)
+        assert bus._pipe is not None and len(bus._pipe.waiting) == 10  # both batches written, none answered
+        assert not any(f.done() for f in first + second)
+        replies = await asyncio.wait_for(asyncio.gather(*first, *second), 5)
+        assert replies == [b"a%d" % i for i in range(5)] + [b"b%d" % i for i in range(5)]
+    finally:
+        await node.close()
+
+
+async def test_an_error_reply_fails_its_own_command_only(redis_server: RedisServer) -> None:  # noqa: F811
+    redis_server.ensure_running()
+    node = await redis_node(redis_server.url)
+    bus = node.bus
+    assert isinstance(bus, RedisBus)
+    try:
+        sent = [
+            asyncio.ensure_future(bus._send(resp_command(b"ECHO", b"before"))),
+            asyncio.ensure_future(bus._send(resp_command(b"NO-SUCH-COMMAND"))),
+            asyncio.ensure_future(bus._send(resp_command(b"ECHO", b"after"))),
+        ]
+        results = await asyncio.wait_for(asyncio.gather(*sent, return_exceptions=True), 5)
+        assert results[0] == b"before" and results[2] == b"after"
+        assert isinstance(results[1], StoreUnavailable)
+        assert await bus._send(resp_command(b"ECHO", b"still")) == b"still"  # the same pipe goes on
+    finally:
+        await node.close()
+
+
+async def test_commands_waiting_when_the_connection_drops_fail_and_the_next_one_reconnects(
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    redis_server.ensure_running()
+    node = await redis_node(redis_server.url)
+    bus = node.bus
+    assert isinstance(bus, RedisBus)
+    try:
+        await bus._send(resp_command(b"PING"))
+        old = bus._pipe
+        assert old is not None
+        held = asyncio.ensure_future(bus._send(resp_command(b"BLPOP", b"nothing-ever-comes", b"0")))
+        await asyncio.sleep(0.05)
+        with redis_server.client() as raw:
+            raw.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        with pytest.raises(StoreUnavailable, match="closed"):
+            await asyncio.wait_for(held, 5)  # never left hanging
+        assert old.broken
+        assert await asyncio.wait_for(bus._send(resp_command(b"ECHO", b"again")), 5) == b"again"
+        assert bus._pipe is not old
+    finally:
+        await node.close()
+
+
+async def test_a_command_redis_does_not_answer_in_time_fails(redis_server: RedisServer) -> None:  # noqa: F811
+    redis_server.ensure_running()
+    node = await redis_node(redis_server.url)
+    bus = node.bus
+    assert isinstance(bus, RedisBus)
+    try:
+        await bus._send(resp_command(b"PING"))
+        with redis_server.client() as raw:
+            raw.execute_command("CLIENT", "PAUSE", "2500", "ALL")
+        with pytest.raises(StoreUnavailable, match="TimeoutError"):
+            await asyncio.wait_for(bus._send(resp_command(b"ECHO", b"held")), 5)
+        await asyncio.sleep(2.6)  # the pause is over
+        assert await asyncio.wait_for(bus._send(resp_command(b"ECHO", b"again")), 5) == b"again"
+    finally:
+        await node.close()
