@@ -531,11 +531,15 @@ class _Pipe:
         #: Futures of the commands written and not answered yet, oldest first, with when each was written.
         self.waiting: deque[tuple[float, asyncio.Future[Any]]] = deque()
         self.broken = False
+        #: The reader's deadline while it waits for data (armed by ``send`` when nothing waited before).
+        self._deadline: asyncio.Timeout | None = None
 
     def send(self, batch: list[tuple[bytes, asyncio.Future[Any]]]) -> None:
         if self.broken:
             raise StoreUnavailable("the publisher's connection is gone")
         now = asyncio.get_running_loop().time()
+        if not self.waiting and self._deadline is not None:
+            self._deadline.reschedule(now + TIMEOUT_S)
         self.waiting.extend((now, done) for _, done in batch)  # before writing: replies can come at once
         self.writer.write(b"".join(command for command, _ in batch))
 
@@ -548,18 +552,19 @@ class _Pipe:
             await self.writer.drain()
 
     async def read_replies(self) -> None:
-        loop = asyncio.get_running_loop()
         error: BaseException = StoreUnavailable("the publisher's connection was closed")
         try:
             while True:
                 try:
-                    async with asyncio.timeout(TIMEOUT_S):
+                    # The oldest command still waiting must be answered within TIMEOUT_S of being sent.
+                    async with asyncio.timeout(self.waiting[0][0] + TIMEOUT_S if self.waiting else None) as deadline:
+                        self._deadline = deadline
                         data = await self.stream.read(65536)
                 except TimeoutError:
-                    if self.waiting and loop.time() - self.waiting[0][0] > TIMEOUT_S:
-                        error = StoreUnavailable("TimeoutError")
-                        return
-                    continue
+                    error = StoreUnavailable("TimeoutError")
+                    return
+                finally:
+                    self._deadline = None
                 if not data:
                     return
                 self.parser.feed(data)

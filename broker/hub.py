@@ -530,6 +530,9 @@ class Hub:
         except ProtocolError as exc:
             self._refuse(conn, exc, None)
             return None
+        if type(message) is Ping:  # answered at once, even while this connection's relays are on their way
+            self._send(conn, Pong(n=message.n))  # type: ignore[union-attr]
+            return None
         if type(message) in _RELAYED and conn.peer_id is not None:
             session = self._relay_record_now(conn.session_id or "")
             if session is not None:
@@ -610,9 +613,6 @@ class Hub:
     # ------------------------------------------------------------ dispatch
 
     async def _dispatch(self, conn: Connection, message: ClientMessage) -> None:
-        if isinstance(message, Ping):
-            self._send(conn, Pong(n=message.n))
-            return
         if not conn.helloed:
             if not isinstance(message, Hello):
                 raise ProtocolError(ErrorCode.HELLO_REQUIRED, "Send hello first.")

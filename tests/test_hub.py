@@ -23,7 +23,7 @@ from broker.protocol import (
     WaitingRoom,
 )
 from broker.record import verify_record
-from broker.store import session_prefix
+from broker.store import StoreUnavailable, session_prefix
 from broker.tokens import TokenClaims, TokenCodec, new_session_id, new_token_id
 
 from .conftest import RunningBroker, schedule
@@ -157,6 +157,34 @@ async def test_relays_are_handled_within_the_step_once_the_record_is_known(broke
             assert (await client.expect(Error, where=lambda m, ref=ref: m.ref == ref)).code is code  # type: ignore[misc]
         await asyncio.sleep(0.1)
         assert not any(isinstance(m, Candidate) and m.sdp_mid is None for m in therapist.received)
+    finally:
+        await client.close()
+        await therapist.close()
+
+
+async def test_a_frame_other_than_a_relay_waits_for_the_relays_still_on_their_way(broker: RunningBroker) -> None:
+    """On Redis a relay is not awaited (``Hub._on_its_way``); what the connection sends next still
+    takes effect after it, and a relay that fails later is answered with its ref."""
+    links, therapist, client = await admitted_pair(broker)
+    hub = broker.hub
+    conn = next(c for c in hub.connections.values() if c.peer_id == client.peer_id)
+    try:
+        failing = asyncio.get_running_loop().create_future()
+        hub._on_its_way(conn, failing, "r0")
+        failing.set_exception(StoreUnavailable("gone"))
+        assert (await client.expect(Error, where=lambda m: m.ref == "r0")).code is ErrorCode.UNAVAILABLE
+
+        on_its_way = asyncio.get_running_loop().create_future()
+        hub._on_its_way(conn, on_its_way, "r1")
+        leaving = hub.receive_now(conn, json.dumps({"type": "leave"}))
+        assert leaving is not None
+        task = asyncio.ensure_future(leaving)
+        await asyncio.sleep(0.1)
+        assert not task.done()
+        assert (await record_of(broker, links.session)).seat(client.peer_id).state is SeatState.ADMITTED
+        on_its_way.set_result(1)  # the relay was taken
+        await asyncio.wait_for(task, 5)
+        assert (await record_of(broker, links.session)).seat(client.peer_id).state is SeatState.LEFT
     finally:
         await client.close()
         await therapist.close()

@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from broker.client import BrokerClient
-from broker.protocol import Candidate
+from broker.protocol import Candidate, Error, ErrorCode, Pong
 
 from .conftest import schedule, start_broker_pair
 from .redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
@@ -93,5 +93,40 @@ async def test_a_relay_checks_a_change_made_on_the_other_process_once_its_notice
     finally:
         for peer in peers:
             await peer.close()
+        await a.stop()
+        await b.stop()
+
+
+async def test_a_relay_redis_fails_to_take_is_answered_with_its_ref(
+    tmp_path: Path, redis_server: RedisServer  # noqa: F811
+) -> None:
+    """Relays go to Redis without the connection waiting for them; a failure still reaches the sender."""
+    a, b = await start_broker_pair(tmp_path, redis_server.empty_database())
+    try:
+        links = await schedule(a)
+        therapist = BrokerClient(links.therapist)
+        await therapist.connect()
+        client = await waiting_client(links, link=links.client.replace(a.url, b.url))
+        await therapist.admit(client.peer_id)
+        await client.wait_connected(therapist.peer_id)
+        warm = {"type": "candidate", "to": therapist.peer_id, "candidate": "", "sdp_mid": "warm"}
+        await client.send_raw(json.dumps(warm))  # the relay record is now in process B's copy
+        await therapist.expect(Candidate, where=lambda m: m.sdp_mid == "warm")
+
+        with redis_server.client() as raw:
+            raw.execute_command("CLIENT", "PAUSE", "1600", "ALL")
+        held = {"type": "candidate", "to": therapist.peer_id, "candidate": "", "sdp_mid": "held", "id": "h1"}
+        await client.send_raw(json.dumps(held))
+        await client.send_raw(json.dumps({"type": "ping", "n": 7}))
+        pong = await client.expect(Pong, where=lambda m: m.n == 7, timeout=0.8)  # not behind the relay
+        assert pong.n == 7
+        error = await client.expect(Error, where=lambda m: m.ref == "h1", timeout=5)
+        assert error.code is ErrorCode.UNAVAILABLE
+        await asyncio.sleep(0.8)  # the pause is over; the next relay goes through
+        await client.send_raw(json.dumps({**warm, "sdp_mid": "after"}))
+        await therapist.expect(Candidate, where=lambda m: m.sdp_mid == "after", timeout=5)
+        await client.close()
+        await therapist.close()
+    finally:
         await a.stop()
         await b.stop()
