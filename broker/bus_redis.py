@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import math
 import random
@@ -105,8 +106,10 @@ def _resp_arguments(args: tuple[bytes | str | int, ...]) -> bytes:
     return b"".join(parts)
 
 
-#: The unchanging start of every relay command: EVAL, the script, one key (of 10 arguments in all).
-_RELAY_HEAD = b"*10\r\n" + _resp_arguments((b"EVAL", _RELAY, 1))
+#: The unchanging start of every relay command: EVALSHA, the script's digest, one key (of 10 arguments
+#: in all). Redis hashes an EVAL's script on every call; the publisher loads it once per connection.
+_RELAY_HEAD = b"*10\r\n" + _resp_arguments((b"EVALSHA", hashlib.sha1(_RELAY.encode()).hexdigest(), 1))
+_LOAD_RELAY = resp_command(b"SCRIPT", b"LOAD", _RELAY)
 
 
 def _fast_reader(conn: Any) -> tuple[Any, asyncio.StreamReader] | None:
@@ -490,6 +493,10 @@ class RedisBus:
         conn = self.redis.connection_pool.make_connection()
         try:
             await conn.connect()
+            # Before any relay on this connection: a restarted or flushed Redis has no scripts.
+            await conn.send_packed_command(_LOAD_RELAY, check_health=False)
+            async with asyncio.timeout(TIMEOUT_S):
+                await conn.read_response()
             pipe = _Pipe(conn)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -573,12 +580,16 @@ class _Pipe:
                     _, done = self.waiting.popleft()
                     if isinstance(reply, Exception):  # an error reply fails its own command only
                         log.warning("event=bus_command_refused")
+                        if str(reply).startswith("NOSCRIPT"):
+                            self.broken = True  # the script cache was flushed: the next pipe loads it again
                         reply = StoreUnavailable("error reply")
                         if not done.done():
                             done.set_exception(reply)
                     elif not done.done():
                         done.set_result(reply)
                     reply = self.parser.gets()
+                if self.broken and not self.waiting:
+                    return  # retired, and every command it carried has its answer
         except IndexError:
             error = StoreUnavailable("a reply nobody waited for")
         except asyncio.CancelledError:

@@ -574,3 +574,22 @@ async def test_a_command_redis_does_not_answer_in_time_fails(redis_server: Redis
         assert await asyncio.wait_for(bus._send(resp_command(b"ECHO", b"again")), 5) == b"again"
     finally:
         await node.close()
+
+
+async def test_relays_go_on_after_redis_forgets_the_relay_script(redis_server: RedisServer) -> None:  # noqa: F811
+    """The relay command names its script by digest; a flushed script cache costs one refused relay."""
+    redis_server.ensure_running()
+    node = await redis_node(redis_server.url)
+    assert node.store is not None
+    sid, key = new_session(), f"s:{{{new_session()}}}:box:abcdefgh"
+    try:
+        relay = lambda n: node.bus.publish_relayed(sid, envelope(relayed_data(n), "abcdefgh"), node.store, key, 8, 60)  # noqa: E731
+        assert await relay(1) == 1
+        with redis_server.client() as raw:
+            raw.execute_command("SCRIPT", "FLUSH")
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(relay(2), 5)
+        assert await asyncio.wait_for(relay(3), 5) == 2  # the refused one was not logged
+        assert await node.store.read_since(key, 0) == [(1, relayed_data(1)), (2, relayed_data(3))]
+    finally:
+        await node.close()
