@@ -11,7 +11,8 @@ dependency since caaade7), ``lean_connection``/``direct_write`` (5a72d1f, with
 the deferred variant's batching as ad69169), ``bounded_decode_cache``
 (c8b32c5), ``one_expiry_timer`` (35b3a3f), ``relay_record_ttl`` (41a1b38, with
 invalidation over the bus instead of a 100 ms bound), ``deque_mailbox``
-(0d6c847).
+(0d6c847), ``api_middlewares_apart`` (as middlewares that hold no frame outside
+/api/, third session).
 """
 
 from __future__ import annotations
@@ -86,34 +87,6 @@ def gc_freeze() -> None:
         return made
 
     serve.create_broker = create_broker  # type: ignore[assignment]
-
-
-@experiment("api_middlewares_apart")
-def api_middlewares_apart() -> None:
-    """The /api/ middlewares (CSRF, store errors) no longer wrap /ws and the pages.
-
-    Stands for: mount the dashboard JSON API as an aiohttp sub-application at
-    /api/ carrying those two middlewares (broker/web_auth.py, broker/dashboard.py),
-    so a WebSocket's request is wrapped by the security-headers middleware only.
-    Each middleware that wraps /ws keeps a suspended coroutine frame for the life
-    of the connection even when it does nothing for it. (For the measurement the
-    two are simply left off: the benchmark does not call /api/.)
-    """
-    from broker import server
-
-    build = server.build_app
-
-    def without_api_middlewares(broker):  # type: ignore[no-untyped-def]
-        app = build(broker)
-        keep = [m for m in app.middlewares if getattr(m, "__name__", "") not in ("_store_errors",)
-                and getattr(m, "__qualname__", "").split(".")[0] != "csrf_middleware"]
-        app.middlewares[:] = keep
-        return app
-
-    server.build_app = without_api_middlewares  # type: ignore[assignment]
-    from broker import serve
-
-    serve.build_app = without_api_middlewares  # type: ignore[assignment]
 
 
 @experiment("count_writes")

@@ -329,9 +329,13 @@ def csrf_middleware(config: Config) -> Callable[[web.Request, Handler], Awaitabl
     allowed = frozenset(config.origins)
 
     @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+        # Not a coroutine: a request outside /api/ (a WebSocket lives for hours) holds no frame of it.
         if not request.path.startswith("/api/"):
-            return await handler(request)
+            return handler(request)
+        return api(request, handler)
+
+    async def api(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await guarded(request, handler)
         except (StoreUnavailable, RedisError, ConnectionError, TimeoutError):
