@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Annotated, Any, Awaitable
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
@@ -237,15 +237,9 @@ def _not_found() -> web.Response:
 
 
 @web.middleware
-def _store_errors(request: web.Request, handler: Any) -> Awaitable[web.StreamResponse]:
-    """/api/ answers 503 in JSON when the store is away. Other requests go straight to their
-    handler, without a frame of this middleware held for their life (a WebSocket's is hours)."""
+async def _store_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     if not request.path.startswith("/api/"):
-        return handler(request)  # type: ignore[no-any-return]
-    return _api_store_errors(request, handler)
-
-
-async def _api_store_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+        return await handler(request)  # type: ignore[no-any-return]
     try:
         return await handler(request)  # type: ignore[no-any-return]
     except StoreUnavailable:

@@ -97,9 +97,11 @@ EXPIRY_LEAD_S = 1.0
 RELAY_RECORD_MAX_AGE_S = 0.5
 #: Decoded session records kept per process, the most recently used (a miss costs one msgpack decode).
 DECODED_MAX = 1024
-#: A connection that got a message within this many passes of the event loop (passes that wrote
-#: something) is streaming: its messages wait for the end of the pass, to go out in one write.
-STREAM_PASSES = 8
+#: A connection whose previous message came less than this long ago is streaming: its messages wait
+#: for the end of the pass of the event loop, to go out in one write. Counted in time, not in passes:
+#: sessions that all signal at the same moment make few passes, yet each of them is occasional; long
+#: enough for a stream under load, where one pass may take milliseconds.
+STREAM_GAP_S = 0.05
 
 
 #: The messages the broker relays from one peer to another (handled by ``Hub._on_relay``).
@@ -179,6 +181,8 @@ class TokenBucket:
 
     FLOOD_WINDOW_S = 10.0
 
+    __slots__ = ("rate", "burst", "tokens", "stamp", "refused", "_first_refusal_notice")  # one per connection: small
+
     def __init__(self, rate: float, burst: int) -> None:
         self.rate = rate
         self.burst = float(burst)
@@ -216,16 +220,15 @@ class WriteBatch:
     """The connections with frames to write at the end of this pass of the event loop.
 
     One loop callback per pass writes them all, however many connections got messages:
-    each connection's frames of the pass go out in one system call. ``passes`` counts
-    these callbacks: a connection remembers the pass of its last message, to tell a
-    stream from an occasional message.
+    each connection's frames of the pass go out in one system call. ``clock`` tells a
+    stream from an occasional message (see ``STREAM_GAP_S``).
     """
 
-    __slots__ = ("_due", "passes")
+    __slots__ = ("_due", "clock")
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._due: list[Connection] = []
-        self.passes = 0
+        self.clock = clock
 
     def add(self, conn: Connection) -> None:
         if not self._due:
@@ -234,7 +237,6 @@ class WriteBatch:
 
     def _flush(self) -> None:
         due, self._due = self._due, []
-        self.passes += 1
         for conn in due:
             conn._end_burst()
 
@@ -250,7 +252,7 @@ class Connection:
 
     An occasional message is written at once (latency: P3 in benchmarks/). The
     messages after it in the same pass of the event loop, and every message of a
-    connection that got messages in the last ``STREAM_PASSES`` passes, go out
+    connection whose previous one came less than ``STREAM_GAP_S`` before, go out
     together at the end of the pass: one system call per connection and pass
     instead of one per message (throughput: P1).
     """
@@ -271,8 +273,8 @@ class Connection:
     writer: asyncio.Task[None] | None = None
     #: Set (to a list of frames to write at the end of this pass) once a frame went out in this pass.
     burst: list[bytes] | None = None
-    #: The write batch's pass in which this connection last got a message.
-    streak: int = -STREAM_PASSES - 1
+    #: When this connection last got a message to write (the write batch's clock).
+    last_message: float = float("-inf")
     deadline: asyncio.TimerHandle | None = None
     #: The highest relayed ``seq`` handed to this connection (to resend what a bus outage dropped).
     last_seq: int = 0
@@ -300,8 +302,9 @@ class Connection:
             burst = self.burst
             if burst is None:
                 batch = self.batch
-                streaming = batch.passes - self.streak <= STREAM_PASSES
-                self.streak = batch.passes
+                now = batch.clock()
+                streaming = now - self.last_message < STREAM_GAP_S
+                self.last_message = now
                 if not streaming and self.transport.write_now(data):
                     self.burst = []
                 else:

@@ -329,13 +329,9 @@ def csrf_middleware(config: Config) -> Callable[[web.Request, Handler], Awaitabl
     allowed = frozenset(config.origins)
 
     @web.middleware
-    def middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
-        # Not a coroutine: a request outside /api/ (a WebSocket lives for hours) holds no frame of it.
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith("/api/"):
-            return handler(request)
-        return api(request, handler)
-
-    async def api(request: web.Request, handler: Handler) -> web.StreamResponse:
+            return await handler(request)
         try:
             return await guarded(request, handler)
         except (StoreUnavailable, RedisError, ConnectionError, TimeoutError):

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from broker.client import BrokerClient
-from broker.hub import STREAM_PASSES, Connection, Limits, WriteBatch
+from broker.hub import STREAM_GAP_S, Connection, Limits, WriteBatch
 from broker.protocol import (
     Candidate,
     Error,
@@ -223,22 +223,29 @@ async def test_an_occasional_message_goes_out_at_once_and_the_rest_of_its_pass_i
 
 
 async def test_a_streaming_connection_writes_once_per_pass_and_an_idle_one_at_once_again() -> None:
-    batch = WriteBatch()
-    sock, other = RecordingSocket(), RecordingSocket()
-    conn, bystander = Connection(sock, Limits(), batch), Connection(other, Limits(), batch)
+    now = [100.0]
+    batch = WriteBatch(clock=lambda: now[0])
+    sock = RecordingSocket()
+    conn = Connection(sock, Limits(), batch)
     conn.deliver(b"1")
     conn.deliver(b"2")
     await asyncio.sleep(0)
-    conn.deliver(b"3")  # it got messages in the last pass: a stream
+    now[0] += STREAM_GAP_S / 2
+    conn.deliver(b"3")  # its previous message came just before: a stream
     conn.deliver(b"4")
     assert sock.writes == [[b"1"], [b"2"]]
     await asyncio.sleep(0)
     assert sock.writes == [[b"1"], [b"2"], [b"3", b"4"]]
-    for n in range(STREAM_PASSES + 1):  # passes in which only another connection got messages
-        bystander.deliver(b"%d" % n)
-        await asyncio.sleep(0)
+    now[0] += STREAM_GAP_S * 2
     conn.deliver(b"5")
-    assert sock.writes[-1] == [b"5"]  # quiet long enough: at once again
+    assert sock.writes[-1] == [b"5"]  # quiet for long enough: at once again
+    await asyncio.sleep(0)
+    now[0] += STREAM_GAP_S / 2
+    conn.deliver(b"6")
+    conn.deliver(b"7")
+    assert sock.writes[-1] == [b"5"]
+    await asyncio.sleep(0)
+    assert sock.writes[-1] == [b"6", b"7"]  # 5 came just before: a stream again
 
 
 # ---------------------------------------------------------------- bad input changes nothing

@@ -276,32 +276,3 @@ async def test_per_address_connection_limit(tmp_path: Path, http: ClientSession)
     finally:
         await running.stop()
 
-
-def _awaiting(coro: Any) -> list[str]:
-    """The qualified names of the coroutines a task's coroutine is suspended in, outermost first."""
-    names = []
-    while coro is not None and hasattr(coro, "cr_code"):
-        names.append(coro.cr_code.co_qualname)
-        coro = coro.cr_await
-    return names
-
-
-async def test_an_open_websocket_holds_no_frame_of_the_api_or_file_middlewares(broker: RunningBroker) -> None:
-    """A WebSocket lives for hours: each middleware suspended around it costs memory per connection (P2)."""
-    async with ClientSession() as http:
-        ws = await http.ws_connect(ws_url(broker), origin=origin(broker))
-        try:
-            await ws.send_str(json.dumps({"type": "hello", "protocol": PROTOCOL_VERSION}))
-            await ws.receive(timeout=5)
-            chains = [_awaiting(task.get_coro()) for task in asyncio.all_tasks()]
-            chain = next(c for c in chains if "websocket" in c)
-            assert "security_middleware.<locals>.middleware" in chain  # the headers wrap every response
-            api_and_files = {
-                "_store_errors", "_api_store_errors",
-                "csrf_middleware.<locals>.middleware", "csrf_middleware.<locals>.api",
-                "compress_files", "_compressed",
-            }
-            held = api_and_files & set(chain)
-            assert not held, chain
-        finally:
-            await ws.close()
