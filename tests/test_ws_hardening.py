@@ -276,3 +276,27 @@ async def test_per_address_connection_limit(tmp_path: Path, http: ClientSession)
     finally:
         await running.stop()
 
+
+
+def _handler_frame(name: str) -> Any:
+    """The suspended frame of the coroutine called ``name`` in any task on this loop."""
+    for task in asyncio.all_tasks():
+        coro = task.get_coro()
+        while coro is not None and hasattr(coro, "cr_code"):
+            if coro.cr_code.co_name == name:
+                return coro.cr_frame
+            coro = coro.cr_await
+    raise LookupError(name)
+
+
+async def test_an_idle_websocket_keeps_nothing_of_its_last_message(broker: RunningBroker) -> None:
+    """Memory per idle connection (P2): the finished handling of the last frame is let go."""
+    async with ClientSession() as http:
+        ws = await http.ws_connect(ws_url(broker), origin=origin(broker))
+        try:
+            await ws.send_str(json.dumps({"type": "hello", "protocol": PROTOCOL_VERSION}))
+            assert json.loads((await ws.receive(timeout=5)).data)["type"] == "welcome"
+            frame = _handler_frame("websocket")
+            assert frame.f_locals.get("pending") is None
+        finally:
+            await ws.close()
