@@ -139,10 +139,14 @@ class LocalBus:
         self, session_id: str, envelope: Envelope, store: Store, log_key: str, maxlen: int, ttl_s: float
     ) -> int | None:
         """With the embedded store: no coroutine at all on a relayed message's way (P1 in benchmarks/)."""
-        if not isinstance(store, MemoryStore):
+        if type(store) is not MemoryStore:
             return None
         seq = store.append_now(log_key, envelope.data, maxlen, ttl_s)
-        self.publish_now(session_id, Envelope(envelope.to_peer, None, with_seq(envelope.data, seq), seq=seq))
+        handlers = self._handlers.get(session_id)
+        if handlers:
+            stamped = Envelope(envelope.to_peer, None, with_seq(envelope.data, seq), seq=seq)
+            for handler in (handlers[0],) if len(handlers) == 1 else list(handlers):
+                handler(stamped)
         return seq
 
     def add_reconnect_listener(self, listener: Callable[[], Awaitable[None]]) -> None:

@@ -195,8 +195,10 @@ class TokenBucket:
     def take(self) -> bool:
         now = time.monotonic()
         elapsed = now - self.stamp
-        self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
-        self.refused = max(0.0, self.refused - elapsed * self.refused / self.FLOOD_WINDOW_S)
+        tokens = self.tokens + elapsed * self.rate
+        self.tokens = tokens if tokens < self.burst else self.burst
+        if self.refused:
+            self.refused = max(0.0, self.refused - elapsed * self.refused / self.FLOOD_WINDOW_S)
         self.stamp = now
         if self.tokens >= 1.0:
             self.tokens -= 1.0
@@ -999,7 +1001,21 @@ class Hub:
 
     def _on_bus(self, session_id: str) -> Callable[[Envelope], None]:
         def handler(envelope: Envelope) -> None:
-            if envelope.seq is None:
+            seq = envelope.seq
+            if seq is not None and envelope.to_peer is not None and envelope.close is None:
+                # A relayed message (the most frequent): one seat, in seq order, never closing.
+                conn = self._by_peer.get((session_id, envelope.to_peer))
+                if conn is None:
+                    return
+                if conn.replaying:
+                    if conn.held is None:
+                        conn.held = []
+                    conn.held.append(envelope)
+                elif seq > conn.last_seq:  # else already resent from the resume buffer
+                    conn.last_seq = seq
+                    conn.deliver(envelope.data)
+                return
+            if seq is None:
                 # Every change of the record that matters to relaying is followed by such a notice.
                 self._record_changed(session_id)
             if envelope.to_conn is not None:
