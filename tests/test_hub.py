@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from broker.client import BrokerClient
-from broker.hub import STREAM_GAP_S, Connection, Limits, WriteBatch
+from broker.hub import BUSY_CONNECTIONS, STREAM_GAP_S, Connection, Limits, WriteBatch
 from broker.protocol import (
     Candidate,
     Error,
@@ -188,6 +188,30 @@ async def test_a_frame_other_than_a_relay_waits_for_the_relays_still_on_their_wa
     finally:
         await client.close()
         await therapist.close()
+
+
+async def test_when_many_streams_wait_their_writes_carry_two_passes() -> None:
+    now = [100.0]
+    batch = WriteBatch(clock=lambda: now[0])
+    few = [RecordingSocket() for _ in range(BUSY_CONNECTIONS - 1)]
+    many = [RecordingSocket() for _ in range(BUSY_CONNECTIONS)]
+    for group in (few, many):
+        conns = [Connection(sock, Limits(), batch) for sock in group]
+        for conn in conns:  # occasional: at once, and the connections are streams from now on
+            conn.deliver(b"0")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        for conn in conns:
+            conn.deliver(b"1")
+        await asyncio.sleep(0)
+        for conn in conns:
+            conn.deliver(b"2")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        if group is few:  # not busy: a write per pass
+            assert all(sock.writes == [[b"0"], [b"1"], [b"2"]] for sock in group)
+        else:  # busy: the second pass's frames join the first's
+            assert all(sock.writes == [[b"0"], [b"1", b"2"]] for sock in group)
 
 
 class RecordingSocket:
