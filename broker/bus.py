@@ -142,11 +142,7 @@ class LocalBus:
         if type(store) is not MemoryStore:
             return None
         seq = store.append_now(log_key, envelope.data, maxlen, ttl_s)
-        handlers = self._handlers.get(session_id)
-        if handlers:
-            stamped = Envelope(envelope.to_peer, None, with_seq(envelope.data, seq), seq=seq)
-            for handler in (handlers[0],) if len(handlers) == 1 else list(handlers):
-                handler(stamped)
+        self.publish_now(session_id, Envelope(envelope.to_peer, None, with_seq(envelope.data, seq), seq=seq))
         return seq
 
     def add_reconnect_listener(self, listener: Callable[[], Awaitable[None]]) -> None:

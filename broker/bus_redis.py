@@ -41,10 +41,10 @@ from .bus import Envelope, Handler, append_then_publish, pack, unpack, with_seq
 from .store import Store, StoreUnavailable
 from .store_redis import (
     APPEND_LOG_LUA,
+    TIMEOUT_S,
     RedisStore,
     Sealer,
     StoreCorrupt,
-    TIMEOUT_S,
     is_unavailable,
     log_aad,
     ms,
@@ -484,8 +484,8 @@ class RedisBus:
                 _fail(batch, StoreUnavailable("closed"))
                 raise
             except Exception as exc:
-                if not isinstance(exc, (StoreUnavailable, *_LINK_ERRORS)) and not is_unavailable(exc):
-                    log.exception("event=bus_publish_failed")
+                if not isinstance(exc, StoreUnavailable) and not is_unavailable(exc):
+                    log.exception("event=bus_publish_failed")  # not Redis being away: a bug
                 _fail(batch, StoreUnavailable(type(exc).__name__))
 
     async def _open_pipe(self) -> _Pipe:
@@ -507,10 +507,6 @@ class RedisBus:
         self._spawned.add(task)
         task.add_done_callback(self._spawned.discard)
         return pipe
-
-
-#: How the link to Redis fails (anything else is a bug worth a traceback in the log).
-_LINK_ERRORS = (ConnectionError, OSError, asyncio.TimeoutError, redis_errors.RedisError)
 
 
 def _fail(batch: list[tuple[bytes, asyncio.Future[Any]]], error: BaseException) -> None:

@@ -200,8 +200,7 @@ class TokenBucket:
     def take(self) -> bool:
         now = time.monotonic()
         elapsed = now - self.stamp
-        tokens = self.tokens + elapsed * self.rate
-        self.tokens = tokens if tokens < self.burst else self.burst
+        self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
         if self.refused:
             self.refused = max(0.0, self.refused - elapsed * self.refused / self.FLOOD_WINDOW_S)
         self.stamp = now
@@ -519,14 +518,9 @@ class Hub:
         """Close once everything already queued (and ``last``, if given) has been written."""
         conn.deliver(encode(last) if last is not None else b"", code)
 
-    async def receive(self, conn: Connection, text: str | bytes) -> None:
-        """Handle one frame; any refusal is answered with an error and changes nothing."""
-        pending = self.receive_now(conn, text)
-        if pending is not None:
-            await pending
-
     def receive_now(self, conn: Connection, text: str | bytes) -> Awaitable[None] | None:
         """Handle one frame within this step if it can be; else what to await to finish it.
+        Any refusal is answered with an error and changes nothing.
 
         A relayed message is handled here at once when the session record is in this
         process's recent copy and the bus can relay without waiting (the embedded broker):
@@ -1015,21 +1009,7 @@ class Hub:
 
     def _on_bus(self, session_id: str) -> Callable[[Envelope], None]:
         def handler(envelope: Envelope) -> None:
-            seq = envelope.seq
-            if seq is not None and envelope.to_peer is not None and envelope.close is None:
-                # A relayed message (the most frequent): one seat, in seq order, never closing.
-                conn = self._by_peer.get((session_id, envelope.to_peer))
-                if conn is None:
-                    return
-                if conn.replaying:
-                    if conn.held is None:
-                        conn.held = []
-                    conn.held.append(envelope)
-                elif seq > conn.last_seq:  # else already resent from the resume buffer
-                    conn.last_seq = seq
-                    conn.deliver(envelope.data)
-                return
-            if seq is None:
+            if envelope.seq is None:
                 # Every change of the record that matters to relaying is followed by such a notice.
                 self._record_changed(session_id)
             if envelope.to_conn is not None:

@@ -7,7 +7,7 @@ import contextlib
 import os
 import secrets
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import msgspec
 import pytest
@@ -96,6 +96,16 @@ async def pair(redis_server: RedisServer) -> AsyncIterator[tuple[RedisBus, Redis
     yield a.bus, b.bus
     await a.close()
     await b.close()
+
+
+@pytest.fixture
+async def one(redis_server: RedisServer) -> AsyncIterator[tuple[RedisBus, RedisStore]]:  # noqa: F811
+    """One broker process's bus and store on the test Redis."""
+    redis_server.ensure_running()
+    made = await redis_node(redis_server.url)
+    assert isinstance(made.bus, RedisBus) and made.store is not None
+    yield made.bus, made.store
+    await made.close()
 
 
 # ---------------------------------------------------------------- contract (both buses)
@@ -495,101 +505,83 @@ async def test_publish_after_close_fails_instead_of_waiting(redis_server: RedisS
 # ---------------------------------------------------------------- the Redis publisher
 
 
-async def test_commands_are_pipelined_without_waiting_for_earlier_replies(redis_server: RedisServer) -> None:  # noqa: F811
-    redis_server.ensure_running()
-    node = await redis_node(redis_server.url)
-    bus = node.bus
-    assert isinstance(bus, RedisBus)
-    try:
-        await bus._send(resp_command(b"PING"))  # the publisher's connection is open
-        with redis_server.client() as raw:
-            raw.execute_command("CLIENT", "PAUSE", "700", "ALL")  # Redis holds every reply meanwhile
-        first = [asyncio.ensure_future(bus._send(resp_command(b"ECHO", b"a%d" % i))) for i in range(5)]
-        await asyncio.sleep(0.05)
-        second = [asyncio.ensure_future(bus._send(resp_command(b"ECHO", b"b%d" % i))) for i in range(5)]
-        await asyncio.sleep(0.05)
-        assert bus._pipe is not None and len(bus._pipe.waiting) == 10  # both batches written, none answered
-        assert not any(f.done() for f in first + second)
-        replies = await asyncio.wait_for(asyncio.gather(*first, *second), 5)
-        assert replies == [b"a%d" % i for i in range(5)] + [b"b%d" % i for i in range(5)]
-    finally:
-        await node.close()
+async def test_commands_are_pipelined_without_waiting_for_earlier_replies(
+    one: tuple[RedisBus, RedisStore], redis_server: RedisServer  # noqa: F811
+) -> None:
+    bus, _ = one
+    await bus._send(resp_command(b"PING"))  # the publisher's connection is open
+    with redis_server.client() as raw:
+        raw.execute_command("CLIENT", "PAUSE", "700", "ALL")  # Redis holds every reply meanwhile
+    first = [asyncio.ensure_future(bus._send(resp_command(b"ECHO", b"a%d" % i))) for i in range(5)]
+    await asyncio.sleep(0.05)
+    second = [asyncio.ensure_future(bus._send(resp_command(b"ECHO", b"b%d" % i))) for i in range(5)]
+    await asyncio.sleep(0.05)
+    assert bus._pipe is not None and len(bus._pipe.waiting) == 10  # both batches written, none answered
+    assert not any(f.done() for f in first + second)
+    replies = await asyncio.wait_for(asyncio.gather(*first, *second), 5)
+    assert replies == [b"a%d" % i for i in range(5)] + [b"b%d" % i for i in range(5)]
 
 
-async def test_an_error_reply_fails_its_own_command_only(redis_server: RedisServer) -> None:  # noqa: F811
-    redis_server.ensure_running()
-    node = await redis_node(redis_server.url)
-    bus = node.bus
-    assert isinstance(bus, RedisBus)
-    try:
-        sent = [
-            asyncio.ensure_future(bus._send(resp_command(b"ECHO", b"before"))),
-            asyncio.ensure_future(bus._send(resp_command(b"NO-SUCH-COMMAND"))),
-            asyncio.ensure_future(bus._send(resp_command(b"ECHO", b"after"))),
-        ]
-        results = await asyncio.wait_for(asyncio.gather(*sent, return_exceptions=True), 5)
-        assert results[0] == b"before" and results[2] == b"after"
-        assert isinstance(results[1], StoreUnavailable)
-        assert await bus._send(resp_command(b"ECHO", b"still")) == b"still"  # the same pipe goes on
-    finally:
-        await node.close()
+async def test_an_error_reply_fails_its_own_command_only(
+    one: tuple[RedisBus, RedisStore], redis_server: RedisServer  # noqa: F811
+) -> None:
+    bus, _ = one
+    sent = [
+        asyncio.ensure_future(bus._send(resp_command(b"ECHO", b"before"))),
+        asyncio.ensure_future(bus._send(resp_command(b"NO-SUCH-COMMAND"))),
+        asyncio.ensure_future(bus._send(resp_command(b"ECHO", b"after"))),
+    ]
+    results = await asyncio.wait_for(asyncio.gather(*sent, return_exceptions=True), 5)
+    assert results[0] == b"before" and results[2] == b"after"
+    assert isinstance(results[1], StoreUnavailable)
+    assert await bus._send(resp_command(b"ECHO", b"still")) == b"still"  # the same pipe goes on
 
 
 async def test_commands_waiting_when_the_connection_drops_fail_and_the_next_one_reconnects(
-    redis_server: RedisServer,  # noqa: F811
+    one: tuple[RedisBus, RedisStore], redis_server: RedisServer  # noqa: F811
 ) -> None:
-    redis_server.ensure_running()
-    node = await redis_node(redis_server.url)
-    bus = node.bus
-    assert isinstance(bus, RedisBus)
-    try:
-        await bus._send(resp_command(b"PING"))
-        old = bus._pipe
-        assert old is not None
-        held = asyncio.ensure_future(bus._send(resp_command(b"BLPOP", b"nothing-ever-comes", b"0")))
-        await asyncio.sleep(0.05)
-        with redis_server.client() as raw:
-            raw.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
-        with pytest.raises(StoreUnavailable, match="closed"):
-            await asyncio.wait_for(held, 5)  # never left hanging
-        assert old.broken
-        assert await asyncio.wait_for(bus._send(resp_command(b"ECHO", b"again")), 5) == b"again"
-        assert bus._pipe is not old
-    finally:
-        await node.close()
+    bus, _ = one
+    await bus._send(resp_command(b"PING"))
+    old = bus._pipe
+    assert old is not None
+    held = asyncio.ensure_future(bus._send(resp_command(b"BLPOP", b"nothing-ever-comes", b"0")))
+    await asyncio.sleep(0.05)
+    with redis_server.client() as raw:
+        raw.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await asyncio.wait_for(held, 5)  # never left hanging
+    assert old.broken
+    assert await asyncio.wait_for(bus._send(resp_command(b"ECHO", b"again")), 5) == b"again"
+    assert bus._pipe is not old
 
 
-async def test_a_command_redis_does_not_answer_in_time_fails(redis_server: RedisServer) -> None:  # noqa: F811
-    redis_server.ensure_running()
-    node = await redis_node(redis_server.url)
-    bus = node.bus
-    assert isinstance(bus, RedisBus)
-    try:
-        await bus._send(resp_command(b"PING"))
-        with redis_server.client() as raw:
-            raw.execute_command("CLIENT", "PAUSE", "2500", "ALL")
-        with pytest.raises(StoreUnavailable, match="TimeoutError"):
-            await asyncio.wait_for(bus._send(resp_command(b"ECHO", b"held")), 5)
-        await asyncio.sleep(2.6)  # the pause is over
-        assert await asyncio.wait_for(bus._send(resp_command(b"ECHO", b"again")), 5) == b"again"
-    finally:
-        await node.close()
+async def test_a_command_redis_does_not_answer_in_time_fails(
+    one: tuple[RedisBus, RedisStore], redis_server: RedisServer  # noqa: F811
+) -> None:
+    bus, _ = one
+    await bus._send(resp_command(b"PING"))
+    with redis_server.client() as raw:
+        raw.execute_command("CLIENT", "PAUSE", "2500", "ALL")
+    with pytest.raises(StoreUnavailable, match="TimeoutError"):
+        await asyncio.wait_for(bus._send(resp_command(b"ECHO", b"held")), 5)
+    await asyncio.sleep(2.6)  # the pause is over
+    assert await asyncio.wait_for(bus._send(resp_command(b"ECHO", b"again")), 5) == b"again"
 
 
-async def test_relays_go_on_after_redis_forgets_the_relay_script(redis_server: RedisServer) -> None:  # noqa: F811
+async def test_relays_go_on_after_redis_forgets_the_relay_script(
+    one: tuple[RedisBus, RedisStore], redis_server: RedisServer  # noqa: F811
+) -> None:
     """The relay command names its script by digest; a flushed script cache costs one refused relay."""
-    redis_server.ensure_running()
-    node = await redis_node(redis_server.url)
-    assert node.store is not None
+    bus, store = one
     sid, key = new_session(), f"s:{{{new_session()}}}:box:abcdefgh"
-    try:
-        relay = lambda n: node.bus.publish_relayed(sid, envelope(relayed_data(n), "abcdefgh"), node.store, key, 8, 60)  # noqa: E731
-        assert await relay(1) == 1
-        with redis_server.client() as raw:
-            raw.execute_command("SCRIPT", "FLUSH")
-        with pytest.raises(StoreUnavailable):
-            await asyncio.wait_for(relay(2), 5)
-        assert await asyncio.wait_for(relay(3), 5) == 2  # the refused one was not logged
-        assert await node.store.read_since(key, 0) == [(1, relayed_data(1)), (2, relayed_data(3))]
-    finally:
-        await node.close()
+
+    def relay(n: int) -> Awaitable[int]:
+        return bus.publish_relayed(sid, envelope(relayed_data(n), "abcdefgh"), store, key, 8, 60)
+
+    assert await relay(1) == 1
+    with redis_server.client() as raw:
+        raw.execute_command("SCRIPT", "FLUSH")
+    with pytest.raises(StoreUnavailable):
+        await asyncio.wait_for(relay(2), 5)
+    assert await asyncio.wait_for(relay(3), 5) == 2  # the refused one was not logged
+    assert await store.read_since(key, 0) == [(1, relayed_data(1)), (2, relayed_data(3))]

@@ -12,12 +12,23 @@ import redis.asyncio as aioredis
 from broker.client import BrokerClient
 from broker.protocol import Candidate, Error, ErrorCode, Pong
 
-from .conftest import schedule, start_broker_pair
+from .conftest import RunningBroker, schedule, start_broker_pair
 from .redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 from .test_client import waiting_client
 
 pytestmark = pytest.mark.redis
 MESSAGES = 60
+
+
+async def split_call(a: RunningBroker, b: RunningBroker) -> tuple[BrokerClient, BrokerClient]:
+    """A session in call: the therapist on process A, the admitted client on process B."""
+    links = await schedule(a)
+    therapist = BrokerClient(links.therapist)
+    await therapist.connect()
+    client = await waiting_client(links, link=links.client.replace(a.url, b.url))
+    await therapist.admit(client.peer_id)
+    await client.wait_connected(therapist.peer_id)
+    return therapist, client
 
 
 async def test_messages_published_while_the_bus_reconnects_arrive_exactly_once(
@@ -26,13 +37,7 @@ async def test_messages_published_while_the_bus_reconnects_arrive_exactly_once(
     a, b = await start_broker_pair(tmp_path, redis_server.empty_database())
     raw = aioredis.Redis.from_url(redis_server.url)
     try:
-        links = await schedule(a)
-        therapist = BrokerClient(links.therapist)  # on process A
-        await therapist.connect()
-        client_link = links.client.replace(a.url, b.url)
-        client = await waiting_client(links, link=client_link)  # on process B
-        await therapist.admit(client.peer_id)
-        await client.wait_connected(therapist.peer_id)
+        therapist, client = await split_call(a, b)
         before = a.hub.bus.reconnects
 
         async def send_all() -> None:
@@ -103,12 +108,7 @@ async def test_a_relay_redis_fails_to_take_is_answered_with_its_ref(
     """Relays go to Redis without the connection waiting for them; a failure still reaches the sender."""
     a, b = await start_broker_pair(tmp_path, redis_server.empty_database())
     try:
-        links = await schedule(a)
-        therapist = BrokerClient(links.therapist)
-        await therapist.connect()
-        client = await waiting_client(links, link=links.client.replace(a.url, b.url))
-        await therapist.admit(client.peer_id)
-        await client.wait_connected(therapist.peer_id)
+        therapist, client = await split_call(a, b)
         warm = {"type": "candidate", "to": therapist.peer_id, "candidate": "", "sdp_mid": "warm"}
         await client.send_raw(json.dumps(warm))  # the relay record is now in process B's copy
         await therapist.expect(Candidate, where=lambda m: m.sdp_mid == "warm")
