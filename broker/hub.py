@@ -212,6 +212,10 @@ class TokenBucket:
         self.refused += 1.0
         return False
 
+    def give_back(self) -> None:
+        """Return the token of a message that was taken and then left for later (it is taken again then)."""
+        self.tokens = min(self.burst, self.tokens + 1.0)
+
     def should_warn(self) -> bool:
         """True once per stretch of refusals: one error message, not one per dropped message."""
         warn, self._first_refusal_notice = self._first_refusal_notice, False
@@ -528,6 +532,25 @@ class Hub:
         Frames of one connection must be handled in order: await what this returns
         before giving it the next one.
         """
+        message = self._taken(conn, text)
+        if message is None or self._done_now(conn, message):
+            return None
+        return self._handle(conn, message)
+
+    def receive_at_once(self, conn: Connection, text: str | bytes) -> bool:
+        """``receive_now`` for a frame that arrives while the connection's task waits for one
+        (server.py hands it over from inside the socket's read): True when it was handled in this
+        step; False when it needs the task, with nothing done (not even its token spent), so the
+        task can take it through ``receive_now`` in its turn."""
+        message = self._taken(conn, text)
+        if message is None or self._done_now(conn, message):
+            return True
+        conn.bucket.give_back()
+        return False
+
+    def _taken(self, conn: Connection, text: str | bytes) -> ClientMessage | None:
+        """The frame's message after the rate limit and the decoder; None when it was answered
+        (or dropped) already."""
         if conn.closed:
             return None
         if not conn.bucket.take():
@@ -539,30 +562,35 @@ class Hub:
                 self._send(conn, Error(code=ErrorCode.TOO_MANY_REQUESTS, message="Slow down: too many messages."))
             return None
         try:
-            message = decode_client(text)
+            return decode_client(text)
         except ProtocolError as exc:
             self._refuse(conn, exc, None)
             return None
+
+    def _done_now(self, conn: Connection, message: ClientMessage) -> bool:
+        """Handle a ping, or a relay that needs nothing awaited; False for anything else (untouched)."""
         if type(message) is Ping:  # answered at once, even while this connection's relays are on their way
             self._send(conn, Pong(n=message.n))  # type: ignore[union-attr]
-            return None
-        if type(message) in _RELAYED and conn.peer_id is not None:
-            session = self._relay_record_now(conn.session_id or "")
-            if session is not None:
-                try:
-                    data, ttl = self._relay_checked(conn, message, session)  # type: ignore[arg-type]
-                    sent = self.bus.publish_relayed_soon(
-                        session.id, Envelope(message.to, None, data), self.store,  # type: ignore[union-attr]
-                        mailbox_key(session.id, message.to), RESUME_MAX, ttl,  # type: ignore[union-attr]
-                    )
-                except Exception as exc:
-                    self._refuse(conn, exc, message.id)
-                    return None
-                if sent is not None:
-                    if not isinstance(sent, int):
-                        self._on_its_way(conn, sent, message.id)
-                    return None
-        return self._handle(conn, message)
+            return True
+        if type(message) not in _RELAYED or conn.peer_id is None:
+            return False
+        session = self._relay_record_now(conn.session_id or "")
+        if session is None:
+            return False
+        try:
+            data, ttl = self._relay_checked(conn, message, session)  # type: ignore[arg-type]
+            sent = self.bus.publish_relayed_soon(
+                session.id, Envelope(message.to, None, data), self.store,  # type: ignore[union-attr]
+                mailbox_key(session.id, message.to), RESUME_MAX, ttl,  # type: ignore[union-attr]
+            )
+        except Exception as exc:
+            self._refuse(conn, exc, message.id)  # type: ignore[union-attr]
+            return True
+        if sent is None:
+            return False
+        if not isinstance(sent, int):
+            self._on_its_way(conn, sent, message.id)  # type: ignore[union-attr]
+        return True
 
     def _on_its_way(self, conn: Connection, sent: asyncio.Future[int], ref: str | None) -> None:
         """A relay the bus is still sending (Redis): the connection's next frames need not wait for it,

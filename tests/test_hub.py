@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ from broker.protocol import (
     Candidate,
     Error,
     ErrorCode,
+    Removed,
     SeatState,
     SessionEnded,
     SessionRecord,
@@ -157,6 +159,89 @@ async def test_relays_are_handled_within_the_step_once_the_record_is_known(broke
             assert (await client.expect(Error, where=lambda m, ref=ref: m.ref == ref)).code is code  # type: ignore[misc]
         await asyncio.sleep(0.1)
         assert not any(isinstance(m, Candidate) and m.sdp_mid is None for m in therapist.received)
+    finally:
+        await client.close()
+        await therapist.close()
+
+
+def masked_text_frames(texts: list[str]) -> bytes:
+    """Client text frames (RFC 6455 5.2, masked), to hand to the socket in one write."""
+    out = bytearray()
+    for text in texts:
+        payload = text.encode()
+        mask = os.urandom(4)
+        if len(payload) < 126:
+            out += bytes((0x81, 0x80 | len(payload)))
+        else:
+            out += bytes((0x81, 0x80 | 126)) + len(payload).to_bytes(2, "big")
+        out += mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes(out)
+
+
+async def test_a_relay_is_handled_as_the_socket_reads_it(broker: RunningBroker) -> None:
+    """server.py hands a frame to the hub from inside the socket's read when the connection's
+    task waits for one (``Hub.receive_at_once``); a frame that needs the task is given back
+    untouched, its token unspent."""
+    _, therapist, client = await admitted_pair(broker)
+    hub = broker.hub
+    conn = next(c for c in hub.connections.values() if c.peer_id == client.peer_id)
+    at_once: list[tuple[str, bool]] = []
+    by_task: list[str] = []
+    original_at_once, original_now = hub.receive_at_once, hub.receive_now
+
+    def record_at_once(c: Connection, text: str) -> bool:
+        handled = original_at_once(c, text)
+        if c is conn:
+            at_once.append((json.loads(text)["type"], handled))
+        return handled
+
+    def record_now(c: Connection, text: str) -> Any:
+        if c is conn:
+            by_task.append(json.loads(text)["type"])
+        return original_now(c, text)
+
+    hub.receive_at_once, hub.receive_now = record_at_once, record_now  # type: ignore[method-assign]
+    try:
+        await client.send_raw(json.dumps({"type": "candidate", "to": therapist.peer_id, "candidate": "", "sdp_mid": "warm"}))
+        await therapist.expect(Candidate, where=lambda m: m.sdp_mid == "warm")  # the record is in the process's copy now
+        at_once.clear(), by_task.clear()
+        await client.send_raw(json.dumps({"type": "candidate", "to": therapist.peer_id, "candidate": "", "sdp_mid": "read"}))
+        await therapist.expect(Candidate, where=lambda m: m.sdp_mid == "read")
+        assert at_once == [("candidate", True)] and by_task == []
+
+        full = conn.bucket.tokens == conn.bucket.burst
+        await client.send_raw(json.dumps({"type": "report", "event": "interception_warning", "peer": therapist.peer_id, "reason": "bad_mac"}))  # needs the store: the task's
+        await asyncio.sleep(0.2)
+        assert at_once[-1] == ("report", False) and by_task == ["report"]
+        if full:  # taken once, by the task (a refill could hide a second take otherwise)
+            assert conn.bucket.burst - conn.bucket.tokens <= 1.0
+    finally:
+        hub.receive_at_once, hub.receive_now = original_at_once, original_now  # type: ignore[method-assign]
+        await client.close()
+        await therapist.close()
+
+
+async def test_frames_read_together_take_effect_in_order(broker: RunningBroker) -> None:
+    """A relay read behind a frame the task must handle waits for it (never overtakes it)."""
+    _, therapist, client = await admitted_pair(broker)
+    try:
+        await therapist.send_raw(json.dumps({"type": "candidate", "to": client.peer_id, "candidate": "", "sdp_mid": "warm"}))
+        await client.expect(Candidate, where=lambda m: m.sdp_mid == "warm")
+        frames = [
+            json.dumps({"type": "candidate", "to": client.peer_id, "candidate": "", "sdp_mid": "before", "id": "a1"}),
+            json.dumps({"type": "remove", "peer": client.peer_id, "id": "a2"}),
+            json.dumps({"type": "candidate", "to": client.peer_id, "candidate": "", "sdp_mid": "after", "id": "a3"}),
+        ]
+        assert therapist._ws is not None
+        therapist._ws._writer.transport.write(masked_text_frames(frames))  # one write: read together
+        error = await therapist.expect(Error, where=lambda m: m.ref == "a3")
+        assert error.code is ErrorCode.NOT_ADMITTED
+        await client.expect(Removed)
+        mids = [m.sdp_mid for m in client.received if isinstance(m, Candidate)]
+        assert "before" in mids and "after" not in mids
+        assert client.received.index(next(m for m in client.received if isinstance(m, Removed))) > max(
+            i for i, m in enumerate(client.received) if isinstance(m, Candidate) and m.sdp_mid == "before"
+        )
     finally:
         await client.close()
         await therapist.close()
