@@ -134,7 +134,7 @@ async def measure(
             streams.append((p.therapist, p.client, candidate_frame(p.client_peer)))
             streams.append((p.client, p.therapist, candidate_frame(p.therapist_peer)))
         warm, span = (2.0, 5.0) if args.quick else (3.0, 12.0)
-        loop = await closed_loop(streams, window=WINDOW, warmup_s=warm, measure_s=span, pids=[b.pid for b in brokers])
+        loop = await closed_loop(streams, window=args.window, warmup_s=warm, measure_s=span, pids=[b.pid for b in brokers])
         latencies = await open_loop(streams, rate, 4.0 if args.quick else 10.0)
         for p in made:
             p.close()
@@ -155,6 +155,7 @@ async def measure(
 
 def _extra(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", type=int, help="peer pairs (default 40 quick, 100 full)")
+    parser.add_argument("--window", type=int, default=WINDOW, help="messages in flight per direction (throughput runs)")
     parser.add_argument("--rate", type=float, default=1000.0, help="offered messages/s for the latency runs")
 
 
@@ -205,7 +206,7 @@ async def main(args: argparse.Namespace) -> None:
     report.notes.append(
         "The goals are judged against one process as deployed by default (embedded store); the same ratios against "
         "one process on Redis (the cost of crossing processes alone) follow, goals in brackets for comparison. "
-        f"{rounds} round(s); medians. Throughput: window {WINDOW} per direction; "
+        f"{rounds} round(s); medians. Throughput: window {args.window} per direction; "
         "redis-server's own CPU is not in the broker CPU figures. "
         "One 2-core machine runs the brokers, redis-server and the load generator together."
     )
