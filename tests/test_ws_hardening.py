@@ -25,6 +25,7 @@ from broker.hub import CLOSE_AUTH_TIMEOUT, CLOSE_FLOOD, CLOSE_TOO_SLOW
 from broker.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, SeatState, Status, WaitingRoom
 
 from .conftest import RunningBroker, start_broker
+from .test_hub import masked_text_frames
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -300,3 +301,30 @@ async def test_an_idle_websocket_keeps_nothing_of_its_last_message(broker: Runni
             assert frame.f_locals.get("pending") is None
         finally:
             await ws.close()
+
+
+async def test_frames_sent_with_the_upgrade_request_are_answered(broker: RunningBroker) -> None:
+    """A client that sends frames before the handshake's answer (in the same write as its request):
+    the frames are parsed along with the upgrade, and handled in order like any others."""
+    host, port = broker.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        request = (
+            f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nOrigin: {origin(broker)}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+        hello = json.dumps({"type": "hello", "protocol": PROTOCOL_VERSION})
+        ping = json.dumps({"type": "ping", "n": 7})
+        writer.write(request + masked_text_frames([hello, ping]))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101")
+        answers = []
+        for _ in range(2):
+            b0, b1 = await asyncio.wait_for(reader.readexactly(2), 5)
+            length = b1 & 0x7F
+            if length == 126:
+                length = int.from_bytes(await reader.readexactly(2), "big")
+            answers.append(json.loads(await reader.readexactly(length)))
+        assert [a["type"] for a in answers] == ["welcome", "pong"] and answers[1]["n"] == 7
+    finally:
+        writer.close()
