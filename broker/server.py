@@ -20,8 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
-from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
 from aiohttp.helpers import DEFAULT_CHUNK_SIZE
+
+try:  # aiohttp's own classes (3.14); without them every frame simply goes through the connection's task
+    from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
+except ImportError:  # pragma: no cover - another aiohttp layout
+    WebSocketDataQueue = WebSocketReader = object  # type: ignore[assignment,misc]
 
 from .admission import BrokerPreflight, PolicyChecklist
 from .accounts import AccountStore, open_accounts
@@ -310,9 +314,9 @@ class _SignalingSocket(web.WebSocketResponse):
     """The signaling WebSocket: aiohttp's, reading into an ``_Inbox``."""
 
     def _post_start(self, request: Any, protocol: Any, writer: Any) -> None:
-        bytes_before_parser = bool(request.protocol._message_tail)
+        bytes_before_parser = bool(getattr(request.protocol, "_message_tail", b"x"))
         super()._post_start(request, protocol, writer)
-        if bytes_before_parser or self._reader is None or self._parser is None:
+        if bytes_before_parser or WebSocketReader is object or self._reader is None or self._parser is None:
             return  # frames sent before the handshake's answer are parsed already: keep aiohttp's queue
         inbox = _Inbox(request.protocol, DEFAULT_CHUNK_SIZE, loop=self._loop)
         self._parser = WebSocketReader(inbox, self._max_msg_size, compress=bool(self._compress), decode_text=self._decode_text)
