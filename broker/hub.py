@@ -532,21 +532,31 @@ class Hub:
         Frames of one connection must be handled in order: await what this returns
         before giving it the next one.
         """
-        message = self._taken(conn, text)
-        if message is None or self._done_now(conn, message):
-            return None
-        return self._handle(conn, message)
+        message = self._take_now(conn, text)
+        return None if message is None else self._handle(conn, message)
 
     def receive_at_once(self, conn: Connection, text: str | bytes) -> bool:
         """``receive_now`` for a frame that arrives while the connection's task waits for one
         (server.py hands it over from inside the socket's read): True when it was handled in this
         step; False when it needs the task, with nothing done (not even its token spent), so the
         task can take it through ``receive_now`` in its turn."""
-        message = self._taken(conn, text)
-        if message is None or self._done_now(conn, message):
+        message = self._take_now(conn, text)
+        if message is None:
             return True
         conn.bucket.give_back()
         return False
+
+    def _take_now(self, conn: Connection, text: str | bytes) -> ClientMessage | None:
+        """What can be done with a frame within this step (rate limit, decoder, ping, a relay that
+        waits for nothing); the decoded message when the rest must be awaited (``_handle``)."""
+        try:
+            message = self._taken(conn, text)
+            if message is None or self._done_now(conn, message):
+                return None
+            return message
+        except Exception as exc:  # never let one bad message take the connection down
+            self._refuse(conn, exc, None)
+            return None
 
     def _taken(self, conn: Connection, text: str | bytes) -> ClientMessage | None:
         """The frame's message after the rate limit and the decoder; None when it was answered
@@ -578,11 +588,7 @@ class Hub:
         if session is None:
             return False
         try:
-            data, ttl = self._relay_checked(conn, message, session)  # type: ignore[arg-type]
-            sent = self.bus.publish_relayed_soon(
-                session.id, Envelope(message.to, None, data), self.store,  # type: ignore[union-attr]
-                mailbox_key(session.id, message.to), RESUME_MAX, ttl,  # type: ignore[union-attr]
-            )
+            sent = self.bus.publish_relayed_soon(*self._relay_checked(conn, message, session))  # type: ignore[arg-type]
         except Exception as exc:
             self._refuse(conn, exc, message.id)  # type: ignore[union-attr]
             return True
@@ -875,16 +881,14 @@ class Hub:
     async def _on_relay(self, conn: Connection, message: Offer | Answer | Candidate | Renegotiate) -> None:
         assert conn.session_id and conn.peer_id
         session = await self._relay_record(conn.session_id)
-        data, ttl = self._relay_checked(conn, message, session)
-        await self.bus.publish_relayed(
-            session.id, Envelope(message.to, None, data), self.store, mailbox_key(session.id, message.to), RESUME_MAX, ttl
-        )
+        await self.bus.publish_relayed(*self._relay_checked(conn, message, session))
 
     def _relay_checked(
         self, conn: Connection, message: Offer | Answer | Candidate | Renegotiate, session: Session
-    ) -> tuple[bytes, float]:
-        """A relayed message checked against the session and encoded for its recipient, and the
-        time its resume buffer must live; ProtocolError when it may not go."""
+    ) -> tuple[str, Envelope, Store, str, int, float]:
+        """A relayed message checked against the session and encoded for its recipient: the
+        arguments of ``Bus.publish_relayed`` (its resume buffer lives as long as the session);
+        ProtocolError when it may not go."""
         assert conn.peer_id
         sm.can_relay(session, conn.peer_id, message.to)
         if isinstance(message, (Offer, Answer, Renegotiate)):
@@ -897,7 +901,8 @@ class Hub:
         # Encoded once, with seq null: the bus stamps the seq into the bytes (bus.with_seq).
         data = encode(msgspec.structs.replace(message, from_=conn.peer_id, id=None, seq=None))
         # The buffer lives as long as the session: never longer, and its numbering never restarts early.
-        return data, max(1.0, session.expires - self.clock())
+        ttl = max(1.0, session.expires - self.clock())
+        return session.id, Envelope(message.to, None, data), self.store, mailbox_key(session.id, message.to), RESUME_MAX, ttl
 
     async def _on_report(self, conn: Connection, message: Report) -> None:
         assert conn.session_id and conn.peer_id

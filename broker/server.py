@@ -296,18 +296,11 @@ class _Inbox(WebSocketDataQueue):
         self.idle = False
 
     def feed_data(self, data: Any, size: int) -> None:
-        if self.idle and data[0] is WSMsgType.TEXT and not self._buffer and self._at_once(data[1]):
-            return
+        hub = self.hub  # set with ``conn`` once the hub knows the connection
+        if self.idle and hub is not None and data[0] is WSMsgType.TEXT and not self._buffer:
+            if hub.receive_at_once(self.conn, data[1]):  # never raises: refusals are answered
+                return
         super().feed_data(data, size)
-
-    def _at_once(self, text: str) -> bool:
-        if self.hub is None or self.conn is None:
-            return False
-        try:
-            return self.hub.receive_at_once(self.conn, text)
-        except Exception as exc:  # inside the socket's read: never let it escape there
-            log.error("event=internal_error conn=%s", self.conn.id, exc_info=exc)
-            return True
 
 
 class _SignalingSocket(web.WebSocketResponse):

@@ -52,7 +52,7 @@ class MaliciousHub(Hub):
             return first
         return message
 
-    def _relay_checked(self, conn: Any, message: Any, session: Any) -> tuple[bytes, float]:
+    def _relay_checked(self, conn: Any, message: Any, session: Any) -> tuple[Any, ...]:
         """Every relay, on the hub's fast path and on its awaited one, goes through here."""
         if isinstance(message, (Offer, Answer)):
             message = self.tamper(conn.peer_id, message)
