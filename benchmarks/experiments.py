@@ -120,15 +120,16 @@ def api_middlewares_apart() -> None:
 
 @experiment("count_writes")
 def count_writes() -> None:
-    """Diagnosis, not a proposal: counts WebSocket writes, frames, Redis pipeline batches, every second to /tmp."""
+    """Diagnosis, not a proposal: counts WebSocket writes, frames, Redis pipeline batches, commands and
+    the relayed messages they carry, every second to /tmp."""
     import asyncio
     import json
     import os
 
     from broker import server
-    from broker.bus_redis import _Pipe
+    from broker.bus_redis import _Pipe, _Relays
 
-    counts = {"ws_writes": 0, "ws_frames": 0, "redis_batches": 0, "redis_commands": 0}
+    counts = {"ws_writes": 0, "ws_frames": 0, "redis_batches": 0, "redis_commands": 0, "redis_relay_commands": 0, "relays": 0}
     write_many = server._AiohttpTransport.write_now_many
 
     def counted(self, frames):  # type: ignore[no-untyped-def]
@@ -142,6 +143,10 @@ def count_writes() -> None:
     def counted_send(self, batch):  # type: ignore[no-untyped-def]
         counts["redis_batches"] += 1
         counts["redis_commands"] += len(batch)
+        for _, settles in batch:
+            if isinstance(settles, _Relays):
+                counts["redis_relay_commands"] += 1
+                counts["relays"] += len(settles.envelopes)
         return send(self, batch)
 
     _Pipe.send = counted_send  # type: ignore[method-assign]

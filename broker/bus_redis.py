@@ -10,6 +10,11 @@ session's keys. Per process:
   connection, so other processes see this process's messages in the same order.
   A message is sealed (AES-GCM, bound to its channel and sender) and tagged with
   this process's random id; the listener skips its own.
+- Relayed messages for one resume buffer that are queued back to back (a peer's
+  burst of ICE candidates, read from its socket together) go to Redis as one
+  script call and cross to the other processes as one sealed bus message. The
+  publisher never waits to fill such a batch: it only joins what is already
+  queued behind the previous command, so it costs a lone message nothing.
 - One pub/sub connection with a listener task. A channel is subscribed when its
   first local handler arrives (waiting for Redis to confirm, so nothing
   published afterwards is missed) and unsubscribed when the last one goes.
@@ -24,14 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import logging
 import math
 import random
 import secrets
 from collections import deque
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Union
 
 import msgspec
 import redis.asyncio as aioredis
@@ -40,7 +44,6 @@ from redis import exceptions as redis_errors
 from .bus import Envelope, Handler, append_then_publish, pack, unpack, with_seq
 from .store import Store, StoreUnavailable
 from .store_redis import (
-    APPEND_LOG_LUA,
     TIMEOUT_S,
     RedisStore,
     Sealer,
@@ -61,17 +64,40 @@ BACKOFF_FIRST_S = 0.05
 BACKOFF_CAP_S = 1.0
 #: Messages sent to Redis in one pipelined write.
 BATCH = 512
+#: Relays to one resume buffer queued back to back travel as one command, up to this many ...
+RELAYS_PER_COMMAND = 32
+#: ... and about this many bytes of messages.
+RELAY_BYTES_PER_COMMAND = 256 * 1024
 
 _NODE_ID_BYTES = 8
-#: After the node id, a relayed message carries "s<seq>:" (assigned by Redis) before its sealed envelope.
-_SEQ_MARK = b"s"
+#: After the node id, relayed messages carry "r<seq>:" (the first one's, assigned by Redis)
+#: before their sealed list of envelopes; the rest follow it in order.
+_RELAYS_MARK = b"r"
+#: How brokers before the batched relay sent a relayed message: "s<seq>:" and one sealed envelope.
+#: Still read, so that during a rolling upgrade nothing from a process not yet upgraded is lost.
+_OLD_SEQ_MARK = b"s"
 
-# A relayed message in one call: append to the recipient's resume buffer (the capped log
-# format of store_redis) and publish it with the seq the log gave it. It travels in the
-# publisher's pipeline, so it keeps its place among this process's other messages.
-_RELAY = APPEND_LOG_LUA + """
-redis.call('SPUBLISH', ARGV[4], ARGV[5] .. stamp .. ARGV[6])
-return seq
+# Relayed messages for one recipient in one call: append them to its resume buffer (the
+# capped "<seq>:<sealed entry>" log of store_redis, numbered on from its last entry) and
+# publish them with the first seq the log gave them. The call travels in the publisher's
+# pipeline, so the messages keep their place among this process's other messages.
+# KEYS[1] the log; ARGV: maxlen, ttl ms, channel, the bus message's head and its sealed
+# list of envelopes, then one sealed log entry per message.
+_RELAY = """
+local last = redis.call('LINDEX', KEYS[1], -1)
+local first = 1
+if last then
+  first = tonumber(string.match(last, '^(%d+):')) + 1
+end
+local entries = {}
+for i = 6, #ARGV do
+  entries[i - 5] = string.format('%d:', first + i - 6) .. ARGV[i]
+end
+redis.call('RPUSH', KEYS[1], unpack(entries))
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('SPUBLISH', ARGV[3], ARGV[4] .. string.format('%d:', first) .. ARGV[5])
+return first
 """
 
 
@@ -90,6 +116,15 @@ def _aad(channel: bytes, node_id: bytes) -> bytes:
     return b"bus\x00" + channel + b"\x00" + node_id
 
 
+def _relays_aad(channel: bytes, node_id: bytes) -> bytes:
+    """Relayed messages are sealed apart from other messages: neither passes for the other."""
+    return b"bus-relays\x00" + channel + b"\x00" + node_id
+
+
+_relays_encoder = msgspec.msgpack.Encoder()
+_relays_decoder = msgspec.msgpack.Decoder(list[Envelope])
+
+
 def resp_command(*args: bytes | str | int) -> bytes:
     """One Redis command in the wire format (RESP): what redis-py's pack_command makes, at a fraction of its cost."""
     return b"*%d\r\n" % len(args) + _resp_arguments(args)
@@ -106,10 +141,87 @@ def _resp_arguments(args: tuple[bytes | str | int, ...]) -> bytes:
     return b"".join(parts)
 
 
-#: The unchanging start of every relay command: EVALSHA, the script's digest, one key (of 10 arguments
-#: in all). Redis hashes an EVAL's script on every call; the publisher loads it once per connection.
-_RELAY_HEAD = b"*10\r\n" + _resp_arguments((b"EVALSHA", hashlib.sha1(_RELAY.encode()).hexdigest(), 1))
+#: The unchanging start of every relay command after its argument count: EVALSHA, the script's
+#: digest, one key. Redis hashes an EVAL's script on every call; the publisher loads it once per connection.
+_RELAY_HEAD = _resp_arguments((b"EVALSHA", hashlib.sha1(_RELAY.encode()).hexdigest(), 1))
 _LOAD_RELAY = resp_command(b"SCRIPT", b"LOAD", _RELAY)
+
+
+class _Relays:
+    """Relayed messages for one resume buffer, queued back to back: one script call for them all.
+
+    Settled by the publisher's pipe like a future: with the first message's seq, it delivers the
+    messages to this process's own handlers (stamped) and then settles each message's future.
+    """
+
+    __slots__ = ("bus", "entries", "envelopes", "log_key", "maxlen", "replies", "session_id", "settled", "size", "ttl_ms")
+
+    def __init__(self, bus: RedisBus, session_id: str, log_key: str, maxlen: int) -> None:
+        self.bus = bus
+        self.session_id = session_id
+        self.log_key = log_key
+        self.maxlen = maxlen
+        self.ttl_ms = 0
+        self.envelopes: list[Envelope] = []
+        self.entries: list[bytes] = []
+        self.replies: list[asyncio.Future[int]] = []
+        self.size = 0
+        self.settled = False
+
+    def takes(self, session_id: str, log_key: str, maxlen: int, size: int) -> bool:
+        return (
+            log_key == self.log_key
+            and session_id == self.session_id
+            and maxlen == self.maxlen
+            and len(self.envelopes) < RELAYS_PER_COMMAND
+            and self.size + size <= RELAY_BYTES_PER_COMMAND
+        )
+
+    def add(self, envelope: Envelope, ttl_ms: int, reply: asyncio.Future[int]) -> None:
+        self.envelopes.append(envelope)
+        self.entries.append(self.bus._sealer.seal(log_aad(self.log_key), envelope.data))
+        self.replies.append(reply)
+        self.size += len(envelope.data)
+        self.ttl_ms = ttl_ms  # the newest: the session's remaining life, as the last message saw it
+
+    def command(self) -> bytes:
+        """The script call, made when the publisher takes it (nothing joins it afterwards)."""
+        bus = self.bus
+        channel = channel_of(self.session_id)
+        marked = [Envelope(e.to_peer, None, e.data, e.close, seq=0) for e in self.envelopes]
+        sealed = bus._sealer.seal(_relays_aad(channel, bus.node_id), _relays_encoder.encode(marked))
+        head = bus.node_id + _RELAYS_MARK
+        arguments: tuple[bytes | str | int, ...] = (self.log_key, self.maxlen, self.ttl_ms, channel, head, sealed, *self.entries)
+        return b"*%d\r\n" % (len(arguments) + 3) + _RELAY_HEAD + _resp_arguments(arguments)
+
+    # The pipe settles it as it settles a future.
+
+    def done(self) -> bool:
+        return self.settled
+
+    def set_result(self, first: Any) -> None:
+        self.settled = True
+        seq = int(first)
+        handlers = self.bus._handlers.get(self.session_id)
+        if handlers:
+            for n, envelope in enumerate(self.envelopes):
+                stamped = Envelope(envelope.to_peer, None, with_seq(envelope.data, seq + n), envelope.close, seq=seq + n)
+                _deliver(handlers, stamped)
+        for n, reply in enumerate(self.replies):
+            if not reply.done():
+                reply.set_result(seq + n)
+
+    def set_exception(self, error: BaseException) -> None:
+        self.settled = True  # whoever sent them answers the failure
+        for reply in self.replies:
+            if not reply.done():
+                reply.set_exception(error)
+
+
+#: What a reply from Redis settles: a command's future, or relays.
+_Settles = Union["asyncio.Future[Any]", _Relays]  # noqa: UP007 - a runtime alias, before 3.12's "type"
+#: What waits in the publisher's queue: a command with the future of its reply, or relays.
+_Outgoing = Union[tuple[bytes, "asyncio.Future[Any]"], _Relays]  # noqa: UP007
 
 
 def _fast_reader(conn: Any) -> tuple[Any, asyncio.StreamReader] | None:
@@ -141,7 +253,9 @@ class RedisBus:
         self._send_lock = asyncio.Lock()
         self._confirmations: dict[bytes, list[asyncio.Future[None]]] = {}
         #: Commands for Redis, in publish order, each with the future its publisher waits on.
-        self._outbox: asyncio.Queue[tuple[bytes, asyncio.Future[Any]]] = asyncio.Queue()
+        self._outbox: deque[_Outgoing] = deque()
+        #: The publisher's wait for the outbox to fill, while it is empty.
+        self._outbox_filled: asyncio.Future[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._spawned: set[asyncio.Task[None]] = set()
         #: The publisher's connection (see ``_Pipe``), opened by the first command.
@@ -241,31 +355,26 @@ class RedisBus:
             raise ValueError("maxlen must be at least 1")
         if self._closed:
             raise StoreUnavailable("closed")
-        channel = channel_of(session_id)
-        entry = self._sealer.seal(log_aad(log_key), envelope.data)
-        marked = Envelope(envelope.to_peer, None, envelope.data, envelope.close, seq=0)
-        sealed = self._sealer.seal(_aad(channel, self.node_id), pack(marked))
-        prefix = self.node_id + _SEQ_MARK
-        command = _RELAY_HEAD + _resp_arguments((log_key, entry, maxlen, ms(ttl_s), channel, prefix, sealed))
         reply: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        reply.add_done_callback(functools.partial(self._relayed, session_id, envelope))
-        self._outbox.put_nowait((command, reply))
+        outbox = self._outbox
+        relays = outbox[-1] if outbox else None
+        if type(relays) is not _Relays or not relays.takes(session_id, log_key, maxlen, len(envelope.data)):
+            relays = _Relays(self, session_id, log_key, maxlen)
+            self._queue(relays)
+        relays.add(envelope, ms(ttl_s), reply)
         return reply
-
-    def _relayed(self, session_id: str, envelope: Envelope, reply: asyncio.Future[int]) -> None:
-        """Redis ran a relay command: deliver the message locally, stamped with its seq."""
-        if reply.cancelled() or reply.exception() is not None:
-            return  # whoever sent it answers the failure
-        seq = int(reply.result())
-        stamped = Envelope(envelope.to_peer, None, with_seq(envelope.data, seq), envelope.close, seq=seq)
-        for handler in list(self._handlers.get(session_id, ())):
-            handler(stamped)
 
     async def _send(self, command: bytes) -> Any:
         """Queue a command (``resp_command``) for the publisher; its reply once Redis has run it."""
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._outbox.put_nowait((command, done))
+        self._queue((command, done))
         return await done
+
+    def _queue(self, outgoing: _Outgoing) -> None:
+        self._outbox.append(outgoing)
+        filled, self._outbox_filled = self._outbox_filled, None
+        if filled is not None and not filled.done():
+            filled.set_result(None)
 
     async def close(self) -> None:
         self._closed = True
@@ -277,8 +386,9 @@ class RedisBus:
         self._tasks = []
         self._spawned.clear()
         await self._drop_connection()
-        while not self._outbox.empty():
-            _, done = self._outbox.get_nowait()
+        while self._outbox:
+            outgoing = self._outbox.popleft()
+            done = outgoing if isinstance(outgoing, _Relays) else outgoing[1]
             if not done.done():
                 done.set_exception(StoreUnavailable("closed"))
         self._handlers.clear()
@@ -416,30 +526,35 @@ class RedisBus:
         if not handlers:
             return
         try:
-            envelope = self._open(channel, node_id, payload[_NODE_ID_BYTES:])
+            envelopes = self._open(channel, node_id, payload[_NODE_ID_BYTES:])
         except (StoreCorrupt, msgspec.DecodeError, msgspec.ValidationError, ValueError):
             log.warning("event=bus_message_rejected")
             return
-        for handler in list(handlers):
-            try:
-                handler(envelope)
-            except Exception:
-                log.exception("event=bus_handler_failed")
+        for envelope in envelopes:
+            _deliver(handlers, envelope)
 
-    def _open(self, channel: bytes, node_id: bytes, body: bytes) -> Envelope:
-        """The envelope of a message from another process; a relayed one gets the seq Redis gave it."""
-        seq: int | None = None
-        if body[:1] == _SEQ_MARK:
-            number, sep, body = body[1:].partition(b":")
-            if not sep or not number.isdigit() or len(number) > 19:
-                raise ValueError("bad seq")
-            seq = int(number)
-        envelope = unpack(self._sealer.open(_aad(channel, node_id), body))
-        if (seq is None) != (envelope.seq != 0):
-            raise ValueError("a relayed message without its seq, or a seq on another message")
-        if seq is None:
-            return envelope
-        return Envelope(envelope.to_peer, None, with_seq(envelope.data, seq), envelope.close, seq=seq)
+    def _open(self, channel: bytes, node_id: bytes, body: bytes) -> list[Envelope]:
+        """The envelopes of a message from another process: one, or relayed ones numbered on
+        from the seq Redis gave the first."""
+        mark = body[:1]
+        if mark != _RELAYS_MARK and mark != _OLD_SEQ_MARK:
+            envelope = unpack(self._sealer.open(_aad(channel, node_id), body))
+            if envelope.seq == 0:
+                raise ValueError("a relayed message without its seq")
+            return [envelope]
+        number, sep, body = body[1:].partition(b":")
+        if not sep or not number.isdigit() or len(number) > 19:
+            raise ValueError("bad seq")
+        first = int(number)
+        if mark == _OLD_SEQ_MARK:
+            relayed = [unpack(self._sealer.open(_aad(channel, node_id), body))]
+        else:
+            relayed = _relays_decoder.decode(self._sealer.open(_relays_aad(channel, node_id), body))
+        if not relayed or any(e.seq != 0 for e in relayed):
+            raise ValueError("relayed messages must each wait for their seq")
+        return [
+            Envelope(e.to_peer, None, with_seq(e.data, first + n), e.close, seq=first + n) for n, e in enumerate(relayed)
+        ]
 
     async def _keepalive(self) -> None:
         loop = asyncio.get_running_loop()
@@ -471,10 +586,19 @@ class RedisBus:
         """Write queued commands on one connection as they come, never waiting for replies in
         between (pipelining): Redis runs them in this process's publish order, and the pipe's
         reader settles each command's future as its reply arrives."""
+        outbox = self._outbox
+        loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._outbox.get()]
-            while len(batch) < BATCH and not self._outbox.empty():
-                batch.append(self._outbox.get_nowait())
+            while not outbox:
+                self._outbox_filled = loop.create_future()
+                await self._outbox_filled
+            batch: list[tuple[bytes, _Settles]] = []
+            while outbox and len(batch) < BATCH:
+                outgoing = outbox.popleft()
+                if isinstance(outgoing, _Relays):
+                    batch.append((outgoing.command(), outgoing))
+                else:
+                    batch.append(outgoing)
             try:
                 pipe = self._pipe if self._pipe is not None and not self._pipe.broken else await self._open_pipe()
                 pipe.send(batch)
@@ -509,10 +633,18 @@ class RedisBus:
         return pipe
 
 
-def _fail(batch: list[tuple[bytes, asyncio.Future[Any]]], error: BaseException) -> None:
+def _fail(batch: list[tuple[bytes, _Settles]], error: BaseException) -> None:
     for _, done in batch:
         if not done.done():
             done.set_exception(error)
+
+
+def _deliver(handlers: list[Handler], envelope: Envelope) -> None:
+    for handler in list(handlers):
+        try:
+            handler(envelope)
+        except Exception:
+            log.exception("event=bus_handler_failed")
 
 
 class _Pipe:
@@ -532,12 +664,12 @@ class _Pipe:
         self.parser, self.stream = fast
         self.writer = writer
         #: Futures of the commands written and not answered yet, oldest first, with when each was written.
-        self.waiting: deque[tuple[float, asyncio.Future[Any]]] = deque()
+        self.waiting: deque[tuple[float, _Settles]] = deque()
         self.broken = False
         #: The reader's deadline while it waits for data (armed by ``send`` when nothing waited before).
         self._deadline: asyncio.Timeout | None = None
 
-    def send(self, batch: list[tuple[bytes, asyncio.Future[Any]]]) -> None:
+    def send(self, batch: list[tuple[bytes, _Settles]]) -> None:
         if self.broken:
             raise StoreUnavailable("the publisher's connection is gone")
         now = asyncio.get_running_loop().time()

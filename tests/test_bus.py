@@ -255,12 +255,13 @@ async def test_a_seq_cannot_be_added_to_or_stripped_from_a_message(
                 captured.append(message["data"])
         plain, relayed = captured
         node_id = relayed[:8]
-        assert relayed[8:11] == b"s1:" and plain[8:9] != b"s"
+        assert relayed[8:11] == b"r1:" and plain[8:9] not in (b"r", b"s")
         stripped = node_id + relayed[11:]
-        added = node_id + b"s5:" + plain[8:]
-        for forged in (stripped, added, node_id + b"sx:" + relayed[11:], node_id + b"s" + relayed[11:]):
+        added = [node_id + mark + b"5:" + plain[8:] for mark in (b"r", b"s")]
+        as_old = node_id + b"s1:" + relayed[11:]  # a batch passed off as an older broker's single relay
+        for forged in (stripped, *added, as_old, node_id + b"rx:" + relayed[11:], node_id + b"r" + relayed[11:]):
             await raw.execute_command("SPUBLISH", channel_of(sid), forged)
-        renumbered = node_id + b"s7:" + relayed[11:]  # Redis may renumber, as it may in the resume buffer
+        renumbered = node_id + b"r7:" + relayed[11:]  # Redis may renumber, as it may in the resume buffer
         await raw.execute_command("SPUBLISH", channel_of(sid), renumbered)
         await a.publish(sid, envelope(b"still listening"))
         await inbox.wait_for(lambda: len(inbox.got) == 4)
@@ -269,6 +270,134 @@ async def test_a_seq_cannot_be_added_to_or_stripped_from_a_message(
     finally:
         await spy.aclose()
         await raw.aclose()
+
+
+async def test_relays_queued_back_to_back_for_one_buffer_cross_as_one_message(
+    redis_server: RedisServer, pair: tuple[RedisBus, RedisBus]  # noqa: F811
+) -> None:
+    """A burst for one recipient costs one script call and one bus message; anything else queued
+    between two relays (another recipient, a plain message) starts a new one, so order holds."""
+    a, b = pair
+    store = RedisStore(a.redis, a._sealer)
+    sid = new_session()
+    key, other_key = f"s:{{{sid}}}:box:abcdefgh", f"s:{{{sid}}}:box:zyxwvuts"
+    local, remote = Inbox(), Inbox()
+    await a.subscribe(sid, local)
+    await b.subscribe(sid, remote)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    spy = raw.pubsub()
+    try:
+        await spy.ssubscribe(channel_of(sid))
+        await spy.get_message(timeout=1.0)
+
+        def relay(n: int, to: str = "abcdefgh", log_key: str = key) -> asyncio.Future[int]:
+            sent = a.publish_relayed_soon(sid, envelope(relayed_data(n), to), store, log_key, 128, 60)
+            assert isinstance(sent, asyncio.Future)
+            return sent
+
+        # Queued within one step, as a socket's read hands over a burst: nothing is sent yet.
+        burst = [relay(n) for n in range(5)]
+        elsewhere = relay(5, "zyxwvuts", other_key)
+        after = [relay(n) for n in (6, 7)]
+        plain = asyncio.ensure_future(a.publish(sid, envelope(b"view")))
+        await asyncio.sleep(0)  # the plain message is queued in its own step
+        last = relay(8)
+        assert [await f for f in burst] == [1, 2, 3, 4, 5]
+        assert await elsewhere == 1
+        assert [await f for f in after] == [6, 7]
+        await plain
+        assert await last == 8
+        await remote.wait_for(lambda: len(remote.got) == 10)
+        captured: list[bytes] = []
+        for _ in range(20):
+            message = await spy.get_message(ignore_subscribe_messages=True, timeout=0.5)
+            if message is not None:
+                captured.append(message["data"])
+        # Five bus messages: the burst, the other recipient's, two relays, the plain one, the last relay.
+        assert [m[8:11] for m in captured[:3]] + [m[8:11] for m in captured[4:]] == [b"r1:", b"r1:", b"r6:", b"r8:"]
+        assert len(captured) == 5 and captured[3][8:9] != b"r"
+        expected = [(e.to_peer, e.seq, e.data) for e in remote.got]
+        assert expected == [("abcdefgh", n + 1, with_seq(relayed_data(n), n + 1)) for n in range(5)] + [
+            ("zyxwvuts", 1, with_seq(relayed_data(5), 1)),
+            ("abcdefgh", 6, with_seq(relayed_data(6), 6)),
+            ("abcdefgh", 7, with_seq(relayed_data(7), 7)),
+            ("p1", None, b"view"),
+            ("abcdefgh", 8, with_seq(relayed_data(8), 8)),
+        ]
+        # This process's own handlers get the plain message at once (within publish), and the relays
+        # as Redis numbers them, in the same order as everyone else.
+        assert [(e.to_peer, e.seq, e.data) for e in local.got] == [expected[8], *expected[:8], expected[9]]
+        assert await store.read_since(key, 0) == list(enumerate(map(relayed_data, (0, 1, 2, 3, 4, 6, 7, 8)), start=1))
+    finally:
+        await spy.aclose()
+        await raw.aclose()
+
+
+async def test_a_relay_from_a_broker_before_batching_is_still_delivered(
+    redis_server: RedisServer, pair: tuple[RedisBus, RedisBus]  # noqa: F811
+) -> None:
+    """During a rolling upgrade, a process not yet upgraded sends one relay per bus message,
+    "s<seq>:" and its envelope sealed as other messages are: it still arrives."""
+    a, b = pair
+    sid = new_session()
+    inbox = Inbox()
+    await b.subscribe(sid, inbox)
+    channel = channel_of(sid)
+    old_broker = secrets.token_bytes(8)
+    waiting = Envelope("abcdefgh", None, relayed_data(3), seq=0)
+    sealed = a._sealer.seal(b"bus\x00" + channel + b"\x00" + old_broker, msgspec.msgpack.encode(waiting))
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await raw.execute_command("SPUBLISH", channel, old_broker + b"s12:" + sealed)
+        unnumbered = Envelope("abcdefgh", None, relayed_data(4), seq=None)  # a seq outside, none inside
+        sealed = a._sealer.seal(b"bus\x00" + channel + b"\x00" + old_broker, msgspec.msgpack.encode(unnumbered))
+        await raw.execute_command("SPUBLISH", channel, old_broker + b"s13:" + sealed)
+        await a.publish(sid, envelope(b"after"))
+        await inbox.wait_for(lambda: len(inbox.got) == 2)
+        assert [(e.to_peer, e.seq, e.data) for e in inbox.got] == [
+            ("abcdefgh", 12, with_seq(relayed_data(3), 12)),
+            ("p1", None, b"after"),
+        ]
+    finally:
+        await raw.aclose()
+
+
+async def test_a_long_burst_is_split_into_commands_of_bounded_size(one: tuple[RedisBus, RedisStore]) -> None:
+    from broker import bus_redis
+
+    bus, store = one
+    sid = new_session()
+    key = f"s:{{{sid}}}:box:abcdefgh"
+    inbox = Inbox()
+    await bus.subscribe(sid, inbox)
+    count = bus_redis.RELAYS_PER_COMMAND * 2 + 3
+    sent = [bus.publish_relayed_soon(sid, envelope(relayed_data(n), "abcdefgh"), store, key, 1000, 60) for n in range(count)]
+    assert len(bus._outbox) == 3  # queued as three commands, the last with the 3 left over
+    assert [await f for f in sent if isinstance(f, asyncio.Future)] == list(range(1, count + 1))
+    assert [e.seq for e in inbox.got] == list(range(1, count + 1))
+    big = b"x" * (bus_redis.RELAY_BYTES_PER_COMMAND // 2)
+    sent = [
+        bus.publish_relayed_soon(sid, envelope(encode(Candidate(to="abcdefgh", candidate=big.decode(), from_="zyxwvuts")), "abcdefgh"), store, key, 1000, 60)
+        for _ in range(3)
+    ]
+    assert len(bus._outbox) == 3  # each over half the bound: one per command
+    assert [await f for f in sent if isinstance(f, asyncio.Future)] == [count + 1, count + 2, count + 3]
+
+
+async def test_a_refused_relay_command_fails_every_relay_it_carried(
+    one: tuple[RedisBus, RedisStore], redis_server: RedisServer  # noqa: F811
+) -> None:
+    bus, store = one
+    sid = new_session()
+    key = f"s:{{{sid}}}:box:abcdefgh"
+    assert await bus.publish_relayed(sid, envelope(relayed_data(0), "abcdefgh"), store, key, 8, 60) == 1
+    with redis_server.client() as raw:
+        raw.execute_command("SCRIPT", "FLUSH")
+    burst = [bus.publish_relayed_soon(sid, envelope(relayed_data(n), "abcdefgh"), store, key, 8, 60) for n in (1, 2, 3)]
+    outcomes = await asyncio.gather(*(f for f in burst if isinstance(f, asyncio.Future)), return_exceptions=True)
+    assert len(outcomes) == 3 and all(isinstance(o, StoreUnavailable) for o in outcomes)
+    assert await bus.publish_relayed(sid, envelope(relayed_data(4), "abcdefgh"), store, key, 8, 60) == 2
+    assert await store.read_since(key, 0) == [(1, relayed_data(0)), (2, relayed_data(4))]
 
 
 async def test_messages_cross_processes_in_publish_order(pair: tuple[RedisBus, RedisBus]) -> None:
@@ -378,16 +507,21 @@ async def test_forged_tampered_and_replayed_messages_are_dropped(
         await spy.ssubscribe(channel_of(sid))
         await spy.get_message(timeout=1.0)
         await a.publish(sid, envelope(b"genuine"))
-        await inbox.wait_for(lambda: len(inbox.got) == 1)
-        captured = None
-        while captured is None:
-            captured = await spy.get_message(ignore_subscribe_messages=True, timeout=1.0)
-        payload: bytes = captured["data"]
+        store = RedisStore(a.redis, a._sealer)
+        await a.publish_relayed(sid, envelope(relayed_data(1), "abcdefgh"), store, f"s:{{{sid}}}:box:abcdefgh", 8, 60)
+        await inbox.wait_for(lambda: len(inbox.got) == 2)
+        captured: list[bytes] = []
+        while len(captured) < 2:
+            message = await spy.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if message is not None:
+                captured.append(message["data"])
+        payload, relayed = captured
         tampered = bytearray(payload)
         tampered[-1] ^= 1
         await raw.execute_command("SPUBLISH", channel_of(sid), b"not a broker message")
         await raw.execute_command("SPUBLISH", channel_of(sid), bytes(tampered))
-        await raw.execute_command("SPUBLISH", channel_of(other), payload)  # replayed into another session
+        for replayed in (payload, relayed):  # into another session
+            await raw.execute_command("SPUBLISH", channel_of(other), replayed)
         # Sealed by a process with another key:
         stranger = await redis_node(redis_server.url, key=os.urandom(32))
         try:
@@ -395,8 +529,8 @@ async def test_forged_tampered_and_replayed_messages_are_dropped(
         finally:
             await stranger.close()
         await a.publish(sid, envelope(b"still listening"))
-        await inbox.wait_for(lambda: len(inbox.got) == 2)
-        assert inbox.data == [b"genuine", b"still listening"]
+        await inbox.wait_for(lambda: len(inbox.got) == 3)
+        assert inbox.data == [b"genuine", with_seq(relayed_data(1), 1), b"still listening"]
         assert other_inbox.got == []
     finally:
         await spy.aclose()
