@@ -177,9 +177,10 @@ class _Relays:
             and self.size + size <= RELAY_BYTES_PER_COMMAND
         )
 
-    def add(self, envelope: Envelope, ttl_ms: int, reply: asyncio.Future[int]) -> None:
+    def add(self, envelope: Envelope, entry: bytes, ttl_ms: int, reply: asyncio.Future[int]) -> None:
+        """One more relay, with its sealed resume-buffer entry."""
         self.envelopes.append(envelope)
-        self.entries.append(self.bus._sealer.seal(log_aad(self.log_key), envelope.data))
+        self.entries.append(entry)
         self.replies.append(reply)
         self.size += len(envelope.data)
         self.ttl_ms = ttl_ms  # the newest: the session's remaining life, as the last message saw it
@@ -355,13 +356,14 @@ class RedisBus:
             raise ValueError("maxlen must be at least 1")
         if self._closed:
             raise StoreUnavailable("closed")
+        entry = self._sealer.seal(log_aad(log_key), envelope.data)
         reply: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         outbox = self._outbox
         relays = outbox[-1] if outbox else None
         if type(relays) is not _Relays or not relays.takes(session_id, log_key, maxlen, len(envelope.data)):
             relays = _Relays(self, session_id, log_key, maxlen)
             self._queue(relays)
-        relays.add(envelope, ms(ttl_s), reply)
+        relays.add(envelope, entry, ms(ttl_s), reply)
         return reply
 
     async def _send(self, command: bytes) -> Any:
@@ -595,10 +597,16 @@ class RedisBus:
             batch: list[tuple[bytes, _Settles]] = []
             while outbox and len(batch) < BATCH:
                 outgoing = outbox.popleft()
-                if isinstance(outgoing, _Relays):
-                    batch.append((outgoing.command(), outgoing))
-                else:
+                if not isinstance(outgoing, _Relays):
                     batch.append(outgoing)
+                    continue
+                try:
+                    batch.append((outgoing.command(), outgoing))
+                except Exception as exc:  # a bug: these relays fail, the publisher goes on
+                    log.exception("event=bus_publish_failed")
+                    outgoing.set_exception(StoreUnavailable(type(exc).__name__))
+            if not batch:
+                continue
             try:
                 pipe = self._pipe if self._pipe is not None and not self._pipe.broken else await self._open_pipe()
                 pipe.send(batch)

@@ -362,6 +362,29 @@ async def test_a_relay_from_a_broker_before_batching_is_still_delivered(
         await raw.aclose()
 
 
+async def test_a_fault_while_the_publisher_builds_a_command_fails_only_those_relays(
+    one: tuple[RedisBus, RedisStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from broker import bus_redis
+
+    bus, store = one
+    sid = new_session()
+    key = f"s:{{{sid}}}:box:abcdefgh"
+    build = bus_redis._Relays.command
+    faults = [RuntimeError("injected")]
+
+    def faulty(self: bus_redis._Relays) -> bytes:
+        if faults:
+            raise faults.pop()
+        return build(self)
+
+    monkeypatch.setattr(bus_redis._Relays, "command", faulty)
+    with pytest.raises(StoreUnavailable):
+        await asyncio.wait_for(bus.publish_relayed(sid, envelope(relayed_data(1), "abcdefgh"), store, key, 8, 60), 5)
+    assert await asyncio.wait_for(bus.publish_relayed(sid, envelope(relayed_data(2), "abcdefgh"), store, key, 8, 60), 5) == 1
+    assert await store.read_since(key, 0) == [(1, relayed_data(2))]
+
+
 async def test_a_long_burst_is_split_into_commands_of_bounded_size(one: tuple[RedisBus, RedisStore]) -> None:
     from broker import bus_redis
 
