@@ -46,6 +46,7 @@ from .store import Store, StoreUnavailable
 from .store_redis import (
     TIMEOUT_S,
     RedisStore,
+    append_log_lua,
     Sealer,
     StoreCorrupt,
     is_unavailable,
@@ -83,19 +84,7 @@ _OLD_SEQ_MARK = b"s"
 # pipeline, so the messages keep their place among this process's other messages.
 # KEYS[1] the log; ARGV: maxlen, ttl ms, channel, the bus message's head and its sealed
 # list of envelopes, then one sealed log entry per message.
-_RELAY = """
-local last = redis.call('LINDEX', KEYS[1], -1)
-local first = 1
-if last then
-  first = tonumber(string.match(last, '^(%d+):')) + 1
-end
-local entries = {}
-for i = 6, #ARGV do
-  entries[i - 5] = string.format('%d:', first + i - 6) .. ARGV[i]
-end
-redis.call('RPUSH', KEYS[1], unpack(entries))
-redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+_RELAY = append_log_lua(6) + """
 redis.call('SPUBLISH', ARGV[3], ARGV[4] .. string.format('%d:', first) .. ARGV[5])
 return first
 """
@@ -189,8 +178,8 @@ class _Relays:
         """The script call, made when the publisher takes it (nothing joins it afterwards)."""
         bus = self.bus
         channel = channel_of(self.session_id)
-        marked = [Envelope(e.to_peer, None, e.data, e.close, seq=0) for e in self.envelopes]
-        sealed = bus._sealer.seal(_relays_aad(channel, bus.node_id), _relays_encoder.encode(marked))
+        # As the hub made them (seq None): the seal's own associated data marks them relayed.
+        sealed = bus._sealer.seal(_relays_aad(channel, bus.node_id), _relays_encoder.encode(self.envelopes))
         head = bus.node_id + _RELAYS_MARK
         arguments: tuple[bytes | str | int, ...] = (self.log_key, self.maxlen, self.ttl_ms, channel, head, sealed, *self.entries)
         return b"*%d\r\n" % (len(arguments) + 3) + _RELAY_HEAD + _resp_arguments(arguments)
@@ -331,10 +320,11 @@ class RedisBus:
     async def publish_relayed(
         self, session_id: str, envelope: Envelope, store: Store, log_key: str, maxlen: int, ttl_s: float
     ) -> int:
-        """Append and publish in one script call (one Redis command per relayed message, not two).
+        """Append and publish in one script call (with the relays queued right before it for
+        the same buffer, see ``_Relays``).
 
-        The seq is assigned by Redis and travels outside the sealed envelope, as it does in
-        the resume buffer; inside, ``seq=0`` marks an envelope that must get one.
+        The seq is assigned by Redis and travels outside the sealed envelopes, as it does in
+        the resume buffer; relayed envelopes are sealed apart from other messages.
         """
         sent = self.publish_relayed_soon(session_id, envelope, store, log_key, maxlen, ttl_s)
         if sent is None:
@@ -548,12 +538,14 @@ class RedisBus:
         if not sep or not number.isdigit() or len(number) > 19:
             raise ValueError("bad seq")
         first = int(number)
-        if mark == _OLD_SEQ_MARK:
+        if mark == _OLD_SEQ_MARK:  # one envelope, marked relayed by seq 0 inside
             relayed = [unpack(self._sealer.open(_aad(channel, node_id), body))]
+            if relayed[0].seq != 0:
+                raise ValueError("a seq on a message that is not relayed")
         else:
             relayed = _relays_decoder.decode(self._sealer.open(_relays_aad(channel, node_id), body))
-        if not relayed or any(e.seq != 0 for e in relayed):
-            raise ValueError("relayed messages must each wait for their seq")
+            if not relayed or any(e.seq is not None for e in relayed):
+                raise ValueError("relayed messages get their seq from the bus message")
         return [
             Envelope(e.to_peer, None, with_seq(e.data, first + n), e.close, seq=first + n) for n, e in enumerate(relayed)
         ]

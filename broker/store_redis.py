@@ -163,21 +163,28 @@ def unavailable_on_redis_errors() -> Iterator[None]:
 # Capped log in ONE list key: each entry is "<seq>:<sealed value>". The next
 # sequence number follows the newest entry, which LTRIM never drops, so no
 # separate counter key is needed and deleting the log key deletes everything.
-#: KEYS[1] the log; ARGV[1] the sealed value, ARGV[2] the cap, ARGV[3] the TTL in ms. Leaves
-#: ``seq`` and ``stamp`` ("<seq>:") set, so bus_redis's relay script can go on from here.
-APPEND_LOG_LUA = """
+def append_log_lua(first_entry: int) -> str:
+    """Lua appending the sealed values ARGV[first_entry], ARGV[first_entry + 1], ... to the log
+    KEYS[1], capped at ARGV[1] entries with a TTL of ARGV[2] ms. Leaves ``first`` set, the seq of
+    the first value appended, so a script (bus_redis's relay) can go on from here."""
+    return f"""
 local last = redis.call('LINDEX', KEYS[1], -1)
-local seq = 1
+local first = 1
 if last then
-  seq = tonumber(string.match(last, '^(%d+):')) + 1
+  first = tonumber(string.match(last, '^(%d+):')) + 1
 end
-local stamp = string.format('%d:', seq)
-redis.call('RPUSH', KEYS[1], stamp .. ARGV[1])
-redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local entries = {{}}
+for i = {first_entry}, #ARGV do
+  entries[i - {first_entry - 1}] = string.format('%d:', first + i - {first_entry}) .. ARGV[i]
+end
+redis.call('RPUSH', KEYS[1], unpack(entries))
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """
-_APPEND = APPEND_LOG_LUA + """
-return seq
+
+
+_APPEND = append_log_lua(3) + """
+return first
 """
 
 # Fixed-window counter: the window starts with the first event.
@@ -323,7 +330,7 @@ class RedisStore:
             raise ValueError("maxlen must be at least 1")
         sealed = self._sealer.seal(log_aad(key), value)
         with unavailable_on_redis_errors():
-            return int(await self._append(keys=[key], args=[sealed, maxlen, ms(ttl_s)]))
+            return int(await self._append(keys=[key], args=[maxlen, ms(ttl_s), sealed]))
 
     async def read_since(self, key: str, seq: int) -> list[tuple[int, bytes]]:
         with unavailable_on_redis_errors():

@@ -66,6 +66,44 @@ class Inbox:
         await asyncio.wait_for(loop(), timeout)
 
 
+@dataclass
+class Spy:
+    """Anyone with access to Redis: reads what the brokers send on a session's channel, publishes anything."""
+
+    raw: aioredis.Redis
+    pubsub: aioredis.client.PubSub
+    sid: str
+
+    async def read(self, count: int) -> list[bytes]:
+        """The next ``count`` messages on the channel."""
+        captured: list[bytes] = []
+        async with asyncio.timeout(10):
+            while len(captured) < count:
+                message = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is not None:
+                    captured.append(message["data"])
+        return captured
+
+    async def nothing_more(self) -> bool:
+        return await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5) is None
+
+    async def publish(self, payload: bytes, sid: str | None = None) -> None:
+        await self.raw.execute_command("SPUBLISH", channel_of(sid or self.sid), payload)
+
+
+@contextlib.asynccontextmanager
+async def spying(server: RedisServer, sid: str) -> AsyncIterator[Spy]:  # noqa: F811
+    raw = aioredis.Redis.from_url(server.url)
+    pubsub = raw.pubsub()
+    try:
+        await pubsub.ssubscribe(channel_of(sid))
+        await pubsub.get_message(timeout=1.0)  # the confirmation
+        yield Spy(raw, pubsub, sid)
+    finally:
+        await pubsub.aclose()
+        await raw.aclose()
+
+
 def envelope(data: bytes, to_peer: str | None = "p1") -> Envelope:
     return Envelope(to_peer, None, data)
 
@@ -240,36 +278,23 @@ async def test_a_seq_cannot_be_added_to_or_stripped_from_a_message(
     sid, key = new_session(), f"s:{{{new_session()}}}:box:abcdefgh"
     inbox = Inbox()
     await b.subscribe(sid, inbox)
-    raw = aioredis.Redis.from_url(redis_server.url)
-    spy = raw.pubsub()
-    try:
-        await spy.ssubscribe(channel_of(sid))
-        await spy.get_message(timeout=1.0)
+    async with spying(redis_server, sid) as spy:
         await a.publish(sid, envelope(b"plain"))
         await a.publish_relayed(sid, envelope(relayed_data(1), "abcdefgh"), store, key, 128, 60)
         await inbox.wait_for(lambda: len(inbox.got) == 2)
-        captured: list[bytes] = []
-        while len(captured) < 2:
-            message = await spy.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is not None:
-                captured.append(message["data"])
-        plain, relayed = captured
+        plain, relayed = await spy.read(2)
         node_id = relayed[:8]
         assert relayed[8:11] == b"r1:" and plain[8:9] not in (b"r", b"s")
         stripped = node_id + relayed[11:]
         added = [node_id + mark + b"5:" + plain[8:] for mark in (b"r", b"s")]
         as_old = node_id + b"s1:" + relayed[11:]  # a batch passed off as an older broker's single relay
         for forged in (stripped, *added, as_old, node_id + b"rx:" + relayed[11:], node_id + b"r" + relayed[11:]):
-            await raw.execute_command("SPUBLISH", channel_of(sid), forged)
-        renumbered = node_id + b"r7:" + relayed[11:]  # Redis may renumber, as it may in the resume buffer
-        await raw.execute_command("SPUBLISH", channel_of(sid), renumbered)
+            await spy.publish(forged)
+        await spy.publish(node_id + b"r7:" + relayed[11:])  # Redis may renumber, as it may in the resume buffer
         await a.publish(sid, envelope(b"still listening"))
         await inbox.wait_for(lambda: len(inbox.got) == 4)
         assert [e.seq for e in inbox.got] == [None, 1, 7, None]
         assert inbox.got[2].data == with_seq(relayed_data(1), 7)
-    finally:
-        await spy.aclose()
-        await raw.aclose()
 
 
 async def test_relays_queued_back_to_back_for_one_buffer_cross_as_one_message(
@@ -284,11 +309,7 @@ async def test_relays_queued_back_to_back_for_one_buffer_cross_as_one_message(
     local, remote = Inbox(), Inbox()
     await a.subscribe(sid, local)
     await b.subscribe(sid, remote)
-    raw = aioredis.Redis.from_url(redis_server.url)
-    spy = raw.pubsub()
-    try:
-        await spy.ssubscribe(channel_of(sid))
-        await spy.get_message(timeout=1.0)
+    async with spying(redis_server, sid) as spy:
 
         def relay(n: int, to: str = "abcdefgh", log_key: str = key) -> asyncio.Future[int]:
             sent = a.publish_relayed_soon(sid, envelope(relayed_data(n), to), store, log_key, 128, 60)
@@ -308,14 +329,11 @@ async def test_relays_queued_back_to_back_for_one_buffer_cross_as_one_message(
         await plain
         assert await last == 8
         await remote.wait_for(lambda: len(remote.got) == 10)
-        captured: list[bytes] = []
-        for _ in range(20):
-            message = await spy.get_message(ignore_subscribe_messages=True, timeout=0.5)
-            if message is not None:
-                captured.append(message["data"])
         # Five bus messages: the burst, the other recipient's, two relays, the plain one, the last relay.
+        captured = await spy.read(5)
+        assert await spy.nothing_more()
         assert [m[8:11] for m in captured[:3]] + [m[8:11] for m in captured[4:]] == [b"r1:", b"r1:", b"r6:", b"r8:"]
-        assert len(captured) == 5 and captured[3][8:9] != b"r"
+        assert captured[3][8:9] != b"r"
         expected = [(e.to_peer, e.seq, e.data) for e in remote.got]
         assert expected == [("abcdefgh", n + 1, with_seq(relayed_data(n), n + 1)) for n in range(5)] + [
             ("zyxwvuts", 1, with_seq(relayed_data(5), 1)),
@@ -328,9 +346,6 @@ async def test_relays_queued_back_to_back_for_one_buffer_cross_as_one_message(
         # as Redis numbers them, in the same order as everyone else.
         assert [(e.to_peer, e.seq, e.data) for e in local.got] == [expected[8], *expected[:8], expected[9]]
         assert await store.read_since(key, 0) == list(enumerate(map(relayed_data, (0, 1, 2, 3, 4, 6, 7, 8)), start=1))
-    finally:
-        await spy.aclose()
-        await raw.aclose()
 
 
 async def test_a_relay_from_a_broker_before_batching_is_still_delivered(
@@ -524,27 +539,18 @@ async def test_forged_tampered_and_replayed_messages_are_dropped(
     inbox, other_inbox = Inbox(), Inbox()
     await b.subscribe(sid, inbox)
     await b.subscribe(other, other_inbox)
-    raw = aioredis.Redis.from_url(redis_server.url)
-    spy = raw.pubsub()
-    try:
-        await spy.ssubscribe(channel_of(sid))
-        await spy.get_message(timeout=1.0)
+    async with spying(redis_server, sid) as spy:
         await a.publish(sid, envelope(b"genuine"))
         store = RedisStore(a.redis, a._sealer)
         await a.publish_relayed(sid, envelope(relayed_data(1), "abcdefgh"), store, f"s:{{{sid}}}:box:abcdefgh", 8, 60)
         await inbox.wait_for(lambda: len(inbox.got) == 2)
-        captured: list[bytes] = []
-        while len(captured) < 2:
-            message = await spy.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is not None:
-                captured.append(message["data"])
-        payload, relayed = captured
+        payload, relayed = await spy.read(2)
         tampered = bytearray(payload)
         tampered[-1] ^= 1
-        await raw.execute_command("SPUBLISH", channel_of(sid), b"not a broker message")
-        await raw.execute_command("SPUBLISH", channel_of(sid), bytes(tampered))
+        await spy.publish(b"not a broker message")
+        await spy.publish(bytes(tampered))
         for replayed in (payload, relayed):  # into another session
-            await raw.execute_command("SPUBLISH", channel_of(other), replayed)
+            await spy.publish(replayed, other)
         # Sealed by a process with another key:
         stranger = await redis_node(redis_server.url, key=os.urandom(32))
         try:
@@ -555,9 +561,6 @@ async def test_forged_tampered_and_replayed_messages_are_dropped(
         await inbox.wait_for(lambda: len(inbox.got) == 3)
         assert inbox.data == [b"genuine", with_seq(relayed_data(1), 1), b"still listening"]
         assert other_inbox.got == []
-    finally:
-        await spy.aclose()
-        await raw.aclose()
 
 
 # ---------------------------------------------------------------- Redis: outages
