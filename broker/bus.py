@@ -9,7 +9,6 @@ it runs on.
 
 from __future__ import annotations
 
-import asyncio
 from collections import defaultdict
 from typing import Awaitable, Callable, Protocol
 
@@ -18,6 +17,8 @@ import msgspec
 from .store import MemoryStore, Store
 
 Handler = Callable[["Envelope"], None]
+#: Told why a relay started with ``Bus.publish_relayed_soon`` failed (it changed nothing).
+Failed = Callable[[BaseException], None]
 
 
 class Envelope(msgspec.Struct, array_like=True):
@@ -72,6 +73,16 @@ async def append_then_publish(
     return seq
 
 
+class Pending(Protocol):
+    """Relays still on their way (``Bus.publish_relayed_soon``); settled in the order they were started."""
+
+    def done(self) -> bool: ...
+
+    async def wait(self) -> None:
+        """Until they are settled, taken or failed (a failure goes to each relay's ``Failed``)."""
+        ...
+
+
 class Bus(Protocol):
     async def subscribe(self, session_id: str, handler: Handler) -> None: ...
 
@@ -87,14 +98,16 @@ class Bus(Protocol):
         ...
 
     def publish_relayed_soon(
-        self, session_id: str, envelope: Envelope, store: Store, log_key: str, maxlen: int, ttl_s: float
-    ) -> int | asyncio.Future[int] | None:
-        """``publish_relayed`` without waiting for it: the seq when it was done within this step,
-        a future of the seq while it is on its way (a failure is the future's exception), or
-        None, with nothing done, when this bus cannot (the caller then awaits ``publish_relayed``).
+        self, session_id: str, envelope: Envelope, store: Store, log_key: str, maxlen: int, ttl_s: float, failed: Failed
+    ) -> int | Pending | None:
+        """``publish_relayed`` without waiting for it: the seq when it was done within this step;
+        while it is on its way, what to wait on for it to be settled (``failed`` is called if it
+        fails); or None, with nothing done, when this bus cannot (the caller then awaits
+        ``publish_relayed``).
 
         Relays started this way from one caller keep their order, among themselves and with
-        ``publish_relayed``."""
+        ``publish_relayed``. Nothing is allocated per relay to tell a success: that is the
+        common case, and the next message's (P4 in benchmarks/)."""
         ...
 
     def add_reconnect_listener(self, listener: Callable[[], Awaitable[None]]) -> None:
@@ -130,13 +143,13 @@ class LocalBus:
     async def publish_relayed(
         self, session_id: str, envelope: Envelope, store: Store, log_key: str, maxlen: int, ttl_s: float
     ) -> int:
-        seq = self.publish_relayed_soon(session_id, envelope, store, log_key, maxlen, ttl_s)
+        seq = self.publish_relayed_soon(session_id, envelope, store, log_key, maxlen, ttl_s, _ignore)
         if seq is not None:
             return seq
         return await append_then_publish(self, store, session_id, envelope, log_key, maxlen, ttl_s)
 
     def publish_relayed_soon(
-        self, session_id: str, envelope: Envelope, store: Store, log_key: str, maxlen: int, ttl_s: float
+        self, session_id: str, envelope: Envelope, store: Store, log_key: str, maxlen: int, ttl_s: float, failed: Failed
     ) -> int | None:
         """With the embedded store: no coroutine at all on a relayed message's way (P1 in benchmarks/)."""
         if type(store) is not MemoryStore:
@@ -153,3 +166,7 @@ class LocalBus:
 
     def channels(self) -> int:
         return len(self._handlers)
+
+
+def _ignore(error: BaseException) -> None:
+    """A failure within the step raises instead: nothing is left to tell."""

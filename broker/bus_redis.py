@@ -41,7 +41,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
-from .bus import Envelope, Handler, append_then_publish, pack, unpack, with_seq
+from .bus import Envelope, Failed, Handler, append_then_publish, pack, unpack, with_seq
 from .store import Store, StoreUnavailable
 from .store_redis import (
     TIMEOUT_S,
@@ -140,10 +140,14 @@ class _Relays:
     """Relayed messages for one resume buffer, queued back to back: one script call for them all.
 
     Settled by the publisher's pipe like a future: with the first message's seq, it delivers the
-    messages to this process's own handlers (stamped) and then settles each message's future.
+    messages to this process's own handlers (stamped) and answers the relays that wait for their
+    seq (``publish_relayed``); a failure goes to every relay. It is also the hub's ``Pending``
+    for these relays: the hub keeps it, not a future per relay.
     """
 
-    __slots__ = ("bus", "entries", "envelopes", "log_key", "maxlen", "replies", "session_id", "settled", "size", "ttl_ms")
+    __slots__ = (
+        "bus", "entries", "envelopes", "log_key", "maxlen", "settle", "session_id", "settled", "size", "ttl_ms", "waiters"
+    )
 
     def __init__(self, bus: RedisBus, session_id: str, log_key: str, maxlen: int) -> None:
         self.bus = bus
@@ -153,9 +157,11 @@ class _Relays:
         self.ttl_ms = 0
         self.envelopes: list[Envelope] = []
         self.entries: list[bytes] = []
-        self.replies: list[asyncio.Future[int]] = []
+        #: Per relay: the future of its seq (``publish_relayed``), or whom to tell of a failure.
+        self.settle: list[asyncio.Future[int] | Failed] = []
         self.size = 0
         self.settled = False
+        self.waiters: list[asyncio.Future[None]] | None = None
 
     def takes(self, session_id: str, log_key: str, maxlen: int, size: int) -> bool:
         return (
@@ -166,11 +172,11 @@ class _Relays:
             and self.size + size <= RELAY_BYTES_PER_COMMAND
         )
 
-    def add(self, envelope: Envelope, entry: bytes, ttl_ms: int, reply: asyncio.Future[int]) -> None:
+    def add(self, envelope: Envelope, entry: bytes, ttl_ms: int, settle: asyncio.Future[int] | Failed) -> None:
         """One more relay, with its sealed resume-buffer entry."""
         self.envelopes.append(envelope)
         self.entries.append(entry)
-        self.replies.append(reply)
+        self.settle.append(settle)
         self.size += len(envelope.data)
         self.ttl_ms = ttl_ms  # the newest: the session's remaining life, as the last message saw it
 
@@ -184,10 +190,18 @@ class _Relays:
         arguments: tuple[bytes | str | int, ...] = (self.log_key, self.maxlen, self.ttl_ms, channel, head, sealed, *self.entries)
         return b"*%d\r\n" % (len(arguments) + 3) + _RELAY_HEAD + _resp_arguments(arguments)
 
-    # The pipe settles it as it settles a future.
+    # The pipe settles it as it settles a future; the hub waits on it (``bus.Pending``).
 
     def done(self) -> bool:
         return self.settled
+
+    async def wait(self) -> None:
+        if not self.settled:
+            waiter = asyncio.get_running_loop().create_future()
+            if self.waiters is None:
+                self.waiters = []
+            self.waiters.append(waiter)
+            await waiter
 
     def set_result(self, first: Any) -> None:
         self.settled = True
@@ -197,15 +211,30 @@ class _Relays:
             for n, envelope in enumerate(self.envelopes):
                 stamped = Envelope(envelope.to_peer, None, with_seq(envelope.data, seq + n), envelope.close, seq=seq + n)
                 _deliver(handlers, stamped)
-        for n, reply in enumerate(self.replies):
-            if not reply.done():
-                reply.set_result(seq + n)
+        for n, settle in enumerate(self.settle):
+            if isinstance(settle, asyncio.Future) and not settle.done():
+                settle.set_result(seq + n)
+        self._release()
 
     def set_exception(self, error: BaseException) -> None:
         self.settled = True  # whoever sent them answers the failure
-        for reply in self.replies:
-            if not reply.done():
-                reply.set_exception(error)
+        for settle in self.settle:
+            if not isinstance(settle, asyncio.Future):
+                try:
+                    settle(error)
+                except Exception:
+                    log.exception("event=bus_relay_failure_unreported")
+            elif not settle.done():
+                settle.set_exception(error)
+        self._release()
+
+    def _release(self) -> None:
+        """Wake whoever waits, and let go of the messages (the hub may keep this a while)."""
+        self.envelopes, self.entries, self.settle = [], [], []
+        waiters, self.waiters = self.waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 #: What a reply from Redis settles: a command's future, or relays.
@@ -326,20 +355,31 @@ class RedisBus:
         The seq is assigned by Redis and travels outside the sealed envelopes, as it does in
         the resume buffer; relayed envelopes are sealed apart from other messages.
         """
-        sent = self.publish_relayed_soon(session_id, envelope, store, log_key, maxlen, ttl_s)
-        if sent is None:
+        seq: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if self._relay_soon(session_id, envelope, store, log_key, maxlen, ttl_s, seq) is None:
             return await append_then_publish(self, store, session_id, envelope, log_key, maxlen, ttl_s)
-        return int(await sent)
+        return await seq
 
     def publish_relayed_soon(
-        self, session_id: str, envelope: Envelope, store: Store, log_key: str, maxlen: int, ttl_s: float
-    ) -> asyncio.Future[int] | None:
-        """The relay command queued for the publisher; the future is done when Redis has run it
-        (its result is the seq).
+        self, session_id: str, envelope: Envelope, store: Store, log_key: str, maxlen: int, ttl_s: float, failed: Failed
+    ) -> _Relays | None:
+        """The relay queued for the publisher, in the command that carries it (done when Redis has
+        run it); ``failed`` is told if Redis refuses it or cannot be reached.
 
-        Local handlers get the message then, stamped with that seq: the callback delivering it is
-        the future's first, so it runs before anyone awaiting the future resumes.
+        Local handlers get the message when it is done, stamped with the seq Redis gave it.
         """
+        return self._relay_soon(session_id, envelope, store, log_key, maxlen, ttl_s, failed)
+
+    def _relay_soon(
+        self,
+        session_id: str,
+        envelope: Envelope,
+        store: Store,
+        log_key: str,
+        maxlen: int,
+        ttl_s: float,
+        settle: asyncio.Future[int] | Failed,
+    ) -> _Relays | None:
         if not isinstance(store, RedisStore) or store.redis is not self.redis:
             return None
         if maxlen < 1:
@@ -347,14 +387,13 @@ class RedisBus:
         if self._closed:
             raise StoreUnavailable("closed")
         entry = self._sealer.seal(log_aad(log_key), envelope.data)
-        reply: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         outbox = self._outbox
         relays = outbox[-1] if outbox else None
         if type(relays) is not _Relays or not relays.takes(session_id, log_key, maxlen, len(envelope.data)):
             relays = _Relays(self, session_id, log_key, maxlen)
             self._queue(relays)
-        relays.add(envelope, entry, ms(ttl_s), reply)
-        return reply
+        relays.add(envelope, entry, ms(ttl_s), settle)
+        return relays
 
     async def _send(self, command: bytes) -> Any:
         """Queue a command (``resp_command``) for the publisher; its reply once Redis has run it."""
@@ -661,6 +700,7 @@ class _Pipe:
         if fast is None or not isinstance(writer, asyncio.StreamWriter):
             raise StoreUnavailable("no stream to pipeline on")
         self.conn = conn
+        self.loop = asyncio.get_running_loop()
         self.parser, self.stream = fast
         self.writer = writer
         #: Futures of the commands written and not answered yet, oldest first, with when each was written.
@@ -672,7 +712,7 @@ class _Pipe:
     def send(self, batch: list[tuple[bytes, _Settles]]) -> None:
         if self.broken:
             raise StoreUnavailable("the publisher's connection is gone")
-        now = asyncio.get_running_loop().time()
+        now = self.loop.time()
         if not self.waiting and self._deadline is not None:
             self._deadline.reschedule(now + TIMEOUT_S)
         self.waiting.extend((now, done) for _, done in batch)  # before writing: replies can come at once

@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable, Protocol
 import msgspec
 
 from . import session as sm
-from .bus import Bus, Envelope, with_seq
+from .bus import Bus, Envelope, Pending, with_seq
 from .protocol import (
     PROTOCOL_VERSION,
     Admit,
@@ -415,8 +415,8 @@ class Hub:
         self.clock = clock
         self.connections: dict[str, Connection] = {}
         self._writes = WriteBatch()
-        #: Per connection, its newest relay still on its way to the bus (see ``_on_its_way``).
-        self._unsettled: dict[Connection, asyncio.Future[int]] = {}
+        #: Per connection, its newest relays that went on their way to the bus (see ``_on_its_way``).
+        self._unsettled: dict[Connection, Pending] = {}
         # Local routing: seat -> connection, and the connections per session.
         self._by_peer: dict[tuple[str, str], Connection] = {}
         self._by_session: dict[str, set[Connection]] = {}
@@ -588,33 +588,31 @@ class Hub:
         if session is None:
             return False
         try:
-            sent = self.bus.publish_relayed_soon(*self._relay_checked(conn, message, session))  # type: ignore[arg-type]
+            failed = functools.partial(self._relay_failed, conn, message.id)  # type: ignore[union-attr]
+            sent = self.bus.publish_relayed_soon(*self._relay_checked(conn, message, session), failed)  # type: ignore[arg-type]
         except Exception as exc:
             self._refuse(conn, exc, message.id)  # type: ignore[union-attr]
             return True
         if sent is None:
             return False
         if not isinstance(sent, int):
-            self._on_its_way(conn, sent, message.id)  # type: ignore[union-attr]
+            self._on_its_way(conn, sent)
         return True
 
-    def _on_its_way(self, conn: Connection, sent: asyncio.Future[int], ref: str | None) -> None:
-        """A relay the bus is still sending (Redis): the connection's next frames need not wait for it,
-        but anything other than a relay does (``_handle``), and a failure is answered when it comes."""
+    def _on_its_way(self, conn: Connection, sent: Pending) -> None:
+        """Relays the bus is still sending (Redis): the connection's next frames need not wait for
+        them, but anything other than a relay does (``_handle``); the bus settles them in order, so
+        the newest stands for all. A failure is answered when it comes (``_relay_failed``)."""
         self._unsettled[conn] = sent
-        sent.add_done_callback(functools.partial(self._settled, conn, ref))
 
-    def _settled(self, conn: Connection, ref: str | None, sent: asyncio.Future[int]) -> None:
-        if self._unsettled.get(conn) is sent:
-            del self._unsettled[conn]
-        failure = None if sent.cancelled() else sent.exception()
-        if isinstance(failure, Exception):
-            self._refuse(conn, failure, ref)
+    def _relay_failed(self, conn: Connection, ref: str | None, error: BaseException) -> None:
+        if isinstance(error, Exception):
+            self._refuse(conn, error, ref)
 
     async def _handle(self, conn: Connection, message: ClientMessage) -> None:
-        unsettled = self._unsettled.get(conn)
-        if unsettled is not None:  # this connection's relays reach the store before what it sent next
-            await asyncio.wait((unsettled,))
+        unsettled = self._unsettled.pop(conn, None)
+        if unsettled is not None and not unsettled.done():
+            await unsettled.wait()  # this connection's relays reach the store before what it sent next
         try:
             await self._dispatch(conn, message)
         except Exception as exc:
@@ -637,6 +635,7 @@ class Hub:
         """The WebSocket is gone: release the seat if this connection still held it."""
         conn.closed = True
         self.connections.pop(conn.id, None)
+        self._unsettled.pop(conn, None)
         if conn.deadline:
             conn.deadline.cancel()
         if conn.writer:

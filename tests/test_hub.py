@@ -274,26 +274,39 @@ async def test_frames_read_together_take_effect_in_order(broker: RunningBroker) 
 
 async def test_a_frame_other_than_a_relay_waits_for_the_relays_still_on_their_way(broker: RunningBroker) -> None:
     """On Redis a relay is not awaited (``Hub._on_its_way``); what the connection sends next still
-    takes effect after it, and a relay that fails later is answered with its ref."""
+    takes effect after it, and a relay that fails later is answered with its ref.
+
+    The relays on their way are the bus's ``Pending`` (the Redis bus's own is tested in
+    test_bus.py); here one the test settles itself."""
     links, therapist, client = await admitted_pair(broker)
     hub = broker.hub
     conn = next(c for c in hub.connections.values() if c.peer_id == client.peer_id)
+
+    class OnItsWay:
+        def __init__(self) -> None:
+            self.settled = asyncio.Event()
+
+        def done(self) -> bool:
+            return self.settled.is_set()
+
+        async def wait(self) -> None:
+            await self.settled.wait()
+
     try:
-        failing = asyncio.get_running_loop().create_future()
-        hub._on_its_way(conn, failing, "r0")
-        failing.set_exception(StoreUnavailable("gone"))
+        hub._relay_failed(conn, "r0", StoreUnavailable("gone"))
         assert (await client.expect(Error, where=lambda m: m.ref == "r0")).code is ErrorCode.UNAVAILABLE
 
-        on_its_way = asyncio.get_running_loop().create_future()
-        hub._on_its_way(conn, on_its_way, "r1")
+        on_its_way = OnItsWay()
+        hub._on_its_way(conn, on_its_way)
         leaving = hub.receive_now(conn, json.dumps({"type": "leave"}))
         assert leaving is not None
         task = asyncio.ensure_future(leaving)
         await asyncio.sleep(0.1)
         assert not task.done()
         assert (await record_of(broker, links.session)).seat(client.peer_id).state is SeatState.ADMITTED
-        on_its_way.set_result(1)  # the relay was taken
+        on_its_way.settled.set()  # the relays were taken
         await asyncio.wait_for(task, 5)
+        assert conn not in hub._unsettled
         assert (await record_of(broker, links.session)).seat(client.peer_id).state is SeatState.LEFT
     finally:
         await client.close()

@@ -306,6 +306,51 @@ async def test_a_value_moved_to_another_key_does_not_open(
         await other_key.close()
 
 
+# ---------------------------------------------------------------- sealing
+
+_EPOCH = slice(1, 1 + Sealer._EPOCH)
+_NONCE = slice(1 + Sealer._EPOCH, Sealer._HEADER)
+
+
+def test_no_two_values_are_ever_sealed_under_one_sub_key_and_nonce() -> None:
+    """Nonces are numbered, not drawn: unique under a sealer's own sub-key (its epoch), which no
+    other sealer shares, and a new epoch starts before the numbering could wrap the rotation bound."""
+    key = secrets.token_bytes(32)
+    one, other = Sealer(key), Sealer(key)
+    blobs = [one.seal(b"aad", b"same value") for _ in range(1000)] + [other.seal(b"aad", b"same value") for _ in range(1000)]
+    assert len({(b[_EPOCH], b[_NONCE]) for b in blobs}) == 2000
+    assert len({b[_EPOCH] for b in blobs}) == 2
+    assert len(set(blobs)) == 2000  # the same value never seals to the same bytes
+    assert {one.open(b"aad", b) for b in blobs} == {b"same value"}  # any sealer with the key opens any blob
+    one._sealed = Sealer._ROTATE_AFTER - 1
+    last, first = one.seal(b"aad", b"v"), one.seal(b"aad", b"v")
+    assert last[_EPOCH] == blobs[0][_EPOCH] and first[_EPOCH] != last[_EPOCH]
+    assert first[_NONCE] == bytes(Sealer._NONCE)  # the new epoch numbers from zero, under its own sub-key
+    assert other.open(b"aad", last) == other.open(b"aad", first) == b"v"
+
+
+def test_a_forked_child_seals_under_a_new_epoch() -> None:
+    """A child copies its parent's sealer, numbering included: it must not reuse its nonces."""
+    sealer = Sealer(secrets.token_bytes(32))
+    parent = sealer.seal(b"aad", b"v")
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what it sealed, then leave without running the parent's cleanup
+        try:
+            os.write(writer, sealer.seal(b"aad", b"v"))
+        finally:
+            os._exit(0)
+    os.close(writer)
+    try:
+        child = os.read(reader, 4096)
+    finally:
+        os.close(reader)
+        os.waitpid(pid, 0)
+    assert child[_EPOCH] != parent[_EPOCH]
+    assert sealer.open(b"aad", child) == b"v"
+    assert sealer.seal(b"aad", b"v")[_EPOCH] == parent[_EPOCH]  # the parent goes on as before
+
+
 # ---------------------------------------------------------------- Redis only: unavailability
 
 
