@@ -12,7 +12,15 @@ import aiohttp
 import pytest
 
 from broker.client import BrokerClient
-from broker.hub import BUSY_CONNECTIONS, STREAM_GAP_S, Connection, Limits, WriteBatch
+from broker.hub import (
+    BUSY_CONNECTIONS,
+    RELAY_RECORD_MAX_AGE_S,
+    RELAY_RECORD_REFRESH_S,
+    STREAM_GAP_S,
+    Connection,
+    Limits,
+    WriteBatch,
+)
 from broker.protocol import (
     Candidate,
     Error,
@@ -241,6 +249,38 @@ async def test_a_fault_in_the_hub_is_answered_and_the_connection_carries_on(brok
     try:
         await client.send_raw(json.dumps({"type": "candidate", "to": therapist.peer_id, "candidate": "", "sdp_mid": "after"}))
         await therapist.expect(Candidate, where=lambda m: m.sdp_mid == "after")
+    finally:
+        await client.close()
+        await therapist.close()
+
+
+async def test_relays_never_wait_for_a_session_record_being_read_again(broker: RunningBroker) -> None:
+    """Relays check admission against this process's copy of the record; once the copy is
+    half its allowed age, a relay reads it again in the background and goes on at once. A copy
+    past its age is never used."""
+    links, therapist, client = await admitted_pair(broker)
+    hub = broker.hub
+    conn = next(c for c in hub.connections.values() if c.peer_id == client.peer_id)
+
+    def candidate(mid: str) -> str:
+        return json.dumps({"type": "candidate", "to": therapist.peer_id, "candidate": "", "sdp_mid": mid})
+
+    try:
+        await client.send_raw(candidate("warm"))
+        await therapist.expect(Candidate, where=lambda m: m.sdp_mid == "warm")
+        session = hub._relay_records[links.session][1]
+        aged = time.monotonic() - (RELAY_RECORD_REFRESH_S + RELAY_RECORD_MAX_AGE_S) / 2
+        hub._relay_records[links.session] = (aged, session)
+        assert hub.receive_now(conn, candidate("with the old copy")) is None  # done within the step
+        await therapist.expect(Candidate, where=lambda m: m.sdp_mid == "with the old copy")
+        for _ in range(100):  # renewed meanwhile, by one read of the store
+            if hub._relay_records[links.session][0] > aged:
+                break
+            await asyncio.sleep(0.01)
+        assert hub._relay_records[links.session][0] > aged and not hub._refreshing
+
+        hub._relay_records[links.session] = (time.monotonic() - RELAY_RECORD_MAX_AGE_S, session)
+        assert hub._relay_record_now(links.session) is None  # too old: relays read the store themselves
     finally:
         await client.close()
         await therapist.close()
