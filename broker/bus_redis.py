@@ -208,9 +208,10 @@ class _Relays:
         seq = int(first)
         handlers = self.bus._handlers.get(self.session_id)
         if handlers:
-            for n, envelope in enumerate(self.envelopes):
-                stamped = Envelope(envelope.to_peer, None, with_seq(envelope.data, seq + n), envelope.close, seq=seq + n)
-                _deliver(handlers, stamped)
+            for n, envelope in enumerate(self.envelopes):  # the hub's, sent already: stamped in place
+                envelope.data = with_seq(envelope.data, seq + n)
+                envelope.seq = seq + n
+                _deliver(handlers, envelope)
         for n, settle in enumerate(self.settle):
             if isinstance(settle, asyncio.Future) and not settle.done():
                 settle.set_result(seq + n)
@@ -585,9 +586,11 @@ class RedisBus:
             relayed = _relays_decoder.decode(self._sealer.open(_relays_aad(channel, node_id), body))
             if not relayed or any(e.seq is not None for e in relayed):
                 raise ValueError("relayed messages get their seq from the bus message")
-        return [
-            Envelope(e.to_peer, None, with_seq(e.data, first + n), e.close, seq=first + n) for n, e in enumerate(relayed)
-        ]
+        for n, e in enumerate(relayed):  # decoded for this call: stamped in place
+            e.to_conn = None
+            e.data = with_seq(e.data, first + n)
+            e.seq = first + n
+        return relayed
 
     async def _keepalive(self) -> None:
         loop = asyncio.get_running_loop()

@@ -88,13 +88,18 @@ class Sealer:
         self._key = key
         self._ciphers: OrderedDict[bytes, AESGCM] = OrderedDict()
         self._epoch = b""
+        #: What every blob of this epoch starts with: the version, then the epoch.
+        self._head = b""
         self._cipher: AESGCM | None = None
         self._sealed = 0
+        #: The epoch opened last and its cipher: blobs mostly come in runs from one process.
+        self._opened: tuple[bytes, AESGCM] = (b"", None)  # type: ignore[assignment]
         self._new_epoch()
         _sealers.add(self)
 
     def _new_epoch(self) -> None:
         self._epoch = secrets.token_bytes(self._EPOCH)
+        self._head = bytes([self.VERSION]) + self._epoch
         self._cipher = self._cipher_for(self._epoch)
         self._sealed = 0
 
@@ -111,19 +116,25 @@ class Sealer:
         return cipher
 
     def seal(self, aad: bytes, plaintext: bytes) -> bytes:
-        if self._sealed >= self._ROTATE_AFTER:
+        n = self._sealed
+        if n >= self._ROTATE_AFTER:
             self._new_epoch()
-        nonce = self._sealed.to_bytes(self._NONCE, "big")
-        self._sealed += 1
-        assert self._cipher is not None
-        return bytes([self.VERSION]) + self._epoch + nonce + self._cipher.encrypt(nonce, plaintext, aad)
+            n = 0
+        self._sealed = n + 1
+        nonce = n.to_bytes(self._NONCE, "big")
+        return b"".join((self._head, nonce, self._cipher.encrypt(nonce, plaintext, aad)))  # type: ignore[union-attr]
 
     def open(self, aad: bytes, blob: bytes) -> bytes:
         if len(blob) < self._HEADER + 16 or blob[0] != self.VERSION:
             raise StoreCorrupt("not a sealed value")
-        epoch, nonce = blob[1 : 1 + self._EPOCH], blob[1 + self._EPOCH : self._HEADER]
+        epoch = blob[1 : 1 + self._EPOCH]
+        opened, cipher = self._opened
+        if epoch != opened:
+            cipher = self._cipher_for(epoch)
+            self._opened = (epoch, cipher)
+        view = memoryview(blob)  # no copy of the ciphertext
         try:
-            return self._cipher_for(epoch).decrypt(nonce, blob[self._HEADER :], aad)
+            return cipher.decrypt(view[1 + self._EPOCH : self._HEADER], view[self._HEADER :], aad)
         except InvalidTag:
             raise StoreCorrupt("a stored value failed authentication") from None
 
