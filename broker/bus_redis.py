@@ -309,9 +309,23 @@ class RedisBus:
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._listen(), name="bus-listener"),
-            loop.create_task(self._publish_loop(), name="bus-publisher"),
+            self._start_publisher(),
             loop.create_task(self._keepalive(), name="bus-keepalive"),
         ]
+
+    def _start_publisher(self) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self._publish_loop(), name="bus-publisher")
+        task.add_done_callback(self._publisher_ended)
+        return task
+
+    def _publisher_ended(self, task: asyncio.Task[None]) -> None:
+        """The publisher only ends when the bus closes: otherwise every publish from now on
+        would wait forever, so a new one takes over (and a bug is logged)."""
+        if self._closed or task not in self._tasks:
+            return
+        error = None if task.cancelled() else task.exception()
+        log.error("event=bus_publisher_restarted error=%s", type(error).__name__ if error else "CancelledError")
+        self._tasks[self._tasks.index(task)] = self._start_publisher()
 
     # ------------------------------------------------------------ the Bus interface
 
@@ -648,7 +662,12 @@ class RedisBus:
                     await pipe.drain()
             except asyncio.CancelledError:
                 _fail(batch, StoreUnavailable("closed"))
-                raise
+                current = asyncio.current_task()
+                if self._closed or current is None or current.cancelling():
+                    raise
+                # Nobody cancelled the publisher (a library's timeout let it through): fail this
+                # batch, as for any other fault, and go on.
+                log.warning("event=bus_publish_interrupted")
             except Exception as exc:
                 if not isinstance(exc, StoreUnavailable) and not is_unavailable(exc):
                     log.exception("event=bus_publish_failed")  # not Redis being away: a bug

@@ -1171,8 +1171,12 @@ class Hub:
                 return None
             if session_id not in self._refreshing:
                 self._refreshing.add(session_id)
-                self._spawn(self._refresh_relay_record(session_id))
+                # After the relay that found it old is on its way: the read waits its turn.
+                asyncio.get_running_loop().call_soon(self._start_refresh, session_id)
         return hit[1]
+
+    def _start_refresh(self, session_id: str) -> None:
+        self._spawn(self._refresh_relay_record(session_id))
 
     async def _refresh_relay_record(self, session_id: str) -> None:
         """Read the copy again while relays go on using it (it is still young enough)."""

@@ -383,6 +383,26 @@ async def test_a_relay_from_a_broker_before_batching_is_still_delivered(
         await raw.aclose()
 
 
+async def test_the_publisher_is_replaced_if_its_task_ever_ends_while_the_bus_is_open(
+    one: tuple[RedisBus, RedisStore],
+) -> None:
+    """Every publish goes through the one publisher task: were it gone, each would wait forever."""
+    bus, store = one
+    sid = new_session()
+    key = f"s:{{{sid}}}:box:abcdefgh"
+    inbox = Inbox()
+    await bus.subscribe(sid, inbox)
+    first = next(t for t in bus._tasks if t.get_name() == "bus-publisher")
+    first.cancel()  # as a bug or a stray cancellation would end it
+    await asyncio.wait([first], timeout=5)
+    assert first.done()
+    await asyncio.wait_for(bus.publish(sid, envelope(b"after")), 5)
+    assert await asyncio.wait_for(bus.publish_relayed(sid, envelope(relayed_data(1), "abcdefgh"), store, key, 8, 60), 5) == 1
+    replacement = next(t for t in bus._tasks if t.get_name() == "bus-publisher")
+    assert replacement is not first and not replacement.done()
+    assert [e.data for e in inbox.got] == [b"after", with_seq(relayed_data(1), 1)]
+
+
 async def test_a_fault_while_the_publisher_builds_a_command_fails_only_those_relays(
     one: tuple[RedisBus, RedisStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -641,8 +661,8 @@ async def test_the_bus_comes_back_by_itself_after_redis_restarts(redis_server: R
                 await asyncio.sleep(0.05)
 
         await asyncio.wait_for(until_ready(), 15)
-        await a.bus.publish(before, envelope(b"after restart"))
-        await a.bus.publish(during, envelope(b"subscribed during the outage"))
+        await asyncio.wait_for(a.bus.publish(before, envelope(b"after restart")), 10)
+        await asyncio.wait_for(a.bus.publish(during, envelope(b"subscribed during the outage")), 10)
         await inbox_before.wait_for(lambda: inbox_before.data == [b"first", b"after restart"])
         await inbox_during.wait_for(lambda: inbox_during.data == [b"subscribed during the outage"])
         assert b.bus.reconnects >= 1
