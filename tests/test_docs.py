@@ -15,6 +15,17 @@ def test_every_test_file_named_in_the_docs_exists() -> None:
             assert (ROOT / path).is_file(), f"{doc} cites {path}, which does not exist"
 
 
+def test_every_test_named_in_the_docs_exists() -> None:
+    """A defence's doc names the test that holds it: renaming or dropping that test must show here."""
+    defined = set()
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        defined |= set(re.findall(r"^(?:async )?def (test_\w+)", path.read_text(encoding="utf-8"), flags=re.M))
+    for doc in ("docs/security.md", "docs/protocol.md", "docs/deploy.md", "README.md"):
+        text = (ROOT / doc).read_text(encoding="utf-8")
+        named = set(re.findall(r"`(test_\w+)`", text))
+        assert named <= defined, f"{doc} names tests that do not exist: {sorted(named - defined)}"
+
+
 def test_ci_runs_exactly_the_readme_test_command() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
