@@ -614,13 +614,22 @@ class BrokerClient:
         link.closed = True
         if self.links.get(link.peer) is link:
             del self.links[link.peer]
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(link.pc.close(), 5.0)
+        # Not wait_for: on a timeout it waits for the cancelled close to end, and aiortc's
+        # close can take a long while to give up. A close that is late goes on by itself.
+        closing = asyncio.ensure_future(link.pc.close())
+        closing.add_done_callback(_consume)
+        await asyncio.wait({closing}, timeout=5.0)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve a background close's outcome (a failed close changes nothing for the caller)."""
+    if not task.cancelled():
+        task.exception()
 
 
 DIAGNOSTIC_DETAILS = {"location": "diagnostic test, not a real location", "contact": "diagnostic test"}
