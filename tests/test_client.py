@@ -109,6 +109,36 @@ def _error():  # noqa: ANN202 - the Error struct type, via an instance
     return Error(code=ErrorCode.INTERNAL, message="")
 
 
+async def test_a_peer_connection_slow_to_close_does_not_hold_up_the_client(broker: RunningBroker) -> None:
+    """aiortc's close can take a long while to give up, even when cancelled: the client's own
+    close stops waiting for it after its bound and lets it finish by itself."""
+    links = await schedule(broker)
+    therapist = BrokerClient(links.therapist)
+    await therapist.connect()
+    client = await waiting_client(links)
+    released = asyncio.Event()
+    try:
+        await therapist.admit(client.peer_id)
+        link = await client.wait_connected(therapist.peer_id)
+        real_close = link.pc.close
+
+        async def slow_to_give_up() -> None:  # the real connection's close, once let go
+            while not released.is_set():
+                try:
+                    await released.wait()
+                except asyncio.CancelledError:
+                    continue
+            await real_close()
+
+        link.pc.close = slow_to_give_up  # type: ignore[method-assign]
+        closing = asyncio.ensure_future(client.close())
+        await asyncio.wait({closing}, timeout=20)
+        assert closing.done() and closing.exception() is None
+    finally:
+        released.set()
+        await therapist.close()
+
+
 async def test_audio_track_stops_cleanly_on_close(broker: RunningBroker) -> None:
     links = await schedule(broker)
     therapist = BrokerClient(links.therapist, media=True)
