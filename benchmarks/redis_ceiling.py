@@ -35,12 +35,20 @@ from _common import (
     free_port,
     median,
     parse_args,
-    percentile,
     raise_file_limit,
     use_uvloop,
     workdir,
 )
-from redis_scale import GOAL_LATENCY, GOAL_THROUGHPUT, WINDOW, RedisServer, open_loop
+from redis_scale import (
+    GOAL_LATENCY,
+    GOAL_THROUGHPUT,
+    WINDOW,
+    RedisServer,
+    add_path_figures,
+    open_loop,
+    path_figures,
+)
+from relay import bare_relay, serve_bare_app
 
 HERE = Path(__file__).resolve().parent
 
@@ -52,14 +60,7 @@ def _resp(*parts: bytes) -> bytes:
 def serve_bare_on_redis(port: int, redis_port: int, mine: str, theirs: str) -> None:
     """P1's bare relay, plus a Redis channel to the other process for peers it does not hold."""
     import hiredis
-    import msgspec
-    from aiohttp import WSMsgType, web
 
-    class Routing(msgspec.Struct):
-        to: str
-
-    decode = msgspec.json.Decoder(Routing).decode
-    peers: dict[str, web.WebSocketResponse] = {}
     their_channel = theirs.encode()
     outbox: list[bytes] = []
     links: dict[str, asyncio.StreamWriter] = {}
@@ -73,6 +74,8 @@ def serve_bare_on_redis(port: int, redis_port: int, mine: str, theirs: str) -> N
         if not outbox:  # one write per pass of the event loop, as the broker's publisher
             asyncio.get_running_loop().call_soon(flush)
         outbox.append(_resp(b"SPUBLISH", their_channel, text.encode()))
+
+    app, peers, decode = bare_relay(elsewhere=publish)
 
     async def discard_replies(reader: asyncio.StreamReader) -> None:
         while await reader.read(65536):
@@ -93,27 +96,7 @@ def serve_bare_on_redis(port: int, redis_port: int, mine: str, theirs: str) -> N
                         await target.send_str(message[2].decode())
                 message = parser.gets()
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    async def ws_handler(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=64 * 1024, compress=False, heartbeat=20.0, autoping=True)
-        await ws.prepare(request)
-        me = request.query["peer"]
-        peers[me] = ws
-        try:
-            async for msg in ws:
-                if msg.type is WSMsgType.TEXT:
-                    target = peers.get(decode(msg.data).to)
-                    if target is not None:
-                        await target.send_str(msg.data)
-                    else:
-                        publish(msg.data)
-        finally:
-            peers.pop(me, None)
-        return ws
-
-    async def connect(app: web.Application) -> None:
+    async def connect(app: object) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", redis_port)
         links["publish"] = writer
         tasks.append(asyncio.get_running_loop().create_task(discard_replies(reader)))
@@ -122,17 +105,8 @@ def serve_bare_on_redis(port: int, redis_port: int, mine: str, theirs: str) -> N
         links["subscribe"] = writer
         tasks.append(asyncio.get_running_loop().create_task(listen(reader)))
 
-    app = web.Application()
     app.on_startup.append(connect)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/ws", ws_handler)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+    serve_bare_app(app, port)
 
 
 async def measure(label: str, servers: list[ServerProcess], pairs: int, args: argparse.Namespace) -> dict[str, float]:
@@ -151,12 +125,7 @@ async def measure(label: str, servers: list[ServerProcess], pairs: int, args: ar
         warm, span = (2.0, 5.0) if args.quick else (3.0, 12.0)
         loop = await closed_loop(streams, window=args.window, warmup_s=warm, measure_s=span, pids=[s.pid for s in servers])
         latencies = await open_loop(streams, args.rate, 4.0 if args.quick else 10.0)
-        return {
-            "msgs_per_s": loop["msgs_per_s"],
-            "cpu_us_per_msg": loop["server_cpu_us_per_msg"],
-            "p50_ms": percentile(latencies, 50) * 1e3,
-            "p95_ms": percentile(latencies, 95) * 1e3,
-        }
+        return path_figures(loop, latencies)
     finally:
         for s in sockets:
             s.close()
@@ -206,10 +175,7 @@ async def main(args: argparse.Namespace) -> None:
     report = Report("redis_ceiling", "P4 ceiling: the bare stack across two processes on Redis", args, tools=("redis-server",))
     report.add("pairs", "peer pairs (each split across the two processes)", pairs)
     for kind, label in (("one", "bare relay, one process"), ("two", "bare relays, two processes on Redis")):
-        report.add(f"{kind}_msgs_per_s", f"{label}: throughput", round(med(kind, "msgs_per_s")), "msg/s")
-        report.add(f"{kind}_cpu_us_per_msg", f"{label}: CPU per message (relay processes)", round(med(kind, "cpu_us_per_msg"), 1), "µs")
-        report.add(f"{kind}_p50_ms", f"{label}: latency p50 at {args.rate:.0f} msg/s offered", round(med(kind, "p50_ms"), 2), "ms")
-        report.add(f"{kind}_p95_ms", f"{label}: latency p95 at {args.rate:.0f} msg/s offered", round(med(kind, "p95_ms"), 2), "ms")
+        add_path_figures(report, kind, label, "CPU per message (relay processes)", results[kind], args.rate)
     report.add("ratio", "throughput ratio bare two processes on Redis / bare one process", round(tput, 3), "", f"(P4: >= {GOAL_THROUGHPUT})")
     report.add("latency_ratio", "p95 latency ratio bare two processes on Redis / bare one process", round(lat, 3), "", f"(P4: <= {GOAL_LATENCY:g})")
     report.notes.append(

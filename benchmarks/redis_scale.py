@@ -120,6 +120,30 @@ async def open_loop(streams: list[tuple[LeanSocket, LeanSocket, bytes]], rate: f
     return latencies
 
 
+def path_figures(loop: dict[str, float], latencies: list[float]) -> dict[str, float]:
+    """One set-up's figures: the closed loop's throughput and CPU, the open loop's latency."""
+    return {
+        "msgs_per_s": loop["msgs_per_s"],
+        "cpu_us_per_msg": loop["server_cpu_us_per_msg"],
+        "p50_ms": percentile(latencies, 50) * 1e3,
+        "p95_ms": percentile(latencies, 95) * 1e3,
+        "p99_ms": percentile(latencies, 99) * 1e3,
+        "samples": len(latencies),
+    }
+
+
+def add_path_figures(report: Report, kind: str, label: str, cpu: str, runs: list[dict[str, float]], rate: float) -> None:
+    """The medians of one set-up's rounds, as rows of the report (``kind`` prefixes their JSON keys)."""
+
+    def med(key: str) -> float:
+        return median([run[key] for run in runs])
+
+    report.add(f"{kind}_msgs_per_s", f"{label}: throughput", round(med("msgs_per_s")), "msg/s")
+    report.add(f"{kind}_cpu_us_per_msg", f"{label}: {cpu}", round(med("cpu_us_per_msg"), 1), "µs")
+    report.add(f"{kind}_p50_ms", f"{label}: latency p50 at {rate:.0f} msg/s offered", round(med("p50_ms"), 2), "ms")
+    report.add(f"{kind}_p95_ms", f"{label}: latency p95 at {rate:.0f} msg/s offered", round(med("p95_ms"), 2), "ms")
+
+
 async def measure(
     label: str, brokers: list[BrokerProcess], pairs: int, args: argparse.Namespace, rate: float
 ) -> dict[str, float]:
@@ -138,14 +162,7 @@ async def measure(
         latencies = await open_loop(streams, rate, 4.0 if args.quick else 10.0)
         for p in made:
             p.close()
-        return {
-            "msgs_per_s": loop["msgs_per_s"],
-            "cpu_us_per_msg": loop["server_cpu_us_per_msg"],
-            "p50_ms": percentile(latencies, 50) * 1e3,
-            "p95_ms": percentile(latencies, 95) * 1e3,
-            "p99_ms": percentile(latencies, 99) * 1e3,
-            "samples": len(latencies),
-        }
+        return path_figures(loop, latencies)
     finally:
         await admin.close()
         for b in brokers:
@@ -193,10 +210,7 @@ async def main(args: argparse.Namespace) -> None:
     report = Report("redis_scale", "P4 two processes on Redis", args, tools=("redis-server",))
     report.add("pairs", "peer pairs (each split across the two processes in the two-process set-up)", pairs)
     for kind, label in (("one", "one process, embedded"), ("one_redis", "one process on Redis"), ("two_redis", "two processes on Redis")):
-        report.add(f"{kind}_msgs_per_s", f"{label}: throughput", round(med(kind, "msgs_per_s")), "msg/s")
-        report.add(f"{kind}_cpu_us_per_msg", f"{label}: broker CPU per message (all broker processes)", round(med(kind, "cpu_us_per_msg"), 1), "µs")
-        report.add(f"{kind}_p50_ms", f"{label}: latency p50 at {args.rate:.0f} msg/s offered", round(med(kind, "p50_ms"), 2), "ms")
-        report.add(f"{kind}_p95_ms", f"{label}: latency p95 at {args.rate:.0f} msg/s offered", round(med(kind, "p95_ms"), 2), "ms")
+        add_path_figures(report, kind, label, "broker CPU per message (all broker processes)", results[kind], args.rate)
     report.add("ratio", "throughput ratio two processes on Redis / one process (embedded)", round(tput, 3), "", f">= {GOAL_THROUGHPUT}", tput >= GOAL_THROUGHPUT)
     report.add("latency_ratio", "p95 latency ratio two processes on Redis / one process (embedded)", round(lat, 3), "", f"<= {GOAL_LATENCY:g}", lat <= GOAL_LATENCY)
     tput_r = med("two_redis", "msgs_per_s") / med("one_redis", "msgs_per_s")

@@ -23,7 +23,9 @@ import argparse
 import asyncio
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -51,8 +53,10 @@ WINDOW = 8  # messages in flight per direction (overridable with --window)
 GOAL = 0.8
 
 
-def serve_bare(port: int) -> None:
-    """The bare relay: peers connect to /ws?peer=ID; each text frame goes to the peer named in ``to``."""
+def bare_relay(elsewhere: Callable[[str], None] | None = None) -> tuple[Any, dict[str, Any], Callable[[Any], Any]]:
+    """The bare relay's app: peers connect to /ws?peer=ID; each text frame goes to the peer named
+    in ``to``, or to ``elsewhere`` when no such peer is here (dropped without it). Also returns the
+    peers it holds and its decoder of ``to``, for a relay that receives frames from elsewhere."""
     import msgspec
     from aiohttp import WSMsgType, web
 
@@ -76,6 +80,8 @@ def serve_bare(port: int) -> None:
                     target = peers.get(decode(msg.data).to)
                     if target is not None:
                         await target.send_str(msg.data)
+                    elif elsewhere is not None:
+                        elsewhere(msg.data)
         finally:
             peers.pop(me, None)
         return ws
@@ -83,6 +89,13 @@ def serve_bare(port: int) -> None:
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/ws", ws_handler)
+    return app, peers, decode
+
+
+def serve_bare_app(app: Any, port: int) -> None:
+    """Serve a bare relay's app on uvloop, as the broker runs."""
+    from aiohttp import web
+
     try:
         import uvloop
 
@@ -90,6 +103,10 @@ def serve_bare(port: int) -> None:
     except ImportError:
         pass
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+def serve_bare(port: int) -> None:
+    serve_bare_app(bare_relay()[0], port)
 
 
 async def run_bare(window: int, pairs: int, warmup: float, measure: float, tmp: Path) -> dict[str, float]:

@@ -660,14 +660,9 @@ class RedisBus:
                 pipe.send(batch)
                 if pipe.needs_drain():
                     await pipe.drain()
-            except asyncio.CancelledError:
+            except asyncio.CancelledError:  # closing, or a stray one: then a new publisher takes over
                 _fail(batch, StoreUnavailable("closed"))
-                current = asyncio.current_task()
-                if self._closed or current is None or current.cancelling():
-                    raise
-                # Nobody cancelled the publisher (a library's timeout let it through): fail this
-                # batch, as for any other fault, and go on.
-                log.warning("event=bus_publish_interrupted")
+                raise
             except Exception as exc:
                 if not isinstance(exc, StoreUnavailable) and not is_unavailable(exc):
                     log.exception("event=bus_publish_failed")  # not Redis being away: a bug

@@ -1184,6 +1184,8 @@ class Hub:
             await self._read_relay_record(session_id)
         except (ProtocolError, StoreUnavailable):
             pass  # the next relay reads it itself, and answers what it finds
+        except Exception:
+            log.exception("event=internal_error where=relay_record_refresh")
         finally:
             self._refreshing.discard(session_id)
 

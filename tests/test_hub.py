@@ -254,7 +254,9 @@ async def test_a_fault_in_the_hub_is_answered_and_the_connection_carries_on(brok
         await therapist.close()
 
 
-async def test_relays_never_wait_for_a_session_record_being_read_again(broker: RunningBroker) -> None:
+async def test_relays_never_wait_for_a_session_record_being_read_again(
+    broker: RunningBroker, caplog: pytest.LogCaptureFixture
+) -> None:
     """Relays check admission against this process's copy of the record; once the copy is
     half its allowed age, a relay reads it again in the background and goes on at once. A copy
     past its age is never used."""
@@ -278,6 +280,27 @@ async def test_relays_never_wait_for_a_session_record_being_read_again(broker: R
                 break
             await asyncio.sleep(0.01)
         assert hub._relay_records[links.session][0] > aged and not hub._refreshing
+
+        # A read that fails (the store away, or a bug) leaves the copy as it was, to age out.
+        for fault in (StoreUnavailable("away"), RuntimeError("a bug")):
+
+            async def failing(session_id: str, fault: Exception = fault) -> None:
+                raise fault
+
+            aged = time.monotonic() - (RELAY_RECORD_REFRESH_S + RELAY_RECORD_MAX_AGE_S) / 2
+            hub._relay_records[links.session] = (aged, session)
+            hub._load = failing  # type: ignore[method-assign]
+            try:
+                assert hub.receive_now(conn, candidate(f"while the store fails: {fault}")) is None
+                await therapist.expect(Candidate, where=lambda m, f=fault: m.sdp_mid == f"while the store fails: {f}")
+                for _ in range(100):
+                    if not hub._refreshing:
+                        break
+                    await asyncio.sleep(0.01)
+                assert not hub._refreshing and hub._relay_records[links.session][0] == aged
+            finally:
+                del hub._load
+        assert caplog.text.count("where=relay_record_refresh") == 1  # the bug is logged, the store being away is not
 
         hub._relay_records[links.session] = (time.monotonic() - RELAY_RECORD_MAX_AGE_S, session)
         assert hub._relay_record_now(links.session) is None  # too old: relays read the store themselves
