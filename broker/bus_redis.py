@@ -34,7 +34,7 @@ import logging
 import math
 import random
 import secrets
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Awaitable, Callable, Union
 
 import msgspec
@@ -44,12 +44,14 @@ from redis import exceptions as redis_errors
 from .bus import Envelope, Failed, Handler, append_then_publish, pack, unpack, with_seq
 from .store import Store, StoreUnavailable
 from .store_redis import (
+    NEXT_SEQ_LUA,
+    CommandRefused,
     TIMEOUT_S,
     RedisStore,
-    append_log_lua,
     Sealer,
     StoreCorrupt,
     is_unavailable,
+    keep_entries_lua,
     log_aad,
     ms,
 )
@@ -69,6 +71,8 @@ BATCH = 512
 RELAYS_PER_COMMAND = 32
 #: ... and about this many bytes of messages.
 RELAY_BYTES_PER_COMMAND = 256 * 1024
+#: Resume buffers whose next seq the publisher remembers (the most recently relayed to).
+EXPECTED_SEQS_MAX = 4096
 
 _NODE_ID_BYTES = 8
 #: After the node id, relayed messages carry "r<seq>:" (the first one's, assigned by Redis)
@@ -82,12 +86,39 @@ _OLD_SEQ_MARK = b"s"
 # capped "<seq>:<sealed entry>" log of store_redis, numbered on from its last entry) and
 # publish them with the first seq the log gave them. The call travels in the publisher's
 # pipeline, so the messages keep their place among this process's other messages.
-# KEYS[1] the log; ARGV: maxlen, ttl ms, channel, the bus message's head and its sealed
-# list of envelopes, then one sealed log entry per message.
-_RELAY = append_log_lua(6) + """
-redis.call('SPUBLISH', ARGV[3], ARGV[4] .. string.format('%d:', first) .. ARGV[5])
-return first
+#
+# The publisher numbers the entries and the bus message itself, from the seq it expects the
+# log to give (what Redis answered for its previous relays to this buffer). When that holds,
+# as it does unless another process or the store appended in between, the script checks it
+# and passes its arguments on: building strings in Lua was most of the script's cost (P4 in
+# benchmarks/, results.md). Otherwise the script numbers them again. What is stored and
+# published is the same either way, and the same as before the publisher numbered anything.
+# KEYS[1] the log; ARGV: maxlen, ttl ms, channel, the expected first seq, the bus message
+# (head, "<seq>:", sealed list of envelopes), then one "<seq>:<sealed entry>" per message.
+_RELAY = (
+    NEXT_SEQ_LUA
+    + """
+local message = ARGV[5]
+if first == tonumber(ARGV[4]) then
 """
+    + keep_entries_lua("ARGV, 6")
+    + """
+else
+  local entries = {}
+  for i = 6, #ARGV do
+    local entry = ARGV[i]
+    entries[i - 5] = string.format('%d:', first + i - 6) .. string.sub(entry, string.find(entry, ':', 1, true) + 1)
+  end
+"""
+    + keep_entries_lua("entries")
+    + """
+  local colon = string.find(message, ':', HEAD + 1, true)
+  message = string.sub(message, 1, HEAD) .. string.format('%d:', first) .. string.sub(message, colon + 1)
+end
+redis.call('SPUBLISH', ARGV[3], message)
+return first
+""".replace("HEAD", str(_NODE_ID_BYTES + len(_RELAYS_MARK)))
+)
 
 
 def channel_of(session_id: str) -> bytes:
@@ -184,10 +215,12 @@ class _Relays:
         """The script call, made when the publisher takes it (nothing joins it afterwards)."""
         bus = self.bus
         channel = channel_of(self.session_id)
+        first = bus._expected_seq(self)
         # As the hub made them (seq None): the seal's own associated data marks them relayed.
         sealed = bus._sealer.seal(_relays_aad(channel, bus.node_id), _relays_encoder.encode(self.envelopes))
-        head = bus.node_id + _RELAYS_MARK
-        arguments: tuple[bytes | str | int, ...] = (self.log_key, self.maxlen, self.ttl_ms, channel, head, sealed, *self.entries)
+        message = b"%s%s%d:%s" % (bus.node_id, _RELAYS_MARK, first, sealed)
+        entries = [b"%d:%s" % (first + n, entry) for n, entry in enumerate(self.entries)]
+        arguments: tuple[bytes | str | int, ...] = (self.log_key, self.maxlen, self.ttl_ms, channel, first, message, *entries)
         return b"*%d\r\n" % (len(arguments) + 3) + _RELAY_HEAD + _resp_arguments(arguments)
 
     # The pipe settles it as it settles a future; the hub waits on it (``bus.Pending``).
@@ -206,6 +239,7 @@ class _Relays:
     def set_result(self, first: Any) -> None:
         self.settled = True
         seq = int(first)
+        self.bus._seq_answered(self, seq + len(self.envelopes))
         handlers = self.bus._handlers.get(self.session_id)
         if handlers:
             for n, envelope in enumerate(self.envelopes):  # the hub's, sent already: stamped in place
@@ -280,6 +314,9 @@ class RedisBus:
         self._spawned: set[asyncio.Task[None]] = set()
         #: The publisher's connection (see ``_Pipe``), opened by the first command.
         self._pipe: _Pipe | None = None
+        #: Per resume buffer relayed to lately: the seq Redis should give its next relay (0: not
+        #: known), and the relays last sent to it (their answer sets it; None once answered).
+        self._expected: OrderedDict[str, list[Any]] = OrderedDict()
         self._closed = False
         self._last_rx = 0.0
         #: Set while the pub/sub connection is up and Redis confirmed every channel subscribed again.
@@ -409,6 +446,40 @@ class RedisBus:
             self._queue(relays)
         relays.add(envelope, entry, ms(ttl_s), settle)
         return relays
+
+    def _expected_seq(self, relays: _Relays) -> int:
+        """The seq Redis should give the first of these relays, which are being sent now (0: not known)."""
+        expected = self._expected
+        known = expected.get(relays.log_key)
+        if known is None:
+            known = expected[relays.log_key] = [0, relays]
+            if len(expected) > EXPECTED_SEQS_MAX:
+                expected.popitem(last=False)
+        else:
+            expected.move_to_end(relays.log_key)
+        first = known[0]
+        known[0] = first + len(relays.envelopes) if first else 0
+        known[1] = relays
+        return first
+
+    def _seq_answered(self, relays: _Relays, next_seq: int) -> None:
+        """Redis numbered these relays: unless more were sent to that buffer since, the next follow them."""
+        known = self._expected.get(relays.log_key)
+        if known is not None and known[1] is relays:
+            known[0] = next_seq
+            known[1] = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def call(self, *args: bytes | str | int) -> Any:
+        """One Redis command on the publisher's pipelined connection, after what this process
+        published before it; its reply (``CommandRefused`` for an error reply). The store reads
+        through here (``RedisStore.read_through``)."""
+        if self._closed:
+            raise StoreUnavailable("closed")
+        return await self._send(resp_command(*args))
 
     async def _send(self, command: bytes) -> Any:
         """Queue a command (``resp_command``) for the publisher; its reply once Redis has run it."""
@@ -764,10 +835,10 @@ class _Pipe:
                 while reply is not False:
                     _, done = self.waiting.popleft()
                     if isinstance(reply, Exception):  # an error reply fails its own command only
-                        log.warning("event=bus_command_refused")
-                        if str(reply).startswith("NOSCRIPT"):
+                        reply = CommandRefused(str(reply))
+                        log.warning("event=bus_command_refused reply=%s", reply.code)
+                        if reply.code == "NOSCRIPT":
                             self.broken = True  # the script cache was flushed: the next pipe loads it again
-                        reply = StoreUnavailable("error reply")
                         if not done.done():
                             done.set_exception(reply)
                     elif not done.done():

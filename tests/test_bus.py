@@ -17,7 +17,7 @@ from broker.bus import Bus, Envelope, LocalBus, Pending, with_seq
 from broker.bus_redis import RedisBus, channel_of, resp_command
 from broker.protocol import Answer, Candidate, Offer, Renegotiate, encode
 from broker.store import MemoryStore, Store, StoreUnavailable
-from broker.store_redis import RedisStore, Sealer, connect_redis, redis_client
+from broker.store_redis import CommandRefused, RedisStore, Sealer, connect_redis, redis_client
 
 from .redis_server import RedisServer, free_port, redis_server  # noqa: F401 - the fixture
 
@@ -352,6 +352,44 @@ async def test_relays_queued_back_to_back_for_one_buffer_cross_as_one_message(
         # as Redis numbers them, in the same order as everyone else.
         assert [(e.to_peer, e.seq, e.data) for e in local.got] == [expected[8], *expected[:8], expected[9]]
         assert await store.read_since(key, 0) == list(enumerate(map(relayed_data, (0, 1, 2, 3, 4, 6, 7, 8)), start=1))
+
+
+async def test_relays_are_numbered_by_the_log_whatever_the_publisher_expected(
+    pair: tuple[RedisBus, RedisBus], redis_server: RedisServer  # noqa: F811
+) -> None:
+    """The publisher numbers relays as it expects Redis to (what Redis answered its last relays
+    to the buffer): right, the script passes them on; wrong (another process or the store
+    appended in between), the script numbers them again. Either way log and bus agree."""
+    a, b = pair
+    store_a, store_b = RedisStore(a.redis, a._sealer), RedisStore(b.redis, b._sealer)
+    sid, key = new_session(), f"s:{{{new_session()}}}:box:abcdefgh"
+    inbox = Inbox()
+    await b.subscribe(sid, inbox)
+    sent: list[bytes] = []
+
+    async def relay(bus: RedisBus, store: RedisStore, n: int) -> int:
+        sent.append(relayed_data(n))
+        return await bus.publish_relayed(sid, envelope(relayed_data(n), "abcdefgh"), store, key, 128, 60)
+
+    async with spying(redis_server, sid) as spy:
+        assert [await relay(a, store_a, n) for n in range(3)] == [1, 2, 3]
+        assert a._expected[key] == [4, None]  # learnt from Redis's answers: the next relays are numbered right
+        assert await relay(b, store_b, 3) == 4  # another process: a's expectation is now wrong ...
+        sent.append(b"by the store")
+        assert await store_a.append(key, b"by the store", 128, 60) == 5  # ... and the store appends too
+        burst = [a.publish_relayed(sid, envelope(relayed_data(n), "abcdefgh"), store_a, key, 128, 60) for n in (4, 5, 6)]
+        sent.extend(map(relayed_data, (4, 5, 6)))
+        assert await asyncio.gather(*burst) == [6, 7, 8]  # numbered again by the script
+        assert a._expected[key] == [9, None]
+        assert await relay(a, store_a, 7) == 9
+        heads = [message[8:] for message in await spy.read(6)]
+    # What crossed the bus: each message numbered as the log numbered its first relay.
+    assert [head[: head.index(b":") + 1] for head in heads] == [b"r1:", b"r2:", b"r3:", b"r4:", b"r6:", b"r9:"]
+    assert await store_a.read_since(key, 0) == list(enumerate(sent, start=1))
+    await inbox.wait_for(lambda: len(inbox.got) == 8)  # every relay, b's own delivered locally
+    assert [(e.seq, e.data) for e in inbox.got] == [
+        (seq, with_seq(data, seq)) for seq, data in enumerate(sent, start=1) if seq != 5
+    ]
 
 
 async def test_a_relay_from_a_broker_before_batching_is_still_delivered(
@@ -727,14 +765,16 @@ async def test_an_error_reply_fails_its_own_command_only(
 ) -> None:
     bus, _ = one
     sent = [
-        asyncio.ensure_future(bus._send(resp_command(b"ECHO", b"before"))),
-        asyncio.ensure_future(bus._send(resp_command(b"NO-SUCH-COMMAND"))),
-        asyncio.ensure_future(bus._send(resp_command(b"ECHO", b"after"))),
+        asyncio.ensure_future(bus.call(b"ECHO", b"before")),
+        asyncio.ensure_future(bus.call(b"NO-SUCH-COMMAND", b"secret argument")),
+        asyncio.ensure_future(bus.call(b"ECHO", b"after")),
     ]
     results = await asyncio.wait_for(asyncio.gather(*sent, return_exceptions=True), 5)
     assert results[0] == b"before" and results[2] == b"after"
-    assert isinstance(results[1], StoreUnavailable)
-    assert await bus._send(resp_command(b"ECHO", b"still")) == b"still"  # the same pipe goes on
+    # Refused: a StoreUnavailable for the caller, with nothing of the reply but its code.
+    assert isinstance(results[1], CommandRefused) and isinstance(results[1], StoreUnavailable)
+    assert results[1].code == "ERR" and "secret" not in str(results[1])
+    assert await bus.call(b"ECHO", b"still") == b"still"  # the same pipe goes on
 
 
 async def test_commands_waiting_when_the_connection_drops_fail_and_the_next_one_reconnects(

@@ -19,7 +19,8 @@ from typing import AsyncIterator
 import pytest
 
 from broker.store import MemoryStore, Store, StoreUnavailable, session_prefix
-from broker.store_redis import RedisStore, Sealer, StoreCorrupt, redis_client
+from broker.bus_redis import RedisBus
+from broker.store_redis import RedisStore, Sealer, StoreCorrupt, connect_redis, redis_client
 
 from .redis_server import RedisServer, free_port, redis_server  # noqa: F401 - the fixture
 
@@ -64,8 +65,13 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
         return
     server: RedisServer = request.getfixturevalue("redis_server")
     server.ensure_running()
+    # The twin reads as a broker process does: through its bus's pipelined connection.
     one, two = redis_store(server.url), redis_store(server.url)
+    bus = RedisBus(two.redis, two._sealer)
+    bus.start()
+    two.read_through(bus)
     yield Backend("redis", one, two)
+    await bus.close()
     await one.close()
     await two.close()
 
@@ -90,6 +96,25 @@ async def test_put_then_get_returns_the_value(backend: Backend, prefix: str) -> 
     assert await backend.twin.get(prefix) == b"\x00binary\xff value"
     await backend.store.put(prefix, b"second", 30)
     assert await backend.twin.get(prefix) == b"second"
+
+
+async def test_a_broker_process_reads_through_its_bus_on_no_connection_of_its_own(
+    redis_server: RedisServer, prefix: str  # noqa: F811
+) -> None:
+    """Reads share the bus's pipelined connection (record reads come every quarter second per
+    relaying session): fifty at once open no pooled connection, as redis-py would for each."""
+    redis_server.ensure_running()
+    store, bus = await connect_redis(redis_server.url, KEY)
+    try:
+        await store.put(prefix, b"value", 30)
+        assert await bus.call(b"PING") == b"PONG"  # the bus's connection is open
+        with redis_server.client() as raw:
+            before = raw.info("stats")["total_connections_received"]
+            assert await asyncio.gather(*(store.get(prefix) for _ in range(50))) == [b"value"] * 50
+            assert raw.info("stats")["total_connections_received"] == before
+    finally:
+        await bus.close()
+        await store.close()
 
 
 async def test_values_expire_after_their_ttl(backend: Backend, prefix: str) -> None:
@@ -202,6 +227,14 @@ async def test_append_numbers_entries_and_read_since_returns_newer_ones(backend:
     assert await backend.twin.read_since(log, 3) == [(4, b"m4"), (5, b"m5")]
     assert await backend.twin.read_since(log, 5) == []
     assert await backend.twin.read_since(prefix + ":box:nobody", 0) == []
+
+
+async def test_get_finds_no_value_at_a_capped_logs_key(backend: Backend, prefix: str) -> None:
+    log = prefix + ":box:p"
+    await backend.store.append(log, b"entry", 10, 30)
+    assert await backend.store.get(log) is None
+    assert await backend.twin.get(log) is None
+    assert await backend.twin.read_since(log, 0) == [(1, b"entry")]
 
 
 async def test_append_keeps_only_the_newest_maxlen_entries(backend: Backend, prefix: str) -> None:
