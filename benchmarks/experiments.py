@@ -167,3 +167,13 @@ def count_writes() -> None:
         return original(broker)
 
     serve.build_app = build_app
+
+
+@experiment("no_record_refresh")
+def no_record_refresh() -> None:
+    """Diagnosis, not a proposal: relays use their copy of the session record for 60 s instead of
+    0.5 s, so no record is read again while P4 runs (what those reads cost the latency)."""
+    from broker import hub
+
+    hub.RELAY_RECORD_MAX_AGE_S = 60.0
+    hub.RELAY_RECORD_REFRESH_S = 30.0
