@@ -11,7 +11,8 @@ dependency since caaade7), ``lean_connection``/``direct_write`` (5a72d1f, with
 the deferred variant's batching as ad69169), ``bounded_decode_cache``
 (c8b32c5), ``one_expiry_timer`` (35b3a3f), ``relay_record_ttl`` (41a1b38, with
 invalidation over the bus instead of a 100 ms bound), ``deque_mailbox``
-(0d6c847). ``api_middlewares_apart`` landed and was taken back in the third
+(0d6c847). Diagnoses (not proposals): ``count_writes``, ``no_record_refresh``,
+``trace_relay_hop``. ``api_middlewares_apart`` landed and was taken back in the third
 session (a97cd20, 2ace699): 0.6 KiB less per idle connection, but round trips
 measured slower; it stays here to be measured again.
 """
@@ -177,3 +178,72 @@ def no_record_refresh() -> None:
 
     hub.RELAY_RECORD_MAX_AGE_S = 60.0
     hub.RELAY_RECORD_REFRESH_S = 30.0
+
+
+@experiment("trace_relay_hop")
+def trace_relay_hop() -> None:
+    """Diagnosis, not a proposal: per relay command on Redis, how long from its first relay's
+    arrival at the bus to its write to Redis, and from there to Redis's answer; count, p50 and p95
+    (ms) of each, every second, to /tmp/trace_relay_hop.<pid>.json (the latency phase is the
+    last seconds of each broker's file)."""
+    import asyncio
+    import json
+    import os
+    import time
+
+    from broker import bus_redis
+
+    queued: dict[int, float] = {}
+    spans: dict[str, list[float]] = {"queue_to_write": [], "write_to_reply": [], "queue_to_reply": []}
+    written: dict[int, float] = {}
+    queue = bus_redis.RedisBus._queue
+    send = bus_redis._Pipe.send
+    set_result = bus_redis._Relays.set_result
+
+    def traced_queue(self, outgoing):  # type: ignore[no-untyped-def]
+        if isinstance(outgoing, bus_redis._Relays):
+            queued[id(outgoing)] = time.perf_counter()
+        return queue(self, outgoing)
+
+    def traced_send(self, batch):  # type: ignore[no-untyped-def]
+        now = time.perf_counter()
+        for _, done in batch:
+            if isinstance(done, bus_redis._Relays) and id(done) in queued:
+                written[id(done)] = now
+                spans["queue_to_write"].append(now - queued[id(done)])
+        return send(self, batch)
+
+    def traced_set_result(self, first):  # type: ignore[no-untyped-def]
+        now = time.perf_counter()
+        q, w = queued.pop(id(self), None), written.pop(id(self), None)
+        if q is not None and w is not None:
+            spans["write_to_reply"].append(now - w)
+            spans["queue_to_reply"].append(now - q)
+        return set_result(self, first)
+
+    bus_redis.RedisBus._queue = traced_queue  # type: ignore[method-assign]
+    bus_redis._Pipe.send = traced_send  # type: ignore[method-assign]
+    bus_redis._Relays.set_result = traced_set_result  # type: ignore[method-assign]
+
+    async def dump() -> None:
+        while True:
+            await asyncio.sleep(1)
+            out = {}
+            for name, values in spans.items():
+                v = sorted(values)
+                if v:
+                    out[name] = [len(v), round(v[len(v) // 2] * 1e3, 3), round(v[int(len(v) * 0.95)] * 1e3, 3)]
+                values.clear()
+            with open(f"/tmp/trace_relay_hop.{os.getpid()}.json", "a") as f:
+                f.write(json.dumps(out) + "\n")
+
+    from broker import serve
+
+    create = serve.create_broker
+
+    async def create_broker(*args, **kwargs):  # type: ignore[no-untyped-def]
+        made = await create(*args, **kwargs)
+        asyncio.get_running_loop().create_task(dump())
+        return made
+
+    serve.create_broker = create_broker  # type: ignore[assignment]
