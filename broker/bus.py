@@ -98,12 +98,22 @@ class Bus(Protocol):
         ...
 
     def publish_relayed_soon(
-        self, session_id: str, envelope: Envelope, store: Store, log_key: str, maxlen: int, ttl_s: float, failed: Failed
+        self,
+        session_id: str,
+        envelope: Envelope,
+        store: Store,
+        log_key: str,
+        maxlen: int,
+        ttl_s: float,
+        failed: Failed,
+        *,
+        recipient_here: bool = True,
     ) -> int | Pending | None:
         """``publish_relayed`` without waiting for it: the seq when it was done within this step;
         while it is on its way, what to wait on for it to be settled (``failed`` is called if it
         fails); or None, with nothing done, when this bus cannot (the caller then awaits
-        ``publish_relayed``).
+        ``publish_relayed``). ``recipient_here``: whether this process holds the recipient's
+        connection (a bus may then send the relay differently, see ``RedisBus``).
 
         Relays started this way from one caller keep their order, among themselves and with
         ``publish_relayed``. Nothing is allocated per relay to tell a success: that is the
@@ -149,7 +159,16 @@ class LocalBus:
         return await append_then_publish(self, store, session_id, envelope, log_key, maxlen, ttl_s)
 
     def publish_relayed_soon(
-        self, session_id: str, envelope: Envelope, store: Store, log_key: str, maxlen: int, ttl_s: float, failed: Failed
+        self,
+        session_id: str,
+        envelope: Envelope,
+        store: Store,
+        log_key: str,
+        maxlen: int,
+        ttl_s: float,
+        failed: Failed,
+        *,
+        recipient_here: bool = True,
     ) -> int | None:
         """With the embedded store: no coroutine at all on a relayed message's way (P1 in benchmarks/)."""
         if type(store) is not MemoryStore:

@@ -595,7 +595,10 @@ class Hub:
             return False
         try:
             failed = functools.partial(self._relay_failed, conn, message.id)  # type: ignore[union-attr]
-            sent = self.bus.publish_relayed_soon(*self._relay_checked(conn, message, session), failed)  # type: ignore[arg-type]
+            here = (session.id, message.to) in self._by_peer  # type: ignore[union-attr]
+            sent = self.bus.publish_relayed_soon(
+                *self._relay_checked(conn, message, session), failed, recipient_here=here  # type: ignore[arg-type]
+            )
         except Exception as exc:
             self._refuse(conn, exc, message.id)  # type: ignore[union-attr]
             return True

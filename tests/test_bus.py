@@ -392,6 +392,46 @@ async def test_relays_are_numbered_by_the_log_whatever_the_publisher_expected(
     ]
 
 
+async def test_an_occasional_relay_for_a_recipient_elsewhere_is_written_at_once(
+    one: tuple[RedisBus, RedisStore]
+) -> None:
+    """Latency: a lone relay for a peer held by another process goes to Redis within the call
+    that sends it, not when the publisher's turn comes; the rest of its pass, and relays for a
+    recipient held here (it waits for Redis's answer anyway), still go out together."""
+    bus, store = one
+    sid, key = new_session(), f"s:{{{new_session()}}}:box:abcdefgh"
+    assert await bus.call(b"PING") == b"PONG"  # the pipe is up, the publisher waits for work
+    pipe = bus._pipe
+    assert pipe is not None
+    writes: list[bytes] = []
+    write = pipe.writer.write
+    pipe.writer.write = lambda data: (writes.append(data), write(data))[1]  # type: ignore[method-assign]
+
+    def relay(n: int, here: bool, to: str = "abcdefgh") -> Pending:
+        sent = bus.publish_relayed_soon(
+            sid, envelope(relayed_data(n), to), store, key if to == "abcdefgh" else key + to, 128, 60, pytest.fail,
+            recipient_here=here,
+        )
+        assert sent is not None and not isinstance(sent, int)
+        return sent
+
+    here = relay(0, True)
+    assert writes == []  # for a recipient held here: the publisher's turn
+    await asyncio.wait_for(here.wait(), 5)
+    first = relay(1, False)
+    assert len(writes) == 2 and writes[1].count(b"EVALSHA") == 1  # written before the call returned
+    rest = [relay(2, False), relay(3, False), relay(4, False, "zyxwvuts")]
+    assert len(writes) == 2  # the rest of this pass waits for the publisher ...
+    for sent in (first, *rest):
+        await asyncio.wait_for(sent.wait(), 5)
+    assert len(writes) == 3 and writes[2].count(b"EVALSHA") == 2  # ... and goes in one write: one command per buffer
+    assert await store.read_since(key, 0) == [(n + 1, relayed_data(n)) for n in range(4)]
+    await asyncio.sleep(0)
+    later = relay(5, False)  # a later pass: at once again
+    assert len(writes) == 4
+    await asyncio.wait_for(later.wait(), 5)
+
+
 async def test_a_relay_from_a_broker_before_batching_is_still_delivered(
     redis_server: RedisServer, pair: tuple[RedisBus, RedisBus]  # noqa: F811
 ) -> None:
