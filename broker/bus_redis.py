@@ -14,7 +14,9 @@ session's keys. Per process:
   burst of ICE candidates, read from its socket together) go to Redis as one
   script call and cross to the other processes as one sealed bus message. The
   publisher never waits to fill such a batch: it only joins what is already
-  queued behind the previous command, so it costs a lone message nothing.
+  queued behind the previous command, so it costs a lone message nothing. An
+  occasional relay for a peer held by another process does not even wait for
+  the publisher's turn: it is written at once (``_write_at_once``).
 - One pub/sub connection with a listener task. A channel is subscribed when its
   first local handler arrives (waiting for Redis to confirm, so nothing
   published afterwards is missed) and unsubscribed when the last one goes.
