@@ -591,11 +591,9 @@ class RedisBus:
         first = True
         while True:
             conn = None
-            ended: asyncio.Future[None] | None = None
             try:
                 conn = self.redis.connection_pool.make_connection()
                 await conn.connect()
-                ended = _Listening.take_over(self, conn)  # before anything comes back to read
                 await self._resubscribe(conn)
                 if not first:
                     self.reconnects += 1
@@ -605,10 +603,7 @@ class RedisBus:
                     task.add_done_callback(self._spawned.discard)
                 first = False
                 delay = BACKOFF_FIRST_S
-                if ended is not None:
-                    await ended  # the connection's bytes are read as they arrive (_Listening)
-                else:
-                    await self._read(conn)
+                await self._read(conn)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -619,8 +614,6 @@ class RedisBus:
                 self._resubscribing = set()
                 if self._conn is conn:
                     self._conn = None
-                if ended is not None and not ended.cancel() and not ended.cancelled():
-                    ended.exception()  # its end was seen (or a subscribe failed first): nothing to report
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await conn.disconnect(nowait=True)
@@ -645,8 +638,22 @@ class RedisBus:
             self.connected.set()
 
     async def _read(self, conn: Any) -> None:
-        """redis-py reads, when ``_Listening`` cannot take the connection over."""
         loop = asyncio.get_running_loop()
+        fast = _fast_reader(conn)
+        if fast is not None:
+            reader, stream = fast
+            while True:
+                data = await stream.read(65536)
+                if not data:
+                    raise redis_errors.ConnectionError("the pub/sub connection was closed")
+                self._last_rx = loop.time()
+                reader.feed(data)
+                response = reader.gets()
+                while response is not False:
+                    if isinstance(response, Exception):  # an error reply: reconnect, as redis-py would raise it
+                        raise redis_errors.ResponseError(str(response))
+                    self._on_response(response)
+                    response = reader.gets()
         while True:
             # math.inf: wait for as long as it takes; the keepalive task detects a dead link.
             # push_request: with RESP3, messages and confirmations arrive as push frames.
@@ -800,66 +807,6 @@ class RedisBus:
         self._spawned.add(task)
         task.add_done_callback(self._spawned.discard)
         return pipe
-
-
-class _Listening(asyncio.Protocol):
-    """The pub/sub connection's bytes, parsed with hiredis and delivered as they arrive.
-
-    It takes the connection's transport over from redis-py's stream reader, so a message
-    reaches its handlers in the event loop's callback for the read, not in the step of a
-    listener task woken for it after the rest of the pass (P4's latency in benchmarks/).
-    ``ended`` fails when the connection does (closed, or an error reply): the listener then
-    reconnects as before.
-    """
-
-    def __init__(self, bus: RedisBus, parser: Any, previous: asyncio.BaseProtocol, ended: asyncio.Future[None]) -> None:
-        self.bus = bus
-        self.parser = parser
-        self.previous = previous
-        self.ended = ended
-        self.loop = asyncio.get_running_loop()
-
-    @classmethod
-    def take_over(cls, bus: RedisBus, conn: Any) -> asyncio.Future[None] | None:
-        """Read ``conn`` from now on (nothing may be waiting to be read); its end, or None when
-        that is not possible (then redis-py reads it)."""
-        fast = _fast_reader(conn)
-        transport = getattr(getattr(conn, "_writer", None), "transport", None)
-        if fast is None or transport is None or fast[1]._buffer:  # type: ignore[attr-defined]
-            return None
-        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        transport.set_protocol(cls(bus, fast[0], transport.get_protocol(), ended))
-        return ended
-
-    def data_received(self, data: bytes) -> None:
-        if self.ended.done():
-            return
-        self.bus._last_rx = self.loop.time()
-        parser = self.parser
-        try:
-            parser.feed(data)
-            response = parser.gets()
-            while response is not False:
-                if isinstance(response, Exception):  # an error reply: reconnect, as redis-py would raise it
-                    raise redis_errors.ResponseError(str(response))
-                self.bus._on_response(response)
-                response = parser.gets()
-        except Exception as exc:
-            self.ended.set_exception(exc)
-
-    def eof_received(self) -> bool:
-        return False  # the transport closes, and connection_lost follows
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.ended.done():
-            self.ended.set_exception(redis_errors.ConnectionError("the pub/sub connection was closed"))
-        self.previous.connection_lost(exc)  # redis-py's writer, waiting to drain or close, learns it too
-
-    def pause_writing(self) -> None:
-        self.previous.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.previous.resume_writing()
 
 
 def _fail(batch: list[tuple[bytes, _Settles]], error: BaseException) -> None:

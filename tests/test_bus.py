@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from broker.bus import Bus, Envelope, LocalBus, Pending, with_seq
-from broker.bus_redis import RedisBus, _Listening, channel_of, resp_command
+from broker.bus_redis import RedisBus, channel_of, resp_command
 from broker.protocol import Answer, Candidate, Offer, Renegotiate, encode
 from broker.store import MemoryStore, Store, StoreUnavailable
 from broker.store_redis import CommandRefused, RedisStore, Sealer, connect_redis, redis_client
@@ -747,37 +747,6 @@ async def test_the_bus_comes_back_by_itself_after_redis_restarts(redis_server: R
     finally:
         await a.close()
         await b.close()
-
-
-async def test_messages_are_handled_in_the_read_callback_and_an_error_reply_reconnects(
-    pair: tuple[RedisBus, RedisBus], redis_server: RedisServer  # noqa: F811
-) -> None:
-    """The pub/sub connection is read by the bus's own protocol (no listener task woken per
-    read), and what would end redis-py's read ends it too: the listener reconnects."""
-    a, b = pair
-    sid = new_session()
-    inbox = Inbox()
-    await b.subscribe(sid, inbox)
-    listening = b._conn._writer.transport.get_protocol()
-    assert isinstance(listening, _Listening)
-    delivered_in: list[str | None] = []
-    inbox_call = inbox.__call__
-
-    def recording(envelope: Envelope) -> None:
-        task = asyncio.current_task()
-        delivered_in.append(task.get_name() if task is not None else None)
-        inbox_call(envelope)
-
-    await b.unsubscribe(sid, inbox)
-    await b.subscribe(sid, recording)
-    await a.publish(sid, envelope(b"one"))
-    await inbox.wait_for(lambda: inbox.data == [b"one"])
-    assert delivered_in == [None]  # in the transport's callback, not in a task's step
-    before = b.reconnects
-    listening.data_received(b"-ERR something the broker never asked for\r\n")
-    await asyncio.wait_for(b.connected.wait(), 10)
-    await _until_delivered(a, sid, inbox, b"two")
-    assert b.reconnects == before + 1 and isinstance(b._conn._writer.transport.get_protocol(), _Listening)
 
 
 async def test_a_silent_redis_connection_is_replaced(redis_server: RedisServer) -> None:  # noqa: F811
