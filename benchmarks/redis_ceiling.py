@@ -33,7 +33,6 @@ from _common import (
     cleanup,
     closed_loop,
     free_port,
-    median,
     parse_args,
     raise_file_limit,
     use_uvloop,
@@ -47,6 +46,7 @@ from redis_scale import (
     add_path_figures,
     open_loop,
     path_figures,
+    path_ratios,
 )
 from relay import bare_relay, serve_bare_app
 
@@ -167,11 +167,7 @@ async def main(args: argparse.Namespace) -> None:
         redis.stop()
         cleanup(tmp)
 
-    def med(kind: str, key: str) -> float:
-        return median([x[key] for x in results[kind]])
-
-    tput = med("two", "msgs_per_s") / med("one", "msgs_per_s")
-    lat = med("two", "p95_ms") / med("one", "p95_ms")
+    tput, lat = path_ratios(results, "two", "one")
     report = Report("redis_ceiling", "P4 ceiling: the bare stack across two processes on Redis", args, tools=("redis-server",))
     report.add("pairs", "peer pairs (each split across the two processes)", pairs)
     for kind, label in (("one", "bare relay, one process"), ("two", "bare relays, two processes on Redis")):

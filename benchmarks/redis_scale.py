@@ -132,6 +132,15 @@ def path_figures(loop: dict[str, float], latencies: list[float]) -> dict[str, fl
     }
 
 
+def path_ratios(results: dict[str, list[dict[str, float]]], two: str, one: str) -> tuple[float, float]:
+    """Set-up ``two`` against ``one``: throughput ratio and p95 latency ratio, from medians over the rounds."""
+
+    def med(kind: str, key: str) -> float:
+        return median([x[key] for x in results[kind]])
+
+    return med(two, "msgs_per_s") / med(one, "msgs_per_s"), med(two, "p95_ms") / med(one, "p95_ms")
+
+
 def add_path_figures(report: Report, kind: str, label: str, cpu: str, runs: list[dict[str, float]], rate: float) -> None:
     """The medians of one set-up's rounds, as rows of the report (``kind`` prefixes their JSON keys)."""
 
@@ -202,19 +211,14 @@ async def main(args: argparse.Namespace) -> None:
         redis.stop()
         cleanup(tmp)
 
-    def med(kind: str, key: str) -> float:
-        return median([x[key] for x in results[kind]])
-
-    tput = med("two_redis", "msgs_per_s") / med("one", "msgs_per_s")
-    lat = med("two_redis", "p95_ms") / med("one", "p95_ms")
+    tput, lat = path_ratios(results, "two_redis", "one")
     report = Report("redis_scale", "P4 two processes on Redis", args, tools=("redis-server",))
     report.add("pairs", "peer pairs (each split across the two processes in the two-process set-up)", pairs)
     for kind, label in (("one", "one process, embedded"), ("one_redis", "one process on Redis"), ("two_redis", "two processes on Redis")):
         add_path_figures(report, kind, label, "broker CPU per message (all broker processes)", results[kind], args.rate)
     report.add("ratio", "throughput ratio two processes on Redis / one process (embedded)", round(tput, 3), "", f">= {GOAL_THROUGHPUT}", tput >= GOAL_THROUGHPUT)
     report.add("latency_ratio", "p95 latency ratio two processes on Redis / one process (embedded)", round(lat, 3), "", f"<= {GOAL_LATENCY:g}", lat <= GOAL_LATENCY)
-    tput_r = med("two_redis", "msgs_per_s") / med("one_redis", "msgs_per_s")
-    lat_r = med("two_redis", "p95_ms") / med("one_redis", "p95_ms")
+    tput_r, lat_r = path_ratios(results, "two_redis", "one_redis")
     report.add("ratio_vs_one_redis", "throughput ratio two processes / one process, both on Redis", round(tput_r, 3), "", f"(>= {GOAL_THROUGHPUT})")
     report.add("latency_ratio_vs_one_redis", "p95 latency ratio two processes / one process, both on Redis", round(lat_r, 3), "", f"(<= {GOAL_LATENCY:g})")
     report.notes.append(

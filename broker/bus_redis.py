@@ -225,6 +225,16 @@ class _Relays:
         arguments: tuple[bytes | str | int, ...] = (self.log_key, self.maxlen, self.ttl_ms, channel, first, message, *entries)
         return b"*%d\r\n" % (len(arguments) + 3) + _RELAY_HEAD + _resp_arguments(arguments)
 
+    def command_or_fail(self) -> bytes | None:
+        """``command``, or None when making it failed: a bug, so these relays fail (their senders
+        are told) and whoever sends commands goes on."""
+        try:
+            return self.command()
+        except Exception as exc:
+            log.exception("event=bus_publish_failed")
+            self.set_exception(StoreUnavailable(type(exc).__name__))
+            return None
+
     # The pipe settles it as it settles a future; the hub waits on it (``bus.Pending``).
 
     def done(self) -> bool:
@@ -483,11 +493,8 @@ class RedisBus:
         second write in a pass costs it a second round trip (results.md, seventh session)."""
         pipe = self._pipe
         assert pipe is not None
-        try:
-            command = relays.command()
-        except Exception as exc:  # a bug: these relays fail, as in the publisher
-            log.exception("event=bus_publish_failed")
-            relays.set_exception(StoreUnavailable(type(exc).__name__))
+        command = relays.command_or_fail()
+        if command is None:
             return
         pipe.send([(command, relays)])
         self._wrote_in_pass = True
@@ -768,11 +775,9 @@ class RedisBus:
                 if not isinstance(outgoing, _Relays):
                     batch.append(outgoing)
                     continue
-                try:
-                    batch.append((outgoing.command(), outgoing))
-                except Exception as exc:  # a bug: these relays fail, the publisher goes on
-                    log.exception("event=bus_publish_failed")
-                    outgoing.set_exception(StoreUnavailable(type(exc).__name__))
+                command = outgoing.command_or_fail()
+                if command is not None:
+                    batch.append((command, outgoing))
             if not batch:
                 continue
             try:

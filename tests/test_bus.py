@@ -502,6 +502,20 @@ async def test_a_fault_while_the_publisher_builds_a_command_fails_only_those_rel
         await asyncio.wait_for(bus.publish_relayed(sid, envelope(relayed_data(1), "abcdefgh"), store, key, 8, 60), 5)
     assert await asyncio.wait_for(bus.publish_relayed(sid, envelope(relayed_data(2), "abcdefgh"), store, key, 8, 60), 5) == 1
     assert await store.read_since(key, 0) == [(1, relayed_data(2))]
+    # The same for a relay written at once (a recipient elsewhere, the publisher waiting for work).
+    failures: list[BaseException] = []
+    faults.append(RuntimeError("injected again"))
+
+    def at_once(n: int) -> Pending:
+        sent = bus.publish_relayed_soon(
+            sid, envelope(relayed_data(n), "abcdefgh"), store, key, 8, 60, failures.append, recipient_here=False
+        )
+        assert sent is not None and not isinstance(sent, int)
+        return sent
+
+    assert at_once(3).done() and len(failures) == 1 and isinstance(failures[0], StoreUnavailable)
+    await asyncio.wait_for(at_once(4).wait(), 5)
+    assert len(failures) == 1 and await store.read_since(key, 0) == [(1, relayed_data(2)), (2, relayed_data(4))]
 
 
 async def test_a_long_burst_is_split_into_commands_of_bounded_size(one: tuple[RedisBus, RedisStore]) -> None:
