@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientWebSocketResponse, WSMsgType, web
 
 from broker.config import Config
 from broker.e2ee import new_link_key
@@ -55,6 +55,27 @@ class SessionLinks:
     @property
     def client(self) -> str:
         return self.clients[0]
+
+
+async def read_until_broker_closes(
+    ws: ClientWebSocketResponse, timeout: float | None = 30
+) -> tuple[list[str], int | None]:
+    """The text frames a socket receives until it closes, and the code the broker closed it with.
+
+    The code comes from the broker's close frame, not from ``ws.close_code``: aiohttp's server
+    drops the connection right after sending its close frame, and when the client's answering
+    frame then cannot be written, aiohttp's client replaces the code it received with 1006.
+    A browser reports the received code (RFC 6455, 7.1.5), and so do these tests.
+    """
+    texts: list[str] = []
+    while True:
+        msg = await ws.receive(timeout=timeout)
+        if msg.type is WSMsgType.TEXT:
+            texts.append(msg.data)
+        elif msg.type is WSMsgType.CLOSE:
+            return texts, msg.data
+        elif msg.type in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+            return texts, ws.close_code
 
 
 async def start_broker(data_dir: Path, **overrides: object) -> RunningBroker:

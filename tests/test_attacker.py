@@ -57,7 +57,7 @@ from broker.config import Config
 from broker.e2ee import new_link_key
 from broker.protocol import ErrorCode, SeatState, Status
 
-from .conftest import free_port
+from .conftest import free_port, read_until_broker_closes
 
 HONEST_PAIRS = 20
 UNAUTHENTICATED = 1000
@@ -291,11 +291,12 @@ class Attack:
 
     async def drain(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """Read whatever the broker says until it closes the socket, counting its error codes."""
-        async for msg in ws:
-            if msg.type is aiohttp.WSMsgType.TEXT and '"error"' in msg.data:
-                code = json.loads(msg.data).get("code", "")
+        texts, close_code = await read_until_broker_closes(ws, timeout=None)
+        for text in texts:
+            if '"error"' in text:
+                code = json.loads(text).get("code", "")
                 self.error_codes[code] = self.error_codes.get(code, 0) + 1
-        self.count(self.close_codes, ws.close_code)
+        self.count(self.close_codes, close_code)
 
     # -- 1,000 unauthenticated sockets, reopened whenever the auth deadline closes them
     async def hold(self, address: str, say_hello: bool) -> None:
@@ -476,7 +477,7 @@ async def test_a_sustained_flood_on_one_connection_is_closed_4029(broker: Any) -
         ws = await http.ws_connect(broker.url + "/ws", origin=broker.url)
         await ws.send_str('{"type":"hello","protocol":1}')
         await ws.send_str(json.dumps({"type": "join", "token": links.tokens[links.peers[links.client]]}))
-        reader = asyncio.ensure_future(_read_until_closed(ws))
+        reader = asyncio.ensure_future(read_until_broker_closes(ws, timeout=None))
         for _ in range(300):  # 1,000 messages a second for 3 seconds
             if ws.closed:
                 break
@@ -489,10 +490,5 @@ async def test_a_sustained_flood_on_one_connection_is_closed_4029(broker: Any) -
             await ws.close()
         else:
             closed_by_broker = True
-        await asyncio.wait_for(reader, 10)
-        assert closed_by_broker and ws.close_code == 4029
-
-
-async def _read_until_closed(ws: aiohttp.ClientWebSocketResponse) -> None:
-    async for _ in ws:
-        pass
+        _, code = await asyncio.wait_for(reader, 10)
+        assert closed_by_broker and code == 4029

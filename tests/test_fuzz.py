@@ -37,7 +37,7 @@ from broker.protocol import (
     decode_client,
 )
 
-from .conftest import RunningBroker, schedule
+from .conftest import RunningBroker, read_until_broker_closes, schedule
 
 EXAMPLES = int(os.environ.get("BROKER_FUZZ_EXAMPLES", "100"))
 FUZZ_SETTINGS = settings(
@@ -403,11 +403,8 @@ def _errors(replies: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 async def _closed(ws: aiohttp.ClientWebSocketResponse) -> int | None:
     """Read past the views still in flight until the broker closes; its close code."""
-    while True:
-        msg = await ws.receive(10)
-        if msg.type is not aiohttp.WSMsgType.TEXT:
-            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), msg
-            return ws.close_code
+    _, code = await read_until_broker_closes(ws, timeout=10)
+    return code
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ from broker.record import verify_record
 from broker.store import StoreUnavailable, session_prefix
 from broker.tokens import TokenClaims, TokenCodec, new_session_id, new_token_id
 
-from .conftest import RunningBroker, schedule
+from .conftest import RunningBroker, read_until_broker_closes, schedule
 from .test_client import waiting_client
 
 
@@ -887,8 +887,7 @@ async def test_a_session_ends_when_its_window_closes_and_others_go_on(tmp_path) 
         assert (await staying.join(tokens_later[later.therapist().id]))["type"] == "joined"
         ended = await ending.recv_type("session_ended", timeout=30)
         assert ended["reason"] == "expired"
-        closing = await ending.ws.receive(timeout=10)
-        assert closing.type is aiohttp.WSMsgType.CLOSE and ending.ws.close_code == CLOSE_ENDED
+        assert await read_until_broker_closes(ending.ws, timeout=10) == ([], CLOSE_ENDED)
         assert await running.broker.store.keys(session_prefix(soon.id)) == []
         await staying.send(type="ping", n=3)
         assert (await staying.recv_type("pong"))["n"] == 3

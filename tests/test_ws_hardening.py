@@ -24,7 +24,7 @@ from broker.e2ee import new_link_key
 from broker.hub import CLOSE_AUTH_TIMEOUT, CLOSE_FLOOD, CLOSE_TOO_SLOW
 from broker.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, SeatState, Status, WaitingRoom
 
-from .conftest import RunningBroker, start_broker
+from .conftest import RunningBroker, read_until_broker_closes, start_broker
 from .test_hub import masked_text_frames
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -111,8 +111,7 @@ async def test_bad_origins_are_refused_before_the_upgrade(broker: RunningBroker,
 async def test_oversize_frame_is_closed_with_1009(broker: RunningBroker, http: ClientSession) -> None:
     async with http.ws_connect(ws_url(broker), origin=origin(broker), max_msg_size=0) as ws:
         await ws.send_str("x" * (MAX_MESSAGE_BYTES + 1))
-        closing = await ws.receive(timeout=10)
-        assert closing.type in (WSMsgType.CLOSE, WSMsgType.CLOSED) and ws.close_code == CLOSE_TOO_BIG
+        assert await read_until_broker_closes(ws, timeout=10) == ([], CLOSE_TOO_BIG)
 
 
 async def test_a_frame_of_exactly_the_documented_maximum_is_accepted(
@@ -134,26 +133,23 @@ async def test_silent_connection_is_closed_after_the_auth_deadline(tmp_path: Pat
         async with http.ws_connect(ws_url(running), origin=origin(running)) as silent:
             error = await silent.receive_json(timeout=10)
             assert error["type"] == "error" and error["code"] == "auth_timeout"
-            closing = await silent.receive(timeout=10)
-            assert closing.type in (WSMsgType.CLOSE, WSMsgType.CLOSED) and silent.close_code == CLOSE_AUTH_TIMEOUT
+            assert await read_until_broker_closes(silent, timeout=10) == ([], CLOSE_AUTH_TIMEOUT)
         # hello alone is not authentication either.
         async with http.ws_connect(ws_url(running), origin=origin(running)) as greeted:
             await greeted.send_json({"type": "hello", "protocol": 1})
-            messages = await read_until_closed(greeted)
+            messages, code = await read_until_closed(greeted)
             assert [m["type"] for m in messages][-1] == "error" and messages[-1]["code"] == "auth_timeout"
-            assert greeted.close_code == CLOSE_AUTH_TIMEOUT
+            assert code == CLOSE_AUTH_TIMEOUT
     finally:
         await running.stop()
 
 
-async def read_until_closed(ws: aiohttp.ClientWebSocketResponse, timeout: float = 30) -> list[dict[str, Any]]:
-    messages = []
-    while True:
-        msg = await ws.receive(timeout=timeout)
-        if msg.type is WSMsgType.TEXT:
-            messages.append(json.loads(msg.data))
-        elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
-            return messages
+async def read_until_closed(
+    ws: aiohttp.ClientWebSocketResponse, timeout: float = 30
+) -> tuple[list[dict[str, Any]], int | None]:
+    """The messages a socket receives until the broker closes it, and the broker's close code."""
+    texts, code = await read_until_broker_closes(ws, timeout)
+    return [json.loads(text) for text in texts], code
 
 
 async def honest_call(running: RunningBroker) -> None:
@@ -187,7 +183,7 @@ async def test_flood_is_throttled_then_closed_while_an_honest_pair_connects(
     try:
         async with http.ws_connect(ws_url(running), origin=origin(running)) as flooder:
 
-            async def flood() -> list[dict[str, Any]]:
+            async def flood() -> tuple[list[dict[str, Any]], int | None]:
                 for n in range(2000):
                     if flooder.closed:
                         break
@@ -197,12 +193,12 @@ async def test_flood_is_throttled_then_closed_while_an_honest_pair_connects(
                         break
                 return await read_until_closed(flooder)
 
-            flooded, _ = await asyncio.gather(flood(), honest_call(running))
+            (flooded, code), _ = await asyncio.gather(flood(), honest_call(running))
             codes = [m.get("code") for m in flooded if m["type"] == "error"]
             assert "too_many_requests" in codes
             pongs = [m for m in flooded if m["type"] == "pong"]
             assert 40 <= len(pongs) < 2000
-            assert flooder.close_code == CLOSE_FLOOD
+            assert code == CLOSE_FLOOD
     finally:
         await running.stop()
 
@@ -249,8 +245,8 @@ async def test_slow_consumer_is_closed_and_others_are_not(tmp_path: Path, http: 
             async with http.ws_connect(ws_url(running), origin=origin(running)) as other:
                 await other.send_json({"type": "ping", "n": 1})
                 assert await other.receive_json(timeout=10) == {"type": "pong", "n": 1}
-            received = await read_until_closed(slow, timeout=60)
-            assert slow.close_code == CLOSE_TOO_SLOW
+            received, code = await read_until_closed(slow, timeout=60)
+            assert code == CLOSE_TOO_SLOW
             assert received[:2] and received[0]["type"] == "welcome" and received[1]["type"] == "joined"
             assert 0 < sum(m["type"] == "waiting_room" for m in received) < 2 * cycles + 1
             await slow.close()
