@@ -12,7 +12,8 @@ the deferred variant's batching as ad69169), ``bounded_decode_cache``
 (c8b32c5), ``one_expiry_timer`` (35b3a3f), ``relay_record_ttl`` (41a1b38, with
 invalidation over the bus instead of a 100 ms bound), ``deque_mailbox``
 (0d6c847). Diagnoses (not proposals): ``count_writes``, ``no_record_refresh``,
-``trace_relay_hop``. ``api_middlewares_apart`` landed and was taken back in the third
+``trace_relay_hop``, ``trace_path`` (driven by ``path_trace.py``). ``batched_record_refresh``
+was measured in the eighth session without a clear result (results.md). ``api_middlewares_apart`` landed and was taken back in the third
 session (a97cd20, 2ace699): 0.6 KiB less per idle connection, but round trips
 measured slower; it stays here to be measured again.
 """
@@ -247,3 +248,141 @@ def trace_relay_hop() -> None:
         return made
 
     serve.create_broker = create_broker  # type: ignore[assignment]
+
+
+@experiment("trace_path")
+def trace_path() -> None:
+    """Diagnosis, not a proposal: timestamps of each relayed message on the Redis path, for a driver
+    to join with its own send and receive times (the clock is CLOCK_MONOTONIC, shared by processes).
+
+    The sending process notes, per relay, when it reached the bus and when its command was written
+    to Redis, keyed by (recipient peer, seq); the receiving process notes when the bus message was
+    read and when its handlers were done. The newest 40,000 of each go to
+    ``trace_path.<pid>.json`` in $TRACE_PATH_DIR (default /tmp) on SIGUSR1. ``path_trace.py``
+    drives it.
+    """
+    import asyncio
+    import json
+    import os
+    import signal
+    import time
+    from collections import deque
+
+    from broker import bus_redis
+
+    clock = time.perf_counter
+    added: dict[int, list[float]] = {}
+    firsts: dict[int, int] = {}
+    writes: deque[tuple[str | None, int, tuple[float, float], float]] = deque(maxlen=40_000)
+    reads: deque[tuple[str | None, int, float, float]] = deque(maxlen=40_000)
+    add = bus_redis._Relays.add
+    expected_seq = bus_redis.RedisBus._expected_seq
+    send = bus_redis._Pipe.send
+    deliver_remote = bus_redis.RedisBus._deliver_remote
+    open_ = bus_redis.RedisBus._open
+    opened: list = []
+
+    from broker import hub as hub_module
+
+    receive_now, receive_at_once = hub_module.Hub.receive_now, hub_module.Hub.receive_at_once
+    frame_read = [0.0]
+
+    def traced_receive_now(self, conn, data):  # type: ignore[no-untyped-def]
+        frame_read[0] = clock()
+        return receive_now(self, conn, data)
+
+    def traced_receive_at_once(self, conn, data):  # type: ignore[no-untyped-def]
+        frame_read[0] = clock()
+        return receive_at_once(self, conn, data)
+
+    hub_module.Hub.receive_now = traced_receive_now  # type: ignore[method-assign]
+    hub_module.Hub.receive_at_once = traced_receive_at_once  # type: ignore[method-assign]
+
+    def traced_add(self, envelope, entry, ttl_ms, settle):  # type: ignore[no-untyped-def]
+        added.setdefault(id(self), []).append((frame_read[0], clock()))
+        return add(self, envelope, entry, ttl_ms, settle)
+
+    def traced_expected_seq(self, relays):  # type: ignore[no-untyped-def]
+        first = expected_seq(self, relays)
+        firsts[id(relays)] = first
+        return first
+
+    def traced_send(self, batch):  # type: ignore[no-untyped-def]
+        now = clock()
+        for _, done in batch:
+            if isinstance(done, bus_redis._Relays):
+                first, times = firsts.pop(id(done), None), added.pop(id(done), None)
+                if first is not None and times is not None:
+                    for n, (envelope, t) in enumerate(zip(done.envelopes, times)):
+                        writes.append((envelope.to_peer, first + n, t, now))
+        return send(self, batch)
+
+    def traced_open(self, channel, node_id, body):  # type: ignore[no-untyped-def]
+        envelopes = open_(self, channel, node_id, body)
+        opened.extend(envelopes)
+        return envelopes
+
+    def traced_deliver_remote(self, channel, payload):  # type: ignore[no-untyped-def]
+        start = clock()
+        opened.clear()
+        deliver_remote(self, channel, payload)
+        end = clock()
+        for envelope in opened:
+            reads.append((envelope.to_peer, envelope.seq or 0, start, end))
+        opened.clear()
+
+    bus_redis._Relays.add = traced_add  # type: ignore[method-assign]
+    bus_redis.RedisBus._expected_seq = traced_expected_seq  # type: ignore[method-assign]
+    bus_redis._Pipe.send = traced_send  # type: ignore[method-assign]
+    bus_redis.RedisBus._open = traced_open  # type: ignore[method-assign]
+    bus_redis.RedisBus._deliver_remote = traced_deliver_remote  # type: ignore[method-assign]
+
+    def dump() -> None:
+        with open(os.path.join(os.environ.get("TRACE_PATH_DIR", "/tmp"), f"trace_path.{os.getpid()}.json"), "w") as out:
+            json.dump({"writes": list(writes), "reads": list(reads)}, out)
+
+    from broker import serve
+
+    create = serve.create_broker
+
+    async def create_broker(*args, **kwargs):  # type: ignore[no-untyped-def]
+        made = await create(*args, **kwargs)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
+        return made
+
+    serve.create_broker = create_broker  # type: ignore[assignment]
+
+
+@experiment("batched_record_refresh")
+def batched_record_refresh() -> None:
+    """Relay-record copies found due for a refresh are read again together, 50 ms after the first
+    of them, instead of each at once: the reads go to Redis in one write and their replies come
+    back together (one wake-up of the broker and of Redis for many sessions' reads)."""
+    import asyncio
+    import time
+
+    from broker import hub as hub_module
+
+    def _relay_record_now(self, session_id):  # type: ignore[no-untyped-def]
+        hit = self._relay_records.get(session_id)
+        if hit is None:
+            return None
+        age = time.monotonic() - hit[0]
+        if age >= hub_module.RELAY_RECORD_REFRESH_S:
+            if age >= hub_module.RELAY_RECORD_MAX_AGE_S:
+                return None
+            if session_id not in self._refreshing:
+                self._refreshing.add(session_id)
+                due = self.__dict__.setdefault("_refresh_due", [])
+                if not due:
+                    asyncio.get_running_loop().call_later(0.05, self._start_refresh_batch)
+                due.append(session_id)
+        return hit[1]
+
+    def _start_refresh_batch(self):  # type: ignore[no-untyped-def]
+        due, self._refresh_due = self._refresh_due, []
+        for session_id in due:
+            self._spawn(self._refresh_relay_record(session_id))
+
+    hub_module.Hub._relay_record_now = _relay_record_now  # type: ignore[method-assign]
+    hub_module.Hub._start_refresh_batch = _start_refresh_batch  # type: ignore[attr-defined]
