@@ -26,11 +26,8 @@ import asyncio
 import json
 import os
 import re
-import secrets
 import signal
 import sys
-import time
-from collections import deque
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,46 +46,23 @@ from _common import (
     use_uvloop,
     workdir,
 )
-from redis_scale import RedisServer
+from redis_scale import TICK_S, RedisServer, open_loop, shared_broker_env
 
 SEGMENTS = ("gen_to_frame", "frame_to_bus", "bus_to_write", "write_to_read", "read_to_done", "done_to_gen", "total")
 _SEQ = re.compile(rb'"seq":(\d+)')
 
-Stream = tuple[LeanSocket, LeanSocket, bytes, str]  # sender, receiver, frame, recipient peer id
 
-
-async def open_loop(streams: list[Stream], rate: float, tick: float, seconds: float) -> list[tuple[str, int, float, float]]:
-    """``rate`` messages per second round-robin over the streams, sent every ``tick`` seconds:
-    (recipient, seq, sent, received) of each message received."""
-    sent: list[deque[float]] = [deque() for _ in streams]
+async def traced_loop(
+    streams: list[tuple[LeanSocket, LeanSocket, bytes]], recipients: list[str], rate: float, tick: float, seconds: float
+) -> list[tuple[str, int, float, float]]:
+    """P4's open loop (``redis_scale.open_loop``): (recipient, seq, sent, received) of each message received."""
     received: list[tuple[str, int, float, float]] = []
 
-    def receiver(i: int, peer: str) -> object:
-        def on_frame(payload: bytes) -> None:
-            if payload.startswith(b'{"type":"candidate"') and sent[i]:
-                now = time.perf_counter()
-                seq = _SEQ.search(payload)
-                received.append((peer, int(seq.group(1)) if seq else -1, sent[i].popleft(), now))
+    def seen(i: int, payload: bytes, sent: float, now: float) -> None:
+        seq = _SEQ.search(payload)
+        received.append((recipients[i], int(seq.group(1)) if seq else -1, sent, now))
 
-        return on_frame
-
-    for i, (_, rx, _, peer) in enumerate(streams):
-        rx.on_frame = receiver(i, peer)
-    owed, n = 0.0, 0
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        owed += rate * tick
-        while owed >= 1.0:
-            k = n % len(streams)
-            tx, _, frame, _ = streams[k]
-            sent[k].append(time.perf_counter())
-            tx.send(frame)
-            n += 1
-            owed -= 1.0
-        await asyncio.sleep(tick)
-    await asyncio.sleep(1.0)
-    for _, rx, _, _ in streams:
-        rx.on_frame = None
+    await open_loop(streams, rate, seconds, tick=tick, seen=seen)
     return received
 
 
@@ -112,7 +86,7 @@ def join(received: list[tuple[str, int, float, float]], traces: list[dict[str, l
 def _extra(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", type=int, help="peer pairs (default 40 quick, 100 full, as P4)")
     parser.add_argument("--rate", type=float, default=1000.0, help="offered messages/s (P4: 1000)")
-    parser.add_argument("--tick", type=float, default=0.005, help="seconds between the generator's sends (P4: 0.005)")
+    parser.add_argument("--tick", type=float, default=TICK_S, help=f"seconds between the generator's sends (P4: {TICK_S:g})")
     parser.add_argument("--profile", action="store_true", help="run both brokers under cProfile")
 
 
@@ -122,13 +96,7 @@ async def main(args: argparse.Namespace) -> None:
     tmp = workdir("path-trace")
     redis = RedisServer(tmp)
     await redis.ready()
-    secret = tmp / "shared.secret"
-    secret.write_text(secrets.token_hex(32) + "\n")
-    secret.chmod(0o600)
-    env = {
-        "BROKER_RATE_PER_S": "1000000", "BROKER_RATE_BURST": "1000000", "BROKER_SECRET_FILE": str(secret),
-        "BROKER_REDIS_URL": redis.url, "TRACE_PATH_DIR": str(tmp),
-    }
+    env = {**shared_broker_env(tmp), "BROKER_REDIS_URL": redis.url, "TRACE_PATH_DIR": str(tmp)}
     experiment = "trace_path" + (f"+{args.experiment}" if args.experiment else "")
     brokers = [
         BrokerProcess(tmp, env=env, experiment=experiment, name=f"broker-{i}", profile=tmp / f"profile-{i}" if args.profile else None)
@@ -140,12 +108,12 @@ async def main(args: argparse.Namespace) -> None:
             await b.start()
         admin = Admin(brokers[0])
         made = [await admitted_pair(admin, brokers[1].port, therapist_port=brokers[0].port) for _ in range(pairs)]
-        streams: list[Stream] = []
+        streams, recipients = [], []
         for p in made:
-            streams.append((p.therapist, p.client, candidate_frame(p.client_peer), p.client_peer))
-            streams.append((p.client, p.therapist, candidate_frame(p.therapist_peer), p.therapist_peer))
-        await open_loop(streams, args.rate, args.tick, 1.0)  # warm-up: every session's record copied
-        received = await open_loop(streams, args.rate, args.tick, seconds)
+            streams += [(p.therapist, p.client, candidate_frame(p.client_peer)), (p.client, p.therapist, candidate_frame(p.therapist_peer))]
+            recipients += [p.client_peer, p.therapist_peer]
+        await open_loop(streams, args.rate, 1.0, tick=args.tick)  # warm-up: every session's record copied
+        received = await traced_loop(streams, recipients, args.rate, args.tick, seconds)
         for b in brokers:
             os.kill(b.pid, signal.SIGUSR1)
         await asyncio.sleep(1.0)

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,6 +52,8 @@ from _common import (
 GOAL_THROUGHPUT = 0.5
 GOAL_LATENCY = 2.0
 WINDOW = 4
+#: The open loop sends every 5 ms: every process sleeps between bursts, as between a session's messages.
+TICK_S = 0.005
 
 
 class RedisServer:
@@ -87,21 +90,32 @@ class RedisServer:
         self.process.wait(10)
 
 
-async def open_loop(streams: list[tuple[LeanSocket, LeanSocket, bytes]], rate: float, seconds: float) -> list[float]:
-    """Send ``rate`` messages per second in all, round-robin over the streams; latencies (s) of each."""
+async def open_loop(
+    streams: list[tuple[LeanSocket, LeanSocket, bytes]],
+    rate: float,
+    seconds: float,
+    *,
+    tick: float = TICK_S,
+    seen: Callable[[int, bytes, float, float], None] | None = None,
+) -> list[float]:
+    """Send ``rate`` messages per second in all, every ``tick`` seconds, round-robin over the
+    streams; latencies (s) of each. ``seen`` is told of each message received: its stream's
+    index, its payload, when it was sent and when it came."""
     pending = [deque() for _ in streams]
     latencies: list[float] = []
 
-    def receiver(queue: deque) -> object:
+    def receiver(i: int, queue: deque) -> object:
         def on_frame(payload: bytes) -> None:
             if payload.startswith(b'{"type":"candidate"') and queue:
-                latencies.append(time.perf_counter() - queue.popleft())
+                now, sent = time.perf_counter(), queue.popleft()
+                latencies.append(now - sent)
+                if seen is not None:
+                    seen(i, payload, sent, now)
 
         return on_frame
 
-    for (_, rx, _), queue in zip(streams, pending):
-        rx.on_frame = receiver(queue)
-    tick = 0.005
+    for i, ((_, rx, _), queue) in enumerate(zip(streams, pending)):
+        rx.on_frame = receiver(i, queue)
     per_tick = rate * tick
     owed, i = 0.0, 0
     end = time.perf_counter() + seconds
@@ -118,6 +132,15 @@ async def open_loop(streams: list[tuple[LeanSocket, LeanSocket, bytes]], rate: f
     for _, rx, _ in streams:
         rx.on_frame = None
     return latencies
+
+
+def shared_broker_env(tmp: Path) -> dict[str, str]:
+    """What every broker process of a run shares: one secret (processes on one Redis must, to open
+    each other's sealed messages) and the per-connection rate limit raised, as in P1."""
+    secret = tmp / "shared.secret"
+    secret.write_text(secrets.token_hex(32) + "\n")
+    secret.chmod(0o600)
+    return {"BROKER_RATE_PER_S": "1000000", "BROKER_RATE_BURST": "1000000", "BROKER_SECRET_FILE": str(secret)}
 
 
 def path_figures(loop: dict[str, float], latencies: list[float]) -> dict[str, float]:
@@ -191,10 +214,7 @@ async def main(args: argparse.Namespace) -> None:
     tmp = workdir("redis")
     redis = RedisServer(tmp)
     await redis.ready()
-    secret = tmp / "shared.secret"
-    secret.write_text(secrets.token_hex(32) + "\n")
-    secret.chmod(0o600)
-    limits = {"BROKER_RATE_PER_S": "1000000", "BROKER_RATE_BURST": "1000000", "BROKER_SECRET_FILE": str(secret)}
+    limits = shared_broker_env(tmp)
     on_redis = {**limits, "BROKER_REDIS_URL": redis.url}
     results: dict[str, list[dict[str, float]]] = {"one": [], "one_redis": [], "two_redis": []}
     try:

@@ -306,14 +306,14 @@ class RedisStore:
                 if refused.code != "WRONGTYPE":
                     raise
                 return None  # a capped log, as below
-            return None if raw is None else self._sealer.open(_value_aad(key), raw)
-        with unavailable_on_redis_errors():
-            try:
-                raw = await self.redis.get(key)
-            except redis_errors.ResponseError as exc:
-                if str(exc).startswith("WRONGTYPE"):
-                    return None  # a capped log, which get() does not read (as in MemoryStore)
-                raise
+        else:
+            with unavailable_on_redis_errors():
+                try:
+                    raw = await self.redis.get(key)
+                except redis_errors.ResponseError as exc:
+                    if str(exc).startswith("WRONGTYPE"):
+                        return None  # a capped log, which get() does not read (as in MemoryStore)
+                    raise
         return None if raw is None else self._sealer.open(_value_aad(key), raw)
 
     async def put(self, key: str, value: bytes, ttl_s: float) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -390,6 +391,27 @@ async def test_relays_are_numbered_by_the_log_whatever_the_publisher_expected(
     assert [(e.seq, e.data) for e in inbox.got] == [
         (seq, with_seq(data, seq)) for seq, data in enumerate(sent, start=1) if seq != 5
     ]
+
+
+async def test_the_publisher_remembers_the_next_seq_of_a_bounded_number_of_buffers(
+    one: tuple[RedisBus, RedisStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One remembered seq per buffer relayed to lately, never more than EXPECTED_SEQS_MAX (a
+    process relays to many sessions over its life); a buffer forgotten is numbered by the log."""
+    from broker import bus_redis
+
+    monkeypatch.setattr(bus_redis, "EXPECTED_SEQS_MAX", 3)
+    bus, store = one
+    sid = new_session()
+    keys = [f"s:{{{sid}}}:box:peer{n}" for n in range(5)]
+    for key in keys * 2:
+        assert await bus.publish_relayed(sid, envelope(relayed_data(1), "abcdefgh"), store, key, 8, 60) in (1, 2)
+        assert len(bus._expected) <= 3
+    assert list(bus._expected) == keys[2:]
+    # keys[0] was forgotten: its next relay is numbered by the log, then remembered again.
+    assert await bus.publish_relayed(sid, envelope(relayed_data(3), "abcdefgh"), store, keys[0], 8, 60) == 3
+    assert bus._expected[keys[0]] == [4, None] and len(bus._expected) == 3
+    assert await store.read_since(keys[0], 0) == [(1, relayed_data(1)), (2, relayed_data(1)), (3, relayed_data(3))]
 
 
 async def test_an_occasional_relay_for_a_recipient_elsewhere_is_written_at_once(
@@ -815,8 +837,9 @@ async def test_commands_are_pipelined_without_waiting_for_earlier_replies(
 
 
 async def test_an_error_reply_fails_its_own_command_only(
-    one: tuple[RedisBus, RedisStore], redis_server: RedisServer  # noqa: F811
+    one: tuple[RedisBus, RedisStore], redis_server: RedisServer, caplog: pytest.LogCaptureFixture  # noqa: F811
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="broker")
     bus, _ = one
     sent = [
         asyncio.ensure_future(bus.call(b"ECHO", b"before")),
@@ -828,6 +851,7 @@ async def test_an_error_reply_fails_its_own_command_only(
     # Refused: a StoreUnavailable for the caller, with nothing of the reply but its code.
     assert isinstance(results[1], CommandRefused) and isinstance(results[1], StoreUnavailable)
     assert results[1].code == "ERR" and "secret" not in str(results[1])
+    assert "event=bus_command_refused reply=ERR" in caplog.text and "secret" not in caplog.text
     assert await bus.call(b"ECHO", b"still") == b"still"  # the same pipe goes on
 
 
