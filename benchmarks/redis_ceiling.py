@@ -44,7 +44,7 @@ from redis_scale import (
     WINDOW,
     RedisServer,
     add_path_figures,
-    open_loop,
+    measured_open_loop,
     path_figures,
     path_ratios,
 )
@@ -109,7 +109,9 @@ def serve_bare_on_redis(port: int, redis_port: int, mine: str, theirs: str) -> N
     serve_bare_app(app, port)
 
 
-async def measure(label: str, servers: list[ServerProcess], pairs: int, args: argparse.Namespace) -> dict[str, float]:
+async def measure(
+    label: str, servers: list[ServerProcess], pairs: int, args: argparse.Namespace, redis: RedisServer | None
+) -> dict[str, float]:
     for server in servers:
         await server.start()
     sockets: list[LeanSocket] = []
@@ -124,8 +126,10 @@ async def measure(label: str, servers: list[ServerProcess], pairs: int, args: ar
         await asyncio.sleep(0.5)  # the subscriptions are confirmed
         warm, span = (2.0, 5.0) if args.quick else (3.0, 12.0)
         loop = await closed_loop(streams, window=args.window, warmup_s=warm, measure_s=span, pids=[s.pid for s in servers])
-        latencies = await open_loop(streams, args.rate, 4.0 if args.quick else 10.0)
-        return path_figures(loop, latencies)
+        latencies, latency_cpu = await measured_open_loop(
+            streams, args.rate, 4.0 if args.quick else 10.0, [s.pid for s in servers], redis and redis.process.pid
+        )
+        return path_figures(loop, latencies, latency_cpu)
     finally:
         for s in sockets:
             s.close()
@@ -152,7 +156,7 @@ async def main(args: argparse.Namespace) -> None:
         for r in range(rounds):
             port = free_port()
             one = ServerProcess([sys.executable, str(HERE / "relay.py"), "--serve-bare", str(port)], port, log=tmp / f"one{r}.log")
-            results["one"].append(await measure("bare, one process", [one], pairs, args))
+            results["one"].append(await measure("bare, one process", [one], pairs, args, None))
             ports = [free_port(), free_port()]
             two = [
                 ServerProcess(
@@ -162,7 +166,7 @@ async def main(args: argparse.Namespace) -> None:
                 )
                 for p, mine, theirs in ((ports[0], "a", "b"), (ports[1], "b", "a"))
             ]
-            results["two"].append(await measure("bare, two processes on Redis", two, pairs, args))
+            results["two"].append(await measure("bare, two processes on Redis", two, pairs, args, redis))
     finally:
         redis.stop()
         cleanup(tmp)

@@ -40,6 +40,7 @@ from _common import (
     candidate_frame,
     cleanup,
     closed_loop,
+    cpu_seconds,
     free_port,
     median,
     parse_args,
@@ -143,8 +144,26 @@ def shared_broker_env(tmp: Path) -> dict[str, str]:
     return {"BROKER_RATE_PER_S": "1000000", "BROKER_RATE_BURST": "1000000", "BROKER_SECRET_FILE": str(secret)}
 
 
-def path_figures(loop: dict[str, float], latencies: list[float]) -> dict[str, float]:
-    """One set-up's figures: the closed loop's throughput and CPU, the open loop's latency."""
+async def measured_open_loop(
+    streams: list[tuple[LeanSocket, LeanSocket, bytes]], rate: float, seconds: float, servers: list[int], redis: int | None
+) -> tuple[list[float], dict[str, float]]:
+    """``open_loop``, and the CPU per message received it cost the server processes (and redis-server,
+    when they are on it).
+
+    At this load every process sleeps between sends, so a message costs far more CPU than in
+    the closed loop (waking up, cold caches): the more of it on the path, the later the message."""
+    before = {pid: cpu_seconds(pid) for pid in servers}
+    redis_before = 0.0 if redis is None else cpu_seconds(redis)
+    latencies = await open_loop(streams, rate, seconds)
+    received = max(len(latencies), 1)
+    figures = {"latency_cpu_us_per_msg": sum(cpu_seconds(pid) - cpu for pid, cpu in before.items()) / received * 1e6}
+    if redis is not None:
+        figures["latency_redis_cpu_us_per_msg"] = (cpu_seconds(redis) - redis_before) / received * 1e6
+    return latencies, figures
+
+
+def path_figures(loop: dict[str, float], latencies: list[float], latency_cpu: dict[str, float]) -> dict[str, float]:
+    """One set-up's figures: the closed loop's throughput and CPU, the open loop's latency and CPU."""
     return {
         "msgs_per_s": loop["msgs_per_s"],
         "cpu_us_per_msg": loop["server_cpu_us_per_msg"],
@@ -152,6 +171,7 @@ def path_figures(loop: dict[str, float], latencies: list[float]) -> dict[str, fl
         "p95_ms": percentile(latencies, 95) * 1e3,
         "p99_ms": percentile(latencies, 99) * 1e3,
         "samples": len(latencies),
+        **latency_cpu,
     }
 
 
@@ -174,10 +194,18 @@ def add_path_figures(report: Report, kind: str, label: str, cpu: str, runs: list
     report.add(f"{kind}_cpu_us_per_msg", f"{label}: {cpu}", round(med("cpu_us_per_msg"), 1), "µs")
     report.add(f"{kind}_p50_ms", f"{label}: latency p50 at {rate:.0f} msg/s offered", round(med("p50_ms"), 2), "ms")
     report.add(f"{kind}_p95_ms", f"{label}: latency p95 at {rate:.0f} msg/s offered", round(med("p95_ms"), 2), "ms")
+    report.add(f"{kind}_latency_cpu_us_per_msg", f"{label}: {cpu} at {rate:.0f} msg/s offered", round(med("latency_cpu_us_per_msg")), "µs")
+    if all("latency_redis_cpu_us_per_msg" in run for run in runs):
+        report.add(
+            f"{kind}_latency_redis_cpu_us_per_msg",
+            f"{label}: redis-server CPU per message at {rate:.0f} msg/s offered",
+            round(med("latency_redis_cpu_us_per_msg")),
+            "µs",
+        )
 
 
 async def measure(
-    label: str, brokers: list[BrokerProcess], pairs: int, args: argparse.Namespace, rate: float
+    label: str, brokers: list[BrokerProcess], pairs: int, args: argparse.Namespace, rate: float, redis: RedisServer | None
 ) -> dict[str, float]:
     for b in brokers:
         await b.start()
@@ -191,10 +219,12 @@ async def measure(
             streams.append((p.client, p.therapist, candidate_frame(p.therapist_peer)))
         warm, span = (2.0, 5.0) if args.quick else (3.0, 12.0)
         loop = await closed_loop(streams, window=args.window, warmup_s=warm, measure_s=span, pids=[b.pid for b in brokers])
-        latencies = await open_loop(streams, rate, 4.0 if args.quick else 10.0)
+        latencies, latency_cpu = await measured_open_loop(
+            streams, rate, 4.0 if args.quick else 10.0, [b.pid for b in brokers], redis and redis.process.pid
+        )
         for p in made:
             p.close()
-        return path_figures(loop, latencies)
+        return path_figures(loop, latencies, latency_cpu)
     finally:
         await admin.close()
         for b in brokers:
@@ -220,13 +250,13 @@ async def main(args: argparse.Namespace) -> None:
     try:
         for r in range(rounds):
             results["one"].append(
-                await measure("one process", [BrokerProcess(tmp, env=limits, experiment=args.experiment, name=f"one{r}")], pairs, args, args.rate)
+                await measure("one process", [BrokerProcess(tmp, env=limits, experiment=args.experiment, name=f"one{r}")], pairs, args, args.rate, None)
             )
             results["one_redis"].append(
-                await measure("one on redis", [BrokerProcess(tmp, env=on_redis, experiment=args.experiment, name=f"oner{r}")], pairs, args, args.rate)
+                await measure("one on redis", [BrokerProcess(tmp, env=on_redis, experiment=args.experiment, name=f"oner{r}")], pairs, args, args.rate, redis)
             )
             two = [BrokerProcess(tmp, env=on_redis, experiment=args.experiment, name=f"two{r}{i}") for i in "ab"]
-            results["two_redis"].append(await measure("two on redis", two, pairs, args, args.rate))
+            results["two_redis"].append(await measure("two on redis", two, pairs, args, args.rate, redis))
     finally:
         redis.stop()
         cleanup(tmp)
@@ -245,7 +275,7 @@ async def main(args: argparse.Namespace) -> None:
         "The goals are judged against one process as deployed by default (embedded store); the same ratios against "
         "one process on Redis (the cost of crossing processes alone) follow, goals in brackets for comparison. "
         f"{rounds} round(s); medians. Throughput: window {args.window} per direction; "
-        "redis-server's own CPU is not in the broker CPU figures. "
+        "redis-server's own CPU is not in the broker CPU figures; at the latency load it is shown apart. "
         "One 2-core machine runs the brokers, redis-server and the load generator together."
     )
     report.finish()
