@@ -11,9 +11,9 @@ dependency since caaade7), ``lean_connection``/``direct_write`` (5a72d1f, with
 the deferred variant's batching as ad69169), ``bounded_decode_cache``
 (c8b32c5), ``one_expiry_timer`` (35b3a3f), ``relay_record_ttl`` (41a1b38, with
 invalidation over the bus instead of a 100 ms bound), ``deque_mailbox``
-(0d6c847). Diagnoses (not proposals): ``count_writes``, ``no_record_refresh``,
-``trace_relay_hop``, ``trace_path`` (driven by ``path_trace.py``). ``batched_record_refresh``
-was measured in the eighth session without a clear result (results.md). ``api_middlewares_apart`` landed and was taken back in the third
+(0d6c847), ``batched_record_refresh`` (ninth session: ``RELAY_RECORD_GATHER_S``).
+Diagnoses (not proposals): ``count_writes``, ``no_record_refresh``, ``trace_relay_hop``,
+``trace_path`` (driven by ``path_trace.py``). ``api_middlewares_apart`` landed and was taken back in the third
 session (a97cd20, 2ace699): 0.6 KiB less per idle connection, but round trips
 measured slower; it stays here to be measured again.
 """
@@ -351,38 +351,3 @@ def trace_path() -> None:
         return made
 
     serve.create_broker = create_broker  # type: ignore[assignment]
-
-
-@experiment("batched_record_refresh")
-def batched_record_refresh() -> None:
-    """Relay-record copies found due for a refresh are read again together, 50 ms after the first
-    of them, instead of each at once: the reads go to Redis in one write and their replies come
-    back together (one wake-up of the broker and of Redis for many sessions' reads)."""
-    import asyncio
-    import time
-
-    from broker import hub as hub_module
-
-    def _relay_record_now(self, session_id):  # type: ignore[no-untyped-def]
-        hit = self._relay_records.get(session_id)
-        if hit is None:
-            return None
-        age = time.monotonic() - hit[0]
-        if age >= hub_module.RELAY_RECORD_REFRESH_S:
-            if age >= hub_module.RELAY_RECORD_MAX_AGE_S:
-                return None
-            if session_id not in self._refreshing:
-                self._refreshing.add(session_id)
-                due = self.__dict__.setdefault("_refresh_due", [])
-                if not due:
-                    asyncio.get_running_loop().call_later(0.05, self._start_refresh_batch)
-                due.append(session_id)
-        return hit[1]
-
-    def _start_refresh_batch(self):  # type: ignore[no-untyped-def]
-        due, self._refresh_due = self._refresh_due, []
-        for session_id in due:
-            self._spawn(self._refresh_relay_record(session_id))
-
-    hub_module.Hub._relay_record_now = _relay_record_now  # type: ignore[method-assign]
-    hub_module.Hub._start_refresh_batch = _start_refresh_batch  # type: ignore[attr-defined]

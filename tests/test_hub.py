@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import time
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from broker import hub as hub_module
 from broker.client import BrokerClient
 from broker.hub import (
     BUSY_CONNECTIONS,
@@ -307,6 +309,57 @@ async def test_relays_never_wait_for_a_session_record_being_read_again(
     finally:
         await client.close()
         await therapist.close()
+
+
+async def test_copies_falling_due_close_together_are_read_again_together(
+    broker: RunningBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy due for a read waits for the others falling due soon after (RELAY_RECORD_GATHER_S),
+    so their reads go to the store together: one wake-up of the process and of Redis for many
+    sessions (P4 in benchmarks/). Relays go on with the copies meanwhile."""
+    # The same rule on a slower clock, so this machine's pauses cannot blur it.
+    monkeypatch.setattr(hub_module, "RELAY_RECORD_MAX_AGE_S", 20.0)
+    monkeypatch.setattr(hub_module, "RELAY_RECORD_REFRESH_S", 10.0)
+    monkeypatch.setattr(hub_module, "RELAY_RECORD_GATHER_S", 1.5)
+    hub = broker.hub
+    pairs = [await admitted_pair(broker) for _ in range(2)]
+    reads: list[tuple[str, float]] = []
+    load = hub._load
+
+    async def counted(session_id: str) -> Any:
+        reads.append((session_id, time.monotonic()))
+        return await load(session_id)
+
+    try:
+        for n, (links, therapist, client) in enumerate(pairs):
+            await client.send_raw(json.dumps({"type": "candidate", "to": therapist.peer_id, "candidate": "", "sdp_mid": "warm"}))
+            await therapist.expect(Candidate, where=lambda m: m.sdp_mid == "warm")
+        hub._load = counted  # type: ignore[method-assign]
+        aged = time.monotonic() - 12.0
+        sent = []
+        for n, (links, therapist, client) in enumerate(pairs):
+            hub._relay_records[links.session] = (aged, hub._relay_records[links.session][1])
+            conn = next(c for c in hub.connections.values() if c.peer_id == client.peer_id)
+            if n:
+                await asyncio.sleep(0.4)
+            sent.append(time.monotonic())
+            mid = f"due {n}"
+            assert hub.receive_now(conn, json.dumps({"type": "candidate", "to": therapist.peer_id, "candidate": "", "sdp_mid": mid})) is None
+            await therapist.expect(Candidate, where=lambda m, mid=mid: m.sdp_mid == mid)  # with the old copy
+        for _ in range(500):
+            if all(hub._relay_records[links.session][0] > aged for links, _, _ in pairs):
+                break
+            await asyncio.sleep(0.01)
+        assert all(hub._relay_records[links.session][0] > aged for links, _, _ in pairs) and not hub._refreshing
+        assert sorted(s for s, _ in reads) == sorted(links.session for links, _, _ in pairs)
+        started = [t for _, t in reads]
+        assert min(started) >= sent[0] + 1.4  # not read when each fell due (0.4 s apart) ...
+        assert max(started) - min(started) < 0.2  # ... but together
+    finally:
+        del hub._load
+        for _, therapist, client in pairs:
+            await client.close()
+            await therapist.close()
 
 
 async def test_frames_read_together_take_effect_in_order(broker: RunningBroker) -> None:
@@ -871,9 +924,9 @@ async def test_a_session_ends_when_its_window_closes_and_others_go_on(tmp_path) 
 
     running = await start_broker(tmp_path)
     hub = running.hub
-    now = int(time.time())
-    soon, tokens_soon = await hub.create_session(starts=now - 300 - DEFAULT_GRACE_S + 2, duration_s=300)
-    left, tokens_left = await hub.create_session(starts=now - 300 - DEFAULT_GRACE_S + 1, duration_s=300)
+    now = math.ceil(time.time())  # the margins below are at least what they say, on a busy machine too
+    soon, tokens_soon = await hub.create_session(starts=now - 300 - DEFAULT_GRACE_S + 4, duration_s=300)
+    left, tokens_left = await hub.create_session(starts=now - 300 - DEFAULT_GRACE_S + 3, duration_s=300)
     later, tokens_later = await hub.create_session(duration_s=3600)
     peers: list[RawPeer] = []
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from broker import hub as hub_module
 from broker.client import BrokerClient
 from broker.protocol import Candidate, Error, ErrorCode, Pong
 
@@ -133,10 +134,14 @@ async def test_a_relay_redis_fails_to_take_is_answered_with_its_ref(
 
 
 async def test_the_hub_tells_the_bus_whether_a_relays_recipient_is_held_here(
-    tmp_path: Path, redis_server: RedisServer  # noqa: F811
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
     """A relay for a peer on another process may go to Redis at once (bus_redis._write_at_once);
     one for a peer held here waits for Redis's answer anyway, and goes with the rest of its pass."""
+    # Relays go by the bus's quick path only with a copy of the record; a pause of this machine
+    # must not age it out (relays would then read the record first, by another path).
+    monkeypatch.setattr(hub_module, "RELAY_RECORD_MAX_AGE_S", 60.0)
+    monkeypatch.setattr(hub_module, "RELAY_RECORD_REFRESH_S", 30.0)
     a, b = await start_broker_pair(tmp_path, redis_server.empty_database())
     told: list[bool] = []  # for each relay of a marked candidate: whether its recipient is held here
     for broker in (a, b):
