@@ -127,7 +127,7 @@ async def measure(
         warm, span = (2.0, 5.0) if args.quick else (3.0, 12.0)
         loop = await closed_loop(streams, window=args.window, warmup_s=warm, measure_s=span, pids=[s.pid for s in servers])
         latencies, latency_cpu = await measured_open_loop(
-            streams, args.rate, 4.0 if args.quick else 10.0, [s.pid for s in servers], redis and redis.process.pid
+            streams, args.rate, 4.0 if args.quick else 10.0, [s.pid for s in servers], None if redis is None else redis.process.pid
         )
         return path_figures(loop, latencies, latency_cpu)
     finally:

@@ -220,7 +220,7 @@ async def measure(
         warm, span = (2.0, 5.0) if args.quick else (3.0, 12.0)
         loop = await closed_loop(streams, window=args.window, warmup_s=warm, measure_s=span, pids=[b.pid for b in brokers])
         latencies, latency_cpu = await measured_open_loop(
-            streams, rate, 4.0 if args.quick else 10.0, [b.pid for b in brokers], redis and redis.process.pid
+            streams, rate, 4.0 if args.quick else 10.0, [b.pid for b in brokers], None if redis is None else redis.process.pid
         )
         for p in made:
             p.close()

@@ -331,7 +331,7 @@ async def test_copies_falling_due_close_together_are_read_again_together(
         return await load(session_id)
 
     try:
-        for n, (links, therapist, client) in enumerate(pairs):
+        for _, therapist, client in pairs:
             await client.send_raw(json.dumps({"type": "candidate", "to": therapist.peer_id, "candidate": "", "sdp_mid": "warm"}))
             await therapist.expect(Candidate, where=lambda m: m.sdp_mid == "warm")
         hub._load = counted  # type: ignore[method-assign]
