@@ -1,7 +1,8 @@
 """The message bus between broker processes, per session.
 
 The hub publishes an ``Envelope`` to a session's channel; every process that
-holds a connection of that session receives it and delivers it locally. The
+holds a connection of that session receives it and delivers it locally (a bus
+may send a relayed message only where its recipient is held: ``hold_peer``). The
 in-process ``LocalBus`` (embedded default, single process) and the Redis bus
 (``broker.bus_redis``) share this interface, so the hub never knows which one
 it runs on.
@@ -120,6 +121,16 @@ class Bus(Protocol):
         common case, and the next message's (P4 in benchmarks/)."""
         ...
 
+    async def hold_peer(self, session_id: str, peer_id: str) -> None:
+        """This process holds a connection of the peer (once per connection): relayed messages
+        for it must reach this process. Done before the connection reads its resume buffer, so
+        that what is relayed afterwards is not missed."""
+        ...
+
+    async def release_peer(self, session_id: str, peer_id: str) -> None:
+        """A connection that ``hold_peer`` counted is gone."""
+        ...
+
     def add_reconnect_listener(self, listener: Callable[[], Awaitable[None]]) -> None:
         """``listener`` runs after the bus lost and regained its link to other processes."""
         ...
@@ -176,6 +187,12 @@ class LocalBus:
         seq = store.append_now(log_key, envelope.data, maxlen, ttl_s)
         self.publish_now(session_id, Envelope(envelope.to_peer, None, with_seq(envelope.data, seq), seq=seq))
         return seq
+
+    async def hold_peer(self, session_id: str, peer_id: str) -> None:
+        """Every message reaches every handler of its session in this process already."""
+
+    async def release_peer(self, session_id: str, peer_id: str) -> None:
+        """Nothing was held."""
 
     def add_reconnect_listener(self, listener: Callable[[], Awaitable[None]]) -> None:
         """One process never loses its own bus."""

@@ -17,9 +17,16 @@ session's keys. Per process:
   queued behind the previous command, so it costs a lone message nothing. An
   occasional relay for a peer held by another process does not even wait for
   the publisher's turn: it is written at once (``_write_at_once``).
+- Relayed messages go to their recipient's own channel (the session's hash
+  tag and the peer id), which only the processes holding that peer subscribe
+  (``hold_peer``): the sender's process, subscribed to the session's channel,
+  does not get its own relays back from Redis. When nobody subscribes the
+  recipient's channel (the peer is away, or held by a broker from before this
+  change during a rolling upgrade) the script publishes to the session's
+  channel instead, as before.
 - One pub/sub connection with a listener task. A channel is subscribed when its
-  first local handler arrives (waiting for Redis to confirm, so nothing
-  published afterwards is missed) and unsubscribed when the last one goes.
+  first local handler (or holder) arrives, waiting for Redis to confirm, so
+  nothing published afterwards is missed, and unsubscribed when the last one goes.
 - When the connection breaks (Redis restarted, failed over, or went silent:
   a PING every few seconds must be answered), the listener reconnects with
   backoff and subscribes every channel again. No broker restart is needed.
@@ -95,21 +102,23 @@ _OLD_SEQ_MARK = b"s"
 # and passes its arguments on: building strings in Lua was most of the script's cost (P4 in
 # benchmarks/, results.md). Otherwise the script numbers them again. What is stored and
 # published is the same either way, and the same as before the publisher numbered anything.
-# KEYS[1] the log; ARGV: maxlen, ttl ms, channel, the expected first seq, the bus message
-# (head, "<seq>:", sealed list of envelopes), then one "<seq>:<sealed entry>" per message.
+# The message goes to the recipient's channel; if no client subscribes it there, to the session's.
+# KEYS[1] the log; ARGV: maxlen, ttl ms, the recipient's channel, the session's channel, the
+# expected first seq, the bus message (head, "<seq>:", sealed list of envelopes), then one
+# "<seq>:<sealed entry>" per message.
 _RELAY = (
     NEXT_SEQ_LUA
     + """
-local message = ARGV[5]
-if first == tonumber(ARGV[4]) then
+local message = ARGV[6]
+if first == tonumber(ARGV[5]) then
 """
-    + keep_entries_lua("ARGV, 6")
+    + keep_entries_lua("ARGV, 7")
     + """
 else
   local entries = {}
-  for i = 6, #ARGV do
+  for i = 7, #ARGV do
     local entry = ARGV[i]
-    entries[i - 5] = string.format('%d:', first + i - 6) .. string.sub(entry, string.find(entry, ':', 1, true) + 1)
+    entries[i - 6] = string.format('%d:', first + i - 7) .. string.sub(entry, string.find(entry, ':', 1, true) + 1)
   end
 """
     + keep_entries_lua("entries")
@@ -117,7 +126,9 @@ else
   local colon = string.find(message, ':', HEAD + 1, true)
   message = string.sub(message, 1, HEAD) .. string.format('%d:', first) .. string.sub(message, colon + 1)
 end
-redis.call('SPUBLISH', ARGV[3], message)
+if redis.call('SPUBLISH', ARGV[3], message) == 0 and ARGV[3] ~= ARGV[4] then
+  redis.call('SPUBLISH', ARGV[4], message)
+end
 return first
 """.replace("HEAD", str(_NODE_ID_BYTES + len(_RELAYS_MARK)))
 )
@@ -128,9 +139,17 @@ def channel_of(session_id: str) -> bytes:
     return f"b:{{{session_id}}}".encode()
 
 
+def peer_channel_of(session_id: str, peer_id: str) -> bytes:
+    """A peer's own channel, where its relayed messages go: subscribed by the processes holding it."""
+    return f"b:{{{session_id}}}:{peer_id}".encode()
+
+
 def _session_of(channel: bytes) -> str | None:
-    if channel.startswith(b"b:{") and channel.endswith(b"}"):
-        return channel[3:-1].decode(errors="replace")
+    """The session of a session's channel or of one of its peers' channels."""
+    if channel.startswith(b"b:{"):
+        close = channel.find(b"}", 3)
+        if close > 3 and (close == len(channel) - 1 or channel[close + 1 : close + 2] == b":"):
+            return channel[3:close].decode(errors="replace")
     return None
 
 
@@ -196,17 +215,18 @@ class _Relays:
         self.settled = False
         self.waiters: list[asyncio.Future[None]] | None = None
 
-    def takes(self, session_id: str, log_key: str, maxlen: int, size: int) -> bool:
+    def takes(self, session_id: str, to_peer: str | None, log_key: str, maxlen: int, size: int) -> bool:
         return (
             log_key == self.log_key
             and session_id == self.session_id
+            and to_peer == self.envelopes[0].to_peer
             and maxlen == self.maxlen
             and len(self.envelopes) < RELAYS_PER_COMMAND
             and self.size + size <= RELAY_BYTES_PER_COMMAND
         )
 
     def add(self, envelope: Envelope, entry: bytes, ttl_ms: int, settle: asyncio.Future[int] | Failed) -> None:
-        """One more relay, with its sealed resume-buffer entry."""
+        """One more relay, with its sealed resume-buffer entry (the buffer is its recipient's)."""
         self.envelopes.append(envelope)
         self.entries.append(entry)
         self.settle.append(settle)
@@ -217,12 +237,18 @@ class _Relays:
         """The script call, made when the publisher takes it (nothing joins it afterwards)."""
         bus = self.bus
         channel = channel_of(self.session_id)
+        # One buffer is one recipient's: the first message names it for them all.
+        recipient = self.envelopes[0].to_peer
+        to = channel if recipient is None else peer_channel_of(self.session_id, recipient)
         first = bus._expected_seq(self)
-        # As the hub made them (seq None): the seal's own associated data marks them relayed.
+        # As the hub made them (seq None): the seal's own associated data marks them relayed. It
+        # names the session's channel whichever channel carries them.
         sealed = bus._sealer.seal(_relays_aad(channel, bus.node_id), _relays_encoder.encode(self.envelopes))
         message = b"%s%s%d:%s" % (bus.node_id, _RELAYS_MARK, first, sealed)
         entries = [b"%d:%s" % (first + n, entry) for n, entry in enumerate(self.entries)]
-        arguments: tuple[bytes | str | int, ...] = (self.log_key, self.maxlen, self.ttl_ms, channel, first, message, *entries)
+        arguments: tuple[bytes | str | int, ...] = (
+            self.log_key, self.maxlen, self.ttl_ms, to, channel, first, message, *entries
+        )
         return b"*%d\r\n" % (len(arguments) + 3) + _RELAY_HEAD + _resp_arguments(arguments)
 
     def command_or_fail(self) -> bytes | None:
@@ -315,6 +341,8 @@ class RedisBus:
         #: This process's random id on the bus; its own messages come back and are skipped.
         self.node_id = secrets.token_bytes(_NODE_ID_BYTES)
         self._handlers: dict[str, list[Handler]] = {}
+        #: Peers' own channels (``peer_channel_of``) with how many local holders each.
+        self._held: dict[bytes, int] = {}
         self._conn: Any = None  # the pub/sub connection while it is up
         self._send_lock = asyncio.Lock()
         self._confirmations: dict[bytes, list[asyncio.Future[None]]] = {}
@@ -385,7 +413,7 @@ class RedisBus:
         handlers = self._handlers.setdefault(session_id, [])
         handlers.append(handler)
         if len(handlers) == 1:
-            await self._subscribe_remote(session_id)
+            await self._subscribe_remote(channel_of(session_id))
 
     async def unsubscribe(self, session_id: str, handler: Handler) -> None:
         handlers = self._handlers.get(session_id)
@@ -395,12 +423,26 @@ class RedisBus:
         if handlers:
             return
         del self._handlers[session_id]
-        async with self._send_lock:
-            conn = self._conn
-            if conn is None or session_id in self._handlers:
-                return
-            with contextlib.suppress(Exception):
-                await conn.send_command("SUNSUBSCRIBE", channel_of(session_id), check_health=False)
+        await self._unsubscribe_remote(channel_of(session_id))
+
+    async def hold_peer(self, session_id: str, peer_id: str) -> None:
+        """This process holds a connection of that peer: its relayed messages come here from now on
+        (once Redis confirms; never fails for want of Redis, as ``subscribe``)."""
+        channel = peer_channel_of(session_id, peer_id)
+        holders = self._held.get(channel, 0)
+        self._held[channel] = holders + 1
+        if not holders:
+            await self._subscribe_remote(channel)
+
+    async def release_peer(self, session_id: str, peer_id: str) -> None:
+        """One ``hold_peer`` less; the peer's channel is unsubscribed with the last."""
+        channel = peer_channel_of(session_id, peer_id)
+        holders = self._held.get(channel, 0)
+        if holders > 1:
+            self._held[channel] = holders - 1
+        elif holders:
+            del self._held[channel]
+            await self._unsubscribe_remote(channel)
 
     async def publish(self, session_id: str, envelope: Envelope) -> None:
         """Deliver locally now, then to the other processes; StoreUnavailable if Redis cannot take it."""
@@ -466,7 +508,7 @@ class RedisBus:
         entry = self._sealer.seal(log_aad(log_key), envelope.data)
         outbox = self._outbox
         relays = outbox[-1] if outbox else None
-        if type(relays) is _Relays and relays.takes(session_id, log_key, maxlen, len(envelope.data)):
+        if type(relays) is _Relays and relays.takes(session_id, envelope.to_peer, log_key, maxlen, len(envelope.data)):
             relays.add(envelope, entry, ms(ttl_s), settle)
             return relays
         relays = _Relays(self, session_id, log_key, maxlen)
@@ -565,6 +607,7 @@ class RedisBus:
             if not done.done():
                 done.set_exception(StoreUnavailable("closed"))
         self._handlers.clear()
+        self._held.clear()
 
     def channels(self) -> int:
         """Sessions with at least one local handler."""
@@ -572,15 +615,29 @@ class RedisBus:
 
     # ------------------------------------------------------------ subscribing
 
-    async def _subscribe_remote(self, session_id: str) -> None:
-        channel = channel_of(session_id)
+    def _wanted(self, channel: bytes) -> bool:
+        """Whether a local handler (a session's channel) or holder (a peer's) wants the channel."""
+        if channel in self._held:
+            return True
+        session_id = _session_of(channel)
+        return session_id is not None and session_id in self._handlers and channel == channel_of(session_id)
+
+    async def _unsubscribe_remote(self, channel: bytes) -> None:
+        async with self._send_lock:
+            conn = self._conn
+            if conn is None or self._wanted(channel):
+                return
+            with contextlib.suppress(Exception):
+                await conn.send_command("SUNSUBSCRIBE", channel, check_health=False)
+
+    async def _subscribe_remote(self, channel: bytes) -> None:
         confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiting = self._confirmations.setdefault(channel, [])
         waiting.append(confirmed)
         try:
             async with self._send_lock:
                 conn = self._conn
-                if conn is None or session_id not in self._handlers:
+                if conn is None or not self._wanted(channel):
                     return  # the listener subscribes every channel when it (re)connects
                 await conn.send_command("SSUBSCRIBE", channel, check_health=False)
             await asyncio.wait_for(asyncio.shield(confirmed), CONFIRM_S)
@@ -634,6 +691,7 @@ class RedisBus:
         """
         async with self._send_lock:
             channels = [channel_of(s) for s in self._handlers]
+            channels.extend(self._held)
             self._resubscribing = set(channels)
             if channels:
                 await conn.send_packed_command(
@@ -682,13 +740,11 @@ class RedisBus:
                 self._resubscribing.discard(response[1])
                 if not self._resubscribing:
                     self.connected.set()
-        elif kind == b"sunsubscribe":
-            session_id = _session_of(response[1])
-            if session_id is not None and session_id in self._handlers:
-                # Dropped by the server (or a subscribe raced an unsubscribe): subscribe again.
-                task = asyncio.get_running_loop().create_task(self._subscribe_remote(session_id))
-                self._spawned.add(task)
-                task.add_done_callback(self._spawned.discard)
+        elif kind == b"sunsubscribe" and self._wanted(response[1]):
+            # Dropped by the server (or a subscribe raced an unsubscribe): subscribe again.
+            task = asyncio.get_running_loop().create_task(self._subscribe_remote(response[1]))
+            self._spawned.add(task)
+            task.add_done_callback(self._spawned.discard)
 
     def _deliver_remote(self, channel: bytes, payload: bytes) -> None:
         node_id = payload[:_NODE_ID_BYTES]
@@ -698,6 +754,8 @@ class RedisBus:
         handlers = self._handlers.get(session_id or "")
         if not handlers:
             return
+        if channel[-1:] != b"}":  # a peer's channel: sealed for the session's
+            channel = channel_of(session_id or "")
         try:
             envelopes = self._open(channel, node_id, payload[_NODE_ID_BYTES:])
         except (StoreCorrupt, msgspec.DecodeError, msgspec.ValidationError, ValueError):
@@ -707,8 +765,8 @@ class RedisBus:
             _deliver(handlers, envelope)
 
     def _open(self, channel: bytes, node_id: bytes, body: bytes) -> list[Envelope]:
-        """The envelopes of a message from another process: one, or relayed ones numbered on
-        from the seq Redis gave the first."""
+        """The envelopes of a message from another process (``channel``: the session's): one, or
+        relayed ones numbered on from the seq Redis gave the first."""
         mark = body[:1]
         if mark != _RELAYS_MARK and mark != _OLD_SEQ_MARK:
             envelope = unpack(self._sealer.open(_aad(channel, node_id), body))

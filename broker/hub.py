@@ -1103,6 +1103,8 @@ class Hub:
             handler = self._on_bus(sid)
             self._bus_handlers[sid] = handler
             await self.bus.subscribe(sid, handler)
+        await self.bus.hold_peer(sid, conn.peer_id)
+        if first:
             session = await self.get_session(sid)
             if session is not None:
                 self._schedule_expiry(sid, float(session.expires))
@@ -1110,18 +1112,19 @@ class Hub:
     async def _drop_local(self, conn: Connection) -> None:
         sid = conn.session_id or ""
         members = self._by_session.get(sid)
-        if not members:
+        if not members or conn not in members:
             return
         members.discard(conn)
-        if members:
-            return
-        del self._by_session[sid]
-        handler = self._bus_handlers.pop(sid, None)
+        handler = None
+        if not members:  # the bookkeeping first, before anything is awaited
+            del self._by_session[sid]
+            handler = self._bus_handlers.pop(sid, None)
+            self._expiry_due.pop(sid, None)  # its heap entry is skipped when it comes up
+            self._decoded.pop(sid, None)
+            self._record_changed(sid)
+        await self.bus.release_peer(sid, conn.peer_id or "")
         if handler is not None:
             await self.bus.unsubscribe(sid, handler)
-        self._expiry_due.pop(sid, None)  # its heap entry is skipped when it comes up
-        self._decoded.pop(sid, None)
-        self._record_changed(sid)
 
     # ------------------------------------------------------------ expiry
 

@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from broker.bus import Bus, Envelope, LocalBus, Pending, with_seq
-from broker.bus_redis import RedisBus, channel_of, resp_command
+from broker.bus_redis import RedisBus, channel_of, peer_channel_of, resp_command
 from broker.protocol import Answer, Candidate, Offer, Renegotiate, encode
 from broker.store import MemoryStore, Store, StoreUnavailable
 from broker.store_redis import CommandRefused, RedisStore, Sealer, connect_redis, redis_client
@@ -93,11 +93,12 @@ class Spy:
 
 
 @contextlib.asynccontextmanager
-async def spying(server: RedisServer, sid: str) -> AsyncIterator[Spy]:  # noqa: F811
+async def spying(server: RedisServer, sid: str, channel: bytes | None = None) -> AsyncIterator[Spy]:  # noqa: F811
+    """A spy on the session's channel (or on ``channel``)."""
     raw = aioredis.Redis.from_url(server.url)
     pubsub = raw.pubsub()
     try:
-        await pubsub.ssubscribe(channel_of(sid))
+        await pubsub.ssubscribe(channel or channel_of(sid))
         await pubsub.get_message(timeout=1.0)  # the confirmation
         yield Spy(raw, pubsub, sid)
     finally:
@@ -269,6 +270,77 @@ async def test_relayed_messages_cross_processes_with_their_seq_among_other_messa
         assert mine == sorted(mine) and len(mine) == 50
     await asyncio.sleep(0.2)
     assert len(local.got) == 300 and len(remote.got) == 300
+
+
+async def test_a_relay_goes_only_to_the_processes_holding_its_recipient(
+    redis_server: RedisServer, pair: tuple[RedisBus, RedisBus]  # noqa: F811
+) -> None:
+    """A relay goes to its recipient's own channel: the sending process, subscribed to the
+    session's channel as every process holding one of its peers is, does not get it back."""
+    a, b = pair
+    store = RedisStore(a.redis, a._sealer)
+    sid = new_session()
+    key = f"s:{{{sid}}}:box:abcdefgh"
+    sender, recipient = Inbox(), Inbox()
+    await a.subscribe(sid, sender)
+    await b.subscribe(sid, recipient)
+    await b.hold_peer(sid, "abcdefgh")
+    async with spying(redis_server, sid) as on_session, spying(redis_server, sid, peer_channel_of(sid, "abcdefgh")) as on_peer:
+        for n in range(3):
+            await a.publish_relayed(sid, envelope(relayed_data(n), "abcdefgh"), store, key, 128, 60)
+        await a.publish(sid, envelope(b"view", None))
+        await recipient.wait_for(lambda: len(recipient.got) == 4)
+        assert [e.seq for e in recipient.got] == [1, 2, 3, None]  # in publish order across the two channels
+        assert [e.data for e in recipient.got[:3]] == [with_seq(relayed_data(n), n + 1) for n in range(3)]
+        assert [m[8:11] for m in await on_peer.read(3)] == [b"r1:", b"r2:", b"r3:"]
+        (view,) = await on_session.read(1)
+        assert view[8:9] != b"r"  # only the view crossed the session's channel
+        assert await on_session.nothing_more() and await on_peer.nothing_more()
+    assert [e.seq for e in sender.got] == [1, 2, 3, None]  # delivered here from Redis's answer
+
+
+async def test_a_relay_for_a_peer_nobody_holds_goes_to_the_sessions_channel(
+    redis_server: RedisServer, pair: tuple[RedisBus, RedisBus]  # noqa: F811
+) -> None:
+    """While the recipient is away, or held by a broker from before recipients had their own
+    channels (a rolling upgrade), its relays reach every process holding the session, as before."""
+    a, b = pair
+    store = RedisStore(a.redis, a._sealer)
+    sid = new_session()
+    key = f"s:{{{sid}}}:box:abcdefgh"
+    inbox = Inbox()
+    await b.subscribe(sid, inbox)  # as an older broker: the session's channel only
+    raw = aioredis.Redis.from_url(redis_server.url)
+
+    async def holders() -> int:
+        reply = await raw.execute_command("PUBSUB", "SHARDNUMSUB", peer_channel_of(sid, "abcdefgh"))
+        return int(reply[1])
+
+    try:
+        async with spying(redis_server, sid) as spy:
+            await a.publish_relayed(sid, envelope(relayed_data(1), "abcdefgh"), store, key, 128, 60)
+            await inbox.wait_for(lambda: len(inbox.got) == 1)
+            assert (await spy.read(1))[0][8:11] == b"r1:"
+            await b.hold_peer(sid, "abcdefgh")
+            await b.hold_peer(sid, "abcdefgh")  # a second connection of the same seat (a take-over)
+            assert await holders() == 1  # confirmed before hold_peer returned
+            await a.publish_relayed(sid, envelope(relayed_data(2), "abcdefgh"), store, key, 128, 60)
+            await b.release_peer(sid, "abcdefgh")
+            await a.publish_relayed(sid, envelope(relayed_data(3), "abcdefgh"), store, key, 128, 60)
+            await inbox.wait_for(lambda: len(inbox.got) == 3)
+            assert await spy.nothing_more()  # still held once: both went to the peer's channel
+            await b.release_peer(sid, "abcdefgh")
+            for _ in range(100):
+                if await holders() == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert await holders() == 0
+            await a.publish_relayed(sid, envelope(relayed_data(4), "abcdefgh"), store, key, 128, 60)
+            await inbox.wait_for(lambda: len(inbox.got) == 4)
+            assert (await spy.read(1))[0][8:11] == b"r4:"
+        assert [(e.seq, e.data) for e in inbox.got] == [(n, with_seq(relayed_data(n), n)) for n in range(1, 5)]
+    finally:
+        await raw.aclose()
 
 
 async def test_a_seq_cannot_be_added_to_or_stripped_from_a_message(
@@ -756,6 +828,7 @@ async def test_the_bus_comes_back_by_itself_after_redis_restarts(redis_server: R
         inbox_before, inbox_during = Inbox(), Inbox()
         await asyncio.wait_for(b.bus.connected.wait(), 10)
         await b.bus.subscribe(before, inbox_before)
+        await b.bus.hold_peer(before, "abcdefgh")
         await a.bus.publish(before, envelope(b"first"))
         await inbox_before.wait_for(lambda: inbox_before.data == [b"first"])
 
@@ -780,6 +853,14 @@ async def test_the_bus_comes_back_by_itself_after_redis_restarts(redis_server: R
         await inbox_before.wait_for(lambda: inbox_before.data == [b"first", b"after restart"])
         await inbox_during.wait_for(lambda: inbox_during.data == [b"subscribed during the outage"])
         assert b.bus.reconnects >= 1
+        # The peer's own channel is subscribed again too: its relays do not cross the session's.
+        assert a.store is not None
+        async with spying(redis_server, before) as spy:
+            key = f"s:{{{before}}}:box:abcdefgh"
+            await asyncio.wait_for(a.bus.publish_relayed(before, envelope(relayed_data(1), "abcdefgh"), a.store, key, 8, 60), 10)
+            await inbox_before.wait_for(lambda: len(inbox_before.got) == 3)
+            assert inbox_before.got[2].seq == 1
+            assert await spy.nothing_more()
     finally:
         await a.close()
         await b.close()

@@ -173,3 +173,42 @@ async def test_the_hub_tells_the_bus_whether_a_relays_recipient_is_held_here(
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_a_relay_crosses_only_to_the_process_holding_its_recipient(
+    tmp_path: Path, redis_server: RedisServer  # noqa: F811
+) -> None:
+    """Each process subscribes the own channels of the peers it holds: a relay for the therapist
+    on A goes to A alone, not back to B (which holds the sender) over the session's channel."""
+    from broker.bus_redis import channel_of, peer_channel_of
+
+    a, b = await start_broker_pair(tmp_path, redis_server.empty_database())
+    raw = aioredis.Redis.from_url(redis_server.url)
+    spy = raw.pubsub()
+
+    async def holders(peer: str) -> int:
+        reply = await raw.execute_command("PUBSUB", "SHARDNUMSUB", peer_channel_of(therapist.session_id, peer))
+        return int(reply[1])
+
+    try:
+        therapist, client = await split_call(a, b)  # the therapist on A, the client on B
+        assert (await holders(therapist.peer_id), await holders(client.peer_id)) == (1, 1)
+        await spy.ssubscribe(channel_of(therapist.session_id))
+        await spy.get_message(timeout=1.0)  # the confirmation
+        for n in range(3):
+            frame = {"type": "candidate", "to": therapist.peer_id, "candidate": "", "sdp_mid": f"m{n}"}
+            await client.send_raw(json.dumps(frame))
+            await therapist.expect(Candidate, where=lambda m, n=n: m.sdp_mid == f"m{n}")
+        assert await spy.get_message(ignore_subscribe_messages=True, timeout=0.5) is None
+        await client.close()
+        for _ in range(100):  # the client's process lets its channel go with its connection
+            if await holders(client.peer_id) == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert (await holders(therapist.peer_id), await holders(client.peer_id)) == (1, 0)
+        await therapist.close()
+    finally:
+        await spy.aclose()
+        await raw.aclose()
+        await a.stop()
+        await b.stop()
