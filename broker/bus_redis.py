@@ -932,7 +932,7 @@ class _Pipe:
             while True:
                 try:
                     # The oldest command still waiting must be answered within TIMEOUT_S of being sent.
-                    async with asyncio.timeout(self.waiting[0][0] + TIMEOUT_S if self.waiting else None) as deadline:
+                    async with asyncio.timeout_at(self.waiting[0][0] + TIMEOUT_S if self.waiting else None) as deadline:
                         self._deadline = deadline
                         data = await self.stream.read(65536)
                 except TimeoutError:

@@ -967,6 +967,25 @@ async def test_a_command_redis_does_not_answer_in_time_fails(
     assert await asyncio.wait_for(bus._send(resp_command(b"ECHO", b"again")), 5) == b"again"
 
 
+async def test_a_command_held_behind_answered_ones_still_fails_in_time(
+    one: tuple[RedisBus, RedisStore], redis_server: RedisServer  # noqa: F811
+) -> None:
+    """The deadline counts from each command's own write, also when the reader starts waiting
+    with commands already on their way (it once took that moment for a delay, and never fired)."""
+    bus, _ = one
+    key = f"s:{{{new_session()}}}:held"
+    await bus._send(resp_command(b"PING"))
+    with redis_server.client() as raw:
+        raw.execute_command("CLIENT", "PAUSE", "2500", "WRITE")  # reads are answered, writes held
+    read = asyncio.ensure_future(bus._send(resp_command(b"GET", key)))
+    write = asyncio.ensure_future(bus._send(resp_command(b"SET", key, b"x")))
+    assert await asyncio.wait_for(read, 5) is None  # answered: the reader now waits for the write alone
+    with pytest.raises(StoreUnavailable, match="TimeoutError"):
+        await asyncio.wait_for(write, 2)
+    await asyncio.sleep(2.6)  # the pause is over
+    assert await asyncio.wait_for(bus._send(resp_command(b"ECHO", b"again")), 5) == b"again"
+
+
 async def test_relays_go_on_after_redis_forgets_the_relay_script(
     one: tuple[RedisBus, RedisStore], redis_server: RedisServer  # noqa: F811
 ) -> None:
