@@ -1103,11 +1103,10 @@ class Hub:
             handler = self._on_bus(sid)
             self._bus_handlers[sid] = handler
             await self.bus.subscribe(sid, handler)
-        await self.bus.hold_peer(sid, conn.peer_id)
-        if first:
             session = await self.get_session(sid)
             if session is not None:
                 self._schedule_expiry(sid, float(session.expires))
+        await self.bus.hold_peer(sid, conn.peer_id)  # before the connection reads its resume buffer
 
     async def _drop_local(self, conn: Connection) -> None:
         sid = conn.session_id or ""

@@ -343,6 +343,49 @@ async def test_a_relay_for_a_peer_nobody_holds_goes_to_the_sessions_channel(
         await raw.aclose()
 
 
+async def test_a_channel_redis_drops_is_subscribed_again(
+    redis_server: RedisServer, pair: tuple[RedisBus, RedisBus]  # noqa: F811
+) -> None:
+    """Redis may end a subscription itself (a slot moving in a cluster; here, an unsubscribe sent
+    on the bus's own connection): a channel still wanted, the session's or a held peer's, is
+    subscribed again, and the messages for it keep coming."""
+    a, b = pair
+    store = RedisStore(a.redis, a._sealer)
+    sid = new_session()
+    key = f"s:{{{sid}}}:box:abcdefgh"
+    inbox = Inbox()
+    await b.subscribe(sid, inbox)
+    await b.hold_peer(sid, "abcdefgh")
+    channels = [channel_of(sid), peer_channel_of(sid, "abcdefgh")]
+    again: list[bytes] = []
+    subscribe = b._subscribe_remote
+
+    async def recorded(channel: bytes) -> None:  # the bus's own, noted once Redis confirmed it
+        await subscribe(channel)
+        again.append(channel)
+
+    b._subscribe_remote = recorded  # type: ignore[method-assign]
+    async with b._send_lock:
+        await b._conn.send_command("SUNSUBSCRIBE", *channels, check_health=False)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        for _ in range(250):
+            if sorted(again) == sorted(channels):
+                break
+            await asyncio.sleep(0.02)
+        assert sorted(again) == sorted(channels)
+        counts = await raw.execute_command("PUBSUB", "SHARDNUMSUB", *channels)
+        assert counts[1::2] == [1, 1]
+        async with spying(redis_server, sid) as spy:
+            await a.publish(sid, envelope(b"view", None))
+            await a.publish_relayed(sid, envelope(relayed_data(1), "abcdefgh"), store, key, 128, 60)
+            await inbox.wait_for(lambda: len(inbox.got) == 2)
+            assert [e.seq for e in inbox.got] == [None, 1]
+            assert (await spy.read(1))[0][8:9] != b"r" and await spy.nothing_more()  # the relay: on the peer's channel
+    finally:
+        await raw.aclose()
+
+
 async def test_a_seq_cannot_be_added_to_or_stripped_from_a_message(
     redis_server: RedisServer, pair: tuple[RedisBus, RedisBus]  # noqa: F811
 ) -> None:
