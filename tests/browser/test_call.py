@@ -135,8 +135,15 @@ async def test_client_from_link_to_call_to_end(
     await expect(client.get_by_test_id("reconnecting-banner")).to_be_hidden()
     await expect(tile(client, therapist_peer)).to_have_attribute("data-state", "connected")
 
-    # A reload puts the client back into the call (a new connection, so a new safety code).
+    # A reload forgets the page's resume secret: the reloaded page is "another device" for the seat.
+    # It goes through the checklist again and the therapist lets it in (a new connection, a new code).
     await client.reload()
+    await wait_screen(client, "welcome")
+    await expect(client.get_by_test_id("other-device-note")).to_be_visible()
+    await expect(seat.get_by_test_id("other-device")).to_be_visible()
+    await pass_checklist(client)
+    await expect(seat.get_by_test_id("other-device")).to_have_attribute("data-state", "waiting")
+    await seat.get_by_test_id("admit-other-device").click()  # the old page is gone: no question asked
     await wait_screen(client, "call")
     await frames_decoded(client, 1)
     await expect(tile(therapist, client_peer)).not_to_have_attribute("data-code", code)
