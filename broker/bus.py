@@ -36,6 +36,9 @@ class Envelope(msgspec.Struct, array_like=True):
     close: int | None = None
     #: For a relayed message: its place in the recipient's resume buffer.
     seq: int | None = None
+    #: With ``to_conn``: that connection (a seat's other device, just admitted) now holds its
+    #: seat, and relayed messages for the seat go to it.
+    takes_seat: bool = False
 
 
 _envelope_encoder = msgspec.msgpack.Encoder()

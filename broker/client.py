@@ -196,6 +196,10 @@ class BrokerClient:
         self._connected = asyncio.Event()
         self._pending_candidates: dict[str, list[Candidate]] = {}
         self.token = self.link.token
+        #: Given by the broker at the first join; presented on every reconnect (memory only).
+        self._resume_secret: str | None = None
+        #: The device holding each peer's seat, as the last ``peers`` said.
+        self._devices: dict[str, str | None] = {}
         self._offers_to: dict[str, bool] = {}
         #: Highest relayed ``seq`` received, and what sequence checks found.
         self.last_seq = 0
@@ -252,7 +256,9 @@ class BrokerClient:
             ws_url(url), origin=origin_of(url), autoping=True, heartbeat=20.0, max_msg_size=1 << 20
         )
         await self._send(Hello(protocol=PROTOCOL_VERSION, agent=self.agent))
-        await self._send(Join(token=self.token, resume=self.last_seq if self.joined else None))
+        await self._send(
+            Join(token=self.token, resume=self.last_seq if self.joined else None, resume_secret=self._resume_secret)
+        )
 
     async def _run(self) -> None:
         delay = 0.2
@@ -390,11 +396,13 @@ class BrokerClient:
         )
         return await self.request(message, ChecklistAccepted)  # type: ignore[return-value]
 
-    async def admit(self, peer: str) -> None:
-        await self._send(Admit(peer=peer))
+    async def admit(self, peer: str, device: str | None = None) -> None:
+        """Let a waiting client in; with ``device``, that seat's other device instead (the seat moves to it)."""
+        await self._send(Admit(peer=peer, device=device))
 
-    async def decline(self, peer: str) -> None:
-        await self._send(Decline(peer=peer))
+    async def decline(self, peer: str, device: str | None = None) -> None:
+        """Turn a client away; with ``device``, only that seat's other device."""
+        await self._send(Decline(peer=peer, device=device))
 
     async def remove(self, peer: str) -> None:
         await self._send(Remove(peer=peer))
@@ -442,6 +450,10 @@ class BrokerClient:
                 self.gaps += message.seq - self.last_seq - 1
             self.last_seq = message.seq
         if isinstance(message, Joined):
+            if message.resume_secret is not None:
+                # Proves to the broker that a later join is this same peer: kept here only, never shown.
+                self._resume_secret = message.resume_secret
+                message = msgspec.structs.replace(message, resume_secret=None)
             self.joined = message
             if message.seat_token:
                 # Joined through a group link: come back to this same seat from now on.
@@ -478,6 +490,9 @@ class BrokerClient:
         for peer, link in list(self.links.items()):
             if peer not in wanted:
                 await self._close_link(link)
+            elif peer in self._devices and self._devices[peer] != wanted[peer].device:
+                await self._close_link(link)  # the seat moved to another device: never keep the old one
+        self._devices = {p.peer: p.device for p in message.peers}
         for info in message.peers:
             link = self.links.get(info.peer)
             healthy = link is not None and not link.closed and link.pc.connectionState not in ("failed", "closed")

@@ -163,6 +163,7 @@ async def api_create(request: web.Request) -> web.Response:
             starts=body.starts,
             duration_s=body.duration_min * 60,
             relay_only=body.relay_only,
+            owner=login.therapist,
         )
     except ValueError as exc:
         raise BadRequest(_plain(str(exc))) from None
@@ -252,7 +253,9 @@ def setup_dashboard(
     """Add the dashboard page and its JSON API; ``setup_auth`` must have run on ``app`` first."""
     if AUTH not in app:
         raise RuntimeError("call setup_auth(app, ...) before setup_dashboard(app, ...)")
-    app[DASHBOARD] = Dashboard(hub, OwnerIndex(store, clock))
+    index = OwnerIndex(store, clock)
+    app[DASHBOARD] = Dashboard(hub, index)
+    hub.add_end_listener(lambda owner, session_id: index.forget(owner, {session_id}))
     app.middlewares.append(_store_errors)
     app.router.add_get("/dashboard", dashboard_page, name="dashboard")
     app.router.add_get("/api/sessions", api_list, name="api_sessions")

@@ -43,6 +43,7 @@ from .protocol import (
     Joined,
     Leave,
     Offer,
+    OtherDeviceEntry,
     PeerInfo,
     Peers,
     Ping,
@@ -69,7 +70,7 @@ from .protocol import (
 from .record import RecordSigner, build_record
 from .session import Session
 from .store import Store, StoreUnavailable, session_key, session_prefix
-from .tokens import INVALID_MESSAGE, TokenClaims, TokenCodec, new_session_id
+from .tokens import INVALID_MESSAGE, TokenClaims, TokenCodec, new_resume_secret, new_session_id, resume_digest
 
 log = logging.getLogger("broker.hub")
 
@@ -311,6 +312,10 @@ class Connection:
     #: While a replay reads the resume buffer, live relayed messages wait here, so order holds.
     replaying: bool = False
     held: list[Envelope] | None = None
+    #: Joined as a client seat's other device: waits for the therapist, never relayed to.
+    other_device: bool = False
+    #: The bus was told this process holds the seat's peer (``Bus.hold_peer``).
+    holds_peer: bool = False
 
     def __post_init__(self) -> None:
         self.bucket = TokenBucket(self.limits.rate_per_s, self.limits.rate_burst)
@@ -449,6 +454,7 @@ class Hub:
         self._bus_handlers: dict[str, Callable[[Envelope], None]] = {}
         self._preflights: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._end_listeners: list[Callable[[str, str], Awaitable[None]]] = []
         self.accepting = True
         bus.add_reconnect_listener(self.resend_missed)
 
@@ -463,6 +469,7 @@ class Hub:
         duration_s: int = 50 * 60,
         relay_only: bool = False,
         group_link: bool = False,
+        owner: str | None = None,
     ) -> tuple[Session, dict[str, str]]:
         """Schedule a session; returns it and the invite token of every seat by peer id.
 
@@ -478,6 +485,7 @@ class Hub:
             minors=minors,
             relay_only=relay_only,
             group_link=group_link,
+            owner=owner,
         )
         await self._save(session)
         tokens = {seat.id: self.tokens.issue(sm.claims_for(session, seat)) for seat in session.seats}
@@ -492,14 +500,20 @@ class Hub:
         return self._decode(session_id, raw) if raw is not None else None
 
     async def revoke_seat(self, session_id: str, peer_id: str, *, reissue: bool = False) -> str | None:
-        """Revoke a client seat's link (and issue a new one if asked); drops its connection."""
-        session, seat = await self._mutate(
-            session_id, lambda s: (sm.reissue if reissue else sm.revoke)(s, peer_id)
-        )
-        await self.bus.publish(
-            session_id,
-            Envelope(peer_id, None, encode(Error(code=ErrorCode.INVALID_TOKEN, message=INVALID_MESSAGE)), CLOSE_UNWELCOME),
-        )
+        """Revoke a client seat's link (and issue a new one if asked); drops its connections."""
+        others: list[str | None] = []
+
+        def revoke(s: Session) -> sm.Seat:
+            seat = s.seat(peer_id)
+            others.append(seat.other.conn if seat.other is not None else None)
+            return (sm.reissue if reissue else sm.revoke)(s, peer_id)
+
+        session, seat = await self._mutate(session_id, revoke)
+        await self.store.clear_log(mailbox_key(session_id, peer_id))
+        gone = encode(Error(code=ErrorCode.INVALID_TOKEN, message=INVALID_MESSAGE))
+        await self.bus.publish(session_id, Envelope(peer_id, None, gone, CLOSE_UNWELCOME))
+        if others[-1] is not None:
+            await self.bus.publish(session_id, Envelope(None, others[-1], gone, CLOSE_UNWELCOME))
         await self._publish_views(session)
         log.info("event=seat_revoked session=%s peer=%s reissued=%s", session_id, peer_id, reissue)
         await self._audit("seat_revoked", None, session_id, "ok")
@@ -719,33 +733,35 @@ class Hub:
         if not self.accepting:
             raise ProtocolError(ErrorCode.UNAVAILABLE, "This broker is restarting. Reconnect in a moment.")
         claims = self.check_token(message.token)
-        seat_id: list[str] = []
+        presented = resume_digest(message.resume_secret) if message.resume_secret is not None else None
+        secret = new_resume_secret()
+        fresh = resume_digest(secret)
         by_group = [False]
 
-        def take_seat(s: Session) -> str | None:
+        def take_seat(s: Session) -> sm.Joining:
             if s.group_token_id is not None and claims.token_id == s.group_token_id:
                 seat = sm.claim_group_seat(s)
                 by_group[0] = True
             else:
                 seat = sm.seat_for_token(s, claims.token_id)
-            seat_id.append(seat.id)
-            return sm.connect(s, seat.id, conn.id)
+            return sm.connect(s, seat.id, conn.id, device=presented, new_device=fresh)
 
         # A genuine token of a session that is gone looks exactly like an unknown one.
-        session, replaced = await self._mutate(claims.session_id, take_seat, missing=sm.invalid_token_error)
-        peer = seat_id[-1]
-        seat = session.seat(peer)
+        session, joining = await self._mutate(claims.session_id, take_seat, missing=sm.invalid_token_error)
+        seat = joining.seat
+        peer = seat.id
         conn.session_id, conn.peer_id, conn.role = session.id, peer, seat.role
+        conn.other_device = joining.other is not None
         if conn.deadline:
             conn.deadline.cancel()
             conn.deadline = None  # the timer handle is not kept for the connection's whole life
         await self._add_local(conn)
-        if replaced:
+        if joining.replaced:
             await self.bus.publish(
                 session.id,
                 Envelope(
                     None,
-                    replaced,
+                    joining.replaced,
                     encode(Error(code=ErrorCode.REPLACED, message="This seat was opened in another window.")),
                     CLOSE_REPLACED,
                 ),
@@ -757,7 +773,7 @@ class Hub:
                 session=session.id,
                 peer=peer,
                 role=seat.role,
-                seat_state=seat.state,
+                seat_state=joining.state,
                 session_state=session.state,
                 starts=session.starts,
                 expires=session.expires,
@@ -768,15 +784,26 @@ class Hub:
                 if self.checklist is not None and seat.role is Role.CLIENT
                 else None,
                 seat_token=self.tokens.issue(sm.claims_for(session, seat)) if by_group[0] else None,
+                resume_secret=secret if joining.issued else None,
+                other_device=conn.other_device,
             ),
         )
-        if message.resume is not None:
+        if message.resume is not None and not conn.other_device and seat.state is SeatState.ADMITTED:
             await self._replay(conn, session.id, peer, message.resume)
         else:
-            # A fresh page: what was relayed to this seat before belongs to an earlier page.
+            # A fresh page, or one not admitted (the waiting room exchanges no signaling): what was
+            # relayed to this seat before is not for it.
             missed = await self.store.read_since(mailbox_key(session.id, peer), 0)
             conn.last_seq = max(conn.last_seq, missed[-1][0] if missed else 0)
-        log.info("event=peer_joined session=%s peer=%s role=%s", session.id, peer, seat.role.value)
+        log.info(
+            "event=peer_joined session=%s peer=%s role=%s other_device=%s",
+            session.id,
+            peer,
+            seat.role.value,
+            conn.other_device,
+        )
+        if conn.other_device:
+            await self._audit("other_device_joined", peer, session.id, "ok")
         await self._publish_views(session)
 
     async def _replay(self, conn: Connection, session_id: str, peer: str, after: int) -> None:
@@ -802,7 +829,7 @@ class Hub:
         self._record_changes += 1
         self._relay_records.clear()  # changes announced meanwhile were missed too
         for conn in list(self.connections.values()):
-            if conn.joined and not conn.closed:
+            if conn.joined and not conn.closed and not conn.other_device:
                 try:
                     await self._replay(conn, conn.session_id or "", conn.peer_id or "", conn.last_seq)
                 except StoreUnavailable:
@@ -816,13 +843,14 @@ class Hub:
 
         def submit(s: Session) -> None:
             seat = s.seat(conn.peer_id or "")
-            if seat.role is not Role.CLIENT or seat.state is not SeatState.CHECKING:
+            place = sm.device_for(s, seat.id, conn.id)
+            if seat.role is not Role.CLIENT or place.state is not SeatState.CHECKING:
                 raise ProtocolError(
                     ErrorCode.INVALID_STATE, "The checklist can only be submitted before entering the waiting room."
                 )
-            result = checklist.verify(message, minor=seat.minor, preflight=seat.preflight)
+            result = checklist.verify(message, minor=seat.minor, preflight=place.preflight)
             accepted.append(result)
-            sm.pass_checklist(s, seat.id, result, message.details)
+            sm.pass_checklist(s, seat.id, result, message.details, conn.id)
 
         assert conn.session_id and conn.peer_id
         running = self._preflights.get((conn.session_id, conn.peer_id))
@@ -844,21 +872,21 @@ class Hub:
             raise ProtocolError(ErrorCode.PREFLIGHT_REFUSED, "This broker does not run a network pre-flight.")
         session = await self._load(conn.session_id or "")
         seat = session.seat(conn.peer_id or "")
-        if seat.state is not SeatState.CHECKING:
+        if sm.device_for(session, seat.id, conn.id).state is not SeatState.CHECKING:
             raise ProtocolError(ErrorCode.INVALID_STATE, "The pre-flight is part of the checklist, before waiting.")
         preflight_id, answer = await self.preflight.answer(message.sdp)
         self._send(conn, PreflightAnswer(sdp=answer))
         key = (session.id, seat.id)
-        task = asyncio.ensure_future(self._record_preflight(session.id, seat.id, preflight_id))
+        task = asyncio.ensure_future(self._record_preflight(session.id, seat.id, conn.id, preflight_id))
         self._preflights[key] = task
         task.add_done_callback(lambda t: self._preflights.pop(key, None) if self._preflights.get(key) is t else None)
 
-    async def _record_preflight(self, session_id: str, peer_id: str, preflight_id: str) -> None:
+    async def _record_preflight(self, session_id: str, peer_id: str, conn_id: str, preflight_id: str) -> None:
         assert self.preflight is not None
         result = await self.preflight.wait_result(preflight_id, 30.0)
 
         def record(s: Session) -> None:
-            s.seat(peer_id).preflight = result
+            sm.device_for(s, peer_id, conn_id).preflight = result  # the device that ran it
 
         try:
             await self._mutate(session_id, record)
@@ -868,6 +896,9 @@ class Hub:
 
     async def _on_admit(self, conn: Connection, message: Admit) -> None:
         now = int(self.clock())
+        if message.device is not None:
+            await self._admit_other_device(conn, message.peer, message.device, now)
+            return
 
         def admit(s: Session, actor: str, target: str) -> sm.Seat:
             seat = sm.admit(s, actor, target)
@@ -876,8 +907,46 @@ class Hub:
 
         await self._therapist_action(conn, admit, message.peer, "seat_admitted", None)
 
+    async def _admit_other_device(self, conn: Connection, target: str, device: str, now: int) -> None:
+        """The seat moves to its other device: the old connection is closed, the seat's resume
+        buffer emptied (what was relayed there was for the old device), and the new one joins the call."""
+        assert conn.session_id and conn.peer_id
+        moved: list[str | None] = []
+
+        def admit(s: Session) -> None:
+            taken_from = sm.admit_other(s, conn.peer_id or "", target, device)
+            sm.mark_admitted(s, target, now)
+            moved.append(taken_from)
+            moved.append(s.seat(target).conn)
+
+        session, _ = await self._mutate(conn.session_id, admit)
+        taken_from, taken_by = moved
+        await self.store.clear_log(mailbox_key(session.id, target))
+        log.info("event=other_device_admitted session=%s peer=%s", session.id, target)
+        await self._audit("other_device_admitted", conn.peer_id, session.id, "ok")
+        if taken_from is not None:
+            message = "Your therapist let you in from another device or window, so this one has stopped."
+            await self.bus.publish(
+                session.id,
+                Envelope(None, taken_from, encode(Error(code=ErrorCode.REPLACED, message=message)), CLOSE_REPLACED),
+            )
+        if taken_by is not None:
+            await self.bus.publish(session.id, Envelope(None, taken_by, b"", takes_seat=True))
+        await self._publish_views(session)
+
     async def _on_decline(self, conn: Connection, message: Decline) -> None:
-        await self._therapist_action(conn, sm.decline, message.peer, "seat_declined", Declined())
+        if message.device is None:
+            await self._therapist_action(conn, sm.decline, message.peer, "seat_declined", Declined())
+            return
+        assert conn.session_id and conn.peer_id
+        session, turned_away = await self._mutate(
+            conn.session_id, lambda s: sm.decline_other(s, conn.peer_id or "", message.peer, message.device or "")
+        )
+        log.info("event=other_device_declined session=%s peer=%s", session.id, message.peer)
+        await self._audit("other_device_declined", conn.peer_id, session.id, "ok")
+        if turned_away is not None:
+            await self.bus.publish(session.id, Envelope(None, turned_away, encode(Declined()), CLOSE_UNWELCOME))
+        await self._publish_views(session)
 
     async def _on_remove(self, conn: Connection, message: Remove) -> None:
         await self._therapist_action(conn, sm.remove, message.peer, "seat_removed", Removed())
@@ -888,12 +957,24 @@ class Hub:
     async def _therapist_action(
         self, conn: Connection, step: Callable[[Session, str, str], sm.Seat], target: str, event: str, notice: Any
     ) -> None:
+        """Apply a therapist's action on a client seat. The ones that send the client away
+        (``notice``) send its other device away too, and empty the seat's resume buffer."""
         assert conn.session_id and conn.peer_id
-        session, _ = await self._mutate(conn.session_id, lambda s: step(s, conn.peer_id or "", target))
+        others: list[str | None] = []
+
+        def act(s: Session) -> sm.Seat:
+            seat = s.seat(target)
+            others.append(seat.other.conn if seat.other is not None else None)
+            return step(s, conn.peer_id or "", target)
+
+        session, _ = await self._mutate(conn.session_id, act)
         log.info("event=%s session=%s peer=%s", event, session.id, target)
         await self._audit(event, conn.peer_id, session.id, "ok")
         if notice is not None:
+            await self.store.clear_log(mailbox_key(session.id, target))
             await self.bus.publish(session.id, Envelope(target, None, encode(notice), CLOSE_UNWELCOME))
+            if others[-1] is not None:
+                await self.bus.publish(session.id, Envelope(None, others[-1], encode(notice), CLOSE_UNWELCOME))
         await self._publish_views(session)
 
     async def _on_relay(self, conn: Connection, message: Offer | Answer | Candidate | Renegotiate) -> None:
@@ -908,7 +989,7 @@ class Hub:
         arguments of ``Bus.publish_relayed`` (its resume buffer lives as long as the session);
         ProtocolError when it may not go."""
         assert conn.peer_id
-        sm.can_relay(session, conn.peer_id, message.to)
+        sm.can_relay(session, conn.peer_id, message.to, conn.id)
         if isinstance(message, (Offer, Answer, Renegotiate)):
             lead = sm.offerer(session.seat(conn.peer_id), session.seat(message.to))
             sender_offers = lead == conn.peer_id
@@ -931,11 +1012,17 @@ class Hub:
 
     async def _on_leave(self, conn: Connection, message: Leave) -> None:
         assert conn.session_id and conn.peer_id
-        def leave(s: Session) -> None:
-            sm.leave(s, conn.peer_id or "")
-            sm.disconnect(s, conn.peer_id or "", conn.id)
 
-        session, _ = await self._mutate(conn.session_id, leave)
+        def leave(s: Session) -> bool:
+            seat = s.seat(conn.peer_id or "")
+            left = sm.leave(s, seat.id, conn.id)
+            sm.disconnect(s, seat.id, conn.id)
+            return left is seat
+
+        session, the_seat = await self._mutate(conn.session_id, leave)
+        if the_seat and conn.role is Role.CLIENT:
+            # What was relayed to the seat was for this page's calls: nobody else may read it.
+            await self.store.clear_log(mailbox_key(session.id, conn.peer_id))
         log.info("event=peer_left session=%s peer=%s", session.id, conn.peer_id)
         self._close_after_queue(conn, CLOSE_NORMAL)
         await self._publish_views(session)
@@ -949,7 +1036,7 @@ class Hub:
             )
             signed = SessionRecord(record=record, signature=self.signer.sign(record), key_id=self.signer.key_id)
             await self.bus.publish(session.id, Envelope(conn.peer_id, None, encode(signed)))
-        await self._finish(conn.session_id, "ended", actor=conn.peer_id)
+        await self._finish(conn.session_id, "ended", actor=conn.peer_id, owner=session.owner)
 
     _handlers: dict[type, Callable[..., Awaitable[None]]] = {
         ChecklistSubmit: _on_checklist,
@@ -969,7 +1056,12 @@ class Hub:
 
     # ------------------------------------------------------------ ending
 
-    async def _finish(self, session_id: str, reason: str, actor: str | None = None) -> None:
+    def add_end_listener(self, listener: Callable[[str, str], Awaitable[None]]) -> None:
+        """``listener(owner, session_id)`` runs when a session with an owner ends here (by the
+        therapist, or at its window's end), so what is kept about it elsewhere goes too."""
+        self._end_listeners.append(listener)
+
+    async def _finish(self, session_id: str, reason: str, actor: str | None = None, owner: str | None = None) -> None:
         """Tell everyone the session is over, then forget every key of it."""
         await self.bus.publish(
             session_id, Envelope(None, None, encode(SessionEnded(reason=reason)), CLOSE_ENDED)  # type: ignore[arg-type]
@@ -978,16 +1070,22 @@ class Hub:
         self._decoded.pop(session_id, None)
         self._record_changed(session_id)
         log.info("event=session_%s session=%s keys_deleted=%d", reason, session_id, removed)
+        if owner is not None:
+            for listener in self._end_listeners:
+                try:
+                    await listener(owner, session_id)
+                except StoreUnavailable:
+                    log.info("event=end_listener_unavailable session=%s", session_id)
         await self._audit("session_ended", actor, session_id, reason)
 
     async def expire_due(self, session_id: str) -> None:
         """Called when a session's window closes (``EXPIRY_LEAD_S`` early, while its record still exists)."""
         try:
-            _, ended = await self._mutate(session_id, lambda s: sm.expire(s, self.clock() + EXPIRY_LEAD_S))
+            session, ended = await self._mutate(session_id, lambda s: sm.expire(s, self.clock() + EXPIRY_LEAD_S))
         except (ProtocolError, StoreUnavailable):
             return
         if ended:
-            await self._finish(session_id, "expired")
+            await self._finish(session_id, "expired", owner=session.owner)
 
     async def shutdown(self, after_ms: int = 500) -> None:
         """Stop accepting; ask every connected peer to reconnect (to another process)."""
@@ -1024,6 +1122,8 @@ class Hub:
                                 minor=s.minor,
                                 checklist=_summary_of(s),
                                 details=s.details,
+                                other_device=_other_device_entry(s.other),
+                                other_device_declined=s.others_barred,
                             )
                             for s in session.clients()
                         ]
@@ -1040,6 +1140,10 @@ class Hub:
                         encode(Status(seat_state=seat.state, session_state=session.state, therapist_present=present)),
                     )
                 )
+            other = seat.other
+            if other is not None and other.conn is not None:
+                status = Status(seat_state=other.state, session_state=session.state, therapist_present=present)
+                envelopes.append(Envelope(None, other.conn, encode(status)))
         live = sm.admitted(session)
         for seat in live:
             if seat.conn is None:
@@ -1050,6 +1154,7 @@ class Hub:
                     role=o.role,
                     connected=o.conn is not None,
                     you_offer=sm.offerer(seat, o) == seat.id,
+                    device=o.device_id,
                 )
                 for o in live
                 if o.id != seat.id
@@ -1068,6 +1173,10 @@ class Hub:
             if envelope.to_conn is not None:
                 conn = self.connections.get(envelope.to_conn)
                 targets = [conn] if conn is not None and conn.session_id == session_id else []
+                if envelope.takes_seat:
+                    for conn in targets:
+                        self._take_seat(conn)
+                    return
             elif envelope.to_peer is not None:
                 conn = self._by_peer.get((session_id, envelope.to_peer))
                 targets = [conn] if conn is not None else []
@@ -1095,7 +1204,8 @@ class Hub:
     async def _add_local(self, conn: Connection) -> None:
         assert conn.session_id and conn.peer_id
         sid = conn.session_id
-        self._by_peer[(sid, conn.peer_id)] = conn
+        if not conn.other_device:  # another device gets views by its connection, and no relays
+            self._by_peer[(sid, conn.peer_id)] = conn
         members = self._by_session.setdefault(sid, set())
         first = not members
         members.add(conn)
@@ -1106,7 +1216,28 @@ class Hub:
             session = await self.get_session(sid)
             if session is not None:
                 self._schedule_expiry(sid, float(session.expires))
-        await self.bus.hold_peer(sid, conn.peer_id)  # before the connection reads its resume buffer
+        if not conn.other_device:
+            conn.holds_peer = True
+            await self.bus.hold_peer(sid, conn.peer_id)  # before the connection reads its resume buffer
+
+    def _take_seat(self, conn: Connection) -> None:
+        """A seat's other device was admitted: its connection now holds the seat here."""
+        if not conn.other_device or conn.closed:
+            return
+        conn.other_device = False
+        self._by_peer[(conn.session_id or "", conn.peer_id or "")] = conn
+        self._spawn(self._hold_taken_seat(conn))
+
+    async def _hold_taken_seat(self, conn: Connection) -> None:
+        """Relays for the seat reach this process from now on; any that came before the bus knew
+        it (they are in the seat's resume buffer) are sent now, in order."""
+        conn.holds_peer = True
+        try:
+            await self.bus.hold_peer(conn.session_id or "", conn.peer_id or "")
+            if not conn.closed:
+                await self._replay(conn, conn.session_id or "", conn.peer_id or "", conn.last_seq)
+        except StoreUnavailable:
+            pass  # the bus's reconnect resends what is missing (resend_missed)
 
     async def _drop_local(self, conn: Connection) -> None:
         sid = conn.session_id or ""
@@ -1121,7 +1252,9 @@ class Hub:
             self._expiry_due.pop(sid, None)  # its heap entry is skipped when it comes up
             self._decoded.pop(sid, None)
             self._record_changed(sid)
-        await self.bus.release_peer(sid, conn.peer_id or "")
+        if conn.holds_peer:
+            conn.holds_peer = False
+            await self.bus.release_peer(sid, conn.peer_id or "")
         if handler is not None:
             await self.bus.unsubscribe(sid, handler)
 
@@ -1292,5 +1425,17 @@ class Hub:
             await self.audit(event, actor, session, outcome)
 
 
-def _summary_of(seat: sm.Seat) -> dict[str, Any] | None:
+def _summary_of(seat: sm.Seat | sm.OtherDevice) -> dict[str, Any] | None:
     return None if seat.state in (SeatState.CHECKING, SeatState.INVITED) else seat.checklist
+
+
+def _other_device_entry(other: sm.OtherDevice | None) -> OtherDeviceEntry | None:
+    if other is None:
+        return None
+    return OtherDeviceEntry(
+        device=other.id,
+        state=other.state,
+        connected=other.conn is not None,
+        checklist=_summary_of(other),
+        details=other.details,
+    )

@@ -33,6 +33,8 @@ ItemId = Annotated[str, msgspec.Meta(min_length=1, max_length=40, pattern=r"^[a-
 Version = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Details = Annotated[str, msgspec.Meta(max_length=8192)]
 Agent = Annotated[str, msgspec.Meta(max_length=64)]
+#: A resume secret: 32 random bytes, base64url without padding.
+ResumeSecret = Annotated[str, msgspec.Meta(min_length=43, max_length=43, pattern=r"^[A-Za-z0-9_\-]+\Z")]
 
 
 class ErrorCode(str, Enum):
@@ -114,6 +116,8 @@ class Join(_ClientMessage, tag="join"):
     token: Token
     #: The highest relayed ``seq`` this seat has received; what came after it is sent again.
     resume: Counter | None = None
+    #: The secret ``joined.resume_secret`` gave this page: proves it is the device holding the seat.
+    resume_secret: ResumeSecret | None = None
 
 
 class ChecklistSubmit(_ClientMessage, tag="checklist"):
@@ -129,10 +133,14 @@ class PreflightOffer(_ClientMessage, tag="preflight_offer"):
 
 class Admit(_ClientMessage, tag="admit"):
     peer: Id
+    #: The seat's other device to admit instead of the seat's own (``WaitingEntry.other_device.device``).
+    device: Id | None = None
 
 
 class Decline(_ClientMessage, tag="decline"):
     peer: Id
+    #: The seat's other device to turn away, leaving the seat's own alone.
+    device: Id | None = None
 
 
 class Remove(_ClientMessage, tag="remove"):
@@ -253,6 +261,9 @@ class PeerInfo(msgspec.Struct, kw_only=True):
     connected: bool
     #: True when the receiving peer makes the offers for this pair.
     you_offer: bool
+    #: Opaque id of the device holding a client's seat (null for the therapist). When it changes,
+    #: the therapist moved the seat to another device: drop the connection with the old one.
+    device: str | None = None
 
 
 class Joined(_ServerMessage, tag="joined"):
@@ -270,6 +281,11 @@ class Joined(_ServerMessage, tag="joined"):
     policy: dict[str, Any] | None = None
     #: When joined through a group link: this seat's own invite token, to rejoin with.
     seat_token: str | None = None
+    #: A new secret for this page to present when it joins again (memory only); null when it
+    #: presented a valid one, and for the therapist.
+    resume_secret: str | None = None
+    #: This page opened a client seat that another device holds: it waits for the therapist.
+    other_device: bool = False
 
 
 class Status(_ServerMessage, tag="status"):
@@ -288,6 +304,17 @@ class PreflightAnswer(_ServerMessage, tag="preflight_answer"):
     sdp: str
 
 
+class OtherDeviceEntry(msgspec.Struct, kw_only=True):
+    """A second device that opened a client's link without that seat's resume secret."""
+
+    #: Names it in ``admit``/``decline`` (``device`` field).
+    device: str
+    state: SeatState
+    connected: bool
+    checklist: dict[str, Any] | None = None
+    details: str | None = None
+
+
 class WaitingEntry(msgspec.Struct, kw_only=True):
     peer: str
     state: SeatState
@@ -297,6 +324,10 @@ class WaitingEntry(msgspec.Struct, kw_only=True):
     checklist: dict[str, Any] | None = None
     #: Emergency details, sealed in the client's browser for the therapist.
     details: str | None = None
+    #: Another device asking for this seat (the link was opened elsewhere), if any.
+    other_device: OtherDeviceEntry | None = None
+    #: The therapist turned another device away; ``allow_return`` lets one ask again.
+    other_device_declined: bool = False
 
 
 class WaitingRoom(_ServerMessage, tag="waiting_room"):

@@ -11,11 +11,20 @@ Session states: ``scheduled`` (created, therapist not yet connected) ->
 ``open`` (therapist has connected) -> ``live`` (a client has been admitted) ->
 ``ended`` (ended by the therapist or expired). Seat states are documented in
 docs/protocol.md.
+
+A client seat belongs to the device that first opened its link: that page gets a
+resume secret (kept in its memory only) and comes back to the seat with it. Any
+other join of the link (a second device, a forwarded link, a reload that lost the
+secret) is the seat's *other device*: it goes through the checklist on its own and
+waits for the therapist, who admits it (the seat moves to it and the earlier
+connection is closed) or turns it away. A leaked link therefore never takes over a
+seat by itself.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
@@ -31,6 +40,24 @@ MAX_SEATS = 16
 
 #: Seats a client cannot come back to on their own.
 _BARRED = (SeatState.DECLINED, SeatState.REMOVED)
+
+
+class OtherDevice(msgspec.Struct, kw_only=True):
+    """A device that opened a client seat's link without the seat's resume secret.
+
+    It is never admitted as itself and never relayed to: it goes through the checklist
+    and the waiting room, and the seat moves to it only when the therapist admits it.
+    """
+
+    #: Opaque id naming it in ``admit``/``decline``, so the therapist acts on the device they saw.
+    id: str
+    #: Digest of the resume secret it was given (tokens.resume_digest).
+    device: str
+    state: SeatState = SeatState.CHECKING
+    conn: str | None = None
+    checklist: dict[str, Any] | None = None
+    details: str | None = None
+    preflight: dict[str, Any] | None = None
 
 
 class Seat(msgspec.Struct, kw_only=True):
@@ -53,6 +80,17 @@ class Seat(msgspec.Struct, kw_only=True):
     claimed: bool = False
     #: When the seat was first admitted (for the session record), else None.
     admitted_at: int | None = None
+    #: Digest of the resume secret of the device holding this client seat; None until first opened.
+    device: str | None = None
+    #: Opaque id of that device, shown to the other peers (``peers``): when it changes, the seat
+    #: moved to another device and their connection with the old one must go.
+    device_id: str | None = None
+    #: Digest of the device the seat was taken from when the therapist admitted another one.
+    replaced_device: str | None = None
+    #: Another device waiting for this seat, if any (one at a time).
+    other: OtherDevice | None = None
+    #: The therapist turned another device away: others are refused until they allow it again.
+    others_barred: bool = False
 
 
 class Session(msgspec.Struct, kw_only=True):
@@ -68,6 +106,9 @@ class Session(msgspec.Struct, kw_only=True):
     group_token_id: str | None = None
     #: When the first client was admitted (the call began).
     live_at: int | None = None
+    #: The therapist account that scheduled it from the dashboard (an opaque id), if any: its
+    #: owner index entry goes when the session ends.
+    owner: str | None = None
 
     def seat(self, seat_id: str) -> Seat:
         for seat in self.seats:
@@ -94,6 +135,7 @@ def new_session(
     grace_s: int = DEFAULT_GRACE_S,
     relay_only: bool = False,
     group_link: bool = False,
+    owner: str | None = None,
 ) -> Session:
     """A scheduled session with one therapist seat and ``clients`` client seats.
 
@@ -122,6 +164,7 @@ def new_session(
         seats=seats,
         ice_transport_policy="relay" if relay_only else "all",
         group_token_id=new_token_id() if group_link else None,
+        owner=owner,
     )
 
 
@@ -163,52 +206,125 @@ def claim_group_seat(session: Session) -> Seat:
     )
 
 
-def connect(session: Session, seat_id: str, conn: str) -> str | None:
-    """A connection takes the seat; returns the connection it replaces, if any.
+@dataclass
+class Joining:
+    """How a join took its seat."""
 
-    A second connection for the same seat takes over (the newest tab wins, so a
-    reload or a network change never locks a person out); the caller tells the
-    replaced connection and closes it.
+    seat: Seat
+    #: Set when the connection joined as the seat's other device.
+    other: OtherDevice | None
+    #: A connection this join replaced (the caller tells it ``replaced`` and closes it).
+    replaced: str | None
+    #: True when the join gave its device the new resume secret (its digest was taken).
+    issued: bool
+
+    @property
+    def state(self) -> SeatState:
+        """The seat state this connection sees: its own, for another device."""
+        return self.other.state if self.other is not None else self.seat.state
+
+
+def connect(session: Session, seat_id: str, conn: str, *, device: str | None = None, new_device: str = "") -> Joining:
+    """A connection joins a seat.
+
+    ``device`` is the digest of the resume secret the join presented (None without one);
+    ``new_device`` the digest of a fresh secret, taken when this join needs one. The
+    therapist's seat is taken over by its newest connection. A client seat is resumed
+    only by the device holding it (presenting its secret: a reconnect, never reset by it);
+    its first join claims it; any other join becomes the seat's other device, waiting
+    for the therapist, and replaces an earlier other device that was still waiting.
     """
     _require_not_ended(session)
     seat = session.seat(seat_id)
+    if seat.role is Role.THERAPIST:
+        previous = seat.conn
+        seat.conn = conn
+        seat.state = SeatState.ADMITTED
+        if session.state is SessionState.SCHEDULED:
+            session.state = SessionState.OPEN
+        return Joining(seat, None, previous if previous != conn else None, issued=False)
     if seat.state is SeatState.DECLINED:
         raise ProtocolError(ErrorCode.DECLINED, "Your therapist could not let you in to this session.")
     if seat.state is SeatState.REMOVED:
         raise ProtocolError(ErrorCode.REMOVED, "You were removed from this session.")
+    other = seat.other
+    if device is not None and device == seat.device:
+        return Joining(seat, None, _hold(seat, conn), issued=False)
+    if device is not None and other is not None and device == other.device:
+        previous = other.conn
+        other.conn = conn
+        return Joining(seat, other, previous if previous != conn else None, issued=False)
+    if device is not None and device == seat.replaced_device:
+        raise ProtocolError(
+            ErrorCode.REPLACED, "Your therapist let you in from another device or window, so this one has stopped."
+        )
+    if not new_device:
+        raise ValueError("a join without the seat's resume secret needs a new device digest")
+    if seat.device is None:
+        seat.device = new_device
+        seat.device_id = new_peer_id()
+        return Joining(seat, None, _hold(seat, conn), issued=True)
+    if seat.others_barred:
+        raise ProtocolError(
+            ErrorCode.DECLINED,
+            "This link is already in use on another device, and your therapist did not let a second one in.",
+        )
+    seat.other = OtherDevice(id=new_peer_id(), device=new_device, conn=conn)
+    replaced = other.conn if other is not None else None
+    return Joining(seat, seat.other, replaced, issued=True)
+
+
+def _hold(seat: Seat, conn: str) -> str | None:
+    """The holding device's connection takes its client seat; returns the one it replaces."""
     previous = seat.conn
     seat.conn = conn
-    if seat.role is Role.THERAPIST:
-        seat.state = SeatState.ADMITTED
-        if session.state is SessionState.SCHEDULED:
-            session.state = SessionState.OPEN
-    elif seat.state is SeatState.INVITED:
+    if seat.state is SeatState.INVITED:
         seat.state = SeatState.CHECKING
     elif seat.state is SeatState.LEFT:
         seat.state = SeatState.WAITING if seat.checklist else SeatState.CHECKING
     return previous if previous != conn else None
 
 
-def disconnect(session: Session, seat_id: str, conn: str) -> bool:
-    """The connection went away; True if it still held the seat."""
+def device_for(session: Session, seat_id: str, conn: str | None) -> Seat | OtherDevice:
+    """What a connection stands for in its seat: the seat itself (its holder), or its other device.
+
+    ``conn`` None means the seat's holder. A connection that is neither (one replaced meanwhile)
+    gets ``invalid_state``.
+    """
     seat = session.seat(seat_id)
-    if seat.conn != conn:
-        return False
-    seat.conn = None
-    return True
+    if conn is None or seat.conn == conn:
+        return seat
+    if seat.other is not None and seat.other.conn == conn:
+        return seat.other
+    raise ProtocolError(ErrorCode.INVALID_STATE, "This window no longer holds its place in the session.")
 
 
-def pass_checklist(session: Session, seat_id: str, result: dict[str, Any], details: str | None) -> None:
-    """A verified checklist result moves a checking client into the waiting room."""
+def disconnect(session: Session, seat_id: str, conn: str) -> bool:
+    """The connection went away; True if it still held the seat (or its other device's place)."""
+    seat = session.seat(seat_id)
+    if seat.conn == conn:
+        seat.conn = None
+        return True
+    if seat.other is not None and seat.other.conn == conn:
+        seat.other.conn = None
+        return True
+    return False
+
+
+def pass_checklist(
+    session: Session, seat_id: str, result: dict[str, Any], details: str | None, conn: str | None = None
+) -> None:
+    """A verified checklist result moves a checking client (or other device) into the waiting room."""
     _require_not_ended(session)
     seat = session.seat(seat_id)
-    if seat.role is not Role.CLIENT or seat.state is not SeatState.CHECKING:
+    place = device_for(session, seat_id, conn)
+    if seat.role is not Role.CLIENT or place.state is not SeatState.CHECKING:
         raise ProtocolError(
             ErrorCode.INVALID_STATE, "The checklist can only be submitted before entering the waiting room."
         )
-    seat.checklist = result
-    seat.details = details
-    seat.state = SeatState.WAITING
+    place.checklist = result
+    place.details = details
+    place.state = SeatState.WAITING
 
 
 # ---------------------------------------------------------------- therapist actions
@@ -223,6 +339,42 @@ def admit(session: Session, actor_id: str, target_id: str) -> Seat:
     return target
 
 
+def admit_other(session: Session, actor_id: str, target_id: str, other_id: str) -> str | None:
+    """The therapist lets a seat's other device in: the seat moves to it, with its checklist.
+
+    Returns the connection that held the seat before (closed by the caller with ``replaced``);
+    that device's secret no longer opens the seat.
+    """
+    target = _therapist_acts_on_client(session, actor_id, target_id)
+    other = _other(target, other_id)
+    if other.state is not SeatState.WAITING or target.state in _BARRED:
+        raise ProtocolError(ErrorCode.INVALID_STATE, "Only a device in the waiting room can be admitted.")
+    previous = target.conn
+    target.replaced_device = target.device
+    target.device = other.device
+    target.device_id = other.id
+    target.conn = other.conn
+    target.checklist = other.checklist
+    target.details = other.details
+    target.preflight = other.preflight
+    target.other = None
+    target.state = SeatState.ADMITTED
+    session.state = SessionState.LIVE
+    return previous
+
+
+def decline_other(session: Session, actor_id: str, target_id: str, other_id: str) -> str | None:
+    """The therapist turns a seat's other device away; others are refused until they allow it.
+
+    Returns its connection (told ``declined`` and closed by the caller).
+    """
+    target = _therapist_acts_on_client(session, actor_id, target_id)
+    other = _other(target, other_id)
+    target.other = None
+    target.others_barred = True
+    return other.conn
+
+
 def mark_admitted(session: Session, seat_id: str, now: int) -> None:
     """Timestamps for the session record: first admission of the seat and of the session."""
     seat = session.seat(seat_id)
@@ -235,6 +387,7 @@ def decline(session: Session, actor_id: str, target_id: str) -> Seat:
     if target.state not in (SeatState.CHECKING, SeatState.WAITING):
         raise ProtocolError(ErrorCode.INVALID_STATE, "Only a client who is waiting can be declined.")
     target.state = SeatState.DECLINED
+    target.other = None
     return target
 
 
@@ -243,18 +396,21 @@ def remove(session: Session, actor_id: str, target_id: str) -> Seat:
     if target.state in _BARRED or target.state is SeatState.INVITED:
         raise ProtocolError(ErrorCode.INVALID_STATE, "That client is not in the session.")
     target.state = SeatState.REMOVED
+    target.other = None
     return target
 
 
 def allow_return(session: Session, actor_id: str, target_id: str) -> Seat:
-    """Lets a declined or removed client come back (through the checklist again)."""
+    """Lets a declined or removed client come back (through the checklist again, from any device),
+    or, for a seat whose other device was turned away, lets another device ask again."""
     target = _therapist_acts_on_client(session, actor_id, target_id)
-    if target.state not in _BARRED:
-        raise ProtocolError(ErrorCode.INVALID_STATE, "That client was not declined or removed.")
-    target.state = SeatState.INVITED
-    target.checklist = None
-    target.details = None
-    return target
+    if target.state in _BARRED:
+        _reset(target)
+        return target
+    if target.others_barred:
+        target.others_barred = False
+        return target
+    raise ProtocolError(ErrorCode.INVALID_STATE, "That client was not declined or removed.")
 
 
 def revoke(session: Session, seat_id: str) -> Seat:
@@ -265,9 +421,7 @@ def revoke(session: Session, seat_id: str) -> Seat:
         raise ProtocolError(ErrorCode.NOT_ALLOWED, "The therapist's own link cannot be revoked; end the session instead.")
     seat.token_id = None
     seat.claimed = False
-    seat.state = SeatState.INVITED
-    seat.checklist = None
-    seat.details = None
+    _reset(seat)
     return seat
 
 
@@ -278,10 +432,17 @@ def reissue(session: Session, seat_id: str) -> Seat:
     return seat
 
 
-def leave(session: Session, seat_id: str) -> Seat:
-    """A peer leaves on purpose. A client may come back later through the waiting room."""
+def leave(session: Session, seat_id: str, conn: str | None = None) -> Seat | OtherDevice:
+    """A peer leaves on purpose. A client may come back later through the waiting room.
+
+    An other device that leaves simply goes: the seat is not its to leave. Returns what left.
+    """
     _require_not_ended(session)
     seat = session.seat(seat_id)
+    place = device_for(session, seat_id, conn)
+    if place is seat.other:
+        seat.other = None
+        return place
     if seat.role is Role.CLIENT and seat.state not in _BARRED:
         seat.state = SeatState.LEFT
     return seat
@@ -305,10 +466,11 @@ def expire(session: Session, now: float) -> bool:
 # ---------------------------------------------------------------- relaying
 
 
-def can_relay(session: Session, sender_id: str, recipient_id: str) -> None:
-    """Both ends must be admitted seats of this session, and different."""
+def can_relay(session: Session, sender_id: str, recipient_id: str, conn: str | None = None) -> None:
+    """Both ends must be admitted seats of this session, and different; with ``conn``, the
+    sending connection must be the one holding its seat (never a seat's other device)."""
     sender = session.seat(sender_id)
-    if sender.state is not SeatState.ADMITTED:
+    if sender.state is not SeatState.ADMITTED or (conn is not None and sender.conn != conn):
         raise ProtocolError(ErrorCode.NOT_ADMITTED, "You have not been admitted yet.")
     if recipient_id == sender_id:
         raise ProtocolError(ErrorCode.NOT_IN_SESSION, "A message cannot be sent to oneself.")
@@ -341,6 +503,26 @@ def copy_session(session: Session) -> Session:
 
 def invalid_token_error() -> ProtocolError:
     return ProtocolError(ErrorCode.INVALID_TOKEN, INVALID_MESSAGE)
+
+
+def _reset(seat: Seat) -> None:
+    """A client seat as if its link had never been opened: any device may claim it again."""
+    seat.state = SeatState.INVITED
+    seat.checklist = None
+    seat.details = None
+    seat.preflight = None
+    seat.conn = None
+    seat.device = None
+    seat.device_id = None
+    seat.replaced_device = None
+    seat.other = None
+    seat.others_barred = False
+
+
+def _other(seat: Seat, other_id: str) -> OtherDevice:
+    if seat.other is None or seat.other.id != other_id:
+        raise ProtocolError(ErrorCode.INVALID_STATE, "That device is no longer waiting for this seat.")
+    return seat.other
 
 
 def _require_not_ended(session: Session) -> None:

@@ -66,6 +66,12 @@ class Store(Protocol):
         """Entries of a capped log with a sequence number above ``seq``, oldest first."""
         ...
 
+    async def clear_log(self, key: str) -> None:
+        """Drop every entry of a capped log but keep its numbering: the next entry gets the next
+        sequence number, so a reader that remembers a number never mistakes a new entry for one
+        it has seen. Its TTL is kept."""
+        ...
+
     async def ping(self) -> bool: ...
 
     async def close(self) -> None: ...
@@ -150,6 +156,11 @@ class MemoryStore:
         if log is None or log[2] <= self._clock():
             return []
         return [(n, v) for n, v in log[1] if n > seq]
+
+    async def clear_log(self, key: str) -> None:
+        log = self._logs.get(key)
+        if log is not None and log[2] > self._clock():
+            self._logs[key] = (log[0], deque(maxlen=log[1].maxlen), log[2])
 
     async def ping(self) -> bool:
         return True

@@ -230,6 +230,23 @@ end
 return first
 """
 
+#: Empties a capped log but keeps its numbering: the newest entry is replaced by "<seq>:" alone, a
+#: marker that carries the sequence number and no value (read_since skips it). The TTL is kept.
+_CLEAR_LOG = """
+local last = redis.call('LINDEX', KEYS[1], -1)
+if not last then
+  return 0
+end
+local seq = string.match(last, '^(%d+):')
+local ttl = redis.call('PTTL', KEYS[1])
+redis.call('DEL', KEYS[1])
+redis.call('RPUSH', KEYS[1], seq .. ':')
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return 1
+"""
+
 # Fixed-window counter: the window starts with the first event.
 _INCR_WINDOW = """
 local n = redis.call('INCR', KEYS[1])
@@ -284,6 +301,7 @@ class RedisStore:
         self._sealer = sealer
         self._also_ready = also_ready
         self._append = client.register_script(_APPEND)
+        self._clear_log = client.register_script(_CLEAR_LOG)
         self._incr_window = client.register_script(_INCR_WINDOW)
         self._locks = _KeyLocks()
         self._reads: RedisBus | None = None
@@ -404,9 +422,13 @@ class RedisStore:
             if not sep or not number.isdigit():
                 raise StoreCorrupt("a log entry has no sequence number")
             n = int(number)
-            if n > seq:
+            if n > seq and sealed:  # an empty value is clear_log's marker: a number, no entry
                 out.append((n, self._sealer.open(aad, sealed)))
         return out
+
+    async def clear_log(self, key: str) -> None:
+        with unavailable_on_redis_errors():
+            await self._clear_log(keys=[key], args=[])
 
     async def ping(self) -> bool:
         """True when Redis answers within TIMEOUT_S (and ``also_ready`` agrees); never raises."""

@@ -69,6 +69,20 @@ def new_peer_id() -> str:
     return typeable_id(6)
 
 
+def new_resume_secret() -> str:
+    """A 256-bit secret that proves a later join comes from the same page (43 characters).
+
+    Given to the device that opens a client seat (``joined.resume_secret``); the page keeps it in
+    memory only, so a forwarded link, another device or a reload cannot present it.
+    """
+    return b64e(secrets.token_bytes(32))
+
+
+def resume_digest(secret: str) -> str:
+    """What the session record keeps of a resume secret: a digest, never the secret itself."""
+    return b64e(hashlib.sha256(b"tt-resume v1\x00" + secret.encode("ascii")).digest())
+
+
 @dataclass(frozen=True)
 class TokenClaims:
     session_id: str

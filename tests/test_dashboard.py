@@ -156,6 +156,29 @@ async def test_ended_session_leaves_the_list(full: FullBroker, http: ClientSessi
     assert created["session"] not in {s["session"] for s in listed["sessions"]}
 
 
+async def test_an_ended_session_leaves_its_owners_index_at_once(full: FullBroker, http: ClientSession) -> None:
+    """Review (issue 25): the ``owner:`` entry naming an ended session stayed in the store until its
+    window closed. It now goes as the session ends, before anyone lists the dashboard again."""
+    blair = await login(full, http, "blair")
+    _, created = await blair.call("POST", "/api/sessions", {"clients": 1})
+    _, me = await blair.call("GET", "/api/me")
+    owner = "owner:" + me["therapist"]["id"]
+    session_id = created["session"]
+
+    async def indexed() -> bool:
+        raw = await full.broker.store.get(owner)
+        return raw is not None and session_id.encode() in raw
+
+    assert await indexed()
+    therapist = BrokerClient(f"{full.url}/t/{created['seats'][0]['token']}#{new_link_key()}")
+    await therapist.connect()
+    try:
+        await therapist.end()
+    finally:
+        await therapist.close()
+    assert not await indexed()
+
+
 async def test_invalid_requests_are_refused_plainly(full: FullBroker, http: ClientSession) -> None:
     alex = await login(full, http, "alex")
     for body in (

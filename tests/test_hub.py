@@ -625,20 +625,28 @@ async def test_join_page_shows_a_clear_notice_for_bad_links(broker: RunningBroke
 # ---------------------------------------------------------------- seats
 
 
-async def test_a_second_tab_takes_over_the_seat(broker: RunningBroker) -> None:
+async def test_the_same_page_rejoining_with_its_secret_takes_over_the_seat(broker: RunningBroker) -> None:
+    """A page whose connection was cut joins again with its resume secret: the newest connection
+    holds the seat and the older one is told ``replaced`` and closed (4001)."""
     links = await schedule(broker)
     token = links.tokens[links.peers[links.client]]
     first = await RawPeer.open(broker)
     second = await RawPeer.open(broker)
     try:
-        assert (await first.join(token))["type"] == "joined"
-        assert (await second.join(token))["type"] == "joined"
+        joined = await first.join(token)
+        assert joined["type"] == "joined" and joined["other_device"] is False
+        secret = joined["resume_secret"]
+        assert isinstance(secret, str) and len(secret) == 43
+        again = await second.join(token, resume_secret=secret)
+        assert again["type"] == "joined" and again["resume_secret"] is None and again["other_device"] is False
         notice = await first.recv_type("error")
         assert notice["code"] == "replaced"
         closing = await first.ws.receive(5)
         assert closing.type is aiohttp.WSMsgType.CLOSE and closing.data == 4001
         record = await record_of(broker, links.session)
-        assert record.seat(links.peers[links.client]).conn is not None
+        seat = record.seat(links.peers[links.client])
+        assert seat.conn is not None and seat.other is None
+        assert secret not in repr(record)  # the record keeps a digest of the secret, not the secret
     finally:
         await first.close()
         await second.close()

@@ -30,8 +30,13 @@ def refused(code: ErrorCode, step, *args) -> None:  # noqa: ANN001
     assert session == before
 
 
+def join(session: sm.Session, seat: str, conn: str, device: str | None = None) -> sm.Joining:
+    """A join by connection ``conn``; a device without a secret would be given ``dev-<conn>``."""
+    return sm.connect(session, seat, conn, device=device, new_device=f"dev-{conn}")
+
+
 def to_waiting(session: sm.Session, seat: str) -> None:
-    sm.connect(session, seat, f"conn-{seat}")
+    join(session, seat, f"conn-{seat}")
     sm.pass_checklist(session, seat, {"policy_version": "v", "all_required_met": True}, None)
 
 
@@ -58,16 +63,16 @@ def test_new_session_rejects_impossible_requests(kwargs: dict[str, int]) -> None
 def test_therapist_connecting_opens_the_session() -> None:
     s = fresh()
     t, _, _ = ids(s)
-    assert sm.connect(s, t, "c1") is None
+    assert join(s, t, "c1").replaced is None
     assert s.state is SessionState.OPEN and s.therapist().state is SeatState.ADMITTED
 
 
 def test_client_goes_invited_checking_waiting_admitted_and_session_goes_live() -> None:
     s = fresh()
     t, a, _ = ids(s)
-    sm.connect(s, t, "ct")
+    join(s, t, "ct")
     assert s.seat(a).state is SeatState.INVITED
-    sm.connect(s, a, "ca")
+    join(s, a, "ca")
     assert s.seat(a).state is SeatState.CHECKING
     sm.pass_checklist(s, a, {"policy_version": "v"}, "sealed")
     assert s.seat(a).state is SeatState.WAITING and s.seat(a).details == "sealed"
@@ -75,14 +80,23 @@ def test_client_goes_invited_checking_waiting_admitted_and_session_goes_live() -
     assert s.seat(a).state is SeatState.ADMITTED and s.state is SessionState.LIVE
 
 
-def test_a_second_connection_takes_over_the_seat() -> None:
+def test_the_device_holding_a_seat_takes_it_over_with_its_secret() -> None:
     s = fresh()
     _, a, _ = ids(s)
-    sm.connect(s, a, "first")
-    assert sm.connect(s, a, "second") == "first"
+    first = join(s, a, "first")
+    assert first.issued and first.other is None and s.seat(a).device == "dev-first"
+    again = join(s, a, "second", device="dev-first")  # the same page, reconnecting
+    assert again.replaced == "first" and not again.issued and again.other is None
     assert s.seat(a).conn == "second"
     assert sm.disconnect(s, a, "first") is False  # the replaced connection no longer holds it
     assert sm.disconnect(s, a, "second") is True and s.seat(a).conn is None
+
+
+def test_the_therapist_seat_is_taken_over_by_its_newest_connection() -> None:
+    s = fresh()
+    t, _, _ = ids(s)
+    join(s, t, "first")
+    assert join(s, t, "second").replaced == "first" and s.seat(t).conn == "second"
 
 
 def test_checklist_only_while_checking() -> None:
@@ -91,7 +105,7 @@ def test_checklist_only_while_checking() -> None:
     refused(ErrorCode.INVALID_STATE, sm.pass_checklist, s, a, {}, None)  # not connected yet (invited)
     to_waiting(s, a)
     refused(ErrorCode.INVALID_STATE, sm.pass_checklist, s, a, {}, None)  # already waiting
-    sm.connect(s, t, "ct")
+    join(s, t, "ct")
     refused(ErrorCode.INVALID_STATE, sm.pass_checklist, s, t, {}, None)  # therapists have no checklist
 
 
@@ -111,7 +125,7 @@ def test_admit_requires_waiting() -> None:
     s = fresh()
     t, a, _ = ids(s)
     refused(ErrorCode.INVALID_STATE, sm.admit, s, t, a)  # invited
-    sm.connect(s, a, "ca")
+    join(s, a, "ca")
     refused(ErrorCode.INVALID_STATE, sm.admit, s, t, a)  # checking: checklist not passed
     sm.pass_checklist(s, a, {}, None)
     sm.admit(s, t, a)
@@ -124,11 +138,11 @@ def test_declined_client_cannot_come_back_until_allowed() -> None:
     to_waiting(s, a)
     sm.decline(s, t, a)
     assert s.seat(a).state is SeatState.DECLINED
-    refused(ErrorCode.DECLINED, sm.connect, s, a, "again")
+    refused(ErrorCode.DECLINED, join, s, a, "again")
     refused(ErrorCode.INVALID_STATE, sm.decline, s, t, a)
     sm.allow_return(s, t, a)
     assert s.seat(a).state is SeatState.INVITED and s.seat(a).checklist is None
-    sm.connect(s, a, "again")
+    join(s, a, "again")
     assert s.seat(a).state is SeatState.CHECKING
 
 
@@ -139,7 +153,7 @@ def test_removed_client_cannot_come_back_until_allowed() -> None:
     sm.admit(s, t, a)
     sm.remove(s, t, a)
     assert s.seat(a).state is SeatState.REMOVED
-    refused(ErrorCode.REMOVED, sm.connect, s, a, "again")
+    refused(ErrorCode.REMOVED, join, s, a, "again")
     refused(ErrorCode.INVALID_STATE, sm.remove, s, t, a)
     refused(ErrorCode.INVALID_STATE, sm.allow_return, s, t, ids(s)[2])  # never barred
 
@@ -158,16 +172,16 @@ def test_leave_and_come_back_through_the_waiting_room() -> None:
     sm.leave(s, a)
     sm.disconnect(s, a, f"conn-{a}")
     assert s.seat(a).state is SeatState.LEFT
-    sm.connect(s, a, "back")
+    join(s, a, "back", device=f"dev-conn-{a}")
     assert s.seat(a).state is SeatState.WAITING  # checklist kept, admission needed again
 
 
 def test_leave_before_checklist_returns_to_checking() -> None:
     s = fresh()
     _, a, _ = ids(s)
-    sm.connect(s, a, "ca")
+    join(s, a, "ca")
     sm.leave(s, a)
-    sm.connect(s, a, "cb")
+    join(s, a, "cb", device="dev-ca")
     assert s.seat(a).state is SeatState.CHECKING
 
 
@@ -190,7 +204,7 @@ def test_revoke_and_reissue() -> None:
 def test_relay_only_between_admitted_peers() -> None:
     s = fresh()
     t, a, b = ids(s)
-    sm.connect(s, t, "ct")
+    join(s, t, "ct")
     to_waiting(s, a)
     to_waiting(s, b)
     refused(ErrorCode.NOT_ADMITTED, sm.can_relay, s, a, t)  # sender waiting
@@ -218,7 +232,7 @@ def test_end_and_everything_after_it_is_refused() -> None:
     assert s.state is SessionState.ENDED
     refused(ErrorCode.SESSION_ENDED, sm.end, s, t)
     refused(ErrorCode.SESSION_ENDED, sm.admit, s, t, a)
-    refused(ErrorCode.SESSION_ENDED, sm.connect, s, a, "late")
+    refused(ErrorCode.SESSION_ENDED, join, s, a, "late")
     refused(ErrorCode.SESSION_ENDED, sm.seat_for_token, s, s.seat(a).token_id)
     refused(ErrorCode.SESSION_ENDED, sm.leave, s, a)
 
@@ -235,3 +249,124 @@ def test_links_for_a_later_appointment_open_thirty_minutes_before_it() -> None:
     day = 24 * 3600
     s = sm.new_session("S" * 22, now=NOW, starts=NOW + 2 * day, duration_s=3000, clients=1)
     assert s.not_before == NOW + 2 * day - sm.DEFAULT_EARLY_S
+
+
+# ---------------------------------------------------------------- a seat's other device
+
+
+def admitted_seat(s: sm.Session) -> tuple[str, str]:
+    """Therapist connected, client ``a`` admitted from connection ``conn-a`` (device ``dev-conn-a``)."""
+    t, a, _ = ids(s)
+    join(s, t, "ct")
+    to_waiting(s, a)
+    sm.admit(s, t, a)
+    return t, a
+
+
+def test_a_join_without_the_seats_secret_does_not_take_the_seat() -> None:
+    """Review finding 1: a second join with a client's token (a forwarded link) was admitted at once."""
+    s = fresh()
+    t, a = admitted_seat(s)
+    other = join(s, a, "stranger")
+    seat = s.seat(a)
+    assert other.other is not None and other.issued and other.replaced is None
+    assert other.state is SeatState.CHECKING  # through the checklist again, on its own
+    assert seat.state is SeatState.ADMITTED and seat.conn == f"conn-{a}" and seat.device == f"dev-conn-{a}"
+    assert sm.device_for(s, a, "stranger") is seat.other
+    refused(ErrorCode.NOT_ADMITTED, sm.can_relay, s, a, t, "stranger")
+    sm.can_relay(s, a, t, f"conn-{a}")
+
+
+def test_a_client_who_dropped_without_leaving_is_not_replaced_by_a_new_join() -> None:
+    """Review finding 1: the next join after a drop (no ``leave``) was admitted directly."""
+    s = fresh()
+    t, a = admitted_seat(s)
+    assert sm.disconnect(s, a, f"conn-{a}") is True
+    newcomer = join(s, a, "newcomer")
+    assert newcomer.other is not None and newcomer.state is SeatState.CHECKING
+    assert s.seat(a).conn is None and s.seat(a).state is SeatState.ADMITTED
+    back = join(s, a, "back", device=f"dev-conn-{a}")  # the real client's page, with its secret
+    assert back.other is None and back.state is SeatState.ADMITTED and not back.issued
+
+
+def test_admitting_the_other_device_moves_the_seat_to_it() -> None:
+    s = fresh()
+    t, a = admitted_seat(s)
+    other = join(s, a, "phone").other
+    assert other is not None
+    refused(ErrorCode.INVALID_STATE, sm.admit_other, s, t, a, other.id)  # still checking
+    sm.pass_checklist(s, a, {"policy_version": "v", "all_required_met": True}, "sealed-2", "phone")
+    assert other.state is SeatState.WAITING and s.seat(a).details is None
+    refused(ErrorCode.INVALID_STATE, sm.admit_other, s, t, a, "not-it")
+    refused(ErrorCode.NOT_ALLOWED, sm.admit_other, s, a, a, other.id)  # only the therapist
+    assert sm.admit_other(s, t, a, other.id) == f"conn-{a}"
+    seat = s.seat(a)
+    assert seat.conn == "phone" and seat.device == "dev-phone" and seat.other is None
+    assert seat.details == "sealed-2" and seat.state is SeatState.ADMITTED
+    refused(ErrorCode.REPLACED, join, s, a, "old-page-back", f"dev-conn-{a}")
+    assert join(s, a, "phone-again", device="dev-phone").other is None
+
+
+def test_turning_the_other_device_away_bars_others_until_allowed() -> None:
+    s = fresh()
+    t, a = admitted_seat(s)
+    other = join(s, a, "stranger").other
+    assert other is not None
+    assert sm.decline_other(s, t, a, other.id) == "stranger"
+    seat = s.seat(a)
+    assert seat.other is None and seat.others_barred and seat.state is SeatState.ADMITTED
+    refused(ErrorCode.DECLINED, join, s, a, "stranger-again")
+    assert join(s, a, "holder-back", device=f"dev-conn-{a}").other is None  # the holder is not barred
+    sm.allow_return(s, t, a)
+    assert not s.seat(a).others_barred and s.seat(a).state is SeatState.ADMITTED
+    assert join(s, a, "asks-again").other is not None
+
+
+def test_the_newest_other_device_replaces_an_earlier_one_and_a_secret_resumes_it() -> None:
+    s = fresh()
+    _, a = admitted_seat(s)
+    first = join(s, a, "one").other
+    assert first is not None
+    second = join(s, a, "two")
+    assert second.replaced == "one" and second.other is not None and second.other.id != first.id
+    assert sm.disconnect(s, a, "two") is True and s.seat(a).other is not None
+    back = join(s, a, "two-back", device="dev-two")
+    assert back.other is s.seat(a).other and back.replaced is None and not back.issued
+
+
+def test_an_other_device_that_leaves_just_goes() -> None:
+    s = fresh()
+    _, a = admitted_seat(s)
+    join(s, a, "stranger")
+    sm.leave(s, a, "stranger")
+    assert s.seat(a).other is None and s.seat(a).state is SeatState.ADMITTED
+    refused(ErrorCode.INVALID_STATE, sm.leave, s, a, "unknown-connection")
+
+
+def test_declining_removing_and_revoking_a_seat_send_its_other_device_away_too() -> None:
+    for step in ("decline", "remove", "revoke"):
+        s = fresh()
+        t, a, _ = ids(s)
+        join(s, t, "ct")
+        to_waiting(s, a)
+        if step == "remove":
+            sm.admit(s, t, a)
+        join(s, a, "stranger")
+        assert s.seat(a).other is not None
+        if step == "revoke":
+            sm.revoke(s, a)
+            assert s.seat(a).device is None and s.seat(a).conn is None
+        else:
+            getattr(sm, step)(s, t, a)
+        assert s.seat(a).other is None
+
+
+def test_allowing_a_removed_client_back_lets_any_device_claim_the_seat() -> None:
+    s = fresh()
+    t, a = admitted_seat(s)
+    sm.remove(s, t, a)
+    sm.allow_return(s, t, a)
+    seat = s.seat(a)
+    assert seat.device is None and seat.state is SeatState.INVITED
+    claim = join(s, a, "new-phone")
+    assert claim.other is None and claim.issued and s.seat(a).device == "dev-new-phone"

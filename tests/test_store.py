@@ -268,6 +268,32 @@ async def test_log_ttl_is_reset_by_each_append_and_then_expires(backend: Backend
     assert await backend.store.append(log, b"c", 8, 30) == 1  # a new log starts again at 1
 
 
+async def test_clear_log_drops_every_entry_and_keeps_the_numbering(backend: Backend, prefix: str) -> None:
+    """A seat's resume buffer is emptied when its client leaves or its seat moves to another device;
+    a page that remembers seq 3 must never take a later entry for one it has seen."""
+    log = prefix + ":box:p"
+    for i in range(1, 4):
+        await backend.store.append(log, f"m{i}".encode(), 8, 1.0)
+    await backend.store.clear_log(log)
+    assert await backend.twin.read_since(log, 0) == []
+    assert await backend.twin.append(log, b"after", 8, 30) == 4
+    assert await backend.store.read_since(log, 0) == [(4, b"after")]
+    await backend.twin.clear_log(log)
+    await backend.store.clear_log(log)  # twice is the same as once
+    assert await backend.store.read_since(log, 0) == []
+    await backend.store.clear_log(prefix + ":box:nobody")  # nothing to clear: nothing made
+    assert await backend.store.keys(prefix + ":box:nobody") == []
+
+
+async def test_clear_log_keeps_the_logs_expiry(backend: Backend, prefix: str) -> None:
+    log = prefix + ":box:p"
+    await backend.store.append(log, b"a", 8, 1.0)
+    await backend.store.clear_log(log)
+    await backend.wait(1.3)
+    assert await backend.store.keys(prefix) == []
+    assert await backend.store.append(log, b"b", 8, 30) == 1  # gone with its TTL: a new log
+
+
 # ---------------------------------------------------------------- incr_window
 
 

@@ -135,8 +135,15 @@ async def test_client_from_link_to_call_to_end(
     await expect(client.get_by_test_id("reconnecting-banner")).to_be_hidden()
     await expect(tile(client, therapist_peer)).to_have_attribute("data-state", "connected")
 
-    # A reload puts the client back into the call (a new connection, so a new safety code).
+    # A reload forgets the page's resume secret: the reloaded page is "another device" for the seat.
+    # It goes through the checklist again and the therapist lets it in (a new connection, a new code).
     await client.reload()
+    await wait_screen(client, "welcome")
+    await expect(client.get_by_test_id("other-device-note")).to_be_visible()
+    await expect(seat.get_by_test_id("other-device")).to_be_visible()
+    await pass_checklist(client)
+    await expect(seat.get_by_test_id("other-device")).to_have_attribute("data-state", "waiting")
+    await seat.get_by_test_id("admit-other-device").click()  # the old page is gone: no question asked
     await wait_screen(client, "call")
     await frames_decoded(client, 1)
     await expect(tile(therapist, client_peer)).not_to_have_attribute("data-code", code)
@@ -226,7 +233,9 @@ async def test_group_session_everyone_connected(
 async def test_client_closes_the_tab_and_comes_back(
     broker: RunningBroker, new_context: NewContext, watch: Watch, axe_source: str
 ) -> None:
-    """The therapist's side sees the client gone, then a new tab with the link rejoins the call."""
+    """The therapist's side sees the client gone; a new tab with the link is another device for the
+    seat (the closed tab's resume secret went with it): it passes the checklist and the therapist
+    lets it in, back into the call."""
     links = await schedule(broker, clients=1)
     watch.secrets.append(links.link_key)
     client_peer, therapist_peer = links.peers[links.client], links.peers[links.therapist]
@@ -249,6 +258,11 @@ async def test_client_closes_the_tab_and_comes_back(
 
     back = await client_context.new_page()
     await back.goto(links.client)
+    await wait_screen(back, "welcome")
+    await expect(back.get_by_test_id("other-device-note")).to_be_visible()
+    await pass_checklist(back)
+    seat = therapist.locator(f'[data-testid=seat][data-peer="{client_peer}"]')
+    await seat.get_by_test_id("admit-other-device").click()  # the old tab is gone: no question asked
     await wait_screen(back, "call")
     await frames_decoded(back, 1)
     await frames_decoded(therapist, 1)

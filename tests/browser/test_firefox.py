@@ -132,7 +132,7 @@ async def drop_connections(broker: RunningBroker, peer: str) -> None:
             await conn.transport.close(1012, "")
 
 
-async def pass_checklist_in_firefox(page: FirefoxPage, axe: str) -> None:
+async def pass_checklist_in_firefox(page: FirefoxPage, axe: str, name: str = "client-") -> None:
     """The default policy's checklist, clicked and typed the way a person would, into the waiting room."""
     await screen(page, "welcome")
     for _ in range(12):  # with the keyboard alone: Tab to the start button, Enter
@@ -145,7 +145,7 @@ async def pass_checklist_in_firefox(page: FirefoxPage, axe: str) -> None:
         await has(page, by_test_id(f"item-{item}"), "data-status", "ok")
     await has(page, by_test_id("item-headset"), "data-status", "ok|warn")
     await page.wait_for("() => document.querySelector('#preview-level').value > 0")  # the level meter moves
-    await look(page, axe, "client-checklist-device")
+    await look(page, axe, f"{name}checklist-device")
     for step in ("space", "consent"):
         await page.click("#step-next")
         boxes = await page.wait_for(
@@ -160,7 +160,7 @@ async def pass_checklist_in_firefox(page: FirefoxPage, axe: str) -> None:
     await page.click("#step-next")
     await page.fill("#details-location", "Home, 4 Elm Road")
     await page.fill("#details-contact", "Sam, 0123 456")
-    await look(page, axe, "client-checklist-details")
+    await look(page, axe, f"{name}checklist-details")
     await page.click("#checklist-submit")
     await screen(page, "waiting")
 
@@ -240,8 +240,13 @@ async def test_firefox_client_with_chromium_therapist(
     await client.wait_for(HIDDEN, by_test_id("reconnecting-banner"))
     await has(client, tile_of(therapist_peer), "data-state", "connected")
 
-    # A reload in Firefox puts the client back into the call, with a new connection and a new safety code.
+    # A reload in Firefox forgets the page's resume secret: it goes through the checklist again as
+    # "another device", the therapist lets it in, and the call resumes with a new connection and code.
     await client.reload()
+    await screen(client, "welcome")
+    await client.wait_for(VISIBLE, by_test_id("other-device-note"))
+    await pass_checklist_in_firefox(client, axe_source, name="client-again-")
+    await therapist.get_by_test_id("admit-other-device").click()
     await screen(client, "call")
     await has(client, tile_of(therapist_peer), "data-frames-decoded", "[1-9][0-9]*")
     new_code = await has(client, tile_of(therapist_peer), "data-code", r"\d{3} \d{3} \d{3}")

@@ -233,12 +233,16 @@ async def test_removed_from_the_call(
 async def test_seat_opened_in_another_window(
     session_links: SessionLinks, new_context: NewContext, watch: Watch, axe_source: str
 ) -> None:
+    """A second window with the same link does not take the seat from the first: it says the link
+    is open elsewhere and that the therapist will be asked; the first window carries on."""
     first = await open_client(new_context, session_links)
+    await expect(first.get_by_test_id("other-device-note")).to_be_hidden()
     second = await open_client(new_context, session_links)
-    await expect_notice(first, "replaced")
-    await expect(first.locator("#notice-action")).to_have_text("Continue here")
-    await expect(second.locator("body")).to_have_attribute("data-screen", "welcome")
-    await look(first, axe_source, "client-opened-elsewhere")
+    await expect(second.get_by_test_id("other-device-note")).to_be_visible()
+    await expect(second.get_by_test_id("other-device-note")).to_contain_text("already open somewhere else")
+    await look(second, axe_source, "client-opened-elsewhere")
+    await first.click("#welcome-start")
+    await wait_screen(first, "checklist")  # the first window still holds its seat
     await watch.assert_clean()
 
 

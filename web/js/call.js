@@ -191,9 +191,18 @@ export class Call {
     }
     for (const info of peers) {
       const known = this.#infos.get(info.peer);
+      const moved = known && (known.device ?? null) !== (info.device ?? null);
+      // The therapist moved this seat to another device: never keep talking to the old one.
+      if (moved) this.#closeLink(info.peer);
       // When the peer's current broker connection began: offers sent before it may never have reached it.
-      const connectedAt = known && (known.connected || !info.connected) ? known.connectedAt : Date.now();
-      this.#infos.set(info.peer, { role: info.role, connected: info.connected, you_offer: info.you_offer, connectedAt });
+      const connectedAt = known && !moved && (known.connected || !info.connected) ? known.connectedAt : Date.now();
+      this.#infos.set(info.peer, {
+        role: info.role,
+        connected: info.connected,
+        you_offer: info.you_offer,
+        device: info.device ?? null,
+        connectedAt,
+      });
       this.#ensure(info.peer);
       if (!known || known.connected !== info.connected) this.#announce(info.peer);
     }

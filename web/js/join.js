@@ -50,9 +50,9 @@ const NOTICES = {
     "If you think this was a mistake, please contact your therapist.",
   ],
   replaced: [
-    "Your session is open in another window",
-    "You opened your link again in another tab or window, so this one has stopped.",
-    "Carry on in the other window, or continue here instead.",
+    "Your session moved to another window",
+    "Your therapist let you in from another device or window, so this one has stopped.",
+    "Carry on there. To continue here instead, reload this page: your therapist will be asked to let you in again.",
   ],
   missing_key: [
     "This link is incomplete",
@@ -166,6 +166,7 @@ function onJoined(joined) {
   setText("welcome-practice", practice || "");
   byId("welcome-practice").hidden = !practice;
   setText("welcome-time", formatTime(joined.starts));
+  byId("welcome-other-device").hidden = !joined.other_device;
   if (joined.seat_state === "admitted") startCall();
   else if (joined.seat_state === "waiting") showWaiting();
   else showScreen("screen-welcome");

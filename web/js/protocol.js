@@ -2,8 +2,10 @@
 //
 // Screens never build wire messages: they call the methods below and listen to
 // events. The connection says hello, joins with the invite token and, when the
-// WebSocket drops, reconnects with backoff and joins the same seat again (the
-// broker lets the newest connection take a seat over). Errors after which a
+// WebSocket drops, reconnects with backoff and joins the same seat again with
+// the resume secret the broker gave this page (kept in this object's memory
+// only, so a reload, another tab or a forwarded link cannot present it: those
+// wait for the therapist as the seat's "other device"). Errors after which a
 // reconnect cannot help (a bad or expired link, an ended session, a declined
 // or removed seat, the seat opened in another tab) stop it for good and are
 // reported once as a "final" event.
@@ -74,6 +76,7 @@ export class Signaling {
   #lastHeard = 0;
   #joinedOnce = false;
   #resumeAfterMs = null;
+  #resumeSecret = null; // proves a later join is this page (docs/protocol.md section 2); never stored
 
   constructor(token, { url = signalingUrl(), agent = "web" } = {}) {
     this.#token = token;
@@ -129,7 +132,9 @@ export class Signaling {
     ws.addEventListener("open", () => {
       if (ws !== this.#ws) return;
       this.#rawSend({ type: "hello", protocol: PROTOCOL_VERSION, agent: this.#agent });
-      this.#rawSend({ type: "join", token: this.#token });
+      const join = { type: "join", token: this.#token };
+      if (this.#resumeSecret) join.resume_secret = this.#resumeSecret;
+      this.#rawSend(join);
     });
     ws.addEventListener("message", (event) => {
       if (ws !== this.#ws) return;
@@ -257,6 +262,8 @@ export class Signaling {
       case "pong":
         return;
       case "joined":
+        if (message.resume_secret) this.#resumeSecret = message.resume_secret;
+        delete message.resume_secret; // screens never see it
         this.joined = message;
         this.#joinedOnce = true;
         this.#attempt = 0;
@@ -344,12 +351,14 @@ export class Signaling {
 
   // ------------------------------------------------------------------ therapist actions
 
-  admit(peer) {
-    return this.#send({ type: "admit", peer });
+  /** Let a waiting client in; with `device`, that seat's other device instead (the seat moves to it). */
+  admit(peer, device = null) {
+    return this.#send(device ? { type: "admit", peer, device } : { type: "admit", peer });
   }
 
-  decline(peer) {
-    return this.#send({ type: "decline", peer });
+  /** Turn a client away; with `device`, only that seat's other device. */
+  decline(peer, device = null) {
+    return this.#send(device ? { type: "decline", peer, device } : { type: "decline", peer });
   }
 
   remove(peer) {

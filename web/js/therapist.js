@@ -242,9 +242,31 @@ function onWaitingRoom(message) {
       state.seatStates.set(seat.peer, seat.state);
       if (before !== undefined || seat.state === "waiting") announceSeat(seat);
     }
-    if (seat.details && state.linkKey && state.details.get(seat.peer)?.sealed !== seat.details) openSeatDetails(seat);
+    const other = seat.other_device;
+    const otherKey = `${seat.peer}/other`;
+    const otherBefore = state.seatStates.get(otherKey);
+    const otherNow = other ? `${other.device}:${other.state}` : undefined;
+    if (otherNow !== otherBefore) {
+      state.seatStates.set(otherKey, otherNow);
+      if (other) announceOtherDevice(seat);
+    }
+    if (seat.details && state.linkKey && state.details.get(seat.peer)?.sealed !== seat.details) {
+      openSeatDetails(seat.peer, seat.peer, seat.details);
+    }
+    if (other?.details && state.linkKey && state.details.get(otherKey)?.sealed !== other.details) {
+      openSeatDetails(otherKey, seat.peer, other.details);
+    }
   });
   renderSeats();
+}
+
+function announceOtherDevice(seat) {
+  const who = state.labels.get(seat.peer);
+  const words =
+    seat.other_device.state === "waiting"
+      ? `The other device with ${who}’s link finished the checklist and is waiting. Check with ${who} before letting it in.`
+      : `${who}’s link was opened on another device.`;
+  announce(words, { urgent: true });
 }
 
 function announceSeat(seat) {
@@ -260,11 +282,11 @@ function announceSeat(seat) {
   if (words) announce(words);
 }
 
-async function openSeatDetails(seat) {
-  const entry = { sealed: seat.details, value: null, error: null };
-  state.details.set(seat.peer, entry);
+async function openSeatDetails(key, peer, sealed) {
+  const entry = { sealed, value: null, error: null };
+  state.details.set(key, entry);
   try {
-    entry.value = JSON.parse(await openDetails(state.linkKey, state.joined.session, seat.peer, seat.details));
+    entry.value = JSON.parse(await openDetails(state.linkKey, state.joined.session, peer, sealed));
   } catch {
     entry.error = "These details could not be opened: they were changed on the way, or sealed with another link key.";
   }
@@ -294,8 +316,58 @@ function renderSeat(seat) {
   return el("li", { className: "seat", dataset: { peer: seat.peer, state: seat.state }, "data-testid": "seat" }, [
     header,
     renderSummary(seat.checklist),
-    renderDetails(seat),
+    renderDetails(seat.details, seat.peer),
     el("div", { className: "actions" }, seatActions(seat, label)),
+    renderOtherDevice(seat, label),
+  ]);
+}
+
+/** Another device opened this client's link: its checklist, and letting it in or turning it away. */
+function renderOtherDevice(seat, label) {
+  const other = seat.other_device;
+  if (!other) {
+    if (!seat.other_device_declined) return null;
+    return el("div", { className: "other-device", "data-testid": "other-device-declined" }, [
+      el("p", { className: "hint", text: `Another device with ${label}’s link was turned away. No other device can ask to join for ${label} now.` }),
+      el("div", { className: "actions" }, [
+        actionButton("Let another device ask", "allow-other-device", seat.peer, "quiet small", () =>
+          state.signaling.allowReturn(seat.peer),
+        ),
+      ]),
+    ]);
+  }
+  const where =
+    other.state === "waiting" ? "It finished the checklist and is waiting to be let in." : "It is going through the privacy checklist.";
+  const buttons = [];
+  if (other.state === "waiting") {
+    const inCall = seat.connected && seat.state === "admitted";
+    buttons.push(
+      actionButton(`Let ${label} in from the new device`, "admit-other-device", seat.peer, "primary", async () => {
+        if (inCall && !(await confirmDialog("move-seat-dialog"))) return;
+        state.signaling.admit(seat.peer, other.device);
+        announce(`Letting ${label} in from the new device.`);
+      }),
+    );
+  }
+  buttons.push(
+    actionButton("Turn the new device away", "decline-other-device", seat.peer, "quiet", () =>
+      state.signaling.decline(seat.peer, other.device),
+    ),
+  );
+  return el("div", { className: "other-device", "data-testid": "other-device", dataset: { state: other.state } }, [
+    el("p", { className: "warn" }, [
+      el("strong", { text: `${label}’s link was opened on another device.` }),
+      " ",
+      where,
+      other.connected ? "" : " Its connection dropped.",
+    ]),
+    el("p", {
+      className: "hint",
+      text: `If ${label} did not say they were switching devices, ask them before letting it in: someone else may have their link.`,
+    }),
+    renderSummary(other.checklist),
+    renderDetails(other.details, `${seat.peer}/other`),
+    el("div", { className: "actions" }, buttons),
   ]);
 }
 
@@ -322,9 +394,9 @@ function renderSummary(summary) {
   return el("div", { className: "summary" }, lines);
 }
 
-function renderDetails(seat) {
-  if (!seat.details) return null;
-  const entry = state.details.get(seat.peer);
+function renderDetails(sealed, key) {
+  if (!sealed) return null;
+  const entry = state.details.get(key);
   let body;
   if (!state.linkKey) {
     body = el("p", { className: "hint", text: "Sealed with the link key. Open this page with the full link to read them." });
