@@ -26,6 +26,7 @@ from broker.preflight import (
     PreflightService,
     run_preflight_client,
 )
+from broker.preflight_slots import SlotLimits
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 CHROMIUM = "/usr/bin/chromium"
@@ -57,14 +58,17 @@ async def _client_offer(*, audio: bool = False, video: bool = False, label: str 
 
 
 class _Answerer:
-    """answer_fn for run_preflight_client that remembers the pre-flight ids the service handed out."""
+    """answer_fn for run_preflight_client that remembers the pre-flight ids the service handed out
+    (one seat of its own, in a session of its own, unless told)."""
 
-    def __init__(self, service: PreflightService) -> None:
+    def __init__(self, service: PreflightService, session: str = "", seat: str = "") -> None:
         self.service = service
+        self.session = session or secrets.token_hex(4)
+        self.seat = seat or secrets.token_hex(4)
         self.ids: list[str] = []
 
     async def __call__(self, offer_sdp: str) -> str:
-        preflight_id, answer_sdp = await self.service.answer(offer_sdp)
+        preflight_id, answer_sdp = await self.service.answer(offer_sdp, self.session, self.seat)
         self.ids.append(preflight_id)
         return answer_sdp
 
@@ -118,7 +122,7 @@ async def test_offer_with_media_is_refused(media):
     try:
         assert f"m={media}" in offer
         with pytest.raises(PreflightRefused) as caught:
-            await service.answer(offer)
+            await service.answer(offer, "s", "p")
         assert caught.value.code == "preflight_media_refused"
         assert service.open_peer_count() == 0 and service.active_count() == 0
     finally:
@@ -140,21 +144,22 @@ async def test_offer_with_media_is_refused(media):
 async def test_garbage_offer_is_refused(offer):
     service = PreflightService()
     with pytest.raises(PreflightRefused) as caught:
-        await service.answer(offer)
+        await service.answer(offer, "s", "p")
     assert caught.value.code == "preflight_bad_offer"
     assert service.open_peer_count() == 0 and service.active_count() == 0
 
 
 async def test_concurrency_limit_refuses_cleanly_and_a_slot_frees():
-    service = PreflightService(max_concurrent=1, timeout=1.5, pings=2)
+    service = PreflightService(SlotLimits(slots=1, wait_s=0), timeout=1.5, pings=2)
     stalled_pc, stalled_offer = await _client_offer()
     other_pc, other_offer = await _client_offer()
     try:
-        first_id, _ = await service.answer(stalled_offer)  # never completed by its client
+        first_id, _ = await service.answer(stalled_offer, "s1", "p1")  # never completed by its client
         assert service.active_count() == 1
         with pytest.raises(PreflightRefused) as caught:
-            await service.answer(other_offer)
+            await service.answer(other_offer, "s2", "p2")
         assert caught.value.code == "preflight_busy"
+        assert caught.value.retry_after_s is not None and caught.value.retry_after_s >= 1
         assert service.open_peer_count() == 1  # the refused offer made no peer connection
         stalled = await service.wait_result(first_id, timeout=30)
         assert stalled.connected is False
@@ -171,7 +176,7 @@ async def test_client_that_never_opens_the_channel_times_out_without_leaks():
     service = PreflightService(timeout=1.0)
     pc, offer = await _client_offer()
     try:
-        preflight_id, answer_sdp = await service.answer(offer)
+        preflight_id, answer_sdp = await service.answer(offer, "s", "p")
         assert "m=application" in answer_sdp and "a=candidate" in answer_sdp  # no trickle: candidates included
         result = await service.wait_result(preflight_id, timeout=30)
         assert result.connected is False and result.rtt_ms_median is None and result.pings_sent == 0
@@ -188,7 +193,7 @@ async def test_channel_with_another_label_is_not_a_preflight():
     channel.on("message", seen.append)
     try:
         await pc.setLocalDescription(await pc.createOffer())
-        preflight_id, answer_sdp = await service.answer(pc.localDescription.sdp)
+        preflight_id, answer_sdp = await service.answer(pc.localDescription.sdp, "s", "p")
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer_sdp, type="answer"))
         result = await service.wait_result(preflight_id, timeout=30)
         assert result.connected is False and seen == []
@@ -201,12 +206,12 @@ async def test_close_tears_down_running_preflights():
     service = PreflightService(timeout=30.0)
     pc, offer = await _client_offer()
     try:
-        preflight_id, _ = await service.answer(offer)
+        preflight_id, _ = await service.answer(offer, "s1", "p1")
         assert service.open_peer_count() == 1
         await service.close()
-        assert service.open_peer_count() == 0
+        assert service.open_peer_count() == 0 and service.active_count() == 0
         with pytest.raises(PreflightRefused) as caught:
-            await service.answer(offer)
+            await service.answer(offer, "s2", "p2")
         assert caught.value.code == "preflight_busy"
     finally:
         await pc.close()
@@ -290,7 +295,7 @@ async def preflight_site() -> AsyncIterator[tuple[str, PreflightService]]:
     async def offer(request: web.Request) -> web.Response:
         body = await request.json()
         try:
-            preflight_id, answer_sdp = await service.answer(body["sdp"])
+            preflight_id, answer_sdp = await service.answer(body["sdp"], "page", secrets.token_hex(4))
         except PreflightRefused as exc:
             return web.json_response({"error": exc.code}, status=409)
         return web.json_response({"preflight_id": preflight_id, "sdp": answer_sdp})
