@@ -59,6 +59,7 @@ _PONG_GRACE = 2.0  # after the last ping, how long the broker waits for outstand
 _CLOSE_GRACE = 0.5  # after "done", how long the broker lets the page close first
 _TEARDOWN_LIMIT = 5.0
 _RESULT_TTL = 60.0
+_SLOT_HINT_MARGIN = 1.0
 
 
 class PreflightRefused(Exception):
@@ -170,8 +171,9 @@ class PreflightService:
         self.timeout = timeout
         self.pings = max(1, pings)
         self.result_ttl = result_ttl
-        # A slot is held from before the peer connection exists until it is torn down.
-        self.slots = SlotScheduler(self.limits, hold_s=timeout + _TEARDOWN_LIMIT)
+        # A slot is held from before the peer connection exists until it is torn down: about the timeout at
+        # most (teardown is quick unless something is wrong), which is what a refused seat is told to wait.
+        self.slots = SlotScheduler(self.limits, hold_s=timeout + _SLOT_HINT_MARGIN)
         self._runs: dict[str, _Run] = {}
         self._open: set[RTCPeerConnection] = set()
         self._closed = False

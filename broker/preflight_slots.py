@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -124,6 +123,10 @@ class SlotScheduler:
     def waiting_count(self) -> int:
         return len(self._waiting)
 
+    def held_by(self, session: str) -> int:
+        """Slots this session holds now."""
+        return self._per_session.get(session, 0)
+
     def starts_in_window(self, session: str, seat: str) -> int:
         """How many pre-flights this seat started in the current window (its place when waiting)."""
         self._forget_old(self._clock())
@@ -187,8 +190,8 @@ class SlotScheduler:
             wait = starts[0] + self.limits.window_s - now
             raise SlotRefused(
                 "preflight_limited",
-                f"This device has run the network check {len(starts)} times in the last "
-                f"{self.limits.window_s:g} seconds. Try again in {math.ceil(wait)} seconds.",
+                f"This device has run the network check {len(starts)} times in the last minute. "
+                "It can run it again shortly.",
                 wait,
             )
 
