@@ -22,6 +22,7 @@ from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from broker.client import BrokerClient, BrokerError
+from broker.config import Config, check_config
 from broker.preflight import (
     PreflightRefused,
     PreflightResult,
@@ -389,6 +390,28 @@ async def test_hammering_from_every_seat_of_a_group_session_leaves_slots_for_oth
     assert answers and errors
     assert {e.code for e in errors} <= {ErrorCode.PREFLIGHT_LIMITED, ErrorCode.PREFLIGHT_BUSY}
     assert all(e.retry_after_ms is not None and e.retry_after_ms > 0 for e in errors)
+
+
+async def test_the_slots_are_configured_and_checked(tmp_path: Path) -> None:
+    problems = check_config(Config(data_dir=tmp_path, preflight_slots=0, preflight_wait_s=-1))
+    assert any("preflight_slots" in p for p in problems) and any("preflight_wait_s" in p for p in problems)
+    running = await start_broker(tmp_path / "data", preflight_slots=1, preflight_wait_s=0)
+    first = BrokerClient((await schedule(running)).client, reconnect=False)
+    second = BrokerClient((await schedule(running)).client, reconnect=False)
+    stalled_pc, offer = await _stalled_offer()
+    try:
+        await first.connect()
+        await second.connect()
+        await first.request(PreflightOffer(sdp=offer), PreflightAnswer)  # holds the only slot
+        with pytest.raises(BrokerError) as caught:
+            await second.request(PreflightOffer(sdp=offer), PreflightAnswer)
+        assert caught.value.code is ErrorCode.PREFLIGHT_BUSY
+        assert caught.value.error.retry_after_ms is not None and 1000 <= caught.value.error.retry_after_ms <= 10_000
+    finally:
+        await first.close()
+        await second.close()
+        await stalled_pc.close()
+        await running.stop()
 
 
 # -- through a TURN relay (real coturn on loopback) -------------------------------------------------------------
