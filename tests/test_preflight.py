@@ -304,8 +304,12 @@ class _Hammer:
 async def _victim_run(broker: RunningBroker) -> str:
     """A client of a session of its own runs its pre-flight once (no retry) and submits its checklist:
     "ok", or the error code it got."""
-    links = await schedule(broker)
-    client = BrokerClient(links.client, reconnect=False)
+    return await _one_run((await schedule(broker)).client)
+
+
+async def _one_run(link: str) -> str:
+    """A client runs its pre-flight once (no retry) and submits its checklist: "ok", or the error code it got."""
+    client = BrokerClient(link, reconnect=False)
     await client.connect()
     try:
 
@@ -367,6 +371,15 @@ async def test_a_hammering_seat_cannot_keep_another_sessions_client_out(default_
     assert errors and {e.code for e in errors} == {ErrorCode.PREFLIGHT_LIMITED}
     assert all(e.retry_after_ms is not None and 0 < e.retry_after_ms <= 61_000 for e in errors)
     assert any("already running" in e.message for e in errors)
+
+
+async def test_a_practices_busy_minute_never_sees_preflight_busy(default_broker: RunningBroker) -> None:
+    """The default limits fit a practice's normal load: eight clients of eight sessions and a family of six in
+    one session all start their checklist at the same moment, and each pre-flight runs at its first offer."""
+    singles = [(await schedule(default_broker)).client for _ in range(8)]
+    family = (await schedule(default_broker, clients=6)).clients
+    outcomes = await asyncio.gather(*(_one_run(link) for link in singles + family))
+    assert outcomes == ["ok"] * 14
 
 
 async def test_hammering_from_every_seat_of_a_group_session_leaves_slots_for_others(
