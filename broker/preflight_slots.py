@@ -65,7 +65,7 @@ class SlotLimits:
     def problems(self) -> list[str]:
         """What makes these limits unusable, in plain words (empty list = fine)."""
         out = []
-        if self.slots < 1 or self.per_session < 1 or self.per_seat_per_minute < 1 or self.max_waiting < 0:
+        if self.slots < 1 or self.per_session < 1 or self.per_seat_per_minute < 1:
             out.append("preflight_slots, preflight_session_slots and preflight_seat_per_minute must be at least 1.")
         if self.wait_s < 0:
             out.append("preflight_wait_s must not be negative.")
