@@ -9,12 +9,14 @@ own pre-flight figures.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
 from . import checklist
 from .config import Config
 from .preflight import PreflightRefused, PreflightResult, PreflightService
+from .preflight_slots import SlotLimits
 from .protocol import ChecklistSubmit, ErrorCode, ProtocolError
 
 _CODES = {code.value: code for code in ErrorCode}
@@ -69,14 +71,17 @@ class BrokerPreflight:
 
     @classmethod
     def from_config(cls, config: Config, ice_servers: list[dict[str, Any]] | None = None) -> BrokerPreflight:
-        return cls(PreflightService(ice_servers=ice_servers or []))
+        return cls(PreflightService(limits=SlotLimits.from_config(config), ice_servers=ice_servers or []))
 
-    async def answer(self, offer_sdp: str) -> tuple[str, str]:
+    async def answer(self, offer_sdp: str, session_id: str, peer_id: str) -> tuple[str, str]:
         try:
-            return await self.service.answer(offer_sdp)
+            return await self.service.answer(offer_sdp, session_id, peer_id)
         except PreflightRefused as exc:
-            code = ErrorCode.PREFLIGHT_BUSY if exc.code == "preflight_busy" else ErrorCode.PREFLIGHT_REFUSED
-            raise ProtocolError(code, exc.message) from None
+            code = _wire_code(exc.code, ErrorCode.PREFLIGHT_REFUSED)
+            if code not in (ErrorCode.PREFLIGHT_BUSY, ErrorCode.PREFLIGHT_LIMITED):
+                code = ErrorCode.PREFLIGHT_REFUSED
+            retry = None if exc.retry_after_s is None else max(1, math.ceil(exc.retry_after_s * 1000))
+            raise ProtocolError(code, exc.message, retry_after_ms=retry) from None
 
     async def wait_result(self, preflight_id: str, timeout: float) -> dict[str, Any]:
         try:

@@ -360,16 +360,30 @@ class BrokerClient:
 
     # ------------------------------------------------------------ actions
 
-    async def preflight(self, relay_only: bool | None = None) -> ClientPreflightReport:
-        """The network pre-flight, over the path the call will use (relay only if the session says so)."""
+    async def preflight(self, relay_only: bool | None = None, *, attempts: int = 3) -> ClientPreflightReport:
+        """The network pre-flight, over the path the call will use (relay only if the session says so).
+
+        When the broker is busy or this seat is at its pre-flight limit, waits as the error's ``retry_after_ms``
+        says (up to a minute) and tries again, ``attempts`` tries in all; then raises BrokerError."""
         if relay_only is None:
             relay_only = bool(self.joined and self.joined.ice_transport_policy == "relay")
 
         async def exchange(offer_sdp: str) -> str:
-            reply = await self.request(PreflightOffer(sdp=offer_sdp), PreflightAnswer)
+            # The broker may keep an offer waiting for a free slot (preflight_wait_s) before it answers.
+            reply = await self.request(PreflightOffer(sdp=offer_sdp), PreflightAnswer, timeout=30.0)
             return reply.sdp  # type: ignore[union-attr]
 
-        return await run_preflight_client(exchange, self._ice_servers(), relay_only=relay_only)
+        tries = 1
+        while True:
+            try:
+                return await run_preflight_client(exchange, self._ice_servers(), relay_only=relay_only)
+            except BrokerError as exc:
+                wait_ms = exc.error.retry_after_ms
+                limited = exc.code in (ErrorCode.PREFLIGHT_BUSY, ErrorCode.PREFLIGHT_LIMITED)
+                if tries >= attempts or not limited or wait_ms is None or wait_ms > 60_000:
+                    raise
+                tries += 1
+                await asyncio.sleep(wait_ms / 1000)
 
     async def submit_checklist(
         self,

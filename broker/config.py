@@ -50,6 +50,13 @@ class Config:
     max_connections_per_address: int = 50
     #: Outgoing messages queued for one connection before it is closed as too slow.
     send_queue_limit: int = 256
+    #: Network pre-flights (broker-side peer connections) running at once in this process; of those, at most
+    #: ``preflight_session_slots`` for one session; a seat starts at most ``preflight_seat_per_minute`` a
+    #: minute; an offer waits at most ``preflight_wait_s`` for a slot (see broker/preflight_slots.py).
+    preflight_slots: int = 8
+    preflight_session_slots: int = 4
+    preflight_seat_per_minute: int = 6
+    preflight_wait_s: float = 8.0
     #: Trust X-Forwarded-For from a TLS proxy in front (compose, Kubernetes).
     trust_proxy: bool = False
     #: The local admin socket; per process when several share one data dir (compose, Kubernetes).
@@ -188,10 +195,17 @@ def check_config(config: Config) -> list[str]:
         problems.append("auth_deadline_s and heartbeat_s must be positive.")
     if not 0 < config.login_idle_s <= config.login_absolute_s:
         problems.append("login_idle_s must be positive and at most login_absolute_s.")
+    problems += _check_preflight(config)
     problems += _check_data_dir(config)
     if config.policy_file:
         problems += _check_policy(Path(config.policy_file))
     return problems
+
+
+def _check_preflight(config: Config) -> list[str]:
+    from .preflight_slots import SlotLimits
+
+    return SlotLimits.from_config(config).problems()
 
 
 def _check_turn(config: Config) -> list[str]:

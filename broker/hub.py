@@ -169,7 +169,9 @@ class Checklist(Protocol):
 
 
 class Preflight(Protocol):
-    async def answer(self, offer_sdp: str) -> tuple[str, str]: ...
+    async def answer(self, offer_sdp: str, session_id: str, peer_id: str) -> tuple[str, str]:
+        """(preflight id, answer SDP); the pre-flight shares its slots out by session and seat."""
+        ...
 
     async def wait_result(self, preflight_id: str, timeout: float) -> dict[str, Any]: ...
 
@@ -654,7 +656,7 @@ class Hub:
     def _refuse(self, conn: Connection, exc: Exception, ref: str | None) -> None:
         """Answer a message that failed with the error it earned (it changed nothing)."""
         if isinstance(exc, ProtocolError):
-            self._send(conn, Error(code=exc.code, message=exc.message, ref=ref))
+            self._send(conn, Error(code=exc.code, message=exc.message, ref=ref, retry_after_ms=exc.retry_after_ms))
         elif isinstance(exc, StoreUnavailable):
             self._send(
                 conn,
@@ -874,7 +876,7 @@ class Hub:
         seat = session.seat(conn.peer_id or "")
         if sm.device_for(session, seat.id, conn.id).state is not SeatState.CHECKING:
             raise ProtocolError(ErrorCode.INVALID_STATE, "The pre-flight is part of the checklist, before waiting.")
-        preflight_id, answer = await self.preflight.answer(message.sdp)
+        preflight_id, answer = await self.preflight.answer(message.sdp, session.id, seat.id)
         self._send(conn, PreflightAnswer(sdp=answer))
         key = (session.id, seat.id)
         task = asyncio.ensure_future(self._record_preflight(session.id, seat.id, conn.id, preflight_id))

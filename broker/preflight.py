@@ -12,6 +12,9 @@ Data-channel protocol (channel label "preflight", JSON text messages):
                                                                 informational; the page then closes
 aiortc does not trickle ICE candidates: the page must send its offer after ICE gathering completed, and the
 answer carries all of the broker's candidates.
+
+Each offer names its session and seat: the broker's peer connections are shared out by
+broker.preflight_slots (one pre-flight at a time per seat, a rate per seat, a share per session, fair waiting).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from aiortc import (
 )
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
+from .preflight_slots import Slot, SlotLimits, SlotRefused, SlotScheduler
+
 __all__ = [
     "CHANNEL_LABEL",
     "ClientPreflightReport",
@@ -54,16 +59,19 @@ _PONG_GRACE = 2.0  # after the last ping, how long the broker waits for outstand
 _CLOSE_GRACE = 0.5  # after "done", how long the broker lets the page close first
 _TEARDOWN_LIMIT = 5.0
 _RESULT_TTL = 60.0
+_SLOT_HINT_MARGIN = 1.0
 
 
 class PreflightRefused(Exception):
     """An offer the broker will not answer, or a result it cannot give. `code` is stable and goes on the wire:
-    preflight_bad_offer, preflight_media_refused, preflight_busy, preflight_unknown."""
+    preflight_bad_offer, preflight_media_refused, preflight_busy, preflight_limited, preflight_unknown.
+    `retry_after_s`, when set, is how long to wait before offering again."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,7 @@ class _Run:
     pc: RTCPeerConnection
     deadline: float  # loop.time()
     channel: asyncio.Future[RTCDataChannel]
+    slot: Slot
     failed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     result: asyncio.Future[PreflightResult] | None = None
@@ -151,17 +160,20 @@ class PreflightService:
 
     def __init__(
         self,
-        max_concurrent: int = 4,
+        limits: SlotLimits | None = None,
         ice_servers: list[Any] | None = None,
         timeout: float = 8.0,
         pings: int = 5,
         result_ttl: float = _RESULT_TTL,
     ) -> None:
-        self.max_concurrent = max_concurrent
+        self.limits = limits or SlotLimits()
         self.ice_servers = list(ice_servers or [])
         self.timeout = timeout
         self.pings = max(1, pings)
         self.result_ttl = result_ttl
+        # A slot is held from before the peer connection exists until it is torn down: about the timeout at
+        # most (teardown is quick unless something is wrong), which is what a refused seat is told to wait.
+        self.slots = SlotScheduler(self.limits, hold_s=timeout + _SLOT_HINT_MARGIN)
         self._runs: dict[str, _Run] = {}
         self._open: set[RTCPeerConnection] = set()
         self._closed = False
@@ -170,27 +182,37 @@ class PreflightService:
 
     def active_count(self) -> int:
         """Pre-flights holding a slot (answering or running)."""
-        return sum(1 for run in self._runs.values() if run.task is None or not run.task.done())
+        return self.slots.running_count()
 
     def open_peer_count(self) -> int:
         """Peer connections not yet torn down; zero once every pre-flight finished."""
         return len(self._open)
 
-    async def answer(self, offer_sdp: str) -> tuple[str, str]:
-        """Answer a data-channel-only offer; return (preflight_id, answer_sdp) or raise PreflightRefused."""
+    async def answer(self, offer_sdp: str, session: str, seat: str) -> tuple[str, str]:
+        """Answer a data-channel-only offer from this session's seat; return (preflight_id, answer_sdp) or raise
+        PreflightRefused. Waits (at most the limits' wait_s) when every slot this seat may use is taken."""
         if self._closed:
-            raise PreflightRefused("preflight_busy", "The network check is not available right now.")
+            raise PreflightRefused("preflight_busy", "The network check is not available right now.", 1.0)
         check_offer(offer_sdp)
         self._prune()
-        if self.active_count() >= self.max_concurrent:
-            raise PreflightRefused(
-                "preflight_busy", "Too many network checks are running right now. Please try again in a moment."
-            )
+        try:
+            slot = await self.slots.acquire(session, seat)
+        except SlotRefused as exc:
+            level = logging.INFO if exc.code == "preflight_busy" else logging.DEBUG  # a seat's own limit: no log flood
+            log.log(level, "event=preflight_refused reason=%s session=%s peer=%s", exc.code, session, seat)
+            raise PreflightRefused(exc.code, exc.message, max(0.0, exc.retry_after_s)) from None
+        if self._closed:
+            self.slots.release(slot)
+            raise PreflightRefused("preflight_busy", "The network check is not available right now.", 1.0)
         loop = asyncio.get_running_loop()
         preflight_id = secrets.token_urlsafe(16)
-        pc = RTCPeerConnection(configuration=_configuration(self.ice_servers))
-        run = _Run(pc=pc, deadline=loop.time() + self.timeout, channel=loop.create_future())
-        self._runs[preflight_id] = run  # holds the slot from now on
+        try:
+            pc = RTCPeerConnection(configuration=_configuration(self.ice_servers))
+        except BaseException:
+            self.slots.release(slot)
+            raise
+        run = _Run(pc=pc, deadline=loop.time() + self.timeout, channel=loop.create_future(), slot=slot)
+        self._runs[preflight_id] = run  # close() tears it down from now on; _teardown gives the slot back
         self._open.add(pc)
         self._watch(run)
         try:
@@ -321,6 +343,7 @@ class PreflightService:
             log.warning("preflight: peer connection did not close cleanly", exc_info=True)
         finally:
             self._open.discard(run.pc)
+            self.slots.release(run.slot)
             if not run.channel.done():
                 run.channel.cancel()
 

@@ -71,6 +71,7 @@ class ErrorCode(str, Enum):
     PREFLIGHT_FAILED = "preflight_failed"
     PREFLIGHT_REFUSED = "preflight_refused"
     PREFLIGHT_BUSY = "preflight_busy"
+    PREFLIGHT_LIMITED = "preflight_limited"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
 
@@ -378,6 +379,8 @@ class Error(_ServerMessage, tag="error"):
     message: str
     #: The ``id`` of the client message this error is about, if it had one.
     ref: str | None = None
+    #: When sending the same again can work after a wait: at least this many milliseconds.
+    retry_after_ms: int | None = None
 
 
 ServerMessage = Union[
@@ -409,12 +412,13 @@ _encoder = msgspec.json.Encoder()
 
 
 class ProtocolError(Exception):
-    """A message or action the broker refuses; carries a stable code."""
+    """A message or action the broker refuses; carries a stable code (and, for a limit, when to try again)."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, retry_after_ms: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_ms = retry_after_ms
 
 
 def decode_client(data: str | bytes) -> ClientMessage:

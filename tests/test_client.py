@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 
+from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
 
 from broker.client import BrokerClient, parse_link
-from broker.protocol import ChecklistAccepted, Peers, SeatState, Status, WaitingRoom
+from broker.protocol import ChecklistAccepted, Error, ErrorCode, Peers, PreflightAnswer, SeatState, Status, WaitingRoom
 
 from .conftest import RunningBroker, SessionLinks, schedule
 
@@ -180,3 +181,26 @@ async def test_emergency_details_reach_only_the_therapist(broker: RunningBroker)
     finally:
         await client.close()
         await therapist.close()
+
+
+async def test_preflight_waits_as_the_broker_says_and_tries_again(broker: RunningBroker) -> None:
+    """A seat's pre-flight still running (here one whose sender never finishes it) makes the broker refuse the
+    next with preflight_limited and a retry hint; the client waits that long and runs its own."""
+    links = await schedule(broker)
+    client = BrokerClient(links.client)
+    await client.connect()
+    stalled = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    try:
+        stalled.createDataChannel("preflight")
+        await stalled.setLocalDescription(await stalled.createOffer())
+        await client.send_raw(json.dumps({"type": "preflight_offer", "sdp": stalled.localDescription.sdp, "id": "s1"}))
+        await client.expect(PreflightAnswer)
+        report = await client.preflight()
+        assert report.connected
+        refused = [m for m in client.received if isinstance(m, Error)]
+        assert [m.code for m in refused] == [ErrorCode.PREFLIGHT_LIMITED]
+        assert refused[0].retry_after_ms is not None and 1000 <= refused[0].retry_after_ms <= 10_000
+        await client.submit_checklist(details={"location": "home", "contact": "a friend"})  # its own run counted
+    finally:
+        await stalled.close()
+        await client.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -20,12 +21,18 @@ import pytest_asyncio
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
+from broker.client import BrokerClient, BrokerError
+from broker.config import Config, check_config
 from broker.preflight import (
     PreflightRefused,
     PreflightResult,
     PreflightService,
     run_preflight_client,
 )
+from broker.preflight_slots import SlotLimits
+from broker.protocol import Error, ErrorCode, PreflightAnswer, PreflightOffer
+
+from .conftest import RunningBroker, schedule, start_broker
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 CHROMIUM = "/usr/bin/chromium"
@@ -57,14 +64,17 @@ async def _client_offer(*, audio: bool = False, video: bool = False, label: str 
 
 
 class _Answerer:
-    """answer_fn for run_preflight_client that remembers the pre-flight ids the service handed out."""
+    """answer_fn for run_preflight_client that remembers the pre-flight ids the service handed out
+    (one seat of its own, in a session of its own, unless told)."""
 
-    def __init__(self, service: PreflightService) -> None:
+    def __init__(self, service: PreflightService, session: str = "", seat: str = "") -> None:
         self.service = service
+        self.session = session or secrets.token_hex(4)
+        self.seat = seat or secrets.token_hex(4)
         self.ids: list[str] = []
 
     async def __call__(self, offer_sdp: str) -> str:
-        preflight_id, answer_sdp = await self.service.answer(offer_sdp)
+        preflight_id, answer_sdp = await self.service.answer(offer_sdp, self.session, self.seat)
         self.ids.append(preflight_id)
         return answer_sdp
 
@@ -118,7 +128,7 @@ async def test_offer_with_media_is_refused(media):
     try:
         assert f"m={media}" in offer
         with pytest.raises(PreflightRefused) as caught:
-            await service.answer(offer)
+            await service.answer(offer, "s", "p")
         assert caught.value.code == "preflight_media_refused"
         assert service.open_peer_count() == 0 and service.active_count() == 0
     finally:
@@ -140,21 +150,22 @@ async def test_offer_with_media_is_refused(media):
 async def test_garbage_offer_is_refused(offer):
     service = PreflightService()
     with pytest.raises(PreflightRefused) as caught:
-        await service.answer(offer)
+        await service.answer(offer, "s", "p")
     assert caught.value.code == "preflight_bad_offer"
     assert service.open_peer_count() == 0 and service.active_count() == 0
 
 
 async def test_concurrency_limit_refuses_cleanly_and_a_slot_frees():
-    service = PreflightService(max_concurrent=1, timeout=1.5, pings=2)
+    service = PreflightService(SlotLimits(slots=1, wait_s=0), timeout=1.5, pings=2)
     stalled_pc, stalled_offer = await _client_offer()
     other_pc, other_offer = await _client_offer()
     try:
-        first_id, _ = await service.answer(stalled_offer)  # never completed by its client
+        first_id, _ = await service.answer(stalled_offer, "s1", "p1")  # never completed by its client
         assert service.active_count() == 1
         with pytest.raises(PreflightRefused) as caught:
-            await service.answer(other_offer)
+            await service.answer(other_offer, "s2", "p2")
         assert caught.value.code == "preflight_busy"
+        assert caught.value.retry_after_s is not None and caught.value.retry_after_s >= 1
         assert service.open_peer_count() == 1  # the refused offer made no peer connection
         stalled = await service.wait_result(first_id, timeout=30)
         assert stalled.connected is False
@@ -171,7 +182,7 @@ async def test_client_that_never_opens_the_channel_times_out_without_leaks():
     service = PreflightService(timeout=1.0)
     pc, offer = await _client_offer()
     try:
-        preflight_id, answer_sdp = await service.answer(offer)
+        preflight_id, answer_sdp = await service.answer(offer, "s", "p")
         assert "m=application" in answer_sdp and "a=candidate" in answer_sdp  # no trickle: candidates included
         result = await service.wait_result(preflight_id, timeout=30)
         assert result.connected is False and result.rtt_ms_median is None and result.pings_sent == 0
@@ -188,7 +199,7 @@ async def test_channel_with_another_label_is_not_a_preflight():
     channel.on("message", seen.append)
     try:
         await pc.setLocalDescription(await pc.createOffer())
-        preflight_id, answer_sdp = await service.answer(pc.localDescription.sdp)
+        preflight_id, answer_sdp = await service.answer(pc.localDescription.sdp, "s", "p")
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer_sdp, type="answer"))
         result = await service.wait_result(preflight_id, timeout=30)
         assert result.connected is False and seen == []
@@ -201,15 +212,219 @@ async def test_close_tears_down_running_preflights():
     service = PreflightService(timeout=30.0)
     pc, offer = await _client_offer()
     try:
-        preflight_id, _ = await service.answer(offer)
+        preflight_id, _ = await service.answer(offer, "s1", "p1")
         assert service.open_peer_count() == 1
         await service.close()
-        assert service.open_peer_count() == 0
+        assert service.open_peer_count() == 0 and service.active_count() == 0
         with pytest.raises(PreflightRefused) as caught:
-            await service.answer(offer)
+            await service.answer(offer, "s2", "p2")
         assert caught.value.code == "preflight_busy"
     finally:
         await pc.close()
+
+
+async def test_an_offer_waits_for_a_slot_instead_of_being_refused():
+    service = PreflightService(SlotLimits(slots=1, wait_s=20), timeout=1.0, pings=2)
+    stalled_pc, stalled_offer = await _client_offer()
+    try:
+        await service.answer(stalled_offer, "s1", "p1")  # holds the only slot until its timeout
+        answerer = _Answerer(service, "s2", "p2")
+        report = await run_preflight_client(answerer)  # waits, then runs once the slot is free
+        assert report.connected
+        assert (await service.wait_result(answerer.ids[0], timeout=30)).connected
+    finally:
+        await stalled_pc.close()
+    assert service.active_count() == 0 and service.open_peer_count() == 0
+
+
+async def test_a_freed_slot_goes_first_to_a_seat_that_had_no_preflight_yet():
+    service = PreflightService(SlotLimits(slots=1, wait_s=30), timeout=1.0, pings=1)
+    often = _Answerer(service, "s1", "often")
+    for _ in range(3):  # a seat that has already had several pre-flights
+        assert (await run_preflight_client(often)).connected
+    pcs: list[RTCPeerConnection] = []
+    order: list[str] = []
+    try:
+        offers = {}
+        for name in ("holder", "often", "fresh"):
+            pc, offers[name] = await _client_offer()  # stalled: each holds its slot until the timeout
+            pcs.append(pc)
+        await service.answer(offers["holder"], "s2", "holder")
+
+        async def offer(session: str, seat: str) -> None:
+            await service.answer(offers[seat], session, seat)
+            order.append(seat)
+
+        tasks = []
+        for session, seat in (("s1", "often"), ("s3", "fresh")):  # "often" asks first
+            tasks.append(asyncio.ensure_future(offer(session, seat)))
+            while service.slots.waiting_count() < len(tasks):
+                await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+    finally:
+        for pc in pcs:
+            await pc.close()
+    assert order == ["fresh", "often"]
+
+
+# -- the finding (issue 25, 4): one client link hammering offers against a real broker ----------------------------
+
+
+async def _stalled_offer() -> tuple[RTCPeerConnection, str]:
+    """An offer whose sender never answers the broker: each copy holds a broker peer connection until its timeout."""
+    return await _client_offer()
+
+
+class _Hammer:
+    """Clients that each send ``per_burst`` pre-flight offers every 2 s, without waiting for replies."""
+
+    def __init__(self, clients: list[BrokerClient], offer_sdp: str, per_burst: int) -> None:
+        self.clients = clients
+        self.offer_sdp = offer_sdp
+        self.per_burst = per_burst
+        self.sent = 0
+        self.stop = asyncio.Event()
+
+    async def run(self) -> None:
+        while not self.stop.is_set():
+            for client in self.clients:
+                for _ in range(self.per_burst):
+                    self.sent += 1
+                    frame = {"type": "preflight_offer", "sdp": self.offer_sdp, "id": f"h{self.sent}"}
+                    await client.send_raw(json.dumps(frame))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), 2.0)
+
+    def replies(self) -> tuple[list[PreflightAnswer], list[Error]]:
+        answers = [m for c in self.clients for m in c.received if isinstance(m, PreflightAnswer)]
+        errors = [m for c in self.clients for m in c.received if isinstance(m, Error) and (m.ref or "").startswith("h")]
+        return answers, errors
+
+
+async def _victim_run(broker: RunningBroker) -> str:
+    """A client of a session of its own runs its pre-flight once (no retry) and submits its checklist:
+    "ok", or the error code it got."""
+    return await _one_run((await schedule(broker)).client)
+
+
+async def _one_run(link: str) -> str:
+    """A client runs its pre-flight once (no retry) and submits its checklist: "ok", or the error code it got."""
+    client = BrokerClient(link, reconnect=False)
+    await client.connect()
+    try:
+
+        async def exchange(offer_sdp: str) -> str:
+            reply = await client.request(PreflightOffer(sdp=offer_sdp), PreflightAnswer, timeout=30)
+            return reply.sdp  # type: ignore[union-attr]
+
+        report = await run_preflight_client(exchange)
+        if not report.connected:
+            return "not_connected"
+        await client.submit_checklist(details={"location": "home", "contact": "a friend"})  # the broker's record
+        return "ok"
+    except BrokerError as exc:
+        return exc.code.value
+    finally:
+        await client.close()
+
+
+async def _victims_while_hammered(broker: RunningBroker, hammer: _Hammer, runs: int) -> list[str]:
+    hammering = asyncio.ensure_future(hammer.run())
+    try:
+        await asyncio.sleep(2.5)  # the hammer has filled whatever it can
+        outcomes = []
+        for _ in range(runs):
+            outcomes.append(await _victim_run(broker))
+            await asyncio.sleep(0.3)
+    finally:
+        hammer.stop.set()
+        await hammering
+    return outcomes
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def default_broker(tmp_path: Path) -> AsyncIterator[RunningBroker]:
+    """A broker of its own, with the default pre-flight limits (the hammering must not touch other tests)."""
+    running = await start_broker(tmp_path / "data")
+    yield running
+    await running.stop()
+
+
+async def test_a_hammering_seat_cannot_keep_another_sessions_client_out(default_broker: RunningBroker) -> None:
+    """Before the fix, 4 offers every 2 s from one seat kept every other session at preflight_busy."""
+    attacker_links = await schedule(default_broker)
+    attacker = BrokerClient(attacker_links.client, reconnect=False)
+    await attacker.connect()
+    stalled_pc, offer = await _stalled_offer()
+    try:
+        hammer = _Hammer([attacker], offer, per_burst=4)
+        outcomes = await _victims_while_hammered(default_broker, hammer, runs=12)
+        await asyncio.sleep(0.5)  # the last burst's replies
+        answers, errors = hammer.replies()
+    finally:
+        await attacker.close()
+        await stalled_pc.close()
+    assert outcomes == ["ok"] * 12
+    # The hammering seat ran one pre-flight at a time, and was told why and when to come back.
+    assert 1 <= len(answers) <= 6  # at most its rate per minute (the test takes well under one)
+    assert len(answers) + len(errors) == hammer.sent
+    assert errors and {e.code for e in errors} == {ErrorCode.PREFLIGHT_LIMITED}
+    assert all(e.retry_after_ms is not None and 0 < e.retry_after_ms <= 61_000 for e in errors)
+    assert any("already running" in e.message for e in errors)
+
+
+async def test_a_practices_busy_minute_never_sees_preflight_busy(default_broker: RunningBroker) -> None:
+    """The default limits fit a practice's normal load: eight clients of eight sessions and a family of six in
+    one session all start their checklist at the same moment, and each pre-flight runs at its first offer."""
+    singles = [(await schedule(default_broker)).client for _ in range(8)]
+    family = (await schedule(default_broker, clients=6)).clients
+    outcomes = await asyncio.gather(*(_one_run(link) for link in singles + family))
+    assert outcomes == ["ok"] * 14
+
+
+async def test_hammering_from_every_seat_of_a_group_session_leaves_slots_for_others(
+    default_broker: RunningBroker,
+) -> None:
+    attacker_links = await schedule(default_broker, clients=8)
+    attackers = [BrokerClient(link, reconnect=False) for link in attacker_links.clients]
+    for client in attackers:
+        await client.connect()
+    stalled_pc, offer = await _stalled_offer()
+    try:
+        hammer = _Hammer(attackers, offer, per_burst=2)
+        outcomes = await _victims_while_hammered(default_broker, hammer, runs=12)
+        await asyncio.sleep(0.5)
+        answers, errors = hammer.replies()
+    finally:
+        for client in attackers:
+            await client.close()
+        await stalled_pc.close()
+    assert outcomes == ["ok"] * 12
+    assert answers and errors
+    assert {e.code for e in errors} <= {ErrorCode.PREFLIGHT_LIMITED, ErrorCode.PREFLIGHT_BUSY}
+    assert all(e.retry_after_ms is not None and e.retry_after_ms > 0 for e in errors)
+
+
+async def test_the_slots_are_configured_and_checked(tmp_path: Path) -> None:
+    problems = check_config(Config(data_dir=tmp_path, preflight_slots=0, preflight_wait_s=-1))
+    assert any("preflight_slots" in p for p in problems) and any("preflight_wait_s" in p for p in problems)
+    running = await start_broker(tmp_path / "data", preflight_slots=1, preflight_wait_s=0)
+    first = BrokerClient((await schedule(running)).client, reconnect=False)
+    second = BrokerClient((await schedule(running)).client, reconnect=False)
+    stalled_pc, offer = await _stalled_offer()
+    try:
+        await first.connect()
+        await second.connect()
+        await first.request(PreflightOffer(sdp=offer), PreflightAnswer)  # holds the only slot
+        with pytest.raises(BrokerError) as caught:
+            await second.request(PreflightOffer(sdp=offer), PreflightAnswer)
+        assert caught.value.code is ErrorCode.PREFLIGHT_BUSY
+        assert caught.value.error.retry_after_ms is not None and 1000 <= caught.value.error.retry_after_ms <= 10_000
+    finally:
+        await first.close()
+        await second.close()
+        await stalled_pc.close()
+        await running.stop()
 
 
 # -- through a TURN relay (real coturn on loopback) -------------------------------------------------------------
@@ -290,7 +505,7 @@ async def preflight_site() -> AsyncIterator[tuple[str, PreflightService]]:
     async def offer(request: web.Request) -> web.Response:
         body = await request.json()
         try:
-            preflight_id, answer_sdp = await service.answer(body["sdp"])
+            preflight_id, answer_sdp = await service.answer(body["sdp"], "page", secrets.token_hex(4))
         except PreflightRefused as exc:
             return web.json_response({"error": exc.code}, status=409)
         return web.json_response({"preflight_id": preflight_id, "sdp": answer_sdp})

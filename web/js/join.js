@@ -22,6 +22,8 @@ import { announce, byId, confirmDialog, el, fill, formatTime, setText, showScree
 
 const KEY_PREFIX = "tt.link-key.";
 const PREFLIGHT_RECORD_TRIES = 10;
+/** Offers sent again by themselves after preflight_busy / preflight_limited before the person is asked to. */
+const PREFLIGHT_AUTO_RETRIES = 5;
 
 const NOTICES = {
   invalid_token: [
@@ -381,17 +383,38 @@ async function runNetworkCheck() {
   state.preflight = "running";
   setAutomatic("preflight", null, "Testing your connection…");
   let result;
-  try {
-    result = await runPreflight((sdp) => state.signaling.preflightOffer(sdp), {
-      iceServers: state.joined.ice_servers,
-      relayOnly: state.joined.ice_transport_policy === "relay",
-    });
-  } catch (err) {
-    result = { connected: false, reason: err.code ?? "refused" };
+  for (let attempt = 1; ; attempt++) {
+    try {
+      result = await runPreflight((sdp) => state.signaling.preflightOffer(sdp), {
+        iceServers: state.joined.ice_servers,
+        relayOnly: state.joined.ice_transport_policy === "relay",
+      });
+      break;
+    } catch (err) {
+      const limited = err.code === "preflight_busy" || err.code === "preflight_limited";
+      if (!limited || attempt > PREFLIGHT_AUTO_RETRIES) {
+        result = { connected: false, reason: err.code ?? "refused", message: limited ? err.message : null };
+        break;
+      }
+      const delay = preflightRetryDelayMs(err, attempt);
+      setAutomatic("preflight", null, `${err.message} Trying again in ${Math.ceil(delay / 1000)} seconds…`);
+      await sleep(delay);
+    }
   }
   state.preflight = result.connected ? "done" : "failed";
   const detail = result.rttMs != null ? ` (${Math.round(result.rttMs)} ms)` : "";
-  setAutomatic("preflight", result.connected, result.connected ? `Your connection works${detail}` : "The test connection did not work");
+  const failure = result.message || "The test connection did not work";
+  setAutomatic("preflight", result.connected, result.connected ? `Your connection works${detail}` : failure);
+}
+
+/**
+ * How long to wait before offering again after preflight_busy or preflight_limited: the broker's hint
+ * (error.retry_after_ms) when the error carries it through, else a growing pause that spans the broker's
+ * one-minute window for a seat's own limit (3, 6, 12, 24, 30 seconds).
+ */
+function preflightRetryDelayMs(err, attempt) {
+  if (Number.isFinite(err.retryAfterMs) && err.retryAfterMs >= 0) return Math.min(err.retryAfterMs, 65000);
+  return Math.min(30000, 3000 * 2 ** (attempt - 1));
 }
 
 function showStep(index, { focus = true } = {}) {

@@ -41,7 +41,8 @@ function parseMessage(data) {
  * Run the network pre-flight.
  *
  * @param {(offerSdp: string) => Promise<string>} sendOffer  posts the offer to the broker, returns its answer SDP
- * @param {{iceServers?: RTCIceServer[], relayOnly?: boolean, timeoutMs?: number}} [options]
+ * @param {{iceServers?: RTCIceServer[], relayOnly?: boolean, timeoutMs?: number}} [options]  timeoutMs counts from
+ *        the broker's answer (the broker may keep an offer waiting a few seconds for a free slot)
  * @returns {Promise<{connected: boolean, pings: number, rttMs: number|null, relayed: boolean|null,
  *                    reason: string|null}>}  resolves on success and on network failure; rejects only when
  *          sendOffer rejects (for example the broker refused or is busy). The peer connection is always closed.
@@ -50,11 +51,11 @@ export async function runPreflight(sendOffer, { iceServers = [], relayOnly = fal
   const pc = new RTCPeerConnection({ iceServers, iceTransportPolicy: relayOnly ? "relay" : "all" });
   let pings = 0;
   let timer = null;
+  let fail = null;
   try {
     const channel = pc.createDataChannel(CHANNEL_LABEL, { ordered: true });
     const finished = new Promise((resolve) => {
-      const fail = (reason) => resolve({ connected: false, pings, rttMs: null, relayed: null, reason });
-      timer = setTimeout(() => fail(pings > 0 ? "no_result" : "timeout"), timeoutMs);
+      fail = (reason) => resolve({ connected: false, pings, rttMs: null, relayed: null, reason });
       channel.addEventListener("message", (event) => {
         const message = parseMessage(event.data);
         if (!message) return;
@@ -80,6 +81,7 @@ export async function runPreflight(sendOffer, { iceServers = [], relayOnly = fal
     await pc.setLocalDescription(await pc.createOffer());
     await gatheringComplete(pc, GATHER_LIMIT_MS);
     const answerSdp = await sendOffer(pc.localDescription.sdp);
+    timer = setTimeout(() => fail(pings > 0 ? "no_result" : "timeout"), timeoutMs);
     await pc.setRemoteDescription({ type: "answer", sdp: answerSdp });
     return await finished;
   } finally {
