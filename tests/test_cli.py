@@ -15,11 +15,13 @@ from typing import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from broker.admin import admin_app, start_admin_site
 from broker.client import BrokerClient
 from broker.protocol import SeatState, WaitingRoom
 
-from .conftest import free_port
+from .conftest import free_port, start_broker
 
 BROKER = [sys.executable, "-m", "broker"]
 
@@ -127,6 +129,36 @@ def test_bad_session_requests_are_refused_clearly(served: Served) -> None:
     assert result.returncode == 1 and "client seats" in result.stderr
     result = run("session", "create", "--data-dir", str(served.data_dir), "--starts", "tomorrow-ish")
     assert result.returncode != 0 and "ISO 8601" in result.stderr
+
+
+def test_session_create_refuses_a_start_beyond_a_year_and_saves_nothing(tmp_path: Path) -> None:
+    """Finding 11 through the command: the real CLI against a broker whose store this test can read."""
+
+    async def scenario() -> tuple[int, str, set[str]]:
+        running = await start_broker(tmp_path / "data")
+        admin = web.AppRunner(admin_app(running.hub, running.broker.keys, running.url), access_log=None)
+        await admin.setup()
+        await start_admin_site(admin.app, admin, running.config)
+        try:
+            before = set(await running.broker.store.keys(""))
+            data_dir = str(running.config.data_dir)
+            process = await asyncio.create_subprocess_exec(
+                *BROKER, "session", "create", "--data-dir", data_dir, "--starts", "2100-01-01T09:00+00:00",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            _, err = await asyncio.wait_for(process.communicate(), 60)
+            added = set(await running.broker.store.keys("")) - before
+            assert process.returncode is not None
+            return process.returncode, err.decode(), added
+        finally:
+            await admin.cleanup()
+            await running.stop()
+
+    returncode, stderr, added = asyncio.run(scenario())
+    assert returncode == 1
+    assert stderr.count("\n") == 1 and "at most a year" in stderr and "Traceback" not in stderr, stderr
+    assert added == set()
 
 
 def test_join_from_a_terminal_reports_the_connection(served: Served) -> None:
