@@ -30,6 +30,7 @@ from .accounts import AccountStore, open_accounts
 from .audit import AuditLog
 from .client_address import request_address_key
 from .dashboard import setup_dashboard
+from .http_guard import forwarded_limit
 from .throttle import Throttle, throttle_for
 from .web_auth import setup_auth
 from .bus import Bus, LocalBus
@@ -396,8 +397,13 @@ BROKER = web.AppKey("broker", Broker)
 
 def build_app(broker: Broker) -> web.Application:
     config = broker.config
+    # Behind a trusted proxy the per-address HTTP cap counts forwarded requests (serving directly,
+    # serve.py's ConnectionGuard counts connections instead).
+    limits: list[Any] = []
+    if config.trust_proxy:
+        limits.append(forwarded_limit(config.max_http_connections_per_address, broker.keys.address))
     app = web.Application(
-        middlewares=[security_middleware(config.trust_proxy), compress_files], client_max_size=256 * 1024
+        middlewares=[security_middleware(config.trust_proxy), *limits, compress_files], client_max_size=256 * 1024
     )
     app.on_response_prepare.append(security_signal(config.trust_proxy))
     app[CONFIG] = config

@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
@@ -98,7 +99,8 @@ def test_session_create_works_while_serving_and_its_links_open(served: Served) -
 
 
 def test_session_create_text_output_names_each_link(served: Served) -> None:
-    result = run("session", "create", "--data-dir", str(served.data_dir), "--starts", "2030-01-01T09:00+00:00")
+    starts = (datetime.now(timezone.utc) + timedelta(days=60)).strftime("%Y-%m-%dT09:00+00:00")  # within a year
+    result = run("session", "create", "--data-dir", str(served.data_dir), "--starts", starts)
     assert result.returncode == 0, result.stderr
     assert "Client link" in result.stdout and "Therapist link" in result.stdout
     assert f"{served.url}/j/" in result.stdout and f"{served.url}/t/" in result.stdout
@@ -219,6 +221,19 @@ def test_check_config_reports_every_problem(tmp_path: Path) -> None:
     result = run("check-config", "--data-dir", str(tmp_path), env=env)
     assert result.returncode == 1
     for words in ("port 99999", "plain http", "turn_secret", "checklist policy", "telepathy"):
+        assert words in result.stderr, words
+
+
+def test_check_config_reports_unusable_http_limits(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "BROKER_HTTP_HEADER_TIMEOUT_S": "0",
+        "BROKER_HTTP_KEEPALIVE_S": "-1",
+        "BROKER_MAX_HTTP_CONNECTIONS_PER_ADDRESS": "0",
+    }
+    result = run("check-config", "--data-dir", str(tmp_path), env=env)
+    assert result.returncode == 1
+    for words in ("http_header_timeout_s and http_keepalive_s must be positive", "max_http_connections_per_address"):
         assert words in result.stderr, words
 
 
