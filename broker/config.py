@@ -46,8 +46,17 @@ class Config:
     #: Token bucket per connection: sustained messages per second and burst.
     rate_per_s: float = 50.0
     rate_burst: int = 200
-    #: Open WebSocket connections allowed per client address.
+    #: Open WebSocket connections allowed per client address (IPv6: per /64).
     max_connections_per_address: int = 50
+    #: Open HTTP connections, WebSockets included, per client address; behind a trusted proxy,
+    #: requests in progress per forwarded address.
+    max_http_connections_per_address: int = 100
+    #: A new connection must deliver its first request head within this time, or is dropped.
+    http_header_timeout_s: float = 10.0
+    #: An idle connection between requests is closed after this long (also bounding a later
+    #: request's head). Keep it above the reverse proxy's idle timeout for pooled connections
+    #: to the broker (Caddy 120 s, nginx and ingress-nginx 60 s).
+    http_keepalive_s: float = 150.0
     #: Outgoing messages queued for one connection before it is closed as too slow.
     send_queue_limit: int = 256
     #: Network pre-flights (broker-side peer connections) running at once in this process; of those, at most
@@ -193,6 +202,10 @@ def check_config(config: Config) -> list[str]:
     problems += _check_turn(config)
     if config.auth_deadline_s <= 0 or config.heartbeat_s <= 0:
         problems.append("auth_deadline_s and heartbeat_s must be positive.")
+    if config.http_header_timeout_s <= 0 or config.http_keepalive_s <= 0:
+        problems.append("http_header_timeout_s and http_keepalive_s must be positive.")
+    if config.max_connections_per_address < 1 or config.max_http_connections_per_address < 1:
+        problems.append("max_connections_per_address and max_http_connections_per_address must be at least 1.")
     if not 0 < config.login_idle_s <= config.login_absolute_s:
         problems.append("login_idle_s must be positive and at most login_absolute_s.")
     problems += _check_preflight(config)

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from .admin import admin_app, start_admin_site
 from .config import Config
+from .http_guard import ConnectionGuard, GuardedSite
 from .security_headers import PrivateAccessLogger
 from .server import build_app, create_broker
 
@@ -41,11 +42,22 @@ async def serve(
             config = dataclasses.replace(config, public_url=f"https://{host}:{config.port}")
     broker = await create_broker(config)
     app = build_app(broker)
-    runner = web.AppRunner(app, access_log_class=PrivateAccessLogger, shutdown_timeout=SHUTDOWN_GRACE_S)
+    runner = web.AppRunner(
+        app,
+        access_log_class=PrivateAccessLogger,
+        shutdown_timeout=SHUTDOWN_GRACE_S,
+        keepalive_timeout=config.http_keepalive_s,  # idle connections, and heads after the first (http_guard.py)
+    )
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, shutdown_timeout=SHUTDOWN_GRACE_S, ssl_context=ssl_context)
+    guard = ConnectionGuard(
+        secret=broker.keys.address,
+        header_timeout_s=config.http_header_timeout_s,
+        # Behind a trusted proxy every connection is the proxy's: build_app counts forwarded requests instead.
+        max_per_address=None if config.trust_proxy else config.max_http_connections_per_address,
+    )
+    site = GuardedSite(runner, config.host, config.port, guard, ssl_context=ssl_context)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1] if site._server else config.port  # type: ignore[union-attr]
+    port = site.port
     url = config.base_url if config.port else f"http://{config.host}:{port}"
     admin_runner = web.AppRunner(admin_app(broker.hub, broker.keys, url), access_log=None)
     await admin_runner.setup()

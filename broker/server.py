@@ -8,8 +8,6 @@ lives in ``broker.hub`` and ``broker.session``.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import html
 import logging
 import string
@@ -30,7 +28,9 @@ except ImportError:  # pragma: no cover - another aiohttp layout
 from .admission import BrokerPreflight, PolicyChecklist
 from .accounts import AccountStore, open_accounts
 from .audit import AuditLog
+from .client_address import request_address_key
 from .dashboard import setup_dashboard
+from .http_guard import forwarded_limit
 from .throttle import Throttle, throttle_for
 from .web_auth import setup_auth
 from .bus import Bus, LocalBus
@@ -317,16 +317,6 @@ class _SignalingSocket(web.WebSocketResponse):
         request.protocol._payload_parser = self._parser
 
 
-def client_address_key(request: web.Request, secret: bytes, trust_proxy: bool) -> str:
-    """An opaque per-address key for limits: an HMAC, never the address itself."""
-    address = request.remote or ""
-    if trust_proxy:
-        forwarded = request.headers.get("X-Forwarded-For", "")
-        if forwarded:
-            address = forwarded.split(",")[-1].strip()
-    return hmac.new(secret, address.encode(), hashlib.sha256).hexdigest()[:32]
-
-
 def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
     """Exact match against the configured origins: no suffixes, no case tricks, no 'null'."""
     if not origin:
@@ -341,7 +331,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         log.info("event=ws_origin_refused")
         raise web.HTTPForbidden(text="Origin not allowed.")
     counts: Counter[str] = request.app[ADDRESS_COUNTS]
-    key = client_address_key(request, request.app[KEYS].address, config.trust_proxy)
+    key = request_address_key(request, request.app[KEYS].address, config.trust_proxy)  # IPv6: per /64
     if counts[key] >= config.max_connections_per_address:
         log.info("event=ws_address_limit")
         raise web.HTTPTooManyRequests(text="Too many connections from this address.")
@@ -407,8 +397,13 @@ BROKER = web.AppKey("broker", Broker)
 
 def build_app(broker: Broker) -> web.Application:
     config = broker.config
+    # Behind a trusted proxy the per-address HTTP cap counts forwarded requests (serving directly,
+    # serve.py's ConnectionGuard counts connections instead).
+    limits: list[Any] = []
+    if config.trust_proxy:
+        limits.append(forwarded_limit(config.max_http_connections_per_address, broker.keys.address))
     app = web.Application(
-        middlewares=[security_middleware(config.trust_proxy), compress_files], client_max_size=256 * 1024
+        middlewares=[security_middleware(config.trust_proxy), *limits, compress_files], client_max_size=256 * 1024
     )
     app.on_response_prepare.append(security_signal(config.trust_proxy))
     app[CONFIG] = config

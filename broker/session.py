@@ -35,6 +35,8 @@ from .tokens import INVALID_MESSAGE, TokenClaims, new_peer_id, new_token_id
 #: How early before the appointment a link opens, and how long after its end it stays valid.
 DEFAULT_EARLY_S = 30 * 60
 DEFAULT_GRACE_S = 30 * 60
+#: How far ahead a session may be scheduled; also keeps every time within an invite token's u32 fields.
+MAX_AHEAD_S = 366 * 24 * 3600
 
 MAX_SEATS = 16
 
@@ -147,6 +149,8 @@ def new_session(
         raise ValueError("minors must be between 0 and the number of client seats")
     if not 5 * 60 <= duration_s <= 12 * 3600:
         raise ValueError("a session lasts 5 minutes to 12 hours")
+    if starts > now + MAX_AHEAD_S:
+        raise ValueError("an appointment can start at most a year from now")
     expires = starts + duration_s + grace_s
     if expires <= now:
         raise ValueError("that appointment is already over")

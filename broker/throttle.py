@@ -6,7 +6,8 @@ locked after ``lockout_after`` consecutive failures until an administrator unloc
 successful login clears the account's counter. Address counters are never cleared by a success
 (an attacker with one valid account could otherwise reset them) and simply age out.
 
-Addresses are never held in clear: callers pass ``address_key(secret, ip)``. ``LoginThrottle``
+Addresses are never held in clear: callers pass ``address_key(secret, ip)`` (client_address.py,
+the one definition of a client address that every per-address limit shares). ``LoginThrottle``
 keeps its counters in memory, bounded: idle entries are forgotten and the least recently used
 are evicted past ``max_entries``. With several broker processes ``RedisLoginThrottle``
 (throttle_redis.py) keeps the same counters in Redis, so an attacker gains nothing by spreading
@@ -16,15 +17,13 @@ kept by ``AccountStore`` with the same threshold, so eviction or a restart canno
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import ipaddress
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from .client_address import address_key as address_key  # re-exported: callers key addresses with it
 from .store import Store
 
 FREE_FAILURES = 3
@@ -33,20 +32,6 @@ MAX_DELAY = 60.0
 LOCKOUT_AFTER = 100
 MAX_ENTRIES = 10_000
 FORGET_AFTER = 24 * 3600.0
-# IPv6 users usually hold a whole /64, so that is the unit an address key stands for.
-_IPV6_PREFIX = 64
-
-
-def address_key(secret: bytes, ip: str) -> str:
-    """Opaque, stable key for a client address (HMAC-SHA256 under a server secret), hex."""
-    addr = ipaddress.ip_address(ip.strip())
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    if isinstance(addr, ipaddress.IPv6Address):
-        unit = str(ipaddress.IPv6Network((addr, _IPV6_PREFIX), strict=False))
-    else:
-        unit = str(addr)
-    return hmac.new(secret, b"address:" + unit.encode("ascii"), hashlib.sha256).hexdigest()
 
 
 def delay_for(

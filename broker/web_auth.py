@@ -44,7 +44,8 @@ from .audit import AuditEvent, AuditLog, AuditOutcome
 from .config import Config, Keys
 from .store import Store, StoreUnavailable
 from .passkeys import PasskeyError, RelyingParty
-from .throttle import Decision, Throttle, address_key
+from .client_address import request_address_key
+from .throttle import Decision, Throttle
 
 log = logging.getLogger("broker.web_auth")
 
@@ -257,15 +258,7 @@ class WebAuth:
 
     def address(self, request: web.Request) -> str:
         """Opaque key of the client address (behind a trusted proxy: the last X-Forwarded-For hop)."""
-        ip = request.remote or ""
-        if self.config.trust_proxy:
-            forwarded = request.headers.get("X-Forwarded-For", "")
-            if forwarded:
-                ip = forwarded.split(",")[-1].strip()
-        try:
-            return address_key(self._address_secret, ip)
-        except ValueError:
-            return hmac.new(self._address_secret, b"other:" + ip.encode("utf-8", "replace"), hashlib.sha256).hexdigest()
+        return request_address_key(request, self._address_secret, self.config.trust_proxy)
 
     async def session_of(self, request: web.Request) -> LoginSession | None:
         """The request's login session (loaded once per request)."""

@@ -10,16 +10,19 @@ import stat
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from broker.admin import admin_app, start_admin_site
 from broker.client import BrokerClient
 from broker.protocol import SeatState, WaitingRoom
 
-from .conftest import free_port
+from .conftest import free_port, start_broker
 
 BROKER = [sys.executable, "-m", "broker"]
 
@@ -96,7 +99,8 @@ def test_session_create_works_while_serving_and_its_links_open(served: Served) -
 
 
 def test_session_create_text_output_names_each_link(served: Served) -> None:
-    result = run("session", "create", "--data-dir", str(served.data_dir), "--starts", "2030-01-01T09:00+00:00")
+    starts = (datetime.now(timezone.utc) + timedelta(days=60)).strftime("%Y-%m-%dT09:00+00:00")  # within a year
+    result = run("session", "create", "--data-dir", str(served.data_dir), "--starts", starts)
     assert result.returncode == 0, result.stderr
     assert "Client link" in result.stdout and "Therapist link" in result.stdout
     assert f"{served.url}/j/" in result.stdout and f"{served.url}/t/" in result.stdout
@@ -127,6 +131,36 @@ def test_bad_session_requests_are_refused_clearly(served: Served) -> None:
     assert result.returncode == 1 and "client seats" in result.stderr
     result = run("session", "create", "--data-dir", str(served.data_dir), "--starts", "tomorrow-ish")
     assert result.returncode != 0 and "ISO 8601" in result.stderr
+
+
+def test_session_create_refuses_a_start_beyond_a_year_and_saves_nothing(tmp_path: Path) -> None:
+    """Finding 11 through the command: the real CLI against a broker whose store this test can read."""
+
+    async def scenario() -> tuple[int, str, set[str]]:
+        running = await start_broker(tmp_path / "data")
+        admin = web.AppRunner(admin_app(running.hub, running.broker.keys, running.url), access_log=None)
+        await admin.setup()
+        await start_admin_site(admin.app, admin, running.config)
+        try:
+            before = set(await running.broker.store.keys(""))
+            data_dir = str(running.config.data_dir)
+            process = await asyncio.create_subprocess_exec(
+                *BROKER, "session", "create", "--data-dir", data_dir, "--starts", "2100-01-01T09:00+00:00",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            _, err = await asyncio.wait_for(process.communicate(), 60)
+            added = set(await running.broker.store.keys("")) - before
+            assert process.returncode is not None
+            return process.returncode, err.decode(), added
+        finally:
+            await admin.cleanup()
+            await running.stop()
+
+    returncode, stderr, added = asyncio.run(scenario())
+    assert returncode == 1
+    assert stderr.count("\n") == 1 and "at most a year" in stderr and "Traceback" not in stderr, stderr
+    assert added == set()
 
 
 def test_join_from_a_terminal_reports_the_connection(served: Served) -> None:
@@ -187,6 +221,19 @@ def test_check_config_reports_every_problem(tmp_path: Path) -> None:
     result = run("check-config", "--data-dir", str(tmp_path), env=env)
     assert result.returncode == 1
     for words in ("port 99999", "plain http", "turn_secret", "checklist policy", "telepathy"):
+        assert words in result.stderr, words
+
+
+def test_check_config_reports_unusable_http_limits(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "BROKER_HTTP_HEADER_TIMEOUT_S": "0",
+        "BROKER_HTTP_KEEPALIVE_S": "-1",
+        "BROKER_MAX_HTTP_CONNECTIONS_PER_ADDRESS": "0",
+    }
+    result = run("check-config", "--data-dir", str(tmp_path), env=env)
+    assert result.returncode == 1
+    for words in ("http_header_timeout_s and http_keepalive_s must be positive", "max_http_connections_per_address"):
         assert words in result.stderr, words
 
 

@@ -6,6 +6,7 @@ that the page's own QR encoder draws exactly the symbol segno draws for the same
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,20 @@ async def test_invalid_requests_are_refused_plainly(full: FullBroker, http: Clie
     for action in ("delete", "revoke-all"):
         status, _ = await alex.call("POST", f"/api/sessions/x/seats/y/{action}", {})
         assert status in (404, 405)
+
+
+async def test_a_start_beyond_a_year_is_refused_and_nothing_is_saved(full: FullBroker, http: ClientSession) -> None:
+    """Finding 11: a start near 2^32 answered 500 after saving a record no list showed, with a 79-year TTL."""
+    alex = await login(full, http, "alex")
+    now = int(time.time())
+    for starts in (2**32 - 1, now + 366 * 24 * 3600 + 60):
+        before = set(await full.broker.store.keys(""))
+        status, answer = await alex.call("POST", "/api/sessions", {"starts": starts, "duration_min": 720})
+        assert status == 400 and answer["error"] == "bad_request", answer
+        assert "at most a year" in answer["message"]
+        assert set(await full.broker.store.keys("")) - before == set()  # no session, no owner-index entry
+    status, answer = await alex.call("POST", "/api/sessions", {"starts": now + 300 * 24 * 3600})
+    assert status == 200 and answer["starts"] == now + 300 * 24 * 3600
 
 
 # ---------------------------------------------------------------- in the browser

@@ -60,6 +60,16 @@ def test_new_session_rejects_impossible_requests(kwargs: dict[str, int]) -> None
         sm.new_session("S" * 22, **args)
 
 
+def test_a_session_starts_at_most_a_year_ahead() -> None:
+    """Finding 11: a start near 2^32 (or any beyond a year) is refused before any record exists."""
+    year = 365 * 24 * 3600
+    latest = sm.new_session("S" * 22, now=NOW, starts=NOW + year, duration_s=720 * 60, clients=1)
+    assert latest.expires < 2**32
+    for starts in (NOW + year + 2 * 24 * 3600, 2**32 - 1 - 3600, 2**32 - 1, 2**63):
+        with pytest.raises(ValueError, match="at most a year"):
+            sm.new_session("S" * 22, now=NOW, starts=starts, duration_s=3000, clients=1)
+
+
 def test_therapist_connecting_opens_the_session() -> None:
     s = fresh()
     t, _, _ = ids(s)

@@ -275,6 +275,30 @@ async def test_per_address_connection_limit(tmp_path: Path, http: ClientSession)
 
 
 
+async def test_per_address_limit_counts_an_ipv6_64_and_a_mapped_ipv4_as_one_address(
+    tmp_path: Path, http: ClientSession
+) -> None:
+    """Finding 14: the WebSocket cap counted each IPv6 address on its own, while the login throttle
+    groups a /64; one definition of a client address now serves both (broker/client_address.py)."""
+    running = await start_broker(tmp_path, max_connections_per_address=2, trust_proxy=True)
+    url = ws_url(running)
+
+    def via(address: str) -> dict[str, str]:  # the trusted proxy's last X-Forwarded-For hop
+        return {"Origin": origin(running), "X-Forwarded-For": f"203.0.113.9, {address}"}
+
+    try:
+        held = [await http.ws_connect(url, headers=via(a)) for a in ("2001:db8:1:2::1", "2001:db8:1:2:ffff::9")]
+        assert await refused_status(http, url, via("2001:db8:1:2::abcd")) == 429  # same /64: full
+        assert await refused_status(http, url, via("2001:db8:1:3::1")) == 101  # the next /64 is another address
+        held += [await http.ws_connect(url, headers=via(a)) for a in ("::ffff:198.51.100.4", "198.51.100.4")]
+        assert await refused_status(http, url, via("198.51.100.4")) == 429  # mapped and plain IPv4: one address
+        assert await refused_status(http, url, via("198.51.100.5")) == 101
+        for ws in held:
+            await ws.close()
+    finally:
+        await running.stop()
+
+
 def _handler_frame(name: str) -> Any:
     """The suspended frame of the coroutine called ``name`` in any task on this loop."""
     for task in asyncio.all_tasks():
