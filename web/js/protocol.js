@@ -30,10 +30,11 @@ const DEFAULT_HEARTBEAT_S = 20;
 
 /** An error the broker answered with; `code` is stable (see protocol.py ErrorCode). */
 export class ProtocolError extends Error {
-  constructor(code, message) {
+  constructor(code, message, retryAfterMs = null) {
     super(message || code);
     this.name = "ProtocolError";
     this.code = code;
+    this.retryAfterMs = Number.isFinite(retryAfterMs) ? retryAfterMs : null; // a limit's "try again after"
   }
 }
 
@@ -298,7 +299,7 @@ export class Signaling {
     const pending = message.ref ? this.#pending.get(message.ref) : null;
     if (pending) {
       this.#pending.delete(message.ref);
-      pending.reject(new ProtocolError(message.code, message.message));
+      pending.reject(new ProtocolError(message.code, message.message, message.retry_after_ms));
       return;
     }
     if (message.code === "unavailable" && this.#state !== "open") {
