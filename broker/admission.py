@@ -54,6 +54,7 @@ class PolicyChecklist:
                     dict(submission.answers),
                     submission.consent_version,
                     submission.details,
+                    submission.answers_sealed,
                 ),
                 minor=minor,
                 preflight=PreflightResult(**preflight) if preflight else None,

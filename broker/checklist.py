@@ -345,6 +345,8 @@ class Submission:
     answers: dict[str, bool] = field(default_factory=dict)
     consent_version: str | None = None
     details: str | None = None
+    #: Every item's answer as the page judged it, sealed in the client's browser for the therapist.
+    answers_sealed: str | None = None
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Submission:
@@ -355,6 +357,7 @@ class Submission:
         answers = raw.get("answers", {})
         consent_version = raw.get("consent_version")
         details = raw.get("details")
+        answers_sealed = raw.get("answers_sealed")
         if not isinstance(version, str):
             raise _malformed("The checklist was sent without its policy version.")
         if not isinstance(answers, Mapping):
@@ -363,7 +366,9 @@ class Submission:
             raise _malformed("The consent version was not sent as text.")
         if details is not None and not isinstance(details, str):
             raise _malformed("The emergency details were not sent as text.")
-        return cls(version, dict(answers), consent_version, details)
+        if answers_sealed is not None and not isinstance(answers_sealed, str):
+            raise _malformed("The sealed answers were not sent as text.")
+        return cls(version, dict(answers), consent_version, details, answers_sealed)
 
 
 def _malformed(message: str) -> ChecklistRejected:
@@ -372,10 +377,14 @@ def _malformed(message: str) -> ChecklistRejected:
 
 @dataclass(frozen=True)
 class ChecklistResult:
-    """The only record the broker keeps of a checklist: pass/fail per item and the policy version.
+    """The outcome of checking a submission.
 
-    `details` is the client's encrypted emergency details, carried to the therapist and never part of the
-    summary; it must be dropped with the session.
+    ``passed`` and ``recommended_unmet`` say item by item what was met; they exist while the broker
+    checks and are never kept. What the broker keeps is ``summary()``: only what it enforces (the
+    required items were met, for this policy version) and its own pre-flight record. How the client
+    answered each item reaches the therapist in ``answers_sealed``, sealed in the client's browser.
+    `details` is the client's encrypted emergency details, carried to the therapist and never part of
+    the summary; both ciphertexts are dropped with the session.
     """
 
     policy_version: str
@@ -384,15 +393,15 @@ class ChecklistResult:
     recommended_unmet: list[str]
     network: dict[str, Any] | None = None
     details: str | None = field(default=None, repr=False)
+    answers_sealed: str | None = field(default=None, repr=False)
 
     def summary(self) -> dict[str, Any]:
-        """What the therapist sees for this client (JSON-able, without the details ciphertext)."""
+        """What the broker keeps and the therapist receives for this client (JSON-able)."""
         return {
             "policy_version": self.policy_version,
-            "passed": dict(self.passed),
             "all_required_met": self.all_required_met,
-            "recommended_unmet": list(self.recommended_unmet),
             "network": dict(self.network) if self.network is not None else None,
+            "answers_sealed": self.answers_sealed,
         }
 
 
@@ -444,6 +453,8 @@ def verify(
     _check_consent_version(policy, submission, consent_item)
     details_item = next((i for i in items if i.kind == "details"), None)
     _check_details_shape(submission.details, details_item)
+    if submission.answers_sealed is not None and not details_well_formed(submission.answers_sealed):
+        raise _malformed("The sealed answers could not be read by the service as an encrypted message.")
 
     passed = {item.id: _item_met(item, policy, submission, preflight) for item in items}
     _raise_for_required(items, passed, preflight)
@@ -455,6 +466,7 @@ def verify(
         recommended_unmet=recommended_unmet,
         network=_network_summary(preflight),
         details=submission.details if details_item is not None else None,
+        answers_sealed=submission.answers_sealed,
     )
 
 

@@ -393,7 +393,11 @@ class BrokerClient:
         consent_version: str | None = None,
         details: dict[str, str] | None = None,
     ) -> ChecklistAccepted:
-        """Submit the checklist. By default answers every item of the seat's policy with yes."""
+        """Submit the checklist. By default answers every item of the seat's policy with yes.
+
+        The broker is sent the answers it checks (every item but the recommended ones); all of
+        them go to the therapist sealed with the link key (docs/protocol.md 7.4).
+        """
         assert self.joined is not None and self.joined.policy is not None
         policy = self.joined.policy
         if answers is None:
@@ -401,12 +405,17 @@ class BrokerClient:
         sealed = None
         if details is not None and self.link_key is not None:
             sealed = e2ee.seal_details(self.link_key, self.session_id, self.peer_id, msgspec.json.encode(details).decode())
+        answers_sealed = None
+        if self.link_key is not None:
+            answers_sealed = e2ee.seal_checklist(self.link_key, self.session_id, self.peer_id, answers)
+        recommended = {item["id"] for item in policy["items"] if item.get("level") == "recommended"}
         consent = policy.get("consent") or {}
         message = ChecklistSubmit(
             policy_version=policy_version or policy["version"],
-            answers=answers,
+            answers={k: v for k, v in answers.items() if k not in recommended},
             consent_version=consent_version or consent.get("version"),
             details=sealed,
+            answers_sealed=answers_sealed,
         )
         return await self.request(message, ChecklistAccepted)  # type: ignore[return-value]
 

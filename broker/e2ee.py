@@ -22,6 +22,7 @@ import base64
 import binascii
 import enum
 import hashlib
+import json
 import os
 import re
 import time
@@ -70,10 +71,12 @@ SDP_TYPES: Final = frozenset({"offer", "answer"})
 
 AUTH_INFO: Final = b"sdp-auth v1"
 DETAILS_INFO: Final = b"emergency-details v1"
+CHECKLIST_INFO: Final = b"checklist-answers v1"
 PAIR_LABEL: Final = "pair v1"
 SDP_LABEL: Final = "tt-sdp v1"
 SAS_LABEL: Final = "tt-sas v1"
 DETAILS_LABEL: Final = "tt-details v1"
+CHECKLIST_LABEL: Final = "tt-checklist v1"
 
 # Why a receiver refused an offer/answer.  Stable strings: the UI maps them to
 # the interception warning and docs/protocol.md lists them.
@@ -440,11 +443,43 @@ def safety_code(session_id: str, fp_a: str, fp_b: str) -> str:
     return f"{digits[0:3]} {digits[3:6]} {digits[6:9]}"
 
 
-# -- emergency details ------------------------------------------------------------------
+# -- sealed for the therapist: emergency details and checklist answers ---------------------
 
 
-def _details_aad(session_id: str, peer_id: str) -> bytes:
-    return lp(DETAILS_LABEL) + lp(session_id) + lp(peer_id)
+def derive_checklist_key(link_key: bytes, session_id: str) -> bytes:
+    """K_checklist: seals the client's answer to every checklist item for the therapist (section 7.4)."""
+    return _hkdf(link_key, session_id, CHECKLIST_INFO)
+
+
+def _for_therapist_aad(label: str, session_id: str, peer_id: str) -> bytes:
+    return lp(label) + lp(session_id) + lp(peer_id)
+
+
+def _seal_for_therapist(key: bytes, aad: bytes, plaintext: str, nonce: bytes | None) -> str:
+    if nonce is None:
+        nonce = os.urandom(NONCE_BYTES)
+    if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
+        raise ValueError(f"nonce must be {NONCE_BYTES} bytes")
+    return b64url_encode(nonce + AESGCM(key).encrypt(nonce, _utf8(plaintext), aad))
+
+
+def _open_for_therapist(key: bytes, aad: bytes, sealed: str, what: str) -> str:
+    try:
+        blob = b64url_decode(sealed)
+    except ValueError:
+        raise DetailsError(f"sealed {what} are not base64url") from None
+    if len(blob) < NONCE_BYTES + TAG_BYTES:
+        raise DetailsError(f"sealed {what} are too short")
+    try:
+        plain = AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
+    except InvalidTag:
+        raise DetailsError(
+            f"{what} failed authentication: altered in transit, or sealed for another link key, session or seat"
+        ) from None
+    try:
+        return plain.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DetailsError(f"{what} are not UTF-8 text") from None
 
 
 def seal_details(
@@ -459,34 +494,45 @@ def seal_details(
 
     ``nonce`` exists for test vectors only; leave it None in product code.
     """
-    if nonce is None:
-        nonce = os.urandom(NONCE_BYTES)
-    if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
-        raise ValueError(f"nonce must be {NONCE_BYTES} bytes")
-    aead = AESGCM(derive_details_key(link_key, session_id))
-    sealed = aead.encrypt(nonce, _utf8(plaintext), _details_aad(session_id, peer_id))
-    return b64url_encode(nonce + sealed)
+    aad = _for_therapist_aad(DETAILS_LABEL, session_id, peer_id)
+    return _seal_for_therapist(derive_details_key(link_key, session_id), aad, plaintext, nonce)
 
 
 def open_details(link_key: bytes, session_id: str, peer_id: str, sealed: str) -> str:
     """Decrypt sealed details; DetailsError if altered or sealed for another key/session/seat."""
+    aad = _for_therapist_aad(DETAILS_LABEL, session_id, peer_id)
+    return _open_for_therapist(derive_details_key(link_key, session_id), aad, sealed, "emergency details")
+
+
+def checklist_plaintext(answers: dict[str, bool]) -> str:
+    """The sealed checklist's text: ``{"answers": {item id: boolean}}``, keys sorted, no spaces."""
+    if not all(isinstance(k, str) and isinstance(v, bool) for k, v in answers.items()):
+        raise ValueError("checklist answers are item ids with true or false")
+    return json.dumps({"answers": answers}, sort_keys=True, separators=(",", ":"))
+
+
+def seal_checklist(
+    link_key: bytes,
+    session_id: str,
+    peer_id: str,
+    answers: dict[str, bool],
+    *,
+    nonce: bytes | None = None,
+) -> str:
+    """Seal the client's answer to every checklist item for the therapist: the broker checks the
+    required items in clear and keeps nothing per item (section 7.4). ``nonce``: vectors only."""
+    aad = _for_therapist_aad(CHECKLIST_LABEL, session_id, peer_id)
+    return _seal_for_therapist(derive_checklist_key(link_key, session_id), aad, checklist_plaintext(answers), nonce)
+
+
+def open_checklist(link_key: bytes, session_id: str, peer_id: str, sealed: str) -> dict[str, bool]:
+    """The answers a client sealed; DetailsError if altered, sealed for another seat, or malformed."""
+    aad = _for_therapist_aad(CHECKLIST_LABEL, session_id, peer_id)
+    text = _open_for_therapist(derive_checklist_key(link_key, session_id), aad, sealed, "checklist answers")
     try:
-        blob = b64url_decode(sealed)
-    except ValueError:
-        raise DetailsError("sealed emergency details are not base64url") from None
-    if len(blob) < NONCE_BYTES + TAG_BYTES:
-        raise DetailsError("sealed emergency details are too short")
-    aead = AESGCM(derive_details_key(link_key, session_id))
-    try:
-        plain = aead.decrypt(
-            blob[:NONCE_BYTES], blob[NONCE_BYTES:], _details_aad(session_id, peer_id)
-        )
-    except InvalidTag:
-        raise DetailsError(
-            "emergency details failed authentication: altered in transit, or sealed"
-            " for another link key, session or seat"
-        ) from None
-    try:
-        return plain.decode("utf-8")
-    except UnicodeDecodeError:
-        raise DetailsError("emergency details are not UTF-8 text") from None
+        answers = json.loads(text)["answers"]
+    except (ValueError, KeyError, TypeError):
+        raise DetailsError("checklist answers are not the expected JSON") from None
+    if not isinstance(answers, dict) or not all(isinstance(v, bool) for v in answers.values()):
+        raise DetailsError("checklist answers are not the expected JSON")
+    return answers

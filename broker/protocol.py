@@ -123,9 +123,12 @@ class Join(_ClientMessage, tag="join"):
 
 class ChecklistSubmit(_ClientMessage, tag="checklist"):
     policy_version: Version
+    #: What the broker must check: the required items (others may be left out, and are not kept).
     answers: dict[ItemId, bool]
     consent_version: Version | None = None
     details: Details | None = None
+    #: Every item's answer, sealed in the browser for the therapist (docs/protocol.md 7.4).
+    answers_sealed: Details | None = None
 
 
 class PreflightOffer(_ClientMessage, tag="preflight_offer"):

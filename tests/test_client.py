@@ -204,3 +204,35 @@ async def test_preflight_waits_as_the_broker_says_and_tries_again(broker: Runnin
     finally:
         await stalled.close()
         await client.close()
+
+
+async def test_the_broker_keeps_no_checklist_answer_item_by_item(broker: RunningBroker) -> None:
+    """Review (issue 25): a host holding the server secret read the client's checklist answers item by
+    item. The broker now keeps only that the required items were met, the policy version and its own
+    pre-flight result; each answer reaches the therapist sealed with the link key."""
+    from broker import e2ee
+    from broker.hub import encode_record
+
+    links = await schedule(broker)
+    therapist = BrokerClient(links.therapist)
+    await therapist.connect()
+    client = BrokerClient(links.client)
+    try:
+        await client.connect()
+        assert (await client.preflight()).connected
+        policy = client.joined.policy if client.joined else None
+        assert policy is not None
+        answers = {item["id"]: item["id"] != "headset" for item in policy["items"]}  # headset is recommended
+        await client.submit_checklist(answers, details={"location": "home", "contact": "a friend"})
+        room = await therapist.expect(WaitingRoom, where=lambda m: m.seats[0].state is SeatState.WAITING)
+        summary = room.seats[0].checklist
+        assert summary is not None and set(summary) == {"policy_version", "all_required_met", "network", "answers_sealed"}
+        key = e2ee.decode_link_key(links.link_key)
+        opened = e2ee.open_checklist(key, links.session, client.peer_id, summary["answers_sealed"])
+        assert opened == answers and opened["headset"] is False
+        record = await broker.hub.get_session(links.session)
+        kept = encode_record(record)
+        assert b"headset" not in kept and b"private_place" not in kept and b"recommended_unmet" not in kept
+    finally:
+        await client.close()
+        await therapist.close()

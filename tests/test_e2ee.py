@@ -262,6 +262,23 @@ def build_vectors() -> dict[str, Any]:
             }
             for k, s, p, text, nonce in details_cases
         ],
+        "checklist": [
+            {
+                "link_key": k,
+                "session_id": s,
+                "peer_id": p,
+                "answers": answers,
+                "plaintext": e2ee.checklist_plaintext(answers),
+                "nonce_hex": nonce,
+                "sealed": e2ee.seal_checklist(
+                    e2ee.decode_link_key(k), s, p, answers, nonce=bytes.fromhex(nonce)
+                ),
+            }
+            for k, s, p, answers, nonce in [
+                (key_a, SESSION, CLIENT, {"private_place": True, "headset": False, "camera": True}, "00" * 12),
+                (key_b, "séance 🎈 #2", "seat-🎈", {}, "0102030405060708090a0b0c"),
+            ]
+        ],
     }
 
 
@@ -376,6 +393,36 @@ def test_details_vectors_independently() -> None:
         assert blob[:12].hex() == case["nonce_hex"]
         aad = ref_lp("tt-details v1") + ref_lp(case["session_id"]) + ref_lp(case["peer_id"])
         assert AESGCM(key).decrypt(blob[:12], blob[12:], aad).decode() == case["plaintext"]
+
+
+def test_checklist_vectors_independently() -> None:
+    for case in vectors()["checklist"]:
+        key = ref_hkdf(ref_key(case["link_key"]), case["session_id"].encode(), b"checklist-answers v1")
+        blob = ref_key(case["sealed"])
+        assert blob[:12].hex() == case["nonce_hex"]
+        aad = ref_lp("tt-checklist v1") + ref_lp(case["session_id"]) + ref_lp(case["peer_id"])
+        text = AESGCM(key).decrypt(blob[:12], blob[12:], aad).decode()
+        assert text == case["plaintext"] == json.dumps({"answers": case["answers"]}, sort_keys=True, separators=(",", ":"))
+
+
+def test_checklist_vectors_open() -> None:
+    for case in vectors()["checklist"]:
+        key = e2ee.decode_link_key(case["link_key"])
+        assert e2ee.open_checklist(key, case["session_id"], case["peer_id"], case["sealed"]) == case["answers"]
+
+
+def test_sealed_checklist_answers_are_bound_to_their_seat_and_not_to_details() -> None:
+    key = e2ee.decode_link_key(e2ee.new_link_key())
+    sealed = e2ee.seal_checklist(key, SESSION, CLIENT, {"headset": False})
+    for wrong in (
+        lambda: e2ee.open_checklist(key, SESSION, "other-seat", sealed),
+        lambda: e2ee.open_checklist(key, "another-session", CLIENT, sealed),
+        lambda: e2ee.open_details(key, SESSION, CLIENT, sealed),  # a different key and label
+        lambda: e2ee.open_checklist(e2ee.decode_link_key(e2ee.new_link_key()), SESSION, CLIENT, sealed),
+    ):
+        with pytest.raises(DetailsError):
+            wrong()
+    assert e2ee.open_checklist(key, SESSION, CLIENT, sealed) == {"headset": False}
 
 
 def test_fingerprint_vectors_by_hand() -> None:

@@ -177,6 +177,20 @@ async def test_details_vectors(page: Page) -> None:
     assert got == [[c["sealed"], c["plaintext"]] for c in VECTORS["details"]]
 
 
+async def test_checklist_vectors(page: Page) -> None:
+    got = await page.evaluate(
+        """(cases) => Promise.all(cases.map(async (c) => {
+             const key = e2ee.decodeLinkKey(c.link_key);
+             const sealed = await e2ee.sealChecklist(
+               key, c.session_id, c.peer_id, c.answers, {nonce: fromHex(c.nonce_hex)});
+             return [sealed, e2ee.checklistPlaintext(c.answers),
+                     await e2ee.openChecklist(key, c.session_id, c.peer_id, c.sealed)];
+           }))""",
+        VECTORS["checklist"],
+    )
+    assert got == [[c["sealed"], c["plaintext"], c["answers"]] for c in VECTORS["checklist"]]
+
+
 # -- across the language boundary ---------------------------------------------------------------
 
 
@@ -301,6 +315,29 @@ async def test_details_cross_language(page: Page) -> None:
     assert got["wrongSeat"].startswith("DetailsError: emergency details failed authentication")
     assert got["tampered"].startswith("DetailsError: ")
     assert e2ee.open_details(key, SESSION, "seat-1", got["fromJs"]) == text
+
+
+async def test_checklist_cross_language(page: Page) -> None:
+    key_text = e2ee.new_link_key()
+    key = e2ee.decode_link_key(key_text)
+    answers = {"private_place": True, "headset": False}
+    from_python = e2ee.seal_checklist(key, SESSION, "seat-1", answers)
+    got = await page.evaluate(
+        """async ([keyText, session, sealed, answers]) => {
+          const key = e2ee.decodeLinkKey(keyText);
+          return {
+            opened: await e2ee.openChecklist(key, session, 'seat-1', sealed),
+            wrongSeat: await reasonOf(e2ee.openChecklist(key, session, 'seat-2', sealed)),
+            asDetails: await reasonOf(e2ee.openDetails(key, session, 'seat-1', sealed)),
+            fromJs: await e2ee.sealChecklist(key, session, 'seat-1', answers),
+          };
+        }""",
+        [key_text, SESSION, from_python, answers],
+    )
+    assert got["opened"] == answers
+    assert got["wrongSeat"].startswith("DetailsError: checklist answers failed authentication")
+    assert got["asDetails"].startswith("DetailsError: emergency details failed authentication")
+    assert e2ee.open_checklist(key, SESSION, "seat-1", got["fromJs"]) == answers
 
 
 async def test_js_rejects_lone_surrogates_like_python(page: Page) -> None:

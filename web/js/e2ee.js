@@ -16,10 +16,12 @@ export const SDP_TYPES = Object.freeze(["offer", "answer"]);
 
 const AUTH_INFO = "sdp-auth v1";
 const DETAILS_INFO = "emergency-details v1";
+const CHECKLIST_INFO = "checklist-answers v1";
 const PAIR_LABEL = "pair v1";
 const SDP_LABEL = "tt-sdp v1";
 const SAS_LABEL = "tt-sas v1";
 const DETAILS_LABEL = "tt-details v1";
+const CHECKLIST_LABEL = "tt-checklist v1";
 
 /** Why a receiver refused an offer/answer (same strings as broker/e2ee.py). */
 export const REASONS = Object.freeze([
@@ -424,15 +426,47 @@ export async function safetyCode(sessionId, fpA, fpB) {
   return `${digits.slice(0, 3)} ${digits.slice(3, 6)} ${digits.slice(6, 9)}`;
 }
 
-// -- emergency details -----------------------------------------------------------------------
+// -- sealed for the therapist: emergency details and checklist answers ---------------------
 
-function detailsAad(sessionId, peerId) {
-  return concat([lp(DETAILS_LABEL), lp(sessionId), lp(peerId)]);
+function forTherapistAad(label, sessionId, peerId) {
+  return concat([lp(label), lp(sessionId), lp(peerId)]);
 }
 
-async function detailsKey(linkKey, sessionId, usage) {
-  const raw = await deriveDetailsKey(linkKey, sessionId);
-  return crypto.subtle.importKey("raw", raw, "AES-GCM", false, [usage]);
+async function sealForTherapist(raw, aad, plaintext, nonce) {
+  const iv = nonce ?? crypto.getRandomValues(new Uint8Array(NONCE_BYTES));
+  if (!(iv instanceof Uint8Array) || iv.length !== NONCE_BYTES) {
+    throw new Error(`nonce must be ${NONCE_BYTES} bytes`);
+  }
+  const key = await crypto.subtle.importKey("raw", raw, "AES-GCM", false, ["encrypt"]);
+  const sealed = new Uint8Array(await crypto.subtle.encrypt({ name: "AES-GCM", iv, additionalData: aad }, key, utf8(plaintext)));
+  return b64urlEncode(concat([iv, sealed]));
+}
+
+async function openForTherapist(raw, aad, sealed, what) {
+  let blob;
+  try {
+    blob = b64urlDecode(sealed);
+  } catch {
+    throw new DetailsError(`sealed ${what} are not base64url`);
+  }
+  if (blob.length < NONCE_BYTES + TAG_BYTES) {
+    throw new DetailsError(`sealed ${what} are too short`);
+  }
+  const key = await crypto.subtle.importKey("raw", raw, "AES-GCM", false, ["decrypt"]);
+  const params = { name: "AES-GCM", iv: blob.subarray(0, NONCE_BYTES), additionalData: aad };
+  let plain;
+  try {
+    plain = await crypto.subtle.decrypt(params, key, blob.subarray(NONCE_BYTES));
+  } catch {
+    throw new DetailsError(
+      `${what} failed authentication: altered in transit, or sealed for another link key, session or seat`,
+    );
+  }
+  try {
+    return new TextDecoder("utf-8", { fatal: true }).decode(plain);
+  } catch {
+    throw new DetailsError(`${what} are not UTF-8 text`);
+  }
 }
 
 /**
@@ -440,45 +474,53 @@ async function detailsKey(linkKey, sessionId, usage) {
  * reads them. The nonce option exists for test vectors only.
  */
 export async function sealDetails(linkKey, sessionId, peerId, plaintext, { nonce = null } = {}) {
-  const iv = nonce ?? crypto.getRandomValues(new Uint8Array(NONCE_BYTES));
-  if (!(iv instanceof Uint8Array) || iv.length !== NONCE_BYTES) {
-    throw new Error(`nonce must be ${NONCE_BYTES} bytes`);
-  }
-  const key = await detailsKey(linkKey, sessionId, "encrypt");
-  const params = { name: "AES-GCM", iv, additionalData: detailsAad(sessionId, peerId) };
-  const sealed = new Uint8Array(await crypto.subtle.encrypt(params, key, utf8(plaintext)));
-  return b64urlEncode(concat([iv, sealed]));
+  const raw = await deriveDetailsKey(linkKey, sessionId);
+  return sealForTherapist(raw, forTherapistAad(DETAILS_LABEL, sessionId, peerId), plaintext, nonce);
 }
 
 /** Decrypt sealed details; DetailsError if altered or sealed for another key, session or seat. */
 export async function openDetails(linkKey, sessionId, peerId, sealed) {
-  let blob;
+  const raw = await deriveDetailsKey(linkKey, sessionId);
+  return openForTherapist(raw, forTherapistAad(DETAILS_LABEL, sessionId, peerId), sealed, "emergency details");
+}
+
+/** K_checklist: seals the client's answer to every checklist item for the therapist. */
+export function deriveChecklistKey(linkKey, sessionId) {
+  return hkdf(linkKey, sessionId, CHECKLIST_INFO);
+}
+
+/** The sealed checklist's text: {"answers": {item id: boolean}}, keys sorted by code point, no spaces. */
+export function checklistPlaintext(answers) {
+  const ids = Object.keys(answers).sort(compareCodePoints);
+  const sorted = {};
+  for (const id of ids) {
+    if (typeof answers[id] !== "boolean") throw new Error("checklist answers are item ids with true or false");
+    sorted[id] = answers[id];
+  }
+  return JSON.stringify({ answers: sorted });
+}
+
+/**
+ * Seal the client's answer to every item for the therapist: the broker checks the required
+ * items in clear and keeps nothing item by item. The nonce option exists for test vectors only.
+ */
+export async function sealChecklist(linkKey, sessionId, peerId, answers, { nonce = null } = {}) {
+  const raw = await deriveChecklistKey(linkKey, sessionId);
+  return sealForTherapist(raw, forTherapistAad(CHECKLIST_LABEL, sessionId, peerId), checklistPlaintext(answers), nonce);
+}
+
+/** The answers a client sealed; DetailsError if altered, sealed for another seat, or malformed. */
+export async function openChecklist(linkKey, sessionId, peerId, sealed) {
+  const raw = await deriveChecklistKey(linkKey, sessionId);
+  const text = await openForTherapist(raw, forTherapistAad(CHECKLIST_LABEL, sessionId, peerId), sealed, "checklist answers");
+  let answers;
   try {
-    blob = b64urlDecode(sealed);
+    answers = JSON.parse(text).answers;
   } catch {
-    throw new DetailsError("sealed emergency details are not base64url");
+    answers = null;
   }
-  if (blob.length < NONCE_BYTES + TAG_BYTES) {
-    throw new DetailsError("sealed emergency details are too short");
+  if (!answers || typeof answers !== "object" || Array.isArray(answers) || !Object.values(answers).every((v) => typeof v === "boolean")) {
+    throw new DetailsError("checklist answers are not the expected JSON");
   }
-  const key = await detailsKey(linkKey, sessionId, "decrypt");
-  const params = {
-    name: "AES-GCM",
-    iv: blob.subarray(0, NONCE_BYTES),
-    additionalData: detailsAad(sessionId, peerId),
-  };
-  let plain;
-  try {
-    plain = await crypto.subtle.decrypt(params, key, blob.subarray(NONCE_BYTES));
-  } catch {
-    throw new DetailsError(
-      "emergency details failed authentication: altered in transit, or sealed" +
-        " for another link key, session or seat",
-    );
-  }
-  try {
-    return new TextDecoder("utf-8", { fatal: true }).decode(plain);
-  } catch {
-    throw new DetailsError("emergency details are not UTF-8 text");
-  }
+  return answers;
 }

@@ -15,7 +15,7 @@ import {
   stopStream,
   videoShowsFrames,
 } from "./devices.js";
-import { b64urlDecode, b64urlEncode, readLinkKeyFromFragment, sealDetails } from "./e2ee.js";
+import { b64urlDecode, b64urlEncode, readLinkKeyFromFragment, sealChecklist, sealDetails } from "./e2ee.js";
 import { runPreflight } from "./preflight.js";
 import { Signaling, tokenFromPath } from "./protocol.js";
 import { announce, byId, confirmDialog, el, fill, formatTime, setText, showScreen, sleep } from "./ui.js";
@@ -497,8 +497,14 @@ async function submitChecklist() {
   setText("checklist-error", "");
   announce("Sending your checklist…");
   try {
+    // The broker checks the required items; how every item went is sealed for the therapist only.
+    const everyAnswer = {};
     const answers = {};
-    for (const item of state.items) answers[item.id] = itemDone(item);
+    for (const item of state.items) {
+      everyAnswer[item.id] = itemDone(item);
+      if (item.level === "required") answers[item.id] = everyAnswer[item.id];
+    }
+    const answersSealed = await sealChecklist(state.linkKey, state.joined.session, state.joined.peer, everyAnswer);
     let details = null;
     if (state.items.some((i) => i.kind === "details")) {
       const plain = JSON.stringify({
@@ -512,6 +518,7 @@ async function submitChecklist() {
       answers,
       consentVersion: state.policy.consent?.version ?? null,
       details,
+      answersSealed,
     };
     await submitWithRetry(submission);
     byId("details-location").value = "";

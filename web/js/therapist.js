@@ -9,7 +9,7 @@
 
 import { Call, CallView } from "./call.js";
 import { openMedia, stopStream } from "./devices.js";
-import { openDetails, readLinkKeyFromFragment } from "./e2ee.js";
+import { openChecklist, openDetails, readLinkKeyFromFragment } from "./e2ee.js";
 import { Signaling, tokenFromPath } from "./protocol.js";
 import { announce, byId, confirmDialog, el, fill, formatTime, setText, showScreen } from "./ui.js";
 
@@ -71,6 +71,7 @@ const state = {
   lastPeers: [],
   labels: new Map(),
   details: new Map(),
+  answers: new Map(), // seat (or "<seat>/other") -> {sealed, value, error}: each checklist item, opened here
   started: false,
   finished: false,
   record: null, // the broker-signed session record, offered for download at the end
@@ -256,6 +257,10 @@ function onWaitingRoom(message) {
     if (other?.details && state.linkKey && state.details.get(otherKey)?.sealed !== other.details) {
       openSeatDetails(otherKey, seat.peer, other.details);
     }
+    for (const [key, summary] of [[seat.peer, seat.checklist], [otherKey, other?.checklist]]) {
+      const sealed = summary?.answers_sealed;
+      if (sealed && state.linkKey && state.answers.get(key)?.sealed !== sealed) openSeatAnswers(key, seat.peer, sealed);
+    }
   });
   renderSeats();
 }
@@ -315,7 +320,7 @@ function renderSeat(seat) {
   ]);
   return el("li", { className: "seat", dataset: { peer: seat.peer, state: seat.state }, "data-testid": "seat" }, [
     header,
-    renderSummary(seat.checklist),
+    renderSummary(seat.checklist, seat.peer),
     renderDetails(seat.details, seat.peer),
     el("div", { className: "actions" }, seatActions(seat, label)),
     renderOtherDevice(seat, label),
@@ -365,15 +370,42 @@ function renderOtherDevice(seat, label) {
       className: "hint",
       text: `If ${label} did not say they were switching devices, ask them before letting it in: someone else may have their link.`,
     }),
-    renderSummary(other.checklist),
+    renderSummary(other.checklist, `${seat.peer}/other`),
     renderDetails(other.details, `${seat.peer}/other`),
     el("div", { className: "actions" }, buttons),
   ]);
 }
 
-function renderSummary(summary) {
+/** Open what the client sealed about each checklist item (the broker keeps only "every required step done"). */
+async function openSeatAnswers(key, peer, sealed) {
+  const entry = { sealed, value: null, error: null };
+  state.answers.set(key, entry);
+  try {
+    entry.value = await openChecklist(state.linkKey, state.joined.session, peer, sealed);
+  } catch {
+    entry.error = "The client's answers could not be opened: they were changed on the way, or sealed with another link key.";
+  }
+  renderSeats();
+}
+
+function renderRecommended(summary, key) {
+  if (!summary.answers_sealed) return null;
+  if (!state.linkKey) {
+    return el("p", { className: "hint", text: "Which recommended steps were met is sealed with the link key." });
+  }
+  const entry = state.answers.get(key);
+  if (!entry || (!entry.value && !entry.error)) return el("p", { className: "hint", text: "Opening the answers…" });
+  if (entry.error) return el("p", { className: "warn", text: entry.error });
+  const unmet = Object.keys(entry.value)
+    .filter((id) => entry.value[id] === false)
+    .map((id) => ITEM_NAMES[id] ?? id.replace(/_/g, " "));
+  return unmet.length
+    ? el("p", { className: "warn", "data-testid": "recommended-unmet", text: `Recommended but not met: ${unmet.join(", ")}.` })
+    : el("p", { className: "hint", text: "All recommended steps met." });
+}
+
+function renderSummary(summary, key) {
   if (!summary) return null;
-  const unmet = (summary.recommended_unmet ?? []).map((id) => ITEM_NAMES[id] ?? id.replace(/_/g, " "));
   const network = summary.network;
   const lines = [
     el("p", {
@@ -381,9 +413,7 @@ function renderSummary(summary) {
       "data-testid": "checklist-summary",
       text: summary.all_required_met ? "Checklist: every required step done." : "Checklist: some required steps missing.",
     }),
-    unmet.length
-      ? el("p", { className: "warn", "data-testid": "recommended-unmet", text: `Recommended but not met: ${unmet.join(", ")}.` })
-      : el("p", { className: "hint", text: "All recommended steps met." }),
+    renderRecommended(summary, key),
     network
       ? el("p", {
           className: "hint",
@@ -479,6 +509,7 @@ function teardown() {
   stopStream(state.stream);
   state.stream = null;
   state.details.clear();
+  state.answers.clear();
   fill(byId("seats"), []);
   fill(byId("call-root"), []); // the chat and the tiles go with the call
 }
