@@ -196,6 +196,7 @@ def check_config(config: Config) -> list[str]:
         problems.append("login_idle_s must be positive and at most login_absolute_s.")
     problems += _check_data_dir(config)
     problems += _check_audit(config)
+    problems += _check_admin_socket(config)
     if config.policy_file:
         problems += _check_policy(Path(config.policy_file))
     return problems
@@ -242,6 +243,13 @@ def _check_audit(config: Config) -> list[str]:
     if config.audit_rotate_bytes != 0 and config.audit_rotate_bytes < 65536:
         problems.append("audit_rotate_bytes must be 0 (never rotate) or at least 65536.")
     return problems
+
+
+def _check_admin_socket(config: Config) -> list[str]:
+    from .admin import socket_directory_problem
+
+    problem = socket_directory_problem(config.admin_socket.parent)
+    return [problem] if problem else []
 
 
 def _check_policy(path: Path) -> list[str]:
