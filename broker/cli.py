@@ -254,17 +254,21 @@ async def _audit_acknowledge(config: Config, through: int) -> int:
 
 
 def _record_verify(file: str, key: str) -> int:
-    from .record import verify_record
+    from .record import RecordRefused, parse_signed_record, verify_record
 
     try:
-        with open(file, encoding="utf-8") as fh:
-            signed = json.load(fh)
-        ok = verify_record(signed["record"], signed["signature"], key)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"Cannot read the record: {exc}", file=sys.stderr)
+        with open(file, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        print(f"Cannot read the record: {exc.strerror}", file=sys.stderr)
         return 1
-    if ok:
-        print(f"Signature valid: session {signed['record'].get('session')} record is unaltered.")
+    try:
+        record, signature = parse_signed_record(data)
+    except RecordRefused as exc:
+        print(f"Record REFUSED, nothing verified: {exc}.", file=sys.stderr)
+        return 1
+    if verify_record(record, signature, key):
+        print(f"Signature valid: session {record.get('session')} record is unaltered.")
         return 0
     print("Signature INVALID: this record was altered or was not signed by this key.", file=sys.stderr)
     return 1

@@ -346,3 +346,55 @@ def test_serve_refuses_accounts_sealed_with_another_secret(tmp_path: Path) -> No
     assert result.returncode == 2
     assert "Cannot start" in result.stderr and "different key" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- session records read strictly (issue 25, finding 13)
+
+
+def _signed_record_file(tmp_path: Path) -> tuple[Path, str, str]:
+    """A genuine record file's text, and the key that verifies it."""
+    from broker.record import RecordSigner
+
+    signer = RecordSigner(b"s" * 32)
+    record = {"v": 1, "session": "abc", "started": None, "ended": 1, "seats": [{"peer": "p1", "verified": "link"}]}
+    text = json.dumps({"record": record, "signature": signer.sign(record), "key_id": signer.key_id})
+    path = tmp_path / "record.json"
+    path.write_text(text)
+    assert run("record", "verify", str(path), "--key", signer.public_jwk()["x"]).returncode == 0
+    return path, text, signer.public_jwk()["x"]
+
+
+@pytest.mark.parametrize(
+    "where, old, new",
+    [
+        # A reader that keeps the first of two equal keys sees another record, session or verification.
+        ("top level", '{"record": ', '{"record": {"v": 1, "session": "forged"}, "record": '),
+        ("record", '"ended": 1', '"ended": 99, "ended": 1'),
+        ("nested", '"verified": "link"', '"verified": "none", "verified": "link"'),
+    ],
+)
+def test_record_verify_refuses_duplicate_keys_anywhere(tmp_path: Path, where: str, old: str, new: str) -> None:
+    path, text, key = _signed_record_file(tmp_path)
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+    result = run("record", "verify", str(path), "--key", key)
+    assert result.returncode == 1 and "REFUSED" in result.stderr and "appears twice" in result.stderr, where
+    assert "Signature valid" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    "old, new, words",
+    [
+        ('"started": null', '"started": NaN', "NaN is not a JSON value"),  # read as null by the canonical form
+        ('"started": null', '"started": 1e999', "out of range"),
+        ('"ended": 1', '"ended": 9007199254740993', "too large"),
+        ('"session": "abc"', '"session": "abc\\ud800"', "no canonical form"),
+    ],
+)
+def test_record_verify_refuses_values_readers_would_read_differently(
+    tmp_path: Path, old: str, new: str, words: str
+) -> None:
+    path, text, key = _signed_record_file(tmp_path)
+    path.write_text(text.replace(old, new, 1))
+    result = run("record", "verify", str(path), "--key", key)
+    assert result.returncode == 1 and "REFUSED" in result.stderr and words in result.stderr
