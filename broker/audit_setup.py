@@ -96,9 +96,10 @@ def audit_key_problems(config: Config) -> list[str]:
     return problems
 
 
-def open_audit_log(config: Config, keys: Keys | None = None) -> AuditLog:
+def open_audit_log(config: Config, keys: Keys | None = None, *, create_secret: bool = True) -> AuditLog:
     """The audit log at ``config.audit_path`` with the configured key and rotation size."""
-    return AuditLog(config.audit_path, audit_key(config, keys), rotate_bytes=config.audit_rotate_bytes)
+    key = audit_key(config, keys, create_secret=create_secret)
+    return AuditLog(config.audit_path, key, rotate_bytes=config.audit_rotate_bytes)
 
 
 def describe_key(config: Config) -> str:

@@ -164,21 +164,23 @@ async def _revoke(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from .audit import Anchor, verify
+    from .audit import Anchor, head_path, verify
+    from .audit_format import rotated_numbers
     from .audit_setup import audit_key
 
     config = _config(args)
     path = config.audit_path
-    if args.action == "acknowledge":
-        return _run(_audit_acknowledge(config, args.through))
     try:
         anchors = [Anchor.parse(text) for text in getattr(args, "anchor", [])]
     except ValueError as exc:
         print(f"--anchor: {exc}", file=sys.stderr)
         return 2
-    key = audit_key(config, create_secret=False)
-    report = verify(path, key, anchors=anchors)
-    if not report.ok and report.entries == 0 and report.kind == "no_log":
+    report = None
+    if path.exists() or head_path(path).exists() or rotated_numbers(path):
+        report = verify(path, audit_key(config, create_secret=False), anchors=anchors)
+    if args.action == "acknowledge" and report is not None:
+        return int(_run(_audit_acknowledge(config, args.through)))
+    if report is None or report.kind == "no_log":
         print(
             f"No audit log at {path}: no broker has started on this data directory yet, "
             "or the log and its signed head were removed.",
@@ -240,7 +242,7 @@ async def _audit_acknowledge(config: Config, through: int) -> int:
     from .audit import AcknowledgeRefused
     from .audit_setup import open_audit_log
 
-    audit = open_audit_log(config)
+    audit = open_audit_log(config, create_secret=False)
     try:
         seq, warnings = await audit.acknowledge_warnings(through)
     except AcknowledgeRefused as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import stat
 import subprocess
@@ -410,8 +411,8 @@ def _write_audit_entries(data_dir: Path, count: int, env: dict[str, str] | None 
 
     async def write() -> None:
         log = open_audit_log(load_config({**(env or {}), "BROKER_DATA_DIR": str(data_dir)}))
-        for _ in range(count):
-            await log.append(AuditEvent.SESSION_CREATED, session="s3ss10n-Opaque_Id-0001")
+        for _ in range(count):  # each entry its own session: no two entries alike
+            await log.append(AuditEvent.SESSION_CREATED, session=secrets.token_urlsafe(16))
         await log.aclose()
 
     asyncio.run(write())
