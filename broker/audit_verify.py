@@ -18,6 +18,7 @@ What each check proves, and what it cannot (docs/security.md, section 3.7):
 
 from __future__ import annotations
 
+import fcntl
 import hmac
 import json
 import os
@@ -215,7 +216,8 @@ def _snapshot(path: Path) -> _Snapshot:
         raise
     finally:
         if current is not None:
-            os.close(current)  # closing drops the shared lock
+            fcntl.flock(current, fcntl.LOCK_UN)  # the copy shares the lock: release it explicitly
+            os.close(current)
     return snap
 
 

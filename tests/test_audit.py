@@ -785,3 +785,31 @@ async def test_a_thousand_throttled_logins_make_a_few_entries_that_count_them_al
     assert sum(e.get("count", 1) for e in logins) == 1000
     assert all(e["actor"] is None and e["session"] is None for e in logins)  # nothing about who tried
     assert verify(running.config.audit_path, audit_key(running.config)).ok
+
+
+def test_verify_while_another_process_appends_and_rotates_is_never_misled(tmp_path: Path) -> None:
+    """verify reads every file under a shared lock: never half an entry, nor a head newer than the log."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "audit.jsonl"
+    AuditLog(path, KEY).close()
+    script = (
+        "import asyncio, sys\n"
+        "from broker.audit import AuditEvent, AuditLog\n"
+        "async def main():\n"
+        f"    log = AuditLog({str(path)!r}, {KEY!r}, durable=False, rotate_bytes=65536)\n"
+        "    for _ in range(3000):\n"
+        f"        await log.append(AuditEvent.SEAT_ADMITTED, session={SESSION!r})\n"
+        "    log.close()\n"
+        "asyncio.run(main())\n"
+    )
+    repo = Path(__file__).resolve().parent.parent
+    writer = subprocess.Popen([sys.executable, "-c", script], cwd=repo)
+    reports = []
+    while writer.poll() is None:
+        reports.append(verify(path, KEY))
+    assert writer.wait() == 0
+    assert len(reports) > 1 and [r.problem for r in reports if not r.ok] == []
+    final = verify(path, KEY)
+    assert final.ok and final.entries == 3000 and final.files > 5
