@@ -2,16 +2,22 @@
 
 ``broker session create`` must work while ``broker serve`` runs on the same
 data dir, even on the embedded in-memory store, so the CLI asks the running
-process over this socket. The socket is reachable only by the data dir's owner
-(mode 0600 in a 0700 directory) and each request also carries a key derived
-from the server secret, which only that owner can read. It never listens on
-the network.
+process over this socket. The socket is reachable only by the broker's user
+(mode 0600, in a directory only that user can write) and each request also
+carries a key derived from the server secret, which only that user can read.
+It never listens on the network.
+
+The broker never changes the permissions of a directory it did not make: it
+creates the socket's directory (0700) when it is absent, and refuses one that
+other users could write to (such as /tmp), where someone could put their own
+socket in its place and collect the key the CLI sends.
 """
 
 from __future__ import annotations
 
 import hmac
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +25,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from .config import Config, Keys, load_or_create_secret
+from .config import Config, ConfigError, Keys, load_or_create_secret
 from .hub import Hub
 from .protocol import ErrorCode, ProtocolError
 
@@ -86,12 +92,64 @@ def admin_app(hub: Hub, keys: Keys, base_url: str) -> web.Application:
     return app
 
 
+class AdminSocketUnsafe(ConfigError):
+    """The admin socket cannot be placed safely where it is configured; the message says why and what to do."""
+
+
+_ADVICE = (
+    "set BROKER_ADMIN_SOCKET_PATH to a path in a directory of the broker's own "
+    "(the broker creates it, mode 0700, when it does not exist)"
+)
+
+
+def socket_directory_problem(directory: Path) -> str | None:
+    """Why ``directory`` is no safe home for the admin socket, or None (also when it does not exist yet)."""
+    try:
+        info = os.stat(directory)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(info.st_mode):
+        return f"the admin socket's directory {directory} is not a directory; {_ADVICE}."
+    if info.st_uid != os.geteuid():
+        return (
+            f"the admin socket's directory {directory} belongs to another user, who could replace the socket; "
+            f"{_ADVICE}."
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (
+            f"the admin socket's directory {directory} can be written by other users "
+            f"(mode {stat.S_IMODE(info.st_mode):o}), so someone else could put their own socket in its place "
+            f"and collect the admin key; {_ADVICE}."
+        )
+    return None
+
+
+def prepare_socket_path(path: Path) -> None:
+    """Make the socket's directory (0700) if absent, refuse an unsafe one, remove our own stale socket."""
+    directory = path.parent
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(mode=0o700)
+        os.chmod(directory, 0o700)  # ours: made just now (mkdir's mode is narrowed by the umask)
+    except FileExistsError:
+        pass
+    problem = socket_directory_problem(directory)
+    if problem:
+        raise AdminSocketUnsafe(problem)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.geteuid():
+        raise AdminSocketUnsafe(
+            f"{path} exists and is not a socket a broker left behind: remove it, or {_ADVICE}."
+        )
+    path.unlink()  # a socket left by a broker that stopped without cleaning up
+
+
 async def start_admin_site(app: web.Application, runner: web.AppRunner, config: Config) -> web.UnixSite:
     path = config.admin_socket
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path.parent, 0o700)
-    if path.exists():
-        path.unlink()
+    prepare_socket_path(path)
     site = web.UnixSite(runner, str(path))
     old = os.umask(0o177)
     try:

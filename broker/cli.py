@@ -51,7 +51,23 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("--base-url")
 
     audit = sub.add_parser("audit", help="the audit log").add_subparsers(dest="action", required=True, metavar="ACTION")
-    with_data_dir(audit.add_parser("verify", help="check the audit log has not been edited, cut or reordered"))
+    verify_audit = with_data_dir(
+        audit.add_parser("verify", help="check the audit log has not been edited, cut or reordered")
+    )
+    verify_audit.add_argument(
+        "--anchor",
+        action="append",
+        default=[],
+        metavar="ANCHOR",
+        help="an anchor printed earlier by 'broker audit anchor': the log must still hold that entry (repeatable)",
+    )
+    with_data_dir(audit.add_parser("anchor", help="print the log's last entry compactly, to keep off this machine"))
+    acknowledge = with_data_dir(
+        audit.add_parser("acknowledge", help="record that the integrity warnings verify reports were looked into")
+    )
+    acknowledge.add_argument(
+        "--through", type=int, required=True, metavar="ENTRY", help="the last warning entry you looked into"
+    )
 
     record = sub.add_parser("record", help="session records").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -147,35 +163,114 @@ async def _revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit_verify(config: Config) -> int:
-    from .audit import verify
-    from .config import Keys, load_or_create_secret
+def _audit(args: argparse.Namespace) -> int:
+    from .audit import Anchor, head_path, verify
+    from .audit_format import rotated_numbers
+    from .audit_setup import audit_key
 
+    config = _config(args)
     path = config.audit_path
-    if not path.exists():
-        print(f"No audit log at {path}.", file=sys.stderr)
+    try:
+        anchors = [Anchor.parse(text) for text in getattr(args, "anchor", [])]
+    except ValueError as exc:
+        print(f"--anchor: {exc}", file=sys.stderr)
+        return 2
+    report = None
+    if path.exists() or head_path(path).exists() or rotated_numbers(path):
+        report = verify(path, audit_key(config, create_secret=False), anchors=anchors)
+    if args.action == "acknowledge" and report is not None:
+        return int(_run(_audit_acknowledge(config, args.through)))
+    if report is None or report.kind == "no_log":
+        print(
+            f"No audit log at {path}: no broker has started on this data directory yet, "
+            "or the log and its signed head were removed.",
+            file=sys.stderr,
+        )
         return 1
-    report = verify(path, Keys(load_or_create_secret(config)).audit)
-    if report.ok:
-        print(f"Audit log intact: {report.entries} entries, chain and signed head verified.")
+    if args.action == "anchor":
+        if not report.ok:
+            print(f"No anchor printed: the audit log is NOT intact: {report.problem}", file=sys.stderr)
+            return 1
+        if report.last is None:
+            print("No anchor printed: the audit log has no entries yet.", file=sys.stderr)
+            return 1
+        print(report.last)
+        print(
+            f"Entry {report.last.seq} of {path}. Keep this line somewhere off this machine (a password manager, "
+            "a printed sheet, an email to yourself); later, 'broker audit verify --anchor <line>' shows the "
+            "log still holds that entry, unaltered, even if someone holds every key on this machine.",
+            file=sys.stderr,
+        )
         return 0
-    where = f" (first bad entry: {report.first_bad_seq})" if report.first_bad_seq is not None else ""
-    print(f"Audit log NOT intact{where}: {report.problem}", file=sys.stderr)
-    return 1
+    return _print_audit_report(report, config)
+
+
+def _print_audit_report(report: Any, config: Config) -> int:
+    from .audit_setup import describe_key, has_separate_audit_key
+
+    for warning in report.warnings:
+        state = (
+            f"acknowledged at entry {warning.acknowledged_at}"
+            if warning.acknowledged_at is not None
+            else "NOT acknowledged"
+        )
+        print(f"Integrity warning at entry {warning.seq} ({warning.time}): {warning.meaning}; {state}.")
+    if not report.ok:
+        where = f" (first bad entry: {report.first_bad_seq})" if report.first_bad_seq is not None else ""
+        print(f"Audit log NOT intact{where}: {report.problem}", file=sys.stderr)
+        for problem in report.problems[1:]:
+            print(f"Also: {problem}", file=sys.stderr)
+        return 1
+    span = f" from {report.first_time} to {report.last.time}" if report.last is not None else ""
+    files = f" in {report.files} files" if report.files > 1 else ""
+    print(
+        f"Audit log intact: {report.entries} entries{files}{span}, chain and signed head verified"
+        f" with {describe_key(config)}."
+    )
+    if report.anchors_checked:
+        print(f"The {report.anchors_checked} anchor(s) given are in the log, unaltered.")
+    if not has_separate_audit_key(config):
+        print(
+            "Note: that key comes from the data directory, so whoever holds the directory could have cut or "
+            "rewritten the log and signed it again. Anchors kept elsewhere ('broker audit anchor') or a separate "
+            "audit key (BROKER_AUDIT_KEY_FILE) rule that out."
+        )
+    return 0
+
+
+async def _audit_acknowledge(config: Config, through: int) -> int:
+    from .audit import AcknowledgeRefused
+    from .audit_setup import open_audit_log
+
+    audit = open_audit_log(config, create_secret=False)
+    try:
+        seq, warnings = await audit.acknowledge_warnings(through)
+    except AcknowledgeRefused as exc:
+        print(f"Not acknowledged: {exc}.", file=sys.stderr)
+        return 1
+    finally:
+        await audit.aclose()
+    listed = ", ".join(str(w.seq) for w in warnings)
+    print(f"Acknowledged the integrity warning(s) at entry {listed}; recorded as entry {seq}.")
+    return 0
 
 
 def _record_verify(file: str, key: str) -> int:
-    from .record import verify_record
+    from .record import RecordRefused, parse_signed_record, verify_record
 
     try:
-        with open(file, encoding="utf-8") as fh:
-            signed = json.load(fh)
-        ok = verify_record(signed["record"], signed["signature"], key)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"Cannot read the record: {exc}", file=sys.stderr)
+        with open(file, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        print(f"Cannot read the record: {exc.strerror}", file=sys.stderr)
         return 1
-    if ok:
-        print(f"Signature valid: session {signed['record'].get('session')} record is unaltered.")
+    try:
+        record, signature = parse_signed_record(data)
+    except RecordRefused as exc:
+        print(f"Record REFUSED, nothing verified: {exc}.", file=sys.stderr)
+        return 1
+    if verify_record(record, signature, key):
+        print(f"Signature valid: session {record.get('session')} record is unaltered.")
         return 0
     print("Signature INVALID: this record was altered or was not signed by this key.", file=sys.stderr)
     return 1
@@ -220,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "therapist":
             return cli_therapist.run(args)
         if args.command == "audit":
-            return _audit_verify(_config(args))
+            return _audit(args)
         if args.command == "record":
             return _record_verify(args.file, args.key)
         if args.command == "join":

@@ -17,9 +17,9 @@ from typing import Any, Sequence, TextIO
 
 from .accounts import AccountError, AccountStore, open_accounts
 from .audit import AuditEvent, AuditLog
+from .audit_setup import open_audit_log
 from .config import Config, ConfigError, Keys, load_config, load_or_create_secret
 from .passwords import PasswordRejected
-from .web_auth import audit_path
 
 _ACTIONS = ("add", "list", "disable", "enable", "unlock", "reset-password", "reset-2fa")
 
@@ -81,7 +81,7 @@ async def _run(args: argparse.Namespace, config: Config, stdin: TextIO, out: Tex
         action = args.therapist_action
         if action == "list":
             return await _list(store, args, out)
-        audit = AuditLog(audit_path(config), keys.audit)
+        audit = open_audit_log(config, keys)
         try:
             return await _change(store, audit, args, config, stdin, out)
         finally:

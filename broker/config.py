@@ -39,6 +39,12 @@ class Config:
     turn_secret: str = ""
     turn_secret_file: str = ""
     secret_file: str = ""
+    #: The audit log's key, kept apart from the data directory: a file, or the value itself
+    #: (BROKER_AUDIT_KEY). Unset: derived from the server secret (see broker.audit_setup).
+    audit_key_file: str = ""
+    audit_key: str = field(default="", repr=False)
+    #: A new audit log file is started when the current one reaches this size (0: never).
+    audit_rotate_bytes: int = 16 * 1024 * 1024
     policy_file: str = ""
     #: WebSocket heartbeat and the deadline for hello + join.
     heartbeat_s: float = 20.0
@@ -210,6 +216,8 @@ def check_config(config: Config) -> list[str]:
         problems.append("login_idle_s must be positive and at most login_absolute_s.")
     problems += _check_preflight(config)
     problems += _check_data_dir(config)
+    problems += _check_audit(config)
+    problems += _check_admin_socket(config)
     if config.policy_file:
         problems += _check_policy(Path(config.policy_file))
     return problems
@@ -253,6 +261,22 @@ def _check_data_dir(config: Config) -> list[str]:
         if len(secret.read_bytes().strip()) < 32:
             return [f"the server secret {secret} is too short; delete it to have a new one generated."]
     return []
+
+
+def _check_audit(config: Config) -> list[str]:
+    from .audit_setup import audit_key_problems
+
+    problems = audit_key_problems(config)
+    if config.audit_rotate_bytes != 0 and config.audit_rotate_bytes < 65536:
+        problems.append("audit_rotate_bytes must be 0 (never rotate) or at least 65536.")
+    return problems
+
+
+def _check_admin_socket(config: Config) -> list[str]:
+    from .admin import socket_directory_problem
+
+    problem = socket_directory_problem(config.admin_socket.parent)
+    return [problem] if problem else []
 
 
 def _check_policy(path: Path) -> list[str]:

@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover - another aiohttp layout
 from .admission import BrokerPreflight, PolicyChecklist
 from .accounts import AccountStore, open_accounts
 from .audit import AuditLog
+from .audit_setup import open_audit_log
 from .client_address import request_address_key
 from .dashboard import setup_dashboard
 from .http_guard import forwarded_limit
@@ -73,7 +74,7 @@ class Broker:
         for task in self.background:
             task.cancel()
         await self.preflight.close()
-        self.audit.close()
+        await self.audit.aclose()
         await self.accounts.close()
         await self.bus.close()
         await self.store.close()
@@ -91,7 +92,7 @@ async def create_broker(config: Config, *, store: Store | None = None, bus: Bus 
         send_queue_limit=config.send_queue_limit,
     )
     preflight = BrokerPreflight.from_config(config)
-    audit_log = AuditLog(config.audit_path, keys.audit)
+    audit_log = open_audit_log(config, keys)
     accounts = await open_accounts(config, keys)
     signer = RecordSigner(keys.signing_seed)
     hub = Hub(

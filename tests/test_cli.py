@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import stat
 import subprocess
@@ -393,3 +394,158 @@ def test_serve_refuses_accounts_sealed_with_another_secret(tmp_path: Path) -> No
     assert result.returncode == 2
     assert "Cannot start" in result.stderr and "different key" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- session records read strictly (issue 25, finding 13)
+
+
+def _signed_record_file(tmp_path: Path) -> tuple[Path, str, str]:
+    """A genuine record file's text, and the key that verifies it."""
+    from broker.record import RecordSigner
+
+    signer = RecordSigner(b"s" * 32)
+    record = {"v": 1, "session": "abc", "started": None, "ended": 1, "seats": [{"peer": "p1", "verified": "link"}]}
+    text = json.dumps({"record": record, "signature": signer.sign(record), "key_id": signer.key_id})
+    path = tmp_path / "record.json"
+    path.write_text(text)
+    assert run("record", "verify", str(path), "--key", signer.public_jwk()["x"]).returncode == 0
+    return path, text, signer.public_jwk()["x"]
+
+
+@pytest.mark.parametrize(
+    "where, old, new",
+    [
+        # A reader that keeps the first of two equal keys sees another record, session or verification.
+        ("top level", '{"record": ', '{"record": {"v": 1, "session": "forged"}, "record": '),
+        ("record", '"ended": 1', '"ended": 99, "ended": 1'),
+        ("nested", '"verified": "link"', '"verified": "none", "verified": "link"'),
+    ],
+)
+def test_record_verify_refuses_duplicate_keys_anywhere(tmp_path: Path, where: str, old: str, new: str) -> None:
+    path, text, key = _signed_record_file(tmp_path)
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+    result = run("record", "verify", str(path), "--key", key)
+    assert result.returncode == 1 and "REFUSED" in result.stderr and "appears twice" in result.stderr, where
+    assert "Signature valid" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    "old, new, words",
+    [
+        ('"started": null', '"started": NaN', "NaN is not a JSON value"),  # read as null by the canonical form
+        ('"started": null', '"started": 1e999', "out of range"),
+        ('"ended": 1', '"ended": 9007199254740993', "too large"),
+        ('"session": "abc"', '"session": "abc\\ud800"', "no canonical form"),
+    ],
+)
+def test_record_verify_refuses_values_readers_would_read_differently(
+    tmp_path: Path, old: str, new: str, words: str
+) -> None:
+    path, text, key = _signed_record_file(tmp_path)
+    path.write_text(text.replace(old, new, 1))
+    result = run("record", "verify", str(path), "--key", key)
+    assert result.returncode == 1 and "REFUSED" in result.stderr and words in result.stderr
+
+
+# ---------------------------------------------------------------- audit log: warnings, anchors, a separate key (issue 25, finding 6)
+
+
+def _write_audit_entries(data_dir: Path, count: int, env: dict[str, str] | None = None) -> None:
+    from broker.audit import AuditEvent
+    from broker.audit_setup import open_audit_log
+    from broker.config import load_config
+
+    async def write() -> None:
+        log = open_audit_log(load_config({**(env or {}), "BROKER_DATA_DIR": str(data_dir)}))
+        for _ in range(count):  # each entry its own session: no two entries alike
+            await log.append(AuditEvent.SESSION_CREATED, session=secrets.token_urlsafe(16))
+        await log.aclose()
+
+    asyncio.run(write())
+
+
+def test_audit_verify_fails_after_the_tail_is_cut_and_the_broker_restarted_until_acknowledged(tmp_path: Path) -> None:
+    server = start_serve(tmp_path)
+    for _ in range(3):
+        assert run("session", "create", "--data-dir", str(tmp_path)).returncode == 0
+    server.process.terminate()
+    server.process.wait(10)
+    log = tmp_path / "audit.log"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:-2]))  # cut the last two entries off
+    server = start_serve(tmp_path)  # the broker records the mismatch and signs the new end
+    server.process.terminate()
+    server.process.wait(10)
+    warning = len(lines) - 1
+    result = run("audit", "verify", "--data-dir", str(tmp_path))
+    assert result.returncode == 1 and "NOT intact" in result.stderr
+    assert f"Integrity warning at entry {warning}" in result.stdout and "NOT acknowledged" in result.stdout
+    assert f"broker audit acknowledge --through {warning}" in result.stderr
+    result = run("audit", "acknowledge", "--through", str(warning - 1), "--data-dir", str(tmp_path))
+    assert result.returncode == 1 and f"entry {warning} is an integrity warning after entry {warning - 1}" in result.stderr
+    result = run("audit", "acknowledge", "--through", str(warning), "--data-dir", str(tmp_path))
+    assert result.returncode == 0 and f"warning(s) at entry {warning}" in result.stdout
+    result = run("audit", "verify", "--data-dir", str(tmp_path))
+    assert result.returncode == 0 and "Audit log intact" in result.stdout and "acknowledged at entry" in result.stdout
+
+
+def test_audit_verify_reports_a_log_emptied_with_its_head_removed(tmp_path: Path) -> None:
+    _write_audit_entries(tmp_path, 3)
+    (tmp_path / "audit.log").write_text("")
+    (tmp_path / "audit.log.head").unlink()
+    result = run("audit", "verify", "--data-dir", str(tmp_path))
+    assert result.returncode == 1 and "or the log and its signed head were removed" in result.stderr
+    assert "intact" not in result.stdout
+
+
+def test_audit_anchor_then_verify_catches_a_log_rewritten_with_the_key(tmp_path: Path) -> None:
+    from broker.audit_format import GENESIS, canonical, entry_hash, head_bytes, head_key
+    from broker.config import Config, Keys, load_or_create_secret
+
+    _write_audit_entries(tmp_path, 5)
+    result = run("audit", "anchor", "--data-dir", str(tmp_path))
+    assert result.returncode == 0 and "off this machine" in result.stderr
+    anchor = result.stdout.strip()
+    assert anchor.startswith("anchor1/5/") and len(anchor.splitlines()) == 1
+    _write_audit_entries(tmp_path, 2)
+    assert run("audit", "verify", "--anchor", anchor, "--data-dir", str(tmp_path)).returncode == 0
+    # Someone holding the data directory drops the first entry, relinks the chain and signs its end.
+    log = tmp_path / "audit.log"
+    entries, prev = [], GENESIS
+    for seq, line in enumerate(log.read_text().splitlines()[1:], start=1):
+        entry = {**json.loads(line), "seq": seq, "prev": prev}
+        entry["hash"] = entry_hash(entry)
+        entries.append(entry)
+        prev = entry["hash"]
+    log.write_bytes(b"".join(canonical(e) + b"\n" for e in entries))
+    key = Keys(load_or_create_secret(Config(data_dir=tmp_path))).audit
+    (tmp_path / "audit.log.head").write_bytes(head_bytes(head_key(key), len(entries), prev))
+    result = run("audit", "verify", "--data-dir", str(tmp_path))
+    assert result.returncode == 0 and "whoever holds the directory could have cut or rewritten" in result.stdout
+    result = run("audit", "verify", "--anchor", anchor, "--data-dir", str(tmp_path))
+    assert result.returncode == 1 and "is not the one anchored" in result.stderr
+    result = run("audit", "verify", "--anchor", "anchor1/5/yesterday", "--data-dir", str(tmp_path))
+    assert result.returncode == 2 and "is not an anchor" in result.stderr
+
+
+def test_audit_verify_and_check_config_with_a_separate_audit_key(tmp_path: Path) -> None:
+    data, key_file = tmp_path / "data", tmp_path / "keys" / "audit.key"
+    key_file.parent.mkdir()
+    key_file.write_text(os.urandom(32).hex() + "\n")
+    key_file.chmod(0o640)
+    env = {**os.environ, "BROKER_AUDIT_KEY_FILE": str(key_file)}
+    result = run("check-config", "--data-dir", str(data), env=env)
+    assert result.returncode == 1 and f"chmod 600 {key_file}" in result.stderr
+    key_file.chmod(0o600)
+    assert run("check-config", "--data-dir", str(data), env=env).returncode == 0
+    _write_audit_entries(data, 3, {"BROKER_AUDIT_KEY_FILE": str(key_file)})
+    result = run("audit", "verify", "--data-dir", str(data), env=env)
+    assert result.returncode == 0 and f"the separate audit key ({key_file})" in result.stdout
+    assert "Note:" not in result.stdout
+    # The key derived from the data directory's server secret does not verify this log.
+    from broker.config import Config, load_or_create_secret
+
+    load_or_create_secret(Config(data_dir=data))  # as a broker's start makes it
+    result = run("audit", "verify", "--data-dir", str(data))
+    assert result.returncode == 1 and "does not verify with the audit key" in result.stderr

@@ -504,6 +504,41 @@ def test_broker_accepts_the_systemd_settings(tmp_path: Path) -> None:
     _check_broker_settings(env, tmp_path)
 
 
+# --------------------------------------------------------------------------- the admin socket
+
+ADMIN_SOCKET = "/run/broker/admin/admin.sock"
+
+
+def test_the_admin_socket_has_a_directory_of_its_own_in_every_deployment(
+    compose_config: dict[str, Any], k8s_objects: list[dict[str, Any]]
+) -> None:
+    """Never in a shared /tmp (issue 25, finding 12): the socket's directory is one the broker makes
+    itself (0700), inside a mount or directory of its own; the broker refuses a shared one."""
+    rows = _dockerfile_instructions()
+    assert f"BROKER_ADMIN_SOCKET_PATH={ADMIN_SOCKET}" in " ".join(rest for keyword, rest in rows if keyword == "ENV")
+    installs = " ".join(rest for keyword, rest in rows if keyword == "RUN")
+    assert re.search(r"install -d -o broker -g broker -m 0700 [^&]*/run/broker(\s|$)", installs)
+    for name in ("broker1", "broker2"):
+        service = compose_config["services"][name]
+        assert service["environment"]["BROKER_ADMIN_SOCKET_PATH"] == ADMIN_SOCKET
+        mounts = dict(str(entry).split(":", 1) for entry in service["tmpfs"])
+        options = dict(option.split("=", 1) for option in mounts["/run/broker"].split(","))
+        assert options["mode"] == "0700" and options["uid"] == options["gid"] == "10001"
+    literals = dict(x.split("=", 1) for x in _generator("broker-config")["literals"])
+    assert literals["BROKER_ADMIN_SOCKET_PATH"] == ADMIN_SOCKET
+    pod = _object(k8s_objects, "Deployment", "broker")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    volume = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}["/run/broker"]
+    assert "emptyDir" in {v["name"]: v for v in pod["volumes"]}[volume]
+    # systemd: the default, DATA_DIR/run/admin.sock, inside the 0700 state directory (and a private /tmp anyway).
+    keys = _unit_keys()
+    env = dict(entry.split("=", 1) for entry in keys["Environment"])
+    assert "BROKER_ADMIN_SOCKET_PATH" not in env and keys["StateDirectoryMode"] == ["0700"]
+    assert load_config(env).admin_socket == Path(env["BROKER_DATA_DIR"]) / "run" / "admin.sock"
+    for text in (DOCKERFILE.read_text(), COMPOSE.read_text(), (K8S / "kustomization.yaml").read_text()):
+        assert "/tmp/broker-admin" not in text
+
+
 # --------------------------------------------------------------------------- systemd
 
 
