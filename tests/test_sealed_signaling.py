@@ -131,11 +131,12 @@ def assert_nothing_in_clear(where: str, blobs: Iterable[bytes], secrets: set[str
             assert mark.encode() not in blob, f"{where} holds {mark!r} in clear"
 
 
-async def store_contents(running: RunningBroker, raw: Any = None) -> list[bytes]:
-    """Every value in the broker's store, opened as the broker opens it (with its server secret)."""
+async def store_contents(running: RunningBroker, raw: Any = None, prefix: str = "") -> list[bytes]:
+    """Every value in the broker's store (under ``prefix``), opened as the broker opens it (with
+    its server secret)."""
     store = running.broker.hub.store
     values: list[bytes] = []
-    for key in await store.keys(""):
+    for key in await store.keys(prefix):
         values.append(key.encode())
         try:
             value = await store.get(key)
@@ -218,3 +219,34 @@ def test_the_secrets_finder_sees_what_a_clear_description_gives_away() -> None:
     with pytest.raises(AssertionError, match="in clear"):
         assert_nothing_in_clear("a frame", [sdp.encode()], found)
     assert re.search("candidate:abc", " ".join(found))
+
+
+async def test_without_the_link_key_the_call_stays_in_clear_and_says_so(tmp_path: Path) -> None:
+    """A therapist on a device without the link key (docs/protocol.md 7.2, 7.7): nothing can be
+    sealed for it, so both sides keep the clear path, unverified, and compare safety codes."""
+    running = await start_broker(tmp_path)
+    hub = recording(running)
+    try:
+        links = await schedule(running)
+        therapist = BrokerClient(links.therapist.split("#", 1)[0])
+        await therapist.connect()
+        client = await waiting_client(links, allow_unverified=True)
+        try:
+            await therapist.admit(client.peer_id)
+            c_link = await client.wait_connected(therapist.peer_id)
+            t_link = await therapist.wait_connected(client.peer_id)
+            assert c_link.trust == t_link.trust == "unverified"
+            assert not (c_link.sealing or c_link.remote_sealed or t_link.sealing or t_link.remote_sealed)
+            assert therapist.safety_code(client.peer_id) == client.safety_code(therapist.peer_id)
+            assert hub.frames and not any(b'"sealed":"' in f for f in hub.frames)
+            # Sealed anyway (a peer that got it wrong): the keyless side cannot open it, and drops it.
+            assert client.auth is not None
+            counter, sealed = client.auth.seal(therapist.peer_id, "candidate", {"candidate": "", "sdp_mid": None, "sdp_mline_index": None})
+            await client.send_raw(json.dumps({"type": "candidate", "to": therapist.peer_id, "counter": counter, "sealed": sealed}))
+            await wait_for(lambda: therapist.dropped == {"sealed_without_link_key": 1})
+            assert therapist.interceptions == client.interceptions == []
+        finally:
+            await client.close()
+            await therapist.close()
+    finally:
+        await running.stop()
