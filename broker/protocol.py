@@ -177,7 +177,7 @@ class _TwoForms(_ClientMessage):
                 f"{form.name} (with {' and '.join(sorted(form.required))}, without {', '.join(sorted(form.forbidden))})"
                 for form in self.forms
             )
-            tag = self.__struct_config__.tag
+            tag = str(self.__struct_config__.tag)
             raise ValueError(f"{'an' if tag[0] in 'aeiou' else 'a'} {tag} message is either {shapes}")
 
 

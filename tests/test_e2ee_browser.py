@@ -497,3 +497,21 @@ async def test_read_link_key_from_fragment(page: Page, base_url: str) -> None:
     finally:  # leave the shared page as the other tests expect it
         await page.goto(base_url + "/")
         await page.evaluate(PAGE_HELPERS)
+
+
+async def test_js_counts_plaintext_limits_in_code_points_like_python(page: Page) -> None:
+    """A candidate line of 1024 emoji is 1024 characters to Python and 2048 UTF-16 units to JS."""
+    line = "\U0001f388" * 1024
+    fields = {"candidate": line, "sdp_mid": None, "sdp_mline_index": None}
+    assert e2ee.signal_plaintext("candidate", fields)  # within the limit in Python
+    got = await page.evaluate(
+        """([fields]) => {
+          const attempt = (f) => { try { e2ee.signalPlaintext('candidate', f); return 'accepted'; }
+                                   catch (err) { return err.message; } };
+          return [attempt(fields), attempt({...fields, candidate: fields.candidate + 'x'})];
+        }""",
+        [fields],
+    )
+    assert got[0] == "accepted" and got[1].startswith("a candidate's plaintext")
+    with pytest.raises(ValueError, match="a candidate's plaintext"):
+        e2ee.signal_plaintext("candidate", {**fields, "candidate": line + "x"})

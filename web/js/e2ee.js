@@ -306,9 +306,10 @@ export function sealAad(sessionId, sender, recipient, type, counter) {
   return concat([lp(SEAL_LABEL), lp(sessionId), lp(sender), lp(recipient), lp(type), u64(counter)]);
 }
 
+/** Whether a field is text within `limit` characters, counted as Python counts them (code points). */
 function textField(value, limit, nullable) {
   if (value === null) return nullable;
-  return typeof value === "string" && value.length <= limit;
+  return typeof value === "string" && (value.length <= limit || [...value].length <= limit);
 }
 
 function sameKeys(object, names) {
