@@ -1,8 +1,9 @@
 """The Python client: one peer of a session, over the signaling protocol, with aiortc.
 
 Used by the tests, the benchmarks and ``broker join`` (a terminal diagnostic).
-It speaks only the documented protocol (docs/protocol.md), authenticates every
-offer and answer with the link key (broker.e2ee), opens a negotiated data
+It speaks only the documented protocol (docs/protocol.md), seals every offer
+and answer end to end with the link key (broker.e2ee; docs/protocol.md 7.7),
+checks or opens what it receives, opens a negotiated data
 channel ("chat") to every admitted peer, and can send and receive audio and
 video. When its WebSocket drops it reconnects with the same seat (to any of the
 broker URLs it knows) while the peer-to-peer connections carry on.
@@ -149,6 +150,10 @@ class PeerLink:
     messages: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
     channel_open: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
+    #: We seal what we send on this connection: we offered with the link key, or the offer came sealed.
+    sealing: bool = False
+    #: The peer's description on this connection came sealed: clear candidates from it are dropped.
+    remote_sealed: bool = False
     #: What the peer last said of its microphone and camera.
     remote_media: dict[str, bool] = field(default_factory=lambda: {"audio": True, "video": True})
 
@@ -157,6 +162,16 @@ class PeerLink:
         if local is None or remote is None:
             return None
         return e2ee.safety_code(session_id, e2ee.fingerprint_of(local.sdp), e2ee.fingerprint_of(remote.sdp))
+
+
+@dataclass(frozen=True)
+class _HeldCandidate:
+    """A candidate (already opened if it came sealed) waiting for its connection's description."""
+
+    line: str
+    sdp_mid: str | None
+    sdp_mline_index: int | None
+    sealed: bool
 
 
 class BrokerClient:
@@ -194,7 +209,10 @@ class BrokerClient:
         self._url_index = 0
         self._closing = False
         self._connected = asyncio.Event()
-        self._pending_candidates: dict[str, list[Candidate]] = {}
+        self._pending_candidates: dict[str, list[_HeldCandidate]] = {}
+        #: Signaling dropped without a warning, by why (content-free): clear candidates from a
+        #: peer whose description came sealed, replayed sealed candidates, ...
+        self.dropped: dict[str, int] = {}
         self.token = self.link.token
         #: Given by the broker at the first join; presented on every reconnect (memory only).
         self._resume_secret: str | None = None
@@ -527,6 +545,7 @@ class BrokerClient:
     async def _start_offer(self, peer: str) -> None:
         assert self.auth is not None
         link = self._new_link(peer, offerer=True)
+        link.sealing = self.auth.has_link_key
         pc = link.pc
         if self.media:
             pc.addTrack(AudioStreamTrack())
@@ -535,26 +554,52 @@ class BrokerClient:
             pc.addTransceiver("audio", direction="recvonly")
             pc.addTransceiver("video", direction="recvonly")
         await pc.setLocalDescription(await pc.createOffer())
-        sdp = pc.localDescription.sdp
-        counter, mac = self.auth.sign(peer, "offer", sdp)
-        await self._send(Offer(to=peer, sdp=sdp, counter=counter, mac=mac))
+        await self._send_description(link, "offer")
+
+    async def _send_description(self, link: PeerLink, kind: str) -> None:
+        """Our description, sealed end to end when this connection seals, else in clear with a MAC."""
+        assert self.auth is not None
+        sdp = link.pc.localDescription.sdp
+        cls = Offer if kind == "offer" else Answer
+        if link.sealing:
+            counter, sealed = self.auth.seal(link.peer, kind, {"sdp": sdp})
+            await self._send(cls(to=link.peer, counter=counter, sealed=sealed))
+        else:
+            counter, mac = self.auth.sign(link.peer, kind, sdp)
+            await self._send(cls(to=link.peer, sdp=sdp, counter=counter, mac=mac))
+
+    def _dropped(self, peer: str, why: str) -> None:
+        self.dropped[why] = self.dropped.get(why, 0) + 1
+        log.info("event=signal_dropped peer=%s why=%s", peer, why)
+
+    async def _intercepted(self, peer: str, reason: str) -> None:
+        self.interceptions.append(Interception(peer, reason))
+        log.warning("event=interception_warning peer=%s reason=%s", peer, reason)
+        with contextlib.suppress(ConnectionError, ValueError, msgspec.ValidationError):
+            await self._send(Report(event="interception_warning", peer=peer, reason=reason))  # type: ignore[arg-type]
+        link = self.links.get(peer)
+        if link is not None:
+            await self._close_link(link)
 
     async def _on_description(self, message: Offer | Answer) -> None:
         assert self.auth is not None
         peer = message.from_ or ""
         kind = "offer" if isinstance(message, Offer) else "answer"
+        sealed = message.sealed is not None
         try:
-            trust = self.auth.verify(
-                peer, kind, message.counter, message.sdp, message.mac, allow_unverified=self.allow_unverified
-            )
+            if message.sealed is not None:
+                if not self.auth.has_link_key:
+                    self._dropped(peer, "sealed_without_link_key")
+                    return
+                sdp = str(self.auth.unseal(peer, kind, message.counter, message.sealed)["sdp"])
+                trust = e2ee.Trust.VERIFIED_BY_LINK
+            else:
+                sdp = message.sdp or ""
+                trust = self.auth.verify(
+                    peer, kind, message.counter, sdp, message.mac, allow_unverified=self.allow_unverified
+                )
         except e2ee.InterceptionError as exc:
-            self.interceptions.append(Interception(peer, exc.reason))
-            log.warning("event=interception_warning peer=%s reason=%s", peer, exc.reason)
-            with contextlib.suppress(ConnectionError, ValueError, msgspec.ValidationError):
-                await self._send(Report(event="interception_warning", peer=peer, reason=exc.reason))  # type: ignore[arg-type]
-            link = self.links.get(peer)
-            if link is not None:
-                await self._close_link(link)
+            await self._intercepted(peer, exc.reason)
             return
         if isinstance(message, Offer):
             old = self.links.get(peer)
@@ -562,38 +607,63 @@ class BrokerClient:
                 await self._close_link(old)
             link = self._new_link(peer, offerer=False)
             link.trust = trust
-            await link.pc.setRemoteDescription(RTCSessionDescription(sdp=message.sdp, type="offer"))
+            link.remote_sealed = link.sealing = sealed  # answer the way the offer came
+            await link.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             if self.media:
                 link.pc.addTrack(AudioStreamTrack())
                 link.pc.addTrack(VideoStreamTrack())
             await link.pc.setLocalDescription(await link.pc.createAnswer())
-            sdp = link.pc.localDescription.sdp
-            counter, mac = self.auth.sign(peer, "answer", sdp)
-            await self._send(Answer(to=peer, sdp=sdp, counter=counter, mac=mac))
+            await self._send_description(link, "answer")
         else:
             link = self.links.get(peer)
             if link is None or not link.offerer or link.pc.signalingState != "have-local-offer":
                 return
             link.trust = trust
-            await link.pc.setRemoteDescription(RTCSessionDescription(sdp=message.sdp, type="answer"))
-        for pending in self._pending_candidates.pop(peer, []):
-            await self._on_candidate(pending)
+            link.remote_sealed = sealed
+            await link.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+        for held in self._pending_candidates.pop(peer, []):
+            await self._add_candidate(peer, held)
 
     async def _on_candidate(self, message: Candidate) -> None:
         peer = message.from_ or ""
+        if message.sealed is None:
+            held = _HeldCandidate(message.candidate or "", message.sdp_mid, message.sdp_mline_index, sealed=False)
+            await self._add_candidate(peer, held)
+            return
+        if self.auth is None or not self.auth.has_link_key:
+            self._dropped(peer, "sealed_without_link_key")
+            return
+        try:
+            fields = self.auth.unseal(peer, "candidate", message.counter, message.sealed)
+        except e2ee.InterceptionError as exc:
+            if exc.reason == "bad_mac":  # altered or made up: only someone in the middle does that
+                await self._intercepted(peer, exc.reason)
+            else:  # a replayed or malformed candidate can do no harm: drop it
+                self._dropped(peer, f"candidate_{exc.reason}")
+            return
+        line, mid, index = fields["candidate"], fields["sdp_mid"], fields["sdp_mline_index"]
+        assert isinstance(line, str) and (mid is None or isinstance(mid, str))
+        assert index is None or isinstance(index, int)
+        await self._add_candidate(peer, _HeldCandidate(line, mid, index, sealed=True))
+
+    async def _add_candidate(self, peer: str, held: _HeldCandidate) -> None:
         link = self.links.get(peer)
         if link is None or link.pc.remoteDescription is None:
-            self._pending_candidates.setdefault(peer, []).append(message)
+            self._pending_candidates.setdefault(peer, []).append(held)
             return
-        line = message.candidate
+        if link.remote_sealed and not held.sealed:
+            # The peer seals: a clear candidate can only come from the broker.
+            self._dropped(peer, "clear_candidate")
+            return
+        line = held.line
         if not line:
             return
         try:
             candidate = candidate_from_sdp(line.split(":", 1)[1] if line.startswith("candidate:") else line)
         except (ValueError, IndexError, AssertionError):  # aiortc asserts on lines it cannot parse
             return
-        candidate.sdpMid = message.sdp_mid
-        candidate.sdpMLineIndex = message.sdp_mline_index
+        candidate.sdpMid = held.sdp_mid
+        candidate.sdpMLineIndex = held.sdp_mline_index
         with contextlib.suppress(Exception):
             await link.pc.addIceCandidate(candidate)
 

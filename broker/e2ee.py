@@ -7,6 +7,8 @@ module holds the pieces both peers compute for themselves:
 * the link key (256 bits, carried only in the invite link's fragment),
 * authenticated SDP: an HMAC over a canonical encoding of each offer/answer,
   keyed per peer pair from the link key, with a strictly increasing counter,
+* sealed signaling: offers, answers and ICE candidates encrypted (AES-256-GCM)
+  with a key per direction of a peer pair, so the broker relays only ciphertext,
 * the safety code: a 9-digit code from both DTLS fingerprints that the people
   in the call compare aloud (works even without the link key),
 * sealing of the client's emergency details so only the therapist can read them.
@@ -38,8 +40,13 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 __all__ = [
     "LINK_KEY_BYTES",
     "MAX_COUNTER",
+    "MAX_SEALED_CHARS",
+    "MAX_SEALED_PLAINTEXT",
+    "MAX_SEALS_PER_KEY",
+    "MIN_SEALED_CHARS",
     "REASONS",
     "SDP_TYPES",
+    "SIGNAL_TYPES",
     "DetailsError",
     "InterceptionError",
     "SdpAuthenticator",
@@ -50,14 +57,20 @@ __all__ = [
     "decode_link_key",
     "derive_auth_key",
     "derive_details_key",
+    "derive_seal_key",
     "fingerprint_of",
     "new_link_key",
     "normalise_fingerprint",
     "open_details",
+    "open_signal",
     "pair_key",
+    "parse_signal_plaintext",
     "safety_code",
+    "seal_aad",
     "seal_details",
+    "seal_signal",
     "sign_sdp",
+    "signal_plaintext",
     "verify_sdp",
 ]
 
@@ -68,12 +81,27 @@ TAG_BYTES: Final = 16
 # Counters are unix microseconds; 2**53 - 1 keeps them exact in a JS Number.
 MAX_COUNTER: Final = 2**53 - 1
 SDP_TYPES: Final = frozenset({"offer", "answer"})
+#: What may be sealed end to end: descriptions and trickled ICE candidates.
+SIGNAL_TYPES: Final = frozenset({"offer", "answer", "candidate"})
+#: Longest SDP a description may carry (the clear form's limit in broker/protocol.py).
+MAX_SDP_CHARS: Final = 48 * 1024
+MAX_CANDIDATE_CHARS: Final = 1024
+MAX_MID_CHARS: Final = 64
+# A sealed field is base64url(nonce || ciphertext || tag). Its longest form keeps a sealed
+# frame under the broker's 64 KiB frame limit; its shortest holds a 2-byte plaintext ("{}").
+MAX_SEALED_CHARS: Final = 65_000
+MIN_SEALED_CHARS: Final = 40
+MAX_SEALED_PLAINTEXT: Final = MAX_SEALED_CHARS * 3 // 4 - NONCE_BYTES - TAG_BYTES  # 48,722 bytes
+#: Seals one sealer makes under one direction key before refusing. Random 96-bit nonces are
+#: safe for 2**32 messages per key (NIST SP 800-38D section 8.3); a session needs a few thousand.
+MAX_SEALS_PER_KEY: Final = 2**20
 
 AUTH_INFO: Final = b"sdp-auth v1"
 DETAILS_INFO: Final = b"emergency-details v1"
 CHECKLIST_INFO: Final = b"checklist-answers v1"
 PAIR_LABEL: Final = "pair v1"
 SDP_LABEL: Final = "tt-sdp v1"
+SEAL_LABEL: Final = "tt-seal v1"
 SAS_LABEL: Final = "tt-sas v1"
 DETAILS_LABEL: Final = "tt-details v1"
 CHECKLIST_LABEL: Final = "tt-checklist v1"
@@ -83,7 +111,7 @@ CHECKLIST_LABEL: Final = "tt-checklist v1"
 REASONS: Final = frozenset(
     {
         "missing_mac",  # we hold the link key but the message carried no MAC
-        "bad_mac",  # MAC does not match (altered SDP, ids, type or counter, or wrong key)
+        "bad_mac",  # MAC does not match, or a sealed message does not open (altered, or wrong key)
         "replayed_counter",  # counter not greater than the last one accepted from this sender
         "malformed",  # wrong type, counter out of range, message addressed from ourselves
         "missing_fingerprint",  # SDP has no usable a=fingerprint line
@@ -293,16 +321,152 @@ def verify_sdp(
         raise InterceptionError("bad_mac") from None
 
 
+# -- sealed signaling ----------------------------------------------------------------------
+
+
+def derive_seal_key(k_pair: bytes, sender: str, recipient: str) -> bytes:
+    """K_seal(sender -> recipient): both directions share K_pair, so each gets its own key."""
+    if not isinstance(k_pair, bytes) or len(k_pair) != 32:
+        raise ValueError("K_pair must be 32 bytes")
+    info = lp(SEAL_LABEL) + lp(sender) + lp(recipient)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"", info=info).derive(k_pair)
+
+
+def seal_aad(session_id: str, sender: str, recipient: str, kind: str, counter: int) -> bytes:
+    """The associated data of a sealed message: its routing header, which the broker sees."""
+    if kind not in SIGNAL_TYPES:
+        raise ValueError("type must be 'offer', 'answer' or 'candidate'")
+    return b"".join(
+        (lp(SEAL_LABEL), lp(session_id), lp(sender), lp(recipient), lp(kind), u64(counter))
+    )
+
+
+def _text_field(value: object, limit: int, *, nullable: bool) -> bool:
+    if value is None:
+        return nullable
+    return isinstance(value, str) and len(value) <= limit
+
+
+def _check_signal_fields(kind: str, fields: dict[str, object]) -> None:
+    """Raise ValueError unless ``fields`` is exactly the plaintext of a ``kind`` message."""
+    if not isinstance(fields, dict):
+        raise ValueError("plaintext must be an object")
+    if kind in SDP_TYPES:
+        if set(fields) != {"sdp"} or not _text_field(fields["sdp"], MAX_SDP_CHARS, nullable=False):
+            raise ValueError("a description's plaintext is {\"sdp\": text of at most 48 KiB}")
+        return
+    if kind != "candidate":
+        raise ValueError("type must be 'offer', 'answer' or 'candidate'")
+    index = fields.get("sdp_mline_index")
+    if (
+        set(fields) != {"candidate", "sdp_mid", "sdp_mline_index"}
+        or not _text_field(fields["candidate"], MAX_CANDIDATE_CHARS, nullable=False)
+        or not _text_field(fields["sdp_mid"], MAX_MID_CHARS, nullable=True)
+        or not (
+            index is None
+            or (isinstance(index, int) and not isinstance(index, bool) and 0 <= index <= 255)
+        )
+    ):
+        raise ValueError(
+            "a candidate's plaintext is {\"candidate\", \"sdp_mid\", \"sdp_mline_index\"}"
+            " within the limits of the clear form"
+        )
+
+
+def signal_plaintext(kind: str, fields: dict[str, object]) -> str:
+    """The exact plaintext of a sealed message: compact JSON, fields in a fixed order.
+
+    Both implementations write the same text (e2ee.js uses JSON.stringify), so the
+    shared vectors can compare ciphertexts; receivers do not depend on the exact form.
+    """
+    _check_signal_fields(kind, fields)
+    order = ("sdp",) if kind in SDP_TYPES else ("candidate", "sdp_mid", "sdp_mline_index")
+    for name in order:
+        value = fields[name]
+        if isinstance(value, str):
+            _utf8(value)  # lone surrogates raise here, as in e2ee.js
+    return json.dumps({name: fields[name] for name in order}, ensure_ascii=False, separators=(",", ":"))
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_signal_plaintext(kind: str, text: str) -> dict[str, object]:
+    """The fields of an opened message; InterceptionError("malformed") if it is not one."""
+    try:
+        fields = json.loads(text, parse_constant=_no_constant)  # NaN, Infinity: not JSON
+        _check_signal_fields(kind, fields)
+    except (ValueError, RecursionError) as exc:
+        raise InterceptionError("malformed", f"sealed plaintext: {exc}") from None
+    return fields  # type: ignore[no-any-return]
+
+
+def seal_signal(
+    k_seal: bytes,
+    session_id: str,
+    sender: str,
+    recipient: str,
+    kind: str,
+    counter: int,
+    plaintext: str,
+    *,
+    nonce: bytes | None = None,
+) -> str:
+    """base64url(nonce || AES-256-GCM ciphertext || tag) of one offer, answer or candidate.
+
+    ``nonce`` exists for test vectors only; product code leaves it None (12 random bytes).
+    """
+    if nonce is None:
+        nonce = os.urandom(NONCE_BYTES)
+    if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
+        raise ValueError(f"nonce must be {NONCE_BYTES} bytes")
+    data = _utf8(plaintext)
+    if len(data) > MAX_SEALED_PLAINTEXT:
+        raise ValueError(f"plaintext over {MAX_SEALED_PLAINTEXT} bytes cannot be sealed")
+    aad = seal_aad(session_id, sender, recipient, kind, counter)
+    return b64url_encode(nonce + AESGCM(k_seal).encrypt(nonce, data, aad))
+
+
+def open_signal(
+    k_seal: bytes,
+    session_id: str,
+    sender: str,
+    recipient: str,
+    kind: str,
+    counter: int,
+    sealed: str,
+) -> str:
+    """The plaintext of a sealed message; InterceptionError("bad_mac") if it does not open."""
+    try:
+        blob = b64url_decode(sealed)
+    except ValueError:
+        raise InterceptionError("bad_mac", "sealed field is not base64url") from None
+    if len(blob) < NONCE_BYTES + TAG_BYTES:
+        raise InterceptionError("bad_mac", "sealed field is too short")
+    aad = seal_aad(session_id, sender, recipient, kind, counter)
+    try:
+        plain = AESGCM(k_seal).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
+    except InvalidTag:
+        raise InterceptionError("bad_mac") from None
+    try:
+        return plain.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InterceptionError("malformed", "sealed plaintext is not UTF-8") from None
+
+
 def _now_micros() -> int:
     return time.time_ns() // 1000
 
 
 class SdpAuthenticator:
-    """Signs outgoing and checks incoming offers/answers for one peer in one session.
+    """Signs or seals outgoing and checks or opens incoming signaling for one peer in one session.
 
     With ``link_key=None`` (a therapist on another device) it still enforces
     counters, but every peer is reported as ``Trust.UNVERIFIED`` and the people
-    must compare the safety code.
+    must compare the safety code; such a peer can neither seal nor open.
+    One counter per direction covers everything sent that way: clear offers and
+    answers, and sealed offers, answers and candidates.
     """
 
     def __init__(
@@ -312,17 +476,23 @@ class SdpAuthenticator:
         my_peer_id: str,
         *,
         clock: Callable[[], int] = _now_micros,
+        seal_limit: int = MAX_SEALS_PER_KEY,
     ) -> None:
+        if not 0 < seal_limit <= MAX_SEALS_PER_KEY:
+            raise ValueError(f"seal_limit must be in 1..{MAX_SEALS_PER_KEY}")
         self.session_id = session_id
         self.my_peer_id = my_peer_id
         self._k_auth = None if link_key is None else derive_auth_key(link_key, session_id)
         self._clock = clock
+        self._seal_limit = seal_limit
         self._last_sent: dict[str, int] = {}
         self._last_accepted: dict[str, int] = {}
+        self._seals: dict[str, int] = {}
+        self._seal_keys: dict[tuple[str, str], bytes] = {}
 
     @property
     def has_link_key(self) -> bool:
-        """Whether this side can sign and check MACs at all."""
+        """Whether this side can sign, seal, check and open at all."""
         return self._k_auth is not None
 
     def next_counter(self, recipient: str) -> int:
@@ -345,6 +515,60 @@ class SdpAuthenticator:
         )
         return counter, mac
 
+    def _seal_key(self, sender: str, recipient: str) -> bytes:
+        assert self._k_auth is not None
+        key = self._seal_keys.get((sender, recipient))
+        if key is None:
+            key = derive_seal_key(pair_key(self._k_auth, sender, recipient), sender, recipient)
+            self._seal_keys[(sender, recipient)] = key
+        return key
+
+    def seal(self, recipient: str, kind: str, fields: dict[str, object]) -> tuple[int, str]:
+        """(counter, sealed) for an offer, answer or candidate to ``recipient``.
+
+        ValueError without the link key, for bad fields, or once this sealer has used
+        the direction key ``seal_limit`` times (a fresh page or client starts again).
+        """
+        if self._k_auth is None:
+            raise ValueError("cannot seal without the link key")
+        if recipient == self.my_peer_id:
+            raise ValueError("cannot send a message to ourselves")
+        plaintext = signal_plaintext(kind, fields)
+        if len(plaintext.encode("utf-8")) > MAX_SEALED_PLAINTEXT:
+            raise ValueError(f"plaintext over {MAX_SEALED_PLAINTEXT} bytes cannot be sealed")
+        seals = self._seals.get(recipient, 0)
+        if seals >= self._seal_limit:
+            raise ValueError("refusing to seal: this direction key has sealed its limit of messages")
+        key = self._seal_key(self.my_peer_id, recipient)
+        counter = self.next_counter(recipient)
+        self._seals[recipient] = seals + 1
+        sealed = seal_signal(key, self.session_id, self.my_peer_id, recipient, kind, counter, plaintext)
+        return counter, sealed
+
+    def unseal(
+        self, sender: str, kind: str, counter: int | None, sealed: str
+    ) -> dict[str, object]:
+        """Open a sealed offer, answer or candidate and return its fields, or raise InterceptionError.
+
+        bad_mac: it does not open (altered, replayed under another header, or not for us);
+        replayed_counter: not above the last counter accepted from ``sender``;
+        malformed: bad header or plaintext; missing_fingerprint / fingerprint_mismatch:
+        as for a clear description. State changes only on success.
+        """
+        counter = self._check_header(sender, kind, SIGNAL_TYPES, counter)
+        if self._k_auth is None:
+            raise ValueError("cannot open a sealed message without the link key")
+        key = self._seal_key(sender, self.my_peer_id)
+        text = open_signal(key, self.session_id, sender, self.my_peer_id, kind, counter, sealed)
+        fields = parse_signal_plaintext(kind, text)
+        last = self._last_accepted.get(sender)
+        if last is not None and counter <= last:
+            raise InterceptionError("replayed_counter")
+        if kind in SDP_TYPES:
+            fingerprint_of(str(fields["sdp"]))
+        self._last_accepted[sender] = counter
+        return fields
+
     def verify(
         self,
         sender: str,
@@ -355,14 +579,16 @@ class SdpAuthenticator:
         *,
         allow_unverified: bool = False,
     ) -> Trust:
-        """Accept an offer/answer or raise InterceptionError; state changes only on success.
+        """Accept a clear offer/answer or raise InterceptionError; state changes only on success.
 
         ``allow_unverified=True`` lets a peer holding the link key accept a message
         without MAC (the other side has no link key) -- only after the UI has warned
         and asked for the safety code.  A MAC that is present is always checked.
         Wire values go in as received: a missing counter is reported as "malformed".
         """
-        counter = self._check_shape(sender, sdp_type, counter, sdp)
+        if not isinstance(sdp, str):
+            raise InterceptionError("malformed", "sender and sdp must be text")
+        counter = self._check_header(sender, sdp_type, SDP_TYPES, counter)
         trust = Trust.UNVERIFIED
         if self._k_auth is not None and (mac or not allow_unverified):
             verify_sdp(
@@ -376,13 +602,15 @@ class SdpAuthenticator:
         self._last_accepted[sender] = counter
         return trust
 
-    def _check_shape(self, sender: str, sdp_type: str, counter: int | None, sdp: str) -> int:
-        if not isinstance(sender, str) or not isinstance(sdp, str):
+    def _check_header(
+        self, sender: str, kind: str, kinds: frozenset[str], counter: int | None
+    ) -> int:
+        if not isinstance(sender, str):
             raise InterceptionError("malformed", "sender and sdp must be text")
         if sender == self.my_peer_id:
             raise InterceptionError("malformed", "message claims to come from ourselves")
-        if sdp_type not in SDP_TYPES:
-            raise InterceptionError("malformed", "type must be offer or answer")
+        if kind not in kinds:
+            raise InterceptionError("malformed", f"type must be one of {', '.join(sorted(kinds))}")
         if counter is None:
             raise InterceptionError("malformed", "counter missing")
         try:

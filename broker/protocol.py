@@ -12,7 +12,7 @@ get ``from`` overwritten with the sender's peer id.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Union
 
 import msgspec
 
@@ -29,6 +29,16 @@ Sdp = Annotated[str, msgspec.Meta(max_length=48 * 1024)]
 Mac = Annotated[str, msgspec.Meta(max_length=128)]
 Counter = Annotated[int, msgspec.Meta(ge=0, le=2**53 - 1)]
 CandidateLine = Annotated[str, msgspec.Meta(max_length=1024)]
+#: base64url without padding of nonce || ciphertext || tag (docs/protocol.md 7.7): never a length
+#: of 1 mod 4, and no stray bits in the last character. 65,000 keeps a sealed frame under 64 KiB.
+Sealed = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=40,
+        max_length=65_000,
+        pattern=r"^(?:[A-Za-z0-9_\-]{4})*(?:[A-Za-z0-9_\-][AQgw]|[A-Za-z0-9_\-]{2}[AEIMQUYcgkosw048])?\Z",
+    ),
+]
 ItemId = Annotated[str, msgspec.Meta(min_length=1, max_length=40, pattern=r"^[a-z0-9_]+\Z")]
 Version = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Details = Annotated[str, msgspec.Meta(max_length=8192)]
@@ -155,13 +165,53 @@ class AllowReturn(_ClientMessage, tag="allow_return"):
     peer: Id
 
 
-class _Description(_ClientMessage):
-    """An SDP offer or answer, authenticated end to end by ``counter`` and ``mac`` (docs/protocol.md 7.2)."""
+class Form(NamedTuple):
+    """One shape of a message that has two: the fields it must carry and those it must not."""
+
+    name: str
+    required: frozenset[str]
+    forbidden: frozenset[str]
+
+
+class _TwoForms(_ClientMessage):
+    """A relayed message sent either in clear or sealed end to end (docs/protocol.md 6 and 7.7).
+
+    Exactly one form must fit; a field set to null counts as absent. The broker checks
+    only this outer shape and passes the message on untouched.
+    """
+
+    forms: ClassVar[tuple[Form, Form]]
+
+    def __post_init__(self) -> None:
+        present = {f.encode_name for f in msgspec.structs.fields(self) if getattr(self, f.name) is not None}
+        if not any(form.required <= present and not form.forbidden & present for form in self.forms):
+            shapes = " or ".join(
+                f"{form.name} (with {' and '.join(sorted(form.required))}, without {', '.join(sorted(form.forbidden))})"
+                for form in self.forms
+            )
+            tag = str(self.__struct_config__.tag)
+            raise ValueError(f"{'an' if tag[0] in 'aeiou' else 'a'} {tag} message is either {shapes}")
+
+
+def message_forms(cls: type[msgspec.Struct]) -> tuple[Form, ...]:
+    """The forms of a message type (none for a message with a single shape)."""
+    return getattr(cls, "forms", ())
+
+
+class _Description(_TwoForms):
+    """An SDP offer or answer: in clear, authenticated end to end by ``counter`` and ``mac``
+    (docs/protocol.md 7.2), or sealed end to end (7.7)."""
+
+    forms: ClassVar[tuple[Form, Form]] = (
+        Form("clear", frozenset({"sdp"}), frozenset({"sealed"})),
+        Form("sealed", frozenset({"sealed", "counter"}), frozenset({"sdp", "mac"})),
+    )
 
     to: Id
-    sdp: Sdp
+    sdp: Sdp | None = None
     counter: Counter | None = None
     mac: Mac | None = None
+    sealed: Sealed | None = None
     #: Set by the broker on relay (ignored from clients): the sender's peer id ...
     from_: Id | None = msgspec.field(default=None, name="from")
     #: ... and the position in the recipient's relay sequence.
@@ -176,12 +226,21 @@ class Answer(_Description, tag="answer"):
     pass
 
 
-class Candidate(_ClientMessage, tag="candidate"):
+class Candidate(_TwoForms, tag="candidate"):
+    """A trickled ICE candidate, in clear or sealed end to end (docs/protocol.md 7.7)."""
+
+    forms: ClassVar[tuple[Form, Form]] = (
+        Form("clear", frozenset({"candidate"}), frozenset({"sealed", "counter"})),
+        Form("sealed", frozenset({"sealed", "counter"}), frozenset({"candidate", "sdp_mid", "sdp_mline_index"})),
+    )
+
     to: Id
     #: An ICE candidate line; the empty string signals end of candidates.
-    candidate: CandidateLine
+    candidate: CandidateLine | None = None
     sdp_mid: Annotated[str, msgspec.Meta(max_length=64)] | None = None
     sdp_mline_index: Annotated[int, msgspec.Meta(ge=0, le=255)] | None = None
+    counter: Counter | None = None
+    sealed: Sealed | None = None
     from_: Id | None = msgspec.field(default=None, name="from")
     seq: Counter | None = None
 

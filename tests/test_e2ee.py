@@ -168,7 +168,7 @@ def build_vectors() -> dict[str, Any]:
         ),
         (key_b, "séance 🎈 #2", "seat-🎈", "{}", "0102030405060708090a0b0c"),
     ]
-    return {
+    base = {
         "version": 1,
         "about": "Outputs of broker/e2ee.py that web/js/e2ee.js must reproduce.",
         "link_key": {
@@ -278,6 +278,123 @@ def build_vectors() -> dict[str, Any]:
                 (key_a, SESSION, CLIENT, {"private_place": True, "headset": False, "camera": True}, "00" * 12),
                 (key_b, "séance 🎈 #2", "seat-🎈", {}, "0102030405060708090a0b0c"),
             ]
+        ],
+    }
+    return base | seal_vectors(key_a, key_b)
+
+
+def seal_vectors(key_a: str, key_b: str) -> dict[str, Any]:
+    """Sealed signaling (docs/protocol.md 7.7): direction keys, associated data, plaintexts,
+    sealed messages with fixed nonces, and sealed messages that must not open."""
+
+    def k_seal(key: str, session: str, sender: str, recipient: str) -> bytes:
+        k_auth = e2ee.derive_auth_key(e2ee.decode_link_key(key), session)
+        return e2ee.derive_seal_key(e2ee.pair_key(k_auth, sender, recipient), sender, recipient)
+
+    key_cases = [
+        (key_a, SESSION, THERAPIST, CLIENT),
+        (key_a, SESSION, CLIENT, THERAPIST),  # the other direction of the same pair
+        (key_b, "séance 🎈 #2", "\uff5e", "\U0001f600"),
+        (key_a, SESSION, "a", "ab"),
+    ]
+    aad_cases: list[tuple[str, str, str, str, int]] = [
+        (SESSION, THERAPIST, CLIENT, "offer", 1),
+        (SESSION, CLIENT, THERAPIST, "answer", 1_763_700_000_000_000),
+        (SESSION, THERAPIST, CLIENT, "candidate", e2ee.MAX_COUNTER),
+        ("séance 🎈", "\U0001f600", "\uff5e", "candidate", 0),
+    ]
+    host = "candidate:842163049 1 udp 1677729535 192.0.2.7 53110 typ host generation 0 ufrag abcd"
+    plaintext_cases: list[tuple[str, dict[str, Any]]] = [
+        ("offer", {"sdp": chrome_like_sdp("t")}),
+        ("answer", {"sdp": aiortc_like_sdp("c")}),
+        ("candidate", {"candidate": host, "sdp_mid": "0", "sdp_mline_index": 0}),
+        ("candidate", {"sdp_mline_index": None, "sdp_mid": None, "candidate": ""}),  # end of candidates
+        ("candidate", {"candidate": 'x "\\ \x01\x1f\x7f é 🎈 \u2028', "sdp_mid": "vidéo", "sdp_mline_index": 255}),
+    ]
+    sealed_cases = [
+        (key_a, SESSION, THERAPIST, CLIENT, "offer", 1_763_700_000_000_000, plaintext_cases[0][1], "00" * 12),
+        (key_a, SESSION, CLIENT, THERAPIST, "answer", 1_763_700_000_000_001, plaintext_cases[1][1], "ff" * 12),
+        (key_a, SESSION, THERAPIST, CLIENT, "candidate", 1_763_700_000_000_002, plaintext_cases[2][1], "0102030405060708090a0b0c"),
+        (key_b, "séance 🎈 #2", "\uff5e", "\U0001f600", "candidate", 7, plaintext_cases[4][1], "a5" * 12),
+    ]  # fmt: skip
+    sealed = [
+        {
+            "link_key": k,
+            "session_id": s,
+            "sender": f,
+            "recipient": t,
+            "type": ty,
+            "counter": n,
+            "fields": fields,
+            "nonce_hex": nonce,
+            "sealed": e2ee.seal_signal(
+                k_seal(k, s, f, t), s, f, t, ty, n, e2ee.signal_plaintext(ty, fields), nonce=bytes.fromhex(nonce)
+            ),
+        }
+        for k, s, f, t, ty, n, fields, nonce in sealed_cases
+    ]
+    good = sealed[2]  # therapist -> seat-1, a candidate
+    blob = e2ee.b64url_decode(good["sealed"])
+
+    def flipped(at: int) -> str:
+        changed = bytearray(blob)
+        changed[at] ^= 0x01
+        return e2ee.b64url_encode(bytes(changed))
+
+    forward = k_seal(key_a, SESSION, THERAPIST, CLIENT)
+    backward = k_seal(key_a, SESSION, CLIENT, THERAPIST)
+    n = good["counter"]
+    # (what, opening key, session, sender, recipient, type, counter, sealed): none of these opens.
+    bad = [
+        ("nonce altered", forward, SESSION, THERAPIST, CLIENT, "candidate", n, flipped(0)),
+        ("ciphertext altered", forward, SESSION, THERAPIST, CLIENT, "candidate", n, flipped(12)),
+        ("tag altered", forward, SESSION, THERAPIST, CLIENT, "candidate", n, flipped(len(blob) - 1)),
+        ("tag cut off", forward, SESSION, THERAPIST, CLIENT, "candidate", n, e2ee.b64url_encode(blob[:-16])),
+        ("wrong direction key", backward, SESSION, THERAPIST, CLIENT, "candidate", n, good["sealed"]),
+        ("sender and recipient swapped", backward, SESSION, CLIENT, THERAPIST, "candidate", n, good["sealed"]),
+        ("re-addressed to another peer", k_seal(key_a, SESSION, THERAPIST, "seat-2"), SESSION, THERAPIST,
+         "seat-2", "candidate", n, good["sealed"]),
+        ("counter changed", forward, SESSION, THERAPIST, CLIENT, "candidate", n + 1, good["sealed"]),
+        ("type changed", forward, SESSION, THERAPIST, CLIENT, "offer", n, good["sealed"]),
+        ("another session", k_seal(key_a, "s_other", THERAPIST, CLIENT), "s_other", THERAPIST, CLIENT,
+         "candidate", n, good["sealed"]),
+        ("another link key", k_seal(key_b, SESSION, THERAPIST, CLIENT), SESSION, THERAPIST, CLIENT,
+         "candidate", n, good["sealed"]),
+        ("not base64url", forward, SESSION, THERAPIST, CLIENT, "candidate", n, good["sealed"] + "="),
+    ]  # fmt: skip
+    return {
+        "seal_key": [
+            {
+                "link_key": k,
+                "session_id": s,
+                "sender": f,
+                "recipient": t,
+                "k_pair_hex": e2ee.pair_key(e2ee.derive_auth_key(e2ee.decode_link_key(k), s), f, t).hex(),
+                "k_seal_hex": k_seal(k, s, f, t).hex(),
+            }
+            for k, s, f, t in key_cases
+        ],
+        "seal_aad": [
+            {"session_id": s, "sender": f, "recipient": t, "type": ty, "counter": n, "hex": e2ee.seal_aad(s, f, t, ty, n).hex()}
+            for s, f, t, ty, n in aad_cases
+        ],
+        "signal_plaintext": [
+            {"type": ty, "fields": fields, "plaintext": e2ee.signal_plaintext(ty, fields)} for ty, fields in plaintext_cases
+        ],
+        "sealed": sealed,
+        "sealed_invalid": [
+            {
+                "what": what,
+                "k_seal_hex": key.hex(),
+                "session_id": s,
+                "sender": f,
+                "recipient": t,
+                "type": ty,
+                "counter": c,
+                "sealed": text,
+                "reason": "bad_mac",
+            }
+            for what, key, s, f, t, ty, c, text in bad
         ],
     }
 
@@ -817,6 +934,254 @@ def test_details_nonce_must_be_12_bytes() -> None:
     key = e2ee.decode_link_key(e2ee.new_link_key())
     with pytest.raises(ValueError, match="12 bytes"):
         e2ee.seal_details(key, SESSION, CLIENT, "{}", nonce=b"\0" * 8)
+
+
+# -- sealed signaling: the vectors ------------------------------------------------------------
+
+
+def ref_aad(case: dict[str, Any]) -> bytes:
+    fields = [ref_lp(x) for x in ("tt-seal v1", case["session_id"], case["sender"], case["recipient"], case["type"])]
+    return b"".join(fields) + struct.pack(">Q", case["counter"])
+
+
+def ref_seal_key(link_key: str, session_id: str, sender: str, recipient: str) -> bytes:
+    k_auth = ref_hkdf(ref_key(link_key), session_id.encode(), b"sdp-auth v1")
+    k_pair = ref_pair_key(k_auth, sender, recipient)
+    return ref_hkdf(k_pair, b"", ref_lp("tt-seal v1") + ref_lp(sender) + ref_lp(recipient))
+
+
+def test_seal_key_vectors_independently() -> None:
+    cases = vectors()["seal_key"]
+    for case in cases:
+        expected = ref_seal_key(case["link_key"], case["session_id"], case["sender"], case["recipient"])
+        assert case["k_seal_hex"] == expected.hex()
+        assert e2ee.derive_seal_key(bytes.fromhex(case["k_pair_hex"]), case["sender"], case["recipient"]).hex() == expected.hex()
+    # One pair key, two directions, two keys.
+    assert cases[0]["k_pair_hex"] == cases[1]["k_pair_hex"] and cases[0]["k_seal_hex"] != cases[1]["k_seal_hex"]
+
+
+def test_seal_aad_vectors_independently() -> None:
+    for case in vectors()["seal_aad"]:
+        assert case["hex"] == ref_aad(case).hex()
+        args = (case["session_id"], case["sender"], case["recipient"], case["type"], case["counter"])
+        assert e2ee.seal_aad(*args).hex() == case["hex"]
+
+
+def test_signal_plaintext_vectors() -> None:
+    for case in vectors()["signal_plaintext"]:
+        assert e2ee.signal_plaintext(case["type"], case["fields"]) == case["plaintext"]
+        assert e2ee.parse_signal_plaintext(case["type"], case["plaintext"]) == case["fields"]
+        assert json.loads(case["plaintext"]) == case["fields"]
+
+
+def test_sealed_vectors_independently() -> None:
+    for case in vectors()["sealed"]:
+        key = ref_seal_key(case["link_key"], case["session_id"], case["sender"], case["recipient"])
+        blob = ref_key(case["sealed"])
+        assert blob[:12].hex() == case["nonce_hex"]
+        plain = AESGCM(key).decrypt(blob[:12], blob[12:], ref_aad(case)).decode()
+        assert json.loads(plain) == case["fields"]
+        assert ref_b64url(blob) == case["sealed"]
+
+
+def test_sealed_vectors_open_through_the_authenticator() -> None:
+    """Each vector as a receiver gets it: opened by the recipient's authenticator, once."""
+    for case in vectors()["sealed"]:
+        receiver = SdpAuthenticator(e2ee.decode_link_key(case["link_key"]), case["session_id"], case["recipient"])
+        args = (case["sender"], case["type"], case["counter"], case["sealed"])
+        assert receiver.unseal(*args) == case["fields"]
+        with pytest.raises(InterceptionError, match="replayed_counter"):
+            receiver.unseal(*args)
+
+
+def test_sealed_invalid_vectors_do_not_open() -> None:
+    for case in vectors()["sealed_invalid"]:
+        args = [case[k] for k in ("session_id", "sender", "recipient", "type", "counter", "sealed")]
+        with pytest.raises(InterceptionError) as err:
+            e2ee.open_signal(bytes.fromhex(case["k_seal_hex"]), *args)
+        assert err.value.reason == case["reason"], case["what"]
+
+
+# -- sealed signaling: the authenticator ------------------------------------------------------
+
+CANDIDATE = {"candidate": "candidate:1 1 udp 2122260223 192.0.2.7 53110 typ host", "sdp_mid": "0", "sdp_mline_index": 0}
+
+
+def test_sealed_offer_answer_and_candidates_open_on_the_other_side() -> None:
+    therapist, client = make_pair()
+    offer = {"sdp": chrome_like_sdp("t")}
+    counter, sealed = therapist.seal(CLIENT, "offer", offer)
+    for secret in ("a=fingerprint", "a=ice-ufrag", "a=ice-pwd", fake_fingerprint("t")):
+        assert secret not in sealed
+    assert client.unseal(THERAPIST, "offer", counter, sealed) == offer
+    answer = {"sdp": aiortc_like_sdp("c")}
+    assert therapist.unseal(CLIENT, "answer", *client.seal(THERAPIST, "answer", answer)) == answer
+    for fields in (CANDIDATE, {"candidate": "", "sdp_mid": None, "sdp_mline_index": None}):
+        counter, sealed = therapist.seal(CLIENT, "candidate", fields)
+        assert "192.0.2.7" not in sealed and "candidate:" not in sealed
+        assert client.unseal(THERAPIST, "candidate", counter, sealed) == fields
+
+
+def test_one_counter_per_direction_covers_every_sealed_and_clear_message() -> None:
+    therapist, client = make_pair()
+    sdp = chrome_like_sdp("t")
+    first = therapist.seal(CLIENT, "offer", {"sdp": sdp})
+    second = therapist.seal(CLIENT, "candidate", CANDIDATE)
+    third = therapist.sign(CLIENT, "offer", sdp)
+    assert first[0] < second[0] < third[0]
+    client.unseal(THERAPIST, "candidate", *second)
+    # An offer older than a candidate already accepted is a replay, whatever its type.
+    with pytest.raises(InterceptionError, match="replayed_counter"):
+        client.unseal(THERAPIST, "offer", *first)
+    assert client.verify(THERAPIST, "offer", third[0], sdp, third[1]) is Trust.VERIFIED_BY_LINK
+    with pytest.raises(InterceptionError, match="replayed_counter"):
+        client.unseal(THERAPIST, "candidate", *second)
+
+
+def test_any_change_to_a_sealed_message_fails_to_open() -> None:
+    """The broker sees the header and the ciphertext; it can change neither, nor re-address them."""
+    key = e2ee.decode_link_key(e2ee.new_link_key())
+    therapist = SdpAuthenticator(key, SESSION, THERAPIST)
+    counter, sealed = therapist.seal(CLIENT, "candidate", CANDIDATE)
+    blob = e2ee.b64url_decode(sealed)
+    attempts: list[tuple[str, str, str, int, str]] = []  # (receiver, sender, type, counter, sealed)
+    for i in range(len(blob)):
+        changed = bytearray(blob)
+        changed[i] ^= 0x80
+        attempts.append((CLIENT, THERAPIST, "candidate", counter, e2ee.b64url_encode(bytes(changed))))
+    attempts += [
+        (CLIENT, THERAPIST, "candidate", counter + 1, sealed),  # counter
+        (CLIENT, THERAPIST, "candidate", counter - 1, sealed),
+        (CLIENT, THERAPIST, "offer", counter, sealed),  # type
+        (CLIENT, THERAPIST, "answer", counter, sealed),
+        (CLIENT, "seat-2", "candidate", counter, sealed),  # another sender
+        ("seat-2", THERAPIST, "candidate", counter, sealed),  # re-addressed to another peer
+        (THERAPIST, CLIENT, "candidate", counter, sealed),  # sent back the other way
+        (CLIENT, THERAPIST, "candidate", counter, e2ee.b64url_encode(blob[:27])),  # too short
+        (CLIENT, THERAPIST, "candidate", counter, sealed[:-1]),  # truncated
+    ]
+    for receiver, sender, kind, n, text in attempts:
+        with pytest.raises(InterceptionError) as err:
+            SdpAuthenticator(key, SESSION, receiver).unseal(sender, kind, n, text)
+        assert err.value.reason == "bad_mac", (receiver, sender, kind, n)
+    with pytest.raises(InterceptionError, match="bad_mac"):  # another session with the same link key
+        SdpAuthenticator(key, "s_other", CLIENT).unseal(THERAPIST, "candidate", counter, sealed)
+    # A rejected message changes no state: the genuine one still opens.
+    assert SdpAuthenticator(key, SESSION, CLIENT).unseal(THERAPIST, "candidate", counter, sealed) == CANDIDATE
+
+
+def test_sealing_draws_a_fresh_random_nonce_every_time() -> None:
+    therapist, _client = make_pair()
+    nonces = {e2ee.b64url_decode(therapist.seal(CLIENT, "candidate", CANDIDATE)[1])[:12] for _ in range(2000)}
+    assert len(nonces) == 2000
+
+
+def test_a_sealer_refuses_beyond_its_limit_per_direction_key() -> None:
+    key = e2ee.decode_link_key(e2ee.new_link_key())
+    therapist = SdpAuthenticator(key, SESSION, THERAPIST, clock=lambda: 1_000, seal_limit=3)
+    client = SdpAuthenticator(key, SESSION, CLIENT)
+    counters = [therapist.seal(CLIENT, "candidate", CANDIDATE) for _ in range(3)]
+    for counter, sealed in counters:
+        client.unseal(THERAPIST, "candidate", counter, sealed)
+    with pytest.raises(ValueError, match="refusing to seal"):
+        therapist.seal(CLIENT, "offer", {"sdp": chrome_like_sdp("t")})
+    assert [c for c, _ in counters] == [1_000, 1_001, 1_002]
+    assert therapist.next_counter(CLIENT) == 1_003  # the refused seal took no counter
+    assert therapist.seal("seat-2", "candidate", CANDIDATE)[0] == 1_000  # another direction key
+
+
+def test_the_seal_limit_stays_far_under_the_random_nonce_bound() -> None:
+    """NIST SP 800-38D 8.3: at most 2**32 messages under one key with random 96-bit nonces."""
+    assert e2ee.MAX_SEALS_PER_KEY == 2**20 <= 2**32
+    for limit in (0, e2ee.MAX_SEALS_PER_KEY + 1):
+        with pytest.raises(ValueError, match="seal_limit"):
+            SdpAuthenticator(None, SESSION, CLIENT, seal_limit=limit)
+
+
+def test_without_the_link_key_nothing_is_sealed_or_opened() -> None:
+    keyless = SdpAuthenticator(None, SESSION, THERAPIST)
+    with pytest.raises(ValueError, match="without the link key"):
+        keyless.seal(CLIENT, "offer", {"sdp": chrome_like_sdp("t")})
+    therapist, _client = make_pair()
+    counter, sealed = therapist.seal(CLIENT, "offer", {"sdp": chrome_like_sdp("t")})
+    with pytest.raises(ValueError, match="without the link key"):
+        SdpAuthenticator(None, SESSION, CLIENT).unseal(THERAPIST, "offer", counter, sealed)
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields"),
+    [
+        ("offer", {"sdp": 1}),
+        ("offer", {"sdp": "v=0", "mac": None}),
+        ("offer", {"candidate": "x", "sdp_mid": None, "sdp_mline_index": None}),
+        ("offer", {"sdp": "x" * (48 * 1024 + 1)}),
+        ("candidate", {"candidate": "x"}),
+        ("candidate", {"candidate": "x", "sdp_mid": None, "sdp_mline_index": 256}),
+        ("candidate", {"candidate": "x", "sdp_mid": None, "sdp_mline_index": True}),
+        ("candidate", {"candidate": "x" * 1025, "sdp_mid": None, "sdp_mline_index": 0}),
+        ("candidate", {"candidate": "\ud800", "sdp_mid": None, "sdp_mline_index": 0}),
+        ("renegotiate", {}),
+    ],
+)
+def test_only_well_formed_plaintexts_are_sealed(kind: str, fields: dict[str, Any]) -> None:
+    therapist, _client = make_pair()
+    with pytest.raises((ValueError, UnicodeEncodeError)):
+        therapist.seal(CLIENT, kind, fields)
+    assert therapist.next_counter(CLIENT) == 1_000  # nothing was taken: the clock's first tick
+
+
+def _sealed_by_hand(text: str, kind: str = "offer", counter: int = 5) -> tuple[bytes, str]:
+    """What a buggy peer holding the key could seal: any plaintext at all."""
+    key = e2ee.decode_link_key(e2ee.new_link_key())
+    k_seal = e2ee.derive_seal_key(e2ee.pair_key(e2ee.derive_auth_key(key, SESSION), THERAPIST, CLIENT), THERAPIST, CLIENT)
+    return key, e2ee.seal_signal(k_seal, SESSION, THERAPIST, CLIENT, kind, counter, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('{"sdp": "v=0"}', "missing_fingerprint"),  # the fingerprint checks stay exactly as in clear
+        ('{"sdp": "a=fingerprint:sha-256 AB"}', "fingerprint_mismatch"),
+        ('{"sdp": "v=0", "extra": 1}', "malformed"),
+        ("[]", "malformed"),
+        ("not json", "malformed"),
+        ('{"sdp": NaN}', "malformed"),
+    ],
+)
+def test_an_opened_plaintext_is_checked_like_a_clear_one(text: str, reason: str) -> None:
+    key, sealed = _sealed_by_hand(text)
+    receiver = SdpAuthenticator(key, SESSION, CLIENT)
+    with pytest.raises(InterceptionError) as err:
+        receiver.unseal(THERAPIST, "offer", 5, sealed)
+    assert err.value.reason == reason
+
+
+@pytest.mark.parametrize(("sender", "kind", "counter"), [(CLIENT, "offer", 1), (THERAPIST, "renegotiate", 1), (THERAPIST, "offer", None), (THERAPIST, "offer", 2**53)])
+def test_malformed_sealed_headers(sender: str, kind: str, counter: Any) -> None:
+    therapist, client = make_pair()
+    _, sealed = therapist.seal(CLIENT, "offer", {"sdp": chrome_like_sdp("t")})
+    with pytest.raises(InterceptionError) as err:
+        client.unseal(sender, kind, counter, sealed)
+    assert err.value.reason == "malformed"
+
+
+def test_the_largest_sealable_description_fits_the_field_and_the_frame() -> None:
+    from broker.protocol import MAX_MESSAGE_BYTES, Offer, Sealed, decode_client, encode
+
+    therapist, client = make_pair()
+    head = chrome_like_sdp("t")
+    room = e2ee.MAX_SEALED_PLAINTEXT - len(e2ee.signal_plaintext("offer", {"sdp": head}))
+    sdp = head + "a" * room  # plaintext exactly at the limit
+    counter, sealed = therapist.seal(CLIENT, "offer", {"sdp": sdp})
+    assert e2ee.MIN_SEALED_CHARS <= len(sealed) <= e2ee.MAX_SEALED_CHARS
+    meta = Sealed.__metadata__[0]
+    assert (meta.min_length, meta.max_length) == (e2ee.MIN_SEALED_CHARS, e2ee.MAX_SEALED_CHARS)
+    frame = encode(Offer(to="p" * 64, counter=e2ee.MAX_COUNTER, sealed=sealed, id="i" * 64, from_="f" * 64))
+    assert len(frame) < MAX_MESSAGE_BYTES
+    assert decode_client(frame).sealed == sealed  # type: ignore[union-attr]
+    assert client.unseal(THERAPIST, "offer", counter, sealed) == {"sdp": sdp}
+    with pytest.raises(ValueError, match="cannot be sealed"):
+        therapist.seal(CLIENT, "offer", {"sdp": sdp + "a"})
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""web/js/e2ee.js in Debian's Chromium: every shared vector, and MACs/sealed details
-crossing between the browser and broker/e2ee.py in both directions."""
+"""web/js/e2ee.js in Debian's Chromium: every shared vector, and MACs, sealed signaling and
+sealed details crossing between the browser and broker/e2ee.py in both directions."""
 
 from __future__ import annotations
 
@@ -191,6 +191,42 @@ async def test_checklist_vectors(page: Page) -> None:
     assert got == [[c["sealed"], c["plaintext"], c["answers"]] for c in VECTORS["checklist"]]
 
 
+async def test_seal_vectors(page: Page) -> None:
+    got = await page.evaluate(
+        """async (v) => ({
+          keys: await Promise.all(v.seal_key.map(async (c) => {
+            const kAuth = await e2ee.deriveAuthKey(e2ee.decodeLinkKey(c.link_key), c.session_id);
+            const kPair = await e2ee.pairKey(kAuth, c.sender, c.recipient);
+            return [hex(kPair), hex(await e2ee.deriveSealKey(kPair, c.sender, c.recipient))];
+          })),
+          aad: v.seal_aad.map((c) => hex(e2ee.sealAad(c.session_id, c.sender, c.recipient, c.type, c.counter))),
+          plaintexts: v.signal_plaintext.map((c) => [
+            e2ee.signalPlaintext(c.type, c.fields), e2ee.parseSignalPlaintext(c.type, c.plaintext)]),
+          sealed: await Promise.all(v.sealed.map(async (c) => {
+            const key = e2ee.decodeLinkKey(c.link_key);
+            const kAuth = await e2ee.deriveAuthKey(key, c.session_id);
+            const kSeal = await e2ee.deriveSealKey(
+              await e2ee.pairKey(kAuth, c.sender, c.recipient), c.sender, c.recipient);
+            const plaintext = e2ee.signalPlaintext(c.type, c.fields);
+            const sealed = await e2ee.sealSignal(kSeal, c.session_id, c.sender, c.recipient, c.type,
+              c.counter, plaintext, {nonce: fromHex(c.nonce_hex)});
+            const receiver = new e2ee.SdpAuthenticator(key, c.session_id, c.recipient);
+            const opened = await receiver.unseal(c.sender, c.type, c.counter, c.sealed);
+            const again = await reasonOf(receiver.unseal(c.sender, c.type, c.counter, c.sealed));
+            return [sealed, opened, again];
+          })),
+          invalid: await Promise.all(v.sealed_invalid.map((c) => reasonOf(e2ee.openSignal(
+            fromHex(c.k_seal_hex), c.session_id, c.sender, c.recipient, c.type, c.counter, c.sealed)))),
+        })""",
+        VECTORS,
+    )
+    assert got["keys"] == [[c["k_pair_hex"], c["k_seal_hex"]] for c in VECTORS["seal_key"]]
+    assert got["aad"] == [c["hex"] for c in VECTORS["seal_aad"]]
+    assert got["plaintexts"] == [[c["plaintext"], c["fields"]] for c in VECTORS["signal_plaintext"]]
+    assert got["sealed"] == [[c["sealed"], c["fields"], "replayed_counter"] for c in VECTORS["sealed"]]
+    assert got["invalid"] == [c["reason"] for c in VECTORS["sealed_invalid"]]
+
+
 # -- across the language boundary ---------------------------------------------------------------
 
 
@@ -244,6 +280,134 @@ async def test_python_signed_answer_is_verified_by_js(page: Page) -> None:
         "missing_mac", "bad_mac", "bad_mac", "bad_mac", "bad_mac",
         "malformed", "malformed", "malformed", "verified_by_link", "replayed_counter",
     ]  # fmt: skip
+
+
+CANDIDATE = {
+    "candidate": "candidate:1 1 udp 2122260223 192.0.2.7 53110 typ host",
+    "sdp_mid": "0",
+    "sdp_mline_index": 0,
+}
+
+
+async def test_js_sealed_signaling_opens_in_python(page: Page) -> None:
+    link_key = e2ee.new_link_key()
+    sent = await page.evaluate(
+        """async ([linkKey, session, sdp, candidate]) => {
+          const auth = new e2ee.SdpAuthenticator(e2ee.decodeLinkKey(linkKey), session, 'therapist');
+          // Not awaited one by one: the counters are taken in call order all the same.
+          return Promise.all([
+            auth.seal('seat-1', 'offer', {sdp}),
+            auth.seal('seat-1', 'candidate', candidate),
+            auth.seal('seat-1', 'candidate', {candidate: '', sdp_mid: null, sdp_mline_index: null}),
+          ]);
+        }""",
+        [link_key, SESSION, SDP, CANDIDATE],
+    )
+    client = SdpAuthenticator(e2ee.decode_link_key(link_key), SESSION, "seat-1")
+    (c1, offer), (c2, candidate), (c3, end) = sent
+    assert c1 < c2 < c3
+    for text in (offer, candidate, end):
+        assert "fingerprint" not in text and "192.0.2.7" not in text
+    assert client.unseal("therapist", "offer", c1, offer) == {"sdp": SDP}
+    assert client.unseal("therapist", "candidate", c2, candidate) == CANDIDATE
+    with pytest.raises(InterceptionError, match="bad_mac"):  # delivered as if it were for the offer
+        client.unseal("therapist", "offer", c3, end)
+    assert client.unseal("therapist", "candidate", c3, end)["candidate"] == ""
+
+
+async def test_python_sealed_signaling_opens_in_js(page: Page) -> None:
+    link_key = e2ee.new_link_key()
+    client = SdpAuthenticator(e2ee.decode_link_key(link_key), SESSION, "seat-1")
+    answer = client.seal("therapist", "answer", {"sdp": SDP})
+    candidate = client.seal("therapist", "candidate", CANDIDATE)
+    outcomes = await page.evaluate(
+        """async ([linkKey, session, [aCounter, answer], [cCounter, candidate]]) => {
+          const key = e2ee.decodeLinkKey(linkKey);
+          const auth = new e2ee.SdpAuthenticator(key, session, 'therapist');
+          const other = new e2ee.SdpAuthenticator(key, session, 'seat-2');
+          const flip = answer[30] === 'A' ? 'B' : 'A';
+          const tampered = answer.slice(0, 30) + flip + answer.slice(31);
+          return [
+            await reasonOf(auth.unseal('seat-1', 'answer', aCounter, tampered)),
+            await reasonOf(auth.unseal('seat-1', 'answer', aCounter + 1, answer)),
+            await reasonOf(auth.unseal('seat-1', 'offer', aCounter, answer)),
+            await reasonOf(auth.unseal('seat-2', 'answer', aCounter, answer)),
+            await reasonOf(other.unseal('therapist', 'answer', aCounter, answer)),  // re-addressed
+            await reasonOf(auth.unseal('seat-1', 'answer', null, answer)),
+            await reasonOf(auth.unseal('therapist', 'answer', aCounter, answer)),
+            await auth.unseal('seat-1', 'answer', aCounter, answer),
+            await reasonOf(auth.unseal('seat-1', 'answer', aCounter, answer)),
+            await auth.unseal('seat-1', 'candidate', cCounter, candidate),
+          ];
+        }""",
+        [link_key, SESSION, answer, candidate],
+    )
+    assert outcomes == [
+        "bad_mac", "bad_mac", "bad_mac", "bad_mac", "bad_mac", "malformed", "malformed",
+        {"sdp": SDP}, "replayed_counter", CANDIDATE,
+    ]  # fmt: skip
+
+
+async def test_js_checks_messages_from_one_sender_in_the_order_they_came(page: Page) -> None:
+    """Messages handed in without waiting are checked in that order, however long each takes to
+    check, or an earlier one would look replayed: a long sealed offer before short candidates,
+    and a clear offer (four WebCrypto steps to check its MAC) before a sealed candidate (two)."""
+    link_key = e2ee.new_link_key()
+    therapist = SdpAuthenticator(e2ee.decode_link_key(link_key), SESSION, "therapist")
+    long_sdp = SDP + "a=x-padding:" + "p" * 40_000 + "\r\n"
+    warm_up = [("candidate", *therapist.seal("seat-1", "candidate", CANDIDATE), None)]
+    messages = [("offer", *therapist.seal("seat-1", "offer", {"sdp": long_sdp}), None)]
+    messages += [("candidate", *therapist.seal("seat-1", "candidate", CANDIDATE), None) for _ in range(30)]
+    counter, mac = therapist.sign("seat-1", "offer", SDP)
+    messages += [("offer", counter, SDP, mac)]
+    messages += [("candidate", *therapist.seal("seat-1", "candidate", CANDIDATE), None)]
+    outcomes = await page.evaluate(
+        """async ([linkKey, session, warmUp, messages]) => {
+          const auth = new e2ee.SdpAuthenticator(e2ee.decodeLinkKey(linkKey), session, 'seat-1');
+          const hand = ([type, counter, body, mac]) => mac
+            ? auth.verify('therapist', type, counter, body, mac)
+            : auth.unseal('therapist', type, counter, body);
+          await hand(warmUp[0]);  // the direction key is derived once, before the race
+          return Promise.all(messages.map((m) => reasonOf(hand(m))));
+        }""",
+        [link_key, SESSION, warm_up, messages],
+    )
+    assert outcomes == ["accepted"] * len(messages)
+
+
+async def test_js_sealing_limits_and_the_keyless_side(page: Page) -> None:
+    got = await page.evaluate(
+        """async ([session, candidate]) => {
+          const key = e2ee.decodeLinkKey(e2ee.newLinkKey());
+          const auth = new e2ee.SdpAuthenticator(key, session, 'therapist', {clock: () => 1000, sealLimit: 2});
+          const counters = [(await auth.seal('seat-1', 'candidate', candidate))[0],
+                            (await auth.seal('seat-1', 'candidate', candidate))[0]];
+          const refused = await reasonOf(auth.seal('seat-1', 'candidate', candidate));
+          const next = auth.nextCounter('seat-1');
+          const other = (await auth.seal('seat-2', 'candidate', candidate))[0];
+          const nonces = new Set();
+          const fresh = new e2ee.SdpAuthenticator(key, session, 'therapist');
+          for (let i = 0; i < 500; i++) nonces.add((await fresh.seal('seat-1', 'candidate', candidate))[1].slice(0, 16));
+          const keyless = new e2ee.SdpAuthenticator(null, session, 'therapist');
+          let tooBig;
+          try { new e2ee.SdpAuthenticator(key, session, 'x', {sealLimit: e2ee.MAX_SEALS_PER_KEY + 1}); tooBig = 'accepted'; }
+          catch (err) { tooBig = err.name; }
+          return {
+            counters, refused, next, other, nonces: nonces.size, tooBig, limit: e2ee.MAX_SEALS_PER_KEY,
+            keylessSeal: await reasonOf(keyless.seal('seat-1', 'candidate', candidate)),
+            badFields: await reasonOf(auth.seal('seat-3', 'candidate', {candidate: 'x'})),
+            largest: e2ee.MAX_SEALED_PLAINTEXT, longest: e2ee.MAX_SEALED_CHARS,
+          };
+        }""",
+        [SESSION, CANDIDATE],
+    )
+    assert got["counters"] == [1000, 1001] and got["next"] == 1002 and got["other"] == 1000
+    assert got["refused"].startswith("Error: refusing to seal")
+    assert got["nonces"] == 500
+    assert got["tooBig"] == "RangeError" and got["limit"] == e2ee.MAX_SEALS_PER_KEY
+    assert got["keylessSeal"] == "Error: cannot seal without the link key"
+    assert got["badFields"].startswith("Error: a candidate's plaintext")
+    assert (got["largest"], got["longest"]) == (e2ee.MAX_SEALED_PLAINTEXT, e2ee.MAX_SEALED_CHARS)
 
 
 async def test_unverified_mode_in_js(page: Page) -> None:
@@ -370,3 +534,21 @@ async def test_read_link_key_from_fragment(page: Page, base_url: str) -> None:
     finally:  # leave the shared page as the other tests expect it
         await page.goto(base_url + "/")
         await page.evaluate(PAGE_HELPERS)
+
+
+async def test_js_counts_plaintext_limits_in_code_points_like_python(page: Page) -> None:
+    """A candidate line of 1024 emoji is 1024 characters to Python and 2048 UTF-16 units to JS."""
+    line = "\U0001f388" * 1024
+    fields = {"candidate": line, "sdp_mid": None, "sdp_mline_index": None}
+    assert e2ee.signal_plaintext("candidate", fields)  # within the limit in Python
+    got = await page.evaluate(
+        """([fields]) => {
+          const attempt = (f) => { try { e2ee.signalPlaintext('candidate', f); return 'accepted'; }
+                                   catch (err) { return err.message; } };
+          return [attempt(fields), attempt({...fields, candidate: fields.candidate + 'x'})];
+        }""",
+        [fields],
+    )
+    assert got[0] == "accepted" and got[1].startswith("a candidate's plaintext")
+    with pytest.raises(ValueError, match="a candidate's plaintext"):
+        e2ee.signal_plaintext("candidate", {**fields, "candidate": line + "x"})

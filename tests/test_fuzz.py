@@ -1,11 +1,13 @@
 """Fuzzing the signaling protocol: every client message type, valid and mutated, against the decoder and a live broker.
 
 Strategies are derived from the message structs themselves (``msgspec.inspect``
-over ``client_message_types()``), so a message type or field added later is
+over ``client_message_types()``, and ``message_forms()`` for the messages sent
+either in clear or sealed), so a message type or field added later is
 fuzzed without touching this file, and a field type the builder does not know
 fails loudly. Mutations that are invalid by construction (wrong types, missing
-required fields, extra fields, out-of-range numbers, huge strings, broken
-patterns and literals, deep nesting, wrong tags, not an object at all) must be
+required fields, extra fields, a field of the other form, out-of-range numbers,
+huge strings, broken patterns and literals, deep nesting, wrong tags, not an
+object at all) must be
 refused with ``bad_message``; odd frames whose validity depends on the decoder
 (lone surrogates, duplicate keys, byte-order marks, random bytes) must be
 decoded or refused, never crash.
@@ -33,8 +35,10 @@ from broker.protocol import (
     MAX_MESSAGE_BYTES,
     ErrorCode,
     ProtocolError,
+    Form,
     client_message_types,
     decode_client,
+    message_forms,
 )
 
 from .conftest import RunningBroker, read_until_broker_closes, schedule
@@ -112,11 +116,27 @@ def _info(cls: type) -> mi.StructType:
 
 
 def message(cls: type, hints: Hints | None = None, long: int = 1 << 16) -> st.SearchStrategy[dict[str, Any]]:
-    """A valid message of ``cls`` as a JSON-able dict, optional fields present or not."""
-    info, hints = _info(cls), hints or {}
-    required = {f.encode_name: value_of(f.type, field=f.encode_name, hints=hints, long=long) for f in info.fields if f.required}
+    """A valid message of ``cls`` as a JSON-able dict, optional fields present or not; a message
+    with two forms (clear or sealed) in one of them, the other's fields absent or null."""
+    forms = message_forms(cls)
+    if forms:
+        return st.one_of([_message(cls, hints or {}, long, form) for form in forms])
+    return _message(cls, hints or {}, long, None)
+
+
+def _message(cls: type, hints: Hints, long: int, form: Form | None) -> st.SearchStrategy[dict[str, Any]]:
+    info = _info(cls)
+    must = {f.encode_name for f in info.fields if f.required} | (form.required if form else set())
+    banned = form.forbidden if form else frozenset()
+    required = {
+        f.encode_name: value_of(f.type, field=f.encode_name, hints=hints, long=long).filter(lambda v: v is not None)
+        for f in info.fields
+        if f.encode_name in must
+    }
     optional = {
-        f.encode_name: value_of(f.type, field=f.encode_name, hints=hints, long=long) for f in info.fields if not f.required
+        f.encode_name: st.none() if f.encode_name in banned else value_of(f.type, field=f.encode_name, hints=hints, long=long)
+        for f in info.fields
+        if f.encode_name not in must
     }
     # Keys in any order: browsers and other clients do not put "type" first.
     return (
@@ -125,6 +145,14 @@ def message(cls: type, hints: Hints | None = None, long: int = 1 << 16) -> st.Se
         .flatmap(st.permutations)
         .map(dict)
     )
+
+
+def form_of(cls: type, m: dict[str, Any]) -> Form | None:
+    """The form a valid message ``m`` of ``cls`` is in (None for a message with a single form)."""
+    present = {k for k, v in m.items() if v is not None}
+    fits = [f for f in message_forms(cls) if f.required <= present and not f.forbidden & present]
+    assert len(fits) == (1 if message_forms(cls) else 0), (cls, m)
+    return fits[0] if fits else None
 
 
 def _accepted(t: mi.Type) -> set[str]:
@@ -175,7 +203,9 @@ def bad_frame(draw: st.DrawFn, cls: type, hints: Hints | None = None, long: int 
     sized_strs = _fields_where(info, lambda t: isinstance(t, mi.StrType) and (t.max_length or t.min_length))
     patterned = _fields_where(info, lambda t: isinstance(t, mi.StrType) and bool(t.pattern))
     literals = _fields_where(info, lambda t: isinstance(t, mi.LiteralType))
+    form = form_of(cls, m)
     kinds = ["extra_field", "missing_required", "bad_tag", "deep_nesting", "not_object"]
+    kinds += ["other_form"] if form else []
     kinds += ["wrong_type"] if names else []
     kinds += ["out_of_range"] if ranged_ints or sized_strs else []
     kinds += ["pattern"] if patterned else []
@@ -185,7 +215,14 @@ def bad_frame(draw: st.DrawFn, cls: type, hints: Hints | None = None, long: int 
         name = draw(st.text(min_size=1, max_size=20).filter(lambda n: n not in names and n != "type"))
         m[name] = draw(_JSON)
     elif kind == "missing_required":
-        del m[draw(st.sampled_from([f.encode_name for f in info.fields if f.required] + ["type"]))]
+        form_required = sorted(form.required) if form else []
+        del m[draw(st.sampled_from([f.encode_name for f in info.fields if f.required] + form_required + ["type"]))]
+    elif kind == "other_form":  # a field only the other form may carry (clear and sealed at once)
+        assert form is not None
+        field = draw(st.sampled_from([f for f in info.fields if f.encode_name in form.forbidden]))
+        m[field.encode_name] = draw(value_of(field.type, field=field.encode_name, hints=hints or {}, long=256).filter(
+            lambda v: v is not None
+        ))
     elif kind == "bad_tag":
         m["type"] = draw(st.one_of(st.text(max_size=20).filter(lambda s: s not in TYPES), _ANY_OF_KIND["int"], st.none()))
     elif kind == "wrong_type":
@@ -206,8 +243,9 @@ def bad_frame(draw: st.DrawFn, cls: type, hints: Hints | None = None, long: int 
     elif kind == "pattern":
         name, t = draw(st.sampled_from(patterned))
         valid = draw(_text(t, 64))
-        bad = draw(st.characters().filter(lambda c: not re.fullmatch(t.pattern, c)))
         at = draw(st.integers(0, len(valid) - 1))
+        # One character changed so that the whole no longer matches (in base64url, not every change breaks it).
+        bad = draw(st.characters().filter(lambda c: not re.fullmatch(t.pattern, valid[:at] + c + valid[at + 1 :])))
         m[name] = valid[:at] + bad + valid[at + 1 :]
     elif kind == "literal":
         name, t = draw(st.sampled_from(literals))

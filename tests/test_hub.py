@@ -27,6 +27,7 @@ from broker.protocol import (
     Candidate,
     Error,
     ErrorCode,
+    Offer,
     Removed,
     SeatState,
     SessionEnded,
@@ -135,6 +136,69 @@ async def test_only_the_offerer_of_a_pair_sends_offers(broker: RunningBroker) ->
         assert (await client.expect(Error, where=lambda m: m.ref == "o1")).code is ErrorCode.NOT_OFFERER
         await therapist.send_raw(json.dumps({"type": "answer", "to": client.peer_id, "sdp": "v=0", "id": "a1"}))
         assert (await therapist.expect(Error, where=lambda m: m.ref == "a1")).code is ErrorCode.NOT_OFFERER
+    finally:
+        await client.close()
+        await therapist.close()
+
+
+#: A well-formed sealed field (base64url of 48 bytes): the broker cannot tell it from a real one.
+SEALED = "S3" * 32
+
+
+async def test_sealed_messages_are_relayed_untouched_and_the_offerer_rule_holds(broker: RunningBroker) -> None:
+    """docs/protocol.md 7.7: the broker checks the outer shape, enforces who offers from the
+    outer type, and passes ``counter`` and ``sealed`` on byte for byte."""
+    _, therapist, client = await admitted_pair(broker)
+    try:
+        await client.send_raw(json.dumps({"type": "candidate", "to": therapist.peer_id, "counter": 7, "sealed": SEALED}))
+        relayed = await therapist.expect(Candidate, where=lambda m: m.sealed is not None)
+        assert (relayed.from_, relayed.counter, relayed.sealed, relayed.candidate) == (client.peer_id, 7, SEALED, None)
+        await therapist.send_raw(json.dumps({"type": "offer", "to": client.peer_id, "counter": 8, "sealed": SEALED + "AA"}))
+        offer = await client.expect(Offer, where=lambda m: m.sealed == SEALED + "AA")
+        assert (offer.from_, offer.counter, offer.sealed, offer.sdp, offer.mac) == (therapist.peer_id, 8, SEALED + "AA", None, None)
+        sealed_offer = {"type": "offer", "to": therapist.peer_id, "counter": 9, "sealed": SEALED, "id": "so"}
+        await client.send_raw(json.dumps(sealed_offer))
+        assert (await client.expect(Error, where=lambda m: m.ref == "so")).code is ErrorCode.NOT_OFFERER
+        sealed_answer = {"type": "answer", "to": client.peer_id, "counter": 9, "sealed": SEALED, "id": "sa"}
+        await therapist.send_raw(json.dumps(sealed_answer))
+        assert (await therapist.expect(Error, where=lambda m: m.ref == "sa")).code is ErrorCode.NOT_OFFERER
+    finally:
+        await client.close()
+        await therapist.close()
+
+
+BAD_SEALED = {
+    "clear and sealed": {"type": "offer", "sdp": "v=0", "counter": 1, "sealed": SEALED},
+    "neither": {"type": "offer", "counter": 1},
+    "sealed without counter": {"type": "offer", "sealed": SEALED},
+    "sealed with a mac": {"type": "offer", "counter": 1, "sealed": SEALED, "mac": "bWFj"},
+    "sealed candidate with its line": {"type": "candidate", "candidate": "", "counter": 1, "sealed": SEALED},
+    "sealed candidate with a mid": {"type": "candidate", "sdp_mid": "0", "counter": 1, "sealed": SEALED},
+    "sealed candidate without counter": {"type": "candidate", "sealed": SEALED},
+    "clear candidate with a counter": {"type": "candidate", "candidate": "", "counter": 1},
+    "not base64url": {"type": "offer", "counter": 1, "sealed": SEALED[:-1] + "+"},
+    "padded": {"type": "offer", "counter": 1, "sealed": SEALED[:-2] + "=="},
+    "length 1 mod 4": {"type": "offer", "counter": 1, "sealed": SEALED + "A"},
+    "stray bits at the end": {"type": "offer", "counter": 1, "sealed": SEALED + "AB"},
+    "too short": {"type": "offer", "counter": 1, "sealed": "A" * 36},
+    "too long": {"type": "offer", "counter": 1, "sealed": "A" * 65_004},
+}
+
+
+async def test_a_sealed_message_of_the_wrong_shape_is_refused_and_not_relayed(broker: RunningBroker) -> None:
+    _, therapist, client = await admitted_pair(broker)
+    try:
+        before = len(client.received)
+        for what, frame in BAD_SEALED.items():
+            mark = len(therapist.received)
+            await therapist.send_raw(json.dumps({**frame, "to": client.peer_id}))
+            error = await therapist.expect(Error, since=mark)  # undecodable: no id to refer to
+            assert error.code is ErrorCode.BAD_MESSAGE, what
+        await therapist.send_raw(json.dumps({"type": "candidate", "to": client.peer_id, "counter": 1, "sealed": SEALED}))
+        await client.expect(Candidate, where=lambda m: m.sealed == SEALED)  # the good one behind them
+        assert [m for m in client.received[before:] if isinstance(m, (Offer, Candidate))] == [
+            m for m in client.received[before:] if isinstance(m, Candidate) and m.sealed == SEALED
+        ]
     finally:
         await client.close()
         await therapist.close()

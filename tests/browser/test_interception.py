@@ -1,10 +1,14 @@
 """A malicious relay cannot intercept a call in Chromium unnoticed (DESIGN.md section 4).
 
-A relay between a page and the broker swaps the DTLS fingerprint in the SDP it passes on (a
-man in the middle): the receiving page refuses the connection and shows the full interception
-warning. Then the broker itself turns bad (MaliciousHub from tests/test_malicious_relay.py):
-it strips or corrupts MACs, replays an old offer, or injects a fake peer without the link key,
-and every attack ends on a page's warning screen and in the broker's audit log."""
+A relay between a page and the broker tampers with the description it passes on (a man in the
+middle: the page seals it, so the relay can only alter the ciphertext): the receiving page
+refuses the connection and shows the full interception warning. Then the broker itself turns
+bad (MaliciousHub from tests/test_malicious_relay.py): it swaps in its own description without
+or with a broken MAC, corrupts sealed descriptions or candidates, replays an old offer, or
+injects a fake peer without the link key, and every attack ends on a page's warning screen and
+in the broker's audit log; clear candidates it injects are dropped without a warning. Through
+the honest broker, nothing of a browser call's signaling is in clear in what the broker relays
+or stores (docs/protocol.md 7.7)."""
 
 from __future__ import annotations
 
@@ -21,11 +25,21 @@ import pytest_asyncio
 from playwright.async_api import Locator, Page, WebSocketRoute, expect
 
 from broker.hub import Hub
+from broker.protocol import Candidate
+from broker.store import session_prefix
 from tests.conftest import RunningBroker, SessionLinks, schedule, start_broker
-from tests.test_malicious_relay import MaliciousHub, wait_for
+from tests.test_malicious_relay import (
+    HOST_CANDIDATE,
+    MADE_UP_MAC,
+    MaliciousHub,
+    attacker_description,
+    turn_malicious,
+    wait_for,
+)
+from tests.test_sealed_signaling import assert_nothing_in_clear, host_addresses, secrets_of, store_contents
 
 from .conftest import NewContext
-from .kit import Watch, look, pass_checklist, wait_screen
+from .kit import RECORD_PEER_CONNECTIONS, Watch, look, pass_checklist, wait_screen
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 
@@ -35,6 +49,11 @@ FINGERPRINT = re.compile(r"(a=fingerprint:sha-256 )([0-9A-F]{2})")
 def swap_fingerprint(sdp: str) -> str:
     """What an attacker in the middle does: put its own certificate's fingerprint in."""
     return FINGERPRINT.sub(lambda m: m.group(1) + ("00" if m.group(2) != "00" else "11"), sdp)
+
+
+def alter(sealed: str) -> str:
+    """All it can do to a sealed description: change its ciphertext (here one bit of it)."""
+    return sealed[:40] + ("B" if sealed[40] != "B" else "C") + sealed[41:]
 
 
 async def relay_rewriting(page: Page, kind: str) -> list[str]:
@@ -47,8 +66,12 @@ async def relay_rewriting(page: Page, kind: str) -> list[str]:
         def to_page(message: str | bytes) -> None:
             if isinstance(message, str) and f'"type":"{kind}"' in message:
                 data = json.loads(message)
-                data["sdp"] = swap_fingerprint(data["sdp"])
-                rewritten.append(kind)
+                if data.get("sealed"):
+                    data["sealed"] = alter(data["sealed"])
+                    rewritten.append(f"sealed {kind}")
+                else:
+                    data["sdp"] = swap_fingerprint(data["sdp"])
+                    rewritten.append(kind)
                 message = json.dumps(data)
             ws.send(message)
 
@@ -76,7 +99,7 @@ async def test_swapped_fingerprint_is_refused_with_a_warning(
     await therapist.get_by_test_id("admit").click()
 
     await wait_screen(target, "interception")
-    assert rewritten, "the relay saw the description it attacks"
+    assert rewritten and set(rewritten) == {f"sealed {'offer' if victim == 'client' else 'answer'}"}
     alert = target.locator("#screen-interception [role=alert]")
     await expect(alert).to_contain_text("What to do now")
     await expect(target.locator("#interception-reason")).to_contain_text("bad mac")
@@ -117,8 +140,6 @@ THERAPIST_WARNING = (
     "Call the client by phone",
     "Schedule a new session with a new link",
 )
-#: A base64url MAC the broker made up (it does not hold the link key).
-MADE_UP_MAC = "bm90IHRoZSByZWFsIGtleQ"
 #: The page reports as it shows the warning; generous for two busy cores.
 AUDIT_WAIT_S = 10.0
 
@@ -127,9 +148,7 @@ AUDIT_WAIT_S = 10.0
 async def evil(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningBroker]:
     """A broker of this module only, its hub turned malicious; the shared broker stays honest."""
     running = await start_broker(Path(tmp_path_factory.mktemp("evil-browser-broker")))
-    hub = running.broker.hub
-    hub.__class__ = MaliciousHub  # as the fixture of tests/test_malicious_relay.py does
-    cast(MaliciousHub, hub).saved_offers = {}
+    hub = turn_malicious(running, await attacker_description())  # as tests/test_malicious_relay.py does
     yield running
     hub.__class__ = Hub
     await running.stop()
@@ -139,6 +158,8 @@ def evil_hub(running: RunningBroker, mode: str) -> MaliciousHub:
     hub = cast(MaliciousHub, running.broker.hub)
     hub.mode = mode
     hub.saved_offers.clear()
+    hub.saved_candidates.clear()
+    hub.seen.clear()
     return hub
 
 
@@ -168,8 +189,10 @@ class Pair:
 async def open_pair(running: RunningBroker, new_context: NewContext, watch: Watch) -> Pair:
     links = await schedule(running, clients=1)
     watch.secrets.append(links.link_key)
-    client = await (await new_context()).new_page()
-    therapist = await (await new_context()).new_page()
+    contexts = [await new_context(), await new_context()]
+    for context in contexts:  # so a test can read each page's own descriptions
+        await context.add_init_script(RECORD_PEER_CONNECTIONS)
+    client, therapist = [await context.new_page() for context in contexts]
 
     async def client_way_in() -> None:
         await client.goto(links.client)
@@ -235,6 +258,21 @@ async def test_corrupted_mac_is_refused_with_a_warning(
     await watch.assert_clean()
 
 
+async def test_corrupted_sealed_candidate_is_refused_with_a_warning(
+    evil: RunningBroker, new_context: NewContext, watch: Watch
+) -> None:
+    """The offer opens, then a candidate behind it does not: someone altered it on the way."""
+    evil_hub(evil, "corrupt_candidates")
+    try:
+        pair = await open_pair(evil, new_context, watch)
+        await pair.admit()
+        await assert_warning(pair, "client", "bad_mac", stopped=pair.therapist_peer)
+        await assert_audited(evil, pair, pair.client_peer)
+    finally:
+        evil_hub(evil, "honest")
+    await watch.assert_clean()
+
+
 async def test_stripped_mac_is_refused_with_a_warning(
     evil: RunningBroker, new_context: NewContext, watch: Watch
 ) -> None:
@@ -242,8 +280,9 @@ async def test_stripped_mac_is_refused_with_a_warning(
     try:
         pair = await open_pair(evil, new_context, watch)
         await pair.admit()
-        # An offer without a MAC may come from a therapist on a device without the link key, so
-        # the client is not connected silently: it is told to compare the safety code first.
+        # The broker swaps the sealed offer for a description of its own without a MAC. An offer
+        # without a MAC may come from a therapist on a device without the link key, so the client
+        # is not connected silently: it is told to compare the safety code first.
         await wait_screen(pair.client, "unverified")
         card = pair.client.locator("#screen-unverified")
         await expect(card).to_be_visible()
@@ -299,4 +338,105 @@ async def test_fake_peer_from_the_broker_is_refused_with_a_warning(
     # The real call is untouched.
     await expect(pair.tile(pair.client, pair.therapist_peer)).to_have_attribute("data-state", "connected")
     await assert_audited(evil, pair, pair.client_peer)
+    await watch.assert_clean()
+
+
+async def connected(pair: Pair) -> None:
+    await wait_screen(pair.client, "call")
+    await expect(pair.tile(pair.client, pair.therapist_peer)).to_have_attribute("data-state", "connected")
+    await expect(pair.tile(pair.therapist, pair.client_peer)).to_have_attribute("data-state", "connected")
+
+
+async def test_clear_candidates_injected_by_the_broker_are_dropped_without_a_warning(
+    evil: RunningBroker, new_context: NewContext, watch: Watch
+) -> None:
+    """Both pages seal; a clear candidate can only come from the broker: dropped and counted,
+    never used, and no warning (it gives the broker nothing it could not do by dropping)."""
+    hub = evil_hub(evil, "honest")
+    pair = await open_pair(evil, new_context, watch)
+    await pair.admit()
+    await connected(pair)
+    for sender, recipient in ((pair.therapist_peer, pair.client_peer), (pair.client_peer, pair.therapist_peer)):
+        fake = Candidate(to=recipient, candidate=HOST_CANDIDATE, sdp_mid="0", sdp_mline_index=0, from_=sender)
+        for _ in range(5):
+            await hub.inject(pair.links.session, fake)
+    await expect(pair.tile(pair.client, pair.therapist_peer)).to_have_attribute("data-dropped", "5")
+    await expect(pair.tile(pair.therapist, pair.client_peer)).to_have_attribute("data-dropped", "5")
+    assert await pair.client.evaluate("document.body.dataset.screen") == "call"
+    assert await pair.therapist.evaluate("document.body.dataset.screen") == "dashboard"
+    await expect(pair.tile(pair.client, pair.therapist_peer)).to_have_attribute("data-state", "connected")
+    await watch.assert_clean()
+
+
+async def test_the_broker_holds_no_signaling_of_a_browser_call_in_clear(
+    evil: RunningBroker, new_context: NewContext, watch: Watch
+) -> None:
+    """Chromium trickles its candidates: every offer, answer and candidate the broker relayed was
+    sealed, and neither the frames nor the store hold a fingerprint, ICE credentials, a candidate
+    or a host address of either page (the Python peers: tests/test_sealed_signaling.py)."""
+    hub = evil_hub(evil, "honest")
+    pair = await open_pair(evil, new_context, watch)
+    await pair.admit()
+    await connected(pair)
+    sdps: list[str] = []
+    for page in (pair.client, pair.therapist):
+        sdps += await page.evaluate(
+            """() => window.__peerConnections.flatMap((pc) =>
+                 [pc.localDescription, pc.remoteDescription].filter(Boolean).map((d) => d.sdp))"""
+        )
+    secrets = secrets_of(sdps)
+    assert host_addresses(sdps), "the pages used no host address: nothing to look for"
+    kinds = {kind for kind, _, _ in hub.seen}
+    assert {"Offer", "Answer", "Candidate"} <= kinds, kinds  # candidates were trickled
+    assert all(sealed for _, sealed, _ in hub.seen)
+    assert_nothing_in_clear("a relayed frame", [frame for _, _, frame in hub.seen], secrets)
+    # This session's keys: the store also holds the sessions of the attacks above, with the
+    # malicious broker's own descriptions in them.
+    stored = await store_contents(evil, prefix=session_prefix(pair.links.session))
+    assert any(b'"sealed"' in value for value in stored)  # the resume buffers were read
+    assert_nothing_in_clear("the store", stored, secrets)
+    await watch.assert_clean()
+
+
+async def relay_repeating_sealed_candidates(page: Page) -> list[int]:
+    """Route the page's WebSocket through a relay that delivers every sealed candidate twice."""
+    repeated: list[int] = []
+
+    def handler(ws: WebSocketRoute) -> None:
+        server = ws.connect_to_server()
+
+        def to_page(message: str | bytes) -> None:
+            ws.send(message)
+            if isinstance(message, str) and '"type":"candidate"' in message and '"sealed":"' in message:
+                repeated.append(json.loads(message)["counter"])
+                ws.send(message)
+
+        server.on_message(to_page)
+
+    await page.route_web_socket(re.compile(r"/ws$"), handler)
+    return repeated
+
+
+async def test_a_replayed_sealed_candidate_is_ignored_without_a_warning(
+    broker: RunningBroker, new_context: NewContext, watch: Watch
+) -> None:
+    """A sealed candidate again is nothing new: dropped and counted, and the call goes on."""
+    links = await schedule(broker, clients=1)
+    watch.secrets.append(links.link_key)
+    client = await (await new_context()).new_page()
+    therapist = await (await new_context()).new_page()
+    repeated = await relay_repeating_sealed_candidates(client)
+    await client.goto(links.client)
+    await pass_checklist(client)
+    await therapist.goto(links.therapist)
+    await wait_screen(therapist, "dashboard")
+    pair = Pair(links, client, therapist)
+    await pair.admit()
+    await connected(pair)
+    await wait_for(lambda: len(repeated) > 0)
+    tile = pair.tile(client, pair.therapist_peer)
+    await expect(tile).to_have_attribute("data-dropped", re.compile(r"^[1-9]\d*$"))
+    assert int(await tile.get_attribute("data-dropped") or 0) <= len(repeated)
+    assert await client.evaluate("document.body.dataset.screen") == "call"
+    await expect(tile).to_have_attribute("data-state", "connected")
     await watch.assert_clean()

@@ -1,9 +1,13 @@
 // Peer connections with every other admitted peer of the session.
 //
 // Who offers is decided by the broker (`you_offer` in `peers`), so offers
-// never cross. Every offer and answer is signed and checked with the link key
-// (SdpAuthenticator from e2ee.js); a bad, missing or replayed MAC closes that
-// connection and raises an interception warning. Each pair also has the
+// never cross. With the link key, offers, answers and ICE candidates are sealed
+// end to end (SdpAuthenticator from e2ee.js; docs/protocol.md 7.7), so the broker
+// relays only ciphertext; without it (a therapist on another device) they go in
+// clear, and clear offers and answers carry a MAC when the sender holds the key.
+// A message that does not open, a bad, missing or replayed MAC closes that
+// connection and raises an interception warning; clear candidates from a peer
+// that seals are dropped (only the broker could have made them). Each pair also has the
 // negotiated data channel "chat" (id 0): encrypted text chat and small control
 // messages (mute and camera state) that never pass through the broker. The
 // safety code is derived from both DTLS fingerprints once both descriptions
@@ -58,6 +62,8 @@ class PeerLink {
     this.remoteStream = new MediaStream();
     this.remoteMedia = { audio: true, video: true };
     this.outbox = []; // local candidates held back until our description has gone out
+    this.sealing = false; // we seal what we send here: we offered with the link key, or the offer came sealed
+    this.remoteSealed = false; // the peer's description here came sealed: its clear candidates are dropped
     this.descriptionSent = false;
     this.createdAt = Date.now();
     this.awaitingAnswer = offerer; // from the first moment, so a renegotiate request cannot start a second offer
@@ -81,7 +87,7 @@ class PeerLink {
  *   track {peer, stream}                                      remote media arrived (or changed)
  *   left {peer, role}                                         a peer is no longer in the call
  *   chat {peer, role, text}                                   a chat message arrived
- *   interception {peer, role, reason}                         a description failed authentication
+ *   interception {peer, role, reason}                         a description or candidate failed authentication
  *   unverified {peer, role}                                   a peer sent no MAC; ask before accepting
  *   stats {peer, framesDecoded, rttMs, relayed}
  */
@@ -94,7 +100,9 @@ export class Call {
   #links = new Map();
   #linkCount = 0;
   #infos = new Map(); // peer -> {role, connected, you_offer}
-  #early = new Map(); // peer -> candidates that arrived before their description
+  #early = new Map(); // peer -> candidates that arrived before their description, {candidate, sealed}
+  #outgoing = new Map(); // peer -> the last message on its way there: they go out one at a time, in order
+  #drops = new Map(); // peer -> relayed messages dropped without a warning (clear candidates from a sealing peer, ...)
   #allowUnverified = new Set();
   #pendingUnverified = new Map();
   #blocked = new Set();
@@ -162,6 +170,7 @@ export class Call {
       media: link ? { ...link.remoteMedia } : { audio: true, video: true },
       stream: link?.remoteStream ?? null,
       stats: link ? { ...link.stats } : null,
+      dropped: this.#drops.get(peer) ?? 0,
     };
   }
 
@@ -255,7 +264,7 @@ export class Call {
     pc.addEventListener("icecandidate", (event) => {
       if (link.closed || !event.candidate || !event.candidate.candidate) return;
       if (!link.descriptionSent) link.outbox.push(event.candidate);
-      else if (!this.#signaling.sendCandidate(peer, event.candidate)) link.signalingLost = true;
+      else this.#sendCandidate(link, event.candidate);
     });
     pc.addEventListener("track", (event) => {
       if (link.closed) return;
@@ -298,6 +307,7 @@ export class Call {
 
   async #startOffer(peer) {
     const link = this.#newLink(peer, true);
+    link.sealing = this.#auth.hasLinkKey;
     const { pc } = link;
     link.awaitingAnswer = true;
     const streams = this.#localStream ? [this.#localStream] : [];
@@ -312,31 +322,91 @@ export class Call {
     }
   }
 
+  /**
+   * Send an offer, answer or candidate to the peer of `link`: sealed when this connection seals,
+   * else in clear (a description with a MAC when we hold the link key). One message per peer at
+   * a time, in the order asked, so the peer sees our counters rise. Resolves to whether it went
+   * out, or null when the connection closed first.
+   */
+  #signal(link, type, fields) {
+    const { peer } = link;
+    const job = (this.#outgoing.get(peer) ?? Promise.resolve()).then(async () => {
+      if (link.closed) return null;
+      if (link.sealing) {
+        const [counter, sealed] = await this.#auth.seal(peer, type, fields);
+        return link.closed ? null : this.#signaling.sendSealed(type, peer, counter, sealed);
+      }
+      if (type === "candidate") {
+        const { candidate, sdp_mid: sdpMid, sdp_mline_index: sdpMLineIndex } = fields;
+        return this.#signaling.sendCandidate(peer, { candidate, sdpMid, sdpMLineIndex });
+      }
+      const [counter, mac] = await this.#auth.sign(peer, type, fields.sdp);
+      if (link.closed) return null;
+      return type === "offer"
+        ? this.#signaling.sendOffer(peer, fields.sdp, counter, mac)
+        : this.#signaling.sendAnswer(peer, fields.sdp, counter, mac);
+    });
+    const settled = job.then(
+      () => {},
+      () => {},
+    );
+    this.#outgoing.set(peer, settled);
+    settled.then(() => {
+      if (this.#outgoing.get(peer) === settled) this.#outgoing.delete(peer);
+    });
+    return job;
+  }
+
+  #sendCandidate(link, candidate) {
+    const fields = {
+      candidate: candidate.candidate ?? "",
+      sdp_mid: candidate.sdpMid ?? null,
+      sdp_mline_index: candidate.sdpMLineIndex ?? null,
+    };
+    this.#signal(link, "candidate", fields).then(
+      (sent) => {
+        if (sent === false) link.signalingLost = true;
+      },
+      (err) => console.warn("could not send a candidate", err?.name),
+    );
+  }
+
   async #sendDescription(link, type) {
-    const sdp = link.pc.localDescription.sdp;
-    const [counter, mac] = await this.#auth.sign(link.peer, type, sdp);
-    if (link.closed) return;
-    const sent =
-      type === "offer"
-        ? this.#signaling.sendOffer(link.peer, sdp, counter, mac)
-        : this.#signaling.sendAnswer(link.peer, sdp, counter, mac);
+    const sent = await this.#signal(link, type, { sdp: link.pc.localDescription.sdp });
+    if (sent === null) return;
     if (!sent) link.signalingLost = true;
     link.descriptionSent = true;
-    for (const candidate of link.outbox.splice(0)) {
-      if (!this.#signaling.sendCandidate(link.peer, candidate)) link.signalingLost = true;
-    }
+    for (const candidate of link.outbox.splice(0)) this.#sendCandidate(link, candidate);
     await this.#updateCode(link);
+  }
+
+  /** A relayed message dropped without a warning: only counted (nothing of it is kept). */
+  #drop(peer) {
+    this.#drops.set(peer, (this.#drops.get(peer) ?? 0) + 1);
+    this.#announce(peer);
   }
 
   async #onDescription(message, type) {
     if (this.#closed) return;
     const peer = message.from;
     if (!peer || this.#blocked.has(peer)) return;
+    const sealed = message.sealed != null;
     let trust;
+    let sdp;
     try {
-      trust = await this.#auth.verify(peer, type, message.counter ?? null, message.sdp, message.mac ?? null, {
-        allowUnverified: this.#allowUnverified.has(peer),
-      });
+      if (sealed) {
+        if (!this.#auth.hasLinkKey) {
+          this.#drop(peer); // sealed for a peer holding the link key: nothing we can open
+          return;
+        }
+        ({ sdp } = await this.#auth.unseal(peer, type, message.counter ?? null, message.sealed));
+        trust = Trust.VERIFIED_BY_LINK;
+      } else {
+        sdp = message.sdp;
+        trust = await this.#auth.verify(peer, type, message.counter ?? null, sdp, message.mac ?? null, {
+          allowUnverified: this.#allowUnverified.has(peer),
+        });
+      }
     } catch (err) {
       if (!(err instanceof InterceptionError)) throw err;
       if (err.reason === "missing_mac" && type === "offer" && this.#infos.get(peer)?.role === "therapist") {
@@ -349,11 +419,12 @@ export class Call {
       this.#intercepted(peer, err.reason);
       return;
     }
-    if (type === "offer") await this.#acceptOffer(peer, message.sdp, trust);
-    else await this.#acceptAnswer(peer, message.sdp, trust);
+    if (this.#closed || this.#blocked.has(peer)) return;
+    if (type === "offer") await this.#acceptOffer(peer, sdp, trust, sealed);
+    else await this.#acceptAnswer(peer, sdp, trust, sealed);
   }
 
-  async #acceptOffer(peer, sdp, trust) {
+  async #acceptOffer(peer, sdp, trust, sealed) {
     const remoteFp = fingerprintOf(sdp);
     let link = this.#links.get(peer);
     const sameEnd =
@@ -365,6 +436,8 @@ export class Call {
     }
     link.trust = trust;
     link.remoteFingerprint = remoteFp;
+    link.sealing = sealed; // answer the way the offer came (docs/protocol.md 7.7)
+    link.remoteSealed = sealed;
     const { pc } = link;
     try {
       await pc.setRemoteDescription({ type: "offer", sdp });
@@ -379,7 +452,7 @@ export class Call {
     this.#announce(peer);
   }
 
-  async #acceptAnswer(peer, sdp, trust) {
+  async #acceptAnswer(peer, sdp, trust, sealed) {
     const link = this.#links.get(peer);
     if (!link || link.closed || !link.offerer || link.pc.signalingState !== "have-local-offer") return;
     const remoteFp = fingerprintOf(sdp);
@@ -390,6 +463,7 @@ export class Call {
     }
     link.trust = trust;
     link.remoteFingerprint = remoteFp;
+    link.remoteSealed = sealed;
     link.awaitingAnswer = false;
     try {
       await link.pc.setRemoteDescription({ type: "answer", sdp });
@@ -432,20 +506,43 @@ export class Call {
 
   async #onCandidate(message) {
     const peer = message.from;
-    if (!peer || !message.candidate) return;
+    if (!peer || this.#closed || this.#blocked.has(peer)) return;
+    const sealed = message.sealed != null;
+    let fields = message;
+    if (sealed) {
+      if (!this.#auth.hasLinkKey) {
+        this.#drop(peer);
+        return;
+      }
+      try {
+        fields = await this.#auth.unseal(peer, "candidate", message.counter ?? null, message.sealed);
+      } catch (err) {
+        if (!(err instanceof InterceptionError)) throw err;
+        if (err.reason === "bad_mac") this.#intercepted(peer, err.reason); // altered or made up: someone in the middle
+        else this.#drop(peer); // replayed or malformed: it can do no harm
+        return;
+      }
+      if (this.#closed || this.#blocked.has(peer)) return;
+    }
+    if (!fields.candidate || typeof fields.candidate !== "string") return;
     const candidate = {
-      candidate: message.candidate,
-      sdpMid: message.sdp_mid ?? null,
-      sdpMLineIndex: message.sdp_mline_index ?? null,
+      candidate: fields.candidate,
+      sdpMid: fields.sdp_mid ?? null,
+      sdpMLineIndex: fields.sdp_mline_index ?? null,
     };
     const link = this.#links.get(peer);
-    const remote = link && !link.closed ? link.pc.remoteDescription : null;
-    const ufrag = candidateUfrag(message.candidate);
+    const live = link && !link.closed ? link : null;
+    if (!sealed && live?.remoteSealed) {
+      this.#drop(peer); // the peer seals: a clear candidate can only come from the broker
+      return;
+    }
+    const remote = live ? live.pc.remoteDescription : null;
+    const ufrag = candidateUfrag(fields.candidate);
     // After an ICE restart the new candidates can overtake their description (it is still being
     // verified): keep them until it is set, or they would be matched against the old one.
     if (!remote || (ufrag && !remote.sdp.split(/\r?\n/).includes(`a=ice-ufrag:${ufrag}`))) {
       const queue = this.#early.get(peer) ?? [];
-      queue.push(candidate);
+      queue.push({ candidate, sealed });
       this.#early.set(peer, queue.slice(-64));
       return;
     }
@@ -455,7 +552,10 @@ export class Call {
   async #flushEarly(link) {
     const queue = this.#early.get(link.peer) ?? [];
     this.#early.delete(link.peer);
-    for (const candidate of queue) await link.pc.addIceCandidate(candidate).catch(() => {});
+    for (const { candidate, sealed } of queue) {
+      if (!sealed && link.remoteSealed) this.#drop(link.peer); // held back, and the description came sealed
+      else await link.pc.addIceCandidate(candidate).catch(() => {});
+    }
   }
 
   #onRenegotiate(peer) {
@@ -961,6 +1061,7 @@ export class CallView {
     else if (info.trust === "unverified") tile.trust.textContent = "Not verified by link — compare the safety codes";
     else tile.trust.textContent = "";
     tile.node.dataset.trust = info.trust ?? "";
+    tile.node.dataset.dropped = String(info.dropped);
     tile.muted.hidden = info.media.audio;
     tile.node.dataset.remoteAudio = info.media.audio ? "on" : "off";
     tile.node.dataset.remoteVideo = info.media.video ? "on" : "off";

@@ -1,8 +1,10 @@
 // End-to-end primitives that keep the broker out of the call (DESIGN.md section 4).
 //
 // The browser twin of broker/e2ee.py: link key, authenticated SDP (HMAC per peer
-// pair with a strictly increasing counter), DTLS fingerprint extraction, the
-// safety code and sealing of the client's emergency details. Both
+// pair with a strictly increasing counter), sealed signaling (offers, answers and
+// ICE candidates encrypted with a key per direction of a peer pair), DTLS
+// fingerprint extraction, the safety code and sealing of the client's emergency
+// details. Both
 // implementations must agree byte for byte; tests/vectors/e2ee.json checks it.
 // WebCrypto and TextEncoder only. Nothing here logs a key, an SDP or plaintext.
 
@@ -13,12 +15,27 @@ const TAG_BYTES = 16;
 /** Counters are unix microseconds and must stay exact in a Number. */
 export const MAX_COUNTER = Number.MAX_SAFE_INTEGER;
 export const SDP_TYPES = Object.freeze(["offer", "answer"]);
+/** What may be sealed end to end: descriptions and trickled ICE candidates. */
+export const SIGNAL_TYPES = Object.freeze(["offer", "answer", "candidate"]);
+const MAX_SDP_CHARS = 48 * 1024;
+const MAX_CANDIDATE_CHARS = 1024;
+const MAX_MID_CHARS = 64;
+// A sealed field is base64url(nonce || ciphertext || tag); its longest form keeps a sealed
+// frame under the broker's 64 KiB frame limit (same numbers as broker/e2ee.py).
+export const MAX_SEALED_CHARS = 65_000;
+export const MAX_SEALED_PLAINTEXT = (MAX_SEALED_CHARS * 3) / 4 - NONCE_BYTES - TAG_BYTES; // 48,722 bytes
+/**
+ * Seals one sealer makes under one direction key before refusing. Random 96-bit nonces are
+ * safe for 2**32 messages per key (NIST SP 800-38D section 8.3); a session needs a few thousand.
+ */
+export const MAX_SEALS_PER_KEY = 2 ** 20;
 
 const AUTH_INFO = "sdp-auth v1";
 const DETAILS_INFO = "emergency-details v1";
 const CHECKLIST_INFO = "checklist-answers v1";
 const PAIR_LABEL = "pair v1";
 const SDP_LABEL = "tt-sdp v1";
+const SEAL_LABEL = "tt-seal v1";
 const SAS_LABEL = "tt-sas v1";
 const DETAILS_LABEL = "tt-details v1";
 const CHECKLIST_LABEL = "tt-checklist v1";
@@ -26,7 +43,7 @@ const CHECKLIST_LABEL = "tt-checklist v1";
 /** Why a receiver refused an offer/answer (same strings as broker/e2ee.py). */
 export const REASONS = Object.freeze([
   "missing_mac", // we hold the link key but the message carried no MAC
-  "bad_mac", // MAC does not match (altered SDP, ids, type or counter, or wrong key)
+  "bad_mac", // MAC does not match, or a sealed message does not open (altered, or wrong key)
   "replayed_counter", // counter not greater than the last one accepted from this sender
   "malformed", // wrong type, counter out of range, message addressed from ourselves
   "missing_fingerprint", // SDP has no usable a=fingerprint line
@@ -274,31 +291,170 @@ export async function verifySdp(kAuth, sessionId, sender, recipient, type, count
   if (!(await crypto.subtle.verify("HMAC", key, tag, data))) throw new InterceptionError("bad_mac");
 }
 
+// -- sealed signaling ------------------------------------------------------------------------
+
+/** K_seal(sender -> recipient): both directions share K_pair, so each gets its own key. */
+export async function deriveSealKey(kPair, sender, recipient) {
+  if (!(kPair instanceof Uint8Array) || kPair.length !== 32) throw new Error("K_pair must be 32 bytes");
+  const ikm = await crypto.subtle.importKey("raw", kPair, "HKDF", false, ["deriveBits"]);
+  const info = concat([lp(SEAL_LABEL), lp(sender), lp(recipient)]);
+  const params = { name: "HKDF", hash: "SHA-256", salt: new Uint8Array(0), info };
+  return new Uint8Array(await crypto.subtle.deriveBits(params, ikm, 256));
+}
+
+/** The associated data of a sealed message: its routing header, which the broker sees. */
+export function sealAad(sessionId, sender, recipient, type, counter) {
+  if (!SIGNAL_TYPES.includes(type)) throw new Error("type must be 'offer', 'answer' or 'candidate'");
+  return concat([lp(SEAL_LABEL), lp(sessionId), lp(sender), lp(recipient), lp(type), u64(counter)]);
+}
+
+/** Whether a field is text within `limit` characters, counted as Python counts them (code points). */
+function textField(value, limit, nullable) {
+  if (value === null) return nullable;
+  return typeof value === "string" && (value.length <= limit || [...value].length <= limit);
+}
+
+function sameKeys(object, names) {
+  const keys = Object.keys(object);
+  return keys.length === names.length && names.every((n) => Object.hasOwn(object, n));
+}
+
+/** Throws an Error unless `fields` is exactly the plaintext of a `type` message. */
+function checkSignalFields(type, fields) {
+  if (fields === null || typeof fields !== "object" || Array.isArray(fields)) {
+    throw new Error("plaintext must be an object");
+  }
+  if (SDP_TYPES.includes(type)) {
+    if (!sameKeys(fields, ["sdp"]) || !textField(fields.sdp, MAX_SDP_CHARS, false)) {
+      throw new Error('a description\'s plaintext is {"sdp": text of at most 48 KiB}');
+    }
+    return;
+  }
+  if (type !== "candidate") throw new Error("type must be 'offer', 'answer' or 'candidate'");
+  const index = fields.sdp_mline_index;
+  if (
+    !sameKeys(fields, ["candidate", "sdp_mid", "sdp_mline_index"]) ||
+    !textField(fields.candidate, MAX_CANDIDATE_CHARS, false) ||
+    !textField(fields.sdp_mid, MAX_MID_CHARS, true) ||
+    !(index === null || (Number.isInteger(index) && index >= 0 && index <= 255))
+  ) {
+    throw new Error(
+      'a candidate\'s plaintext is {"candidate", "sdp_mid", "sdp_mline_index"} within the limits of the clear form',
+    );
+  }
+}
+
+/**
+ * The exact plaintext of a sealed message: compact JSON, fields in a fixed order (the same
+ * text broker/e2ee.py writes, so the shared vectors can compare ciphertexts).
+ */
+export function signalPlaintext(type, fields) {
+  checkSignalFields(type, fields);
+  const order = SDP_TYPES.includes(type) ? ["sdp"] : ["candidate", "sdp_mid", "sdp_mline_index"];
+  const ordered = {};
+  for (const name of order) {
+    if (typeof fields[name] === "string") utf8(fields[name]); // lone surrogates throw, as in Python
+    ordered[name] = fields[name];
+  }
+  return JSON.stringify(ordered);
+}
+
+/** The fields of an opened message; throws InterceptionError("malformed") if it is not one. */
+export function parseSignalPlaintext(type, text) {
+  try {
+    const fields = JSON.parse(text);
+    checkSignalFields(type, fields);
+    return fields;
+  } catch (err) {
+    throw new InterceptionError("malformed", `sealed plaintext: ${err.message}`);
+  }
+}
+
+function aesKey(raw, usage) {
+  return crypto.subtle.importKey("raw", raw, "AES-GCM", false, [usage]);
+}
+
+/**
+ * base64url(nonce || AES-256-GCM ciphertext || tag) of one offer, answer or candidate.
+ * The nonce option exists for test vectors only; product code draws 12 random bytes.
+ */
+export async function sealSignal(kSeal, sessionId, sender, recipient, type, counter, plaintext, { nonce = null } = {}) {
+  const iv = nonce ?? crypto.getRandomValues(new Uint8Array(NONCE_BYTES));
+  if (!(iv instanceof Uint8Array) || iv.length !== NONCE_BYTES) throw new Error(`nonce must be ${NONCE_BYTES} bytes`);
+  const data = utf8(plaintext);
+  if (data.length > MAX_SEALED_PLAINTEXT) {
+    throw new Error(`plaintext over ${MAX_SEALED_PLAINTEXT} bytes cannot be sealed`);
+  }
+  const additionalData = sealAad(sessionId, sender, recipient, type, counter);
+  const key = await aesKey(kSeal, "encrypt");
+  const sealed = new Uint8Array(await crypto.subtle.encrypt({ name: "AES-GCM", iv, additionalData }, key, data));
+  return b64urlEncode(concat([iv, sealed]));
+}
+
+/** The plaintext of a sealed message; throws InterceptionError("bad_mac") if it does not open. */
+export async function openSignal(kSeal, sessionId, sender, recipient, type, counter, sealed) {
+  let blob;
+  try {
+    blob = b64urlDecode(sealed);
+  } catch {
+    throw new InterceptionError("bad_mac", "sealed field is not base64url");
+  }
+  if (blob.length < NONCE_BYTES + TAG_BYTES) throw new InterceptionError("bad_mac", "sealed field is too short");
+  const additionalData = sealAad(sessionId, sender, recipient, type, counter);
+  const key = await aesKey(kSeal, "decrypt");
+  let plain;
+  try {
+    plain = await crypto.subtle.decrypt(
+      { name: "AES-GCM", iv: blob.subarray(0, NONCE_BYTES), additionalData },
+      key,
+      blob.subarray(NONCE_BYTES),
+    );
+  } catch {
+    throw new InterceptionError("bad_mac");
+  }
+  try {
+    return new TextDecoder("utf-8", { fatal: true }).decode(plain);
+  } catch {
+    throw new InterceptionError("malformed", "sealed plaintext is not UTF-8");
+  }
+}
+
 function nowMicros() {
   return Date.now() * 1000;
 }
 
 /**
- * Signs outgoing and checks incoming offers/answers for one peer in one session.
- * With linkKey null (a therapist on another device) it still enforces counters,
- * but every peer is reported as Trust.UNVERIFIED and people compare the safety code.
+ * Signs or seals outgoing and checks or opens incoming signaling for one peer in one session.
+ * With linkKey null (a therapist on another device) it still enforces counters, but every
+ * peer is reported as Trust.UNVERIFIED and people compare the safety code; such a peer can
+ * neither seal nor open. One counter per direction covers everything sent that way. Incoming
+ * messages from one sender are checked strictly in the order they were handed in, so the
+ * counter check never sees a later message before an earlier one still being decrypted.
  */
 export class SdpAuthenticator {
   #kAuth;
   #clock;
+  #sealLimit;
   #lastSent = new Map();
   #lastAccepted = new Map();
+  #seals = new Map();
+  #sealKeys = new Map();
+  #inbound = new Map();
 
-  constructor(linkKey, sessionId, myPeerId, { clock = nowMicros } = {}) {
+  constructor(linkKey, sessionId, myPeerId, { clock = nowMicros, sealLimit = MAX_SEALS_PER_KEY } = {}) {
     utf8(sessionId); // fail here, not later inside a pending promise
     utf8(myPeerId);
+    if (!Number.isInteger(sealLimit) || sealLimit < 1 || sealLimit > MAX_SEALS_PER_KEY) {
+      throw new RangeError(`sealLimit must be in 1..${MAX_SEALS_PER_KEY}`);
+    }
     this.sessionId = sessionId;
     this.myPeerId = myPeerId;
     this.#kAuth = linkKey == null ? null : deriveAuthKey(checkLinkKey(linkKey), sessionId);
     this.#clock = clock;
+    this.#sealLimit = sealLimit;
   }
 
-  /** Whether this side can sign and check MACs at all. */
+  /** Whether this side can sign, seal, check and open at all. */
   get hasLinkKey() {
     return this.#kAuth !== null;
   }
@@ -322,47 +478,113 @@ export class SdpAuthenticator {
     return [counter, mac];
   }
 
+  #sealKey(sender, recipient) {
+    const id = JSON.stringify([sender, recipient]);
+    let key = this.#sealKeys.get(id);
+    if (!key) {
+      key = this.#kAuth.then(async (kAuth) => deriveSealKey(await pairKey(kAuth, sender, recipient), sender, recipient));
+      this.#sealKeys.set(id, key);
+    }
+    return key;
+  }
+
   /**
-   * Accept an offer/answer (resolves to a Trust value) or reject with
+   * Resolves to [counter, sealed] for an offer, answer or candidate to `recipient`. Throws
+   * without the link key, for bad fields, or once this sealer has used the direction key
+   * sealLimit times. The counter is taken before any await: callers that send in the order
+   * they called seal() send counters in increasing order.
+   */
+  async seal(recipient, type, fields) {
+    if (this.#kAuth === null) throw new Error("cannot seal without the link key");
+    if (recipient === this.myPeerId) throw new Error("cannot send a message to ourselves");
+    const plaintext = signalPlaintext(type, fields);
+    if (utf8(plaintext).length > MAX_SEALED_PLAINTEXT) {
+      throw new Error(`plaintext over ${MAX_SEALED_PLAINTEXT} bytes cannot be sealed`);
+    }
+    const seals = this.#seals.get(recipient) ?? 0;
+    if (seals >= this.#sealLimit) {
+      throw new Error("refusing to seal: this direction key has sealed its limit of messages");
+    }
+    const counter = this.nextCounter(recipient);
+    this.#seals.set(recipient, seals + 1);
+    const key = await this.#sealKey(this.myPeerId, recipient);
+    const sealed = await sealSignal(key, this.sessionId, this.myPeerId, recipient, type, counter, plaintext);
+    return [counter, sealed];
+  }
+
+  /** Run `task` after every earlier check of a message from `sender` has settled. */
+  #inOrder(sender, task) {
+    const before = this.#inbound.get(sender) ?? Promise.resolve();
+    const run = before.then(task);
+    const settled = run.then(
+      () => {},
+      () => {},
+    );
+    this.#inbound.set(sender, settled);
+    settled.then(() => {
+      if (this.#inbound.get(sender) === settled) this.#inbound.delete(sender);
+    });
+    return run;
+  }
+
+  /**
+   * Open a sealed offer, answer or candidate: resolves to its fields, or rejects with
+   * InterceptionError (bad_mac: it does not open; replayed_counter; malformed;
+   * missing_fingerprint / fingerprint_mismatch as for a clear description). State
+   * changes only on success.
+   */
+  unseal(sender, type, counter, sealed) {
+    return this.#inOrder(sender, async () => {
+      checkHeader(this.myPeerId, sender, type, SIGNAL_TYPES, counter);
+      if (this.#kAuth === null) throw new Error("cannot open a sealed message without the link key");
+      const key = await this.#sealKey(sender, this.myPeerId);
+      const text = await openSignal(key, this.sessionId, sender, this.myPeerId, type, counter, sealed);
+      const fields = parseSignalPlaintext(type, text);
+      // From here on no await: check and update of the counter are atomic.
+      const last = this.#lastAccepted.get(sender);
+      if (last !== undefined && counter <= last) throw new InterceptionError("replayed_counter");
+      if (SDP_TYPES.includes(type)) fingerprintOf(fields.sdp);
+      this.#lastAccepted.set(sender, counter);
+      return fields;
+    });
+  }
+
+  /**
+   * Accept a clear offer/answer (resolves to a Trust value) or reject with
    * InterceptionError; state changes only on success. allowUnverified lets a peer
    * holding the link key accept a message without MAC (the other side has no link
    * key) -- only after the UI has warned and asked for the safety code. A MAC that
    * is present is always checked. Wire values go in as received: a missing
    * counter is reported as "malformed".
    */
-  async verify(sender, type, counter, sdp, mac, { allowUnverified = false } = {}) {
-    this.#checkShape(sender, type, counter, sdp);
-    let trust = Trust.UNVERIFIED;
-    if (this.#kAuth !== null && (mac || !allowUnverified)) {
-      const kAuth = await this.#kAuth;
-      await verifySdp(kAuth, this.sessionId, sender, this.myPeerId, type, counter, sdp, mac);
-      trust = Trust.VERIFIED_BY_LINK;
-    }
-    // From here on no await: check and update of the counter are atomic.
-    const last = this.#lastAccepted.get(sender);
-    if (last !== undefined && counter <= last) throw new InterceptionError("replayed_counter");
-    fingerprintOf(sdp);
-    this.#lastAccepted.set(sender, counter);
-    return trust;
+  verify(sender, type, counter, sdp, mac, { allowUnverified = false } = {}) {
+    return this.#inOrder(sender, async () => {
+      if (typeof sdp !== "string") throw new InterceptionError("malformed", "sender and sdp must be text");
+      checkHeader(this.myPeerId, sender, type, SDP_TYPES, counter);
+      let trust = Trust.UNVERIFIED;
+      if (this.#kAuth !== null && (mac || !allowUnverified)) {
+        const kAuth = await this.#kAuth;
+        await verifySdp(kAuth, this.sessionId, sender, this.myPeerId, type, counter, sdp, mac);
+        trust = Trust.VERIFIED_BY_LINK;
+      }
+      // From here on no await: check and update of the counter are atomic.
+      const last = this.#lastAccepted.get(sender);
+      if (last !== undefined && counter <= last) throw new InterceptionError("replayed_counter");
+      fingerprintOf(sdp);
+      this.#lastAccepted.set(sender, counter);
+      return trust;
+    });
   }
+}
 
-  #checkShape(sender, type, counter, sdp) {
-    if (typeof sender !== "string" || typeof sdp !== "string") {
-      throw new InterceptionError("malformed", "sender and sdp must be text");
-    }
-    if (sender === this.myPeerId) {
-      throw new InterceptionError("malformed", "message claims to come from ourselves");
-    }
-    if (!SDP_TYPES.includes(type)) {
-      throw new InterceptionError("malformed", "type must be offer or answer");
-    }
-    if (counter === null || counter === undefined) {
-      throw new InterceptionError("malformed", "counter missing");
-    }
-    if (!Number.isSafeInteger(counter) || counter < 0) {
-      throw new InterceptionError("malformed", "counter out of range");
-    }
+function checkHeader(myPeerId, sender, type, types, counter) {
+  if (typeof sender !== "string") throw new InterceptionError("malformed", "sender and sdp must be text");
+  if (sender === myPeerId) throw new InterceptionError("malformed", "message claims to come from ourselves");
+  if (!types.includes(type)) {
+    throw new InterceptionError("malformed", `type must be one of ${[...types].sort().join(", ")}`);
   }
+  if (counter === null || counter === undefined) throw new InterceptionError("malformed", "counter missing");
+  if (!Number.isSafeInteger(counter) || counter < 0) throw new InterceptionError("malformed", "counter out of range");
 }
 
 // -- DTLS fingerprints and safety code ------------------------------------------------------

@@ -391,7 +391,12 @@ export class Signaling {
     return this.#send(withMac({ type: "answer", to, sdp, counter }, mac));
   }
 
-  /** A trickled ICE candidate (RTCIceCandidate or its JSON form). */
+  /** An offer, answer or candidate sealed end to end (docs/protocol.md section 7.7). */
+  sendSealed(type, to, counter, sealed) {
+    return this.#send({ type, to, counter, sealed });
+  }
+
+  /** A trickled ICE candidate in clear (RTCIceCandidate or its JSON form). */
   sendCandidate(to, candidate) {
     const message = { type: "candidate", to, candidate: candidate.candidate ?? "" };
     if (candidate.sdpMid != null) message.sdp_mid = candidate.sdpMid;
