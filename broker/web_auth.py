@@ -386,9 +386,11 @@ async def api_login(request: web.Request) -> web.StreamResponse:
     body: LoginRequest = await read_json(request, LoginRequest)
     account = auth.accounts.account_key(body.username)
     address = auth.address(request)
-    decision = await _throttle_check(auth, account, address, lambda: auth.accounts.get_by_username(body.username))
+    # The attempt is counted before scrypt runs: concurrent guesses beyond the schedule get a 429.
+    decision = await _reserve(auth, account, address, lambda: auth.accounts.get_by_username(body.username))
     if not decision.allowed:
         return await _throttled(auth, decision.locked, decision.retry_after)
+    assert decision.reserved_at is not None
     if body.passkey is not None:
         result = await _passkey_login(auth, body, account)
     else:
@@ -397,14 +399,15 @@ async def api_login(request: web.Request) -> web.StreamResponse:
             body.username, body.password, code, require_second_factor=auth.policy.require_second_factor
         )
     if result.reason == acc.INVALID_CREDENTIALS:
-        await auth.throttle.record_failure(account, address)
+        await auth.throttle.confirm_failure(account)
         log.info("event=login_failed")
         await auth.record(AuditEvent.LOGIN_FAILURE, None, AuditOutcome.DENIED)
         return json_error(*_INVALID)
     if result.reason == acc.SECOND_FACTOR_REQUIRED:
+        await auth.throttle.release(account, address, decision.reserved_at)
         return await _second_factor_required(auth, body.username, account)
     assert result.therapist_id is not None
-    await auth.throttle.record_success(account)
+    await auth.throttle.record_success(account, address, decision.reserved_at)
     full = result.reason != acc.SECOND_FACTOR_ENROLMENT_REQUIRED
     return await _start_session(request, result.therapist_id, full=full, recovery=result.reason == acc.RECOVERY_CODE_USED)
 
@@ -454,17 +457,18 @@ async def _passkey_login(auth: WebAuth, body: LoginRequest, account_key: str) ->
     return await auth.accounts.finish_login(therapist_id, body.password, acc.PASSKEY_USED)
 
 
-async def _throttle_check(
+async def _reserve(
     auth: WebAuth, key: str, address: str | None, account: Callable[[], Awaitable[acc.Account | None]]
 ) -> Decision:
-    """The throttle's decision for ``key``. The durable account record is the authority on locks:
-    once ``broker therapist unlock`` cleared it, the throttle's lock is lifted too."""
-    decision = await auth.throttle.check(key, address)
+    """Reserve an attempt for ``key`` (counted as a failure until its outcome says otherwise).
+    The durable account record is the authority on locks: once ``broker therapist unlock``
+    cleared it, the throttle's lock is lifted too."""
+    decision = await auth.throttle.reserve(key, address)
     if decision.locked:
         found = await account()
         if found is not None and not found.locked:
             await auth.throttle.unlock(key)
-            decision = await auth.throttle.check(key, address)
+            decision = await auth.throttle.reserve(key, address)
     return decision
 
 
@@ -564,12 +568,12 @@ async def api_confirm(request: web.Request) -> web.Response:
     session = await require_login(request, allow_partial=True)
     body: ConfirmRequest = await read_json(request, ConfirmRequest)
     throttle_key = "2fa-confirm:" + session.therapist
-    decision = await _throttle_check(auth, throttle_key, None, lambda: auth.accounts.get(session.therapist))
+    decision = await _reserve(auth, throttle_key, None, lambda: auth.accounts.get(session.therapist))
     if not decision.allowed:
         return await _throttled(auth, decision.locked, decision.retry_after)
     codes = await auth.accounts.confirm_totp(session.therapist, body.code)
     if codes is None:
-        await auth.throttle.record_failure(throttle_key, None)
+        await auth.throttle.confirm_failure(throttle_key)
         # Guessing codes with a known password counts towards the account's durable lockout.
         await auth.accounts.count_failure(session.therapist)
         return json_error(400, "invalid_code", "That code did not match. Check the time on your phone and try again.")

@@ -8,6 +8,7 @@ http://127.0.0.1 to show the ``Secure`` ``__Host-`` cookie works on the loopback
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import logging
@@ -34,8 +35,12 @@ from broker.passwords import ScryptParams
 from broker.security_headers import PrivateAccessLogger, security_middleware
 from broker.server import Broker, build_app, create_broker
 from broker.store import MemoryStore
-from broker.throttle import LoginThrottle
+from broker.store_redis import redis_client
+from broker.throttle import LoginThrottle, Throttle
+from broker.throttle_redis import RedisLoginThrottle
 from broker.web_auth import AUTH, CSRF_HEADER, LOGIN_COOKIE, WebAuth, accounts_path, login_required, setup_auth
+
+from .redis_server import redis_server  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -90,7 +95,7 @@ class Harness:
     clock: Clock
     store: MemoryStore
     accounts: AccountStore
-    throttle: LoginThrottle
+    throttle: Throttle
     audit: AuditLog
     data_dir: Path
     http: ClientSession
@@ -161,14 +166,21 @@ async def _protected(request: web.Request) -> web.Response:
 async def make_harness(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     made: list[Harness] = []
 
-    async def make(**config_fields: Any) -> Harness:
+    async def make(*, throttle_redis: str | None = None, clock: Clock | None = None, **config_fields: Any) -> Harness:
+        """A harness; with ``throttle_redis`` its login counters live in that Redis (shared by
+        every harness given the same URL, as by broker processes), and ``clock`` may be shared too."""
         data_dir = tmp_path / f"h{len(made)}"
-        clock = Clock()
+        clock = clock or Clock()
         config = PolicyConfig(data_dir=data_dir, allowed_origins=(ORIGIN,), **config_fields)
         keys = Keys(b"k" * 32)
         store = MemoryStore(clock=clock)
         accounts = AccountStore(accounts_path(config), keys.accounts, scrypt_params=FAST, lockout_after=LOCKOUT, clock=clock)
-        throttle = LoginThrottle(clock=clock, free_failures=2, base_delay=10.0, max_delay=60.0, lockout_after=LOCKOUT)
+        schedule: dict[str, Any] = {"free_failures": 2, "base_delay": 10.0, "max_delay": 60.0, "lockout_after": LOCKOUT}
+        throttle: Throttle
+        if throttle_redis is not None:
+            throttle = RedisLoginThrottle(redis_client(throttle_redis), clock=clock, **schedule)
+        else:
+            throttle = LoginThrottle(clock=clock, **schedule)
         audit = AuditLog(data_dir / "audit.log", keys.audit, clock=clock)
         app = web.Application(middlewares=[security_middleware(False)])
         setup_auth(app, store=store, accounts=accounts, throttle=throttle, audit=audit, config=config, keys=keys, clock=clock)
@@ -188,6 +200,8 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         await h.runner.cleanup()
         await h.accounts.close()
         h.audit.close()
+        if isinstance(h.throttle, RedisLoginThrottle):
+            await h.throttle.redis.aclose(close_connection_pool=True)
 
 
 # ---------------------------------------------------------------- cookies and sessions
@@ -396,6 +410,65 @@ async def test_one_address_trying_many_names_is_slowed_down(make_harness: Any) -
     assert (await h.login("robin", PASSWORD)).status == 200
 
 
+GUESSING_DB = 11
+
+
+async def guessing_targets(kind: str, make_harness: Any, request: pytest.FixtureRequest) -> list[Harness]:
+    """One broker ("memory"), one on a real Redis throttle ("redis"), or two on one Redis standing
+    for two processes ("two-processes"); every one of them has the account "robin"."""
+    if kind == "memory":
+        targets = [await make_harness()]
+    else:
+        server = request.getfixturevalue("redis_server")
+        url = server.empty_database(GUESSING_DB)
+        clock = Clock()
+        count = 2 if kind == "two-processes" else 1
+        targets = [await make_harness(throttle_redis=url, clock=clock) for _ in range(count)]
+    for h in targets:
+        await h.accounts.add("robin", PASSWORD)
+    return targets
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis", "two-processes"])
+async def test_concurrent_guesses_for_one_name_beyond_the_schedule_get_429_unchecked(
+    make_harness: Any, request: pytest.FixtureRequest, kind: str
+) -> None:
+    """Review finding 2: the throttle was checked before scrypt and counted after it, so 100
+    simultaneous guesses were all evaluated. Now each attempt is counted before its password check:
+    two free failures and the attempt after them run, every other one answers 429 unchecked."""
+    targets = await guessing_targets(kind, make_harness, request)
+    replies = await asyncio.gather(
+        *(targets[i % len(targets)].login("robin", f"guess number {i} of many") for i in range(100))
+    )
+    statuses = sorted(r.status for r in replies)
+    assert statuses == [401] * 3 + [429] * 97
+    assert {r.json()["error"] for r in replies if r.status == 429} == {"too_many_attempts"}
+    # Exactly three passwords were checked: the durable per-account counts say so.
+    checked = 0
+    for h in targets:
+        account = await h.accounts.get_by_username("robin")
+        row = await h.accounts.rows.by_id(account.id)  # type: ignore[union-attr]
+        checked += row["failures"]  # type: ignore[index]
+    assert checked == 3
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis", "two-processes"])
+async def test_concurrent_guesses_from_one_address_during_a_due_delay_get_one_check(
+    make_harness: Any, request: pytest.FixtureRequest, kind: str
+) -> None:
+    targets = await guessing_targets(kind, make_harness, request)
+    first = targets[0]
+    for i in range(3):
+        assert (await first.login(f"warmup{i}", "some password 1234")).status == 401
+    waiting = await first.login("robin", PASSWORD)
+    assert waiting.status == 429
+    first.clock.advance(waiting.json()["retry_after"])  # the delay is due: one attempt may run
+    replies = await asyncio.gather(
+        *(targets[i % len(targets)].login(f"name{i:02d}", "some password 1234") for i in range(40))
+    )
+    assert sorted(r.status for r in replies) == [401] + [429] * 39
+
+
 # ---------------------------------------------------------------- second factor
 
 
@@ -502,6 +575,27 @@ async def test_guessing_enrolment_codes_locks_the_account_until_an_admin_unlocks
     done = await h.request("POST", "/api/2fa/confirm", json={"code": code}, cookie=cookie, csrf=csrf)
     assert done.status == 200
     assert (await h.accounts.rows.by_id(tid))["failures"] == 0  # type: ignore[index]
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_concurrent_confirmation_codes_beyond_the_schedule_get_429_unchecked(
+    make_harness: Any, request: pytest.FixtureRequest, kind: str
+) -> None:
+    """Finding 2 for the second-factor confirmation: guesses sent at once are counted before they
+    are checked, so three are checked and the rest wait."""
+    throttle_redis = request.getfixturevalue("redis_server").empty_database(GUESSING_DB) if kind == "redis" else None
+    h = await make_harness(require_second_factor=True, throttle_redis=throttle_redis)
+    tid = await h.accounts.add("robin", PASSWORD)
+    partial = await h.login("robin")
+    cookie, csrf = login_cookie(partial), partial.json()["csrf"]
+    enrolled = await h.request("POST", "/api/2fa/enrol", json={}, cookie=cookie, csrf=csrf)
+    right = totp_code(enrolled.json()["secret"], h.clock())
+    wrong = [f"{(int(right) + i) % 1_000_000:06d}" for i in range(500_000, 500_030)]
+    replies = await asyncio.gather(
+        *(h.request("POST", "/api/2fa/confirm", json={"code": c}, cookie=cookie, csrf=csrf) for c in wrong)
+    )
+    assert sorted(r.status for r in replies) == [400] * 3 + [429] * 27
+    assert (await h.accounts.rows.by_id(tid))["failures"] == 3  # type: ignore[index]
 
 
 # ---------------------------------------------------------------- nothing secret is kept
