@@ -42,6 +42,7 @@ from . import passkeys, totp
 from .accounts import AccountStore
 from .audit import AuditEvent, AuditLog, AuditOutcome
 from .config import Config, Keys
+from .json_depth import MAX_DEPTH, too_deep
 from .store import Store, StoreUnavailable
 from .passkeys import PasskeyError, RelyingParty
 from .throttle import Decision, Throttle, address_key
@@ -136,16 +137,25 @@ class BadRequest(Exception):
 
 
 async def read_json(request: web.Request, kind: type[Any]) -> Any:
-    """Decode a JSON body strictly; anything else is a BadRequest with a plain message."""
+    """Decode a JSON body strictly; anything else is a BadRequest with a plain message.
+
+    Every JSON body of the API comes through here, so here is where nesting is bounded: a decoder
+    recursing a thousand levels into a ``dict[str, Any]`` field (a passkey) would otherwise end in
+    RecursionError and a 500.
+    """
     if request.content_type != "application/json":
         raise BadRequest("Send the request as application/json.")
     raw = await request.read()
+    if too_deep(raw):
+        raise BadRequest(f"The request nests objects or arrays too deeply (at most {MAX_DEPTH} levels).")
     try:
         return msgspec.json.decode(raw or b"{}", type=kind)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"The request is not valid: {exc}") from None
     except msgspec.DecodeError:
         raise BadRequest("The request body is not valid JSON.") from None
+    except RecursionError:  # not reachable past too_deep; kept so that no body can ever cause a 500
+        raise BadRequest("The request nests objects or arrays too deeply.") from None
 
 
 # ---------------------------------------------------------------- login sessions

@@ -632,6 +632,63 @@ def accounts_path_of(h: Harness) -> Path:
     return h.data_dir / "accounts.sqlite3"
 
 
+# ---------------------------------------------------------------- bodies nested too deeply
+
+#: Every API route that reads a JSON body, with a field of it a decoder would walk into.
+JSON_ROUTES = [
+    ("/api/login", "passkey"),
+    ("/api/login", "username"),
+    ("/api/2fa/enrol", "x"),
+    ("/api/2fa/confirm", "code"),
+    ("/api/passkeys/options", "x"),
+    ("/api/passkeys", "credential"),
+    ("/api/passkeys/remove", "id"),
+    ("/api/sessions", "clients"),
+]
+
+
+def nested(depth: int, kind: str) -> str:
+    return '{"a":' * depth + "1" + "}" * depth if kind == "object" else "[" * depth + "]" * depth
+
+
+async def test_bodies_nested_2000_deep_are_400_on_every_json_route(tmp_path: Path) -> None:
+    """Review finding 10: a login body nested 2,000 deep answered 500 (RecursionError). Every route
+    reading JSON now refuses nesting past 32 levels with 400 ``bad_request``, and keeps serving."""
+    full = await start_full_broker(tmp_path / "data")
+    try:
+        await full.auth.accounts.add("robin", PASSWORD)
+        async with ClientSession(cookie_jar=DummyCookieJar()) as http:
+            origin = {"Origin": full.url, "Content-Type": "application/json"}
+            async with http.post(full.url + "/api/login", json={"username": "robin", "password": PASSWORD},
+                                 headers={"Origin": full.url}) as r:
+                assert r.status == 200
+                headers = {**origin, "Cookie": f"{LOGIN_COOKIE}={r.cookies[LOGIN_COOKIE].value}",
+                           CSRF_HEADER: (await r.json())["csrf"]}  # fmt: skip
+            for path, field in JSON_ROUTES:
+                for kind in ("object", "array"):
+                    for body in (f'{{"{field}":{nested(2000, kind)}}}', nested(2000, kind)):
+                        async with http.post(full.url + path, data=body, headers=headers) as r:
+                            assert r.status == 400, (path, field, kind, r.status, await r.text())
+                            answer = await r.json()
+                            assert answer["error"] == "bad_request" and "too deeply" in answer["message"]
+            # 31 levels inside the body (32 with it) pass the depth check, to be refused for what they say
+            # (here: no passkeys on an IP address).
+            async with http.post(full.url + "/api/passkeys", data=f'{{"credential":{nested(31, "object")}}}',
+                                 headers=headers) as r:  # fmt: skip
+                assert r.status == 409 and (await r.json())["error"] == "passkeys_unavailable"
+            async with http.post(full.url + "/api/passkeys", data=f'{{"credential":{nested(32, "object")}}}',
+                                 headers=headers) as r:  # fmt: skip
+                assert r.status == 400 and "too deeply" in (await r.json())["message"]
+            # Brackets inside strings are text, not nesting.
+            async with http.post(full.url + "/api/login", json={"username": "robin", "password": "[{" * 300},
+                                 headers=origin) as r:  # fmt: skip
+                assert r.status == 401 and (await r.json())["error"] == "invalid_credentials"
+            async with http.get(full.url + "/api/me", headers=headers) as r:
+                assert r.status == 200  # the process still serves, the login session still works
+    finally:
+        await full.stop()
+
+
 # ---------------------------------------------------------------- the real thing, in Chromium
 
 

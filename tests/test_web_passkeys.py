@@ -237,3 +237,23 @@ async def test_passkey_routes_need_login_and_csrf(make_harness: Any) -> None:
     assert (await h.request("GET", "/api/passkeys")).status == 401
     odd = await h.request("POST", "/api/passkeys", json={"credential": {"id": 5}}, cookie=cookie, csrf=csrf)
     assert odd.status == 400
+
+
+async def test_a_credential_of_the_wrong_shape_is_refused_not_a_500(make_harness: Any) -> None:
+    """Part of review finding 10 (never a 500 for a bad body): the webauthn package reports a
+    credential missing its parts with its own exception, which used to escape as a 500."""
+    h = await harness(make_harness)
+    await h.accounts.add("robin", PASSWORD)
+    cookie, csrf = await h.logged_in("robin")
+    for credential in ({}, {"id": "AAAA", "rawId": [], "response": []}, {"id": "AAAA", "rawId": "AAAA", "response": {}}):
+        options = await h.request("POST", "/api/passkeys/options", json={}, cookie=cookie, csrf=csrf)
+        assert options.status == 200
+        reply = await h.request("POST", "/api/passkeys", json={"credential": credential}, cookie=cookie, csrf=csrf)
+        assert reply.status == 400 and reply.json()["error"] == "passkey_refused", reply.body
+
+    key = SoftAuthenticator(ORIGIN)
+    assert (await register(h, cookie, csrf, key)).status == 200
+    first = await h.login("robin")
+    odd = {"id": reply_id(key), "rawId": [], "response": []}  # names the real passkey, says nothing
+    reply = await h.request("POST", "/api/login", json={"username": "robin", "password": PASSWORD, "passkey": odd})
+    assert first.status == 401 and reply.status == 401 and reply.json()["error"] == "invalid_credentials"
