@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.twofactor.totp import TOTP
 
 from broker.accounts import AccountStore
 from broker.audit import AuditLog, verify
+from broker.totp import code_at
 from broker.config import Config, Keys
 from broker.dashboard import DASHBOARD, setup_dashboard
 from broker.passwords import ScryptParams
@@ -300,6 +301,66 @@ async def test_disabled_account_loses_its_open_login(make_harness: Any) -> None:
     assert (await h.login("robin")).status == 401
 
 
+#: Everything that must end a therapist's login sessions, done through AccountStore as the CLI
+#: or another broker process does it.
+ENDING_CHANGES = [
+    "reset_password", "reset_2fa", "disable", "totp_confirmed", "passkey_added", "passkey_removed", "recovery_codes",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("change", ENDING_CHANGES)
+async def test_a_change_made_elsewhere_ends_every_login_session(make_harness: Any, change: str) -> None:
+    """Review finding 3: login sessions survived `broker therapist reset-password` and `reset-2fa`.
+    Any change of password or second factors, or a disable, now ends every session of the account
+    at its next request (the account's sessions epoch moved on), in whichever process it was made."""
+    h = await make_harness()
+    tid = await h.accounts.add("robin", PASSWORD)
+    codes: list[str] = []
+    if change in ("reset_2fa", "passkey_added", "passkey_removed", "recovery_codes"):
+        enrolment = await h.accounts.enable_totp(tid, "Practice")
+        codes = await h.accounts.confirm_totp(tid, code_at(enrolment.secret, h.clock())) or []
+    if change == "passkey_removed":
+        await h.accounts.add_passkey(tid, {"id": "cred-a", "public_key": "pk", "sign_count": 0})
+    sessions = [await h.logged_in("robin", code=codes[i] if codes else None) for i in range(2)]
+    for cookie, _ in sessions:
+        assert (await h.request("GET", "/api/protected", cookie=cookie)).status == 200
+
+    if change == "reset_password":
+        await h.accounts.reset_password(tid, "a completely new passphrase 8812")
+    elif change == "reset_2fa":
+        await h.accounts.reset_2fa(tid)
+    elif change == "disable":
+        await h.accounts.disable(tid)
+        await h.accounts.enable(tid)  # enabled again at once: the old sessions stay over
+    elif change == "totp_confirmed":
+        enrolment = await h.accounts.enable_totp(tid, "Practice")
+        assert await h.accounts.confirm_totp(tid, code_at(enrolment.secret, h.clock()))
+    elif change == "passkey_added":
+        await h.accounts.add_passkey(tid, {"id": "cred-b", "public_key": "pk", "sign_count": 0})
+    elif change == "passkey_removed":
+        assert await h.accounts.remove_passkey(tid, "cred-a")
+    else:
+        await h.accounts.new_recovery_codes(tid)
+
+    for cookie, csrf in sessions:
+        assert (await h.request("GET", "/api/me", cookie=cookie)).status == 401
+        assert (await h.request("GET", "/api/protected", cookie=cookie)).status == 401
+        assert (await h.request("POST", "/api/logout", json={}, cookie=cookie, csrf=csrf)).status == 401
+    assert await h.store.keys("login:") == []  # looked at once, gone from the store
+
+
+async def test_a_session_made_before_a_racing_password_reset_does_not_survive_it(make_harness: Any) -> None:
+    """The epoch a login session gets is the one read with the password it checked: a reset landing
+    between the check and the session's creation still ends it."""
+    h = await make_harness()
+    tid = await h.accounts.add("robin", PASSWORD)
+    checked = await h.accounts.verify_login("robin", PASSWORD, None, require_second_factor=False)
+    await h.accounts.reset_password(tid, "a completely new passphrase 8812")
+    auth: WebAuth = h.runner.app[AUTH]
+    session = await auth.create(tid, full=True, epoch=checked.sessions_epoch)
+    assert await auth.load(session.id) is None
+
+
 # ---------------------------------------------------------------- CSRF
 
 
@@ -511,6 +572,34 @@ async def test_totp_enrolment_and_login(make_harness: Any) -> None:
     assert (await h.login("robin", code=totp_code(secret, h.clock()))).status == 200
     assert (await h.login("robin", "wrong password 12345", code=totp_code(secret, h.clock() + 30))).status == 401
     assert h.audit_events().count("second_factor_changed") == 1
+
+
+async def test_a_change_through_the_web_renews_its_own_session_and_ends_the_others(make_harness: Any) -> None:
+    """Finding 3 through the web: confirming an authenticator app, then asking for new recovery
+    codes, each end every other session of the therapist; the session that made the change gets
+    a fresh cookie and CSRF token and stays logged in."""
+    h = await make_harness()
+    await h.accounts.add("robin", PASSWORD)
+    mine, my_csrf = await h.logged_in("robin")
+    other, _ = await h.logged_in("robin")  # say, a browser left open at the office
+    confirmed, secret = await _enrol(h, mine, my_csrf)
+    assert confirmed.status == 200
+    mine, my_csrf = login_cookie(confirmed), confirmed.json()["csrf"]
+    assert (await h.request("GET", "/api/protected", cookie=mine)).status == 200
+    assert (await h.request("GET", "/api/me", cookie=other)).status == 401
+
+    old_codes = confirmed.json()["recovery_codes"]
+    other, _ = await h.logged_in("robin", code=old_codes[0])
+    renewed = await h.request("POST", "/api/recovery-codes", json={}, cookie=mine, csrf=my_csrf)
+    assert renewed.status == 200, renewed.body
+    new_codes = renewed.json()["recovery_codes"]
+    assert len(new_codes) == 10 and not set(new_codes) & set(old_codes)
+    assert login_cookie(renewed) != mine and renewed.json()["csrf"] != my_csrf
+    assert (await h.request("GET", "/api/protected", cookie=login_cookie(renewed))).status == 200
+    assert (await h.request("GET", "/api/me", cookie=mine)).status == 401
+    assert (await h.request("GET", "/api/me", cookie=other)).status == 401
+    assert (await h.login("robin", code=old_codes[1])).status == 401  # the old codes stopped working
+    assert (await h.login("robin", code=new_codes[0])).status == 200
 
 
 async def test_recovery_code_works_once(make_harness: Any) -> None:
