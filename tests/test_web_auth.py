@@ -167,7 +167,13 @@ async def _protected(request: web.Request) -> web.Response:
 async def make_harness(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     made: list[Harness] = []
 
-    async def make(*, throttle_redis: str | None = None, clock: Clock | None = None, **config_fields: Any) -> Harness:
+    async def make(
+        *,
+        throttle_redis: str | None = None,
+        clock: Clock | None = None,
+        scrypt_params: ScryptParams = FAST,
+        **config_fields: Any,
+    ) -> Harness:
         """A harness; with ``throttle_redis`` its login counters live in that Redis (shared by
         every harness given the same URL, as by broker processes), and ``clock`` may be shared too."""
         data_dir = tmp_path / f"h{len(made)}"
@@ -175,7 +181,9 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         config = PolicyConfig(data_dir=data_dir, allowed_origins=(ORIGIN,), **config_fields)
         keys = Keys(b"k" * 32)
         store = MemoryStore(clock=clock)
-        accounts = AccountStore(accounts_path(config), keys.accounts, scrypt_params=FAST, lockout_after=LOCKOUT, clock=clock)
+        accounts = AccountStore(
+            accounts_path(config), keys.accounts, scrypt_params=scrypt_params, lockout_after=LOCKOUT, clock=clock
+        )
         schedule: dict[str, Any] = {"free_failures": 2, "base_delay": 10.0, "max_delay": 60.0, "lockout_after": LOCKOUT}
         throttle: Throttle
         if throttle_redis is not None:
@@ -472,19 +480,22 @@ async def test_one_address_trying_many_names_is_slowed_down(make_harness: Any) -
 
 
 GUESSING_DB = 11
+#: A password check that takes a while (some 50 ms), as a real one does: guesses sent together are
+#: then really in flight together, which is when checking before counting let them all through.
+SLOWER = ScryptParams(n=2**15)
 
 
 async def guessing_targets(kind: str, make_harness: Any, request: pytest.FixtureRequest) -> list[Harness]:
     """One broker ("memory"), one on a real Redis throttle ("redis"), or two on one Redis standing
     for two processes ("two-processes"); every one of them has the account "robin"."""
     if kind == "memory":
-        targets = [await make_harness()]
+        targets = [await make_harness(scrypt_params=SLOWER)]
     else:
         server = request.getfixturevalue("redis_server")
         url = server.empty_database(GUESSING_DB)
         clock = Clock()
         count = 2 if kind == "two-processes" else 1
-        targets = [await make_harness(throttle_redis=url, clock=clock) for _ in range(count)]
+        targets = [await make_harness(throttle_redis=url, clock=clock, scrypt_params=SLOWER) for _ in range(count)]
     for h in targets:
         await h.accounts.add("robin", PASSWORD)
     return targets
