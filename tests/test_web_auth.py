@@ -740,6 +740,8 @@ JSON_ROUTES = [
     ("/api/login", "username"),
     ("/api/2fa/enrol", "x"),
     ("/api/2fa/confirm", "code"),
+    ("/api/recovery-codes", "x"),
+    ("/api/reauth", "passkey"),
     ("/api/passkeys/options", "x"),
     ("/api/passkeys", "credential"),
     ("/api/passkeys/remove", "id"),
