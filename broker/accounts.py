@@ -403,7 +403,10 @@ class AccountStore:
         if not self._has_second_factor(row):
             raise AccountError("Recovery codes need a second factor to be set up first.")
         codes = totp.new_recovery_codes()
-        changes: Row = {"recovery_hashes": self._recovery_hashes(codes), "sessions_epoch": epoch or new_sessions_epoch()}
+        changes: Row = {
+            "recovery_hashes": self._recovery_hashes(codes),
+            "sessions_epoch": epoch or new_sessions_epoch(),
+        }
         await self._change(therapist_id, changes)
         return codes
 

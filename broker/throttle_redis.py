@@ -194,7 +194,8 @@ class RedisLoginThrottle:
         if address is None or reserved_at is None:
             await self._succeed(keys=[_account_key(account)])
             return
-        await self._settle(keys=[_account_key(account), _address_key(address)], args=[repr(reserved_at), "clear", "refund"])
+        keys = [_account_key(account), _address_key(address)]
+        await self._settle(keys=keys, args=[repr(reserved_at), "clear", "refund"])
 
     async def unlock(self, account: str) -> None:
         await self.redis.delete(_account_key(account))

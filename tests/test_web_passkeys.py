@@ -250,7 +250,8 @@ async def test_a_credential_of_the_wrong_shape_is_refused_not_a_500(make_harness
     h = await harness(make_harness)
     await h.accounts.add("robin", PASSWORD)
     cookie, csrf = await h.logged_in("robin")
-    for credential in ({}, {"id": "AAAA", "rawId": [], "response": []}, {"id": "AAAA", "rawId": "AAAA", "response": {}}):
+    shapes = ({}, {"id": "AAAA", "rawId": [], "response": []}, {"id": "AAAA", "rawId": "AAAA", "response": {}})
+    for credential in shapes:
         options = await h.request("POST", "/api/passkeys/options", json={}, cookie=cookie, csrf=csrf)
         assert options.status == 200
         reply = await h.request("POST", "/api/passkeys", json={"credential": credential}, cookie=cookie, csrf=csrf)
@@ -284,7 +285,8 @@ async def test_adding_or_removing_a_passkey_ends_the_other_sessions(make_harness
     assert added.status == 200 and added.json()["recovery_codes"] is None
     mine, my_csrf = login_cookie(added), added.json()["csrf"]
     other = login_cookie(await passkey_login(h, first_key))
-    removed = await h.request("POST", "/api/passkeys/remove", json={"id": reply_id(first_key)}, cookie=mine, csrf=my_csrf)
+    body = {"id": reply_id(first_key)}
+    removed = await h.request("POST", "/api/passkeys/remove", json=body, cookie=mine, csrf=my_csrf)
     assert removed.status == 200 and removed.json()["password_only"] is False
     assert removed.json()["therapist"]["passkeys"] == 1
     assert (await h.request("GET", "/api/me", cookie=other)).status == 401

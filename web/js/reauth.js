@@ -51,7 +51,9 @@ function buildDialog(message, codeAllowed, passkeyOffered) {
   }
   const actions = element("div", { class: "actions" });
   actions.append(element("button", { type: "submit", id: "reauth-submit" }, "Confirm"));
-  if (passkeyOffered) actions.append(element("button", { type: "button", id: "reauth-passkey" }, "Use your passkey instead"));
+  if (passkeyOffered) {
+    actions.append(element("button", { type: "button", id: "reauth-passkey" }, "Use your passkey instead"));
+  }
   actions.append(element("button", { type: "button", id: "reauth-cancel" }, "Cancel"));
   form.append(element("p", { id: "reauth-error", class: "error", role: "alert" }), actions);
   dialog.append(
