@@ -38,6 +38,7 @@ COLUMNS: dict[str, str] = {
     "failures": "int",
     "locked": "int",
     "created_at": "text",
+    "sessions_epoch": "text",
 }
 #: Columns a new row may leave out, with the value they then hold.
 DEFAULTS: Row = {
@@ -50,6 +51,7 @@ DEFAULTS: Row = {
     "disabled": 0,
     "failures": 0,
     "locked": 0,
+    "sessions_epoch": None,
 }
 
 
@@ -121,7 +123,7 @@ CREATE TABLE IF NOT EXISTS therapist (
 ) STRICT;
 """
 # Columns added after the first release, added to older files when they are opened.
-_LATER_COLUMNS = {"passkeys_enc": "BLOB"}
+_LATER_COLUMNS = {"passkeys_enc": "BLOB", "sessions_epoch": "TEXT"}
 
 
 class SqliteAccountRows:

@@ -8,6 +8,13 @@ through HKDF, one per purpose, and each ciphertext is bound to its row and colum
 Login checks answer the same way, after the same amount of hashing, whether the login name is
 unknown, the password wrong, the account disabled or locked, so the answer cannot be used to find
 out which accounts exist. scrypt runs in worker threads to keep the event loop free.
+
+Each account carries a *sessions epoch*, a random value replaced by every change that must end the
+account's login sessions: a new password, a second factor added, removed or reset, new recovery
+codes, the account disabled. A login session remembers the epoch it was made under and is valid
+only while the account still has it (web_auth.py), so the change ends every session wherever it
+was made, by the web or by ``broker therapist`` in another process. A web change passes its own
+new epoch in, so the session that made it can carry on under a fresh cookie.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import os
 import secrets
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -93,6 +100,8 @@ class Account:
     recovery_codes_left: int
     created_at: str
     passkeys: int = 0
+    #: Login sessions made under another epoch are over (see the module docstring).
+    sessions_epoch: str = ""
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,14 @@ class LoginResult:
     ok: bool
     therapist_id: str | None
     reason: str
+    #: The account's sessions epoch as read with the password hash that was checked, so a password
+    #: reset racing this login ends the session it makes. Not part of what the result says.
+    sessions_epoch: str = field(default="", compare=False)
+
+
+def new_sessions_epoch() -> str:
+    """A fresh sessions epoch: 96 random bits."""
+    return secrets.token_urlsafe(12)
 
 
 def _subkey(key: bytes, purpose: str) -> bytes:
@@ -275,6 +292,7 @@ class AccountStore:
             recovery_codes_left=len(json.loads(row["recovery_hashes"])),
             created_at=row["created_at"],
             passkeys=len(self._passkeys(row)),
+            sessions_epoch=_epoch_of(row),
         )
 
     def _passkeys(self, row: Row) -> builtins.list[dict[str, Any]]:
@@ -326,7 +344,8 @@ class AccountStore:
         return [self._to_account(r) for r in await self.rows.all()]
 
     async def disable(self, therapist_id: str) -> None:
-        await self._change(therapist_id, {"disabled": 1})
+        """No more logins; its login sessions end (and stay ended if it is enabled again)."""
+        await self._change(therapist_id, {"disabled": 1, "sessions_epoch": new_sessions_epoch()})
 
     async def enable(self, therapist_id: str) -> None:
         await self._change(therapist_id, {"disabled": 0})
@@ -336,11 +355,12 @@ class AccountStore:
         await self._change(therapist_id, {"failures": 0, "locked": 0})
 
     async def reset_password(self, therapist_id: str, new_password: str, *, second_factor: bool = False) -> None:
-        """Set a new password (policy-checked) and clear any lockout."""
+        """Set a new password (policy-checked), clear any lockout and end every login session."""
         account = self._to_account(await self._require(therapist_id))
         pw = passwords.check_password(new_password, username=account.username, second_factor=second_factor)
         encoded = await self._hash(pw)
-        await self._change(therapist_id, {"password_hash": encoded, "failures": 0, "locked": 0})
+        changes: Row = {"password_hash": encoded, "failures": 0, "locked": 0, "sessions_epoch": new_sessions_epoch()}
+        await self._change(therapist_id, changes)
 
     async def enable_totp(self, therapist_id: str, issuer: str) -> totp.TotpEnrolment:
         """Start TOTP enrolment: a pending secret, active only after ``confirm_totp``."""
@@ -350,8 +370,11 @@ class AccountStore:
         await self._change(therapist_id, {"totp_pending_enc": sealed})
         return enrolment
 
-    async def confirm_totp(self, therapist_id: str, code: str) -> builtins.list[str] | None:
-        """Activate the pending secret if ``code`` matches; returns the recovery codes to show once."""
+    async def confirm_totp(
+        self, therapist_id: str, code: str, *, epoch: str | None = None
+    ) -> builtins.list[str] | None:
+        """Activate the pending secret if ``code`` matches; returns the recovery codes to show once.
+        Other login sessions end: the account's sessions epoch becomes ``epoch`` (default: fresh)."""
         row = await self._require(therapist_id)
         if row["totp_pending_enc"] is None:
             return None
@@ -365,6 +388,7 @@ class AccountStore:
             "totp_pending_enc": None,
             "totp_last_step": step,
             "recovery_hashes": self._recovery_hashes(codes),
+            "sessions_epoch": epoch or new_sessions_epoch(),
         }
         changed = await self.rows.update(therapist_id, changes, expect={"totp_pending_enc": row["totp_pending_enc"]})
         return codes if changed else None
@@ -372,23 +396,30 @@ class AccountStore:
     def _recovery_hashes(self, codes: builtins.list[str]) -> str:
         return json.dumps(totp.hash_recovery_codes(codes, self._recovery_key))
 
-    async def new_recovery_codes(self, therapist_id: str) -> builtins.list[str]:
-        """Replace all recovery codes (the old ones stop working); returns the new ones to show once."""
+    async def new_recovery_codes(self, therapist_id: str, *, epoch: str | None = None) -> builtins.list[str]:
+        """Replace all recovery codes (the old ones stop working); returns the new ones to show once.
+        Other login sessions end (the sessions epoch becomes ``epoch``, default fresh)."""
         row = await self._require(therapist_id)
         if not self._has_second_factor(row):
             raise AccountError("Recovery codes need a second factor to be set up first.")
         codes = totp.new_recovery_codes()
-        await self._change(therapist_id, {"recovery_hashes": self._recovery_hashes(codes)})
+        changes: Row = {
+            "recovery_hashes": self._recovery_hashes(codes),
+            "sessions_epoch": epoch or new_sessions_epoch(),
+        }
+        await self._change(therapist_id, changes)
         return codes
 
     async def reset_2fa(self, therapist_id: str) -> None:
-        """Administrator reset: forget the TOTP secret, passkeys and recovery codes."""
+        """Administrator reset: forget the TOTP secret, passkeys and recovery codes; every login
+        session ends."""
         changes: Row = {
             "totp_secret_enc": None,
             "totp_pending_enc": None,
             "totp_last_step": None,
             "recovery_hashes": "[]",
             "passkeys_enc": None,
+            "sessions_epoch": new_sessions_epoch(),
         }
         await self._change(therapist_id, changes)
 
@@ -398,15 +429,21 @@ class AccountStore:
         """The therapist's stored credentials: id, public_key, sign_count, created_at (base64url/JSON)."""
         return self._passkeys(await self._require(therapist_id))
 
-    async def add_passkey(self, therapist_id: str, credential: dict[str, Any]) -> builtins.list[str] | None:
-        """Store a verified credential; returns fresh recovery codes when this is the first second factor."""
+    async def add_passkey(
+        self, therapist_id: str, credential: dict[str, Any], *, epoch: str | None = None
+    ) -> builtins.list[str] | None:
+        """Store a verified credential; returns fresh recovery codes when this is the first second factor.
+        Other login sessions end (the sessions epoch becomes ``epoch``, default fresh)."""
         row = await self._require(therapist_id)
         stored = self._passkeys(row)
         if any(c["id"] == credential["id"] for c in stored):
             raise AccountError("That passkey is already registered.")
         if len(stored) >= MAX_PASSKEYS:
             raise AccountError(f"At most {MAX_PASSKEYS} passkeys per account.")
-        changes: Row = {"passkeys_enc": self._seal_passkeys(therapist_id, [*stored, credential])}
+        changes: Row = {
+            "passkeys_enc": self._seal_passkeys(therapist_id, [*stored, credential]),
+            "sessions_epoch": epoch or new_sessions_epoch(),
+        }
         codes = None
         if not self._has_second_factor(row):
             codes = totp.new_recovery_codes()
@@ -415,14 +452,16 @@ class AccountStore:
             raise AccountError("The account changed at the same time; please try again.")
         return codes
 
-    async def remove_passkey(self, therapist_id: str, credential_id: str) -> bool:
+    async def remove_passkey(self, therapist_id: str, credential_id: str, *, epoch: str | None = None) -> bool:
+        """Forget one passkey (the last second factor takes the recovery codes with it); other login
+        sessions end (the sessions epoch becomes ``epoch``, default fresh)."""
         row = await self._require(therapist_id)
         stored = self._passkeys(row)
         kept = [c for c in stored if c["id"] != credential_id]
         if len(kept) == len(stored):
             return False
         sealed = self._seal_passkeys(therapist_id, kept) if kept else None
-        changes: Row = {"passkeys_enc": sealed}
+        changes: Row = {"passkeys_enc": sealed, "sessions_epoch": epoch or new_sessions_epoch()}
         if not kept and row["totp_secret_enc"] is None:
             changes["recovery_hashes"] = "[]"
         if not await self.rows.update(therapist_id, changes, expect={"passkeys_enc": row["passkeys_enc"]}):
@@ -483,7 +522,7 @@ class AccountStore:
         rid: str = row["id"]
         if not self._has_second_factor(row):
             if require_second_factor:
-                return LoginResult(ok=False, therapist_id=rid, reason=SECOND_FACTOR_ENROLMENT_REQUIRED)
+                return LoginResult(False, rid, SECOND_FACTOR_ENROLMENT_REQUIRED, _epoch_of(row))
             return await self._succeed(row, password)
         if totp_code is None or not totp_code.strip():
             return LoginResult(ok=False, therapist_id=None, reason=SECOND_FACTOR_REQUIRED)
@@ -493,9 +532,22 @@ class AccountStore:
             return denied
         return await self._succeed(row, password, reason)
 
-    async def finish_login(self, therapist_id: str, password: str, reason: str = OK) -> LoginResult:
-        """Complete a login whose second factor was checked elsewhere (a passkey assertion)."""
-        return await self._succeed(await self._require(therapist_id), password, reason)
+    async def finish_login(self, row: Row, password: str, reason: str = OK) -> LoginResult:
+        """Complete a login whose second factor was checked elsewhere (a passkey assertion);
+        ``row`` is what ``check_password`` returned."""
+        return await self._succeed(row, password, reason)
+
+    async def check_code(self, therapist_id: str, code: str) -> str | None:
+        """A logged-in therapist proving who they are again with an authenticator or recovery code:
+        ``OK`` or ``RECOVERY_CODE_USED`` (that code is spent), else None; a wrong code counts
+        towards the lockout like a wrong password."""
+        row = await self._require(therapist_id)
+        if row["disabled"] or row["locked"]:
+            return None
+        reason = await self._check_second_factor(row, code)
+        if reason is None:
+            await self.rows.count_failure(therapist_id, self.lockout_after)
+        return reason
 
     async def clear_failures(self, therapist_id: str) -> None:
         """A second step succeeded: the consecutive-failure count starts again (a lock stays)."""
@@ -544,7 +596,12 @@ class AccountStore:
                 {"password_hash": encoded},
                 expect={"password_hash": row["password_hash"]},
             )
-        return LoginResult(ok=True, therapist_id=rid, reason=reason)
+        return LoginResult(ok=True, therapist_id=rid, reason=reason, sessions_epoch=_epoch_of(row))
+
+
+def _epoch_of(row: Row) -> str:
+    """The row's sessions epoch; accounts from before epochs existed have the empty one."""
+    return str(row.get("sessions_epoch") or "")
 
 
 async def open_accounts(config: Config, keys: Keys, **options: Any) -> AccountStore:

@@ -43,6 +43,7 @@ class AuditEvent(StrEnum):
     LOGOUT = "logout"
     SECOND_FACTOR_CHANGED = "second_factor_changed"
     RECOVERY_CODE_USED = "recovery_code_used"
+    REAUTHENTICATED = "reauthenticated"
     ACCOUNT_ADDED = "account_added"
     ACCOUNT_DISABLED = "account_disabled"
     ACCOUNT_ENABLED = "account_enabled"

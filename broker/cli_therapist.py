@@ -1,9 +1,12 @@
 """``broker therapist ...``: the practice admin manages therapist accounts from a terminal.
 
-Works directly on DATA_DIR/accounts.sqlite3 (no running broker needed) with the accounts key
-derived from the server secret. Passwords are read with getpass (twice, to catch typos) or from
-standard input with ``--password-stdin``; they are never echoed, printed or logged. Every change
-is appended to the audit log (DATA_DIR/audit.log) with the account's opaque id only.
+Works directly on DATA_DIR/accounts.sqlite3 (or the accounts' Redis; no running broker needed)
+with the accounts key derived from the server secret. A running broker sees every change at the
+therapist's next request: ``disable``, ``reset-password`` and ``reset-2fa`` end the account's open
+web logins wherever they are (the account's sessions epoch changes, see accounts.py). Passwords
+are read with getpass (twice, to catch typos) or from standard input with ``--password-stdin``;
+they are never echoed, printed or logged. Every change is appended to the audit log
+(DATA_DIR/audit.log) with the account's opaque id only.
 """
 
 from __future__ import annotations
@@ -48,8 +51,11 @@ def register(subparsers: Any) -> None:
     command("disable", "stop an account from logging in (ends its web sessions)")
     command("enable", "allow a disabled account to log in again")
     command("unlock", "clear a lockout after too many failed logins")
-    command("reset-password", "set a new password (clears a lockout)", password=True)
-    command("reset-2fa", "forget the authenticator app, passkeys and recovery codes (the therapist sets up anew)")
+    command("reset-password", "set a new password (clears a lockout, ends its web sessions)", password=True)
+    command(
+        "reset-2fa",
+        "forget the authenticator app, passkeys and recovery codes (ends its web sessions; the therapist sets up anew)",
+    )
 
 
 def run(args: argparse.Namespace, *, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
@@ -158,11 +164,15 @@ async def _change(
         password = _read_password(args.password_stdin, stdin)
         await store.reset_password(therapist, password, second_factor=second_factor)
         await audit.append(AuditEvent.PASSWORD_RESET, therapist)
-        print(f"New password set for {therapist}.", file=out)
+        print(f"New password set for {therapist}; its open web logins have ended.", file=out)
     elif action == "reset-2fa":
         await store.reset_2fa(therapist)
         await audit.append(AuditEvent.SECOND_FACTOR_CHANGED, therapist)
-        print(f"Second factor removed for {therapist}; they set up a new one at their next login.", file=out)
+        print(
+            f"Second factor removed for {therapist}; its open web logins have ended. "
+            "They set up a new one at their next login.",
+            file=out,
+        )
     return 0
 
 

@@ -30,7 +30,7 @@ from webauthn import (
     verify_registration_response,
 )
 from webauthn.helpers import base64url_to_bytes, bytes_to_base64url
-from webauthn.helpers.exceptions import InvalidAuthenticationResponse, InvalidRegistrationResponse
+from webauthn.helpers.exceptions import WebAuthnException
 from webauthn.helpers.structs import (
     AuthenticatorSelectionCriteria,
     PublicKeyCredentialDescriptor,
@@ -94,7 +94,8 @@ def verify_registration(rp: RelyingParty, credential: dict[str, Any], challenge:
         verified = verify_registration_response(
             credential=credential, expected_challenge=challenge, expected_rp_id=rp.rp_id, expected_origin=list(rp.origins)
         )
-    except (InvalidRegistrationResponse, ValueError, KeyError, TypeError) as exc:
+    except (WebAuthnException, ValueError, KeyError, TypeError, RecursionError) as exc:
+        # WebAuthnException covers a credential of the wrong shape (InvalidJSONStructure) too.
         raise PasskeyError("The passkey could not be registered. Please try again.") from exc
     return {
         "id": bytes_to_base64url(verified.credential_id),
@@ -131,7 +132,7 @@ def verify_authentication(
             credential_public_key=base64url_to_bytes(match["public_key"]),
             credential_current_sign_count=int(match["sign_count"]),
         )
-    except (InvalidAuthenticationResponse, ValueError, KeyError, TypeError) as exc:
+    except (WebAuthnException, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise PasskeyError("The passkey did not verify.") from exc
     return match["id"], verified.new_sign_count
 

@@ -6,6 +6,13 @@ locked after ``lockout_after`` consecutive failures until an administrator unloc
 successful login clears the account's counter. Address counters are never cleared by a success
 (an attacker with one valid account could otherwise reset them) and simply age out.
 
+An attempt is *reserved* before the password is checked (``reserve``): the check and the count
+are one step, so the attempt counts as a failure up front and concurrent guesses beyond what the
+schedule allows are refused without a password check. Its outcome then settles it: a failure
+stays counted (``confirm_failure`` applies the lockout), a success clears the account and gives
+the address back its one count (``record_success``), and an attempt that was neither (a right
+password still waiting for its second factor) gives both back (``release``).
+
 Addresses are never held in clear: callers pass ``address_key(secret, ip)`` (client_address.py,
 the one definition of a client address that every per-address limit shares). ``LoginThrottle``
 keeps its counters in memory, bounded: idle entries are forgotten and the least recently used
@@ -45,11 +52,16 @@ def delay_for(
 
 @dataclass(frozen=True)
 class Decision:
-    """Whether an attempt may proceed now; ``retry_after`` is in seconds (0 when allowed)."""
+    """Whether an attempt may proceed now; ``retry_after`` is in seconds (0 when allowed).
+
+    ``reserved_at`` is set when ``reserve`` counted the attempt: the time it was counted at, which
+    ``record_success`` and ``release`` need to give the count back exactly.
+    """
 
     allowed: bool
     retry_after: float
     locked: bool = False
+    reserved_at: float | None = None
 
 
 @dataclass
@@ -57,6 +69,8 @@ class _Entry:
     failures: int = 0
     last_failure: float = 0.0
     locked: bool = False
+    #: ``last_failure`` as it was before the latest reservation, restored if that one is given back.
+    before_last: float = 0.0
 
 
 class Throttle(Protocol):
@@ -68,7 +82,15 @@ class Throttle(Protocol):
 
     async def record_failure(self, account: str | None, address: str | None) -> Decision: ...
 
-    async def record_success(self, account: str) -> None: ...
+    async def reserve(self, account: str | None, address: str | None) -> Decision: ...
+
+    async def confirm_failure(self, account: str) -> None: ...
+
+    async def release(self, account: str | None, address: str | None, reserved_at: float) -> None: ...
+
+    async def record_success(
+        self, account: str, address: str | None = None, reserved_at: float | None = None
+    ) -> None: ...
 
     async def unlock(self, account: str) -> None: ...
 
@@ -167,11 +189,50 @@ class LoginThrottle:
             addr.last_failure = now
         return self.check_now(account, address)
 
-    async def record_success(self, account: str) -> None:
-        """A successful login clears the account's counter (not the address's)."""
+    async def reserve(self, account: str | None, address: str | None) -> Decision:
+        """Check and count an attempt in one step: when allowed it already counts as a failure."""
+        decision = self.check_now(account, address)
+        if not decision.allowed:
+            return decision
+        now = self._clock()
+        for table, key in ((self._accounts, account), (self._addresses, address)):
+            if key is not None:
+                entry = table.touch(key, now)
+                entry.failures += 1
+                entry.before_last, entry.last_failure = entry.last_failure, now
+        return Decision(allowed=True, retry_after=0.0, reserved_at=now)
+
+    async def confirm_failure(self, account: str) -> None:
+        """A reserved attempt failed: it stays counted, and locks the account at the threshold."""
+        entry = self._accounts.peek(account, self._clock())
+        if entry is not None and entry.failures >= self.lockout_after:
+            entry.locked = True
+
+    async def release(self, account: str | None, address: str | None, reserved_at: float) -> None:
+        """A reserved attempt that neither failed nor succeeded: give both counts back."""
+        if account is not None:
+            self._refund(self._accounts, account, reserved_at)
+        if address is not None:
+            self._refund(self._addresses, address, reserved_at)
+
+    async def record_success(self, account: str, address: str | None = None, reserved_at: float | None = None) -> None:
+        """A successful login clears the account's counter; the address only gets back the count
+        its reservation took (``reserved_at``), never more."""
         entry = self._accounts.peek(account, self._clock())
         if entry is not None and not entry.locked:
             self._accounts.drop(account)
+        if address is not None and reserved_at is not None:
+            self._refund(self._addresses, address, reserved_at)
+
+    def _refund(self, table: _Table, key: str, reserved_at: float) -> None:
+        entry = table.peek(key, self._clock())
+        if entry is None or entry.locked:
+            return
+        entry.failures -= 1
+        if entry.failures <= 0:
+            table.drop(key)
+        elif entry.last_failure == reserved_at:
+            entry.last_failure = entry.before_last
 
     async def unlock(self, account: str) -> None:
         """Administrator reset: forget the account's failures and lockout."""

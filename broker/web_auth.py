@@ -3,8 +3,11 @@
 A login session is a random id in an ``HttpOnly; Secure; SameSite=Strict`` cookie named
 ``__Host-broker_login``. The store never holds that id, only an HMAC of it, so a dump of the
 store (or of Redis) cannot be replayed as a cookie. A fresh id is made at every login and every
-change of privilege (finishing second-factor enrolment); an id is never reused or extended past
-its absolute lifetime. Each record carries its own CSRF token.
+change of how the therapist logs in (a second factor set up, added or removed, new recovery
+codes); an id is never reused or extended past its absolute lifetime. Each record carries its own
+CSRF token, the account's sessions epoch it was made under (a password reset, a second-factor
+change or a disable anywhere moves the epoch on and so ends it, see accounts.py), and when the
+therapist last proved who they are (web_reauth.py).
 
 The ``Secure`` attribute and the ``__Host-`` prefix need a secure origin. Browsers treat
 ``http://127.0.0.1`` and ``http://localhost`` as secure (Chromium accepts and sends such cookies
@@ -15,11 +18,16 @@ Every state-changing request under ``/api/`` needs an allowed ``Origin``; every 
 ``/api/login`` (which has no login session yet) also needs ``X-CSRF-Token`` equal to its login
 session's token. Failed logins answer byte for byte the same whatever was wrong, and growing
 delays and a lockout per login name and per client address (an HMAC, never the address) slow
-guessing down.
+guessing down; each attempt is reserved in the throttle before its password is checked, so
+simultaneous guesses get no more checks than consecutive ones.
+
+The second-factor routes live in web_totp.py and web_passkeys.py, re-authentication in
+web_reauth.py; ``setup_auth`` adds them all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -33,15 +41,15 @@ from pathlib import Path
 from typing import Any, Annotated
 
 import msgspec
-import segno
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from . import accounts as acc
-from . import passkeys, totp
+from . import passkeys
 from .accounts import AccountStore
 from .audit import AuditEvent, AuditLog, AuditOutcome
 from .config import Config, Keys
+from .json_depth import MAX_DEPTH, too_deep
 from .store import Store, StoreUnavailable
 from .passkeys import PasskeyError, RelyingParty
 from .client_address import request_address_key
@@ -102,20 +110,16 @@ class LoginPolicy:
 # ---------------------------------------------------------------- request bodies
 
 _Name = Annotated[str, msgspec.Meta(max_length=256)]
-_Secret = Annotated[str, msgspec.Meta(max_length=1024)]
-_Code = Annotated[str, msgspec.Meta(max_length=64)]
+Secret = Annotated[str, msgspec.Meta(max_length=1024)]
+Code = Annotated[str, msgspec.Meta(max_length=64)]
 
 
 class LoginRequest(msgspec.Struct, forbid_unknown_fields=True):
     username: _Name
-    password: _Secret
-    code: _Code | None = None
+    password: Secret
+    code: Code | None = None
     #: A WebAuthn assertion (``PublicKeyCredential.toJSON()``) answering the options we sent.
     passkey: dict[str, Any] | None = None
-
-
-class ConfirmRequest(msgspec.Struct, forbid_unknown_fields=True):
-    code: _Code
 
 
 class Empty(msgspec.Struct, forbid_unknown_fields=True):
@@ -137,16 +141,25 @@ class BadRequest(Exception):
 
 
 async def read_json(request: web.Request, kind: type[Any]) -> Any:
-    """Decode a JSON body strictly; anything else is a BadRequest with a plain message."""
+    """Decode a JSON body strictly; anything else is a BadRequest with a plain message.
+
+    Every JSON body of the API comes through here, so here is where nesting is bounded: a decoder
+    recursing a thousand levels into a ``dict[str, Any]`` field (a passkey) would otherwise end in
+    RecursionError and a 500.
+    """
     if request.content_type != "application/json":
         raise BadRequest("Send the request as application/json.")
     raw = await request.read()
+    if too_deep(raw):
+        raise BadRequest(f"The request nests objects or arrays too deeply (at most {MAX_DEPTH} levels).")
     try:
         return msgspec.json.decode(raw or b"{}", type=kind)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"The request is not valid: {exc}") from None
     except msgspec.DecodeError:
         raise BadRequest("The request body is not valid JSON.") from None
+    except RecursionError:  # not reachable past too_deep; kept so that no body can ever cause a 500
+        raise BadRequest("The request nests objects or arrays too deeply.") from None
 
 
 # ---------------------------------------------------------------- login sessions
@@ -158,6 +171,10 @@ class LoginRecord(msgspec.Struct, forbid_unknown_fields=True):
     created: float
     #: False while the therapist must still enrol a second factor: only the 2FA routes work.
     full: bool = True
+    #: The account's sessions epoch when this session was made; another one ends the session.
+    epoch: str = ""
+    #: When the therapist last proved who they are in this session (the login, or /api/reauth).
+    verified: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -169,6 +186,8 @@ class LoginSession:
     csrf: str
     created: float
     full: bool
+    epoch: str = ""
+    verified: float = 0.0
 
 
 #: The request's login session, loaded at most once per request.
@@ -210,20 +229,44 @@ class WebAuth:
     def _ttl(self, created: float) -> float:
         return min(self.policy.idle_s, created + self.policy.absolute_s - self.clock())
 
-    async def create(self, therapist: str, *, full: bool) -> LoginSession:
-        """A brand-new login session with its own id and CSRF token."""
+    async def create(self, therapist: str, *, full: bool, epoch: str) -> LoginSession:
+        """A brand-new login session with its own id and CSRF token, under the account's sessions
+        ``epoch`` as read with the password hash it was checked against; the login counts as
+        proof of who the therapist is (``verified``)."""
+        now = self.clock()
         session = LoginSession(
             id=secrets.token_urlsafe(32),
             therapist=therapist,
             csrf=secrets.token_urlsafe(32),
-            created=self.clock(),
+            created=now,
             full=full,
+            epoch=epoch,
+            verified=now,
         )
         await self._write(session)
         return session
 
+    async def renew(self, session: LoginSession, *, epoch: str, full: bool = True) -> LoginSession:
+        """The session that just changed how its therapist logs in carries on under a new id and
+        CSRF token in the account's new sessions ``epoch`` (every other session ended with the
+        change); its lifetime and its last proof of identity carry over."""
+        await self.destroy(session.id)
+        fresh = dataclasses.replace(
+            session, id=secrets.token_urlsafe(32), csrf=secrets.token_urlsafe(32), full=full, epoch=epoch
+        )
+        await self._write(fresh)
+        return fresh
+
+    async def reverified(self, session: LoginSession) -> LoginSession:
+        """The therapist proved who they are again (``/api/reauth``): note when."""
+        fresh = dataclasses.replace(session, verified=self.clock())
+        await self._write(fresh)
+        return fresh
+
     async def _write(self, session: LoginSession) -> None:
-        record = LoginRecord(session.therapist, session.csrf, session.created, session.full)
+        record = LoginRecord(
+            session.therapist, session.csrf, session.created, session.full, session.epoch, session.verified
+        )
         await self.store.put(self._store_key(session.id), msgspec.json.encode(record), self._ttl(session.created))
 
     async def load(self, session_id: str | None, *, touch: bool = True) -> LoginSession | None:
@@ -242,9 +285,13 @@ class WebAuth:
         if self._ttl(record.created) <= 0:
             await self.store.update(key, lambda _: (None, None), 1.0)
             return None
-        session = LoginSession(session_id, record.therapist, record.csrf, record.created, record.full)
+        session = LoginSession(
+            session_id, record.therapist, record.csrf, record.created, record.full, record.epoch, record.verified
+        )
         account = await self.accounts.get(session.therapist)
-        if account is None or account.disabled:
+        # A password reset, a second-factor change or a disable ends the session, in whichever
+        # process (the CLI, another broker) it happened: the account's epoch moved on.
+        if account is None or account.disabled or not hmac.compare_digest(account.sessions_epoch, session.epoch):
             await self.destroy(session_id)
             return None
         if touch:
@@ -379,9 +426,11 @@ async def api_login(request: web.Request) -> web.StreamResponse:
     body: LoginRequest = await read_json(request, LoginRequest)
     account = auth.accounts.account_key(body.username)
     address = auth.address(request)
-    decision = await _throttle_check(auth, account, address, lambda: auth.accounts.get_by_username(body.username))
+    # The attempt is counted before scrypt runs: concurrent guesses beyond the schedule get a 429.
+    decision = await reserve_attempt(auth, account, address, lambda: auth.accounts.get_by_username(body.username))
     if not decision.allowed:
-        return await _throttled(auth, decision.locked, decision.retry_after)
+        return await throttled(auth, decision.locked, decision.retry_after)
+    assert decision.reserved_at is not None
     if body.passkey is not None:
         result = await _passkey_login(auth, body, account)
     else:
@@ -390,16 +439,17 @@ async def api_login(request: web.Request) -> web.StreamResponse:
             body.username, body.password, code, require_second_factor=auth.policy.require_second_factor
         )
     if result.reason == acc.INVALID_CREDENTIALS:
-        await auth.throttle.record_failure(account, address)
+        await auth.throttle.confirm_failure(account)
         log.info("event=login_failed")
         await auth.record(AuditEvent.LOGIN_FAILURE, None, AuditOutcome.DENIED)
         return json_error(*_INVALID)
     if result.reason == acc.SECOND_FACTOR_REQUIRED:
+        await auth.throttle.release(account, address, decision.reserved_at)
         return await _second_factor_required(auth, body.username, account)
     assert result.therapist_id is not None
-    await auth.throttle.record_success(account)
+    await auth.throttle.record_success(account, address, decision.reserved_at)
     full = result.reason != acc.SECOND_FACTOR_ENROLMENT_REQUIRED
-    return await _start_session(request, result.therapist_id, full=full, recovery=result.reason == acc.RECOVERY_CODE_USED)
+    return await _start_session(request, result, full=full)
 
 
 async def _second_factor_required(auth: WebAuth, username: str, account_key: str) -> web.Response:
@@ -444,24 +494,25 @@ async def _passkey_login(auth: WebAuth, body: LoginRequest, account_key: str) ->
         await auth.accounts.count_failure(therapist_id)
         return denied
     await auth.accounts.passkey_used(therapist_id, used, count)
-    return await auth.accounts.finish_login(therapist_id, body.password, acc.PASSKEY_USED)
+    return await auth.accounts.finish_login(row, body.password, acc.PASSKEY_USED)
 
 
-async def _throttle_check(
+async def reserve_attempt(
     auth: WebAuth, key: str, address: str | None, account: Callable[[], Awaitable[acc.Account | None]]
 ) -> Decision:
-    """The throttle's decision for ``key``. The durable account record is the authority on locks:
-    once ``broker therapist unlock`` cleared it, the throttle's lock is lifted too."""
-    decision = await auth.throttle.check(key, address)
+    """Reserve an attempt for ``key`` (counted as a failure until its outcome says otherwise).
+    The durable account record is the authority on locks: once ``broker therapist unlock``
+    cleared it, the throttle's lock is lifted too."""
+    decision = await auth.throttle.reserve(key, address)
     if decision.locked:
         found = await account()
         if found is not None and not found.locked:
             await auth.throttle.unlock(key)
-            decision = await auth.throttle.check(key, address)
+            decision = await auth.throttle.reserve(key, address)
     return decision
 
 
-async def _throttled(auth: WebAuth, locked: bool, retry_after: float) -> web.Response:
+async def throttled(auth: WebAuth, locked: bool, retry_after: float) -> web.Response:
     if locked:
         log.info("event=login_locked")
         await auth.record(AuditEvent.LOGIN_LOCKED, None, AuditOutcome.LOCKED)
@@ -475,17 +526,19 @@ async def _throttled(auth: WebAuth, locked: bool, retry_after: float) -> web.Res
     )
 
 
-async def _start_session(request: web.Request, therapist: str, *, full: bool, recovery: bool = False) -> web.Response:
+async def _start_session(request: web.Request, result: acc.LoginResult, *, full: bool) -> web.Response:
     """A new session id at every login: any session the browser still had is ended first."""
     auth = auth_of(request)
+    therapist = result.therapist_id
+    assert therapist is not None
     old = request.cookies.get(LOGIN_COOKIE)
     if old:
         await auth.destroy(old)
-    session = await auth.create(therapist, full=full)
+    session = await auth.create(therapist, full=full, epoch=result.sessions_epoch)
     log.info("event=login_ok full=%s", full)
     if full:
         await auth.record(AuditEvent.LOGIN_SUCCESS, therapist)
-    if recovery:
+    if result.reason == acc.RECOVERY_CODE_USED:
         await auth.record(AuditEvent.RECOVERY_CODE_USED, therapist)
     body = await me_body(auth, session)
     response = web.json_response({"ok": True, **body})
@@ -529,56 +582,6 @@ async def api_logout(request: web.Request) -> web.Response:
     return response
 
 
-async def api_enrol(request: web.Request) -> web.Response:
-    """Start TOTP enrolment: the QR code and URI for the authenticator app (secret not yet active)."""
-    auth = auth_of(request)
-    session = await require_login(request, allow_partial=True)
-    await read_json(request, Empty)
-    account = await auth.accounts.get(session.therapist)
-    assert account is not None
-    if account.totp_enabled:
-        return json_error(
-            409, "already_enrolled", "A second factor is already set up. Your administrator can reset it."
-        )
-    enrolment = await auth.accounts.enable_totp(session.therapist, auth.policy.issuer)
-    return web.json_response(
-        {
-            "qr_svg": enrolment.qr_svg,
-            "qr_data_uri": segno.make(enrolment.uri, error="m").svg_data_uri(scale=5, border=4),
-            "uri": enrolment.uri,
-            "secret": totp.secret_base32(enrolment.secret),
-        }
-    )
-
-
-async def api_confirm(request: web.Request) -> web.Response:
-    """Activate the pending TOTP secret with a first code; the recovery codes are shown this once."""
-    auth = auth_of(request)
-    session = await require_login(request, allow_partial=True)
-    body: ConfirmRequest = await read_json(request, ConfirmRequest)
-    throttle_key = "2fa-confirm:" + session.therapist
-    decision = await _throttle_check(auth, throttle_key, None, lambda: auth.accounts.get(session.therapist))
-    if not decision.allowed:
-        return await _throttled(auth, decision.locked, decision.retry_after)
-    codes = await auth.accounts.confirm_totp(session.therapist, body.code)
-    if codes is None:
-        await auth.throttle.record_failure(throttle_key, None)
-        # Guessing codes with a known password counts towards the account's durable lockout.
-        await auth.accounts.count_failure(session.therapist)
-        return json_error(400, "invalid_code", "That code did not match. Check the time on your phone and try again.")
-    await auth.throttle.record_success(throttle_key)
-    await auth.accounts.clear_failures(session.therapist)
-    await auth.record(AuditEvent.SECOND_FACTOR_CHANGED, session.therapist)
-    # New privileges, new id: the enrolment-only session ends here.
-    await auth.destroy(session.id)
-    fresh = await auth.create(session.therapist, full=True)
-    if not session.full:
-        await auth.record(AuditEvent.LOGIN_SUCCESS, session.therapist)
-    response = web.json_response({"ok": True, "recovery_codes": codes, **await me_body(auth, fresh)})
-    auth.set_cookie(response, fresh)
-    return response
-
-
 # ---------------------------------------------------------------- wiring
 
 
@@ -609,8 +612,11 @@ def setup_auth(
     app.router.add_post("/api/login", api_login, name="api_login")
     app.router.add_post("/api/logout", api_logout, name="api_logout")
     app.router.add_get("/api/me", api_me, name="api_me")
-    app.router.add_post("/api/2fa/enrol", api_enrol, name="api_2fa_enrol")
-    app.router.add_post("/api/2fa/confirm", api_confirm, name="api_2fa_confirm")
+    # The second-factor routes build on this module; they are added here so that one call wires all.
     from .web_passkeys import setup_passkeys
+    from .web_reauth import setup_reauth
+    from .web_totp import setup_totp
 
+    setup_reauth(app)
+    setup_totp(app)
     setup_passkeys(app)

@@ -2,10 +2,15 @@
 
 Registering needs a login session, partial ones included, so a therapist whose practice requires a
 second factor can pick a passkey instead of an authenticator app; finishing that first
-registration upgrades the session like confirming TOTP does (a fresh id). Logging in with a
-passkey happens in ``POST /api/login``: the first answer after a right password carries the
-options for ``navigator.credentials.get``, the second request carries the password again plus
-the signed assertion (see web_auth.api_login).
+registration upgrades the session like confirming TOTP does (a fresh id). Adding or removing a
+passkey ends the therapist's other login sessions while this one carries on under a fresh cookie,
+and on an account that already has a second factor it needs a recent proof of identity
+(web_reauth.py). Removing the last second factor must be asked for explicitly
+(``confirm_password_only``): the account then logs in with its password alone.
+
+Logging in with a passkey happens in ``POST /api/login``: the first answer after a right password
+carries the options for ``navigator.credentials.get``, the second request carries the password
+again plus the signed assertion (see web_auth.api_login).
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ from typing import Annotated, Any
 import msgspec
 from aiohttp import web
 
+from . import accounts as acc
 from . import passkeys
 from .accounts import AccountError
 from .audit import AuditEvent
 from .passkeys import PasskeyError
 from .web_auth import Empty, auth_of, json_error, me_body, read_json, require_login
+from .web_reauth import reauth_refusal
 
 log = logging.getLogger("broker.web_auth")
 
@@ -42,6 +49,13 @@ class RegisterRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 class RemoveRequest(msgspec.Struct, forbid_unknown_fields=True):
     id: _CredentialId
+    #: Must be true to remove the account's last second factor (it then logs in with a password only).
+    confirm_password_only: bool = False
+
+
+PASSWORD_ONLY = (
+    "Passkey removed. Your account now logs in with a password only, and its recovery codes no longer work."
+)
 
 
 async def api_register_options(request: web.Request) -> web.Response:
@@ -54,6 +68,8 @@ async def api_register_options(request: web.Request) -> web.Response:
         return json_error(*UNAVAILABLE)
     account = await auth.accounts.get(session.therapist)
     assert account is not None
+    if (refusal := await reauth_refusal(auth, session, account)) is not None:
+        return refusal
     stored = await auth.accounts.passkeys(session.therapist)
     options, challenge = passkeys.registration_options(rp, account.id, account.username, stored)
     await passkeys.keep_challenge(auth.store, "register:" + session.therapist, challenge)
@@ -68,25 +84,27 @@ async def api_register(request: web.Request) -> web.Response:
     rp = auth.relying_party
     if rp is None:
         return json_error(*UNAVAILABLE)
+    account = await auth.accounts.get(session.therapist)
+    assert account is not None
+    if (refusal := await reauth_refusal(auth, session, account)) is not None:
+        return refusal  # before the challenge is spent: the page can prove who it is and send again
     challenge = await passkeys.take_challenge(auth.store, "register:" + session.therapist)
     if challenge is None:
         return json_error(400, "passkey_expired", "That took too long. Please start adding the passkey again.")
+    epoch = acc.new_sessions_epoch()
     try:
         credential = passkeys.verify_registration(rp, body.credential, challenge)
-        codes = await auth.accounts.add_passkey(session.therapist, credential)
+        codes = await auth.accounts.add_passkey(session.therapist, credential, epoch=epoch)
     except (PasskeyError, AccountError) as exc:
         log.info("event=passkey_register_refused")
         return json_error(400, "passkey_refused", str(exc))
     log.info("event=passkey_registered")
     await auth.record(AuditEvent.SECOND_FACTOR_CHANGED, session.therapist)
-    current = session
+    fresh = await auth.renew(session, epoch=epoch, full=True)
     if not session.full:
-        await auth.destroy(session.id)
-        current = await auth.create(session.therapist, full=True)
         await auth.record(AuditEvent.LOGIN_SUCCESS, session.therapist)
-    response = web.json_response({"ok": True, "recovery_codes": codes, **await me_body(auth, current)})
-    if current is not session:
-        auth.set_cookie(response, current)
+    response = web.json_response({"ok": True, "recovery_codes": codes, **await me_body(auth, fresh)})
+    auth.set_cookie(response, fresh)
     return response
 
 
@@ -114,15 +132,29 @@ async def api_remove(request: web.Request) -> web.Response:
             "second_factor_required",
             "Your practice requires a second factor: add another passkey or an authenticator app first.",
         )
+    if last_factor and not body.confirm_password_only:
+        return json_error(
+            409,
+            "last_second_factor",
+            "This passkey is your last second factor. Without it your account logs in with a password only, "
+            "and your recovery codes stop working. Remove it only if that is what you want.",
+        )
+    if (refusal := await reauth_refusal(auth, session, account)) is not None:
+        return refusal
+    epoch = acc.new_sessions_epoch()
     try:
-        removed = await auth.accounts.remove_passkey(session.therapist, body.id)
+        removed = await auth.accounts.remove_passkey(session.therapist, body.id, epoch=epoch)
     except AccountError as exc:
         return json_error(409, "conflict", str(exc))
     if not removed:
         return json_error(404, "not_found", "No such passkey on your account.")
     log.info("event=passkey_removed")
     await auth.record(AuditEvent.SECOND_FACTOR_CHANGED, session.therapist)
-    return web.json_response({"ok": True, **await me_body(auth, session)})
+    fresh = await auth.renew(session, epoch=epoch)
+    extra = {"message": PASSWORD_ONLY} if last_factor else {}
+    response = web.json_response({"ok": True, "password_only": last_factor, **extra, **await me_body(auth, fresh)})
+    auth.set_cookie(response, fresh)
+    return response
 
 
 def setup_passkeys(app: web.Application) -> None:

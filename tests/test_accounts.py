@@ -399,10 +399,13 @@ async def test_sqlite_file_from_before_passkeys_is_upgraded_in_place(db_path: Pa
 
     with sqlite3.connect(db_path) as conn:
         conn.execute("ALTER TABLE therapist DROP COLUMN passkeys_enc")
+        conn.execute("ALTER TABLE therapist DROP COLUMN sessions_epoch")
     upgraded = AccountStore(db_path, KEY, scrypt_params=CHEAP)
     try:
+        assert (await upgraded.get(tid)).sessions_epoch == ""  # type: ignore[union-attr]
         assert await upgraded.add_passkey(tid, {"id": "cred-1", "public_key": "pk", "sign_count": 0})
         assert (await upgraded.get(tid)).passkeys == 1  # type: ignore[union-attr]
+        assert (await upgraded.get(tid)).sessions_epoch != ""  # type: ignore[union-attr]
     finally:
         await upgraded.close()
 
@@ -455,3 +458,45 @@ def test_therapist_ids_never_look_like_command_line_options() -> None:
     ids = [new_therapist_id() for _ in range(2000)]  # about 30 would start with "-" otherwise
     assert not [i for i in ids if i.startswith("-")]
     assert len(set(ids)) == 2000 and all(len(i) == 22 for i in ids)
+
+
+async def test_the_sessions_epoch_moves_on_with_every_credential_change(store: AccountStore, clock: Clock) -> None:
+    """What ends login sessions (web_auth compares a session's epoch with this one), on both
+    backends: each change of password, second factors or the disabled flag gives a new epoch, and a
+    change passed its own epoch writes exactly that one."""
+    tid = await store.add(USERNAME, PASSWORD)
+    seen = [await epoch_of(store, tid)]
+
+    async def moved() -> None:
+        now = await epoch_of(store, tid)
+        assert now not in seen
+        seen.append(now)
+
+    await store.reset_password(tid, NEW_PASSWORD)
+    await moved()
+    assert (await login(store, USERNAME, NEW_PASSWORD)).sessions_epoch == seen[-1]
+    secret, _ = await enrol(store, tid, clock)
+    await moved()
+    clock.now += 30
+    await store.add_passkey(tid, {"id": "cred-a", "public_key": "pk", "sign_count": 0}, epoch="mine-1")
+    assert await epoch_of(store, tid) == "mine-1"
+    seen.append("mine-1")
+    await store.new_recovery_codes(tid)
+    await moved()
+    assert await store.remove_passkey(tid, "cred-a")
+    await moved()
+    await store.reset_2fa(tid)
+    await moved()
+    await store.disable(tid)
+    await moved()
+    # Neither re-enabling, unlocking nor logging in starts a new epoch (or revives an old one).
+    await store.enable(tid)
+    await store.unlock(tid)
+    assert (await login(store, USERNAME, NEW_PASSWORD)).ok
+    assert await epoch_of(store, tid) == seen[-1]
+
+
+async def epoch_of(store: AccountStore, therapist_id: str) -> str:
+    account = await store.get(therapist_id)
+    assert account is not None
+    return account.sessions_epoch

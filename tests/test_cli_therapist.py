@@ -238,3 +238,74 @@ def test_with_redis_configured_accounts_go_to_redis(tmp_path: Path, redis_server
     assert row["second_factor"] is True and row["passkeys"] == 1 and row["totp"] is False
     assert "2FA on (1 passkey(s))" in cli(data_two, "list", **env).stdout
     assert json.loads(cli(data_one, "list", "--json").stdout) == []  # without Redis: the local file
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize("accounts_in", ["sqlite", "redis"])
+async def test_cli_changes_end_the_web_logins_of_a_running_broker(
+    tmp_path: Path, accounts_in: str, request: pytest.FixtureRequest
+) -> None:
+    """Review finding 3: after `broker therapist reset-password` (or `reset-2fa`) in another process,
+    the old cookie still read /api/me and scheduled sessions. Now the running broker ends those
+    logins at their next request, with the accounts in its SQLite file or in Redis."""
+    from aiohttp import ClientSession, DummyCookieJar
+
+    from broker.web_auth import CSRF_HEADER, LOGIN_COOKIE
+
+    from .conftest import start_broker
+
+    data = tmp_path / "data"
+    env: dict[str, str] = {}
+    overrides: dict[str, Any] = {}
+    if accounts_in == "redis":
+        url = request.getfixturevalue("redis_server").empty_database(12)
+        secret = tmp_path / "server.secret"
+        secret.write_text(os.urandom(32).hex())
+        secret.chmod(0o600)
+        env = {"BROKER_REDIS_URL": url, "BROKER_SECRET_FILE": str(secret)}
+        overrides = {"redis_url": url, "secret_file": str(secret)}
+    running = await start_broker(data, **overrides)
+    try:
+        await running.broker.accounts.add("robin", CANARY)
+        async with ClientSession(cookie_jar=DummyCookieJar()) as http:
+
+            async def log_in(password: str) -> dict[str, str]:
+                async with http.post(
+                    running.url + "/api/login",
+                    json={"username": "robin", "password": password},
+                    headers={"Origin": running.url},
+                ) as r:
+                    assert r.status == 200, await r.text()
+                    cookie = r.cookies[LOGIN_COOKIE].value
+                    return {"Cookie": f"{LOGIN_COOKIE}={cookie}", CSRF_HEADER: (await r.json())["csrf"],
+                            "Origin": running.url}  # fmt: skip
+
+            async def can_work(headers: dict[str, str]) -> bool:
+                async with http.get(running.url + "/api/me", headers=headers) as me:
+                    pass
+                async with http.post(running.url + "/api/sessions", json={"clients": 1}, headers=headers) as made:
+                    pass
+                assert me.status == made.status, (me.status, made.status)
+                return me.status == 200
+
+            async def admin(*args: str, stdin: str = "") -> None:
+                done = await asyncio.to_thread(cli, data, *args, stdin=stdin, **env)
+                assert done.returncode == 0, done.stderr
+
+            logins = [await log_in(CANARY), await log_in(CANARY)]
+            assert all([await can_work(h) for h in logins])
+            await admin("reset-password", "robin", "--password-stdin", stdin=OTHER + "\n")
+            assert not any([await can_work(h) for h in logins])
+
+            login = await log_in(OTHER)
+            assert await can_work(login)
+            await admin("reset-2fa", "robin")
+            assert not await can_work(login)
+
+            login = await log_in(OTHER)
+            await admin("disable", "robin")
+            await admin("enable", "robin")
+            assert not await can_work(login)  # enabled again, but that login stays over
+            assert await can_work(await log_in(OTHER))
+    finally:
+        await running.stop()

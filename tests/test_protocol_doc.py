@@ -97,7 +97,13 @@ def test_the_parser_sees_a_missing_field() -> None:
 
 ROOT = Path(__file__).resolve().parent.parent
 API_SECTION = "HTTP API for therapists' pages"
-API_MODULES = ("broker/web_auth.py", "broker/web_passkeys.py", "broker/dashboard.py")
+API_MODULES = (
+    "broker/web_auth.py",
+    "broker/web_reauth.py",
+    "broker/web_totp.py",
+    "broker/web_passkeys.py",
+    "broker/dashboard.py",
+)
 #: The one json_error call whose code is not a literal: seat actions pass on the ProtocolError of
 #: Hub.revoke_seat, which can only be one of these (session.revoke / reissue and Hub._mutate).
 DYNAMIC_CODES = {"dashboard.py": {"session_ended", "not_in_session", "not_allowed"}}

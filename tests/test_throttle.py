@@ -217,3 +217,93 @@ async def test_processes_sharing_redis_count_every_failure(redis_server: RedisSe
     finally:
         for t in (one, two):
             await t.redis.aclose(close_connection_pool=True)
+
+
+# ---------------------------------------------------------------- reservations (check and count in one step)
+
+
+async def test_concurrent_attempts_get_no_more_than_the_schedule_allows(make: MakeThrottle) -> None:
+    """Many attempts at once for one account: only the free ones and the one after them run;
+    every other one is refused before any password check (review finding 2)."""
+    clock = Clock()
+    throttle = make(clock=clock)
+    decisions = await asyncio.gather(*(throttle.reserve(ACCOUNT, None) for _ in range(50)))
+    allowed = [d for d in decisions if d.allowed]
+    assert len(allowed) == 4  # three free failures, then the fourth attempt runs and earns a delay
+    assert all(d.reserved_at == clock.now for d in allowed)
+    assert all(not d.allowed and d.retry_after == 1.0 for d in decisions if d not in allowed)
+    assert await throttle.failures(ACCOUNT) == 4  # each allowed attempt already counts as a failure
+
+
+async def test_one_address_during_a_due_delay_gets_one_attempt(make: MakeThrottle) -> None:
+    clock = Clock()
+    throttle = make(clock=clock)
+    for i in range(10):
+        await fail_until_allowed(throttle, clock, f"account-{i:02d}".ljust(20, "x"), ADDRESS)
+    clock.advance((await throttle.check(None, ADDRESS)).retry_after)  # the 60 s delay is due now
+    names = [f"guess-{i:02d}".ljust(20, "y") for i in range(40)]
+    decisions = await asyncio.gather(*(throttle.reserve(name, ADDRESS) for name in names))
+    assert sum(d.allowed for d in decisions) == 1
+    assert {d.retry_after for d in decisions if not d.allowed} == {60.0}
+
+
+async def test_a_reservation_is_a_failure_until_settled(make: MakeThrottle) -> None:
+    clock = Clock()
+    throttle = make(clock=clock, lockout_after=5)
+    for _ in range(4):
+        await fail_until_allowed(throttle, clock, ACCOUNT, None)
+    clock.advance((await throttle.check(ACCOUNT, None)).retry_after)
+    # The fifth attempt is reserved: counted, but the lock waits for its outcome...
+    fifth = await throttle.reserve(ACCOUNT, None)
+    assert fifth.allowed and await throttle.failures(ACCOUNT) == 5 and not await throttle.is_locked(ACCOUNT)
+    # ...so a right password at the threshold still gets in and clears the count,
+    await throttle.record_success(ACCOUNT)
+    assert await throttle.failures(ACCOUNT) == 0
+    # while a wrong one locks the account.
+    for _ in range(4):
+        await fail_until_allowed(throttle, clock, ACCOUNT, None)
+    clock.advance((await throttle.check(ACCOUNT, None)).retry_after)
+    assert (await throttle.reserve(ACCOUNT, None)).allowed
+    await throttle.confirm_failure(ACCOUNT)
+    assert await throttle.is_locked(ACCOUNT)
+    assert (await throttle.reserve(ACCOUNT, None)).locked
+
+
+async def test_release_and_success_give_back_exactly_what_the_reservation_took(make: MakeThrottle) -> None:
+    clock = Clock()
+    throttle = make(clock=clock)
+    for _ in range(5):
+        await fail_until_allowed(throttle, clock, ACCOUNT, ADDRESS)
+    clock.advance(100)  # every delay is over
+    before = await throttle.check(ACCOUNT, ADDRESS)
+    assert before.allowed
+    # Right password, second factor still to come: neither a failure nor a success.
+    reserved = await throttle.reserve(ACCOUNT, ADDRESS)
+    assert reserved.reserved_at is not None and not (await throttle.check(ACCOUNT, ADDRESS)).allowed
+    await throttle.release(ACCOUNT, ADDRESS, reserved.reserved_at)
+    assert await throttle.failures(ACCOUNT) == 5 and (await throttle.check(ACCOUNT, ADDRESS)).allowed
+    # A success clears the account and leaves the address as it was before the attempt.
+    reserved = await throttle.reserve(ACCOUNT, ADDRESS)
+    assert reserved.reserved_at is not None
+    await throttle.record_success(ACCOUNT, ADDRESS, reserved.reserved_at)
+    assert await throttle.failures(ACCOUNT) == 0
+    assert (await throttle.check(None, ADDRESS)).allowed  # no new delay for the office's next login
+    first_fresh = await fail_until_allowed(throttle, clock, "a-fresh-account-key-0000", ADDRESS)
+    assert first_fresh == 4.0  # the address still holds its five failures, the sixth earns 4 s
+
+
+async def test_processes_sharing_redis_reserve_no_more_than_allowed(redis_server: RedisServer) -> None:  # noqa: F811
+    """Two throttles on one Redis (two broker processes): 100 simultaneous attempts for one name
+    and from one address let exactly as many through as one process would."""
+    url = redis_server.empty_database(THROTTLE_DB)
+    one, two = RedisLoginThrottle(redis_client(url)), RedisLoginThrottle(redis_client(url))
+    account, address = os.urandom(16).hex(), os.urandom(16).hex()
+    try:
+        decisions = await asyncio.gather(*(t.reserve(account, address) for t in [one, two] * 50))
+        assert sum(d.allowed for d in decisions) == 4
+        assert await one.failures(account) == 4
+        others = await asyncio.gather(*(t.reserve(os.urandom(8).hex(), address) for t in [one, two] * 20))
+        assert not any(d.allowed for d in others)  # the address earned its delay too
+    finally:
+        for t in (one, two):
+            await t.redis.aclose(close_connection_pool=True)

@@ -8,6 +8,7 @@ http://127.0.0.1 to show the ``Secure`` ``__Host-`` cookie works on the loopback
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import logging
@@ -28,14 +29,19 @@ from cryptography.hazmat.primitives.twofactor.totp import TOTP
 
 from broker.accounts import AccountStore
 from broker.audit import AuditLog, verify
+from broker.totp import code_at
 from broker.config import Config, Keys
 from broker.dashboard import DASHBOARD, setup_dashboard
 from broker.passwords import ScryptParams
 from broker.security_headers import PrivateAccessLogger, security_middleware
 from broker.server import Broker, build_app, create_broker
 from broker.store import MemoryStore
-from broker.throttle import LoginThrottle
+from broker.store_redis import redis_client
+from broker.throttle import LoginThrottle, Throttle
+from broker.throttle_redis import RedisLoginThrottle
 from broker.web_auth import AUTH, CSRF_HEADER, LOGIN_COOKIE, WebAuth, accounts_path, login_required, setup_auth
+
+from .redis_server import redis_server  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -90,7 +96,7 @@ class Harness:
     clock: Clock
     store: MemoryStore
     accounts: AccountStore
-    throttle: LoginThrottle
+    throttle: Throttle
     audit: AuditLog
     data_dir: Path
     http: ClientSession
@@ -161,14 +167,29 @@ async def _protected(request: web.Request) -> web.Response:
 async def make_harness(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     made: list[Harness] = []
 
-    async def make(**config_fields: Any) -> Harness:
+    async def make(
+        *,
+        throttle_redis: str | None = None,
+        clock: Clock | None = None,
+        scrypt_params: ScryptParams = FAST,
+        **config_fields: Any,
+    ) -> Harness:
+        """A harness; with ``throttle_redis`` its login counters live in that Redis (shared by
+        every harness given the same URL, as by broker processes), and ``clock`` may be shared too."""
         data_dir = tmp_path / f"h{len(made)}"
-        clock = Clock()
+        clock = clock or Clock()
         config = PolicyConfig(data_dir=data_dir, allowed_origins=(ORIGIN,), **config_fields)
         keys = Keys(b"k" * 32)
         store = MemoryStore(clock=clock)
-        accounts = AccountStore(accounts_path(config), keys.accounts, scrypt_params=FAST, lockout_after=LOCKOUT, clock=clock)
-        throttle = LoginThrottle(clock=clock, free_failures=2, base_delay=10.0, max_delay=60.0, lockout_after=LOCKOUT)
+        accounts = AccountStore(
+            accounts_path(config), keys.accounts, scrypt_params=scrypt_params, lockout_after=LOCKOUT, clock=clock
+        )
+        schedule: dict[str, Any] = {"free_failures": 2, "base_delay": 10.0, "max_delay": 60.0, "lockout_after": LOCKOUT}
+        throttle: Throttle
+        if throttle_redis is not None:
+            throttle = RedisLoginThrottle(redis_client(throttle_redis), clock=clock, **schedule)
+        else:
+            throttle = LoginThrottle(clock=clock, **schedule)
         audit = AuditLog(data_dir / "audit.log", keys.audit, clock=clock)
         app = web.Application(middlewares=[security_middleware(False)])
         setup_auth(app, store=store, accounts=accounts, throttle=throttle, audit=audit, config=config, keys=keys, clock=clock)
@@ -188,6 +209,8 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         await h.runner.cleanup()
         await h.accounts.close()
         h.audit.close()
+        if isinstance(h.throttle, RedisLoginThrottle):
+            await h.throttle.redis.aclose(close_connection_pool=True)
 
 
 # ---------------------------------------------------------------- cookies and sessions
@@ -284,6 +307,66 @@ async def test_disabled_account_loses_its_open_login(make_harness: Any) -> None:
     await h.accounts.disable(therapist)
     assert (await h.request("GET", "/api/me", cookie=cookie)).status == 401
     assert (await h.login("robin")).status == 401
+
+
+#: Everything that must end a therapist's login sessions, done through AccountStore as the CLI
+#: or another broker process does it.
+ENDING_CHANGES = [
+    "reset_password", "reset_2fa", "disable", "totp_confirmed", "passkey_added", "passkey_removed", "recovery_codes",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("change", ENDING_CHANGES)
+async def test_a_change_made_elsewhere_ends_every_login_session(make_harness: Any, change: str) -> None:
+    """Review finding 3: login sessions survived `broker therapist reset-password` and `reset-2fa`.
+    Any change of password or second factors, or a disable, now ends every session of the account
+    at its next request (the account's sessions epoch moved on), in whichever process it was made."""
+    h = await make_harness()
+    tid = await h.accounts.add("robin", PASSWORD)
+    codes: list[str] = []
+    if change in ("reset_2fa", "passkey_added", "passkey_removed", "recovery_codes"):
+        enrolment = await h.accounts.enable_totp(tid, "Practice")
+        codes = await h.accounts.confirm_totp(tid, code_at(enrolment.secret, h.clock())) or []
+    if change == "passkey_removed":
+        await h.accounts.add_passkey(tid, {"id": "cred-a", "public_key": "pk", "sign_count": 0})
+    sessions = [await h.logged_in("robin", code=codes[i] if codes else None) for i in range(2)]
+    for cookie, _ in sessions:
+        assert (await h.request("GET", "/api/protected", cookie=cookie)).status == 200
+
+    if change == "reset_password":
+        await h.accounts.reset_password(tid, "a completely new passphrase 8812")
+    elif change == "reset_2fa":
+        await h.accounts.reset_2fa(tid)
+    elif change == "disable":
+        await h.accounts.disable(tid)
+        await h.accounts.enable(tid)  # enabled again at once: the old sessions stay over
+    elif change == "totp_confirmed":
+        enrolment = await h.accounts.enable_totp(tid, "Practice")
+        assert await h.accounts.confirm_totp(tid, code_at(enrolment.secret, h.clock()))
+    elif change == "passkey_added":
+        await h.accounts.add_passkey(tid, {"id": "cred-b", "public_key": "pk", "sign_count": 0})
+    elif change == "passkey_removed":
+        assert await h.accounts.remove_passkey(tid, "cred-a")
+    else:
+        await h.accounts.new_recovery_codes(tid)
+
+    for cookie, csrf in sessions:
+        assert (await h.request("GET", "/api/me", cookie=cookie)).status == 401
+        assert (await h.request("GET", "/api/protected", cookie=cookie)).status == 401
+        assert (await h.request("POST", "/api/logout", json={}, cookie=cookie, csrf=csrf)).status == 401
+    assert await h.store.keys("login:") == []  # looked at once, gone from the store
+
+
+async def test_a_session_made_before_a_racing_password_reset_does_not_survive_it(make_harness: Any) -> None:
+    """The epoch a login session gets is the one read with the password it checked: a reset landing
+    between the check and the session's creation still ends it."""
+    h = await make_harness()
+    tid = await h.accounts.add("robin", PASSWORD)
+    checked = await h.accounts.verify_login("robin", PASSWORD, None, require_second_factor=False)
+    await h.accounts.reset_password(tid, "a completely new passphrase 8812")
+    auth: WebAuth = h.runner.app[AUTH]
+    session = await auth.create(tid, full=True, epoch=checked.sessions_epoch)
+    assert await auth.load(session.id) is None
 
 
 # ---------------------------------------------------------------- CSRF
@@ -396,6 +479,68 @@ async def test_one_address_trying_many_names_is_slowed_down(make_harness: Any) -
     assert (await h.login("robin", PASSWORD)).status == 200
 
 
+GUESSING_DB = 11
+#: A password check that takes a while (some 50 ms), as a real one does: guesses sent together are
+#: then really in flight together, which is when checking before counting let them all through.
+SLOWER = ScryptParams(n=2**15)
+
+
+async def guessing_targets(kind: str, make_harness: Any, request: pytest.FixtureRequest) -> list[Harness]:
+    """One broker ("memory"), one on a real Redis throttle ("redis"), or two on one Redis standing
+    for two processes ("two-processes"); every one of them has the account "robin"."""
+    if kind == "memory":
+        targets = [await make_harness(scrypt_params=SLOWER)]
+    else:
+        server = request.getfixturevalue("redis_server")
+        url = server.empty_database(GUESSING_DB)
+        clock = Clock()
+        count = 2 if kind == "two-processes" else 1
+        targets = [await make_harness(throttle_redis=url, clock=clock, scrypt_params=SLOWER) for _ in range(count)]
+    for h in targets:
+        await h.accounts.add("robin", PASSWORD)
+    return targets
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis", "two-processes"])
+async def test_concurrent_guesses_for_one_name_beyond_the_schedule_get_429_unchecked(
+    make_harness: Any, request: pytest.FixtureRequest, kind: str
+) -> None:
+    """Review finding 2: the throttle was checked before scrypt and counted after it, so 100
+    simultaneous guesses were all evaluated. Now each attempt is counted before its password check:
+    two free failures and the attempt after them run, every other one answers 429 unchecked."""
+    targets = await guessing_targets(kind, make_harness, request)
+    replies = await asyncio.gather(
+        *(targets[i % len(targets)].login("robin", f"guess number {i} of many") for i in range(100))
+    )
+    statuses = sorted(r.status for r in replies)
+    assert statuses == [401] * 3 + [429] * 97
+    assert {r.json()["error"] for r in replies if r.status == 429} == {"too_many_attempts"}
+    # Exactly three passwords were checked: the durable per-account counts say so.
+    checked = 0
+    for h in targets:
+        account = await h.accounts.get_by_username("robin")
+        row = await h.accounts.rows.by_id(account.id)  # type: ignore[union-attr]
+        checked += row["failures"]  # type: ignore[index]
+    assert checked == 3
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis", "two-processes"])
+async def test_concurrent_guesses_from_one_address_during_a_due_delay_get_one_check(
+    make_harness: Any, request: pytest.FixtureRequest, kind: str
+) -> None:
+    targets = await guessing_targets(kind, make_harness, request)
+    first = targets[0]
+    for i in range(3):
+        assert (await first.login(f"warmup{i}", "some password 1234")).status == 401
+    waiting = await first.login("robin", PASSWORD)
+    assert waiting.status == 429
+    first.clock.advance(waiting.json()["retry_after"])  # the delay is due: one attempt may run
+    replies = await asyncio.gather(
+        *(targets[i % len(targets)].login(f"name{i:02d}", "some password 1234") for i in range(40))
+    )
+    assert sorted(r.status for r in replies) == [401] + [429] * 39
+
+
 # ---------------------------------------------------------------- second factor
 
 
@@ -438,6 +583,34 @@ async def test_totp_enrolment_and_login(make_harness: Any) -> None:
     assert (await h.login("robin", code=totp_code(secret, h.clock()))).status == 200
     assert (await h.login("robin", "wrong password 12345", code=totp_code(secret, h.clock() + 30))).status == 401
     assert h.audit_events().count("second_factor_changed") == 1
+
+
+async def test_a_change_through_the_web_renews_its_own_session_and_ends_the_others(make_harness: Any) -> None:
+    """Finding 3 through the web: confirming an authenticator app, then asking for new recovery
+    codes, each end every other session of the therapist; the session that made the change gets
+    a fresh cookie and CSRF token and stays logged in."""
+    h = await make_harness()
+    await h.accounts.add("robin", PASSWORD)
+    mine, my_csrf = await h.logged_in("robin")
+    other, _ = await h.logged_in("robin")  # say, a browser left open at the office
+    confirmed, secret = await _enrol(h, mine, my_csrf)
+    assert confirmed.status == 200
+    mine, my_csrf = login_cookie(confirmed), confirmed.json()["csrf"]
+    assert (await h.request("GET", "/api/protected", cookie=mine)).status == 200
+    assert (await h.request("GET", "/api/me", cookie=other)).status == 401
+
+    old_codes = confirmed.json()["recovery_codes"]
+    other, _ = await h.logged_in("robin", code=old_codes[0])
+    renewed = await h.request("POST", "/api/recovery-codes", json={}, cookie=mine, csrf=my_csrf)
+    assert renewed.status == 200, renewed.body
+    new_codes = renewed.json()["recovery_codes"]
+    assert len(new_codes) == 10 and not set(new_codes) & set(old_codes)
+    assert login_cookie(renewed) != mine and renewed.json()["csrf"] != my_csrf
+    assert (await h.request("GET", "/api/protected", cookie=login_cookie(renewed))).status == 200
+    assert (await h.request("GET", "/api/me", cookie=mine)).status == 401
+    assert (await h.request("GET", "/api/me", cookie=other)).status == 401
+    assert (await h.login("robin", code=old_codes[1])).status == 401  # the old codes stopped working
+    assert (await h.login("robin", code=new_codes[0])).status == 200
 
 
 async def test_recovery_code_works_once(make_harness: Any) -> None:
@@ -504,6 +677,27 @@ async def test_guessing_enrolment_codes_locks_the_account_until_an_admin_unlocks
     assert (await h.accounts.rows.by_id(tid))["failures"] == 0  # type: ignore[index]
 
 
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_concurrent_confirmation_codes_beyond_the_schedule_get_429_unchecked(
+    make_harness: Any, request: pytest.FixtureRequest, kind: str
+) -> None:
+    """Finding 2 for the second-factor confirmation: guesses sent at once are counted before they
+    are checked, so three are checked and the rest wait."""
+    throttle_redis = request.getfixturevalue("redis_server").empty_database(GUESSING_DB) if kind == "redis" else None
+    h = await make_harness(require_second_factor=True, throttle_redis=throttle_redis)
+    tid = await h.accounts.add("robin", PASSWORD)
+    partial = await h.login("robin")
+    cookie, csrf = login_cookie(partial), partial.json()["csrf"]
+    enrolled = await h.request("POST", "/api/2fa/enrol", json={}, cookie=cookie, csrf=csrf)
+    right = totp_code(enrolled.json()["secret"], h.clock())
+    wrong = [f"{(int(right) + i) % 1_000_000:06d}" for i in range(500_000, 500_030)]
+    replies = await asyncio.gather(
+        *(h.request("POST", "/api/2fa/confirm", json={"code": c}, cookie=cookie, csrf=csrf) for c in wrong)
+    )
+    assert sorted(r.status for r in replies) == [400] * 3 + [429] * 27
+    assert (await h.accounts.rows.by_id(tid))["failures"] == 3  # type: ignore[index]
+
+
 # ---------------------------------------------------------------- nothing secret is kept
 
 
@@ -536,6 +730,65 @@ async def test_canary_password_and_address_never_logged_or_stored(
 
 def accounts_path_of(h: Harness) -> Path:
     return h.data_dir / "accounts.sqlite3"
+
+
+# ---------------------------------------------------------------- bodies nested too deeply
+
+#: Every API route that reads a JSON body, with a field of it a decoder would walk into.
+JSON_ROUTES = [
+    ("/api/login", "passkey"),
+    ("/api/login", "username"),
+    ("/api/2fa/enrol", "x"),
+    ("/api/2fa/confirm", "code"),
+    ("/api/recovery-codes", "x"),
+    ("/api/reauth", "passkey"),
+    ("/api/passkeys/options", "x"),
+    ("/api/passkeys", "credential"),
+    ("/api/passkeys/remove", "id"),
+    ("/api/sessions", "clients"),
+]
+
+
+def nested(depth: int, kind: str) -> str:
+    return '{"a":' * depth + "1" + "}" * depth if kind == "object" else "[" * depth + "]" * depth
+
+
+async def test_bodies_nested_2000_deep_are_400_on_every_json_route(tmp_path: Path) -> None:
+    """Review finding 10: a login body nested 2,000 deep answered 500 (RecursionError). Every route
+    reading JSON now refuses nesting past 32 levels with 400 ``bad_request``, and keeps serving."""
+    full = await start_full_broker(tmp_path / "data")
+    try:
+        await full.auth.accounts.add("robin", PASSWORD)
+        async with ClientSession(cookie_jar=DummyCookieJar()) as http:
+            origin = {"Origin": full.url, "Content-Type": "application/json"}
+            async with http.post(full.url + "/api/login", json={"username": "robin", "password": PASSWORD},
+                                 headers={"Origin": full.url}) as r:
+                assert r.status == 200
+                headers = {**origin, "Cookie": f"{LOGIN_COOKIE}={r.cookies[LOGIN_COOKIE].value}",
+                           CSRF_HEADER: (await r.json())["csrf"]}  # fmt: skip
+            for path, field in JSON_ROUTES:
+                for kind in ("object", "array"):
+                    for body in (f'{{"{field}":{nested(2000, kind)}}}', nested(2000, kind)):
+                        async with http.post(full.url + path, data=body, headers=headers) as r:
+                            assert r.status == 400, (path, field, kind, r.status, await r.text())
+                            answer = await r.json()
+                            assert answer["error"] == "bad_request" and "too deeply" in answer["message"]
+            # 31 levels inside the body (32 with it) pass the depth check, to be refused for what they say
+            # (here: no passkeys on an IP address).
+            async with http.post(full.url + "/api/passkeys", data=f'{{"credential":{nested(31, "object")}}}',
+                                 headers=headers) as r:  # fmt: skip
+                assert r.status == 409 and (await r.json())["error"] == "passkeys_unavailable"
+            async with http.post(full.url + "/api/passkeys", data=f'{{"credential":{nested(32, "object")}}}',
+                                 headers=headers) as r:  # fmt: skip
+                assert r.status == 400 and "too deeply" in (await r.json())["message"]
+            # Brackets inside strings are text, not nesting.
+            async with http.post(full.url + "/api/login", json={"username": "robin", "password": "[{" * 300},
+                                 headers=origin) as r:  # fmt: skip
+                assert r.status == 401 and (await r.json())["error"] == "invalid_credentials"
+            async with http.get(full.url + "/api/me", headers=headers) as r:
+                assert r.status == 200  # the process still serves, the login session still works
+    finally:
+        await full.stop()
 
 
 # ---------------------------------------------------------------- the real thing, in Chromium

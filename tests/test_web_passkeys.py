@@ -59,6 +59,8 @@ async def test_register_then_log_in_with_the_passkey(make_harness: Any) -> None:
     body = reply.json()
     assert body["therapist"]["passkeys"] == 1 and body["passkeys_available"] is True
     assert len(body["recovery_codes"]) >= 8  # the first second factor comes with recovery codes
+    assert (await h.request("GET", "/api/me", cookie=cookie)).status == 401  # a new factor, a new cookie
+    cookie = login_cookie(reply)
     listed = await h.request("GET", "/api/passkeys", cookie=cookie)
     assert [p["id"] for p in listed.json()["passkeys"]] == [reply_id(key)]
 
@@ -200,7 +202,9 @@ async def test_the_same_authenticator_cannot_register_twice(make_harness: Any) -
     await h.accounts.add("robin", PASSWORD)
     cookie, csrf = await h.logged_in("robin")
     key = SoftAuthenticator(ORIGIN)
-    assert (await register(h, cookie, csrf, key)).status == 200
+    reply = await register(h, cookie, csrf, key)
+    assert reply.status == 200
+    cookie, csrf = login_cookie(reply), reply.json()["csrf"]
     options = (await h.request("POST", "/api/passkeys/options", json={}, cookie=cookie, csrf=csrf)).json()
     with pytest.raises(ValueError, match="InvalidStateError"):
         key.create(options)  # excludeCredentials lists it, so the authenticator refuses
@@ -213,7 +217,8 @@ async def test_removing_a_passkey(make_harness: Any) -> None:
     csrf = me["csrf"]
     missing = await h.request("POST", "/api/passkeys/remove", json={"id": "nope"}, cookie=cookie, csrf=csrf)
     assert missing.status == 404
-    gone = await h.request("POST", "/api/passkeys/remove", json={"id": reply_id(key)}, cookie=cookie, csrf=csrf)
+    body = {"id": reply_id(key), "confirm_password_only": True}  # the last second factor: said so
+    gone = await h.request("POST", "/api/passkeys/remove", json=body, cookie=cookie, csrf=csrf)
     assert gone.status == 200 and gone.json()["therapist"]["passkeys"] == 0
     assert (await h.login("robin")).status == 200  # back to password only
 
@@ -237,3 +242,52 @@ async def test_passkey_routes_need_login_and_csrf(make_harness: Any) -> None:
     assert (await h.request("GET", "/api/passkeys")).status == 401
     odd = await h.request("POST", "/api/passkeys", json={"credential": {"id": 5}}, cookie=cookie, csrf=csrf)
     assert odd.status == 400
+
+
+async def test_a_credential_of_the_wrong_shape_is_refused_not_a_500(make_harness: Any) -> None:
+    """Part of review finding 10 (never a 500 for a bad body): the webauthn package reports a
+    credential missing its parts with its own exception, which used to escape as a 500."""
+    h = await harness(make_harness)
+    await h.accounts.add("robin", PASSWORD)
+    cookie, csrf = await h.logged_in("robin")
+    shapes = ({}, {"id": "AAAA", "rawId": [], "response": []}, {"id": "AAAA", "rawId": "AAAA", "response": {}})
+    for credential in shapes:
+        options = await h.request("POST", "/api/passkeys/options", json={}, cookie=cookie, csrf=csrf)
+        assert options.status == 200
+        reply = await h.request("POST", "/api/passkeys", json={"credential": credential}, cookie=cookie, csrf=csrf)
+        assert reply.status == 400 and reply.json()["error"] == "passkey_refused", reply.body
+
+    key = SoftAuthenticator(ORIGIN)
+    assert (await register(h, cookie, csrf, key)).status == 200
+    first = await h.login("robin")
+    odd = {"id": reply_id(key), "rawId": [], "response": []}  # names the real passkey, says nothing
+    reply = await h.request("POST", "/api/login", json={"username": "robin", "password": PASSWORD, "passkey": odd})
+    assert first.status == 401 and reply.status == 401 and reply.json()["error"] == "invalid_credentials"
+
+
+async def test_adding_or_removing_a_passkey_ends_the_other_sessions(make_harness: Any) -> None:
+    """Finding 3 for passkeys: the session that adds or removes one carries on under a fresh
+    cookie; every other session of the therapist ends."""
+    h = await harness(make_harness)
+    await h.accounts.add("robin", PASSWORD)
+    mine, my_csrf = await h.logged_in("robin")
+    other, _ = await h.logged_in("robin")
+    first_key = SoftAuthenticator(ORIGIN)
+    added = await register(h, mine, my_csrf, first_key)
+    assert added.status == 200
+    assert (await h.request("GET", "/api/me", cookie=other)).status == 401
+    assert (await h.request("GET", "/api/me", cookie=mine)).status == 401
+    mine, my_csrf = login_cookie(added), added.json()["csrf"]
+    assert (await h.request("GET", "/api/protected", cookie=mine)).status == 200
+
+    second_key = SoftAuthenticator(ORIGIN)
+    added = await register(h, mine, my_csrf, second_key)  # a second one: the login was just now
+    assert added.status == 200 and added.json()["recovery_codes"] is None
+    mine, my_csrf = login_cookie(added), added.json()["csrf"]
+    other = login_cookie(await passkey_login(h, first_key))
+    body = {"id": reply_id(first_key)}
+    removed = await h.request("POST", "/api/passkeys/remove", json=body, cookie=mine, csrf=my_csrf)
+    assert removed.status == 200 and removed.json()["password_only"] is False
+    assert removed.json()["therapist"]["passkeys"] == 1
+    assert (await h.request("GET", "/api/me", cookie=other)).status == 401
+    assert (await h.request("GET", "/api/protected", cookie=login_cookie(removed))).status == 200

@@ -1,8 +1,11 @@
 // The therapist's login page: password (and second factor: a code or a passkey), then, when the
-// practice requires it or the therapist asks for it, setting up an authenticator app or a passkey.
+// practice requires it or the therapist asks for it, setting up an authenticator app or a passkey,
+// and the "second factors" screen (passkeys listed and removed, new recovery codes). Changing
+// second factors may need a fresh proof of identity first (reauth.js).
 // Talks only to this origin's /api/ endpoints; no inline script, no other origin.
 
 import { createPasskey, passkeyProblem, passkeysSupported, usePasskey } from "./passkeys.js";
+import { confirmIdentity, reauthNeeded } from "./reauth.js";
 
 const REASONS = {
   idle: "You were logged off because there was no activity for a while. Please log in again.",
@@ -43,6 +46,17 @@ async function api(path, body) {
     data = { error: "unexpected", message: "The broker answered in an unexpected way. Try again." };
   }
   return { status: response.status, data };
+}
+
+/** A call that changes second factors: when the broker asks for a fresh proof of identity, ask
+ * the therapist for it, then send the same request again. */
+async function guarded(path, body) {
+  const reply = await api(path, body);
+  if (!reauthNeeded(reply)) return reply;
+  if (!(await confirmIdentity(reply.data, api))) {
+    return { status: 0, data: { error: "cancelled", message: "Nothing was changed." } };
+  }
+  return api(path, body);
 }
 
 function goToDashboard() {
@@ -147,7 +161,7 @@ async function addPasskey() {
   error.textContent = "";
   button.disabled = true;
   try {
-    const options = await api("/api/passkeys/options", {});
+    const options = await guarded("/api/passkeys/options", {});
     if (options.status !== 200) {
       error.textContent = options.data.message || "A passkey cannot be added right now.";
       return;
@@ -159,14 +173,14 @@ async function addPasskey() {
       error.textContent = passkeyProblem(err);
       return;
     }
-    const { status, data } = await api("/api/passkeys", { credential });
+    const { status, data } = await guarded("/api/passkeys", { credential });
     if (status !== 200) {
       error.textContent = data.message || "The passkey could not be added. Try again.";
       return;
     }
     csrf = data.csrf;
     if (data.recovery_codes) showRecoveryCodes(data.recovery_codes);
-    else goToDashboard();
+    else await showFactors("Passkey added.");
   } finally {
     button.disabled = false;
   }
@@ -181,8 +195,14 @@ async function startEnrolment(passkeysAvailable = false) {
   $("passkey-cancel").hidden = true;
   $("enrol-passkey-offer").hidden = !(passkeysAvailable && passkeysSupported());
   showScreen("screen-enrol");
-  const { status, data } = await api("/api/2fa/enrol", {});
   const loading = $("enrol-loading");
+  loading.hidden = false;
+  loading.textContent = "Preparing your code…";
+  const { status, data } = await guarded("/api/2fa/enrol", {});
+  if (data.error === "cancelled") {
+    await showFactors(); // asked from the second factors screen, and the therapist changed their mind
+    return;
+  }
   if (status !== 200) {
     loading.textContent = data.message || "The second factor cannot be set up right now.";
     return;
@@ -207,7 +227,7 @@ async function onConfirm(event) {
     input.focus();
     return;
   }
-  const { status, data } = await api("/api/2fa/confirm", { code });
+  const { status, data } = await guarded("/api/2fa/confirm", { code });
   if (status !== 200) {
     error.textContent = data.message || "That did not work. Try again.";
     input.value = "";
@@ -232,6 +252,89 @@ function showRecoveryCodes(codes) {
   showScreen("screen-recovery");
 }
 
+// ---------------------------------------------------------------- the second factors screen
+
+function when(seconds) {
+  return seconds ? new Date(seconds * 1000).toLocaleDateString(undefined, { dateStyle: "medium" }) : "";
+}
+
+async function showFactors(notice = "") {
+  const [me, listed] = await Promise.all([api("/api/me"), api("/api/passkeys")]);
+  if (me.status !== 200 || listed.status !== 200) {
+    location.replace("/login?reason=expired");
+    return;
+  }
+  const account = me.data.therapist;
+  const hasFactor = account.totp_enabled || account.passkeys > 0;
+  $("factors-app").textContent = account.totp_enabled
+    ? "Authenticator app: set up."
+    : "Authenticator app: not set up.";
+  $("factors-codes").textContent = hasFactor
+    ? `Recovery codes left: ${account.recovery_codes_left}.`
+    : "You log in with your password only. Add a passkey or an authenticator app to protect your account better.";
+  const list = $("factors-passkeys");
+  list.replaceChildren(
+    ...listed.data.passkeys.map((passkey, index) => {
+      const item = document.createElement("li");
+      const label = document.createElement("span");
+      const added = when(passkey.created_at);
+      label.textContent = added ? `Passkey added ${added}` : `Passkey ${index + 1}`;
+      const remove = document.createElement("button");
+      remove.type = "button";
+      remove.className = "danger";
+      remove.textContent = "Remove";
+      remove.setAttribute("aria-label", `Remove ${label.textContent.replace("Passkey", "the passkey")}`);
+      remove.addEventListener("click", () => removePasskey(passkey.id, remove));
+      item.append(label, remove);
+      return item;
+    }),
+  );
+  $("factors-no-passkeys").hidden = listed.data.passkeys.length > 0;
+  $("factors-add-passkey").hidden = !(me.data.passkeys_available && passkeysSupported());
+  $("factors-setup-app").hidden = account.totp_enabled;
+  $("factors-new-codes").hidden = !hasFactor;
+  $("factors-error").textContent = "";
+  const status = $("factors-status");
+  status.textContent = notice;
+  status.hidden = !notice;
+  showScreen("screen-factors");
+}
+
+async function removePasskey(id, button) {
+  const error = $("factors-error");
+  error.textContent = "";
+  button.disabled = true;
+  try {
+    let reply = await guarded("/api/passkeys/remove", { id });
+    if (reply.status === 409 && reply.data.error === "last_second_factor") {
+      // The last second factor: removing it leaves the password alone, so it is asked for explicitly.
+      if (!window.confirm(reply.data.message)) return;
+      reply = await guarded("/api/passkeys/remove", { id, confirm_password_only: true });
+    }
+    if (reply.status !== 200) {
+      error.textContent = reply.data.message || "The passkey could not be removed. Try again.";
+      return;
+    }
+    csrf = reply.data.csrf;
+    await showFactors(reply.data.message || "Passkey removed.");
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function newRecoveryCodes() {
+  const error = $("factors-error");
+  error.textContent = "";
+  if (!window.confirm("New recovery codes replace your current ones, which stop working. Make new ones?")) return;
+  const { status, data } = await guarded("/api/recovery-codes", {});
+  if (status !== 200) {
+    error.textContent = data.message || "New recovery codes cannot be made right now.";
+    return;
+  }
+  csrf = data.csrf;
+  showRecoveryCodes(data.recovery_codes);
+}
+
 async function start() {
   showNotice();
   $("login-form").addEventListener("submit", onLogin);
@@ -240,6 +343,12 @@ async function start() {
   $("passkey-login").addEventListener("click", loginWithPasskey);
   $("enrol-use-passkey").addEventListener("click", showPasskeyScreen);
   $("passkey-create").addEventListener("click", addPasskey);
+  $("factors-add-passkey").addEventListener("click", () => {
+    $("passkey-cancel").hidden = false;
+    showPasskeyScreen();
+  });
+  $("factors-setup-app").addEventListener("click", () => startEnrolment(false));
+  $("factors-new-codes").addEventListener("click", newRecoveryCodes);
   const { status, data } = await api("/api/me").catch(() => ({ status: 0, data: {} }));
   if (status === 200) {
     csrf = data.csrf;
@@ -251,6 +360,10 @@ async function start() {
     }
     if (data.enrolment_required || (setup === "2fa" && !data.therapist.totp_enabled)) {
       await startEnrolment(data.passkeys_available);
+      return;
+    }
+    if (setup === "factors") {
+      await showFactors();
       return;
     }
     goToDashboard();
