@@ -697,7 +697,7 @@ class BrokerClient:
                 return
             try:
                 message = json.loads(data)
-            except ValueError:
+            except (ValueError, RecursionError):  # malformed, or nested past the parser's stack
                 return
             if not isinstance(message, dict):
                 return

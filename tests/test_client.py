@@ -236,3 +236,21 @@ async def test_the_broker_keeps_no_checklist_answer_item_by_item(broker: Running
     finally:
         await client.close()
         await therapist.close()
+
+
+async def test_a_peers_deeply_nested_control_message_is_ignored(broker: RunningBroker) -> None:
+    """A peer's data-channel message nested 8,000 deep must not break the client's handler."""
+    links = await schedule(broker)
+    therapist = BrokerClient(links.therapist)
+    await therapist.connect()
+    client = await waiting_client(links)
+    try:
+        await therapist.admit(client.peer_id)
+        t_link = await therapist.wait_connected(client.peer_id)
+        c_link = await client.wait_connected(therapist.peer_id)
+        t_link.channel.send("[" * 8000)
+        therapist.send_chat(client.peer_id, "still here")
+        assert await asyncio.wait_for(c_link.messages.get(), 10) == "still here"
+    finally:
+        await client.close()
+        await therapist.close()
