@@ -289,7 +289,9 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self, ready_path: str = "/healthz", timeout: float = 30.0) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
+        # This tree's broker first; the caller's own PYTHONPATH after it (a uvloop kept apart, say).
+        path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+        env = {**os.environ, "PYTHONPATH": path, **self.env}
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(self.argv, env=env, stdout=out, stderr=out, cwd=str(ROOT))
         deadline = time.monotonic() + timeout
