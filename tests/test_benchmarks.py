@@ -12,6 +12,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -21,7 +23,7 @@ SCRIPTS = sorted(p for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"
 
 
 @pytest.fixture
-def common(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):  # type: ignore[no-untyped-def]
+def common(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> ModuleType:
     """benchmarks/_common.py, with its run records going to a scratch directory."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import _common
@@ -30,7 +32,8 @@ def common(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):  # type: ignore[no-
     return _common
 
 
-def _report(common, **options: bool):  # type: ignore[no-untyped-def]
+def _report(common: ModuleType, **options: bool) -> Any:
+    """A P1-like report with one goal met and one missed."""
     args = argparse.Namespace(**{"quick": True, "json": False, "no_record": False, **options})
     report = common.Report("relay", "P1 relay throughput", args)
     report.add("pairs", "peer pairs", 50)
@@ -39,7 +42,9 @@ def _report(common, **options: bool):  # type: ignore[no-untyped-def]
     return report
 
 
-def test_json_prints_one_line_with_the_figures_and_each_goals_verdict(common, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+def test_json_prints_one_line_with_the_figures_and_each_goals_verdict(
+    common: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
     _report(common, json=True).finish()
     out, err = capsys.readouterr()
     lines = out.splitlines()
@@ -57,7 +62,7 @@ def test_json_prints_one_line_with_the_figures_and_each_goals_verdict(common, ca
     assert "| throughput ratio broker / bare | 0.91 | >= 0.8 | yes |" in err
 
 
-def test_a_run_is_kept_as_a_json_record_unless_no_record(common, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+def test_a_run_is_kept_as_a_json_record_unless_no_record(common: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     path = _report(common).finish()
     assert path is not None and path.parent == common.RUNS
     record = json.loads(path.read_text())
