@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import base64
 import json
+import math
 import os
 import platform
 import resource
@@ -155,6 +156,11 @@ def broker_commit() -> str:
     return f"{commit}{' (+ uncommitted changes in broker/)' if dirty else ''}"
 
 
+def _json_number(value: Any) -> Any:
+    """NaN (a figure with no samples) as null: strict JSON readers such as jq reject NaN."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 @dataclass
 class Figure:
     key: str
@@ -205,8 +211,10 @@ class Report:
             "versions": versions(self.tools),
             "broker_commit": broker_commit(),
             "goals_met": self.goals_met,
-            "goals": {f.key: {"goal": f.goal, "met": f.met, "value": f.value} for f in self.figures if f.met is not None},
-            "figures": dict(self.data),
+            "goals": {
+                f.key: {"goal": f.goal, "met": f.met, "value": _json_number(f.value)} for f in self.figures if f.met is not None
+            },
+            "figures": {key: _json_number(value) for key, value in self.data.items()},
             "notes": list(self.notes),
         }
 

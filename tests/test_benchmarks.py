@@ -39,6 +39,7 @@ def _report(common: ModuleType, **options: bool) -> Any:
     report.add("pairs", "peer pairs", 50)
     report.add("ratio", "throughput ratio broker / bare", 0.91, "", ">= 0.8", True)
     report.add("latency_ratio", "p95 latency ratio", 2.4, "", "<= 2", False)
+    report.add("lag_max_ms", "lag max (no samples)", float("nan"), "ms")
     return report
 
 
@@ -49,9 +50,9 @@ def test_json_prints_one_line_with_the_figures_and_each_goals_verdict(
     out, err = capsys.readouterr()
     lines = out.splitlines()
     assert len(lines) == 1, "stdout holds the JSON line alone; the table goes to stderr"
-    record = json.loads(lines[0])
+    record = json.loads(lines[0], parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
     assert record["benchmark"] == "relay"
-    assert record["figures"] == {"pairs": 50, "ratio": 0.91, "latency_ratio": 2.4}
+    assert record["figures"] == {"pairs": 50, "ratio": 0.91, "latency_ratio": 2.4, "lag_max_ms": None}
     assert record["goals"] == {
         "ratio": {"goal": ">= 0.8", "met": True, "value": 0.91},
         "latency_ratio": {"goal": "<= 2", "met": False, "value": 2.4},
