@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import base64
 import json
+import math
 import os
 import platform
 import resource
@@ -37,7 +38,8 @@ import msgspec
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-RESULTS = HERE / "results.md"
+#: Every run's JSON record goes here (not committed: .gitignore); results.md keeps the current figures by hand.
+RUNS = HERE / "runs"
 sys.path.insert(0, str(ROOT))
 
 #: A checklist policy without the network pre-flight, so load tests can admit hundreds of raw peers
@@ -75,13 +77,10 @@ CANDIDATE_LINE = (
 def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="a short run (under a minute on a 2-core machine)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     parser.add_argument(
-        "--experiment",
-        metavar="NAME",
-        help="run the broker with a named monkeypatch from benchmarks/experiments.py (never the default)",
+        "--json", action="store_true", help="print one JSON line (figures and goal verdicts) on stdout; the table goes to stderr"
     )
-    parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results.md")
+    parser.add_argument("--no-record", action="store_true", help="do not write the run's JSON record to benchmarks/runs/")
     if extra is not None:
         extra(parser)
     return parser.parse_args()
@@ -106,6 +105,7 @@ def percentile(samples: Sequence[float], p: float) -> float:
 
 
 def machine() -> str:
+    """CPU, cores, memory and kernel: what a figure was measured on (the load average is apart)."""
     cpu = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -115,8 +115,12 @@ def machine() -> str:
     except OSError:
         pass
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    load = os.getloadavg()[0]
-    return f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, {platform.system()} {platform.release()}, load {load:.1f}"
+    return f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, {platform.system()} {platform.release()}"
+
+
+def load_average() -> float:
+    """The one-minute load average: figures that need the CPU move with it on a shared machine."""
+    return round(os.getloadavg()[0], 1)
 
 
 def _tool_version(cmd: list[str]) -> str:
@@ -128,27 +132,38 @@ def _tool_version(cmd: list[str]) -> str:
 
 
 def versions(extra_tools: Iterable[str] = ()) -> str:
+    """Python, the libraries on the measured path and the external tools a benchmark drives."""
     from importlib.metadata import PackageNotFoundError, version
 
     parts = [f"Python {platform.python_version()}"]
-    for package in ("aiohttp", "msgspec", "uvloop", "aiortc", "redis", "playwright"):
+    for package in ("aiohttp", "msgspec", "uvloop", "aiortc", "redis", "hiredis", "playwright"):
         try:
             parts.append(f"{package} {version(package)}")
         except PackageNotFoundError:
-            pass
+            parts.append(f"no {package}" + (" (asyncio's own event loop)" if package == "uvloop" else ""))
     tools = {"redis-server": ["redis-server", "--version"], "chromium": ["chromium", "--version"]}
     for tool in extra_tools:
         parts.append(_tool_version(tools[tool]).replace("Redis server v=", "redis-server ").split(" sha=")[0])
+    return ", ".join(parts)
+
+
+def broker_commit() -> str:
+    """The commit the measured broker/ comes from, marked when broker/ has uncommitted changes."""
     commit = _tool_version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
     dirty = subprocess.run(
         ["git", "-C", str(ROOT), "status", "--porcelain", "--", "broker"], capture_output=True, text=True
     ).stdout.strip()
-    parts.append(f"broker at {commit}{' (+ uncommitted changes in broker/)' if dirty else ''}")
-    return ", ".join(parts)
+    return f"{commit}{' (+ uncommitted changes in broker/)' if dirty else ''}"
+
+
+def _json_number(value: Any) -> Any:
+    """NaN (a figure with no samples) as null: strict JSON readers such as jq reject NaN."""
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 @dataclass
 class Figure:
+    key: str
     name: str
     value: float | int | str
     unit: str = ""
@@ -163,7 +178,8 @@ class Figure:
 
 @dataclass
 class Report:
-    """What one benchmark run found: figures, goals, notes; printed, recorded and emitted as JSON."""
+    """What one benchmark run found: figures, goals, notes; printed as a table, as one JSON line
+    (``--json``) and kept as a JSON record in ``RUNS`` (unless ``--no-record``)."""
 
     benchmark: str
     title: str
@@ -174,7 +190,7 @@ class Report:
     tools: tuple[str, ...] = ()
 
     def add(self, key: str, name: str, value: Any, unit: str = "", goal: str = "", met: bool | None = None) -> None:
-        self.figures.append(Figure(name, value, unit, goal, met))
+        self.figures.append(Figure(key, name, value, unit, goal, met))
         self.data[key] = value
 
     @property
@@ -182,16 +198,34 @@ class Report:
         checked = [f.met for f in self.figures if f.met is not None]
         return all(checked) if checked else None
 
-    def markdown(self) -> str:
-        when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-        mode = "quick" if self.args.quick else "full"
-        if self.args.experiment:
-            mode += f", EXPERIMENT {self.args.experiment} (monkeypatched broker, not the shipped code)"
+    def record(self) -> dict[str, Any]:
+        """The run as one JSON object: when, where, what ran, every figure, every goal's verdict."""
+        return {
+            "benchmark": self.benchmark,
+            "title": self.title,
+            "when": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "quick": bool(self.args.quick),
+            "command": " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
+            "machine": machine(),
+            "load": load_average(),
+            "versions": versions(self.tools),
+            "broker_commit": broker_commit(),
+            "goals_met": self.goals_met,
+            "goals": {
+                f.key: {"goal": f.goal, "met": f.met, "value": _json_number(f.value)} for f in self.figures if f.met is not None
+            },
+            "figures": {key: _json_number(value) for key, value in self.data.items()},
+            "notes": list(self.notes),
+        }
+
+    def markdown(self, record: Mapping[str, Any]) -> str:
+        mode = "quick" if record["quick"] else "full"
         lines = [
-            f"## {self.title} — {when} ({mode})",
+            f"## {self.title} — {record['when']} ({mode})",
             "",
-            f"- machine: {machine()}",
-            f"- versions: {versions(self.tools)}",
+            f"- machine: {record['machine']}, load {record['load']}",
+            f"- versions: {record['versions']}, broker at {record['broker_commit']}",
+            f"- command: `{record['command']}`",
             "",
             "| figure | value | goal | met |",
             "|---|---|---|---|",
@@ -204,21 +238,19 @@ class Report:
             lines += [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
 
-    def finish(self) -> None:
-        text = self.markdown()
-        print(text)
+    def finish(self) -> Path | None:
+        """Print the table (to stderr with ``--json``, whose one line then has stdout to itself) and
+        keep the record; returns the record's path, or None with ``--no-record``."""
+        record = self.record()
+        print(self.markdown(record), file=sys.stderr if self.args.json else sys.stdout, flush=True)
+        path = None
         if not self.args.no_record:
-            with RESULTS.open("a", encoding="utf-8") as fh:
-                fh.write("\n" + text)
+            RUNS.mkdir(exist_ok=True)
+            path = RUNS / f"{self.benchmark}-{record['when'].replace(':', '').replace('-', '')}.json"
+            path.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
         if self.args.json:
-            out = {
-                "benchmark": self.benchmark,
-                "quick": bool(self.args.quick),
-                "experiment": self.args.experiment,
-                "goals_met": self.goals_met,
-                **self.data,
-            }
-            print(json.dumps(out, default=str))
+            print(json.dumps(record, default=str), flush=True)
+        return path
 
 
 # ---------------------------------------------------------------- processes
@@ -265,7 +297,9 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self, ready_path: str = "/healthz", timeout: float = 30.0) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
+        # This tree's broker first; the caller's own PYTHONPATH after it (a uvloop kept apart, say).
+        path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+        env = {**os.environ, "PYTHONPATH": path, **self.env}
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(self.argv, env=env, stdout=out, stderr=out, cwd=str(ROOT))
         deadline = time.monotonic() + timeout
@@ -301,7 +335,6 @@ class BrokerProcess(ServerProcess):
         workdir: Path,
         *,
         env: Mapping[str, str] | None = None,
-        experiment: str | None = None,
         lag_file: Path | None = None,
         profile: Path | None = None,
         trace_memory: Path | None = None,
@@ -316,8 +349,6 @@ class BrokerProcess(ServerProcess):
             policy.write_text(checklist_policy)
         port = free_port()
         argv = [sys.executable, str(HERE / "_serve.py"), "--port", str(port), "--data-dir", str(self.data_dir)]
-        if experiment:
-            argv += ["--experiment", experiment]
         if lag_file:
             argv += ["--lag-file", str(lag_file)]
         if profile:

@@ -4,10 +4,9 @@
   and appends how late it woke (the event-loop lag) to F, one JSON line per second.
 - ``--tracemalloc F``: on SIGUSR2, the largest Python allocation sites go to F (diagnosis; slow).
 - ``--profile F``: cProfile statistics of the whole run, written to F on exit.
-- ``--experiment NAME``: applies one monkeypatch from ``experiments.py`` before
-  the broker starts (a proposed optimisation, measured; never the default run).
 
-Without either option this is exactly ``python -m broker serve`` (uvloop when installed).
+Without these options this is exactly ``python -m broker serve`` (uvloop when installed):
+the benchmarks measure the shipped code, never a patched one.
 """
 
 from __future__ import annotations
@@ -19,7 +18,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -113,28 +114,30 @@ async def control(path: Path) -> None:
     await lag_monitor(path)
 
 
+def run_on_loop(coroutine: Coroutine[Any, Any, None]) -> None:
+    """uvloop when installed, as ``broker serve`` does; asyncio's own loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coroutine)
+    else:
+        uvloop.run(coroutine)
+
+
 def run() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int)
     parser.add_argument("--data-dir")
     parser.add_argument("--control-lag", help="run only the lag monitor (no broker), writing to this file")
     parser.add_argument("--lag-file")
-    parser.add_argument("--experiment")
     parser.add_argument("--tracemalloc", help="on SIGUSR2, write the top Python allocation sites to this file")
     parser.add_argument("--profile", help="write cProfile statistics of the whole run to this file")
     args = parser.parse_args()
     if args.control_lag:
-        import uvloop
-
-        uvloop.run(control(Path(args.control_lag)))
+        run_on_loop(control(Path(args.control_lag)))
         return
     raise_file_limit()
     configure(os.environ.get("BROKER_LOG_LEVEL", "info"))
-    if args.experiment:
-        import experiments
-
-        experiments.apply(args.experiment)
-        print(f"EXPERIMENT {args.experiment} applied", file=sys.stderr, flush=True)
     profiler = None
     if args.profile:
         import cProfile
@@ -142,12 +145,7 @@ def run() -> None:
         profiler = cProfile.Profile()
         profiler.enable()
     try:
-        try:
-            import uvloop
-
-            uvloop.run(main(args))
-        except ImportError:
-            asyncio.run(main(args))
+        run_on_loop(main(args))
     finally:
         if profiler is not None:
             profiler.disable()

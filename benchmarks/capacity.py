@@ -103,7 +103,7 @@ async def main(args: argparse.Namespace) -> None:
     tmp = workdir("capacity")
     lag_file = tmp / "lag.jsonl"
     trace = Path("/tmp/capacity-tracemalloc.txt") if args.diagnose else None
-    broker = BrokerProcess(tmp, experiment=args.experiment, lag_file=lag_file, trace_memory=trace)
+    broker = BrokerProcess(tmp, lag_file=lag_file, trace_memory=trace)
     await broker.start()
     admin = Admin(broker)
     report = Report("capacity", "P2 capacity", args)

@@ -116,7 +116,7 @@ async def main(args: argparse.Namespace) -> None:
 
     loads = args.loads or (5 if args.quick else 20)
     tmp = workdir("join")
-    broker = BrokerProcess(tmp, experiment=args.experiment, checklist_policy=None)
+    broker = BrokerProcess(tmp, checklist_policy=None)
     await broker.start()
     admin = Admin(broker)
     runs = []

@@ -91,33 +91,22 @@ class RedisServer:
         self.process.wait(10)
 
 
-async def open_loop(
-    streams: list[tuple[LeanSocket, LeanSocket, bytes]],
-    rate: float,
-    seconds: float,
-    *,
-    tick: float = TICK_S,
-    seen: Callable[[int, bytes, float, float], None] | None = None,
-) -> list[float]:
-    """Send ``rate`` messages per second in all, every ``tick`` seconds, round-robin over the
-    streams; latencies (s) of each. ``seen`` is told of each message received: its stream's
-    index, its payload, when it was sent and when it came."""
-    pending = [deque() for _ in streams]
+async def open_loop(streams: list[tuple[LeanSocket, LeanSocket, bytes]], rate: float, seconds: float) -> list[float]:
+    """Send ``rate`` messages per second in all, every ``TICK_S`` seconds, round-robin over the
+    streams; latencies (s) of each."""
+    pending: list[deque[float]] = [deque() for _ in streams]
     latencies: list[float] = []
 
-    def receiver(i: int, queue: deque) -> object:
+    def receiver(queue: deque[float]) -> Callable[[bytes], None]:
         def on_frame(payload: bytes) -> None:
             if payload.startswith(b'{"type":"candidate"') and queue:
-                now, sent = time.perf_counter(), queue.popleft()
-                latencies.append(now - sent)
-                if seen is not None:
-                    seen(i, payload, sent, now)
+                latencies.append(time.perf_counter() - queue.popleft())
 
         return on_frame
 
-    for i, ((_, rx, _), queue) in enumerate(zip(streams, pending)):
-        rx.on_frame = receiver(i, queue)
-    per_tick = rate * tick
+    for (_, rx, _), queue in zip(streams, pending):
+        rx.on_frame = receiver(queue)
+    per_tick = rate * TICK_S
     owed, i = 0.0, 0
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
@@ -128,7 +117,7 @@ async def open_loop(
             tx.send(frame)
             i += 1
             owed -= 1.0
-        await asyncio.sleep(tick)
+        await asyncio.sleep(TICK_S)
     await asyncio.sleep(1.0)
     for _, rx, _ in streams:
         rx.on_frame = None
@@ -250,12 +239,12 @@ async def main(args: argparse.Namespace) -> None:
     try:
         for r in range(rounds):
             results["one"].append(
-                await measure("one process", [BrokerProcess(tmp, env=limits, experiment=args.experiment, name=f"one{r}")], pairs, args, args.rate, None)
+                await measure("one process", [BrokerProcess(tmp, env=limits, name=f"one{r}")], pairs, args, args.rate, None)
             )
             results["one_redis"].append(
-                await measure("one on redis", [BrokerProcess(tmp, env=on_redis, experiment=args.experiment, name=f"oner{r}")], pairs, args, args.rate, redis)
+                await measure("one on redis", [BrokerProcess(tmp, env=on_redis, name=f"oner{r}")], pairs, args, args.rate, redis)
             )
-            two = [BrokerProcess(tmp, env=on_redis, experiment=args.experiment, name=f"two{r}{i}") for i in "ab"]
+            two = [BrokerProcess(tmp, env=on_redis, name=f"two{r}{i}") for i in "ab"]
             results["two_redis"].append(await measure("two on redis", two, pairs, args, args.rate, redis))
     finally:
         redis.stop()

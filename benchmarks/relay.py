@@ -129,13 +129,11 @@ async def run_bare(window: int, pairs: int, warmup: float, measure: float, tmp: 
         server.stop()
 
 
-async def run_broker(window: int, pairs: int, warmup: float, measure: float, tmp: Path, experiment: str | None) -> dict[str, float]:
+async def run_broker(window: int, pairs: int, warmup: float, measure: float, tmp: Path) -> dict[str, float]:
     broker = BrokerProcess(
         tmp,
         env={"BROKER_RATE_PER_S": "1000000", "BROKER_RATE_BURST": "1000000"},
-        experiment=experiment,
         profile=Path(PROFILE) if PROFILE else None,
-        name=f"broker-{experiment or 'default'}",
     )
     await broker.start()
     admin = Admin(broker)
@@ -170,7 +168,7 @@ async def main(args: argparse.Namespace) -> None:
     try:
         for _ in range(rounds):
             bare_runs.append(await run_bare(args.window, pairs, warmup, measure, tmp))
-            broker_runs.append(await run_broker(args.window, pairs, warmup, measure, tmp, args.experiment))
+            broker_runs.append(await run_broker(args.window, pairs, warmup, measure, tmp))
     finally:
         cleanup(tmp)
 

@@ -183,7 +183,7 @@ async def main(args: argparse.Namespace) -> None:
     calls = args.calls or (15 if args.quick else 60)
     rtt_seconds = 5.0 if args.quick else 20.0
     tmp = workdir("setup")
-    broker = BrokerProcess(tmp, experiment=args.experiment)
+    broker = BrokerProcess(tmp)
     await broker.start()
     admin = Admin(broker)
     direct: list[float] = []
