@@ -131,15 +131,16 @@ def count_writes() -> None:
     from broker import server
     from broker.bus_redis import _Pipe, _Relays
 
+    # Each WebSocket frame is one write since the broker uses aiohttp's public send_frame only.
     counts = {"ws_writes": 0, "ws_frames": 0, "redis_batches": 0, "redis_commands": 0, "redis_relay_commands": 0, "relays": 0}
-    write_many = server._AiohttpTransport.write_now_many
+    send_text = server._AiohttpTransport.send_text
 
-    def counted(self, frames):  # type: ignore[no-untyped-def]
+    def counted(self, data):  # type: ignore[no-untyped-def]
         counts["ws_writes"] += 1
-        counts["ws_frames"] += len(frames)
-        return write_many(self, frames)
+        counts["ws_frames"] += 1
+        return send_text(self, data)
 
-    server._AiohttpTransport.write_now_many = counted  # type: ignore[method-assign]
+    server._AiohttpTransport.send_text = counted  # type: ignore[method-assign]
     send = _Pipe.send
 
     def counted_send(self, batch):  # type: ignore[no-untyped-def]
@@ -284,19 +285,14 @@ def trace_path() -> None:
 
     from broker import hub as hub_module
 
-    receive_now, receive_at_once = hub_module.Hub.receive_now, hub_module.Hub.receive_at_once
+    receive_now = hub_module.Hub.receive_now
     frame_read = [0.0]
 
     def traced_receive_now(self, conn, data):  # type: ignore[no-untyped-def]
         frame_read[0] = clock()
         return receive_now(self, conn, data)
 
-    def traced_receive_at_once(self, conn, data):  # type: ignore[no-untyped-def]
-        frame_read[0] = clock()
-        return receive_at_once(self, conn, data)
-
     hub_module.Hub.receive_now = traced_receive_now  # type: ignore[method-assign]
-    hub_module.Hub.receive_at_once = traced_receive_at_once  # type: ignore[method-assign]
 
     def traced_add(self, envelope, entry, ttl_ms, settle):  # type: ignore[no-untyped-def]
         added.setdefault(id(self), []).append((frame_read[0], clock()))
