@@ -912,7 +912,7 @@ class _Pipe:
 
 #: Redis's error codes of the replies redis-py raises as their own classes (it drops the code from
 #: the message of these); any other error reply keeps its code as the message's first word.
-_ERROR_CODES: tuple[tuple[type[redis_errors.ResponseError], str], ...] = (
+_ERROR_CODES: tuple[tuple[type[Exception], str], ...] = (
     (redis_errors.NoScriptError, "NOSCRIPT"),
     (redis_errors.ReadOnlyError, "READONLY"),
     (redis_errors.OutOfMemoryError, "OOM"),

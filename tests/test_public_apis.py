@@ -377,15 +377,13 @@ def test_the_broker_uses_only_public_names_of_other_packages() -> None:
 # ------------------------------------------------------------------ the scan itself
 
 
-def _scan_source(tmp_path: Path, source: str) -> list[str]:
-    package = tmp_path / "broker"
-    package.mkdir(exist_ok=True)
-    (package / "mod.py").write_text(source, encoding="utf-8")
-    trees = {"mod.py": ast.parse(source)}
-    return [f.what for f in ModuleScan("mod.py", trees["mod.py"], defined_names(trees)).run()]
+def _scan_source(source: str) -> list[str]:
+    """What the scan finds in ``source`` as if it were the only module of ``broker/``."""
+    tree = ast.parse(source)
+    return [f.what for f in ModuleScan("broker/mod.py", tree, defined_names({"broker/mod.py": tree})).run()]
 
 
-def test_the_scan_sees_each_kind_of_private_use(tmp_path: Path) -> None:
+def test_the_scan_sees_each_kind_of_private_use() -> None:
     """Each way the broker once reached into a library (aiohttp 3.14, redis-py) is caught."""
     cases = {
         "from aiohttp._websocket.reader import WebSocketReader\n": "private module",
@@ -406,11 +404,11 @@ def test_the_scan_sees_each_kind_of_private_use(tmp_path: Path) -> None:
         "from aiohttp.web_ws import WebSocketResponse as W\nclass S(W):\n    def f(self):\n        self._reader = 1\n": "sets",
     }
     for source, expected in cases.items():
-        found = _scan_source(tmp_path, source)
+        found = _scan_source(source)
         assert any(expected in what for what in found), (source, found)
 
 
-def test_the_scan_lets_the_broker_use_its_own_private_names(tmp_path: Path) -> None:
+def test_the_scan_lets_the_broker_use_its_own_private_names() -> None:
     source = (
         "from . import store\nfrom .hub import _RELAYED\nimport asyncio\n"
         "class A:\n    __slots__ = ('_x',)\n    def _go(self) -> int:\n        return self._x\n"
@@ -419,4 +417,4 @@ def test_the_scan_lets_the_broker_use_its_own_private_names(tmp_path: Path) -> N
         "class E(Exception):\n    pass\n"
         "import asyncio\nclass P(asyncio.Protocol):\n    def _own_helper(self) -> None:\n        self._own = 1\n"
     )
-    assert _scan_source(tmp_path, source) == []
+    assert _scan_source(source) == []
