@@ -110,14 +110,11 @@ class Bus(Protocol):
         maxlen: int,
         ttl_s: float,
         failed: Failed,
-        *,
-        recipient_here: bool = True,
     ) -> int | Pending | None:
         """``publish_relayed`` without waiting for it: the seq when it was done within this step;
         while it is on its way, what to wait on for it to be settled (``failed`` is called if it
         fails); or None, with nothing done, when this bus cannot (the caller then awaits
-        ``publish_relayed``). ``recipient_here``: whether this process holds the recipient's
-        connection (a bus may then send the relay differently, see ``RedisBus``).
+        ``publish_relayed``).
 
         Relays started this way from one caller keep their order, among themselves and with
         ``publish_relayed``. Nothing is allocated per relay to tell a success: that is the
@@ -181,8 +178,6 @@ class LocalBus:
         maxlen: int,
         ttl_s: float,
         failed: Failed,
-        *,
-        recipient_here: bool = True,
     ) -> int | None:
         """With the embedded store: no coroutine at all on a relayed message's way (P1 in benchmarks/)."""
         if type(store) is not MemoryStore:

@@ -14,9 +14,7 @@ session's keys. Per process:
   burst of ICE candidates, read from its socket together) go to Redis as one
   script call and cross to the other processes as one sealed bus message. The
   publisher never waits to fill such a batch: it only joins what is already
-  queued behind the previous command, so it costs a lone message nothing. An
-  occasional relay for a peer held by another process does not even wait for
-  the publisher's turn: it is written at once (``_write_at_once``).
+  queued behind the previous command, so it costs a lone message nothing.
 - Relayed messages go to their recipient's own channel (the session's hash
   tag and the peer id), which only the processes holding that peer subscribe
   (``hold_peer``): the sender's process, subscribed to the session's channel,
@@ -32,6 +30,9 @@ session's keys. Per process:
   backoff and subscribes every channel again. No broker restart is needed.
   Messages published while Redis was away are not replayed by the bus; the
   hub's resume buffer covers relayed signaling.
+- Both connections are redis-py's own, used through its public connection API
+  (``send_packed_command``, ``read_response``): no reader or writer of ours under
+  it (docs/security.md 3.6).
 """
 
 from __future__ import annotations
@@ -316,21 +317,6 @@ _Settles = Union["asyncio.Future[Any]", _Relays]  # noqa: UP007 - a runtime alia
 _Outgoing = Union[tuple[bytes, "asyncio.Future[Any]"], _Relays]  # noqa: UP007
 
 
-def _fast_reader(conn: Any) -> tuple[Any, asyncio.StreamReader] | None:
-    """A hiredis reader over the pub/sub connection's stream, so each message skips redis-py's
-    per-reply layers (timeouts, push handlers); None when that is not possible (then redis-py reads)."""
-    try:
-        import hiredis
-    except ImportError:
-        return None
-    parser = getattr(conn, "_parser", None)
-    stream = getattr(parser, "_stream", None)
-    buffered = getattr(parser, "_reader", None)
-    if not isinstance(stream, asyncio.StreamReader) or buffered is None or buffered.has_data():
-        return None
-    return hiredis.Reader(), stream
-
-
 class RedisBus:
     """The Bus interface over Redis sharded pub/sub."""
 
@@ -354,8 +340,6 @@ class RedisBus:
         self._spawned: set[asyncio.Task[None]] = set()
         #: The publisher's connection (see ``_Pipe``), opened by the first command.
         self._pipe: _Pipe | None = None
-        #: Set once a relay skipped the outbox in this pass of the event loop (``_write_at_once``).
-        self._wrote_in_pass = False
         #: Per resume buffer relayed to lately: the seq Redis should give its next relay (0: not
         #: known), and the relays last sent to it (their answer sets it; None once answered).
         self._expected: OrderedDict[str, list[Any]] = OrderedDict()
@@ -477,16 +461,13 @@ class RedisBus:
         maxlen: int,
         ttl_s: float,
         failed: Failed,
-        *,
-        recipient_here: bool = True,
     ) -> _Relays | None:
         """The relay queued for the publisher, in the command that carries it (done when Redis has
         run it); ``failed`` is told if Redis refuses it or cannot be reached.
 
-        Local handlers get the message when it is done, stamped with the seq Redis gave it. A
-        relay for a recipient held elsewhere may go to Redis at once (``_write_at_once``).
+        Local handlers get the message when it is done, stamped with the seq Redis gave it.
         """
-        return self._relay_soon(session_id, envelope, store, log_key, maxlen, ttl_s, failed, not recipient_here)
+        return self._relay_soon(session_id, envelope, store, log_key, maxlen, ttl_s, failed)
 
     def _relay_soon(
         self,
@@ -497,7 +478,6 @@ class RedisBus:
         maxlen: int,
         ttl_s: float,
         settle: asyncio.Future[int] | Failed,
-        at_once: bool = False,
     ) -> _Relays | None:
         if not isinstance(store, RedisStore) or store.redis is not self.redis:
             return None
@@ -513,37 +493,8 @@ class RedisBus:
             return relays
         relays = _Relays(self, session_id, log_key, maxlen)
         relays.add(envelope, entry, ms(ttl_s), settle)
-        if at_once and not outbox and self._writes_at_once():
-            self._write_at_once(relays)
-        else:
-            self._queue(relays)
+        self._queue(relays)
         return relays
-
-    def _writes_at_once(self) -> bool:
-        """Whether a relay may skip the outbox: the publisher waits for work (nothing of this
-        process's is on its way to the pipe, so order holds), the pipe is up, and no relay went
-        at once yet in this pass of the event loop."""
-        waiting = self._outbox_filled
-        pipe = self._pipe
-        return not self._wrote_in_pass and waiting is not None and not waiting.done() and pipe is not None and not pipe.broken
-
-    def _write_at_once(self, relays: _Relays) -> None:
-        """Write an occasional relay for a recipient held elsewhere now, not when the publisher's
-        turn comes in the event loop, behind the rest of the pass (P4's latency load: 0.07-0.16 ms
-        at p50). What else comes in this pass goes out with the publisher in one write, as before.
-        Only for a recipient elsewhere: a relay for one held here waits for Redis's answer, and a
-        second write in a pass costs it a second round trip (results.md, seventh session)."""
-        pipe = self._pipe
-        assert pipe is not None
-        command = relays.command_or_fail()
-        if command is None:
-            return
-        pipe.send([(command, relays)])
-        self._wrote_in_pass = True
-        asyncio.get_running_loop().call_soon(self._end_pass)
-
-    def _end_pass(self) -> None:
-        self._wrote_in_pass = False
 
     def _expected_seq(self, relays: _Relays) -> int:
         """The seq Redis should give the first of these relays, which are being sent now (0: not known)."""
@@ -704,24 +655,10 @@ class RedisBus:
 
     async def _read(self, conn: Any) -> None:
         loop = asyncio.get_running_loop()
-        fast = _fast_reader(conn)
-        if fast is not None:
-            reader, stream = fast
-            while True:
-                data = await stream.read(65536)
-                if not data:
-                    raise redis_errors.ConnectionError("the pub/sub connection was closed")
-                self._last_rx = loop.time()
-                reader.feed(data)
-                response = reader.gets()
-                while response is not False:
-                    if isinstance(response, Exception):  # an error reply: reconnect, as redis-py would raise it
-                        raise redis_errors.ResponseError(str(response))
-                    self._on_response(response)
-                    response = reader.gets()
         while True:
             # math.inf: wait for as long as it takes; the keepalive task detects a dead link.
             # push_request: with RESP3, messages and confirmations arrive as push frames.
+            # An error reply raises: the listener reconnects.
             response = await conn.read_response(timeout=math.inf, push_request=True)
             self._last_rx = loop.time()
             self._on_response(response)
@@ -840,9 +777,7 @@ class RedisBus:
                 continue
             try:
                 pipe = self._pipe if self._pipe is not None and not self._pipe.broken else await self._open_pipe()
-                pipe.send(batch)
-                if pipe.needs_drain():
-                    await pipe.drain()
+                await pipe.send(batch)
             except asyncio.CancelledError:  # closing, or a stray one: then a new publisher takes over
                 _fail(batch, StoreUnavailable("closed"))
                 raise
@@ -860,13 +795,13 @@ class RedisBus:
             await conn.send_packed_command(_LOAD_RELAY, check_health=False)
             async with asyncio.timeout(TIMEOUT_S):
                 await conn.read_response()
-            pipe = _Pipe(conn)
         except BaseException:
             with contextlib.suppress(Exception):
                 await conn.disconnect(nowait=True)
             raise
-        self._pipe = pipe
+        pipe = self._pipe = _Pipe(conn)
         task = asyncio.get_running_loop().create_task(pipe.read_replies(), name="bus-publisher-replies")
+        pipe.reader = task
         self._spawned.add(task)
         task.add_done_callback(self._spawned.discard)
         return pipe
@@ -891,85 +826,104 @@ class _Pipe:
 
     A reply that does not come within ``TIMEOUT_S`` of its command, or a broken connection,
     fails every command still waiting (StoreUnavailable) and retires the pipe; the next
-    command opens a new one.
+    command opens a new one. One timer watches the oldest command waiting (not one per
+    reply): when it is overdue, the reader is cancelled.
     """
 
     def __init__(self, conn: Any) -> None:
-        fast = _fast_reader(conn)
-        writer = getattr(conn, "_writer", None)
-        if fast is None or not isinstance(writer, asyncio.StreamWriter):
-            raise StoreUnavailable("no stream to pipeline on")
         self.conn = conn
         self.loop = asyncio.get_running_loop()
-        self.parser, self.stream = fast
-        self.writer = writer
         #: Futures of the commands written and not answered yet, oldest first, with when each was written.
         self.waiting: deque[tuple[float, _Settles]] = deque()
         self.broken = False
-        #: The reader's deadline while it waits for data (armed by ``send`` when nothing waited before).
-        self._deadline: asyncio.Timeout | None = None
+        #: The task reading replies (``read_replies``), set by whoever starts it.
+        self.reader: asyncio.Task[None] | None = None
+        #: Armed while commands wait: when the oldest of them would be overdue.
+        self._watch: asyncio.TimerHandle | None = None
+        self._overdue = False
 
-    def send(self, batch: list[tuple[bytes, _Settles]]) -> None:
-        if self.broken:
+    async def send(self, batch: list[tuple[bytes, _Settles]]) -> None:
+        if self.broken or not self.conn.is_connected:  # never let redis-py connect it again under us
+            self.broken = True
             raise StoreUnavailable("the publisher's connection is gone")
         now = self.loop.time()
-        if not self.waiting and self._deadline is not None:
-            self._deadline.reschedule(now + TIMEOUT_S)
+        if self._watch is None:
+            self._watch = self.loop.call_at(now + TIMEOUT_S, self._check_overdue)
         self.waiting.extend((now, done) for _, done in batch)  # before writing: replies can come at once
-        self.writer.write(b"".join(command for command, _ in batch))
+        try:
+            await self.conn.send_packed_command([command for command, _ in batch], check_health=False)
+        except BaseException:
+            self.broken = True  # redis-py has closed it; the reader fails what waits
+            raise
 
-    def needs_drain(self) -> bool:
-        transport = self.writer.transport
-        return transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]
-
-    async def drain(self) -> None:
-        async with asyncio.timeout(TIMEOUT_S):
-            await self.writer.drain()
+    def _check_overdue(self) -> None:
+        self._watch = None
+        if not self.waiting:
+            return
+        due = self.waiting[0][0] + TIMEOUT_S
+        if due > self.loop.time():
+            self._watch = self.loop.call_at(due, self._check_overdue)
+        elif self.reader is not None and not self.reader.done():
+            self._overdue = True
+            self.broken = True
+            self.reader.cancel()
 
     async def read_replies(self) -> None:
         error: BaseException = StoreUnavailable("the publisher's connection was closed")
         try:
             while True:
                 try:
-                    # The oldest command still waiting must be answered within TIMEOUT_S of being sent.
-                    async with asyncio.timeout_at(self.waiting[0][0] + TIMEOUT_S if self.waiting else None) as deadline:
-                        self._deadline = deadline
-                        data = await self.stream.read(65536)
-                except TimeoutError:
-                    error = StoreUnavailable("TimeoutError")
-                    return
-                finally:
-                    self._deadline = None
-                if not data:
-                    return
-                self.parser.feed(data)
-                reply = self.parser.gets()
-                while reply is not False:
-                    _, done = self.waiting.popleft()
-                    if isinstance(reply, Exception):  # an error reply fails its own command only
-                        reply = CommandRefused(str(reply))
-                        log.warning("event=bus_command_refused reply=%s", reply.code)
-                        if reply.code == "NOSCRIPT":
-                            self.broken = True  # the script cache was flushed: the next pipe loads it again
-                        if not done.done():
-                            done.set_exception(reply)
-                    elif not done.done():
+                    reply: Any = await self.conn.read_response(timeout=math.inf)
+                except redis_errors.ResponseError as exc:  # an error reply fails its own command only
+                    reply = refusal(exc)
+                    log.warning("event=bus_command_refused reply=%s", reply.code)
+                    if reply.code == "NOSCRIPT":
+                        self.broken = True  # the script cache was flushed: the next pipe loads it again
+                _, done = self.waiting.popleft()
+                if not done.done():
+                    if isinstance(reply, CommandRefused):
+                        done.set_exception(reply)
+                    else:
                         done.set_result(reply)
-                    reply = self.parser.gets()
                 if self.broken and not self.waiting:
                     return  # retired, and every command it carried has its answer
         except IndexError:
             error = StoreUnavailable("a reply nobody waited for")
+        except redis_errors.ConnectionError:
+            pass  # closed by Redis or by us: the error above
         except asyncio.CancelledError:
-            error = StoreUnavailable("closed")
-            raise
+            error = StoreUnavailable("TimeoutError" if self._overdue else "closed")
+            if not self._overdue:
+                raise
         except Exception as exc:
             error = StoreUnavailable(type(exc).__name__)
         finally:
             self.broken = True
+            if self._watch is not None:
+                self._watch.cancel()
+                self._watch = None
             waiting, self.waiting = self.waiting, deque()
             for _, done in waiting:
                 if not done.done():
                     done.set_exception(error)
             with contextlib.suppress(Exception):
                 await self.conn.disconnect(nowait=True)
+
+
+#: Redis's error codes of the replies redis-py raises as their own classes (it drops the code from
+#: the message of these); any other error reply keeps its code as the message's first word.
+_ERROR_CODES: tuple[tuple[type[Exception], str], ...] = (
+    (redis_errors.NoScriptError, "NOSCRIPT"),
+    (redis_errors.ReadOnlyError, "READONLY"),
+    (redis_errors.OutOfMemoryError, "OOM"),
+    (redis_errors.BusyLoadingError, "LOADING"),
+    (redis_errors.NoPermissionError, "NOPERM"),
+)
+
+
+def refusal(error: redis_errors.ResponseError) -> CommandRefused:
+    """A pipelined command's error reply as ``CommandRefused``, with Redis's code."""
+    for kind, code in _ERROR_CODES:
+        if isinstance(error, kind):
+            return CommandRefused(f"{code} {error}")
+    return CommandRefused(str(error))

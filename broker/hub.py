@@ -109,17 +109,6 @@ RELAY_RECORD_REFRESH_S = RELAY_RECORD_MAX_AGE_S / 2
 RELAY_RECORD_GATHER_S = 0.05
 #: Decoded session records kept per process, the most recently used (a miss costs one msgpack decode).
 DECODED_MAX = 1024
-#: A connection whose previous message came less than this long ago is streaming: its messages wait
-#: for the end of the pass of the event loop, to go out in one write. Counted in time, not in passes:
-#: sessions that all signal at the same moment make few passes, yet each of them is occasional; long
-#: enough for a stream under load, where one pass may take milliseconds.
-STREAM_GAP_S = 0.05
-#: When this many connections have frames waiting at the end of a pass, the process is busy: the
-#: writes wait one pass more, so that each carries two passes' frames (one system call where there
-#: would be two; P1's full run, 400 connections: 0.65 -> 0.82). An occasional message still goes
-#: out at once, and a process with fewer streams writes every pass.
-BUSY_CONNECTIONS = 32
-
 
 #: The messages the broker relays from one peer to another (handled by ``Hub._on_relay``).
 _RELAYED = frozenset({Offer, Answer, Candidate, Renegotiate})
@@ -142,14 +131,6 @@ def decode_record(raw: bytes) -> Session:
 
 class Transport(Protocol):
     """What the hub needs from a WebSocket."""
-
-    def write_now(self, data: bytes) -> bool:
-        """Write ``data`` (UTF-8 JSON) as a text frame at once; False when the socket is paused or closing."""
-        ...
-
-    def write_now_many(self, frames: list[bytes]) -> bool:
-        """As ``write_now``, for several text frames in one write."""
-        ...
 
     async def send_text(self, data: bytes) -> None:
         """Write ``data`` (UTF-8 JSON) as a text frame, waiting while the socket is paused."""
@@ -226,10 +207,6 @@ class TokenBucket:
         self.refused += 1.0
         return False
 
-    def give_back(self) -> None:
-        """Return the token of a message that was taken and then left for later (it is taken again then)."""
-        self.tokens = min(self.burst, self.tokens + 1.0)
-
     def should_warn(self) -> bool:
         """True once per stretch of refusals: one error message, not one per dropped message."""
         warn, self._first_refusal_notice = self._first_refusal_notice, False
@@ -240,59 +217,19 @@ class TokenBucket:
         return self.refused > 4 * self.burst
 
 
-class WriteBatch:
-    """The connections with frames to write at the end of this pass of the event loop.
-
-    One loop callback per pass writes them all, however many connections got messages:
-    each connection's frames of the pass go out in one system call. ``clock`` tells a
-    stream from an occasional message (see ``STREAM_GAP_S``). When ``BUSY_CONNECTIONS``
-    or more connections wait, the write waits one pass more (see there).
-    """
-
-    __slots__ = ("_due", "_held", "clock")
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._due: list[Connection] = []
-        self._held = False
-        self.clock = clock
-
-    def add(self, conn: Connection) -> None:
-        if not self._due:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._due.append(conn)
-
-    def _flush(self) -> None:
-        due = self._due
-        if len(due) >= BUSY_CONNECTIONS and not self._held:
-            # Busy: wait one more pass, so that each connection's write carries two passes' frames.
-            self._held = True
-            asyncio.get_running_loop().call_soon(self._flush)
-            return
-        self._held = False
-        self._due = []
-        for conn in due:
-            conn._end_burst()
-
-
 @dataclass(eq=False, slots=True)
 class Connection:
     """One WebSocket held by this process.
 
-    Messages go to the socket without a task of their own; only when the socket
-    is paused (the peer reads slower than we write) do they wait in a bounded
-    queue drained by a writer task. An idle connection holds neither, so ten
-    thousand of them stay small; a peer whose queue fills is closed (4009).
-
-    An occasional message is written at once (latency: P3 in benchmarks/). The
-    messages after it in the same pass of the event loop, and every message of a
-    connection whose previous one came less than ``STREAM_GAP_S`` before, go out
-    together at the end of the pass: one system call per connection and pass
-    instead of one per message (throughput: P1).
+    Messages wait in a bounded queue, in order, for a writer task that exists only
+    while the queue holds any: an idle connection holds neither, so ten thousand of
+    them stay small. The writer hands them to aiohttp's WebSocket one by one and only
+    waits when the peer's socket is paused (it reads slower than we write); a peer whose
+    queue fills meanwhile is closed (4009), and nobody else waits for it.
     """
 
     transport: Transport
     limits: Limits
-    batch: WriteBatch
     id: str = field(default_factory=lambda: secrets.token_hex(8))
     helloed: bool = False
     session_id: str | None = None
@@ -300,14 +237,11 @@ class Connection:
     role: Role | None = None
     closed: bool = False
     bucket: TokenBucket = field(init=False)
-    #: Messages waiting for the socket, oldest first (made when the first one has to wait).
+    #: Messages waiting for the socket, oldest first, each with the close code to send after it
+    #: (if any); made by the first message, dropped once the writer has written them all.
     pending: deque[tuple[bytes, int | None]] | None = None
     #: The task writing ``pending``; None whenever nothing waits.
     writer: asyncio.Task[None] | None = None
-    #: Set (to a list of frames to write at the end of this pass) once a frame went out in this pass.
-    burst: list[bytes] | None = None
-    #: When this connection last got a message to write (the write batch's clock).
-    last_message: float = float("-inf")
     deadline: asyncio.TimerHandle | None = None
     #: The highest relayed ``seq`` handed to this connection (to resend what a bus outage dropped).
     last_seq: int = 0
@@ -329,47 +263,13 @@ class Connection:
     @property
     def flushed(self) -> bool:
         """Nothing waits to be written."""
-        return self.writer is None and not self.burst
+        return self.writer is None
 
     def deliver(self, data: bytes, close: int | None = None) -> None:
-        """Send a message, in order; a peer that cannot keep up is closed, nobody else waits."""
-        if self.closed:
-            return
-        if close is None and data and self.writer is None:
-            burst = self.burst
-            if burst is None:
-                batch = self.batch
-                now = batch.clock()
-                streaming = now - self.last_message < STREAM_GAP_S
-                self.last_message = now
-                if not streaming and self.transport.write_now(data):
-                    self.burst = []
-                else:
-                    self.burst = [data]
-                batch.add(self)
-                return
-            if len(burst) < self.limits.send_queue_limit:
-                burst.append(data)
-                return
-        if self.burst:  # frames held for the end of this pass go before this one
-            held, self.burst = self.burst, []
-            for frame in held:
-                if not self._queue(frame, None):
-                    return
-        self._queue(data, close)
-
-    def _end_burst(self) -> None:
-        """Write what waited for the end of this pass (even when closing: it was sent before)."""
-        burst, self.burst = self.burst, None
-        if not burst:
-            return
-        if self.writer is None and self.transport.write_now_many(burst):
-            return
-        if self.closed:
-            return
-        for frame in burst:  # the socket is paused now: they wait like any other
-            if not self._queue(frame, None):
-                return
+        """Send a message (and then close, with ``close``), in order; a peer that cannot keep up
+        is closed, nobody else waits."""
+        if not self.closed:
+            self._queue(data, close)
 
     def _queue(self, data: bytes, close: int | None) -> bool:
         """Let a message wait for the socket; False when the queue is full and the peer was closed."""
@@ -378,7 +278,7 @@ class Connection:
             pending = self.pending = deque()
         if len(pending) >= self.limits.send_queue_limit:
             self.closed = True
-            self.pending = self.burst = None
+            self.pending = None
             log.info("event=slow_consumer_closed conn=%s", self.id)
             asyncio.get_running_loop().create_task(self.transport.close(CLOSE_TOO_SLOW, "too slow"))
             return False
@@ -388,9 +288,9 @@ class Connection:
         return True
 
     async def _write_pending(self) -> None:
-        """Write what waits, then end: the next message may go straight to the socket again."""
+        """Write what waits, then end, letting go of the queue: an idle connection keeps neither."""
         try:
-            while self.pending:
+            while self.pending:  # None once a full queue closed the peer
                 data, close = self.pending.popleft()
                 if data:
                     await self.transport.send_text(data)
@@ -402,8 +302,7 @@ class Connection:
             self.closed = True
         finally:
             self.writer = None
-            if self.closed:
-                self.pending = None
+            self.pending = None
 
 
 class Hub:
@@ -432,7 +331,6 @@ class Hub:
         self.signer = signer
         self.clock = clock
         self.connections: dict[str, Connection] = {}
-        self._writes = WriteBatch()
         #: Per connection, its newest relays that went on their way to the bus (see ``_on_its_way``).
         self._unsettled: dict[Connection, Pending] = {}
         # Local routing: seat -> connection, and the connections per session.
@@ -539,7 +437,7 @@ class Hub:
     # ------------------------------------------------------------ connections
 
     def open(self, transport: Transport) -> Connection:
-        conn = Connection(transport, self.limits, self._writes)
+        conn = Connection(transport, self.limits)
         self.connections[conn.id] = conn
         conn.deadline = asyncio.get_running_loop().call_later(self.limits.auth_deadline_s, self._auth_deadline, conn)
         return conn
@@ -566,17 +464,6 @@ class Hub:
         """
         message = self._take_now(conn, text)
         return None if message is None else self._handle(conn, message)
-
-    def receive_at_once(self, conn: Connection, text: str | bytes) -> bool:
-        """``receive_now`` for a frame that arrives while the connection's task waits for one
-        (server.py hands it over from inside the socket's read): True when it was handled in this
-        step; False when it needs the task, with nothing done (not even its token spent), so the
-        task can take it through ``receive_now`` in its turn."""
-        message = self._take_now(conn, text)
-        if message is None:
-            return True
-        conn.bucket.give_back()
-        return False
 
     def _take_now(self, conn: Connection, text: str | bytes) -> ClientMessage | None:
         """What can be done with a frame within this step (rate limit, decoder, ping, a relay that
@@ -621,10 +508,7 @@ class Hub:
             return False
         try:
             failed = functools.partial(self._relay_failed, conn, message.id)  # type: ignore[union-attr]
-            here = (session.id, message.to) in self._by_peer  # type: ignore[union-attr]
-            sent = self.bus.publish_relayed_soon(
-                *self._relay_checked(conn, message, session), failed, recipient_here=here  # type: ignore[arg-type]
-            )
+            sent = self.bus.publish_relayed_soon(*self._relay_checked(conn, message, session), failed)  # type: ignore[arg-type]
         except Exception as exc:
             self._refuse(conn, exc, message.id)  # type: ignore[union-attr]
             return True

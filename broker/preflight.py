@@ -1,7 +1,7 @@
 """The network pre-flight: a short WebRTC data-channel test between the client and the broker's own aiortc peer.
 
 The broker measures the round-trip time itself (it sends the pings and times the pongs on its own monotonic
-clock) and reads whether the selected ICE pair is relayed from its own ICE agent, so the page cannot fake the
+clock) and tells from its own ICE agent whether the path went through a relay, so the page cannot fake the
 result. Only data channels are accepted: an offer with audio or video is refused before any peer connection
 exists. Every peer connection is torn down within `timeout` seconds, whatever happens.
 
@@ -32,6 +32,7 @@ from typing import Any, Awaitable, Callable, Iterable
 from aiortc import (
     RTCConfiguration,
     RTCDataChannel,
+    RTCIceCandidate,
     RTCIceServer,
     RTCPeerConnection,
     RTCSessionDescription,
@@ -136,23 +137,25 @@ def check_offer(offer_sdp: str) -> None:
         )
 
 
-def _selected_pair_relayed(pc: RTCPeerConnection) -> bool:
-    """Whether the nominated ICE pair uses a TURN relay on either side.
+def _path_relayed(pc: RTCPeerConnection) -> bool:
+    """Whether the connection can only have gone through a TURN relay: every candidate the page
+    gave is a relay one (its relay-only policy, or a network that left it nothing else), or every
+    one of the broker's own is.
 
-    aiortc exposes no stats for this, so walk its internals (SCTP -> DTLS -> ICE transport -> aioice
-    connection's nominated pairs); any surprise there means "not known to be relayed".
+    From aiortc's public API only (docs/security.md 3.6): it does not tell which candidate pair
+    ICE selected (the W3C ``RTCIceTransport.getSelectedCandidatePair()``), so a pair ICE chose
+    through a relay although other candidates existed reads as not relayed. "Relayed" is never
+    said of a path that was not.
     """
-    try:
-        sctp = pc.sctp
-        if sctp is None:
-            return False
-        connection = sctp.transport.transport._connection
-        for pair in list(getattr(connection, "_nominated", {}).values()):
-            if pair.local_candidate.type == "relay" or pair.remote_candidate.type == "relay":
-                return True
-    except Exception:  # internals moved: report not relayed rather than fail the check
-        log.debug("preflight: could not read the selected candidate pair", exc_info=True)
-    return False
+    sctp = pc.sctp
+    if sctp is None:
+        return False
+    ice = sctp.transport.transport
+    return _all_relay(ice.getRemoteCandidates()) or _all_relay(ice.iceGatherer.getLocalCandidates())
+
+
+def _all_relay(candidates: list[RTCIceCandidate]) -> bool:
+    return bool(candidates) and all(candidate.type == "relay" for candidate in candidates)
 
 
 class PreflightService:
@@ -320,7 +323,7 @@ class PreflightService:
             await asyncio.sleep(_PING_SPACING)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(all_back.wait(), timeout=_PONG_GRACE)
-        stats.relayed = relayed = _selected_pair_relayed(run.pc)
+        stats.relayed = relayed = _path_relayed(run.pc)
         if channel.readyState == "open":
             median = stats.median_ms()
             channel.send(

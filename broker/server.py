@@ -18,12 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
-from aiohttp.helpers import DEFAULT_CHUNK_SIZE
-
-try:  # aiohttp's own classes (3.14); without them every frame simply goes through the connection's task
-    from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
-except ImportError:  # pragma: no cover - another aiohttp layout
-    WebSocketDataQueue = WebSocketReader = object  # type: ignore[assignment,misc]
 
 from .admission import BrokerPreflight, PolicyChecklist
 from .accounts import AccountStore, open_accounts
@@ -36,7 +30,7 @@ from .throttle import Throttle, throttle_for
 from .web_auth import setup_auth
 from .bus import Bus, LocalBus
 from .config import Config, Keys, load_or_create_secret
-from .hub import CLOSE_POLICY, Connection, Hub, Limits
+from .hub import CLOSE_POLICY, Hub, Limits
 from .record import RecordSigner
 from .protocol import MAX_MESSAGE_BYTES, Error, ErrorCode, ProtocolError, encode
 from .security_headers import security_middleware, security_signal
@@ -231,91 +225,20 @@ async def readyz(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------- WebSocket
 
 
-def _text_frame_header(length: int) -> bytes:
-    """The header of an unmasked, uncompressed, final text frame from the server (RFC 6455 5.2)."""
-    if length < 126:
-        return bytes((0x81, length))
-    if length < 65536:
-        return b"\x81\x7e" + length.to_bytes(2, "big")
-    return b"\x81\x7f" + length.to_bytes(8, "big")
-
-
 class _AiohttpTransport:
-    """The hub's view of one aiohttp WebSocket (frames are never compressed: ``compress=False``)."""
+    """The hub's view of one aiohttp WebSocket, through its public API only (docs/security.md 3.6)."""
 
     __slots__ = ("ws",)
 
     def __init__(self, ws: web.WebSocketResponse) -> None:
         self.ws = ws
 
-    def write_now(self, data: bytes) -> bool:
-        """Hand the frame to the socket in this very step, as ``send_frame`` would, unless that would wait."""
-        return self.write_now_many([data])
-
-    def write_now_many(self, frames: list[bytes]) -> bool:
-        """Text frames handed to the socket in one write (one system call), unless that would wait.
-
-        ``send_frame`` is a coroutine only so that it can wait for a paused socket; here we
-        never wait: a paused or closing socket answers False and the hub queues the message
-        instead. This reads aiohttp's writer state (3.11+); the frames themselves are built
-        here and checked byte for byte against aiohttp's by the tests.
-        """
-        writer = self.ws._writer
-        if writer is None or self.ws.closed or writer._closing:
-            return False
-        if writer.protocol._paused or writer.transport.is_closing():
-            return False
-        try:
-            writer.transport.write(b"".join([_text_frame_header(len(f)) + f for f in frames]))
-        except (ConnectionError, RuntimeError):
-            return False
-        return True
-
     async def send_text(self, data: bytes) -> None:
+        """One text frame (UTF-8 JSON, never compressed); waits only while the peer's socket is paused."""
         await self.ws.send_frame(data, WSMsgType.TEXT)
 
     async def close(self, code: int, reason: str) -> None:
         await self.ws.close(code=code, message=reason.encode())
-
-
-class _Inbox(WebSocketDataQueue):
-    """aiohttp's queue of a WebSocket's received messages, which can hand a text frame to the
-    hub as the socket reads it instead of waking the connection's task for it.
-
-    ``idle`` is set only while the task waits on an empty queue, so a frame taken that way
-    never overtakes one before it; when the hub gives a frame back (it needs the task: a join,
-    a store read), it is queued as usual, and so is everything after it until the task has
-    taken them all. Saves a task switch per relayed message (P1 and P4 in benchmarks/).
-    """
-
-    __slots__ = ("hub", "conn", "idle")  # one per connection: small
-
-    def __init__(self, protocol: Any, limit: int, *, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(protocol, limit, loop=loop)
-        self.hub: Hub | None = None
-        self.conn: Connection | None = None
-        self.idle = False
-
-    def feed_data(self, data: Any, size: int) -> None:
-        hub = self.hub  # set with ``conn`` once the hub knows the connection
-        if self.idle and hub is not None and data[0] is WSMsgType.TEXT and not self._buffer:
-            if hub.receive_at_once(self.conn, data[1]):  # never raises: refusals are answered
-                return
-        super().feed_data(data, size)
-
-
-class _SignalingSocket(web.WebSocketResponse):
-    """The signaling WebSocket: aiohttp's, reading into an ``_Inbox``."""
-
-    def _post_start(self, request: Any, protocol: Any, writer: Any) -> None:
-        bytes_before_parser = bool(getattr(request.protocol, "_message_tail", b"x"))
-        super()._post_start(request, protocol, writer)
-        if bytes_before_parser or WebSocketReader is object or self._reader is None or self._parser is None:
-            return  # frames sent before the handshake's answer are parsed already: keep aiohttp's queue
-        inbox = _Inbox(request.protocol, DEFAULT_CHUNK_SIZE, loop=self._loop)
-        self._parser = WebSocketReader(inbox, self._max_msg_size, compress=bool(self._compress), decode_text=self._decode_text)
-        self._reader = inbox
-        request.protocol._payload_parser = self._parser
 
 
 def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
@@ -336,23 +259,16 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if counts[key] >= config.max_connections_per_address:
         log.info("event=ws_address_limit")
         raise web.HTTPTooManyRequests(text="Too many connections from this address.")
-    ws = _SignalingSocket(
+    ws = web.WebSocketResponse(
         # aiohttp refuses frames of max_msg_size bytes or more; the protocol allows exactly 64 KiB.
         max_msg_size=MAX_MESSAGE_BYTES + 1, compress=False, heartbeat=config.heartbeat_s, autoping=True
     )
     await ws.prepare(request)
     counts[key] += 1
     conn = hub.open(_AiohttpTransport(ws))
-    inbox = ws._reader if isinstance(ws._reader, _Inbox) else None
-    if inbox is not None:
-        inbox.hub, inbox.conn = hub, conn
     try:
         while True:
-            if inbox is not None:
-                inbox.idle = True
             msg = await ws.receive()
-            if inbox is not None:
-                inbox.idle = False
             if msg.type is WSMsgType.TEXT:
                 pending = hub.receive_now(conn, msg.data)
                 if pending is not None:

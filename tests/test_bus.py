@@ -529,46 +529,6 @@ async def test_the_publisher_remembers_the_next_seq_of_a_bounded_number_of_buffe
     assert await store.read_since(keys[0], 0) == [(1, relayed_data(1)), (2, relayed_data(1)), (3, relayed_data(3))]
 
 
-async def test_an_occasional_relay_for_a_recipient_elsewhere_is_written_at_once(
-    one: tuple[RedisBus, RedisStore]
-) -> None:
-    """Latency: a lone relay for a peer held by another process goes to Redis within the call
-    that sends it, not when the publisher's turn comes; the rest of its pass, and relays for a
-    recipient held here (it waits for Redis's answer anyway), still go out together."""
-    bus, store = one
-    sid, key = new_session(), f"s:{{{new_session()}}}:box:abcdefgh"
-    assert await bus.call(b"PING") == b"PONG"  # the pipe is up, the publisher waits for work
-    pipe = bus._pipe
-    assert pipe is not None
-    writes: list[bytes] = []
-    write = pipe.writer.write
-    pipe.writer.write = lambda data: (writes.append(data), write(data))[1]  # type: ignore[method-assign]
-
-    def relay(n: int, here: bool, to: str = "abcdefgh") -> Pending:
-        sent = bus.publish_relayed_soon(
-            sid, envelope(relayed_data(n), to), store, key if to == "abcdefgh" else key + to, 128, 60, pytest.fail,
-            recipient_here=here,
-        )
-        assert sent is not None and not isinstance(sent, int)
-        return sent
-
-    here = relay(0, True)
-    assert writes == []  # for a recipient held here: the publisher's turn
-    await asyncio.wait_for(here.wait(), 5)
-    first = relay(1, False)
-    assert len(writes) == 2 and writes[1].count(b"EVALSHA") == 1  # written before the call returned
-    rest = [relay(2, False), relay(3, False), relay(4, False, "zyxwvuts")]
-    assert len(writes) == 2  # the rest of this pass waits for the publisher ...
-    for sent in (first, *rest):
-        await asyncio.wait_for(sent.wait(), 5)
-    assert len(writes) == 3 and writes[2].count(b"EVALSHA") == 2  # ... and goes in one write: one command per buffer
-    assert await store.read_since(key, 0) == [(n + 1, relayed_data(n)) for n in range(4)]
-    await asyncio.sleep(0)
-    later = relay(5, False)  # a later pass: at once again
-    assert len(writes) == 4
-    await asyncio.wait_for(later.wait(), 5)
-
-
 async def test_a_relay_from_a_broker_before_batching_is_still_delivered(
     redis_server: RedisServer, pair: tuple[RedisBus, RedisBus]  # noqa: F811
 ) -> None:
@@ -639,20 +599,6 @@ async def test_a_fault_while_the_publisher_builds_a_command_fails_only_those_rel
         await asyncio.wait_for(bus.publish_relayed(sid, envelope(relayed_data(1), "abcdefgh"), store, key, 8, 60), 5)
     assert await asyncio.wait_for(bus.publish_relayed(sid, envelope(relayed_data(2), "abcdefgh"), store, key, 8, 60), 5) == 1
     assert await store.read_since(key, 0) == [(1, relayed_data(2))]
-    # The same for a relay written at once (a recipient elsewhere, the publisher waiting for work).
-    failures: list[BaseException] = []
-    faults.append(RuntimeError("injected again"))
-
-    def at_once(n: int) -> Pending:
-        sent = bus.publish_relayed_soon(
-            sid, envelope(relayed_data(n), "abcdefgh"), store, key, 8, 60, failures.append, recipient_here=False
-        )
-        assert sent is not None and not isinstance(sent, int)
-        return sent
-
-    assert at_once(3).done() and len(failures) == 1 and isinstance(failures[0], StoreUnavailable)
-    await asyncio.wait_for(at_once(4).wait(), 5)
-    assert len(failures) == 1 and await store.read_since(key, 0) == [(1, relayed_data(2)), (2, relayed_data(4))]
 
 
 async def test_a_long_burst_is_split_into_commands_of_bounded_size(one: tuple[RedisBus, RedisStore]) -> None:

@@ -15,13 +15,11 @@ import pytest
 from broker import hub as hub_module
 from broker.client import BrokerClient
 from broker.hub import (
-    BUSY_CONNECTIONS,
+    CLOSE_TOO_SLOW,
     RELAY_RECORD_MAX_AGE_S,
     RELAY_RECORD_REFRESH_S,
-    STREAM_GAP_S,
     Connection,
     Limits,
-    WriteBatch,
 )
 from broker.protocol import (
     Candidate,
@@ -252,54 +250,9 @@ def masked_text_frames(texts: list[str]) -> bytes:
     return bytes(out)
 
 
-async def test_a_relay_is_handled_as_the_socket_reads_it(broker: RunningBroker) -> None:
-    """server.py hands a frame to the hub from inside the socket's read when the connection's
-    task waits for one (``Hub.receive_at_once``); a frame that needs the task is given back
-    untouched, its token unspent."""
-    _, therapist, client = await admitted_pair(broker)
-    hub = broker.hub
-    conn = next(c for c in hub.connections.values() if c.peer_id == client.peer_id)
-    at_once: list[tuple[str, bool]] = []
-    by_task: list[str] = []
-    original_at_once, original_now = hub.receive_at_once, hub.receive_now
-
-    def record_at_once(c: Connection, text: str) -> bool:
-        handled = original_at_once(c, text)
-        if c is conn:
-            at_once.append((json.loads(text)["type"], handled))
-        return handled
-
-    def record_now(c: Connection, text: str) -> Any:
-        if c is conn:
-            by_task.append(json.loads(text)["type"])
-        return original_now(c, text)
-
-    hub.receive_at_once, hub.receive_now = record_at_once, record_now  # type: ignore[method-assign]
-    try:
-        await client.send_raw(json.dumps({"type": "candidate", "to": therapist.peer_id, "candidate": "", "sdp_mid": "warm"}))
-        await therapist.expect(Candidate, where=lambda m: m.sdp_mid == "warm")  # the record is in the process's copy now
-        at_once.clear(), by_task.clear()
-        await client.send_raw(json.dumps({"type": "candidate", "to": therapist.peer_id, "candidate": "", "sdp_mid": "read"}))
-        await therapist.expect(Candidate, where=lambda m: m.sdp_mid == "read")
-        assert at_once == [("candidate", True)] and by_task == []
-
-        report = json.dumps({"type": "report", "event": "interception_warning", "peer": therapist.peer_id, "reason": "bad_mac"})
-        tokens = conn.bucket.tokens
-        assert hub.receive_at_once(conn, report) is False  # needs the store: the task's
-        assert conn.bucket.tokens > tokens - 0.5  # its token given back (a refill adds microseconds' worth)
-        at_once.clear()
-        await client.send_raw(report)
-        await asyncio.sleep(0.2)
-        assert at_once == [("report", False)] and by_task == ["report"]
-    finally:
-        hub.receive_at_once, hub.receive_now = original_at_once, original_now  # type: ignore[method-assign]
-        await client.close()
-        await therapist.close()
-
-
 async def test_a_fault_in_the_hub_is_answered_and_the_connection_carries_on(broker: RunningBroker) -> None:
-    """A bug met while a frame is handled inside the socket's read must not reach aiohttp's reader:
-    the sender gets ``internal``, and its next frame is handled as usual."""
+    """A bug met while a relay is handled within the step (``Hub.receive_now``) must not end the
+    connection: the sender gets ``internal``, and its next frame is handled as usual."""
     _, therapist, client = await admitted_pair(broker)
     hub = broker.hub
 
@@ -427,7 +380,7 @@ async def test_copies_falling_due_close_together_are_read_again_together(
 
 
 async def test_frames_read_together_take_effect_in_order(broker: RunningBroker) -> None:
-    """A relay read behind a frame the task must handle waits for it (never overtakes it)."""
+    """A relay sent right behind a frame that must wait for the store waits for it (never overtakes it)."""
     _, therapist, client = await admitted_pair(broker)
     try:
         await therapist.send_raw(json.dumps({"type": "candidate", "to": client.peer_id, "candidate": "", "sdp_mid": "warm"}))
@@ -437,8 +390,8 @@ async def test_frames_read_together_take_effect_in_order(broker: RunningBroker) 
             json.dumps({"type": "remove", "peer": client.peer_id, "id": "a2"}),
             json.dumps({"type": "candidate", "to": client.peer_id, "candidate": "", "sdp_mid": "after", "id": "a3"}),
         ]
-        assert therapist._ws is not None
-        therapist._ws._writer.transport.write(masked_text_frames(frames))  # one write: read together
+        for text in frames:  # back to back, nothing awaited in between on the broker's side
+            await therapist.send_raw(text)
         error = await therapist.expect(Error, where=lambda m: m.ref == "a3")
         assert error.code is ErrorCode.NOT_ADMITTED
         await client.expect(Removed)
@@ -493,86 +446,58 @@ async def test_a_frame_other_than_a_relay_waits_for_the_relays_still_on_their_wa
         await therapist.close()
 
 
-async def test_when_many_streams_wait_their_writes_carry_two_passes() -> None:
-    now = [100.0]
-    batch = WriteBatch(clock=lambda: now[0])
-    few = [RecordingSocket() for _ in range(BUSY_CONNECTIONS - 1)]
-    many = [RecordingSocket() for _ in range(BUSY_CONNECTIONS)]
-    for group in (few, many):
-        conns = [Connection(sock, Limits(), batch) for sock in group]
-        for conn in conns:  # occasional: at once, and the connections are streams from now on
-            conn.deliver(b"0")
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
-        for conn in conns:
-            conn.deliver(b"1")
-        await asyncio.sleep(0)
-        for conn in conns:
-            conn.deliver(b"2")
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
-        if group is few:  # not busy: a write per pass
-            assert all(sock.writes == [[b"0"], [b"1"], [b"2"]] for sock in group)
-        else:  # busy: the second pass's frames join the first's
-            assert all(sock.writes == [[b"0"], [b"1", b"2"]] for sock in group)
-
-
 class RecordingSocket:
-    """The hub's side of a socket that is never paused, keeping each write (the frames of one system call)."""
+    """The hub's side of a socket, keeping each frame written; ``paused`` holds every write back."""
 
     def __init__(self) -> None:
-        self.writes: list[list[bytes]] = []
-
-    def write_now(self, data: bytes) -> bool:
-        self.writes.append([data])
-        return True
-
-    def write_now_many(self, frames: list[bytes]) -> bool:
-        self.writes.append(list(frames))
-        return True
+        self.writes: list[bytes] = []
+        self.closed_with: int | None = None
+        self.paused = asyncio.Event()
+        self.paused.set()
 
     async def send_text(self, data: bytes) -> None:
-        self.writes.append([data])
+        await self.paused.wait()
+        self.writes.append(data)
 
     async def close(self, code: int, reason: str) -> None:
-        pass
+        self.closed_with = code
 
 
-async def test_an_occasional_message_goes_out_at_once_and_the_rest_of_its_pass_in_one_write() -> None:
+async def test_a_connection_writes_in_order_and_keeps_nothing_once_idle() -> None:
+    """Memory per idle connection (P2): the writer and its queue exist only while messages wait."""
     sock = RecordingSocket()
-    conn = Connection(sock, Limits(), WriteBatch())
+    conn = Connection(sock, Limits())
     for n in (b"1", b"2", b"3"):
         conn.deliver(n)
-    assert sock.writes == [[b"1"]]  # before anything was awaited
-    await asyncio.sleep(0)  # the end of this pass of the event loop
-    assert sock.writes == [[b"1"], [b"2", b"3"]]
-    assert conn.flushed
+    assert conn.writer is not None and not conn.flushed
+    await asyncio.sleep(0)
+    assert sock.writes == [b"1", b"2", b"3"]
+    assert conn.flushed and conn.writer is None and conn.pending is None
+    conn.deliver(b"4", CLOSE_TOO_SLOW)
+    conn.deliver(b"5")  # after the close: never written
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert sock.writes == [b"1", b"2", b"3", b"4"] and sock.closed_with == CLOSE_TOO_SLOW and conn.closed
 
 
-async def test_a_streaming_connection_writes_once_per_pass_and_an_idle_one_at_once_again() -> None:
-    now = [100.0]
-    batch = WriteBatch(clock=lambda: now[0])
-    sock = RecordingSocket()
-    conn = Connection(sock, Limits(), batch)
-    conn.deliver(b"1")
-    conn.deliver(b"2")
+async def test_a_peer_whose_queue_fills_is_closed_and_nobody_else_waits() -> None:
+    slow, quick = RecordingSocket(), RecordingSocket()
+    slow.paused.clear()  # the peer reads nothing: the writer waits on its first frame
+    limits = Limits(send_queue_limit=4)
+    slow_conn, quick_conn = Connection(slow, limits), Connection(quick, limits)
+    for n in range(5):  # one taken by the writer, four wait
+        slow_conn.deliver(b"%d" % n)
+        await asyncio.sleep(0)
+    quick_conn.deliver(b"q")
     await asyncio.sleep(0)
-    now[0] += STREAM_GAP_S / 2
-    conn.deliver(b"3")  # its previous message came just before: a stream
-    conn.deliver(b"4")
-    assert sock.writes == [[b"1"], [b"2"]]
+    assert quick.writes == [b"q"] and not slow_conn.closed
+    slow_conn.deliver(b"full")
     await asyncio.sleep(0)
-    assert sock.writes == [[b"1"], [b"2"], [b"3", b"4"]]
-    now[0] += STREAM_GAP_S * 2
-    conn.deliver(b"5")
-    assert sock.writes[-1] == [b"5"]  # quiet for long enough: at once again
+    assert slow_conn.closed and slow.closed_with == CLOSE_TOO_SLOW and slow_conn.pending is None
+    slow.paused.set()  # whatever the writer held goes, nothing after it
     await asyncio.sleep(0)
-    now[0] += STREAM_GAP_S / 2
-    conn.deliver(b"6")
-    conn.deliver(b"7")
-    assert sock.writes[-1] == [b"5"]
     await asyncio.sleep(0)
-    assert sock.writes[-1] == [b"6", b"7"]  # 5 came just before: a stream again
+    assert slow.writes == [b"0"] and slow_conn.writer is None
 
 
 # ---------------------------------------------------------------- bad input changes nothing
@@ -1023,30 +948,3 @@ async def test_a_session_ends_when_its_window_closes_and_others_go_on(tmp_path) 
         for peer in peers:
             await peer.close()
         await running.stop()
-
-
-class _Collect:
-    """Where aiohttp's frame writer puts its bytes, for comparing frames."""
-
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.out.append(bytes(data))
-
-    def is_closing(self) -> bool:
-        return False
-
-
-@pytest.mark.parametrize("length", [0, 1, 125, 126, 65535, 65536, 70_000])
-def test_frames_written_together_are_the_frames_aiohttp_writes(length: int) -> None:
-    from aiohttp import WSMsgType
-    from aiohttp._websocket.writer import WebSocketWriter
-
-    from broker.server import _text_frame_header
-
-    sink = _Collect()
-    writer = WebSocketWriter(type("Protocol", (), {"_paused": False})(), sink, use_mask=False)  # type: ignore[arg-type]
-    payload = b"x" * length
-    writer._write_websocket_frame(payload, WSMsgType.TEXT, 0)
-    assert b"".join(sink.out) == _text_frame_header(length) + payload

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from broker import hub as hub_module
 from broker.client import BrokerClient
 from broker.protocol import Candidate, Error, ErrorCode, Pong
 
@@ -128,48 +127,6 @@ async def test_a_relay_redis_fails_to_take_is_answered_with_its_ref(
         await therapist.expect(Candidate, where=lambda m: m.sdp_mid == "after", timeout=5)
         await client.close()
         await therapist.close()
-    finally:
-        await a.stop()
-        await b.stop()
-
-
-async def test_the_hub_tells_the_bus_whether_a_relays_recipient_is_held_here(
-    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch  # noqa: F811
-) -> None:
-    """A relay for a peer on another process may go to Redis at once (bus_redis._write_at_once);
-    one for a peer held here waits for Redis's answer anyway, and goes with the rest of its pass."""
-    # Relays go by the bus's quick path only with a copy of the record; a pause of this machine
-    # must not age it out (relays would then read the record first, by another path).
-    monkeypatch.setattr(hub_module, "RELAY_RECORD_MAX_AGE_S", 60.0)
-    monkeypatch.setattr(hub_module, "RELAY_RECORD_REFRESH_S", 30.0)
-    a, b = await start_broker_pair(tmp_path, redis_server.empty_database())
-    told: list[bool] = []  # for each relay of a marked candidate: whether its recipient is held here
-    for broker in (a, b):
-        bus = broker.hub.bus
-        send = bus.publish_relayed_soon
-
-        def spy(*args, _send=send, **kwargs):  # type: ignore[no-untyped-def]
-            if b'"marker"' in args[1].data:
-                told.append(kwargs["recipient_here"])
-            return _send(*args, **kwargs)
-
-        bus.publish_relayed_soon = spy  # type: ignore[method-assign]
-    try:
-        therapist, client = await split_call(a, b)  # the therapist on A, the client on B
-        links = await schedule(a)
-        near = BrokerClient(links.therapist)
-        await near.connect()
-        near_client = await waiting_client(links)  # both on A
-        await near.admit(near_client.peer_id)
-        await near_client.wait_connected(near.peer_id)
-        for sender, recipient, here in ((client, therapist, False), (near_client, near, True)):
-            told.clear()
-            frame = {"type": "candidate", "to": recipient.peer_id, "candidate": "", "sdp_mid": "marker"}
-            await sender.send_raw(json.dumps(frame))
-            await recipient.expect(Candidate, where=lambda m: m.sdp_mid == "marker", timeout=10)
-            assert told == [here]
-        for peer in (client, therapist, near_client, near):
-            await peer.close()
     finally:
         await a.stop()
         await b.stop()
