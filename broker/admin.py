@@ -141,9 +141,7 @@ def prepare_socket_path(path: Path) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.geteuid():
-        raise AdminSocketUnsafe(
-            f"{path} exists and is not a socket a broker left behind: remove it, or {_ADVICE}."
-        )
+        raise AdminSocketUnsafe(f"{path} exists and is not a socket a broker left behind: remove it, or {_ADVICE}.")
     path.unlink()  # a socket left by a broker that stopped without cleaning up
 
 

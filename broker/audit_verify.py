@@ -292,7 +292,9 @@ def compare_head(head: bytes | None, key: bytes, count: int, last_hash: str) -> 
             seq + 1,
         )
     if not hmac.compare_digest(signed_hash, last_hash):
-        return _Found(Problem.HEAD_MISMATCH, f"entry {count} differs from the signed head: the log was rewritten", count)
+        return _Found(
+            Problem.HEAD_MISMATCH, f"entry {count} differs from the signed head: the log was rewritten", count
+        )
     return None
 
 

@@ -199,7 +199,17 @@ class _Relays:
     """
 
     __slots__ = (
-        "bus", "entries", "envelopes", "log_key", "maxlen", "settle", "session_id", "settled", "size", "ttl_ms", "waiters"
+        "bus",
+        "entries",
+        "envelopes",
+        "log_key",
+        "maxlen",
+        "settle",
+        "session_id",
+        "settled",
+        "size",
+        "ttl_ms",
+        "waiters",
     )
 
     def __init__(self, bus: RedisBus, session_id: str, log_key: str, maxlen: int) -> None:
@@ -248,7 +258,14 @@ class _Relays:
         message = b"%s%s%d:%s" % (bus.node_id, _RELAYS_MARK, first, sealed)
         entries = [b"%d:%s" % (first + n, entry) for n, entry in enumerate(self.entries)]
         arguments: tuple[bytes | str | int, ...] = (
-            self.log_key, self.maxlen, self.ttl_ms, to, channel, first, message, *entries
+            self.log_key,
+            self.maxlen,
+            self.ttl_ms,
+            to,
+            channel,
+            first,
+            message,
+            *entries,
         )
         return b"*%d\r\n" % (len(arguments) + 3) + _RELAY_HEAD + _resp_arguments(arguments)
 

@@ -266,9 +266,7 @@ def _parse_item(entry: Any, position: int, source: str, problems: list[str]) -> 
     where = f"{source}: item {raw_id!r}" if valid_id else f"{source}: item #{position}"
     before = len(problems)
     if not valid_id:
-        problems.append(
-            f"{where} needs an 'id' of 1 to 40 lowercase letters, digits or underscores (got {raw_id!r})."
-        )
+        problems.append(f"{where} needs an 'id' of 1 to 40 lowercase letters, digits or underscores (got {raw_id!r}).")
     for key in sorted(set(entry) - _ITEM_KEYS):
         problems.append(f"{where} has an unknown key {key!r}.")
     kind, level, check = entry.get("kind"), entry.get("level"), entry.get("check")
@@ -509,9 +507,7 @@ def _check_details_shape(details: str | None, details_item: PolicyItem | None) -
         )
 
 
-def _item_met(
-    item: PolicyItem, policy: Policy, submission: Submission, preflight: PreflightResult | None
-) -> bool:
+def _item_met(item: PolicyItem, policy: Policy, submission: Submission, preflight: PreflightResult | None) -> bool:
     if item.kind == "automatic" and item.check == "preflight":
         return preflight is not None and bool(preflight.connected)
     if item.kind in ("automatic", "attested"):
@@ -527,9 +523,7 @@ def _item_met(
     return False
 
 
-def _raise_for_required(
-    items: list[PolicyItem], passed: dict[str, bool], preflight: PreflightResult | None
-) -> None:
+def _raise_for_required(items: list[PolicyItem], passed: dict[str, bool], preflight: PreflightResult | None) -> None:
     missing = [i for i in items if i.required and not passed[i.id]]
     plain = [i for i in missing if i.kind != "details" and i.check != "preflight"]
     if plain:

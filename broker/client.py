@@ -422,7 +422,9 @@ class BrokerClient:
             answers = {item["id"]: True for item in policy["items"]}
         sealed = None
         if details is not None and self.link_key is not None:
-            sealed = e2ee.seal_details(self.link_key, self.session_id, self.peer_id, msgspec.json.encode(details).decode())
+            sealed = e2ee.seal_details(
+                self.link_key, self.session_id, self.peer_id, msgspec.json.encode(details).decode()
+            )
         answers_sealed = None
         if self.link_key is not None:
             answers_sealed = e2ee.seal_checklist(self.link_key, self.session_id, self.peer_id, answers)
@@ -704,7 +706,10 @@ class BrokerClient:
             if message.get("t") == "chat" and isinstance(message.get("text"), str):
                 link.messages.put_nowait(message["text"][:MAX_CHAT_CHARS])
             elif message.get("t") == "media":
-                link.remote_media = {"audio": message.get("audio") is not False, "video": message.get("video") is not False}
+                link.remote_media = {
+                    "audio": message.get("audio") is not False,
+                    "video": message.get("video") is not False,
+                }
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
@@ -753,7 +758,9 @@ async def join_from_terminal(
     except Exception as exc:
         print(f"Could not join: {exc}")
         return 1
-    print(f"Joined session {joined.session} as {joined.role.value} (peer {joined.peer}); seat {joined.seat_state.value}")
+    print(
+        f"Joined session {joined.session} as {joined.role.value} (peer {joined.peer}); seat {joined.seat_state.value}"
+    )
     try:
         if joined.role is Role.CLIENT:
             report = await client.preflight()

@@ -352,5 +352,3 @@ class Keys:
     @property
     def signing_seed(self) -> bytes:
         return self.derive("session-record-ed25519")
-
-

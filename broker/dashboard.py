@@ -247,9 +247,7 @@ async def _store_errors(request: web.Request, handler: Any) -> web.StreamRespons
         return json_error(503, "unavailable", "The service is briefly unavailable. Try again shortly.")
 
 
-def setup_dashboard(
-    app: web.Application, *, hub: Hub, store: Store, clock: Callable[[], float] = time.time
-) -> None:
+def setup_dashboard(app: web.Application, *, hub: Hub, store: Store, clock: Callable[[], float] = time.time) -> None:
     """Add the dashboard page and its JSON API; ``setup_auth`` must have run on ``app`` first."""
     if AUTH not in app:
         raise RuntimeError("call setup_auth(app, ...) before setup_dashboard(app, ...)")

@@ -245,4 +245,3 @@ def forwarded_limit(limit: int, secret: bytes) -> Callable[[web.Request, Handler
                 del in_progress[key]
 
     return middleware
-

@@ -117,6 +117,7 @@ _RELAYED = frozenset({Offer, Answer, Candidate, Renegotiate})
 def mailbox_key(session_id: str, peer_id: str) -> str:
     return f"{session_prefix(session_id)}:box:{peer_id}"
 
+
 _record_encoder = msgspec.msgpack.Encoder()
 _record_decoder = msgspec.msgpack.Decoder(Session)
 
@@ -544,7 +545,11 @@ class Hub:
         elif isinstance(exc, StoreUnavailable):
             self._send(
                 conn,
-                Error(code=ErrorCode.UNAVAILABLE, message="The service is briefly unavailable. Try again shortly.", ref=ref),
+                Error(
+                    code=ErrorCode.UNAVAILABLE,
+                    message="The service is briefly unavailable. Try again shortly.",
+                    ref=ref,
+                ),
             )
         else:  # never let one bad message take the connection down
             log.error("event=internal_error conn=%s", conn.id, exc_info=exc)
@@ -778,7 +783,9 @@ class Hub:
             await self._mutate(session_id, record)
         except (ProtocolError, StoreUnavailable):
             return
-        log.info("event=preflight_recorded session=%s peer=%s connected=%s", session_id, peer_id, result.get("connected"))
+        log.info(
+            "event=preflight_recorded session=%s peer=%s connected=%s", session_id, peer_id, result.get("connected")
+        )
 
     async def _on_admit(self, conn: Connection, message: Admit) -> None:
         now = int(self.clock())
@@ -887,7 +894,14 @@ class Hub:
         data = encode(msgspec.structs.replace(message, from_=conn.peer_id, id=None, seq=None))
         # The buffer lives as long as the session: never longer, and its numbering never restarts early.
         ttl = max(1.0, session.expires - self.clock())
-        return session.id, Envelope(message.to, None, data), self.store, mailbox_key(session.id, message.to), RESUME_MAX, ttl
+        return (
+            session.id,
+            Envelope(message.to, None, data),
+            self.store,
+            mailbox_key(session.id, message.to),
+            RESUME_MAX,
+            ttl,
+        )
 
     async def _on_report(self, conn: Connection, message: Report) -> None:
         assert conn.session_id and conn.peer_id
@@ -950,7 +964,8 @@ class Hub:
     async def _finish(self, session_id: str, reason: str, actor: str | None = None, owner: str | None = None) -> None:
         """Tell everyone the session is over, then forget every key of it."""
         await self.bus.publish(
-            session_id, Envelope(None, None, encode(SessionEnded(reason=reason)), CLOSE_ENDED)  # type: ignore[arg-type]
+            session_id,
+            Envelope(None, None, encode(SessionEnded(reason=reason)), CLOSE_ENDED),  # type: ignore[arg-type]
         )
         removed = await self.store.delete_prefix(session_prefix(session_id))
         self._decoded.pop(session_id, None)
@@ -1209,7 +1224,9 @@ class Hub:
                 self._refreshing.add(session_id)
                 # Read after the relay that found it old is on its way, with the others due soon.
                 if not self._refresh_due:
-                    self._refresh_timer = asyncio.get_running_loop().call_later(RELAY_RECORD_GATHER_S, self._start_refresh)
+                    self._refresh_timer = asyncio.get_running_loop().call_later(
+                        RELAY_RECORD_GATHER_S, self._start_refresh
+                    )
                 self._refresh_due.append(session_id)
         return hit[1]
 

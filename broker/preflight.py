@@ -107,9 +107,7 @@ def _ice_servers(servers: Iterable[Any] | None) -> list[RTCIceServer]:
             out.append(server)
         else:
             out.append(
-                RTCIceServer(
-                    urls=server["urls"], username=server.get("username"), credential=server.get("credential")
-                )
+                RTCIceServer(urls=server["urls"], username=server.get("username"), credential=server.get("credential"))
             )
     return out
 

@@ -98,7 +98,9 @@ class PrivateAccessLogger(AbstractAccessLogger):
         match_info = getattr(request, "match_info", None)
         if match_info is not None and match_info.route.resource is not None:
             route = match_info.route.resource.canonical
-        self.logger.info("event=http method=%s route=%s status=%d ms=%.1f", request.method, route, response.status, time * 1000)
+        self.logger.info(
+            "event=http method=%s route=%s status=%d ms=%.1f", request.method, route, response.status, time * 1000
+        )
 
     @property
     def enabled(self) -> bool:

@@ -171,9 +171,7 @@ _ERROR_TITLES = {
 def render_notice(title: str, message: str, status: int, code: str) -> web.Response:
     """A plain page for a link that cannot be used: never a stack trace."""
     template = string.Template((web_root() / "notice.html").read_text(encoding="utf-8"))
-    body = template.substitute(
-        title=html.escape(title), message=html.escape(message), code=html.escape(code)
-    )
+    body = template.substitute(title=html.escape(title), message=html.escape(message), code=html.escape(code))
     return web.Response(text=body, status=status, content_type="text/html", charset="utf-8")
 
 
@@ -185,7 +183,9 @@ async def _link_page(request: web.Request, page: str, role: str) -> web.StreamRe
             raise ProtocolError(ErrorCode.INVALID_TOKEN, "This link does not open this page.")
     except ProtocolError as exc:
         status = _ERROR_STATUS.get(exc.code, 400)
-        return render_notice(_ERROR_TITLES.get(exc.code, "This link does not work"), exc.message, status, exc.code.value)
+        return render_notice(
+            _ERROR_TITLES.get(exc.code, "This link does not work"), exc.message, status, exc.code.value
+        )
     return web.FileResponse(web_root() / page, headers={"Content-Type": "text/html; charset=utf-8"})
 
 
@@ -261,7 +261,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         raise web.HTTPTooManyRequests(text="Too many connections from this address.")
     ws = web.WebSocketResponse(
         # aiohttp refuses frames of max_msg_size bytes or more; the protocol allows exactly 64 KiB.
-        max_msg_size=MAX_MESSAGE_BYTES + 1, compress=False, heartbeat=config.heartbeat_s, autoping=True
+        max_msg_size=MAX_MESSAGE_BYTES + 1,
+        compress=False,
+        heartbeat=config.heartbeat_s,
+        autoping=True,
     )
     await ws.prepare(request)
     counts[key] += 1
@@ -289,6 +292,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 
 
 # ---------------------------------------------------------------- app
+
 
 @web.middleware
 async def compress_files(request: web.Request, handler: Any) -> web.StreamResponse:

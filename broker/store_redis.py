@@ -221,14 +221,19 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 
 
 #: Appends the sealed values ARGV[3], ARGV[4], ... numbered on from the newest entry; returns the first's seq.
-_APPEND = NEXT_SEQ_LUA + """
+_APPEND = (
+    NEXT_SEQ_LUA
+    + """
 local entries = {}
 for i = 3, #ARGV do
   entries[i - 2] = string.format('%d:', first + i - 3) .. ARGV[i]
 end
-""" + keep_entries_lua("entries") + """
+"""
+    + keep_entries_lua("entries")
+    + """
 return first
 """
+)
 
 #: Empties a capped log but keeps its numbering: the newest entry is replaced by "<seq>:" alone, a
 #: marker that carries the sequence number and no value (read_since skips it). The TTL is kept.
@@ -294,9 +299,7 @@ class _KeyLocks:
 class RedisStore:
     """The Store interface over Redis; values sealed with ``Sealer``."""
 
-    def __init__(
-        self, client: aioredis.Redis, sealer: Sealer, *, also_ready: Callable[[], bool] | None = None
-    ) -> None:
+    def __init__(self, client: aioredis.Redis, sealer: Sealer, *, also_ready: Callable[[], bool] | None = None) -> None:
         self.redis = client
         self._sealer = sealer
         self._also_ready = also_ready

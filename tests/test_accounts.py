@@ -382,9 +382,7 @@ async def test_two_processes_share_accounts_and_spend_a_totp_step_once(backend: 
         secret, _codes = await enrol(one, tid, clock)
         clock.now += 60
         code = totp.code_at(secret, clock.now)
-        results = await asyncio.gather(
-            *(login(one if i % 2 else two, USERNAME, PASSWORD, code) for i in range(20))
-        )
+        results = await asyncio.gather(*(login(one if i % 2 else two, USERNAME, PASSWORD, code) for i in range(20)))
         assert sum(r.ok for r in results) == 1
     finally:
         await one.close()

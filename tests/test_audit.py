@@ -678,7 +678,18 @@ async def test_events_anyone_can_cause_are_written_a_few_per_window_then_counted
     assert throttled[0]["time"] <= throttled[-1]["since"] <= throttled[-1]["time"]
     assert sum(e.get("count", 1) for e in throttled) == 100
     assert len([e for e in entries if e["event"] == "session_created"]) == 20
-    assert set(throttled[-1]) == {"seq", "time", "event", "actor", "session", "outcome", "prev", "hash", "count", "since"}
+    assert set(throttled[-1]) == {
+        "seq",
+        "time",
+        "event",
+        "actor",
+        "session",
+        "outcome",
+        "prev",
+        "hash",
+        "count",
+        "since",
+    }
     assert await log.append(AuditEvent.LOGIN_FAILURE, outcome=AuditOutcome.THROTTLED) is not None  # a new window
     log.close()
     assert verify(path, KEY).ok

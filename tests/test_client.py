@@ -27,7 +27,12 @@ async def waiting_client(links: SessionLinks, link: str | None = None, **kwargs:
 
 async def test_parse_link_keeps_fragment_local() -> None:
     link = parse_link("https://broker.example/base/j/TOKEN#KEY")
-    assert (link.base_url, link.role, link.token, link.link_key) == ("https://broker.example/base", "client", "TOKEN", "KEY")
+    assert (link.base_url, link.role, link.token, link.link_key) == (
+        "https://broker.example/base",
+        "client",
+        "TOKEN",
+        "KEY",
+    )
 
 
 async def test_call_connects_with_data_both_ways_and_audio(broker: RunningBroker) -> None:
@@ -226,7 +231,12 @@ async def test_the_broker_keeps_no_checklist_answer_item_by_item(broker: Running
         await client.submit_checklist(answers, details={"location": "home", "contact": "a friend"})
         room = await therapist.expect(WaitingRoom, where=lambda m: m.seats[0].state is SeatState.WAITING)
         summary = room.seats[0].checklist
-        assert summary is not None and set(summary) == {"policy_version", "all_required_met", "network", "answers_sealed"}
+        assert summary is not None and set(summary) == {
+            "policy_version",
+            "all_required_met",
+            "network",
+            "answers_sealed",
+        }
         key = e2ee.decode_link_key(links.link_key)
         opened = e2ee.open_checklist(key, links.session, client.peer_id, summary["answers_sealed"])
         assert opened == answers and opened["headset"] is False

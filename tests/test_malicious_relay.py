@@ -340,7 +340,9 @@ async def test_clear_candidates_the_broker_injects_are_dropped_without_a_warning
     await therapist.connect()
     client = await waiting_client(links)
     try:
-        fake = Candidate(to=client.peer_id, candidate=HOST_CANDIDATE, sdp_mid="0", sdp_mline_index=0, from_=therapist.peer_id)
+        fake = Candidate(
+            to=client.peer_id, candidate=HOST_CANDIDATE, sdp_mid="0", sdp_mline_index=0, from_=therapist.peer_id
+        )
         # Before the sealed offer (held back until it comes, then dropped) ...
         await hub.inject(links.session, fake)
         await therapist.admit(client.peer_id)

@@ -192,7 +192,9 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             throttle = LoginThrottle(clock=clock, **schedule)
         audit = AuditLog(data_dir / "audit.log", keys.audit, clock=clock)
         app = web.Application(middlewares=[security_middleware(False)])
-        setup_auth(app, store=store, accounts=accounts, throttle=throttle, audit=audit, config=config, keys=keys, clock=clock)
+        setup_auth(
+            app, store=store, accounts=accounts, throttle=throttle, audit=audit, config=config, keys=keys, clock=clock
+        )
         app.router.add_get("/api/protected", login_required(_protected))
         runner = web.AppRunner(app, access_log_class=PrivateAccessLogger)
         await runner.setup()
@@ -761,8 +763,9 @@ async def test_bodies_nested_2000_deep_are_400_on_every_json_route(tmp_path: Pat
         await full.auth.accounts.add("robin", PASSWORD)
         async with ClientSession(cookie_jar=DummyCookieJar()) as http:
             origin = {"Origin": full.url, "Content-Type": "application/json"}
-            async with http.post(full.url + "/api/login", json={"username": "robin", "password": PASSWORD},
-                                 headers={"Origin": full.url}) as r:
+            async with http.post(
+                full.url + "/api/login", json={"username": "robin", "password": PASSWORD}, headers={"Origin": full.url}
+            ) as r:
                 assert r.status == 200
                 headers = {**origin, "Cookie": f"{LOGIN_COOKIE}={r.cookies[LOGIN_COOKIE].value}",
                            CSRF_HEADER: (await r.json())["csrf"]}  # fmt: skip
