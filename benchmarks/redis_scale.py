@@ -117,7 +117,7 @@ async def open_loop(streams: list[tuple[LeanSocket, LeanSocket, bytes]], rate: f
 
         return on_frame
 
-    for (_, rx, _), queue in zip(streams, pending):
+    for (_, rx, _), queue in zip(streams, pending, strict=True):
         rx.on_frame = receiver(queue)
     per_tick = rate * TICK_S
     owed, i = 0.0, 0

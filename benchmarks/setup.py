@@ -63,7 +63,7 @@ async def direct_setup() -> float:
     started = time.perf_counter()
     pcs = [RTCPeerConnection(RTCConfiguration(iceServers=[])) for _ in range(2)]
     try:
-        for pc, event in zip(pcs, opened):
+        for pc, event in zip(pcs, opened, strict=True):
             channel = pc.createDataChannel("chat", negotiated=True, id=0)
             channel.on("open", event.set)
         offerer, answerer = pcs

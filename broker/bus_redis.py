@@ -45,7 +45,8 @@ import math
 import random
 import secrets
 from collections import OrderedDict, deque
-from typing import Any, Awaitable, Callable, Union
+from collections.abc import Awaitable, Callable
+from typing import Any, Union
 
 import msgspec
 import redis.asyncio as aioredis
@@ -55,8 +56,8 @@ from .bus import Envelope, Failed, Handler, append_then_publish, pack, unpack, w
 from .store import Store, StoreUnavailable
 from .store_redis import (
     NEXT_SEQ_LUA,
-    CommandRefused,
     TIMEOUT_S,
+    CommandRefused,
     RedisStore,
     Sealer,
     StoreCorrupt,

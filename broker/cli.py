@@ -7,8 +7,9 @@ import asyncio
 import json
 import os
 import sys
-from datetime import datetime, timezone
-from typing import Any, Sequence
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 from . import cli_therapist
 from .accounts import AccountsKeyMismatch
@@ -107,7 +108,7 @@ def _parse_time(text: str | None) -> int | None:
 
 
 def _when(ts: int) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    return datetime.fromtimestamp(ts, UTC).astimezone().strftime("%Y-%m-%d %H:%M %Z")
 
 
 def _links(base: str, seats: list[dict[str, Any]], link_key: str) -> list[dict[str, Any]]:

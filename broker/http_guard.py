@@ -29,6 +29,7 @@ import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import cast
+
 from aiohttp import web
 
 from .client_address import any_address_key, request_address_key

@@ -26,8 +26,9 @@ import logging
 import secrets
 import statistics
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any
 
 from aiortc import (
     RTCConfiguration,

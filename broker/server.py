@@ -19,23 +19,23 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from .admission import BrokerPreflight, PolicyChecklist
 from .accounts import AccountStore, open_accounts
+from .admission import BrokerPreflight, PolicyChecklist
 from .audit import AuditLog
 from .audit_setup import open_audit_log
+from .bus import Bus, LocalBus
 from .client_address import request_address_key
+from .config import Config, Keys, load_or_create_secret
 from .dashboard import setup_dashboard
 from .http_guard import forwarded_limit
-from .throttle import Throttle, throttle_for
-from .web_auth import setup_auth
-from .bus import Bus, LocalBus
-from .config import Config, Keys, load_or_create_secret
 from .hub import CLOSE_POLICY, Hub, Limits
-from .record import RecordSigner
 from .protocol import MAX_MESSAGE_BYTES, Error, ErrorCode, ProtocolError, encode
+from .record import RecordSigner
 from .security_headers import security_middleware, security_signal
 from .store import MemoryStore, Store
+from .throttle import Throttle, throttle_for
 from .tokens import TokenCodec
+from .web_auth import setup_auth
 
 log = logging.getLogger("broker.server")
 

@@ -13,7 +13,8 @@ import asyncio
 import heapq
 import time
 from collections import deque
-from typing import Awaitable, Callable, Protocol, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -204,5 +205,5 @@ async def with_store(call: Awaitable[T]) -> T:
         return await call
     except StoreUnavailable:
         raise
-    except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, ConnectionError, OSError) as exc:
         raise StoreUnavailable(str(type(exc).__name__)) from None

@@ -24,7 +24,8 @@ import random
 import secrets
 import weakref
 from collections import OrderedDict
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, TypeVar
 
 import redis.asyncio as aioredis
 from cryptography.exceptions import InvalidTag

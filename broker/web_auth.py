@@ -38,7 +38,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Annotated
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
@@ -48,11 +48,11 @@ from . import accounts as acc
 from . import passkeys
 from .accounts import AccountStore
 from .audit import AuditEvent, AuditLog, AuditOutcome
+from .client_address import request_address_key
 from .config import Config, Keys
 from .json_depth import MAX_DEPTH, too_deep
-from .store import Store, StoreUnavailable
 from .passkeys import PasskeyError, RelyingParty
-from .client_address import request_address_key
+from .store import Store, StoreUnavailable
 from .throttle import Decision, Throttle
 
 log = logging.getLogger("broker.web_auth")

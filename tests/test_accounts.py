@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from broker import totp
+from broker.account_rows_redis import RedisAccountRows, warn_if_not_persistent
 from broker.accounts import (
     INVALID_CREDENTIALS,
     OK,
@@ -30,7 +31,6 @@ from broker.accounts import (
     LoginResult,
     UsernameTaken,
 )
-from broker.account_rows_redis import RedisAccountRows, warn_if_not_persistent
 from broker.passwords import PasswordRejected, ScryptParams
 from broker.store_redis import redis_client
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import stat
@@ -594,7 +595,7 @@ async def test_the_chain_continues_across_rotated_files(rotated_log: Path) -> No
     files = all_files(rotated_log)
     assert len(files) >= 4 and files[0].name == "audit.jsonl.1"
     assert [e["seq"] for f in files for e in read_entries(f)] == list(range(1, 41))
-    for earlier, later in zip(files, files[1:]):
+    for earlier, later in itertools.pairwise(files):
         assert read_entries(later)[0]["prev"] == read_entries(earlier)[-1]["hash"]
         assert earlier.stat().st_size >= 1500 and stat.S_IMODE(earlier.stat().st_mode) == 0o600
     report = verify(rotated_log, KEY)

@@ -7,8 +7,8 @@ import contextlib
 import logging
 import os
 import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable
 
 import msgspec
 import pytest

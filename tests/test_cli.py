@@ -11,9 +11,9 @@ import stat
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
@@ -100,7 +100,7 @@ def test_session_create_works_while_serving_and_its_links_open(served: Served) -
 
 
 def test_session_create_text_output_names_each_link(served: Served) -> None:
-    starts = (datetime.now(timezone.utc) + timedelta(days=60)).strftime("%Y-%m-%dT09:00+00:00")  # within a year
+    starts = (datetime.now(UTC) + timedelta(days=60)).strftime("%Y-%m-%dT09:00+00:00")  # within a year
     result = run("session", "create", "--data-dir", str(served.data_dir), "--starts", starts)
     assert result.returncode == 0, result.stderr
     assert "Client link" in result.stdout and "Therapist link" in result.stdout

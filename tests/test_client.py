@@ -81,11 +81,11 @@ async def test_nothing_is_relayed_before_admission(broker: RunningBroker) -> Non
         assert not any(isinstance(m, Peers) and m.peers for m in client.received + therapist.received)
         before = len(client.received)
         await therapist.send_raw(
-            '{"type":"offer","to":"%s","sdp":"v=0","counter":1,"mac":"x","id":"o1"}' % client.peer_id
+            '{"type":"offer","to":"' + client.peer_id + '","sdp":"v=0","counter":1,"mac":"x","id":"o1"}'
         )
         error = await therapist.expect(type(_error()), where=lambda m: m.ref == "o1")
         assert error.code.value == "not_admitted"
-        await client.send_raw('{"type":"candidate","to":"%s","candidate":"","id":"c1"}' % therapist.peer_id)
+        await client.send_raw('{"type":"candidate","to":"' + therapist.peer_id + '","candidate":"","id":"c1"}')
         error = await client.expect(type(_error()), where=lambda m: m.ref == "c1")
         assert error.code.value == "not_admitted"
         await asyncio.sleep(0.2)

@@ -34,8 +34,8 @@ from msgspec import inspect as mi
 from broker.protocol import (
     MAX_MESSAGE_BYTES,
     ErrorCode,
-    ProtocolError,
     Form,
+    ProtocolError,
     client_message_types,
     decode_client,
     message_forms,

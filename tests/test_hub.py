@@ -237,9 +237,9 @@ async def test_relays_are_handled_within_the_step_once_the_record_is_known(broke
             (frame("candidate", client.peer_id, "r2", candidate=""), ErrorCode.NOT_IN_SESSION),
             (frame("candidate", "nobody", "r3", candidate=""), ErrorCode.NOT_IN_SESSION),
         ]
-        for text, code in refused:
+        for text, _ in refused:
             assert hub.receive_now(conn, text) is None
-        for (_, code), ref in zip(refused, ("r1", "r2", "r3")):
+        for (_, code), ref in zip(refused, ("r1", "r2", "r3"), strict=True):
             assert (await client.expect(Error, where=lambda m, ref=ref: m.ref == ref)).code is code  # type: ignore[misc]
         await asyncio.sleep(0.1)
         assert not any(isinstance(m, Candidate) and m.sdp_mid is None for m in therapist.received)

@@ -141,7 +141,7 @@ async def drain(peer: RawPeer, quiet_s: float = 0.5) -> list[dict[str, object]]:
     while True:
         try:
             got.append(await peer.recv(quiet_s))
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             return got
 
 

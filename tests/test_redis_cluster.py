@@ -19,10 +19,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -391,7 +392,7 @@ async def wire_session(
             while True:
                 try:
                     msg = await wire.ws.receive(timeout=0.01)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
                 if msg.type is aiohttp.WSMsgType.TEXT:
                     wire.inbox.append(json.loads(msg.data))

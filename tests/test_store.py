@@ -13,13 +13,13 @@ import contextlib
 import os
 import random
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 import pytest
 
-from broker.store import MemoryStore, Store, StoreUnavailable, session_prefix
 from broker.bus_redis import RedisBus
+from broker.store import MemoryStore, Store, StoreUnavailable, session_prefix
 from broker.store_redis import RedisStore, Sealer, StoreCorrupt, connect_redis, redis_client
 
 from .redis_server import RedisServer, free_port, redis_server  # noqa: F401 - the fixture

@@ -29,7 +29,6 @@ from cryptography.hazmat.primitives.twofactor.totp import TOTP
 
 from broker.accounts import AccountStore
 from broker.audit import AuditLog, verify
-from broker.totp import code_at
 from broker.config import Config, Keys
 from broker.dashboard import DASHBOARD, setup_dashboard
 from broker.passwords import ScryptParams
@@ -39,6 +38,7 @@ from broker.store import MemoryStore
 from broker.store_redis import redis_client
 from broker.throttle import LoginThrottle, Throttle
 from broker.throttle_redis import RedisLoginThrottle
+from broker.totp import code_at
 from broker.web_auth import AUTH, CSRF_HEADER, LOGIN_COOKIE, WebAuth, accounts_path, login_required, setup_auth
 
 from .redis_server import redis_server  # noqa: F401 - the fixture

@@ -204,7 +204,7 @@ async def test_group_session_everyone_connected(
     for page in clients:
         await wait_screen(page, "call")
         await frames_decoded(page, 2)
-    for peer, page in zip(peers, clients):
+    for peer, page in zip(peers, clients, strict=True):
         assert await code_with(page, therapist_peer) == await code_with(therapist, peer)
     assert await code_with(clients[0], peers[1]) == await code_with(clients[1], peers[0])
     await look(therapist, axe_source, "therapist-group-call")
