@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import msgspec
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from .config import Config, ConfigError, Keys, load_or_create_secret
 from .hub import Hub
@@ -49,7 +50,7 @@ def admin_app(hub: Hub, keys: Keys, base_url: str) -> web.Application:
     expected = keys.admin.hex()
 
     @web.middleware
-    async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not hmac.compare_digest(request.headers.get(ADMIN_HEADER, ""), expected):
             return web.json_response({"error": "not_allowed", "message": "Wrong admin key."}, status=403)
         try:

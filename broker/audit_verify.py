@@ -313,13 +313,13 @@ def check(
     count, prev = start
     several = len(files) > 1 or start[0] > 0
     if missing_files:
-        found = _Found(
+        missing = _Found(
             Problem.CHAIN,
             f"{', '.join(missing_files)} {'is' if len(missing_files) == 1 else 'are'} missing: "
             "a rotated file of the log was removed or renamed",
             None,
         )
-        return _report(found, count, files=len(files))
+        return _report(missing, count, files=len(files))
     by_seq: dict[int, list[Anchor]] = {}
     for anchor in anchors:
         by_seq.setdefault(anchor.seq, []).append(anchor)

@@ -524,7 +524,7 @@ class RedisBus:
                 expected.popitem(last=False)
         else:
             expected.move_to_end(relays.log_key)
-        first = known[0]
+        first: int = known[0]
         known[0] = first + len(relays.envelopes) if first else 0
         known[1] = relays
         return first

@@ -294,9 +294,9 @@ def _parse_item(entry: Any, position: int, source: str, problems: list[str]) -> 
     if len(problems) != before:
         return None
     return PolicyItem(
-        id=raw_id,
-        kind=kind,
-        level=level,
+        id=str(raw_id),
+        kind=str(kind),
+        level=str(level),
         text=entry["text"].strip(),
         help=entry["help"].strip(),
         check=check,

@@ -7,9 +7,9 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from . import cli_therapist
 from .accounts import AccountsKeyMismatch
@@ -345,10 +345,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _run(coro: Any) -> Any:
+T = TypeVar("T")
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop
 
-        return uvloop.run(coro)
+        result: T = uvloop.run(coro)  # uvloop is optional and not type-checked here
+        return result
     except ImportError:
         return asyncio.run(coro)

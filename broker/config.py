@@ -99,7 +99,7 @@ class Config:
             return tuple(o.rstrip("/") for o in self.allowed_origins)
         parts = urlsplit(self.base_url)
         origin = f"{parts.scheme}://{parts.netloc}"
-        extra = ()
+        extra: tuple[str, ...] = ()
         if parts.hostname == "127.0.0.1":
             extra = (f"{parts.scheme}://localhost:{parts.port}",)
         return (origin, *extra)

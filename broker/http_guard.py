@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from typing import cast
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from .client_address import any_address_key, request_address_key
 
@@ -225,7 +226,7 @@ class GuardedSite(web.BaseSite):
         await super().stop()
 
 
-def forwarded_limit(limit: int, secret: bytes) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def forwarded_limit(limit: int, secret: bytes) -> Middleware:
     """Behind a trusted proxy: at most ``limit`` requests in progress (WebSockets included) per
     forwarded client address; more get 429 before any handler runs."""
     in_progress: Counter[str] = Counter()

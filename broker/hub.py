@@ -430,7 +430,7 @@ class Hub:
         claims = self.check_token(token)
         session = await self.get_session(claims.session_id)
         if session is None:
-            raise ProtocolError(ErrorCode.INVALID_TOKEN, sm.INVALID_MESSAGE)
+            raise ProtocolError(ErrorCode.INVALID_TOKEN, INVALID_MESSAGE)
         if claims.token_id == session.group_token_id:
             client = session.clients()[0]
             return session, client
@@ -501,7 +501,7 @@ class Hub:
     def _done_now(self, conn: Connection, message: ClientMessage) -> bool:
         """Handle a ping, or a relay that needs nothing awaited; False for anything else (untouched)."""
         if type(message) is Ping:  # answered at once, even while this connection's relays are on their way
-            self._send(conn, Pong(n=message.n))  # type: ignore[union-attr]
+            self._send(conn, Pong(n=message.n))
             return True
         if type(message) not in _RELAYED or conn.peer_id is None:
             return False
@@ -509,10 +509,10 @@ class Hub:
         if session is None:
             return False
         try:
-            failed = functools.partial(self._relay_failed, conn, message.id)  # type: ignore[union-attr]
+            failed = functools.partial(self._relay_failed, conn, message.id)
             sent = self.bus.publish_relayed_soon(*self._relay_checked(conn, message, session), failed)  # type: ignore[arg-type]
         except Exception as exc:
-            self._refuse(conn, exc, message.id)  # type: ignore[union-attr]
+            self._refuse(conn, exc, message.id)
             return True
         if sent is None:
             return False
@@ -569,12 +569,13 @@ class Hub:
         if not conn.joined:
             return
         assert conn.session_id and conn.peer_id
+        peer_id = conn.peer_id
         key = (conn.session_id, conn.peer_id)
         if self._by_peer.get(key) is conn:
             del self._by_peer[key]
         await self._drop_local(conn)
         try:
-            session, held = await self._mutate(conn.session_id, lambda s: sm.disconnect(s, conn.peer_id, conn.id))
+            session, held = await self._mutate(conn.session_id, lambda s: sm.disconnect(s, peer_id, conn.id))
         except (ProtocolError, StoreUnavailable):
             return
         if held:

@@ -401,7 +401,8 @@ async def _first(future: asyncio.Future[RTCDataChannel], failed: asyncio.Event) 
     """The data channel, or ConnectionError as soon as the peer connection failed."""
     failure = asyncio.ensure_future(failed.wait())
     try:
-        await asyncio.wait({future, failure}, return_when=asyncio.FIRST_COMPLETED)
+        waiters: set[asyncio.Future[Any]] = {future, failure}
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
         failure.cancel()
     if future.done() and not future.cancelled():

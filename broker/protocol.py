@@ -12,7 +12,7 @@ get ``from`` overwritten with the sender's peer id.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Any, ClassVar, Literal, NamedTuple
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, get_args
 
 import msgspec
 
@@ -508,9 +508,9 @@ def encode(message: msgspec.Struct) -> bytes:
 
 def client_message_types() -> dict[str, type[msgspec.Struct]]:
     """Every client message type by its wire name (for docs and fuzzing)."""
-    return {t.__struct_config__.tag: t for t in ClientMessage.__args__}  # type: ignore[attr-defined]
+    return {t.__struct_config__.tag: t for t in get_args(ClientMessage)}
 
 
 def server_message_types() -> dict[str, type[msgspec.Struct]]:
     """Every broker message type by its wire name (for docs and fuzzing)."""
-    return {t.__struct_config__.tag: t for t in ServerMessage.__args__}  # type: ignore[attr-defined]
+    return {t.__struct_config__.tag: t for t in get_args(ServerMessage)}

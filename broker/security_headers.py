@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Middleware
 
 CSP = "; ".join(
     [
@@ -46,7 +47,7 @@ def is_tls(request: web.Request, trust_proxy: bool) -> bool:
     return trust_proxy and request.headers.get("X-Forwarded-Proto", "") == "https"
 
 
-def security_middleware(trust_proxy: bool) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def security_middleware(trust_proxy: bool) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:

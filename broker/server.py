@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from aiohttp.typedefs import Handler
 
 from .accounts import AccountStore, open_accounts
 from .admission import BrokerPreflight, PolicyChecklist
@@ -295,7 +296,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 
 
 @web.middleware
-async def compress_files(request: web.Request, handler: Any) -> web.StreamResponse:
+async def compress_files(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The browser client's files go out compressed to browsers that accept it (a 3-4x smaller join page).
 
     Only files from web/ are compressed: they hold no secret, so compression cannot leak one.
@@ -310,9 +311,9 @@ async def compress_files(request: web.Request, handler: Any) -> web.StreamRespon
 
 CONFIG = web.AppKey("config", Config)
 HUB = web.AppKey("hub", Hub)
-STORE = web.AppKey("store", Any)  # type: ignore[arg-type]
+STORE: web.AppKey[Store] = web.AppKey("store")
 KEYS = web.AppKey("keys", Keys)
-ADDRESS_COUNTS = web.AppKey("address_counts", Counter)  # type: ignore[arg-type]
+ADDRESS_COUNTS: web.AppKey[Counter[str]] = web.AppKey("address_counts")
 BROKER = web.AppKey("broker", Broker)
 
 

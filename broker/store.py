@@ -143,6 +143,7 @@ class MemoryStore:
         now = self._clock()
         log = self._logs.get(key)
         if log is None or log[2] <= now:
+            entries: deque[tuple[int, bytes]]
             seq, entries = 1, deque(maxlen=maxlen)
         else:
             seq, entries = log[0] + 1, log[1]

@@ -25,7 +25,7 @@ import secrets
 import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import redis.asyncio as aioredis
 from cryptography.exceptions import InvalidTag
@@ -365,7 +365,7 @@ class RedisStore:
         try:
             with unavailable_on_redis_errors():
                 await pipe.watch(key)
-                raw = await pipe.get(key)
+                raw = cast("bytes | None", await pipe.get(key))  # a bytes client (redis_client)
             current = None if raw is None else self._sealer.open(aad, raw)
             # If mutate raises, nothing was queued: the reset below UNWATCHes and nothing is written.
             new, result = mutate(current)
@@ -418,7 +418,7 @@ class RedisStore:
 
     async def read_since(self, key: str, seq: int) -> list[tuple[int, bytes]]:
         with unavailable_on_redis_errors():
-            entries = await self.redis.lrange(key, 0, -1)
+            entries = cast("list[bytes]", await self.redis.lrange(key, 0, -1))
         aad = log_aad(key)
         out: list[tuple[int, bytes]] = []
         for entry in entries:
