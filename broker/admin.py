@@ -180,7 +180,7 @@ class AdminClient:
                 async with http.request(
                     method, f"http://broker{path}", json=body, headers={ADMIN_HEADER: self._key()}
                 ) as response:
-                    data = await response.json()
+                    data: dict[str, Any] = await response.json()
         except aiohttp.ClientConnectionError:
             raise AdminError(
                 f"The broker on {self.config.data_dir} is not answering (it may have stopped). "
@@ -188,7 +188,7 @@ class AdminClient:
             ) from None
         if response.status != 200:
             raise AdminError(data.get("message", "The broker refused the request."))
-        return data  # type: ignore[no-any-return]
+        return data
 
     async def create_session(self, **fields: Any) -> dict[str, Any]:
         return await self.request("POST", "/sessions", fields)

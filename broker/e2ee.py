@@ -387,11 +387,11 @@ def _no_constant(name: str) -> object:
 def parse_signal_plaintext(kind: str, text: str) -> dict[str, object]:
     """The fields of an opened message; InterceptionError("malformed") if it is not one."""
     try:
-        fields = json.loads(text, parse_constant=_no_constant)  # NaN, Infinity: not JSON
+        fields: dict[str, object] = json.loads(text, parse_constant=_no_constant)  # NaN, Infinity: not JSON
         _check_signal_fields(kind, fields)
     except (ValueError, RecursionError) as exc:
         raise InterceptionError("malformed", f"sealed plaintext: {exc}") from None
-    return fields  # type: ignore[no-any-return]
+    return fields
 
 
 def seal_signal(
