@@ -78,9 +78,13 @@ def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="a short run (under a minute on a 2-core machine)")
     parser.add_argument(
-        "--json", action="store_true", help="print one JSON line (figures and goal verdicts) on stdout; the table goes to stderr"
+        "--json",
+        action="store_true",
+        help="print one JSON line (figures and goal verdicts) on stdout; the table goes to stderr",
     )
-    parser.add_argument("--no-record", action="store_true", help="do not write the run's JSON record to benchmarks/runs/")
+    parser.add_argument(
+        "--no-record", action="store_true", help="do not write the run's JSON record to benchmarks/runs/"
+    )
     if extra is not None:
         extra(parser)
     return parser.parse_args()
@@ -212,7 +216,9 @@ class Report:
             "broker_commit": broker_commit(),
             "goals_met": self.goals_met,
             "goals": {
-                f.key: {"goal": f.goal, "met": f.met, "value": _json_number(f.value)} for f in self.figures if f.met is not None
+                f.key: {"goal": f.goal, "met": f.met, "value": _json_number(f.value)}
+                for f in self.figures
+                if f.met is not None
             },
             "figures": {key: _json_number(value) for key, value in self.data.items()},
             "notes": list(self.notes),

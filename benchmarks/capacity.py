@@ -90,7 +90,9 @@ async def connect_all(admin: Admin, port: int, sessions: int) -> list[LeanSocket
 
 def _extra(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connections", type=int, default=10_000, help="connections to hold (even; default 10,000)")
-    parser.add_argument("--diagnose", action="store_true", help="trace the broker's allocations (slow; see its log dir)")
+    parser.add_argument(
+        "--diagnose", action="store_true", help="trace the broker's allocations (slow; see its log dir)"
+    )
     parser.add_argument("--hold", type=float, help="seconds to hold them idle (default 8 quick, 45 full)")
 
 
@@ -147,7 +149,9 @@ async def main(args: argparse.Namespace) -> None:
         if args.diagnose:
             for r in idle_rows:
                 print(f"t={r['t']:.0f} lag max {max(r['lag_ms'], default=0):.1f} ms, gc {r['gc']}", file=sys.stderr)
-        join_cpu_ms = (ramp_rows[-1]["cpu_s"] - ramp_rows[0]["cpu_s"]) / connections * 1e3 if len(ramp_rows) > 1 else float("nan")
+        join_cpu_ms = (
+            (ramp_rows[-1]["cpu_s"] - ramp_rows[0]["cpu_s"]) / connections * 1e3 if len(ramp_rows) > 1 else float("nan")
+        )
         rss_held = max(rss_samples)
         per_conn_kib = (rss_held - rss0) / connections / 1024
         lag_p99 = percentile(idle_lag, 99)
@@ -156,23 +160,51 @@ async def main(args: argparse.Namespace) -> None:
         await asyncio.sleep(3.0)
         rss_after = rss_bytes(broker.pid)
 
-        report.add("connections", "authenticated idle connections held", alive, "", f"{connections:,}", alive == connections)
+        report.add(
+            "connections", "authenticated idle connections held", alive, "", f"{connections:,}", alive == connections
+        )
         report.add("connect_s", "time to open and join them all", round(connect_s, 1), "s")
         report.add("rss_base_mib", "broker RSS at rest (before the connections)", round(rss0 / 2**20, 1), "MiB")
         report.add("rss_held_mib", "broker RSS holding them (max while idle)", round(rss_held / 2**20, 1), "MiB")
-        report.add("kib_per_connection", "RSS per connection", round(per_conn_kib, 2), "KiB", f"<= {GOAL_KIB:g} KiB", per_conn_kib <= GOAL_KIB)
+        report.add(
+            "kib_per_connection",
+            "RSS per connection",
+            round(per_conn_kib, 2),
+            "KiB",
+            f"<= {GOAL_KIB:g} KiB",
+            per_conn_kib <= GOAL_KIB,
+        )
         report.add("lag_p50_ms", "event-loop lag p50 while idle", round(percentile(idle_lag, 50), 2), "ms")
-        report.add("lag_p99_ms", "event-loop lag p99 while idle", round(lag_p99, 2), "ms", f"< {GOAL_LAG_MS:g} ms", lag_p99 < GOAL_LAG_MS)
-        report.add("control_lag_p99_ms", "same lag probe in an idle process beside it (machine noise)", round(percentile(control_lag, 99), 2), "ms")
+        report.add(
+            "lag_p99_ms",
+            "event-loop lag p99 while idle",
+            round(lag_p99, 2),
+            "ms",
+            f"< {GOAL_LAG_MS:g} ms",
+            lag_p99 < GOAL_LAG_MS,
+        )
+        report.add(
+            "control_lag_p99_ms",
+            "same lag probe in an idle process beside it (machine noise)",
+            round(percentile(control_lag, 99), 2),
+            "ms",
+        )
         report.add("lag_max_ms", "event-loop lag max while idle", round(max(idle_lag, default=float("nan")), 2), "ms")
         idle_gc = gc_passes(idle_rows, 2)
         report.add("idle_full_gc_passes", "full (generation 2) GC passes while idle", len(idle_gc))
         report.add("full_gc_passes", "full GC passes while connecting", len(gc_passes(ramp_rows, 2)))
         report.add("full_gc_max_ms", "longest full GC pass", round(max(full_gc, default=0.0), 1), "ms")
         report.add("join_cpu_ms", "broker CPU per connection joined (while connecting)", round(join_cpu_ms, 2), "ms")
-        report.add("ramp_lag_p99_ms", "event-loop lag p99 while connecting (informational)", round(percentile(ramp_lag, 99), 2), "ms")
+        report.add(
+            "ramp_lag_p99_ms",
+            "event-loop lag p99 while connecting (informational)",
+            round(percentile(ramp_lag, 99), 2),
+            "ms",
+        )
         report.add("broker_fds", "broker open file descriptors while holding", fds - fds0 + fds0, "")
-        report.add("rss_after_close_mib", "broker RSS 3 s after all closed (informational)", round(rss_after / 2**20, 1), "MiB")
+        report.add(
+            "rss_after_close_mib", "broker RSS 3 s after all closed (informational)", round(rss_after / 2**20, 1), "MiB"
+        )
         report.notes.append(
             f"{connections // 2:,} sessions of one therapist and one client; joined = hello + join accepted; "
             f"held idle {hold:.0f} s (heartbeat every 20 s); lag sampled every 10 ms on the broker's loop "

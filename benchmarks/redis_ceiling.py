@@ -125,9 +125,15 @@ async def measure(
             streams += [(a, b, candidate_frame(f"b{i}")), (b, a, candidate_frame(f"a{i}"))]
         await asyncio.sleep(0.5)  # the subscriptions are confirmed
         warm, span = (2.0, 5.0) if args.quick else (3.0, 12.0)
-        loop = await closed_loop(streams, window=args.window, warmup_s=warm, measure_s=span, pids=[s.pid for s in servers])
+        loop = await closed_loop(
+            streams, window=args.window, warmup_s=warm, measure_s=span, pids=[s.pid for s in servers]
+        )
         latencies, latency_cpu = await measured_open_loop(
-            streams, args.rate, 4.0 if args.quick else 10.0, [s.pid for s in servers], None if redis is None else redis.process.pid
+            streams,
+            args.rate,
+            4.0 if args.quick else 10.0,
+            [s.pid for s in servers],
+            None if redis is None else redis.process.pid,
         )
         return path_figures(loop, latencies, latency_cpu)
     finally:
@@ -155,12 +161,22 @@ async def main(args: argparse.Namespace) -> None:
     try:
         for r in range(rounds):
             port = free_port()
-            one = ServerProcess([sys.executable, str(HERE / "relay.py"), "--serve-bare", str(port)], port, log=tmp / f"one{r}.log")
+            one = ServerProcess(
+                [sys.executable, str(HERE / "relay.py"), "--serve-bare", str(port)], port, log=tmp / f"one{r}.log"
+            )
             results["one"].append(await measure("bare, one process", [one], pairs, args, None))
             ports = [free_port(), free_port()]
             two = [
                 ServerProcess(
-                    [sys.executable, __file__, "--serve", str(p), str(redis.port), f"bare:{{{r}}}:{mine}", f"bare:{{{r}}}:{theirs}"],
+                    [
+                        sys.executable,
+                        __file__,
+                        "--serve",
+                        str(p),
+                        str(redis.port),
+                        f"bare:{{{r}}}:{mine}",
+                        f"bare:{{{r}}}:{theirs}",
+                    ],
                     p,
                     log=tmp / f"two{r}{mine}.log",
                 )
@@ -172,12 +188,26 @@ async def main(args: argparse.Namespace) -> None:
         cleanup(tmp)
 
     tput, lat = path_ratios(results, "two", "one")
-    report = Report("redis_ceiling", "P4 ceiling: the bare stack across two processes on Redis", args, tools=("redis-server",))
+    report = Report(
+        "redis_ceiling", "P4 ceiling: the bare stack across two processes on Redis", args, tools=("redis-server",)
+    )
     report.add("pairs", "peer pairs (each split across the two processes)", pairs)
     for kind, label in (("one", "bare relay, one process"), ("two", "bare relays, two processes on Redis")):
         add_path_figures(report, kind, label, "CPU per message (relay processes)", results[kind], args.rate)
-    report.add("ratio", "throughput ratio bare two processes on Redis / bare one process", round(tput, 3), "", f"(P4: >= {GOAL_THROUGHPUT})")
-    report.add("latency_ratio", "p95 latency ratio bare two processes on Redis / bare one process", round(lat, 3), "", f"(P4: <= {GOAL_LATENCY:g})")
+    report.add(
+        "ratio",
+        "throughput ratio bare two processes on Redis / bare one process",
+        round(tput, 3),
+        "",
+        f"(P4: >= {GOAL_THROUGHPUT})",
+    )
+    report.add(
+        "latency_ratio",
+        "p95 latency ratio bare two processes on Redis / bare one process",
+        round(lat, 3),
+        "",
+        f"(P4: <= {GOAL_LATENCY:g})",
+    )
     report.notes.append(
         f"{rounds} round(s); medians. The same load as P4 on the bare stack: what crossing processes through Redis "
         "costs on this machine before the broker does anything. P4's goals are shown in brackets for comparison; "

@@ -61,8 +61,21 @@ class RedisServer:
     def __init__(self, tmp: Path) -> None:
         self.port = free_port()
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(tmp), "--loglevel", "warning"],
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(tmp),
+                "--loglevel",
+                "warning",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -104,7 +117,7 @@ async def open_loop(streams: list[tuple[LeanSocket, LeanSocket, bytes]], rate: f
 
         return on_frame
 
-    for (_, rx, _), queue in zip(streams, pending):
+    for (_, rx, _), queue in zip(streams, pending, strict=True):
         rx.on_frame = receiver(queue)
     per_tick = rate * TICK_S
     owed, i = 0.0, 0
@@ -134,7 +147,11 @@ def shared_broker_env(tmp: Path) -> dict[str, str]:
 
 
 async def measured_open_loop(
-    streams: list[tuple[LeanSocket, LeanSocket, bytes]], rate: float, seconds: float, servers: list[int], redis: int | None
+    streams: list[tuple[LeanSocket, LeanSocket, bytes]],
+    rate: float,
+    seconds: float,
+    servers: list[int],
+    redis: int | None,
 ) -> tuple[list[float], dict[str, float]]:
     """``open_loop``, and the CPU per message received it cost the server processes (and redis-server,
     when they are on it).
@@ -173,7 +190,9 @@ def path_ratios(results: dict[str, list[dict[str, float]]], two: str, one: str) 
     return med(two, "msgs_per_s") / med(one, "msgs_per_s"), med(two, "p95_ms") / med(one, "p95_ms")
 
 
-def add_path_figures(report: Report, kind: str, label: str, cpu: str, runs: list[dict[str, float]], rate: float) -> None:
+def add_path_figures(
+    report: Report, kind: str, label: str, cpu: str, runs: list[dict[str, float]], rate: float
+) -> None:
     """The medians of one set-up's rounds, as rows of the report (``kind`` prefixes their JSON keys)."""
 
     def med(key: str) -> float:
@@ -183,7 +202,12 @@ def add_path_figures(report: Report, kind: str, label: str, cpu: str, runs: list
     report.add(f"{kind}_cpu_us_per_msg", f"{label}: {cpu}", round(med("cpu_us_per_msg"), 1), "µs")
     report.add(f"{kind}_p50_ms", f"{label}: latency p50 at {rate:.0f} msg/s offered", round(med("p50_ms"), 2), "ms")
     report.add(f"{kind}_p95_ms", f"{label}: latency p95 at {rate:.0f} msg/s offered", round(med("p95_ms"), 2), "ms")
-    report.add(f"{kind}_latency_cpu_us_per_msg", f"{label}: {cpu} at {rate:.0f} msg/s offered", round(med("latency_cpu_us_per_msg")), "µs")
+    report.add(
+        f"{kind}_latency_cpu_us_per_msg",
+        f"{label}: {cpu} at {rate:.0f} msg/s offered",
+        round(med("latency_cpu_us_per_msg")),
+        "µs",
+    )
     if all("latency_redis_cpu_us_per_msg" in run for run in runs):
         report.add(
             f"{kind}_latency_redis_cpu_us_per_msg",
@@ -194,7 +218,12 @@ def add_path_figures(report: Report, kind: str, label: str, cpu: str, runs: list
 
 
 async def measure(
-    label: str, brokers: list[BrokerProcess], pairs: int, args: argparse.Namespace, rate: float, redis: RedisServer | None
+    label: str,
+    brokers: list[BrokerProcess],
+    pairs: int,
+    args: argparse.Namespace,
+    rate: float,
+    redis: RedisServer | None,
 ) -> dict[str, float]:
     for b in brokers:
         await b.start()
@@ -207,9 +236,15 @@ async def measure(
             streams.append((p.therapist, p.client, candidate_frame(p.client_peer)))
             streams.append((p.client, p.therapist, candidate_frame(p.therapist_peer)))
         warm, span = (2.0, 5.0) if args.quick else (3.0, 12.0)
-        loop = await closed_loop(streams, window=args.window, warmup_s=warm, measure_s=span, pids=[b.pid for b in brokers])
+        loop = await closed_loop(
+            streams, window=args.window, warmup_s=warm, measure_s=span, pids=[b.pid for b in brokers]
+        )
         latencies, latency_cpu = await measured_open_loop(
-            streams, rate, 4.0 if args.quick else 10.0, [b.pid for b in brokers], None if redis is None else redis.process.pid
+            streams,
+            rate,
+            4.0 if args.quick else 10.0,
+            [b.pid for b in brokers],
+            None if redis is None else redis.process.pid,
         )
         for p in made:
             p.close()
@@ -239,10 +274,14 @@ async def main(args: argparse.Namespace) -> None:
     try:
         for r in range(rounds):
             results["one"].append(
-                await measure("one process", [BrokerProcess(tmp, env=limits, name=f"one{r}")], pairs, args, args.rate, None)
+                await measure(
+                    "one process", [BrokerProcess(tmp, env=limits, name=f"one{r}")], pairs, args, args.rate, None
+                )
             )
             results["one_redis"].append(
-                await measure("one on redis", [BrokerProcess(tmp, env=on_redis, name=f"oner{r}")], pairs, args, args.rate, redis)
+                await measure(
+                    "one on redis", [BrokerProcess(tmp, env=on_redis, name=f"oner{r}")], pairs, args, args.rate, redis
+                )
             )
             two = [BrokerProcess(tmp, env=on_redis, name=f"two{r}{i}") for i in "ab"]
             results["two_redis"].append(await measure("two on redis", two, pairs, args, args.rate, redis))
@@ -253,13 +292,43 @@ async def main(args: argparse.Namespace) -> None:
     tput, lat = path_ratios(results, "two_redis", "one")
     report = Report("redis_scale", "P4 two processes on Redis", args, tools=("redis-server",))
     report.add("pairs", "peer pairs (each split across the two processes in the two-process set-up)", pairs)
-    for kind, label in (("one", "one process, embedded"), ("one_redis", "one process on Redis"), ("two_redis", "two processes on Redis")):
+    for kind, label in (
+        ("one", "one process, embedded"),
+        ("one_redis", "one process on Redis"),
+        ("two_redis", "two processes on Redis"),
+    ):
         add_path_figures(report, kind, label, "broker CPU per message (all broker processes)", results[kind], args.rate)
-    report.add("ratio", "throughput ratio two processes on Redis / one process (embedded)", round(tput, 3), "", f">= {GOAL_THROUGHPUT}", tput >= GOAL_THROUGHPUT)
-    report.add("latency_ratio", "p95 latency ratio two processes on Redis / one process (embedded)", round(lat, 3), "", f"<= {GOAL_LATENCY:g}", lat <= GOAL_LATENCY)
+    report.add(
+        "ratio",
+        "throughput ratio two processes on Redis / one process (embedded)",
+        round(tput, 3),
+        "",
+        f">= {GOAL_THROUGHPUT}",
+        tput >= GOAL_THROUGHPUT,
+    )
+    report.add(
+        "latency_ratio",
+        "p95 latency ratio two processes on Redis / one process (embedded)",
+        round(lat, 3),
+        "",
+        f"<= {GOAL_LATENCY:g}",
+        lat <= GOAL_LATENCY,
+    )
     tput_r, lat_r = path_ratios(results, "two_redis", "one_redis")
-    report.add("ratio_vs_one_redis", "throughput ratio two processes / one process, both on Redis", round(tput_r, 3), "", f"(>= {GOAL_THROUGHPUT})")
-    report.add("latency_ratio_vs_one_redis", "p95 latency ratio two processes / one process, both on Redis", round(lat_r, 3), "", f"(<= {GOAL_LATENCY:g})")
+    report.add(
+        "ratio_vs_one_redis",
+        "throughput ratio two processes / one process, both on Redis",
+        round(tput_r, 3),
+        "",
+        f"(>= {GOAL_THROUGHPUT})",
+    )
+    report.add(
+        "latency_ratio_vs_one_redis",
+        "p95 latency ratio two processes / one process, both on Redis",
+        round(lat_r, 3),
+        "",
+        f"(<= {GOAL_LATENCY:g})",
+    )
     report.notes.append(
         "The goals are judged against one process as deployed by default (embedded store); the same ratios against "
         "one process on Redis (the cost of crossing processes alone) follow, goals in brackets for comparison. "

@@ -183,15 +183,30 @@ async def main(args: argparse.Namespace) -> None:
     report.add("bare_msgs_per_s", "bare aiohttp relay", round(bare), "msg/s")
     report.add("broker_msgs_per_s", "broker relay", round(brk), "msg/s")
     report.add("ratio", "throughput ratio broker / bare", round(ratio, 3), "", f">= {GOAL}", ratio >= GOAL)
-    report.add("bare_cpu_us_per_msg", "bare relay CPU per message", round(med(bare_runs, "server_cpu_us_per_msg"), 1), "µs")
-    report.add("broker_cpu_us_per_msg", "broker CPU per message", round(med(broker_runs, "server_cpu_us_per_msg"), 1), "µs")
+    report.add(
+        "bare_cpu_us_per_msg", "bare relay CPU per message", round(med(bare_runs, "server_cpu_us_per_msg"), 1), "µs"
+    )
+    report.add(
+        "broker_cpu_us_per_msg", "broker CPU per message", round(med(broker_runs, "server_cpu_us_per_msg"), 1), "µs"
+    )
     report.add("cpu_cost_ratio", "CPU cost ratio bare / broker", round(cost_ratio, 3))
-    report.add("bare_server_cpu_share", "bare relay process CPU (1.0 = one core)", round(med(bare_runs, "server_cpu_share"), 2))
-    report.add("broker_server_cpu_share", "broker process CPU (1.0 = one core)", round(med(broker_runs, "server_cpu_share"), 2))
-    report.add("loadgen_cpu_share", "load generator CPU during broker runs", round(med(broker_runs, "loadgen_cpu_share"), 2))
+    report.add(
+        "bare_server_cpu_share", "bare relay process CPU (1.0 = one core)", round(med(bare_runs, "server_cpu_share"), 2)
+    )
+    report.add(
+        "broker_server_cpu_share", "broker process CPU (1.0 = one core)", round(med(broker_runs, "server_cpu_share"), 2)
+    )
+    report.add(
+        "loadgen_cpu_share", "load generator CPU during broker runs", round(med(broker_runs, "loadgen_cpu_share"), 2)
+    )
     for name, runs in (("bare", bare_runs), ("broker", broker_runs)):
         for q in ("p50", "p95", "p99"):
-            report.add(f"{name}_{q}_ms", f"{name} relay latency {q} (window {args.window} in flight per direction)", round(med(runs, f"{q}_ms"), 2), "ms")
+            report.add(
+                f"{name}_{q}_ms",
+                f"{name} relay latency {q} (window {args.window} in flight per direction)",
+                round(med(runs, f"{q}_ms"), 2),
+                "ms",
+            )
     report.notes.append(
         f"{rounds} round(s) of {measure:.0f} s after {warmup:.0f} s warm-up, alternating bare and broker; medians. "
         "A server process near 1.0 CPU is saturated; the throughput ratio is then the capacity ratio."

@@ -17,10 +17,13 @@ import builtins
 import os
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 Row = dict[str, Any]
+P = ParamSpec("P")
+T = TypeVar("T")
 
 #: Every column, with its kind: "text", "int" or "bytes" (sealed blobs).
 COLUMNS: dict[str, str] = {
@@ -236,5 +239,5 @@ class SqliteAccountRows:
             self._conn.close()
 
 
-async def _thread(fn: Any, *args: Any) -> Any:
-    return await asyncio.to_thread(fn, *args)
+async def _thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    return await asyncio.to_thread(fn, *args, **kwargs)

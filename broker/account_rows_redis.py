@@ -16,7 +16,7 @@ import base64
 import builtins
 import json
 import logging
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
@@ -105,19 +105,18 @@ class RedisAccountRows:
 
     async def key_check(self, sealed: bytes) -> bytes:
         await self.redis.set(_KEY_CHECK, sealed, nx=True)
-        stored: bytes = await self.redis.get(_KEY_CHECK)
-        return stored
+        return cast(bytes, await self.redis.get(_KEY_CHECK))
 
     async def by_id(self, therapist_id: str) -> Row | None:
-        raw = await self.redis.hgetall(_row_key(therapist_id))
+        raw = cast("dict[bytes, bytes]", await self.redis.hgetall(_row_key(therapist_id)))
         return _from_redis(raw) if raw else None
 
     async def by_key(self, username_key: str) -> Row | None:
-        found = await self.redis.get(_name_key(username_key))
+        found = cast("bytes | None", await self.redis.get(_name_key(username_key)))
         return await self.by_id(found.decode()) if found is not None else None
 
     async def all(self) -> builtins.list[Row]:
-        ids = sorted(i.decode() for i in await self.redis.smembers(_IDS))
+        ids = sorted(i.decode() for i in cast("set[bytes]", await self.redis.smembers(_IDS)))
         rows = [row for i in ids if (row := await self.by_id(i)) is not None]
         return sorted(rows, key=lambda r: (r["created_at"], r["id"]))
 

@@ -34,10 +34,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
-from redis.exceptions import RedisError
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from redis.exceptions import RedisError
 
 from broker import passwords, totp
 from broker.account_rows import AccountRows, Row, SqliteAccountRows

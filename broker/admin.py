@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import msgspec
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from .config import Config, ConfigError, Keys, load_or_create_secret
 from .hub import Hub
@@ -49,7 +50,7 @@ def admin_app(hub: Hub, keys: Keys, base_url: str) -> web.Application:
     expected = keys.admin.hex()
 
     @web.middleware
-    async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not hmac.compare_digest(request.headers.get(ADMIN_HEADER, ""), expected):
             return web.json_response({"error": "not_allowed", "message": "Wrong admin key."}, status=403)
         try:
@@ -141,9 +142,7 @@ def prepare_socket_path(path: Path) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.geteuid():
-        raise AdminSocketUnsafe(
-            f"{path} exists and is not a socket a broker left behind: remove it, or {_ADVICE}."
-        )
+        raise AdminSocketUnsafe(f"{path} exists and is not a socket a broker left behind: remove it, or {_ADVICE}.")
     path.unlink()  # a socket left by a broker that stopped without cleaning up
 
 
@@ -181,7 +180,7 @@ class AdminClient:
                 async with http.request(
                     method, f"http://broker{path}", json=body, headers={ADMIN_HEADER: self._key()}
                 ) as response:
-                    data = await response.json()
+                    data: dict[str, Any] = await response.json()
         except aiohttp.ClientConnectionError:
             raise AdminError(
                 f"The broker on {self.config.data_dir} is not answering (it may have stopped). "
@@ -189,7 +188,7 @@ class AdminClient:
             ) from None
         if response.status != 200:
             raise AdminError(data.get("message", "The broker refused the request."))
-        return data  # type: ignore[no-any-return]
+        return data
 
     async def create_session(self, **fields: Any) -> dict[str, Any]:
         return await self.request("POST", "/sessions", fields)

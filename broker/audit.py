@@ -230,7 +230,12 @@ class AuditLog:
                 log.info("event=audit_log_created")
                 return VerifyReport(True, 0)
             if not report.ok:
-                self._write_entry(warning, None, None, WARNING_FOR.get(report.kind, AuditOutcome.HEAD_MISSING))
+                outcome = (
+                    AuditOutcome.HEAD_MISSING
+                    if report.kind is None
+                    else WARNING_FOR.get(report.kind, AuditOutcome.HEAD_MISSING)
+                )
+                self._write_entry(warning, None, None, outcome)
                 log.warning("event=audit_integrity_warning problem=%s", report.kind)
             return report
         finally:

@@ -292,7 +292,9 @@ def compare_head(head: bytes | None, key: bytes, count: int, last_hash: str) -> 
             seq + 1,
         )
     if not hmac.compare_digest(signed_hash, last_hash):
-        return _Found(Problem.HEAD_MISMATCH, f"entry {count} differs from the signed head: the log was rewritten", count)
+        return _Found(
+            Problem.HEAD_MISMATCH, f"entry {count} differs from the signed head: the log was rewritten", count
+        )
     return None
 
 
@@ -311,13 +313,13 @@ def check(
     count, prev = start
     several = len(files) > 1 or start[0] > 0
     if missing_files:
-        found = _Found(
+        missing = _Found(
             Problem.CHAIN,
             f"{', '.join(missing_files)} {'is' if len(missing_files) == 1 else 'are'} missing: "
             "a rotated file of the log was removed or renamed",
             None,
         )
-        return _report(found, count, files=len(files))
+        return _report(missing, count, files=len(files))
     by_seq: dict[int, list[Anchor]] = {}
     for anchor in anchors:
         by_seq.setdefault(anchor.seq, []).append(anchor)

@@ -11,7 +11,8 @@ it runs on.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import msgspec
 

@@ -45,7 +45,8 @@ import math
 import random
 import secrets
 from collections import OrderedDict, deque
-from typing import Any, Awaitable, Callable, Union
+from collections.abc import Awaitable, Callable
+from typing import Any, Union
 
 import msgspec
 import redis.asyncio as aioredis
@@ -55,8 +56,8 @@ from .bus import Envelope, Failed, Handler, append_then_publish, pack, unpack, w
 from .store import Store, StoreUnavailable
 from .store_redis import (
     NEXT_SEQ_LUA,
-    CommandRefused,
     TIMEOUT_S,
+    CommandRefused,
     RedisStore,
     Sealer,
     StoreCorrupt,
@@ -199,7 +200,17 @@ class _Relays:
     """
 
     __slots__ = (
-        "bus", "entries", "envelopes", "log_key", "maxlen", "settle", "session_id", "settled", "size", "ttl_ms", "waiters"
+        "bus",
+        "entries",
+        "envelopes",
+        "log_key",
+        "maxlen",
+        "settle",
+        "session_id",
+        "settled",
+        "size",
+        "ttl_ms",
+        "waiters",
     )
 
     def __init__(self, bus: RedisBus, session_id: str, log_key: str, maxlen: int) -> None:
@@ -248,7 +259,14 @@ class _Relays:
         message = b"%s%s%d:%s" % (bus.node_id, _RELAYS_MARK, first, sealed)
         entries = [b"%d:%s" % (first + n, entry) for n, entry in enumerate(self.entries)]
         arguments: tuple[bytes | str | int, ...] = (
-            self.log_key, self.maxlen, self.ttl_ms, to, channel, first, message, *entries
+            self.log_key,
+            self.maxlen,
+            self.ttl_ms,
+            to,
+            channel,
+            first,
+            message,
+            *entries,
         )
         return b"*%d\r\n" % (len(arguments) + 3) + _RELAY_HEAD + _resp_arguments(arguments)
 
@@ -506,7 +524,7 @@ class RedisBus:
                 expected.popitem(last=False)
         else:
             expected.move_to_end(relays.log_key)
-        first = known[0]
+        first: int = known[0]
         known[0] = first + len(relays.envelopes) if first else 0
         known[1] = relays
         return first

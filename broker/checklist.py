@@ -11,9 +11,10 @@ import hashlib
 import json
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # checklist must import without aiortc; preflight is only read by attribute
     from broker.preflight import PreflightResult
@@ -266,9 +267,7 @@ def _parse_item(entry: Any, position: int, source: str, problems: list[str]) -> 
     where = f"{source}: item {raw_id!r}" if valid_id else f"{source}: item #{position}"
     before = len(problems)
     if not valid_id:
-        problems.append(
-            f"{where} needs an 'id' of 1 to 40 lowercase letters, digits or underscores (got {raw_id!r})."
-        )
+        problems.append(f"{where} needs an 'id' of 1 to 40 lowercase letters, digits or underscores (got {raw_id!r}).")
     for key in sorted(set(entry) - _ITEM_KEYS):
         problems.append(f"{where} has an unknown key {key!r}.")
     kind, level, check = entry.get("kind"), entry.get("level"), entry.get("check")
@@ -295,9 +294,9 @@ def _parse_item(entry: Any, position: int, source: str, problems: list[str]) -> 
     if len(problems) != before:
         return None
     return PolicyItem(
-        id=raw_id,
-        kind=kind,
-        level=level,
+        id=str(raw_id),
+        kind=str(kind),
+        level=str(level),
         text=entry["text"].strip(),
         help=entry["help"].strip(),
         check=check,
@@ -509,9 +508,7 @@ def _check_details_shape(details: str | None, details_item: PolicyItem | None) -
         )
 
 
-def _item_met(
-    item: PolicyItem, policy: Policy, submission: Submission, preflight: PreflightResult | None
-) -> bool:
+def _item_met(item: PolicyItem, policy: Policy, submission: Submission, preflight: PreflightResult | None) -> bool:
     if item.kind == "automatic" and item.check == "preflight":
         return preflight is not None and bool(preflight.connected)
     if item.kind in ("automatic", "attested"):
@@ -527,9 +524,7 @@ def _item_met(
     return False
 
 
-def _raise_for_required(
-    items: list[PolicyItem], passed: dict[str, bool], preflight: PreflightResult | None
-) -> None:
+def _raise_for_required(items: list[PolicyItem], passed: dict[str, bool], preflight: PreflightResult | None) -> None:
     missing = [i for i in items if i.required and not passed[i.id]]
     plain = [i for i in missing if i.kind != "details" and i.check != "preflight"]
     if plain:

@@ -7,8 +7,9 @@ import asyncio
 import json
 import os
 import sys
-from datetime import datetime, timezone
-from typing import Any, Sequence
+from collections.abc import Coroutine, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from . import cli_therapist
 from .accounts import AccountsKeyMismatch
@@ -107,7 +108,7 @@ def _parse_time(text: str | None) -> int | None:
 
 
 def _when(ts: int) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    return datetime.fromtimestamp(ts, UTC).astimezone().strftime("%Y-%m-%d %H:%M %Z")
 
 
 def _links(base: str, seats: list[dict[str, Any]], link_key: str) -> list[dict[str, Any]]:
@@ -344,10 +345,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _run(coro: Any) -> Any:
+T = TypeVar("T")
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop
 
-        return uvloop.run(coro)
+        result: T = uvloop.run(coro)  # uvloop is optional and not type-checked here
+        return result
     except ImportError:
         return asyncio.run(coro)

@@ -16,7 +16,8 @@ import asyncio
 import getpass
 import json
 import sys
-from typing import Any, Sequence, TextIO
+from collections.abc import Sequence
+from typing import Any, TextIO
 
 from .accounts import AccountError, AccountStore, open_accounts
 from .audit import AuditEvent, AuditLog

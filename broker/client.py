@@ -16,8 +16,9 @@ import contextlib
 import json
 import logging
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -64,12 +65,14 @@ from .protocol import (
     SeatState,
     ServerMessage,
     SessionEnded,
+    Verification,
     WaitingRoom,
     decode_server,
     encode,
 )
 
 log = logging.getLogger("broker.client")
+R = TypeVar("R")
 
 CHAT_LABEL = "chat"
 CHAT_CHANNEL_ID = 0
@@ -346,11 +349,11 @@ class BrokerClient:
         async with self._changed:
             self._changed.notify_all()
 
-    async def request(self, message: msgspec.Struct, reply: type, timeout: float = 10.0) -> ServerMessage:
+    async def request(self, message: msgspec.Struct, reply: type[R], timeout: float = 10.0) -> R:
         """Send a message and wait for its reply type, raising BrokerError on an error about it."""
         mark = len(self.received)
         message_id = f"r{random.getrandbits(48):x}"
-        message = msgspec.structs.replace(message, id=message_id)  # type: ignore[type-var]
+        message = msgspec.structs.replace(message, id=message_id)
         await self._send(message)
         got = await self.expect(
             (reply, Error),
@@ -360,7 +363,7 @@ class BrokerClient:
         )
         if isinstance(got, Error):
             raise BrokerError(got)
-        return got
+        return cast(R, got)  # expect() returned an instance of ``reply`` or Error
 
     async def wait_connected(self, peer: str, timeout: float = 15.0) -> PeerLink:
         """Wait until the data channel with ``peer`` is open."""
@@ -389,7 +392,7 @@ class BrokerClient:
         async def exchange(offer_sdp: str) -> str:
             # The broker may keep an offer waiting for a free slot (preflight_wait_s) before it answers.
             reply = await self.request(PreflightOffer(sdp=offer_sdp), PreflightAnswer, timeout=30.0)
-            return reply.sdp  # type: ignore[union-attr]
+            return reply.sdp
 
         tries = 1
         while True:
@@ -422,7 +425,9 @@ class BrokerClient:
             answers = {item["id"]: True for item in policy["items"]}
         sealed = None
         if details is not None and self.link_key is not None:
-            sealed = e2ee.seal_details(self.link_key, self.session_id, self.peer_id, msgspec.json.encode(details).decode())
+            sealed = e2ee.seal_details(
+                self.link_key, self.session_id, self.peer_id, msgspec.json.encode(details).decode()
+            )
         answers_sealed = None
         if self.link_key is not None:
             answers_sealed = e2ee.seal_checklist(self.link_key, self.session_id, self.peer_id, answers)
@@ -435,7 +440,7 @@ class BrokerClient:
             details=sealed,
             answers_sealed=answers_sealed,
         )
-        return await self.request(message, ChecklistAccepted)  # type: ignore[return-value]
+        return await self.request(message, ChecklistAccepted)
 
     async def admit(self, peer: str, device: str | None = None) -> None:
         """Let a waiting client in; with ``device``, that seat's other device instead (the seat moves to it)."""
@@ -453,7 +458,7 @@ class BrokerClient:
 
     async def end(self) -> SessionEnded:
         """End the session for everyone, reporting how each peer was verified for the session record."""
-        verification = {
+        verification: dict[str, Verification] = {
             peer: ("link" if link.trust == e2ee.Trust.VERIFIED_BY_LINK else "unverified")
             for peer, link in self.links.items()
             if link.trust is not None
@@ -535,11 +540,13 @@ class BrokerClient:
                 await self._close_link(link)  # the seat moved to another device: never keep the old one
         self._devices = {p.peer: p.device for p in message.peers}
         for info in message.peers:
-            link = self.links.get(info.peer)
-            healthy = link is not None and not link.closed and link.pc.connectionState not in ("failed", "closed")
+            current = self.links.get(info.peer)
+            healthy = (
+                current is not None and not current.closed and current.pc.connectionState not in ("failed", "closed")
+            )
             if info.you_offer and info.connected and not healthy:
-                if link is not None:
-                    await self._close_link(link)
+                if current is not None:
+                    await self._close_link(current)
                 self._spawn(self._start_offer(info.peer))
 
     async def _start_offer(self, peer: str) -> None:
@@ -601,6 +608,7 @@ class BrokerClient:
         except e2ee.InterceptionError as exc:
             await self._intercepted(peer, exc.reason)
             return
+        link: PeerLink | None
         if isinstance(message, Offer):
             old = self.links.get(peer)
             if old is not None:
@@ -704,7 +712,10 @@ class BrokerClient:
             if message.get("t") == "chat" and isinstance(message.get("text"), str):
                 link.messages.put_nowait(message["text"][:MAX_CHAT_CHARS])
             elif message.get("t") == "media":
-                link.remote_media = {"audio": message.get("audio") is not False, "video": message.get("video") is not False}
+                link.remote_media = {
+                    "audio": message.get("audio") is not False,
+                    "video": message.get("video") is not False,
+                }
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
@@ -753,7 +764,9 @@ async def join_from_terminal(
     except Exception as exc:
         print(f"Could not join: {exc}")
         return 1
-    print(f"Joined session {joined.session} as {joined.role.value} (peer {joined.peer}); seat {joined.seat_state.value}")
+    print(
+        f"Joined session {joined.session} as {joined.role.value} (peer {joined.peer}); seat {joined.seat_state.value}"
+    )
     try:
         if joined.role is Role.CLIENT:
             report = await client.preflight()

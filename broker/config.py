@@ -11,9 +11,10 @@ import os
 import secrets
 import stat
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import hashes
@@ -98,7 +99,7 @@ class Config:
             return tuple(o.rstrip("/") for o in self.allowed_origins)
         parts = urlsplit(self.base_url)
         origin = f"{parts.scheme}://{parts.netloc}"
-        extra = ()
+        extra: tuple[str, ...] = ()
         if parts.hostname == "127.0.0.1":
             extra = (f"{parts.scheme}://localhost:{parts.port}",)
         return (origin, *extra)
@@ -352,5 +353,3 @@ class Keys:
     @property
     def signing_seed(self) -> bytes:
         return self.derive("session-record-ed25519")
-
-

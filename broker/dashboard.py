@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from . import session as sm
 from .hub import Hub
@@ -106,7 +107,7 @@ class TooManySessions(Exception):
     pass
 
 
-DASHBOARD = web.AppKey("dashboard", Any)  # type: ignore[arg-type]
+DASHBOARD: web.AppKey[Dashboard] = web.AppKey("dashboard")
 
 
 class Dashboard:
@@ -238,18 +239,16 @@ def _not_found() -> web.Response:
 
 
 @web.middleware
-async def _store_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+async def _store_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not request.path.startswith("/api/"):
-        return await handler(request)  # type: ignore[no-any-return]
+        return await handler(request)
     try:
-        return await handler(request)  # type: ignore[no-any-return]
+        return await handler(request)
     except StoreUnavailable:
         return json_error(503, "unavailable", "The service is briefly unavailable. Try again shortly.")
 
 
-def setup_dashboard(
-    app: web.Application, *, hub: Hub, store: Store, clock: Callable[[], float] = time.time
-) -> None:
+def setup_dashboard(app: web.Application, *, hub: Hub, store: Store, clock: Callable[[], float] = time.time) -> None:
     """Add the dashboard page and its JSON API; ``setup_auth`` must have run on ``app`` first."""
     if AUTH not in app:
         raise RuntimeError("call setup_auth(app, ...) before setup_dashboard(app, ...)")

@@ -215,8 +215,7 @@ def decode_link_key(text: str) -> bytes:
         raise ValueError("link key must be text")
     if len(text) != LINK_KEY_CHARS:
         raise ValueError(
-            f"link key must be {LINK_KEY_CHARS} base64url characters, got {len(text)}"
-            " (was the link cut short?)"
+            f"link key must be {LINK_KEY_CHARS} base64url characters, got {len(text)} (was the link cut short?)"
         )
     if not _B64URL_RE.fullmatch(text):
         raise ValueError("link key contains characters outside the base64url alphabet")
@@ -262,9 +261,7 @@ def pair_key(k_auth: bytes, a: str, b: str) -> bytes:
     return _hmac(k_auth, lp(PAIR_LABEL) + lp(lo) + lp(hi))
 
 
-def canonical(
-    session_id: str, sender: str, recipient: str, sdp_type: str, counter: int, sdp: str
-) -> bytes:
+def canonical(session_id: str, sender: str, recipient: str, sdp_type: str, counter: int, sdp: str) -> bytes:
     """The exact bytes a MAC covers: everything the broker could alter or replay."""
     if sdp_type not in SDP_TYPES:
         raise ValueError("type must be 'offer' or 'answer'")
@@ -336,9 +333,7 @@ def seal_aad(session_id: str, sender: str, recipient: str, kind: str, counter: i
     """The associated data of a sealed message: its routing header, which the broker sees."""
     if kind not in SIGNAL_TYPES:
         raise ValueError("type must be 'offer', 'answer' or 'candidate'")
-    return b"".join(
-        (lp(SEAL_LABEL), lp(session_id), lp(sender), lp(recipient), lp(kind), u64(counter))
-    )
+    return b"".join((lp(SEAL_LABEL), lp(session_id), lp(sender), lp(recipient), lp(kind), u64(counter)))
 
 
 def _text_field(value: object, limit: int, *, nullable: bool) -> bool:
@@ -353,7 +348,7 @@ def _check_signal_fields(kind: str, fields: dict[str, object]) -> None:
         raise ValueError("plaintext must be an object")
     if kind in SDP_TYPES:
         if set(fields) != {"sdp"} or not _text_field(fields["sdp"], MAX_SDP_CHARS, nullable=False):
-            raise ValueError("a description's plaintext is {\"sdp\": text of at most 48 KiB}")
+            raise ValueError('a description\'s plaintext is {"sdp": text of at most 48 KiB}')
         return
     if kind != "candidate":
         raise ValueError("type must be 'offer', 'answer' or 'candidate'")
@@ -362,13 +357,10 @@ def _check_signal_fields(kind: str, fields: dict[str, object]) -> None:
         set(fields) != {"candidate", "sdp_mid", "sdp_mline_index"}
         or not _text_field(fields["candidate"], MAX_CANDIDATE_CHARS, nullable=False)
         or not _text_field(fields["sdp_mid"], MAX_MID_CHARS, nullable=True)
-        or not (
-            index is None
-            or (isinstance(index, int) and not isinstance(index, bool) and 0 <= index <= 255)
-        )
+        or not (index is None or (isinstance(index, int) and not isinstance(index, bool) and 0 <= index <= 255))
     ):
         raise ValueError(
-            "a candidate's plaintext is {\"candidate\", \"sdp_mid\", \"sdp_mline_index\"}"
+            'a candidate\'s plaintext is {"candidate", "sdp_mid", "sdp_mline_index"}'
             " within the limits of the clear form"
         )
 
@@ -395,11 +387,11 @@ def _no_constant(name: str) -> object:
 def parse_signal_plaintext(kind: str, text: str) -> dict[str, object]:
     """The fields of an opened message; InterceptionError("malformed") if it is not one."""
     try:
-        fields = json.loads(text, parse_constant=_no_constant)  # NaN, Infinity: not JSON
+        fields: dict[str, object] = json.loads(text, parse_constant=_no_constant)  # NaN, Infinity: not JSON
         _check_signal_fields(kind, fields)
     except (ValueError, RecursionError) as exc:
         raise InterceptionError("malformed", f"sealed plaintext: {exc}") from None
-    return fields  # type: ignore[no-any-return]
+    return fields
 
 
 def seal_signal(
@@ -510,9 +502,7 @@ class SdpAuthenticator:
         counter = self.next_counter(recipient)
         if self._k_auth is None:
             return counter, None
-        mac = sign_sdp(
-            self._k_auth, self.session_id, self.my_peer_id, recipient, sdp_type, counter, sdp
-        )
+        mac = sign_sdp(self._k_auth, self.session_id, self.my_peer_id, recipient, sdp_type, counter, sdp)
         return counter, mac
 
     def _seal_key(self, sender: str, recipient: str) -> bytes:
@@ -545,9 +535,7 @@ class SdpAuthenticator:
         sealed = seal_signal(key, self.session_id, self.my_peer_id, recipient, kind, counter, plaintext)
         return counter, sealed
 
-    def unseal(
-        self, sender: str, kind: str, counter: int | None, sealed: str
-    ) -> dict[str, object]:
+    def unseal(self, sender: str, kind: str, counter: int | None, sealed: str) -> dict[str, object]:
         """Open a sealed offer, answer or candidate and return its fields, or raise InterceptionError.
 
         bad_mac: it does not open (altered, replayed under another header, or not for us);
@@ -591,9 +579,7 @@ class SdpAuthenticator:
         counter = self._check_header(sender, sdp_type, SDP_TYPES, counter)
         trust = Trust.UNVERIFIED
         if self._k_auth is not None and (mac or not allow_unverified):
-            verify_sdp(
-                self._k_auth, self.session_id, sender, self.my_peer_id, sdp_type, counter, sdp, mac
-            )
+            verify_sdp(self._k_auth, self.session_id, sender, self.my_peer_id, sdp_type, counter, sdp, mac)
             trust = Trust.VERIFIED_BY_LINK
         last = self._last_accepted.get(sender)
         if last is not None and counter <= last:
@@ -602,9 +588,7 @@ class SdpAuthenticator:
         self._last_accepted[sender] = counter
         return trust
 
-    def _check_header(
-        self, sender: str, kind: str, kinds: frozenset[str], counter: int | None
-    ) -> int:
+    def _check_header(self, sender: str, kind: str, kinds: frozenset[str], counter: int | None) -> int:
         if not isinstance(sender, str):
             raise InterceptionError("malformed", "sender and sdp must be text")
         if sender == self.my_peer_id:

@@ -29,7 +29,9 @@ import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import cast
+
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from .client_address import any_address_key, request_address_key
 
@@ -224,7 +226,7 @@ class GuardedSite(web.BaseSite):
         await super().stop()
 
 
-def forwarded_limit(limit: int, secret: bytes) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def forwarded_limit(limit: int, secret: bytes) -> Middleware:
     """Behind a trusted proxy: at most ``limit`` requests in progress (WebSockets included) per
     forwarded client address; more get 429 before any handler runs."""
     in_progress: Counter[str] = Counter()
@@ -245,4 +247,3 @@ def forwarded_limit(limit: int, secret: bytes) -> Callable[[web.Request, Handler
                 del in_progress[key]
 
     return middleware
-

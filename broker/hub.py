@@ -17,8 +17,9 @@ import logging
 import secrets
 import time
 from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -116,6 +117,7 @@ _RELAYED = frozenset({Offer, Answer, Candidate, Renegotiate})
 
 def mailbox_key(session_id: str, peer_id: str) -> str:
     return f"{session_prefix(session_id)}:box:{peer_id}"
+
 
 _record_encoder = msgspec.msgpack.Encoder()
 _record_decoder = msgspec.msgpack.Decoder(Session)
@@ -428,7 +430,7 @@ class Hub:
         claims = self.check_token(token)
         session = await self.get_session(claims.session_id)
         if session is None:
-            raise ProtocolError(ErrorCode.INVALID_TOKEN, sm.INVALID_MESSAGE)
+            raise ProtocolError(ErrorCode.INVALID_TOKEN, INVALID_MESSAGE)
         if claims.token_id == session.group_token_id:
             client = session.clients()[0]
             return session, client
@@ -499,7 +501,7 @@ class Hub:
     def _done_now(self, conn: Connection, message: ClientMessage) -> bool:
         """Handle a ping, or a relay that needs nothing awaited; False for anything else (untouched)."""
         if type(message) is Ping:  # answered at once, even while this connection's relays are on their way
-            self._send(conn, Pong(n=message.n))  # type: ignore[union-attr]
+            self._send(conn, Pong(n=message.n))
             return True
         if type(message) not in _RELAYED or conn.peer_id is None:
             return False
@@ -507,10 +509,10 @@ class Hub:
         if session is None:
             return False
         try:
-            failed = functools.partial(self._relay_failed, conn, message.id)  # type: ignore[union-attr]
+            failed = functools.partial(self._relay_failed, conn, message.id)
             sent = self.bus.publish_relayed_soon(*self._relay_checked(conn, message, session), failed)  # type: ignore[arg-type]
         except Exception as exc:
-            self._refuse(conn, exc, message.id)  # type: ignore[union-attr]
+            self._refuse(conn, exc, message.id)
             return True
         if sent is None:
             return False
@@ -544,7 +546,11 @@ class Hub:
         elif isinstance(exc, StoreUnavailable):
             self._send(
                 conn,
-                Error(code=ErrorCode.UNAVAILABLE, message="The service is briefly unavailable. Try again shortly.", ref=ref),
+                Error(
+                    code=ErrorCode.UNAVAILABLE,
+                    message="The service is briefly unavailable. Try again shortly.",
+                    ref=ref,
+                ),
             )
         else:  # never let one bad message take the connection down
             log.error("event=internal_error conn=%s", conn.id, exc_info=exc)
@@ -563,12 +569,13 @@ class Hub:
         if not conn.joined:
             return
         assert conn.session_id and conn.peer_id
+        peer_id = conn.peer_id
         key = (conn.session_id, conn.peer_id)
         if self._by_peer.get(key) is conn:
             del self._by_peer[key]
         await self._drop_local(conn)
         try:
-            session, held = await self._mutate(conn.session_id, lambda s: sm.disconnect(s, conn.peer_id, conn.id))
+            session, held = await self._mutate(conn.session_id, lambda s: sm.disconnect(s, peer_id, conn.id))
         except (ProtocolError, StoreUnavailable):
             return
         if held:
@@ -778,7 +785,9 @@ class Hub:
             await self._mutate(session_id, record)
         except (ProtocolError, StoreUnavailable):
             return
-        log.info("event=preflight_recorded session=%s peer=%s connected=%s", session_id, peer_id, result.get("connected"))
+        log.info(
+            "event=preflight_recorded session=%s peer=%s connected=%s", session_id, peer_id, result.get("connected")
+        )
 
     async def _on_admit(self, conn: Connection, message: Admit) -> None:
         now = int(self.clock())
@@ -887,7 +896,14 @@ class Hub:
         data = encode(msgspec.structs.replace(message, from_=conn.peer_id, id=None, seq=None))
         # The buffer lives as long as the session: never longer, and its numbering never restarts early.
         ttl = max(1.0, session.expires - self.clock())
-        return session.id, Envelope(message.to, None, data), self.store, mailbox_key(session.id, message.to), RESUME_MAX, ttl
+        return (
+            session.id,
+            Envelope(message.to, None, data),
+            self.store,
+            mailbox_key(session.id, message.to),
+            RESUME_MAX,
+            ttl,
+        )
 
     async def _on_report(self, conn: Connection, message: Report) -> None:
         assert conn.session_id and conn.peer_id
@@ -950,7 +966,8 @@ class Hub:
     async def _finish(self, session_id: str, reason: str, actor: str | None = None, owner: str | None = None) -> None:
         """Tell everyone the session is over, then forget every key of it."""
         await self.bus.publish(
-            session_id, Envelope(None, None, encode(SessionEnded(reason=reason)), CLOSE_ENDED)  # type: ignore[arg-type]
+            session_id,
+            Envelope(None, None, encode(SessionEnded(reason=reason)), CLOSE_ENDED),  # type: ignore[arg-type]
         )
         removed = await self.store.delete_prefix(session_prefix(session_id))
         self._decoded.pop(session_id, None)
@@ -1209,7 +1226,9 @@ class Hub:
                 self._refreshing.add(session_id)
                 # Read after the relay that found it old is on its way, with the others due soon.
                 if not self._refresh_due:
-                    self._refresh_timer = asyncio.get_running_loop().call_later(RELAY_RECORD_GATHER_S, self._start_refresh)
+                    self._refresh_timer = asyncio.get_running_loop().call_later(
+                        RELAY_RECORD_GATHER_S, self._start_refresh
+                    )
                 self._refresh_due.append(session_id)
         return hit[1]
 

@@ -36,6 +36,7 @@ def redact(text: str) -> str:
 def has_address(text: str) -> bool:
     return redact(text) != text
 
+
 NOISY = ("aioice", "aiortc", "aiohttp.access")
 
 

@@ -92,7 +92,10 @@ def verify_registration(rp: RelyingParty, credential: dict[str, Any], challenge:
     """The credential to store (base64url fields), or PasskeyError."""
     try:
         verified = verify_registration_response(
-            credential=credential, expected_challenge=challenge, expected_rp_id=rp.rp_id, expected_origin=list(rp.origins)
+            credential=credential,
+            expected_challenge=challenge,
+            expected_rp_id=rp.rp_id,
+            expected_origin=list(rp.origins),
         )
     except (WebAuthnException, ValueError, KeyError, TypeError, RecursionError) as exc:
         # WebAuthnException covers a credential of the wrong shape (InvalidJSONStructure) too.

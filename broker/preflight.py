@@ -26,8 +26,9 @@ import logging
 import secrets
 import statistics
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any
 
 from aiortc import (
     RTCConfiguration,
@@ -107,9 +108,7 @@ def _ice_servers(servers: Iterable[Any] | None) -> list[RTCIceServer]:
             out.append(server)
         else:
             out.append(
-                RTCIceServer(
-                    urls=server["urls"], username=server.get("username"), credential=server.get("credential")
-                )
+                RTCIceServer(urls=server["urls"], username=server.get("username"), credential=server.get("credential"))
             )
     return out
 
@@ -402,7 +401,8 @@ async def _first(future: asyncio.Future[RTCDataChannel], failed: asyncio.Event) 
     """The data channel, or ConnectionError as soon as the peer connection failed."""
     failure = asyncio.ensure_future(failed.wait())
     try:
-        await asyncio.wait({future, failure}, return_when=asyncio.FIRST_COMPLETED)
+        waiters: set[asyncio.Future[Any]] = {future, failure}
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
         failure.cancel()
     if future.done() and not future.cancelled():

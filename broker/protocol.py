@@ -12,7 +12,7 @@ get ``from`` overwritten with the sender's peer id.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Union
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, get_args
 
 import msgspec
 
@@ -279,24 +279,24 @@ class Ping(_ClientMessage, tag="ping"):
     n: Counter | None = None
 
 
-ClientMessage = Union[
-    Hello,
-    Join,
-    ChecklistSubmit,
-    PreflightOffer,
-    Admit,
-    Decline,
-    Remove,
-    AllowReturn,
-    Offer,
-    Answer,
-    Candidate,
-    Renegotiate,
-    Report,
-    Leave,
-    End,
-    Ping,
-]
+ClientMessage = (
+    Hello
+    | Join
+    | ChecklistSubmit
+    | PreflightOffer
+    | Admit
+    | Decline
+    | Remove
+    | AllowReturn
+    | Offer
+    | Answer
+    | Candidate
+    | Renegotiate
+    | Report
+    | Leave
+    | End
+    | Ping
+)
 
 #: Messages the broker relays between admitted peers of one session.
 RELAYED = (Offer, Answer, Candidate, Renegotiate)
@@ -445,26 +445,26 @@ class Error(_ServerMessage, tag="error"):
     retry_after_ms: int | None = None
 
 
-ServerMessage = Union[
-    Welcome,
-    Joined,
-    Status,
-    ChecklistAccepted,
-    PreflightAnswer,
-    WaitingRoom,
-    Peers,
-    Declined,
-    Removed,
-    SessionRecord,
-    SessionEnded,
-    Pong,
-    Reconnect,
-    Error,
-    Offer,
-    Answer,
-    Candidate,
-    Renegotiate,
-]
+ServerMessage = (
+    Welcome
+    | Joined
+    | Status
+    | ChecklistAccepted
+    | PreflightAnswer
+    | WaitingRoom
+    | Peers
+    | Declined
+    | Removed
+    | SessionRecord
+    | SessionEnded
+    | Pong
+    | Reconnect
+    | Error
+    | Offer
+    | Answer
+    | Candidate
+    | Renegotiate
+)
 
 # ---------------------------------------------------------------- codecs
 
@@ -508,9 +508,9 @@ def encode(message: msgspec.Struct) -> bytes:
 
 def client_message_types() -> dict[str, type[msgspec.Struct]]:
     """Every client message type by its wire name (for docs and fuzzing)."""
-    return {t.__struct_config__.tag: t for t in ClientMessage.__args__}  # type: ignore[attr-defined]
+    return {t.__struct_config__.tag: t for t in get_args(ClientMessage)}
 
 
 def server_message_types() -> dict[str, type[msgspec.Struct]]:
     """Every broker message type by its wire name (for docs and fuzzing)."""
-    return {t.__struct_config__.tag: t for t in ServerMessage.__args__}  # type: ignore[attr-defined]
+    return {t.__struct_config__.tag: t for t in get_args(ServerMessage)}

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Middleware
 
 CSP = "; ".join(
     [
@@ -46,7 +47,7 @@ def is_tls(request: web.Request, trust_proxy: bool) -> bool:
     return trust_proxy and request.headers.get("X-Forwarded-Proto", "") == "https"
 
 
-def security_middleware(trust_proxy: bool) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def security_middleware(trust_proxy: bool) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
@@ -98,7 +99,9 @@ class PrivateAccessLogger(AbstractAccessLogger):
         match_info = getattr(request, "match_info", None)
         if match_info is not None and match_info.route.resource is not None:
             route = match_info.route.resource.canonical
-        self.logger.info("event=http method=%s route=%s status=%d ms=%.1f", request.method, route, response.status, time * 1000)
+        self.logger.info(
+            "event=http method=%s route=%s status=%d ms=%.1f", request.method, route, response.status, time * 1000
+        )
 
     @property
     def enabled(self) -> bool:

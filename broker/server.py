@@ -18,24 +18,25 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from aiohttp.typedefs import Handler
 
-from .admission import BrokerPreflight, PolicyChecklist
 from .accounts import AccountStore, open_accounts
+from .admission import BrokerPreflight, PolicyChecklist
 from .audit import AuditLog
 from .audit_setup import open_audit_log
+from .bus import Bus, LocalBus
 from .client_address import request_address_key
+from .config import Config, Keys, load_or_create_secret
 from .dashboard import setup_dashboard
 from .http_guard import forwarded_limit
-from .throttle import Throttle, throttle_for
-from .web_auth import setup_auth
-from .bus import Bus, LocalBus
-from .config import Config, Keys, load_or_create_secret
 from .hub import CLOSE_POLICY, Hub, Limits
-from .record import RecordSigner
 from .protocol import MAX_MESSAGE_BYTES, Error, ErrorCode, ProtocolError, encode
+from .record import RecordSigner
 from .security_headers import security_middleware, security_signal
 from .store import MemoryStore, Store
+from .throttle import Throttle, throttle_for
 from .tokens import TokenCodec
+from .web_auth import setup_auth
 
 log = logging.getLogger("broker.server")
 
@@ -171,9 +172,7 @@ _ERROR_TITLES = {
 def render_notice(title: str, message: str, status: int, code: str) -> web.Response:
     """A plain page for a link that cannot be used: never a stack trace."""
     template = string.Template((web_root() / "notice.html").read_text(encoding="utf-8"))
-    body = template.substitute(
-        title=html.escape(title), message=html.escape(message), code=html.escape(code)
-    )
+    body = template.substitute(title=html.escape(title), message=html.escape(message), code=html.escape(code))
     return web.Response(text=body, status=status, content_type="text/html", charset="utf-8")
 
 
@@ -185,7 +184,9 @@ async def _link_page(request: web.Request, page: str, role: str) -> web.StreamRe
             raise ProtocolError(ErrorCode.INVALID_TOKEN, "This link does not open this page.")
     except ProtocolError as exc:
         status = _ERROR_STATUS.get(exc.code, 400)
-        return render_notice(_ERROR_TITLES.get(exc.code, "This link does not work"), exc.message, status, exc.code.value)
+        return render_notice(
+            _ERROR_TITLES.get(exc.code, "This link does not work"), exc.message, status, exc.code.value
+        )
     return web.FileResponse(web_root() / page, headers={"Content-Type": "text/html; charset=utf-8"})
 
 
@@ -261,7 +262,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         raise web.HTTPTooManyRequests(text="Too many connections from this address.")
     ws = web.WebSocketResponse(
         # aiohttp refuses frames of max_msg_size bytes or more; the protocol allows exactly 64 KiB.
-        max_msg_size=MAX_MESSAGE_BYTES + 1, compress=False, heartbeat=config.heartbeat_s, autoping=True
+        max_msg_size=MAX_MESSAGE_BYTES + 1,
+        compress=False,
+        heartbeat=config.heartbeat_s,
+        autoping=True,
     )
     await ws.prepare(request)
     counts[key] += 1
@@ -290,8 +294,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 
 # ---------------------------------------------------------------- app
 
+
 @web.middleware
-async def compress_files(request: web.Request, handler: Any) -> web.StreamResponse:
+async def compress_files(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The browser client's files go out compressed to browsers that accept it (a 3-4x smaller join page).
 
     Only files from web/ are compressed: they hold no secret, so compression cannot leak one.
@@ -306,9 +311,9 @@ async def compress_files(request: web.Request, handler: Any) -> web.StreamRespon
 
 CONFIG = web.AppKey("config", Config)
 HUB = web.AppKey("hub", Hub)
-STORE = web.AppKey("store", Any)  # type: ignore[arg-type]
+STORE: web.AppKey[Store] = web.AppKey("store")
 KEYS = web.AppKey("keys", Keys)
-ADDRESS_COUNTS = web.AppKey("address_counts", Counter)  # type: ignore[arg-type]
+ADDRESS_COUNTS: web.AppKey[Counter[str]] = web.AppKey("address_counts")
 BROKER = web.AppKey("broker", Broker)
 
 

@@ -422,7 +422,9 @@ def revoke(session: Session, seat_id: str) -> Seat:
     _require_not_ended(session)
     seat = session.seat(seat_id)
     if seat.role is Role.THERAPIST:
-        raise ProtocolError(ErrorCode.NOT_ALLOWED, "The therapist's own link cannot be revoked; end the session instead.")
+        raise ProtocolError(
+            ErrorCode.NOT_ALLOWED, "The therapist's own link cannot be revoked; end the session instead."
+        )
     seat.token_id = None
     seat.claimed = False
     _reset(seat)

@@ -13,7 +13,8 @@ import asyncio
 import heapq
 import time
 from collections import deque
-from typing import Awaitable, Callable, Protocol, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -142,6 +143,7 @@ class MemoryStore:
         now = self._clock()
         log = self._logs.get(key)
         if log is None or log[2] <= now:
+            entries: deque[tuple[int, bytes]]
             seq, entries = 1, deque(maxlen=maxlen)
         else:
             seq, entries = log[0] + 1, log[1]
@@ -204,5 +206,5 @@ async def with_store(call: Awaitable[T]) -> T:
         return await call
     except StoreUnavailable:
         raise
-    except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, ConnectionError, OSError) as exc:
         raise StoreUnavailable(str(type(exc).__name__)) from None

@@ -24,7 +24,8 @@ import random
 import secrets
 import weakref
 from collections import OrderedDict
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import redis.asyncio as aioredis
 from cryptography.exceptions import InvalidTag
@@ -221,14 +222,19 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 
 
 #: Appends the sealed values ARGV[3], ARGV[4], ... numbered on from the newest entry; returns the first's seq.
-_APPEND = NEXT_SEQ_LUA + """
+_APPEND = (
+    NEXT_SEQ_LUA
+    + """
 local entries = {}
 for i = 3, #ARGV do
   entries[i - 2] = string.format('%d:', first + i - 3) .. ARGV[i]
 end
-""" + keep_entries_lua("entries") + """
+"""
+    + keep_entries_lua("entries")
+    + """
 return first
 """
+)
 
 #: Empties a capped log but keeps its numbering: the newest entry is replaced by "<seq>:" alone, a
 #: marker that carries the sequence number and no value (read_since skips it). The TTL is kept.
@@ -294,9 +300,7 @@ class _KeyLocks:
 class RedisStore:
     """The Store interface over Redis; values sealed with ``Sealer``."""
 
-    def __init__(
-        self, client: aioredis.Redis, sealer: Sealer, *, also_ready: Callable[[], bool] | None = None
-    ) -> None:
+    def __init__(self, client: aioredis.Redis, sealer: Sealer, *, also_ready: Callable[[], bool] | None = None) -> None:
         self.redis = client
         self._sealer = sealer
         self._also_ready = also_ready
@@ -361,7 +365,7 @@ class RedisStore:
         try:
             with unavailable_on_redis_errors():
                 await pipe.watch(key)
-                raw = await pipe.get(key)
+                raw = cast("bytes | None", await pipe.get(key))  # a bytes client (redis_client)
             current = None if raw is None else self._sealer.open(aad, raw)
             # If mutate raises, nothing was queued: the reset below UNWATCHes and nothing is written.
             new, result = mutate(current)
@@ -414,7 +418,7 @@ class RedisStore:
 
     async def read_since(self, key: str, seq: int) -> list[tuple[int, bytes]]:
         with unavailable_on_redis_errors():
-            entries = await self.redis.lrange(key, 0, -1)
+            entries = cast("list[bytes]", await self.redis.lrange(key, 0, -1))
         aad = log_aad(key)
         out: list[tuple[int, bytes]] = []
         for entry in entries:

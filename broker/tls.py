@@ -41,7 +41,7 @@ def _names(host: str) -> list[x509.GeneralName]:
 
 def _local_addresses() -> set[str]:
     try:
-        return {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
+        return {str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
     except OSError:
         return set()
 
@@ -52,10 +52,10 @@ def self_signed(directory: Path, host: str) -> tuple[Path, Path, str]:
     cert_path, key_path = directory / "self-signed.crt", directory / "self-signed.key"
     if cert_path.exists() and key_path.exists():
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        if cert.not_valid_after_utc > dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1):
+        if cert.not_valid_after_utc > dt.datetime.now(dt.UTC) + dt.timedelta(days=1):
             return cert_path, key_path, fingerprint(cert)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "teletherapy broker (self-signed trial)")])
     cert = (
         x509.CertificateBuilder()

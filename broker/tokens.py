@@ -133,7 +133,9 @@ class TokenCodec:
                 "This link is not open yet. Please come back closer to your appointment time.",
             )
         if now >= expires:
-            raise ProtocolError(ErrorCode.TOKEN_EXPIRED, "This link has expired. Please ask your therapist for a new one.")
+            raise ProtocolError(
+                ErrorCode.TOKEN_EXPIRED, "This link has expired. Please ask your therapist for a new one."
+            )
         return TokenClaims(b64e(sid), b64e(tid), not_before, expires)
 
     def _mac(self, body: bytes) -> bytes:

@@ -38,21 +38,22 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Annotated
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from redis.exceptions import RedisError
 
 from . import accounts as acc
 from . import passkeys
 from .accounts import AccountStore
 from .audit import AuditEvent, AuditLog, AuditOutcome
+from .client_address import request_address_key
 from .config import Config, Keys
 from .json_depth import MAX_DEPTH, too_deep
-from .store import Store, StoreUnavailable
 from .passkeys import PasskeyError, RelyingParty
-from .client_address import request_address_key
+from .store import Store, StoreUnavailable
 from .throttle import Decision, Throttle
 
 log = logging.getLogger("broker.web_auth")
@@ -191,7 +192,7 @@ class LoginSession:
 
 
 #: The request's login session, loaded at most once per request.
-LOADED = web.RequestKey("login_session", "LoginSession | None")  # type: ignore[arg-type]
+LOADED: web.RequestKey[LoginSession | None] = web.RequestKey("login_session")
 
 
 class WebAuth:
@@ -364,7 +365,7 @@ def login_required(handler: Handler) -> Handler:
 # ---------------------------------------------------------------- CSRF
 
 
-def csrf_middleware(config: Config) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def csrf_middleware(config: Config) -> Middleware:
     """Refuse state-changing API requests from other origins or without the session's token."""
     allowed = frozenset(config.origins)
 

@@ -53,9 +53,7 @@ class RemoveRequest(msgspec.Struct, forbid_unknown_fields=True):
     confirm_password_only: bool = False
 
 
-PASSWORD_ONLY = (
-    "Passkey removed. Your account now logs in with a password only, and its recovery codes no longer work."
-)
+PASSWORD_ONLY = "Passkey removed. Your account now logs in with a password only, and its recovery codes no longer work."
 
 
 async def api_register_options(request: web.Request) -> web.Response:

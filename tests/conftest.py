@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 from aiohttp import ClientWebSocketResponse, WSMsgType, web

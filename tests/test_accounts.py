@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from broker import totp
+from broker.account_rows_redis import RedisAccountRows, warn_if_not_persistent
 from broker.accounts import (
     INVALID_CREDENTIALS,
     OK,
@@ -30,7 +31,6 @@ from broker.accounts import (
     LoginResult,
     UsernameTaken,
 )
-from broker.account_rows_redis import RedisAccountRows, warn_if_not_persistent
 from broker.passwords import PasswordRejected, ScryptParams
 from broker.store_redis import redis_client
 
@@ -382,9 +382,7 @@ async def test_two_processes_share_accounts_and_spend_a_totp_step_once(backend: 
         secret, _codes = await enrol(one, tid, clock)
         clock.now += 60
         code = totp.code_at(secret, clock.now)
-        results = await asyncio.gather(
-            *(login(one if i % 2 else two, USERNAME, PASSWORD, code) for i in range(20))
-        )
+        results = await asyncio.gather(*(login(one if i % 2 else two, USERNAME, PASSWORD, code) for i in range(20)))
         assert sum(r.ok for r in results) == 1
     finally:
         await one.close()

@@ -63,7 +63,7 @@ async def test_accounts_sessions_and_throttle_are_shared(pair: tuple[RunningBrok
         # earns a delay, so the fifth attempt is refused whichever process it reaches.
         answers = []
         for i in range(5):
-            status, body, _ = await post_login(http, (one, two)[i % 2], "a wrong password, attempt %d" % i)
+            status, body, _ = await post_login(http, (one, two)[i % 2], f"a wrong password, attempt {i}")
             answers.append((status, body["error"]))
         assert answers[:4] == [(401, "invalid_credentials")] * 4
         assert answers[4] == (429, "too_many_attempts")

@@ -382,7 +382,7 @@ class Attack:
         # One joined connection carries most of it (closed as a flood within a second or two, then back
         # again); the others stay just over their budget, throttled.
         shares = [0.6] + [0.4 / (len(flooders) - 1)] * (len(flooders) - 1)
-        for (address, token), share in zip(flooders, shares):
+        for (address, token), share in zip(flooders, shares, strict=True):
             self.tasks.append(asyncio.ensure_future(self.flood(address, token, share)))
         self.tasks.append(asyncio.ensure_future(self.oversize("198.19.2.1")))
         for _ in range(100):  # wait (up to 20 s) until the sockets are held

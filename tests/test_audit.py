@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import stat
@@ -594,7 +595,7 @@ async def test_the_chain_continues_across_rotated_files(rotated_log: Path) -> No
     files = all_files(rotated_log)
     assert len(files) >= 4 and files[0].name == "audit.jsonl.1"
     assert [e["seq"] for f in files for e in read_entries(f)] == list(range(1, 41))
-    for earlier, later in zip(files, files[1:]):
+    for earlier, later in itertools.pairwise(files):
         assert read_entries(later)[0]["prev"] == read_entries(earlier)[-1]["hash"]
         assert earlier.stat().st_size >= 1500 and stat.S_IMODE(earlier.stat().st_mode) == 0o600
     report = verify(rotated_log, KEY)
@@ -678,7 +679,18 @@ async def test_events_anyone_can_cause_are_written_a_few_per_window_then_counted
     assert throttled[0]["time"] <= throttled[-1]["since"] <= throttled[-1]["time"]
     assert sum(e.get("count", 1) for e in throttled) == 100
     assert len([e for e in entries if e["event"] == "session_created"]) == 20
-    assert set(throttled[-1]) == {"seq", "time", "event", "actor", "session", "outcome", "prev", "hash", "count", "since"}
+    assert set(throttled[-1]) == {
+        "seq",
+        "time",
+        "event",
+        "actor",
+        "session",
+        "outcome",
+        "prev",
+        "hash",
+        "count",
+        "since",
+    }
     assert await log.append(AuditEvent.LOGIN_FAILURE, outcome=AuditOutcome.THROTTLED) is not None  # a new window
     log.close()
     assert verify(path, KEY).ok

@@ -63,7 +63,9 @@ def test_json_prints_one_line_with_the_figures_and_each_goals_verdict(
     assert "| throughput ratio broker / bare | 0.91 | >= 0.8 | yes |" in err
 
 
-def test_a_run_is_kept_as_a_json_record_unless_no_record(common: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_is_kept_as_a_json_record_unless_no_record(
+    common: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = _report(common).finish()
     assert path is not None and path.parent == common.RUNS
     record = json.loads(path.read_text())

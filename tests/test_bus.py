@@ -7,8 +7,8 @@ import contextlib
 import logging
 import os
 import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable
 
 import msgspec
 import pytest
@@ -189,7 +189,7 @@ async def test_unsubscribed_handlers_get_nothing_more(node: Node) -> None:
 # ---------------------------------------------------------------- relayed messages (both buses)
 
 
-TRICKY = ['"seq":null', '\\"seq\\":null', '{"seq":null}', "seq", "\u2028 \" \\ null"]
+TRICKY = ['"seq":null', '\\"seq\\":null', '{"seq":null}', "seq", '\u2028 " \\ null']
 
 
 @pytest.mark.parametrize("text", TRICKY)
@@ -220,7 +220,9 @@ async def test_a_relayed_message_is_logged_then_delivered_with_its_seq(node: Nod
     store = store_of(node)
     inbox = Inbox()
     await node.bus.subscribe(sid, inbox)
-    seqs = [await node.bus.publish_relayed(sid, envelope(relayed_data(n), "abcdefgh"), store, key, 3, 60) for n in range(5)]
+    seqs = [
+        await node.bus.publish_relayed(sid, envelope(relayed_data(n), "abcdefgh"), store, key, 3, 60) for n in range(5)
+    ]
     assert seqs == [1, 2, 3, 4, 5]
     assert [(e.to_peer, e.seq) for e in inbox.got] == [("abcdefgh", n) for n in seqs]
     assert inbox.data == [with_seq(relayed_data(n), n + 1) for n in range(5)]
@@ -235,12 +237,17 @@ def test_commands_are_packed_as_redis_py_packs_them() -> None:
     from redis.asyncio.connection import Connection
 
     packer = Connection()
-    for args in [(b"SPUBLISH", b"b:{s}", b"\x00\r\n" * 3000), ("EVAL", "return 1", 0), (b"X", "\u00e9", 0, -5, 2**40, b"")]:
+    for args in [
+        (b"SPUBLISH", b"b:{s}", b"\x00\r\n" * 3000),
+        ("EVAL", "return 1", 0),
+        (b"X", "\u00e9", 0, -5, 2**40, b""),
+    ]:
         assert resp_command(*args) == b"".join(packer.pack_command(*args))
 
 
 async def test_relayed_messages_cross_processes_with_their_seq_among_other_messages(
-    pair: tuple[RedisBus, RedisBus], redis_server: RedisServer  # noqa: F811
+    pair: tuple[RedisBus, RedisBus],
+    redis_server: RedisServer,  # noqa: F811
 ) -> None:
     a, b = pair
     store = RedisStore(a.redis, a._sealer)
@@ -273,7 +280,8 @@ async def test_relayed_messages_cross_processes_with_their_seq_among_other_messa
 
 
 async def test_a_relay_goes_only_to_the_processes_holding_its_recipient(
-    redis_server: RedisServer, pair: tuple[RedisBus, RedisBus]  # noqa: F811
+    redis_server: RedisServer,
+    pair: tuple[RedisBus, RedisBus],  # noqa: F811
 ) -> None:
     """A relay goes to its recipient's own channel: the sending process, subscribed to the
     session's channel as every process holding one of its peers is, does not get it back."""
@@ -285,7 +293,10 @@ async def test_a_relay_goes_only_to_the_processes_holding_its_recipient(
     await a.subscribe(sid, sender)
     await b.subscribe(sid, recipient)
     await b.hold_peer(sid, "abcdefgh")
-    async with spying(redis_server, sid) as on_session, spying(redis_server, sid, peer_channel_of(sid, "abcdefgh")) as on_peer:
+    async with (
+        spying(redis_server, sid) as on_session,
+        spying(redis_server, sid, peer_channel_of(sid, "abcdefgh")) as on_peer,
+    ):
         for n in range(3):
             await a.publish_relayed(sid, envelope(relayed_data(n), "abcdefgh"), store, key, 128, 60)
         await a.publish(sid, envelope(b"view", None))
@@ -300,7 +311,8 @@ async def test_a_relay_goes_only_to_the_processes_holding_its_recipient(
 
 
 async def test_a_relay_for_a_peer_nobody_holds_goes_to_the_sessions_channel(
-    redis_server: RedisServer, pair: tuple[RedisBus, RedisBus]  # noqa: F811
+    redis_server: RedisServer,
+    pair: tuple[RedisBus, RedisBus],  # noqa: F811
 ) -> None:
     """While the recipient is away, or held by a broker from before recipients had their own
     channels (a rolling upgrade), its relays reach every process holding the session, as before."""
@@ -344,7 +356,8 @@ async def test_a_relay_for_a_peer_nobody_holds_goes_to_the_sessions_channel(
 
 
 async def test_a_channel_redis_drops_is_subscribed_again(
-    redis_server: RedisServer, pair: tuple[RedisBus, RedisBus]  # noqa: F811
+    redis_server: RedisServer,
+    pair: tuple[RedisBus, RedisBus],  # noqa: F811
 ) -> None:
     """Redis may end a subscription itself (a slot moving in a cluster; here, an unsubscribe sent
     on the bus's own connection): a channel still wanted, the session's or a held peer's, is
@@ -387,7 +400,8 @@ async def test_a_channel_redis_drops_is_subscribed_again(
 
 
 async def test_a_seq_cannot_be_added_to_or_stripped_from_a_message(
-    redis_server: RedisServer, pair: tuple[RedisBus, RedisBus]  # noqa: F811
+    redis_server: RedisServer,
+    pair: tuple[RedisBus, RedisBus],  # noqa: F811
 ) -> None:
     a, b = pair
     store = RedisStore(a.redis, a._sealer)
@@ -414,7 +428,8 @@ async def test_a_seq_cannot_be_added_to_or_stripped_from_a_message(
 
 
 async def test_relays_queued_back_to_back_for_one_buffer_cross_as_one_message(
-    redis_server: RedisServer, pair: tuple[RedisBus, RedisBus]  # noqa: F811
+    redis_server: RedisServer,
+    pair: tuple[RedisBus, RedisBus],  # noqa: F811
 ) -> None:
     """A burst for one recipient costs one script call and one bus message; anything else queued
     between two relays (another recipient, a plain message) starts a new one, so order holds."""
@@ -426,7 +441,6 @@ async def test_relays_queued_back_to_back_for_one_buffer_cross_as_one_message(
     await a.subscribe(sid, local)
     await b.subscribe(sid, remote)
     async with spying(redis_server, sid) as spy:
-
         failures: list[BaseException] = []
 
         def relay(n: int, to: str = "abcdefgh", log_key: str = key) -> Pending:
@@ -471,7 +485,8 @@ async def test_relays_queued_back_to_back_for_one_buffer_cross_as_one_message(
 
 
 async def test_relays_are_numbered_by_the_log_whatever_the_publisher_expected(
-    pair: tuple[RedisBus, RedisBus], redis_server: RedisServer  # noqa: F811
+    pair: tuple[RedisBus, RedisBus],
+    redis_server: RedisServer,  # noqa: F811
 ) -> None:
     """The publisher numbers relays as it expects Redis to (what Redis answered its last relays
     to the buffer): right, the script passes them on; wrong (another process or the store
@@ -493,7 +508,9 @@ async def test_relays_are_numbered_by_the_log_whatever_the_publisher_expected(
         assert await relay(b, store_b, 3) == 4  # another process: a's expectation is now wrong ...
         sent.append(b"by the store")
         assert await store_a.append(key, b"by the store", 128, 60) == 5  # ... and the store appends too
-        burst = [a.publish_relayed(sid, envelope(relayed_data(n), "abcdefgh"), store_a, key, 128, 60) for n in (4, 5, 6)]
+        burst = [
+            a.publish_relayed(sid, envelope(relayed_data(n), "abcdefgh"), store_a, key, 128, 60) for n in (4, 5, 6)
+        ]
         sent.extend(map(relayed_data, (4, 5, 6)))
         assert await asyncio.gather(*burst) == [6, 7, 8]  # numbered again by the script
         assert a._expected[key] == [9, None]
@@ -530,7 +547,8 @@ async def test_the_publisher_remembers_the_next_seq_of_a_bounded_number_of_buffe
 
 
 async def test_a_relay_from_a_broker_before_batching_is_still_delivered(
-    redis_server: RedisServer, pair: tuple[RedisBus, RedisBus]  # noqa: F811
+    redis_server: RedisServer,
+    pair: tuple[RedisBus, RedisBus],  # noqa: F811
 ) -> None:
     """During a rolling upgrade, a process not yet upgraded sends one relay per bus message,
     "s<seq>:" and its envelope sealed as other messages are: it still arrives."""
@@ -572,7 +590,10 @@ async def test_the_publisher_is_replaced_if_its_task_ever_ends_while_the_bus_is_
     await asyncio.wait([first], timeout=5)
     assert first.done()
     await asyncio.wait_for(bus.publish(sid, envelope(b"after")), 5)
-    assert await asyncio.wait_for(bus.publish_relayed(sid, envelope(relayed_data(1), "abcdefgh"), store, key, 8, 60), 5) == 1
+    assert (
+        await asyncio.wait_for(bus.publish_relayed(sid, envelope(relayed_data(1), "abcdefgh"), store, key, 8, 60), 5)
+        == 1
+    )
     replacement = next(t for t in bus._tasks if t.get_name() == "bus-publisher")
     assert replacement is not first and not replacement.done()
     assert [e.data for e in inbox.got] == [b"after", with_seq(relayed_data(1), 1)]
@@ -597,7 +618,10 @@ async def test_a_fault_while_the_publisher_builds_a_command_fails_only_those_rel
     monkeypatch.setattr(bus_redis._Relays, "command", faulty)
     with pytest.raises(StoreUnavailable):
         await asyncio.wait_for(bus.publish_relayed(sid, envelope(relayed_data(1), "abcdefgh"), store, key, 8, 60), 5)
-    assert await asyncio.wait_for(bus.publish_relayed(sid, envelope(relayed_data(2), "abcdefgh"), store, key, 8, 60), 5) == 1
+    assert (
+        await asyncio.wait_for(bus.publish_relayed(sid, envelope(relayed_data(2), "abcdefgh"), store, key, 8, 60), 5)
+        == 1
+    )
     assert await store.read_since(key, 0) == [(1, relayed_data(2))]
 
 
@@ -623,8 +647,13 @@ async def test_a_long_burst_is_split_into_commands_of_bounded_size(one: tuple[Re
     big = b"x" * (bus_redis.RELAY_BYTES_PER_COMMAND // 2)
     sent = [
         bus.publish_relayed_soon(
-            sid, envelope(encode(Candidate(to="abcdefgh", candidate=big.decode(), from_="zyxwvuts")), "abcdefgh"),
-            store, key, 1000, 60, failures.append,
+            sid,
+            envelope(encode(Candidate(to="abcdefgh", candidate=big.decode(), from_="zyxwvuts")), "abcdefgh"),
+            store,
+            key,
+            1000,
+            60,
+            failures.append,
         )
         for _ in range(3)
     ]
@@ -634,7 +663,8 @@ async def test_a_long_burst_is_split_into_commands_of_bounded_size(one: tuple[Re
 
 
 async def test_a_refused_relay_command_fails_every_relay_it_carried(
-    one: tuple[RedisBus, RedisStore], redis_server: RedisServer  # noqa: F811
+    one: tuple[RedisBus, RedisStore],
+    redis_server: RedisServer,  # noqa: F811
 ) -> None:
     bus, store = one
     sid = new_session()
@@ -691,7 +721,8 @@ async def test_a_publish_round_trip_between_two_processes_keeps_each_direction_o
 
 
 async def test_the_channel_is_unsubscribed_when_the_last_handler_goes(
-    redis_server: RedisServer, pair: tuple[RedisBus, RedisBus]  # noqa: F811
+    redis_server: RedisServer,
+    pair: tuple[RedisBus, RedisBus],  # noqa: F811
 ) -> None:
     _, b = pair
     sid = new_session()
@@ -723,7 +754,8 @@ async def test_the_channel_is_unsubscribed_when_the_last_handler_goes(
 
 
 async def test_messages_on_the_wire_are_sealed(
-    redis_server: RedisServer, pair: tuple[RedisBus, RedisBus]  # noqa: F811
+    redis_server: RedisServer,
+    pair: tuple[RedisBus, RedisBus],  # noqa: F811
 ) -> None:
     a, _ = pair
     sid = new_session()
@@ -747,7 +779,8 @@ async def test_messages_on_the_wire_are_sealed(
 
 
 async def test_forged_tampered_and_replayed_messages_are_dropped(
-    redis_server: RedisServer, pair: tuple[RedisBus, RedisBus]  # noqa: F811
+    redis_server: RedisServer,
+    pair: tuple[RedisBus, RedisBus],  # noqa: F811
 ) -> None:
     a, b = pair
     sid, other = new_session(), new_session()
@@ -846,7 +879,9 @@ async def test_the_bus_comes_back_by_itself_after_redis_restarts(redis_server: R
         assert a.store is not None
         async with spying(redis_server, before) as spy:
             key = f"s:{{{before}}}:box:abcdefgh"
-            await asyncio.wait_for(a.bus.publish_relayed(before, envelope(relayed_data(1), "abcdefgh"), a.store, key, 8, 60), 10)
+            await asyncio.wait_for(
+                a.bus.publish_relayed(before, envelope(relayed_data(1), "abcdefgh"), a.store, key, 8, 60), 10
+            )
             await inbox_before.wait_for(lambda: len(inbox_before.got) == 3)
             assert inbox_before.got[2].seq == 1
             assert await spy.nothing_more()
@@ -890,7 +925,8 @@ async def test_publish_after_close_fails_instead_of_waiting(redis_server: RedisS
 
 
 async def test_commands_are_pipelined_without_waiting_for_earlier_replies(
-    one: tuple[RedisBus, RedisStore], redis_server: RedisServer  # noqa: F811
+    one: tuple[RedisBus, RedisStore],
+    redis_server: RedisServer,  # noqa: F811
 ) -> None:
     bus, _ = one
     await bus._send(resp_command(b"PING"))  # the publisher's connection is open
@@ -907,7 +943,9 @@ async def test_commands_are_pipelined_without_waiting_for_earlier_replies(
 
 
 async def test_an_error_reply_fails_its_own_command_only(
-    one: tuple[RedisBus, RedisStore], redis_server: RedisServer, caplog: pytest.LogCaptureFixture  # noqa: F811
+    one: tuple[RedisBus, RedisStore],
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,  # noqa: F811
 ) -> None:
     caplog.set_level(logging.WARNING, logger="broker")
     bus, _ = one
@@ -926,7 +964,8 @@ async def test_an_error_reply_fails_its_own_command_only(
 
 
 async def test_commands_waiting_when_the_connection_drops_fail_and_the_next_one_reconnects(
-    one: tuple[RedisBus, RedisStore], redis_server: RedisServer  # noqa: F811
+    one: tuple[RedisBus, RedisStore],
+    redis_server: RedisServer,  # noqa: F811
 ) -> None:
     bus, _ = one
     await bus._send(resp_command(b"PING"))
@@ -944,7 +983,8 @@ async def test_commands_waiting_when_the_connection_drops_fail_and_the_next_one_
 
 
 async def test_a_command_redis_does_not_answer_in_time_fails(
-    one: tuple[RedisBus, RedisStore], redis_server: RedisServer  # noqa: F811
+    one: tuple[RedisBus, RedisStore],
+    redis_server: RedisServer,  # noqa: F811
 ) -> None:
     bus, _ = one
     await bus._send(resp_command(b"PING"))
@@ -957,7 +997,8 @@ async def test_a_command_redis_does_not_answer_in_time_fails(
 
 
 async def test_a_command_held_behind_answered_ones_still_fails_in_time(
-    one: tuple[RedisBus, RedisStore], redis_server: RedisServer  # noqa: F811
+    one: tuple[RedisBus, RedisStore],
+    redis_server: RedisServer,  # noqa: F811
 ) -> None:
     """The deadline counts from each command's own write, also when the reader starts waiting
     with commands already on their way (it once took that moment for a delay, and never fired)."""
@@ -976,7 +1017,8 @@ async def test_a_command_held_behind_answered_ones_still_fails_in_time(
 
 
 async def test_relays_go_on_after_redis_forgets_the_relay_script(
-    one: tuple[RedisBus, RedisStore], redis_server: RedisServer  # noqa: F811
+    one: tuple[RedisBus, RedisStore],
+    redis_server: RedisServer,  # noqa: F811
 ) -> None:
     """The relay command names its script by digest; a flushed script cache costs one refused relay."""
     bus, store = one

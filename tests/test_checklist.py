@@ -48,9 +48,7 @@ def minimal():
 
 def _full(policy, *, minor=False, **overrides) -> Submission:
     """A submission that meets every item the seat is asked."""
-    answers = {
-        item.id: True for item in policy.items_for(minor) if item.kind in ("attested", "automatic")
-    }
+    answers = {item.id: True for item in policy.items_for(minor) if item.kind in ("attested", "automatic")}
     fields = {
         "policy_version": policy.version,
         "answers": answers,
@@ -116,7 +114,12 @@ def test_for_seat_is_json_and_hides_minor_items_from_adults(minimal):
     assert adult["consent"] == {"version": "v1", "text": minimal.consent.text}
     assert [i["id"] for i in adult["items"]] == ["private_place", "headset", "preflight", "consent", "details"]
     assert [i["id"] for i in child["items"]] == [
-        "private_place", "headset", "preflight", "consent", "details", "guardian",
+        "private_place",
+        "headset",
+        "preflight",
+        "consent",
+        "details",
+        "guardian",
     ]
     assert adult["items"][1] == {
         "id": "headset",
@@ -196,7 +199,11 @@ def test_complete_submission_passes_with_summary(minimal):
     result = verify(minimal, _full(minimal), minor=False, preflight=GOOD_NETWORK)
     assert result.policy_version == minimal.version
     assert result.passed == {
-        "private_place": True, "headset": True, "preflight": True, "consent": True, "details": True,
+        "private_place": True,
+        "headset": True,
+        "preflight": True,
+        "consent": True,
+        "details": True,
     }
     assert result.all_required_met and result.recommended_unmet == []
     assert result.details == DETAILS
@@ -310,8 +317,12 @@ def test_malformed_answers(minimal):
 
 
 def test_from_dict_round_trip(minimal):
-    raw = {"policy_version": minimal.version, "answers": {"private_place": True}, "consent_version": "v1",
-           "details": DETAILS}
+    raw = {
+        "policy_version": minimal.version,
+        "answers": {"private_place": True},
+        "consent_version": "v1",
+        "details": DETAILS,
+    }
     submission = Submission.from_dict(raw)
     assert verify(minimal, submission, minor=False, preflight=GOOD_NETWORK).all_required_met
 

@@ -11,9 +11,9 @@ import stat
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
@@ -100,7 +100,7 @@ def test_session_create_works_while_serving_and_its_links_open(served: Served) -
 
 
 def test_session_create_text_output_names_each_link(served: Served) -> None:
-    starts = (datetime.now(timezone.utc) + timedelta(days=60)).strftime("%Y-%m-%dT09:00+00:00")  # within a year
+    starts = (datetime.now(UTC) + timedelta(days=60)).strftime("%Y-%m-%dT09:00+00:00")  # within a year
     result = run("session", "create", "--data-dir", str(served.data_dir), "--starts", starts)
     assert result.returncode == 0, result.stderr
     assert "Client link" in result.stdout and "Therapist link" in result.stdout
@@ -146,7 +146,13 @@ def test_session_create_refuses_a_start_beyond_a_year_and_saves_nothing(tmp_path
             before = set(await running.broker.store.keys(""))
             data_dir = str(running.config.data_dir)
             process = await asyncio.create_subprocess_exec(
-                *BROKER, "session", "create", "--data-dir", data_dir, "--starts", "2100-01-01T09:00+00:00",
+                *BROKER,
+                "session",
+                "create",
+                "--data-dir",
+                data_dir,
+                "--starts",
+                "2100-01-01T09:00+00:00",
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
             )
@@ -355,8 +361,14 @@ def test_join_as_therapist_admits_a_waiting_client(served: Served) -> None:
         from broker.protocol import Status
 
         terminal = await asyncio.create_subprocess_exec(
-            *BROKER, "join", therapist_link, "--admit-all", "--seconds", "15",
-            stdout=asyncio.subprocess.PIPE, stderr=subprocess.STDOUT,
+            *BROKER,
+            "join",
+            therapist_link,
+            "--admit-all",
+            "--seconds",
+            "15",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         client = BrokerClient(client_link)
         try:
@@ -483,7 +495,9 @@ def test_audit_verify_fails_after_the_tail_is_cut_and_the_broker_restarted_until
     assert f"Integrity warning at entry {warning}" in result.stdout and "NOT acknowledged" in result.stdout
     assert f"broker audit acknowledge --through {warning}" in result.stderr
     result = run("audit", "acknowledge", "--through", str(warning - 1), "--data-dir", str(tmp_path))
-    assert result.returncode == 1 and f"entry {warning} is an integrity warning after entry {warning - 1}" in result.stderr
+    assert (
+        result.returncode == 1 and f"entry {warning} is an integrity warning after entry {warning - 1}" in result.stderr
+    )
     result = run("audit", "acknowledge", "--through", str(warning), "--data-dir", str(tmp_path))
     assert result.returncode == 0 and f"warning(s) at entry {warning}" in result.stdout
     result = run("audit", "verify", "--data-dir", str(tmp_path))

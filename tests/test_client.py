@@ -27,7 +27,12 @@ async def waiting_client(links: SessionLinks, link: str | None = None, **kwargs:
 
 async def test_parse_link_keeps_fragment_local() -> None:
     link = parse_link("https://broker.example/base/j/TOKEN#KEY")
-    assert (link.base_url, link.role, link.token, link.link_key) == ("https://broker.example/base", "client", "TOKEN", "KEY")
+    assert (link.base_url, link.role, link.token, link.link_key) == (
+        "https://broker.example/base",
+        "client",
+        "TOKEN",
+        "KEY",
+    )
 
 
 async def test_call_connects_with_data_both_ways_and_audio(broker: RunningBroker) -> None:
@@ -76,11 +81,11 @@ async def test_nothing_is_relayed_before_admission(broker: RunningBroker) -> Non
         assert not any(isinstance(m, Peers) and m.peers for m in client.received + therapist.received)
         before = len(client.received)
         await therapist.send_raw(
-            '{"type":"offer","to":"%s","sdp":"v=0","counter":1,"mac":"x","id":"o1"}' % client.peer_id
+            '{"type":"offer","to":"' + client.peer_id + '","sdp":"v=0","counter":1,"mac":"x","id":"o1"}'
         )
         error = await therapist.expect(type(_error()), where=lambda m: m.ref == "o1")
         assert error.code.value == "not_admitted"
-        await client.send_raw('{"type":"candidate","to":"%s","candidate":"","id":"c1"}' % therapist.peer_id)
+        await client.send_raw('{"type":"candidate","to":"' + therapist.peer_id + '","candidate":"","id":"c1"}')
         error = await client.expect(type(_error()), where=lambda m: m.ref == "c1")
         assert error.code.value == "not_admitted"
         await asyncio.sleep(0.2)
@@ -226,7 +231,12 @@ async def test_the_broker_keeps_no_checklist_answer_item_by_item(broker: Running
         await client.submit_checklist(answers, details={"location": "home", "contact": "a friend"})
         room = await therapist.expect(WaitingRoom, where=lambda m: m.seats[0].state is SeatState.WAITING)
         summary = room.seats[0].checklist
-        assert summary is not None and set(summary) == {"policy_version", "all_required_met", "network", "answers_sealed"}
+        assert summary is not None and set(summary) == {
+            "policy_version",
+            "all_required_met",
+            "network",
+            "answers_sealed",
+        }
         key = e2ee.decode_link_key(links.link_key)
         opened = e2ee.open_checklist(key, links.session, client.peer_id, summary["answers_sealed"])
         assert opened == answers and opened["headset"] is False

@@ -31,7 +31,15 @@ from .redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 pytestmark = pytest.mark.redis
 
 #: Lines of SDP and candidates: what the review read in clear with the server secret.
-SDP_MARKS = (b"a=fingerprint", b"a=ice-ufrag", b"a=ice-pwd", b"a=candidate", b"candidate:", b"v=0\r\n", b"m=application")
+SDP_MARKS = (
+    b"a=fingerprint",
+    b"a=ice-ufrag",
+    b"a=ice-pwd",
+    b"a=candidate",
+    b"candidate:",
+    b"v=0\r\n",
+    b"m=application",
+)
 
 
 class Captured(logging.Handler):
@@ -82,7 +90,8 @@ def host_addresses(sdp: str) -> set[bytes]:
 
 
 async def test_a_compromised_host_holds_no_signaling_checklist_answer_or_secret(
-    tmp_path: Path, redis_server: RedisServer  # noqa: F811
+    tmp_path: Path,
+    redis_server: RedisServer,  # noqa: F811
 ) -> None:
     captured = Captured()
     broker_log = logging.getLogger("broker")

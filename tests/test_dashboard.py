@@ -282,9 +282,11 @@ async def test_link_key_is_made_in_the_browser_and_never_sent(full: FullBroker, 
     # After a reload the key is still there (IndexedDB), and still not sent.
     await page.reload()
     await page.locator("body[data-ready=true]").wait_for()
-    again = await page.locator(f'li.session[data-session="{session_id}"]').get_by_role(
-        "link", name="Open session"
-    ).get_attribute("href")
+    again = (
+        await page.locator(f'li.session[data-session="{session_id}"]')
+        .get_by_role("link", name="Open session")
+        .get_attribute("href")
+    )
     assert again == href
     assert not any(key in request for request in sent)
     await page.context.close()
@@ -317,7 +319,8 @@ async def test_auto_logoff_after_idle(tmp_path: Path, browser: Any) -> None:
         async with ClientSession() as http:
             cookies = {c["name"]: c["value"] for c in await page.context.cookies()}
             async with http.get(
-                running.url + "/api/me", headers={"Cookie": f"__Host-broker_login={cookies.get('__Host-broker_login', '')}"}
+                running.url + "/api/me",
+                headers={"Cookie": f"__Host-broker_login={cookies.get('__Host-broker_login', '')}"},
             ) as r:
                 assert r.status == 401
         await page.context.close()

@@ -306,8 +306,10 @@ def test_compose_accounts_redis_persists_on_its_own_volume(compose_config: dict[
     redis = compose_config["services"]["redis-accounts"]
     command = " ".join(redis["entrypoint"])
     assert "--appendonly yes" in command and "--dir /data" in command
-    assert any(str(v).startswith("accounts-redis:") or (isinstance(v, dict) and v.get("source") == "accounts-redis")
-               for v in redis["volumes"])
+    assert any(
+        str(v).startswith("accounts-redis:") or (isinstance(v, dict) and v.get("source") == "accounts-redis")
+        for v in redis["volumes"]
+    )
     assert "ports" not in redis and list(redis["networks"]) == ["back"]
     env = compose_config["services"]["broker1"]["environment"]
     assert "@redis-accounts:6379" in env["BROKER_ACCOUNTS_REDIS_URL"]

@@ -67,10 +67,7 @@ def chrome_like_sdp(seed: str, eol: str = "\r\n") -> str:
 
 def aiortc_like_sdp(seed: str) -> str:
     """Three algorithms for one certificate at media level, as aiortc writes it."""
-    fps = [
-        f"a=fingerprint:{alg} {fake_fingerprint(seed, alg)}"
-        for alg in ("sha-256", "sha-384", "sha-512")
-    ]
+    fps = [f"a=fingerprint:{alg} {fake_fingerprint(seed, alg)}" for alg in ("sha-256", "sha-384", "sha-512")]
     lines = [
         "v=0",
         "o=- 1 1 IN IP4 0.0.0.0",
@@ -161,9 +158,7 @@ def build_vectors() -> dict[str, Any]:
             key_a,
             SESSION,
             CLIENT,
-            json.dumps(
-                {"name": "Ana", "phone": "+49 30 1234567", "city": "Köln"}, ensure_ascii=False
-            ),
+            json.dumps({"name": "Ana", "phone": "+49 30 1234567", "city": "Köln"}, ensure_ascii=False),
             "00" * 12,
         ),
         (key_b, "séance 🎈 #2", "seat-🎈", "{}", "0102030405060708090a0b0c"),
@@ -222,23 +217,17 @@ def build_vectors() -> dict[str, Any]:
                 "type": ty,
                 "counter": n,
                 "sdp": sdp,
-                "mac": e2ee.sign_sdp(
-                    e2ee.derive_auth_key(e2ee.decode_link_key(k), s), s, f, t, ty, n, sdp
-                ),
+                "mac": e2ee.sign_sdp(e2ee.derive_auth_key(e2ee.decode_link_key(k), s), s, f, t, ty, n, sdp),
             }
             for k, s, f, t, ty, n, sdp in mac_cases
         ],
         "normalise_fingerprint": {
-            "valid": [
-                {"input": v, "output": e2ee.normalise_fingerprint(v)} for v in normalise_inputs
-            ],
+            "valid": [{"input": v, "output": e2ee.normalise_fingerprint(v)} for v in normalise_inputs],
             "invalid": bad_normalise,
         },
         "fingerprint_of": {
             "valid": [{"sdp": sdp, "fingerprint": e2ee.fingerprint_of(sdp)} for sdp in fp_sdps],
-            "invalid": [
-                {"what": w, "sdp": sdp, "reason": r} for w, (sdp, r) in bad_fp_sdps.items()
-            ],
+            "invalid": [{"what": w, "sdp": sdp, "reason": r} for w, (sdp, r) in bad_fp_sdps.items()],
         },
         "safety_code": [
             {"session_id": s, "fp_a": a, "fp_b": b, "code": e2ee.safety_code(s, a, b)}
@@ -256,9 +245,7 @@ def build_vectors() -> dict[str, Any]:
                 "peer_id": p,
                 "plaintext": text,
                 "nonce_hex": nonce,
-                "sealed": e2ee.seal_details(
-                    e2ee.decode_link_key(k), s, p, text, nonce=bytes.fromhex(nonce)
-                ),
+                "sealed": e2ee.seal_details(e2ee.decode_link_key(k), s, p, text, nonce=bytes.fromhex(nonce)),
             }
             for k, s, p, text, nonce in details_cases
         ],
@@ -270,9 +257,7 @@ def build_vectors() -> dict[str, Any]:
                 "answers": answers,
                 "plaintext": e2ee.checklist_plaintext(answers),
                 "nonce_hex": nonce,
-                "sealed": e2ee.seal_checklist(
-                    e2ee.decode_link_key(k), s, p, answers, nonce=bytes.fromhex(nonce)
-                ),
+                "sealed": e2ee.seal_checklist(e2ee.decode_link_key(k), s, p, answers, nonce=bytes.fromhex(nonce)),
             }
             for k, s, p, answers, nonce in [
                 (key_a, SESSION, CLIENT, {"private_place": True, "headset": False, "camera": True}, "00" * 12),
@@ -375,11 +360,19 @@ def seal_vectors(key_a: str, key_b: str) -> dict[str, Any]:
             for k, s, f, t in key_cases
         ],
         "seal_aad": [
-            {"session_id": s, "sender": f, "recipient": t, "type": ty, "counter": n, "hex": e2ee.seal_aad(s, f, t, ty, n).hex()}
+            {
+                "session_id": s,
+                "sender": f,
+                "recipient": t,
+                "type": ty,
+                "counter": n,
+                "hex": e2ee.seal_aad(s, f, t, ty, n).hex(),
+            }
             for s, f, t, ty, n in aad_cases
         ],
         "signal_plaintext": [
-            {"type": ty, "fields": fields, "plaintext": e2ee.signal_plaintext(ty, fields)} for ty, fields in plaintext_cases
+            {"type": ty, "fields": fields, "plaintext": e2ee.signal_plaintext(ty, fields)}
+            for ty, fields in plaintext_cases
         ],
         "sealed": sealed,
         "sealed_invalid": [
@@ -439,10 +432,7 @@ def ref_lp(s: str) -> bytes:
 
 
 def ref_canonical(case: dict[str, Any]) -> bytes:
-    fields = [
-        ref_lp(x)
-        for x in ("tt-sdp v1", case["session_id"], case["sender"], case["recipient"], case["type"])
-    ]
+    fields = [ref_lp(x) for x in ("tt-sdp v1", case["session_id"], case["sender"], case["recipient"], case["type"])]
     return b"".join(fields) + struct.pack(">Q", case["counter"]) + ref_lp(case["sdp"])
 
 
@@ -454,9 +444,7 @@ def ref_pair_key(k_auth: bytes, a: str, b: str) -> bytes:
 def test_reference_hkdf_matches_rfc5869_case_1() -> None:
     ikm, salt = bytes.fromhex("0b" * 22), bytes.fromhex("000102030405060708090a0b0c")
     info = bytes.fromhex("f0f1f2f3f4f5f6f7f8f9")
-    expected = (
-        "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"
-    )
+    expected = "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"
     assert ref_hkdf(ikm, salt, info, 42).hex() == expected
 
 
@@ -475,9 +463,7 @@ def test_pair_key_vectors_independently() -> None:
         expected = ref_pair_key(bytes.fromhex(case["k_auth_hex"]), case["a"], case["b"])
         assert case["k_pair_hex"] == expected.hex()
     # the astral-vs-BMP case is where UTF-16 order (JS `<`) and code-point order differ
-    assert "\uff5e" < "\U0001f600" and "\uff5e".encode("utf-16-be") > "\U0001f600".encode(
-        "utf-16-be"
-    )
+    assert "\uff5e" < "\U0001f600" and "\uff5e".encode("utf-16-be") > "\U0001f600".encode("utf-16-be")
 
 
 def test_canonical_vectors_independently() -> None:
@@ -503,9 +489,7 @@ def test_safety_code_vectors_independently() -> None:
 
 def test_details_vectors_independently() -> None:
     for case in vectors()["details"]:
-        key = ref_hkdf(
-            ref_key(case["link_key"]), case["session_id"].encode(), b"emergency-details v1"
-        )
+        key = ref_hkdf(ref_key(case["link_key"]), case["session_id"].encode(), b"emergency-details v1")
         blob = ref_key(case["sealed"])
         assert blob[:12].hex() == case["nonce_hex"]
         aad = ref_lp("tt-details v1") + ref_lp(case["session_id"]) + ref_lp(case["peer_id"])
@@ -519,7 +503,9 @@ def test_checklist_vectors_independently() -> None:
         assert blob[:12].hex() == case["nonce_hex"]
         aad = ref_lp("tt-checklist v1") + ref_lp(case["session_id"]) + ref_lp(case["peer_id"])
         text = AESGCM(key).decrypt(blob[:12], blob[12:], aad).decode()
-        assert text == case["plaintext"] == json.dumps({"answers": case["answers"]}, sort_keys=True, separators=(",", ":"))
+        assert (
+            text == case["plaintext"] == json.dumps({"answers": case["answers"]}, sort_keys=True, separators=(",", ":"))
+        )
 
 
 def test_checklist_vectors_open() -> None:
@@ -594,10 +580,7 @@ def test_fingerprint_and_normalise_vectors() -> None:
 def test_details_vectors_open() -> None:
     for case in vectors()["details"]:
         key = e2ee.decode_link_key(case["link_key"])
-        assert (
-            e2ee.open_details(key, case["session_id"], case["peer_id"], case["sealed"])
-            == case["plaintext"]
-        )
+        assert e2ee.open_details(key, case["session_id"], case["peer_id"], case["sealed"]) == case["plaintext"]
 
 
 # -- link key ------------------------------------------------------------------------------------
@@ -765,10 +748,7 @@ def test_missing_mac_is_rejected_unless_unverified_is_allowed() -> None:
         with pytest.raises(InterceptionError) as err:
             client.verify(THERAPIST, "offer", counter, sdp, stripped)
         assert err.value.reason == "missing_mac"
-    assert (
-        client.verify(THERAPIST, "offer", counter, sdp, None, allow_unverified=True)
-        is Trust.UNVERIFIED
-    )
+    assert client.verify(THERAPIST, "offer", counter, sdp, None, allow_unverified=True) is Trust.UNVERIFIED
 
 
 def test_present_mac_is_checked_even_when_unverified_is_allowed() -> None:
@@ -787,10 +767,7 @@ def test_unverified_mode_without_link_key() -> None:
     offer = chrome_like_sdp("t")
     counter, mac = other_device.sign(CLIENT, "offer", offer)
     assert mac is None
-    assert (
-        client.verify(THERAPIST, "offer", counter, offer, mac, allow_unverified=True)
-        is Trust.UNVERIFIED
-    )
+    assert client.verify(THERAPIST, "offer", counter, offer, mac, allow_unverified=True) is Trust.UNVERIFIED
     answer = chrome_like_sdp("c")
     a_counter, a_mac = client.sign(THERAPIST, "answer", answer)
     assert a_mac is not None
@@ -845,9 +822,7 @@ def test_canonical_rejects_bad_input() -> None:
         e2ee.canonical(SESSION, THERAPIST, CLIENT, "rollback", 1, "")
     with pytest.raises(ValueError, match="counter must be"):
         e2ee.canonical(SESSION, THERAPIST, CLIENT, "offer", 2**53, "")
-    with pytest.raises(
-        UnicodeEncodeError
-    ):  # lone surrogate: not UTF-8 encodable (JS rejects it too)
+    with pytest.raises(UnicodeEncodeError):  # lone surrogate: not UTF-8 encodable (JS rejects it too)
         e2ee.canonical(SESSION, "\ud800", CLIENT, "offer", 1, "")
 
 
@@ -884,9 +859,7 @@ def test_safety_code_changes_with_any_fingerprint_or_session() -> None:
 
 def test_safety_code_ignores_fingerprint_spelling() -> None:
     fp = fake_fingerprint("t")
-    assert e2ee.safety_code(
-        SESSION, f"sha-256 {fp}", "sha-256 " + fake_fingerprint("c")
-    ) == e2ee.safety_code(
+    assert e2ee.safety_code(SESSION, f"sha-256 {fp}", "sha-256 " + fake_fingerprint("c")) == e2ee.safety_code(
         SESSION, f"SHA-256 {fp.lower()}", "sha-256 " + fake_fingerprint("c").lower()
     )
 
@@ -955,7 +928,10 @@ def test_seal_key_vectors_independently() -> None:
     for case in cases:
         expected = ref_seal_key(case["link_key"], case["session_id"], case["sender"], case["recipient"])
         assert case["k_seal_hex"] == expected.hex()
-        assert e2ee.derive_seal_key(bytes.fromhex(case["k_pair_hex"]), case["sender"], case["recipient"]).hex() == expected.hex()
+        assert (
+            e2ee.derive_seal_key(bytes.fromhex(case["k_pair_hex"]), case["sender"], case["recipient"]).hex()
+            == expected.hex()
+        )
     # One pair key, two directions, two keys.
     assert cases[0]["k_pair_hex"] == cases[1]["k_pair_hex"] and cases[0]["k_seal_hex"] != cases[1]["k_seal_hex"]
 
@@ -1133,7 +1109,9 @@ def test_only_well_formed_plaintexts_are_sealed(kind: str, fields: dict[str, Any
 def _sealed_by_hand(text: str, kind: str = "offer", counter: int = 5) -> tuple[bytes, str]:
     """What a buggy peer holding the key could seal: any plaintext at all."""
     key = e2ee.decode_link_key(e2ee.new_link_key())
-    k_seal = e2ee.derive_seal_key(e2ee.pair_key(e2ee.derive_auth_key(key, SESSION), THERAPIST, CLIENT), THERAPIST, CLIENT)
+    k_seal = e2ee.derive_seal_key(
+        e2ee.pair_key(e2ee.derive_auth_key(key, SESSION), THERAPIST, CLIENT), THERAPIST, CLIENT
+    )
     return key, e2ee.seal_signal(k_seal, SESSION, THERAPIST, CLIENT, kind, counter, text)
 
 
@@ -1156,7 +1134,10 @@ def test_an_opened_plaintext_is_checked_like_a_clear_one(text: str, reason: str)
     assert err.value.reason == reason
 
 
-@pytest.mark.parametrize(("sender", "kind", "counter"), [(CLIENT, "offer", 1), (THERAPIST, "renegotiate", 1), (THERAPIST, "offer", None), (THERAPIST, "offer", 2**53)])
+@pytest.mark.parametrize(
+    ("sender", "kind", "counter"),
+    [(CLIENT, "offer", 1), (THERAPIST, "renegotiate", 1), (THERAPIST, "offer", None), (THERAPIST, "offer", 2**53)],
+)
 def test_malformed_sealed_headers(sender: str, kind: str, counter: Any) -> None:
     therapist, client = make_pair()
     _, sealed = therapist.seal(CLIENT, "offer", {"sdp": chrome_like_sdp("t")})

@@ -19,9 +19,7 @@ from broker.e2ee import InterceptionError, SdpAuthenticator, Trust
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 
 REPO = Path(__file__).resolve().parents[1]
-VECTORS: dict[str, Any] = json.loads(
-    (REPO / "tests" / "vectors" / "e2ee.json").read_text(encoding="utf-8")
-)
+VECTORS: dict[str, Any] = json.loads((REPO / "tests" / "vectors" / "e2ee.json").read_text(encoding="utf-8"))
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -68,9 +66,7 @@ async def base_url() -> AsyncIterator[str]:
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def page(base_url: str) -> AsyncIterator[Page]:
     async with async_playwright() as p:
-        browser = await p.chromium.launch(
-            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
-        )
+        browser = await p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
         tab = await browser.new_page()
         await tab.goto(base_url + "/")
         await tab.evaluate(PAGE_HELPERS)
@@ -433,10 +429,7 @@ async def test_unverified_mode_in_js(page: Page) -> None:
     assert a_mac is None
     with pytest.raises(InterceptionError, match="missing_mac"):
         client.verify("therapist", "answer", a_counter, SDP, a_mac)
-    assert (
-        client.verify("therapist", "answer", a_counter, SDP, a_mac, allow_unverified=True)
-        is Trust.UNVERIFIED
-    )
+    assert client.verify("therapist", "answer", a_counter, SDP, a_mac, allow_unverified=True) is Trust.UNVERIFIED
 
 
 async def test_safety_code_matches_python_for_browser_fingerprint(page: Page) -> None:
@@ -526,8 +519,7 @@ async def test_read_link_key_from_fragment(page: Page, base_url: str) -> None:
         await page.goto(f"{base_url}/call#{key[:-3]}")  # a link cut short by a mail client
         await page.evaluate(PAGE_HELPERS)
         damaged = await page.evaluate(
-            "() => { try { e2ee.readLinkKeyFromFragment(); return 'accepted'; }"
-            " catch (err) { return err.message; } }"
+            "() => { try { e2ee.readLinkKeyFromFragment(); return 'accepted'; } catch (err) { return err.message; } }"
         )
         assert "43 base64url characters, got 40" in damaged
         assert await page.evaluate("() => location.href") == f"{base_url}/call"

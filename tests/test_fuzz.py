@@ -34,8 +34,8 @@ from msgspec import inspect as mi
 from broker.protocol import (
     MAX_MESSAGE_BYTES,
     ErrorCode,
-    ProtocolError,
     Form,
+    ProtocolError,
     client_message_types,
     decode_client,
     message_forms,
@@ -81,9 +81,7 @@ def _text(t: mi.StrType, long: int) -> st.SearchStrategy[str]:
             )
         return st.from_regex(t.pattern, fullmatch=True).map(lambda s: s[:hi]).filter(lambda s: len(s) >= lo)
     short = st.text(min_size=lo, max_size=min(hi, 64))  # any code point but surrogates: RTL marks, NUL, emoji, ...
-    huge = st.builds(
-        lambda c, n: c * n, st.characters(codec="utf-8"), st.integers(max(lo, 1), max(lo, min(hi, long)))
-    )
+    huge = st.builds(lambda c, n: c * n, st.characters(codec="utf-8"), st.integers(max(lo, 1), max(lo, min(hi, long))))
     return st.one_of(short, huge)
 
 
@@ -134,7 +132,9 @@ def _message(cls: type, hints: Hints, long: int, form: Form | None) -> st.Search
         if f.encode_name in must
     }
     optional = {
-        f.encode_name: st.none() if f.encode_name in banned else value_of(f.type, field=f.encode_name, hints=hints, long=long)
+        f.encode_name: st.none()
+        if f.encode_name in banned
+        else value_of(f.type, field=f.encode_name, hints=hints, long=long)
         for f in info.fields
         if f.encode_name not in must
     }
@@ -159,8 +159,12 @@ def _accepted(t: mi.Type) -> set[str]:
     if isinstance(t, mi.UnionType):
         return set().union(*(_accepted(x) for x in t.types))
     return {
-        mi.StrType: {"str"}, mi.LiteralType: {"str"}, mi.IntType: {"int"}, mi.BoolType: {"bool"},
-        mi.NoneType: {"null"}, mi.DictType: {"object"},
+        mi.StrType: {"str"},
+        mi.LiteralType: {"str"},
+        mi.IntType: {"int"},
+        mi.BoolType: {"bool"},
+        mi.NoneType: {"null"},
+        mi.DictType: {"object"},
     }[type(t)]
 
 
@@ -220,11 +224,13 @@ def bad_frame(draw: st.DrawFn, cls: type, hints: Hints | None = None, long: int 
     elif kind == "other_form":  # a field only the other form may carry (clear and sealed at once)
         assert form is not None
         field = draw(st.sampled_from([f for f in info.fields if f.encode_name in form.forbidden]))
-        m[field.encode_name] = draw(value_of(field.type, field=field.encode_name, hints=hints or {}, long=256).filter(
-            lambda v: v is not None
-        ))
+        m[field.encode_name] = draw(
+            value_of(field.type, field=field.encode_name, hints=hints or {}, long=256).filter(lambda v: v is not None)
+        )
     elif kind == "bad_tag":
-        m["type"] = draw(st.one_of(st.text(max_size=20).filter(lambda s: s not in TYPES), _ANY_OF_KIND["int"], st.none()))
+        m["type"] = draw(
+            st.one_of(st.text(max_size=20).filter(lambda s: s not in TYPES), _ANY_OF_KIND["int"], st.none())
+        )
     elif kind == "wrong_type":
         field = draw(st.sampled_from(info.fields))
         m[field.encode_name] = draw(_ANY_OF_KIND[draw(st.sampled_from(sorted(set(KINDS) - _accepted(field.type))))])
@@ -275,7 +281,11 @@ def odd_frame(draw: st.DrawFn, cls: type) -> str | bytes:
     kind = draw(st.sampled_from(["surrogate", "duplicate_key", "bom", "bytes", "whitespace", "escapes"]))
     if kind == "surrogate":
         at = text.find('":"')
-        return text if at < 0 else text[: at + 3] + draw(st.sampled_from(["\\ud800", "\\udfff", "\\ud83d"])) + text[at + 3 :]
+        return (
+            text
+            if at < 0
+            else text[: at + 3] + draw(st.sampled_from(["\\ud800", "\\udfff", "\\ud83d"])) + text[at + 3 :]
+        )
     if kind == "duplicate_key":
         return text[:-1] + f',"type":{json.dumps(draw(st.sampled_from(sorted(TYPES))))}}}'
     if kind == "bom":
@@ -517,7 +527,9 @@ async def test_live_broker_answers_random_valid_messages_without_a_fault(
         for tag in sorted(TYPES):
             # Frames over the size limit are drawn again here (closing the connection is tested below),
             # so every type gets its full count.
-            fitting = message(TYPES[tag], hints, long=LIVE_LONG).map(_dump).filter(lambda f: wire_size(f) < MAX_MESSAGE_BYTES)
+            fitting = (
+                message(TYPES[tag], hints, long=LIVE_LONG).map(_dump).filter(lambda f: wire_size(f) < MAX_MESSAGE_BYTES)
+            )
             for i, frame in enumerate(collect(fitting)):
                 seat = client if i % 2 else therapist
                 if tag in skip[seat]:

@@ -114,7 +114,7 @@ async def dropped(connection: Connection, within: float) -> bool:
         data = await asyncio.wait_for(connection[0].read(1), within)
     except ConnectionResetError:
         return True
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return False
     assert data == b"", data
     return True
@@ -140,7 +140,7 @@ async def test_600_half_open_requests_from_one_address_leave_healthz_answering(t
             assert await status_of(served, "/healthz", "127.0.0.2") == 200  # a fresh client, answered promptly
             at_once = await asyncio.gather(*(dropped(c, 1.0) for c in attack))
             assert sum(at_once) == 500, sum(at_once)
-            held = [c for c, gone in zip(attack, at_once) if not gone]
+            held = [c for c, gone in zip(attack, at_once, strict=True) if not gone]
             assert all(await asyncio.gather(*(dropped(c, 10 + 5) for c in held)))
             assert await status_of(served, "/healthz", "127.0.0.1") == 200  # the address is served again
         finally:

@@ -148,12 +148,22 @@ async def test_sealed_messages_are_relayed_untouched_and_the_offerer_rule_holds(
     outer type, and passes ``counter`` and ``sealed`` on byte for byte."""
     _, therapist, client = await admitted_pair(broker)
     try:
-        await client.send_raw(json.dumps({"type": "candidate", "to": therapist.peer_id, "counter": 7, "sealed": SEALED}))
+        await client.send_raw(
+            json.dumps({"type": "candidate", "to": therapist.peer_id, "counter": 7, "sealed": SEALED})
+        )
         relayed = await therapist.expect(Candidate, where=lambda m: m.sealed is not None)
         assert (relayed.from_, relayed.counter, relayed.sealed, relayed.candidate) == (client.peer_id, 7, SEALED, None)
-        await therapist.send_raw(json.dumps({"type": "offer", "to": client.peer_id, "counter": 8, "sealed": SEALED + "AA"}))
+        await therapist.send_raw(
+            json.dumps({"type": "offer", "to": client.peer_id, "counter": 8, "sealed": SEALED + "AA"})
+        )
         offer = await client.expect(Offer, where=lambda m: m.sealed == SEALED + "AA")
-        assert (offer.from_, offer.counter, offer.sealed, offer.sdp, offer.mac) == (therapist.peer_id, 8, SEALED + "AA", None, None)
+        assert (offer.from_, offer.counter, offer.sealed, offer.sdp, offer.mac) == (
+            therapist.peer_id,
+            8,
+            SEALED + "AA",
+            None,
+            None,
+        )
         sealed_offer = {"type": "offer", "to": therapist.peer_id, "counter": 9, "sealed": SEALED, "id": "so"}
         await client.send_raw(json.dumps(sealed_offer))
         assert (await client.expect(Error, where=lambda m: m.ref == "so")).code is ErrorCode.NOT_OFFERER
@@ -192,7 +202,9 @@ async def test_a_sealed_message_of_the_wrong_shape_is_refused_and_not_relayed(br
             await therapist.send_raw(json.dumps({**frame, "to": client.peer_id}))
             error = await therapist.expect(Error, since=mark)  # undecodable: no id to refer to
             assert error.code is ErrorCode.BAD_MESSAGE, what
-        await therapist.send_raw(json.dumps({"type": "candidate", "to": client.peer_id, "counter": 1, "sealed": SEALED}))
+        await therapist.send_raw(
+            json.dumps({"type": "candidate", "to": client.peer_id, "counter": 1, "sealed": SEALED})
+        )
         await client.expect(Candidate, where=lambda m: m.sealed == SEALED)  # the good one behind them
         assert [m for m in client.received[before:] if isinstance(m, (Offer, Candidate))] == [
             m for m in client.received[before:] if isinstance(m, Candidate) and m.sealed == SEALED
@@ -225,9 +237,9 @@ async def test_relays_are_handled_within_the_step_once_the_record_is_known(broke
             (frame("candidate", client.peer_id, "r2", candidate=""), ErrorCode.NOT_IN_SESSION),
             (frame("candidate", "nobody", "r3", candidate=""), ErrorCode.NOT_IN_SESSION),
         ]
-        for text, code in refused:
+        for text, _ in refused:
             assert hub.receive_now(conn, text) is None
-        for (_, code), ref in zip(refused, ("r1", "r2", "r3")):
+        for (_, code), ref in zip(refused, ("r1", "r2", "r3"), strict=True):
             assert (await client.expect(Error, where=lambda m, ref=ref: m.ref == ref)).code is code  # type: ignore[misc]
         await asyncio.sleep(0.1)
         assert not any(isinstance(m, Candidate) and m.sdp_mid is None for m in therapist.received)
@@ -266,7 +278,9 @@ async def test_a_fault_in_the_hub_is_answered_and_the_connection_carries_on(brok
     finally:
         del hub._relay_record_now
     try:
-        await client.send_raw(json.dumps({"type": "candidate", "to": therapist.peer_id, "candidate": "", "sdp_mid": "after"}))
+        await client.send_raw(
+            json.dumps({"type": "candidate", "to": therapist.peer_id, "candidate": "", "sdp_mid": "after"})
+        )
         await therapist.expect(Candidate, where=lambda m: m.sdp_mid == "after")
     finally:
         await client.close()
@@ -349,7 +363,9 @@ async def test_copies_falling_due_close_together_are_read_again_together(
 
     try:
         for _, therapist, client in pairs:
-            await client.send_raw(json.dumps({"type": "candidate", "to": therapist.peer_id, "candidate": "", "sdp_mid": "warm"}))
+            await client.send_raw(
+                json.dumps({"type": "candidate", "to": therapist.peer_id, "candidate": "", "sdp_mid": "warm"})
+            )
             await therapist.expect(Candidate, where=lambda m: m.sdp_mid == "warm")
         hub._load = counted  # type: ignore[method-assign]
         aged = time.monotonic() - 12.0
@@ -361,7 +377,12 @@ async def test_copies_falling_due_close_together_are_read_again_together(
                 await asyncio.sleep(0.4)
             sent.append(time.monotonic())
             mid = f"due {n}"
-            assert hub.receive_now(conn, json.dumps({"type": "candidate", "to": therapist.peer_id, "candidate": "", "sdp_mid": mid})) is None
+            assert (
+                hub.receive_now(
+                    conn, json.dumps({"type": "candidate", "to": therapist.peer_id, "candidate": "", "sdp_mid": mid})
+                )
+                is None
+            )
             await therapist.expect(Candidate, where=lambda m, mid=mid: m.sdp_mid == mid)  # with the old copy
         for _ in range(500):
             if all(hub._relay_records[links.session][0] > aged for links, _, _ in pairs):
@@ -383,7 +404,9 @@ async def test_frames_read_together_take_effect_in_order(broker: RunningBroker) 
     """A relay sent right behind a frame that must wait for the store waits for it (never overtakes it)."""
     _, therapist, client = await admitted_pair(broker)
     try:
-        await therapist.send_raw(json.dumps({"type": "candidate", "to": client.peer_id, "candidate": "", "sdp_mid": "warm"}))
+        await therapist.send_raw(
+            json.dumps({"type": "candidate", "to": client.peer_id, "candidate": "", "sdp_mid": "warm"})
+        )
         await client.expect(Candidate, where=lambda m: m.sdp_mid == "warm")
         frames = [
             json.dumps({"type": "candidate", "to": client.peer_id, "candidate": "", "sdp_mid": "before", "id": "a1"}),
@@ -777,10 +800,14 @@ async def test_a_minors_seat_has_the_guardian_item_and_cannot_skip_it(broker: Ru
         answers = {i: True for i in minor_ids if i != "guardian_consent"}
         with pytest.raises(BrokerError) as refused:
             await minor.submit_checklist(answers, details={"location": "x", "contact": "y"})
-        assert refused.value.code is ErrorCode.CHECKLIST_INCOMPLETE and "guardian" in refused.value.error.message.lower()
+        assert (
+            refused.value.code is ErrorCode.CHECKLIST_INCOMPLETE and "guardian" in refused.value.error.message.lower()
+        )
         record = await record_of(broker, links.session)
         assert record.seat(minor.peer_id).state is SeatState.CHECKING  # nothing changed
-        accepted = await minor.submit_checklist({**answers, "guardian_consent": True}, details={"location": "x", "contact": "y"})
+        accepted = await minor.submit_checklist(
+            {**answers, "guardian_consent": True}, details={"location": "x", "contact": "y"}
+        )
         assert accepted.summary["all_required_met"] is True
     finally:
         await minor.close()
@@ -879,7 +906,9 @@ async def test_messages_keep_their_order_when_a_slow_reader_makes_them_wait(tmp_
         # From here on the therapist reads nothing until the client has sent everything.
         count, padding = 300, "a=x-pad:" + "p" * 40_000 + "\r\n"
         for n in range(count):
-            await client.send_raw(json.dumps({"type": "answer", "to": therapist_id(joined), "sdp": f"v=0\r\na=x-n:{n}\r\n{padding}"}))
+            await client.send_raw(
+                json.dumps({"type": "answer", "to": therapist_id(joined), "sdp": f"v=0\r\na=x-n:{n}\r\n{padding}"})
+            )
         await client.send_raw('{"type":"ping","n":77}')
         await client.expect(type(_pong()), where=lambda m: m.n == 77)
         # 12 MB cannot all sit in the socket buffers: some of it waits in the broker's queue.

@@ -32,7 +32,8 @@ async def split_call(a: RunningBroker, b: RunningBroker) -> tuple[BrokerClient, 
 
 
 async def test_messages_published_while_the_bus_reconnects_arrive_exactly_once(
-    tmp_path: Path, redis_server: RedisServer  # noqa: F811
+    tmp_path: Path,
+    redis_server: RedisServer,  # noqa: F811
 ) -> None:
     a, b = await start_broker_pair(tmp_path, redis_server.empty_database())
     raw = aioredis.Redis.from_url(redis_server.url)
@@ -66,7 +67,8 @@ async def test_messages_published_while_the_bus_reconnects_arrive_exactly_once(
 
 
 async def test_a_relay_checks_a_change_made_on_the_other_process_once_its_notice_arrived(
-    tmp_path: Path, redis_server: RedisServer  # noqa: F811
+    tmp_path: Path,
+    redis_server: RedisServer,  # noqa: F811
 ) -> None:
     """Relays check admission against a recent copy of the session record: a removal made on
     another process must count as soon as its notice (the new peer list) has arrived."""
@@ -87,7 +89,9 @@ async def test_a_relay_checks_a_change_made_on_the_other_process_once_its_notice
             await therapist.admit(client.peer_id)
         await sender.wait_connected(target.peer_id)
         for n in range(3):  # relays on B, so B holds a fresh copy of the record
-            await sender.send_raw(json.dumps({"type": "candidate", "to": target.peer_id, "candidate": "", "sdp_mid": f"m{n}"}))
+            await sender.send_raw(
+                json.dumps({"type": "candidate", "to": target.peer_id, "candidate": "", "sdp_mid": f"m{n}"})
+            )
             await target.expect(Candidate, where=lambda m, n=n: m.sdp_mid == f"m{n}")
         mark = len(sender.received)
         await therapist.remove(target.peer_id)  # on process A
@@ -103,7 +107,8 @@ async def test_a_relay_checks_a_change_made_on_the_other_process_once_its_notice
 
 
 async def test_a_relay_redis_fails_to_take_is_answered_with_its_ref(
-    tmp_path: Path, redis_server: RedisServer  # noqa: F811
+    tmp_path: Path,
+    redis_server: RedisServer,  # noqa: F811
 ) -> None:
     """Relays go to Redis without the connection waiting for them; a failure still reaches the sender."""
     a, b = await start_broker_pair(tmp_path, redis_server.empty_database())
@@ -133,7 +138,8 @@ async def test_a_relay_redis_fails_to_take_is_answered_with_its_ref(
 
 
 async def test_a_relay_crosses_only_to_the_process_holding_its_recipient(
-    tmp_path: Path, redis_server: RedisServer  # noqa: F811
+    tmp_path: Path,
+    redis_server: RedisServer,  # noqa: F811
 ) -> None:
     """Each process subscribes the own channels of the peers it holds: a relay for the therapist
     on A goes to A alone, not back to B (which holds the sender) over the session's channel."""

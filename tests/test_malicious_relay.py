@@ -16,8 +16,9 @@ import asyncio
 import json
 import re
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import msgspec
 import pytest
@@ -205,7 +206,7 @@ async def test_honest_relay_connects_every_time_sealed_with_equal_safety_codes(e
         for _ in range(ROUNDS):
             old = therapist.links[client.peer_id]
             await client.renegotiate(therapist.peer_id)
-            await wait_for(lambda: therapist.links.get(client.peer_id) not in (None, old))
+            await wait_for(lambda old=old: therapist.links.get(client.peer_id) not in (None, old))
             t_link = await therapist.wait_connected(client.peer_id)
             c_link = await client.wait_connected(therapist.peer_id)
             assert t_link.trust == c_link.trust == "verified_by_link"
@@ -248,7 +249,7 @@ async def test_every_tampered_offer_is_detected(evil: RunningBroker, mode: str, 
             await client.wait_connected(therapist.peer_id)
         for round_ in range(ROUNDS):
             await client.renegotiate(therapist.peer_id)
-            await wait_for(lambda: len(client.interceptions) == round_ + 1)
+            await wait_for(lambda round_=round_: len(client.interceptions) == round_ + 1)
             assert client.interceptions[-1].peer == therapist.peer_id
             assert client.interceptions[-1].reason == reason
             assert therapist.peer_id not in client.links  # the tampered connection was dropped
@@ -269,7 +270,7 @@ async def test_tampered_answers_are_detected_by_the_offerer(evil: RunningBroker,
         hub.tamper = lambda sender, m: MaliciousHub.tamper(hub, sender, m) if isinstance(m, Answer) else m  # type: ignore[method-assign]
         for round_ in range(ROUNDS):
             await client.renegotiate(therapist.peer_id)
-            await wait_for(lambda: len(therapist.interceptions) == round_ + 1)
+            await wait_for(lambda round_=round_: len(therapist.interceptions) == round_ + 1)
             assert therapist.interceptions[-1].reason == "bad_mac"
     finally:
         del hub.tamper
@@ -300,7 +301,7 @@ async def test_a_sealed_offer_re_addressed_to_another_peer_does_not_open(evil: R
         hub.mode = "readdress"
         for round_ in range(ROUNDS):
             await one.renegotiate(therapist.peer_id)
-            await wait_for(lambda: len(two.interceptions) == round_ + 1)
+            await wait_for(lambda round_=round_: len(two.interceptions) == round_ + 1)
             assert two.interceptions[-1].peer == therapist.peer_id
             assert two.interceptions[-1].reason == "bad_mac"
         assert one.interceptions == []
@@ -340,7 +341,9 @@ async def test_clear_candidates_the_broker_injects_are_dropped_without_a_warning
     await therapist.connect()
     client = await waiting_client(links)
     try:
-        fake = Candidate(to=client.peer_id, candidate=HOST_CANDIDATE, sdp_mid="0", sdp_mline_index=0, from_=therapist.peer_id)
+        fake = Candidate(
+            to=client.peer_id, candidate=HOST_CANDIDATE, sdp_mid="0", sdp_mline_index=0, from_=therapist.peer_id
+        )
         # Before the sealed offer (held back until it comes, then dropped) ...
         await hub.inject(links.session, fake)
         await therapist.admit(client.peer_id)
@@ -370,7 +373,7 @@ async def test_an_older_peer_in_clear_with_a_mac_is_verified_and_still_protected
         hub.mode = "fingerprint"
         for round_ in range(ROUNDS):
             await client.renegotiate(therapist.peer_id)
-            await wait_for(lambda: len(client.interceptions) == round_ + 1)
+            await wait_for(lambda round_=round_: len(client.interceptions) == round_ + 1)
             assert client.interceptions[-1].reason == "bad_mac"
     finally:
         hub.mode = "honest"
@@ -392,7 +395,7 @@ async def test_a_fake_peer_without_the_link_key_is_detected(
     try:
         for round_ in range(ROUNDS):
             await hub.inject_fake_offer(client.joined.session, client.peer_id, mac=mac, sealed=sealed)  # type: ignore[union-attr]
-            await wait_for(lambda: len(client.interceptions) == round_ + 1)
+            await wait_for(lambda round_=round_: len(client.interceptions) == round_ + 1)
             assert client.interceptions[-1].peer == "FAKEpeer"
             assert client.interceptions[-1].reason == reason
             assert "FAKEpeer" not in client.links

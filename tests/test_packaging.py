@@ -27,7 +27,10 @@ def test_the_installed_wheel_serves_the_browser_client(tmp_path: Path) -> None:
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, timeout=120)
     where = subprocess.run(
         [str(python), "-c", "import broker, pathlib; print(pathlib.Path(broker.__file__).parent)"],
-        capture_output=True, text=True, cwd=tmp_path, check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=True,
     ).stdout.strip()
     assert ROOT not in Path(where).parents and Path(where) != ROOT / "broker"
 
@@ -35,7 +38,10 @@ def test_the_installed_wheel_serves_the_browser_client(tmp_path: Path) -> None:
     data = tmp_path / "data"
     server = subprocess.Popen(
         [str(venv / "bin" / "broker"), "serve", "--port", str(port), "--data-dir", str(data)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         assert server.stdout is not None
@@ -46,7 +52,10 @@ def test_the_installed_wheel_serves_the_browser_client(tmp_path: Path) -> None:
             banner += line
         created = subprocess.run(
             [str(venv / "bin" / "broker"), "session", "create", "--json", "--data-dir", str(data)],
-            capture_output=True, text=True, cwd=tmp_path, timeout=60,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=60,
         )
         assert created.returncode == 0, created.stderr
         link = next(s["link"] for s in json.loads(created.stdout)["seats"] if s["role"] == "client")

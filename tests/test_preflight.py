@@ -13,8 +13,8 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
@@ -37,9 +37,15 @@ from .conftest import RunningBroker, schedule, start_broker
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
 ]
 
 
@@ -49,9 +55,9 @@ def _free_port(kind: int = socket.SOCK_STREAM) -> int:
         return sock.getsockname()[1]
 
 
-async def _client_offer(*, audio: bool = False, video: bool = False, label: str = "preflight") -> tuple[
-    RTCPeerConnection, str
-]:
+async def _client_offer(
+    *, audio: bool = False, video: bool = False, label: str = "preflight"
+) -> tuple[RTCPeerConnection, str]:
     """A real aiortc offer; the caller closes the returned peer connection."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     if audio:
@@ -440,11 +446,25 @@ def turn_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     relay_low = 40000 + secrets.randbelow(20000)
     proc = subprocess.Popen(
         [
-            "turnserver", "-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1", f"--listening-port={port}",
-            "--use-auth-secret", f"--static-auth-secret={secret}", "--realm=test", "--no-tls", "--no-dtls",
-            "--no-cli", "--fingerprint", "--allow-loopback-peers", f"--min-port={relay_low}",
-            f"--max-port={relay_low + 50}", f"--userdb={workdir / 'turndb.sqlite'}",
-            f"--pidfile={workdir / 'turn.pid'}", "--no-stdout-log", f"--log-file={workdir / 'turn.log'}",
+            "turnserver",
+            "-n",
+            "--listening-ip=127.0.0.1",
+            "--relay-ip=127.0.0.1",
+            f"--listening-port={port}",
+            "--use-auth-secret",
+            f"--static-auth-secret={secret}",
+            "--realm=test",
+            "--no-tls",
+            "--no-dtls",
+            "--no-cli",
+            "--fingerprint",
+            "--allow-loopback-peers",
+            f"--min-port={relay_low}",
+            f"--max-port={relay_low + 50}",
+            f"--userdb={workdir / 'turndb.sqlite'}",
+            f"--pidfile={workdir / 'turn.pid'}",
+            "--no-stdout-log",
+            f"--log-file={workdir / 'turn.log'}",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

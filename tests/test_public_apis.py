@@ -296,8 +296,10 @@ class ModuleScan:
         for item in ast.walk(node):
             if isinstance(item, ast.AnnAssign):
                 target = item.target
-                name = target.id if isinstance(target, ast.Name) else (
-                    target.attr if isinstance(target, ast.Attribute) else None
+                name = (
+                    target.id
+                    if isinstance(target, ast.Name)
+                    else (target.attr if isinstance(target, ast.Attribute) else None)
                 )
                 if name is not None and self.foreign(item.annotation) is not None:
                     held.add(name)

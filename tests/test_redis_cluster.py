@@ -19,10 +19,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -131,9 +132,7 @@ class Cluster:
                 broker.start()
         await asyncio.gather(self.a.wait_ready(), self.b.wait_ready())
 
-    async def schedule(
-        self, therapist_on: BrokerProcess, client_on: BrokerProcess, **kwargs: Any
-    ) -> Links:
+    async def schedule(self, therapist_on: BrokerProcess, client_on: BrokerProcess, **kwargs: Any) -> Links:
         """A session scheduled through the shared store; each link points at the given process."""
         session, tokens = await self.hub.create_session(clients=1, **kwargs)
         key = new_link_key()
@@ -162,7 +161,8 @@ def practice_policy(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 async def cluster(
-    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
+    redis_server: RedisServer,
+    tmp_path_factory: pytest.TempPathFactory,  # noqa: F811
 ) -> AsyncIterator[Cluster]:
     redis_server.empty_database()
     root = tmp_path_factory.mktemp("cluster")
@@ -348,7 +348,9 @@ class Wire:
         await self.ws.close()
 
 
-async def wire_session(http: aiohttp.ClientSession, links: Links, t_base: str, c_base: str, count: int) -> tuple[int, int]:
+async def wire_session(
+    http: aiohttp.ClientSession, links: Links, t_base: str, c_base: str, count: int
+) -> tuple[int, int]:
     """Join, checklist, admit, then ``count`` relayed candidates each way; returns (lost, duplicated)."""
     therapist, client = await Wire.open(http, t_base), await Wire.open(http, c_base)
     try:
@@ -381,15 +383,16 @@ async def wire_session(http: aiohttp.ClientSession, links: Links, t_base: str, c
             expected = [f"candidate:{tag}{k}" for k in range(count)]
             with contextlib.suppress(asyncio.TimeoutError):
                 await wire.recv_until(
-                    lambda m, w=wire: m["type"] == "candidate"
-                    and sum(1 for x in w.inbox if x["type"] == "candidate") >= count,
+                    lambda m, w=wire: (
+                        m["type"] == "candidate" and sum(1 for x in w.inbox if x["type"] == "candidate") >= count
+                    ),
                     timeout=15,
                 )
             await asyncio.sleep(0.05)  # anything extra (a duplicate) would arrive right behind
             while True:
                 try:
                     msg = await wire.ws.receive(timeout=0.01)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
                 if msg.type is aiohttp.WSMsgType.TEXT:
                     wire.inbox.append(json.loads(msg.data))
@@ -414,8 +417,18 @@ async def test_call_across_two_processes(cluster: Cluster) -> None:
     """(a) Therapist on A, client on B: pre-flight, checklist, admit, data channel both ways."""
     await cluster.ensure_running()
     created = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "broker", "session", "create", "--json", "--data-dir", str(cluster.a.data_dir),
-        env=cluster.a.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "broker",
+        "session",
+        "create",
+        "--json",
+        "--data-dir",
+        str(cluster.a.data_dir),
+        env=cluster.a.env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     out, err = await created.communicate()
     assert created.returncode == 0, err.decode()
@@ -544,7 +557,9 @@ async def test_an_abandoned_session_leaves_no_key_after_its_window(cluster: Clus
     now = int(time.time())
     window_left = 10
     # The shortest window (5 minutes) placed so that it closes ``window_left`` seconds from now.
-    links = await cluster.schedule(cluster.a, cluster.b, duration_s=300, starts=now - 300 - DEFAULT_GRACE_S + window_left)
+    links = await cluster.schedule(
+        cluster.a, cluster.b, duration_s=300, starts=now - 300 - DEFAULT_GRACE_S + window_left
+    )
     session = await cluster.hub.get_session(links.session)
     assert session is not None and session.expires <= now + window_left
     therapist, client = await admitted_call(links)

@@ -84,7 +84,9 @@ def host_addresses(sdps: Iterable[str]) -> set[str]:
     }
 
 
-async def connected_call(therapist_link: str, client_link: str, links: Any) -> tuple[BrokerClient, BrokerClient, list[str]]:
+async def connected_call(
+    therapist_link: str, client_link: str, links: Any
+) -> tuple[BrokerClient, BrokerClient, list[str]]:
     """Therapist and client connected (twice: the second time after a renegotiation, as an ICE
     restart would have it). Returns both and every SDP they used."""
     therapist = BrokerClient(therapist_link)
@@ -120,7 +122,9 @@ async def trickle_one(client: BrokerClient, therapist: BrokerClient) -> None:
     fields = {"candidate": line, "sdp_mid": "0", "sdp_mline_index": 0}
     counter, sealed = client.auth.seal(therapist.peer_id, "candidate", fields)
     mark = len(therapist.received)
-    await client.send_raw(json.dumps({"type": "candidate", "to": therapist.peer_id, "counter": counter, "sealed": sealed}))
+    await client.send_raw(
+        json.dumps({"type": "candidate", "to": therapist.peer_id, "counter": counter, "sealed": sealed})
+    )
     await therapist.expect(Candidate, where=lambda m: m.sealed == sealed, since=mark)
     assert therapist.interceptions == client.interceptions == [] and therapist.dropped == {}
 
@@ -241,8 +245,12 @@ async def test_without_the_link_key_the_call_stays_in_clear_and_says_so(tmp_path
             assert hub.frames and not any(b'"sealed":"' in f for f in hub.frames)
             # Sealed anyway (a peer that got it wrong): the keyless side cannot open it, and drops it.
             assert client.auth is not None
-            counter, sealed = client.auth.seal(therapist.peer_id, "candidate", {"candidate": "", "sdp_mid": None, "sdp_mline_index": None})
-            await client.send_raw(json.dumps({"type": "candidate", "to": therapist.peer_id, "counter": counter, "sealed": sealed}))
+            counter, sealed = client.auth.seal(
+                therapist.peer_id, "candidate", {"candidate": "", "sdp_mid": None, "sdp_mline_index": None}
+            )
+            await client.send_raw(
+                json.dumps({"type": "candidate", "to": therapist.peer_id, "counter": counter, "sealed": sealed})
+            )
             await wait_for(lambda: therapist.dropped == {"sealed_without_link_key": 1})
             assert therapist.interceptions == client.interceptions == []
         finally:

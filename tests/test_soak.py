@@ -175,9 +175,11 @@ async def soak(broker: BrokerProcess, redis_port: int | None = None) -> None:
             await asyncio.gather(*workers)
     await asyncio.sleep(2.0)
     after = await probe()
-    print(f"soak: {counts} in {MINUTES:g} min; live RSS MiB before {before['rss'] >> 20}, warm {warm['rss'] >> 20}, "
-          f"samples {samples}, after {after['rss'] >> 20}; fds {before['fds']} -> {after['fds']}; "
-          f"store keys {before['store_keys']} -> {after['store_keys']}; Redis sockets {after['redis_sockets']}")
+    print(
+        f"soak: {counts} in {MINUTES:g} min; live RSS MiB before {before['rss'] >> 20}, warm {warm['rss'] >> 20}, "
+        f"samples {samples}, after {after['rss'] >> 20}; fds {before['fds']} -> {after['fds']}; "
+        f"store keys {before['store_keys']} -> {after['store_keys']}; Redis sockets {after['redis_sockets']}"
+    )
     assert sum(counts.values()) >= WORKERS * len(LIFE_CYCLES)
     assert after["rss"] < warm["rss"] * (1 + GROWTH), (warm, after)
     assert after["fds"] <= before["fds"], (before, after)

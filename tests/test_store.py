@@ -13,13 +13,13 @@ import contextlib
 import os
 import random
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 import pytest
 
-from broker.store import MemoryStore, Store, StoreUnavailable, session_prefix
 from broker.bus_redis import RedisBus
+from broker.store import MemoryStore, Store, StoreUnavailable, session_prefix
 from broker.store_redis import RedisStore, Sealer, StoreCorrupt, connect_redis, redis_client
 
 from .redis_server import RedisServer, free_port, redis_server  # noqa: F401 - the fixture
@@ -99,7 +99,8 @@ async def test_put_then_get_returns_the_value(backend: Backend, prefix: str) -> 
 
 
 async def test_a_broker_process_reads_through_its_bus_on_no_connection_of_its_own(
-    redis_server: RedisServer, prefix: str  # noqa: F811
+    redis_server: RedisServer,
+    prefix: str,  # noqa: F811
 ) -> None:
     """Reads share the bus's pipelined connection (record reads come every quarter second per
     relaying session): fifty at once open no pooled connection, as redis-py would for each."""
@@ -323,7 +324,9 @@ async def rstore(redis_server: RedisServer) -> AsyncIterator[RedisStore]:  # noq
 
 
 async def test_a_redis_dump_contains_none_of_the_values(
-    redis_server: RedisServer, rstore: RedisStore, prefix: str  # noqa: F811
+    redis_server: RedisServer,
+    rstore: RedisStore,
+    prefix: str,  # noqa: F811
 ) -> None:
     canaries = [f"CANARY-{name}-{secrets.token_hex(4)}" for name in ("put", "update", "log", "control")]
     await rstore.put(prefix, f"emergency contact {canaries[0]}".encode(), 30)
@@ -340,7 +343,9 @@ async def test_a_redis_dump_contains_none_of_the_values(
 
 
 async def test_a_value_moved_to_another_key_does_not_open(
-    redis_server: RedisServer, rstore: RedisStore, prefix: str  # noqa: F811
+    redis_server: RedisServer,
+    rstore: RedisStore,
+    prefix: str,  # noqa: F811
 ) -> None:
     await rstore.put(prefix + ":a", b"for a only", 30)
     await rstore.append(prefix + ":box:a", b"for a's log only", 8, 30)
@@ -376,7 +381,9 @@ def test_no_two_values_are_ever_sealed_under_one_sub_key_and_nonce() -> None:
     other sealer shares, and a new epoch starts before the numbering could wrap the rotation bound."""
     key = secrets.token_bytes(32)
     one, other = Sealer(key), Sealer(key)
-    blobs = [one.seal(b"aad", b"same value") for _ in range(1000)] + [other.seal(b"aad", b"same value") for _ in range(1000)]
+    blobs = [one.seal(b"aad", b"same value") for _ in range(1000)] + [
+        other.seal(b"aad", b"same value") for _ in range(1000)
+    ]
     assert len({(b[_EPOCH], b[_NONCE]) for b in blobs}) == 2000
     assert len({b[_EPOCH] for b in blobs}) == 2
     assert len(set(blobs)) == 2000  # the same value never seals to the same bytes
@@ -467,7 +474,9 @@ async def test_silent_redis_is_unavailable_not_a_hang() -> None:
 
 
 async def test_store_works_again_after_redis_restarts(
-    redis_server: RedisServer, rstore: RedisStore, prefix: str  # noqa: F811
+    redis_server: RedisServer,
+    rstore: RedisStore,
+    prefix: str,  # noqa: F811
 ) -> None:
     await rstore.put(prefix, b"before", 30)
     # Several idle pooled connections, all of which the restart will break.
@@ -494,7 +503,9 @@ def counter_step_from_text(raw: bytes | None) -> tuple[bytes, str]:
 
 
 async def test_update_retries_when_another_process_wrote_in_between(
-    redis_server: RedisServer, rstore: RedisStore, prefix: str  # noqa: F811
+    redis_server: RedisServer,
+    rstore: RedisStore,
+    prefix: str,  # noqa: F811
 ) -> None:
     await rstore.put(prefix, b"10", 30)
     with redis_server.client() as raw:
@@ -518,9 +529,7 @@ async def test_update_retries_when_another_process_wrote_in_between(
 # ---------------------------------------------------------------- Redis only: cancellation safety
 
 
-async def test_cancelled_calls_never_hand_their_reply_to_another_caller(
-    rstore: RedisStore, prefix: str
-) -> None:
+async def test_cancelled_calls_never_hand_their_reply_to_another_caller(rstore: RedisStore, prefix: str) -> None:
     """CVE-2023-28858/9 class: cancel calls mid-flight, then every later reply must be its own."""
     n = 120
     keys = [f"{prefix}:k{i}" for i in range(n)]

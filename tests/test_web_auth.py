@@ -29,7 +29,6 @@ from cryptography.hazmat.primitives.twofactor.totp import TOTP
 
 from broker.accounts import AccountStore
 from broker.audit import AuditLog, verify
-from broker.totp import code_at
 from broker.config import Config, Keys
 from broker.dashboard import DASHBOARD, setup_dashboard
 from broker.passwords import ScryptParams
@@ -39,6 +38,7 @@ from broker.store import MemoryStore
 from broker.store_redis import redis_client
 from broker.throttle import LoginThrottle, Throttle
 from broker.throttle_redis import RedisLoginThrottle
+from broker.totp import code_at
 from broker.web_auth import AUTH, CSRF_HEADER, LOGIN_COOKIE, WebAuth, accounts_path, login_required, setup_auth
 
 from .redis_server import redis_server  # noqa: F401 - the fixture
@@ -192,7 +192,9 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             throttle = LoginThrottle(clock=clock, **schedule)
         audit = AuditLog(data_dir / "audit.log", keys.audit, clock=clock)
         app = web.Application(middlewares=[security_middleware(False)])
-        setup_auth(app, store=store, accounts=accounts, throttle=throttle, audit=audit, config=config, keys=keys, clock=clock)
+        setup_auth(
+            app, store=store, accounts=accounts, throttle=throttle, audit=audit, config=config, keys=keys, clock=clock
+        )
         app.router.add_get("/api/protected", login_required(_protected))
         runner = web.AppRunner(app, access_log_class=PrivateAccessLogger)
         await runner.setup()
@@ -761,8 +763,9 @@ async def test_bodies_nested_2000_deep_are_400_on_every_json_route(tmp_path: Pat
         await full.auth.accounts.add("robin", PASSWORD)
         async with ClientSession(cookie_jar=DummyCookieJar()) as http:
             origin = {"Origin": full.url, "Content-Type": "application/json"}
-            async with http.post(full.url + "/api/login", json={"username": "robin", "password": PASSWORD},
-                                 headers={"Origin": full.url}) as r:
+            async with http.post(
+                full.url + "/api/login", json={"username": "robin", "password": PASSWORD}, headers={"Origin": full.url}
+            ) as r:
                 assert r.status == 200
                 headers = {**origin, "Cookie": f"{LOGIN_COOKIE}={r.cookies[LOGIN_COOKIE].value}",
                            CSRF_HEADER: (await r.json())["csrf"]}  # fmt: skip

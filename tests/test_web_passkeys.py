@@ -131,7 +131,9 @@ async def test_a_bad_assertion_is_refused_and_counted(make_harness: Any, tamper:
         other.create({"publicKey": {"rp": {"id": "broker.test"}, "challenge": "AA"}})
         assertion = other.get({"publicKey": {"rpId": "broker.test", "challenge": options["publicKey"]["challenge"]}})
     password = "not the right password at all" if tamper == "wrong_password" else PASSWORD
-    reply = await h.request("POST", "/api/login", json={"username": "robin", "password": password, "passkey": assertion})
+    reply = await h.request(
+        "POST", "/api/login", json={"username": "robin", "password": password, "passkey": assertion}
+    )
     assert reply.status == 401 and reply.json()["error"] == "invalid_credentials"
     assert not reply.cookies
     account = await h.accounts.get_by_username("robin")
@@ -189,9 +191,7 @@ async def test_registration_needs_a_fresh_challenge_and_a_matching_origin(make_h
     refused = await h.request("POST", "/api/passkeys", json={"credential": forged}, cookie=cookie, csrf=csrf)
     assert refused.status == 400 and refused.json()["error"] == "passkey_refused"
     # The challenge was spent by that attempt: the same options cannot be used again.
-    again = await h.request(
-        "POST", "/api/passkeys", json={"credential": key.create(options)}, cookie=cookie, csrf=csrf
-    )
+    again = await h.request("POST", "/api/passkeys", json={"credential": key.create(options)}, cookie=cookie, csrf=csrf)
     assert again.status == 400 and again.json()["error"] == "passkey_expired"
     me = await h.request("GET", "/api/me", cookie=cookie)
     assert me.json()["therapist"]["passkeys"] == 0

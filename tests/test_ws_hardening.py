@@ -274,7 +274,6 @@ async def test_per_address_connection_limit(tmp_path: Path, http: ClientSession)
         await running.stop()
 
 
-
 async def test_per_address_limit_counts_an_ipv6_64_and_a_mapped_ipv4_as_one_address(
     tmp_path: Path, http: ClientSession
 ) -> None:

@@ -53,5 +53,3 @@ async def new_context(chromium: Browser, watch: Watch) -> AsyncIterator[NewConte
     yield make
     for context in made:
         await context.close()
-
-

@@ -203,7 +203,12 @@ async def fill_details(page: Page, location: str, contact: str) -> None:
 
 
 async def pass_checklist(
-    page: Page, *, location: str = "Home, 4 Elm Road", contact: str = "Sam, 0123 456", axe: str | None = None, name: str = ""
+    page: Page,
+    *,
+    location: str = "Home, 4 Elm Road",
+    contact: str = "Sam, 0123 456",
+    axe: str | None = None,
+    name: str = "",
 ) -> None:
     """Go through the default policy's checklist the way a person would, into the waiting room."""
     await start_checklist(page)

@@ -204,7 +204,7 @@ async def test_group_session_everyone_connected(
     for page in clients:
         await wait_screen(page, "call")
         await frames_decoded(page, 2)
-    for peer, page in zip(peers, clients):
+    for peer, page in zip(peers, clients, strict=True):
         assert await code_with(page, therapist_peer) == await code_with(therapist, peer)
     assert await code_with(clients[0], peers[1]) == await code_with(clients[1], peers[0])
     await look(therapist, axe_source, "therapist-group-call")
@@ -217,7 +217,9 @@ async def test_group_session_everyone_connected(
     await expect(clients[1].locator("#ended-title")).to_have_text("You left the session")
     await expect(tile(therapist, peers[1])).to_have_count(0)
     await expect(tile(clients[0], peers[1])).to_have_count(0)
-    await expect(therapist.locator(f'[data-testid=seat][data-peer="{peers[1]}"]')).to_have_attribute("data-state", "left")
+    await expect(therapist.locator(f'[data-testid=seat][data-peer="{peers[1]}"]')).to_have_attribute(
+        "data-state", "left"
+    )
     await frames_decoded(clients[0], 1)
     await look(clients[1], axe_source, "client-left")
     await look(therapist, axe_source, "therapist-client-left")

@@ -45,7 +45,9 @@ MORE_FRAMES = 10
 
 #: Records every RTCPeerConnection the page makes (kit.RECORD_PEER_CONNECTIONS), and samples the
 #: call's connection through the standard getStats() API.
-OBSERVE_CALL = RECORD_PEER_CONNECTIONS + """
+OBSERVE_CALL = (
+    RECORD_PEER_CONNECTIONS
+    + """
 (() => {
   const made = window.__peerConnections;
   const receivesVideo = (pc) => pc.getTransceivers().some((t) => t.receiver.track && t.receiver.track.kind === 'video');
@@ -74,6 +76,7 @@ OBSERVE_CALL = RECORD_PEER_CONNECTIONS + """
   }, 200);
 })();
 """
+)
 
 
 # ---------------------------------------------------------------- a relay that can die and come back

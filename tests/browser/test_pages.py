@@ -88,7 +88,9 @@ async def test_keyboard_alone_from_welcome_to_call(
     await tab_to(page, "[data-testid=toggle-chat]")
     await page.keyboard.press("Enter")
     await expect(page.get_by_test_id("chat-input")).to_be_focused()
-    await expect(page.locator("[data-testid=tile] [data-testid=safety-code]")).to_have_text(re.compile(r"\d{3} \d{3} \d{3}"))
+    await expect(page.locator("[data-testid=tile] [data-testid=safety-code]")).to_have_text(
+        re.compile(r"\d{3} \d{3} \d{3}")
+    )
     await page.keyboard.type("typed with the keyboard")
     await page.keyboard.press("Enter")
     # The chat channel opens a moment after the call screen shows; until then the page keeps the

@@ -47,7 +47,9 @@ async def log_in(page: Any, base: str, name: str) -> None:
     await page.get_by_role("button", name="Log in").click()
 
 
-async def test_passkey_as_the_required_second_factor(tmp_path: Any, new_context: Any, watch: Any, axe_source: str) -> None:
+async def test_passkey_as_the_required_second_factor(
+    tmp_path: Any, new_context: Any, watch: Any, axe_source: str
+) -> None:
     port = free_port()
     base = f"http://localhost:{port}"
     full = await start_full_broker(tmp_path, port=port, public_url=base, require_second_factor=True)

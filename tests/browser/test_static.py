@@ -60,5 +60,7 @@ def test_page_has_no_inline_script_or_style_and_nothing_foreign(name: str) -> No
 def test_scripts_and_styles_load_nothing_from_elsewhere(path: str) -> None:
     text = (WEB / path).read_text(encoding="utf-8")
     assert not re.search(r"""(url\(|import\s*\(?|from\s+)\s*["']?(https?:)?//""", text), "loads from another origin"
-    assert not re.search(r"\.(inner|outer)HTML\s*=|insertAdjacentHTML|\beval\(|new Function", text), "builds code or markup from strings"
+    assert not re.search(r"\.(inner|outer)HTML\s*=|insertAdjacentHTML|\beval\(|new Function", text), (
+        "builds code or markup from strings"
+    )
     assert "@import" not in text and "@font-face" not in text
