@@ -24,10 +24,9 @@ from aiohttp import web
 from . import accounts as acc
 from . import passkeys
 from .accounts import AccountError
-from .audit import AuditEvent
 from .passkeys import PasskeyError
-from .web_auth import Empty, auth_of, json_error, me_body, read_json, require_login
-from .web_reauth import reauth_refusal
+from .web_auth import Empty, auth_of, json_error, read_json, require_login
+from .web_reauth import factors_changed, reauth_refusal
 
 log = logging.getLogger("broker.web_auth")
 
@@ -97,13 +96,7 @@ async def api_register(request: web.Request) -> web.Response:
         log.info("event=passkey_register_refused")
         return json_error(400, "passkey_refused", str(exc))
     log.info("event=passkey_registered")
-    await auth.record(AuditEvent.SECOND_FACTOR_CHANGED, session.therapist)
-    fresh = await auth.renew(session, epoch=epoch, full=True)
-    if not session.full:
-        await auth.record(AuditEvent.LOGIN_SUCCESS, session.therapist)
-    response = web.json_response({"ok": True, "recovery_codes": codes, **await me_body(auth, fresh)})
-    auth.set_cookie(response, fresh)
-    return response
+    return await factors_changed(auth, session, epoch, {"recovery_codes": codes})
 
 
 async def api_list(request: web.Request) -> web.Response:
@@ -147,12 +140,8 @@ async def api_remove(request: web.Request) -> web.Response:
     if not removed:
         return json_error(404, "not_found", "No such passkey on your account.")
     log.info("event=passkey_removed")
-    await auth.record(AuditEvent.SECOND_FACTOR_CHANGED, session.therapist)
-    fresh = await auth.renew(session, epoch=epoch)
     extra = {"message": PASSWORD_ONLY} if last_factor else {}
-    response = web.json_response({"ok": True, "password_only": last_factor, **extra, **await me_body(auth, fresh)})
-    auth.set_cookie(response, fresh)
-    return response
+    return await factors_changed(auth, session, epoch, {"password_only": last_factor, **extra})
 
 
 def setup_passkeys(app: web.Application) -> None:

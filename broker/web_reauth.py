@@ -149,3 +149,16 @@ async def _check_proof(auth: WebAuth, session: LoginSession, account: acc.Accoun
 
 def setup_reauth(app: web.Application) -> None:
     app.router.add_post("/api/reauth", api_reauth, name="api_reauth")
+
+
+async def factors_changed(auth: WebAuth, session: LoginSession, epoch: str, answer: dict[str, Any]) -> web.Response:
+    """A second factor was set up, removed or renewed: audit it and carry this login session on
+    under a new cookie in the account's new sessions ``epoch`` (every other session ended with the
+    change). A partial session that just set up its first factor is a full login from now on."""
+    await auth.record(AuditEvent.SECOND_FACTOR_CHANGED, session.therapist)
+    fresh = await auth.renew(session, epoch=epoch, full=True)
+    if not session.full:
+        await auth.record(AuditEvent.LOGIN_SUCCESS, session.therapist)
+    response = web.json_response({"ok": True, **answer, **await me_body(auth, fresh)})
+    auth.set_cookie(response, fresh)
+    return response

@@ -18,19 +18,17 @@ from aiohttp import web
 from . import accounts as acc
 from . import totp
 from .accounts import AccountError
-from .audit import AuditEvent
 from .web_auth import (
     Code,
     Empty,
     auth_of,
     json_error,
-    me_body,
     read_json,
     require_login,
     reserve_attempt,
     throttled,
 )
-from .web_reauth import has_second_factor, reauth_refusal
+from .web_reauth import factors_changed, has_second_factor, reauth_refusal
 
 log = logging.getLogger("broker.web_auth")
 
@@ -85,14 +83,8 @@ async def api_confirm(request: web.Request) -> web.Response:
         return json_error(400, "invalid_code", "That code did not match. Check the time on your phone and try again.")
     await auth.throttle.record_success(throttle_key)
     await auth.accounts.clear_failures(session.therapist)
-    await auth.record(AuditEvent.SECOND_FACTOR_CHANGED, session.therapist)
     # New privileges (or new factors), new id: the old one, and every other session, ended.
-    fresh = await auth.renew(session, epoch=epoch, full=True)
-    if not session.full:
-        await auth.record(AuditEvent.LOGIN_SUCCESS, session.therapist)
-    response = web.json_response({"ok": True, "recovery_codes": codes, **await me_body(auth, fresh)})
-    auth.set_cookie(response, fresh)
-    return response
+    return await factors_changed(auth, session, epoch, {"recovery_codes": codes})
 
 
 async def api_recovery_codes(request: web.Request) -> web.Response:
@@ -114,11 +106,7 @@ async def api_recovery_codes(request: web.Request) -> web.Response:
     except AccountError as exc:  # the last second factor went away meanwhile
         return json_error(409, "no_second_factor", str(exc))
     log.info("event=recovery_codes_renewed")
-    await auth.record(AuditEvent.SECOND_FACTOR_CHANGED, session.therapist)
-    fresh = await auth.renew(session, epoch=epoch)
-    response = web.json_response({"ok": True, "recovery_codes": codes, **await me_body(auth, fresh)})
-    auth.set_cookie(response, fresh)
-    return response
+    return await factors_changed(auth, session, epoch, {"recovery_codes": codes})
 
 
 def setup_totp(app: web.Application) -> None:
