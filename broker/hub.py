@@ -717,6 +717,14 @@ class Hub:
             conn.last_seq = max(conn.last_seq, envelope.seq or 0)
             conn.deliver(envelope.data, envelope.close)
 
+    async def _fill_gap(self, conn: Connection, session_id: str) -> None:
+        """A relay came with a seq past the next one: send the missing ones from the resume buffer
+        (a relay's entry is written there before it is published), then those held meanwhile."""
+        try:
+            await self._replay(conn, session_id, conn.peer_id or "", conn.last_seq)
+        except StoreUnavailable:
+            log.info("event=relay_gap_unfilled conn=%s", conn.id)
+
     async def resend_missed(self) -> None:
         """After the bus was cut off from other processes: resend each local peer what it missed."""
         self._record_changes += 1
@@ -1094,6 +1102,14 @@ class Hub:
                 if envelope.seq is not None:
                     if envelope.seq <= conn.last_seq:
                         continue  # already resent from the resume buffer
+                    if envelope.seq > conn.last_seq + 1:
+                        # An earlier relay for this seat is still on its way: relays from this
+                        # process and from another reach it by different paths. Send what is
+                        # missing from the seat's resume buffer first, then this one, in order.
+                        conn.replaying = True
+                        conn.held = [envelope]
+                        self._spawn(self._fill_gap(conn, session_id))
+                        continue
                     conn.last_seq = envelope.seq
                 conn.deliver(envelope.data, envelope.close)
                 if envelope.close is not None and envelope.to_conn is None:

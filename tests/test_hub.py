@@ -977,3 +977,43 @@ async def test_a_session_ends_when_its_window_closes_and_others_go_on(tmp_path) 
         for peer in peers:
             await peer.close()
         await running.stop()
+
+
+async def test_a_relay_that_overtakes_an_earlier_one_waits_for_it(broker: RunningBroker) -> None:
+    """Relays for one seat from this process and from another travel different paths, so seq 2
+    can reach the seat's process before seq 1. Seq 2 must not make seq 1 look already sent: the
+    missing relays come from the seat's resume buffer first, then seq 2, in order, once each."""
+    from broker.bus import Envelope, with_seq
+    from broker.hub import mailbox_key
+
+    links, therapist, client = await admitted_pair(broker)
+    try:
+        conn = next(c for c in broker.hub.connections.values() if c.peer_id == client.peer_id)
+        box = mailbox_key(links.session, client.peer_id)
+        frames = []
+        for mid in ("first", "second"):
+            data = json.dumps(
+                {
+                    "type": "candidate",
+                    "to": client.peer_id,
+                    "candidate": "",
+                    "sdp_mid": mid,
+                    "from": therapist.peer_id,
+                    "seq": None,
+                },
+                separators=(",", ":"),
+            ).encode()
+            seq = await broker.broker.store.append(box, data, 128, 60)
+            frames.append((seq, data))
+        assert frames[1][0] == frames[0][0] + 1 and conn.last_seq == frames[0][0] - 1
+        handler = broker.hub._bus_handlers[links.session]
+        late, early = frames
+        handler(Envelope(client.peer_id, None, with_seq(early[1], early[0]), seq=early[0]))  # overtakes
+        handler(Envelope(client.peer_id, None, with_seq(late[1], late[0]), seq=late[0]))  # arrives after
+        got = [await client.expect(Candidate, where=lambda m: m.sdp_mid in ("first", "second")) for _ in range(2)]
+        assert [m.sdp_mid for m in got] == ["first", "second"]
+        await asyncio.sleep(0.2)
+        assert client.gaps == 0 and client.duplicates == 0
+    finally:
+        await client.close()
+        await therapist.close()

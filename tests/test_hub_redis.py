@@ -175,3 +175,47 @@ async def test_a_relay_crosses_only_to_the_process_holding_its_recipient(
         await raw.aclose()
         await a.stop()
         await b.stop()
+
+
+async def test_a_group_spread_over_two_processes_loses_no_relay(
+    tmp_path: Path,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    """Three peers on two processes send to each other at once: every relay arrives exactly once.
+    (Relays from the recipient's own process and from the other one reached it out of order, and
+    the later, lower seq was dropped as if already sent: sessions-per-process benchmark, 2026-12-06.)"""
+    from .test_client import waiting_client as ready_client
+
+    a, b = await start_broker_pair(tmp_path, redis_server.empty_database())
+    try:
+        links = await schedule(a, clients=2)
+        therapist = BrokerClient(links.therapist)
+        await therapist.connect()
+        one = await ready_client(links, link=links.clients[0])
+        two = await ready_client(links, link=links.clients[1].replace(a.url, b.url))
+        await therapist.admit(one.peer_id)
+        await therapist.admit(two.peer_id)
+        await one.wait_connected(therapist.peer_id)
+        await two.wait_connected(therapist.peer_id)
+        peers = {"t": therapist, "o": one, "w": two}
+        count = 60  # 120 frames a peer: within its burst allowance
+
+        async def burst(sender: str, to: str) -> None:
+            for i in range(count):
+                frame = {"type": "candidate", "to": peers[to].peer_id, "candidate": "", "sdp_mid": f"x{sender}{to}{i}"}
+                await peers[sender].send_raw(json.dumps(frame))
+
+        await asyncio.gather(*(burst(s, r) for s in peers for r in peers if s != r))
+        for r, peer in peers.items():
+            want = sorted(f"x{s}{r}{i}" for s in peers if s != r for i in range(count))
+            for _ in range(len(want)):
+                await peer.expect(Candidate, where=lambda m, r=r: (m.sdp_mid or "")[2:3] == r, timeout=10)
+            got = sorted(
+                m.sdp_mid or "" for m in peer.received if isinstance(m, Candidate) and (m.sdp_mid or "")[:1] == "x"
+            )
+            assert got == want and peer.gaps == 0 and peer.duplicates == 0, r
+        for peer in peers.values():
+            await peer.close()
+    finally:
+        await a.stop()
+        await b.stop()
