@@ -39,11 +39,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
-    CANDIDATE_LINE,
     Admin,
     BrokerProcess,
     LeanSocket,
     Report,
+    candidate_frame,
     cleanup,
     cpu_seconds,
     join,
@@ -169,7 +169,7 @@ class Worker:
             for j in range(i + 1, len(sockets)):
                 total = self.rng.randint(20, 60)
                 for sender, receiver, count in ((i, j, (total + 1) // 2), (j, i, total // 2)):
-                    frames[sender] += [candidate(peers[receiver])] * count
+                    frames[sender] += [candidate_frame(peers[receiver])] * count
                     expected[receiver] += count
         remaining = [sum(expected)]
         arrived: Counter[tuple[str, int]] = Counter()
@@ -200,7 +200,7 @@ class Worker:
                 f"{i}>{j}"
                 for i in range(len(sockets))
                 for j in range(len(sockets))
-                if i != j and arrived[(peers[i], j)] < frames[i].count(candidate(peers[j]))
+                if i != j and arrived[(peers[i], j)] < frames[i].count(candidate_frame(peers[j]))
             ]
             missing = f"{remaining[0]} of {sum(expected)} missing, {len(sockets)} peers, short: {' '.join(short)}"
             raise RuntimeError(f"time-out while relaying the burst ({missing})") from None
@@ -251,22 +251,14 @@ class Worker:
 
     def status(self) -> dict[str, Any]:
         errors, self.errors = dict(self.errors), Counter()
-        limit = int(Path("/proc/self/limits").read_text().split("Max open files")[1].split()[0])
         return {
             "errors": errors,
             "cpu_s": time.process_time(),
             "sessions": len(self.sessions),
             "peers": sum(len(s.sockets) for s in self.sessions),
             "fds": open_fds(os.getpid()),
-            "fd_limit": limit,
+            "fd_limit": fd_limit(os.getpid()),
         }
-
-
-def candidate(to: str) -> bytes:
-    return json.dumps(
-        {"type": "candidate", "to": to, "candidate": CANDIDATE_LINE, "sdp_mid": "0", "sdp_mline_index": 0},
-        separators=(",", ":"),
-    ).encode()
 
 
 def restart(session: Session, rng: random.Random) -> None:
@@ -277,8 +269,15 @@ def restart(session: Session, rng: random.Random) -> None:
     client, therapist = session.sockets[i], session.sockets[0]
     client.send_json(type="renegotiate", to=session.peers[0])
     for _ in range(4):
-        therapist.send(candidate(session.peers[i]))
-        client.send(candidate(session.peers[0]))
+        therapist.send(candidate_frame(session.peers[i]))
+        client.send(candidate_frame(session.peers[0]))
+
+
+def fd_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise RuntimeError("no open-file limit")
 
 
 def describe(exc: BaseException) -> str:
@@ -371,13 +370,6 @@ class WorkerProcess:
 def lag_file(broker: BrokerProcess) -> Path:
     """Where ``_serve.py --lag-file`` writes this broker's event-loop lag and GC passes."""
     return Path(broker.argv[broker.argv.index("--lag-file") + 1])
-
-
-def fd_limit(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-        if line.startswith("Max open files"):
-            return int(line.split()[3])
-    raise RuntimeError("no open-file limit")
 
 
 async def ramp(label: str, brokers: list[BrokerProcess], args: argparse.Namespace, deadline: float) -> dict[str, Any]:
