@@ -40,7 +40,7 @@ from aiortc import (
 )
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
-from .preflight_slots import Slot, SlotLimits, SlotRefused, SlotScheduler
+from .preflight_slots import PreflightRefused, Slot, SlotLimits, SlotScheduler
 
 __all__ = [
     "CHANNEL_LABEL",
@@ -62,18 +62,6 @@ _CLOSE_GRACE = 0.5  # after "done", how long the broker lets the page close firs
 _TEARDOWN_LIMIT = 5.0
 _RESULT_TTL = 60.0
 _SLOT_HINT_MARGIN = 1.0
-
-
-class PreflightRefused(Exception):
-    """An offer the broker will not answer, or a result it cannot give. `code` is stable and goes on the wire:
-    preflight_bad_offer, preflight_media_refused, preflight_busy, preflight_limited, preflight_unknown.
-    `retry_after_s`, when set, is how long to wait before offering again."""
-
-    def __init__(self, code: str, message: str, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -199,10 +187,10 @@ class PreflightService:
         self._prune()
         try:
             slot = await self.slots.acquire(session, seat)
-        except SlotRefused as exc:
+        except PreflightRefused as exc:
             level = logging.INFO if exc.code == "preflight_busy" else logging.DEBUG  # a seat's own limit: no log flood
             log.log(level, "event=preflight_refused reason=%s session=%s peer=%s", exc.code, session, seat)
-            raise PreflightRefused(exc.code, exc.message, max(0.0, exc.retry_after_s)) from None
+            raise
         if self._closed:
             self.slots.release(slot)
             raise PreflightRefused("preflight_busy", "The network check is not available right now.", 1.0)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .config import Config
 
-__all__ = ["Slot", "SlotLimits", "SlotRefused", "SlotScheduler"]
+__all__ = ["Slot", "SlotLimits", "PreflightRefused", "SlotScheduler"]
 
 #: Who asks for a slot: (session id, seat's peer id).
 SeatKey = tuple[str, str]
@@ -74,15 +74,17 @@ class SlotLimits:
         return out
 
 
-class SlotRefused(Exception):
-    """No slot for this seat. ``code`` is a stable wire code (preflight_limited or preflight_busy);
-    ``retry_after_s`` is how long to wait before offering again."""
+class PreflightRefused(Exception):
+    """An offer the broker will not answer, or a result it cannot give (no slot for this seat among
+    them). ``code`` is stable and goes on the wire: preflight_bad_offer, preflight_media_refused,
+    preflight_busy, preflight_limited, preflight_unknown. ``retry_after_s``, when set, is how long
+    to wait before offering again."""
 
-    def __init__(self, code: str, message: str, retry_after_s: float) -> None:
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
-        self.retry_after_s = retry_after_s
+        self.retry_after_s = None if retry_after_s is None else max(0.0, retry_after_s)
 
 
 @dataclass(eq=False)
@@ -133,7 +135,7 @@ class SlotScheduler:
         return len(self._starts.get((session, seat), ()))
 
     async def acquire(self, session: str, seat: str) -> Slot:
-        """A slot for this seat's next pre-flight, waiting for one if needed; SlotRefused when the seat is
+        """A slot for this seat's next pre-flight, waiting for one if needed; PreflightRefused when the seat is
         over its own limits, or when no slot came within ``wait_s``."""
         now = self._clock()
         self._forget_old(now)
@@ -173,14 +175,14 @@ class SlotScheduler:
     def _check_seat(self, key: SeatKey, now: float) -> None:
         running = self._running.get(key)
         if running is not None:
-            raise SlotRefused(
+            raise PreflightRefused(
                 "preflight_limited",
                 "A network check for this device is already running. Wait for it to finish before starting another.",
                 running.held_until - now,
             )
         for waiter in self._waiting:
             if waiter.key == key:
-                raise SlotRefused(
+                raise PreflightRefused(
                     "preflight_limited",
                     "A network check for this device is already waiting to start. Wait for it before starting another.",
                     waiter.gives_up_at - now + self.hold_s,
@@ -188,16 +190,16 @@ class SlotScheduler:
         starts = self._starts.get(key)
         if starts is not None and len(starts) >= self.limits.per_seat_per_minute:
             wait = starts[0] + self.limits.window_s - now
-            raise SlotRefused(
+            raise PreflightRefused(
                 "preflight_limited",
                 f"This device has run the network check {len(starts)} times in the last minute. "
                 "It can run it again shortly.",
                 wait,
             )
 
-    def _busy(self, now: float) -> SlotRefused:
+    def _busy(self, now: float) -> PreflightRefused:
         soonest = min((slot.held_until for slot in self._running.values()), default=now)
-        return SlotRefused(
+        return PreflightRefused(
             "preflight_busy",
             "Many network checks are running right now. Yours will be tried again in a moment.",
             max(1.0, soonest - now),

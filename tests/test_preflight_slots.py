@@ -11,7 +11,7 @@ import asyncio
 
 import pytest
 
-from broker.preflight_slots import Slot, SlotLimits, SlotRefused, SlotScheduler
+from broker.preflight_slots import PreflightRefused, Slot, SlotLimits, SlotScheduler
 
 
 class Clock:
@@ -26,8 +26,8 @@ def scheduler(clock: Clock, **limits: float) -> SlotScheduler:
     return SlotScheduler(SlotLimits(**limits), hold_s=9.0, clock=clock)  # type: ignore[arg-type]
 
 
-async def refused(slots: SlotScheduler, session: str, seat: str) -> SlotRefused:
-    with pytest.raises(SlotRefused) as caught:
+async def refused(slots: SlotScheduler, session: str, seat: str) -> PreflightRefused:
+    with pytest.raises(PreflightRefused) as caught:
         await slots.acquire(session, seat)
     return caught.value
 
