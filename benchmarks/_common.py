@@ -382,7 +382,7 @@ class Admin:
     """Schedules sessions on a running broker through its admin socket (as ``broker session create`` does)."""
 
     def __init__(self, broker: BrokerProcess) -> None:
-        from broker.admin import ADMIN_HEADER
+        from broker.http.admin_socket import ADMIN_HEADER
 
         self.headers = {ADMIN_HEADER: broker.admin_key()}
         self.http = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(broker.admin_socket)))

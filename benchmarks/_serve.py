@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import raise_file_limit
 
 from broker.config import check_config, load_config
+from broker.http.serve import serve
 from broker.logs import configure
-from broker.serve import serve
 
 TICK_S = 0.010
 

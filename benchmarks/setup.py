@@ -1,10 +1,10 @@
 """P3 call set-up: two aiortc peers connecting through the broker, against the same peers exchanging SDP directly.
 
-Direct: two RTCPeerConnections in this process, configured as ``broker.client``
+Direct: two RTCPeerConnections in this process, configured as ``broker.client.broker_client``
 configures them (no ICE servers, recvonly audio and video, the negotiated "chat"
 data channel); timed from creating them to both data channels open.
 
-Through the broker: a therapist and a client (``broker.client.BrokerClient``,
+Through the broker: a therapist and a client (``broker.client.broker_client.BrokerClient``,
 the product's Python client, with authenticated SDP) joined and waiting on a
 broker process; timed from the therapist's ``admit`` to both data channels open.
 The difference of the medians is what the broker (and the signaling round
@@ -82,9 +82,9 @@ async def direct_setup() -> float:
 
 async def broker_setup(admin: Admin, base_url: str) -> float:
     """Seconds from the therapist's admit to both data channels open, through the broker."""
-    from broker.client import BrokerClient
-    from broker.e2ee import new_link_key
-    from broker.protocol import SeatState, Status
+    from broker.client.broker_client import BrokerClient
+    from broker.crypto.e2ee import new_link_key
+    from broker.signaling.protocol import SeatState, Status
 
     created = await admin.create(clients=1)
     key = new_link_key()

@@ -41,7 +41,7 @@ class Config:
     turn_secret_file: str = ""
     secret_file: str = ""
     #: The audit log's key, kept apart from the data directory: a file, or the value itself
-    #: (BROKER_AUDIT_KEY). Unset: derived from the server secret (see broker.audit_setup).
+    #: (BROKER_AUDIT_KEY). Unset: derived from the server secret (see broker.audit.setup).
     audit_key_file: str = ""
     audit_key: str = field(default="", repr=False)
     #: A new audit log file is started when the current one reaches this size (0: never).
@@ -68,7 +68,7 @@ class Config:
     send_queue_limit: int = 256
     #: Network pre-flights (broker-side peer connections) running at once in this process; of those, at most
     #: ``preflight_session_slots`` for one session; a seat starts at most ``preflight_seat_per_minute`` a
-    #: minute; an offer waits at most ``preflight_wait_s`` for a slot (see broker/preflight_slots.py).
+    #: minute; an offer waits at most ``preflight_wait_s`` for a slot (see broker/checklist/preflight_slots.py).
     preflight_slots: int = 8
     preflight_session_slots: int = 4
     preflight_seat_per_minute: int = 6
@@ -225,13 +225,13 @@ def check_config(config: Config) -> list[str]:
 
 
 def _check_preflight(config: Config) -> list[str]:
-    from .preflight_slots import SlotLimits
+    from broker.checklist.preflight_slots import SlotLimits
 
     return SlotLimits.from_config(config).problems()
 
 
 def _check_turn(config: Config) -> list[str]:
-    from .turn import TurnConfigError, parse_turn_urls, resolve_turn_secret
+    from broker.signaling.turn import TurnConfigError, parse_turn_urls, resolve_turn_secret
 
     problems = []
     try:
@@ -265,7 +265,7 @@ def _check_data_dir(config: Config) -> list[str]:
 
 
 def _check_audit(config: Config) -> list[str]:
-    from .audit_setup import audit_key_problems
+    from broker.audit.setup import audit_key_problems
 
     problems = audit_key_problems(config)
     if config.audit_rotate_bytes != 0 and config.audit_rotate_bytes < 65536:
@@ -274,14 +274,14 @@ def _check_audit(config: Config) -> list[str]:
 
 
 def _check_admin_socket(config: Config) -> list[str]:
-    from .admin import socket_directory_problem
+    from broker.http.admin_socket import socket_directory_problem
 
     problem = socket_directory_problem(config.admin_socket.parent)
     return [problem] if problem else []
 
 
 def _check_policy(path: Path) -> list[str]:
-    from . import checklist
+    from broker.checklist import policy as checklist
 
     try:
         checklist.load_policy(path)

@@ -13,9 +13,9 @@ import pytest
 from aiohttp import ClientWebSocketResponse, WSMsgType, web
 
 from broker.config import Config
-from broker.e2ee import new_link_key
-from broker.security_headers import PrivateAccessLogger
-from broker.server import Broker, build_app, create_broker
+from broker.crypto.e2ee import new_link_key
+from broker.http.app import Broker, build_app, create_broker
+from broker.http.security_headers import PrivateAccessLogger
 
 
 def free_port() -> int:

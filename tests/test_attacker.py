@@ -20,7 +20,7 @@ is the broker's, and tracemalloc would see only Python objects, slow every
 call and count the test's own objects as well.
 
 Memory, measured as the broker process's RSS: the broker runs its usual
-``broker.cli.main(["serve", ...])`` in a thin wrapper whose only addition is a
+``broker.cli.main.main(["serve", ...])`` in a thin wrapper whose only addition is a
 SIGUSR1 probe that runs the garbage collector and glibc's ``malloc_trim``, with
 ``PYTHONMALLOC=malloc``, so that RSS read after the hook is live memory rather
 than memory the allocator keeps for reuse (with pymalloc, RSS never falls after
@@ -51,13 +51,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from broker.admin import AdminClient
-from broker.client import BrokerClient, BrokerError
+from broker.client.broker_client import BrokerClient, BrokerError
 from broker.config import Config
-from broker.e2ee import new_link_key
-from broker.protocol import ErrorCode, SeatState, Status
-
-from .conftest import free_port, read_until_broker_closes
+from broker.crypto.e2ee import new_link_key
+from broker.http.admin_socket import AdminClient
+from broker.signaling.protocol import ErrorCode, SeatState, Status
+from tests.conftest import free_port, read_until_broker_closes
 
 HONEST_PAIRS = 20
 UNAUTHENTICATED = 1000
@@ -73,9 +72,9 @@ WARMUP_PAIRS = 5
 #: and open connections to $BROKER_TEST_PROBE_FILE.
 SERVE_WITH_PROBE = """
 import asyncio, ctypes, gc, json, os, signal, sys
-import broker.serve
+import broker.http.serve
 
-create = broker.serve.create_broker
+create = broker.http.serve.create_broker
 
 async def probe(made):
     gc.collect()
@@ -91,8 +90,8 @@ async def create_broker(*args, **kwargs):
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, lambda: asyncio.ensure_future(probe(made)))
     return made
 
-broker.serve.create_broker = create_broker
-from broker.cli import main
+broker.http.serve.create_broker = create_broker
+from broker.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -470,7 +469,7 @@ async def test_honest_calls_connect_under_attack_and_memory_comes_back(broker_pr
 
 async def test_a_sustained_flood_on_one_connection_is_closed_4029(broker: Any) -> None:
     """1,000 messages a second on one joined connection: throttled, and closed as a flood within seconds."""
-    from .conftest import schedule
+    from tests.conftest import schedule
 
     links = await schedule(broker)
     async with aiohttp.ClientSession() as http:

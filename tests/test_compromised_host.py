@@ -18,15 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from broker import e2ee
-from broker.client import BrokerClient
+from broker.client.broker_client import BrokerClient
 from broker.config import Keys
-from broker.protocol import SeatState, SessionEnded, Status, WaitingRoom
-from broker.store import session_prefix
-from broker.store_redis import Sealer, StoreCorrupt
-
-from .conftest import schedule, start_broker_pair
-from .redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
+from broker.crypto import e2ee
+from broker.signaling.protocol import SeatState, SessionEnded, Status, WaitingRoom
+from broker.store.base import session_prefix
+from broker.store.redis_store import Sealer, StoreCorrupt
+from tests.conftest import schedule, start_broker_pair
+from tests.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.redis
 

@@ -34,7 +34,7 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 
 
 def test_every_cli_command_in_the_readme_exists() -> None:
-    from broker.cli import _parser
+    from broker.cli.main import _parser
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     commands = set(re.findall(r"`broker ([a-z-]+)", readme))

@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from msgspec import inspect as mi
 
-from broker.protocol import (
+from broker.signaling.protocol import (
     MAX_MESSAGE_BYTES,
     ErrorCode,
     Form,
@@ -40,8 +40,7 @@ from broker.protocol import (
     decode_client,
     message_forms,
 )
-
-from .conftest import RunningBroker, read_until_broker_closes, schedule
+from tests.conftest import RunningBroker, read_until_broker_closes, schedule
 
 EXAMPLES = int(os.environ.get("BROKER_FUZZ_EXAMPLES", "100"))
 FUZZ_SETTINGS = settings(

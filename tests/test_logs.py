@@ -11,9 +11,8 @@ import aiohttp
 import pytest
 
 from broker import logs
-from broker.client import BrokerClient
-
-from .conftest import schedule, start_broker
+from broker.client.broker_client import BrokerClient
+from tests.conftest import schedule, start_broker
 
 CANARY_LOCATION = "canary-location-7f3a"
 CANARY_CONTACT = "canary-contact-91bd"

@@ -1,4 +1,4 @@
-"""docs/protocol.md cannot drift from broker/protocol.py: same messages, same fields, same error codes."""
+"""docs/protocol.md cannot drift from broker/signaling/protocol.py: same messages, same fields, same error codes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from broker import protocol
+from broker.signaling import protocol
 
 DOC = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text(encoding="utf-8")
 COMMON_CLIENT_FIELDS = {"id"}
@@ -98,11 +98,11 @@ def test_the_parser_sees_a_missing_field() -> None:
 ROOT = Path(__file__).resolve().parent.parent
 API_SECTION = "HTTP API for therapists' pages"
 API_MODULES = (
-    "broker/web_auth.py",
-    "broker/web_reauth.py",
-    "broker/web_totp.py",
-    "broker/web_passkeys.py",
-    "broker/dashboard.py",
+    "broker/http/login.py",
+    "broker/http/reauth.py",
+    "broker/http/totp_routes.py",
+    "broker/http/passkey_routes.py",
+    "broker/http/dashboard.py",
 )
 #: The one json_error call whose code is not a literal: seat actions pass on the ProtocolError of
 #: Hub.revoke_seat, which can only be one of these (session.revoke / reissue and Hub._mutate).
@@ -133,7 +133,7 @@ def concrete_paths(route: Any) -> list[str]:
 @pytest.fixture
 async def api_routes(tmp_path: Path) -> set[str]:
     from broker.config import Config
-    from broker.server import build_app, create_broker
+    from broker.http.app import build_app, create_broker
 
     broker = await create_broker(dataclasses.replace(Config(), data_dir=tmp_path))
     try:
@@ -205,7 +205,7 @@ def test_the_dynamic_seat_action_codes_are_real_error_codes() -> None:
 
 
 def test_the_api_section_names_the_cookie_and_headers() -> None:
-    from broker import web_auth
+    from broker.http import login as web_auth
 
     section = api_section()
     for name in (web_auth.LOGIN_COOKIE, web_auth.CSRF_HEADER, web_auth.BACKGROUND_HEADER, "Retry-After"):

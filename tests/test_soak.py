@@ -32,11 +32,10 @@ from typing import Any
 
 import pytest
 
-from broker.client import BrokerClient
-from broker.protocol import SeatState, Status
-
-from .redis_server import RedisServer, redis_server  # noqa: F401 - the fixture, used by parametrised tests
-from .test_attacker import BrokerProcess, _links, _preflight, launch_broker
+from broker.client.broker_client import BrokerClient
+from broker.signaling.protocol import SeatState, Status
+from tests.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture, used by parametrised tests
+from tests.test_attacker import BrokerProcess, _links, _preflight, launch_broker
 
 MINUTES = float(os.environ.get("BROKER_SOAK_MINUTES", "5"))
 
@@ -127,7 +126,7 @@ async def dropped_mid_call(broker: BrokerProcess) -> None:
 
 
 def _declined() -> Any:
-    from broker.protocol import Declined
+    from broker.signaling.protocol import Declined
 
     return Declined()
 

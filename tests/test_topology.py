@@ -6,7 +6,7 @@ coturn. Sessions are scheduled with ``broker session create --relay-only`` again
 therapist joins on broker A and the client on broker B, so every signaling message crosses Redis,
 and with the relay-only policy every media packet crosses coturn.
 
-- two aiortc peers (broker.client): a relay-only pre-flight the broker itself sees relayed, then a
+- two aiortc peers (broker.client.broker_client): a relay-only pre-flight the broker itself sees relayed, then a
   call through coturn with chat both ways and a nominated relay/relay ICE pair on both sides;
 - Chromium on both sides (the real join and therapist pages) decode each other's video through
   coturn; getStats() shows a selected pair whose local candidate is a relay;
@@ -15,7 +15,7 @@ and with the relay-only policy every media packet crosses coturn.
   loopback peer, so the same pair gets no connection and coturn logs the refusal.
 
 coturn allows loopback peers for the positive tests (everything here is on 127.0.0.1); the deny-list
-check uses the separate coturn of tests/test_turn.py that carries the production list.
+check uses the separate coturn of tests/signaling/test_turn.py that carries the production list.
 """
 
 from __future__ import annotations
@@ -33,21 +33,20 @@ import pytest
 from aiortc import RTCPeerConnection
 from playwright.async_api import Page, expect
 
-from broker.client import BrokerClient, PeerLink
-from broker.protocol import SeatState, Status, WaitingRoom
-from broker.turn import turn_credentials
-
-from .browser.conftest import NewContext, chromium, new_context, playwright, watch  # noqa: F401 - fixtures
-from .browser.kit import RECORD_PEER_CONNECTIONS, Watch, frames_decoded, pass_checklist, wait_screen
-from .redis_server import RedisServer, free_port, redis_server  # noqa: F401 - the fixture
-from .test_redis_cluster import REPO, BrokerProcess
-from .test_turn import (  # noqa: F401 - the coturn fixtures
+from broker.client.broker_client import BrokerClient, PeerLink
+from broker.signaling.protocol import SeatState, Status, WaitingRoom
+from broker.signaling.turn import turn_credentials
+from tests.browser.conftest import NewContext, chromium, new_context, playwright, watch  # noqa: F401 - fixtures
+from tests.browser.kit import RECORD_PEER_CONNECTIONS, Watch, frames_decoded, pass_checklist, wait_screen
+from tests.redis_server import RedisServer, free_port, redis_server  # noqa: F401 - the fixture
+from tests.signaling.test_turn import (  # noqa: F401 - the coturn fixtures
     NO_CONNECTION_WAIT,
     SECRET,
     Coturn,
     deny_list_turn,
     loopback_turn,
 )
+from tests.store.test_redis_cluster import REPO, BrokerProcess
 
 pytestmark = pytest.mark.redis
 
@@ -189,7 +188,7 @@ def local_candidate_types(pc: RTCPeerConnection) -> list[str]:
 
 
 def nominated_pairs(pc: RTCPeerConnection) -> list[tuple[str, str]]:
-    """(local, remote) candidate types of the nominated ICE pairs, read as broker/preflight.py reads them.
+    """(local, remote) candidate types of the nominated ICE pairs, read as broker/checklist/preflight.py reads them.
 
     aiortc has no candidate-pair stats, so this walks its internals; if they moved, the list is empty and
     the test fails on it rather than passing by accident.

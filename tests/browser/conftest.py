@@ -10,7 +10,7 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, BrowserContext, Playwright, async_playwright
 
-from .kit import CHROMIUM_ARGS, CSP_WATCH, DESKTOP, Watch, fetch_axe
+from tests.browser.kit import CHROMIUM_ARGS, CSP_WATCH, DESKTOP, Watch, fetch_axe
 
 NewContext = Callable[..., Awaitable[BrowserContext]]
 

@@ -10,11 +10,10 @@ from typing import Any
 import pytest
 from playwright.async_api import Page, expect
 
-from broker.record import verify_record
+from broker.signaling.record import verify_record
+from tests.browser.conftest import NewContext
+from tests.browser.kit import Watch, code_with, frames_decoded, look, pass_checklist, wait_screen
 from tests.conftest import RunningBroker, schedule
-
-from .conftest import NewContext
-from .kit import Watch, code_with, frames_decoded, look, pass_checklist, wait_screen
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 

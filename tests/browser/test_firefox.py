@@ -12,11 +12,20 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import expect
 
+from tests.browser.conftest import NewContext
+from tests.browser.firefox_bidi import ENTER, TAB, Firefox, FirefoxPage
+from tests.browser.kit import (
+    CSP_WATCH,
+    DESKTOP,
+    PHONE,
+    SCREENSHOTS,
+    Watch,
+    code_with,
+    frames_decoded,
+    pass_checklist,
+    wait_screen,
+)
 from tests.conftest import RunningBroker, schedule
-
-from .conftest import NewContext
-from .firefox_bidi import ENTER, TAB, Firefox, FirefoxPage
-from .kit import CSP_WATCH, DESKTOP, PHONE, SCREENSHOTS, Watch, code_with, frames_decoded, pass_checklist, wait_screen
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 

@@ -32,11 +32,10 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Page, expect
 
+from tests.browser.conftest import NewContext
+from tests.browser.kit import RECORD_PEER_CONNECTIONS, Watch, code_with, frames_decoded, pass_checklist, wait_screen
 from tests.conftest import RunningBroker, schedule, start_broker
-from tests.test_turn import SECRET, Coturn, _free_listening_port, _test_coturn_command, run_coturn
-
-from .conftest import NewContext
-from .kit import RECORD_PEER_CONNECTIONS, Watch, code_with, frames_decoded, pass_checklist, wait_screen
+from tests.signaling.test_turn import SECRET, Coturn, _free_listening_port, _test_coturn_command, run_coturn
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 

@@ -3,7 +3,7 @@
 A relay between a page and the broker tampers with the description it passes on (a man in the
 middle: the page seals it, so the relay can only alter the ciphertext): the receiving page
 refuses the connection and shows the full interception warning. Then the broker itself turns
-bad (MaliciousHub from tests/test_malicious_relay.py): it swaps in its own description without
+bad (MaliciousHub from tests/signaling/test_malicious_relay.py): it swaps in its own description without
 or with a broken MAC, corrupts sealed descriptions or candidates, replays an old offer, or
 injects a fake peer without the link key, and every attack ends on a page's warning screen and
 in the broker's audit log; clear candidates it injects are dropped without a warning. Through
@@ -24,11 +24,13 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Locator, Page, WebSocketRoute, expect
 
-from broker.hub import Hub
-from broker.protocol import Candidate
-from broker.store import session_prefix
+from broker.signaling.hub import Hub
+from broker.signaling.protocol import Candidate
+from broker.store.base import session_prefix
+from tests.browser.conftest import NewContext
+from tests.browser.kit import RECORD_PEER_CONNECTIONS, Watch, look, pass_checklist, wait_screen
 from tests.conftest import RunningBroker, SessionLinks, schedule, start_broker
-from tests.test_malicious_relay import (
+from tests.signaling.test_malicious_relay import (
     HOST_CANDIDATE,
     MADE_UP_MAC,
     MaliciousHub,
@@ -36,10 +38,7 @@ from tests.test_malicious_relay import (
     turn_malicious,
     wait_for,
 )
-from tests.test_sealed_signaling import assert_nothing_in_clear, host_addresses, secrets_of, store_contents
-
-from .conftest import NewContext
-from .kit import RECORD_PEER_CONNECTIONS, Watch, look, pass_checklist, wait_screen
+from tests.signaling.test_sealed_signaling import assert_nothing_in_clear, host_addresses, secrets_of, store_contents
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 
@@ -118,7 +117,7 @@ async def test_swapped_fingerprint_is_refused_with_a_warning(
 
 # ---------------------------------------------------------------- the malicious broker itself
 #
-# Every attack of tests/test_malicious_relay.py, played by the broker (MaliciousHub, imported
+# Every attack of tests/signaling/test_malicious_relay.py, played by the broker (MaliciousHub, imported
 # from there) against two real pages. The honest relay with equal safety codes on both sides is
 # tests/browser/test_call.py::test_client_from_link_to_call_to_end.
 
@@ -148,7 +147,7 @@ AUDIT_WAIT_S = 10.0
 async def evil(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningBroker]:
     """A broker of this module only, its hub turned malicious; the shared broker stays honest."""
     running = await start_broker(Path(tmp_path_factory.mktemp("evil-browser-broker")))
-    hub = turn_malicious(running, await attacker_description())  # as tests/test_malicious_relay.py does
+    hub = turn_malicious(running, await attacker_description())  # as tests/signaling/test_malicious_relay.py does
     yield running
     hub.__class__ = Hub
     await running.stop()
@@ -231,7 +230,7 @@ async def assert_audited(running: RunningBroker, pair: Pair, reporter: str) -> N
         ]
 
     try:
-        # The actor is the reporting seat, opaque: "<session>-<peer>" (broker/server.py audit_hook).
+        # The actor is the reporting seat, opaque: "<session>-<peer>" (broker/http/app.py audit_hook).
         who = f"{pair.links.session}-{reporter}"
         await wait_for(lambda: any(entry["actor"] == who for entry in entries()), timeout=AUDIT_WAIT_S)
     except TimeoutError:
@@ -373,7 +372,7 @@ async def test_the_broker_holds_no_signaling_of_a_browser_call_in_clear(
 ) -> None:
     """Chromium trickles its candidates: every offer, answer and candidate the broker relayed was
     sealed, and neither the frames nor the store hold a fingerprint, ICE credentials, a candidate
-    or a host address of either page (the Python peers: tests/test_sealed_signaling.py)."""
+    or a host address of either page (the Python peers: tests/signaling/test_sealed_signaling.py)."""
     hub = evil_hub(evil, "honest")
     pair = await open_pair(evil, new_context, watch)
     await pair.admit()

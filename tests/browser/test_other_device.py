@@ -11,10 +11,9 @@ from __future__ import annotations
 import pytest
 from playwright.async_api import expect
 
+from tests.browser.conftest import NewContext
+from tests.browser.kit import Watch, code_with, frames_decoded, look, pass_checklist, start_checklist, wait_screen
 from tests.conftest import RunningBroker, schedule
-
-from .conftest import NewContext
-from .kit import Watch, code_with, frames_decoded, look, pass_checklist, start_checklist, wait_screen
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 

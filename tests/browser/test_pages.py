@@ -7,10 +7,9 @@ import re
 import pytest
 from playwright.async_api import Page, expect
 
+from tests.browser.conftest import NewContext
+from tests.browser.kit import Watch, look, wait_device_checks, wait_screen
 from tests.conftest import RunningBroker, schedule
-
-from .conftest import NewContext
-from .kit import Watch, look, wait_device_checks, wait_screen
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 

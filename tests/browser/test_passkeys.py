@@ -17,10 +17,9 @@ import pytest
 from aiohttp import web
 from playwright.async_api import expect
 
-from broker.totp import code_at
-
-from ..test_web_auth import PASSWORD, FullBroker, free_port, start_full_broker
-from .kit import WAIT_MS, check_axe, shoot
+from broker.accounts.totp import code_at
+from tests.browser.kit import WAIT_MS, check_axe, shoot
+from tests.http.test_web_auth import PASSWORD, FullBroker, free_port, start_full_broker
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.browser]
 

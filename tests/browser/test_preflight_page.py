@@ -11,12 +11,11 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 from playwright.async_api import expect
 
-from broker.client import BrokerClient
-from broker.protocol import PreflightAnswer
+from broker.client.broker_client import BrokerClient
+from broker.signaling.protocol import PreflightAnswer
+from tests.browser.conftest import NewContext
+from tests.browser.kit import Watch, look, start_checklist, tick_all, wait_device_checks, wait_screen
 from tests.conftest import schedule, start_broker
-
-from .conftest import NewContext
-from .kit import Watch, look, start_checklist, tick_all, wait_device_checks, wait_screen
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 

@@ -13,12 +13,11 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Page, expect
 
-from broker.client import BrokerClient
-from broker.protocol import Peers, WaitingRoom
+from broker.client.broker_client import BrokerClient
+from broker.signaling.protocol import Peers, WaitingRoom
+from tests.browser.conftest import NewContext
+from tests.browser.kit import Watch, look, pass_checklist, start_checklist, wait_screen
 from tests.conftest import RunningBroker, SessionLinks, schedule
-
-from .conftest import NewContext
-from .kit import Watch, look, pass_checklist, start_checklist, wait_screen
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 

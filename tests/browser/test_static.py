@@ -8,7 +8,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from .kit import REPO
+from tests.browser.kit import REPO
 
 WEB = REPO / "web"
 OUR_PAGES = ["index.html", "join.html", "therapist.html"]

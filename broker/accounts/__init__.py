@@ -1,0 +1,1 @@
+"""Therapist accounts: rows, passwords, second factors and login throttling."""

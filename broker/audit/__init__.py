@@ -1,0 +1,1 @@
+"""The audit log: its format, writer, flood control, verification and setup."""

@@ -1,0 +1,358 @@
+"""The ``broker`` command: serve, check the configuration, schedule sessions, join from a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Coroutine, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from broker.accounts.account_store import AccountsKeyMismatch
+from broker.cli import therapist as cli_therapist
+from broker.config import Config, ConfigError, check_config, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="broker", description="Teletherapy session broker.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_data_dir(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--data-dir", help="data directory (env BROKER_DATA_DIR; default ./broker-data)")
+        return p
+
+    serve = with_data_dir(sub.add_parser("serve", help="run the broker"))
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    serve.add_argument(
+        "--tls", choices=["self-signed"], help="serve HTTPS with a self-signed certificate (LAN trials only)"
+    )
+
+    with_data_dir(sub.add_parser("check-config", help="report every configuration problem"))
+
+    session = sub.add_parser("session", help="schedule and manage sessions").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    create = with_data_dir(session.add_parser("create", help="schedule a session and print its links"))
+    create.add_argument("--base-url", help="base of the links (default: the broker's public URL)")
+    create.add_argument("--seats", type=int, default=1, help="client seats (1 = individual; more for couples/groups)")
+    create.add_argument("--minors", type=int, default=0, help="how many of the seats are for minors")
+    create.add_argument("--starts", help="appointment start, ISO 8601 (default: now)")
+    create.add_argument("--duration", type=int, default=50, help="length in minutes (default 50)")
+    create.add_argument("--relay-only", action="store_true", help="route media through TURN (hides IP addresses)")
+    create.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    revoke = with_data_dir(session.add_parser("revoke", help="revoke (or reissue) a client's link"))
+    revoke.add_argument("session")
+    revoke.add_argument("peer")
+    revoke.add_argument("--reissue", action="store_true", help="print a new link for the seat")
+    revoke.add_argument("--base-url")
+
+    audit = sub.add_parser("audit", help="the audit log").add_subparsers(dest="action", required=True, metavar="ACTION")
+    verify_audit = with_data_dir(
+        audit.add_parser("verify", help="check the audit log has not been edited, cut or reordered")
+    )
+    verify_audit.add_argument(
+        "--anchor",
+        action="append",
+        default=[],
+        metavar="ANCHOR",
+        help="an anchor printed earlier by 'broker audit anchor': the log must still hold that entry (repeatable)",
+    )
+    with_data_dir(audit.add_parser("anchor", help="print the log's last entry compactly, to keep off this machine"))
+    acknowledge = with_data_dir(
+        audit.add_parser("acknowledge", help="record that the integrity warnings verify reports were looked into")
+    )
+    acknowledge.add_argument(
+        "--through", type=int, required=True, metavar="ENTRY", help="the last warning entry you looked into"
+    )
+
+    record = sub.add_parser("record", help="session records").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    verify_record = record.add_parser("verify", help="check a session record's signature")
+    verify_record.add_argument("file", help="the record as downloaded: JSON with record, signature, key_id")
+    verify_record.add_argument("--key", required=True, help="the broker's public key (the 'x' of its JWK)")
+
+    cli_therapist.register(sub)
+
+    join = sub.add_parser("join", help="join a session from a terminal to diagnose a connection")
+    join.add_argument("link", help="a client or therapist link, including its #fragment")
+    join.add_argument("--seconds", type=float, default=20.0, help="how long to stay connected")
+    join.add_argument("--admit-all", action="store_true", help="as therapist: admit every client who waits")
+    join.add_argument("--media", action="store_true", help="send a test tone and test picture")
+    join.add_argument("--location", help="as client: the location to seal for the therapist (default: a test text)")
+    join.add_argument("--contact", help="as client: the emergency contact to seal (default: a test text)")
+    return parser
+
+
+def _config(args: argparse.Namespace, **overrides: Any) -> Config:
+    if getattr(args, "data_dir", None):
+        overrides["data_dir"] = args.data_dir
+    return load_config(overrides=overrides)
+
+
+def _parse_time(text: str | None) -> int | None:
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise SystemExit(f"--starts: {text!r} is not an ISO 8601 time such as 2026-11-21T14:00+01:00") from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    return int(moment.timestamp())
+
+
+def _when(ts: int) -> str:
+    return datetime.fromtimestamp(ts, UTC).astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
+def _links(base: str, seats: list[dict[str, Any]], link_key: str) -> list[dict[str, Any]]:
+    out = []
+    for seat in seats:
+        path = "t" if seat["role"] == "therapist" else "j"
+        out.append({**seat, "link": f"{base.rstrip('/')}/{path}/{seat['token']}#{link_key}"})
+    return out
+
+
+async def _create(args: argparse.Namespace) -> int:
+    from broker.crypto.e2ee import new_link_key
+    from broker.http.admin_socket import AdminClient
+
+    config = _config(args)
+    created = await AdminClient(config).create_session(
+        clients=args.seats,
+        minors=args.minors,
+        starts=_parse_time(args.starts),
+        duration_s=args.duration * 60,
+        relay_only=args.relay_only,
+    )
+    # The link key is made here, on the therapist's side, and never sent to the broker.
+    seats = _links(args.base_url or created["base_url"], created["seats"], new_link_key())
+    if args.json:
+        print(json.dumps({**created, "seats": [{k: v for k, v in s.items() if k != "token"} for s in seats]}))
+        return 0
+    print(f"Session {created['session']} — starts {_when(created['starts'])}")
+    print(f"Links work from {_when(created['not_before'])} until {_when(created['expires'])}.\n")
+    clients = [s for s in seats if s["role"] == "client"]
+    for i, seat in enumerate(clients, 1):
+        label = f"Client link {i}" if len(clients) > 1 else "Client link"
+        minor = " (minor)" if seat["minor"] else ""
+        print(f"{label}{minor} — send it to your client privately:\n  {seat['link']}\n")
+    therapist = next(s for s in seats if s["role"] == "therapist")
+    print(
+        "Therapist link — open it yourself in your browser; keep it private. It lets you admit\n"
+        f"your client(s) and holds the key that verifies the call end to end:\n  {therapist['link']}"
+    )
+    return 0
+
+
+async def _revoke(args: argparse.Namespace) -> int:
+    from broker.http.admin_socket import AdminClient
+
+    config = _config(args)
+    result = await AdminClient(config).revoke(args.session, args.peer, reissue=args.reissue)
+    if args.reissue:
+        print("The old link no longer works. New invite token (put it in a link with the session's link key):")
+        print(f"  {(args.base_url or config.base_url).rstrip('/')}/j/{result['token']}#<link key>")
+    else:
+        print("Revoked: that link no longer works.")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from broker.audit.format import rotated_numbers
+    from broker.audit.log import Anchor, head_path, verify
+    from broker.audit.setup import audit_key
+
+    config = _config(args)
+    path = config.audit_path
+    try:
+        anchors = [Anchor.parse(text) for text in getattr(args, "anchor", [])]
+    except ValueError as exc:
+        print(f"--anchor: {exc}", file=sys.stderr)
+        return 2
+    report = None
+    if path.exists() or head_path(path).exists() or rotated_numbers(path):
+        report = verify(path, audit_key(config, create_secret=False), anchors=anchors)
+    if args.action == "acknowledge" and report is not None:
+        return int(_run(_audit_acknowledge(config, args.through)))
+    if report is None or report.kind == "no_log":
+        print(
+            f"No audit log at {path}: no broker has started on this data directory yet, "
+            "or the log and its signed head were removed.",
+            file=sys.stderr,
+        )
+        return 1
+    if args.action == "anchor":
+        if not report.ok:
+            print(f"No anchor printed: the audit log is NOT intact: {report.problem}", file=sys.stderr)
+            return 1
+        if report.last is None:
+            print("No anchor printed: the audit log has no entries yet.", file=sys.stderr)
+            return 1
+        print(report.last)
+        print(
+            f"Entry {report.last.seq} of {path}. Keep this line somewhere off this machine (a password manager, "
+            "a printed sheet, an email to yourself); later, 'broker audit verify --anchor <line>' shows the "
+            "log still holds that entry, unaltered, even if someone holds every key on this machine.",
+            file=sys.stderr,
+        )
+        return 0
+    return _print_audit_report(report, config)
+
+
+def _print_audit_report(report: Any, config: Config) -> int:
+    from broker.audit.setup import describe_key, has_separate_audit_key
+
+    for warning in report.warnings:
+        state = (
+            f"acknowledged at entry {warning.acknowledged_at}"
+            if warning.acknowledged_at is not None
+            else "NOT acknowledged"
+        )
+        print(f"Integrity warning at entry {warning.seq} ({warning.time}): {warning.meaning}; {state}.")
+    if not report.ok:
+        where = f" (first bad entry: {report.first_bad_seq})" if report.first_bad_seq is not None else ""
+        print(f"Audit log NOT intact{where}: {report.problem}", file=sys.stderr)
+        for problem in report.problems[1:]:
+            print(f"Also: {problem}", file=sys.stderr)
+        return 1
+    span = f" from {report.first_time} to {report.last.time}" if report.last is not None else ""
+    files = f" in {report.files} files" if report.files > 1 else ""
+    print(
+        f"Audit log intact: {report.entries} entries{files}{span}, chain and signed head verified"
+        f" with {describe_key(config)}."
+    )
+    if report.anchors_checked:
+        print(f"The {report.anchors_checked} anchor(s) given are in the log, unaltered.")
+    if not has_separate_audit_key(config):
+        print(
+            "Note: that key comes from the data directory, so whoever holds the directory could have cut or "
+            "rewritten the log and signed it again. Anchors kept elsewhere ('broker audit anchor') or a separate "
+            "audit key (BROKER_AUDIT_KEY_FILE) rule that out."
+        )
+    return 0
+
+
+async def _audit_acknowledge(config: Config, through: int) -> int:
+    from broker.audit.log import AcknowledgeRefused
+    from broker.audit.setup import open_audit_log
+
+    audit = open_audit_log(config, create_secret=False)
+    try:
+        seq, warnings = await audit.acknowledge_warnings(through)
+    except AcknowledgeRefused as exc:
+        print(f"Not acknowledged: {exc}.", file=sys.stderr)
+        return 1
+    finally:
+        await audit.aclose()
+    listed = ", ".join(str(w.seq) for w in warnings)
+    print(f"Acknowledged the integrity warning(s) at entry {listed}; recorded as entry {seq}.")
+    return 0
+
+
+def _record_verify(file: str, key: str) -> int:
+    from broker.signaling.record import RecordRefused, parse_signed_record, verify_record
+
+    try:
+        with open(file, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        print(f"Cannot read the record: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        record, signature = parse_signed_record(data)
+    except RecordRefused as exc:
+        print(f"Record REFUSED, nothing verified: {exc}.", file=sys.stderr)
+        return 1
+    if verify_record(record, signature, key):
+        print(f"Signature valid: session {record.get('session')} record is unaltered.")
+        return 0
+    print("Signature INVALID: this record was altered or was not signed by this key.", file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from broker.logs import configure
+
+    configure(os.environ.get("BROKER_LOG_LEVEL", "info"))
+    try:
+        configure(_config(args).log_level)  # also honours log_level from a BROKER_CONFIG file
+    except ConfigError:
+        pass  # reported below, where the command loads its configuration
+    try:
+        if args.command == "serve":
+            from broker.http.serve import serve
+
+            config = _config(args, host=args.host, port=args.port)
+            problems = check_config(config)
+            if problems:
+                print("The configuration has problems:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+                return 2
+            try:
+                _run(serve(config, self_signed_tls=args.tls == "self-signed"))
+            except AccountsKeyMismatch as exc:
+                print(f"Cannot start: {exc}", file=sys.stderr)
+                return 2
+            return 0
+        if args.command == "check-config":
+            config = _config(args)
+            problems = check_config(config)
+            if problems:
+                print(f"{len(problems)} problem(s) found:", file=sys.stderr)
+                for p in problems:
+                    print(f"  - {p}", file=sys.stderr)
+                return 1
+            print("Configuration OK.")
+            return 0
+        if args.command == "session":
+            return _run(_create(args) if args.action == "create" else _revoke(args))
+        if args.command == "therapist":
+            return cli_therapist.run(args)
+        if args.command == "audit":
+            return _audit(args)
+        if args.command == "record":
+            return _record_verify(args.file, args.key)
+        if args.command == "join":
+            from broker.client.broker_client import join_from_terminal
+
+            details = None
+            if args.location or args.contact:
+                details = {"location": args.location or "", "contact": args.contact or ""}
+            return _run(
+                join_from_terminal(
+                    args.link, seconds=args.seconds, admit_all=args.admit_all, media=args.media, details=details
+                )
+            )
+    except ConfigError as exc:
+        print(f"Configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from broker.http.admin_socket import AdminError
+
+        if isinstance(exc, AdminError):
+            print(f"Error: {exc}", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+T = TypeVar("T")
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        import uvloop
+
+        result: T = uvloop.run(coro)  # uvloop is optional and not type-checked here
+        return result
+    except ImportError:
+        return asyncio.run(coro)

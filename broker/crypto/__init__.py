@@ -1,0 +1,1 @@
+"""End-to-end primitives shared with the browser, and the local TLS certificate."""

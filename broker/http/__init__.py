@@ -1,0 +1,1 @@
+"""The aiohttp side: the application, pages, login, dashboard, the admin socket and HTTP hardening."""

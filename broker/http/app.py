@@ -1,0 +1,355 @@
+"""The aiohttp application: pages, health, and the signaling WebSocket.
+
+A thin layer: it checks what HTTP must check (Origin, per-address limits,
+frame size), then hands text frames to the hub. Everything session-related
+lives in ``broker.signaling.hub`` and ``broker.signaling.session``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import logging
+import string
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from aiohttp.typedefs import Handler
+
+from broker.accounts.account_store import AccountStore, open_accounts
+from broker.accounts.throttle import Throttle, throttle_for
+from broker.audit.log import AuditLog
+from broker.audit.setup import open_audit_log
+from broker.config import Config, Keys, load_or_create_secret
+from broker.http.client_address import request_address_key
+from broker.http.dashboard import setup_dashboard
+from broker.http.guard import forwarded_limit
+from broker.http.login import setup_auth
+from broker.http.security_headers import security_middleware, security_signal
+from broker.signaling.admission import BrokerPreflight, PolicyChecklist
+from broker.signaling.hub import CLOSE_POLICY, Hub, Limits
+from broker.signaling.protocol import MAX_MESSAGE_BYTES, Error, ErrorCode, ProtocolError, encode
+from broker.signaling.record import RecordSigner
+from broker.signaling.tokens import TokenCodec
+from broker.store.base import MemoryStore, Store
+from broker.store.bus import Bus, LocalBus
+
+log = logging.getLogger("broker.server")
+
+
+def web_root() -> Path:
+    """The browser client: shipped inside the wheel as broker/web, or web/ in a checkout."""
+    packaged = Path(str(resources.files("broker"))) / "web"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "web"
+
+
+@dataclass
+class Broker:
+    """Everything one broker process runs, built from its configuration."""
+
+    config: Config
+    keys: Keys
+    store: Store
+    bus: Bus
+    hub: Hub
+    preflight: BrokerPreflight
+    audit: AuditLog
+    signer: RecordSigner
+    accounts: AccountStore
+    throttle: Throttle
+    background: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    async def close(self) -> None:
+        for task in self.background:
+            task.cancel()
+        await self.preflight.close()
+        await self.audit.aclose()
+        await self.accounts.close()
+        await self.bus.close()
+        await self.store.close()
+
+
+async def create_broker(config: Config, *, store: Store | None = None, bus: Bus | None = None) -> Broker:
+    keys = Keys(load_or_create_secret(config))
+    if store is None or bus is None:
+        store, bus = await _backends(config, keys)
+    limits = Limits(
+        auth_deadline_s=config.auth_deadline_s,
+        heartbeat_s=config.heartbeat_s,
+        rate_per_s=config.rate_per_s,
+        rate_burst=config.rate_burst,
+        send_queue_limit=config.send_queue_limit,
+    )
+    preflight = BrokerPreflight.from_config(config)
+    audit_log = open_audit_log(config, keys)
+    accounts = await open_accounts(config, keys)
+    signer = RecordSigner(keys.signing_seed)
+    hub = Hub(
+        store,
+        bus,
+        TokenCodec(keys.token),
+        limits=limits,
+        checklist=PolicyChecklist.from_config(config),
+        preflight=preflight,
+        ice_servers=_ice_servers(config, keys),
+        audit=audit_hook(audit_log),
+        signer=signer,
+    )
+    throttle = throttle_for(store)
+    broker = Broker(config, keys, store, bus, hub, preflight, audit_log, signer, accounts, throttle)
+    if isinstance(store, MemoryStore):
+        broker.background.append(asyncio.get_running_loop().create_task(store.run_sweeper()))
+    return broker
+
+
+_OUTCOMES = {"ok": "ok", "ended": "ok", "expired": "expired", "warning": "warning"}
+
+
+def audit_hook(audit_log: AuditLog) -> Any:
+    """Hub events into the content-free audit log: fixed words and opaque ids only."""
+
+    async def record(event: str, actor: str | None, session: str | None, outcome: str) -> None:
+        who = f"{session}-{actor}" if actor and session else None
+        try:
+            await audit_log.append(event, who, session, _OUTCOMES.get(outcome, "failed"))
+        except (ValueError, OSError):
+            log.exception("event=audit_append_failed audit_event=%s", event)
+
+    return record
+
+
+async def _backends(config: Config, keys: Keys) -> tuple[Store, Bus]:
+    if config.redis_url:
+        from broker.store.redis_store import connect_redis
+
+        return await connect_redis(config.redis_url, keys.store)
+    return MemoryStore(), LocalBus()
+
+
+def _ice_servers(config: Config, keys: Keys) -> Any:
+    """Short-lived TURN credentials per peer (TURN REST API); never a static password in a page."""
+    if not config.turn_urls:
+        return None
+    from broker.signaling.turn import credential_ttl, opaque_peer_id, resolve_turn_secret, turn_credentials
+
+    secret = resolve_turn_secret(config.turn_secret or None, config.turn_secret_file or None)
+    assert secret, "check_config refuses TURN URLs without a secret"
+    urls = list(config.turn_urls)
+    user_key = keys.derive("turn-user")
+
+    def servers(peer: str, remaining_s: int) -> list[dict[str, Any]]:
+        ttl = credential_ttl(remaining_s)
+        return [dict(turn_credentials(secret, urls, ttl, opaque_id=opaque_peer_id(user_key, peer)))]
+
+    return servers
+
+
+# ---------------------------------------------------------------- pages
+
+_ERROR_STATUS = {
+    ErrorCode.INVALID_TOKEN: 404,
+    ErrorCode.TOKEN_EXPIRED: 410,
+    ErrorCode.TOKEN_NOT_YET_VALID: 425,
+    ErrorCode.SESSION_ENDED: 410,
+    ErrorCode.UNAVAILABLE: 503,
+}
+
+_ERROR_TITLES = {
+    ErrorCode.INVALID_TOKEN: "This link does not work",
+    ErrorCode.TOKEN_EXPIRED: "This link has expired",
+    ErrorCode.TOKEN_NOT_YET_VALID: "It is a little early",
+    ErrorCode.SESSION_ENDED: "This session has ended",
+    ErrorCode.UNAVAILABLE: "Please try again in a moment",
+}
+
+
+def render_notice(title: str, message: str, status: int, code: str) -> web.Response:
+    """A plain page for a link that cannot be used: never a stack trace."""
+    template = string.Template((web_root() / "notice.html").read_text(encoding="utf-8"))
+    body = template.substitute(title=html.escape(title), message=html.escape(message), code=html.escape(code))
+    return web.Response(text=body, status=status, content_type="text/html", charset="utf-8")
+
+
+async def _link_page(request: web.Request, page: str, role: str) -> web.StreamResponse:
+    hub: Hub = request.app[HUB]
+    try:
+        _, seat = await hub.resolve_token(request.match_info["token"])
+        if seat.role.value != role:
+            raise ProtocolError(ErrorCode.INVALID_TOKEN, "This link does not open this page.")
+    except ProtocolError as exc:
+        status = _ERROR_STATUS.get(exc.code, 400)
+        return render_notice(
+            _ERROR_TITLES.get(exc.code, "This link does not work"), exc.message, status, exc.code.value
+        )
+    return web.FileResponse(web_root() / page, headers={"Content-Type": "text/html; charset=utf-8"})
+
+
+async def join_page(request: web.Request) -> web.StreamResponse:
+    return await _link_page(request, "join.html", "client")
+
+
+async def therapist_page(request: web.Request) -> web.StreamResponse:
+    return await _link_page(request, "therapist.html", "therapist")
+
+
+async def index_page(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(web_root() / "index.html", headers={"Content-Type": "text/html; charset=utf-8"})
+
+
+async def signing_key(request: web.Request) -> web.Response:
+    """The public key that verifies session records (a JWK set)."""
+    broker: Broker = request.app[BROKER]
+    return web.json_response({"keys": [broker.signer.public_jwk()]})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    hub: Hub = request.app[HUB]
+    store: Store = request.app[STORE]
+    try:
+        ok = await asyncio.wait_for(store.ping(), 1.0)
+    except Exception:
+        ok = False
+    ready = ok and hub.accepting
+    return web.json_response({"ready": ready, "store": ok, "accepting": hub.accepting}, status=200 if ready else 503)
+
+
+# ---------------------------------------------------------------- WebSocket
+
+
+class _AiohttpTransport:
+    """The hub's view of one aiohttp WebSocket, through its public API only (docs/security.md 3.6)."""
+
+    __slots__ = ("ws",)
+
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self.ws = ws
+
+    async def send_text(self, data: bytes) -> None:
+        """One text frame (UTF-8 JSON, never compressed); waits only while the peer's socket is paused."""
+        await self.ws.send_frame(data, WSMsgType.TEXT)
+
+    async def close(self, code: int, reason: str) -> None:
+        await self.ws.close(code=code, message=reason.encode())
+
+
+def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
+    """Exact match against the configured origins: no suffixes, no case tricks, no 'null'."""
+    if not origin:
+        return False
+    return origin in allowed
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    config: Config = request.app[CONFIG]
+    hub: Hub = request.app[HUB]
+    if not origin_allowed(request.headers.get("Origin"), config.origins):
+        log.info("event=ws_origin_refused")
+        raise web.HTTPForbidden(text="Origin not allowed.")
+    counts: Counter[str] = request.app[ADDRESS_COUNTS]
+    key = request_address_key(request, request.app[KEYS].address, config.trust_proxy)  # IPv6: per /64
+    if counts[key] >= config.max_connections_per_address:
+        log.info("event=ws_address_limit")
+        raise web.HTTPTooManyRequests(text="Too many connections from this address.")
+    ws = web.WebSocketResponse(
+        # aiohttp refuses frames of max_msg_size bytes or more; the protocol allows exactly 64 KiB.
+        max_msg_size=MAX_MESSAGE_BYTES + 1,
+        compress=False,
+        heartbeat=config.heartbeat_s,
+        autoping=True,
+    )
+    await ws.prepare(request)
+    counts[key] += 1
+    conn = hub.open(_AiohttpTransport(ws))
+    try:
+        while True:
+            msg = await ws.receive()
+            if msg.type is WSMsgType.TEXT:
+                pending = hub.receive_now(conn, msg.data)
+                if pending is not None:
+                    await pending
+                    pending = None  # a finished coroutine kept until the next frame costs ~250 B per idle connection
+            elif msg.type is WSMsgType.BINARY:
+                conn.deliver(encode(Error(code=ErrorCode.BAD_MESSAGE, message="Only JSON text frames are accepted.")))
+            else:
+                break
+    finally:
+        counts[key] -= 1
+        if counts[key] <= 0:
+            del counts[key]
+        await hub.closed(conn)
+        if not ws.closed:
+            await ws.close(code=CLOSE_POLICY if ws.close_code is None else ws.close_code)
+    return ws
+
+
+# ---------------------------------------------------------------- app
+
+
+@web.middleware
+async def compress_files(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The browser client's files go out compressed to browsers that accept it (a 3-4x smaller join page).
+
+    Only files from web/ are compressed: they hold no secret, so compression cannot leak one.
+    """
+    response = await handler(request)
+    conditional = any(h in request.headers for h in ("If-None-Match", "If-Modified-Since", "Range", "If-Range"))
+    if isinstance(response, web.FileResponse) and request.method == "GET" and not conditional:
+        # Not for HEAD, 304 or ranges: aiohttp would write a compressed body where none may be.
+        response.enable_compression()
+    return response
+
+
+CONFIG = web.AppKey("config", Config)
+HUB = web.AppKey("hub", Hub)
+STORE: web.AppKey[Store] = web.AppKey("store")
+KEYS = web.AppKey("keys", Keys)
+ADDRESS_COUNTS: web.AppKey[Counter[str]] = web.AppKey("address_counts")
+BROKER = web.AppKey("broker", Broker)
+
+
+def build_app(broker: Broker) -> web.Application:
+    config = broker.config
+    # Behind a trusted proxy the per-address HTTP cap counts forwarded requests (serving directly,
+    # serve.py's ConnectionGuard counts connections instead).
+    limits: list[Any] = []
+    if config.trust_proxy:
+        limits.append(forwarded_limit(config.max_http_connections_per_address, broker.keys.address))
+    app = web.Application(
+        middlewares=[security_middleware(config.trust_proxy), *limits, compress_files], client_max_size=256 * 1024
+    )
+    app.on_response_prepare.append(security_signal(config.trust_proxy))
+    app[CONFIG] = config
+    app[HUB] = broker.hub
+    app[STORE] = broker.store
+    app[KEYS] = broker.keys
+    app[ADDRESS_COUNTS] = Counter()
+    app[BROKER] = broker
+    app.router.add_get("/", index_page, name="index")
+    app.router.add_get("/healthz", healthz, name="healthz")
+    app.router.add_get("/readyz", readyz, name="readyz")
+    app.router.add_get("/ws", websocket, name="ws")
+    app.router.add_get("/.well-known/broker-signing-key", signing_key, name="signing_key")
+    app.router.add_get("/j/{token}", join_page, name="join")
+    app.router.add_get("/t/{token}", therapist_page, name="therapist")
+    app.router.add_static("/static/", web_root(), name="static", follow_symlinks=False)
+    setup_auth(
+        app,
+        store=broker.store,
+        accounts=broker.accounts,
+        throttle=broker.throttle,
+        audit=broker.audit,
+        config=config,
+        keys=broker.keys,
+    )
+    setup_dashboard(app, hub=broker.hub, store=broker.store)
+    return app

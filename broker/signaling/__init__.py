@@ -1,0 +1,1 @@
+"""The signaling service: wire protocol, session state machine, hub, admission, seats and the session record."""

@@ -1,0 +1,491 @@
+"""The Redis store: session state shared by every broker process, encrypted at rest.
+
+Same interface as ``broker.store.base.MemoryStore``, so the hub never knows which it
+runs on. What it adds:
+
+- Every value is sealed with AES-256-GCM before it leaves the process, bound to
+  its key name (associated data), so a Redis dump reveals nothing readable and a
+  value copied to another key no longer opens.
+- Every failure to reach Redis (refused, reset, timed out, still loading, a
+  replica that cannot take writes) becomes ``StoreUnavailable`` within about a
+  second: short socket timeouts and no retry loops, so a join during an outage
+  is answered ``unavailable`` at once instead of hanging.
+- Only the TTLs Redis keeps on every key expire data; no keyspace notifications
+  are used as timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import secrets
+import weakref
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, TypeVar, cast
+
+import redis.asyncio as aioredis
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from redis import exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.maint_notifications import MaintNotificationsConfig
+
+from broker.store.base import Mutation, StoreUnavailable
+
+if TYPE_CHECKING:
+    from broker.store.redis_bus import RedisBus
+
+T = TypeVar("T")
+
+log = logging.getLogger("broker.store_redis")
+
+#: Connect, read and write timeout for every Redis call, and the wait for a free pooled connection.
+TIMEOUT_S = 1.0
+#: Pooled connections per process; a burst beyond this waits up to TIMEOUT_S for one.
+MAX_CONNECTIONS = 64
+#: Optimistic update attempts when another process changed the key between WATCH and EXEC.
+UPDATE_ATTEMPTS = 16
+
+#: How redis-py words a WATCH conflict (it raises WatchError for lost connections too).
+_WATCHED_KEY_CHANGED = "Watched variable changed"
+#: Error replies that mean "not now" rather than "wrong command".
+_TRANSIENT_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
+
+
+class StoreCorrupt(Exception):
+    """A stored value failed authentication: it was altered, or moved from another key."""
+
+
+class CommandRefused(StoreUnavailable):
+    """Redis answered a pipelined command (bus_redis) with an error reply."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__("error reply")
+        word = reply.split(" ", 1)[0]
+        #: The reply's first word (WRONGTYPE, NOSCRIPT, ...): Redis's error code, nothing else of it.
+        self.code = word if word.isalpha() and word.isupper() and len(word) <= 32 else "ERR"
+
+
+# ---------------------------------------------------------------- sealing
+
+
+class Sealer:
+    """AES-256-GCM sealing of values bound to where they belong (their associated data).
+
+    Each process seals under its own sub-key, derived from the configured key and
+    a random 16-byte epoch carried in every blob (and renewed after 2**24 seals, and
+    in a forked child), so no two sealers ever share a sub-key. Under its sub-key a
+    sealer numbers its nonces 0, 1, 2, ...: unique by construction, and no system call
+    per value (a random nonce cost a getrandom(2) on the relay path, P4 in
+    benchmarks/). Any process holding the configured key opens any blob.
+    """
+
+    VERSION = 1
+    _EPOCH = 16
+    _NONCE = 12
+    _HEADER = 1 + _EPOCH + _NONCE
+    _ROTATE_AFTER = 1 << 24
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != 32:
+            raise ValueError("the store key must be 32 bytes")
+        self._key = key
+        self._ciphers: OrderedDict[bytes, AESGCM] = OrderedDict()
+        self._epoch = b""
+        #: What every blob of this epoch starts with: the version, then the epoch.
+        self._head = b""
+        self._cipher: AESGCM | None = None
+        self._sealed = 0
+        #: The epoch opened last and its cipher: blobs mostly come in runs from one process.
+        self._opened: tuple[bytes, AESGCM] = (b"", None)  # type: ignore[assignment]
+        self._new_epoch()
+        _sealers.add(self)
+
+    def _new_epoch(self) -> None:
+        self._epoch = secrets.token_bytes(self._EPOCH)
+        self._head = bytes([self.VERSION]) + self._epoch
+        self._cipher = self._cipher_for(self._epoch)
+        self._sealed = 0
+
+    def _cipher_for(self, epoch: bytes) -> AESGCM:
+        cipher = self._ciphers.get(epoch)
+        if cipher is not None:
+            self._ciphers.move_to_end(epoch)
+            return cipher
+        sub_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=epoch, info=b"broker redis seal v1").derive(self._key)
+        cipher = AESGCM(sub_key)
+        self._ciphers[epoch] = cipher
+        if len(self._ciphers) > 256:
+            self._ciphers.popitem(last=False)
+        return cipher
+
+    def seal(self, aad: bytes, plaintext: bytes) -> bytes:
+        n = self._sealed
+        if n >= self._ROTATE_AFTER:
+            self._new_epoch()
+            n = 0
+        self._sealed = n + 1
+        nonce = n.to_bytes(self._NONCE, "big")
+        return b"".join((self._head, nonce, self._cipher.encrypt(nonce, plaintext, aad)))  # type: ignore[union-attr]
+
+    def open(self, aad: bytes, blob: bytes) -> bytes:
+        if len(blob) < self._HEADER + 16 or blob[0] != self.VERSION:
+            raise StoreCorrupt("not a sealed value")
+        epoch = blob[1 : 1 + self._EPOCH]
+        opened, cipher = self._opened
+        if epoch != opened:
+            cipher = self._cipher_for(epoch)
+            self._opened = (epoch, cipher)
+        view = memoryview(blob)  # no copy of the ciphertext
+        try:
+            return cipher.decrypt(view[1 + self._EPOCH : self._HEADER], view[self._HEADER :], aad)
+        except InvalidTag:
+            raise StoreCorrupt("a stored value failed authentication") from None
+
+
+#: Every sealer of this process, so a forked child can give each a new epoch before it seals anything.
+_sealers: weakref.WeakSet[Sealer] = weakref.WeakSet()
+
+
+def _new_epochs_after_fork() -> None:
+    for sealer in list(_sealers):
+        sealer._new_epoch()
+
+
+os.register_at_fork(after_in_child=_new_epochs_after_fork)
+
+
+def _value_aad(key: str) -> bytes:
+    return b"value\x00" + key.encode()
+
+
+def log_aad(key: str) -> bytes:
+    return b"log\x00" + key.encode()
+
+
+# ---------------------------------------------------------------- errors
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether an exception means Redis cannot be reached (now), as opposed to a bug."""
+    if isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError, asyncio.TimeoutError)):
+        return True
+    if isinstance(exc, redis_errors.ResponseError):
+        return str(exc).startswith(_TRANSIENT_REPLIES)
+    return False
+
+
+@contextlib.contextmanager
+def unavailable_on_redis_errors() -> Iterator[None]:
+    """Turn every way of failing to reach Redis into StoreUnavailable (without the details)."""
+    try:
+        yield
+    except StoreUnavailable:
+        raise
+    except Exception as exc:
+        if is_unavailable(exc):
+            raise StoreUnavailable(type(exc).__name__) from None
+        raise
+
+
+# ---------------------------------------------------------------- scripts
+
+# Capped log in ONE list key: each entry is "<seq>:<sealed value>". The next
+# sequence number follows the newest entry, which LTRIM never drops, so no
+# separate counter key is needed and deleting the log key deletes everything.
+
+#: Lua setting ``first`` to the seq the next entry of the log KEYS[1] gets.
+NEXT_SEQ_LUA = """
+local last = redis.call('LINDEX', KEYS[1], -1)
+local first = 1
+if last then
+  first = tonumber(string.match(last, '^(%d+):')) + 1
+end
+"""
+
+
+def keep_entries_lua(unpacked: str) -> str:
+    """Lua appending numbered entries (``unpacked``: the arguments of an ``unpack``) to the log
+    KEYS[1], capped at ARGV[1] entries with a TTL of ARGV[2] ms."""
+    return f"""
+redis.call('RPUSH', KEYS[1], unpack({unpacked}))
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+
+
+#: Appends the sealed values ARGV[3], ARGV[4], ... numbered on from the newest entry; returns the first's seq.
+_APPEND = (
+    NEXT_SEQ_LUA
+    + """
+local entries = {}
+for i = 3, #ARGV do
+  entries[i - 2] = string.format('%d:', first + i - 3) .. ARGV[i]
+end
+"""
+    + keep_entries_lua("entries")
+    + """
+return first
+"""
+)
+
+#: Empties a capped log but keeps its numbering: the newest entry is replaced by "<seq>:" alone, a
+#: marker that carries the sequence number and no value (read_since skips it). The TTL is kept.
+_CLEAR_LOG = """
+local last = redis.call('LINDEX', KEYS[1], -1)
+if not last then
+  return 0
+end
+local seq = string.match(last, '^(%d+):')
+local ttl = redis.call('PTTL', KEYS[1])
+redis.call('DEL', KEYS[1])
+redis.call('RPUSH', KEYS[1], seq .. ':')
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return 1
+"""
+
+# Fixed-window counter: the window starts with the first event.
+_INCR_WINDOW = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 or redis.call('PTTL', KEYS[1]) == -1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return n
+"""
+
+
+def ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a literal inside a Redis MATCH pattern."""
+    return "".join("\\" + c if c in "\\*?[]" else c for c in text)
+
+
+class _KeyLocks:
+    """One asyncio lock per key, so updates of one key inside a process queue instead of colliding."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        entry = self._locks.get(key)
+        if entry is None:
+            entry = self._locks[key] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._locks[key]
+
+
+# ---------------------------------------------------------------- the store
+
+
+class RedisStore:
+    """The Store interface over Redis; values sealed with ``Sealer``."""
+
+    def __init__(self, client: aioredis.Redis, sealer: Sealer, *, also_ready: Callable[[], bool] | None = None) -> None:
+        self.redis = client
+        self._sealer = sealer
+        self._also_ready = also_ready
+        self._append = client.register_script(_APPEND)
+        self._clear_log = client.register_script(_CLEAR_LOG)
+        self._incr_window = client.register_script(_INCR_WINDOW)
+        self._locks = _KeyLocks()
+        self._reads: RedisBus | None = None
+
+    def read_through(self, bus: RedisBus) -> None:
+        """Send ``get`` on the bus's pipelined connection (``RedisBus.call``) while the bus is open.
+
+        A read then costs no pooled connection taken and given back, and no wake-up of its own:
+        its reply arrives with the relays' (P4 in benchmarks/: every session's record is read
+        again every quarter second while it relays).
+        """
+        self._reads = bus
+
+    async def get(self, key: str) -> bytes | None:
+        reads = self._reads
+        if reads is not None and not reads.closed:
+            try:
+                raw = await reads.call(b"GET", key)
+            except CommandRefused as refused:
+                if refused.code != "WRONGTYPE":
+                    raise
+                return None  # a capped log, as below
+        else:
+            with unavailable_on_redis_errors():
+                try:
+                    raw = await self.redis.get(key)
+                except redis_errors.ResponseError as exc:
+                    if str(exc).startswith("WRONGTYPE"):
+                        return None  # a capped log, which get() does not read (as in MemoryStore)
+                    raise
+        return None if raw is None else self._sealer.open(_value_aad(key), raw)
+
+    async def put(self, key: str, value: bytes, ttl_s: float) -> None:
+        sealed = self._sealer.seal(_value_aad(key), value)
+        with unavailable_on_redis_errors():
+            await self.redis.set(key, sealed, px=ms(ttl_s))
+
+    async def update(self, key: str, mutate: Mutation[T], ttl_s: float) -> T:
+        """WATCH, GET, mutate, MULTI/SET/EXEC; another process's write in between means try again.
+
+        Updates of one key from this process wait for each other (a local lock),
+        so only updates from other processes can collide.
+        """
+        async with self._locks.hold(key):
+            for attempt in range(UPDATE_ATTEMPTS):
+                done, result = await self._try_update(key, mutate, ttl_s)
+                if done:
+                    return result  # type: ignore[return-value]
+                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
+        log.warning("event=store_update_contention attempts=%d", UPDATE_ATTEMPTS)
+        raise StoreUnavailable("contention")
+
+    async def _try_update(self, key: str, mutate: Mutation[T], ttl_s: float) -> tuple[bool, T | None]:
+        """One optimistic attempt: (True, result) when written, (False, None) when another write came first."""
+        aad = _value_aad(key)
+        pipe = self.redis.pipeline(transaction=True)
+        try:
+            with unavailable_on_redis_errors():
+                await pipe.watch(key)
+                raw = cast("bytes | None", await pipe.get(key))  # a bytes client (redis_client)
+            current = None if raw is None else self._sealer.open(aad, raw)
+            # If mutate raises, nothing was queued: the reset below UNWATCHes and nothing is written.
+            new, result = mutate(current)
+            pipe.multi()
+            if new is None:
+                pipe.unlink(key)
+            else:
+                pipe.set(key, self._sealer.seal(aad, new), px=ms(ttl_s))
+            with unavailable_on_redis_errors():
+                await pipe.execute()
+            return True, result
+        except redis_errors.WatchError as exc:
+            if str(exc).startswith(_WATCHED_KEY_CHANGED):
+                return False, None
+            # redis-py reports a connection lost while watching as a WatchError too.
+            raise StoreUnavailable("ConnectionError") from None
+        finally:
+            with contextlib.suppress(Exception):
+                await pipe.reset()
+
+    async def delete_prefix(self, prefix: str) -> int:
+        removed = 0
+        with unavailable_on_redis_errors():
+            batch: list[bytes] = []
+            async for name in self.redis.scan_iter(match=glob_escape(prefix) + "*", count=500):
+                batch.append(name)
+                if len(batch) >= 500:
+                    removed += int(await self.redis.unlink(*batch))
+                    batch = []
+            if batch:
+                removed += int(await self.redis.unlink(*batch))
+        return removed
+
+    async def keys(self, prefix: str) -> list[str]:
+        with unavailable_on_redis_errors():
+            names = [name async for name in self.redis.scan_iter(match=glob_escape(prefix) + "*", count=500)]
+        return sorted({n.decode() for n in names})
+
+    async def incr_window(self, key: str, window_s: float) -> int:
+        """Counters are plain integers in Redis (nothing about a person) and only read through here."""
+        with unavailable_on_redis_errors():
+            return int(await self._incr_window(keys=[key], args=[ms(window_s)]))
+
+    async def append(self, key: str, value: bytes, maxlen: int, ttl_s: float) -> int:
+        if maxlen < 1:
+            raise ValueError("maxlen must be at least 1")
+        sealed = self._sealer.seal(log_aad(key), value)
+        with unavailable_on_redis_errors():
+            return int(await self._append(keys=[key], args=[maxlen, ms(ttl_s), sealed]))
+
+    async def read_since(self, key: str, seq: int) -> list[tuple[int, bytes]]:
+        with unavailable_on_redis_errors():
+            entries = cast("list[bytes]", await self.redis.lrange(key, 0, -1))
+        aad = log_aad(key)
+        out: list[tuple[int, bytes]] = []
+        for entry in entries:
+            number, sep, sealed = entry.partition(b":")
+            if not sep or not number.isdigit():
+                raise StoreCorrupt("a log entry has no sequence number")
+            n = int(number)
+            if n > seq and sealed:  # an empty value is clear_log's marker: a number, no entry
+                out.append((n, self._sealer.open(aad, sealed)))
+        return out
+
+    async def clear_log(self, key: str) -> None:
+        with unavailable_on_redis_errors():
+            await self._clear_log(keys=[key], args=[])
+
+    async def ping(self) -> bool:
+        """True when Redis answers within TIMEOUT_S (and ``also_ready`` agrees); never raises."""
+        try:
+            answered = bool(await asyncio.wait_for(self.redis.ping(), TIMEOUT_S))
+        except Exception:
+            return False
+        return answered and (self._also_ready is None or self._also_ready())
+
+    async def close(self) -> None:
+        await self.redis.aclose(close_connection_pool=True)
+
+
+# ---------------------------------------------------------------- wiring
+
+
+def redis_client(url: str) -> aioredis.Redis:
+    """A client whose every call fails within about TIMEOUT_S when Redis is away."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=TIMEOUT_S,
+        socket_timeout=TIMEOUT_S,
+        socket_connect_timeout=TIMEOUT_S,
+        socket_keepalive=True,
+        # No hidden retry loop (a retried write could apply twice): a failure is reported
+        # at once; pooled connections that died while idle are replaced when taken.
+        retry=Retry(NoBackoff(), 0),
+        # Off: with RESP3, redis-py 8 otherwise skips its check for pooled connections that
+        # died while idle (a Redis restart), and the first call on each one would fail.
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+async def connect_redis(url: str, key: bytes) -> tuple[RedisStore, RedisBus]:
+    """The store and bus of one broker process on the Redis at ``url``, sealing with ``key`` (32 bytes).
+
+    Does not fail when Redis is down at start: /readyz reports it, and both
+    come up by themselves once Redis answers.
+    """
+    from broker.store.redis_bus import RedisBus
+
+    client = redis_client(url)
+    sealer = Sealer(key)
+    bus = RedisBus(client, sealer)
+    # /readyz asks the store: after an outage, report ready only once this process
+    # receives other processes' messages again, not merely when Redis answers.
+    store = RedisStore(client, sealer, also_ready=bus.connected.is_set)
+    store.read_through(bus)
+    bus.start()
+    try:
+        await asyncio.wait_for(client.ping(), TIMEOUT_S)
+    except Exception:
+        log.warning("event=redis_unreachable_at_start")
+    return store, bus

@@ -1,0 +1,274 @@
+"""Therapist and client connect through a real broker with real aiortc peers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiortc import RTCConfiguration, RTCPeerConnection
+from aiortc.mediastreams import MediaStreamError
+
+from broker.client.broker_client import BrokerClient, parse_link
+from broker.signaling.protocol import (
+    ChecklistAccepted,
+    Error,
+    ErrorCode,
+    Peers,
+    PreflightAnswer,
+    SeatState,
+    Status,
+    WaitingRoom,
+)
+from tests.conftest import RunningBroker, SessionLinks, schedule
+
+
+async def waiting_client(links: SessionLinks, link: str | None = None, **kwargs: object) -> BrokerClient:
+    """A client who passed the pre-flight and the checklist and now waits."""
+    client = BrokerClient(link or links.client, **kwargs)  # type: ignore[arg-type]
+    await client.connect()
+    report = await client.preflight()
+    assert report.connected
+    await client.submit_checklist(details={"location": "home", "contact": "a friend"})
+    await client.expect(Status, where=lambda m: m.seat_state is SeatState.WAITING)
+    return client
+
+
+async def test_parse_link_keeps_fragment_local() -> None:
+    link = parse_link("https://broker.example/base/j/TOKEN#KEY")
+    assert (link.base_url, link.role, link.token, link.link_key) == (
+        "https://broker.example/base",
+        "client",
+        "TOKEN",
+        "KEY",
+    )
+
+
+async def test_call_connects_with_data_both_ways_and_audio(broker: RunningBroker) -> None:
+    links = await schedule(broker)
+    therapist = BrokerClient(links.therapist, media=True)
+    await therapist.connect()
+    client = await waiting_client(links, media=True)
+    try:
+        room = await therapist.expect(WaitingRoom, where=lambda m: m.seats[0].state is SeatState.WAITING)
+        entry = room.seats[0]
+        assert entry.checklist is not None and entry.checklist["all_required_met"] is True
+        assert entry.details is not None  # sealed for the therapist, opaque to the broker
+        await therapist.admit(entry.peer)
+
+        t_link = await therapist.wait_connected(client.peer_id)
+        c_link = await client.wait_connected(therapist.peer_id)
+        therapist.send_chat(client.peer_id, "hello from the therapist")
+        client.send_chat(therapist.peer_id, "hello from the client")
+        assert await asyncio.wait_for(c_link.messages.get(), 10) == "hello from the therapist"
+        assert await asyncio.wait_for(t_link.messages.get(), 10) == "hello from the client"
+
+        audio = next(t for t in c_link.remote_tracks if t.kind == "audio")
+        frame = await asyncio.wait_for(audio.recv(), 10)
+        assert frame.sample_rate > 0
+
+        therapist.send_media_state(client.peer_id, audio=False, video=True)
+        while c_link.remote_media["audio"]:
+            await asyncio.sleep(0.02)
+        assert c_link.remote_media == {"audio": False, "video": True}
+
+        assert t_link.trust == c_link.trust == "verified_by_link"
+        assert therapist.safety_code(client.peer_id) == client.safety_code(therapist.peer_id)
+        assert therapist.interceptions == client.interceptions == []
+    finally:
+        await client.close()
+        await therapist.close()
+
+
+async def test_nothing_is_relayed_before_admission(broker: RunningBroker) -> None:
+    links = await schedule(broker)
+    therapist = BrokerClient(links.therapist)
+    await therapist.connect()
+    client = await waiting_client(links)
+    try:
+        # Neither side has been told of the other, and forcing an offer is refused.
+        assert not any(isinstance(m, Peers) and m.peers for m in client.received + therapist.received)
+        before = len(client.received)
+        await therapist.send_raw(
+            '{"type":"offer","to":"' + client.peer_id + '","sdp":"v=0","counter":1,"mac":"x","id":"o1"}'
+        )
+        error = await therapist.expect(type(_error()), where=lambda m: m.ref == "o1")
+        assert error.code.value == "not_admitted"
+        await client.send_raw('{"type":"candidate","to":"' + therapist.peer_id + '","candidate":"","id":"c1"}')
+        error = await client.expect(type(_error()), where=lambda m: m.ref == "c1")
+        assert error.code.value == "not_admitted"
+        await asyncio.sleep(0.2)
+        assert not any(type(m).__name__ in ("Offer", "Candidate") for m in client.received[before:])
+        assert client.links == {} and therapist.links == {}
+
+        await therapist.admit(client.peer_id)
+        await client.wait_connected(therapist.peer_id)
+    finally:
+        await client.close()
+        await therapist.close()
+
+
+async def test_checklist_is_accepted_once(broker: RunningBroker) -> None:
+    links = await schedule(broker)
+    client = await waiting_client(links)
+    try:
+        assert isinstance(client.received, list)
+        assert any(isinstance(m, ChecklistAccepted) for m in client.received)
+    finally:
+        await client.close()
+
+
+def _error():  # noqa: ANN202 - the Error struct type, via an instance
+    from broker.signaling.protocol import Error, ErrorCode
+
+    return Error(code=ErrorCode.INTERNAL, message="")
+
+
+async def test_a_peer_connection_slow_to_close_does_not_hold_up_the_client(broker: RunningBroker) -> None:
+    """aiortc's close can take a long while to give up, even when cancelled: the client's own
+    close stops waiting for it after its bound and lets it finish by itself."""
+    links = await schedule(broker)
+    therapist = BrokerClient(links.therapist)
+    await therapist.connect()
+    client = await waiting_client(links)
+    released = asyncio.Event()
+    try:
+        await therapist.admit(client.peer_id)
+        link = await client.wait_connected(therapist.peer_id)
+        real_close = link.pc.close
+
+        async def slow_to_give_up() -> None:  # the real connection's close, once let go
+            while not released.is_set():
+                try:
+                    await released.wait()
+                except asyncio.CancelledError:
+                    continue
+            await real_close()
+
+        link.pc.close = slow_to_give_up  # type: ignore[method-assign]
+        closing = asyncio.ensure_future(client.close())
+        await asyncio.wait({closing}, timeout=20)
+        assert closing.done() and closing.exception() is None
+    finally:
+        released.set()
+        await therapist.close()
+
+
+async def test_audio_track_stops_cleanly_on_close(broker: RunningBroker) -> None:
+    links = await schedule(broker)
+    therapist = BrokerClient(links.therapist, media=True)
+    await therapist.connect()
+    client = await waiting_client(links, media=True)
+    await therapist.admit(client.peer_id)
+    c_link = await client.wait_connected(therapist.peer_id)
+    audio = next(t for t in c_link.remote_tracks if t.kind == "audio")
+    await therapist.close()
+    try:
+        while True:
+            await asyncio.wait_for(audio.recv(), 10)
+    except MediaStreamError:
+        pass
+    await client.close()
+
+
+async def test_emergency_details_reach_only_the_therapist(broker: RunningBroker) -> None:
+    from broker.crypto import e2ee
+    from broker.store.base import session_prefix
+
+    links = await schedule(broker)
+    therapist = BrokerClient(links.therapist)
+    await therapist.connect()
+    client = BrokerClient(links.client)
+    await client.connect()
+    try:
+        await client.preflight()
+        canary = {"location": "canary-flat-3b-riverside", "contact": "canary-sister-0170"}
+        await client.submit_checklist(details=canary)
+        room = await therapist.expect(WaitingRoom, where=lambda m: m.seats[0].details is not None)
+        sealed = room.seats[0].details
+        opened = e2ee.open_details(therapist.link_key, links.session, client.peer_id, sealed)
+        assert json.loads(opened) == canary
+        store = broker.broker.store
+        for key in await store.keys(session_prefix(links.session)):
+            value = await store.get(key) or b""
+            assert b"canary" not in value
+    finally:
+        await client.close()
+        await therapist.close()
+
+
+async def test_preflight_waits_as_the_broker_says_and_tries_again(broker: RunningBroker) -> None:
+    """A seat's pre-flight still running (here one whose sender never finishes it) makes the broker refuse the
+    next with preflight_limited and a retry hint; the client waits that long and runs its own."""
+    links = await schedule(broker)
+    client = BrokerClient(links.client)
+    await client.connect()
+    stalled = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    try:
+        stalled.createDataChannel("preflight")
+        await stalled.setLocalDescription(await stalled.createOffer())
+        await client.send_raw(json.dumps({"type": "preflight_offer", "sdp": stalled.localDescription.sdp, "id": "s1"}))
+        await client.expect(PreflightAnswer)
+        report = await client.preflight()
+        assert report.connected
+        refused = [m for m in client.received if isinstance(m, Error)]
+        assert [m.code for m in refused] == [ErrorCode.PREFLIGHT_LIMITED]
+        assert refused[0].retry_after_ms is not None and 1000 <= refused[0].retry_after_ms <= 10_000
+        await client.submit_checklist(details={"location": "home", "contact": "a friend"})  # its own run counted
+    finally:
+        await stalled.close()
+        await client.close()
+
+
+async def test_the_broker_keeps_no_checklist_answer_item_by_item(broker: RunningBroker) -> None:
+    """Review (issue 25): a host holding the server secret read the client's checklist answers item by
+    item. The broker now keeps only that the required items were met, the policy version and its own
+    pre-flight result; each answer reaches the therapist sealed with the link key."""
+    from broker.crypto import e2ee
+    from broker.signaling.hub import encode_record
+
+    links = await schedule(broker)
+    therapist = BrokerClient(links.therapist)
+    await therapist.connect()
+    client = BrokerClient(links.client)
+    try:
+        await client.connect()
+        assert (await client.preflight()).connected
+        policy = client.joined.policy if client.joined else None
+        assert policy is not None
+        answers = {item["id"]: item["id"] != "headset" for item in policy["items"]}  # headset is recommended
+        await client.submit_checklist(answers, details={"location": "home", "contact": "a friend"})
+        room = await therapist.expect(WaitingRoom, where=lambda m: m.seats[0].state is SeatState.WAITING)
+        summary = room.seats[0].checklist
+        assert summary is not None and set(summary) == {
+            "policy_version",
+            "all_required_met",
+            "network",
+            "answers_sealed",
+        }
+        key = e2ee.decode_link_key(links.link_key)
+        opened = e2ee.open_checklist(key, links.session, client.peer_id, summary["answers_sealed"])
+        assert opened == answers and opened["headset"] is False
+        record = await broker.hub.get_session(links.session)
+        kept = encode_record(record)
+        assert b"headset" not in kept and b"private_place" not in kept and b"recommended_unmet" not in kept
+    finally:
+        await client.close()
+        await therapist.close()
+
+
+async def test_a_peers_deeply_nested_control_message_is_ignored(broker: RunningBroker) -> None:
+    """A peer's data-channel message nested 8,000 deep must not break the client's handler."""
+    links = await schedule(broker)
+    therapist = BrokerClient(links.therapist)
+    await therapist.connect()
+    client = await waiting_client(links)
+    try:
+        await therapist.admit(client.peer_id)
+        t_link = await therapist.wait_connected(client.peer_id)
+        c_link = await client.wait_connected(therapist.peer_id)
+        t_link.channel.send("[" * 8000)
+        therapist.send_chat(client.peer_id, "still here")
+        assert await asyncio.wait_for(c_link.messages.get(), 10) == "still here"
+    finally:
+        await client.close()
+        await therapist.close()
