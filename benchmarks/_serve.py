@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import raise_file_limit
 
-from broker.config import check_config, load_config
+from broker.config import load_config
+from broker.config_check import check_config
 from broker.http.serve import serve
 from broker.logs import configure
 

@@ -99,6 +99,8 @@ ROOT = Path(__file__).resolve().parent.parent
 API_SECTION = "HTTP API for therapists' pages"
 API_MODULES = (
     "broker/http/login.py",
+    "broker/http/login_sessions.py",
+    "broker/http/json_api.py",
     "broker/http/reauth.py",
     "broker/http/totp_routes.py",
     "broker/http/passkey_routes.py",
@@ -205,7 +207,7 @@ def test_the_dynamic_seat_action_codes_are_real_error_codes() -> None:
 
 
 def test_the_api_section_names_the_cookie_and_headers() -> None:
-    from broker.http import login as web_auth
+    from broker.http import login_sessions as web_auth
 
     section = api_section()
     for name in (web_auth.LOGIN_COOKIE, web_auth.CSRF_HEADER, web_auth.BACKGROUND_HEADER, "Retry-After"):

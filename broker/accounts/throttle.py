@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from broker.http.client_address import address_key as address_key  # re-exported: callers key addresses with it
-from broker.store.base import Store
 
 FREE_FAILURES = 3
 BASE_DELAY = 1.0
@@ -255,18 +254,6 @@ class LoginThrottle:
         if entry is None:
             return 0.0
         return self._schedule.remaining(entry.failures, entry.last_failure, now)
-
-
-def throttle_for(store: Store) -> Throttle:
-    """The throttle a broker process uses: on the session store's Redis client when it has one
-    (so every process shares the counters), else in this process's memory."""
-    from broker.store.redis_store import RedisStore
-
-    if isinstance(store, RedisStore):
-        from broker.accounts.throttle_redis import RedisLoginThrottle
-
-        return RedisLoginThrottle(store.redis)
-    return LoginThrottle()
 
 
 def check_lockout(lockout_after: int) -> int:

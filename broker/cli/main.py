@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 
 from broker.accounts.account_store import AccountsKeyMismatch
 from broker.cli import therapist as cli_therapist
-from broker.config import Config, ConfigError, check_config, load_config
+from broker.config import Config, ConfigError, load_config
+from broker.config_check import check_config
 
 
 def _parser() -> argparse.ArgumentParser:

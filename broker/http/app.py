@@ -13,15 +13,14 @@ import logging
 import string
 from collections import Counter
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
 from aiohttp.typedefs import Handler
 
 from broker.accounts.account_store import AccountStore, open_accounts
-from broker.accounts.throttle import Throttle, throttle_for
+from broker.accounts.throttle import LoginThrottle, Throttle
+from broker.accounts.throttle_redis import RedisLoginThrottle
 from broker.audit.log import AuditLog
 from broker.audit.setup import open_audit_log
 from broker.config import Config, Keys, load_or_create_secret
@@ -29,24 +28,19 @@ from broker.http.client_address import request_address_key
 from broker.http.dashboard import setup_dashboard
 from broker.http.guard import forwarded_limit
 from broker.http.login import setup_auth
+from broker.http.pages import web_root
 from broker.http.security_headers import security_middleware, security_signal
 from broker.signaling.admission import BrokerPreflight, PolicyChecklist
 from broker.signaling.hub import CLOSE_POLICY, Hub, Limits
 from broker.signaling.protocol import MAX_MESSAGE_BYTES, Error, ErrorCode, ProtocolError, encode
 from broker.signaling.record import RecordSigner
 from broker.signaling.tokens import TokenCodec
+from broker.store.backends import open_backends
 from broker.store.base import MemoryStore, Store
-from broker.store.bus import Bus, LocalBus
+from broker.store.bus import Bus
+from broker.store.redis_store import RedisStore
 
 log = logging.getLogger("broker.server")
-
-
-def web_root() -> Path:
-    """The browser client: shipped inside the wheel as broker/web, or web/ in a checkout."""
-    packaged = Path(str(resources.files("broker"))) / "web"
-    if packaged.is_dir():
-        return packaged
-    return Path(__file__).resolve().parents[2] / "web"
 
 
 @dataclass
@@ -78,7 +72,7 @@ class Broker:
 async def create_broker(config: Config, *, store: Store | None = None, bus: Bus | None = None) -> Broker:
     keys = Keys(load_or_create_secret(config))
     if store is None or bus is None:
-        store, bus = await _backends(config, keys)
+        store, bus = await open_backends(config.redis_url, keys.store)
     limits = Limits(
         auth_deadline_s=config.auth_deadline_s,
         heartbeat_s=config.heartbeat_s,
@@ -124,12 +118,12 @@ def audit_hook(audit_log: AuditLog) -> Any:
     return record
 
 
-async def _backends(config: Config, keys: Keys) -> tuple[Store, Bus]:
-    if config.redis_url:
-        from broker.store.redis_store import connect_redis
-
-        return await connect_redis(config.redis_url, keys.store)
-    return MemoryStore(), LocalBus()
+def throttle_for(store: Store) -> Throttle:
+    """The throttle a broker process uses: on the session store's Redis client when it has one
+    (so every process shares the counters), else in this process's memory."""
+    if isinstance(store, RedisStore):
+        return RedisLoginThrottle(store.redis)
+    return LoginThrottle()
 
 
 def _ice_servers(config: Config, keys: Keys) -> Any:

@@ -20,7 +20,9 @@ import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from broker.http.login import AUTH, BadRequest, html_page, json_error, read_json, require_login
+from broker.http.json_api import BadRequest, json_error, read_json
+from broker.http.login_sessions import AUTH, require_login
+from broker.http.pages import html_page
 from broker.signaling import session as sm
 from broker.signaling.hub import Hub
 from broker.signaling.protocol import ErrorCode, ProtocolError, Role, SessionState

@@ -25,7 +25,8 @@ from broker.accounts import account_store as acc
 from broker.accounts import passkeys
 from broker.accounts.account_store import AccountError
 from broker.accounts.passkeys import PasskeyError
-from broker.http.login import Empty, auth_of, json_error, read_json, require_login
+from broker.http.json_api import Empty, json_error, read_json
+from broker.http.login_sessions import auth_of, require_login
 from broker.http.reauth import factors_changed, reauth_refusal
 
 log = logging.getLogger("broker.web_auth")

@@ -27,17 +27,13 @@ from broker.accounts import account_store as acc
 from broker.accounts import passkeys
 from broker.accounts.passkeys import PasskeyError
 from broker.audit.log import AuditEvent, AuditOutcome
-from broker.http.login import (
+from broker.http.json_api import BadRequest, Code, Secret, json_error, read_json
+from broker.http.login_sessions import (
     LOADED,
-    BadRequest,
-    Code,
     LoginSession,
-    Secret,
     WebAuth,
     auth_of,
-    json_error,
     me_body,
-    read_json,
     require_login,
     reserve_attempt,
     throttled,

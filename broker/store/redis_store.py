@@ -466,26 +466,3 @@ def redis_client(url: str) -> aioredis.Redis:
         maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
     return aioredis.Redis(connection_pool=pool)
-
-
-async def connect_redis(url: str, key: bytes) -> tuple[RedisStore, RedisBus]:
-    """The store and bus of one broker process on the Redis at ``url``, sealing with ``key`` (32 bytes).
-
-    Does not fail when Redis is down at start: /readyz reports it, and both
-    come up by themselves once Redis answers.
-    """
-    from broker.store.redis_bus import RedisBus
-
-    client = redis_client(url)
-    sealer = Sealer(key)
-    bus = RedisBus(client, sealer)
-    # /readyz asks the store: after an outage, report ready only once this process
-    # receives other processes' messages again, not merely when Redis answers.
-    store = RedisStore(client, sealer, also_ready=bus.connected.is_set)
-    store.read_through(bus)
-    bus.start()
-    try:
-        await asyncio.wait_for(client.ping(), TIMEOUT_S)
-    except Exception:
-        log.warning("event=redis_unreachable_at_start")
-    return store, bus

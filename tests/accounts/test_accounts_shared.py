@@ -16,7 +16,7 @@ from aiohttp import ClientSession, DummyCookieJar
 
 from broker.accounts.rows_redis import RedisAccountRows
 from broker.accounts.throttle_redis import RedisLoginThrottle
-from broker.http.login import LOGIN_COOKIE
+from broker.http.login_sessions import LOGIN_COOKIE
 from tests.conftest import RunningBroker, start_broker, start_broker_pair
 from tests.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 

@@ -29,7 +29,8 @@ from broker.checklist.preflight import (
 )
 from broker.checklist.preflight_slots import SlotLimits
 from broker.client.broker_client import BrokerClient, BrokerError
-from broker.config import Config, check_config
+from broker.config import Config
+from broker.config_check import check_config
 from broker.signaling.protocol import Error, ErrorCode, PreflightAnswer, PreflightOffer
 from tests.conftest import RunningBroker, schedule, start_broker
 

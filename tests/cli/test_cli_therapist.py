@@ -27,7 +27,7 @@ from broker.accounts.totp import code_at
 from broker.audit.log import verify
 from broker.cli import therapist as cli_therapist
 from broker.config import Config, Keys, load_or_create_secret
-from broker.http.login import accounts_path, audit_path
+from broker.http.login_sessions import accounts_path, audit_path
 from tests.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parents[2]
@@ -249,7 +249,7 @@ async def test_cli_changes_end_the_web_logins_of_a_running_broker(
     logins at their next request, with the accounts in its SQLite file or in Redis."""
     from aiohttp import ClientSession, DummyCookieJar
 
-    from broker.http.login import CSRF_HEADER, LOGIN_COOKIE
+    from broker.http.login_sessions import CSRF_HEADER, LOGIN_COOKIE
     from tests.conftest import start_broker
 
     data = tmp_path / "data"

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from broker.config import Config, check_config
+from broker.config import Config
+from broker.config_check import check_config
 from broker.http.admin_socket import AdminSocketUnsafe, start_admin_site
 
 Start = Callable[[Path], Awaitable[Path]]

@@ -51,7 +51,7 @@ async def start_site(data_dir: Path, **overrides: Any) -> Site:
     runner = web.AppRunner(app, access_log_class=PrivateAccessLogger)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    from broker.http.login import AUTH
+    from broker.http.login_sessions import AUTH
 
     await app[AUTH].accounts.add("headers-check", PASSWORD)
     session, tokens = await broker.hub.create_session(clients=1)

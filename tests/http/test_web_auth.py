@@ -36,7 +36,8 @@ from broker.audit.log import AuditLog, verify
 from broker.config import Config, Keys
 from broker.http.app import Broker, build_app, create_broker
 from broker.http.dashboard import DASHBOARD, setup_dashboard
-from broker.http.login import AUTH, CSRF_HEADER, LOGIN_COOKIE, WebAuth, accounts_path, login_required, setup_auth
+from broker.http.login import setup_auth
+from broker.http.login_sessions import AUTH, CSRF_HEADER, LOGIN_COOKIE, WebAuth, accounts_path, login_required
 from broker.http.security_headers import PrivateAccessLogger, security_middleware
 from broker.store.base import MemoryStore
 from broker.store.redis_store import redis_client

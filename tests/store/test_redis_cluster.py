@@ -43,8 +43,8 @@ from broker.signaling.protocol import (
 )
 from broker.signaling.session import DEFAULT_GRACE_S
 from broker.signaling.tokens import TokenCodec
+from broker.store.backends import connect_redis
 from broker.store.base import session_prefix
-from broker.store.redis_store import connect_redis
 from tests.redis_server import RedisServer, free_port, redis_server  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.redis

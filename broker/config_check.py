@@ -1,0 +1,114 @@
+"""Checking a configuration before a broker starts: every setting against the rules of the part that uses it.
+
+Apart from ``broker.config`` so that the configuration stays at the bottom of the import graph: the
+checks need the pre-flight, TURN, audit and admin-socket modules, which themselves read a ``Config``.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from broker.audit.setup import audit_key_problems
+from broker.checklist import policy as checklist
+from broker.checklist.preflight_slots import SlotLimits
+from broker.config import Config
+from broker.http.admin_socket import socket_directory_problem
+from broker.signaling.turn import TurnConfigError, parse_turn_urls, resolve_turn_secret
+
+
+def check_config(config: Config) -> list[str]:
+    """Every problem with a configuration, in plain words (empty list = fine)."""
+    problems: list[str] = []
+    if not 0 <= config.port <= 65535:
+        problems.append(f"port {config.port} is out of range (0-65535).")
+    base = urlsplit(config.base_url)
+    if base.scheme not in ("http", "https") or not base.netloc:
+        problems.append(f"public_url {config.public_url!r} must be an http:// or https:// URL.")
+    elif base.scheme == "http" and base.hostname not in ("127.0.0.1", "localhost", "::1"):
+        problems.append(
+            "public_url uses plain http on a non-local host: browsers will refuse camera access. "
+            "Put a TLS proxy in front and set public_url to its https:// address."
+        )
+    for origin in config.origins:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+            problems.append(f"allowed origin {origin!r} must look like https://host[:port] with no path.")
+    for name in ("redis_url", "accounts_redis_url"):
+        url = getattr(config, name)
+        if url and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            problems.append(f"{name} must start with redis://, rediss:// or unix://.")
+    problems += _check_turn(config)
+    if config.auth_deadline_s <= 0 or config.heartbeat_s <= 0:
+        problems.append("auth_deadline_s and heartbeat_s must be positive.")
+    if config.http_header_timeout_s <= 0 or config.http_keepalive_s <= 0:
+        problems.append("http_header_timeout_s and http_keepalive_s must be positive.")
+    if config.max_connections_per_address < 1 or config.max_http_connections_per_address < 1:
+        problems.append("max_connections_per_address and max_http_connections_per_address must be at least 1.")
+    if not 0 < config.login_idle_s <= config.login_absolute_s:
+        problems.append("login_idle_s must be positive and at most login_absolute_s.")
+    problems += _check_preflight(config)
+    problems += _check_data_dir(config)
+    problems += _check_audit(config)
+    problems += _check_admin_socket(config)
+    if config.policy_file:
+        problems += _check_policy(Path(config.policy_file))
+    return problems
+
+
+def _check_preflight(config: Config) -> list[str]:
+    return SlotLimits.from_config(config).problems()
+
+
+def _check_turn(config: Config) -> list[str]:
+    problems = []
+    try:
+        parse_turn_urls(",".join(config.turn_urls))
+    except TurnConfigError as exc:
+        problems.append(f"turn_urls: {exc}")
+    try:
+        secret = resolve_turn_secret(config.turn_secret or None, config.turn_secret_file or None)
+    except (TurnConfigError, OSError) as exc:
+        problems.append(f"turn secret: {exc}")
+        secret = b"unknown"
+    if config.turn_urls and not secret:
+        problems.append("turn_urls is set but neither turn_secret nor turn_secret_file is.")
+    return problems
+
+
+def _check_data_dir(config: Config) -> list[str]:
+    d = config.data_dir
+    if d.exists() and not d.is_dir():
+        return [f"data_dir {d} exists but is not a directory."]
+    if d.exists() and not os.access(d, os.W_OK):
+        return [f"data_dir {d} is not writable by this user."]
+    secret = config.secret_path
+    if secret.exists():
+        mode = stat.S_IMODE(secret.stat().st_mode)
+        if mode & 0o077:
+            return [f"the server secret {secret} is readable by others (mode {mode:o}); run: chmod 600 {secret}"]
+        if len(secret.read_bytes().strip()) < 32:
+            return [f"the server secret {secret} is too short; delete it to have a new one generated."]
+    return []
+
+
+def _check_audit(config: Config) -> list[str]:
+    problems = audit_key_problems(config)
+    if config.audit_rotate_bytes != 0 and config.audit_rotate_bytes < 65536:
+        problems.append("audit_rotate_bytes must be 0 (never rotate) or at least 65536.")
+    return problems
+
+
+def _check_admin_socket(config: Config) -> list[str]:
+    problem = socket_directory_problem(config.admin_socket.parent)
+    return [problem] if problem else []
+
+
+def _check_policy(path: Path) -> list[str]:
+    try:
+        checklist.load_policy(path)
+    except checklist.PolicyError as exc:
+        return [f"checklist policy: {p}" for p in exc.problems]
+    return []
