@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from broker.config import check_config, load_config
+from broker.config import load_config
+from broker.config_check import check_config
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"

@@ -41,7 +41,8 @@ from redis.exceptions import RedisError
 
 from broker.accounts import passwords, totp
 from broker.accounts.passwords import DEFAULT_PARAMS, ScryptParams
-from broker.accounts.rows import AccountRows, Row, SqliteAccountRows
+from broker.accounts.rows import AccountRows, Row
+from broker.accounts.rows_sqlite import SqliteAccountRows
 from broker.accounts.throttle import LOCKOUT_AFTER
 from broker.config import Config, Keys
 from broker.signaling.tokens import typeable_id

@@ -19,7 +19,8 @@ from aiohttp import WSMsgType, web
 from aiohttp.typedefs import Handler
 
 from broker.accounts.account_store import AccountStore, open_accounts
-from broker.accounts.throttle import LoginThrottle, Throttle
+from broker.accounts.throttle import Throttle
+from broker.accounts.throttle_memory import LoginThrottle
 from broker.accounts.throttle_redis import RedisLoginThrottle
 from broker.audit.log import AuditLog
 from broker.audit.setup import open_audit_log
@@ -36,8 +37,9 @@ from broker.signaling.protocol import MAX_MESSAGE_BYTES, Error, ErrorCode, Proto
 from broker.signaling.record import RecordSigner
 from broker.signaling.tokens import TokenCodec
 from broker.store.backends import open_backends
-from broker.store.base import MemoryStore, Store
+from broker.store.base import Store
 from broker.store.bus import Bus
+from broker.store.memory import MemoryStore
 from broker.store.redis_store import RedisStore
 
 log = logging.getLogger("broker.server")

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from broker.store.base import MemoryStore, Store
-from broker.store.bus import Bus, LocalBus
+from broker.store.base import Store
+from broker.store.bus import Bus
+from broker.store.local_bus import LocalBus
+from broker.store.memory import MemoryStore
 from broker.store.redis_bus import RedisBus
 from broker.store.redis_store import TIMEOUT_S, RedisStore, Sealer, redis_client
 

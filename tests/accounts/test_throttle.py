@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from broker.accounts.throttle import LOCKOUT_AFTER, MAX_DELAY, LoginThrottle, Throttle, address_key, delay_for
+from broker.accounts.throttle import LOCKOUT_AFTER, MAX_DELAY, Throttle, address_key, delay_for
+from broker.accounts.throttle_memory import LoginThrottle
 from broker.accounts.throttle_redis import RedisLoginThrottle
 from broker.store.redis_store import redis_client
 from tests.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture

@@ -550,7 +550,8 @@ def test_the_audit_key_comes_from_a_file_or_the_environment(tmp_path: Path) -> N
 
 
 def test_check_config_knows_the_audit_settings(tmp_path: Path) -> None:
-    from broker.config import Config, check_config
+    from broker.config import Config
+    from broker.config_check import check_config
 
     data = tmp_path / "data"
 

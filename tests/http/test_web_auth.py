@@ -29,7 +29,8 @@ from cryptography.hazmat.primitives.twofactor.totp import TOTP
 
 from broker.accounts.account_store import AccountStore
 from broker.accounts.passwords import ScryptParams
-from broker.accounts.throttle import LoginThrottle, Throttle
+from broker.accounts.throttle import Throttle
+from broker.accounts.throttle_memory import LoginThrottle
 from broker.accounts.throttle_redis import RedisLoginThrottle
 from broker.accounts.totp import code_at
 from broker.audit.log import AuditLog, verify
@@ -39,7 +40,7 @@ from broker.http.dashboard import DASHBOARD, setup_dashboard
 from broker.http.login import setup_auth
 from broker.http.login_sessions import AUTH, CSRF_HEADER, LOGIN_COOKIE, WebAuth, accounts_path, login_required
 from broker.http.security_headers import PrivateAccessLogger, security_middleware
-from broker.store.base import MemoryStore
+from broker.store.memory import MemoryStore
 from broker.store.redis_store import redis_client
 from tests.redis_server import redis_server  # noqa: F401 - the fixture
 

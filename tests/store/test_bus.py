@@ -16,8 +16,10 @@ import redis.asyncio as aioredis
 
 from broker.signaling.protocol import Answer, Candidate, Offer, Renegotiate, encode
 from broker.store.backends import connect_redis
-from broker.store.base import MemoryStore, Store, StoreUnavailable
-from broker.store.bus import Bus, Envelope, LocalBus, Pending, with_seq
+from broker.store.base import Store, StoreUnavailable
+from broker.store.bus import Bus, Envelope, Pending, with_seq
+from broker.store.local_bus import LocalBus
+from broker.store.memory import MemoryStore
 from broker.store.redis_bus import RedisBus, channel_of, peer_channel_of, resp_command
 from broker.store.redis_store import CommandRefused, RedisStore, Sealer, redis_client
 from tests.redis_server import RedisServer, free_port, redis_server  # noqa: F401 - the fixture
