@@ -120,7 +120,7 @@ def _links(base: str, seats: list[dict[str, Any]], link_key: str) -> list[dict[s
 
 
 async def _create(args: argparse.Namespace) -> int:
-    from broker.crypto.e2ee import new_link_key
+    from broker.crypto.link_key import new_link_key
     from broker.http.admin_socket import AdminClient
 
     config = _config(args)

@@ -30,7 +30,8 @@ import pytest
 
 from broker.client.broker_client import BrokerClient, PeerLink
 from broker.config import Keys
-from broker.crypto.e2ee import decode_link_key, new_link_key, seal_details
+from broker.crypto.link_key import decode_link_key, new_link_key
+from broker.crypto.sealed_for_therapist import seal_details
 from broker.signaling.hub import Hub
 from broker.signaling.protocol import (
     PROTOCOL_VERSION,
