@@ -11,7 +11,7 @@ from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from broker.accounts.account_store import AccountsKeyMismatch
+from broker.accounts.account import AccountsKeyMismatch
 from broker.cli import therapist as cli_therapist
 from broker.config import Config, ConfigError, check_config, load_config
 

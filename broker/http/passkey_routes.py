@@ -21,9 +21,9 @@ from typing import Annotated, Any
 import msgspec
 from aiohttp import web
 
-from broker.accounts import account_store as acc
+from broker.accounts import account as acc
 from broker.accounts import passkeys
-from broker.accounts.account_store import AccountError
+from broker.accounts.account import AccountError
 from broker.accounts.passkeys import PasskeyError
 from broker.http.login import Empty, auth_of, json_error, read_json, require_login
 from broker.http.reauth import factors_changed, reauth_refusal

@@ -15,9 +15,9 @@ import msgspec
 import segno
 from aiohttp import web
 
-from broker.accounts import account_store as acc
+from broker.accounts import account as acc
 from broker.accounts import totp
-from broker.accounts.account_store import AccountError
+from broker.accounts.account import AccountError
 from broker.http.login import (
     Code,
     Empty,
