@@ -69,7 +69,7 @@ def test_no_composition_rules() -> None:
 
 
 def test_blocklist_is_shipped_and_lowercase() -> None:
-    text = resources.files("broker").joinpath("common_passwords.txt").read_text("utf-8")
+    text = resources.files("broker.accounts").joinpath("common_passwords.txt").read_text("utf-8")
     entries = [line for line in text.splitlines() if line and not line.startswith("#")]
     assert 1000 <= len(entries) <= 10000
     assert all(e == e.lower() for e in entries)
