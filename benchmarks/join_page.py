@@ -51,7 +51,7 @@ CHROMIUM_ARGS = [
 
 
 async def one_load(browser, admin: Admin, base: str) -> dict[str, float]:
-    from broker.crypto.e2ee import new_link_key
+    from broker.crypto.link_key import new_link_key
 
     created = await admin.create(clients=1)
     link = f"{base}/j/{created['clients'][0]}#{new_link_key()}"

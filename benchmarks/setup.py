@@ -83,7 +83,7 @@ async def direct_setup() -> float:
 async def broker_setup(admin: Admin, base_url: str) -> float:
     """Seconds from the therapist's admit to both data channels open, through the broker."""
     from broker.client.broker_client import BrokerClient
-    from broker.crypto.e2ee import new_link_key
+    from broker.crypto.link_key import new_link_key
     from broker.signaling.protocol import SeatState, Status
 
     created = await admin.create(clients=1)

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import ClientWebSocketResponse, WSMsgType, web
 
 from broker.config import Config
-from broker.crypto.e2ee import new_link_key
+from broker.crypto.link_key import new_link_key
 from broker.http.app import Broker, build_app, create_broker
 from broker.http.security_headers import PrivateAccessLogger
 

@@ -53,7 +53,7 @@ import pytest
 
 from broker.client.broker_client import BrokerClient, BrokerError
 from broker.config import Config
-from broker.crypto.e2ee import new_link_key
+from broker.crypto.link_key import new_link_key
 from broker.http.admin_socket import AdminClient
 from broker.signaling.protocol import ErrorCode, SeatState, Status
 from tests.conftest import free_port, read_until_broker_closes

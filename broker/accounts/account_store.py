@@ -1,4 +1,4 @@
-"""Durable therapist accounts: the rules, over a SQLite file (embedded) or Redis (account_rows*.py).
+"""Durable therapist accounts: the rules, over a SQLite file (embedded) or Redis (rows.py, rows_redis.py).
 
 Nothing stored identifies a person in clear: the login name is stored twice, as an HMAC
 lookup key (for unique, case-insensitive lookup) and AES-GCM encrypted (for display); the
@@ -9,12 +9,8 @@ Login checks answer the same way, after the same amount of hashing, whether the 
 unknown, the password wrong, the account disabled or locked, so the answer cannot be used to find
 out which accounts exist. scrypt runs in worker threads to keep the event loop free.
 
-Each account carries a *sessions epoch*, a random value replaced by every change that must end the
-account's login sessions: a new password, a second factor added, removed or reset, new recovery
-codes, the account disabled. A login session remembers the epoch it was made under and is valid
-only while the account still has it (web_auth.py), so the change ends every session wherever it
-was made, by the web or by ``broker therapist`` in another process. A web change passes its own
-new epoch in, so the session that made it can carry on under a fresh cookie.
+Every change that must end an account's login sessions replaces its *sessions epoch* (see
+account.py, which also holds the account record, its errors and the login name rules).
 """
 
 from __future__ import annotations
@@ -29,7 +25,6 @@ import os
 import secrets
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,17 +35,31 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from redis.exceptions import RedisError
 
 from broker.accounts import passwords, totp
+from broker.accounts.account import (
+    INVALID_CREDENTIALS,
+    OK,
+    RECOVERY_CODE_USED,
+    SECOND_FACTOR_ENROLMENT_REQUIRED,
+    SECOND_FACTOR_REQUIRED,
+    Account,
+    AccountError,
+    AccountNotFound,
+    AccountsKeyMismatch,
+    InvalidUsername,
+    LoginResult,
+    UsernameTaken,
+    new_sessions_epoch,
+    new_therapist_id,
+    normalize_display_name,
+    normalize_username,
+)
 from broker.accounts.passwords import DEFAULT_PARAMS, ScryptParams
 from broker.accounts.rows import AccountRows, Row
 from broker.accounts.rows_sqlite import SqliteAccountRows
 from broker.accounts.throttle import LOCKOUT_AFTER
 from broker.config import Config, Keys
-from broker.signaling.tokens import typeable_id
 
 KEY_BYTES = 32
-USERNAME_MIN = 3
-USERNAME_MAX = 64
-DISPLAY_NAME_MAX = 100
 _NONCE_BYTES = 12
 # At most this many scrypt computations at once: each one holds ~128 MiB with the default cost.
 _HASH_CONCURRENCY = 2
@@ -59,67 +68,6 @@ MAX_PASSKEYS = 10
 _REDIS_START_S = 5.0
 
 log = logging.getLogger("broker.accounts")
-
-OK = "ok"
-RECOVERY_CODE_USED = "recovery_code_used"
-PASSKEY_USED = "passkey_used"
-INVALID_CREDENTIALS = "invalid_credentials"
-SECOND_FACTOR_REQUIRED = "second_factor_required"
-SECOND_FACTOR_ENROLMENT_REQUIRED = "second_factor_enrolment_required"
-
-
-class AccountError(Exception):
-    """Base for account errors whose message is fit to show an administrator."""
-
-
-class AccountsKeyMismatch(AccountError, ValueError):
-    """The stored accounts were sealed under another server secret: refuse to run on them."""
-
-
-class AccountNotFound(AccountError, KeyError):
-    """No therapist with that id."""
-
-
-class UsernameTaken(AccountError):
-    """Another therapist already uses that login name."""
-
-
-class InvalidUsername(AccountError, ValueError):
-    """A login name or display name that we refuse to store."""
-
-
-@dataclass(frozen=True)
-class Account:
-    """What administrators and the therapist page may see about an account (no secrets)."""
-
-    id: str
-    username: str
-    display_name: str | None
-    disabled: bool
-    locked: bool
-    totp_enabled: bool
-    recovery_codes_left: int
-    created_at: str
-    passkeys: int = 0
-    #: Login sessions made under another epoch are over (see the module docstring).
-    sessions_epoch: str = ""
-
-
-@dataclass(frozen=True)
-class LoginResult:
-    """Outcome of a login attempt; equal for an unknown login name and a wrong password."""
-
-    ok: bool
-    therapist_id: str | None
-    reason: str
-    #: The account's sessions epoch as read with the password hash that was checked, so a password
-    #: reset racing this login ends the session it makes. Not part of what the result says.
-    sessions_epoch: str = field(default="", compare=False)
-
-
-def new_sessions_epoch() -> str:
-    """A fresh sessions epoch: 96 random bits."""
-    return secrets.token_urlsafe(12)
 
 
 def _subkey(key: bytes, purpose: str) -> bytes:
@@ -130,34 +78,6 @@ def _subkey(key: bytes, purpose: str) -> bytes:
         info=b"broker/accounts/v1/" + purpose.encode(),
     )
     return hkdf.derive(key)
-
-
-def normalize_username(username: str) -> str:
-    """NFKC, trimmed; refuses names that are too short/long or contain spaces or control characters."""
-    name = unicodedata.normalize("NFKC", username).strip()
-    if not USERNAME_MIN <= len(name) <= USERNAME_MAX:
-        raise InvalidUsername(f"A login name must be {USERNAME_MIN} to {USERNAME_MAX} characters long.")
-    if any(ch.isspace() or unicodedata.category(ch).startswith("C") for ch in name):
-        raise InvalidUsername("A login name must not contain spaces or control characters.")
-    return name
-
-
-def _normalize_display_name(display_name: str | None) -> str | None:
-    if display_name is None:
-        return None
-    name = unicodedata.normalize("NFKC", display_name).strip()
-    if not name:
-        return None
-    if len(name) > DISPLAY_NAME_MAX:
-        raise InvalidUsername(f"A display name must be at most {DISPLAY_NAME_MAX} characters long.")
-    if any(unicodedata.category(ch).startswith("C") for ch in name):
-        raise InvalidUsername("A display name must not contain control characters.")
-    return name
-
-
-def new_therapist_id() -> str:
-    """128 random bits, base64url, typeable after a CLI command (see ``tokens.typeable_id``)."""
-    return typeable_id(16)
 
 
 def _now_iso() -> str:
@@ -315,7 +235,7 @@ class AccountStore:
     ) -> str:
         """Create an account and return its opaque id; the password must pass the policy."""
         name = normalize_username(username)
-        display = _normalize_display_name(display_name)
+        display = normalize_display_name(display_name)
         pw = passwords.check_password(password, username=name, second_factor=second_factor)
         therapist_id = new_therapist_id()
         encoded = await self._hash(pw)

@@ -1,6 +1,6 @@
 """Where therapist account rows live: the interface both backends implement (SQLite and Redis).
 
-``AccountStore`` (accounts.py) holds the rules (password policy, sealing, second factors, login
+``AccountStore`` (account_store.py) holds the rules (password policy, sealing, second factors, login
 answers that reveal nothing); a backend only keeps rows. A row is a dict of the columns below,
 with ``None`` for an empty column. Everything that identifies a person is sealed by
 ``AccountStore`` before it reaches a backend, so a backend never sees a name in clear.

@@ -11,7 +11,7 @@ from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from broker.accounts.account_store import AccountsKeyMismatch
+from broker.accounts.account import AccountsKeyMismatch
 from broker.cli import therapist as cli_therapist
 from broker.config import Config, ConfigError, load_config
 from broker.config_check import check_config
@@ -121,7 +121,7 @@ def _links(base: str, seats: list[dict[str, Any]], link_key: str) -> list[dict[s
 
 
 async def _create(args: argparse.Namespace) -> int:
-    from broker.crypto.e2ee import new_link_key
+    from broker.crypto.link_key import new_link_key
     from broker.http.admin_socket import AdminClient
 
     config = _config(args)

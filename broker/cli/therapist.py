@@ -19,7 +19,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from broker.accounts.account_store import AccountError, AccountStore, open_accounts
+from broker.accounts.account import AccountError
+from broker.accounts.account_store import AccountStore, open_accounts
 from broker.accounts.passwords import PasswordRejected
 from broker.audit.log import AuditEvent, AuditLog
 from broker.audit.setup import open_audit_log

@@ -2,7 +2,7 @@
 
 Used by the tests, the benchmarks and ``broker join`` (a terminal diagnostic).
 It speaks only the documented protocol (docs/protocol.md), seals every offer
-and answer end to end with the link key (broker.crypto.e2ee; docs/protocol.md 7.7),
+and answer end to end with the link key (broker.crypto.sdp_authenticator; docs/protocol.md 7.7),
 checks or opens what it receives, opens a negotiated data
 channel ("chat") to every admitted peer, and can send and receive audio and
 video. When its WebSocket drops it reconnects with the same seat (to any of the
@@ -34,7 +34,10 @@ from aiortc.mediastreams import AudioStreamTrack, MediaStreamTrack, VideoStreamT
 from aiortc.sdp import candidate_from_sdp
 
 from broker.checklist.preflight import ClientPreflightReport, run_preflight_client
-from broker.crypto import e2ee
+from broker.crypto.link_key import decode_link_key
+from broker.crypto.sdp_auth import InterceptionError, Trust, fingerprint_of, safety_code
+from broker.crypto.sdp_authenticator import SdpAuthenticator
+from broker.crypto.sealed_for_therapist import seal_checklist, seal_details
 from broker.signaling.protocol import (
     PROTOCOL_VERSION,
     Admit,
@@ -164,7 +167,7 @@ class PeerLink:
         local, remote = self.pc.localDescription, self.pc.remoteDescription
         if local is None or remote is None:
             return None
-        return e2ee.safety_code(session_id, e2ee.fingerprint_of(local.sdp), e2ee.fingerprint_of(remote.sdp))
+        return safety_code(session_id, fingerprint_of(local.sdp), fingerprint_of(remote.sdp))
 
 
 @dataclass(frozen=True)
@@ -196,9 +199,9 @@ class BrokerClient:
         self.allow_unverified = allow_unverified
         self.reconnect_enabled = reconnect
         self.agent = agent
-        self.link_key = e2ee.decode_link_key(self.link.link_key) if self.link.link_key else None
+        self.link_key = decode_link_key(self.link.link_key) if self.link.link_key else None
         self.joined: Joined | None = None
-        self.auth: e2ee.SdpAuthenticator | None = None
+        self.auth: SdpAuthenticator | None = None
         self.links: dict[str, PeerLink] = {}
         self.interceptions: list[Interception] = []
         self.received: list[ServerMessage] = []
@@ -425,12 +428,10 @@ class BrokerClient:
             answers = {item["id"]: True for item in policy["items"]}
         sealed = None
         if details is not None and self.link_key is not None:
-            sealed = e2ee.seal_details(
-                self.link_key, self.session_id, self.peer_id, msgspec.json.encode(details).decode()
-            )
+            sealed = seal_details(self.link_key, self.session_id, self.peer_id, msgspec.json.encode(details).decode())
         answers_sealed = None
         if self.link_key is not None:
-            answers_sealed = e2ee.seal_checklist(self.link_key, self.session_id, self.peer_id, answers)
+            answers_sealed = seal_checklist(self.link_key, self.session_id, self.peer_id, answers)
         recommended = {item["id"] for item in policy["items"] if item.get("level") == "recommended"}
         consent = policy.get("consent") or {}
         message = ChecklistSubmit(
@@ -459,7 +460,7 @@ class BrokerClient:
     async def end(self) -> SessionEnded:
         """End the session for everyone, reporting how each peer was verified for the session record."""
         verification: dict[str, Verification] = {
-            peer: ("link" if link.trust == e2ee.Trust.VERIFIED_BY_LINK else "unverified")
+            peer: ("link" if link.trust == Trust.VERIFIED_BY_LINK else "unverified")
             for peer, link in self.links.items()
             if link.trust is not None
         }
@@ -504,7 +505,7 @@ class BrokerClient:
             if message.seat_token:
                 # Joined through a group link: come back to this same seat from now on.
                 self.token = message.seat_token
-            self.auth = self.auth or e2ee.SdpAuthenticator(self.link_key, message.session, message.peer)
+            self.auth = self.auth or SdpAuthenticator(self.link_key, message.session, message.peer)
         elif isinstance(message, Peers):
             await self._on_peers(message)
         elif isinstance(message, (Offer, Answer)):
@@ -599,13 +600,13 @@ class BrokerClient:
                     self._dropped(peer, "sealed_without_link_key")
                     return
                 sdp = str(self.auth.unseal(peer, kind, message.counter, message.sealed)["sdp"])
-                trust = e2ee.Trust.VERIFIED_BY_LINK
+                trust = Trust.VERIFIED_BY_LINK
             else:
                 sdp = message.sdp or ""
                 trust = self.auth.verify(
                     peer, kind, message.counter, sdp, message.mac, allow_unverified=self.allow_unverified
                 )
-        except e2ee.InterceptionError as exc:
+        except InterceptionError as exc:
             await self._intercepted(peer, exc.reason)
             return
         link: PeerLink | None
@@ -643,7 +644,7 @@ class BrokerClient:
             return
         try:
             fields = self.auth.unseal(peer, "candidate", message.counter, message.sealed)
-        except e2ee.InterceptionError as exc:
+        except InterceptionError as exc:
             if exc.reason == "bad_mac":  # altered or made up: only someone in the middle does that
                 await self._intercepted(peer, exc.reason)
             else:  # a replayed or malformed candidate can do no harm: drop it

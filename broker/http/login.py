@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import msgspec
 from aiohttp import web
 
-from broker.accounts import account_store as acc
+from broker.accounts import account as acc
 from broker.accounts import passkeys
 from broker.accounts.account_store import AccountStore
 from broker.accounts.passkeys import PasskeyError

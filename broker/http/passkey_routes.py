@@ -21,9 +21,9 @@ from typing import Annotated, Any
 import msgspec
 from aiohttp import web
 
-from broker.accounts import account_store as acc
+from broker.accounts import account as acc
 from broker.accounts import passkeys
-from broker.accounts.account_store import AccountError
+from broker.accounts.account import AccountError
 from broker.accounts.passkeys import PasskeyError
 from broker.http.json_api import Empty, json_error, read_json
 from broker.http.login_sessions import auth_of, require_login

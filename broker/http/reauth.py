@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from broker.accounts import account_store as acc
+from broker.accounts import account as acc
 from broker.accounts import passkeys
 from broker.accounts.passkeys import PasskeyError
 from broker.audit.log import AuditEvent, AuditOutcome

@@ -15,9 +15,9 @@ import msgspec
 import segno
 from aiohttp import web
 
-from broker.accounts import account_store as acc
+from broker.accounts import account as acc
 from broker.accounts import totp
-from broker.accounts.account_store import AccountError
+from broker.accounts.account import AccountError
 from broker.http.json_api import Code, Empty, json_error, read_json
 from broker.http.login_sessions import auth_of, require_login, reserve_attempt, throttled
 from broker.http.reauth import factors_changed, has_second_factor, reauth_refusal

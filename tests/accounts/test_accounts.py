@@ -18,18 +18,18 @@ import pytest
 import redis.asyncio as aioredis
 
 from broker.accounts import totp
-from broker.accounts.account_store import (
+from broker.accounts.account import (
     INVALID_CREDENTIALS,
     OK,
     RECOVERY_CODE_USED,
     SECOND_FACTOR_ENROLMENT_REQUIRED,
     SECOND_FACTOR_REQUIRED,
     AccountNotFound,
-    AccountStore,
     InvalidUsername,
     LoginResult,
     UsernameTaken,
 )
+from broker.accounts.account_store import AccountStore
 from broker.accounts.passwords import PasswordRejected, ScryptParams
 from broker.accounts.rows_redis import RedisAccountRows, warn_if_not_persistent
 from broker.store.redis_store import redis_client
@@ -450,7 +450,7 @@ async def test_open_accounts_uses_redis_when_configured(redis_server: RedisServe
 
 
 def test_therapist_ids_never_look_like_command_line_options() -> None:
-    from broker.accounts.account_store import new_therapist_id
+    from broker.accounts.account import new_therapist_id
 
     ids = [new_therapist_id() for _ in range(2000)]  # about 30 would start with "-" otherwise
     assert not [i for i in ids if i.startswith("-")]

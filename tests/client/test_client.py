@@ -171,7 +171,7 @@ async def test_audio_track_stops_cleanly_on_close(broker: RunningBroker) -> None
 
 
 async def test_emergency_details_reach_only_the_therapist(broker: RunningBroker) -> None:
-    from broker.crypto import e2ee
+    from broker.crypto.sealed_for_therapist import open_details
     from broker.store.base import session_prefix
 
     links = await schedule(broker)
@@ -185,7 +185,7 @@ async def test_emergency_details_reach_only_the_therapist(broker: RunningBroker)
         await client.submit_checklist(details=canary)
         room = await therapist.expect(WaitingRoom, where=lambda m: m.seats[0].details is not None)
         sealed = room.seats[0].details
-        opened = e2ee.open_details(therapist.link_key, links.session, client.peer_id, sealed)
+        opened = open_details(therapist.link_key, links.session, client.peer_id, sealed)
         assert json.loads(opened) == canary
         store = broker.broker.store
         for key in await store.keys(session_prefix(links.session)):
@@ -223,7 +223,8 @@ async def test_the_broker_keeps_no_checklist_answer_item_by_item(broker: Running
     """Review (issue 25): a host holding the server secret read the client's checklist answers item by
     item. The broker now keeps only that the required items were met, the policy version and its own
     pre-flight result; each answer reaches the therapist sealed with the link key."""
-    from broker.crypto import e2ee
+    from broker.crypto.link_key import decode_link_key
+    from broker.crypto.sealed_for_therapist import open_checklist
     from broker.signaling.hub import encode_record
 
     links = await schedule(broker)
@@ -245,8 +246,8 @@ async def test_the_broker_keeps_no_checklist_answer_item_by_item(broker: Running
             "network",
             "answers_sealed",
         }
-        key = e2ee.decode_link_key(links.link_key)
-        opened = e2ee.open_checklist(key, links.session, client.peer_id, summary["answers_sealed"])
+        key = decode_link_key(links.link_key)
+        opened = open_checklist(key, links.session, client.peer_id, summary["answers_sealed"])
         assert opened == answers and opened["headset"] is False
         record = await broker.hub.get_session(links.session)
         kept = encode_record(record)

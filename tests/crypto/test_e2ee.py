@@ -1,7 +1,9 @@
-"""Tests of broker/crypto/e2ee.py: shared vectors, independent recomputation, attacks.
+"""Tests of the end-to-end primitives in broker/crypto/ (link_key.py, sdp_auth.py,
+sealed_signaling.py, sdp_authenticator.py, sealed_for_therapist.py): shared vectors,
+independent recomputation, attacks.
 
 The vectors in tests/vectors/e2ee.json are produced by ``build_vectors()`` below;
-after a deliberate protocol change rewrite them with ``python -m tests.test_e2ee``
+after a deliberate protocol change rewrite them with ``python -m tests.crypto.test_e2ee``
 from the repository root.  They are not merely self-consistent: the
 ``*_independently`` tests recompute them with the standard library only (hmac,
 hashlib, struct), and tests/crypto/test_e2ee_browser.py replays every one of them in
@@ -23,8 +25,47 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from broker.crypto import e2ee
-from broker.crypto.e2ee import DetailsError, InterceptionError, SdpAuthenticator, Trust
+from broker.crypto.link_key import (
+    MAX_COUNTER,
+    b64url_decode,
+    b64url_encode,
+    decode_link_key,
+    derive_auth_key,
+    new_link_key,
+    pair_key,
+)
+from broker.crypto.sdp_auth import (
+    REASONS,
+    InterceptionError,
+    Trust,
+    canonical,
+    fingerprint_of,
+    normalise_fingerprint,
+    safety_code,
+    sign_sdp,
+    verify_sdp,
+)
+from broker.crypto.sdp_authenticator import SdpAuthenticator
+from broker.crypto.sealed_for_therapist import (
+    DetailsError,
+    checklist_plaintext,
+    open_checklist,
+    open_details,
+    seal_checklist,
+    seal_details,
+)
+from broker.crypto.sealed_signaling import (
+    MAX_SEALED_CHARS,
+    MAX_SEALED_PLAINTEXT,
+    MAX_SEALS_PER_KEY,
+    MIN_SEALED_CHARS,
+    derive_seal_key,
+    open_signal,
+    parse_signal_plaintext,
+    seal_aad,
+    seal_signal,
+    signal_plaintext,
+)
 
 VECTORS_PATH = Path(__file__).resolve().parents[1] / "vectors" / "e2ee.json"
 
@@ -86,9 +127,9 @@ def session_level_sdp(seed: str) -> str:
 
 
 def build_vectors() -> dict[str, Any]:
-    """Every vector computed by broker/crypto/e2ee.py from fixed inputs."""
-    key_a = e2ee.b64url_encode(bytes(range(32)))
-    key_b = e2ee.b64url_encode(bytes.fromhex("ff" * 16 + "a5" * 16))
+    """Every vector computed by the modules of broker/crypto/ from fixed inputs."""
+    key_a = b64url_encode(bytes(range(32)))
+    key_b = b64url_encode(bytes.fromhex("ff" * 16 + "a5" * 16))
     kauth_cases = [(key_a, SESSION), (key_b, "séance 🎈 #2"), (key_a, "")]
     pair_ids = [
         (THERAPIST, CLIENT),
@@ -97,12 +138,12 @@ def build_vectors() -> dict[str, Any]:
         ("a", "ab"),
         ("x", "x"),
     ]
-    k_auth_a = e2ee.derive_auth_key(bytes(range(32)), SESSION)
+    k_auth_a = derive_auth_key(bytes(range(32)), SESSION)
     canonical_cases: list[tuple[str, str, str, str, int, str]] = [
         (SESSION, THERAPIST, CLIENT, "offer", 1, chrome_like_sdp("t")),
         (SESSION, CLIENT, THERAPIST, "answer", 1_763_700_000_000_000, "v=0\r\n"),
         ("séance 🎈", "\U0001f600", "\uff5e", "offer", 0, ""),
-        (SESSION, "a", "b", "answer", e2ee.MAX_COUNTER, "ü\n"),
+        (SESSION, "a", "b", "answer", MAX_COUNTER, "ü\n"),
     ]
     mac_cases = [(key_a, *c) for c in canonical_cases] + [(key_b, *canonical_cases[0])]
     fp_t, fp_c = f"sha-256 {fake_fingerprint('t')}", f"sha-256 {fake_fingerprint('c')}"
@@ -165,9 +206,9 @@ def build_vectors() -> dict[str, Any]:
     ]
     base = {
         "version": 1,
-        "about": "Outputs of broker/crypto/e2ee.py that web/js/e2ee.js must reproduce.",
+        "about": "Outputs of the end-to-end modules in broker/crypto/ that web/js/e2ee.js must reproduce.",
         "link_key": {
-            "valid": [{"text": k, "hex": e2ee.decode_link_key(k).hex()} for k in (key_a, key_b)],
+            "valid": [{"text": k, "hex": decode_link_key(k).hex()} for k in (key_a, key_b)],
             "invalid": [
                 key_a[:-1],
                 key_a + "A",
@@ -183,7 +224,7 @@ def build_vectors() -> dict[str, Any]:
             {
                 "link_key": k,
                 "session_id": s,
-                "k_auth_hex": e2ee.derive_auth_key(e2ee.decode_link_key(k), s).hex(),
+                "k_auth_hex": derive_auth_key(decode_link_key(k), s).hex(),
             }
             for k, s in kauth_cases
         ],
@@ -192,7 +233,7 @@ def build_vectors() -> dict[str, Any]:
                 "k_auth_hex": k_auth_a.hex(),
                 "a": a,
                 "b": b,
-                "k_pair_hex": e2ee.pair_key(k_auth_a, a, b).hex(),
+                "k_pair_hex": pair_key(k_auth_a, a, b).hex(),
             }
             for a, b in pair_ids
         ],
@@ -204,7 +245,7 @@ def build_vectors() -> dict[str, Any]:
                 "type": ty,
                 "counter": n,
                 "sdp": sdp,
-                "hex": e2ee.canonical(s, f, t, ty, n, sdp).hex(),
+                "hex": canonical(s, f, t, ty, n, sdp).hex(),
             }
             for s, f, t, ty, n, sdp in canonical_cases
         ],
@@ -217,20 +258,20 @@ def build_vectors() -> dict[str, Any]:
                 "type": ty,
                 "counter": n,
                 "sdp": sdp,
-                "mac": e2ee.sign_sdp(e2ee.derive_auth_key(e2ee.decode_link_key(k), s), s, f, t, ty, n, sdp),
+                "mac": sign_sdp(derive_auth_key(decode_link_key(k), s), s, f, t, ty, n, sdp),
             }
             for k, s, f, t, ty, n, sdp in mac_cases
         ],
         "normalise_fingerprint": {
-            "valid": [{"input": v, "output": e2ee.normalise_fingerprint(v)} for v in normalise_inputs],
+            "valid": [{"input": v, "output": normalise_fingerprint(v)} for v in normalise_inputs],
             "invalid": bad_normalise,
         },
         "fingerprint_of": {
-            "valid": [{"sdp": sdp, "fingerprint": e2ee.fingerprint_of(sdp)} for sdp in fp_sdps],
+            "valid": [{"sdp": sdp, "fingerprint": fingerprint_of(sdp)} for sdp in fp_sdps],
             "invalid": [{"what": w, "sdp": sdp, "reason": r} for w, (sdp, r) in bad_fp_sdps.items()],
         },
         "safety_code": [
-            {"session_id": s, "fp_a": a, "fp_b": b, "code": e2ee.safety_code(s, a, b)}
+            {"session_id": s, "fp_a": a, "fp_b": b, "code": safety_code(s, a, b)}
             for s, a, b in [
                 (SESSION, fp_t, fp_c),
                 (SESSION, fp_c.lower().replace("sha-256", "SHA-256"), fp_t),
@@ -245,7 +286,7 @@ def build_vectors() -> dict[str, Any]:
                 "peer_id": p,
                 "plaintext": text,
                 "nonce_hex": nonce,
-                "sealed": e2ee.seal_details(e2ee.decode_link_key(k), s, p, text, nonce=bytes.fromhex(nonce)),
+                "sealed": seal_details(decode_link_key(k), s, p, text, nonce=bytes.fromhex(nonce)),
             }
             for k, s, p, text, nonce in details_cases
         ],
@@ -255,9 +296,9 @@ def build_vectors() -> dict[str, Any]:
                 "session_id": s,
                 "peer_id": p,
                 "answers": answers,
-                "plaintext": e2ee.checklist_plaintext(answers),
+                "plaintext": checklist_plaintext(answers),
                 "nonce_hex": nonce,
-                "sealed": e2ee.seal_checklist(e2ee.decode_link_key(k), s, p, answers, nonce=bytes.fromhex(nonce)),
+                "sealed": seal_checklist(decode_link_key(k), s, p, answers, nonce=bytes.fromhex(nonce)),
             }
             for k, s, p, answers, nonce in [
                 (key_a, SESSION, CLIENT, {"private_place": True, "headset": False, "camera": True}, "00" * 12),
@@ -273,8 +314,8 @@ def seal_vectors(key_a: str, key_b: str) -> dict[str, Any]:
     sealed messages with fixed nonces, and sealed messages that must not open."""
 
     def k_seal(key: str, session: str, sender: str, recipient: str) -> bytes:
-        k_auth = e2ee.derive_auth_key(e2ee.decode_link_key(key), session)
-        return e2ee.derive_seal_key(e2ee.pair_key(k_auth, sender, recipient), sender, recipient)
+        k_auth = derive_auth_key(decode_link_key(key), session)
+        return derive_seal_key(pair_key(k_auth, sender, recipient), sender, recipient)
 
     key_cases = [
         (key_a, SESSION, THERAPIST, CLIENT),
@@ -285,7 +326,7 @@ def seal_vectors(key_a: str, key_b: str) -> dict[str, Any]:
     aad_cases: list[tuple[str, str, str, str, int]] = [
         (SESSION, THERAPIST, CLIENT, "offer", 1),
         (SESSION, CLIENT, THERAPIST, "answer", 1_763_700_000_000_000),
-        (SESSION, THERAPIST, CLIENT, "candidate", e2ee.MAX_COUNTER),
+        (SESSION, THERAPIST, CLIENT, "candidate", MAX_COUNTER),
         ("séance 🎈", "\U0001f600", "\uff5e", "candidate", 0),
     ]
     host = "candidate:842163049 1 udp 1677729535 192.0.2.7 53110 typ host generation 0 ufrag abcd"
@@ -312,19 +353,19 @@ def seal_vectors(key_a: str, key_b: str) -> dict[str, Any]:
             "counter": n,
             "fields": fields,
             "nonce_hex": nonce,
-            "sealed": e2ee.seal_signal(
-                k_seal(k, s, f, t), s, f, t, ty, n, e2ee.signal_plaintext(ty, fields), nonce=bytes.fromhex(nonce)
+            "sealed": seal_signal(
+                k_seal(k, s, f, t), s, f, t, ty, n, signal_plaintext(ty, fields), nonce=bytes.fromhex(nonce)
             ),
         }
         for k, s, f, t, ty, n, fields, nonce in sealed_cases
     ]
     good = sealed[2]  # therapist -> seat-1, a candidate
-    blob = e2ee.b64url_decode(good["sealed"])
+    blob = b64url_decode(good["sealed"])
 
     def flipped(at: int) -> str:
         changed = bytearray(blob)
         changed[at] ^= 0x01
-        return e2ee.b64url_encode(bytes(changed))
+        return b64url_encode(bytes(changed))
 
     forward = k_seal(key_a, SESSION, THERAPIST, CLIENT)
     backward = k_seal(key_a, SESSION, CLIENT, THERAPIST)
@@ -334,7 +375,7 @@ def seal_vectors(key_a: str, key_b: str) -> dict[str, Any]:
         ("nonce altered", forward, SESSION, THERAPIST, CLIENT, "candidate", n, flipped(0)),
         ("ciphertext altered", forward, SESSION, THERAPIST, CLIENT, "candidate", n, flipped(12)),
         ("tag altered", forward, SESSION, THERAPIST, CLIENT, "candidate", n, flipped(len(blob) - 1)),
-        ("tag cut off", forward, SESSION, THERAPIST, CLIENT, "candidate", n, e2ee.b64url_encode(blob[:-16])),
+        ("tag cut off", forward, SESSION, THERAPIST, CLIENT, "candidate", n, b64url_encode(blob[:-16])),
         ("wrong direction key", backward, SESSION, THERAPIST, CLIENT, "candidate", n, good["sealed"]),
         ("sender and recipient swapped", backward, SESSION, CLIENT, THERAPIST, "candidate", n, good["sealed"]),
         ("re-addressed to another peer", k_seal(key_a, SESSION, THERAPIST, "seat-2"), SESSION, THERAPIST,
@@ -354,7 +395,7 @@ def seal_vectors(key_a: str, key_b: str) -> dict[str, Any]:
                 "session_id": s,
                 "sender": f,
                 "recipient": t,
-                "k_pair_hex": e2ee.pair_key(e2ee.derive_auth_key(e2ee.decode_link_key(k), s), f, t).hex(),
+                "k_pair_hex": pair_key(derive_auth_key(decode_link_key(k), s), f, t).hex(),
                 "k_seal_hex": k_seal(k, s, f, t).hex(),
             }
             for k, s, f, t in key_cases
@@ -366,13 +407,12 @@ def seal_vectors(key_a: str, key_b: str) -> dict[str, Any]:
                 "recipient": t,
                 "type": ty,
                 "counter": n,
-                "hex": e2ee.seal_aad(s, f, t, ty, n).hex(),
+                "hex": seal_aad(s, f, t, ty, n).hex(),
             }
             for s, f, t, ty, n in aad_cases
         ],
         "signal_plaintext": [
-            {"type": ty, "fields": fields, "plaintext": e2ee.signal_plaintext(ty, fields)}
-            for ty, fields in plaintext_cases
+            {"type": ty, "fields": fields, "plaintext": signal_plaintext(ty, fields)} for ty, fields in plaintext_cases
         ],
         "sealed": sealed,
         "sealed_invalid": [
@@ -449,7 +489,7 @@ def test_reference_hkdf_matches_rfc5869_case_1() -> None:
 
 
 def test_vectors_file_matches_implementation() -> None:
-    assert build_vectors() == vectors(), "run `python -m tests.test_e2ee` after a deliberate change"
+    assert build_vectors() == vectors(), "run `python -m tests.crypto.test_e2ee` after a deliberate change"
 
 
 def test_k_auth_vectors_independently() -> None:
@@ -481,7 +521,7 @@ def test_mac_vectors_independently() -> None:
 
 def test_safety_code_vectors_independently() -> None:
     for case in vectors()["safety_code"]:
-        fps = sorted(e2ee.normalise_fingerprint(f) for f in (case["fp_a"], case["fp_b"]))
+        fps = sorted(normalise_fingerprint(f) for f in (case["fp_a"], case["fp_b"]))
         data = b"".join(ref_lp(x) for x in ("tt-sas v1", case["session_id"], *fps))
         n = int(hashlib.sha256(data).hexdigest()[:16], 16) % 1_000_000_000
         assert case["code"] == f"{n // 1_000_000:03d} {n // 1000 % 1000:03d} {n % 1000:03d}"
@@ -510,22 +550,22 @@ def test_checklist_vectors_independently() -> None:
 
 def test_checklist_vectors_open() -> None:
     for case in vectors()["checklist"]:
-        key = e2ee.decode_link_key(case["link_key"])
-        assert e2ee.open_checklist(key, case["session_id"], case["peer_id"], case["sealed"]) == case["answers"]
+        key = decode_link_key(case["link_key"])
+        assert open_checklist(key, case["session_id"], case["peer_id"], case["sealed"]) == case["answers"]
 
 
 def test_sealed_checklist_answers_are_bound_to_their_seat_and_not_to_details() -> None:
-    key = e2ee.decode_link_key(e2ee.new_link_key())
-    sealed = e2ee.seal_checklist(key, SESSION, CLIENT, {"headset": False})
+    key = decode_link_key(new_link_key())
+    sealed = seal_checklist(key, SESSION, CLIENT, {"headset": False})
     for wrong in (
-        lambda: e2ee.open_checklist(key, SESSION, "other-seat", sealed),
-        lambda: e2ee.open_checklist(key, "another-session", CLIENT, sealed),
-        lambda: e2ee.open_details(key, SESSION, CLIENT, sealed),  # a different key and label
-        lambda: e2ee.open_checklist(e2ee.decode_link_key(e2ee.new_link_key()), SESSION, CLIENT, sealed),
+        lambda: open_checklist(key, SESSION, "other-seat", sealed),
+        lambda: open_checklist(key, "another-session", CLIENT, sealed),
+        lambda: open_details(key, SESSION, CLIENT, sealed),  # a different key and label
+        lambda: open_checklist(decode_link_key(new_link_key()), SESSION, CLIENT, sealed),
     ):
         with pytest.raises(DetailsError):
             wrong()
-    assert e2ee.open_checklist(key, SESSION, CLIENT, sealed) == {"headset": False}
+    assert open_checklist(key, SESSION, CLIENT, sealed) == {"headset": False}
 
 
 def test_fingerprint_vectors_by_hand() -> None:
@@ -543,16 +583,16 @@ def test_fingerprint_vectors_by_hand() -> None:
 
 def test_link_key_vectors() -> None:
     for case in vectors()["link_key"]["valid"]:
-        assert e2ee.decode_link_key(case["text"]).hex() == case["hex"]
+        assert decode_link_key(case["text"]).hex() == case["hex"]
     for text in vectors()["link_key"]["invalid"]:
         with pytest.raises(ValueError, match="link key"):
-            e2ee.decode_link_key(text)
+            decode_link_key(text)
 
 
 def test_mac_vectors_verify() -> None:
     for case in vectors()["mac"]:
-        k_auth = e2ee.derive_auth_key(e2ee.decode_link_key(case["link_key"]), case["session_id"])
-        e2ee.verify_sdp(
+        k_auth = derive_auth_key(decode_link_key(case["link_key"]), case["session_id"])
+        verify_sdp(
             k_auth,
             case["session_id"],
             case["sender"],
@@ -567,11 +607,11 @@ def test_mac_vectors_verify() -> None:
 def test_fingerprint_and_normalise_vectors() -> None:
     for case in vectors()["fingerprint_of"]["invalid"]:
         with pytest.raises(InterceptionError) as err:
-            e2ee.fingerprint_of(case["sdp"])
+            fingerprint_of(case["sdp"])
         assert err.value.reason == case["reason"], case["what"]
     for text in vectors()["normalise_fingerprint"]["invalid"]:
         with pytest.raises(ValueError, match="fingerprint must"):
-            e2ee.normalise_fingerprint(text)
+            normalise_fingerprint(text)
     outputs = [c["output"] for c in vectors()["normalise_fingerprint"]["valid"]]
     assert outputs[0] == outputs[1] == f"sha-256 {fake_fingerprint('t')}"
     assert outputs[3] == "sha-1 0A:0B:CC"
@@ -579,17 +619,17 @@ def test_fingerprint_and_normalise_vectors() -> None:
 
 def test_details_vectors_open() -> None:
     for case in vectors()["details"]:
-        key = e2ee.decode_link_key(case["link_key"])
-        assert e2ee.open_details(key, case["session_id"], case["peer_id"], case["sealed"]) == case["plaintext"]
+        key = decode_link_key(case["link_key"])
+        assert open_details(key, case["session_id"], case["peer_id"], case["sealed"]) == case["plaintext"]
 
 
 # -- link key ------------------------------------------------------------------------------------
 
 
 def test_new_link_key_is_fresh_32_bytes() -> None:
-    keys = {e2ee.new_link_key() for _ in range(50)}
+    keys = {new_link_key() for _ in range(50)}
     assert len(keys) == 50
-    assert all(len(k) == 43 and len(e2ee.decode_link_key(k)) == 32 for k in keys)
+    assert all(len(k) == 43 and len(decode_link_key(k)) == 32 for k in keys)
 
 
 @pytest.mark.parametrize(
@@ -603,12 +643,12 @@ def test_new_link_key_is_fresh_32_bytes() -> None:
 )
 def test_bad_link_key_messages(text: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        e2ee.decode_link_key(text)
+        decode_link_key(text)
 
 
 def test_raw_link_key_must_be_32_bytes() -> None:
     with pytest.raises(ValueError, match="32 bytes"):
-        e2ee.derive_auth_key(b"\0" * 31, SESSION)
+        derive_auth_key(b"\0" * 31, SESSION)
     with pytest.raises(ValueError, match="32 bytes"):
         SdpAuthenticator(b"\0" * 33, SESSION, CLIENT)
 
@@ -617,7 +657,7 @@ def test_raw_link_key_must_be_32_bytes() -> None:
 
 
 def make_pair(clock_start: int = 1_000) -> tuple[SdpAuthenticator, SdpAuthenticator]:
-    key = e2ee.decode_link_key(e2ee.new_link_key())
+    key = decode_link_key(new_link_key())
     ticks = iter(range(clock_start, clock_start + 10_000))
     therapist = SdpAuthenticator(key, SESSION, THERAPIST, clock=lambda: next(ticks))
     client = SdpAuthenticator(key, SESSION, CLIENT, clock=lambda: next(ticks))
@@ -653,22 +693,22 @@ def _tamper_variants(sdp: str, counter: int) -> list[tuple[str, str, int, str, s
 
 
 def test_any_change_gives_bad_mac() -> None:
-    key = e2ee.decode_link_key(e2ee.new_link_key())
-    k_auth = e2ee.derive_auth_key(key, SESSION)
+    key = decode_link_key(new_link_key())
+    k_auth = derive_auth_key(key, SESSION)
     sdp, counter = chrome_like_sdp("t"), 1_763_700_000_000_000
-    mac = e2ee.sign_sdp(k_auth, SESSION, THERAPIST, CLIENT, "offer", counter, sdp)
-    e2ee.verify_sdp(k_auth, SESSION, THERAPIST, CLIENT, "offer", counter, sdp, mac)
+    mac = sign_sdp(k_auth, SESSION, THERAPIST, CLIENT, "offer", counter, sdp)
+    verify_sdp(k_auth, SESSION, THERAPIST, CLIENT, "offer", counter, sdp, mac)
     for sender, kind, n, body, recipient in _tamper_variants(sdp, counter):
         with pytest.raises(InterceptionError) as err:
-            e2ee.verify_sdp(k_auth, SESSION, sender, recipient, kind, n, body, mac)
+            verify_sdp(k_auth, SESSION, sender, recipient, kind, n, body, mac)
         assert err.value.reason == "bad_mac"
     for other_session, other_mac in [
         ("s_other", mac),
         (SESSION, mac[:-1] + ("A" if mac[-1] != "A" else "B")),
     ]:
         with pytest.raises(InterceptionError, match="bad_mac"):
-            e2ee.verify_sdp(
-                k_auth if other_session == SESSION else e2ee.derive_auth_key(key, other_session),
+            verify_sdp(
+                k_auth if other_session == SESSION else derive_auth_key(key, other_session),
                 other_session,
                 THERAPIST,
                 CLIENT,
@@ -693,7 +733,7 @@ def test_swapped_fingerprint_is_detected_by_authenticator() -> None:
 
 def test_mac_from_another_pair_is_rejected() -> None:
     """In a group, seat-1 cannot pass its MAC for seat-1->therapist off as seat-2->therapist."""
-    key = e2ee.decode_link_key(e2ee.new_link_key())
+    key = decode_link_key(new_link_key())
     seat1 = SdpAuthenticator(key, SESSION, "seat-1")
     therapist = SdpAuthenticator(key, SESSION, THERAPIST)
     sdp = chrome_like_sdp("c")
@@ -727,7 +767,7 @@ def test_counter_never_goes_backwards() -> None:
 
 def test_counter_after_reload_exceeds_old_ones() -> None:
     """A reloaded page has no state; its clock-based counter is past every earlier one."""
-    key = e2ee.decode_link_key(e2ee.new_link_key())
+    key = decode_link_key(new_link_key())
     client = SdpAuthenticator(key, SESSION, CLIENT)
     sdp = chrome_like_sdp("t")
     early = iter(range(1_763_700_000_000_000, 1_763_700_000_000_100))
@@ -760,7 +800,7 @@ def test_present_mac_is_checked_even_when_unverified_is_allowed() -> None:
 
 
 def test_unverified_mode_without_link_key() -> None:
-    key = e2ee.decode_link_key(e2ee.new_link_key())
+    key = decode_link_key(new_link_key())
     other_device = SdpAuthenticator(None, SESSION, THERAPIST)
     client = SdpAuthenticator(key, SESSION, CLIENT)
     assert not other_device.has_link_key
@@ -814,21 +854,21 @@ def test_interception_reasons_are_a_closed_set() -> None:
         "malformed",
         "missing_fingerprint",
         "fingerprint_mismatch",
-    } == e2ee.REASONS
+    } == REASONS
 
 
 def test_canonical_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="type must be"):
-        e2ee.canonical(SESSION, THERAPIST, CLIENT, "rollback", 1, "")
+        canonical(SESSION, THERAPIST, CLIENT, "rollback", 1, "")
     with pytest.raises(ValueError, match="counter must be"):
-        e2ee.canonical(SESSION, THERAPIST, CLIENT, "offer", 2**53, "")
+        canonical(SESSION, THERAPIST, CLIENT, "offer", 2**53, "")
     with pytest.raises(UnicodeEncodeError):  # lone surrogate: not UTF-8 encodable (JS rejects it too)
-        e2ee.canonical(SESSION, "\ud800", CLIENT, "offer", 1, "")
+        canonical(SESSION, "\ud800", CLIENT, "offer", 1, "")
 
 
 def test_length_prefixes_keep_fields_apart() -> None:
-    a = e2ee.canonical("s", "ab", "c", "offer", 1, "")
-    b = e2ee.canonical("s", "a", "bc", "offer", 1, "")
+    a = canonical("s", "ab", "c", "offer", 1, "")
+    b = canonical("s", "a", "bc", "offer", 1, "")
     assert a != b
 
 
@@ -837,29 +877,29 @@ def test_length_prefixes_keep_fields_apart() -> None:
 
 def test_safety_code_is_symmetric_and_formatted() -> None:
     fp_a, fp_b = (
-        e2ee.fingerprint_of(chrome_like_sdp("t")),
-        e2ee.fingerprint_of(aiortc_like_sdp("c")),
+        fingerprint_of(chrome_like_sdp("t")),
+        fingerprint_of(aiortc_like_sdp("c")),
     )
-    code = e2ee.safety_code(SESSION, fp_a, fp_b)
-    assert code == e2ee.safety_code(SESSION, fp_b, fp_a)
+    code = safety_code(SESSION, fp_a, fp_b)
+    assert code == safety_code(SESSION, fp_b, fp_a)
     assert len(code) == 11 and code[3] == code[7] == " " and code.replace(" ", "").isdigit()
 
 
 def test_safety_code_changes_with_any_fingerprint_or_session() -> None:
     fp_a, fp_b = f"sha-256 {fake_fingerprint('t')}", f"sha-256 {fake_fingerprint('c')}"
-    code = e2ee.safety_code(SESSION, fp_a, fp_b)
+    code = safety_code(SESSION, fp_a, fp_b)
     others = {
-        e2ee.safety_code(SESSION, fp_a, f"sha-256 {fake_fingerprint('mallory')}"),
-        e2ee.safety_code(SESSION, f"sha-256 {fake_fingerprint('mallory')}", fp_b),
-        e2ee.safety_code("s_other", fp_a, fp_b),
-        e2ee.safety_code(SESSION, fp_a, f"sha-384 {fake_fingerprint('c', 'sha-384')}"),
+        safety_code(SESSION, fp_a, f"sha-256 {fake_fingerprint('mallory')}"),
+        safety_code(SESSION, f"sha-256 {fake_fingerprint('mallory')}", fp_b),
+        safety_code("s_other", fp_a, fp_b),
+        safety_code(SESSION, fp_a, f"sha-384 {fake_fingerprint('c', 'sha-384')}"),
     }
     assert code not in others and len(others) == 4
 
 
 def test_safety_code_ignores_fingerprint_spelling() -> None:
     fp = fake_fingerprint("t")
-    assert e2ee.safety_code(SESSION, f"sha-256 {fp}", "sha-256 " + fake_fingerprint("c")) == e2ee.safety_code(
+    assert safety_code(SESSION, f"sha-256 {fp}", "sha-256 " + fake_fingerprint("c")) == safety_code(
         SESSION, f"SHA-256 {fp.lower()}", "sha-256 " + fake_fingerprint("c").lower()
     )
 
@@ -868,45 +908,45 @@ def test_fingerprint_of_real_aiortc_sdp() -> None:
     """aiortc lists sha-256/384/512 for one certificate; sha-256 is the one used."""
     sdp = aiortc_like_sdp("c")
     assert sdp.count("a=fingerprint:") == 6
-    assert e2ee.fingerprint_of(sdp) == f"sha-256 {fake_fingerprint('c')}"
+    assert fingerprint_of(sdp) == f"sha-256 {fake_fingerprint('c')}"
 
 
 # -- emergency details ----------------------------------------------------------------------------
 
 
 def test_details_round_trip_with_random_nonce() -> None:
-    key = e2ee.decode_link_key(e2ee.new_link_key())
+    key = decode_link_key(new_link_key())
     text = json.dumps({"address": "Hauptstraße 1", "contact": "+43 1 234"}, ensure_ascii=False)
-    sealed_1 = e2ee.seal_details(key, SESSION, CLIENT, text)
-    sealed_2 = e2ee.seal_details(key, SESSION, CLIENT, text)
+    sealed_1 = seal_details(key, SESSION, CLIENT, text)
+    sealed_2 = seal_details(key, SESSION, CLIENT, text)
     assert sealed_1 != sealed_2 and "Hauptstra" not in sealed_1
-    assert e2ee.open_details(key, SESSION, CLIENT, sealed_1) == text
-    assert e2ee.open_details(key, SESSION, CLIENT, sealed_2) == text
+    assert open_details(key, SESSION, CLIENT, sealed_1) == text
+    assert open_details(key, SESSION, CLIENT, sealed_2) == text
 
 
 def test_details_tampering_and_misbinding_fail() -> None:
-    key = e2ee.decode_link_key(e2ee.new_link_key())
-    sealed = e2ee.seal_details(key, SESSION, CLIENT, '{"phone": "112"}')
-    blob = bytearray(e2ee.b64url_decode(sealed))
+    key = decode_link_key(new_link_key())
+    sealed = seal_details(key, SESSION, CLIENT, '{"phone": "112"}')
+    blob = bytearray(b64url_decode(sealed))
     for i in range(len(blob)):
         flipped = bytearray(blob)
         flipped[i] ^= 0x01
         with pytest.raises(DetailsError, match="failed authentication"):
-            e2ee.open_details(key, SESSION, CLIENT, e2ee.b64url_encode(bytes(flipped)))
-    other_key = e2ee.decode_link_key(e2ee.new_link_key())
+            open_details(key, SESSION, CLIENT, b64url_encode(bytes(flipped)))
+    other_key = decode_link_key(new_link_key())
     for args in [(other_key, SESSION, CLIENT), (key, "s_other", CLIENT), (key, SESSION, "seat-2")]:
         with pytest.raises(DetailsError, match="failed authentication"):
-            e2ee.open_details(*args, sealed)
+            open_details(*args, sealed)
     with pytest.raises(DetailsError, match="too short"):
-        e2ee.open_details(key, SESSION, CLIENT, e2ee.b64url_encode(bytes(blob[:27])))
+        open_details(key, SESSION, CLIENT, b64url_encode(bytes(blob[:27])))
     with pytest.raises(DetailsError, match="not base64url"):
-        e2ee.open_details(key, SESSION, CLIENT, sealed + "=")
+        open_details(key, SESSION, CLIENT, sealed + "=")
 
 
 def test_details_nonce_must_be_12_bytes() -> None:
-    key = e2ee.decode_link_key(e2ee.new_link_key())
+    key = decode_link_key(new_link_key())
     with pytest.raises(ValueError, match="12 bytes"):
-        e2ee.seal_details(key, SESSION, CLIENT, "{}", nonce=b"\0" * 8)
+        seal_details(key, SESSION, CLIENT, "{}", nonce=b"\0" * 8)
 
 
 # -- sealed signaling: the vectors ------------------------------------------------------------
@@ -929,7 +969,7 @@ def test_seal_key_vectors_independently() -> None:
         expected = ref_seal_key(case["link_key"], case["session_id"], case["sender"], case["recipient"])
         assert case["k_seal_hex"] == expected.hex()
         assert (
-            e2ee.derive_seal_key(bytes.fromhex(case["k_pair_hex"]), case["sender"], case["recipient"]).hex()
+            derive_seal_key(bytes.fromhex(case["k_pair_hex"]), case["sender"], case["recipient"]).hex()
             == expected.hex()
         )
     # One pair key, two directions, two keys.
@@ -940,13 +980,13 @@ def test_seal_aad_vectors_independently() -> None:
     for case in vectors()["seal_aad"]:
         assert case["hex"] == ref_aad(case).hex()
         args = (case["session_id"], case["sender"], case["recipient"], case["type"], case["counter"])
-        assert e2ee.seal_aad(*args).hex() == case["hex"]
+        assert seal_aad(*args).hex() == case["hex"]
 
 
 def test_signal_plaintext_vectors() -> None:
     for case in vectors()["signal_plaintext"]:
-        assert e2ee.signal_plaintext(case["type"], case["fields"]) == case["plaintext"]
-        assert e2ee.parse_signal_plaintext(case["type"], case["plaintext"]) == case["fields"]
+        assert signal_plaintext(case["type"], case["fields"]) == case["plaintext"]
+        assert parse_signal_plaintext(case["type"], case["plaintext"]) == case["fields"]
         assert json.loads(case["plaintext"]) == case["fields"]
 
 
@@ -963,7 +1003,7 @@ def test_sealed_vectors_independently() -> None:
 def test_sealed_vectors_open_through_the_authenticator() -> None:
     """Each vector as a receiver gets it: opened by the recipient's authenticator, once."""
     for case in vectors()["sealed"]:
-        receiver = SdpAuthenticator(e2ee.decode_link_key(case["link_key"]), case["session_id"], case["recipient"])
+        receiver = SdpAuthenticator(decode_link_key(case["link_key"]), case["session_id"], case["recipient"])
         args = (case["sender"], case["type"], case["counter"], case["sealed"])
         assert receiver.unseal(*args) == case["fields"]
         with pytest.raises(InterceptionError, match="replayed_counter"):
@@ -974,7 +1014,7 @@ def test_sealed_invalid_vectors_do_not_open() -> None:
     for case in vectors()["sealed_invalid"]:
         args = [case[k] for k in ("session_id", "sender", "recipient", "type", "counter", "sealed")]
         with pytest.raises(InterceptionError) as err:
-            e2ee.open_signal(bytes.fromhex(case["k_seal_hex"]), *args)
+            open_signal(bytes.fromhex(case["k_seal_hex"]), *args)
         assert err.value.reason == case["reason"], case["what"]
 
 
@@ -1016,15 +1056,15 @@ def test_one_counter_per_direction_covers_every_sealed_and_clear_message() -> No
 
 def test_any_change_to_a_sealed_message_fails_to_open() -> None:
     """The broker sees the header and the ciphertext; it can change neither, nor re-address them."""
-    key = e2ee.decode_link_key(e2ee.new_link_key())
+    key = decode_link_key(new_link_key())
     therapist = SdpAuthenticator(key, SESSION, THERAPIST)
     counter, sealed = therapist.seal(CLIENT, "candidate", CANDIDATE)
-    blob = e2ee.b64url_decode(sealed)
+    blob = b64url_decode(sealed)
     attempts: list[tuple[str, str, str, int, str]] = []  # (receiver, sender, type, counter, sealed)
     for i in range(len(blob)):
         changed = bytearray(blob)
         changed[i] ^= 0x80
-        attempts.append((CLIENT, THERAPIST, "candidate", counter, e2ee.b64url_encode(bytes(changed))))
+        attempts.append((CLIENT, THERAPIST, "candidate", counter, b64url_encode(bytes(changed))))
     attempts += [
         (CLIENT, THERAPIST, "candidate", counter + 1, sealed),  # counter
         (CLIENT, THERAPIST, "candidate", counter - 1, sealed),
@@ -1033,7 +1073,7 @@ def test_any_change_to_a_sealed_message_fails_to_open() -> None:
         (CLIENT, "seat-2", "candidate", counter, sealed),  # another sender
         ("seat-2", THERAPIST, "candidate", counter, sealed),  # re-addressed to another peer
         (THERAPIST, CLIENT, "candidate", counter, sealed),  # sent back the other way
-        (CLIENT, THERAPIST, "candidate", counter, e2ee.b64url_encode(blob[:27])),  # too short
+        (CLIENT, THERAPIST, "candidate", counter, b64url_encode(blob[:27])),  # too short
         (CLIENT, THERAPIST, "candidate", counter, sealed[:-1]),  # truncated
     ]
     for receiver, sender, kind, n, text in attempts:
@@ -1048,12 +1088,12 @@ def test_any_change_to_a_sealed_message_fails_to_open() -> None:
 
 def test_sealing_draws_a_fresh_random_nonce_every_time() -> None:
     therapist, _client = make_pair()
-    nonces = {e2ee.b64url_decode(therapist.seal(CLIENT, "candidate", CANDIDATE)[1])[:12] for _ in range(2000)}
+    nonces = {b64url_decode(therapist.seal(CLIENT, "candidate", CANDIDATE)[1])[:12] for _ in range(2000)}
     assert len(nonces) == 2000
 
 
 def test_a_sealer_refuses_beyond_its_limit_per_direction_key() -> None:
-    key = e2ee.decode_link_key(e2ee.new_link_key())
+    key = decode_link_key(new_link_key())
     therapist = SdpAuthenticator(key, SESSION, THERAPIST, clock=lambda: 1_000, seal_limit=3)
     client = SdpAuthenticator(key, SESSION, CLIENT)
     counters = [therapist.seal(CLIENT, "candidate", CANDIDATE) for _ in range(3)]
@@ -1068,8 +1108,8 @@ def test_a_sealer_refuses_beyond_its_limit_per_direction_key() -> None:
 
 def test_the_seal_limit_stays_far_under_the_random_nonce_bound() -> None:
     """NIST SP 800-38D 8.3: at most 2**32 messages under one key with random 96-bit nonces."""
-    assert e2ee.MAX_SEALS_PER_KEY == 2**20 <= 2**32
-    for limit in (0, e2ee.MAX_SEALS_PER_KEY + 1):
+    assert MAX_SEALS_PER_KEY == 2**20 <= 2**32
+    for limit in (0, MAX_SEALS_PER_KEY + 1):
         with pytest.raises(ValueError, match="seal_limit"):
             SdpAuthenticator(None, SESSION, CLIENT, seal_limit=limit)
 
@@ -1108,11 +1148,9 @@ def test_only_well_formed_plaintexts_are_sealed(kind: str, fields: dict[str, Any
 
 def _sealed_by_hand(text: str, kind: str = "offer", counter: int = 5) -> tuple[bytes, str]:
     """What a buggy peer holding the key could seal: any plaintext at all."""
-    key = e2ee.decode_link_key(e2ee.new_link_key())
-    k_seal = e2ee.derive_seal_key(
-        e2ee.pair_key(e2ee.derive_auth_key(key, SESSION), THERAPIST, CLIENT), THERAPIST, CLIENT
-    )
-    return key, e2ee.seal_signal(k_seal, SESSION, THERAPIST, CLIENT, kind, counter, text)
+    key = decode_link_key(new_link_key())
+    k_seal = derive_seal_key(pair_key(derive_auth_key(key, SESSION), THERAPIST, CLIENT), THERAPIST, CLIENT)
+    return key, seal_signal(k_seal, SESSION, THERAPIST, CLIENT, kind, counter, text)
 
 
 @pytest.mark.parametrize(
@@ -1151,13 +1189,13 @@ def test_the_largest_sealable_description_fits_the_field_and_the_frame() -> None
 
     therapist, client = make_pair()
     head = chrome_like_sdp("t")
-    room = e2ee.MAX_SEALED_PLAINTEXT - len(e2ee.signal_plaintext("offer", {"sdp": head}))
+    room = MAX_SEALED_PLAINTEXT - len(signal_plaintext("offer", {"sdp": head}))
     sdp = head + "a" * room  # plaintext exactly at the limit
     counter, sealed = therapist.seal(CLIENT, "offer", {"sdp": sdp})
-    assert e2ee.MIN_SEALED_CHARS <= len(sealed) <= e2ee.MAX_SEALED_CHARS
+    assert MIN_SEALED_CHARS <= len(sealed) <= MAX_SEALED_CHARS
     meta = Sealed.__metadata__[0]
-    assert (meta.min_length, meta.max_length) == (e2ee.MIN_SEALED_CHARS, e2ee.MAX_SEALED_CHARS)
-    frame = encode(Offer(to="p" * 64, counter=e2ee.MAX_COUNTER, sealed=sealed, id="i" * 64, from_="f" * 64))
+    assert (meta.min_length, meta.max_length) == (MIN_SEALED_CHARS, MAX_SEALED_CHARS)
+    frame = encode(Offer(to="p" * 64, counter=MAX_COUNTER, sealed=sealed, id="i" * 64, from_="f" * 64))
     assert len(frame) < MAX_MESSAGE_BYTES
     assert decode_client(frame).sealed == sealed  # type: ignore[union-attr]
     assert client.unseal(THERAPIST, "offer", counter, sealed) == {"sdp": sdp}

@@ -1,5 +1,5 @@
 """web/js/e2ee.js in Debian's Chromium: every shared vector, and MACs, sealed signaling and
-sealed details crossing between the browser and broker/crypto/e2ee.py in both directions."""
+sealed details crossing between the browser and the Python modules in broker/crypto/ in both directions."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ import pytest_asyncio
 from aiohttp import web
 from playwright.async_api import Page, async_playwright
 
-from broker.crypto import e2ee
-from broker.crypto.e2ee import InterceptionError, SdpAuthenticator, Trust
+from broker.crypto.link_key import decode_link_key, new_link_key
+from broker.crypto.sdp_auth import InterceptionError, Trust, fingerprint_of, safety_code
+from broker.crypto.sdp_authenticator import SdpAuthenticator
+from broker.crypto.sealed_for_therapist import open_checklist, open_details, seal_checklist, seal_details
+from broker.crypto.sealed_signaling import MAX_SEALED_CHARS, MAX_SEALED_PLAINTEXT, MAX_SEALS_PER_KEY, signal_plaintext
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 
@@ -90,10 +93,10 @@ async def test_link_key_vectors(page: Page) -> None:
     assert got["valid"] == [c["hex"] for c in VECTORS["link_key"]["valid"]]
     for text, message in zip(VECTORS["link_key"]["invalid"], got["invalid"], strict=True):
         with pytest.raises(ValueError) as err:
-            e2ee.decode_link_key(text)
+            decode_link_key(text)
         assert message == str(err.value)  # same words in both languages
     assert len(set(got["fresh"])) == 20
-    assert all(len(e2ee.decode_link_key(k)) == 32 for k in got["fresh"])
+    assert all(len(decode_link_key(k)) == 32 for k in got["fresh"])
 
 
 async def test_key_derivation_vectors(page: Page) -> None:
@@ -227,7 +230,7 @@ async def test_seal_vectors(page: Page) -> None:
 
 
 async def test_js_signed_offer_is_verified_by_python(page: Page) -> None:
-    link_key = e2ee.new_link_key()
+    link_key = new_link_key()
     signed = await page.evaluate(
         """async ([linkKey, session, sdp]) => {
           const auth = new e2ee.SdpAuthenticator(e2ee.decodeLinkKey(linkKey), session, 'therapist');
@@ -238,7 +241,7 @@ async def test_js_signed_offer_is_verified_by_python(page: Page) -> None:
         [link_key, SESSION, SDP],
     )
     assert signed["hasLinkKey"] is True
-    client = SdpAuthenticator(e2ee.decode_link_key(link_key), SESSION, "seat-1")
+    client = SdpAuthenticator(decode_link_key(link_key), SESSION, "seat-1")
     (c1, mac1), (c2, mac2) = signed["first"], signed["second"]
     assert c2 > c1 > 1_700_000_000_000_000  # unix microseconds
     assert client.verify("therapist", "offer", c1, SDP, mac1) is Trust.VERIFIED_BY_LINK
@@ -250,8 +253,8 @@ async def test_js_signed_offer_is_verified_by_python(page: Page) -> None:
 
 
 async def test_python_signed_answer_is_verified_by_js(page: Page) -> None:
-    link_key = e2ee.new_link_key()
-    client = SdpAuthenticator(e2ee.decode_link_key(link_key), SESSION, "seat-1")
+    link_key = new_link_key()
+    client = SdpAuthenticator(decode_link_key(link_key), SESSION, "seat-1")
     counter, mac = client.sign("therapist", "answer", SDP)
     outcomes = await page.evaluate(
         """async ([linkKey, session, sdp, counter, mac]) => {
@@ -286,7 +289,7 @@ CANDIDATE = {
 
 
 async def test_js_sealed_signaling_opens_in_python(page: Page) -> None:
-    link_key = e2ee.new_link_key()
+    link_key = new_link_key()
     sent = await page.evaluate(
         """async ([linkKey, session, sdp, candidate]) => {
           const auth = new e2ee.SdpAuthenticator(e2ee.decodeLinkKey(linkKey), session, 'therapist');
@@ -299,7 +302,7 @@ async def test_js_sealed_signaling_opens_in_python(page: Page) -> None:
         }""",
         [link_key, SESSION, SDP, CANDIDATE],
     )
-    client = SdpAuthenticator(e2ee.decode_link_key(link_key), SESSION, "seat-1")
+    client = SdpAuthenticator(decode_link_key(link_key), SESSION, "seat-1")
     (c1, offer), (c2, candidate), (c3, end) = sent
     assert c1 < c2 < c3
     for text in (offer, candidate, end):
@@ -312,8 +315,8 @@ async def test_js_sealed_signaling_opens_in_python(page: Page) -> None:
 
 
 async def test_python_sealed_signaling_opens_in_js(page: Page) -> None:
-    link_key = e2ee.new_link_key()
-    client = SdpAuthenticator(e2ee.decode_link_key(link_key), SESSION, "seat-1")
+    link_key = new_link_key()
+    client = SdpAuthenticator(decode_link_key(link_key), SESSION, "seat-1")
     answer = client.seal("therapist", "answer", {"sdp": SDP})
     candidate = client.seal("therapist", "candidate", CANDIDATE)
     outcomes = await page.evaluate(
@@ -348,8 +351,8 @@ async def test_js_checks_messages_from_one_sender_in_the_order_they_came(page: P
     """Messages handed in without waiting are checked in that order, however long each takes to
     check, or an earlier one would look replayed: a long sealed offer before short candidates,
     and a clear offer (four WebCrypto steps to check its MAC) before a sealed candidate (two)."""
-    link_key = e2ee.new_link_key()
-    therapist = SdpAuthenticator(e2ee.decode_link_key(link_key), SESSION, "therapist")
+    link_key = new_link_key()
+    therapist = SdpAuthenticator(decode_link_key(link_key), SESSION, "therapist")
     long_sdp = SDP + "a=x-padding:" + "p" * 40_000 + "\r\n"
     warm_up = [("candidate", *therapist.seal("seat-1", "candidate", CANDIDATE), None)]
     messages = [("offer", *therapist.seal("seat-1", "offer", {"sdp": long_sdp}), None)]
@@ -400,16 +403,16 @@ async def test_js_sealing_limits_and_the_keyless_side(page: Page) -> None:
     assert got["counters"] == [1000, 1001] and got["next"] == 1002 and got["other"] == 1000
     assert got["refused"].startswith("Error: refusing to seal")
     assert got["nonces"] == 500
-    assert got["tooBig"] == "RangeError" and got["limit"] == e2ee.MAX_SEALS_PER_KEY
+    assert got["tooBig"] == "RangeError" and got["limit"] == MAX_SEALS_PER_KEY
     assert got["keylessSeal"] == "Error: cannot seal without the link key"
     assert got["badFields"].startswith("Error: a candidate's plaintext")
-    assert (got["largest"], got["longest"]) == (e2ee.MAX_SEALED_PLAINTEXT, e2ee.MAX_SEALED_CHARS)
+    assert (got["largest"], got["longest"]) == (MAX_SEALED_PLAINTEXT, MAX_SEALED_CHARS)
 
 
 async def test_unverified_mode_in_js(page: Page) -> None:
     """A therapist device without the link key: no MAC sent, counters still enforced."""
-    link_key = e2ee.new_link_key()
-    client = SdpAuthenticator(e2ee.decode_link_key(link_key), SESSION, "seat-1")
+    link_key = new_link_key()
+    client = SdpAuthenticator(decode_link_key(link_key), SESSION, "seat-1")
     counter, mac = client.sign("therapist", "offer", SDP)
     got = await page.evaluate(
         """async ([sdp, counter, mac]) => {
@@ -445,15 +448,15 @@ async def test_safety_code_matches_python_for_browser_fingerprint(page: Page) ->
           return {sdp: offer.sdp, fp, code: await e2ee.safetyCode('s_7kQ2mX', fp, other)};
         }"""
     )
-    assert e2ee.fingerprint_of(got["sdp"]) == got["fp"]
-    assert got["code"] == e2ee.safety_code(SESSION, got["fp"], e2ee.fingerprint_of(SDP))
+    assert fingerprint_of(got["sdp"]) == got["fp"]
+    assert got["code"] == safety_code(SESSION, got["fp"], fingerprint_of(SDP))
 
 
 async def test_details_cross_language(page: Page) -> None:
-    key_text = e2ee.new_link_key()
-    key = e2ee.decode_link_key(key_text)
+    key_text = new_link_key()
+    key = decode_link_key(key_text)
     text = json.dumps({"contact": "Zoë", "phone": "+33 1 23 45 67 89"}, ensure_ascii=False)
-    from_python = e2ee.seal_details(key, SESSION, "seat-1", text)
+    from_python = seal_details(key, SESSION, "seat-1", text)
     got = await page.evaluate(
         """async ([keyText, session, sealed, text]) => {
           const key = e2ee.decodeLinkKey(keyText);
@@ -471,14 +474,14 @@ async def test_details_cross_language(page: Page) -> None:
     assert got["opened"] == text
     assert got["wrongSeat"].startswith("DetailsError: emergency details failed authentication")
     assert got["tampered"].startswith("DetailsError: ")
-    assert e2ee.open_details(key, SESSION, "seat-1", got["fromJs"]) == text
+    assert open_details(key, SESSION, "seat-1", got["fromJs"]) == text
 
 
 async def test_checklist_cross_language(page: Page) -> None:
-    key_text = e2ee.new_link_key()
-    key = e2ee.decode_link_key(key_text)
+    key_text = new_link_key()
+    key = decode_link_key(key_text)
     answers = {"private_place": True, "headset": False}
-    from_python = e2ee.seal_checklist(key, SESSION, "seat-1", answers)
+    from_python = seal_checklist(key, SESSION, "seat-1", answers)
     got = await page.evaluate(
         """async ([keyText, session, sealed, answers]) => {
           const key = e2ee.decodeLinkKey(keyText);
@@ -494,7 +497,7 @@ async def test_checklist_cross_language(page: Page) -> None:
     assert got["opened"] == answers
     assert got["wrongSeat"].startswith("DetailsError: checklist answers failed authentication")
     assert got["asDetails"].startswith("DetailsError: emergency details failed authentication")
-    assert e2ee.open_checklist(key, SESSION, "seat-1", got["fromJs"]) == answers
+    assert open_checklist(key, SESSION, "seat-1", got["fromJs"]) == answers
 
 
 async def test_js_rejects_lone_surrogates_like_python(page: Page) -> None:
@@ -509,12 +512,12 @@ async def test_js_rejects_lone_surrogates_like_python(page: Page) -> None:
 
 
 async def test_read_link_key_from_fragment(page: Page, base_url: str) -> None:
-    key = e2ee.new_link_key()
+    key = new_link_key()
     try:
         await page.goto(f"{base_url}/call?lang=de#{key}")
         await page.evaluate(PAGE_HELPERS)
         first = await page.evaluate("() => [hex(e2ee.readLinkKeyFromFragment()), location.href]")
-        assert first == [e2ee.decode_link_key(key).hex(), f"{base_url}/call?lang=de"]
+        assert first == [decode_link_key(key).hex(), f"{base_url}/call?lang=de"]
         assert await page.evaluate("() => e2ee.readLinkKeyFromFragment()") is None
         await page.goto(f"{base_url}/call#{key[:-3]}")  # a link cut short by a mail client
         await page.evaluate(PAGE_HELPERS)
@@ -532,7 +535,7 @@ async def test_js_counts_plaintext_limits_in_code_points_like_python(page: Page)
     """A candidate line of 1024 emoji is 1024 characters to Python and 2048 UTF-16 units to JS."""
     line = "\U0001f388" * 1024
     fields = {"candidate": line, "sdp_mid": None, "sdp_mline_index": None}
-    assert e2ee.signal_plaintext("candidate", fields)  # within the limit in Python
+    assert signal_plaintext("candidate", fields)  # within the limit in Python
     got = await page.evaluate(
         """([fields]) => {
           const attempt = (f) => { try { e2ee.signalPlaintext('candidate', f); return 'accepted'; }
@@ -543,4 +546,4 @@ async def test_js_counts_plaintext_limits_in_code_points_like_python(page: Page)
     )
     assert got[0] == "accepted" and got[1].startswith("a candidate's plaintext")
     with pytest.raises(ValueError, match="a candidate's plaintext"):
-        e2ee.signal_plaintext("candidate", {**fields, "candidate": line + "x"})
+        signal_plaintext("candidate", {**fields, "candidate": line + "x"})

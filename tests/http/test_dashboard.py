@@ -17,7 +17,7 @@ import segno
 from aiohttp import ClientSession, DummyCookieJar
 
 from broker.client.broker_client import BrokerClient
-from broker.crypto.e2ee import new_link_key
+from broker.crypto.link_key import new_link_key
 from broker.signaling.protocol import ErrorCode, ProtocolError
 from tests.http.test_web_auth import CHROMIUM_ARGS, PASSWORD, FullBroker, PolicyConfig, start_full_broker
 

@@ -20,7 +20,7 @@ import pytest_asyncio
 from aiohttp import ClientSession, WSMsgType
 
 from broker.client.broker_client import BrokerClient
-from broker.crypto.e2ee import new_link_key
+from broker.crypto.link_key import new_link_key
 from broker.signaling.hub import CLOSE_AUTH_TIMEOUT, CLOSE_FLOOD, CLOSE_TOO_SLOW
 from broker.signaling.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, SeatState, Status, WaitingRoom
 from tests.conftest import RunningBroker, read_until_broker_closes, start_broker

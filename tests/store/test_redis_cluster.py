@@ -30,7 +30,8 @@ import pytest
 
 from broker.client.broker_client import BrokerClient, PeerLink
 from broker.config import Keys
-from broker.crypto.e2ee import decode_link_key, new_link_key, seal_details
+from broker.crypto.link_key import decode_link_key, new_link_key
+from broker.crypto.sealed_for_therapist import seal_details
 from broker.signaling.hub import Hub
 from broker.signaling.protocol import (
     PROTOCOL_VERSION,
@@ -159,7 +160,7 @@ class Cluster:
 
 def practice_policy(path: Path) -> Path:
     """The built-in policy with the network pre-flight recommended instead of required."""
-    text = (resources.files("broker") / "default_policy.toml").read_text(encoding="utf-8")
+    text = (resources.files("broker.checklist") / "default_policy.toml").read_text(encoding="utf-8")
     required = 'id = "preflight"\nkind = "automatic"\nlevel = "required"'
     assert required in text, "the built-in policy changed: update this test's policy"
     path.write_text(text.replace(required, required.replace("required", "recommended")), encoding="utf-8")

@@ -1,6 +1,7 @@
 // End-to-end primitives that keep the broker out of the call (DESIGN.md section 4).
 //
-// The browser twin of broker/crypto/e2ee.py: link key, authenticated SDP (HMAC per peer
+// The browser twin of broker/crypto/ (link_key.py, sdp_auth.py, sealed_signaling.py,
+// sdp_authenticator.py, sealed_for_therapist.py): link key, authenticated SDP (HMAC per peer
 // pair with a strictly increasing counter), sealed signaling (offers, answers and
 // ICE candidates encrypted with a key per direction of a peer pair), DTLS
 // fingerprint extraction, the safety code and sealing of the client's emergency
@@ -21,7 +22,7 @@ const MAX_SDP_CHARS = 48 * 1024;
 const MAX_CANDIDATE_CHARS = 1024;
 const MAX_MID_CHARS = 64;
 // A sealed field is base64url(nonce || ciphertext || tag); its longest form keeps a sealed
-// frame under the broker's 64 KiB frame limit (same numbers as broker/crypto/e2ee.py).
+// frame under the broker's 64 KiB frame limit (same numbers as broker/crypto/sealed_signaling.py).
 export const MAX_SEALED_CHARS = 65_000;
 export const MAX_SEALED_PLAINTEXT = (MAX_SEALED_CHARS * 3) / 4 - NONCE_BYTES - TAG_BYTES; // 48,722 bytes
 /**
@@ -40,7 +41,7 @@ const SAS_LABEL = "tt-sas v1";
 const DETAILS_LABEL = "tt-details v1";
 const CHECKLIST_LABEL = "tt-checklist v1";
 
-/** Why a receiver refused an offer/answer (same strings as broker/crypto/e2ee.py). */
+/** Why a receiver refused an offer/answer (same strings as broker/crypto/sdp_auth.py). */
 export const REASONS = Object.freeze([
   "missing_mac", // we hold the link key but the message carried no MAC
   "bad_mac", // MAC does not match, or a sealed message does not open (altered, or wrong key)
@@ -346,7 +347,7 @@ function checkSignalFields(type, fields) {
 
 /**
  * The exact plaintext of a sealed message: compact JSON, fields in a fixed order (the same
- * text broker/crypto/e2ee.py writes, so the shared vectors can compare ciphertexts).
+ * text broker/crypto/sealed_signaling.py writes, so the shared vectors can compare ciphertexts).
  */
 export function signalPlaintext(type, fields) {
   checkSignalFields(type, fields);
