@@ -39,7 +39,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from redis.exceptions import RedisError
 
-from broker.accounts import account_store as acc
+from broker.accounts import account as acc
 from broker.accounts.account_store import AccountStore
 from broker.accounts.passkeys import RelyingParty
 from broker.accounts.throttle import Decision, Throttle
