@@ -28,7 +28,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from broker.client.broker_client import BrokerClient, PeerLink
+from broker.client.broker_client import BrokerClient
+from broker.client.peers import PeerLink
 from broker.config import Keys
 from broker.crypto.e2ee import decode_link_key, new_link_key, seal_details
 from broker.signaling.hub import Hub
