@@ -1,6 +1,6 @@
 """P3 call set-up: two aiortc peers connecting through the broker, against the same peers exchanging SDP directly.
 
-Direct: two RTCPeerConnections in this process, configured as ``broker.client.broker_client``
+Direct: two RTCPeerConnections in this process, configured as the Python client (``broker.client``)
 configures them (no ICE servers, recvonly audio and video, the negotiated "chat"
 data channel); timed from creating them to both data channels open.
 

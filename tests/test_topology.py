@@ -33,7 +33,8 @@ import pytest
 from aiortc import RTCPeerConnection
 from playwright.async_api import Page, expect
 
-from broker.client.broker_client import BrokerClient, PeerLink
+from broker.client.broker_client import BrokerClient
+from broker.client.peers import PeerLink
 from broker.signaling.protocol import SeatState, Status, WaitingRoom
 from broker.signaling.turn import turn_credentials
 from tests.browser.conftest import NewContext, chromium, new_context, playwright, watch  # noqa: F401 - fixtures

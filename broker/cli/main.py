@@ -321,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "record":
             return _record_verify(args.file, args.key)
         if args.command == "join":
-            from broker.client.broker_client import join_from_terminal
+            from broker.client.diagnostic import join_from_terminal
 
             details = None
             if args.location or args.contact:

@@ -14,7 +14,8 @@ session's keys. Per process:
   burst of ICE candidates, read from its socket together) go to Redis as one
   script call and cross to the other processes as one sealed bus message. The
   publisher never waits to fill such a batch: it only joins what is already
-  queued behind the previous command, so it costs a lone message nothing.
+  queued behind the previous command, so it costs a lone message nothing
+  (``redis_relays``).
 - Relayed messages go to their recipient's own channel (the session's hash
   tag and the peer id), which only the processes holding that peer subscribe
   (``hold_peer``): the sender's process, subscribed to the session's channel,
@@ -33,36 +34,47 @@ session's keys. Per process:
 - Both connections are redis-py's own, used through its public connection API
   (``send_packed_command``, ``read_response``): no reader or writer of ours under
   it (docs/security.md 3.6).
+
+This module is the bus itself: subscriptions, delivery, the listener (confirmations,
+keepalive, reconnection) and the publisher's queue. What a bus message looks like is in
+``redis_bus_messages``, the relay batches and their script in ``redis_relays``, the
+publisher's pipelined connection in ``redis_pipe``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import math
 import random
 import secrets
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Union
 
 import msgspec
 import redis.asyncio as aioredis
-from redis import exceptions as redis_errors
 
 from broker.store.base import Store, StoreUnavailable
-from broker.store.bus import Envelope, Failed, Handler, append_then_publish, pack, unpack, with_seq
+from broker.store.bus import Envelope, Failed, Handler, append_then_publish
+from broker.store.redis_bus_messages import (
+    NODE_ID_BYTES,
+    channel_of,
+    deliver,
+    open_message,
+    peer_channel_of,
+    seal_message,
+    session_of,
+)
+from broker.store.redis_pipe import Pipe, Settles, fail_all, resp_command
+from broker.store.redis_relays import LOAD_RELAY, RelayOrigin, Relays, RelaySeqs
 from broker.store.redis_store import (
-    NEXT_SEQ_LUA,
     TIMEOUT_S,
-    CommandRefused,
     RedisStore,
     Sealer,
     StoreCorrupt,
     is_unavailable,
-    keep_entries_lua,
     log_aad,
     ms,
 )
@@ -78,261 +90,9 @@ BACKOFF_FIRST_S = 0.05
 BACKOFF_CAP_S = 1.0
 #: Messages sent to Redis in one pipelined write.
 BATCH = 512
-#: Relays to one resume buffer queued back to back travel as one command, up to this many ...
-RELAYS_PER_COMMAND = 32
-#: ... and about this many bytes of messages.
-RELAY_BYTES_PER_COMMAND = 256 * 1024
-#: Resume buffers whose next seq the publisher remembers (the most recently relayed to).
-EXPECTED_SEQS_MAX = 4096
 
-_NODE_ID_BYTES = 8
-#: After the node id, relayed messages carry "r<seq>:" (the first one's, assigned by Redis)
-#: before their sealed list of envelopes; the rest follow it in order.
-_RELAYS_MARK = b"r"
-#: How brokers before the batched relay sent a relayed message: "s<seq>:" and one sealed envelope.
-#: Still read, so that during a rolling upgrade nothing from a process not yet upgraded is lost.
-_OLD_SEQ_MARK = b"s"
-
-# Relayed messages for one recipient in one call: append them to its resume buffer (the
-# capped "<seq>:<sealed entry>" log of store_redis, numbered on from its last entry) and
-# publish them with the first seq the log gave them. The call travels in the publisher's
-# pipeline, so the messages keep their place among this process's other messages.
-#
-# The publisher numbers the entries and the bus message itself, from the seq it expects the
-# log to give (what Redis answered for its previous relays to this buffer). When that holds,
-# as it does unless another process or the store appended in between, the script checks it
-# and passes its arguments on: building strings in Lua was most of the script's cost (P4 in
-# benchmarks/, results.md). Otherwise the script numbers them again. What is stored and
-# published is the same either way, and the same as before the publisher numbered anything.
-# The message goes to the recipient's channel; if no client subscribes it there, to the session's.
-# KEYS[1] the log; ARGV: maxlen, ttl ms, the recipient's channel, the session's channel, the
-# expected first seq, the bus message (head, "<seq>:", sealed list of envelopes), then one
-# "<seq>:<sealed entry>" per message.
-_RELAY = (
-    NEXT_SEQ_LUA
-    + """
-local message = ARGV[6]
-if first == tonumber(ARGV[5]) then
-"""
-    + keep_entries_lua("ARGV, 7")
-    + """
-else
-  local entries = {}
-  for i = 7, #ARGV do
-    local entry = ARGV[i]
-    entries[i - 6] = string.format('%d:', first + i - 7) .. string.sub(entry, string.find(entry, ':', 1, true) + 1)
-  end
-"""
-    + keep_entries_lua("entries")
-    + """
-  local colon = string.find(message, ':', HEAD + 1, true)
-  message = string.sub(message, 1, HEAD) .. string.format('%d:', first) .. string.sub(message, colon + 1)
-end
-if redis.call('SPUBLISH', ARGV[3], message) == 0 and ARGV[3] ~= ARGV[4] then
-  redis.call('SPUBLISH', ARGV[4], message)
-end
-return first
-""".replace("HEAD", str(_NODE_ID_BYTES + len(_RELAYS_MARK)))
-)
-
-
-def channel_of(session_id: str) -> bytes:
-    """The session's channel: the same ``{session id}`` hash tag as its keys."""
-    return f"b:{{{session_id}}}".encode()
-
-
-def peer_channel_of(session_id: str, peer_id: str) -> bytes:
-    """A peer's own channel, where its relayed messages go: subscribed by the processes holding it."""
-    return f"b:{{{session_id}}}:{peer_id}".encode()
-
-
-def _session_of(channel: bytes) -> str | None:
-    """The session of a session's channel or of one of its peers' channels."""
-    if channel.startswith(b"b:{"):
-        close = channel.find(b"}", 3)
-        if close > 3 and (close == len(channel) - 1 or channel[close + 1 : close + 2] == b":"):
-            return channel[3:close].decode(errors="replace")
-    return None
-
-
-def _aad(channel: bytes, node_id: bytes) -> bytes:
-    return b"bus\x00" + channel + b"\x00" + node_id
-
-
-def _relays_aad(channel: bytes, node_id: bytes) -> bytes:
-    """Relayed messages are sealed apart from other messages: neither passes for the other."""
-    return b"bus-relays\x00" + channel + b"\x00" + node_id
-
-
-_relays_encoder = msgspec.msgpack.Encoder()
-_relays_decoder = msgspec.msgpack.Decoder(list[Envelope])
-
-
-def resp_command(*args: bytes | str | int) -> bytes:
-    """One Redis command in the wire format (RESP): what redis-py's pack_command makes, at a fraction of its cost."""
-    return b"*%d\r\n" % len(args) + _resp_arguments(args)
-
-
-def _resp_arguments(args: tuple[bytes | str | int, ...]) -> bytes:
-    parts = []
-    for arg in args:
-        if isinstance(arg, str):
-            arg = arg.encode()
-        elif isinstance(arg, int):
-            arg = b"%d" % arg
-        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return b"".join(parts)
-
-
-#: The unchanging start of every relay command after its argument count: EVALSHA, the script's
-#: digest, one key. Redis hashes an EVAL's script on every call; the publisher loads it once per connection.
-_RELAY_HEAD = _resp_arguments((b"EVALSHA", hashlib.sha1(_RELAY.encode()).hexdigest(), 1))
-_LOAD_RELAY = resp_command(b"SCRIPT", b"LOAD", _RELAY)
-
-
-class _Relays:
-    """Relayed messages for one resume buffer, queued back to back: one script call for them all.
-
-    Settled by the publisher's pipe like a future: with the first message's seq, it delivers the
-    messages to this process's own handlers (stamped) and answers the relays that wait for their
-    seq (``publish_relayed``); a failure goes to every relay. It is also the hub's ``Pending``
-    for these relays: the hub keeps it, not a future per relay.
-    """
-
-    __slots__ = (
-        "bus",
-        "entries",
-        "envelopes",
-        "log_key",
-        "maxlen",
-        "settle",
-        "session_id",
-        "settled",
-        "size",
-        "ttl_ms",
-        "waiters",
-    )
-
-    def __init__(self, bus: RedisBus, session_id: str, log_key: str, maxlen: int) -> None:
-        self.bus = bus
-        self.session_id = session_id
-        self.log_key = log_key
-        self.maxlen = maxlen
-        self.ttl_ms = 0
-        self.envelopes: list[Envelope] = []
-        self.entries: list[bytes] = []
-        #: Per relay: the future of its seq (``publish_relayed``), or whom to tell of a failure.
-        self.settle: list[asyncio.Future[int] | Failed] = []
-        self.size = 0
-        self.settled = False
-        self.waiters: list[asyncio.Future[None]] | None = None
-
-    def takes(self, session_id: str, to_peer: str | None, log_key: str, maxlen: int, size: int) -> bool:
-        return (
-            log_key == self.log_key
-            and session_id == self.session_id
-            and to_peer == self.envelopes[0].to_peer
-            and maxlen == self.maxlen
-            and len(self.envelopes) < RELAYS_PER_COMMAND
-            and self.size + size <= RELAY_BYTES_PER_COMMAND
-        )
-
-    def add(self, envelope: Envelope, entry: bytes, ttl_ms: int, settle: asyncio.Future[int] | Failed) -> None:
-        """One more relay, with its sealed resume-buffer entry (the buffer is its recipient's)."""
-        self.envelopes.append(envelope)
-        self.entries.append(entry)
-        self.settle.append(settle)
-        self.size += len(envelope.data)
-        self.ttl_ms = ttl_ms  # the newest: the session's remaining life, as the last message saw it
-
-    def command(self) -> bytes:
-        """The script call, made when the publisher takes it (nothing joins it afterwards)."""
-        bus = self.bus
-        channel = channel_of(self.session_id)
-        # One buffer is one recipient's: the first message names it for them all.
-        recipient = self.envelopes[0].to_peer
-        to = channel if recipient is None else peer_channel_of(self.session_id, recipient)
-        first = bus._expected_seq(self)
-        # As the hub made them (seq None): the seal's own associated data marks them relayed. It
-        # names the session's channel whichever channel carries them.
-        sealed = bus._sealer.seal(_relays_aad(channel, bus.node_id), _relays_encoder.encode(self.envelopes))
-        message = b"%s%s%d:%s" % (bus.node_id, _RELAYS_MARK, first, sealed)
-        entries = [b"%d:%s" % (first + n, entry) for n, entry in enumerate(self.entries)]
-        arguments: tuple[bytes | str | int, ...] = (
-            self.log_key,
-            self.maxlen,
-            self.ttl_ms,
-            to,
-            channel,
-            first,
-            message,
-            *entries,
-        )
-        return b"*%d\r\n" % (len(arguments) + 3) + _RELAY_HEAD + _resp_arguments(arguments)
-
-    def command_or_fail(self) -> bytes | None:
-        """``command``, or None when making it failed: a bug, so these relays fail (their senders
-        are told) and whoever sends commands goes on."""
-        try:
-            return self.command()
-        except Exception as exc:
-            log.exception("event=bus_publish_failed")
-            self.set_exception(StoreUnavailable(type(exc).__name__))
-            return None
-
-    # The pipe settles it as it settles a future; the hub waits on it (``bus.Pending``).
-
-    def done(self) -> bool:
-        return self.settled
-
-    async def wait(self) -> None:
-        if not self.settled:
-            waiter = asyncio.get_running_loop().create_future()
-            if self.waiters is None:
-                self.waiters = []
-            self.waiters.append(waiter)
-            await waiter
-
-    def set_result(self, first: Any) -> None:
-        self.settled = True
-        seq = int(first)
-        self.bus._seq_answered(self, seq + len(self.envelopes))
-        handlers = self.bus._handlers.get(self.session_id)
-        if handlers:
-            for n, envelope in enumerate(self.envelopes):  # the hub's, sent already: stamped in place
-                envelope.data = with_seq(envelope.data, seq + n)
-                envelope.seq = seq + n
-                _deliver(handlers, envelope)
-        for n, settle in enumerate(self.settle):
-            if isinstance(settle, asyncio.Future) and not settle.done():
-                settle.set_result(seq + n)
-        self._release()
-
-    def set_exception(self, error: BaseException) -> None:
-        self.settled = True  # whoever sent them answers the failure
-        for settle in self.settle:
-            if not isinstance(settle, asyncio.Future):
-                try:
-                    settle(error)
-                except Exception:
-                    log.exception("event=bus_relay_failure_unreported")
-            elif not settle.done():
-                settle.set_exception(error)
-        self._release()
-
-    def _release(self) -> None:
-        """Wake whoever waits, and let go of the messages (the hub may keep this a while)."""
-        self.envelopes, self.entries, self.settle = [], [], []
-        waiters, self.waiters = self.waiters, None
-        for waiter in waiters or ():
-            if not waiter.done():
-                waiter.set_result(None)
-
-
-#: What a reply from Redis settles: a command's future, or relays.
-_Settles = Union["asyncio.Future[Any]", _Relays]  # noqa: UP007 - a runtime alias, before 3.12's "type"
 #: What waits in the publisher's queue: a command with the future of its reply, or relays.
-_Outgoing = Union[tuple[bytes, "asyncio.Future[Any]"], _Relays]  # noqa: UP007
+_Outgoing = Union[tuple[bytes, "asyncio.Future[Any]"], Relays]  # noqa: UP007 - a runtime alias, before 3.12's "type"
 
 
 class RedisBus:
@@ -343,7 +103,7 @@ class RedisBus:
         self._sealer = sealer
         self.keepalive_s = keepalive_s
         #: This process's random id on the bus; its own messages come back and are skipped.
-        self.node_id = secrets.token_bytes(_NODE_ID_BYTES)
+        self.node_id = secrets.token_bytes(NODE_ID_BYTES)
         self._handlers: dict[str, list[Handler]] = {}
         #: Peers' own channels (``peer_channel_of``) with how many local holders each.
         self._held: dict[bytes, int] = {}
@@ -356,11 +116,12 @@ class RedisBus:
         self._outbox_filled: asyncio.Future[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._spawned: set[asyncio.Task[None]] = set()
-        #: The publisher's connection (see ``_Pipe``), opened by the first command.
-        self._pipe: _Pipe | None = None
-        #: Per resume buffer relayed to lately: the seq Redis should give its next relay (0: not
-        #: known), and the relays last sent to it (their answer sets it; None once answered).
-        self._expected: OrderedDict[str, list[Any]] = OrderedDict()
+        #: The publisher's connection (see ``redis_pipe.Pipe``), opened by the first command.
+        self._pipe: Pipe | None = None
+        #: The seq Redis should give the next relay to each resume buffer relayed to lately.
+        self._relay_seqs = RelaySeqs()
+        #: What the publisher's relays need of this bus.
+        self._relay_origin = RelayOrigin(self.node_id, sealer, self._handlers, self._relay_seqs)
         self._closed = False
         self._last_rx = 0.0
         #: Set while the pub/sub connection is up and Redis confirmed every channel subscribed again.
@@ -453,14 +214,14 @@ class RedisBus:
         if self._closed:
             raise StoreUnavailable("closed")
         channel = channel_of(session_id)
-        payload = self.node_id + self._sealer.seal(_aad(channel, self.node_id), pack(envelope))
+        payload = seal_message(self._sealer, channel, self.node_id, envelope)
         await self._send(resp_command(b"SPUBLISH", channel, payload))
 
     async def publish_relayed(
         self, session_id: str, envelope: Envelope, store: Store, log_key: str, maxlen: int, ttl_s: float
     ) -> int:
         """Append and publish in one script call (with the relays queued right before it for
-        the same buffer, see ``_Relays``).
+        the same buffer, see ``redis_relays.Relays``).
 
         The seq is assigned by Redis and travels outside the sealed envelopes, as it does in
         the resume buffer; relayed envelopes are sealed apart from other messages.
@@ -479,7 +240,7 @@ class RedisBus:
         maxlen: int,
         ttl_s: float,
         failed: Failed,
-    ) -> _Relays | None:
+    ) -> Relays | None:
         """The relay queued for the publisher, in the command that carries it (done when Redis has
         run it); ``failed`` is told if Redis refuses it or cannot be reached.
 
@@ -496,7 +257,7 @@ class RedisBus:
         maxlen: int,
         ttl_s: float,
         settle: asyncio.Future[int] | Failed,
-    ) -> _Relays | None:
+    ) -> Relays | None:
         if not isinstance(store, RedisStore) or store.redis is not self.redis:
             return None
         if maxlen < 1:
@@ -506,35 +267,13 @@ class RedisBus:
         entry = self._sealer.seal(log_aad(log_key), envelope.data)
         outbox = self._outbox
         relays = outbox[-1] if outbox else None
-        if type(relays) is _Relays and relays.takes(session_id, envelope.to_peer, log_key, maxlen, len(envelope.data)):
+        if type(relays) is Relays and relays.takes(session_id, envelope.to_peer, log_key, maxlen, len(envelope.data)):
             relays.add(envelope, entry, ms(ttl_s), settle)
             return relays
-        relays = _Relays(self, session_id, log_key, maxlen)
+        relays = Relays(self._relay_origin, session_id, log_key, maxlen)
         relays.add(envelope, entry, ms(ttl_s), settle)
         self._queue(relays)
         return relays
-
-    def _expected_seq(self, relays: _Relays) -> int:
-        """The seq Redis should give the first of these relays, which are being sent now (0: not known)."""
-        expected = self._expected
-        known = expected.get(relays.log_key)
-        if known is None:
-            known = expected[relays.log_key] = [0, relays]
-            if len(expected) > EXPECTED_SEQS_MAX:
-                expected.popitem(last=False)
-        else:
-            expected.move_to_end(relays.log_key)
-        first: int = known[0]
-        known[0] = first + len(relays.envelopes) if first else 0
-        known[1] = relays
-        return first
-
-    def _seq_answered(self, relays: _Relays, next_seq: int) -> None:
-        """Redis numbered these relays: unless more were sent to that buffer since, the next follow them."""
-        known = self._expected.get(relays.log_key)
-        if known is not None and known[1] is relays:
-            known[0] = next_seq
-            known[1] = None
 
     @property
     def closed(self) -> bool:
@@ -572,7 +311,7 @@ class RedisBus:
         await self._drop_connection()
         while self._outbox:
             outgoing = self._outbox.popleft()
-            done = outgoing if isinstance(outgoing, _Relays) else outgoing[1]
+            done = outgoing if isinstance(outgoing, Relays) else outgoing[1]
             if not done.done():
                 done.set_exception(StoreUnavailable("closed"))
         self._handlers.clear()
@@ -588,7 +327,7 @@ class RedisBus:
         """Whether a local handler (a session's channel) or holder (a peer's) wants the channel."""
         if channel in self._held:
             return True
-        session_id = _session_of(channel)
+        session_id = session_of(channel)
         return session_id is not None and session_id in self._handlers and channel == channel_of(session_id)
 
     async def _unsubscribe_remote(self, channel: bytes) -> None:
@@ -702,49 +441,22 @@ class RedisBus:
             task.add_done_callback(self._spawned.discard)
 
     def _deliver_remote(self, channel: bytes, payload: bytes) -> None:
-        node_id = payload[:_NODE_ID_BYTES]
+        node_id = payload[:NODE_ID_BYTES]
         if node_id == self.node_id:
             return  # delivered locally when it was published
-        session_id = _session_of(channel)
+        session_id = session_of(channel)
         handlers = self._handlers.get(session_id or "")
         if not handlers:
             return
         if channel[-1:] != b"}":  # a peer's channel: sealed for the session's
             channel = channel_of(session_id or "")
         try:
-            envelopes = self._open(channel, node_id, payload[_NODE_ID_BYTES:])
+            envelopes = open_message(self._sealer, channel, node_id, payload[NODE_ID_BYTES:])
         except (StoreCorrupt, msgspec.DecodeError, msgspec.ValidationError, ValueError):
             log.warning("event=bus_message_rejected")
             return
         for envelope in envelopes:
-            _deliver(handlers, envelope)
-
-    def _open(self, channel: bytes, node_id: bytes, body: bytes) -> list[Envelope]:
-        """The envelopes of a message from another process (``channel``: the session's): one, or
-        relayed ones numbered on from the seq Redis gave the first."""
-        mark = body[:1]
-        if mark != _RELAYS_MARK and mark != _OLD_SEQ_MARK:
-            envelope = unpack(self._sealer.open(_aad(channel, node_id), body))
-            if envelope.seq == 0:
-                raise ValueError("a relayed message without its seq")
-            return [envelope]
-        number, sep, body = body[1:].partition(b":")
-        if not sep or not number.isdigit() or len(number) > 19:
-            raise ValueError("bad seq")
-        first = int(number)
-        if mark == _OLD_SEQ_MARK:  # one envelope, marked relayed by seq 0 inside
-            relayed = [unpack(self._sealer.open(_aad(channel, node_id), body))]
-            if relayed[0].seq != 0:
-                raise ValueError("a seq on a message that is not relayed")
-        else:
-            relayed = _relays_decoder.decode(self._sealer.open(_relays_aad(channel, node_id), body))
-            if not relayed or any(e.seq is not None for e in relayed):
-                raise ValueError("relayed messages get their seq from the bus message")
-        for n, e in enumerate(relayed):  # decoded for this call: stamped in place
-            e.to_conn = None
-            e.data = with_seq(e.data, first + n)
-            e.seq = first + n
-        return relayed
+            deliver(handlers, envelope)
 
     async def _keepalive(self) -> None:
         loop = asyncio.get_running_loop()
@@ -782,10 +494,10 @@ class RedisBus:
             while not outbox:
                 self._outbox_filled = loop.create_future()
                 await self._outbox_filled
-            batch: list[tuple[bytes, _Settles]] = []
+            batch: list[tuple[bytes, Settles]] = []
             while outbox and len(batch) < BATCH:
                 outgoing = outbox.popleft()
-                if not isinstance(outgoing, _Relays):
+                if not isinstance(outgoing, Relays):
                     batch.append(outgoing)
                     continue
                 command = outgoing.command_or_fail()
@@ -797,151 +509,29 @@ class RedisBus:
                 pipe = self._pipe if self._pipe is not None and not self._pipe.broken else await self._open_pipe()
                 await pipe.send(batch)
             except asyncio.CancelledError:  # closing, or a stray one: then a new publisher takes over
-                _fail(batch, StoreUnavailable("closed"))
+                fail_all(batch, StoreUnavailable("closed"))
                 raise
             except Exception as exc:
                 if not isinstance(exc, StoreUnavailable) and not is_unavailable(exc):
                     log.exception("event=bus_publish_failed")  # not Redis being away: a bug
-                _fail(batch, StoreUnavailable(type(exc).__name__))
+                fail_all(batch, StoreUnavailable(type(exc).__name__))
 
-    async def _open_pipe(self) -> _Pipe:
+    async def _open_pipe(self) -> Pipe:
         self._pipe = None
         conn = self.redis.connection_pool.make_connection()
         try:
             await conn.connect()
             # Before any relay on this connection: a restarted or flushed Redis has no scripts.
-            await conn.send_packed_command(_LOAD_RELAY, check_health=False)
+            await conn.send_packed_command(LOAD_RELAY, check_health=False)
             async with asyncio.timeout(TIMEOUT_S):
                 await conn.read_response()
         except BaseException:
             with contextlib.suppress(Exception):
                 await conn.disconnect(nowait=True)
             raise
-        pipe = self._pipe = _Pipe(conn)
+        pipe = self._pipe = Pipe(conn)
         task = asyncio.get_running_loop().create_task(pipe.read_replies(), name="bus-publisher-replies")
         pipe.reader = task
         self._spawned.add(task)
         task.add_done_callback(self._spawned.discard)
         return pipe
-
-
-def _fail(batch: list[tuple[bytes, _Settles]], error: BaseException) -> None:
-    for _, done in batch:
-        if not done.done():
-            done.set_exception(error)
-
-
-def _deliver(handlers: list[Handler], envelope: Envelope) -> None:
-    for handler in list(handlers):
-        try:
-            handler(envelope)
-        except Exception:
-            log.exception("event=bus_handler_failed")
-
-
-class _Pipe:
-    """The publisher's own connection: commands written as they come, replies matched in order.
-
-    A reply that does not come within ``TIMEOUT_S`` of its command, or a broken connection,
-    fails every command still waiting (StoreUnavailable) and retires the pipe; the next
-    command opens a new one. One timer watches the oldest command waiting (not one per
-    reply): when it is overdue, the reader is cancelled.
-    """
-
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-        self.loop = asyncio.get_running_loop()
-        #: Futures of the commands written and not answered yet, oldest first, with when each was written.
-        self.waiting: deque[tuple[float, _Settles]] = deque()
-        self.broken = False
-        #: The task reading replies (``read_replies``), set by whoever starts it.
-        self.reader: asyncio.Task[None] | None = None
-        #: Armed while commands wait: when the oldest of them would be overdue.
-        self._watch: asyncio.TimerHandle | None = None
-        self._overdue = False
-
-    async def send(self, batch: list[tuple[bytes, _Settles]]) -> None:
-        if self.broken or not self.conn.is_connected:  # never let redis-py connect it again under us
-            self.broken = True
-            raise StoreUnavailable("the publisher's connection is gone")
-        now = self.loop.time()
-        if self._watch is None:
-            self._watch = self.loop.call_at(now + TIMEOUT_S, self._check_overdue)
-        self.waiting.extend((now, done) for _, done in batch)  # before writing: replies can come at once
-        try:
-            await self.conn.send_packed_command([command for command, _ in batch], check_health=False)
-        except BaseException:
-            self.broken = True  # redis-py has closed it; the reader fails what waits
-            raise
-
-    def _check_overdue(self) -> None:
-        self._watch = None
-        if not self.waiting:
-            return
-        due = self.waiting[0][0] + TIMEOUT_S
-        if due > self.loop.time():
-            self._watch = self.loop.call_at(due, self._check_overdue)
-        elif self.reader is not None and not self.reader.done():
-            self._overdue = True
-            self.broken = True
-            self.reader.cancel()
-
-    async def read_replies(self) -> None:
-        error: BaseException = StoreUnavailable("the publisher's connection was closed")
-        try:
-            while True:
-                try:
-                    reply: Any = await self.conn.read_response(timeout=math.inf)
-                except redis_errors.ResponseError as exc:  # an error reply fails its own command only
-                    reply = refusal(exc)
-                    log.warning("event=bus_command_refused reply=%s", reply.code)
-                    if reply.code == "NOSCRIPT":
-                        self.broken = True  # the script cache was flushed: the next pipe loads it again
-                _, done = self.waiting.popleft()
-                if not done.done():
-                    if isinstance(reply, CommandRefused):
-                        done.set_exception(reply)
-                    else:
-                        done.set_result(reply)
-                if self.broken and not self.waiting:
-                    return  # retired, and every command it carried has its answer
-        except IndexError:
-            error = StoreUnavailable("a reply nobody waited for")
-        except redis_errors.ConnectionError:
-            pass  # closed by Redis or by us: the error above
-        except asyncio.CancelledError:
-            error = StoreUnavailable("TimeoutError" if self._overdue else "closed")
-            if not self._overdue:
-                raise
-        except Exception as exc:
-            error = StoreUnavailable(type(exc).__name__)
-        finally:
-            self.broken = True
-            if self._watch is not None:
-                self._watch.cancel()
-                self._watch = None
-            waiting, self.waiting = self.waiting, deque()
-            for _, done in waiting:
-                if not done.done():
-                    done.set_exception(error)
-            with contextlib.suppress(Exception):
-                await self.conn.disconnect(nowait=True)
-
-
-#: Redis's error codes of the replies redis-py raises as their own classes (it drops the code from
-#: the message of these); any other error reply keeps its code as the message's first word.
-_ERROR_CODES: tuple[tuple[type[Exception], str], ...] = (
-    (redis_errors.NoScriptError, "NOSCRIPT"),
-    (redis_errors.ReadOnlyError, "READONLY"),
-    (redis_errors.OutOfMemoryError, "OOM"),
-    (redis_errors.BusyLoadingError, "LOADING"),
-    (redis_errors.NoPermissionError, "NOPERM"),
-)
-
-
-def refusal(error: redis_errors.ResponseError) -> CommandRefused:
-    """A pipelined command's error reply as ``CommandRefused``, with Redis's code."""
-    for kind, code in _ERROR_CODES:
-        if isinstance(error, kind):
-            return CommandRefused(f"{code} {error}")
-    return CommandRefused(str(error))

@@ -8,7 +8,8 @@ import json
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
 
-from broker.client.broker_client import BrokerClient, parse_link
+from broker.client.broker_client import BrokerClient
+from broker.client.links import parse_link
 from broker.signaling.protocol import (
     ChecklistAccepted,
     Error,

@@ -142,7 +142,7 @@ async def test_a_relay_crosses_only_to_the_process_holding_its_recipient(
 ) -> None:
     """Each process subscribes the own channels of the peers it holds: a relay for the therapist
     on A goes to A alone, not back to B (which holds the sender) over the session's channel."""
-    from broker.store.redis_bus import channel_of, peer_channel_of
+    from broker.store.redis_bus_messages import channel_of, peer_channel_of
 
     a, b = await start_broker_pair(tmp_path, redis_server.empty_database())
     raw = aioredis.Redis.from_url(redis_server.url)

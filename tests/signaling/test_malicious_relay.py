@@ -24,7 +24,8 @@ import msgspec
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 
-from broker.client.broker_client import BrokerClient, PeerLink
+from broker.client.broker_client import BrokerClient
+from broker.client.peers import PeerLink
 from broker.signaling.hub import Hub, mailbox_key
 from broker.signaling.protocol import Answer, Candidate, Offer, encode
 from broker.store.bus import Envelope

@@ -20,7 +20,9 @@ from broker.store.base import Store, StoreUnavailable
 from broker.store.bus import Bus, Envelope, Pending, with_seq
 from broker.store.local_bus import LocalBus
 from broker.store.memory import MemoryStore
-from broker.store.redis_bus import RedisBus, channel_of, peer_channel_of, resp_command
+from broker.store.redis_bus import RedisBus
+from broker.store.redis_bus_messages import channel_of, peer_channel_of
+from broker.store.redis_pipe import resp_command
 from broker.store.redis_store import CommandRefused, RedisStore, Sealer, redis_client
 from tests.redis_server import RedisServer, free_port, redis_server  # noqa: F401 - the fixture
 
@@ -506,7 +508,7 @@ async def test_relays_are_numbered_by_the_log_whatever_the_publisher_expected(
 
     async with spying(redis_server, sid) as spy:
         assert [await relay(a, store_a, n) for n in range(3)] == [1, 2, 3]
-        assert a._expected[key] == [4, None]  # learnt from Redis's answers: the next relays are numbered right
+        assert a._relay_seqs.by_log[key] == [4, None]  # learnt from Redis's answers: the next relays are numbered right
         assert await relay(b, store_b, 3) == 4  # another process: a's expectation is now wrong ...
         sent.append(b"by the store")
         assert await store_a.append(key, b"by the store", 128, 60) == 5  # ... and the store appends too
@@ -515,7 +517,7 @@ async def test_relays_are_numbered_by_the_log_whatever_the_publisher_expected(
         ]
         sent.extend(map(relayed_data, (4, 5, 6)))
         assert await asyncio.gather(*burst) == [6, 7, 8]  # numbered again by the script
-        assert a._expected[key] == [9, None]
+        assert a._relay_seqs.by_log[key] == [9, None]
         assert await relay(a, store_a, 7) == 9
         heads = [message[8:] for message in await spy.read(6)]
     # What crossed the bus: each message numbered as the log numbered its first relay.
@@ -532,19 +534,19 @@ async def test_the_publisher_remembers_the_next_seq_of_a_bounded_number_of_buffe
 ) -> None:
     """One remembered seq per buffer relayed to lately, never more than EXPECTED_SEQS_MAX (a
     process relays to many sessions over its life); a buffer forgotten is numbered by the log."""
-    from broker.store import redis_bus as bus_redis
+    from broker.store import redis_relays
 
-    monkeypatch.setattr(bus_redis, "EXPECTED_SEQS_MAX", 3)
+    monkeypatch.setattr(redis_relays, "EXPECTED_SEQS_MAX", 3)
     bus, store = one
     sid = new_session()
     keys = [f"s:{{{sid}}}:box:peer{n}" for n in range(5)]
     for key in keys * 2:
         assert await bus.publish_relayed(sid, envelope(relayed_data(1), "abcdefgh"), store, key, 8, 60) in (1, 2)
-        assert len(bus._expected) <= 3
-    assert list(bus._expected) == keys[2:]
+        assert len(bus._relay_seqs.by_log) <= 3
+    assert list(bus._relay_seqs.by_log) == keys[2:]
     # keys[0] was forgotten: its next relay is numbered by the log, then remembered again.
     assert await bus.publish_relayed(sid, envelope(relayed_data(3), "abcdefgh"), store, keys[0], 8, 60) == 3
-    assert bus._expected[keys[0]] == [4, None] and len(bus._expected) == 3
+    assert bus._relay_seqs.by_log[keys[0]] == [4, None] and len(bus._relay_seqs.by_log) == 3
     assert await store.read_since(keys[0], 0) == [(1, relayed_data(1)), (2, relayed_data(1)), (3, relayed_data(3))]
 
 
@@ -604,20 +606,20 @@ async def test_the_publisher_is_replaced_if_its_task_ever_ends_while_the_bus_is_
 async def test_a_fault_while_the_publisher_builds_a_command_fails_only_those_relays(
     one: tuple[RedisBus, RedisStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from broker.store import redis_bus as bus_redis
+    from broker.store import redis_relays
 
     bus, store = one
     sid = new_session()
     key = f"s:{{{sid}}}:box:abcdefgh"
-    build = bus_redis._Relays.command
+    build = redis_relays.Relays.command
     faults = [RuntimeError("injected")]
 
-    def faulty(self: bus_redis._Relays) -> bytes:
+    def faulty(self: redis_relays.Relays) -> bytes:
         if faults:
             raise faults.pop()
         return build(self)
 
-    monkeypatch.setattr(bus_redis._Relays, "command", faulty)
+    monkeypatch.setattr(redis_relays.Relays, "command", faulty)
     with pytest.raises(StoreUnavailable):
         await asyncio.wait_for(bus.publish_relayed(sid, envelope(relayed_data(1), "abcdefgh"), store, key, 8, 60), 5)
     assert (
@@ -628,25 +630,25 @@ async def test_a_fault_while_the_publisher_builds_a_command_fails_only_those_rel
 
 
 async def test_a_long_burst_is_split_into_commands_of_bounded_size(one: tuple[RedisBus, RedisStore]) -> None:
-    from broker.store import redis_bus as bus_redis
+    from broker.store import redis_relays
 
     bus, store = one
     sid = new_session()
     key = f"s:{{{sid}}}:box:abcdefgh"
     inbox = Inbox()
     await bus.subscribe(sid, inbox)
-    count = bus_redis.RELAYS_PER_COMMAND * 2 + 3
+    count = redis_relays.RELAYS_PER_COMMAND * 2 + 3
     failures: list[BaseException] = []
     sent = [
         bus.publish_relayed_soon(sid, envelope(relayed_data(n), "abcdefgh"), store, key, 1000, 60, failures.append)
         for n in range(count)
     ]
     assert len(bus._outbox) == 3  # queued as three commands, the last with the 3 left over
-    step = bus_redis.RELAYS_PER_COMMAND
+    step = redis_relays.RELAYS_PER_COMMAND
     assert [len({id(s) for s in sent[i : i + step]}) for i in range(0, count, step)] == [1, 1, 1]
     await sent[-1].wait()  # type: ignore[union-attr]
     assert [e.seq for e in inbox.got] == list(range(1, count + 1))
-    big = b"x" * (bus_redis.RELAY_BYTES_PER_COMMAND // 2)
+    big = b"x" * (redis_relays.RELAY_BYTES_PER_COMMAND // 2)
     sent = [
         bus.publish_relayed_soon(
             sid,

@@ -28,7 +28,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from broker.client.broker_client import BrokerClient, PeerLink
+from broker.client.broker_client import BrokerClient
+from broker.client.peers import PeerLink
 from broker.config import Keys
 from broker.crypto.link_key import decode_link_key, new_link_key
 from broker.crypto.sealed_for_therapist import seal_details
