@@ -224,7 +224,7 @@ async def test_the_broker_keeps_no_checklist_answer_item_by_item(broker: Running
     item. The broker now keeps only that the required items were met, the policy version and its own
     pre-flight result; each answer reaches the therapist sealed with the link key."""
     from broker.crypto import e2ee
-    from broker.signaling.hub import encode_record
+    from broker.signaling.session_records import encode_record
 
     links = await schedule(broker)
     therapist = BrokerClient(links.therapist)
