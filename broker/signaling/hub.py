@@ -228,7 +228,9 @@ class Hub:
         return self._handle(conn, message)
 
     async def _handle(self, conn: Connection, message: ClientMessage) -> None:
-        await self.relays.settle(conn)  # this connection's relays reach the store before what it sent next
+        unsettled = self.relays.unsettled(conn)
+        if unsettled is not None:
+            await unsettled.wait()  # this connection's relays reach the store before what it sent next
         try:
             await self._dispatch(conn, message)
         except Exception as exc:

@@ -102,7 +102,7 @@ class Relays:
 
     def _on_its_way(self, conn: Connection, sent: Pending) -> None:
         """Relays the bus is still sending (Redis): the connection's next frames need not wait for
-        them, but anything other than a relay does (``settle``); the bus settles them in order, so
+        them, but anything other than a relay does (``unsettled``); the bus settles them in order, so
         the newest stands for all. A failure is answered when it comes (``_relay_failed``)."""
         self._unsettled[conn] = sent
 
@@ -110,11 +110,10 @@ class Relays:
         if isinstance(error, Exception):
             conn.refuse(error, ref)
 
-    async def settle(self, conn: Connection) -> None:
-        """Wait until this connection's relays reach the store, before what it sent next."""
+    def unsettled(self, conn: Connection) -> Pending | None:
+        """This connection's relays still on their way to the store, if any: what it sent next waits for them."""
         unsettled = self._unsettled.pop(conn, None)
-        if unsettled is not None and not unsettled.done():
-            await unsettled.wait()
+        return unsettled if unsettled is not None and not unsettled.done() else None
 
     async def relay(self, conn: Connection, message: Relayed) -> None:
         """A relay that waits for the store's record (this process has no recent copy)."""
