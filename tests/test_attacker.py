@@ -80,7 +80,7 @@ async def probe(made):
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     path = os.environ["BROKER_TEST_PROBE_FILE"]
-    stats = {"store_keys": len(await made.store.keys("")), "connections": len(made.hub.connections)}
+    stats = {"store_keys": len(await made.store.keys("")), "connections": len(made.hub.connections.by_id)}
     with open(path + ".tmp", "w") as out:
         json.dump(stats, out)
     os.replace(path + ".tmp", path)

@@ -32,7 +32,8 @@ from broker.http.login import setup_auth
 from broker.http.pages import web_root
 from broker.http.security_headers import security_middleware, security_signal
 from broker.signaling.admission import BrokerPreflight, PolicyChecklist
-from broker.signaling.hub import CLOSE_POLICY, Hub, Limits
+from broker.signaling.connections import CLOSE_POLICY, Limits
+from broker.signaling.hub import Hub
 from broker.signaling.protocol import MAX_MESSAGE_BYTES, Error, ErrorCode, ProtocolError, encode
 from broker.signaling.record import RecordSigner
 from broker.signaling.tokens import TokenCodec

@@ -44,7 +44,7 @@ def tile(page: Page, peer: str) -> Any:
 
 async def drop_connections(broker: RunningBroker, peer: str) -> None:
     """Cut a peer's WebSocket from the broker's side, as a network change would."""
-    for conn in list(broker.hub.connections.values()):
+    for conn in list(broker.hub.connections.by_id.values()):
         if conn.peer_id == peer:
             await conn.transport.close(1012, "")
 

@@ -228,7 +228,7 @@ async def recovered_on_the_same_connection(side: Side, before: Before, frames: i
 
 def broker_connection(broker: RunningBroker, peer: str) -> object:
     """The broker's live, joined WebSocket of a peer (exactly one)."""
-    live = [c for c in broker.hub.connections.values() if c.peer_id == peer and not c.closed]
+    live = [c for c in broker.hub.connections.by_id.values() if c.peer_id == peer and not c.closed]
     assert len(live) == 1, f"{len(live)} live broker connections for one peer"
     return live[0]
 
@@ -272,7 +272,7 @@ async def test_offerer_loses_the_broker_during_the_restart_and_restarts_again(
     # The therapist's WebSocket drops too, and the broker turns it away for now.
     turn_broker.hub.accepting = False
     try:
-        for conn in list(turn_broker.hub.connections.values()):
+        for conn in list(turn_broker.hub.connections.by_id.values()):
             if conn.peer_id == client.other:
                 await conn.transport.close(1012, "")
         await expect(therapist.banner).to_have_attribute("data-reason", "broker")

@@ -3,7 +3,7 @@
 A relay between a page and the broker tampers with the description it passes on (a man in the
 middle: the page seals it, so the relay can only alter the ciphertext): the receiving page
 refuses the connection and shows the full interception warning. Then the broker itself turns
-bad (MaliciousHub from tests/signaling/test_malicious_relay.py): it swaps in its own description without
+bad (MaliciousRelays from tests/signaling/test_malicious_relay.py): it swaps in its own description without
 or with a broken MAC, corrupts sealed descriptions or candidates, replays an old offer, or
 injects a fake peer without the link key, and every attack ends on a page's warning screen and
 in the broker's audit log; clear candidates it injects are dropped without a warning. Through
@@ -24,8 +24,8 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Locator, Page, WebSocketRoute, expect
 
-from broker.signaling.hub import Hub
 from broker.signaling.protocol import Candidate
+from broker.signaling.relay import Relays
 from broker.store.base import session_prefix
 from tests.browser.conftest import NewContext
 from tests.browser.kit import RECORD_PEER_CONNECTIONS, Watch, look, pass_checklist, wait_screen
@@ -33,7 +33,7 @@ from tests.conftest import RunningBroker, SessionLinks, schedule, start_broker
 from tests.signaling.test_malicious_relay import (
     HOST_CANDIDATE,
     MADE_UP_MAC,
-    MaliciousHub,
+    MaliciousRelays,
     attacker_description,
     turn_malicious,
     wait_for,
@@ -117,7 +117,7 @@ async def test_swapped_fingerprint_is_refused_with_a_warning(
 
 # ---------------------------------------------------------------- the malicious broker itself
 #
-# Every attack of tests/signaling/test_malicious_relay.py, played by the broker (MaliciousHub, imported
+# Every attack of tests/signaling/test_malicious_relay.py, played by the broker (MaliciousRelays, imported
 # from there) against two real pages. The honest relay with equal safety codes on both sides is
 # tests/browser/test_call.py::test_client_from_link_to_call_to_end.
 
@@ -149,12 +149,12 @@ async def evil(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Runnin
     running = await start_broker(Path(tmp_path_factory.mktemp("evil-browser-broker")))
     hub = turn_malicious(running, await attacker_description())  # as tests/signaling/test_malicious_relay.py does
     yield running
-    hub.__class__ = Hub
+    hub.__class__ = Relays
     await running.stop()
 
 
-def evil_hub(running: RunningBroker, mode: str) -> MaliciousHub:
-    hub = cast(MaliciousHub, running.broker.hub)
+def evil_hub(running: RunningBroker, mode: str) -> MaliciousRelays:
+    hub = cast(MaliciousRelays, running.broker.hub.relays)
     hub.mode = mode
     hub.saved_offers.clear()
     hub.saved_candidates.clear()

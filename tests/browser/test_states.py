@@ -66,7 +66,7 @@ async def open_client(new_context: NewContext, links: SessionLinks, media: str |
 
 
 async def drop_connections(broker: RunningBroker, peer: str) -> None:
-    for conn in list(broker.hub.connections.values()):
+    for conn in list(broker.hub.connections.by_id.values()):
         if conn.peer_id == peer:
             await conn.transport.close(1012, "")
 

@@ -226,7 +226,7 @@ async def test_the_broker_keeps_no_checklist_answer_item_by_item(broker: Running
     pre-flight result; each answer reaches the therapist sealed with the link key."""
     from broker.crypto.link_key import decode_link_key
     from broker.crypto.sealed_for_therapist import open_checklist
-    from broker.signaling.hub import encode_record
+    from broker.signaling.session_records import encode_record
 
     links = await schedule(broker)
     therapist = BrokerClient(links.therapist)

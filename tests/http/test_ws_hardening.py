@@ -21,7 +21,7 @@ from aiohttp import ClientSession, WSMsgType
 
 from broker.client.broker_client import BrokerClient
 from broker.crypto.link_key import new_link_key
-from broker.signaling.hub import CLOSE_AUTH_TIMEOUT, CLOSE_FLOOD, CLOSE_TOO_SLOW
+from broker.signaling.connections import CLOSE_AUTH_TIMEOUT, CLOSE_FLOOD, CLOSE_TOO_SLOW
 from broker.signaling.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, SeatState, Status, WaitingRoom
 from tests.conftest import RunningBroker, read_until_broker_closes, start_broker
 from tests.signaling.test_hub import masked_text_frames
@@ -225,13 +225,13 @@ async def test_slow_consumer_is_closed_and_others_are_not(tmp_path: Path, http: 
     connector = aiohttp.TCPConnector(socket_factory=small_receive_buffer)
     try:
         async with ClientSession(connector=connector) as slow_http:
-            before = set(hub.connections)
+            before = set(hub.connections.by_id)
             slow = await slow_http.ws_connect(ws_url(running), origin=origin(running), autoping=False)
-            [slow_id] = set(hub.connections) - before
+            [slow_id] = set(hub.connections.by_id) - before
             await join_raw(slow, tokens[session.therapist().id])
             # From here on the therapist's side reads nothing and sends nothing.
             cycles = 0
-            while slow_id in hub.connections and not hub.connections[slow_id].closed:
+            while slow_id in hub.connections.by_id and not hub.connections.by_id[slow_id].closed:
                 token = clients[cycles % len(clients)]
                 async with http.ws_connect(ws_url(running), origin=origin(running)) as client:
                     await join_raw(client, token)

@@ -13,14 +13,8 @@ import aiohttp
 import pytest
 
 from broker.client.broker_client import BrokerClient
-from broker.signaling import hub as hub_module
-from broker.signaling.hub import (
-    CLOSE_TOO_SLOW,
-    RELAY_RECORD_MAX_AGE_S,
-    RELAY_RECORD_REFRESH_S,
-    Connection,
-    Limits,
-)
+from broker.signaling import session_records
+from broker.signaling.connections import CLOSE_TOO_SLOW, Connection, Limits
 from broker.signaling.protocol import (
     Candidate,
     Error,
@@ -34,6 +28,7 @@ from broker.signaling.protocol import (
     WaitingRoom,
 )
 from broker.signaling.record import verify_record
+from broker.signaling.session_records import RELAY_RECORD_MAX_AGE_S, RELAY_RECORD_REFRESH_S
 from broker.signaling.tokens import TokenClaims, TokenCodec, new_session_id, new_token_id
 from broker.store.base import StoreUnavailable, session_prefix
 from tests.client.test_client import waiting_client
@@ -217,7 +212,7 @@ async def test_relays_are_handled_within_the_step_once_the_record_is_known(broke
     """The embedded fast path (``Hub.receive_now``): nothing to await, the same rules as the slow path."""
     _, therapist, client = await admitted_pair(broker)
     hub = broker.hub
-    conn = next(c for c in hub.connections.values() if c.peer_id == client.peer_id)
+    conn = next(c for c in hub.connections.by_id.values() if c.peer_id == client.peer_id)
 
     def frame(kind: str, to: str, ref: str, **fields: Any) -> str:
         return json.dumps({"type": kind, "to": to, "id": ref, **fields})
@@ -270,12 +265,12 @@ async def test_a_fault_in_the_hub_is_answered_and_the_connection_carries_on(brok
     def broken(session_id: str) -> None:
         raise RuntimeError("a bug")
 
-    hub._relay_record_now = broken  # type: ignore[method-assign]
+    hub.records.relay_copy_now = broken  # type: ignore[method-assign]
     try:
         await client.send_raw(json.dumps({"type": "candidate", "to": therapist.peer_id, "candidate": "", "id": "b1"}))
         assert (await client.expect(Error, where=lambda m: m.ref is None and m.code is ErrorCode.INTERNAL)).code
     finally:
-        del hub._relay_record_now
+        del hub.records.relay_copy_now
     try:
         await client.send_raw(
             json.dumps({"type": "candidate", "to": therapist.peer_id, "candidate": "", "sdp_mid": "after"})
@@ -294,7 +289,7 @@ async def test_relays_never_wait_for_a_session_record_being_read_again(
     past its age is never used."""
     links, therapist, client = await admitted_pair(broker)
     hub = broker.hub
-    conn = next(c for c in hub.connections.values() if c.peer_id == client.peer_id)
+    conn = next(c for c in hub.connections.by_id.values() if c.peer_id == client.peer_id)
 
     def candidate(mid: str) -> str:
         return json.dumps({"type": "candidate", "to": therapist.peer_id, "candidate": "", "sdp_mid": mid})
@@ -302,16 +297,16 @@ async def test_relays_never_wait_for_a_session_record_being_read_again(
     try:
         await client.send_raw(candidate("warm"))
         await therapist.expect(Candidate, where=lambda m: m.sdp_mid == "warm")
-        session = hub._relay_records[links.session][1]
+        session = hub.records._relay_records[links.session][1]
         aged = time.monotonic() - (RELAY_RECORD_REFRESH_S + RELAY_RECORD_MAX_AGE_S) / 2
-        hub._relay_records[links.session] = (aged, session)
+        hub.records._relay_records[links.session] = (aged, session)
         assert hub.receive_now(conn, candidate("with the old copy")) is None  # done within the step
         await therapist.expect(Candidate, where=lambda m: m.sdp_mid == "with the old copy")
         for _ in range(100):  # renewed meanwhile, by one read of the store
-            if hub._relay_records[links.session][0] > aged:
+            if hub.records._relay_records[links.session][0] > aged:
                 break
             await asyncio.sleep(0.01)
-        assert hub._relay_records[links.session][0] > aged and not hub._refreshing
+        assert hub.records._relay_records[links.session][0] > aged and not hub.records._refreshing
 
         # A read that fails (the store away, or a bug) leaves the copy as it was, to age out.
         for fault in (StoreUnavailable("away"), RuntimeError("a bug")):
@@ -320,22 +315,22 @@ async def test_relays_never_wait_for_a_session_record_being_read_again(
                 raise fault
 
             aged = time.monotonic() - (RELAY_RECORD_REFRESH_S + RELAY_RECORD_MAX_AGE_S) / 2
-            hub._relay_records[links.session] = (aged, session)
-            hub._load = failing  # type: ignore[method-assign]
+            hub.records._relay_records[links.session] = (aged, session)
+            hub.records.load = failing  # type: ignore[method-assign]
             try:
                 assert hub.receive_now(conn, candidate(f"while the store fails: {fault}")) is None
                 await therapist.expect(Candidate, where=lambda m, f=fault: m.sdp_mid == f"while the store fails: {f}")
                 for _ in range(100):
-                    if not hub._refreshing:
+                    if not hub.records._refreshing:
                         break
                     await asyncio.sleep(0.01)
-                assert not hub._refreshing and hub._relay_records[links.session][0] == aged
+                assert not hub.records._refreshing and hub.records._relay_records[links.session][0] == aged
             finally:
-                del hub._load
+                del hub.records.load
         assert caplog.text.count("where=relay_record_refresh") == 1  # the bug is logged, the store being away is not
 
-        hub._relay_records[links.session] = (time.monotonic() - RELAY_RECORD_MAX_AGE_S, session)
-        assert hub._relay_record_now(links.session) is None  # too old: relays read the store themselves
+        hub.records._relay_records[links.session] = (time.monotonic() - RELAY_RECORD_MAX_AGE_S, session)
+        assert hub.records.relay_copy_now(links.session) is None  # too old: relays read the store themselves
     finally:
         await client.close()
         await therapist.close()
@@ -348,13 +343,13 @@ async def test_copies_falling_due_close_together_are_read_again_together(
     so their reads go to the store together: one wake-up of the process and of Redis for many
     sessions (P4 in benchmarks/). Relays go on with the copies meanwhile."""
     # The same rule on a slower clock, so this machine's pauses cannot blur it.
-    monkeypatch.setattr(hub_module, "RELAY_RECORD_MAX_AGE_S", 20.0)
-    monkeypatch.setattr(hub_module, "RELAY_RECORD_REFRESH_S", 10.0)
-    monkeypatch.setattr(hub_module, "RELAY_RECORD_GATHER_S", 1.5)
+    monkeypatch.setattr(session_records, "RELAY_RECORD_MAX_AGE_S", 20.0)
+    monkeypatch.setattr(session_records, "RELAY_RECORD_REFRESH_S", 10.0)
+    monkeypatch.setattr(session_records, "RELAY_RECORD_GATHER_S", 1.5)
     hub = broker.hub
     pairs = [await admitted_pair(broker) for _ in range(2)]
     reads: list[tuple[str, float]] = []
-    load = hub._load
+    load = hub.records.load
 
     async def counted(session_id: str) -> Any:
         reads.append((session_id, time.monotonic()))
@@ -366,12 +361,12 @@ async def test_copies_falling_due_close_together_are_read_again_together(
                 json.dumps({"type": "candidate", "to": therapist.peer_id, "candidate": "", "sdp_mid": "warm"})
             )
             await therapist.expect(Candidate, where=lambda m: m.sdp_mid == "warm")
-        hub._load = counted  # type: ignore[method-assign]
+        hub.records.load = counted  # type: ignore[method-assign]
         aged = time.monotonic() - 12.0
         sent = []
         for n, (links, therapist, client) in enumerate(pairs):
-            hub._relay_records[links.session] = (aged, hub._relay_records[links.session][1])
-            conn = next(c for c in hub.connections.values() if c.peer_id == client.peer_id)
+            hub.records._relay_records[links.session] = (aged, hub.records._relay_records[links.session][1])
+            conn = next(c for c in hub.connections.by_id.values() if c.peer_id == client.peer_id)
             if n:
                 await asyncio.sleep(0.4)
             sent.append(time.monotonic())
@@ -384,16 +379,19 @@ async def test_copies_falling_due_close_together_are_read_again_together(
             )
             await therapist.expect(Candidate, where=lambda m, mid=mid: m.sdp_mid == mid)  # with the old copy
         for _ in range(500):
-            if all(hub._relay_records[links.session][0] > aged for links, _, _ in pairs):
+            if all(hub.records._relay_records[links.session][0] > aged for links, _, _ in pairs):
                 break
             await asyncio.sleep(0.01)
-        assert all(hub._relay_records[links.session][0] > aged for links, _, _ in pairs) and not hub._refreshing
+        assert (
+            all(hub.records._relay_records[links.session][0] > aged for links, _, _ in pairs)
+            and not hub.records._refreshing
+        )
         assert sorted(s for s, _ in reads) == sorted(links.session for links, _, _ in pairs)
         started = [t for _, t in reads]
         assert min(started) >= sent[0] + 1.4  # not read when each fell due (0.4 s apart) ...
         assert max(started) - min(started) < 0.2  # ... but together
     finally:
-        del hub._load
+        del hub.records.load
         for _, therapist, client in pairs:
             await client.close()
             await therapist.close()
@@ -428,14 +426,14 @@ async def test_frames_read_together_take_effect_in_order(broker: RunningBroker) 
 
 
 async def test_a_frame_other_than_a_relay_waits_for_the_relays_still_on_their_way(broker: RunningBroker) -> None:
-    """On Redis a relay is not awaited (``Hub._on_its_way``); what the connection sends next still
+    """On Redis a relay is not awaited (``Relays._on_its_way``); what the connection sends next still
     takes effect after it, and a relay that fails later is answered with its ref.
 
     The relays on their way are the bus's ``Pending`` (the Redis bus's own is tested in
     test_bus.py); here one the test settles itself."""
     links, therapist, client = await admitted_pair(broker)
     hub = broker.hub
-    conn = next(c for c in hub.connections.values() if c.peer_id == client.peer_id)
+    conn = next(c for c in hub.connections.by_id.values() if c.peer_id == client.peer_id)
 
     class OnItsWay:
         def __init__(self) -> None:
@@ -448,11 +446,11 @@ async def test_a_frame_other_than_a_relay_waits_for_the_relays_still_on_their_wa
             await self.settled.wait()
 
     try:
-        hub._relay_failed(conn, "r0", StoreUnavailable("gone"))
+        hub.relays._relay_failed(conn, "r0", StoreUnavailable("gone"))
         assert (await client.expect(Error, where=lambda m: m.ref == "r0")).code is ErrorCode.UNAVAILABLE
 
         on_its_way = OnItsWay()
-        hub._on_its_way(conn, on_its_way)
+        hub.relays._on_its_way(conn, on_its_way)
         leaving = hub.receive_now(conn, json.dumps({"type": "leave"}))
         assert leaving is not None
         task = asyncio.ensure_future(leaving)
@@ -461,7 +459,7 @@ async def test_a_frame_other_than_a_relay_waits_for_the_relays_still_on_their_wa
         assert (await record_of(broker, links.session)).seat(client.peer_id).state is SeatState.ADMITTED
         on_its_way.settled.set()  # the relays were taken
         await asyncio.wait_for(task, 5)
-        assert conn not in hub._unsettled
+        assert conn not in hub.relays._unsettled
         assert (await record_of(broker, links.session)).seat(client.peer_id).state is SeatState.LEFT
     finally:
         await client.close()
@@ -893,9 +891,9 @@ async def test_messages_keep_their_order_when_a_slow_reader_makes_them_wait(tmp_
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(socket_factory=_small_receive_buffer))
     client: BrokerClient | None = None
     try:
-        before = set(hub.connections)
+        before = set(hub.connections.by_id)
         ws = await http.ws_connect(running.url + "/ws", origin=running.url, max_msg_size=0)
-        [conn_id] = set(hub.connections) - before
+        [conn_id] = set(hub.connections.by_id) - before
         therapist = RawPeer(ws, http)
         joined = await therapist.join(links.tokens[(await record_of(running, links.session)).therapist().id])
         assert joined["type"] == "joined"
@@ -911,7 +909,7 @@ async def test_messages_keep_their_order_when_a_slow_reader_makes_them_wait(tmp_
         await client.send_raw('{"type":"ping","n":77}')
         await client.expect(type(_pong()), where=lambda m: m.n == 77)
         # 12 MB cannot all sit in the socket buffers: some of it waits in the broker's queue.
-        assert not hub.connections[conn_id].flushed
+        assert not hub.connections.by_id[conn_id].flushed
         numbers, seqs = [], []
         while len(numbers) < count:
             message = await therapist.recv(timeout=30)
@@ -921,10 +919,10 @@ async def test_messages_keep_their_order_when_a_slow_reader_makes_them_wait(tmp_
         assert numbers == list(range(count))
         assert seqs == list(range(seqs[0], seqs[0] + count))
         for _ in range(500):
-            if hub.connections[conn_id].flushed:
+            if hub.connections.by_id[conn_id].flushed:
                 break
             await asyncio.sleep(0.01)
-        assert hub.connections[conn_id].flushed and not hub.connections[conn_id].closed
+        assert hub.connections.by_id[conn_id].flushed and not hub.connections.by_id[conn_id].closed
         await client.send_raw(json.dumps({"type": "candidate", "to": therapist_id(joined), "candidate": "last"}))
         last = await therapist.recv_type("candidate")
         assert last["candidate"] == "last" and last["seq"] == seqs[-1] + 1
@@ -942,7 +940,7 @@ def therapist_id(joined: dict[str, Any]) -> str:
 async def test_a_session_ends_when_its_window_closes_and_others_go_on(tmp_path) -> None:  # noqa: ANN001
     """One timer serves every session's expiry: the one that is due ends (4010, no key left), a later one
     stays open, and one whose peers all left before its end is simply forgotten."""
-    from broker.signaling.hub import CLOSE_ENDED
+    from broker.signaling.connections import CLOSE_ENDED
     from broker.signaling.session import DEFAULT_GRACE_S
     from tests.conftest import start_broker
 
@@ -969,8 +967,8 @@ async def test_a_session_ends_when_its_window_closes_and_others_go_on(tmp_path) 
         await staying.send(type="ping", n=3)
         assert (await staying.recv_type("pong"))["n"] == 3
         assert await hub.get_session(later.id) is not None
-        assert later.id in hub._expiry_due and soon.id not in hub._expiry_due
-        assert left.id not in hub._expiry_due
+        assert later.id in hub.expiry and soon.id not in hub.expiry
+        assert left.id not in hub.expiry
     finally:
         for peer in peers:
             await peer.close()
@@ -981,12 +979,12 @@ async def test_a_relay_that_overtakes_an_earlier_one_waits_for_it(broker: Runnin
     """Relays for one seat from this process and from another travel different paths, so seq 2
     can reach the seat's process before seq 1. Seq 2 must not make seq 1 look already sent: the
     missing relays come from the seat's resume buffer first, then seq 2, in order, once each."""
-    from broker.signaling.hub import mailbox_key
+    from broker.signaling.relay import mailbox_key
     from broker.store.bus import Envelope, with_seq
 
     links, therapist, client = await admitted_pair(broker)
     try:
-        conn = next(c for c in broker.hub.connections.values() if c.peer_id == client.peer_id)
+        conn = next(c for c in broker.hub.connections.by_id.values() if c.peer_id == client.peer_id)
         box = mailbox_key(links.session, client.peer_id)
         frames = []
         for mid in ("first", "second"):
@@ -1004,7 +1002,7 @@ async def test_a_relay_that_overtakes_an_earlier_one_waits_for_it(broker: Runnin
             seq = await broker.broker.store.append(box, data, 128, 60)
             frames.append((seq, data))
         assert frames[1][0] == frames[0][0] + 1 and conn.last_seq == frames[0][0] - 1
-        handler = broker.hub._bus_handlers[links.session]
+        handler = broker.hub.relays._bus_handlers[links.session]
         late, early = frames
         handler(Envelope(client.peer_id, None, with_seq(early[1], early[0]), seq=early[0]))  # overtakes
         handler(Envelope(client.peer_id, None, with_seq(late[1], late[0]), seq=late[0]))  # arrives after

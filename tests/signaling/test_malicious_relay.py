@@ -1,6 +1,6 @@
 """A deliberately malicious broker cannot intercept a call unnoticed (DESIGN.md section 4).
 
-``MaliciousHub`` is the real hub with its relay step replaced: after the hub's own checks it
+``MaliciousRelays`` is the hub's real relays with their relay step replaced: after the hub's own checks it
 alters what it passes on. Peers holding the link key seal their offers, answers and candidates
 (docs/protocol.md 7.7), so the relay can only alter, strip, replay, re-number, re-type or
 re-address ciphertext, swap in a clear description of its own, inject candidates in clear,
@@ -26,8 +26,8 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 
 from broker.client.broker_client import BrokerClient
 from broker.client.peers import PeerLink
-from broker.signaling.hub import Hub, mailbox_key
 from broker.signaling.protocol import Answer, Candidate, Offer, encode
+from broker.signaling.relay import Relays, mailbox_key
 from broker.store.bus import Envelope
 from tests.client.test_client import waiting_client
 from tests.conftest import RunningBroker, SessionLinks, schedule, start_broker
@@ -47,7 +47,7 @@ def flip(text: str, at: int = 20) -> str:
     return text[:at] + ("B" if text[at] != "B" else "C") + text[at + 1 :]
 
 
-class MaliciousHub(Hub):
+class MaliciousRelays(Relays):
     """The broker gone bad: every relayed offer, answer and candidate passes through ``tamper``
     after the hub's own checks (so it may even change who the message is for, or its type)."""
 
@@ -101,9 +101,9 @@ class MaliciousHub(Hub):
             return self.saved_candidates.setdefault((sender, message.to), message)
         return message
 
-    def _relay_checked(self, conn: Any, message: Any, session: Any) -> tuple[Any, ...]:
+    def checked(self, conn: Any, message: Any, session: Any) -> tuple[Any, ...]:
         """Every relay, on the hub's fast path and on its awaited one, goes through here."""
-        checked = Hub._relay_checked(self, conn, message, session)
+        checked = Relays.checked(self, conn, message, session)
         if not isinstance(message, (Offer, Answer, Candidate)):
             return checked
         bad = self.tamper(conn.peer_id, message)
@@ -137,10 +137,10 @@ async def attacker_description() -> str:
     return sdp
 
 
-def turn_malicious(running: RunningBroker, sdp: str) -> MaliciousHub:
-    hub = running.broker.hub
-    hub.__class__ = MaliciousHub
-    evil: MaliciousHub = hub  # type: ignore[assignment]
+def turn_malicious(running: RunningBroker, sdp: str) -> MaliciousRelays:
+    relays = running.broker.hub.relays
+    relays.__class__ = MaliciousRelays
+    evil: MaliciousRelays = relays  # type: ignore[assignment]
     evil.saved_offers, evil.saved_candidates, evil.redirect, evil.seen = {}, {}, {}, []
     evil.attacker_sdp = sdp
     return evil
@@ -163,8 +163,8 @@ class OlderClient(BrokerClient):
         await super()._send_description(link, kind)
 
 
-def hub_of(running: RunningBroker) -> MaliciousHub:
-    return running.broker.hub  # type: ignore[no-any-return]
+def hub_of(running: RunningBroker) -> MaliciousRelays:
+    return running.broker.hub.relays  # type: ignore[return-value]
 
 
 async def admitted_pair(
@@ -267,7 +267,7 @@ async def test_tampered_answers_are_detected_by_the_offerer(evil: RunningBroker,
     try:
         # Tamper only answers: the therapist (offerer) must catch each one ("retype" hands it an
         # offer made of the client's sealed answer).
-        hub.tamper = lambda sender, m: MaliciousHub.tamper(hub, sender, m) if isinstance(m, Answer) else m  # type: ignore[method-assign]
+        hub.tamper = lambda sender, m: MaliciousRelays.tamper(hub, sender, m) if isinstance(m, Answer) else m  # type: ignore[method-assign]
         for round_ in range(ROUNDS):
             await client.renegotiate(therapist.peer_id)
             await wait_for(lambda round_=round_: len(therapist.interceptions) == round_ + 1)

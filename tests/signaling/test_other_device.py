@@ -17,7 +17,6 @@ import aiohttp
 import pytest
 
 from broker.client.broker_client import BrokerClient
-from broker.signaling.hub import mailbox_key
 from broker.signaling.protocol import (
     Candidate,
     Declined,
@@ -29,6 +28,7 @@ from broker.signaling.protocol import (
     Status,
     WaitingRoom,
 )
+from broker.signaling.relay import mailbox_key
 from tests.client.test_client import waiting_client
 from tests.conftest import RunningBroker, SessionLinks, schedule, start_broker_pair
 from tests.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture

@@ -21,8 +21,9 @@ import pytest
 import redis
 
 from broker.client.broker_client import BrokerClient
-from broker.signaling.hub import Hub
+from broker.signaling.connections import Connections
 from broker.signaling.protocol import Answer, Candidate, Offer
+from broker.signaling.relay import Relays
 from broker.store.redis_store import StoreCorrupt
 from tests.client.test_client import waiting_client
 from tests.conftest import RunningBroker, schedule, start_broker, start_broker_pair
@@ -33,30 +34,45 @@ RELAYED = (Offer, Answer, Candidate)
 MARKS = ("a=fingerprint", "a=ice-ufrag", "a=ice-pwd", "candidate:", "v=0\r\n")
 
 
-class RecordingHub(Hub):
-    """The real hub, keeping a copy of every offer, answer and candidate it handles: each frame
-    as it came in, and each message as it passes it on (to a local peer or through Redis)."""
+class RecordingConnections(Connections):
+    """The real connection side, keeping a copy of every offer, answer and candidate frame as it came in."""
 
     frames: list[bytes]
 
-    def _taken(self, conn: Any, text: str | bytes) -> Any:
-        message = Hub._taken(self, conn, text)
+    def take(self, conn: Any, text: str | bytes) -> Any:
+        message = Connections.take(self, conn, text)
         if isinstance(message, RELAYED):
             self.frames.append(text.encode() if isinstance(text, str) else text)
         return message
 
-    def _relay_checked(self, conn: Any, message: Any, session: Any) -> tuple[Any, ...]:
-        checked = Hub._relay_checked(self, conn, message, session)
+
+class RecordingRelays(Relays):
+    """The real relays, keeping a copy of every offer, answer and candidate as they pass it on
+    (to a local peer or through Redis)."""
+
+    frames: list[bytes]
+
+    def checked(self, conn: Any, message: Any, session: Any) -> tuple[Any, ...]:
+        checked = Relays.checked(self, conn, message, session)
         if isinstance(message, RELAYED):
             self.frames.append(checked[1].data)
         return checked
 
 
-def recording(running: RunningBroker) -> RecordingHub:
-    hub = running.broker.hub
-    hub.__class__ = RecordingHub
-    hub.frames = []
-    return hub  # type: ignore[no-any-return]
+class Recorded:
+    """Every offer, answer and candidate a broker's hub handled: each frame as it came in, and
+    each message as it passed it on."""
+
+    def __init__(self, running: RunningBroker) -> None:
+        self.frames: list[bytes] = []
+        hub = running.broker.hub
+        hub.connections.__class__ = RecordingConnections
+        hub.relays.__class__ = RecordingRelays
+        hub.connections.frames = hub.relays.frames = self.frames  # type: ignore[attr-defined]
+
+
+def recording(running: RunningBroker) -> Recorded:
+    return Recorded(running)
 
 
 def secrets_of(sdps: Iterable[str]) -> set[str]:
@@ -155,19 +171,19 @@ async def store_contents(running: RunningBroker, raw: Any = None, prefix: str = 
 
 async def test_an_embedded_broker_holds_no_signaling_in_clear(tmp_path: Path) -> None:
     running = await start_broker(tmp_path)
-    hub = recording(running)
+    recorded = recording(running)
     try:
         links = await schedule(running)
         therapist, client, sdps = await connected_call(links.therapist, links.client, links)
         try:
             secrets = secrets_of(sdps)
             assert host_addresses(sdps), "the call used no host address: nothing to look for"
-            assert_nothing_in_clear("a relayed frame", hub.frames, secrets)
+            assert_nothing_in_clear("a relayed frame", recorded.frames, secrets)
             await trickle_one(client, therapist)
-            assert_nothing_in_clear("a relayed frame", hub.frames, secrets)
-            relayed = [f for f in hub.frames if b'"sealed"' in f]
-            assert len(hub.frames) >= 10 and relayed == hub.frames  # every one sealed
-            assert any(b'"type":"candidate"' in f for f in hub.frames)
+            assert_nothing_in_clear("a relayed frame", recorded.frames, secrets)
+            relayed = [f for f in recorded.frames if b'"sealed"' in f]
+            assert len(recorded.frames) >= 10 and relayed == recorded.frames  # every one sealed
+            assert any(b'"type":"candidate"' in f for f in recorded.frames)
             stored = await store_contents(running)
             assert any(b'"sealed"' in v for v in stored), "the resume buffers are in the store"
             assert_nothing_in_clear("the store", stored, secrets)
@@ -181,7 +197,7 @@ async def test_an_embedded_broker_holds_no_signaling_in_clear(tmp_path: Path) ->
 async def test_brokers_on_redis_hold_no_signaling_in_clear(redis_server: RedisServer, tmp_path: Path) -> None:  # noqa: F811
     url = redis_server.empty_database(11)
     one, two = await start_broker_pair(tmp_path, url)
-    hubs = [recording(one), recording(two)]
+    recorded = [recording(one), recording(two)]
     try:
         links = await schedule(one)
         client_link = links.client.replace(one.url, two.url)  # the client on the other process
@@ -189,10 +205,10 @@ async def test_brokers_on_redis_hold_no_signaling_in_clear(redis_server: RedisSe
         try:
             secrets = secrets_of(sdps)
             assert host_addresses(sdps)
-            assert_nothing_in_clear("a relayed frame", [f for hub in hubs for f in hub.frames], secrets)
+            assert_nothing_in_clear("a relayed frame", [f for each in recorded for f in each.frames], secrets)
             await trickle_one(client, therapist)
-            frames = [f for hub in hubs for f in hub.frames]
-            assert all(hub.frames for hub in hubs)  # both processes relayed
+            frames = [f for each in recorded for f in each.frames]
+            assert all(each.frames for each in recorded)  # both processes relayed
             assert all(b'"sealed"' in f for f in frames)
             assert_nothing_in_clear("a relayed frame", frames, secrets)
             with redis.Redis.from_url(url) as raw:
@@ -228,7 +244,7 @@ async def test_without_the_link_key_the_call_stays_in_clear_and_says_so(tmp_path
     """A therapist on a device without the link key (docs/protocol.md 7.2, 7.7): nothing can be
     sealed for it, so both sides keep the clear path, unverified, and compare safety codes."""
     running = await start_broker(tmp_path)
-    hub = recording(running)
+    recorded = recording(running)
     try:
         links = await schedule(running)
         therapist = BrokerClient(links.therapist.split("#", 1)[0])
@@ -241,7 +257,7 @@ async def test_without_the_link_key_the_call_stays_in_clear_and_says_so(tmp_path
             assert c_link.trust == t_link.trust == "unverified"
             assert not (c_link.sealing or c_link.remote_sealed or t_link.sealing or t_link.remote_sealed)
             assert therapist.safety_code(client.peer_id) == client.safety_code(therapist.peer_id)
-            assert hub.frames and not any(b'"sealed":"' in f for f in hub.frames)
+            assert recorded.frames and not any(b'"sealed":"' in f for f in recorded.frames)
             # Sealed anyway (a peer that got it wrong): the keyless side cannot open it, and drops it.
             assert client.auth is not None
             counter, sealed = client.auth.seal(

@@ -1,0 +1,328 @@
+"""The WebSockets this process holds: what is written to each, and what is let in from it.
+
+The connection side of the hub, knowing nothing of sessions: each ``Connection``
+writes its messages in order through a bounded queue (a peer that cannot keep up
+is closed, nobody else waits), spends a per-connection message budget, and is
+closed if it has not joined by the auth deadline. ``Connections`` is the registry
+of them, and the first step of every frame: the budget, the strict decoder,
+pings, and the hello that opens the protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgspec
+
+from broker.signaling.protocol import (
+    PROTOCOL_VERSION,
+    ClientMessage,
+    Error,
+    ErrorCode,
+    Hello,
+    Ping,
+    Pong,
+    ProtocolError,
+    Role,
+    Welcome,
+    decode_client,
+    encode,
+)
+from broker.store.base import StoreUnavailable
+from broker.store.bus import Envelope
+
+log = logging.getLogger("broker.hub")
+
+# WebSocket close codes the broker uses (documented in docs/protocol.md).
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_RESTART = 1012
+CLOSE_REPLACED = 4001
+CLOSE_UNWELCOME = 4003
+CLOSE_AUTH_TIMEOUT = 4008
+CLOSE_TOO_SLOW = 4009
+CLOSE_ENDED = 4010
+CLOSE_FLOOD = 4029
+
+#: Starts a coroutine that nobody awaits (kept until done, cancelled at shutdown: ``Hub.spawn``).
+Spawn = Callable[[Awaitable[Any]], None]
+
+
+class Transport(Protocol):
+    """What the hub needs from a WebSocket."""
+
+    async def send_text(self, data: bytes) -> None:
+        """Write ``data`` (UTF-8 JSON) as a text frame, waiting while the socket is paused."""
+        ...
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+@dataclass
+class Limits:
+    auth_deadline_s: float = 5.0
+    heartbeat_s: float = 20.0
+    rate_per_s: float = 50.0
+    rate_burst: int = 200
+    send_queue_limit: int = 256
+
+
+class TokenBucket:
+    """Per-connection message budget: ``rate`` per second, up to ``burst`` at once.
+
+    Also counts refusals over a sliding window, so a sender that keeps going far over
+    budget is recognised as a flood even though some of its messages get through.
+    """
+
+    FLOOD_WINDOW_S = 10.0
+
+    __slots__ = ("rate", "burst", "tokens", "stamp", "refused", "_first_refusal_notice")  # one per connection: small
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+        #: Refusals in the current window (decayed linearly as the window slides).
+        self.refused = 0.0
+        self._first_refusal_notice = True
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        elapsed = now - self.stamp
+        self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+        if self.refused:
+            self.refused = max(0.0, self.refused - elapsed * self.refused / self.FLOOD_WINDOW_S)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            if self.refused < 1.0:
+                self._first_refusal_notice = True
+            return True
+        self.refused += 1.0
+        return False
+
+    def should_warn(self) -> bool:
+        """True once per stretch of refusals: one error message, not one per dropped message."""
+        warn, self._first_refusal_notice = self._first_refusal_notice, False
+        return warn
+
+    @property
+    def flooding(self) -> bool:
+        return self.refused > 4 * self.burst
+
+
+@dataclass(eq=False, slots=True)
+class Connection:
+    """One WebSocket held by this process.
+
+    Messages wait in a bounded queue, in order, for a writer task that exists only
+    while the queue holds any: an idle connection holds neither, so ten thousand of
+    them stay small. The writer hands them to aiohttp's WebSocket one by one and only
+    waits when the peer's socket is paused (it reads slower than we write); a peer whose
+    queue fills meanwhile is closed (4009), and nobody else waits for it.
+    """
+
+    transport: Transport
+    limits: Limits
+    id: str = field(default_factory=lambda: secrets.token_hex(8))
+    helloed: bool = False
+    session_id: str | None = None
+    peer_id: str | None = None
+    role: Role | None = None
+    closed: bool = False
+    bucket: TokenBucket = field(init=False)
+    #: Messages waiting for the socket, oldest first, each with the close code to send after it
+    #: (if any); made by the first message, dropped once the writer has written them all.
+    pending: deque[tuple[bytes, int | None]] | None = None
+    #: The task writing ``pending``; None whenever nothing waits.
+    writer: asyncio.Task[None] | None = None
+    deadline: asyncio.TimerHandle | None = None
+    #: The highest relayed ``seq`` handed to this connection (to resend what a bus outage dropped).
+    last_seq: int = 0
+    #: While a replay reads the resume buffer, live relayed messages wait here, so order holds.
+    replaying: bool = False
+    held: list[Envelope] | None = None
+    #: Joined as a client seat's other device: waits for the therapist, never relayed to.
+    other_device: bool = False
+    #: The bus was told this process holds the seat's peer (``Bus.hold_peer``).
+    holds_peer: bool = False
+
+    def __post_init__(self) -> None:
+        self.bucket = TokenBucket(self.limits.rate_per_s, self.limits.rate_burst)
+
+    @property
+    def joined(self) -> bool:
+        return self.peer_id is not None
+
+    @property
+    def flushed(self) -> bool:
+        """Nothing waits to be written."""
+        return self.writer is None
+
+    def deliver(self, data: bytes, close: int | None = None) -> None:
+        """Send a message (and then close, with ``close``), in order; a peer that cannot keep up
+        is closed, nobody else waits."""
+        if not self.closed:
+            self._queue(data, close)
+
+    def send(self, message: msgspec.Struct) -> None:
+        self.deliver(encode(message))
+
+    def close_after_queue(self, code: int, last: msgspec.Struct | None = None) -> None:
+        """Close once everything already queued (and ``last``, if given) has been written."""
+        self.deliver(encode(last) if last is not None else b"", code)
+
+    def refuse(self, exc: Exception, ref: str | None) -> None:
+        """Answer a message that failed with the error it earned (it changed nothing)."""
+        if isinstance(exc, ProtocolError):
+            self.send(Error(code=exc.code, message=exc.message, ref=ref, retry_after_ms=exc.retry_after_ms))
+        elif isinstance(exc, StoreUnavailable):
+            self.send(
+                Error(
+                    code=ErrorCode.UNAVAILABLE,
+                    message="The service is briefly unavailable. Try again shortly.",
+                    ref=ref,
+                ),
+            )
+        else:  # never let one bad message take the connection down
+            log.error("event=internal_error conn=%s", self.id, exc_info=exc)
+            self.send(Error(code=ErrorCode.INTERNAL, message="Something went wrong on our side.", ref=ref))
+
+    def _queue(self, data: bytes, close: int | None) -> bool:
+        """Let a message wait for the socket; False when the queue is full and the peer was closed."""
+        pending = self.pending
+        if pending is None:
+            pending = self.pending = deque()
+        if len(pending) >= self.limits.send_queue_limit:
+            self.closed = True
+            self.pending = None
+            log.info("event=slow_consumer_closed conn=%s", self.id)
+            asyncio.get_running_loop().create_task(self.transport.close(CLOSE_TOO_SLOW, "too slow"))
+            return False
+        pending.append((data, close))
+        if self.writer is None:
+            self.writer = asyncio.get_running_loop().create_task(self._write_pending())
+        return True
+
+    async def _write_pending(self) -> None:
+        """Write what waits, then end, letting go of the queue: an idle connection keeps neither."""
+        try:
+            while self.pending:  # None once a full queue closed the peer
+                data, close = self.pending.popleft()
+                if data:
+                    await self.transport.send_text(data)
+                if close is not None:
+                    self.closed = True
+                    await self.transport.close(close, "")
+                    return
+        except (ConnectionError, RuntimeError):
+            self.closed = True
+        finally:
+            self.writer = None
+            self.pending = None
+
+
+class Connections:
+    """Every connection this process holds, by id, from its opening to its closing."""
+
+    def __init__(self, limits: Limits, spawn: Spawn) -> None:
+        self.limits = limits
+        self._spawn = spawn
+        self.by_id: dict[str, Connection] = {}
+
+    def __iter__(self) -> Iterator[Connection]:
+        """A snapshot: the registry may change while the caller awaits."""
+        return iter(list(self.by_id.values()))
+
+    def open(self, transport: Transport) -> Connection:
+        conn = Connection(transport, self.limits)
+        self.by_id[conn.id] = conn
+        conn.deadline = asyncio.get_running_loop().call_later(self.limits.auth_deadline_s, self._auth_deadline, conn)
+        return conn
+
+    def _auth_deadline(self, conn: Connection) -> None:
+        if not conn.joined and not conn.closed:
+            log.info("event=auth_timeout conn=%s", conn.id)
+            message = f"Join within {self.limits.auth_deadline_s:g} seconds of connecting."
+            conn.close_after_queue(CLOSE_AUTH_TIMEOUT, Error(code=ErrorCode.AUTH_TIMEOUT, message=message))
+
+    def authenticated(self, conn: Connection) -> None:
+        """The connection holds a seat: its auth deadline is met."""
+        if conn.deadline:
+            conn.deadline.cancel()
+            conn.deadline = None  # the timer handle is not kept for the connection's whole life
+
+    def forget(self, conn: Connection) -> None:
+        """The WebSocket is gone: nothing more is written to it."""
+        conn.closed = True
+        self.by_id.pop(conn.id, None)
+        if conn.deadline:
+            conn.deadline.cancel()
+        if conn.writer:
+            conn.writer.cancel()
+        conn.pending = None
+
+    def take(self, conn: Connection, text: str | bytes) -> ClientMessage | None:
+        """The frame's message after the rate limit and the decoder; None when it was answered
+        (a ping, a refusal) or dropped already."""
+        if conn.closed:
+            return None
+        if not conn.bucket.take():
+            if conn.bucket.flooding:
+                log.info("event=flood_closed conn=%s", conn.id)
+                conn.closed = True
+                self._spawn(conn.transport.close(CLOSE_FLOOD, "flood"))
+            elif conn.bucket.should_warn():
+                conn.send(Error(code=ErrorCode.TOO_MANY_REQUESTS, message="Slow down: too many messages."))
+            return None
+        try:
+            message = decode_client(text)
+        except ProtocolError as exc:
+            conn.refuse(exc, None)
+            return None
+        if type(message) is Ping:  # answered at once, even while this connection's relays are on their way
+            conn.send(Pong(n=message.n))
+            return None
+        return message
+
+    def greet(self, conn: Connection, message: ClientMessage) -> None:
+        """The connection's first message must be a hello in the protocol version spoken here."""
+        if not isinstance(message, Hello):
+            raise ProtocolError(ErrorCode.HELLO_REQUIRED, "Send hello first.")
+        if message.protocol != PROTOCOL_VERSION:
+            conn.send(
+                Error(
+                    code=ErrorCode.UNSUPPORTED_PROTOCOL,
+                    message=f"This broker speaks protocol {PROTOCOL_VERSION}.",
+                    ref=message.id,
+                ),
+            )
+            conn.close_after_queue(CLOSE_POLICY)
+            return
+        conn.helloed = True
+        conn.send(
+            Welcome(
+                protocol=PROTOCOL_VERSION,
+                heartbeat_s=self.limits.heartbeat_s,
+                auth_deadline_s=self.limits.auth_deadline_s,
+                max_message_bytes=64 * 1024,
+            ),
+        )
+
+    async def close_all(self, last: bytes, code: int) -> None:
+        """Send every connection ``last`` and close it with ``code``; wait (up to 2 s) for the writes."""
+        for conn in self:
+            conn.deliver(last, code)
+        for _ in range(100):
+            if all(c.flushed for c in self.by_id.values()):
+                break
+            await asyncio.sleep(0.02)
