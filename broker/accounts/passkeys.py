@@ -2,7 +2,7 @@
 
 A passkey stands beside TOTP: after the right password, a therapist with a passkey proves
 possession of it instead of typing a code. This module holds the ceremony only (options out,
-responses checked); HTTP is in web_auth.py and storage in accounts.py.
+responses checked); HTTP is in login.py and storage in account_store.py.
 
 The relying party is the broker's public host name. Browsers refuse WebAuthn on an IP address, so
 a broker opened as ``http://127.0.0.1:8080`` offers no passkeys (``localhost`` works, as does any

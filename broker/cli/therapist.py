@@ -3,7 +3,7 @@
 Works directly on DATA_DIR/accounts.sqlite3 (or the accounts' Redis; no running broker needed)
 with the accounts key derived from the server secret. A running broker sees every change at the
 therapist's next request: ``disable``, ``reset-password`` and ``reset-2fa`` end the account's open
-web logins wherever they are (the account's sessions epoch changes, see accounts.py). Passwords
+web logins wherever they are (the account's sessions epoch changes, see account_store.py). Passwords
 are read with getpass (twice, to catch typos) or from standard input with ``--password-stdin``;
 they are never echoed, printed or logged. Every change is appended to the audit log
 (DATA_DIR/audit.log) with the account's opaque id only.

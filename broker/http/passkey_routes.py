@@ -5,7 +5,7 @@ second factor can pick a passkey instead of an authenticator app; finishing that
 registration upgrades the session like confirming TOTP does (a fresh id). Adding or removing a
 passkey ends the therapist's other login sessions while this one carries on under a fresh cookie,
 and on an account that already has a second factor it needs a recent proof of identity
-(web_reauth.py). Removing the last second factor must be asked for explicitly
+(reauth.py). Removing the last second factor must be asked for explicitly
 (``confirm_password_only``): the account then logs in with its password alone.
 
 Logging in with a passkey happens in ``POST /api/login``: the first answer after a right password

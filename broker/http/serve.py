@@ -46,7 +46,7 @@ async def serve(
         app,
         access_log_class=PrivateAccessLogger,
         shutdown_timeout=SHUTDOWN_GRACE_S,
-        keepalive_timeout=config.http_keepalive_s,  # idle connections, and heads after the first (http_guard.py)
+        keepalive_timeout=config.http_keepalive_s,  # idle connections, and heads after the first (guard.py)
     )
     await runner.setup()
     guard = ConnectionGuard(

@@ -2,9 +2,9 @@
 
 Setting up the app works from a partial login session too (the practice requires a second factor
 and the account has none yet): confirming it upgrades the session. Every change here ends the
-therapist's other login sessions (the account's sessions epoch moves on, see accounts.py) while
+therapist's other login sessions (the account's sessions epoch moves on, see account_store.py) while
 the session that made it carries on under a fresh cookie; and on an account that already has a
-second factor, it needs a recent proof of identity (web_reauth.py).
+second factor, it needs a recent proof of identity (reauth.py).
 """
 
 from __future__ import annotations
