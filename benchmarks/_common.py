@@ -116,7 +116,8 @@ def broker_tree() -> Path:
 def import_first(*names: str) -> ModuleType:
     """The first of ``names`` that exists, imported: a module's path in the package layout first, its
     old flat path after it, so ``_serve.py`` runs a broker tree of either layout (``--broker-tree``
-    may name an older commit). An import error inside a module that does exist is raised, never skipped."""
+    may name a commit from before the move into subpackages). An import error inside a module that
+    does exist is raised, never skipped."""
     for name in names:
         try:
             return importlib.import_module(name)
@@ -441,9 +442,8 @@ class Admin:
     """Schedules sessions on a running broker through its admin socket (as ``broker session create`` does)."""
 
     def __init__(self, broker: BrokerProcess) -> None:
-        from broker.admin import ADMIN_HEADER
-
-        self.headers = {ADMIN_HEADER: broker.admin_key()}
+        admin_header: str = import_first("broker.http.admin_socket", "broker.admin").ADMIN_HEADER
+        self.headers = {admin_header: broker.admin_key()}
         self.http = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(broker.admin_socket)))
 
     async def create(self, clients: int = 1) -> dict[str, Any]:

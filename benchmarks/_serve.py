@@ -30,8 +30,8 @@ from _common import broker_tree, import_first, raise_file_limit
 # The measured broker: --broker-tree's (a worktree of another commit) ahead of this tree's.
 sys.path.insert(0, str(broker_tree()))
 # Each module by its path in the package layout, then its old flat path: a tree of either layout runs.
-config_module = import_first("broker.config")
-check_config, load_config = config_module.check_config, config_module.load_config
+load_config = import_first("broker.config").load_config
+check_config = import_first("broker.config_check", "broker.config").check_config
 configure = import_first("broker.logs").configure
 serve = import_first("broker.http.serve", "broker.serve").serve
 
