@@ -21,14 +21,14 @@ run (BROKER_RATE_PER_S/BURST) so that it bounds nothing; its bookkeeping still r
 message is the figure that holds still on a shared machine (throughput and latency move with
 the load average; the CPU a message costs hardly does), and it is what a user pays for: a
 practice's CPU per call set-up, and the sessions one core holds. The bound, measured: the broker
-on public APIs costs 1.8-2.1 x the bare relay (about 18-21 µs against 10-11 µs per message,
-2026-12-06): strict decoding and the checks of a relay are a second pass over every frame, and it
-writes each frame with its own system call, as the bare relay does. 2.5 x leaves room for the
-machine's noise on that figure (about +-15 %) and fails on what users would feel first: a cost
-per relay that grows with the session's history, a coroutine or a task per message, a second
-decoding (b3f0112 fixed a check that made a relay cost 30 x). At 2.5 x (about 27 µs) one core
-relays some 37,000 messages a second: the 20-60 messages of 600 calls setting up in the same
-second. Throughput (and its ratio) is reported beside it, informational.
+on public APIs costs 1.7-2.0 x the bare relay (20.5-25.5 µs against 10.5-12.7 µs per message in
+seven quick runs at load 1-10, 2026-12-06; the ratio moves less than either figure): strict
+decoding and the checks of a relay are a second pass over every frame, with the relay sequence
+and the resume buffer on top. 2.5 x leaves room for that spread and fails on what users would
+feel first: a cost per relay that grows with the session's history, a coroutine or a task per
+message, a second decoding (b3f0112 fixed a check that made a relay cost 30 x). At 2.5 x (about
+30 µs) one core still relays some 33,000 messages a second: the 20-60 messages of 500 calls
+setting up in the same second. Throughput (and its ratios) is reported beside it, informational.
 """
 
 from __future__ import annotations
