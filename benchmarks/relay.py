@@ -192,10 +192,19 @@ def node_ws(modules: Path, install: bool = True) -> tuple[Path | None, str]:
         except subprocess.TimeoutExpired:
             return None, f"not measured: npm install {WS_PACKAGE} took over {NPM_TIMEOUT_S} s"
         if done.returncode != 0 or installed() is None:
-            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-            return None, f"not measured: npm install {WS_PACKAGE} failed (exit {done.returncode}: {last})"
+            return (
+                None,
+                f"not measured: npm install {WS_PACKAGE} failed (exit {done.returncode}: {npm_error(done.stderr)})",
+            )
     node_version = subprocess.run([node, "--version"], capture_output=True, text=True, check=False).stdout.strip()
     return modules, f"ws {installed()} on Node {node_version}"
+
+
+def npm_error(stderr: str) -> str:
+    """The line of npm's error output that says what went wrong (not its codes, stack or log path)."""
+    lines = [line.removeprefix("npm error").strip() for line in stderr.splitlines() if line.strip()]
+    telling = [line for line in lines if len(line) > 30 and not line.startswith(("at ", "A complete log"))]
+    return (telling or lines or ["no message"])[0]
 
 
 async def run_node(

@@ -199,6 +199,18 @@ def test_without_node_or_ws_the_node_figures_are_null_with_the_reason(
         assert modules is None and "--no-npm-install" in reason
         assert not (tmp_path / "modules").exists(), "nothing was installed"
 
+    # A failed install's reason is npm's telling line, not its error codes, stack or log path.
+    failed = (
+        "npm error code ECONNREFUSED\nnpm error syscall connect\n"
+        "npm error FetchError: request to http://127.0.0.1:9/ws failed, reason: connect ECONNREFUSED\n"
+        "npm error     at ClientRequest.<anonymous> (/usr/lib/node_modules/npm/lib/index.js:130:14)\n"
+        "npm error A complete log of this run can be found in: /root/.npm/_logs/debug-0.log\n"
+    )
+    assert (
+        relay.npm_error(failed) == "FetchError: request to http://127.0.0.1:9/ws failed, reason: connect ECONNREFUSED"
+    )
+    assert relay.npm_error("") == "no message"
+
     args = argparse.Namespace(quick=True, json=True, no_record=True)
     report = common.Report("relay", "P1 relay cost", args)
     report.add("node_msgs_per_s", "bare Node ws relay: throughput", None, "msg/s")
