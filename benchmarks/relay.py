@@ -242,7 +242,9 @@ async def run_broker(window: int, pairs: int, warmup: float, measure: float, tmp
 
 def _extra(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", type=int, help="peer pairs (default 50 quick, 200 full)")
-    parser.add_argument("--rounds", type=int, help="alternating bare/broker rounds (default 1 quick, 3 full)")
+    parser.add_argument(
+        "--rounds", type=int, help="rounds, each: bare aiohttp, Node ws, broker (default 1 quick, 3 full)"
+    )
     parser.add_argument("--window", type=int, default=WINDOW, help="messages in flight per direction")
     parser.add_argument("--no-node", action="store_true", help="leave out the Node.js ws relay")
     parser.add_argument(
@@ -264,7 +266,7 @@ async def main(args: argparse.Namespace) -> None:
     if args.no_node:
         modules, node_about = None, "not measured: --no-node"
     else:
-        modules, node_about = node_ws(args.node_modules, install=not args.no_npm_install)
+        modules, node_about = node_ws(args.node_modules.resolve(), install=not args.no_npm_install)
     print(f"Node relay: {node_about}", file=sys.stderr, flush=True)
     tmp = workdir("relay")
     runs: dict[str, list[dict[str, float]]] = {"bare": [], "node": [], "broker": []}
