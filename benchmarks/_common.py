@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import importlib
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import aiohttp
@@ -40,6 +42,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 #: Every run's JSON record goes here (not committed: .gitignore); results.md keeps the current figures by hand.
 RUNS = HERE / "runs"
+#: Set (by ``--broker-tree``) to a source tree whose ``broker`` package the broker processes run instead of
+#: this tree's: a worktree of another commit, measured by this tree's scripts and load generator.
+BROKER_TREE_ENV = "BENCH_BROKER_TREE"
 sys.path.insert(0, str(ROOT))
 
 #: A checklist policy without the network pre-flight, so load tests can admit hundreds of raw peers
@@ -85,9 +90,41 @@ def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None
     parser.add_argument(
         "--no-record", action="store_true", help="do not write the run's JSON record to benchmarks/runs/"
     )
+    parser.add_argument(
+        "--broker-tree",
+        metavar="DIR",
+        help="run the broker processes from the source tree DIR (e.g. a git worktree of another commit): "
+        "DIR goes first on their PYTHONPATH; this tree's scripts and load generator measure it",
+    )
     if extra is not None:
         extra(parser)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.broker_tree:
+        tree = Path(args.broker_tree).resolve()
+        if not (tree / "broker" / "__init__.py").is_file():
+            parser.error(f"--broker-tree {args.broker_tree}: no broker package there (broker/__init__.py)")
+        os.environ[BROKER_TREE_ENV] = str(tree)  # the broker processes this run starts inherit it
+    return args
+
+
+def broker_tree() -> Path:
+    """The source tree whose ``broker`` package the broker processes run: ``--broker-tree``, or this one."""
+    chosen = os.environ.get(BROKER_TREE_ENV)
+    return Path(chosen) if chosen else ROOT
+
+
+def import_first(*names: str) -> ModuleType:
+    """The first of ``names`` that exists, imported: a module's path in the package layout first, its
+    old flat path after it, so ``_serve.py`` runs a broker tree of either layout (``--broker-tree``
+    may name a commit from before the move into subpackages). An import error inside a module that
+    does exist is raised, never skipped."""
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as missing:
+            if missing.name is None or not (name == missing.name or name.startswith(missing.name + ".")):
+                raise
+    raise ModuleNotFoundError(f"none of {', '.join(names)}")
 
 
 def raise_file_limit(wanted: int = 65536) -> int:
@@ -145,19 +182,27 @@ def versions(extra_tools: Iterable[str] = ()) -> str:
             parts.append(f"{package} {version(package)}")
         except PackageNotFoundError:
             parts.append(f"no {package}" + (" (asyncio's own event loop)" if package == "uvloop" else ""))
-    tools = {"redis-server": ["redis-server", "--version"], "chromium": ["chromium", "--version"]}
+    tools = {
+        "redis-server": ["redis-server", "--version"],
+        "chromium": ["chromium", "--version"],
+        "node": ["node", "--version"],
+    }
     for tool in extra_tools:
-        parts.append(_tool_version(tools[tool]).replace("Redis server v=", "redis-server ").split(" sha=")[0])
+        found = _tool_version(tools[tool]).replace("Redis server v=", "redis-server ").split(" sha=")[0]
+        parts.append(f"Node {found}" if tool == "node" and found != "absent" else found)
     return ", ".join(parts)
 
 
 def broker_commit() -> str:
-    """The commit the measured broker/ comes from, marked when broker/ has uncommitted changes."""
-    commit = _tool_version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    """The commit the measured broker/ comes from (``--broker-tree``'s when given, named with its
+    path), marked when broker/ has uncommitted changes."""
+    tree = broker_tree()
+    commit = _tool_version(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"])
     dirty = subprocess.run(
-        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "broker"], capture_output=True, text=True
+        ["git", "-C", str(tree), "status", "--porcelain", "--", "broker"], capture_output=True, text=True
     ).stdout.strip()
-    return f"{commit}{' (+ uncommitted changes in broker/)' if dirty else ''}"
+    where = f" (--broker-tree {tree})" if tree != ROOT else ""
+    return f"{commit}{where}{' (+ uncommitted changes in broker/)' if dirty else ''}"
 
 
 def _json_number(value: Any) -> Any:
@@ -169,13 +214,15 @@ def _json_number(value: Any) -> Any:
 class Figure:
     key: str
     name: str
-    value: float | int | str
+    value: float | int | str | None  # None: not measured (the report says why)
     unit: str = ""
     goal: str = ""
     met: bool | None = None
 
     def cell(self) -> str:
         v = self.value
+        if v is None:
+            return "-"
         text = f"{v:,.2f}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else str(v))
         return f"{text} {self.unit}".strip()
 
@@ -289,8 +336,17 @@ def open_fds(pid: int) -> int:
 class ServerProcess:
     """A server subprocess on a free port, stopped by its own PID."""
 
-    def __init__(self, argv: list[str], port: int, env: Mapping[str, str] | None = None, log: Path | None = None):
-        self.argv, self.port, self.env, self.log_path = argv, port, dict(env or {}), log
+    def __init__(
+        self,
+        argv: list[str],
+        port: int,
+        env: Mapping[str, str] | None = None,
+        log: Path | None = None,
+        *,
+        tree: Path = ROOT,
+    ):
+        """``tree``: the source tree first on the process's PYTHONPATH (this one unless it runs another broker)."""
+        self.argv, self.port, self.env, self.log_path, self.tree = argv, port, dict(env or {}), log, tree
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -302,12 +358,16 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def environment(self) -> dict[str, str]:
+        """The process's environment: PYTHONPATH holds the measured tree first (this one unless
+        --broker-tree), then this tree, then the caller's own PYTHONPATH (a uvloop kept apart, say)."""
+        first = list(dict.fromkeys([str(self.tree), str(ROOT)]))
+        path = os.pathsep.join([*first, *filter(None, [os.environ.get("PYTHONPATH")])])
+        return {**os.environ, "PYTHONPATH": path, **self.env}
+
     async def start(self, ready_path: str = "/healthz", timeout: float = 30.0) -> None:
-        # This tree's broker first; the caller's own PYTHONPATH after it (a uvloop kept apart, say).
-        path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-        env = {**os.environ, "PYTHONPATH": path, **self.env}
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(self.argv, env=env, stdout=out, stderr=out, cwd=str(ROOT))
+        self.process = subprocess.Popen(self.argv, env=self.environment(), stdout=out, stderr=out, cwd=str(ROOT))
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as http:
             while time.monotonic() < deadline:
@@ -368,7 +428,7 @@ class BrokerProcess(ServerProcess):
         }
         if checklist_policy is not None:
             base_env["BROKER_POLICY_FILE"] = str(policy)
-        super().__init__(argv, port, {**base_env, **dict(env or {})}, workdir / f"{name}.log")
+        super().__init__(argv, port, {**base_env, **dict(env or {})}, workdir / f"{name}.log", tree=broker_tree())
         self.admin_socket = Path(base_env["BROKER_ADMIN_SOCKET_PATH"])
 
     def admin_key(self) -> str:
@@ -382,9 +442,8 @@ class Admin:
     """Schedules sessions on a running broker through its admin socket (as ``broker session create`` does)."""
 
     def __init__(self, broker: BrokerProcess) -> None:
-        from broker.http.admin_socket import ADMIN_HEADER
-
-        self.headers = {ADMIN_HEADER: broker.admin_key()}
+        admin_header: str = import_first("broker.http.admin_socket", "broker.admin").ADMIN_HEADER
+        self.headers = {admin_header: broker.admin_key()}
         self.http = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(broker.admin_socket)))
 
     async def create(self, clients: int = 1) -> dict[str, Any]:

@@ -25,12 +25,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import raise_file_limit
+from _common import broker_tree, import_first, raise_file_limit
 
-from broker.config import load_config
-from broker.config_check import check_config
-from broker.http.serve import serve
-from broker.logs import configure
+# The measured broker: --broker-tree's (a worktree of another commit) ahead of this tree's.
+sys.path.insert(0, str(broker_tree()))
+# Each module by its path in the package layout, then its old flat path: a tree of either layout runs.
+load_config = import_first("broker.config").load_config
+check_config = import_first("broker.config_check", "broker.config").check_config
+configure = import_first("broker.logs").configure
+serve = import_first("broker.http.serve", "broker.serve").serve
 
 TICK_S = 0.010
 
