@@ -21,7 +21,8 @@ from broker.store.bus import Bus, Envelope, Pending, with_seq
 from broker.store.local_bus import LocalBus
 from broker.store.memory import MemoryStore
 from broker.store.redis_bus import RedisBus, channel_of, peer_channel_of, resp_command
-from broker.store.redis_store import CommandRefused, RedisStore, Sealer, redis_client
+from broker.store.redis_store import CommandRefused, RedisStore, redis_client
+from broker.store.sealing import Sealer
 from tests.redis_server import RedisServer, free_port, redis_server  # noqa: F401 - the fixture
 
 KEY = bytes(range(32, 64))
