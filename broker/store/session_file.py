@@ -154,7 +154,9 @@ class SessionFile:
         encoded = name.encode()
         return self._sealer.seal(b"row\x00" + row, len(encoded).to_bytes(2, "big") + encoded + value)
 
-    def _open_row(self, row: bytes, sealed: bytes) -> tuple[str, bytes]:
+    def open_row(self, row: bytes, sealed: bytes) -> tuple[str, bytes]:
+        """A row's key name and value (StoreCorrupt if it does not open): what anyone holding the
+        server secret reads, as tests/store/test_session_file.py does."""
         plain = self._sealer.open(b"row\x00" + row, sealed)
         size = int.from_bytes(plain[:2], "big")
         name = plain[2 : 2 + size].decode()
@@ -183,7 +185,7 @@ class SessionFile:
             unreadable = 0
             for row, expires, sealed in db.execute("SELECT id, expires, sealed FROM entry").fetchall():
                 try:
-                    name, value = self._open_row(row, sealed)
+                    name, value = self.open_row(row, sealed)
                 except (StoreCorrupt, UnicodeDecodeError):
                     unreadable += 1  # another server secret's, or altered: left to expire
                     continue
