@@ -118,6 +118,11 @@ class Config:
         return self.data_dir / "accounts.sqlite3"
 
     @property
+    def sessions_path(self) -> Path:
+        """The embedded store's session file, so sessions survive a restart (unused with Redis)."""
+        return self.data_dir / "sessions.sqlite3"
+
+    @property
     def accounts_redis(self) -> str:
         """The Redis URL holding therapist accounts, or "" for the SQLite file in the data dir."""
         return self.accounts_redis_url or self.redis_url
@@ -231,6 +236,10 @@ class Keys:
     @property
     def store(self) -> bytes:
         return self.derive("store-at-rest")
+
+    @property
+    def sessions(self) -> bytes:
+        return self.derive("sessions-at-rest")
 
     @property
     def address(self) -> bytes:

@@ -23,7 +23,7 @@ from broker.config import Keys
 from broker.crypto.link_key import decode_link_key
 from broker.signaling.protocol import SeatState, SessionEnded, Status, WaitingRoom
 from broker.store.base import session_prefix
-from broker.store.redis_store import Sealer, StoreCorrupt
+from broker.store.sealing import Sealer, StoreCorrupt
 from tests.conftest import schedule, start_broker_pair
 from tests.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 

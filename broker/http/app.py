@@ -75,7 +75,9 @@ class Broker:
 async def create_broker(config: Config, *, store: Store | None = None, bus: Bus | None = None) -> Broker:
     keys = Keys(load_or_create_secret(config))
     if store is None or bus is None:
-        store, bus = await open_backends(config.redis_url, keys.store)
+        store, bus = await open_backends(
+            config.redis_url, keys.store, session_file=config.sessions_path, session_key=keys.sessions
+        )
     limits = Limits(
         auth_deadline_s=config.auth_deadline_s,
         heartbeat_s=config.heartbeat_s,

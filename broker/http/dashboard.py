@@ -26,13 +26,13 @@ from broker.http.pages import html_page
 from broker.signaling import session as sm
 from broker.signaling.hub import Hub
 from broker.signaling.protocol import ErrorCode, ProtocolError, Role, SessionState
-from broker.store.base import Store, StoreUnavailable
+from broker.store.base import OWNER_PREFIX, Store, StoreUnavailable
 
 log = logging.getLogger("broker.dashboard")
 
 #: Open sessions one therapist may hold at once (a bound on the owner index, and on abuse).
 MAX_SESSIONS_PER_THERAPIST = 200
-_OWNER_PREFIX = "owner:"
+_OWNER_PREFIX = OWNER_PREFIX
 
 
 class CreateSession(msgspec.Struct, forbid_unknown_fields=True):

@@ -62,7 +62,7 @@ async def serve(
     admin_runner = web.AppRunner(admin_app(broker.hub, broker.keys, url), access_log=None)
     await admin_runner.setup()
     await start_admin_site(admin_runner.app, admin_runner, config)
-    store_kind = "Redis" if config.redis_url else "embedded (in memory)"
+    store_kind = "Redis" if config.redis_url else "embedded (sessions kept in the data dir)"
     print(
         f"Broker listening on {config.host}:{port} — open {url}\n"
         f"Store: {store_kind}. Data dir: {config.data_dir}\n"

@@ -9,21 +9,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from broker.store.base import Store
 from broker.store.bus import Bus
 from broker.store.local_bus import LocalBus
 from broker.store.memory import MemoryStore
 from broker.store.redis_bus import RedisBus
-from broker.store.redis_store import TIMEOUT_S, RedisStore, Sealer, redis_client
+from broker.store.redis_store import TIMEOUT_S, RedisStore, redis_client
+from broker.store.sealing import Sealer
+from broker.store.session_file import open_session_store
 
 log = logging.getLogger("broker.store_redis")
 
 
-async def open_backends(redis_url: str, key: bytes) -> tuple[Store, Bus]:
-    """Redis when ``redis_url`` is set, else this process's memory. ``key`` seals what Redis holds."""
+async def open_backends(
+    redis_url: str, key: bytes, *, session_file: Path | None = None, session_key: bytes = b""
+) -> tuple[Store, Bus]:
+    """Redis when ``redis_url`` is set, else this process's memory. ``key`` seals what Redis holds.
+
+    In memory, with ``session_file``: sessions are kept there too (sealed with ``session_key``),
+    and the store starts with what it holds, so a restart loses none (``session_file.py``).
+    """
     if redis_url:
         return await connect_redis(redis_url, key)
+    if session_file is not None:
+        return await open_session_store(session_file, session_key), LocalBus()
     return MemoryStore(), LocalBus()
 
 

@@ -29,6 +29,19 @@ def session_prefix(session_id: str) -> str:
     return f"s:{{{session_id}}}"
 
 
+#: Each therapist's index of the sessions they scheduled (``broker.http.dashboard``) starts with this.
+OWNER_PREFIX = "owner:"
+
+
+def is_durable(key: str) -> bool:
+    """What a session needs to come back after a restart: its record (``session_key``; its
+    mailboxes, ``s:{id}:box:...``, are not) and the owner indexes the dashboard lists. The
+    embedded store keeps these on disk as well; everything else may be lost to a restart."""
+    if key.startswith("s:{"):
+        return key.endswith("}")
+    return key.startswith(OWNER_PREFIX)
+
+
 class StoreUnavailable(Exception):
     """The store cannot be reached; callers answer ``unavailable`` and change nothing."""
 

@@ -1,6 +1,10 @@
 """The embedded store: session state in this process's memory, for a practice that runs one broker.
 
 Every value expires with its session, like on Redis; a sweeper drops what nobody read again.
+Memory is the working copy. With a journal (``broker.store.session_file``, the default of
+``broker serve``) the durable keys (``base.is_durable``: session records and owner indexes) are
+also written through to disk, so a restart loses no session; the relay path (capped logs,
+``append_now``) never touches the disk.
 """
 
 from __future__ import annotations
@@ -10,18 +14,43 @@ import heapq
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
-from broker.store.base import Mutation, StoreUnavailable
+from broker.store.base import Mutation, StoreUnavailable, is_durable
 
 T = TypeVar("T")
+
+
+class Journal(Protocol):
+    """Where the durable keys' writes go as well (``broker.store.session_file.SessionFile``)."""
+
+    def stage(self, key: str, value: bytes | None, expires: float) -> None:
+        """Note a write (None: a delete) for the next commit; memory already holds it."""
+        ...
+
+    async def commit(self) -> None:
+        """Return once everything staged so far is on disk; StoreUnavailable if it cannot be."""
+        ...
+
+    def commit_soon(self) -> None:
+        """Start a commit nobody waits for (expired keys), from the event loop's thread."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 class MemoryStore:
     """Embedded store: a dict with expiry times, swept lazily and periodically."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.time, *, journal: Journal | None = None, seq_base: int = 0
+    ) -> None:
         self._clock = clock
+        self._journal = journal
+        #: A new capped log numbers its entries from ``seq_base + 1``: after a restart, above every
+        #: number the previous process gave out, so a reconnecting peer that remembers one never
+        #: takes a new entry for one it has seen (``SessionFile.seq_base``).
+        self._seq_base = seq_base
         self._data: dict[str, tuple[bytes, float]] = {}
         self._expiry_heap: list[tuple[float, str]] = []
         # Capped logs: key -> (last sequence number, the newest entries, expiry time).
@@ -33,20 +62,28 @@ class MemoryStore:
             return None
         if item[1] <= self._clock():
             del self._data[key]
+            self._journal_expired(key)
             return None
         return item[0]
 
     async def put(self, key: str, value: bytes, ttl_s: float) -> None:
-        self._write(key, value, ttl_s)
+        expires = self._write(key, value, ttl_s)
+        if self._journal is not None and is_durable(key):
+            self._journal.stage(key, value, expires)
+            await self._journal.commit()
 
     async def update(self, key: str, mutate: Mutation[T], ttl_s: float) -> T:
         # No await between read and write: atomic on the event loop.
         current = await self.get(key)
         new, result = mutate(current)
         if new is None:
+            expires = 0.0
             self._data.pop(key, None)
         else:
-            self._write(key, new, ttl_s)
+            expires = self._write(key, new, ttl_s)
+        if self._journal is not None and (new is not None or current is not None) and is_durable(key):
+            self._journal.stage(key, new, expires)
+            await self._journal.commit()
         return result
 
     async def delete_prefix(self, prefix: str) -> int:
@@ -56,6 +93,15 @@ class MemoryStore:
         logs = [k for k in self._logs if k.startswith(prefix)]
         for k in logs:
             del self._logs[k]
+        if self._journal is not None:
+            durable = [k for k in doomed if is_durable(k)]
+            for k in durable:
+                self._journal.stage(k, None, 0.0)
+            if durable:
+                # Not waited for: the session's end was already written (its record says ended, and
+                # is refused), and what ends it (the owner's index, say) follows without a wait
+                # between, as on memory alone. A failed delete is tried again with the next commit.
+                self._journal.commit_soon()
         return len(doomed) + len(logs)
 
     async def keys(self, prefix: str) -> list[str]:
@@ -83,7 +129,7 @@ class MemoryStore:
         log = self._logs.get(key)
         if log is None or log[2] <= now:
             entries: deque[tuple[int, bytes]]
-            seq, entries = 1, deque(maxlen=maxlen)
+            seq, entries = self._seq_base + 1, deque(maxlen=maxlen)
         else:
             seq, entries = log[0] + 1, log[1]
             if entries.maxlen != maxlen:
@@ -107,8 +153,15 @@ class MemoryStore:
         return True
 
     async def close(self) -> None:
+        if self._journal is not None:
+            await self._journal.close()
         self._data.clear()
         self._logs.clear()
+
+    def restore(self, key: str, value: bytes, expires: float) -> None:
+        """Put back a value read from the journal at start (not written to it again)."""
+        self._data[key] = (value, expires)
+        heapq.heappush(self._expiry_heap, (expires, key))
 
     def sweep(self) -> int:
         """Drop expired keys; returns how many."""
@@ -119,6 +172,7 @@ class MemoryStore:
             item = self._data.get(key)
             if item is not None and item[1] <= now:
                 del self._data[key]
+                self._journal_expired(key)
                 dropped += 1
         for key in [k for k, log in self._logs.items() if log[2] <= now]:
             del self._logs[key]
@@ -133,10 +187,17 @@ class MemoryStore:
             await asyncio.sleep(every_s)
             self.sweep()
 
-    def _write(self, key: str, value: bytes, ttl_s: float) -> None:
+    def _write(self, key: str, value: bytes, ttl_s: float) -> float:
         expires = self._clock() + max(ttl_s, 0.001)
         self._data[key] = (value, expires)
         heapq.heappush(self._expiry_heap, (expires, key))
+        return expires
+
+    def _journal_expired(self, key: str) -> None:
+        """An expired durable key goes from disk too, without anyone waiting for it."""
+        if self._journal is not None and is_durable(key):
+            self._journal.stage(key, None, 0.0)
+            self._journal.commit_soon()
 
 
 async def with_store(call: Awaitable[T]) -> T:

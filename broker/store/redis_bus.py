@@ -72,12 +72,11 @@ from broker.store.redis_relays import LOAD_RELAY, RelayOrigin, Relays, RelaySeqs
 from broker.store.redis_store import (
     TIMEOUT_S,
     RedisStore,
-    Sealer,
-    StoreCorrupt,
     is_unavailable,
     log_aad,
     ms,
 )
+from broker.store.sealing import Sealer, StoreCorrupt
 
 log = logging.getLogger("broker.bus_redis")
 

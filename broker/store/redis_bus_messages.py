@@ -14,7 +14,7 @@ import logging
 import msgspec
 
 from broker.store.bus import Envelope, Handler, pack, unpack, with_seq
-from broker.store.redis_store import Sealer
+from broker.store.sealing import Sealer
 
 log = logging.getLogger("broker.bus_redis")
 

@@ -28,7 +28,8 @@ from broker.store.redis_bus_messages import (
     seal_relays,
 )
 from broker.store.redis_pipe import resp_arguments, resp_command
-from broker.store.redis_store import NEXT_SEQ_LUA, Sealer, keep_entries_lua
+from broker.store.redis_store import NEXT_SEQ_LUA, keep_entries_lua
+from broker.store.sealing import Sealer
 
 log = logging.getLogger("broker.bus_redis")
 

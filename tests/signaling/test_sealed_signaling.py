@@ -24,7 +24,7 @@ from broker.client.broker_client import BrokerClient
 from broker.signaling.connections import Connections
 from broker.signaling.protocol import Answer, Candidate, Offer
 from broker.signaling.relay import Relays
-from broker.store.redis_store import StoreCorrupt
+from broker.store.sealing import StoreCorrupt
 from tests.client.test_client import waiting_client
 from tests.conftest import RunningBroker, schedule, start_broker, start_broker_pair
 from tests.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture

@@ -23,7 +23,8 @@ from broker.store.memory import MemoryStore
 from broker.store.redis_bus import RedisBus
 from broker.store.redis_bus_messages import channel_of, peer_channel_of
 from broker.store.redis_pipe import resp_command
-from broker.store.redis_store import CommandRefused, RedisStore, Sealer, redis_client
+from broker.store.redis_store import CommandRefused, RedisStore, redis_client
+from broker.store.sealing import Sealer
 from tests.redis_server import RedisServer, free_port, redis_server  # noqa: F401 - the fixture
 
 KEY = bytes(range(32, 64))

@@ -22,7 +22,8 @@ from broker.store.backends import connect_redis
 from broker.store.base import Store, StoreUnavailable, session_prefix
 from broker.store.memory import MemoryStore
 from broker.store.redis_bus import RedisBus
-from broker.store.redis_store import RedisStore, Sealer, StoreCorrupt, redis_client
+from broker.store.redis_store import RedisStore, redis_client
+from broker.store.sealing import Sealer, StoreCorrupt
 from tests.redis_server import RedisServer, free_port, redis_server  # noqa: F401 - the fixture
 
 KEY = bytes(range(32))
