@@ -650,7 +650,9 @@ class Hub:
             return sm.connect(s, seat.id, conn.id, device=presented, new_device=fresh)
 
         # A genuine token of a session that is gone looks exactly like an unknown one.
-        session, joining = await self._mutate(claims.session_id, take_seat, missing=lambda: self.missing_session(claims))
+        session, joining = await self._mutate(
+            claims.session_id, take_seat, missing=lambda: self.missing_session(claims)
+        )
         seat = joining.seat
         peer = seat.id
         conn.session_id, conn.peer_id, conn.role = session.id, peer, seat.role

@@ -21,7 +21,7 @@ from broker.store.bus import Bus, Envelope, Pending, with_seq
 from broker.store.local_bus import LocalBus
 from broker.store.memory import MemoryStore
 from broker.store.redis_bus import RedisBus, channel_of, peer_channel_of, resp_command
-from broker.store.redis_store import CommandRefused, RedisStore, Sealer, redis_client
+from broker.store.redis_store import TIMEOUT_S, CommandRefused, RedisStore, Sealer, redis_client
 from tests.redis_server import RedisServer, free_port, redis_server  # noqa: F401 - the fixture
 
 KEY = bytes(range(32, 64))
@@ -933,7 +933,8 @@ async def test_commands_are_pipelined_without_waiting_for_earlier_replies(
     bus, _ = one
     await bus._send(resp_command(b"PING"))  # the publisher's connection is open
     with redis_server.client() as raw:
-        raw.execute_command("CLIENT", "PAUSE", "700", "ALL")  # Redis holds every reply meanwhile
+        # Redis holds every reply meanwhile (for less than the deadline of a reply, TIMEOUT_S).
+        raw.execute_command("CLIENT", "PAUSE", str(int(TIMEOUT_S * 700)), "ALL")
     first = [asyncio.ensure_future(bus._send(resp_command(b"ECHO", b"a%d" % i))) for i in range(5)]
     await asyncio.sleep(0.05)
     second = [asyncio.ensure_future(bus._send(resp_command(b"ECHO", b"b%d" % i))) for i in range(5)]

@@ -159,7 +159,7 @@ class Cluster:
 
 def practice_policy(path: Path) -> Path:
     """The built-in policy with the network pre-flight recommended instead of required."""
-    text = (resources.files("broker") / "default_policy.toml").read_text(encoding="utf-8")
+    text = (resources.files("broker.checklist") / "default_policy.toml").read_text(encoding="utf-8")
     required = 'id = "preflight"\nkind = "automatic"\nlevel = "required"'
     assert required in text, "the built-in policy changed: update this test's policy"
     path.write_text(text.replace(required, required.replace("required", "recommended")), encoding="utf-8")
