@@ -2,7 +2,8 @@
 
 Test modules import the ``redis_server`` fixture from here (``from .redis_server import redis_server``);
 every module importing it shares one server.
-The server runs without persistence (``--save "" --appendonly no``); ``stop(save=True)``
+The server runs without persistence (``--save "" --appendonly no``) unless made with other
+``persistence`` options (tests/store/test_redis_outage.py runs the deployment's); ``stop(save=True)``
 writes a snapshot first, so a restart on the same port comes back with the same data,
 as a production Redis with persistence would.
 """
@@ -33,6 +34,8 @@ class RedisServer:
     port: int
     workdir: Path
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    #: redis-server's persistence options: none by default.
+    persistence: tuple[str, ...] = ("--save", "", "--appendonly", "no")
 
     @property
     def url(self) -> str:
@@ -56,10 +59,7 @@ class RedisServer:
                 str(self.port),
                 "--bind",
                 "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
+                *self.persistence,
                 "--dir",
                 str(self.workdir),
                 "--loglevel",

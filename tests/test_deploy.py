@@ -115,10 +115,17 @@ def test_compose_runs_two_hardened_brokers_on_redis(compose_config: dict[str, An
         assert "no-new-privileges:true" in service.get("security_opt", [])
 
 
-def test_compose_redis_keeps_nothing_on_disk_and_is_private(compose_config: dict[str, Any]) -> None:
+def test_compose_session_redis_persists_on_its_own_volume_and_is_private(compose_config: dict[str, Any]) -> None:
+    """Scheduled and live sessions outlive a restart of Redis: an append-only file, fsynced every
+    second, on a volume (tests/store/test_redis_outage.py restarts a Redis run with these options)."""
     redis = compose_config["services"]["redis"]
     command = " ".join(redis["entrypoint"])
-    assert '--save ""' in command and "--appendonly no" in command
+    assert "--appendonly yes" in command and "--appendfsync everysec" in command and "--dir /data" in command
+    assert any(
+        str(v).startswith("session-redis:/data") or (isinstance(v, dict) and v.get("source") == "session-redis")
+        for v in redis["volumes"]
+    )
+    assert not any(str(entry).startswith("/data") for entry in redis.get("tmpfs", []))
     assert "requirepass" in command
     assert "ports" not in redis
     assert redis["networks"] == {"back": None} or list(redis["networks"]) == ["back"]
@@ -283,11 +290,16 @@ def test_pdb_hpa_service_and_ingress_point_at_the_broker(k8s_objects: list[dict[
     assert backends == ["broker"]
 
 
-def test_redis_on_kubernetes_keeps_nothing_on_disk(k8s_objects: list[dict[str, Any]]) -> None:
-    pod = dict(_pod_specs(k8s_objects))["redis"]
+def test_session_redis_on_kubernetes_persists_on_a_claimed_volume(k8s_objects: list[dict[str, Any]]) -> None:
+    """The same persistence as in compose: AOF fsynced every second, on a volume claim of its own."""
+    stateful = _object(k8s_objects, "StatefulSet", "redis")
+    pod = stateful["spec"]["template"]["spec"]
     command = " ".join(pod["containers"][0]["command"])
-    assert '--save ""' in command and "--appendonly no" in command
-    assert all("persistentVolumeClaim" not in volume for volume in pod["volumes"])
+    assert "--appendonly yes" in command and "--appendfsync everysec" in command and "--dir /data" in command
+    claim = stateful["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["/data"] == claim
+    assert all(volume["name"] != claim for volume in pod["volumes"])  # not an emptyDir in its place
 
 
 def test_accounts_redis_persists_and_only_brokers_reach_it(k8s_objects: list[dict[str, Any]]) -> None:

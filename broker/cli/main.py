@@ -16,6 +16,12 @@ from broker.cli import therapist as cli_therapist
 from broker.config import Config, ConfigError, load_config
 from broker.config_check import check_config
 
+#: A command that talks to Redis itself (the therapist accounts) when Redis cannot be reached.
+REDIS_UNREACHABLE_MESSAGE = (
+    "This command cannot reach Redis (BROKER_ACCOUNTS_REDIS_URL, else BROKER_REDIS_URL), so nothing was changed: "
+    "check that Redis is running, then try again."
+)
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="broker", description="Teletherapy session broker.")
@@ -337,10 +343,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        from redis.exceptions import RedisError
+
         from broker.http.admin_socket import AdminError
+        from broker.store.base import StoreUnavailable
 
         if isinstance(exc, AdminError):
             print(f"Error: {exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, (StoreUnavailable, RedisError, ConnectionError, TimeoutError)):
+            # A command that talks to Redis itself (the therapist accounts): one line, no traceback.
+            print(f"Error: {REDIS_UNREACHABLE_MESSAGE}", file=sys.stderr)
             return 1
         raise
     return 0

@@ -29,8 +29,15 @@ from aiohttp.typedefs import Handler
 from broker.config import Config, ConfigError, Keys, load_or_create_secret
 from broker.signaling.hub import Hub
 from broker.signaling.protocol import ErrorCode, ProtocolError
+from broker.store.base import StoreUnavailable
 
 ADMIN_HEADER = "X-Broker-Admin-Key"
+
+#: What the CLI prints when the broker cannot reach its store: what is wrong, and what to do.
+STORE_UNAVAILABLE_MESSAGE = (
+    "The broker cannot reach its session store (Redis), so nothing was changed: "
+    "check that Redis is running (the broker's /readyz answers 200 once it is back), then try again."
+)
 
 
 class CreateRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -57,6 +64,10 @@ def admin_app(hub: Hub, keys: Keys, base_url: str) -> web.Application:
             return await handler(request)
         except ProtocolError as exc:
             return web.json_response({"error": exc.code.value, "message": exc.message}, status=400)
+        except StoreUnavailable:
+            return web.json_response(
+                {"error": ErrorCode.UNAVAILABLE.value, "message": STORE_UNAVAILABLE_MESSAGE}, status=503
+            )
         except (ValueError, msgspec.ValidationError, msgspec.DecodeError) as exc:
             return web.json_response({"error": ErrorCode.BAD_MESSAGE.value, "message": str(exc)}, status=400)
 
@@ -180,12 +191,19 @@ class AdminClient:
                 async with http.request(
                     method, f"http://broker{path}", json=body, headers={ADMIN_HEADER: self._key()}
                 ) as response:
-                    data: dict[str, Any] = await response.json()
+                    data: dict[str, Any] = await response.json(content_type=None)
         except aiohttp.ClientConnectionError:
             raise AdminError(
                 f"The broker on {self.config.data_dir} is not answering (it may have stopped). "
                 "Start it with 'broker serve' and try again."
             ) from None
+        except ValueError:  # not JSON: a fault inside the broker, reported in its log
+            raise AdminError(
+                f"The broker on {self.config.data_dir} failed to answer the request (HTTP {response.status}); "
+                "nothing was changed. Its log says why."
+            ) from None
+        if not isinstance(data, dict):
+            raise AdminError("The broker answered something this command does not understand.")
         if response.status != 200:
             raise AdminError(data.get("message", "The broker refused the request."))
         return data

@@ -8,6 +8,7 @@ lives in ``broker.signaling.hub`` and ``broker.signaling.session``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import html
 import logging
 import string
@@ -17,6 +18,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 from aiohttp.typedefs import Handler
+from redis.exceptions import RedisError
 
 from broker.accounts.account_store import AccountStore, open_accounts
 from broker.accounts.throttle import Throttle
@@ -36,11 +38,13 @@ from broker.signaling.connections import CLOSE_POLICY, Limits
 from broker.signaling.hub import Hub
 from broker.signaling.protocol import MAX_MESSAGE_BYTES, Error, ErrorCode, ProtocolError, encode
 from broker.signaling.record import RecordSigner
-from broker.signaling.tokens import TokenCodec
+from broker.signaling.session import MAX_AHEAD_S, invalid_token_error
+from broker.signaling.tokens import TokenClaims, TokenCodec
 from broker.store.backends import open_backends
-from broker.store.base import Store
+from broker.store.base import Store, StoreUnavailable
 from broker.store.bus import Bus
 from broker.store.memory import MemoryStore
+from broker.store.redis_marker import StoreMarker
 from broker.store.redis_store import RedisStore
 
 log = logging.getLogger("broker.server")
@@ -60,6 +64,8 @@ class Broker:
     signer: RecordSigner
     accounts: AccountStore
     throttle: Throttle
+    #: On Redis: whether the session Redis came back empty (None on the embedded store).
+    marker: StoreMarker | None = None
     background: list[asyncio.Task[Any]] = field(default_factory=list)
 
     async def close(self) -> None:
@@ -104,7 +110,30 @@ async def create_broker(config: Config, *, store: Store | None = None, bus: Bus 
     broker = Broker(config, keys, store, bus, hub, preflight, audit_log, signer, accounts, throttle)
     if isinstance(store, MemoryStore):
         broker.background.append(asyncio.get_running_loop().create_task(store.run_sweeper()))
+    if isinstance(store, RedisStore):
+        broker.marker = marker = StoreMarker(store.redis, keep_s=EMPTIED_KEEP_S, data_dir=config.data_dir)
+        hub.missing_session = functools.partial(missing_session_error, marker)
+        broker.background.append(asyncio.get_running_loop().create_task(marker.watch()))
     return broker
+
+
+#: How long links are told their session was lost after the session Redis came back empty: until
+#: every link made before has expired (scheduled at most MAX_AHEAD_S ahead, 12 h long, plus grace).
+EMPTIED_KEEP_S = MAX_AHEAD_S + 2 * 24 * 3600
+
+SESSION_NOT_FOUND_MESSAGE = (
+    "The service lost its record of this session, so the link cannot open it. "
+    "Nothing you did caused this. Please contact your therapist, who can send you a new link."
+)
+
+
+def missing_session_error(marker: StoreMarker, claims: TokenClaims) -> ProtocolError:
+    """The answer to a genuine link whose session is not in the store: ``invalid_token``, as for
+    every link that does not work, unless the session Redis was found emptied while this link was
+    still valid; then say plainly that the session could not be found, and what to do."""
+    if marker.emptied_at is not None and claims.expires > marker.emptied_at:
+        return ProtocolError(ErrorCode.SESSION_NOT_FOUND, SESSION_NOT_FOUND_MESSAGE)
+    return invalid_token_error()
 
 
 _OUTCOMES = {"ok": "ok", "ended": "ok", "expired": "expired", "warning": "warning"}
@@ -156,6 +185,7 @@ _ERROR_STATUS = {
     ErrorCode.TOKEN_EXPIRED: 410,
     ErrorCode.TOKEN_NOT_YET_VALID: 425,
     ErrorCode.SESSION_ENDED: 410,
+    ErrorCode.SESSION_NOT_FOUND: 404,
     ErrorCode.UNAVAILABLE: 503,
 }
 
@@ -164,8 +194,11 @@ _ERROR_TITLES = {
     ErrorCode.TOKEN_EXPIRED: "This link has expired",
     ErrorCode.TOKEN_NOT_YET_VALID: "It is a little early",
     ErrorCode.SESSION_ENDED: "This session has ended",
+    ErrorCode.SESSION_NOT_FOUND: "This session could not be found",
     ErrorCode.UNAVAILABLE: "Please try again in a moment",
 }
+
+UNAVAILABLE_MESSAGE = "The service cannot reach its session records just now. Nothing was changed."
 
 
 def render_notice(title: str, message: str, status: int, code: str) -> web.Response:
@@ -175,10 +208,23 @@ def render_notice(title: str, message: str, status: int, code: str) -> web.Respo
     return web.Response(text=body, status=status, content_type="text/html", charset="utf-8")
 
 
-async def _link_page(request: web.Request, page: str, role: str) -> web.StreamResponse:
+async def _resolve_link(request: web.Request) -> Any:
+    """The seat a link opens. A link without a session first has the session Redis's mark looked
+    at once more, so a link opened just after Redis came back empty is already told so."""
     hub: Hub = request.app[HUB]
+    token = request.match_info["token"]
     try:
-        _, seat = await hub.resolve_token(request.match_info["token"])
+        return (await hub.resolve_token(token))[1]
+    except ProtocolError as exc:
+        marker = request.app[BROKER].marker
+        if exc.code is ErrorCode.INVALID_TOKEN and marker is not None and await marker.check():
+            return (await hub.resolve_token(token))[1]
+        raise
+
+
+async def _link_page(request: web.Request, page: str, role: str) -> web.StreamResponse:
+    try:
+        seat = await _resolve_link(request)
         if seat.role.value != role:
             raise ProtocolError(ErrorCode.INVALID_TOKEN, "This link does not open this page.")
     except ProtocolError as exc:
@@ -219,7 +265,12 @@ async def readyz(request: web.Request) -> web.Response:
     except Exception:
         ok = False
     ready = ok and hub.accepting
-    return web.json_response({"ready": ready, "store": ok, "accepting": hub.accepting}, status=200 if ready else 503)
+    body: dict[str, Any] = {"ready": ready, "store": ok, "accepting": hub.accepting}
+    marker = request.app[BROKER].marker
+    if marker is not None:
+        # Reported, not a reason to stop serving: the pages must still tell people what happened.
+        body["store_emptied_at"] = marker.emptied_at
+    return web.json_response(body, status=200 if ready else 503)
 
 
 # ---------------------------------------------------------------- WebSocket
@@ -295,6 +346,20 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 
 
 @web.middleware
+async def store_outage_pages(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A page (a link, the dashboard, the login page) that cannot reach the store answers the 503
+    notice, never aiohttp's bare 500. The JSON API has its own answer (503 ``unavailable``)."""
+    if request.path.startswith("/api/"):
+        return await handler(request)
+    try:
+        return await handler(request)
+    except (StoreUnavailable, RedisError, ConnectionError, TimeoutError):
+        log.warning("event=page_unavailable")
+        code = ErrorCode.UNAVAILABLE
+        return render_notice(_ERROR_TITLES[code], UNAVAILABLE_MESSAGE, _ERROR_STATUS[code], code.value)
+
+
+@web.middleware
 async def compress_files(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The browser client's files go out compressed to browsers that accept it (a 3-4x smaller join page).
 
@@ -324,7 +389,8 @@ def build_app(broker: Broker) -> web.Application:
     if config.trust_proxy:
         limits.append(forwarded_limit(config.max_http_connections_per_address, broker.keys.address))
     app = web.Application(
-        middlewares=[security_middleware(config.trust_proxy), *limits, compress_files], client_max_size=256 * 1024
+        middlewares=[security_middleware(config.trust_proxy), *limits, store_outage_pages, compress_files],
+        client_max_size=256 * 1024,
     )
     app.on_response_prepare.append(security_signal(config.trust_proxy))
     app[CONFIG] = config

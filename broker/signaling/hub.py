@@ -119,6 +119,9 @@ class Hub:
         self.audit = audit
         self.signer = signer
         self.clock = clock
+        #: The answer to a genuine link whose session is not in the store (the store may have
+        #: lost it: broker/store/redis_marker.py); ``invalid_token`` unless the app says otherwise.
+        self.missing_session: Callable[[TokenClaims], ProtocolError] = lambda claims: sm.invalid_token_error()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.connections = Connections(self.limits, self._spawn)
         self.records = SessionRecords(store, clock, self._spawn)
@@ -197,7 +200,7 @@ class Hub:
         claims = self.check_token(token)
         session = await self.get_session(claims.session_id)
         if session is None:
-            raise ProtocolError(ErrorCode.INVALID_TOKEN, INVALID_MESSAGE)
+            raise self.missing_session(claims)
         if claims.token_id == session.group_token_id:
             client = session.clients()[0]
             return session, client
@@ -305,7 +308,9 @@ class Hub:
             return sm.connect(s, seat.id, conn.id, device=presented, new_device=fresh)
 
         # A genuine token of a session that is gone looks exactly like an unknown one.
-        session, joining = await self.records.mutate(claims.session_id, take_seat, missing=sm.invalid_token_error)
+        session, joining = await self.records.mutate(
+            claims.session_id, take_seat, missing=lambda: self.missing_session(claims)
+        )
         seat = joining.seat
         peer = seat.id
         conn.session_id, conn.peer_id, conn.role = session.id, peer, seat.role

@@ -62,6 +62,7 @@ class ErrorCode(str, Enum):
     TOKEN_EXPIRED = "token_expired"
     TOKEN_NOT_YET_VALID = "token_not_yet_valid"
     SESSION_ENDED = "session_ended"
+    SESSION_NOT_FOUND = "session_not_found"
     NOT_ALLOWED = "not_allowed"
     DECLINED = "declined"
     REMOVED = "removed"

@@ -1,12 +1,14 @@
 """Every state a person must understand, reached for real and shown: camera or microphone
 denied or missing (and fixed), a link revoked, expired, not yet valid or incomplete, the
-session ended while away, declined, removed, the seat opened in another window, a bad
-link at HTTP level, and re-testing devices in the waiting room."""
+session ended while away or lost with an emptied Redis, declined, removed, the seat opened in
+another window, a bad link at HTTP level, and re-testing devices in the waiting room."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +19,8 @@ from broker.client.broker_client import BrokerClient
 from broker.signaling.protocol import Peers, WaitingRoom
 from tests.browser.conftest import NewContext
 from tests.browser.kit import Watch, look, pass_checklist, start_checklist, wait_screen
-from tests.conftest import RunningBroker, SessionLinks, schedule
+from tests.conftest import RunningBroker, SessionLinks, schedule, start_broker
+from tests.redis_server import RedisServer, free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 
@@ -265,3 +268,35 @@ async def test_bad_link_at_http_level(
     await expect(page.locator("h1")).to_have_text("This link does not work")
     await look(page, axe_source, "link-invalid-http")
     await watch.assert_clean()
+
+
+async def test_session_lost_with_an_emptied_redis(
+    tmp_path: Path, new_context: NewContext, watch: Watch, axe_source: str
+) -> None:
+    """The page is open when the session Redis comes back empty: it says plainly that the session
+    could not be found and to contact the therapist, and never that someone replaced the link."""
+    redis = RedisServer(free_port(), tmp_path / "redis")
+    redis.workdir.mkdir()
+    redis.start()
+    running = await start_broker(tmp_path / "data", redis_url=redis.url)
+    try:
+        links = await schedule(running, clients=1)
+        watch.secrets.append(links.link_key)
+        page = await open_client(new_context, links)
+        redis.restart()  # no persistence: it comes back empty
+        marker = running.broker.marker
+        assert marker is not None
+        for _ in range(100):
+            if marker.emptied_at is not None:
+                break
+            await asyncio.sleep(0.1)
+        await drop_connections(running, links.peers[links.client])
+        await expect_notice(page, "session_not_found")
+        await expect(page.locator("#notice-title")).to_have_text("This session could not be found")
+        await expect(page.locator("#notice-message")).to_contain_text("Nothing you did caused this")
+        await expect(page.locator("#notice-message")).not_to_contain_text("replaced")
+        await look(page, axe_source, "client-session-lost")
+        await watch.assert_clean()
+    finally:
+        await running.stop()
+        redis.stop()

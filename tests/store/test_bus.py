@@ -23,7 +23,7 @@ from broker.store.memory import MemoryStore
 from broker.store.redis_bus import RedisBus
 from broker.store.redis_bus_messages import channel_of, peer_channel_of
 from broker.store.redis_pipe import resp_command
-from broker.store.redis_store import CommandRefused, RedisStore, redis_client
+from broker.store.redis_store import TIMEOUT_S, CommandRefused, RedisStore, redis_client
 from broker.store.sealing import Sealer
 from tests.redis_server import RedisServer, free_port, redis_server  # noqa: F401 - the fixture
 
@@ -936,7 +936,8 @@ async def test_commands_are_pipelined_without_waiting_for_earlier_replies(
     bus, _ = one
     await bus._send(resp_command(b"PING"))  # the publisher's connection is open
     with redis_server.client() as raw:
-        raw.execute_command("CLIENT", "PAUSE", "700", "ALL")  # Redis holds every reply meanwhile
+        # Redis holds every reply meanwhile (for less than the deadline of a reply, TIMEOUT_S).
+        raw.execute_command("CLIENT", "PAUSE", str(int(TIMEOUT_S * 700)), "ALL")
     first = [asyncio.ensure_future(bus._send(resp_command(b"ECHO", b"a%d" % i))) for i in range(5)]
     await asyncio.sleep(0.05)
     second = [asyncio.ensure_future(bus._send(resp_command(b"ECHO", b"b%d" % i))) for i in range(5)]

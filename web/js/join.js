@@ -76,6 +76,11 @@ const NOTICES = {
     "This page is out of date.",
     "Reloading it will fetch the current version.",
   ],
+  session_not_found: [
+    "This session could not be found",
+    "The service lost its record of this session. Nothing you did caused this.",
+    "Please contact your therapist, who can send you a new link.",
+  ],
 };
 
 const STEP_NAMES = { device: "Device", space: "Your space", consent: "Consent", details: "Emergency" };

@@ -18,6 +18,7 @@ export const FINAL_CODES = Object.freeze([
   "token_expired",
   "token_not_yet_valid",
   "session_ended",
+  "session_not_found",
   "declined",
   "removed",
   "replaced",

@@ -57,6 +57,10 @@ const NOTICES = {
     "The part after the # sign was changed or cut off. Open the full link you got when you scheduled the session.",
   ],
   unsupported_protocol: ["Please reload this page", "This page is out of date."],
+  session_not_found: [
+    "This session could not be found",
+    "The service lost its record of this session. Schedule it again to send your client a new link.",
+  ],
 };
 
 const state = {
