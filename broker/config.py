@@ -84,6 +84,9 @@ class Config:
     #: Shown as the issuer in authenticator apps and on the client's welcome screen.
     practice_name: str = ""
     log_level: str = "info"
+    #: How log lines are laid out on stderr: "text" (``time LEVEL logger event=...``) or "json"
+    #: (one object per line, for a log pipeline); the same fields and redaction in both (broker/logs.py).
+    log_format: str = "text"
 
     @property
     def base_url(self) -> str:

@@ -16,6 +16,7 @@ from broker.checklist import policy as checklist
 from broker.checklist.preflight_slots import SlotLimits
 from broker.config import Config
 from broker.http.admin_socket import socket_directory_problem
+from broker.logs import LOG_FORMATS
 from broker.signaling.turn import TurnConfigError, parse_turn_urls, resolve_turn_secret
 
 
@@ -49,6 +50,8 @@ def check_config(config: Config) -> list[str]:
         problems.append("max_connections_per_address and max_http_connections_per_address must be at least 1.")
     if not 0 < config.login_idle_s <= config.login_absolute_s:
         problems.append("login_idle_s must be positive and at most login_absolute_s.")
+    if config.log_format not in LOG_FORMATS:
+        problems.append(f"log_format {config.log_format!r} is not one of: {', '.join(LOG_FORMATS)}.")
     problems += _check_preflight(config)
     problems += _check_data_dir(config)
     problems += _check_audit(config)

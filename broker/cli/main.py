@@ -286,11 +286,15 @@ def _record_verify(file: str, key: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from broker.logs import configure
+    from broker.logs import LOG_FORMATS, configure
 
-    configure(os.environ.get("BROKER_LOG_LEVEL", "info"))
+    def usable(log_format: str) -> str:
+        return log_format if log_format in LOG_FORMATS else "text"  # check_config reports another value
+
+    configure(os.environ.get("BROKER_LOG_LEVEL", "info"), log_format=usable(os.environ.get("BROKER_LOG_FORMAT", "")))
     try:
-        configure(_config(args).log_level)  # also honours log_level from a BROKER_CONFIG file
+        config = _config(args)  # also honours log_level and log_format from a BROKER_CONFIG file
+        configure(config.log_level, log_format=usable(config.log_format))
     except ConfigError:
         pass  # reported below, where the command loads its configuration
     try:
