@@ -102,8 +102,9 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
+        moment = datetime.fromtimestamp(record.created, UTC)
         line: dict[str, str] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname,
             "logger": record.name,
         }
@@ -134,7 +135,8 @@ def configure(level: str = "info", stream: TextIO = sys.stderr, log_format: str 
     """Set up the process's logging once: one handler, redaction, quiet WebRTC libraries.
 
     aiohttp's loggers (the private access log among them) and every other library's propagate to
-    this one handler, so they are laid out and filtered like the broker's own lines.
+    this one handler, so they are laid out and filtered like the broker's own lines; so do Python's
+    warnings, which would otherwise be written to stderr as lines of their own.
     """
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter(log_format))
@@ -144,4 +146,5 @@ def configure(level: str = "info", stream: TextIO = sys.stderr, log_format: str 
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     for name in ("aioice", "aiortc"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.captureWarnings(True)
     return handler

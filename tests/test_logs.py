@@ -44,6 +44,7 @@ def captured() -> Iterator[io.StringIO]:
     yield stream
     root.handlers[:], level = saved
     root.setLevel(level)
+    logging.captureWarnings(False)
 
 
 @pytest.fixture
@@ -56,6 +57,7 @@ def captured_json() -> Iterator[io.StringIO]:
     yield stream
     root.handlers[:], level = saved
     root.setLevel(level)
+    logging.captureWarnings(False)
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
@@ -127,7 +129,7 @@ def test_free_text_and_clashing_keys_stay_whole_in_message(captured_json: io.Str
     log.warning("pair %s -> %s failed", "10.1.2.3:5000", "fe80::1:2")
     log.warning("event=spoof level=DEBUG logger=broker.fake")  # cannot replace the record's own fields
     log.warning("event=a event=b")
-    log.warning("event=x note=%s", "one\n{\"event\": \"forged\"}")
+    log.warning("event=x note=%s", 'one\n{"event": "forged"}')
     lines = json_lines(captured_json.getvalue())
     assert len(lines) == 4  # the newline in the last value did not start a line of its own
     assert lines[0] == {**lines[0], "message": "pair [address]:5000 -> [address] failed", "logger": "aiortc.test"}
@@ -146,6 +148,18 @@ def test_a_traceback_goes_into_exception(captured_json: io.StringIO) -> None:
     (line,) = json_lines(captured_json.getvalue())
     assert line["event"] == "bus_handler_failed" and line["level"] == "ERROR"
     assert line["exception"].startswith("Traceback") and "RuntimeError: boom" in line["exception"]
+
+
+def test_python_warnings_become_json_lines_too() -> None:
+    program = (
+        "import warnings\n"
+        "from broker.logs import configure\n"
+        "configure(log_format='json')\n"
+        "warnings.warn('slow path taken', RuntimeWarning)\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    (line,) = json_lines(ran.stderr)
+    assert line["logger"] == "py.warnings" and "RuntimeWarning: slow path taken" in line["message"]
 
 
 def test_an_unknown_log_format_is_refused_with_a_clear_message(tmp_path: Path) -> None:
