@@ -8,6 +8,7 @@ lives in ``broker.signaling.hub`` and ``broker.signaling.session``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import html
 import logging
@@ -106,6 +107,7 @@ async def create_broker(config: Config, *, store: Store | None = None, bus: Bus 
         audit=audit_hook(audit_log),
         signer=signer,
     )
+    await hub.start()
     throttle = throttle_for(store)
     broker = Broker(config, keys, store, bus, hub, preflight, audit_log, signer, accounts, throttle)
     if isinstance(store, MemoryStore):
@@ -279,10 +281,11 @@ async def readyz(request: web.Request) -> web.Response:
 class _AiohttpTransport:
     """The hub's view of one aiohttp WebSocket, through its public API only (docs/security.md 3.6)."""
 
-    __slots__ = ("ws",)
+    __slots__ = ("ws", "request")
 
-    def __init__(self, ws: web.WebSocketResponse) -> None:
+    def __init__(self, ws: web.WebSocketResponse, request: web.Request) -> None:
         self.ws = ws
+        self.request = request
 
     async def send_text(self, data: bytes) -> None:
         """One text frame (UTF-8 JSON, never compressed); waits only while the peer's socket is paused."""
@@ -290,6 +293,16 @@ class _AiohttpTransport:
 
     async def close(self, code: int, reason: str) -> None:
         await self.ws.close(code=code, message=reason.encode())
+
+    async def ping(self) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.ws.ping()
+
+    def abort(self) -> None:
+        """The TCP connection is dropped (``Request.transport``): the socket's reader ends at once."""
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
 
 
 def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
@@ -314,12 +327,14 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         # aiohttp refuses frames of max_msg_size bytes or more; the protocol allows exactly 64 KiB.
         max_msg_size=MAX_MESSAGE_BYTES + 1,
         compress=False,
-        heartbeat=config.heartbeat_s,
-        autoping=True,
+        # The hub's heartbeat pings and cuts off silent peers (Connections.beat): aiohttp's own
+        # would round its timers above 5 s to whole seconds and give a silent peer 1.5 heartbeats.
+        heartbeat=None,
+        autoping=False,
     )
     await ws.prepare(request)
     counts[key] += 1
-    conn = hub.open(_AiohttpTransport(ws))
+    conn = hub.open(_AiohttpTransport(ws, request))
     try:
         while True:
             msg = await ws.receive()
@@ -328,6 +343,11 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 if pending is not None:
                     await pending
                     pending = None  # a finished coroutine kept until the next frame costs ~250 B per idle connection
+            elif msg.type is WSMsgType.PONG:
+                hub.connections.heard_from(conn)
+            elif msg.type is WSMsgType.PING:
+                hub.connections.heard_from(conn)
+                await ws.pong(msg.data)
             elif msg.type is WSMsgType.BINARY:
                 conn.deliver(encode(Error(code=ErrorCode.BAD_MESSAGE, message="Only JSON text frames are accepted.")))
             else:

@@ -5,7 +5,11 @@ writes its messages in order through a bounded queue (a peer that cannot keep up
 is closed, nobody else waits), spends a per-connection message budget, and is
 closed if it has not joined by the auth deadline. ``Connections`` is the registry
 of them, and the first step of every frame: the budget, the strict decoder,
-pings, and the hello that opens the protocol.
+pings, and the hello that opens the protocol; and the heartbeat, which pings a
+connection it has not heard from and cuts off one that stays silent.
+
+A close waits for nobody for long: a peer whose close frame cannot be written in time
+(it stopped reading) is cut off, so that its seat is freed at once (``close_within``).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from broker.signaling.protocol import (
     decode_client,
     encode,
 )
+from broker.signaling.tokens import new_connection_id
 from broker.store.base import StoreUnavailable
 from broker.store.bus import Envelope
 
@@ -52,6 +57,18 @@ CLOSE_TOO_SLOW = 4009
 CLOSE_ENDED = 4010
 CLOSE_FLOOD = 4029
 
+#: How long a close may take (the close frame written after what was queued before it, and the
+#: peer's answer) before the connection is cut off.
+CLOSE_DEADLINE_S = 10.0
+#: The same for a peer closed for not reading (4009) or for flooding (4029): its close frame is
+#: stuck behind what it did not read, and its seat must not wait for it.
+CUT_OFF_DEADLINE_S = 0.5
+#: Heartbeat ticks per ``heartbeat_s``: a connection silent for half a heartbeat is pinged at the next
+#: tick, and one silent for a whole heartbeat is cut off at the next, so a silent peer is cut off
+#: at most ``1 + 1/BEAT_TICKS`` heartbeats after it was last heard (22.5 s at the default 20 s),
+#: and a live one has at least ``1/2 - 1/BEAT_TICKS`` of a heartbeat (7.5 s) to answer a ping.
+BEAT_TICKS = 8
+
 #: Starts a coroutine that nobody awaits (kept until done, cancelled at shutdown: ``Hub.spawn``).
 Spawn = Callable[[Awaitable[Any]], None]
 
@@ -63,7 +80,17 @@ class Transport(Protocol):
         """Write ``data`` (UTF-8 JSON) as a text frame, waiting while the socket is paused."""
         ...
 
-    async def close(self, code: int, reason: str) -> None: ...
+    async def close(self, code: int, reason: str) -> None:
+        """Write a close frame (after what was sent before it) and wait for the peer's answer."""
+        ...
+
+    async def ping(self) -> None:
+        """Write a WebSocket ping frame; a socket already gone is no error."""
+        ...
+
+    def abort(self) -> None:
+        """Cut the connection off at once, dropping whatever was not written."""
+        ...
 
 
 @dataclass
@@ -155,6 +182,8 @@ class Connection:
     other_device: bool = False
     #: The bus was told this process holds the seat's peer (``Bus.hold_peer``).
     holds_peer: bool = False
+    #: When a frame (a pong included) last came from the peer, by ``Connections.clock``.
+    heard: float = 0.0
 
     def __post_init__(self) -> None:
         self.bucket = TokenBucket(self.limits.rate_per_s, self.limits.rate_burst)
@@ -206,7 +235,7 @@ class Connection:
             self.closed = True
             self.pending = None
             log.info("event=slow_consumer_closed conn=%s", self.id)
-            asyncio.get_running_loop().create_task(self.transport.close(CLOSE_TOO_SLOW, "too slow"))
+            asyncio.get_running_loop().create_task(self.close_within(CLOSE_TOO_SLOW, "too slow", CUT_OFF_DEADLINE_S))
             return False
         pending.append((data, close))
         if self.writer is None:
@@ -222,7 +251,7 @@ class Connection:
                     await self.transport.send_text(data)
                 if close is not None:
                     self.closed = True
-                    await self.transport.close(close, "")
+                    await self.close_within(close, "", CLOSE_DEADLINE_S)
                     return
         except (ConnectionError, RuntimeError):
             self.closed = True
@@ -230,21 +259,44 @@ class Connection:
             self.writer = None
             self.pending = None
 
+    async def close_within(self, code: int, reason: str, deadline_s: float) -> None:
+        """Close with ``code``, or cut the connection off if that takes longer than ``deadline_s``
+        (a peer that does not read never lets the close frame out): what the connection held is
+        let go when its socket is gone, and that must not wait for the peer."""
+        timer = asyncio.get_running_loop().call_later(deadline_s, self._cut_off, code)
+        try:
+            await self.transport.close(code, reason)  # returns once the socket is gone, cut off or not
+        except (ConnectionError, RuntimeError):
+            self.transport.abort()
+        finally:
+            timer.cancel()
+
+    def _cut_off(self, code: int) -> None:
+        log.info("event=connection_cut_off conn=%s code=%d", self.id, code)
+        self.transport.abort()
+
 
 class Connections:
     """Every connection this process holds, by id, from its opening to its closing."""
 
-    def __init__(self, limits: Limits, spawn: Spawn) -> None:
+    def __init__(
+        self, limits: Limits, spawn: Spawn, node: str = "", clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.limits = limits
         self._spawn = spawn
+        #: The id of this process (``tokens.new_node_id``), in every connection id it gives.
+        self.node = node
+        self.clock = clock
         self.by_id: dict[str, Connection] = {}
+        self._beat_timer: asyncio.TimerHandle | None = None
 
     def __iter__(self) -> Iterator[Connection]:
         """A snapshot: the registry may change while the caller awaits."""
         return iter(list(self.by_id.values()))
 
     def open(self, transport: Transport) -> Connection:
-        conn = Connection(transport, self.limits)
+        conn = Connection(transport, self.limits, id=new_connection_id(self.node))
+        conn.heard = self.clock()
         self.by_id[conn.id] = conn
         conn.deadline = asyncio.get_running_loop().call_later(self.limits.auth_deadline_s, self._auth_deadline, conn)
         return conn
@@ -274,13 +326,14 @@ class Connections:
     def take(self, conn: Connection, text: str | bytes) -> ClientMessage | None:
         """The frame's message after the rate limit and the decoder; None when it was answered
         (a ping, a refusal) or dropped already."""
+        conn.heard = self.clock()
         if conn.closed:
             return None
         if not conn.bucket.take():
             if conn.bucket.flooding:
                 log.info("event=flood_closed conn=%s", conn.id)
                 conn.closed = True
-                self._spawn(conn.transport.close(CLOSE_FLOOD, "flood"))
+                self._spawn(conn.close_within(CLOSE_FLOOD, "flood", CUT_OFF_DEADLINE_S))
             elif conn.bucket.should_warn():
                 conn.send(Error(code=ErrorCode.TOO_MANY_REQUESTS, message="Slow down: too many messages."))
             return None
@@ -326,3 +379,40 @@ class Connections:
             if all(c.flushed for c in self.by_id.values()):
                 break
             await asyncio.sleep(0.02)
+
+    # ------------------------------------------------------------ heartbeat
+
+    def heard_from(self, conn: Connection) -> None:
+        """A frame other than a message came (a ping, a pong): the peer is alive."""
+        conn.heard = self.clock()
+
+    def start_heartbeat(self) -> None:
+        """Check every connection ``BEAT_TICKS`` times per heartbeat, until ``stop``."""
+        self._beat_timer = asyncio.get_running_loop().call_later(self.limits.heartbeat_s / BEAT_TICKS, self._tick)
+
+    def _tick(self) -> None:
+        self.start_heartbeat()
+        self.beat()
+
+    def beat(self) -> None:
+        """Ping every connection not heard from for half a heartbeat; cut off every one not heard
+        from for a whole heartbeat (it answered no ping: its seat goes at once).
+
+        One pass over the connections per tick, no timer per connection: idle ones stay small.
+        """
+        now = self.clock()
+        heartbeat = self.limits.heartbeat_s
+        for conn in list(self.by_id.values()):
+            silent = now - conn.heard
+            if silent >= heartbeat:
+                if not conn.closed:
+                    log.info("event=heartbeat_timeout conn=%s", conn.id)
+                    conn.closed = True
+                conn.transport.abort()  # once gone, the socket's handler forgets it (Hub.closed)
+            elif silent >= heartbeat / 2 and not conn.closed:
+                self._spawn(conn.transport.ping())
+
+    def stop(self) -> None:
+        if self._beat_timer is not None:
+            self._beat_timer.cancel()
+            self._beat_timer = None

@@ -14,7 +14,9 @@ WebSocket's writes, message budget, decoding and hello), ``Relays`` (relay.py:
 relays between seats and what the bus delivers here, in order), ``SessionRecords``
 (session_records.py: each session's record in the store, and this process's copies
 of it), ``ClientChecks`` (client_checks.py: the checklist and the pre-flight),
-``ExpiryTimer`` (expiry.py) and ``views_of`` (views.py: what each peer sees).
+``ExpiryTimer`` (expiry.py), ``views_of`` (views.py: what each peer sees) and
+``NodeLiveness`` (liveness.py: this process's mark in the store, and the release of
+seats held by processes that died).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from broker.signaling.connections import (
     Transport,
 )
 from broker.signaling.expiry import EXPIRY_LEAD_S, ExpiryTimer
+from broker.signaling.liveness import NodeLiveness
 from broker.signaling.protocol import (
     Admit,
     AllowReturn,
@@ -78,6 +81,7 @@ from broker.signaling.tokens import (
     INVALID_MESSAGE,
     TokenClaims,
     TokenCodec,
+    new_node_id,
     new_resume_secret,
     new_session_id,
     resume_digest,
@@ -85,6 +89,7 @@ from broker.signaling.tokens import (
 from broker.signaling.views import views_of
 from broker.store.base import Store, StoreUnavailable, session_prefix
 from broker.store.bus import Bus, Envelope
+from broker.store.local_bus import LocalBus
 
 log = logging.getLogger("broker.hub")
 
@@ -123,13 +128,30 @@ class Hub:
         #: lost it: broker/store/redis_marker.py); ``invalid_token`` unless the app says otherwise.
         self.missing_session: Callable[[TokenClaims], ProtocolError] = lambda claims: sm.invalid_token_error()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.connections = Connections(self.limits, self._spawn)
+        #: This process's opaque id in the store, and in every connection id it gives.
+        self.node = new_node_id()
+        self.connections = Connections(self.limits, self._spawn, self.node)
         self.records = SessionRecords(store, clock, self._spawn)
         self.relays = Relays(store, bus, self.records, self.connections, clock, self._spawn)
         self.expiry = ExpiryTimer(clock, lambda session_id: self._spawn(self.expire_due(session_id)))
         self.checks = ClientChecks(self.records, checklist, preflight, self._audit)
         self._end_listeners: list[Callable[[str, str], Awaitable[None]]] = []
         self.accepting = True
+        self.liveness = NodeLiveness(
+            store,
+            self.records,
+            self.connections,
+            self.limits.heartbeat_s,
+            sessions_here=self.relays.sessions_here,
+            publish_views=self._publish_views,
+            alone=isinstance(bus, LocalBus),
+        )
+
+    async def start(self) -> None:
+        """The heartbeat and the liveness mark: for a process that serves (before it accepts anyone)."""
+        await self.liveness.beat()
+        self._spawn(self.liveness.run())
+        self.connections.start_heartbeat()
 
     # ------------------------------------------------------------ sessions (admin side)
 
@@ -546,6 +568,7 @@ class Hub:
         self.accepting = False
         notice = encode(Reconnect(reason="restart", after_ms=after_ms))
         await self.connections.close_all(notice, CLOSE_RESTART)
+        self.connections.stop()
         self.records.stop()
         for task in list(self._tasks):
             task.cancel()

@@ -291,6 +291,10 @@ class Relays:
         if self._by_peer.get(key) is conn:
             del self._by_peer[key]
 
+    def sessions_here(self) -> list[str]:
+        """The sessions this process holds a connection of."""
+        return list(self._by_session)
+
     def last_here(self, conn: Connection) -> bool:
         """The connection is the only one of its session routed here."""
         return self._by_session.get(conn.session_id or "") == {conn}

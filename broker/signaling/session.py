@@ -30,7 +30,7 @@ from typing import Any, Literal
 import msgspec
 
 from broker.signaling.protocol import ErrorCode, ProtocolError, Role, SeatState, SessionState
-from broker.signaling.tokens import INVALID_MESSAGE, TokenClaims, new_peer_id, new_token_id
+from broker.signaling.tokens import INVALID_MESSAGE, TokenClaims, new_peer_id, new_token_id, node_of
 
 #: How early before the appointment a link opens, and how long after its end it stays valid.
 DEFAULT_EARLY_S = 30 * 60
@@ -313,6 +313,31 @@ def disconnect(session: Session, seat_id: str, conn: str) -> bool:
         seat.other.conn = None
         return True
     return False
+
+
+def held_on(session: Session) -> set[str]:
+    """The nodes (broker processes) holding a connection of the session: its seats' and other devices'."""
+    places: list[Seat | OtherDevice] = [*session.seats, *(s.other for s in session.seats if s.other is not None)]
+    return {node for p in places if p.conn is not None and (node := node_of(p.conn)) is not None}
+
+
+def connections_of(session: Session, seat_id: str) -> set[str]:
+    """The connections holding a seat or waiting for it as its other device."""
+    seat = session.seat(seat_id)
+    return {c for c in (seat.conn, seat.other.conn if seat.other is not None else None) if c is not None}
+
+
+def release_nodes(session: Session, dead: set[str]) -> int:
+    """Connections held by dead broker processes hold nothing any more (as if each had
+    disconnected); returns how many places were freed. A place that a newer connection
+    took meanwhile (a peer that came back through another process) is not touched."""
+    freed = 0
+    for seat in session.seats:
+        for place in (seat, seat.other):
+            if place is not None and place.conn is not None and node_of(place.conn) in dead:
+                place.conn = None
+                freed += 1
+    return freed
 
 
 def pass_checklist(

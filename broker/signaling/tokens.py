@@ -69,6 +69,23 @@ def new_peer_id() -> str:
     return typeable_id(6)
 
 
+def new_node_id() -> str:
+    """A 64-bit random id naming one broker process (a *node*) for as long as it runs: says
+    nothing about the machine, and a restarted process gets a new one."""
+    return secrets.token_hex(8)
+
+
+def new_connection_id(node: str) -> str:
+    """An opaque id for one WebSocket, naming the node that holds it (``node_of``)."""
+    return f"{node}.{secrets.token_hex(8)}"
+
+
+def node_of(conn: str) -> str | None:
+    """The node holding a connection (``new_connection_id``); None for an id that names none."""
+    node, dot, _ = conn.partition(".")
+    return node if dot else None
+
+
 def new_resume_secret() -> str:
     """A 256-bit secret that proves a later join comes from the same page (43 characters).
 
