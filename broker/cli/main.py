@@ -86,6 +86,17 @@ def _parser() -> argparse.ArgumentParser:
 
     cli_therapist.register(sub)
 
+    contract = sub.add_parser("contract", help="the protocol as JSON Schema, AsyncAPI and OpenAPI").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    for action, text in (
+        ("write", "generate the documents from the code into DIR"),
+        ("check", "fail if the documents in DIR differ from a fresh generation"),
+    ):
+        contract.add_parser(action, help=text).add_argument(
+            "directory", nargs="?", metavar="DIR", help="where they live (default docs/contract)"
+        )
+
     join = sub.add_parser("join", help="join a session from a terminal to diagnose a connection")
     join.add_argument("link", help="a client or therapist link, including its #fragment")
     join.add_argument("--seconds", type=float, default=20.0, help="how long to stay connected")
@@ -328,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cli_therapist.run(args)
         if args.command == "audit":
             return _audit(args)
+        if args.command == "contract":
+            return _run(_contract(args.action, args.directory))
         if args.command == "record":
             return _record_verify(args.file, args.key)
         if args.command == "join":
@@ -361,6 +374,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         raise
     return 0
+
+
+async def _contract(action: str, directory: str | None) -> int:
+    import logging
+    from pathlib import Path
+
+    from broker.contract import files
+
+    # The throw-away broker whose routes are read says it opened its store and audit log: not news here.
+    logging.getLogger("broker").setLevel(logging.WARNING)
+    target = Path(directory) if directory else files.DEFAULT_DIRECTORY
+    if action == "write":
+        for path in await files.write(target):
+            print(f"wrote {path}")
+        return 0
+    outdated = await files.stale(target)
+    for name in outdated:
+        print(f"{target / name} differs from the code: run `{files.REGENERATE}`", file=sys.stderr)
+    return 1 if outdated else 0
 
 
 T = TypeVar("T")

@@ -154,6 +154,7 @@ async def dashboard_page(request: web.Request) -> web.StreamResponse:
 
 
 async def api_create(request: web.Request) -> web.Response:
+    """Schedule a session: its seats and their invite tokens."""
     login = await require_login(request)
     board = _dashboard(request)
     body: CreateSession = await read_json(request, CreateSession)
@@ -194,6 +195,7 @@ def _plain(message: str) -> str:
 
 
 async def api_list(request: web.Request) -> web.Response:
+    """The therapist's sessions that have not ended, by start."""
     login = await require_login(request)
     board = _dashboard(request)
     views = []
@@ -210,6 +212,7 @@ async def api_list(request: web.Request) -> web.Response:
 
 
 async def api_seat_action(request: web.Request) -> web.Response:
+    """Revoke a client seat's link, or reissue it (a new token)."""
     login = await require_login(request)
     board = _dashboard(request)
     session_id = request.match_info["session"]

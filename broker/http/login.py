@@ -64,6 +64,7 @@ _INVALID = (401, "invalid_credentials", "The login name, password or code is not
 
 
 async def api_login(request: web.Request) -> web.StreamResponse:
+    """Log in: the password, then a second factor if the account has one."""
     auth = auth_of(request)
     body: LoginRequest = await read_json(request, LoginRequest)
     account = auth.accounts.account_key(body.username)
@@ -160,11 +161,13 @@ async def _start_session(request: web.Request, result: acc.LoginResult, *, full:
 
 
 async def api_me(request: web.Request) -> web.Response:
+    """Who is logged in, and the CSRF token."""
     session = await require_login(request, allow_partial=True)
     return web.json_response(await me_body(auth_of(request), session))
 
 
 async def api_logout(request: web.Request) -> web.Response:
+    """Log out: end the login session and clear the cookie."""
     auth = auth_of(request)
     session = await require_login(request, allow_partial=True)
     await auth.destroy(session.id)

@@ -109,6 +109,7 @@ async def api_list(request: web.Request) -> web.Response:
 
 
 async def api_remove(request: web.Request) -> web.Response:
+    """Remove a passkey; the account's last second factor only when asked for explicitly."""
     auth = auth_of(request)
     session = await require_login(request)
     body: RemoveRequest = await read_json(request, RemoveRequest)
