@@ -84,6 +84,8 @@ class Config:
     #: Shown as the issuer in authenticator apps and on the client's welcome screen.
     practice_name: str = ""
     log_level: str = "info"
+    #: Where Prometheus scrapes this process's metrics (host:port), never the public port; "off": nowhere.
+    metrics_address: str = "127.0.0.1:9464"
 
     @property
     def base_url(self) -> str:

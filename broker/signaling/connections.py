@@ -17,10 +17,11 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
+from broker.metrics.labels import ThrottleLimit
 from broker.signaling.protocol import (
     PROTOCOL_VERSION,
     ClientMessage,
@@ -37,6 +38,9 @@ from broker.signaling.protocol import (
 )
 from broker.store.base import StoreUnavailable
 from broker.store.bus import Envelope
+
+if TYPE_CHECKING:
+    from broker.metrics.registry import Metrics
 
 log = logging.getLogger("broker.hub")
 
@@ -155,6 +159,8 @@ class Connection:
     other_device: bool = False
     #: The bus was told this process holds the seat's peer (``Bus.hold_peer``).
     holds_peer: bool = False
+    #: Counts the errors sent (broker/metrics); None in tests that make a bare connection.
+    metrics: Metrics | None = None
 
     def __post_init__(self) -> None:
         self.bucket = TokenBucket(self.limits.rate_per_s, self.limits.rate_burst)
@@ -175,10 +181,14 @@ class Connection:
             self._queue(data, close)
 
     def send(self, message: msgspec.Struct) -> None:
+        if type(message) is Error and self.metrics is not None:
+            self.metrics.error_reply(message.code)
         self.deliver(encode(message))
 
     def close_after_queue(self, code: int, last: msgspec.Struct | None = None) -> None:
         """Close once everything already queued (and ``last``, if given) has been written."""
+        if type(last) is Error and self.metrics is not None:
+            self.metrics.error_reply(last.code)
         self.deliver(encode(last) if last is not None else b"", code)
 
     def refuse(self, exc: Exception, ref: str | None) -> None:
@@ -234,9 +244,10 @@ class Connection:
 class Connections:
     """Every connection this process holds, by id, from its opening to its closing."""
 
-    def __init__(self, limits: Limits, spawn: Spawn) -> None:
+    def __init__(self, limits: Limits, spawn: Spawn, metrics: Metrics | None = None) -> None:
         self.limits = limits
         self._spawn = spawn
+        self.metrics = metrics
         self.by_id: dict[str, Connection] = {}
 
     def __iter__(self) -> Iterator[Connection]:
@@ -244,7 +255,7 @@ class Connections:
         return iter(list(self.by_id.values()))
 
     def open(self, transport: Transport) -> Connection:
-        conn = Connection(transport, self.limits)
+        conn = Connection(transport, self.limits, metrics=self.metrics)
         self.by_id[conn.id] = conn
         conn.deadline = asyncio.get_running_loop().call_later(self.limits.auth_deadline_s, self._auth_deadline, conn)
         return conn
@@ -277,6 +288,8 @@ class Connections:
         if conn.closed:
             return None
         if not conn.bucket.take():
+            if self.metrics is not None:
+                self.metrics.throttle(ThrottleLimit.MESSAGES)
             if conn.bucket.flooding:
                 log.info("event=flood_closed conn=%s", conn.id)
                 conn.closed = True
