@@ -27,9 +27,10 @@ from broker.client.broker_client import BrokerClient
 from broker.metrics.labels import ALLOWED
 from broker.metrics.registry import Metrics
 from broker.metrics.site import parse_address, start_metrics_site
-from broker.signaling.protocol import Error, ErrorCode, Status, WaitingRoom
-from tests.client.test_client import waiting_client
-from tests.conftest import free_port
+from broker.signaling.protocol import Error, ErrorCode, WaitingRoom
+from tests.conftest import free_port, start_broker_pair
+from tests.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
+from tests.signaling.test_hub_redis import split_call
 
 BROKER = [sys.executable, "-m", "broker"]
 
@@ -271,3 +272,43 @@ async def test_a_taken_metrics_address_does_not_stop_the_broker(caplog: pytest.L
         assert await start_metrics_site(metrics, "off") is None
     finally:
         await first.cleanup()
+
+
+@pytest.mark.redis
+async def test_two_brokers_on_redis_count_store_commands_and_export_nothing_identifying(
+    tmp_path: Path,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    """Two processes on one Redis: each counts its own share; the Redis store's operations are timed."""
+    a, b = await start_broker_pair(tmp_path, redis_server.empty_database())
+    sites = [await start_metrics_site(x.broker.metrics, f"127.0.0.1:{free_port()}") for x in (a, b)]
+    urls = [f"http://{runner.addresses[0][0]}:{runner.addresses[0][1]}/metrics" for runner in sites if runner]
+    try:
+        before = [await scrape(url) for url in urls]
+        therapist, client = await split_call(a, b)
+        identifiers = {therapist.session_id, therapist.peer_id, client.peer_id, "127.0.0.1"}
+        await therapist.end()
+        await client.close()
+        await therapist.close()
+        await asyncio.sleep(0.3)
+        after = [await scrape(url) for url in urls]
+    finally:
+        for runner in sites:
+            if runner is not None:
+                await runner.cleanup()
+        await a.stop()
+        await b.stop()
+
+    def moved(name: str, **labels: str) -> float:
+        return sum(x.value(name, **labels) - y.value(name, **labels) for x, y in zip(after, before, strict=True))
+
+    assert moved("broker_joins_total", outcome="ok") == 2
+    assert moved("broker_admissions_total", decision="admitted") == 1
+    assert moved("broker_relayed_messages_total", type="answer") >= 1
+    assert moved("broker_store_command_seconds_count", operation="update") >= 4  # joins, checklist, admit, end
+    assert moved("broker_store_command_seconds_count", operation="get") >= 1
+    assert moved("broker_store_errors_total", operation="update") == 0
+    for scraped in (*before, *after):
+        assert label_problems(scraped) == []
+        for identifier in identifiers:
+            assert identifier not in scraped.text, identifier
