@@ -312,3 +312,53 @@ async def test_two_brokers_on_redis_count_store_commands_and_export_nothing_iden
         assert label_problems(scraped) == []
         for identifier in identifiers:
             assert identifier not in scraped.text, identifier
+
+
+def test_check_config_refuses_a_bad_metrics_address_and_the_public_port(tmp_path: Path) -> None:
+    import dataclasses
+
+    from broker.config import Config
+    from broker.config_check import check_config
+
+    base = dataclasses.replace(Config(), data_dir=tmp_path, port=8080)
+    assert not [p for p in check_config(base) if "metrics" in p]
+    assert not [p for p in check_config(dataclasses.replace(base, metrics_address="off")) if "metrics" in p]
+    for bad in ("9464", "127.0.0.1:8080", "0.0.0.0:8080"):
+        problems = [p for p in check_config(dataclasses.replace(base, metrics_address=bad)) if "metrics" in p]
+        assert len(problems) == 1, (bad, problems)
+
+
+async def test_stalls_gc_pauses_and_limits_are_counted(tmp_path: Path) -> None:
+    """A stalled event loop, a full collection, and two limits refusing: each shows in the metrics."""
+    import gc
+
+    from aiohttp import WSServerHandshakeError
+
+    from tests.conftest import start_broker
+
+    running = await start_broker(tmp_path, max_connections_per_address=1, rate_per_s=1.0, rate_burst=2)
+    metrics = running.broker.metrics
+    try:
+        time.sleep(0.3)  # a blocking call holds the loop: the monitor wakes late
+        await asyncio.sleep(0.25)
+        gc.collect()
+        origin = {"Origin": running.url}
+        async with aiohttp.ClientSession() as http:
+            first = await http.ws_connect(running.url + "/ws", headers=origin)
+            with pytest.raises(WSServerHandshakeError) as refused:
+                await http.ws_connect(running.url + "/ws", headers=origin)
+            assert refused.value.status == 429
+            for n in range(4):  # past a budget of 2 at once
+                await first.send_str(json.dumps({"type": "ping", "n": n}))
+            await first.receive(timeout=5)
+            await asyncio.sleep(0.1)
+            await first.close()
+        scraped = parse((await metrics.scrape()).decode())
+    finally:
+        await running.stop()
+    assert scraped.value("broker_event_loop_stall_max_seconds") >= 0.2
+    assert scraped.value("broker_event_loop_lag_seconds_count") >= 1
+    assert scraped.value("broker_gc_pause_seconds_count", generation="2") >= 1
+    assert scraped.value("broker_throttled_total", limit="websocket_per_address") == 1
+    assert scraped.value("broker_throttled_total", limit="messages") >= 1
+    assert scraped.value("broker_error_replies_total", code="too_many_requests") == 1
