@@ -4,7 +4,8 @@ One ``Metrics`` per broker process object, each with a registry of its own (neve
 prometheus-client's global one), so several brokers in one process (the tests) keep apart.
 Each labelled metric's children are bound once here, for every value its label may take
 (labels.py), so they are exported from the start at 0 and counting one is a dict lookup and
-an increment: nothing on the way of a relayed message is built per message. docs/deploy.md
+an increment. What is counted per relayed message or received frame is kept in plain integers
+and read at scrape time (scrape.py): nothing on the way of a relay calls into prometheus-client. docs/deploy.md
 ("Metrics") describes each one: its type, what it means, and what a healthy value looks like.
 """
 
@@ -30,7 +31,7 @@ from broker.metrics.labels import (
     ThrottleLimit,
     values,
 )
-from broker.metrics.scrape import LocalHistogram
+from broker.metrics.scrape import LocalCounter, LocalHistogram
 from broker.signaling.protocol import Answer, Candidate, ErrorCode, Offer, ProtocolError, Renegotiate
 from broker.store.base import StoreUnavailable
 
@@ -39,7 +40,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 #: Call set-up: a few tens of milliseconds on a good network, seconds with TURN or a slow page.
 SETUP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 #: Received text frames: a candidate is a few hundred bytes, an offer a few KiB, the limit 64 KiB.
-SIZE_BUCKETS = (128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0)
+SIZE_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)  # ints: the cheapest bisect
 
 _RELAY_KINDS: dict[type, RelayKind] = {
     Offer: RelayKind.OFFER,
@@ -77,9 +78,13 @@ class Metrics:
         self.admissions = Counter(
             "broker_admissions", "The therapist's admission decisions, by decision.", ["decision"], registry=registry
         )
-        self.relayed = Counter(
-            "broker_relayed_messages", "Signaling messages relayed between peers, by type.", ["type"], registry=registry
+        self.relayed = LocalCounter(
+            "broker_relayed_messages",
+            "Signaling messages relayed between peers, by type.",
+            "type",
+            {kind: name.value for kind, name in _RELAY_KINDS.items()},
         )
+        registry.register(self.relayed)
         self.error_replies = Counter(
             "broker_error_replies", "Error messages sent to peers, by error code.", ["code"], registry=registry
         )
@@ -144,7 +149,6 @@ class Metrics:
         # ---------------------------------------------------------------- children, bound once
         self._joins = _children(self.joins, "outcome", JOIN_OUTCOMES)
         self._admissions = _children(self.admissions, "decision", values(Decision))
-        self._relayed = {kind: self.relayed.labels(type=name.value) for kind, name in _RELAY_KINDS.items()}
         self._errors = {code: self.error_replies.labels(code=code.value) for code in ErrorCode}
         self._closes = _children(self.closes, "code", values(CloseCode))
         self._preflights = _children(self.preflights, "outcome", values(PreflightOutcome))
@@ -191,9 +195,9 @@ class Metrics:
             self.setups.ready(session_id, peer_id)
 
     def relayed_message(self, message: object, session_id: str, sender: str, recipient: str) -> None:
-        """Every relay passes here: one pre-bound increment; an answer may end a call set-up."""
+        """Every relay passes here: one increment of a plain integer; an answer may end a call set-up."""
         kind = type(message)
-        self._relayed[kind].inc()
+        self.relayed.counts[kind] += 1
         if kind is Answer:
             self.setups.answered(session_id, sender, recipient)
 

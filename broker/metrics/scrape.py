@@ -1,7 +1,8 @@
 """What is counted when Prometheus scrapes, rather than as it happens.
 
-- ``LocalHistogram``: a histogram kept in plain integers and exported by a collector, for what
-  is observed on every frame (message sizes): a bisect and an increment, no lock, no object.
+- ``LocalHistogram`` and ``LocalCounter``: a histogram and a labelled counter kept in plain
+  integers and exported by a collector, for what is counted on every frame or relay (message
+  sizes, relayed messages): a dict or list increment, no lock, no call into prometheus-client.
 - ``HubCollector``: this process's sessions by phase, its WebSockets by role and its bus's
   reconnects. The sessions are those with a connection here (per process: a session whose
   peers are on two processes is counted by both), each classed by its record, read from the
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -35,6 +36,8 @@ REFRESH_TIMEOUT_S = 0.5
 class LocalHistogram(Collector):
     """A histogram in plain integers: ``observe`` is cheap enough for every received frame."""
 
+    __slots__ = ("name", "documentation", "bounds", "counts", "sum")
+
     def __init__(self, name: str, documentation: str, buckets: Iterable[float]) -> None:
         self.name = name
         self.documentation = documentation
@@ -49,10 +52,28 @@ class LocalHistogram(Collector):
 
     def collect(self) -> Iterator[Metric]:
         cumulative, buckets = 0, []
-        for bound, count in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
+        for bound, count in zip([*(str(float(b)) for b in self.bounds), "+Inf"], self.counts, strict=True):
             cumulative += count
             buckets.append((bound, float(cumulative)))
         yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.sum)
+
+
+class LocalCounter(Collector):
+    """A counter with one label in plain integers: ``counts[key] += 1`` is the whole cost of counting."""
+
+    def __init__(self, name: str, documentation: str, label: str, names: Mapping[object, str]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.label = label
+        self.names = dict(names)
+        #: Per key (one of ``names``), how many so far.
+        self.counts: dict[object, int] = dict.fromkeys(self.names, 0)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+        for key, count in self.counts.items():
+            family.add_metric([self.names[key]], count)
+        yield family
 
 
 def phase_of(session: Session) -> SessionPhase:
