@@ -87,6 +87,8 @@ class Config:
     #: How log lines are laid out on stderr: "text" (``time LEVEL logger event=...``) or "json"
     #: (one object per line, for a log pipeline); the same fields and redaction in both (broker/logs.py).
     log_format: str = "text"
+    #: Where Prometheus scrapes this process's metrics (host:port), never the public port; "off": nowhere.
+    metrics_address: str = "127.0.0.1:9464"
 
     @property
     def base_url(self) -> str:

@@ -17,6 +17,7 @@ from broker.checklist.preflight_slots import SlotLimits
 from broker.config import Config
 from broker.http.admin_socket import socket_directory_problem
 from broker.logs import LOG_FORMATS
+from broker.metrics.site import parse_address
 from broker.signaling.turn import TurnConfigError, parse_turn_urls, resolve_turn_secret
 
 
@@ -56,9 +57,21 @@ def check_config(config: Config) -> list[str]:
     problems += _check_data_dir(config)
     problems += _check_audit(config)
     problems += _check_admin_socket(config)
+    problems += _check_metrics(config)
     if config.policy_file:
         problems += _check_policy(Path(config.policy_file))
     return problems
+
+
+def _check_metrics(config: Config) -> list[str]:
+    try:
+        where = parse_address(config.metrics_address)
+    except ValueError as exc:
+        return [str(exc)]
+    wildcard = {where[0], config.host} & {"0.0.0.0", "::", ""} if where is not None else set()
+    if where is not None and where[1] == config.port and (where[0] == config.host or wildcard):
+        return [f"metrics_address {config.metrics_address!r} is the public port: give the metrics one of their own."]
+    return []
 
 
 def _check_preflight(config: Config) -> list[str]:

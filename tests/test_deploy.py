@@ -746,3 +746,52 @@ def test_every_kubernetes_manifest_validates_against_the_api_schemas() -> None:
     broken = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}, "spec": {"replica": 2}}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, version, strict=True)
+
+
+# --------------------------------------------------------------------------- metrics (issue 35, item 2)
+
+METRICS_PORT = 9464
+
+
+def test_compose_brokers_serve_metrics_on_an_internal_network_only(compose_config: dict[str, Any]) -> None:
+    """Prometheus reaches the brokers' metrics on an internal network; nothing publishes or proxies them."""
+    services = compose_config["services"]
+    for name in ("broker1", "broker2"):
+        broker = services[name]
+        assert broker["environment"]["BROKER_METRICS_ADDRESS"] == f"0.0.0.0:{METRICS_PORT}"
+        assert "metrics" in broker["networks"]
+        assert "ports" not in broker
+    assert compose_config["networks"]["metrics"].get("internal") is True
+    for name, service in services.items():
+        if name not in ("broker1", "broker2", "prometheus"):
+            assert "metrics" not in service.get("networks", {}), f"{name} must not reach the metrics port"
+    assert str(METRICS_PORT) not in CADDYFILE.read_text()
+    prometheus = services["prometheus"]
+    assert prometheus["profiles"] == ["monitoring"]
+    assert all(str(p).startswith("127.0.0.1:") or (isinstance(p, dict) and p.get("host_ip") == "127.0.0.1")
+               for p in prometheus["ports"])  # fmt: skip
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    (job,) = scrape["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert sorted(job["static_configs"][0]["targets"]) == [f"broker1:{METRICS_PORT}", f"broker2:{METRICS_PORT}"]
+
+
+def test_kubernetes_brokers_are_scraped_inside_the_cluster_only(k8s_objects: list[dict[str, Any]]) -> None:
+    literals = dict(x.split("=", 1) for x in _generator("broker-config")["literals"])
+    assert literals["BROKER_METRICS_ADDRESS"] == f"0.0.0.0:{METRICS_PORT}"
+    template = _object(k8s_objects, "Deployment", "broker")["spec"]["template"]
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(METRICS_PORT)
+    assert annotations["prometheus.io/path"] == "/metrics"
+    ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+    assert ports == {"http": 8080, "metrics": METRICS_PORT}
+    service = _object(k8s_objects, "Service", "broker")
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"], "the Service carries no metrics"
+    policy = _object(k8s_objects, "NetworkPolicy", "broker-metrics-from-monitoring-only")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    rules = policy["spec"]["ingress"]
+    open_rules = [r for r in rules if "from" not in r]
+    assert [p["port"] for r in open_rules for p in r["ports"]] == [8080], "only the signaling port is open to all"
+    (scrape_rule,) = [r for r in rules if any(p["port"] == METRICS_PORT for p in r["ports"])]
+    assert [list(peer) for peer in scrape_rule["from"]] == [["namespaceSelector"]]

@@ -34,6 +34,10 @@ from broker.http.guard import forwarded_limit
 from broker.http.login import setup_auth
 from broker.http.pages import web_root
 from broker.http.security_headers import security_middleware, security_signal
+from broker.metrics.labels import ThrottleLimit
+from broker.metrics.registry import METRICS, Metrics
+from broker.metrics.runtime import Runtime
+from broker.metrics.scrape import HubCollector
 from broker.signaling.admission import BrokerPreflight, PolicyChecklist
 from broker.signaling.connections import CLOSE_POLICY, Limits
 from broker.signaling.hub import Hub
@@ -68,10 +72,15 @@ class Broker:
     #: On Redis: whether the session Redis came back empty (None on the embedded store).
     marker: StoreMarker | None = None
     background: list[asyncio.Task[Any]] = field(default_factory=list)
+    #: This process's metrics (served by broker/metrics/site.py on their own address).
+    metrics: Metrics = field(default_factory=Metrics)
+    runtime: Runtime | None = None
 
     async def close(self) -> None:
         for task in self.background:
             task.cancel()
+        if self.runtime is not None:
+            await self.runtime.stop()
         await self.preflight.close()
         await self.audit.aclose()
         await self.accounts.close()
@@ -96,6 +105,8 @@ async def create_broker(config: Config, *, store: Store | None = None, bus: Bus 
     audit_log = open_audit_log(config, keys)
     accounts = await open_accounts(config, keys)
     signer = RecordSigner(keys.signing_seed)
+    metrics = Metrics()
+    preflight.metrics = metrics
     hub = Hub(
         store,
         bus,
@@ -106,13 +117,20 @@ async def create_broker(config: Config, *, store: Store | None = None, bus: Bus 
         ice_servers=_ice_servers(config, keys),
         audit=audit_hook(audit_log),
         signer=signer,
+        metrics=metrics,
     )
     await hub.start()
     throttle = throttle_for(store)
-    broker = Broker(config, keys, store, bus, hub, preflight, audit_log, signer, accounts, throttle)
+    broker = Broker(config, keys, store, bus, hub, preflight, audit_log, signer, accounts, throttle, metrics=metrics)
+    collector = HubCollector(hub)
+    metrics.registry.register(collector)
+    metrics.before_scrape.append(collector.refresh)
+    broker.runtime = Runtime(metrics)
+    broker.runtime.start()
     if isinstance(store, MemoryStore):
         broker.background.append(asyncio.get_running_loop().create_task(store.run_sweeper()))
     if isinstance(store, RedisStore):
+        store.on_command = metrics.store_command
         broker.marker = marker = StoreMarker(store.redis, keep_s=EMPTIED_KEEP_S, data_dir=config.data_dir)
         hub.missing_session = functools.partial(missing_session_error, marker)
         broker.background.append(asyncio.get_running_loop().create_task(marker.watch()))
@@ -281,17 +299,21 @@ async def readyz(request: web.Request) -> web.Response:
 class _AiohttpTransport:
     """The hub's view of one aiohttp WebSocket, through its public API only (docs/security.md 3.6)."""
 
-    __slots__ = ("ws", "request")
+    __slots__ = ("ws", "request", "sent_close")
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request) -> None:
         self.ws = ws
         self.request = request
+        #: The code the broker closed the socket with, if it did (counted by broker/metrics).
+        self.sent_close: int | None = None
 
     async def send_text(self, data: bytes) -> None:
         """One text frame (UTF-8 JSON, never compressed); waits only while the peer's socket is paused."""
         await self.ws.send_frame(data, WSMsgType.TEXT)
 
     async def close(self, code: int, reason: str) -> None:
+        if self.sent_close is None:
+            self.sent_close = code
         await self.ws.close(code=code, message=reason.encode())
 
     async def ping(self) -> None:
@@ -322,6 +344,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     key = request_address_key(request, request.app[KEYS].address, config.trust_proxy)  # IPv6: per /64
     if counts[key] >= config.max_connections_per_address:
         log.info("event=ws_address_limit")
+        request.app[METRICS].throttle(ThrottleLimit.WEBSOCKET_PER_ADDRESS)
         raise web.HTTPTooManyRequests(text="Too many connections from this address.")
     ws = web.WebSocketResponse(
         # aiohttp refuses frames of max_msg_size bytes or more; the protocol allows exactly 64 KiB.
@@ -334,11 +357,15 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     )
     await ws.prepare(request)
     counts[key] += 1
-    conn = hub.open(_AiohttpTransport(ws, request))
+    transport = _AiohttpTransport(ws, request)
+    conn = hub.open(transport)
+    metrics = request.app[METRICS]
+    frame_size = metrics.message_sizes.observe
     try:
         while True:
             msg = await ws.receive()
             if msg.type is WSMsgType.TEXT:
+                frame_size(len(msg.data))
                 pending = hub.receive_now(conn, msg.data)
                 if pending is not None:
                     await pending
@@ -359,6 +386,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         await hub.closed(conn)
         if not ws.closed:
             await ws.close(code=CLOSE_POLICY if ws.close_code is None else ws.close_code)
+        metrics.closed(transport.sent_close if transport.sent_close is not None else ws.close_code)
     return ws
 
 
@@ -407,7 +435,8 @@ def build_app(broker: Broker) -> web.Application:
     # serve.py's ConnectionGuard counts connections instead).
     limits: list[Any] = []
     if config.trust_proxy:
-        limits.append(forwarded_limit(config.max_http_connections_per_address, broker.keys.address))
+        refused = functools.partial(broker.metrics.throttle, ThrottleLimit.HTTP_PER_ADDRESS)
+        limits.append(forwarded_limit(config.max_http_connections_per_address, broker.keys.address, refused))
     app = web.Application(
         middlewares=[security_middleware(config.trust_proxy), *limits, store_outage_pages, compress_files],
         client_max_size=256 * 1024,
@@ -419,6 +448,7 @@ def build_app(broker: Broker) -> web.Application:
     app[KEYS] = broker.keys
     app[ADDRESS_COUNTS] = Counter()
     app[BROKER] = broker
+    app[METRICS] = broker.metrics
     app.router.add_get("/", index_page, name="index")
     app.router.add_get("/healthz", healthz, name="healthz")
     app.router.add_get("/readyz", readyz, name="readyz")

@@ -65,8 +65,16 @@ class _Tally:
 class ConnectionGuard:
     """The head deadline and, when ``max_per_address`` is set, the per-address connection cap."""
 
-    def __init__(self, *, secret: bytes, header_timeout_s: float, max_per_address: int | None) -> None:
+    def __init__(
+        self,
+        *,
+        secret: bytes,
+        header_timeout_s: float,
+        max_per_address: int | None,
+        refused_hook: Callable[[], None] = lambda: None,
+    ) -> None:
         self.secret = secret
+        self.refused_hook = refused_hook
         self.header_timeout_s = header_timeout_s
         self.max_per_address = max_per_address
         #: Open connections per address key (an HMAC, never the address).
@@ -88,6 +96,7 @@ class ConnectionGuard:
         key = any_address_key(self.secret, str(peer[0]))
         if self.open[key] >= self.max_per_address:
             self.refused.add(asyncio.get_running_loop().time())
+            self.refused_hook()
             return False, None
         self.open[key] += 1
         return True, key
@@ -226,9 +235,9 @@ class GuardedSite(web.BaseSite):
         await super().stop()
 
 
-def forwarded_limit(limit: int, secret: bytes) -> Middleware:
+def forwarded_limit(limit: int, secret: bytes, refused_hook: Callable[[], None] = lambda: None) -> Middleware:
     """Behind a trusted proxy: at most ``limit`` requests in progress (WebSockets included) per
-    forwarded client address; more get 429 before any handler runs."""
+    forwarded client address; more get 429 before any handler runs (and ``refused_hook`` is called)."""
     in_progress: Counter[str] = Counter()
     refused = _Tally("http_address_limit")
 
@@ -237,6 +246,7 @@ def forwarded_limit(limit: int, secret: bytes) -> Middleware:
         key = request_address_key(request, secret, True)
         if in_progress[key] >= limit:
             refused.add(asyncio.get_running_loop().time())
+            refused_hook()
             raise web.HTTPTooManyRequests(text="Too many connections from this address.")
         in_progress[key] += 1
         try:

@@ -41,6 +41,8 @@ from broker.http.pages import html_page
 from broker.http.passkey_routes import setup_passkeys
 from broker.http.reauth import setup_reauth
 from broker.http.totp_routes import setup_totp
+from broker.metrics.labels import LoginOutcome, ThrottleLimit
+from broker.metrics.registry import metrics_of
 from broker.store.base import Store
 
 log = logging.getLogger("broker.web_auth")
@@ -72,6 +74,7 @@ async def api_login(request: web.Request) -> web.StreamResponse:
     # The attempt is counted before scrypt runs: concurrent guesses beyond the schedule get a 429.
     decision = await reserve_attempt(auth, account, address, lambda: auth.accounts.get_by_username(body.username))
     if not decision.allowed:
+        _count(request, LoginOutcome.THROTTLED)
         return await throttled(auth, decision.locked, decision.retry_after)
     assert decision.reserved_at is not None
     if body.passkey is not None:
@@ -85,14 +88,25 @@ async def api_login(request: web.Request) -> web.StreamResponse:
         await auth.throttle.confirm_failure(account)
         log.info("event=login_failed")
         await auth.record(AuditEvent.LOGIN_FAILURE, None, AuditOutcome.DENIED)
+        _count(request, LoginOutcome.INVALID)
         return json_error(*_INVALID)
     if result.reason == acc.SECOND_FACTOR_REQUIRED:
         await auth.throttle.release(account, address, decision.reserved_at)
+        _count(request, LoginOutcome.SECOND_FACTOR_REQUIRED)
         return await _second_factor_required(auth, body.username, account)
     assert result.therapist_id is not None
     await auth.throttle.record_success(account, address, decision.reserved_at)
     full = result.reason != acc.SECOND_FACTOR_ENROLMENT_REQUIRED
+    _count(request, LoginOutcome.OK)
     return await _start_session(request, result, full=full)
+
+
+def _count(request: web.Request, outcome: LoginOutcome) -> None:
+    metrics = metrics_of(request.app)
+    if metrics is not None:
+        metrics.login(outcome)
+        if outcome is LoginOutcome.THROTTLED:
+            metrics.throttle(ThrottleLimit.LOGIN)
 
 
 async def _second_factor_required(auth: WebAuth, username: str, account_key: str) -> web.Response:

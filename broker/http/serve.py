@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import signal
 import sys
@@ -16,6 +17,8 @@ from broker.http.admin_socket import admin_app, start_admin_site
 from broker.http.app import build_app, create_broker
 from broker.http.guard import ConnectionGuard, GuardedSite
 from broker.http.security_headers import PrivateAccessLogger
+from broker.metrics.labels import ThrottleLimit
+from broker.metrics.site import start_metrics_site
 
 log = logging.getLogger("broker.serve")
 
@@ -54,6 +57,7 @@ async def serve(
         header_timeout_s=config.http_header_timeout_s,
         # Behind a trusted proxy every connection is the proxy's: build_app counts forwarded requests instead.
         max_per_address=None if config.trust_proxy else config.max_http_connections_per_address,
+        refused_hook=functools.partial(broker.metrics.throttle, ThrottleLimit.HTTP_PER_ADDRESS),
     )
     site = GuardedSite(runner, config.host, config.port, guard, ssl_context=ssl_context)
     await site.start()
@@ -62,6 +66,7 @@ async def serve(
     admin_runner = web.AppRunner(admin_app(broker.hub, broker.keys, url), access_log=None)
     await admin_runner.setup()
     await start_admin_site(admin_runner.app, admin_runner, config)
+    metrics_runner = await start_metrics_site(broker.metrics, config.metrics_address)
     store_kind = "Redis" if config.redis_url else "embedded (sessions kept in the data dir)"
     print(
         f"Broker listening on {config.host}:{port} — open {url}\n"
@@ -85,6 +90,8 @@ async def serve(
     log.info("event=stopping")
     await broker.hub.shutdown()
     await admin_runner.cleanup()
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
     config.admin_socket.unlink(missing_ok=True)
     await asyncio.wait_for(runner.cleanup(), SHUTDOWN_GRACE_S + 2)
     await broker.close()

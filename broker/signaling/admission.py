@@ -17,6 +17,8 @@ from broker.checklist import policy as checklist
 from broker.checklist.preflight import PreflightRefused, PreflightResult, PreflightService
 from broker.checklist.preflight_slots import SlotLimits
 from broker.config import Config
+from broker.metrics.labels import PreflightOutcome
+from broker.metrics.registry import Metrics
 from broker.signaling.protocol import ChecklistSubmit, ErrorCode, ProtocolError
 
 _CODES = {code.value: code for code in ErrorCode}
@@ -64,11 +66,16 @@ class PolicyChecklist:
         return result.summary()
 
 
+_REFUSALS = {ErrorCode.PREFLIGHT_BUSY: PreflightOutcome.BUSY, ErrorCode.PREFLIGHT_LIMITED: PreflightOutcome.LIMITED}
+
+
 class BrokerPreflight:
     """The aiortc pre-flight peer, answering in protocol terms."""
 
     def __init__(self, service: PreflightService) -> None:
         self.service = service
+        #: Counts the pre-flights by outcome (set by create_broker).
+        self.metrics: Metrics | None = None
 
     @classmethod
     def from_config(cls, config: Config, ice_servers: list[dict[str, Any]] | None = None) -> BrokerPreflight:
@@ -82,14 +89,24 @@ class BrokerPreflight:
             if code not in (ErrorCode.PREFLIGHT_BUSY, ErrorCode.PREFLIGHT_LIMITED):
                 code = ErrorCode.PREFLIGHT_REFUSED
             retry = None if exc.retry_after_s is None else max(1, math.ceil(exc.retry_after_s * 1000))
+            self._count(_REFUSALS.get(code, PreflightOutcome.REFUSED))
             raise ProtocolError(code, exc.message, retry_after_ms=retry) from None
 
     async def wait_result(self, preflight_id: str, timeout: float) -> dict[str, Any]:
         try:
             result = await self.service.wait_result(preflight_id, timeout)
         except PreflightRefused:
+            self._count(PreflightOutcome.FAILED)
             return dataclasses.asdict(PreflightResult(False, None, False, 0.0))
+        except TimeoutError:
+            self._count(PreflightOutcome.FAILED)
+            raise
+        self._count(PreflightOutcome.CONNECTED if result.connected else PreflightOutcome.FAILED)
         return dataclasses.asdict(result)
+
+    def _count(self, outcome: PreflightOutcome) -> None:
+        if self.metrics is not None:
+            self.metrics.preflight(outcome)
 
     async def close(self) -> None:
         await self.service.close()

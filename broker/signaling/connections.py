@@ -21,10 +21,11 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
+from broker.metrics.labels import ThrottleLimit
 from broker.signaling.protocol import (
     PROTOCOL_VERSION,
     ClientMessage,
@@ -42,6 +43,9 @@ from broker.signaling.protocol import (
 from broker.signaling.tokens import new_connection_id
 from broker.store.base import StoreUnavailable
 from broker.store.bus import Envelope
+
+if TYPE_CHECKING:
+    from broker.metrics.registry import Metrics
 
 log = logging.getLogger("broker.hub")
 
@@ -184,6 +188,8 @@ class Connection:
     holds_peer: bool = False
     #: When a frame (a pong included) last came from the peer, by ``Connections.clock``.
     heard: float = 0.0
+    #: Counts the errors sent (broker/metrics); None in tests that make a bare connection.
+    metrics: Metrics | None = None
 
     def __post_init__(self) -> None:
         self.bucket = TokenBucket(self.limits.rate_per_s, self.limits.rate_burst)
@@ -204,10 +210,14 @@ class Connection:
             self._queue(data, close)
 
     def send(self, message: msgspec.Struct) -> None:
+        if type(message) is Error and self.metrics is not None:
+            self.metrics.error_reply(message.code)
         self.deliver(encode(message))
 
     def close_after_queue(self, code: int, last: msgspec.Struct | None = None) -> None:
         """Close once everything already queued (and ``last``, if given) has been written."""
+        if type(last) is Error and self.metrics is not None:
+            self.metrics.error_reply(last.code)
         self.deliver(encode(last) if last is not None else b"", code)
 
     def refuse(self, exc: Exception, ref: str | None) -> None:
@@ -280,13 +290,19 @@ class Connections:
     """Every connection this process holds, by id, from its opening to its closing."""
 
     def __init__(
-        self, limits: Limits, spawn: Spawn, node: str = "", clock: Callable[[], float] = time.monotonic
+        self,
+        limits: Limits,
+        spawn: Spawn,
+        node: str = "",
+        clock: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
         self.limits = limits
         self._spawn = spawn
         #: The id of this process (``tokens.new_node_id``), in every connection id it gives.
         self.node = node
         self.clock = clock
+        self.metrics = metrics
         self.by_id: dict[str, Connection] = {}
         self._beat_timer: asyncio.TimerHandle | None = None
 
@@ -295,7 +311,7 @@ class Connections:
         return iter(list(self.by_id.values()))
 
     def open(self, transport: Transport) -> Connection:
-        conn = Connection(transport, self.limits, id=new_connection_id(self.node))
+        conn = Connection(transport, self.limits, id=new_connection_id(self.node), metrics=self.metrics)
         conn.heard = self.clock()
         self.by_id[conn.id] = conn
         conn.deadline = asyncio.get_running_loop().call_later(self.limits.auth_deadline_s, self._auth_deadline, conn)
@@ -330,6 +346,8 @@ class Connections:
         if conn.closed:
             return None
         if not conn.bucket.take():
+            if self.metrics is not None:
+                self.metrics.throttle(ThrottleLimit.MESSAGES)
             if conn.bucket.flooding:
                 log.info("event=flood_closed conn=%s", conn.id)
                 conn.closed = True

@@ -27,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from broker.metrics.registry import Metrics
 from broker.signaling import session as sm
 from broker.signaling.client_checks import Audit, Checklist, ClientChecks, Preflight
 from broker.signaling.connections import (
@@ -113,6 +114,7 @@ class Hub:
         audit: Audit | None = None,
         signer: RecordSigner | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -124,15 +126,16 @@ class Hub:
         self.audit = audit
         self.signer = signer
         self.clock = clock
+        self.metrics = metrics or Metrics()
         #: The answer to a genuine link whose session is not in the store (the store may have
         #: lost it: broker/store/redis_marker.py); ``invalid_token`` unless the app says otherwise.
         self.missing_session: Callable[[TokenClaims], ProtocolError] = lambda claims: sm.invalid_token_error()
         self._tasks: set[asyncio.Task[Any]] = set()
         #: This process's opaque id in the store, and in every connection id it gives.
         self.node = new_node_id()
-        self.connections = Connections(self.limits, self._spawn, self.node)
+        self.connections = Connections(self.limits, self._spawn, self.node, metrics=self.metrics)
         self.records = SessionRecords(store, clock, self._spawn)
-        self.relays = Relays(store, bus, self.records, self.connections, clock, self._spawn)
+        self.relays = Relays(store, bus, self.records, self.connections, clock, self._spawn, self.metrics)
         self.expiry = ExpiryTimer(clock, lambda session_id: self._spawn(self.expire_due(session_id)))
         self.checks = ClientChecks(self.records, checklist, preflight, self._audit)
         self._end_listeners: list[Callable[[str, str], Awaitable[None]]] = []
@@ -292,6 +295,7 @@ class Hub:
         if self.relays.last_here(conn):  # nothing of the session stays here; before anything is awaited
             self.expiry.forget(conn.session_id or "")
             self.records.forget(conn.session_id or "")
+            self.metrics.setups.forget(conn.session_id or "")
         await self.relays.unroute(conn)
 
     # ------------------------------------------------------------ dispatch
@@ -305,7 +309,7 @@ class Hub:
         if not conn.joined:
             if not isinstance(message, Join):
                 raise ProtocolError(ErrorCode.NOT_JOINED, "Join a session first.")
-            await self._join(conn, message)
+            await self.metrics.count_join(self._join(conn, message))
             return
         if isinstance(message, Join):
             raise ProtocolError(ErrorCode.ALREADY_JOINED, "This connection has already joined.")
@@ -370,6 +374,8 @@ class Hub:
                 other_device=conn.other_device,
             ),
         )
+        if not conn.other_device and seat.state is SeatState.ADMITTED:
+            self.metrics.setups.ready(session.id, peer)
         if message.resume is not None and not conn.other_device and seat.state is SeatState.ADMITTED:
             await self.relays.replay(conn, session.id, peer, message.resume)
         else:
@@ -422,6 +428,7 @@ class Hub:
         taken_from, taken_by = moved
         await self.store.clear_log(mailbox_key(session.id, target))
         log.info("event=other_device_admitted session=%s peer=%s", session.id, target)
+        self.metrics.admission("seat_admitted", session.id, target)
         await self._audit("other_device_admitted", conn.peer_id, session.id, "ok")
         if taken_from is not None:
             message = "Your therapist let you in from another device or window, so this one has stopped."
@@ -442,6 +449,7 @@ class Hub:
             conn.session_id, lambda s: sm.decline_other(s, conn.peer_id or "", message.peer, message.device or "")
         )
         log.info("event=other_device_declined session=%s peer=%s", session.id, message.peer)
+        self.metrics.admission("seat_declined")
         await self._audit("other_device_declined", conn.peer_id, session.id, "ok")
         if turned_away is not None:
             await self.bus.publish(session.id, Envelope(None, turned_away, encode(Declined()), CLOSE_UNWELCOME))
@@ -468,6 +476,7 @@ class Hub:
 
         session, _ = await self.records.mutate(conn.session_id, act)
         log.info("event=%s session=%s peer=%s", event, session.id, target)
+        self.metrics.admission(event, session.id, target)
         await self._audit(event, conn.peer_id, session.id, "ok")
         if notice is not None:
             await self.store.clear_log(mailbox_key(session.id, target))
@@ -545,6 +554,7 @@ class Hub:
         )
         removed = await self.store.delete_prefix(session_prefix(session_id))
         self.records.forget(session_id)
+        self.metrics.setups.forget(session_id)
         log.info("event=session_%s session=%s keys_deleted=%d", reason, session_id, removed)
         if owner is not None:
             for listener in self._end_listeners:

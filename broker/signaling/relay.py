@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import msgspec
 
+from broker.metrics.registry import Metrics
 from broker.signaling import session as sm
 from broker.signaling.connections import Connection, Connections, Spawn
 from broker.signaling.protocol import (
@@ -62,7 +63,9 @@ class Relays:
         connections: Connections,
         clock: Callable[[], float],
         spawn: Spawn,
+        metrics: Metrics,
     ) -> None:
+        self.metrics = metrics
         self.store = store
         self.bus = bus
         self.records = records
@@ -136,6 +139,7 @@ class Relays:
                 raise ProtocolError(ErrorCode.NOT_OFFERER, "The other peer makes the offers for this pair.")
             if isinstance(message, (Answer, Renegotiate)) and sender_offers:
                 raise ProtocolError(ErrorCode.NOT_OFFERER, "You make the offers for this pair; send an offer.")
+        self.metrics.relayed_message(message, session.id, conn.peer_id, message.to)
         # Encoded once, with seq null: the bus stamps the seq into the bytes (bus.with_seq).
         data = encode(msgspec.structs.replace(message, from_=conn.peer_id, id=None, seq=None))
         # The buffer lives as long as the session: never longer, and its numbering never restarts early.

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import TYPE_CHECKING, TypeVar, cast
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from broker.store.redis_bus import RedisBus
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 log = logging.getLogger("broker.store_redis")
 
@@ -200,6 +203,40 @@ class _KeyLocks:
 
 # ---------------------------------------------------------------- the store
 
+#: ``on_command(operation, seconds, failed)``: told of every store operation (broker/metrics).
+CommandObserver = Callable[[str, float, bool], None]
+
+
+def timed(
+    operation: str,
+) -> Callable[
+    [Callable[Concatenate[RedisStore, P], Coroutine[Any, Any, T]]],
+    Callable[Concatenate[RedisStore, P], Coroutine[Any, Any, T]],
+]:
+    """Tell the store's ``on_command`` (when set) how long the operation took, and whether Redis
+    failed it (StoreUnavailable); nothing else of it."""
+
+    def wrap(
+        method: Callable[Concatenate[RedisStore, P], Coroutine[Any, Any, T]],
+    ) -> Callable[Concatenate[RedisStore, P], Coroutine[Any, Any, T]]:
+        async def run(store: RedisStore, /, *args: P.args, **kwargs: P.kwargs) -> T:
+            observe = store.on_command
+            if observe is None:
+                return await method(store, *args, **kwargs)
+            started = time.perf_counter()
+            try:
+                result = await method(store, *args, **kwargs)
+            except StoreUnavailable:
+                observe(operation, time.perf_counter() - started, True)
+                raise
+            observe(operation, time.perf_counter() - started, False)
+            return result
+
+        functools.update_wrapper(run, method)
+        return run
+
+    return wrap
+
 
 class RedisStore:
     """The Store interface over Redis; values sealed with ``Sealer``."""
@@ -213,6 +250,7 @@ class RedisStore:
         self._incr_window = client.register_script(_INCR_WINDOW)
         self._locks = _KeyLocks()
         self._reads: RedisBus | None = None
+        self.on_command: CommandObserver | None = None
 
     def read_through(self, bus: RedisBus) -> None:
         """Send ``get`` on the bus's pipelined connection (``RedisBus.call``) while the bus is open.
@@ -223,6 +261,7 @@ class RedisStore:
         """
         self._reads = bus
 
+    @timed("get")
     async def get(self, key: str) -> bytes | None:
         reads = self._reads
         if reads is not None and not reads.closed:
@@ -242,11 +281,13 @@ class RedisStore:
                     raise
         return None if raw is None else self._sealer.open(_value_aad(key), raw)
 
+    @timed("put")
     async def put(self, key: str, value: bytes, ttl_s: float) -> None:
         sealed = self._sealer.seal(_value_aad(key), value)
         with unavailable_on_redis_errors():
             await self.redis.set(key, sealed, px=ms(ttl_s))
 
+    @timed("update")
     async def update(self, key: str, mutate: Mutation[T], ttl_s: float) -> T:
         """WATCH, GET, mutate, MULTI/SET/EXEC; another process's write in between means try again.
 
@@ -290,6 +331,7 @@ class RedisStore:
             with contextlib.suppress(Exception):
                 await pipe.reset()
 
+    @timed("delete_prefix")
     async def delete_prefix(self, prefix: str) -> int:
         removed = 0
         with unavailable_on_redis_errors():
@@ -303,16 +345,19 @@ class RedisStore:
                 removed += int(await self.redis.unlink(*batch))
         return removed
 
+    @timed("keys")
     async def keys(self, prefix: str) -> list[str]:
         with unavailable_on_redis_errors():
             names = [name async for name in self.redis.scan_iter(match=glob_escape(prefix) + "*", count=500)]
         return sorted({n.decode() for n in names})
 
+    @timed("incr_window")
     async def incr_window(self, key: str, window_s: float) -> int:
         """Counters are plain integers in Redis (nothing about a person) and only read through here."""
         with unavailable_on_redis_errors():
             return int(await self._incr_window(keys=[key], args=[ms(window_s)]))
 
+    @timed("append")
     async def append(self, key: str, value: bytes, maxlen: int, ttl_s: float) -> int:
         if maxlen < 1:
             raise ValueError("maxlen must be at least 1")
@@ -320,6 +365,7 @@ class RedisStore:
         with unavailable_on_redis_errors():
             return int(await self._append(keys=[key], args=[maxlen, ms(ttl_s), sealed]))
 
+    @timed("read_since")
     async def read_since(self, key: str, seq: int) -> list[tuple[int, bytes]]:
         with unavailable_on_redis_errors():
             entries = cast("list[bytes]", await self.redis.lrange(key, 0, -1))
@@ -334,6 +380,7 @@ class RedisStore:
                 out.append((n, self._sealer.open(aad, sealed)))
         return out
 
+    @timed("clear_log")
     async def clear_log(self, key: str) -> None:
         with unavailable_on_redis_errors():
             await self._clear_log(keys=[key], args=[])
