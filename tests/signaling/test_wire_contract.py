@@ -3,11 +3,21 @@ outside implementer reads them: which error, with which ``ref``, for what (issue
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
+from broker.checklist.preflight import run_preflight_client
+from broker.client.broker_client import BrokerClient
 from broker.signaling import session as sm
-from broker.signaling.protocol import Error, ErrorCode, SessionRecord
+from broker.signaling.protocol import (
+    ChecklistAccepted,
+    Error,
+    ErrorCode,
+    PreflightAnswer,
+    PreflightOffer,
+    SessionRecord,
+)
 from tests.conftest import RunningBroker, schedule
 from tests.signaling.test_hub import RawPeer, admitted_pair, record_of
 
@@ -122,6 +132,32 @@ async def test_a_message_of_the_other_role_is_not_allowed_and_changes_nothing(br
     finally:
         await client.close()
         await therapist.close()
+
+
+# ---------------------------------------------------------------- the pre-flight (section 9)
+
+
+async def test_a_checklist_sent_before_the_preflight_is_done_is_held_then_accepted(broker: RunningBroker) -> None:
+    """The page may send its checklist while the pre-flight still runs (here: as soon as the answer
+    came, before any ping): the broker holds it until its own result is recorded, then judges it."""
+    links = await schedule(broker)
+    client = BrokerClient(links.client)
+    await client.connect()
+    sent: list[asyncio.Future[ChecklistAccepted]] = []
+
+    async def exchange(offer_sdp: str) -> str:
+        reply = await client.request(PreflightOffer(sdp=offer_sdp), PreflightAnswer, timeout=30.0)
+        sent.append(asyncio.ensure_future(client.submit_checklist(details={"location": "home", "contact": "a friend"})))
+        return reply.sdp
+
+    try:
+        report = await run_preflight_client(exchange, [])
+        assert report.connected
+        accepted = await asyncio.wait_for(sent[0], timeout=20.0)
+        assert accepted.summary["all_required_met"] is True
+        assert accepted.summary["network"]["connected"] is True
+    finally:
+        await client.close()
 
 
 # ---------------------------------------------------------------- the session record (sections 3 and 10)
