@@ -86,6 +86,18 @@ def test_the_documented_frame_limit_is_the_real_one() -> None:
     assert f"{protocol.MAX_MESSAGE_BYTES:,} bytes" in DOC
 
 
+def test_every_group_of_test_vectors_is_named_in_section_7() -> None:
+    """An outside implementer finds the vectors for each rule of section 7 by name (the fingerprint
+    rules and the link key's strictness included), and every name there is a real group."""
+    import json
+
+    vectors = json.loads((Path(__file__).resolve().parent / "vectors" / "e2ee.json").read_text(encoding="utf-8"))
+    groups = {name for name, value in vectors.items() if isinstance(value, (list, dict))}
+    section = sections()["End-to-end authentication (done by the peers; the broker only relays)"]
+    listed = section.split("Test vectors: `tests/vectors/e2ee.json`,")[1].split(".\n")[0]
+    assert set(re.findall(r"`(\w+)`", listed)) == groups
+
+
 def test_the_parser_sees_a_missing_field() -> None:
     """Guards the guard: a table without a field really is caught."""
     text = "### `hello`\n\n| field | type |\n|---|---|\n| `protocol` | integer |\n"

@@ -358,7 +358,7 @@ class Connections:
         try:
             message = decode_client(text)
         except ProtocolError as exc:
-            conn.refuse(exc, None)
+            conn.refuse(exc, exc.ref)  # the frame's id, when it could be read
             return None
         if type(message) is Ping:  # answered at once, even while this connection's relays are on their way
             conn.send(Pong(n=message.n))

@@ -44,6 +44,7 @@ from broker.signaling.connections import (
 from broker.signaling.expiry import EXPIRY_LEAD_S, ExpiryTimer
 from broker.signaling.liveness import NodeLiveness
 from broker.signaling.protocol import (
+    ROLE_ONLY,
     Admit,
     AllowReturn,
     Answer,
@@ -246,12 +247,13 @@ class Hub:
         Frames of one connection must be handled in order: await what this returns
         before giving it the next one.
         """
+        message: ClientMessage | None = None
         try:
             message = self.connections.take(conn, text)
             if message is None or self.relays.done_now(conn, message):
                 return None
         except Exception as exc:  # never let one bad message take the connection down
-            conn.refuse(exc, None)
+            conn.refuse(exc, message.id if message is not None else None)
             return None
         return self._handle(conn, message)
 
@@ -313,6 +315,10 @@ class Hub:
             return
         if isinstance(message, Join):
             raise ProtocolError(ErrorCode.ALREADY_JOINED, "This connection has already joined.")
+        only = ROLE_ONLY.get(type(message))
+        if only is not None and conn.role is not only:
+            who = "the therapist" if only is Role.THERAPIST else "a client"
+            raise ProtocolError(ErrorCode.NOT_ALLOWED, f"Only {who} can do that.")
         handler = self._handlers[type(message)]
         await handler(self, conn, message)
 
@@ -331,7 +337,7 @@ class Hub:
                 by_group[0] = True
             else:
                 seat = sm.seat_for_token(s, claims.token_id)
-            return sm.connect(s, seat.id, conn.id, device=presented, new_device=fresh)
+            return sm.connect(s, seat.id, conn.id, device=presented, new_device=fresh, now=int(self.clock()))
 
         # A genuine token of a session that is gone looks exactly like an unknown one.
         session, joining = await self.records.mutate(

@@ -317,6 +317,17 @@ ClientMessage = (
 #: Messages the broker relays between admitted peers of one session.
 RELAYED = (Offer, Answer, Candidate, Renegotiate)
 
+#: Messages only one role may send; the other role gets ``not_allowed`` (docs/protocol.md 5).
+ROLE_ONLY: dict[type[msgspec.Struct], Role] = {
+    ChecklistSubmit: Role.CLIENT,
+    PreflightOffer: Role.CLIENT,
+    Admit: Role.THERAPIST,
+    Decline: Role.THERAPIST,
+    Remove: Role.THERAPIST,
+    AllowReturn: Role.THERAPIST,
+    End: Role.THERAPIST,
+}
+
 
 # ---------------------------------------------------------------- broker -> client
 
@@ -490,27 +501,53 @@ _encoder = msgspec.json.Encoder()
 
 
 class ProtocolError(Exception):
-    """A message or action the broker refuses; carries a stable code (and, for a limit, when to try again)."""
+    """A message or action the broker refuses; carries a stable code (and, for a limit, when to try again).
 
-    def __init__(self, code: ErrorCode, message: str, retry_after_ms: int | None = None) -> None:
+    ``ref`` is the ``id`` of a refused frame that could not be decoded but whose ``id`` was readable.
+    """
+
+    def __init__(
+        self, code: ErrorCode, message: str, retry_after_ms: int | None = None, *, ref: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.retry_after_ms = retry_after_ms
+        self.ref = ref
+
+
+class _IdOnly(msgspec.Struct):
+    """Any JSON object, read for its ``id`` alone (other members are skipped, not checked)."""
+
+    id: Id | None = None
+
+
+_id_decoder = msgspec.json.Decoder(_IdOnly)
+
+
+def readable_id(data: str | bytes) -> str | None:
+    """The ``id`` of a frame the strict decoder refused, when the frame is a JSON object holding a
+    valid one: the error about it then names it as ``ref``. Nothing else of the frame is accepted."""
+    try:
+        return _id_decoder.decode(data).id
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError, UnicodeError):
+        return None
 
 
 def decode_client(data: str | bytes) -> ClientMessage:
-    """Decode one client frame, raising ProtocolError(bad_message) with the reason."""
+    """Decode one client frame, raising ProtocolError(bad_message) with the reason (and the
+    frame's ``id`` as ``ref`` when it is readable)."""
     try:
         return _client_decoder.decode(data)
     except msgspec.ValidationError as exc:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"Invalid message: {exc}") from None
+        reason = f"Invalid message: {exc}"
     except msgspec.DecodeError:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, "Invalid message: not a JSON object") from None
+        reason = "Invalid message: not a JSON object"
     except RecursionError:  # nesting deep enough to exhaust the decoder's stack
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, "Invalid message: nested too deeply") from None
+        reason = "Invalid message: nested too deeply"
     except UnicodeError:  # text that is not valid Unicode (a lone surrogate)
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, "Invalid message: not valid UTF-8 text") from None
+        reason = "Invalid message: not valid UTF-8 text"
+    raise ProtocolError(ErrorCode.BAD_MESSAGE, reason, ref=readable_id(data))
 
 
 def decode_server(data: str | bytes) -> ServerMessage:

@@ -228,12 +228,21 @@ class Joining:
         return self.other.state if self.other is not None else self.seat.state
 
 
-def connect(session: Session, seat_id: str, conn: str, *, device: str | None = None, new_device: str = "") -> Joining:
+def connect(
+    session: Session,
+    seat_id: str,
+    conn: str,
+    *,
+    device: str | None = None,
+    new_device: str = "",
+    now: int | None = None,
+) -> Joining:
     """A connection joins a seat.
 
     ``device`` is the digest of the resume secret the join presented (None without one);
     ``new_device`` the digest of a fresh secret, taken when this join needs one. The
-    therapist's seat is taken over by its newest connection. A client seat is resumed
+    therapist's seat is taken over by its newest connection, and is admitted from its first
+    one (at ``now``, for the session record). A client seat is resumed
     only by the device holding it (presenting its secret: a reconnect, never reset by it);
     its first join claims it; any other join becomes the seat's other device, waiting
     for the therapist, and replaces an earlier other device that was still waiting.
@@ -244,6 +253,8 @@ def connect(session: Session, seat_id: str, conn: str, *, device: str | None = N
         previous = seat.conn
         seat.conn = conn
         seat.state = SeatState.ADMITTED
+        if seat.admitted_at is None:
+            seat.admitted_at = now
         if session.state is SessionState.SCHEDULED:
             session.state = SessionState.OPEN
         return Joining(seat, None, previous if previous != conn else None, issued=False)

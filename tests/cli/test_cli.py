@@ -98,6 +98,29 @@ def test_session_create_works_while_serving_and_its_links_open(served: Served) -
     assert asyncio.run(fetch()) == [200, 200, 200]
 
 
+def test_session_create_json_has_the_shape_the_readme_shows(served: Served) -> None:
+    """README "Commands": the object ``--json`` prints, member for member and type for type."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    documented = json.loads(
+        readme.split("With `--json`, `broker session create` prints")[1].split("```json")[1].split("```")[0]
+    )
+    result = run("session", "create", "--data-dir", str(served.data_dir), "--json")
+    assert result.returncode == 0, result.stderr
+    created = json.loads(result.stdout)
+
+    def shape(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: shape(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [shape(v) for v in value[:1]]
+        return type(value).__name__
+
+    assert shape(created) == shape(documented)
+    assert [seat["role"] for seat in created["seats"]] == ["therapist", "client"]
+    assert created["base_url"] == served.url
+    assert {seat["link"].split("#")[0].rsplit("/", 2)[0] for seat in created["seats"]} == {served.url}
+
+
 def test_session_create_text_output_names_each_link(served: Served) -> None:
     starts = (datetime.now(UTC) + timedelta(days=60)).strftime("%Y-%m-%dT09:00+00:00")  # within a year
     result = run("session", "create", "--data-dir", str(served.data_dir), "--starts", starts)

@@ -258,7 +258,8 @@ def masked_text_frames(texts: list[str]) -> bytes:
 
 async def test_a_fault_in_the_hub_is_answered_and_the_connection_carries_on(broker: RunningBroker) -> None:
     """A bug met while a relay is handled within the step (``Hub.receive_now``) must not end the
-    connection: the sender gets ``internal``, and its next frame is handled as usual."""
+    connection: the sender gets ``internal`` naming the relay's ``id``, and its next frame is
+    handled as usual."""
     _, therapist, client = await admitted_pair(broker)
     hub = broker.hub
 
@@ -268,7 +269,7 @@ async def test_a_fault_in_the_hub_is_answered_and_the_connection_carries_on(brok
     hub.records.relay_copy_now = broken  # type: ignore[method-assign]
     try:
         await client.send_raw(json.dumps({"type": "candidate", "to": therapist.peer_id, "candidate": "", "id": "b1"}))
-        assert (await client.expect(Error, where=lambda m: m.ref is None and m.code is ErrorCode.INTERNAL)).code
+        assert (await client.expect(Error, where=lambda m: m.ref == "b1" and m.code is ErrorCode.INTERNAL)).code
     finally:
         del hub.records.relay_copy_now
     try:
