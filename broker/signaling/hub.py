@@ -13,7 +13,7 @@ that know nothing of one another's work: ``Connections`` (connections.py: each
 WebSocket's writes, message budget, decoding and hello), ``Relays`` (relay.py:
 relays between seats and what the bus delivers here, in order), ``SessionRecords``
 (session_records.py: each session's record in the store, and this process's copies
-of it), ``ClientChecks`` (client_checks.py: the checklist and the pre-flight),
+of it), ``TherapistDecisions`` (decisions.py: admit, decline, remove, allow back), ``ClientChecks`` (client_checks.py: the checklist and the pre-flight),
 ``ExpiryTimer`` (expiry.py), ``views_of`` (views.py: what each peer sees) and
 ``NodeLiveness`` (liveness.py: this process's mark in the store, and the release of
 seats held by processes that died).
@@ -41,6 +41,7 @@ from broker.signaling.connections import (
     Limits,
     Transport,
 )
+from broker.signaling.decisions import TherapistDecisions
 from broker.signaling.expiry import EXPIRY_LEAD_S, ExpiryTimer
 from broker.signaling.liveness import NodeLiveness
 from broker.signaling.protocol import (
@@ -53,7 +54,6 @@ from broker.signaling.protocol import (
     ChecklistSubmit,
     ClientMessage,
     Decline,
-    Declined,
     End,
     Error,
     ErrorCode,
@@ -138,6 +138,9 @@ class Hub:
         self.records = SessionRecords(store, clock, self._spawn)
         self.relays = Relays(store, bus, self.records, self.connections, clock, self._spawn, self.metrics)
         self.expiry = ExpiryTimer(clock, lambda session_id: self._spawn(self.expire_due(session_id)))
+        self.decisions = TherapistDecisions(
+            store, bus, self.records, self.metrics, clock, audit=self._audit, publish_views=self._publish_views
+        )
         self.checks = ClientChecks(self.records, checklist, preflight, self._audit)
         self._end_listeners: list[Callable[[str, str], Awaitable[None]]] = []
         self.accepting = True
@@ -406,90 +409,16 @@ class Hub:
         await self.checks.run_preflight(conn, message)
 
     async def _on_admit(self, conn: Connection, message: Admit) -> None:
-        now = int(self.clock())
-        if message.device is not None:
-            await self._admit_other_device(conn, message.peer, message.device, now)
-            return
-
-        def admit(s: Session, actor: str, target: str) -> sm.Seat:
-            seat = sm.admit(s, actor, target)
-            sm.mark_admitted(s, target, now)
-            return seat
-
-        await self._therapist_action(conn, admit, message.peer, "seat_admitted", None)
-
-    async def _admit_other_device(self, conn: Connection, target: str, device: str, now: int) -> None:
-        """The seat moves to its other device: the old connection is closed, the seat's resume
-        buffer emptied (what was relayed there was for the old device), and the new one joins the call."""
-        assert conn.session_id and conn.peer_id
-        moved: list[str | None] = []
-
-        def admit(s: Session) -> None:
-            taken_from = sm.admit_other(s, conn.peer_id or "", target, device)
-            sm.mark_admitted(s, target, now)
-            moved.append(taken_from)
-            moved.append(s.seat(target).conn)
-
-        session, _ = await self.records.mutate(conn.session_id, admit)
-        taken_from, taken_by = moved
-        await self.store.clear_log(mailbox_key(session.id, target))
-        log.info("event=other_device_admitted session=%s peer=%s", session.id, target)
-        self.metrics.admission("seat_admitted", session.id, target)
-        await self._audit("other_device_admitted", conn.peer_id, session.id, "ok")
-        if taken_from is not None:
-            message = "Your therapist let you in from another device or window, so this one has stopped."
-            await self.bus.publish(
-                session.id,
-                Envelope(None, taken_from, encode(Error(code=ErrorCode.REPLACED, message=message)), CLOSE_REPLACED),
-            )
-        if taken_by is not None:
-            await self.bus.publish(session.id, Envelope(None, taken_by, b"", takes_seat=True))
-        await self._publish_views(session)
+        await self.decisions.admit(conn, message)
 
     async def _on_decline(self, conn: Connection, message: Decline) -> None:
-        if message.device is None:
-            await self._therapist_action(conn, sm.decline, message.peer, "seat_declined", Declined())
-            return
-        assert conn.session_id and conn.peer_id
-        session, turned_away = await self.records.mutate(
-            conn.session_id, lambda s: sm.decline_other(s, conn.peer_id or "", message.peer, message.device or "")
-        )
-        log.info("event=other_device_declined session=%s peer=%s", session.id, message.peer)
-        self.metrics.admission("seat_declined")
-        await self._audit("other_device_declined", conn.peer_id, session.id, "ok")
-        if turned_away is not None:
-            await self.bus.publish(session.id, Envelope(None, turned_away, encode(Declined()), CLOSE_UNWELCOME))
-        await self._publish_views(session)
+        await self.decisions.decline(conn, message)
 
     async def _on_remove(self, conn: Connection, message: Remove) -> None:
-        await self._therapist_action(conn, sm.remove, message.peer, "seat_removed", Removed())
+        await self.decisions.act(conn, sm.remove, message.peer, "seat_removed", Removed())
 
     async def _on_allow_return(self, conn: Connection, message: AllowReturn) -> None:
-        await self._therapist_action(conn, sm.allow_return, message.peer, "seat_allowed_back", None)
-
-    async def _therapist_action(
-        self, conn: Connection, step: Callable[[Session, str, str], sm.Seat], target: str, event: str, notice: Any
-    ) -> None:
-        """Apply a therapist's action on a client seat. The ones that send the client away
-        (``notice``) send its other device away too, and empty the seat's resume buffer."""
-        assert conn.session_id and conn.peer_id
-        others: list[str | None] = []
-
-        def act(s: Session) -> sm.Seat:
-            seat = s.seat(target)
-            others.append(seat.other.conn if seat.other is not None else None)
-            return step(s, conn.peer_id or "", target)
-
-        session, _ = await self.records.mutate(conn.session_id, act)
-        log.info("event=%s session=%s peer=%s", event, session.id, target)
-        self.metrics.admission(event, session.id, target)
-        await self._audit(event, conn.peer_id, session.id, "ok")
-        if notice is not None:
-            await self.store.clear_log(mailbox_key(session.id, target))
-            await self.bus.publish(session.id, Envelope(target, None, encode(notice), CLOSE_UNWELCOME))
-            if others[-1] is not None:
-                await self.bus.publish(session.id, Envelope(None, others[-1], encode(notice), CLOSE_UNWELCOME))
-        await self._publish_views(session)
+        await self.decisions.act(conn, sm.allow_return, message.peer, "seat_allowed_back", None)
 
     def _on_relay(self, conn: Connection, message: Relayed) -> Awaitable[None]:
         return self.relays.relay(conn, message)
