@@ -41,6 +41,8 @@ class Pair:
     b: BrokerProcess
     hub: Hub
     closers: list[Any]
+    #: Caddy in front of both, when started (``start_proxy``).
+    proxy: Caddy | None = None
 
     def other(self, broker: BrokerProcess) -> BrokerProcess:
         return self.b if broker is self.a else self.a
@@ -71,12 +73,18 @@ def broker_env(root: Path, redis_url: str, **extra: str) -> dict[str, str]:
     }
 
 
-async def start_pair(root: Path, env: dict[str, str]) -> Pair:
+async def start_pair(root: Path, env: dict[str, str], *, proxy_port: int | None = None) -> Pair:
+    """Start both brokers and wait until they are ready. With ``proxy_port``, each also accepts the
+    WebSocket origin of the proxy there (pages come through it) besides its own (direct peers)."""
+    ports = [free_port(), free_port()]
+    if proxy_port is not None:
+        origins = [f"http://127.0.0.1:{port}" for port in (proxy_port, *ports)]
+        env = {**env, "BROKER_ALLOWED_ORIGINS": ",".join(origins)}
     brokers = []
-    for name in ("a", "b"):
+    for name, port in zip(("a", "b"), ports, strict=True):
         data_dir = root / f"data-{name}"
         data_dir.mkdir(mode=0o700)
-        brokers.append(BrokerProcess(name, free_port(), data_dir, env))
+        brokers.append(BrokerProcess(name, port, data_dir, env))
     for broker in brokers:
         broker.start()
     for broker in brokers:
@@ -86,7 +94,16 @@ async def start_pair(root: Path, env: dict[str, str]) -> Pair:
     return Pair(brokers[0], brokers[1], Hub(store, bus, TokenCodec(keys.token)), [bus, store])
 
 
+def start_proxy(pair: Pair, port: int, workdir: Path) -> Caddy:
+    """Caddy on ``port`` in front of both brokers (start the pair with ``proxy_port=port``)."""
+    pair.proxy = Caddy(port, workdir)
+    pair.proxy.start([pair.a.port, pair.b.port])
+    return pair.proxy
+
+
 async def stop_pair(pair: Pair) -> None:
+    if pair.proxy is not None:
+        pair.proxy.stop()
     for broker in (pair.a, pair.b):
         with contextlib.suppress(ProcessLookupError):
             if broker.running:

@@ -18,8 +18,8 @@ import pytest
 
 from broker.client.broker_client import BrokerClient
 from broker.signaling.protocol import Joined, SeatState, Status, WaitingRoom
-from tests.balanced_brokers import Pair, broker_env, hung, schedule, start_pair, stop_pair
-from tests.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
+from tests.balanced_brokers import Pair, broker_env, hung, schedule, start_pair, start_proxy, stop_pair
+from tests.redis_server import RedisServer, free_port, redis_server  # noqa: F401 - the fixture
 from tests.store.test_redis_cluster import ChatPump, canary_details, close_all, practice_policy, relay_candidate
 
 pytestmark = pytest.mark.redis
@@ -32,8 +32,10 @@ BACK_WITHIN_S = 10.0
 async def pair(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pair]:  # noqa: F811
     root = tmp_path_factory.mktemp("hung")
     env = broker_env(root, redis_server.empty_database(), BROKER_POLICY_FILE=str(practice_policy(root / "policy.toml")))
-    made = await start_pair(root, env)
+    proxy_port = free_port()
+    made = await start_pair(root, env, proxy_port=proxy_port)
     try:
+        start_proxy(made, proxy_port, root)
         yield made
     finally:
         await stop_pair(made)
@@ -81,6 +83,43 @@ async def test_a_python_peer_leaves_a_hung_broker_and_is_back_in_its_seat_within
         if pump is not None:
             await pump.stop()
         await close_all(client, therapist)
+
+
+async def test_a_python_peer_behind_the_load_balancer_leaves_a_hung_broker_within_10_s(pair: Pair) -> None:
+    """One public URL, Caddy set up like deploy/Caddyfile in front of both brokers: the peer's broker hangs,
+    the peer notices, reconnects through Caddy (which has taken the hung broker out of rotation) and resumes."""
+    assert pair.proxy is not None
+    links = await schedule(pair.hub)
+    client = BrokerClient(links.client(pair.proxy.url), agent="test-client")
+    therapist: BrokerClient | None = None
+    try:
+        await client.connect()
+        on = pair.a if pair.joins(pair.a, links.client_peer) else pair.b
+        assert pair.joins(on, links.client_peer) == 1 and pair.joins(pair.other(on), links.client_peer) == 0
+        therapist = BrokerClient(links.therapist(pair.other(on).url), agent="test-therapist")
+        await therapist.connect()
+        await client.submit_checklist(details=canary_details(links.session))
+        await therapist.expect(WaitingRoom, where=lambda m: any(s.state is SeatState.WAITING for s in m.seats))
+        await therapist.admit(client.peer_id)
+        await client.expect(Status, where=lambda m: m.seat_state is SeatState.ADMITTED)
+        await client.wait_connected(therapist.peer_id, timeout=20)
+        marks = len(client.received), len(therapist.received)
+        with hung(on) as stopped_at:
+            rejoined = await client.expect(Joined, since=marks[0], timeout=BACK_WITHIN_S)
+            assert rejoined.seat_state is SeatState.ADMITTED
+            await therapist.expect(
+                WaitingRoom,
+                since=marks[1],
+                where=lambda m: any(s.peer == client.peer_id and s.connected for s in m.seats),
+                timeout=max(0.1, BACK_WITHIN_S - (time.monotonic() - stopped_at)),
+            )
+            assert time.monotonic() - stopped_at < BACK_WITHIN_S
+            assert pair.joins(pair.other(on), links.client_peer) == 1, "rejoined through Caddy on the other broker"
+            await relay_candidate(client, therapist, "behindcaddy1")
+            client.send_chat(therapist.peer_id, "still here")
+            assert await asyncio.wait_for(therapist.links[client.peer_id].messages.get(), 5) == "still here"
+    finally:
+        await close_all(*(c for c in (client, therapist) if c is not None))
 
 
 async def test_a_first_broker_that_never_answers_is_passed_over(pair: Pair) -> None:
