@@ -10,6 +10,7 @@ does) and always lets it go on again.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -55,6 +56,26 @@ class Pair:
         return sum(
             1 for line in log.read_text().splitlines() if "event=peer_joined" in line and f"peer={peer} " in line
         )
+
+    async def wait_joins(self, broker: BrokerProcess, peer: str, count: int, timeout: float = 5.0) -> bool:
+        """Whether ``broker`` logs ``count`` joins of ``peer`` within ``timeout`` (a log line may follow its reply)."""
+        deadline = time.monotonic() + timeout
+        while self.joins(broker, peer) < count:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return self.joins(broker, peer) == count
+
+    async def joined_on(self, peer: str, timeout: float = 5.0) -> BrokerProcess:
+        """The broker that ``peer`` joined first (it has not joined the other)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [b for b in (self.a, self.b) if self.joins(b, peer)]
+            if found:
+                assert len(found) == 1 and self.joins(found[0], peer) == 1, "joined more than once"
+                return found[0]
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"no broker logged the join of {peer}")
 
 
 def broker_env(root: Path, redis_url: str, **extra: str) -> dict[str, str]:

@@ -52,8 +52,7 @@ async def test_a_page_in_a_call_leaves_a_hung_broker_through_the_load_balancer_w
     page = await (await new_context()).new_page()
     await page.goto(links.client(pair.proxy.url))
     await pass_checklist(page)
-    on = pair.a if pair.joins(pair.a, links.client_peer) else pair.b
-    assert pair.joins(pair.other(on), links.client_peer) == 0
+    on = await pair.joined_on(links.client_peer)
 
     # The therapist (the Python client, with a test picture and tone) is on the other broker.
     therapist = BrokerClient(links.therapist(pair.other(on).url), media=True, agent="test-therapist")
@@ -82,7 +81,9 @@ async def test_a_page_in_a_call_leaves_a_hung_broker_through_the_load_balancer_w
                 timeout=BACK_WITHIN_S,
             )
             assert time.monotonic() - stopped_at < BACK_WITHIN_S
-            assert pair.joins(pair.other(on), links.client_peer) == 1, "rejoined through Caddy on the other broker"
+            assert await pair.wait_joins(pair.other(on), links.client_peer, 1), (
+                "rejoined through Caddy on the other one"
+            )
             await expect(banner).to_be_hidden(timeout=5000)
             await wait_screen(page, "call")
             # The call carried on: the therapist's picture is still decoded.

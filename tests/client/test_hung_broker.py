@@ -94,8 +94,7 @@ async def test_a_python_peer_behind_the_load_balancer_leaves_a_hung_broker_withi
     therapist: BrokerClient | None = None
     try:
         await client.connect()
-        on = pair.a if pair.joins(pair.a, links.client_peer) else pair.b
-        assert pair.joins(on, links.client_peer) == 1 and pair.joins(pair.other(on), links.client_peer) == 0
+        on = await pair.joined_on(links.client_peer)
         therapist = BrokerClient(links.therapist(pair.other(on).url), agent="test-therapist")
         await therapist.connect()
         await client.submit_checklist(details=canary_details(links.session))
@@ -114,7 +113,9 @@ async def test_a_python_peer_behind_the_load_balancer_leaves_a_hung_broker_withi
                 timeout=max(0.1, BACK_WITHIN_S - (time.monotonic() - stopped_at)),
             )
             assert time.monotonic() - stopped_at < BACK_WITHIN_S
-            assert pair.joins(pair.other(on), links.client_peer) == 1, "rejoined through Caddy on the other broker"
+            assert await pair.wait_joins(pair.other(on), links.client_peer, 1), (
+                "rejoined through Caddy on the other one"
+            )
             await relay_candidate(client, therapist, "behindcaddy1")
             client.send_chat(therapist.peer_id, "still here")
             assert await asyncio.wait_for(therapist.links[client.peer_id].messages.get(), 5) == "still here"
