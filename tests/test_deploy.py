@@ -4,6 +4,7 @@ and by the properties the design requires (hardening, probes, no secret in the r
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import os
@@ -148,9 +149,86 @@ def test_caddyfile_proxies_to_both_brokers_with_health_checks() -> None:
     text = CADDYFILE.read_text()
     assert "{$BROKER_DOMAIN}" in text
     assert re.search(r"reverse_proxy\s+broker1:8080\s+broker2:8080", text)
-    assert re.search(r"health_uri\s+/healthz", text)
     assert re.search(r"lb_policy\s+\S+", text)
     assert not re.search(r"^\s*log\b", text, re.MULTILINE), "no access log: it would record client addresses"
+
+
+def _seconds(text: str) -> float:
+    """A Caddy duration such as ``2s`` or ``1500ms``."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s)", text)
+    assert match, text
+    return float(match.group(1)) / (1000 if match.group(2) == "ms" else 1)
+
+
+def test_caddy_health_checks_readiness_and_drops_a_hung_broker_before_its_peers_give_up() -> None:
+    """The load balancer asks /readyz (answering, store reachable, not shutting down), not /healthz, and takes a
+    broker that stops answering out of rotation (interval + timeout) before its peers, after 5 s of silence,
+    reconnect through it (broker/client/broker_client.py SILENCE_LIMIT_S, web/js/protocol.js)."""
+    from broker.client.broker_client import SILENCE_LIMIT_S
+
+    text = CADDYFILE.read_text()
+    assert re.search(r"^\s*health_uri\s+/readyz\s*$", text, re.MULTILINE)
+    interval = re.search(r"^\s*health_interval\s+(\S+)\s*$", text, re.MULTILINE)
+    timeout = re.search(r"^\s*health_timeout\s+(\S+)\s*$", text, re.MULTILINE)
+    assert interval and timeout
+    assert _seconds(timeout.group(1)) > 1.0, "/readyz gives its store 1 s: a slow store must not read as a dead broker"
+    assert _seconds(interval.group(1)) + _seconds(timeout.group(1)) < SILENCE_LIMIT_S
+    page_limit = re.search(r"const SILENCE_LIMIT_MS = (\d+);", (REPO / "web/js/protocol.js").read_text())
+    assert page_limit and int(page_limit.group(1)) == SILENCE_LIMIT_S * 1000
+
+
+def test_kubernetes_readiness_drops_a_hung_broker_before_its_peers_give_up(k8s_objects: list[dict[str, Any]]) -> None:
+    from broker.client.broker_client import SILENCE_LIMIT_S
+
+    (container,) = _object(k8s_objects, "Deployment", "broker")["spec"]["template"]["spec"]["containers"]
+    probe = container["readinessProbe"]
+    assert probe["httpGet"]["path"] == "/readyz"
+    worst = probe["periodSeconds"] * probe.get("failureThreshold", 3) + probe["timeoutSeconds"]
+    assert worst < SILENCE_LIMIT_S, "a hung broker must leave the Service before its peers reconnect"
+    assert probe["timeoutSeconds"] > 1, "/readyz gives its store 1 s"
+
+
+async def test_caddy_as_shipped_sends_no_request_to_a_broker_that_is_not_ready(tmp_path: Path) -> None:
+    """Real Caddy with deploy/Caddyfile's proxy block in front of two real brokers: A loses its store (its
+    /healthz still answers 200, its /readyz 503). Within one health check Caddy sends everything to B."""
+    import aiohttp
+
+    from tests.balanced_brokers import Caddy
+    from tests.redis_server import RedisServer, free_port
+    from tests.store.test_redis_cluster import BrokerProcess
+
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    redis = RedisServer(free_port(), redis_dir)
+    redis.start()
+    env = {**_clean_env(), "BROKER_LOG_LEVEL": "warning", "PYTHONPATH": str(REPO)}
+    brokers = []
+    for name, extra in (("a", {"BROKER_REDIS_URL": redis.url}), ("b", {})):
+        data_dir = tmp_path / f"data-{name}"
+        data_dir.mkdir(mode=0o700)
+        brokers.append(BrokerProcess(name, free_port(), data_dir, {**env, **extra}))
+    caddy = Caddy(free_port(), tmp_path)
+    try:
+        for broker in brokers:
+            broker.start()
+        for broker in brokers:
+            await broker.wait_ready()
+        caddy.start([b.port for b in brokers])
+        redis.stop()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            async with http.get(brokers[0].url + "/healthz") as alive, http.get(brokers[0].url + "/readyz") as ready:
+                assert (alive.status, ready.status) == (200, 503)
+            await asyncio.sleep(4)  # one health check (interval + timeout, 3.5 s) has seen A unready
+            statuses = []
+            for _ in range(20):
+                async with http.get(caddy.url + "/readyz") as response:
+                    statuses.append(response.status)
+        assert statuses == [200] * 20, "Caddy sent requests to the broker that is not ready"
+    finally:
+        caddy.stop()
+        for broker in brokers:
+            broker.stop()
+        redis.stop()
 
 
 def test_caddyfile_is_valid_for_caddy(tmp_path: Path) -> None:

@@ -99,6 +99,13 @@ def _parser() -> argparse.ArgumentParser:
 
     join = sub.add_parser("join", help="join a session from a terminal to diagnose a connection")
     join.add_argument("link", help="a client or therapist link, including its #fragment")
+    join.add_argument(
+        "--broker-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="another broker of the same deployment (repeatable): used in turn when one stops answering",
+    )
     join.add_argument("--seconds", type=float, default=20.0, help="how long to stay connected")
     join.add_argument("--admit-all", action="store_true", help="as therapist: admit every client who waits")
     join.add_argument("--media", action="store_true", help="send a test tone and test picture")
@@ -351,7 +358,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 details = {"location": args.location or "", "contact": args.contact or ""}
             return _run(
                 join_from_terminal(
-                    args.link, seconds=args.seconds, admit_all=args.admit_all, media=args.media, details=details
+                    args.link,
+                    seconds=args.seconds,
+                    admit_all=args.admit_all,
+                    media=args.media,
+                    details=details,
+                    broker_urls=args.broker_url,
                 )
             )
     except ConfigError as exc:

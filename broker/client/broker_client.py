@@ -5,8 +5,10 @@ It speaks only the documented protocol (docs/protocol.md), seals every offer
 and answer end to end with the link key (broker/crypto/; docs/protocol.md 7.7),
 checks or opens what it receives, opens a negotiated data
 channel ("chat") to every admitted peer, and can send and receive audio and
-video. When its WebSocket drops it reconnects with the same seat (to any of the
-broker URLs it knows) while the peer-to-peer connections carry on.
+video. When its WebSocket drops, or the broker stops answering (a hung process keeps the
+connection open and says nothing: an application-level ``ping`` with a deadline finds it,
+docs/protocol.md 5), it reconnects with the same seat to the next broker URL it knows while
+the peer-to-peer connections carry on.
 
 This module is its connection to the broker, the protocol's messages and its actions; the
 negotiation with each other peer is ``negotiation`` (its base class), the aiortc connections
@@ -53,6 +55,8 @@ from broker.signaling.protocol import (
     Leave,
     Offer,
     Peers,
+    Ping,
+    Pong,
     PreflightAnswer,
     PreflightOffer,
     Reconnect,
@@ -68,6 +72,14 @@ from broker.signaling.protocol import (
 
 log = logging.getLogger("broker.client")
 R = TypeVar("R")
+
+#: A broker that has sent nothing for this long is taken as hung: its socket is dropped and the seat
+#: resumed on the next broker URL (docs/protocol.md, ``ping``). Also the deadline for opening a socket.
+SILENCE_LIMIT_S = 5.0
+#: After this long without a message the client sends a ``ping``, so a live broker always has something to say.
+PING_AFTER_S = 2.0
+#: The client's own keep-alive pings count up from here, so their pongs are told apart from a caller's ``ping``.
+KEEPALIVE_PING_BASE = 1 << 40
 
 #: Errors after which reconnecting with the same seat cannot help.
 _FINAL_CODES = {
@@ -122,6 +134,8 @@ class BrokerClient(PeerNegotiation):
         self._url_index = 0
         self._closing = False
         self._connected = asyncio.Event()
+        self._last_heard = 0.0
+        self._pings = 0
         self.token = self.link.token
         #: Given by the broker at the first join; presented on every reconnect (memory only).
         self._resume_secret: str | None = None
@@ -142,10 +156,25 @@ class BrokerClient(PeerNegotiation):
         assert self.joined is not None, "not joined"
         return self.joined.session
 
+    @property
+    def broker_url(self) -> str:
+        """The broker URL the client is on (or trying) now."""
+        return self.urls[self._url_index % len(self.urls)]
+
     async def connect(self, timeout: float = 10.0) -> Joined:
-        """Open the WebSocket, say hello, join; keeps the connection up in the background."""
+        """Open the WebSocket, say hello, join; keeps the connection up in the background.
+
+        A broker URL that does not open a socket within ``SILENCE_LIMIT_S`` is passed over for the next
+        one; when none does, the last error is raised."""
         self._http = aiohttp.ClientSession()
-        await self._open_socket()
+        for attempt in range(len(self.urls)):
+            try:
+                await self._open_socket()
+                break
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                if attempt == len(self.urls) - 1:
+                    raise
+                self._url_index += 1
         self._runner = asyncio.get_running_loop().create_task(self._run())
         joined = await self.expect(Joined, timeout=timeout)
         return joined  # type: ignore[return-value]
@@ -173,11 +202,19 @@ class BrokerClient(PeerNegotiation):
         await self.close()
 
     async def _open_socket(self) -> None:
+        """Open a socket to the current broker URL (within ``SILENCE_LIMIT_S``: a hung broker accepts the
+        TCP connection and never answers the upgrade), then say hello and join."""
         assert self._http is not None
-        url = self.urls[self._url_index % len(self.urls)]
-        self._ws = await self._http.ws_connect(
-            ws_url(url), origin=origin_of(url), autoping=True, heartbeat=20.0, max_msg_size=1 << 20
-        )
+        url = self.broker_url
+        async with asyncio.timeout(SILENCE_LIMIT_S):
+            self._ws = await self._http.ws_connect(
+                ws_url(url),
+                origin=origin_of(url),
+                autoping=True,
+                max_msg_size=1 << 20,
+                timeout=aiohttp.ClientWSTimeout(ws_close=2.0),  # leaving a hung broker: do not wait long for its answer
+            )
+        self._last_heard = asyncio.get_running_loop().time()
         await self._send(Hello(protocol=PROTOCOL_VERSION, agent=self.agent))
         await self._send(
             Join(token=self.token, resume=self.last_seq if self.joined else None, resume_secret=self._resume_secret)
@@ -188,15 +225,8 @@ class BrokerClient(PeerNegotiation):
         while not self._closing:
             ws = self._ws
             assert ws is not None
-            async for msg in ws:
-                if msg.type is aiohttp.WSMsgType.TEXT:
-                    delay = 0.2
-                    try:
-                        await self._on_message(decode_server(msg.data))
-                    except Exception:  # one bad message must not stop this peer
-                        log.exception("event=client_message_failed")
-                elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSE):
-                    break
+            if await self._read(ws):
+                delay = 0.2
             if self._closing or self.final is not None or not self.reconnect_enabled:
                 return
             # Connection lost: reconnect with the same seat, cycling through the broker URLs.
@@ -209,8 +239,44 @@ class BrokerClient(PeerNegotiation):
                     self.reconnects += 1
                     log.info("event=reconnected")
                     break
-                except (aiohttp.ClientError, OSError):
+                except (aiohttp.ClientError, OSError, TimeoutError):
                     continue
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> bool:
+        """Handle what the broker sends until the socket closes or the broker falls silent; True if it said anything.
+
+        Nothing for ``PING_AFTER_S``: send a ``ping``. Nothing for ``SILENCE_LIMIT_S``: the broker is hung
+        (or the path to it is), so drop the socket without waiting for a close handshake it cannot answer."""
+        loop = asyncio.get_running_loop()
+        heard = False
+        while True:
+            quiet = loop.time() - self._last_heard
+            if quiet >= SILENCE_LIMIT_S:
+                log.info("event=broker_silent")
+                await ws.close()  # after a receive deadline aiohttp closes without waiting for an answer
+                return heard
+            try:
+                msg = await ws.receive(timeout=max(0.05, min(PING_AFTER_S, SILENCE_LIMIT_S - quiet)))
+            except TimeoutError:
+                if loop.time() - self._last_heard >= PING_AFTER_S and not ws.closed:
+                    with contextlib.suppress(ConnectionError, aiohttp.ClientError):
+                        await ws.send_str(encode(Ping(n=KEEPALIVE_PING_BASE + self._pings)).decode())
+                        self._pings += 1
+                continue
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                self._last_heard = loop.time()
+                heard = True
+                try:
+                    message = decode_server(msg.data)
+                    if isinstance(message, Pong) and (message.n or 0) >= KEEPALIVE_PING_BASE:
+                        continue  # the answer to a keep-alive: hearing it was the point
+                    await self._on_message(message)
+                except Exception:  # one bad message must not stop this peer
+                    log.exception("event=client_message_failed")
+            elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                return heard
+            else:
+                self._last_heard = loop.time()
 
     async def _send(self, message: msgspec.Struct) -> None:
         if self._ws is None or self._ws.closed:

@@ -8,22 +8,47 @@ warning, so that an operator can check a deployment without a browser.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 from broker.client.broker_client import BrokerClient, BrokerError
 from broker.signaling.protocol import Role, SeatState, WaitingRoom
+
+
+def check_broker_url(url: str) -> None:
+    """A broker URL is http(s)://host[:port][/path], nothing else (no query, no fragment)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError(f"--broker-url {url!r} is not a broker address such as https://video.example.org")
+
 
 DIAGNOSTIC_DETAILS = {"location": "diagnostic test, not a real location", "contact": "diagnostic test"}
 
 
 async def join_from_terminal(
-    link: str, *, seconds: float, admit_all: bool, media: bool, details: dict[str, str] | None = None
+    link: str,
+    *,
+    seconds: float,
+    admit_all: bool,
+    media: bool,
+    details: dict[str, str] | None = None,
+    broker_urls: Sequence[str] = (),
 ) -> int:
-    """``broker join``: join, pass the checklist, connect, report what happens."""
-    client = BrokerClient(link, media=media, agent="broker join")
+    """``broker join``: join, pass the checklist, connect, report what happens.
+
+    ``broker_urls`` are other brokers of the same deployment: the client moves to the next one when the
+    one it is on stops answering (or does not answer at all), and says so."""
+    try:
+        for url in broker_urls:
+            check_broker_url(url)
+    except ValueError as exc:
+        print(f"Could not join: {exc}")
+        return 2
+    client = BrokerClient(link, extra_urls=[u.rstrip("/") for u in broker_urls], media=media, agent="broker join")
     try:
         joined = await client.connect()
     except Exception as exc:
-        print(f"Could not join: {exc}")
+        print(f"Could not join: {exc}" if str(exc) else "Could not join: no broker answered in time")
         return 1
     print(
         f"Joined session {joined.session} as {joined.role.value} (peer {joined.peer}); seat {joined.seat_state.value}"
@@ -42,7 +67,11 @@ async def join_from_terminal(
         end_at = loop.time() + seconds
         reported: set[str] = set()
         admitted: set[str] = set()
+        reconnects = 0
         while loop.time() < end_at and client.final is None:
+            if client.reconnects != reconnects:
+                reconnects = client.reconnects
+                print(f"Lost the broker; reconnected through {client.broker_url} to the same seat.")
             rooms = [m for m in client.received if isinstance(m, WaitingRoom)]
             if admit_all and joined.role is Role.THERAPIST and rooms:
                 for seat in rooms[-1].seats:

@@ -2,7 +2,9 @@
 //
 // Screens never build wire messages: they call the methods below and listen to
 // events. The connection says hello, joins with the invite token and, when the
-// WebSocket drops, reconnects with backoff and joins the same seat again with
+// WebSocket drops or the broker falls silent (a hung broker keeps the socket
+// open and answers nothing: the page pings it and gives it a deadline),
+// reconnects with backoff and joins the same seat again with
 // the resume secret the broker gave this page (kept in this object's memory
 // only, so a reload, another tab or a forwarded link cannot present it: those
 // wait for the therapist as the seat's "other device"). Errors after which a
@@ -27,7 +29,11 @@ export const FINAL_CODES = Object.freeze([
 
 const BACKOFF_FIRST_MS = 500;
 const BACKOFF_MAX_MS = 8000;
-const DEFAULT_HEARTBEAT_S = 20;
+/** A socket the broker has said nothing on for this long (opening included) is dropped and the seat resumed. */
+const SILENCE_LIMIT_MS = 5000;
+/** After this long without a message the page sends a `ping`, so a live broker always has something to say. */
+const PING_AFTER_MS = 2000;
+const WATCH_EVERY_MS = 500;
 
 /** An error the broker answered with; `code` is stable (see protocol.py ErrorCode). */
 export class ProtocolError extends Error {
@@ -73,9 +79,11 @@ export class Signaling {
   #nextId = 1;
   #pending = new Map();
   #retryTimer = null;
-  #heartbeatTimer = null;
-  #heartbeatS = DEFAULT_HEARTBEAT_S;
+  #watchTimer = null;
   #lastHeard = 0;
+  #lastPing = 0;
+  #lastTick = 0;
+  #pings = 0;
   #joinedOnce = false;
   #resumeAfterMs = null;
   #resumeSecret = null; // proves a later join is this page (docs/protocol.md section 2); never stored
@@ -131,6 +139,7 @@ export class Signaling {
       return;
     }
     this.#ws = ws;
+    this.#watch();
     ws.addEventListener("open", () => {
       if (ws !== this.#ws) return;
       this.#rawSend({ type: "hello", protocol: PROTOCOL_VERSION, agent: this.#agent });
@@ -153,7 +162,7 @@ export class Signaling {
   close() {
     this.#stopped = true;
     clearTimeout(this.#retryTimer);
-    clearInterval(this.#heartbeatTimer);
+    clearInterval(this.#watchTimer);
     const ws = this.#ws;
     this.#ws = null;
     if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000);
@@ -161,7 +170,7 @@ export class Signaling {
     this.#setState("closed");
   }
 
-  /** Drop the current socket and join again at once (used after a long silence). */
+  /** Drop the current socket and join again at once (a broker that fell silent, or one that is restarting). */
   reconnectNow() {
     if (this.#stopped) return;
     const ws = this.#ws;
@@ -172,7 +181,7 @@ export class Signaling {
 
   #lost() {
     this.#ws = null;
-    clearInterval(this.#heartbeatTimer);
+    clearInterval(this.#watchTimer);
     this.#rejectPending("disconnected", "The connection dropped before the broker answered.");
     if (this.#stopped) {
       this.#setState("closed");
@@ -235,18 +244,34 @@ export class Signaling {
     }
   }
 
-  #startHeartbeat(seconds) {
-    this.#heartbeatS = seconds > 0 ? seconds : DEFAULT_HEARTBEAT_S;
-    clearInterval(this.#heartbeatTimer);
-    this.#lastHeard = Date.now();
-    let n = 0;
-    this.#heartbeatTimer = setInterval(() => {
-      if (Date.now() - this.#lastHeard > this.#heartbeatS * 2500) {
-        this.reconnectNow(); // a silent, half-open connection
+  /**
+   * Watch the socket just opened: ping the broker when it has been quiet for PING_AFTER_MS, and drop
+   * the socket when it has said nothing for SILENCE_LIMIT_MS (a hung broker, or a half-open path to
+   * it; also a socket that never opens). A timer that ran late (a throttled background tab, a machine
+   * waking from sleep) first gives the broker a fresh chance to answer a ping.
+   */
+  #watch() {
+    clearInterval(this.#watchTimer);
+    const now = Date.now();
+    this.#lastHeard = now;
+    this.#lastPing = now;
+    this.#lastTick = now;
+    this.#watchTimer = setInterval(() => {
+      const tick = Date.now();
+      if (tick - this.#lastTick > 4 * WATCH_EVERY_MS) this.#lastHeard = Math.max(this.#lastHeard, tick - PING_AFTER_MS);
+      this.#lastTick = tick;
+      const quiet = tick - this.#lastHeard;
+      if (quiet > SILENCE_LIMIT_MS) {
+        this.reconnectNow();
         return;
       }
-      this.#rawSend({ type: "ping", n: n++ });
-    }, this.#heartbeatS * 1000);
+      if (quiet >= PING_AFTER_MS && tick - this.#lastPing >= PING_AFTER_MS) {
+        if (this.#rawSend({ type: "ping", n: this.#pings })) {
+          this.#pings += 1;
+          this.#lastPing = tick;
+        }
+      }
+    }, WATCH_EVERY_MS);
   }
 
   #onMessage(data) {
@@ -259,7 +284,6 @@ export class Signaling {
     if (!message || typeof message.type !== "string") return;
     switch (message.type) {
       case "welcome":
-        this.#startHeartbeat(message.heartbeat_s);
         return;
       case "pong":
         return;
@@ -319,7 +343,7 @@ export class Signaling {
     this.#final = final;
     this.#stopped = true;
     clearTimeout(this.#retryTimer);
-    clearInterval(this.#heartbeatTimer);
+    clearInterval(this.#watchTimer);
     this.#rejectPending(final.code, final.message);
     this.#emit("final", final);
     this.#setState("closed");
