@@ -35,6 +35,7 @@ from broker.http.login import setup_auth
 from broker.http.pages import web_root
 from broker.http.security_headers import security_middleware, security_signal
 from broker.metrics.labels import ThrottleLimit
+from broker.metrics.readiness import ReadinessCollector
 from broker.metrics.registry import METRICS, Metrics
 from broker.metrics.runtime import Runtime
 from broker.metrics.scrape import HubCollector
@@ -75,6 +76,19 @@ class Broker:
     #: This process's metrics (served by broker/metrics/site.py on their own address).
     metrics: Metrics = field(default_factory=Metrics)
     runtime: Runtime | None = None
+
+    async def readiness(self) -> dict[str, Any]:
+        """What /readyz answers (and ``broker_ready`` exports): ready once the store answers and the
+        process accepts peers; on Redis, also when the session Redis was found emptied."""
+        try:
+            ok = await asyncio.wait_for(self.store.ping(), 1.0)
+        except Exception:
+            ok = False
+        body: dict[str, Any] = {"ready": ok and self.hub.accepting, "store": ok, "accepting": self.hub.accepting}
+        if self.marker is not None:
+            # Reported, not a reason to stop serving: the pages must still tell people what happened.
+            body["store_emptied_at"] = self.marker.emptied_at
+        return body
 
     async def close(self) -> None:
         for task in self.background:
@@ -125,6 +139,11 @@ async def create_broker(config: Config, *, store: Store | None = None, bus: Bus 
     collector = HubCollector(hub)
     metrics.registry.register(collector)
     metrics.before_scrape.append(collector.refresh)
+    readiness = ReadinessCollector(
+        ready=lambda: _is_ready(broker), emptied_at=lambda: broker.marker.emptied_at if broker.marker else None
+    )
+    metrics.registry.register(readiness)
+    metrics.before_scrape.append(readiness.refresh)
     broker.runtime = Runtime(metrics)
     broker.runtime.start()
     if isinstance(store, MemoryStore):
@@ -278,19 +297,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    hub: Hub = request.app[HUB]
-    store: Store = request.app[STORE]
-    try:
-        ok = await asyncio.wait_for(store.ping(), 1.0)
-    except Exception:
-        ok = False
-    ready = ok and hub.accepting
-    body: dict[str, Any] = {"ready": ready, "store": ok, "accepting": hub.accepting}
-    marker = request.app[BROKER].marker
-    if marker is not None:
-        # Reported, not a reason to stop serving: the pages must still tell people what happened.
-        body["store_emptied_at"] = marker.emptied_at
-    return web.json_response(body, status=200 if ready else 503)
+    body = await request.app[BROKER].readiness()
+    return web.json_response(body, status=200 if body["ready"] else 503)
+
+
+async def _is_ready(broker: Broker) -> bool:
+    return bool((await broker.readiness())["ready"])
 
 
 # ---------------------------------------------------------------- WebSocket

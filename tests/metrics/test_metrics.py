@@ -55,6 +55,8 @@ DOCUMENTED = {
     "process_resident_memory_bytes",
     "broker_login_attempts",
     "broker_throttled",
+    "broker_ready",
+    "broker_store_emptied_timestamp_seconds",
 }
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
