@@ -97,6 +97,15 @@ def _parser() -> argparse.ArgumentParser:
             "directory", nargs="?", metavar="DIR", help="where they live (default docs/contract)"
         )
 
+    conformance = with_data_dir(
+        sub.add_parser("conformance", help="check a running broker against docs/protocol.md, one line per rule")
+    )
+    conformance.add_argument("url", help="the broker's base URL, e.g. http://127.0.0.1:8080")
+    conformance.add_argument("--origin", help="an Origin the broker allows (default: the URL's own)")
+    conformance.add_argument(
+        "--only", action="append", default=[], metavar="PREFIX", help="run only rules whose id starts so (repeatable)"
+    )
+
     join = sub.add_parser("join", help="join a session from a terminal to diagnose a connection")
     join.add_argument("link", help="a client or therapist link, including its #fragment")
     join.add_argument(
@@ -350,6 +359,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(_contract(args.action, args.directory))
         if args.command == "record":
             return _record_verify(args.file, args.key)
+        if args.command == "conformance":
+            from broker.conformance.suite import conformance_command
+
+            return _run(conformance_command(args.url, data_dir=args.data_dir, origin=args.origin, only=args.only))
         if args.command == "join":
             from broker.client.diagnostic import join_from_terminal
 
