@@ -69,7 +69,7 @@ def _compact(node: Any, where: str) -> Any:
             out[key] = _compact(value, f"{where}.{key}")
         elif key == "additionalProperties":
             out[key] = value if value is False else _compact(value, f"{where}.{key}")
-        elif key == "type" and value not in TYPES:
+        elif key == "type" and not (isinstance(value, str) and value in TYPES):
             raise UnknownKeyword(f"{where}: type {value!r} is not one web/js/wire_check.js knows")
         elif key == "$ref" and not str(value).startswith(REF_PREFIX):
             raise UnknownKeyword(f"{where}: only local references ({REF_PREFIX}...) are followed")
@@ -100,13 +100,13 @@ def server_definitions(components: dict[str, Any] | None = None) -> dict[str, An
     if components is None:
         _client, server, components = message_components(REF_PREFIX + "{name}")
         components = {**components, SERVER_MESSAGE: server}
-    wanted, todo = {SERVER_MESSAGE}, [SERVER_MESSAGE]
+    reached: dict[str, Any] = {}
+    todo = [SERVER_MESSAGE]
     while todo:
-        for name in _refs(components[todo.pop()]):
-            if name not in wanted:
-                wanted.add(name)
-                todo.append(name)
-    return {name: _compact(components[name], name) for name in sorted(wanted)}
+        name = todo.pop()
+        reached[name] = _compact(components[name], name)  # refuses a reference that is not local
+        todo.extend(ref for ref in _refs(reached[name]) if ref not in reached and ref not in todo)
+    return dict(sorted(reached.items()))
 
 
 def browser_module(definitions: dict[str, Any] | None = None) -> str:

@@ -33,13 +33,17 @@ def render(document: dict[str, Any]) -> str:
 
 
 async def generate() -> dict[str, str]:
-    """Each document's file name and text."""
+    """Each JSON document's file name and text."""
     return {
         MESSAGES: render(messages_schema()),
         ASYNCAPI: render(asyncapi_document()),
         OPENAPI: render(openapi_document(await api_routes())),
-        BROWSER_MODULE: browser_module(),
     }
+
+
+async def generate_all() -> dict[str, str]:
+    """Every generated file's name and text: the documents and the browser module."""
+    return {**await generate(), BROWSER_MODULE: browser_module()}
 
 
 def path_of(directory: Path, name: str) -> Path:
@@ -52,8 +56,9 @@ def path_of(directory: Path, name: str) -> Path:
 async def write(directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in (await generate()).items():
+    for name, text in (await generate_all()).items():
         path = path_of(directory, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         written.append(path)
     return written
@@ -62,7 +67,7 @@ async def write(directory: Path) -> list[Path]:
 async def stale(directory: Path) -> list[str]:
     """The documents missing from ``directory`` or different from a fresh generation (by file name)."""
     out = []
-    for name, text in (await generate()).items():
+    for name, text in (await generate_all()).items():
         path = path_of(directory, name)
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
             out.append(name)
