@@ -416,7 +416,7 @@ async def _contract(action: str, directory: str | None) -> int:
         return 0
     outdated = await files.stale(target)
     for name in outdated:
-        print(f"{target / name} differs from the code: run `{files.REGENERATE}`", file=sys.stderr)
+        print(f"{files.path_of(target, name)} differs from the code: run `{files.REGENERATE}`", file=sys.stderr)
     return 1 if outdated else 0
 
 

@@ -68,6 +68,7 @@ from broker.signaling.protocol import (
     Verification,
     decode_server,
     encode,
+    server_message_types,
 )
 
 log = logging.getLogger("broker.client")
@@ -92,6 +93,25 @@ _FINAL_CODES = {
     ErrorCode.REPLACED,
     ErrorCode.UNSUPPORTED_PROTOCOL,
 }
+
+
+class _TypeOnly(msgspec.Struct):
+    """Any JSON object, read for its ``type`` alone (other members are skipped, not checked)."""
+
+    type: str | None = None
+
+
+_type_decoder = msgspec.json.Decoder(_TypeOnly)
+_SERVER_TYPES = frozenset(server_message_types())
+
+
+def server_type_of(data: str | bytes) -> str:
+    """The ``type`` of a frame the broker sent, for logs: one of the server messages' names, else "unknown"."""
+    try:
+        kind = _type_decoder.decode(data).type
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError, UnicodeError):
+        return "unknown"
+    return kind if kind in _SERVER_TYPES else "unknown"
 
 
 class BrokerError(Exception):
@@ -124,6 +144,8 @@ class BrokerClient(PeerNegotiation):
         self.agent = agent
         self.link_key = decode_link_key(self.link.link_key) if self.link.link_key else None
         self.received: list[ServerMessage] = []
+        #: Frames from the broker refused for not fitting the protocol, by their type ("unknown" if not a server one).
+        self.refused: dict[str, int] = {}
         self.reconnects = 0
         self.final: ServerMessage | None = None
         self._consumed: set[int] = set()
@@ -266,17 +288,32 @@ class BrokerClient(PeerNegotiation):
             if msg.type is aiohttp.WSMsgType.TEXT:
                 self._last_heard = loop.time()
                 heard = True
+                message = self._decode(msg.data)
+                if message is None:
+                    continue
+                if isinstance(message, Pong) and (message.n or 0) >= KEEPALIVE_PING_BASE:
+                    continue  # the answer to a keep-alive: hearing it was the point
                 try:
-                    message = decode_server(msg.data)
-                    if isinstance(message, Pong) and (message.n or 0) >= KEEPALIVE_PING_BASE:
-                        continue  # the answer to a keep-alive: hearing it was the point
                     await self._on_message(message)
-                except Exception:  # one bad message must not stop this peer
+                except Exception:  # one message this client failed to handle must not stop this peer
                     log.exception("event=client_message_failed")
             elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
                 return heard
             else:
                 self._last_heard = loop.time()
+
+    def _decode(self, data: str) -> ServerMessage | None:
+        """The one place a frame from the broker is checked: decoded with the server-message union of
+        broker/signaling/protocol.py (the definitions the page checks with, docs/contract/). A frame that
+        does not fit is refused: counted in ``refused`` by type, logged by type only (never a value:
+        the decoder's reason can quote one), and dropped; the client carries on as if it never came."""
+        try:
+            return decode_server(data)
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError, UnicodeError):
+            kind = server_type_of(data)
+            self.refused[kind] = self.refused.get(kind, 0) + 1
+            log.warning("event=server_message_refused type=%s", kind)
+            return None
 
     async def _send(self, message: msgspec.Struct) -> None:
         if self._ws is None or self._ws.closed:

@@ -11,6 +11,13 @@
 // reconnect cannot help (a bad or expired link, an ended session, a declined
 // or removed seat, the seat opened in another tab) stop it for good and are
 // reported once as a "final" event.
+//
+// Every message from the broker is checked against the generated schema of the
+// server messages (wire_check.js) before anything reads it. One that does not fit
+// is dropped, with a console warning naming its type and the failing field (never
+// a value), and the connection carries on as if it never came (docs/protocol.md 10).
+
+import { checkServerMessage } from "./wire_check.js";
 
 export const PROTOCOL_VERSION = 1;
 
@@ -41,7 +48,7 @@ export class ProtocolError extends Error {
     super(message || code);
     this.name = "ProtocolError";
     this.code = code;
-    this.retryAfterMs = Number.isFinite(retryAfterMs) ? retryAfterMs : null; // a limit's "try again after"
+    this.retryAfterMs = retryAfterMs ?? null; // a limit's "try again after" (an integer, checked on arrival)
   }
 }
 
@@ -87,6 +94,7 @@ export class Signaling {
   #joinedOnce = false;
   #resumeAfterMs = null;
   #resumeSecret = null; // proves a later join is this page (docs/protocol.md section 2); never stored
+  #refused = 0;
 
   constructor(token, { url = signalingUrl(), agent = "web" } = {}) {
     this.#token = token;
@@ -98,6 +106,11 @@ export class Signaling {
   /** "idle" | "connecting" | "open" | "reconnecting" | "closed" */
   get state() {
     return this.#state;
+  }
+
+  /** How many messages from the broker were dropped for not fitting the schema. */
+  get refused() {
+    return this.#refused;
   }
 
   /** The final error ({code, message}) once the connection stopped for good, else null. */
@@ -279,9 +292,14 @@ export class Signaling {
     try {
       message = JSON.parse(data);
     } catch {
+      message = undefined; // not JSON: refused below like any other frame that does not fit
+    }
+    const problem = checkServerMessage(message);
+    if (problem) {
+      this.#refused += 1;
+      console.warn(`event=server_message_refused type=${problem.type} field=${problem.field} reason=${problem.reason}`);
       return;
     }
-    if (!message || typeof message.type !== "string") return;
     switch (message.type) {
       case "welcome":
         return;
@@ -300,7 +318,7 @@ export class Signaling {
         this.#onError(message);
         return;
       case "reconnect":
-        this.#resumeAfterMs = Math.max(0, Number(message.after_ms) || 0);
+        this.#resumeAfterMs = Math.max(0, message.after_ms);
         return; // the broker closes the socket next; #lost() schedules the retry
       case "checklist_accepted":
         this.#settleReply("checklist_accepted", message);
