@@ -110,8 +110,14 @@ class PeerNegotiation:
         await self._send_description(link, "offer")
 
     async def _send_description(self, link: PeerLink, kind: str) -> None:
-        """Our description, sealed end to end when this connection seals, else in clear with a MAC."""
+        """Our description, sealed end to end when this connection seals, else in clear with a MAC.
+
+        Not for a connection closed or replaced while its description was made (a second request
+        for an offer, or an offer, came meanwhile): the peer would answer a connection that is gone."""
         assert self.auth is not None
+        if self.links.get(link.peer) is not link:
+            await link.close()
+            return
         sdp = link.pc.localDescription.sdp
         cls = Offer if kind == "offer" else Answer
         if link.sealing:

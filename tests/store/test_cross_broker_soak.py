@@ -214,6 +214,17 @@ def cause_of(therapist: BrokerClient, client: BrokerClient) -> str:
     errors = [e.get("code") for trace in (t, c) for e in _events(trace, "received", "error")]
     if errors:
         return f"broker error(s) {errors}"
+    closed_early = [
+        e.at
+        for e in t.events
+        if e.kind == "state" and e.what == "signaling" and e.detail.get("state") == "closed" and e.at < t.events[-1].at
+    ]
+    opened = [e.at for e in t.events if e.kind == "state" and e.what == "channel" and e.detail.get("state") == "open"]
+    if closed_early and not opened:
+        peers = [
+            f"{e.at * 1000:.1f} ms: [{e.detail.get('peers')}]" for e in t.events if e.kind == "received" and e.what == "peers"
+        ]
+        return f"the therapist closed its connection before it opened, after the peers messages {peers}"
     if offers_sent == 0:
         peers = _events(t, "received", "peers")
         return f"the therapist never offered ({len(peers)} peers message(s): {[p.get('peers') for p in peers]})"
