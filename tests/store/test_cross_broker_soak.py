@@ -214,10 +214,11 @@ def cause_of(therapist: BrokerClient, client: BrokerClient) -> str:
     errors = [e.get("code") for trace in (t, c) for e in _events(trace, "received", "error")]
     if errors:
         return f"broker error(s) {errors}"
+    ended = min((e.at for e in t.events if e.kind == "sent" and e.what == "end"), default=float("inf"))
     closed_early = [
         e.at
         for e in t.events
-        if e.kind == "state" and e.what == "signaling" and e.detail.get("state") == "closed" and e.at < t.events[-1].at
+        if e.kind == "state" and e.what == "signaling" and e.detail.get("state") == "closed" and e.at < ended
     ]
     opened = [e.at for e in t.events if e.kind == "state" and e.what == "channel" and e.detail.get("state") == "open"]
     if closed_early and not opened:
