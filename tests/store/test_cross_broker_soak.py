@@ -28,12 +28,10 @@ import asyncio
 import contextlib
 import json
 import os
-import statistics
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -223,7 +221,9 @@ def cause_of(therapist: BrokerClient, client: BrokerClient) -> str:
     opened = [e.at for e in t.events if e.kind == "state" and e.what == "channel" and e.detail.get("state") == "open"]
     if closed_early and not opened:
         peers = [
-            f"{e.at * 1000:.1f} ms: [{e.detail.get('peers')}]" for e in t.events if e.kind == "received" and e.what == "peers"
+            f"{e.at * 1000:.1f} ms: [{e.detail.get('peers')}]"
+            for e in t.events
+            if e.kind == "received" and e.what == "peers"
         ]
         return f"the therapist closed its connection before it opened, after the peers messages {peers}"
     if offers_sent == 0:

@@ -47,8 +47,8 @@ from broker.signaling.protocol import (
     encode,
 )
 from broker.signaling.session import DEFAULT_GRACE_S
-from broker.signaling.views import views_of
 from broker.signaling.tokens import TokenCodec
+from broker.signaling.views import views_of
 from broker.store.backends import connect_redis
 from broker.store.base import session_prefix
 from broker.store.bus import Envelope
