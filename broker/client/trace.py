@@ -103,8 +103,24 @@ class SetupTrace:
         pc, peer = link.pc, link.peer
         self._add("state", "link", peer=peer, offerer=link.offerer)
 
+        watched: list[Any] = []
+
+        def watch_dtls() -> None:
+            """The data channel's DTLS transport; with BUNDLE it becomes the first media section's
+            once the descriptions are set, so it is looked for again at each signaling change."""
+            dtls = pc.sctp.transport if pc.sctp is not None else None
+            if dtls is None or any(dtls is seen for seen in watched):
+                return
+            watched.append(dtls)
+
+            def on_dtls() -> None:
+                self._add("state", "dtls", peer=peer, state=dtls.state)
+
+            dtls.on("statechange", on_dtls)
+
         @pc.on("signalingstatechange")
         def on_signaling() -> None:
+            watch_dtls()
             local, remote = pc.localDescription, pc.remoteDescription
             self._add(
                 "state",
@@ -127,21 +143,16 @@ class SetupTrace:
         def on_connection() -> None:
             self._add("state", "connection", peer=peer, state=pc.connectionState)
 
-        sctp = pc.sctp
-        if sctp is not None:
-            dtls = sctp.transport
+        watch_dtls()
 
-            @dtls.on("statechange")
-            def on_dtls() -> None:
-                self._add("state", "dtls", peer=peer, state=dtls.state)
-
-        @link.channel.on("open")
         def on_open() -> None:
             self._add("state", "channel", peer=peer, state="open")
 
-        @link.channel.on("close")
         def on_close() -> None:
             self._add("state", "channel", peer=peer, state="closed")
+
+        link.channel.on("open", on_open)
+        link.channel.on("close", on_close)
 
     def lines(self) -> list[str]:
         return [event.line() for event in self.events]
