@@ -237,6 +237,8 @@ class BrokerClient(PeerNegotiation):
                 timeout=aiohttp.ClientWSTimeout(ws_close=2.0),  # leaving a hung broker: do not wait long for its answer
             )
         self._last_heard = asyncio.get_running_loop().time()
+        if self.trace is not None:
+            self.trace.socket("open", broker=self._url_index % len(self.urls))
         await self._send(Hello(protocol=PROTOCOL_VERSION, agent=self.agent))
         await self._send(
             Join(token=self.token, resume=self.last_seq if self.joined else None, resume_secret=self._resume_secret)
@@ -249,6 +251,8 @@ class BrokerClient(PeerNegotiation):
             assert ws is not None
             if await self._read(ws):
                 delay = 0.2
+            if self.trace is not None:
+                self.trace.socket("closed", broker=self._url_index % len(self.urls))
             if self._closing or self.final is not None or not self.reconnect_enabled:
                 return
             # Connection lost: reconnect with the same seat, cycling through the broker URLs.
@@ -318,6 +322,8 @@ class BrokerClient(PeerNegotiation):
     async def _send(self, message: msgspec.Struct) -> None:
         if self._ws is None or self._ws.closed:
             raise ConnectionError("not connected to the broker")
+        if self.trace is not None:
+            self.trace.sent(message)
         await self._ws.send_str(encode(message).decode())
 
     async def send_raw(self, text: str) -> None:
@@ -491,6 +497,8 @@ class BrokerClient(PeerNegotiation):
     # ------------------------------------------------------------ incoming
 
     async def _on_message(self, message: ServerMessage) -> None:
+        if self.trace is not None:
+            self.trace.received(message)
         if isinstance(message, (Offer, Answer, Candidate, Renegotiate)) and message.seq is not None:
             if message.seq <= self.last_seq:
                 self.duplicates += 1

@@ -22,6 +22,7 @@ from aiortc import RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
 
 from broker.client.peers import HeldCandidate, PeerLink, open_link
+from broker.client.trace import SetupTrace
 from broker.crypto.sdp_auth import InterceptionError, Trust
 from broker.crypto.sdp_authenticator import SdpAuthenticator
 from broker.signaling.protocol import Answer, Candidate, Joined, Offer, Peers, Report
@@ -56,6 +57,8 @@ class PeerNegotiation:
         self._devices: dict[str, str | None] = {}
         self._offers_to: dict[str, bool] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Off by default: a content-free trace of the set-up, for finding rare failures (``trace``).
+        self.trace: SetupTrace | None = None
 
     async def _send(self, message: msgspec.Struct) -> None:
         """Send a message to the broker (the subclass's connection)."""
@@ -107,8 +110,14 @@ class PeerNegotiation:
         await self._send_description(link, "offer")
 
     async def _send_description(self, link: PeerLink, kind: str) -> None:
-        """Our description, sealed end to end when this connection seals, else in clear with a MAC."""
+        """Our description, sealed end to end when this connection seals, else in clear with a MAC.
+
+        Not for a connection closed or replaced while its description was made (a second request
+        for an offer, or an offer, came meanwhile): the peer would answer a connection that is gone."""
         assert self.auth is not None
+        if self.links.get(link.peer) is not link:
+            await link.close()
+            return
         sdp = link.pc.localDescription.sdp
         cls = Offer if kind == "offer" else Answer
         if link.sealing:
@@ -223,6 +232,8 @@ class PeerNegotiation:
             notify=self._notify,
         )
         self.links[peer] = link
+        if self.trace is not None:
+            self.trace.watch(link)
         return link
 
     async def _close_link(self, link: PeerLink) -> None:

@@ -182,6 +182,8 @@ class Connection:
     #: While a replay reads the resume buffer, live relayed messages wait here, so order holds.
     replaying: bool = False
     held: list[Envelope] | None = None
+    #: The revision of the session record whose views this connection was last sent (``Envelope.revision``).
+    view_revision: int = 0
     #: Joined as a client seat's other device: waits for the therapist, never relayed to.
     other_device: bool = False
     #: The bus was told this process holds the seat's peer (``Bus.hold_peer``).

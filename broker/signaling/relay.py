@@ -8,6 +8,11 @@ that holds a connection of the session delivers what comes on the channel to its
 own connections, in ``seq`` order: a relay that overtook an earlier one waits while
 the missing ones are read from the resume buffer, and a peer that comes back is
 sent what it missed from there.
+
+Views of the session (waiting room, status, peers) carry the revision of the record they
+show: processes publish them on their own, so one can arrive after a newer one, and a
+connection is never sent a view older than the last it was sent (a late ``peers`` of before
+the admit would close a call being set up: tests/store/test_cross_broker_soak.py found it).
 """
 
 from __future__ import annotations
@@ -221,6 +226,10 @@ class Relays:
             else:
                 targets = list(self._by_session.get(session_id, ()))
             for conn in targets:
+                if envelope.revision is not None:
+                    if envelope.revision < conn.view_revision:
+                        continue  # a view of an older record, published by another process, came late
+                    conn.view_revision = envelope.revision
                 if envelope.seq is not None and conn.replaying:
                     if conn.held is None:
                         conn.held = []

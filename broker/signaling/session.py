@@ -111,6 +111,9 @@ class Session(msgspec.Struct, kw_only=True):
     #: The therapist account that scheduled it from the dashboard (an opaque id), if any: its
     #: owner index entry goes when the session ends.
     owner: str | None = None
+    #: Grows with every change of the record (``SessionRecords.mutate``): the views of a change carry
+    #: it, so a process drops a view older than one its connection already has (``Relays``).
+    revision: int = 0
 
     def seat(self, seat_id: str) -> Seat:
         for seat in self.seats:

@@ -56,6 +56,13 @@ def decode_record(raw: bytes) -> Session:
     return _record_decoder.decode(raw)
 
 
+def next_revision(previous: int, now: float) -> int:
+    """The revision of a record's next change: above the previous one, and at least the time in
+    milliseconds, so that it still grows after a process of an older release (which keeps no
+    revision) wrote the record during a rolling upgrade."""
+    return max(previous + 1, int(now * 1000))
+
+
 def session_ended() -> ProtocolError:
     return ProtocolError(ErrorCode.SESSION_ENDED, "This session has ended.")
 
@@ -105,6 +112,7 @@ class SessionRecords:
                 raise gone()
             session = decode_record(raw)
             result = step(session)
+            session.revision = next_revision(session.revision, self.clock())
             new = encode_record(session)
             out.append(session)
             return new, result

@@ -20,7 +20,9 @@ from broker.store.bus import Envelope
 
 
 def views_of(session: Session) -> list[Envelope]:
-    """The messages that bring every peer of the session up to date, addressed for the bus."""
+    """The messages that bring every peer of the session up to date, addressed for the bus, each
+    with the record's revision (a view that arrives after a newer one is dropped)."""
+    revision = session.revision
     therapist = session.therapist()
     present = therapist.conn is not None
     envelopes = [
@@ -44,6 +46,7 @@ def views_of(session: Session) -> list[Envelope]:
                     ]
                 )
             ),
+            revision=revision,
         )
     ]
     for seat in session.clients():
@@ -53,12 +56,13 @@ def views_of(session: Session) -> list[Envelope]:
                     seat.id,
                     None,
                     encode(Status(seat_state=seat.state, session_state=session.state, therapist_present=present)),
+                    revision=revision,
                 )
             )
         other = seat.other
         if other is not None and other.conn is not None:
             status = Status(seat_state=other.state, session_state=session.state, therapist_present=present)
-            envelopes.append(Envelope(None, other.conn, encode(status)))
+            envelopes.append(Envelope(None, other.conn, encode(status), revision=revision))
     live = sm.admitted(session)
     for seat in live:
         if seat.conn is None:
@@ -74,7 +78,7 @@ def views_of(session: Session) -> list[Envelope]:
             for o in live
             if o.id != seat.id
         ]
-        envelopes.append(Envelope(seat.id, None, encode(Peers(peers=peers))))
+        envelopes.append(Envelope(seat.id, None, encode(Peers(peers=peers)), revision=revision))
     return envelopes
 
 

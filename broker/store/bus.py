@@ -39,6 +39,10 @@ class Envelope(msgspec.Struct, array_like=True):
     #: With ``to_conn``: that connection (a seat's other device, just admitted) now holds its
     #: seat, and relayed messages for the seat go to it.
     takes_seat: bool = False
+    #: For a view of the session (waiting room, status, peers): the revision of the record it
+    #: shows. Views published by different processes can arrive in any order; one older than
+    #: what its connection was last shown is not delivered (broker.signaling.relay).
+    revision: int | None = None
 
 
 _envelope_encoder = msgspec.msgpack.Encoder()

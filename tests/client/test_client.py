@@ -274,3 +274,30 @@ async def test_a_peers_deeply_nested_control_message_is_ignored(broker: RunningB
     finally:
         await client.close()
         await therapist.close()
+
+
+async def test_two_requests_for_a_fresh_offer_at_once_still_end_in_one_working_call(broker: RunningBroker) -> None:
+    """The offerer asked twice in a row (two ``renegotiate``, or a ``peers`` and a ``renegotiate``) starts a
+    connection for each; only the newest may send its offer. An offer from a connection already replaced
+    paired the answerer with a connection that was gone, and the call never came back."""
+    links = await schedule(broker)
+    therapist = BrokerClient(links.therapist)
+    await therapist.connect()
+    client = await waiting_client(links)
+    try:
+        await therapist.admit(client.peer_id)
+        await therapist.wait_connected(client.peer_id)
+        await client.wait_connected(therapist.peer_id)
+        first = therapist.links[client.peer_id]
+        await asyncio.gather(client.renegotiate(therapist.peer_id), client.renegotiate(therapist.peer_id))
+        t_link = None
+        async with asyncio.timeout(20):
+            while t_link is None or t_link is first:
+                t_link = await therapist.wait_connected(client.peer_id)
+                await asyncio.sleep(0.05)
+            c_link = await client.wait_connected(therapist.peer_id)
+        therapist.send_chat(client.peer_id, "after two requests")
+        assert await asyncio.wait_for(c_link.messages.get(), 10) == "after two requests"
+    finally:
+        await client.close()
+        await therapist.close()

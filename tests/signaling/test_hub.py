@@ -1014,3 +1014,22 @@ async def test_a_relay_that_overtakes_an_earlier_one_waits_for_it(broker: Runnin
     finally:
         await client.close()
         await therapist.close()
+
+
+async def test_every_change_of_a_record_raises_its_revision_even_after_an_older_release_wrote_it(
+    broker: RunningBroker,
+) -> None:
+    """Views carry the record's revision and a late, older one is dropped (broker/signaling/relay.py):
+    the revision must grow with each change, also after a process that keeps none wrote the record."""
+    links = await schedule(broker)
+    records = broker.hub.records
+    first = (await records.load(links.session)).revision
+    changed, _ = await records.mutate(links.session, lambda s: None)
+    assert changed.revision > first
+    again, _ = await records.mutate(links.session, lambda s: None)
+    assert again.revision > changed.revision
+    await asyncio.sleep(0.01)
+    # A process of an older release writes the record back without a revision (0): the next change still
+    # goes past every revision given before (they were at most the time in ms, plus one per change).
+    assert session_records.next_revision(0, broker.hub.clock()) > again.revision
+    assert session_records.next_revision(again.revision, 0.0) == again.revision + 1

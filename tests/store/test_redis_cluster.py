@@ -37,16 +37,21 @@ from broker.signaling.hub import Hub
 from broker.signaling.protocol import (
     PROTOCOL_VERSION,
     Candidate,
+    Peers,
+    Pong,
     Reconnect,
     SeatState,
     SessionEnded,
     Status,
     WaitingRoom,
+    encode,
 )
 from broker.signaling.session import DEFAULT_GRACE_S
 from broker.signaling.tokens import TokenCodec
+from broker.signaling.views import views_of
 from broker.store.backends import connect_redis
 from broker.store.base import session_prefix
+from broker.store.bus import Envelope
 from tests.redis_server import RedisServer, free_port, redis_server  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.redis
@@ -464,6 +469,44 @@ async def test_call_across_two_processes(cluster: Cluster) -> None:
         assert therapist.safety_code(client.peer_id) == client.safety_code(therapist.peer_id)
         await relay_candidate(client, therapist, "frombtoa")
         await relay_candidate(therapist, client, "fromatob")
+        await therapist.end()
+    finally:
+        await close_all(client, therapist)
+
+
+async def test_a_late_view_of_an_older_record_changes_nothing(cluster: Cluster) -> None:
+    """What another process published of the session before the admit, arriving after it, is not delivered.
+
+    Found by the cross-broker soak (tests/store/test_cross_broker_soak.py, 3 of 2,000 set-ups): the
+    client's process published the views of the checklist step, the therapist's process those of the
+    admit; the older ``peers`` (without the client) reached the therapist last, its connection with the
+    client was closed and nothing ever opened it again. Here the test's own Hub, a third process on the
+    same Redis, publishes the older views late; a marker behind them on the same channel shows they
+    have arrived."""
+    await cluster.ensure_running()
+    links = await cluster.schedule(cluster.b, cluster.a)
+    therapist = BrokerClient(links.therapist)
+    client = BrokerClient(links.client)
+    try:
+        await therapist.connect()
+        await client.connect()
+        await client.submit_checklist(details=canary_details(links.session))
+        await therapist.expect(WaitingRoom, where=lambda m: any(s.state is SeatState.WAITING for s in m.seats))
+        before_admit = await cluster.hub.get_session(links.session)
+        assert before_admit is not None
+        await therapist.admit(client.peer_id)
+        await therapist.wait_connected(client.peer_id, timeout=20)
+        await client.wait_connected(therapist.peer_id, timeout=20)
+        mark = len(therapist.received)
+        for envelope in views_of(before_admit):
+            await cluster.hub.bus.publish(links.session, envelope)
+        await cluster.hub.bus.publish(links.session, Envelope(therapist.peer_id, None, encode(Pong(n=4242))))
+        await therapist.expect(Pong, where=lambda m: m.n == 4242, since=mark, timeout=10)
+        late = [m for m in therapist.received[mark:] if isinstance(m, (Peers, WaitingRoom))]
+        assert late == []
+        assert not therapist.links[client.peer_id].closed
+        therapist.send_chat(client.peer_id, "still here")
+        assert await asyncio.wait_for(client.links[therapist.peer_id].messages.get(), 10) == "still here"
         await therapist.end()
     finally:
         await close_all(client, therapist)
