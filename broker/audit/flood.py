@@ -30,7 +30,7 @@ WriteAggregate = Callable[[FloodKey, int, float], Awaitable[object]]
 
 @dataclass
 class _Window:
-    since: float  # wall clock, for the aggregate entry
+    since: float  # wall clock: when the window opened, then when its first event was counted
     written: int
     counted: int
     timer: asyncio.TimerHandle | None = None
@@ -66,6 +66,8 @@ class FloodGate:
         if window.written < self._burst:
             window.written += 1
             return True
+        if not window.counted:
+            window.since = self._clock()  # the aggregate counts from its first event not written
         window.counted += 1
         return False
 
