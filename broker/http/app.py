@@ -152,6 +152,7 @@ async def create_broker(config: Config, *, store: Store | None = None, bus: Bus 
         store.on_command = metrics.store_command
         broker.marker = marker = StoreMarker(store.redis, keep_s=EMPTIED_KEEP_S, data_dir=config.data_dir)
         hub.missing_session = functools.partial(missing_session_error, marker)
+        hub.store_lost_now = marker.check
         broker.background.append(asyncio.get_running_loop().create_task(marker.watch()))
     return broker
 

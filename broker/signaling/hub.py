@@ -131,6 +131,9 @@ class Hub:
         #: The answer to a genuine link whose session is not in the store (the store may have
         #: lost it: broker/store/redis_marker.py); ``invalid_token`` unless the app says otherwise.
         self.missing_session: Callable[[TokenClaims], ProtocolError] = lambda claims: sm.invalid_token_error()
+        #: Looks at the store once more for having lost its sessions; True when it just found so (a
+        #: join then answers ``missing_session`` rather than racing the periodic look).
+        self.store_lost_now: Callable[[], Awaitable[bool]] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         #: This process's opaque id in the store, and in every connection id it gives.
         self.node = new_node_id()
@@ -343,9 +346,15 @@ class Hub:
             return sm.connect(s, seat.id, conn.id, device=presented, new_device=fresh, now=int(self.clock()))
 
         # A genuine token of a session that is gone looks exactly like an unknown one.
-        session, joining = await self.records.mutate(
-            claims.session_id, take_seat, missing=lambda: self.missing_session(claims)
-        )
+        try:
+            session, joining = await self.records.mutate(
+                claims.session_id, take_seat, missing=lambda: self.missing_session(claims)
+            )
+        except ProtocolError as exc:
+            lost = self.store_lost_now
+            if exc.code is not ErrorCode.INVALID_TOKEN or lost is None or not await lost():
+                raise
+            raise self.missing_session(claims) from None
         seat = joining.seat
         peer = seat.id
         conn.session_id, conn.peer_id, conn.role = session.id, peer, seat.role

@@ -296,6 +296,23 @@ async def test_a_redis_restarted_empty_is_reported_and_links_say_so_plainly(tmp_
         await stop_deployment(made)
 
 
+async def test_a_join_just_after_redis_came_back_empty_is_told_plainly(tmp_path: Path) -> None:
+    """A page whose connection dropped rejoins at once: before any process's periodic look at the
+    mark, the join itself looks (it was answered ``invalid_token`` before, and the page then said
+    "This link no longer works ... your therapist replaced your link")."""
+    made = await start_deployment(tmp_path, brokers=2)
+    try:
+        _, client_token = await made.schedule()
+        for broker in made.brokers:
+            assert (await join(broker, client_token))[0]["type"] == "joined"
+        made.redis.restart()  # no snapshot, no append-only file: it comes back empty
+        for broker in made.brokers:
+            reply, _ = await join(broker, client_token)
+            assert reply["type"] == "error" and reply["code"] == "session_not_found", reply
+    finally:
+        await stop_deployment(made)
+
+
 async def test_a_broker_restarted_together_with_an_emptied_redis_still_reports_it(tmp_path: Path) -> None:
     """A host reboot without the session data: the broker's data directory remembers the mark."""
     made = await start_deployment(tmp_path)
