@@ -99,8 +99,27 @@ class ClientChecks:
         await self._audit("checklist_passed", conn.peer_id, conn.session_id, "ok")
         return session, accepted[0]
 
-    async def run_preflight(self, conn: Connection, message: PreflightOffer) -> None:
-        """Answer the page's pre-flight offer; its result is recorded for the device when it comes."""
+    def start_preflight(self, conn: Connection, message: PreflightOffer) -> None:
+        """Answer the page's pre-flight offer and record its result, without holding up the
+        connection: a wait for a pre-flight slot can last seconds, and meanwhile the page's next
+        frames must be read (a ``ping`` answered: a client takes a broker silent for 5 s as hung).
+        A checklist that comes meanwhile waits for this run (``submit_checklist``)."""
+        assert conn.session_id and conn.peer_id
+        key = (conn.session_id, conn.peer_id)
+        task = asyncio.ensure_future(self._run_preflight(conn, message))
+        self._preflights[key] = task
+        task.add_done_callback(lambda t: self._preflights.pop(key, None) if self._preflights.get(key) is t else None)
+
+    async def _run_preflight(self, conn: Connection, message: PreflightOffer) -> None:
+        try:
+            session_id, seat_id, preflight_id = await self.answer_preflight(conn, message)
+        except Exception as exc:  # refused like any message: an error naming it, nothing changed
+            conn.refuse(exc, message.id)
+            return
+        await self._record_preflight(session_id, seat_id, conn.id, preflight_id)
+
+    async def answer_preflight(self, conn: Connection, message: PreflightOffer) -> tuple[str, str, str]:
+        """Answer the page's pre-flight offer: (session, seat, pre-flight) whose result is to be recorded."""
         if self.preflight is None:
             raise ProtocolError(ErrorCode.PREFLIGHT_REFUSED, "This broker does not run a network pre-flight.")
         session = await self.records.load(conn.session_id or "")
@@ -109,10 +128,7 @@ class ClientChecks:
             raise ProtocolError(ErrorCode.INVALID_STATE, "The pre-flight is part of the checklist, before waiting.")
         preflight_id, answer = await self.preflight.answer(message.sdp, session.id, seat.id)
         conn.send(PreflightAnswer(sdp=answer))
-        key = (session.id, seat.id)
-        task = asyncio.ensure_future(self._record_preflight(session.id, seat.id, conn.id, preflight_id))
-        self._preflights[key] = task
-        task.add_done_callback(lambda t: self._preflights.pop(key, None) if self._preflights.get(key) is t else None)
+        return session.id, seat.id, preflight_id
 
     async def _record_preflight(self, session_id: str, peer_id: str, conn_id: str, preflight_id: str) -> None:
         assert self.preflight is not None

@@ -415,7 +415,7 @@ class Hub:
         await self._publish_views(session)
 
     async def _on_preflight(self, conn: Connection, message: PreflightOffer) -> None:
-        await self.checks.run_preflight(conn, message)
+        self.checks.start_preflight(conn, message)
 
     async def _on_admit(self, conn: Connection, message: Admit) -> None:
         await self.decisions.admit(conn, message)

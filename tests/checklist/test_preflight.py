@@ -31,7 +31,7 @@ from broker.checklist.preflight_slots import SlotLimits
 from broker.client.broker_client import BrokerClient, BrokerError
 from broker.config import Config
 from broker.config_check import check_config
-from broker.signaling.protocol import Error, ErrorCode, PreflightAnswer, PreflightOffer
+from broker.signaling.protocol import Error, ErrorCode, Ping, Pong, PreflightAnswer, PreflightOffer
 from tests.conftest import RunningBroker, schedule, start_broker
 
 WEB_DIR = Path(__file__).resolve().parents[2] / "web"
@@ -409,6 +409,34 @@ async def test_hammering_from_every_seat_of_a_group_session_leaves_slots_for_oth
     assert answers and errors
     assert {e.code for e in errors} <= {ErrorCode.PREFLIGHT_LIMITED, ErrorCode.PREFLIGHT_BUSY}
     assert all(e.retry_after_ms is not None and e.retry_after_ms > 0 for e in errors)
+
+
+async def test_a_ping_is_answered_while_a_preflight_waits_for_a_slot(tmp_path: Path) -> None:
+    """A wait for a pre-flight slot can last seconds; the connection's next frames are read meanwhile.
+    Before, the page's ``ping`` waited behind the offer, and a client takes a broker silent for 5 s
+    as hung: a page queueing for a slot dropped its connection and started over."""
+    running = await start_broker(tmp_path / "data", preflight_slots=1, preflight_wait_s=6)
+    first = BrokerClient((await schedule(running)).client, reconnect=False)
+    second = BrokerClient((await schedule(running)).client, reconnect=False)
+    stalled_pc, offer = await _stalled_offer()
+    try:
+        await first.connect()
+        await second.connect()
+        await first.request(PreflightOffer(sdp=offer), PreflightAnswer)  # holds the only slot
+        waiting = asyncio.ensure_future(second.request(PreflightOffer(sdp=offer), PreflightAnswer, timeout=15))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+        started = time.monotonic()
+        pong = await second.request(Ping(n=7), Pong, timeout=4)
+        assert pong.n == 7 and time.monotonic() - started < 1.0 and not waiting.done()
+        with pytest.raises(BrokerError) as caught:
+            await waiting
+        assert caught.value.code is ErrorCode.PREFLIGHT_BUSY
+    finally:
+        await first.close()
+        await second.close()
+        await stalled_pc.close()
+        await running.stop()
 
 
 async def test_the_slots_are_configured_and_checked(tmp_path: Path) -> None:
