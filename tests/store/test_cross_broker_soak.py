@@ -38,14 +38,10 @@ import pytest
 
 from broker.client.broker_client import BrokerClient
 from broker.client.trace import SetupTrace
-from broker.config import Keys
-from broker.signaling.hub import Hub
 from broker.signaling.protocol import SeatState, Status, WaitingRoom
-from broker.signaling.tokens import TokenCodec
-from broker.store.backends import connect_redis
 from broker.store.base import StoreUnavailable
 from tests.redis_server import RedisServer, free_port, redis_server  # noqa: F401 - the fixture
-from tests.store.test_redis_cluster import REPO, BrokerProcess, Cluster, Links, practice_policy
+from tests.store.test_redis_cluster import REPO, BrokerProcess, Cluster, Links, running_cluster
 
 SETUPS = int(os.environ.get("BROKER_SOAK_SETUPS", "2000"))
 CONCURRENCY = int(os.environ.get("BROKER_SOAK_CONCURRENCY", "4"))
@@ -94,39 +90,8 @@ async def soak_cluster(
 ) -> AsyncIterator[Cluster]:
     """Two broker processes on one redis-server (as tests/store/test_redis_cluster.py), logging at info:
     their logs (content-free event lines) are kept for a failure's investigation."""
-    redis_server.empty_database()
-    root = tmp_path_factory.mktemp("soak-cluster")
-    secret = os.urandom(32)
-    secret_file = root / "server.secret"
-    secret_file.write_text(secret.hex() + "\n")
-    secret_file.chmod(0o600)
-    env = {
-        **os.environ,
-        "BROKER_REDIS_URL": redis_server.url,
-        "BROKER_SECRET_FILE": str(secret_file),
-        "BROKER_POLICY_FILE": str(practice_policy(root / "policy.toml")),
-        "BROKER_MAX_CONNECTIONS_PER_ADDRESS": "2000",
-        "BROKER_LOG_LEVEL": "info",
-        "PYTHONPATH": str(REPO),
-    }
-    brokers = []
-    for name in ("a", "b"):
-        data_dir = root / f"data-{name}"
-        data_dir.mkdir(mode=0o700)
-        brokers.append(BrokerProcess(name, free_port(), data_dir, env))
-    for broker in brokers:
-        broker.start()
-    keys = Keys(secret)
-    store, bus = await connect_redis(redis_server.url, keys.store)
-    made = Cluster(redis_server, brokers[0], brokers[1], Hub(store, bus, TokenCodec(keys.token)))
-    try:
-        await asyncio.gather(*(b.wait_ready() for b in brokers))
+    async with running_cluster(redis_server, tmp_path_factory.mktemp("soak-cluster"), "info") as made:
         yield made
-    finally:
-        for broker in brokers:
-            broker.stop()
-        await bus.close()
-        await store.close()
 
 
 # ---------------------------------------------------------------- one set-up

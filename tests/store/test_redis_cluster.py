@@ -173,13 +173,11 @@ def practice_policy(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-async def cluster(
-    redis_server: RedisServer,
-    tmp_path_factory: pytest.TempPathFactory,  # noqa: F811
-) -> AsyncIterator[Cluster]:
+@contextlib.asynccontextmanager
+async def running_cluster(redis_server: RedisServer, root: Path, log_level: str = "warning") -> AsyncIterator[Cluster]:
+    """Two ``broker serve`` processes on one (emptied) redis-server, and a Hub of the test's own on
+    the same Redis to schedule sessions; stopped on the way out."""
     redis_server.empty_database()
-    root = tmp_path_factory.mktemp("cluster")
     secret = os.urandom(32)
     secret_file = root / "server.secret"
     secret_file.write_text(secret.hex() + "\n")
@@ -190,7 +188,7 @@ async def cluster(
         "BROKER_SECRET_FILE": str(secret_file),
         "BROKER_POLICY_FILE": str(practice_policy(root / "policy.toml")),
         "BROKER_MAX_CONNECTIONS_PER_ADDRESS": "2000",
-        "BROKER_LOG_LEVEL": "warning",
+        "BROKER_LOG_LEVEL": log_level,
         "PYTHONPATH": str(REPO),
     }
     brokers = []
@@ -202,16 +200,23 @@ async def cluster(
         broker.start()
     keys = Keys(secret)
     store, bus = await connect_redis(redis_server.url, keys.store)
-    hub = Hub(store, bus, TokenCodec(keys.token))
-    made = Cluster(redis_server, brokers[0], brokers[1], hub)
     try:
         await asyncio.gather(*(b.wait_ready() for b in brokers))
-        yield made
+        yield Cluster(redis_server, brokers[0], brokers[1], Hub(store, bus, TokenCodec(keys.token)))
     finally:
         for broker in brokers:
             broker.stop()
         await bus.close()
         await store.close()
+
+
+@pytest.fixture(scope="module")
+async def cluster(
+    redis_server: RedisServer,
+    tmp_path_factory: pytest.TempPathFactory,  # noqa: F811
+) -> AsyncIterator[Cluster]:
+    async with running_cluster(redis_server, tmp_path_factory.mktemp("cluster")) as made:
+        yield made
 
 
 # ---------------------------------------------------------------- peers
