@@ -345,14 +345,19 @@ class Hub:
                 seat = sm.seat_for_token(s, claims.token_id)
             return sm.connect(s, seat.id, conn.id, device=presented, new_device=fresh, now=int(self.clock()))
 
-        # A genuine token of a session that is gone looks exactly like an unknown one.
+        # A genuine token of a session that is gone looks exactly like an unknown one, unless the
+        # store just turned out to have lost its sessions (looked at only when the session is missing).
+        gone: list[bool] = []
+
+        def missing() -> ProtocolError:
+            gone.append(True)
+            return self.missing_session(claims)
+
         try:
-            session, joining = await self.records.mutate(
-                claims.session_id, take_seat, missing=lambda: self.missing_session(claims)
-            )
+            session, joining = await self.records.mutate(claims.session_id, take_seat, missing=missing)
         except ProtocolError as exc:
             lost = self.store_lost_now
-            if exc.code is not ErrorCode.INVALID_TOKEN or lost is None or not await lost():
+            if not gone or exc.code is not ErrorCode.INVALID_TOKEN or lost is None or not await lost():
                 raise
             raise self.missing_session(claims) from None
         seat = joining.seat
