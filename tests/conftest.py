@@ -13,7 +13,8 @@ import pytest
 from aiohttp import ClientWebSocketResponse, WSMsgType, web
 
 from broker.config import Config
-from broker.crypto.link_key import new_link_key
+from broker.crypto.link_key import b64url_encode, decode_link_key, new_link_key
+from broker.crypto.seat_keys import seat_key
 from broker.http.app import Broker, build_app, create_broker
 from broker.http.security_headers import PrivateAccessLogger
 
@@ -43,7 +44,11 @@ class RunningBroker:
 
 @dataclass
 class SessionLinks:
-    """A scheduled session as the therapist's side sees it: links carry the link key."""
+    """A scheduled session as the therapist's side sees it: each link carries its own key.
+
+    ``link_key`` is the session secret (the therapist's link); ``seat_keys`` the key each
+    client seat's link carries (docs/protocol.md 7.1).
+    """
 
     session: str
     link_key: str
@@ -51,6 +56,12 @@ class SessionLinks:
     clients: list[str]
     peers: dict[str, str]  # link -> peer id
     tokens: dict[str, str]  # peer id -> invite token
+    seat_keys: dict[str, str]  # client peer id -> its seat key
+
+    @property
+    def secrets(self) -> list[str]:
+        """Every key a link of this session carries: none may reach the broker."""
+        return [self.link_key, *self.seat_keys.values()]
 
     @property
     def client(self) -> str:
@@ -106,20 +117,25 @@ async def start_broker_pair(tmp_path: Path, redis_url: str, **overrides: object)
 
 
 async def schedule(running: RunningBroker, clients: int = 1, **kwargs: object) -> SessionLinks:
-    """Schedule a session the way the CLI does, building links with a fresh link key."""
+    """Schedule a session the way the CLI does: a fresh session secret, and a seat key per client link."""
     session, tokens = await running.hub.create_session(clients=clients, **kwargs)
-    key = new_link_key()
+    secret = new_link_key()
     therapist = session.therapist()
+    seat_keys = {
+        seat.id: b64url_encode(seat_key(decode_link_key(secret), session.id, seat.id)) for seat in session.clients()
+    }
     links = {
-        seat.id: f"{running.url}/{'t' if seat is therapist else 'j'}/{tokens[seat.id]}#{key}" for seat in session.seats
+        seat.id: f"{running.url}/{'t' if seat is therapist else 'j'}/{tokens[seat.id]}#{seat_keys.get(seat.id, secret)}"
+        for seat in session.seats
     }
     return SessionLinks(
         session=session.id,
-        link_key=key,
+        link_key=secret,
         therapist=links[therapist.id],
         clients=[links[s.id] for s in session.clients()],
         peers={link: peer for peer, link in links.items()},
         tokens=tokens,
+        seat_keys=seat_keys,
     )
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "MAX_SEALED_PLAINTEXT",
     "MAX_SEALS_PER_KEY",
     "MIN_SEALED_CHARS",
+    "SEALED_TYPES",
     "SIGNAL_TYPES",
     "derive_seal_key",
     "open_signal",
@@ -39,6 +40,8 @@ __all__ = [
 
 #: What may be sealed end to end: descriptions and trickled ICE candidates.
 SIGNAL_TYPES: Final = frozenset({"offer", "answer", "candidate"})
+#: Every type sealed under a direction key: the signaling above, and the therapist's roster (7.8).
+SEALED_TYPES: Final = SIGNAL_TYPES | {"roster"}
 #: Longest SDP a description may carry (the clear form's limit in broker/signaling/protocol.py).
 MAX_SDP_CHARS: Final = 48 * 1024
 MAX_CANDIDATE_CHARS: Final = 1024
@@ -65,8 +68,8 @@ def derive_seal_key(k_pair: bytes, sender: str, recipient: str) -> bytes:
 
 def seal_aad(session_id: str, sender: str, recipient: str, kind: str, counter: int) -> bytes:
     """The associated data of a sealed message: its routing header, which the broker sees."""
-    if kind not in SIGNAL_TYPES:
-        raise ValueError("type must be 'offer', 'answer' or 'candidate'")
+    if kind not in SEALED_TYPES:
+        raise ValueError("type must be 'offer', 'answer', 'candidate' or 'roster'")
     return b"".join((lp(SEAL_LABEL), lp(session_id), lp(sender), lp(recipient), lp(kind), u64(counter)))
 
 
