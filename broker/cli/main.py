@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--starts", help="appointment start, ISO 8601 (default: now)")
     create.add_argument("--duration", type=int, default=50, help="length in minutes (default 50)")
     create.add_argument("--relay-only", action="store_true", help="route media through TURN (hides IP addresses)")
+    create.add_argument(
+        "--group-link",
+        action="store_true",
+        help="also print one link for every client (they then share one key: not for couples or families)",
+    )
     create.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     revoke = with_data_dir(session.add_parser("revoke", help="revoke (or reissue) a client's link"))
@@ -145,12 +150,33 @@ def _when(ts: int) -> str:
     return datetime.fromtimestamp(ts, UTC).astimezone().strftime("%Y-%m-%d %H:%M %Z")
 
 
-def _links(base: str, seats: list[dict[str, Any]], link_key: str) -> list[dict[str, Any]]:
+def _links(base: str, session: str, seats: list[dict[str, Any]], secret: str) -> list[dict[str, Any]]:
+    """Each seat's link: the therapist's carries the session secret, each client's only its own seat key."""
+    from broker.crypto.link_key import b64url_encode, decode_link_key
+    from broker.crypto.seat_keys import seat_key
+
     out = []
     for seat in seats:
-        path = "t" if seat["role"] == "therapist" else "j"
-        out.append({**seat, "link": f"{base.rstrip('/')}/{path}/{seat['token']}#{link_key}"})
+        if seat["role"] == "therapist":
+            path, key = "t", secret
+        else:
+            path, key = "j", b64url_encode(seat_key(decode_link_key(secret), session, seat["peer"]))
+        out.append({**seat, "link": f"{base.rstrip('/')}/{path}/{seat['token']}#{key}"})
     return out
+
+
+def _group_link(base: str, session: str, token: str, secret: str) -> str:
+    from broker.crypto.link_key import b64url_encode, decode_link_key
+    from broker.crypto.seat_keys import group_key
+
+    return f"{base.rstrip('/')}/j/{token}#{b64url_encode(group_key(decode_link_key(secret), session))}"
+
+
+GROUP_LINK_WARNING = (
+    "Everyone you give the group link shares one key: any of them can read what another of them\n"
+    "seals for you (such as emergency details) and can pass for another of them to you. For couples\n"
+    "and families, send each person their own client link instead."
+)
 
 
 async def _create(args: argparse.Namespace) -> int:
@@ -158,17 +184,26 @@ async def _create(args: argparse.Namespace) -> int:
     from broker.http.admin_socket import AdminClient
 
     config = _config(args)
-    created = await AdminClient(config).create_session(
-        clients=args.seats,
-        minors=args.minors,
-        starts=_parse_time(args.starts),
-        duration_s=args.duration * 60,
-        relay_only=args.relay_only,
-    )
-    # The link key is made here, on the therapist's side, and never sent to the broker.
-    seats = _links(args.base_url or created["base_url"], created["seats"], new_link_key())
+    fields: dict[str, Any] = {
+        "clients": args.seats,
+        "minors": args.minors,
+        "starts": _parse_time(args.starts),
+        "duration_s": args.duration * 60,
+        "relay_only": args.relay_only,
+    }
+    if args.group_link:
+        fields["group_link"] = True
+    created = await AdminClient(config).create_session(**fields)
+    # The session secret is made here, on the therapist's side, and never sent to the broker;
+    # each client's link gets only the key of its own seat (docs/protocol.md 7.1).
+    secret = new_link_key()
+    base = args.base_url or created["base_url"]
+    seats = _links(base, created["session"], created["seats"], secret)
+    group_token = created.pop("group_token", None)
+    group = _group_link(base, created["session"], group_token, secret) if group_token else None
     if args.json:
-        print(json.dumps({**created, "seats": [{k: v for k, v in s.items() if k != "token"} for s in seats]}))
+        shown = [{k: v for k, v in s.items() if k != "token"} for s in seats]
+        print(json.dumps({**created, "seats": shown, "group_link": group}))
         return 0
     print(f"Session {created['session']} — starts {_when(created['starts'])}")
     print(f"Links work from {_when(created['not_before'])} until {_when(created['expires'])}.\n")
@@ -176,11 +211,16 @@ async def _create(args: argparse.Namespace) -> int:
     for i, seat in enumerate(clients, 1):
         label = f"Client link {i}" if len(clients) > 1 else "Client link"
         minor = " (minor)" if seat["minor"] else ""
-        print(f"{label}{minor} — send it to your client privately:\n  {seat['link']}\n")
+        print(
+            f"{label}{minor} — send it to this person only, privately (it carries their own key):\n  {seat['link']}\n"
+        )
+    if group is not None:
+        print(f"Group link — one link for every client:\n  {group}\n{GROUP_LINK_WARNING}\n")
     therapist = next(s for s in seats if s["role"] == "therapist")
     print(
         "Therapist link — open it yourself in your browser; keep it private. It lets you admit\n"
-        f"your client(s) and holds the key that verifies the call end to end:\n  {therapist['link']}"
+        "your client(s) and holds the session secret, from which every seat's key comes:\n"
+        f"  {therapist['link']}"
     )
     return 0
 
@@ -191,8 +231,9 @@ async def _revoke(args: argparse.Namespace) -> int:
     config = _config(args)
     result = await AdminClient(config).revoke(args.session, args.peer, reissue=args.reissue)
     if args.reissue:
-        print("The old link no longer works. New invite token (put it in a link with the session's link key):")
-        print(f"  {(args.base_url or config.base_url).rstrip('/')}/j/{result['token']}#<link key>")
+        print("The old link no longer works. The seat keeps its own key: the new link is this token")
+        print("with the same key as the seat's old link (the part after '#'):")
+        print(f"  {(args.base_url or config.base_url).rstrip('/')}/j/{result['token']}#<this seat's key>")
     else:
         print("Revoked: that link no longer works.")
     return 0

@@ -50,6 +50,7 @@ from broker.signaling.protocol import (
     Error,
     ErrorCode,
     Hello,
+    Hold,
     Join,
     Joined,
     Leave,
@@ -60,12 +61,16 @@ from broker.signaling.protocol import (
     PreflightAnswer,
     PreflightOffer,
     Reconnect,
+    Release,
     Remove,
     Removed,
     Renegotiate,
+    Roster,
     ServerMessage,
     SessionEnded,
+    Status,
     Verification,
+    WaitingRoom,
     decode_server,
     encode,
     server_message_types,
@@ -465,6 +470,24 @@ class BrokerClient(PeerNegotiation):
     async def allow_return(self, peer: str) -> None:
         await self._send(AllowReturn(peer=peer))
 
+    async def hold(self, peer: str) -> None:
+        """Private time (therapist): put an admitted client on hold; everyone stops media with it."""
+        await self._send(Hold(peer=peer))
+
+    async def release(self, peer: str) -> None:
+        """Bring a held client back: media resumes on the connections everyone kept."""
+        await self._send(Release(peer=peer))
+
+    def open_details(self, peer: str, sealed: str) -> str:
+        """Therapist's side: a client's sealed emergency details (under that seat's key, 7.4)."""
+        assert self.auth is not None, "not joined"
+        return self.auth.open_details(peer, sealed)
+
+    def open_checklist(self, peer: str, sealed: str) -> dict[str, bool]:
+        """Therapist's side: a client's sealed checklist answers (under that seat's key, 7.4.1)."""
+        assert self.auth is not None, "not joined"
+        return self.auth.open_checklist(peer, sealed)
+
     async def end(self) -> SessionEnded:
         """End the session for everyone, reporting how each peer was verified for the session record."""
         verification: dict[str, Verification] = {
@@ -479,9 +502,15 @@ class BrokerClient(PeerNegotiation):
         self.final = SessionEnded(reason="ended")
         await self._send(Leave())
 
-    def send_chat(self, peer: str, text: str) -> None:
-        """A chat message straight to the peer over the encrypted data channel (never through the broker)."""
-        self.links[peer].channel.send(json.dumps({"t": "chat", "text": text[:MAX_CHAT_CHARS]}))
+    def send_chat(self, peer: str, text: str) -> bool:
+        """A chat message straight to the peer over the encrypted data channel (never through the broker).
+
+        Not during private time with that peer (7.9): then nothing is sent and False returned."""
+        link = self.links[peer]
+        if link.paused:
+            return False
+        link.channel.send(json.dumps({"t": "chat", "text": text[:MAX_CHAT_CHARS]}))
+        return True
 
     def send_media_state(self, peer: str, *, audio: bool, video: bool) -> None:
         """Tell the peer our microphone and camera state (shown as muted / camera off)."""
@@ -499,7 +528,7 @@ class BrokerClient(PeerNegotiation):
     async def _on_message(self, message: ServerMessage) -> None:
         if self.trace is not None:
             self.trace.received(message)
-        if isinstance(message, (Offer, Answer, Candidate, Renegotiate)) and message.seq is not None:
+        if isinstance(message, (Offer, Answer, Candidate, Renegotiate, Roster)) and message.seq is not None:
             if message.seq <= self.last_seq:
                 self.duplicates += 1
                 return
@@ -515,9 +544,23 @@ class BrokerClient(PeerNegotiation):
             if message.seat_token:
                 # Joined through a group link: come back to this same seat from now on.
                 self.token = message.seat_token
-            self.auth = self.auth or SdpAuthenticator(self.link_key, message.session, message.peer)
+            self.auth = self.auth or SdpAuthenticator(
+                self.link_key,
+                message.session,
+                message.peer,
+                therapist=message.role == "therapist",
+                seat_keys=message.seat_keys,
+            )
         elif isinstance(message, Peers):
             await self._on_peers(message)
+        elif isinstance(message, Roster):
+            await self._on_roster(message.from_ or "", message.counter, message.sealed, relayed=True)
+        elif isinstance(message, Status):
+            self.self_held = message.held
+            self._apply_holds()
+        elif isinstance(message, WaitingRoom) and self.auth is not None:
+            for seat in message.seats:
+                self.auth.set_peer(seat.peer, role="client", group=seat.group)
         elif isinstance(message, (Offer, Answer)):
             await self._on_description(message)
         elif isinstance(message, Candidate):

@@ -1,9 +1,17 @@
-"""The Python client's negotiation with each other peer: offers, answers and candidates.
+"""The Python client's negotiation with each other peer: offers, answers, candidates and rosters.
 
-What it sends a peer it seals end to end with the link key (or signs with a MAC in clear,
-for a peer of before sealed signaling), what it receives it opens or checks (broker/crypto/;
-docs/protocol.md 7.7), and it drives the aiortc connection of each pair (``peers``). Anything
-that fails authentication is an interception warning, reported and the connection closed.
+What it sends a peer it seals end to end with that pair's link key (or signs with a MAC in
+clear, for a peer of before sealed signaling), what it receives it opens or checks
+(broker/crypto/; docs/protocol.md 7.7), and it drives the aiortc connection of each pair
+(``peers``). Anything that fails authentication is an interception warning, reported and
+the connection closed.
+
+Between two clients the therapist vouches (7.8): the therapist's side sends each client a
+roster of the others' DTLS fingerprints and client-pair keys; a client connects to another
+client only while its latest roster lists it, keeps that client's early signaling for up to
+``EARLY_SIGNAL_S`` until one does, and closes the pair when a newer roster drops it or
+changes its fingerprint. Private time (7.9): towards a held peer, and from a held client
+towards everyone, no media is sent and none taken, on the same connections.
 
 ``BrokerClient`` is this plus its connection to the broker; kept apart so that each can be
 read alone. The subclass provides ``_send`` and ``_notify`` (and sets ``joined``).
@@ -13,21 +21,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import msgspec
-from aiortc import RTCSessionDescription
+from aiortc import RTCCertificate, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
 
-from broker.client.peers import HeldCandidate, PeerLink, open_link
+from broker.client.peers import HeldCandidate, PeerLink, open_link, shared_fingerprint_of
 from broker.client.trace import SetupTrace
-from broker.crypto.sdp_auth import InterceptionError, Trust
+from broker.crypto.roster import RosterEntry
+from broker.crypto.sdp_auth import InterceptionError, Trust, fingerprint_of
 from broker.crypto.sdp_authenticator import SdpAuthenticator
-from broker.signaling.protocol import Answer, Candidate, Joined, Offer, Peers, Report
+from broker.signaling.protocol import Answer, Candidate, Joined, Offer, Peers, Report, Roster
 
 log = logging.getLogger("broker.client")
+
+#: How long signaling from a client that no roster lists yet is kept waiting for one (7.8).
+EARLY_SIGNAL_S: Final = 30.0
+#: After its first ``peers`` the therapist's side sends rosters at the latest this much later (7.8).
+ROSTER_DEADLINE_S: Final = 10.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,30 @@ class PeerNegotiation:
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Off by default: a content-free trace of the set-up, for finding rare failures (``trace``).
         self.trace: SetupTrace | None = None
+        #: One DTLS certificate for every connection, so each peer sees one fingerprint (7.8).
+        self.certificate = RTCCertificate.generateCertificate()
+        #: Each admitted peer's role, and whether the connection of each is live, as ``peers`` said.
+        self._roles: dict[str, str] = {}
+        self._peer_connected: dict[str, bool] = {}
+        #: Client side: signaling from another client that no roster lists yet, with when it came.
+        self._early: dict[str, list[tuple[float, Offer | Answer | Candidate]]] = {}
+        #: Private time (7.9): who ``peers`` says is held, who the therapist's roster says is, and us.
+        self._held_by_peers: set[str] = set()
+        self._held_by_roster: set[str] = set()
+        self.self_held = False
+        #: Therapist's side: each client's fingerprint from its authenticated SDP, and what each
+        #: client's last roster said (to send a new one only when that changes).
+        self._fingerprints: dict[str, str] = {}
+        self._roster_said: dict[str, tuple[RosterEntry, ...]] = {}
+        self._rosters_due = False
+        self._roster_timer: asyncio.TimerHandle | None = None
+        #: Rosters this side sent (therapist) or acted on (client): for tests and diagnostics.
+        self.rosters_sent = 0
+        self.rosters_acted = 0
+
+    @property
+    def is_therapist(self) -> bool:
+        return self.joined is not None and self.joined.role == "therapist"
 
     async def _send(self, message: msgspec.Struct) -> None:
         """Send a message to the broker (the subclass's connection)."""
@@ -71,6 +110,12 @@ class PeerNegotiation:
     async def _on_peers(self, message: Peers) -> None:
         wanted = {p.peer: p for p in message.peers}
         self._offers_to = {p.peer: p.you_offer for p in message.peers}
+        self._roles = {p.peer: p.role for p in message.peers}
+        self._peer_connected = {p.peer: p.connected for p in message.peers}
+        self._held_by_peers = {p.peer for p in message.peers if p.held}
+        if self.auth is not None:
+            for info in message.peers:
+                self.auth.set_peer(info.peer, role=info.role, group=info.group)
         for peer, link in list(self.links.items()):
             if peer not in wanted:
                 await self._close_link(link)
@@ -82,10 +127,23 @@ class PeerNegotiation:
             healthy = (
                 current is not None and not current.closed and current.pc.connectionState not in ("failed", "closed")
             )
-            if info.you_offer and info.connected and not healthy:
+            if info.you_offer and info.connected and not healthy and self._may_connect(info.peer):
                 if current is not None:
                     await self._close_link(current)
                 self._spawn(self._start_offer(info.peer))
+        self._apply_holds()
+        await self._replay_early()
+        if self.is_therapist:
+            if self._roster_timer is None:
+                loop = asyncio.get_running_loop()
+                self._roster_timer = loop.call_later(ROSTER_DEADLINE_S, self._roster_deadline)
+            await self._send_rosters()
+
+    def _may_connect(self, peer: str) -> bool:
+        """The therapist connects to every client; a client to another client only while a roster lists it."""
+        if self.is_therapist or self._roles.get(peer) == "therapist":
+            return True
+        return self.auth is not None and self.auth.can_authenticate(peer)
 
     async def _on_renegotiate(self, peer: str) -> None:
         """The peer asks for a fresh offer: only the offerer of the pair makes one."""
@@ -98,11 +156,11 @@ class PeerNegotiation:
     async def _start_offer(self, peer: str) -> None:
         assert self.auth is not None
         link = self._new_link(peer, offerer=True)
-        link.sealing = self.auth.has_link_key
+        link.sealing = self.auth.can_authenticate(peer)
         pc = link.pc
         if self.media:
-            pc.addTrack(AudioStreamTrack())
-            pc.addTrack(VideoStreamTrack())
+            link.add_track(AudioStreamTrack())
+            link.add_track(VideoStreamTrack())
         else:
             pc.addTransceiver("audio", direction="recvonly")
             pc.addTransceiver("video", direction="recvonly")
@@ -119,6 +177,7 @@ class PeerNegotiation:
             await link.close()
             return
         sdp = link.pc.localDescription.sdp
+        shared_fingerprint_of(link.pc, self.certificate)
         cls = Offer if kind == "offer" else Answer
         if link.sealing:
             counter, sealed = self.auth.seal(link.peer, kind, {"sdp": sdp})
@@ -131,23 +190,62 @@ class PeerNegotiation:
         self.dropped[why] = self.dropped.get(why, 0) + 1
         log.info("event=signal_dropped peer=%s why=%s", peer, why)
 
-    async def _intercepted(self, peer: str, reason: str) -> None:
+    async def _intercepted(self, peer: str, reason: str, *, close: bool = True) -> None:
+        """The interception warning: recorded, reported, and (for signaling) that connection closed.
+
+        A roster that fails keeps the connection with the therapist (``close=False``): the
+        client goes on acting on the roster it had (7.8)."""
         self.interceptions.append(Interception(peer, reason))
         log.warning("event=interception_warning peer=%s reason=%s", peer, reason)
         with contextlib.suppress(ConnectionError, ValueError, msgspec.ValidationError):
             await self._send(Report(event="interception_warning", peer=peer, reason=reason))  # type: ignore[arg-type]
         link = self.links.get(peer)
-        if link is not None:
+        if link is not None and close:
             await self._close_link(link)
+
+    def _waits_for_roster(self, peer: str) -> bool:
+        """Client side: signaling from ``peer`` cannot be checked until a roster lists it."""
+        if self.is_therapist or self._roles.get(peer) == "therapist":
+            return False
+        return self.auth is None or not self.auth.can_authenticate(peer)
+
+    def _keep_early(self, peer: str, message: Offer | Answer | Candidate) -> None:
+        now = asyncio.get_running_loop().time()
+        kept = [(t, m) for t, m in self._early.get(peer, []) if now - t < EARLY_SIGNAL_S]
+        if isinstance(message, Offer):
+            kept = []  # a new offer replaces what came before it
+        kept.append((now, message))
+        self._early[peer] = kept[-64:]
+        self._dropped(peer, "waiting_for_roster")
+
+    async def _replay_early(self) -> None:
+        """Handle kept signaling from clients a roster now lists; forget what waited too long."""
+        now = asyncio.get_running_loop().time()
+        for peer in list(self._early):
+            kept = [m for t, m in self._early[peer] if now - t < EARLY_SIGNAL_S]
+            if not kept:
+                del self._early[peer]
+                continue
+            if self._waits_for_roster(peer):
+                continue
+            del self._early[peer]
+            for message in kept:
+                if isinstance(message, Candidate):
+                    await self._on_candidate(message)
+                else:
+                    await self._on_description(message)
 
     async def _on_description(self, message: Offer | Answer) -> None:
         assert self.auth is not None
         peer = message.from_ or ""
         kind = "offer" if isinstance(message, Offer) else "answer"
         sealed = message.sealed is not None
+        if self._waits_for_roster(peer):
+            self._keep_early(peer, message)
+            return
         try:
             if message.sealed is not None:
-                if not self.auth.has_link_key:
+                if not self.auth.can_authenticate(peer):
                     self._dropped(peer, "sealed_without_link_key")
                     return
                 sdp = str(self.auth.unseal(peer, kind, message.counter, message.sealed)["sdp"])
@@ -170,8 +268,8 @@ class PeerNegotiation:
             link.remote_sealed = link.sealing = sealed  # answer the way the offer came
             await link.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             if self.media:
-                link.pc.addTrack(AudioStreamTrack())
-                link.pc.addTrack(VideoStreamTrack())
+                link.add_track(AudioStreamTrack())
+                link.add_track(VideoStreamTrack())
             await link.pc.setLocalDescription(await link.pc.createAnswer())
             await self._send_description(link, "answer")
         else:
@@ -183,14 +281,24 @@ class PeerNegotiation:
             await link.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
         for held in self._pending_candidates.pop(peer, []):
             await self._add_candidate(peer, held)
+        if (
+            self.is_therapist
+            and trust == Trust.VERIFIED_BY_LINK
+            and self._fingerprints.get(peer) != (fingerprint := fingerprint_of(sdp))
+        ):
+            self._fingerprints[peer] = fingerprint  # learnt or changed: the other clients hear of it
+            await self._send_rosters()
 
     async def _on_candidate(self, message: Candidate) -> None:
         peer = message.from_ or ""
+        if message.sealed is not None and self._waits_for_roster(peer):
+            self._keep_early(peer, message)
+            return
         if message.sealed is None:
             held = HeldCandidate(message.candidate or "", message.sdp_mid, message.sdp_mline_index, sealed=False)
             await self._add_candidate(peer, held)
             return
-        if self.auth is None or not self.auth.has_link_key:
+        if self.auth is None or not self.auth.can_authenticate(peer):
             self._dropped(peer, "sealed_without_link_key")
             return
         try:
@@ -226,15 +334,111 @@ class PeerNegotiation:
         link = open_link(
             peer,
             offerer=offerer,
+            certificate=self.certificate,
             ice_servers=self._ice_servers(),
             ice_transport_policy=self.joined.ice_transport_policy if self.joined else "all",
             spawn=self._spawn,
             notify=self._notify,
         )
         self.links[peer] = link
+        link.paused = self.self_held or self.is_held(peer)
+        link.on_roster = lambda counter, sealed: self._spawn(self._on_roster(peer, counter, sealed, relayed=False))
         if self.trace is not None:
             self.trace.watch(link)
         return link
+
+    # ------------------------------------------------------------ the therapist's roster (7.8)
+
+    def _roster_deadline(self) -> None:
+        self._rosters_due = True
+        self._spawn(self._send_rosters())
+
+    def _admitted_clients(self) -> list[str]:
+        return sorted(p for p, role in self._roles.items() if role == "client")
+
+    def _roster_for(self, client: str) -> tuple[RosterEntry, ...]:
+        assert self.auth is not None
+        return tuple(
+            RosterEntry(other, self._fingerprints[other], self.auth.client_pair_key(client, other), self.is_held(other))
+            for other in self._admitted_clients()
+            if other != client and other in self._fingerprints
+        )
+
+    async def _send_rosters(self) -> None:
+        """Therapist's side: a new roster to every admitted, unheld client whose roster would change.
+
+        Not before it holds an authenticated SDP from every connected admitted client, or
+        ``ROSTER_DEADLINE_S`` after its first ``peers``; never without the session secret."""
+        auth = self.auth
+        if not self.is_therapist or auth is None or not auth.has_link_key:
+            return
+        clients = self._admitted_clients()
+        if not self._rosters_due:
+            if any(self._peer_connected.get(c) and c not in self._fingerprints for c in clients):
+                return
+            self._rosters_due = True
+        for client in clients:
+            if self.is_held(client):
+                continue
+            entries = self._roster_for(client)
+            if self._roster_said.get(client) == entries:
+                continue
+            self._roster_said[client] = entries
+            counter, sealed, _version = auth.seal_roster(client, list(entries))
+            self.rosters_sent += 1
+            log.info("event=roster_sent peer=%s", client)
+            with contextlib.suppress(ConnectionError):
+                await self._send(Roster(to=client, counter=counter, sealed=sealed))
+            link = self.links.get(client)
+            if link is not None and link.channel is not None and link.channel.readyState == "open":
+                link.channel.send(json.dumps({"t": "roster", "counter": counter, "sealed": sealed}))
+
+    async def _on_roster(self, sender: str, counter: int | None, sealed: str, *, relayed: bool) -> None:
+        """Client side: a roster relayed or over the chat channel; acted on only if it is newer."""
+        if self.auth is None or self.is_therapist or self._roles.get(sender) != "therapist":
+            self._dropped(sender, "roster_not_from_therapist")
+            return
+        try:
+            roster = self.auth.accept_roster(sender, counter, sealed, relayed=relayed)
+        except InterceptionError as exc:
+            await self._intercepted(sender, exc.reason, close=False)
+            return
+        except ValueError:
+            self._dropped(sender, "roster_without_link_key")
+            return
+        if roster is None:
+            return
+        self.rosters_acted += 1
+        log.info("event=roster_acted_on")
+        self._held_by_roster = {e.peer for e in roster.entries if e.held}
+        for peer, link in list(self.links.items()):
+            if self._roles.get(peer) == "therapist":
+                continue
+            entry = roster.entry(peer)
+            remote = link.remote_fingerprint
+            if entry is None or (remote is not None and remote != entry.fingerprint):
+                await self._close_link(link)  # no longer vouched for, or not the page the therapist saw
+        for entry in roster.entries:
+            current = self.links.get(entry.peer)
+            healthy = (
+                current is not None and not current.closed and current.pc.connectionState not in ("failed", "closed")
+            )
+            if self._offers_to.get(entry.peer) and self._peer_connected.get(entry.peer) and not healthy:
+                self._spawn(self._start_offer(entry.peer))
+        self._apply_holds()
+        await self._replay_early()
+        await self._notify()
+
+    # ------------------------------------------------------------ private time (7.9)
+
+    def is_held(self, peer: str) -> bool:
+        """Whether ``peer`` is on hold by any account we have (``peers``, the roster)."""
+        return peer in self._held_by_peers or peer in self._held_by_roster
+
+    def _apply_holds(self) -> None:
+        """No media to or from a held peer, and none at all while we are held; back on release."""
+        for peer, link in self.links.items():
+            link.set_paused(self.self_held or self.is_held(peer))
 
     async def _close_link(self, link: PeerLink) -> None:
         if self.links.get(link.peer) is link:

@@ -2,24 +2,29 @@
 
 Signaling (what is sent and opened, and what is trusted) is the client's
 (``broker_client``); this is what it drives: the connection and its negotiated data
-channel ("chat"), the control messages that come over it (docs/protocol.md 7.5), and
-candidates held until their connection has the peer's description.
+channel ("chat"), the control messages that come over it (docs/protocol.md 7.5, and the
+therapist's roster, 7.8), candidates held until their connection has the peer's
+description, and pausing media for private time (7.9). Every connection of one client uses
+the one DTLS certificate it is given, so its fingerprint is the same with every peer (7.8).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiortc import (
+    RTCCertificate,
     RTCConfiguration,
     RTCIceServer,
     RTCIceTransportPolicy,
     RTCPeerConnection,
+    RTCRtpSender,
 )
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import candidate_from_sdp
@@ -61,6 +66,38 @@ class PeerLink:
     remote_sealed: bool = False
     #: What the peer last said of its microphone and camera.
     remote_media: dict[str, bool] = field(default_factory=lambda: {"audio": True, "video": True})
+    #: Our senders on this connection and the track each sends when not paused.
+    local_tracks: list[tuple[RTCRtpSender, MediaStreamTrack]] = field(default_factory=list)
+    #: Private time (7.9): we send no media on this connection and take none of its media or chat.
+    paused: bool = False
+    #: Called with (counter, sealed) for a roster that came over the chat channel (7.8).
+    on_roster: Callable[[int, str], None] | None = None
+
+    @property
+    def remote_fingerprint(self) -> str | None:
+        """The peer's DTLS fingerprint as its description on this connection gave it, once set."""
+        remote = self.pc.remoteDescription
+        return fingerprint_of(remote.sdp) if remote is not None else None
+
+    def add_track(self, track: MediaStreamTrack) -> None:
+        """Send ``track`` on this connection (not while paused: the sender then stays empty)."""
+        sender = self.pc.addTrack(track)
+        self.local_tracks.append((sender, track))
+        if self.paused:
+            sender.replaceTrack(None)
+
+    def set_paused(self, paused: bool) -> None:
+        """Stop or resume our media on this connection, on the same senders (nothing renegotiated).
+
+        Paused: every sender is emptied (``replaceTrack(None)``: no RTP goes out, the
+        transceivers and DTLS stay) and the peer's media and chat are not taken.
+        Resumed: each sender gets its track back (``replaceTrack(track)``).
+        """
+        if paused == self.paused:
+            return
+        self.paused = paused
+        for sender, track in self.local_tracks:
+            sender.replaceTrack(None if paused else track)
 
     def safety_code(self, session_id: str) -> str | None:
         local, remote = self.pc.localDescription, self.pc.remoteDescription
@@ -78,9 +115,22 @@ class PeerLink:
             return
         if not isinstance(message, dict):
             return
-        if message.get("t") == "chat" and isinstance(message.get("text"), str):
+        kind = message.get("t")
+        if kind == "roster":
+            counter, sealed = message.get("counter"), message.get("sealed")
+            if (
+                isinstance(counter, int)
+                and not isinstance(counter, bool)
+                and isinstance(sealed, str)
+                and self.on_roster
+            ):
+                self.on_roster(counter, sealed)
+            return
+        if self.paused:
+            return  # private time: nothing from this peer is shown
+        if kind == "chat" and isinstance(message.get("text"), str):
             self.messages.put_nowait(message["text"][:MAX_CHAT_CHARS])
-        elif message.get("t") == "media":
+        elif kind == "media":
             self.remote_media = {
                 "audio": message.get("audio") is not False,
                 "video": message.get("video") is not False,
@@ -109,10 +159,41 @@ class PeerLink:
         await asyncio.wait({closing}, timeout=5.0)
 
 
+def new_peer_connection(configuration: RTCConfiguration, certificate: RTCCertificate) -> RTCPeerConnection:
+    """An RTCPeerConnection that uses ``certificate`` for DTLS, as a browser's ``certificates`` option does.
+
+    aiortc has no public way to pass a certificate: its constructor calls the public classmethod
+    ``RTCCertificate.generateCertificate()`` once and keeps what it returns. So for the duration of
+    that synchronous constructor (no other code can run in between: no await, one thread) the
+    classmethod is replaced by one returning ``certificate``, and the original is put back in a
+    ``finally``. Only public names are touched; should aiortc stop calling it, the connection
+    gets a fresh certificate instead, which the check below turns into an error rather than
+    a silently different fingerprint.
+    """
+    original = inspect.getattr_static(RTCCertificate, "generateCertificate")
+    RTCCertificate.generateCertificate = classmethod(lambda cls: certificate)  # type: ignore[method-assign, assignment]
+    try:
+        pc = RTCPeerConnection(configuration)
+    finally:
+        RTCCertificate.generateCertificate = original  # type: ignore[method-assign]
+    return pc
+
+
+def shared_fingerprint_of(pc: RTCPeerConnection, certificate: RTCCertificate) -> None:
+    """Raise unless ``pc`` offers the fingerprint of ``certificate`` (new_peer_connection worked)."""
+    local = pc.localDescription
+    if local is None:
+        return
+    expected = {f"{f.algorithm.lower()} {f.value.upper()}" for f in certificate.getFingerprints()}
+    if fingerprint_of(local.sdp) not in expected:
+        raise RuntimeError("the peer connection does not use the client's DTLS certificate")
+
+
 def open_link(
     peer: str,
     *,
     offerer: bool,
+    certificate: RTCCertificate,
     ice_servers: list[dict[str, Any]],
     ice_transport_policy: str,
     spawn: Callable[[Awaitable[None]], None],
@@ -123,8 +204,9 @@ def open_link(
     servers = [
         RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential")) for s in ice_servers
     ]
-    pc = RTCPeerConnection(
-        RTCConfiguration(iceServers=servers, iceTransportPolicy=RTCIceTransportPolicy(ice_transport_policy))
+    pc = new_peer_connection(
+        RTCConfiguration(iceServers=servers, iceTransportPolicy=RTCIceTransportPolicy(ice_transport_policy)),
+        certificate,
     )
     link = PeerLink(peer, pc, offerer)
     channel = pc.createDataChannel(CHAT_LABEL, negotiated=True, id=CHAT_CHANNEL_ID)

@@ -249,7 +249,13 @@ class SdpAuthenticator:
         if key is None:
             raise ValueError("cannot open a sealed message without the link key of this pair")
         text = open_signal(
-            self._seal_key(key, sender, self.my_peer_id), self.session_id, sender, self.my_peer_id, kind, counter, sealed
+            self._seal_key(key, sender, self.my_peer_id),
+            self.session_id,
+            sender,
+            self.my_peer_id,
+            kind,
+            counter,
+            sealed,
         )
         fields = parse_signal_plaintext(kind, text)
         last = self._last_accepted.get(sender)
