@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from broker.config import Keys
-from broker.crypto.link_key import new_link_key
+from broker.crypto.link_key import b64url_encode, decode_link_key, new_link_key
+from broker.crypto.seat_keys import seat_key
 from broker.signaling.hub import Hub
 from broker.signaling.tokens import TokenCodec
 from broker.store.backends import connect_redis
@@ -147,7 +148,9 @@ class Links:
         return f"{base}/t/{self.therapist_token}#{self.link_key}"
 
     def client(self, base: str) -> str:
-        return f"{base}/j/{self.client_token}#{self.link_key}"
+        """The client's link carries its own seat key, derived from the session secret (protocol 7.1)."""
+        key = b64url_encode(seat_key(decode_link_key(self.link_key), self.session, self.client_peer))
+        return f"{base}/j/{self.client_token}#{key}"
 
 
 async def schedule(hub: Hub) -> Links:

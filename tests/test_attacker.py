@@ -53,7 +53,8 @@ import pytest
 
 from broker.client.broker_client import BrokerClient, BrokerError
 from broker.config import Config
-from broker.crypto.link_key import new_link_key
+from broker.crypto.link_key import b64url_encode, decode_link_key, new_link_key
+from broker.crypto.seat_keys import seat_key
 from broker.http.admin_socket import AdminClient
 from broker.signaling.protocol import ErrorCode, SeatState, Status
 from tests.conftest import free_port, read_until_broker_closes
@@ -207,9 +208,11 @@ async def broker_process(tmp_path_factory: pytest.TempPathFactory) -> AsyncItera
 
 async def _links(broker: BrokerProcess) -> tuple[str, str]:
     created = await AdminClient(broker.config).create_session(clients=1)
-    key = new_link_key()
+    secret = new_link_key()
     tokens = {s["role"]: s["token"] for s in created["seats"]}
-    return f"{broker.url}/t/{tokens['therapist']}#{key}", f"{broker.url}/j/{tokens['client']}#{key}"
+    client = next(s["peer"] for s in created["seats"] if s["role"] == "client")
+    key = b64url_encode(seat_key(decode_link_key(secret), created["session"], client))  # its own seat key
+    return f"{broker.url}/t/{tokens['therapist']}#{secret}", f"{broker.url}/j/{tokens['client']}#{key}"
 
 
 async def _preflight(client: BrokerClient) -> None:

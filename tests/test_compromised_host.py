@@ -102,7 +102,7 @@ async def test_a_compromised_host_holds_no_signaling_checklist_answer_or_secret(
     secret = bytes.fromhex((tmp_path / "server.secret").read_text().strip())
     therapist = client = None
     try:
-        links = await schedule(a)
+        links = await schedule(a, clients=2)  # a key per seat: the second seat's must not leak either
         therapist = BrokerClient(links.therapist)  # on process A
         client = BrokerClient(links.client.replace(a.url, b.url))  # on process B
         await therapist.connect()
@@ -113,7 +113,7 @@ async def test_a_compromised_host_holds_no_signaling_checklist_answer_or_secret(
         details = {"location": "CANARY-14-Quiet-Lane", "contact": "CANARY-Robin-0700-900"}
         await client.submit_checklist(answers, details=details)
         await client.expect(Status, where=lambda m: m.seat_state is SeatState.WAITING)
-        await therapist.expect(WaitingRoom, where=lambda m: m.seats[0].state is SeatState.WAITING)
+        await therapist.expect(WaitingRoom, where=lambda m: any(s.state is SeatState.WAITING for s in m.seats))
         await therapist.admit(client.peer_id)
         t_link = await therapist.wait_connected(client.peer_id, timeout=20)
         c_link = await client.wait_connected(therapist.peer_id, timeout=20)
@@ -124,7 +124,7 @@ async def test_a_compromised_host_holds_no_signaling_checklist_answer_or_secret(
 
         local = [t_link.pc.localDescription.sdp, c_link.pc.localDescription.sdp]
         canaries: dict[str, bytes] = {
-            "link key": links.link_key.encode(),
+            **{f"link key {i} (session secret or seat key)": key.encode() for i, key in enumerate(links.secrets)},
             "client's resume secret": (client._resume_secret or "").encode(),
             "details location": details["location"].encode(),
             "details contact": details["contact"].encode(),
@@ -174,7 +174,7 @@ async def test_a_compromised_host_holds_no_signaling_checklist_answer_or_secret(
                 break
             await asyncio.sleep(0.1)
         assert redis_server.keys(session_prefix(links.session)) == []
-        assert decode_link_key(links.link_key)  # the key itself was a real one
+        assert len(set(links.secrets)) == 3 and all(decode_link_key(k) for k in links.secrets)  # real, distinct keys
     finally:
         for peer in (client, therapist):
             if peer is not None:

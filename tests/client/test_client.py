@@ -172,7 +172,6 @@ async def test_audio_track_stops_cleanly_on_close(broker: RunningBroker) -> None
 
 
 async def test_emergency_details_reach_only_the_therapist(broker: RunningBroker) -> None:
-    from broker.crypto.sealed_for_therapist import open_details
     from broker.store.base import session_prefix
 
     links = await schedule(broker)
@@ -186,7 +185,7 @@ async def test_emergency_details_reach_only_the_therapist(broker: RunningBroker)
         await client.submit_checklist(details=canary)
         room = await therapist.expect(WaitingRoom, where=lambda m: m.seats[0].details is not None)
         sealed = room.seats[0].details
-        opened = open_details(therapist.link_key, links.session, client.peer_id, sealed)
+        opened = therapist.open_details(client.peer_id, sealed)  # under that client's seat key
         assert json.loads(opened) == canary
         store = broker.broker.store
         for key in await store.keys(session_prefix(links.session)):
@@ -247,8 +246,9 @@ async def test_the_broker_keeps_no_checklist_answer_item_by_item(broker: Running
             "network",
             "answers_sealed",
         }
-        key = decode_link_key(links.link_key)
+        key = decode_link_key(links.seat_keys[client.peer_id])
         opened = open_checklist(key, links.session, client.peer_id, summary["answers_sealed"])
+        assert therapist.open_checklist(client.peer_id, summary["answers_sealed"]) == opened
         assert opened == answers and opened["headset"] is False
         record = await broker.hub.get_session(links.session)
         kept = encode_record(record)
