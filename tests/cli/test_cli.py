@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import secrets
 import signal
 import stat
@@ -585,3 +586,46 @@ def test_audit_verify_and_check_config_with_a_separate_audit_key(tmp_path: Path)
     load_or_create_secret(Config(data_dir=data))  # as a broker's start makes it
     result = run("audit", "verify", "--data-dir", str(data))
     assert result.returncode == 1 and "does not verify with the audit key" in result.stderr
+
+
+def test_session_create_gives_every_link_its_own_key_and_warns_about_a_group_link(served: Served) -> None:
+    """Issue 21: with --seats 3 each client link carries its own seat key, none the therapist's
+    session secret; each is the seat key derived from that secret (docs/protocol.md 7.1)."""
+    from broker.crypto.link_key import b64url_encode, decode_link_key
+    from broker.crypto.seat_keys import group_key, seat_key
+
+    result = run("session", "create", "--data-dir", str(served.data_dir), "--seats", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    created = json.loads(result.stdout)
+    keys = {seat["peer"]: seat["link"].split("#")[1] for seat in created["seats"]}
+    assert len(keys) == 4 and len(set(keys.values())) == 4 and created["group_link"] is None
+    secret = next(keys[s["peer"]] for s in created["seats"] if s["role"] == "therapist")
+    for seat in created["seats"]:
+        if seat["role"] == "client":
+            derived = b64url_encode(seat_key(decode_link_key(secret), created["session"], seat["peer"]))
+            assert keys[seat["peer"]] == derived
+    text = run("session", "create", "--data-dir", str(served.data_dir), "--seats", "3").stdout
+    fragments = re.findall(r"/[jt]/[^#\s]+#(\S+)", text)
+    assert len(fragments) == 4 and len(set(fragments)) == 4
+    grouped = run("session", "create", "--data-dir", str(served.data_dir), "--seats", "3", "--group-link")
+    assert grouped.returncode == 0, grouped.stderr
+    assert "Group link" in grouped.stdout and "shares one key" in grouped.stdout
+    assert "couples" in grouped.stdout and "their own client link" in grouped.stdout
+    as_json = json.loads(
+        run("session", "create", "--data-dir", str(served.data_dir), "--seats", "2", "--group-link", "--json").stdout
+    )
+    secret = next(s["link"].split("#")[1] for s in as_json["seats"] if s["role"] == "therapist")
+    assert as_json["group_link"].startswith(f"{served.url}/j/")
+    expected = b64url_encode(group_key(decode_link_key(secret), as_json["session"]))
+    assert as_json["group_link"].split("#")[1] == expected
+
+
+def test_reissue_says_the_seat_keeps_its_own_key(served: Served) -> None:
+    created = json.loads(run("session", "create", "--data-dir", str(served.data_dir), "--seats", "2", "--json").stdout)
+    client = next(s for s in created["seats"] if s["role"] == "client")
+    result = run(
+        "session", "revoke", created["session"], client["peer"], "--reissue", "--data-dir", str(served.data_dir)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "keeps its own key" in result.stdout and "#<this seat's key>" in result.stdout
+    assert "session's link key" not in result.stdout
