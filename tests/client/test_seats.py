@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from broker.client.broker_client import BrokerClient
-from broker.crypto.sdp_auth import Trust
+from broker.crypto.sdp_auth import Trust, fingerprint_of
 from tests.client.seats import three_way, wait_for
 from tests.conftest import RunningBroker
 
@@ -26,6 +26,8 @@ async def test_three_way_call_connects_every_pair_verified_with_equal_safety_cod
                     link = a.links[b.peer_id]
                     assert link.trust == Trust.VERIFIED_BY_LINK and link.remote_sealed
                     assert a.safety_code(b.peer_id) == b.safety_code(a.peer_id)
+        for peer in call.everyone:  # one DTLS certificate for all of a peer's connections (7.8)
+            assert len({fingerprint_of(link.pc.localDescription.sdp) for link in peer.links.values()}) == 1
         first, second = call.clients
         assert first.rosters_acted >= 1 and second.rosters_acted >= 1
         assert [i for p in call.everyone for i in p.interceptions] == []
