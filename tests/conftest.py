@@ -116,14 +116,17 @@ async def start_broker_pair(tmp_path: Path, redis_url: str, **overrides: object)
     return await start_broker(tmp_path / "a", **common), await start_broker(tmp_path / "b", **common)
 
 
+def client_link_key(secret: str, session: str, peer: str) -> str:
+    """The key a client seat's link carries: its seat key, from the session secret (protocol 7.1)."""
+    return b64url_encode(seat_key(decode_link_key(secret), session, peer))
+
+
 async def schedule(running: RunningBroker, clients: int = 1, **kwargs: object) -> SessionLinks:
     """Schedule a session the way the CLI does: a fresh session secret, and a seat key per client link."""
     session, tokens = await running.hub.create_session(clients=clients, **kwargs)
     secret = new_link_key()
     therapist = session.therapist()
-    seat_keys = {
-        seat.id: b64url_encode(seat_key(decode_link_key(secret), session.id, seat.id)) for seat in session.clients()
-    }
+    seat_keys = {seat.id: client_link_key(secret, session.id, seat.id) for seat in session.clients()}
     links = {
         seat.id: f"{running.url}/{'t' if seat is therapist else 'j'}/{tokens[seat.id]}#{seat_keys.get(seat.id, secret)}"
         for seat in session.seats

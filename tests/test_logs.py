@@ -28,7 +28,7 @@ from broker.config_check import check_config
 from broker.crypto.link_key import new_link_key
 from broker.http.admin_socket import AdminClient
 from broker.http.login_sessions import LOGIN_COOKIE
-from tests.conftest import free_port, schedule, start_broker
+from tests.conftest import client_link_key, free_port, schedule, start_broker
 
 CANARY_LOCATION = "canary-location-7f3a"
 CANARY_CONTACT = "canary-contact-91bd"
@@ -104,7 +104,7 @@ async def test_a_whole_session_logs_nothing_personal(tmp_path: Path, captured: i
     assert "event=peer_joined" in text and "event=session_ended" in text  # the log is not empty
     assert "route=/j/{token}" in text  # the access log names the route, not the path
     ufrag = next(line for line in sdp.splitlines() if line.startswith("a=ice-ufrag:"))
-    for secret in (client_token, links.link_key, CANARY_LOCATION, CANARY_CONTACT, ufrag, "a=fingerprint"):
+    for secret in (client_token, *links.secrets, CANARY_LOCATION, CANARY_CONTACT, ufrag, "a=fingerprint"):
         assert secret not in text, secret
     assert not logs.has_address(text)
 
@@ -248,11 +248,14 @@ async def run_logged_session(data: Path, log_format: str) -> LoggedRun:
             created = await AdminClient(Config(data_dir=data)).create_session(clients=1)
             key = new_link_key()
             tokens = {seat["role"]: seat["token"] for seat in created["seats"]}
-            never_logged |= {"link key": key, "client token": tokens["client"], "therapist token": tokens["therapist"]}
+            client_peer = next(seat["peer"] for seat in created["seats"] if seat["role"] == "client")
+            seat_key = client_link_key(key, created["session"], client_peer)
+            never_logged |= {"session secret": key, "seat key": seat_key, "client token": tokens["client"]}
+            never_logged |= {"therapist token": tokens["therapist"]}
             async with http.get(f"{url}/j/{tokens['client']}") as response:
                 assert response.status == 200
             therapist = BrokerClient(f"{url}/t/{tokens['therapist']}#{key}")
-            client = BrokerClient(f"{url}/j/{tokens['client']}#{key}")
+            client = BrokerClient(f"{url}/j/{tokens['client']}#{seat_key}")
             try:
                 await therapist.connect(timeout=30)
                 await client.connect(timeout=30)

@@ -285,7 +285,7 @@ async def test_chromium_client_on_b_and_therapist_on_a_decode_video_through_cotu
     watch: Watch,  # noqa: F811
 ) -> None:
     scheduled = await create_session(topology)
-    watch.secrets.append(scheduled.link_key)
+    watch.secrets.extend([scheduled.link_key, scheduled.therapist.split("#", 1)[1]])  # seat key, session secret
     pages = []
     for link in (scheduled.client, scheduled.therapist):
         context = await new_context()

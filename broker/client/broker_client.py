@@ -2,10 +2,12 @@
 
 Used by the tests, the benchmarks and ``broker join`` (a terminal diagnostic, ``diagnostic``).
 It speaks only the documented protocol (docs/protocol.md), seals every offer
-and answer end to end with the link key (broker/crypto/; docs/protocol.md 7.7),
+and answer end to end with that pair's link key (broker/crypto/; docs/protocol.md 7.1, 7.7),
 checks or opens what it receives, opens a negotiated data
 channel ("chat") to every admitted peer, and can send and receive audio and
-video. When its WebSocket drops, or the broker stops answering (a hung process keeps the
+video. As the therapist it vouches for the clients to each other with rosters and can put
+a client on hold (private time); as a client it connects to another client only as the
+therapist's roster vouches (7.8, 7.9). When its WebSocket drops, or the broker stops answering (a hung process keeps the
 connection open and says nothing: an application-level ``ping`` with a deadline finds it,
 docs/protocol.md 5), it reconnects with the same seat to the next broker URL it knows while
 the peer-to-peer connections carry on.

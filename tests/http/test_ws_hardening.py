@@ -23,7 +23,7 @@ from broker.client.broker_client import BrokerClient
 from broker.crypto.link_key import new_link_key
 from broker.signaling.connections import CLOSE_AUTH_TIMEOUT, CLOSE_FLOOD, CLOSE_TOO_SLOW
 from broker.signaling.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, SeatState, Status, WaitingRoom
-from tests.conftest import RunningBroker, read_until_broker_closes, start_broker
+from tests.conftest import RunningBroker, client_link_key, read_until_broker_closes, start_broker
 from tests.signaling.test_hub import masked_text_frames
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -158,7 +158,7 @@ async def honest_call(running: RunningBroker) -> None:
     therapist_peer = session.therapist().id
     client_peer = session.clients()[0].id
     therapist = BrokerClient(f"{running.url}/t/{tokens[therapist_peer]}#{key}")
-    client = BrokerClient(f"{running.url}/j/{tokens[client_peer]}#{key}")
+    client = BrokerClient(f"{running.url}/j/{tokens[client_peer]}#{client_link_key(key, session.id, client_peer)}")
     try:
         await therapist.connect()
         await client.connect()

@@ -35,7 +35,7 @@ from broker.signaling.session_records import SessionRecords
 from broker.signaling.tokens import TokenCodec, new_connection_id, new_node_id, node_of
 from broker.store.backends import connect_redis
 from broker.store.memory import MemoryStore
-from tests.conftest import RunningBroker, free_port, start_broker, start_broker_pair
+from tests.conftest import RunningBroker, client_link_key, free_port, start_broker, start_broker_pair
 from tests.http.test_ws_hardening import join_raw, origin, small_receive_buffer, ws_url
 from tests.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 from tests.store.test_redis_cluster import Links, admitted_call, practice_policy
@@ -272,7 +272,7 @@ async def test_a_broker_killed_while_holding_a_peer_frees_its_seat_within_two_he
         links = Links(
             session=session.id,
             therapist=f"{a.url}/t/{tokens[therapist_seat.id]}#{key}",
-            client=f"{b.url}/j/{tokens[client_seat.id]}#{key}",
+            client=f"{b.url}/j/{tokens[client_seat.id]}#{client_link_key(key, session.id, client_seat.id)}",
             therapist_token=tokens[therapist_seat.id],
             client_token=tokens[client_seat.id],
             link_key=key,

@@ -52,6 +52,7 @@ from broker.signaling.views import views_of
 from broker.store.backends import connect_redis
 from broker.store.base import session_prefix
 from broker.store.bus import Envelope
+from tests.conftest import client_link_key
 from tests.redis_server import RedisServer, free_port, redis_server  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.redis
@@ -154,7 +155,7 @@ class Cluster:
         return Links(
             session=session.id,
             therapist=f"{therapist_on.url}/t/{tokens[therapist.id]}#{key}",
-            client=f"{client_on.url}/j/{tokens[client.id]}#{key}",
+            client=f"{client_on.url}/j/{tokens[client.id]}#{client_link_key(key, session.id, client.id)}",
             therapist_token=tokens[therapist.id],
             client_token=tokens[client.id],
             link_key=key,

@@ -27,7 +27,7 @@ from broker.http.admin_socket import AdminClient
 from broker.signaling.protocol import Joined, Offer, Renegotiate, SeatState, SessionEnded, Status
 from broker.store.base import session_key
 from broker.store.session_file import SessionFile
-from tests.conftest import free_port
+from tests.conftest import client_link_key, free_port
 
 #: What the issue promises: live peers back in signaling within 10 s of the broker being back.
 BACK_WITHIN_S = 10.0
@@ -100,7 +100,10 @@ async def live_session(process: Process) -> tuple[BrokerClient, BrokerClient, st
     tokens = {s["role"]: s["token"] for s in created["seats"]}
     key = new_link_key()
     therapist = BrokerClient(f"{process.url}/t/{tokens['therapist']}#{key}", ice_servers=[])
-    client = BrokerClient(f"{process.url}/j/{tokens['client']}#{key}", ice_servers=[])
+    client_key = client_link_key(
+        key, created["session"], next(s["peer"] for s in created["seats"] if s["role"] == "client")
+    )
+    client = BrokerClient(f"{process.url}/j/{tokens['client']}#{client_key}", ice_servers=[])
     await therapist.connect()
     await client.connect()
     assert (await client.preflight()).connected
