@@ -35,7 +35,7 @@ from broker.client.trace import SetupTrace
 from broker.crypto.roster import RosterEntry
 from broker.crypto.sdp_auth import InterceptionError, Trust, fingerprint_of
 from broker.crypto.sdp_authenticator import SdpAuthenticator
-from broker.signaling.protocol import Answer, Candidate, Joined, Offer, Peers, Report, Roster
+from broker.signaling.protocol import Answer, Candidate, Joined, Offer, Peers, Renegotiate, Report, Roster
 
 log = logging.getLogger("broker.client")
 
@@ -81,6 +81,9 @@ class PeerNegotiation:
         self._peer_connected: dict[str, bool] = {}
         #: Client side: signaling from another client that no roster lists yet, with when it came.
         self._early: dict[str, list[tuple[float, Offer | Answer | Candidate]]] = {}
+        #: Clients to ask for a fresh offer once a roster lists them: their early offer waited too
+        #: long, or a roster made us drop the pair.
+        self._ask_offer: set[str] = set()
         #: Private time (7.9): who ``peers`` says is held, who the therapist's roster says is, and us.
         self._held_by_peers: set[str] = set()
         self._held_by_roster: set[str] = set()
@@ -147,7 +150,7 @@ class PeerNegotiation:
 
     async def _on_renegotiate(self, peer: str) -> None:
         """The peer asks for a fresh offer: only the offerer of the pair makes one."""
-        if self._offers_to.get(peer):
+        if self._offers_to.get(peer) and self._may_connect(peer):
             link = self.links.get(peer)
             if link is not None:
                 await self._close_link(link)
@@ -155,6 +158,8 @@ class PeerNegotiation:
 
     async def _start_offer(self, peer: str) -> None:
         assert self.auth is not None
+        if not self._may_connect(peer):
+            return  # another client that no roster lists (any more)
         link = self._new_link(peer, offerer=True)
         link.sealing = self.auth.can_authenticate(peer)
         pc = link.pc
@@ -223,12 +228,16 @@ class PeerNegotiation:
         now = asyncio.get_running_loop().time()
         for peer in list(self._early):
             kept = [m for t, m in self._early[peer] if now - t < EARLY_SIGNAL_S]
+            if any(isinstance(m, Offer) for t, m in self._early[peer] if now - t >= EARLY_SIGNAL_S):
+                self._ask_offer.add(peer)
+            self._early[peer] = [(t, m) for t, m in self._early[peer] if now - t < EARLY_SIGNAL_S]
             if not kept:
                 del self._early[peer]
                 continue
             if self._waits_for_roster(peer):
                 continue
             del self._early[peer]
+            self._ask_offer.discard(peer)
             for message in kept:
                 if isinstance(message, Candidate):
                     await self._on_candidate(message)
@@ -389,9 +398,13 @@ class PeerNegotiation:
             log.info("event=roster_sent peer=%s", client)
             with contextlib.suppress(ConnectionError):
                 await self._send(Roster(to=client, counter=counter, sealed=sealed))
-            link = self.links.get(client)
-            if link is not None and link.channel is not None and link.channel.readyState == "open":
-                link.channel.send(json.dumps({"t": "roster", "counter": counter, "sealed": sealed}))
+            self._send_roster_copy(client, counter, sealed)
+
+    def _send_roster_copy(self, client: str, counter: int, sealed: str) -> None:
+        """The same roster over the pair's chat channel, which the broker cannot drop or delay (7.8)."""
+        link = self.links.get(client)
+        if link is not None and link.channel is not None and link.channel.readyState == "open":
+            link.channel.send(json.dumps({"t": "roster", "counter": counter, "sealed": sealed}))
 
     async def _on_roster(self, sender: str, counter: int | None, sealed: str, *, relayed: bool) -> None:
         """Client side: a roster relayed or over the chat channel; acted on only if it is newer."""
@@ -418,6 +431,8 @@ class PeerNegotiation:
             remote = link.remote_fingerprint
             if entry is None or (remote is not None and remote != entry.fingerprint):
                 await self._close_link(link)  # no longer vouched for, or not the page the therapist saw
+                if not self._offers_to.get(peer):
+                    self._ask_offer.add(peer)
         for entry in roster.entries:
             current = self.links.get(entry.peer)
             healthy = (
@@ -427,6 +442,12 @@ class PeerNegotiation:
                 self._spawn(self._start_offer(entry.peer))
         self._apply_holds()
         await self._replay_early()
+        for peer in sorted(self._ask_offer):
+            if not self._waits_for_roster(peer) and peer not in self.links:
+                # Its offer was dropped unanswered: ask for a fresh one, so the pair connects now.
+                self._ask_offer.discard(peer)
+                with contextlib.suppress(ConnectionError):
+                    await self._send(Renegotiate(to=peer))
         await self._notify()
 
     # ------------------------------------------------------------ private time (7.9)

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
+import pytest
+
+from broker.client import negotiation
 from broker.client.broker_client import BrokerClient
 from broker.crypto.sdp_auth import Trust, fingerprint_of
-from tests.client.seats import three_way, wait_for
-from tests.conftest import RunningBroker
+from broker.signaling.protocol import Roster
+from tests.client.seats import three_way, wait_for, waiting
+from tests.conftest import RunningBroker, schedule
 
 
 async def test_three_way_call_connects_every_pair_verified_with_equal_safety_codes(broker: RunningBroker) -> None:
@@ -76,3 +81,115 @@ async def test_private_time_stops_all_media_to_and_from_the_held_client_and_resu
         assert [i for p in call.everyone for i in p.interceptions] == []
     finally:
         await call.close()
+
+
+class LateVouching(BrokerClient):
+    """A therapist's side whose rosters reach one client (``late``) only ``delay`` seconds late,
+    and never over the chat channel: that client gets the other's offer before any roster."""
+
+    late: str | None = None
+    delay = 1.5
+
+    async def _send(self, message: msgspec.Struct) -> None:
+        if isinstance(message, Roster) and message.to == self.late:
+            self._spawn(self._send_later(message))
+            return
+        await super()._send(message)
+
+    async def _send_later(self, message: Roster) -> None:
+        await asyncio.sleep(self.delay)
+        await super()._send(message)
+
+    def _send_roster_copy(self, client: str, counter: int, sealed: str) -> None:
+        if client != self.late:
+            super()._send_roster_copy(client, counter, sealed)
+
+
+async def late_roster_call(running: RunningBroker, delay: float) -> tuple[LateVouching, BrokerClient, BrokerClient]:
+    """A three-way call whose answering client gets its first roster ``delay`` seconds late."""
+    links = await schedule(running, clients=2)
+    therapist = LateVouching(links.therapist)
+    therapist.delay = delay
+    await therapist.connect()
+    first, second = await asyncio.gather(*(waiting(link) for link in links.clients))
+    offerer, answerer = sorted((first, second), key=lambda c: c.peer_id)
+    therapist.late = answerer.peer_id
+    for client in (first, second):
+        await therapist.admit(client.peer_id)
+    return therapist, offerer, answerer
+
+
+async def test_an_offer_before_any_roster_waits_for_one(broker: RunningBroker) -> None:
+    therapist, offerer, answerer = await late_roster_call(broker, delay=1.5)
+    try:
+        await wait_for(lambda: answerer.dropped.get("waiting_for_roster", 0) >= 1)
+        assert offerer.peer_id not in answerer.links  # kept, not answered: no key to check it with yet
+        await answerer.wait_connected(offerer.peer_id, timeout=15)
+        assert answerer.links[offerer.peer_id].trust == Trust.VERIFIED_BY_LINK
+        assert answerer.safety_code(offerer.peer_id) == offerer.safety_code(answerer.peer_id)
+        assert offerer.interceptions == answerer.interceptions == []
+    finally:
+        for peer in (therapist, offerer, answerer):
+            await peer.close()
+
+
+async def test_an_early_offer_kept_too_long_is_dropped_and_the_pair_connects_when_a_roster_comes(
+    broker: RunningBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(negotiation, "EARLY_SIGNAL_S", 0.5)  # 30 s in the product
+    therapist, offerer, answerer = await late_roster_call(broker, delay=2.0)
+    try:
+        await wait_for(lambda: answerer.dropped.get("waiting_for_roster", 0) >= 1)
+        await answerer.wait_connected(offerer.peer_id, timeout=15)  # asked for a fresh offer
+        assert answerer.links[offerer.peer_id].trust == Trust.VERIFIED_BY_LINK
+        assert offerer.interceptions == answerer.interceptions == []
+    finally:
+        for peer in (therapist, offerer, answerer):
+            await peer.close()
+
+
+async def test_a_newer_roster_without_a_client_closes_the_pair_and_one_with_it_reconnects(
+    broker: RunningBroker,
+) -> None:
+    call = await three_way(broker)
+    therapist, (first, second) = call.therapist, call.clients
+    try:
+        vouched = therapist._fingerprints.pop(second.peer_id)  # the therapist's side no longer vouches
+        await therapist._send_rosters()
+        await wait_for(lambda: second.peer_id not in first.links)
+        await asyncio.sleep(0.5)
+        assert second.peer_id not in first.links  # and no new connection without a roster
+        therapist._fingerprints[second.peer_id] = vouched
+        await therapist._send_rosters()
+        await first.wait_connected(second.peer_id)
+        await second.wait_connected(first.peer_id)
+        assert [i for p in call.everyone for i in p.interceptions] == []
+    finally:
+        await call.close()
+
+
+async def test_without_the_session_secret_the_therapist_vouches_for_nobody_and_clients_do_not_connect(
+    broker: RunningBroker,
+) -> None:
+    """A therapist on another device (its link without the fragment): calls with it proceed unverified,
+    and since nobody vouches for them, the clients never connect to each other (7.8)."""
+    links = await schedule(broker, clients=2)
+    therapist = BrokerClient(links.therapist.split("#")[0])
+    await therapist.connect()
+    clients = [BrokerClient(link, allow_unverified=True) for link in links.clients]
+    try:
+        for client in clients:
+            await client.connect()
+            assert (await client.preflight()).connected
+            await client.submit_checklist()
+            await therapist.admit(client.peer_id)
+        for client in clients:
+            link = await client.wait_connected(therapist.peer_id)
+            assert link.trust == Trust.UNVERIFIED
+        await asyncio.sleep(1.5)
+        first, second = clients
+        assert second.peer_id not in first.links and first.peer_id not in second.links
+        assert therapist.rosters_sent == 0 and first.rosters_acted == second.rosters_acted == 0
+    finally:
+        for peer in (*clients, therapist):
+            await peer.close()
