@@ -84,24 +84,31 @@ async def test_private_time_stops_all_media_to_and_from_the_held_client_and_resu
 
 
 class LateVouching(BrokerClient):
-    """A therapist's side whose rosters reach one client (``late``) only ``delay`` seconds late,
-    and never over the chat channel: that client gets the other's offer before any roster."""
+    """A therapist's side that vouches to one client (``late``) only ``delay`` seconds after it
+    could have: its first rosters for that client are not sent, and ``delay`` seconds after the
+    first of them a fresh one is. So that client gets the other's offer before any roster."""
 
     late: str | None = None
     delay = 1.5
+    _vouching_late = False
 
     async def _send(self, message: msgspec.Struct) -> None:
-        if isinstance(message, Roster) and message.to == self.late:
-            self._spawn(self._send_later(message))
+        if isinstance(message, Roster) and message.to == self.late and self.delay:
+            if not self._vouching_late:
+                self._vouching_late = True
+                self._spawn(self._vouch_later())
             return
         await super()._send(message)
 
-    async def _send_later(self, message: Roster) -> None:
+    async def _vouch_later(self) -> None:
         await asyncio.sleep(self.delay)
-        await super()._send(message)
+        self.delay = 0
+        assert self.late is not None
+        self._roster_said.pop(self.late, None)
+        await self._send_rosters()
 
     def _send_roster_copy(self, client: str, counter: int, sealed: str) -> None:
-        if client != self.late:
+        if client != self.late or not self.delay:
             super()._send_roster_copy(client, counter, sealed)
 
 
@@ -181,7 +188,7 @@ async def test_without_the_session_secret_the_therapist_vouches_for_nobody_and_c
         for client in clients:
             await client.connect()
             assert (await client.preflight()).connected
-            await client.submit_checklist()
+            await client.submit_checklist(details={"location": "home", "contact": "a friend"})
             await therapist.admit(client.peer_id)
         for client in clients:
             link = await client.wait_connected(therapist.peer_id)
