@@ -210,6 +210,8 @@ class BrokerClient(PeerNegotiation):
 
     async def close(self) -> None:
         self._closing = True
+        if self._roster_timer is not None:
+            self._roster_timer.cancel()
         if self._runner:
             self._runner.cancel()
             with contextlib.suppress(BaseException):

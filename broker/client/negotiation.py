@@ -30,7 +30,7 @@ import msgspec
 from aiortc import RTCCertificate, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
 
-from broker.client.peers import HeldCandidate, PeerLink, open_link, shared_fingerprint_of
+from broker.client.peers import HeldCandidate, PeerLink, check_uses_certificate, open_link
 from broker.client.trace import SetupTrace
 from broker.crypto.roster import RosterEntry
 from broker.crypto.sdp_auth import InterceptionError, Trust, fingerprint_of
@@ -182,7 +182,7 @@ class PeerNegotiation:
             await link.close()
             return
         sdp = link.pc.localDescription.sdp
-        shared_fingerprint_of(link.pc, self.certificate)
+        check_uses_certificate(link.pc, self.certificate)
         cls = Offer if kind == "offer" else Answer
         if link.sealing:
             counter, sealed = self.auth.seal(link.peer, kind, {"sdp": sdp})

@@ -179,7 +179,7 @@ def new_peer_connection(configuration: RTCConfiguration, certificate: RTCCertifi
     return pc
 
 
-def shared_fingerprint_of(pc: RTCPeerConnection, certificate: RTCCertificate) -> None:
+def check_uses_certificate(pc: RTCPeerConnection, certificate: RTCCertificate) -> None:
     """Raise unless ``pc`` offers the fingerprint of ``certificate`` (new_peer_connection worked)."""
     local = pc.localDescription
     if local is None:
