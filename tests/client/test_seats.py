@@ -11,9 +11,11 @@ import asyncio
 
 import msgspec
 import pytest
+from aiortc import RTCCertificate, RTCConfiguration, RTCPeerConnection
 
 from broker.client import negotiation
 from broker.client.broker_client import BrokerClient
+from broker.client.peers import check_uses_certificate, new_peer_connection
 from broker.crypto.sdp_auth import Trust, fingerprint_of
 from broker.signaling.protocol import Roster
 from tests.client.seats import three_way, wait_for, waiting
@@ -200,3 +202,25 @@ async def test_without_the_session_secret_the_therapist_vouches_for_nobody_and_c
     finally:
         for peer in (*clients, therapist):
             await peer.close()
+
+
+async def test_one_certificate_for_every_connection_and_aiortc_left_as_it_was() -> None:
+    """new_peer_connection gives each connection the client's certificate (7.8), and afterwards
+    aiortc makes a fresh one for every other RTCPeerConnection as before."""
+    certificate = RTCCertificate.generateCertificate()
+    pcs = [new_peer_connection(RTCConfiguration(iceServers=[]), certificate) for _ in range(2)]
+    pcs.append(RTCPeerConnection(RTCConfiguration(iceServers=[])))
+    try:
+        prints = []
+        for pc in pcs:
+            pc.createDataChannel("chat", negotiated=True, id=0)
+            await pc.setLocalDescription(await pc.createOffer())
+            prints.append(fingerprint_of(pc.localDescription.sdp))
+        check_uses_certificate(pcs[0], certificate)
+        check_uses_certificate(pcs[1], certificate)
+        assert prints[0] == prints[1] != prints[2]
+        with pytest.raises(RuntimeError):
+            check_uses_certificate(pcs[2], certificate)
+    finally:
+        for pc in pcs:
+            await pc.close()
