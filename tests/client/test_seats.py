@@ -16,8 +16,10 @@ from aiortc import RTCCertificate, RTCConfiguration, RTCPeerConnection
 from broker.client import negotiation
 from broker.client.broker_client import BrokerClient
 from broker.client.peers import check_uses_certificate, new_peer_connection
+from broker.crypto.link_key import b64url_encode, decode_link_key
 from broker.crypto.sdp_auth import Trust, fingerprint_of
-from broker.signaling.protocol import Roster
+from broker.crypto.seat_keys import group_key
+from broker.signaling.protocol import Roster, WaitingRoom
 from tests.client.seats import three_way, wait_for, waiting
 from tests.conftest import RunningBroker, schedule
 
@@ -224,3 +226,29 @@ async def test_one_certificate_for_every_connection_and_aiortc_left_as_it_was() 
     finally:
         for pc in pcs:
             await pc.close()
+
+
+async def test_a_seat_taken_through_the_group_link_is_authenticated_under_the_group_key(
+    broker: RunningBroker,
+) -> None:
+    """The group link's fragment is the group key (7.1): the therapist's side authenticates that
+    seat (``group`` in ``peers`` and ``waiting_room``) and opens its details under it."""
+    links = await schedule(broker, clients=2, group_link=True)
+    key = b64url_encode(group_key(decode_link_key(links.link_key), links.session))
+    therapist = BrokerClient(links.therapist)
+    await therapist.connect()
+    client = await waiting(f"{broker.url}/j/{links.tokens['group']}#{key}")
+    try:
+        room = await therapist.expect(
+            WaitingRoom, where=lambda m: any(s.group and s.details for s in m.seats if s.peer == client.peer_id)
+        )
+        sealed = next(s.details for s in room.seats if s.peer == client.peer_id)
+        assert sealed is not None and f"home of {client.peer_id}" in therapist.open_details(client.peer_id, sealed)
+        await therapist.admit(client.peer_id)
+        link = await client.wait_connected(therapist.peer_id)
+        assert link.trust == Trust.VERIFIED_BY_LINK
+        assert (await therapist.wait_connected(client.peer_id)).trust == Trust.VERIFIED_BY_LINK
+        assert therapist.interceptions == client.interceptions == []
+    finally:
+        await client.close()
+        await therapist.close()
