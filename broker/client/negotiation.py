@@ -124,6 +124,9 @@ class PeerNegotiation:
                 await self._close_link(link)
             elif peer in self._devices and self._devices[peer] != wanted[peer].device:
                 await self._close_link(link)  # the seat moved to another device: never keep the old one
+        for peer in list(self._fingerprints):
+            if peer not in wanted or (peer in self._devices and self._devices[peer] != wanted[peer].device):
+                del self._fingerprints[peer]  # gone: vouched for again once its new page authenticates
         self._devices = {p.peer: p.device for p in message.peers}
         for info in message.peers:
             current = self.links.get(info.peer)
