@@ -27,6 +27,10 @@ log = logging.getLogger("broker.hub")
 Audit = Callable[[str, str | None, str | None, str], Awaitable[None]]
 
 
+class _Unchanged(Exception):
+    """A step that found nothing to change: the store writes nothing (as for a refused step)."""
+
+
 class TherapistDecisions:
     """Applies the therapist's waiting-room actions and tells whom they concern."""
 
@@ -110,10 +114,14 @@ class TherapistDecisions:
         held seat are refused (``sm.can_relay``); every process drops its copy of the record when
         the views below reach it. A hold that changes nothing is neither logged nor shown again."""
         assert conn.session_id and conn.peer_id
-        session, changed = await self.records.mutate(
-            conn.session_id, lambda s: sm.hold(s, conn.peer_id or "", target, held=held)
-        )
-        if not changed:
+
+        def hold(s: Session) -> None:
+            if not sm.hold(s, conn.peer_id or "", target, held=held):
+                raise _Unchanged  # nothing to write: the record stays exactly as it is
+
+        try:
+            session, _ = await self.records.mutate(conn.session_id, hold)
+        except _Unchanged:
             return
         event = "seat_held" if held else "seat_released"
         log.info("event=%s session=%s peer=%s", event, session.id, target)
