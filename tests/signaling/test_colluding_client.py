@@ -8,10 +8,9 @@ again between rounds) and must be detected every time:
 
 - (a) an offer or a roster "from the therapist" made by the colluder does not open
   (``bad_mac``): it lacks the victim's seat key; a forged roster changes nothing;
-- (b) the colluder puts another certificate (a box in the middle) into its own, validly
-  sealed, descriptions to the victim: the fingerprint is not the one the therapist vouched
-  for (``fingerprint_mismatch``); and a roster forwarded from another session or re-addressed
-  does not open either;
+- (b) the colluder puts another certificate (a box in the middle) into its own descriptions
+  to the victim, sealed validly under the client-pair key its roster gave it: the
+  fingerprint is not the one the therapist vouched for (``fingerprint_mismatch``);
 - (c) the victim's sealed details do not open under any key the colluder holds, while the
   therapist opens them.
 """
@@ -51,7 +50,7 @@ async def deliver(running: RunningBroker, session_id: str, message: Offer | Rost
     await running.broker.hub.relays.bus.publish(session_id, Envelope(message.to, None, encode(message)))
 
 
-def colluders_authenticator(call: Call, colluder: BrokerClient) -> SdpAuthenticator:
+def colluders_authenticator(colluder: BrokerClient) -> SdpAuthenticator:
     """Everything the colluder can sign or seal with: its seat key and the keys its roster gave it."""
     assert colluder.auth is not None
     return colluder.auth
@@ -86,7 +85,7 @@ async def test_a_colluder_cannot_speak_as_the_therapist_offers_and_rosters(evil:
     colluder, victim = call.clients
     therapist = call.therapist
     try:
-        auth = colluders_authenticator(call, colluder)
+        auth = colluders_authenticator(colluder)
         roster_before = victim.auth.roster if victim.auth else None
         assert roster_before is not None and roster_before.entry(colluder.peer_id) is not None
         fake = await attacker_description()
