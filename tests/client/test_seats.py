@@ -159,7 +159,7 @@ async def test_an_early_offer_kept_too_long_is_dropped_and_the_pair_connects_whe
             await peer.close()
 
 
-async def test_a_newer_roster_without_a_client_closes_the_pair_and_one_with_it_reconnects(
+async def test_a_newer_roster_without_a_client_or_with_another_fingerprint_closes_the_pair(
     broker: RunningBroker,
 ) -> None:
     call = await three_way(broker)
@@ -175,6 +175,12 @@ async def test_a_newer_roster_without_a_client_closes_the_pair_and_one_with_it_r
         await first.wait_connected(second.peer_id)
         await second.wait_connected(first.peer_id)
         assert [i for p in call.everyone for i in p.interceptions] == []
+        # A roster that lists the client with another fingerprint (a reloaded page) closes the pair too.
+        kept = first.links[second.peer_id]
+        therapist._fingerprints[second.peer_id] = "sha-256 " + ":".join(["AB"] * 32)
+        await therapist._send_rosters()
+        await wait_for(lambda: first.links.get(second.peer_id) is not kept)
+        assert kept.closed
     finally:
         await call.close()
 
