@@ -17,7 +17,8 @@ import segno
 from aiohttp import ClientSession, DummyCookieJar
 
 from broker.client.broker_client import BrokerClient
-from broker.crypto.link_key import new_link_key
+from broker.crypto.link_key import b64url_encode, decode_link_key, new_link_key
+from broker.crypto.seat_keys import seat_key
 from broker.signaling.protocol import ErrorCode, ProtocolError
 from tests.http.test_web_auth import CHROMIUM_ARGS, PASSWORD, FullBroker, PolicyConfig, start_full_broker
 
@@ -278,6 +279,19 @@ async def test_link_key_is_made_in_the_browser_and_never_sent(full: FullBroker, 
     assert link == key
     await dialog.get_by_role("button", name="Close").click()
     assert not any(key in request for request in sent)
+    # The therapist's link carries the session secret; each client's link only its own seat key,
+    # derived in the page (docs/protocol.md 7.1): every fragment differs.
+    await page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=full.url)
+    fragments = []
+    for name in ("Client 1", "Client 2"):
+        await card.get_by_role("button", name=f"Copy link for {name}").click()
+        copied = await page.evaluate("navigator.clipboard.readText()")
+        client_token, _, fragment = copied.removeprefix(full.url + "/j/").partition("#")
+        _, client_seat = await full.broker.hub.resolve_token(client_token)
+        assert fragment == b64url_encode(seat_key(decode_link_key(key), str(session_id), client_seat.id))
+        fragments.append(fragment)
+    assert len({key, *fragments}) == 3
+    assert not any(fragment in request for request in sent for fragment in fragments)
     # After a reload the key is still there (IndexedDB), and still not sent.
     await page.reload()
     await page.locator("body[data-ready=true]").wait_for()

@@ -767,7 +767,7 @@ async function onCreate(event) {
         starts: Math.floor(starts.getTime() / 1000),
         duration_min: duration,
         relay_only: form.relay_only.checked,
-        group_link: form.group_link.checked,
+        ...(form.group_link.checked ? { group_link: true } : {}),
       },
     });
     // The session secret is born here and stays on this device; client links carry seat keys.
