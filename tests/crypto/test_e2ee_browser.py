@@ -260,13 +260,13 @@ async def test_seat_key_and_roster_vectors(page: Page) -> None:
                 c.counter, c.plaintext, {nonce: fromHex(c.nonce_hex)});
               // The client holds only its seat key; the therapist derives it from the session secret.
               const client = new e2ee.SdpAuthenticator(e2ee.decodeLinkKey(c.seat_key), c.session_id, c.recipient);
-              const viaChannel = await client.openRoster(c.sender, c.counter, c.sealed, {relayed: false});
-              const relayed = await client.openRoster(c.sender, c.counter, c.sealed);
-              const replayed = await reasonOf(client.openRoster(c.sender, c.counter, c.sealed));
+              const viaChannel = await client.acceptRoster(c.sender, c.counter, c.sealed, {relayed: false});
+              const relayed = await client.acceptRoster(c.sender, c.counter, c.sealed);
+              const replayed = await reasonOf(client.acceptRoster(c.sender, c.counter, c.sealed));
               const therapist = new e2ee.SdpAuthenticator(secret(c), c.session_id, c.sender);
               therapist.setPeerKey(c.recipient, e2ee.seatKey(secret(c), c.session_id, c.recipient));
               const [counter, fresh] = await therapist.sealRoster(c.recipient, relayed.version, relayed.peers);
-              const reopened = await client.openRoster(c.sender, counter, fresh);
+              const reopened = await client.acceptRoster(c.sender, counter, fresh);
               return [b64(pairLink), hex(kSeal), sealed, e2ee.rosterPlaintext(viaChannel.version, viaChannel.peers),
                       replayed, e2ee.rosterPlaintext(reopened.version, reopened.peers)];
             })),
@@ -276,7 +276,7 @@ async def test_seat_key_and_roster_vectors(page: Page) -> None:
                 catch (err) { return err.reason ?? err.message; }
               }
               const client = new e2ee.SdpAuthenticator(e2ee.decodeLinkKey(c.seat_key), c.session_id, c.recipient);
-              return reasonOf(client.openRoster(c.sender, c.counter, c.sealed));
+              return reasonOf(client.acceptRoster(c.sender, c.counter, c.sealed));
             })),
           };
         }""",

@@ -912,7 +912,7 @@ export class Call {
     }
     let roster;
     try {
-      roster = await this.#auth.openRoster(sender, counter, sealed, { relayed });
+      roster = await this.#auth.acceptRoster(sender, counter, sealed, { relayed });
     } catch (err) {
       if (!(err instanceof InterceptionError)) throw err;
       // Forged, altered or replayed: warn, and keep acting on the roster we had.

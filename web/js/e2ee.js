@@ -692,7 +692,7 @@ export class SdpAuthenticator {
    * checked and recorded like any other; the copy over the chat channel (`relayed` false) is
    * opened the same way without touching the counter state.
    */
-  openRoster(sender, counter, sealed, { relayed = true } = {}) {
+  acceptRoster(sender, counter, sealed, { relayed = true } = {}) {
     return this.#inOrder(sender, async () => {
       checkHeader(this.myPeerId, sender, "roster", ["roster"], counter);
       if (!this.hasKeyFor(sender)) throw new Error("cannot open a roster without the link key");
