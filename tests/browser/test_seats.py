@@ -25,7 +25,7 @@ from broker.crypto.link_key import decode_link_key, derive_auth_key, new_link_ke
 from broker.crypto.roster import RosterEntry, roster_plaintext
 from broker.crypto.sealed_signaling import derive_seal_key, seal_signal
 from tests.browser.conftest import NewContext
-from tests.browser.kit import RECORD_PEER_CONNECTIONS, Watch, frames_decoded, pass_checklist, wait_screen
+from tests.browser.kit import RECORD_PEER_CONNECTIONS, Watch, frames_decoded, look, pass_checklist, wait_screen
 from tests.conftest import RunningBroker, SessionLinks, schedule
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
@@ -154,7 +154,7 @@ async def inbound_stopped(page: Page, *, quiet_s: float = 1.5, within_s: float =
 
 
 async def test_three_peers_connect_pair_by_pair_and_hold_and_release_twice(
-    broker: RunningBroker, new_context: NewContext, watch: Watch
+    broker: RunningBroker, new_context: NewContext, watch: Watch, axe_source: str
 ) -> None:
     trio = await open_trio(broker, new_context, watch)
     first, second = trio.client_peers
@@ -169,10 +169,13 @@ async def test_three_peers_connect_pair_by_pair_and_hold_and_release_twice(
 
     held_page = trio.clients[1]
     connections = await held_page.evaluate("window.__peerConnections.length")
-    for _ in range(2):
+    for round_ in range(2):
         await trio.seat_button(second, "hold").click()
         await wait_screen(held_page, "hold")
         await expect(held_page.get_by_test_id("hold-message")).to_have_text(HOLD_TEXT)
+        if round_ == 0:
+            await look(held_page, axe_source, "client-on-hold")
+            await look(trio.therapist, axe_source, "therapist-client-on-hold")
         await expect(
             trio.therapist.locator(f'[data-testid=seat][data-peer="{second}"] [data-testid=seat-held]')
         ).to_be_visible()
