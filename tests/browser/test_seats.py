@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,14 +134,16 @@ async def inbound_bytes(page: Page) -> dict[str, int]:
     return dict(await page.evaluate(INBOUND_BYTES))
 
 
-async def inbound_stopped(page: Page, *, quiet_s: float = 1.5, within_s: float = 15.0) -> dict[str, int]:
-    """Wait until no inbound track of the page grows over `quiet_s`; the counts then."""
+async def inbound_stopped(
+    read: Callable[[], Awaitable[dict[str, int]]], *, quiet_s: float = 1.5, within_s: float = 15.0
+) -> dict[str, int]:
+    """Wait until no inbound track (as `read` counts them) grows over `quiet_s`; the counts then."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within_s
-    before = await inbound_bytes(page)
+    before = await read()
     while True:
         await asyncio.sleep(quiet_s)
-        now = await inbound_bytes(page)
+        now = await read()
         if now == before and now:
             return now
         if loop.time() > deadline:
@@ -181,7 +183,7 @@ async def test_three_peers_connect_pair_by_pair_and_hold_and_release_twice(
         ).to_be_visible()
         await expect(trio.tile(trio.clients[0], second)).to_have_attribute("data-held", "yes")
         # Nothing reaches the held page on any track: the counts stop, and stay stopped.
-        stopped = await inbound_stopped(held_page)
+        stopped = await inbound_stopped(lambda: inbound_bytes(held_page))
         assert len(stopped) >= 4  # audio and video from the therapist and from the other client
         await asyncio.sleep(2)
         assert await inbound_bytes(held_page) == stopped
@@ -200,10 +202,15 @@ async def test_three_peers_connect_pair_by_pair_and_hold_and_release_twice(
 
 async def wait_until_grown(page: Page, before: list[int], within_s: float = 20.0) -> None:
     """Every connection that was live decodes more video frames than `before`."""
+    await frames_grown(lambda: page.evaluate(FRAMES_DECODED), before, within_s)
+
+
+async def frames_grown(read: Callable[[], Awaitable[list[int]]], before: list[int], within_s: float = 20.0) -> None:
+    """As wait_until_grown, with frames counted by `read` (a Chromium or a Firefox page)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within_s
     while True:
-        now = await page.evaluate(FRAMES_DECODED)
+        now = await read()
         live = [i for i, n in enumerate(before) if n >= 0]
         if live and all(now[i] > before[i] for i in live):
             return
