@@ -200,6 +200,31 @@ async def test_three_peers_connect_pair_by_pair_and_hold_and_release_twice(
     await watch.assert_clean()
 
 
+async def test_a_client_reloaded_in_a_group_is_vouched_for_again(
+    broker: RunningBroker, new_context: NewContext, watch: Watch
+) -> None:
+    """A client's page reloads (another device for its seat, with a new certificate): the other
+    client waits for the therapist's new roster and reconnects to the new page, with no warning."""
+    trio = await open_trio(broker, new_context, watch)
+    first, second = trio.client_peers
+    for page in trio.clients:
+        await frames_decoded(page, 2)
+    old_code = await code_of(trio.clients[0], second)
+    reloaded = trio.clients[1]
+    await reloaded.reload()
+    await wait_screen(reloaded, "welcome")
+    await pass_checklist(reloaded)
+    await trio.seat_button(second, "admit-other-device").click()
+    await wait_screen(reloaded, "call")
+    await frames_decoded(reloaded, 2)
+    await frames_decoded(trio.clients[0], 2)
+    new_code = await code_of(reloaded, first)
+    assert new_code != old_code
+    await expect(trio.tile(trio.clients[0], second)).to_have_attribute("data-code", new_code)
+    assert await trio.clients[0].evaluate("document.body.dataset.screen") == "call"
+    await watch.assert_clean()
+
+
 async def wait_until_grown(page: Page, before: list[int], within_s: float = 20.0) -> None:
     """Every connection that was live decodes more video frames than `before`."""
     await frames_grown(lambda: page.evaluate(FRAMES_DECODED), before, within_s)

@@ -166,7 +166,7 @@ export class Call {
   #holding = new Set();
   // A client's side: the latest roster it acted on, and offers from clients it does not list yet.
   #roster = null; // {version, peers: Map(peer -> entry)}
-  #awaitingRoster = new Map(); // peer -> {message, type, at}
+  #awaitingRoster = new Map(); // peer -> {message (its offer), at, candidates}
   #selfHeld = false;
 
   constructor(
@@ -279,6 +279,9 @@ export class Call {
       const moved = known && (known.device ?? null) !== (info.device ?? null);
       // The therapist moved this seat to another device: never keep talking to the old one.
       if (moved) this.#closeLink(info.peer);
+      // A new device is a new page with a new certificate: what the roster said of the old one
+      // no longer vouches for it; its offer waits for the therapist's next roster.
+      if (moved && !this.#isTherapist && this.#roster?.peers.delete(info.peer)) this.#setPairKey(info.peer);
       // When the peer's current broker connection began: offers sent before it may never have reached it.
       const connectedAt = known && !moved && (known.connected || !info.connected) ? known.connectedAt : Date.now();
       const group = info.group === true;
