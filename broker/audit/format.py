@@ -55,6 +55,9 @@ class AuditEvent(StrEnum):
     SEAT_REMOVED = "seat_removed"
     SEAT_ALLOWED_BACK = "seat_allowed_back"
     SEAT_REVOKED = "seat_revoked"
+    #: The therapist put a client on hold (private time) or brought them back; ``actor`` names the held seat.
+    SEAT_HELD = "seat_held"
+    SEAT_RELEASED = "seat_released"
     #: A client's link opened on another device than the one holding its seat (issue 25, finding 1).
     OTHER_DEVICE_JOINED = "other_device_joined"
     OTHER_DEVICE_ADMITTED = "other_device_admitted"

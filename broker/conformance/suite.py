@@ -6,7 +6,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from broker.conformance import checks_admission, checks_connection, checks_devices, checks_relay
+from broker.conformance import checks_admission, checks_connection, checks_devices, checks_holds, checks_relay
 from broker.conformance.report import Context, Scenario, SessionSource, Summary, run_all
 from broker.conformance.wire import Target
 
@@ -15,6 +15,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     *checks_admission.checks.scenarios,
     *checks_devices.checks.scenarios,
     *checks_relay.checks.scenarios,
+    *checks_holds.checks.scenarios,
 )
 
 

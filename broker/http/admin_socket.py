@@ -46,6 +46,8 @@ class CreateRequest(msgspec.Struct, forbid_unknown_fields=True):
     starts: int | None = None
     duration_s: int = 50 * 60
     relay_only: bool = False
+    #: Also one link for every client (docs/protocol.md 4: its people share one key).
+    group_link: bool = False
 
 
 class AdminError(Exception):
@@ -79,6 +81,7 @@ def admin_app(hub: Hub, keys: Keys, base_url: str) -> web.Application:
             starts=body.starts,
             duration_s=body.duration_s,
             relay_only=body.relay_only,
+            group_link=body.group_link,
         )
         return web.json_response(
             {
@@ -90,6 +93,7 @@ def admin_app(hub: Hub, keys: Keys, base_url: str) -> web.Application:
                 "seats": [
                     {"peer": s.id, "role": s.role.value, "minor": s.minor, "token": tokens[s.id]} for s in session.seats
                 ],
+                "group_token": tokens.get("group"),
             }
         )
 
@@ -208,8 +212,10 @@ class AdminClient:
             raise AdminError(data.get("message", "The broker refused the request."))
         return data
 
-    async def create_session(self, **fields: Any) -> dict[str, Any]:
-        return await self.request("POST", "/sessions", fields)
+    async def create_session(self, *, group_link: bool = False, **fields: Any) -> dict[str, Any]:
+        """Schedule a session (fields of ``CreateRequest``). With ``group_link`` the answer's
+        ``group_token`` is one link's token for every client; else it is null."""
+        return await self.request("POST", "/sessions", {**fields, "group_link": group_link})
 
     async def revoke(self, session: str, peer: str, *, reissue: bool = False) -> dict[str, Any]:
         action = "reissue" if reissue else "revoke"

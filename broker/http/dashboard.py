@@ -42,6 +42,8 @@ class CreateSession(msgspec.Struct, forbid_unknown_fields=True):
     starts: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] | None = None
     duration_min: Annotated[int, msgspec.Meta(ge=5, le=12 * 60)] = 50
     relay_only: bool = False
+    #: Also one link for every client (docs/protocol.md 4: its people share one key).
+    group_link: bool = False
 
 
 class OwnedSession(msgspec.Struct, array_like=True):
@@ -167,6 +169,7 @@ async def api_create(request: web.Request) -> web.Response:
             starts=body.starts,
             duration_s=body.duration_min * 60,
             relay_only=body.relay_only,
+            group_link=body.group_link,
             owner=login.therapist,
         )
     except ValueError as exc:
@@ -186,6 +189,7 @@ async def api_create(request: web.Request) -> web.Response:
             "seats": [
                 {"peer": s.id, "role": s.role.value, "minor": s.minor, "token": tokens[s.id]} for s in session.seats
             ],
+            "group_token": tokens.get("group"),
         }
     )
 

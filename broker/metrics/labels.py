@@ -50,6 +50,7 @@ class RelayKind(str, Enum):
     ANSWER = "answer"
     CANDIDATE = "candidate"
     RENEGOTIATE = "renegotiate"
+    ROSTER = "roster"
 
 
 class CloseCode(str, Enum):

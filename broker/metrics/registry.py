@@ -32,7 +32,7 @@ from broker.metrics.labels import (
     values,
 )
 from broker.metrics.scrape import LocalCounter, LocalHistogram
-from broker.signaling.protocol import Answer, Candidate, ErrorCode, Offer, ProtocolError, Renegotiate
+from broker.signaling.protocol import Answer, Candidate, ErrorCode, Offer, ProtocolError, Renegotiate, Roster
 from broker.store.base import StoreUnavailable
 
 #: Seconds: from a millisecond (a quick local step) to ten seconds (something is wrong).
@@ -47,6 +47,7 @@ _RELAY_KINDS: dict[type, RelayKind] = {
     Answer: RelayKind.ANSWER,
     Candidate: RelayKind.CANDIDATE,
     Renegotiate: RelayKind.RENEGOTIATE,
+    Roster: RelayKind.ROSTER,
 }
 #: The hub's audit events that are admission decisions.
 _DECISIONS = {

@@ -1,4 +1,4 @@
-"""The therapist's decisions in the waiting room: admit, decline, remove, allow back.
+"""The therapist's decisions in the waiting room: admit, decline, remove, allow back; and holds.
 
 Each is one atomic step of the session's record (session.py), then what it means for the peers:
 a seat that moves to its other device takes over from the old connection; a client sent away
@@ -25,6 +25,10 @@ from broker.store.bus import Bus, Envelope
 log = logging.getLogger("broker.hub")
 
 Audit = Callable[[str, str | None, str | None, str], Awaitable[None]]
+
+
+class _Unchanged(Exception):
+    """A step that found nothing to change: the store writes nothing (as for a refused step)."""
 
 
 class TherapistDecisions:
@@ -103,6 +107,25 @@ class TherapistDecisions:
         await self._audit("other_device_declined", conn.peer_id, session.id, "ok")
         if turned_away is not None:
             await self.bus.publish(session.id, Envelope(None, turned_away, encode(Declined()), CLOSE_UNWELCOME))
+        await self._publish_views(session)
+
+    async def hold(self, conn: Connection, target: str, *, held: bool) -> None:
+        """Put an admitted client on hold or bring them back (private time). Relays to and from a
+        held seat are refused (``sm.can_relay``); every process drops its copy of the record when
+        the views below reach it. A hold that changes nothing is neither logged nor shown again."""
+        assert conn.session_id and conn.peer_id
+
+        def hold(s: Session) -> None:
+            if not sm.hold(s, conn.peer_id or "", target, held=held):
+                raise _Unchanged  # nothing to write: the record stays exactly as it is
+
+        try:
+            session, _ = await self.records.mutate(conn.session_id, hold)
+        except _Unchanged:
+            return
+        event = "seat_held" if held else "seat_released"
+        log.info("event=%s session=%s peer=%s", event, session.id, target)
+        await self._audit(event, target, session.id, "ok")  # the held seat's id, nothing else
         await self._publish_views(session)
 
     async def act(

@@ -58,6 +58,7 @@ from broker.signaling.protocol import (
     Error,
     ErrorCode,
     Hello,
+    Hold,
     Join,
     Joined,
     Leave,
@@ -65,11 +66,13 @@ from broker.signaling.protocol import (
     PreflightOffer,
     ProtocolError,
     Reconnect,
+    Release,
     Remove,
     Removed,
     Renegotiate,
     Report,
     Role,
+    Roster,
     SeatState,
     SessionEnded,
     SessionRecord,
@@ -395,6 +398,7 @@ class Hub:
                 seat_token=self.tokens.issue(sm.claims_for(session, seat)) if by_group[0] else None,
                 resume_secret=secret if joining.issued else None,
                 other_device=conn.other_device,
+                seat_keys=session.seat_keys,
             ),
         )
         if not conn.other_device and seat.state is SeatState.ADMITTED:
@@ -433,6 +437,12 @@ class Hub:
 
     async def _on_allow_return(self, conn: Connection, message: AllowReturn) -> None:
         await self.decisions.act(conn, sm.allow_return, message.peer, "seat_allowed_back", None)
+
+    async def _on_hold(self, conn: Connection, message: Hold) -> None:
+        await self.decisions.hold(conn, message.peer, held=True)
+
+    async def _on_release(self, conn: Connection, message: Release) -> None:
+        await self.decisions.hold(conn, message.peer, held=False)
 
     def _on_relay(self, conn: Connection, message: Relayed) -> Awaitable[None]:
         return self.relays.relay(conn, message)
@@ -479,10 +489,13 @@ class Hub:
         Decline: _on_decline,
         Remove: _on_remove,
         AllowReturn: _on_allow_return,
+        Hold: _on_hold,
+        Release: _on_release,
         Offer: _on_relay,
         Answer: _on_relay,
         Candidate: _on_relay,
         Renegotiate: _on_relay,
+        Roster: _on_relay,
         Report: _on_report,
         Leave: _on_leave,
         End: _on_end,

@@ -70,6 +70,7 @@ class ErrorCode(str, Enum):
     NOT_IN_SESSION = "not_in_session"
     INVALID_STATE = "invalid_state"
     NOT_OFFERER = "not_offerer"
+    ON_HOLD = "on_hold"
     REPLACED = "replaced"
     TOO_MANY_REQUESTS = "too_many_requests"
     MESSAGE_TOO_BIG = "message_too_big"
@@ -164,6 +165,18 @@ class Remove(_ClientMessage, tag="remove"):
 
 
 class AllowReturn(_ClientMessage, tag="allow_return"):
+    peer: Id
+
+
+class Hold(_ClientMessage, tag="hold"):
+    """Private time: the broker relays nothing to or from this admitted client until ``release``."""
+
+    peer: Id
+
+
+class Release(_ClientMessage, tag="release"):
+    """Ends a hold: relaying to and from the client resumes."""
+
     peer: Id
 
 
@@ -269,6 +282,20 @@ class Renegotiate(_ClientMessage, tag="renegotiate"):
     seq: Counter | None = None
 
 
+class Roster(_ClientMessage, tag="roster"):
+    """The therapist's roster for one client, sealed end to end (docs/protocol.md 7.8).
+
+    Sealed form only: a field of the clear forms is an unknown field, so ``bad_message``.
+    The broker checks only this outer shape, as for a sealed candidate.
+    """
+
+    to: Id
+    counter: Counter
+    sealed: Sealed
+    from_: Id | None = msgspec.field(default=None, name="from")
+    seq: Counter | None = None
+
+
 class Report(_ClientMessage, tag="report"):
     """A peer tells the broker it saw an interception attempt (for the audit log; content-free)."""
 
@@ -304,10 +331,13 @@ ClientMessage = (
     | Decline
     | Remove
     | AllowReturn
+    | Hold
+    | Release
     | Offer
     | Answer
     | Candidate
     | Renegotiate
+    | Roster
     | Report
     | Leave
     | End
@@ -315,7 +345,7 @@ ClientMessage = (
 )
 
 #: Messages the broker relays between admitted peers of one session.
-RELAYED = (Offer, Answer, Candidate, Renegotiate)
+RELAYED = (Offer, Answer, Candidate, Renegotiate, Roster)
 
 #: Messages only one role may send; the other role gets ``not_allowed`` (docs/protocol.md 5).
 ROLE_ONLY: dict[type[msgspec.Struct], Role] = {
@@ -325,6 +355,9 @@ ROLE_ONLY: dict[type[msgspec.Struct], Role] = {
     Decline: Role.THERAPIST,
     Remove: Role.THERAPIST,
     AllowReturn: Role.THERAPIST,
+    Hold: Role.THERAPIST,
+    Release: Role.THERAPIST,
+    Roster: Role.THERAPIST,
     End: Role.THERAPIST,
 }
 
@@ -351,6 +384,10 @@ class PeerInfo(msgspec.Struct, kw_only=True):
     connected: bool
     #: True when the receiving peer makes the offers for this pair.
     you_offer: bool
+    #: A client seat taken through the group link: its pair link key is the group key.
+    group: bool = False
+    #: The therapist put this client on hold (private time).
+    held: bool = False
     #: Opaque id of the device holding a client's seat (null for the therapist). When it changes,
     #: the therapist moved the seat to another device: drop the connection with the old one.
     device: str | None = None
@@ -376,6 +413,8 @@ class Joined(_ServerMessage, tag="joined"):
     resume_secret: str | None = None
     #: This page opened a client seat that another device holds: it waits for the therapist.
     other_device: bool = False
+    #: The session's links carry a key per seat (false only for sessions scheduled before seat keys).
+    seat_keys: bool = False
 
 
 class Status(_ServerMessage, tag="status"):
@@ -384,6 +423,8 @@ class Status(_ServerMessage, tag="status"):
     seat_state: SeatState
     session_state: SessionState
     therapist_present: bool
+    #: The therapist put this client on hold (private time).
+    held: bool = False
 
 
 class ChecklistAccepted(_ServerMessage, tag="checklist_accepted"):
@@ -410,6 +451,10 @@ class WaitingEntry(msgspec.Struct, kw_only=True):
     state: SeatState
     connected: bool
     minor: bool
+    #: Taken through the group link: its pair link key is the group key.
+    group: bool = False
+    #: On hold (private time).
+    held: bool = False
     #: Checklist summary once the client has passed the checklist.
     checklist: dict[str, Any] | None = None
     #: Emergency details, sealed in the client's browser for the therapist.
@@ -491,6 +536,7 @@ ServerMessage = (
     | Answer
     | Candidate
     | Renegotiate
+    | Roster
 )
 
 # ---------------------------------------------------------------- codecs

@@ -1,7 +1,8 @@
 """Relays between the seats of a session, and what the bus delivers to this process's connections.
 
-A relayed offer, answer or candidate is checked against the session record (the
-sender and the recipient admitted, the offerer rule), stamped with its sender,
+A relayed offer, answer, candidate, renegotiate or roster is checked against the session
+record (the sender and the recipient admitted and neither on hold, the offerer rule, a roster
+only from the therapist), stamped with its sender,
 written to the recipient's resume buffer (its mailbox) and published on the
 session's bus channel; the bus numbers it (``seq``) per recipient. Every process
 that holds a connection of the session delivers what comes on the channel to its
@@ -34,6 +35,8 @@ from broker.signaling.protocol import (
     Offer,
     ProtocolError,
     Renegotiate,
+    Role,
+    Roster,
     encode,
 )
 from broker.signaling.session import Session
@@ -47,9 +50,9 @@ log = logging.getLogger("broker.hub")
 RESUME_MAX = 128
 
 #: The messages the broker relays from one peer to another.
-RELAYED = frozenset({Offer, Answer, Candidate, Renegotiate})
+RELAYED = frozenset({Offer, Answer, Candidate, Renegotiate, Roster})
 
-Relayed = Offer | Answer | Candidate | Renegotiate
+Relayed = Offer | Answer | Candidate | Renegotiate | Roster
 
 
 def mailbox_key(session_id: str, peer_id: str) -> str:
@@ -136,6 +139,9 @@ class Relays:
         arguments of ``Bus.publish_relayed`` (its resume buffer lives as long as the session);
         ProtocolError when it may not go. Every relay passes here."""
         assert conn.peer_id
+        if isinstance(message, Roster) and conn.role is not Role.THERAPIST:
+            # Therapist only: refused before anything else about it (docs/protocol.md 5, "Roles").
+            raise ProtocolError(ErrorCode.NOT_ALLOWED, "Only the therapist can send a roster.")
         sm.can_relay(session, conn.peer_id, message.to, conn.id)
         if isinstance(message, (Offer, Answer, Renegotiate)):
             lead = sm.offerer(session.seat(conn.peer_id), session.seat(message.to))

@@ -80,6 +80,10 @@ class Seat(msgspec.Struct, kw_only=True):
     preflight: dict[str, Any] | None = None
     #: Taken through the session's group link (each seat can be taken once that way).
     claimed: bool = False
+    #: On hold (private time): admitted, but nothing is relayed to or from it. Only ever set on an
+    #: admitted client seat, and cleared whenever the seat stops being admitted
+    #: (it leaves, is removed or declined, its link is revoked or reissued, it moves to another device).
+    held: bool = False
     #: When the seat was first admitted (for the session record), else None.
     admitted_at: int | None = None
     #: Digest of the resume secret of the device holding this client seat; None until first opened.
@@ -111,6 +115,9 @@ class Session(msgspec.Struct, kw_only=True):
     #: The therapist account that scheduled it from the dashboard (an opaque id), if any: its
     #: owner index entry goes when the session ends.
     owner: str | None = None
+    #: Its links carry a key per seat (docs/protocol.md 7.1). True for every session scheduled now;
+    #: a record written before seat keys existed lacks the field and reads as False.
+    seat_keys: bool = False
     #: Grows with every change of the record (``SessionRecords.mutate``): the views of a change carry
     #: it, so a process drops a view older than one its connection already has (``Relays``).
     revision: int = 0
@@ -172,6 +179,7 @@ def new_session(
         ice_transport_policy="relay" if relay_only else "all",
         group_token_id=new_token_id() if group_link else None,
         owner=owner,
+        seat_keys=True,
     )
 
 
@@ -378,6 +386,7 @@ def admit(session: Session, actor_id: str, target_id: str) -> Seat:
     if target.state is not SeatState.WAITING:
         raise ProtocolError(ErrorCode.INVALID_STATE, "Only a client in the waiting room can be admitted.")
     target.state = SeatState.ADMITTED
+    target.held = False  # a client admitted again is not held
     session.state = SessionState.LIVE
     return target
 
@@ -402,6 +411,7 @@ def admit_other(session: Session, actor_id: str, target_id: str, other_id: str) 
     target.preflight = other.preflight
     target.other = None
     target.state = SeatState.ADMITTED
+    target.held = False  # the seat's new device is admitted afresh: not held
     session.state = SessionState.LIVE
     return previous
 
@@ -430,6 +440,7 @@ def decline(session: Session, actor_id: str, target_id: str) -> Seat:
     if target.state not in (SeatState.CHECKING, SeatState.WAITING):
         raise ProtocolError(ErrorCode.INVALID_STATE, "Only a client who is waiting can be declined.")
     target.state = SeatState.DECLINED
+    target.held = False
     target.other = None
     return target
 
@@ -439,6 +450,7 @@ def remove(session: Session, actor_id: str, target_id: str) -> Seat:
     if target.state in _BARRED or target.state is SeatState.INVITED:
         raise ProtocolError(ErrorCode.INVALID_STATE, "That client is not in the session.")
     target.state = SeatState.REMOVED
+    target.held = False
     target.other = None
     return target
 
@@ -490,7 +502,21 @@ def leave(session: Session, seat_id: str, conn: str | None = None) -> Seat | Oth
         return place
     if seat.role is Role.CLIENT and seat.state not in _BARRED:
         seat.state = SeatState.LEFT
+        seat.held = False
     return seat
+
+
+def hold(session: Session, actor_id: str, target_id: str, *, held: bool = True) -> bool:
+    """The therapist puts an admitted client on hold (``held``) or brings them back (private
+    time, docs/protocol.md 3). True when that changed the seat: holding a held client, or
+    releasing one that is not held, changes nothing and is not an error."""
+    target = _therapist_acts_on_client(session, actor_id, target_id)
+    if target.state is not SeatState.ADMITTED:
+        raise ProtocolError(ErrorCode.NOT_ADMITTED, "That client is not in the call.")
+    if target.held is held:
+        return False
+    target.held = held
+    return True
 
 
 def end(session: Session, actor_id: str) -> None:
@@ -512,15 +538,20 @@ def expire(session: Session, now: float) -> bool:
 
 
 def can_relay(session: Session, sender_id: str, recipient_id: str, conn: str | None = None) -> None:
-    """Both ends must be admitted seats of this session, and different; with ``conn``, the
-    sending connection must be the one holding its seat (never a seat's other device)."""
+    """Both ends must be admitted seats of this session, different, and neither on hold; with
+    ``conn``, the sending connection must be the one holding its seat (never a seat's other device)."""
     sender = session.seat(sender_id)
     if sender.state is not SeatState.ADMITTED or (conn is not None and sender.conn != conn):
         raise ProtocolError(ErrorCode.NOT_ADMITTED, "You have not been admitted yet.")
     if recipient_id == sender_id:
         raise ProtocolError(ErrorCode.NOT_IN_SESSION, "A message cannot be sent to oneself.")
-    if session.seat(recipient_id).state is not SeatState.ADMITTED:
+    recipient = session.seat(recipient_id)
+    if recipient.state is not SeatState.ADMITTED:
         raise ProtocolError(ErrorCode.NOT_ADMITTED, "That peer has not been admitted.")
+    if sender.held:
+        raise ProtocolError(ErrorCode.ON_HOLD, "Your therapist is talking with someone privately; nothing is sent.")
+    if recipient.held:
+        raise ProtocolError(ErrorCode.ON_HOLD, "That peer is on hold; nothing is sent to them until released.")
 
 
 def offerer(a: Seat, b: Seat) -> str:
@@ -553,6 +584,7 @@ def invalid_token_error() -> ProtocolError:
 def _reset(seat: Seat) -> None:
     """A client seat as if its link had never been opened: any device may claim it again."""
     seat.state = SeatState.INVITED
+    seat.held = False
     seat.checklist = None
     seat.details = None
     seat.preflight = None

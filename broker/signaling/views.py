@@ -37,6 +37,8 @@ def views_of(session: Session) -> list[Envelope]:
                             state=s.state,
                             connected=s.conn is not None,
                             minor=s.minor,
+                            group=s.claimed,
+                            held=s.held,
                             checklist=_summary_of(s),
                             details=s.details,
                             other_device=_other_device_entry(s.other),
@@ -55,7 +57,14 @@ def views_of(session: Session) -> list[Envelope]:
                 Envelope(
                     seat.id,
                     None,
-                    encode(Status(seat_state=seat.state, session_state=session.state, therapist_present=present)),
+                    encode(
+                        Status(
+                            seat_state=seat.state,
+                            session_state=session.state,
+                            therapist_present=present,
+                            held=seat.held,
+                        )
+                    ),
                     revision=revision,
                 )
             )
@@ -73,6 +82,8 @@ def views_of(session: Session) -> list[Envelope]:
                 role=o.role,
                 connected=o.conn is not None,
                 you_offer=sm.offerer(seat, o) == seat.id,
+                group=o.claimed,
+                held=o.held,
                 device=o.device_id,
             )
             for o in live

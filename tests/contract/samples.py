@@ -31,6 +31,8 @@ def client_samples() -> list[msgspec.Struct]:
         p.Decline(peer=PEER),
         p.Remove(peer=PEER),
         p.AllowReturn(peer=PEER),
+        p.Hold(peer=PEER, id="hold-1"),
+        p.Release(peer=PEER),
         p.Offer(to=PEER, sdp=SDP, counter=1, mac="bWFj"),
         p.Offer(to=PEER, sealed=SEALED, counter=2),
         p.Answer(to=PEER, sdp=SDP, counter=1, mac=None),
@@ -39,6 +41,7 @@ def client_samples() -> list[msgspec.Struct]:
         p.Candidate(to=PEER, candidate="", sdp_mid="0", sdp_mline_index=0),
         p.Candidate(to=PEER, sealed=SEALED, counter=4),
         p.Renegotiate(to=PEER),
+        p.Roster(to=PEER, counter=5, sealed=SEALED),
         p.Report(event="interception_warning", peer=PEER, reason="bad_mac"),
         p.Leave(),
         p.End(verification={PEER: "link", OTHER: "safety_code"}),
@@ -65,8 +68,10 @@ def server_samples() -> list[msgspec.Struct]:
             seat_token="seat-token",
             resume_secret=SECRET,
             other_device=False,
+            seat_keys=True,
         ),
         p.Status(seat_state=p.SeatState.WAITING, session_state=p.SessionState.OPEN, therapist_present=True),
+        p.Status(seat_state=p.SeatState.ADMITTED, session_state=p.SessionState.LIVE, therapist_present=True, held=True),
         p.ChecklistAccepted(summary={"all_required_met": True}),
         p.PreflightAnswer(sdp=SDP),
         p.WaitingRoom(
@@ -76,6 +81,8 @@ def server_samples() -> list[msgspec.Struct]:
                     state=p.SeatState.WAITING,
                     connected=True,
                     minor=True,
+                    group=True,
+                    held=False,
                     checklist={"all_required_met": True},
                     details=SEALED,
                     other_device=other,
@@ -83,7 +90,12 @@ def server_samples() -> list[msgspec.Struct]:
                 )
             ]
         ),
-        p.Peers(peers=[p.PeerInfo(peer=PEER, role=p.Role.THERAPIST, connected=True, you_offer=False, device=None)]),
+        p.Peers(
+            peers=[
+                p.PeerInfo(peer=PEER, role=p.Role.THERAPIST, connected=True, you_offer=False, device=None),
+                p.PeerInfo(peer=OTHER, role=p.Role.CLIENT, connected=True, you_offer=True, group=True, held=True),
+            ]
+        ),
         p.Declined(),
         p.Removed(),
         p.SessionRecord(record={"session": "sess1", "seats": []}, signature="c2ln", key_id="key-1"),
@@ -95,6 +107,7 @@ def server_samples() -> list[msgspec.Struct]:
         p.Answer(to=PEER, sdp=SDP, counter=1, mac="bWFj", from_=OTHER, seq=2),
         p.Candidate(to=PEER, candidate=CANDIDATE, sdp_mid="0", from_=OTHER, seq=3),
         p.Renegotiate(to=PEER, from_=OTHER, seq=4),
+        p.Roster(to=PEER, counter=6, sealed=SEALED, from_=OTHER, seq=5),
     ]
 
 
