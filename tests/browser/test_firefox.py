@@ -18,6 +18,7 @@ from tests.browser.kit import (
     CSP_WATCH,
     DESKTOP,
     PHONE,
+    RECORD_PEER_CONNECTIONS,
     SCREENSHOTS,
     Watch,
     code_with,
@@ -25,6 +26,7 @@ from tests.browser.kit import (
     pass_checklist,
     wait_screen,
 )
+from tests.browser.test_seats import FRAMES_DECODED, HOLD_TEXT, INBOUND_BYTES, frames_grown, inbound_stopped
 from tests.conftest import RunningBroker, schedule
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
@@ -341,4 +343,54 @@ async def test_firefox_therapist_with_chromium_client(
     await has(therapist, by_test_id("record-download"), "download", "session-record-.*[.]json")
     await look(therapist, axe_source, "therapist-ended")
     await assert_clean(therapist, links.link_key)
+    await watch.assert_clean()
+
+
+async def test_firefox_client_in_a_group_with_private_time(
+    broker: RunningBroker, firefox: Firefox, new_context: NewContext, watch: Watch, axe_source: str
+) -> None:
+    """Firefox as one of two clients: it connects to the other client only as the therapist's
+    roster vouches (one certificate per page in Firefox too), and on hold it receives nothing on
+    any track, shows the calm screen, and decodes again on the same connections after release."""
+    links = await schedule(broker, clients=2)
+    watch.secrets += [links.link_key, *links.seat_keys.values()]
+    therapist_peer = links.peers[links.therapist]
+    fox_peer, other_peer = (links.peers[link] for link in links.clients)
+    fox = await firefox.new_page(CSP_WATCH + RECORD_PEER_CONNECTIONS)
+    try:
+        await fox.set_viewport(DESKTOP["width"], DESKTOP["height"])
+        other = await (await new_context()).new_page()
+        therapist = await (await new_context()).new_page()
+        await fox.goto(links.clients[0])
+        await pass_checklist_in_firefox(fox, axe_source, name="group-client-")
+        await other.goto(links.clients[1])
+        await pass_checklist(other)
+        await therapist.goto(links.therapist)
+        await wait_screen(therapist, "dashboard")
+        for peer in (fox_peer, other_peer):
+            await therapist.locator(f'[data-testid=seat][data-peer="{peer}"] [data-testid=admit]').click()
+        await screen(fox, "call")
+        for peer in (therapist_peer, other_peer):
+            await has(fox, tile_of(peer), "data-frames-decoded", "[1-9][0-9]*")
+        assert await has(fox, tile_of(other_peer), "data-code", r"\d{3} \d{3} \d{3}") == await code_with(
+            other, fox_peer
+        )
+        assert await has(fox, tile_of(therapist_peer), "data-code", r"\d{3} \d{3} \d{3}") == await code_with(
+            therapist, fox_peer
+        )
+
+        connections = await fox.evaluate("() => window.__peerConnections.length")
+        await therapist.locator(f'[data-testid=seat][data-peer="{fox_peer}"] [data-testid=hold]').click()
+        await screen(fox, "hold")
+        await contains(fox, by_test_id("hold-message"), HOLD_TEXT)
+        await look(fox, axe_source, "client-on-hold")
+        stopped = await inbound_stopped(lambda: fox.evaluate(INBOUND_BYTES))
+        assert len(stopped) >= 4
+        await therapist.locator(f'[data-testid=seat][data-peer="{fox_peer}"] [data-testid=release]').click()
+        await screen(fox, "call")
+        await frames_grown(lambda: fox.evaluate(FRAMES_DECODED), await fox.evaluate(FRAMES_DECODED))
+        assert await fox.evaluate("() => window.__peerConnections.length") == connections
+        await assert_clean(fox, links.link_key)
+    finally:
+        await fox.close()
     await watch.assert_clean()

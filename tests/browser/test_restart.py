@@ -36,7 +36,8 @@ import pytest
 from playwright.async_api import BrowserContext, Locator, Page, WebSocket, expect
 
 from broker.config import Config, Keys
-from broker.crypto.link_key import new_link_key
+from broker.crypto.link_key import b64url_encode, decode_link_key, new_link_key
+from broker.crypto.seat_keys import seat_key
 from broker.http.admin_socket import AdminClient
 from broker.signaling.hub import Hub
 from broker.signaling.tokens import TokenCodec
@@ -295,8 +296,12 @@ class Embedded:
             fields["starts"] = starts
         created = await AdminClient(self.config).create_session(**fields)
         tokens = {s["role"]: s["token"] for s in created["seats"]}
-        key = new_link_key()
-        return f"{self.url}/t/{tokens['therapist']}#{key}", f"{self.url}/j/{tokens['client']}#{key}"
+        client = next(s["peer"] for s in created["seats"] if s["role"] == "client")
+        key = new_link_key()  # the session secret; the client's link carries its seat key
+        return (
+            f"{self.url}/t/{tokens['therapist']}#{key}",
+            f"{self.url}/j/{tokens['client']}#{client_key(key, created['session'], client)}",
+        )
 
 
 @contextmanager
@@ -347,8 +352,14 @@ async def test_pages_carry_on_through_a_restart_of_the_embedded_broker(
 # ---------------------------------------------------------------- Redis
 
 
-async def schedule(deployment: Deployment, *, starts: int | None = None) -> tuple[str, str]:
-    """A session scheduled through the shared store, as the CLI would: (therapist token, client token)."""
+def client_key(secret: str, session: str, peer: str) -> str:
+    """The seat key a client's link carries, derived from the session secret (docs/protocol.md 7.1)."""
+    return b64url_encode(seat_key(decode_link_key(secret), session, peer))
+
+
+async def schedule(deployment: Deployment, *, starts: int | None = None) -> tuple[str, str, str, str]:
+    """A session scheduled through the shared store, as the CLI would:
+    (therapist token, client token, session id, client peer id)."""
     keys = Keys(deployment.secret)
     store, bus = await connect_redis(deployment.redis.url, keys.store)
     try:
@@ -356,7 +367,8 @@ async def schedule(deployment: Deployment, *, starts: int | None = None) -> tupl
     finally:
         await bus.close()
         await store.close()
-    return tokens[session.therapist().id], tokens[session.clients()[0].id]
+    client = session.clients()[0].id
+    return tokens[session.therapist().id], tokens[client], session.id, client
 
 
 def cut_connections_to(*ports: int) -> None:
@@ -400,16 +412,17 @@ async def call_across_brokers(
     made = await start_deployment(root, brokers=2, persistence=persistence)
     try:
         a, b = made.brokers
-        therapist_token, client_token = await schedule(made)
-        _, later_token = await schedule(made, starts=int(time.time()) + 20 * 60)
+        therapist_token, client_token, session, client = await schedule(made)
+        _, later_token, later_session, later_client = await schedule(made, starts=int(time.time()) + 20 * 60)
         key = new_link_key()
-        watch.secrets.append(key)
+        seat, later_seat = client_key(key, session, client), client_key(key, later_session, later_client)
+        watch.secrets += [key, seat, later_seat]
         # The therapist's page on one broker, the client's on the other.
         call = await start_call(
-            new_context, f"{a.url}/t/{therapist_token}#{key}", f"{b.url}/j/{client_token}#{key}", Wire()
+            new_context, f"{a.url}/t/{therapist_token}#{key}", f"{b.url}/j/{client_token}#{seat}", Wire()
         )
         await asyncio.sleep(1.5)  # appendfsync everysec: what the call wrote a second ago is on disk
-        yield AcrossBrokers(made, call, f"{b.url}/j/{later_token}#{key}")
+        yield AcrossBrokers(made, call, f"{b.url}/j/{later_token}#{later_seat}")
     finally:
         await stop_deployment(made)
 

@@ -32,7 +32,7 @@ from tests.contract.samples import CANDIDATE, OTHER, PEER, SDP, SEALED, server_s
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 
 BLANK_PAGE = "<!doctype html><meta charset=utf-8><title>wire check</title>"
-RELAYED = {"offer", "answer", "candidate", "renegotiate"}
+RELAYED = {"offer", "answer", "candidate", "renegotiate", "roster"}
 
 
 async def _blank(_request: web.Request) -> web.Response:

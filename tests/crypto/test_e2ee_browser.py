@@ -13,11 +13,20 @@ import pytest_asyncio
 from aiohttp import web
 from playwright.async_api import Page, async_playwright
 
-from broker.crypto.link_key import decode_link_key, new_link_key
+from broker.crypto.link_key import decode_link_key, derive_auth_key, new_link_key, pair_key
+from broker.crypto.roster import RosterEntry, parse_roster_plaintext
 from broker.crypto.sdp_auth import InterceptionError, Trust, fingerprint_of, safety_code
 from broker.crypto.sdp_authenticator import SdpAuthenticator
 from broker.crypto.sealed_for_therapist import open_checklist, open_details, seal_checklist, seal_details
-from broker.crypto.sealed_signaling import MAX_SEALED_CHARS, MAX_SEALED_PLAINTEXT, MAX_SEALS_PER_KEY, signal_plaintext
+from broker.crypto.sealed_signaling import (
+    MAX_SEALED_CHARS,
+    MAX_SEALED_PLAINTEXT,
+    MAX_SEALS_PER_KEY,
+    derive_seal_key,
+    open_signal,
+    signal_plaintext,
+)
+from broker.crypto.seat_keys import seat_key
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 
@@ -224,6 +233,89 @@ async def test_seal_vectors(page: Page) -> None:
     assert got["plaintexts"] == [[c["plaintext"], c["fields"]] for c in VECTORS["signal_plaintext"]]
     assert got["sealed"] == [[c["sealed"], c["fields"], "replayed_counter"] for c in VECTORS["sealed"]]
     assert got["invalid"] == [c["reason"] for c in VECTORS["sealed_invalid"]]
+
+
+async def test_seat_key_and_roster_vectors(page: Page) -> None:
+    """Every seat-key and roster vector group (docs/protocol.md 7.1, 7.8) against e2ee.js."""
+    got = await page.evaluate(
+        """async (v) => {
+          const secret = (c) => e2ee.decodeLinkKey(c.session_secret);
+          const b64 = e2ee.b64urlEncode;
+          return {
+            seat: await Promise.all(v.seat_key.map(async (c) =>
+              b64(await e2ee.seatKey(secret(c), c.session_id, c.peer)))),
+            group: await Promise.all(v.group_key.map(async (c) => b64(await e2ee.groupKey(secret(c), c.session_id)))),
+            pairs: await Promise.all(v.client_pair_key.map(async (c) =>
+              b64(await e2ee.clientPairKey(secret(c), c.session_id, c.a, c.b)))),
+            plaintexts: v.roster_plaintext.map((c) => {
+              const parsed = e2ee.parseRosterPlaintext(c.plaintext);
+              return [e2ee.rosterPlaintext(c.version, c.peers), e2ee.rosterPlaintext(parsed.version, parsed.peers)];
+            }),
+            rosters: await Promise.all(v.roster.map(async (c) => {
+              const pairLink = await e2ee.pairLinkKey(secret(c), c.session_id, c.recipient);
+              const kAuth = await e2ee.deriveAuthKey(pairLink, c.session_id);
+              const kSeal = await e2ee.deriveSealKey(
+                await e2ee.pairKey(kAuth, c.sender, c.recipient), c.sender, c.recipient);
+              const sealed = await e2ee.sealSignal(kSeal, c.session_id, c.sender, c.recipient, 'roster',
+                c.counter, c.plaintext, {nonce: fromHex(c.nonce_hex)});
+              // The client holds only its seat key; the therapist derives it from the session secret.
+              const client = new e2ee.SdpAuthenticator(e2ee.decodeLinkKey(c.seat_key), c.session_id, c.recipient);
+              const viaChannel = await client.acceptRoster(c.sender, c.counter, c.sealed, {relayed: false});
+              const relayed = await client.acceptRoster(c.sender, c.counter, c.sealed);
+              const replayed = await reasonOf(client.acceptRoster(c.sender, c.counter, c.sealed));
+              const therapist = new e2ee.SdpAuthenticator(secret(c), c.session_id, c.sender);
+              therapist.setPeerKey(c.recipient, e2ee.seatKey(secret(c), c.session_id, c.recipient));
+              const [counter, fresh] = await therapist.sealRoster(c.recipient, relayed.version, relayed.peers);
+              const reopened = await client.acceptRoster(c.sender, counter, fresh);
+              return [b64(pairLink), hex(kSeal), sealed, e2ee.rosterPlaintext(viaChannel.version, viaChannel.peers),
+                      replayed, e2ee.rosterPlaintext(reopened.version, reopened.peers)];
+            })),
+            invalid: await Promise.all(v.roster_invalid.map(async (c) => {
+              if (!c.sealed) {
+                try { e2ee.parseRosterPlaintext(c.plaintext); return 'accepted'; }
+                catch (err) { return err.reason ?? err.message; }
+              }
+              const client = new e2ee.SdpAuthenticator(e2ee.decodeLinkKey(c.seat_key), c.session_id, c.recipient);
+              return reasonOf(client.acceptRoster(c.sender, c.counter, c.sealed));
+            })),
+          };
+        }""",
+        VECTORS,
+    )
+    assert got["seat"] == [c["seat_key"] for c in VECTORS["seat_key"]]
+    assert got["group"] == [c["group_key"] for c in VECTORS["group_key"]]
+    assert got["pairs"] == [c["client_pair_key"] for c in VECTORS["client_pair_key"]]
+    assert got["plaintexts"] == [[c["plaintext"], c["plaintext"]] for c in VECTORS["roster_plaintext"]]
+    assert got["rosters"] == [
+        [c["seat_key"], c["k_seal_hex"], c["sealed"], c["plaintext"], "replayed_counter", c["plaintext"]]
+        for c in VECTORS["roster"]
+    ]
+    assert got["invalid"] == [c["reason"] for c in VECTORS["roster_invalid"]]
+
+
+async def test_roster_sealed_in_js_opens_in_python(page: Page) -> None:
+    """A roster the browser seals opens with the Python primitives under the client's seat key."""
+    secret = new_link_key()
+    entries = [
+        {"peer": "seat-2", "fingerprint": "sha-256 " + ":".join(["4F"] * 32), "key": new_link_key(), "held": True}
+    ]
+    counter, sealed = await page.evaluate(
+        """async ([secret, session, entries]) => {
+          const s = e2ee.decodeLinkKey(secret);
+          const therapist = new e2ee.SdpAuthenticator(s, session, 'therapist');
+          therapist.setPeerKey('seat-1', e2ee.pairLinkKey(s, session, 'seat-1'));
+          return therapist.sealRoster('seat-1', 7, entries);
+        }""",
+        [secret, SESSION, entries],
+    )
+    k_seat = seat_key(decode_link_key(secret), SESSION, "seat-1")
+    k_seal = derive_seal_key(pair_key(derive_auth_key(k_seat, SESSION), "therapist", "seat-1"), "therapist", "seat-1")
+    text = open_signal(k_seal, SESSION, "therapist", "seat-1", "roster", counter, sealed)
+    assert parse_roster_plaintext(text) == (7, [RosterEntry(**entries[0])])
+    other = seat_key(decode_link_key(secret), SESSION, "seat-2")  # another client's key does not open it
+    k_other = derive_seal_key(pair_key(derive_auth_key(other, SESSION), "therapist", "seat-1"), "therapist", "seat-1")
+    with pytest.raises(InterceptionError, match="bad_mac"):
+        open_signal(k_other, SESSION, "therapist", "seat-1", "roster", counter, sealed)
 
 
 # -- across the language boundary ---------------------------------------------------------------

@@ -15,9 +15,11 @@ import pytest
 import pytest_asyncio
 import segno
 from aiohttp import ClientSession, DummyCookieJar
+from playwright.async_api import expect
 
 from broker.client.broker_client import BrokerClient
-from broker.crypto.link_key import new_link_key
+from broker.crypto.link_key import b64url_encode, decode_link_key, new_link_key
+from broker.crypto.seat_keys import group_key, seat_key
 from broker.signaling.protocol import ErrorCode, ProtocolError
 from tests.http.test_web_auth import CHROMIUM_ARGS, PASSWORD, FullBroker, PolicyConfig, start_full_broker
 
@@ -278,6 +280,19 @@ async def test_link_key_is_made_in_the_browser_and_never_sent(full: FullBroker, 
     assert link == key
     await dialog.get_by_role("button", name="Close").click()
     assert not any(key in request for request in sent)
+    # The therapist's link carries the session secret; each client's link only its own seat key,
+    # derived in the page (docs/protocol.md 7.1): every fragment differs.
+    await page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=full.url)
+    fragments = []
+    for name in ("Client 1", "Client 2"):
+        await card.get_by_role("button", name=f"Copy link for {name}").click()
+        copied = await page.evaluate("navigator.clipboard.readText()")
+        client_token, _, fragment = copied.removeprefix(full.url + "/j/").partition("#")
+        _, client_seat = await full.broker.hub.resolve_token(client_token)
+        assert fragment == b64url_encode(seat_key(decode_link_key(key), str(session_id), client_seat.id))
+        fragments.append(fragment)
+    assert len({key, *fragments}) == 3
+    assert not any(fragment in request for request in sent for fragment in fragments)
     # After a reload the key is still there (IndexedDB), and still not sent.
     await page.reload()
     await page.locator("body[data-ready=true]").wait_for()
@@ -288,6 +303,36 @@ async def test_link_key_is_made_in_the_browser_and_never_sent(full: FullBroker, 
     )
     assert again == href
     assert not any(key in request for request in sent)
+    await page.context.close()
+
+
+@pytest.mark.browser
+async def test_group_link_is_chosen_with_its_warning(full: FullBroker, browser: Any) -> None:
+    """One link for everyone only when chosen, said plainly where it is chosen and where it is
+    shown; its fragment is the group key, which the seats' own links do not share."""
+    page = await browser_login(browser, full, "alex")
+    await page.get_by_role("spinbutton", name="Clients").fill("3")
+    group = page.get_by_role("checkbox", name="Also make one link for everyone (group)")
+    assert not await group.is_checked()  # a link per seat is the default
+    hint = await page.locator("#" + str(await group.get_attribute("aria-describedby"))).text_content()
+    assert hint and "shares one key" in hint and "Couples and families should use a link per person" in hint
+    await group.check()
+    bodies: list[Any] = []
+    page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/api/sessions") else None)
+    card = await schedule_in_page(page)
+    assert [b for b in bodies if b] and [b for b in bodies if b][-1]["group_link"] is True
+    block = card.get_by_test_id("group-link")
+    await expect(block).to_contain_text("all who use it share one key")
+    await page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=full.url)
+    await block.get_by_role("button", name="Copy group link").click()
+    copied = await page.evaluate("navigator.clipboard.readText()")
+    token, _, fragment = copied.removeprefix(full.url + "/j/").partition("#")
+    href = await card.get_by_role("link", name="Open session").get_attribute("href")
+    secret = str(href).partition("#")[2]
+    session_id = str(await card.get_attribute("data-session"))
+    assert fragment == b64url_encode(group_key(decode_link_key(secret), session_id))
+    session, _ = await full.broker.hub.resolve_token(token)  # the group token of this session
+    assert session.id == session_id
     await page.context.close()
 
 

@@ -15,8 +15,27 @@
 // same connection (so the safety code stays), the answerer asks it to
 // (`renegotiate`), and a peer that reloaded its page gets a fresh connection
 // (its answer comes from another DTLS fingerprint, or ours saw DTLS close).
+//
+// Every pair has its own link key (docs/protocol.md 7.1): the therapist's side derives each
+// client's seat key from the session secret; a client holds its own for the therapist, and
+// learns the key and DTLS fingerprint of every other client from the therapist's roster (7.8),
+// which the therapist's side seals to each client and sends relayed and over the chat channel.
+// A client connects to another client only while its latest roster lists it, and only with the
+// fingerprint it lists. One RTCCertificate per page keeps that fingerprint the same on every
+// connection. Private time (7.9): towards a peer on hold nothing is sent (replaceTrack(null)),
+// its tracks are not played and chat with it is dropped; on release the same connection resumes.
 
-import { InterceptionError, SdpAuthenticator, Trust, fingerprintOf, safetyCode } from "./e2ee.js";
+import {
+  InterceptionError,
+  SdpAuthenticator,
+  Trust,
+  b64urlEncode,
+  clientPairKey,
+  decodeLinkKey,
+  fingerprintOf,
+  pairLinkKey,
+  safetyCode,
+} from "./e2ee.js";
 import { announce, el, fill, setPressed } from "./ui.js";
 import { attach } from "./devices.js";
 
@@ -31,6 +50,26 @@ const DISCONNECTED_GRACE_MS = 4000;
 const CONNECT_WAIT_MS = 20000;
 const MAX_CONTROL_BYTES = 8192;
 const MAX_STALLED_RESTARTS = 2;
+/** An offer from another client that no roster lists yet waits this long for one (7.8). */
+export const ROSTER_WAIT_MS = 30000;
+/** The therapist's side sends its first rosters at the latest this long after its first `peers`. */
+const FIRST_ROSTER_MS = 10000;
+
+let certificate = null;
+
+/**
+ * The one DTLS certificate of this page, passed in every RTCPeerConnection's `certificates`, so
+ * the fingerprint the therapist vouches for is the one every other peer sees (7.8). Null if the
+ * browser cannot make one (then each connection makes its own).
+ */
+export function pageCertificate() {
+  certificate ??= RTCPeerConnection.generateCertificate({ name: "ECDSA", namedCurve: "P-256" }).catch(() => null);
+  return certificate;
+}
+
+function nowMicros() {
+  return Date.now() * 1000;
+}
 
 /** The ICE username fragment of a description (the first; bundled sections share it), or null. */
 function iceUfrag(sdp) {
@@ -75,6 +114,7 @@ class PeerLink {
     this.signalingLost = false; // a description, candidate or request went out while the broker was away
     this.closed = false;
     this.stats = { framesDecoded: 0, rttMs: null, relayed: null };
+    this.held = false; // private time: nothing sent to this peer, its tracks not played (7.9)
   }
 }
 
@@ -90,6 +130,7 @@ class PeerLink {
  *   interception {peer, role, reason}                         a description or candidate failed authentication
  *   unverified {peer, role}                                   a peer sent no MAC; ask before accepting
  *   stats {peer, framesDecoded, rttMs, relayed}
+ *   held {peer, held}                                         a peer went on hold or came back (7.9)
  */
 export class Call {
   #signaling;
@@ -112,12 +153,33 @@ export class Call {
   #timer = null;
   #media = { audio: true, video: true };
   #closed = false;
+  #role;
+  #linkKey;
+  #seatKeys;
+  #certificate = null;
+  // The therapist's side: rosters it sent (7.8) and the holds it asked for (7.9).
+  #rosterVersion = 0;
+  #rosterSent = new Map(); // client -> {what, counter, sealed}
+  #rosterJobs = new Map(); // client -> the roster on its way there
+  #firstPeersAt = 0;
+  #rostersStarted = false;
+  #holding = new Set();
+  // A client's side: the latest roster it acted on, and offers from clients it does not list yet.
+  #roster = null; // {version, peers: Map(peer -> entry)}
+  #awaitingRoster = new Map(); // peer -> {message (its offer), at, candidates}
+  #selfHeld = false;
 
-  constructor(signaling, { sessionId, peerId, linkKey, iceServers = [], iceTransportPolicy = "all", localStream = null }) {
+  constructor(
+    signaling,
+    { sessionId, peerId, linkKey, role = "client", seatKeys = true, iceServers = [], iceTransportPolicy = "all", localStream = null },
+  ) {
     this.#signaling = signaling;
     this.#sessionId = sessionId;
     this.peerId = peerId;
-    this.#auth = new SdpAuthenticator(linkKey ?? null, sessionId, peerId);
+    this.#role = role;
+    this.#linkKey = linkKey ?? null;
+    this.#seatKeys = seatKeys !== false;
+    this.#auth = new SdpAuthenticator(this.#linkKey, sessionId, peerId);
     this.#config = { iceServers, iceTransportPolicy };
     this.#localStream = localStream;
     const on = (type, fn) => this.#unsubscribe.push(signaling.on(type, fn));
@@ -126,7 +188,17 @@ export class Call {
     on("answer", (m) => this.#onDescription(m, "answer"));
     on("candidate", (m) => this.#onCandidate(m));
     on("renegotiate", (m) => this.#onRenegotiate(m.from));
+    on("roster", (m) => this.#onRoster(m.from, m.counter ?? null, m.sealed, true));
+    on("status", (m) => this.setSelfHeld(m.held === true));
     this.#timer = setInterval(() => this.#maintain(), MAINTAIN_MS);
+    pageCertificate().then((cert) => {
+      this.#certificate = cert ?? false;
+      for (const peer of this.#infos.keys()) this.#ensure(peer);
+    });
+  }
+
+  get #isTherapist() {
+    return this.#role === "therapist";
   }
 
   /** Whether this side holds the link key (else every peer is unverified). */
@@ -171,6 +243,7 @@ export class Call {
       stream: link?.remoteStream ?? null,
       stats: link ? { ...link.stats } : null,
       dropped: this.#drops.get(peer) ?? 0,
+      held: this.isHeld(peer),
     };
   }
 
@@ -195,6 +268,9 @@ export class Call {
         const role = this.#infos.get(peer)?.role ?? null;
         this.#infos.delete(peer);
         this.#closeLink(peer);
+        this.#holding.delete(peer); // a hold ends when the seat leaves the call
+        this.#rosterSent.delete(peer);
+        this.#awaitingRoster.delete(peer);
         this.#emit("left", { peer, role });
       }
     }
@@ -203,24 +279,60 @@ export class Call {
       const moved = known && (known.device ?? null) !== (info.device ?? null);
       // The therapist moved this seat to another device: never keep talking to the old one.
       if (moved) this.#closeLink(info.peer);
+      // A new device is a new page with a new certificate: what the roster said of the old one
+      // no longer vouches for it; its offer waits for the therapist's next roster.
+      if (moved && !this.#isTherapist && this.#roster?.peers.delete(info.peer)) this.#setPairKey(info.peer);
       // When the peer's current broker connection began: offers sent before it may never have reached it.
       const connectedAt = known && !moved && (known.connected || !info.connected) ? known.connectedAt : Date.now();
+      const group = info.group === true;
+      // Which key this pair is authenticated with follows the group flag: a change means new keys.
+      if (known && (known.group ?? false) !== group) this.#closeLink(info.peer);
       this.#infos.set(info.peer, {
         role: info.role,
         connected: info.connected,
         you_offer: info.you_offer,
         device: info.device ?? null,
+        group,
+        held: info.held === true,
         connectedAt,
       });
+      if (!known || (known.group ?? false) !== group) this.#setPairKey(info.peer);
       this.#ensure(info.peer);
       if (!known || known.connected !== info.connected) this.#announce(info.peer);
     }
+    if (this.#isTherapist && !this.#firstPeersAt) this.#firstPeersAt = Date.now();
+    this.#applyHolds();
+    this.#updateRosters();
+  }
+
+  /** The pair link key L for `peer` (7.1), handed to the authenticator. */
+  #setPairKey(peer) {
+    const info = this.#infos.get(peer);
+    if (this.#isTherapist) {
+      if (this.#linkKey === null) return; // another device: every pair unverified
+      this.#auth.setPeerKey(
+        peer,
+        pairLinkKey(this.#linkKey, this.#sessionId, peer, { seatKeys: this.#seatKeys, groupSeat: info?.group === true }),
+      );
+    } else if (info?.role === "client") {
+      // Another client: only the key the therapist's roster gives for this pair, else none.
+      const entry = this.#roster?.peers.get(peer);
+      this.#auth.setPeerKey(peer, entry ? decodeLinkKey(entry.key) : null);
+    }
+  }
+
+  /** Whether this client may connect to `peer` now: the therapist, or a client the latest roster lists. */
+  #vouched(peer) {
+    if (this.#isTherapist) return true;
+    const info = this.#infos.get(peer);
+    return info?.role !== "client" || Boolean(this.#roster?.peers.has(peer));
   }
 
   /** Make sure a connection with this peer exists or is on its way. */
   #ensure(peer) {
     const info = this.#infos.get(peer);
     if (!info || !info.connected || this.#blocked.has(peer) || this.#pendingUnverified.has(peer)) return;
+    if (this.#certificate === null || !this.#vouched(peer)) return; // not yet: no certificate, no roster
     const link = this.#links.get(peer);
     if (link && !link.closed && link.signalingLost && this.#signaling.state === "open") {
       // Part of a negotiation went out while the broker was away: do it again now that it is back.
@@ -255,7 +367,8 @@ export class Call {
 
   #newLink(peer, offerer) {
     this.#closeLink(peer);
-    const pc = new RTCPeerConnection(this.#config);
+    const config = this.#certificate ? { ...this.#config, certificates: [this.#certificate] } : this.#config;
+    const pc = new RTCPeerConnection(config);
     this.#linkCount += 1;
     const link = new PeerLink(peer, offerer, pc, this.#linkCount);
     this.#links.set(peer, link);
@@ -267,7 +380,7 @@ export class Call {
       else this.#sendCandidate(link, event.candidate);
     });
     pc.addEventListener("track", (event) => {
-      if (link.closed) return;
+      if (link.closed || link.held) return; // played once the hold ends (#applyHold)
       for (const old of link.remoteStream.getTracks().filter((t) => t.kind === event.track.kind)) {
         link.remoteStream.removeTrack(old);
       }
@@ -307,12 +420,14 @@ export class Call {
 
   async #startOffer(peer) {
     const link = this.#newLink(peer, true);
-    link.sealing = this.#auth.hasLinkKey;
+    link.sealing = this.#auth.hasKeyFor(peer);
+    link.held = this.isHeld(peer);
     const { pc } = link;
     link.awaitingAnswer = true;
     const streams = this.#localStream ? [this.#localStream] : [];
     for (const kind of ["audio", "video"]) {
-      pc.addTransceiver(this.#localTrack(kind) ?? kind, { direction: "sendrecv", streams });
+      const track = link.held ? null : this.#localTrack(kind);
+      pc.addTransceiver(track ?? kind, { direction: "sendrecv", streams });
     }
     try {
       await pc.setLocalDescription(await pc.createOffer());
@@ -390,12 +505,18 @@ export class Call {
     if (this.#closed) return;
     const peer = message.from;
     if (!peer || this.#blocked.has(peer)) return;
+    if (!this.#vouched(peer)) {
+      // Another client no roster lists yet: its offer waits for one (7.8); anything else is dropped.
+      if (type === "offer") this.#awaitingRoster.set(peer, { message, at: Date.now(), candidates: [] });
+      else this.#drop(peer);
+      return;
+    }
     const sealed = message.sealed != null;
     let trust;
     let sdp;
     try {
       if (sealed) {
-        if (!this.#auth.hasLinkKey) {
+        if (!this.#auth.hasKeyFor(peer)) {
           this.#drop(peer); // sealed for a peer holding the link key: nothing we can open
           return;
         }
@@ -420,6 +541,16 @@ export class Call {
       return;
     }
     if (this.#closed || this.#blocked.has(peer)) return;
+    if (!this.#isTherapist && this.#infos.get(peer)?.role === "client") {
+      // Another client: its fingerprint must be the one the therapist vouched for.
+      const entry = this.#roster?.peers.get(peer);
+      if (!entry || fingerprintOf(sdp) !== entry.fingerprint) {
+        this.#intercepted(peer, "fingerprint_mismatch");
+        return;
+      }
+    }
+    await pageCertificate();
+    if (this.#closed || this.#blocked.has(peer)) return;
     if (type === "offer") await this.#acceptOffer(peer, sdp, trust, sealed);
     else await this.#acceptAnswer(peer, sdp, trust, sealed);
   }
@@ -438,11 +569,13 @@ export class Call {
     link.remoteFingerprint = remoteFp;
     link.sealing = sealed; // answer the way the offer came (docs/protocol.md 7.7)
     link.remoteSealed = sealed;
+    if (!sameEnd) link.held = this.isHeld(peer);
     const { pc } = link;
+    this.#updateRosters();
     try {
       await pc.setRemoteDescription({ type: "offer", sdp });
       if (restart) link.iceRestarts += 1;
-      if (!sameEnd) this.#attachLocalTracks(pc);
+      if (!sameEnd) this.#attachLocalTracks(pc, link.held);
       await pc.setLocalDescription(await pc.createAnswer());
       await this.#flushEarly(link);
       await this.#sendDescription(link, "answer");
@@ -465,6 +598,7 @@ export class Call {
     link.remoteFingerprint = remoteFp;
     link.remoteSealed = sealed;
     link.awaitingAnswer = false;
+    this.#updateRosters();
     try {
       await link.pc.setRemoteDescription({ type: "answer", sdp });
       await this.#flushEarly(link);
@@ -475,13 +609,13 @@ export class Call {
     this.#announce(peer);
   }
 
-  #attachLocalTracks(pc) {
+  #attachLocalTracks(pc, held = false) {
     const stream = this.#localStream;
     for (const transceiver of pc.getTransceivers()) {
       const kind = transceiver.receiver.track?.kind;
       if (kind !== "audio" && kind !== "video") continue;
       transceiver.direction = "sendrecv";
-      const track = this.#localTrack(kind);
+      const track = held ? null : this.#localTrack(kind);
       if (track) {
         transceiver.sender.replaceTrack(track).catch(() => {});
         if (stream) transceiver.sender.setStreams?.(stream);
@@ -507,10 +641,17 @@ export class Call {
   async #onCandidate(message) {
     const peer = message.from;
     if (!peer || this.#closed || this.#blocked.has(peer)) return;
+    if (!this.#vouched(peer)) {
+      // Another client no roster lists yet: kept with its waiting offer, else dropped.
+      const waiting = this.#awaitingRoster.get(peer);
+      if (waiting && waiting.candidates.length < 64) waiting.candidates.push(message);
+      else this.#drop(peer);
+      return;
+    }
     const sealed = message.sealed != null;
     let fields = message;
     if (sealed) {
-      if (!this.#auth.hasLinkKey) {
+      if (!this.#auth.hasKeyFor(peer)) {
         this.#drop(peer);
         return;
       }
@@ -654,6 +795,13 @@ export class Call {
 
   #maintain() {
     if (this.#closed) return;
+    for (const [peer, waiting] of this.#awaitingRoster) {
+      if (Date.now() - waiting.at > ROSTER_WAIT_MS) {
+        this.#awaitingRoster.delete(peer); // no roster came: the pair connects when one does
+        this.#drop(peer);
+      }
+    }
+    this.#updateRosters();
     for (const [peer, info] of this.#infos) {
       const link = this.#links.get(peer);
       const age = link ? Date.now() - link.createdAt : 0;
@@ -702,12 +850,176 @@ export class Call {
     return out;
   }
 
+  // ------------------------------------------------------------------ the therapist's roster (7.8)
+
+  /** The therapist's side: send each admitted, unheld client a new roster if what it would say changed. */
+  #updateRosters() {
+    if (!this.#isTherapist || this.#linkKey === null || this.#closed) return;
+    const clients = [...this.#infos].filter(([, info]) => info.role === "client").map(([peer]) => peer);
+    if (!this.#rostersStarted) {
+      // First rosters once every connected client's SDP is authenticated, or 10 s after the first `peers`.
+      const ready = clients.every((c) => !this.#infos.get(c).connected || this.#vouchable(c));
+      if (!ready && Date.now() - this.#firstPeersAt < FIRST_ROSTER_MS) return;
+      if (!this.#firstPeersAt || clients.length === 0) return;
+      this.#rostersStarted = true;
+    }
+    for (const client of clients) {
+      if (this.isHeld(client) || !this.#vouchable(client)) continue; // held, or no authenticated connection yet
+      const before = this.#rosterJobs.get(client) ?? Promise.resolve();
+      const job = before
+        .then(() => this.#sendRoster(client))
+        .catch((err) => console.warn("could not send a roster", err?.name));
+      this.#rosterJobs.set(client, job);
+      job.then(() => {
+        if (this.#rosterJobs.get(client) === job) this.#rosterJobs.delete(client);
+      });
+    }
+  }
+
+  /** The DTLS fingerprint this side authenticated for client `peer`, or null. */
+  #vouchable(peer) {
+    const link = this.#links.get(peer);
+    return link && !link.closed && link.trust === Trust.VERIFIED_BY_LINK && link.remoteFingerprint
+      ? link.remoteFingerprint
+      : null;
+  }
+
+  async #sendRoster(client) {
+    if (this.#closed || !this.#infos.has(client)) return;
+    const others = [...this.#infos]
+      .filter(([peer, info]) => peer !== client && info.role === "client" && this.#vouchable(peer))
+      .map(([peer]) => ({ peer, fingerprint: this.#vouchable(peer), held: this.isHeld(peer) }));
+    // What it says, and to which connection of that client (a reloaded page needs it again).
+    const what = JSON.stringify([this.#vouchable(client), others]);
+    if (this.#rosterSent.get(client)?.what === what) return;
+    const entries = [];
+    for (const other of others) {
+      const key = await clientPairKey(this.#linkKey, this.#sessionId, client, other.peer);
+      entries.push({ peer: other.peer, fingerprint: other.fingerprint, key: b64urlEncode(key), held: other.held });
+    }
+    this.#rosterVersion = Math.max(this.#rosterVersion + 1, nowMicros());
+    const [counter, sealed] = await this.#auth.sealRoster(client, this.#rosterVersion, entries);
+    if (this.#closed) return;
+    this.#rosterSent.set(client, { what, counter, sealed });
+    this.#signaling.sendRoster?.(client, counter, sealed);
+    const link = this.#links.get(client);
+    if (link) this.#sendControl(link, { t: "roster", counter, sealed });
+  }
+
+  /** A client's side: a roster from the therapist, relayed or over the chat channel. */
+  async #onRoster(sender, counter, sealed, relayed) {
+    if (this.#isTherapist || this.#closed || typeof sealed !== "string") return;
+    if (this.#infos.get(sender)?.role !== "therapist" || !this.#auth.hasKeyFor(sender)) {
+      this.#drop(sender ?? "unknown"); // only the therapist vouches, under this client's own key
+      return;
+    }
+    let roster;
+    try {
+      roster = await this.#auth.acceptRoster(sender, counter, sealed, { relayed });
+    } catch (err) {
+      if (!(err instanceof InterceptionError)) throw err;
+      // Forged, altered or replayed: warn, and keep acting on the roster we had.
+      this.#signaling.reportInterception(sender, err.reason);
+      this.#emit("interception", { peer: sender, role: "therapist", reason: err.reason, roster: true });
+      return;
+    }
+    if (this.#closed || (this.#roster && roster.version <= this.#roster.version)) return; // the other copy
+    this.#applyRoster(roster);
+  }
+
+  #applyRoster({ version, peers }) {
+    const before = this.#roster?.peers ?? new Map();
+    const now = new Map(peers.map((e) => [e.peer, e]));
+    this.#roster = { version, peers: now };
+    for (const [peer, old] of before) {
+      const entry = now.get(peer);
+      // Dropped, or vouched for with another fingerprint or key: that connection is over.
+      if (!entry || entry.fingerprint !== old.fingerprint || entry.key !== old.key) {
+        this.#closeLink(peer);
+      }
+    }
+    for (const peer of new Set([...before.keys(), ...now.keys()])) {
+      if (this.#infos.get(peer)?.role === "client") this.#setPairKey(peer);
+    }
+    this.#applyHolds();
+    for (const peer of now.keys()) {
+      const waiting = this.#awaitingRoster.get(peer);
+      this.#awaitingRoster.delete(peer);
+      if (waiting) this.#replayWaiting(waiting);
+      else this.#ensure(peer);
+    }
+  }
+
+  async #replayWaiting({ message, candidates }) {
+    await this.#onDescription(message, "offer");
+    for (const candidate of candidates) await this.#onCandidate(candidate);
+  }
+
+  // ------------------------------------------------------------------ private time (7.9)
+
+  /** Whether `peer` is on hold as anyone says (the broker, the roster, this therapist), or we are. */
+  isHeld(peer) {
+    if (this.#selfHeld) return true;
+    return Boolean(this.#infos.get(peer)?.held || this.#roster?.peers.get(peer)?.held || this.#holding.has(peer));
+  }
+
+  /** The therapist's side: it put `peer` on hold or brought it back (it also tells the broker). */
+  setHold(peer, on) {
+    if (on) this.#holding.add(peer);
+    else this.#holding.delete(peer);
+    this.#applyHolds();
+    this.#updateRosters();
+  }
+
+  /** This client was put on hold (status.held): send nothing, play nothing, camera and microphone off. */
+  setSelfHeld(on) {
+    if (this.#selfHeld === Boolean(on) || this.#closed) return;
+    this.#selfHeld = Boolean(on);
+    for (const track of this.#localStream?.getTracks() ?? []) {
+      track.enabled = !this.#selfHeld && (track.kind === "audio" ? this.#media.audio : this.#media.video);
+    }
+    this.#applyHolds();
+  }
+
+  get selfHeld() {
+    return this.#selfHeld;
+  }
+
+  #applyHolds() {
+    for (const link of this.#links.values()) this.#applyHold(link);
+  }
+
+  /** Stop or resume media with one peer on the same connection (replaceTrack: nothing renegotiated). */
+  #applyHold(link) {
+    const held = this.isHeld(link.peer);
+    if (link.closed || link.held === held) return;
+    link.held = held;
+    for (const transceiver of link.pc.getTransceivers()) {
+      if (transceiver.stopped || transceiver.currentDirection === "stopped") continue;
+      const kind = transceiver.receiver.track?.kind;
+      if (kind !== "audio" && kind !== "video") continue;
+      const track = held ? null : this.#localTrack(kind);
+      if (held || track) transceiver.sender.replaceTrack(track).catch(() => {});
+    }
+    for (const track of link.remoteStream.getTracks()) link.remoteStream.removeTrack(track);
+    if (!held) {
+      for (const receiver of link.pc.getReceivers()) {
+        if (receiver.track && receiver.track.readyState === "live") link.remoteStream.addTrack(receiver.track);
+      }
+    }
+    this.#emit("track", { peer: link.peer, stream: link.remoteStream });
+    this.#emit("held", { peer: link.peer, held });
+    this.#announce(link.peer);
+  }
+
   // ------------------------------------------------------------------ data channel
 
   #wireChannel(link) {
     const channel = link.channel;
     channel.addEventListener("open", () => {
       this.#sendControl(link, { t: "media", ...this.#media });
+      const roster = this.#rosterSent.get(link.peer);
+      if (roster) this.#sendControl(link, { t: "roster", counter: roster.counter, sealed: roster.sealed });
       this.#announce(link.peer);
     });
     channel.addEventListener("close", () => this.#announce(link.peer));
@@ -721,7 +1033,11 @@ export class Call {
       }
       if (!message || typeof message !== "object") return;
       const role = this.#infos.get(link.peer)?.role ?? null;
-      if (message.t === "chat" && typeof message.text === "string" && message.text.trim()) {
+      if (message.t === "roster" && role === "therapist" && !this.#isTherapist) {
+        this.#onRoster(link.peer, message.counter ?? null, message.sealed, false);
+      } else if (message.t === "chat" && link.held) {
+        /* private time: nothing is shown to or from a held peer */
+      } else if (message.t === "chat" && typeof message.text === "string" && message.text.trim()) {
         this.#emit("chat", { peer: link.peer, role, text: message.text.slice(0, MAX_CHAT_CHARS) });
       } else if (message.t === "media") {
         link.remoteMedia = { audio: message.audio !== false, video: message.video !== false };
@@ -741,13 +1057,15 @@ export class Call {
     const clean = String(text).trim().slice(0, MAX_CHAT_CHARS);
     if (!clean) return 0;
     let sent = 0;
-    for (const link of this.#links.values()) if (this.#sendControl(link, { t: "chat", text: clean })) sent += 1;
+    for (const link of this.#links.values()) {
+      if (!link.held && this.#sendControl(link, { t: "chat", text: clean })) sent += 1;
+    }
     return sent;
   }
 
   /** Whether any chat channel is open. */
   get canChat() {
-    return [...this.#links.values()].some((l) => !l.closed && l.channel?.readyState === "open");
+    return [...this.#links.values()].some((l) => !l.closed && !l.held && l.channel?.readyState === "open");
   }
 
   // ------------------------------------------------------------------ local media
@@ -755,14 +1073,14 @@ export class Call {
   /** Mute or unmute the microphone for everyone; the others see it. */
   setAudioEnabled(on) {
     this.#media.audio = Boolean(on);
-    for (const track of this.#localStream?.getAudioTracks() ?? []) track.enabled = this.#media.audio;
+    for (const track of this.#localStream?.getAudioTracks() ?? []) track.enabled = this.#media.audio && !this.#selfHeld;
     this.#broadcastMedia();
   }
 
   /** Turn the camera picture on or off for everyone; the others see it. */
   setVideoEnabled(on) {
     this.#media.video = Boolean(on);
-    for (const track of this.#localStream?.getVideoTracks() ?? []) track.enabled = this.#media.video;
+    for (const track of this.#localStream?.getVideoTracks() ?? []) track.enabled = this.#media.video && !this.#selfHeld;
     this.#broadcastMedia();
   }
 
@@ -778,9 +1096,10 @@ export class Call {
   setLocalStream(stream) {
     this.#localStream = stream;
     for (const track of stream?.getTracks() ?? []) {
-      track.enabled = track.kind === "audio" ? this.#media.audio : this.#media.video;
+      track.enabled = !this.#selfHeld && (track.kind === "audio" ? this.#media.audio : this.#media.video);
     }
     for (const link of this.#links.values()) {
+      if (link.held) continue; // private time: nothing goes there until the hold ends
       for (const sender of link.pc.getSenders()) {
         const kind = sender.track?.kind;
         const transceiver = link.pc.getTransceivers().find((t) => t.sender === sender);
@@ -798,6 +1117,7 @@ export class Call {
     for (const peer of [...this.#links.keys()]) this.#closeLink(peer);
     this.#infos.clear();
     this.#early.clear();
+    this.#awaitingRoster.clear();
     this.#pendingUnverified.clear();
   }
 }
@@ -1009,6 +1329,7 @@ export class CallView {
     const cameraOff = el("p", { className: "camera-off", hidden: true, text: "Camera off" });
     const name = el("span", { className: "name", text: this.#opts.labelFor(peer, role) });
     const muted = el("span", { className: "badge muted", hidden: true, "data-testid": "remote-muted", text: "Muted" });
+    const held = el("span", { className: "badge held", hidden: true, "data-testid": "remote-held", text: "On hold" });
     const state = el("span", { className: "conn", "data-testid": "peer-state", text: "Connecting…" });
     const code = el("strong", { "data-testid": "safety-code", text: "…" });
     const trust = el("span", { className: "trust", "data-testid": "trust" });
@@ -1031,7 +1352,7 @@ export class CallView {
         cameraOff,
         sound,
         el("figcaption", {}, [
-          el("span", { className: "who" }, [name, muted]),
+          el("span", { className: "who" }, [name, muted, held]),
           state,
           el("span", { className: "code" }, ["Safety code ", code]),
           trust,
@@ -1039,7 +1360,7 @@ export class CallView {
         ]),
       ],
     );
-    tile = { node, video, cameraOff, name, muted, state, code, trust, sound, attached: null };
+    tile = { node, video, cameraOff, name, muted, held, state, code, trust, sound, attached: null };
     this.#tiles.set(peer, tile);
     this.#els.tiles.append(node);
     this.#layout();
@@ -1062,7 +1383,9 @@ export class CallView {
     else tile.trust.textContent = "";
     tile.node.dataset.trust = info.trust ?? "";
     tile.node.dataset.dropped = String(info.dropped);
-    tile.muted.hidden = info.media.audio;
+    tile.muted.hidden = info.media.audio || info.held;
+    tile.held.hidden = !info.held;
+    tile.node.dataset.held = info.held ? "yes" : "no";
     tile.node.dataset.remoteAudio = info.media.audio ? "on" : "off";
     tile.node.dataset.remoteVideo = info.media.video ? "on" : "off";
     tile.cameraOff.hidden = info.media.video;

@@ -1,11 +1,13 @@
 // The therapist's dashboard: schedule sessions, copy links, revoke or reissue a client's link.
 //
-// The broker only hands out invite tokens. The link key of each session is made here
-// (newLinkKey), kept in this browser's IndexedDB and put in the links' #fragment, which
-// browsers never send to a server. QR codes are drawn here too (qrMatrix below), so the key
+// The broker only hands out invite tokens. The session secret of each session is made here
+// (newLinkKey) and kept in this browser's IndexedDB; the therapist's link carries it, and each
+// client's link only the seat key derived from it for that seat (docs/protocol.md 7.1), so no
+// two links share a fragment. Fragments are never sent to a server. An optional group link
+// carries the group key, which everyone given it shares. QR codes are drawn here too (qrMatrix below), so the key
 // never leaves the device. Idle for longer than the login's idle limit: logged off.
 
-import { newLinkKey } from "./e2ee.js";
+import { b64urlEncode, decodeLinkKey, groupKey, newLinkKey, seatKey } from "./e2ee.js";
 
 const BACKGROUND = { "X-Broker-Background": "1" };
 const REFRESH_MS = 30_000;
@@ -399,8 +401,25 @@ export async function loadLinkKey(session) {
   return record && LINK_KEY_RE.test(record.key) ? record.key : null;
 }
 
-export async function saveLinkKey(session, key, expires) {
-  await keysTx("readwrite", (store) => store.put({ session, key, expires }));
+/** The group link's token kept with the session secret (the session list does not carry it), or null. */
+async function loadGroupToken(session) {
+  const record = await keysTx("readonly", (store) => store.get(session));
+  return typeof record?.groupToken === "string" ? record.groupToken : null;
+}
+
+export async function saveLinkKey(session, key, expires, groupToken = null) {
+  await keysTx("readwrite", (store) => store.put({ session, key, expires, groupToken }));
+}
+
+/** Each client seat's link key, derived from the session secret: peer id -> 43 characters. */
+async function seatLinkKeys(session, secret) {
+  const keys = new Map();
+  if (!secret) return keys;
+  const raw = decodeLinkKey(secret);
+  for (const seat of session.seats.filter((s) => s.role === "client")) {
+    keys.set(seat.peer, b64urlEncode(await seatKey(raw, session.session, seat.peer)));
+  }
+  return keys;
 }
 
 async function forgetExpiredKeys() {
@@ -621,7 +640,28 @@ async function rekey(session) {
   }
 }
 
-function sessionCard(session, key) {
+function groupLinkBlock(session, token, key) {
+  const link = clientLink(token, key);
+  return el("div", { className: "group-link", "data-testid": "group-link" }, [
+    el("p", {
+      className: "warn",
+      text:
+        "One link for everyone: all who use it share one key, so any of them could read what another seals " +
+        "for you. For couples and families, send each person their own link instead.",
+    }),
+    el("button", {
+      type: "button",
+      className: "copy-group-link",
+      text: "Copy group link",
+      onclick: async () => {
+        if (await copyText(link)) say("Group link copied.");
+        else problem(`Copying did not work. The group link is: ${link}`);
+      },
+    }),
+  ]);
+}
+
+function sessionCard(session, key, seatKeys = new Map(), group = null) {
   const starts = new Date(session.starts * 1000);
   const linksEnd = new Date(session.expires * 1000);
   const heading = `${dateFormat.format(starts)}, ${timeFormat.format(starts)}`;
@@ -657,8 +697,9 @@ function sessionCard(session, key) {
   }
   const clients = session.seats.filter((s) => s.role === "client");
   const list = el("ul", { className: "seats", "aria-label": "Clients" });
-  clients.forEach((seat, i) => list.append(seatRow(session, seat, i, clients.length, key)));
+  clients.forEach((seat, i) => list.append(seatRow(session, seat, i, clients.length, seatKeys.get(seat.peer) ?? null)));
   card.append(list);
+  if (group) card.append(groupLinkBlock(session, group.token, group.key));
   return card;
 }
 
@@ -668,7 +709,12 @@ async function render(sessions) {
   const later = [];
   for (const session of sessions) {
     const key = await loadLinkKey(session.session).catch(() => null);
-    const card = sessionCard(session, key);
+    const seatKeys = await seatLinkKeys(session, key);
+    const groupToken = key ? await loadGroupToken(session.session).catch(() => null) : null;
+    const group = groupToken
+      ? { token: groupToken, key: b64urlEncode(await groupKey(decodeLinkKey(key), session.session)) }
+      : null;
+    const card = sessionCard(session, key, seatKeys, group);
     if (new Date(session.starts * 1000) <= now || sameDay(new Date(session.starts * 1000), now)) today.push(card);
     else later.push(card);
   }
@@ -721,10 +767,11 @@ async function onCreate(event) {
         starts: Math.floor(starts.getTime() / 1000),
         duration_min: duration,
         relay_only: form.relay_only.checked,
+        ...(form.group_link.checked ? { group_link: true } : {}),
       },
     });
-    // The link key is born here and stays on this device.
-    await saveLinkKey(created.session, newLinkKey(), created.expires);
+    // The session secret is born here and stays on this device; client links carry seat keys.
+    await saveLinkKey(created.session, newLinkKey(), created.expires, created.group_token ?? null);
     say(`Session scheduled for ${dateFormat.format(starts)}, ${timeFormat.format(starts)}. Copy the client link below.`);
     await refresh();
     document.querySelector(`[data-session="${CSS.escape(created.session)}"] .copy-link`)?.focus();

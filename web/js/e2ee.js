@@ -18,6 +18,10 @@ export const MAX_COUNTER = Number.MAX_SAFE_INTEGER;
 export const SDP_TYPES = Object.freeze(["offer", "answer"]);
 /** What may be sealed end to end: descriptions and trickled ICE candidates. */
 export const SIGNAL_TYPES = Object.freeze(["offer", "answer", "candidate"]);
+/** Every type sealed under a direction key: the signaling above, and the therapist's roster (7.8). */
+export const SEALED_TYPES = Object.freeze([...SIGNAL_TYPES, "roster"]);
+/** A session has at most 15 client seats, so a client's roster names at most 14 others. */
+export const MAX_ROSTER_PEERS = 14;
 const MAX_SDP_CHARS = 48 * 1024;
 const MAX_CANDIDATE_CHARS = 1024;
 const MAX_MID_CHARS = 64;
@@ -40,6 +44,9 @@ const SEAL_LABEL = "tt-seal v1";
 const SAS_LABEL = "tt-sas v1";
 const DETAILS_LABEL = "tt-details v1";
 const CHECKLIST_LABEL = "tt-checklist v1";
+const SEAT_LABEL = "tt-seat v1";
+const GROUP_LABEL = "tt-group v1";
+const CLIENTS_LABEL = "tt-clients v1";
 
 /** Why a receiver refused an offer/answer (same strings as broker/crypto/sdp_auth.py). */
 export const REASONS = Object.freeze([
@@ -242,6 +249,111 @@ export function deriveDetailsKey(linkKey, sessionId) {
   return hkdf(linkKey, sessionId, DETAILS_INFO);
 }
 
+// -- a key per seat (docs/protocol.md 7.1) ------------------------------------------------------
+
+async function deriveFromSecret(secret, sessionId, info) {
+  if (!(secret instanceof Uint8Array) || secret.length !== LINK_KEY_BYTES) {
+    throw new Error(`the session secret must be ${LINK_KEY_BYTES} bytes (use decodeLinkKey)`);
+  }
+  const ikm = await crypto.subtle.importKey("raw", secret, "HKDF", false, ["deriveBits"]);
+  const params = { name: "HKDF", hash: "SHA-256", salt: utf8(sessionId), info };
+  return new Uint8Array(await crypto.subtle.deriveBits(params, ikm, 256));
+}
+
+/** K_seat: the key a client seat's link carries; only the therapist's side can derive it. */
+export function seatKey(secret, sessionId, peerId) {
+  return deriveFromSecret(secret, sessionId, concat([lp(SEAT_LABEL), lp(peerId)]));
+}
+
+/** K_group: the one key a group link carries, shared by everyone who received that link. */
+export function groupKey(secret, sessionId) {
+  return deriveFromSecret(secret, sessionId, lp(GROUP_LABEL));
+}
+
+/** K_clients: the key two clients authenticate each other with; the therapist sends it to both. */
+export function clientPairKey(secret, sessionId, a, b) {
+  const [lo, hi] = compareCodePoints(a, b) <= 0 ? [a, b] : [b, a];
+  return deriveFromSecret(secret, sessionId, concat([lp(CLIENTS_LABEL), lp(lo), lp(hi)]));
+}
+
+/**
+ * The key the therapist's side authenticates its pair with `client` under: the client's seat
+ * key; the group key for a seat taken through the group link; the session secret itself for a
+ * session scheduled before seat keys (`seatKeys` false), whose links all carry that one key.
+ */
+export async function pairLinkKey(secret, sessionId, client, { seatKeys = true, groupSeat = false } = {}) {
+  if (!seatKeys) return checkLinkKey(secret);
+  return groupSeat ? groupKey(secret, sessionId) : seatKey(secret, sessionId, client);
+}
+
+// -- the therapist's roster (docs/protocol.md 7.8) ----------------------------------------------
+
+const PEER_ID_RE = /^[A-Za-z0-9_-]{1,64}$/;
+const ROSTER_ENTRY_FIELDS = Object.freeze(["peer", "fingerprint", "key", "held"]);
+
+function checkRosterEntry(entry) {
+  if (typeof entry.peer !== "string" || !PEER_ID_RE.test(entry.peer)) {
+    throw new Error("a roster entry's peer must be a peer id");
+  }
+  if (typeof entry.fingerprint !== "string") throw new Error("a roster entry's fingerprint must be text");
+  if (normaliseFingerprint(entry.fingerprint) !== entry.fingerprint) {
+    throw new Error("a roster entry's fingerprint must be normalised");
+  }
+  const alg = entry.fingerprint.split(" ", 1)[0];
+  if (!FINGERPRINT_ALGORITHMS.some(([name]) => name === alg)) {
+    throw new Error("a roster entry's fingerprint must be sha-256, sha-384 or sha-512");
+  }
+  decodeLinkKey(entry.key);
+  if (typeof entry.held !== "boolean") throw new Error("a roster entry's held must be true or false");
+}
+
+function checkRoster(version, entries) {
+  checkCounter(version);
+  if (!Array.isArray(entries)) throw new Error("a roster's peers must be a list");
+  if (entries.length > MAX_ROSTER_PEERS) throw new Error(`a roster names at most ${MAX_ROSTER_PEERS} peers`);
+  for (const entry of entries) checkRosterEntry(entry);
+  if (new Set(entries.map((e) => e.peer)).size !== entries.length) throw new Error("a roster names each peer once");
+}
+
+/**
+ * The exact plaintext the therapist seals: compact JSON, entries sorted by peer id, members in
+ * the order peer, fingerprint, key, held (the text broker/crypto/roster.py writes).
+ */
+export function rosterPlaintext(version, entries) {
+  checkRoster(version, entries);
+  const peers = [...entries]
+    .sort((a, b) => compareCodePoints(a.peer, b.peer))
+    .map((e) => ({ peer: e.peer, fingerprint: e.fingerprint, key: e.key, held: e.held }));
+  return JSON.stringify({ version, peers });
+}
+
+/**
+ * {version, peers} of an opened roster; InterceptionError("malformed") if it is not exactly
+ * one. Receivers read any JSON text with exactly these members, in any order.
+ */
+export function parseRosterPlaintext(text) {
+  try {
+    const data = JSON.parse(text);
+    if (data === null || typeof data !== "object" || Array.isArray(data) || !sameKeys(data, ["version", "peers"])) {
+      throw new Error('a roster is {"version", "peers"}');
+    }
+    const { version, peers } = data;
+    if (typeof version !== "number" || !Array.isArray(peers)) {
+      throw new Error("a roster's version is an integer and its peers a list");
+    }
+    const entries = peers.map((item) => {
+      if (item === null || typeof item !== "object" || Array.isArray(item) || !sameKeys(item, ROSTER_ENTRY_FIELDS)) {
+        throw new Error('a roster entry is {"peer", "fingerprint", "key", "held"}');
+      }
+      return { peer: item.peer, fingerprint: item.fingerprint, key: item.key, held: item.held };
+    });
+    checkRoster(version, entries);
+    return { version, peers: entries };
+  } catch (err) {
+    throw new InterceptionError("malformed", `roster: ${err.message}`);
+  }
+}
+
 // -- authenticated SDP -----------------------------------------------------------------
 
 function hmacKey(raw, usage) {
@@ -305,7 +417,7 @@ export async function deriveSealKey(kPair, sender, recipient) {
 
 /** The associated data of a sealed message: its routing header, which the broker sees. */
 export function sealAad(sessionId, sender, recipient, type, counter) {
-  if (!SIGNAL_TYPES.includes(type)) throw new Error("type must be 'offer', 'answer' or 'candidate'");
+  if (!SEALED_TYPES.includes(type)) throw new Error("type must be 'offer', 'answer', 'candidate' or 'roster'");
   return concat([lp(SEAL_LABEL), lp(sessionId), lp(sender), lp(recipient), lp(type), u64(counter)]);
 }
 
@@ -434,6 +546,7 @@ function nowMicros() {
  */
 export class SdpAuthenticator {
   #kAuth;
+  #peerAuth = new Map(); // peer -> K_auth (a promise) or null: that pair's own link key (7.1)
   #clock;
   #sealLimit;
   #lastSent = new Map();
@@ -455,9 +568,43 @@ export class SdpAuthenticator {
     this.#sealLimit = sealLimit;
   }
 
-  /** Whether this side can sign, seal, check and open at all. */
+  /** Whether this side holds its own link's key at all. */
   get hasLinkKey() {
     return this.#kAuth !== null;
+  }
+
+  /**
+   * Authenticate the pair with `peer` under its own pair link key L (7.1) instead of this
+   * side's link key: a seat key, the group key, or a client-pair key from the roster; null
+   * means this pair has no key (nothing is sealed or checked with a key). `key` may be a
+   * promise of the 32 bytes. Counters carry on.
+   */
+  setPeerKey(peer, key) {
+    utf8(peer);
+    const kAuth =
+      key == null ? null : Promise.resolve(key).then((raw) => deriveAuthKey(checkLinkKey(raw), this.sessionId));
+    kAuth?.catch(() => {}); // a bad key surfaces where it is used
+    this.#peerAuth.set(peer, kAuth);
+    for (const id of [JSON.stringify([this.myPeerId, peer]), JSON.stringify([peer, this.myPeerId])]) {
+      this.#sealKeys.delete(id);
+    }
+  }
+
+  /** Go back to this side's own link key for `peer`. */
+  forgetPeerKey(peer) {
+    this.#peerAuth.delete(peer);
+    for (const id of [JSON.stringify([this.myPeerId, peer]), JSON.stringify([peer, this.myPeerId])]) {
+      this.#sealKeys.delete(id);
+    }
+  }
+
+  #authFor(peer) {
+    return this.#peerAuth.has(peer) ? this.#peerAuth.get(peer) : this.#kAuth;
+  }
+
+  /** Whether the pair with `peer` has a link key: signed or sealed, checked or opened. */
+  hasKeyFor(peer) {
+    return this.#authFor(peer) !== null;
   }
 
   /** max(last + 1, now in µs): strictly increasing, even across a page reload. */
@@ -473,8 +620,9 @@ export class SdpAuthenticator {
     if (recipient === this.myPeerId) throw new Error("cannot send an offer/answer to ourselves");
     canonical(this.sessionId, this.myPeerId, recipient, type, 0, sdp); // validate first
     const counter = this.nextCounter(recipient); // taken before any await: no two share one
-    if (this.#kAuth === null) return [counter, null];
-    const kAuth = await this.#kAuth;
+    const auth = this.#authFor(recipient);
+    if (auth === null) return [counter, null];
+    const kAuth = await auth;
     const mac = await signSdp(kAuth, this.sessionId, this.myPeerId, recipient, type, counter, sdp);
     return [counter, mac];
   }
@@ -483,10 +631,21 @@ export class SdpAuthenticator {
     const id = JSON.stringify([sender, recipient]);
     let key = this.#sealKeys.get(id);
     if (!key) {
-      key = this.#kAuth.then(async (kAuth) => deriveSealKey(await pairKey(kAuth, sender, recipient), sender, recipient));
+      const other = sender === this.myPeerId ? recipient : sender;
+      key = this.#authFor(other).then(async (kAuth) =>
+        deriveSealKey(await pairKey(kAuth, sender, recipient), sender, recipient),
+      );
       this.#sealKeys.set(id, key);
     }
     return key;
+  }
+
+  #sealCount(recipient) {
+    const seals = this.#seals.get(recipient) ?? 0;
+    if (seals >= this.#sealLimit) {
+      throw new Error("refusing to seal: this direction key has sealed its limit of messages");
+    }
+    return seals;
   }
 
   /**
@@ -496,21 +655,56 @@ export class SdpAuthenticator {
    * they called seal() send counters in increasing order.
    */
   async seal(recipient, type, fields) {
-    if (this.#kAuth === null) throw new Error("cannot seal without the link key");
+    if (!this.hasKeyFor(recipient)) throw new Error("cannot seal without the link key");
     if (recipient === this.myPeerId) throw new Error("cannot send a message to ourselves");
     const plaintext = signalPlaintext(type, fields);
     if (utf8(plaintext).length > MAX_SEALED_PLAINTEXT) {
       throw new Error(`plaintext over ${MAX_SEALED_PLAINTEXT} bytes cannot be sealed`);
     }
-    const seals = this.#seals.get(recipient) ?? 0;
-    if (seals >= this.#sealLimit) {
-      throw new Error("refusing to seal: this direction key has sealed its limit of messages");
-    }
+    const seals = this.#sealCount(recipient);
     const counter = this.nextCounter(recipient);
     this.#seals.set(recipient, seals + 1);
     const key = await this.#sealKey(this.myPeerId, recipient);
     const sealed = await sealSignal(key, this.sessionId, this.myPeerId, recipient, type, counter, plaintext);
     return [counter, sealed];
+  }
+
+  /**
+   * The therapist's side: resolves to [counter, sealed] of a roster for `recipient` (7.8),
+   * sealed under the therapist→recipient direction key with type "roster" in the AAD.
+   */
+  async sealRoster(recipient, version, entries) {
+    if (!this.hasKeyFor(recipient)) throw new Error("cannot seal a roster without the link key");
+    if (recipient === this.myPeerId) throw new Error("cannot send a message to ourselves");
+    const plaintext = rosterPlaintext(version, entries);
+    if (utf8(plaintext).length > MAX_SEALED_PLAINTEXT) throw new Error("roster too large to seal");
+    const seals = this.#sealCount(recipient);
+    const counter = this.nextCounter(recipient);
+    this.#seals.set(recipient, seals + 1);
+    const key = await this.#sealKey(this.myPeerId, recipient);
+    const sealed = await sealSignal(key, this.sessionId, this.myPeerId, recipient, "roster", counter, plaintext);
+    return [counter, sealed];
+  }
+
+  /**
+   * A client: open a roster from the therapist; resolves to {version, peers} or rejects with
+   * InterceptionError (bad_mac, malformed, replayed_counter). A relayed roster's counter is
+   * checked and recorded like any other; the copy over the chat channel (`relayed` false) is
+   * opened the same way without touching the counter state.
+   */
+  acceptRoster(sender, counter, sealed, { relayed = true } = {}) {
+    return this.#inOrder(sender, async () => {
+      checkHeader(this.myPeerId, sender, "roster", ["roster"], counter);
+      if (!this.hasKeyFor(sender)) throw new Error("cannot open a roster without the link key");
+      const key = await this.#sealKey(sender, this.myPeerId);
+      const text = await openSignal(key, this.sessionId, sender, this.myPeerId, "roster", counter, sealed);
+      const roster = parseRosterPlaintext(text);
+      if (!relayed) return roster;
+      const last = this.#lastAccepted.get(sender);
+      if (last !== undefined && counter <= last) throw new InterceptionError("replayed_counter");
+      this.#lastAccepted.set(sender, counter);
+      return roster;
+    });
   }
 
   /** Run `task` after every earlier check of a message from `sender` has settled. */
@@ -537,7 +731,7 @@ export class SdpAuthenticator {
   unseal(sender, type, counter, sealed) {
     return this.#inOrder(sender, async () => {
       checkHeader(this.myPeerId, sender, type, SIGNAL_TYPES, counter);
-      if (this.#kAuth === null) throw new Error("cannot open a sealed message without the link key");
+      if (!this.hasKeyFor(sender)) throw new Error("cannot open a sealed message without the link key");
       const key = await this.#sealKey(sender, this.myPeerId);
       const text = await openSignal(key, this.sessionId, sender, this.myPeerId, type, counter, sealed);
       const fields = parseSignalPlaintext(type, text);
@@ -563,8 +757,9 @@ export class SdpAuthenticator {
       if (typeof sdp !== "string") throw new InterceptionError("malformed", "sender and sdp must be text");
       checkHeader(this.myPeerId, sender, type, SDP_TYPES, counter);
       let trust = Trust.UNVERIFIED;
-      if (this.#kAuth !== null && (mac || !allowUnverified)) {
-        const kAuth = await this.#kAuth;
+      const auth = this.#authFor(sender);
+      if (auth !== null && (mac || !allowUnverified)) {
+        const kAuth = await auth;
         await verifySdp(kAuth, this.sessionId, sender, this.myPeerId, type, counter, sdp, mac);
         trust = Trust.VERIFIED_BY_LINK;
       }

@@ -183,6 +183,21 @@ function onStatus(status) {
   state.therapistPresent = status.therapist_present;
   updateWaitingText();
   if (status.seat_state === "admitted" && !state.call && !state.finished) startCall();
+  showHold(status.held === true);
+}
+
+/** Private time (docs/protocol.md 7.9): a calm screen while the therapist talks with someone else. */
+function showHold(held) {
+  if (!state.call || state.finished) return;
+  state.call.setSelfHeld(held);
+  const screen = document.body.dataset.screen;
+  if (held && screen === "call") {
+    showScreen("screen-hold");
+    announce("Your therapist is talking with someone privately. You'll be brought back.");
+  } else if (!held && screen === "hold") {
+    showScreen("screen-call");
+    announce("You are back in the call.");
+  }
 }
 
 function onConnection({ state: connection }) {
@@ -604,6 +619,8 @@ function startCall() {
     sessionId: joined.session,
     peerId: joined.peer,
     linkKey: state.linkKey,
+    role: "client",
+    seatKeys: joined.seat_keys !== false,
     iceServers: joined.ice_servers,
     iceTransportPolicy: joined.ice_transport_policy,
     localStream: state.stream,

@@ -414,6 +414,15 @@ export class Signaling {
     return this.#send({ type: "allow_return", peer });
   }
 
+  /** Private time: the broker relays nothing to or from this client until `release` (section 3). */
+  hold(peer) {
+    return this.#send({ type: "hold", peer });
+  }
+
+  release(peer) {
+    return this.#send({ type: "release", peer });
+  }
+
   /**
    * End the session for everyone. `verification` maps each client's peer id to how this side
    * verified them ("link", "safety_code" or "unverified"), for the signed session record.
@@ -450,6 +459,11 @@ export class Signaling {
   /** Tell the broker a description from `peer` failed authentication (audit log only; no content). */
   reportInterception(peer, reason) {
     return this.#send({ type: "report", event: "interception_warning", peer, reason });
+  }
+
+  /** The therapist's roster for one client, sealed end to end (docs/protocol.md 7.8). */
+  sendRoster(to, counter, sealed) {
+    return this.#send({ type: "roster", to, counter, sealed });
   }
 
   /** Ask the offerer of a pair for a new offer (an ICE restart, or after a reload). */

@@ -2,14 +2,18 @@
 // summary and emergency details, admit / decline / remove, the call, and
 // ending the session for everyone.
 //
-// The link key comes from the address fragment, or from IndexedDB where this
-// browser kept it for the session (so /t/<token> reopens without the fragment).
+// The therapist's link carries the session secret (docs/protocol.md 7.1); it comes from the
+// address fragment, or from IndexedDB where this browser kept it for the session (so
+// /t/<token> reopens without the fragment). Each client's pair, details and checklist
+// answers use that client's seat key, derived here from the secret (the group key for a
+// seat taken through the group link). The therapist can talk privately with some clients
+// while the others wait (hold / release, 7.9).
 // Without any key the therapist may continue unverified: the call works, every
 // tile says "not verified by link", and emergency details stay sealed.
 
 import { Call, CallView } from "./call.js";
 import { openMedia, stopStream } from "./devices.js";
-import { openChecklist, openDetails, readLinkKeyFromFragment } from "./e2ee.js";
+import { openChecklist, openDetails, pairLinkKey, readLinkKeyFromFragment } from "./e2ee.js";
 import { Signaling, tokenFromPath } from "./protocol.js";
 import { announce, byId, confirmDialog, el, fill, formatTime, setText, showScreen } from "./ui.js";
 
@@ -79,7 +83,18 @@ const state = {
   started: false,
   finished: false,
   record: null, // the broker-signed session record, offered for download at the end
+  holds: new Set(), // clients this page put on hold (private time)
 };
+
+/** The key client `peer`'s link carries, derived from the session secret (7.1); null without it. */
+function clientKey(peer) {
+  if (!state.linkKey) return null;
+  const seat = state.seats.find((s) => s.peer === peer);
+  return pairLinkKey(state.linkKey, state.joined.session, peer, {
+    seatKeys: state.joined.seat_keys !== false,
+    groupSeat: seat?.group === true,
+  });
+}
 
 // ------------------------------------------------------------------ key storage (IndexedDB)
 
@@ -186,6 +201,8 @@ function startDashboard(key) {
     sessionId: joined.session,
     peerId: joined.peer,
     linkKey: key,
+    role: "therapist",
+    seatKeys: joined.seat_keys !== false,
     iceServers: joined.ice_servers,
     iceTransportPolicy: joined.ice_transport_policy,
     localStream: state.stream,
@@ -240,6 +257,7 @@ async function startMedia() {
 
 function onWaitingRoom(message) {
   state.seats = message.seats;
+  for (const seat of message.seats) if (seat.state !== "admitted") state.holds.delete(seat.peer); // a hold ends when they leave
   message.seats.forEach((seat, i) => {
     if (!state.labels.has(seat.peer)) state.labels.set(seat.peer, message.seats.length > 1 ? `Client ${i + 1}` : "Client");
     const before = state.seatStates.get(seat.peer);
@@ -295,7 +313,7 @@ async function openSeatDetails(key, peer, sealed) {
   const entry = { sealed, value: null, error: null };
   state.details.set(key, entry);
   try {
-    entry.value = JSON.parse(await openDetails(state.linkKey, state.joined.session, peer, sealed));
+    entry.value = JSON.parse(await openDetails(await clientKey(peer), state.joined.session, peer, sealed));
   } catch {
     entry.error = "These details could not be opened: they were changed on the way, or sealed with another link key.";
   }
@@ -318,6 +336,7 @@ function renderSeat(seat) {
     el("h3", { text: label }),
     seat.minor ? el("span", { className: "badge", text: "Minor" }) : null,
     el("span", { className: `badge state-${seat.state}`, text: SEAT_WORDS[seat.state] ?? seat.state }),
+    isHeld(seat) ? el("span", { className: "badge held", "data-testid": "seat-held", text: "On hold" }) : null,
     !seat.connected && ["waiting", "admitted", "checking"].includes(seat.state)
       ? el("span", { className: "badge offline", text: "Connection dropped" })
       : null,
@@ -385,7 +404,7 @@ async function openSeatAnswers(key, peer, sealed) {
   const entry = { sealed, value: null, error: null };
   state.answers.set(key, entry);
   try {
-    entry.value = await openChecklist(state.linkKey, state.joined.session, peer, sealed);
+    entry.value = await openChecklist(await clientKey(peer), state.joined.session, peer, sealed);
   } catch {
     entry.error = "The client's answers could not be opened: they were changed on the way, or sealed with another link key.";
   }
@@ -472,11 +491,38 @@ function seatActions(seat, label) {
   if (seat.state === "waiting" || seat.state === "checking") {
     buttons.push(actionButton(`Decline ${label}`, "decline", peer, "quiet", () => state.signaling.decline(peer)));
   }
-  if (seat.state === "admitted") buttons.push(removeButton(peer, `Remove ${label}`));
+  if (seat.state === "admitted") {
+    buttons.push(
+      isHeld(seat)
+        ? actionButton(`Bring ${label} back`, "release", peer, "primary", () => setHold(peer, label, false))
+        : actionButton(`Talk privately (${label} waits)`, "hold", peer, "quiet", () => setHold(peer, label, true)),
+    );
+    buttons.push(removeButton(peer, `Remove ${label}`));
+  }
   if (seat.state === "declined" || seat.state === "removed") {
     buttons.push(actionButton(`Let ${label} come back`, "allow-return", peer, "quiet", () => state.signaling.allowReturn(peer)));
   }
   return buttons;
+}
+
+function isHeld(seat) {
+  return seat.held === true || state.holds.has(seat.peer);
+}
+
+/** Private time: put a client on hold (they see and hear no one, and no one them) or bring them back. */
+function setHold(peer, label, on) {
+  if (on) {
+    state.holds.add(peer);
+    state.signaling.hold(peer);
+  } else {
+    state.holds.delete(peer);
+    const seat = state.seats.find((s) => s.peer === peer);
+    if (seat) seat.held = false; // until the broker's next view says so too
+    state.signaling.release(peer);
+  }
+  state.call?.setHold(peer, on);
+  announce(on ? `${label} is on hold: they cannot see or hear the call.` : `${label} is back in the call.`);
+  renderSeats();
 }
 
 function removeButton(peer, text = "Remove") {
