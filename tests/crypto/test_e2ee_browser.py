@@ -17,7 +17,7 @@ from broker.crypto.link_key import decode_link_key, derive_auth_key, new_link_ke
 from broker.crypto.roster import RosterEntry, parse_roster_plaintext
 from broker.crypto.sdp_auth import InterceptionError, Trust, fingerprint_of, safety_code
 from broker.crypto.sdp_authenticator import SdpAuthenticator
-from broker.crypto.sealed_for_therapist import open_checklist, open_details, seal_checklist, seal_details
+from broker.crypto.sealed_for_therapist import DetailsError, open_checklist, open_details, seal_checklist, seal_details
 from broker.crypto.sealed_signaling import (
     MAX_SEALED_CHARS,
     MAX_SEALED_PLAINTEXT,
@@ -316,6 +316,35 @@ async def test_roster_sealed_in_js_opens_in_python(page: Page) -> None:
     k_other = derive_seal_key(pair_key(derive_auth_key(other, SESSION), "therapist", "seat-1"), "therapist", "seat-1")
     with pytest.raises(InterceptionError, match="bad_mac"):
         open_signal(k_other, SESSION, "therapist", "seat-1", "roster", counter, sealed)
+
+
+async def test_details_a_page_seals_open_for_the_therapist_only_never_for_another_client(page: Page) -> None:
+    """A relay that forwards one client's sealed details to another client gives it nothing it can open."""
+    secret = new_link_key()
+    result = await page.evaluate(
+        """async ([secret, session]) => {
+          const s = e2ee.decodeLinkKey(secret);
+          const mine = e2ee.pairLinkKey(s, session, 'seat-1');   // what seat-1's link carries
+          const other = e2ee.pairLinkKey(s, session, 'seat-2');  // what seat-2's link carries
+          const text = '{"location":"home","contact":"Sam"}';
+          const sealed = await e2ee.sealDetails(await mine, session, 'seat-1', text);
+          const attempt = async (key, peer) => {
+            try { return await e2ee.openDetails(await key, session, peer, sealed); } catch { return null; }
+          };
+          return {
+            therapist: await attempt(e2ee.pairLinkKey(s, session, 'seat-1'), 'seat-1'),
+            otherClient: await attempt(other, 'seat-1'),
+            otherClientRelabelled: await attempt(other, 'seat-2'),
+            sealed,
+          };
+        }""",
+        [secret, SESSION],
+    )
+    assert result["therapist"] == '{"location":"home","contact":"Sam"}'
+    assert result["otherClient"] is None and result["otherClientRelabelled"] is None
+    other_key = seat_key(decode_link_key(secret), SESSION, "seat-2")
+    with pytest.raises(DetailsError):
+        open_details(other_key, SESSION, "seat-1", result["sealed"])
 
 
 # -- across the language boundary ---------------------------------------------------------------
