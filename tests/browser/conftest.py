@@ -44,7 +44,7 @@ async def new_context(chromium: Browser, watch: Watch) -> AsyncIterator[NewConte
     made: list[BrowserContext] = []
 
     async def make(**options: Any) -> BrowserContext:
-        context = await chromium.new_context(viewport=DESKTOP, **options)
+        context = await chromium.new_context(**{"viewport": DESKTOP, **options})
         await context.add_init_script(CSP_WATCH)
         context.on("page", watch.attach)
         made.append(context)

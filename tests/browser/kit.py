@@ -220,13 +220,11 @@ async def pass_checklist(
     if axe:
         await look(page, axe, f"{name}checklist-space")
     await page.click("#step-next")
+    # The last step: the consent text, its acceptance and the emergency details together.
     await tick_all(page, "consent")
-    if axe:
-        await look(page, axe, f"{name}checklist-consent")
-    await page.click("#step-next")
     await fill_details(page, location, contact)
     if axe:
-        await look(page, axe, f"{name}checklist-details")
+        await look(page, axe, f"{name}checklist-consent")
     await page.click("#checklist-submit")
     await wait_screen(page, "waiting")
 

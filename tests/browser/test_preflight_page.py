@@ -48,7 +48,6 @@ async def test_a_busy_preflight_is_explained_and_tried_again(
         await tick_all(page, "space")
         await page.click("#step-next")
         await tick_all(page, "consent")
-        await page.click("#step-next")
         await page.fill("#details-location", "Home")
         await page.fill("#details-contact", "Sam")
         await page.click("#checklist-submit")

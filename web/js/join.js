@@ -83,7 +83,12 @@ const NOTICES = {
   ],
 };
 
-const STEP_NAMES = { device: "Device", space: "Your space", consent: "Consent", details: "Emergency" };
+/**
+ * The checklist's steps (at most three, so it stays short on a phone) and the sections each shows:
+ * the device checks; the attested points; the consent text with the emergency details.
+ */
+const STEPS = { device: ["device"], space: ["space"], agree: ["consent", "details"] };
+const SECTION_NAMES = { device: "Your device", space: "Your space", consent: "Consent", details: "Emergency details" };
 
 const state = {
   signaling: null,
@@ -98,6 +103,7 @@ const state = {
   lastPeers: [],
   therapistPresent: false,
   items: [],
+  sections: [],
   steps: [],
   stepIndex: 0,
   preflight: "idle",
@@ -144,7 +150,9 @@ function wireButtons() {
   byId("unverified-leave").addEventListener("click", () => finish("left"));
   byId("interception-close").addEventListener("click", () => finish("interception"));
   byId("notice-action").addEventListener("click", () => window.location.reload());
-  for (const id of ["details-location", "details-contact"]) byId(id).addEventListener("input", updateProgress);
+  for (const id of ["details-location", "details-contact"]) {
+    byId(id).addEventListener("input", () => detailsFilled() && setText("checklist-error", ""));
+  }
 }
 
 function onJoined(joined) {
@@ -228,7 +236,8 @@ function startChecklist() {
     else if (item.kind === "details") groups.details.push(item);
     else groups.space.push(item);
   }
-  state.steps = Object.keys(groups).filter((name) => groups[name].length > 0 || name === "device");
+  state.sections = Object.keys(groups).filter((name) => groups[name].length > 0 || name === "device");
+  state.steps = Object.keys(STEPS).filter((step) => stepSections(step).length > 0);
   fill(byId("items-device"), groups.device.map(renderAutomatic));
   fill(byId("items-space"), groups.space.map(renderAttested));
   fill(byId("items-consent"), groups.consent.map(renderAttested));
@@ -241,13 +250,24 @@ function startChecklist() {
   fill(
     byId("stepper"),
     state.steps.map((name, i) =>
-      el("li", { dataset: { step: name } }, [el("span", { className: "num", text: String(i + 1) }), STEP_NAMES[name]]),
+      el("li", { dataset: { step: name } }, [el("span", { className: "num", text: String(i + 1) }), stepName(name)]),
     ),
   );
   showScreen("screen-checklist");
   showStep(0, { focus: false });
   updateProgress();
   runAutomaticChecks();
+}
+
+/** The sections of a step that this policy has items for. */
+function stepSections(step) {
+  return STEPS[step].filter((section) => state.sections.includes(section));
+}
+
+function stepName(step) {
+  return stepSections(step)
+    .map((section, i) => (i === 0 ? SECTION_NAMES[section] : SECTION_NAMES[section].toLowerCase()))
+    .join(" and ");
 }
 
 function levelWord(item) {
@@ -280,7 +300,6 @@ function renderAttested(item) {
   input.addEventListener("change", () => {
     item.met = input.checked;
     item.node.dataset.status = input.checked ? "ok" : "pending";
-    updateProgress();
   });
   item.input = input;
   item.node = el("li", { className: "item attest", dataset: { item: item.id, status: "pending" } }, [
@@ -326,7 +345,32 @@ function setAutomatic(check, met, statusText) {
     item.helpNode.hidden = !failed;
     item.retry.hidden = !failed || check === "headset";
   }
-  updateProgress();
+  updateDeviceSummary();
+}
+
+/** The device checks in one line; the disclosure opens by itself when a needed check failed. */
+function updateDeviceSummary() {
+  const automatic = state.items.filter((i) => i.kind === "automatic");
+  const failed = automatic.filter((i) => i.level === "required" && i.met === false);
+  const running = automatic.some((i) => i.met === null);
+  const unmet = automatic.filter((i) => i.level !== "required" && i.met === false);
+  let status = "ok";
+  let text = "Camera, microphone and connection are ready";
+  if (failed.length > 0) {
+    status = "fail";
+    text = failed.length === 1 ? "One check needs your attention" : `${failed.length} checks need your attention`;
+  } else if (running) {
+    status = "pending";
+    text = "Checking your camera, microphone and connection…";
+  }
+  const suggestion = byId("device-suggestion");
+  suggestion.hidden = status !== "ok" || unmet.length === 0;
+  suggestion.textContent = unmet.length === 1 ? "One suggestion in the details." : `${unmet.length} suggestions in the details.`;
+  const summary = byId("device-summary");
+  const before = summary.dataset.status;
+  summary.dataset.status = status;
+  setText("device-summary-text", text);
+  if (status === "fail" && before !== "fail") byId("device-details").open = true;
 }
 
 async function runAutomaticChecks() {
@@ -440,7 +484,8 @@ function preflightRetryDelayMs(err, attempt) {
 function showStep(index, { focus = true } = {}) {
   state.stepIndex = Math.max(0, Math.min(index, state.steps.length - 1));
   const current = state.steps[state.stepIndex];
-  for (const name of ["device", "space", "consent", "details"]) byId(`step-${name}`).hidden = name !== current;
+  const shown = stepSections(current);
+  for (const name of ["device", "space", "consent", "details"]) byId(`step-${name}`).hidden = !shown.includes(name);
   for (const li of byId("stepper").children) {
     const active = li.dataset.step === current;
     if (active) li.setAttribute("aria-current", "step");
@@ -452,7 +497,8 @@ function showStep(index, { focus = true } = {}) {
   byId("step-next").hidden = last;
   byId("checklist-submit").hidden = !last;
   setText("checklist-error", "");
-  if (focus) byId(`step-${current}`).querySelector("h2").focus();
+  updateProgress();
+  if (focus) byId(`step-${shown[0]}`).querySelector("h2").focus();
 }
 
 function stepItems(name) {
@@ -472,11 +518,20 @@ function itemDone(item) {
 }
 
 /** What still stops this step, in words; null when the step is complete. */
-function stepProblem(name) {
+function stepProblem(step) {
+  for (const section of stepSections(step)) {
+    const problem = sectionProblem(section);
+    if (problem) return problem;
+  }
+  return null;
+}
+
+function sectionProblem(name) {
   const missing = stepItems(name).filter((i) => i.level === "required" && !itemDone(i));
   if (missing.length === 0) return null;
   if (name === "device") {
     if (missing.some((i) => i.met === null)) return "Please wait a moment: the checks are still running.";
+    byId("device-details").open = true;
     return "Some checks did not work yet. The steps under each one explain how to fix it; then press “Check again”.";
   }
   if (name === "details") return "Please fill in both fields. Only your therapist can read them.";
@@ -494,13 +549,14 @@ function moveStep(delta) {
   showStep(state.stepIndex + delta);
 }
 
+/** Progress counts steps, not items: "Step 2 of 3". */
 function updateProgress() {
-  const total = state.items.length;
-  const done = state.items.filter(itemDone).length;
+  const total = state.steps.length;
+  if (total === 0) return;
   const bar = byId("checklist-progress");
-  bar.max = Math.max(1, total);
-  bar.value = done;
-  setText("checklist-progress-label", `${done} of ${total} done`);
+  bar.max = total;
+  bar.value = state.stepIndex + 1;
+  setText("checklist-progress-label", `Step ${state.stepIndex + 1} of ${total}: ${stepName(state.steps[state.stepIndex])}`);
 }
 
 async function submitChecklist() {
