@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import html
 import logging
-import string
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +30,7 @@ from broker.http.client_address import request_address_key
 from broker.http.dashboard import setup_dashboard
 from broker.http.guard import forwarded_limit
 from broker.http.login import setup_auth
+from broker.http.notice_pages import not_found_pages, notice_response
 from broker.http.pages import web_root
 from broker.http.security_headers import security_middleware, security_signal
 from broker.metrics.labels import ThrottleLimit
@@ -220,33 +219,6 @@ def _ice_servers(config: Config, keys: Keys) -> Any:
 
 # ---------------------------------------------------------------- pages
 
-_ERROR_STATUS = {
-    ErrorCode.INVALID_TOKEN: 404,
-    ErrorCode.TOKEN_EXPIRED: 410,
-    ErrorCode.TOKEN_NOT_YET_VALID: 425,
-    ErrorCode.SESSION_ENDED: 410,
-    ErrorCode.SESSION_NOT_FOUND: 404,
-    ErrorCode.UNAVAILABLE: 503,
-}
-
-_ERROR_TITLES = {
-    ErrorCode.INVALID_TOKEN: "This link does not work",
-    ErrorCode.TOKEN_EXPIRED: "This link has expired",
-    ErrorCode.TOKEN_NOT_YET_VALID: "It is a little early",
-    ErrorCode.SESSION_ENDED: "This session has ended",
-    ErrorCode.SESSION_NOT_FOUND: "This session could not be found",
-    ErrorCode.UNAVAILABLE: "Please try again in a moment",
-}
-
-UNAVAILABLE_MESSAGE = "The service cannot reach its session records just now. Nothing was changed."
-
-
-def render_notice(title: str, message: str, status: int, code: str) -> web.Response:
-    """A plain page for a link that cannot be used: never a stack trace."""
-    template = string.Template((web_root() / "notice.html").read_text(encoding="utf-8"))
-    body = template.substitute(title=html.escape(title), message=html.escape(message), code=html.escape(code))
-    return web.Response(text=body, status=status, content_type="text/html", charset="utf-8")
-
 
 async def _resolve_link(request: web.Request) -> Any:
     """The seat a link opens. A link without a session first has the session Redis's mark looked
@@ -268,10 +240,7 @@ async def _link_page(request: web.Request, page: str, role: str) -> web.StreamRe
         if seat.role.value != role:
             raise ProtocolError(ErrorCode.INVALID_TOKEN, "This link does not open this page.")
     except ProtocolError as exc:
-        status = _ERROR_STATUS.get(exc.code, 400)
-        return render_notice(
-            _ERROR_TITLES.get(exc.code, "This link does not work"), exc.message, status, exc.code.value
-        )
+        return notice_response(exc.code.value)
     return web.FileResponse(web_root() / page, headers={"Content-Type": "text/html; charset=utf-8"})
 
 
@@ -416,8 +385,7 @@ async def store_outage_pages(request: web.Request, handler: Handler) -> web.Stre
         return await handler(request)
     except (StoreUnavailable, RedisError, ConnectionError, TimeoutError):
         log.warning("event=page_unavailable")
-        code = ErrorCode.UNAVAILABLE
-        return render_notice(_ERROR_TITLES[code], UNAVAILABLE_MESSAGE, _ERROR_STATUS[code], code.value)
+        return notice_response(ErrorCode.UNAVAILABLE.value)
 
 
 @web.middleware
@@ -451,7 +419,13 @@ def build_app(broker: Broker) -> web.Application:
         refused = functools.partial(broker.metrics.throttle, ThrottleLimit.HTTP_PER_ADDRESS)
         limits.append(forwarded_limit(config.max_http_connections_per_address, broker.keys.address, refused))
     app = web.Application(
-        middlewares=[security_middleware(config.trust_proxy), *limits, store_outage_pages, compress_files],
+        middlewares=[
+            security_middleware(config.trust_proxy),
+            *limits,
+            store_outage_pages,
+            not_found_pages,
+            compress_files,
+        ],
         client_max_size=256 * 1024,
     )
     app.on_response_prepare.append(security_signal(config.trust_proxy))

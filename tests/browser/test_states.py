@@ -267,6 +267,10 @@ async def test_bad_link_at_http_level(
     assert response is not None and response.status == 404
     await expect(page.locator("h1")).to_have_text("This link does not work")
     await look(page, axe_source, "link-invalid-http")
+    response = await page.goto(f"{broker.url}/j/")  # a link cut short: the same layout, never a bare 404
+    assert response is not None and response.status == 404
+    await expect(page.locator("h1")).to_have_text("Page not found")
+    await look(page, axe_source, "page-not-found")
     await watch.assert_clean()
 
 

@@ -31,6 +31,7 @@ from broker.config import Keys
 from broker.signaling.hub import Hub
 from broker.signaling.tokens import TokenCodec
 from broker.store.backends import connect_redis
+from tests.notice_page import check_notice
 from tests.redis_server import RedisServer, free_port
 from tests.store.test_redis_cluster import BrokerProcess, Wire
 
@@ -180,6 +181,7 @@ async def test_pages_answer_the_503_notice_and_the_api_503_unavailable_while_red
         status, kind, body = await get(broker.url + path)
         assert (status, kind) == (503, "text/html"), (path, status, body[:200])
         assert 'data-code="unavailable"' in body and "Please try again in a moment" in body
+        check_notice(body, "unavailable")
     # The dashboard with a login cookie (its login session is looked up in the store).
     cookie = {"Cookie": "__Host-broker_login=" + "A" * 43}
     status, kind, body = await get(broker.url + "/dashboard", headers=cookie)
@@ -274,6 +276,7 @@ async def test_a_redis_restarted_empty_is_reported_and_links_say_so_plainly(tmp_
         assert (status, kind) == (404, "text/html"), body[:300]
         assert 'data-code="session_not_found"' in body
         assert "This session could not be found" in body and "contact your therapist" in body
+        check_notice(body, "session_not_found")
         assert "replaced" not in body and "revoked" not in body
         status, _, body = await get(a.url + f"/t/{therapist_token}")
         assert status == 404 and 'data-code="session_not_found"' in body
