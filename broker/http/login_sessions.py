@@ -272,19 +272,30 @@ def auth_of(request: web.Request) -> WebAuth:
     return request.app[AUTH]
 
 
-class LoginRequired(web.HTTPUnauthorized):
-    """No (full) login session: a JSON 401 that the pages turn into the login screen."""
+ENROLMENT_REQUIRED_MESSAGE = (
+    "Your practice requires a second factor: set up an authenticator app or a passkey on the login page first."
+)
 
-    def __init__(self) -> None:
-        body = json.dumps({"error": "login_required", "message": "Please log in."})
-        super().__init__(text=body, content_type="application/json")
+
+class LoginRequired(web.HTTPUnauthorized):
+    """No (full) login session: a JSON 401 that the pages turn into the login screen. For a partial
+    session (the practice requires a second factor the account does not have yet) it says so, with
+    ``enrolment_required``, instead of "Please log in."."""
+
+    def __init__(self, *, enrolment: bool = False) -> None:
+        answer: dict[str, Any] = {"error": "login_required", "message": "Please log in."}
+        if enrolment:
+            answer.update(message=ENROLMENT_REQUIRED_MESSAGE, enrolment_required=True)
+        super().__init__(text=json.dumps(answer), content_type="application/json")
 
 
 async def require_login(request: web.Request, *, allow_partial: bool = False) -> LoginSession:
     """The caller's login session, or a 401. Partial sessions (2FA enrolment pending) only if allowed."""
     session = await auth_of(request).session_of(request)
-    if session is None or (not session.full and not allow_partial):
+    if session is None:
         raise LoginRequired()
+    if not session.full and not allow_partial:
+        raise LoginRequired(enrolment=True)
     return session
 
 

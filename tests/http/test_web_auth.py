@@ -635,8 +635,11 @@ async def test_policy_can_require_a_second_factor_for_everyone(make_harness: Any
     partial = await h.login("robin")
     assert partial.status == 200 and partial.json()["enrolment_required"] is True
     cookie, csrf = login_cookie(partial), partial.json()["csrf"]
-    # Until enrolment is done, only the enrolment routes work.
-    assert (await h.request("GET", "/api/protected", cookie=cookie)).status == 401
+    # Until enrolment is done, only the enrolment routes work, and the refusal says why.
+    refused = await h.request("GET", "/api/protected", cookie=cookie)
+    assert refused.status == 401 and refused.json()["error"] == "login_required"
+    assert refused.json()["enrolment_required"] is True
+    assert "requires a second factor" in refused.json()["message"]
     assert (await h.request("GET", "/api/me", cookie=cookie)).status == 200
     assert "login_success" not in h.audit_events()
     confirmed, _ = await _enrol(h, cookie, csrf)
@@ -879,6 +882,9 @@ async def test_chromium_keeps_the_secure_host_cookie_on_plain_http_loopback(tmp_
             await page.get_by_role("alert").filter(has_text="not right").wait_for()
             await page.get_by_label("Password").fill(PASSWORD)
             await page.keyboard.press("Enter")
+            # No second factor yet: one is offered first, and can be left for later.
+            await page.get_by_role("heading", name="Protect your account with a second factor").wait_for()
+            await page.get_by_role("button", name="Not now").click()
             await page.wait_for_url(full.url + "/dashboard")
             await page.get_by_text("Logged in as Robin Example").wait_for()
             [cookie] = await page.context.cookies()

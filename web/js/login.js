@@ -125,8 +125,15 @@ async function loggedIn(status, data) {
   form.code.value = "";
   csrf = data.csrf;
   if (data.enrolment_required) await startEnrolment(data.passkeys_available);
+  else if (!data.therapist.totp_enabled && data.therapist.passkeys === 0) offerSecondFactor(data.passkeys_available);
   else goToDashboard();
   return true;
+}
+
+/** Right after logging in with a password alone: offer a second factor (the therapist may say not now). */
+function offerSecondFactor(passkeysAvailable) {
+  $("offer-passkey").hidden = !(passkeysAvailable && passkeysSupported());
+  showScreen("screen-offer");
 }
 
 async function loginWithPasskey() {
@@ -238,7 +245,33 @@ async function onConfirm(event) {
   showRecoveryCodes(data.recovery_codes);
 }
 
+/** The recovery codes on screen, for the copy and download buttons (gone once the page is left). */
+let shownCodes = [];
+
+async function copyRecoveryCodes() {
+  const status = $("recovery-status");
+  try {
+    await navigator.clipboard.writeText(shownCodes.join("\n") + "\n");
+    status.textContent = "Copied. Paste them into your password manager.";
+  } catch {
+    window.getSelection()?.selectAllChildren($("recovery-codes"));
+    status.textContent = "Copying is not allowed here: the codes are selected, copy them with your keyboard.";
+  }
+}
+
+function downloadRecoveryCodes() {
+  const text = `Recovery codes (each works once instead of the code from your app)\n\n${shownCodes.join("\n")}\n`;
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(new Blob([text], { type: "text/plain" }));
+  link.download = "recovery-codes.txt";
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+  $("recovery-status").textContent = "Downloaded as recovery-codes.txt. Keep the file somewhere safe.";
+}
+
 function showRecoveryCodes(codes) {
+  shownCodes = codes.slice();
+  $("recovery-status").textContent = "";
   const list = $("recovery-codes");
   list.replaceChildren(
     ...codes.map((c) => {
@@ -339,7 +372,15 @@ async function start() {
   showNotice();
   $("login-form").addEventListener("submit", onLogin);
   $("enrol-form").addEventListener("submit", onConfirm);
-  $("recovery-done").addEventListener("click", goToDashboard);
+  $("recovery-done").addEventListener("click", () => {
+    shownCodes = [];
+    goToDashboard();
+  });
+  $("recovery-copy").addEventListener("click", copyRecoveryCodes);
+  $("recovery-download").addEventListener("click", downloadRecoveryCodes);
+  $("offer-app").addEventListener("click", () => startEnrolment(!$("offer-passkey").hidden));
+  $("offer-passkey").addEventListener("click", showPasskeyScreen);
+  $("offer-later").addEventListener("click", goToDashboard);
   $("passkey-login").addEventListener("click", loginWithPasskey);
   $("enrol-use-passkey").addEventListener("click", showPasskeyScreen);
   $("passkey-create").addEventListener("click", addPasskey);
