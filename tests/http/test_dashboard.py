@@ -235,6 +235,7 @@ async def browser_login(browser: Any, full: FullBroker, name: str) -> Any:
     await page.get_by_label("Login name").fill(name)
     await page.get_by_label("Password").fill(PASSWORD)
     await page.get_by_role("button", name="Log in").click()
+    await page.get_by_role("button", name="Not now").click()  # the second factor offered after login
     await page.wait_for_url(full.url + "/dashboard")
     await page.locator("body[data-ready=true]").wait_for()
     return page
