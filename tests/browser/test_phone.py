@@ -11,7 +11,16 @@ import pytest
 from playwright.async_api import Page, expect
 
 from tests.browser.conftest import NewContext
-from tests.browser.kit import PHONE, Watch, check_axe, fill_details, start_checklist, tick_all, wait_device_checks, wait_screen
+from tests.browser.kit import (
+    PHONE,
+    Watch,
+    check_axe,
+    fill_details,
+    start_checklist,
+    tick_all,
+    wait_device_checks,
+    wait_screen,
+)
 from tests.conftest import RunningBroker, schedule
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
