@@ -21,7 +21,7 @@ import pytest_asyncio
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from tests.browser.conftest import NewContext
-from tests.browser.kit import CSP_WATCH, DESKTOP, pass_checklist, wait_screen
+from tests.browser.kit import CSP_WATCH, DESKTOP, look, pass_checklist, wait_screen
 from tests.conftest import RunningBroker, schedule
 from tests.http.test_dashboard import schedule_in_page
 from tests.http.test_web_auth import PASSWORD, FullBroker, start_full_broker
@@ -69,7 +69,9 @@ def frames_of(page: Page) -> list[str]:
     return frames
 
 
-async def test_arrival_alert_and_a_word_to_the_waiting_room(broker: RunningBroker, new_context: NewContext) -> None:
+async def test_arrival_alert_and_a_word_to_the_waiting_room(
+    broker: RunningBroker, new_context: NewContext, axe_source: str
+) -> None:
     links = await schedule(broker)
     therapist = await (await alerting_context(new_context)).new_page()
     therapist_frames = frames_of(therapist)
@@ -112,6 +114,8 @@ async def test_arrival_alert_and_a_word_to_the_waiting_room(broker: RunningBroke
     await therapist.get_by_test_id("note-send").click()
     await expect(note).to_have_text(f"Your therapist says: “{typed}”")
     assert await note.locator("b").count() == 0
+    await look(therapist, axe_source, "therapist-note-sent")
+    await look(client, axe_source, "waiting-room-with-note")
 
     # What crossed the broker: the sealed note, never its text.
     sent = [json.loads(f) for f in therapist_frames if '"waiting_note"' in f]
