@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -30,6 +31,8 @@ log = logging.getLogger("broker.dashboard")
 
 #: A comment line this often keeps proxies from closing a quiet stream; the login is checked then too.
 KEEPALIVE_S = 15.0
+#: How often a quiet stream looks whether its reader went away.
+GONE_CHECK_S = 1.0
 #: Events queued for a reader that does not keep up; more are dropped (the next one says it all).
 MAX_QUEUED = 64
 
@@ -72,14 +75,21 @@ async def stream_arrivals(request: web.Request, hub: Hub, therapist: str, owned:
             if session is not None and session.state is not SessionState.ENDED:
                 await response.write(_event(encode_count(session)))
         log.info("event=arrivals_stream_opened")
+        quiet_since = time.monotonic()
         while True:
             try:
-                data: bytes | None = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                data: bytes | None = await asyncio.wait_for(queue.get(), GONE_CHECK_S)
             except TimeoutError:
                 data = None
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                break  # the page went away: stop holding the subscription
+            if data is None and time.monotonic() - quiet_since < KEEPALIVE_S:
+                continue
             if await auth.load(cookie, touch=False) is None:
                 break
             await response.write(_event(data) if data is not None else b": keepalive\n\n")
+            quiet_since = time.monotonic()
     finally:
         await hub.bus.unsubscribe(channel, heard)
     log.info("event=arrivals_stream_closed")
