@@ -29,6 +29,7 @@ from aiohttp import web
 
 from broker.config import Config
 from broker.http.app import build_app, create_broker
+from broker.http.arrivals_route import MEDIA_TYPE_ATTRIBUTE
 from broker.http.json_api import BadRequest, json_error, read_json
 from broker.http.login_sessions import LoginRequired, require_login
 from broker.signaling.protocol import ErrorCode
@@ -75,6 +76,8 @@ class ApiRoute:
     body: type[msgspec.Struct] | None
     login: Login
     errors: dict[int, frozenset[str]]
+    #: What a success answers: JSON, or a stream (``EVENT_STREAM`` on the handler says which).
+    media_type: str = "application/json"
 
 
 def _login_required_answer() -> tuple[int, str]:
@@ -191,6 +194,7 @@ def routes_of(app: web.Application) -> list[ApiRoute]:
                     body=facts.body,
                     login=facts.login,
                     errors={status: frozenset(codes) for status, codes in sorted(errors.items())},
+                    media_type=getattr(route.handler, MEDIA_TYPE_ATTRIBUTE, "application/json"),
                 )
             )
     return sorted(found, key=lambda r: (r.path, r.method))

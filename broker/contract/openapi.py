@@ -47,13 +47,20 @@ def _error_schema() -> dict[str, Any]:
     }
 
 
+#: A success's schema per media type: a JSON object, or a stream of server-sent events (text).
+_SUCCESS: dict[str, dict[str, Any]] = {
+    "application/json": {"type": "object"},
+    "text/event-stream": {"type": "string", "description": "server-sent events; docs/protocol.md 15.17"},
+}
+
+
 def _operation(route: ApiRoute) -> dict[str, Any]:
     operation: dict[str, Any] = {
         "operationId": route.operation_id,
         "description": _LOGIN[route.login] + " See docs/protocol.md section 15.",
         "x-login-session": route.login,
         "responses": {
-            "200": {"description": "Done", "content": {"application/json": {"schema": {"type": "object"}}}},
+            "200": {"description": "Done", "content": {route.media_type: {"schema": _SUCCESS[route.media_type]}}},
             **{
                 str(status): {
                     "description": _REASONS.get(status, "Refused"),

@@ -20,6 +20,7 @@ import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from broker.http.arrivals_route import event_stream, stream_arrivals
 from broker.http.json_api import BadRequest, json_error, read_json
 from broker.http.login_sessions import AUTH, require_login
 from broker.http.pages import html_page
@@ -215,6 +216,15 @@ async def api_list(request: web.Request) -> web.Response:
     return web.json_response({"sessions": views})
 
 
+@event_stream
+async def api_arrivals(request: web.Request) -> web.StreamResponse:
+    """How many clients wait in each of the therapist's sessions, pushed as it changes."""
+    login = await require_login(request)
+    board = _dashboard(request)
+    owned = [entry.session for entry in await board.index.sessions(login.therapist)]
+    return await stream_arrivals(request, board.hub, login.therapist, owned)
+
+
 async def api_seat_action(request: web.Request) -> web.Response:
     """Revoke a client seat's link, or reissue it (a new token)."""
     login = await require_login(request)
@@ -267,6 +277,7 @@ def setup_dashboard(app: web.Application, *, hub: Hub, store: Store, clock: Call
     app.middlewares.append(_store_errors)
     app.router.add_get("/dashboard", dashboard_page, name="dashboard")
     app.router.add_get("/api/sessions", api_list, name="api_sessions")
+    app.router.add_get("/api/arrivals", api_arrivals, name="api_arrivals")
     app.router.add_post("/api/sessions", api_create, name="api_session_create")
     app.router.add_post(
         "/api/sessions/{session}/seats/{peer}/{action:revoke|reissue}", api_seat_action, name="api_seat_action"

@@ -29,6 +29,7 @@ from typing import Any
 
 from broker.metrics.registry import Metrics
 from broker.signaling import session as sm
+from broker.signaling.arrivals import ArrivalCount, arrivals_channel, encode_count
 from broker.signaling.client_checks import Audit, Checklist, ClientChecks, Preflight
 from broker.signaling.connections import (
     CLOSE_ENDED,
@@ -76,6 +77,8 @@ from broker.signaling.protocol import (
     SeatState,
     SessionEnded,
     SessionRecord,
+    TherapistNote,
+    WaitingNote,
     encode,
 )
 from broker.signaling.record import RecordSigner, build_record
@@ -447,6 +450,15 @@ class Hub:
     def _on_relay(self, conn: Connection, message: Relayed) -> Awaitable[None]:
         return self.relays.relay(conn, message)
 
+    async def _on_waiting_note(self, conn: Connection, message: WaitingNote) -> None:
+        """Pass the therapist's sealed word on to a client who is checking or waiting. The broker
+        cannot read it, and neither keeps nor logs it: it goes to the seat's connection only."""
+        assert conn.session_id and conn.peer_id
+        session = await self.records.load(conn.session_id)
+        target = sm.note_target(session, conn.peer_id, message.peer)
+        await self.bus.publish(session.id, Envelope(target.id, None, encode(TherapistNote(sealed=message.sealed))))
+        log.info("event=waiting_note session=%s peer=%s", session.id, target.id)
+
     async def _on_report(self, conn: Connection, message: Report) -> None:
         assert conn.session_id and conn.peer_id
         session = await self.records.load(conn.session_id)
@@ -496,6 +508,7 @@ class Hub:
         Candidate: _on_relay,
         Renegotiate: _on_relay,
         Roster: _on_relay,
+        WaitingNote: _on_waiting_note,
         Report: _on_report,
         Leave: _on_leave,
         End: _on_end,
@@ -514,6 +527,9 @@ class Hub:
             session_id,
             Envelope(None, None, encode(SessionEnded(reason=reason)), CLOSE_ENDED),  # type: ignore[arg-type]
         )
+        if owner is not None:
+            ended = encode(ArrivalCount(session_id, 0))
+            await self.bus.publish(arrivals_channel(owner), Envelope(None, None, ended))
         removed = await self.store.delete_prefix(session_prefix(session_id))
         self.records.forget(session_id)
         self.metrics.setups.forget(session_id)
@@ -549,6 +565,8 @@ class Hub:
         """Send every peer of the session what it should now see."""
         for envelope in views_of(session):
             await self.bus.publish(session.id, envelope)
+        if session.owner is not None:  # the owner's dashboard learns how many wait (broker.signaling.arrivals)
+            await self.bus.publish(arrivals_channel(session.owner), Envelope(None, None, encode_count(session)))
 
     # ------------------------------------------------------------ helpers
 

@@ -47,6 +47,9 @@ from broker.signaling.wire_types import (
     Mac as Mac,
 )
 from broker.signaling.wire_types import (
+    NoteSealed as NoteSealed,
+)
+from broker.signaling.wire_types import (
     ResumeSecret as ResumeSecret,
 )
 from broker.signaling.wire_types import (
@@ -254,6 +257,14 @@ class Roster(_ClientMessage, tag="roster"):
     seq: Counter | None = None
 
 
+class WaitingNote(_ClientMessage, tag="waiting_note"):
+    """A word from the therapist to a client in the checking or waiting state, sealed end to end
+    with that seat's pair link key (docs/protocol.md 7.4.2): the broker passes it on unread."""
+
+    peer: Id
+    sealed: NoteSealed
+
+
 class Report(_ClientMessage, tag="report"):
     """A peer tells the broker it saw an interception attempt (for the audit log; content-free)."""
 
@@ -296,6 +307,7 @@ ClientMessage = (
     | Candidate
     | Renegotiate
     | Roster
+    | WaitingNote
     | Report
     | Leave
     | End
@@ -316,6 +328,7 @@ ROLE_ONLY: dict[type[msgspec.Struct], Role] = {
     Hold: Role.THERAPIST,
     Release: Role.THERAPIST,
     Roster: Role.THERAPIST,
+    WaitingNote: Role.THERAPIST,
     End: Role.THERAPIST,
 }
 
@@ -455,6 +468,12 @@ class SessionRecord(_ServerMessage, tag="session_record"):
     key_id: str
 
 
+class TherapistNote(_ServerMessage, tag="therapist_note"):
+    """The therapist's word to this waiting client, as sealed in their page (docs/protocol.md 7.4.2)."""
+
+    sealed: str
+
+
 class Pong(_ServerMessage, tag="pong"):
     n: int | None = None
 
@@ -487,6 +506,7 @@ ServerMessage = (
     | Removed
     | SessionRecord
     | SessionEnded
+    | TherapistNote
     | Pong
     | Reconnect
     | Error

@@ -345,6 +345,15 @@ def mark_admitted(session: Session, seat_id: str, now: int) -> None:
     session.live_at = session.live_at or now
 
 
+def note_target(session: Session, actor_id: str, target_id: str) -> Seat:
+    """The client seat a word from the therapist may go to: one that is checking or waiting, with
+    a connection to deliver it to (the word is not kept for later)."""
+    target = _therapist_acts_on_client(session, actor_id, target_id)
+    if target.state not in (SeatState.CHECKING, SeatState.WAITING) or target.conn is None:
+        raise ProtocolError(ErrorCode.INVALID_STATE, "Only a client who is connected and waiting can be sent a note.")
+    return target
+
+
 def decline(session: Session, actor_id: str, target_id: str) -> Seat:
     target = _therapist_acts_on_client(session, actor_id, target_id)
     if target.state not in (SeatState.CHECKING, SeatState.WAITING):

@@ -34,6 +34,16 @@ Sealed = Annotated[
         pattern=r"^(?:[A-Za-z0-9_\-]{4})*(?:[A-Za-z0-9_\-][AQgw]|[A-Za-z0-9_\-]{2}[AEIMQUYcgkosw048])?\Z",
     ),
 ]
+#: A word to the waiting room sealed end to end (docs/protocol.md 7.4.2): base64url as ``Sealed``,
+#: 40-2,400 characters: room for 280 characters of text even if each takes 6 bytes of JSON.
+NoteSealed = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=40,
+        max_length=2400,
+        pattern=r"^(?:[A-Za-z0-9_\-]{4})*(?:[A-Za-z0-9_\-][AQgw]|[A-Za-z0-9_\-]{2}[AEIMQUYcgkosw048])?\Z",
+    ),
+]
 ItemId = Annotated[str, msgspec.Meta(min_length=1, max_length=40, pattern=r"^[a-z0-9_]+\Z")]
 Version = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Details = Annotated[str, msgspec.Meta(max_length=8192)]

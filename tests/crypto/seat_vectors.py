@@ -14,6 +14,7 @@ from broker.crypto.link_key import b64url_encode, decode_link_key, derive_auth_k
 from broker.crypto.roster import RosterEntry, roster_plaintext
 from broker.crypto.sealed_signaling import derive_seal_key, seal_signal
 from broker.crypto.seat_keys import client_pair_key, group_key, seat_key
+from broker.crypto.waiting_note import derive_note_key, note_plaintext, seal_note
 
 SECRET = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8"
 SECRET_B = "_-7t7Nva2djX1tXU09LR0M_OzczLysnIx8bFxMPCwcA"
@@ -31,9 +32,50 @@ def _direction_key(pair_link_key: bytes, sender: str, recipient: str) -> bytes:
     return derive_seal_key(k_pair, sender, recipient)
 
 
+def build_note_vectors() -> dict[str, Any]:
+    """Vector group ``waiting_note`` (docs/protocol.md 7.4.2): notes the therapist's side seals
+    with a client's seat key derived from the session secret (``valid``), and sealed notes that
+    must not open for that seat (``invalid``)."""
+    secret = _key(SECRET)
+    k_1 = seat_key(secret, SESSION, "seat-1")
+    k_2 = seat_key(secret, SESSION, "seat-2")
+    texts = [
+        ("I'll be with you in a few minutes", bytes(range(12))),
+        ("  Ich komme gleich – 5 Minuten später. 🙂  ", bytes(range(12, 24))),
+        ('A "quote", a tab\tand <b>markup</b>', bytes(12)),
+    ]
+    valid = [
+        {
+            "session_secret": SECRET,
+            "session_id": SESSION,
+            "peer": "seat-1",
+            "seat_key": b64url_encode(k_1),
+            "k_note_hex": derive_note_key(k_1, SESSION).hex(),
+            "nonce_hex": nonce.hex(),
+            "text": text,
+            "plaintext": note_plaintext(text),
+            "sealed": seal_note(k_1, SESSION, "seat-1", text, nonce=nonce),
+        }
+        for text, nonce in texts
+    ]
+    nonce = bytes(range(12))
+    header = {"session_id": SESSION, "peer": "seat-1", "seat_key": b64url_encode(k_1)}
+    invalid = [
+        {"what": "sealed for seat-2, delivered to seat-1", **header,
+         "sealed": seal_note(k_2, SESSION, "seat-2", "hello", nonce=nonce)},
+        {"what": "sealed with seat-1's key for seat-2's peer id", **header,
+         "sealed": seal_note(k_1, SESSION, "seat-2", "hello", nonce=nonce)},
+        {"what": "another session", **header,
+         "sealed": seal_note(seat_key(secret, "s_other", "seat-1"), "s_other", "seat-1", "hello", nonce=nonce)},
+        {"what": "a bit flipped", **header,
+         "sealed": valid[0]["sealed"][:30] + ("B" if valid[0]["sealed"][30] != "B" else "C") + valid[0]["sealed"][31:]},
+    ]  # fmt: skip
+    return {"waiting_note": {"valid": valid, "invalid": invalid}}
+
+
 def build_seat_vectors() -> dict[str, Any]:
     """Vector groups ``seat_key``, ``group_key``, ``client_pair_key``, ``roster_plaintext``,
-    ``roster`` and ``roster_invalid``."""
+    ``roster`` and ``roster_invalid`` (and ``waiting_note``, ``build_note_vectors``)."""
     secret = _key(SECRET)
     seat_cases = [(SECRET, SESSION, "seat-1"), (SECRET, SESSION, "seat-2"), (SECRET_B, SESSION, "seat-1"),
                   (SECRET, "s_other", "seat-1"), (SECRET, SESSION, "Ünï")]  # fmt: skip
@@ -81,6 +123,7 @@ def build_seat_vectors() -> dict[str, Any]:
         ("a peer named twice", f'{{"version":1,"peers":[{entry()},{entry()}]}}'),
     ]
     return {
+        **build_note_vectors(),
         "seat_key": [
             {"session_secret": s, "session_id": i, "peer": p, "seat_key": b64url_encode(seat_key(_key(s), i, p))}
             for s, i, p in seat_cases

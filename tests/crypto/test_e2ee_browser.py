@@ -13,7 +13,7 @@ import pytest_asyncio
 from aiohttp import web
 from playwright.async_api import Page, async_playwright
 
-from broker.crypto.link_key import decode_link_key, derive_auth_key, new_link_key, pair_key
+from broker.crypto.link_key import b64url_encode, decode_link_key, derive_auth_key, new_link_key, pair_key
 from broker.crypto.roster import RosterEntry, parse_roster_plaintext
 from broker.crypto.sdp_auth import InterceptionError, Trust, fingerprint_of, safety_code
 from broker.crypto.sdp_authenticator import SdpAuthenticator
@@ -27,6 +27,7 @@ from broker.crypto.sealed_signaling import (
     signal_plaintext,
 )
 from broker.crypto.seat_keys import seat_key
+from broker.crypto.waiting_note import open_note, seal_note
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 
@@ -668,3 +669,48 @@ async def test_js_counts_plaintext_limits_in_code_points_like_python(page: Page)
     assert got[0] == "accepted" and got[1].startswith("a candidate's plaintext")
     with pytest.raises(ValueError, match="a candidate's plaintext"):
         signal_plaintext("candidate", {**fields, "candidate": line + "x"})
+
+
+async def test_waiting_note_vectors(page: Page) -> None:
+    """The page seals a note with the seat key it derives from the session secret, byte for byte
+    as the vectors (and so as broker/crypto/waiting_note.py), opens them, and opens none of the
+    invalid ones (docs/protocol.md 7.4.2)."""
+    group = VECTORS["waiting_note"]
+    got = await page.evaluate(
+        """async ([valid, invalid]) => ({
+             valid: await Promise.all(valid.map(async (c) => {
+               const secret = e2ee.decodeLinkKey(c.session_secret);
+               const key = await e2ee.pairLinkKey(secret, c.session_id, c.peer);
+               const sealed = await e2ee.sealNote(key, c.session_id, c.peer, c.text, {nonce: fromHex(c.nonce_hex)});
+               return [e2ee.b64urlEncode(key), e2ee.notePlaintext(c.text), sealed,
+                       await e2ee.openNote(key, c.session_id, c.peer, c.sealed)];
+             })),
+             invalid: await Promise.all(invalid.map((c) =>
+               reasonOf(e2ee.openNote(e2ee.decodeLinkKey(c.seat_key), c.session_id, c.peer, c.sealed)))),
+           })""",
+        [group["valid"], group["invalid"]],
+    )
+    assert got["valid"] == [[c["seat_key"], c["plaintext"], c["sealed"], c["text"].strip()] for c in group["valid"]]
+    assert all(reason.startswith("NoteError: ") for reason in got["invalid"]), got["invalid"]
+    assert len(got["invalid"]) == len(group["invalid"])
+
+
+async def test_waiting_note_cross_language(page: Page) -> None:
+    key = seat_key(decode_link_key(new_link_key()), SESSION, "seat-1")
+    from_python = seal_note(key, SESSION, "seat-1", "Ich komme gleich")
+    got = await page.evaluate(
+        """async ([keyText, session, sealed]) => {
+          const key = e2ee.decodeLinkKey(keyText);
+          return {
+            opened: await e2ee.openNote(key, session, 'seat-1', sealed),
+            wrongSeat: await reasonOf(e2ee.openNote(key, session, 'seat-2', sealed)),
+            tooLong: await reasonOf(e2ee.sealNote(key, session, 'seat-1', 'x'.repeat(281))),
+            fromJs: await e2ee.sealNote(key, session, 'seat-1', ' Gleich da \\u{1F642} '),
+          };
+        }""",
+        [b64url_encode(key), SESSION, from_python],
+    )
+    assert got["opened"] == "Ich komme gleich"
+    assert got["wrongSeat"].startswith("NoteError: ")
+    assert got["tooLong"].startswith("Error: a note has 1 to 280 characters")
+    assert open_note(key, SESSION, "seat-1", got["fromJs"]) == "Gleich da \U0001f642"

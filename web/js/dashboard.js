@@ -7,6 +7,7 @@
 // carries the group key, which everyone given it shares. QR codes are drawn here too (qrMatrix below), so the key
 // never leaves the device. Idle for longer than the login's idle limit: logged off.
 
+import { ArrivalAlert, watchArrivals } from "./arrivals.js";
 import { b64urlEncode, decodeLinkKey, groupKey, newLinkKey, seatKey } from "./e2ee.js";
 
 const BACKGROUND = { "X-Broker-Background": "1" };
@@ -847,6 +848,15 @@ function watchActivity() {
   );
 }
 
+/** Arrivals pushed by the broker (GET /api/arrivals): alert, and show the new seat states now. */
+function startArrivals() {
+  const alert = new ArrivalAlert($("arrival-settings"));
+  watchArrivals((waiting) => {
+    alert.update(waiting);
+    if (!state.loggedOff) refresh({ background: true }).catch(() => {});
+  });
+}
+
 function defaultStart() {
   const form = $("create-form");
   const soon = new Date(Date.now() + 10 * 60_000);
@@ -877,6 +887,7 @@ async function start() {
   defaultStart();
   watchActivity();
   await forgetExpiredKeys().catch(() => {});
+  startArrivals();
   await refresh().catch((err) => {
     if (!(err instanceof LoggedOut)) problem(err.message);
   });

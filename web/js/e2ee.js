@@ -942,3 +942,60 @@ export async function openChecklist(linkKey, sessionId, peerId, sealed) {
   }
   return answers;
 }
+
+// -- a word to the waiting room (docs/protocol.md 7.4.2) -----------------------------------------
+
+const NOTE_INFO = "waiting-note v1";
+const NOTE_LABEL = "tt-note v1";
+/** The longest note, in characters (code points), after trimming blanks at both ends. */
+export const MAX_NOTE_CHARS = 280;
+
+/** A note that does not open, or whose plaintext is not {"text": string} of 1–280 characters. */
+export class NoteError extends Error {
+  constructor(message) {
+    super(message);
+    this.name = "NoteError";
+  }
+}
+
+/** K_note: the key a note is sealed under, from the pair link key of the therapist and that client. */
+export function deriveNoteKey(linkKey, sessionId) {
+  return hkdf(linkKey, sessionId, NOTE_INFO);
+}
+
+/** {"text": ...} as JSON.stringify writes it, the text trimmed; an Error if empty or too long. */
+export function notePlaintext(text) {
+  const trimmed = String(text).trim();
+  const length = [...trimmed].length;
+  if (length < 1 || length > MAX_NOTE_CHARS) throw new Error(`a note has 1 to ${MAX_NOTE_CHARS} characters`);
+  return JSON.stringify({ text: trimmed });
+}
+
+/** Seal a note for client seat `peerId` (the therapist's side). The nonce option is for test vectors only. */
+export async function sealNote(linkKey, sessionId, peerId, text, { nonce = null } = {}) {
+  const raw = await deriveNoteKey(linkKey, sessionId);
+  return sealForTherapist(raw, forTherapistAad(NOTE_LABEL, sessionId, peerId), notePlaintext(text), nonce);
+}
+
+/** The note's text (the client's side); NoteError if it does not open or is not a note. */
+export async function openNote(linkKey, sessionId, peerId, sealed) {
+  const raw = await deriveNoteKey(linkKey, sessionId);
+  let plain;
+  try {
+    plain = await openForTherapist(raw, forTherapistAad(NOTE_LABEL, sessionId, peerId), sealed, "note");
+  } catch (err) {
+    throw new NoteError(err.message);
+  }
+  let value;
+  try {
+    value = JSON.parse(plain);
+  } catch {
+    throw new NoteError("the note is not JSON text");
+  }
+  if (!value || typeof value !== "object" || Array.isArray(value) || Object.keys(value).join() !== "text" || typeof value.text !== "string") {
+    throw new NoteError('the note is not {"text": string}');
+  }
+  const length = [...value.text].length;
+  if (length < 1 || length > MAX_NOTE_CHARS) throw new NoteError(`the note's text is not 1 to ${MAX_NOTE_CHARS} characters`);
+  return value.text;
+}

@@ -15,7 +15,7 @@ import {
   stopStream,
   videoShowsFrames,
 } from "./devices.js";
-import { b64urlDecode, b64urlEncode, readLinkKeyFromFragment, sealChecklist, sealDetails } from "./e2ee.js";
+import { b64urlDecode, b64urlEncode, openNote, readLinkKeyFromFragment, sealChecklist, sealDetails } from "./e2ee.js";
 import { runPreflight } from "./preflight.js";
 import { Signaling, tokenFromPath } from "./protocol.js";
 import { announce, byId, confirmDialog, el, fill, formatTime, setText, showScreen, sleep } from "./ui.js";
@@ -135,6 +135,7 @@ function start() {
     state.lastPeers = m.peers;
   });
   signaling.on("connection", onConnection);
+  signaling.on("therapist_note", onTherapistNote);
   signaling.on("final", onFinal);
   signaling.connect();
 }
@@ -631,6 +632,22 @@ function showWaiting() {
   state.meter?.stop();
   updateWaitingText();
   announce("You are in the waiting room. Your therapist will let you in.");
+}
+
+/** A word from the therapist (docs/protocol.md 7.4.2): shown as plain text, or dropped if it does not open. */
+async function onTherapistNote({ sealed }) {
+  if (!state.linkKey || !state.joined) return;
+  let text;
+  try {
+    text = await openNote(state.linkKey, state.joined.session, state.joined.peer, sealed);
+  } catch {
+    console.warn("event=note_dropped reason=does_not_open");
+    return;
+  }
+  const node = byId("therapist-note-text");
+  node.textContent = `Your therapist says: “${text}”`;
+  node.hidden = false;
+  if (document.body.dataset.screen !== "waiting") announce(`Your therapist says: ${text}`);
 }
 
 function updateWaitingText(reconnecting = state.signaling?.state === "reconnecting") {

@@ -466,6 +466,11 @@ export class Signaling {
     return this.#send({ type: "roster", to, counter, sealed });
   }
 
+  /** A word to a checking or waiting client, sealed end to end for that seat (docs/protocol.md 7.4.2). */
+  sendNote(peer, sealed) {
+    return this.#send({ type: "waiting_note", peer, sealed });
+  }
+
   /** Ask the offerer of a pair for a new offer (an ICE restart, or after a reload). */
   renegotiate(to) {
     return this.#send({ type: "renegotiate", to });

@@ -13,7 +13,8 @@
 
 import { Call, CallView } from "./call.js";
 import { openMedia, stopStream } from "./devices.js";
-import { openChecklist, openDetails, pairLinkKey, readLinkKeyFromFragment } from "./e2ee.js";
+import { ArrivalAlert, waitingIn } from "./arrivals.js";
+import { openChecklist, openDetails, pairLinkKey, readLinkKeyFromFragment, sealNote } from "./e2ee.js";
 import { Signaling, tokenFromPath } from "./protocol.js";
 import { announce, byId, confirmDialog, el, fill, formatTime, setText, showScreen } from "./ui.js";
 
@@ -84,6 +85,7 @@ const state = {
   finished: false,
   record: null, // the broker-signed session record, offered for download at the end
   holds: new Set(), // clients this page put on hold (private time)
+  alert: null, // sound, title count and notification when a client arrives (arrivals.js)
 };
 
 /** The key client `peer`'s link carries, derived from the session secret (7.1); null without it. */
@@ -151,6 +153,8 @@ async function forgetKey(sessionId) {
 // ------------------------------------------------------------------ start
 
 function start() {
+  state.alert = new ArrivalAlert(byId("arrival-settings"));
+  startNotes();
   byId("nokey-continue").addEventListener("click", () => startDashboard(null));
   byId("end-session").addEventListener("click", endSession);
   byId("interception-back").addEventListener("click", () => showScreen("screen-dashboard"));
@@ -257,12 +261,14 @@ async function startMedia() {
 
 function onWaitingRoom(message) {
   state.seats = message.seats;
+  let arrived = null; // who just entered the waiting room, for the alert (if the therapist wants it named)
   for (const seat of message.seats) if (seat.state !== "admitted") state.holds.delete(seat.peer); // a hold ends when they leave
   message.seats.forEach((seat, i) => {
     if (!state.labels.has(seat.peer)) state.labels.set(seat.peer, message.seats.length > 1 ? `Client ${i + 1}` : "Client");
     const before = state.seatStates.get(seat.peer);
     if (before !== seat.state) {
       state.seatStates.set(seat.peer, seat.state);
+      if (seat.state === "waiting") arrived = state.labels.get(seat.peer);
       if (before !== undefined || seat.state === "waiting") announceSeat(seat);
     }
     const other = seat.other_device;
@@ -284,7 +290,57 @@ function onWaitingRoom(message) {
       if (sealed && state.linkKey && state.answers.get(key)?.sealed !== sealed) openSeatAnswers(key, seat.peer, sealed);
     }
   });
+  state.alert?.update(waitingIn(message.seats), { label: arrived });
   renderSeats();
+}
+
+// ------------------------------------------------------------------ a word to the waiting room
+
+function startNotes() {
+  const preset = byId("note-preset");
+  const text = byId("note-text");
+  preset.addEventListener("change", () => {
+    const own = preset.value === "";
+    text.hidden = !own;
+    byId("note-text-label").hidden = !own;
+    if (own) text.focus();
+  });
+  byId("note-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sendNote();
+  });
+}
+
+/** Who can be sent a note: clients checking or waiting, connected (docs/protocol.md 5 `waiting_note`). */
+function renderNoteTargets() {
+  const form = byId("note-form");
+  const targets = state.seats.filter((s) => s.connected && (s.state === "waiting" || s.state === "checking"));
+  byId("note-nokey").hidden = Boolean(state.linkKey) || targets.length === 0;
+  form.hidden = !state.linkKey || targets.length === 0;
+  const select = byId("note-to");
+  const chosen = select.value;
+  fill(select, targets.map((s) => el("option", { value: s.peer, text: state.labels.get(s.peer) ?? "Client" })));
+  if (targets.some((s) => s.peer === chosen)) select.value = chosen;
+}
+
+async function sendNote() {
+  const peer = byId("note-to").value;
+  const preset = byId("note-preset").value;
+  const text = (preset === "" ? byId("note-text").value : preset).trim();
+  const status = byId("note-status");
+  const label = state.labels.get(peer) ?? "the client";
+  if (!peer || !text) {
+    status.textContent = "Choose a message or write one first.";
+    return;
+  }
+  try {
+    const sealed = await sealNote(await clientKey(peer), state.joined.session, peer, text);
+    state.signaling.sendNote(peer, sealed);
+    status.textContent = `Sent to ${label}.`;
+    if (preset === "") byId("note-text").value = "";
+  } catch {
+    status.textContent = "The note could not be sent. Keep it to 280 characters.";
+  }
 }
 
 function announceOtherDevice(seat) {
@@ -325,6 +381,7 @@ function renderSeats() {
   const active = document.activeElement;
   const refocus = active?.dataset?.action ? [active.dataset.action, active.dataset.peer] : null;
   const list = byId("seats");
+  renderNoteTargets();
   fill(list, state.seats.map(renderSeat));
   byId("seats-empty").hidden = state.seats.some((s) => s.state !== "invited");
   if (refocus) list.querySelector(`[data-action="${refocus[0]}"][data-peer="${refocus[1]}"]`)?.focus();
