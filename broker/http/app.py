@@ -226,6 +226,7 @@ _ERROR_STATUS = {
     ErrorCode.TOKEN_NOT_YET_VALID: 425,
     ErrorCode.SESSION_ENDED: 410,
     ErrorCode.SESSION_NOT_FOUND: 404,
+    ErrorCode.SESSION_CANCELLED: 410,
     ErrorCode.UNAVAILABLE: 503,
 }
 
@@ -235,6 +236,7 @@ _ERROR_TITLES = {
     ErrorCode.TOKEN_NOT_YET_VALID: "It is a little early",
     ErrorCode.SESSION_ENDED: "This session has ended",
     ErrorCode.SESSION_NOT_FOUND: "This session could not be found",
+    ErrorCode.SESSION_CANCELLED: "This session was cancelled",
     ErrorCode.UNAVAILABLE: "Please try again in a moment",
 }
 
@@ -479,5 +481,5 @@ def build_app(broker: Broker) -> web.Application:
         config=config,
         keys=broker.keys,
     )
-    setup_dashboard(app, hub=broker.hub, store=broker.store)
+    setup_dashboard(app, hub=broker.hub, store=broker.store, relay_available=bool(config.turn_urls))
     return app
