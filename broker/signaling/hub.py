@@ -555,13 +555,13 @@ class Hub:
         self.metrics.setups.forget(session_id)
         log.info("event=session_%s session=%s keys_deleted=%d", reason, session_id, removed)
         if owner is not None:
-            if signed is not None:
-                await self.history.keep(owner, SignedRecord(signed.record, signed.signature, signed.key_id))
             for listener in self._end_listeners:
                 try:
                     await listener(owner, session_id)
                 except StoreUnavailable:
                     log.info("event=end_listener_unavailable session=%s", session_id)
+            if signed is not None:
+                await self.history.keep(owner, SignedRecord(signed.record, signed.signature, signed.key_id))
         await self._audit("session_ended", actor, session_id, reason)
 
     async def expire_due(self, session_id: str) -> None:
