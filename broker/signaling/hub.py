@@ -44,6 +44,7 @@ from broker.signaling.connections import (
 from broker.signaling.decisions import TherapistDecisions
 from broker.signaling.expiry import EXPIRY_LEAD_S, ExpiryTimer
 from broker.signaling.history import SessionHistory, SignedRecord
+from broker.signaling.link_checks import gone_error, seat_for
 from broker.signaling.liveness import NodeLiveness
 from broker.signaling.protocol import (
     ROLE_ONLY,
@@ -253,21 +254,16 @@ class Hub:
         """Authenticity and the token's own window, without touching the store."""
         return self.tokens.check(token, self.clock())
 
-    async def _gone(self, claims: TokenClaims) -> ProtocolError:
-        """For an authentic token without a session record: its own window, a cancellation, else missing."""
-        check_window(claims.not_before, claims.expires, self.clock())
-        return cancelled_error() if await was_cancelled(self.store, claims.session_id) else self.missing_session(claims)
-
     async def resolve_token(self, token: str) -> tuple[Session, sm.Seat]:
         """The session and seat a token opens, or ProtocolError with the right code."""
         claims = self.tokens.verify(token)
         session = await self.get_session(claims.session_id)
         if session is None:
-            raise await self._gone(claims)
+            raise await gone_error(self.store, claims, self.clock(), self.missing_session)
+        if claims.token_id != session.group_token_id:
+            return session, seat_for(session, claims, self.clock())
         check_window(session.not_before, session.expires, self.clock())
-        if claims.token_id == session.group_token_id:
-            return session, session.clients()[0]
-        return session, sm.seat_for_token(session, claims.token_id)
+        return session, session.clients()[0]
 
     # ------------------------------------------------------------ connections
 
@@ -369,12 +365,12 @@ class Hub:
         by_group = [False]
 
         def take_seat(s: Session) -> sm.Joining:
-            check_window(s.not_before, s.expires, self.clock())  # the record's window: it may have moved
             if s.group_token_id is not None and claims.token_id == s.group_token_id:
+                check_window(s.not_before, s.expires, self.clock())
                 seat = sm.claim_group_seat(s)
                 by_group[0] = True
             else:
-                seat = sm.seat_for_token(s, claims.token_id)
+                seat = seat_for(s, claims, self.clock())
             return sm.connect(s, seat.id, conn.id, device=presented, new_device=fresh, now=int(self.clock()))
 
         # A genuine token of a session that is gone looks exactly like an unknown one, unless the
