@@ -5,15 +5,19 @@ another time without breaking the links already sent, cancelling it (its links t
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import pytest_asyncio
 from aiohttp import ClientSession
+from playwright.async_api import expect
 
 from broker.client.broker_client import BrokerClient
 from broker.config import Config
@@ -23,7 +27,7 @@ from broker.signaling.protocol import SessionEnded
 from broker.signaling.record import verify_record
 from broker.store.base import is_durable
 from broker.store.session_file import open_session_store
-from tests.http.test_dashboard import Therapist, http, login  # noqa: F401 - http is a fixture
+from tests.http.test_dashboard import browser, browser_login, http, login, schedule_in_page  # noqa: F401 - fixtures
 from tests.http.test_web_auth import PASSWORD, FullBroker, start_full_broker
 from tests.signaling.test_hub import RawPeer
 
@@ -306,3 +310,110 @@ async def test_the_history_is_durable_and_sealed_on_disk(full: FullBroker, http:
     raw = b"".join(bytes(r[0]) + bytes(r[1]) for r in rows)
     assert created["session"].encode() not in raw
     assert me["therapist"]["id"].encode() not in raw
+
+
+# ---------------------------------------------------------------- in the browser
+
+
+@pytest.mark.browser
+async def test_the_day_from_the_page(full: FullBroker, browser: Any) -> None:  # noqa: F811
+    """Kind, copy feedback by the button, whose QR code, email, change time, cancel, history."""
+    page = await browser_login(browser, full, "drew")
+    assert await page.locator("#relay-field").is_hidden()  # no TURN on this broker
+    await page.get_by_label("Type of session").select_option("couple")
+    assert await page.get_by_role("spinbutton", name="Clients").input_value() == "2"
+    assert await page.locator("#group-link-field").is_hidden()  # couples get a link per person
+    card = await schedule_in_page(page)
+    session_id = str(await card.get_attribute("data-session"))
+    await expect(card.locator(".facts")).to_contain_text("Couple")
+
+    await page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=full.url)
+    copy = card.get_by_role("button", name="Copy link for Client 2")
+    await copy.click()
+    beside = card.locator('[data-peer] .copy-link[aria-label="Copy link for Client 2"] + .copied')
+    await expect(beside).to_have_text("Copied")
+    assert await card.locator(".copied").count() == 1  # only next to the button pressed
+    link = await page.evaluate("navigator.clipboard.readText()")
+
+    await card.get_by_role("button", name="Show QR code for Client 2").click()
+    qr = page.locator("#qr-dialog")
+    await expect(qr.get_by_role("heading")).to_have_text("Link for Client 2 as a QR code")
+    await qr.get_by_role("button", name="Close").click()
+
+    await card.get_by_role("button", name="Send the link for Client 2 by email").click()
+    mail = page.locator("#email-dialog")
+    await expect(mail.locator("#email-whose")).to_contain_text("Client 2")
+    assert link in await mail.get_by_label("Message").input_value()
+    await mail.get_by_label("To").fill("someone@example.org")
+    await mail.get_by_label("Message").fill(f"See you soon: {link}")
+    href = str(await mail.get_by_role("link", name="Open in my mail program").get_attribute("href"))
+    assert href.startswith("mailto:someone%40example.org?subject=")
+    assert quote(f"See you soon: {link}", safe="") in href
+    await mail.get_by_role("button", name="Close").click()
+
+    await card.get_by_role("button", name="Change time").click()
+    edit = page.locator("#edit-dialog")
+    later = datetime.now() + timedelta(hours=3)
+    await edit.get_by_label("Date").fill(later.strftime("%Y-%m-%d"))
+    await edit.get_by_label("Start time").fill(later.strftime("%H:%M"))
+    await edit.get_by_role("button", name="Save the new time").click()
+    await page.get_by_role("status").filter(has_text="Session moved").wait_for()
+    record = await full.broker.hub.get_session(session_id)
+    assert record is not None and abs(record.starts - int(later.replace(second=0).timestamp())) < 60
+
+    page.once("dialog", lambda d: d.accept())
+    await page.locator(f'li.session[data-session="{session_id}"]').get_by_role("button", name="Cancel session").click()
+    await page.get_by_role("status").filter(has_text="was cancelled").wait_for()
+    await expect(
+        page.locator(f'#today [data-session="{session_id}"], #later [data-session="{session_id}"]')
+    ).to_have_count(0)
+    ended = page.locator(f'#history [data-session="{session_id}"]')
+    await expect(ended.locator(".facts")).to_contain_text("Cancelled")
+    await ended.get_by_role("button", name="Check signature").click()
+    await expect(ended.locator(".verify-result")).to_have_text("Signature valid: unaltered")
+    async with page.expect_download() as info:
+        await ended.get_by_role("button", name="Download record").click()
+    saved = json.loads(Path(await (await info.value).path()).read_text(encoding="utf-8"))
+    assert saved["record"]["session"] == session_id and saved["record"]["end_reason"] == "cancelled"
+    assert verify_record(saved["record"], saved["signature"], full.broker.signer.public_jwk()["x"])
+    await page.context.close()
+
+
+@pytest.mark.browser
+async def test_a_tampered_record_does_not_check_out_in_the_page(full: FullBroker, browser: Any) -> None:  # noqa: F811
+    page = await browser_login(browser, full, "drew")
+    casey = await login(full, http_session := ClientSession(), "casey")
+    try:
+        _, created = await casey.call("POST", "/api/sessions", {"clients": 1})
+        await casey.call("POST", f"/api/sessions/{created['session']}/cancel", {})
+        _, history = await casey.call("GET", "/api/history")
+    finally:
+        await http_session.close()
+    entry = next(e for e in history["records"] if e["record"]["session"] == created["session"])
+    checks = await page.evaluate(
+        """async (entry) => {
+            const d = await import('/static/js/dashboard.js');
+            const tampered = structuredClone(entry);
+            tampered.record.end_reason = "ended";
+            return [await d.verifySignedRecord(entry), await d.verifySignedRecord(tampered)];
+        }""",
+        entry,
+    )
+    assert checks == [True, False]
+    await page.context.close()
+
+
+@pytest.mark.browser
+async def test_the_relay_choice_appears_when_turn_is_configured(tmp_path: Path, browser: Any) -> None:  # noqa: F811
+    with_turn = await start_full_broker(tmp_path / "data", turn_urls=("turn:127.0.0.1:3478",), turn_secret="s" * 40)
+    try:
+        await with_turn.auth.accounts.add("finley", PASSWORD)
+        page = await browser_login(browser, with_turn, "finley")
+        relay = page.get_by_role("checkbox", name="Relay the call through the practice's TURN server")
+        await expect(relay).to_be_visible()
+        await relay.check()
+        card = await schedule_in_page(page)
+        await expect(card.locator(".facts")).to_contain_text("relayed")
+        await page.context.close()
+    finally:
+        await with_turn.stop()

@@ -885,6 +885,19 @@ function onKindChange() {
   if (kind !== "group") form.group_link.checked = false;
 }
 
+/** A number of clients that does not fit the kind chosen moves the kind along (the select shows it). */
+function onClientsChange() {
+  const form = $("create-form");
+  const clients = Number(form.clients.value);
+  if (!Number.isInteger(clients) || clients < 1) return;
+  const kind = form.kind.value;
+  if (clients === 1) form.kind.value = "individual";
+  else if (clients === 2 && kind === "individual") form.kind.value = "couple";
+  else if (clients > 2 && (kind === "individual" || kind === "couple")) form.kind.value = "group";
+  $("group-link-field").hidden = form.kind.value !== "group";
+  if (form.kind.value !== "group") form.group_link.checked = false;
+}
+
 /** Relaying through TURN is offered only where the practice has set up a TURN server. */
 function showRelayChoice(available) {
   $("relay-field").hidden = !available;
@@ -1113,6 +1126,7 @@ async function refreshHistory({ background = false } = {}) {
 
 function setUpWorkingDay() {
   $("kind").addEventListener("change", onKindChange);
+  $("clients").addEventListener("input", onClientsChange);
   $("edit-form").addEventListener("submit", onEditSave);
   $("edit-close").addEventListener("click", () => $("edit-dialog").close());
   onKindChange();
