@@ -27,6 +27,7 @@ from broker.signaling.protocol import SessionEnded
 from broker.signaling.record import verify_record
 from broker.store.base import is_durable
 from broker.store.session_file import open_session_store
+from tests.browser.kit import check_axe, fetch_axe
 from tests.http.test_dashboard import browser, browser_login, http, login, schedule_in_page  # noqa: F401 - fixtures
 from tests.http.test_web_auth import PASSWORD, FullBroker, start_full_broker
 from tests.signaling.test_hub import RawPeer
@@ -326,6 +327,8 @@ async def test_the_day_from_the_page(full: FullBroker, browser: Any) -> None:  #
     card = await schedule_in_page(page)
     session_id = str(await card.get_attribute("data-session"))
     await expect(card.locator(".facts")).to_contain_text("Couple")
+    axe = fetch_axe()
+    await check_axe(page, axe, "dashboard with a couple session")
 
     await page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=full.url)
     copy = card.get_by_role("button", name="Copy link for Client 2")
@@ -340,10 +343,11 @@ async def test_the_day_from_the_page(full: FullBroker, browser: Any) -> None:  #
     await expect(qr.get_by_role("heading")).to_have_text("Link for Client 2 as a QR code")
     await qr.get_by_role("button", name="Close").click()
 
-    await card.get_by_role("button", name="Send the link for Client 2 by email").click()
+    await card.get_by_role("button", name="Send by email: link for Client 2").click()
     mail = page.locator("#email-dialog")
     await expect(mail.locator("#email-whose")).to_contain_text("Client 2")
     assert link in await mail.get_by_label("Message").input_value()
+    await check_axe(page, axe, "send by email")
     await mail.get_by_label("To").fill("someone@example.org")
     await mail.get_by_label("Message").fill(f"See you soon: {link}")
     href = str(await mail.get_by_role("link", name="Open in my mail program").get_attribute("href"))
@@ -371,6 +375,7 @@ async def test_the_day_from_the_page(full: FullBroker, browser: Any) -> None:  #
     await expect(ended.locator(".facts")).to_contain_text("Cancelled")
     await ended.get_by_role("button", name="Check signature").click()
     await expect(ended.locator(".verify-result")).to_have_text("Signature valid: unaltered")
+    await check_axe(page, axe, "dashboard history")
     async with page.expect_download() as info:
         await ended.get_by_role("button", name="Download record").click()
     saved = json.loads(Path(await (await info.value).path()).read_text(encoding="utf-8"))

@@ -579,7 +579,7 @@ function seatRow(session, seat, index, count, key) {
       el("button", {
         type: "button",
         className: "send-email",
-        "aria-label": `Send the link for ${label} by email`,
+        "aria-label": `Send by email: link for ${label}`,
         text: "Send by email",
         onclick: () => showEmail(link, label, session),
       }),
