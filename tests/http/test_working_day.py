@@ -23,9 +23,11 @@ from broker.client.broker_client import BrokerClient
 from broker.config import Config
 from broker.config_check import unavailable_choices
 from broker.crypto.link_key import new_link_key
+from broker.signaling.history import KEEP_S, MAX_RECORDS, SessionHistory, SignedRecord
 from broker.signaling.protocol import SessionEnded
 from broker.signaling.record import verify_record
 from broker.store.base import is_durable
+from broker.store.memory import MemoryStore
 from broker.store.session_file import open_session_store
 from tests.browser.kit import check_axe, fetch_axe
 from tests.http.test_dashboard import browser, browser_login, http, login, schedule_in_page  # noqa: F401 - fixtures
@@ -422,3 +424,38 @@ async def test_the_relay_choice_appears_when_turn_is_configured(tmp_path: Path, 
         await page.context.close()
     finally:
         await with_turn.stop()
+
+
+async def test_a_session_that_expires_with_someone_in_is_in_the_history(full: FullBroker, http: ClientSession) -> None:  # noqa: F811
+    casey = await login(full, http, "casey")
+    _, me = await casey.call("GET", "/api/me")
+    _, created = await casey.call("POST", "/api/sessions", {"clients": 1})
+    hub = full.broker.hub
+
+    def window_over(session: Any) -> None:
+        session.expires = int(time.time()) - 1
+
+    await hub.records.mutate(created["session"], window_over)
+    await hub.expire_due(created["session"])
+    entries = await hub.history.records(me["therapist"]["id"])
+    assert [e.record["end_reason"] for e in entries if e.record["session"] == created["session"]] == ["expired"]
+
+
+async def test_the_history_keeps_30_days_and_a_bounded_number() -> None:
+    now = [1_800_000_000.0]
+    history = SessionHistory(MemoryStore(lambda: now[0]), lambda: now[0])
+
+    def entry(session: str, ended: float) -> SignedRecord:
+        return SignedRecord({"session": session, "ended": int(ended)}, "sig", "kid")
+
+    await history.add("t", entry("old", now[0] - KEEP_S - 10))
+    await history.add("t", entry("recent", now[0] - 3600))
+    await history.add("t", entry("newest", now[0]))
+    assert [e.record["session"] for e in await history.records("t")] == ["newest", "recent"]
+    now[0] += KEEP_S - 1800  # "recent" is now over 30 days old
+    assert [e.record["session"] for e in await history.records("t")] == ["newest"]
+    assert await history.records("someone else") == []
+    for i in range(MAX_RECORDS + 5):
+        await history.add("bounded", entry(f"s{i}", now[0] - 60 + i / 1000))
+    kept = await history.records("bounded")
+    assert len(kept) == MAX_RECORDS and kept[0].record["session"] == f"s{MAX_RECORDS + 4}"
