@@ -6,6 +6,7 @@ another time without breaking the links already sent, cancelling it (its links t
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -28,10 +29,13 @@ from broker.signaling.protocol import SessionEnded
 from broker.signaling.record import verify_record
 from broker.store.base import is_durable
 from broker.store.memory import MemoryStore
+from broker.store.redis_store import RedisStore, redis_client
+from broker.store.sealing import Sealer
 from broker.store.session_file import open_session_store
 from tests.browser.kit import check_axe, fetch_axe
 from tests.http.test_dashboard import browser, browser_login, http, login, schedule_in_page  # noqa: F401 - fixtures
 from tests.http.test_web_auth import PASSWORD, FullBroker, start_full_broker
+from tests.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 from tests.signaling.test_hub import RawPeer
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -459,3 +463,22 @@ async def test_the_history_keeps_30_days_and_a_bounded_number() -> None:
         await history.add("bounded", entry(f"s{i}", now[0] - 60 + i / 1000))
     kept = await history.records("bounded")
     assert len(kept) == MAX_RECORDS and kept[0].record["session"] == f"s{MAX_RECORDS + 4}"
+
+
+@pytest.mark.redis
+async def test_the_history_on_redis_is_sealed_and_kept_30_days(redis_server: RedisServer) -> None:  # noqa: F811
+    redis_server.ensure_running()
+    store = RedisStore(redis_client(redis_server.url), Sealer(b"k" * 32))
+    try:
+        history = SessionHistory(store)
+        session = "Sess" + secrets.token_hex(8)
+        therapist = "ther" + secrets.token_hex(8)
+        await history.add(therapist, SignedRecord({"session": session, "ended": int(time.time())}, "sig", "kid"))
+        assert [e.record["session"] for e in await SessionHistory(store).records(therapist)] == [session]
+        raw_key = [k async for k in store.redis.scan_iter(match=f"*{therapist}*")][0]
+        raw = await store.redis.get(raw_key)
+        assert raw is not None and session.encode() not in raw
+        ttl = await store.redis.ttl(raw_key)
+        assert KEEP_S - 60 <= ttl <= KEEP_S
+    finally:
+        await store.close()
