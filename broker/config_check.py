@@ -11,6 +11,7 @@ import stat
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from broker.accounts.passkeys import RelyingParty
 from broker.audit.setup import audit_key_problems
 from broker.checklist import policy as checklist
 from broker.checklist.preflight_slots import SlotLimits
@@ -61,6 +62,25 @@ def check_config(config: Config) -> list[str]:
     if config.policy_file:
         problems += _check_policy(Path(config.policy_file))
     return problems
+
+
+def unavailable_choices(config: Config) -> list[str]:
+    """Every choice the dashboard or the CLI offers that cannot work with this configuration, in
+    plain words. Not problems (the broker runs), but what a practice would otherwise find out from a
+    client who cannot connect: ``broker check-config`` names them."""
+    choices = []
+    if not config.turn_urls:
+        choices.append(
+            "relay-only sessions (the dashboard's \"Relay the call through the practice's TURN server\", "
+            "broker session create --relay-only): no TURN server is configured (BROKER_TURN_URLS). "
+            "The dashboard does not offer it, and the API and the CLI refuse it."
+        )
+    if RelyingParty.from_config(config) is None:
+        choices.append(
+            f"passkeys: the public URL {config.base_url} names an IP address, where browsers refuse passkeys. "
+            "Therapists can use an authenticator app; give the broker a host name to offer passkeys."
+        )
+    return choices
 
 
 def _check_metrics(config: Config) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from broker.accounts.account import AccountsKeyMismatch
 from broker.cli import therapist as cli_therapist
 from broker.config import Config, ConfigError, load_config
-from broker.config_check import check_config
+from broker.config_check import check_config, unavailable_choices
 
 #: A command that talks to Redis itself (the therapist accounts) when Redis cannot be reached.
 REDIS_UNREACHABLE_MESSAGE = (
@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("peer")
     revoke.add_argument("--reissue", action="store_true", help="print a new link for the seat")
     revoke.add_argument("--base-url")
+
+    cancel = with_data_dir(session.add_parser("cancel", help="cancel a session: its links stop working at once"))
+    cancel.add_argument("session")
 
     audit = sub.add_parser("audit", help="the audit log").add_subparsers(dest="action", required=True, metavar="ACTION")
     verify_audit = with_data_dir(
@@ -239,6 +242,14 @@ async def _revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _cancel(args: argparse.Namespace) -> int:
+    from broker.http.admin_socket import AdminClient
+
+    await AdminClient(_config(args)).cancel(args.session)
+    print("Cancelled: every link of that session stopped working, and says the session was cancelled.")
+    return 0
+
+
 def _audit(args: argparse.Namespace) -> int:
     from broker.audit.format import rotated_numbers
     from broker.audit.log import Anchor, head_path, verify
@@ -383,15 +394,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             config = _config(args)
             problems = check_config(config)
+            choices = unavailable_choices(config)
+            if choices:
+                print("Not available with this configuration:")
+                for choice in choices:
+                    print(f"  - {choice}")
             if problems:
                 print(f"{len(problems)} problem(s) found:", file=sys.stderr)
                 for p in problems:
                     print(f"  - {p}", file=sys.stderr)
                 return 1
-            print("Configuration OK.")
+            print("Configuration OK." if not choices else "Configuration OK (with the choices above unavailable).")
             return 0
         if args.command == "session":
-            return _run(_create(args) if args.action == "create" else _revoke(args))
+            actions = {"create": _create, "revoke": _revoke, "cancel": _cancel}
+            return _run(actions[args.action](args))
         if args.command == "therapist":
             return cli_therapist.run(args)
         if args.command == "audit":

@@ -50,7 +50,7 @@ def _error_schema() -> dict[str, Any]:
 #: A success's schema per media type: a JSON object, or a stream of server-sent events (text).
 _SUCCESS: dict[str, dict[str, Any]] = {
     "application/json": {"type": "object"},
-    "text/event-stream": {"type": "string", "description": "server-sent events; docs/protocol.md 15.17"},
+    "text/event-stream": {"type": "string", "description": "server-sent events; docs/protocol.md 15.20"},
 }
 
 

@@ -54,8 +54,16 @@ class AdminError(Exception):
     """The admin API refused a request or could not be reached; the message says why."""
 
 
-def admin_app(hub: Hub, keys: Keys, base_url: str) -> web.Application:
-    """``base_url`` is where this broker is reached, so printed links point at it."""
+#: What the CLI prints for ``--relay-only`` on a broker without TURN.
+RELAY_UNAVAILABLE_MESSAGE = (
+    "This broker has no TURN server configured (BROKER_TURN_URLS), so a relay-only session could not connect. "
+    "Nothing was scheduled."
+)
+
+
+def admin_app(hub: Hub, keys: Keys, base_url: str, *, relay_available: bool = True) -> web.Application:
+    """``base_url`` is where this broker is reached, so printed links point at it; ``relay_available``
+    says TURN is configured (else ``--relay-only`` is refused)."""
     expected = keys.admin.hex()
 
     @web.middleware
@@ -75,6 +83,8 @@ def admin_app(hub: Hub, keys: Keys, base_url: str) -> web.Application:
 
     async def create(request: web.Request) -> web.Response:
         body = msgspec.json.decode(await request.read(), type=CreateRequest)
+        if body.relay_only and not relay_available:
+            return web.json_response({"error": "relay_unavailable", "message": RELAY_UNAVAILABLE_MESSAGE}, status=400)
         session, tokens = await hub.create_session(
             clients=body.clients,
             minors=body.minors,
@@ -102,9 +112,14 @@ def admin_app(hub: Hub, keys: Keys, base_url: str) -> web.Application:
         token = await hub.revoke_seat(request.match_info["session"], request.match_info["peer"], reissue=reissue)
         return web.json_response({"token": token})
 
+    async def cancel(request: web.Request) -> web.Response:
+        await hub.cancel_session(request.match_info["session"])
+        return web.json_response({"ok": True})
+
     app = web.Application(middlewares=[authenticate], client_max_size=16 * 1024)
     app.router.add_post("/sessions", create)
     app.router.add_post("/sessions/{session}/seats/{peer}/{action:revoke|reissue}", revoke)
+    app.router.add_post("/sessions/{session}/cancel", cancel)
     return app
 
 
@@ -216,6 +231,9 @@ class AdminClient:
         """Schedule a session (fields of ``CreateRequest``). With ``group_link`` the answer's
         ``group_token`` is one link's token for every client; else it is null."""
         return await self.request("POST", "/sessions", {**fields, "group_link": group_link})
+
+    async def cancel(self, session: str) -> dict[str, Any]:
+        return await self.request("POST", f"/sessions/{session}/cancel")
 
     async def revoke(self, session: str, peer: str, *, reissue: bool = False) -> dict[str, Any]:
         action = "reissue" if reissue else "revoke"

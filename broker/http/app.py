@@ -453,5 +453,5 @@ def build_app(broker: Broker) -> web.Application:
         config=config,
         keys=broker.keys,
     )
-    setup_dashboard(app, hub=broker.hub, store=broker.store)
+    setup_dashboard(app, hub=broker.hub, store=broker.store, relay_available=bool(config.turn_urls))
     return app

@@ -1,4 +1,5 @@
-"""The therapist's dashboard: schedule sessions, list them, revoke or reissue a client's link.
+"""The therapist's dashboard: schedule sessions, list them, move or cancel them, revoke or reissue a
+client's link, and read the signed records of the sessions that ended in the last 30 days.
 
 The broker hands out invite tokens only. The link key that completes each link is made in the
 therapist's browser (``newLinkKey`` in web/js/e2ee.js), kept there in IndexedDB, and never sent
@@ -27,6 +28,7 @@ from broker.http.pages import html_page
 from broker.signaling import session as sm
 from broker.signaling.hub import Hub
 from broker.signaling.protocol import ErrorCode, ProtocolError, Role, SessionState
+from broker.signaling.session_state import SessionKind
 from broker.store.base import OWNER_PREFIX, Store, StoreUnavailable
 
 log = logging.getLogger("broker.dashboard")
@@ -45,6 +47,36 @@ class CreateSession(msgspec.Struct, forbid_unknown_fields=True):
     relay_only: bool = False
     #: Also one link for every client (docs/protocol.md 4: its people share one key).
     group_link: bool = False
+    #: One-to-one, couple, family or group; None: one-to-one for one client, else group.
+    kind: SessionKind | None = None
+
+
+class Reschedule(msgspec.Struct, forbid_unknown_fields=True):
+    #: The new appointment start, Unix seconds.
+    starts: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+    duration_min: Annotated[int, msgspec.Meta(ge=5, le=12 * 60)] = 50
+
+
+#: How many client seats each kind of session may have (at least, at most).
+KIND_SEATS: dict[str, tuple[int, int]] = {
+    "individual": (1, 1),
+    "couple": (2, 2),
+    "family": (2, sm.MAX_SEATS - 1),
+    "group": (2, sm.MAX_SEATS - 1),
+}
+
+
+def session_kind(body: CreateSession) -> SessionKind:
+    """The kind asked for, checked against the seats; BadRequest when they do not fit."""
+    if body.kind is None:
+        return "individual" if body.clients == 1 else "group"
+    low, high = KIND_SEATS[body.kind]
+    if not low <= body.clients <= high:
+        seats = f"{low}" if low == high else f"at least {low}"
+        raise BadRequest(f"A {body.kind} session has {seats} client seat{'s' if high > 1 else ''}.")
+    if body.group_link and body.kind != "group":
+        raise BadRequest("A group link is only for group sessions: couples and families get a link per person.")
+    return body.kind
 
 
 class OwnedSession(msgspec.Struct, array_like=True):
@@ -116,9 +148,11 @@ DASHBOARD: web.AppKey[Dashboard] = web.AppKey("dashboard")
 
 
 class Dashboard:
-    def __init__(self, hub: Hub, index: OwnerIndex) -> None:
+    def __init__(self, hub: Hub, index: OwnerIndex, *, relay_available: bool = False) -> None:
         self.hub = hub
         self.index = index
+        #: TURN is configured: a relay-only session can connect (docs/protocol.md 15.15).
+        self.relay_available = relay_available
 
     def seat_view(self, session: sm.Session, seat: sm.Seat) -> dict[str, Any]:
         """What the owner's page needs about a seat; the token is recomputed, never stored."""
@@ -140,6 +174,7 @@ class Dashboard:
             "not_before": session.not_before,
             "expires": session.expires,
             "relay_only": session.ice_transport_policy == "relay",
+            "kind": session.kind,
             "seats": [self.seat_view(session, seat) for seat in session.seats],
         }
 
@@ -163,6 +198,9 @@ async def api_create(request: web.Request) -> web.Response:
     body: CreateSession = await read_json(request, CreateSession)
     if body.minors > body.clients:
         raise BadRequest("There cannot be more minors than client seats.")
+    kind = session_kind(body)
+    if body.relay_only and not board.relay_available:
+        return json_error(*RELAY_UNAVAILABLE)
     try:
         session, tokens = await board.hub.create_session(
             clients=body.clients,
@@ -172,6 +210,7 @@ async def api_create(request: web.Request) -> web.Response:
             relay_only=body.relay_only,
             group_link=body.group_link,
             owner=login.therapist,
+            kind=kind,
         )
     except ValueError as exc:
         raise BadRequest(_plain(str(exc))) from None
@@ -187,12 +226,22 @@ async def api_create(request: web.Request) -> web.Response:
             "not_before": session.not_before,
             "expires": session.expires,
             "relay_only": session.ice_transport_policy == "relay",
+            "kind": session.kind,
             "seats": [
                 {"peer": s.id, "role": s.role.value, "minor": s.minor, "token": tokens[s.id]} for s in session.seats
             ],
             "group_token": tokens.get("group"),
         }
     )
+
+
+#: The answer to ``relay_only`` on a broker without TURN: such a session could never connect.
+RELAY_UNAVAILABLE = (
+    400,
+    "relay_unavailable",
+    "Relaying through the practice's TURN server is not set up on this broker (BROKER_TURN_URLS), "
+    "so a relay-only session could not connect. Schedule it without relaying, or ask your practice admin.",
+)
 
 
 def _plain(message: str) -> str:
@@ -213,7 +262,7 @@ async def api_list(request: web.Request) -> web.Response:
         views.append(board.session_view(session))
     await board.index.forget(login.therapist, gone)
     views.sort(key=lambda v: (v["starts"], v["session"]))
-    return web.json_response({"sessions": views})
+    return web.json_response({"sessions": views, "relay_available": board.relay_available})
 
 
 @event_stream
@@ -252,6 +301,60 @@ async def api_seat_action(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "peer": peer, "token": token})
 
 
+async def _owned(request: web.Request) -> tuple[Dashboard, str, str] | None:
+    """The dashboard, the therapist and the session of the path, if it is one of theirs."""
+    login = await require_login(request)
+    board = _dashboard(request)
+    session_id = request.match_info["session"]
+    if not await board.index.owns(login.therapist, session_id):
+        return None
+    return board, login.therapist, session_id
+
+
+async def api_reschedule(request: web.Request) -> web.Response:
+    """Move a session nobody has joined yet to another time; its links keep working in the new window."""
+    owned = await _owned(request)
+    body: Reschedule = await read_json(request, Reschedule)
+    if owned is None:
+        return _not_found()
+    board, therapist, session_id = owned
+    try:
+        session = await board.hub.reschedule_session(session_id, starts=body.starts, duration_s=body.duration_min * 60)
+    except ValueError as exc:
+        raise BadRequest(_plain(str(exc))) from None
+    except ProtocolError as exc:
+        if exc.code is ErrorCode.SESSION_ENDED:
+            return json_error(404, "session_ended", exc.message)
+        return json_error(409, "session_in_use", exc.message)
+    await board.index.add(therapist, session.id, session.expires)
+    log.info("event=dashboard_session_rescheduled session=%s", session.id)
+    return web.json_response({"ok": True, "session": board.session_view(session)})
+
+
+async def api_cancel(request: web.Request) -> web.Response:
+    """Cancel a session: its links stop working at once and say it was cancelled; anyone in it is told."""
+    owned = await _owned(request)
+    if owned is None:
+        return _not_found()
+    board, _, session_id = owned
+    try:
+        await board.hub.cancel_session(session_id)
+    except ProtocolError:
+        return json_error(404, "session_ended", "This session has already ended.")
+    log.info("event=dashboard_session_cancelled session=%s", session_id)
+    return web.json_response({"ok": True, "session": session_id})
+
+
+async def api_history(request: web.Request) -> web.Response:
+    """The signed records of this therapist's sessions that ended in the last 30 days, newest first."""
+    login = await require_login(request)
+    board = _dashboard(request)
+    entries = await board.hub.history.records(login.therapist)
+    return web.json_response(
+        {"records": [{"record": e.record, "signature": e.signature, "key_id": e.key_id} for e in entries]}
+    )
+
+
 def _not_found() -> web.Response:
     # The same answer for "not yours" and "does not exist": nothing to learn about others' sessions.
     return json_error(404, "not_found", "No such session or seat among yours.")
@@ -267,18 +370,29 @@ async def _store_errors(request: web.Request, handler: Handler) -> web.StreamRes
         return json_error(503, "unavailable", "The service is briefly unavailable. Try again shortly.")
 
 
-def setup_dashboard(app: web.Application, *, hub: Hub, store: Store, clock: Callable[[], float] = time.time) -> None:
-    """Add the dashboard page and its JSON API; ``setup_auth`` must have run on ``app`` first."""
+def setup_dashboard(
+    app: web.Application,
+    *,
+    hub: Hub,
+    store: Store,
+    clock: Callable[[], float] = time.time,
+    relay_available: bool = False,
+) -> None:
+    """Add the dashboard page and its JSON API; ``setup_auth`` must have run on ``app`` first.
+    ``relay_available``: TURN is configured, so relay-only sessions can be scheduled."""
     if AUTH not in app:
         raise RuntimeError("call setup_auth(app, ...) before setup_dashboard(app, ...)")
     index = OwnerIndex(store, clock)
-    app[DASHBOARD] = Dashboard(hub, index)
+    app[DASHBOARD] = Dashboard(hub, index, relay_available=relay_available)
     hub.add_end_listener(lambda owner, session_id: index.forget(owner, {session_id}))
     app.middlewares.append(_store_errors)
     app.router.add_get("/dashboard", dashboard_page, name="dashboard")
     app.router.add_get("/api/sessions", api_list, name="api_sessions")
     app.router.add_get("/api/arrivals", api_arrivals, name="api_arrivals")
     app.router.add_post("/api/sessions", api_create, name="api_session_create")
+    app.router.add_post("/api/sessions/{session}/reschedule", api_reschedule, name="api_session_reschedule")
+    app.router.add_post("/api/sessions/{session}/cancel", api_cancel, name="api_session_cancel")
+    app.router.add_get("/api/history", api_history, name="api_history")
     app.router.add_post(
         "/api/sessions/{session}/seats/{peer}/{action:revoke|reissue}", api_seat_action, name="api_seat_action"
     )

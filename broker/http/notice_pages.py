@@ -47,6 +47,9 @@ NOTICES: dict[str, Notice] = {
         "This session could not be found",
         "The service lost its record of this session, so please contact your therapist for a new link.",
     ),
+    ErrorCode.SESSION_CANCELLED.value: Notice(
+        410, "This session was cancelled", "Your therapist cancelled it, so please contact them about another time."
+    ),
     ErrorCode.UNAVAILABLE.value: Notice(
         503, "Please try again in a moment", "The service cannot reach its records just now, and nothing was changed."
     ),

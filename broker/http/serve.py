@@ -63,7 +63,9 @@ async def serve(
     await site.start()
     port = site.port
     url = config.base_url if config.port else f"http://{config.host}:{port}"
-    admin_runner = web.AppRunner(admin_app(broker.hub, broker.keys, url), access_log=None)
+    admin_runner = web.AppRunner(
+        admin_app(broker.hub, broker.keys, url, relay_available=bool(config.turn_urls)), access_log=None
+    )
     await admin_runner.setup()
     await start_admin_site(admin_runner.app, admin_runner, config)
     metrics_runner = await start_metrics_site(broker.metrics, config.metrics_address)

@@ -1,22 +1,21 @@
 """The signaling service: connections in, state machine and store in the middle, bus out.
 
-The hub knows nothing about HTTP: the server hands it a ``Transport`` per
-WebSocket and every text frame received. For each message it loads the
-session record, applies one state-machine step atomically through the store,
-and publishes what each peer should now see on the session's bus channel.
-Every process that holds a connection of the session delivers those messages
+The hub knows nothing about HTTP: the server hands it a ``Transport`` per WebSocket and every
+text frame received. For each message it loads the session record, applies one state-machine
+step atomically through the store, and publishes what each peer should now see on the session's
+bus channel. Every process that holds a connection of the session delivers those messages
 locally, so peers of one session may sit on different broker processes.
 
-The ``Hub`` is the session logic: scheduling and revoking, joining, the
-therapist's admission decisions, leaving, ending and expiry. It is made of parts
-that know nothing of one another's work: ``Connections`` (connections.py: each
-WebSocket's writes, message budget, decoding and hello), ``Relays`` (relay.py:
-relays between seats and what the bus delivers here, in order), ``SessionRecords``
-(session_records.py: each session's record in the store, and this process's copies
-of it), ``TherapistDecisions`` (decisions.py: admit, decline, remove, allow back), ``ClientChecks`` (client_checks.py: the checklist and the pre-flight),
-``ExpiryTimer`` (expiry.py), ``views_of`` (views.py: what each peer sees) and
-``NodeLiveness`` (liveness.py: this process's mark in the store, and the release of
-seats held by processes that died).
+The ``Hub`` is the session logic: scheduling, rescheduling, cancelling and revoking, joining, the
+therapist's admission decisions, leaving, ending and expiry. It is made of parts that know nothing
+of one another's work: ``Connections`` (connections.py: each WebSocket's writes, message budget,
+decoding and hello), ``Relays`` (relay.py: relays between seats and what the bus delivers here, in
+order), ``SessionRecords`` (session_records.py: each session's record in the store, and this
+process's copies of it), ``TherapistDecisions`` (decisions.py: admit, decline, remove, allow back),
+``ClientChecks`` (client_checks.py: the checklist and the pre-flight), ``ExpiryTimer`` (expiry.py),
+``views_of`` (views.py: what each peer sees), ``NodeLiveness`` (liveness.py: this process's mark in
+the store, and the release of seats held by processes that died) and ``SessionHistory``
+(history.py: each therapist's signed records of ended sessions).
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from typing import Any
 from broker.metrics.registry import Metrics
 from broker.signaling import session as sm
 from broker.signaling.arrivals import ArrivalCount, arrivals_channel, encode_count
+from broker.signaling.cancelled import cancelled_error, mark_cancelled, was_cancelled
 from broker.signaling.client_checks import Audit, Checklist, ClientChecks, Preflight
 from broker.signaling.connections import (
     CLOSE_ENDED,
@@ -44,6 +44,8 @@ from broker.signaling.connections import (
 )
 from broker.signaling.decisions import TherapistDecisions
 from broker.signaling.expiry import EXPIRY_LEAD_S, ExpiryTimer
+from broker.signaling.history import SessionHistory, SignedRecord
+from broker.signaling.link_checks import gone_error, seat_for
 from broker.signaling.liveness import NodeLiveness
 from broker.signaling.protocol import (
     ROLE_ONLY,
@@ -89,6 +91,7 @@ from broker.signaling.tokens import (
     INVALID_MESSAGE,
     TokenClaims,
     TokenCodec,
+    check_window,
     new_node_id,
     new_resume_secret,
     new_session_id,
@@ -151,6 +154,8 @@ class Hub:
             store, bus, self.records, self.metrics, clock, audit=self._audit, publish_views=self._publish_views
         )
         self.checks = ClientChecks(self.records, checklist, preflight, self._audit)
+        #: Each therapist's signed records of their ended sessions (30 days).
+        self.history = SessionHistory(store, clock)
         self._end_listeners: list[Callable[[str, str], Awaitable[None]]] = []
         self.accepting = True
         self.liveness = NodeLiveness(
@@ -181,6 +186,7 @@ class Hub:
         relay_only: bool = False,
         group_link: bool = False,
         owner: str | None = None,
+        kind: sm.SessionKind = "individual",
     ) -> tuple[Session, dict[str, str]]:
         """Schedule a session; returns it and the invite token of every seat by peer id.
 
@@ -197,6 +203,7 @@ class Hub:
             relay_only=relay_only,
             group_link=group_link,
             owner=owner,
+            kind=kind,
         )
         await self.records.save(session)
         tokens = {seat.id: self.tokens.issue(sm.claims_for(session, seat)) for seat in session.seats}
@@ -229,20 +236,37 @@ class Hub:
         await self._audit("seat_revoked", None, session_id, "ok")
         return self.tokens.issue(sm.claims_for(session, seat)) if reissue else None
 
+    async def reschedule_session(self, session_id: str, *, starts: int, duration_s: int) -> Session:
+        """Move a session nobody is in to another time; links are judged by the record's window, so they follow."""
+        now = int(self.clock())
+        _, expires = sm.window(now, starts, duration_s)  # the record's TTL follows its new end
+        step = lambda s: sm.reschedule(s, now=now, starts=starts, duration_s=duration_s)  # noqa: E731
+        session, _ = await self.records.mutate(session_id, step, expires=expires)
+        log.info("event=session_rescheduled session=%s", session_id)
+        await self._audit("session_rescheduled", None, session_id, "ok")
+        return session
+
+    async def cancel_session(self, session_id: str) -> None:
+        """End a session before or during it: its links stop working at once and say ``session_cancelled``
+        until its window would have closed; peers get ``session_ended`` with ``cancelled``."""
+        session, _ = await self.records.mutate(session_id, lambda s: sm.end(s, s.therapist().id))
+        await mark_cancelled(self.store, session_id, session.expires - self.clock())
+        await self._finish(session, "cancelled")
+
     def check_token(self, token: str) -> TokenClaims:
-        """Authenticity and window of a token, without touching the store."""
+        """Authenticity and the token's own window, without touching the store."""
         return self.tokens.check(token, self.clock())
 
     async def resolve_token(self, token: str) -> tuple[Session, sm.Seat]:
         """The session and seat a token opens, or ProtocolError with the right code."""
-        claims = self.check_token(token)
+        claims = self.tokens.verify(token)
         session = await self.get_session(claims.session_id)
         if session is None:
-            raise self.missing_session(claims)
-        if claims.token_id == session.group_token_id:
-            client = session.clients()[0]
-            return session, client
-        return session, sm.seat_for_token(session, claims.token_id)
+            raise await gone_error(self.store, claims, self.clock(), self.missing_session)
+        if claims.token_id != session.group_token_id:
+            return session, seat_for(session, claims, self.clock())
+        check_window(session.not_before, session.expires, self.clock())
+        return session, session.clients()[0]
 
     # ------------------------------------------------------------ connections
 
@@ -337,7 +361,7 @@ class Hub:
     async def _join(self, conn: Connection, message: Join) -> None:
         if not self.accepting:
             raise ProtocolError(ErrorCode.UNAVAILABLE, "This broker is restarting. Reconnect in a moment.")
-        claims = self.check_token(message.token)
+        claims = self.tokens.verify(message.token)
         presented = resume_digest(message.resume_secret) if message.resume_secret is not None else None
         secret = new_resume_secret()
         fresh = resume_digest(secret)
@@ -345,10 +369,11 @@ class Hub:
 
         def take_seat(s: Session) -> sm.Joining:
             if s.group_token_id is not None and claims.token_id == s.group_token_id:
+                check_window(s.not_before, s.expires, self.clock())
                 seat = sm.claim_group_seat(s)
                 by_group[0] = True
             else:
-                seat = sm.seat_for_token(s, claims.token_id)
+                seat = seat_for(s, claims, self.clock())
             return sm.connect(s, seat.id, conn.id, device=presented, new_device=fresh, now=int(self.clock()))
 
         # A genuine token of a session that is gone looks exactly like an unknown one, unless the
@@ -357,11 +382,14 @@ class Hub:
 
         def missing() -> ProtocolError:
             gone.append(True)
+            check_window(claims.not_before, claims.expires, self.clock())
             return self.missing_session(claims)
 
         try:
             session, joining = await self.records.mutate(claims.session_id, take_seat, missing=missing)
         except ProtocolError as exc:
+            if gone and exc.code is ErrorCode.INVALID_TOKEN and await was_cancelled(self.store, claims.session_id):
+                raise cancelled_error() from None
             lost = self.store_lost_now
             if not gone or exc.code is not ErrorCode.INVALID_TOKEN or lost is None or not await lost():
                 raise
@@ -486,13 +514,7 @@ class Hub:
     async def _on_end(self, conn: Connection, message: End) -> None:
         assert conn.session_id and conn.peer_id
         session, _ = await self.records.mutate(conn.session_id, lambda s: sm.end(s, conn.peer_id or ""))
-        if self.signer is not None:
-            record = build_record(
-                session, ended=int(self.clock()), reason="ended", verification=dict(message.verification or {})
-            )
-            signed = SessionRecord(record=record, signature=self.signer.sign(record), key_id=self.signer.key_id)
-            await self.bus.publish(session.id, Envelope(conn.peer_id, None, encode(signed)))
-        await self._finish(conn.session_id, "ended", actor=conn.peer_id, owner=session.owner)
+        await self._finish(session, "ended", actor=conn.peer_id, verification=dict(message.verification or {}))
 
     _handlers: dict[type, Callable[..., Awaitable[None]]] = {
         ChecklistSubmit: _on_checklist,
@@ -521,8 +543,18 @@ class Hub:
         therapist, or at its window's end), so what is kept about it elsewhere goes too."""
         self._end_listeners.append(listener)
 
-    async def _finish(self, session_id: str, reason: str, actor: str | None = None, owner: str | None = None) -> None:
-        """Tell everyone the session is over, then forget every key of it."""
+    async def _finish(
+        self, session: Session, reason: str, actor: str | None = None, verification: dict[str, str] | None = None
+    ) -> None:
+        """Tell everyone it is over (the therapist's side also gets the signed record, kept in the
+        owner's history whatever the reason), then forget every key of it."""
+        session_id, owner = session.id, session.owner
+        signed = None
+        if self.signer is not None:
+            record = build_record(session, ended=int(self.clock()), reason=reason, verification=verification)
+            signed = SessionRecord(record=record, signature=self.signer.sign(record), key_id=self.signer.key_id)
+            if reason != "expired":  # nobody asked for it then
+                await self.bus.publish(session_id, Envelope(session.therapist().id, None, encode(signed)))
         await self.bus.publish(
             session_id,
             Envelope(None, None, encode(SessionEnded(reason=reason)), CLOSE_ENDED),  # type: ignore[arg-type]
@@ -540,6 +572,8 @@ class Hub:
                     await listener(owner, session_id)
                 except StoreUnavailable:
                     log.info("event=end_listener_unavailable session=%s", session_id)
+            if signed is not None:
+                await self.history.keep(owner, SignedRecord(signed.record, signed.signature, signed.key_id))
         await self._audit("session_ended", actor, session_id, reason)
 
     async def expire_due(self, session_id: str) -> None:
@@ -549,7 +583,7 @@ class Hub:
         except (ProtocolError, StoreUnavailable):
             return
         if ended:
-            await self._finish(session_id, "expired", owner=session.owner)
+            await self._finish(session, "expired")
 
     async def shutdown(self, after_ms: int = 500) -> None:
         """Stop accepting; ask every connected peer to reconnect (to another process)."""

@@ -457,7 +457,7 @@ class Removed(_ServerMessage, tag="removed"):
 
 
 class SessionEnded(_ServerMessage, tag="session_ended"):
-    reason: Literal["ended", "expired"]
+    reason: Literal["ended", "expired", "cancelled"]
 
 
 class SessionRecord(_ServerMessage, tag="session_record"):

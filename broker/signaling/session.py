@@ -31,6 +31,7 @@ from broker.signaling.protocol import ErrorCode, ProtocolError, Role, SeatState,
 from broker.signaling.session_state import OtherDevice as OtherDevice
 from broker.signaling.session_state import Seat as Seat
 from broker.signaling.session_state import Session as Session
+from broker.signaling.session_state import SessionKind as SessionKind
 from broker.signaling.tokens import INVALID_MESSAGE, TokenClaims, new_peer_id, new_token_id, node_of
 
 #: How early before the appointment a link opens, and how long after its end it stays valid.
@@ -58,6 +59,7 @@ def new_session(
     relay_only: bool = False,
     group_link: bool = False,
     owner: str | None = None,
+    kind: SessionKind = "individual",
 ) -> Session:
     """A scheduled session with one therapist seat and ``clients`` client seats.
 
@@ -67,13 +69,7 @@ def new_session(
         raise ValueError(f"a session has 1 to {MAX_SEATS - 1} client seats")
     if not 0 <= minors <= clients:
         raise ValueError("minors must be between 0 and the number of client seats")
-    if not 5 * 60 <= duration_s <= 12 * 3600:
-        raise ValueError("a session lasts 5 minutes to 12 hours")
-    if starts > now + MAX_AHEAD_S:
-        raise ValueError("an appointment can start at most a year from now")
-    expires = starts + duration_s + grace_s
-    if expires <= now:
-        raise ValueError("that appointment is already over")
+    not_before, expires = window(now, starts, duration_s, early_s=early_s, grace_s=grace_s)
     seats = [Seat(id=new_peer_id(), role=Role.THERAPIST, token_id=new_token_id())]
     seats += [
         Seat(id=new_peer_id(), role=Role.CLIENT, token_id=new_token_id(), minor=i < minors) for i in range(clients)
@@ -83,14 +79,53 @@ def new_session(
         state=SessionState.SCHEDULED,
         created=now,
         starts=starts,
-        not_before=max(now, starts - early_s),
+        not_before=not_before,
         expires=expires,
         seats=seats,
         ice_transport_policy="relay" if relay_only else "all",
         group_token_id=new_token_id() if group_link else None,
         owner=owner,
         seat_keys=True,
+        kind=kind,
     )
+
+
+def window(
+    now: int, starts: int, duration_s: int, *, early_s: int = DEFAULT_EARLY_S, grace_s: int = DEFAULT_GRACE_S
+) -> tuple[int, int]:
+    """When the links of an appointment start and stop working; ValueError for a time that cannot be booked."""
+    if not 5 * 60 <= duration_s <= 12 * 3600:
+        raise ValueError("a session lasts 5 minutes to 12 hours")
+    if starts > now + MAX_AHEAD_S:
+        raise ValueError("an appointment can start at most a year from now")
+    expires = starts + duration_s + grace_s
+    if expires <= now:
+        raise ValueError("that appointment is already over")
+    return max(now, starts - early_s), expires
+
+
+def reschedule(
+    session: Session,
+    *,
+    now: int,
+    starts: int,
+    duration_s: int,
+) -> None:
+    """Move a session that has not begun to another time: its links keep working, in the new window.
+
+    Only while nobody is connected (else ``invalid_state``): a peer already in would otherwise keep
+    a window that no longer holds, and its process's end-of-session timer the old time.
+    """
+    _require_not_ended(session)
+    if session.state is not SessionState.SCHEDULED or any(
+        seat.conn is not None or (seat.other is not None and seat.other.conn is not None) for seat in session.seats
+    ):
+        raise ProtocolError(
+            ErrorCode.INVALID_STATE,
+            "Someone is connected to this session, so its time cannot change now. End it, or schedule another.",
+        )
+    session.not_before, session.expires = window(now, starts, duration_s)
+    session.starts = starts
 
 
 def group_claims(session: Session) -> TokenClaims:

@@ -101,9 +101,16 @@ class SessionRecords:
         await self.store.put(session_key(session.id), encode_record(session), ttl)
 
     async def mutate(
-        self, session_id: str, step: Callable[[Session], Any], missing: Callable[[], ProtocolError] | None = None
+        self,
+        session_id: str,
+        step: Callable[[Session], Any],
+        missing: Callable[[], ProtocolError] | None = None,
+        *,
+        expires: int | None = None,
     ) -> tuple[Session, Any]:
-        """Apply one state-machine step atomically; a refused step writes nothing."""
+        """Apply one state-machine step atomically; a refused step writes nothing.
+
+        ``expires``: the record's new end, for a step that moves it (its TTL follows)."""
         out: list[Session] = []
         gone = missing or session_ended
 
@@ -126,6 +133,8 @@ class SessionRecords:
             if current is None:
                 raise gone()
             ttl = max(1.0, current.expires - self.clock())
+        if expires is not None:
+            ttl = max(1.0, expires - self.clock())
         self.changed(session_id)
         try:
             result = await self.store.update(session_key(session_id), mutate, ttl)

@@ -13,6 +13,10 @@ import msgspec
 
 from broker.signaling.protocol import ErrorCode, ProtocolError, Role, SeatState, SessionState
 
+#: What kind of session it is, as the therapist chose when scheduling (never who is in it).
+SessionKind = Literal["individual", "couple", "family", "group"]
+SESSION_KINDS: tuple[str, ...] = ("individual", "couple", "family", "group")
+
 
 class OtherDevice(msgspec.Struct, kw_only=True):
     """A device that opened a client seat's link without the seat's resume secret.
@@ -91,6 +95,8 @@ class Session(msgspec.Struct, kw_only=True):
     #: Grows with every change of the record (``SessionRecords.mutate``): the views of a change carry
     #: it, so a process drops a view older than one its connection already has (``Relays``).
     revision: int = 0
+    #: One-to-one, couple, family or group: shown on the therapist's dashboard, nothing more.
+    kind: SessionKind = "individual"
 
     def seat(self, seat_id: str) -> Seat:
         for seat in self.seats:

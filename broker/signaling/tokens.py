@@ -127,11 +127,19 @@ class TokenCodec:
         return b64e(body + self._mac(body))
 
     def check(self, token: str, now: float) -> TokenClaims:
-        """Return the claims of an authentic token inside its window.
+        """Return the claims of an authentic token inside its own window.
 
         Raises ProtocolError with ``invalid_token`` (malformed or forged),
         ``token_not_yet_valid`` or ``token_expired``.
         """
+        claims = self.verify(token)
+        check_window(claims.not_before, claims.expires, now)
+        return claims
+
+    def verify(self, token: str) -> TokenClaims:
+        """The claims of an authentic token, its window not yet judged: while the session's record
+        exists, its window is the one that counts (a rescheduled session keeps its links working);
+        the token's own window answers only once the record is gone. ``invalid_token`` otherwise."""
         try:
             raw = b64d(token)
         except ValueError:
@@ -144,19 +152,21 @@ class TokenCodec:
         version, sid, tid, not_before, expires = _BODY.unpack(body)
         if version != TOKEN_VERSION:
             raise invalid_token()
-        if now < not_before:
-            raise ProtocolError(
-                ErrorCode.TOKEN_NOT_YET_VALID,
-                "This link is not open yet. Please come back closer to your appointment time.",
-            )
-        if now >= expires:
-            raise ProtocolError(
-                ErrorCode.TOKEN_EXPIRED, "This link has expired. Please ask your therapist for a new one."
-            )
         return TokenClaims(b64e(sid), b64e(tid), not_before, expires)
 
     def _mac(self, body: bytes) -> bytes:
         return hmac.new(self._key, body, hashlib.sha256).digest()[:_MAC_LEN]
+
+
+def check_window(not_before: int, expires: int, now: float) -> None:
+    """``token_not_yet_valid`` before the window, ``token_expired`` from its end."""
+    if now < not_before:
+        raise ProtocolError(
+            ErrorCode.TOKEN_NOT_YET_VALID,
+            "This link is not open yet. Please come back closer to your appointment time.",
+        )
+    if now >= expires:
+        raise ProtocolError(ErrorCode.TOKEN_EXPIRED, "This link has expired. Please ask your therapist for a new one.")
 
 
 def invalid_token() -> ProtocolError:

@@ -67,6 +67,7 @@ class ErrorCode(str, Enum):
     TOKEN_NOT_YET_VALID = "token_not_yet_valid"
     SESSION_ENDED = "session_ended"
     SESSION_NOT_FOUND = "session_not_found"
+    SESSION_CANCELLED = "session_cancelled"
     NOT_ALLOWED = "not_allowed"
     DECLINED = "declined"
     REMOVED = "removed"

@@ -31,15 +31,20 @@ def session_prefix(session_id: str) -> str:
 
 #: Each therapist's index of the sessions they scheduled (``broker.http.dashboard``) starts with this.
 OWNER_PREFIX = "owner:"
+#: Each therapist's history of ended sessions (``broker.signaling.history``) starts with this.
+HISTORY_PREFIX = "history:"
+#: The mark a cancelled session leaves until its window closes, so its links say "cancelled".
+CANCELLED_PREFIX = "cancelled:"
 
 
 def is_durable(key: str) -> bool:
     """What a session needs to come back after a restart: its record (``session_key``; its
-    mailboxes, ``s:{id}:box:...``, are not) and the owner indexes the dashboard lists. The
-    embedded store keeps these on disk as well; everything else may be lost to a restart."""
+    mailboxes, ``s:{id}:box:...``, are not), the owner indexes the dashboard lists, the
+    therapists' histories and the marks of cancelled sessions. The embedded store keeps these on
+    disk as well (sealed); everything else may be lost to a restart."""
     if key.startswith("s:{"):
         return key.endswith("}")
-    return key.startswith(OWNER_PREFIX)
+    return key.startswith((OWNER_PREFIX, HISTORY_PREFIX, CANCELLED_PREFIX))
 
 
 class StoreUnavailable(Exception):

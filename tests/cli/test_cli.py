@@ -238,6 +238,38 @@ def test_check_config_passes_a_good_configuration(tmp_path: Path) -> None:
     assert result.returncode == 0 and "Configuration OK" in result.stdout
 
 
+def test_check_config_names_the_choices_this_configuration_cannot_offer(tmp_path: Path) -> None:
+    """Issue 28, item 4: no TURN server, so relay-only sessions cannot work; the command says so."""
+    result = run("check-config", "--data-dir", str(tmp_path))
+    assert result.returncode == 0
+    assert "Not available with this configuration" in result.stdout
+    assert "relay-only sessions" in result.stdout and "BROKER_TURN_URLS" in result.stdout
+    env = {**os.environ, "BROKER_TURN_URLS": "turn:127.0.0.1:3478", "BROKER_TURN_SECRET": "s" * 40}
+    with_turn = run("check-config", "--data-dir", str(tmp_path), env=env)
+    assert with_turn.returncode == 0 and "relay-only" not in with_turn.stdout
+
+
+def test_session_create_refuses_relay_only_without_turn(served: Served) -> None:
+    result = run("session", "create", "--data-dir", str(served.data_dir), "--relay-only")
+    assert result.returncode == 1 and "TURN" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_session_cancel_stops_the_links_and_says_so(served: Served) -> None:
+    created = json.loads(run("session", "create", "--data-dir", str(served.data_dir), "--json").stdout)
+    client_link = next(s["link"] for s in created["seats"] if s["role"] == "client")
+    result = run("session", "cancel", created["session"], "--data-dir", str(served.data_dir))
+    assert result.returncode == 0 and "Cancelled" in result.stdout
+
+    async def page() -> tuple[int, str]:
+        async with aiohttp.ClientSession() as http, http.get(client_link.split("#")[0]) as r:
+            return r.status, await r.text()
+
+    status, body = asyncio.run(page())
+    assert status == 410 and 'data-code="session_cancelled"' in body and "cancelled" in body
+    again = run("session", "cancel", created["session"], "--data-dir", str(served.data_dir))
+    assert again.returncode == 1 and "Traceback" not in again.stderr
+
+
 def test_check_config_reports_every_problem(tmp_path: Path) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text('[[item]]\nid = "x"\nkind = "telepathy"\n')

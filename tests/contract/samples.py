@@ -102,6 +102,8 @@ def server_samples() -> list[msgspec.Struct]:
         p.SessionRecord(record={"session": "sess1", "seats": []}, signature="c2ln", key_id="key-1"),
         p.SessionEnded(reason="expired"),
         p.TherapistNote(sealed=SEALED),
+        p.SessionEnded(reason="cancelled"),
+        p.Error(code=p.ErrorCode.SESSION_CANCELLED, message="This session was cancelled.", ref="m-2"),
         p.Pong(n=3),
         p.Reconnect(reason="restart", after_ms=250),
         p.Error(code=p.ErrorCode.PREFLIGHT_BUSY, message="Wait.", ref="m-1", retry_after_ms=1500),

@@ -270,7 +270,7 @@ async def test_link_key_is_made_in_the_browser_and_never_sent(full: FullBroker, 
     # The QR code shown holds the full client link, drawn in the page.
     await card.get_by_role("button", name="Show QR code for Client 1").click()
     dialog = page.get_by_role("dialog")
-    await dialog.get_by_role("img", name="QR code of the client link").wait_for()
+    await dialog.get_by_role("img", name="QR code of the link for Client 1").wait_for()
     link = await page.evaluate(
         """async (session) => {
             const d = await import('/static/js/dashboard.js');

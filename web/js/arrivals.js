@@ -3,7 +3,7 @@
 // desktop notification if the therapist allowed them ("A client is waiting"; the client's
 // label only if the therapist opted in). The session page (therapist.js) counts from its
 // `waiting_room` messages; the dashboard (dashboard.js) from the pushed counts of
-// GET /api/arrivals (docs/protocol.md 15.17), read by `watchArrivals`.
+// GET /api/arrivals (docs/protocol.md 15.20), read by `watchArrivals`.
 //
 // The choices are remembered in this browser only (localStorage): sound on unless turned off,
 // the label in notifications off unless turned on.

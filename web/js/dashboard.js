@@ -1,4 +1,5 @@
-// The therapist's dashboard: schedule sessions, copy links, revoke or reissue a client's link.
+// The therapist's dashboard: schedule sessions, copy links, revoke or reissue a client's link,
+// move or cancel a session, and read the signed records of the sessions of the last 30 days.
 //
 // The broker only hands out invite tokens. The session secret of each session is made here
 // (newLinkKey) and kept in this browser's IndexedDB; the therapist's link carries it, and each
@@ -544,9 +545,11 @@ async function copyText(text) {
   }
 }
 
-function showQr(link) {
+function showQr(link, label = "Client") {
   const box = $("qr-box");
-  box.replaceChildren(qrSvg(qrMatrix(link).modules, "QR code of the client link"));
+  $("qr-title").textContent = `Link for ${label} as a QR code`;
+  $("qr-whose").textContent = `Whose link: ${label}. Show it only to them.`;
+  box.replaceChildren(qrSvg(qrMatrix(link).modules, `QR code of the link for ${label}`));
   $("qr-dialog").showModal();
 }
 
@@ -565,17 +568,21 @@ function seatRow(session, seat, index, count, key) {
         className: "copy-link",
         "aria-label": `Copy link for ${label}`,
         text: "Copy link",
-        onclick: async () => {
-          if (await copyText(link)) say(`Link for ${label} copied. Send it to them privately.`);
-          else problem(`Copying did not work. The link for ${label} is: ${link}`);
-        },
+        onclick: (event) => copyWithFeedback(event.currentTarget, link, label),
       }),
       el("button", {
         type: "button",
         className: "show-qr",
         "aria-label": `Show QR code for ${label}`,
         text: "QR code",
-        onclick: () => showQr(link),
+        onclick: () => showQr(link, label),
+      }),
+      el("button", {
+        type: "button",
+        className: "send-email",
+        "aria-label": `Send by email: link for ${label}`,
+        text: "Send by email",
+        onclick: () => showEmail(link, label, session),
       }),
     );
   }
@@ -654,10 +661,7 @@ function groupLinkBlock(session, token, key) {
       type: "button",
       className: "copy-group-link",
       text: "Copy group link",
-      onclick: async () => {
-        if (await copyText(link)) say("Group link copied.");
-        else problem(`Copying did not work. The group link is: ${link}`);
-      },
+      onclick: (event) => copyWithFeedback(event.currentTarget, link, "everyone (group link)"),
     }),
   ]);
 }
@@ -669,7 +673,7 @@ function sessionCard(session, key, seatKeys = new Map(), group = null) {
   const card = el("li", { className: "session", "data-session": session.session });
   const headingId = `s-${session.session}`;
   card.append(el("h3", { id: headingId, text: heading }));
-  const facts = [words(session.state), `links work until ${timeFormat.format(linksEnd)}`];
+  const facts = [kindWords(session.kind), words(session.state), `links work until ${timeFormat.format(linksEnd)}`];
   if (session.relay_only) facts.push("relayed");
   card.append(el("p", { className: "facts", text: facts.join(" · ") }));
   const therapist = session.seats.find((s) => s.role === "therapist");
@@ -701,6 +705,7 @@ function sessionCard(session, key, seatKeys = new Map(), group = null) {
   clients.forEach((seat, i) => list.append(seatRow(session, seat, i, clients.length, seatKeys.get(seat.peer) ?? null)));
   card.append(list);
   if (group) card.append(groupLinkBlock(session, group.token, group.key));
+  card.append(sessionActions(session, headingId));
   return card;
 }
 
@@ -739,7 +744,9 @@ async function render(sessions) {
 
 async function refresh({ background = false } = {}) {
   const data = await api("/api/sessions", { background });
+  showRelayChoice(data.relay_available === true);
   await render(data.sessions);
+  await refreshHistory({ background });
 }
 
 async function onCreate(event) {
@@ -767,8 +774,9 @@ async function onCreate(event) {
         minors,
         starts: Math.floor(starts.getTime() / 1000),
         duration_min: duration,
-        relay_only: form.relay_only.checked,
-        ...(form.group_link.checked ? { group_link: true } : {}),
+        kind: form.kind.value,
+        relay_only: !$("relay-field").hidden && form.relay_only.checked,
+        ...(!$("group-link-field").hidden && form.group_link.checked ? { group_link: true } : {}),
       },
     });
     // The session secret is born here and stays on this device; client links carry seat keys.
@@ -797,6 +805,7 @@ function loggedOff(reason) {
   // Nothing about clients stays on screen.
   $("today").replaceChildren();
   $("later").replaceChildren();
+  $("history").replaceChildren();
   $("dashboard").hidden = true;
   $("who").textContent = "";
   if (reason !== "idle") {
@@ -866,6 +875,273 @@ function defaultStart() {
   form.time.value = `${pad(soon.getHours())}:${pad(soon.getMinutes())}`;
 }
 
+// ---------------------------------------------------------------- the working day
+// Session kinds, feedback where a link was copied, email, moving and cancelling a session, history.
+
+const KIND_WORDS = { individual: "One-to-one", couple: "Couple", family: "Family", group: "Group" };
+const KIND_CLIENTS = { individual: 1, couple: 2, family: 3, group: 4 };
+
+function kindWords(kind) {
+  return KIND_WORDS[kind] ?? KIND_WORDS.individual;
+}
+
+/** The kind chosen sets a fitting number of clients; only a group may add the shared link. */
+function onKindChange() {
+  const form = $("create-form");
+  const kind = form.kind.value;
+  form.clients.value = String(KIND_CLIENTS[kind] ?? 1);
+  if (Number(form.minors.value) > Number(form.clients.value)) form.minors.value = "0";
+  $("group-link-field").hidden = kind !== "group";
+  if (kind !== "group") form.group_link.checked = false;
+}
+
+/** A number of clients that does not fit the kind chosen moves the kind along (the select shows it). */
+function onClientsChange() {
+  const form = $("create-form");
+  const clients = Number(form.clients.value);
+  if (!Number.isInteger(clients) || clients < 1) return;
+  const kind = form.kind.value;
+  if (clients === 1) form.kind.value = "individual";
+  else if (clients === 2 && kind === "individual") form.kind.value = "couple";
+  else if (clients > 2 && (kind === "individual" || kind === "couple")) form.kind.value = "group";
+  $("group-link-field").hidden = form.kind.value !== "group";
+  if (form.kind.value !== "group") form.group_link.checked = false;
+}
+
+/** Relaying through TURN is offered only where the practice has set up a TURN server. */
+function showRelayChoice(available) {
+  $("relay-field").hidden = !available;
+  if (!available) $("relay-only").checked = false;
+}
+
+/** Copy a link and say so right next to the button pressed (and to screen readers). */
+async function copyWithFeedback(button, link, label) {
+  const copied = await copyText(link);
+  let note = button.parentElement?.querySelector(".copied");
+  if (!note) {
+    note = el("span", { className: "copied", role: "status" });
+    button.after(note);
+  }
+  note.textContent = copied ? "Copied" : "Not copied";
+  if (copied) say(`Link for ${label} copied. Send it to them privately.`);
+  else problem(`Copying did not work. The link for ${label} is: ${link}`);
+  clearTimeout(Number(note.dataset.timer));
+  note.dataset.timer = String(setTimeout(() => note.remove(), 6000));
+}
+
+function emailMessage(link, session) {
+  const starts = new Date(session.starts * 1000);
+  return (
+    `Hello,\n\nHere is your link for our session on ${dateFormat.format(starts)} at ${timeFormat.format(starts)}:\n\n` +
+    `${link}\n\nPlease open it a few minutes early on the device you will use, somewhere private. ` +
+    "The link is for you alone: please do not forward it.\n"
+  );
+}
+
+function updateEmailLink(subject) {
+  const to = $("email-to").value.trim();
+  const body = $("email-body").value;
+  $("email-open").href =
+    `mailto:${encodeURIComponent(to)}?subject=${encodeURIComponent(subject)}&body=${encodeURIComponent(body)}`;
+}
+
+/** A mailto: link with a message the therapist can edit first; their own mail program sends it. */
+function showEmail(link, label, session) {
+  const subject = "Your link for our session";
+  $("email-whose").textContent = `Whose link: ${label}.`;
+  $("email-to").value = "";
+  $("email-body").value = emailMessage(link, session);
+  $("email-to").oninput = () => updateEmailLink(subject);
+  $("email-body").oninput = () => updateEmailLink(subject);
+  updateEmailLink(subject);
+  $("email-dialog").showModal();
+}
+
+function sessionActions(session, headingId) {
+  const actions = el("p", { className: "actions session-actions" });
+  if (session.state === "scheduled") {
+    actions.append(
+      el("button", {
+        type: "button",
+        className: "edit-time",
+        "aria-describedby": headingId,
+        text: "Change time",
+        onclick: () => showEdit(session),
+      }),
+    );
+  }
+  actions.append(
+    el("button", {
+      type: "button",
+      className: "cancel-session danger",
+      "aria-describedby": headingId,
+      text: "Cancel session",
+      onclick: () => cancelSession(session),
+    }),
+  );
+  return actions;
+}
+
+function localParts(date) {
+  const pad = (n) => String(n).padStart(2, "0");
+  return [`${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())}`, `${pad(date.getHours())}:${pad(date.getMinutes())}`];
+}
+
+const GRACE_S = 30 * 60;
+let editing = null;
+
+function showEdit(session) {
+  editing = session;
+  const [date, time] = localParts(new Date(session.starts * 1000));
+  $("edit-date").value = date;
+  $("edit-time").value = time;
+  $("edit-duration").value = String(Math.max(5, Math.round((session.expires - GRACE_S - session.starts) / 60)));
+  $("edit-problem").textContent = "";
+  $("edit-dialog").showModal();
+}
+
+async function onEditSave(event) {
+  event.preventDefault();
+  if (!editing) return;
+  const starts = new Date(`${$("edit-date").value}T${$("edit-time").value}`);
+  const duration = Number($("edit-duration").value);
+  if (Number.isNaN(starts.getTime())) {
+    $("edit-problem").textContent = "Choose a date and a start time.";
+    return;
+  }
+  if (!Number.isInteger(duration) || duration < 5 || duration > 720) {
+    $("edit-problem").textContent = "Length: 5 to 720 minutes.";
+    return;
+  }
+  try {
+    await api(`/api/sessions/${encodeURIComponent(editing.session)}/reschedule`, {
+      body: { starts: Math.floor(starts.getTime() / 1000), duration_min: duration },
+    });
+    $("edit-dialog").close();
+    say(`Session moved to ${dateFormat.format(starts)}, ${timeFormat.format(starts)}. The links already sent still work.`);
+    editing = null;
+    await refresh();
+  } catch (err) {
+    if (!(err instanceof LoggedOut)) $("edit-problem").textContent = err.message;
+  }
+}
+
+async function cancelSession(session) {
+  const starts = new Date(session.starts * 1000);
+  const question =
+    `Cancel the session of ${dateFormat.format(starts)}, ${timeFormat.format(starts)}? ` +
+    "Its links stop working at once and tell your clients it was cancelled; anyone in it is disconnected.";
+  if (!window.confirm(question)) return;
+  try {
+    await api(`/api/sessions/${encodeURIComponent(session.session)}/cancel`, { body: {} });
+    say(`The session of ${dateFormat.format(starts)}, ${timeFormat.format(starts)} was cancelled.`);
+    await refresh();
+  } catch (err) {
+    if (!(err instanceof LoggedOut)) problem(err.message);
+  }
+}
+
+const END_WORDS = { ended: "Ended", expired: "Time ran out", cancelled: "Cancelled" };
+
+function canonicalJson(value) {
+  if (Array.isArray(value)) return `[${value.map(canonicalJson).join(",")}]`;
+  if (value && typeof value === "object") {
+    return `{${Object.keys(value)
+      .sort()
+      .map((k) => `${JSON.stringify(k)}:${canonicalJson(value[k])}`)
+      .join(",")}}`;
+  }
+  return JSON.stringify(value);
+}
+
+function b64urlDecode(text) {
+  const b64 = text.replace(/-/g, "+").replace(/_/g, "/") + "=".repeat((4 - (text.length % 4)) % 4);
+  return Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+}
+
+/** Check a record's signature here, against the key the broker publishes (docs/protocol.md 10). */
+export async function verifySignedRecord(entry) {
+  const response = await fetch("/.well-known/broker-signing-key", { credentials: "omit" });
+  const { keys } = await response.json();
+  const jwk = keys.find((k) => k.kid === entry.key_id);
+  if (!jwk) return false;
+  const key = await crypto.subtle.importKey("jwk", { kty: "OKP", crv: "Ed25519", x: jwk.x }, { name: "Ed25519" }, false, [
+    "verify",
+  ]);
+  const data = new TextEncoder().encode(canonicalJson(entry.record));
+  return crypto.subtle.verify({ name: "Ed25519" }, key, b64urlDecode(entry.signature), data);
+}
+
+function downloadRecord(entry) {
+  const text = JSON.stringify({ record: entry.record, signature: entry.signature, key_id: entry.key_id }, null, 2);
+  const url = URL.createObjectURL(new Blob([text], { type: "application/json" }));
+  const a = el("a", { href: url, download: `session-record-${entry.record.session}.json` });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+}
+
+function historyItem(entry) {
+  const record = entry.record;
+  const when = new Date((record.started ?? record.scheduled_start) * 1000);
+  const clients = (record.seats ?? []).filter((s) => s.role === "client");
+  const admitted = clients.filter((s) => s.admitted_at !== null).length;
+  const item = el("li", { className: "session ended", "data-session": record.session });
+  const headingId = `h-${record.session}`;
+  item.append(el("h3", { id: headingId, text: `${dateFormat.format(when)}, ${timeFormat.format(when)}` }));
+  const facts = [
+    END_WORDS[record.end_reason] ?? record.end_reason,
+    `${admitted} of ${clients.length} client${clients.length === 1 ? "" : "s"} admitted`,
+  ];
+  item.append(el("p", { className: "facts", text: facts.join(" · ") }));
+  const result = el("span", { className: "verify-result", role: "status" });
+  item.append(
+    el("p", { className: "actions" }, [
+      el("button", {
+        type: "button",
+        className: "download-record",
+        "aria-describedby": headingId,
+        text: "Download record",
+        onclick: () => downloadRecord(entry),
+      }),
+      el("button", {
+        type: "button",
+        className: "verify-record",
+        "aria-describedby": headingId,
+        text: "Check signature",
+        onclick: async () => {
+          let ok = false;
+          try {
+            ok = await verifySignedRecord(entry);
+          } catch {
+            ok = false;
+          }
+          result.className = `verify-result ${ok ? "verified" : "not-verified"}`;
+          result.textContent = ok ? "Signature valid: unaltered" : "Signature NOT valid";
+        },
+      }),
+      result,
+    ]),
+  );
+  return item;
+}
+
+async function refreshHistory({ background = false } = {}) {
+  const data = await api("/api/history", { background });
+  const items = (data.records ?? []).map(historyItem);
+  $("history").replaceChildren(...items);
+  $("history-empty").hidden = items.length > 0;
+}
+
+function setUpWorkingDay() {
+  $("kind").addEventListener("change", onKindChange);
+  $("clients").addEventListener("input", onClientsChange);
+  $("edit-form").addEventListener("submit", onEditSave);
+  $("edit-close").addEventListener("click", () => $("edit-dialog").close());
+  onKindChange();
+}
+
 async function start() {
   const response = await fetch("/api/me", { credentials: "same-origin" });
   if (!response.ok) {
@@ -884,6 +1160,7 @@ async function start() {
   $("add-passkey").hidden = !me.passkeys_available || typeof window.PublicKeyCredential !== "function";
   $("logout").addEventListener("click", () => logout());
   $("create-form").addEventListener("submit", onCreate);
+  setUpWorkingDay();
   defaultStart();
   watchActivity();
   await forgetExpiredKeys().catch(() => {});

@@ -28,6 +28,7 @@ export const FINAL_CODES = Object.freeze([
   "token_not_yet_valid",
   "session_ended",
   "session_not_found",
+  "session_cancelled",
   "declined",
   "removed",
   "replaced",
