@@ -14,6 +14,7 @@ import msgspec
 
 from broker.signaling.protocol import SeatState
 from broker.signaling.session import Session
+from broker.store.bus import Bus, Envelope
 
 #: The bus channel of a therapist's arrivals has this prefix, then the owner id (the same opaque
 #: id the owner index is kept under, broker.store.base.OWNER_PREFIX).
@@ -54,3 +55,11 @@ def encode_count(session: Session) -> bytes:
 
 def decode_count(data: bytes) -> ArrivalCount:
     return _decoder.decode(data)
+
+
+async def publish_count(bus: Bus, owner: str | None, session_id: str, waiting: int) -> None:
+    """Tell the owner's dashboards how many clients wait in this session now (0 once it ended)."""
+    if owner is not None:
+        await bus.publish(
+            arrivals_channel(owner), Envelope(None, None, _encoder.encode(ArrivalCount(session_id, waiting)))
+        )

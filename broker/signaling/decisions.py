@@ -1,4 +1,4 @@
-"""The therapist's decisions in the waiting room: admit, decline, remove, allow back; and holds.
+"""The therapist's decisions in the waiting room: admit, decline, remove, allow back; holds; a note.
 
 Each is one atomic step of the session's record (session.py), then what it means for the peers:
 a seat that moves to its other device takes over from the old connection; a client sent away
@@ -15,7 +15,7 @@ from typing import Any
 from broker.metrics.registry import Metrics
 from broker.signaling import session as sm
 from broker.signaling.connections import CLOSE_REPLACED, CLOSE_UNWELCOME, Connection
-from broker.signaling.protocol import Admit, Decline, Declined, Error, ErrorCode, encode
+from broker.signaling.protocol import Admit, Decline, Declined, Error, ErrorCode, TherapistNote, WaitingNote, encode
 from broker.signaling.relay import mailbox_key
 from broker.signaling.session import Session
 from broker.signaling.session_records import SessionRecords
@@ -151,3 +151,12 @@ class TherapistDecisions:
             if others[-1] is not None:
                 await self.bus.publish(session.id, Envelope(None, others[-1], encode(notice), CLOSE_UNWELCOME))
         await self._publish_views(session)
+
+    async def waiting_note(self, conn: Connection, message: WaitingNote) -> None:
+        """Pass the therapist's sealed word on to a client who is checking or waiting. The broker
+        cannot read it, and neither keeps nor logs it: it goes to the seat's connection only."""
+        assert conn.session_id and conn.peer_id
+        session = await self.records.load(conn.session_id)
+        target = sm.note_target(session, conn.peer_id, message.peer)
+        await self.bus.publish(session.id, Envelope(target.id, None, encode(TherapistNote(sealed=message.sealed))))
+        log.info("event=waiting_note session=%s peer=%s", session.id, target.id)

@@ -6,16 +6,11 @@ step atomically through the store, and publishes what each peer should now see o
 bus channel. Every process that holds a connection of the session delivers those messages
 locally, so peers of one session may sit on different broker processes.
 
-The ``Hub`` is the session logic: scheduling, rescheduling, cancelling and revoking, joining, the
-therapist's admission decisions, leaving, ending and expiry. It is made of parts that know nothing
-of one another's work: ``Connections`` (connections.py: each WebSocket's writes, message budget,
-decoding and hello), ``Relays`` (relay.py: relays between seats and what the bus delivers here, in
-order), ``SessionRecords`` (session_records.py: each session's record in the store, and this
-process's copies of it), ``TherapistDecisions`` (decisions.py: admit, decline, remove, allow back),
-``ClientChecks`` (client_checks.py: the checklist and the pre-flight), ``ExpiryTimer`` (expiry.py),
-``views_of`` (views.py: what each peer sees), ``NodeLiveness`` (liveness.py: this process's mark in
-the store, and the release of seats held by processes that died) and ``SessionHistory``
-(history.py: each therapist's signed records of ended sessions).
+The ``Hub`` is the session logic (scheduling, moving, cancelling, revoking, joining, leaving,
+ending, expiry), made of parts that know nothing of one another's work: ``Connections``
+(connections.py), ``Relays`` (relay.py), ``SessionRecords`` (session_records.py),
+``TherapistDecisions`` (decisions.py), ``ClientChecks`` (client_checks.py), ``ExpiryTimer``
+(expiry.py), ``views_of`` (views.py), ``NodeLiveness`` (liveness.py), ``SessionHistory`` (history.py).
 """
 
 from __future__ import annotations
@@ -28,7 +23,7 @@ from typing import Any
 
 from broker.metrics.registry import Metrics
 from broker.signaling import session as sm
-from broker.signaling.arrivals import ArrivalCount, arrivals_channel, encode_count
+from broker.signaling.arrivals import publish_count, waiting_count
 from broker.signaling.cancelled import cancelled_error, mark_cancelled, was_cancelled
 from broker.signaling.client_checks import Audit, Checklist, ClientChecks, Preflight
 from broker.signaling.connections import (
@@ -79,7 +74,6 @@ from broker.signaling.protocol import (
     SeatState,
     SessionEnded,
     SessionRecord,
-    TherapistNote,
     WaitingNote,
     encode,
 )
@@ -479,13 +473,7 @@ class Hub:
         return self.relays.relay(conn, message)
 
     async def _on_waiting_note(self, conn: Connection, message: WaitingNote) -> None:
-        """Pass the therapist's sealed word on to a client who is checking or waiting. The broker
-        cannot read it, and neither keeps nor logs it: it goes to the seat's connection only."""
-        assert conn.session_id and conn.peer_id
-        session = await self.records.load(conn.session_id)
-        target = sm.note_target(session, conn.peer_id, message.peer)
-        await self.bus.publish(session.id, Envelope(target.id, None, encode(TherapistNote(sealed=message.sealed))))
-        log.info("event=waiting_note session=%s peer=%s", session.id, target.id)
+        await self.decisions.waiting_note(conn, message)
 
     async def _on_report(self, conn: Connection, message: Report) -> None:
         assert conn.session_id and conn.peer_id
@@ -559,9 +547,7 @@ class Hub:
             session_id,
             Envelope(None, None, encode(SessionEnded(reason=reason)), CLOSE_ENDED),  # type: ignore[arg-type]
         )
-        if owner is not None:
-            ended = encode(ArrivalCount(session_id, 0))
-            await self.bus.publish(arrivals_channel(owner), Envelope(None, None, ended))
+        await publish_count(self.bus, owner, session_id, 0)
         removed = await self.store.delete_prefix(session_prefix(session_id))
         self.records.forget(session_id)
         self.metrics.setups.forget(session_id)
@@ -599,8 +585,7 @@ class Hub:
         """Send every peer of the session what it should now see."""
         for envelope in views_of(session):
             await self.bus.publish(session.id, envelope)
-        if session.owner is not None:  # the owner's dashboard learns how many wait (broker.signaling.arrivals)
-            await self.bus.publish(arrivals_channel(session.owner), Envelope(None, None, encode_count(session)))
+        await publish_count(self.bus, session.owner, session.id, waiting_count(session))  # the owner's dashboard
 
     # ------------------------------------------------------------ helpers
 
