@@ -31,15 +31,17 @@ def session_prefix(session_id: str) -> str:
 
 #: Each therapist's index of the sessions they scheduled (``broker.http.dashboard``) starts with this.
 OWNER_PREFIX = "owner:"
+#: Each therapist's sealed labels, notes and session secrets per session (``broker.http.vault_routes``).
+VAULT_PREFIX = "vault:"
 
 
 def is_durable(key: str) -> bool:
     """What a session needs to come back after a restart: its record (``session_key``; its
-    mailboxes, ``s:{id}:box:...``, are not) and the owner indexes the dashboard lists. The
-    embedded store keeps these on disk as well; everything else may be lost to a restart."""
+    mailboxes, ``s:{id}:box:...``, are not), the owner indexes the dashboard lists and the
+    therapists' sealed vault items. The embedded store keeps these on disk as well; everything else may be lost to a restart."""
     if key.startswith("s:{"):
         return key.endswith("}")
-    return key.startswith(OWNER_PREFIX)
+    return key.startswith((OWNER_PREFIX, VAULT_PREFIX))
 
 
 class StoreUnavailable(Exception):

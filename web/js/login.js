@@ -6,6 +6,7 @@
 
 import { createPasskey, passkeyProblem, passkeysSupported, usePasskey } from "./passkeys.js";
 import { confirmIdentity, reauthNeeded } from "./reauth.js";
+import { openVaultWithPassword } from "./vault.js";
 
 const REASONS = {
   idle: "You were logged off because there was no activity for a while. Please log in again.",
@@ -121,11 +122,17 @@ async function onLogin(event) {
 async function loggedIn(status, data) {
   if (status !== 200) return false;
   const form = $("login-form");
+  const password = form.password.value;
   form.password.value = "";
   form.code.value = "";
   csrf = data.csrf;
-  if (data.enrolment_required) await startEnrolment(data.passkeys_available);
-  else goToDashboard();
+  if (data.enrolment_required) {
+    await startEnrolment(data.passkeys_available);
+    return true;
+  }
+  // The password just typed opens the label vault here, in the page; nothing new is sent.
+  await openVaultWithPassword(password, data.therapist.id, csrf).catch(() => {});
+  goToDashboard();
   return true;
 }
 
