@@ -46,8 +46,15 @@ def wrap(vault_key: bytes, password: str, therapist: str) -> dict[str, Any]:
     salt = os.urandom(16)
     kek = PBKDF2HMAC(SHA256(), 32, salt, ITERATIONS).derive(password.encode())
     nonce = os.urandom(12)
-    wrapped = AESGCM(kek).encrypt(nonce, vault_key, b"\0".join([b"broker vault key v1", b"password", therapist.encode()]))
-    return {"v": 1, "kdf": "pbkdf2-sha256", "iterations": ITERATIONS, "salt": b64(salt), "wrapped": b64(nonce + wrapped)}
+    aad = b"\0".join([b"broker vault key v1", b"password", therapist.encode()])
+    wrapped = AESGCM(kek).encrypt(nonce, vault_key, aad)
+    return {
+        "v": 1,
+        "kdf": "pbkdf2-sha256",
+        "iterations": ITERATIONS,
+        "salt": b64(salt),
+        "wrapped": b64(nonce + wrapped),
+    }
 
 
 def unwrap(record: dict[str, Any], password: str, therapist: str) -> bytes:
@@ -173,7 +180,8 @@ async def test_item_shapes_and_limits(full: FullBroker, http: ClientSession) -> 
     alex = await login(full, http, "alex")
     sid = (await scheduled(alex, 1))["session"]
     biggest = "A" * SEALED_MAX
-    assert (await alex.call("POST", "/api/vault/items", {"session": sid, "slot": "session", "sealed": biggest}))[0] == 200
+    status, _ = await alex.call("POST", "/api/vault/items", {"session": sid, "slot": "session", "sealed": biggest})
+    assert status == 200
     bad = [
         {"session": sid, "slot": "session", "sealed": biggest + "A"},  # too long
         {"session": sid, "slot": "session", "sealed": "not base64url!" * 4},
@@ -198,7 +206,8 @@ async def test_nothing_of_the_vault_is_stored_in_clear(full: FullBroker, http: C
     assert (await alex.call("POST", "/api/vault", record))[0] == 200
     sid = (await scheduled(alex, 1))["session"]
     sealed = seal(os.urandom(32), me, sid, "session", {"label": LABEL_CANARY})
-    assert (await alex.call("POST", "/api/vault/items", {"session": sid, "slot": "session", "sealed": sealed}))[0] == 200
+    status, _ = await alex.call("POST", "/api/vault/items", {"session": sid, "slot": "session", "sealed": sealed})
+    assert status == 200
     data = b"".join(p.read_bytes() for p in (tmp_path / "data").rglob("*") if p.is_file())
     for text in (record["wrapped"], record["salt"], sealed, LABEL_CANARY):
         assert text.encode() not in data
