@@ -3,7 +3,7 @@ second context of the same therapist after login, still readable after the thera
 password, and announced as lost after an administrator resets it. The label never appears in clear
 in a request, in the broker's data directory or in its logs (a label canary).
 
-Passkey PRF is not tested: the vault is unlocked only by the password here (docs/security.md 3.5).
+A passkey login carries the password too (passkeys are a second factor), so PRF is not needed (docs/security.md 3.5).
 """
 
 from __future__ import annotations

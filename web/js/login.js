@@ -60,7 +60,14 @@ async function guarded(path, body) {
   return api(path, body);
 }
 
-function goToDashboard() {
+// The password just typed, kept in memory only until it has opened the label vault (vault.js).
+let vaultOpener = null;
+
+async function goToDashboard() {
+  const open = vaultOpener;
+  vaultOpener = null;
+  // Nothing new is sent: the vault key is unwrapped here, in the page.
+  if (open) await openVaultWithPassword(open.password, open.therapist, csrf).catch(() => {});
   location.replace("/dashboard");
 }
 
@@ -126,13 +133,9 @@ async function loggedIn(status, data) {
   form.password.value = "";
   form.code.value = "";
   csrf = data.csrf;
-  if (data.enrolment_required) {
-    await startEnrolment(data.passkeys_available);
-    return true;
-  }
-  // The password just typed opens the label vault here, in the page; nothing new is sent.
-  await openVaultWithPassword(password, data.therapist.id, csrf).catch(() => {});
-  goToDashboard();
+  vaultOpener = { password, therapist: data.therapist.id };
+  if (data.enrolment_required) await startEnrolment(data.passkeys_available);
+  else await goToDashboard();
   return true;
 }
 
