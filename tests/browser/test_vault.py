@@ -15,6 +15,7 @@ import pytest
 from playwright.async_api import Page, expect
 
 from tests.browser.conftest import NewContext
+from tests.browser.kit import look
 from tests.http.test_web_auth import PASSWORD, start_full_broker
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
@@ -39,7 +40,7 @@ async def log_in(new_context: NewContext, url: str, password: str, sent: list[st
 
 
 async def test_a_label_typed_in_one_context_is_read_in_another_and_never_seen_by_the_broker(
-    tmp_path: Path, new_context: NewContext, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, new_context: NewContext, caplog: pytest.LogCaptureFixture, axe_source: str
 ) -> None:
     caplog.set_level(logging.DEBUG)
     data = tmp_path / "data"
@@ -62,6 +63,9 @@ async def test_a_label_typed_in_one_context_is_read_in_another_and_never_seen_by
         await seat.get_by_role("textbox", name="Label for Client").fill(SEAT_LABEL)
         await seat.get_by_role("button", name="Save label").click()
         await expect(seat.locator(".label-text")).to_have_text(SEAT_LABEL)
+        await seat.get_by_role("button", name="Edit label for Client").click()  # a form open, for the check
+        await look(first, axe_source, "dashboard-labels")
+        await seat.get_by_role("button", name="Cancel").click()
         secret_href = await card.get_by_role("link", name="Open session").get_attribute("href")
         assert secret_href and "#" in secret_href
 
@@ -88,6 +92,7 @@ async def test_a_label_typed_in_one_context_is_read_in_another_and_never_seen_by
         await full.auth.accounts.reset_password(therapist, PASSWORD)
         fourth = await log_in(new_context, full.url, PASSWORD)
         await expect(fourth.locator("#vault-lost")).to_contain_text("cannot be read any more")
+        await look(fourth, axe_source, "dashboard-labels-lost")
         await expect(fourth.locator(".label-text")).to_have_count(0)
 
         # The label canary: in no request the first page made, no file of the data directory, no log record.

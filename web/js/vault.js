@@ -329,19 +329,24 @@ export async function syncVault(sessions, keys, { background = false } = {}) {
   for (const session of sessions) {
     const sid = session.session;
     const items = data.items?.[sid] ?? {};
+    let secretOpened = false;
     for (const [slot, sealed] of Object.entries(items)) {
       try {
         const value = await openItem(vault.key, vault.therapist, sid, slot, sealed);
         if (slot !== "secret") {
           labels.set(`${sid}/${slot}`, { label: String(value.label ?? ""), note: String(value.note ?? "") });
-        } else if (LINK_KEY_RE.test(value.key) && (await keys.loadLinkKey(sid).catch(() => null)) !== value.key) {
-          await keys.saveLinkKey(sid, value.key, session.expires, typeof value.group === "string" ? value.group : null);
+        } else if (LINK_KEY_RE.test(value.key)) {
+          secretOpened = true;
+          if ((await keys.loadLinkKey(sid).catch(() => null)) !== value.key) {
+            await keys.saveLinkKey(sid, value.key, session.expires, typeof value.group === "string" ? value.group : null);
+          }
         }
       } catch {
         unreadable += 1;
       }
     }
-    if (!items.secret) {
+    // None yet, or one sealed under a vault key lost to a password reset: this device's copy goes in.
+    if (!secretOpened) {
       const local = await keys.loadLinkKey(sid).catch(() => null);
       if (local) await storeSecret(sid, local, await keys.loadGroupToken(sid).catch(() => null));
     }
