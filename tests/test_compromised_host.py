@@ -6,28 +6,34 @@ details), admission, a peer-to-peer call and chat. Then everything the host hold
 attacker who has the server secret would: every Redis value, *opened* with the key derived from
 that secret; every log line the brokers wrote; every file in their data directories. None may hold
 an SDP line, an ICE candidate or credential, the client's host addresses, a checklist answer item
-by item, the emergency details, the chat, the link key or the page's resume secret.
+by item, the emergency details, the chat, the link key or the page's resume secret; nor the
+therapist's vault key or a label (issue 28).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 from pathlib import Path
 
 import pytest
+from aiohttp import ClientSession, DummyCookieJar
 
 from broker.client.broker_client import BrokerClient
 from broker.config import Keys
 from broker.crypto.link_key import decode_link_key
+from broker.http.login_sessions import LOGIN_COOKIE
 from broker.signaling.protocol import SeatState, SessionEnded, Status, WaitingRoom
 from broker.store.base import session_prefix
 from broker.store.sealing import Sealer, StoreCorrupt
-from tests.conftest import schedule, start_broker_pair
+from tests.conftest import RunningBroker, schedule, start_broker_pair
+from tests.http.test_vault import b64, seal, wrap
 from tests.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.redis
+VAULT_PASSWORD = "canary vault password 5e2d lantern"
 
 #: Lines of SDP and candidates: what the review read in clear with the server secret.
 SDP_MARKS = (
@@ -82,6 +88,41 @@ def _open(sealer: Sealer, aad: bytes, blob: bytes) -> bytes:
         return blob  # not sealed by the store (a counter): searched as it is
 
 
+async def store_label_canary(a: RunningBroker, b: RunningBroker) -> tuple[bytes, list[str]]:
+    """A therapist logs in on process A, schedules a session, keeps a wrapped vault key and labels
+    sealed as their page seals them (tests/http/test_vault.py) and reads them back on process B."""
+    await a.broker.accounts.add("canary-therapist", VAULT_PASSWORD)
+    vault_key = os.urandom(32)
+    labels = ["CANARY-label Sam & Alex, couple", "CANARY-note second marriage"]
+    async with ClientSession(cookie_jar=DummyCookieJar()) as http:
+        login = {"username": "canary-therapist", "password": VAULT_PASSWORD}
+        async with http.post(a.url + "/api/login", json=login, headers={"Origin": a.url}) as r:
+            assert r.status == 200, await r.text()
+            me = await r.json()
+            cookie = r.cookies[LOGIN_COOKIE].value
+        headers = {"Origin": a.url, "X-CSRF-Token": me["csrf"], "Cookie": f"{LOGIN_COOKIE}={cookie}"}
+        therapist = me["therapist"]["id"]
+        async with http.post(
+            a.url + "/api/vault", json=wrap(vault_key, VAULT_PASSWORD, therapist), headers=headers
+        ) as r:
+            assert r.status == 200
+        async with http.post(a.url + "/api/sessions", json={"clients": 1}, headers=headers) as r:
+            created = await r.json()
+        sid = created["session"]
+        seat = next(s["peer"] for s in created["seats"] if s["role"] == "client")
+        items = {
+            "session": seal(vault_key, therapist, sid, "session", {"label": labels[0], "note": labels[1]}),
+            seat: seal(vault_key, therapist, sid, seat, {"label": labels[0], "note": ""}),
+        }
+        for slot, sealed in items.items():
+            body = {"session": sid, "slot": slot, "sealed": sealed}
+            async with http.post(a.url + "/api/vault/items", json=body, headers=headers) as r:
+                assert r.status == 200
+        async with http.get(b.url + "/api/vault", headers={"Cookie": f"{LOGIN_COOKIE}={cookie}"}) as r:
+            assert (await r.json())["items"] == {sid: items}  # kept in Redis, shared by both processes
+    return vault_key, labels
+
+
 def host_addresses(sdp: str) -> set[bytes]:
     """The addresses a peer's own candidates name (its host, and what STUN/TURN saw)."""
     found = set(re.findall(r"candidate:\S+ \d+ \S+ \d+ (\S+) \d+ typ", sdp))
@@ -123,7 +164,11 @@ async def test_a_compromised_host_holds_no_signaling_checklist_answer_or_secret(
         await asyncio.sleep(0.5)  # the last candidates and views settle
 
         local = [t_link.pc.localDescription.sdp, c_link.pc.localDescription.sdp]
+        vault_key, labels = await store_label_canary(a, b)
         canaries: dict[str, bytes] = {
+            "vault key": vault_key.hex().encode(),
+            "vault key (base64url)": b64(vault_key).encode(),
+            **{f"label canary {i}": label.encode() for i, label in enumerate(labels)},
             **{f"link key {i} (session secret or seat key)": key.encode() for i, key in enumerate(links.secrets)},
             "client's resume secret": (client._resume_secret or "").encode(),
             "details location": details["location"].encode(),

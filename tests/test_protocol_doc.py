@@ -117,6 +117,8 @@ API_MODULES = (
     "broker/http/totp_routes.py",
     "broker/http/passkey_routes.py",
     "broker/http/dashboard.py",
+    "broker/http/vault_routes.py",
+    "broker/http/password_routes.py",
 )
 #: The one json_error call whose code is not a literal: seat actions pass on the ProtocolError of
 #: Hub.revoke_seat, which can only be one of these (session.revoke / reissue and Hub._mutate).

@@ -281,7 +281,35 @@ class AccountStore:
         pw = passwords.check_password(new_password, username=account.username, second_factor=second_factor)
         encoded = await self._hash(pw)
         changes: Row = {"password_hash": encoded, "failures": 0, "locked": 0, "sessions_epoch": new_sessions_epoch()}
+        # The vault key was wrapped under a key from the old password, which nobody here knows: the
+        # therapist's labels cannot be opened any more, so the wrapped key goes (docs/security.md 3.5).
+        changes["vault_enc"] = None
         await self._change(therapist_id, changes)
+
+    async def change_password(self, therapist_id: str, new_password: str, vault: str | None, *, epoch: str) -> None:
+        """The therapist's own change (the caller checked the old password): a new hash, the vault
+        key re-wrapped by the browser under the new password, and the new sessions ``epoch``."""
+        account = self._to_account(await self._require(therapist_id))
+        pw = passwords.check_password(new_password, username=account.username, second_factor=self._second(account))
+        encoded = await self._hash(pw)
+        changes: Row = {"password_hash": encoded, "sessions_epoch": epoch}
+        changes["vault_enc"] = self._seal(vault.encode(), "vault", therapist_id) if vault is not None else None
+        await self._change(therapist_id, changes)
+
+    @staticmethod
+    def _second(account: Account) -> bool:
+        return account.totp_enabled or account.passkeys > 0
+
+    async def vault(self, therapist_id: str) -> str | None:
+        """The therapist's wrapped vault key as the browser made it (JSON text), or None."""
+        blob = (await self._require(therapist_id)).get("vault_enc")
+        return self._open_sealed(blob, "vault", therapist_id).decode() if blob else None
+
+    async def create_vault(self, therapist_id: str, vault: str) -> bool:
+        """Store a first wrapped vault key; False (and no change) when the account has one already."""
+        await self.check_key()
+        sealed = self._seal(vault.encode(), "vault", therapist_id)
+        return await self.rows.update(therapist_id, {"vault_enc": sealed}, expect={"vault_enc": None})
 
     async def enable_totp(self, therapist_id: str, issuer: str) -> totp.TotpEnrolment:
         """Start TOTP enrolment: a pending secret, active only after ``confirm_totp``."""

@@ -36,6 +36,7 @@ COLUMNS: dict[str, str] = {
     "locked": "int",
     "created_at": "text",
     "sessions_epoch": "text",
+    "vault_enc": "bytes",
 }
 #: Columns a new row may leave out, with the value they then hold.
 DEFAULTS: Row = {
@@ -49,6 +50,7 @@ DEFAULTS: Row = {
     "failures": 0,
     "locked": 0,
     "sessions_epoch": None,
+    "vault_enc": None,
 }
 
 

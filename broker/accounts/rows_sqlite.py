@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS therapist (
 ) STRICT;
 """
 # Columns added after the first release, added to older files when they are opened.
-_LATER_COLUMNS = {"passkeys_enc": "BLOB", "sessions_epoch": "TEXT"}
+_LATER_COLUMNS = {"passkeys_enc": "BLOB", "sessions_epoch": "TEXT", "vault_enc": "BLOB"}
 
 
 class SqliteAccountRows:

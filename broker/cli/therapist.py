@@ -166,7 +166,11 @@ async def _change(
         password = _read_password(args.password_stdin, stdin)
         await store.reset_password(therapist, password, second_factor=second_factor)
         await audit.append(AuditEvent.PASSWORD_RESET, therapist)
-        print(f"New password set for {therapist}; its open web logins have ended.", file=out)
+        print(
+            f"New password set for {therapist}; its open web logins have ended. The labels and notes they gave "
+            "their sessions were sealed with a key only their old password opened: they cannot be read any more.",
+            file=out,
+        )
     elif action == "reset-2fa":
         await store.reset_2fa(therapist)
         await audit.append(AuditEvent.SECOND_FACTOR_CHANGED, therapist)

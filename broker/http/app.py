@@ -32,7 +32,9 @@ from broker.http.guard import forwarded_limit
 from broker.http.login import setup_auth
 from broker.http.notice_pages import not_found_pages, notice_response
 from broker.http.pages import web_root
+from broker.http.password_routes import setup_password
 from broker.http.security_headers import security_middleware, security_signal
+from broker.http.vault_routes import setup_vault
 from broker.metrics.labels import ThrottleLimit
 from broker.metrics.readiness import ReadinessCollector
 from broker.metrics.registry import METRICS, Metrics
@@ -454,4 +456,6 @@ def build_app(broker: Broker) -> web.Application:
         keys=broker.keys,
     )
     setup_dashboard(app, hub=broker.hub, store=broker.store, relay_available=bool(config.turn_urls))
+    setup_vault(app, store=broker.store)
+    setup_password(app)
     return app

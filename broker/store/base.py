@@ -35,16 +35,18 @@ OWNER_PREFIX = "owner:"
 HISTORY_PREFIX = "history:"
 #: The mark a cancelled session leaves until its window closes, so its links say "cancelled".
 CANCELLED_PREFIX = "cancelled:"
+#: Each therapist's sealed labels, notes and session secrets per session (``broker.http.vault_routes``).
+VAULT_PREFIX = "vault:"
 
 
 def is_durable(key: str) -> bool:
     """What a session needs to come back after a restart: its record (``session_key``; its
     mailboxes, ``s:{id}:box:...``, are not), the owner indexes the dashboard lists, the
-    therapists' histories and the marks of cancelled sessions. The embedded store keeps these on
-    disk as well (sealed); everything else may be lost to a restart."""
+    therapists' histories, the marks of cancelled sessions and the therapists' sealed vault items.
+    The embedded store keeps these on disk as well (sealed); everything else may be lost to a restart."""
     if key.startswith("s:{"):
         return key.endswith("}")
-    return key.startswith((OWNER_PREFIX, HISTORY_PREFIX, CANCELLED_PREFIX))
+    return key.startswith((OWNER_PREFIX, HISTORY_PREFIX, CANCELLED_PREFIX, VAULT_PREFIX))
 
 
 class StoreUnavailable(Exception):

@@ -75,6 +75,9 @@ async def test_passkey_as_the_required_second_factor(
         await page.locator("body[data-ready=true]").wait_for(timeout=WAIT_MS)
         await expect(page.locator("#setup-2fa")).to_be_hidden()
         await expect(page.get_by_role("link", name="Add a passkey")).to_be_visible()  # another one, later
+        # The password typed before the enrolment opened (here: made) the label vault on the way.
+        await expect(page.locator("#vault-state")).to_contain_text("sealed on this device")
+        assert await full.auth.accounts.vault(therapist) is not None
 
         stored = await full.auth.accounts.passkeys(therapist)
         held = (await cdp.send("WebAuthn.getCredentials", {"authenticatorId": authenticator}))["credentials"]
@@ -86,6 +89,9 @@ async def test_passkey_as_the_required_second_factor(
         await page.wait_for_url("**/login**")
         await log_in(page, base, "drew")
         await page.wait_for_url(base + "/dashboard", timeout=WAIT_MS)
+        await page.locator("body[data-ready=true]").wait_for(timeout=WAIT_MS)
+        # After password and passkey the vault opens with the password (the passkey is a second factor).
+        await expect(page.locator("#vault-state")).to_contain_text("sealed on this device")
         after = await full.auth.accounts.passkeys(therapist)
         assert after[0]["sign_count"] >= stored[0]["sign_count"]
 

@@ -95,6 +95,7 @@ def test_add_list_disable_enable_and_reset_password(tmp_path: Path) -> None:
 
     reset = cli(data, "reset-password", "alice", "--password-stdin", stdin=OTHER + "\r\n")
     assert reset.returncode == 0, reset.stderr
+    assert "labels and notes they gave their sessions" in reset.stdout and "cannot be read any more" in reset.stdout
     assert login_ok(data, "alice", OTHER) and not login_ok(data, "alice", CANARY)
 
     assert audit_events(data) == ["account_added", "account_disabled", "account_enabled", "password_reset"]

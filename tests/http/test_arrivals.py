@@ -1,4 +1,4 @@
-"""Arrivals pushed to the dashboard (docs/protocol.md 15.17 ``GET /api/arrivals``): a logged-in
+"""Arrivals pushed to the dashboard (docs/protocol.md 15.20 ``GET /api/arrivals``): a logged-in
 therapist's stream hears at once that a client waits in one of their sessions (opaque ids and
 counts only), another therapist's stream hears nothing of it, a logged-out stream ends, and on
 Redis the count crosses between broker processes.

@@ -10,6 +10,7 @@
 
 import { ArrivalAlert, watchArrivals } from "./arrivals.js";
 import { b64urlEncode, decodeLinkKey, groupKey, newLinkKey, seatKey } from "./e2ee.js";
+import { forgetVaultKey, initVault, labelBlock, storeSecret, syncVault } from "./vault.js";
 
 const BACKGROUND = { "X-Broker-Background": "1" };
 const REFRESH_MS = 30_000;
@@ -558,6 +559,7 @@ function seatRow(session, seat, index, count, key) {
   const label = `${name}${seat.minor ? " (minor)" : ""}`;
   const item = el("li", { className: "seat", "data-peer": seat.peer });
   item.append(el("span", { className: "seat-name", text: label }));
+  item.append(labelBlock(session.session, seat.peer, label));
   item.append(el("span", { className: "seat-state", text: seat.token ? words(seat.state) : "Link revoked" }));
   const actions = el("span", { className: "actions" });
   if (seat.token && key) {
@@ -641,6 +643,7 @@ async function rekey(session) {
       });
     }
     await saveLinkKey(session.session, key, session.expires);
+    await storeSecret(session.session, key).catch(() => {});
     say("New links are ready. Send each client their new link.");
     await refresh();
   } catch (err) {
@@ -673,6 +676,7 @@ function sessionCard(session, key, seatKeys = new Map(), group = null) {
   const card = el("li", { className: "session", "data-session": session.session });
   const headingId = `s-${session.session}`;
   card.append(el("h3", { id: headingId, text: heading }));
+  card.append(labelBlock(session.session, "session", `the session of ${heading}`));
   const facts = [kindWords(session.kind), words(session.state), `links work until ${timeFormat.format(linksEnd)}`];
   if (session.relay_only) facts.push("relayed");
   card.append(el("p", { className: "facts", text: facts.join(" · ") }));
@@ -745,6 +749,7 @@ async function render(sessions) {
 async function refresh({ background = false } = {}) {
   const data = await api("/api/sessions", { background });
   showRelayChoice(data.relay_available === true);
+  await syncVault(data.sessions, { loadLinkKey, saveLinkKey, loadGroupToken }, { background }).catch(() => {});
   await render(data.sessions);
   await refreshHistory({ background });
 }
@@ -780,7 +785,9 @@ async function onCreate(event) {
       },
     });
     // The session secret is born here and stays on this device; client links carry seat keys.
-    await saveLinkKey(created.session, newLinkKey(), created.expires, created.group_token ?? null);
+    const secret = newLinkKey();
+    await saveLinkKey(created.session, secret, created.expires, created.group_token ?? null);
+    await storeSecret(created.session, secret, created.group_token ?? null).catch(() => {});
     say(`Session scheduled for ${dateFormat.format(starts)}, ${timeFormat.format(starts)}. Copy the client link below.`);
     await refresh();
     document.querySelector(`[data-session="${CSS.escape(created.session)}"] .copy-link`)?.focus();
@@ -802,7 +809,8 @@ function loggedOff(reason) {
   if (state.loggedOff) return;
   state.loggedOff = true;
   for (const timer of state.timers) clearInterval(timer);
-  // Nothing about clients stays on screen.
+  // Nothing about clients stays on screen, and the vault key leaves this device.
+  forgetVaultKey().catch(() => {});
   $("today").replaceChildren();
   $("later").replaceChildren();
   $("history").replaceChildren();
@@ -817,6 +825,7 @@ function loggedOff(reason) {
 }
 
 async function logout(reason = "logout") {
+  await forgetVaultKey().catch(() => {});
   try {
     await fetch("/api/logout", {
       method: "POST",
@@ -1161,6 +1170,10 @@ async function start() {
   $("logout").addEventListener("click", () => logout());
   $("create-form").addEventListener("submit", onCreate);
   setUpWorkingDay();
+  const setCsrf = (csrf) => {
+    state.csrf = csrf;
+  };
+  await initVault({ api, therapist: me.therapist.id, setCsrf, redraw: () => refresh() }).catch(() => {});
   defaultStart();
   watchActivity();
   await forgetExpiredKeys().catch(() => {});

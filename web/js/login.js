@@ -6,6 +6,7 @@
 
 import { createPasskey, passkeyProblem, passkeysSupported, usePasskey } from "./passkeys.js";
 import { confirmIdentity, reauthNeeded } from "./reauth.js";
+import { openVaultWithPassword } from "./vault.js";
 
 const REASONS = {
   idle: "You were logged off because there was no activity for a while. Please log in again.",
@@ -59,7 +60,14 @@ async function guarded(path, body) {
   return api(path, body);
 }
 
-function goToDashboard() {
+// The password just typed, kept in memory only until it has opened the label vault (vault.js).
+let vaultOpener = null;
+
+async function goToDashboard() {
+  const open = vaultOpener;
+  vaultOpener = null;
+  // Nothing new is sent: the vault key is unwrapped here, in the page.
+  if (open) await openVaultWithPassword(open.password, open.therapist, csrf).catch(() => {});
   location.replace("/dashboard");
 }
 
@@ -121,12 +129,14 @@ async function onLogin(event) {
 async function loggedIn(status, data) {
   if (status !== 200) return false;
   const form = $("login-form");
+  const password = form.password.value;
   form.password.value = "";
   form.code.value = "";
   csrf = data.csrf;
+  vaultOpener = { password, therapist: data.therapist.id };
   if (data.enrolment_required) await startEnrolment(data.passkeys_available);
   else if (!data.therapist.totp_enabled && data.therapist.passkeys === 0) offerSecondFactor(data.passkeys_available);
-  else goToDashboard();
+  else await goToDashboard();
   return true;
 }
 
