@@ -95,6 +95,7 @@ _FINAL_CODES = {
     ErrorCode.TOKEN_EXPIRED,
     ErrorCode.TOKEN_NOT_YET_VALID,
     ErrorCode.SESSION_ENDED,
+    ErrorCode.SESSION_CANCELLED,
     ErrorCode.DECLINED,
     ErrorCode.REMOVED,
     ErrorCode.REPLACED,

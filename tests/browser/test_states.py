@@ -187,6 +187,27 @@ async def test_session_ended_while_away(
     await watch.assert_clean()
 
 
+async def test_session_cancelled_while_waiting_and_its_link_opened_again(
+    broker: RunningBroker, new_context: NewContext, watch: Watch, axe_source: str
+) -> None:
+    """A client waiting when the therapist cancels is told the session was cancelled (not that it
+    ended); the link opened afterwards says so too, on its notice page."""
+    links = await schedule(broker, clients=1)
+    watch.secrets.extend(links.secrets)
+    page = await open_client(new_context, links)
+    await pass_checklist(page)
+    await broker.hub.cancel_session(links.session)
+    await wait_screen(page, "ended")
+    await expect(page.locator("#ended-title")).to_have_text("This session was cancelled")
+    await look(page, axe_source, "client-session-cancelled")
+    again = await (await new_context()).new_page()
+    response = await again.goto(links.client)
+    assert response is not None and response.status == 410
+    await expect(again.locator("main")).to_have_attribute("data-code", "session_cancelled")
+    await expect(again.locator("h1")).to_have_text("This session was cancelled")
+    await watch.assert_clean()
+
+
 async def test_declined_after_retesting_devices(
     session_links: SessionLinks,
     therapist_client: BrokerClient,

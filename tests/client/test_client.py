@@ -301,3 +301,30 @@ async def test_two_requests_for_a_fresh_offer_at_once_still_end_in_one_working_c
     finally:
         await client.close()
         await therapist.close()
+
+
+async def test_a_session_cancelled_while_away_is_final_and_the_client_stops_reconnecting(broker: RunningBroker) -> None:
+    """Back from a dropped connection to a session the therapist cancelled meanwhile, the client is
+    answered ``session_cancelled`` and takes it as final: no reconnecting to a session that is gone."""
+    links = await schedule(broker)
+    client = BrokerClient(links.client, agent="test-client")
+    await client.connect()
+    try:
+        broker.hub.accepting = False  # the client cannot rejoin until the session is cancelled
+        try:
+            for conn in list(broker.hub.connections.by_id.values()):
+                if conn.peer_id == client.peer_id:
+                    await conn.transport.close(1012, "")
+            await broker.hub.cancel_session(links.session)
+        finally:
+            broker.hub.accepting = True
+        for _ in range(200):
+            if client.final is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert isinstance(client.final, Error) and client.final.code is ErrorCode.SESSION_CANCELLED
+        reconnects = client.reconnects
+        await asyncio.sleep(1.5)
+        assert client.reconnects == reconnects
+    finally:
+        await client.close()

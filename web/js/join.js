@@ -81,6 +81,7 @@ const NOTICES = {
     "The service lost its record of this session. Nothing you did caused this.",
     "Please contact your therapist, who can send you a new link.",
   ],
+  session_cancelled: ["This session was cancelled", "Your therapist cancelled it.", "Please contact them about another time."],
 };
 
 /**
@@ -216,9 +217,9 @@ function onConnection({ state: connection }) {
   if (document.body.dataset.screen === "waiting") updateWaitingText(down);
 }
 
-function onFinal({ code }) {
+function onFinal({ code, reason }) {
   if (state.finished) return;
-  if (code === "session_ended") finish("ended");
+  if (code === "session_ended") finish(reason === "cancelled" ? "cancelled" : "ended");
   else if (code === "left") return;
   else {
     teardown({ keepKey: code === "replaced" });
@@ -767,12 +768,15 @@ function teardown({ keepKey = false } = {}) {
 
 function finish(how) {
   if (state.finished && how !== "interception") return;
-  if (how !== "ended" && state.signaling?.state !== "closed") state.signaling?.leave();
+  if (how !== "ended" && how !== "cancelled" && state.signaling?.state !== "closed") state.signaling?.leave();
   teardown();
   state.signaling?.close();
   if (how === "ended") {
     setText("ended-title", "The session has ended");
     setText("ended-message", "Nothing was recorded.");
+  } else if (how === "cancelled") {
+    setText("ended-title", "This session was cancelled");
+    setText("ended-message", "Your therapist cancelled it. Please contact them about another time.");
   } else if (how === "interception") {
     setText("ended-title", "You closed the session");
     setText("ended-message", "Please contact your therapist another way and ask for a new link.");

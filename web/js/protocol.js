@@ -330,7 +330,7 @@ export class Signaling {
       case "declined":
       case "removed":
       case "session_ended":
-        this.#finish({ code: message.type === "session_ended" ? "session_ended" : message.type, message: "" });
+        this.#finish({ code: message.type, message: "", reason: message.reason ?? null });
         this.#emit(message.type, message);
         return;
       default:

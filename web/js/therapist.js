@@ -66,6 +66,7 @@ const NOTICES = {
     "This session could not be found",
     "The service lost its record of this session. Schedule it again to send your client a new link.",
   ],
+  session_cancelled: ["This session was cancelled", "Its links no longer work. Schedule another to meet again."],
 };
 
 const state = {
