@@ -122,17 +122,21 @@ VAULT: web.AppKey[VaultItems] = web.AppKey("vault_items")
 
 
 async def api_vault(request: web.Request) -> web.Response:
-    """The wrapped vault key (or null) and the sealed items of the therapist's open sessions."""
+    """The wrapped vault key (or null) and the sealed items of the therapist's open sessions and of
+    those in their history (ended in the last 30 days), whose labels the history shows."""
     login = await require_login(request)
     auth = auth_of(request)
     stored = await auth.accounts.vault(login.therapist)
     record = msgspec.to_builtins(_record_decoder.decode(stored)) if stored else None
     items = request.app[VAULT]
     found: dict[str, dict[str, str]] = {}
-    for entry in await request.app[DASHBOARD].index.sessions(login.therapist):
-        sealed = await items.get(login.therapist, entry.session)
+    board = request.app[DASHBOARD]
+    open_ids = [entry.session for entry in await board.index.sessions(login.therapist)]
+    ended_ids = [str(entry.record.get("session")) for entry in await board.hub.history.records(login.therapist)]
+    for session_id in dict.fromkeys(open_ids + ended_ids):
+        sealed = await items.get(login.therapist, session_id)
         if sealed:
-            found[entry.session] = sealed
+            found[session_id] = sealed
     return web.json_response({"vault": record, "items": found})
 
 

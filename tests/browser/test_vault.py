@@ -88,6 +88,17 @@ async def test_a_label_typed_in_one_context_is_read_in_another_and_never_seen_by
         third = await log_in(new_context, full.url, NEW_PASSWORD)
         await expect(third.locator(".vault-label[data-slot=session] .label-text")).to_have_text(SESSION_LABEL)
         await expect(third.locator("#vault-lost")).to_be_hidden()
+        # The QR dialog says whose link it is by the vault's label; once cancelled, the session's
+        # card in the history carries its label too (the vault keeps its items for the history).
+        card3 = third.locator("li.session").first
+        await card3.locator("li.seat").get_by_role("button", name="Show QR code for Client").click()
+        await expect(third.locator("#qr-dialog").get_by_role("heading")).to_contain_text(SEAT_LABEL)
+        await third.locator("#qr-dialog").get_by_role("button", name="Close").click()
+        session_id = await card3.get_attribute("data-session")
+        third.once("dialog", lambda d: d.accept())
+        await card3.get_by_role("button", name="Cancel session").click()
+        ended = third.locator(f'#history [data-session="{session_id}"]')
+        await expect(ended.locator(".label-text")).to_have_text(SESSION_LABEL, timeout=15_000)
 
         # An administrator resets the password: the next login says the old labels are lost.
         await full.auth.accounts.reset_password(therapist, PASSWORD)

@@ -10,7 +10,7 @@
 
 import { ArrivalAlert, watchArrivals } from "./arrivals.js";
 import { b64urlEncode, decodeLinkKey, groupKey, newLinkKey, seatKey } from "./e2ee.js";
-import { forgetVaultKey, initVault, labelBlock, storeSecret, syncVault } from "./vault.js";
+import { forgetVaultKey, initVault, labelBlock, labelOf, storeSecret, syncVault } from "./vault.js";
 
 const BACKGROUND = { "X-Broker-Background": "1" };
 const REFRESH_MS = 30_000;
@@ -557,6 +557,7 @@ function showQr(link, label = "Client") {
 function seatRow(session, seat, index, count, key) {
   const name = count > 1 ? `Client ${index + 1}` : "Client";
   const label = `${name}${seat.minor ? " (minor)" : ""}`;
+  const known = labelOf(session.session, seat.peer);
   const item = el("li", { className: "seat", "data-peer": seat.peer });
   item.append(el("span", { className: "seat-name", text: label }));
   item.append(labelBlock(session.session, seat.peer, label));
@@ -577,7 +578,7 @@ function seatRow(session, seat, index, count, key) {
         className: "show-qr",
         "aria-label": `Show QR code for ${label}`,
         text: "QR code",
-        onclick: () => showQr(link, label),
+        onclick: () => showQr(link, known ? `${label}, ${known}` : label), // whose link, as the vault says
       }),
       el("button", {
         type: "button",
@@ -1099,6 +1100,8 @@ function historyItem(entry) {
   const item = el("li", { className: "session ended", "data-session": record.session });
   const headingId = `h-${record.session}`;
   item.append(el("h3", { id: headingId, text: `${dateFormat.format(when)}, ${timeFormat.format(when)}` }));
+  const label = labelOf(record.session, "session"); // from the vault: only this therapist's devices read it
+  if (label) item.append(el("p", { className: "label-text", text: label }));
   const facts = [
     END_WORDS[record.end_reason] ?? record.end_reason,
     `${admitted} of ${clients.length} client${clients.length === 1 ? "" : "s"} admitted`,

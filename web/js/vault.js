@@ -351,9 +351,28 @@ export async function syncVault(sessions, keys, { background = false } = {}) {
       if (local) await storeSecret(sid, local, await keys.loadGroupToken(sid).catch(() => null));
     }
   }
+  // Sessions no longer open (the history's): their labels only, for the history's cards.
+  const open = new Set(sessions.map((s) => s.session));
+  for (const [sid, items] of Object.entries(data.items ?? {})) {
+    if (open.has(sid)) continue;
+    for (const [slot, sealed] of Object.entries(items)) {
+      if (slot === "secret") continue;
+      try {
+        const value = await openItem(vault.key, vault.therapist, sid, slot, sealed);
+        labels.set(`${sid}/${slot}`, { label: String(value.label ?? ""), note: String(value.note ?? "") });
+      } catch {
+        unreadable += 1;
+      }
+    }
+  }
   vault.labels = labels;
   vault.unreadable = unreadable;
   showState();
+}
+
+/** The label the therapist gave a session ("session") or a seat (its peer id), or "" (vault locked, none). */
+export function labelOf(session, slot) {
+  return vault.key ? (vault.labels.get(`${session}/${slot}`)?.label ?? "") : "";
 }
 
 /** Seal a session's secret (and group token) into the vault, so the therapist's other devices have it. */
