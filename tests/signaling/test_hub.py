@@ -625,7 +625,7 @@ async def test_join_page_shows_a_clear_notice_for_bad_links(broker: RunningBroke
     now = int(time.time())
     expired = broker.hub.tokens.issue(TokenClaims(links.session, new_token_id(), now - 7200, now - 60))
     async with aiohttp.ClientSession() as http:
-        for token, status, words in ((expired, 410, "expired"), ("nope", 404, "not valid")):
+        for token, status, words in ((expired, 410, "expired"), ("nope", 404, "does not work")):
             async with http.get(f"{broker.url}/j/{token}") as response:
                 body = await response.text()
                 assert response.status == status
