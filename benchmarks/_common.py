@@ -447,7 +447,7 @@ class Admin:
         self.http = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(broker.admin_socket)))
 
     async def create(self, clients: int = 1) -> dict[str, Any]:
-        """A session; returns {"session", "therapist": token, "clients": [token, ...]}."""
+        """A session; returns {"session", "therapist": token, "clients": [token, ...], "client_peers": [peer id, ...]}."""
         async with self.http.post("http://broker/sessions", json={"clients": clients}, headers=self.headers) as r:
             body = await r.json()
             if r.status != 200:
@@ -457,6 +457,7 @@ class Admin:
             "session": body["session"],
             "therapist": next(s["token"] for s in seats if s["role"] == "therapist"),
             "clients": [s["token"] for s in seats if s["role"] == "client"],
+            "client_peers": [s["peer"] for s in seats if s["role"] == "client"],
         }
 
     async def close(self) -> None:

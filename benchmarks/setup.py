@@ -83,13 +83,15 @@ async def direct_setup() -> float:
 async def broker_setup(admin: Admin, base_url: str) -> float:
     """Seconds from the therapist's admit to both data channels open, through the broker."""
     from broker.client.broker_client import BrokerClient
-    from broker.crypto.link_key import new_link_key
+    from broker.crypto.link_key import b64url_encode, decode_link_key, new_link_key
+    from broker.crypto.seat_keys import seat_key
     from broker.signaling.protocol import SeatState, Status
 
     created = await admin.create(clients=1)
-    key = new_link_key()
-    therapist = BrokerClient(f"{base_url}/t/{created['therapist']}#{key}", ice_servers=[])
-    client = BrokerClient(f"{base_url}/j/{created['clients'][0]}#{key}", ice_servers=[])
+    secret = new_link_key()  # the therapist's link; the client's carries its own seat key (protocol 7.1)
+    mine = b64url_encode(seat_key(decode_link_key(secret), created["session"], created["client_peers"][0]))
+    therapist = BrokerClient(f"{base_url}/t/{created['therapist']}#{secret}", ice_servers=[])
+    client = BrokerClient(f"{base_url}/j/{created['clients'][0]}#{mine}", ice_servers=[])
     try:
         await therapist.connect()
         await client.connect()
