@@ -10,6 +10,7 @@
 
 import { ArrivalAlert, watchArrivals } from "./arrivals.js";
 import { b64urlEncode, decodeLinkKey, groupKey, newLinkKey, seatKey } from "./e2ee.js";
+import { storeTx } from "./idb.js";
 import { forgetVaultKey, initVault, labelBlock, labelOf, storeSecret, syncVault } from "./vault.js";
 
 const BACKGROUND = { "X-Broker-Background": "1" };
@@ -375,28 +376,8 @@ export function qrSvg(modules, label) {
 
 // ---------------------------------------------------------------- link keys (IndexedDB)
 
-function openKeys() {
-  return new Promise((resolve, reject) => {
-    const request = indexedDB.open("broker-dashboard", 1);
-    request.onupgradeneeded = () => request.result.createObjectStore("linkKeys", { keyPath: "session" });
-    request.onsuccess = () => resolve(request.result);
-    request.onerror = () => reject(request.error);
-  });
-}
-
-async function keysTx(mode, work) {
-  const db = await openKeys();
-  try {
-    return await new Promise((resolve, reject) => {
-      const tx = db.transaction("linkKeys", mode);
-      const result = work(tx.objectStore("linkKeys"));
-      tx.oncomplete = () => resolve(result.result);
-      tx.onerror = () => reject(tx.error);
-      tx.onabort = () => reject(tx.error);
-    });
-  } finally {
-    db.close();
-  }
+function keysTx(mode, work) {
+  return storeTx("broker-dashboard", "linkKeys", "session", mode, work);
 }
 
 export async function loadLinkKey(session) {

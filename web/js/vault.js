@@ -8,6 +8,7 @@
 // non-extractable CryptoKey until logout. docs/protocol.md 15.21-15.25, docs/security.md 3.5.
 
 import { b64urlDecode, b64urlEncode } from "./e2ee.js";
+import { storeTx } from "./idb.js";
 
 export const ITERATIONS = 600_000;
 const ITERATIONS_MIN = 100_000;
@@ -95,28 +96,8 @@ export async function openItem(key, therapist, session, slot, text) {
 
 // ---------------------------------------------------------------- the key on this device (IndexedDB)
 
-function openDb() {
-  return new Promise((resolve, reject) => {
-    const request = indexedDB.open("broker-vault", 1);
-    request.onupgradeneeded = () => request.result.createObjectStore("keys", { keyPath: "therapist" });
-    request.onsuccess = () => resolve(request.result);
-    request.onerror = () => reject(request.error);
-  });
-}
-
-async function keysTx(mode, work) {
-  const db = await openDb();
-  try {
-    return await new Promise((resolve, reject) => {
-      const tx = db.transaction("keys", mode);
-      const result = work(tx.objectStore("keys"));
-      tx.oncomplete = () => resolve(result.result);
-      tx.onerror = () => reject(tx.error);
-      tx.onabort = () => reject(tx.error);
-    });
-  } finally {
-    db.close();
-  }
+function keysTx(mode, work) {
+  return storeTx("broker-vault", "keys", "therapist", mode, work);
 }
 
 async function keepKey(therapist, key) {
