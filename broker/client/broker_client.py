@@ -34,6 +34,7 @@ from broker.checklist.preflight import ClientPreflightReport, run_preflight_clie
 from broker.client.links import InviteLink, origin_of, parse_link, ws_url
 from broker.client.negotiation import PeerNegotiation
 from broker.client.peers import MAX_CHAT_CHARS, PeerLink
+from broker.client.trace import server_type_of
 from broker.crypto.link_key import decode_link_key
 from broker.crypto.sdp_auth import Trust
 from broker.crypto.sdp_authenticator import SdpAuthenticator
@@ -72,10 +73,10 @@ from broker.signaling.protocol import (
     SessionEnded,
     Status,
     Verification,
+    WaitingNote,
     WaitingRoom,
     decode_server,
     encode,
-    server_message_types,
 )
 
 log = logging.getLogger("broker.client")
@@ -101,25 +102,6 @@ _FINAL_CODES = {
     ErrorCode.REPLACED,
     ErrorCode.UNSUPPORTED_PROTOCOL,
 }
-
-
-class _TypeOnly(msgspec.Struct):
-    """Any JSON object, read for its ``type`` alone (other members are skipped, not checked)."""
-
-    type: str | None = None
-
-
-_type_decoder = msgspec.json.Decoder(_TypeOnly)
-_SERVER_TYPES = frozenset(server_message_types())
-
-
-def server_type_of(data: str | bytes) -> str:
-    """The ``type`` of a frame the broker sent, for logs: one of the server messages' names, else "unknown"."""
-    try:
-        kind = _type_decoder.decode(data).type
-    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError, UnicodeError):
-        return "unknown"
-    return kind if kind in _SERVER_TYPES else "unknown"
 
 
 class BrokerError(Exception):
@@ -492,6 +474,28 @@ class BrokerClient(PeerNegotiation):
         """Therapist's side: a client's sealed checklist answers (under that seat's key, 7.4.1)."""
         assert self.auth is not None, "not joined"
         return self.auth.open_checklist(peer, sealed)
+
+    async def send_note(self, peer: str, text: str, timeout: float = 10.0) -> None:
+        """Therapist: a word to a checking or waiting client, sealed for its seat (7.4.2). Returns once
+        the broker passed it on (a ``ping`` right behind it is answered after it); BrokerError if refused."""
+        assert self.auth is not None, "not joined"
+        mark = len(self.received)
+        note_id, n = f"r{random.getrandbits(48):x}", random.getrandbits(39)  # below KEEPALIVE_PING_BASE
+        await self._send(WaitingNote(peer=peer, sealed=self.auth.seal_note(peer, text), id=note_id))
+        await self._send(Ping(n=n))
+        got = await self.expect(
+            (Pong, Error),
+            where=lambda m: m.n == n if isinstance(m, Pong) else m.ref == note_id,
+            timeout=timeout,
+            since=mark,
+        )
+        if isinstance(got, Error):
+            raise BrokerError(got)
+
+    def open_note(self, sealed: str) -> str:
+        """Client: the text of a ``therapist_note`` (NoteError if it does not open for this seat)."""
+        assert self.auth is not None, "not joined"
+        return self.auth.open_note(sealed)
 
     async def end(self) -> SessionEnded:
         """End the session for everyone, reporting how each peer was verified for the session record."""

@@ -19,10 +19,30 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from broker.signaling.protocol import Error, Peers, Status
+from broker.signaling.protocol import Error, Peers, Status, server_message_types
 
 if TYPE_CHECKING:
     from broker.client.peers import PeerLink
+
+
+class _TypeOnly(msgspec.Struct):
+    """Any JSON object, read for its ``type`` alone (other members are skipped, not checked)."""
+
+    type: str | None = None
+
+
+_type_decoder = msgspec.json.Decoder(_TypeOnly)
+_SERVER_TYPES = frozenset(server_message_types())
+
+
+def server_type_of(data: str | bytes) -> str:
+    """The ``type`` of a frame the broker sent, for logs: one of the server messages' names, else "unknown"."""
+    try:
+        kind = _type_decoder.decode(data).type
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError, UnicodeError):
+        return "unknown"
+    return kind if kind in _SERVER_TYPES else "unknown"
+
 
 #: What a frame may show of itself in the trace (all content-free); anything else is left out.
 _FIELDS = ("peer", "to", "from_", "seq", "counter", "n")

@@ -4,6 +4,8 @@ view), the therapist's ``roster`` (therapist to client only, sealed form only) a
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 from broker.conformance.flows import Joined, admit, joined, seat_view, waiting_client
 from broker.conformance.report import Registry, Run
 from broker.conformance.wire import Frame, Peer, new_id
@@ -158,4 +160,64 @@ async def holds(run: Run) -> None:
         run.equal("hold.release", await relay_code(sender, "candidate", to, candidate), "relayed", what)
     run.equal(
         "hold.release", await relay_code(t, "roster", a.id, {"counter": 9, "sealed": SEALED}), "relayed", "roster"
+    )
+
+
+def refers_to(ref: str) -> Callable[[Frame], bool]:
+    return lambda f: f.get("ref") == ref
+
+
+async def note_code(sender: Peer, peer: str, fields: Mapping[str, object]) -> str:
+    """``accepted`` when no error about a ``waiting_note`` came before a ping's pong, else its code."""
+    ref, since = new_id("note"), sender.mark()
+    await sender.send(type="waiting_note", peer=peer, id=ref, **fields)
+    await sender.sync()
+    error = sender.find(refers_to(ref), since)
+    return str(error.get("code")) if error is not None else "accepted"
+
+
+@checks.scenario(
+    {
+        "note.delivered": "waiting_note: to a waiting or checking client as therapist_note, sealed as sent, to nobody else",
+        "note.confirmed": "an accepted waiting_note gets no error before the pong of a ping sent behind it",
+        "note.errors": "waiting_note: not_allowed (from a client, to the therapist), not_in_session, invalid_state "
+        "(an admitted client), bad_message (no sealed, a field in clear)",
+    },
+    timeout_s=60.0,
+)
+async def notes(run: Run) -> None:
+    session = await run.session(clients=3)
+    therapist = await joined(run, session.therapist.token)
+    t = therapist.peer
+    waiting = await waiting_client(run, session, 0)
+    admitted = await waiting_client(run, session, 1)
+    checking = await joined(run, session.clients[2].token)
+    await admit(therapist, admitted)
+    marks = {c.id: c.peer.mark() for c in (waiting, admitted, checking)}
+
+    for client, what in ((waiting, "a waiting client"), (checking, "a checking client")):
+        run.equal("note.confirmed", await note_code(t, client.id, {"sealed": SEALED}), "accepted", what)
+        note = await client.peer.wait_type("therapist_note", since=marks[client.id])
+        run.equal("note.delivered", (note.get("sealed"), note.get("from")), (SEALED, None), what)
+
+    code = await note_code(waiting.peer, checking.id, {"sealed": SEALED})
+    run.equal("note.errors", code, "not_allowed", "a note from a client")
+    for target, expected in (
+        (therapist.id, "not_allowed"),
+        ("Nobody00", "not_in_session"),
+        (admitted.id, "invalid_state"),
+    ):
+        run.equal("note.errors", await note_code(t, target, {"sealed": SEALED}), expected, target)
+    for what, fields in (("without sealed", {}), ("with text in clear", {"sealed": SEALED, "text": "hello"})):
+        code = await note_code(t, waiting.id, fields)
+        run.equal("note.errors", code, "bad_message", f"a note {what}")
+
+    for client in (waiting, admitted, checking):
+        await client.peer.sync()
+    notes_got = {
+        c.id: [f for f in c.peer.frames[marks[c.id] :] if f.get("type") == "therapist_note"]
+        for c in (waiting, admitted, checking)
+    }
+    run.equal(
+        "note.delivered", [len(notes_got[c.id]) for c in (waiting, admitted, checking)], [1, 0, 1], "notes per client"
     )

@@ -36,6 +36,7 @@ from broker.crypto.sealed_signaling import (
     signal_plaintext,
 )
 from broker.crypto.seat_keys import client_pair_key, pair_link_key
+from broker.crypto.waiting_note import NoteError, open_note, seal_note
 
 __all__ = ["OpenedRoster", "SdpAuthenticator"]
 
@@ -348,6 +349,16 @@ class SdpAuthenticator:
     def open_checklist(self, client: str, sealed: str) -> dict[str, bool]:
         """Therapist's side: a client's sealed checklist answers, under that client's pair link key."""
         return open_checklist(self._therapist_key(client), self.session_id, client, sealed)
+
+    def seal_note(self, client: str, text: str) -> str:
+        """Therapist's side: a word to a waiting client, under that client's pair link key (7.4.2)."""
+        return seal_note(self._therapist_key(client), self.session_id, client, text)
+
+    def open_note(self, sealed: str) -> str:
+        """Client side: the therapist's note to this seat; NoteError if it does not open."""
+        if self._link_key is None:
+            raise NoteError("this side holds no link key")
+        return open_note(self._link_key, self.session_id, self.my_peer_id, sealed)
 
     def _therapist_key(self, client: str) -> bytes:
         key = self._pair_keys.get(client) if client in self._pair_keys else None

@@ -111,7 +111,7 @@ async def test_malformed_server_messages_are_refused_logged_by_type_and_the_call
 
 
 def test_the_type_of_a_refused_frame_is_named_only_when_it_is_a_server_message() -> None:
-    from broker.client.broker_client import server_type_of
+    from broker.client.trace import server_type_of
 
     assert server_type_of('{"type":"peers","peers":7}') == "peers"
     assert server_type_of('{"type":"hello","protocol":1}') == "unknown"  # a client message, not the broker's

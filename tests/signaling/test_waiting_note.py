@@ -10,10 +10,11 @@ import logging
 
 import pytest
 
+from broker.client.broker_client import BrokerClient, BrokerError
 from broker.crypto.link_key import decode_link_key
 from broker.crypto.seat_keys import seat_key
-from broker.crypto.waiting_note import open_note, seal_note
-from broker.signaling.protocol import Error, ErrorCode, TherapistNote
+from broker.crypto.waiting_note import NoteError, open_note, seal_note
+from broker.signaling.protocol import Error, ErrorCode, SeatState, Status, TherapistNote
 from tests.client.test_client import waiting_client
 from tests.conftest import RunningBroker, SessionLinks, schedule
 from tests.signaling.test_holds import frames_until_pong, settled
@@ -122,3 +123,29 @@ async def test_refused_notes_deliver_nothing_and_change_nothing(broker: RunningB
     for client in (waiting, admitted):
         await client.close()
     await therapist.close()
+
+
+async def test_the_python_client_sends_a_confirmed_note_and_the_client_opens_it(broker: RunningBroker) -> None:
+    """``BrokerClient.send_note`` returns only once the broker passed the note on (the ``ping``
+    behind it is answered after it) and raises the broker's error for a refused one; the waiting
+    client's ``open_note`` reads it with its own link, the other client's could not."""
+    links = await schedule(broker, clients=2)
+    therapist = BrokerClient(links.therapist)
+    await therapist.connect()
+    a = await waiting_client(links, link=links.clients[0])
+    b = await waiting_client(links, link=links.clients[1])
+    assert a.peer_id and b.peer_id
+    mark = len(a.received)
+    await therapist.send_note(a.peer_id, f"  {TEXT}  ")
+    note = await a.expect(TherapistNote, since=mark)
+    assert isinstance(note, TherapistNote)
+    assert a.open_note(note.sealed) == TEXT
+    with pytest.raises(NoteError):
+        b.open_note(note.sealed)  # sealed for a's seat alone
+    await therapist.admit(b.peer_id)
+    await b.expect(Status, where=lambda m: m.seat_state is SeatState.ADMITTED)
+    with pytest.raises(BrokerError) as refused:
+        await therapist.send_note(b.peer_id, TEXT)  # no longer waiting
+    assert refused.value.code is ErrorCode.INVALID_STATE
+    for client in (a, b, therapist):
+        await client.close()

@@ -39,6 +39,9 @@ const BACKOFF_FIRST_MS = 500;
 const BACKOFF_MAX_MS = 8000;
 /** A socket the broker has said nothing on for this long (opening included) is dropped and the seat resumed. */
 const SILENCE_LIMIT_MS = 5000;
+/** `ping` numbers from here up confirm a request that has no reply of its own (`#confirmed`). */
+const CONFIRM_PING_BASE = 1_000_000_000;
+
 /** After this long without a message the page sends a `ping`, so a live broker always has something to say. */
 const PING_AFTER_MS = 2000;
 const WATCH_EVERY_MS = 500;
@@ -305,6 +308,7 @@ export class Signaling {
       case "welcome":
         return;
       case "pong":
+        this.#settlePong(message.n);
         return;
       case "joined":
         if (message.resume_secret) this.#resumeSecret = message.resume_secret;
@@ -467,9 +471,36 @@ export class Signaling {
     return this.#send({ type: "roster", to, counter, sealed });
   }
 
-  /** A word to a checking or waiting client, sealed end to end for that seat (docs/protocol.md 7.4.2). */
+  /**
+   * A word to a checking or waiting client, sealed end to end for that seat (docs/protocol.md 7.4.2).
+   * Resolves once the broker has taken it, rejects with its error: the note carries an `id`, and a
+   * `ping` sent right behind it is answered only after the note was handled (frames of one
+   * connection are handled in order, docs/protocol.md 5), so a `pong` with no error means delivered.
+   */
   sendNote(peer, sealed) {
-    return this.#send({ type: "waiting_note", peer, sealed });
+    return this.#confirmed({ type: "waiting_note", peer, sealed });
+  }
+
+  #confirmed(message) {
+    return new Promise((resolve, reject) => {
+      const id = `r${this.#nextId++}`;
+      const n = CONFIRM_PING_BASE + this.#nextId;
+      this.#pending.set(id, { replyType: null, resolve, reject, n });
+      if (!this.#send({ ...message, id }) || !this.#send({ type: "ping", n })) {
+        this.#pending.delete(id);
+        reject(new ProtocolError("disconnected", "Not connected right now. Please try again in a moment."));
+      }
+    });
+  }
+
+  #settlePong(n) {
+    for (const [id, pending] of this.#pending) {
+      if (pending.n === n) {
+        this.#pending.delete(id);
+        pending.resolve();
+        return;
+      }
+    }
   }
 
   /** Ask the offerer of a pair for a new offer (an ICE restart, or after a reload). */

@@ -334,13 +334,20 @@ async function sendNote() {
     status.textContent = "Choose a message or write one first.";
     return;
   }
+  let sealed;
   try {
-    const sealed = await sealNote(await clientKey(peer), state.joined.session, peer, text);
-    state.signaling.sendNote(peer, sealed);
-    status.textContent = `Sent to ${label}.`;
-    if (preset === "") byId("note-text").value = "";
+    sealed = await sealNote(await clientKey(peer), state.joined.session, peer, text);
   } catch {
     status.textContent = "The note could not be sent. Keep it to 280 characters.";
+    return;
+  }
+  status.textContent = `Sending to ${label}…`;
+  try {
+    await state.signaling.sendNote(peer, sealed);
+    status.textContent = `Sent to ${label}.`;
+    if (preset === "") byId("note-text").value = "";
+  } catch (error) {
+    status.textContent = `Not sent: ${error.message}`;
   }
 }
 
