@@ -12,6 +12,7 @@ the broker holds the text.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,16 @@ async def test_arrival_alert_and_a_word_to_the_waiting_room(
     for frame in therapist_frames + client_frames:
         for word in ("running about", "more</b>", "Two <b>", "thanks"):
             assert word not in frame
+
+    # A note the broker refuses (a stale choice: a seat this session does not have) says so, not "Sent".
+    await therapist.evaluate(
+        """() => { const to = document.getElementById("note-to");
+                   to.append(new Option("Stale", "Nobody00")); to.value = "Nobody00"; }"""
+    )
+    await therapist.get_by_test_id("note-preset").select_option(index=1)
+    await therapist.get_by_test_id("note-send").click()
+    await expect(therapist.get_by_test_id("note-status")).to_have_text(re.compile(r"^Not sent: \S"))
+    assert len([f for f in client_frames if '"therapist_note"' in f]) == 2
 
     # Admitted: nobody waits, the title says so.
     await therapist.get_by_test_id("admit").click()
