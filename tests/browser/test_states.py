@@ -6,6 +6,7 @@ another window, a bad link at HTTP level, and re-testing devices in the waiting 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -75,8 +76,12 @@ async def drop_connections(broker: RunningBroker, peer: str) -> None:
 
 
 async def expect_notice(page: Page, code: str) -> None:
+    """The notice for ``code``: a heading and one clear sentence (docs: issue 28's error pages)."""
     await wait_screen(page, "notice")
-    await expect(page.get_by_test_id("notice")).to_have_attribute("data-code", code)
+    card = page.get_by_test_id("notice")
+    await expect(card).to_have_attribute("data-code", code)
+    await expect(card.locator("p")).to_have_count(1)
+    await expect(card.locator("p")).to_have_text(re.compile(r"^[A-Z][^.!?]*[.!?]$"))
 
 
 async def waiting(therapist: BrokerClient, peer: str, state: str = "waiting") -> Any:

@@ -25,63 +25,20 @@ const PREFLIGHT_RECORD_TRIES = 10;
 /** Offers sent again by themselves after preflight_busy / preflight_limited before the person is asked to. */
 const PREFLIGHT_AUTO_RETRIES = 5;
 
+/** Each notice: a heading and one clear sentence saying what happened and what to do (as the broker's notice pages). */
 const NOTICES = {
-  invalid_token: [
-    "This link does not work",
-    "It may have been replaced by a newer link, or the session was cancelled.",
-    "Please ask your therapist for a new link.",
-  ],
-  token_expired: [
-    "This link has expired",
-    "The time for this session has passed.",
-    "If you expected a session now, please contact your therapist directly.",
-  ],
-  token_not_yet_valid: [
-    "It is a little early",
-    "This link opens shortly before your appointment.",
-    "Please open it again closer to the time. You don’t need to do anything else.",
-  ],
-  declined: [
-    "Your therapist could not let you in",
-    "This is not something you did wrong. Your therapist may not be able to see you right now.",
-    "If you are unsure why, please contact your therapist.",
-  ],
-  removed: [
-    "You are no longer in the session",
-    "Your therapist ended your part of this session.",
-    "If you think this was a mistake, please contact your therapist.",
-  ],
-  replaced: [
-    "Your session moved to another window",
-    "Your therapist let you in from another device or window, so this one has stopped.",
-    "Carry on there. To continue here instead, reload this page: your therapist will be asked to let you in again.",
-  ],
-  missing_key: [
-    "This link is incomplete",
-    "The last part of the link, after the # sign, is missing. It is needed to keep your session private.",
-    "Open the link exactly as you received it, for example by tapping it in the message your therapist sent.",
-  ],
-  damaged_key: [
-    "This link is damaged",
-    "Part of the link was changed or cut off, so your session cannot be protected.",
-    "Open the link exactly as you received it, or ask your therapist to send it again.",
-  ],
-  invalid_token_after_join: [
-    "This link no longer works",
-    "The session may have ended while you were away, or your therapist replaced your link with a new one.",
-    "Nothing was recorded. If you expected to carry on, please contact your therapist.",
-  ],
-  unsupported_protocol: [
-    "Please reload this page",
-    "This page is out of date.",
-    "Reloading it will fetch the current version.",
-  ],
-  session_not_found: [
-    "This session could not be found",
-    "The service lost its record of this session. Nothing you did caused this.",
-    "Please contact your therapist, who can send you a new link.",
-  ],
-  session_cancelled: ["This session was cancelled", "Your therapist cancelled it.", "Please contact them about another time."],
+  invalid_token: ["This link does not work", "Please ask your therapist for a new link."],
+  token_expired: ["This link has expired", "The time for this session has passed, so please contact your therapist."],
+  token_not_yet_valid: ["It is a little early", "This link opens shortly before your appointment: please come back then."],
+  declined: ["Your therapist could not let you in", "This is not something you did wrong: please contact your therapist if you are unsure why."],
+  removed: ["You are no longer in the session", "Your therapist ended your part of this session: please contact them if you think it was a mistake."],
+  replaced: ["Your session moved to another window", "Carry on there, or continue here and your therapist will be asked to let you in again."],
+  missing_key: ["This link is incomplete", "Open the link exactly as you received it: the part after the # sign keeps your session private."],
+  damaged_key: ["This link is damaged", "Part of it was changed or cut off, so open it exactly as you received it or ask for a new one."],
+  invalid_token_after_join: ["This link no longer works", "The session may have ended or your therapist replaced your link: please contact them."],
+  unsupported_protocol: ["Please reload this page", "This page is out of date, and reloading it fetches the current version."],
+  session_not_found: ["This session could not be found", "Nothing you did caused this: the service lost its record of it, so please ask your therapist for a new link."],
+  session_cancelled: ["This session was cancelled", "Your therapist cancelled it, so please contact them about another time."],
 };
 
 /**
@@ -791,10 +748,9 @@ function finish(how) {
 
 function notice(code) {
   const variant = code === "invalid_token" && state.started ? "invalid_token_after_join" : code;
-  const [title, message, todo] = NOTICES[variant] ?? NOTICES.invalid_token;
+  const [title, sentence] = NOTICES[variant] ?? NOTICES.invalid_token;
   setText("notice-title", title);
-  setText("notice-message", message);
-  setText("notice-todo", todo);
+  setText("notice-message", sentence);
   byId("notice-title").closest("[data-testid=notice]").dataset.code = code;
   const action = code === "replaced" ? "Continue here" : code === "unsupported_protocol" ? "Reload" : null;
   byId("notice-actions").hidden = action === null;
