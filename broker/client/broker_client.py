@@ -35,6 +35,7 @@ from broker.client.links import InviteLink, origin_of, parse_link, ws_url
 from broker.client.negotiation import PeerNegotiation
 from broker.client.peers import MAX_CHAT_CHARS, PeerLink
 from broker.crypto.link_key import decode_link_key
+from broker.crypto.safety_plan import SafetyPlan, seal_safety_plan
 from broker.crypto.sdp_auth import Trust
 from broker.crypto.sdp_authenticator import SdpAuthenticator
 from broker.crypto.sealed_for_therapist import seal_checklist, seal_details
@@ -434,11 +435,13 @@ class BrokerClient(PeerNegotiation):
         policy_version: str | None = None,
         consent_version: str | None = None,
         details: dict[str, str] | None = None,
+        safety_plan: SafetyPlan | None = None,
     ) -> ChecklistAccepted:
         """Submit the checklist. By default answers every item of the seat's policy with yes.
 
         The broker is sent the answers it checks (every item but the recommended ones); all of
-        them go to the therapist sealed with the link key (docs/protocol.md 7.4).
+        them go to the therapist sealed with the link key (docs/protocol.md 7.4), and so does the
+        safety plan, if given (7.4.3).
         """
         assert self.joined is not None and self.joined.policy is not None
         policy = self.joined.policy
@@ -450,6 +453,9 @@ class BrokerClient(PeerNegotiation):
         answers_sealed = None
         if self.link_key is not None:
             answers_sealed = seal_checklist(self.link_key, self.session_id, self.peer_id, answers)
+        plan = None
+        if safety_plan is not None and self.link_key is not None:
+            plan = seal_safety_plan(self.link_key, self.session_id, self.peer_id, safety_plan)
         recommended = {item["id"] for item in policy["items"] if item.get("level") == "recommended"}
         consent = policy.get("consent") or {}
         message = ChecklistSubmit(
@@ -458,6 +464,7 @@ class BrokerClient(PeerNegotiation):
             consent_version=consent_version or consent.get("version"),
             details=sealed,
             answers_sealed=answers_sealed,
+            safety_plan=plan,
         )
         return await self.request(message, ChecklistAccepted)
 
@@ -492,6 +499,11 @@ class BrokerClient(PeerNegotiation):
         """Therapist's side: a client's sealed checklist answers (under that seat's key, 7.4.1)."""
         assert self.auth is not None, "not joined"
         return self.auth.open_checklist(peer, sealed)
+
+    def open_safety_plan(self, peer: str, sealed: str) -> SafetyPlan:
+        """Therapist's side: a client's sealed safety plan (under that seat's key, 7.4.3)."""
+        assert self.auth is not None, "not joined"
+        return self.auth.open_safety_plan(peer, sealed)
 
     async def end(self) -> SessionEnded:
         """End the session for everyone, reporting how each peer was verified for the session record."""
