@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from broker.checklist.safety import SafetySettings, parse_safety
+
 if TYPE_CHECKING:  # checklist must import without aiortc; preflight is only read by attribute
     from broker.checklist.preflight import PreflightResult
 
@@ -51,7 +53,7 @@ _MAX_CONSENT_TEXT = 50_000
 _MAX_VERSION = 64
 _MAX_NAME = 200
 _ITEM_KEYS = frozenset({"id", "kind", "level", "text", "help", "check", "minor_only"})
-_TOP_KEYS = frozenset({"consent", "practice", "item"})
+_TOP_KEYS = frozenset({"consent", "practice", "item", "safety"})
 
 
 class PolicyError(Exception):
@@ -130,6 +132,7 @@ class Policy:
     practice_name: str | None
     version: str
     source: str = "<built-in default>"
+    safety: SafetySettings = field(default_factory=SafetySettings)
 
     def items_for(self, minor: bool) -> list[PolicyItem]:
         """The items a seat is asked, in order; minor_only items only for a minor's seat."""
@@ -147,14 +150,18 @@ class Policy:
                 {"version": self.consent.version, "text": self.consent.text} if self.consent is not None else None
             ),
             "items": [item.for_page() for item in self.items_for(minor)],
+            "safety": self.safety.for_page(),
         }
 
 
-def _canonical_version(items: list[PolicyItem], consent: ConsentText | None, practice_name: str | None) -> str:
+def _canonical_version(
+    items: list[PolicyItem], consent: ConsentText | None, practice_name: str | None, safety: SafetySettings
+) -> str:
     doc = {
         "consent": {"version": consent.version, "text": consent.text} if consent is not None else None,
         "practice": {"name": practice_name},
         "items": [item.canonical() for item in items],
+        "safety": safety.for_page(),
     }
     raw = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return hashlib.sha256(raw).hexdigest()[:16]
@@ -181,9 +188,12 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         raise PolicyError([f"{source}: not valid TOML: {exc}."]) from None
     problems: list[str] = []
     for key in sorted(set(doc) - _TOP_KEYS):
-        problems.append(f"{source}: unknown top-level key {key!r} (expected [consent], [practice], [[item]]).")
+        problems.append(
+            f"{source}: unknown top-level key {key!r} (expected [consent], [practice], [safety], [[item]])."
+        )
     consent = _parse_consent(doc.get("consent"), source, problems)
     practice_name = _parse_practice(doc.get("practice"), source, problems)
+    safety = parse_safety(doc.get("safety"), source, problems)
     items = _parse_items(doc.get("item"), source, problems)
     _check_item_set(items, consent, source, problems)
     if problems:
@@ -192,8 +202,9 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         items=tuple(items),
         consent=consent,
         practice_name=practice_name,
-        version=_canonical_version(items, consent, practice_name),
+        version=_canonical_version(items, consent, practice_name, safety),
         source=source,
+        safety=safety,
     )
 
 
@@ -346,6 +357,8 @@ class Submission:
     details: str | None = None
     #: Every item's answer as the page judged it, sealed in the client's browser for the therapist.
     answers_sealed: str | None = None
+    #: The client's safety plan (optional), sealed in the client's browser for the therapist.
+    safety_plan: str | None = None
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Submission:
@@ -357,6 +370,7 @@ class Submission:
         consent_version = raw.get("consent_version")
         details = raw.get("details")
         answers_sealed = raw.get("answers_sealed")
+        safety_plan = raw.get("safety_plan")
         if not isinstance(version, str):
             raise _malformed("The checklist was sent without its policy version.")
         if not isinstance(answers, Mapping):
@@ -367,7 +381,9 @@ class Submission:
             raise _malformed("The emergency details were not sent as text.")
         if answers_sealed is not None and not isinstance(answers_sealed, str):
             raise _malformed("The sealed answers were not sent as text.")
-        return cls(version, dict(answers), consent_version, details, answers_sealed)
+        if safety_plan is not None and not isinstance(safety_plan, str):
+            raise _malformed("The safety plan was not sent as text.")
+        return cls(version, dict(answers), consent_version, details, answers_sealed, safety_plan)
 
 
 def _malformed(message: str) -> ChecklistRejected:
@@ -383,7 +399,8 @@ class ChecklistResult:
     required items were met, for this policy version) and its own pre-flight record. How the client
     answered each item reaches the therapist in ``answers_sealed``, sealed in the client's browser.
     `details` is the client's encrypted emergency details, carried to the therapist and never part of
-    the summary; both ciphertexts are dropped with the session.
+    the summary; ``safety_plan`` the client's sealed safety plan, carried in the summary like
+    ``answers_sealed``; every ciphertext is dropped with the session.
     """
 
     policy_version: str
@@ -393,6 +410,7 @@ class ChecklistResult:
     network: dict[str, Any] | None = None
     details: str | None = field(default=None, repr=False)
     answers_sealed: str | None = field(default=None, repr=False)
+    safety_plan: str | None = field(default=None, repr=False)
 
     def summary(self) -> dict[str, Any]:
         """What the broker keeps and the therapist receives for this client (JSON-able)."""
@@ -401,6 +419,7 @@ class ChecklistResult:
             "all_required_met": self.all_required_met,
             "network": dict(self.network) if self.network is not None else None,
             "answers_sealed": self.answers_sealed,
+            "safety_plan": self.safety_plan,
         }
 
 
@@ -454,6 +473,11 @@ def verify(
     _check_details_shape(submission.details, details_item)
     if submission.answers_sealed is not None and not details_well_formed(submission.answers_sealed):
         raise _malformed("The sealed answers could not be read by the service as an encrypted message.")
+    plan = submission.safety_plan  # optional, never required: only its shape is checked, if offered
+    if plan is not None and not policy.safety.plan:
+        raise _malformed("A safety plan was sent, but this practice does not offer one here.")
+    if plan is not None and not details_well_formed(plan):
+        raise _malformed("The safety plan could not be read by the service as an encrypted message.")
 
     passed = {item.id: _item_met(item, policy, submission, preflight) for item in items}
     _raise_for_required(items, passed, preflight)
@@ -466,6 +490,7 @@ def verify(
         network=_network_summary(preflight),
         details=submission.details if details_item is not None else None,
         answers_sealed=submission.answers_sealed,
+        safety_plan=submission.safety_plan,
     )
 
 

@@ -1,16 +1,13 @@
 """The Python client: one peer of a session, over the signaling protocol, with aiortc.
 
 Used by the tests, the benchmarks and ``broker join`` (a terminal diagnostic, ``diagnostic``).
-It speaks only the documented protocol (docs/protocol.md), seals every offer
-and answer end to end with that pair's link key (broker/crypto/; docs/protocol.md 7.1, 7.7),
-checks or opens what it receives, opens a negotiated data
-channel ("chat") to every admitted peer, and can send and receive audio and
-video. As the therapist it vouches for the clients to each other with rosters and can put
-a client on hold (private time); as a client it connects to another client only as the
-therapist's roster vouches (7.8, 7.9). When its WebSocket drops, or the broker stops answering (a hung process keeps the
-connection open and says nothing: an application-level ``ping`` with a deadline finds it,
-docs/protocol.md 5), it reconnects with the same seat to the next broker URL it knows while
-the peer-to-peer connections carry on.
+It speaks only the documented protocol (docs/protocol.md), seals every offer and answer end to
+end with that pair's link key (broker/crypto/; 7.1, 7.7), checks or opens what it receives, opens
+a negotiated data channel ("chat") to every admitted peer, and can send and receive audio and
+video. As the therapist it vouches for the clients to each other with rosters and can put a client
+on hold (7.8, 7.9). When its WebSocket drops, or the broker stops answering (an application-level
+``ping`` with a deadline finds a hung one, docs/protocol.md 5), it reconnects with the same seat
+to the next broker URL it knows while the peer-to-peer connections carry on.
 
 This module is its connection to the broker, the protocol's messages and its actions; the
 negotiation with each other peer is ``negotiation`` (its base class), the aiortc connections
@@ -36,6 +33,7 @@ from broker.client.negotiation import PeerNegotiation
 from broker.client.peers import MAX_CHAT_CHARS, PeerLink
 from broker.client.trace import server_type_of
 from broker.crypto.link_key import decode_link_key
+from broker.crypto.safety_plan import SafetyPlan, seal_safety_plan
 from broker.crypto.sdp_auth import Trust
 from broker.crypto.sdp_authenticator import SdpAuthenticator
 from broker.crypto.sealed_for_therapist import seal_checklist, seal_details
@@ -416,11 +414,13 @@ class BrokerClient(PeerNegotiation):
         policy_version: str | None = None,
         consent_version: str | None = None,
         details: dict[str, str] | None = None,
+        safety_plan: SafetyPlan | None = None,
     ) -> ChecklistAccepted:
         """Submit the checklist. By default answers every item of the seat's policy with yes.
 
         The broker is sent the answers it checks (every item but the recommended ones); all of
-        them go to the therapist sealed with the link key (docs/protocol.md 7.4).
+        them go to the therapist sealed with the link key (docs/protocol.md 7.4), and so does the
+        safety plan, if given (7.4.3).
         """
         assert self.joined is not None and self.joined.policy is not None
         policy = self.joined.policy
@@ -432,6 +432,9 @@ class BrokerClient(PeerNegotiation):
         answers_sealed = None
         if self.link_key is not None:
             answers_sealed = seal_checklist(self.link_key, self.session_id, self.peer_id, answers)
+        plan = None
+        if safety_plan is not None and self.link_key is not None:
+            plan = seal_safety_plan(self.link_key, self.session_id, self.peer_id, safety_plan)
         recommended = {item["id"] for item in policy["items"] if item.get("level") == "recommended"}
         consent = policy.get("consent") or {}
         message = ChecklistSubmit(
@@ -440,6 +443,7 @@ class BrokerClient(PeerNegotiation):
             consent_version=consent_version or consent.get("version"),
             details=sealed,
             answers_sealed=answers_sealed,
+            safety_plan=plan,
         )
         return await self.request(message, ChecklistAccepted)
 
@@ -496,6 +500,11 @@ class BrokerClient(PeerNegotiation):
         """Client: the text of a ``therapist_note`` (NoteError if it does not open for this seat)."""
         assert self.auth is not None, "not joined"
         return self.auth.open_note(sealed)
+
+    def open_safety_plan(self, peer: str, sealed: str) -> SafetyPlan:
+        """Therapist's side: a client's sealed safety plan (under that seat's key, 7.4.3)."""
+        assert self.auth is not None, "not joined"
+        return self.auth.open_safety_plan(peer, sealed)
 
     async def end(self) -> SessionEnded:
         """End the session for everyone, reporting how each peer was verified for the session record."""

@@ -11,6 +11,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 from broker.conformance.flows import (
     admit,
     joined,
+    offers_safety_plan,
     preflight,
     seat_view,
     submit_checklist,
@@ -87,7 +88,7 @@ async def roles(run: Run) -> None:
         "checklist.details-invalid": "details that are not well-formed base64url of 24-4096 chars get details_invalid",
         "checklist.accepted": "a complete checklist gets checklist_accepted and the seat moves to waiting",
         "checklist.invalid-state": "a checklist from a seat no longer checking gets invalid_state",
-        "waiting.therapist-view": "the therapist's waiting_room shows the seat waiting, its checklist and details",
+        "waiting.therapist-view": "the therapist's waiting_room shows the seat waiting, its checklist (and sealed safety plan) and details",
         "admit.admitted": "admit moves the client to admitted and the session to live; both get peers, therapist offers",
         "admit.twice": "admitting a client already admitted gets invalid_state",
     },
@@ -163,6 +164,9 @@ async def checklist_and_admit(run: Run) -> None:
     run.equal("waiting.therapist-view", checklist.get("all_required_met"), True, "the entry's checklist")
     if "details" in kinds:
         run.check("waiting.therapist-view", isinstance(entry.get("details"), str), "the entry has no sealed details")
+    if offers_safety_plan(policy):
+        plan = checklist.get("safety_plan")
+        run.check("waiting.therapist-view", isinstance(plan, str), "the entry's checklist has no sealed safety plan")
     run.equal(
         "checklist.invalid-state", (await submit_checklist(session, client)).get("code"), "invalid_state", "again"
     )

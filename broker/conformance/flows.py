@@ -13,10 +13,13 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from broker.conformance.report import Run, Session
 from broker.conformance.wire import Frame, Peer, Unexpected, join, new_id
+from broker.crypto.safety_plan import SafetyPlan, seal_safety_plan
 from broker.crypto.sealed_for_therapist import seal_checklist, seal_details
 
 #: Emergency details as the browser writes them (section 7.4): made up, never a person's.
 DETAILS = json.dumps({"location": "conformance test", "contact": "nobody"}, separators=(",", ":"))
+#: A safety plan (section 7.4.3), made up too.
+SAFETY_PLAN = SafetyPlan(code_word="conformance test", call_back=False, how="")
 
 
 @dataclass
@@ -86,6 +89,11 @@ def needs_preflight(policy: Frame) -> bool:
     return any(item.get("check") == "preflight" for item in policy.get("items", []))
 
 
+def offers_safety_plan(policy: Frame) -> bool:
+    """The practice offers the client a safety plan (section 8, ``safety.plan``)."""
+    return bool((policy.get("safety") or {}).get("plan"))
+
+
 def checklist_fields(session: Session, client: Joined, **changes: Any) -> dict[str, Any]:
     """A checklist meeting every required item of the seat's policy (``joined.policy``), with
     the sealed details and answers the document asks for; ``changes`` override fields."""
@@ -100,6 +108,8 @@ def checklist_fields(session: Session, client: Joined, **changes: Any) -> dict[s
         fields["consent_version"] = policy["consent"]["version"]
     if any(item.get("kind") == "details" for item in items):
         fields["details"] = seal_details(session.link_key, session.id, client.id, DETAILS)
+    if offers_safety_plan(policy):
+        fields["safety_plan"] = seal_safety_plan(session.link_key, session.id, client.id, SAFETY_PLAN)
     fields.update(changes)
     return {k: v for k, v in fields.items() if v is not None}
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from broker.crypto.link_key import b64url_encode, check_counter, decode_link_key, derive_auth_key, pair_key
 from broker.crypto.roster import RosterEntry, parse_roster_plaintext, roster_plaintext
+from broker.crypto.safety_plan import SafetyPlan, open_safety_plan
 from broker.crypto.sdp_auth import SDP_TYPES, InterceptionError, Trust, canonical, fingerprint_of, sign_sdp, verify_sdp
 from broker.crypto.sealed_for_therapist import open_checklist, open_details
 from broker.crypto.sealed_signaling import (
@@ -359,6 +360,10 @@ class SdpAuthenticator:
         if self._link_key is None:
             raise NoteError("this side holds no link key")
         return open_note(self._link_key, self.session_id, self.my_peer_id, sealed)
+
+    def open_safety_plan(self, client: str, sealed: str) -> SafetyPlan:
+        """Therapist's side: a client's sealed safety plan (7.4.3), under that client's pair link key."""
+        return open_safety_plan(self._therapist_key(client), self.session_id, client, sealed)
 
     def _therapist_key(self, client: str) -> bytes:
         key = self._pair_keys.get(client) if client in self._pair_keys else None

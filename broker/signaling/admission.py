@@ -57,6 +57,7 @@ class PolicyChecklist:
                     submission.consent_version,
                     submission.details,
                     submission.answers_sealed,
+                    submission.safety_plan,
                 ),
                 minor=minor,
                 preflight=PreflightResult(**preflight) if preflight else None,

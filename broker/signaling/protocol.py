@@ -103,6 +103,8 @@ class ChecklistSubmit(_ClientMessage, tag="checklist"):
     details: Details | None = None
     #: Every item's answer, sealed in the browser for the therapist (docs/protocol.md 7.4).
     answers_sealed: Details | None = None
+    #: The client's safety plan (optional), sealed in the browser for the therapist (7.4.3).
+    safety_plan: Details | None = None
 
 
 class PreflightOffer(_ClientMessage, tag="preflight_offer"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
 
@@ -196,6 +197,50 @@ async def test_emergency_details_reach_only_the_therapist(broker: RunningBroker)
         await therapist.close()
 
 
+async def test_the_safety_plan_reaches_only_the_therapist_and_goes_with_the_session(broker: RunningBroker) -> None:
+    """Issue 29: the client's safety plan is sealed like the emergency details: the broker carries
+    it to the therapist in the checklist result and keeps only ciphertext; the therapist's side
+    opens it with that seat's key, the other client of a couple cannot, and it ends with the session."""
+    from broker.crypto.link_key import decode_link_key
+    from broker.crypto.safety_plan import SafetyPlan, SafetyPlanError, open_safety_plan
+    from broker.store.base import session_prefix
+
+    links = await schedule(broker, clients=2)
+    therapist = BrokerClient(links.therapist)
+    await therapist.connect()
+    client = BrokerClient(links.clients[0])
+    await client.connect()
+    try:
+        await client.preflight()
+        plan = SafetyPlan("canary-raining-there", False, "canary-text-first-0170")
+        accepted = await client.submit_checklist(details={"location": "home", "contact": "a friend"}, safety_plan=plan)
+        sealed = accepted.summary["safety_plan"]
+        assert isinstance(sealed, str) and "canary" not in sealed
+        room = await therapist.expect(
+            WaitingRoom, where=lambda m: any(s.checklist and s.checklist.get("safety_plan") for s in m.seats)
+        )
+        entry = next(s for s in room.seats if s.peer == client.peer_id)
+        assert entry.checklist is not None and entry.checklist["safety_plan"] == sealed
+        assert therapist.open_safety_plan(client.peer_id, sealed) == plan
+        other = next(peer for peer in links.seat_keys if peer != client.peer_id)
+        with pytest.raises(SafetyPlanError):  # the other client of the session, given the blob
+            open_safety_plan(decode_link_key(links.seat_keys[other]), links.session, client.peer_id, sealed)
+        store = broker.broker.store
+        keys = await store.keys(session_prefix(links.session))
+        assert keys
+        for key in keys:
+            assert b"canary" not in (await store.get(key) or b"")
+        await therapist.end()
+        for _ in range(50):  # the broker tells everyone first, then forgets every key of the session
+            if not await store.keys(session_prefix(links.session)):
+                break
+            await asyncio.sleep(0.1)
+        assert await store.keys(session_prefix(links.session)) == []
+    finally:
+        await client.close()
+        await therapist.close()
+
+
 async def test_preflight_waits_as_the_broker_says_and_tries_again(broker: RunningBroker) -> None:
     """A seat's pre-flight still running (here one whose sender never finishes it) makes the broker refuse the
     next with preflight_limited and a retry hint; the client waits that long and runs its own."""
@@ -245,7 +290,9 @@ async def test_the_broker_keeps_no_checklist_answer_item_by_item(broker: Running
             "all_required_met",
             "network",
             "answers_sealed",
+            "safety_plan",
         }
+        assert summary["safety_plan"] is None  # optional: this client set none
         key = decode_link_key(links.seat_keys[client.peer_id])
         opened = open_checklist(key, links.session, client.peer_id, summary["answers_sealed"])
         assert therapist.open_checklist(client.peer_id, summary["answers_sealed"]) == opened

@@ -25,6 +25,7 @@ def client_samples() -> list[msgspec.Struct]:
             consent_version="3",
             details=SEALED,
             answers_sealed=SEALED,
+            safety_plan=SEALED,
         ),
         p.PreflightOffer(sdp=SDP),
         p.Admit(peer=PEER, device=OTHER),

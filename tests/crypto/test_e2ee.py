@@ -66,6 +66,7 @@ from broker.crypto.sealed_signaling import (
     seal_signal,
     signal_plaintext,
 )
+from tests.crypto.safety_plan_vectors import build_safety_plan_vectors
 from tests.crypto.seat_vectors import build_seat_vectors
 
 VECTORS_PATH = Path(__file__).resolve().parents[1] / "vectors" / "e2ee.json"
@@ -391,6 +392,7 @@ def seal_vectors(key_a: str, key_b: str) -> dict[str, Any]:
     ]  # fmt: skip
     return {
         **build_seat_vectors(),
+        **build_safety_plan_vectors(),
         "seal_key": [
             {
                 "link_key": k,

@@ -1,4 +1,4 @@
-"""web/js/e2ee.js in Debian's Chromium: every shared vector, and MACs, sealed signaling and
+"""web/js/e2ee.js (and web/js/safety_plan.js) in Debian's Chromium: every shared vector, and MACs, sealed signaling and
 sealed details crossing between the browser and the Python modules in broker/crypto/ in both directions."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from playwright.async_api import Page, async_playwright
 
 from broker.crypto.link_key import b64url_encode, decode_link_key, derive_auth_key, new_link_key, pair_key
 from broker.crypto.roster import RosterEntry, parse_roster_plaintext
+from broker.crypto.safety_plan import SafetyPlan, open_safety_plan, seal_safety_plan
 from broker.crypto.sdp_auth import InterceptionError, Trust, fingerprint_of, safety_code
 from broker.crypto.sdp_authenticator import SdpAuthenticator
 from broker.crypto.sealed_for_therapist import DetailsError, open_checklist, open_details, seal_checklist, seal_details
@@ -714,3 +715,62 @@ async def test_waiting_note_cross_language(page: Page) -> None:
     assert got["wrongSeat"].startswith("NoteError: ")
     assert got["tooLong"].startswith("Error: a note has 1 to 280 characters")
     assert open_note(key, SESSION, "seat-1", got["fromJs"]) == "Gleich da \U0001f642"
+
+
+async def test_safety_plan_vectors(page: Page) -> None:
+    """web/js/safety_plan.js seals a client's plan byte for byte as the vectors (and so as
+    broker/crypto/safety_plan.py), opens them, and opens none of the invalid ones (7.4.3)."""
+    group = VECTORS["safety_plan"]
+    got = await page.evaluate(
+        """async ([valid, invalid]) => {
+             const plan = await import('/static/js/safety_plan.js');
+             return {
+               valid: await Promise.all(valid.map(async (c) => {
+                 const key = e2ee.decodeLinkKey(c.seat_key);
+                 const fields = {codeWord: c.code_word, callBack: c.call_back, how: c.how};
+                 const sealed = await plan.sealSafetyPlan(key, c.session_id, c.peer, fields, {nonce: fromHex(c.nonce_hex)});
+                 const opened = await plan.openSafetyPlan(key, c.session_id, c.peer, c.sealed);
+                 return [hex(await plan.deriveSafetyPlanKey(key, c.session_id)), plan.safetyPlanPlaintext(fields), sealed,
+                         {code_word: opened.codeWord, call_back: opened.callBack, how: opened.how}];
+               })),
+               invalid: await Promise.all(invalid.map((c) =>
+                 reasonOf(plan.openSafetyPlan(e2ee.decodeLinkKey(c.seat_key), c.session_id, c.peer, c.sealed)))),
+             };
+           }""",
+        [group["valid"], group["invalid"]],
+    )
+    assert got["valid"] == [[c["k_plan_hex"], c["plaintext"], c["sealed"], c["opened"]] for c in group["valid"]]
+    assert all(reason.startswith("SafetyPlanError: ") for reason in got["invalid"]), got["invalid"]
+    assert len(got["invalid"]) == len(group["invalid"])
+
+
+async def test_safety_plan_cross_language_and_the_code_word_match(page: Page) -> None:
+    """A plan sealed by the page opens in Python and the other way round; the code word in chat
+    matches only as the whole message, whatever its case, spacing and end punctuation (7.4.3)."""
+    key = seat_key(decode_link_key(new_link_key()), SESSION, "seat-1")
+    from_python = seal_safety_plan(key, SESSION, "seat-1", SafetyPlan("Blaue Tasse", True, "SMS zuerst"))
+    got = await page.evaluate(
+        """async ([keyText, session, sealed]) => {
+          const plan = await import('/static/js/safety_plan.js');
+          const key = e2ee.decodeLinkKey(keyText);
+          const word = 'Is it raining there?';
+          return {
+            opened: await plan.openSafetyPlan(key, session, 'seat-1', sealed),
+            wrongSeat: await reasonOf(plan.openSafetyPlan(key, session, 'seat-2', sealed)),
+            empty: await reasonOf(plan.sealSafetyPlan(key, session, 'seat-1', {codeWord: '  ', callBack: null, how: ''})),
+            tooLong: await reasonOf(plan.sealSafetyPlan(key, session, 'seat-1', {codeWord: '\\u{1F642}'.repeat(101)})),
+            fromJs: await plan.sealSafetyPlan(key, session, 'seat-1', {codeWord: ' Tee \\u{1F375} ', callBack: false, how: ''}),
+            matches: ['  is it RAINING   there ', 'Is it raining there?!', '\\u201cis it raining there\\u201d',
+                      'is it raining there? he is here', 'is it raining', ''].map((m) => plan.isCodeWord(m, word)),
+            noWord: plan.isCodeWord('???', '???'),
+          };
+        }""",
+        [b64url_encode(key), SESSION, from_python],
+    )
+    assert got["opened"] == {"codeWord": "Blaue Tasse", "callBack": True, "how": "SMS zuerst"}
+    assert got["wrongSeat"].startswith("SafetyPlanError: ")
+    assert got["empty"].startswith("Error: an empty safety plan is not sealed")
+    assert got["tooLong"].startswith("Error: a code word has at most 100 characters")
+    assert open_safety_plan(key, SESSION, "seat-1", got["fromJs"]) == SafetyPlan("Tee \U0001f375", False, "")
+    assert got["matches"] == [True, True, True, False, False, False]
+    assert got["noWord"] is False  # a code word of punctuation only never matches (the form says so)

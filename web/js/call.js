@@ -131,6 +131,7 @@ class PeerLink {
  *   unverified {peer, role}                                   a peer sent no MAC; ask before accepting
  *   stats {peer, framesDecoded, rttMs, relayed}
  *   held {peer, held}                                         a peer went on hold or came back (7.9)
+ *   message {peer, role, message}                             another data-channel message (safety_signal.js)
  */
 export class Call {
   #signaling;
@@ -1042,8 +1043,21 @@ export class Call {
       } else if (message.t === "media") {
         link.remoteMedia = { audio: message.audio !== false, video: message.video !== false };
         this.#announce(link.peer);
+      } else if (typeof message.t === "string" && !["chat", "roster"].includes(message.t)) {
+        this.#emit("message", { peer: link.peer, role, message }); // for the modules that know it
       }
     });
+  }
+
+  /** One data-channel message to one peer, on hold or not (the module sending it decides); false if not open. */
+  sendMessage(peer, message) {
+    const link = this.#links.get(peer);
+    return Boolean(link) && this.#sendControl(link, message);
+  }
+
+  /** Bytes queued on the data channel with `peer` that have not gone out yet. */
+  unsent(peer) {
+    return this.#links.get(peer)?.channel?.bufferedAmount ?? 0;
   }
 
   #sendControl(link, message) {
@@ -1157,7 +1171,8 @@ export class CallView {
    * @param {Call} call
    * @param {{labelFor: (peer: string, role: string|null) => string, emptyText: string,
    *          tileActions?: (peer: string, role: string|null) => Node[], onLeave?: () => void,
-   *          leaveLabel?: string, selfLabel?: string}} opts
+   *          leaveLabel?: string, selfLabel?: string, extraControls?: Node[],
+   *          sendChat?: (text: string) => number}} opts  sendChat: instead of Call.sendChat (safety_signal.js)
    */
   constructor(root, call, opts) {
     this.#call = call;
@@ -1219,7 +1234,7 @@ export class CallView {
       event.preventDefault();
       const text = chatInput.value.trim();
       if (!text) return;
-      if (this.#call.sendChat(text) > 0) {
+      if ((this.#opts.sendChat ?? ((t) => this.#call.sendChat(t)))(text) > 0) {
         this.#addChat("You", text, true);
         chatInput.value = "";
       } else {
@@ -1276,7 +1291,7 @@ export class CallView {
         chatInput.focus();
       }
     });
-    const controls = [mic, cam, chatToggle];
+    const controls = [mic, cam, chatToggle, ...(this.#opts.extraControls ?? [])];
     if (this.#opts.onLeave) {
       const leave = el("button", { type: "button", className: "danger", "data-testid": "leave" }, [
         el("span", { className: "icon icon-leave", "aria-hidden": "true" }),

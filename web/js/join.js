@@ -18,6 +18,8 @@ import {
 import { b64urlDecode, b64urlEncode, openNote, readLinkKeyFromFragment, sealChecklist, sealDetails } from "./e2ee.js";
 import { runPreflight } from "./preflight.js";
 import { Signaling, tokenFromPath } from "./protocol.js";
+import { clearPlanForm, forgetPlan, sealPlanForm, setupPlanForm } from "./safety_plan.js";
+import { clientSafety, endClientSafety } from "./safety_signal.js";
 import { announce, byId, confirmDialog, el, fill, formatTime, setText, showScreen, sleep } from "./ui.js";
 
 const KEY_PREFIX = "tt.link-key.";
@@ -195,7 +197,10 @@ function startChecklist() {
     else if (item.kind === "details") groups.details.push(item);
     else groups.space.push(item);
   }
-  state.sections = Object.keys(groups).filter((name) => groups[name].length > 0 || name === "device");
+  const offersPlan = setupPlanForm(state.policy.safety); // the safety plan sits in the "space" step
+  state.sections = Object.keys(groups).filter(
+    (name) => groups[name].length > 0 || name === "device" || (name === "space" && offersPlan),
+  );
   state.steps = Object.keys(STEPS).filter((step) => stepSections(step).length > 0);
   fill(byId("items-device"), groups.device.map(renderAutomatic));
   fill(byId("items-space"), groups.space.map(renderAttested));
@@ -554,10 +559,12 @@ async function submitChecklist() {
       consentVersion: state.policy.consent?.version ?? null,
       details,
       answersSealed,
+      safetyPlan: await sealPlanForm(state.linkKey, state.joined.session, state.joined.peer),
     };
     await submitWithRetry(submission);
     byId("details-location").value = "";
     byId("details-contact").value = "";
+    clearPlanForm();
     showWaiting();
   } catch (err) {
     setText("checklist-error", err.message || "The checklist could not be sent. Please try again.");
@@ -657,6 +664,7 @@ function startCall() {
     localStream: state.stream,
   });
   state.call = call;
+  const safety = clientSafety(call, state.policy?.safety); // the discreet signal (issue 29)
   let others = 0;
   const names = new Map();
   state.view = new CallView(byId("call-root"), call, {
@@ -668,6 +676,8 @@ function startCall() {
     emptyText: "Connecting to your therapist…",
     onLeave: leave,
     leaveLabel: "Leave",
+    extraControls: safety.controls,
+    sendChat: safety.sendChat,
   });
   call.on("unverified", ({ peer }) => {
     state.pendingUnverified = peer;
@@ -717,6 +727,8 @@ function teardown({ keepKey = false } = {}) {
   fill(byId("call-root"), []); // the chat and the tiles go with the call
   byId("details-location").value = "";
   byId("details-contact").value = "";
+  forgetPlan();
+  endClientSafety();
   if (!keepKey) {
     for (const key of Object.keys(sessionStorage)) if (key.startsWith(KEY_PREFIX)) sessionStorage.removeItem(key);
     state.linkKey = null;

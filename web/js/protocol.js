@@ -384,11 +384,12 @@ export class Signaling {
    * Submit the checklist result; resolves to the broker's summary, rejects with
    * ProtocolError (checklist_incomplete, policy_outdated, preflight_missing, ...).
    */
-  async submitChecklist({ policyVersion, answers, consentVersion = null, details = null, answersSealed = null }) {
+  async submitChecklist({ policyVersion, answers, consentVersion = null, details = null, answersSealed = null, safetyPlan = null }) {
     const message = { type: "checklist", policy_version: policyVersion, answers };
     if (consentVersion !== null) message.consent_version = consentVersion;
     if (details !== null) message.details = details;
     if (answersSealed !== null) message.answers_sealed = answersSealed;
+    if (safetyPlan !== null) message.safety_plan = safetyPlan;
     const reply = await this.#request(message, "checklist_accepted");
     return reply.summary;
   }

@@ -16,6 +16,8 @@ import { openMedia, stopStream } from "./devices.js";
 import { ArrivalAlert, waitingIn } from "./arrivals.js";
 import { openChecklist, openDetails, pairLinkKey, readLinkKeyFromFragment, sealNote } from "./e2ee.js";
 import { Signaling, tokenFromPath } from "./protocol.js";
+import { SealedPlans } from "./safety_plan.js";
+import { TherapistSafety } from "./safety_signal.js";
 import { announce, byId, confirmDialog, el, fill, formatTime, setText, showScreen } from "./ui.js";
 
 const DB_NAME = "teletherapy-therapist";
@@ -87,6 +89,8 @@ const state = {
   record: null, // the broker-signed session record, offered for download at the end
   holds: new Set(), // clients this page put on hold (private time)
   alert: null, // sound, title count and notification when a client arrives (arrivals.js)
+  plans: null, // each client's sealed safety plan, opened here (safety_plan.js)
+  safety: null, // the notices a client's safety signal or quick exit brings (safety_signal.js)
 };
 
 /** The key client `peer`'s link carries, derived from the session secret (7.1); null without it. */
@@ -220,6 +224,13 @@ function startDashboard(key) {
     selfLabel: "You",
   });
   state.view.setUnverified(!key);
+  state.plans = new SealedPlans(joined.session, clientKey, renderSeats);
+  state.safety = new TherapistSafety(call, {
+    labelFor: (peer) => state.labels.get(peer) ?? "Client",
+    plans: state.plans,
+    root: byId("safety-notices"),
+  });
+  for (const seat of state.seats) updatePlans(seat);
   call.on("interception", ({ peer, reason }) => {
     setText("interception-who", `The connection to ${state.labels.get(peer) ?? "a client"} could not be verified with the link key.`);
     setText("interception-reason", `Technical reason: ${reason.replace(/_/g, " ")}.`);
@@ -290,9 +301,17 @@ function onWaitingRoom(message) {
       const sealed = summary?.answers_sealed;
       if (sealed && state.linkKey && state.answers.get(key)?.sealed !== sealed) openSeatAnswers(key, seat.peer, sealed);
     }
+    updatePlans(seat);
   });
+  state.safety?.seatsChanged(message.seats);
   state.alert?.update(waitingIn(message.seats), { label: arrived });
   renderSeats();
+}
+
+/** Open the safety plan each device of this seat sealed (issue 29), once the dashboard runs. */
+function updatePlans(seat) {
+  state.plans?.update(seat.peer, seat.peer, seat.checklist?.safety_plan);
+  state.plans?.update(`${seat.peer}/other`, seat.peer, seat.other_device?.checklist?.safety_plan);
 }
 
 // ------------------------------------------------------------------ a word to the waiting room
@@ -410,6 +429,7 @@ function renderSeat(seat) {
     header,
     renderSummary(seat.checklist, seat.peer),
     renderDetails(seat.details, seat.peer),
+    state.plans?.render(seat.peer, Boolean(state.linkKey)),
     el("div", { className: "actions" }, seatActions(seat, label)),
     renderOtherDevice(seat, label),
   ]);
@@ -460,6 +480,7 @@ function renderOtherDevice(seat, label) {
     }),
     renderSummary(other.checklist, `${seat.peer}/other`),
     renderDetails(other.details, `${seat.peer}/other`),
+    state.plans?.render(`${seat.peer}/other`, Boolean(state.linkKey)),
     el("div", { className: "actions" }, buttons),
   ]);
 }
@@ -625,6 +646,8 @@ function teardown() {
   state.stream = null;
   state.details.clear();
   state.answers.clear();
+  state.plans?.clear();
+  state.safety?.clear();
   fill(byId("seats"), []);
   fill(byId("call-root"), []); // the chat and the tiles go with the call
 }
