@@ -71,7 +71,10 @@ def stale_release(root: Path) -> list[str]:
         bad = sorted(set(signatures) - set(valid_signers(fresh, signatures)))
         problems += [f"the signature by {key} does not verify" for key in bad]
     if problems:
-        problems.append(f"run `{BUILD_COMMAND}` (with --web {root} if that is not the default), then sign again")
+        problems.append(
+            f"to rebuild: `{BUILD_COMMAND}` from the repository root (for another web root add `--web {root}`),"
+            " then sign again if this web root was signed"
+        )
     return problems
 
 
