@@ -1,5 +1,5 @@
 """The project's release keys: the public keys whose signature of the shipped web manifest says
-"this is the browser client the project released" (README, docs/security.md 3.9).
+"this is the browser client the project released" (README, docs/security.md 3.10).
 
 The private key never enters the repository. At release time the maintainer signs the manifest
 (``broker web-manifest sign --key ...``) and commits the signatures file before the wheel is built,
