@@ -89,6 +89,9 @@ class Config:
     log_format: str = "text"
     #: Where Prometheus scrapes this process's metrics (host:port), never the public port; "off": nowhere.
     metrics_address: str = "127.0.0.1:9464"
+    #: The browser client's files (pages, modules, styles, images, the signed web manifest); empty: the
+    #: copy shipped in the package. A practice that changes them builds and signs its own manifest.
+    web_root: str = ""
 
     @property
     def base_url(self) -> str:

@@ -17,6 +17,7 @@ from broker.checklist import policy as checklist
 from broker.checklist.preflight_slots import SlotLimits
 from broker.config import Config
 from broker.http.admin_socket import socket_directory_problem
+from broker.http.pages import PAGE_FILES
 from broker.logs import LOG_FORMATS
 from broker.metrics.site import parse_address
 from broker.signaling.turn import TurnConfigError, parse_turn_urls, resolve_turn_secret
@@ -58,6 +59,7 @@ def check_config(config: Config) -> list[str]:
     problems += _check_data_dir(config)
     problems += _check_audit(config)
     problems += _check_admin_socket(config)
+    problems += _check_web_root(config)
     problems += _check_metrics(config)
     if config.policy_file:
         problems += _check_policy(Path(config.policy_file))
@@ -147,4 +149,17 @@ def _check_policy(path: Path) -> list[str]:
         checklist.load_policy(path)
     except checklist.PolicyError as exc:
         return [f"checklist policy: {p}" for p in exc.problems]
+    return []
+
+
+def _check_web_root(config: Config) -> list[str]:
+    """A configured web root must hold every page the broker serves (it is read at each request)."""
+    if not config.web_root:
+        return []
+    root = Path(config.web_root)
+    if not root.is_dir():
+        return [f"web_root {config.web_root!r} is not a directory."]
+    missing = sorted(name for name in PAGE_FILES if not (root / name).is_file())
+    if missing:
+        return [f"web_root {config.web_root!r} lacks the page(s) {', '.join(missing)}."]
     return []

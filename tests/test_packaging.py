@@ -63,6 +63,11 @@ def test_the_installed_wheel_serves_the_browser_client(tmp_path: Path) -> None:
             assert page.status == 200 and b"/static/js/join.js" in page.read()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/static/js/e2ee.js", timeout=10) as script:
             assert script.status == 200 and b"SdpAuthenticator" in script.read()
+        # The wheel ships the signed web manifest with the files it lists, and serves it as built.
+        for url, kept in (("manifest.json", "web-manifest.json"), ("signatures.json", "signatures.json")):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/.well-known/broker-web/{url}", timeout=10) as doc:
+                assert doc.read() == (ROOT / "web" / "release" / kept).read_bytes()
+        assert (Path(where) / "web" / "release" / "web-manifest.json").is_file()
     finally:
         server.terminate()
         deadline = time.monotonic() + 10

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from broker.accounts.account import AccountsKeyMismatch
 from broker.cli import therapist as cli_therapist
+from broker.cli import web_manifest as cli_web_manifest
 from broker.config import Config, ConfigError, load_config
 from broker.config_check import check_config, unavailable_choices
 
@@ -93,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     verify_record.add_argument("--key", required=True, help="the broker's public key (the 'x' of its JWK)")
 
     cli_therapist.register(sub)
+    cli_web_manifest.register(sub)
 
     contract = sub.add_parser("contract", help="the protocol as JSON Schema, AsyncAPI and OpenAPI").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -411,6 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(actions[args.action](args))
         if args.command == "therapist":
             return cli_therapist.run(args)
+        if args.command in ("web-manifest", "verify-web"):
+            return cli_web_manifest.run(args)
         if args.command == "audit":
             return _audit(args)
         if args.command == "contract":

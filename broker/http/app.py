@@ -31,10 +31,11 @@ from broker.http.dashboard import setup_dashboard
 from broker.http.guard import forwarded_limit
 from broker.http.login import setup_auth
 from broker.http.notice_pages import not_found_pages, notice_response
-from broker.http.pages import web_root
+from broker.http.pages import LINK_PAGES, PAGES, STATIC_PREFIX, WEB_ROOT, html_page, web_root
 from broker.http.password_routes import setup_password
-from broker.http.security_headers import security_middleware, security_signal
+from broker.http.security_headers import security_headers, security_middleware, security_signal
 from broker.http.vault_routes import setup_vault
+from broker.http.web_manifest_routes import setup_web_manifest
 from broker.metrics.labels import ThrottleLimit
 from broker.metrics.readiness import ReadinessCollector
 from broker.metrics.registry import METRICS, Metrics
@@ -53,6 +54,7 @@ from broker.store.bus import Bus
 from broker.store.memory import MemoryStore
 from broker.store.redis_marker import StoreMarker
 from broker.store.redis_store import RedisStore
+from broker.webmanifest.pins import import_map_hash
 
 log = logging.getLogger("broker.server")
 
@@ -242,20 +244,20 @@ async def _link_page(request: web.Request, page: str, role: str) -> web.StreamRe
         if seat.role.value != role:
             raise ProtocolError(ErrorCode.INVALID_TOKEN, "This link does not open this page.")
     except ProtocolError as exc:
-        return notice_response(exc.code.value)
-    return web.FileResponse(web_root() / page, headers={"Content-Type": "text/html; charset=utf-8"})
+        return notice_response(request, exc.code.value)
+    return html_page(request, page)
 
 
 async def join_page(request: web.Request) -> web.StreamResponse:
-    return await _link_page(request, "join.html", "client")
+    return await _link_page(request, LINK_PAGES["/j/"], "client")
 
 
 async def therapist_page(request: web.Request) -> web.StreamResponse:
-    return await _link_page(request, "therapist.html", "therapist")
+    return await _link_page(request, LINK_PAGES["/t/"], "therapist")
 
 
 async def index_page(request: web.Request) -> web.StreamResponse:
-    return web.FileResponse(web_root() / "index.html", headers={"Content-Type": "text/html; charset=utf-8"})
+    return html_page(request, PAGES["/"])
 
 
 async def signing_key(request: web.Request) -> web.Response:
@@ -387,7 +389,7 @@ async def store_outage_pages(request: web.Request, handler: Handler) -> web.Stre
         return await handler(request)
     except (StoreUnavailable, RedisError, ConnectionError, TimeoutError):
         log.warning("event=page_unavailable")
-        return notice_response(ErrorCode.UNAVAILABLE.value)
+        return notice_response(request, ErrorCode.UNAVAILABLE.value)
 
 
 @web.middleware
@@ -420,9 +422,12 @@ def build_app(broker: Broker) -> web.Application:
     if config.trust_proxy:
         refused = functools.partial(broker.metrics.throttle, ThrottleLimit.HTTP_PER_ADDRESS)
         limits.append(forwarded_limit(config.max_http_connections_per_address, broker.keys.address, refused))
+    root = web_root(config.web_root)
+    # The CSP allows the pages' import map by its hash, computed from the modules the pages pin.
+    headers = security_headers([import_map_hash(root)])
     app = web.Application(
         middlewares=[
-            security_middleware(config.trust_proxy),
+            security_middleware(config.trust_proxy, headers),
             *limits,
             store_outage_pages,
             not_found_pages,
@@ -430,7 +435,8 @@ def build_app(broker: Broker) -> web.Application:
         ],
         client_max_size=256 * 1024,
     )
-    app.on_response_prepare.append(security_signal(config.trust_proxy))
+    app.on_response_prepare.append(security_signal(config.trust_proxy, headers))
+    app[WEB_ROOT] = root
     app[CONFIG] = config
     app[HUB] = broker.hub
     app[STORE] = broker.store
@@ -445,7 +451,8 @@ def build_app(broker: Broker) -> web.Application:
     app.router.add_get("/.well-known/broker-signing-key", signing_key, name="signing_key")
     app.router.add_get("/j/{token}", join_page, name="join")
     app.router.add_get("/t/{token}", therapist_page, name="therapist")
-    app.router.add_static("/static/", web_root(), name="static", follow_symlinks=False)
+    setup_web_manifest(app)
+    app.router.add_static(STATIC_PREFIX, root, name="static", follow_symlinks=False)
     setup_auth(
         app,
         store=broker.store,

@@ -188,7 +188,7 @@ async def dashboard_page(request: web.Request) -> web.StreamResponse:
     session = await request.app[AUTH].session_of(request)
     if session is None or not session.full:
         raise web.HTTPSeeOther("/login")
-    return html_page("dashboard.html")
+    return html_page(request, "dashboard.html")
 
 
 async def api_create(request: web.Request) -> web.Response:

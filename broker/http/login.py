@@ -59,7 +59,7 @@ class LoginRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 async def login_page(request: web.Request) -> web.StreamResponse:
-    return html_page("login.html")
+    return html_page(request, "login.html")
 
 
 _INVALID = (401, "invalid_credentials", "The login name, password or code is not right.")

@@ -11,12 +11,13 @@ from __future__ import annotations
 import html
 import logging
 import string
+from pathlib import Path
 from typing import NamedTuple
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from broker.http.pages import web_root
+from broker.http.pages import NOTICE_TEMPLATE, WEB_ROOT
 from broker.signaling.protocol import ErrorCode
 
 log = logging.getLogger("broker.server")
@@ -57,14 +58,21 @@ NOTICES: dict[str, Notice] = {
 }
 
 
-def notice_response(code: str) -> web.Response:
-    """The page for ``code`` (an unknown code gets the invalid-link page, under its own code)."""
+def render_notice(root: Path, code: str) -> tuple[int, str]:
+    """The status and page for ``code`` from the template in ``root`` (an unknown code gets the
+    invalid-link page, under its own code). Fixed per code: the web manifest lists each one."""
     notice = NOTICES.get(code, NOTICES[ErrorCode.INVALID_TOKEN.value])
-    template = string.Template((web_root() / "notice.html").read_text(encoding="utf-8"))
+    template = string.Template((root / NOTICE_TEMPLATE).read_text(encoding="utf-8"))
     body = template.substitute(
         title=html.escape(notice.title), sentence=html.escape(notice.sentence), code=html.escape(code)
     )
-    return web.Response(text=body, status=notice.status, content_type="text/html", charset="utf-8")
+    return notice.status, body
+
+
+def notice_response(request: web.Request, code: str) -> web.Response:
+    """The page for ``code``, from the web root of the application serving ``request``."""
+    status, body = render_notice(request.app[WEB_ROOT], code)
+    return web.Response(text=body, status=status, content_type="text/html", charset="utf-8")
 
 
 @web.middleware
@@ -77,4 +85,4 @@ async def not_found_pages(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     except web.HTTPNotFound:
         log.info("event=page_not_found")
-        return notice_response(NOT_FOUND)
+        return notice_response(request, NOT_FOUND)

@@ -3,38 +3,57 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Middleware
 
-CSP = "; ".join(
-    [
-        "default-src 'none'",
-        "script-src 'self'",
-        "style-src 'self'",
-        "img-src 'self' data: blob:",
-        "media-src 'self' blob: mediastream:",
-        "connect-src 'self'",
-        "font-src 'self'",
-        "manifest-src 'self'",
-        "form-action 'self'",
-        "base-uri 'none'",
-        "frame-ancestors 'none'",
-        "object-src 'none'",
-    ]
+#: Every directive but script-src, whose sources depend on the pages' import map (``content_security_policy``).
+#: Trusted Types: no string becomes HTML or script in the DOM, and no policy may be made to allow it.
+CSP_DIRECTIVES = (
+    "default-src 'none'",
+    "style-src 'self'",
+    "img-src 'self' data: blob:",
+    "media-src 'self' blob: mediastream:",
+    "connect-src 'self'",
+    "font-src 'self'",
+    "manifest-src 'self'",
+    "form-action 'self'",
+    "base-uri 'none'",
+    "frame-ancestors 'none'",
+    "object-src 'none'",
+    "require-trusted-types-for 'script'",
+    "trusted-types 'none'",
 )
 
-BASE_HEADERS = {
-    "Content-Security-Policy": CSP,
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
-    "Permissions-Policy": "camera=(self), microphone=(self), geolocation=(), display-capture=(), payment=(), usb=()",
-    "Cross-Origin-Opener-Policy": "same-origin",
-    "Cross-Origin-Resource-Policy": "same-origin",
-}
+#: No script is fetched without integrity metadata (SRI); an altered one does not run.
+INTEGRITY_POLICY = "blocked-destinations=(script)"
+
+
+def content_security_policy(script_hashes: Sequence[str] = ()) -> str:
+    """The CSP: scripts from our origin only, plus the inline import maps whose hashes are given
+    (``sha384-...``: the one the pages carry, broker/webmanifest/pins.py); never inline script else."""
+    script_src = " ".join(["script-src 'self'", *(f"'{h}'" for h in script_hashes)])
+    return "; ".join([CSP_DIRECTIVES[0], script_src, *CSP_DIRECTIVES[1:]])
+
+
+def security_headers(script_hashes: Sequence[str] = ()) -> dict[str, str]:
+    """The headers every response carries (HSTS apart: only behind TLS), in the order they are set."""
+    return {
+        "Content-Security-Policy": content_security_policy(script_hashes),
+        "Integrity-Policy": INTEGRITY_POLICY,
+        "Referrer-Policy": "no-referrer",
+        "X-Frame-Options": "DENY",
+        "X-Content-Type-Options": "nosniff",
+        "Permissions-Policy": "camera=(self), microphone=(self), geolocation=(), display-capture=(), payment=(), usb=()",
+        "Cross-Origin-Opener-Policy": "same-origin",
+        "Cross-Origin-Resource-Policy": "same-origin",
+    }
+
+
+#: The headers of an application whose pages carry no import map (tests of the JSON API alone).
+BASE_HEADERS = security_headers()
 
 HSTS = "max-age=63072000; includeSubDomains"
 
@@ -47,14 +66,14 @@ def is_tls(request: web.Request, trust_proxy: bool) -> bool:
     return trust_proxy and request.headers.get("X-Forwarded-Proto", "") == "https"
 
 
-def security_middleware(trust_proxy: bool) -> Middleware:
+def security_middleware(trust_proxy: bool, headers: Mapping[str, str] = BASE_HEADERS) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             response = await handler(request)
         except web.HTTPException as exc:
             response = exc
-        apply_headers(response, tls=is_tls(request, trust_proxy))
+        apply_headers(response, headers, tls=is_tls(request, trust_proxy))
         if isinstance(response, web.HTTPException) and not response.prepared:
             raise response
         return response
@@ -62,24 +81,26 @@ def security_middleware(trust_proxy: bool) -> Middleware:
     return middleware
 
 
-def security_signal(trust_proxy: bool) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+def security_signal(
+    trust_proxy: bool, headers: Mapping[str, str] = BASE_HEADERS
+) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
     """Also covers responses decided only as they are sent (a missing static file, aiohttp's own 500)."""
 
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-        set_headers(response, tls=is_tls(request, trust_proxy))
+        set_headers(response, headers, tls=is_tls(request, trust_proxy))
 
     return on_prepare
 
 
-def apply_headers(response: web.StreamResponse, *, tls: bool) -> None:
+def apply_headers(response: web.StreamResponse, headers: Mapping[str, str], *, tls: bool) -> None:
     if not response.prepared:
-        set_headers(response, tls=tls)
+        set_headers(response, headers, tls=tls)
 
 
-def set_headers(response: web.StreamResponse, *, tls: bool) -> None:
+def set_headers(response: web.StreamResponse, headers: Mapping[str, str], *, tls: bool) -> None:
     if response.status == 101:
         return  # a WebSocket upgrade: no page, nothing to protect, and kept small per connection
-    for name, value in BASE_HEADERS.items():
+    for name, value in headers.items():
         response.headers.setdefault(name, value)
     if tls:
         response.headers["Strict-Transport-Security"] = HSTS

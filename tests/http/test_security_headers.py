@@ -20,7 +20,9 @@ from aiohttp.web_urldispatcher import DynamicResource, PlainResource, StaticReso
 
 from broker.config import Config
 from broker.http.app import build_app, create_broker
+from broker.http.pages import web_root
 from broker.http.security_headers import PrivateAccessLogger
+from broker.webmanifest.pins import import_map_hash
 from tests.http.test_web_auth import PASSWORD, free_port, wire
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -121,7 +123,11 @@ def check_headers(headers: Any, what: str, *, tls: bool = False) -> None:
     assert "'unsafe-inline'" not in csp and "'unsafe-eval'" not in csp, what
     assert directives.get("frame-ancestors") == ["'none'"], what
     assert directives.get("default-src") in (["'none'"], ["'self'"]), what
-    assert directives.get("script-src") == ["'self'"], what
+    # Scripts from our origin, and the one inline script: the pages' import map, by its hash.
+    assert directives.get("script-src") == ["'self'", f"'{import_map_hash(web_root())}'"], what
+    assert directives.get("require-trusted-types-for") == ["'script'"], what
+    assert directives.get("trusted-types") == ["'none'"], what
+    assert headers.get("Integrity-Policy") == "blocked-destinations=(script)", what
     assert directives.get("object-src") == ["'none'"] and directives.get("base-uri") == ["'none'"], what
     assert not any(s in ("*", "http:", "https:") for sources in directives.values() for s in sources), what
     assert headers.get("X-Frame-Options") == "DENY", what
