@@ -14,8 +14,8 @@ MAX_LINES = 600
 TABLES: dict[str, str] = {}
 #: The only modules outside a subpackage: what every part reads, and the entry points.
 TOP_LEVEL = {"__init__.py", "__main__.py", "config.py", "config_check.py", "logs.py"}
-#: Test folders that are not a package's mirror: drivers of the whole product, and data.
-TEST_ONLY = {"browser", "data", "vectors"}
+#: Test folders that are not a package's mirror: drivers of the whole product, the emulated network, and data.
+TEST_ONLY = {"browser", "data", "netem", "vectors"}
 
 
 def module_name(path: Path) -> str:

@@ -1,0 +1,204 @@
+"""A peer behind an emulated network link: its own network namespace, joined to the host's by a veth
+pair, each direction shaped separately.
+
+Why this shape: a browser or probe started with ``ip netns exec`` inside the namespace sees one
+interface whose only way out is the veth, so everything it sends and receives crosses the shaped
+link, and nothing else on the machine does. The host keeps its own end (an address in a private /30
+chosen so that parallel runs never collide), so a broker or a second browser on the host reaches the
+peer directly.
+
+- **down** (host → peer): ``tc tbf`` on the host end's egress (rate and queue limit), random loss by
+  an ``nft`` rule on the namespace's *input* hook.
+- **up** (peer → host): ``tc tbf`` on the peer end's egress, random loss on the namespace's *output*
+  hook.
+
+Every ``nft`` rule lives inside the namespace the harness made, so the host's own firewall is never
+touched. ``netem`` is not used: the kernels these tests run on lack it (no delay emulation here).
+
+Everything is made under one random tag and removed by name in :meth:`Link.close` (deleting the
+namespace removes the veth pair, its qdiscs and its ruleset); :func:`peer_link` closes on failure too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+#: Where the /30 links are taken from (RFC 1918; a random one not already on this machine).
+LINK_POOL = ipaddress.ip_network("10.231.0.0/16")
+#: Every name this harness makes starts with this (namespaces, interfaces, the nft table).
+PREFIX = "ttn"
+NFT_TABLE = "ttnetem"
+#: The longest a packet may wait in a shaped queue before tbf drops it, like a modest router buffer.
+QUEUE_MS = 300
+
+
+class NetemUnavailable(RuntimeError):
+    """This machine cannot emulate the network: the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class Direction:
+    """One direction of a link: a rate limit (None = not shaped) and a random loss in percent."""
+
+    rate_kbit: int | None = None
+    loss_percent: int = 0
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named network as a peer sees it: ``down`` is what it receives, ``up`` what it sends."""
+
+    name: str
+    down: Direction
+    up: Direction
+
+
+GOOD = Profile("good", Direction(), Direction())
+MOBILE = Profile("mobile", Direction(1000, 2), Direction(300, 2))
+BAD = Profile("bad", Direction(300, 5), Direction(300, 5))
+AUDIO_ONLY = Profile("audio_only", Direction(64), Direction(64))
+PROFILES: dict[str, Profile] = {p.name: p for p in (GOOD, MOBILE, BAD, AUDIO_ONLY)}
+
+
+def _run(args: Sequence[str], what: str) -> str:
+    result = subprocess.run(list(args), capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise NetemUnavailable(f"{what} failed: `{' '.join(args)}` said: {result.stderr.strip() or result.stdout.strip()}")
+    return result.stdout
+
+
+def require_netem() -> None:
+    """Raise :class:`NetemUnavailable` naming exactly what this machine lacks, else return.
+
+    Tests call this and *fail* with the message (they never skip): a machine without namespaces,
+    tbf or nft must not look like a machine where calls hold on bad networks.
+    """
+    missing = [tool for tool in ("ip", "tc", "nft") if shutil.which(tool) is None]
+    if missing:
+        packages = {"ip": "iproute2", "tc": "iproute2", "nft": "nftables"}
+        wanted = sorted({packages[t] for t in missing})
+        raise NetemUnavailable(
+            f"the emulated network needs {', '.join(missing)} on PATH (Debian packages: {', '.join(wanted)}; "
+            "scripts/test installs them)"
+        )
+    if os.geteuid() != 0:
+        raise NetemUnavailable("the emulated network needs root (network namespaces, veth, tc, nft); run the tests as root")
+    # The kernel side: make a throwaway link with one shaped direction and one loss rule.
+    with peer_link(Profile("probe", Direction(1000, 1), Direction(1000, 1))):
+        pass
+
+
+def _free_subnet() -> ipaddress.IPv4Network:
+    used = _run(["ip", "-o", "-4", "addr", "show"], "listing addresses")
+    for _ in range(64):
+        subnet = ipaddress.ip_network(f"10.231.{secrets.randbelow(256)}.{4 * secrets.randbelow(64)}/30")
+        assert subnet.subnet_of(LINK_POOL)
+        if not any(str(host) in used for host in subnet.hosts()):
+            return subnet
+    raise NetemUnavailable(f"no free /30 left in {LINK_POOL}")
+
+
+def _tbf(rate_kbit: int) -> list[str]:
+    """tbf arguments for a rate: a burst of at least one full packet, a queue of about QUEUE_MS."""
+    bytes_per_ms = rate_kbit / 8
+    burst = max(3000, int(bytes_per_ms * 10))
+    limit = max(3000, int(bytes_per_ms * QUEUE_MS))
+    return ["tbf", "rate", f"{rate_kbit}kbit", "burst", str(burst), "limit", str(limit)]
+
+
+class Link:
+    """One namespace (the peer) and its veth pair to the host; made by :func:`peer_link`."""
+
+    def __init__(self) -> None:
+        tag = secrets.token_hex(4)
+        self.namespace = f"{PREFIX}-{tag}"
+        self.host_if = f"{PREFIX}{tag}h"  # 3 + 8 + 1 = 12 characters (interfaces allow 15)
+        self.peer_if = f"{PREFIX}{tag}p"
+        subnet = _free_subnet()
+        host, peer = list(subnet.hosts())
+        self.host_ip, self.peer_ip = str(host), str(peer)
+        self.prefix_len = subnet.prefixlen
+        self.profile = GOOD
+        self._made = False
+
+    # ---------------------------------------------------------------- life
+
+    def open(self) -> None:
+        self._made = True
+        ns = self.namespace
+        _run(["ip", "netns", "add", ns], "making a network namespace")
+        _run(["ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.peer_if, "netns", ns], "making a veth pair")
+        _run(["ip", "addr", "add", f"{self.host_ip}/{self.prefix_len}", "dev", self.host_if], "addressing the host end")
+        _run(["ip", "link", "set", self.host_if, "up"], "raising the host end")
+        self.run_in(["ip", "addr", "add", f"{self.peer_ip}/{self.prefix_len}", "dev", self.peer_if], "addressing the peer end")
+        self.run_in(["ip", "link", "set", self.peer_if, "up"], "raising the peer end")
+        self.run_in(["ip", "link", "set", "lo", "up"], "raising the namespace's loopback")
+        self.run_in(["ip", "route", "add", "default", "via", self.host_ip], "routing the namespace through the host end")
+        self.run_in(["nft", "add", "table", "inet", NFT_TABLE], "making the nft table (nftables in the kernel)")
+        for chain, hook in (("down", "input"), ("up", "output")):
+            self.run_in(
+                ["nft", f"add chain inet {NFT_TABLE} {chain} {{ type filter hook {hook} priority 0; policy accept; }}"],
+                f"making the nft {hook} chain",
+            )
+
+    def close(self) -> None:
+        """Remove everything this link made, by name; safe to call twice and after a failed open."""
+        if not self._made:
+            return
+        self._made = False
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", self.namespace], capture_output=True, check=False)
+
+    # ---------------------------------------------------------------- shaping
+
+    def apply(self, profile: Profile) -> None:
+        """Shape both directions as ``profile`` says, replacing whatever was there."""
+        self._shape("down", self.host_if, profile.down, inside=False)
+        self._shape("up", self.peer_if, profile.up, inside=True)
+        self.profile = profile
+
+    def _shape(self, chain: str, device: str, direction: Direction, inside: bool) -> None:
+        prefix = ["ip", "netns", "exec", self.namespace] if inside else []
+        subprocess.run([*prefix, "tc", "qdisc", "del", "dev", device, "root"], capture_output=True, check=False)
+        if direction.rate_kbit is not None:
+            _run([*prefix, "tc", "qdisc", "add", "dev", device, "root", *_tbf(direction.rate_kbit)], "shaping with tc tbf")
+        self.run_in(["nft", "flush", "chain", "inet", NFT_TABLE, chain], "clearing the loss rule")
+        if direction.loss_percent:
+            self.run_in(
+                ["nft", "add", "rule", "inet", NFT_TABLE, chain, "numgen", "random", "mod", "100", "<", str(direction.loss_percent), "drop"],
+                "adding random loss with nft numgen",
+            )
+
+    # ---------------------------------------------------------------- inside
+
+    def argv(self, command: Sequence[str]) -> list[str]:
+        """``command`` as run inside the namespace (its traffic crosses the shaped link)."""
+        return ["ip", "netns", "exec", self.namespace, *command]
+
+    def run_in(self, command: Sequence[str], what: str) -> str:
+        return _run(self.argv(command), what)
+
+    def exists(self) -> bool:
+        """Whether anything of this link is still on the machine (for the teardown test)."""
+        namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+        links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=False).stdout
+        return self.namespace in namespaces or f" {self.host_if}@" in links or f" {self.host_if}:" in links
+
+
+@contextlib.contextmanager
+def peer_link(profile: Profile = GOOD) -> Iterator[Link]:
+    """A peer namespace shaped as ``profile``, removed on the way out (also when the body fails)."""
+    link = Link()
+    try:
+        link.open()
+        link.apply(profile)
+        yield link
+    finally:
+        link.close()
