@@ -38,6 +38,7 @@ import {
 } from "./e2ee.js";
 import { announce, el, fill, setPressed } from "./ui.js";
 import { attach } from "./devices.js";
+import { Adaptation, tuneAudio } from "./adapt.js";
 
 export const CHAT_LABEL = "chat";
 export const CHAT_CHANNEL_ID = 0;
@@ -431,7 +432,7 @@ export class Call {
       pc.addTransceiver(track ?? kind, { direction: "sendrecv", streams });
     }
     try {
-      await pc.setLocalDescription(await pc.createOffer());
+      await pc.setLocalDescription(tuneAudio(await pc.createOffer()));
       await this.#sendDescription(link, "offer");
     } catch (err) {
       if (!link.closed) console.warn("could not make an offer", err?.name);
@@ -577,7 +578,7 @@ export class Call {
       await pc.setRemoteDescription({ type: "offer", sdp });
       if (restart) link.iceRestarts += 1;
       if (!sameEnd) this.#attachLocalTracks(pc, link.held);
-      await pc.setLocalDescription(await pc.createAnswer());
+      await pc.setLocalDescription(tuneAudio(await pc.createAnswer()));
       await this.#flushEarly(link);
       await this.#sendDescription(link, "answer");
     } catch (err) {
@@ -747,7 +748,7 @@ export class Call {
       const { pc } = link;
       // An earlier offer still waiting for its answer (it may never have left): replace it.
       if (pc.signalingState === "have-local-offer") await pc.setLocalDescription({ type: "rollback" });
-      await pc.setLocalDescription(await pc.createOffer({ iceRestart: true }));
+      await pc.setLocalDescription(tuneAudio(await pc.createOffer({ iceRestart: true })));
       link.iceRestarts += 1;
       await this.#sendDescription(link, "offer");
     } catch {
@@ -1055,6 +1056,11 @@ export class Call {
     return Boolean(link) && this.#sendControl(link, message);
   }
 
+  /** Every open connection of the call, for adapt.js (sender parameters, getStats). */
+  peerConnections() {
+    return [...this.#links.values()].filter((l) => !l.closed).map((l) => ({ peer: l.peer, pc: l.pc }));
+  }
+
   /** Bytes queued on the data channel with `peer` that have not gone out yet. */
   unsent(peer) {
     return this.#links.get(peer)?.channel?.bufferedAmount ?? 0;
@@ -1165,6 +1171,7 @@ export class CallView {
   #reconnecting = false;
   #unread = 0;
   #els;
+  #adapt;
 
   /**
    * @param {HTMLElement} root  an empty container
@@ -1177,6 +1184,7 @@ export class CallView {
   constructor(root, call, opts) {
     this.#call = call;
     this.#opts = opts;
+    this.#adapt = new Adaptation(call); // audio first on weak links, and the connection indicator
     this.#els = this.#build(root);
     this.#layout();
     const on = (type, fn) => this.#off.push(call.on(type, fn));
@@ -1302,10 +1310,11 @@ export class CallView {
     }
     const bar = el("section", { className: "callbar", "aria-label": "Call controls" }, [
       state,
+      this.#adapt.indicator,
       el("div", { className: "controls" }, controls),
     ]);
     const stage = el("div", { className: "stage", dataset: { count: "0" } }, [empty, tiles, self]);
-    fill(root, [banner, unverified, stage, codeHelp, chat, bar]);
+    fill(root, [banner, unverified, this.#adapt.notice, stage, codeHelp, chat, this.#adapt.tip, bar]);
     return { root, banner, unverified, stage, empty, tiles, selfVideo, selfOff, chat, chatLog, state, badge, codeHelp };
   }
 
@@ -1482,6 +1491,7 @@ export class CallView {
   }
 
   destroy() {
+    this.#adapt.stop();
     for (const off of this.#off) off();
     for (const tile of this.#tiles.values()) tile.video.srcObject = null;
     this.#els.selfVideo.srcObject = null;
