@@ -18,7 +18,10 @@ What is checked:
   figure is printed, see the report in docs/deploy.md);
 - video steps down (a lower maxBitrate / resolution on the client's video sender) or pauses with
   the notice "Video paused to keep your voice clear" shown on both sides;
-- the connection indicator says "weak" with its tip during the bad spell.
+- the connection indicator says "weak" with its tip during the bad spell;
+- then at 64 kbit/s ("audio only") video pauses by itself with the notice on both sides, the call
+  stays connected, and once the link is good again video resumes by itself (the notice goes away
+  and frames decode again).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from broker.http.security_headers import PrivateAccessLogger
 from tests.browser.kit import CHROMIUM_ARGS, DESKTOP, RECORD_PEER_CONNECTIONS, frames_decoded, pass_checklist, wait_screen
 from tests.conftest import RunningBroker, free_port, schedule
 from tests.netem.conftest import netem  # noqa: F401  (the fixture: fails when the machine cannot emulate)
-from tests.netem.link import BAD, Link, peer_link
+from tests.netem.link import AUDIO_ONLY, BAD, GOOD, Link, peer_link
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session"), pytest.mark.usefixtures("netem")]
 
@@ -49,6 +52,10 @@ pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session"), py
 BAD_SECONDS = 30
 #: Concealed samples allowed, as a share of the samples received over the bad spell.
 MAX_CONCEALED = 0.10
+#: adapt.js pauses after 2-3 s below what video needs; generous for two browsers on two busy cores.
+PAUSE_WAIT_MS = 20_000
+#: adapt.js tries video again 20 s after a pause (40 s after a second one): the wait plus a margin.
+RESUME_WAIT_MS = 60_000
 
 #: The figures of the call's connection, through the standard getStats() API and sender parameters.
 CALL_FIGURES = """async () => {
@@ -187,6 +194,27 @@ async def test_a_call_on_a_bad_network_keeps_audio_first(network: Network, chrom
         assert not paused or notice_both, "video paused without the notice on both sides"
         assert "weak" in seen_quality, f"the indicator never said weak on a 300 kbit/s, 5% loss link: {seen_quality}"
         assert end["client"]["state"] == "connected" and end["therapist"]["state"] == "connected"
+
+        # 64 kbit/s: not even the lowest video step fits beside the voice, so video pauses, and says so.
+        network.link.apply(AUDIO_ONLY)
+        for page in (client, therapist):
+            notice = page.get_by_test_id("video-paused-notice")
+            await expect(notice).to_be_visible(timeout=PAUSE_WAIT_MS)
+            await expect(notice).to_contain_text("Video paused to keep your voice clear")
+        assert (await figures(client))["video"]["active"] is False
+        await expect(client.get_by_test_id("connection-indicator")).to_have_attribute("data-quality", "weak")
+        await expect(client.get_by_test_id("connection-tip")).to_be_visible()
+
+        # The link recovers: video comes back by itself (the next try at the lowest step holds).
+        network.link.apply(GOOD)
+        decoded = int(str(await therapist.get_by_test_id("tile").get_attribute("data-frames-decoded")))
+        for page in (client, therapist):
+            await expect(page.get_by_test_id("video-paused-notice")).to_be_hidden(timeout=RESUME_WAIT_MS)
+        assert (await figures(client))["video"]["active"] is True
+        await therapist.wait_for_function(
+            "(n) => Number(document.querySelector('[data-testid=tile]').dataset.framesDecoded) > n + 10", arg=decoded
+        )
+        await expect(client.get_by_test_id("connection-indicator")).to_have_attribute("data-quality", "good")
     finally:
         await client_context.close()
         await therapist_context.close()
