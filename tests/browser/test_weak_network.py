@@ -41,7 +41,14 @@ from playwright.async_api import Browser, Page, Playwright, expect
 from broker.config import Config
 from broker.http.app import build_app, create_broker
 from broker.http.security_headers import PrivateAccessLogger
-from tests.browser.kit import CHROMIUM_ARGS, DESKTOP, RECORD_PEER_CONNECTIONS, frames_decoded, pass_checklist, wait_screen
+from tests.browser.kit import (
+    CHROMIUM_ARGS,
+    DESKTOP,
+    RECORD_PEER_CONNECTIONS,
+    frames_decoded,
+    pass_checklist,
+    wait_screen,
+)
 from tests.conftest import RunningBroker, free_port, schedule
 from tests.netem.conftest import netem  # noqa: F401  (the fixture: fails when the machine cannot emulate)
 from tests.netem.link import AUDIO_ONLY, BAD, GOOD, Link, peer_link
@@ -92,7 +99,12 @@ async def start_broker_on(data_dir: Path, link: Link) -> RunningBroker:
     port = free_port()
     origins = (f"http://127.0.0.1:{port}", f"http://{link.host_ip}:{port}")
     config = dataclasses.replace(
-        Config(), data_dir=data_dir, host="127.0.0.1", port=port, allowed_origins=origins, max_connections_per_address=2000
+        Config(),
+        data_dir=data_dir,
+        host="127.0.0.1",
+        port=port,
+        allowed_origins=origins,
+        max_connections_per_address=2000,
     )
     broker = await create_broker(config)
     runner = web.AppRunner(build_app(broker), access_log_class=PrivateAccessLogger)
@@ -137,7 +149,9 @@ def audio_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, floa
         "lost": b["lost"] - a["lost"],
         "samples": samples,
         "concealed_share": concealed / samples if samples else 1.0,
-        "audible_concealed_share": (concealed - (b["silentConcealed"] - a["silentConcealed"])) / samples if samples else 1.0,
+        "audible_concealed_share": (concealed - (b["silentConcealed"] - a["silentConcealed"])) / samples
+        if samples
+        else 1.0,
     }
 
 
@@ -179,15 +193,23 @@ async def test_a_call_on_a_bad_network_keeps_audio_first(network: Network, chrom
             there = await therapist.get_by_test_id("video-paused-notice").is_visible()
             if here and there:
                 notice_both = True
-                await expect(client.get_by_test_id("video-paused-notice")).to_contain_text("Video paused to keep your voice clear")
-                await expect(therapist.get_by_test_id("video-paused-notice")).to_contain_text("Video paused to keep your voice clear")
+                await expect(client.get_by_test_id("video-paused-notice")).to_contain_text(
+                    "Video paused to keep your voice clear"
+                )
+                await expect(therapist.get_by_test_id("video-paused-notice")).to_contain_text(
+                    "Video paused to keep your voice clear"
+                )
         end = {"client": await figures(client), "therapist": await figures(therapist)}
 
         report = {who: audio_delta(start[who], end[who]) for who in start}
-        print(f"\nbad network, {BAD_SECONDS} s: audio received {report}; client video {seen_video[-1]}; quality {seen_quality}")
+        print(
+            f"\nbad network, {BAD_SECONDS} s: audio received {report}; client video {seen_video[-1]}; quality {seen_quality}"
+        )
         for who, got in report.items():
             assert got["packets"] > 100, f"audio to the {who} stopped on the bad link: {got}"
-            assert got["concealed_share"] < MAX_CONCEALED, f"the {who} heard {got['concealed_share']:.1%} concealed audio"
+            assert got["concealed_share"] < MAX_CONCEALED, (
+                f"the {who} heard {got['concealed_share']:.1%} concealed audio"
+            )
         stepped = [v for v in seen_video if v and (not v["active"] or (v["maxBitrate"] or 10**9) < 1_200_000)]
         assert stepped, f"the client's video never stepped down nor paused: {seen_video}"
         paused = [v for v in seen_video if v and not v["active"]]

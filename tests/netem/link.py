@@ -70,7 +70,9 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (GOOD, MOBILE, BAD, AUDIO_ONL
 def _run(args: Sequence[str], what: str) -> str:
     result = subprocess.run(list(args), capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise NetemUnavailable(f"{what} failed: `{' '.join(args)}` said: {result.stderr.strip() or result.stdout.strip()}")
+        raise NetemUnavailable(
+            f"{what} failed: `{' '.join(args)}` said: {result.stderr.strip() or result.stdout.strip()}"
+        )
     return result.stdout
 
 
@@ -89,7 +91,9 @@ def require_netem() -> None:
             "scripts/test installs them)"
         )
     if os.geteuid() != 0:
-        raise NetemUnavailable("the emulated network needs root (network namespaces, veth, tc, nft); run the tests as root")
+        raise NetemUnavailable(
+            "the emulated network needs root (network namespaces, veth, tc, nft); run the tests as root"
+        )
     # The kernel side: make a throwaway link with one shaped direction and one loss rule.
     with peer_link(Profile("probe", Direction(1000, 1), Direction(1000, 1))):
         pass
@@ -134,13 +138,20 @@ class Link:
         self._made = True
         ns = self.namespace
         _run(["ip", "netns", "add", ns], "making a network namespace")
-        _run(["ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.peer_if, "netns", ns], "making a veth pair")
+        _run(
+            ["ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.peer_if, "netns", ns],
+            "making a veth pair",
+        )
         _run(["ip", "addr", "add", f"{self.host_ip}/{self.prefix_len}", "dev", self.host_if], "addressing the host end")
         _run(["ip", "link", "set", self.host_if, "up"], "raising the host end")
-        self.run_in(["ip", "addr", "add", f"{self.peer_ip}/{self.prefix_len}", "dev", self.peer_if], "addressing the peer end")
+        self.run_in(
+            ["ip", "addr", "add", f"{self.peer_ip}/{self.prefix_len}", "dev", self.peer_if], "addressing the peer end"
+        )
         self.run_in(["ip", "link", "set", self.peer_if, "up"], "raising the peer end")
         self.run_in(["ip", "link", "set", "lo", "up"], "raising the namespace's loopback")
-        self.run_in(["ip", "route", "add", "default", "via", self.host_ip], "routing the namespace through the host end")
+        self.run_in(
+            ["ip", "route", "add", "default", "via", self.host_ip], "routing the namespace through the host end"
+        )
         self.run_in(["nft", "add", "table", "inet", NFT_TABLE], "making the nft table (nftables in the kernel)")
         for chain, hook in (("down", "input"), ("up", "output")):
             self.run_in(
@@ -168,11 +179,22 @@ class Link:
         prefix = ["ip", "netns", "exec", self.namespace] if inside else []
         subprocess.run([*prefix, "tc", "qdisc", "del", "dev", device, "root"], capture_output=True, check=False)
         if direction.rate_kbit is not None:
-            _run([*prefix, "tc", "qdisc", "add", "dev", device, "root", *_tbf(direction.rate_kbit)], "shaping with tc tbf")
+            _run(
+                [*prefix, "tc", "qdisc", "add", "dev", device, "root", *_tbf(direction.rate_kbit)],
+                "shaping with tc tbf",
+            )
         self.run_in(["nft", "flush", "chain", "inet", NFT_TABLE, chain], "clearing the loss rule")
         if direction.loss_percent:
             self.run_in(
-                ["nft", "add", "rule", "inet", NFT_TABLE, chain, "numgen", "random", "mod", "100", "<", str(direction.loss_percent), "drop"],
+                [
+                    "nft",
+                    "add",
+                    "rule",
+                    "inet",
+                    NFT_TABLE,
+                    chain,
+                    *f"numgen random mod 100 < {direction.loss_percent} drop".split(),
+                ],
                 "adding random loss with nft numgen",
             )
 
