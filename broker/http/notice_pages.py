@@ -16,6 +16,7 @@ from typing import NamedTuple
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from broker.http.client_pages import DEFAULT_PAGE_TITLE, client_pages
 from broker.http.pages import web_root
 from broker.signaling.protocol import ErrorCode
 
@@ -57,12 +58,18 @@ NOTICES: dict[str, Notice] = {
 }
 
 
-def notice_response(code: str) -> web.Response:
-    """The page for ``code`` (an unknown code gets the invalid-link page, under its own code)."""
+def notice_response(code: str, page_title: str = DEFAULT_PAGE_TITLE) -> web.Response:
+    """The page for ``code`` (an unknown code gets the invalid-link page, under its own code).
+
+    Its ``<title>`` is the client's pages' neutral one (or the practice's), never the notice's
+    heading: it is what the browser's tab and history show to whoever uses the device next."""
     notice = NOTICES.get(code, NOTICES[ErrorCode.INVALID_TOKEN.value])
     template = string.Template((web_root() / "notice.html").read_text(encoding="utf-8"))
     body = template.substitute(
-        title=html.escape(notice.title), sentence=html.escape(notice.sentence), code=html.escape(code)
+        page_title=html.escape(page_title),
+        title=html.escape(notice.title),
+        sentence=html.escape(notice.sentence),
+        code=html.escape(code),
     )
     return web.Response(text=body, status=notice.status, content_type="text/html", charset="utf-8")
 
@@ -77,4 +84,4 @@ async def not_found_pages(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     except web.HTTPNotFound:
         log.info("event=page_not_found")
-        return notice_response(NOT_FOUND)
+        return notice_response(NOT_FOUND, client_pages(request).title)

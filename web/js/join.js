@@ -1,9 +1,11 @@
 // The client's join flow: welcome -> privacy checklist -> waiting room -> call -> after the call.
 //
 // The link key comes from the address fragment (removed from the address bar
-// at once). It is kept for this tab only in sessionStorage so a reload finds
-// its way back into the call, and removed with everything else when the
-// session is over. Every wire message goes through protocol.js.
+// at once), and the address itself becomes the neutral /j (no_trace.js). Both
+// the key and the token are kept for this tab only in sessionStorage so a
+// reload finds its way back into the call, and removed with everything else
+// when the session is over or the client leaves ("Leave now": quick_exit.js).
+// Every wire message goes through protocol.js.
 
 import { Call, CallView } from "./call.js";
 import {
@@ -16,8 +18,10 @@ import {
   videoShowsFrames,
 } from "./devices.js";
 import { b64urlDecode, b64urlEncode, openNote, readLinkKeyFromFragment, sealChecklist, sealDetails } from "./e2ee.js";
+import { PRIVATE_WINDOW_ITEM, forgetKeptLink, shieldFields, storageNote, takeInviteToken } from "./no_trace.js";
 import { runPreflight } from "./preflight.js";
-import { Signaling, tokenFromPath } from "./protocol.js";
+import { Signaling } from "./protocol.js";
+import { installQuickExit } from "./quick_exit.js";
 import { announce, byId, confirmDialog, el, fill, formatTime, setText, showScreen, sleep } from "./ui.js";
 
 const KEY_PREFIX = "tt.link-key.";
@@ -55,6 +59,11 @@ const NOTICES = {
     "Your session moved to another window",
     "Your therapist let you in from another device or window, so this one has stopped.",
     "Carry on there. To continue here instead, reload this page: your therapist will be asked to let you in again.",
+  ],
+  no_link: [
+    "This page has closed",
+    "This page keeps nothing once it has been closed or left, so there is nothing to show here.",
+    "If you were sent a link, open it again from the message it came in.",
   ],
   missing_key: [
     "This link is incomplete",
@@ -117,17 +126,22 @@ const state = {
 
 function start() {
   wireButtons();
-  const token = tokenFromPath();
-  if (!token) {
-    notice("invalid_token");
-    return;
-  }
+  installQuickExit(quickTeardown);
+  shieldFields(byId("step-details"));
+  let fragmentKey = null;
+  let damaged = false;
   try {
-    state.linkKey = readLinkKeyFromFragment();
+    fragmentKey = readLinkKeyFromFragment();
   } catch {
-    notice("damaged_key");
+    damaged = true;
+  }
+  const token = takeInviteToken(); // after the fragment: the address becomes /j here
+  if (!token || damaged) {
+    if (damaged) forgetKeptLink();
+    notice(token ? "damaged_key" : "no_link");
     return;
   }
+  state.linkKey = fragmentKey;
   const signaling = new Signaling(token, { agent: "web-client" });
   state.signaling = signaling;
   signaling.on("joined", onJoined);
@@ -243,6 +257,12 @@ function startChecklist() {
   fill(byId("items-device"), groups.device.map(renderAutomatic));
   fill(byId("items-space"), groups.space.map(renderAttested));
   fill(byId("items-consent"), groups.consent.map(renderAttested));
+  const privateWindow = state.items.find((i) => i.id === PRIVATE_WINDOW_ITEM && i.node);
+  if (privateWindow) {
+    const note = el("p", { className: "hint", "data-testid": "storage-note" });
+    privateWindow.node.querySelector(".body").append(note);
+    storageNote().then((text) => setText(note, text));
+  }
   renderConsentText();
   const details = groups.details[0];
   if (details) {
@@ -712,6 +732,7 @@ function startCall() {
     onLeave: leave,
     leaveLabel: "Leave",
   });
+  shieldFields(byId("call-root")); // the chat field
   call.on("unverified", ({ peer }) => {
     state.pendingUnverified = peer;
     showScreen("screen-unverified");
@@ -761,9 +782,18 @@ function teardown({ keepKey = false } = {}) {
   byId("details-location").value = "";
   byId("details-contact").value = "";
   if (!keepKey) {
-    for (const key of Object.keys(sessionStorage)) if (key.startsWith(KEY_PREFIX)) sessionStorage.removeItem(key);
+    forgetKeptLink();
     state.linkKey = null;
   }
+}
+
+/** The quick exit's part here: hang up, tell the broker it is an ordinary leave, wipe the page. */
+async function quickTeardown() {
+  state.call?.close();
+  const left = state.finished ? null : state.signaling?.leave();
+  teardown();
+  await left;
+  state.signaling?.close();
 }
 
 function finish(how) {
