@@ -14,15 +14,19 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sqlite3
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.async_api import BrowserContext, ConsoleMessage, Page, expect
+from aiohttp import web
+from playwright.async_api import BrowserContext, ConsoleMessage, Page, Playwright, expect
 
 from tests.browser.conftest import NewContext
 from tests.browser.kit import (
+    CHROMIUM_ARGS,
     DESKTOP,
     PHONE,
     Watch,
@@ -34,7 +38,7 @@ from tests.browser.kit import (
     wait_device_checks,
     wait_screen,
 )
-from tests.conftest import RunningBroker, schedule
+from tests.conftest import RunningBroker, free_port, schedule
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 
@@ -396,3 +400,73 @@ async def test_quick_exit_from_the_notices_and_what_a_reload_finds(
     await expect(fresh.get_by_test_id("notice")).to_have_attribute("data-code", "no_link")
     await no_token_anywhere(page, trail)
     await watch.assert_clean()
+
+
+# ---------------------------------------------------------------- what the browser keeps of the fields
+
+CONTROL_FORM = """<!doctype html><html lang="en"><title>control</title>
+<form action="/sent" method="get"><label>Word <input name="word" id="word" type="text"></label>
+<button id="send">Send</button></form></html>"""
+
+
+async def _control_form(_: web.Request) -> web.Response:
+    return web.Response(text=CONTROL_FORM, content_type="text/html")
+
+
+async def _control_sent(_: web.Request) -> web.Response:
+    return web.Response(text="<title>sent</title>", content_type="text/html")
+
+
+async def test_what_the_client_typed_is_not_in_chromiums_form_history(
+    broker: RunningBroker, playwright: Playwright, tmp_path: Path
+) -> None:
+    """The emergency details typed during a session are nowhere in a Chromium profile afterwards:
+    not in its form history (the ``autofill`` table of ``Web Data``, what it offers back in a
+    field), not in any file of the profile. A plain form on another local page shows that this
+    browser mode does keep form history (else the check would prove nothing)."""
+    control = web.Application()
+    control.router.add_get("/", _control_form)
+    control.router.add_get("/sent", _control_sent)
+    runner = web.AppRunner(control)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    links = await schedule(broker)
+    location, contact = "Nightjar Cottage 77", "Wrenfield 0799 123"
+    profile = tmp_path / "profile"
+    context = await playwright.chromium.launch_persistent_context(
+        str(profile), executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS, viewport=DESKTOP
+    )
+    try:
+        page = context.pages[0] if context.pages else await context.new_page()
+        await page.goto(f"http://127.0.0.1:{port}/")
+        await page.click("#word")
+        await page.keyboard.type("Controlwordxyz")
+        await page.click("#send")
+        await page.wait_for_url("**/sent**")
+        await page.goto(links.client)
+        await start_checklist(page)
+        await wait_device_checks(page)
+        await page.click("#step-next")
+        await tick_all(page, "space")
+        await page.click("#step-next")
+        await tick_all(page, "consent")
+        for selector, text in (("#details-location", location), ("#details-contact", contact)):
+            await page.click(selector)
+            await page.keyboard.type(text)
+        await page.click("#checklist-submit")
+        await wait_screen(page, "waiting")
+        await page.get_by_test_id("quick-exit").click()
+        await expect(page.get_by_test_id("today")).to_be_visible()
+    finally:
+        await context.close()
+        await runner.cleanup()
+    rows = sqlite3.connect(profile / "Default" / "Web Data").execute("SELECT name, value FROM autofill").fetchall()
+    assert ("word", "Controlwordxyz") in rows, f"this Chromium keeps no form history, so nothing is shown: {rows}"
+    assert not [row for row in rows if row[1] in (location, contact)], rows
+    kept = [
+        str(path.relative_to(profile))
+        for path in profile.rglob("*")
+        if path.is_file() and any(text.encode() in path.read_bytes() for text in (location, contact))
+    ]
+    assert kept == [], f"what the client typed is in the profile: {kept}"

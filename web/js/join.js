@@ -18,7 +18,14 @@ import {
   videoShowsFrames,
 } from "./devices.js";
 import { b64urlDecode, b64urlEncode, openNote, readLinkKeyFromFragment, sealChecklist, sealDetails } from "./e2ee.js";
-import { PRIVATE_WINDOW_ITEM, forgetKeptLink, shieldFields, storageNote, takeInviteToken } from "./no_trace.js";
+import {
+  PRIVATE_WINDOW_ITEM,
+  forgetKeptLink,
+  keepInviteToken,
+  shieldFields,
+  storageNote,
+  takeInviteToken,
+} from "./no_trace.js";
 import { runPreflight } from "./preflight.js";
 import { Signaling } from "./protocol.js";
 import { installQuickExit } from "./quick_exit.js";
@@ -179,6 +186,7 @@ function onJoined(joined) {
     return;
   }
   state.started = true;
+  if (joined.seat_token) keepInviteToken(joined.seat_token); // a group link: a reload returns to this seat
   const storeKey = KEY_PREFIX + joined.session;
   if (state.linkKey) {
     sessionStorage.setItem(storeKey, b64urlEncode(state.linkKey));

@@ -33,13 +33,18 @@ export function takeInviteToken() {
   const fromPath = tokenFromPath();
   if (fromPath) {
     history.replaceState(null, "", JOIN_PATH);
-    sessionStorage.setItem(KEPT_TOKEN, fromPath);
+    keepInviteToken(fromPath);
     return fromPath;
   }
   const kept = sessionStorage.getItem(KEPT_TOKEN);
   if (kept && location.pathname === JOIN_PATH && navigationType() === "reload") return kept;
   forgetKeptLink();
   return null;
+}
+
+/** What a reload should join with from now on: a group link's join names the seat's own token. */
+export function keepInviteToken(token) {
+  sessionStorage.setItem(KEPT_TOKEN, token);
 }
 
 /** Forget everything this tab kept for a reload (the invite token, the link key). */
