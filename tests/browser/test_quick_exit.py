@@ -24,6 +24,8 @@ import pytest
 from aiohttp import web
 from playwright.async_api import BrowserContext, ConsoleMessage, Page, Playwright, expect
 
+from broker.crypto.link_key import b64url_encode, decode_link_key, new_link_key
+from broker.crypto.seat_keys import group_key
 from tests.browser.conftest import NewContext
 from tests.browser.kit import (
     CHROMIUM_ARGS,
@@ -399,6 +401,27 @@ async def test_quick_exit_from_the_notices_and_what_a_reload_finds(
     await wait_screen(fresh, "notice")
     await expect(fresh.get_by_test_id("notice")).to_have_attribute("data-code", "no_link")
     await no_token_anywhere(page, trail)
+    await watch.assert_clean()
+
+
+async def test_a_reload_after_a_group_link_comes_back_to_the_same_seat(
+    broker: RunningBroker, new_context: NewContext, watch: Watch
+) -> None:
+    """The page keeps the seat's own token (``joined.seat_token``) for a reload, not the group
+    link's: a reload asks for the same seat (as its other device) instead of taking another one."""
+    session, tokens = await broker.hub.create_session(clients=2, group_link=True)
+    key = b64url_encode(group_key(decode_link_key(new_link_key()), session.id))
+    watch.secrets.append(key)
+    page = await (await new_context()).new_page()
+    await page.goto(f"{broker.url}/j/{tokens['group']}#{key}")
+    await wait_screen(page, "welcome")
+    await page.reload()
+    await wait_screen(page, "welcome")
+    await expect(page.get_by_test_id("other-device-note")).to_be_visible()
+    assert page.url == broker.url + "/j"
+    seats = (await broker.hub.get_session(session.id)).clients()
+    assert [seat.device is not None for seat in seats].count(True) == 1, "one seat taken, not two"
+    assert [seat.other is not None for seat in seats].count(True) == 1
     await watch.assert_clean()
 
 

@@ -194,6 +194,7 @@ function onJoined(joined) {
     const kept = sessionStorage.getItem(storeKey);
     if (!kept) {
       state.signaling.close();
+      forgetKeptLink();
       notice("missing_key");
       return;
     }
