@@ -1,5 +1,6 @@
 """What every notice page (a link or an address that cannot be used) must look like: the normal
-page layout with a title, a language, one header, one heading and one clear sentence."""
+page layout with the client's pages' neutral title and icon, a language, one header, one heading,
+one clear sentence, and the quick exit."""
 
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ class NoticeShape:
     paragraphs: list[str] = field(default_factory=list)
     main_code: str | None = None
     stylesheets: list[str] = field(default_factory=list)
+    icons: list[str] = field(default_factory=list)
+    quick_exits: list[str] = field(default_factory=list)
+
+    @property
+    def heading(self) -> str:
+        return self.headings[0] if self.headings else ""
 
 
 class _Reader(HTMLParser):
@@ -36,6 +43,10 @@ class _Reader(HTMLParser):
             self.shape.main_code = values.get("data-code")
         elif tag == "link" and values.get("rel") == "stylesheet":
             self.shape.stylesheets.append(values.get("href") or "")
+        elif tag == "link" and values.get("rel") == "icon":
+            self.shape.icons.append(values.get("href") or "")
+        elif tag == "a" and "data-quick-exit" in values:
+            self.shape.quick_exits.append(values.get("href") or "")
         if tag in ("title", "h1", "h2", "h3", "p"):
             self._in.append(tag)
             self._text = ""
@@ -62,20 +73,27 @@ def read_notice(body: str) -> NoticeShape:
     return reader.shape
 
 
-def check_notice(body: str, code: str) -> NoticeShape:
-    """Assert the layout of a notice page for ``code``; returns what it read."""
+#: The client's pages' title unless the practice sets one (broker/http/client_pages.py).
+NEUTRAL_TITLE = "Video call"
+
+
+def check_notice(body: str, code: str, *, title: str = NEUTRAL_TITLE) -> NoticeShape:
+    """Assert the layout of a notice page for ``code``; returns what it read. Its ``<title>`` is
+    the neutral one (what the tab and the browser's history show), not its heading."""
     shape = read_notice(body)
     assert "404: Not Found" not in body, body[:200]
     assert shape.lang == "en"
-    assert shape.title, "a notice page has a title"
+    assert shape.title == title, f"the neutral title, not {shape.title!r}"
+    assert shape.icons == ["/static/img/neutral.svg"], "the neutral icon"
+    assert shape.quick_exits == ["/today"], "the quick exit, first on the page"
     assert shape.headers == 1, f"one header, not {shape.headers}"
-    assert shape.headings == [shape.title], f"one heading, the title: {shape.headings}"
+    assert len(shape.headings) == 1, f"one heading: {shape.headings}"
     assert len(shape.paragraphs) == 1, f"one sentence, not {shape.paragraphs}"
     sentence = shape.paragraphs[0]
     # One sentence: it ends with a full stop and has no other sentence end inside.
     assert sentence.endswith("."), sentence
     assert not re.search(r"[.!?]\s", sentence), f"more than one sentence: {sentence!r}"
-    assert shape.title.rstrip(".").lower() not in sentence.lower(), "the sentence repeats the title"
+    assert shape.heading.rstrip(".").lower() not in sentence.lower(), "the sentence repeats the heading"
     assert shape.main_code == code
     assert shape.stylesheets == ["/static/css/app.css"], "the client pages' own layout"
     return shape

@@ -58,6 +58,8 @@ class AuditEvent(StrEnum):
     #: The therapist put a client on hold (private time) or brought them back; ``actor`` names the held seat.
     SEAT_HELD = "seat_held"
     SEAT_RELEASED = "seat_released"
+    #: A client left on purpose (a leave, the quick exit included: the broker cannot tell them apart).
+    SEAT_LEFT = "seat_left"
     #: A client's link opened on another device than the one holding its seat (issue 25, finding 1).
     OTHER_DEVICE_JOINED = "other_device_joined"
     OTHER_DEVICE_ADMITTED = "other_device_admitted"
@@ -100,6 +102,7 @@ FLOODABLE_EVENTS = frozenset(
         AuditEvent.INTERCEPTION_WARNING.value,
         AuditEvent.CHECKLIST_FAILED.value,
         AuditEvent.OTHER_DEVICE_JOINED.value,  # anyone holding a client's link can cause it
+        AuditEvent.SEAT_LEFT.value,  # a page holding a seat can leave and come back as often as it likes
     }
 )
 

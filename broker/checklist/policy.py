@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from broker.checklist.practice import parse_practice
 from broker.checklist.safety import SafetySettings, parse_safety
 
 if TYPE_CHECKING:  # checklist must import without aiortc; preflight is only read by attribute
@@ -51,7 +52,6 @@ _MAX_ITEMS = 100
 _MAX_ITEM_TEXT = 2000
 _MAX_CONSENT_TEXT = 50_000
 _MAX_VERSION = 64
-_MAX_NAME = 200
 _ITEM_KEYS = frozenset({"id", "kind", "level", "text", "help", "check", "minor_only"})
 _TOP_KEYS = frozenset({"consent", "practice", "item", "safety"})
 
@@ -133,6 +133,10 @@ class Policy:
     version: str
     source: str = "<built-in default>"
     safety: SafetySettings = field(default_factory=SafetySettings)
+    #: The client's pages' title and the quick exit's landing page ([practice]; None: the built-in
+    #: neutral ones). Not part of ``version``: they change nothing the client answers.
+    page_title: str | None = None
+    exit_url: str | None = None
 
     def items_for(self, minor: bool) -> list[PolicyItem]:
         """The items a seat is asked, in order; minor_only items only for a minor's seat."""
@@ -192,7 +196,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
             f"{source}: unknown top-level key {key!r} (expected [consent], [practice], [safety], [[item]])."
         )
     consent = _parse_consent(doc.get("consent"), source, problems)
-    practice_name = _parse_practice(doc.get("practice"), source, problems)
+    practice = parse_practice(doc.get("practice"), source, problems)
     safety = parse_safety(doc.get("safety"), source, problems)
     items = _parse_items(doc.get("item"), source, problems)
     _check_item_set(items, consent, source, problems)
@@ -201,10 +205,12 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     return Policy(
         items=tuple(items),
         consent=consent,
-        practice_name=practice_name,
-        version=_canonical_version(items, consent, practice_name, safety),
+        practice_name=practice.name,
+        version=_canonical_version(items, consent, practice.name, safety),
         source=source,
         safety=safety,
+        page_title=practice.page_title,
+        exit_url=practice.exit_url,
     )
 
 
@@ -233,23 +239,6 @@ def _parse_consent(raw: Any, source: str, problems: list[str]) -> ConsentText | 
     if not ok or not isinstance(version, str) or not isinstance(text, str):
         return None
     return ConsentText(version=version.strip(), text=text.strip())
-
-
-def _parse_practice(raw: Any, source: str, problems: list[str]) -> str | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        problems.append(f"{source}: [practice] must be a table.")
-        return None
-    for key in sorted(set(raw) - {"name"}):
-        problems.append(f"{source}: [practice] has an unknown key {key!r} (only 'name' is known).")
-    name = raw.get("name")
-    if name is None:
-        return None
-    if not isinstance(name, str) or not name.strip() or len(name) > _MAX_NAME:
-        problems.append(f"{source}: [practice] 'name' must be a non-empty string of at most {_MAX_NAME} characters.")
-        return None
-    return name.strip()
 
 
 def _parse_items(raw: Any, source: str, problems: list[str]) -> list[PolicyItem]:

@@ -27,6 +27,7 @@ from broker.audit.log import AuditLog
 from broker.audit.setup import open_audit_log
 from broker.config import Config, Keys, load_or_create_secret
 from broker.http.client_address import request_address_key
+from broker.http.client_pages import ClientPages, join_page_response, setup_client_pages
 from broker.http.dashboard import setup_dashboard
 from broker.http.guard import forwarded_limit
 from broker.http.login import setup_auth
@@ -79,6 +80,8 @@ class Broker:
     #: This process's metrics (served by broker/metrics/site.py on their own address).
     metrics: Metrics = field(default_factory=Metrics)
     runtime: Runtime | None = None
+    #: The practice's title for the client's pages and its quick exit page (from the policy file).
+    client_pages: ClientPages = field(default_factory=ClientPages)
 
     async def readiness(self) -> dict[str, Any]:
         """What /readyz answers (and ``broker_ready`` exports): ready once the store answers and the
@@ -124,12 +127,13 @@ async def create_broker(config: Config, *, store: Store | None = None, bus: Bus 
     signer = RecordSigner(keys.signing_seed)
     metrics = Metrics()
     preflight.metrics = metrics
+    checklist = PolicyChecklist.from_config(config)
     hub = Hub(
         store,
         bus,
         TokenCodec(keys.token),
         limits=limits,
-        checklist=PolicyChecklist.from_config(config),
+        checklist=checklist,
         preflight=preflight,
         ice_servers=_ice_servers(config, keys),
         audit=audit_hook(audit_log),
@@ -139,6 +143,7 @@ async def create_broker(config: Config, *, store: Store | None = None, bus: Bus 
     await hub.start()
     throttle = throttle_for(store)
     broker = Broker(config, keys, store, bus, hub, preflight, audit_log, signer, accounts, throttle, metrics=metrics)
+    broker.client_pages = ClientPages.from_policy(checklist.policy)
     collector = HubCollector(hub)
     metrics.registry.register(collector)
     metrics.before_scrape.append(collector.refresh)
@@ -245,6 +250,8 @@ async def _link_page(request: web.Request, page: str, role: str) -> web.StreamRe
             raise ProtocolError(ErrorCode.INVALID_TOKEN, "This link does not open this page.")
     except ProtocolError as exc:
         return notice_response(request, exc.code.value)
+    if role == "client":
+        return join_page_response(request)
     return html_page(request, page)
 
 
@@ -453,6 +460,7 @@ def build_app(broker: Broker) -> web.Application:
     app.router.add_get("/t/{token}", therapist_page, name="therapist")
     setup_web_manifest(app)
     app.router.add_static(STATIC_PREFIX, root, name="static", follow_symlinks=False)
+    setup_client_pages(app, broker.client_pages)
     setup_auth(
         app,
         store=broker.store,

@@ -17,6 +17,7 @@ from typing import NamedTuple
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from broker.http.client_pages import DEFAULT_PAGE_TITLE, client_pages
 from broker.http.pages import NOTICE_TEMPLATE, WEB_ROOT
 from broker.signaling.protocol import ErrorCode
 
@@ -58,20 +59,27 @@ NOTICES: dict[str, Notice] = {
 }
 
 
-def render_notice(root: Path, code: str) -> tuple[int, str]:
+def render_notice(root: Path, code: str, page_title: str = DEFAULT_PAGE_TITLE) -> tuple[int, str]:
     """The status and page for ``code`` from the template in ``root`` (an unknown code gets the
-    invalid-link page, under its own code). Fixed per code: the web manifest lists each one."""
+    invalid-link page, under its own code). Fixed per code and title: the web manifest lists each
+    one with the built-in title.
+
+    Its ``<title>`` is the client's pages' neutral one (or the practice's), never the notice's
+    heading: it is what the browser's tab and history show to whoever uses the device next."""
     notice = NOTICES.get(code, NOTICES[ErrorCode.INVALID_TOKEN.value])
     template = string.Template((root / NOTICE_TEMPLATE).read_text(encoding="utf-8"))
     body = template.substitute(
-        title=html.escape(notice.title), sentence=html.escape(notice.sentence), code=html.escape(code)
+        page_title=html.escape(page_title),
+        title=html.escape(notice.title),
+        sentence=html.escape(notice.sentence),
+        code=html.escape(code),
     )
     return notice.status, body
 
 
 def notice_response(request: web.Request, code: str) -> web.Response:
     """The page for ``code``, from the web root of the application serving ``request``."""
-    status, body = render_notice(request.app[WEB_ROOT], code)
+    status, body = render_notice(request.app[WEB_ROOT], code, client_pages(request).title)
     return web.Response(text=body, status=status, content_type="text/html", charset="utf-8")
 
 

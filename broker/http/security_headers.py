@@ -19,6 +19,8 @@ CSP_DIRECTIVES = (
     "connect-src 'self'",
     "font-src 'self'",
     "manifest-src 'self'",
+    # No page of ours runs a worker; none may register a service worker that would outlive it.
+    "worker-src 'none'",
     "form-action 'self'",
     "base-uri 'none'",
     "frame-ancestors 'none'",
@@ -104,9 +106,10 @@ def set_headers(response: web.StreamResponse, headers: Mapping[str, str], *, tls
         response.headers.setdefault(name, value)
     if tls:
         response.headers["Strict-Transport-Security"] = HSTS
-    content_type = response.headers.get("Content-Type", "")
-    if content_type.startswith(("text/html", "application/json")) or response.status >= 400:
-        response.headers["Cache-Control"] = "no-store"
+    # Everything, the client's scripts, styles and images included: a browser keeps no copy of any
+    # page or file of ours on the device (docs/security.md, "The client's device and the person in
+    # the room"). Set, not defaulted: it replaces a handler's own choice (the event stream's is the same).
+    response.headers["Cache-Control"] = "no-store"
 
 
 class PrivateAccessLogger(AbstractAccessLogger):

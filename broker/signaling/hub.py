@@ -492,11 +492,12 @@ class Hub:
             return left is seat
 
         session, the_seat = await self.records.mutate(conn.session_id, leave)
-        if the_seat and conn.role is Role.CLIENT:
-            # What was relayed to the seat was for this page's calls: nobody else may read it.
-            await self.store.clear_log(mailbox_key(session.id, conn.peer_id))
+        if the_seat and conn.role is Role.CLIENT:  # what was relayed there was for this page's calls only:
+            await self.store.clear_log(mailbox_key(session.id, conn.peer_id))  # nobody else may read it
         log.info("event=peer_left session=%s peer=%s", session.id, conn.peer_id)
-        conn.close_after_queue(CLOSE_NORMAL)
+        conn.close_after_queue(CLOSE_NORMAL)  # before the audit's write: a page leaving quickly waits for it
+        if the_seat and conn.role is Role.CLIENT:
+            await self._audit("seat_left", conn.peer_id, session.id, "ok")
         await self._publish_views(session)
 
     async def _on_end(self, conn: Connection, message: End) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from broker.http.pages import STATIC_PREFIX
 from broker.webmanifest.integrity import sri
 from broker.webmanifest.layout import RELEASE_DIR
+from broker.webmanifest.references import module_imports
 
 MODULES_DIR = "js"
 IMPORT_MAP_OPEN = '<script type="importmap">'
@@ -82,10 +83,24 @@ def pin_page(text: str, root: Path, name: str = "page") -> str:
     text = _SCRIPT_WITH_SRC.sub(lambda m: pinned(m, "script"), text)
     text = _STYLESHEET.sub(lambda m: pinned(m, "stylesheet"), text)
     first_module = _MODULE_SCRIPT.search(text)
-    if first_module is not None:
+    if first_module is not None and _imports_anything(text, root):
         block = IMPORT_MAP_OPEN + import_map_text(root) + "</script>\n"
         text = text[: first_module.start()] + block + text[first_module.start() :]
     return text
+
+
+def _imports_anything(text: str, root: Path) -> bool:
+    """Whether a module the page loads imports another: only then does the page need the import
+    map (the neutral exit page's one module imports nothing, and its source names no other)."""
+    for match in _MODULE_SCRIPT.finditer(text):
+        source = _SCRIPT_WITH_SRC.match(match.group(0))
+        if source is None:
+            continue
+        url = source.group(1)
+        module = root / url[len(STATIC_PREFIX) :]
+        if module_imports(url, module.read_text(encoding="utf-8")):
+            return True
+    return False
 
 
 def stale_pages(root: Path) -> list[str]:

@@ -5,11 +5,9 @@ no console error in Firefox; and the pages for a bad or incomplete link."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import pytest
-import pytest_asyncio
 from playwright.async_api import expect
 
 from tests.browser.conftest import NewContext
@@ -64,23 +62,6 @@ CALL_FITS = """() => { const root = document.documentElement;
 VISIBLE = "(selector) => { const e = document.querySelector(selector); return !!e && e.getClientRects().length > 0; }"
 HIDDEN = "(selector) => { const e = document.querySelector(selector); return !e || e.getClientRects().length === 0; }"
 TEXT_HAS = "(selector, text) => (document.querySelector(selector)?.textContent ?? '').includes(text)"
-
-
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def firefox() -> AsyncIterator[Firefox]:
-    """One Firefox for the whole test session; a missing firefox-esr fails here (scripts/test installs it)."""
-    browser = await Firefox.launch()
-    yield browser
-    await browser.close()
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def firefox_page(firefox: Firefox) -> AsyncIterator[FirefoxPage]:
-    """A tab in a fresh user context, with the CSP watch running before any page script."""
-    page = await firefox.new_page(CSP_WATCH)
-    await page.set_viewport(DESKTOP["width"], DESKTOP["height"])
-    yield page
-    await page.close()
 
 
 def by_test_id(test_id: str) -> str:

@@ -302,12 +302,10 @@ async def test_the_signal_and_the_plan_reach_the_therapist_alone_end_to_end(
     audit = broker.config.audit_path.read_text(encoding="utf-8")
     assert "RAINING" not in audit.upper() and sealed_first not in audit
 
-    # The first client leaves quickly: "left quickly" reaches the therapist before the page goes.
-    sent = await first.page.evaluate("async () => (await import('/static/js/safety_signal.js')).sendLeftQuickly()")
-    assert sent is True
-    await first.page.get_by_test_id("leave").click()
-    await first.page.locator('#leave-dialog button[value="confirm"]').click()
-    await wait_screen(first.page, "ended")
+    # The first client uses the quick exit ("Leave now"): "left quickly" reaches the therapist
+    # before the page goes, and the page lands on the neutral one.
+    await first.page.get_by_test_id("quick-exit").click()
+    await first.page.wait_for_url("**/today")
     await expect(notice(therapist, first.peer)).to_contain_text("left quickly")
     await expect(notice(therapist, first.peer)).to_have_attribute("data-reason", "left_quickly")
     await expect(notice(therapist, first.peer).get_by_test_id("safety-plan-opened")).to_contain_text(plan["code_word"])

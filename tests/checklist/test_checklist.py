@@ -76,8 +76,20 @@ def test_default_policy_covers_design_section_5():
     assert by_check["headset"].level == "recommended"
     assert all(i.level == "required" for c, i in by_check.items() if c != "headset")
     attested = [i for i in policy.items if i.kind == "attested" and not i.minor_only]
-    assert [i.id for i in attested] == ["private_place", "private_device", "notifications_off", "emergency_help"]
-    assert {i.id: i.level for i in attested}["notifications_off"] == "recommended"
+    assert [i.id for i in attested] == [
+        "private_place",
+        "private_device",
+        "private_window",
+        "notifications_off",
+        "emergency_help",
+    ]
+    levels = {i.id: i.level for i in attested}
+    assert levels["notifications_off"] == levels["private_window"] == "recommended"
+    private_window = policy.item("private_window")
+    assert private_window is not None
+    for words in ("private", "history", "leave now", "esc"):
+        assert words in (private_window.text + private_window.help).lower()
+    assert policy.page_title is None and policy.exit_url is None, "the built-in neutral title and exit page"
     assert [i.level for i in policy.items if i.kind in ("consent", "details")] == ["required", "required"]
     minor_items = [i for i in policy.items if i.minor_only]
     assert [(i.id, i.level) for i in minor_items] == [("guardian_consent", "required")]
@@ -103,6 +115,44 @@ def test_version_changes_with_any_visible_change():
     assert parse_policy(base.replace("I am in a private place.", "I am alone.")).version != original.version
     assert parse_policy(base.replace('level = "recommended"', 'level = "required"')).version != original.version
     assert parse_policy(base.replace("Riverside", "Lakeside")).version != original.version
+
+
+def test_practice_sets_the_client_pages_title_and_exit_page_without_a_new_version():
+    base = (POLICIES / "minimal.toml").read_text()
+    plain = parse_policy(base)
+    chosen = parse_policy(
+        base.replace(
+            'name = "Riverside Counselling"',
+            'name = "Riverside Counselling"\npage_title = "  Notes  "\nexit_url = "https://www.example.org/weather?q=1"',
+        )
+    )
+    assert (chosen.page_title, chosen.exit_url) == ("Notes", "https://www.example.org/weather?q=1")
+    assert (plain.page_title, plain.exit_url) == (None, None)
+    assert chosen.version == plain.version, "neither changes what the client answers"
+    assert "page_title" not in chosen.for_seat(False) and "exit_url" not in chosen.for_seat(False)
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        ('exit_url = "javascript:alert(1)"', "'exit_url' must be an https:// address"),
+        ('exit_url = "http://www.example.org/"', "'exit_url' must be an https:// address"),
+        ('exit_url = "/today"', "'exit_url' must be an https:// address"),
+        ('exit_url = "https://user:pw@www.example.org/"', "no user name"),
+        ('exit_url = "https:///nohost"', "with a host name"),
+        ('exit_url = "https://www.example.org/a b"', "'exit_url' must be an https:// address"),
+        ("exit_url = 3", "'exit_url' must be an https:// address"),
+        ('page_title = ""', "'page_title' must be a non-empty line"),
+        (f'page_title = "{"x" * 81}"', "at most 80 characters"),
+        ('page_title = "two\\nlines"', "'page_title' must be a non-empty line"),
+        ('colour = "red"', "unknown key 'colour'"),
+    ],
+)
+def test_a_bad_practice_setting_is_refused_in_plain_words(line: str, words: str):
+    base = (POLICIES / "minimal.toml").read_text()
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(base.replace('name = "Riverside Counselling"', 'name = "Riverside Counselling"\n' + line))
+    assert any(words in problem and "[practice]" in problem for problem in caught.value.problems), caught.value.problems
 
 
 def test_for_seat_is_json_and_hides_minor_items_from_adults(minimal):

@@ -286,6 +286,21 @@ def test_check_config_reports_every_problem(tmp_path: Path) -> None:
         assert words in result.stderr, words
 
 
+def test_check_config_checks_the_practices_exit_page_and_title(tmp_path: Path) -> None:
+    """The quick exit sends the client to ``[practice] exit_url``: only an https:// address passes."""
+    policy = tmp_path / "policy.toml"
+    default = (Path(__file__).resolve().parents[2] / "broker" / "checklist" / "default_policy.toml").read_text()
+    good = default.replace("[practice]\n", '[practice]\npage_title = "Notes"\nexit_url = "https://www.example.org/"\n')
+    policy.write_text(good)
+    env = {**os.environ, "BROKER_POLICY_FILE": str(policy)}
+    assert run("check-config", "--data-dir", str(tmp_path), env=env).returncode == 0
+    policy.write_text(good.replace("https://www.example.org/", "javascript:alert(1)").replace('"Notes"', '""'))
+    result = run("check-config", "--data-dir", str(tmp_path), env=env)
+    assert result.returncode == 1
+    for words in ("checklist policy", "'exit_url' must be an https:// address", "'page_title' must be"):
+        assert words in result.stderr, words
+
+
 def test_check_config_reports_unusable_http_limits(tmp_path: Path) -> None:
     env = {
         **os.environ,

@@ -44,7 +44,7 @@ async def test_a_link_that_does_not_work(broker: RunningBroker, http: aiohttp.Cl
         status, kind, body = await fetch(http, broker.url + path)
         assert (status, kind) == (404, "text/html"), path
         shape = check_notice(body, "invalid_token")
-        assert shape.title == "This link does not work"
+        assert shape.heading == "This link does not work"
         answers.append(body)
     assert len(set(answers)) == 1, "an unknown, a forged and a misused token get byte-identical pages"
 
@@ -67,16 +67,16 @@ async def test_a_link_outside_its_window(
         for link in (links.clients[0], links.therapist):
             got, kind, body = await fetch(http, link.partition("#")[0])
             assert (got, kind) == (status, "text/html"), link
-            assert check_notice(body, code).title == title
+            assert check_notice(body, code).heading == title
     finally:
         hub.clock = real_clock
 
 
-@pytest.mark.parametrize("path", ["/j/", "/t/", "/j", "/no/such/page", "/j/a/b", "/dashboard/x"])
+@pytest.mark.parametrize("path", ["/j/", "/t/", "/no/such/page", "/j/a/b", "/dashboard/x"])
 async def test_an_address_that_names_nothing(path: str, broker: RunningBroker, http: aiohttp.ClientSession) -> None:
     status, kind, body = await fetch(http, broker.url + path)
     assert (status, kind) == (404, "text/html"), path
-    assert check_notice(body, "not_found").title == "Page not found"
+    assert check_notice(body, "not_found").heading == "Page not found"
 
 
 async def test_the_api_keeps_its_own_answer_for_unknown_paths(

@@ -129,6 +129,7 @@ def check_headers(headers: Any, what: str, *, tls: bool = False) -> None:
     assert directives.get("trusted-types") == ["'none'"], what
     assert headers.get("Integrity-Policy") == "blocked-destinations=(script)", what
     assert directives.get("object-src") == ["'none'"] and directives.get("base-uri") == ["'none'"], what
+    assert directives.get("worker-src") == ["'none'"], f"{what}: no worker, so no service worker outlives a page"
     assert not any(s in ("*", "http:", "https:") for sources in directives.values() for s in sources), what
     assert headers.get("X-Frame-Options") == "DENY", what
     assert headers.get("X-Content-Type-Options") == "nosniff", what
@@ -145,9 +146,8 @@ def check_headers(headers: Any, what: str, *, tls: bool = False) -> None:
 
 
 def check_caching(status: int, headers: Any, what: str) -> None:
-    content_type = headers.get("Content-Type", "")
-    if content_type.startswith(("text/html", "application/json")) or status >= 400:
-        assert headers.get("Cache-Control") == "no-store", f"{what}: {status} {content_type}"
+    """Every answer, files included: the browser keeps no copy of anything of ours on the device."""
+    assert headers.get("Cache-Control") == "no-store", f"{what}: {status} {headers.get('Content-Type', '')}"
 
 
 async def test_every_route_has_the_headers(site: Site, http: ClientSession) -> None:
@@ -217,6 +217,7 @@ async def test_hsts_only_behind_tls(tmp_path: Path, http: ClientSession) -> None
         tls = {"X-Forwarded-Proto": "https"}
         for path in ("/login", "/api/me", "/no/such/page", "/static/css/dashboard.css"):
             async with http.get(proxied.url + path, headers=tls) as r:
+                check_caching(r.status, r.headers, f"proxied {path}")
                 check_headers(r.headers, f"proxied {path}", tls=True)
             async with http.get(proxied.url + path) as r:
                 check_headers(r.headers, f"proxied without TLS {path}")

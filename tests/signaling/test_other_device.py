@@ -248,3 +248,32 @@ async def test_removing_a_client_empties_its_seats_resume_buffer(broker: Running
     finally:
         await client.close()
         await therapist.close()
+
+
+def audit_events(broker: RunningBroker, session: str, event: str) -> list[dict[str, object]]:
+    lines = broker.config.audit_path.read_text().splitlines()
+    return [entry for line in lines if (entry := json.loads(line)).get("event") == event and session in line]
+
+
+async def test_a_client_leaving_is_one_seat_left_audit_entry_and_its_other_device_none(broker: RunningBroker) -> None:
+    """A leave (the quick exit sends the same one) is an ordinary audit event with opaque ids only;
+    an other device that goes was never the seat's, so it records nothing."""
+    links = await schedule(broker)
+    therapist, client = await in_call(links)
+    try:
+        stranger = BrokerClient(links.client, reconnect=False)
+        await stranger.connect()
+        await other_device_entry(therapist, client.peer_id, SeatState.CHECKING)
+        await stranger.leave()
+        await therapist.expect(WaitingRoom, where=lambda m: m.seats[0].other_device is None)
+        assert audit_events(broker, links.session, "seat_left") == []
+        await client.leave()
+        await therapist.expect(WaitingRoom, where=lambda m: m.seats[0].state is SeatState.LEFT)
+        for _ in range(50):
+            if entries := audit_events(broker, links.session, "seat_left"):
+                break
+            await asyncio.sleep(0.05)
+        assert [(e["actor"], e["outcome"]) for e in entries] == [(f"{links.session}-{client.peer_id}", "ok")]
+    finally:
+        await client.close()
+        await therapist.close()

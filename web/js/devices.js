@@ -77,11 +77,11 @@ export async function openMedia({ video = true, audio = true } = {}) {
   if (!navigator.mediaDevices?.getUserMedia) throw new MediaProblem("unsupported", ...PROBLEMS.unsupported);
   const audioConstraints = audio ? { echoCancellation: true, noiseSuppression: true, autoGainControl: true } : false;
   try {
-    return await navigator.mediaDevices.getUserMedia({ video: video ? VIDEO : false, audio: audioConstraints });
+    return opened(await navigator.mediaDevices.getUserMedia({ video: video ? VIDEO : false, audio: audioConstraints }));
   } catch (err) {
     if (err?.name === "OverconstrainedError" && video) {
       try {
-        return await navigator.mediaDevices.getUserMedia({ video: true, audio: audioConstraints });
+        return opened(await navigator.mediaDevices.getUserMedia({ video: true, audio: audioConstraints }));
       } catch (again) {
         throw explainMediaError(again);
       }
@@ -90,9 +90,23 @@ export async function openMedia({ video = true, audio = true } = {}) {
   }
 }
 
+/** Every stream openMedia gave out and nobody stopped yet: what stopAllMedia stops. */
+const openStreams = new Set();
+
+function opened(stream) {
+  openStreams.add(stream);
+  return stream;
+}
+
 /** Stop every track of a stream (turns the camera light off). */
 export function stopStream(stream) {
   for (const track of stream?.getTracks() ?? []) track.stop();
+  openStreams.delete(stream);
+}
+
+/** Stop every camera and microphone track this page opened, wherever it is held (the quick exit). */
+export function stopAllMedia() {
+  for (const stream of [...openStreams]) stopStream(stream);
 }
 
 /** Whether a stream has a live track of this kind. */

@@ -1,9 +1,11 @@
 // The client's join flow: welcome -> privacy checklist -> waiting room -> call -> after the call.
 //
 // The link key comes from the address fragment (removed from the address bar
-// at once). It is kept for this tab only in sessionStorage so a reload finds
-// its way back into the call, and removed with everything else when the
-// session is over. Every wire message goes through protocol.js.
+// at once), and the address itself becomes the neutral /j (no_trace.js). Both
+// the key and the token are kept for this tab only in sessionStorage so a
+// reload finds its way back into the call, and removed with everything else
+// when the session is over or the client leaves ("Leave now": quick_exit.js).
+// Every wire message goes through protocol.js.
 
 import { Call, CallView } from "./call.js";
 import {
@@ -16,10 +18,19 @@ import {
   videoShowsFrames,
 } from "./devices.js";
 import { b64urlDecode, b64urlEncode, openNote, readLinkKeyFromFragment, sealChecklist, sealDetails } from "./e2ee.js";
+import {
+  PRIVATE_WINDOW_ITEM,
+  forgetKeptLink,
+  keepInviteToken,
+  shieldFields,
+  storageNote,
+  takeInviteToken,
+} from "./no_trace.js";
 import { runPreflight } from "./preflight.js";
-import { Signaling, tokenFromPath } from "./protocol.js";
+import { Signaling } from "./protocol.js";
+import { installQuickExit, onQuickExit } from "./quick_exit.js";
 import { clearPlanForm, forgetPlan, sealPlanForm, setupPlanForm } from "./safety_plan.js";
-import { clientSafety, endClientSafety } from "./safety_signal.js";
+import { clientSafety, endClientSafety, sendLeftQuickly } from "./safety_signal.js";
 import { announce, byId, confirmDialog, el, fill, formatTime, setText, showScreen, sleep } from "./ui.js";
 
 const KEY_PREFIX = "tt.link-key.";
@@ -35,6 +46,7 @@ const NOTICES = {
   declined: ["Your therapist could not let you in", "This is not something you did wrong: please contact your therapist if you are unsure why."],
   removed: ["You are no longer in the session", "Your therapist ended your part of this session: please contact them if you think it was a mistake."],
   replaced: ["Your session moved to another window", "Carry on there, or continue here and your therapist will be asked to let you in again."],
+  no_link: ["This page has closed", "It keeps nothing once closed or left: if you were sent a link, open it again from its message."],
   missing_key: ["This link is incomplete", "Open the link exactly as you received it: the part after the # sign keeps your session private."],
   damaged_key: ["This link is damaged", "Part of it was changed or cut off, so open it exactly as you received it or ask for a new one."],
   invalid_token_after_join: ["This link no longer works", "The session may have ended or your therapist replaced your link: please contact them."],
@@ -76,17 +88,24 @@ const state = {
 
 function start() {
   wireButtons();
-  const token = tokenFromPath();
-  if (!token) {
-    notice("invalid_token");
-    return;
-  }
+  installQuickExit(quickTeardown);
+  onQuickExit(sendLeftQuickly); // the therapist sees "left quickly" with the safety plan, not a drop
+  shieldFields(byId("step-details"));
+  shieldFields(byId("safety-plan")); // the code word and how to call back: never offered back later
+  let fragmentKey = null;
+  let damaged = false;
   try {
-    state.linkKey = readLinkKeyFromFragment();
+    fragmentKey = readLinkKeyFromFragment();
   } catch {
-    notice("damaged_key");
+    damaged = true;
+  }
+  const token = takeInviteToken(); // after the fragment: the address becomes /j here
+  if (!token || damaged) {
+    if (damaged) forgetKeptLink();
+    notice(token ? "damaged_key" : "no_link");
     return;
   }
+  state.linkKey = fragmentKey;
   const signaling = new Signaling(token, { agent: "web-client" });
   state.signaling = signaling;
   signaling.on("joined", onJoined);
@@ -124,6 +143,7 @@ function onJoined(joined) {
     return;
   }
   state.started = true;
+  if (joined.seat_token) keepInviteToken(joined.seat_token); // a group link: a reload returns to this seat
   const storeKey = KEY_PREFIX + joined.session;
   if (state.linkKey) {
     sessionStorage.setItem(storeKey, b64urlEncode(state.linkKey));
@@ -131,6 +151,7 @@ function onJoined(joined) {
     const kept = sessionStorage.getItem(storeKey);
     if (!kept) {
       state.signaling.close();
+      forgetKeptLink();
       notice("missing_key");
       return;
     }
@@ -205,6 +226,12 @@ function startChecklist() {
   fill(byId("items-device"), groups.device.map(renderAutomatic));
   fill(byId("items-space"), groups.space.map(renderAttested));
   fill(byId("items-consent"), groups.consent.map(renderAttested));
+  const privateWindow = state.items.find((i) => i.id === PRIVATE_WINDOW_ITEM && i.node);
+  if (privateWindow) {
+    const note = el("p", { className: "hint", "data-testid": "storage-note" });
+    privateWindow.node.querySelector(".body").append(note);
+    storageNote().then((text) => setText(note, text));
+  }
   renderConsentText();
   const details = groups.details[0];
   if (details) {
@@ -679,6 +706,7 @@ function startCall() {
     extraControls: safety.controls,
     sendChat: safety.sendChat,
   });
+  shieldFields(byId("call-root")); // the chat field
   call.on("unverified", ({ peer }) => {
     state.pendingUnverified = peer;
     showScreen("screen-unverified");
@@ -730,9 +758,18 @@ function teardown({ keepKey = false } = {}) {
   forgetPlan();
   endClientSafety();
   if (!keepKey) {
-    for (const key of Object.keys(sessionStorage)) if (key.startsWith(KEY_PREFIX)) sessionStorage.removeItem(key);
+    forgetKeptLink();
     state.linkKey = null;
   }
+}
+
+/** The quick exit's part here: hang up, tell the broker it is an ordinary leave, wipe the page. */
+async function quickTeardown() {
+  state.call?.close();
+  const left = state.finished ? null : state.signaling?.leave();
+  teardown();
+  await left;
+  state.signaling?.close();
 }
 
 function finish(how) {

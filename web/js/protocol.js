@@ -394,10 +394,20 @@ export class Signaling {
     return reply.summary;
   }
 
-  /** Leave on purpose (a client may come back through the waiting room). */
+  /**
+   * Leave on purpose (a client may come back through the waiting room). Resolves true once the
+   * broker has closed the connection after the leave (so a page about to go knows it arrived),
+   * false at once when there was no open connection to send it on.
+   */
   leave() {
-    this.#send({ type: "leave" });
+    const ws = this.#ws;
+    const sent = this.#send({ type: "leave" });
     this.#finish({ code: "left", message: "" });
+    if (!sent || !ws) return Promise.resolve(false);
+    return new Promise((resolve) => {
+      if (ws.readyState === WebSocket.CLOSED) resolve(true);
+      else ws.addEventListener("close", () => resolve(true), { once: true });
+    });
   }
 
   // ------------------------------------------------------------------ therapist actions

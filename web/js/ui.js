@@ -45,7 +45,7 @@ export function setText(idOrNode, text) {
 /**
  * Show one screen (a <section class="screen">) and hide the others. The
  * screen's first heading gets focus so keyboard and screen-reader users land
- * on the new content; the document title follows.
+ * on the new content; the document title follows (except on the client's pages).
  */
 export function showScreen(id, { focus = true } = {}) {
   const target = byId(id);
@@ -54,7 +54,9 @@ export function showScreen(id, { focus = true } = {}) {
   const heading = target.querySelector("h1, h2");
   if (heading) {
     if (!heading.hasAttribute("tabindex")) heading.setAttribute("tabindex", "-1");
-    document.title = `${heading.textContent.trim()} · Session`;
+    // The client's pages keep their neutral title (body data-fixed-title): the tab and the
+    // browser's history show it to whoever uses the device next.
+    if (!("fixedTitle" in document.body.dataset)) document.title = `${heading.textContent.trim()} · Session`;
     if (focus) heading.focus({ preventScroll: false });
   }
   return target;
