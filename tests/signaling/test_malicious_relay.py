@@ -56,8 +56,8 @@ class MaliciousRelays(Relays):
     saved_candidates: dict[tuple[str, str], Candidate]
     #: Its own description (a real aiortc offer: its certificate's fingerprint), to swap in.
     attacker_sdp: str = ""
-    #: Where "readdress" sends what was meant for someone else: recipient -> other recipient.
-    redirect: dict[str, str]
+    #: Where "readdress" sends what was meant for someone else: (sender, recipient) -> other recipient.
+    redirect: dict[tuple[str, str], str]
     #: What passed through, for the checks of the honest runs: (type, sealed, the frame passed on).
     seen: list[tuple[str, bool, bytes]]
 
@@ -84,8 +84,8 @@ class MaliciousRelays(Relays):
         if self.mode == "retype":  # an answer passed off as an offer (and the reverse)
             other = Offer if isinstance(message, Answer) else Answer
             return other(**msgspec.structs.asdict(message))
-        if self.mode == "readdress" and message.to in self.redirect:
-            return msgspec.structs.replace(message, to=self.redirect[message.to])
+        if self.mode == "readdress" and (sender, message.to) in self.redirect:
+            return msgspec.structs.replace(message, to=self.redirect[(sender, message.to)])
         if self.mode == "replay" and isinstance(message, Offer):
             return self.saved_offers.setdefault((sender, message.to), message)
         return message
@@ -297,7 +297,9 @@ async def test_a_sealed_offer_re_addressed_to_another_peer_does_not_open(evil: R
     hub = hub_of(evil)
     _, therapist, one, two = await admitted_group(evil)
     try:
-        hub.redirect = {one.peer_id: two.peer_id}
+        # Only the therapist's messages for one: the clients' own pair may still be trickling
+        # candidates to each other, and two's own re-addressed back to it would muddle the count.
+        hub.redirect = {(therapist.peer_id, one.peer_id): two.peer_id}
         hub.mode = "readdress"
         for round_ in range(ROUNDS):
             await one.renegotiate(therapist.peer_id)
