@@ -22,7 +22,6 @@ from broker.webmanifest.release import build_release
 from tests.browser.conftest import NewContext
 from tests.browser.firefox_bidi import FirefoxPage
 from tests.browser.kit import wait_screen
-from tests.browser.test_firefox import firefox, firefox_page  # noqa: F401 (fixtures)
 from tests.conftest import RunningBroker, schedule, start_broker
 from tests.webmanifest.web_copies import copy_web
 
