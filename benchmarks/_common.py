@@ -136,6 +136,27 @@ def raise_file_limit(wanted: int = 65536) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def file_limit_note(wanted: int = 1 << 20) -> tuple[int, str]:
+    """Raise this process's open-file limit, hard limit included, as far as the system allows (what it
+    starts inherits it); returns the soft limit now and what set it there, for the report."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        ceiling = int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        ceiling = wanted
+    target = min(wanted, ceiling)
+    reason = f"the system's most per process (fs.nr_open {ceiling:,})" if target == ceiling else f"{wanted:,} asked"
+    if hard != resource.RLIM_INFINITY and hard < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+        except (ValueError, OSError) as exc:
+            reason = (
+                f"the hard limit {hard:,}: raising it was refused ({exc}; it takes CAP_SYS_RESOURCE, or a higher "
+                "limit from whatever starts the process: ulimit -Hn, LimitNOFILE= in systemd, the container's ulimits)"
+            )
+    return raise_file_limit(target), reason
+
+
 def percentile(samples: Sequence[float], p: float) -> float:
     """Nearest-rank percentile (p in 0..100) of unsorted samples; NaN when empty."""
     if not samples:

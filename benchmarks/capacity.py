@@ -60,7 +60,8 @@ def lag_samples(rows: list[dict]) -> list[float]:
 
 
 def gc_passes(rows: list[dict], generation: int) -> list[float]:
-    return [ms for r in rows for gen, ms in r["gc"] if gen == generation]
+    """The wall-clock durations (ms) of the broker's GC passes of one generation (``_serve.GcTimes``)."""
+    return [p[1] for r in rows for p in r["gc"] if p[0] == generation]
 
 
 async def connect_all(admin: Admin, port: int, sessions: int) -> list[LeanSocket]:

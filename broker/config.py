@@ -7,6 +7,7 @@ up everything the broker needs to recognise its own tokens and records.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import tomllib
@@ -201,17 +202,39 @@ def load_config(env: Mapping[str, str] | None = None, overrides: Mapping[str, An
 
 
 def load_or_create_secret(config: Config) -> bytes:
-    """The server secret, generated (32 random bytes, hex, mode 0600) when absent."""
+    """The server secret, generated (32 random bytes, hex, mode 0600) when absent.
+
+    Several processes may start together on a new data directory (brokers, ``broker therapist
+    add``): each writes a whole secret to a file of its own and links it into place, which fails
+    if another was first. Every process then reads the one that won, never a half-written file.
+    """
     path = config.secret_path
-    if path.exists():
-        raw = path.read_bytes().strip()
-        return bytes.fromhex(raw.decode("ascii")) if _is_hex(raw) else raw
+    if not path.exists():
+        _create_secret(path)
+    raw = path.read_bytes().strip()
+    return bytes.fromhex(raw.decode("ascii")) if _is_hex(raw) else raw
+
+
+def _create_secret(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    value = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(value.hex() + "\n")
-    return value
+    partial = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_bytes(32).hex() + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(partial, path)
+        except FileExistsError:
+            pass  # another process's secret is in place: it is the one
+        except OSError:  # a file system without hard links: create it in place, as before
+            with contextlib.suppress(FileExistsError):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(partial.read_text())
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _is_hex(raw: bytes) -> bool:

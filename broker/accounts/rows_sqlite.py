@@ -38,6 +38,8 @@ CREATE TABLE IF NOT EXISTS therapist (
     created_at TEXT NOT NULL
 ) STRICT;
 """
+#: How long a call waits for another process's write to the file (a start, an account added) to end.
+BUSY_TIMEOUT_S = 30.0
 # Columns added after the first release, added to older files when they are opened.
 _LATER_COLUMNS = {"passkeys_enc": "BLOB", "sessions_epoch": "TEXT", "vault_enc": "BLOB"}
 
@@ -50,15 +52,29 @@ class SqliteAccountRows:
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA secure_delete = ON")
         self._conn.execute("PRAGMA synchronous = FULL")
-        self._conn.executescript(_SCHEMA)
-        present = {r["name"] for r in self._conn.execute("PRAGMA table_info(therapist)")}
-        for name, kind in _LATER_COLUMNS.items():
-            if name not in present:
-                self._conn.execute(f"ALTER TABLE therapist ADD COLUMN {name} {kind}")
+        self._create_or_migrate()
+
+    def _create_or_migrate(self) -> None:
+        """Create the tables and add the later columns in one write transaction. Processes that
+        open the file together (brokers, ``broker therapist add``) take turns, and each finds the
+        schema as the one before left it: two adding a column at once was an error (duplicate
+        column name)."""
+        self._conn.execute("BEGIN IMMEDIATE")  # the write lock now, before anything is read
+        try:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                self._conn.execute(statement)
+            present = {r["name"] for r in self._conn.execute("PRAGMA table_info(therapist)")}
+            for name, kind in _LATER_COLUMNS.items():
+                if name not in present:
+                    self._conn.execute(f"ALTER TABLE therapist ADD COLUMN {name} {kind}")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
 
     def _run(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         with self._lock:

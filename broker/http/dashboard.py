@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import msgspec
@@ -361,9 +361,13 @@ def _not_found() -> web.Response:
 
 
 @web.middleware
-async def _store_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+def _store_errors(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
     if not request.path.startswith("/api/"):
-        return await handler(request)
+        return handler(request)  # without a frame of its own, which a WebSocket would keep all its life
+    return _api_store_errors(request, handler)
+
+
+async def _api_store_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except StoreUnavailable:

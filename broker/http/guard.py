@@ -79,6 +79,9 @@ class ConnectionGuard:
         self.max_per_address = max_per_address
         #: Open connections per address key (an HMAC, never the address).
         self.open: Counter[str] = Counter()
+        #: Connections accepted and closed so far (``heap.LongLivedHeap`` paces its reclaims by them).
+        self.opened = 0
+        self.closed = 0
         self.refused = _Tally("http_address_limit")
         self.overdue = _Tally("http_head_timeout")
 
@@ -124,6 +127,7 @@ class GuardedConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # a stream socket's (asyncio's, TLS or uvloop's)
+        self.guard.opened += 1
         admitted, self.key = self.guard.take(transport)
         if not admitted:
             self.transport.abort()  # at once, reading nothing
@@ -164,6 +168,7 @@ class GuardedConnection(asyncio.Protocol):
         return self.inner.eof_received() if self.inner is not None else None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.guard.closed += 1
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None

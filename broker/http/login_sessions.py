@@ -319,9 +319,12 @@ def csrf_middleware(config: Config) -> Middleware:
     allowed = frozenset(config.origins)
 
     @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
         if not request.path.startswith("/api/"):
-            return await handler(request)
+            return handler(request)  # without a frame of its own, which a WebSocket would keep all its life
+        return api(request, handler)
+
+    async def api(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await guarded(request, handler)
         except (StoreUnavailable, RedisError, ConnectionError, TimeoutError):

@@ -16,6 +16,7 @@ from broker.config import Config
 from broker.http.admin_socket import admin_app, start_admin_site
 from broker.http.app import build_app, create_broker
 from broker.http.guard import ConnectionGuard, GuardedSite
+from broker.http.heap import LongLivedHeap
 from broker.http.security_headers import PrivateAccessLogger
 from broker.metrics.labels import ThrottleLimit
 from broker.metrics.site import start_metrics_site
@@ -80,6 +81,8 @@ async def serve(
         flush=True,
     )
     log.info("event=serving port=%d store=%s", port, "redis" if config.redis_url else "memory")
+    heap = LongLivedHeap(guard)  # what start-up made, out of the collector's full passes from now on
+    heap.start()
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -97,4 +100,5 @@ async def serve(
     config.admin_socket.unlink(missing_ok=True)
     await asyncio.wait_for(runner.cleanup(), SHUTDOWN_GRACE_S + 2)
     await broker.close()
+    heap.stop()
     log.info("event=stopped")

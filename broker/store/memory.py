@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
@@ -39,6 +38,30 @@ class Journal(Protocol):
     async def close(self) -> None: ...
 
 
+def right_sized(value: bytes) -> bytes:
+    """A copy of ``value`` that holds no spare room. msgspec's encoders return bytes inside the
+    larger buffer they grew while encoding (a 293-byte relayed candidate sits in 463 bytes), and
+    what this store keeps lives as long as its session: every byte of the slack counts per session."""
+    return bytes(memoryview(value))
+
+
+class CappedLog:
+    """One capped log (a seat's resume buffer): its newest entries, numbered one after another
+    up to ``last``. The numbers are not stored: entry ``i`` is ``last - len(entries) + 1 + i``,
+    so an entry costs its bytes and one list slot (no tuple and number object per entry)."""
+
+    __slots__ = ("last", "entries", "expires")
+
+    def __init__(self, last: int, expires: float) -> None:
+        self.last = last
+        self.entries: list[bytes] = []
+        self.expires = expires
+
+    def since(self, seq: int) -> list[tuple[int, bytes]]:
+        first = self.last - len(self.entries) + 1
+        return [(first + i, self.entries[i]) for i in range(max(0, seq + 1 - first), len(self.entries))]
+
+
 class MemoryStore:
     """Embedded store: a dict with expiry times, swept lazily and periodically."""
 
@@ -53,8 +76,7 @@ class MemoryStore:
         self._seq_base = seq_base
         self._data: dict[str, tuple[bytes, float]] = {}
         self._expiry_heap: list[tuple[float, str]] = []
-        # Capped logs: key -> (last sequence number, the newest entries, expiry time).
-        self._logs: dict[str, tuple[int, deque[tuple[int, bytes]], float]] = {}
+        self._logs: dict[str, CappedLog] = {}
 
     async def get(self, key: str) -> bytes | None:
         item = self._data.get(key)
@@ -123,31 +145,30 @@ class MemoryStore:
     def append_now(self, key: str, value: bytes, maxlen: int, ttl_s: float) -> int:
         """``append`` in this very step (the embedded relay path has nothing to wait for).
 
-        A bounded deque appended in place (no copy of up to ``maxlen`` entries per append).
+        The log is changed in place: nothing of its older entries is copied.
         """
         now = self._clock()
         log = self._logs.get(key)
-        if log is None or log[2] <= now:
-            entries: deque[tuple[int, bytes]]
-            seq, entries = self._seq_base + 1, deque(maxlen=maxlen)
-        else:
-            seq, entries = log[0] + 1, log[1]
-            if entries.maxlen != maxlen:
-                entries = deque(entries, maxlen=maxlen)
-        entries.append((seq, value))
-        self._logs[key] = (seq, entries, now + ttl_s)
-        return seq
+        if log is None or log.expires <= now:
+            log = self._logs[key] = CappedLog(self._seq_base, now)
+        log.last += 1
+        entries = log.entries
+        entries.append(right_sized(value))
+        if len(entries) > maxlen:
+            del entries[: len(entries) - maxlen]
+        log.expires = now + ttl_s
+        return log.last
 
     async def read_since(self, key: str, seq: int) -> list[tuple[int, bytes]]:
         log = self._logs.get(key)
-        if log is None or log[2] <= self._clock():
+        if log is None or log.expires <= self._clock():
             return []
-        return [(n, v) for n, v in log[1] if n > seq]
+        return log.since(seq)
 
     async def clear_log(self, key: str) -> None:
         log = self._logs.get(key)
-        if log is not None and log[2] > self._clock():
-            self._logs[key] = (log[0], deque(maxlen=log[1].maxlen), log[2])
+        if log is not None and log.expires > self._clock():
+            log.entries = []
 
     async def ping(self) -> bool:
         return True
@@ -174,7 +195,7 @@ class MemoryStore:
                 del self._data[key]
                 self._journal_expired(key)
                 dropped += 1
-        for key in [k for k, log in self._logs.items() if log[2] <= now]:
+        for key in [k for k, log in self._logs.items() if log.expires <= now]:
             del self._logs[key]
             dropped += 1
         if len(self._expiry_heap) > 4 * len(self._data) + 1024:
@@ -189,7 +210,7 @@ class MemoryStore:
 
     def _write(self, key: str, value: bytes, ttl_s: float) -> float:
         expires = self._clock() + max(ttl_s, 0.001)
-        self._data[key] = (value, expires)
+        self._data[key] = (right_sized(value), expires)
         heapq.heappush(self._expiry_heap, (expires, key))
         return expires
 

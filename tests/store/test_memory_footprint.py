@@ -1,0 +1,56 @@
+"""What the embedded store keeps per resume-buffer entry and per value (issue 32): the bytes
+themselves and a list slot, not the spare room of the encoder that made them, nor a tuple and a
+number object per entry. Memory, measured by tracemalloc: no timing."""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections.abc import Callable
+
+import msgspec
+
+from broker.signaling.protocol import Candidate, encode
+from broker.store.memory import MemoryStore
+
+ENTRIES = 128
+#: What an entry may cost beyond its bytes: a bytes object's header (33) and a list slot (8), rounded up.
+OVERHEAD = 48
+
+
+def relayed() -> bytes:
+    """A relayed candidate as the broker encodes it (msgspec's buffer holds more than the message)."""
+    candidate = Candidate(to="abcdefgh", candidate="candidate:842163049 1 udp 1677729535 198.51.100.7 49203 typ srflx")
+    return encode(msgspec.structs.replace(candidate, from_="zyxwvuts"))
+
+
+def test_a_resume_buffer_entry_costs_its_bytes_and_a_slot() -> None:
+    store = MemoryStore(clock=lambda: 1000.0)
+    size = len(relayed())
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(ENTRIES):
+            store.append_now("s:{one}:box:abcdefgh", relayed(), ENTRIES, 600)
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept <= ENTRIES * (size + OVERHEAD) + 1024, f"{kept / ENTRIES:.0f} bytes per {size}-byte entry"
+
+
+async def kept_by_puts(make: Callable[[], bytes]) -> int:
+    """Bytes a store keeps for ``ENTRIES`` values made by ``make``, each under its own key."""
+    store = MemoryStore(clock=lambda: 1000.0)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(ENTRIES):
+            await store.put(f"s:{{v{n}}}", make(), 600)
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+async def test_a_kept_value_holds_no_spare_room() -> None:
+    exact = await kept_by_puts(lambda: bytes(memoryview(relayed())))
+    encoded = await kept_by_puts(relayed)
+    assert encoded <= exact + ENTRIES * 16, f"{(encoded - exact) / ENTRIES:.0f} bytes more per value"
