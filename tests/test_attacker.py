@@ -238,7 +238,7 @@ async def honest_call(broker: BrokerProcess) -> None:
         await therapist.connect(timeout=60)
         await client.connect(timeout=60)
         await _preflight(client)
-        await client.submit_checklist(details={"location": "home", "contact": "a friend"})
+        await client.submit_checklist(details={"location": "home", "contact": "a friend"}, timeout=60)
         await client.expect(Status, where=lambda m: m.seat_state is SeatState.WAITING, timeout=60)
         await therapist.admit(client.peer_id)
         t_link, c_link = await asyncio.gather(
@@ -248,7 +248,7 @@ async def honest_call(broker: BrokerProcess) -> None:
         client.send_chat(therapist.peer_id, "pong")
         assert await asyncio.wait_for(c_link.messages.get(), 30) == "ping"
         assert await asyncio.wait_for(t_link.messages.get(), 30) == "pong"
-        await therapist.end()
+        await therapist.end(timeout=60)
     finally:
         await client.close()
         await therapist.close()

@@ -415,6 +415,7 @@ class BrokerClient(PeerNegotiation):
         consent_version: str | None = None,
         details: dict[str, str] | None = None,
         safety_plan: SafetyPlan | None = None,
+        timeout: float = 10.0,
     ) -> ChecklistAccepted:
         """Submit the checklist. By default answers every item of the seat's policy with yes.
 
@@ -445,7 +446,7 @@ class BrokerClient(PeerNegotiation):
             answers_sealed=answers_sealed,
             safety_plan=plan,
         )
-        return await self.request(message, ChecklistAccepted)
+        return await self.request(message, ChecklistAccepted, timeout)
 
     async def admit(self, peer: str, device: str | None = None) -> None:
         """Let a waiting client in; with ``device``, that seat's other device instead (the seat moves to it)."""
@@ -506,7 +507,7 @@ class BrokerClient(PeerNegotiation):
         assert self.auth is not None, "not joined"
         return self.auth.open_safety_plan(peer, sealed)
 
-    async def end(self) -> SessionEnded:
+    async def end(self, timeout: float = 10.0) -> SessionEnded:
         """End the session for everyone, reporting how each peer was verified for the session record."""
         verification: dict[str, Verification] = {
             peer: ("link" if link.trust == Trust.VERIFIED_BY_LINK else "unverified")
@@ -514,7 +515,7 @@ class BrokerClient(PeerNegotiation):
             if link.trust is not None
         }
         await self._send(End(verification=verification or None))
-        return await self.expect(SessionEnded)  # type: ignore[return-value]
+        return await self.expect(SessionEnded, timeout=timeout)  # type: ignore[return-value]
 
     async def leave(self) -> None:
         self.final = SessionEnded(reason="ended")
