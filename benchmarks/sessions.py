@@ -64,6 +64,8 @@ from _session_load import ADMIN_KEY_ENV, LOADS, PING_EVERY_S, fd_limit
 from capacity import lag_samples, monitor_rows
 from redis_scale import RedisServer, shared_broker_env
 
+#: The longest reply line a load-generator process may send (its samples of a step: tens of thousands of pings).
+REPLY_LIMIT = 1 << 26
 #: The ramp's default stop: a step's set-up p99 past this.
 STOP_SETUP_P99_MS = 100.0
 #: docs/deploy.md's rule of thumb: "one broker process serves thousands of concurrent sessions".
@@ -99,7 +101,7 @@ class WorkerProcess:
         ]
         env = {**os.environ, ADMIN_KEY_ENV: brokers[0].admin_key()}
         process = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, limit=REPLY_LIMIT
         )
         return cls(process)
 
