@@ -64,6 +64,9 @@ from _session_load import ADMIN_KEY_ENV, LOADS, PING_EVERY_S, fd_limit
 from capacity import lag_samples, monitor_rows
 from redis_scale import RedisServer, shared_broker_env
 
+#: BENCH_PROFILE=FILE writes a cProfile of the (embedded) broker during the run (for finding where the time goes).
+#: The longest reply line a load-generator process may send (its samples of a step: tens of thousands of pings).
+REPLY_LIMIT = 1 << 26
 #: The ramp's default stop: a step's set-up p99 past this.
 STOP_SETUP_P99_MS = 100.0
 #: docs/deploy.md's rule of thumb: "one broker process serves thousands of concurrent sessions".
@@ -99,7 +102,7 @@ class WorkerProcess:
         ]
         env = {**os.environ, ADMIN_KEY_ENV: brokers[0].admin_key()}
         process = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, limit=REPLY_LIMIT
         )
         return cls(process)
 
@@ -379,9 +382,10 @@ async def main(args: argparse.Namespace) -> None:
     own0 = time.process_time()
     try:
         portion = 0.5 if with_redis else 1.0
+        profile = Path(os.environ["BENCH_PROFILE"]) if os.environ.get("BENCH_PROFILE") else None
         results["embedded"] = await ramp(
             "one process",
-            [BrokerProcess(tmp, lag_file=tmp / "broker-lag.jsonl")],
+            [BrokerProcess(tmp, lag_file=tmp / "broker-lag.jsonl", profile=profile)],
             args,
             start + minutes * 60 * portion,
             tmp,

@@ -27,7 +27,7 @@ from aiohttp import ClientSession
 from broker.config import Config, Keys
 from broker.crypto.link_key import new_link_key
 from broker.signaling import session as sm
-from broker.signaling.connections import BEAT_TICKS, Connections, Limits
+from broker.signaling.connections import BEAT_TICKS, PING_SLICE, PING_SPACING_S, Connections, Limits
 from broker.signaling.hub import Hub
 from broker.signaling.liveness import NodeLiveness
 from broker.signaling.protocol import Peers, WaitingRoom
@@ -99,6 +99,26 @@ async def test_a_silent_peer_is_cut_off_well_within_one_and_a_half_heartbeats_at
     assert silent_socket.pings >= 1  # it was asked before it was cut off
     assert limits.heartbeat_s <= cut_off_at <= 1.125 * limits.heartbeat_s + 1e-9 < 1.5 * limits.heartbeat_s
     assert not live_socket.aborted and not live.closed and answered >= 10
+
+
+async def test_a_ticks_many_pings_go_out_a_slice_at_a_time_and_all_within_the_tick() -> None:
+    """Thousands of quiet connections are pinged in slices (issue 32): a task each, all in one go,
+    held the event loop for tens of milliseconds. Every one is pinged well before the next tick."""
+    limits = Limits()
+    now = [0.0]
+    tasks: list[asyncio.Future[Any]] = []
+    connections = Connections(limits, lambda c: tasks.append(asyncio.ensure_future(c)), "node", lambda: now[0])
+    sockets = [Socket() for _ in range(3 * PING_SLICE + 10)]
+    for sock in sockets:
+        connections.authenticated(connections.open(sock))
+    now[0] = limits.heartbeat_s * 0.6  # heard from half a heartbeat ago and more: each is due a ping
+    connections.beat()
+    await asyncio.gather(*tasks)
+    assert sum(sock.pings for sock in sockets) == PING_SLICE, "the first slice at once"
+    await asyncio.sleep(4 * PING_SPACING_S + 0.5)
+    await asyncio.gather(*tasks)
+    assert [sock.pings for sock in sockets] == [1] * len(sockets)
+    assert 4 * PING_SPACING_S + 0.5 < limits.heartbeat_s / BEAT_TICKS
 
 
 async def waiting_room_until(ws: aiohttp.ClientWebSocketResponse, done: Callable[[dict[str, Any]], bool]) -> None:

@@ -54,3 +54,26 @@ async def test_a_kept_value_holds_no_spare_room() -> None:
     exact = await kept_by_puts(lambda: bytes(memoryview(relayed())))
     encoded = await kept_by_puts(relayed)
     assert encoded <= exact + ENTRIES * 16, f"{(encoded - exact) / ENTRIES:.0f} bytes more per value"
+
+
+async def test_ending_a_session_finds_its_keys_through_expiry_sweeps_and_deletes() -> None:
+    """The store lists each session's keys so that ending one touches only its own: the list
+    follows every way a key comes and goes."""
+    now = [1000.0]
+    store = MemoryStore(clock=lambda: now[0])
+    record, box, other = "s:{one}", "s:{one}:box:abcdefgh", "s:{one2}"
+    await store.put(record, b"r", 10)
+    await store.put(other, b"o", 100)
+    store.append_now(box, b"m", 8, 10)
+    now[0] += 20  # both of the session's keys expire
+    assert await store.get(record) is None
+    assert store.sweep() >= 1
+    assert await store.delete_prefix("s:{one}") == 0
+    await store.put(record, b"r2", 10)
+    store.append_now(box, b"m2", 8, 10)
+    await store.update(record, lambda raw: (None, None), 10)  # deleted by its update
+    await store.put(record, b"r3", 10)
+    assert await store.delete_prefix("s:{one}") == 2
+    assert await store.read_since(box, 0) == [] and await store.get(record) is None
+    assert await store.get(other) == b"o", "a session whose id begins like it is another session"
+    assert await store.delete_prefix("s:{one2}") == 1
