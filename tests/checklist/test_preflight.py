@@ -503,6 +503,10 @@ def turn_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
             proc.kill()
             pytest.fail("turnserver did not start")
         time.sleep(0.05)
+    while not _answers_stun(port):  # bound is not yet serving: wait for a STUN binding answer
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("turnserver did not answer a STUN binding request")
     username = f"{int(time.time()) + 600}:preflight-test"
     credential = base64.b64encode(hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()).decode()
     try:
@@ -514,6 +518,20 @@ def turn_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _answers_stun(port: int) -> bool:
+    """Whether the TURN server answers a STUN Binding request (RFC 8489: type 1, no attributes)."""
+    transaction = secrets.token_bytes(12)
+    request = (1).to_bytes(2, "big") + (0).to_bytes(2, "big") + (0x2112A442).to_bytes(4, "big") + transaction
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.2)
+        sock.sendto(request, ("127.0.0.1", port))
+        try:
+            reply = sock.recv(2048)
+        except OSError:
+            return False
+    return reply[8:20] == transaction
 
 
 def _udp_port_taken(port: int) -> bool:

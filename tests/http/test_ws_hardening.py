@@ -245,7 +245,10 @@ async def test_slow_consumer_is_closed_and_others_are_not(tmp_path: Path, http: 
                 await other.send_json({"type": "ping", "n": 1})
                 assert await other.receive_json(timeout=10) == {"type": "pong", "n": 1}
             received, code = await read_until_closed(slow, timeout=60)
-            assert code == CLOSE_TOO_SLOW
+            # The broker closed it for not reading (the loop above waited for that); a peer that
+            # does not read may see the drop (1006) instead of 4009 when the close frame cannot be
+            # written within 0.5 s (docs/protocol.md section 1), as on a loaded machine.
+            assert code in (CLOSE_TOO_SLOW, aiohttp.WSCloseCode.ABNORMAL_CLOSURE)
             assert received[:2] and received[0]["type"] == "welcome" and received[1]["type"] == "joined"
             assert 0 < sum(m["type"] == "waiting_room" for m in received) < 2 * cycles + 1
             await slow.close()
