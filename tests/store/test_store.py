@@ -549,7 +549,7 @@ async def test_cancelled_calls_never_hand_their_reply_to_another_caller(rstore: 
     async def checked_log() -> None:
         assert await rstore.read_since(prefix + ":box:p", 0) == [(1, b"entry-1")]
 
-    cancelled = 0
+    cancelled = answered = refused = 0
     for _ in range(25):
         tasks = []
         for i in range(n):
@@ -567,9 +567,16 @@ async def test_cancelled_calls_never_hand_their_reply_to_another_caller(rstore: 
         for result in results:
             if isinstance(result, asyncio.CancelledError):
                 cancelled += 1
-            elif result is not None:
+            elif isinstance(result, StoreUnavailable):
+                # A clear refusal, never a wrong reply: on a loaded machine a call may wait past
+                # TIMEOUT_S for one of the 64 pooled connections (a cancelled call's is reopened).
+                refused += 1
+            elif result is None:
+                answered += 1
+            else:
                 raise result  # a wrong reply (AssertionError or StoreCorrupt) or an error
     assert cancelled > 0
+    assert answered > 10 * refused, (answered, refused)
     # Afterwards every connection of the pool answers its own request.
     await asyncio.gather(*(checked_get(i) for i in range(n)), *(checked_update(i) for i in range(0, n, 7)))
     for i in rng.sample(range(n), 30):
