@@ -132,6 +132,8 @@ class AuditLog:
         self._seq = 0
         self._last_hash = GENESIS
         self._size = -1
+        #: The file (device, inode) that ``_seq``, ``_last_hash`` and ``_size`` describe.
+        self._file: tuple[int, int] | None = None
         self.open_report = self._open_check()
 
     @property
@@ -346,8 +348,9 @@ class AuditLog:
     def _follow_other_writers(self) -> None:
         """Continue from what another process wrote (or a rotation it made) since our last write,
         and record it when the file's end then does not match the signed head."""
-        if os.fstat(self._fd).st_size == self._size:
-            return
+        now = os.fstat(self._fd)
+        if (now.st_dev, now.st_ino) == self._file and now.st_size == self._size:
+            return  # a file another writer rotated in can have our old size: its identity tells them apart
         self._resync()
         found = compare_head(self._read_head(), self._head_key, self._seq, self._last_hash)
         if found is not None:
@@ -366,7 +369,9 @@ class AuditLog:
             _fsync_dir(self._path.parent)
         log.info("event=audit_log_rotated file=%s", target.name)
         self._fd = lock_current(self._path, self._fd, exclusive=True)  # type: ignore[assignment]
-        self._size = 0
+        # Read where the chain stands: other writers may have written, and even rotated, files of their
+        # own between the rename and the lock (the file then found empty was not started by us).
+        self._file = None
         self._follow_other_writers()
 
     def _write_entry(
@@ -459,7 +464,8 @@ class AuditLog:
 
     def _resync(self) -> None:
         """Continue the chain from the last entry actually written (in this file or the one before)."""
-        self._size = os.fstat(self._fd).st_size
+        now = os.fstat(self._fd)
+        self._size, self._file = now.st_size, (now.st_dev, now.st_ino)
         entry = last_entry(self._fd, self._size)
         if entry is not None:
             self._seq, self._last_hash = entry["seq"], entry["hash"]
