@@ -179,6 +179,8 @@ class Worker:
     ping_sent: dict[int, float] = field(default_factory=dict)
     ping_ms: list[float] = field(default_factory=list)
     pings: int = 0
+    set_ups: int = 0
+    ends: int = 0
     addresses: int = 0
     stopping: bool = False
 
@@ -227,6 +229,7 @@ class Worker:
                 raise RuntimeError(f"time-out while {phase}") from exc
             raise
         self._hold(session)
+        self.set_ups += 1
         return elapsed
 
     @staticmethod
@@ -329,6 +332,7 @@ class Worker:
             return
         session = self.sessions.pop(self.rng.randrange(len(self.sessions)))
         session.ending = True
+        self.ends += 1
         gone = set(session.sockets)
         for slot in self.ping_slots:
             slot[:] = [s for s in slot if s not in gone]
@@ -409,6 +413,8 @@ class Worker:
             "errors": errors,
             "cpu_s": time.process_time(),
             "sessions": len(self.sessions),
+            "set_ups": self.set_ups,
+            "ends": self.ends,
             "peers": sum(len(s.sockets) for s in self.sessions),
             "fds": open_fds(os.getpid()),
             "fd_limit": fd_limit(os.getpid()),

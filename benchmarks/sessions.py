@@ -190,6 +190,8 @@ async def ramp(
             row = {
                 "sessions": sessions,
                 "peers": sum(r["peers"] for r in held),
+                "set_ups_so_far": sum(r["set_ups"] for r in held),
+                "ends_so_far": sum(r["ends"] for r in held),
                 "setup_p50_ms": round(percentile(setup, 50), 1),
                 "setup_p99_ms": round(percentile(setup, 99), 1),
                 "churned": sum(r.get("ended", 0) for r in held),
@@ -240,7 +242,7 @@ async def ramp(
             ):
                 stop = f"open-file limit before the next step ({args.fd_note})"
                 break
-            if sessions + args.step > args.max_sessions:
+            if (len(steps) + 1) * args.step > args.max_sessions:
                 stop = f"ceiling of {args.max_sessions} sessions (--max-sessions)"
                 break
             if time.monotonic() + elapsed > deadline:

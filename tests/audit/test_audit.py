@@ -643,6 +643,53 @@ async def test_reordered_rotated_files_are_detected(rotated_log: Path) -> None:
     assert not report.ok and report.first_bad_seq == 1 and "audit.jsonl.1, line 1" in str(report.problem)
 
 
+async def test_appends_that_come_together_are_synced_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The entries that wait while one write is under way go to disk together: one sync of the log
+    and one of its head for all of them (issue 32: three syncs per entry, one entry at a time, kept
+    call set-ups waiting seconds at 50 sessions a second beginning and ending). Each append still
+    returns only once its entry is synced, in one chain with the others."""
+    syncs: list[int] = []
+    real_fsync = os.fsync
+
+    def counted_fsync(fd: int) -> None:
+        syncs.append(fd)
+        real_fsync(fd)
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, KEY)
+    monkeypatch.setattr(os, "fsync", counted_fsync)
+    seqs = await asyncio.gather(*(log.append(AuditEvent.SESSION_CREATED, session=SESSION) for _ in range(200)))
+    assert sorted(seqs) == list(range(1, 201))
+    assert len(syncs) <= 30, f"{len(syncs)} syncs for 200 entries"
+    log.close()
+    report = verify(path, KEY)
+    assert report.ok and report.entries == 200
+
+
+async def test_a_batch_the_disk_will_not_sync_fails_every_caller_and_leaves_the_chain_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, KEY)
+    assert await log.append(AuditEvent.SESSION_CREATED, session=SESSION) == 1
+    real_fsync = os.fsync
+
+    def full_disk(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    outcomes = await asyncio.gather(
+        *(log.append(AuditEvent.SEAT_ADMITTED, session=SESSION) for _ in range(20)), return_exceptions=True
+    )
+    assert all(isinstance(o, OSError) for o in outcomes)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert await log.append(AuditEvent.SESSION_ENDED, session=SESSION) == 2, "the chain goes on from entry 1"
+    log.close()
+    report = verify(path, KEY)
+    assert report.ok and report.entries == 2
+    assert [e["event"] for e in read_entries(path)] == ["session_created", "session_ended"]
+
+
 async def test_two_writers_keep_one_chain_across_rotations(tmp_path: Path) -> None:
     # As two broker processes sharing a data directory would, each rotating when it finds the file full.
     path = tmp_path / "audit.jsonl"
