@@ -15,8 +15,16 @@ peer directly.
 Every ``nft`` rule lives inside the namespace the harness made, so the host's own firewall is never
 touched. ``netem`` is not used: the kernels these tests run on lack it (no delay emulation here).
 
+A **network change** (:meth:`Link.switch_network`, like a phone leaving Wi-Fi for mobile data): a
+second veth pair with a /30 of its own joins the namespace, the first pair's peer end loses its
+address and goes down, and the namespace's default route moves to the second pair. The peer's
+address is replaced; sockets bound to the old one go dead with no close. The host keeps the first
+pair's host end and its address, so the broker stays reachable at :attr:`Link.host_ip` (the host
+answers on any of its addresses, now through the second pair).
+
 Everything is made under one random tag and removed by name in :meth:`Link.close` (deleting the
-namespace removes the veth pair, its qdiscs and its ruleset); :func:`peer_link` closes on failure too.
+namespace removes the veth pairs, their qdiscs and its ruleset; the host ends are deleted by name
+too); :func:`peer_link` closes on failure too.
 """
 
 from __future__ import annotations
@@ -117,37 +125,56 @@ def _tbf(rate_kbit: int) -> list[str]:
     return ["tbf", "rate", f"{rate_kbit}kbit", "burst", str(burst), "limit", str(limit)]
 
 
-class Link:
-    """One namespace (the peer) and its veth pair to the host; made by :func:`peer_link`."""
+@dataclass(frozen=True)
+class Leg:
+    """One veth pair between the host and the namespace, with its /30."""
 
-    def __init__(self) -> None:
-        tag = secrets.token_hex(4)
-        self.namespace = f"{PREFIX}-{tag}"
-        self.host_if = f"{PREFIX}{tag}h"  # 3 + 8 + 1 = 12 characters (interfaces allow 15)
-        self.peer_if = f"{PREFIX}{tag}p"
+    host_if: str
+    peer_if: str
+    host_ip: str
+    peer_ip: str
+    prefix_len: int
+
+    @classmethod
+    def make_names(cls, tag: str, suffix: str) -> Leg:
         subnet = _free_subnet()
         host, peer = list(subnet.hosts())
-        self.host_ip, self.peer_ip = str(host), str(peer)
-        self.prefix_len = subnet.prefixlen
+        # 3 + 8 + 1 + 1 = 13 characters (interfaces allow 15)
+        return cls(f"{PREFIX}{tag}{suffix}h", f"{PREFIX}{tag}{suffix}p", str(host), str(peer), subnet.prefixlen)
+
+
+class Link:
+    """One namespace (the peer) and its veth pair to the host; made by :func:`peer_link`.
+
+    ``host_if``, ``host_ip`` and ``peer_if`` name the first pair for the link's whole life (the
+    broker listens on ``host_ip``); ``peer_ip`` is the peer's address now, and ``leg`` the pair its
+    traffic crosses now (the second one after :meth:`switch_network`).
+    """
+
+    def __init__(self) -> None:
+        self._tag = secrets.token_hex(4)
+        self.namespace = f"{PREFIX}-{self._tag}"
+        self.legs = [Leg.make_names(self._tag, "a")]
+        first = self.legs[0]
+        self.host_if, self.peer_if, self.host_ip = first.host_if, first.peer_if, first.host_ip
+        self.prefix_len = first.prefix_len
         self.profile = GOOD
         self._made = False
+
+    @property
+    def leg(self) -> Leg:
+        return self.legs[-1]
+
+    @property
+    def peer_ip(self) -> str:
+        return self.leg.peer_ip
 
     # ---------------------------------------------------------------- life
 
     def open(self) -> None:
         self._made = True
-        ns = self.namespace
-        _run(["ip", "netns", "add", ns], "making a network namespace")
-        _run(
-            ["ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.peer_if, "netns", ns],
-            "making a veth pair",
-        )
-        _run(["ip", "addr", "add", f"{self.host_ip}/{self.prefix_len}", "dev", self.host_if], "addressing the host end")
-        _run(["ip", "link", "set", self.host_if, "up"], "raising the host end")
-        self.run_in(
-            ["ip", "addr", "add", f"{self.peer_ip}/{self.prefix_len}", "dev", self.peer_if], "addressing the peer end"
-        )
-        self.run_in(["ip", "link", "set", self.peer_if, "up"], "raising the peer end")
+        _run(["ip", "netns", "add", self.namespace], "making a network namespace")
+        self._add_leg(self.leg)
         self.run_in(["ip", "link", "set", "lo", "up"], "raising the namespace's loopback")
         self.run_in(
             ["ip", "route", "add", "default", "via", self.host_ip], "routing the namespace through the host end"
@@ -159,21 +186,56 @@ class Link:
                 f"making the nft {hook} chain",
             )
 
+    def _add_leg(self, leg: Leg) -> None:
+        _run(
+            ["ip", "link", "add", leg.host_if, "type", "veth", "peer", "name", leg.peer_if, "netns", self.namespace],
+            "making a veth pair",
+        )
+        _run(["ip", "addr", "add", f"{leg.host_ip}/{leg.prefix_len}", "dev", leg.host_if], "addressing the host end")
+        _run(["ip", "link", "set", leg.host_if, "up"], "raising the host end")
+        self.run_in(
+            ["ip", "addr", "add", f"{leg.peer_ip}/{leg.prefix_len}", "dev", leg.peer_if], "addressing the peer end"
+        )
+        self.run_in(["ip", "link", "set", leg.peer_if, "up"], "raising the peer end")
+
+    def switch_network(self) -> Leg:
+        """Move the peer to a new veth pair and a new address, as when a phone leaves Wi-Fi for mobile data.
+
+        The old pair's peer end loses its address and goes down (what was bound to the old address
+        can send and receive nothing more, and is told nothing); the default route moves to the new
+        pair, shaped as the link's profile says. Returns the new pair.
+        """
+        old = self.leg
+        new = Leg.make_names(self._tag, chr(ord("a") + len(self.legs)))
+        self.legs.append(new)
+        self._add_leg(new)
+        self._shape_leg(new, self.profile)
+        self.run_in(["ip", "addr", "flush", "dev", old.peer_if], "removing the peer's old address")
+        self.run_in(["ip", "link", "set", old.peer_if, "down"], "taking the old network down")
+        self.run_in(
+            ["ip", "route", "replace", "default", "via", new.host_ip], "moving the default route to the new pair"
+        )
+        return new
+
     def close(self) -> None:
         """Remove everything this link made, by name; safe to call twice and after a failed open."""
         if not self._made:
             return
         self._made = False
-        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, check=False)
+        for leg in self.legs:
+            subprocess.run(["ip", "link", "del", leg.host_if], capture_output=True, check=False)
         subprocess.run(["ip", "netns", "del", self.namespace], capture_output=True, check=False)
 
     # ---------------------------------------------------------------- shaping
 
     def apply(self, profile: Profile) -> None:
         """Shape both directions as ``profile`` says, replacing whatever was there."""
-        self._shape("down", self.host_if, profile.down, inside=False)
-        self._shape("up", self.peer_if, profile.up, inside=True)
+        self._shape_leg(self.leg, profile)
         self.profile = profile
+
+    def _shape_leg(self, leg: Leg, profile: Profile) -> None:
+        self._shape("down", leg.host_if, profile.down, inside=False)
+        self._shape("up", leg.peer_if, profile.up, inside=True)
 
     def _shape(self, chain: str, device: str, direction: Direction, inside: bool) -> None:
         prefix = ["ip", "netns", "exec", self.namespace] if inside else []
@@ -211,7 +273,9 @@ class Link:
         """Whether anything of this link is still on the machine (for the teardown test)."""
         namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
         links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=False).stdout
-        return self.namespace in namespaces or f" {self.host_if}@" in links or f" {self.host_if}:" in links
+        return self.namespace in namespaces or any(
+            f" {leg.host_if}@" in links or f" {leg.host_if}:" in links for leg in self.legs
+        )
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """The emulated network measured from inside: a shaped direction really carries about its rate, a
 lossy one really drops about its share, the other direction is left alone, everything made is gone
-afterwards (also after a failure), and a machine without the tools is told what it lacks.
+afterwards (also after a failure), a network change really replaces the peer's address while the
+host stays reachable, and a machine without the tools is told what it lacks.
 
 Bounds are generous and functional (the shaping works at all, in the right direction), not speed
 figures: the exact delivered rates are the benchmark's business.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +83,36 @@ def test_everything_made_is_removed_also_when_the_test_fails() -> None:
         kept.append(failing)
         raise RuntimeError("the body failed")
     assert not kept[0].exists()
+
+
+def source_address_towards_host(link: Link) -> str:
+    """Open a TCP connection from inside the namespace to the host's first address: the peer's source address."""
+    with socket.socket() as server:
+        server.bind((link.host_ip, 0))
+        server.listen()
+        port = server.getsockname()[1]
+        connect = f"import socket; s = socket.create_connection(('{link.host_ip}', {port}), timeout=5); print(s.getsockname()[0])"
+        return link.run_in([sys.executable, "-c", connect], "connecting to the host").strip()
+
+
+def test_a_network_change_replaces_the_address_and_keeps_the_host_reachable() -> None:
+    """switch_network: a new pair and address, the old address gone, the host still at host_ip, all removed after."""
+    with peer_link(MOBILE) as link:
+        first = link.leg
+        assert source_address_towards_host(link) == first.peer_ip
+        second = link.switch_network()
+        assert second.peer_ip != first.peer_ip and second.host_if != first.host_if
+        assert link.peer_ip == second.peer_ip and link.host_ip == first.host_ip
+        assert source_address_towards_host(link) == second.peer_ip
+        inside = link.run_in(["ip", "-o", "-4", "addr", "show"], "reading the namespace's addresses")
+        assert first.peer_ip not in inside and second.peer_ip in inside
+        shaped = subprocess.run(["tc", "qdisc", "show", "dev", second.host_if], capture_output=True, text=True)
+        assert "tbf" in shaped.stdout and "rate 1Mbit" in shaped.stdout, f"the new pair is not shaped: {shaped.stdout}"
+        up = measure(link, "up", rate_kbit=900, count=330)
+        assert 150 <= up.rate_kbit <= 420, f"the new pair's up carried {up.rate_kbit:.0f} kbit/s (300 kbit/s limit)"
+    assert not link.exists()
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+    assert first.host_if not in links and second.host_if not in links
 
 
 def test_two_links_at_once_do_not_collide() -> None:
