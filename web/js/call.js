@@ -39,6 +39,7 @@ import {
 import { announce, el, fill, setPressed } from "./ui.js";
 import { attach } from "./devices.js";
 import { Adaptation, tuneAudio } from "./adapt.js";
+import { NetworkRecovery } from "./ice_restart.js";
 
 export const CHAT_LABEL = "chat";
 export const CHAT_CHANNEL_ID = 0;
@@ -170,6 +171,7 @@ export class Call {
   #roster = null; // {version, peers: Map(peer -> entry)}
   #awaitingRoster = new Map(); // peer -> {message (its offer), at, candidates}
   #selfHeld = false;
+  #recovery; // restarts ICE as soon as media stops, as when a network changes (ice_restart.js)
 
   constructor(
     signaling,
@@ -193,6 +195,7 @@ export class Call {
     on("roster", (m) => this.#onRoster(m.from, m.counter ?? null, m.sealed, true));
     on("status", (m) => this.setSelfHeld(m.held === true));
     this.#timer = setInterval(() => this.#maintain(), MAINTAIN_MS);
+    this.#recovery = new NetworkRecovery(signaling, { restart: (peer) => this.restart(peer), quiet: (peer) => this.isHeld(peer) });
     pageCertificate().then((cert) => {
       this.#certificate = cert ?? false;
       for (const peer of this.#infos.keys()) this.#ensure(peer);
@@ -374,6 +377,7 @@ export class Call {
     this.#linkCount += 1;
     const link = new PeerLink(peer, offerer, pc, this.#linkCount);
     this.#links.set(peer, link);
+    this.#recovery.watch(peer, pc);
     link.channel = pc.createDataChannel(CHAT_LABEL, { negotiated: true, id: CHAT_CHANNEL_ID });
     this.#wireChannel(link);
     pc.addEventListener("icecandidate", (event) => {
@@ -408,6 +412,7 @@ export class Call {
     if (!link) return;
     link.closed = true;
     this.#links.delete(peer);
+    this.#recovery.forget(peer);
     try {
       link.pc.close();
     } catch {
@@ -786,13 +791,11 @@ export class Call {
     this.#ensure(peer);
   }
 
-  /** Reconnect media with a peer now (a "fix connection" button, or a test). */
+  /** Reconnect media with a peer now (a "fix connection" button, a network change, or a test). */
   restart(peer) {
     const link = this.#links.get(peer);
-    if (link) {
-      link.lastRestart = 0;
-      this.#heal(link);
-    } else this.#ensure(peer);
+    if (link && !link.closed) this.#restartNow(link);
+    else this.#ensure(peer);
   }
 
   #maintain() {
@@ -1133,6 +1136,7 @@ export class Call {
   close() {
     this.#closed = true;
     clearInterval(this.#timer);
+    this.#recovery.close();
     for (const off of this.#unsubscribe) off();
     for (const peer of [...this.#links.keys()]) this.#closeLink(peer);
     this.#infos.clear();

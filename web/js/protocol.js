@@ -5,7 +5,9 @@
 // WebSocket drops or the broker falls silent (a hung broker keeps the socket
 // open and answers nothing: the page pings it and gives it a deadline),
 // reconnects with backoff and joins the same seat again with
-// the resume secret the broker gave this page (kept in this object's memory
+// the resume secret the broker gave this page and the highest relayed `seq` it
+// received (so the broker sends again what went to the dead socket: an ICE
+// restart offer made while this page's network changed) (kept in this object's memory
 // only, so a reload, another tab or a forwarded link cannot present it: those
 // wait for the therapist as the seat's "other device"). Errors after which a
 // reconnect cannot help (a bad or expired link, an ended session, a declined
@@ -98,6 +100,7 @@ export class Signaling {
   #joinedOnce = false;
   #resumeAfterMs = null;
   #resumeSecret = null; // proves a later join is this page (docs/protocol.md section 2); never stored
+  #lastSeq = null; // the highest relayed `seq` received: a rejoin asks for what came after it (join.resume)
   #refused = 0;
 
   constructor(token, { url = signalingUrl(), agent = "web" } = {}) {
@@ -162,6 +165,7 @@ export class Signaling {
       this.#rawSend({ type: "hello", protocol: PROTOCOL_VERSION, agent: this.#agent });
       const join = { type: "join", token: this.#token };
       if (this.#resumeSecret) join.resume_secret = this.#resumeSecret;
+      if (this.#resumeSecret && this.#lastSeq !== null) join.resume = this.#lastSeq;
       this.#rawSend(join);
     });
     ws.addEventListener("message", (event) => {
@@ -185,6 +189,32 @@ export class Signaling {
     if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000);
     this.#rejectPending("closed", "The connection was closed.");
     this.#setState("closed");
+  }
+
+  /**
+   * Whether the broker still hears this page: a `ping` now, and true once anything arrives, or, after
+   * `deadlineMs` of silence, false, the socket dropped and the seat joined again at once. For when
+   * the page has reason to doubt its socket (the call's media stopped: its network may have changed,
+   * and a socket bound to a vanished address dies without a close); false at once when not open.
+   */
+  checkNow(deadlineMs) {
+    const ws = this.#ws;
+    if (this.#state !== "open" || !ws) return Promise.resolve(false);
+    const sentAt = Date.now();
+    if (this.#rawSend({ type: "ping", n: this.#pings })) this.#pings += 1;
+    return new Promise((resolve) => {
+      const look = () => {
+        if (ws !== this.#ws) resolve(false); // dropped or replaced meanwhile
+        else if (this.#lastHeard >= sentAt) resolve(true);
+        else if (Date.now() - sentAt < deadlineMs) setTimeout(look, 50);
+        else {
+          this.#resumeAfterMs = 0; // the path is dead, the broker is not: join again at once
+          this.reconnectNow();
+          resolve(false);
+        }
+      };
+      setTimeout(look, 20);
+    });
   }
 
   /** Drop the current socket and join again at once (a broker that fell silent, or one that is restarting). */
@@ -304,6 +334,7 @@ export class Signaling {
       console.warn(`event=server_message_refused type=${problem.type} field=${problem.field} reason=${problem.reason}`);
       return;
     }
+    if (Number.isSafeInteger(message.seq) && message.seq > (this.#lastSeq ?? -1)) this.#lastSeq = message.seq;
     switch (message.type) {
       case "welcome":
         return;
