@@ -16,8 +16,9 @@ Every ``nft`` rule lives inside the namespace the harness made, so the host's ow
 touched. ``netem`` is not used: the kernels these tests run on lack it (no delay emulation here).
 
 A **network change** (:meth:`Link.switch_network`, like a phone leaving Wi-Fi for mobile data): a
-second veth pair with a /30 of its own joins the namespace, the first pair's peer end loses its
-address and goes down, and the namespace's default route moves to the second pair. The peer's
+second veth pair with a /30 of its own joins the namespace (beforehand with :meth:`Link.add_network`,
+as mobile data is up while a phone is on Wi-Fi, or at the change), the first pair's peer end loses
+its address and goes down, and the namespace's default route moves to the second pair. The peer's
 address is replaced; sockets bound to the old one go dead with no close. The host keeps the first
 pair's host end and its address, so the broker stays reachable at :attr:`Link.host_ip` (the host
 answers on any of its addresses, now through the second pair).
@@ -35,6 +36,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -159,11 +161,14 @@ class Link:
         self.host_if, self.peer_if, self.host_ip = first.host_if, first.peer_if, first.host_ip
         self.prefix_len = first.prefix_len
         self.profile = GOOD
+        #: When the last :meth:`switch_network` took the old address away (``time.time()``), else None.
+        self.switched_at: float | None = None
+        self._current = 0  # which of legs carries the default route
         self._made = False
 
     @property
     def leg(self) -> Leg:
-        return self.legs[-1]
+        return self.legs[self._current]
 
     @property
     def peer_ip(self) -> str:
@@ -198,23 +203,35 @@ class Link:
         )
         self.run_in(["ip", "link", "set", leg.peer_if, "up"], "raising the peer end")
 
-    def switch_network(self) -> Leg:
-        """Move the peer to a new veth pair and a new address, as when a phone leaves Wi-Fi for mobile data.
-
-        The old pair's peer end loses its address and goes down (what was bound to the old address
-        can send and receive nothing more, and is told nothing); the default route moves to the new
-        pair, shaped as the link's profile says. Returns the new pair.
-        """
-        old = self.leg
+    def add_network(self) -> Leg:
+        """Make the next veth pair, addressed and shaped as the link's profile says, without moving
+        the route to it: a phone's mobile data that is up while it is still on Wi-Fi."""
         new = Leg.make_names(self._tag, chr(ord("a") + len(self.legs)))
         self.legs.append(new)
         self._add_leg(new)
         self._shape_leg(new, self.profile)
-        self.run_in(["ip", "addr", "flush", "dev", old.peer_if], "removing the peer's old address")
-        self.run_in(["ip", "link", "set", old.peer_if, "down"], "taking the old network down")
-        self.run_in(
-            ["ip", "route", "replace", "default", "via", new.host_ip], "moving the default route to the new pair"
+        return new
+
+    def switch_network(self) -> Leg:
+        """Move the peer to the next veth pair and its address, as when a phone leaves Wi-Fi for mobile data.
+
+        The pair :meth:`add_network` made, else a new one made now (its address appears with the
+        change); then, in one ``ip -batch`` inside the namespace, the current pair's peer end loses its
+        address and goes down (what was bound to the old address can send and receive nothing more,
+        and is told nothing) and the default route moves to the next pair. :attr:`switched_at` is the
+        wall-clock time (``time.time()``) just before that batch: the moment of the change. Returns the
+        pair the peer is on now.
+        """
+        old = self.leg
+        new = self.legs[self._current + 1] if self._current + 1 < len(self.legs) else self.add_network()
+        change = f"addr flush dev {old.peer_if}\nlink set {old.peer_if} down\nroute replace default via {new.host_ip}\n"
+        self.switched_at = time.time()
+        result = subprocess.run(
+            ["ip", "-n", self.namespace, "-batch", "-"], input=change, capture_output=True, text=True, check=False
         )
+        if result.returncode != 0:
+            raise NetemUnavailable(f"moving the peer to the new pair failed: {result.stderr.strip()}")
+        self._current += 1
         return new
 
     def close(self) -> None:
@@ -229,8 +246,9 @@ class Link:
     # ---------------------------------------------------------------- shaping
 
     def apply(self, profile: Profile) -> None:
-        """Shape both directions as ``profile`` says, replacing whatever was there."""
-        self._shape_leg(self.leg, profile)
+        """Shape both directions as ``profile`` says (on every pair), replacing whatever was there."""
+        for leg in self.legs:
+            self._shape_leg(leg, profile)
         self.profile = profile
 
     def _shape_leg(self, leg: Leg, profile: Profile) -> None:

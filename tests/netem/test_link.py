@@ -96,11 +96,14 @@ def source_address_towards_host(link: Link) -> str:
 
 
 def test_a_network_change_replaces_the_address_and_keeps_the_host_reachable() -> None:
-    """switch_network: a new pair and address, the old address gone, the host still at host_ip, all removed after."""
+    """add_network, then switch_network: a new pair and address, the old address gone, the host still
+    at host_ip, all removed after; a second switch makes its pair at the change."""
     with peer_link(MOBILE) as link:
         first = link.leg
         assert source_address_towards_host(link) == first.peer_ip
-        second = link.switch_network()
+        second = link.add_network()  # up, but the route stays on the first pair until the switch
+        assert source_address_towards_host(link) == first.peer_ip and link.peer_ip == first.peer_ip
+        assert link.switch_network() == second
         assert second.peer_ip != first.peer_ip and second.host_if != first.host_if
         assert link.peer_ip == second.peer_ip and link.host_ip == first.host_ip
         assert source_address_towards_host(link) == second.peer_ip
@@ -110,9 +113,11 @@ def test_a_network_change_replaces_the_address_and_keeps_the_host_reachable() ->
         assert "tbf" in shaped.stdout and "rate 1Mbit" in shaped.stdout, f"the new pair is not shaped: {shaped.stdout}"
         up = measure(link, "up", rate_kbit=900, count=330)
         assert 150 <= up.rate_kbit <= 420, f"the new pair's up carried {up.rate_kbit:.0f} kbit/s (300 kbit/s limit)"
+        third = link.switch_network()
+        assert third not in (first, second) and source_address_towards_host(link) == third.peer_ip
     assert not link.exists()
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
-    assert first.host_if not in links and second.host_if not in links
+    assert not any(leg.host_if in links for leg in (first, second, third))
 
 
 def test_two_links_at_once_do_not_collide() -> None:
