@@ -5,11 +5,11 @@
 // WebSocket drops or the broker falls silent (a hung broker keeps the socket
 // open and answers nothing: the page pings it and gives it a deadline),
 // reconnects with backoff and joins the same seat again with
-// the resume secret the broker gave this page and the highest relayed `seq` it
-// received (so the broker sends again what went to the dead socket: an ICE
-// restart offer made while this page's network changed) (kept in this object's memory
+// the resume secret the broker gave this page (kept in this object's memory
 // only, so a reload, another tab or a forwarded link cannot present it: those
-// wait for the therapist as the seat's "other device"). Errors after which a
+// wait for the therapist as the seat's "other device") and the highest relayed
+// `seq` it received, so the broker sends again what went to a dead socket (an
+// ICE restart offer made while this page's network changed, ice_restart.js). Errors after which a
 // reconnect cannot help (a bad or expired link, an ended session, a declined
 // or removed seat, the seat opened in another tab) stop it for good and are
 // reported once as a "final" event.
