@@ -1,0 +1,160 @@
+"""The extension in Chromium (loaded with ``--load-extension`` into a persistent context, headless):
+Chromium gives an extension no response bodies, so it detects and stops. It reads each response's
+headers as they arrive, fetches each file the page loaded again and compares it with the signed
+manifest, and compares the page's own pins; on a mismatch the page's tracks and connections end
+and the tab shows the warning page within a second.
+
+A broker serving the practice's release unaltered: the page is marked verified and the badge says
+"verified build 0.1.0". In a verified page holding a camera track and a peer connection, a module
+changed on the broker and then loaded: the track ends, the connection closes, the warning shows
+within 1 s. A broker whose host was broken into (a module altered, the pages re-pinned): the page
+is stopped within 1 s of loading (its altered module may have run in that time: Chromium cannot hold
+a response back, so this is detection, not refusal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from playwright.async_api import BrowserContext, Page, Playwright, Worker
+
+from tests.browser.kit import CHROMIUM_ARGS, DESKTOP
+from tests.conftest import RunningBroker, schedule, start_broker
+from tests.extension.kit import (
+    LATER_MODULE,
+    MARGIN_S,
+    STOP_WITHIN_S,
+    Practice,
+    altered_and_repinned,
+    flip_in_place,
+    pinned_extension,
+    signed_practice,
+)
+
+pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
+
+VERIFIED = "document.readyState === 'complete' && (document.documentElement.dataset.verifiedBuild ?? null)"
+#: In the page: a camera and microphone track and a peer connection, as a call holds them, and a
+#: report (through an exposed function) of their state the moment the extension stops the page.
+HOLD_MEDIA = """async () => {
+  const stream = await navigator.mediaDevices.getUserMedia({video: true, audio: true});
+  const pc = new RTCPeerConnection();
+  pc.addTrack(stream.getVideoTracks()[0], stream);
+  document.addEventListener('broker-web-verify:stopped', () => window.reportStop(JSON.stringify({
+    tracks: stream.getTracks().map((t) => t.readyState), pc: pc.signalingState})));
+  return stream.getTracks().map((t) => t.readyState);
+}"""
+
+
+@dataclass
+class Setup:
+    practice: Practice
+    clean: RunningBroker
+    altered: RunningBroker
+    context: BrowserContext
+    worker: Worker
+    reports: list[dict[str, Any]] = field(default_factory=list)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def setup(
+    tmp_path_factory: pytest.TempPathFactory,
+    playwright: Playwright,  # noqa: F811
+) -> AsyncIterator[Setup]:
+    tmp = tmp_path_factory.mktemp("extension-chromium")
+    practice = signed_practice(tmp)
+    clean = await start_broker(tmp / "clean", web_root=str(practice.root))
+    altered = await start_broker(tmp / "altered", web_root=str(altered_and_repinned(practice, tmp)))
+    extension = pinned_extension(tmp, [clean.url, altered.url], practice.public_key)
+    context = await playwright.chromium.launch_persistent_context(
+        str(tmp / "profile"),
+        executable_path="/usr/bin/chromium",
+        headless=True,
+        viewport=DESKTOP,
+        args=[*CHROMIUM_ARGS, f"--disable-extensions-except={extension}", f"--load-extension={extension}"],
+        ignore_default_args=["--disable-extensions"],
+    )
+    try:
+        worker = (
+            context.service_workers[0] if context.service_workers else await context.wait_for_event("serviceworker")
+        )
+        # Ready once the content scripts for the pinned origins are registered.
+        deadline = time.monotonic() + 10
+        while not await worker.evaluate("chrome.scripting.getRegisteredContentScripts().then((s) => s.length)"):
+            assert time.monotonic() < deadline, "the extension registered no content script"
+            await asyncio.sleep(0.1)
+        setup = Setup(practice, clean, altered, context, worker)
+        await context.expose_function("reportStop", lambda text: setup.reports.append(json.loads(text)))
+        yield setup
+    finally:
+        await context.close()
+        await clean.stop()
+        await altered.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def page(setup: Setup) -> AsyncIterator[Page]:
+    setup.reports.clear()
+    page = await setup.context.new_page()
+    yield page
+    await page.close()
+
+
+async def badge_title(setup: Setup, page: Page) -> str:
+    title = await setup.worker.evaluate(
+        """async (url) => {
+          const [tab] = (await chrome.tabs.query({})).filter((t) => t.url === url);
+          return tab ? chrome.action.getTitle({tabId: tab.id}) : null; }""",
+        page.url,
+    )
+    return str(title)
+
+
+async def warning_code(setup: Setup, page: Page, deadline: float) -> str:
+    """Wait until the tab shows the extension's warning page (by the deadline); its reason code."""
+    prefix = f"chrome-extension://{setup.worker.url.split('/')[2]}/pages/warning.html"
+    while not page.url.startswith(prefix):
+        assert time.monotonic() < deadline, f"no warning page in time: {page.url}"
+        await asyncio.sleep(0.02)
+    await page.wait_for_selector("main[data-code]", state="attached")
+    return str(await page.get_attribute("main", "data-code"))
+
+
+async def test_chromium_marks_the_unaltered_release_verified(setup: Setup, page: Page) -> None:
+    await page.goto((await schedule(setup.clean)).clients[0])
+    assert await (await page.wait_for_function(VERIFIED)).json_value() == "0.1.0"
+    assert await badge_title(setup, page) == "verified build 0.1.0"
+    assert await page.evaluate("document.body.dataset.screen") != "loading"
+
+
+async def test_chromium_a_module_changed_mid_call_ends_the_tracks_and_warns_within_a_second(
+    setup: Setup, page: Page
+) -> None:
+    await page.goto((await schedule(setup.clean)).clients[0])
+    await page.wait_for_function(VERIFIED)
+    assert await page.evaluate(HOLD_MEDIA) == ["live", "live"]
+    module = setup.practice.root / "js" / LATER_MODULE
+    original = flip_in_place(module)
+    try:
+        started = time.monotonic()
+        await page.evaluate("(m) => { import(m).catch(() => {}); }", f"/static/js/{LATER_MODULE}")
+        code = await warning_code(setup, page, started + STOP_WITHIN_S + MARGIN_S)
+    finally:
+        module.write_bytes(original)
+    assert code == "body", code
+    assert setup.reports == [{"tracks": ["ended", "ended"], "pc": "closed"}]
+
+
+async def test_chromium_a_broken_into_broker_is_stopped_within_a_second_of_loading(setup: Setup, page: Page) -> None:
+    started = time.monotonic()
+    await page.goto((await schedule(setup.altered)).clients[0], wait_until="commit")
+    code = await warning_code(setup, page, started + STOP_WITHIN_S + MARGIN_S)
+    assert code == "header", code  # the CSP pins the import map, which the attacker had to change
+    assert "This page was stopped" in await page.inner_text("main")
