@@ -23,9 +23,10 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from playwright.async_api import BrowserContext, Page, Playwright, Worker
+from playwright.async_api import BrowserContext, Page, Playwright, Worker, expect
 
-from tests.browser.kit import CHROMIUM_ARGS, DESKTOP
+from tests.browser.conftest import NewContext
+from tests.browser.kit import CHROMIUM_ARGS, DESKTOP, code_with, pass_checklist, wait_screen
 from tests.conftest import RunningBroker, schedule, start_broker
 from tests.extension.kit import (
     LATER_MODULE,
@@ -40,7 +41,7 @@ from tests.extension.kit import (
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 
-VERIFIED = "document.readyState === 'complete' && (document.documentElement.dataset.verifiedBuild ?? null)"
+VERIFIED = "() => document.readyState === 'complete' && (document.documentElement.dataset.verifiedBuild ?? null)"
 #: In the page: a camera and microphone track and a peer connection, as a call holds them, and a
 #: report (through an exposed function) of their state the moment the extension stops the page.
 HOLD_MEDIA = """async () => {
@@ -158,3 +159,28 @@ async def test_chromium_a_broken_into_broker_is_stopped_within_a_second_of_loadi
     code = await warning_code(setup, page, started + STOP_WITHIN_S + MARGIN_S)
     assert code == "header", code  # the CSP pins the import map, which the attacker had to change
     assert "This page was stopped" in await page.inner_text("main")
+
+
+async def test_the_therapist_sees_their_app_is_verified_next_to_the_safety_code(
+    setup: Setup, page: Page, new_context: NewContext
+) -> None:
+    """The client's page is verified by the extension; the therapist's browser has none: the
+    therapist sees "Their app is verified" by the client's safety code (sent over the pair's data
+    channel), and the client sees nothing about the therapist's app (unverified is normal)."""
+    links = await schedule(setup.clean)
+    client_peer, therapist_peer = links.peers[links.client], links.peers[links.therapist]
+    await page.goto(links.client)
+    await page.wait_for_function(VERIFIED)
+    await pass_checklist(page)
+    therapist = await (await new_context()).new_page()
+    await therapist.goto(links.therapist)
+    await wait_screen(therapist, "dashboard")
+    await therapist.get_by_test_id("admit").click()
+    await wait_screen(page, "call")
+    assert await code_with(page, therapist_peer) == await code_with(therapist, client_peer)
+    client_tile = therapist.locator(f'[data-testid=tile][data-peer="{client_peer}"]')
+    await expect(client_tile.get_by_test_id("their-app")).to_have_text("Their app is verified")
+    assert "0.1.0" in str(await client_tile.get_by_test_id("their-app").get_attribute("title"))
+    therapist_tile = page.locator(f'[data-testid=tile][data-peer="{therapist_peer}"]')
+    await expect(therapist_tile).to_have_attribute("data-state", "connected")
+    await expect(therapist_tile.get_by_test_id("their-app")).to_have_count(0)
