@@ -152,7 +152,9 @@ function sameOriginOrFail(check, details) {
 }
 
 function checkResponseHeaders(manifest, details, pathname) {
-  if (details.statusCode >= 300 && details.statusCode < 400) {
+  // A page sent elsewhere (the quick exit to the practice's exit address) leaves the pinned
+  // origin: nothing of that origin runs there. A script or style sent elsewhere is refused.
+  if (details.statusCode >= 300 && details.statusCode < 400 && details.type !== "main_frame") {
     const location = details.responseHeaders.find((h) => h.name.toLowerCase() === "location")?.value;
     checkRedirect(location, pathname);
   }

@@ -134,3 +134,10 @@ async def test_firefox_a_module_changed_on_the_running_broker_is_refused_by_its_
         module.write_bytes(original)
     assert code == "body", code
     assert LATER_MODULE in await tab.text_of("#detail")
+
+
+async def test_firefox_the_pages_the_client_page_sends_to_are_verified(setup: Setup, tab: FirefoxPage) -> None:
+    """The join page's address after a reload (/j) and the quick exit's page (/today) are in the
+    manifest: a client with the extension is not stopped by reloading or leaving quickly."""
+    for path in ("/j", "/today"):
+        assert await open_verified(tab, setup.clean.url + path) == "0.1.0", path
