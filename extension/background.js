@@ -349,21 +349,30 @@ api.runtime.onMessage.addListener((message, sender, reply) => {
 
 // ------------------------------------------------------------------ "does this look like a broker?"
 
+/** Tabs whose page is not pinned but was served with the broker's headers. */
+const offered = new Set();
+
 /** An unpinned page served with the broker's headers: the badge offers to pin it (nothing is fetched). */
 function offerOnHeaders(details) {
   if (details.type !== "main_frame" || details.tabId < 0) return;
+  offered.delete(details.tabId);
   const origin = originOf(details.url);
   if (!origin || pins.has(origin)) return;
   const names = new Set(details.responseHeaders.map((h) => h.name.toLowerCase()));
   const csp = details.responseHeaders.find((h) => h.name.toLowerCase() === "content-security-policy")?.value ?? "";
-  if (names.has("integrity-policy") && csp.includes("require-trusted-types-for")) {
-    const { tabId } = details;
-    setTimeout(() => {
-      api.action.setBadgeText({ tabId, text: "pin?" }).catch(() => {});
-      api.action.setTitle({ tabId, title: "This may be a practice's call page: pin its signing key?" }).catch(() => {});
-    }, 0);
-  }
+  if (names.has("integrity-policy") && csp.includes("require-trusted-types-for")) offered.add(details.tabId);
 }
+
+// Shown once the page has loaded: a navigation resets a tab's badge.
+api.tabs.onUpdated.addListener((tabId, change) => {
+  if (change.status !== "complete" || !offered.has(tabId)) return;
+  api.action.setBadgeText({ tabId, text: "pin?" }).catch(() => {});
+  api.action.setTitle({ tabId, title: "This may be a practice's call page: pin its signing key?" }).catch(() => {});
+});
+api.tabs.onRemoved.addListener((tabId) => {
+  offered.delete(tabId);
+  tabs.delete(tabId);
+});
 
 // ------------------------------------------------------------------ listeners
 

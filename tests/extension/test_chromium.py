@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class Setup:
     practice: Practice
     clean: RunningBroker
     altered: RunningBroker
+    unpinned: RunningBroker
     context: BrowserContext
     worker: Worker
     reports: list[dict[str, Any]] = field(default_factory=list)
@@ -73,6 +75,7 @@ async def setup(
     practice = signed_practice(tmp)
     clean = await start_broker(tmp / "clean", web_root=str(practice.root))
     altered = await start_broker(tmp / "altered", web_root=str(altered_and_repinned(practice, tmp)))
+    unpinned = await start_broker(tmp / "unpinned", web_root=str(practice.root))
     extension = pinned_extension(tmp, [clean.url, altered.url], practice.public_key)
     context = await playwright.chromium.launch_persistent_context(
         str(tmp / "profile"),
@@ -91,13 +94,13 @@ async def setup(
         while not await worker.evaluate("chrome.scripting.getRegisteredContentScripts().then((s) => s.length)"):
             assert time.monotonic() < deadline, "the extension registered no content script"
             await asyncio.sleep(0.1)
-        setup = Setup(practice, clean, altered, context, worker)
+        setup = Setup(practice, clean, altered, unpinned, context, worker)
         await context.expose_function("reportStop", lambda text: setup.reports.append(json.loads(text)))
         yield setup
     finally:
         await context.close()
-        await clean.stop()
-        await altered.stop()
+        for running in (clean, altered, unpinned):
+            await running.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -184,3 +187,32 @@ async def test_the_therapist_sees_their_app_is_verified_next_to_the_safety_code(
     therapist_tile = page.locator(f'[data-testid=tile][data-peer="{therapist_peer}"]')
     await expect(therapist_tile).to_have_attribute("data-state", "connected")
     await expect(therapist_tile.get_by_test_id("their-app")).to_have_count(0)
+
+
+async def test_chromium_pinning_a_practice_from_its_site(setup: Setup, page: Page) -> None:
+    """Not pinned: nothing is checked or marked, the badge offers to pin (from the headers alone).
+    Asked, the extension shows the key that signed the site's manifest, with its fingerprint;
+    pinned, the next visit is verified."""
+    link = (await schedule(setup.unpinned)).clients[0]
+    await page.goto(link)
+    await page.wait_for_load_state("load")
+    assert await badge_title(setup, page) == "This may be a practice's call page: pin its signing key?"
+    assert await page.evaluate("document.documentElement.dataset.verifiedBuild ?? null") is None
+    extension_page = await setup.context.new_page()
+    await extension_page.goto(f"chrome-extension://{setup.worker.url.split('/')[2]}/pages/warning.html")
+    origin = setup.unpinned.url
+    offer = await extension_page.evaluate("(origin) => chrome.runtime.sendMessage({type: 'offer', origin})", origin)
+    assert offer["version"] == "0.1.0"
+    assert [signer["key"] for signer in offer["signers"]] == [setup.practice.public_key]
+    assert re.fullmatch(r"([0-9a-f]{4} ){7}[0-9a-f]{4}", offer["signers"][0]["fingerprint"])
+    key = setup.practice.public_key
+    try:
+        await extension_page.evaluate(
+            "([origin, key]) => chrome.runtime.sendMessage({type: 'pin', origin, key})", [origin, key]
+        )
+        await page.goto(link)
+        assert await (await page.wait_for_function(VERIFIED)).json_value() == "0.1.0"
+        assert await badge_title(setup, page) == "verified build 0.1.0"
+    finally:
+        await extension_page.evaluate("(origin) => chrome.runtime.sendMessage({type: 'unpin', origin})", origin)
+        await extension_page.close()
