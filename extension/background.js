@@ -32,16 +32,25 @@ const CHECKED = new Set(["main_frame", "sub_frame", "script", "stylesheet", "ima
 const STOP_WAIT_MS = 250;
 
 let pins = new Map();
+/** Refreshes run one after another (two at once would register the content scripts twice). */
+let refreshing = Promise.resolve();
 let pinsReady = refreshPins();
 /** tabId -> the check of the document the tab shows (TabCheck). */
 const tabs = new Map();
 
-async function refreshPins() {
-  pins = await loadPins();
-  await registerContentScripts();
-  managedArrivedLate().then((late) => {
-    if (late) pinsReady = refreshPins();
+function refreshPins() {
+  refreshing = refreshing.catch(() => {}).then(async () => {
+    pins = await loadPins();
+    try {
+      await registerContentScripts();
+    } catch {
+      /* the checks go on without the page's mark and its stop; the next refresh tries again */
+    }
+    managedArrivedLate().then((late) => {
+      if (late) pinsReady = refreshPins();
+    });
   });
+  return refreshing;
 }
 
 /** The content scripts run only on pinned origins' pages (match patterns cannot name a port). */
@@ -112,7 +121,17 @@ function checkFor(details) {
     tabs.set(details.tabId, check);
     return check;
   }
-  return tabs.get(details.tabId) ?? null;
+  const known = tabs.get(details.tabId);
+  if (known) return known;
+  // Chromium ends an idle service worker (and Firefox may suspend an event page), and with it
+  // this map: a request from a pinned origin's page in a tab not known (any more) is checked again.
+  const from = originOf(details.initiator ?? details.documentUrl ?? "");
+  const pin = from ? pins.get(from) : undefined;
+  if (!pin) return null;
+  const check = new TabCheck(details.tabId, from, pin.keys);
+  check.documentChecked = true; // checked by the worker that saw it load (a mismatch would have stopped it)
+  tabs.set(details.tabId, check);
+  return check;
 }
 
 // ------------------------------------------------------------------ stop and warn
@@ -333,11 +352,13 @@ api.runtime.onMessage.addListener((message, sender, reply) => {
         return offerPin(message.origin);
       case "pin":
         await addUserPin(message.origin, message.key);
-        await refreshPins();
+        pinsReady = refreshPins();
+        await pinsReady;
         return { ok: true };
       case "unpin":
         await removeUserPin(message.origin);
-        await refreshPins();
+        pinsReady = refreshPins();
+        await pinsReady;
         return { ok: true };
       default:
         return { error: "unknown message" };
