@@ -131,11 +131,21 @@ async def warning_code(setup: Setup, page: Page, deadline: float) -> str:
     return str(await page.get_attribute("main", "data-code"))
 
 
+#: In the extension's service worker: every request made by no tab (the extension's own), recorded.
+RECORD_OWN_REQUESTS = """() => { globalThis.ownRequests = [];
+  chrome.webRequest.onBeforeRequest.addListener((d) => { if (d.tabId < 0) ownRequests.push(d.url); },
+    {urls: ['<all_urls>']}); }"""
+
+
 async def test_chromium_marks_the_unaltered_release_verified(setup: Setup, page: Page) -> None:
+    await setup.worker.evaluate(RECORD_OWN_REQUESTS)
     await page.goto((await schedule(setup.clean)).clients[0])
     assert await (await page.wait_for_function(VERIFIED)).json_value() == "0.1.0"
     assert await badge_title(setup, page) == "verified build 0.1.0"
     assert await page.evaluate("document.body.dataset.screen") != "loading"
+    own = await setup.worker.evaluate("ownRequests")
+    assert f"{setup.clean.url}/.well-known/broker-web/manifest.json" in own
+    assert all(url.startswith(setup.clean.url + "/") for url in own), "a request left for another origin"
 
 
 async def test_chromium_a_module_changed_mid_call_ends_the_tracks_and_warns_within_a_second(
