@@ -14,8 +14,9 @@ MAX_LINES = 600
 TABLES: dict[str, str] = {}
 #: The only modules outside a subpackage: what every part reads, and the entry points.
 TOP_LEVEL = {"__init__.py", "__main__.py", "config.py", "config_check.py", "logs.py"}
-#: Test folders that are not a package's mirror: drivers of the whole product, the emulated network, and data.
-TEST_ONLY = {"browser", "data", "netem", "vectors"}
+#: Test folders that are not a package's mirror: drivers of the whole product, the emulated network, data,
+#: and the mirror of the top-level extension/ folder (the browser extension is not a Python package).
+TEST_ONLY = {"browser", "data", "extension", "netem", "vectors"}
 
 
 def module_name(path: Path) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from broker import __version__
+from broker.http.client_pages import EXIT_PATH, JOIN_PATH
 from broker.http.notice_pages import NOTICES, render_notice
 from broker.http.pages import LINK_PAGES, PAGES, STATIC_PREFIX
 from broker.http.security_headers import security_headers
@@ -27,6 +28,11 @@ FORMAT = "broker-web-manifest/1"
 APP = "teletherapy-broker"
 _STRING_MAPS = ("extra_csp", "headers", "files", "routes", "notices")
 _DIGEST_MAPS = ("files", "notices")
+
+
+#: The client's pages at their own addresses (broker/http/client_pages.py), with the built-in
+#: choices (no practice title, no exit address): a practice that sets them signs its own manifest.
+CLIENT_ADDRESSES = {JOIN_PATH: "join.html", EXIT_PATH: "today.html"}
 
 
 class ManifestError(ValueError):
@@ -49,6 +55,9 @@ def build_manifest(root: Path) -> dict[str, Any]:
     csp = headers.pop("Content-Security-Policy")
     files = {STATIC_PREFIX + rel: sri((root / rel).read_bytes()) for rel in served_files(root)}
     files.update({route: sri((root / name).read_bytes()) for route, name in PAGES.items()})
+    # The join page's own address after it read its link (a reload lands there) and the quick
+    # exit's page: pages a browser is sent to by the client's own page (the extension checks them).
+    files.update({path: sri((root / name).read_bytes()) for path, name in CLIENT_ADDRESSES.items()})
     return {
         "format": FORMAT,
         "app": APP,

@@ -32,6 +32,7 @@ import { installQuickExit, onQuickExit } from "./quick_exit.js";
 import { clearPlanForm, forgetPlan, sealPlanForm, setupPlanForm } from "./safety_plan.js";
 import { clientSafety, endClientSafety, sendLeftQuickly } from "./safety_signal.js";
 import { announce, byId, confirmDialog, el, fill, formatTime, setText, showScreen, sleep } from "./ui.js";
+import { shareVerification } from "./verified_peer.js";
 
 const KEY_PREFIX = "tt.link-key.";
 const PREFLIGHT_RECORD_TRIES = 10;
@@ -692,6 +693,7 @@ function startCall() {
   });
   state.call = call;
   const safety = clientSafety(call, state.policy?.safety); // the discreet signal (issue 29)
+  shareVerification(call); // "their app is verified" (issue 30)
   let others = 0;
   const names = new Map();
   state.view = new CallView(byId("call-root"), call, {

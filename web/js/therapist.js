@@ -19,6 +19,7 @@ import { Signaling, tokenFromPath } from "./protocol.js";
 import { SealedPlans } from "./safety_plan.js";
 import { TherapistSafety } from "./safety_signal.js";
 import { announce, byId, confirmDialog, el, fill, formatTime, setText, showScreen } from "./ui.js";
+import { shareVerification } from "./verified_peer.js";
 
 const DB_NAME = "teletherapy-therapist";
 const DB_STORE = "link-keys";
@@ -224,6 +225,7 @@ function startDashboard(key) {
     selfLabel: "You",
   });
   state.view.setUnverified(!key);
+  shareVerification(call); // "their app is verified" (issue 30)
   state.plans = new SealedPlans(joined.session, clientKey, renderSeats);
   state.safety = new TherapistSafety(call, {
     labelFor: (peer) => state.labels.get(peer) ?? "Client",
