@@ -70,8 +70,12 @@ async def test_an_audio_only_call_holds_at_64_kbits(network: Network, chromium: 
         await wait_screen(client, "call")
         client_tile = therapist.get_by_test_id("tile")
         await expect(client_tile).to_have_attribute("data-state", "connected", timeout=CONNECT_WAIT_MS)
-        await expect(client.get_by_test_id("tile")).to_have_attribute("data-state", "connected", timeout=CONNECT_WAIT_MS)
-        await expect(client_tile.locator(".camera-off")).to_have_text("Client chose audio only", timeout=CONNECT_WAIT_MS)
+        await expect(client.get_by_test_id("tile")).to_have_attribute(
+            "data-state", "connected", timeout=CONNECT_WAIT_MS
+        )
+        await expect(client_tile.locator(".camera-off")).to_have_text(
+            "Client chose audio only", timeout=CONNECT_WAIT_MS
+        )
 
         start = {"client": await figures(client), "therapist": await figures(therapist)}
         before = dict(start)
