@@ -11,15 +11,20 @@
   caps video at 150 kbit/s and a quarter of the size on both sides' senders.
 - The therapist chooses audio only during the call: the client's tile says "Your therapist chose
   audio only"; the choice is kept on the therapist's device, so the next session starts with it.
+  The dashboard (the therapist's account page) shows and changes the same setting, "Calls from this
+  device", and a session opened from it starts with it.
 - A camera the browser refuses (a Chromium that really denies it: only the microphone is granted)
   leads to the offer "Continue with audio only", and the client joins the call with it.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from playwright.async_api import Browser, Page, Playwright, expect
 
 from tests.browser.conftest import NewContext
@@ -39,6 +44,8 @@ from tests.browser.kit import (
     wait_screen,
 )
 from tests.conftest import RunningBroker, SessionLinks, schedule
+from tests.http.test_dashboard import schedule_in_page
+from tests.http.test_web_auth import PASSWORD, FullBroker, start_full_broker
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 
@@ -155,6 +162,9 @@ async def test_the_client_chooses_audio_only_before_and_during_the_call(
     await therapist.wait_for_function(sends("s.active === false"))
     await expect(client.get_by_test_id("toggle-camera")).to_be_disabled()
     await expect(client.get_by_test_id("call-mode")).to_have_value("audio_only")
+    # No frozen picture of the therapist either: the client's tile says why there is none.
+    await expect(tile(client, therapist_peer).locator(".camera-off")).to_have_text("Audio only: no video")
+    await expect(tile(client, therapist_peer).locator("video")).to_have_class("off")
     await client.wait_for_function(sends("s.audioIn > 50 && s.audioOut > 50"))
     await check_axe(client, axe_source, "client-call-audio-only")
     await check_axe(therapist, axe_source, "therapist-call-client-audio-only")
@@ -251,6 +261,7 @@ async def test_the_therapist_chooses_audio_only_and_it_is_remembered_on_the_devi
     await videos_off(therapist)
     await client.wait_for_function(sends("s.active === false"))
     assert await therapist.evaluate("localStorage.getItem('tt-media-mode')") == "audio_only"
+    await expect(tile(therapist, first.peers[first.client]).locator(".camera-off")).to_have_text("Audio only: no video")
     await look(therapist, axe_source, "therapist-call-audio-only")
     await look(client, axe_source, "client-call-therapist-audio-only")
 
@@ -312,3 +323,40 @@ async def test_a_denied_camera_is_offered_audio_only_and_the_client_joins(
         assert await client.evaluate("window.__cspViolations") == []
     finally:
         await denying.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def full(tmp_path: Path) -> AsyncIterator[FullBroker]:
+    running = await start_full_broker(tmp_path / "data")
+    await running.auth.accounts.add("dana", PASSWORD)
+    yield running
+    await running.stop()
+
+
+async def test_the_dashboard_sets_how_this_device_joins_calls(
+    full: FullBroker, new_context: NewContext, watch: Watch, axe_source: str
+) -> None:
+    page = await (await recorded(await new_context())).new_page()
+    await page.goto(full.url + "/login")
+    await page.get_by_label("Login name").fill("dana")
+    await page.get_by_label("Password").fill(PASSWORD)
+    await page.get_by_role("button", name="Log in").click()
+    await page.get_by_role("button", name="Not now").click()  # the second factor offered after login
+    await page.wait_for_url(full.url + "/dashboard")
+    await page.locator("body[data-ready=true]").wait_for()
+    setting = page.get_by_label("Calls from this device")
+    await expect(setting).to_have_value("video")
+    await setting.select_option("low_bandwidth")
+    assert await page.evaluate("localStorage.getItem('tt-media-mode')") == "low_bandwidth"
+    await check_axe(page, axe_source, "dashboard-call-mode-setting")
+    card = await schedule_in_page(page)
+    href = await card.get_by_role("link", name="Open session").get_attribute("href")
+    assert href is not None
+    await page.goto(href)
+    await wait_screen(page, "dashboard")
+    await expect(page.get_by_test_id("call-mode")).to_have_value("low_bandwidth")
+    await page.get_by_test_id("call-mode").select_option("video")
+    await page.go_back()
+    await page.wait_for_url(full.url + "/dashboard")
+    await expect(page.get_by_label("Calls from this device")).to_have_value("video")
+    await watch.assert_clean()

@@ -1186,6 +1186,7 @@ export class CallView {
   #unread = 0;
   #els;
   #adapt;
+  #selfAudioOnly = false;
 
   /**
    * @param {HTMLElement} root  an empty container
@@ -1368,6 +1369,8 @@ export class CallView {
     selfOff.textContent = on ? "Audio only" : "Camera off";
     selfOff.hidden = !on && this.#call.media.video;
     selfVideo.hidden = on || !this.#call.media.video;
+    this.#selfAudioOnly = on; // no video comes in either: the tiles say so instead of a frozen picture
+    for (const peer of this.#call.peers()) this.#renderPeer(this.#call.describe(peer));
   }
 
   #tile(peer, role) {
@@ -1436,11 +1439,12 @@ export class CallView {
     tile.node.dataset.held = info.held ? "yes" : "no";
     tile.node.dataset.remoteAudio = info.media.audio ? "on" : "off";
     tile.node.dataset.remoteVideo = info.media.video ? "on" : "off";
-    tile.cameraOff.hidden = info.media.video;
+    const pictureOff = !info.media.video || this.#selfAudioOnly;
+    tile.cameraOff.hidden = !pictureOff;
     tile.node.dataset.remoteMode = info.media.mode ?? "video";
-    tile.cameraOff.textContent =
-      info.media.mode === "audio_only" ? audioOnlyText(this.#opts.labelFor(info.peer, info.role)) : "Camera off";
-    tile.video.classList.toggle("off", !info.media.video);
+    if (info.media.mode === "audio_only") tile.cameraOff.textContent = audioOnlyText(this.#opts.labelFor(info.peer, info.role));
+    else tile.cameraOff.textContent = this.#selfAudioOnly ? "Audio only: no video" : "Camera off";
+    tile.video.classList.toggle("off", pictureOff);
     if (info.stream && tile.attached !== info.stream) this.#attachRemote(info.peer, info.stream);
     this.#summarise();
   }
