@@ -211,10 +211,14 @@ async def test_the_client_remembers_only_when_asked_and_low_bandwidth_caps_video
     await expect(client.get_by_test_id("mode-low_bandwidth")).to_be_checked()
     await expect(client.get_by_test_id("mode-remember")).to_be_checked()
     # Unticking forgets it at once; ticking keeps it again.
+    note = client.get_by_test_id("storage-note")  # what the checklist says this browser keeps
+    await expect(note).to_contain_text("keeps only your choice of how to join, as you asked")
     await client.get_by_test_id("mode-remember").uncheck()
     assert (await client.evaluate(STORAGE))["local"] == {}
+    await expect(note).to_contain_text("When you leave, this page keeps nothing on your device.")
     await client.get_by_test_id("mode-remember").check()
     assert (await client.evaluate(STORAGE))["local"] == {"tt-call-mode": "low_bandwidth"}
+    await expect(note).to_contain_text("keeps only your choice of how to join, as you asked")
     await wait_device_checks(client)
     await finish_checklist(client)
     therapist = await open_page(await recorded(await new_context()), second.therapist)

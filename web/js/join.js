@@ -97,6 +97,7 @@ const state = {
   rememberMode: false,
   modeRadios: null,
   modeSelect: null,
+  storageNote: null, // the checklist's note on what this browser keeps
 };
 
 // ------------------------------------------------------------------ start
@@ -249,7 +250,8 @@ function startChecklist() {
   if (privateWindow) {
     const note = el("p", { className: "hint", "data-testid": "storage-note" });
     privateWindow.node.querySelector(".body").append(note);
-    storageNote().then((text) => setText(note, text));
+    state.storageNote = note;
+    updateStorageNote();
   }
   renderConsentText();
   const details = groups.details[0];
@@ -511,6 +513,13 @@ function setRememberMode(on) {
   state.rememberMode = on;
   if (on) rememberClientMode(state.mode);
   else forgetClientMode();
+  updateStorageNote();
+}
+
+/** What the page can tell about this browser, and whether it keeps the remembered choice. */
+function updateStorageNote() {
+  const node = state.storageNote;
+  if (node) storageNote({ remembered: state.rememberMode }).then((text) => setText(node, text));
 }
 
 /** Switch the running call to the mode chosen; if the camera cannot come back, stay in `before`. */
