@@ -11,6 +11,10 @@
 //   fit, with a calm notice on both sides; resumed when the link allows again.
 // - the indicator: good / weak / reconnecting, and a short tip when weak.
 //
+// - the modes people choose (media_mode.js): "low_bandwidth" on either side keeps video at the
+//   lowest step on that connection; "audio_only" on the other side turns our video to them off
+//   (encoding inactive), and on either side stops the pausing and its notice (a choice, not a slow link).
+//
 // Nothing here logs or sends stats anywhere: the only message is {t: "video", paused} to the peer.
 
 import { announce, el } from "./ui.js";
@@ -48,7 +52,7 @@ export const QUALITY_WORDS = Object.freeze({
   reconnecting: "Reconnecting…",
 });
 export const WEAK_TIP =
-  "Your connection is weak. Moving closer to your router, closing other apps that use the internet, or turning off your camera can help.";
+  "Your connection is weak. Moving closer to your router, closing other apps that use the internet, or choosing \u201cAudio only\u201d under Mode can help.";
 
 // ------------------------------------------------------------------ SDP
 
@@ -102,6 +106,8 @@ class LinkState {
     this.audioReceived = 0;
     this.sample = null; // {availableBps, rttS, loss}
     this.applied = ""; // the parameters last set, so setParameters runs only on a change
+    this.floor = 0; // the best step allowed: the lowest when either side chose low bandwidth
+    this.off = false; // the other side chose audio only: no video goes there
   }
 }
 
@@ -126,6 +132,7 @@ export function decide(state, availableBps, now) {
     state.below = state.above = 0;
     return;
   }
+  if (state.step < state.floor) state.step = state.floor;
   const current = VIDEO_STEPS[state.step];
   state.below = budget < current.maxBitrate * 0.9 && !inGrace ? state.below + 1 : 0;
   if (state.below >= STEP_DOWN_TICKS && state.step < VIDEO_STEPS.length - 1) {
@@ -135,7 +142,7 @@ export function decide(state, availableBps, now) {
     state.below = 0;
     return;
   }
-  state.above = state.step > 0 && budget >= current.maxBitrate * 1.3 ? state.above + 1 : 0;
+  state.above = state.step > state.floor && budget >= current.maxBitrate * 1.3 ? state.above + 1 : 0;
   if (state.above >= STEP_UP_TICKS) {
     state.step -= 1;
     state.above = 0;
@@ -178,7 +185,7 @@ export function readStats(report, state) {
 /** Set the senders of `pc` as `state` says: audio first, video at its step or paused. */
 async function applySenders(pc, state) {
   const step = VIDEO_STEPS[state.step];
-  const key = `${state.step}:${state.paused}`;
+  const key = `${state.step}:${state.paused}:${state.off}`;
   if (state.applied === key) return;
   for (const transceiver of pc.getTransceivers()) {
     const { sender } = transceiver;
@@ -193,7 +200,7 @@ async function applySenders(pc, state) {
     } else if (kind === "video") {
       params.degradationPreference = "maintain-framerate";
       for (const e of params.encodings) {
-        e.active = !state.paused;
+        e.active = !state.paused && !state.off;
         e.maxBitrate = step.maxBitrate;
         e.scaleResolutionDownBy = step.scaleResolutionDownBy;
       }
@@ -283,7 +290,9 @@ export class Adaptation {
     const sample = readStats(await pc.getStats(), state);
     state.sample = sample;
     const wasPaused = state.paused;
-    decide(state, sample.availableBps, Date.now());
+    const chosen = this.#chosenLimits(peer, state);
+    if (chosen.audioOnly) state.paused = false; // no video by choice: nothing to pause, no notice
+    else decide(state, sample.availableBps, Date.now());
     await applySenders(pc, state);
     if (state.paused !== wasPaused) {
       if (state.paused) this.#localPaused.add(peer);
@@ -295,14 +304,24 @@ export class Adaptation {
       state.paused ||
       (sample.rttS !== null && sample.rttS > WEAK_RTT_S) ||
       sample.loss > WEAK_LOSS ||
-      (sample.availableBps !== null && sample.availableBps - AUDIO_RESERVE_BPS < VIDEO_MIN_BPS);
+      (sample.availableBps !== null && sample.availableBps - AUDIO_RESERVE_BPS < (chosen.audioOnly ? 0 : VIDEO_MIN_BPS));
     return weak ? "weak" : "good";
+  }
+
+  /** Apply the modes chosen on both sides (media_mode.js) to `state`; says whether either chose audio only. */
+  #chosenLimits(peer, state) {
+    const here = this.#call.media.mode ?? "video";
+    const there = this.#call.describe(peer).media.mode ?? "video";
+    state.floor = here === "low_bandwidth" || there === "low_bandwidth" ? VIDEO_STEPS.length - 1 : 0;
+    if (state.step < state.floor) state.step = state.floor;
+    state.off = there === "audio_only";
+    return { audioOnly: here === "audio_only" || there === "audio_only" };
   }
 
   /** What the adaptation did for `peer`'s connection (for the tests and the benchmark). */
   describe(pc) {
     const state = this.#states.get(pc);
-    return state ? { step: state.step, paused: state.paused, sample: state.sample } : null;
+    return state ? { step: state.step, paused: state.paused, off: state.off, sample: state.sample } : null;
   }
 
   #render(quality) {

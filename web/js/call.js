@@ -40,6 +40,7 @@ import { announce, el, fill, setPressed } from "./ui.js";
 import { attach } from "./devices.js";
 import { Adaptation, tuneAudio } from "./adapt.js";
 import { NetworkRecovery } from "./ice_restart.js";
+import { audioOnlyText, isMode } from "./media_mode.js";
 
 export const CHAT_LABEL = "chat";
 export const CHAT_CHANNEL_ID = 0;
@@ -154,7 +155,7 @@ export class Call {
   #handlers = new Map();
   #unsubscribe = [];
   #timer = null;
-  #media = { audio: true, video: true };
+  #media = { audio: true, video: true, mode: "video" }; // mode: media_mode.js
   #closed = false;
   #role;
   #linkKey;
@@ -244,7 +245,7 @@ export class Call {
       iceRestarts: link?.iceRestarts ?? 0,
       trust: link?.trust ?? null,
       code: link?.code ?? null,
-      media: link ? { ...link.remoteMedia } : { audio: true, video: true },
+      media: link ? { ...link.remoteMedia } : { audio: true, video: true, mode: "video" },
       stream: link?.remoteStream ?? null,
       stats: link ? { ...link.stats } : null,
       dropped: this.#drops.get(peer) ?? 0,
@@ -1045,7 +1046,8 @@ export class Call {
       } else if (message.t === "chat" && typeof message.text === "string" && message.text.trim()) {
         this.#emit("chat", { peer: link.peer, role, text: message.text.slice(0, MAX_CHAT_CHARS) });
       } else if (message.t === "media") {
-        link.remoteMedia = { audio: message.audio !== false, video: message.video !== false };
+        const mode = isMode(message.mode) ? message.mode : "video";
+        link.remoteMedia = { audio: message.audio !== false, video: message.video !== false && mode !== "audio_only", mode };
         this.#announce(link.peer);
       } else if (typeof message.t === "string" && !["chat", "roster"].includes(message.t)) {
         this.#emit("message", { peer: link.peer, role, message }); // for the modules that know it
@@ -1111,6 +1113,17 @@ export class Call {
     return { ...this.#media };
   }
 
+  /** The mode this person chose (media_mode.js); the others are told. Audio only turns the picture off. */
+  setMode(mode) {
+    if (!isMode(mode)) return;
+    const wasAudioOnly = this.#media.mode === "audio_only";
+    this.#media.mode = mode;
+    if (mode === "audio_only") this.#media.video = false;
+    else if (wasAudioOnly) this.#media.video = true;
+    for (const track of this.#localStream?.getVideoTracks() ?? []) track.enabled = this.#media.video && !this.#selfHeld;
+    this.#broadcastMedia();
+  }
+
   #broadcastMedia() {
     for (const link of this.#links.values()) this.#sendControl(link, { t: "media", ...this.#media });
   }
@@ -1127,7 +1140,8 @@ export class Call {
         const kind = sender.track?.kind;
         const transceiver = link.pc.getTransceivers().find((t) => t.sender === sender);
         const wanted = this.#localTrack(kind ?? transceiver?.receiver.track?.kind);
-        if (wanted) sender.replaceTrack(wanted).catch(() => {});
+        // A stream without a camera (audio only): the video sender sends nothing, nothing renegotiated.
+        if (wanted || sender.track) sender.replaceTrack(wanted).catch(() => {});
       }
     }
   }
@@ -1176,6 +1190,7 @@ export class CallView {
   #unread = 0;
   #els;
   #adapt;
+  #selfAudioOnly = false;
 
   /**
    * @param {HTMLElement} root  an empty container
@@ -1319,7 +1334,7 @@ export class CallView {
     ]);
     const stage = el("div", { className: "stage", dataset: { count: "0" } }, [empty, tiles, self]);
     fill(root, [banner, unverified, this.#adapt.notice, stage, codeHelp, chat, this.#adapt.tip, bar]);
-    return { root, banner, unverified, stage, empty, tiles, selfVideo, selfOff, chat, chatLog, state, badge, codeHelp };
+    return { root, banner, unverified, stage, empty, tiles, selfVideo, selfOff, chat, chatLog, state, badge, codeHelp, cam };
   }
 
   setSelfStream(stream) {
@@ -1348,6 +1363,18 @@ export class CallView {
 
   setUnverified(on) {
     this.#els.unverified.hidden = !on;
+  }
+
+  /** This person chose audio only (media_mode.js): no camera to turn on, the self view says so. */
+  setAudioOnly(on) {
+    const { cam, selfOff, selfVideo } = this.#els;
+    cam.disabled = on;
+    setPressed(cam, on || !this.#call.media.video);
+    selfOff.textContent = on ? "Audio only" : "Camera off";
+    selfOff.hidden = !on && this.#call.media.video;
+    selfVideo.hidden = on || !this.#call.media.video;
+    this.#selfAudioOnly = on; // no video comes in either: the tiles say so instead of a frozen picture
+    for (const peer of this.#call.peers()) this.#renderPeer(this.#call.describe(peer));
   }
 
   #tile(peer, role) {
@@ -1416,8 +1443,12 @@ export class CallView {
     tile.node.dataset.held = info.held ? "yes" : "no";
     tile.node.dataset.remoteAudio = info.media.audio ? "on" : "off";
     tile.node.dataset.remoteVideo = info.media.video ? "on" : "off";
-    tile.cameraOff.hidden = info.media.video;
-    tile.video.classList.toggle("off", !info.media.video);
+    const pictureOff = !info.media.video || this.#selfAudioOnly;
+    tile.cameraOff.hidden = !pictureOff;
+    tile.node.dataset.remoteMode = info.media.mode ?? "video";
+    if (info.media.mode === "audio_only") tile.cameraOff.textContent = audioOnlyText(this.#opts.labelFor(info.peer, info.role));
+    else tile.cameraOff.textContent = this.#selfAudioOnly ? "Audio only: no video" : "Camera off";
+    tile.video.classList.toggle("off", pictureOff);
     if (info.stream && tile.attached !== info.stream) this.#attachRemote(info.peer, info.stream);
     this.#summarise();
   }

@@ -11,6 +11,7 @@
 import { ArrivalAlert, watchArrivals } from "./arrivals.js";
 import { b64urlEncode, decodeLinkKey, groupKey, newLinkKey, seatKey } from "./e2ee.js";
 import { storeTx } from "./idb.js";
+import { modeSelect, rememberTherapistMode, therapistMode } from "./media_mode.js";
 import { forgetVaultKey, initVault, labelBlock, labelOf, storeSecret, syncVault } from "./vault.js";
 
 const BACKGROUND = { "X-Broker-Background": "1" };
@@ -851,6 +852,9 @@ function watchActivity() {
 /** Arrivals pushed by the broker (GET /api/arrivals): alert, and show the new seat states now. */
 function startArrivals() {
   const alert = new ArrivalAlert($("arrival-settings"));
+  // How this device joins calls (media_mode.js): the session page starts with it and remembers changes.
+  const mode = modeSelect({ mode: therapistMode(), onChange: rememberTherapistMode, id: "settings-mode", label: "Calls from this device" });
+  $("arrival-settings").append(mode.node);
   watchArrivals((waiting) => {
     alert.update(waiting);
     if (!state.loggedOff) refresh({ background: true }).catch(() => {});

@@ -26,6 +26,16 @@ import {
   storageNote,
   takeInviteToken,
 } from "./no_trace.js";
+import {
+  announcePeerModes,
+  clientRememberedMode,
+  fitStream,
+  forgetClientMode,
+  isMode,
+  modeRadios,
+  modeSelect,
+  rememberClientMode,
+} from "./media_mode.js";
 import { runPreflight } from "./preflight.js";
 import { Signaling } from "./protocol.js";
 import { installQuickExit, onQuickExit } from "./quick_exit.js";
@@ -83,11 +93,20 @@ const state = {
   mediaRun: 0,
   finished: false,
   started: false,
+  // Video, low bandwidth or audio only (media_mode.js): kept in this browser only if the client asks.
+  mode: "video",
+  rememberMode: false,
+  modeRadios: null,
+  modeSelect: null,
+  storageNote: null, // the checklist's note on what this browser keeps
 };
 
 // ------------------------------------------------------------------ start
 
 function start() {
+  const remembered = clientRememberedMode();
+  state.mode = remembered ?? "video";
+  state.rememberMode = remembered !== null;
   wireButtons();
   installQuickExit(quickTeardown);
   onQuickExit(sendLeftQuickly); // the therapist sees "left quickly" with the safety plan, not a drop
@@ -126,6 +145,7 @@ function wireButtons() {
   byId("step-back").addEventListener("click", () => moveStep(-1));
   byId("checklist-submit").addEventListener("click", submitChecklist);
   byId("media-retry").addEventListener("click", () => runMediaChecks());
+  byId("media-audio-only").addEventListener("click", () => chooseMode("audio_only"));
   byId("waiting-leave").addEventListener("click", leave);
   byId("retest").addEventListener("toggle", onRetestToggle);
   byId("unverified-leave").addEventListener("click", () => finish("left"));
@@ -231,7 +251,8 @@ function startChecklist() {
   if (privateWindow) {
     const note = el("p", { className: "hint", "data-testid": "storage-note" });
     privateWindow.node.querySelector(".body").append(note);
-    storageNote().then((text) => setText(note, text));
+    state.storageNote = note;
+    updateStorageNote();
   }
   renderConsentText();
   const details = groups.details[0];
@@ -245,6 +266,13 @@ function startChecklist() {
       el("li", { dataset: { step: name } }, [el("span", { className: "num", text: String(i + 1) }), stepName(name)]),
     ),
   );
+  state.modeRadios = modeRadios({
+    id: "mode",
+    mode: state.mode,
+    onChange: chooseMode,
+    remember: { checked: state.rememberMode, onChange: setRememberMode },
+  });
+  fill(byId("mode-choice"), [state.modeRadios.node]);
   showScreen("screen-checklist");
   showStep(0, { focus: false });
   updateProgress();
@@ -375,8 +403,10 @@ async function runAutomaticChecks() {
 }
 
 async function runMediaChecks() {
+  if (state.mode === "audio_only") return runAudioOnlyChecks();
   const run = ++state.mediaRun;
   byId("media-problem").hidden = true;
+  byId("media-audio-only").hidden = true;
   setAutomatic("camera", null, "Checking…");
   setAutomatic("microphone", null, "Checking…");
   setAutomatic("headset", null, "Checking…");
@@ -387,11 +417,21 @@ async function runMediaChecks() {
     if (run !== state.mediaRun) return;
     showMediaProblem(problem);
     let audioOnly = null;
-    if (problem.kind === "missing") audioOnly = await openMedia({ video: false }).catch(() => null);
+    // The camera alone may be denied, missing or broken: the microphone may still work, and then
+    // the client is offered audio only instead of being stopped here.
+    if (problem.kind !== "insecure" && problem.kind !== "unsupported") {
+      audioOnly = await openMedia({ video: false }).catch(() => null);
+    }
+    if (run !== state.mediaRun) {
+      stopStream(audioOnly);
+      return;
+    }
     setAutomatic("camera", false, problem.kind === "denied" ? "Not allowed" : "Not working");
     if (audioOnly) {
       useStream(audioOnly);
       setAutomatic("microphone", true, "Working");
+      byId("media-audio-only").hidden = false;
+      setText("media-audio-only-hint", "Your microphone works: you can join with sound only, and your therapist is told you chose audio only.");
     } else {
       setAutomatic("microphone", false, problem.kind === "denied" ? "Not allowed" : "Not working");
     }
@@ -415,6 +455,94 @@ async function runMediaChecks() {
     headset === true ? "Headset found" : "Not detected — that’s fine, but headphones keep the conversation private",
   );
   announce("Camera and microphone checked.");
+}
+
+/** Audio only was chosen: no camera is opened (one that was open is released), the camera item is not needed. */
+async function runAudioOnlyChecks() {
+  const run = ++state.mediaRun;
+  byId("media-problem").hidden = true;
+  byId("media-audio-only").hidden = true;
+  setText("media-audio-only-hint", "");
+  byId("preview-video").srcObject = null;
+  byId("preview-placeholder").hidden = false;
+  setText("preview-placeholder", "Audio only: your camera is off.");
+  setAutomatic("camera", true, "Not needed: you chose audio only");
+  setAutomatic("microphone", null, "Checking…");
+  setAutomatic("headset", null, "Checking…");
+  let stream;
+  try {
+    stream = await fitStream(state.stream && hasLiveTrack(state.stream, "audio") ? state.stream : null, "audio_only");
+  } catch (problem) {
+    if (run !== state.mediaRun) return;
+    showMediaProblem(problem);
+    setAutomatic("microphone", false, problem.kind === "denied" ? "Not allowed" : "Not working");
+    setAutomatic("headset", false, "Not detected");
+    return;
+  }
+  if (run !== state.mediaRun) return;
+  useStream(stream);
+  setAutomatic("microphone", true, "Working — the meter moves when you speak");
+  const headset = await guessHeadset(stream);
+  setAutomatic(
+    "headset",
+    headset === true,
+    headset === true ? "Headset found" : "Not detected — that’s fine, but headphones keep the conversation private",
+  );
+  announce("Microphone checked. Your camera stays off.");
+}
+
+/** The client chose a mode: before the call the checks follow it, during the call the call does. */
+function chooseMode(mode) {
+  if (!isMode(mode) || mode === state.mode) return;
+  const before = state.mode;
+  state.mode = mode;
+  state.modeRadios?.set(mode);
+  state.modeSelect?.set(mode);
+  if (state.rememberMode) rememberClientMode(mode);
+  if (state.call) {
+    applyCallMode(before);
+    return;
+  }
+  if ((before === "audio_only") !== (mode === "audio_only") && state.items.length > 0) {
+    if (mode !== "audio_only") setText("preview-placeholder", "Your camera preview will appear here.");
+    runMediaChecks();
+  }
+}
+
+/** "Remember on this device": ticked keeps the mode in this browser, unticked forgets it at once. */
+function setRememberMode(on) {
+  state.rememberMode = on;
+  if (on) rememberClientMode(state.mode);
+  else forgetClientMode();
+  updateStorageNote();
+}
+
+/** What the page can tell about this browser, and whether it keeps the remembered choice. */
+function updateStorageNote() {
+  const node = state.storageNote;
+  if (node) storageNote({ remembered: state.rememberMode }).then((text) => setText(node, text));
+}
+
+/** Switch the running call to the mode chosen; if the camera cannot come back, stay in `before`. */
+async function applyCallMode(before) {
+  const mode = state.mode;
+  try {
+    const stream = await fitStream(state.stream, mode);
+    if (state.finished || state.mode !== mode) return;
+    if (stream !== state.stream) stopStream(state.stream);
+    state.stream = stream;
+    state.call.setLocalStream(stream);
+    state.call.setMode(mode);
+    state.view.setAudioOnly(mode === "audio_only");
+    state.view.setSelfStream(stream);
+    announce(mode === "audio_only" ? "Audio only: your camera is off." : "Your camera is on.");
+  } catch (problem) {
+    state.mode = before;
+    state.modeSelect?.set(before);
+    state.modeRadios?.set(before);
+    if (state.rememberMode) rememberClientMode(before);
+    announce(`${problem.title ?? "The camera could not be started."} ${problem.help ?? ""}`, { urgent: true });
+  }
 }
 
 function useStream(stream) {
@@ -572,6 +700,7 @@ async function submitChecklist() {
       everyAnswer[item.id] = itemDone(item);
       if (item.level === "required") answers[item.id] = everyAnswer[item.id];
     }
+    if (state.mode === "audio_only") everyAnswer.audio_only = true; // the camera item was met by this choice (7.4.1)
     const answersSealed = await sealChecklist(state.linkKey, state.joined.session, state.joined.peer, everyAnswer);
     let details = null;
     if (state.items.some((i) => i.kind === "details")) {
@@ -660,7 +789,9 @@ async function onRetestToggle() {
   }
   status.textContent = "Starting camera and microphone…";
   try {
-    const stream = hasLiveTrack(state.stream, "video") ? state.stream : await openMedia();
+    const audioOnly = state.mode === "audio_only";
+    const ready = audioOnly ? hasLiveTrack(state.stream, "audio") : hasLiveTrack(state.stream, "video");
+    const stream = ready ? state.stream : await openMedia({ video: !audioOnly });
     if (stream !== state.stream) {
       stopStream(state.stream);
       state.stream = stream;
@@ -668,7 +799,7 @@ async function onRetestToggle() {
     await attach(byId("retest-video"), stream);
     state.retestMeter ??= new LevelMeter(byId("retest-level"));
     state.retestMeter.start(stream);
-    status.textContent = "Camera and microphone are working.";
+    status.textContent = audioOnly ? "Your microphone is working. Audio only: your camera stays off." : "Camera and microphone are working.";
   } catch (problem) {
     status.textContent = `${problem.title ?? "The camera or microphone could not be started."} ${problem.help ?? ""}`;
   }
@@ -696,18 +827,22 @@ function startCall() {
   shareVerification(call); // "their app is verified" (issue 30)
   let others = 0;
   const names = new Map();
+  const labelFor = (peer, role) => {
+    if (role === "therapist") return "Your therapist";
+    if (!names.has(peer) && role) names.set(peer, `Participant ${++others}`);
+    return names.get(peer) ?? "Connecting…";
+  };
   state.view = new CallView(byId("call-root"), call, {
-    labelFor: (peer, role) => {
-      if (role === "therapist") return "Your therapist";
-      if (!names.has(peer) && role) names.set(peer, `Participant ${++others}`);
-      return names.get(peer) ?? "Connecting…";
-    },
+    labelFor,
     emptyText: "Connecting to your therapist…",
     onLeave: leave,
     leaveLabel: "Leave",
-    extraControls: safety.controls,
+    extraControls: [...safety.controls, modeControl()],
     sendChat: safety.sendChat,
   });
+  call.setMode(state.mode);
+  state.view.setAudioOnly(state.mode === "audio_only");
+  announcePeerModes(call, labelFor);
   shieldFields(byId("call-root")); // the chat field
   call.on("unverified", ({ peer }) => {
     state.pendingUnverified = peer;
@@ -727,9 +862,10 @@ function startCall() {
   if (state.lastPeers.length) call.updatePeers(state.lastPeers);
   showScreen("screen-call");
   announce("Your therapist let you in. The call is starting.");
-  if (state.stream && hasLiveTrack(state.stream, "video")) state.view.setSelfStream(state.stream);
+  const audioOnly = state.mode === "audio_only";
+  if (state.stream && hasLiveTrack(state.stream, audioOnly ? "audio" : "video")) state.view.setSelfStream(state.stream);
   else {
-    openMedia()
+    openMedia({ video: !audioOnly })
       .then((stream) => {
         state.stream = stream;
         call.setLocalStream(stream);
@@ -737,6 +873,12 @@ function startCall() {
       })
       .catch((problem) => announce(`${problem.title} ${problem.help}`, { urgent: true }));
   }
+}
+
+/** The mode's select among the call's controls. */
+function modeControl() {
+  state.modeSelect = modeSelect({ mode: state.mode, onChange: chooseMode });
+  return state.modeSelect.node;
 }
 
 async function leave() {
@@ -767,6 +909,7 @@ function teardown({ keepKey = false } = {}) {
 
 /** The quick exit's part here: hang up, tell the broker it is an ordinary leave, wipe the page. */
 async function quickTeardown() {
+  forgetClientMode(); // a remembered choice is a trace: the quick exit leaves none
   state.call?.close();
   const left = state.finished ? null : state.signaling?.leave();
   teardown();

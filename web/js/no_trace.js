@@ -78,9 +78,10 @@ export function shieldFields(root = document) {
 /**
  * What the page can tell about this browser, said without promising more: it cannot tell a
  * private window for sure (browsers hide it on purpose), but it can tell when this site's data is
- * marked to be kept for good (navigator.storage.persisted()).
+ * marked to be kept for good (navigator.storage.persisted()). `remembered`: the client asked this
+ * browser to remember how they join (media_mode.js), the one thing it then keeps.
  */
-export async function storageNote() {
+export async function storageNote({ remembered = false } = {}) {
   let persisted = null;
   try {
     persisted = (await navigator.storage?.persisted?.()) ?? null;
@@ -89,5 +90,6 @@ export async function storageNote() {
   }
   const base = "This page cannot tell for sure whether this is a private window; only you can check.";
   if (persisted === true) return `${base} This browser is set to keep this site's data for good, so a private window is safer.`;
+  if (remembered) return `${base} When you leave, this page keeps only your choice of how to join, as you asked.`;
   return `${base} When you leave, this page keeps nothing on your device.`;
 }

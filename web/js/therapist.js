@@ -15,6 +15,7 @@ import { Call, CallView } from "./call.js";
 import { openMedia, stopStream } from "./devices.js";
 import { ArrivalAlert, waitingIn } from "./arrivals.js";
 import { openChecklist, openDetails, pairLinkKey, readLinkKeyFromFragment, sealNote } from "./e2ee.js";
+import { announcePeerModes, fitStream, isMode, modeSelect, rememberTherapistMode, therapistMode } from "./media_mode.js";
 import { Signaling, tokenFromPath } from "./protocol.js";
 import { SealedPlans } from "./safety_plan.js";
 import { TherapistSafety } from "./safety_signal.js";
@@ -92,6 +93,8 @@ const state = {
   alert: null, // sound, title count and notification when a client arrives (arrivals.js)
   plans: null, // each client's sealed safety plan, opened here (safety_plan.js)
   safety: null, // the notices a client's safety signal or quick exit brings (safety_signal.js)
+  mode: "video", // video, low bandwidth or audio only: remembered on this device (media_mode.js)
+  modeSelect: null,
 };
 
 /** The key client `peer`'s link carries, derived from the session secret (7.1); null without it. */
@@ -159,6 +162,7 @@ async function forgetKey(sessionId) {
 // ------------------------------------------------------------------ start
 
 function start() {
+  state.mode = therapistMode();
   state.alert = new ArrivalAlert(byId("arrival-settings"));
   startNotes();
   byId("nokey-continue").addEventListener("click", () => startDashboard(null));
@@ -218,12 +222,18 @@ function startDashboard(key) {
     localStream: state.stream,
   });
   state.call = call;
+  const labelFor = (peer) => state.labels.get(peer) ?? "Client";
+  state.modeSelect = modeSelect({ mode: state.mode, onChange: chooseMode });
   state.view = new CallView(byId("call-root"), call, {
-    labelFor: (peer) => state.labels.get(peer) ?? "Client",
+    labelFor,
     emptyText: "No one is in the call yet. Let a client in from the waiting room.",
     tileActions: (peer, role) => (role === "therapist" ? [] : [removeButton(peer)]),
     selfLabel: "You",
+    extraControls: [state.modeSelect.node],
   });
+  call.setMode(state.mode);
+  state.view.setAudioOnly(state.mode === "audio_only");
+  announcePeerModes(call, labelFor);
   state.view.setUnverified(!key);
   shareVerification(call); // "their app is verified" (issue 30)
   state.plans = new SealedPlans(joined.session, clientKey, renderSeats);
@@ -254,7 +264,7 @@ function startDashboard(key) {
 async function startMedia() {
   const note = byId("media-note");
   try {
-    const stream = await openMedia();
+    const stream = await openMedia({ video: state.mode !== "audio_only" });
     if (state.finished) {
       stopStream(stream);
       return;
@@ -267,7 +277,43 @@ async function startMedia() {
     const retry = el("button", { type: "button", className: "quiet small", text: "Try again" });
     retry.addEventListener("click", startMedia);
     fill(note, [el("strong", { text: problem.title ?? "Camera or microphone not available." }), " ", problem.help ?? "", " ", retry]);
+    if (state.mode !== "audio_only") {
+      const audioOnly = el("button", {
+        type: "button",
+        className: "quiet small",
+        "data-testid": "media-audio-only",
+        text: "Continue with audio only",
+      });
+      audioOnly.addEventListener("click", () => chooseMode("audio_only"));
+      note.append(" ", audioOnly);
+    }
     note.hidden = false;
+  }
+}
+
+/** The therapist chose a mode (the call's Mode control): remembered on this device, applied to the call. */
+async function chooseMode(mode) {
+  if (!isMode(mode) || mode === state.mode) return;
+  const before = state.mode;
+  state.mode = mode;
+  state.modeSelect?.set(mode);
+  rememberTherapistMode(mode);
+  try {
+    const stream = await fitStream(state.stream, mode);
+    if (state.finished || state.mode !== mode) return;
+    if (stream !== state.stream) stopStream(state.stream);
+    state.stream = stream;
+    state.call?.setLocalStream(stream);
+    state.call?.setMode(mode);
+    state.view?.setAudioOnly(mode === "audio_only");
+    state.view?.setSelfStream(stream);
+    byId("media-note").hidden = true;
+    announce(mode === "audio_only" ? "Audio only: your camera is off." : "Your camera is on.");
+  } catch (problem) {
+    state.mode = before;
+    state.modeSelect?.set(before);
+    rememberTherapistMode(before);
+    announce(`${problem.title ?? "The camera could not be started."} ${problem.help ?? ""}`, { urgent: true });
   }
 }
 
@@ -510,9 +556,14 @@ function renderRecommended(summary, key) {
   const unmet = Object.keys(entry.value)
     .filter((id) => entry.value[id] === false)
     .map((id) => ITEM_NAMES[id] ?? id.replace(/_/g, " "));
-  return unmet.length
+  const audioOnly =
+    entry.value.audio_only === true
+      ? el("p", { className: "hint", "data-testid": "seat-audio-only", text: "Chose audio only: no camera in this call." })
+      : null;
+  const met = unmet.length
     ? el("p", { className: "warn", "data-testid": "recommended-unmet", text: `Recommended but not met: ${unmet.join(", ")}.` })
     : el("p", { className: "hint", text: "All recommended steps met." });
+  return audioOnly ? el("div", {}, [audioOnly, met]) : met;
 }
 
 function renderSummary(summary, key) {
