@@ -416,6 +416,9 @@ async def wire_session(
                     break
                 if msg.type is aiohttp.WSMsgType.TEXT:
                     wire.inbox.append(json.loads(msg.data))
+                elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    # A closed socket answers every receive() at once: without this the loop spins.
+                    break
             got = [m["candidate"] for m in wire.inbox if m["type"] == "candidate"]
             lost += len(set(expected) - set(got))
             duplicated += len(got) - len(set(got))
