@@ -76,7 +76,7 @@ export function shieldFields(root = document) {
 }
 
 /**
- * What the page can tell about this browser, said without promising more: it cannot tell a
+ * What the page can tell about this browser (as a catalogue key: i18n.js), said without promising more: it cannot tell a
  * private window for sure (browsers hide it on purpose), but it can tell when this site's data is
  * marked to be kept for good (navigator.storage.persisted()).
  */
@@ -87,7 +87,5 @@ export async function storageNote() {
   } catch {
     persisted = null;
   }
-  const base = "This page cannot tell for sure whether this is a private window; only you can check.";
-  if (persisted === true) return `${base} This browser is set to keep this site's data for good, so a private window is safer.`;
-  return `${base} When you leave, this page keeps nothing on your device.`;
+  return persisted === true ? "storage.persisted" : "storage.not_persisted";
 }
