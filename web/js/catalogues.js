@@ -4,13 +4,13 @@ export const DEFAULT_LANGUAGE = "en";
 export const CATALOGUES = {
   "en": {
     "dir": "ltr",
-    "integrity": "sha384-AvFK6y4UxfSqB7uUUWS2PgoS5HtD0OikaXm7Gyj9+ZmYT0tgOMHhqmAfXVyJBulM",
+    "integrity": "sha384-ggGKEaqG7Eb5SmUlyKsyjgrt7DsUtouwOspbIskLa7nhkiwMx+6WmayogqGnO4Zc",
     "name": "English",
     "url": "/static/i18n/en.json"
   },
   "es": {
     "dir": "ltr",
-    "integrity": "sha384-T5oSpEu1yD+WF6xcwyn2z6fxhhid3IThI2/mutVGvT4BEbdbKG71fegoTyvT0veg",
+    "integrity": "sha384-+q7xUELGVloufO/MuXhW5K3o7LbJMCqyVJ0Es3BrJakrUZyypb5EeD/g1NrUyXMC",
     "name": "Español",
     "url": "/static/i18n/es.json"
   }

@@ -32,7 +32,7 @@ function navigationType() {
 export function takeInviteToken() {
   const fromPath = tokenFromPath();
   if (fromPath) {
-    history.replaceState(null, "", JOIN_PATH);
+    history.replaceState(null, "", JOIN_PATH + languageQuery());
     keepInviteToken(fromPath);
     return fromPath;
   }
@@ -40,6 +40,15 @@ export function takeInviteToken() {
   if (kept && location.pathname === JOIN_PATH && navigationType() === "reload") return kept;
   forgetKeptLink();
   return null;
+}
+
+/**
+ * The link's language tag (?lang=es), kept on JOIN_PATH so that a reload starts in it: a language
+ * is all it says (i18n.js). Anything else in the query goes.
+ */
+function languageQuery() {
+  const tag = new URLSearchParams(location.search).get("lang");
+  return tag && /^[a-z]{2,3}(-[A-Z][a-z]{3})?(-([A-Z]{2}|[0-9]{3}))?$/.test(tag) ? `?lang=${tag}` : "";
 }
 
 /** What a reload should join with from now on: a group link's join names the seat's own token. */
