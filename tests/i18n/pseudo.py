@@ -68,4 +68,3 @@ def pseudo_rtl(english: dict[str, str]) -> dict[str, str]:
     out["language.name"] = "Pseudo RTL"
     out["language.dir"] = "rtl"
     return out
-
