@@ -14,9 +14,11 @@ from playwright.async_api import Page, expect
 from broker.client.broker_client import BrokerClient
 from broker.signaling.protocol import WaitingRoom
 from broker.signaling.record import build_record
+from broker.webmanifest.release import build_release
 from tests.browser.conftest import NewContext
 from tests.browser.kit import PHONE, Watch, check_axe, fill_details, tick_all, wait_device_checks, wait_screen
-from tests.conftest import RunningBroker, schedule
+from tests.conftest import RunningBroker, schedule, start_broker
+from tests.webmanifest.web_copies import copy_web
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 
@@ -195,3 +197,26 @@ async def test_english_pages_are_axe_clean_after_a_switch_back(
     await expect(page.locator("main p")).to_have_text(ES["notice.invalid_token.message"])
     await check_axe(page, axe_source, "es-notice")
     await watch.assert_clean()
+
+
+async def test_a_catalogue_altered_after_the_release_is_not_used(
+    tmp_path: Path, new_context: NewContext, watch: Watch
+) -> None:
+    """A catalogue is fetched with the SHA-384 the release pinned (web/js/catalogues.js, itself
+    pinned by the import map): one altered on the broker's disk is refused by the browser, and the
+    page stays in English rather than show words nobody signed."""
+    root = copy_web(tmp_path)
+    build_release(root)
+    spanish = root / "i18n" / "es.json"
+    spanish.write_text(spanish.read_text(encoding="utf-8").replace(ES["index.title"], "ALTERED"), encoding="utf-8")
+    running = await start_broker(tmp_path / "data", web_root=str(root))
+    try:
+        page = await phone_page(new_context, "es-ES")
+        await page.goto(running.url + "/")
+        await expect(page.locator("html")).to_have_attribute("lang", "en")
+        await expect(page.get_by_test_id("language-switch")).to_have_value("en")
+        await expect(page.locator("#index-title")).to_have_text(EN["index.title"])
+        assert "ALTERED" not in await page.content()
+        assert any("integrity" in e.lower() for e in watch.console_errors), watch.console_errors
+    finally:
+        await running.stop()

@@ -73,9 +73,17 @@ async function load(tag) {
  * document's lang and dir, re-render every text that came from a catalogue, and tell listeners.
  */
 export async function setLanguage(tag) {
-  const chosen = CATALOGUES[tag] ? tag : DEFAULT_LANGUAGE;
-  await load(DEFAULT_LANGUAGE);
-  await load(chosen);
+  let chosen = CATALOGUES[tag] ? tag : DEFAULT_LANGUAGE;
+  try {
+    await load(DEFAULT_LANGUAGE);
+    await load(chosen);
+  } catch {
+    // A catalogue whose bytes differ from its pin (or that did not arrive) is not used: the page
+    // stays in the language it has, the English written in it.
+    console.warn(`event=catalogue_refused language=${chosen}`);
+    if (chosen === current || !loaded.has(current)) return current;
+    chosen = current;
+  }
   current = chosen;
   document.documentElement.lang = chosen;
   document.documentElement.dir = CATALOGUES[chosen].dir;
