@@ -10,7 +10,7 @@ export const CATALOGUES = {
   },
   "es": {
     "dir": "ltr",
-    "integrity": "sha384-+q7xUELGVloufO/MuXhW5K3o7LbJMCqyVJ0Es3BrJakrUZyypb5EeD/g1NrUyXMC",
+    "integrity": "sha384-J6yX6IDlsUXS/7vgPh8KMXvukbJPnYj2+SqfwaEsvACoMshx7H4gyekBGCbqrgNz",
     "name": "Español",
     "url": "/static/i18n/es.json"
   }
