@@ -220,3 +220,23 @@ async def test_a_catalogue_altered_after_the_release_is_not_used(
         assert any("integrity" in e.lower() for e in watch.console_errors), watch.console_errors
     finally:
         await running.stop()
+
+
+async def test_the_page_offers_only_the_practices_languages(
+    tmp_path: Path, new_context: NewContext, watch: Watch
+) -> None:
+    """A practice that offers English only (BROKER_LANGUAGES=en): a link asking for Spanish, in a
+    Spanish browser, ends up in English once the page has joined, and the switch offers nothing else."""
+    running = await start_broker(tmp_path / "data", languages=("en",))
+    try:
+        links = await schedule(running, clients=1)
+        watch.secrets.append(links.link_key)
+        page = await phone_page(new_context, "es-ES")
+        await page.goto(links.client.replace("#", "?lang=es#", 1))
+        await wait_screen(page, "welcome")
+        await expect(page.locator("html")).to_have_attribute("lang", "en")
+        await expect(page.locator("#welcome-title")).to_have_text(EN["welcome.title"])
+        await expect(page.locator("#language-switch option")).to_have_count(1)
+    finally:
+        await running.stop()
+    await watch.assert_clean()

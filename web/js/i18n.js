@@ -51,11 +51,15 @@ export function chooseLanguage(linkTag = new URLSearchParams(location.search).ge
   return DEFAULT_LANGUAGE;
 }
 
-/** Limit the offered languages (the practice's enabled ones); the default one always stays. */
-export function setAvailable(tags) {
+/**
+ * Offer only the practice's languages (joined.policy.languages; the default one always stays):
+ * the switch shows them, and a page showing another one moves to the best of them.
+ */
+export async function limitLanguages(tags) {
   const shipped = Object.keys(CATALOGUES);
-  const wanted = shipped.filter((tag) => tags.includes(tag) || tag === DEFAULT_LANGUAGE);
-  available = wanted.length ? wanted : shipped;
+  available = shipped.filter((tag) => tags.includes(tag) || tag === DEFAULT_LANGUAGE);
+  if (!available.includes(current)) await setLanguage(chooseLanguage());
+  installSwitch();
 }
 
 async function load(tag) {
@@ -313,6 +317,8 @@ function render(tree, args, tag, count) {
  * Fill every language switch of the page (a <select data-language-switch>) with the offered
  * languages, each named in its own language, and switch when the client picks one.
  */
+let switchWired = false;
+
 export function installSwitch() {
   for (const select of document.querySelectorAll("select[data-language-switch]")) {
     const options = languages().map(({ tag, name }) => {
@@ -330,6 +336,8 @@ export function installSwitch() {
       select.addEventListener("change", () => setLanguage(select.value));
     }
   }
+  if (switchWired) return;
+  switchWired = true;
   onLanguageChange((tag) => {
     for (const select of document.querySelectorAll("select[data-language-switch]")) select.value = tag;
   });

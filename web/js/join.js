@@ -31,7 +31,7 @@ import { Signaling } from "./protocol.js";
 import { installQuickExit, onQuickExit } from "./quick_exit.js";
 import { clearPlanForm, forgetPlan, sealPlanForm, setupPlanForm } from "./safety_plan.js";
 import { clientSafety, endClientSafety, sendLeftQuickly } from "./safety_signal.js";
-import { has, language, onLanguageChange, setAvailable, show, installSwitch, startLanguage, t } from "./i18n.js";
+import { has, language, limitLanguages, onLanguageChange, show, startLanguage, t } from "./i18n.js";
 import { announce, byId, confirmDialog, el, fill, formatTime, setText, showScreen, sleep } from "./ui.js";
 
 const KEY_PREFIX = "tt.link-key.";
@@ -169,10 +169,7 @@ function onJoined(joined) {
   setText("welcome-practice", practice || "");
   byId("welcome-practice").hidden = !practice;
   setText("welcome-time", formatTime(joined.starts, { locale: language() }));
-  if (Array.isArray(state.policy.languages)) {
-    setAvailable(state.policy.languages); // the practice's enabled languages
-    installSwitch();
-  }
+  if (Array.isArray(state.policy.languages)) limitLanguages(state.policy.languages); // the practice's
   byId("welcome-other-device").hidden = !joined.other_device;
   if (joined.seat_state === "admitted") startCall();
   else if (joined.seat_state === "waiting") showWaiting();
