@@ -240,3 +240,23 @@ async def test_the_page_offers_only_the_practices_languages(
     finally:
         await running.stop()
     await watch.assert_clean()
+
+
+async def test_a_switch_leaves_the_practices_own_words_alone(
+    tmp_path: Path, new_context: NewContext, watch: Watch
+) -> None:
+    """The practice's name is the practice's: no catalogue replaces it when the client switches."""
+    running = await start_broker(tmp_path / "data", practice_name="Consultorio Río")
+    try:
+        links = await schedule(running, clients=1)
+        watch.secrets.append(links.link_key)
+        page = await phone_page(new_context, "en-US")
+        await page.goto(links.client)
+        await wait_screen(page, "welcome")
+        await expect(page.locator("#practice-name")).to_have_text("Consultorio Río")
+        await page.get_by_test_id("language-switch").select_option("es")
+        await expect(page.locator("#welcome-title")).to_have_text(ES["welcome.title"])
+        await expect(page.locator("#practice-name")).to_have_text("Consultorio Río")
+    finally:
+        await running.stop()
+    await watch.assert_clean()

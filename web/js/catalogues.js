@@ -4,13 +4,13 @@ export const DEFAULT_LANGUAGE = "en";
 export const CATALOGUES = {
   "en": {
     "dir": "ltr",
-    "integrity": "sha384-ggGKEaqG7Eb5SmUlyKsyjgrt7DsUtouwOspbIskLa7nhkiwMx+6WmayogqGnO4Zc",
+    "integrity": "sha384-aYxCF6TWwaNuiNlmdHfQTbME5P4RGT9/mFVrD86BqVu6QbXNh53+qR3qGfyve4at",
     "name": "English",
     "url": "/static/i18n/en.json"
   },
   "es": {
     "dir": "ltr",
-    "integrity": "sha384-J6yX6IDlsUXS/7vgPh8KMXvukbJPnYj2+SqfwaEsvACoMshx7H4gyekBGCbqrgNz",
+    "integrity": "sha384-im6fBVOPn0/PLRC3OZEY2qzTLsBBazmRCtxJBQzQGdGVDTAciUKy/Bifbh4Eoaam",
     "name": "Español",
     "url": "/static/i18n/es.json"
   }

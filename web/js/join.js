@@ -136,7 +136,7 @@ function wireButtons() {
   byId("interception-close").addEventListener("click", () => finish("interception"));
   byId("notice-action").addEventListener("click", () => window.location.reload());
   for (const id of ["details-location", "details-contact"]) {
-    byId(id).addEventListener("input", () => detailsFilled() && setText("checklist-error", ""));
+    byId(id).addEventListener("input", () => detailsFilled() && clearError());
   }
 }
 
@@ -164,8 +164,10 @@ function onJoined(joined) {
   }
   state.policy = joined.policy ?? { items: [], consent: null, practice_name: null, version: "" };
   const practice = state.policy.practice_name;
-  if (practice) setText("practice-name", practice);
-  else show(byId("practice-name"), "page.brand");
+  if (practice) {
+    delete byId("practice-name").dataset.i18n; // the practice's own name: no catalogue's
+    setText("practice-name", practice);
+  } else show(byId("practice-name"), "page.brand");
   setText("welcome-practice", practice || "");
   byId("welcome-practice").hidden = !practice;
   setText("welcome-time", formatTime(joined.starts, { locale: language() }));
@@ -506,7 +508,8 @@ async function runNetworkCheck() {
         break;
       }
       const delay = preflightRetryDelayMs(err, attempt);
-      setAutomatic("preflight", null, "check.network_busy_retry", { seconds: Math.ceil(delay / 1000) });
+      const retryKey = err.code === "preflight_limited" ? "check.network_limited_retry" : "check.network_busy_retry";
+      setAutomatic("preflight", null, retryKey, { seconds: Math.ceil(delay / 1000) });
       await sleep(delay);
     }
   }
