@@ -84,6 +84,9 @@ class Config:
     login_absolute_s: float = 12 * 3600
     #: Shown as the issuer in authenticator apps and on the client's welcome screen.
     practice_name: str = ""
+    #: The languages the practice offers its clients (catalogues of the web root; the checklist
+    #: policy should translate its texts into each: ``broker check-config`` names what is missing).
+    languages: tuple[str, ...] = ("en", "es")
     log_level: str = "info"
     #: How log lines are laid out on stderr: "text" (``time LEVEL logger event=...``) or "json"
     #: (one object per line, for a log pipeline); the same fields and redaction in both (broker/logs.py).

@@ -14,10 +14,12 @@ from urllib.parse import urlsplit
 from broker.accounts.passkeys import RelyingParty
 from broker.audit.setup import audit_key_problems
 from broker.checklist import policy as checklist
+from broker.checklist.policy_languages import missing as missing_translations
 from broker.checklist.preflight_slots import SlotLimits
 from broker.config import Config
 from broker.http.admin_socket import socket_directory_problem
-from broker.http.pages import PAGE_FILES
+from broker.http.pages import PAGE_FILES, web_root
+from broker.i18n.config_languages import language_problems
 from broker.logs import LOG_FORMATS
 from broker.metrics.site import parse_address
 from broker.signaling.turn import TurnConfigError, parse_turn_urls, resolve_turn_secret
@@ -63,7 +65,21 @@ def check_config(config: Config) -> list[str]:
     problems += _check_metrics(config)
     if config.policy_file:
         problems += _check_policy(Path(config.policy_file))
+    problems += language_problems(config.languages, web_root(config.web_root))
     return problems
+
+
+def untranslated_texts(config: Config) -> list[str]:
+    """Every text of the checklist policy a client who reads one of the practice's languages
+    would see untranslated (in the policy's own language), in plain words. Not problems (the
+    page shows the untranslated text, marked with its language), but what a practice that enables
+    a language must fix: ``broker check-config`` names them (issue 33)."""
+    try:
+        policy = checklist.load_policy(Path(config.policy_file) if config.policy_file else None)
+    except checklist.PolicyError:
+        return []  # check_config reports it
+    untranslated = missing_translations(policy.items, policy.consent, policy.language, config.languages)
+    return [f"checklist policy {policy.source}: {p}" for p in untranslated]
 
 
 def unavailable_choices(config: Config) -> list[str]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from broker.checklist import policy_languages as langs
 from broker.checklist.practice import parse_practice
 from broker.checklist.safety import SafetySettings, parse_safety
 
@@ -52,8 +53,8 @@ _MAX_ITEMS = 100
 _MAX_ITEM_TEXT = 2000
 _MAX_CONSENT_TEXT = 50_000
 _MAX_VERSION = 64
-_ITEM_KEYS = frozenset({"id", "kind", "level", "text", "help", "check", "minor_only"})
-_TOP_KEYS = frozenset({"consent", "practice", "item", "safety"})
+_ITEM_KEYS = frozenset({"id", "kind", "level", "text", "help", "check", "minor_only", "translations"})
+_TOP_KEYS = frozenset({"consent", "practice", "item", "safety", "language"})
 
 
 class PolicyError(Exception):
@@ -87,6 +88,7 @@ class PolicyItem:
     help: str
     check: str | None = None
     minor_only: bool = False
+    translations: langs.Translations = field(default_factory=dict)
 
     @property
     def required(self) -> bool:
@@ -102,6 +104,7 @@ class PolicyItem:
             "help": self.help,
             "check": self.check,
             "minor_only": self.minor_only,
+            **({"translations": langs.canonical(self.translations)} if self.translations else {}),
         }
 
     def for_page(self) -> dict[str, Any]:
@@ -114,6 +117,7 @@ class PolicyItem:
         }
         if self.check is not None:
             out["check"] = self.check
+        out.update({"translations": langs.canonical(self.translations)} if self.translations else {})
         return out
 
 
@@ -121,6 +125,10 @@ class PolicyItem:
 class ConsentText:
     version: str
     text: str
+    translations: langs.Translations = field(default_factory=dict)
+
+    def doc(self) -> dict[str, Any]:
+        return langs.consent_doc(self.version, self.text, self.translations)
 
 
 @dataclass(frozen=True)
@@ -137,6 +145,8 @@ class Policy:
     #: neutral ones). Not part of ``version``: they change nothing the client answers.
     page_title: str | None = None
     exit_url: str | None = None
+    #: The language of the untranslated texts (top-level ``language``; part of ``version``).
+    language: str = "en"
 
     def items_for(self, minor: bool) -> list[PolicyItem]:
         """The items a seat is asked, in order; minor_only items only for a minor's seat."""
@@ -150,19 +160,19 @@ class Policy:
         return {
             "version": self.version,
             "practice_name": self.practice_name,
-            "consent": (
-                {"version": self.consent.version, "text": self.consent.text} if self.consent is not None else None
-            ),
+            "language": self.language,
+            "consent": self.consent.doc() if self.consent is not None else None,
             "items": [item.for_page() for item in self.items_for(minor)],
             "safety": self.safety.for_page(),
         }
 
 
 def _canonical_version(
-    items: list[PolicyItem], consent: ConsentText | None, practice_name: str | None, safety: SafetySettings
+    items: list[PolicyItem], consent: ConsentText | None, practice_name: str | None, safety: SafetySettings, lang: str
 ) -> str:
     doc = {
-        "consent": {"version": consent.version, "text": consent.text} if consent is not None else None,
+        **({"language": lang} if lang != "en" else {}),
+        "consent": consent.doc() if consent is not None else None,
         "practice": {"name": practice_name},
         "items": [item.canonical() for item in items],
         "safety": safety.for_page(),
@@ -200,13 +210,15 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     safety = parse_safety(doc.get("safety"), source, problems)
     items = _parse_items(doc.get("item"), source, problems)
     _check_item_set(items, consent, source, problems)
+    language = langs.parse_language(doc.get("language"), source, problems)
     if problems:
         raise PolicyError(problems)
     return Policy(
         items=tuple(items),
         consent=consent,
         practice_name=practice.name,
-        version=_canonical_version(items, consent, practice.name, safety),
+        version=_canonical_version(items, consent, practice.name, safety, language),
+        language=language,
         source=source,
         safety=safety,
         page_title=practice.page_title,
@@ -220,7 +232,8 @@ def _parse_consent(raw: Any, source: str, problems: list[str]) -> ConsentText | 
     if not isinstance(raw, dict):
         problems.append(f"{source}: [consent] must be a table with 'version' and 'text'.")
         return None
-    for key in sorted(set(raw) - {"version", "text"}):
+    translations = langs.consent_translations(raw.get("translations"), source, _MAX_CONSENT_TEXT, problems)
+    for key in sorted(set(raw) - {"version", "text", "translations"}):
         problems.append(f"{source}: [consent] has an unknown key {key!r} (expected 'version' and 'text').")
     version, text = raw.get("version"), raw.get("text")
     ok = True
@@ -238,7 +251,7 @@ def _parse_consent(raw: Any, source: str, problems: list[str]) -> ConsentText | 
         ok = False
     if not ok or not isinstance(version, str) or not isinstance(text, str):
         return None
-    return ConsentText(version=version.strip(), text=text.strip())
+    return ConsentText(version=version.strip(), text=text.strip(), translations=translations)
 
 
 def _parse_items(raw: Any, source: str, problems: list[str]) -> list[PolicyItem]:
@@ -301,6 +314,7 @@ def _parse_item(entry: Any, position: int, source: str, problems: list[str]) -> 
         help=entry["help"].strip(),
         check=check,
         minor_only=minor_only,
+        translations=langs.item_translations(entry.get("translations"), where, _MAX_ITEM_TEXT, problems),
     )
 
 

@@ -15,7 +15,7 @@ from broker.accounts.account import AccountsKeyMismatch
 from broker.cli import therapist as cli_therapist
 from broker.cli import web_manifest as cli_web_manifest
 from broker.config import Config, ConfigError, load_config
-from broker.config_check import check_config, unavailable_choices
+from broker.config_check import check_config, unavailable_choices, untranslated_texts
 
 #: A command that talks to Redis itself (the therapist accounts) when Redis cannot be reached.
 REDIS_UNREACHABLE_MESSAGE = (
@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
         "--group-link",
         action="store_true",
         help="also print one link for every client (they then share one key: not for couples or families)",
+    )
+    create.add_argument(
+        "--lang",
+        help="the client's language, carried in the client links as ?lang=TAG (for example es): the page starts in it",
     )
     create.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -155,8 +159,22 @@ def _when(ts: int) -> str:
     return datetime.fromtimestamp(ts, UTC).astimezone().strftime("%Y-%m-%d %H:%M %Z")
 
 
-def _links(base: str, session: str, seats: list[dict[str, Any]], secret: str) -> list[dict[str, Any]]:
-    """Each seat's link: the therapist's carries the session secret, each client's only its own seat key."""
+def _language_query(lang: str | None, config: Config) -> str:
+    """``?lang=TAG`` for a client link (empty without --lang); SystemExit for a language the
+    practice does not offer. The tag reaches the broker with the link's path (docs/security.md)."""
+    if lang is None:
+        return ""
+    from broker.i18n.links import link_language_problem
+
+    problem = link_language_problem(lang, config.languages)
+    if problem:
+        raise SystemExit(f"--lang: {problem}")
+    return f"?lang={lang}"
+
+
+def _links(base: str, session: str, seats: list[dict[str, Any]], secret: str, query: str = "") -> list[dict[str, Any]]:
+    """Each seat's link: the therapist's carries the session secret, each client's only its own seat
+    key (and ``query``, the client's language)."""
     from broker.crypto.link_key import b64url_encode, decode_link_key
     from broker.crypto.seat_keys import seat_key
 
@@ -166,15 +184,16 @@ def _links(base: str, session: str, seats: list[dict[str, Any]], secret: str) ->
             path, key = "t", secret
         else:
             path, key = "j", b64url_encode(seat_key(decode_link_key(secret), session, seat["peer"]))
-        out.append({**seat, "link": f"{base.rstrip('/')}/{path}/{seat['token']}#{key}"})
+        tail = "" if seat["role"] == "therapist" else query
+        out.append({**seat, "link": f"{base.rstrip('/')}/{path}/{seat['token']}{tail}#{key}"})
     return out
 
 
-def _group_link(base: str, session: str, token: str, secret: str) -> str:
+def _group_link(base: str, session: str, token: str, secret: str, query: str = "") -> str:
     from broker.crypto.link_key import b64url_encode, decode_link_key
     from broker.crypto.seat_keys import group_key
 
-    return f"{base.rstrip('/')}/j/{token}#{b64url_encode(group_key(decode_link_key(secret), session))}"
+    return f"{base.rstrip('/')}/j/{token}{query}#{b64url_encode(group_key(decode_link_key(secret), session))}"
 
 
 GROUP_LINK_WARNING = (
@@ -189,6 +208,7 @@ async def _create(args: argparse.Namespace) -> int:
     from broker.http.admin_socket import AdminClient
 
     config = _config(args)
+    query = _language_query(args.lang, config)
     fields: dict[str, Any] = {
         "clients": args.seats,
         "minors": args.minors,
@@ -203,9 +223,9 @@ async def _create(args: argparse.Namespace) -> int:
     # each client's link gets only the key of its own seat (docs/protocol.md 7.1).
     secret = new_link_key()
     base = args.base_url or created["base_url"]
-    seats = _links(base, created["session"], created["seats"], secret)
+    seats = _links(base, created["session"], created["seats"], secret, query)
     group_token = created.pop("group_token", None)
-    group = _group_link(base, created["session"], group_token, secret) if group_token else None
+    group = _group_link(base, created["session"], group_token, secret, query) if group_token else None
     if args.json:
         shown = [{k: v for k, v in s.items() if k != "token"} for s in seats]
         print(json.dumps({**created, "seats": shown, "group_link": group}))
@@ -401,12 +421,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("Not available with this configuration:")
                 for choice in choices:
                     print(f"  - {choice}")
+            untranslated = untranslated_texts(config)
+            if untranslated:
+                from broker.i18n.catalogue import messages
+
+                print(messages().text("cli.untranslated_heading", languages=", ".join(config.languages)))
+                for text in untranslated:
+                    print(f"  - {text}")
             if problems:
                 print(f"{len(problems)} problem(s) found:", file=sys.stderr)
                 for p in problems:
                     print(f"  - {p}", file=sys.stderr)
                 return 1
-            print("Configuration OK." if not choices else "Configuration OK (with the choices above unavailable).")
+            print("Configuration OK." if not (choices or untranslated) else "Configuration OK (with the notes above).")
             return 0
         if args.command == "session":
             actions = {"create": _create, "revoke": _revoke, "cancel": _cancel}

@@ -28,7 +28,9 @@ JOIN_PATH = "/j"
 #: Where the quick exit goes.
 EXIT_PATH = "/today"
 
-_TITLE = re.compile(r"<title>[^<]*</title>")
+#: The page's title element (join.html's carries a catalogue key, so that the neutral default is
+#: shown in the client's language; the practice's own title replaces it whole, key and all).
+_TITLE = re.compile(r"<title\b[^>]*>[^<]*</title>")
 
 
 @dataclass

@@ -9,6 +9,7 @@ byte-identical pages (docs/protocol.md section 4).
 from __future__ import annotations
 
 import html
+import json
 import logging
 import string
 from pathlib import Path
@@ -19,6 +20,7 @@ from aiohttp.typedefs import Handler
 
 from broker.http.client_pages import DEFAULT_PAGE_TITLE, client_pages
 from broker.http.pages import NOTICE_TEMPLATE, WEB_ROOT
+from broker.i18n.catalogue import CATALOGUE_DIR, DEFAULT_LANGUAGE
 from broker.signaling.protocol import ErrorCode
 
 log = logging.getLogger("broker.server")
@@ -29,34 +31,27 @@ NOT_FOUND = "not_found"
 
 class Notice(NamedTuple):
     status: int
-    title: str
-    sentence: str
 
 
+#: Each notice's status; its heading and sentence are the catalogue's ``notice.<code>.title`` and
+#: ``notice.<code>.message`` (web/i18n/en.json in the page; the page shows them in the client's language).
 NOTICES: dict[str, Notice] = {
-    ErrorCode.INVALID_TOKEN.value: Notice(404, "This link does not work", "Please ask your therapist for a new link."),
-    ErrorCode.TOKEN_EXPIRED.value: Notice(
-        410, "This link has expired", "The time for this session has passed, so please contact your therapist."
-    ),
-    ErrorCode.TOKEN_NOT_YET_VALID.value: Notice(
-        425, "It is a little early", "This link opens shortly before your appointment: please come back then."
-    ),
-    ErrorCode.SESSION_ENDED.value: Notice(
-        410, "This session has ended", "Nothing was recorded, and you can close this page."
-    ),
-    ErrorCode.SESSION_NOT_FOUND.value: Notice(
-        404,
-        "This session could not be found",
-        "The service lost its record of this session, so please contact your therapist for a new link.",
-    ),
-    ErrorCode.SESSION_CANCELLED.value: Notice(
-        410, "This session was cancelled", "Your therapist cancelled it, so please contact them about another time."
-    ),
-    ErrorCode.UNAVAILABLE.value: Notice(
-        503, "Please try again in a moment", "The service cannot reach its records just now, and nothing was changed."
-    ),
-    NOT_FOUND: Notice(404, "Page not found", "There is no page at this address: please check the link you were given."),
+    ErrorCode.INVALID_TOKEN.value: Notice(404),
+    ErrorCode.TOKEN_EXPIRED.value: Notice(410),
+    ErrorCode.TOKEN_NOT_YET_VALID.value: Notice(425),
+    ErrorCode.SESSION_ENDED.value: Notice(410),
+    ErrorCode.SESSION_NOT_FOUND.value: Notice(404),
+    ErrorCode.SESSION_CANCELLED.value: Notice(410),
+    ErrorCode.UNAVAILABLE.value: Notice(503),
+    NOT_FOUND: Notice(404),
 }
+
+
+def notice_texts(root: Path, code: str) -> tuple[str, str]:
+    """The heading and the sentence of the notice for ``code`` in the default language, from the
+    catalogue of the web root ``root``."""
+    messages = json.loads((root / CATALOGUE_DIR / f"{DEFAULT_LANGUAGE}.json").read_text(encoding="utf-8"))
+    return messages[f"notice.{code}.title"], messages[f"notice.{code}.message"]
 
 
 def render_notice(root: Path, code: str, page_title: str = DEFAULT_PAGE_TITLE) -> tuple[int, str]:
@@ -66,15 +61,17 @@ def render_notice(root: Path, code: str, page_title: str = DEFAULT_PAGE_TITLE) -
 
     Its ``<title>`` is the client's pages' neutral one (or the practice's), never the notice's
     heading: it is what the browser's tab and history show to whoever uses the device next."""
-    notice = NOTICES.get(code, NOTICES[ErrorCode.INVALID_TOKEN.value])
+    shown = code if code in NOTICES else ErrorCode.INVALID_TOKEN.value
+    title, sentence = notice_texts(root, shown)
     template = string.Template((root / NOTICE_TEMPLATE).read_text(encoding="utf-8"))
     body = template.substitute(
         page_title=html.escape(page_title),
-        title=html.escape(notice.title),
-        sentence=html.escape(notice.sentence),
+        title=html.escape(title),
+        sentence=html.escape(sentence),
         code=html.escape(code),
+        notice=html.escape(shown),
     )
-    return notice.status, body
+    return NOTICES[shown].status, body
 
 
 def notice_response(request: web.Request, code: str) -> web.Response:

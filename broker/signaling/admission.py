@@ -31,23 +31,31 @@ def _wire_code(code: str, default: ErrorCode) -> ErrorCode:
 class PolicyChecklist:
     """Verifies checklist submissions against one loaded policy."""
 
-    def __init__(self, policy: checklist.Policy, practice_name: str = "") -> None:
+    def __init__(self, policy: checklist.Policy, practice_name: str = "", languages: tuple[str, ...] = ()) -> None:
         self.policy = policy
         self.practice_name = practice_name
+        #: The languages the practice offers (BROKER_LANGUAGES); empty: any the page has.
+        self.languages = languages
 
     @classmethod
     def from_config(cls, config: Config) -> PolicyChecklist:
         policy = checklist.load_policy(Path(config.policy_file) if config.policy_file else None)
-        return cls(policy, config.practice_name)
+        return cls(policy, config.practice_name, config.languages)
 
     def policy_for(self, minor: bool) -> dict[str, Any]:
         """The policy for the page; the practice's name from the configuration unless the policy names it."""
         page = self.policy.for_seat(minor)
         if not page.get("practice_name") and self.practice_name:
             page["practice_name"] = self.practice_name
+        if self.languages:
+            page["languages"] = list(self.languages)
         return page
 
     def verify(self, submission: ChecklistSubmit, *, minor: bool, preflight: dict[str, Any] | None) -> dict[str, Any]:
+        """The checklist result kept for the seat: with the language the client read the policy in
+        (and so accepted its consent in), next to the policy version."""
+        if submission.language is not None and self.languages and submission.language not in self.languages:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "The checklist names a language this practice does not offer.")
         try:
             result = checklist.verify(
                 self.policy,
@@ -64,7 +72,7 @@ class PolicyChecklist:
             )
         except checklist.ChecklistRejected as exc:
             raise ProtocolError(_wire_code(exc.code, ErrorCode.BAD_MESSAGE), exc.message) from None
-        return result.summary()
+        return {**result.summary(), "language": submission.language}
 
 
 _REFUSALS = {ErrorCode.PREFLIGHT_BUSY: PreflightOutcome.BUSY, ErrorCode.PREFLIGHT_LIMITED: PreflightOutcome.LIMITED}

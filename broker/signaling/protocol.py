@@ -44,6 +44,9 @@ from broker.signaling.wire_types import (
     ItemId as ItemId,
 )
 from broker.signaling.wire_types import (
+    LanguageTag as LanguageTag,
+)
+from broker.signaling.wire_types import (
     Mac as Mac,
 )
 from broker.signaling.wire_types import (
@@ -105,6 +108,8 @@ class ChecklistSubmit(_ClientMessage, tag="checklist"):
     answers_sealed: Details | None = None
     #: The client's safety plan (optional), sealed in the browser for the therapist (7.4.3).
     safety_plan: Details | None = None
+    #: The language the client read the checklist and the consent in (one the practice offers).
+    language: LanguageTag | None = None
 
 
 class PreflightOffer(_ClientMessage, tag="preflight_offer"):

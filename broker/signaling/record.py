@@ -81,6 +81,7 @@ def build_record(session: Session, *, ended: int, reason: str, verification: dic
                 "verified": verification.get(seat.id) if seat.role.value == "client" else None,
                 "checklist_policy_version": checklist.get("policy_version"),
                 "checklist_passed": checklist.get("all_required_met"),
+                "checklist_language": checklist.get("language"),
             }
         )
     return {

@@ -48,6 +48,10 @@ ItemId = Annotated[str, msgspec.Meta(min_length=1, max_length=40, pattern=r"^[a-
 Version = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Details = Annotated[str, msgspec.Meta(max_length=8192)]
 Agent = Annotated[str, msgspec.Meta(max_length=64)]
+#: A language tag as the client's pages use them (broker/i18n/catalogue.py LANGUAGE_TAG).
+LanguageTag = Annotated[
+    str, msgspec.Meta(max_length=12, pattern=r"^[a-z]{2,3}(-[A-Z][a-z]{3})?(-([A-Z]{2}|[0-9]{3}))?\Z")
+]
 #: A resume secret: 32 random bytes, base64url without padding.
 ResumeSecret = Annotated[str, msgspec.Meta(min_length=43, max_length=43, pattern=r"^[A-Za-z0-9_\-]+\Z")]
 

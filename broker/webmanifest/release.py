@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from broker.webmanifest.catalogue_pins import PINS_MODULE, catalogue_pins_stale, pin_catalogues
 from broker.webmanifest.layout import BUILD_COMMAND, MANIFEST_FILE, SIGNATURES_FILE
 from broker.webmanifest.manifest import ManifestError, build_manifest, differences, manifest_bytes, parse_manifest
 from broker.webmanifest.pins import pin_pages, stale_pages
@@ -37,7 +38,8 @@ class Built:
 
 def build_release(root: Path) -> Built:
     """Pin the pages, write the manifest, keep only the signatures that still verify."""
-    built = Built(pages=pin_pages(root))
+    catalogues = [PINS_MODULE] if pin_catalogues(root) else []
+    built = Built(pages=catalogues + pin_pages(root))
     data = manifest_bytes(root)
     path = root / MANIFEST_FILE
     if not path.is_file() or path.read_bytes() != data:
@@ -56,6 +58,8 @@ def build_release(root: Path) -> Built:
 def stale_release(root: Path) -> list[str]:
     """Why the release kept in ``root`` is not what a build would make now (empty: it is)."""
     problems = [f"{root / name}: its pins differ from the files it loads" for name in stale_pages(root)]
+    if catalogue_pins_stale(root):
+        problems.insert(0, f"{root / PINS_MODULE}: its pins differ from the catalogues in i18n/")
     path = root / MANIFEST_FILE
     fresh = manifest_bytes(root)
     if not path.is_file():

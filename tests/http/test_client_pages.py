@@ -107,7 +107,8 @@ async def test_the_join_page_and_everything_it_loads_are_no_store_and_neutral(
     # The neutral address the page moves to serves the same page: a reload there works.
     status, kind, body = await get(http, broker.url + "/j")
     assert (status, kind) == (200, "text/html")
-    assert '<body data-screen="loading"' in body and f"<title>{NEUTRAL_TITLE}</title>" in body
+    # The neutral title, with its catalogue key: the client's language shows it in their words.
+    assert '<body data-screen="loading"' in body and f'<title data-i18n="page.title">{NEUTRAL_TITLE}</title>' in body
 
 
 async def test_the_exit_page_is_neutral_and_loads_nothing_from_elsewhere(

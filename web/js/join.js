@@ -41,6 +41,7 @@ import { Signaling } from "./protocol.js";
 import { installQuickExit, onQuickExit } from "./quick_exit.js";
 import { clearPlanForm, forgetPlan, sealPlanForm, setupPlanForm } from "./safety_plan.js";
 import { clientSafety, endClientSafety, sendLeftQuickly } from "./safety_signal.js";
+import { has, language, limitLanguages, onLanguageChange, show, startLanguage, t } from "./i18n.js";
 import { announce, byId, confirmDialog, el, fill, formatTime, setText, showScreen, sleep } from "./ui.js";
 import { shareVerification } from "./verified_peer.js";
 
@@ -49,29 +50,31 @@ const PREFLIGHT_RECORD_TRIES = 10;
 /** Offers sent again by themselves after preflight_busy / preflight_limited before the person is asked to. */
 const PREFLIGHT_AUTO_RETRIES = 5;
 
-/** Each notice: a heading and one clear sentence saying what happened and what to do (as the broker's notice pages). */
-const NOTICES = {
-  invalid_token: ["This link does not work", "Please ask your therapist for a new link."],
-  token_expired: ["This link has expired", "The time for this session has passed, so please contact your therapist."],
-  token_not_yet_valid: ["It is a little early", "This link opens shortly before your appointment: please come back then."],
-  declined: ["Your therapist could not let you in", "This is not something you did wrong: please contact your therapist if you are unsure why."],
-  removed: ["You are no longer in the session", "Your therapist ended your part of this session: please contact them if you think it was a mistake."],
-  replaced: ["Your session moved to another window", "Carry on there, or continue here and your therapist will be asked to let you in again."],
-  no_link: ["This page has closed", "It keeps nothing once closed or left: if you were sent a link, open it again from its message."],
-  missing_key: ["This link is incomplete", "Open the link exactly as you received it: the part after the # sign keeps your session private."],
-  damaged_key: ["This link is damaged", "Part of it was changed or cut off, so open it exactly as you received it or ask for a new one."],
-  invalid_token_after_join: ["This link no longer works", "The session may have ended or your therapist replaced your link: please contact them."],
-  unsupported_protocol: ["Please reload this page", "This page is out of date, and reloading it fetches the current version."],
-  session_not_found: ["This session could not be found", "Nothing you did caused this: the service lost its record of it, so please ask your therapist for a new link."],
-  session_cancelled: ["This session was cancelled", "Your therapist cancelled it, so please contact them about another time."],
-};
+/** Each notice: a heading and one clear sentence saying what happened and what to do (as the broker's
+ * notice pages), in the catalogue as notice.<code>.title and notice.<code>.message. */
+const NOTICES = Object.fromEntries(
+  [
+    "invalid_token",
+    "token_expired",
+    "token_not_yet_valid",
+    "declined",
+    "removed",
+    "replaced",
+    "no_link",
+    "missing_key",
+    "damaged_key",
+    "invalid_token_after_join",
+    "unsupported_protocol",
+    "session_not_found",
+    "session_cancelled",
+  ].map((code) => [code, `notice.${code}`]),
+);
 
 /**
  * The checklist's steps (at most three, so it stays short on a phone) and the sections each shows:
  * the device checks; the attested points; the consent text with the emergency details.
  */
 const STEPS = { device: ["device"], space: ["space"], agree: ["consent", "details"] };
-const SECTION_NAMES = { device: "Your device", space: "Your space", consent: "Consent", details: "Emergency details" };
 
 const state = {
   signaling: null,
@@ -103,7 +106,9 @@ const state = {
 
 // ------------------------------------------------------------------ start
 
-function start() {
+async function start() {
+  await startLanguage();
+  onLanguageChange(relabel);
   const remembered = clientRememberedMode();
   state.mode = remembered ?? "video";
   state.rememberMode = remembered !== null;
@@ -152,7 +157,7 @@ function wireButtons() {
   byId("interception-close").addEventListener("click", () => finish("interception"));
   byId("notice-action").addEventListener("click", () => window.location.reload());
   for (const id of ["details-location", "details-contact"]) {
-    byId(id).addEventListener("input", () => detailsFilled() && setText("checklist-error", ""));
+    byId(id).addEventListener("input", () => detailsFilled() && clearError());
   }
 }
 
@@ -180,10 +185,14 @@ function onJoined(joined) {
   }
   state.policy = joined.policy ?? { items: [], consent: null, practice_name: null, version: "" };
   const practice = state.policy.practice_name;
-  setText("practice-name", practice || "Your session");
+  if (practice) {
+    delete byId("practice-name").dataset.i18n; // the practice's own name: no catalogue's
+    setText("practice-name", practice);
+  } else show(byId("practice-name"), "page.brand");
   setText("welcome-practice", practice || "");
   byId("welcome-practice").hidden = !practice;
-  setText("welcome-time", formatTime(joined.starts));
+  setText("welcome-time", formatTime(joined.starts, { locale: language() }));
+  if (Array.isArray(state.policy.languages)) limitLanguages(state.policy.languages); // the practice's
   byId("welcome-other-device").hidden = !joined.other_device;
   if (joined.seat_state === "admitted") startCall();
   else if (joined.seat_state === "waiting") showWaiting();
@@ -204,17 +213,17 @@ function showHold(held) {
   const screen = document.body.dataset.screen;
   if (held && screen === "call") {
     showScreen("screen-hold");
-    announce("Your therapist is talking with someone privately. You'll be brought back.");
+    announce(t("hold.message"));
   } else if (!held && screen === "hold") {
     showScreen("screen-call");
-    announce("You are back in the call.");
+    announce(t("announce.back_in_call"));
   }
 }
 
 function onConnection({ state: connection }) {
   const down = connection === "reconnecting";
   state.view?.setReconnecting(down);
-  if (down && !state.view) announce("Connection lost. Reconnecting.");
+  if (down && !state.view) announce(t("announce.connection_lost"));
   if (document.body.dataset.screen === "waiting") updateWaitingText(down);
 }
 
@@ -257,13 +266,16 @@ function startChecklist() {
   renderConsentText();
   const details = groups.details[0];
   if (details) {
-    setText("details-text", details.text);
-    setText("details-help", details.help);
+    showPolicyText(byId("details-text"), details, "text");
+    showPolicyText(byId("details-help"), details, "help");
   }
   fill(
     byId("stepper"),
     state.steps.map((name, i) =>
-      el("li", { dataset: { step: name } }, [el("span", { className: "num", text: String(i + 1) }), stepName(name)]),
+      el("li", { dataset: { step: name } }, [
+        el("span", { className: "num", text: String(i + 1) }),
+        show(el("span"), stepNameKey(name)),
+      ]),
     ),
   );
   state.modeRadios = modeRadios({
@@ -284,25 +296,59 @@ function stepSections(step) {
   return STEPS[step].filter((section) => state.sections.includes(section));
 }
 
-function stepName(step) {
-  return stepSections(step)
-    .map((section, i) => (i === 0 ? SECTION_NAMES[section] : SECTION_NAMES[section].toLowerCase()))
-    .join(" and ");
+/** A step's name in the catalogue: step.device, step.space, step.consent, step.details, step.consent_details. */
+function stepNameKey(step) {
+  return `step.${stepSections(step).join("_")}`;
 }
 
-function levelWord(item) {
-  return item.level === "required" ? "needed" : "recommended";
+function levelKey(item) {
+  return item.level === "required" ? "item.level_required" : "item.level_recommended";
+}
+
+/**
+ * A text of the practice's policy (an item's text or help, the consent) in the page's language:
+ * the policy's translation when it has one, else its own text, marked with the policy's language.
+ */
+function policyText(entry, field) {
+  const translated = entry.translations?.[language()]?.[field];
+  if (typeof translated === "string") return { text: translated, lang: language() };
+  return { text: entry[field], lang: state.policy.language ?? "en" };
+}
+
+/** Show a policy text in `node`, remembered so a language switch shows it again (relabel). */
+function showPolicyText(node, item, field) {
+  const { text, lang } = policyText(item, field);
+  node.textContent = text;
+  node.lang = lang;
+  node.dataset.policyItem = item.id;
+  node.dataset.policyField = field;
+  return node;
+}
+
+/** After a language switch: what the catalogue does not re-render by itself. */
+function relabel() {
+  for (const node of document.querySelectorAll("[data-policy-item]")) {
+    const item = state.items.find((i) => i.id === node.dataset.policyItem);
+    if (item) showPolicyText(node, item, node.dataset.policyField);
+  }
+  if (state.policy) renderConsentText();
+  if (state.joined) setText("welcome-time", formatTime(state.joined.starts, { locale: language() }));
+  if (state.steps.length) updateProgress();
 }
 
 function renderAutomatic(item) {
-  const status = el("p", { className: "status", text: "Waiting to check…" });
-  const help = el("p", { className: "help", hidden: true, text: item.help });
-  const retry = el("button", { type: "button", className: "quiet small", hidden: true, text: "Check again" });
+  const status = show(el("p", { className: "status" }), "check.waiting");
+  const help = showPolicyText(el("p", { className: "help", hidden: true }), item, "help");
+  const retry = show(el("button", { type: "button", className: "quiet small", hidden: true }), "check.again");
   retry.addEventListener("click", () => (item.check === "preflight" ? runNetworkCheck() : runMediaChecks()));
   item.node = el("li", { className: "item", dataset: { item: item.id, status: "pending" }, "data-testid": `item-${item.id}` }, [
     el("span", { className: "mark", "aria-hidden": "true" }),
     el("div", { className: "body" }, [
-      el("p", { className: "text" }, [item.text, " ", el("span", { className: "level", text: `(${levelWord(item)})` })]),
+      el("p", { className: "text" }, [
+        showPolicyText(el("span"), item, "text"),
+        " ",
+        show(el("span", { className: "level" }), levelKey(item)),
+      ]),
       status,
       help,
       retry,
@@ -325,15 +371,21 @@ function renderAttested(item) {
   item.node = el("li", { className: "item attest", dataset: { item: item.id, status: "pending" } }, [
     input,
     el("div", { className: "body" }, [
-      el("label", { for: id, className: "text" }, [item.text, " ", el("span", { className: "level", text: `(${levelWord(item)})` })]),
-      el("p", { className: "help", id: `${id}-help`, text: item.help }),
+      el("label", { for: id, className: "text" }, [
+        showPolicyText(el("span"), item, "text"),
+        " ",
+        show(el("span", { className: "level" }), levelKey(item)),
+      ]),
+      showPolicyText(el("p", { className: "help", id: `${id}-help` }), item, "help"),
     ]),
   ]);
   return item.node;
 }
 
 function renderConsentText() {
-  const text = state.policy.consent?.text ?? "";
+  const consent = state.policy.consent;
+  const { text, lang } = consent ? policyText(consent, "text") : { text: "", lang: language() };
+  byId("consent-text").lang = lang;
   const blocks = [];
   let list = null;
   for (const line of text.split("\n")) {
@@ -356,12 +408,13 @@ function renderConsentText() {
   fill(byId("consent-text"), blocks);
 }
 
-function setAutomatic(check, met, statusText) {
+/** An automatic check's outcome; its status in words is a catalogue key (and its arguments). */
+function setAutomatic(check, met, statusKey, statusArgs = {}) {
   for (const item of state.items.filter((i) => i.check === check)) {
     item.met = met;
     const failed = met === false;
     item.node.dataset.status = met === true ? "ok" : met === null ? "pending" : item.level === "required" ? "fail" : "warn";
-    item.statusNode.textContent = statusText;
+    show(item.statusNode, statusKey, statusArgs);
     item.helpNode.hidden = !failed;
     item.retry.hidden = !failed || check === "headset";
   }
@@ -375,30 +428,30 @@ function updateDeviceSummary() {
   const running = automatic.some((i) => i.met === null);
   const unmet = automatic.filter((i) => i.level !== "required" && i.met === false);
   let status = "ok";
-  let text = "Camera, microphone and connection are ready";
+  let key = "device.summary_ready";
   if (failed.length > 0) {
     status = "fail";
-    text = failed.length === 1 ? "One check needs your attention" : `${failed.length} checks need your attention`;
+    key = "device.summary_failed";
   } else if (running) {
     status = "pending";
-    text = "Checking your camera, microphone and connection…";
+    key = "device.summary_checking";
   }
   const suggestion = byId("device-suggestion");
   suggestion.hidden = status !== "ok" || unmet.length === 0;
-  suggestion.textContent = unmet.length === 1 ? "One suggestion in the details." : `${unmet.length} suggestions in the details.`;
+  show(suggestion, "device.suggestions", { count: unmet.length });
   const summary = byId("device-summary");
   const before = summary.dataset.status;
   summary.dataset.status = status;
-  setText("device-summary-text", text);
+  show(byId("device-summary-text"), key, { count: failed.length });
   if (status === "fail" && before !== "fail") byId("device-details").open = true;
 }
 
 async function runAutomaticChecks() {
-  setAutomatic("secure_context", window.isSecureContext, window.isSecureContext ? "Secure connection" : "Not a secure connection");
+  setAutomatic("secure_context", window.isSecureContext, window.isSecureContext ? "check.secure" : "check.not_secure");
   const webrtc = typeof window.RTCPeerConnection === "function";
-  setAutomatic("webrtc", webrtc, webrtc ? "Supported" : "Not supported in this browser");
+  setAutomatic("webrtc", webrtc, webrtc ? "check.supported" : "check.not_supported");
   const webcrypto = Boolean(window.crypto?.subtle);
-  setAutomatic("webcrypto", webcrypto, webcrypto ? "Supported" : "Not available in this browser");
+  setAutomatic("webcrypto", webcrypto, webcrypto ? "check.supported" : "check.not_available");
   await Promise.all([runMediaChecks(), runNetworkCheck()]);
 }
 
@@ -407,9 +460,9 @@ async function runMediaChecks() {
   const run = ++state.mediaRun;
   byId("media-problem").hidden = true;
   byId("media-audio-only").hidden = true;
-  setAutomatic("camera", null, "Checking…");
-  setAutomatic("microphone", null, "Checking…");
-  setAutomatic("headset", null, "Checking…");
+  setAutomatic("camera", null, "check.checking");
+  setAutomatic("microphone", null, "check.checking");
+  setAutomatic("headset", null, "check.checking");
   let stream;
   try {
     stream = state.stream && hasLiveTrack(state.stream, "video") ? state.stream : await openMedia();
@@ -426,17 +479,17 @@ async function runMediaChecks() {
       stopStream(audioOnly);
       return;
     }
-    setAutomatic("camera", false, problem.kind === "denied" ? "Not allowed" : "Not working");
+    setAutomatic("camera", false, problem.kind === "denied" ? "check.not_allowed" : "check.not_working");
     if (audioOnly) {
       useStream(audioOnly);
-      setAutomatic("microphone", true, "Working");
+      setAutomatic("microphone", true, "check.working");
       byId("media-audio-only").hidden = false;
-      setText("media-audio-only-hint", "Your microphone works: you can join with sound only, and your therapist is told you chose audio only.");
+      show(byId("media-audio-only-hint"), "device.audio_only_hint");
     } else {
-      setAutomatic("microphone", false, problem.kind === "denied" ? "Not allowed" : "Not working");
+      setAutomatic("microphone", false, problem.kind === "denied" ? "check.not_allowed" : "check.not_working");
     }
     const headset = await guessHeadset(audioOnly);
-    setAutomatic("headset", headset === true, headset ? "Headset found" : "Not detected");
+    setAutomatic("headset", headset === true, headset ? "check.headset_found" : "check.not_detected");
     return;
   }
   if (run !== state.mediaRun) return;
@@ -445,16 +498,12 @@ async function runMediaChecks() {
   byId("preview-placeholder").hidden = true;
   await attach(video, stream);
   const showsFrames = await videoShowsFrames(video);
-  setAutomatic("camera", showsFrames, showsFrames ? "Working — you should see yourself" : "No picture from the camera");
+  setAutomatic("camera", showsFrames, showsFrames ? "check.camera_working" : "check.camera_no_picture");
   const mic = hasLiveTrack(stream, "audio");
-  setAutomatic("microphone", mic, mic ? "Working — the meter moves when you speak" : "Not working");
+  setAutomatic("microphone", mic, mic ? "check.microphone_working" : "check.not_working");
   const headset = await guessHeadset(stream);
-  setAutomatic(
-    "headset",
-    headset === true,
-    headset === true ? "Headset found" : "Not detected — that’s fine, but headphones keep the conversation private",
-  );
-  announce("Camera and microphone checked.");
+  setAutomatic("headset", headset === true, headset === true ? "check.headset_found" : "check.headset_not_detected");
+  announce(t("announce.devices_checked"));
 }
 
 /** Audio only was chosen: no camera is opened (one that was open is released), the camera item is not needed. */
@@ -465,30 +514,26 @@ async function runAudioOnlyChecks() {
   setText("media-audio-only-hint", "");
   byId("preview-video").srcObject = null;
   byId("preview-placeholder").hidden = false;
-  setText("preview-placeholder", "Audio only: your camera is off.");
-  setAutomatic("camera", true, "Not needed: you chose audio only");
-  setAutomatic("microphone", null, "Checking…");
-  setAutomatic("headset", null, "Checking…");
+  show(byId("preview-placeholder"), "device.preview_audio_only");
+  setAutomatic("camera", true, "check.not_needed_audio_only");
+  setAutomatic("microphone", null, "check.checking");
+  setAutomatic("headset", null, "check.checking");
   let stream;
   try {
     stream = await fitStream(state.stream && hasLiveTrack(state.stream, "audio") ? state.stream : null, "audio_only");
   } catch (problem) {
     if (run !== state.mediaRun) return;
     showMediaProblem(problem);
-    setAutomatic("microphone", false, problem.kind === "denied" ? "Not allowed" : "Not working");
-    setAutomatic("headset", false, "Not detected");
+    setAutomatic("microphone", false, problem.kind === "denied" ? "check.not_allowed" : "check.not_working");
+    setAutomatic("headset", false, "check.not_detected");
     return;
   }
   if (run !== state.mediaRun) return;
   useStream(stream);
-  setAutomatic("microphone", true, "Working — the meter moves when you speak");
+  setAutomatic("microphone", true, "check.microphone_working");
   const headset = await guessHeadset(stream);
-  setAutomatic(
-    "headset",
-    headset === true,
-    headset === true ? "Headset found" : "Not detected — that’s fine, but headphones keep the conversation private",
-  );
-  announce("Microphone checked. Your camera stays off.");
+  setAutomatic("headset", headset === true, headset === true ? "check.headset_found" : "check.headset_not_detected");
+  announce(t("announce.microphone_checked"));
 }
 
 /** The client chose a mode: before the call the checks follow it, during the call the call does. */
@@ -504,7 +549,7 @@ function chooseMode(mode) {
     return;
   }
   if ((before === "audio_only") !== (mode === "audio_only") && state.items.length > 0) {
-    if (mode !== "audio_only") setText("preview-placeholder", "Your camera preview will appear here.");
+    if (mode !== "audio_only") show(byId("preview-placeholder"), "device.preview_placeholder");
     runMediaChecks();
   }
 }
@@ -520,7 +565,7 @@ function setRememberMode(on) {
 /** What the page can tell about this browser, and whether it keeps the remembered choice. */
 function updateStorageNote() {
   const node = state.storageNote;
-  if (node) storageNote({ remembered: state.rememberMode }).then((text) => setText(node, text));
+  if (node) storageNote({ remembered: state.rememberMode }).then((key) => show(node, key));
 }
 
 /** Switch the running call to the mode chosen; if the camera cannot come back, stay in `before`. */
@@ -535,13 +580,13 @@ async function applyCallMode(before) {
     state.call.setMode(mode);
     state.view.setAudioOnly(mode === "audio_only");
     state.view.setSelfStream(stream);
-    announce(mode === "audio_only" ? "Audio only: your camera is off." : "Your camera is on.");
+    announce(t(mode === "audio_only" ? "announce.camera_off" : "announce.camera_on"));
   } catch (problem) {
     state.mode = before;
     state.modeSelect?.set(before);
     state.modeRadios?.set(before);
     if (state.rememberMode) rememberClientMode(before);
-    announce(`${problem.title ?? "The camera could not be started."} ${problem.help ?? ""}`, { urgent: true });
+    announce(mediaProblemKeys(problem).map((key) => t(key)).join(" "), { urgent: true });
   }
 }
 
@@ -554,18 +599,25 @@ function useStream(stream) {
   state.view?.setSelfStream(stream);
 }
 
+/** The catalogue's words for a camera or microphone problem (devices.js names its kind). */
+function mediaProblemKeys(problem) {
+  const kind = has(`media.${problem?.kind}.title`) ? problem.kind : "other";
+  return [`media.${kind}.title`, `media.${kind}.help`];
+}
+
 function showMediaProblem(problem) {
-  setText("media-problem-title", problem.title ?? "The camera or microphone could not be started.");
-  setText("media-problem-help", problem.help ?? "");
+  const [title, help] = mediaProblemKeys(problem);
+  show(byId("media-problem-title"), title);
+  show(byId("media-problem-help"), help);
   byId("media-problem").hidden = false;
   byId("preview-placeholder").hidden = false;
-  announce(problem.title ?? "The camera or microphone could not be started.", { urgent: true });
+  announce(t(title), { urgent: true });
 }
 
 async function runNetworkCheck() {
   if (!state.items.some((i) => i.check === "preflight") || state.preflight === "running") return;
   state.preflight = "running";
-  setAutomatic("preflight", null, "Testing your connection…");
+  setAutomatic("preflight", null, "check.network_testing");
   let result;
   for (let attempt = 1; ; attempt++) {
     try {
@@ -577,18 +629,20 @@ async function runNetworkCheck() {
     } catch (err) {
       const limited = err.code === "preflight_busy" || err.code === "preflight_limited";
       if (!limited || attempt > PREFLIGHT_AUTO_RETRIES) {
-        result = { connected: false, reason: err.code ?? "refused", message: limited ? err.message : null };
+        result = { connected: false, reason: err.code ?? "refused", busy: limited };
         break;
       }
       const delay = preflightRetryDelayMs(err, attempt);
-      setAutomatic("preflight", null, `${err.message} Trying again in ${Math.ceil(delay / 1000)} seconds…`);
+      const retryKey = err.code === "preflight_limited" ? "check.network_limited_retry" : "check.network_busy_retry";
+      setAutomatic("preflight", null, retryKey, { seconds: Math.ceil(delay / 1000) });
       await sleep(delay);
     }
   }
   state.preflight = result.connected ? "done" : "failed";
-  const detail = result.rttMs != null ? ` (${Math.round(result.rttMs)} ms)` : "";
-  const failure = result.message || "The test connection did not work";
-  setAutomatic("preflight", result.connected, result.connected ? `Your connection works${detail}` : failure);
+  if (result.connected && result.rttMs != null) {
+    setAutomatic("preflight", true, "check.network_works_ms", { ms: Math.round(result.rttMs) });
+  } else if (result.connected) setAutomatic("preflight", true, "check.network_works");
+  else setAutomatic("preflight", false, result.busy ? "check.network_busy" : "check.network_failed");
 }
 
 /**
@@ -616,7 +670,7 @@ function showStep(index, { focus = true } = {}) {
   byId("step-back").hidden = state.stepIndex === 0;
   byId("step-next").hidden = last;
   byId("checklist-submit").hidden = !last;
-  setText("checklist-error", "");
+  clearError();
   updateProgress();
   if (focus) byId(`step-${shown[0]}`).querySelector("h2").focus();
 }
@@ -637,7 +691,18 @@ function itemDone(item) {
   return item.met === true;
 }
 
-/** What still stops this step, in words; null when the step is complete. */
+/** The checklist's error line: a catalogue key, or cleared. */
+function showError(key, args = {}) {
+  show(byId("checklist-error"), key, args);
+}
+
+function clearError() {
+  const node = byId("checklist-error");
+  delete node.dataset.i18n;
+  node.textContent = "";
+}
+
+/** What still stops this step, as a catalogue key; null when the step is complete. */
 function stepProblem(step) {
   for (const section of stepSections(step)) {
     const problem = sectionProblem(section);
@@ -650,19 +715,19 @@ function sectionProblem(name) {
   const missing = stepItems(name).filter((i) => i.level === "required" && !itemDone(i));
   if (missing.length === 0) return null;
   if (name === "device") {
-    if (missing.some((i) => i.met === null)) return "Please wait a moment: the checks are still running.";
+    if (missing.some((i) => i.met === null)) return "problem.checks_running";
     byId("device-details").open = true;
-    return "Some checks did not work yet. The steps under each one explain how to fix it; then press “Check again”.";
+    return "problem.checks_failed";
   }
-  if (name === "details") return "Please fill in both fields. Only your therapist can read them.";
-  return "Please confirm the points marked “needed” to continue.";
+  if (name === "details") return "problem.details";
+  return "problem.confirm";
 }
 
 function moveStep(delta) {
   if (delta > 0) {
     const problem = stepProblem(state.steps[state.stepIndex]);
     if (problem) {
-      setText("checklist-error", problem);
+      showError(problem);
       return;
     }
   }
@@ -676,7 +741,11 @@ function updateProgress() {
   const bar = byId("checklist-progress");
   bar.max = total;
   bar.value = state.stepIndex + 1;
-  setText("checklist-progress-label", `Step ${state.stepIndex + 1} of ${total}: ${stepName(state.steps[state.stepIndex])}`);
+  show(byId("checklist-progress-label"), "checklist.progress", {
+    step: state.stepIndex + 1,
+    total,
+    name: t(stepNameKey(state.steps[state.stepIndex])),
+  });
 }
 
 async function submitChecklist() {
@@ -684,14 +753,14 @@ async function submitChecklist() {
     const problem = stepProblem(name);
     if (problem) {
       showStep(state.steps.indexOf(name));
-      setText("checklist-error", problem);
+      showError(problem);
       return;
     }
   }
   const button = byId("checklist-submit");
   button.disabled = true;
-  setText("checklist-error", "");
-  announce("Sending your checklist…");
+  clearError();
+  announce(t("announce.sending_checklist"));
   try {
     // The broker checks the required items; how every item went is sealed for the therapist only.
     const everyAnswer = {};
@@ -714,6 +783,7 @@ async function submitChecklist() {
       policyVersion: state.policy.version,
       answers,
       consentVersion: state.policy.consent?.version ?? null,
+      language: language(), // the language the client read the checklist and the consent in
       details,
       answersSealed,
       safetyPlan: await sealPlanForm(state.linkKey, state.joined.session, state.joined.peer),
@@ -724,10 +794,12 @@ async function submitChecklist() {
     clearPlanForm();
     showWaiting();
   } catch (err) {
-    setText("checklist-error", err.message || "The checklist could not be sent. Please try again.");
+    if (has(`error.${err.code}`)) showError(`error.${err.code}`);
+    else showError("error.checklist_not_sent");
     if (err.code === "preflight_failed") {
       showStep(state.steps.indexOf("device"));
-      setAutomatic("preflight", false, "The test connection did not work");
+      showError("error.preflight_failed");
+      setAutomatic("preflight", false, "check.network_failed");
     }
   } finally {
     button.disabled = false;
@@ -753,7 +825,7 @@ function showWaiting() {
   if (document.body.dataset.screen !== "waiting") showScreen("screen-waiting");
   state.meter?.stop();
   updateWaitingText();
-  announce("You are in the waiting room. Your therapist will let you in.");
+  announce(t("announce.waiting"));
 }
 
 /** A word from the therapist (docs/protocol.md 7.4.2): shown as plain text, or dropped if it does not open. */
@@ -767,16 +839,16 @@ async function onTherapistNote({ sealed }) {
     return;
   }
   const node = byId("therapist-note-text");
-  node.textContent = `Your therapist says: “${text}”`;
+  show(node, "waiting.therapist_says", { text });
   node.hidden = false;
-  if (document.body.dataset.screen !== "waiting") announce(`Your therapist says: ${text}`);
+  if (document.body.dataset.screen !== "waiting") announce(t("waiting.therapist_says", { text }));
 }
 
 function updateWaitingText(reconnecting = state.signaling?.state === "reconnecting") {
   const node = byId("waiting-status");
-  if (reconnecting) node.textContent = "Your connection dropped. Reconnecting…";
-  else if (state.therapistPresent) node.textContent = "Your therapist is here and will let you in soon.";
-  else node.textContent = "Your therapist hasn’t joined yet. They will let you in when they arrive.";
+  if (reconnecting) show(node, "waiting.reconnecting");
+  else if (state.therapistPresent) show(node, "waiting.therapist_here");
+  else show(node, "waiting.therapist_not_yet");
   node.dataset.present = state.therapistPresent ? "yes" : "no";
 }
 
@@ -787,7 +859,7 @@ async function onRetestToggle() {
     state.retestMeter?.stop();
     return;
   }
-  status.textContent = "Starting camera and microphone…";
+  show(status, "retest.starting");
   try {
     const audioOnly = state.mode === "audio_only";
     const ready = audioOnly ? hasLiveTrack(state.stream, "audio") : hasLiveTrack(state.stream, "video");
@@ -799,9 +871,10 @@ async function onRetestToggle() {
     await attach(byId("retest-video"), stream);
     state.retestMeter ??= new LevelMeter(byId("retest-level"));
     state.retestMeter.start(stream);
-    status.textContent = audioOnly ? "Your microphone is working. Audio only: your camera stays off." : "Camera and microphone are working.";
+    show(status, audioOnly ? "retest.working_audio_only" : "retest.working");
   } catch (problem) {
-    status.textContent = `${problem.title ?? "The camera or microphone could not be started."} ${problem.help ?? ""}`;
+    const [title, help] = mediaProblemKeys(problem);
+    show(status, "retest.problem", { title: t(title), help: t(help) });
   }
 }
 
@@ -828,15 +901,15 @@ function startCall() {
   let others = 0;
   const names = new Map();
   const labelFor = (peer, role) => {
-    if (role === "therapist") return "Your therapist";
-    if (!names.has(peer) && role) names.set(peer, `Participant ${++others}`);
-    return names.get(peer) ?? "Connecting…";
+    if (role === "therapist") return t("call.your_therapist");
+    if (!names.has(peer) && role) names.set(peer, t("call.participant", { number: ++others }));
+    return names.get(peer) ?? t("call.connecting");
   };
   state.view = new CallView(byId("call-root"), call, {
     labelFor,
-    emptyText: "Connecting to your therapist…",
+    emptyText: t("call.connecting_to_therapist"),
     onLeave: leave,
-    leaveLabel: "Leave",
+    leaveLabel: t("leave.confirm"),
     extraControls: [...safety.controls, modeControl()],
     sendChat: safety.sendChat,
   });
@@ -847,12 +920,12 @@ function startCall() {
   call.on("unverified", ({ peer }) => {
     state.pendingUnverified = peer;
     showScreen("screen-unverified");
-    announce("Please compare the safety code with your therapist.", { urgent: true });
+    announce(t("announce.compare_code"), { urgent: true });
   });
   call.on("interception", ({ reason }) => {
-    setText("interception-reason", `Technical reason: ${reason.replace(/_/g, " ")}.`);
+    show(byId("interception-reason"), "interception.reason", { reason: reason.replace(/_/g, " ") });
     showScreen("screen-interception");
-    announce("Warning: the call was stopped because the connection could not be verified.", { urgent: true });
+    announce(t("announce.interception"), { urgent: true });
   });
   byId("unverified-continue").onclick = async () => {
     showScreen("screen-call");
@@ -861,7 +934,7 @@ function startCall() {
   };
   if (state.lastPeers.length) call.updatePeers(state.lastPeers);
   showScreen("screen-call");
-  announce("Your therapist let you in. The call is starting.");
+  announce(t("announce.call_starting"));
   const audioOnly = state.mode === "audio_only";
   if (state.stream && hasLiveTrack(state.stream, audioOnly ? "audio" : "video")) state.view.setSelfStream(state.stream);
   else {
@@ -871,7 +944,7 @@ function startCall() {
         call.setLocalStream(stream);
         state.view?.setSelfStream(stream);
       })
-      .catch((problem) => announce(`${problem.title} ${problem.help}`, { urgent: true }));
+      .catch((problem) => announce(mediaProblemKeys(problem).map((key) => t(key)).join(" "), { urgent: true }));
   }
 }
 
@@ -922,33 +995,23 @@ function finish(how) {
   if (how !== "ended" && how !== "cancelled" && state.signaling?.state !== "closed") state.signaling?.leave();
   teardown();
   state.signaling?.close();
-  if (how === "ended") {
-    setText("ended-title", "The session has ended");
-    setText("ended-message", "Nothing was recorded.");
-  } else if (how === "cancelled") {
-    setText("ended-title", "This session was cancelled");
-    setText("ended-message", "Your therapist cancelled it. Please contact them about another time.");
-  } else if (how === "interception") {
-    setText("ended-title", "You closed the session");
-    setText("ended-message", "Please contact your therapist another way and ask for a new link.");
-  } else {
-    setText("ended-title", "You left the session");
-    setText("ended-message", "Nothing was recorded. If you left by mistake, open your link again.");
-  }
-  setText("ended-detail", "Nothing about this session is kept in this browser. You can close this page now.");
+  const ending = { ended: "ended", cancelled: "cancelled", interception: "interception" }[how] ?? "left";
+  show(byId("ended-title"), `ended.${ending}.title`);
+  show(byId("ended-message"), `ended.${ending}.message`);
+  show(byId("ended-detail"), "ended.detail");
   showScreen("screen-ended");
   announce(byId("ended-title").textContent);
 }
 
 function notice(code) {
   const variant = code === "invalid_token" && state.started ? "invalid_token_after_join" : code;
-  const [title, sentence] = NOTICES[variant] ?? NOTICES.invalid_token;
-  setText("notice-title", title);
-  setText("notice-message", sentence);
+  const key = NOTICES[variant] ?? NOTICES.invalid_token;
+  show(byId("notice-title"), `${key}.title`);
+  show(byId("notice-message"), `${key}.message`);
   byId("notice-title").closest("[data-testid=notice]").dataset.code = code;
-  const action = code === "replaced" ? "Continue here" : code === "unsupported_protocol" ? "Reload" : null;
+  const action = code === "replaced" ? "notice.continue_here" : code === "unsupported_protocol" ? "notice.reload" : null;
   byId("notice-actions").hidden = action === null;
-  if (action) setText("notice-action", action);
+  if (action) show(byId("notice-action"), action);
   showScreen("screen-notice");
 }
 

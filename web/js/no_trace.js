@@ -32,7 +32,7 @@ function navigationType() {
 export function takeInviteToken() {
   const fromPath = tokenFromPath();
   if (fromPath) {
-    history.replaceState(null, "", JOIN_PATH);
+    history.replaceState(null, "", JOIN_PATH + languageQuery());
     keepInviteToken(fromPath);
     return fromPath;
   }
@@ -40,6 +40,15 @@ export function takeInviteToken() {
   if (kept && location.pathname === JOIN_PATH && navigationType() === "reload") return kept;
   forgetKeptLink();
   return null;
+}
+
+/**
+ * The link's language tag (?lang=es), kept on JOIN_PATH so that a reload starts in it: a language
+ * is all it says (i18n.js). Anything else in the query goes.
+ */
+function languageQuery() {
+  const tag = new URLSearchParams(location.search).get("lang");
+  return tag && /^[a-z]{2,3}(-[A-Z][a-z]{3})?(-([A-Z]{2}|[0-9]{3}))?$/.test(tag) ? `?lang=${tag}` : "";
 }
 
 /** What a reload should join with from now on: a group link's join names the seat's own token. */
@@ -76,7 +85,7 @@ export function shieldFields(root = document) {
 }
 
 /**
- * What the page can tell about this browser, said without promising more: it cannot tell a
+ * What the page can tell about this browser (as a catalogue key: i18n.js), said without promising more: it cannot tell a
  * private window for sure (browsers hide it on purpose), but it can tell when this site's data is
  * marked to be kept for good (navigator.storage.persisted()). `remembered`: the client asked this
  * browser to remember how they join (media_mode.js), the one thing it then keeps.
@@ -88,8 +97,6 @@ export async function storageNote({ remembered = false } = {}) {
   } catch {
     persisted = null;
   }
-  const base = "This page cannot tell for sure whether this is a private window; only you can check.";
-  if (persisted === true) return `${base} This browser is set to keep this site's data for good, so a private window is safer.`;
-  if (remembered) return `${base} When you leave, this page keeps only your choice of how to join, as you asked.`;
-  return `${base} When you leave, this page keeps nothing on your device.`;
+  if (persisted === true) return "storage.persisted";
+  return remembered ? "storage.remembered" : "storage.not_persisted";
 }

@@ -415,8 +415,9 @@ export class Signaling {
    * Submit the checklist result; resolves to the broker's summary, rejects with
    * ProtocolError (checklist_incomplete, policy_outdated, preflight_missing, ...).
    */
-  async submitChecklist({ policyVersion, answers, consentVersion = null, details = null, answersSealed = null, safetyPlan = null }) {
+  async submitChecklist({ policyVersion, answers, consentVersion = null, details = null, answersSealed = null, safetyPlan = null, language = null }) {
     const message = { type: "checklist", policy_version: policyVersion, answers };
+    if (language !== null) message.language = language;
     if (consentVersion !== null) message.consent_version = consentVersion;
     if (details !== null) message.details = details;
     if (answersSealed !== null) message.answers_sealed = answersSealed;

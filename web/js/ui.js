@@ -103,13 +103,13 @@ export function confirmDialog(id) {
   });
 }
 
-/** Appointment time in the person's own locale and time zone. */
-export function formatTime(unixSeconds, { withDate = true } = {}) {
+/** Appointment time in the person's time zone, in `locale` (the page's language; default: the browser's). */
+export function formatTime(unixSeconds, { withDate = true, locale = undefined } = {}) {
   const date = new Date(unixSeconds * 1000);
   const options = withDate
     ? { weekday: "long", day: "numeric", month: "long", hour: "numeric", minute: "2-digit" }
     : { hour: "numeric", minute: "2-digit" };
-  return new Intl.DateTimeFormat(undefined, options).format(date);
+  return new Intl.DateTimeFormat(locale, options).format(date);
 }
 
 /** Wait a little; used for gentle retries, never for correctness. */
