@@ -4,13 +4,13 @@ export const DEFAULT_LANGUAGE = "en";
 export const CATALOGUES = {
   "en": {
     "dir": "ltr",
-    "integrity": "sha384-8KPrMcbcggpivQoi8M/YSGt13TMIQXv7vCqZnh5Y9je7VyrlZSul3enm+/LULEC+",
+    "integrity": "sha384-4di/iWqUMP/eKBhu8dgUrOdRgmbXr4t+6T2YXvuMBP+V42eiOeZOJwzZLkODE444",
     "name": "English",
     "url": "/static/i18n/en.json"
   },
   "es": {
     "dir": "ltr",
-    "integrity": "sha384-k7eX+DNFqf3V2XFVpxpSVTmFPmQ60rmDcek/rsiyX+tjPvfTWboQDfpJzPXczyQr",
+    "integrity": "sha384-5rsxt+ihKHeI2s/XrGaL5dhwazEeeXuR2Wio+hAod3XDzmhpgEu/4c07Hh6wCsir",
     "name": "Español",
     "url": "/static/i18n/es.json"
   }

@@ -278,13 +278,7 @@ function startChecklist() {
       ]),
     ),
   );
-  state.modeRadios = modeRadios({
-    id: "mode",
-    mode: state.mode,
-    onChange: chooseMode,
-    remember: { checked: state.rememberMode, onChange: setRememberMode },
-  });
-  fill(byId("mode-choice"), [state.modeRadios.node]);
+  renderModeChoice();
   showScreen("screen-checklist");
   showStep(0, { focus: false });
   updateProgress();
@@ -334,6 +328,7 @@ function relabel() {
   if (state.policy) renderConsentText();
   if (state.joined) setText("welcome-time", formatTime(state.joined.starts, { locale: language() }));
   if (state.steps.length) updateProgress();
+  if (state.modeRadios) renderModeChoice();
 }
 
 function renderAutomatic(item) {
@@ -534,6 +529,23 @@ async function runAudioOnlyChecks() {
   const headset = await guessHeadset(stream);
   setAutomatic("headset", headset === true, headset === true ? "check.headset_found" : "check.headset_not_detected");
   announce(t("announce.microphone_checked"));
+}
+
+/** The audio-only / low-bandwidth choice on the device step, in the page's language. */
+function renderModeChoice() {
+  const modes = ["video", "low_bandwidth", "audio_only"];
+  state.modeRadios = modeRadios({
+    id: "mode",
+    mode: state.mode,
+    onChange: chooseMode,
+    remember: { checked: state.rememberMode, onChange: setRememberMode },
+    legend: t("mode.legend"),
+    words: Object.fromEntries(modes.map((m) => [m, t(`mode.${m}`)])),
+    hints: Object.fromEntries(modes.map((m) => [m, t(`mode.${m}.hint`)])),
+    rememberLabel: t("mode.remember"),
+    rememberHint: t("mode.remember.hint"),
+  });
+  fill(byId("mode-choice"), [state.modeRadios.node]);
 }
 
 /** The client chose a mode: before the call the checks follow it, during the call the call does. */

@@ -101,9 +101,21 @@ export async function fitStream(stream, mode) {
 /**
  * The choice as radio buttons (the device check before the call, the therapist's settings).
  * `remember`: null, or {checked, onChange(checked)} for the client's "Remember on this device".
+ * `words`, `hints`, `legend`, `rememberLabel`, `rememberHint`: the texts (the client's pages pass
+ * their catalogue's; the therapist's pages, not yet translated, keep the English defaults).
  * Returns {node, set(mode)}: set() shows a mode chosen elsewhere without calling onChange.
  */
-export function modeRadios({ id, mode, onChange, legend = "How you join the call", remember = null }) {
+export function modeRadios({
+  id,
+  mode,
+  onChange,
+  legend = "How you join the call",
+  remember = null,
+  words = MODE_WORDS,
+  hints = MODE_HINTS,
+  rememberLabel = "Remember on this device",
+  rememberHint = "Off unless you tick it. It keeps only this choice in this browser, which someone using this device could find; nothing else is kept.",
+}) {
   const inputs = new Map();
   const options = MODES.map((value) => {
     const input = el("input", {
@@ -119,8 +131,8 @@ export function modeRadios({ id, mode, onChange, legend = "How you join the call
     inputs.set(value, input);
     return el("div", { className: "mode-option" }, [
       input,
-      el("label", { for: `${id}-${value}` }, [MODE_WORDS[value]]),
-      el("span", { className: "hint", id: `${id}-${value}-hint`, text: MODE_HINTS[value] }),
+      el("label", { for: `${id}-${value}` }, [words[value]]),
+      el("span", { className: "hint", id: `${id}-${value}-hint`, text: hints[value] }),
     ]);
   });
   const parts = [el("legend", { text: legend }), ...options];
@@ -131,11 +143,8 @@ export function modeRadios({ id, mode, onChange, legend = "How you join the call
     parts.push(
       el("div", { className: "mode-remember" }, [
         box,
-        el("label", { for: `${id}-remember`, text: "Remember on this device" }),
-        el("span", {
-          className: "hint",
-          text: "Off unless you tick it. It keeps only this choice in this browser, which someone using this device could find; nothing else is kept.",
-        }),
+        el("label", { for: `${id}-remember`, text: rememberLabel }),
+        el("span", { className: "hint", text: rememberHint }),
       ]),
     );
   }
