@@ -96,6 +96,9 @@ from broker.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 
+#: An attack beside honest calls whose set-up deadlines the other test worker would eat into.
+pytestmark = pytest.mark.alone
+
 
 def _rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -49,7 +49,7 @@ from tests.signaling.test_turn import (  # noqa: F401 - the coturn fixtures
 )
 from tests.store.test_redis_cluster import REPO, BrokerProcess
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.alone]
 
 DETAILS = {"location": "Topology test, 1 Loopback Lane", "contact": "Test contact, 0000"}
 

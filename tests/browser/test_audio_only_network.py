@@ -25,7 +25,12 @@ from tests.conftest import schedule
 from tests.netem.conftest import netem  # noqa: F401  (the fixture: fails when the machine cannot emulate)
 from tests.netem.link import AUDIO_ONLY
 
-pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session"), pytest.mark.usefixtures("netem")]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.asyncio(loop_scope="session"),
+    pytest.mark.usefixtures("netem"),
+    pytest.mark.alone,
+]
 
 HOLD_SECONDS = 30
 WINDOW_SECONDS = 5

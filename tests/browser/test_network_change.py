@@ -47,7 +47,12 @@ from tests.netem.call import (
 from tests.netem.conftest import netem  # noqa: F401  (the fixture: fails when the machine cannot emulate)
 from tests.netem.link import GOOD, MOBILE, Link, Profile, peer_link
 
-pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session"), pytest.mark.usefixtures("netem")]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.asyncio(loop_scope="session"),
+    pytest.mark.usefixtures("netem"),
+    pytest.mark.alone,
+]
 
 #: Issue 31's acceptance: the call is back (audio packets flowing again) within 5 s of the change.
 RECOVERY_MS = 5000

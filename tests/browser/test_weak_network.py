@@ -53,7 +53,12 @@ from tests.conftest import RunningBroker, free_port, schedule
 from tests.netem.conftest import netem  # noqa: F401  (the fixture: fails when the machine cannot emulate)
 from tests.netem.link import AUDIO_ONLY, BAD, GOOD, Link, peer_link
 
-pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session"), pytest.mark.usefixtures("netem")]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.asyncio(loop_scope="session"),
+    pytest.mark.usefixtures("netem"),
+    pytest.mark.alone,
+]
 
 #: How long the call runs on the bad link (issue 31: "audio flows both ways for 30 s").
 BAD_SECONDS = 30

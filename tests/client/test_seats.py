@@ -61,6 +61,7 @@ async def grows(peer: BrokerClient, other: str | None = None, over: float = 0.6)
     return await inbound_packets(peer, other) > before
 
 
+@pytest.mark.alone
 async def test_private_time_stops_all_media_to_and_from_the_held_client_and_resumes_on_the_same_connections(
     broker: RunningBroker,
 ) -> None:

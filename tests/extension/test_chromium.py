@@ -40,7 +40,7 @@ from tests.extension.kit import (
     signed_practice,
 )
 
-pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session"), pytest.mark.alone]
 
 VERIFIED = "() => document.readyState === 'complete' && (document.documentElement.dataset.verifiedBuild ?? null)"
 #: In the page: a camera and microphone track and a peer connection, as a call holds them, and a
