@@ -373,6 +373,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 conn.deliver(encode(Error(code=ErrorCode.BAD_MESSAGE, message="Only JSON text frames are accepted.")))
             else:
                 break
+            del msg  # not kept while the next frame is awaited: a held connection's last frame (up to 64 KiB)
     finally:
         counts[key] -= 1
         if counts[key] <= 0:

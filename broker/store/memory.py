@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from broker.store.base import Mutation, StoreUnavailable, is_durable, session_prefix
+from broker.store.packed_entries import pack, unpack
 
 T = TypeVar("T")
 
@@ -60,7 +61,8 @@ def right_sized(value: bytes) -> bytes:
 class CappedLog:
     """One capped log (a seat's resume buffer): its newest entries, numbered one after another
     up to ``last``. The numbers are not stored: entry ``i`` is ``last - len(entries) + 1 + i``,
-    so an entry costs its bytes and one list slot (no tuple and number object per entry)."""
+    so an entry costs its bytes and one list slot (no tuple and number object per entry), and a
+    sealed message's ciphertext is kept as bytes, not base64url text (``packed_entries``)."""
 
     __slots__ = ("last", "entries", "expires")
 
@@ -71,7 +73,7 @@ class CappedLog:
 
     def since(self, seq: int) -> list[tuple[int, bytes]]:
         first = self.last - len(self.entries) + 1
-        return [(first + i, self.entries[i]) for i in range(max(0, seq + 1 - first), len(self.entries))]
+        return [(first + i, unpack(self.entries[i])) for i in range(max(0, seq + 1 - first), len(self.entries))]
 
 
 class MemoryStore:
@@ -179,7 +181,7 @@ class MemoryStore:
             self._index(key)
         log.last += 1
         entries = log.entries
-        entries.append(right_sized(value))
+        entries.append(pack(value))  # a sealed message's ciphertext as bytes: a quarter smaller
         if len(entries) > maxlen:
             del entries[: len(entries) - maxlen]
         log.expires = now + ttl_s
