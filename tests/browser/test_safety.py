@@ -53,14 +53,28 @@ RECORD_CHANNEL_MESSAGES = """
   };
 })();
 """
-#: What a page shows: its visible text (hidden screens and closed menus are not in it).
-VISIBLE_TEXT = "document.body.innerText"
-#: The page's text with its chat log left out.
+#: What a page shows: its visible text (hidden screens and closed menus are not in it), without what
+#: follows the network rather than the people (adapt.js: the connection indicator, its tip, "Video
+#: paused"): on a loaded machine those change by themselves.
+VISIBLE_TEXT = """() => {
+  const network = [...document.querySelectorAll(
+    '[data-testid=connection-indicator], [data-testid=connection-tip], [data-testid=video-paused-notice]')];
+  const was = network.map((node) => node.hidden);
+  network.forEach((node) => { node.hidden = true; });
+  const text = document.body.innerText;
+  network.forEach((node, i) => { node.hidden = was[i]; });
+  return text;
+}"""
+#: The same, with the chat log left out too.
 TEXT_BUT_CHAT = """() => {
   const log = document.querySelector('[data-testid=chat-log]');
-  log.hidden = true;
+  const network = [...document.querySelectorAll(
+    '[data-testid=connection-indicator], [data-testid=connection-tip], [data-testid=video-paused-notice]')];
+  const was = network.map((node) => node.hidden);
+  [log, ...network].forEach((node) => { node.hidden = true; });
   const text = document.body.innerText;
   log.hidden = false;
+  network.forEach((node, i) => { node.hidden = was[i]; });
   return text;
 }"""
 

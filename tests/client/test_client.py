@@ -291,8 +291,10 @@ async def test_the_broker_keeps_no_checklist_answer_item_by_item(broker: Running
             "network",
             "answers_sealed",
             "safety_plan",
+            "language",
         }
         assert summary["safety_plan"] is None  # optional: this client set none
+        assert summary["language"] is None  # optional: this client named no language (docs/protocol.md 5)
         key = decode_link_key(links.seat_keys[client.peer_id])
         opened = open_checklist(key, links.session, client.peer_id, summary["answers_sealed"])
         assert therapist.open_checklist(client.peer_id, summary["answers_sealed"]) == opened

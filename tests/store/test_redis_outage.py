@@ -275,7 +275,7 @@ async def test_a_redis_restarted_empty_is_reported_and_links_say_so_plainly(tmp_
         status, kind, body = await get(a.url + f"/j/{client_token}")
         assert (status, kind) == (404, "text/html"), body[:300]
         assert 'data-code="session_not_found"' in body
-        assert "This session could not be found" in body and "contact your therapist" in body
+        assert "This session could not be found" in body and "ask your therapist for a new link" in body
         check_notice(body, "session_not_found")
         assert "replaced" not in body and "revoked" not in body
         status, _, body = await get(a.url + f"/t/{therapist_token}")
