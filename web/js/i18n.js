@@ -62,14 +62,34 @@ export async function limitLanguages(tags) {
   installSwitch();
 }
 
+/** How long one try at a catalogue may take, and how many tries: a page never waits on it forever. */
+const LOAD_WAIT_MS = 5000;
+const LOAD_TRIES = 3;
+
 async function load(tag) {
   if (loaded.has(tag)) return loaded.get(tag);
   const entry = CATALOGUES[tag];
-  const response = await fetch(entry.url, { integrity: entry.integrity, credentials: "same-origin", cache: "no-store" });
-  if (!response.ok) throw new Error(`catalogue ${tag}: HTTP ${response.status}`);
-  const messages = await response.json();
-  loaded.set(tag, messages);
-  return messages;
+  let failure = null;
+  for (let attempt = 1; attempt <= LOAD_TRIES; attempt++) {
+    try {
+      const response = await fetch(entry.url, {
+        integrity: entry.integrity,
+        credentials: "same-origin",
+        cache: "no-store",
+        signal: AbortSignal.timeout(LOAD_WAIT_MS),
+      });
+      if (!response.ok) throw new Error(`catalogue ${tag}: HTTP ${response.status}`);
+      const messages = await response.json();
+      loaded.set(tag, messages);
+      return messages;
+    } catch (error) {
+      failure = error;
+      // Bytes that differ from the pin will differ again: only a slow or lost answer is tried again.
+      if (error?.name !== "TimeoutError" && !String(error?.message).includes("HTTP 5")) break;
+      console.warn(`event=catalogue_retry language=${tag} attempt=${attempt}`);
+    }
+  }
+  throw failure;
 }
 
 /**

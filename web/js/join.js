@@ -107,16 +107,7 @@ const state = {
 // ------------------------------------------------------------------ start
 
 async function start() {
-  await startLanguage();
-  onLanguageChange(relabel);
-  const remembered = clientRememberedMode();
-  state.mode = remembered ?? "video";
-  state.rememberMode = remembered !== null;
-  wireButtons();
-  installQuickExit(quickTeardown);
-  onQuickExit(sendLeftQuickly); // the therapist sees "left quickly" with the safety plan, not a drop
-  shieldFields(byId("step-details"));
-  shieldFields(byId("safety-plan")); // the code word and how to call back: never offered back later
+  // The link first, before anything waits: the fragment and the token leave the address here.
   let fragmentKey = null;
   let damaged = false;
   try {
@@ -125,6 +116,21 @@ async function start() {
     damaged = true;
   }
   const token = takeInviteToken(); // after the fragment: the address becomes /j here
+  installQuickExit(quickTeardown);
+  onQuickExit(sendLeftQuickly); // the therapist sees "left quickly" with the safety plan, not a drop
+  try {
+    await startLanguage();
+  } catch (error) {
+    // The page goes on in the English written in it rather than stay on "Opening your session…".
+    console.warn(`event=language_start_failed error=${error?.name ?? "unknown"}`);
+  }
+  onLanguageChange(relabel);
+  const remembered = clientRememberedMode();
+  state.mode = remembered ?? "video";
+  state.rememberMode = remembered !== null;
+  wireButtons();
+  shieldFields(byId("step-details"));
+  shieldFields(byId("safety-plan")); // the code word and how to call back: never offered back later
   if (!token || damaged) {
     if (damaged) forgetKeptLink();
     notice(token ? "damaged_key" : "no_link");
