@@ -469,9 +469,31 @@ def turn_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     if shutil.which("turnserver") is None:
         pytest.fail("coturn (turnserver) is not installed; the test command must install it")
     workdir = tmp_path_factory.mktemp("turn")
-    port = _free_port(socket.SOCK_DGRAM)
     secret = secrets.token_hex(16)
-    relay_low = 40000 + secrets.randbelow(20000)
+    proc: subprocess.Popen[bytes] | None = None
+    for _attempt in range(3):  # a port found free may be taken by another process before coturn binds it
+        port = _free_port(socket.SOCK_DGRAM)
+        relay_low = 40000 + secrets.randbelow(20000)
+        proc = _start_turnserver(workdir, port, secret, relay_low)
+        if proc is not None:
+            break
+    if proc is None:
+        pytest.fail("turnserver did not answer a STUN binding request (three ports tried)")
+    username = f"{int(time.time()) + 600}:preflight-test"
+    credential = base64.b64encode(hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()).decode()
+    try:
+        yield {"urls": f"turn:127.0.0.1:{port}?transport=udp", "username": username, "credential": credential}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _start_turnserver(workdir: Path, port: int, secret: str, relay_low: int) -> subprocess.Popen[bytes] | None:
+    """coturn on ``port``, once it answers a STUN binding request (within 20 s); None if it does not."""
     proc = subprocess.Popen(
         [
             "turnserver",
@@ -489,35 +511,22 @@ def turn_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
             "--allow-loopback-peers",
             f"--min-port={relay_low}",
             f"--max-port={relay_low + 50}",
-            f"--userdb={workdir / 'turndb.sqlite'}",
-            f"--pidfile={workdir / 'turn.pid'}",
+            f"--userdb={workdir / f'turndb-{port}.sqlite'}",
+            f"--pidfile={workdir / f'turn-{port}.pid'}",
             "--no-stdout-log",
             f"--log-file={workdir / 'turn.log'}",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 10
-    while not _udp_port_taken(port):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("turnserver did not start")
-        time.sleep(0.05)
+    deadline = time.monotonic() + 20
     while not _answers_stun(port):  # bound is not yet serving: wait for a STUN binding answer
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            pytest.fail("turnserver did not answer a STUN binding request")
-    username = f"{int(time.time()) + 600}:preflight-test"
-    credential = base64.b64encode(hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()).decode()
-    try:
-        yield {"urls": f"turn:127.0.0.1:{port}?transport=udp", "username": username, "credential": credential}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
             proc.wait()
+            return None
+        time.sleep(0.05)
+    return proc
 
 
 def _answers_stun(port: int) -> bool:
