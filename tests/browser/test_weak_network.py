@@ -26,7 +26,6 @@ What is checked:
 
 from __future__ import annotations
 
-import dataclasses
 import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -35,12 +34,8 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from aiohttp import web
 from playwright.async_api import Browser, Page, Playwright, expect
 
-from broker.config import Config
-from broker.http.app import build_app, create_broker
-from broker.http.security_headers import PrivateAccessLogger
 from tests.browser.kit import (
     CHROMIUM_ARGS,
     DESKTOP,
@@ -49,7 +44,8 @@ from tests.browser.kit import (
     pass_checklist,
     wait_screen,
 )
-from tests.conftest import RunningBroker, free_port, schedule
+from tests.conftest import RunningBroker, schedule
+from tests.netem.call import start_broker_on
 from tests.netem.conftest import netem  # noqa: F401  (the fixture: fails when the machine cannot emulate)
 from tests.netem.link import AUDIO_ONLY, BAD, GOOD, Link, peer_link
 
@@ -97,26 +93,6 @@ class Network:
     client_browser: Browser
     #: The broker's address as the client in the namespace reaches it.
     client_base: str
-
-
-async def start_broker_on(data_dir: Path, link: Link) -> RunningBroker:
-    """A broker on loopback (for the therapist) and on the host end of the veth (for the client)."""
-    port = free_port()
-    origins = (f"http://127.0.0.1:{port}", f"http://{link.host_ip}:{port}")
-    config = dataclasses.replace(
-        Config(),
-        data_dir=data_dir,
-        host="127.0.0.1",
-        port=port,
-        allowed_origins=origins,
-        max_connections_per_address=2000,
-    )
-    broker = await create_broker(config)
-    runner = web.AppRunner(build_app(broker), access_log_class=PrivateAccessLogger)
-    await runner.setup()
-    for host in ("127.0.0.1", link.host_ip):
-        await web.TCPSite(runner, host, port).start()
-    return RunningBroker(f"http://127.0.0.1:{port}", broker, config, runner)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
