@@ -260,3 +260,18 @@ async def test_a_switch_leaves_the_practices_own_words_alone(
     finally:
         await running.stop()
     await watch.assert_clean()
+
+
+async def test_a_catalogue_that_never_answers_does_not_hold_the_page(
+    broker: RunningBroker, new_context: NewContext
+) -> None:
+    """The Spanish catalogue's request is left hanging: the page gives up on it after its bounded
+    tries (i18n.js: 5 s each, three at most) and goes on in English instead of staying on
+    "Opening your session…"."""
+    links = await schedule(broker)
+    page = await phone_page(new_context, "es-ES")
+    await page.route("**/static/i18n/es.json", lambda route: None)  # never answered
+    await page.goto(links.client)
+    await wait_screen(page, "welcome", timeout=40_000)
+    await expect(page.locator("html")).to_have_attribute("lang", "en")
+    await expect(page.locator("#welcome-title")).to_have_text(EN["welcome.title"])
