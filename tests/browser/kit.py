@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +104,7 @@ class Watch:
 
     def attach(self, page: Page) -> None:
         self.pages.append(page)
+        journal(page)
         page.on("request", self.on_request)
         page.on("console", self._on_console)
         page.on("pageerror", lambda err: self.page_errors.append(str(err)[:300]))
@@ -138,7 +141,54 @@ async def screen_of(page: Page) -> str:
 
 
 async def wait_screen(page: Page, name: str, timeout: int = WAIT_MS) -> None:
-    await expect(page.locator("body")).to_have_attribute("data-screen", name, timeout=timeout)
+    try:
+        await expect(page.locator("body")).to_have_attribute("data-screen", name, timeout=timeout)
+    except AssertionError as failure:
+        raise AssertionError(f"{failure}\n{JOURNALS[page].report()}" if page in JOURNALS else failure) from None
+
+
+@dataclass
+class Journal:
+    """What one page said and fetched, printed when it does not reach a screen (why it stalled)."""
+
+    lines: deque[str] = field(default_factory=lambda: deque(maxlen=40))
+    pending: dict[str, int] = field(default_factory=dict)
+
+    def report(self) -> str:
+        waiting = [f"{url} x{n}" for url, n in self.pending.items() if n > 0]
+        return "page journal:\n  " + "\n  ".join([*self.lines, f"requests unanswered: {waiting}"])
+
+
+JOURNALS: weakref.WeakKeyDictionary[Page, Journal] = weakref.WeakKeyDictionary()
+
+
+def journal(page: Page) -> Journal:
+    """Keep the page's console, failed requests and unanswered requests for wait_screen's report."""
+    if page in JOURNALS:
+        return JOURNALS[page]
+    kept = JOURNALS[page] = Journal()
+
+    def started(request: Any) -> None:
+        path = urlsplit(request.url).path
+        kept.pending[path] = kept.pending.get(path, 0) + 1
+
+    def ended(request: Any, how: str) -> None:
+        path = urlsplit(request.url).path
+        kept.pending[path] = kept.pending.get(path, 0) - 1
+        if how != "finished":
+            kept.lines.append(f"request {how}: {path} {request.failure}")
+
+    page.on("console", lambda m: kept.lines.append(f"console {m.type}: {m.text[:200]}"))
+    page.on("pageerror", lambda e: kept.lines.append(f"page error: {str(e)[:200]}"))
+    page.on("request", started)
+    page.on("requestfinished", lambda r: ended(r, "finished"))
+    page.on("requestfailed", lambda r: ended(r, "failed"))
+    page.on("websocket", lambda ws: kept.lines.append(f"websocket opened: {urlsplit(ws.url).path}"))
+    page.on(
+        "framenavigated",
+        lambda f: kept.lines.append(f"navigated: {urlsplit(f.url).path}") if f == page.main_frame else None,
+    )
+    return kept
 
 
 async def shoot(page: Page, name: str) -> None:
