@@ -519,6 +519,8 @@ class LeanSocket(asyncio.Protocol):
         self.upgraded = False
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.on_frame: Callable[[bytes], None] | None = None
+        #: The newest relayed ``seq`` read (a caller that sets ``on_frame`` keeps it): ``ping.ack``.
+        self.last_seq = 0
         self.close_code: int | None = None
         self.closed = asyncio.get_running_loop().create_future()
 

@@ -179,6 +179,8 @@ class Worker:
     ping_sent: dict[int, float] = field(default_factory=dict)
     ping_ms: list[float] = field(default_factory=list)
     pings: int = 0
+    #: Pings carry ``ack``, the newest relayed seq each peer read (docs/protocol.md 5).
+    ack: bool = True
     set_ups: int = 0
     ends: int = 0
     addresses: int = 0
@@ -281,7 +283,9 @@ class Worker:
         def receiving(index: int) -> Callable[[bytes], None]:
             def on_frame(payload: bytes) -> None:
                 if payload.startswith(RELAYED_PREFIXES):
-                    arrived[(_decode(payload)["from"], index)] += 1
+                    relayed = _decode(payload)
+                    sockets[index].last_seq = max(sockets[index].last_seq, relayed.get("seq") or 0)
+                    arrived[(relayed["from"], index)] += 1
                     remaining[0] -= 1
                     if remaining[0] == 0 and not done.done():
                         done.set_result(None)
@@ -308,20 +312,25 @@ class Worker:
     def _hold(self, session: Session) -> None:
         """Keep a set-up session: count any error or unasked-for close; its pongs time its pings."""
 
-        def on_frame(payload: bytes) -> None:
-            if payload.startswith(b'{"type":"pong"'):
-                sent = self.ping_sent.pop(_decode(payload).get("n") or -1, None)
-                if sent is not None:
-                    self.ping_ms.append(round((time.perf_counter() - sent) * 1e3, 2))
-            elif payload.startswith(b'{"type":"error"'):
-                self.errors[f"error {_decode(payload).get('code')}"] += 1
+        def receiving(sock: LeanSocket) -> Callable[[bytes], None]:
+            def on_frame(payload: bytes) -> None:
+                if payload.startswith(b'{"type":"pong"'):
+                    sent = self.ping_sent.pop(_decode(payload).get("n") or -1, None)
+                    if sent is not None:
+                        self.ping_ms.append(round((time.perf_counter() - sent) * 1e3, 2))
+                elif payload.startswith(RELAYED_PREFIXES):  # an ICE restart's: acknowledged on the next ping
+                    sock.last_seq = max(sock.last_seq, _decode(payload).get("seq") or 0)
+                elif payload.startswith(b'{"type":"error"'):
+                    self.errors[f"error {_decode(payload).get('code')}"] += 1
+
+            return on_frame
 
         def on_close(_: asyncio.Future[int | None]) -> None:
             if not self.stopping and not session.ending:
                 self.errors["connection closed"] += 1
 
         for sock in session.sockets:
-            sock.on_frame = on_frame
+            sock.on_frame = receiving(sock)
             sock.closed.add_done_callback(on_close)
             self.ping_slots[self.rng.randrange(PING_EVERY_S)].append(sock)
         self.sessions.append(session)
@@ -354,7 +363,10 @@ class Worker:
             for sock in self.ping_slots[tick % PING_EVERY_S]:
                 self.pings += 1
                 self.ping_sent[self.pings] = now
-                sock.send_json(type="ping", n=self.pings)
+                if self.ack and sock.last_seq:
+                    sock.send_json(type="ping", n=self.pings, ack=sock.last_seq)
+                else:
+                    sock.send_json(type="ping", n=self.pings)
             for session in self.sessions:
                 if self.rng.random() < 1.0 / self.restart_every_s:
                     self.restart(session)
@@ -453,6 +465,7 @@ async def worker_main(args: argparse.Namespace) -> None:
         args.restart_every,
         random.Random(args.worker),
         watch,
+        ack=args.ack,
     )
     ticker = loop.create_task(worker.heartbeats())
     reader = asyncio.StreamReader()
@@ -487,6 +500,7 @@ def main() -> None:
     parser.add_argument("--admin-socket", required=True)
     parser.add_argument("--load", choices=sorted(LOADS), required=True)
     parser.add_argument("--restart-every", type=float, required=True)
+    parser.add_argument("--ack", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     raise_file_limit()
     use_uvloop()

@@ -12,7 +12,9 @@ the checklist (the benchmark policy: no network pre-flight, which would start ai
 dominate); the therapist admits each client; then each pair relays its set-up burst. **Call
 set-up time**: from the first peer's connection to the burst's last message delivered. Held
 peers send a ``ping`` every 20 s (**ping time**: until its ``pong``), and each session asks for
-an ICE restart now and then (``--restart-every``). The broker keeps its default limits.
+an ICE restart now and then (``--restart-every``); each ``ping`` acknowledges the relays read
+(``ack``, so the broker forgets them; ``--no-ack`` leaves them in its resume buffers, as before
+that existed). The broker keeps its default limits.
 
 Per step: set-up p50/p99 of the step's new sessions and of the churn's; the broker's event-loop
 stall maximum and p99 (``_serve.py --lag-file``: a 10 ms sleep on its loop, how late it wakes),
@@ -99,6 +101,7 @@ class WorkerProcess:
             args.load,
             "--restart-every",
             str(args.restart_every),
+            *([] if args.ack else ["--no-ack"]),
         ]
         env = {**os.environ, ADMIN_KEY_ENV: brokers[0].admin_key()}
         process = await asyncio.create_subprocess_exec(
@@ -294,6 +297,12 @@ def _extra(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--redis", action=argparse.BooleanOptionalAction, help="also two brokers on one Redis (default: full runs)"
+    )
+    parser.add_argument(
+        "--ack",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="peers acknowledge what they read on their pings (ping.ack; --no-ack: as before, the buffers stay full)",
     )
 
 

@@ -6,12 +6,11 @@ end with that pair's link key (broker/crypto/; 7.1, 7.7), checks or opens what i
 a negotiated data channel ("chat") to every admitted peer, and can send and receive audio and
 video. As the therapist it vouches for the clients to each other with rosters and can put a client
 on hold (7.8, 7.9). When its WebSocket drops, or the broker stops answering (an application-level
-``ping`` with a deadline finds a hung one, docs/protocol.md 5), it reconnects with the same seat
-to the next broker URL it knows while the peer-to-peer connections carry on.
+``ping`` with a deadline finds a hung one; its ``ack`` lets the broker forget what was read,
+docs/protocol.md 5), it reconnects to the next broker URL it knows while the calls carry on.
 
-This module is its connection to the broker, the protocol's messages and its actions; the
-negotiation with each other peer is ``negotiation`` (its base class), the aiortc connections
-``peers``, the links it reads ``links``.
+This module: its connection to the broker, the protocol's messages and its actions; the negotiation
+with each peer is ``negotiation`` (its base class), the aiortc connections ``peers``, links ``links``.
 """
 
 from __future__ import annotations
@@ -276,7 +275,8 @@ class BrokerClient(PeerNegotiation):
             except TimeoutError:
                 if loop.time() - self._last_heard >= PING_AFTER_S and not ws.closed:
                     with contextlib.suppress(ConnectionError, aiohttp.ClientError):
-                        await ws.send_str(encode(Ping(n=KEEPALIVE_PING_BASE + self._pings)).decode())
+                        ping = Ping(n=KEEPALIVE_PING_BASE + self._pings, ack=self.last_seq or None)
+                        await ws.send_str(encode(ping).decode())
                         self._pings += 1
                 continue
             if msg.type is aiohttp.WSMsgType.TEXT:

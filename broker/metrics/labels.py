@@ -101,6 +101,7 @@ class StoreOperation(str, Enum):
     APPEND = "append"
     READ_SINCE = "read_since"
     CLEAR_LOG = "clear_log"
+    TRIM_LOG = "trim_log"
 
 
 class LoginOutcome(str, Enum):

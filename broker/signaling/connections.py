@@ -184,6 +184,8 @@ class Connection:
     deadline: asyncio.TimerHandle | None = None
     #: The highest relayed ``seq`` handed to this connection (to resend what a bus outage dropped).
     last_seq: int = 0
+    #: The highest ``seq`` the page acknowledged (``ping.ack``): the resume buffer holds none at or below it.
+    acked: int = 0
     #: While a replay reads the resume buffer, live relayed messages wait here, so order holds.
     replaying: bool = False
     held: list[Envelope] | None = None
@@ -310,6 +312,8 @@ class Connections:
         self.node = node
         self.clock = clock
         self.metrics = metrics
+        #: Told of a joined page's ``ping.ack`` (Relays.acknowledge): its resume buffer can shrink.
+        self.on_ack: Callable[[Connection, int], None] | None = None
         self.by_id: dict[str, Connection] = {}
         self._beat_timer: asyncio.TimerHandle | None = None
 
@@ -369,6 +373,8 @@ class Connections:
             return None
         if type(message) is Ping:  # answered at once, even while this connection's relays are on their way
             conn.send(Pong(n=message.n))
+            if message.ack is not None and message.ack > conn.acked and self.on_ack is not None:
+                self.on_ack(conn, message.ack)
             return None
         return message
 

@@ -1,8 +1,7 @@
 """The signaling wire protocol: one typed definition per message.
 
-Every WebSocket text frame is one JSON object whose ``type`` field names one of
-the structs below. ``docs/protocol.md`` documents the same set field by field;
-``tests/test_protocol_doc.py`` fails if the two drift apart.
+Every WebSocket text frame is one JSON object whose ``type`` field names one of the structs below.
+``docs/protocol.md`` documents them field by field; ``tests/test_protocol_doc.py`` fails if they drift.
 
 Client messages are decoded strictly (unknown fields and wrong types are
 errors). The broker never trusts a sender field from a client: relayed messages
@@ -296,6 +295,7 @@ class End(_ClientMessage, tag="end"):
 
 class Ping(_ClientMessage, tag="ping"):
     n: Counter | None = None
+    ack: Counter | None = None  # the highest relayed ``seq`` read: the broker may forget those (protocol.md 5)
 
 
 ClientMessage = (

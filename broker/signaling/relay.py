@@ -87,6 +87,7 @@ class Relays:
         self._by_session: dict[str, set[Connection]] = {}
         self._bus_handlers: dict[str, Callable[[Envelope], None]] = {}
         bus.add_reconnect_listener(self.resend_missed)
+        connections.on_ack = self.acknowledge
 
     # ------------------------------------------------------------ relaying
 
@@ -187,6 +188,24 @@ class Relays:
                 continue  # already sent from the buffer
             conn.last_seq = max(conn.last_seq, envelope.seq or 0)
             conn.deliver(envelope.data, envelope.close)
+
+    def acknowledge(self, conn: Connection, seq: int) -> None:
+        """The page has read every relay up to ``seq`` (``ping.ack``): its seat's resume buffer drops
+        them, since a reconnect of this page resumes after them anyway. Only what this connection
+        was handed counts (an ack past it trims nothing more), and another device of the seat is
+        sent no relays, so has nothing to acknowledge. Most of a session's relays are its set-up's:
+        without this an idle call kept them all in the buffer (issue 32's memory per session)."""
+        through = min(seq, conn.last_seq)
+        if through <= conn.acked or conn.other_device or conn.session_id is None or conn.peer_id is None:
+            return
+        conn.acked = through
+        self._spawn(self._trim(mailbox_key(conn.session_id, conn.peer_id), through))
+
+    async def _trim(self, key: str, through: int) -> None:
+        try:
+            await self.store.trim_log(key, through)
+        except StoreUnavailable:
+            log.info("event=resume_trim_failed")  # kept a while longer: a later ack trims it
 
     async def skip_missed(self, conn: Connection, session_id: str, peer: str) -> None:
         """A fresh page, or one not admitted (the waiting room exchanges no signaling): what was

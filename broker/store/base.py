@@ -83,6 +83,11 @@ class Store(Protocol):
         """Entries of a capped log with a sequence number above ``seq``, oldest first."""
         ...
 
+    async def trim_log(self, key: str, through: int) -> None:
+        """Drop the entries of a capped log numbered ``through`` or below (a reader has them) but
+        keep its numbering, as ``clear_log`` does. Its TTL is kept."""
+        ...
+
     async def clear_log(self, key: str) -> None:
         """Drop every entry of a capped log but keep its numbering: the next entry gets the next
         sequence number, so a reader that remembers a number never mistakes a new entry for one

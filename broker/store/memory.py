@@ -75,6 +75,12 @@ class CappedLog:
         first = self.last - len(self.entries) + 1
         return [(first + i, unpack(self.entries[i])) for i in range(max(0, seq + 1 - first), len(self.entries))]
 
+    def drop_through(self, seq: int) -> None:
+        """Forget the entries numbered ``seq`` or below; the numbering stays (``last``)."""
+        drop = min(len(self.entries), seq - (self.last - len(self.entries)))
+        if drop > 0:
+            del self.entries[:drop]
+
 
 class MemoryStore:
     """Embedded store: a dict with expiry times, swept lazily and periodically."""
@@ -192,6 +198,11 @@ class MemoryStore:
         if log is None or log.expires <= self._clock():
             return []
         return log.since(seq)
+
+    async def trim_log(self, key: str, through: int) -> None:
+        log = self._logs.get(key)
+        if log is not None and log.expires > self._clock():
+            log.drop_through(through)
 
     async def clear_log(self, key: str) -> None:
         log = self._logs.get(key)

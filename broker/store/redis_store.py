@@ -160,6 +160,28 @@ end
 return 1
 """
 
+#: Drops the entries numbered ARGV[1] or below from the head of a capped log; when that is all of
+#: them, the newest becomes the "<seq>:" marker (as _CLEAR_LOG), so the numbering stays. LSET and
+#: LPOP keep the TTL.
+_TRIM_LOG = """
+local through = tonumber(ARGV[1])
+while true do
+  local head = redis.call('LINDEX', KEYS[1], 0)
+  if not head then
+    return 0
+  end
+  local seq = string.match(head, '^(%d+):')
+  if not seq or tonumber(seq) > through then
+    return 0
+  end
+  if redis.call('LLEN', KEYS[1]) == 1 then
+    redis.call('LSET', KEYS[1], 0, seq .. ':')
+    return 1
+  end
+  redis.call('LPOP', KEYS[1])
+end
+"""
+
 # Fixed-window counter: the window starts with the first event.
 _INCR_WINDOW = """
 local n = redis.call('INCR', KEYS[1])
@@ -247,6 +269,7 @@ class RedisStore:
         self._also_ready = also_ready
         self._append = client.register_script(_APPEND)
         self._clear_log = client.register_script(_CLEAR_LOG)
+        self._trim_log = client.register_script(_TRIM_LOG)
         self._incr_window = client.register_script(_INCR_WINDOW)
         self._locks = _KeyLocks()
         self._reads: RedisBus | None = None
@@ -379,6 +402,11 @@ class RedisStore:
             if n > seq and sealed:  # an empty value is clear_log's marker: a number, no entry
                 out.append((n, self._sealer.open(aad, sealed)))
         return out
+
+    @timed("trim_log")
+    async def trim_log(self, key: str, through: int) -> None:
+        with unavailable_on_redis_errors():
+            await self._trim_log(keys=[key], args=[through])
 
     @timed("clear_log")
     async def clear_log(self, key: str) -> None:

@@ -48,6 +48,7 @@ def client_samples() -> list[msgspec.Struct]:
         p.Leave(),
         p.End(verification={PEER: "link", OTHER: "safety_code"}),
         p.Ping(n=3, id="ping_1"),
+        p.Ping(n=4, ack=17),
     ]
 
 

@@ -201,7 +201,7 @@ export class Signaling {
     const ws = this.#ws;
     if (this.#state !== "open" || !ws) return Promise.resolve(false);
     const sentAt = Date.now();
-    if (this.#rawSend({ type: "ping", n: this.#pings })) this.#pings += 1;
+    if (this.#rawSend(this.#ping(this.#pings))) this.#pings += 1;
     return new Promise((resolve) => {
       const look = () => {
         if (ws !== this.#ws) resolve(false); // dropped or replaced meanwhile
@@ -250,6 +250,11 @@ export class Signaling {
     this.#attempt += 1;
     clearTimeout(this.#retryTimer);
     this.#retryTimer = setTimeout(() => this.connect(), delay);
+  }
+
+  /** A ping, with the newest relayed seq read so far: the broker may forget those (docs/protocol.md 5). */
+  #ping(n) {
+    return this.#lastSeq === null ? { type: "ping", n } : { type: "ping", n, ack: this.#lastSeq };
   }
 
   #rawSend(message) {
@@ -313,7 +318,7 @@ export class Signaling {
         return;
       }
       if (quiet >= PING_AFTER_MS && tick - this.#lastPing >= PING_AFTER_MS) {
-        if (this.#rawSend({ type: "ping", n: this.#pings })) {
+        if (this.#rawSend(this.#ping(this.#pings))) {
           this.#pings += 1;
           this.#lastPing = tick;
         }
