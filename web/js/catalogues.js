@@ -4,13 +4,13 @@ export const DEFAULT_LANGUAGE = "en";
 export const CATALOGUES = {
   "en": {
     "dir": "ltr",
-    "integrity": "sha384-4di/iWqUMP/eKBhu8dgUrOdRgmbXr4t+6T2YXvuMBP+V42eiOeZOJwzZLkODE444",
+    "integrity": "sha384-F7t4o3MmGlGJwect4Qz+y7oq58zK/2GJ3hMzkXsNKSejD0NcQe9ENPkmmAnXjLXw",
     "name": "English",
     "url": "/static/i18n/en.json"
   },
   "es": {
     "dir": "ltr",
-    "integrity": "sha384-5rsxt+ihKHeI2s/XrGaL5dhwazEeeXuR2Wio+hAod3XDzmhpgEu/4c07Hh6wCsir",
+    "integrity": "sha384-sLz6EH31/6nqSzj36R5JQ+9bomXIaOSW0uAuD432DgK+/fOXg4it8HWVAWGTK0+F",
     "name": "Español",
     "url": "/static/i18n/es.json"
   }
