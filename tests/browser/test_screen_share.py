@@ -181,7 +181,7 @@ async def test_the_therapist_shares_with_everyone_or_one_client_and_never_with_a
     for page in trio.clients:
         await decodes_share(page)
         # Large, named, and the camera stays on the therapist's tile.
-        await expect(page.get_by_test_id("share-from")).to_have_text("Screen shared by Your therapist")
+        await expect(page.get_by_test_id("share-from")).to_have_text("Your therapist's screen")
         assert not await page.evaluate(SHOWS_UNACCEPTED_SHARE)
     await check_axe(trio.clients[0], axe_source, "client-sees-share")
     await frames_decoded(trio.clients[0], 2)

@@ -121,6 +121,7 @@ export class CallTools {
     );
     stop.addEventListener("click", () => this.share.stopPeer(peer));
     this.#toggles.set(peer, { share, draw, stop });
+    this.#permissionsChanged(); // a tile made again (the client came back) shows what is allowed
     return [share, draw, stop];
   }
 

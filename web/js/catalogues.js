@@ -4,13 +4,13 @@ export const DEFAULT_LANGUAGE = "en";
 export const CATALOGUES = {
   "en": {
     "dir": "ltr",
-    "integrity": "sha384-F7t4o3MmGlGJwect4Qz+y7oq58zK/2GJ3hMzkXsNKSejD0NcQe9ENPkmmAnXjLXw",
+    "integrity": "sha384-1blJQeipx42oXSiWgm+OnxROPGuQi4NLoyNh56PQbwNzYUJbd/ETG0eAhd8crtzT",
     "name": "English",
     "url": "/static/i18n/en.json"
   },
   "es": {
     "dir": "ltr",
-    "integrity": "sha384-sLz6EH31/6nqSzj36R5JQ+9bomXIaOSW0uAuD432DgK+/fOXg4it8HWVAWGTK0+F",
+    "integrity": "sha384-8XnGwLsOVfidvk1QqQS5UE14ZsOVoMPrPoeyrYxstsFkZI8LTiTogJcWl+0wWXVe",
     "name": "Español",
     "url": "/static/i18n/es.json"
   }

@@ -78,6 +78,11 @@ export class ScreenShare {
     this.#permissionsChanged();
   }
 
+  /** Whether this browser can share a screen at all (most phones' browsers cannot: they only view). */
+  static get supported() {
+    return typeof navigator.mediaDevices?.getDisplayMedia === "function";
+  }
+
   /** Whether this page shares its screen now. */
   get sharing() {
     return this.#stream !== null;
@@ -99,6 +104,7 @@ export class ScreenShare {
     const caption = el("figcaption", { "data-testid": "share-from" });
     const view = el("figure", { className: "share-view", hidden: true, "data-testid": "share-view" }, [video, caption]);
     const dialog = this.#therapist ? this.#chooser() : this.#warning();
+    button.hidden = !ScreenShare.supported;
     return { button, bar, view, video, caption, dialog };
   }
 
@@ -256,7 +262,7 @@ export class ScreenShare {
       for (const peer of [...this.#remote.keys()]) if (!this.#permissions.allowed(peer, "share")) this.stopPeer(peer);
     } else {
       const may = this.#permissions.mine("share");
-      this.els.button.hidden = !may;
+      this.els.button.hidden = !may || !ScreenShare.supported;
       if (!may && this.#stream) this.stop("tools.share.stopped_by_therapist");
     }
     this.#render();
@@ -275,12 +281,17 @@ export class ScreenShare {
     const showing = ok ? peer : null;
     if (showing !== this.#showing || (ok && video.srcObject?.getVideoTracks()[0] !== share.video.receiver.track)) {
       const name = showing ? this.#labelFor(showing, this.#call.describe(showing).role) : "";
-      if (showing && this.#showing !== showing) announce(t("tools.share.remote_started", { name }));
+      // A client sees its therapist's screen; the therapist sees a client's, by name.
+      const fromTherapist = showing && !this.#therapist;
+      if (showing && this.#showing !== showing) {
+        announce(fromTherapist ? t("tools.share.therapist_started") : t("tools.share.remote_started", { name }));
+      }
       this.#showing = showing;
       if (ok) {
         const tracks = [share.video.receiver.track, share.audio?.receiver.track].filter(Boolean);
         attach(video, new MediaStream(tracks), { muted: false });
-        show(caption, "tools.share.from", { name });
+        if (fromTherapist) show(caption, "tools.share.from_therapist");
+        else show(caption, "tools.share.from", { name });
       } else video.srcObject = null;
       view.hidden = !ok;
       view.dataset.peer = showing ?? "";
