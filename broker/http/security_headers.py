@@ -48,7 +48,7 @@ def security_headers(script_hashes: Sequence[str] = ()) -> dict[str, str]:
         "Referrer-Policy": "no-referrer",
         "X-Frame-Options": "DENY",
         "X-Content-Type-Options": "nosniff",
-        "Permissions-Policy": "camera=(self), microphone=(self), geolocation=(), display-capture=(), payment=(), usb=()",
+        "Permissions-Policy": "camera=(self), microphone=(self), geolocation=(), display-capture=(self), payment=(), usb=()",
         "Cross-Origin-Opener-Policy": "same-origin",
         "Cross-Origin-Resource-Policy": "same-origin",
     }

@@ -136,6 +136,8 @@ def check_headers(headers: Any, what: str, *, tls: bool = False) -> None:
     assert headers.get("Referrer-Policy") == "no-referrer", what
     features = dict(f.strip().split("=", 1) for f in headers.get("Permissions-Policy", "").split(",") if f.strip())
     assert features.get("camera") == "(self)" and features.get("microphone") == "(self)", what
+    # Screen sharing in the call (issue 34): getDisplayMedia on our own pages, nowhere else.
+    assert features.get("display-capture") == "(self)", what
     assert all(v in ("()", "(self)") for v in features.values()), what
     assert headers.get("Cross-Origin-Opener-Policy") == "same-origin", what
     if tls:

@@ -41,6 +41,7 @@ import { attach } from "./devices.js";
 import { Adaptation, tuneAudio } from "./adapt.js";
 import { NetworkRecovery } from "./ice_restart.js";
 import { audioOnlyText, isMode } from "./media_mode.js";
+import { addShareTransceivers, isShareTransceiver } from "./screen_share.js";
 
 export const CHAT_LABEL = "chat";
 export const CHAT_CHANNEL_ID = 0;
@@ -388,6 +389,7 @@ export class Call {
     });
     pc.addEventListener("track", (event) => {
       if (link.closed || link.held) return; // played once the hold ends (#applyHold)
+      if (isShareTransceiver(pc, event.transceiver)) return; // a shared screen: screen_share.js decides
       for (const old of link.remoteStream.getTracks().filter((t) => t.kind === event.track.kind)) {
         link.remoteStream.removeTrack(old);
       }
@@ -437,6 +439,7 @@ export class Call {
       const track = link.held ? null : this.#localTrack(kind);
       pc.addTransceiver(track ?? kind, { direction: "sendrecv", streams });
     }
+    addShareTransceivers(pc); // for a shared screen later, by replaceTrack (screen_share.js)
     try {
       await pc.setLocalDescription(tuneAudio(await pc.createOffer()));
       await this.#sendDescription(link, "offer");
@@ -623,6 +626,7 @@ export class Call {
       const kind = transceiver.receiver.track?.kind;
       if (kind !== "audio" && kind !== "video") continue;
       transceiver.direction = "sendrecv";
+      if (isShareTransceiver(pc, transceiver)) continue; // screen_share.js fills it
       const track = held ? null : this.#localTrack(kind);
       if (track) {
         transceiver.sender.replaceTrack(track).catch(() => {});
@@ -1004,12 +1008,13 @@ export class Call {
       if (transceiver.stopped || transceiver.currentDirection === "stopped") continue;
       const kind = transceiver.receiver.track?.kind;
       if (kind !== "audio" && kind !== "video") continue;
+      if (!held && isShareTransceiver(link.pc, transceiver)) continue; // screen_share.js puts a share back
       const track = held ? null : this.#localTrack(kind);
       if (held || track) transceiver.sender.replaceTrack(track).catch(() => {});
     }
     for (const track of link.remoteStream.getTracks()) link.remoteStream.removeTrack(track);
     if (!held) {
-      for (const receiver of link.pc.getReceivers()) {
+      for (const { receiver } of link.pc.getTransceivers().filter((t) => !isShareTransceiver(link.pc, t))) {
         if (receiver.track && receiver.track.readyState === "live") link.remoteStream.addTrack(receiver.track);
       }
     }
@@ -1139,6 +1144,7 @@ export class Call {
       for (const sender of link.pc.getSenders()) {
         const kind = sender.track?.kind;
         const transceiver = link.pc.getTransceivers().find((t) => t.sender === sender);
+        if (isShareTransceiver(link.pc, transceiver)) continue; // a shared screen, not the camera
         const wanted = this.#localTrack(kind ?? transceiver?.receiver.track?.kind);
         // A stream without a camera (audio only): the video sender sends nothing, nothing renegotiated.
         if (wanted || sender.track) sender.replaceTrack(wanted).catch(() => {});

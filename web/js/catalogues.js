@@ -4,13 +4,13 @@ export const DEFAULT_LANGUAGE = "en";
 export const CATALOGUES = {
   "en": {
     "dir": "ltr",
-    "integrity": "sha384-4di/iWqUMP/eKBhu8dgUrOdRgmbXr4t+6T2YXvuMBP+V42eiOeZOJwzZLkODE444",
+    "integrity": "sha384-1blJQeipx42oXSiWgm+OnxROPGuQi4NLoyNh56PQbwNzYUJbd/ETG0eAhd8crtzT",
     "name": "English",
     "url": "/static/i18n/en.json"
   },
   "es": {
     "dir": "ltr",
-    "integrity": "sha384-5rsxt+ihKHeI2s/XrGaL5dhwazEeeXuR2Wio+hAod3XDzmhpgEu/4c07Hh6wCsir",
+    "integrity": "sha384-8XnGwLsOVfidvk1QqQS5UE14ZsOVoMPrPoeyrYxstsFkZI8LTiTogJcWl+0wWXVe",
     "name": "Español",
     "url": "/static/i18n/es.json"
   }

@@ -8,6 +8,7 @@
 // Every wire message goes through protocol.js.
 
 import { Call, CallView } from "./call.js";
+import { CallTools } from "./call_tools.js";
 import {
   LevelMeter,
   attach,
@@ -923,14 +924,16 @@ function startCall() {
     if (!names.has(peer) && role) names.set(peer, t("call.participant", { number: ++others }));
     return names.get(peer) ?? t("call.connecting");
   };
+  state.tools = new CallTools(call, { therapist: false, labelFor }); // screen sharing, whiteboard (issue 34)
   state.view = new CallView(byId("call-root"), call, {
     labelFor,
     emptyText: t("call.connecting_to_therapist"),
     onLeave: leave,
     leaveLabel: t("leave.confirm"),
-    extraControls: [...safety.controls, modeControl()],
+    extraControls: [...safety.controls, ...state.tools.controls, modeControl()],
     sendChat: safety.sendChat,
   });
+  state.tools.mount(byId("call-root"));
   call.setMode(state.mode);
   state.view.setAudioOnly(state.mode === "audio_only");
   announcePeerModes(call, labelFor);
@@ -981,6 +984,7 @@ async function leave() {
 function teardown({ keepKey = false } = {}) {
   state.finished = true;
   state.call?.close();
+  state.tools?.destroy(); // a shared screen stops with the call
   state.view?.destroy();
   state.meter?.stop();
   state.retestMeter?.stop();

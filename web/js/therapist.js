@@ -12,6 +12,7 @@
 // tile says "not verified by link", and emergency details stay sealed.
 
 import { Call, CallView } from "./call.js";
+import { CallTools } from "./call_tools.js";
 import { openMedia, stopStream } from "./devices.js";
 import { ArrivalAlert, waitingIn } from "./arrivals.js";
 import { openChecklist, openDetails, pairLinkKey, readLinkKeyFromFragment, sealNote } from "./e2ee.js";
@@ -224,13 +225,15 @@ function startDashboard(key) {
   state.call = call;
   const labelFor = (peer) => state.labels.get(peer) ?? "Client";
   state.modeSelect = modeSelect({ mode: state.mode, onChange: chooseMode });
+  state.tools = new CallTools(call, { therapist: true, labelFor }); // screen sharing, whiteboard (issue 34)
   state.view = new CallView(byId("call-root"), call, {
     labelFor,
     emptyText: "No one is in the call yet. Let a client in from the waiting room.",
-    tileActions: (peer, role) => (role === "therapist" ? [] : [removeButton(peer)]),
+    tileActions: (peer, role) => (role === "therapist" ? [] : [removeButton(peer), ...state.tools.tileActions(peer, role)]),
     selfLabel: "You",
-    extraControls: [state.modeSelect.node],
+    extraControls: [...state.tools.controls, state.modeSelect.node],
   });
+  state.tools.mount(byId("call-root"));
   call.setMode(state.mode);
   state.view.setAudioOnly(state.mode === "audio_only");
   announcePeerModes(call, labelFor);
@@ -694,6 +697,7 @@ function offerRecord() {
 function teardown() {
   state.finished = true;
   state.call?.close();
+  state.tools?.destroy(); // a shared screen stops with the call
   state.view?.destroy();
   stopStream(state.stream);
   state.stream = null;
