@@ -3,6 +3,7 @@ therapist, everything a person does in the call, a reload, and the end; and a gr
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 from playwright.async_api import Page, expect
 
 from broker.signaling.record import verify_record
+from broker.signaling.relay import mailbox_key
 from tests.browser.conftest import NewContext
 from tests.browser.kit import Watch, code_with, frames_decoded, look, pass_checklist, wait_screen
 from tests.conftest import RunningBroker, schedule
@@ -47,6 +49,14 @@ async def drop_connections(broker: RunningBroker, peer: str) -> None:
     for conn in list(broker.hub.connections.by_id.values()):
         if conn.peer_id == peer:
             await conn.transport.close(1012, "")
+
+
+async def resume_buffer_empties(broker: RunningBroker, session: str, peer: str, within_s: float = 15.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while kept := await broker.hub.store.read_since(mailbox_key(session, peer), 0):
+        assert loop.time() < deadline, f"{len(kept)} relays still kept for a page that read them"
+        await asyncio.sleep(0.2)
 
 
 async def test_client_from_link_to_call_to_end(
@@ -122,6 +132,10 @@ async def test_client_from_link_to_call_to_end(
     await therapist.keyboard.press("Enter")
     await expect(client.get_by_test_id("chat-log")).to_contain_text("Yes, clearly.")
     await look(client, axe_source, "client-chat")
+
+    # Each page acknowledges the relays it has read (ping.ack): the broker keeps none of the set-up.
+    for peer in (client_peer, therapist_peer):
+        await resume_buffer_empties(broker, links.session, peer)
 
     # The client's connection to the broker drops: a banner while it reconnects, the call carries on.
     broker.hub.accepting = False
