@@ -283,3 +283,42 @@ async def test_client_closes_the_tab_and_comes_back(
     await frames_decoded(therapist, 1)
     assert await code_with(back, therapist_peer) == await code_with(therapist, client_peer)
     await watch.assert_clean()
+
+
+async def test_the_call_code_loads_during_the_checklist_and_a_lost_one_says_reload(
+    broker: RunningBroker, new_context: NewContext, watch: Watch, axe_source: str
+) -> None:
+    """The call's modules are not part of the page until the client starts the checklist (the
+    page is usable sooner: P5); when they cannot arrive, the admitted client is told to reload,
+    never left on a blank screen, and the reload brings it into the call."""
+    links = await schedule(broker, clients=1)
+    watch.secrets.append(links.link_key)
+    client_peer = links.peers[links.client]
+    client = await (await new_context()).new_page()
+    fetched: list[str] = []
+    client.on("request", lambda request: fetched.append(request.url))
+    await client.route("**/static/js/call.js", lambda route: route.abort())
+    await client.goto(links.client)
+    await wait_screen(client, "welcome")
+    assert not [u for u in fetched if u.endswith(("/js/call.js", "/js/call_tools.js", "/js/whiteboard.js"))]
+    await pass_checklist(client)
+    assert [u for u in fetched if u.endswith("/js/call.js")], "fetched while the checklist was open"
+    therapist = await (await new_context()).new_page()
+    await therapist.goto(links.therapist)
+    await wait_screen(therapist, "dashboard")
+    await therapist.get_by_test_id("admit").click()
+    await wait_screen(client, "notice")
+    await expect(client.get_by_test_id("notice")).to_have_attribute("data-code", "call_unavailable")
+    await expect(client.locator("#notice-action")).to_be_visible()
+    await look(client, axe_source, "client-call-unavailable")
+    await client.unroute("**/static/js/call.js")
+    await client.locator("#notice-action").click()  # reload: the same tab is the seat's other device
+    await wait_screen(client, "welcome")
+    await pass_checklist(client)
+    seat = therapist.locator(f'[data-testid=seat][data-peer="{client_peer}"]')
+    await seat.get_by_test_id("admit-other-device").click()
+    await wait_screen(client, "call")
+    await frames_decoded(client, 1)
+    watch.console_errors.clear()  # the aborted module's own load error, on purpose
+    watch.page_errors.clear()
+    await watch.assert_clean()

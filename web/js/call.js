@@ -1061,6 +1061,11 @@ export class Call {
   }
 
   /** One data-channel message to one peer, on hold or not (the module sending it decides); false if not open. */
+  /** The longest chat message sent or shown (for modules that send chat without importing this one). */
+  get maxChatChars() {
+    return MAX_CHAT_CHARS;
+  }
+
   sendMessage(peer, message) {
     const link = this.#links.get(peer);
     return Boolean(link) && this.#sendControl(link, message);

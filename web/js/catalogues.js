@@ -4,13 +4,13 @@ export const DEFAULT_LANGUAGE = "en";
 export const CATALOGUES = {
   "en": {
     "dir": "ltr",
-    "integrity": "sha384-1blJQeipx42oXSiWgm+OnxROPGuQi4NLoyNh56PQbwNzYUJbd/ETG0eAhd8crtzT",
+    "integrity": "sha384-rdZOTnaDieuXrrisLpzn0g6s+J7rIGFIV1XOyl5Rksjf1KvBrwHGfIftnCbwmss8",
     "name": "English",
     "url": "/static/i18n/en.json"
   },
   "es": {
     "dir": "ltr",
-    "integrity": "sha384-8XnGwLsOVfidvk1QqQS5UE14ZsOVoMPrPoeyrYxstsFkZI8LTiTogJcWl+0wWXVe",
+    "integrity": "sha384-N+zqI72zRWR/I1U3LPWDruenUcqI64txJc7DAhm6ODTX8Nqg3L7IIfAGHPIpXOU5",
     "name": "Español",
     "url": "/static/i18n/es.json"
   }

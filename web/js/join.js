@@ -7,8 +7,6 @@
 // when the session is over or the client leaves ("Leave now": quick_exit.js).
 // Every wire message goes through protocol.js.
 
-import { Call, CallView } from "./call.js";
-import { CallTools } from "./call_tools.js";
 import {
   LevelMeter,
   attach,
@@ -68,6 +66,7 @@ const NOTICES = Object.fromEntries(
     "unsupported_protocol",
     "session_not_found",
     "session_cancelled",
+    "call_unavailable",
   ].map((code) => [code, `notice.${code}`]),
 );
 
@@ -79,6 +78,7 @@ const STEPS = { device: ["device"], space: ["space"], agree: ["consent", "detail
 
 const state = {
   signaling: null,
+  callStarting: false, // the call's modules are on their way (startCall)
   joined: null,
   policy: null,
   linkKey: null,
@@ -247,6 +247,7 @@ function onFinal({ code, reason }) {
 // ------------------------------------------------------------------ checklist
 
 function startChecklist() {
+  loadCallModules().catch(() => {}); // while the client goes through the checklist (a failure: at the call)
   const groups = { device: [], space: [], consent: [], details: [] };
   state.items = state.policy.items.map((item) => ({ ...item, met: null, node: null, input: null }));
   for (const item of state.items) {
@@ -841,6 +842,7 @@ async function submitWithRetry(submission) {
 // ------------------------------------------------------------------ waiting room
 
 function showWaiting() {
+  loadCallModules().catch(() => {}); // already on its way when the checklist came before
   if (document.body.dataset.screen !== "waiting") showScreen("screen-waiting");
   state.meter?.stop();
   updateWaitingText();
@@ -899,8 +901,34 @@ async function onRetestToggle() {
 
 // ------------------------------------------------------------------ call
 
-function startCall() {
+/**
+ * The call's modules (the call view, its tools): fetched once the client starts the checklist, so
+ * the page is usable sooner (P5, benchmarks/join_page.py) and they are here by the time of the call.
+ */
+let callModules = null;
+
+function loadCallModules() {
+  callModules ??= Promise.all([import("./call.js"), import("./call_tools.js")]).catch((error) => {
+    callModules = null; // the next start tries again
+    throw error;
+  });
+  return callModules;
+}
+
+async function startCall() {
+  if (state.call || state.finished || state.callStarting) return;
+  state.callStarting = true;
+  let modules;
+  try {
+    modules = await loadCallModules();
+  } catch {
+    notice("call_unavailable"); // the call's code did not arrive: a reload fetches it again
+    return;
+  } finally {
+    state.callStarting = false;
+  }
   if (state.call || state.finished) return;
+  const [{ Call, CallView }, { CallTools }] = modules;
   state.meter?.stop();
   state.retestMeter?.stop();
   const { joined } = state;
@@ -1031,7 +1059,8 @@ function notice(code) {
   show(byId("notice-title"), `${key}.title`);
   show(byId("notice-message"), `${key}.message`);
   byId("notice-title").closest("[data-testid=notice]").dataset.code = code;
-  const action = code === "replaced" ? "notice.continue_here" : code === "unsupported_protocol" ? "notice.reload" : null;
+  const reload = code === "unsupported_protocol" || code === "call_unavailable";
+  const action = code === "replaced" ? "notice.continue_here" : reload ? "notice.reload" : null;
   byId("notice-actions").hidden = action === null;
   if (action) show(byId("notice-action"), action);
   showScreen("screen-notice");

@@ -14,7 +14,6 @@
 // freely", "Sam left quickly"), with that client's safety plan opened with its seat key, and the
 // plan again when that client's connection drops.
 
-import { MAX_CHAT_CHARS } from "./call.js";
 import { isCodeWord, keptPlan, planList } from "./safety_plan.js";
 import { announce, el, fill } from "./ui.js";
 
@@ -83,7 +82,7 @@ export async function sendLeftQuickly() {
 function sendChat(call, text) {
   if (!isCodeWord(text, keptPlan().codeWord)) return call.sendChat(text);
   const therapist = therapistOf(call);
-  if (therapist) call.sendMessage(therapist, { t: "chat", text: String(text).trim().slice(0, MAX_CHAT_CHARS) });
+  if (therapist) call.sendMessage(therapist, { t: "chat", text: String(text).trim().slice(0, call.maxChatChars) });
   deliver(call, "code_word");
   return call.canChat ? 1 : 0; // what the client's screen shows is what any message shows
 }
