@@ -4,13 +4,13 @@ export const DEFAULT_LANGUAGE = "en";
 export const CATALOGUES = {
   "en": {
     "dir": "ltr",
-    "integrity": "sha384-rdZOTnaDieuXrrisLpzn0g6s+J7rIGFIV1XOyl5Rksjf1KvBrwHGfIftnCbwmss8",
+    "integrity": "sha384-izuYpZY1aX5iVt2RPSBUFUqvjBKXKukltyJFjFHDMJlZj/3kCJALDWgPi9jgxvVJ",
     "name": "English",
     "url": "/static/i18n/en.json"
   },
   "es": {
     "dir": "ltr",
-    "integrity": "sha384-N+zqI72zRWR/I1U3LPWDruenUcqI64txJc7DAhm6ODTX8Nqg3L7IIfAGHPIpXOU5",
+    "integrity": "sha384-ka0ABJmgtWCNxbn8g2xMC4b+LcRPeMllWFpdd0iSgo8R6WGnekAVoPM+J3j2DCqu",
     "name": "Español",
     "url": "/static/i18n/es.json"
   }
