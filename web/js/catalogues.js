@@ -4,13 +4,13 @@ export const DEFAULT_LANGUAGE = "en";
 export const CATALOGUES = {
   "en": {
     "dir": "ltr",
-    "integrity": "sha384-4di/iWqUMP/eKBhu8dgUrOdRgmbXr4t+6T2YXvuMBP+V42eiOeZOJwzZLkODE444",
+    "integrity": "sha384-P8UEppodUFb3xaLHh5tfOgPfiNlGytBr2dRMuLvBljL9PrnVjA5GJSa+Hpct26CH",
     "name": "English",
     "url": "/static/i18n/en.json"
   },
   "es": {
     "dir": "ltr",
-    "integrity": "sha384-5rsxt+ihKHeI2s/XrGaL5dhwazEeeXuR2Wio+hAod3XDzmhpgEu/4c07Hh6wCsir",
+    "integrity": "sha384-9CHTUVILCycXM5ANZ/BqRYJUTnxx4DSUHU2+rEfhPmUPOvtJOsZv9tp66fkgR67Y",
     "name": "Español",
     "url": "/static/i18n/es.json"
   }

@@ -11,6 +11,7 @@
 import { ArrivalAlert, watchArrivals } from "./arrivals.js";
 import { b64urlEncode, decodeLinkKey, groupKey, newLinkKey, seatKey } from "./e2ee.js";
 import { storeTx } from "./idb.js";
+import { startLanguage } from "./i18n.js";
 import { modeSelect, rememberTherapistMode, therapistMode } from "./media_mode.js";
 import { forgetVaultKey, initVault, labelBlock, labelOf, storeSecret, syncVault } from "./vault.js";
 
@@ -853,7 +854,7 @@ function watchActivity() {
 function startArrivals() {
   const alert = new ArrivalAlert($("arrival-settings"));
   // How this device joins calls (media_mode.js): the session page starts with it and remembers changes.
-  const mode = modeSelect({ mode: therapistMode(), onChange: rememberTherapistMode, id: "settings-mode", label: "Calls from this device" });
+  const mode = modeSelect({ mode: therapistMode(), onChange: rememberTherapistMode, id: "settings-mode", labelKey: "settings.call_mode" });
   $("arrival-settings").append(mode.node);
   watchArrivals((waiting) => {
     alert.update(waiting);
@@ -1140,6 +1141,7 @@ function setUpWorkingDay() {
 }
 
 async function start() {
+  await startLanguage(); // the therapist's pages in the browser's language (issue 33)
   const response = await fetch("/api/me", { credentials: "same-origin" });
   if (!response.ok) {
     location.replace("/login");

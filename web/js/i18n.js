@@ -131,6 +131,13 @@ function message(key) {
   return key;
 }
 
+/** `key`'s message in the default language (English), as written, or null before it loads: to tell
+ * a setting left at its default (e.g. the policy's signal label) from a practice's own words. */
+export function defaultText(key) {
+  const text = loaded.get(DEFAULT_LANGUAGE)?.[key];
+  return typeof text === "string" ? text : null;
+}
+
 /** Whether the catalogues loaded so far have `key` (in the current or the default language). */
 export function has(key) {
   return typeof loaded.get(current)?.[key] === "string" || typeof loaded.get(DEFAULT_LANGUAGE)?.[key] === "string";

@@ -16,6 +16,7 @@ import { openMedia, stopStream } from "./devices.js";
 import { ArrivalAlert, waitingIn } from "./arrivals.js";
 import { openChecklist, openDetails, pairLinkKey, readLinkKeyFromFragment, sealNote } from "./e2ee.js";
 import { announcePeerModes, fitStream, isMode, modeSelect, rememberTherapistMode, therapistMode } from "./media_mode.js";
+import { startLanguage } from "./i18n.js";
 import { Signaling, tokenFromPath } from "./protocol.js";
 import { SealedPlans } from "./safety_plan.js";
 import { TherapistSafety } from "./safety_signal.js";
@@ -161,7 +162,8 @@ async function forgetKey(sessionId) {
 
 // ------------------------------------------------------------------ start
 
-function start() {
+async function start() {
+  await startLanguage(); // the therapist's pages in the browser's language (issue 33)
   state.mode = therapistMode();
   state.alert = new ArrivalAlert(byId("arrival-settings"));
   startNotes();
