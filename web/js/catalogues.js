@@ -4,13 +4,13 @@ export const DEFAULT_LANGUAGE = "en";
 export const CATALOGUES = {
   "en": {
     "dir": "ltr",
-    "integrity": "sha384-P8UEppodUFb3xaLHh5tfOgPfiNlGytBr2dRMuLvBljL9PrnVjA5GJSa+Hpct26CH",
+    "integrity": "sha384-ayM3FHt/iaoUghNYTBXGvJnYftvL2TUx9kqnArCXmPXyrYfc7r/pHt9aMd/BUTeu",
     "name": "English",
     "url": "/static/i18n/en.json"
   },
   "es": {
     "dir": "ltr",
-    "integrity": "sha384-9CHTUVILCycXM5ANZ/BqRYJUTnxx4DSUHU2+rEfhPmUPOvtJOsZv9tp66fkgR67Y",
+    "integrity": "sha384-9XmAKJtVpK7MXm+T2GXnGIPLo8fh7TkdBJMgGrS/WBPkmIlKv+JJRpvLfOLmo0+u",
     "name": "Español",
     "url": "/static/i18n/es.json"
   }
