@@ -4,13 +4,13 @@ export const DEFAULT_LANGUAGE = "en";
 export const CATALOGUES = {
   "en": {
     "dir": "ltr",
-    "integrity": "sha384-ayM3FHt/iaoUghNYTBXGvJnYftvL2TUx9kqnArCXmPXyrYfc7r/pHt9aMd/BUTeu",
+    "integrity": "sha384-HOhCnx2kPpx2nBAyNR9w1SyO1O74A7V5M/bnb3GopiDgDfdAW2XIcqfNqd1n308w",
     "name": "English",
     "url": "/static/i18n/en.json"
   },
   "es": {
     "dir": "ltr",
-    "integrity": "sha384-9XmAKJtVpK7MXm+T2GXnGIPLo8fh7TkdBJMgGrS/WBPkmIlKv+JJRpvLfOLmo0+u",
+    "integrity": "sha384-0epy2hD3mVPRVgimSMX7ykacw/ClAxATlUu/GGZO4U2oe8pi+8kvFxRVQGTGDCNU",
     "name": "Español",
     "url": "/static/i18n/es.json"
   }
