@@ -4,13 +4,13 @@ export const DEFAULT_LANGUAGE = "en";
 export const CATALOGUES = {
   "en": {
     "dir": "ltr",
-    "integrity": "sha384-HOhCnx2kPpx2nBAyNR9w1SyO1O74A7V5M/bnb3GopiDgDfdAW2XIcqfNqd1n308w",
+    "integrity": "sha384-rsVLVPMSesyQCFZi009ROyntUqys6nuZySie5BZLExnhrUuvlwmVyfaRSdveE8PZ",
     "name": "English",
     "url": "/static/i18n/en.json"
   },
   "es": {
     "dir": "ltr",
-    "integrity": "sha384-0epy2hD3mVPRVgimSMX7ykacw/ClAxATlUu/GGZO4U2oe8pi+8kvFxRVQGTGDCNU",
+    "integrity": "sha384-adTpRGv7tvPUuq5jl1EIM5hgFWeoZk2uKlmrJY4Tyaih7bn4cyqWpTuwXcQ2SXqC",
     "name": "Español",
     "url": "/static/i18n/es.json"
   }

@@ -606,8 +606,8 @@ async function seatAction(session, seat, action, label) {
     await api(`/api/sessions/${encodeURIComponent(session.session)}/seats/${encodeURIComponent(seat.peer)}/${action}`, {
       body: {},
     });
+    await refresh(); // the list shows the change before the status says it
     say(t(action === "revoke" ? "dashboard.revoked" : "dashboard.reissued", { name: label }));
-    await refresh();
   } catch (err) {
     if (!(err instanceof LoggedOut)) problem(err.message);
   }
