@@ -7,10 +7,12 @@ that the page's own QR encoder draws exactly the symbol segno draws for the same
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import pytest_asyncio
@@ -378,6 +380,16 @@ async def test_a_clients_language_goes_in_their_link_and_their_page_opens_in_it(
     await expect(card.get_by_label("Link language for Client 2")).to_have_value("")
     assert "?lang=" not in await copy("Client 2")
     assert not any("lang=" in request for request in sent), "the choice stays on this device"
+    # The email the page prepares for that client is in their link's language, with that link.
+    await card.get_by_role("button", name="Send by email: link for Client 1").click()
+    await expect(page.locator("#email-body")).to_have_value(
+        re.compile("^" + re.escape(ES["dashboard.email_body"].split("{date}")[0]))
+    )
+    assert first in await page.locator("#email-body").input_value()
+    assert "subject=" + quote(ES["dashboard.email_subject"]) in str(
+        await page.locator("#email-open").get_attribute("href")
+    )
+    await page.get_by_role("dialog").get_by_role("button", name="Close").click()
     # The client's browser prefers English; their page opens in Spanish, as the therapist chose.
     client = await browser.new_context(locale="en-US")
     client_page = await client.new_page()
@@ -386,6 +398,29 @@ async def test_a_clients_language_goes_in_their_link_and_their_page_opens_in_it(
     await expect(client_page.locator("#welcome-title")).to_have_text(ES["welcome.title"])
     await client.close()
     await page.context.close()
+
+
+@pytest.mark.browser
+async def test_the_therapists_pages_speak_the_browsers_language_with_a_switch(full: FullBroker, browser: Any) -> None:
+    """Issue 33: the login page and the dashboard start in the browser's language (Spanish here),
+    and the switch under the header changes it in place."""
+    context = await browser.new_context(locale="es-ES")
+    page = await context.new_page()
+    await page.goto(full.url + "/login")
+    await expect(page.locator("html")).to_have_attribute("lang", "es")
+    await expect(page.locator("#login-title")).to_have_text(ES["login.login_title"])
+    await page.get_by_label(ES["login.login_name"]).fill("alex")
+    await page.get_by_label(ES["login.password"]).fill(PASSWORD)
+    await page.get_by_role("button", name=ES["login.login_submit"]).click()
+    await page.get_by_role("button", name=ES["login.offer_later"]).click()
+    await page.wait_for_url(full.url + "/dashboard")
+    await page.locator("body[data-ready=true]").wait_for()
+    await expect(page.locator("#title")).to_have_text(ES["dashboard.title"])
+    await expect(page.locator("#create-submit")).to_have_text(ES["dashboard.create_submit"])
+    await page.get_by_test_id("language-switch").select_option("en")
+    await expect(page.locator("#title")).to_have_text(EN["dashboard.title"])
+    await expect(page.locator("html")).to_have_attribute("lang", "en")
+    await context.close()
 
 
 @pytest.mark.browser

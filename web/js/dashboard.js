@@ -12,7 +12,7 @@ import { ArrivalAlert, watchArrivals } from "./arrivals.js";
 import { b64urlEncode, decodeLinkKey, groupKey, newLinkKey, seatKey } from "./e2ee.js";
 import { storeTx } from "./idb.js";
 import { CATALOGUES } from "./catalogues.js";
-import { language, onLanguageChange, startLanguage, t } from "./i18n.js";
+import { language, onLanguageChange, startLanguage, t, textIn } from "./i18n.js";
 import { modeSelect, rememberTherapistMode, therapistMode } from "./media_mode.js";
 import { forgetVaultKey, initVault, labelBlock, labelOf, storeSecret, syncVault } from "./vault.js";
 
@@ -565,7 +565,7 @@ function seatRow(session, seat, index, count, key) {
         className: "send-email",
         "aria-label": t("dashboard.email_for", { name: label }),
         text: t("dashboard.email_title"),
-        onclick: () => showEmail(link, label, session),
+        onclick: () => showEmail(link, label, session, seatLanguage(session.session, seat.peer)),
       }),
     );
   }
@@ -995,9 +995,13 @@ async function copyWithFeedback(button, link, label) {
   note.dataset.timer = String(setTimeout(() => note.remove(), 6000));
 }
 
-function emailMessage(link, session) {
+/** The email's text in the client's link language (`lang`), else the page's. */
+async function emailMessage(link, session, lang) {
+  const tag = lang || language();
   const starts = new Date(session.starts * 1000);
-  return `${t("dashboard.email_body", { date: dateFormat.format(starts), time: timeFormat.format(starts), link })}\n`;
+  const date = new Intl.DateTimeFormat(tag, { weekday: "long", day: "numeric", month: "long" }).format(starts);
+  const time = new Intl.DateTimeFormat(tag, { hour: "numeric", minute: "2-digit" }).format(starts);
+  return `${await textIn(tag, "dashboard.email_body", { date, time, link })}\n`;
 }
 
 function updateEmailLink(subject) {
@@ -1007,12 +1011,12 @@ function updateEmailLink(subject) {
     `mailto:${encodeURIComponent(to)}?subject=${encodeURIComponent(subject)}&body=${encodeURIComponent(body)}`;
 }
 
-/** A mailto: link with a message the therapist can edit first; their own mail program sends it. */
-function showEmail(link, label, session) {
-  const subject = t("dashboard.email_subject");
+/** A mailto: link with a message the therapist can edit first (in the client's link language); their own mail program sends it. */
+async function showEmail(link, label, session, lang = "") {
+  const subject = await textIn(lang || language(), "dashboard.email_subject");
   $("email-whose").textContent = t("dashboard.email_whose", { name: label });
   $("email-to").value = "";
-  $("email-body").value = emailMessage(link, session);
+  $("email-body").value = await emailMessage(link, session, lang);
   $("email-to").oninput = () => updateEmailLink(subject);
   $("email-body").oninput = () => updateEmailLink(subject);
   updateEmailLink(subject);
