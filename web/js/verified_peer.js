@@ -7,7 +7,7 @@
 // calm line next to that peer's safety code. Most people have no extension: nothing is sent then,
 // and nothing is shown, which is the normal state and says nothing bad about anyone.
 
-import { show, showAttribute } from "./i18n.js";
+import { show as showText, showAttribute } from "./i18n.js";
 
 /** The data-channel message type (docs/protocol.md 7.5). */
 export const APP_VERIFIED = "app_verified";
@@ -58,7 +58,7 @@ export function shareVerification(call) {
       line.dataset.testid = "their-app";
       tile.querySelector(".code")?.after(line);
     }
-    show(line, VERIFIED_WORDS);
+    showText(line, VERIFIED_WORDS);
     showAttribute(line, "title", "call.their_app_verified_detail", { build: claim.build });
   };
 
