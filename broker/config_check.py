@@ -86,18 +86,14 @@ def unavailable_choices(config: Config) -> list[str]:
     """Every choice the dashboard or the CLI offers that cannot work with this configuration, in
     plain words. Not problems (the broker runs), but what a practice would otherwise find out from a
     client who cannot connect: ``broker check-config`` names them."""
+    from broker.i18n.catalogue import messages
+
+    text = messages()
     choices = []
     if not config.turn_urls:
-        choices.append(
-            "relay-only sessions (the dashboard's \"Relay the call through the practice's TURN server\", "
-            "broker session create --relay-only): no TURN server is configured (BROKER_TURN_URLS). "
-            "The dashboard does not offer it, and the API and the CLI refuse it."
-        )
+        choices.append(text.text("config.relay_unavailable"))
     if RelyingParty.from_config(config) is None:
-        choices.append(
-            f"passkeys: the public URL {config.base_url} names an IP address, where browsers refuse passkeys. "
-            "Therapists can use an authenticator app; give the broker a host name to offer passkeys."
-        )
+        choices.append(text.text("config.passkeys_unavailable", url=config.base_url))
     return choices
 
 

@@ -137,6 +137,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _t(key: str, **args: Any) -> str:
+    """A message to the person at the terminal, in their language (broker/i18n/messages)."""
+    from broker.i18n.catalogue import messages
+
+    return messages().text(key, **args)
+
+
 def _config(args: argparse.Namespace, **overrides: Any) -> Config:
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = args.data_dir
@@ -149,7 +156,7 @@ def _parse_time(text: str | None) -> int | None:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        raise SystemExit(f"--starts: {text!r} is not an ISO 8601 time such as 2026-11-21T14:00+01:00") from None
+        raise SystemExit(_t("cli.starts_invalid", text=repr(text))) from None
     if moment.tzinfo is None:
         moment = moment.astimezone()
     return int(moment.timestamp())
@@ -196,13 +203,6 @@ def _group_link(base: str, session: str, token: str, secret: str, query: str = "
     return f"{base.rstrip('/')}/j/{token}{query}#{b64url_encode(group_key(decode_link_key(secret), session))}"
 
 
-GROUP_LINK_WARNING = (
-    "Everyone you give the group link shares one key: any of them can read what another of them\n"
-    "seals for you (such as emergency details) and can pass for another of them to you. For couples\n"
-    "and families, send each person their own client link instead."
-)
-
-
 async def _create(args: argparse.Namespace) -> int:
     from broker.crypto.link_key import new_link_key
     from broker.http.admin_socket import AdminClient
@@ -230,23 +230,18 @@ async def _create(args: argparse.Namespace) -> int:
         shown = [{k: v for k, v in s.items() if k != "token"} for s in seats]
         print(json.dumps({**created, "seats": shown, "group_link": group}))
         return 0
-    print(f"Session {created['session']} — starts {_when(created['starts'])}")
-    print(f"Links work from {_when(created['not_before'])} until {_when(created['expires'])}.\n")
+    print(_t("cli.session_created", session=created["session"], starts=_when(created["starts"])))
+    print(_t("cli.links_window", start=_when(created["not_before"]), end=_when(created["expires"])) + "\n")
     clients = [s for s in seats if s["role"] == "client"]
     for i, seat in enumerate(clients, 1):
-        label = f"Client link {i}" if len(clients) > 1 else "Client link"
-        minor = " (minor)" if seat["minor"] else ""
-        print(
-            f"{label}{minor} — send it to this person only, privately (it carries their own key):\n  {seat['link']}\n"
-        )
+        label = _t("cli.client_link_n", number=i) if len(clients) > 1 else _t("cli.client_link")
+        if seat["minor"]:
+            label = _t("cli.minor", label=label)
+        print(_t("cli.client_link_send", label=label) + f"\n  {seat['link']}\n")
     if group is not None:
-        print(f"Group link — one link for every client:\n  {group}\n{GROUP_LINK_WARNING}\n")
+        print(_t("cli.group_link") + f"\n  {group}\n" + _t("cli.group_link_warning") + "\n")
     therapist = next(s for s in seats if s["role"] == "therapist")
-    print(
-        "Therapist link — open it yourself in your browser; keep it private. It lets you admit\n"
-        "your client(s) and holds the session secret, from which every seat's key comes:\n"
-        f"  {therapist['link']}"
-    )
+    print(_t("cli.therapist_link") + f"\n  {therapist['link']}")
     return 0
 
 
@@ -256,11 +251,10 @@ async def _revoke(args: argparse.Namespace) -> int:
     config = _config(args)
     result = await AdminClient(config).revoke(args.session, args.peer, reissue=args.reissue)
     if args.reissue:
-        print("The old link no longer works. The seat keeps its own key: the new link is this token")
-        print("with the same key as the seat's old link (the part after '#'):")
-        print(f"  {(args.base_url or config.base_url).rstrip('/')}/j/{result['token']}#<this seat's key>")
+        print(_t("cli.reissued"))
+        print(f"  {(args.base_url or config.base_url).rstrip('/')}/j/{result['token']}#<{_t('cli.seat_key')}>")
     else:
-        print("Revoked: that link no longer works.")
+        print(_t("cli.revoked"))
     return 0
 
 
@@ -268,7 +262,7 @@ async def _cancel(args: argparse.Namespace) -> int:
     from broker.http.admin_socket import AdminClient
 
     await AdminClient(_config(args)).cancel(args.session)
-    print("Cancelled: every link of that session stopped working, and says the session was cancelled.")
+    print(_t("cli.cancelled"))
     return 0
 
 
@@ -290,26 +284,17 @@ def _audit(args: argparse.Namespace) -> int:
     if args.action == "acknowledge" and report is not None:
         return int(_run(_audit_acknowledge(config, args.through)))
     if report is None or report.kind == "no_log":
-        print(
-            f"No audit log at {path}: no broker has started on this data directory yet, "
-            "or the log and its signed head were removed.",
-            file=sys.stderr,
-        )
+        print(_t("cli.audit_no_log", path=str(path)), file=sys.stderr)
         return 1
     if args.action == "anchor":
         if not report.ok:
-            print(f"No anchor printed: the audit log is NOT intact: {report.problem}", file=sys.stderr)
+            print(_t("cli.anchor_not_intact", problem=report.problem), file=sys.stderr)
             return 1
         if report.last is None:
-            print("No anchor printed: the audit log has no entries yet.", file=sys.stderr)
+            print(_t("cli.anchor_empty"), file=sys.stderr)
             return 1
         print(report.last)
-        print(
-            f"Entry {report.last.seq} of {path}. Keep this line somewhere off this machine (a password manager, "
-            "a printed sheet, an email to yourself); later, 'broker audit verify --anchor <line>' shows the "
-            "log still holds that entry, unaltered, even if someone holds every key on this machine.",
-            file=sys.stderr,
-        )
+        print(_t("cli.anchor_keep", seq=report.last.seq, path=str(path)), file=sys.stderr)
         return 0
     return _print_audit_report(report, config)
 
@@ -319,31 +304,26 @@ def _print_audit_report(report: Any, config: Config) -> int:
 
     for warning in report.warnings:
         state = (
-            f"acknowledged at entry {warning.acknowledged_at}"
+            _t("cli.audit_acknowledged_at", seq=warning.acknowledged_at)
             if warning.acknowledged_at is not None
-            else "NOT acknowledged"
+            else _t("cli.audit_not_acknowledged")
         )
-        print(f"Integrity warning at entry {warning.seq} ({warning.time}): {warning.meaning}; {state}.")
+        print(_t("cli.audit_warning", seq=warning.seq, time=warning.time, meaning=warning.meaning, state=state))
     if not report.ok:
-        where = f" (first bad entry: {report.first_bad_seq})" if report.first_bad_seq is not None else ""
-        print(f"Audit log NOT intact{where}: {report.problem}", file=sys.stderr)
+        if report.first_bad_seq is not None:
+            print(_t("cli.audit_not_intact_at", seq=report.first_bad_seq, problem=report.problem), file=sys.stderr)
+        else:
+            print(_t("cli.audit_not_intact", problem=report.problem), file=sys.stderr)
         for problem in report.problems[1:]:
-            print(f"Also: {problem}", file=sys.stderr)
+            print(_t("cli.also", problem=problem), file=sys.stderr)
         return 1
-    span = f" from {report.first_time} to {report.last.time}" if report.last is not None else ""
-    files = f" in {report.files} files" if report.files > 1 else ""
-    print(
-        f"Audit log intact: {report.entries} entries{files}{span}, chain and signed head verified"
-        f" with {describe_key(config)}."
-    )
+    span = _t("cli.audit_span", first=report.first_time, last=report.last.time) if report.last is not None else ""
+    files = _t("cli.audit_files", count=report.files) if report.files > 1 else ""
+    print(_t("cli.audit_intact", entries=report.entries, files=files, span=span, signer=describe_key(config)))
     if report.anchors_checked:
-        print(f"The {report.anchors_checked} anchor(s) given are in the log, unaltered.")
+        print(_t("cli.anchors_ok", count=report.anchors_checked))
     if not has_separate_audit_key(config):
-        print(
-            "Note: that key comes from the data directory, so whoever holds the directory could have cut or "
-            "rewritten the log and signed it again. Anchors kept elsewhere ('broker audit anchor') or a separate "
-            "audit key (BROKER_AUDIT_KEY_FILE) rule that out."
-        )
+        print(_t("cli.audit_key_note"))
     return 0
 
 
@@ -355,12 +335,12 @@ async def _audit_acknowledge(config: Config, through: int) -> int:
     try:
         seq, warnings = await audit.acknowledge_warnings(through)
     except AcknowledgeRefused as exc:
-        print(f"Not acknowledged: {exc}.", file=sys.stderr)
+        print(_t("cli.not_acknowledged", reason=str(exc)), file=sys.stderr)
         return 1
     finally:
         await audit.aclose()
     listed = ", ".join(str(w.seq) for w in warnings)
-    print(f"Acknowledged the integrity warning(s) at entry {listed}; recorded as entry {seq}.")
+    print(_t("cli.acknowledged", entries=listed, seq=seq))
     return 0
 
 
@@ -371,17 +351,17 @@ def _record_verify(file: str, key: str) -> int:
         with open(file, "rb") as fh:
             data = fh.read()
     except OSError as exc:
-        print(f"Cannot read the record: {exc.strerror}", file=sys.stderr)
+        print(_t("cli.record_unreadable", reason=exc.strerror), file=sys.stderr)
         return 1
     try:
         record, signature = parse_signed_record(data)
     except RecordRefused as exc:
-        print(f"Record REFUSED, nothing verified: {exc}.", file=sys.stderr)
+        print(_t("cli.record_refused", reason=str(exc)), file=sys.stderr)
         return 1
     if verify_record(record, signature, key):
-        print(f"Signature valid: session {record.get('session')} record is unaltered.")
+        print(_t("cli.record_valid", session=str(record.get("session"))))
         return 0
-    print("Signature INVALID: this record was altered or was not signed by this key.", file=sys.stderr)
+    print(_t("cli.record_invalid"), file=sys.stderr)
     return 1
 
 
@@ -405,12 +385,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = _config(args, host=args.host, port=args.port)
             problems = check_config(config)
             if problems:
-                print("The configuration has problems:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+                print(_t("cli.config_problems") + "\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
                 return 2
             try:
                 _run(serve(config, self_signed_tls=args.tls == "self-signed"))
             except AccountsKeyMismatch as exc:
-                print(f"Cannot start: {exc}", file=sys.stderr)
+                print(_t("cli.cannot_start", reason=str(exc)), file=sys.stderr)
                 return 2
             return 0
         if args.command == "check-config":
@@ -418,22 +398,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             problems = check_config(config)
             choices = unavailable_choices(config)
             if choices:
-                print("Not available with this configuration:")
+                print(_t("cli.not_available"))
                 for choice in choices:
                     print(f"  - {choice}")
             untranslated = untranslated_texts(config)
             if untranslated:
-                from broker.i18n.catalogue import messages
-
-                print(messages().text("cli.untranslated_heading", languages=", ".join(config.languages)))
+                print(_t("cli.untranslated_heading", languages=", ".join(config.languages)))
                 for text in untranslated:
                     print(f"  - {text}")
             if problems:
-                print(f"{len(problems)} problem(s) found:", file=sys.stderr)
+                print(_t("cli.problems_found", count=len(problems)), file=sys.stderr)
                 for p in problems:
                     print(f"  - {p}", file=sys.stderr)
                 return 1
-            print("Configuration OK." if not (choices or untranslated) else "Configuration OK (with the notes above).")
+            print(_t("cli.config_ok" if not (choices or untranslated) else "cli.config_ok_notes"))
             return 0
         if args.command == "session":
             actions = {"create": _create, "revoke": _revoke, "cancel": _cancel}
@@ -469,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
     except ConfigError as exc:
-        print(f"Configuration error: {exc}", file=sys.stderr)
+        print(_t("cli.config_error", reason=str(exc)), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -480,11 +458,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from broker.store.base import StoreUnavailable
 
         if isinstance(exc, AdminError):
-            print(f"Error: {exc}", file=sys.stderr)
+            print(_t("cli.error", reason=str(exc)), file=sys.stderr)
             return 1
         if isinstance(exc, (StoreUnavailable, RedisError, ConnectionError, TimeoutError)):
             # A command that talks to Redis itself (the therapist accounts): one line, no traceback.
-            print(f"Error: {REDIS_UNREACHABLE_MESSAGE}", file=sys.stderr)
+            print(_t("cli.error", reason=REDIS_UNREACHABLE_MESSAGE), file=sys.stderr)
             return 1
         raise
     return 0

@@ -25,6 +25,7 @@ from broker.accounts.passwords import PasswordRejected
 from broker.audit.log import AuditEvent, AuditLog
 from broker.audit.setup import open_audit_log
 from broker.config import Config, ConfigError, Keys, load_config, load_or_create_secret
+from broker.i18n.catalogue import messages
 
 _ACTIONS = ("add", "list", "disable", "enable", "unlock", "reset-password", "reset-2fa")
 
@@ -60,6 +61,11 @@ def register(subparsers: Any) -> None:
     )
 
 
+def _t(key: str, **args: Any) -> str:
+    """A message to the person at the terminal, in their language (broker/i18n/messages)."""
+    return messages().text(key, **args)
+
+
 def run(args: argparse.Namespace, *, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
     """Run one ``therapist`` action; returns the exit code."""
     stdin = stdin or sys.stdin
@@ -67,12 +73,12 @@ def run(args: argparse.Namespace, *, stdin: TextIO | None = None, out: TextIO | 
     try:
         config = load_config(overrides={"data_dir": args.data_dir} if args.data_dir else None)
     except ConfigError as exc:
-        print(f"Configuration error: {exc}", file=sys.stderr)
+        print(_t("cli.config_error", reason=str(exc)), file=sys.stderr)
         return 2
     try:
         return asyncio.run(_run(args, config, stdin, out))
     except (AccountError, PasswordRejected, PasswordMismatch) as exc:
-        print(f"Error: {exc}", file=sys.stderr)
+        print(_t("cli.error", reason=str(exc)), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -119,22 +125,32 @@ async def _list(store: AccountStore, args: argparse.Namespace, out: TextIO) -> i
         print(json.dumps(rows, indent=2), file=out)
         return 0
     if not accounts:
-        print("No therapist accounts yet. Add one with: broker therapist add LOGIN_NAME", file=out)
+        print(_t("cli.therapist.none"), file=out)
         return 0
     for a in accounts:
-        flags = [f for f, on in (("disabled", a.disabled), ("locked", a.locked)) if on]
-        factors = [f for f, on in (("app", a.totp_enabled), (f"{a.passkeys} passkey(s)", a.passkeys)) if on]
-        factor = f"2FA on ({', '.join(factors)})" if factors else "2FA off"
+        flags = [_t(f"cli.therapist.{f}") for f, on in (("disabled", a.disabled), ("locked", a.locked)) if on]
+        factors = [
+            f
+            for f, on in (
+                (_t("cli.therapist.app"), a.totp_enabled),
+                (_t("cli.therapist.passkeys", count=a.passkeys), a.passkeys),
+            )
+            if on
+        ]
+        factor = (
+            _t("cli.therapist.factor_on", factors=", ".join(factors)) if factors else _t("cli.therapist.factor_off")
+        )
         shown = f" ({a.display_name})" if a.display_name else ""
         extra = f" [{', '.join(flags)}]" if flags else ""
-        print(f"{a.id}  {a.username}{shown}  {factor}  since {a.created_at}{extra}", file=out)
+        since = _t("cli.therapist.since", when=a.created_at)
+        print(f"{a.id}  {a.username}{shown}  {factor}  {since}{extra}", file=out)
     return 0
 
 
 async def _find(store: AccountStore, name_or_id: str) -> str:
     account = await store.get_by_username(name_or_id) or await store.get(name_or_id)
     if account is None:
-        raise AccountError(f"No therapist account with the login name or id {name_or_id!r}.")
+        raise AccountError(_t("cli.therapist.not_found", name=repr(name_or_id)))
     return account.id
 
 
@@ -147,38 +163,30 @@ async def _change(
         password = _read_password(args.password_stdin, stdin)
         therapist = await store.add(args.account, password, args.display_name, second_factor=second_factor)
         await audit.append(AuditEvent.ACCOUNT_ADDED, therapist)
-        print(f"Added therapist account {therapist}. They can now log in at /login.", file=out)
+        print(_t("cli.therapist.added", account=therapist), file=out)
         return 0
     therapist = await _find(store, args.account)
     if action == "disable":
         await store.disable(therapist)
         await audit.append(AuditEvent.ACCOUNT_DISABLED, therapist)
-        print(f"Disabled {therapist}: it can no longer log in, and its open web logins have ended.", file=out)
+        print(_t("cli.therapist.disabled_done", account=therapist), file=out)
     elif action == "enable":
         await store.enable(therapist)
         await audit.append(AuditEvent.ACCOUNT_ENABLED, therapist)
-        print(f"Enabled {therapist}.", file=out)
+        print(_t("cli.therapist.enabled", account=therapist), file=out)
     elif action == "unlock":
         await store.unlock(therapist)
         await audit.append(AuditEvent.ACCOUNT_UNLOCKED, therapist)
-        print(f"Unlocked {therapist}.", file=out)
+        print(_t("cli.therapist.unlocked", account=therapist), file=out)
     elif action == "reset-password":
         password = _read_password(args.password_stdin, stdin)
         await store.reset_password(therapist, password, second_factor=second_factor)
         await audit.append(AuditEvent.PASSWORD_RESET, therapist)
-        print(
-            f"New password set for {therapist}; its open web logins have ended. The labels and notes they gave "
-            "their sessions were sealed with a key only their old password opened: they cannot be read any more.",
-            file=out,
-        )
+        print(_t("cli.therapist.password_reset", account=therapist), file=out)
     elif action == "reset-2fa":
         await store.reset_2fa(therapist)
         await audit.append(AuditEvent.SECOND_FACTOR_CHANGED, therapist)
-        print(
-            f"Second factor removed for {therapist}; its open web logins have ended. "
-            "They set up a new one at their next login.",
-            file=out,
-        )
+        print(_t("cli.therapist.second_factor_reset", account=therapist), file=out)
     return 0
 
 

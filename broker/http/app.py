@@ -493,7 +493,9 @@ def build_app(broker: Broker) -> web.Application:
         config=config,
         keys=broker.keys,
     )
-    setup_dashboard(app, hub=broker.hub, store=broker.store, relay_available=bool(config.turn_urls))
+    setup_dashboard(
+        app, hub=broker.hub, store=broker.store, relay_available=bool(config.turn_urls), languages=config.languages
+    )
     setup_vault(app, store=broker.store)
     setup_password(app)
     return app

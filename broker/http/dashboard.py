@@ -148,11 +148,15 @@ DASHBOARD: web.AppKey[Dashboard] = web.AppKey("dashboard")
 
 
 class Dashboard:
-    def __init__(self, hub: Hub, index: OwnerIndex, *, relay_available: bool = False) -> None:
+    def __init__(
+        self, hub: Hub, index: OwnerIndex, *, relay_available: bool = False, languages: tuple[str, ...] = ("en",)
+    ) -> None:
         self.hub = hub
         self.index = index
         #: TURN is configured: a relay-only session can connect (docs/protocol.md 15.15).
         self.relay_available = relay_available
+        #: The practice's languages (BROKER_LANGUAGES): the ones a client link may name (issue 33).
+        self.languages = languages
 
     def seat_view(self, session: sm.Session, seat: sm.Seat) -> dict[str, Any]:
         """What the owner's page needs about a seat; the token is recomputed, never stored."""
@@ -262,7 +266,9 @@ async def api_list(request: web.Request) -> web.Response:
         views.append(board.session_view(session))
     await board.index.forget(login.therapist, gone)
     views.sort(key=lambda v: (v["starts"], v["session"]))
-    return web.json_response({"sessions": views, "relay_available": board.relay_available})
+    return web.json_response(
+        {"sessions": views, "relay_available": board.relay_available, "languages": list(board.languages)}
+    )
 
 
 @event_stream
@@ -381,13 +387,15 @@ def setup_dashboard(
     store: Store,
     clock: Callable[[], float] = time.time,
     relay_available: bool = False,
+    languages: tuple[str, ...] = ("en",),
 ) -> None:
     """Add the dashboard page and its JSON API; ``setup_auth`` must have run on ``app`` first.
-    ``relay_available``: TURN is configured, so relay-only sessions can be scheduled."""
+    ``relay_available``: TURN is configured, so relay-only sessions can be scheduled.
+    ``languages``: the practice's languages, offered for each client's link."""
     if AUTH not in app:
         raise RuntimeError("call setup_auth(app, ...) before setup_dashboard(app, ...)")
     index = OwnerIndex(store, clock)
-    app[DASHBOARD] = Dashboard(hub, index, relay_available=relay_available)
+    app[DASHBOARD] = Dashboard(hub, index, relay_available=relay_available, languages=languages)
     hub.add_end_listener(lambda owner, session_id: index.forget(owner, {session_id}))
     app.middlewares.append(_store_errors)
     app.router.add_get("/dashboard", dashboard_page, name="dashboard")

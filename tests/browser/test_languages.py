@@ -92,7 +92,42 @@ async def test_the_whole_way_in_and_into_the_call_in_spanish(
         await therapist.admit(peer)
         await wait_screen(page, "call")
         await expect(page.locator("#call-title")).to_have_text(ES["page.brand"])
+        await expect_call_screen_in_spanish(page)
+        await check_axe(page, axe_source, "es-call")
+        # The chat, opened: its heading, its hint and its button in Spanish too.
+        await page.get_by_test_id("toggle-chat").click()
+        await expect(page.locator("#chat-title")).to_have_text(ES["call.chat_title"])
+        await expect(page.locator("#chat-panel .hint")).to_have_text(ES["call.chat_hint"])
+        await expect(page.locator("#chat-panel button[type=submit]")).to_have_text(ES["call.send"])
+        await check_axe(page, axe_source, "es-call-chat")
     await watch.assert_clean()
+
+
+#: What the call screen's status line may say while the call is being set up, in Spanish.
+CALL_STATES = ("call.connecting", "call.state.connected", "call.state.waiting_other", "call.state.nobody_yet")
+
+
+async def expect_call_screen_in_spanish(page: Page) -> None:
+    """The call screen's own words (call.js, adapt.js, media_mode.js, safety_signal.js) are the
+    Spanish catalogue's, read from es.json: none of them is left in English."""
+    await expect(page.get_by_test_id("toggle-mic").locator(".label")).to_have_text(ES["call.mute"])
+    await expect(page.get_by_test_id("toggle-camera").locator(".label")).to_have_text(ES["call.stop_camera"])
+    await expect(page.get_by_test_id("toggle-chat").locator(".label")).to_have_text(ES["call.chat"])
+    await expect(page.get_by_test_id("leave").locator(".label")).to_have_text(ES["leave.confirm"])
+    await expect(page.get_by_test_id("call-menu").locator(".label")).to_have_text(ES["safety.more"])
+    # The default signal's words are the page's own, in Spanish (the policy kept the default).
+    await expect(page.get_by_test_id("safety-signal")).to_have_text(ES["safety.signal_default"], use_inner_text=False)
+    await expect(page.locator("label[for=call-mode]")).to_have_text(ES["call.mode"])
+    await expect(page.locator("#call-mode option[value=audio_only]")).to_have_text(ES["mode.audio_only"])
+    await expect(page.locator("section.callbar")).to_have_attribute("aria-label", ES["call.controls"])
+    await expect(page.get_by_test_id("connection-indicator")).to_have_text(ES["adapt.good"])
+    await expect(page.locator(".selfview video")).to_have_attribute("aria-label", ES["call.self_video"])
+    await expect(page.get_by_test_id("call-state")).to_have_text(
+        re.compile("|".join(re.escape(ES[k]) for k in CALL_STATES))
+    )
+    english = [EN[k] for k in ("call.mute", "call.stop_camera", "call.controls", "adapt.good", "call.connecting")]
+    text = await page.locator("#screen-call").inner_text()
+    assert not [word for word in english if word in text], "English left on the call screen"
 
 
 async def test_switching_language_mid_checklist_keeps_the_answers(

@@ -6,10 +6,13 @@ that the page's own QR encoder draws exactly the symbol segno draws for the same
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import pytest_asyncio
@@ -24,6 +27,10 @@ from broker.signaling.protocol import ErrorCode, ProtocolError
 from tests.http.test_web_auth import CHROMIUM_ARGS, PASSWORD, FullBroker, PolicyConfig, start_full_broker
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+WEB = Path(__file__).resolve().parents[2] / "web"
+EN = json.loads((WEB / "i18n" / "en.json").read_text(encoding="utf-8"))
+ES = json.loads((WEB / "i18n" / "es.json").read_text(encoding="utf-8"))
 
 
 class Therapist:
@@ -335,6 +342,85 @@ async def test_group_link_is_chosen_with_its_warning(full: FullBroker, browser: 
     session, _ = await full.broker.hub.resolve_token(token)  # the group token of this session
     assert session.id == session_id
     await page.context.close()
+
+
+@pytest.mark.browser
+async def test_a_clients_language_goes_in_their_link_and_their_page_opens_in_it(full: FullBroker, browser: Any) -> None:
+    """Issue 33: the therapist chooses the clients' language when scheduling, and per client after;
+    the link the page copies carries it (?lang=), the client's page opens in it whatever the
+    client's browser prefers, and nothing of the choice reaches the broker before the link is opened."""
+    page = await browser_login(browser, full, "alex")
+    sent: list[str] = []
+    page.on("request", lambda r: sent.append(f"{r.url}\n{r.post_data or ''}"))
+    choice = page.get_by_label("Clients’ language")
+    # The practice's languages (BROKER_LANGUAGES), each named in itself, or the client's browser.
+    assert await choice.locator("option").all_text_contents() == [
+        EN["dashboard.language_browser"],
+        EN["language.name"],
+        ES["language.name"],
+    ]
+    await page.get_by_role("spinbutton", name="Clients").fill("2")
+    await choice.select_option("es")
+    card = await schedule_in_page(page)
+    await page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=full.url)
+
+    async def copy(name: str) -> str:
+        await card.get_by_role("button", name=f"Copy link for {name}").click()
+        return str(await page.evaluate("navigator.clipboard.readText()"))
+
+    first = await copy("Client 1")
+    assert first.startswith(full.url + "/j/") and "?lang=es#" in first
+    assert "?lang=es#" in await copy("Client 2")
+    # One client reads English: only their link changes.
+    await card.get_by_label("Link language for Client 2").select_option("en")
+    await expect(card.get_by_label("Link language for Client 2")).to_have_value("en")
+    assert "?lang=en#" in await copy("Client 2")
+    assert await copy("Client 1") == first
+    await card.get_by_label("Link language for Client 2").select_option("")
+    await expect(card.get_by_label("Link language for Client 2")).to_have_value("")
+    assert "?lang=" not in await copy("Client 2")
+    assert not any("lang=" in request for request in sent), "the choice stays on this device"
+    # The email the page prepares for that client is in their link's language, with that link.
+    await card.get_by_role("button", name="Send by email: link for Client 1").click()
+    await expect(page.locator("#email-body")).to_have_value(
+        re.compile("^" + re.escape(ES["dashboard.email_body"].split("{date}")[0]))
+    )
+    assert first in await page.locator("#email-body").input_value()
+    assert "subject=" + quote(ES["dashboard.email_subject"]) in str(
+        await page.locator("#email-open").get_attribute("href")
+    )
+    await page.get_by_role("dialog").get_by_role("button", name="Close").click()
+    # The client's browser prefers English; their page opens in Spanish, as the therapist chose.
+    client = await browser.new_context(locale="en-US")
+    client_page = await client.new_page()
+    await client_page.goto(first)
+    await expect(client_page.locator("html")).to_have_attribute("lang", "es")
+    await expect(client_page.locator("#welcome-title")).to_have_text(ES["welcome.title"])
+    await client.close()
+    await page.context.close()
+
+
+@pytest.mark.browser
+async def test_the_therapists_pages_speak_the_browsers_language_with_a_switch(full: FullBroker, browser: Any) -> None:
+    """Issue 33: the login page and the dashboard start in the browser's language (Spanish here),
+    and the switch under the header changes it in place."""
+    context = await browser.new_context(locale="es-ES")
+    page = await context.new_page()
+    await page.goto(full.url + "/login")
+    await expect(page.locator("html")).to_have_attribute("lang", "es")
+    await expect(page.locator("#login-title")).to_have_text(ES["login.login_title"])
+    await page.get_by_label(ES["login.login_name"]).fill("alex")
+    await page.get_by_label(ES["login.password"]).fill(PASSWORD)
+    await page.get_by_role("button", name=ES["login.login_submit"]).click()
+    await page.get_by_role("button", name=ES["login.offer_later"]).click()
+    await page.wait_for_url(full.url + "/dashboard")
+    await page.locator("body[data-ready=true]").wait_for()
+    await expect(page.locator("#title")).to_have_text(ES["dashboard.title"])
+    await expect(page.locator("#create-submit")).to_have_text(ES["dashboard.create_submit"])
+    await page.get_by_test_id("language-switch").select_option("en")
+    await expect(page.locator("#title")).to_have_text(EN["dashboard.title"])
+    await expect(page.locator("html")).to_have_attribute("lang", "en")
+    await context.close()
 
 
 @pytest.mark.browser

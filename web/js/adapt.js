@@ -17,10 +17,12 @@
 //
 // Nothing here logs or sends stats anywhere: the only message is {t: "video", paused} to the peer.
 
+import { show, t } from "./i18n.js";
 import { announce, el } from "./ui.js";
 
 export const ADAPT_MESSAGE = "video";
-export const PAUSED_TEXT = "Video paused to keep your voice clear";
+/** The catalogue key of the notice's first sentence (web/i18n). */
+export const PAUSED_TEXT = "adapt.paused";
 export const TICK_MS = 1000;
 
 /** Video steps, best first: the bitrate cap and how much the picture is scaled down. */
@@ -46,13 +48,13 @@ const RETRY_MAX_MS = 120_000;
 const WEAK_RTT_S = 0.4;
 const WEAK_LOSS = 0.03;
 
+/** The indicator's words, as catalogue keys (web/i18n). */
 export const QUALITY_WORDS = Object.freeze({
-  good: "Connection: good",
-  weak: "Connection: weak",
-  reconnecting: "Reconnecting…",
+  good: "adapt.good",
+  weak: "adapt.weak",
+  reconnecting: "call.state.reconnecting",
 });
-export const WEAK_TIP =
-  "Your connection is weak. Moving closer to your router, closing other apps that use the internet, or choosing \u201cAudio only\u201d under Mode can help.";
+export const WEAK_TIP = "adapt.weak_tip";
 
 // ------------------------------------------------------------------ SDP
 
@@ -240,7 +242,7 @@ export class Adaptation {
   constructor(call) {
     this.#call = call;
     this.indicator = el("p", { className: "connection", role: "status", "data-testid": "connection-indicator" });
-    this.tip = el("p", { className: "hint connection-tip", hidden: true, "data-testid": "connection-tip", text: WEAK_TIP });
+    this.tip = show(el("p", { className: "hint connection-tip", hidden: true, "data-testid": "connection-tip" }), WEAK_TIP);
     this.notice = el("div", { className: "banner calm", role: "status", hidden: true, "data-testid": "video-paused-notice" });
     this.#off.push(
       call.on("message", ({ peer, message }) => {
@@ -328,26 +330,23 @@ export class Adaptation {
     if (quality === this.#quality) return;
     this.#quality = quality;
     this.indicator.dataset.quality = quality;
-    this.indicator.textContent = QUALITY_WORDS[quality];
+    show(this.indicator, QUALITY_WORDS[quality]);
     this.tip.hidden = quality !== "weak";
   }
 
   #renderNotice() {
     const here = this.#localPaused.size > 0;
     const there = this.#remotePaused.size > 0;
-    const show = here || there;
+    const visible = here || there;
     const was = !this.notice.hidden;
-    this.notice.hidden = !show;
+    this.notice.hidden = !visible;
     this.notice.dataset.side = here && there ? "both" : here ? "here" : there ? "there" : "";
-    if (!show) {
-      if (was) announce("Video is back.");
+    if (!visible) {
+      if (was) announce(t("adapt.video_back"));
       return;
     }
-    const why = here
-      ? "Your connection is slow just now. Your video comes back by itself when it improves."
-      : "The connection is slow just now. Sound carries on, and the video comes back by itself.";
-    this.notice.replaceChildren(el("strong", { text: `${PAUSED_TEXT}.` }), ` ${why}`);
-    if (!was) announce(`${PAUSED_TEXT}.`);
+    show(this.notice, here ? "adapt.paused_here" : "adapt.paused_there");
+    if (!was) announce(t(PAUSED_TEXT));
   }
 
   stop() {

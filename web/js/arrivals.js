@@ -8,11 +8,12 @@
 // The choices are remembered in this browser only (localStorage): sound on unless turned off,
 // the label in notifications off unless turned on.
 
+import { show, t } from "./i18n.js";
 import { el } from "./ui.js";
 
 const SOUND_KEY = "tt-arrival-sound";
 const LABEL_KEY = "tt-arrival-label";
-const NOTIFICATION_TEXT = "A client is waiting";
+const NOTIFICATION_TEXT = "arrivals.waiting"; // a catalogue key (web/i18n)
 
 function stored(key, fallback) {
   try {
@@ -70,7 +71,7 @@ export class ArrivalAlert {
       this.#label = label.checked;
       remember(LABEL_KEY, label.checked);
     });
-    const allow = el("button", { type: "button", className: "quiet small", "data-testid": "arrival-notify", text: "Allow desktop notifications" });
+    const allow = show(el("button", { type: "button", className: "quiet small", "data-testid": "arrival-notify" }), "arrivals.allow");
     this.#status = el("span", { className: "hint", "data-testid": "arrival-notify-state" });
     allow.addEventListener("click", async () => {
       if (typeof Notification === "undefined") return;
@@ -79,25 +80,25 @@ export class ArrivalAlert {
     });
     this.#showPermission(allow);
     host.replaceChildren(
-      el("label", { className: "check inline" }, [sound, " Sound when a client arrives"]),
+      el("label", { className: "check inline" }, [sound, " ", show(el("span"), "arrivals.sound")]),
       el("span", { className: "notify" }, [allow, " ", this.#status]),
-      el("label", { className: "check inline" }, [label, " Name the client in notifications"]),
+      el("label", { className: "check inline" }, [label, " ", show(el("span"), "arrivals.name_client")]),
     );
   }
 
   #showPermission(button) {
     if (typeof Notification === "undefined") {
       button.hidden = true;
-      this.#status.textContent = "This browser cannot show notifications.";
+      show(this.#status, "arrivals.unsupported");
       return;
     }
     const permission = Notification.permission;
     button.hidden = permission !== "default";
-    this.#status.textContent = {
-      granted: "Desktop notifications are on.",
-      denied: "Desktop notifications are blocked in this browser's settings.",
-      default: "",
-    }[permission];
+    if (permission === "granted" || permission === "denied") show(this.#status, `arrivals.${permission}`);
+    else {
+      delete this.#status.dataset.i18n;
+      this.#status.textContent = "";
+    }
   }
 
   /** The number waiting now; `label` names who just arrived (shown only if opted in). */
@@ -114,7 +115,7 @@ export class ArrivalAlert {
     if (typeof Notification !== "undefined" && Notification.permission === "granted") {
       try {
         const body = this.#label && label ? label : "";
-        new Notification(NOTIFICATION_TEXT, { body, tag: "tt-arrival" });
+        new Notification(t(NOTIFICATION_TEXT), { body, tag: "tt-arrival" });
       } catch {
         // some browsers allow notifications only from a service worker: the title still shows it
       }

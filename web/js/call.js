@@ -40,8 +40,9 @@ import { announce, el, fill, setPressed } from "./ui.js";
 import { attach } from "./devices.js";
 import { Adaptation, tuneAudio } from "./adapt.js";
 import { NetworkRecovery } from "./ice_restart.js";
-import { audioOnlyText, isMode } from "./media_mode.js";
+import { isMode } from "./media_mode.js";
 import { addShareTransceivers, isShareTransceiver } from "./screen_share.js";
+import { show, showAttribute, t } from "./i18n.js";
 
 export const CHAT_LABEL = "chat";
 export const CHAT_CHANNEL_ID = 0;
@@ -1173,16 +1174,18 @@ export class Call {
 
 // ==================================================================== the call screen
 
-const BANNER_BROKER = "Connection lost. Reconnecting… Your call may carry on meanwhile.";
-const BANNER_MEDIA = "The picture and sound stopped. Reconnecting… This usually takes a few seconds.";
+// The words are the catalogue's (web/i18n, i18n.js): `show` keeps each text's key, so a language
+// switch re-renders it in place.
+const BANNER_BROKER = "call.banner_broker";
+const BANNER_MEDIA = "call.banner_media";
 
 const STATE_WORDS = {
-  new: "Connecting…",
-  connecting: "Connecting…",
-  connected: "Connected",
-  disconnected: "Connection interrupted, reconnecting…",
-  failed: "Reconnecting…",
-  closed: "Not connected",
+  new: "call.connecting",
+  connecting: "call.connecting",
+  connected: "call.state.connected",
+  disconnected: "call.state.interrupted",
+  failed: "call.state.reconnecting",
+  closed: "call.state.not_connected",
 };
 
 /**
@@ -1227,33 +1230,29 @@ export class CallView {
   }
 
   #build(root) {
-    const banner = el("div", {
+    const banner = show(el("div", {
       className: "banner",
       role: "status",
       hidden: true,
       "data-testid": "reconnecting-banner",
-      text: BANNER_BROKER,
-    });
-    const unverified = el("div", {
+    }), BANNER_BROKER);
+    const unverified = show(el("div", {
       className: "banner warn",
       hidden: true,
       "data-testid": "unverified-banner",
-      text: "Not verified by link — compare the safety codes aloud before you talk.",
-    });
+    }), "call.unverified_banner");
     const empty = el("p", { className: "empty", text: this.#opts.emptyText, "data-testid": "call-empty" });
     const tiles = el("div", { className: "tiles" });
-    const selfVideo = el("video", { autoplay: true, playsinline: true, "aria-label": "Your own camera" });
+    const selfVideo = el("video", { autoplay: true, playsinline: true });
+    showAttribute(selfVideo, "aria-label", "call.self_video");
     selfVideo.muted = true;
-    const selfOff = el("p", { className: "camera-off", hidden: true, text: "Camera off" });
+    const selfOff = show(el("p", { className: "camera-off", hidden: true }), "call.camera_off");
     const self = el("figure", { className: "selfview" }, [
       selfVideo,
       selfOff,
-      el("figcaption", { text: this.#opts.selfLabel ?? "You" }),
+      this.#opts.selfLabel ? el("figcaption", { text: this.#opts.selfLabel }) : show(el("figcaption"), "call.you"),
     ]);
-    const codeHelp = el("p", {
-      className: "code-help",
-      text: "Read the safety code aloud together. If it is the same on both screens, no one is listening in.",
-    });
+    const codeHelp = show(el("p", { className: "code-help" }), "call.code_help");
     const chatLog = el("ol", { className: "chat-log", "aria-live": "polite", "data-testid": "chat-log" });
     const chatInput = el("input", {
       id: "chat-input",
@@ -1262,9 +1261,9 @@ export class CallView {
       autocomplete: "off",
       "data-testid": "chat-input",
     });
-    const chatSend = el("button", { type: "submit", className: "primary", text: "Send" });
+    const chatSend = show(el("button", { type: "submit", className: "primary" }), "call.send");
     const chatForm = el("form", { className: "chat-form" }, [
-      el("label", { for: "chat-input", className: "visually-hidden", text: "Message" }),
+      show(el("label", { for: "chat-input", className: "visually-hidden" }), "call.message"),
       chatInput,
       chatSend,
     ]);
@@ -1273,34 +1272,31 @@ export class CallView {
       const text = chatInput.value.trim();
       if (!text) return;
       if ((this.#opts.sendChat ?? ((t) => this.#call.sendChat(t)))(text) > 0) {
-        this.#addChat("You", text, true);
+        this.#addChat(t("call.you"), text, true);
         chatInput.value = "";
       } else {
-        announce("The message could not be sent: no one is connected yet.");
+        announce(t("call.chat_not_sent"));
       }
     });
     const chat = el("aside", { className: "chat-panel", id: "chat-panel", hidden: true, "aria-labelledby": "chat-title" }, [
-      el("h2", { id: "chat-title", text: "Private chat" }),
-      el("p", {
-        className: "hint",
-        text: "Messages go directly to the others in the call, encrypted. They are not saved anywhere.",
-      }),
+      show(el("h2", { id: "chat-title" }), "call.chat_title"),
+      show(el("p", { className: "hint" }), "call.chat_hint"),
       chatLog,
       chatForm,
     ]);
-    const state = el("p", { className: "call-state", "data-testid": "call-state", text: "Connecting…" });
+    const state = show(el("p", { className: "call-state", "data-testid": "call-state" }), "call.connecting");
     const mic = el("button", { type: "button", "aria-pressed": "false", "data-testid": "toggle-mic" }, [
       el("span", { className: "icon icon-mic", "aria-hidden": "true" }),
-      el("span", { className: "label", text: "Mute" }),
+      show(el("span", { className: "label" }), "call.mute"),
     ]);
     const cam = el("button", { type: "button", "aria-pressed": "false", "data-testid": "toggle-camera" }, [
       el("span", { className: "icon icon-cam", "aria-hidden": "true" }),
-      el("span", { className: "label", text: "Stop camera" }),
+      show(el("span", { className: "label" }), "call.stop_camera"),
     ]);
     const chatToggle = el(
       "button",
       { type: "button", "aria-expanded": "false", "aria-controls": "chat-panel", "data-testid": "toggle-chat" },
-      [el("span", { className: "icon icon-chat", "aria-hidden": "true" }), el("span", { className: "label", text: "Chat" })],
+      [el("span", { className: "icon icon-chat", "aria-hidden": "true" }), show(el("span", { className: "label" }), "call.chat")],
     );
     const badge = el("span", { className: "unread", hidden: true, "data-testid": "chat-unread" });
     chatToggle.append(badge);
@@ -1308,7 +1304,7 @@ export class CallView {
       const muted = this.#call.media.audio;
       this.#call.setAudioEnabled(!muted);
       setPressed(mic, muted);
-      announce(muted ? "Your microphone is muted." : "Your microphone is on.");
+      announce(t(muted ? "call.microphone_muted" : "call.microphone_on"));
     });
     cam.addEventListener("click", () => {
       const off = this.#call.media.video;
@@ -1316,7 +1312,7 @@ export class CallView {
       setPressed(cam, off);
       selfOff.hidden = !off;
       selfVideo.hidden = off;
-      announce(off ? "Your camera is off." : "Your camera is on.");
+      announce(t(off ? "call.camera_now_off" : "announce.camera_on"));
     });
     chatToggle.addEventListener("click", () => {
       const open = chat.hidden;
@@ -1333,16 +1329,17 @@ export class CallView {
     if (this.#opts.onLeave) {
       const leave = el("button", { type: "button", className: "danger", "data-testid": "leave" }, [
         el("span", { className: "icon icon-leave", "aria-hidden": "true" }),
-        el("span", { className: "label", text: this.#opts.leaveLabel ?? "Leave" }),
+        this.#opts.leaveLabel ? el("span", { className: "label", text: this.#opts.leaveLabel }) : show(el("span", { className: "label" }), "call.leave"),
       ]);
       leave.addEventListener("click", () => this.#opts.onLeave());
       controls.push(leave);
     }
-    const bar = el("section", { className: "callbar", "aria-label": "Call controls" }, [
+    const bar = el("section", { className: "callbar" }, [
       state,
       this.#adapt.indicator,
       el("div", { className: "controls" }, controls),
     ]);
+    showAttribute(bar, "aria-label", "call.controls");
     const stage = el("div", { className: "stage", dataset: { count: "0" } }, [empty, tiles, self]);
     fill(root, [banner, unverified, this.#adapt.notice, stage, codeHelp, chat, this.#adapt.tip, bar]);
     return { root, banner, unverified, stage, empty, tiles, selfVideo, selfOff, chat, chatLog, state, badge, codeHelp, cam };
@@ -1357,7 +1354,7 @@ export class CallView {
   setReconnecting(on) {
     if (this.#reconnecting === on) return;
     this.#reconnecting = on;
-    announce(on ? "Connection lost. Reconnecting." : "Reconnected.");
+    announce(t(on ? "announce.connection_lost" : "call.reconnected"));
     this.#summarise();
   }
 
@@ -1368,8 +1365,8 @@ export class CallView {
     banner.hidden = !reason;
     if (banner.dataset.reason === reason) return;
     banner.dataset.reason = reason;
-    if (reason === "broker") banner.textContent = BANNER_BROKER;
-    if (reason === "media") banner.textContent = BANNER_MEDIA;
+    if (reason === "broker") show(banner, BANNER_BROKER);
+    if (reason === "media") show(banner, BANNER_MEDIA);
   }
 
   setUnverified(on) {
@@ -1381,7 +1378,7 @@ export class CallView {
     const { cam, selfOff, selfVideo } = this.#els;
     cam.disabled = on;
     setPressed(cam, on || !this.#call.media.video);
-    selfOff.textContent = on ? "Audio only" : "Camera off";
+    show(selfOff, on ? "mode.audio_only" : "call.camera_off");
     selfOff.hidden = !on && this.#call.media.video;
     selfVideo.hidden = on || !this.#call.media.video;
     this.#selfAudioOnly = on; // no video comes in either: the tiles say so instead of a frozen picture
@@ -1392,14 +1389,14 @@ export class CallView {
     let tile = this.#tiles.get(peer);
     if (tile) return tile;
     const video = el("video", { autoplay: true, playsinline: true });
-    const cameraOff = el("p", { className: "camera-off", hidden: true, text: "Camera off" });
+    const cameraOff = show(el("p", { className: "camera-off", hidden: true }), "call.camera_off");
     const name = el("span", { className: "name", text: this.#opts.labelFor(peer, role) });
-    const muted = el("span", { className: "badge muted", hidden: true, "data-testid": "remote-muted", text: "Muted" });
-    const held = el("span", { className: "badge held", hidden: true, "data-testid": "remote-held", text: "On hold" });
-    const state = el("span", { className: "conn", "data-testid": "peer-state", text: "Connecting…" });
+    const muted = show(el("span", { className: "badge muted", hidden: true, "data-testid": "remote-muted" }), "call.muted");
+    const held = show(el("span", { className: "badge held", hidden: true, "data-testid": "remote-held" }), "call.on_hold");
+    const state = show(el("span", { className: "conn", "data-testid": "peer-state" }), "call.connecting");
     const code = el("strong", { "data-testid": "safety-code", text: "…" });
     const trust = el("span", { className: "trust", "data-testid": "trust" });
-    const sound = el("button", { type: "button", className: "sound", hidden: true, text: "Turn on sound" });
+    const sound = show(el("button", { type: "button", className: "sound", hidden: true }), "call.turn_on_sound");
     sound.addEventListener("click", async () => {
       video.muted = false;
       try {
@@ -1420,7 +1417,7 @@ export class CallView {
         el("figcaption", {}, [
           el("span", { className: "who" }, [name, muted, held]),
           state,
-          el("span", { className: "code" }, ["Safety code ", code]),
+          show(el("span", { className: "code" }), "call.safety_code", { code }),
           trust,
           actions,
         ]),
@@ -1440,13 +1437,16 @@ export class CallView {
     tile.node.dataset.state = state;
     tile.node.dataset.connection = String(info.connection ?? "");
     tile.node.dataset.iceRestarts = String(info.iceRestarts);
-    tile.state.textContent =
-      state === "away" ? "Their connection dropped. Waiting for them to come back…" : STATE_WORDS[state] ?? state;
+    if (state === "away" || STATE_WORDS[state]) show(tile.state, state === "away" ? "call.peer_away" : STATE_WORDS[state]);
+    else tile.state.textContent = state;
     tile.code.textContent = info.code ?? "…";
     tile.node.dataset.code = info.code ?? "";
-    if (info.trust === "verified_by_link") tile.trust.textContent = "Verified by link";
-    else if (info.trust === "unverified") tile.trust.textContent = "Not verified by link — compare the safety codes";
-    else tile.trust.textContent = "";
+    if (info.trust === "verified_by_link") show(tile.trust, "call.verified_by_link");
+    else if (info.trust === "unverified") show(tile.trust, "call.unverified_trust");
+    else {
+      delete tile.trust.dataset.i18n;
+      tile.trust.textContent = "";
+    }
     tile.node.dataset.trust = info.trust ?? "";
     tile.node.dataset.dropped = String(info.dropped);
     tile.muted.hidden = info.media.audio || info.held;
@@ -1457,8 +1457,8 @@ export class CallView {
     const pictureOff = !info.media.video || this.#selfAudioOnly;
     tile.cameraOff.hidden = !pictureOff;
     tile.node.dataset.remoteMode = info.media.mode ?? "video";
-    if (info.media.mode === "audio_only") tile.cameraOff.textContent = audioOnlyText(this.#opts.labelFor(info.peer, info.role));
-    else tile.cameraOff.textContent = this.#selfAudioOnly ? "Audio only: no video" : "Camera off";
+    if (info.media.mode === "audio_only") show(tile.cameraOff, "call.peer_audio_only", { name: this.#opts.labelFor(info.peer, info.role) });
+    else show(tile.cameraOff, this.#selfAudioOnly ? "call.audio_only_no_video" : "call.camera_off");
     tile.video.classList.toggle("off", pictureOff);
     if (info.stream && tile.attached !== info.stream) this.#attachRemote(info.peer, info.stream);
     this.#summarise();
@@ -1488,7 +1488,7 @@ export class CallView {
       tile.node.remove();
       this.#tiles.delete(peer);
     }
-    announce(`${this.#opts.labelFor(peer, role)} left the call.`);
+    announce(t("call.left", { name: this.#opts.labelFor(peer, role) }));
     this.#layout();
     this.#summarise();
   }
@@ -1512,7 +1512,7 @@ export class CallView {
       this.#unread += 1;
       this.#els.badge.textContent = String(this.#unread);
       this.#els.badge.hidden = false;
-      announce(`New message from ${who}.`);
+      announce(t("call.new_message", { name: who }));
     }
   }
 
@@ -1521,18 +1521,18 @@ export class CallView {
     const interrupted = infos.some((i) => i.interrupted);
     this.#showBanner(interrupted);
     let text;
-    if (this.#reconnecting) text = "Reconnecting…";
-    else if (interrupted) text = "Connection interrupted, reconnecting…";
-    else if (infos.length === 0) text = "Not connected to anyone yet";
-    else if (infos.every((i) => i.state === "connected")) text = "Connected";
-    else if (infos.some((i) => i.state === "connected")) text = "Connected to some, connecting to others…";
-    else if (infos.some((i) => !i.connected)) text = "Waiting for the other side…";
-    else text = "Connecting…";
-    this.#els.state.textContent = text;
-    this.#els.root.dataset.state = text === "Connected" ? "connected" : "pending";
+    if (this.#reconnecting) text = "call.state.reconnecting";
+    else if (interrupted) text = "call.state.interrupted";
+    else if (infos.length === 0) text = "call.state.nobody_yet";
+    else if (infos.every((i) => i.state === "connected")) text = "call.state.connected";
+    else if (infos.some((i) => i.state === "connected")) text = "call.state.some";
+    else if (infos.some((i) => !i.connected)) text = "call.state.waiting_other";
+    else text = "call.connecting";
+    show(this.#els.state, text);
+    this.#els.root.dataset.state = text === "call.state.connected" ? "connected" : "pending";
     if (text !== this.#lastSummary) {
       this.#lastSummary = text;
-      announce(text);
+      announce(t(text));
     }
   }
 

@@ -7,7 +7,7 @@
 // peer `peers` names as the therapist, over that pair's channel, so the broker can neither grant
 // nor withhold it. Nothing of it is stored: a new page starts with nothing allowed.
 
-import { has, language, setLanguage, show } from "./i18n.js";
+import { show } from "./i18n.js";
 import { el, setPressed } from "./ui.js";
 import { ScreenShare } from "./screen_share.js";
 import { Whiteboard } from "./whiteboard.js";
@@ -79,11 +79,6 @@ export class ToolPermissions {
   }
 }
 
-/** The catalogue the tools' words come from, on a page that has not loaded it (the therapist's). */
-function loadCatalogue() {
-  if (!has("tools.share.start")) setLanguage(language()).catch(() => {});
-}
-
 /**
  * Both tools for one call: `controls` for the call's control bar (CallView extraControls),
  * `tileActions(peer, role)` for the therapist's tile of each client, and `mount(root)` to put the
@@ -93,7 +88,6 @@ export class CallTools {
   #toggles = new Map(); // the therapist's side: client -> its tile's buttons
 
   constructor(call, { therapist, labelFor }) {
-    loadCatalogue();
     this.permissions = new ToolPermissions(call, therapist);
     this.share = new ScreenShare(call, { therapist, permissions: this.permissions, labelFor });
     this.board = new Whiteboard(call, { therapist, permissions: this.permissions, labelFor });

@@ -4,13 +4,13 @@ export const DEFAULT_LANGUAGE = "en";
 export const CATALOGUES = {
   "en": {
     "dir": "ltr",
-    "integrity": "sha384-izuYpZY1aX5iVt2RPSBUFUqvjBKXKukltyJFjFHDMJlZj/3kCJALDWgPi9jgxvVJ",
+    "integrity": "sha384-pvTlcR5W9hpBXxJinTmWyPOfInxHxeCvu1/RKbpaWB7666+lc58fkyGDFx0r4bp7",
     "name": "English",
     "url": "/static/i18n/en.json"
   },
   "es": {
     "dir": "ltr",
-    "integrity": "sha384-ka0ABJmgtWCNxbn8g2xMC4b+LcRPeMllWFpdd0iSgo8R6WGnekAVoPM+J3j2DCqu",
+    "integrity": "sha384-CYyhaoz6baCpod+JMLMV/fTVSV9t8bAwypQf53HAXsklz84asgnQxtiENTo+39e0",
     "name": "Español",
     "url": "/static/i18n/es.json"
   }

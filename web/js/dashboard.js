@@ -11,6 +11,8 @@
 import { ArrivalAlert, watchArrivals } from "./arrivals.js";
 import { b64urlEncode, decodeLinkKey, groupKey, newLinkKey, seatKey } from "./e2ee.js";
 import { storeTx } from "./idb.js";
+import { CATALOGUES } from "./catalogues.js";
+import { language, onLanguageChange, startLanguage, t, textIn } from "./i18n.js";
 import { modeSelect, rememberTherapistMode, therapistMode } from "./media_mode.js";
 import { forgetVaultKey, initVault, labelBlock, labelOf, storeSecret, syncVault } from "./vault.js";
 
@@ -26,6 +28,7 @@ const state = {
   lastTouch: Date.now(),
   loggedOff: false,
   timers: [],
+  languages: [], // the practice's languages (GET /api/sessions), offered for client links
 };
 
 // ---------------------------------------------------------------- QR codes (ISO/IEC 18004)
@@ -443,16 +446,18 @@ async function api(path, { body, background = false } = {}) {
   try {
     data = await response.json();
   } catch {
-    data = { message: "The broker answered in an unexpected way." };
+    data = { message: t("dashboard.unexpected_answer") };
   }
-  if (!response.ok) throw Object.assign(new Error(data.message || "Request failed."), { data });
+  if (!response.ok) throw Object.assign(new Error(data.message || t("dashboard.request_failed")), { data });
   return data;
 }
 
 // ---------------------------------------------------------------- links
 
-export function clientLink(token, key) {
-  return `${location.origin}/j/${token}#${key}`;
+/** A client's link; `lang` (a tag of the practice's languages, or "") is the language their pages start in. */
+export function clientLink(token, key, lang = "") {
+  const query = lang ? `?lang=${encodeURIComponent(lang)}` : "";
+  return `${location.origin}/j/${token}${query}#${key}`;
 }
 
 export function therapistLink(token, key) {
@@ -495,28 +500,21 @@ function problem(text) {
   $("problem").textContent = text;
 }
 
-const timeFormat = new Intl.DateTimeFormat(undefined, { hour: "numeric", minute: "2-digit" });
-const dateFormat = new Intl.DateTimeFormat(undefined, { weekday: "long", day: "numeric", month: "long" });
+// Dates and times in the page's language (Intl), whichever it is now.
+const timeFormat = { format: (date) => new Intl.DateTimeFormat(language(), { hour: "numeric", minute: "2-digit" }).format(date) };
+const dateFormat = {
+  format: (date) => new Intl.DateTimeFormat(language(), { weekday: "long", day: "numeric", month: "long" }).format(date),
+};
 
 function sameDay(a, b) {
   return a.getFullYear() === b.getFullYear() && a.getMonth() === b.getMonth() && a.getDate() === b.getDate();
 }
 
-const STATE_WORDS = {
-  scheduled: "Scheduled",
-  open: "You are in the session",
-  live: "In progress",
-  invited: "Link not opened yet",
-  checking: "Doing the privacy checklist",
-  waiting: "In the waiting room",
-  admitted: "In the call",
-  declined: "Declined",
-  removed: "Removed",
-  left: "Left",
-};
+// Every word of this page is the catalogue's (web/i18n; i18n.js): dashboard.*.
+const STATES = ["scheduled", "open", "live", "invited", "checking", "waiting", "admitted", "declined", "removed", "left"];
 
 function words(value) {
-  return STATE_WORDS[value] ?? value;
+  return STATES.includes(value) ? t(`dashboard.state.${value}`) : value;
 }
 
 async function copyText(text) {
@@ -528,46 +526,46 @@ async function copyText(text) {
   }
 }
 
-function showQr(link, label = "Client") {
+function showQr(link, label = t("therapist.client")) {
   const box = $("qr-box");
-  $("qr-title").textContent = `Link for ${label} as a QR code`;
-  $("qr-whose").textContent = `Whose link: ${label}. Show it only to them.`;
-  box.replaceChildren(qrSvg(qrMatrix(link).modules, `QR code of the link for ${label}`));
+  $("qr-title").textContent = t("dashboard.qr_title_for", { name: label });
+  $("qr-whose").textContent = t("dashboard.qr_whose", { name: label });
+  box.replaceChildren(qrSvg(qrMatrix(link).modules, t("dashboard.qr_image", { name: label })));
   $("qr-dialog").showModal();
 }
 
 function seatRow(session, seat, index, count, key) {
-  const name = count > 1 ? `Client ${index + 1}` : "Client";
-  const label = `${name}${seat.minor ? " (minor)" : ""}`;
+  const name = count > 1 ? t("therapist.client_n", { number: index + 1 }) : t("therapist.client");
+  const label = seat.minor ? t("dashboard.minor", { name }) : name;
   const known = labelOf(session.session, seat.peer);
   const item = el("li", { className: "seat", "data-peer": seat.peer });
   item.append(el("span", { className: "seat-name", text: label }));
   item.append(labelBlock(session.session, seat.peer, label));
-  item.append(el("span", { className: "seat-state", text: seat.token ? words(seat.state) : "Link revoked" }));
+  item.append(el("span", { className: "seat-state", text: seat.token ? words(seat.state) : t("dashboard.link_revoked") }));
   const actions = el("span", { className: "actions" });
   if (seat.token && key) {
-    const link = clientLink(seat.token, key);
+    const link = clientLink(seat.token, key, seatLanguage(session.session, seat.peer));
     actions.append(
       el("button", {
         type: "button",
         className: "copy-link",
-        "aria-label": `Copy link for ${label}`,
-        text: "Copy link",
+        "aria-label": t("dashboard.copy_link_for", { name: label }),
+        text: t("dashboard.copy_link"),
         onclick: (event) => copyWithFeedback(event.currentTarget, link, label),
       }),
       el("button", {
         type: "button",
         className: "show-qr",
-        "aria-label": `Show QR code for ${label}`,
-        text: "QR code",
+        "aria-label": t("dashboard.show_qr_for", { name: label }),
+        text: t("dashboard.qr_code"),
         onclick: () => showQr(link, known ? `${label}, ${known}` : label), // whose link, as the vault says
       }),
       el("button", {
         type: "button",
         className: "send-email",
-        "aria-label": `Send by email: link for ${label}`,
-        text: "Send by email",
-        onclick: () => showEmail(link, label, session),
+        "aria-label": t("dashboard.email_for", { name: label }),
+        text: t("dashboard.email_title"),
+        onclick: () => showEmail(link, label, session, seatLanguage(session.session, seat.peer)),
       }),
     );
   }
@@ -576,8 +574,8 @@ function seatRow(session, seat, index, count, key) {
       el("button", {
         type: "button",
         className: "reissue",
-        "aria-label": `New link for ${label}`,
-        text: "New link",
+        "aria-label": t("dashboard.new_link_for", { name: label }),
+        text: t("dashboard.new_link"),
         onclick: () => seatAction(session, seat, "reissue", label),
       }),
     );
@@ -587,36 +585,36 @@ function seatRow(session, seat, index, count, key) {
       el("button", {
         type: "button",
         className: "revoke danger",
-        "aria-label": `Revoke link for ${label}`,
-        text: "Revoke",
+        "aria-label": t("dashboard.revoke_for", { name: label }),
+        text: t("dashboard.revoke"),
         onclick: () => seatAction(session, seat, "revoke", label),
       }),
     );
   }
   item.append(actions);
+  if (seat.token && key && state.languages.length > 1) item.append(seatLanguageChoice(session, seat, label));
   return item;
 }
 
 async function seatAction(session, seat, action, label) {
   const question =
     action === "revoke"
-      ? `Revoke the link for ${label}? It stops working at once and they are disconnected.`
-      : `Make a new link for ${label}? The old link stops working.`;
+      ? t("dashboard.revoke_question", { name: label })
+      : t("dashboard.reissue_question", { name: label });
   if (!window.confirm(question)) return;
   try {
     await api(`/api/sessions/${encodeURIComponent(session.session)}/seats/${encodeURIComponent(seat.peer)}/${action}`, {
       body: {},
     });
-    say(action === "revoke" ? `The link for ${label} was revoked.` : `New link for ${label} ready: copy it below.`);
-    await refresh();
+    await refresh(); // the list shows the change before the status says it
+    say(t(action === "revoke" ? "dashboard.revoked" : "dashboard.reissued", { name: label }));
   } catch (err) {
     if (!(err instanceof LoggedOut)) problem(err.message);
   }
 }
 
 async function rekey(session) {
-  const question =
-    "Make new client links on this device? All client links of this session change, and the old ones stop working.";
+  const question = t("dashboard.rekey_question");
   if (!window.confirm(question)) return;
   try {
     const key = newLinkKey();
@@ -627,7 +625,7 @@ async function rekey(session) {
     }
     await saveLinkKey(session.session, key, session.expires);
     await storeSecret(session.session, key).catch(() => {});
-    say("New links are ready. Send each client their new link.");
+    say(t("dashboard.rekeyed"));
     await refresh();
   } catch (err) {
     if (!(err instanceof LoggedOut)) problem(err.message);
@@ -637,17 +635,12 @@ async function rekey(session) {
 function groupLinkBlock(session, token, key) {
   const link = clientLink(token, key);
   return el("div", { className: "group-link", "data-testid": "group-link" }, [
-    el("p", {
-      className: "warn",
-      text:
-        "One link for everyone: all who use it share one key, so any of them could read what another seals " +
-        "for you. For couples and families, send each person their own link instead.",
-    }),
+    el("p", { className: "warn", text: t("dashboard.group_warning") }),
     el("button", {
       type: "button",
       className: "copy-group-link",
-      text: "Copy group link",
-      onclick: (event) => copyWithFeedback(event.currentTarget, link, "everyone (group link)"),
+      text: t("dashboard.copy_group_link"),
+      onclick: (event) => copyWithFeedback(event.currentTarget, link, t("dashboard.group_label")),
     }),
   ]);
 }
@@ -659,9 +652,9 @@ function sessionCard(session, key, seatKeys = new Map(), group = null) {
   const card = el("li", { className: "session", "data-session": session.session });
   const headingId = `s-${session.session}`;
   card.append(el("h3", { id: headingId, text: heading }));
-  card.append(labelBlock(session.session, "session", `the session of ${heading}`));
-  const facts = [kindWords(session.kind), words(session.state), `links work until ${timeFormat.format(linksEnd)}`];
-  if (session.relay_only) facts.push("relayed");
+  card.append(labelBlock(session.session, "session", t("dashboard.session_of", { when: heading })));
+  const facts = [kindWords(session.kind), words(session.state), t("dashboard.links_until", { time: timeFormat.format(linksEnd) })];
+  if (session.relay_only) facts.push(t("dashboard.relayed"));
   card.append(el("p", { className: "facts", text: facts.join(" · ") }));
   const therapist = session.seats.find((s) => s.role === "therapist");
   if (therapist && therapist.token) {
@@ -672,23 +665,18 @@ function sessionCard(session, key, seatKeys = new Map(), group = null) {
         target: "_blank",
         rel: "noopener noreferrer",
         "aria-describedby": headingId,
-        text: "Open session",
+        text: t("dashboard.open_session"),
       }),
     );
   }
   if (!key) {
     card.append(
-      el("p", {
-        className: "hint",
-        text:
-          "This session's link key is not on this device (it was scheduled in another browser). " +
-          "Open it there, or make new client links here.",
-      }),
-      el("button", { type: "button", className: "rekey", text: "Make new links here", onclick: () => rekey(session) }),
+      el("p", { className: "hint", text: t("dashboard.key_elsewhere") }),
+      el("button", { type: "button", className: "rekey", text: t("dashboard.rekey"), onclick: () => rekey(session) }),
     );
   }
   const clients = session.seats.filter((s) => s.role === "client");
-  const list = el("ul", { className: "seats", "aria-label": "Clients" });
+  const list = el("ul", { className: "seats", "aria-label": t("dashboard.clients") });
   clients.forEach((seat, i) => list.append(seatRow(session, seat, i, clients.length, seatKeys.get(seat.peer) ?? null)));
   card.append(list);
   if (group) card.append(groupLinkBlock(session, group.token, group.key));
@@ -732,6 +720,7 @@ async function render(sessions) {
 async function refresh({ background = false } = {}) {
   const data = await api("/api/sessions", { background });
   showRelayChoice(data.relay_available === true);
+  showLanguageChoice(Array.isArray(data.languages) ? data.languages : [], data.sessions);
   await syncVault(data.sessions, { loadLinkKey, saveLinkKey, loadGroupToken }, { background }).catch(() => {});
   await render(data.sessions);
   await refreshHistory({ background });
@@ -744,15 +733,15 @@ async function onCreate(event) {
   const clients = Number(form.clients.value);
   const minors = Number(form.minors.value);
   const duration = Number(form.duration.value);
-  if (!Number.isInteger(clients) || clients < 1 || clients > 15) return invalid(form.clients, "Clients: 1 to 15.");
+  if (!Number.isInteger(clients) || clients < 1 || clients > 15) return invalid(form.clients, t("dashboard.invalid_clients"));
   if (!Number.isInteger(minors) || minors < 0 || minors > clients) {
-    return invalid(form.minors, "Minors: from 0 up to the number of clients.");
+    return invalid(form.minors, t("dashboard.invalid_minors"));
   }
   if (!Number.isInteger(duration) || duration < 5 || duration > 720) {
-    return invalid(form.duration, "Length: 5 to 720 minutes.");
+    return invalid(form.duration, t("dashboard.invalid_length"));
   }
   const starts = form.date.value && form.time.value ? new Date(`${form.date.value}T${form.time.value}`) : new Date();
-  if (Number.isNaN(starts.getTime())) return invalid(form.date, "Choose a date and a start time.");
+  if (Number.isNaN(starts.getTime())) return invalid(form.date, t("dashboard.invalid_start"));
   const submit = $("create-submit");
   submit.disabled = true;
   try {
@@ -771,7 +760,8 @@ async function onCreate(event) {
     const secret = newLinkKey();
     await saveLinkKey(created.session, secret, created.expires, created.group_token ?? null);
     await storeSecret(created.session, secret, created.group_token ?? null).catch(() => {});
-    say(`Session scheduled for ${dateFormat.format(starts)}, ${timeFormat.format(starts)}. Copy the client link below.`);
+    setSeatLanguage(created.session, "*", $("language-field").hidden ? "" : form.client_language.value);
+    say(t("dashboard.scheduled", { when: `${dateFormat.format(starts)}, ${timeFormat.format(starts)}` }));
     await refresh();
     document.querySelector(`[data-session="${CSS.escape(created.session)}"] .copy-link`)?.focus();
   } catch (err) {
@@ -800,11 +790,11 @@ function loggedOff(reason) {
   $("dashboard").hidden = true;
   $("who").textContent = "";
   if (reason !== "idle") {
-    $("logged-off-text").textContent = "Your login has ended. Please log in again to continue.";
+    $("logged-off-text").textContent = t("dashboard.login_ended");
   }
   $("logged-off").hidden = false;
   $("logged-off-title").focus();
-  document.title = "Logged off";
+  document.title = t("dashboard.logged_off");
 }
 
 async function logout(reason = "logout") {
@@ -853,7 +843,7 @@ function watchActivity() {
 function startArrivals() {
   const alert = new ArrivalAlert($("arrival-settings"));
   // How this device joins calls (media_mode.js): the session page starts with it and remembers changes.
-  const mode = modeSelect({ mode: therapistMode(), onChange: rememberTherapistMode, id: "settings-mode", label: "Calls from this device" });
+  const mode = modeSelect({ mode: therapistMode(), onChange: rememberTherapistMode, id: "settings-mode", labelKey: "settings.call_mode" });
   $("arrival-settings").append(mode.node);
   watchArrivals((waiting) => {
     alert.update(waiting);
@@ -870,14 +860,95 @@ function defaultStart() {
   form.time.value = `${pad(soon.getHours())}:${pad(soon.getMinutes())}`;
 }
 
+// ---------------------------------------------------------------- the client's language (issue 33)
+// Each client link may name the language the client's pages start in (?lang=, one of the practice's
+// languages): chosen when scheduling (for every client of the session) and per client. The choice
+// is kept on this device only (localStorage, by session and seat id: no name, nothing else), and
+// reaches the broker only in the link, when the client opens it (docs/security.md 3.9).
+
+const SEAT_LANGUAGES_KEY = "tt-seat-languages";
+
+function keptLanguages() {
+  try {
+    const kept = JSON.parse(localStorage.getItem(SEAT_LANGUAGES_KEY) ?? "{}");
+    return kept && typeof kept === "object" ? kept : {};
+  } catch {
+    return {};
+  }
+}
+
+/** The language of a seat's link ("": the client's browser chooses), else the one chosen for its session. */
+function seatLanguage(session, peer) {
+  const kept = keptLanguages();
+  const tag = kept[`${session}/${peer}`] ?? kept[`${session}/*`] ?? "";
+  return state.languages.includes(tag) ? tag : "";
+}
+
+/** Keep the language for one seat (or "*": the whole session); "" forgets it. */
+function setSeatLanguage(session, peer, tag) {
+  const kept = keptLanguages();
+  if (tag) kept[`${session}/${peer}`] = tag;
+  else delete kept[`${session}/${peer}`];
+  try {
+    localStorage.setItem(SEAT_LANGUAGES_KEY, JSON.stringify(kept));
+  } catch {
+    // Storage refused: the links go without a language, and the client's browser chooses.
+  }
+}
+
+/** Options: the client's browser chooses, or one of the practice's languages, each named in itself. */
+function languageOptions(select, chosen) {
+  select.replaceChildren(
+    el("option", { value: "", text: t("dashboard.language_browser") }),
+    ...state.languages.map((tag) => el("option", { value: tag, lang: tag, text: CATALOGUES[tag]?.name ?? tag })),
+  );
+  select.value = chosen;
+}
+
+/** The practice's languages (GET /api/sessions): the choice shows only when there is one to make. */
+function showLanguageChoice(tags, sessions) {
+  state.languages = tags.filter((tag) => typeof tag === "string");
+  const field = $("language-field");
+  const before = $("client-language").value ?? "";
+  field.hidden = state.languages.length < 2;
+  languageOptions($("client-language"), state.languages.includes(before) ? before : "");
+  // Forget the choices kept for sessions that are gone.
+  const live = new Set(sessions.map((s) => s.session));
+  const kept = keptLanguages();
+  const stale = Object.keys(kept).filter((key) => !live.has(key.split("/")[0]));
+  if (stale.length) {
+    for (const key of stale) delete kept[key];
+    try {
+      localStorage.setItem(SEAT_LANGUAGES_KEY, JSON.stringify(kept));
+    } catch {
+      // as above
+    }
+  }
+}
+
+function seatLanguageChoice(session, seat, label) {
+  const id = `lang-${session.session}-${seat.peer}`;
+  const select = el("select", { id, className: "seat-language", "data-testid": "seat-language" });
+  languageOptions(select, seatLanguage(session.session, seat.peer));
+  select.addEventListener("change", async () => {
+    setSeatLanguage(session.session, seat.peer, select.value || "none");
+    say(t("dashboard.language_set", { name: label }));
+    await refresh().catch(() => {});
+  });
+  return el("span", { className: "seat-language-field" }, [
+    el("label", { for: id, text: t("dashboard.seat_language", { name: label }) }),
+    select,
+  ]);
+}
+
 // ---------------------------------------------------------------- the working day
 // Session kinds, feedback where a link was copied, email, moving and cancelling a session, history.
 
-const KIND_WORDS = { individual: "One-to-one", couple: "Couple", family: "Family", group: "Group" };
+const KIND_WORDS = { individual: "dashboard.one_to_one", couple: "dashboard.couple", family: "dashboard.family", group: "dashboard.group" };
 const KIND_CLIENTS = { individual: 1, couple: 2, family: 3, group: 4 };
 
 function kindWords(kind) {
-  return KIND_WORDS[kind] ?? KIND_WORDS.individual;
+  return t(KIND_WORDS[kind] ?? KIND_WORDS.individual);
 }
 
 /** The kind chosen sets a fitting number of clients; only a group may add the shared link. */
@@ -917,20 +988,20 @@ async function copyWithFeedback(button, link, label) {
     note = el("span", { className: "copied", role: "status" });
     button.after(note);
   }
-  note.textContent = copied ? "Copied" : "Not copied";
-  if (copied) say(`Link for ${label} copied. Send it to them privately.`);
-  else problem(`Copying did not work. The link for ${label} is: ${link}`);
+  note.textContent = t(copied ? "dashboard.copied" : "dashboard.not_copied");
+  if (copied) say(t("dashboard.copied_say", { name: label }));
+  else problem(t("dashboard.copy_failed", { name: label, link }));
   clearTimeout(Number(note.dataset.timer));
   note.dataset.timer = String(setTimeout(() => note.remove(), 6000));
 }
 
-function emailMessage(link, session) {
+/** The email's text in the client's link language (`lang`), else the page's. */
+async function emailMessage(link, session, lang) {
+  const tag = lang || language();
   const starts = new Date(session.starts * 1000);
-  return (
-    `Hello,\n\nHere is your link for our session on ${dateFormat.format(starts)} at ${timeFormat.format(starts)}:\n\n` +
-    `${link}\n\nPlease open it a few minutes early on the device you will use, somewhere private. ` +
-    "The link is for you alone: please do not forward it.\n"
-  );
+  const date = new Intl.DateTimeFormat(tag, { weekday: "long", day: "numeric", month: "long" }).format(starts);
+  const time = new Intl.DateTimeFormat(tag, { hour: "numeric", minute: "2-digit" }).format(starts);
+  return `${await textIn(tag, "dashboard.email_body", { date, time, link })}\n`;
 }
 
 function updateEmailLink(subject) {
@@ -940,12 +1011,12 @@ function updateEmailLink(subject) {
     `mailto:${encodeURIComponent(to)}?subject=${encodeURIComponent(subject)}&body=${encodeURIComponent(body)}`;
 }
 
-/** A mailto: link with a message the therapist can edit first; their own mail program sends it. */
-function showEmail(link, label, session) {
-  const subject = "Your link for our session";
-  $("email-whose").textContent = `Whose link: ${label}.`;
+/** A mailto: link with a message the therapist can edit first (in the client's link language); their own mail program sends it. */
+async function showEmail(link, label, session, lang = "") {
+  const subject = await textIn(lang || language(), "dashboard.email_subject");
+  $("email-whose").textContent = t("dashboard.email_whose", { name: label });
   $("email-to").value = "";
-  $("email-body").value = emailMessage(link, session);
+  $("email-body").value = await emailMessage(link, session, lang);
   $("email-to").oninput = () => updateEmailLink(subject);
   $("email-body").oninput = () => updateEmailLink(subject);
   updateEmailLink(subject);
@@ -960,7 +1031,7 @@ function sessionActions(session, headingId) {
         type: "button",
         className: "edit-time",
         "aria-describedby": headingId,
-        text: "Change time",
+        text: t("dashboard.change_time"),
         onclick: () => showEdit(session),
       }),
     );
@@ -970,7 +1041,7 @@ function sessionActions(session, headingId) {
       type: "button",
       className: "cancel-session danger",
       "aria-describedby": headingId,
-      text: "Cancel session",
+      text: t("dashboard.cancel_session"),
       onclick: () => cancelSession(session),
     }),
   );
@@ -1001,11 +1072,11 @@ async function onEditSave(event) {
   const starts = new Date(`${$("edit-date").value}T${$("edit-time").value}`);
   const duration = Number($("edit-duration").value);
   if (Number.isNaN(starts.getTime())) {
-    $("edit-problem").textContent = "Choose a date and a start time.";
+    $("edit-problem").textContent = t("dashboard.invalid_start");
     return;
   }
   if (!Number.isInteger(duration) || duration < 5 || duration > 720) {
-    $("edit-problem").textContent = "Length: 5 to 720 minutes.";
+    $("edit-problem").textContent = t("dashboard.invalid_length");
     return;
   }
   try {
@@ -1013,7 +1084,7 @@ async function onEditSave(event) {
       body: { starts: Math.floor(starts.getTime() / 1000), duration_min: duration },
     });
     $("edit-dialog").close();
-    say(`Session moved to ${dateFormat.format(starts)}, ${timeFormat.format(starts)}. The links already sent still work.`);
+    say(t("dashboard.moved", { when: `${dateFormat.format(starts)}, ${timeFormat.format(starts)}` }));
     editing = null;
     await refresh();
   } catch (err) {
@@ -1023,20 +1094,18 @@ async function onEditSave(event) {
 
 async function cancelSession(session) {
   const starts = new Date(session.starts * 1000);
-  const question =
-    `Cancel the session of ${dateFormat.format(starts)}, ${timeFormat.format(starts)}? ` +
-    "Its links stop working at once and tell your clients it was cancelled; anyone in it is disconnected.";
+  const question = t("dashboard.cancel_question", { when: `${dateFormat.format(starts)}, ${timeFormat.format(starts)}` });
   if (!window.confirm(question)) return;
   try {
     await api(`/api/sessions/${encodeURIComponent(session.session)}/cancel`, { body: {} });
-    say(`The session of ${dateFormat.format(starts)}, ${timeFormat.format(starts)} was cancelled.`);
+    say(t("dashboard.cancelled", { when: `${dateFormat.format(starts)}, ${timeFormat.format(starts)}` }));
     await refresh();
   } catch (err) {
     if (!(err instanceof LoggedOut)) problem(err.message);
   }
 }
 
-const END_WORDS = { ended: "Ended", expired: "Time ran out", cancelled: "Cancelled" };
+const END_REASONS = ["ended", "expired", "cancelled"];
 
 function canonicalJson(value) {
   if (Array.isArray(value)) return `[${value.map(canonicalJson).join(",")}]`;
@@ -1088,8 +1157,8 @@ function historyItem(entry) {
   const label = labelOf(record.session, "session"); // from the vault: only this therapist's devices read it
   if (label) item.append(el("p", { className: "label-text", text: label }));
   const facts = [
-    END_WORDS[record.end_reason] ?? record.end_reason,
-    `${admitted} of ${clients.length} client${clients.length === 1 ? "" : "s"} admitted`,
+    END_REASONS.includes(record.end_reason) ? t(`dashboard.end.${record.end_reason}`) : record.end_reason,
+    t("dashboard.admitted_of", { admitted, count: clients.length }),
   ];
   item.append(el("p", { className: "facts", text: facts.join(" · ") }));
   const result = el("span", { className: "verify-result", role: "status" });
@@ -1099,14 +1168,14 @@ function historyItem(entry) {
         type: "button",
         className: "download-record",
         "aria-describedby": headingId,
-        text: "Download record",
+        text: t("dashboard.download_record"),
         onclick: () => downloadRecord(entry),
       }),
       el("button", {
         type: "button",
         className: "verify-record",
         "aria-describedby": headingId,
-        text: "Check signature",
+        text: t("dashboard.check_signature"),
         onclick: async () => {
           let ok = false;
           try {
@@ -1115,7 +1184,7 @@ function historyItem(entry) {
             ok = false;
           }
           result.className = `verify-result ${ok ? "verified" : "not-verified"}`;
-          result.textContent = ok ? "Signature valid: unaltered" : "Signature NOT valid";
+          result.textContent = t(ok ? "dashboard.signature_valid" : "dashboard.signature_not_valid");
         },
       }),
       result,
@@ -1140,6 +1209,7 @@ function setUpWorkingDay() {
 }
 
 async function start() {
+  await startLanguage(); // the therapist's pages in the browser's language (issue 33)
   const response = await fetch("/api/me", { credentials: "same-origin" });
   if (!response.ok) {
     location.replace("/login");
@@ -1152,7 +1222,12 @@ async function start() {
   }
   state.csrf = me.csrf;
   state.idleMs = me.idle_s * 1000;
-  $("who").textContent = `Logged in as ${me.therapist.display_name || me.therapist.username}`;
+  const who = me.therapist.display_name || me.therapist.username;
+  $("who").textContent = t("dashboard.logged_in_as", { name: who });
+  onLanguageChange(() => {
+    $("who").textContent = t("dashboard.logged_in_as", { name: who });
+    if (!state.loggedOff) refresh({ background: true }).catch(() => {});
+  });
   $("setup-2fa").hidden = me.therapist.totp_enabled || me.therapist.passkeys > 0;
   $("add-passkey").hidden = !me.passkeys_available || typeof window.PublicKeyCredential !== "function";
   $("logout").addEventListener("click", () => logout());

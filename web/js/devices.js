@@ -2,6 +2,8 @@
 // open (and how to fix it), show a live level meter, and guess whether a
 // headset is in use. Nothing here leaves the page.
 
+import { t } from "./i18n.js";
+
 const VIDEO = { width: { ideal: 1280 }, height: { ideal: 720 }, facingMode: "user" };
 const HEADSET_RE = /head(set|phone)|earbud|ear ?pod|airpods|buds|bluetooth|hands-?free|ohrh|casque|auricular/i;
 const SPEAKER_RE = /speaker|lautsprecher|haut-parleur|built-?in|internal|default/i;
@@ -18,37 +20,10 @@ export class MediaProblem extends Error {
   }
 }
 
-const PROBLEMS = {
-  denied: [
-    "Your browser is not allowing this page to use the camera or microphone.",
-    "Look for a camera or padlock icon next to the web address, choose Allow for camera and microphone, " +
-      "then press \u201cTry again\u201d. On a phone, also check that your browser may use the camera and " +
-      "microphone in the phone\u2019s settings.",
-  ],
-  missing: [
-    "No camera or microphone was found.",
-    "Plug in or switch on your camera and microphone (or headset), then press \u201cTry again\u201d. " +
-      "On a laptop, check that the camera is not covered or turned off with a switch or key.",
-  ],
-  busy: [
-    "Your camera or microphone is being used by another app.",
-    "Close other apps that might use them (video calls, recording apps), then press \u201cTry again\u201d. " +
-      "Restarting the browser can also help.",
-  ],
-  insecure: [
-    "This page was not opened over a secure connection.",
-    "Open the link exactly as you received it; it must start with https://.",
-  ],
-  unsupported: [
-    "This browser cannot use a camera and microphone here.",
-    "Open the link in a current version of Firefox, Chrome, Edge or Safari. Browsers inside other apps " +
-      "(for example a mail or chat app) often cannot make calls.",
-  ],
-  other: [
-    "The camera or microphone could not be started.",
-    "Check that they are connected and not used by another app, then press \u201cTry again\u201d.",
-  ],
-};
+/** A problem's words, in the page's language: the catalogue's media.<kind>.title and .help (web/i18n). */
+function problem(kind) {
+  return [t(`media.${kind}.title`), t(`media.${kind}.help`)];
+}
 
 /** Turn a getUserMedia failure into a MediaProblem. */
 export function explainMediaError(err) {
@@ -64,7 +39,7 @@ export function explainMediaError(err) {
       TrackStartError: "busy",
       AbortError: "busy",
     }[err?.name] ?? "other";
-  const [title, help] = PROBLEMS[kind];
+  const [title, help] = problem(kind);
   return new MediaProblem(kind, title, help, err);
 }
 
@@ -73,8 +48,8 @@ export function explainMediaError(err) {
  * MediaProblem. A camera constraint that cannot be met is retried without it.
  */
 export async function openMedia({ video = true, audio = true } = {}) {
-  if (!window.isSecureContext) throw new MediaProblem("insecure", ...PROBLEMS.insecure);
-  if (!navigator.mediaDevices?.getUserMedia) throw new MediaProblem("unsupported", ...PROBLEMS.unsupported);
+  if (!window.isSecureContext) throw new MediaProblem("insecure", ...problem("insecure"));
+  if (!navigator.mediaDevices?.getUserMedia) throw new MediaProblem("unsupported", ...problem("unsupported"));
   const audioConstraints = audio ? { echoCancellation: true, noiseSuppression: true, autoGainControl: true } : false;
   try {
     return opened(await navigator.mediaDevices.getUserMedia({ video: video ? VIDEO : false, audio: audioConstraints }));

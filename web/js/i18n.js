@@ -131,6 +131,32 @@ function message(key) {
   return key;
 }
 
+/**
+ * `key`'s plain text in language `tag`, whatever the page shows (a message written for someone else,
+ * such as the email to a client in their link's language); the page's language if `tag` has no
+ * catalogue or it does not load.
+ */
+export async function textIn(tag, key, args = {}) {
+  if (!CATALOGUES[tag]) return t(key, args);
+  try {
+    await load(DEFAULT_LANGUAGE);
+    await load(tag);
+  } catch {
+    return t(key, args);
+  }
+  const own = loaded.get(tag)?.[key];
+  const text = typeof own === "string" ? own : loaded.get(DEFAULT_LANGUAGE)?.[key];
+  if (typeof text !== "string") return t(key, args);
+  return format(text, args, typeof own === "string" ? tag : DEFAULT_LANGUAGE).replace(/<\/?strong>/g, "");
+}
+
+/** `key`'s message in the default language (English), as written, or null before it loads: to tell
+ * a setting left at its default (e.g. the policy's signal label) from a practice's own words. */
+export function defaultText(key) {
+  const text = loaded.get(DEFAULT_LANGUAGE)?.[key];
+  return typeof text === "string" ? text : null;
+}
+
 /** Whether the catalogues loaded so far have `key` (in the current or the default language). */
 export function has(key) {
   return typeof loaded.get(current)?.[key] === "string" || typeof loaded.get(DEFAULT_LANGUAGE)?.[key] === "string";

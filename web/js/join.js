@@ -541,17 +541,11 @@ async function runAudioOnlyChecks() {
 
 /** The audio-only / low-bandwidth choice on the device step, in the page's language. */
 function renderModeChoice() {
-  const modes = ["video", "low_bandwidth", "audio_only"];
   state.modeRadios = modeRadios({
     id: "mode",
     mode: state.mode,
     onChange: chooseMode,
     remember: { checked: state.rememberMode, onChange: setRememberMode },
-    legend: t("mode.legend"),
-    words: Object.fromEntries(modes.map((m) => [m, t(`mode.${m}`)])),
-    hints: Object.fromEntries(modes.map((m) => [m, t(`mode.${m}.hint`)])),
-    rememberLabel: t("mode.remember"),
-    rememberHint: t("mode.remember.hint"),
   });
   fill(byId("mode-choice"), [state.modeRadios.node]);
 }

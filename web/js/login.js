@@ -4,15 +4,13 @@
 // second factors may need a fresh proof of identity first (reauth.js).
 // Talks only to this origin's /api/ endpoints; no inline script, no other origin.
 
+import { language, startLanguage, t } from "./i18n.js";
 import { createPasskey, passkeyProblem, passkeysSupported, usePasskey } from "./passkeys.js";
 import { confirmIdentity, reauthNeeded } from "./reauth.js";
 import { openVaultWithPassword } from "./vault.js";
 
-const REASONS = {
-  idle: "You were logged off because there was no activity for a while. Please log in again.",
-  expired: "Your login has expired. Please log in again.",
-  logout: "You have logged out.",
-};
+// Every word of this page is the catalogue's (web/i18n; i18n.js): login.*.
+const REASONS = ["idle", "expired", "logout"];
 
 let csrf = "";
 /** The passkey options of the last "second factor required" answer, until used. */
@@ -44,7 +42,7 @@ async function api(path, body) {
   try {
     data = await response.json();
   } catch {
-    data = { error: "unexpected", message: "The broker answered in an unexpected way. Try again." };
+    data = { error: "unexpected", message: t("login.unexpected") };
   }
   return { status: response.status, data };
 }
@@ -55,7 +53,7 @@ async function guarded(path, body) {
   const reply = await api(path, body);
   if (!reauthNeeded(reply)) return reply;
   if (!(await confirmIdentity(reply.data, api))) {
-    return { status: 0, data: { error: "cancelled", message: "Nothing was changed." } };
+    return { status: 0, data: { error: "cancelled", message: t("login.nothing_changed") } };
   }
   return api(path, body);
 }
@@ -73,9 +71,9 @@ async function goToDashboard() {
 
 function showNotice() {
   const reason = new URLSearchParams(location.search).get("reason");
-  if (reason && REASONS[reason]) {
+  if (reason && REASONS.includes(reason)) {
     const notice = $("notice");
-    notice.textContent = REASONS[reason];
+    notice.textContent = t(`login.reason.${reason}`);
     notice.hidden = false;
   }
 }
@@ -89,7 +87,7 @@ async function onLogin(event) {
   const username = form.username.value.trim();
   const password = form.password.value;
   if (!username || !password) {
-    error.textContent = "Enter your login name and password.";
+    error.textContent = t("login.enter_both");
     (username ? form.password : form.username).focus();
     return;
   }
@@ -113,14 +111,14 @@ async function onLogin(event) {
       }
       return;
     }
-    error.textContent = data.message || "Login failed. Try again.";
+    error.textContent = data.message || t("login.failed");
     if (data.error === "invalid_credentials") {
       form.password.value = "";
       form.code.value = "";
       form.password.focus();
     }
   } catch {
-    error.textContent = "The broker cannot be reached. Check your connection and try again.";
+    error.textContent = t("login.unreachable");
   } finally {
     submit.disabled = false;
   }
@@ -157,7 +155,7 @@ async function loginWithPasskey() {
   try {
     assertion = await usePasskey(pendingPasskey);
   } catch (err) {
-    error.textContent = passkeyProblem(err) + ($("code-field").hidden ? "" : " Or enter a code.");
+    error.textContent = $("code-field").hidden ? passkeyProblem(err) : t("login.passkey_or_code", { problem: passkeyProblem(err) });
     $("passkey-login").focus();
     return;
   }
@@ -165,7 +163,7 @@ async function loginWithPasskey() {
   const body = { username: form.username.value.trim(), password: form.password.value, passkey: assertion };
   const { status, data } = await api("/api/login", body);
   if (await loggedIn(status, data)) return;
-  error.textContent = data.message || "Login failed. Try again.";
+  error.textContent = data.message || t("login.failed");
   if (data.error === "invalid_credentials") {
     form.password.value = "";
     form.password.focus();
@@ -180,7 +178,7 @@ async function addPasskey() {
   try {
     const options = await guarded("/api/passkeys/options", {});
     if (options.status !== 200) {
-      error.textContent = options.data.message || "A passkey cannot be added right now.";
+      error.textContent = options.data.message || t("login.passkey_unavailable");
       return;
     }
     let credential;
@@ -192,12 +190,12 @@ async function addPasskey() {
     }
     const { status, data } = await guarded("/api/passkeys", { credential });
     if (status !== 200) {
-      error.textContent = data.message || "The passkey could not be added. Try again.";
+      error.textContent = data.message || t("login.passkey_not_added");
       return;
     }
     csrf = data.csrf;
     if (data.recovery_codes) showRecoveryCodes(data.recovery_codes);
-    else await showFactors("Passkey added.");
+    else await showFactors(t("login.passkey_added"));
   } finally {
     button.disabled = false;
   }
@@ -214,14 +212,14 @@ async function startEnrolment(passkeysAvailable = false) {
   showScreen("screen-enrol");
   const loading = $("enrol-loading");
   loading.hidden = false;
-  loading.textContent = "Preparing your code…";
+  loading.textContent = t("login.enrol_loading");
   const { status, data } = await guarded("/api/2fa/enrol", {});
   if (data.error === "cancelled") {
     await showFactors(); // asked from the second factors screen, and the therapist changed their mind
     return;
   }
   if (status !== 200) {
-    loading.textContent = data.message || "The second factor cannot be set up right now.";
+    loading.textContent = data.message || t("login.enrol_unavailable");
     return;
   }
   loading.hidden = true;
@@ -240,13 +238,13 @@ async function onConfirm(event) {
   error.textContent = "";
   const code = input.value.replace(/\s/g, "");
   if (!/^\d{6}$/.test(code)) {
-    error.textContent = "Type the six digits the app shows.";
+    error.textContent = t("login.six_digits");
     input.focus();
     return;
   }
   const { status, data } = await guarded("/api/2fa/confirm", { code });
   if (status !== 200) {
-    error.textContent = data.message || "That did not work. Try again.";
+    error.textContent = data.message || t("reauth.failed");
     input.value = "";
     input.focus();
     return;
@@ -262,21 +260,21 @@ async function copyRecoveryCodes() {
   const status = $("recovery-status");
   try {
     await navigator.clipboard.writeText(shownCodes.join("\n") + "\n");
-    status.textContent = "Copied. Paste them into your password manager.";
+    status.textContent = t("login.codes_copied");
   } catch {
     window.getSelection()?.selectAllChildren($("recovery-codes"));
-    status.textContent = "Copying is not allowed here: the codes are selected, copy them with your keyboard.";
+    status.textContent = t("login.codes_not_copied");
   }
 }
 
 function downloadRecoveryCodes() {
-  const text = `Recovery codes (each works once instead of the code from your app)\n\n${shownCodes.join("\n")}\n`;
+  const text = `${t("login.codes_file_title")}\n\n${shownCodes.join("\n")}\n`;
   const link = document.createElement("a");
   link.href = URL.createObjectURL(new Blob([text], { type: "text/plain" }));
   link.download = "recovery-codes.txt";
   link.click();
   setTimeout(() => URL.revokeObjectURL(link.href), 1000);
-  $("recovery-status").textContent = "Downloaded as recovery-codes.txt. Keep the file somewhere safe.";
+  $("recovery-status").textContent = t("login.codes_downloaded");
 }
 
 function showRecoveryCodes(codes) {
@@ -298,7 +296,7 @@ function showRecoveryCodes(codes) {
 // ---------------------------------------------------------------- the second factors screen
 
 function when(seconds) {
-  return seconds ? new Date(seconds * 1000).toLocaleDateString(undefined, { dateStyle: "medium" }) : "";
+  return seconds ? new Date(seconds * 1000).toLocaleDateString(language(), { dateStyle: "medium" }) : "";
 }
 
 async function showFactors(notice = "") {
@@ -309,24 +307,25 @@ async function showFactors(notice = "") {
   }
   const account = me.data.therapist;
   const hasFactor = account.totp_enabled || account.passkeys > 0;
-  $("factors-app").textContent = account.totp_enabled
-    ? "Authenticator app: set up."
-    : "Authenticator app: not set up.";
+  $("factors-app").textContent = t(account.totp_enabled ? "login.app_set_up" : "login.app_not_set_up");
   $("factors-codes").textContent = hasFactor
-    ? `Recovery codes left: ${account.recovery_codes_left}.`
-    : "You log in with your password only. Add a passkey or an authenticator app to protect your account better.";
+    ? t("login.codes_left", { count: account.recovery_codes_left })
+    : t("login.password_only");
   const list = $("factors-passkeys");
   list.replaceChildren(
     ...listed.data.passkeys.map((passkey, index) => {
       const item = document.createElement("li");
       const label = document.createElement("span");
       const added = when(passkey.created_at);
-      label.textContent = added ? `Passkey added ${added}` : `Passkey ${index + 1}`;
+      label.textContent = added ? t("login.passkey_added_on", { when: added }) : t("login.passkey_n", { number: index + 1 });
       const remove = document.createElement("button");
       remove.type = "button";
       remove.className = "danger";
-      remove.textContent = "Remove";
-      remove.setAttribute("aria-label", `Remove ${label.textContent.replace("Passkey", "the passkey")}`);
+      remove.textContent = t("login.remove");
+      remove.setAttribute(
+        "aria-label",
+        added ? t("login.remove_passkey_added_on", { when: added }) : t("login.remove_passkey_n", { number: index + 1 }),
+      );
       remove.addEventListener("click", () => removePasskey(passkey.id, remove));
       item.append(label, remove);
       return item;
@@ -355,11 +354,11 @@ async function removePasskey(id, button) {
       reply = await guarded("/api/passkeys/remove", { id, confirm_password_only: true });
     }
     if (reply.status !== 200) {
-      error.textContent = reply.data.message || "The passkey could not be removed. Try again.";
+      error.textContent = reply.data.message || t("login.passkey_not_removed");
       return;
     }
     csrf = reply.data.csrf;
-    await showFactors(reply.data.message || "Passkey removed.");
+    await showFactors(reply.data.message || t("login.passkey_removed"));
   } finally {
     button.disabled = false;
   }
@@ -368,10 +367,10 @@ async function removePasskey(id, button) {
 async function newRecoveryCodes() {
   const error = $("factors-error");
   error.textContent = "";
-  if (!window.confirm("New recovery codes replace your current ones, which stop working. Make new ones?")) return;
+  if (!window.confirm(t("login.new_codes_question"))) return;
   const { status, data } = await guarded("/api/recovery-codes", {});
   if (status !== 200) {
-    error.textContent = data.message || "New recovery codes cannot be made right now.";
+    error.textContent = data.message || t("login.new_codes_unavailable");
     return;
   }
   csrf = data.csrf;
@@ -379,6 +378,7 @@ async function newRecoveryCodes() {
 }
 
 async function start() {
+  await startLanguage(); // the therapist's pages in the browser's language (issue 33)
   showNotice();
   $("login-form").addEventListener("submit", onLogin);
   $("enrol-form").addEventListener("submit", onConfirm);

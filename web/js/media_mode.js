@@ -17,15 +17,11 @@
 // asked, docs/security.md 3.9), and the quick exit forgets it.
 
 import { hasLiveTrack, openMedia } from "./devices.js";
+import { show, t } from "./i18n.js";
 import { announce, el } from "./ui.js";
 
 export const MODES = Object.freeze(["video", "low_bandwidth", "audio_only"]);
-export const MODE_WORDS = Object.freeze({ video: "Video", low_bandwidth: "Low bandwidth", audio_only: "Audio only" });
-const MODE_HINTS = Object.freeze({
-  video: "Camera and microphone.",
-  low_bandwidth: "A smaller, simpler picture that needs little data.",
-  audio_only: "Sound only: your camera stays off.",
-});
+// Each mode's words are the catalogue's (web/i18n): mode.<mode> and mode.<mode>.hint.
 /** The therapist's pages: the mode for calls from this device. */
 export const THERAPIST_MODE_KEY = "tt-media-mode";
 /** The client's page: only when the client asked to remember it. */
@@ -101,21 +97,10 @@ export async function fitStream(stream, mode) {
 /**
  * The choice as radio buttons (the device check before the call, the therapist's settings).
  * `remember`: null, or {checked, onChange(checked)} for the client's "Remember on this device".
- * `words`, `hints`, `legend`, `rememberLabel`, `rememberHint`: the texts (the client's pages pass
- * their catalogue's; the therapist's pages, not yet translated, keep the English defaults).
+ * The texts are the catalogue's (mode.*), re-rendered in place on a language switch.
  * Returns {node, set(mode)}: set() shows a mode chosen elsewhere without calling onChange.
  */
-export function modeRadios({
-  id,
-  mode,
-  onChange,
-  legend = "How you join the call",
-  remember = null,
-  words = MODE_WORDS,
-  hints = MODE_HINTS,
-  rememberLabel = "Remember on this device",
-  rememberHint = "Off unless you tick it. It keeps only this choice in this browser, which someone using this device could find; nothing else is kept.",
-}) {
+export function modeRadios({ id, mode, onChange, remember = null }) {
   const inputs = new Map();
   const options = MODES.map((value) => {
     const input = el("input", {
@@ -131,11 +116,11 @@ export function modeRadios({
     inputs.set(value, input);
     return el("div", { className: "mode-option" }, [
       input,
-      el("label", { for: `${id}-${value}` }, [words[value]]),
-      el("span", { className: "hint", id: `${id}-${value}-hint`, text: hints[value] }),
+      show(el("label", { for: `${id}-${value}` }), `mode.${value}`),
+      show(el("span", { className: "hint", id: `${id}-${value}-hint` }), `mode.${value}.hint`),
     ]);
   });
-  const parts = [el("legend", { text: legend }), ...options];
+  const parts = [show(el("legend"), "mode.legend"), ...options];
   if (remember) {
     const box = el("input", { type: "checkbox", id: `${id}-remember`, "data-testid": `${id}-remember` });
     box.checked = remember.checked;
@@ -143,8 +128,8 @@ export function modeRadios({
     parts.push(
       el("div", { className: "mode-remember" }, [
         box,
-        el("label", { for: `${id}-remember`, text: rememberLabel }),
-        el("span", { className: "hint", text: rememberHint }),
+        show(el("label", { for: `${id}-remember` }), "mode.remember"),
+        show(el("span", { className: "hint" }), "mode.remember.hint"),
       ]),
     );
   }
@@ -162,15 +147,15 @@ export function modeRadios({
  * The choice as one labelled select: among the call's controls (the default id and label), or in the
  * therapist's settings. Returns {node, set(mode)}.
  */
-export function modeSelect({ mode, onChange, id = "call-mode", label = "Mode" }) {
+export function modeSelect({ mode, onChange, id = "call-mode", labelKey = "call.mode" }) {
   const select = el(
     "select",
     { id, "data-testid": id },
-    MODES.map((value) => el("option", { value, text: MODE_WORDS[value] })),
+    MODES.map((value) => show(el("option", { value }), `mode.${value}`)),
   );
   select.value = mode;
   select.addEventListener("change", () => onChange(select.value));
-  const node = el("span", { className: "call-mode" }, [el("label", { for: id, text: label }), select]);
+  const node = el("span", { className: "call-mode" }, [show(el("label", { for: id }), labelKey), select]);
   return {
     node,
     set(value) {
@@ -189,8 +174,8 @@ export function announcePeerModes(call, labelFor) {
       seen.set(info.peer, mode);
       if (mode === before) return;
       const who = labelFor(info.peer, info.role);
-      if (mode === "audio_only") announce(`${who} chose audio only.`);
-      else if (before === "audio_only") announce(`${who} turned video back on.`);
+      if (mode === "audio_only") announce(t("call.peer_chose_audio_only", { name: who }));
+      else if (before === "audio_only") announce(t("call.peer_video_back", { name: who }));
     }),
     call.on("left", ({ peer }) => seen.delete(peer)),
   ];
@@ -199,5 +184,5 @@ export function announcePeerModes(call, labelFor) {
 
 /** What a tile shows instead of the picture when its peer chose audio only. */
 export function audioOnlyText(label) {
-  return `${label} chose audio only`;
+  return t("call.peer_audio_only", { name: label });
 }

@@ -3,6 +3,8 @@
 // Firefox do both conversions themselves (parse*OptionsFromJSON, toJSON); the small fallbacks
 // below cover browsers that do not yet.
 
+import { t } from "./i18n.js";
+
 export function passkeysSupported() {
   return typeof window.PublicKeyCredential === "function" && !!navigator.credentials;
 }
@@ -76,8 +78,8 @@ export async function usePasskey(options) {
 
 /** A sentence for people when the browser refused or the person cancelled. */
 export function passkeyProblem(err) {
-  if (err && err.name === "NotAllowedError") return "The passkey was not used (cancelled or timed out). Try again.";
-  if (err && err.name === "InvalidStateError") return "This passkey is already registered on your account.";
-  if (err && err.name === "SecurityError") return "Passkeys do not work at this address. Ask your administrator.";
-  return "The passkey did not work. Try again.";
+  if (err && err.name === "NotAllowedError") return t("passkey.not_used");
+  if (err && err.name === "InvalidStateError") return t("passkey.already_registered");
+  if (err && err.name === "SecurityError") return t("passkey.wrong_address");
+  return t("passkey.failed");
 }

@@ -20,6 +20,7 @@
 // a value), and the connection carries on as if it never came (docs/protocol.md 10).
 
 import { checkServerMessage } from "./wire_check.js";
+import { t } from "./i18n.js";
 
 export const PROTOCOL_VERSION = 1;
 
@@ -187,7 +188,7 @@ export class Signaling {
     const ws = this.#ws;
     this.#ws = null;
     if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000);
-    this.#rejectPending("closed", "The connection was closed.");
+    this.#rejectPending("closed", t("error.closed"));
     this.#setState("closed");
   }
 
@@ -229,7 +230,7 @@ export class Signaling {
   #lost() {
     this.#ws = null;
     clearInterval(this.#watchTimer);
-    this.#rejectPending("disconnected", "The connection dropped before the broker answered.");
+    this.#rejectPending("disconnected", t("error.disconnected_unanswered"));
     if (this.#stopped) {
       this.#setState("closed");
       return;
@@ -276,7 +277,7 @@ export class Signaling {
       this.#pending.set(id, { replyType, resolve, reject });
       if (!this.#send({ ...message, id })) {
         this.#pending.delete(id);
-        reject(new ProtocolError("disconnected", "Not connected right now. Please try again in a moment."));
+        reject(new ProtocolError("disconnected", t("error.disconnected")));
       }
     });
   }
@@ -536,7 +537,7 @@ export class Signaling {
       this.#pending.set(id, { replyType: null, resolve, reject, n });
       if (!this.#send({ ...message, id }) || !this.#send({ type: "ping", n })) {
         this.#pending.delete(id);
-        reject(new ProtocolError("disconnected", "Not connected right now. Please try again in a moment."));
+        reject(new ProtocolError("disconnected", t("error.disconnected")));
       }
     });
   }

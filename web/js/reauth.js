@@ -4,6 +4,7 @@
 // The dialog is built when needed and removed afterwards, so the page holds one password field
 // at a time.
 
+import { t } from "./i18n.js";
 import { passkeyProblem, passkeysSupported, usePasskey } from "./passkeys.js";
 
 /** Whether an API answer ({status, data}) asks for a new proof of identity. */
@@ -31,7 +32,7 @@ function buildDialog(message, codeAllowed, passkeyOffered) {
     "aria-describedby": "reauth-message",
   });
   const form = element("form", { id: "reauth-form", novalidate: "" });
-  const password = field("reauth-password", "Your password", {
+  const password = field("reauth-password", t("reauth.password"), {
     name: "password",
     type: "password",
     autocomplete: "current-password",
@@ -40,7 +41,7 @@ function buildDialog(message, codeAllowed, passkeyOffered) {
   form.append(password);
   if (codeAllowed) {
     form.append(
-      field("reauth-code", "Or a code from your authenticator app, or a recovery code", {
+      field("reauth-code", t("reauth.code"), {
         name: "code",
         type: "text",
         inputmode: "numeric",
@@ -50,14 +51,14 @@ function buildDialog(message, codeAllowed, passkeyOffered) {
     );
   }
   const actions = element("div", { class: "actions" });
-  actions.append(element("button", { type: "submit", id: "reauth-submit" }, "Confirm"));
+  actions.append(element("button", { type: "submit", id: "reauth-submit" }, t("reauth.confirm")));
   if (passkeyOffered) {
-    actions.append(element("button", { type: "button", id: "reauth-passkey" }, "Use your passkey instead"));
+    actions.append(element("button", { type: "button", id: "reauth-passkey" }, t("reauth.use_passkey")));
   }
-  actions.append(element("button", { type: "button", id: "reauth-cancel" }, "Cancel"));
+  actions.append(element("button", { type: "button", id: "reauth-cancel" }, t("reauth.cancel")));
   form.append(element("p", { id: "reauth-error", class: "error", role: "alert" }), actions);
   dialog.append(
-    element("h2", { id: "reauth-title" }, "Confirm it is you"),
+    element("h2", { id: "reauth-title" }, t("reauth.title")),
     element("p", { id: "reauth-message" }, message),
     form,
   );
@@ -73,7 +74,7 @@ export function confirmIdentity(answer, post) {
   const factors = answer.factors || ["password"];
   const codeAllowed = factors.includes("code");
   let passkeyOptions = answer.passkey && passkeysSupported() ? answer.passkey : null;
-  const dialog = buildDialog(answer.message || "Confirm it is you.", codeAllowed, !!passkeyOptions);
+  const dialog = buildDialog(answer.message || t("reauth.message"), codeAllowed, !!passkeyOptions);
   document.body.append(dialog);
   const form = dialog.querySelector("form");
   const error = dialog.querySelector("#reauth-error");
@@ -99,7 +100,7 @@ export function confirmIdentity(answer, post) {
         finish(true);
         return;
       }
-      error.textContent = data.message || "That did not work. Try again.";
+      error.textContent = data.message || t("reauth.failed");
       clear();
     };
     form.addEventListener("submit", async (event) => {
@@ -107,7 +108,7 @@ export function confirmIdentity(answer, post) {
       const password = form.password.value;
       const code = form.code ? form.code.value.trim() : "";
       if (!password && !code) {
-        error.textContent = codeAllowed ? "Enter your password, or a code." : "Enter your password.";
+        error.textContent = t(codeAllowed ? "reauth.enter_password_or_code" : "reauth.enter_password");
         form.password.focus();
         return;
       }
@@ -121,7 +122,7 @@ export function confirmIdentity(answer, post) {
         try {
           await send({ passkey: await usePasskey(options) });
         } catch (err) {
-          error.textContent = `${passkeyProblem(err)} Enter your password instead.`;
+          error.textContent = t("reauth.passkey_failed", { problem: passkeyProblem(err) });
           clear();
         }
       });

@@ -14,7 +14,8 @@
 // emergency details (SealedPlans), and again with every safety notice (safety_signal.js).
 
 import { b64urlDecode, b64urlEncode, lp } from "./e2ee.js";
-import { byId, el, setText } from "./ui.js";
+import { defaultText, show } from "./i18n.js";
+import { byId, el } from "./ui.js";
 
 const PLAN_INFO = "safety-plan v1";
 const PLAN_LABEL = "tt-safety-plan v1";
@@ -140,19 +141,30 @@ export function keptPlan() {
   return { sealed: kept.sealed, codeWord: kept.codeWord };
 }
 
+/**
+ * Put the discreet signal's words into `node`: the practice's own (the policy's [safety]
+ * signal_label), or the catalogue's in the page's language when the practice kept the default.
+ */
+export function showSignalLabel(node, safety) {
+  const own = safety?.signal_label;
+  if (!own || own === defaultText("safety.signal_default")) return show(node, "safety.signal_default");
+  delete node.dataset.i18n;
+  node.textContent = own;
+  return node;
+}
+
 /** Show the plan's fields in the checklist if the practice offers them, and name the signal in its hint. */
 export function setupPlanForm(safety) {
   const offered = safety?.plan !== false;
   byId("safety-plan").hidden = !offered;
   const place = safety?.signal_place ?? "menu";
-  const label = safety?.signal_label ?? "Report a connection problem";
-  const where =
-    place === "menu"
-      ? `You can also choose “${label}” in the call’s “More” menu: your therapist is told the same way.`
-      : place === "controls"
-        ? `You can also press “${label}” under the video: your therapist is told the same way.`
-        : "";
-  setText("plan-signal-hint", where);
+  const hint = byId("plan-signal-hint");
+  if (place === "menu" || place === "controls") {
+    show(hint, `plan.signal_${place}`, { label: showSignalLabel(el("span"), safety) });
+  } else {
+    delete hint.dataset.i18n;
+    hint.replaceChildren();
+  }
   byId("plan-code-word").addEventListener("input", checkCodeWord);
   return offered;
 }
@@ -244,24 +256,23 @@ export class SealedPlans {
     const entry = this.#entries.get(key);
     if (!entry) return null;
     let body;
-    if (!hasKey) body = el("p", { className: "hint", text: "Sealed with the link key. Open this page with the full link to read it." });
-    else if (entry.error) body = el("p", { className: "warn", text: "This plan could not be opened: it was changed on the way, or sealed with another link key." });
-    else if (!entry.value) body = el("p", { className: "hint", text: "Opening…" });
+    if (!hasKey) body = show(el("p", { className: "hint" }), "plan.sealed_hint");
+    else if (entry.error) body = show(el("p", { className: "warn" }), "plan.not_opened");
+    else if (!entry.value) body = show(el("p", { className: "hint" }), "plan.opening");
     else body = planList(entry.value);
-    return el("details", { className: "emergency safety-plan" }, [
-      el("summary", { text: "Safety plan (only you can read this)" }),
-      body,
-    ]);
+    return el("details", { className: "emergency safety-plan" }, [show(el("summary"), "plan.therapist_summary"), body]);
   }
 }
 
 /** The plan as a definition list, plain text only. */
 export function planList(plan) {
-  const callBack = plan.callBack === true ? "Yes" : plan.callBack === false ? "No — do not call back" : "Not said";
-  const pair = (term, value) => el("div", {}, [el("dt", { text: term }), el("dd", { text: value })]);
+  // The client's own words as written; the rest from the catalogue (keys).
+  const callBack = plan.callBack === true ? "plan.list.yes" : plan.callBack === false ? "plan.list.no_call_back" : "plan.list.not_said";
+  const said = (text, key) => (text ? el("dd", { text }) : show(el("dd"), key));
+  const pair = (term, value) => el("div", {}, [show(el("dt"), term), value]);
   return el("dl", { "data-testid": "safety-plan-opened" }, [
-    pair("Code word for “I can’t talk freely”", plan.codeWord || "None"),
-    pair("May be called back if the call drops", callBack),
-    pair("How", plan.how || "Not said"),
+    pair("plan.list.code_word", said(plan.codeWord, "plan.list.none")),
+    pair("plan.list.call_back", show(el("dd"), callBack)),
+    pair("plan.list.how", said(plan.how, "plan.list.not_said")),
   ]);
 }

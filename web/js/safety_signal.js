@@ -14,7 +14,8 @@
 // freely", "Sam left quickly"), with that client's safety plan opened with its seat key, and the
 // plan again when that client's connection drops.
 
-import { isCodeWord, keptPlan, planList } from "./safety_plan.js";
+import { language, show, showAttribute } from "./i18n.js";
+import { isCodeWord, keptPlan, planList, showSignalLabel } from "./safety_plan.js";
 import { announce, el, fill } from "./ui.js";
 
 /** The reasons a safety message gives (docs/protocol.md 7.5). */
@@ -89,28 +90,28 @@ function sendChat(call, text) {
 
 function signalControls(call, safety) {
   const place = safety.signal_place ?? "menu";
-  const label = safety.signal_label ?? "Report a connection problem";
   if (place === "none") return [];
   const send = () => deliver(call, "signal");
   if (place === "controls") {
     const button = el("button", { type: "button", "data-testid": "safety-signal" }, [
       el("span", { className: "icon icon-report", "aria-hidden": "true" }),
-      el("span", { className: "label", text: label }),
+      showSignalLabel(el("span", { className: "label" }), safety),
     ]);
     button.addEventListener("click", send);
     return [button];
   }
-  return [callMenu(label, send)];
+  return [callMenu(safety, send)];
 }
 
 /** The call's "More" menu, with the signal as its item. */
-function callMenu(label, send) {
-  const item = el("button", { type: "button", role: "menuitem", "data-testid": "safety-signal", text: label });
-  const list = el("div", { className: "menu-list", role: "menu", id: "call-menu", hidden: true, "aria-label": "More" }, [item]);
+function callMenu(safety, send) {
+  const item = showSignalLabel(el("button", { type: "button", role: "menuitem", "data-testid": "safety-signal" }), safety);
+  const list = el("div", { className: "menu-list", role: "menu", id: "call-menu", hidden: true }, [item]);
+  showAttribute(list, "aria-label", "safety.more");
   const button = el(
     "button",
     { type: "button", "aria-haspopup": "menu", "aria-expanded": "false", "aria-controls": "call-menu", "data-testid": "call-menu" },
-    [el("span", { className: "icon icon-more", "aria-hidden": "true" }), el("span", { className: "label", text: "More" })],
+    [el("span", { className: "icon icon-more", "aria-hidden": "true" }), show(el("span", { className: "label" }), "safety.more")],
   );
   const wrap = el("div", { className: "call-menu" }, [button, list]);
   const setOpen = (open) => {
@@ -140,12 +141,7 @@ function callMenu(label, send) {
 
 // ==================================================================== the therapist's side
 
-const NOTICE_WORDS = {
-  signal: (who) => [`${who} may not be able to talk freely.`, "They used the discreet signal in the call."],
-  code_word: (who) => [`${who} may not be able to talk freely.`, "They typed their code word in the chat."],
-  left_quickly: (who) => [`${who} left quickly.`, "They used the quick exit: this was not a dropped connection."],
-  dropped: (who) => [`${who}’s connection dropped.`, "Their safety plan, in case you try to reach them:"],
-};
+// Each notice's words: safety.notice.<reason>.title (with the client's {name}) and .line, in the catalogue.
 
 /**
  * The therapist's notices. `labelFor(peer)` names a client; `plans` is the page's SealedPlans
@@ -190,11 +186,12 @@ export class TherapistSafety {
 
   async #show(peer, reason, sealed) {
     const who = this.#labelFor(peer);
-    const [title, line] = NOTICE_WORDS[reason](who);
-    const plan = el("div", { className: "plan", text: "Opening their safety plan…" });
-    const dismiss = el("button", { type: "button", className: "quiet small", text: "Dismiss" });
+    const title = show(el("strong"), `safety.notice.${reason}.title`, { name: who });
+    const line = show(el("span"), `safety.notice.${reason}.line`);
+    const plan = show(el("div", { className: "plan" }), "safety.opening_plan");
+    const dismiss = show(el("button", { type: "button", className: "quiet small" }), "safety.dismiss");
     const node = el("div", { className: "safety-notice", dataset: { peer, reason }, "data-testid": "safety-notice" }, [
-      el("p", {}, [el("strong", { text: title }), " ", line, " ", el("span", { className: "hint", text: timeNow() })]),
+      el("p", {}, [title, " ", line, " ", el("span", { className: "hint", text: timeNow() })]),
       plan,
       dismiss,
     ]);
@@ -203,7 +200,7 @@ export class TherapistSafety {
     this.#notices.set(peer, { node, reason });
     this.#root.prepend(node);
     this.#root.hidden = false;
-    announce(title);
+    announce(title.textContent);
     fill(plan, await this.#planFor(peer, sealed));
   }
 
@@ -216,12 +213,12 @@ export class TherapistSafety {
         return planList(await this.#plans.open(peer, candidate));
       } catch (err) {
         if (err.message === "sealed with the link key") {
-          return el("p", { className: "hint", text: "Their safety plan is sealed with the link key: open this page with the full link to read it." });
+          return show(el("p", { className: "hint" }), "safety.plan_sealed");
         }
       }
     }
-    if (sealed || fromChecklist) return el("p", { className: "warn", text: "Their safety plan could not be opened." });
-    return el("p", { className: "hint", text: "They left no safety plan." });
+    if (sealed || fromChecklist) return show(el("p", { className: "warn" }), "safety.plan_not_opened");
+    return show(el("p", { className: "hint" }), "safety.no_plan");
   }
 
   #dismiss(peer) {
@@ -238,5 +235,5 @@ export class TherapistSafety {
 }
 
 function timeNow() {
-  return `(${new Date().toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })})`;
+  return `(${new Date().toLocaleTimeString(language(), { hour: "2-digit", minute: "2-digit" })})`;
 }

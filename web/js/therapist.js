@@ -17,62 +17,43 @@ import { openMedia, stopStream } from "./devices.js";
 import { ArrivalAlert, waitingIn } from "./arrivals.js";
 import { openChecklist, openDetails, pairLinkKey, readLinkKeyFromFragment, sealNote } from "./e2ee.js";
 import { announcePeerModes, fitStream, isMode, modeSelect, rememberTherapistMode, therapistMode } from "./media_mode.js";
+import { has, language, onLanguageChange, show, startLanguage, t } from "./i18n.js";
 import { Signaling, tokenFromPath } from "./protocol.js";
 import { SealedPlans } from "./safety_plan.js";
 import { TherapistSafety } from "./safety_signal.js";
-import { announce, byId, confirmDialog, el, fill, formatTime, setText, showScreen } from "./ui.js";
+import { announce, byId, confirmDialog, el, fill, formatTime, showScreen } from "./ui.js";
 import { shareVerification } from "./verified_peer.js";
 
 const DB_NAME = "teletherapy-therapist";
 const DB_STORE = "link-keys";
 
-const SEAT_WORDS = {
-  invited: "Has not opened the link yet",
-  checking: "Going through the privacy checklist",
-  waiting: "Waiting to be let in",
-  admitted: "In the call",
-  left: "Left the session",
-  declined: "Declined",
-  removed: "Removed",
-};
+// Every word on this page is the catalogue's (web/i18n; i18n.js): therapist.*, seat.*, item.name.*.
+const SEAT_STATES = ["invited", "checking", "waiting", "admitted", "left", "declined", "removed"];
 
-const ITEM_NAMES = {
-  secure_context: "Secure connection",
-  webrtc: "Browser supports calls",
-  webcrypto: "Browser supports encryption",
-  camera: "Camera",
-  microphone: "Microphone",
-  headset: "Headphones or headset",
-  preflight: "Network check",
-  private_place: "Private place",
-  private_device: "Own device and network",
-  notifications_off: "Notifications and recording apps off",
-  emergency_help: "Knows how to reach emergency help",
-  consent: "Consent",
-  emergency_details: "Emergency details",
-  guardian_consent: "Guardian’s agreement",
-};
+/** The notices this page knows (therapist.notice.<code>.title and .message); others show invalid_token's. */
+const NOTICES = [
+  "invalid_token",
+  "token_expired",
+  "token_not_yet_valid",
+  "session_ended",
+  "replaced",
+  "damaged_key",
+  "unsupported_protocol",
+  "session_not_found",
+  "session_cancelled",
+];
 
-const NOTICES = {
-  invalid_token: ["This link does not work", "It may have been revoked, or the session was cancelled."],
-  token_expired: ["This link has expired", "The time for this session has passed."],
-  token_not_yet_valid: ["It is too early for this session", "The link opens shortly before the appointment."],
-  session_ended: ["This session has ended", "Nothing of it is kept."],
-  replaced: [
-    "The session is open in another window",
-    "You opened this session again in another tab or window, so this one has stopped.",
-  ],
-  damaged_key: [
-    "The link is damaged",
-    "The part after the # sign was changed or cut off. Open the full link you got when you scheduled the session.",
-  ],
-  unsupported_protocol: ["Please reload this page", "This page is out of date."],
-  session_not_found: [
-    "This session could not be found",
-    "The service lost its record of this session. Schedule it again to send your client a new link.",
-  ],
-  session_cancelled: ["This session was cancelled", "Its links no longer work. Schedule another to meet again."],
-};
+/** A checklist item's name for the therapist (item.name.<id>), or its id in words. */
+function itemName(id) {
+  return has(`item.name.${id}`) ? t(`item.name.${id}`) : id.replace(/_/g, " ");
+}
+
+/** What this page calls a client: "Client", or "Client 2" when the session has several. */
+function labelOf(peer) {
+  const number = state.labels.get(peer);
+  if (number === undefined) return t("therapist.client");
+  return number === 0 ? t("therapist.client") : t("therapist.client_n", { number });
+}
 
 const state = {
   signaling: null,
@@ -84,7 +65,7 @@ const state = {
   seats: [],
   seatStates: new Map(),
   lastPeers: [],
-  labels: new Map(),
+  labels: new Map(), // peer -> its number among the session's clients (0: the only one); labelOf() names it
   details: new Map(),
   answers: new Map(), // seat (or "<seat>/other") -> {sealed, value, error}: each checklist item, opened here
   started: false,
@@ -162,7 +143,9 @@ async function forgetKey(sessionId) {
 
 // ------------------------------------------------------------------ start
 
-function start() {
+async function start() {
+  await startLanguage(); // the therapist's pages in the browser's language (issue 33)
+  onLanguageChange(() => renderSeats()); // the seats' words are built here, not kept by key
   state.mode = therapistMode();
   state.alert = new ArrivalAlert(byId("arrival-settings"));
   startNotes();
@@ -202,7 +185,7 @@ async function onJoined(joined) {
   state.joined = joined;
   if (state.started) return; // a reconnect: the seat and the call carry on
   state.started = true;
-  setText("session-time", `Scheduled for ${formatTime(joined.starts)}`);
+  show(byId("session-time"), "therapist.scheduled_for", { time: formatTime(joined.starts, { locale: language() }) });
   if (state.linkKey) await keepKey(joined.session, state.linkKey);
   else state.linkKey = await keptKey(joined.session);
   if (state.linkKey) startDashboard(state.linkKey);
@@ -223,14 +206,13 @@ function startDashboard(key) {
     localStream: state.stream,
   });
   state.call = call;
-  const labelFor = (peer) => state.labels.get(peer) ?? "Client";
+  const labelFor = (peer) => labelOf(peer);
   state.modeSelect = modeSelect({ mode: state.mode, onChange: chooseMode });
   state.tools = new CallTools(call, { therapist: true, labelFor }); // screen sharing, whiteboard (issue 34)
   state.view = new CallView(byId("call-root"), call, {
     labelFor,
-    emptyText: "No one is in the call yet. Let a client in from the waiting room.",
+    emptyText: t("therapist.call_empty"),
     tileActions: (peer, role) => (role === "therapist" ? [] : [removeButton(peer), ...state.tools.tileActions(peer, role)]),
-    selfLabel: "You",
     extraControls: [...state.tools.controls, state.modeSelect.node],
   });
   state.tools.mount(byId("call-root"));
@@ -241,22 +223,20 @@ function startDashboard(key) {
   shareVerification(call); // "their app is verified" (issue 30)
   state.plans = new SealedPlans(joined.session, clientKey, renderSeats);
   state.safety = new TherapistSafety(call, {
-    labelFor: (peer) => state.labels.get(peer) ?? "Client",
+    labelFor: (peer) => labelOf(peer),
     plans: state.plans,
     root: byId("safety-notices"),
   });
   for (const seat of state.seats) updatePlans(seat);
   call.on("interception", ({ peer, reason }) => {
-    setText("interception-who", `The connection to ${state.labels.get(peer) ?? "a client"} could not be verified with the link key.`);
-    setText("interception-reason", `Technical reason: ${reason.replace(/_/g, " ")}.`);
+    show(byId("interception-who"), "therapist.interception_who_named", { name: labelOf(peer) });
+    show(byId("interception-reason"), "interception.reason", { reason: reason.replace(/_/g, " ") });
     showScreen("screen-interception");
-    announce("Warning: a connection was stopped because it could not be verified.", { urgent: true });
+    announce(t("therapist.interception_announce"), { urgent: true });
   });
   call.on("unverified", ({ peer }) => call.refuseUnverified(peer)); // clients never offer to the therapist
   const verify = byId("verify-state");
-  verify.textContent = key
-    ? "Verified by link"
-    : "Not verified by link — compare the safety codes";
+  show(verify, key ? "call.verified_by_link" : "call.unverified_trust");
   verify.dataset.verified = key ? "yes" : "no";
   if (state.lastPeers.length) call.updatePeers(state.lastPeers);
   showScreen("screen-dashboard");
@@ -277,16 +257,14 @@ async function startMedia() {
     state.view?.setSelfStream(stream);
     note.hidden = true;
   } catch (problem) {
-    const retry = el("button", { type: "button", className: "quiet small", text: "Try again" });
+    const retry = show(el("button", { type: "button", className: "quiet small" }), "device.retry");
     retry.addEventListener("click", startMedia);
-    fill(note, [el("strong", { text: problem.title ?? "Camera or microphone not available." }), " ", problem.help ?? "", " ", retry]);
+    fill(note, [el("strong", { text: problem.title ?? t("media.other.title") }), " ", problem.help ?? "", " ", retry]);
     if (state.mode !== "audio_only") {
-      const audioOnly = el("button", {
-        type: "button",
-        className: "quiet small",
-        "data-testid": "media-audio-only",
-        text: "Continue with audio only",
-      });
+      const audioOnly = show(
+        el("button", { type: "button", className: "quiet small", "data-testid": "media-audio-only" }),
+        "device.continue_audio_only",
+      );
       audioOnly.addEventListener("click", () => chooseMode("audio_only"));
       note.append(" ", audioOnly);
     }
@@ -311,12 +289,12 @@ async function chooseMode(mode) {
     state.view?.setAudioOnly(mode === "audio_only");
     state.view?.setSelfStream(stream);
     byId("media-note").hidden = true;
-    announce(mode === "audio_only" ? "Audio only: your camera is off." : "Your camera is on.");
+    announce(t(mode === "audio_only" ? "announce.camera_off" : "announce.camera_on"));
   } catch (problem) {
     state.mode = before;
     state.modeSelect?.set(before);
     rememberTherapistMode(before);
-    announce(`${problem.title ?? "The camera could not be started."} ${problem.help ?? ""}`, { urgent: true });
+    announce(`${problem.title ?? t("media.other.title")} ${problem.help ?? ""}`, { urgent: true });
   }
 }
 
@@ -327,11 +305,11 @@ function onWaitingRoom(message) {
   let arrived = null; // who just entered the waiting room, for the alert (if the therapist wants it named)
   for (const seat of message.seats) if (seat.state !== "admitted") state.holds.delete(seat.peer); // a hold ends when they leave
   message.seats.forEach((seat, i) => {
-    if (!state.labels.has(seat.peer)) state.labels.set(seat.peer, message.seats.length > 1 ? `Client ${i + 1}` : "Client");
+    if (!state.labels.has(seat.peer)) state.labels.set(seat.peer, message.seats.length > 1 ? i + 1 : 0);
     const before = state.seatStates.get(seat.peer);
     if (before !== seat.state) {
       state.seatStates.set(seat.peer, seat.state);
-      if (seat.state === "waiting") arrived = state.labels.get(seat.peer);
+      if (seat.state === "waiting") arrived = labelOf(seat.peer);
       if (before !== undefined || seat.state === "waiting") announceSeat(seat);
     }
     const other = seat.other_device;
@@ -390,7 +368,7 @@ function renderNoteTargets() {
   form.hidden = !state.linkKey || targets.length === 0;
   const select = byId("note-to");
   const chosen = select.value;
-  fill(select, targets.map((s) => el("option", { value: s.peer, text: state.labels.get(s.peer) ?? "Client" })));
+  fill(select, targets.map((s) => el("option", { value: s.peer, text: labelOf(s.peer) })));
   if (targets.some((s) => s.peer === chosen)) select.value = chosen;
 }
 
@@ -399,48 +377,38 @@ async function sendNote() {
   const preset = byId("note-preset").value;
   const text = (preset === "" ? byId("note-text").value : preset).trim();
   const status = byId("note-status");
-  const label = state.labels.get(peer) ?? "the client";
+  const label = labelOf(peer);
   if (!peer || !text) {
-    status.textContent = "Choose a message or write one first.";
+    show(status, "therapist.note_choose");
     return;
   }
   let sealed;
   try {
     sealed = await sealNote(await clientKey(peer), state.joined.session, peer, text);
   } catch {
-    status.textContent = "The note could not be sent. Keep it to 280 characters.";
+    show(status, "therapist.note_too_long");
     return;
   }
-  status.textContent = `Sending to ${label}…`;
+  show(status, "therapist.note_sending", { name: label });
   try {
     await state.signaling.sendNote(peer, sealed);
-    status.textContent = `Sent to ${label}.`;
+    show(status, "therapist.note_sent", { name: label });
     if (preset === "") byId("note-text").value = "";
   } catch (error) {
-    status.textContent = `Not sent: ${error.message}`;
+    show(status, "therapist.note_not_sent", { reason: error.message });
   }
 }
 
 function announceOtherDevice(seat) {
-  const who = state.labels.get(seat.peer);
-  const words =
-    seat.other_device.state === "waiting"
-      ? `The other device with ${who}’s link finished the checklist and is waiting. Check with ${who} before letting it in.`
-      : `${who}’s link was opened on another device.`;
-  announce(words, { urgent: true });
+  const name = labelOf(seat.peer);
+  const key = seat.other_device.state === "waiting" ? "therapist.other_device_waiting" : "therapist.other_device_opened";
+  announce(t(key, { name }), { urgent: true });
 }
 
 function announceSeat(seat) {
-  const who = state.labels.get(seat.peer);
-  const words = {
-    checking: `${who} opened their link and is going through the checklist.`,
-    waiting: `${who} is waiting to be let in.`,
-    admitted: `${who} is in the call.`,
-    left: `${who} left the session.`,
-    declined: `${who} was declined.`,
-    removed: `${who} was removed.`,
-  }[seat.state];
-  if (words) announce(words);
+  if (["checking", "waiting", "admitted", "left", "declined", "removed"].includes(seat.state)) {
+    announce(t(`therapist.announce.${seat.state}`, { name: labelOf(seat.peer) }));
+  }
 }
 
 async function openSeatDetails(key, peer, sealed) {
@@ -449,7 +417,7 @@ async function openSeatDetails(key, peer, sealed) {
   try {
     entry.value = JSON.parse(await openDetails(await clientKey(peer), state.joined.session, peer, sealed));
   } catch {
-    entry.error = "These details could not be opened: they were changed on the way, or sealed with another link key.";
+    entry.error = "therapist.details_not_opened";
   }
   renderSeats();
 }
@@ -466,14 +434,17 @@ function renderSeats() {
 }
 
 function renderSeat(seat) {
-  const label = state.labels.get(seat.peer) ?? "Client";
+  const label = labelOf(seat.peer);
+  const badge = (className, key, extra = {}) => show(el("span", { className, ...extra }), key);
   const header = el("div", { className: "seat-head" }, [
     el("h3", { text: label }),
-    seat.minor ? el("span", { className: "badge", text: "Minor" }) : null,
-    el("span", { className: `badge state-${seat.state}`, text: SEAT_WORDS[seat.state] ?? seat.state }),
-    isHeld(seat) ? el("span", { className: "badge held", "data-testid": "seat-held", text: "On hold" }) : null,
+    seat.minor ? badge("badge", "seat.minor") : null,
+    SEAT_STATES.includes(seat.state)
+      ? badge(`badge state-${seat.state}`, `seat.state.${seat.state}`)
+      : el("span", { className: `badge state-${seat.state}`, text: seat.state }),
+    isHeld(seat) ? badge("badge held", "call.on_hold", { "data-testid": "seat-held" }) : null,
     !seat.connected && ["waiting", "admitted", "checking"].includes(seat.state)
-      ? el("span", { className: "badge offline", text: "Connection dropped" })
+      ? badge("badge offline", "seat.connection_dropped")
       : null,
   ]);
   return el("li", { className: "seat", dataset: { peer: seat.peer, state: seat.state }, "data-testid": "seat" }, [
@@ -492,43 +463,39 @@ function renderOtherDevice(seat, label) {
   if (!other) {
     if (!seat.other_device_declined) return null;
     return el("div", { className: "other-device", "data-testid": "other-device-declined" }, [
-      el("p", { className: "hint", text: `Another device with ${label}’s link was turned away. No other device can ask to join for ${label} now.` }),
+      show(el("p", { className: "hint" }), "seat.other_device_declined", { name: label }),
       el("div", { className: "actions" }, [
-        actionButton("Let another device ask", "allow-other-device", seat.peer, "quiet small", () =>
+        actionButton(t("seat.let_another_device_ask"), "allow-other-device", seat.peer, "quiet small", () =>
           state.signaling.allowReturn(seat.peer),
         ),
       ]),
     ]);
   }
-  const where =
-    other.state === "waiting" ? "It finished the checklist and is waiting to be let in." : "It is going through the privacy checklist.";
+  const where = t(other.state === "waiting" ? "seat.other_device_waiting" : "seat.other_device_checking");
   const buttons = [];
   if (other.state === "waiting") {
     const inCall = seat.connected && seat.state === "admitted";
     buttons.push(
-      actionButton(`Let ${label} in from the new device`, "admit-other-device", seat.peer, "primary", async () => {
+      actionButton(t("seat.admit_other_device", { name: label }), "admit-other-device", seat.peer, "primary", async () => {
         if (inCall && !(await confirmDialog("move-seat-dialog"))) return;
         state.signaling.admit(seat.peer, other.device);
-        announce(`Letting ${label} in from the new device.`);
+        announce(t("seat.admitting_other_device", { name: label }));
       }),
     );
   }
   buttons.push(
-    actionButton("Turn the new device away", "decline-other-device", seat.peer, "quiet", () =>
+    actionButton(t("seat.decline_other_device"), "decline-other-device", seat.peer, "quiet", () =>
       state.signaling.decline(seat.peer, other.device),
     ),
   );
   return el("div", { className: "other-device", "data-testid": "other-device", dataset: { state: other.state } }, [
     el("p", { className: "warn" }, [
-      el("strong", { text: `${label}’s link was opened on another device.` }),
+      el("strong", { text: t("seat.other_device_opened", { name: label }) }),
       " ",
       where,
-      other.connected ? "" : " Its connection dropped.",
+      other.connected ? "" : ` ${t("seat.other_device_dropped")}`,
     ]),
-    el("p", {
-      className: "hint",
-      text: `If ${label} did not say they were switching devices, ask them before letting it in: someone else may have their link.`,
-    }),
+    show(el("p", { className: "hint" }), "seat.other_device_ask", { name: label }),
     renderSummary(other.checklist, `${seat.peer}/other`),
     renderDetails(other.details, `${seat.peer}/other`),
     state.plans?.render(`${seat.peer}/other`, Boolean(state.linkKey)),
@@ -543,7 +510,7 @@ async function openSeatAnswers(key, peer, sealed) {
   try {
     entry.value = await openChecklist(await clientKey(peer), state.joined.session, peer, sealed);
   } catch {
-    entry.error = "The client's answers could not be opened: they were changed on the way, or sealed with another link key.";
+    entry.error = "seat.answers_not_opened";
   }
   renderSeats();
 }
@@ -551,21 +518,23 @@ async function openSeatAnswers(key, peer, sealed) {
 function renderRecommended(summary, key) {
   if (!summary.answers_sealed) return null;
   if (!state.linkKey) {
-    return el("p", { className: "hint", text: "Which recommended steps were met is sealed with the link key." });
+    return show(el("p", { className: "hint" }), "seat.answers_sealed");
   }
   const entry = state.answers.get(key);
-  if (!entry || (!entry.value && !entry.error)) return el("p", { className: "hint", text: "Opening the answers…" });
-  if (entry.error) return el("p", { className: "warn", text: entry.error });
+  if (!entry || (!entry.value && !entry.error)) return show(el("p", { className: "hint" }), "seat.answers_opening");
+  if (entry.error) return show(el("p", { className: "warn" }), entry.error);
   const unmet = Object.keys(entry.value)
     .filter((id) => entry.value[id] === false)
-    .map((id) => ITEM_NAMES[id] ?? id.replace(/_/g, " "));
+    .map((id) => itemName(id));
   const audioOnly =
     entry.value.audio_only === true
-      ? el("p", { className: "hint", "data-testid": "seat-audio-only", text: "Chose audio only: no camera in this call." })
+      ? show(el("p", { className: "hint", "data-testid": "seat-audio-only" }), "seat.audio_only")
       : null;
   const met = unmet.length
-    ? el("p", { className: "warn", "data-testid": "recommended-unmet", text: `Recommended but not met: ${unmet.join(", ")}.` })
-    : el("p", { className: "hint", text: "All recommended steps met." });
+    ? show(el("p", { className: "warn", "data-testid": "recommended-unmet" }), "seat.recommended_unmet", {
+        items: new Intl.ListFormat(language(), { type: "unit" }).format(unmet),
+      })
+    : show(el("p", { className: "hint" }), "seat.recommended_met");
   return audioOnly ? el("div", {}, [audioOnly, met]) : met;
 }
 
@@ -573,17 +542,17 @@ function renderSummary(summary, key) {
   if (!summary) return null;
   const network = summary.network;
   const lines = [
-    el("p", {
-      className: summary.all_required_met ? "ok" : "warn",
-      "data-testid": "checklist-summary",
-      text: summary.all_required_met ? "Checklist: every required step done." : "Checklist: some required steps missing.",
-    }),
+    show(
+      el("p", { className: summary.all_required_met ? "ok" : "warn", "data-testid": "checklist-summary" }),
+      summary.all_required_met ? "seat.checklist_done" : "seat.checklist_missing",
+    ),
     renderRecommended(summary, key),
     network
-      ? el("p", {
-          className: "hint",
-          text: `Network: ${network.connected ? "works" : "did not connect"}${network.rtt_ms != null ? `, ${network.rtt_ms} ms` : ""}${network.relayed ? ", through the relay" : ""}.`,
-        })
+      ? show(
+          el("p", { className: "hint" }),
+          `seat.network.${network.connected ? "works" : "failed"}${network.rtt_ms != null ? "_ms" : ""}${network.relayed ? "_relay" : ""}`,
+          network.rtt_ms != null ? { ms: network.rtt_ms } : {},
+        )
       : null,
   ];
   return el("div", { className: "summary" }, lines);
@@ -594,23 +563,20 @@ function renderDetails(sealed, key) {
   const entry = state.details.get(key);
   let body;
   if (!state.linkKey) {
-    body = el("p", { className: "hint", text: "Sealed with the link key. Open this page with the full link to read them." });
+    body = show(el("p", { className: "hint" }), "seat.details_sealed");
   } else if (!entry || (!entry.value && !entry.error)) {
-    body = el("p", { className: "hint", text: "Opening…" });
+    body = show(el("p", { className: "hint" }), "plan.opening");
   } else if (entry.error) {
-    body = el("p", { className: "warn", text: entry.error });
+    body = show(el("p", { className: "warn" }), entry.error);
   } else {
     body = el("dl", { "data-testid": "emergency-details" }, [
-      el("dt", { text: "Where they are today" }),
+      show(el("dt"), "seat.details_location"),
       el("dd", { text: String(entry.value.location ?? "") }),
-      el("dt", { text: "Emergency contact" }),
+      show(el("dt"), "seat.details_contact"),
       el("dd", { text: String(entry.value.contact ?? "") }),
     ]);
   }
-  return el("details", { className: "emergency" }, [
-    el("summary", { text: "Emergency details (only you can read these)" }),
-    body,
-  ]);
+  return el("details", { className: "emergency" }, [show(el("summary"), "seat.details_summary"), body]);
 }
 
 function actionButton(text, action, peer, className, onClick) {
@@ -624,25 +590,25 @@ function seatActions(seat, label) {
   const buttons = [];
   if (seat.state === "waiting") {
     buttons.push(
-      actionButton(`Admit ${label}`, "admit", peer, "primary", () => {
+      actionButton(t("seat.admit", { name: label }), "admit", peer, "primary", () => {
         state.signaling.admit(peer);
-        announce(`Letting ${label} in.`);
+        announce(t("seat.admitting", { name: label }));
       }),
     );
   }
   if (seat.state === "waiting" || seat.state === "checking") {
-    buttons.push(actionButton(`Decline ${label}`, "decline", peer, "quiet", () => state.signaling.decline(peer)));
+    buttons.push(actionButton(t("seat.decline", { name: label }), "decline", peer, "quiet", () => state.signaling.decline(peer)));
   }
   if (seat.state === "admitted") {
     buttons.push(
       isHeld(seat)
-        ? actionButton(`Bring ${label} back`, "release", peer, "primary", () => setHold(peer, label, false))
-        : actionButton(`Talk privately (${label} waits)`, "hold", peer, "quiet", () => setHold(peer, label, true)),
+        ? actionButton(t("seat.release", { name: label }), "release", peer, "primary", () => setHold(peer, label, false))
+        : actionButton(t("seat.hold", { name: label }), "hold", peer, "quiet", () => setHold(peer, label, true)),
     );
-    buttons.push(removeButton(peer, `Remove ${label}`));
+    buttons.push(removeButton(peer, t("seat.remove", { name: label })));
   }
   if (seat.state === "declined" || seat.state === "removed") {
-    buttons.push(actionButton(`Let ${label} come back`, "allow-return", peer, "quiet", () => state.signaling.allowReturn(peer)));
+    buttons.push(actionButton(t("seat.allow_return", { name: label }), "allow-return", peer, "quiet", () => state.signaling.allowReturn(peer)));
   }
   return buttons;
 }
@@ -663,11 +629,11 @@ function setHold(peer, label, on) {
     state.signaling.release(peer);
   }
   state.call?.setHold(peer, on);
-  announce(on ? `${label} is on hold: they cannot see or hear the call.` : `${label} is back in the call.`);
+  announce(t(on ? "seat.on_hold" : "seat.back_in_call", { name: label }));
   renderSeats();
 }
 
-function removeButton(peer, text = "Remove") {
+function removeButton(peer, text = t("therapist.remove")) {
   return actionButton(text, "remove", peer, "danger small", async () => {
     if (await confirmDialog("remove-dialog")) state.signaling.remove(peer);
   });
@@ -717,16 +683,16 @@ async function onFinal({ code }) {
     state.linkKey = null;
     offerRecord();
     showScreen("screen-ended");
-    announce("The session has ended.");
+    announce(t("therapist.ended_announce"));
     return;
   }
   notice(code);
 }
 
 function notice(code) {
-  const [title, message] = NOTICES[code] ?? NOTICES.invalid_token;
-  setText("notice-title", title);
-  setText("notice-message", message);
+  const known = NOTICES.includes(code) ? code : "invalid_token";
+  show(byId("notice-title"), `therapist.notice.${known}.title`);
+  show(byId("notice-message"), `therapist.notice.${known}.message`);
   byId("notice-title").closest("[data-testid=notice]").dataset.code = code;
   byId("notice-actions").hidden = !["replaced", "unsupported_protocol"].includes(code);
   showScreen("screen-notice");

@@ -2,6 +2,8 @@
 // switch screens with focus moved to the new heading, and announce status
 // changes to screen readers through one aria-live region.
 
+import { t } from "./i18n.js";
+
 /** The element with this id; throws if the page lacks it (a wiring bug, not a user error). */
 export function byId(id) {
   const found = document.getElementById(id);
@@ -56,7 +58,7 @@ export function showScreen(id, { focus = true } = {}) {
     if (!heading.hasAttribute("tabindex")) heading.setAttribute("tabindex", "-1");
     // The client's pages keep their neutral title (body data-fixed-title): the tab and the
     // browser's history show it to whoever uses the device next.
-    if (!("fixedTitle" in document.body.dataset)) document.title = `${heading.textContent.trim()} · Session`;
+    if (!("fixedTitle" in document.body.dataset)) document.title = t("page.screen_title", { heading: heading.textContent.trim() });
     if (focus) heading.focus({ preventScroll: false });
   }
   return target;

@@ -8,6 +8,7 @@
 // non-extractable CryptoKey until logout. docs/protocol.md 15.21-15.25, docs/security.md 3.5.
 
 import { b64urlDecode, b64urlEncode } from "./e2ee.js";
+import { t } from "./i18n.js";
 import { storeTx } from "./idb.js";
 
 export const ITERATIONS = 600_000;
@@ -128,7 +129,7 @@ async function post(path, body, csrf) {
     body: JSON.stringify(body),
   });
   const data = await response.json().catch(() => ({}));
-  if (!response.ok) throw Object.assign(new Error(data.message || "Request failed."), { data });
+  if (!response.ok) throw Object.assign(new Error(data.message || t("dashboard.request_failed")), { data });
   return data;
 }
 
@@ -187,29 +188,27 @@ function panel() {
   const state = el("p", { id: "vault-state", className: "hint" });
   const lost = el("p", { id: "vault-lost", className: "warn", role: "alert", hidden: true });
   const unlock = el("form", { id: "vault-unlock", hidden: true, novalidate: true }, [
-    field("vault-password", "Your password", el("input", { type: "password", autocomplete: "current-password" })),
-    el("button", { type: "submit", text: "Unlock labels" }),
+    field("vault-password", t("reauth.password"), el("input", { type: "password", autocomplete: "current-password" })),
+    el("button", { type: "submit", text: t("vault.unlock") }),
   ]);
   unlock.addEventListener("submit", onUnlock);
   const change = el("form", { id: "password-form", novalidate: true }, [
     el("p", {
       className: "hint",
-      text:
-        "Your labels stay readable when you change your password here. If your administrator resets your " +
-        "password instead, the labels and notes you gave your sessions can no longer be read.",
+      text: t("vault.change_hint"),
     }),
-    field("current-password", "Current password", el("input", { type: "password", autocomplete: "current-password" })),
-    field("new-password", "New password", el("input", { type: "password", autocomplete: "new-password" })),
-    el("button", { type: "submit", id: "password-submit", text: "Change password" }),
+    field("current-password", t("vault.current_password"), el("input", { type: "password", autocomplete: "current-password" })),
+    field("new-password", t("vault.new_password"), el("input", { type: "password", autocomplete: "new-password" })),
+    el("button", { type: "submit", id: "password-submit", text: t("vault.change_password") }),
     el("p", { id: "password-result", role: "status" }),
   ]);
   change.addEventListener("submit", onChangePassword);
   return el("section", { id: "vault", className: "card", "aria-labelledby": "vault-title" }, [
-    el("h2", { id: "vault-title", text: "Labels and password" }),
+    el("h2", { id: "vault-title", text: t("vault.title") }),
     state,
     lost,
     unlock,
-    el("details", { id: "password-change" }, [el("summary", { text: "Change your password" }), change]),
+    el("details", { id: "password-change" }, [el("summary", { text: t("vault.change_summary") }), change]),
   ]);
 }
 
@@ -217,15 +216,10 @@ function showState() {
   const state = document.getElementById("vault-state");
   if (!state) return;
   document.getElementById("vault-unlock").hidden = Boolean(vault.key);
-  state.textContent = vault.key
-    ? "Labels and notes are sealed on this device before they are sent: the broker stores only ciphertext."
-    : "Labels are locked on this device. Enter your password to read and edit them (it is not sent anywhere).";
+  state.textContent = t(vault.key ? "vault.sealed" : "vault.locked");
   const lost = document.getElementById("vault-lost");
   lost.hidden = vault.unreadable === 0;
-  lost.textContent = vault.unreadable
-    ? "Some labels cannot be read any more: your password was reset by your administrator, and labels are " +
-      "sealed with a key only your old password could open. Give those sessions new labels."
-    : "";
+  lost.textContent = vault.unreadable ? t("vault.lost") : "";
 }
 
 /** Put the vault's panel on the dashboard and take the key kept on this device, if any. */
@@ -257,7 +251,7 @@ async function onUnlock(event) {
   } catch (err) {
     if (err?.data) return;
     input.setAttribute("aria-invalid", "true");
-    document.getElementById("vault-state").textContent = "That password does not unlock your labels.";
+    document.getElementById("vault-state").textContent = t("vault.wrong_password");
   }
 }
 
@@ -269,7 +263,7 @@ async function onChangePassword(event) {
   const submit = document.getElementById("password-submit");
   result.textContent = "";
   if (!current.value || !next.value) {
-    result.textContent = "Enter your current password and a new one.";
+    result.textContent = t("vault.enter_both");
     return;
   }
   submit.disabled = true;
@@ -281,7 +275,7 @@ async function onChangePassword(event) {
       try {
         key = await unwrapVaultKey(record, current.value, vault.therapist, { extractable: true });
       } catch {
-        result.textContent = "Your current password is not right.";
+        result.textContent = t("vault.current_wrong");
         return;
       }
       body.vault = await wrapVaultKey(key, next.value, vault.therapist);
@@ -290,7 +284,7 @@ async function onChangePassword(event) {
     vault.setCsrf(data.csrf);
     current.value = "";
     next.value = "";
-    result.textContent = "Your password was changed. Your labels stay readable. Other devices must log in again.";
+    result.textContent = t("vault.changed");
   } catch (err) {
     result.textContent = err.message;
   } finally {
@@ -378,13 +372,13 @@ export function labelBlock(session, slot, name) {
   noteInput.value = draft?.note ?? current.note;
   const key = slot.replace(/[^A-Za-z0-9_-]/g, "");
   const form = el("form", { className: "label-form", hidden: !draft, novalidate: true }, [
-    field(`label-${session}-${key}`, `Label for ${name}`, labelInput),
-    field(`note-${session}-${key}`, `Note for ${name}`, noteInput),
-    el("button", { type: "submit", className: "save-label", text: "Save label" }),
+    field(`label-${session}-${key}`, t("vault.label_for", { name }), labelInput),
+    field(`note-${session}-${key}`, t("vault.note_for", { name }), noteInput),
+    el("button", { type: "submit", className: "save-label", text: t("vault.save_label") }),
     el("button", {
       type: "button",
       className: "cancel-label",
-      text: "Cancel",
+      text: t("reauth.cancel"),
       onclick: () => {
         vault.drafts.delete(id);
         form.hidden = true;
@@ -400,8 +394,8 @@ export function labelBlock(session, slot, name) {
     type: "button",
     className: "edit-label link",
     hidden: Boolean(draft),
-    "aria-label": `${current.label ? "Edit" : "Add a"} label for ${name}`,
-    text: current.label ? "Edit label" : "Add a label",
+    "aria-label": t(current.label ? "vault.edit_label_for" : "vault.add_label_for", { name }),
+    text: t(current.label ? "vault.edit_label" : "vault.add_label"),
     onclick: () => {
       keepDraft();
       form.hidden = false;

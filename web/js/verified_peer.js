@@ -7,10 +7,12 @@
 // calm line next to that peer's safety code. Most people have no extension: nothing is sent then,
 // and nothing is shown, which is the normal state and says nothing bad about anyone.
 
+import { show as showText, showAttribute } from "./i18n.js";
+
 /** The data-channel message type (docs/protocol.md 7.5). */
 export const APP_VERIFIED = "app_verified";
-/** Shown next to the safety code of a peer whose page said it was verified. */
-export const VERIFIED_WORDS = "Their app is verified";
+/** Shown next to the safety code of a peer whose page said it was verified (a catalogue key). */
+export const VERIFIED_WORDS = "call.their_app_verified";
 const RETRY_MS = 500;
 const MAX_BUILD_CHARS = 40;
 
@@ -56,8 +58,8 @@ export function shareVerification(call) {
       line.dataset.testid = "their-app";
       tile.querySelector(".code")?.after(line);
     }
-    line.textContent = VERIFIED_WORDS;
-    line.title = `Their browser extension checked that their page is the practice's signed build ${claim.build}.`;
+    showText(line, VERIFIED_WORDS);
+    showAttribute(line, "title", "call.their_app_verified_detail", { build: claim.build });
   };
 
   call.on("peer", ({ peer }) => {
