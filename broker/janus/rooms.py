@@ -175,6 +175,11 @@ class JanusRooms:
             log.info("event=janus_rooms_swept count=%d", len(stale))
         return stale
 
+    async def doors_closed(self) -> None:
+        """Wait until every join window opened so far has closed (tests; a clean stop)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def aclose(self) -> None:
         for task in list(self._tasks):
             task.cancel()

@@ -85,8 +85,7 @@ async def test_a_token_stops_opening_the_room_after_its_join_window(
     monkeypatch.setattr("broker.janus.rooms.JOIN_WINDOW_S", 0.3)
     granted = await rooms.grant("session-d", "peer-2")
     try:
-        while rooms._tasks:  # the door closes by itself
-            await next(iter(rooms._tasks))
+        await rooms.doors_closed()  # the door closes by itself
         late = await join_room(janus_server.url, granted.token, granted.room, granted.pin)
         assert late.get("error_code") == UNAUTHORIZED
     finally:

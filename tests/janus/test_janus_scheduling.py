@@ -20,7 +20,7 @@ from aiohttp import ClientSession, web
 
 from broker.config import Config
 from broker.config_check import check_config, unavailable_choices
-from broker.http.admin_socket import admin_app, start_admin_site
+from broker.http.admin_socket import AdminClient, AdminError, admin_app, start_admin_site
 from broker.janus.client import JanusUnavailable
 from broker.janus.scheduling import JanusRequired
 from tests.conftest import RunningBroker, start_broker
@@ -101,6 +101,28 @@ async def test_janus_down_refuses_the_group_and_saves_nothing(tmp_path: Path) ->
         small, _ = await running.hub.create_session(clients=1)  # the mesh does not need Janus
         assert small.media == "mesh"
     finally:
+        await running.stop()
+
+
+async def test_the_admin_socket_answers_janus_unavailable_and_saves_nothing(tmp_path: Path) -> None:
+    running = await start_broker(
+        tmp_path / "data",
+        janus_url=f"http://127.0.0.1:{free_port()}/janus",
+        janus_api_secret="s",
+        janus_room_admin_key="k",
+        janus_timeout_s=2,
+    )
+    admin = web.AppRunner(admin_app(running.hub, running.broker.keys, running.url), access_log=None)
+    await admin.setup()
+    await start_admin_site(admin.app, admin, running.config)
+    try:
+        before = set(await running.broker.store.keys(""))
+        with pytest.raises(AdminError) as refused:
+            await AdminClient(running.config).create_session(clients=7)
+        assert "Janus" in str(refused.value) and "nothing was saved" in str(refused.value)
+        assert set(await running.broker.store.keys("")) == before
+    finally:
+        await admin.cleanup()
         await running.stop()
 
 
