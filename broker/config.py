@@ -96,6 +96,21 @@ class Config:
     #: The browser client's files (pages, modules, styles, images, the signed web manifest); empty: the
     #: copy shipped in the package. A practice that changes them builds and signs its own manifest.
     web_root: str = ""
+    #: Group sessions: up to this many participants (therapist included) talk peer to peer; a session
+    #: scheduled with more uses Janus (``janus_url``), up to 16. Decided at scheduling, never mid-call.
+    #: 16 (every session a mesh) until the browsers' Janus path exists (issue 22's next step; then 4).
+    mesh_max_participants: int = 16
+    #: Janus's API (HTTP transport, loopback or a private network), e.g. http://127.0.0.1:8088/janus;
+    #: empty: no Janus, and no session above ``mesh_max_participants``.
+    janus_url: str = ""
+    #: Janus's ``api_secret``; the admin API (stored tokens) and its ``admin_secret``; the VideoRoom
+    #: plugin's ``admin_key``. Held by the broker only, never sent to a browser.
+    janus_api_secret: str = field(default="", repr=False)
+    janus_admin_url: str = ""
+    janus_admin_secret: str = field(default="", repr=False)
+    janus_room_admin_key: str = field(default="", repr=False)
+    #: How long one request to Janus may take before the broker gives up (janus_unavailable).
+    janus_timeout_s: float = 5.0
 
     @property
     def base_url(self) -> str:
@@ -286,6 +301,10 @@ class Keys:
     @property
     def audit(self) -> bytes:
         return self.derive("audit-chain")
+
+    @property
+    def janus_rooms(self) -> bytes:
+        return self.derive("janus-room-keys")
 
     @property
     def signing_seed(self) -> bytes:

@@ -22,6 +22,7 @@ from broker.http.pages import PAGE_FILES, web_root
 from broker.i18n.config_languages import language_problems
 from broker.logs import LOG_FORMATS
 from broker.metrics.site import parse_address
+from broker.signaling.session import MAX_SEATS
 from broker.signaling.turn import TurnConfigError, parse_turn_urls, resolve_turn_secret
 
 
@@ -58,6 +59,7 @@ def check_config(config: Config) -> list[str]:
     if config.log_format not in LOG_FORMATS:
         problems.append(f"log_format {config.log_format!r} is not one of: {', '.join(LOG_FORMATS)}.")
     problems += _check_preflight(config)
+    problems += _check_janus(config)
     problems += _check_data_dir(config)
     problems += _check_audit(config)
     problems += _check_admin_socket(config)
@@ -92,6 +94,8 @@ def unavailable_choices(config: Config) -> list[str]:
     choices = []
     if not config.turn_urls:
         choices.append(text.text("config.relay_unavailable"))
+    if not config.janus_url and config.mesh_max_participants < MAX_SEATS:
+        choices.append(text.text("config.janus_required", count=config.mesh_max_participants))
     if RelyingParty.from_config(config) is None:
         choices.append(text.text("config.passkeys_unavailable", url=config.base_url))
     return choices
@@ -106,6 +110,26 @@ def _check_metrics(config: Config) -> list[str]:
     if where is not None and where[1] == config.port and (where[0] == config.host or wildcard):
         return [f"metrics_address {config.metrics_address!r} is the public port: give the metrics one of their own."]
     return []
+
+
+def _check_janus(config: Config) -> list[str]:
+    problems = []
+    if not 2 <= config.mesh_max_participants <= MAX_SEATS:
+        problems.append(f"mesh_max_participants must be between 2 and {MAX_SEATS}.")
+    if config.janus_timeout_s <= 0:
+        problems.append("janus_timeout_s must be positive.")
+    for name in ("janus_url", "janus_admin_url"):
+        url = getattr(config, name)
+        if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc):
+            problems.append(f"{name} must be an http:// or https:// URL (Janus's HTTP transport).")
+    if config.janus_url and not (config.janus_api_secret and config.janus_room_admin_key):
+        problems.append(
+            "janus_url is set but janus_api_secret or janus_room_admin_key is not: set Janus's api_secret and "
+            "its VideoRoom admin_key, so that only the broker can create rooms (docs/deploy.md, Janus)."
+        )
+    if config.janus_admin_url and not config.janus_admin_secret:
+        problems.append("janus_admin_url is set but janus_admin_secret is not.")
+    return problems
 
 
 def _check_preflight(config: Config) -> list[str]:

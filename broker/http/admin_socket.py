@@ -27,6 +27,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from broker.config import Config, ConfigError, Keys, load_or_create_secret
+from broker.janus.client import JANUS_UNAVAILABLE, JanusUnavailable
+from broker.janus.scheduling import JANUS_UNAVAILABLE_MESSAGE, JanusRequired
 from broker.signaling.hub import Hub
 from broker.signaling.protocol import ErrorCode, ProtocolError
 from broker.store.base import StoreUnavailable
@@ -78,6 +80,10 @@ def admin_app(hub: Hub, keys: Keys, base_url: str, *, relay_available: bool = Tr
             return web.json_response(
                 {"error": ErrorCode.UNAVAILABLE.value, "message": STORE_UNAVAILABLE_MESSAGE}, status=503
             )
+        except JanusRequired as exc:
+            return web.json_response({"error": exc.code, "message": str(exc)}, status=400)
+        except JanusUnavailable:
+            return web.json_response({"error": JANUS_UNAVAILABLE, "message": JANUS_UNAVAILABLE_MESSAGE}, status=503)
         except (ValueError, msgspec.ValidationError, msgspec.DecodeError) as exc:
             return web.json_response({"error": ErrorCode.BAD_MESSAGE.value, "message": str(exc)}, status=400)
 
@@ -100,6 +106,7 @@ def admin_app(hub: Hub, keys: Keys, base_url: str, *, relay_available: bool = Tr
                 "starts": session.starts,
                 "not_before": session.not_before,
                 "expires": session.expires,
+                "media": session.media,
                 "seats": [
                     {"peer": s.id, "role": s.role.value, "minor": s.minor, "token": tokens[s.id]} for s in session.seats
                 ],

@@ -38,6 +38,7 @@ from broker.http.password_routes import setup_password
 from broker.http.security_headers import security_headers, security_middleware, security_signal
 from broker.http.vault_routes import setup_vault
 from broker.http.web_manifest_routes import setup_web_manifest
+from broker.janus.scheduling import media_planner, sweep_forever
 from broker.metrics.labels import ThrottleLimit
 from broker.metrics.readiness import ReadinessCollector
 from broker.metrics.registry import METRICS, Metrics
@@ -103,6 +104,7 @@ class Broker:
         if self.runtime is not None:
             await self.runtime.stop()
         await self.preflight.close()
+        await self.hub.media.aclose()
         await self.audit.aclose()
         await self.accounts.close()
         await self.bus.close()
@@ -141,6 +143,7 @@ async def create_broker(config: Config, *, store: Store | None = None, bus: Bus 
         signer=signer,
         metrics=metrics,
     )
+    hub.media = media_planner(config, keys)
     await hub.start()
     throttle = throttle_for(store)
     broker = Broker(config, keys, store, bus, hub, preflight, audit_log, signer, accounts, throttle, metrics=metrics)
@@ -155,6 +158,8 @@ async def create_broker(config: Config, *, store: Store | None = None, bus: Bus 
     metrics.before_scrape.append(readiness.refresh)
     broker.runtime = Runtime(metrics)
     broker.runtime.start()
+    if hub.media.rooms is not None:
+        broker.background.append(asyncio.get_running_loop().create_task(sweep_forever(hub.media, hub.get_session)))
     if isinstance(store, MemoryStore):
         broker.background.append(asyncio.get_running_loop().create_task(store.run_sweeper()))
     if isinstance(store, RedisStore):

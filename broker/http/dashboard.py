@@ -25,6 +25,8 @@ from broker.http.arrivals_route import event_stream, stream_arrivals
 from broker.http.json_api import BadRequest, json_error, read_json
 from broker.http.login_sessions import AUTH, require_login
 from broker.http.pages import html_page
+from broker.janus.client import JanusUnavailable
+from broker.janus.scheduling import JANUS_UNAVAILABLE_MESSAGE, JanusRequired
 from broker.signaling import session as sm
 from broker.signaling.hub import Hub
 from broker.signaling.protocol import ErrorCode, ProtocolError, Role, SessionState
@@ -179,6 +181,7 @@ class Dashboard:
             "expires": session.expires,
             "relay_only": session.ice_transport_policy == "relay",
             "kind": session.kind,
+            "media": session.media,
             "seats": [self.seat_view(session, seat) for seat in session.seats],
         }
 
@@ -216,6 +219,10 @@ async def api_create(request: web.Request) -> web.Response:
             owner=login.therapist,
             kind=kind,
         )
+    except JanusRequired as exc:
+        return json_error(400, "janus_required", str(exc))
+    except JanusUnavailable:
+        return json_error(503, "janus_unavailable", JANUS_UNAVAILABLE_MESSAGE)
     except ValueError as exc:
         raise BadRequest(_plain(str(exc))) from None
     try:
@@ -231,6 +238,7 @@ async def api_create(request: web.Request) -> web.Response:
             "expires": session.expires,
             "relay_only": session.ice_transport_policy == "relay",
             "kind": session.kind,
+            "media": session.media,
             "seats": [
                 {"peer": s.id, "role": s.role.value, "minor": s.minor, "token": tokens[s.id]} for s in session.seats
             ],
@@ -266,8 +274,15 @@ async def api_list(request: web.Request) -> web.Response:
         views.append(board.session_view(session))
     await board.index.forget(login.therapist, gone)
     views.sort(key=lambda v: (v["starts"], v["session"]))
+    media = board.hub.media
     return web.json_response(
-        {"sessions": views, "relay_available": board.relay_available, "languages": list(board.languages)}
+        {
+            "sessions": views,
+            "relay_available": board.relay_available,
+            "languages": list(board.languages),
+            "mesh_max_participants": media.mesh_max,
+            "janus_available": media.rooms is not None,
+        }
     )
 
 

@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from broker.janus.scheduling import MediaPlanner
 from broker.metrics.registry import Metrics
 from broker.signaling import session as sm
 from broker.signaling.arrivals import publish_count, waiting_count
@@ -131,11 +132,10 @@ class Hub:
         self.signer = signer
         self.clock = clock
         self.metrics = metrics or Metrics()
-        #: The answer to a genuine link whose session is not in the store (the store may have
-        #: lost it: broker/store/redis_marker.py); ``invalid_token`` unless the app says otherwise.
+        self.media = MediaPlanner()  # mesh or Janus, and the Janus rooms (broker/janus/scheduling.py)
+        #: The answer to a genuine link whose session the store lost (broker/store/redis_marker.py).
         self.missing_session: Callable[[TokenClaims], ProtocolError] = lambda claims: sm.invalid_token_error()
-        #: Looks at the store once more for having lost its sessions; True when it just found so (a
-        #: join then answers ``missing_session`` rather than racing the periodic look).
+        #: Looks at the store again for having lost its sessions (True: a join answers ``missing_session``).
         self.store_lost_now: Callable[[], Awaitable[bool]] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         #: This process's opaque id in the store, and in every connection id it gives.
@@ -182,10 +182,7 @@ class Hub:
         owner: str | None = None,
         kind: sm.SessionKind = "individual",
     ) -> tuple[Session, dict[str, str]]:
-        """Schedule a session; returns it and the invite token of every seat by peer id.
-
-        With ``group_link`` the tokens also hold, under ``"group"``, one link for all clients.
-        """
+        """Schedule a session: it, and every seat's invite token by peer id (``"group"``: the group link's)."""
         now = int(self.clock())
         session = sm.new_session(
             new_session_id(),
@@ -198,7 +195,9 @@ class Hub:
             group_link=group_link,
             owner=owner,
             kind=kind,
+            media=self.media.media_for(clients),
         )
+        await self.media.prepare(session.id, session.media)  # JanusUnavailable: nothing saved
         await self.records.save(session)
         tokens = {seat.id: self.tokens.issue(sm.claims_for(session, seat)) for seat in session.seats}
         if group_link:
@@ -552,6 +551,7 @@ class Hub:
         removed = await self.store.delete_prefix(session_prefix(session_id))
         self.records.forget(session_id)
         self.metrics.setups.forget(session_id)
+        await self.media.release(session_id, session.media)
         log.info("event=session_%s session=%s keys_deleted=%d", reason, session_id, removed)
         if owner is not None:
             for listener in self._end_listeners:

@@ -32,6 +32,7 @@ from broker.signaling.session_state import OtherDevice as OtherDevice
 from broker.signaling.session_state import Seat as Seat
 from broker.signaling.session_state import Session as Session
 from broker.signaling.session_state import SessionKind as SessionKind
+from broker.signaling.session_state import SessionMedia as SessionMedia
 from broker.signaling.tokens import INVALID_MESSAGE, TokenClaims, new_peer_id, new_token_id, node_of
 
 #: How early before the appointment a link opens, and how long after its end it stays valid.
@@ -60,6 +61,7 @@ def new_session(
     group_link: bool = False,
     owner: str | None = None,
     kind: SessionKind = "individual",
+    media: SessionMedia = "mesh",
 ) -> Session:
     """A scheduled session with one therapist seat and ``clients`` client seats.
 
@@ -87,6 +89,7 @@ def new_session(
         owner=owner,
         seat_keys=True,
         kind=kind,
+        media=media,
     )
 
 

@@ -15,6 +15,8 @@ from broker.signaling.protocol import ErrorCode, ProtocolError, Role, SeatState,
 
 #: What kind of session it is, as the therapist chose when scheduling (never who is in it).
 SessionKind = Literal["individual", "couple", "family", "group"]
+#: How the session's media flows: peer to peer, or through the practice's Janus (broker/janus/scheduling.py).
+SessionMedia = Literal["mesh", "janus"]
 SESSION_KINDS: tuple[str, ...] = ("individual", "couple", "family", "group")
 
 
@@ -97,6 +99,8 @@ class Session(msgspec.Struct, kw_only=True):
     revision: int = 0
     #: One-to-one, couple, family or group: shown on the therapist's dashboard, nothing more.
     kind: SessionKind = "individual"
+    #: Peer to peer or through Janus: decided when it is scheduled, never switched mid-call.
+    media: SessionMedia = "mesh"
 
     def seat(self, seat_id: str) -> Seat:
         for seat in self.seats:

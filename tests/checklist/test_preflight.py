@@ -350,8 +350,9 @@ async def _victims_while_hammered(broker: RunningBroker, hammer: _Hammer, runs: 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def default_broker(tmp_path: Path) -> AsyncIterator[RunningBroker]:
-    """A broker of its own, with the default pre-flight limits (the hammering must not touch other tests)."""
-    running = await start_broker(tmp_path / "data")
+    """A broker of its own, with the default pre-flight limits (the hammering must not touch other tests);
+    its group sessions are all peer to peer (a pre-flight is the same either way)."""
+    running = await start_broker(tmp_path / "data", mesh_max_participants=16)
     yield running
     await running.stop()
 

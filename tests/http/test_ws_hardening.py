@@ -218,7 +218,8 @@ async def join_raw(ws: aiohttp.ClientWebSocketResponse, token: str) -> None:
 async def test_slow_consumer_is_closed_and_others_are_not(tmp_path: Path, http: ClientSession) -> None:
     """A therapist page that stops reading while clients keep coming and going (each change
     sends it a waiting-room view) is closed with 4009; the clients are served throughout."""
-    running = await start_broker(tmp_path, send_queue_limit=8)
+    # The largest session, all peer to peer: this is about the broker's queues, not the media.
+    running = await start_broker(tmp_path, send_queue_limit=8, mesh_max_participants=16)
     hub = running.hub
     session, tokens = await hub.create_session(clients=15)
     clients = [tokens[seat.id] for seat in session.clients()]

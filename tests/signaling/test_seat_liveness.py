@@ -165,7 +165,8 @@ async def test_a_real_silent_peer_is_cut_off_and_the_therapist_told_within_1_25_
 async def test_a_slow_reader_past_the_cap_frees_its_seat_within_a_second(tmp_path: Path) -> None:
     """A therapist page that stops reading is closed at the send-queue cap, and its seat is free
     within 1 s of that: its close frame cannot be written, so the connection is cut off."""
-    running = await start_broker(tmp_path, send_queue_limit=8)
+    # The largest session, all peer to peer: this is about the broker's queues, not the media.
+    running = await start_broker(tmp_path, send_queue_limit=8, mesh_max_participants=16)
     hub = running.hub
     session, tokens = await hub.create_session(clients=15)
     clients = [tokens[seat.id] for seat in session.clients()]
