@@ -410,6 +410,10 @@ async def test_the_therapists_pages_speak_the_browsers_language_with_a_switch(fu
     await expect(page.locator("html")).to_have_attribute("lang", "es")
     await expect(page.locator("#login-title")).to_have_text(ES["login.login_title"])
     await page.get_by_label(ES["login.login_name"]).fill("alex")
+    # The broker refuses in English; the page says it in its own language, by the refusal's code.
+    await page.get_by_label(ES["login.password"]).fill(PASSWORD + "-wrong")
+    await page.get_by_role("button", name=ES["login.login_submit"]).click()
+    await expect(page.locator("#login-error")).to_have_text(ES["api.invalid_credentials"])
     await page.get_by_label(ES["login.password"]).fill(PASSWORD)
     await page.get_by_role("button", name=ES["login.login_submit"]).click()
     await page.get_by_role("button", name=ES["login.offer_later"]).click()

@@ -4,13 +4,13 @@ export const DEFAULT_LANGUAGE = "en";
 export const CATALOGUES = {
   "en": {
     "dir": "ltr",
-    "integrity": "sha384-pvTlcR5W9hpBXxJinTmWyPOfInxHxeCvu1/RKbpaWB7666+lc58fkyGDFx0r4bp7",
+    "integrity": "sha384-WdxgOLe/3Gy1uzn6nVZNInEq2+djWmGmZw0Brr+WGUBse63oXVwfMZu2Cn9ITcuL",
     "name": "English",
     "url": "/static/i18n/en.json"
   },
   "es": {
     "dir": "ltr",
-    "integrity": "sha384-CYyhaoz6baCpod+JMLMV/fTVSV9t8bAwypQf53HAXsklz84asgnQxtiENTo+39e0",
+    "integrity": "sha384-m1+XqsEZe1ODLQ87ijVlbdihxZvSfCX1kZXHtK+UiKHRJ3Fnk2+epRRWt3eXJv3L",
     "name": "Español",
     "url": "/static/i18n/es.json"
   }

@@ -12,7 +12,7 @@ import { ArrivalAlert, watchArrivals } from "./arrivals.js";
 import { b64urlEncode, decodeLinkKey, groupKey, newLinkKey, seatKey } from "./e2ee.js";
 import { storeTx } from "./idb.js";
 import { CATALOGUES } from "./catalogues.js";
-import { language, onLanguageChange, startLanguage, t, textIn } from "./i18n.js";
+import { apiMessage, language, onLanguageChange, startLanguage, t, textIn } from "./i18n.js";
 import { modeSelect, rememberTherapistMode, therapistMode } from "./media_mode.js";
 import { forgetVaultKey, initVault, labelBlock, labelOf, storeSecret, syncVault } from "./vault.js";
 
@@ -448,7 +448,7 @@ async function api(path, { body, background = false } = {}) {
   } catch {
     data = { message: t("dashboard.unexpected_answer") };
   }
-  if (!response.ok) throw Object.assign(new Error(data.message || t("dashboard.request_failed")), { data });
+  if (!response.ok) throw Object.assign(new Error(apiMessage(data, "dashboard.request_failed")), { data });
   return data;
 }
 

@@ -162,6 +162,20 @@ export function has(key) {
   return typeof loaded.get(current)?.[key] === "string" || typeof loaded.get(DEFAULT_LANGUAGE)?.[key] === "string";
 }
 
+/**
+ * What to show for a refusal of the JSON API ({error, message}, docs/protocol.md 15): the broker
+ * writes its sentences in English, so a page in another language shows its catalogue's sentence
+ * for the code (`api.<code>`) instead; in English, the broker's own (often more precise) one.
+ * `fallbackKey` when the answer had neither.
+ */
+export function apiMessage(data, fallbackKey = null) {
+  const code = typeof data?.error === "string" ? data.error : "";
+  const own = typeof loaded.get(current)?.[`api.${code}`] === "string";
+  if (code && current !== DEFAULT_LANGUAGE && own) return t(`api.${code}`);
+  if (typeof data?.message === "string" && data.message) return data.message;
+  return fallbackKey ? t(fallbackKey) : "";
+}
+
 /** The plain text of `key` with `args` in the current language (emphasis tags dropped). */
 export function t(key, args = {}) {
   return parts(key, args)

@@ -4,7 +4,7 @@
 // second factors may need a fresh proof of identity first (reauth.js).
 // Talks only to this origin's /api/ endpoints; no inline script, no other origin.
 
-import { language, startLanguage, t } from "./i18n.js";
+import { apiMessage, language, startLanguage, t } from "./i18n.js";
 import { createPasskey, passkeyProblem, passkeysSupported, usePasskey } from "./passkeys.js";
 import { confirmIdentity, reauthNeeded } from "./reauth.js";
 import { openVaultWithPassword } from "./vault.js";
@@ -101,7 +101,7 @@ async function onLogin(event) {
     if (data.error === "second_factor_required") {
       const factors = data.factors || ["code"];
       $("code-field").hidden = !factors.includes("code");
-      error.textContent = data.message;
+      error.textContent = apiMessage(data);
       if (data.passkey && passkeysSupported()) {
         pendingPasskey = data.passkey;
         $("passkey-login").hidden = false;
@@ -111,7 +111,7 @@ async function onLogin(event) {
       }
       return;
     }
-    error.textContent = data.message || t("login.failed");
+    error.textContent = apiMessage(data, "login.failed");
     if (data.error === "invalid_credentials") {
       form.password.value = "";
       form.code.value = "";
@@ -163,7 +163,7 @@ async function loginWithPasskey() {
   const body = { username: form.username.value.trim(), password: form.password.value, passkey: assertion };
   const { status, data } = await api("/api/login", body);
   if (await loggedIn(status, data)) return;
-  error.textContent = data.message || t("login.failed");
+  error.textContent = apiMessage(data, "login.failed");
   if (data.error === "invalid_credentials") {
     form.password.value = "";
     form.password.focus();
@@ -178,7 +178,7 @@ async function addPasskey() {
   try {
     const options = await guarded("/api/passkeys/options", {});
     if (options.status !== 200) {
-      error.textContent = options.data.message || t("login.passkey_unavailable");
+      error.textContent = apiMessage(options.data, "login.passkey_unavailable");
       return;
     }
     let credential;
@@ -190,7 +190,7 @@ async function addPasskey() {
     }
     const { status, data } = await guarded("/api/passkeys", { credential });
     if (status !== 200) {
-      error.textContent = data.message || t("login.passkey_not_added");
+      error.textContent = apiMessage(data, "login.passkey_not_added");
       return;
     }
     csrf = data.csrf;
@@ -219,7 +219,7 @@ async function startEnrolment(passkeysAvailable = false) {
     return;
   }
   if (status !== 200) {
-    loading.textContent = data.message || t("login.enrol_unavailable");
+    loading.textContent = apiMessage(data, "login.enrol_unavailable");
     return;
   }
   loading.hidden = true;
@@ -244,7 +244,7 @@ async function onConfirm(event) {
   }
   const { status, data } = await guarded("/api/2fa/confirm", { code });
   if (status !== 200) {
-    error.textContent = data.message || t("reauth.failed");
+    error.textContent = apiMessage(data, "reauth.failed");
     input.value = "";
     input.focus();
     return;
@@ -350,15 +350,15 @@ async function removePasskey(id, button) {
     let reply = await guarded("/api/passkeys/remove", { id });
     if (reply.status === 409 && reply.data.error === "last_second_factor") {
       // The last second factor: removing it leaves the password alone, so it is asked for explicitly.
-      if (!window.confirm(reply.data.message)) return;
+      if (!window.confirm(apiMessage(reply.data))) return;
       reply = await guarded("/api/passkeys/remove", { id, confirm_password_only: true });
     }
     if (reply.status !== 200) {
-      error.textContent = reply.data.message || t("login.passkey_not_removed");
+      error.textContent = apiMessage(reply.data, "login.passkey_not_removed");
       return;
     }
     csrf = reply.data.csrf;
-    await showFactors(reply.data.message || t("login.passkey_removed"));
+    await showFactors(t("login.passkey_removed"));
   } finally {
     button.disabled = false;
   }
@@ -370,7 +370,7 @@ async function newRecoveryCodes() {
   if (!window.confirm(t("login.new_codes_question"))) return;
   const { status, data } = await guarded("/api/recovery-codes", {});
   if (status !== 200) {
-    error.textContent = data.message || t("login.new_codes_unavailable");
+    error.textContent = apiMessage(data, "login.new_codes_unavailable");
     return;
   }
   csrf = data.csrf;

@@ -4,7 +4,7 @@
 // The dialog is built when needed and removed afterwards, so the page holds one password field
 // at a time.
 
-import { t } from "./i18n.js";
+import { apiMessage, t } from "./i18n.js";
 import { passkeyProblem, passkeysSupported, usePasskey } from "./passkeys.js";
 
 /** Whether an API answer ({status, data}) asks for a new proof of identity. */
@@ -74,7 +74,7 @@ export function confirmIdentity(answer, post) {
   const factors = answer.factors || ["password"];
   const codeAllowed = factors.includes("code");
   let passkeyOptions = answer.passkey && passkeysSupported() ? answer.passkey : null;
-  const dialog = buildDialog(answer.message || t("reauth.message"), codeAllowed, !!passkeyOptions);
+  const dialog = buildDialog(apiMessage(answer, "reauth.message"), codeAllowed, !!passkeyOptions);
   document.body.append(dialog);
   const form = dialog.querySelector("form");
   const error = dialog.querySelector("#reauth-error");
@@ -100,7 +100,7 @@ export function confirmIdentity(answer, post) {
         finish(true);
         return;
       }
-      error.textContent = data.message || t("reauth.failed");
+      error.textContent = apiMessage(data, "reauth.failed");
       clear();
     };
     form.addEventListener("submit", async (event) => {

@@ -8,7 +8,7 @@
 // non-extractable CryptoKey until logout. docs/protocol.md 15.21-15.25, docs/security.md 3.5.
 
 import { b64urlDecode, b64urlEncode } from "./e2ee.js";
-import { t } from "./i18n.js";
+import { apiMessage, t } from "./i18n.js";
 import { storeTx } from "./idb.js";
 
 export const ITERATIONS = 600_000;
@@ -129,7 +129,7 @@ async function post(path, body, csrf) {
     body: JSON.stringify(body),
   });
   const data = await response.json().catch(() => ({}));
-  if (!response.ok) throw Object.assign(new Error(data.message || t("dashboard.request_failed")), { data });
+  if (!response.ok) throw Object.assign(new Error(apiMessage(data, "dashboard.request_failed")), { data });
   return data;
 }
 
