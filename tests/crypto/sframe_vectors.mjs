@@ -30,6 +30,8 @@ async function codeOf(promise) {
 same("cipher suite", sf.CIPHER_SUITE, V.cipher_suite);
 same("replay window", sf.REPLAY_WINDOW, V.replay_window);
 same("sender slots", sf.SENDER_SLOTS, V.sender_slots);
+same("retired key grace", sf.RETIRED_KEY_GRACE_MS, V.retired_key_grace_ms);
+same("vp8 clear bytes", `${sf.VP8_KEYFRAME_CLEAR_BYTES}/${sf.VP8_DELTA_CLEAR_BYTES}`, `${V.vp8_clear_bytes.key}/${V.vp8_clear_bytes.delta}`);
 for (const h of V.headers) {
   same(`header ${h.kid}/${h.counter}`, hex(sf.encodeHeader(BigInt(h.kid), BigInt(h.counter))), h.header);
   const parsed = sf.decodeHeader(fromHex(h.header));

@@ -16,6 +16,7 @@ from typing import Any
 from broker.crypto.sframe import (
     CIPHER_SUITE,
     REPLAY_WINDOW,
+    RETIRED_KEY_GRACE_SECONDS,
     SENDER_SLOTS,
     VP8_DELTA_CLEAR_BYTES,
     VP8_KEYFRAME_CLEAR_BYTES,
@@ -122,6 +123,8 @@ def build_sframe_vectors() -> dict[str, Any]:
         "cipher_suite": CIPHER_SUITE,
         "replay_window": REPLAY_WINDOW,
         "sender_slots": SENDER_SLOTS,
+        "retired_key_grace_ms": RETIRED_KEY_GRACE_SECONDS * 1000,
+        "vp8_clear_bytes": {"key": VP8_KEYFRAME_CLEAR_BYTES, "delta": VP8_DELTA_CLEAR_BYTES},
         "headers": headers,
         "keys": keys,
         "kid_layout": kid_layout,

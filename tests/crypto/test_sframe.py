@@ -278,7 +278,7 @@ def run_node(ops: list[dict[str, Any]]) -> dict[str, Any]:
 def test_the_js_module_matches_every_vector() -> None:
     answer = run_node([])
     assert answer["failures"] == []
-    expected = 3 + 2 * len(VECTORS["headers"]) + 2 * len(VECTORS["kid_layout"]) + len(VECTORS["keys"])
+    expected = 5 + 2 * len(VECTORS["headers"]) + 2 * len(VECTORS["kid_layout"]) + len(VECTORS["keys"])
     expected += 2 * len(VECTORS["frames"])
     expected += sum(1 + len(n["before"]) for n in VECTORS["negative"])
     assert answer["checked"] == expected
