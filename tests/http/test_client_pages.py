@@ -24,7 +24,11 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 #: Words a neutral title or page must not contain.
 TELLING = re.compile(r"therap|session|counsel|clinic|psych|mental|health|appointment", re.IGNORECASE)
-_IMPORT = re.compile(r"""^\s*(?:import|export)\s[^;]*?from\s+["'](\./[\w.-]+\.js)["']""", re.MULTILINE)
+#: Static imports, and dynamic ones with a literal (the call's modules load when the checklist starts).
+_IMPORT = re.compile(
+    r"""^\s*(?:import|export)\s[^;]*?from\s+["'](\./[\w.-]+\.js)["']|\bimport\(\s*["'](\./[\w.-]+\.js)["']\s*\)""",
+    re.MULTILINE,
+)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -88,7 +92,7 @@ async def everything_loaded(http: aiohttp.ClientSession, page_url: str) -> tuple
         status, _, text = await get(http, url)
         assert status == 200, url
         if path.endswith(".js"):
-            queue += [urljoin(url, module) for module in _IMPORT.findall(text)]
+            queue += [urljoin(url, static or dynamic) for static, dynamic in _IMPORT.findall(text)]
     return page, seen
 
 
@@ -98,6 +102,7 @@ async def test_the_join_page_and_everything_it_loads_are_no_store_and_neutral(
     links = await schedule(broker)
     page, loaded = await everything_loaded(http, links.client.partition("#")[0])
     assert {"/static/js/join.js", "/static/js/quick_exit.js", "/static/js/no_trace.js", "/static/js/call.js"} <= loaded
+    assert {"/static/js/call_tools.js", "/static/js/whiteboard.js"} <= loaded  # imported when the checklist starts
     assert "/static/img/neutral.svg" in loaded and "/static/css/app.css" in loaded
     assert page.title == NEUTRAL_TITLE and not TELLING.search(page.title)
     # "Leave now" is the first link of the page (before the skip link): first in the tab order.
