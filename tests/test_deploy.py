@@ -34,9 +34,19 @@ UNIT = DEPLOY / "systemd" / "broker.service"
 TURN_CONF = DEPLOY / "coturn" / "turnserver.conf"
 ENTRYPOINT = DEPLOY / "coturn" / "entrypoint.sh"
 DOCS = REPO / "docs" / "deploy.md"
+JANUS = DEPLOY / "janus"
+JANUS_ENTRYPOINT = JANUS / "entrypoint.sh"
 
 
 # --------------------------------------------------------------------------- docker-compose
+
+
+#: Stand-ins for the three values Janus and the broker share (each a different one, to tell them apart).
+JANUS_DUMMIES = {
+    "api_secret": "dummy-janus-api-secret-" + "a" * 16,
+    "admin_secret": "dummy-janus-admin-secret-" + "b" * 16,
+    "room_admin_key": "dummy-janus-room-admin-key-" + "c" * 16,
+}
 
 
 def _required_compose_vars() -> list[str]:
@@ -57,6 +67,10 @@ def compose_env(tmp_path: Path) -> dict[str, str]:
         "REDIS_PASSWORD": "0123abcd",
         "SERVER_SECRET_FILE": str(server_secret),
         "TURN_SECRET_FILE": str(turn_secret),
+        "JANUS_API_SECRET": JANUS_DUMMIES["api_secret"],
+        "JANUS_ADMIN_SECRET": JANUS_DUMMIES["admin_secret"],
+        "JANUS_ROOM_ADMIN_KEY": JANUS_DUMMIES["room_admin_key"],
+        "JANUS_PUBLIC_IP": "203.0.113.7",
     }
     assert set(_required_compose_vars()) == set(dummies), "update the dummies to the compose file's required values"
     env.update(dummies)
@@ -77,7 +91,18 @@ def test_compose_file_validates_with_required_values(compose_env: dict[str, str]
 
 
 @pytest.mark.parametrize(
-    "missing", ["BROKER_DOMAIN", "ACME_EMAIL", "REDIS_PASSWORD", "SERVER_SECRET_FILE", "TURN_SECRET_FILE"]
+    "missing",
+    [
+        "BROKER_DOMAIN",
+        "ACME_EMAIL",
+        "REDIS_PASSWORD",
+        "SERVER_SECRET_FILE",
+        "TURN_SECRET_FILE",
+        "JANUS_API_SECRET",
+        "JANUS_ADMIN_SECRET",
+        "JANUS_ROOM_ADMIN_KEY",
+        "JANUS_PUBLIC_IP",
+    ],
 )
 def test_compose_refuses_to_run_without_a_required_value(
     missing: str, compose_env: dict[str, str], tmp_path: Path
@@ -586,6 +611,8 @@ def test_broker_accepts_the_kubernetes_settings(k8s_objects: list[dict[str, Any]
         value = item.get("value")
         if value is not None:
             values[item["name"]] = re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], value)
+        elif item["name"].startswith("BROKER_"):  # from broker-secrets: a stand-in value
+            values[item["name"]] = "dummy-" + item["valueFrom"]["secretKeyRef"]["key"]
     env.update({k: v for k, v in values.items() if k.startswith("BROKER_")})
     assert env["BROKER_REDIS_URL"] == "redis://:0123abcd@redis:6379/0"
     _check_broker_settings(env, tmp_path)
@@ -873,3 +900,378 @@ def test_kubernetes_brokers_are_scraped_inside_the_cluster_only(k8s_objects: lis
     assert [p["port"] for r in open_rules for p in r["ports"]] == [8080], "only the signaling port is open to all"
     (scrape_rule,) = [r for r in rules if any(p["port"] == METRICS_PORT for p in r["ports"])]
     assert [list(peer) for peer in scrape_rule["from"]] == [["namespaceSelector"]]
+
+
+# --------------------------------------------------------------------------- Janus (issue 22, point 6)
+
+JANUS_API_PORT, JANUS_ADMIN_PORT = 8088, 7088
+#: The only plugin and transport the broker needs (tests/janus_server.py loads the same two).
+JANUS_KEEP = {"libjanus_videoroom.so", "libjanus_http.so"}
+#: Where Debian's package puts Janus's modules (amd64, as on the test machines).
+JANUS_MODULES = Path("/usr/lib/x86_64-linux-gnu/janus")
+
+
+def _jcfg(path: Path) -> dict[str, dict[str, str]]:
+    """A Janus .jcfg file read as text: ``group: { key = value }`` blocks, comments dropped, quotes removed."""
+    groups: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    for raw in path.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if opened := re.fullmatch(r"(\w+)\s*:\s*\{", line):
+            assert current is None, f"{path.name}: nested group {line}"
+            current = groups.setdefault(opened.group(1), {})
+        elif line == "}":
+            assert current is not None, f"{path.name}: unbalanced }}"
+            current = None
+        else:
+            setting = re.fullmatch(r"(\w+)\s*=\s*(.+)", line)
+            assert setting and current is not None, f"{path.name}: unexpected line {line!r}"
+            current[setting.group(1)] = setting.group(2).strip().strip('"')
+    assert current is None, f"{path.name}: a group is not closed"
+    return groups
+
+
+def _rtp_range() -> tuple[int, int]:
+    low, _, high = _jcfg(JANUS / "janus.jcfg")["media"]["rtp_port_range"].partition("-")
+    return int(low), int(high)
+
+
+def _installed_modules(folder: str) -> set[str]:
+    assert JANUS_MODULES.is_dir(), "Debian's janus package is required (apt-get install janus janus-tools)"
+    return {p.name for p in (JANUS_MODULES / folder).glob("*.so")}
+
+
+def test_janus_config_loads_only_the_videoroom_plugin_and_the_http_transport() -> None:
+    """Every plugin, transport, logger and event handler Debian's package ships is disabled except the two the
+    broker needs; stored-token auth is on; the admin API is enabled; no secret is in the committed files."""
+    core = _jcfg(JANUS / "janus.jcfg")
+    for folder, group in (("plugins", "plugins"), ("transports", "transports"), ("loggers", "loggers"),
+                          ("events", "events")):  # fmt: skip
+        disabled = set(core[group]["disable"].split(","))
+        assert disabled.isdisjoint(JANUS_KEEP), group
+        assert _installed_modules(folder) - JANUS_KEEP <= disabled, f"{group}: a module is left enabled"
+    assert _installed_modules("plugins") & JANUS_KEEP == {"libjanus_videoroom.so"}
+    assert core["events"]["broadcast"] == "false"
+    general = core["general"]
+    assert general["token_auth"] == "true"
+    assert "token_auth_secret" not in general, "the broker uses stored tokens"
+    assert {"plugins_folder", "transports_folder", "configs_folder"}.isdisjoint(general), "the package's defaults"
+    http = _jcfg(JANUS / "janus.transport.http.jcfg")
+    assert http["general"]["http"] == "true" and int(http["general"]["port"]) == JANUS_API_PORT
+    assert http["general"]["https"] == "false" and http["general"]["base_path"] == "/janus"
+    assert http["admin"]["admin_http"] == "true" and int(http["admin"]["admin_port"]) == JANUS_ADMIN_PORT
+    assert http["admin"]["admin_base_path"] == "/admin"
+    videoroom = _jcfg(JANUS / "janus.plugin.videoroom.jcfg")
+    assert list(videoroom) == ["general"], "no room is configured: the broker makes one per session"
+    secrets_in_files = {"api_secret", "admin_secret", "admin_key", "token_auth_secret"}
+    for groups in (core, http, videoroom):
+        for settings in groups.values():
+            assert secrets_in_files.isdisjoint(settings), "secrets are added at start, never committed"
+    low, high = _rtp_range()
+    assert 1024 < low < high
+    files = {p.name for p in JANUS.glob("*.jcfg")}
+    assert files == {"janus.jcfg", "janus.transport.http.jcfg", "janus.plugin.videoroom.jcfg"}
+
+
+def _janus_dockerfile() -> list[tuple[str, str]]:
+    rows = []
+    for line in (JANUS / "Dockerfile").read_text().replace("\\\n", " ").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            rows.append((keyword.upper(), rest.strip()))
+    return rows
+
+
+def test_janus_image_is_debians_package_run_unprivileged() -> None:
+    rows = _janus_dockerfile()
+    assert [rest for keyword, rest in rows if keyword == "FROM"] == ["debian:bookworm-slim"]
+    run = " ".join(rest for keyword, rest in rows if keyword == "RUN")
+    assert "apt-get install -y --no-install-recommends janus" in run
+    copied = " ".join(rest for keyword, rest in rows if keyword == "COPY")
+    for name in ("janus.jcfg", "janus.transport.http.jcfg", "janus.plugin.videoroom.jcfg", "entrypoint.sh"):
+        assert name in copied, name
+    users = [rest for keyword, rest in rows if keyword == "USER"]
+    assert users and users[-1].split(":")[0] not in {"root", "0"}
+    low, high = _rtp_range()
+    assert ("EXPOSE", f"{JANUS_API_PORT} {JANUS_ADMIN_PORT} {low}-{high}/udp") in rows
+    assert ("ENTRYPOINT", '["sh", "/usr/local/bin/janus-entrypoint.sh"]') in rows
+
+
+def _published_ports(service: dict[str, Any]) -> list[dict[str, Any]]:
+    """docker-compose's resolved port entries (a range comes out as one entry per port; an entry with a host
+    address as ``HOST:PUBLISHED:TARGET/PROTOCOL``)."""
+    entries = []
+    for port in service.get("ports", []):
+        if isinstance(port, str):
+            address, _, protocol = port.partition("/")
+            *host, published, target = address.split(":")
+            port = {"published": published, "target": target, "protocol": protocol or "tcp"}
+            port.update({"host_ip": host[0]} if host else {})
+        entries.append(dict(port))
+    return entries
+
+
+def test_compose_runs_janus_with_its_api_on_an_internal_network_only(compose_config: dict[str, Any]) -> None:
+    """Janus's API and admin API are published nowhere; only its RTP range is, over UDP; the brokers reach the
+    API on the internal "janus" network, to whose address Janus binds it."""
+    services = compose_config["services"]
+    janus = services["janus"]
+    low, high = _rtp_range()
+    published = _published_ports(janus)
+    assert sorted(int(p["published"]) for p in published) == list(range(low, high + 1))
+    assert all(p["protocol"] == "udp" and p["published"] == p["target"] for p in published)
+    assert all(p.get("host_ip") in (None, "0.0.0.0") for p in published)
+    for name, service in services.items():
+        for port in _published_ports(service):
+            assert int(port["target"]) not in {JANUS_API_PORT, JANUS_ADMIN_PORT}, f"{name} publishes a Janus API"
+    assert compose_config["networks"]["janus"].get("internal") is True
+    assert set(janus["networks"]) == {"janus", "media"}
+    assert janus["networks"]["janus"]["aliases"] == [janus["environment"]["JANUS_API_HOST"]]
+    assert compose_config["networks"]["media"].get("internal") is not True
+    for name, service in services.items():
+        on_janus_network = "janus" in service.get("networks", {})
+        assert on_janus_network == (name in {"broker1", "broker2", "janus"}), name
+    assert janus["read_only"] is True and janus["cap_drop"] == ["ALL"]
+    assert any(str(entry).startswith("/tmp") for entry in janus["tmpfs"])
+    assert janus["environment"]["JANUS_RUNTIME_DIR"] == "/tmp"
+    assert janus["build"]["context"].endswith("deploy/janus")
+    for name in ("broker1", "broker2"):
+        env = services[name]["environment"]
+        assert env["BROKER_JANUS_URL"] == f"http://janus:{JANUS_API_PORT}/janus"
+        assert env["BROKER_JANUS_ADMIN_URL"] == f"http://janus:{JANUS_ADMIN_PORT}/admin"
+
+
+def test_compose_janus_secrets_come_from_the_environment_shared_with_the_brokers(
+    compose_config: dict[str, Any],
+) -> None:
+    """No value in the file: each secret is a required ${VAR:?...}, the same variable for Janus and the brokers."""
+    raw = yaml.safe_load(COMPOSE.read_text())
+    broker_env = raw["x-broker"]["environment"]
+    janus_env = raw["services"]["janus"]["environment"]
+    pairs = {
+        "BROKER_JANUS_API_SECRET": "JANUS_API_SECRET",
+        "BROKER_JANUS_ADMIN_SECRET": "JANUS_ADMIN_SECRET",
+        "BROKER_JANUS_ROOM_ADMIN_KEY": "JANUS_ROOM_ADMIN_KEY",
+    }
+    for broker_name, janus_name in pairs.items():
+        assert re.fullmatch(rf"\$\{{{janus_name}:\?[^}}]+\}}", broker_env[broker_name]), broker_name
+        assert re.fullmatch(rf"\$\{{{janus_name}:\?[^}}]+\}}", janus_env[janus_name]), janus_name
+    resolved_janus = compose_config["services"]["janus"]["environment"]
+    for name in ("broker1", "broker2"):
+        resolved = compose_config["services"][name]["environment"]
+        for broker_name, janus_name in pairs.items():
+            assert resolved[broker_name] == resolved_janus[janus_name] != ""
+    assert resolved_janus["JANUS_API_SECRET"] == JANUS_DUMMIES["api_secret"]
+
+
+def test_mesh_size_stays_at_its_default_until_the_browsers_use_janus(
+    compose_config: dict[str, Any], k8s_objects: list[dict[str, Any]]
+) -> None:
+    """README: leave BROKER_MESH_MAX_PARTICIPANTS at 16 (every session peer to peer) until browser media goes
+    through Janus; the files say so next to the value."""
+    from broker.config import Config
+
+    default = str(Config().mesh_max_participants)
+    assert default == "16"
+    for name in ("broker1", "broker2"):
+        assert compose_config["services"][name]["environment"]["BROKER_MESH_MAX_PARTICIPANTS"] == default
+    literals = dict(x.split("=", 1) for x in _generator("broker-config")["literals"])
+    assert literals["BROKER_MESH_MAX_PARTICIPANTS"] == default
+    for path in (COMPOSE, K8S / "kustomization.yaml"):
+        text = path.read_text()
+        before = text[: text.index("BROKER_MESH_MAX_PARTICIPANTS")]
+        assert "then 4" in before.splitlines()[-2], path.name
+
+
+def test_kubernetes_janus_api_only_on_a_cluster_ip_service(k8s_objects: list[dict[str, Any]]) -> None:
+    """A janus Deployment whose API ports are on a ClusterIP Service only (no host port, no NodePort, no
+    LoadBalancer, no Ingress), reachable from broker pods only, and whose RTP range is on host ports over UDP."""
+    deployment = _object(k8s_objects, "Deployment", "janus")
+    namespace = deployment["metadata"]["namespace"]
+    pod = deployment["spec"]["template"]["spec"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert not pod.get("hostNetwork"), "host networking would put the API on the node's addresses"
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    (container,) = pod["containers"]
+    assert container["image"] == "teletherapy-janus"
+    ports = container["ports"]
+    api = {p["containerPort"]: p for p in ports if p.get("protocol", "TCP") == "TCP"}
+    assert set(api) == {JANUS_API_PORT, JANUS_ADMIN_PORT}
+    assert all("hostPort" not in p for p in api.values())
+    media = [p for p in ports if p.get("protocol") == "UDP"]
+    low, high = _rtp_range()
+    assert sorted(p["containerPort"] for p in media) == list(range(low, high + 1))
+    assert all(p["hostPort"] == p["containerPort"] for p in media)
+    selecting = [
+        o for o in k8s_objects
+        if o["kind"] == "Service" and o["spec"].get("selector", {}).items() <= labels.items()
+        and o["metadata"].get("namespace") == namespace
+    ]  # fmt: skip
+    assert [o["metadata"]["name"] for o in selecting] == ["janus"]
+    service = selecting[0]
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert sorted(p["port"] for p in service["spec"]["ports"]) == sorted([JANUS_ADMIN_PORT, JANUS_API_PORT])
+    for ingress in (o for o in k8s_objects if o["kind"] == "Ingress"):
+        backends = [p["backend"]["service"]["name"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]]
+        assert "janus" not in backends
+    policy = _object(k8s_objects, "NetworkPolicy", "janus-api-from-broker-only")
+    assert policy["metadata"]["namespace"] == namespace
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    for rule in policy["spec"]["ingress"]:
+        rule_ports = {(p["protocol"], p["port"], p.get("endPort")) for p in rule["ports"]}
+        if "from" not in rule:
+            assert rule_ports == {("UDP", low, high)}, "only media is open to all"
+        else:
+            (peer,) = rule["from"]
+            assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "broker"}
+            assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "teletherapy"}
+            assert rule_ports == {("TCP", JANUS_API_PORT, None), ("TCP", JANUS_ADMIN_PORT, None)}
+    names = {o["metadata"]["name"]: o for o in k8s_objects if o["kind"] == "Namespace"}
+    assert names[namespace]["metadata"]["labels"]["pod-security.kubernetes.io/warn"] == "baseline"
+
+
+def test_kubernetes_broker_reaches_janus_with_the_shared_secrets(k8s_objects: list[dict[str, Any]]) -> None:
+    literals = dict(x.split("=", 1) for x in _generator("broker-config")["literals"])
+    host = "janus.teletherapy-janus.svc.cluster.local"
+    assert literals["BROKER_JANUS_URL"] == f"http://{host}:{JANUS_API_PORT}/janus"
+    assert literals["BROKER_JANUS_ADMIN_URL"] == f"http://{host}:{JANUS_ADMIN_PORT}/admin"
+    broker = _object(k8s_objects, "Deployment", "broker")["spec"]["template"]["spec"]["containers"][0]
+    broker_env = {item["name"]: item for item in broker["env"]}
+    janus = _object(k8s_objects, "Deployment", "janus")["spec"]["template"]["spec"]["containers"][0]
+    janus_env = {item["name"]: item for item in janus["env"]}
+    examples = {doc["metadata"]["name"]: doc for doc in _k8s_documents(K8S / "secret.example.yaml")}
+    for broker_name, janus_name in (
+        ("BROKER_JANUS_API_SECRET", "JANUS_API_SECRET"),
+        ("BROKER_JANUS_ADMIN_SECRET", "JANUS_ADMIN_SECRET"),
+        ("BROKER_JANUS_ROOM_ADMIN_KEY", "JANUS_ROOM_ADMIN_KEY"),
+    ):
+        broker_ref = broker_env[broker_name]["valueFrom"]["secretKeyRef"]
+        janus_ref = janus_env[janus_name]["valueFrom"]["secretKeyRef"]
+        assert "value" not in broker_env[broker_name] and "value" not in janus_env[janus_name]
+        assert broker_ref["name"] == "broker-secrets" and janus_ref["name"] == "janus-secrets"
+        # The example says the two keys hold one value.
+        assert examples["janus-secrets"]["stringData"][janus_ref["key"]].endswith(broker_ref["key"])
+        assert broker_ref["key"] in examples["broker-secrets"]["stringData"]
+
+
+def _janus_env(tmp_path: Path, source: Path, **extra: str) -> dict[str, str]:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "JANUS_CONFIG_DIR": str(source),
+        "JANUS_RUNTIME_DIR": str(tmp_path / "run"),
+        "JANUS_API_SECRET": JANUS_DUMMIES["api_secret"],
+        "JANUS_ADMIN_SECRET": JANUS_DUMMIES["admin_secret"],
+        "JANUS_ROOM_ADMIN_KEY": JANUS_DUMMIES["room_admin_key"],
+    }
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("JANUS_API_SECRET", "", "JANUS_API_SECRET is missing"),
+        ("JANUS_ADMIN_SECRET", "short", "JANUS_ADMIN_SECRET is missing or shorter"),
+        ("JANUS_ROOM_ADMIN_KEY", 'x" }\nplugins: { disable = "' + "y" * 40, "JANUS_ROOM_ADMIN_KEY may hold only"),
+        ("JANUS_PUBLIC_IP", "203.0.113.7; rm -rf /", "JANUS_PUBLIC_IP must be an IPv4 address"),
+    ],
+)
+def test_janus_entrypoint_refuses_a_missing_or_unsafe_value(
+    name: str, value: str, message: str, tmp_path: Path
+) -> None:
+    """Bad input changes nothing: no config is written and Janus is not started."""
+    assert subprocess.run(["sh", "-n", str(JANUS_ENTRYPOINT)], check=False).returncode == 0
+    env = _janus_env(tmp_path, JANUS, **{name: value})
+    result = subprocess.run(["sh", str(JANUS_ENTRYPOINT)], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 64
+    assert message in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _janus_post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return dict(json.loads(response.read()))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_janus_starts_from_the_deploy_config_with_only_what_the_broker_needs(tmp_path: Path) -> None:
+    """Debian's Janus, started through deploy/janus/entrypoint.sh from deploy/janus/'s files (only the two API
+    ports moved to free ones): it loads the VideoRoom plugin and the HTTP transport and nothing else, binds its
+    APIs to the address JANUS_API_HOST names, and enforces the api_secret, the admin_secret and the admin_key
+    the entrypoint added from the environment, on a config only its owner can read."""
+    import urllib.request
+
+    assert shutil.which("janus"), "Debian's janus package is required (apt-get install janus janus-tools)"
+    source = tmp_path / "source"
+    source.mkdir()
+    for path in JANUS.glob("*.jcfg"):
+        (source / path.name).write_text(path.read_text())
+    port, admin_port = _free_port(), _free_port()
+    http_conf = source / "janus.transport.http.jcfg"
+    moved = re.sub(r"(?m)^(\s*)port = \d+$", rf"\g<1>port = {port}", http_conf.read_text())
+    http_conf.write_text(re.sub(r"(?m)^(\s*)admin_port = \d+$", rf"\g<1>admin_port = {admin_port}", moved))
+    env = _janus_env(tmp_path, source, JANUS_API_HOST="127.0.0.1", JANUS_PUBLIC_IP="203.0.113.7")
+    log = tmp_path / "janus.log"
+    with log.open("wb") as out:
+        janus = subprocess.Popen(["sh", str(JANUS_ENTRYPOINT)], env=env, stdout=out, stderr=subprocess.STDOUT)
+    base, admin = f"http://127.0.0.1:{port}/janus", f"http://127.0.0.1:{admin_port}/admin"
+    try:
+        deadline = time.monotonic() + 20
+        info: dict[str, Any] = {}
+        while not info:
+            assert janus.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "janus did not answer info"
+            try:
+                with urllib.request.urlopen(base + "/info", timeout=2) as response:
+                    info = dict(json.loads(response.read()))
+            except OSError:
+                time.sleep(0.05)
+        assert set(info["plugins"]) == {"janus.plugin.videoroom"}
+        assert set(info["transports"]) == {"janus.transport.http"}
+        assert info["events"] == {} and info["loggers"] == {}
+        assert info["api_secret"] is True and info["auth_token"] is True
+        assert info["public-ip"] == "203.0.113.7"
+        conf = tmp_path / "run" / "janus-conf"
+        assert {p.name: p.stat().st_mode & 0o777 for p in conf.iterdir()} == {
+            "janus.jcfg": 0o600,
+            "janus.transport.http.jcfg": 0o600,
+            "janus.plugin.videoroom.jcfg": 0o600,
+        }
+        assert _jcfg(conf / "janus.transport.http.jcfg")["admin"]["admin_ip"] == "127.0.0.1"
+        # Nothing without the api_secret (or a stored token); everything the broker does with it.
+        refused = _janus_post(base, {"janus": "create", "transaction": "t1"})
+        assert refused["janus"] == "error" and refused["error"]["code"] == 403
+        created = _janus_post(base, {"janus": "create", "transaction": "t2", "apisecret": JANUS_DUMMIES["api_secret"]})
+        session = f"{base}/{created['data']['id']}"
+        attach = {"janus": "attach", "plugin": "janus.plugin.videoroom", "transaction": "t3"}
+        handle = _janus_post(session, {**attach, "apisecret": JANUS_DUMMIES["api_secret"]})["data"]["id"]
+        create_room = {"janus": "message", "transaction": "t4", "apisecret": JANUS_DUMMIES["api_secret"]}
+        no_key = _janus_post(f"{session}/{handle}", {**create_room, "body": {"request": "create"}})
+        assert "error_code" in no_key["plugindata"]["data"], "a room without the VideoRoom admin_key"
+        body = {"request": "create", "admin_key": JANUS_DUMMIES["room_admin_key"]}
+        made = _janus_post(f"{session}/{handle}", {**create_room, "body": body})
+        assert made["plugindata"]["data"]["videoroom"] == "created"
+        # The admin API: only with the admin_secret.
+        listing = {"janus": "list_sessions", "transaction": "t5"}
+        assert _janus_post(admin, listing)["error"]["code"] == 403
+        listed = _janus_post(admin, {**listing, "admin_secret": JANUS_DUMMIES["admin_secret"]})
+        assert listed["janus"] == "success" and created["data"]["id"] in listed["sessions"]
+    finally:
+        janus.terminate()  # the entrypoint exec'd Janus: this PID is Janus's
+        try:
+            janus.wait(10)
+        except subprocess.TimeoutExpired:
+            janus.kill()
+            janus.wait(10)
