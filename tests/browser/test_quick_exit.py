@@ -42,7 +42,9 @@ from tests.browser.kit import (
 )
 from tests.conftest import RunningBroker, free_port, schedule
 
-pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
+# alone: the quick exit's promise is a deadline (on the neutral page within 500 ms), which a page
+# on a machine busy with the parallel part can miss (748 ms seen at a load of 20): run apart.
+pytestmark = [pytest.mark.browser, pytest.mark.alone, pytest.mark.asyncio(loop_scope="session")]
 
 #: What the issue promises: on the neutral page within half a second of the click or key.
 EXIT_DEADLINE_MS = 500
