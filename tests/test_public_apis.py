@@ -28,6 +28,7 @@ import ast
 import importlib
 import inspect
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -359,11 +360,21 @@ class _Everything(set[str]):
 ALL: set[str] = _Everything()
 
 
+def parse(path: Path) -> ast.Module:
+    """``ast.parse``, once more after CPython 3.11's "AST constructor recursion depth mismatch"
+    (a SystemError of the interpreter, gh-106905, fixed in 3.12 and later 3.11 releases: seen once
+    in a CI rehearsal on 3.11.7, in a worker whose earlier tests had recursed deeply): the again is
+    on a new thread, whose recursion count starts afresh. A source that does not parse still fails."""
+    source = path.read_text(encoding="utf-8")
+    try:
+        return ast.parse(source, filename=str(path))
+    except SystemError:
+        with ThreadPoolExecutor(max_workers=1) as fresh:
+            return fresh.submit(ast.parse, source, str(path)).result()
+
+
 def scan(root: Path = BROKER) -> list[Finding]:
-    trees = {
-        str(path.relative_to(ROOT)): ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        for path in sorted(root.rglob("*.py"))
-    }
+    trees = {str(path.relative_to(ROOT)): parse(path) for path in sorted(root.rglob("*.py"))}
     own = defined_names(trees)
     findings: list[Finding] = []
     for path, tree in trees.items():

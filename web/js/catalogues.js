@@ -4,13 +4,13 @@ export const DEFAULT_LANGUAGE = "en";
 export const CATALOGUES = {
   "en": {
     "dir": "ltr",
-    "integrity": "sha384-WdxgOLe/3Gy1uzn6nVZNInEq2+djWmGmZw0Brr+WGUBse63oXVwfMZu2Cn9ITcuL",
+    "integrity": "sha384-ojbChXw7R3PTmZLKH66qBYGWtWVMXv/jRlnGRfsYCwYUvojncNzdwUhkRhttH7sz",
     "name": "English",
     "url": "/static/i18n/en.json"
   },
   "es": {
     "dir": "ltr",
-    "integrity": "sha384-m1+XqsEZe1ODLQ87ijVlbdihxZvSfCX1kZXHtK+UiKHRJ3Fnk2+epRRWt3eXJv3L",
+    "integrity": "sha384-r3rGF+/4XjijXQFeqQGrWvsanO3pYj4/QXbaLuO/ryvirchNkdyY3wS+dmXW4qLp",
     "name": "Español",
     "url": "/static/i18n/es.json"
   }

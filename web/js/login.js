@@ -358,7 +358,7 @@ async function removePasskey(id, button) {
       return;
     }
     csrf = reply.data.csrf;
-    await showFactors(t("login.passkey_removed"));
+    await showFactors(t(reply.data.password_only ? "login.passkey_removed_password_only" : "login.passkey_removed"));
   } finally {
     button.disabled = false;
   }
