@@ -84,7 +84,10 @@ async def test_a_stale_room_is_swept(with_janus: RunningBroker) -> None:
     async def is_live(session_id: str) -> bool:
         return await with_janus.hub.get_session(session_id) is not None
 
-    assert "a-session-that-no-longer-exists" in await rooms.sweep(is_live)
+    swept = await rooms.sweep(is_live)
+    # The broker's own sweeper (sweep_forever: a first pass as it starts) may have got there first on
+    # a busy machine (seen in a CI rehearsal); either way it is the same sweep, and the room is gone.
+    assert set(swept) <= {"a-session-that-no-longer-exists"}
     numbers = await room_numbers(with_janus)
     assert number not in numbers and rooms.keys(live.id).room in numbers
     await with_janus.hub.cancel_session(live.id)
