@@ -322,3 +322,38 @@ async def test_the_call_code_loads_during_the_checklist_and_a_lost_one_says_relo
     watch.console_errors.clear()  # the aborted module's own load error, on purpose
     watch.page_errors.clear()
     await watch.assert_clean()
+
+
+async def test_a_page_whose_modules_did_not_arrive_tries_again_then_says_reload(
+    broker: RunningBroker, new_context: NewContext, watch: Watch
+) -> None:
+    """A module lost on the way (here: ui.js refused once) leaves the page unrun; the classic
+    boot guard reloads it once and it opens. Lost every time, the page says to reload rather than
+    stay on "Opening your session…" with no end."""
+    links = await schedule(broker, clients=1)
+    watch.secrets.append(links.link_key)
+    refused: list[str] = []
+
+    async def refuse_once(route: Any) -> None:
+        if not refused:
+            refused.append(route.request.url)
+            await route.abort()
+        else:
+            await route.continue_()
+
+    once = await (await new_context()).new_page()
+    await once.route("**/static/js/ui.js", refuse_once)
+    await once.goto(links.client)
+    await wait_screen(once, "welcome")
+    assert refused and "#" not in once.url
+    assert await once.evaluate("sessionStorage.getItem('tt-boot-retried')") is None
+
+    always = await (await new_context()).new_page()
+    await always.route("**/static/js/ui.js", lambda route: route.abort())
+    await always.goto(links.client)
+    await expect(always.locator("#boot-failed")).to_be_visible()
+    await expect(always.locator("body")).to_have_attribute("data-screen", "loading")
+    assert await always.evaluate("sessionStorage.getItem('tt-boot-retried')") is None  # nothing left behind
+    watch.console_errors.clear()  # the refused module's own load errors, on purpose
+    watch.page_errors.clear()
+    await watch.assert_clean()

@@ -4,13 +4,13 @@ export const DEFAULT_LANGUAGE = "en";
 export const CATALOGUES = {
   "en": {
     "dir": "ltr",
-    "integrity": "sha384-ojbChXw7R3PTmZLKH66qBYGWtWVMXv/jRlnGRfsYCwYUvojncNzdwUhkRhttH7sz",
+    "integrity": "sha384-RXMwTs7Y8M1M8AopvntL+q/tXLmJkm/1fx0dLkzVWAee8+5hIqdlqTBu8RzhCcCY",
     "name": "English",
     "url": "/static/i18n/en.json"
   },
   "es": {
     "dir": "ltr",
-    "integrity": "sha384-r3rGF+/4XjijXQFeqQGrWvsanO3pYj4/QXbaLuO/ryvirchNkdyY3wS+dmXW4qLp",
+    "integrity": "sha384-EXy99jY069lHxJovwuNwNzIpzLbldHWqbGkTnK7/66OhD6fJJxFfA8MDBOZRNjj9",
     "name": "Español",
     "url": "/static/i18n/es.json"
   }

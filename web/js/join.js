@@ -108,6 +108,8 @@ const state = {
 // ------------------------------------------------------------------ start
 
 async function start() {
+  document.documentElement.dataset.started = "yes"; // boot_guard.js: the modules ran
+  sessionStorage.removeItem("tt-boot-retried");
   // The link first, before anything waits: the fragment and the token leave the address here.
   let fragmentKey = null;
   let damaged = false;
