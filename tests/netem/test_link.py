@@ -21,7 +21,11 @@ import pytest
 from tests.netem.link import BAD, MOBILE, Direction, Link, NetemUnavailable, Profile, peer_link, require_netem
 from tests.netem.probe import Received
 
-pytestmark = pytest.mark.usefixtures("netem")
+# alone: making and removing network namespaces and veth pairs is a network change to every Chromium
+# on the machine, which then fails its requests in flight (net::ERR_NETWORK_CHANGED): beside the
+# browser tests of the parallel part that left pages on "Opening your session…" (found by
+# tests/browser/kit.py's page journal).
+pytestmark = [pytest.mark.usefixtures("netem"), pytest.mark.alone]
 
 ROOT = Path(__file__).resolve().parents[2]
 PORT = 40_931
