@@ -10,9 +10,7 @@ and only the VideoRoom plugin and the HTTP transport loaded, so it starts in wel
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import signal
 import subprocess
 import time
 import urllib.error
@@ -22,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.server_process import ServerProcess
 
 from .redis_server import free_port
 
@@ -38,7 +38,7 @@ def _others(folder: str) -> str:
 
 
 @dataclass
-class JanusServer:
+class JanusServer(ServerProcess):
     port: int
     admin_port: int
     workdir: Path
@@ -54,14 +54,6 @@ class JanusServer:
     @property
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}/admin"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
     @property
     def log_path(self) -> Path:
@@ -174,20 +166,7 @@ admin: {{
 
     def stop(self) -> None:
         """Stop Janus by its PID."""
-        if not self.running:
-            return
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-        self.process = None
-
-    def ensure_running(self) -> None:
-        if not self.running:
-            self.start()
+        self.stop_process()
 
 
 # As for redis-server (tests/redis_server.py): every module importing the fixture shares one Janus,

@@ -10,8 +10,6 @@ as a production Redis with persistence would.
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 import time
@@ -22,6 +20,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.server_process import ServerProcess
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -30,7 +30,7 @@ def free_port() -> int:
 
 
 @dataclass
-class RedisServer:
+class RedisServer(ServerProcess):
     port: int
     workdir: Path
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
@@ -40,14 +40,6 @@ class RedisServer:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
     def start(self) -> None:
         """Start redis-server on this port and wait until it answers PING."""
@@ -83,24 +75,13 @@ class RedisServer:
         """Stop the server by its PID (after a snapshot when ``save``)."""
         if not self.running:
             return
-        assert self.process is not None
         if save:
             self.client().save()
-        os.kill(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-        self.process = None
+        self.stop_process()
 
     def restart(self, *, save: bool = False) -> None:
         self.stop(save=save)
         self.start()
-
-    def ensure_running(self) -> None:
-        if not self.running:
-            self.start()
 
     def client(self) -> redis.Redis:
         """A plain synchronous client, for looking at what the broker left in Redis."""
