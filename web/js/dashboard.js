@@ -544,28 +544,29 @@ function seatRow(session, seat, index, count, key) {
   item.append(el("span", { className: "seat-state", text: seat.token ? words(seat.state) : t("dashboard.link_revoked") }));
   const actions = el("span", { className: "actions" });
   if (seat.token && key) {
-    const link = clientLink(seat.token, key, seatLanguage(session.session, seat.peer));
+    // Made at each click, so a language just chosen for this seat is in it at once.
+    const link = () => clientLink(seat.token, key, seatLanguage(session.session, seat.peer));
     actions.append(
       el("button", {
         type: "button",
         className: "copy-link",
         "aria-label": t("dashboard.copy_link_for", { name: label }),
         text: t("dashboard.copy_link"),
-        onclick: (event) => copyWithFeedback(event.currentTarget, link, label),
+        onclick: (event) => copyWithFeedback(event.currentTarget, link(), label),
       }),
       el("button", {
         type: "button",
         className: "show-qr",
         "aria-label": t("dashboard.show_qr_for", { name: label }),
         text: t("dashboard.qr_code"),
-        onclick: () => showQr(link, known ? `${label}, ${known}` : label), // whose link, as the vault says
+        onclick: () => showQr(link(), known ? `${label}, ${known}` : label), // whose link, as the vault says
       }),
       el("button", {
         type: "button",
         className: "send-email",
         "aria-label": t("dashboard.email_for", { name: label }),
         text: t("dashboard.email_title"),
-        onclick: () => showEmail(link, label, session, seatLanguage(session.session, seat.peer)),
+        onclick: () => showEmail(link(), label, session, seatLanguage(session.session, seat.peer)),
       }),
     );
   }
