@@ -292,3 +292,24 @@ async def code_with(page: Page, peer: str) -> str:
     tile = page.locator(f'[data-testid=tile][data-peer="{peer}"]')
     await expect(tile).to_have_attribute("data-code", re.compile(r"^\d{3} \d{3} \d{3}$"))
     return str(await tile.get_attribute("data-code"))
+
+
+#: The tab's flag between the boot guard's two tries (web/js/boot_guard.js): none left once a page settles.
+BOOT_RETRIED = "sessionStorage.getItem('tt-boot-retried')"
+
+
+async def refuse_module(page: Page, name: str, times: int | None = None) -> list[str]:
+    """Fail the page's requests for web/js/`name` as a network change fails requests in flight
+    (Chromium's net::ERR_NETWORK_CHANGED): the first `times` of them, or every one. Returns the
+    URLs refused so far."""
+    refused: list[str] = []
+
+    async def refuse(route: Any) -> None:
+        if times is None or len(refused) < times:
+            refused.append(route.request.url)
+            await route.abort()
+        else:
+            await route.continue_()
+
+    await page.route(f"**/static/js/{name}", refuse)
+    return refused

@@ -5,7 +5,7 @@ through a DOM sink (Trusted Types): in Chromium, and in Firefox ESR.
 The broker serves a copy of web/ with a few probe pages added: one loads a module with its right
 digest (it runs: the control), the others load it with none, with a wrong one, or as a classic
 script without one (none of them may run). A module altered on the broker's disk while it runs,
-as on a host broken into, never runs either: the join page stays on its first screen.
+as on a host broken into, never runs either: the join, therapist and login pages say to reload.
 """
 
 from __future__ import annotations
@@ -114,16 +114,23 @@ async def test_a_module_altered_on_the_running_broker_never_runs(
     page = await (await new_context()).new_page()
     await page.goto(links.clients[0])
     await wait_screen(page, "welcome")
-    module = root / "js" / "ui.js"
+    module = root / "js" / "i18n.js"  # imported by every page's main module
     original = module.read_bytes()
     module.write_bytes(ALTERED_MARK + original)
     try:
-        page = await (await new_context()).new_page()
-        await page.goto(links.clients[0])
-        # The boot guard (a classic script, pinned too) reloads once, then says to reload.
-        await expect(page.locator("#boot-failed")).to_be_visible()
-        assert await page.evaluate("document.documentElement.dataset.altered ?? null") is None
-        assert await page.evaluate("document.body.dataset.screen") == "loading", "no module of the page ran"
+        # The client's page, the therapist's and the login page: the boot guard (a classic script,
+        # pinned too) reloads once, then says to reload.
+        for address, screen in (
+            (links.clients[0], "loading"),
+            (links.therapist, "loading"),
+            (f"{running.url}/login", None),
+        ):
+            page = await (await new_context()).new_page()
+            await page.goto(address)
+            await expect(page.locator("#boot-failed")).to_be_visible()
+            assert await page.evaluate("document.documentElement.dataset.altered ?? null") is None, address
+            assert await page.evaluate("document.documentElement.dataset.started ?? null") is None, address
+            assert await page.evaluate("document.body.dataset.screen ?? null") == screen, "no module of the page ran"
     finally:
         module.write_bytes(original)
 

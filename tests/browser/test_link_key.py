@@ -7,7 +7,16 @@ import pytest
 from playwright.async_api import expect
 
 from tests.browser.conftest import NewContext
-from tests.browser.kit import Watch, code_with, frames_decoded, look, pass_checklist, wait_screen
+from tests.browser.kit import (
+    BOOT_RETRIED,
+    Watch,
+    code_with,
+    frames_decoded,
+    look,
+    pass_checklist,
+    refuse_module,
+    wait_screen,
+)
 from tests.conftest import RunningBroker, schedule
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
@@ -37,6 +46,37 @@ async def test_therapist_reopens_the_session_without_the_fragment(
     seat = again.get_by_test_id("seat")
     await seat.locator("details.emergency summary").click()
     await expect(seat.get_by_test_id("emergency-details")).to_contain_text("Flat 2, River Street")
+    await watch.assert_clean()
+
+
+async def test_a_therapist_page_whose_modules_did_not_arrive_tries_again_with_its_key_then_says_reload(
+    broker: RunningBroker, new_context: NewContext, watch: Watch
+) -> None:
+    """A module lost on the way (here: ui.js refused once) leaves therapist.js unrun; the boot guard
+    reloads the page once, the link key still in the address (therapist.js takes it out only when
+    it runs), and it opens verified in a browser that kept no key. Lost every time, the page says
+    to reload, the link still whole in the address, and leaves no flag behind."""
+    links = await schedule(broker, clients=1)
+    watch.secrets.append(links.link_key)
+
+    once = await (await new_context()).new_page()
+    refused = await refuse_module(once, "ui.js", times=1)
+    await once.goto(links.therapist)
+    await wait_screen(once, "dashboard")  # not "nokey": the reload still had the fragment
+    await expect(once.get_by_test_id("verify-state")).to_have_attribute("data-verified", "yes")
+    assert refused and "#" not in once.url
+    assert await once.evaluate(BOOT_RETRIED) is None
+
+    always = await (await new_context()).new_page()
+    refused = await refuse_module(always, "ui.js")
+    await always.goto(links.therapist)
+    await expect(always.locator("#boot-failed")).to_be_visible()
+    await expect(always.locator("body")).to_have_attribute("data-screen", "loading")
+    assert len(refused) == 2, "tried twice: the first load and one reload"
+    assert always.url == links.therapist, "the same link still works: a reload opens it"
+    assert await always.evaluate(BOOT_RETRIED) is None  # nothing left behind
+    watch.console_errors.clear()  # the refused module's own load errors, on purpose
+    watch.page_errors.clear()
     await watch.assert_clean()
 
 

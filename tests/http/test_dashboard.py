@@ -24,6 +24,7 @@ from broker.client.broker_client import BrokerClient
 from broker.crypto.link_key import b64url_encode, decode_link_key, new_link_key
 from broker.crypto.seat_keys import group_key, seat_key
 from broker.signaling.protocol import ErrorCode, ProtocolError
+from tests.browser.kit import BOOT_RETRIED, refuse_module
 from tests.http.test_web_auth import CHROMIUM_ARGS, PASSWORD, FullBroker, PolicyConfig, start_full_broker
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -424,6 +425,32 @@ async def test_the_therapists_pages_speak_the_browsers_language_with_a_switch(fu
     await page.get_by_test_id("language-switch").select_option("en")
     await expect(page.locator("#title")).to_have_text(EN["dashboard.title"])
     await expect(page.locator("html")).to_have_attribute("lang", "en")
+    await context.close()
+
+
+@pytest.mark.browser
+async def test_a_dashboard_whose_modules_did_not_arrive_tries_again_then_says_reload(
+    full: FullBroker, browser: Any
+) -> None:
+    """A module lost on the way (here: i18n.js refused once, as a network change fails requests in
+    flight) leaves dashboard.js unrun; the boot guard reloads the page once and it opens. Lost
+    every time, the page says to reload rather than show a dashboard that does nothing, and
+    leaves no flag behind."""
+    context = (await browser_login(browser, full, "alex")).context
+    once = await context.new_page()
+    refused = await refuse_module(once, "i18n.js", times=1)
+    await once.goto(full.url + "/dashboard")
+    await once.locator("body[data-ready=true]").wait_for()
+    assert refused and await once.evaluate(BOOT_RETRIED) is None
+
+    always = await context.new_page()
+    refused = await refuse_module(always, "i18n.js")
+    await always.goto(full.url + "/dashboard")
+    await expect(always.locator("#boot-failed")).to_be_visible()
+    await expect(always.locator("#boot-failed")).to_have_text(EN["loading.failed_reload"])
+    assert len(refused) == 2, "tried twice: the first load and one reload"
+    assert await always.evaluate("document.body.dataset.ready ?? null") is None, "no module of the page ran"
+    assert await always.evaluate(BOOT_RETRIED) is None  # nothing left behind
     await context.close()
 
 

@@ -938,3 +938,60 @@ async def test_chromium_second_factor_enrolment_when_the_policy_requires_it(tmp_
             await browser.close()
     finally:
         await full.stop()
+
+
+#: Fills the login form as a person would and asks the browser to send it; whether it was held back.
+SUBMIT_LOGIN_FORM = """() => {
+  const form = document.getElementById('login-form');
+  form.elements.username.value = 'robin';
+  form.elements.password.value = 'typed while the page could not work';
+  let held = null;
+  window.addEventListener('submit', (event) => { held = event.defaultPrevented; }, { once: true });
+  form.requestSubmit();
+  return held;
+}"""
+
+
+@pytest.mark.browser
+async def test_chromium_login_page_whose_modules_did_not_arrive_tries_again_then_says_reload(tmp_path: Path) -> None:
+    """A module lost on the way (here: i18n.js refused once, as a network change fails requests in
+    flight) leaves login.js unrun; the boot guard reloads the page once (a GET: the page is never
+    the answer to a form, so nothing is sent again) and it works. Lost every time, the page says to
+    reload instead of showing a form that does nothing, leaves no flag behind, and the browser
+    does not send the form itself: a GET would put the password in the address."""
+    from playwright.async_api import async_playwright, expect
+
+    from tests.browser.kit import BOOT_RETRIED, refuse_module
+
+    full = await start_full_broker(tmp_path / "data")
+    await full.auth.accounts.add("robin", PASSWORD)
+    try:
+        async with async_playwright() as p:
+            browser = await p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
+            once = await browser.new_page()
+            refused = await refuse_module(once, "i18n.js", times=1)
+            await once.goto(full.url + "/login?reason=logout")
+            await once.get_by_text("You have logged out.").wait_for()  # login.js ran, after the reload
+            assert refused and await once.evaluate(BOOT_RETRIED) is None
+            await once.get_by_label("Login name").fill("robin")
+            await once.get_by_label("Password").fill(PASSWORD)
+            await once.get_by_role("button", name="Log in").click()
+            await once.get_by_role("heading", name="Protect your account with a second factor").wait_for()
+
+            always = await browser.new_page()
+            documents: list[tuple[str, str]] = []
+            always.on(
+                "request",
+                lambda r: documents.append((r.method, urlsplit(r.url).path)) if r.resource_type == "document" else None,
+            )
+            await refuse_module(always, "i18n.js")
+            await always.goto(full.url + "/login")
+            await expect(always.locator("#boot-failed")).to_be_visible()
+            await expect(always.locator("#login-form")).to_be_hidden()
+            assert documents == [("GET", "/login"), ("GET", "/login")], "one reload, a plain GET"
+            assert await always.evaluate(BOOT_RETRIED) is None  # nothing left behind
+            assert await always.evaluate(SUBMIT_LOGIN_FORM) is True, "the browser sent the form itself"
+            assert always.url == full.url + "/login"
+            await browser.close()
+    finally:
+        await full.stop()

@@ -4,13 +4,13 @@ export const DEFAULT_LANGUAGE = "en";
 export const CATALOGUES = {
   "en": {
     "dir": "ltr",
-    "integrity": "sha384-RXMwTs7Y8M1M8AopvntL+q/tXLmJkm/1fx0dLkzVWAee8+5hIqdlqTBu8RzhCcCY",
+    "integrity": "sha384-mK47y09ZPpswNXk7bgYfjCqFznrMhAZ3uZspfejQOwaRkBN6VI/L7+UiTOIs9nZI",
     "name": "English",
     "url": "/static/i18n/en.json"
   },
   "es": {
     "dir": "ltr",
-    "integrity": "sha384-EXy99jY069lHxJovwuNwNzIpzLbldHWqbGkTnK7/66OhD6fJJxFfA8MDBOZRNjj9",
+    "integrity": "sha384-0T9tDuyQcEolBhxAD82co9r5DDHQLBS/rsdPiHnnlWyYAHY4zbh85GYcOjdZqXhX",
     "name": "Español",
     "url": "/static/i18n/es.json"
   }

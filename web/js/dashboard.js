@@ -1210,6 +1210,8 @@ function setUpWorkingDay() {
 }
 
 async function start() {
+  document.documentElement.dataset.started = "yes"; // boot_guard.js: the modules ran
+  sessionStorage.removeItem("tt-boot-retried");
   await startLanguage(); // the therapist's pages in the browser's language (issue 33)
   const response = await fetch("/api/me", { credentials: "same-origin" });
   if (!response.ok) {

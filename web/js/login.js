@@ -378,6 +378,8 @@ async function newRecoveryCodes() {
 }
 
 async function start() {
+  document.documentElement.dataset.started = "yes"; // boot_guard.js: the modules ran
+  sessionStorage.removeItem("tt-boot-retried");
   await startLanguage(); // the therapist's pages in the browser's language (issue 33)
   showNotice();
   $("login-form").addEventListener("submit", onLogin);

@@ -144,6 +144,8 @@ async function forgetKey(sessionId) {
 // ------------------------------------------------------------------ start
 
 async function start() {
+  document.documentElement.dataset.started = "yes"; // boot_guard.js: the modules ran
+  sessionStorage.removeItem("tt-boot-retried");
   await startLanguage(); // the therapist's pages in the browser's language (issue 33)
   onLanguageChange(() => renderSeats()); // the seats' words are built here, not kept by key
   state.mode = therapistMode();
