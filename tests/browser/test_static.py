@@ -33,6 +33,10 @@ class _Audit(HTMLParser):
                 self.problems.append(f"style attribute on <{tag}>")
         if tag == "style":
             self.problems.append("<style> element")
+        # A form the browser submits itself (its script not run yet, or lost) must never put what
+        # was typed in an address (history, a proxy's log): dialogs close, the others POST (405).
+        if tag == "form" and (named.get("method") or "get").lower() not in ("post", "dialog"):
+            self.problems.append(f"<form id={named.get('id')}> would send its fields in the address")
         if tag == "script":
             src = named.get("src")
             if not src:
