@@ -1212,6 +1212,9 @@ function setUpWorkingDay() {
 async function start() {
   document.documentElement.dataset.started = "yes"; // boot_guard.js: the modules ran
   sessionStorage.removeItem("tt-boot-retried");
+  // From the mark above the boot guard no longer holds submissions back: until their handlers are
+  // set (below, after the awaits), the forms do nothing rather than go to the broker themselves.
+  for (const form of [$("create-form"), $("edit-form")]) form.addEventListener("submit", (event) => event.preventDefault());
   await startLanguage(); // the therapist's pages in the browser's language (issue 33)
   const response = await fetch("/api/me", { credentials: "same-origin" });
   if (!response.ok) {

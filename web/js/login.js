@@ -380,10 +380,13 @@ async function newRecoveryCodes() {
 async function start() {
   document.documentElement.dataset.started = "yes"; // boot_guard.js: the modules ran
   sessionStorage.removeItem("tt-boot-retried");
-  await startLanguage(); // the therapist's pages in the browser's language (issue 33)
-  showNotice();
+  // The forms are this script's before anything is awaited: from the mark above, the boot guard no
+  // longer holds their submissions back. The login button waits for this (disabled in the page).
   $("login-form").addEventListener("submit", onLogin);
   $("enrol-form").addEventListener("submit", onConfirm);
+  $("login-submit").disabled = false;
+  await startLanguage(); // the therapist's pages in the browser's language (issue 33)
+  showNotice();
   $("recovery-done").addEventListener("click", () => {
     shownCodes = [];
     goToDashboard();
