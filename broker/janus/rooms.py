@@ -13,6 +13,7 @@ accepts for the Janus API itself, limited to the VideoRoom plugin (docs/security
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import logging
@@ -69,6 +70,13 @@ def room_keys(key: bytes, session_id: str) -> RoomKeys:
     return RoomKeys(room=number, secret=part("secret").hex(), pin=part("pin").hex()[:32])
 
 
+def seat_token(key: bytes, session_id: str, peer_id: str, holder: str, generation: int) -> str:
+    """A seat's token for one grant: derived like the room's keys, so any broker process can revoke
+    what another granted, knowing only the seat's generation (broker/signaling/media_grants.py)."""
+    label = f"token\x00{session_id}\x00{peer_id}\x00{holder}\x00{generation}".encode()
+    return base64.urlsafe_b64encode(hmac.new(key, label, hashlib.sha256).digest()).rstrip(b"=").decode()
+
+
 class JanusRooms:
     """The room lifecycle: create, ensure, grant, revoke, destroy, sweep."""
 
@@ -80,6 +88,9 @@ class JanusRooms:
 
     def keys(self, session_id: str) -> RoomKeys:
         return room_keys(self._key, session_id)
+
+    def seat_token(self, session_id: str, peer_id: str, holder: str, generation: int) -> str:
+        return seat_token(self._key, session_id, peer_id, holder, generation)
 
     async def create(self, session_id: str) -> int:
         """Create the session's room (or find it there already, after a restart); returns its number."""
@@ -126,18 +137,19 @@ class JanusRooms:
         listed = data.get("list")
         return [r for r in listed if isinstance(r, dict)] if isinstance(listed, list) else []
 
-    async def grant(self, session_id: str, peer_id: str) -> Credentials:
+    async def grant(self, session_id: str, peer_id: str, token: str | None = None) -> Credentials:
         """Credentials for one admitted participant: its room only, its token on the room's list.
 
         The room is created first if Janus lost it (a restart). The token is also registered with
         Janus's stored-token auth for the VideoRoom plugin when the admin API is configured, so a
-        browser can open a Janus session without the API secret.
+        browser can open a Janus session without the API secret. ``token``: the seat's derived one
+        (``seat_token``); granting it again (a reconnect) opens the room's door again; None: a random one.
         """
         keys = self.keys(session_id)
         await self.create(session_id)
-        token = secrets.token_urlsafe(32)
+        token = token or secrets.token_urlsafe(32)
         if self.client.settings.admin_url:
-            await self.client.admin({"janus": "add_token", "token": token, "plugins": [VIDEOROOM]})
+            await self._remember_token(token)
         try:
             await self._allowed(keys, "add", token)
         except JanusUnavailable:
@@ -190,6 +202,10 @@ class JanusRooms:
             await handle.request(
                 {"request": "allowed", "room": keys.room, "secret": keys.secret, "action": action, "allowed": [token]}
             )
+
+    async def _remember_token(self, token: str) -> None:
+        # Janus accepts a token it already holds (a second grant of the same seat's token) as a new one.
+        await self.client.admin({"janus": "add_token", "token": token, "plugins": [VIDEOROOM]})
 
     async def _forget_token(self, token: str) -> None:
         if self.client.settings.admin_url:
