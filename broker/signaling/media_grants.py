@@ -2,8 +2,8 @@
 
 A seat is *entitled* to its session's room while the session is on, the seat is admitted and not on
 hold: then the connection holding it is sent ``media_janus`` (docs/protocol.md 10) with the room, its
-PIN and a token of the seat's own. When the seat stops being entitled (it leaves, is removed or
-declined, its link is revoked, it is put on hold, it moves to another device), its token is revoked
+PIN and a token of the seat's own. When the seat stops being entitled (it leaves, is removed,
+its link is revoked, it is put on hold, it moves to another device), its token is revoked
 in Janus, and a later grant gives another one.
 
 The token is derived, never stored (``broker.janus.rooms.seat_token``): HMAC of the session id, the

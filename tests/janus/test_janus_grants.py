@@ -183,9 +183,7 @@ async def test_a_mesh_session_never_gets_janus_credentials(with_janus: RunningBr
         await therapist.close()
 
 
-async def test_janus_down_at_admission_is_a_clear_error_and_the_admission_stands(
-    with_janus: RunningBroker, janus_server: JanusServer  # noqa: F811
-) -> None:
+async def test_janus_down_at_admission_is_a_clear_error_and_the_admission_stands(with_janus: RunningBroker) -> None:
     links, therapist = await group(with_janus)
     client = await waiting_client(links)
     working = with_janus.hub.media
