@@ -120,13 +120,19 @@ def janus_public_url(config: Config) -> str | None:
     return config.janus_url if _is_loopback(janus_host) and _is_loopback(config.host) else None
 
 
-def janus_origin(config: Config) -> str | None:
-    """The origin the pages' CSP lets scripts connect to for Janus (``connect-src``), if any."""
+def janus_connect_source(config: Config) -> str | None:
+    """Janus's origin as the pages' CSP must allow it (``connect-src``), when it is not the broker's own.
+
+    A practice that serves Janus's API through its proxy on the broker's origin (a path such as
+    ``/janus``) needs none: ``'self'`` covers it, and the CSP stays the signed web manifest's.
+    """
     url = janus_public_url(config)
     if url is None:
         return None
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else None
+    parts, own = urlsplit(url), urlsplit(config.base_url)
+    if not parts.scheme or not parts.netloc or (parts.scheme, parts.netloc) == (own.scheme, own.netloc):
+        return None
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def media_planner(config: Config, keys: Keys) -> MediaPlanner:
