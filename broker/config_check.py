@@ -126,7 +126,8 @@ def _check_janus(config: Config) -> list[str]:
     public = config.janus_public_url
     if public and (urlsplit(public).scheme not in ("http", "https", "ws", "wss") or not urlsplit(public).netloc):
         problems.append("janus_public_url must be an https:// or wss:// URL (the proxy in front of Janus's API).")
-    elif config.janus_url and janus_public_url(config) is None:
+    elif config.janus_url and config.mesh_max_participants < MAX_SEATS and janus_public_url(config) is None:
+        # Needed once a session can use Janus (a mesh below 16): its participants are sent this address.
         problems.append(
             "janus_url is set but janus_public_url is not: browsers cannot reach Janus at its internal address. "
             "Set janus_public_url to the TLS proxy in front of Janus's API (docs/deploy.md, Janus)."

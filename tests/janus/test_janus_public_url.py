@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -15,7 +16,8 @@ from broker.signaling.protocol import MediaJanus
 from tests.conftest import schedule, start_broker
 from tests.janus_server import JanusServer, janus_server  # noqa: F401 - the fixture
 
-SECRETS = {"janus_api_secret": "s", "janus_room_admin_key": "k"}
+#: Janus configured, and sessions above four people use it (so its participants need its public address).
+SECRETS: dict[str, object] = {"janus_api_secret": "s", "janus_room_admin_key": "k", "mesh_max_participants": 4}
 NEEDS_PUBLIC_URL = "janus_url is set but janus_public_url is not"
 
 
@@ -32,6 +34,8 @@ def test_a_janus_browsers_cannot_reach_needs_a_public_url(tmp_path: Path) -> Non
     for config in (private, served):
         assert janus_public_url(config) is None
         assert any(NEEDS_PUBLIC_URL in p and "docs/deploy.md" in p for p in check_config(config))
+    every_session_a_mesh = replace(private, mesh_max_participants=16)  # no session uses Janus yet
+    assert not any(NEEDS_PUBLIC_URL in p for p in check_config(every_session_a_mesh))
     proxied = Config(
         data_dir=tmp_path,
         host="0.0.0.0",
