@@ -21,7 +21,7 @@ from broker.client.broker_client import BrokerClient
 from broker.janus.client import JanusClient, JanusSettings
 from broker.janus.rooms import JanusRooms
 from broker.janus.scheduling import MediaPlanner
-from broker.signaling.protocol import Error, ErrorCode, MediaJanus, Peers, SeatState, Status
+from broker.signaling.protocol import Error, ErrorCode, MediaJanus, Peers, SeatState, Status, WaitingRoom
 from tests.client.test_client import waiting_client
 from tests.conftest import RunningBroker, SessionLinks, schedule, start_broker, start_broker_pair
 from tests.janus_server import JanusServer, janus_server  # noqa: F401 - the fixture
@@ -266,5 +266,38 @@ async def test_a_session_cancelled_while_nobody_is_connected_revokes_every_token
     assert await opens_the_room(granted)
     await with_janus.hub.cancel_session(links.session)
     for revoked in (granted, therapist_granted):
-        with pytest.raises(JanusApiError):  # revoked as the session ended: not even a Janus session opens
+        await shut_out(revoked)  # revoked as the session ended: not even a Janus session opens
+        with pytest.raises(JanusApiError):
             await join_room(revoked.url, revoked.token, revoked.room, revoked.pin)
+
+
+async def test_a_revoked_link_and_a_seat_moved_to_another_device_revoke_the_token(with_janus: RunningBroker) -> None:
+    links, therapist = await group(with_janus)
+    revoked, revoked_granted = await admit(therapist, links, 0)
+    moved, moved_granted = await admit(therapist, links, 1)
+    newcomer = await waiting_client(links, links.clients[1])  # the same link opened on another device
+    try:
+        await with_janus.hub.revoke_seat(links.session, revoked.peer_id)
+        await shut_out(revoked_granted)
+
+        assert newcomer.joined is not None and newcomer.joined.other_device
+        room = await therapist.expect(
+            WaitingRoom,
+            where=lambda m: any(
+                s.peer == moved.peer_id and s.other_device is not None and s.other_device.state is SeatState.WAITING
+                for s in m.seats
+            ),
+        )
+        other = next(s.other_device for s in room.seats if s.peer == moved.peer_id)
+        assert other is not None
+        mark = len(newcomer.received)
+        await therapist.admit(moved.peer_id, device=other.device)
+        on_the_new_device = await credentials(newcomer, mark)  # the seat's new holder gets a token of its own
+        assert on_the_new_device.token != moved_granted.token
+        await shut_out(moved_granted)  # the old device's no longer opens anything
+        assert await opens_the_room(on_the_new_device)
+    finally:
+        for peer in (revoked, moved, newcomer):
+            await peer.close()
+        await therapist.end()
+        await therapist.close()
