@@ -85,6 +85,9 @@ class JanusRooms:
         self._key = key
         self.clock = clock
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Each token's pending door closing here: a second grant of the same token (the seat joined
+        #: again) gives it a full window of its own rather than the rest of the first one.
+        self._doors: dict[str, asyncio.Task[None]] = {}
 
     def keys(self, session_id: str) -> RoomKeys:
         return room_keys(self._key, session_id)
@@ -156,13 +159,19 @@ class JanusRooms:
             await self._forget_token(token)
             raise
         join_by = int(self.clock() + JOIN_WINDOW_S)
-        self._later(JOIN_WINDOW_S, lambda: self._close_door(keys, token))
+        earlier = self._doors.pop(token, None)
+        if earlier is not None:
+            earlier.cancel()
+        self._doors[token] = self._later(JOIN_WINDOW_S, lambda: self._close_door(keys, token))
         log.info("event=janus_credentials_granted session=%s peer=%s", session_id, peer_id)
         return Credentials(room=keys.room, pin=keys.pin, token=token, join_by=join_by)
 
     async def revoke(self, session_id: str, token: str) -> None:
         """The participant left or was removed: its token opens nothing any more."""
         keys = self.keys(session_id)
+        door = self._doors.pop(token, None)
+        if door is not None:
+            door.cancel()  # nothing left to close
         try:
             await self._allowed(keys, "remove", token)
         except PluginError as exc:
@@ -212,12 +221,14 @@ class JanusRooms:
             await self.client.admin({"janus": "remove_token", "token": token})
 
     async def _close_door(self, keys: RoomKeys, token: str) -> None:
+        if self._doors.get(token) is asyncio.current_task():
+            del self._doors[token]
         try:
             await self._allowed(keys, "remove", token)
         except JanusUnavailable:
             pass  # the room is gone, or Janus is: either way the token opens nothing
 
-    def _later(self, delay_s: float, work: Callable[[], Awaitable[None]]) -> None:
+    def _later(self, delay_s: float, work: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
         async def run() -> None:
             await asyncio.sleep(delay_s)
             await work()
@@ -225,3 +236,4 @@ class JanusRooms:
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
