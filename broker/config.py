@@ -111,6 +111,11 @@ class Config:
     janus_room_admin_key: str = field(default="", repr=False)
     #: How long one request to Janus may take before the broker gives up (janus_unavailable).
     janus_timeout_s: float = 5.0
+    #: Janus's API as browsers reach it: the practice's TLS proxy in front of Janus's HTTP (or WebSocket)
+    #: transport, e.g. https://janus.practice.example/janus. Sent to admitted participants of Janus sessions
+    #: and allowed in the pages' CSP ``connect-src``. Empty: ``janus_url`` itself, but only when both it and
+    #: the broker are on loopback (a test or a laptop); otherwise ``check-config`` asks for it (mesh below 16).
+    janus_public_url: str = ""
 
     @property
     def base_url(self) -> str:

@@ -20,6 +20,7 @@ from broker.config import Config
 from broker.http.admin_socket import socket_directory_problem
 from broker.http.pages import PAGE_FILES, web_root
 from broker.i18n.config_languages import language_problems
+from broker.janus.scheduling import janus_public_url
 from broker.logs import LOG_FORMATS
 from broker.metrics.site import parse_address
 from broker.signaling.session import MAX_SEATS
@@ -122,6 +123,15 @@ def _check_janus(config: Config) -> list[str]:
         url = getattr(config, name)
         if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc):
             problems.append(f"{name} must be an http:// or https:// URL (Janus's HTTP transport).")
+    public = config.janus_public_url
+    if public and (urlsplit(public).scheme not in ("http", "https", "ws", "wss") or not urlsplit(public).netloc):
+        problems.append("janus_public_url must be an https:// or wss:// URL (the proxy in front of Janus's API).")
+    elif config.janus_url and config.mesh_max_participants < MAX_SEATS and janus_public_url(config) is None:
+        # Needed once a session can use Janus (a mesh below 16): its participants are sent this address.
+        problems.append(
+            "janus_url is set but janus_public_url is not: browsers cannot reach Janus at its internal address. "
+            "Set janus_public_url to the TLS proxy in front of Janus's API (docs/deploy.md, Janus)."
+        )
     if config.janus_url and not (config.janus_api_secret and config.janus_room_admin_key):
         problems.append(
             "janus_url is set but janus_api_secret or janus_room_admin_key is not: set Janus's api_secret and "

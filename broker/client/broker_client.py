@@ -1,13 +1,12 @@
 """The Python client: one peer of a session, over the signaling protocol, with aiortc.
 
-Used by the tests, the benchmarks and ``broker join`` (a terminal diagnostic, ``diagnostic``).
-It speaks only the documented protocol (docs/protocol.md), seals every offer and answer end to
-end with that pair's link key (broker/crypto/; 7.1, 7.7), checks or opens what it receives, opens
-a negotiated data channel ("chat") to every admitted peer, and can send and receive audio and
-video. As the therapist it vouches for the clients to each other with rosters and can put a client
-on hold (7.8, 7.9). When its WebSocket drops, or the broker stops answering (an application-level
-``ping`` with a deadline finds a hung one; its ``ack`` lets the broker forget what was read,
-docs/protocol.md 5), it reconnects to the next broker URL it knows while the calls carry on.
+Used by the tests, the benchmarks and ``broker join`` (a terminal diagnostic, ``diagnostic``). It speaks only the
+documented protocol (docs/protocol.md), seals every offer and answer end to end with that pair's link key
+(broker/crypto/; 7.1, 7.7), checks or opens what it receives, opens a negotiated data channel ("chat") to every
+admitted peer, and can send and receive audio and video. As the therapist it vouches for the clients to each other
+with rosters and can put a client on hold (7.8, 7.9), and keeps the Janus credentials it is given (``janus``). When
+its WebSocket drops, or the broker stops answering (an application-level ``ping`` with a deadline finds a hung one;
+its ``ack`` lets the broker forget what was read, docs/protocol.md 5), it reconnects to the next broker URL it knows.
 
 This module: its connection to the broker, the protocol's messages and its actions; the negotiation
 with each peer is ``negotiation`` (its base class), the aiortc connections ``peers``, links ``links``.
@@ -54,6 +53,7 @@ from broker.signaling.protocol import (
     Join,
     Joined,
     Leave,
+    MediaJanus,
     Offer,
     Peers,
     Ping,
@@ -229,9 +229,8 @@ class BrokerClient(PeerNegotiation):
         if self.trace is not None:
             self.trace.socket("open", broker=self._url_index % len(self.urls))
         await self._send(Hello(protocol=PROTOCOL_VERSION, agent=self.agent))
-        await self._send(
-            Join(token=self.token, resume=self.last_seq if self.joined else None, resume_secret=self._resume_secret)
-        )
+        join = Join(token=self.token, resume=self.last_seq if self.joined else None, resume_secret=self._resume_secret)
+        await self._send(join)
 
     async def _run(self) -> None:
         delay = 0.2
@@ -297,10 +296,9 @@ class BrokerClient(PeerNegotiation):
                 self._last_heard = loop.time()
 
     def _decode(self, data: str) -> ServerMessage | None:
-        """The one place a frame from the broker is checked: decoded with the server-message union of
-        broker/signaling/protocol.py (the definitions the page checks with, docs/contract/). A frame that
-        does not fit is refused: counted in ``refused`` by type, logged by type only (never a value:
-        the decoder's reason can quote one), and dropped; the client carries on as if it never came."""
+        """The one place a frame from the broker is checked: decoded with the server-message union of protocol.py
+        (the definitions the page checks with, docs/contract/). A frame that does not fit is refused: counted in
+        ``refused`` by type, logged by type only (never a value: the decoder's reason can quote one), and dropped."""
         try:
             return decode_server(data)
         except (msgspec.ValidationError, msgspec.DecodeError, RecursionError, UnicodeError):
@@ -587,6 +585,8 @@ class BrokerClient(PeerNegotiation):
         elif isinstance(message, Renegotiate):
             peer = message.from_ or ""
             await self._on_renegotiate(peer)
+        elif isinstance(message, MediaJanus):
+            self.janus = message  # this seat's latest credentials for the session's Janus room
         elif isinstance(message, Reconnect):
             if self._ws is not None:
                 await self._ws.close()

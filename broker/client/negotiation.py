@@ -35,7 +35,7 @@ from broker.client.trace import SetupTrace
 from broker.crypto.roster import RosterEntry
 from broker.crypto.sdp_auth import InterceptionError, Trust, fingerprint_of
 from broker.crypto.sdp_authenticator import SdpAuthenticator
-from broker.signaling.protocol import Answer, Candidate, Joined, Offer, Peers, Renegotiate, Report, Roster
+from broker.signaling.protocol import Answer, Candidate, Joined, MediaJanus, Offer, Peers, Renegotiate, Report, Roster
 
 log = logging.getLogger("broker.client")
 
@@ -61,6 +61,8 @@ class PeerNegotiation:
         self.ice_override = ice_servers
         self.allow_unverified = allow_unverified
         self.joined: Joined | None = None
+        #: In a Janus session: this seat's credentials for the session's room (``media_janus``), once given.
+        self.janus: MediaJanus | None = None
         self.auth: SdpAuthenticator | None = None
         self.links: dict[str, PeerLink] = {}
         self.interceptions: list[Interception] = []

@@ -38,7 +38,7 @@ from broker.http.password_routes import setup_password
 from broker.http.security_headers import security_headers, security_middleware, security_signal
 from broker.http.vault_routes import setup_vault
 from broker.http.web_manifest_routes import setup_web_manifest
-from broker.janus.scheduling import media_planner, sweep_forever
+from broker.janus.scheduling import janus_connect_source, media_planner, sweep_forever
 from broker.metrics.labels import ThrottleLimit
 from broker.metrics.readiness import ReadinessCollector
 from broker.metrics.registry import METRICS, Metrics
@@ -456,7 +456,8 @@ def build_app(broker: Broker) -> web.Application:
         limits.append(forwarded_limit(config.max_http_connections_per_address, broker.keys.address, refused))
     root = web_root(config.web_root)
     # The CSP allows the pages' import map by its hash, computed from the modules the pages pin.
-    headers = security_headers([import_map_hash(root)])
+    # Janus's origin joins connect-src only when it is not ours (janus_connect_source).
+    headers = security_headers([import_map_hash(root)], [o for o in [janus_connect_source(config)] if o])
     # The WebSocket passes through the middlewares with nothing to do for it without a frame in
     # each (skips_websocket): its refusals get their headers from security_signal as they are sent.
     # It counts towards the per-address limit, whose middleware it goes through.

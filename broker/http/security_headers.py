@@ -9,6 +9,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Middleware
 
+#: Scripts connect to our origin only (the WebSocket, the JSON API), and to Janus's when it has another one.
+CONNECT_SRC = "connect-src 'self'"
 #: Every directive but script-src, whose sources depend on the pages' import map (``content_security_policy``).
 #: Trusted Types: no string becomes HTML or script in the DOM, and no policy may be made to allow it.
 CSP_DIRECTIVES = (
@@ -16,7 +18,7 @@ CSP_DIRECTIVES = (
     "style-src 'self'",
     "img-src 'self' data: blob:",
     "media-src 'self' blob: mediastream:",
-    "connect-src 'self'",
+    CONNECT_SRC,
     "font-src 'self'",
     "manifest-src 'self'",
     # No page of ours runs a worker; none may register a service worker that would outlive it.
@@ -33,17 +35,20 @@ CSP_DIRECTIVES = (
 INTEGRITY_POLICY = "blocked-destinations=(script)"
 
 
-def content_security_policy(script_hashes: Sequence[str] = ()) -> str:
+def content_security_policy(script_hashes: Sequence[str] = (), connect_sources: Sequence[str] = ()) -> str:
     """The CSP: scripts from our origin only, plus the inline import maps whose hashes are given
-    (``sha384-...``: the one the pages carry, broker/webmanifest/pins.py); never inline script else."""
+    (``sha384-...``: the one the pages carry, broker/webmanifest/pins.py); never inline script else.
+    ``connect_sources``: origins beyond our own that scripts may connect to (Janus's, when the
+    practice serves it on another origin: broker/janus/scheduling.py ``janus_connect_source``)."""
     script_src = " ".join(["script-src 'self'", *(f"'{h}'" for h in script_hashes)])
-    return "; ".join([CSP_DIRECTIVES[0], script_src, *CSP_DIRECTIVES[1:]])
+    directives = [d if d != CONNECT_SRC else " ".join([d, *connect_sources]) for d in CSP_DIRECTIVES[1:]]
+    return "; ".join([CSP_DIRECTIVES[0], script_src, *directives])
 
 
-def security_headers(script_hashes: Sequence[str] = ()) -> dict[str, str]:
+def security_headers(script_hashes: Sequence[str] = (), connect_sources: Sequence[str] = ()) -> dict[str, str]:
     """The headers every response carries (HSTS apart: only behind TLS), in the order they are set."""
     return {
-        "Content-Security-Policy": content_security_policy(script_hashes),
+        "Content-Security-Policy": content_security_policy(script_hashes, connect_sources),
         "Integrity-Policy": INTEGRITY_POLICY,
         "Referrer-Policy": "no-referrer",
         "X-Frame-Options": "DENY",

@@ -13,6 +13,7 @@ accepts for the Janus API itself, limited to the VideoRoom plugin (docs/security
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import logging
@@ -69,6 +70,13 @@ def room_keys(key: bytes, session_id: str) -> RoomKeys:
     return RoomKeys(room=number, secret=part("secret").hex(), pin=part("pin").hex()[:32])
 
 
+def seat_token(key: bytes, session_id: str, peer_id: str, holder: str, generation: int) -> str:
+    """A seat's token for one grant: derived like the room's keys, so any broker process can revoke
+    what another granted, knowing only the seat's generation (broker/signaling/media_grants.py)."""
+    label = f"token\x00{session_id}\x00{peer_id}\x00{holder}\x00{generation}".encode()
+    return base64.urlsafe_b64encode(hmac.new(key, label, hashlib.sha256).digest()).rstrip(b"=").decode()
+
+
 class JanusRooms:
     """The room lifecycle: create, ensure, grant, revoke, destroy, sweep."""
 
@@ -77,9 +85,15 @@ class JanusRooms:
         self._key = key
         self.clock = clock
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Each token's pending door closing here: a second grant of the same token (the seat joined
+        #: again) gives it a full window of its own rather than the rest of the first one.
+        self._doors: dict[str, asyncio.Task[None]] = {}
 
     def keys(self, session_id: str) -> RoomKeys:
         return room_keys(self._key, session_id)
+
+    def seat_token(self, session_id: str, peer_id: str, holder: str, generation: int) -> str:
+        return seat_token(self._key, session_id, peer_id, holder, generation)
 
     async def create(self, session_id: str) -> int:
         """Create the session's room (or find it there already, after a restart); returns its number."""
@@ -126,31 +140,38 @@ class JanusRooms:
         listed = data.get("list")
         return [r for r in listed if isinstance(r, dict)] if isinstance(listed, list) else []
 
-    async def grant(self, session_id: str, peer_id: str) -> Credentials:
+    async def grant(self, session_id: str, peer_id: str, token: str | None = None) -> Credentials:
         """Credentials for one admitted participant: its room only, its token on the room's list.
 
         The room is created first if Janus lost it (a restart). The token is also registered with
         Janus's stored-token auth for the VideoRoom plugin when the admin API is configured, so a
-        browser can open a Janus session without the API secret.
+        browser can open a Janus session without the API secret. ``token``: the seat's derived one
+        (``seat_token``); granting it again (a reconnect) opens the room's door again; None: a random one.
         """
         keys = self.keys(session_id)
         await self.create(session_id)
-        token = secrets.token_urlsafe(32)
+        token = token or secrets.token_urlsafe(32)
         if self.client.settings.admin_url:
-            await self.client.admin({"janus": "add_token", "token": token, "plugins": [VIDEOROOM]})
+            await self._remember_token(token)
         try:
             await self._allowed(keys, "add", token)
         except JanusUnavailable:
             await self._forget_token(token)
             raise
         join_by = int(self.clock() + JOIN_WINDOW_S)
-        self._later(JOIN_WINDOW_S, lambda: self._close_door(keys, token))
+        earlier = self._doors.pop(token, None)
+        if earlier is not None:
+            earlier.cancel()
+        self._doors[token] = self._later(JOIN_WINDOW_S, lambda: self._close_door(keys, token))
         log.info("event=janus_credentials_granted session=%s peer=%s", session_id, peer_id)
         return Credentials(room=keys.room, pin=keys.pin, token=token, join_by=join_by)
 
     async def revoke(self, session_id: str, token: str) -> None:
         """The participant left or was removed: its token opens nothing any more."""
         keys = self.keys(session_id)
+        door = self._doors.pop(token, None)
+        if door is not None:
+            door.cancel()  # nothing left to close
         try:
             await self._allowed(keys, "remove", token)
         except PluginError as exc:
@@ -191,17 +212,23 @@ class JanusRooms:
                 {"request": "allowed", "room": keys.room, "secret": keys.secret, "action": action, "allowed": [token]}
             )
 
+    async def _remember_token(self, token: str) -> None:
+        # Janus accepts a token it already holds (a second grant of the same seat's token) as a new one.
+        await self.client.admin({"janus": "add_token", "token": token, "plugins": [VIDEOROOM]})
+
     async def _forget_token(self, token: str) -> None:
         if self.client.settings.admin_url:
             await self.client.admin({"janus": "remove_token", "token": token})
 
     async def _close_door(self, keys: RoomKeys, token: str) -> None:
+        if self._doors.get(token) is asyncio.current_task():
+            del self._doors[token]
         try:
             await self._allowed(keys, "remove", token)
         except JanusUnavailable:
             pass  # the room is gone, or Janus is: either way the token opens nothing
 
-    def _later(self, delay_s: float, work: Callable[[], Awaitable[None]]) -> None:
+    def _later(self, delay_s: float, work: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
         async def run() -> None:
             await asyncio.sleep(delay_s)
             await work()
@@ -209,3 +236,4 @@ class JanusRooms:
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task

@@ -9,8 +9,10 @@ The session records the choice (``Session.media``), so a call never switches mid
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 from broker.config import Config, Keys
 from broker.janus.client import JanusClient, JanusSettings, JanusUnavailable
@@ -51,9 +53,11 @@ class JanusRequired(ValueError):
 class MediaPlanner:
     """The scheduling rule and the rooms of the sessions that use Janus."""
 
-    def __init__(self, mesh_max: int = UNLIMITED_MESH, rooms: JanusRooms | None = None) -> None:
+    def __init__(self, mesh_max: int = UNLIMITED_MESH, rooms: JanusRooms | None = None, public_url: str = "") -> None:
         self.mesh_max = mesh_max
         self.rooms = rooms
+        #: Janus's API as browsers reach it (``janus_public_url``), sent with each participant's credentials.
+        self.public_url = public_url
 
     def media_for(self, clients: int) -> Media:
         """The media of a session with ``clients`` client seats (plus its therapist); JanusRequired."""
@@ -97,10 +101,44 @@ def janus_settings(config: Config) -> JanusSettings | None:
     )
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def janus_public_url(config: Config) -> str | None:
+    """Janus's API as browsers reach it; None when Janus is configured but browsers could not reach it."""
+    if not config.janus_url:
+        return None
+    if config.janus_public_url:
+        return config.janus_public_url
+    janus_host = urlsplit(config.janus_url).hostname or ""
+    return config.janus_url if _is_loopback(janus_host) and _is_loopback(config.host) else None
+
+
+def janus_connect_source(config: Config) -> str | None:
+    """Janus's origin as the pages' CSP must allow it (``connect-src``), when it is not the broker's own.
+
+    A practice that serves Janus's API through its proxy on the broker's origin (a path such as
+    ``/janus``) needs none: ``'self'`` covers it, and the CSP stays the signed web manifest's.
+    """
+    url = janus_public_url(config)
+    if url is None:
+        return None
+    parts, own = urlsplit(url), urlsplit(config.base_url)
+    if not parts.scheme or not parts.netloc or (parts.scheme, parts.netloc) == (own.scheme, own.netloc):
+        return None
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def media_planner(config: Config, keys: Keys) -> MediaPlanner:
     settings = janus_settings(config)
     rooms = JanusRooms(JanusClient(settings), keys.janus_rooms) if settings is not None else None
-    return MediaPlanner(config.mesh_max_participants, rooms)
+    return MediaPlanner(config.mesh_max_participants, rooms, public_url=janus_public_url(config) or "")
 
 
 async def sweep_forever(planner: MediaPlanner, get_session: Callable[[str], Awaitable[Session | None]]) -> None:

@@ -43,6 +43,7 @@ from broker.signaling.expiry import EXPIRY_LEAD_S, ExpiryTimer
 from broker.signaling.history import SessionHistory, SignedRecord
 from broker.signaling.link_checks import gone_error, seat_for
 from broker.signaling.liveness import NodeLiveness
+from broker.signaling.media_grants import MediaGrants
 from broker.signaling.protocol import (
     ROLE_ONLY,
     Admit,
@@ -133,6 +134,7 @@ class Hub:
         self.clock = clock
         self.metrics = metrics or Metrics()
         self.media = MediaPlanner()  # mesh or Janus, and the Janus rooms (broker/janus/scheduling.py)
+        self.grants = MediaGrants(store, bus, lambda: self.media, clock)  # each admitted seat's Janus credentials
         #: The answer to a genuine link whose session the store lost (broker/store/redis_marker.py).
         self.missing_session: Callable[[TokenClaims], ProtocolError] = lambda claims: sm.invalid_token_error()
         #: Looks at the store again for having lost its sessions (True: a join answers ``missing_session``).
@@ -431,16 +433,11 @@ class Hub:
             await self.relays.replay(conn, session.id, peer, message.resume)
         else:
             await self.relays.skip_missed(conn, session.id, peer)
-        log.info(
-            "event=peer_joined session=%s peer=%s role=%s other_device=%s",
-            session.id,
-            peer,
-            seat.role.value,
-            conn.other_device,
-        )
+        event = "event=peer_joined session=%s peer=%s role=%s other_device=%s"
+        log.info(event, session.id, peer, seat.role.value, conn.other_device)
         if conn.other_device:
             await self._audit("other_device_joined", peer, session.id, "ok")
-        await self._publish_views(session)
+        await self._publish_views(session, resend=None if conn.other_device else peer)
 
     async def _on_checklist(self, conn: Connection, message: ChecklistSubmit) -> None:
         session, summary = await self.checks.submit_checklist(conn, message)
@@ -548,6 +545,7 @@ class Hub:
             Envelope(None, None, encode(SessionEnded(reason=reason)), CLOSE_ENDED),  # type: ignore[arg-type]
         )
         await publish_count(self.bus, owner, session_id, 0)
+        await self.grants.ended(session)  # before its keys go: they say which tokens to revoke
         removed = await self.store.delete_prefix(session_prefix(session_id))
         self.records.forget(session_id)
         self.metrics.setups.forget(session_id)
@@ -582,10 +580,12 @@ class Hub:
         for task in list(self._tasks):
             task.cancel()
 
-    async def _publish_views(self, session: Session) -> None:
-        """Send every peer of the session what it should now see."""
+    async def _publish_views(self, session: Session, resend: str | None = None) -> None:
+        """Send every peer of the session what it should now see (and Janus credentials to whom they are due)."""
         for envelope in views_of(session):
             await self.bus.publish(session.id, envelope)
+        if session.media == "janus":
+            self._spawn(self.grants.settle(session, resend))
         await publish_count(self.bus, session.owner, session.id, waiting_count(session))  # the owner's dashboard
 
     # ------------------------------------------------------------ helpers

@@ -2,10 +2,8 @@
 
 Every WebSocket text frame is one JSON object whose ``type`` field names one of the structs below.
 ``docs/protocol.md`` documents them field by field; ``tests/test_protocol_doc.py`` fails if they drift.
-
-Client messages are decoded strictly (unknown fields and wrong types are
-errors). The broker never trusts a sender field from a client: relayed messages
-get ``from`` overwritten with the sender's peer id.
+Client messages are decoded strictly (unknown fields and wrong types are errors). The broker never trusts
+a sender field from a client: relayed messages get ``from`` overwritten with the sender's peer id.
 """
 
 from __future__ import annotations
@@ -15,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal, NamedTuple, get_args
 
 import msgspec
 
+from broker.signaling.media_message import MediaJanus as MediaJanus
 from broker.signaling.wire_types import (
     MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES,
 )
@@ -344,7 +343,7 @@ ROLE_ONLY: dict[type[msgspec.Struct], Role] = {
 
 
 class _ServerMessage(msgspec.Struct, tag_field="type", kw_only=True):
-    pass
+    """Every broker message; ``MediaJanus`` (media_message.py) has the same ``type`` tag field."""
 
 
 class Welcome(_ServerMessage, tag="welcome"):
@@ -516,6 +515,7 @@ ServerMessage = (
     | TherapistNote
     | Pong
     | Reconnect
+    | MediaJanus
     | Error
     | Offer
     | Answer

@@ -95,6 +95,7 @@ class ErrorCode(str, Enum):
     PREFLIGHT_BUSY = "preflight_busy"
     PREFLIGHT_LIMITED = "preflight_limited"
     UNAVAILABLE = "unavailable"
+    JANUS_UNAVAILABLE = "janus_unavailable"
     INTERNAL = "internal"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -91,6 +92,30 @@ async def test_a_token_stops_opening_the_room_after_its_join_window(
     finally:
         await rooms.revoke("session-d", granted.token)
         await rooms.destroy("session-d")
+
+
+async def test_granting_a_token_again_gives_it_a_full_join_window(
+    rooms: JanusRooms,
+    janus_server: JanusServer,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A seat that joins the broker again is sent the same token (broker/signaling/media_grants.py): its
+    door must stay open a whole window from then, not close when the first grant's window ends."""
+    monkeypatch.setattr("broker.janus.rooms.JOIN_WINDOW_S", 3.0)
+    token = rooms.seat_token("session-h", "peer-4", "device-1", 0)
+    await rooms.grant("session-h", "peer-4", token=token)
+    await asyncio.sleep(1.8)
+    again = await rooms.grant("session-h", "peer-4", token=token)
+    await asyncio.sleep(1.8)  # past the first window, within the second
+    try:
+        joined = await join_room(janus_server.url, again.token, again.room, again.pin)
+        assert joined.get("videoroom") == "joined", joined
+        await rooms.doors_closed()
+        late = await join_room(janus_server.url, again.token, again.room, again.pin)
+        assert late.get("error_code") == UNAUTHORIZED
+    finally:
+        await rooms.revoke("session-h", token)
+        await rooms.destroy("session-h")
 
 
 async def test_the_sweep_destroys_rooms_of_sessions_that_are_over(rooms: JanusRooms) -> None:
