@@ -52,11 +52,12 @@ async () => {
     },
     // What the receiving end of `name` decoded: video frames, and packets of each kind.
     async inbound(name) {
-      const out = { framesDecoded: 0, videoPackets: 0, audioPackets: 0 };
+      const out = { framesDecoded: 0, framesReceived: 0, videoPackets: 0, audioPackets: 0 };
       (await links[name].rx.getStats()).forEach((r) => {
         if (r.type !== "inbound-rtp") return;
         if (r.kind === "video") {
           out.framesDecoded = r.framesDecoded ?? 0;
+          out.framesReceived = r.framesReceived ?? 0;
           out.videoPackets = r.packetsReceived ?? 0;
         } else {
           out.audioPackets = r.packetsReceived ?? 0;
