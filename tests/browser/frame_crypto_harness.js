@@ -47,7 +47,19 @@ async () => {
       }
       await rx.setLocalDescription();
       await tx.setRemoteDescription(rx.localDescription);
-      links[name] = { tx, rx };
+      links[name] = { tx, rx, from };
+      return true;
+    },
+    // Whether each sender of `name` sends frames its transform never saw (FrameCrypto.bypassed).
+    async bypassed(name) {
+      const { tx, from } = links[name];
+      const out = {};
+      for (const sender of tx.getSenders()) out[sender.track.kind] = await cryptos[from].bypassed(sender);
+      return out;
+    },
+    // Take the transform off the `kind` sender of `name`: its frames then leave as encoded.
+    unprotect(name, kind) {
+      links[name].tx.getSenders().find((s) => s.track.kind === kind).transform = null;
       return true;
     },
     // What the receiving end of `name` decoded: video frames, and packets of each kind.

@@ -114,6 +114,7 @@ async def check_encrypted_media(page: AnyPage) -> None:
     assert sent["encrypted"]["audio"] >= 20 and sent["encrypted"]["video"] >= 15, sent
     assert sent["unkeyed"] == sent["unsent"] == 0, sent
     assert sent["started"]["send"] == {"audio": 1, "video": 1}, sent
+    assert await run(page, "(n) => window.__fc.bypassed(n)", "keyed") == {"audio": False, "video": False}
 
     wire = await until(
         lambda: run(page, "(...a) => window.__fc.wire(...a)", "receiver", KEY, SLOT, 0),
@@ -228,6 +229,26 @@ async def test_a_browser_without_rtcrtpscripttransform_is_not_supported(
         }"""
     )
     assert outcome == [False, "unsupported"]
+
+
+async def test_a_sender_whose_frames_bypass_its_transform_is_detected(
+    broker: RunningBroker, new_context: NewContext
+) -> None:
+    page = await chromium_page(new_context)
+    await harness(page, f"{broker.url}/login", "sender", "receiver")
+    await fc(page, "sender", "setSendKey", {"hex": KEY}, who(0))
+    await fc(page, "receiver", "addKey", {"hex": KEY}, who(0))
+    await link(page, "call", "sender", "receiver")
+    await until(lambda: inbound(page, "call"), lambda s: s["framesDecoded"] >= 10, "the call decodes")
+    assert await run(page, "(n) => window.__fc.bypassed(n)", "call") == {"audio": False, "video": False}
+    # The browser stops passing video through the worker (as Chromium does, silently, for a
+    # transform it skips): the encoder's frames leave as they are, and bypassed() says so.
+    await run(page, "(n, k) => window.__fc.unprotect(n, k)", "call", "video")
+    await until(
+        lambda: run(page, "(n) => window.__fc.bypassed(n)", "call"),
+        lambda b: b == {"audio": False, "video": True},
+        "the bypassed video sender is detected",
+    )
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -20,6 +20,8 @@ const SFRAME_IMPORT = 'import * as sframe from "./sframe.js";';
 /** The Trusted Types policy the CSP allows (broker/http/security_headers.py): blob URLs made here only. */
 export const POLICY_NAME = "frame-crypto";
 const START_TIMEOUT_MS = 10_000;
+/** Frames a sender may have encoded that its transform has not seen yet: those in flight. */
+const IN_FLIGHT_FRAMES = 30;
 
 /** Failure codes the worker counts, one per refusal of 7.12. */
 export const FAILURE_CODES = ERROR_CODES;
@@ -116,6 +118,7 @@ export class FrameCrypto {
   #worker;
   #pending = new Map();
   #next = 0;
+  #transforms = new WeakMap();
 
   constructor(worker) {
     this.#worker = worker;
@@ -171,7 +174,30 @@ export class FrameCrypto {
 
   /** Encrypt what `sender` sends. Call before the SDP exchange; `kind` when it has no track yet. */
   protectSender(sender, kind = sender.track?.kind) {
-    sender.transform = new RTCRtpScriptTransform(this.#worker, { side: "send", kind });
+    const id = `send-${++this.#next}`;
+    this.#transforms.set(sender, { id, kind });
+    sender.transform = new RTCRtpScriptTransform(this.#worker, { side: "send", kind, id });
+  }
+
+  /**
+   * Whether `sender` sends frames its transform never saw (in the clear), beyond those in flight:
+   * the encoder's count (getStats: video framesEncoded, audio packetsSent, one Opus frame each)
+   * against the frames that entered the worker. A browser may skip a transform and say nothing
+   * (Chromium 156 does for a sender whose transceiver a remote offer created: protect senders of
+   * transceivers this page added, before its offer): the call code checks each sender once
+   * media flows and hangs up if so.
+   * A sender never protected counts as bypassed.
+   */
+  async bypassed(sender) {
+    const held = this.#transforms.get(sender);
+    let sent = 0;
+    (await sender.getStats()).forEach((report) => {
+      if (report.type !== "outbound-rtp") return;
+      sent += (report.kind === "video" ? report.framesEncoded : report.packetsSent) ?? 0;
+    });
+    if (!held) return sent > 0;
+    const seen = await this.#ask("seen", { transform: held.id });
+    return sent - seen > IN_FLIGHT_FRAMES;
   }
 
   /** Decrypt what `receiver` gets. Call right after addTrack/addTransceiver, before the SDP exchange. */

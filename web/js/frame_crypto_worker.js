@@ -30,6 +30,8 @@ const retiring = new Map();
 const sentUnder = new Set();
 /** The current sending key and its next counter, shared by every outgoing track. */
 let sending = null;
+/** Frames that entered each send transform, by the id the page gave it (its bypass check). */
+const seenBy = new Map();
 /** Test hook: wire bytes of the next `left` incoming frames, before they are opened. */
 const capture = { left: 0, frames: [] };
 
@@ -81,11 +83,20 @@ async function open(frame, kind, controller) {
 
 self.addEventListener("rtctransform", (event) => {
   const transformer = event.transformer;
-  const { side, kind } = transformer.options ?? {};
-  const step = side === "send" ? seal : open;
+  const { side, kind, id } = transformer.options ?? {};
   counts.started[side === "send" ? "send" : "receive"][kind === "video" ? "video" : "audio"] += 1;
+  let step = open;
+  if (side === "send") {
+    seenBy.set(id, seenBy.get(id) ?? 0);
+    step = (frame, controller) => {
+      seenBy.set(id, seenBy.get(id) + 1);
+      return seal(frame, kind, controller);
+    };
+  } else {
+    step = (frame, controller) => open(frame, kind, controller);
+  }
   transformer.readable
-    .pipeThrough(new TransformStream({ transform: (frame, controller) => step(frame, kind, controller) }))
+    .pipeThrough(new TransformStream({ transform: step }))
     .pipeTo(transformer.writable)
     .catch(() => {}); // the stream ends with its sender or receiver
 });
@@ -127,6 +138,9 @@ const operations = {
   },
   async "has-key"(message) {
     return keyring.has(kidOf(message));
+  },
+  async seen(message) {
+    return seenBy.get(message.transform) ?? 0;
   },
   async counts() {
     return structuredClone(counts);
