@@ -251,6 +251,41 @@ async def test_a_sender_whose_frames_bypass_its_transform_is_detected(
     )
 
 
+#: After the frame encryption's worker started: every other way to start a worker, or to make
+#: a script URL, is refused (Trusted Types: one policy, already taken; the CSP: worker-src blob:).
+OTHER_WORKERS = """async () => {
+  const m = await import("/static/js/frame_crypto.js");
+  const crypto = await m.FrameCrypto.start();
+  const tries = {
+    workerFromOurOrigin: () => new Worker("/static/js/frame_crypto_worker.js", { type: "module" }),
+    workerFromBlob: () => new Worker(URL.createObjectURL(new Blob(["postMessage(1)"], { type: "text/javascript" }))),
+    secondPolicy: () => trustedTypes.createPolicy("frame-crypto", { createScriptURL: (u) => u }),
+    otherPolicy: () => trustedTypes.createPolicy("workers", { createScriptURL: (u) => u }),
+    serviceWorker: () => navigator.serviceWorker.register("/static/js/frame_crypto_worker.js"),
+  };
+  const outcome = {};
+  for (const [name, attempt] of Object.entries(tries)) {
+    try { await attempt(); outcome[name] = "allowed"; } catch (e) { outcome[name] = e.name; }
+  }
+  outcome.registrations = (await navigator.serviceWorker.getRegistrations()).length;
+  crypto.close();
+  return outcome;
+}"""
+
+
+async def test_no_other_worker_or_service_worker_can_start(broker: RunningBroker, new_context: NewContext) -> None:
+    page = await chromium_page(new_context)
+    await page.goto(f"{broker.url}/login")
+    assert await page.evaluate(OTHER_WORKERS) == {
+        "workerFromOurOrigin": "TypeError",
+        "workerFromBlob": "TypeError",
+        "secondPolicy": "TypeError",
+        "otherPolicy": "TypeError",
+        "serviceWorker": "TypeError",
+        "registrations": 0,
+    }
+
+
 @pytest_asyncio.fixture(loop_scope="session")
 async def altered_broker(tmp_path: Path) -> Any:
     """A broker over a copy of web/, whose worker file is changed on disk after the pages were pinned."""
