@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,9 @@ async def link(page: AnyPage, name: str, sender: str, receiver: str) -> None:
     await run(page, "(n, s, r) => window.__fc.link(n, s, r)", name, sender, receiver)
 
 
-async def until(read: Callable[[], Awaitable[Any]], ok: Callable[[Any], bool], what: str, timeout: float = WAIT_S) -> Any:
+async def until(
+    read: Callable[[], Awaitable[Any]], ok: Callable[[Any], bool], what: str, timeout: float = WAIT_S
+) -> Any:
     """Poll `read` until `ok` holds (a functional deadline, generous for a loaded machine)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -183,7 +186,7 @@ async def test_after_a_rotation_only_a_receiver_given_the_new_key_keeps_decoding
     for name in ("kept", "left"):
         await fc(page, name, "addKey", {"hex": KEY}, who(0))
         await link(page, name, "sender", name)
-        await until(lambda n=name: inbound(page, n), lambda s: s["framesDecoded"] >= 10, f"{name} decodes")
+        await until(partial(inbound, page, name), lambda s: s["framesDecoded"] >= 10, f"{name} decodes")
 
     # The rotation (generation 1): "kept" gets the new key and retires the old KID; "left" does not.
     assert await fc(page, "kept", "addKey", {"hex": NEXT_KEY}, who(1)) == str(32 + SLOT)
@@ -198,9 +201,7 @@ async def test_after_a_rotation_only_a_receiver_given_the_new_key_keeps_decoding
     left_before = await inbound(page, "left")
     left_opened = (await counts(page, "left"))["decrypted"]
     kept_decoded = (await inbound(page, "kept"))["framesDecoded"]
-    await until(
-        lambda: inbound(page, "kept"), lambda s: s["framesDecoded"] >= kept_decoded + 30, "kept keeps decoding"
-    )
+    await until(lambda: inbound(page, "kept"), lambda s: s["framesDecoded"] >= kept_decoded + 30, "kept keeps decoding")
     left_after = await inbound(page, "left")
     for field in ("framesReceived", "framesDecoded"):
         assert left_after[field] == left_before[field], f"left got frames sent after the rotation: {left_after}"
@@ -287,7 +288,7 @@ async def test_no_other_worker_or_service_worker_can_start(broker: RunningBroker
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def altered_broker(tmp_path: Path) -> Any:
+async def altered_broker(tmp_path: Path) -> AsyncIterator[RunningBroker]:
     """A broker over a copy of web/, whose worker file is changed on disk after the pages were pinned."""
     root = copy_web(tmp_path)
     running = await start_broker(tmp_path / "data", web_root=str(root))
