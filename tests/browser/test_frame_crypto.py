@@ -194,10 +194,17 @@ async def test_after_a_rotation_only_a_receiver_given_the_new_key_keeps_decoding
     retired_at = time.monotonic()
     with pytest.raises(Exception, match="kid_in_use"):
         await fc(page, "sender", "setSendKey", {"hex": NEXT_KEY}, who(0))  # a KID never takes a second key
+    packets_at_rotation = (await inbound(page, "left"))["videoPackets"]
     assert await fc(page, "sender", "setSendKey", {"hex": NEXT_KEY}, who(1)) == str(32 + SLOT)
     assert await fc(page, "kept", "hasKey", who(0)) is True, "a retired KID is kept for its grace period"
 
     await until(lambda: counts(page, "left"), lambda c: c["unknown_kid"] >= 30, "left counts the new KID as unknown")
+    # Video sent before the rotation has arrived once 40 more packets have (one stream is in order).
+    await until(
+        lambda: inbound(page, "left"),
+        lambda s: s["videoPackets"] >= packets_at_rotation + 40,
+        "video after the rotation reaches left",
+    )
     left_before = await inbound(page, "left")
     left_opened = (await counts(page, "left"))["decrypted"]
     kept_decoded = (await inbound(page, "kept"))["framesDecoded"]
