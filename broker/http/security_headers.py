@@ -12,7 +12,8 @@ from aiohttp.typedefs import Middleware
 #: Scripts connect to our origin only (the WebSocket, the JSON API), and to Janus's when it has another one.
 CONNECT_SRC = "connect-src 'self'"
 #: Every directive but script-src, whose sources depend on the pages' import map (``content_security_policy``).
-#: Trusted Types: no string becomes HTML or script in the DOM, and no policy may be made to allow it.
+#: Trusted Types: no string becomes HTML or script in the DOM; the one policy allowed turns only the
+#: frame encryption worker's own blob: URLs into a script URL (web/js/frame_crypto.js).
 CSP_DIRECTIVES = (
     "default-src 'none'",
     "style-src 'self'",
@@ -21,14 +22,16 @@ CSP_DIRECTIVES = (
     CONNECT_SRC,
     "font-src 'self'",
     "manifest-src 'self'",
-    # No page of ours runs a worker; none may register a service worker that would outlive it.
-    "worker-src 'none'",
+    # One worker only: the frame encryption's, started from blob: URLs of its pinned bytes
+    # (web/js/frame_crypto.js). A service worker cannot come from a blob: URL, so no page may
+    # register one that would outlive it.
+    "worker-src blob:",
     "form-action 'self'",
     "base-uri 'none'",
     "frame-ancestors 'none'",
     "object-src 'none'",
     "require-trusted-types-for 'script'",
-    "trusted-types 'none'",
+    "trusted-types frame-crypto",
 )
 
 #: No script is fetched without integrity metadata (SRI); an altered one does not run.

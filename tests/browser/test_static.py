@@ -75,7 +75,25 @@ def test_scripts_and_styles_load_nothing_from_elsewhere(path: str) -> None:
     assert not re.search(r"""(url\(|import\s*\(?|from\s+)\s*["']?(https?:)?//""", text), "loads from another origin"
     assert not re.search(
         r"\.(inner|outer)HTML\s*=|insertAdjacentHTML|\beval\(|new Function|document\.write|createContextualFragment"
-        r"|\.srcdoc\b|DOMParser|setAttribute\(\s*[\"'`]on|setTimeout\(\s*[\"'`]|setInterval\(\s*[\"'`]|trustedTypes",
+        r"|\.srcdoc\b|DOMParser|setAttribute\(\s*[\"'`]on|setTimeout\(\s*[\"'`]|setInterval\(\s*[\"'`]",
         text,
     ), "builds code or markup from strings (Trusted Types refuses it in the browser)"
     assert "@import" not in text and "@font-face" not in text
+    if path != FRAME_CRYPTO:
+        assert not re.search(r"trustedTypes|new (Shared)?Worker\b|serviceWorker\.register", text), (
+            "a Trusted Types policy or a worker: only the frame encryption's module has one"
+        )
+
+
+FRAME_CRYPTO = "js/frame_crypto.js"
+
+
+def test_the_one_trusted_types_policy_makes_script_urls_of_its_own_blobs_only() -> None:
+    """The CSP allows one policy (frame-crypto); its module makes it once, for script URLs only,
+    and lets through only the blob: URLs it made itself from the pinned worker and sframe.js."""
+    text = (WEB / FRAME_CRYPTO).read_text(encoding="utf-8")
+    assert len(re.findall(r"trustedTypes\.createPolicy\(", text)) == 1
+    assert re.search(r'POLICY_NAME = "frame-crypto"', text)
+    assert not re.search(r"createHTML|createScript\b|createScript\s*\(", text)
+    assert "if (!madeUrls.has(candidate)) throw" in text
+    assert len(re.findall(r"new Worker\(", text)) == 1 and "new Worker(scriptUrl(workerUrl)" in text

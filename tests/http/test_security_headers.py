@@ -126,10 +126,13 @@ def check_headers(headers: Any, what: str, *, tls: bool = False) -> None:
     # Scripts from our origin, and the one inline script: the pages' import map, by its hash.
     assert directives.get("script-src") == ["'self'", f"'{import_map_hash(web_root())}'"], what
     assert directives.get("require-trusted-types-for") == ["'script'"], what
-    assert directives.get("trusted-types") == ["'none'"], what
+    # One Trusted Types policy: the frame encryption's, for its worker's blob: URLs (web/js/frame_crypto.js).
+    assert directives.get("trusted-types") == ["frame-crypto"], what
     assert headers.get("Integrity-Policy") == "blocked-destinations=(script)", what
     assert directives.get("object-src") == ["'none'"] and directives.get("base-uri") == ["'none'"], what
-    assert directives.get("worker-src") == ["'none'"], f"{what}: no worker, so no service worker outlives a page"
+    # Workers from blob: URLs only (the frame encryption's pinned bytes): never a service worker,
+    # which must come from an http(s) URL, so none outlives a page.
+    assert directives.get("worker-src") == ["blob:"], f"{what}: a worker from blob: only"
     assert not any(s in ("*", "http:", "https:") for sources in directives.values() for s in sources), what
     assert headers.get("X-Frame-Options") == "DENY", what
     assert headers.get("X-Content-Type-Options") == "nosniff", what
