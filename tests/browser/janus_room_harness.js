@@ -64,10 +64,11 @@ async () => {
     },
     // Our publishing connection's outgoing codec and frames.
     async outbound() {
-      const out = { framesEncoded: 0, codec: null, transforms: 0 };
+      const out = { framesEncoded: 0, codec: null, transforms: 0, audioLevelOffered: null };
       const pc = state.room.publisherConnection;
       if (!pc) return out;
       out.transforms = pc.getSenders().filter((s) => s.transform).length;
+      out.audioLevelOffered = pc.localDescription.sdp.includes("urn:ietf:params:rtp-hdrext:ssrc-audio-level");
       const stats = await pc.getStats();
       stats.forEach((r) => {
         if (r.type === "outbound-rtp" && r.kind === "video") {

@@ -174,7 +174,10 @@ async def test_subscribers_decode_the_publishers_sealed_vp8_and_one_without_the_
         sent = await call(publisher, "counts")
         assert sent["started"]["send"] == {"audio": 1, "video": 1}, sent
         assert sent["unkeyed"] == sent["unsent"] == 0, sent
-        assert (await call(publisher, "outbound"))["codec"] == "video/VP8"
+        outbound = await call(publisher, "outbound")
+        assert outbound["codec"] == "video/VP8", outbound
+        assert outbound["transforms"] == 2, outbound
+        assert outbound["audioLevelOffered"] is False, "each audio packet's level would cross Janus in the clear"
 
         failed = await until(
             lambda: call(watchers["keyless"], "counts"),

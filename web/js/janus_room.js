@@ -94,6 +94,18 @@ function gathered(pc) {
   });
 }
 
+/** RTP header extension carrying each audio packet's level in the clear (RFC 6464): not offered. */
+const AUDIO_LEVEL = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
+
+/** Offer no audio level: Janus terminates SRTP and would read how loud each packet is. */
+function noAudioLevel(transceiver) {
+  if (typeof transceiver.setHeaderExtensionsToNegotiate !== "function") return;
+  const extensions = transceiver.getHeaderExtensionsToNegotiate();
+  transceiver.setHeaderExtensionsToNegotiate(
+    extensions.map((e) => (e.uri === AUDIO_LEVEL ? { ...e, direction: "stopped" } : e)),
+  );
+}
+
 /** VP8 first and alone (with its retransmissions): 7.12's clear prefix is VP8's. */
 function vp8Only(transceiver) {
   const codecs = RTCRtpSender.getCapabilities?.("video")?.codecs ?? [];
@@ -221,6 +233,7 @@ export class JanusRoom extends EventTarget {
     for (const track of stream.getTracks()) {
       const transceiver = pc.addTransceiver(track, { direction: "sendonly", streams: [stream] });
       if (track.kind === "video") vp8Only(transceiver);
+      else noAudioLevel(transceiver);
       this.#crypto.protectSender(transceiver.sender, track.kind);
       if (!transceiver.sender.transform) throw new JanusRoomError("unsupported");
     }
