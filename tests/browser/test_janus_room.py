@@ -50,7 +50,12 @@ class Seat:
 
     @property
     def credentials(self) -> dict[str, Any]:
-        return {"url": self.granted.url, "room": self.granted.room, "pin": self.granted.pin, "token": self.granted.token}
+        return {
+            "url": self.granted.url,
+            "room": self.granted.room,
+            "pin": self.granted.pin,
+            "token": self.granted.token,
+        }
 
     @property
     def peer_id(self) -> str:
@@ -158,7 +163,9 @@ async def test_subscribers_decode_the_publishers_sealed_vp8_and_one_without_the_
 
         feed = joined["feed"]
         for page in watchers.values():
-            seen = await until(lambda p=page: call(p, "seen"), lambda s: s["remotes"], "the publisher's feed is received")
+            seen = await until(
+                lambda p=page: call(p, "seen"), lambda s: s["remotes"], "the publisher's feed is received"
+            )
             # Janus knows the publisher by its opaque peer id only.
             assert seen["remotes"] == [{"feed": feed, "display": therapist.peer_id}], seen
 
@@ -192,10 +199,14 @@ async def test_subscribers_decode_the_publishers_sealed_vp8_and_one_without_the_
         # The publisher leaves: each subscriber learns its feed is gone.
         assert await call(publisher, "leave") is True
         for page in watchers.values():
-            await until(lambda p=page: call(p, "seen"), lambda s: s["left"] == [feed], "the publisher's leaving is seen")
+            await until(
+                lambda p=page: call(p, "seen"), lambda s: s["left"] == [feed], "the publisher's leaving is seen"
+            )
         for page in watchers.values():
             assert await call(page, "leave") is True
-        await until(lambda: participants(with_janus, therapist.granted.room), lambda p: p == [], "everyone left the room")
+        await until(
+            lambda: participants(with_janus, therapist.granted.room), lambda p: p == [], "everyone left the room"
+        )
     finally:
         await close(therapist, keyed, keyless)
 
@@ -260,7 +271,9 @@ async def test_a_sender_that_bypasses_its_transform_hangs_up_the_room(
         await call(page, "unprotect", "video")
         seen = await until(lambda: call(page, "seen"), lambda s: s["failed"], "the bypass is caught")
         assert seen["failed"] == ["bypassed"], seen
-        await until(lambda: participants(with_janus, therapist.granted.room), lambda p: p == [], "the page left the room")
+        await until(
+            lambda: participants(with_janus, therapist.granted.room), lambda p: p == [], "the page left the room"
+        )
     finally:
         await close(therapist)
 
