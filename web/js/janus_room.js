@@ -148,7 +148,6 @@ export class JanusRoom extends EventTarget {
   #subscriptions = new Map(); // feed → {handle, pc, display, stream}
   #waiting = new Map(); // transaction → {resolve, reject}
   #closed = false;
-  #poll = null;
   #timers = [];
 
   /**
@@ -198,7 +197,7 @@ export class JanusRoom extends EventTarget {
     const { room, pin, token } = this.#credentials;
     try {
       this.#session = (await this.#post("", { janus: "create" })).data.id;
-      this.#poll = this.#pollLoop();
+      this.#pollLoop(); // runs until the room is left
       const keepalive = () => this.#post(`/${this.#session}`, { janus: "keepalive" }).catch(() => {});
       this.#timers.push(setInterval(keepalive, KEEPALIVE_MS));
       this.#publisher = await this.#attach();
@@ -362,7 +361,7 @@ export class JanusRoom extends EventTarget {
     const data = event.plugindata?.data;
     if (event.janus === "event" && data && waiting) {
       this.#waiting.delete(event.transaction);
-      if (data.error_code !== undefined || data.videoroom === "event" && data.error) {
+      if (data.error_code !== undefined) {
         waiting.reject(janusFailure(Number(data.error_code)));
       } else {
         waiting.resolve({ data, jsep: event.jsep ?? null });
