@@ -1,0 +1,430 @@
+// The browser's side of a Janus session (issue 22; docs/protocol.md 3 and 7.12, "A browser in the
+// Janus room"): Janus's HTTP API from the page, with only what `media_janus` gives (url, room, pin,
+// token) and never an API secret.
+//
+// One Janus session (opened with the token), one VideoRoom handle that joins as a publisher (PIN
+// and token) and publishes the page's audio and video, and one subscriber handle per other
+// publisher. Every frame goes through FrameCrypto (web/js/frame_crypto.js): this page makes the
+// publisher's offer, so its sender transforms are set right after addTransceiver (Chromium skips
+// one set on a transceiver a remote offer made); Janus makes each subscriber's offer, so the
+// receiver transforms are set after that offer and before the answer. Video is VP8 only, the
+// codec whose clear prefix 7.12 defines. A browser without RTCRtpScriptTransform is refused
+// (`unsupported`): nothing is ever sent unencrypted. The display name Janus gets is the seat's
+// opaque peer id, never a person's name.
+
+import { supported } from "./frame_crypto.js";
+
+const VIDEOROOM = "janus.plugin.videoroom";
+/** A peer id as the broker makes them (docs/protocol.md 3): what Janus may know of a participant. */
+const PEER_ID = /^[A-Za-z0-9_-]{8}$/;
+/** Janus ends a session idle for 60 s by default: a keepalive well inside that. */
+const KEEPALIVE_MS = 25_000;
+/** How long one answer from Janus may take before it is `timeout`. */
+const REQUEST_TIMEOUT_MS = 15_000;
+/** Our own ICE gathering before an offer or answer goes (no trickle): on a LAN it takes moments. */
+const GATHER_TIMEOUT_MS = 5_000;
+/** How often each sender is checked for frames that skipped its transform (FrameCrypto.bypassed). */
+const BYPASS_CHECK_MS = 3_000;
+/** Janus's codes that mean "these credentials do not open this" (core 403/405, VideoRoom 433). */
+const REFUSED = new Set([403, 405, 433]);
+/** VideoRoom: no such room (destroyed with its session, or never this token's). */
+const NO_SUCH_ROOM = 426;
+
+/** Error codes of this module (stable; `janusCode` holds Janus's own number where there is one). */
+export const ERROR_CODES = Object.freeze([
+  "unsupported", // no RTCRtpScriptTransform (or no VP8): never connected unencrypted
+  "malformed", // credentials or display id not as media_janus / a peer id
+  "unreachable", // Janus's address did not answer (network, CORS, CSP)
+  "timeout", // Janus did not answer in time
+  "refused", // Janus refused the token or the PIN (revoked, expired join window, another room)
+  "no_such_room", // the room is gone (the session ended)
+  "janus_error", // any other error Janus reported
+  "bypassed", // a sender sent frames its transform never saw: the call was hung up
+  "closed", // the room was left
+]);
+
+export class JanusRoomError extends Error {
+  constructor(code, janusCode = null) {
+    super(`janus room: ${code}${janusCode === null ? "" : ` (${janusCode})`}`);
+    this.name = "JanusRoomError";
+    this.code = code;
+    this.janusCode = janusCode;
+  }
+}
+
+function janusFailure(janusCode) {
+  if (REFUSED.has(janusCode)) return new JanusRoomError("refused", janusCode);
+  if (janusCode === NO_SUCH_ROOM) return new JanusRoomError("no_such_room", janusCode);
+  return new JanusRoomError("janus_error", janusCode);
+}
+
+function transaction() {
+  const bytes = crypto.getRandomValues(new Uint8Array(9));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function withTimeout(promise, ms, onTimeout = () => {}) {
+  let timer;
+  return Promise.race([
+    promise,
+    new Promise((_, reject) => {
+      timer = setTimeout(() => {
+        onTimeout();
+        reject(new JanusRoomError("timeout"));
+      }, ms);
+    }),
+  ]).finally(() => clearTimeout(timer));
+}
+
+/** Wait for our ICE candidates to be in the local description (we send no trickle). */
+function gathered(pc) {
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => {
+      if (pc.iceGatheringState !== "complete") return;
+      pc.removeEventListener("icegatheringstatechange", done);
+      clearTimeout(timer);
+      resolve();
+    };
+    const timer = setTimeout(() => {
+      pc.removeEventListener("icegatheringstatechange", done);
+      resolve(); // what was gathered so far is in the description
+    }, GATHER_TIMEOUT_MS);
+    pc.addEventListener("icegatheringstatechange", done);
+  });
+}
+
+/** RTP header extension carrying each audio packet's level in the clear (RFC 6464): not offered. */
+const AUDIO_LEVEL = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
+
+/** Offer no audio level: Janus terminates SRTP and would read how loud each packet is. */
+function noAudioLevel(transceiver) {
+  if (typeof transceiver.setHeaderExtensionsToNegotiate !== "function") return;
+  const extensions = transceiver.getHeaderExtensionsToNegotiate();
+  transceiver.setHeaderExtensionsToNegotiate(
+    extensions.map((e) => (e.uri === AUDIO_LEVEL ? { ...e, direction: "stopped" } : e)),
+  );
+}
+
+/** VP8 first and alone (with its retransmissions): 7.12's clear prefix is VP8's. */
+function vp8Only(transceiver) {
+  const codecs = RTCRtpSender.getCapabilities?.("video")?.codecs ?? [];
+  const vp8 = codecs.filter((c) => c.mimeType.toLowerCase() === "video/vp8");
+  if (!vp8.length || typeof transceiver.setCodecPreferences !== "function") throw new JanusRoomError("unsupported");
+  const rtx = codecs.filter((c) => c.mimeType.toLowerCase() === "video/rtx");
+  transceiver.setCodecPreferences([...vp8, ...rtx]);
+}
+
+function checkCredentials(credentials) {
+  const { url, room, pin, token } = credentials ?? {};
+  let parsed;
+  try {
+    parsed = new URL(url);
+  } catch {
+    throw new JanusRoomError("malformed");
+  }
+  if (!["http:", "https:"].includes(parsed.protocol)) throw new JanusRoomError("malformed");
+  if (!Number.isSafeInteger(room) || room <= 0) throw new JanusRoomError("malformed");
+  if (typeof pin !== "string" || typeof token !== "string" || !token) throw new JanusRoomError("malformed");
+  return { url: url.replace(/\/+$/, ""), room, pin, token };
+}
+
+/**
+ * A participant in its session's Janus room. Events (EventTarget): `remote` ({feed, display,
+ * stream}) when another publisher's media is set up, `left` ({feed}) when it stops publishing or
+ * leaves, `failed` ({code}) when the room stops working (Janus gone, a sender bypassing its
+ * transform): the room is left then.
+ */
+export class JanusRoom extends EventTarget {
+  #credentials;
+  #display;
+  #crypto;
+  #rtcConfig;
+  #session = null;
+  #publisher = null; // VideoRoom handle id
+  #feed = null; // our own publisher id in the room
+  #privateId = null;
+  #publisherPc = null;
+  #subscriptions = new Map(); // feed → {handle, pc, display, stream}
+  #waiting = new Map(); // transaction → {resolve, reject}
+  #closed = false;
+  #timers = [];
+
+  /**
+   * @param credentials `media_janus` as received: {url, room, pin, token}
+   * @param options {peerId: this seat's opaque peer id (the display Janus sees),
+   *   frameCrypto: a started FrameCrypto, rtcConfiguration: ICE servers (the practice's TURN)}
+   */
+  constructor(credentials, { peerId, frameCrypto, rtcConfiguration = {} } = {}) {
+    super();
+    this.#credentials = checkCredentials(credentials);
+    if (typeof peerId !== "string" || !PEER_ID.test(peerId)) throw new JanusRoomError("malformed");
+    if (!frameCrypto) throw new JanusRoomError("unsupported");
+    this.#display = peerId;
+    this.#crypto = frameCrypto;
+    this.#rtcConfig = rtcConfiguration;
+  }
+
+  /** Our publisher id in the room, once joined. */
+  get feed() {
+    return this.#feed;
+  }
+
+  /** The other publishers whose media we receive: [{feed, display, stream}]. */
+  remotes() {
+    return [...this.#subscriptions.entries()]
+      .filter(([, s]) => s.stream)
+      .map(([feed, s]) => ({ feed, display: s.display, stream: s.stream }));
+  }
+
+  /** The connection carrying one remote feed (getStats for the call's quality and the tests). */
+  connectionOf(feed) {
+    return this.#subscriptions.get(feed)?.pc ?? null;
+  }
+
+  /** Our publishing connection, once publishing. */
+  get publisherConnection() {
+    return this.#publisherPc;
+  }
+
+  /**
+   * Open the Janus session with the token, attach the VideoRoom and join it as a publisher
+   * (PIN and token); then receive every other publisher. Resolves to our feed id.
+   */
+  async join() {
+    if (!supported()) throw new JanusRoomError("unsupported"); // receiving needs the transform too
+    if (this.#session !== null || this.#closed) throw new JanusRoomError("closed");
+    const { room, pin, token } = this.#credentials;
+    try {
+      this.#session = (await this.#post("", { janus: "create" })).data.id;
+      this.#pollLoop(); // runs until the room is left
+      const keepalive = () => this.#post(`/${this.#session}`, { janus: "keepalive" }).catch(() => {});
+      this.#timers.push(setInterval(keepalive, KEEPALIVE_MS));
+      this.#publisher = await this.#attach();
+      const { data } = await this.#message(this.#publisher, {
+        request: "join",
+        ptype: "publisher",
+        room,
+        pin,
+        token,
+        display: this.#display,
+      });
+      this.#feed = data.id;
+      this.#privateId = data.private_id ?? null;
+      this.#announce(data.publishers);
+      return this.#feed;
+    } catch (err) {
+      await this.leave(); // nothing left behind at Janus: a failed join is a left room
+      throw err;
+    }
+  }
+
+  /**
+   * Publish `stream` (one audio and one video track at most), every frame sealed by FrameCrypto:
+   * the transforms are set before our offer, VP8 is the only video codec, and Janus is told the
+   * media is end-to-end encrypted (the room requires it).
+   */
+  async publish(stream) {
+    if (!supported()) throw new JanusRoomError("unsupported");
+    if (this.#session === null || this.#closed) throw new JanusRoomError("closed");
+    const pc = new RTCPeerConnection(this.#rtcConfig);
+    this.#publisherPc = pc;
+    for (const track of stream.getTracks()) {
+      const transceiver = pc.addTransceiver(track, { direction: "sendonly", streams: [stream] });
+      if (track.kind === "video") vp8Only(transceiver);
+      else noAudioLevel(transceiver);
+      this.#crypto.protectSender(transceiver.sender, track.kind);
+      if (!transceiver.sender.transform) throw new JanusRoomError("unsupported");
+    }
+    await pc.setLocalDescription(await pc.createOffer());
+    await gathered(pc);
+    const { jsep } = await this.#message(
+      this.#publisher,
+      { request: "publish", audio: true, video: true, e2ee: true },
+      { type: "offer", sdp: pc.localDescription.sdp, trickle: false, e2ee: true },
+    );
+    if (!jsep || jsep.type !== "answer") throw new JanusRoomError("janus_error");
+    await pc.setRemoteDescription({ type: "answer", sdp: jsep.sdp });
+    this.#timers.push(setInterval(() => this.#checkBypass(), BYPASS_CHECK_MS));
+  }
+
+  /** Leave the room, close every connection and destroy the Janus session. */
+  async leave() {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const timer of this.#timers) clearInterval(timer);
+    this.#timers = [];
+    for (const feed of [...this.#subscriptions.keys()]) this.#dropSubscription(feed, false);
+    this.#publisherPc?.close();
+    for (const waiting of this.#waiting.values()) waiting.reject(new JanusRoomError("closed"));
+    this.#waiting.clear();
+    if (this.#session !== null) {
+      // Best effort: a Janus that is gone ends the session by itself after its timeout.
+      await this.#post(`/${this.#session}`, { janus: "destroy" }).catch(() => {});
+    }
+  }
+
+  async #checkBypass() {
+    const pc = this.#publisherPc;
+    if (!pc || this.#closed) return;
+    for (const sender of pc.getSenders()) {
+      if (sender.track && (await this.#crypto.bypassed(sender))) {
+        this.#fail("bypassed");
+        return;
+      }
+    }
+  }
+
+  #fail(code) {
+    if (this.#closed) return;
+    this.leave();
+    this.dispatchEvent(new CustomEvent("failed", { detail: { code } }));
+  }
+
+  async #attach() {
+    const answer = await this.#post(`/${this.#session}`, { janus: "attach", plugin: VIDEOROOM });
+    return answer.data.id;
+  }
+
+  /** A VideoRoom request whose answer comes as an event on the long poll: {data, jsep}. */
+  async #message(handle, body, jsep = undefined) {
+    const id = transaction();
+    const answer = new Promise((resolve, reject) => this.#waiting.set(id, { resolve, reject }));
+    answer.catch(() => {}); // a failure of the post below is the one reported
+    const request = { janus: "message", body, transaction: id };
+    if (jsep) request.jsep = jsep;
+    await this.#post(`/${this.#session}/${handle}`, request, id);
+    return withTimeout(answer, REQUEST_TIMEOUT_MS, () => this.#waiting.delete(id));
+  }
+
+  /** One request; Janus's own error becomes a JanusRoomError. */
+  async #post(path, body, id = transaction()) {
+    if (this.#closed && body.janus !== "destroy") throw new JanusRoomError("closed");
+    const controller = new AbortController();
+    const work = (async () => {
+      let response;
+      try {
+        response = await fetch(this.#credentials.url + path, {
+          method: "POST",
+          headers: { "Content-Type": "application/json" },
+          body: JSON.stringify({ ...body, transaction: id, token: this.#credentials.token }),
+          credentials: "omit",
+          cache: "no-store",
+          signal: controller.signal,
+        });
+      } catch {
+        throw new JanusRoomError("unreachable");
+      }
+      let answer;
+      try {
+        answer = await response.json();
+      } catch {
+        throw new JanusRoomError("janus_error");
+      }
+      if (answer?.janus === "error") throw janusFailure(Number(answer.error?.code));
+      return answer;
+    })();
+    return withTimeout(work, REQUEST_TIMEOUT_MS, () => controller.abort());
+  }
+
+  /** Janus's events for this session, by long poll, until the room is left. */
+  async #pollLoop() {
+    const { url, token } = this.#credentials;
+    let failures = 0;
+    while (!this.#closed) {
+      let events;
+      try {
+        const query = new URLSearchParams({ maxev: "10", rid: String(Date.now()), token });
+        const response = await fetch(`${url}/${this.#session}?${query}`, { credentials: "omit", cache: "no-store" });
+        events = await response.json();
+        failures = 0;
+      } catch {
+        if (this.#closed) return;
+        if (++failures >= 3) {
+          this.#fail("unreachable");
+          return;
+        }
+        await new Promise((resolve) => setTimeout(resolve, 1000));
+        continue;
+      }
+      for (const event of Array.isArray(events) ? events : [events]) this.#onEvent(event);
+    }
+  }
+
+  #onEvent(event) {
+    if (!event || this.#closed) return;
+    if (event.janus === "error" && event.error?.code === 458) {
+      this.#fail("janus_error"); // Janus no longer knows the session (it timed out or restarted)
+      return;
+    }
+    const waiting = event.transaction ? this.#waiting.get(event.transaction) : undefined;
+    const data = event.plugindata?.data;
+    if (event.janus === "event" && data && waiting) {
+      this.#waiting.delete(event.transaction);
+      if (data.error_code !== undefined) {
+        waiting.reject(janusFailure(Number(data.error_code)));
+      } else {
+        waiting.resolve({ data, jsep: event.jsep ?? null });
+      }
+      return;
+    }
+    if (event.janus === "event" && data && event.sender === this.#publisher) {
+      this.#announce(data.publishers);
+      for (const gone of [data.unpublished, data.leaving]) {
+        if (typeof gone === "number") this.#dropSubscription(gone, true);
+      }
+    }
+  }
+
+  /** New publishers in the room: receive each (not ourselves, not one already received). */
+  #announce(publishers) {
+    if (!Array.isArray(publishers)) return;
+    for (const publisher of publishers) {
+      const feed = publisher?.id;
+      if (typeof feed !== "number" || feed === this.#feed || this.#subscriptions.has(feed)) continue;
+      const display = typeof publisher.display === "string" ? publisher.display : null;
+      this.#subscriptions.set(feed, { handle: null, pc: null, display, stream: null });
+      this.#subscribe(feed).catch((err) => {
+        this.#dropSubscription(feed, false);
+        if (err instanceof JanusRoomError && err.code === "closed") return;
+        this.dispatchEvent(new CustomEvent("subscribe-failed", { detail: { feed, code: err.code ?? "janus_error" } }));
+      });
+    }
+  }
+
+  /** Receive one publisher: Janus offers; our receiver transforms go on before our answer. */
+  async #subscribe(feed) {
+    const { room, pin, token } = this.#credentials;
+    const entry = this.#subscriptions.get(feed);
+    entry.handle = await this.#attach();
+    const join = { request: "join", ptype: "subscriber", room, pin, token, streams: [{ feed }] };
+    if (this.#privateId !== null) join.private_id = this.#privateId;
+    const { jsep } = await this.#message(entry.handle, join);
+    if (!jsep || jsep.type !== "offer") throw new JanusRoomError("janus_error");
+    if (this.#subscriptions.get(feed) !== entry) throw new JanusRoomError("closed");
+    const pc = new RTCPeerConnection(this.#rtcConfig);
+    entry.pc = pc;
+    entry.stream = new MediaStream();
+    pc.addEventListener("track", (event) => entry.stream.addTrack(event.track));
+    await pc.setRemoteDescription({ type: "offer", sdp: jsep.sdp });
+    for (const transceiver of pc.getTransceivers()) {
+      this.#crypto.protectReceiver(transceiver.receiver, transceiver.receiver.track.kind);
+      if (!transceiver.receiver.transform) throw new JanusRoomError("unsupported");
+    }
+    await pc.setLocalDescription(await pc.createAnswer());
+    await gathered(pc);
+    await this.#message(entry.handle, { request: "start" }, { type: "answer", sdp: pc.localDescription.sdp, trickle: false, e2ee: true });
+    this.dispatchEvent(new CustomEvent("remote", { detail: { feed, display: entry.display, stream: entry.stream } }));
+  }
+
+  #dropSubscription(feed, announce) {
+    const entry = this.#subscriptions.get(feed);
+    if (!entry) return;
+    this.#subscriptions.delete(feed);
+    entry.pc?.close();
+    if (entry.handle !== null && !this.#closed) {
+      this.#post(`/${this.#session}/${entry.handle}`, { janus: "detach" }).catch(() => {});
+    }
+    if (announce) this.dispatchEvent(new CustomEvent("left", { detail: { feed } }));
+  }
+}
