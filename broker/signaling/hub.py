@@ -256,7 +256,7 @@ class Hub:
         """The session and seat a token opens, or ProtocolError with the right code."""
         claims = self.tokens.verify(token)
         session = await self.get_session(claims.session_id)
-        if session is None:
+        if session is None or sm.is_over(session):  # an ended session's record is about to go
             raise await gone_error(self.store, claims, self.clock(), self.missing_session)
         if claims.token_id != session.group_token_id:
             return session, seat_for(session, claims, self.clock())
@@ -363,6 +363,8 @@ class Hub:
         by_group = [False]
 
         def take_seat(s: Session) -> sm.Joining:
+            if sm.is_over(s):  # its record is about to go: answered as if gone already
+                raise missing()
             if s.group_token_id is not None and claims.token_id == s.group_token_id:
                 check_window(s.not_before, s.expires, self.clock())
                 seat = sm.claim_group_seat(s)
@@ -371,8 +373,7 @@ class Hub:
                 seat = seat_for(s, claims, self.clock())
             return sm.connect(s, seat.id, conn.id, device=presented, new_device=fresh, now=int(self.clock()))
 
-        # A genuine token of a session that is gone looks exactly like an unknown one, unless the
-        # store just turned out to have lost its sessions (looked at only when the session is missing).
+        # A gone session's token looks like an unknown one, unless the store lost its sessions (looked at only then).
         gone: list[bool] = []
 
         def missing() -> ProtocolError:
@@ -524,8 +525,7 @@ class Hub:
     # ------------------------------------------------------------ ending
 
     def add_end_listener(self, listener: Callable[[str, str], Awaitable[None]]) -> None:
-        """``listener(owner, session_id)`` runs when a session with an owner ends here (by the
-        therapist, or at its window's end), so what is kept about it elsewhere goes too."""
+        """``listener(owner, session_id)`` runs as an owned session ends here: what is kept of it elsewhere goes too."""
         self._end_listeners.append(listener)
 
     async def _finish(

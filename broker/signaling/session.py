@@ -559,6 +559,11 @@ def _other(seat: Seat, other_id: str) -> OtherDevice:
     return seat.other
 
 
+def is_over(session: Session) -> bool:
+    """The session has ended: its record is about to be deleted, and its links answer as if it were."""
+    return session.state is SessionState.ENDED
+
+
 def _require_not_ended(session: Session) -> None:
     if session.state is SessionState.ENDED:
         raise ProtocolError(ErrorCode.SESSION_ENDED, "This session has ended.")

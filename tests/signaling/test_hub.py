@@ -20,6 +20,7 @@ from broker.signaling.protocol import (
     Error,
     ErrorCode,
     Offer,
+    ProtocolError,
     Removed,
     SeatState,
     SessionEnded,
@@ -749,6 +750,28 @@ async def test_ending_the_session_leaves_no_key_and_a_signed_record(broker: Runn
     finally:
         await client.close()
         await therapist.close()
+
+
+async def test_an_ended_sessions_links_answer_as_gone_before_its_record_is_deleted(broker: RunningBroker) -> None:
+    """Between a session's end and the deletion of its keys (a store round trip later, on Redis), a
+    link of it answers exactly as once its record is gone: invalid_token, or session_cancelled for a
+    cancelled one; never session_ended, which would tell an ended session's link from an unknown one
+    (the conformance suite caught it on Redis: docs/protocol.md, token.indistinguishable)."""
+    from broker.signaling import session as sm
+    from broker.signaling.cancelled import mark_cancelled
+
+    for cancelled in (False, True):
+        links = await schedule(broker)
+        client_token = links.tokens[next(iter(links.seat_keys))]
+        await broker.hub.records.mutate(links.session, lambda s: sm.end(s, s.therapist().id))
+        assert (await record_of(broker, links.session)) is not None  # the record is still there
+        if cancelled:
+            await mark_cancelled(broker.broker.store, links.session, 3600)
+        expected = "session_cancelled" if cancelled else "invalid_token"
+        assert (await join_error(broker, client_token))["code"] == expected
+        with pytest.raises(ProtocolError) as refused:
+            await broker.hub.resolve_token(client_token)
+        assert refused.value.code.value == expected
 
 
 # ---------------------------------------------------------------- TURN
