@@ -121,6 +121,11 @@ async def figures(page: Page) -> dict[str, Any]:
     return dict(found)
 
 
+async def video_paused(page: Page) -> bool:
+    video = (await figures(page))["video"]
+    return bool(video) and video["active"] is False
+
+
 def audio_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
     a, b = before["audio"], after["audio"]
     samples = b["samples"] - a["samples"]
@@ -204,7 +209,13 @@ async def test_a_call_on_a_bad_network_keeps_audio_first(network: Network, chrom
             notice = page.get_by_test_id("video-paused-notice")
             await expect(notice).to_be_visible(timeout=PAUSE_WAIT_MS)
             await expect(notice).to_contain_text("Video paused to keep your voice clear")
-        assert (await figures(client))["video"]["active"] is False
+        # Paused, though the pause's timed retry (adapt.js: at the lowest step, every 20 s and up) may be
+        # under way at the moment of a single look: it fails on this link and pauses again.
+        for _ in range(60):
+            if await video_paused(client):
+                break
+            await client.wait_for_timeout(250)
+        assert await video_paused(client), "the client's video is not paused at 64 kbit/s"
         await expect(client.get_by_test_id("connection-indicator")).to_have_attribute("data-quality", "weak")
         await expect(client.get_by_test_id("connection-tip")).to_be_visible()
 
