@@ -63,6 +63,11 @@ export class Whiteboard {
     on("held", ({ peer, held }) => {
       if (held) this.#synced.delete(peer);
       this.#syncPeer(peer);
+      // A client back from its hold asks for the board: what the therapist's page sent as it released
+      // it may have arrived before this page knew it was back, and been dropped as a held peer's.
+      if (!this.#therapist && !held && call.describe(peer).role === "therapist") {
+        call.sendMessage(peer, { t: "board", op: "sync" });
+      }
     });
     on("left", ({ peer }) => this.#synced.delete(peer));
     on("message", ({ peer, role, message }) => {
@@ -193,6 +198,11 @@ export class Whiteboard {
   #onMessage(peer, role, message) {
     if (this.#call.isHeld(peer)) return; // private time: nothing from or to a held peer
     if (this.#therapist) {
+      if (role === "client" && message.op === "sync") {
+        this.#synced.delete(peer); // a client that asks lacks the board: send it again
+        this.#syncPeer(peer);
+        return;
+      }
       // A client's change: only while the board is open and that client may draw.
       if (role !== "client" || !this.#open || !this.#permissions.allowed(peer, "draw")) return;
       if (!["stroke", "text", "undo", "clear"].includes(message.op)) return;
