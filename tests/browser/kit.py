@@ -4,13 +4,16 @@ screenshots at desktop and phone size, and waiting for screens."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
 import weakref
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -313,3 +316,15 @@ async def refuse_module(page: Page, name: str, times: int | None = None) -> list
 
     await page.route(f"**/static/js/{name}", refuse)
     return refused
+
+
+async def until(read: Callable[[], Awaitable[Any]], ok: Callable[[Any], bool], what: str, timeout: float = 45.0) -> Any:
+    """Poll `read` until `ok` holds; its last value (a functional deadline, generous for a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await read()
+        if ok(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}: last {value!r}")
+        await asyncio.sleep(0.2)

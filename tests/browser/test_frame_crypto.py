@@ -11,9 +11,8 @@ a sender and receivers with different keys (tests/browser/frame_crypto_harness.j
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from playwright.async_api import Page
 
 from tests.browser.conftest import NewContext
 from tests.browser.firefox_bidi import FirefoxPage
+from tests.browser.kit import until
 from tests.conftest import RunningBroker, start_broker
 from tests.webmanifest.web_copies import copy_web
 
@@ -35,8 +35,6 @@ WRONG_KEY = "f0e0d0c0b0a090807060504030201000"
 NEXT_KEY = "5f5e5d5c5b5a59585756555453525150"
 SLOT = 5
 RETIRED_KEY_GRACE_S = 5.0
-#: Generous, as kit.WAIT_MS: several connections with fake video in one page share two cores.
-WAIT_S = 45.0
 FAILURES = ("unknown_kid", "replayed", "bad_tag", "malformed")
 
 AnyPage = Page | FirefoxPage
@@ -66,20 +64,6 @@ async def inbound(page: AnyPage, link: str) -> dict[str, int]:
 
 async def link(page: AnyPage, name: str, sender: str, receiver: str) -> None:
     await run(page, "(n, s, r) => window.__fc.link(n, s, r)", name, sender, receiver)
-
-
-async def until(
-    read: Callable[[], Awaitable[Any]], ok: Callable[[Any], bool], what: str, timeout: float = WAIT_S
-) -> Any:
-    """Poll `read` until `ok` holds (a functional deadline, generous for a loaded machine)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await read()
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: last {value!r}")
-        await asyncio.sleep(0.2)
 
 
 async def harness(page: AnyPage, url: str, *cryptos: str) -> None:

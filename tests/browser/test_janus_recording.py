@@ -39,17 +39,10 @@ from broker.crypto.sframe import (
 )
 from broker.janus.rooms import JanusRooms, RoomKeys
 from tests.browser.conftest import NewContext
-from tests.browser.test_janus_room import (  # noqa: F401 - with_janus is a fixture
-    KEY,
-    SENDER,
-    call,
-    close,
-    participant,
-    therapist_seat,
-    until,
-    with_janus,
-)
+from tests.browser.kit import until
+from tests.browser.test_janus_room import KEY, SENDER, call, close, participant, therapist_seat
 from tests.conftest import RunningBroker
+from tests.janus.broker_fixture import with_janus  # noqa: F401 - the fixture
 from tests.janus.mjr import opus_frames, read_mjr, vp8_frames, with_header
 from tests.janus_server import JanusServer, janus_server  # noqa: F401 - the fixture
 

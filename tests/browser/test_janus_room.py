@@ -12,22 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from playwright.async_api import Page
 
 from broker.client.broker_client import BrokerClient
 from broker.signaling.protocol import MediaJanus, SeatState, Status
 from tests.browser.conftest import NewContext
+from tests.browser.kit import until
 from tests.client.test_client import waiting_client
-from tests.conftest import RunningBroker, SessionLinks, schedule, start_broker
+from tests.conftest import RunningBroker, SessionLinks, schedule
+from tests.janus.broker_fixture import with_janus  # noqa: F401 - the fixture
 from tests.janus.janus_peer import JanusApiError, join_room
-from tests.janus_server import JanusServer, janus_server  # noqa: F401 - the fixture
+from tests.janus_server import janus_server  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 
@@ -35,8 +35,6 @@ HARNESS = Path(__file__).with_name("janus_room_harness.js").read_text(encoding="
 KEY = "000102030405060708090a0b0c0d0e0f"
 #: The publisher's place in the session (7.12's KID = generation × 32 + slot).
 SENDER = {"slot": 0, "generation": 0}
-#: Generous: three Chromium participants and Janus share two cores.
-WAIT_S = 45.0
 #: How long a revocation may take to reach Janus (as tests/janus/test_janus_grants.py), with a margin.
 REVOKED_WITHIN_S = 10.0
 
@@ -62,29 +60,6 @@ class Seat:
         peer_id = self.client.peer_id
         assert peer_id is not None
         return peer_id
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def with_janus(tmp_path: Path, janus_server: JanusServer) -> AsyncIterator[RunningBroker]:  # noqa: F811
-    """A broker whose sessions above four people use the test's Janus (so its CSP allows Janus's origin)."""
-    janus_server.ensure_running()
-    running = await start_broker(tmp_path / "data", **janus_server.settings(), mesh_max_participants=4)
-    yield running
-    await running.stop()
-
-
-async def until(
-    read: Callable[[], Awaitable[Any]], ok: Callable[[Any], bool], what: str, timeout: float = WAIT_S
-) -> Any:
-    """Poll `read` until `ok` holds (a functional deadline, generous for a loaded machine)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await read()
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: last {value!r}")
-        await asyncio.sleep(0.2)
 
 
 async def call(page: Page, name: str, *args: Any) -> Any:

@@ -11,11 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from broker.client.broker_client import BrokerClient
 from broker.janus.client import JanusClient, JanusSettings
@@ -23,24 +21,15 @@ from broker.janus.rooms import JanusRooms
 from broker.janus.scheduling import MediaPlanner
 from broker.signaling.protocol import Error, ErrorCode, MediaJanus, Peers, SeatState, Status, WaitingRoom
 from tests.client.test_client import waiting_client
-from tests.conftest import RunningBroker, SessionLinks, schedule, start_broker, start_broker_pair
+from tests.conftest import RunningBroker, SessionLinks, schedule, start_broker_pair
+from tests.janus.broker_fixture import MESH, with_janus  # noqa: F401 - the fixture
 from tests.janus_server import JanusServer, janus_server  # noqa: F401 - the fixture
 from tests.redis_server import RedisServer, free_port, redis_server  # noqa: F401 - the fixture
 
 from .janus_peer import JanusApiError, join_room
 
-#: Four people talk peer to peer; a fifth makes the session a Janus one.
-MESH: dict[str, object] = {"mesh_max_participants": 4}
 #: How long a revocation may take to reach Janus (one spawned step and a few Janus requests), with a margin.
 REVOKED_WITHIN_S = 10.0
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def with_janus(tmp_path: Path, janus_server: JanusServer) -> AsyncIterator[RunningBroker]:  # noqa: F811
-    janus_server.ensure_running()
-    running = await start_broker(tmp_path / "data", **janus_server.settings(), **MESH)
-    yield running
-    await running.stop()
 
 
 def position(peer: BrokerClient, message: object) -> int:

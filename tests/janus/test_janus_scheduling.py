@@ -11,11 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from aiohttp import ClientSession, web
 
 from broker.config import Config
@@ -26,21 +24,11 @@ from broker.janus.scheduling import JanusRequired
 from tests.conftest import RunningBroker, start_broker
 from tests.http.test_dashboard import http, login  # noqa: F401 - fixtures
 from tests.http.test_web_auth import PASSWORD, start_full_broker
+from tests.janus.broker_fixture import MESH, with_janus  # noqa: F401 - the fixture
 from tests.janus_server import JanusServer, janus_server  # noqa: F401 - the fixture
 from tests.redis_server import free_port
 
 BROKER = [sys.executable, "-m", "broker"]
-
-#: The mesh size issue 22 asks for (the default stays 16 until the browsers send media through Janus).
-MESH: dict[str, object] = {"mesh_max_participants": 4}
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def with_janus(tmp_path: Path, janus_server: JanusServer) -> AsyncIterator[RunningBroker]:  # noqa: F811
-    janus_server.ensure_running()
-    running = await start_broker(tmp_path / "data", **janus_server.settings(), **MESH)
-    yield running
-    await running.stop()
 
 
 async def room_numbers(running: RunningBroker) -> set[int]:
