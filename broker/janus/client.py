@@ -3,11 +3,13 @@
 Every request carries the API secret (or, on the admin API, the admin secret) from the broker's
 configuration; neither ever reaches a browser. Anything other than a good answer (Janus down,
 a timeout, an error code, an answer that is not JSON) raises ``JanusUnavailable`` and the caller
-changes nothing. Nothing here logs a request body: room secrets, PINs and tokens travel in them.
+changes nothing. Nothing here logs a request body or an answer: room secrets, PINs and tokens travel
+in them (the admin API's ``handle_info`` answers name each handle's token).
 """
 
 from __future__ import annotations
 
+import hmac
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,6 +30,14 @@ class JanusUnavailable(Exception):
     code = JANUS_UNAVAILABLE
 
 
+class ApiError(JanusUnavailable):
+    """Janus's core refused a request; ``error_code`` is its number (e.g. 458: no such session)."""
+
+    def __init__(self, message: str, error_code: int) -> None:
+        super().__init__(message)
+        self.error_code = error_code
+
+
 class PluginError(JanusUnavailable):
     """The VideoRoom plugin refused a request; ``error_code`` is its number (e.g. 426: no such room)."""
 
@@ -39,7 +49,11 @@ class PluginError(JanusUnavailable):
 #: VideoRoom error codes the broker tells apart (Janus's videoroom plugin documentation).
 NO_SUCH_ROOM = 426
 ROOM_EXISTS = 427
+NO_SUCH_FEED = 428
 UNAUTHORIZED = 433
+#: Janus core error codes for a session or handle that is gone (it ended meanwhile).
+NO_SUCH_SESSION = 458
+NO_SUCH_HANDLE = 459
 
 
 @dataclass(frozen=True)
@@ -89,7 +103,10 @@ class JanusClient:
             raise JanusUnavailable("Janus's answer is not a JSON object.")
         if answer.get("janus") == "error":
             error = answer.get("error") or {}
-            raise JanusUnavailable(f"Janus refused the request (error {error.get('code')}).")
+            code = error.get("code") if isinstance(error, dict) else None
+            if isinstance(code, int):
+                raise ApiError(f"Janus refused the request (error {code}).", code)
+            raise JanusUnavailable("Janus refused the request.")
         return answer
 
     async def api(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -98,11 +115,41 @@ class JanusClient:
             body = {**body, "apisecret": self.settings.api_secret}
         return await self._post(self.settings.url.rstrip("/") + path, body)
 
-    async def admin(self, body: dict[str, Any]) -> dict[str, Any]:
-        """One admin API request (stored tokens)."""
+    async def admin(self, body: dict[str, Any], path: str = "") -> dict[str, Any]:
+        """One admin API request under ``path`` (``""``, ``/SESSION`` or ``/SESSION/HANDLE``)."""
         if not self.settings.admin_url:
             raise JanusUnavailable("The Janus admin API is not configured (BROKER_JANUS_ADMIN_URL).")
-        return await self._post(self.settings.admin_url, {**body, "admin_secret": self.settings.admin_secret})
+        url = self.settings.admin_url.rstrip("/") + path
+        return await self._post(url, {**body, "admin_secret": self.settings.admin_secret})
+
+    async def sessions_opened_with(self, token: str) -> list[int]:
+        """The Janus sessions with a handle attached under ``token`` (admin API: each handle's ``handle_info``).
+
+        A session or handle that ends while this looks is skipped; Janus not answering raises.
+        """
+        listed = (await self.admin({"janus": "list_sessions"})).get("sessions")
+        found: list[int] = []
+        for session_id in [s for s in listed if isinstance(s, int)] if isinstance(listed, list) else []:
+            try:
+                handles = (await self.admin({"janus": "list_handles"}, f"/{session_id}")).get("handles")
+                for handle_id in [h for h in handles if isinstance(h, int)] if isinstance(handles, list) else []:
+                    info = (await self.admin({"janus": "handle_info"}, f"/{session_id}/{handle_id}")).get("info")
+                    held = info.get("token") if isinstance(info, dict) else None
+                    if isinstance(held, str) and hmac.compare_digest(held.encode(), token.encode()):
+                        found.append(session_id)
+                        break
+            except ApiError as exc:
+                if exc.error_code not in (NO_SUCH_SESSION, NO_SUCH_HANDLE):
+                    raise
+        return found
+
+    async def end_session(self, session_id: int) -> None:
+        """Destroy a Janus session and every handle in it (admin API); one already gone is fine."""
+        try:
+            await self.admin({"janus": "destroy_session"}, f"/{session_id}")
+        except ApiError as exc:
+            if exc.error_code != NO_SUCH_SESSION:
+                raise
 
     async def info(self) -> dict[str, Any]:
         """Janus's ``info`` answer: it is up and answering."""

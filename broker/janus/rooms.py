@@ -6,8 +6,9 @@ that key, the same in every broker process, and stored nowhere, so a Redis dump 
 and any process can destroy a room another one created. Rooms are created with ``require_e2ee``
 (Janus forwards frames it is told not to inspect), ``is_private`` and an access list: a participant
 joins with the room's PIN plus a token of its own, which the broker puts on the room's list when
-the participant is admitted and takes off when it leaves, and which Janus's stored-token auth also
-accepts for the Janus API itself, limited to the VideoRoom plugin (docs/security.md, "Janus").
+the participant is admitted and takes off when it leaves (putting it out of the room too), and which
+Janus's stored-token auth also accepts for the Janus API itself, limited to the VideoRoom plugin
+(docs/security.md, "Janus").
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.janus.client import NO_SUCH_ROOM, ROOM_EXISTS, VIDEOROOM, JanusClient, JanusUnavailable, PluginError
+from broker.janus.client import (
+    NO_SUCH_FEED,
+    NO_SUCH_ROOM,
+    ROOM_EXISTS,
+    VIDEOROOM,
+    JanusClient,
+    JanusUnavailable,
+    PluginError,
+)
 
 log = logging.getLogger("broker.janus")
 
@@ -166,19 +175,42 @@ class JanusRooms:
         log.info("event=janus_credentials_granted session=%s peer=%s", session_id, peer_id)
         return Credentials(room=keys.room, pin=keys.pin, token=token, join_by=join_by)
 
-    async def revoke(self, session_id: str, token: str) -> None:
-        """The participant left or was removed: its token opens nothing any more."""
+    async def revoke(self, session_id: str, token: str, *, peer_id: str) -> None:
+        """The participant left or was removed: its token opens nothing any more, and it is put out of
+        the room (``eject``). The room already gone is fine: nobody is left in it."""
         keys = self.keys(session_id)
         door = self._doors.pop(token, None)
         if door is not None:
             door.cancel()  # nothing left to close
+        room_gone = False
         try:
             await self._allowed(keys, "remove", token)
         except PluginError as exc:
             if exc.error_code != NO_SUCH_ROOM:
                 raise
+            room_gone = True
         await self._forget_token(token)
         log.info("event=janus_credentials_revoked session=%s", session_id)
+        await self.eject(session_id, token, peer_id, room_gone=room_gone)
+
+    async def eject(self, session_id: str, token: str, peer_id: str, *, room_gone: bool = False) -> None:
+        """Put a revoked participant out of the room: taking its token off the lists stops new joins only.
+
+        The VideoRoom ``kick`` (with the room's secret) of the participants whose display is the seat's
+        peer id (the call pages join so) ends its publisher: its media stops reaching the others. A kick
+        leaves the participant's subscriber handles forwarding the others' frames, though (Janus 1.1 ends
+        them only in rooms with ``require_pvtid``), so every Janus session opened with the revoked token
+        is destroyed too, subscriber handles and all, when the admin API is configured (``handle_info``
+        names the token each handle was attached with). Nobody to kick, or no such session, is fine.
+        """
+        kicked = 0 if room_gone else await self._kick(self.keys(session_id), peer_id)
+        ended = 0
+        if self.client.settings.admin_url:
+            for janus_session in await self.client.sessions_opened_with(token):
+                await self.client.end_session(janus_session)
+                ended += 1
+        if kicked or ended:
+            log.info("event=janus_participant_ejected session=%s kicked=%d ended=%d", session_id, kicked, ended)
 
     async def sweep(self, is_live: Callable[[str], Awaitable[bool]]) -> list[str]:
         """Destroy this broker's rooms whose session is over (ended, expired or gone); returns their sessions."""
@@ -211,6 +243,31 @@ class JanusRooms:
             await handle.request(
                 {"request": "allowed", "room": keys.room, "secret": keys.secret, "action": action, "allowed": [token]}
             )
+
+    async def _kick(self, keys: RoomKeys, peer_id: str) -> int:
+        """Kick the room's participants shown as ``peer_id``; how many were kicked."""
+        async with self.client.videoroom() as handle:
+            try:
+                data = await handle.request({"request": "listparticipants", "room": keys.room})
+            except PluginError as exc:
+                if exc.error_code != NO_SUCH_ROOM:
+                    raise
+                return 0
+            listed = data.get("participants")
+            present = [p for p in listed if isinstance(p, dict)] if isinstance(listed, list) else []
+            kicked = 0
+            for participant in present:
+                if participant.get("display") != peer_id or not isinstance(participant.get("id"), int):
+                    continue
+                kick = {"request": "kick", "room": keys.room, "secret": keys.secret, "id": participant["id"]}
+                try:
+                    await handle.request(kick)
+                except PluginError as exc:
+                    if exc.error_code not in (NO_SUCH_ROOM, NO_SUCH_FEED):  # it left, or the room went, meanwhile
+                        raise
+                    continue
+                kicked += 1
+            return kicked
 
     async def _remember_token(self, token: str) -> None:
         # Janus accepts a token it already holds (a second grant of the same seat's token) as a new one.

@@ -190,7 +190,7 @@ class MediaGrants:
         assert planner.rooms is not None
         token = planner.rooms.seat_token(session_id, change.peer, change.holder, change.generation)
         try:
-            await planner.rooms.revoke(session_id, token)
+            await planner.rooms.revoke(session_id, token, peer_id=change.peer)
         except JanusUnavailable:
             # Its generation moved on, so it is never granted again; the room's door closes by itself
             # (JOIN_WINDOW_S) and the room goes with the session.

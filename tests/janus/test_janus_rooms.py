@@ -70,7 +70,7 @@ async def test_credentials_open_their_own_room_only(rooms: JanusRooms, janus_ser
         elsewhere = await join_room(janus_server.url, mine.token, other, other_pin)
         assert elsewhere.get("error_code") == UNAUTHORIZED
     finally:
-        await rooms.revoke("session-b", mine.token)
+        await rooms.revoke("session-b", mine.token, peer_id="peer-1")
     with pytest.raises(JanusApiError) as refused:  # revoked: not even a Janus session
         await join_room(janus_server.url, mine.token, mine.room, mine.pin)
     assert refused.value.code == JANUS_UNAUTHORIZED
@@ -90,7 +90,7 @@ async def test_a_token_stops_opening_the_room_after_its_join_window(
         late = await join_room(janus_server.url, granted.token, granted.room, granted.pin)
         assert late.get("error_code") == UNAUTHORIZED
     finally:
-        await rooms.revoke("session-d", granted.token)
+        await rooms.revoke("session-d", granted.token, peer_id="peer-2")
         await rooms.destroy("session-d")
 
 
@@ -114,7 +114,7 @@ async def test_granting_a_token_again_gives_it_a_full_join_window(
         late = await join_room(janus_server.url, again.token, again.room, again.pin)
         assert late.get("error_code") == UNAUTHORIZED
     finally:
-        await rooms.revoke("session-h", token)
+        await rooms.revoke("session-h", token, peer_id="peer-4")
         await rooms.destroy("session-h")
 
 
@@ -159,7 +159,7 @@ async def test_no_room_secret_pin_or_token_in_the_logs(
     caplog.set_level(logging.DEBUG)
     await rooms.create("session-g")
     granted = await rooms.grant("session-g", "peer-3")
-    await rooms.revoke("session-g", granted.token)
+    await rooms.revoke("session-g", granted.token, peer_id="peer-3")
     await rooms.destroy("session-g")
     keys = rooms.keys("session-g")
     settings = rooms.client.settings

@@ -244,7 +244,7 @@ async def test_no_janus_secret_pin_or_token_in_the_brokers_logs(
     assert rooms is not None
     session, _ = await hub.create_session(clients=6)
     granted = await rooms.grant(session.id, session.clients()[0].id)
-    await rooms.revoke(session.id, granted.token)
+    await rooms.revoke(session.id, granted.token, peer_id=session.clients()[0].id)
     await hub.cancel_session(session.id)
     keys = rooms.keys(session.id)
     assert "event=janus_room_created" in caplog.text and "event=janus_room_destroyed" in caplog.text
