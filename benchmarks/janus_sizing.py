@@ -269,6 +269,16 @@ async def main(args: argparse.Namespace) -> None:
         how = "measured range" if size <= largest else f"extrapolated beyond N={largest}"
         value = round(per_core, 1) if per_core is not None else None
         report.add(f"participants_per_core_{size}", f"participants per Janus core, sessions of {size} ({how})", value)
+    last = results[-1]
+    per_pc = (last["janus_rss_mib"] - idle_rss) / last["participants"] ** 2
+    report.add("rss_per_pc_mib", "Janus RSS per peer connection over idle (N x N a room)", round(per_pc, 2), "MiB")
+    behind = [str(r["participants"]) for r in results if r["delivered"] < 0.95]
+    if behind:
+        report.notes.append(
+            f"At N = {', '.join(behind)} under 95 % of the frames arrived: the load generator or the machine fell "
+            "behind (compare the publishers' kbit/s in with N x kbps). CPU per forwarded stream counts every stream; "
+            "CPU per packet counts only the packets received, so it reads high there."
+        )
     rss_per = [(r["janus_rss_mib"] - idle_rss) / r["participants"] for r in results]
     report.add(
         "rss_per_participant_mib", "Janus RSS per participant over idle (largest step)", round(rss_per[-1], 2), "MiB"
