@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -938,6 +939,44 @@ def _rtp_range() -> tuple[int, int]:
     return int(low), int(high)
 
 
+#: What one practice's Janus must hold at once (issue 22): sessions of the largest size through Janus.
+JANUS_CONCURRENT_LARGEST_SESSIONS, JANUS_LARGEST_SESSION = 8, 16
+
+
+def _janus_ports_per_session(people: int) -> int:
+    """Janus takes one port per peer connection; each participant publishes on one and receives each
+    other participant on one (web/js/janus_room.js): N x N, measured by benchmarks/janus_sizing.py."""
+    return people * people
+
+
+def test_janus_rtp_range_is_one_range_everywhere_and_holds_eight_sessions_of_sixteen(
+    compose_config: dict[str, Any], k8s_objects: list[dict[str, Any]]
+) -> None:
+    """janus.jcfg's rtp_port_range is the range the image exposes, compose publishes and the Kubernetes
+    NetworkPolicy opens, every text that names it says the same, and it holds 8 sessions of 16."""
+    low, high = _rtp_range()
+    assert 1024 < low < high <= 65535
+    needed = JANUS_CONCURRENT_LARGEST_SESSIONS * _janus_ports_per_session(JANUS_LARGEST_SESSION)
+    assert needed == 2048
+    assert high - low + 1 >= needed, f"{high - low + 1} ports; {needed} hold 8 sessions of 16"
+    exposed = [rest for keyword, rest in _janus_dockerfile() if keyword == "EXPOSE"]
+    assert [re.findall(r"(\d+)-(\d+)/udp", rest) for rest in exposed] == [[(str(low), str(high))]]
+    raw_ports = yaml.safe_load(COMPOSE.read_text())["services"]["janus"]["ports"]
+    assert raw_ports == [f"{low}-{high}:{low}-{high}/udp"]
+    published = _published_ports(compose_config["services"]["janus"])
+    assert sorted(int(p["published"]) for p in published) == list(range(low, high + 1))
+    policy = _object(k8s_objects, "NetworkPolicy", "janus-api-from-broker-only")
+    udp = [p for rule in policy["spec"]["ingress"] for p in rule["ports"] if p["protocol"] == "UDP"]
+    assert [(p["port"], p["endPort"]) for p in udp] == [(low, high)]
+    # Every mention of a range starting where this one does (firewall advice, comments) is this one.
+    texts = [DEPLOY / "env.example", COMPOSE, K8S / "janus.yaml", JANUS / "janus.jcfg", JANUS / "Dockerfile",
+             DOCS, REPO / "README.md"]  # fmt: skip
+    for path in texts:
+        for found in re.findall(rf"\b{low}-(\d+)\b", path.read_text()):
+            assert int(found) == high, f"{path.name} names {low}-{found}"
+    assert f"{low}-{high}/udp" in (DEPLOY / "env.example").read_text() + DOCS.read_text()
+
+
 def _installed_modules(folder: str) -> set[str]:
     assert JANUS_MODULES.is_dir(), "Debian's janus package is required (apt-get install janus janus-tools)"
     return {p.name for p in (JANUS_MODULES / folder).glob("*.so")}
@@ -1087,24 +1126,29 @@ def test_mesh_size_stays_at_its_default_until_the_browsers_use_janus(
 
 
 def test_kubernetes_janus_api_only_on_a_cluster_ip_service(k8s_objects: list[dict[str, Any]]) -> None:
-    """A janus Deployment whose API ports are on a ClusterIP Service only (no host port, no NodePort, no
-    LoadBalancer, no Ingress), reachable from broker pods only, and whose RTP range is on host ports over UDP."""
+    """A janus Deployment on the node's network (Kubernetes has no hostPort ranges, and the RTP range is
+    thousands of ports) whose API and admin API bind to the pod's address only, which is the node's
+    InternalIP there, never all of the node's addresses; on a ClusterIP Service only (no NodePort, no
+    LoadBalancer, no Ingress), reachable from broker pods only; media open to all on the RTP range only."""
     deployment = _object(k8s_objects, "Deployment", "janus")
     namespace = deployment["metadata"]["namespace"]
     pod = deployment["spec"]["template"]["spec"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
-    assert not pod.get("hostNetwork"), "host networking would put the API on the node's addresses"
+    assert pod["hostNetwork"] is True, "hostPort takes no range: the RTP range needs the node's network"
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
     (container,) = pod["containers"]
     assert container["image"] == "teletherapy-janus"
+    env = {item["name"]: item for item in container["env"]}
+    assert env["JANUS_API_HOST"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert env["JANUS_MEDIA_ON_API_ADDRESS"]["value"] == "true", "the node's address is where media arrives"
     ports = container["ports"]
-    api = {p["containerPort"]: p for p in ports if p.get("protocol", "TCP") == "TCP"}
-    assert set(api) == {JANUS_API_PORT, JANUS_ADMIN_PORT}
-    assert all("hostPort" not in p for p in api.values())
-    media = [p for p in ports if p.get("protocol") == "UDP"]
+    assert {p["containerPort"]: p.get("protocol", "TCP") for p in ports} == {
+        JANUS_API_PORT: "TCP",
+        JANUS_ADMIN_PORT: "TCP",
+    }
+    assert all("hostPort" not in p for p in ports)
     low, high = _rtp_range()
-    assert sorted(p["containerPort"] for p in media) == list(range(low, high + 1))
-    assert all(p["hostPort"] == p["containerPort"] for p in media)
     selecting = [
         o for o in k8s_objects
         if o["kind"] == "Service" and o["spec"].get("selector", {}).items() <= labels.items()
@@ -1177,6 +1221,7 @@ def _janus_env(tmp_path: Path, source: Path, **extra: str) -> dict[str, str]:
         ("JANUS_ADMIN_SECRET", "short", "JANUS_ADMIN_SECRET is missing or shorter"),
         ("JANUS_ROOM_ADMIN_KEY", 'x" }\nplugins: { disable = "' + "y" * 40, "JANUS_ROOM_ADMIN_KEY may hold only"),
         ("JANUS_PUBLIC_IP", "203.0.113.7; rm -rf /", "JANUS_PUBLIC_IP must be an IPv4 address"),
+        ("JANUS_MEDIA_ON_API_ADDRESS", "yes", "JANUS_MEDIA_ON_API_ADDRESS must be true or false"),
     ],
 )
 def test_janus_entrypoint_refuses_a_missing_or_unsafe_value(
@@ -1206,11 +1251,11 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_janus_starts_from_the_deploy_config_with_only_what_the_broker_needs(tmp_path: Path) -> None:
+@contextmanager
+def _deploy_janus(tmp_path: Path, **extra: str) -> Iterator[tuple[str, str, dict[str, Any], Path]]:
     """Debian's Janus, started through deploy/janus/entrypoint.sh from deploy/janus/'s files (only the two API
-    ports moved to free ones): it loads the VideoRoom plugin and the HTTP transport and nothing else, binds its
-    APIs to the address JANUS_API_HOST names, and enforces the api_secret, the admin_secret and the admin_key
-    the entrypoint added from the environment, on a config only its owner can read."""
+    ports moved to free ones) with JANUS_API_HOST=127.0.0.1 and ``extra``, once it answers ``info``: its
+    API and admin API URLs, that answer and its log. Stopped by its PID afterwards."""
     import urllib.request
 
     assert shutil.which("janus"), "Debian's janus package is required (apt-get install janus janus-tools)"
@@ -1222,7 +1267,7 @@ def test_janus_starts_from_the_deploy_config_with_only_what_the_broker_needs(tmp
     http_conf = source / "janus.transport.http.jcfg"
     moved = re.sub(r"(?m)^(\s*)port = \d+$", rf"\g<1>port = {port}", http_conf.read_text())
     http_conf.write_text(re.sub(r"(?m)^(\s*)admin_port = \d+$", rf"\g<1>admin_port = {admin_port}", moved))
-    env = _janus_env(tmp_path, source, JANUS_API_HOST="127.0.0.1", JANUS_PUBLIC_IP="203.0.113.7")
+    env = _janus_env(tmp_path, source, JANUS_API_HOST="127.0.0.1", **extra)
     log = tmp_path / "janus.log"
     with log.open("wb") as out:
         janus = subprocess.Popen(["sh", str(JANUS_ENTRYPOINT)], env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -1238,6 +1283,21 @@ def test_janus_starts_from_the_deploy_config_with_only_what_the_broker_needs(tmp
                     info = dict(json.loads(response.read()))
             except OSError:
                 time.sleep(0.05)
+        yield base, admin, info, log
+    finally:
+        janus.terminate()  # the entrypoint exec'd Janus: this PID is Janus's
+        try:
+            janus.wait(10)
+        except subprocess.TimeoutExpired:
+            janus.kill()
+            janus.wait(10)
+
+
+def test_janus_starts_from_the_deploy_config_with_only_what_the_broker_needs(tmp_path: Path) -> None:
+    """Janus from the deploy files loads the VideoRoom plugin and the HTTP transport and nothing else, binds its
+    APIs to the address JANUS_API_HOST names, and enforces the api_secret, the admin_secret and the admin_key
+    the entrypoint added from the environment, on a config only its owner can read."""
+    with _deploy_janus(tmp_path, JANUS_PUBLIC_IP="203.0.113.7") as (base, admin, info, _):
         assert set(info["plugins"]) == {"janus.plugin.videoroom"}
         assert set(info["transports"]) == {"janus.transport.http"}
         assert info["events"] == {} and info["loggers"] == {}
@@ -1268,10 +1328,22 @@ def test_janus_starts_from_the_deploy_config_with_only_what_the_broker_needs(tmp
         assert _janus_post(admin, listing)["error"]["code"] == 403
         listed = _janus_post(admin, {**listing, "admin_secret": JANUS_DUMMIES["admin_secret"]})
         assert listed["janus"] == "success" and created["data"]["id"] in listed["sessions"]
-    finally:
-        janus.terminate()  # the entrypoint exec'd Janus: this PID is Janus's
-        try:
-            janus.wait(10)
-        except subprocess.TimeoutExpired:
-            janus.kill()
-            janus.wait(10)
+
+
+@pytest.mark.parametrize("media_on_api_address", [None, "false", "true"])
+def test_janus_gathers_media_on_the_api_address_only_when_told(
+    media_on_api_address: str | None, tmp_path: Path
+) -> None:
+    """Compose: the API's address is a private network's, never offered to browsers for media (the default).
+    Kubernetes (host networking): it is the node's InternalIP, where media arrives too, so ignoring it
+    would leave Janus no address to receive media on. Janus's own log says which addresses it ignores
+    and which port range it took (janus.jcfg's)."""
+    extra = {} if media_on_api_address is None else {"JANUS_MEDIA_ON_API_ADDRESS": media_on_api_address}
+    with _deploy_janus(tmp_path, **extra) as (_, _, info, log):
+        assert info["api_secret"] is True
+        text = log.read_text()
+    low, high = _rtp_range()
+    assert f"ICE port range: {low}-{high}" in text
+    assert "Adding 'vmnet' to the ICE ignore list" in text
+    ignored = "Adding '127.0.0.1' to the ICE ignore list" in text
+    assert ignored == (media_on_api_address != "true")

@@ -9,8 +9,13 @@
 #   JANUS_API_SECRET, JANUS_ADMIN_SECRET, JANUS_ROOM_ADMIN_KEY
 #                       required; at least 32 characters of A-Z a-z 0-9 _ - (openssl rand -hex 32);
 #                       the broker gets the same three (BROKER_JANUS_API_SECRET, ...)
-#   JANUS_API_HOST      optional: a name for this container on the private network the broker
-#                       shares with it; the API and admin API bind to that address only
+#   JANUS_API_HOST      optional: a name (or IPv4 address) for this container on the private
+#                       network the broker shares with it; the API and admin API bind to that
+#                       address only
+#   JANUS_MEDIA_ON_API_ADDRESS
+#                       optional, true or false (default): true when JANUS_API_HOST's address also
+#                       carries media, as with host networking (deploy/k8s/janus.yaml), where the
+#                       node's one address is both; false keeps that address out of ICE gathering
 #   JANUS_PUBLIC_IP     optional: the public IPv4 address browsers reach the RTP ports at, when this
 #                       host is behind 1:1 NAT or Janus runs in a container network (Janus's nat_1_1)
 #   JANUS_CONFIG_DIR    the committed config files (default /etc/janus-deploy)
@@ -40,6 +45,10 @@ if [ -n "${JANUS_API_HOST:-}" ]; then
     exit 64
   fi
 fi
+case "${JANUS_MEDIA_ON_API_ADDRESS:-false}" in
+  true | false) ;;
+  *) echo "JANUS_MEDIA_ON_API_ADDRESS must be true or false" >&2; exit 64 ;;
+esac
 nat=""
 if [ -n "${JANUS_PUBLIC_IP:-}" ]; then
   case "$JANUS_PUBLIC_IP" in
@@ -62,9 +71,10 @@ API_ADDRESS="$api_address" awk '{ print }
   ENVIRON["API_ADDRESS"] != "" && /^admin: \{/ { printf "\tadmin_ip = \"%s\"\n", ENVIRON["API_ADDRESS"] }' \
   "$source_dir/janus.transport.http.jcfg" > "$conf/janus.transport.http.jcfg"
 
-# Media candidates only on the public side: never offer the private API network's address for ICE.
+# Media candidates only on the public side: never offer the private API network's address for ICE,
+# unless it is the one address media arrives at too (host networking).
 ignore="vmnet"
-if [ -n "$api_address" ]; then
+if [ -n "$api_address" ] && [ "${JANUS_MEDIA_ON_API_ADDRESS:-false}" = false ]; then
   ignore="vmnet,$api_address"
 fi
 
