@@ -35,6 +35,34 @@ CHAT_LABEL = "chat"
 CHAT_CHANNEL_ID = 0
 MAX_CHAT_CHARS = 2000
 MAX_CONTROL_BYTES = 8192
+#: No data-channel message of docs/protocol.md 7.5 nests deeper than a few levels.
+MAX_CONTROL_NESTING = 32
+
+
+def nesting(text: str) -> int:
+    """How deep ``text``'s JSON arrays and objects nest at most (brackets inside strings not counted).
+
+    Counted in one flat pass, so a hostile peer's ``[[[[...`` is refused before ``json.loads``: its
+    recursion would run the process's stack to its limit, where anything else that runs then (a
+    garbage collector callback) fails too."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
 
 
 @dataclass(frozen=True)
@@ -107,8 +135,8 @@ class PeerLink:
 
     def on_control(self, data: Any) -> None:
         """A message on the data channel: chat text or media state (docs/protocol.md 7.5); anything else is ignored."""
-        if not isinstance(data, str) or len(data) > MAX_CONTROL_BYTES:
-            return
+        if not isinstance(data, str) or len(data) > MAX_CONTROL_BYTES or nesting(data) > MAX_CONTROL_NESTING:
+            return  # too deep for any message of 7.5: never handed to a recursive parser near its stack's end
         try:
             message = json.loads(data)
         except (ValueError, RecursionError):  # malformed, or nested past the parser's stack
