@@ -202,13 +202,17 @@ class JanusRooms:
         them only in rooms with ``require_pvtid``), so every Janus session opened with the revoked token
         is destroyed too, subscriber handles and all, when the admin API is configured (``handle_info``
         names the token each handle was attached with). Nobody to kick, or no such session, is fine.
+        With the admin API, ending those sessions is all (their publisher leaves the room with them), and
+        nobody is kicked by display: the seat's next holder, already back in with a new token (a hold
+        released at once), shows the same peer id and must stay.
         """
-        kicked = 0 if room_gone else await self._kick(self.keys(session_id), peer_id)
-        ended = 0
+        kicked = ended = 0
         if self.client.settings.admin_url:
             for janus_session in await self.client.sessions_opened_with(token):
                 await self.client.end_session(janus_session)
                 ended += 1
+        elif not room_gone:
+            kicked = await self._kick(self.keys(session_id), peer_id)
         if kicked or ended:
             log.info("event=janus_participant_ejected session=%s kicked=%d ended=%d", session_id, kicked, ended)
 

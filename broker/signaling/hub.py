@@ -387,8 +387,9 @@ class Hub:
             if gone and exc.code is ErrorCode.INVALID_TOKEN and await was_cancelled(self.store, claims.session_id):
                 raise cancelled_error() from None
             lost = self.store_lost_now
-            if not gone or exc.code is not ErrorCode.INVALID_TOKEN or lost is None or not await lost():
+            if not gone or exc.code is not ErrorCode.INVALID_TOKEN or lost is None:
                 raise
+            await lost()  # this look, or one that just ran (the periodic one), may find the store emptied
             raise self.missing_session(claims) from None
         seat = joining.seat
         peer = seat.id
@@ -426,6 +427,7 @@ class Hub:
                 resume_secret=secret if joining.issued else None,
                 other_device=conn.other_device,
                 seat_keys=session.seat_keys,
+                media=session.media,
             ),
         )
         if not conn.other_device and seat.state is SeatState.ADMITTED:
@@ -587,8 +589,6 @@ class Hub:
         if session.media == "janus":
             self._spawn(self.grants.settle(session, resend))
         await publish_count(self.bus, session.owner, session.id, waiting_count(session))  # the owner's dashboard
-
-    # ------------------------------------------------------------ helpers
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)

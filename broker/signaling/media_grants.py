@@ -162,7 +162,9 @@ class MediaGrants:
         ):
             await self._revoke(planner, session.id, change)
             return
+        slot = next(i for i, seat in enumerate(session.seats) if seat.id == change.peer)
         message = MediaJanus(
+            slot=slot,
             url=planner.public_url,
             room=credentials.room,
             pin=credentials.pin,

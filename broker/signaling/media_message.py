@@ -23,6 +23,9 @@ class MediaJanus(msgspec.Struct, tag_field="type", tag="media_janus", kw_only=Tr
     token: str
     #: Unix seconds: join the room before then (the token stops opening the room's door).
     join_by: int
+    #: This seat's place in the session (0 to 31; the therapist's is 0): the sender slot of its frames'
+    #: key ids (docs/protocol.md 7.12). Fixed for the session's life, whoever holds the seat.
+    slot: int
 
     def __repr__(self) -> str:
-        return f"MediaJanus(url={self.url!r}, room={self.room}, pin=..., token=..., join_by={self.join_by})"
+        return f"MediaJanus(url={self.url!r}, room={self.room}, pin=..., token=..., join_by={self.join_by}, slot={self.slot})"

@@ -365,8 +365,7 @@ class PeerInfo(msgspec.Struct, kw_only=True):
     group: bool = False
     #: The therapist put this client on hold (private time).
     held: bool = False
-    #: Opaque id of the device holding a client's seat (null for the therapist). When it changes,
-    #: the therapist moved the seat to another device: drop the connection with the old one.
+    #: Opaque id of the device holding a client's seat (null for the therapist); a change: drop the old one.
     device: str | None = None
 
 
@@ -385,13 +384,14 @@ class Joined(_ServerMessage, tag="joined"):
     policy: dict[str, Any] | None = None
     #: When joined through a group link: this seat's own invite token, to rejoin with.
     seat_token: str | None = None
-    #: A new secret for this page to present when it joins again (memory only); null when it
-    #: presented a valid one, and for the therapist.
+    #: A new secret to present when this page joins again (memory only); null if it presented one.
     resume_secret: str | None = None
     #: This page opened a client seat that another device holds: it waits for the therapist.
     other_device: bool = False
     #: The session's links carry a key per seat (false only for sessions scheduled before seat keys).
     seat_keys: bool = False
+    #: How the session's media flows (section 3): peer to peer, or through Janus (``media_janus``).
+    media: Literal["mesh", "janus"] = "mesh"
 
 
 class Status(_ServerMessage, tag="status"):

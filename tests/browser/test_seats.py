@@ -96,13 +96,14 @@ async def open_trio(
     watch: Watch,
     *,
     client_scripts: tuple[str, str] = ("", ""),
+    therapist_script: str = "",
     before_join: Callable[[SessionLinks, list[Page]], Any] | None = None,
 ) -> Trio:
     """Schedule a session of two clients; both pass the checklist and the therapist admits them."""
     links = await schedule(broker, clients=2)
     watch.secrets.extend([links.link_key, *links.seat_keys.values()])
     pages = []
-    for script in ("", *client_scripts):
+    for script in (therapist_script, *client_scripts):
         context = await new_context()
         await context.add_init_script(RECORD_PEER_CONNECTIONS)
         if script:

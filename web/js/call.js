@@ -175,11 +175,26 @@ export class Call {
   #awaitingRoster = new Map(); // peer -> {message (its offer), at, candidates}
   #selfHeld = false;
   #recovery; // restarts ICE as soon as media stops, as when a network changes (ice_restart.js)
+  // A session whose media goes through Janus (sfu_call.js): the pair connections carry data only.
+  #sfuMode;
+  #sfu = null;
+  #sfuStreams = new Map(); // peer -> the MediaStream its tile shows, with the tracks Janus brings
 
   constructor(
     signaling,
-    { sessionId, peerId, linkKey, role = "client", seatKeys = true, iceServers = [], iceTransportPolicy = "all", localStream = null },
+    {
+      sessionId,
+      peerId,
+      linkKey,
+      role = "client",
+      seatKeys = true,
+      iceServers = [],
+      iceTransportPolicy = "all",
+      localStream = null,
+      media = "mesh",
+    },
   ) {
+    this.#sfuMode = media === "janus";
     this.#signaling = signaling;
     this.#sessionId = sessionId;
     this.peerId = peerId;
@@ -248,7 +263,7 @@ export class Call {
       trust: link?.trust ?? null,
       code: link?.code ?? null,
       media: link ? { ...link.remoteMedia } : { audio: true, video: true, mode: "video" },
-      stream: link?.remoteStream ?? null,
+      stream: this.#sfuMode ? (this.#sfuStreams.get(peer) ?? null) : (link?.remoteStream ?? null),
       stats: link ? { ...link.stats } : null,
       dropped: this.#drops.get(peer) ?? 0,
       held: this.isHeld(peer),
@@ -279,6 +294,7 @@ export class Call {
         this.#holding.delete(peer); // a hold ends when the seat leaves the call
         this.#rosterSent.delete(peer);
         this.#awaitingRoster.delete(peer);
+        this.#sfuStreams.delete(peer);
         this.#emit("left", { peer, role });
       }
     }
@@ -436,11 +452,11 @@ export class Call {
     const { pc } = link;
     link.awaitingAnswer = true;
     const streams = this.#localStream ? [this.#localStream] : [];
-    for (const kind of ["audio", "video"]) {
+    for (const kind of this.#sfuMode ? [] : ["audio", "video"]) {
       const track = link.held ? null : this.#localTrack(kind);
       pc.addTransceiver(track ?? kind, { direction: "sendrecv", streams });
     }
-    addShareTransceivers(pc); // for a shared screen later, by replaceTrack (screen_share.js)
+    if (!this.#sfuMode) addShareTransceivers(pc); // for a shared screen later, by replaceTrack (screen_share.js)
     try {
       await pc.setLocalDescription(tuneAudio(await pc.createOffer()));
       await this.#sendDescription(link, "offer");
@@ -825,10 +841,11 @@ export class Call {
   }
 
   async #collectStats(link) {
-    if (link.pc.connectionState !== "connected") return;
+    const pc = this.#sfuMode ? this.#sfu?.connectionOf(link.peer) : link.pc; // media's own connection
+    if (pc?.connectionState !== "connected") return;
     let report;
     try {
-      report = await link.pc.getStats();
+      report = await pc.getStats();
     } catch {
       return;
     }
@@ -990,6 +1007,7 @@ export class Call {
       track.enabled = !this.#selfHeld && (track.kind === "audio" ? this.#media.audio : this.#media.video);
     }
     this.#applyHolds();
+    this.#emit("self_held", { held: this.#selfHeld });
   }
 
   get selfHeld() {
@@ -1019,8 +1037,8 @@ export class Call {
         if (receiver.track && receiver.track.readyState === "live") link.remoteStream.addTrack(receiver.track);
       }
     }
-    this.#emit("track", { peer: link.peer, stream: link.remoteStream });
-    this.#emit("held", { peer: link.peer, held });
+    if (!this.#sfuMode) this.#emit("track", { peer: link.peer, stream: link.remoteStream });
+    this.#emit("held", { peer: link.peer, held }); // sfu_call.js takes the held peer's tracks away
     this.#announce(link.peer);
   }
 
@@ -1139,9 +1157,44 @@ export class Call {
     for (const link of this.#links.values()) this.#sendControl(link, { t: "media", ...this.#media });
   }
 
+  // ------------------------------------------------------------------ media through Janus (sfu_call.js)
+
+  /** The media of this call go through Janus, by `sfu` ({connectionOf(peer), setLocalStream, close}). */
+  useSfu(sfu) {
+    this.#sfu = sfu;
+  }
+
+  /** Whether this call's media go through Janus (its pair connections carry data only). */
+  get sfuMode() {
+    return this.#sfuMode;
+  }
+
+  /** Whether the call was hung up (close()). */
+  get closed() {
+    return this.#closed;
+  }
+
+  /** The camera and microphone stream this call sends (null until the devices open). */
+  get localStream() {
+    return this.#localStream;
+  }
+
+  /** Show `tracks` (from Janus) as `peer`'s media; [] while there are none (gone, held). */
+  setSfuTracks(peer, tracks) {
+    if (!this.#sfuMode || this.#closed || !this.#infos.has(peer)) return; // not (or no longer) in the call
+    let stream = this.#sfuStreams.get(peer);
+    if (!stream) this.#sfuStreams.set(peer, (stream = new MediaStream()));
+    const now = stream.getTracks();
+    if (now.length === tracks.length && now.every((t) => tracks.includes(t))) return;
+    for (const track of now) stream.removeTrack(track);
+    for (const track of tracks) stream.addTrack(track);
+    this.#emit("track", { peer, stream });
+  }
+
   /** Use another local stream (after re-testing devices) without renegotiating. */
   setLocalStream(stream) {
     this.#localStream = stream;
+    this.#sfu?.setLocalStream(stream);
     for (const track of stream?.getTracks() ?? []) {
       track.enabled = !this.#selfHeld && (track.kind === "audio" ? this.#media.audio : this.#media.video);
     }
@@ -1163,6 +1216,8 @@ export class Call {
     this.#closed = true;
     clearInterval(this.#timer);
     this.#recovery.close();
+    this.#sfu?.close();
+    this.#sfuStreams.clear();
     for (const off of this.#unsubscribe) off();
     for (const peer of [...this.#links.keys()]) this.#closeLink(peer);
     this.#infos.clear();
@@ -1170,6 +1225,24 @@ export class Call {
     this.#awaitingRoster.clear();
     this.#pendingUnverified.clear();
   }
+}
+
+/**
+ * A session whose media go through Janus (`joined.media` "janus"): start them (sfu_call.js, loaded
+ * only for such a session). `latestGrant()`: the latest `media_janus` the page received (read once
+ * the module is here: one may come while it loads); `view` shows why there is no media, if none.
+ */
+export async function startSfu(call, view, signaling, joined, latestGrant) {
+  const { SfuCall } = await import("./sfu_call.js");
+  if (call.closed) return null;
+  const sfu = new SfuCall(call, signaling, {
+    grant: latestGrant(),
+    iceServers: joined.ice_servers,
+    iceTransportPolicy: joined.ice_transport_policy,
+  });
+  view.setSfuState(sfu.state);
+  sfu.addEventListener("state", ({ detail }) => view.setSfuState(detail.state));
+  return sfu;
 }
 
 // ==================================================================== the call screen
@@ -1241,6 +1314,7 @@ export class CallView {
       hidden: true,
       "data-testid": "unverified-banner",
     }), "call.unverified_banner");
+    const sfu = el("div", { className: "banner warn", role: "alert", hidden: true, "data-testid": "sfu-banner" });
     const empty = el("p", { className: "empty", text: this.#opts.emptyText, "data-testid": "call-empty" });
     const tiles = el("div", { className: "tiles" });
     const selfVideo = el("video", { autoplay: true, playsinline: true });
@@ -1341,8 +1415,8 @@ export class CallView {
     ]);
     showAttribute(bar, "aria-label", "call.controls");
     const stage = el("div", { className: "stage", dataset: { count: "0" } }, [empty, tiles, self]);
-    fill(root, [banner, unverified, this.#adapt.notice, stage, codeHelp, chat, this.#adapt.tip, bar]);
-    return { root, banner, unverified, stage, empty, tiles, selfVideo, selfOff, chat, chatLog, state, badge, codeHelp, cam };
+    fill(root, [banner, unverified, sfu, this.#adapt.notice, stage, codeHelp, chat, this.#adapt.tip, bar]);
+    return { root, banner, unverified, sfu, stage, empty, tiles, selfVideo, selfOff, chat, chatLog, state, badge, codeHelp, cam };
   }
 
   setSelfStream(stream) {
@@ -1371,6 +1445,15 @@ export class CallView {
 
   setUnverified(on) {
     this.#els.unverified.hidden = !on;
+  }
+
+  /** The media through Janus (sfu_call.js): "unsupported" or "failed" say why there is none; else nothing. */
+  setSfuState(state) {
+    const { sfu } = this.#els;
+    const key = { unsupported: "call.sfu_unsupported", failed: "call.sfu_failed" }[state] ?? null;
+    sfu.hidden = !key;
+    sfu.dataset.state = state;
+    if (key) show(sfu, key);
   }
 
   /** This person chose audio only (media_mode.js): no camera to turn on, the self view says so. */

@@ -4,13 +4,13 @@ export const DEFAULT_LANGUAGE = "en";
 export const CATALOGUES = {
   "en": {
     "dir": "ltr",
-    "integrity": "sha384-mK47y09ZPpswNXk7bgYfjCqFznrMhAZ3uZspfejQOwaRkBN6VI/L7+UiTOIs9nZI",
+    "integrity": "sha384-EXz15wixoFT91quJOiWk5gAeZKAtAFRlL8rubwmBtQsig1Xdgf1JefZL7He/h1Ox",
     "name": "English",
     "url": "/static/i18n/en.json"
   },
   "es": {
     "dir": "ltr",
-    "integrity": "sha384-0T9tDuyQcEolBhxAD82co9r5DDHQLBS/rsdPiHnnlWyYAHY4zbh85GYcOjdZqXhX",
+    "integrity": "sha384-xJSlQqGShrGPeYX6sP3BHeaWLf+t4RkDvVInYgx6qxN1t+pwR1ITB7Eg7wnGxpFz",
     "name": "Español",
     "url": "/static/i18n/es.json"
   }

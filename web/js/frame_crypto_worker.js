@@ -32,6 +32,8 @@ const sentUnder = new Set();
 let sending = null;
 /** Frames that entered each send transform, by the id the page gave it (its bypass check). */
 const seenBy = new Map();
+/** The video transformers, by side: a new key asks them for a key frame (below). */
+const video = { send: new Set(), receive: new Set() };
 /** Test hook: wire bytes of the next `left` incoming frames, before they are opened. */
 const capture = { left: 0, frames: [] };
 
@@ -85,6 +87,8 @@ self.addEventListener("rtctransform", (event) => {
   const transformer = event.transformer;
   const { side, kind, id } = transformer.options ?? {};
   counts.started[side === "send" ? "send" : "receive"][kind === "video" ? "video" : "audio"] += 1;
+  const videoSide = kind === "video" ? video[side === "send" ? "send" : "receive"] : null;
+  videoSide?.add(transformer);
   let step = open;
   if (side === "send") {
     seenBy.set(id, seenBy.get(id) ?? 0);
@@ -98,7 +102,8 @@ self.addEventListener("rtctransform", (event) => {
   transformer.readable
     .pipeThrough(new TransformStream({ transform: step }))
     .pipeTo(transformer.writable)
-    .catch(() => {}); // the stream ends with its sender or receiver
+    .catch(() => {}) // the stream ends with its sender or receiver
+    .finally(() => videoSide?.delete(transformer));
 });
 
 function kidOf(message) {
@@ -113,6 +118,8 @@ const operations = {
     const senderKey = await sframe.deriveSenderKey(message.baseKey, kid);
     sentUnder.add(id);
     sending = { senderKey, next: 0n };
+    // A key frame under the new key at once: receivers that only just got it can start decoding.
+    for (const transformer of video.send) transformer.generateKeyFrame?.().catch(() => {});
     return id;
   },
   async "add-key"(message) {
@@ -120,6 +127,8 @@ const operations = {
     keyring.add(await sframe.deriveSenderKey(message.baseKey, kid));
     clearTimeout(retiring.get(kid.toString()));
     retiring.delete(kid.toString());
+    // Frames that came before this key were dropped, maybe the key frame: ask for another one.
+    for (const transformer of video.receive) transformer.sendKeyFrameRequest?.().catch(() => {});
     return kid.toString();
   },
   async "retire-key"(message) {

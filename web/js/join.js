@@ -86,6 +86,7 @@ const state = {
   meter: null,
   retestMeter: null,
   call: null,
+  mediaGrant: null, // the latest media_janus (a session through Janus)
   view: null,
   lastPeers: [],
   therapistPresent: false,
@@ -150,6 +151,7 @@ async function start() {
   signaling.on("connection", onConnection);
   signaling.on("therapist_note", onTherapistNote);
   signaling.on("final", onFinal);
+  signaling.on("media_janus", (grant) => (state.mediaGrant = grant)); // for the call, which may start later
   signaling.connect();
 }
 
@@ -924,7 +926,7 @@ async function startCall() {
     state.callStarting = false;
   }
   if (state.call || state.finished) return;
-  const [{ Call, CallView }, { CallTools }] = modules;
+  const [{ Call, CallView, startSfu }, { CallTools }] = modules;
   state.meter?.stop();
   state.retestMeter?.stop();
   const { joined } = state;
@@ -937,6 +939,7 @@ async function startCall() {
     iceServers: joined.ice_servers,
     iceTransportPolicy: joined.ice_transport_policy,
     localStream: state.stream,
+    media: joined.media ?? "mesh",
   });
   state.call = call;
   const safety = clientSafety(call, state.policy?.safety); // the discreet signal (issue 29)
@@ -958,6 +961,7 @@ async function startCall() {
     sendChat: safety.sendChat,
   });
   state.tools.mount(byId("call-root"));
+  if (joined.media === "janus") startSfu(call, state.view, state.signaling, joined, () => state.mediaGrant);
   call.setMode(state.mode);
   state.view.setAudioOnly(state.mode === "audio_only");
   announcePeerModes(call, labelFor);

@@ -104,7 +104,7 @@ export class ScreenShare {
     const caption = el("figcaption", { "data-testid": "share-from" });
     const view = el("figure", { className: "share-view", hidden: true, "data-testid": "share-view" }, [video, caption]);
     const dialog = this.#therapist ? this.#chooser() : this.#warning();
-    button.hidden = !ScreenShare.supported;
+    button.hidden = !this.#available;
     return { button, bar, view, video, caption, dialog };
   }
 
@@ -252,6 +252,11 @@ export class ScreenShare {
     this.#render();
   }
 
+  /** Sharing needs this browser's support, and a call whose pair connections carry media (not through Janus yet). */
+  get #available() {
+    return ScreenShare.supported && !this.#call.sfuMode;
+  }
+
   /** Whether `peer` shares with this page now (as shown). */
   sharedBy(peer) {
     return this.#showing === peer;
@@ -262,7 +267,7 @@ export class ScreenShare {
       for (const peer of [...this.#remote.keys()]) if (!this.#permissions.allowed(peer, "share")) this.stopPeer(peer);
     } else {
       const may = this.#permissions.mine("share");
-      this.els.button.hidden = !may || !ScreenShare.supported;
+      this.els.button.hidden = !may || !this.#available;
       if (!may && this.#stream) this.stop("tools.share.stopped_by_therapist");
     }
     this.#render();

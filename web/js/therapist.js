@@ -11,7 +11,7 @@
 // Without any key the therapist may continue unverified: the call works, every
 // tile says "not verified by link", and emergency details stay sealed.
 
-import { Call, CallView } from "./call.js";
+import { Call, CallView, startSfu } from "./call.js";
 import { CallTools } from "./call_tools.js";
 import { openMedia, stopStream } from "./devices.js";
 import { ArrivalAlert, waitingIn } from "./arrivals.js";
@@ -60,6 +60,7 @@ const state = {
   joined: null,
   linkKey: null,
   call: null,
+  mediaGrant: null, // the latest media_janus (a session through Janus)
   view: null,
   stream: null,
   seats: [],
@@ -180,6 +181,7 @@ async function start() {
     state.record = { record, signature, key_id };
   });
   signaling.on("final", onFinal);
+  signaling.on("media_janus", (grant) => (state.mediaGrant = grant)); // for the call, which may start later
   signaling.connect();
 }
 
@@ -206,6 +208,7 @@ function startDashboard(key) {
     iceServers: joined.ice_servers,
     iceTransportPolicy: joined.ice_transport_policy,
     localStream: state.stream,
+    media: joined.media ?? "mesh",
   });
   state.call = call;
   const labelFor = (peer) => labelOf(peer);
@@ -218,6 +221,7 @@ function startDashboard(key) {
     extraControls: [...state.tools.controls, state.modeSelect.node],
   });
   state.tools.mount(byId("call-root"));
+  if (joined.media === "janus") startSfu(call, state.view, state.signaling, joined, () => state.mediaGrant);
   call.setMode(state.mode);
   state.view.setAudioOnly(state.mode === "audio_only");
   announcePeerModes(call, labelFor);
