@@ -109,6 +109,16 @@ async def still_decoding(page: Page) -> None:
     await until(lambda: decrypted_video(page), lambda now: now > before, "video that keeps arriving and opening", 20)
 
 
+async def all_decode(trio: Trio, count: int = 2) -> None:
+    """Every page's tiles decode video; on failure, what each page's frame worker counted (why not)."""
+    try:
+        for page in (trio.therapist, *trio.clients):
+            await frames_decoded(page, count)
+    except AssertionError as failure:
+        seen = [await counts(page) for page in (trio.therapist, *trio.clients)]
+        raise AssertionError(f"{failure}\nframe counts (therapist, clients): {seen}") from None
+
+
 async def open_sfu_trio(broker: RunningBroker, new_context: NewContext, watch: Watch) -> Trio:
     return await open_trio(
         broker,
@@ -124,8 +134,8 @@ async def test_a_group_through_janus_sees_each_other_with_every_frame_sealed_and
 ) -> None:
     trio = await open_sfu_trio(sfu_broker, new_context, watch)
     pages = [trio.therapist, *trio.clients]
+    await all_decode(trio)  # each tile's video, decoded from Janus's connection
     for page in pages:
-        await frames_decoded(page, 2)  # each tile's video, decoded from Janus's connection
         await media_only_through_janus(page)
         assert await decrypted_video(page) > 0
         await expect(page.get_by_test_id("sfu-banner")).to_be_hidden()
@@ -164,8 +174,7 @@ async def test_a_held_client_leaves_the_room_the_others_rekey_and_it_comes_back_
     sfu_broker: RunningBroker, new_context: NewContext, watch: Watch
 ) -> None:
     trio = await open_sfu_trio(sfu_broker, new_context, watch)
-    for page in (trio.therapist, *trio.clients):
-        await frames_decoded(page, 2)
+    await all_decode(trio)
     stays, held = trio.clients
     newest = max(g for slot, g in await sender_generations(stays) if slot == 0)
 
@@ -185,3 +194,50 @@ async def test_a_held_client_leaves_the_room_the_others_rekey_and_it_comes_back_
     await until(lambda: held.evaluate(MEDIA_CONNECTIONS_OPEN), lambda n: n >= 3, "the page back in Janus", 30)
     await still_decoding(held)
     await still_decoding(stays)
+
+
+#: Every `media_key` the page's pair channels receive (window.__mediaKeys): what an altered page knows.
+RECORD_KEYS = """
+(() => {
+  window.__mediaKeys = [];
+  const native = RTCPeerConnection.prototype.createDataChannel;
+  RTCPeerConnection.prototype.createDataChannel = function (...args) {
+    const channel = native.apply(this, args);
+    channel.addEventListener('message', (e) => {
+      try { const m = JSON.parse(e.data); if (m.t === 'media_key') window.__mediaKeys.push(m); } catch {}
+    });
+    return channel;
+  };
+})();
+"""
+#: The altered page seals its own frames under the therapist's key and key id (it holds both).
+SEAL_AS = """(k) => {
+  const raw = atob(k.key.replace(/-/g, '+').replace(/_/g, '/'));
+  const baseKey = Uint8Array.from(raw, (c) => c.charCodeAt(0));
+  return window.__askWorker('send-key', { baseKey, slot: k.slot, generation: k.generation });
+}"""
+
+
+async def test_a_participant_sealing_its_frames_as_the_therapist_is_refused_by_the_others(
+    sfu_broker: RunningBroker, new_context: NewContext, watch: Watch
+) -> None:
+    """Every participant holds every sender's key, so an altered page (or Janus, swapping feeds) could
+    pass frames off as another person's; each feed's receivers open only frames under the slot of the
+    peer it shows (bound from that peer's own `media_key`), so the others refuse them."""
+    trio = await open_trio(
+        sfu_broker,
+        new_context,
+        watch,
+        client_scripts=(SPY_WORKERS + RECORD_KEYS, SPY_WORKERS),
+        therapist_script=SPY_WORKERS,
+    )
+    await all_decode(trio)
+    altered, other = trio.clients
+    therapists = await altered.evaluate("window.__mediaKeys.filter((k) => k.slot === 0)")
+    assert therapists, "the therapist's key reached the client"
+    before = (await counts(other))["wrong_sender"]
+    await altered.evaluate(SEAL_AS, therapists[-1])
+    await until(lambda: counts(other), lambda c: c["wrong_sender"] > before + 20, "frames refused as another's", 30)
+    therapist_tile = other.locator(f'[data-testid=tile][data-peer="{trio.links.peers[trio.links.therapist]}"]')
+    await expect(therapist_tile).not_to_have_attribute("data-frames-decoded", "0")
+    await still_decoding(other)  # the therapist's own frames still open there

@@ -179,6 +179,7 @@ export class Call {
   #sfuMode;
   #sfu = null;
   #sfuStreams = new Map(); // peer -> the MediaStream its tile shows, with the tracks Janus brings
+  #earlyKeys = new Map(); // peer -> its latest media_key that came before sfu_call.js was here
 
   constructor(
     signaling,
@@ -1073,6 +1074,8 @@ export class Call {
         const mode = isMode(message.mode) ? message.mode : "video";
         link.remoteMedia = { audio: message.audio !== false, video: message.video !== false && mode !== "audio_only", mode };
         this.#announce(link.peer);
+      } else if (message.t === "media_key" && this.#sfuMode && !this.#sfu) {
+        this.#earlyKeys.set(link.peer, message); // sfu_call.js is still loading: it gets it then (useSfu)
       } else if (typeof message.t === "string" && !["chat", "roster"].includes(message.t)) {
         this.#emit("message", { peer: link.peer, role, message }); // for the modules that know it
       }
@@ -1162,6 +1165,10 @@ export class Call {
   /** The media of this call go through Janus, by `sfu` ({connectionOf(peer), setLocalStream, close}). */
   useSfu(sfu) {
     this.#sfu = sfu;
+    for (const [peer, message] of this.#earlyKeys) {
+      if (this.#infos.has(peer)) this.#emit("message", { peer, role: this.#infos.get(peer).role, message });
+    }
+    this.#earlyKeys.clear();
   }
 
   /** Whether this call's media go through Janus (its pair connections carry data only). */

@@ -200,9 +200,22 @@ export class FrameCrypto {
     return sent - seen > IN_FLIGHT_FRAMES;
   }
 
-  /** Decrypt what `receiver` gets. Call right after addTrack/addTransceiver, before the SDP exchange. */
-  protectReceiver(receiver, kind = receiver.track?.kind) {
-    receiver.transform = new RTCRtpScriptTransform(this.#worker, { side: "receive", kind });
+  /**
+   * Decrypt what `receiver` gets. Call right after addTrack/addTransceiver, before the SDP exchange.
+   * `bound`: the receiver carries one sender's frames (a Janus feed): it opens none until
+   * bindReceiver() names that sender's slot, and then only frames under that slot.
+   */
+  protectReceiver(receiver, kind = receiver.track?.kind, { bound = false } = {}) {
+    const id = `receive-${++this.#next}`;
+    this.#transforms.set(receiver, { id, kind });
+    receiver.transform = new RTCRtpScriptTransform(this.#worker, { side: "receive", kind, id, bound });
+  }
+
+  /** The sender `receiver` (protected `bound`) carries: only frames under its slot are opened there. */
+  bindReceiver(receiver, slot) {
+    const held = this.#transforms.get(receiver);
+    if (!held) return Promise.reject(new FrameCryptoError("malformed"));
+    return this.#ask("bind-receiver", { transform: held.id, slot });
   }
 
   /** Send under a new base key from now on, KID = generation × 32 + slot; resolves to the KID (decimal). */

@@ -20,6 +20,10 @@ const counts = {
   // Outgoing frames dropped: no key set yet (unkeyed), or the frame could not be sealed (unsent).
   unkeyed: 0,
   unsent: 0,
+  // Incoming frames dropped on a receiver bound to a sender (bind-receiver): under another sender's
+  // slot (wrong_sender), or before the binding (unbound).
+  wrong_sender: 0,
+  unbound: 0,
   ...Object.fromEntries(sframe.ERROR_CODES.map((code) => [code, 0])),
 };
 
@@ -30,6 +34,10 @@ const retiring = new Map();
 const sentUnder = new Set();
 /** The current sending key and its next counter, shared by every outgoing track. */
 let sending = null;
+/** Receive transforms the page bound to one sender: transform id → the slot its frames must carry. */
+const boundTo = new Map();
+/** Receive transforms that open frames of one sender only (bound, or waiting for their binding), by id. */
+const binding = new Map();
 /** Frames that entered each send transform, by the id the page gave it (its bypass check). */
 const seenBy = new Map();
 /** The video transformers, by side: a new key asks them for a key frame (below). */
@@ -64,15 +72,36 @@ async function seal(frame, kind, controller) {
   controller.enqueue(frame);
 }
 
-async function open(frame, kind, controller) {
+/** Whether a frame on receive transform `id` may be opened: a bound receiver takes its sender's slot only. */
+function fromItsSender(id, wire, cut) {
+  if (!binding.has(id)) return true;
+  const slot = boundTo.get(id);
+  if (slot === undefined) {
+    counts.unbound += 1;
+    return false;
+  }
+  let kid;
+  try {
+    kid = sframe.decodeHeader(wire.subarray(cut)).kid;
+  } catch {
+    return true; // keyring.open counts it as malformed
+  }
+  if (sframe.kidParts(kid).slot === slot) return true;
+  counts.wrong_sender += 1;
+  return false;
+}
+
+async function open(frame, kind, controller, id) {
   const wire = new Uint8Array(frame.data);
   if (capture.left > 0) {
     capture.left -= 1;
     capture.frames.push({ kind, type: frame.type ?? null, bytes: wire.slice() });
   }
+  const cut = clearBytes(kind, frame);
+  if (!fromItsSender(id, wire, Math.min(cut, wire.length))) return;
   let opened;
   try {
-    opened = await keyring.open(wire, clearBytes(kind, frame));
+    opened = await keyring.open(wire, cut);
   } catch (err) {
     const code = err instanceof sframe.SFrameError ? err.code : "malformed";
     counts[code] += 1;
@@ -89,7 +118,8 @@ self.addEventListener("rtctransform", (event) => {
   counts.started[side === "send" ? "send" : "receive"][kind === "video" ? "video" : "audio"] += 1;
   const videoSide = kind === "video" ? video[side === "send" ? "send" : "receive"] : null;
   videoSide?.add(transformer);
-  let step = open;
+  let step;
+  if (side !== "send" && transformer.options?.bound) binding.set(id, { transformer, kind });
   if (side === "send") {
     seenBy.set(id, seenBy.get(id) ?? 0);
     step = (frame, controller) => {
@@ -97,13 +127,17 @@ self.addEventListener("rtctransform", (event) => {
       return seal(frame, kind, controller);
     };
   } else {
-    step = (frame, controller) => open(frame, kind, controller);
+    step = (frame, controller) => open(frame, kind, controller, id);
   }
   transformer.readable
     .pipeThrough(new TransformStream({ transform: step }))
     .pipeTo(transformer.writable)
     .catch(() => {}) // the stream ends with its sender or receiver
-    .finally(() => videoSide?.delete(transformer));
+    .finally(() => {
+      videoSide?.delete(transformer);
+      binding.delete(id);
+      boundTo.delete(id);
+    });
 });
 
 function kidOf(message) {
@@ -144,6 +178,16 @@ const operations = {
       );
     }
     return id;
+  },
+  async "bind-receiver"(message) {
+    if (!Number.isInteger(message.slot) || message.slot < 0 || message.slot >= sframe.SENDER_SLOTS) {
+      throw new sframe.SFrameError("malformed", "a sender slot is 0 to 31");
+    }
+    boundTo.set(message.transform, message.slot);
+    // Its frames were dropped until now, maybe the key frame: ask for one.
+    const bound = binding.get(message.transform);
+    if (bound?.kind === "video") bound.transformer.sendKeyFrameRequest?.().catch(() => {});
+    return true;
   },
   async "has-key"(message) {
     return keyring.has(kidOf(message));

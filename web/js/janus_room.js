@@ -140,6 +140,7 @@ export class JanusRoom extends EventTarget {
   #display;
   #crypto;
   #rtcConfig;
+  #bindFeeds;
   #session = null;
   #publisher = null; // VideoRoom handle id
   #feed = null; // our own publisher id in the room
@@ -153,9 +154,11 @@ export class JanusRoom extends EventTarget {
   /**
    * @param credentials `media_janus` as received: {url, room, pin, token}
    * @param options {peerId: this seat's opaque peer id (the display Janus sees),
-   *   frameCrypto: a started FrameCrypto, rtcConfiguration: ICE servers (the practice's TURN)}
+   *   frameCrypto: a started FrameCrypto, rtcConfiguration: ICE servers (the practice's TURN),
+   *   bindFeeds: each feed's receivers open frames of one sender only, once FrameCrypto.bindReceiver
+   *   names its slot (the call does, from the keys it got over the pair channels)}
    */
-  constructor(credentials, { peerId, frameCrypto, rtcConfiguration = {} } = {}) {
+  constructor(credentials, { peerId, frameCrypto, rtcConfiguration = {}, bindFeeds = false } = {}) {
     super();
     this.#credentials = checkCredentials(credentials);
     if (typeof peerId !== "string" || !PEER_ID.test(peerId)) throw new JanusRoomError("malformed");
@@ -163,6 +166,7 @@ export class JanusRoom extends EventTarget {
     this.#display = peerId;
     this.#crypto = frameCrypto;
     this.#rtcConfig = rtcConfiguration;
+    this.#bindFeeds = bindFeeds;
   }
 
   /** Our publisher id in the room, once joined. */
@@ -408,7 +412,7 @@ export class JanusRoom extends EventTarget {
     pc.addEventListener("track", (event) => entry.stream.addTrack(event.track));
     await pc.setRemoteDescription({ type: "offer", sdp: jsep.sdp });
     for (const transceiver of pc.getTransceivers()) {
-      this.#crypto.protectReceiver(transceiver.receiver, transceiver.receiver.track.kind);
+      this.#crypto.protectReceiver(transceiver.receiver, transceiver.receiver.track.kind, { bound: this.#bindFeeds });
       if (!transceiver.receiver.transform) throw new JanusRoomError("unsupported");
     }
     await pc.setLocalDescription(await pc.createAnswer());

@@ -70,6 +70,7 @@ export class SfuCall extends EventTarget {
   #sent = new Map(); // peer -> "<connection>/<generation>" it holds
   #theirs = new Map(); // peer -> {slot, generation, key}
   #feeds = new Map(); // feed -> peer
+  #bound = new Map(); // feed -> the sender slot its receivers were bound to
   #off = [];
   #timer = 0;
   #closed = false;
@@ -86,7 +87,6 @@ export class SfuCall extends EventTarget {
     this.#call = call;
     this.#rtc = { iceServers, iceTransportPolicy };
     this.#stream = call.localStream;
-    call.useSfu(this);
     const on = (type, fn) => this.#off.push(call.on(type, fn));
     on("peer", () => this.#changed());
     on("held", () => this.#changed());
@@ -97,6 +97,7 @@ export class SfuCall extends EventTarget {
     });
     this.#off.push(signaling.on("media_janus", (grant) => this.#onGrant(grant)));
     this.#timer = setInterval(() => this.#sendKeys(), RESEND_MS);
+    call.useSfu(this); // after the handlers: it passes on the keys that came while this module loaded
     if (!supported()) {
       this.#setState("unsupported", "unsupported");
       return;
@@ -170,7 +171,12 @@ export class SfuCall extends EventTarget {
       return;
     }
     if (this.#closed || this.#grant !== grant || this.#call.selfHeld) return;
-    const room = new JanusRoom(grant, { peerId: this.#call.peerId, frameCrypto: this.#crypto, rtcConfiguration: this.#rtc });
+    const room = new JanusRoom(grant, {
+      peerId: this.#call.peerId,
+      frameCrypto: this.#crypto,
+      rtcConfiguration: this.#rtc,
+      bindFeeds: true, // a feed opens only frames under its peer's slot: Janus cannot pass one person off as another
+    });
     this.#room = room;
     this.#roomToken = grant.token;
     room.addEventListener("remote", ({ detail }) => this.#onRemote(detail));
@@ -206,18 +212,32 @@ export class SfuCall extends EventTarget {
     this.#roomToken = null;
     for (const peer of this.#feeds.values()) this.#call.setSfuTracks(peer, []);
     this.#feeds.clear();
+    this.#bound.clear();
     room?.leave().catch(() => {});
   }
 
   #onRemote({ feed, display }) {
     this.#feeds.set(feed, display); // shown once the broker's `peers` names it too (#showFeeds)
+    this.#bindFeeds();
     this.#showFeeds();
   }
 
   #onRemoteLeft(feed) {
     const peer = this.#feeds.get(feed);
     this.#feeds.delete(feed);
+    this.#bound.delete(feed);
     if (peer) this.#call.setSfuTracks(peer, []);
+  }
+
+  /** Bind each feed's receivers to the slot of the peer it shows (known from that peer's `media_key`). */
+  #bindFeeds() {
+    for (const [feed, peer] of this.#feeds) {
+      const slot = this.#theirs.get(peer)?.slot;
+      const pc = this.#room?.connectionOf(feed);
+      if (slot === undefined || !pc || !this.#crypto || this.#bound.get(feed) === slot) continue;
+      this.#bound.set(feed, slot);
+      for (const receiver of pc.getReceivers()) this.#crypto.bindReceiver(receiver, slot).catch(() => {});
+    }
   }
 
   /** Each feed's tracks on its peer's tile: a peer the call knows (Janus's display is a peer id), not held. */
@@ -311,6 +331,7 @@ export class SfuCall extends EventTarget {
     const before = this.#theirs.get(peer);
     if (before && before.slot === key.slot && before.generation >= key.generation) return; // held already, or older
     this.#theirs.set(peer, key);
+    this.#bindFeeds();
     if (!this.#crypto) return; // held until the transforms start (#startCrypto)
     this.#crypto.addKey(key.key, key).catch(() => {});
     if (before) this.#crypto.retireKey(before).catch(() => {});
