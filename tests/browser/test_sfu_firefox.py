@@ -20,6 +20,7 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Page, expect
 
+from broker.janus.client import NO_SUCH_HANDLE, NO_SUCH_SESSION, ApiError
 from tests.browser.conftest import NewContext
 from tests.browser.firefox_bidi import Firefox, FirefoxPage
 from tests.browser.kit import CSP_WATCH, DESKTOP, RECORD_PEER_CONNECTIONS, Watch, pass_checklist, until, wait_screen
@@ -28,12 +29,15 @@ from tests.browser.test_sfu_call import CONNECTIONS, SPY_WORKERS, decrypted_vide
 from tests.conftest import RunningBroker, schedule
 from tests.janus_server import janus_server  # noqa: F401 - the fixture sfu_broker uses
 
-pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
+# alone: three browsers' media through Janus on two cores; beside the other worker's browsers, Firefox's
+# and Chromium's connections with Janus were seen to fail their ICE checks and stall (test_sfu_call.py too).
+pytestmark = [pytest.mark.browser, pytest.mark.alone, pytest.mark.asyncio(loop_scope="session")]
 
 #: A tile's decoded frame count (call.js keeps data-frames-decoded from the Janus connection's stats).
 FRAMES_OF = """(peer) => Number(document.querySelector(
   `[data-testid=tile][data-peer="${peer}"]`)?.dataset.framesDecoded ?? 0)"""
 AUDIO_LEVEL = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
+ICE_FAILED = "WebRTC: ICE failed, add a STUN server"
 HIDDEN = "(s) => { const e = document.querySelector(s); return !e || e.getClientRects().length === 0; }"
 #: What the Firefox page decodes from each peer, and its connections' states (for the failure message).
 FIREFOX_VIEW = f"""(peers) => ({{
@@ -70,15 +74,29 @@ async def janus_publishers(broker: RunningBroker) -> list[dict[str, Any]]:
     assert rooms is not None
     found = []
     for session in (await rooms.client.admin({"janus": "list_sessions"}))["sessions"]:
-        for handle in (await rooms.client.admin({"janus": "list_handles"}, f"/{session}"))["handles"]:
-            info = (await rooms.client.admin({"janus": "handle_info"}, f"/{session}/{handle}"))["info"]
-            if info.get("plugin_specific", {}).get("type") == "publisher":
-                found.append(info)
+        try:  # another test's session may end while this looks
+            for handle in (await rooms.client.admin({"janus": "list_handles"}, f"/{session}"))["handles"]:
+                info = (await rooms.client.admin({"janus": "handle_info"}, f"/{session}/{handle}"))["info"]
+                if info.get("plugin_specific", {}).get("type") == "publisher":
+                    found.append(info)
+        except ApiError as err:
+            if err.error_code not in (NO_SUCH_SESSION, NO_SUCH_HANDLE):
+                raise
     return found
 
 
 async def decrypted_in_firefox(page: FirefoxPage) -> int:
     return int((await firefox_counts(page)).get("decrypted", {}).get("video", 0))
+
+
+async def still_decoding_in_firefox(page: FirefoxPage, peer: str) -> None:
+    """`peer`'s tile in Firefox counts more decoded frames (the page's connections in the failure message)."""
+
+    async def view() -> dict[str, Any]:
+        return dict(await page.evaluate(FIREFOX_VIEW, [peer]))
+
+    before = (await view())["frames"][0]
+    await until(view, lambda now: now["frames"][0] > before, "a Chromium peer's video still decoded in Firefox", 60)
 
 
 async def rises(read: Any, what: str) -> None:
@@ -142,8 +160,8 @@ async def test_firefox_joins_a_janus_session_with_chromium_peers_and_both_ways_d
         await expect(page.get_by_test_id("sfu-banner")).to_be_hidden()
 
     # And it goes on: frames keep arriving and opening on every side.
-    await rises(lambda: firefox.evaluate(FRAMES_OF, therapist_peer), "the therapist's video decoded in Firefox")
-    await rises(lambda: firefox.evaluate(FRAMES_OF, chromium_peer), "the Chromium client's video decoded in Firefox")
+    for peer in (therapist_peer, chromium_peer):
+        await still_decoding_in_firefox(firefox, peer)
     for page in (therapist, chromium):
         await rises(lambda p=page: p.evaluate(FRAMES_OF, firefox_peer), "Firefox's video decoded in Chromium")
         await rises(lambda p=page: decrypted_video(p), "video frames opened in Chromium")
@@ -163,8 +181,11 @@ async def test_firefox_joins_a_janus_session_with_chromium_peers_and_both_ways_d
         assert counted["bad_tag"] == 0 and counted["malformed"] == 0 and counted["unsent"] == 0, counted
         assert counted["encrypted"]["video"] > 0 and counted["encrypted"]["audio"] > 0, counted
 
+    # Firefox logs each connection whose ICE checks failed (a starved machine makes some; the pair
+    # connections restart theirs) as a page error: any other error still fails here.
+    page_errors = [e for e in firefox.page_errors if not e.startswith(ICE_FAILED)]
     errors = [e for e in firefox.console_errors if EMPTY_BODY_SHA384 not in e]
-    assert firefox.page_errors == [] and errors == [], (firefox.page_errors, firefox.console_errors)
+    assert page_errors == [] and errors == [], (firefox.page_errors, firefox.console_errors)
     assert await firefox.csp_violations() == []
     hosts = {urlsplit(u).hostname for u in firefox.urls if u.startswith("http")}
     assert hosts == {"127.0.0.1"}, hosts
