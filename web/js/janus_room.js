@@ -106,6 +106,16 @@ function noAudioLevel(transceiver) {
   );
 }
 
+/**
+ * The SDP without the audio level's `a=extmap` lines. A browser that cannot leave it out of its
+ * offer (no setHeaderExtensionsToNegotiate: Firefox ESR 153) offers it; Janus gets the offer
+ * without it, and the answer is applied without it, so the browser never sends it.
+ */
+function withoutAudioLevel(sdp) {
+  const lines = sdp.split("\r\n");
+  return lines.filter((line) => line.match(/^a=extmap:\d+(?:\/\w+)?\s+(\S+)/)?.[1] !== AUDIO_LEVEL).join("\r\n");
+}
+
 /** VP8 first and alone (with its retransmissions): 7.12's clear prefix is VP8's. */
 function vp8Only(transceiver) {
   const codecs = RTCRtpSender.getCapabilities?.("video")?.codecs ?? [];
@@ -245,10 +255,10 @@ export class JanusRoom extends EventTarget {
     const { jsep } = await this.#message(
       this.#publisher,
       { request: "publish", audio: true, video: true, e2ee: true },
-      { type: "offer", sdp: pc.localDescription.sdp, trickle: false, e2ee: true },
+      { type: "offer", sdp: withoutAudioLevel(pc.localDescription.sdp), trickle: false, e2ee: true },
     );
     if (!jsep || jsep.type !== "answer") throw new JanusRoomError("janus_error");
-    await pc.setRemoteDescription({ type: "answer", sdp: jsep.sdp });
+    await pc.setRemoteDescription({ type: "answer", sdp: withoutAudioLevel(jsep.sdp) });
     this.#timers.push(setInterval(() => this.#checkBypass(), BYPASS_CHECK_MS));
   }
 
