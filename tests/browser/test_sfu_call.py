@@ -26,7 +26,8 @@ from tests.browser.test_seats import Trio, open_trio
 from tests.conftest import RunningBroker, start_broker
 from tests.janus_server import JanusServer, janus_server  # noqa: F401 - the fixture
 
-pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
+# alone: three browsers' media through Janus on two cores stall beside the other worker's browsers.
+pytestmark = [pytest.mark.browser, pytest.mark.alone, pytest.mark.asyncio(loop_scope="session")]
 
 #: Keeps the page's frame-crypto worker reachable (window.__frameWorkers) to ask it its counts and for
 #: the wire bytes of frames it receives, as the page's own FrameCrypto does (the same messages).
