@@ -244,7 +244,10 @@ async def _resolve_link(request: web.Request) -> Any:
         return (await hub.resolve_token(token))[1]
     except ProtocolError as exc:
         marker = request.app[BROKER].marker
-        if exc.code is ErrorCode.INVALID_TOKEN and marker is not None and await marker.check():
+        if exc.code is ErrorCode.INVALID_TOKEN and marker is not None:
+            # This look, or the periodic one that ran just before it, may find the store emptied:
+            # asked again, the link answers from what is known now (session_not_found, or as before).
+            await marker.check()
             return (await hub.resolve_token(token))[1]
         raise
 
