@@ -119,3 +119,27 @@ async def test_revoking_in_a_room_already_gone_still_ends_the_participants_janus
         raise AssertionError(f"revoking in a room already gone raised {exc}") from None
     finally:
         await member.close()
+
+
+async def test_revoking_a_seats_old_token_leaves_its_next_holder_in_the_room(
+    with_janus: RunningBroker,  # noqa: F811
+) -> None:
+    """A hold released at once: the seat's new credentials are in use (same peer id as display) when the
+    revocation of the old ones reaches Janus. Only the old token's Janus session goes; nobody is kicked
+    by display, so the seat's holder stays in the room."""
+    rooms = with_janus.hub.media.rooms
+    assert rooms is not None
+    old = await rooms.grant("session-next", "peer-next")
+    new = await rooms.grant("session-next", "peer-next")
+    url = with_janus.config.janus_url
+    before = await RoomMember.join(url, old.token, old.room, old.pin, "peer-next")
+    after = await RoomMember.join(url, new.token, new.room, new.pin, "peer-next")
+    try:
+        await rooms.revoke("session-next", old.token, peer_id="peer-next")
+        assert not await alive(rooms, before)
+        assert await alive(rooms, after)
+        assert await displays(rooms, "session-next") == ["peer-next"]  # the next holder, still publishing
+    finally:
+        await before.close()
+        await after.close()
+        await rooms.destroy("session-next")

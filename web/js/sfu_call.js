@@ -14,6 +14,7 @@
 // reloaded page never reuses a key id. A browser that cannot seal its frames is refused before
 // anything is sent (`unsupported`): never a call in the clear.
 
+import { b64urlDecode, b64urlEncode } from "./e2ee.js";
 import { FrameCrypto, supported } from "./frame_crypto.js";
 import { JanusRoom } from "./janus_room.js";
 
@@ -27,25 +28,23 @@ export const ROTATE_SWITCH_MS = 500;
 /** How often keys that did not go out (a channel not open yet) are tried again. */
 const RESEND_MS = 1000;
 
-function toBase64Url(bytes) {
-  let text = "";
-  for (const b of bytes) text += String.fromCharCode(b);
-  return btoa(text).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
-}
-
-function fromBase64Url(text) {
-  if (typeof text !== "string" || !/^[A-Za-z0-9_-]{22,86}$/.test(text)) return null;
-  const bin = atob(text.replace(/-/g, "+").replace(/_/g, "/"));
-  const bytes = Uint8Array.from(bin, (c) => c.charCodeAt(0));
+/** The base key a `media_key` carries (16 to 64 bytes, base64url without padding), or null. */
+function keyFrom(text) {
+  let bytes;
+  try {
+    bytes = b64urlDecode(text);
+  } catch {
+    return null;
+  }
   return bytes.length >= 16 && bytes.length <= 64 ? bytes : null;
 }
 
 /** A well-formed `media_key` message, or null. */
-export function readMediaKey(message) {
+function readMediaKey(message) {
   const { slot, generation } = message ?? {};
   if (!Number.isInteger(slot) || slot < 0 || slot >= SLOTS) return null;
   if (!Number.isSafeInteger(generation) || generation < 0) return null;
-  const key = fromBase64Url(message.key);
+  const key = keyFrom(message.key);
   return key ? { slot, generation, key } : null;
 }
 
@@ -318,7 +317,7 @@ export class SfuCall extends EventTarget {
       if (this.#call.isHeld(peer) || this.#call.selfHeld) continue;
       const mark = `${this.#call.describe(peer).connection}/${mine.generation}`;
       if (this.#sent.get(peer) === mark) continue;
-      const message = { t: "media_key", slot: mine.slot, generation: mine.generation, key: toBase64Url(mine.key) };
+      const message = { t: "media_key", slot: mine.slot, generation: mine.generation, key: b64urlEncode(mine.key) };
       if (this.#call.sendMessage(peer, message)) this.#sent.set(peer, mark);
     }
   }
