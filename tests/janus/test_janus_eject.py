@@ -7,6 +7,9 @@ room as a call page does (tests/janus/janus_peer.py ``RoomMember``: a Janus sess
 token, a publisher joined with its peer id as display, a subscriber handle). What they subscribe to
 is a VideoRoom remote publisher (``add_remote_publisher``), standing in for another participant's
 published media: Janus lets a subscriber join only a feed that is publishing.
+
+Tests that make up a session id use rooms of their own (the ``rooms`` fixture, another room key): a
+broker's sweep destroys the rooms of sessions it does not know, and it runs when the broker starts.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from broker.janus.rooms import JanusRooms
 from tests.conftest import RunningBroker
 from tests.janus.broker_fixture import with_janus  # noqa: F401 - the fixture
 from tests.janus.test_janus_grants import REVOKED_WITHIN_S, admit, group
-from tests.janus_server import janus_server  # noqa: F401 - the fixture
+from tests.janus.test_janus_rooms import rooms  # noqa: F401 - the fixture
+from tests.janus_server import JanusServer, janus_server  # noqa: F401 - the fixture
 
 from .janus_peer import JanusApiError, RoomMember
 
@@ -105,12 +109,13 @@ async def test_a_removed_or_held_participant_is_put_out_of_the_room_subscription
 
 
 async def test_revoking_in_a_room_already_gone_still_ends_the_participants_janus_session(
-    with_janus: RunningBroker,  # noqa: F811
+    rooms: JanusRooms,
+    janus_server: JanusServer,  # noqa: F811
 ) -> None:
-    rooms = with_janus.hub.media.rooms
-    assert rooms is not None
     granted = await rooms.grant("session-gone", "peer-gone")
-    member = await RoomMember.join(with_janus.config.janus_url, granted.token, granted.room, granted.pin, "peer-gone")
+    member = await RoomMember.join(
+        janus_server.settings()["janus_url"], granted.token, granted.room, granted.pin, "peer-gone"
+    )
     try:
         await rooms.destroy("session-gone")
         await rooms.revoke("session-gone", granted.token, peer_id="peer-gone")  # no room, nobody to kick: fine
@@ -122,16 +127,15 @@ async def test_revoking_in_a_room_already_gone_still_ends_the_participants_janus
 
 
 async def test_revoking_a_seats_old_token_leaves_its_next_holder_in_the_room(
-    with_janus: RunningBroker,  # noqa: F811
+    rooms: JanusRooms,
+    janus_server: JanusServer,  # noqa: F811
 ) -> None:
     """A hold released at once: the seat's new credentials are in use (same peer id as display) when the
     revocation of the old ones reaches Janus. Only the old token's Janus session goes; nobody is kicked
     by display, so the seat's holder stays in the room."""
-    rooms = with_janus.hub.media.rooms
-    assert rooms is not None
     old = await rooms.grant("session-next", "peer-next")
     new = await rooms.grant("session-next", "peer-next")
-    url = with_janus.config.janus_url
+    url = janus_server.settings()["janus_url"]
     before = await RoomMember.join(url, old.token, old.room, old.pin, "peer-next")
     after = await RoomMember.join(url, new.token, new.room, new.pin, "peer-next")
     try:
