@@ -11,13 +11,15 @@ held client leaves the room and comes back into it when the hold ends.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
-from playwright.async_api import Page, expect
+from playwright.async_api import Page, Route, expect
 
 from broker.crypto.sframe import SENDER_SLOTS, decode_header
 from tests.browser.conftest import NewContext
@@ -242,3 +244,43 @@ async def test_a_participant_sealing_its_frames_as_the_therapist_is_refused_by_t
     therapist_tile = other.locator(f'[data-testid=tile][data-peer="{trio.links.peers[trio.links.therapist]}"]')
     await expect(therapist_tile).not_to_have_attribute("data-frames-decoded", "0")
     await still_decoding(other)  # the therapist's own frames still open there
+
+
+async def test_a_publishing_and_a_subscription_that_fail_once_are_made_again(
+    sfu_broker: RunningBroker,
+    new_context: NewContext,
+    watch: Watch,
+    janus_server: JanusServer,  # noqa: F811
+) -> None:
+    """Janus slow or unreachable for a moment (a loaded host, a network blip): the first `publish` and
+    the first subscriber `join` one client's page sends never reach Janus. The page joins the room
+    again (docs/protocol.md 7.12, "A browser in the Janus room") and subscribes again, and every page
+    ends up seeing every other."""
+    lost: list[str] = []
+
+    async def lose_first_tries(route: Route) -> None:
+        body = json.loads(route.request.post_data or "{}").get("body") or {}
+        what = (
+            "publish" if body.get("request") == "publish" else "subscribe" if body.get("ptype") == "subscriber" else ""
+        )
+        if what and what not in lost:
+            lost.append(what)
+            await route.abort("connectionfailed")
+            return
+        await route.continue_()
+
+    async def unreliable_janus(_links: Any, clients: list[Page]) -> None:
+        await clients[0].route(re.compile(re.escape(janus_server.settings()["janus_url"]) + ".*"), lose_first_tries)
+
+    trio = await open_trio(
+        sfu_broker,
+        new_context,
+        watch,
+        client_scripts=(SPY_WORKERS, SPY_WORKERS),
+        therapist_script=SPY_WORKERS,
+        before_join=unreliable_janus,
+    )
+    await all_decode(trio)
+    assert sorted(lost) == ["publish", "subscribe"], lost
+    await still_decoding(trio.clients[0])
+    await still_decoding(trio.therapist)

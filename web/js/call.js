@@ -731,7 +731,8 @@ export class Call {
 
   #onRenegotiate(peer) {
     const info = this.#infos.get(peer);
-    if (!peer || !info || !info.you_offer || this.#blocked.has(peer)) return;
+    // Another client no roster lists yet: no key for the pair, so no offer (the roster brings one).
+    if (!peer || !info || !info.you_offer || this.#blocked.has(peer) || !this.#vouched(peer)) return;
     const link = this.#links.get(peer);
     const live = link && !link.closed && link.pc.connectionState !== "closed";
     // An offer of ours made since their current broker connection began is on its way, or was just

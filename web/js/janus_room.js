@@ -23,6 +23,16 @@ const KEEPALIVE_MS = 25_000;
 const REQUEST_TIMEOUT_MS = 15_000;
 /** Our own ICE gathering before an offer or answer goes (no trickle): on a LAN it takes moments. */
 const GATHER_TIMEOUT_MS = 5_000;
+/**
+ * A subscription that failed (Janus slow to answer on a loaded host, ICE to Janus failed) is made
+ * again while its publisher is in the room: after this long times the tries so far, this many times.
+ */
+const RESUBSCRIBE_MS = 2_000;
+const RESUBSCRIBE_TRIES = 5;
+/** A subscription whose connection is not up this long after our answer went is made again (a stalled DTLS handshake). */
+const CONNECT_WAIT_MS = 20_000;
+/** How each failed try ends: refused credentials or a room gone are final, anything else is tried again. */
+const FINAL = new Set(["refused", "no_such_room", "unsupported", "closed"]);
 /** How often each sender is checked for frames that skipped its transform (FrameCrypto.bypassed). */
 const BYPASS_CHECK_MS = 3_000;
 /** Janus's codes that mean "these credentials do not open this" (core 403/405, VideoRoom 433). */
@@ -40,6 +50,7 @@ export const ERROR_CODES = Object.freeze([
   "no_such_room", // the room is gone (the session ended)
   "janus_error", // any other error Janus reported
   "bypassed", // a sender sent frames its transform never saw: the call was hung up
+  "ice_failed", // a connection with Janus failed (a subscription is then made again)
   "closed", // the room was left
 ]);
 
@@ -157,6 +168,8 @@ export class JanusRoom extends EventTarget {
   #privateId = null;
   #publisherPc = null;
   #subscriptions = new Map(); // feed → {handle, pc, display, stream}
+  #present = new Map(); // feed → display: the other publishers in the room now, as Janus said
+  #tries = new Map(); // feed → subscriptions to it that failed in a row
   #waiting = new Map(); // transaction → {resolve, reject}
   #closed = false;
   #timers = [];
@@ -260,6 +273,14 @@ export class JanusRoom extends EventTarget {
     if (!jsep || jsep.type !== "answer") throw new JanusRoomError("janus_error");
     await pc.setRemoteDescription({ type: "answer", sdp: withoutAudioLevel(jsep.sdp) });
     this.#timers.push(setInterval(() => this.#checkBypass(), BYPASS_CHECK_MS));
+    // Our media path to Janus failed, or never came up: the room is left (`failed`, ice_failed); the call joins again.
+    pc.addEventListener("connectionstatechange", () => {
+      if (pc.connectionState === "failed" && this.#publisherPc === pc) this.#fail("ice_failed");
+    });
+    const stalled = setTimeout(() => {
+      if (this.#publisherPc === pc && pc.connectionState !== "connected") this.#fail("ice_failed");
+    }, CONNECT_WAIT_MS);
+    this.#timers.push(stalled);
   }
 
   /** Leave the room, close every connection and destroy the Janus session. */
@@ -385,7 +406,10 @@ export class JanusRoom extends EventTarget {
     if (event.janus === "event" && data && event.sender === this.#publisher) {
       this.#announce(data.publishers);
       for (const gone of [data.unpublished, data.leaving]) {
-        if (typeof gone === "number") this.#dropSubscription(gone, true);
+        if (typeof gone !== "number") continue;
+        this.#present.delete(gone);
+        this.#tries.delete(gone);
+        this.#dropSubscription(gone, true);
       }
     }
   }
@@ -397,13 +421,32 @@ export class JanusRoom extends EventTarget {
       const feed = publisher?.id;
       if (typeof feed !== "number" || feed === this.#feed || this.#subscriptions.has(feed)) continue;
       const display = typeof publisher.display === "string" ? publisher.display : null;
+      this.#present.set(feed, display);
       this.#subscriptions.set(feed, { handle: null, pc: null, display, stream: null });
-      this.#subscribe(feed).catch((err) => {
-        this.#dropSubscription(feed, false);
-        if (err instanceof JanusRoomError && err.code === "closed") return;
-        this.dispatchEvent(new CustomEvent("subscribe-failed", { detail: { feed, code: err.code ?? "janus_error" } }));
-      });
+      this.#subscribe(feed).catch((err) => this.#subscriptionFailed(feed, err?.code ?? "janus_error"));
     }
+  }
+
+  /**
+   * A subscription did not come up, or its connection failed: drop it, and make it again later
+   * while its publisher is still in the room (`subscribe-failed` when that is over).
+   */
+  #subscriptionFailed(feed, code) {
+    this.#dropSubscription(feed, false);
+    if (this.#closed || code === "closed") return;
+    console.warn("a subscription in the Janus room failed", code); // no id: the console may be shared
+    const tries = (this.#tries.get(feed) ?? 0) + 1;
+    this.#tries.set(feed, tries);
+    if (FINAL.has(code) || tries > RESUBSCRIBE_TRIES || !this.#present.has(feed)) {
+      this.dispatchEvent(new CustomEvent("subscribe-failed", { detail: { feed, code } }));
+      return;
+    }
+    const again = setTimeout(() => {
+      this.#timers = this.#timers.filter((t) => t !== again);
+      if (this.#closed || !this.#present.has(feed) || this.#subscriptions.has(feed)) return;
+      this.#announce([{ id: feed, display: this.#present.get(feed) }]);
+    }, RESUBSCRIBE_MS * tries);
+    this.#timers.push(again);
   }
 
   /** Receive one publisher: Janus offers; our receiver transforms go on before our answer. */
@@ -420,6 +463,11 @@ export class JanusRoom extends EventTarget {
     entry.pc = pc;
     entry.stream = new MediaStream();
     pc.addEventListener("track", (event) => entry.stream.addTrack(event.track));
+    pc.addEventListener("connectionstatechange", () => {
+      if (this.#subscriptions.get(feed) !== entry) return;
+      if (pc.connectionState === "connected") this.#tries.delete(feed);
+      else if (pc.connectionState === "failed") this.#subscriptionFailed(feed, "ice_failed");
+    });
     await pc.setRemoteDescription({ type: "offer", sdp: jsep.sdp });
     for (const transceiver of pc.getTransceivers()) {
       this.#crypto.protectReceiver(transceiver.receiver, transceiver.receiver.track.kind, { bound: this.#bindFeeds });
@@ -428,6 +476,13 @@ export class JanusRoom extends EventTarget {
     await pc.setLocalDescription(await pc.createAnswer());
     await gathered(pc);
     await this.#message(entry.handle, { request: "start" }, { type: "answer", sdp: pc.localDescription.sdp, trickle: false, e2ee: true });
+    const stalled = setTimeout(() => {
+      this.#timers = this.#timers.filter((t) => t !== stalled);
+      if (this.#subscriptions.get(feed) === entry && pc.connectionState !== "connected") {
+        this.#subscriptionFailed(feed, "ice_failed");
+      }
+    }, CONNECT_WAIT_MS);
+    this.#timers.push(stalled);
     this.dispatchEvent(new CustomEvent("remote", { detail: { feed, display: entry.display, stream: entry.stream } }));
   }
 

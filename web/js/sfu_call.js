@@ -39,6 +39,12 @@ function keyFrom(text) {
   return bytes.length >= 16 && bytes.length <= 64 ? bytes : null;
 }
 
+/** Janus's failures that another try may mend (a loaded host, a connection that did not come up). */
+const FINAL_FAILURES = new Set(["unsupported", "refused", "no_such_room", "bypassed", "malformed"]);
+/** The room is joined again after this long times the tries so far, this many times, within the grant's join window. */
+const ROOM_RETRY_MS = 3_000;
+const ROOM_TRIES = 3;
+
 /** A well-formed `media_key` message, or null. */
 function readMediaKey(message) {
   const { slot, generation } = message ?? {};
@@ -62,6 +68,8 @@ export class SfuCall extends EventTarget {
   #roomToken = null;
   #grant = null;
   #tried = null; // the token of the latest grant a join was tried with
+  #roomFailures = 0; // failed joins of the room in a row (ROOM_TRIES)
+  #retryTimer = 0;
   #mine = null; // {slot, generation, key}
   #switchTimer = 0;
   #rotateTimer = 0;
@@ -144,6 +152,7 @@ export class SfuCall extends EventTarget {
     clearInterval(this.#timer);
     clearTimeout(this.#switchTimer);
     clearTimeout(this.#rotateTimer);
+    clearTimeout(this.#retryTimer);
     for (const off of this.#off) off();
     this.#leaveRoom();
     this.#crypto?.close();
@@ -158,6 +167,7 @@ export class SfuCall extends EventTarget {
 
   async #onGrant(grant) {
     if (this.#closed || this.state === "unsupported") return;
+    if (grant !== this.#grant) this.#roomFailures = 0; // a new grant: a new join window
     this.#grant = grant;
     if (this.#room && this.#roomToken === grant.token) return; // joined again: the same credentials
     this.#leaveRoom();
@@ -180,18 +190,14 @@ export class SfuCall extends EventTarget {
     this.#roomToken = grant.token;
     room.addEventListener("remote", ({ detail }) => this.#onRemote(detail));
     room.addEventListener("left", ({ detail }) => this.#onRemoteLeft(detail.feed));
-    room.addEventListener("failed", ({ detail }) => {
-      if (this.#room === room) this.#leaveRoom();
-      this.#setState("failed", detail.code);
-    });
+    room.addEventListener("failed", ({ detail }) => this.#roomFailed(room, detail.code));
     try {
       await room.join();
       if (this.#room !== room) return;
       this.#setState("connected");
       await this.#publish();
     } catch (err) {
-      if (this.#room === room) this.#leaveRoom();
-      this.#setState("failed", err?.code ?? "janus_error");
+      this.#roomFailed(room, err?.code ?? "janus_error");
     }
   }
 
@@ -200,9 +206,32 @@ export class SfuCall extends EventTarget {
     if (!room || room.feed === null || room.publisherConnection || !this.#stream?.getTracks().length) return;
     try {
       await room.publish(this.#stream);
+      this.#roomFailures = 0;
     } catch (err) {
-      if (this.#room === room) this.#setState("failed", err?.code ?? "janus_error");
+      this.#roomFailed(room, err?.code ?? "janus_error");
     }
+  }
+
+  /**
+   * The room stopped working for this page, or never did: leave it, and join again with the same
+   * grant while its join window lasts (a few times, further apart each time); else say so.
+   */
+  #roomFailed(room, code) {
+    if (this.#room !== room) return; // an older room: already left
+    this.#leaveRoom();
+    const grant = this.#grant;
+    const windowLeft = (grant?.join_by ?? 0) * 1000 - Date.now();
+    this.#roomFailures += 1;
+    const delay = ROOM_RETRY_MS * this.#roomFailures;
+    if (this.#closed || FINAL_FAILURES.has(code) || this.#roomFailures > ROOM_TRIES || windowLeft <= delay) {
+      this.#setState("failed", code);
+      return;
+    }
+    this.#setState("connecting", code);
+    clearTimeout(this.#retryTimer);
+    this.#retryTimer = setTimeout(() => {
+      if (!this.#closed && !this.#room && this.#grant === grant) this.#onGrant(grant);
+    }, delay);
   }
 
   #leaveRoom() {
@@ -217,6 +246,7 @@ export class SfuCall extends EventTarget {
 
   #onRemote({ feed, display }) {
     this.#feeds.set(feed, display); // shown once the broker's `peers` names it too (#showFeeds)
+    this.#bound.delete(feed); // a new connection (a subscription made again): its receivers are bound afresh
     this.#bindFeeds();
     this.#showFeeds();
   }
