@@ -21,7 +21,7 @@ import { has, language, onLanguageChange, show, startLanguage, t } from "./i18n.
 import { Signaling, tokenFromPath } from "./protocol.js";
 import { SealedPlans } from "./safety_plan.js";
 import { TherapistSafety } from "./safety_signal.js";
-import { announce, byId, confirmDialog, el, fill, formatTime, showScreen } from "./ui.js";
+import { announce, byId, confirmDialog, el, fill, fillKeyed, formatTime, showScreen } from "./ui.js";
 import { shareVerification } from "./verified_peer.js";
 
 const DB_NAME = "teletherapy-therapist";
@@ -73,6 +73,7 @@ const state = {
   finished: false,
   record: null, // the broker-signed session record, offered for download at the end
   holds: new Set(), // clients this page put on hold (private time)
+  admitting: new Map(), // seat -> when its `admit` last went out (0: not sent, the socket was away)
   alert: null, // sound, title count and notification when a client arrives (arrivals.js)
   plans: null, // each client's sealed safety plan, opened here (safety_plan.js)
   safety: null, // the notices a client's safety signal or quick exit brings (safety_signal.js)
@@ -173,6 +174,7 @@ async function start() {
   state.signaling = signaling;
   signaling.on("joined", onJoined);
   signaling.on("waiting_room", onWaitingRoom);
+  setInterval(admitStill, ADMIT_AGAIN_MS); // a press made while the socket was away goes out once it is back
   signaling.on("peers", (m) => {
     state.lastPeers = m.peers;
   });
@@ -340,7 +342,29 @@ function onWaitingRoom(message) {
   });
   state.safety?.seatsChanged(message.seats);
   state.alert?.update(waitingIn(message.seats), { label: arrived });
+  admitStill();
   renderSeats();
+}
+
+/** An admission asked for goes out again while its seat is still waiting, after this long. */
+const ADMIT_AGAIN_MS = 3000;
+
+/** Admit a waiting client. `admit` has no reply of its own: the seat's next state in `waiting_room` is it. */
+function admit(peer) {
+  state.admitting.set(peer, state.signaling.admit(peer) ? Date.now() : 0);
+}
+
+/**
+ * The therapist pressed "Admit" and the seat still waits: the message did not go (the socket was
+ * reconnecting) or was lost with a socket that dropped. Send it again, so a press is never lost;
+ * forget it once the seat is admitted, declined or gone.
+ */
+function admitStill() {
+  for (const [peer, sentAt] of state.admitting) {
+    const seat = state.seats.find((s) => s.peer === peer);
+    if (seat?.state !== "waiting") state.admitting.delete(peer);
+    else if (Date.now() - sentAt >= ADMIT_AGAIN_MS) admit(peer);
+  }
 }
 
 /** Open the safety plan each device of this seat sealed (issue 29), once the dashboard runs. */
@@ -434,7 +458,7 @@ function renderSeats() {
   const refocus = active?.dataset?.action ? [active.dataset.action, active.dataset.peer] : null;
   const list = byId("seats");
   renderNoteTargets();
-  fill(list, state.seats.map(renderSeat));
+  fillKeyed(list, state.seats.map(renderSeat), "data-peer"); // an unchanged seat keeps its buttons (a click in progress lands)
   byId("seats-empty").hidden = state.seats.some((s) => s.state !== "invited");
   if (refocus) list.querySelector(`[data-action="${refocus[0]}"][data-peer="${refocus[1]}"]`)?.focus();
 }
@@ -597,7 +621,7 @@ function seatActions(seat, label) {
   if (seat.state === "waiting") {
     buttons.push(
       actionButton(t("seat.admit", { name: label }), "admit", peer, "primary", () => {
-        state.signaling.admit(peer);
+        admit(peer);
         announce(t("seat.admitting", { name: label }));
       }),
     );

@@ -38,6 +38,23 @@ export function fill(node, children) {
   return node;
 }
 
+/**
+ * Like fill, for a list keyed by `data-key` attribute `key`: a child whose new rendering is the same
+ * as what is shown stays the very element (a button keeps its listeners, its focus, and a click on
+ * it in progress), and nothing is touched when every child stayed.
+ */
+export function fillKeyed(node, children, key) {
+  const shown = new Map([...node.children].map((c) => [c.getAttribute(key), c]));
+  const next = [].concat(children).filter((c) => c !== null && c !== undefined && c !== false);
+  const kept = next.map((c) => {
+    const old = shown.get(c.getAttribute(key));
+    return old && old.outerHTML === c.outerHTML ? old : c;
+  });
+  const same = kept.length === node.children.length && kept.every((c, i) => node.children[i] === c);
+  if (!same) node.replaceChildren(...kept);
+  return node;
+}
+
 export function setText(idOrNode, text) {
   const node = typeof idOrNode === "string" ? byId(idOrNode) : idOrNode;
   node.textContent = text;
