@@ -98,8 +98,8 @@ class Config:
     web_root: str = ""
     #: Group sessions: up to this many participants (therapist included) talk peer to peer; a session
     #: scheduled with more uses Janus (``janus_url``), up to 16. Decided at scheduling, never mid-call.
-    #: 16 (every session a mesh) until the browsers' Janus path exists (issue 22's next step; then 4).
-    mesh_max_participants: int = 16
+    #: 4: past that, home uplinks give out (each browser sends its video once per other participant).
+    mesh_max_participants: int = 4
     #: Janus's API (HTTP transport, loopback or a private network), e.g. http://127.0.0.1:8088/janus;
     #: empty: no Janus, and no session above ``mesh_max_participants``.
     janus_url: str = ""

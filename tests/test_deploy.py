@@ -1106,15 +1106,15 @@ def test_compose_janus_secrets_come_from_the_environment_shared_with_the_brokers
     assert resolved_janus["JANUS_API_SECRET"] == JANUS_DUMMIES["api_secret"]
 
 
-def test_mesh_size_stays_at_its_default_until_the_browsers_use_janus(
+def test_deployments_with_janus_keep_the_default_mesh_size_of_four(
     compose_config: dict[str, Any], k8s_objects: list[dict[str, Any]]
 ) -> None:
-    """README: leave BROKER_MESH_MAX_PARTICIPANTS at 16 (every session peer to peer) until browser media goes
-    through Janus; the files say so next to the value."""
+    """Issue 22: sessions of up to four people peer to peer, larger ones through the deployment's own
+    Janus; the files say so next to the value."""
     from broker.config import Config
 
     default = str(Config().mesh_max_participants)
-    assert default == "16"
+    assert default == "4"
     for name in ("broker1", "broker2"):
         assert compose_config["services"][name]["environment"]["BROKER_MESH_MAX_PARTICIPANTS"] == default
     literals = dict(x.split("=", 1) for x in _generator("broker-config")["literals"])
@@ -1122,7 +1122,7 @@ def test_mesh_size_stays_at_its_default_until_the_browsers_use_janus(
     for path in (COMPOSE, K8S / "kustomization.yaml"):
         text = path.read_text()
         before = text[: text.index("BROKER_MESH_MAX_PARTICIPANTS")]
-        assert "then 4" in before.splitlines()[-2], path.name
+        assert "up to four people peer to peer" in before.splitlines()[-2], path.name
 
 
 def test_kubernetes_janus_api_only_on_a_cluster_ip_service(k8s_objects: list[dict[str, Any]]) -> None:
