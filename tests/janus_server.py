@@ -71,8 +71,10 @@ class JanusServer(ServerProcess):
 
     @property
     def rtp_range(self) -> str:
-        low, high = sorted((free_port(), free_port()))
-        return f"{low}-{max(high, low + 100)}"
+        """A thousand ports from a free one: Janus binds one per connection and interface, and a group of
+        eight has sixty-four connections (with a retry's on top), so a hundred could run out."""
+        low = min(free_port(), 64_000)
+        return f"{low}-{low + 1000}"
 
     def write_config(self) -> Path:
         conf = self.workdir / "conf"

@@ -48,7 +48,7 @@ export function fillKeyed(node, children, key) {
   const next = [].concat(children).filter((c) => c !== null && c !== undefined && c !== false);
   const kept = next.map((c) => {
     const old = shown.get(c.getAttribute(key));
-    return old && old.outerHTML === c.outerHTML ? old : c;
+    return old?.isEqualNode(c) ? old : c;
   });
   const same = kept.length === node.children.length && kept.every((c, i) => node.children[i] === c);
   if (!same) node.replaceChildren(...kept);
