@@ -2,7 +2,8 @@
 
 Three browser contexts (the therapist and two clients) on the real broker. What is drawn on one
 side shows on the others, pixel for pixel, and every frame each page exchanges with
-the broker meanwhile is counted: nothing but heartbeats. Text, the eraser, undo and clear work
+the broker meanwhile is counted: nothing but heartbeats (and, on a loaded machine, a pair's sealed
+ICE restart), never the board's text. Text, the eraser, undo and clear work
 across pages; only a client the therapist allows may draw, and what another client sends anyway is
 dropped by the therapist's page and passed on to no one; a held client receives no board message
 at all and gets the whole board back when the hold ends; the therapist saves a PNG on their own
@@ -69,12 +70,19 @@ FORCE_DRAW = """() => {
 }"""
 
 
+#: What the call's own upkeep sends through the broker on a loaded machine: an ICE restart of a pair
+#: (its sealed offer, answer and candidates, or the request for one) and the therapist's roster.
+UPKEEP = {"offer", "answer", "candidate", "renegotiate", "roster"}
+
+
 @dataclass
 class BrokerFrames:
-    """Every frame the pages exchange with the broker, heartbeats (ping/pong) apart."""
+    """Every frame the pages exchange with the broker, heartbeats (ping/pong) and the pairs' upkeep apart."""
 
     frames: list[tuple[str, str, int]] = field(default_factory=list)
     heartbeats: int = 0
+    upkeep: int = 0
+    texts: list[str] = field(default_factory=list)
     counting: bool = False
 
     def watch(self, page: Page) -> None:
@@ -92,8 +100,11 @@ class BrokerFrames:
             kind = str(json.loads(text).get("type"))
         except (ValueError, AttributeError):
             kind = "?"
+        self.texts.append(text)
         if kind in ("ping", "pong"):
             self.heartbeats += 1  # (the watch is live: the pages ping a quiet broker every 2 s)
+        elif kind in UPKEEP:
+            self.upkeep += 1  # sealed end to end; the connections themselves stay up
         else:
             self.frames.append((direction, kind, len(text)))
 
@@ -211,9 +222,11 @@ async def test_strokes_text_undo_and_clear_cross_to_every_page_and_nothing_passe
     for page in (trio.therapist, *trio.clients):
         assert await page.evaluate(PAINTED) == 0
 
-    # All of that, and the share, went peer to peer: the broker saw nothing but heartbeats.
+    # All of that, and the share, went peer to peer: the broker saw nothing but heartbeats (and, on a
+    # loaded machine, a pair's ICE restart), and never the text written on the board.
     frames.counting = False
     assert frames.frames == [], f"the broker carried {len(frames.frames)} frames: {frames.frames[:5]}"
+    assert not [t for t in frames.texts if "Thought record" in t]
     assert frames.heartbeats > 0
 
     # The therapist keeps a picture on their own device: a PNG made in the page.
