@@ -277,10 +277,18 @@ export class JanusRoom extends EventTarget {
     pc.addEventListener("connectionstatechange", () => {
       if (pc.connectionState === "failed" && this.#publisherPc === pc) this.#fail("ice_failed");
     });
-    const stalled = setTimeout(() => {
+    this.#later(CONNECT_WAIT_MS, () => {
       if (this.#publisherPc === pc && pc.connectionState !== "connected") this.#fail("ice_failed");
-    }, CONNECT_WAIT_MS);
-    this.#timers.push(stalled);
+    });
+  }
+
+  /** Run `fn` once after `ms`, unless the room is left first. */
+  #later(ms, fn) {
+    const timer = setTimeout(() => {
+      this.#timers = this.#timers.filter((t) => t !== timer);
+      if (!this.#closed) fn();
+    }, ms);
+    this.#timers.push(timer);
   }
 
   /** Leave the room, close every connection and destroy the Janus session. */
@@ -441,12 +449,10 @@ export class JanusRoom extends EventTarget {
       this.dispatchEvent(new CustomEvent("subscribe-failed", { detail: { feed, code } }));
       return;
     }
-    const again = setTimeout(() => {
-      this.#timers = this.#timers.filter((t) => t !== again);
-      if (this.#closed || !this.#present.has(feed) || this.#subscriptions.has(feed)) return;
+    this.#later(RESUBSCRIBE_MS * tries, () => {
+      if (!this.#present.has(feed) || this.#subscriptions.has(feed)) return;
       this.#announce([{ id: feed, display: this.#present.get(feed) }]);
-    }, RESUBSCRIBE_MS * tries);
-    this.#timers.push(again);
+    });
   }
 
   /** Receive one publisher: Janus offers; our receiver transforms go on before our answer. */
@@ -476,13 +482,11 @@ export class JanusRoom extends EventTarget {
     await pc.setLocalDescription(await pc.createAnswer());
     await gathered(pc);
     await this.#message(entry.handle, { request: "start" }, { type: "answer", sdp: pc.localDescription.sdp, trickle: false, e2ee: true });
-    const stalled = setTimeout(() => {
-      this.#timers = this.#timers.filter((t) => t !== stalled);
+    this.#later(CONNECT_WAIT_MS, () => {
       if (this.#subscriptions.get(feed) === entry && pc.connectionState !== "connected") {
         this.#subscriptionFailed(feed, "ice_failed");
       }
-    }, CONNECT_WAIT_MS);
-    this.#timers.push(stalled);
+    });
     this.dispatchEvent(new CustomEvent("remote", { detail: { feed, display: entry.display, stream: entry.stream } }));
   }
 

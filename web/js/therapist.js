@@ -28,6 +28,8 @@ const DB_NAME = "teletherapy-therapist";
 const DB_STORE = "link-keys";
 
 // Every word on this page is the catalogue's (web/i18n; i18n.js): therapist.*, seat.*, item.name.*.
+/** An admission asked for goes out again while its seat is still waiting, after this long. */
+const ADMIT_AGAIN_MS = 3000;
 const SEAT_STATES = ["invited", "checking", "waiting", "admitted", "left", "declined", "removed"];
 
 /** The notices this page knows (therapist.notice.<code>.title and .message); others show invalid_token's. */
@@ -345,9 +347,6 @@ function onWaitingRoom(message) {
   admitStill();
   renderSeats();
 }
-
-/** An admission asked for goes out again while its seat is still waiting, after this long. */
-const ADMIT_AGAIN_MS = 3000;
 
 /** Admit a waiting client. `admit` has no reply of its own: the seat's next state in `waiting_room` is it. */
 function admit(peer) {
