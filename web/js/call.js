@@ -769,6 +769,13 @@ export class Call {
       this.#askForOffer(link.peer);
       return;
     }
+    if (!link.pc.currentRemoteDescription) {
+      // Our first offer has no answer yet: there is no ICE to restart, and rolling the offer back
+      // would number its m-lines afresh under the answer on its way (which then fits nothing).
+      // Wait for that answer; once it is overdue, start a new connection instead.
+      if (Date.now() - link.createdAt >= ANSWER_WAIT_MS) this.#startOffer(link.peer);
+      return;
+    }
     try {
       link.descriptionSent = false;
       link.signalingLost = false; // this offer and its candidates go out afresh

@@ -55,6 +55,7 @@ class Watched {
     this.stalledAt = 0; // when the current stall was acted on (0: none)
     this.slow = false; // the current silence followed no flow worth calling a stall
     this.awaitingSignaling = false; // the restart waits for the signaling socket to be back
+    this.established = false; // connected once: before that, what arrives is set-up, not media
   }
 
   /** Packets a second over the second before the last rise. */
@@ -116,6 +117,15 @@ export class NetworkRecovery {
     const packets = await packetsReceived(w.pc);
     const now = Date.now();
     if (this.#watched.get(peer) !== w) return;
+    if (w.pc.connectionState === "connected") w.established = true;
+    if (!w.established) {
+      // Still being set up: the other side's ICE checks and DTLS handshake arrive in a burst and
+      // stop, which is no stall, and there is no ICE yet to restart (an offer still waiting for
+      // its answer must not be replaced). call.js watches the set-up itself (CONNECT_WAIT_MS).
+      w.packets = packets;
+      w.lastRiseAt = now;
+      return;
+    }
     w.samples.push([now, packets]);
     while (w.samples.length && now - w.samples[0][0] > RATE_WINDOW_MS) w.samples.shift();
     if (packets !== w.packets || this.#quiet(peer)) {
