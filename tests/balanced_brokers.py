@@ -172,8 +172,9 @@ def hung(broker: BrokerProcess) -> Iterator[float]:
 # ---------------------------------------------------------------- Caddy
 
 
-def local_caddyfile(port: int, upstreams: list[int]) -> str:
-    """deploy/Caddyfile with a local plain-HTTP site address and local upstreams; all else as shipped."""
+def local_caddyfile(port: int, upstreams: list[int], janus_port: int | None = None) -> str:
+    """deploy/Caddyfile with a local plain-HTTP site address and local upstreams (brokers, and Janus's
+    API when given: else a port nothing listens on); all else as shipped."""
     text = CADDYFILE.read_text()
     replacements = {
         "email {$ACME_EMAIL}": "admin off\n\tauto_https off",
@@ -181,6 +182,7 @@ def local_caddyfile(port: int, upstreams: list[int]) -> str:
         "reverse_proxy broker1:8080 broker2:8080 {": "reverse_proxy "
         + " ".join(f"127.0.0.1:{p}" for p in upstreams)
         + " {",
+        "reverse_proxy janus-api:8088": f"reverse_proxy 127.0.0.1:{janus_port or free_port()}",
     }
     for old, new in replacements.items():
         assert text.count(old) == 1, f"deploy/Caddyfile changed: update this test's copy ({old!r})"
@@ -198,11 +200,11 @@ class Caddy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, upstreams: list[int]) -> None:
+    def start(self, upstreams: list[int], janus_port: int | None = None) -> None:
         caddy = shutil.which("caddy")
         assert caddy, "caddy (Debian package caddy) is required: scripts/test installs it"
         config = self.workdir / "Caddyfile"
-        config.write_text(local_caddyfile(self.port, upstreams))
+        config.write_text(local_caddyfile(self.port, upstreams, janus_port))
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(self.workdir),

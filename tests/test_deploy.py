@@ -391,7 +391,7 @@ def test_pdb_hpa_service_and_ingress_point_at_the_broker(k8s_objects: list[dict[
     backends = [
         path["backend"]["service"]["name"] for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"]
     ]
-    assert backends == ["broker"]
+    assert set(backends) == {"broker", "janus-api"}, "the broker, and Janus's API at /janus (test_janus_route.py)"
 
 
 def test_session_redis_on_kubernetes_persists_on_a_claimed_volume(k8s_objects: list[dict[str, Any]]) -> None:
@@ -1072,7 +1072,8 @@ def test_compose_runs_janus_with_its_api_on_an_internal_network_only(compose_con
     assert compose_config["networks"]["media"].get("internal") is not True
     for name, service in services.items():
         on_janus_network = "janus" in service.get("networks", {})
-        assert on_janus_network == (name in {"broker1", "broker2", "janus"}), name
+        # Caddy forwards /janus to Janus's API (tests/test_janus_route.py).
+        assert on_janus_network == (name in {"broker1", "broker2", "janus", "caddy"}), name
     assert janus["read_only"] is True and janus["cap_drop"] == ["ALL"]
     assert any(str(entry).startswith("/tmp") for entry in janus["tmpfs"])
     assert janus["environment"]["JANUS_RUNTIME_DIR"] == "/tmp"
@@ -1106,29 +1107,12 @@ def test_compose_janus_secrets_come_from_the_environment_shared_with_the_brokers
     assert resolved_janus["JANUS_API_SECRET"] == JANUS_DUMMIES["api_secret"]
 
 
-def test_deployments_keep_every_session_peer_to_peer_until_browsers_reach_janus(
-    compose_config: dict[str, Any], k8s_objects: list[dict[str, Any]]
-) -> None:
-    """The default mesh size is 4, but the proxies do not route /janus to Janus's API yet, so the
-    deployments keep every session peer to peer (16), and the files say why next to the value."""
-    from broker.config import Config
-
-    assert Config().mesh_max_participants == 4
-    for name in ("broker1", "broker2"):
-        assert compose_config["services"][name]["environment"]["BROKER_MESH_MAX_PARTICIPANTS"] == "16"
-    literals = dict(x.split("=", 1) for x in _generator("broker-config")["literals"])
-    assert literals["BROKER_MESH_MAX_PARTICIPANTS"] == "16"
-    for path in (COMPOSE, K8S / "kustomization.yaml"):
-        text = path.read_text()
-        before = text[: text.index("BROKER_MESH_MAX_PARTICIPANTS")]
-        assert "cannot reach" in " ".join(before.splitlines()[-3:]), path.name
-
-
 def test_kubernetes_janus_api_only_on_a_cluster_ip_service(k8s_objects: list[dict[str, Any]]) -> None:
     """A janus Deployment on the node's network (Kubernetes has no hostPort ranges, and the RTP range is
     thousands of ports) whose API and admin API bind to the pod's address only, which is the node's
     InternalIP there, never all of the node's addresses; on a ClusterIP Service only (no NodePort, no
-    LoadBalancer, no Ingress), reachable from broker pods only; media open to all on the RTP range only."""
+    LoadBalancer), reachable from broker pods, and the Janus API alone from the ingress controller
+    (tests/test_janus_route.py); media open to all on the RTP range only."""
     deployment = _object(k8s_objects, "Deployment", "janus")
     namespace = deployment["metadata"]["namespace"]
     pod = deployment["spec"]["template"]["spec"]
@@ -1169,6 +1153,10 @@ def test_kubernetes_janus_api_only_on_a_cluster_ip_service(k8s_objects: list[dic
             assert rule_ports == {("UDP", low, high)}, "only media is open to all"
         else:
             (peer,) = rule["from"]
+            if "podSelector" not in peer:
+                assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "ingress-nginx"}
+                assert rule_ports == {("TCP", JANUS_API_PORT, None)}, "the ingress reaches the Janus API alone"
+                continue
             assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "broker"}
             assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "teletherapy"}
             assert rule_ports == {("TCP", JANUS_API_PORT, None), ("TCP", JANUS_ADMIN_PORT, None)}
