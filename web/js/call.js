@@ -81,6 +81,16 @@ function iceUfrag(sdp) {
   return /^a=ice-ufrag:(\S+)/m.exec(sdp ?? "")?.[1] ?? null;
 }
 
+/**
+ * The session id of a description's origin line (`o=<user> <session id> <version> ...`), or null.
+ * It stays the same for every description of one connection (an ICE restart included) and differs
+ * for another connection, also one from the same page, whose DTLS fingerprint is the same (one
+ * certificate per page): so only it tells a fresh connection from a restart of the old one.
+ */
+function sessionIdOf(sdp) {
+  return /^o=\S+ (\S+) /m.exec(sdp ?? "")?.[1] ?? null;
+}
+
 /** The ICE username fragment a trickled candidate names (`ufrag X`), or null. */
 function candidateUfrag(candidate) {
   return / ufrag (\S+)/.exec(candidate)?.[1] ?? null;
@@ -115,6 +125,7 @@ class PeerLink {
     this.lastRestart = 0;
     this.iceRestarts = 0; // ICE restarts on this connection (made here, or accepted from the offerer)
     this.stalledRestarts = 0; // restart offers in a row that got no answer
+    this.restartingSince = 0; // when the restart offer being made began (#heal), or 0
     this.wasConnected = false;
     this.signalingLost = false; // a description, candidate or request went out while the broker was away
     this.closed = false;
@@ -149,6 +160,7 @@ export class Call {
   #infos = new Map(); // peer -> {role, connected, you_offer}
   #early = new Map(); // peer -> candidates that arrived before their description, {candidate, sealed}
   #outgoing = new Map(); // peer -> the last message on its way there: they go out one at a time, in order
+  #incoming = new Map(); // peer -> the last offer or answer from there being applied: one at a time, in order
   #drops = new Map(); // peer -> relayed messages dropped without a warning (clear candidates from a sealing peer, ...)
   #allowUnverified = new Set();
   #pendingUnverified = new Map();
@@ -207,8 +219,8 @@ export class Call {
     this.#localStream = localStream;
     const on = (type, fn) => this.#unsubscribe.push(signaling.on(type, fn));
     on("peers", (m) => this.updatePeers(m.peers));
-    on("offer", (m) => this.#onDescription(m, "offer"));
-    on("answer", (m) => this.#onDescription(m, "answer"));
+    on("offer", (m) => this.#describe(m, "offer"));
+    on("answer", (m) => this.#describe(m, "answer"));
     on("candidate", (m) => this.#onCandidate(m));
     on("renegotiate", (m) => this.#onRenegotiate(m.from));
     on("roster", (m) => this.#onRoster(m.from, m.counter ?? null, m.sealed, true));
@@ -530,6 +542,25 @@ export class Call {
     this.#announce(peer);
   }
 
+  /**
+   * Apply an offer or answer after the ones before it from the same peer: two applied at once
+   * interleave their steps on one connection (an answer made for an offer already replaced, or
+   * createAnswer after the connection is stable again: InvalidStateError), and the pair stalls.
+   */
+  #describe(message, type) {
+    const peer = message.from;
+    const job = (this.#incoming.get(peer) ?? Promise.resolve()).then(() => this.#onDescription(message, type));
+    const settled = job.then(
+      () => {},
+      (err) => console.warn("could not apply a description", err?.name),
+    );
+    this.#incoming.set(peer, settled);
+    settled.then(() => {
+      if (this.#incoming.get(peer) === settled) this.#incoming.delete(peer);
+    });
+    return job;
+  }
+
   async #onDescription(message, type) {
     if (this.#closed) return;
     const peer = message.from;
@@ -587,8 +618,13 @@ export class Call {
   async #acceptOffer(peer, sdp, trust, sealed) {
     const remoteFp = fingerprintOf(sdp);
     let link = this.#links.get(peer);
+    const current = link?.pc.remoteDescription?.sdp;
     const sameEnd =
-      link && !link.closed && link.remoteFingerprint === remoteFp && link.pc.connectionState !== "closed";
+      link &&
+      !link.closed &&
+      link.remoteFingerprint === remoteFp &&
+      link.pc.connectionState !== "closed" &&
+      (!current || sessionIdOf(current) === sessionIdOf(sdp)); // else their new connection: answer from a new one
     const restart = sameEnd && iceUfrag(sdp) !== iceUfrag(link.pc.remoteDescription?.sdp);
     if (!sameEnd) link = this.#newLink(peer, false);
     else {
@@ -618,8 +654,13 @@ export class Call {
     const link = this.#links.get(peer);
     if (!link || link.closed || !link.offerer || link.pc.signalingState !== "have-local-offer") return;
     const remoteFp = fingerprintOf(sdp);
-    if (link.remoteFingerprint && link.remoteFingerprint !== remoteFp) {
-      // An ICE restart answered by a different connection (the other page reloaded): start afresh.
+    const current = link.pc.remoteDescription?.sdp;
+    if (
+      (link.remoteFingerprint && link.remoteFingerprint !== remoteFp) ||
+      (current && sessionIdOf(current) !== sessionIdOf(sdp))
+    ) {
+      // An ICE restart answered by a different connection (the other page reloaded, or it started
+      // a new connection): this one's DTLS session has no other end any more. Start afresh.
       this.#startOffer(peer);
       return;
     }
@@ -754,7 +795,10 @@ export class Call {
 
   /** A connection failed or stayed disconnected: restart ICE on it, or ask the offerer to. */
   async #heal(link) {
-    if (link.closed || Date.now() - link.lastRestart < RENEGOTIATE_WAIT_MS) return;
+    // One restart at a time: a second createOffer made while the first is being set would overtake
+    // it, and Firefox refuses the older one (InvalidModificationError).
+    const restarting = link.restartingSince && Date.now() - link.restartingSince < ANSWER_WAIT_MS;
+    if (link.closed || restarting || Date.now() - link.lastRestart < RENEGOTIATE_WAIT_MS) return;
     link.lastRestart = Date.now();
     if (dtlsOver(link.pc)) {
       // The other end closed this connection (it reloaded) or DTLS failed: only a fresh one helps.
@@ -776,6 +820,7 @@ export class Call {
       if (Date.now() - link.createdAt >= ANSWER_WAIT_MS) this.#startOffer(link.peer);
       return;
     }
+    link.restartingSince = Date.now();
     try {
       link.descriptionSent = false;
       link.signalingLost = false; // this offer and its candidates go out afresh
@@ -789,6 +834,8 @@ export class Call {
       await this.#sendDescription(link, "offer");
     } catch {
       if (!link.closed) this.#startOffer(link.peer);
+    } finally {
+      link.restartingSince = 0;
     }
     this.#announce(link.peer);
   }
@@ -806,7 +853,7 @@ export class Call {
     this.#allowUnverified.add(peer);
     const pending = this.#pendingUnverified.get(peer);
     this.#pendingUnverified.delete(peer);
-    if (pending) await this.#onDescription(pending, "offer");
+    if (pending) await this.#describe(pending, "offer");
     else this.#ensure(peer);
   }
 
@@ -988,7 +1035,7 @@ export class Call {
   }
 
   async #replayWaiting({ message, candidates }) {
-    await this.#onDescription(message, "offer");
+    await this.#describe(message, "offer");
     for (const candidate of candidates) await this.#onCandidate(candidate);
   }
 
