@@ -326,6 +326,10 @@ async def test_firefox_therapist_with_chromium_client(
     await watch.assert_clean()
 
 
+# Alone: three browsers' media on two cores beside the other worker's browsers starve for seconds, the
+# pages restart ICE on what looks like a stall, and a Firefox restart in a starved process can fail
+# (seen in two full runs). Run one at a time, it holds.
+@pytest.mark.alone
 async def test_firefox_client_in_a_group_with_private_time(
     broker: RunningBroker, firefox: Firefox, new_context: NewContext, watch: Watch, axe_source: str
 ) -> None:
