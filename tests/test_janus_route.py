@@ -22,24 +22,19 @@ from tests.balanced_brokers import Caddy
 from tests.conftest import RunningBroker
 from tests.janus_server import JanusServer, janus_server  # noqa: F401  (the fixture)
 from tests.redis_server import free_port
-
-REPO = Path(__file__).resolve().parent.parent
-DEPLOY = REPO / "deploy"
-K8S = DEPLOY / "k8s"
+from tests.test_deploy import COMPOSE, K8S, _generator, _k8s_documents
 
 
 def _compose_broker_env() -> dict[str, Any]:
-    return dict(yaml.safe_load((DEPLOY / "compose.yaml").read_text())["x-broker"]["environment"])
+    return dict(yaml.safe_load(COMPOSE.read_text())["x-broker"]["environment"])
 
 
 def _k8s(name: str) -> list[dict[str, Any]]:
-    return [doc for doc in yaml.safe_load_all((K8S / name).read_text()) if doc is not None]
+    return _k8s_documents(K8S / name)
 
 
 def _broker_literals() -> dict[str, str]:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    (config,) = [g for g in kustomization["configMapGenerator"] if g["name"] == "broker-config"]
-    return dict(item.split("=", 1) for item in config["literals"])
+    return dict(item.split("=", 1) for item in _generator("broker-config")["literals"])
 
 
 def test_deployments_use_the_default_mesh_size_and_tell_browsers_where_janus_is() -> None:

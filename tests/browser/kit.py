@@ -13,12 +13,14 @@ import tempfile
 import time
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from aiohttp import web
 from playwright.async_api import Page, expect
 
 REPO = Path(__file__).resolve().parents[2]
@@ -328,3 +330,51 @@ async def until(read: Callable[[], Awaitable[Any]], ok: Callable[[Any], bool], w
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}: last {value!r}")
         await asyncio.sleep(0.2)
+
+
+#: Records every WebSocket a page opens (window.__sockets), so a test can send what the page's
+#: own code would (``send_from_page``). It changes nothing else.
+RECORD_SOCKETS = """
+(() => {
+  const Native = window.WebSocket;
+  const made = [];
+  Object.defineProperty(window, '__sockets', { value: made });
+  window.WebSocket = class extends Native {
+    constructor(...args) { super(...args); made.push(this); }
+  };
+})();
+"""
+
+
+async def send_from_page(page: Page, message: dict[str, Any]) -> None:
+    """Send ``message`` on the page's open signaling socket (recorded by RECORD_SOCKETS)."""
+    await page.evaluate(
+        """(message) => {
+          const socket = window.__sockets.filter((s) => s.readyState === WebSocket.OPEN).pop();
+          socket.send(JSON.stringify(message));
+        }""",
+        message,
+    )
+
+
+async def _blank_page(_request: web.Request) -> web.Response:
+    return web.Response(text="<!doctype html><meta charset=utf-8><title>test</title>", content_type="text/html")
+
+
+@asynccontextmanager
+async def web_dir_site(*pages: str) -> AsyncIterator[str]:
+    """The repo's web/ at /static/ and a blank page at / (and at each of ``pages``), on a free
+    loopback port (a secure context), for testing a browser module on its own; yields the base URL."""
+    app = web.Application()
+    app.router.add_static("/static/", REPO / "web")
+    for path in ("/", *pages):
+        app.router.add_get(path, _blank_page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()

@@ -15,22 +15,18 @@ import pytest
 from playwright.async_api import expect
 
 from tests.browser.conftest import NewContext
-from tests.browser.kit import Watch, code_with, frames_decoded, pass_checklist, wait_screen
+from tests.browser.kit import (
+    RECORD_SOCKETS,
+    Watch,
+    code_with,
+    frames_decoded,
+    pass_checklist,
+    send_from_page,
+    wait_screen,
+)
 from tests.conftest import RunningBroker, schedule
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
-
-#: The client page's WebSockets, so the test can send a `renegotiate` the page itself would send.
-KEEP_SOCKETS = """
-(() => {
-  const Native = window.WebSocket;
-  const made = [];
-  Object.defineProperty(window, '__sockets', { value: made });
-  window.WebSocket = class extends Native {
-    constructor(...args) { super(...args); made.push(this); }
-  };
-})();
-"""
 
 #: Counts the descriptions the client page applies to a connection that had another connection's
 #: (another origin-line session id): each is the fault this test is about.
@@ -70,7 +66,7 @@ async def test_a_fresh_connection_from_the_offerer_is_answered_from_a_fresh_conn
     watch.secrets.append(links.link_key)
     client_peer, therapist_peer = links.peers[links.client], links.peers[links.therapist]
     client_context = await new_context()
-    await client_context.add_init_script(KEEP_SOCKETS)
+    await client_context.add_init_script(RECORD_SOCKETS)
     await client_context.add_init_script(COUNT_MIXED_SESSIONS)
     client = await client_context.new_page()
     await client.goto(links.client)
@@ -91,15 +87,7 @@ async def test_a_fresh_connection_from_the_offerer_is_answered_from_a_fresh_conn
 
     await therapist.wait_for_timeout(5500)  # past the offerer's guard against requests crossing its offer
     await therapist.evaluate("() => { window.__failRestart = true; }")
-    sent = await client.evaluate(
-        """(to) => {
-          const socket = window.__sockets.filter((s) => s.readyState === WebSocket.OPEN).pop();
-          socket.send(JSON.stringify({ type: 'renegotiate', to }));
-          return true;
-        }""",
-        therapist_peer,
-    )
-    assert sent
+    await send_from_page(client, {"type": "renegotiate", "to": therapist_peer})
     await therapist.wait_for_function("() => window.__failRestart === false", timeout=10_000)
 
     await expect(on_therapist).not_to_have_attribute("data-connection", str(first), timeout=10_000)

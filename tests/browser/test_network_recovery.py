@@ -14,14 +14,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
-from aiohttp import web
 from playwright.async_api import Browser, Page
 
-from tests.browser.kit import REPO
+from tests.browser.kit import web_dir_site
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
-
-BLANK_PAGE = "<!doctype html><meta charset=utf-8><title>ice restart</title>"
 
 #: Builds the pair and the watcher; window.pair.restarts lists each restart the module asked for.
 PAIR = """
@@ -64,29 +61,17 @@ async () => {
 """
 
 
-async def _blank(_request: web.Request) -> web.Response:
-    return web.Response(text=BLANK_PAGE, content_type="text/html")
-
-
 @pytest_asyncio.fixture(loop_scope="session")
 async def page(chromium: Browser) -> AsyncIterator[Page]:
     """A blank secure-context page with the repo's web/ at /static/."""
-    app = web.Application()
-    app.router.add_static("/static/", REPO / "web")
-    app.router.add_get("/", _blank)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    context = await chromium.new_context()
-    try:
-        blank = await context.new_page()
-        await blank.goto(f"http://{host}:{port}/")
-        yield blank
-    finally:
-        await context.close()
-        await runner.cleanup()
+    async with web_dir_site() as base:
+        context = await chromium.new_context()
+        try:
+            blank = await context.new_page()
+            await blank.goto(base + "/")
+            yield blank
+        finally:
+            await context.close()
 
 
 async def test_a_connection_still_waiting_for_its_answer_is_not_restarted(page: Page) -> None:

@@ -17,22 +17,20 @@ from typing import Any
 import pytest
 
 from tests.browser.conftest import NewContext
-from tests.browser.kit import Watch, frames_decoded, pass_checklist, wait_screen
+from tests.browser.kit import RECORD_SOCKETS, Watch, frames_decoded, pass_checklist, send_from_page, wait_screen
 from tests.conftest import RunningBroker, schedule
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 
-#: Keeps the page's sockets and what they sent (type and recipient), keeps the last `peers`
+#: Keeps what the page's sockets sent (type and recipient), keeps the last `peers`
 #: message, and holds back rosters (relayed, or over the therapist's data channel) while
 #: window.__holdRosters is true.
 HOLD_ROSTERS = """
 (() => {
   const Native = window.WebSocket;
-  const sockets = [];
   const sent = [];
   const held = [];
   window.__holdRosters = true;
-  Object.defineProperty(window, '__sockets', { value: sockets });
   Object.defineProperty(window, '__sent', { value: sent });
   window.__releaseRosters = () => {
     window.__holdRosters = false;
@@ -50,10 +48,6 @@ HOLD_ROSTERS = """
     }, options);
   };
   window.WebSocket = class extends Native {
-    constructor(...args) {
-      super(...args);
-      sockets.push(this);
-    }
     send(data) {
       try {
         const message = JSON.parse(data);
@@ -89,6 +83,7 @@ async def test_a_renegotiate_from_a_client_no_roster_lists_brings_no_offer(
     pages = {}
     for link, peer in zip(links.clients, (first, second), strict=True):
         context = await new_context()
+        await context.add_init_script(RECORD_SOCKETS)
         await context.add_init_script(HOLD_ROSTERS)
         pages[peer] = await context.new_page()
         await pages[peer].goto(link)
@@ -111,13 +106,7 @@ async def test_a_renegotiate_from_a_client_no_roster_lists_brings_no_offer(
 
     # The answerer asks for an offer, twice, a few seconds apart (as its page does on a stall).
     for _ in range(2):
-        await pages[answerer].evaluate(
-            """(to) => {
-              const socket = window.__sockets.filter((s) => s.readyState === WebSocket.OPEN).pop();
-              socket.send(JSON.stringify({ type: 'renegotiate', to }));
-            }""",
-            offerer,
-        )
+        await send_from_page(pages[answerer], {"type": "renegotiate", "to": offerer})
         await pages[offerer].wait_for_timeout(2500)
     asked = "(to) => window.__sent.filter((m) => m.type === 'renegotiate' && m.to === to).length"
     assert await pages[answerer].evaluate(asked, offerer) >= 2

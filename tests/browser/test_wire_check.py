@@ -17,46 +17,32 @@ from typing import Any
 import msgspec
 import pytest
 import pytest_asyncio
-from aiohttp import web
 from playwright.async_api import Browser, Page
 
 from broker.client.broker_client import BrokerClient
 from broker.signaling import protocol as p
 from broker.signaling.protocol import Peers, WaitingRoom, decode_server, encode
 from tests.browser.conftest import NewContext
-from tests.browser.kit import REPO, Watch, pass_checklist, wait_screen
+from tests.browser.kit import Watch, pass_checklist, wait_screen, web_dir_site
 from tests.client.test_refused_frames import MALFORMED, MARKER, MalformingTransport, malforming  # noqa: F401
 from tests.conftest import RunningBroker, schedule
 from tests.contract.samples import CANDIDATE, OTHER, PEER, SDP, SEALED, server_samples, wire_type
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 
-BLANK_PAGE = "<!doctype html><meta charset=utf-8><title>wire check</title>"
 RELAYED = {"offer", "answer", "candidate", "renegotiate", "roster"}
-
-
-async def _blank(_request: web.Request) -> web.Response:
-    return web.Response(text=BLANK_PAGE, content_type="text/html")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def checker(chromium: Browser) -> AsyncIterator[Page]:
     """A blank page with the repo's web/ at /static/ and web/js/wire_check.js imported."""
-    app = web.Application()
-    app.router.add_static("/static/", REPO / "web")
-    app.router.add_get("/", _blank)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    context = await chromium.new_context()
-    page = await context.new_page()
-    await page.goto(f"http://{host}:{port}/")
-    await page.evaluate("async () => { window.wire = await import('/static/js/wire_check.js'); }")
-    yield page
-    await context.close()
-    await runner.cleanup()
+    async with web_dir_site() as base:
+        context = await chromium.new_context()
+        page = await context.new_page()
+        await page.goto(base + "/")
+        await page.evaluate("async () => { window.wire = await import('/static/js/wire_check.js'); }")
+        yield page
+        await context.close()
 
 
 async def verdicts(page: Page, frames: list[str]) -> list[dict[str, str] | None]:

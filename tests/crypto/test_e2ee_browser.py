@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from aiohttp import web
 from playwright.async_api import Page, async_playwright
 
 from broker.crypto.link_key import b64url_encode, decode_link_key, derive_auth_key, new_link_key, pair_key
@@ -29,6 +28,7 @@ from broker.crypto.sealed_signaling import (
 )
 from broker.crypto.seat_keys import seat_key
 from broker.crypto.waiting_note import open_note, seal_note
+from tests.browser.kit import web_dir_site
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 
@@ -38,7 +38,6 @@ CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
-BLANK_PAGE = "<!doctype html><meta charset=utf-8><title>e2ee vectors</title>"
 SESSION = "s_7kQ2mX"
 SDP = (
     "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
@@ -57,24 +56,11 @@ PAGE_HELPERS = """async () => {
 }"""
 
 
-async def _blank(_request: web.Request) -> web.Response:
-    return web.Response(text=BLANK_PAGE, content_type="text/html")
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def base_url() -> AsyncIterator[str]:
     """The repo's web/ at /static/ plus a blank page, on a free loopback port."""
-    app = web.Application()
-    app.router.add_static("/static/", REPO / "web")
-    app.router.add_get("/", _blank)
-    app.router.add_get("/call", _blank)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    yield f"http://{host}:{port}"
-    await runner.cleanup()
+    async with web_dir_site("/call") as base:
+        yield base
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

@@ -91,6 +91,23 @@ function sessionIdOf(sdp) {
   return /^o=\S+ (\S+) /m.exec(sdp ?? "")?.[1] ?? null;
 }
 
+/**
+ * Run `step` after the steps queued before it under `key` in `queue` (a Map), whether they
+ * succeeded or not; resolves or rejects as `step` does. The entry goes once its last step is done.
+ */
+function inTurn(queue, key, step) {
+  const job = (queue.get(key) ?? Promise.resolve()).then(step);
+  const settled = job.then(
+    () => {},
+    () => {},
+  );
+  queue.set(key, settled);
+  settled.then(() => {
+    if (queue.get(key) === settled) queue.delete(key);
+  });
+  return job;
+}
+
 /** The ICE username fragment a trickled candidate names (`ufrag X`), or null. */
 function candidateUfrag(candidate) {
   return / ufrag (\S+)/.exec(candidate)?.[1] ?? null;
@@ -486,7 +503,7 @@ export class Call {
    */
   #signal(link, type, fields) {
     const { peer } = link;
-    const job = (this.#outgoing.get(peer) ?? Promise.resolve()).then(async () => {
+    return inTurn(this.#outgoing, peer, async () => {
       if (link.closed) return null;
       if (link.sealing) {
         const [counter, sealed] = await this.#auth.seal(peer, type, fields);
@@ -502,15 +519,6 @@ export class Call {
         ? this.#signaling.sendOffer(peer, fields.sdp, counter, mac)
         : this.#signaling.sendAnswer(peer, fields.sdp, counter, mac);
     });
-    const settled = job.then(
-      () => {},
-      () => {},
-    );
-    this.#outgoing.set(peer, settled);
-    settled.then(() => {
-      if (this.#outgoing.get(peer) === settled) this.#outgoing.delete(peer);
-    });
-    return job;
   }
 
   #sendCandidate(link, candidate) {
@@ -548,17 +556,7 @@ export class Call {
    * createAnswer after the connection is stable again: InvalidStateError), and the pair stalls.
    */
   #describe(message, type) {
-    const peer = message.from;
-    const job = (this.#incoming.get(peer) ?? Promise.resolve()).then(() => this.#onDescription(message, type));
-    const settled = job.then(
-      () => {},
-      (err) => console.warn("could not apply a description", err?.name),
-    );
-    this.#incoming.set(peer, settled);
-    settled.then(() => {
-      if (this.#incoming.get(peer) === settled) this.#incoming.delete(peer);
-    });
-    return job;
+    return inTurn(this.#incoming, message.from, () => this.#onDescription(message, type));
   }
 
   async #onDescription(message, type) {
@@ -625,7 +623,7 @@ export class Call {
       link.remoteFingerprint === remoteFp &&
       link.pc.connectionState !== "closed" &&
       (!current || sessionIdOf(current) === sessionIdOf(sdp)); // else their new connection: answer from a new one
-    const restart = sameEnd && iceUfrag(sdp) !== iceUfrag(link.pc.remoteDescription?.sdp);
+    const restart = sameEnd && iceUfrag(sdp) !== iceUfrag(current);
     if (!sameEnd) link = this.#newLink(peer, false);
     else {
       link.descriptionSent = false; // hold new candidates until the answer is out
