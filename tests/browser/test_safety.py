@@ -55,10 +55,12 @@ RECORD_CHANNEL_MESSAGES = """
 """
 #: What a page shows: its visible text (hidden screens and closed menus are not in it), without what
 #: follows the network rather than the people (adapt.js: the connection indicator, its tip, "Video
-#: paused"): on a loaded machine those change by themselves.
+#: paused"; call.js: each tile's connection state, "Interrupted" while a pair restarts its ICE): on a
+#: loaded machine those change by themselves.
 VISIBLE_TEXT = """() => {
   const network = [...document.querySelectorAll(
-    '[data-testid=connection-indicator], [data-testid=connection-tip], [data-testid=video-paused-notice]')];
+    '[data-testid=connection-indicator], [data-testid=connection-tip], [data-testid=video-paused-notice], ' +
+    '[data-testid=peer-state]')];
   const was = network.map((node) => node.hidden);
   network.forEach((node) => { node.hidden = true; });
   const text = document.body.innerText;
@@ -69,7 +71,8 @@ VISIBLE_TEXT = """() => {
 TEXT_BUT_CHAT = """() => {
   const log = document.querySelector('[data-testid=chat-log]');
   const network = [...document.querySelectorAll(
-    '[data-testid=connection-indicator], [data-testid=connection-tip], [data-testid=video-paused-notice]')];
+    '[data-testid=connection-indicator], [data-testid=connection-tip], [data-testid=video-paused-notice], ' +
+    '[data-testid=peer-state]')];
   const was = network.map((node) => node.hidden);
   [log, ...network].forEach((node) => { node.hidden = true; });
   const text = document.body.innerText;
