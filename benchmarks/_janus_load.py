@@ -7,8 +7,8 @@ room, PIN and token, as the broker grants them: ``broker.janus.rooms.JanusRooms.
 
 - ``publish``: every participant opens its Janus session with its token, joins as a publisher and
   publishes one VP8 video track marked ``e2ee`` (the room requires it); the reply holds the feeds.
-- ``subscribe``: every participant receives every other feed, one subscriber handle and peer
-  connection per feed, as ``web/js/janus_room.js`` does.
+- ``subscribe``: every participant receives every other feed on one subscriber handle and peer
+  connection (Janus's multistream subscription), as ``web/js/janus_room.js`` does.
 - ``mark`` / ``report``: counters since ``mark`` (frames and RTP packets sent and received).
 - ``stop``: leave, close everything, exit.
 
@@ -188,7 +188,7 @@ class Load:
             await asyncio.sleep(0.1)
         raise RuntimeError(f"publisher not connected: {pc.connectionState}")
 
-    async def subscribe_one(self, who: Participant, feed: int) -> None:
+    async def subscribe_one(self, who: Participant, feeds: list[int]) -> None:
         handle = await who.janus.attach()
         join = {
             "request": "join",
@@ -196,7 +196,7 @@ class Load:
             "room": who.room,
             "pin": who.pin,
             "token": who.token,
-            "streams": [{"feed": feed}],
+            "streams": [{"feed": feed} for feed in feeds],
         }
         for _ in range(20):
             try:
@@ -205,7 +205,7 @@ class Load:
             except NoSuchFeed:  # published, but Janus has not seen its media yet
                 await asyncio.sleep(0.25)
         else:
-            raise RuntimeError(f"feed {feed} never appeared")
+            raise RuntimeError(f"feeds {feeds} never all appeared")
         if not jsep or jsep.get("type") != "offer":
             raise RuntimeError("janus sent no offer to the subscriber")
         pc = self.peer()
@@ -255,9 +255,10 @@ class Load:
         if cmd == "subscribe":
             feeds: list[int] = command["feeds"]
             await asyncio.gather(
-                *(self.subscribe_one(who, feed) for who in self.people for feed in feeds if feed != who.feed)
+                *(self.subscribe_one(who, [feed for feed in feeds if feed != who.feed]) for who in self.people)
             )
-            return {"subscriptions": sum(len(who.subscribers) for who in self.people)}
+            received = sum(len(pc.getTransceivers()) for who in self.people for pc in who.subscribers)
+            return {"subscriptions": received}
         if cmd == "mark":
             self.mark = await self.counters()
             return {}

@@ -3,14 +3,16 @@
 // token) and never an API secret.
 //
 // One Janus session (opened with the token), one VideoRoom handle that joins as a publisher (PIN
-// and token) and publishes the page's audio and video, and one subscriber handle per other
-// publisher. Every frame goes through FrameCrypto (web/js/frame_crypto.js): this page makes the
-// publisher's offer, so its sender transforms are set right after addTransceiver (Chromium skips
-// one set on a transceiver a remote offer made); Janus makes each subscriber's offer, so the
-// receiver transforms are set after that offer and before the answer. Video is VP8 only, the
-// codec whose clear prefix 7.12 defines. A browser without RTCRtpScriptTransform is refused
-// (`unsupported`): nothing is ever sent unencrypted. The display name Janus gets is the seat's
-// opaque peer id, never a person's name.
+// and token) and publishes the page's audio and video, and one subscriber handle that receives
+// every other publisher on one connection (Janus 1.x multistream: `subscribe` adds feeds, Janus
+// renegotiates when one leaves), so a group of n makes n connections at Janus, not n². Every frame
+// goes through FrameCrypto (web/js/frame_crypto.js): this page makes the publisher's offer, so its
+// sender transforms are set right after addTransceiver (Chromium skips one set on a transceiver a
+// remote offer made); Janus makes the subscriber's offers, so the receiver transforms are set after
+// each offer and before the answer, and each receiver is told whose feed it carries by its mid (the
+// `streams` list Janus sends with each offer). Video is VP8 only, the codec whose clear prefix 7.12
+// defines. A browser without RTCRtpScriptTransform is refused (`unsupported`): nothing is ever sent
+// unencrypted. The display name Janus gets is the seat's opaque peer id, never a person's name.
 
 import { supported } from "./frame_crypto.js";
 
@@ -25,11 +27,12 @@ const REQUEST_TIMEOUT_MS = 15_000;
 const GATHER_TIMEOUT_MS = 5_000;
 /**
  * A subscription that failed (Janus slow to answer on a loaded host, ICE to Janus failed) is made
- * again while its publisher is in the room: after this long times the tries so far, this many times.
+ * again, with every publisher then in the room: after this long times the tries so far, this many
+ * times; then the room is left (`failed`), and the call joins it again.
  */
 const RESUBSCRIBE_MS = 2_000;
 const RESUBSCRIBE_TRIES = 5;
-/** A subscription whose connection is not up this long after our answer went is made again (a stalled DTLS handshake). */
+/** A connection (publishing or receiving) not up this long after our answer went is made again (a stalled DTLS handshake). */
 const CONNECT_WAIT_MS = 20_000;
 /** How each failed try ends: refused credentials or a room gone are final, anything else is tried again. */
 const FINAL = new Set(["refused", "no_such_room", "unsupported", "closed"]);
@@ -167,9 +170,13 @@ export class JanusRoom extends EventTarget {
   #feed = null; // our own publisher id in the room
   #privateId = null;
   #publisherPc = null;
-  #subscriptions = new Map(); // feed → {handle, pc, display, stream}
   #present = new Map(); // feed → display: the other publishers in the room now, as Janus said
-  #tries = new Map(); // feed → subscriptions to it that failed in a row
+  #subscriber = null; // {handle, pc, requested: Set of feeds asked for}: our one receiving connection
+  #mids = new Map(); // mid → feed: the subscription's layout, as Janus's last offer gave it
+  #feeds = new Map(); // feed → {stream, receivers}: what we receive of each publisher
+  #protected = new WeakSet(); // receivers whose transform is set
+  #subscribeTries = 0; // subscriptions that failed in a row
+  #work = Promise.resolve(); // the subscriber's requests and answers, one at a time
   #waiting = new Map(); // transaction → {resolve, reject}
   #closed = false;
   #timers = [];
@@ -199,14 +206,29 @@ export class JanusRoom extends EventTarget {
 
   /** The other publishers whose media we receive: [{feed, display, stream}]. */
   remotes() {
-    return [...this.#subscriptions.entries()]
-      .filter(([, s]) => s.stream)
-      .map(([feed, s]) => ({ feed, display: s.display, stream: s.stream }));
+    return [...this.#feeds.entries()].map(([feed, f]) => ({ feed, display: this.#present.get(feed) ?? null, stream: f.stream }));
   }
 
-  /** The connection carrying one remote feed (getStats for the call's quality and the tests). */
+  /**
+   * One remote feed's share of the receiving connection, for the call's quality figures and the
+   * tests: {connectionState, getReceivers(), getStats()} with that feed's receivers only; or null.
+   */
   connectionOf(feed) {
-    return this.#subscriptions.get(feed)?.pc ?? null;
+    const pc = this.#subscriber?.pc;
+    const entry = this.#feeds.get(feed);
+    if (!pc || !entry) return null;
+    const receivers = [...entry.receivers];
+    return {
+      get connectionState() {
+        return pc.connectionState;
+      },
+      getReceivers: () => [...receivers],
+      async getStats() {
+        const merged = new Map();
+        for (const receiver of receivers) (await receiver.getStats()).forEach((value, key) => merged.set(key, value));
+        return merged;
+      },
+    };
   }
 
   /** Our publishing connection, once publishing. */
@@ -297,7 +319,7 @@ export class JanusRoom extends EventTarget {
     this.#closed = true;
     for (const timer of this.#timers) clearInterval(timer);
     this.#timers = [];
-    for (const feed of [...this.#subscriptions.keys()]) this.#dropSubscription(feed, false);
+    this.#dropSubscriber();
     this.#publisherPc?.close();
     for (const waiting of this.#waiting.values()) waiting.reject(new JanusRoomError("closed"));
     this.#waiting.clear();
@@ -414,90 +436,167 @@ export class JanusRoom extends EventTarget {
     if (event.janus === "event" && data && event.sender === this.#publisher) {
       this.#announce(data.publishers);
       for (const gone of [data.unpublished, data.leaving]) {
-        if (typeof gone !== "number") continue;
-        this.#present.delete(gone);
-        this.#tries.delete(gone);
-        this.#dropSubscription(gone, true);
+        if (typeof gone !== "number" || !this.#present.delete(gone)) continue;
+        this.#subscriber?.requested.delete(gone);
+        // Janus renegotiates the subscription without it (autoupdate), maybe before this event came.
+        this.#feeds.delete(gone);
+        this.dispatchEvent(new CustomEvent("left", { detail: { feed: gone } }));
       }
+      return;
+    }
+    // An offer Janus made by itself (a publisher left) or later than the request that asked for it.
+    const subscriber = this.#subscriber;
+    if (event.janus === "event" && data && subscriber && event.sender === subscriber.handle && event.jsep?.type === "offer") {
+      this.#serially(subscriber, () => this.#answer(subscriber, data, event.jsep));
     }
   }
 
-  /** New publishers in the room: receive each (not ourselves, not one already received). */
+  /** New publishers in the room: receive each (not ourselves, not one already asked for). */
   #announce(publishers) {
     if (!Array.isArray(publishers)) return;
+    let added = false;
     for (const publisher of publishers) {
       const feed = publisher?.id;
-      if (typeof feed !== "number" || feed === this.#feed || this.#subscriptions.has(feed)) continue;
-      const display = typeof publisher.display === "string" ? publisher.display : null;
-      this.#present.set(feed, display);
-      this.#subscriptions.set(feed, { handle: null, pc: null, display, stream: null });
-      this.#subscribe(feed).catch((err) => this.#subscriptionFailed(feed, err?.code ?? "janus_error"));
+      if (typeof feed !== "number" || feed === this.#feed || this.#present.has(feed)) continue;
+      this.#present.set(feed, typeof publisher.display === "string" ? publisher.display : null);
+      added = true;
+    }
+    if (added) this.#syncSubscriber();
+  }
+
+  /** Run `step` after the subscriber's earlier steps; a failure ends that subscriber (made again later). */
+  #serially(subscriber, step) {
+    this.#work = this.#work.then(async () => {
+      if (this.#subscriber !== subscriber || this.#closed) return;
+      try {
+        await step();
+      } catch (err) {
+        this.#subscriberFailed(subscriber, err?.code ?? "janus_error");
+      }
+    });
+  }
+
+  /** Ask Janus for every present publisher not asked for yet: `join` the first time, `subscribe` after. */
+  #syncSubscriber() {
+    if (this.#closed || this.#feed === null) return;
+    if (!this.#subscriber) this.#subscriber = { handle: null, pc: null, requested: new Set() };
+    const subscriber = this.#subscriber;
+    this.#serially(subscriber, async () => {
+      const wanted = [...this.#present.keys()].filter((feed) => !subscriber.requested.has(feed));
+      if (!wanted.length) return;
+      const streams = wanted.map((feed) => ({ feed }));
+      let answer;
+      if (subscriber.handle === null) {
+        subscriber.handle = await this.#attach();
+        if (this.#subscriber !== subscriber) throw new JanusRoomError("closed");
+        const { room, pin, token } = this.#credentials;
+        const join = { request: "join", ptype: "subscriber", room, pin, token, streams };
+        if (this.#privateId !== null) join.private_id = this.#privateId;
+        answer = await this.#message(subscriber.handle, join);
+        if (answer.jsep?.type !== "offer") throw new JanusRoomError("janus_error");
+      } else {
+        answer = await this.#message(subscriber.handle, { request: "subscribe", streams });
+      }
+      for (const feed of wanted) subscriber.requested.add(feed);
+      // With an offer now, answer it; else ("updating") Janus sends it later, as its own event.
+      if (answer.jsep?.type === "offer") await this.#answer(subscriber, answer.data, answer.jsep);
+    });
+  }
+
+  /**
+   * Answer one of Janus's subscriber offers: learn which feed each mid carries, set a receiver
+   * transform on every new transceiver before our answer, give each feed its tracks, then `start`.
+   */
+  async #answer(subscriber, data, jsep) {
+    if (Array.isArray(data?.streams)) {
+      this.#mids = new Map();
+      for (const stream of data.streams) {
+        if (stream?.active === false || typeof stream?.feed_id !== "number" || stream.mid == null) continue;
+        if (stream.type === "audio" || stream.type === "video") this.#mids.set(String(stream.mid), stream.feed_id);
+      }
+    }
+    let pc = subscriber.pc;
+    if (!pc) {
+      pc = new RTCPeerConnection(this.#rtcConfig);
+      subscriber.pc = pc;
+      pc.addEventListener("connectionstatechange", () => {
+        if (this.#subscriber !== subscriber) return;
+        if (pc.connectionState === "connected") this.#subscribeTries = 0;
+        else if (pc.connectionState === "failed") this.#subscriberFailed(subscriber, "ice_failed");
+      });
+      this.#later(CONNECT_WAIT_MS, () => {
+        if (this.#subscriber === subscriber && pc.connectionState !== "connected") this.#subscriberFailed(subscriber, "ice_failed");
+      });
+    }
+    await pc.setRemoteDescription({ type: "offer", sdp: jsep.sdp });
+    for (const transceiver of pc.getTransceivers()) {
+      const receiver = transceiver.receiver;
+      if (this.#protected.has(receiver)) continue;
+      this.#crypto.protectReceiver(receiver, receiver.track.kind, { bound: this.#bindFeeds });
+      if (!receiver.transform) throw new JanusRoomError("unsupported");
+      this.#protected.add(receiver);
+    }
+    this.#layout(pc);
+    await pc.setLocalDescription(await pc.createAnswer());
+    await gathered(pc);
+    await this.#message(subscriber.handle, { request: "start" }, { type: "answer", sdp: pc.localDescription.sdp, trickle: false, e2ee: true });
+  }
+
+  /** Each feed's tracks, by the mids Janus named: `remote` for a feed new or carried by other receivers. */
+  #layout(pc) {
+    const receiversOf = new Map();
+    for (const transceiver of pc.getTransceivers()) {
+      const feed = transceiver.mid === null ? undefined : this.#mids.get(transceiver.mid);
+      if (feed === undefined || !this.#present.has(feed)) continue;
+      if (!receiversOf.has(feed)) receiversOf.set(feed, []);
+      receiversOf.get(feed).push(transceiver.receiver);
+    }
+    for (const feed of [...this.#feeds.keys()]) if (!receiversOf.has(feed)) this.#feeds.delete(feed);
+    for (const [feed, receivers] of receiversOf) {
+      let entry = this.#feeds.get(feed);
+      const same = entry && entry.receivers.length === receivers.length && receivers.every((r) => entry.receivers.includes(r));
+      if (same) continue;
+      if (!entry) {
+        entry = { stream: new MediaStream(), receivers: [] };
+        this.#feeds.set(feed, entry);
+      }
+      for (const track of entry.stream.getTracks()) entry.stream.removeTrack(track);
+      for (const receiver of receivers) entry.stream.addTrack(receiver.track);
+      entry.receivers = receivers;
+      this.dispatchEvent(new CustomEvent("remote", { detail: { feed, display: this.#present.get(feed) ?? null, stream: entry.stream } }));
     }
   }
 
   /**
-   * A subscription did not come up, or its connection failed: drop it, and make it again later
-   * while its publisher is still in the room (`subscribe-failed` when that is over).
+   * The subscription did not come up, or its connection failed: drop it and make it again, with
+   * every publisher then present, a little later; after RESUBSCRIBE_TRIES (or at once on a final
+   * code) the room is left (`failed`), and the call joins it again.
    */
-  #subscriptionFailed(feed, code) {
-    this.#dropSubscription(feed, false);
-    if (this.#closed || code === "closed") return;
-    console.warn("a subscription in the Janus room failed", code); // no id: the console may be shared
-    const tries = (this.#tries.get(feed) ?? 0) + 1;
-    this.#tries.set(feed, tries);
-    if (FINAL.has(code) || tries > RESUBSCRIBE_TRIES || !this.#present.has(feed)) {
-      this.dispatchEvent(new CustomEvent("subscribe-failed", { detail: { feed, code } }));
+  #subscriberFailed(subscriber, code) {
+    if (this.#subscriber !== subscriber || this.#closed) return;
+    this.#dropSubscriber();
+    if (code === "closed") return;
+    console.warn("the subscription in the Janus room failed", code); // no id: the console may be shared
+    this.#subscribeTries += 1;
+    if (FINAL.has(code) || this.#subscribeTries > RESUBSCRIBE_TRIES) {
+      this.#fail(code);
       return;
     }
-    this.#later(RESUBSCRIBE_MS * tries, () => {
-      if (!this.#present.has(feed) || this.#subscriptions.has(feed)) return;
-      this.#announce([{ id: feed, display: this.#present.get(feed) }]);
+    this.#later(RESUBSCRIBE_MS * this.#subscribeTries, () => {
+      if (!this.#subscriber) this.#syncSubscriber();
     });
   }
 
-  /** Receive one publisher: Janus offers; our receiver transforms go on before our answer. */
-  async #subscribe(feed) {
-    const { room, pin, token } = this.#credentials;
-    const entry = this.#subscriptions.get(feed);
-    entry.handle = await this.#attach();
-    const join = { request: "join", ptype: "subscriber", room, pin, token, streams: [{ feed }] };
-    if (this.#privateId !== null) join.private_id = this.#privateId;
-    const { jsep } = await this.#message(entry.handle, join);
-    if (!jsep || jsep.type !== "offer") throw new JanusRoomError("janus_error");
-    if (this.#subscriptions.get(feed) !== entry) throw new JanusRoomError("closed");
-    const pc = new RTCPeerConnection(this.#rtcConfig);
-    entry.pc = pc;
-    entry.stream = new MediaStream();
-    pc.addEventListener("track", (event) => entry.stream.addTrack(event.track));
-    pc.addEventListener("connectionstatechange", () => {
-      if (this.#subscriptions.get(feed) !== entry) return;
-      if (pc.connectionState === "connected") this.#tries.delete(feed);
-      else if (pc.connectionState === "failed") this.#subscriptionFailed(feed, "ice_failed");
-    });
-    await pc.setRemoteDescription({ type: "offer", sdp: jsep.sdp });
-    for (const transceiver of pc.getTransceivers()) {
-      this.#crypto.protectReceiver(transceiver.receiver, transceiver.receiver.track.kind, { bound: this.#bindFeeds });
-      if (!transceiver.receiver.transform) throw new JanusRoomError("unsupported");
+  #dropSubscriber() {
+    const subscriber = this.#subscriber;
+    if (!subscriber) return;
+    this.#subscriber = null;
+    this.#mids = new Map();
+    subscriber.pc?.close();
+    if (subscriber.handle !== null && !this.#closed) {
+      this.#post(`/${this.#session}/${subscriber.handle}`, { janus: "detach" }).catch(() => {});
     }
-    await pc.setLocalDescription(await pc.createAnswer());
-    await gathered(pc);
-    await this.#message(entry.handle, { request: "start" }, { type: "answer", sdp: pc.localDescription.sdp, trickle: false, e2ee: true });
-    this.#later(CONNECT_WAIT_MS, () => {
-      if (this.#subscriptions.get(feed) === entry && pc.connectionState !== "connected") {
-        this.#subscriptionFailed(feed, "ice_failed");
-      }
-    });
-    this.dispatchEvent(new CustomEvent("remote", { detail: { feed, display: entry.display, stream: entry.stream } }));
-  }
-
-  #dropSubscription(feed, announce) {
-    const entry = this.#subscriptions.get(feed);
-    if (!entry) return;
-    this.#subscriptions.delete(feed);
-    entry.pc?.close();
-    if (entry.handle !== null && !this.#closed) {
-      this.#post(`/${this.#session}/${entry.handle}`, { janus: "detach" }).catch(() => {});
-    }
-    if (announce) this.dispatchEvent(new CustomEvent("left", { detail: { feed } }));
+    // The tracks ended with the connection; each feed shows again (`remote`) once subscribed anew.
+    this.#feeds.clear();
   }
 }
