@@ -20,7 +20,7 @@ import pytest
 from playwright.async_api import Page, WebSocket, expect
 
 from tests.browser.conftest import NewContext
-from tests.browser.kit import Watch, check_axe, look, wait_screen
+from tests.browser.kit import Watch, check_axe, look, until, wait_screen
 from tests.browser.test_screen_share import RECORD_CHANNELS, start_trio
 from tests.browser.test_seats import Trio
 from tests.conftest import RunningBroker, SessionLinks
@@ -57,6 +57,15 @@ PAINTED = """() => {
   for (let i = 3; i < data.length; i += 4) if (data[i] > 0) n += 1;
   return n;
 }"""
+
+
+async def paints(pages: list[Page], expected: int) -> None:
+    """Each page's board shows `expected` painted pixels, once its next frames are painted (a page
+    just back on the call screen, or on a loaded machine, repaints a moment after its model changed)."""
+    for page in pages:
+        await until(lambda p=page: p.evaluate(PAINTED), lambda n: n == expected, "the board painted", 10)
+
+
 #: An altered client page draws without permission: a stroke and a clear, on every channel.
 FORCE_DRAW = """() => {
   let sent = 0;
@@ -164,8 +173,7 @@ async def test_strokes_text_undo_and_clear_cross_to_every_page_and_nothing_passe
     await asyncio.sleep(0.3)  # the next frame painted
     painted = await trio.therapist.evaluate(PAINTED)
     assert painted > 0
-    for page in trio.clients:
-        assert await page.evaluate(PAINTED) == painted
+    await paints(trio.clients, painted)
 
     # Without permission a client sees the board but cannot draw; allowed, it can.
     await expect(writer.get_by_test_id("board-view-only")).to_be_visible()
@@ -192,8 +200,7 @@ async def test_strokes_text_undo_and_clear_cross_to_every_page_and_nothing_passe
     await shows(trio.clients, "data-strokes", "3")
     await asyncio.sleep(0.3)
     erased = await trio.therapist.evaluate(PAINTED)
-    for page in trio.clients:
-        assert await page.evaluate(PAINTED) == erased
+    await paints(trio.clients, erased)
 
     # The board and the share bar open together: axe finds nothing on either side.
     await trio.therapist.get_by_test_id("share-screen").click()
@@ -212,15 +219,12 @@ async def test_strokes_text_undo_and_clear_cross_to_every_page_and_nothing_passe
     await shows([trio.therapist, viewer], "data-texts", "0")
     await writer.get_by_test_id("board-undo").click()  # its stroke
     await shows([trio.therapist, viewer], "data-strokes", "1")
-    await asyncio.sleep(0.3)
-    assert await viewer.evaluate(PAINTED) == painted  # back to the therapist's first stroke alone
+    await paints([viewer], painted)  # back to the therapist's first stroke alone
 
     # Clear empties every board.
     await trio.therapist.get_by_test_id("board-clear").click()
     await shows([trio.therapist, *trio.clients], "data-strokes", "0")
-    await asyncio.sleep(0.3)
-    for page in (trio.therapist, *trio.clients):
-        assert await page.evaluate(PAINTED) == 0
+    await paints([trio.therapist, *trio.clients], 0)
 
     # All of that, and the share, went peer to peer: the broker saw nothing but heartbeats (and, on a
     # loaded machine, a pair's ICE restart), and never the text written on the board.
@@ -290,5 +294,5 @@ async def test_a_client_not_allowed_to_draw_changes_nothing_and_a_held_client_re
     await wait_screen(other, "call")
     await expect(other.get_by_test_id("whiteboard")).to_have_attribute("data-strokes", "3")
     await asyncio.sleep(0.3)
-    assert await other.evaluate(PAINTED) == await trio.therapist.evaluate(PAINTED)
+    await paints([other], await trio.therapist.evaluate(PAINTED))
     await watch.assert_clean()
