@@ -11,13 +11,16 @@ of its own, with the fake camera and microphone (tests/browser/janus_room_harnes
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.async_api import Page
+from playwright.async_api import Error as PlaywrightError
+from playwright.async_api import Page, Route
 
 from broker.client.broker_client import BrokerClient
 from broker.signaling.protocol import MediaJanus, SeatState, Status
@@ -35,6 +38,8 @@ HARNESS = Path(__file__).with_name("janus_room_harness.js").read_text(encoding="
 KEY = "000102030405060708090a0b0c0d0e0f"
 #: The publisher's place in the session (7.12's KID = generation × 32 + slot).
 SENDER = {"slot": 0, "generation": 0}
+#: Another publisher's place (a client's slot).
+OTHER_SENDER = {"slot": 1, "generation": 0}
 #: How long a revocation may take to reach Janus (as tests/janus/test_janus_grants.py), with a margin.
 REVOKED_WITHIN_S = 10.0
 
@@ -184,6 +189,72 @@ async def test_subscribers_decode_the_publishers_sealed_vp8_and_one_without_the_
         )
     finally:
         await close(therapist, keyed, keyless)
+
+
+#: Longer than janus_room.js's REQUEST_TIMEOUT_MS (15 s): a `subscribe` held back this long times out.
+SLOW_SUBSCRIBE_S = 17.0
+
+
+@pytest.mark.alone
+async def test_a_subscribe_janus_is_slow_to_answer_keeps_what_is_received_and_is_asked_again(
+    with_janus: RunningBroker, new_context: NewContext
+) -> None:
+    """One receiving connection for every publisher (protocol 7.12, "A browser in the Janus room",
+    step 4): a watcher receives the first publisher; Janus is slow to take its `subscribe` for the
+    second (held back past the request timeout). The first publisher's frames go on decoding on the
+    same connection meanwhile, the request is made again, and the watcher receives both."""
+    links, therapist = await therapist_seat(with_janus)
+    watching, second = await admitted(therapist, links, 0), await admitted(therapist, links, 1)
+    held: list[float] = []
+
+    async def slow_first_subscribe(route: Route) -> None:
+        body = json.loads(route.request.post_data or "{}").get("body") or {}
+        if body.get("request") == "subscribe" and not held:
+            held.append(time.monotonic())
+            await asyncio.sleep(SLOW_SUBSCRIBE_S)
+        try:
+            await route.continue_()
+        except PlaywrightError:
+            pass  # the page gave up on it (its own timeout): nothing to continue
+
+    try:
+        first = await participant(new_context, with_janus)
+        await call(first, "setSendKey", KEY, SENDER)
+        first_feed = (await call(first, "join", therapist.credentials, therapist.peer_id))["feed"]
+        assert await call(first, "publish") == {"ok": True}
+        watcher = await participant(new_context, with_janus)
+        await watcher.route(re.compile(re.escape(watching.granted.url) + ".*"), slow_first_subscribe)
+        for who in (SENDER, OTHER_SENDER):
+            await call(watcher, "addKey", KEY, who)
+        assert "feed" in await call(watcher, "join", watching.credentials, watching.peer_id)
+        decoding = await until(
+            lambda: call(watcher, "inbound", first_feed), lambda s: s["framesDecoded"] >= 10, "the first feed decodes"
+        )
+
+        later = await participant(new_context, with_janus)
+        await call(later, "setSendKey", KEY, OTHER_SENDER)
+        second_feed = (await call(later, "join", second.credentials, second.peer_id))["feed"]
+        assert await call(later, "publish") == {"ok": True}
+        await until(lambda: asyncio.sleep(0, held), lambda h: h, "the watcher asks Janus for the second feed")
+        # Past the request's timeout, before the held request goes on: the first feed still decodes.
+        await asyncio.sleep(max(0.0, held[0] + 15.5 - time.monotonic()))
+        samples = []
+        while time.monotonic() < held[0] + SLOW_SUBSCRIBE_S - 0.3:
+            samples.append((await call(watcher, "inbound", first_feed))["framesDecoded"])
+            await asyncio.sleep(0.2)
+        assert samples and all(n >= decoding["framesDecoded"] for n in samples), (decoding, samples)
+        assert samples[-1] > samples[0], f"the first feed stopped decoding: {samples}"
+
+        for feed in (first_feed, second_feed):
+            await until(
+                lambda f=feed: call(watcher, "inbound", f), lambda s: s["framesDecoded"] >= 10, "both feeds decode"
+            )
+        seen = await call(watcher, "seen")
+        assert seen["failed"] == [] and {r["feed"] for r in seen["remotes"]} == {first_feed, second_feed}, seen
+        for page in (first, later, watcher):
+            assert await call(page, "leave") is True
+    finally:
+        await close(therapist, watching, second)
 
 
 async def test_a_revoked_token_cannot_join_the_room(with_janus: RunningBroker, new_context: NewContext) -> None:

@@ -268,7 +268,12 @@ async def eight_people(group_broker: RunningBroker, new_context: NewContext, wat
     try:
         after = await until(fresh_frames, lambda frames: len(frames) >= 10, "audio sent after the rotation", 60)
     except AssertionError as failure:
-        raise AssertionError(f"{failure}\n(generation, slot) seen: {sorted(seen)}; held up to {newest}") from None
+        state = (await tiles_decoding(watcher), await counts(watcher), await watcher.evaluate(MEDIA_STATES))
+        raise AssertionError(
+            f"{failure}\n(generation, slot) seen: {sorted(seen)}; held up to {newest}\n"
+            f"the watcher's (tiles decoding, frame counts, media connections): {state}\n"
+            f"its console: {sorted(set(CONSOLES.get(watcher, [])))[-20:]}"
+        ) from None
     assert not [f for f in after if opens(f, held_keys)], "a frame after the removal opens with the removed keys"
     known = dict(key_of(k) for k in await watcher.evaluate("window.__mediaKeys"))
     assert all(opens(f, known) for f in after), "the keys of those who stayed open what follows"

@@ -359,7 +359,10 @@ export class JanusRoom extends EventTarget {
     const request = { janus: "message", body, transaction: id };
     if (jsep) request.jsep = jsep;
     await this.#post(`/${this.#session}/${handle}`, request, id);
-    return withTimeout(answer, REQUEST_TIMEOUT_MS, () => this.#waiting.delete(id));
+    return withTimeout(answer, REQUEST_TIMEOUT_MS, () => this.#waiting.delete(id)).catch((err) => {
+      err.request = body.request; // which request it was, for the console
+      throw err;
+    });
   }
 
   /** One request; Janus's own error becomes a JanusRoomError. */
@@ -471,7 +474,8 @@ export class JanusRoom extends EventTarget {
       try {
         await step();
       } catch (err) {
-        this.#subscriberFailed(subscriber, err?.code ?? "janus_error");
+        if (!(err instanceof JanusRoomError)) console.warn("the subscription in the Janus room:", err?.name); // a browser's refusal
+        this.#subscriberFailed(subscriber, err?.code ?? "janus_error", err?.request);
       }
     });
   }
@@ -482,7 +486,8 @@ export class JanusRoom extends EventTarget {
     if (!this.#subscriber) this.#subscriber = { handle: null, pc: null, requested: new Set() };
     const subscriber = this.#subscriber;
     this.#serially(subscriber, async () => {
-      const wanted = [...this.#present.keys()].filter((feed) => !subscriber.requested.has(feed));
+      const received = new Set(this.#mids.values()); // a late answer may have brought some already
+      const wanted = [...this.#present.keys()].filter((feed) => !subscriber.requested.has(feed) && !received.has(feed));
       if (!wanted.length) return;
       const streams = wanted.map((feed) => ({ feed }));
       let answer;
@@ -495,7 +500,15 @@ export class JanusRoom extends EventTarget {
         answer = await this.#message(subscriber.handle, join);
         if (answer.jsep?.type !== "offer") throw new JanusRoomError("janus_error");
       } else {
-        answer = await this.#message(subscriber.handle, { request: "subscribe", streams });
+        try {
+          answer = await this.#message(subscriber.handle, { request: "subscribe", streams });
+        } catch (err) {
+          if (err?.code !== "timeout") throw err;
+          // Janus is slow (a loaded host): what is received so far still is. Ask again a little later;
+          // should the first request land meanwhile, its offer is answered when it comes.
+          this.#later(RESUBSCRIBE_MS, () => this.#syncSubscriber());
+          return;
+        }
       }
       for (const feed of wanted) subscriber.requested.add(feed);
       // With an offer now, answer it; else ("updating") Janus sends it later, as its own event.
@@ -539,7 +552,14 @@ export class JanusRoom extends EventTarget {
     this.#layout(pc);
     await pc.setLocalDescription(await pc.createAnswer());
     await gathered(pc);
-    await this.#message(subscriber.handle, { request: "start" }, { type: "answer", sdp: pc.localDescription.sdp, trickle: false, e2ee: true });
+    const answer = { type: "answer", sdp: pc.localDescription.sdp, trickle: false, e2ee: true };
+    try {
+      await this.#message(subscriber.handle, { request: "start" }, answer);
+    } catch (err) {
+      // Janus slow to confirm: the answer went; a connection it never took is caught by the
+      // CONNECT_WAIT_MS watch, and media that keeps flowing needs nothing more.
+      if (err?.code !== "timeout") throw err;
+    }
   }
 
   /** Each feed's tracks, by the mids Janus named: `remote` for a feed new or carried by other receivers. */
@@ -549,7 +569,9 @@ export class JanusRoom extends EventTarget {
       const feed = transceiver.mid === null ? undefined : this.#mids.get(transceiver.mid);
       if (feed === undefined || !this.#present.has(feed)) continue;
       if (!receiversOf.has(feed)) receiversOf.set(feed, []);
-      receiversOf.get(feed).push(transceiver.receiver);
+      const mine = receiversOf.get(feed);
+      // A feed asked for twice (a request that timed out, then landed) has two m-lines: the first of each kind shows.
+      if (!mine.some((r) => r.track.kind === transceiver.receiver.track.kind)) mine.push(transceiver.receiver);
     }
     for (const feed of [...this.#feeds.keys()]) if (!receiversOf.has(feed)) this.#feeds.delete(feed);
     for (const [feed, receivers] of receiversOf) {
@@ -572,11 +594,11 @@ export class JanusRoom extends EventTarget {
    * every publisher then present, a little later; after RESUBSCRIBE_TRIES (or at once on a final
    * code) the room is left (`failed`), and the call joins it again.
    */
-  #subscriberFailed(subscriber, code) {
+  #subscriberFailed(subscriber, code, request = null) {
     if (this.#subscriber !== subscriber || this.#closed) return;
     this.#dropSubscriber();
     if (code === "closed") return;
-    console.warn("the subscription in the Janus room failed", code); // no id: the console may be shared
+    console.warn("the subscription in the Janus room failed", code, request ?? ""); // no id: the console may be shared
     this.#subscribeTries += 1;
     if (FINAL.has(code) || this.#subscribeTries > RESUBSCRIBE_TRIES) {
       this.#fail(code);
