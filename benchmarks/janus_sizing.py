@@ -5,8 +5,8 @@ For each step N (2, 4, 6, 8; quick: 2, 4) a room is made as the broker makes it
 (``broker.janus.rooms.JanusRooms``: ``require_e2ee``, private, a PIN and an access list) and N
 participants are granted their credentials. Each publishes one VP8 video track (640x360, 30 frames
 a second, ``--kbps`` 600 kbit/s), marked ``e2ee`` as the room requires, and receives every other
-one through a subscriber handle and peer connection of its own per feed, as ``web/js/janus_room.js``
-does: N streams in, N x (N - 1) forwarded. After a warm-up, over a steady window: Janus's CPU
+one on a single subscriber handle and peer connection (a multistream subscription), as
+``web/js/janus_room.js`` does: N streams in, N x (N - 1) forwarded, 2 x N peer connections. After a warm-up, over a steady window: Janus's CPU
 (utime + stime from ``/proc/<pid>/stat``, as a share of one core), its RSS, the packets and frames
 the subscribers received, and the load generator's CPU.
 
@@ -58,7 +58,7 @@ SESSION_SIZES = (8, 16)
 
 
 class SizingJanus(JanusServer):
-    """The tests' Janus with an RTP port range wide enough for N x N peer connections."""
+    """The tests' Janus with an RTP port range wide enough for the steps' peer connections (2 x N a room)."""
 
     @property
     def rtp_range(self) -> str:
@@ -270,8 +270,8 @@ async def main(args: argparse.Namespace) -> None:
         value = round(per_core, 1) if per_core is not None else None
         report.add(f"participants_per_core_{size}", f"participants per Janus core, sessions of {size} ({how})", value)
     last = results[-1]
-    per_pc = (last["janus_rss_mib"] - idle_rss) / last["participants"] ** 2
-    report.add("rss_per_pc_mib", "Janus RSS per peer connection over idle (N x N a room)", round(per_pc, 2), "MiB")
+    per_pc = (last["janus_rss_mib"] - idle_rss) / (2 * last["participants"])
+    report.add("rss_per_pc_mib", "Janus RSS per peer connection over idle (2 x N a room)", round(per_pc, 2), "MiB")
     behind = [str(r["participants"]) for r in results if r["delivered"] < 0.95]
     if behind:
         report.notes.append(
