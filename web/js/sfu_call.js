@@ -21,7 +21,7 @@ import { JanusRoom } from "./janus_room.js";
 const KEY_BYTES = 16;
 /** The most slots a session's key ids have (7.12: KID = generation × 32 + slot). */
 const SLOTS = 32;
-/** Changes within this time (several people admitted at once) make one rotation. */
+/** Changes within this time of the first (several people admitted at once) make one rotation. */
 const ROTATE_SETTLE_MS = 200;
 /** A new key is sent this long before frames go under it: the others hold it by then. */
 export const ROTATE_SWITCH_MS = 500;
@@ -327,8 +327,13 @@ export class SfuCall extends EventTarget {
       this.#sendKeys();
       return;
     }
-    clearTimeout(this.#rotateTimer);
-    this.#rotateTimer = setTimeout(() => this.#newKey(this.#mine.slot), ROTATE_SETTLE_MS);
+    // One rotation for the changes of the next moment; never pushed back by later ones (in a busy
+    // group a peer's state changes more often than that, and the removed would keep the key).
+    if (this.#rotateTimer) return;
+    this.#rotateTimer = setTimeout(() => {
+      this.#rotateTimer = 0;
+      if (!this.#closed && this.#mine) this.#newKey(this.#mine.slot);
+    }, ROTATE_SETTLE_MS);
   }
 
   #gone(peer) {
