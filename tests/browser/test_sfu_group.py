@@ -45,9 +45,10 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.alone,
     pytest.mark.asyncio(loop_scope="session"),
-    # Eight Chromium pages, Janus and the broker on two cores: the last pages' subscriptions time out
-    # (Janus answers a subscriber's join after 15 s or never) in every run so far, so the suite does
-    # not run it; issue 22 stays open until it passes here.
+    # Eight Chromium pages, Janus and the broker on two cores (load 25-40): with one receiving
+    # connection a page, every page decodes two others or more in most runs, but a page whose
+    # subscription fails ICE under that load can take longer than this test allows to come back, so
+    # the suite does not run it; issue 22 stays open until it passes here.
     pytest.mark.skipif(
         os.environ.get("BROKER_GROUP_TEST") != "1",
         reason="eight browsers through Janus: only when BROKER_GROUP_TEST=1 (does not pass on two cores yet)",
