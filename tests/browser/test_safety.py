@@ -18,6 +18,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -56,11 +57,12 @@ RECORD_CHANNEL_MESSAGES = """
 #: What a page shows: its visible text (hidden screens and closed menus are not in it), without what
 #: follows the network rather than the people (adapt.js: the connection indicator, its tip, "Video
 #: paused"; call.js: each tile's connection state, "Interrupted" while a pair restarts its ICE): on a
-#: loaded machine those change by themselves.
+#: loaded machine those change by themselves. The screen reader's announcements (visually hidden) are
+#: compared apart (ANNOUNCED): each may only be what it was, or one of those network phrases.
 VISIBLE_TEXT = """() => {
   const network = [...document.querySelectorAll(
     '[data-testid=connection-indicator], [data-testid=connection-tip], [data-testid=video-paused-notice], ' +
-    '[data-testid=peer-state]')];
+    '[data-testid=peer-state], #announcer, #announcer-urgent')];
   const was = network.map((node) => node.hidden);
   network.forEach((node) => { node.hidden = true; });
   const text = document.body.innerText;
@@ -72,7 +74,7 @@ TEXT_BUT_CHAT = """() => {
   const log = document.querySelector('[data-testid=chat-log]');
   const network = [...document.querySelectorAll(
     '[data-testid=connection-indicator], [data-testid=connection-tip], [data-testid=video-paused-notice], ' +
-    '[data-testid=peer-state]')];
+    '[data-testid=peer-state], #announcer, #announcer-urgent')];
   const was = network.map((node) => node.hidden);
   [log, ...network].forEach((node) => { node.hidden = true; });
   const text = document.body.innerText;
@@ -80,6 +82,22 @@ TEXT_BUT_CHAT = """() => {
   network.forEach((node, i) => { node.hidden = was[i]; });
   return text;
 }"""
+
+#: What the page's screen-reader regions announce now (polite, urgent).
+ANNOUNCED = "() => ['announcer', 'announcer-urgent'].map((id) => document.getElementById(id)?.textContent ?? '')"
+#: The phrases the network, not the people, makes the page announce: adapt.js's and the call's state.
+NETWORK_PHRASES = {
+    re.sub(r"<[^>]+>", "", text)
+    for key, text in json.loads((Path(__file__).parents[2] / "web" / "i18n" / "en.json").read_text()).items()
+    if key.startswith(("adapt.", "call.state."))
+}
+
+
+async def announced_as_before(page: Page, before: list[str]) -> None:
+    """Each screen-reader region says what it said before, or a network phrase: nothing of the signal."""
+    for now, was in zip(await page.evaluate(ANNOUNCED), before, strict=True):
+        assert now in (was, "") or now in NETWORK_PHRASES, f"announced: {now!r}"
+
 
 PLANS = [
     {"code_word": "Is it raining there?", "call_back": "no", "how": "Text first: 0123 456 789"},
@@ -302,6 +320,7 @@ async def test_the_signal_and_the_plan_reach_the_therapist_alone_end_to_end(
     counts = BrokerCounts.of(broker)
     sent_before = len(first.sent)
     first_text, second_text = await first.page.evaluate(VISIBLE_TEXT), await second.page.evaluate(VISIBLE_TEXT)
+    first_said, second_said = await first.page.evaluate(ANNOUNCED), await second.page.evaluate(ANNOUNCED)
     second_messages = await second.page.evaluate("window.__channelMessages.length")
     with LogRecords() as logged, SessionRelays(broker, links.session) as relayed:
         # The control in the call's menu: an ordinary menu item.
@@ -318,6 +337,7 @@ async def test_the_signal_and_the_plan_reach_the_therapist_alone_end_to_end(
         await look(therapist, axe_source, "therapist-safety-notice")
         await expect(first.page.get_by_test_id("safety-signal")).to_be_hidden()
         assert await first.page.evaluate(VISIBLE_TEXT) == first_text  # the client's screen: as before
+        await announced_as_before(first.page, first_said)
 
         # The code word, typed alone in chat (another case, spacing and punctuation).
         await therapist.locator('[data-testid=safety-notice] button:has-text("Dismiss")').click()
@@ -331,6 +351,7 @@ async def test_the_signal_and_the_plan_reach_the_therapist_alone_end_to_end(
         # On the client's screen, only what every message it sends shows: its own chat line.
         await expect(first.page.get_by_test_id("chat-log").locator("li").last).to_contain_text("is it RAINING there")
         assert await first.page.evaluate(TEXT_BUT_CHAT) == text_but_chat
+        await announced_as_before(first.page, first_said)
         await asyncio.sleep(1.5)  # time enough for anything to reach the other client
 
     # The broker relayed, logged and audited nothing; the client's page sent it nothing but pings.
@@ -342,6 +363,7 @@ async def test_the_signal_and_the_plan_reach_the_therapist_alone_end_to_end(
     assert only_pings(first.sent[sent_before:]) == []
     # The other client: nothing of the signal, the code word or the plan, on any channel or screen.
     assert await second.page.evaluate(VISIBLE_TEXT) == second_text
+    await announced_as_before(second.page, second_said)
     arrived = (await second.page.evaluate("window.__channelMessages"))[second_messages:]
     assert not [m for m in arrived if '"safety"' in m or "RAINING" in m], arrived
     everything_second_got = " ".join([*await second.page.evaluate("window.__channelMessages"), *second.received])

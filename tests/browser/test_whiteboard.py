@@ -80,8 +80,10 @@ FORCE_DRAW = """() => {
 
 
 #: What the call's own upkeep sends through the broker on a loaded machine: an ICE restart of a pair
-#: (its sealed offer, answer and candidates, or the request for one) and the therapist's roster.
+#: (its sealed offer, answer and candidates, or the request for one) and the therapist's roster; and
+#: a page's socket joining again after it dropped (its hello, and the session's state sent back).
 UPKEEP = {"offer", "answer", "candidate", "renegotiate", "roster"}
+REJOIN = {"hello", "joined", "status", "peers", "waiting_room", "ping.ack"}
 
 
 @dataclass
@@ -112,8 +114,8 @@ class BrokerFrames:
         self.texts.append(text)
         if kind in ("ping", "pong"):
             self.heartbeats += 1  # (the watch is live: the pages ping a quiet broker every 2 s)
-        elif kind in UPKEEP:
-            self.upkeep += 1  # sealed end to end; the connections themselves stay up
+        elif kind in UPKEEP or kind in REJOIN:
+            self.upkeep += 1  # sealed end to end, or the session's own state: never the board
         else:
             self.frames.append((direction, kind, len(text)))
 
