@@ -359,10 +359,7 @@ export class JanusRoom extends EventTarget {
     const request = { janus: "message", body, transaction: id };
     if (jsep) request.jsep = jsep;
     await this.#post(`/${this.#session}/${handle}`, request, id);
-    return withTimeout(answer, REQUEST_TIMEOUT_MS, () => this.#waiting.delete(id)).catch((err) => {
-      err.request = body.request; // which request it was, for the console
-      throw err;
-    });
+    return withTimeout(answer, REQUEST_TIMEOUT_MS, () => this.#waiting.delete(id));
   }
 
   /** One request; Janus's own error becomes a JanusRoomError. */
@@ -475,7 +472,7 @@ export class JanusRoom extends EventTarget {
         await step();
       } catch (err) {
         if (!(err instanceof JanusRoomError)) console.warn("the subscription in the Janus room:", err?.name); // a browser's refusal
-        this.#subscriberFailed(subscriber, err?.code ?? "janus_error", err?.request);
+        this.#subscriberFailed(subscriber, err?.code ?? "janus_error");
       }
     });
   }
@@ -594,11 +591,11 @@ export class JanusRoom extends EventTarget {
    * every publisher then present, a little later; after RESUBSCRIBE_TRIES (or at once on a final
    * code) the room is left (`failed`), and the call joins it again.
    */
-  #subscriberFailed(subscriber, code, request = null) {
+  #subscriberFailed(subscriber, code) {
     if (this.#subscriber !== subscriber || this.#closed) return;
     this.#dropSubscriber();
     if (code === "closed") return;
-    console.warn("the subscription in the Janus room failed", code, request ?? ""); // no id: the console may be shared
+    console.warn("the subscription in the Janus room failed", code); // no id: the console may be shared
     this.#subscribeTries += 1;
     if (FINAL.has(code) || this.#subscribeTries > RESUBSCRIBE_TRIES) {
       this.#fail(code);
